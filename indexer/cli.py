@@ -1,0 +1,140 @@
+"""Command lines: `index-images DATA_DIR` (build or update an index) and `search-images QUERY` (query it)."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from retrieval.backbones import LAYERS, MODELS, WeightsUnavailable
+from retrieval.images import ImageDecodeError
+from retrieval.index import INDEX_DIR_ENV, ImageIndex, IndexNotFound
+
+from .job import ConfigError, JobConfig, RunReport, run_index
+
+
+class UserError(click.ClickException):
+    """A problem the user can fix; exit status 2, message without a traceback."""
+    exit_code = 2
+
+
+def index_dir_option(f):  # noqa: ANN001, ANN201 - click decorator
+    return click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path), default="index",
+                        envvar=INDEX_DIR_ENV, show_default=True, show_envvar=True,
+                        help="Folder holding the index (catalog.db, vectors.faiss).")(f)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def parse_batch_size(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a whole number") from None
+    if n < 1:
+        raise click.BadParameter("must be at least 1")
+    return n
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@index_dir_option
+@click.option("--model", type=click.Choice(sorted(MODELS)), default=None,
+              help="Backbone network. [default: alexnet, or what the index was built with]")
+@click.option("--layer", type=click.Choice(LAYERS), default=None,
+              help="Feature layer, taken after its ReLU. [default: fc7, or the index's]")
+@click.option("--weights", default=None, metavar="imagenet|random|PATH",
+              help="ImageNet weights (downloaded or from the torch hub cache), seeded random weights "
+                   "(kept in the index folder), or a state dict file. [default: imagenet, or the index's]")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --weights random.")
+@click.option("--normalize/--no-normalize", default=None,
+              help="L2-normalise the vectors (recorded in the index). [default: normalize]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the network runs; auto picks a CUDA GPU when there is one.")
+@click.option("--batch-size", default="32", show_default=True, metavar="N",
+              help="Images per forward pass and per catalog transaction.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Decoding processes (0 decodes in the main process). [default: one per core]")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
+@click.option("-v", "--verbose", is_flag=True, help="Log each skipped file and other details.")
+def main(data_dir: Path, index_dir: Path, model, layer, weights, seed, normalize, device, batch_size, workers,  # noqa: ANN001
+         as_json: bool, verbose: bool) -> None:
+    """Index (or update the index of) the images in DATA_DIR.
+
+    Walks DATA_DIR recursively (JPEG, PNG, WebP, BMP, GIF, TIFF), labels each image by its first
+    folder level (DATA_DIR/cats/x.jpg is labelled "cats"), extracts CNN features and stores them in
+    a FAISS index with an SQLite catalog. Re-runs are incremental: unchanged files cost a stat,
+    changed files are re-extracted, removed files leave the index. Unreadable files are skipped and
+    listed. Safe to interrupt at any point: run it again to finish.
+
+    Exit status: 0 done (even with skipped files), 2 usage or configuration error, 1 unexpected failure.
+    """
+    setup_logging(verbose)
+    cfg = JobConfig(data_dir=data_dir, index_dir=index_dir, model=model, layer=layer, weights=weights,
+                    normalize=normalize, seed=seed, device=device, batch_size=parse_batch_size(batch_size),
+                    workers=workers, progress=not as_json)
+    try:
+        report = run_index(cfg, on_extractor=None if as_json else _announce)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from exc
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: every finished batch is saved; run the same command again to finish.", err=True)
+        sys.exit(130)
+    if as_json:
+        click.echo(json.dumps(report.to_json()))
+    else:
+        _print_report(report)
+
+
+def _announce(extractor) -> None:  # noqa: ANN001 - FeatureExtractor
+    click.echo(f"network: {extractor.model} {extractor.layer} on {extractor.device}", err=True)
+
+
+def _print_report(r: RunReport) -> None:
+    click.echo(f"indexed {r.indexed}, unchanged {r.unchanged}, removed {r.removed}, skipped {len(r.skipped)}; "
+               f"{r.total} images in the index ({r.seconds:.1f} s, {r.images_per_second:.1f} images/s)")
+    for s in r.skipped:
+        click.echo(f"  skipped {s['path']}: {s['reason']}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("query_image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of neighbours.")
+@index_dir_option
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the network runs for the query.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"results": [...]} as JSON on stdout.')
+def search_main(query_image: Path, k: int, index_dir: Path, device: str, as_json: bool) -> None:
+    """Print the K images of the index nearest to QUERY_IMAGE in feature space.
+
+    The query goes through exactly the network the index was built with. Distances are L2
+    distances between feature vectors (0 for an identical image).
+    """
+    setup_logging(False)
+    try:
+        index = ImageIndex(index_dir, device=device)
+    except (IndexNotFound, WeightsUnavailable) as exc:
+        raise UserError(str(exc)) from exc
+    try:
+        hits, _ = index.search_image(query_image.read_bytes(), k)
+    except ImageDecodeError as exc:
+        raise UserError(f"cannot use {query_image} as a query: {exc}") from exc
+    except OSError as exc:
+        raise UserError(f"cannot read {query_image}: {exc.strerror or exc}") from exc
+    finally:
+        index.close()
+    if as_json:
+        click.echo(json.dumps({"results": [{"id": h.id, "path": h.path, "label": h.label, "distance": h.distance}
+                                           for h in hits]}))
+        return
+    if not hits:
+        click.echo("the index is empty: no neighbours")
+        return
+    click.echo(f"{'rank':>4}  {'distance':>8}  {'label':<16}  path")
+    for rank, h in enumerate(hits, 1):
+        click.echo(f"{rank:>4}  {h.distance:>8.4f}  {(h.label or '-'):<16}  {h.path}")

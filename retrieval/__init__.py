@@ -1,0 +1,1 @@
+"""Image retrieval on deep CNN features: backbones, preprocessing, catalog, vector index, search."""

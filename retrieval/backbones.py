@@ -1,0 +1,180 @@
+"""Backbones (torchvision AlexNet and VGG16), their weights, and the fc6/fc7 feature extractor."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import urllib.error
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision import models
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from .images import Preprocessing
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    build: Callable[..., nn.Module]            # torchvision builder
+    imagenet: models.WeightsEnum               # ImageNet weights (carry transforms and meta)
+    layers: dict[str, str]                     # our layer name -> graph node (the ReLU after it)
+
+
+MODELS: dict[str, ModelSpec] = {
+    # AlexNet classifier: Dropout, Linear(fc6), ReLU, Dropout, Linear(fc7), ReLU, Linear(fc8)
+    "alexnet": ModelSpec(models.alexnet, models.AlexNet_Weights.IMAGENET1K_V1,
+                         {"fc6": "classifier.2", "fc7": "classifier.5"}),
+    # VGG16 classifier: Linear(fc6), ReLU, Dropout, Linear(fc7), ReLU, Dropout, Linear(fc8)
+    "vgg16": ModelSpec(models.vgg16, models.VGG16_Weights.IMAGENET1K_V1,
+                       {"fc6": "classifier.1", "fc7": "classifier.4"}),
+}
+LAYERS = ("fc6", "fc7")
+DEFAULT_RANDOM_SEED = 0
+
+
+class WeightsUnavailable(RuntimeError):
+    """The requested weights cannot be loaded; the message says how to proceed."""
+
+
+def random_weights_file(index_dir: Path, model: str) -> Path:
+    return Path(index_dir) / f"random-weights-{model}.pt"
+
+
+def preprocessing_for(model: str) -> Preprocessing:
+    """Preprocessing from the ImageNet weights' own transforms (used for every weights choice)."""
+    t = MODELS[model].imagenet.transforms()
+    return Preprocessing(resize_size=int(t.resize_size[0]), crop_size=int(t.crop_size[0]),
+                         mean=tuple(t.mean), std=tuple(t.std))
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def imagenet_cache_path(model: str) -> Path:
+    """Where torch hub keeps (or would keep) the ImageNet checkpoint for this model."""
+    url = MODELS[model].imagenet.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def load_state_dict(model: str, weights: str, index_dir: Path | None, *, seed: int = DEFAULT_RANDOM_SEED,
+                    create: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+    """Resolve a weights choice to (state_dict, identity).
+
+    weights: "imagenet", "random", or a path to a state dict file.
+    For "random", the tensors live in index_dir; create=True generates them (seeded) when absent,
+    so every later query goes through the identical network.
+    identity: what the index records, e.g. "imagenet:AlexNet_Weights.IMAGENET1K_V1",
+    "random:seed=0:sha256=...", "file:sha256=...".
+    """
+    spec = MODELS[model]
+    if weights == "imagenet":
+        try:
+            state = spec.imagenet.get_state_dict(progress=False, check_hash=True)
+        except (urllib.error.URLError, OSError, RuntimeError) as exc:
+            raise WeightsUnavailable(
+                f"ImageNet weights for {model} are not cached and cannot be downloaded ({exc}).\n"
+                "Ways forward:\n"
+                f"  1. put the file {os.path.basename(spec.imagenet.url)} (from {spec.imagenet.url}) at\n"
+                f"     {imagenet_cache_path(model)}\n"
+                "  2. pass --weights PATH with a state dict file you have for this model\n"
+                "  3. pass --weights random to run with seeded random weights (a demo: results show\n"
+                "     colour and texture similarity, not what the picture shows)") from exc
+        return state, f"imagenet:{type(spec.imagenet).__name__}.{spec.imagenet.name}"
+
+    if weights == "random":
+        if index_dir is None:
+            raise WeightsUnavailable("random weights need an index folder to keep them in")
+        path = random_weights_file(index_dir, model)
+        if not path.exists():
+            if not create:
+                raise WeightsUnavailable(f"the index's random weights file {path} is missing; re-index to recreate it")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                net = spec.build(weights=None)
+            tmp = path.with_suffix(".tmp")
+            torch.save(net.state_dict(), tmp)
+            os.replace(tmp, path)
+            log.info("generated random %s weights (seed %d) in %s", model, seed, path)
+        state = _load_file(path)
+        return state, f"random:seed={seed}:sha256={file_sha256(path)}"
+
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsUnavailable(f"--weights must be 'imagenet', 'random' or a state dict file; {weights!r} is none of these")
+    return _load_file(path), f"file:{path.resolve()}:sha256={file_sha256(path)}"
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise WeightsUnavailable(f"cannot load weights from {path}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise WeightsUnavailable(f"{path} does not hold a state dict")
+    return state
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise WeightsUnavailable("--device cuda was asked for, but PyTorch sees no CUDA GPU here")
+    return torch.device(device)
+
+
+class FeatureExtractor:
+    """A backbone cut at fc6/fc7 (after its ReLU), in eval mode, on one device.
+
+    Call it with uint8 images, shape=(B, 3, 224, 224); get float32 features, shape=(B, D), on the CPU.
+    Normalisation, dtype conversion and (on CUDA) half-precision autocast happen on the device.
+    """
+
+    def __init__(self, model: str, layer: str, state_dict: dict[str, torch.Tensor], device: torch.device):
+        assert model in MODELS, f"unknown model {model!r}"
+        assert layer in LAYERS, f"unknown layer {layer!r}"
+        spec = MODELS[model]
+        net = spec.build(weights=None)
+        try:
+            net.load_state_dict(state_dict)
+        except RuntimeError as exc:
+            raise WeightsUnavailable(f"these weights do not fit torchvision's {model}: {exc}") from exc
+        net.eval()
+        self.model, self.layer, self.device = model, layer, device
+        self.preprocessing = preprocessing_for(model)
+        self.net = create_feature_extractor(net, {spec.layers[layer]: layer}).eval().to(device)
+        if device.type == "cuda":
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.dim = int(net.classifier[-1].in_features)  # fc6 and fc7 are both 4096-d
+
+    @torch.inference_mode()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        assert pixels.dtype == torch.uint8 and pixels.ndim == 4, f"want uint8 (B,3,H,W), got {pixels.dtype} {tuple(pixels.shape)}"
+        x = pixels.to(self.device, non_blocking=True)
+        x = self.preprocessing.normalise(x)                                   # (B, 3, 224, 224) float32
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = self.net(x)[self.layer]
+        else:
+            out = self.net(x)[self.layer]                                     # (B, 9216) -> ... -> (B, 4096)
+        return out.float().cpu()
+
+
+def build_extractor(model: str, layer: str, weights: str, index_dir: Path | None, device: str = "auto", *,
+                    seed: int = DEFAULT_RANDOM_SEED, create: bool = False) -> tuple[FeatureExtractor, str]:
+    """-> (extractor, weights identity)."""
+    if model not in MODELS:
+        raise WeightsUnavailable(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    state, identity = load_state_dict(model, weights, index_dir, seed=seed, create=create)
+    return FeatureExtractor(model, layer, state, resolve_device(device)), identity

@@ -1,0 +1,290 @@
+"""The catalog: SQLAlchemy models in SQLite for images (with their vectors), index settings and skipped files."""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from sqlalchemy import (BigInteger, Boolean, DateTime, Integer, LargeBinary, String, create_engine, delete, event,
+                        func, select)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+CATALOG_FILE = "catalog.db"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ImageRow(Base):
+    """One indexed image. Its id is its FAISS id; ids are never reused (AUTOINCREMENT)."""
+    __tablename__ = "images"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    path: Mapped[str] = mapped_column(String, unique=True, index=True)   # relative to the data folder
+    label: Mapped[str | None] = mapped_column(String, index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    vector: Mapped[bytes] = mapped_column(LargeBinary)                   # float32, shape=(dim,)
+    indexed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class IndexSettingsRow(Base):
+    """The single row that says which network made the vectors (DESIGN invariant 2)."""
+    __tablename__ = "index_settings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String)
+    layer: Mapped[str] = mapped_column(String)
+    weights: Mapped[str] = mapped_column(String)           # "imagenet", "random" or a file path (what the user chose)
+    weights_identity: Mapped[str] = mapped_column(String)  # name or content hash
+    seed: Mapped[int] = mapped_column(Integer)
+    dim: Mapped[int] = mapped_column(Integer)
+    normalize: Mapped[bool] = mapped_column(Boolean)
+    preprocessing: Mapped[str] = mapped_column(String)     # e.g. "resize=256,crop=224,mean=...,std=..."
+    data_dir: Mapped[str] = mapped_column(String)          # absolute
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class SkippedRow(Base):
+    """A file found in the data folder that could not be indexed, and why."""
+    __tablename__ = "skipped"
+
+    path: Mapped[str] = mapped_column(String, primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(String)
+    seen_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexSettings:
+    model: str
+    layer: str
+    weights: str
+    weights_identity: str
+    seed: int
+    dim: int
+    normalize: bool
+    preprocessing: str
+    data_dir: str
+
+    @classmethod
+    def from_row(cls, row: IndexSettingsRow) -> "IndexSettings":
+        return cls(**{f.name: getattr(row, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+    """What callers see of an image row (no vector)."""
+    id: int
+    path: str
+    label: str | None
+    size: int
+    mtime_ns: int
+    width: int
+    height: int
+    sha256: str
+
+
+def _record(row: ImageRow) -> ImageRecord:
+    return ImageRecord(row.id, row.path, row.label, row.size, row.mtime_ns, row.width, row.height, row.sha256)
+
+
+def vector_to_blob(vec: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vec, dtype=np.float32).tobytes()
+
+
+def blob_to_vector(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype=np.float32)
+
+
+def make_engine(path: Path) -> Engine:
+    """SQLite engine in WAL mode, so a server can read while the indexer writes."""
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 30, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record):  # noqa: ANN001 - DB-API connection
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    return engine
+
+
+class Catalog:
+    """SQLite catalog at INDEX_DIR/catalog.db: the source of truth for the index."""
+
+    def __init__(self, index_dir: Path, *, create: bool = False):
+        self.index_dir = Path(index_dir)
+        self.path = self.index_dir / CATALOG_FILE
+        if not create and not self.path.exists():
+            raise FileNotFoundError(f"no index at {self.index_dir} (missing {CATALOG_FILE}); run index-images first")
+        self.index_dir.mkdir(parents=True, exist_ok=True)
+        self.engine = make_engine(self.path)
+        if create:
+            Base.metadata.create_all(self.engine)
+        self.Session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # settings
+    def settings(self) -> IndexSettings | None:
+        with self.Session() as s:
+            row = s.get(IndexSettingsRow, 1)
+            return IndexSettings.from_row(row) if row else None
+
+    def save_settings(self, settings: IndexSettings) -> None:
+        with self.Session.begin() as s:
+            row = s.get(IndexSettingsRow, 1)
+            if row is None:
+                s.add(IndexSettingsRow(id=1, **dataclasses.asdict(settings)))
+            else:
+                for k, v in dataclasses.asdict(settings).items():
+                    setattr(row, k, v)
+
+    def touch(self) -> None:
+        """Record that the index content changed now."""
+        with self.Session.begin() as s:
+            row = s.get(IndexSettingsRow, 1)
+            if row is not None:
+                row.updated_at = utcnow()
+
+    def updated_at(self) -> dt.datetime | None:
+        with self.Session() as s:
+            return s.scalar(select(IndexSettingsRow.updated_at).where(IndexSettingsRow.id == 1))
+
+    # images
+    def count(self) -> int:
+        with self.Session() as s:
+            return s.scalar(select(func.count(ImageRow.id))) or 0
+
+    def ids(self) -> np.ndarray:
+        """All image ids, shape=(N,), dtype=int64, ascending."""
+        with self.Session() as s:
+            return np.array(s.scalars(select(ImageRow.id).order_by(ImageRow.id)).all(), dtype=np.int64)
+
+    def file_states(self) -> dict[str, tuple[int, int, int]]:
+        """path -> (id, size, mtime_ns) for every indexed image."""
+        with self.Session() as s:
+            return {p: (i, sz, mt) for i, p, sz, mt in s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns))}
+
+    def skipped_states(self) -> dict[str, tuple[int, int, str]]:
+        """path -> (size, mtime_ns, reason) for every skipped file."""
+        with self.Session() as s:
+            return {r.path: (r.size, r.mtime_ns, r.reason) for r in s.scalars(select(SkippedRow))}
+
+    def get(self, image_id: int) -> ImageRecord | None:
+        with self.Session() as s:
+            row = s.get(ImageRow, int(image_id))
+            return _record(row) if row else None
+
+    def get_many(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            return {}
+        with self.Session() as s:
+            return {r.id: _record(r) for r in s.scalars(select(ImageRow).where(ImageRow.id.in_(ids)))}
+
+    def vectors(self, ids: Iterable[int] | None = None, chunk: int = 2048) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (ids shape=(n,) int64, vectors shape=(n, dim) float32) in chunks; all rows when ids is None."""
+        with self.Session() as s:
+            if ids is None:
+                q = select(ImageRow.id, ImageRow.vector).order_by(ImageRow.id)
+                result = s.execute(q.execution_options(yield_per=chunk))
+                for part in result.partitions(chunk):
+                    yield _stack(part)
+                return
+            ids = sorted(int(i) for i in ids)
+            for start in range(0, len(ids), chunk):
+                part = s.execute(select(ImageRow.id, ImageRow.vector).where(ImageRow.id.in_(ids[start:start + chunk]))
+                                 .order_by(ImageRow.id)).all()
+                if part:
+                    yield _stack(part)
+
+    def vector(self, image_id: int) -> np.ndarray | None:
+        with self.Session() as s:
+            blob = s.scalar(select(ImageRow.vector).where(ImageRow.id == int(image_id)))
+            return None if blob is None else blob_to_vector(blob).copy()
+
+    def labels(self) -> dict[str | None, int]:
+        with self.Session() as s:
+            return dict(s.execute(select(ImageRow.label, func.count()).group_by(ImageRow.label).order_by(ImageRow.label)).all())
+
+    def list_images(self, *, label: str | None = None, offset: int = 0, limit: int = 50) -> list[ImageRecord]:
+        with self.Session() as s:
+            q = select(ImageRow).order_by(ImageRow.path)
+            if label is not None:
+                q = q.where(ImageRow.label == label)
+            return [_record(r) for r in s.scalars(q.offset(offset).limit(limit))]
+
+    def count_where(self, *, label: str | None = None) -> int:
+        with self.Session() as s:
+            q = select(func.count(ImageRow.id))
+            if label is not None:
+                q = q.where(ImageRow.label == label)
+            return s.scalar(q) or 0
+
+    def skipped(self) -> list[tuple[str, str]]:
+        with self.Session() as s:
+            return [(r.path, r.reason) for r in s.scalars(select(SkippedRow).order_by(SkippedRow.path))]
+
+    def skipped_count(self) -> int:
+        with self.Session() as s:
+            return s.scalar(select(func.count()).select_from(SkippedRow)) or 0
+
+    # writes: one transaction each
+    def remove_paths(self, paths: Iterable[str]) -> list[int]:
+        """Delete the images and skipped entries at these paths; -> the removed image ids."""
+        paths = list(paths)
+        removed: list[int] = []
+        with self.Session.begin() as s:
+            for start in range(0, len(paths), 500):
+                part = paths[start:start + 500]
+                removed += s.scalars(delete(ImageRow).where(ImageRow.path.in_(part)).returning(ImageRow.id)).all()
+                s.execute(delete(SkippedRow).where(SkippedRow.path.in_(part)))
+        return removed
+
+    def write_batch(self, rows: list[dict], vectors: np.ndarray, skipped: list[dict]) -> tuple[list[int], list[int]]:
+        """Commit one batch atomically: replace rows at these paths, record skips.
+
+        rows: dicts with path, label, size, mtime_ns, width, height, sha256; vectors: shape=(len(rows), dim) float32.
+        -> (new ids in rows' order, ids of the rows they replaced or that are now skipped).
+        """
+        assert len(rows) == len(vectors), "one vector per row"
+        paths = [r["path"] for r in rows] + [k["path"] for k in skipped]
+        with self.Session.begin() as s:
+            replaced: list[int] = []
+            if paths:
+                replaced = s.scalars(delete(ImageRow).where(ImageRow.path.in_(paths)).returning(ImageRow.id)).all()
+                s.execute(delete(SkippedRow).where(SkippedRow.path.in_(paths)))
+            new_rows = [ImageRow(**r, vector=vector_to_blob(v)) for r, v in zip(rows, vectors)]
+            s.add_all(new_rows)
+            s.add_all(SkippedRow(**k) for k in skipped)
+            s.flush()
+            new_ids = [r.id for r in new_rows]
+            settings = s.get(IndexSettingsRow, 1)
+            if settings is not None:
+                settings.updated_at = utcnow()
+        return new_ids, list(replaced)
+
+
+def _stack(part) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001 - rows of (id, blob)
+    ids = np.fromiter((r[0] for r in part), dtype=np.int64, count=len(part))
+    vecs = np.stack([blob_to_vector(r[1]) for r in part]).astype(np.float32, copy=False)
+    return ids, vecs
