@@ -1,0 +1,39 @@
+"""Shared fixtures: synthetic labelled collections and indexes built with seeded random weights (no network)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from indexer.job import JobConfig, RunReport, run_index
+from indexer.samples import make_sample_collection
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltIndex:
+    data_dir: Path
+    index_dir: Path
+    report: RunReport
+
+
+def build_index(data_dir: Path, index_dir: Path, **options) -> RunReport:
+    """Run the indexer in-process with test-friendly defaults (random weights, no worker processes)."""
+    options = {"weights": "random", "workers": 0, "batch_size": 8, "progress": False, **options}
+    return run_index(JobConfig(data_dir=data_dir, index_dir=index_dir, **options))
+
+
+@pytest.fixture
+def index_images():
+    """index_images(data_dir, index_dir, **JobConfig options) -> RunReport."""
+    return build_index
+
+
+@pytest.fixture(scope="session")
+def sample_index(tmp_path_factory) -> BuiltIndex:
+    """A read-only index of 5 classes x 6 synthetic pictures (AlexNet fc7, random weights). Do not modify it."""
+    root = tmp_path_factory.mktemp("sample")
+    data = root / "data"
+    make_sample_collection(data, per_class=6, size=(160, 120), seed=1)
+    report = build_index(data, root / "index")
+    return BuiltIndex(data, root / "index", report)
