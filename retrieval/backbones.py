@@ -75,7 +75,7 @@ def load_state_dict(model: str, weights: str, index_dir: Path | None, *, seed: i
     For "random", the tensors live in index_dir; create=True generates them (seeded) when absent,
     so every later query goes through the identical network.
     identity: what the index records, e.g. "imagenet:AlexNet_Weights.IMAGENET1K_V1",
-    "random:seed=0:sha256=...", "file:sha256=...".
+    "random:sha256=..." (the seed is recorded in the index settings), "file:PATH:sha256=...".
     """
     spec = MODELS[model]
     if weights == "imagenet":
@@ -107,7 +107,7 @@ def load_state_dict(model: str, weights: str, index_dir: Path | None, *, seed: i
             os.replace(tmp, path)
             log.info("generated random %s weights (seed %d) in %s", model, seed, path)
         state = _load_file(path)
-        return state, f"random:seed={seed}:sha256={file_sha256(path)}"
+        return state, f"random:sha256={file_sha256(path)}"
 
     path = Path(weights)
     if not path.is_file():

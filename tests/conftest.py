@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import urllib.error
 from pathlib import Path
 
 import pytest
+import torch.hub
 
 from indexer.job import JobConfig, RunReport, run_index
 from indexer.samples import make_sample_collection
@@ -37,3 +39,14 @@ def sample_index(tmp_path_factory) -> BuiltIndex:
     make_sample_collection(data, per_class=6, size=(160, 120), seed=1)
     report = build_index(data, root / "index")
     return BuiltIndex(data, root / "index", report)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """An empty torch hub cache (TORCH_HOME in tmp_path) and no network for torch.hub downloads."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+    def refuse(*_args, **_kwargs):
+        raise urllib.error.URLError("network is unreachable (test)")
+    monkeypatch.setattr(torch.hub, "urlopen", refuse)
+    return tmp_path / "torch-home"

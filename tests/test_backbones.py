@@ -1,0 +1,105 @@
+"""Tests for retrieval.backbones: fc6/fc7 after ReLU for AlexNet and VGG16, weights choices, offline message."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision import models
+
+from retrieval.backbones import (FeatureExtractor, WeightsUnavailable, imagenet_cache_path, load_state_dict,
+                                 random_weights_file)
+
+
+def reference_features(net: torch.nn.Module, x: torch.Tensor, upto: int) -> torch.Tensor:
+    """Run the torchvision module by hand: features -> avgpool -> flatten -> classifier[:upto]."""
+    with torch.no_grad():
+        h = torch.flatten(net.avgpool(net.features(x)), 1)
+        return net.classifier[:upto](h)
+
+
+@pytest.mark.parametrize("model, layer, upto", [
+    ("alexnet", "fc6", 3),   # Dropout, Linear, ReLU
+    ("alexnet", "fc7", 6),   # ... Dropout, Linear, ReLU
+    ("vgg16", "fc6", 2),     # Linear, ReLU
+    ("vgg16", "fc7", 5),     # ... Dropout, Linear, ReLU
+])
+def test_layer_is_the_relu_output_of_the_named_fc_layer(model, layer, upto):
+    torch.manual_seed(0)
+    net = getattr(models, model)(weights=None).eval()
+    extractor = FeatureExtractor(model, layer, net.state_dict(), torch.device("cpu"))
+    pixels = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+
+    feats = extractor(pixels)
+    expected = reference_features(net, extractor.preprocessing.normalise(pixels), upto)
+
+    assert feats.shape == (2, 4096) and feats.dtype == torch.float32
+    assert extractor.dim == 4096
+    assert (feats >= 0).all(), "taken after the ReLU"
+    assert (feats > 0).any()
+    assert torch.allclose(feats, expected, atol=1e-5, rtol=1e-4)
+    assert not extractor.net.training
+
+
+def test_random_weights_are_seeded_saved_and_reused(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, id_a = load_state_dict("alexnet", "random", tmp_path / "a", create=True, seed=3)
+    b, id_b = load_state_dict("alexnet", "random", tmp_path / "b", create=True, seed=3)
+    again, id_again = load_state_dict("alexnet", "random", tmp_path / "a", create=False)
+
+    assert random_weights_file(tmp_path / "a", "alexnet").exists()
+    assert id_a == id_b == id_again and id_a.startswith("random:sha256=")
+    for key in a:
+        assert torch.equal(a[key], b[key]) and torch.equal(a[key], again[key])
+
+
+def test_a_different_seed_gives_a_different_network(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, id_a = load_state_dict("alexnet", "random", tmp_path / "a", create=True, seed=0)
+    b, id_b = load_state_dict("alexnet", "random", tmp_path / "b", create=True, seed=1)
+    assert id_a != id_b
+    assert not torch.equal(a["features.0.weight"], b["features.0.weight"])
+
+
+def test_missing_random_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(WeightsUnavailable, match="missing"):
+        load_state_dict("alexnet", "random", tmp_path, create=False)
+
+
+def test_offline_imagenet_weights_name_the_three_ways_forward(offline_hub):
+    with pytest.raises(WeightsUnavailable) as err:
+        load_state_dict("alexnet", "imagenet", None)
+    message = str(err.value)
+    assert str(imagenet_cache_path("alexnet")) in message and str(offline_hub) in message
+    assert "--weights PATH" in message
+    assert "--weights random" in message
+
+
+def test_cached_imagenet_weights_load_without_network(offline_hub):
+    torch.manual_seed(0)
+    state = models.alexnet(weights=None).state_dict()
+    cache = imagenet_cache_path("alexnet")
+    cache.parent.mkdir(parents=True)
+    torch.save(state, cache)
+
+    loaded, identity = load_state_dict("alexnet", "imagenet", None)
+
+    assert identity == "imagenet:AlexNet_Weights.IMAGENET1K_V1"
+    assert torch.equal(loaded["classifier.4.weight"], state["classifier.4.weight"])
+
+
+def test_state_dict_file_weights(tmp_path):
+    torch.manual_seed(5)
+    state = models.alexnet(weights=None).state_dict()
+    torch.save(state, tmp_path / "mine.pth")
+
+    loaded, identity = load_state_dict("alexnet", str(tmp_path / "mine.pth"), None)
+
+    assert identity.startswith("file:") and "sha256=" in identity
+    assert torch.equal(loaded["features.0.weight"], state["features.0.weight"])
+
+
+def test_weights_that_do_not_fit_the_model_are_refused():
+    vgg_state = models.vgg16(weights=None).state_dict()
+    with pytest.raises(WeightsUnavailable, match="do not fit"):
+        FeatureExtractor("alexnet", "fc7", vgg_state, torch.device("cpu"))

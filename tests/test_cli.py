@@ -1,0 +1,132 @@
+"""Tests for the index-images and search-images command lines: JSON output, messages and exit statuses."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from indexer.cli import main as index_images
+from indexer.cli import search_main as search_images
+from indexer.samples import make_sample_collection
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture
+def data(tmp_path):
+    folder = tmp_path / "data"
+    make_sample_collection(folder, per_class=2, size=(80, 60), classes=["red_circles", "blue_squares"])
+    (folder / "red_circles" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    return folder
+
+
+def run_json(runner, command, args):
+    result = runner.invoke(command, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_index_json_summary_and_search_json(runner, data, tmp_path):
+    index_dir = str(tmp_path / "index")
+    summary = run_json(runner, index_images, [str(data), "--index-dir", index_dir, "--weights", "random",
+                                              "--workers", "0", "--json"])
+
+    assert set(summary) == {"indexed", "unchanged", "removed", "skipped", "total", "seconds", "images_per_second"}
+    assert (summary["indexed"], summary["unchanged"], summary["removed"], summary["total"]) == (4, 0, 0, 4)
+    assert [s["path"] for s in summary["skipped"]] == ["red_circles/broken.jpg"]
+    assert summary["seconds"] > 0 and summary["images_per_second"] > 0
+
+    query = data / "blue_squares" / "blue_squares_001.jpg"
+    found = run_json(runner, search_images, [str(query), "-k", "3", "--index-dir", index_dir, "--json"])
+    results = found["results"]
+    assert len(results) == 3
+    assert set(results[0]) == {"id", "path", "label", "distance"}
+    assert results[0]["path"] == "blue_squares/blue_squares_001.jpg" and results[0]["label"] == "blue_squares"
+    assert results[0]["distance"] < 1e-3
+    assert [r["distance"] for r in results] == sorted(r["distance"] for r in results)
+
+
+def test_human_output_has_a_summary_and_a_ranked_table(runner, data, tmp_path):
+    index_dir = str(tmp_path / "index")
+    result = runner.invoke(index_images, [str(data), "--index-dir", index_dir, "--weights", "random", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "indexed 4" in result.output and "skipped red_circles/broken.jpg" in result.output
+
+    query = data / "red_circles" / "red_circles_000.jpg"
+    result = runner.invoke(search_images, [str(query), "-k", "2", "--index-dir", index_dir])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].split() == ["rank", "distance", "label", "path"]
+    assert lines[1].split()[0] == "1" and lines[1].endswith("red_circles/red_circles_000.jpg")
+
+
+def test_index_dir_from_the_environment(runner, data, tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_INDEX_DIR", str(tmp_path / "env-index"))
+    result = runner.invoke(index_images, [str(data), "--weights", "random", "--workers", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "env-index" / "catalog.db").exists()
+
+
+def test_missing_data_folder_is_a_usage_error(runner, tmp_path):
+    result = runner.invoke(index_images, [str(tmp_path / "nope"), "--index-dir", str(tmp_path / "index")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+
+
+def test_unavailable_imagenet_weights_stop_with_status_2(runner, data, tmp_path, offline_hub):
+    result = runner.invoke(index_images, [str(data), "--index-dir", str(tmp_path / "index")])
+
+    assert result.exit_code == 2, result.output
+    for hint in ("torch-home", "--weights PATH", "--weights random"):
+        assert hint in result.output
+    assert "Traceback" not in result.output
+
+
+def test_index_built_with_another_model_is_status_2(runner, data, tmp_path):
+    args = [str(data), "--index-dir", str(tmp_path / "index"), "--weights", "random", "--workers", "0"]
+    assert runner.invoke(index_images, args + ["--json"]).exit_code == 0
+    result = runner.invoke(index_images, args + ["--layer", "fc6"])
+    assert result.exit_code == 2
+    assert "built with layer 'fc7'" in result.output
+
+
+def test_bad_batch_size_is_a_usage_error(runner, data, tmp_path):
+    result = runner.invoke(index_images, [str(data), "--index-dir", str(tmp_path / "i"), "--batch-size", "zero"])
+    assert result.exit_code == 2 and "batch" in result.output.lower()
+
+
+def test_search_errors_are_status_2(runner, data, tmp_path):
+    query = data / "red_circles" / "red_circles_000.jpg"
+    no_index = runner.invoke(search_images, [str(query), "--index-dir", str(tmp_path / "missing")])
+    assert no_index.exit_code == 2 and "run index-images first" in no_index.output
+
+    index_dir = str(tmp_path / "index")
+    runner.invoke(index_images, [str(data), "--index-dir", index_dir, "--weights", "random", "--workers", "0", "--json"])
+    unreadable = runner.invoke(search_images, [str(data / "red_circles" / "broken.jpg"), "--index-dir", index_dir])
+    assert unreadable.exit_code == 2
+    assert "cannot use" in unreadable.output and "Traceback" not in unreadable.output
+
+
+def test_empty_index_gives_an_empty_result_list(runner, tmp_path):
+    (tmp_path / "empty").mkdir()
+    index_dir = str(tmp_path / "index")
+    run_json(runner, index_images, [str(tmp_path / "empty"), "--index-dir", index_dir, "--weights", "random", "--json"])
+    query = tmp_path / "q.png"
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(query)
+    assert run_json(runner, search_images, [str(query), "--index-dir", index_dir, "--json"]) == {"results": []}
+
+
+def test_console_scripts_are_installed_and_explain_themselves():
+    for script in ("index-images", "search-images"):
+        out = subprocess.run([sys.executable, "-c", f"import sys; from importlib.metadata import entry_points; "
+                              f"ep = entry_points(group='console_scripts')['{script}']; sys.argv = ['{script}', '--help']; "
+                              "ep.load()()"], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert "Usage:" in out.stdout and "--index-dir" in out.stdout

@@ -1,0 +1,98 @@
+"""Crash safety: SIGKILL a real index-images mid-run, run it again, and get exactly the uninterrupted result."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.samples import make_sample_collection
+from retrieval.catalog import Catalog
+from retrieval.index import ImageIndex
+from retrieval.vector_index import FAISS_FILE, VectorIndex
+
+N_IMAGES = 60
+
+
+def index_command(data: Path, index_dir: Path) -> list[str]:
+    return [sys.executable, "-c", "from indexer.cli import main; main()", str(data), "--index-dir", str(index_dir),
+            "--weights", "random", "--batch-size", "1", "--workers", "0", "--json"]
+
+
+def committed_rows(index_dir: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{index_dir / 'catalog.db'}?mode=ro", uri=True, timeout=1) as db:
+            return db.execute("SELECT count(*) FROM images").fetchone()[0]
+    except sqlite3.OperationalError:   # not created yet, or the table is not there yet
+        return 0
+
+
+def snapshot(index_dir: Path) -> dict[str, np.ndarray]:
+    """path -> stored vector, after checking the catalog and FAISS agree."""
+    cat = Catalog(index_dir)
+    try:
+        states = cat.file_states()
+        ids = cat.ids()
+        assert len(states) == len(ids), "one row per path"
+        faiss_ids = VectorIndex.load(index_dir / FAISS_FILE, 4096).ids()
+        assert len(faiss_ids) == len(set(faiss_ids.tolist())), "no duplicate FAISS ids"
+        assert np.array_equal(np.sort(faiss_ids), ids), "every FAISS id has a row and every row its FAISS entry"
+        by_id = {}
+        for chunk_ids, vecs in cat.vectors():
+            by_id.update(zip(chunk_ids.tolist(), vecs))
+        return {path: by_id[i] for path, (i, _s, _m) in states.items()}
+    finally:
+        cat.close()
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crash")
+    data = root / "data"
+    make_sample_collection(data, per_class=N_IMAGES // 5, size=(96, 72), seed=4)
+    (data / "red_circles" / "corrupt.jpg").write_bytes(b"\xff\xd8 broken")
+    reference = root / "reference"
+    done = subprocess.run(index_command(data, reference), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return data, snapshot(reference)
+
+
+@pytest.mark.parametrize("kill_after_rows", [1, N_IMAGES // 2, N_IMAGES - 5])
+def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(collection, tmp_path, kill_after_rows):
+    data, reference = collection
+    index_dir = tmp_path / "index"
+    proc = subprocess.Popen(index_command(data, index_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while committed_rows(index_dir) < kill_after_rows and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed; the test proves nothing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    partial = committed_rows(index_dir)
+    assert kill_after_rows <= partial < N_IMAGES
+
+    rerun = subprocess.run(index_command(data, index_dir), capture_output=True, text=True, timeout=300)
+
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout)
+    assert summary["total"] == N_IMAGES and summary["unchanged"] == partial
+    assert summary["indexed"] == N_IMAGES - partial, "only the uncommitted work is redone"
+    assert [s["path"] for s in summary["skipped"]] == ["red_circles/corrupt.jpg"]
+    resumed = snapshot(index_dir)
+    assert sorted(resumed) == sorted(reference)
+    for path, vec in reference.items():
+        assert np.allclose(resumed[path], vec, atol=1e-5), path
+    index = ImageIndex(index_dir, load_network=False)
+    try:
+        ids, vecs = next(index.catalog.vectors())
+        assert [index.search_vectors(vecs[i:i + 1], 1)[0][0].id for i in range(len(ids))] == ids.tolist()
+    finally:
+        index.close()

@@ -1,0 +1,222 @@
+"""Tests for indexer.job: incremental runs, skipped files, settings that must agree, and search over the result."""
+from __future__ import annotations
+
+import io
+import os
+import random
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer.job import ConfigError, index_lock
+from indexer.samples import draw_sample, make_sample_collection
+from retrieval.catalog import Catalog
+from retrieval.index import ImageIndex
+from retrieval.vector_index import FAISS_FILE, VectorIndex
+
+from test_images import bad_files
+
+
+@pytest.fixture
+def small_data(tmp_path):
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=3, size=(96, 72), classes=["red_circles", "blue_squares"], seed=2)
+    return data
+
+
+def catalog_state(index_dir):
+    cat = Catalog(index_dir)
+    try:
+        rows = {p: i for p, (i, _s, _m) in cat.file_states().items()}
+        vectors = {}
+        for ids, vecs in cat.vectors():
+            vectors.update(zip(ids.tolist(), vecs))
+        return rows, vectors, cat.ids()
+    finally:
+        cat.close()
+
+
+def faiss_ids(index_dir, dim=4096):
+    return np.sort(VectorIndex.load(index_dir / FAISS_FILE, dim).ids())
+
+
+def test_every_image_is_its_own_nearest_neighbour(sample_index):
+    index = ImageIndex(sample_index.index_dir)
+    try:
+        for path, (image_id, _s, _m) in index.catalog.file_states().items():
+            hits, _ = index.search_image((sample_index.data_dir / path).read_bytes(), 3)
+            assert hits[0].id == image_id, path
+            assert hits[0].distance < 1e-3
+            assert hits[0].distance <= hits[1].distance <= hits[2].distance
+    finally:
+        index.close()
+
+
+def test_search_agrees_with_brute_force_over_the_catalog(sample_index):
+    index = ImageIndex(sample_index.index_dir, load_network=False)
+    try:
+        ids, vecs = next(index.catalog.vectors())
+        assert len(ids) == sample_index.report.total == 30
+        for qi in range(0, len(ids), 7):
+            hits = index.search_vectors(vecs[qi:qi + 1], 5)[0]
+            d = np.linalg.norm(vecs - vecs[qi], axis=1)
+            order = np.argsort(d, kind="stable")[:5]
+            assert [h.id for h in hits] == ids[order].tolist()
+            assert np.allclose([h.distance for h in hits], d[order], atol=1e-4)
+    finally:
+        index.close()
+
+
+def test_vectors_are_l2_normalised_and_features_cluster_by_class(sample_index):
+    index = ImageIndex(sample_index.index_dir, load_network=False)
+    try:
+        ids, vecs = next(index.catalog.vectors())
+        assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+        rows = index.catalog.get_many(ids)
+        same = sum(index.search_vectors(vecs[i:i + 1], 1, exclude=[{int(ids[i])}])[0][0].label == rows[int(ids[i])].label
+                   for i in range(len(ids)))
+        assert same / len(ids) > 0.5, "even random conv features separate colour/shape classes (chance is 0.2)"
+    finally:
+        index.close()
+
+
+def test_rerun_on_an_unchanged_folder_is_a_no_op(small_data, tmp_path, index_images):
+    first = index_images(small_data, tmp_path / "index")
+    stamp = os.stat(tmp_path / "index" / FAISS_FILE).st_mtime_ns
+    rows_before, _, _ = catalog_state(tmp_path / "index")
+
+    again = index_images(small_data, tmp_path / "index")
+
+    assert (first.indexed, first.total) == (6, 6)
+    assert (again.indexed, again.unchanged, again.removed, again.total) == (0, 6, 0, 6)
+    assert os.stat(tmp_path / "index" / FAISS_FILE).st_mtime_ns == stamp, "nothing rewritten"
+    assert catalog_state(tmp_path / "index")[0] == rows_before
+
+
+def test_added_changed_and_removed_files(small_data, tmp_path, index_images):
+    index_dir = tmp_path / "index"
+    index_images(small_data, index_dir)
+    rows, vectors, _ = catalog_state(index_dir)
+
+    new = small_data / "red_circles" / "new.png"
+    Image.new("RGB", (80, 80), (250, 0, 0)).save(new)
+    changed = small_data / "blue_squares" / "blue_squares_000.jpg"
+    import random
+    draw_sample("red_circles", (96, 72), random.Random(9)).save(changed, "JPEG")
+    os.utime(changed, ns=(1, 1_000_000_000))   # a different mtime for sure
+    (small_data / "red_circles" / "red_circles_001.jpg").unlink()
+
+    report = index_images(small_data, index_dir)
+
+    assert (report.indexed, report.unchanged, report.removed, report.total) == (2, 4, 1, 6)
+    rows2, vectors2, catalog_ids = catalog_state(index_dir)
+    assert "red_circles/red_circles_001.jpg" not in rows2
+    assert "red_circles/new.png" in rows2
+    assert rows2["blue_squares/blue_squares_000.jpg"] != rows["blue_squares/blue_squares_000.jpg"], "re-extracted"
+    assert not np.allclose(vectors2[rows2["blue_squares/blue_squares_000.jpg"]],
+                           vectors[rows["blue_squares/blue_squares_000.jpg"]])
+    unchanged = "blue_squares/blue_squares_001.jpg"
+    assert rows2[unchanged] == rows[unchanged] and np.array_equal(vectors2[rows2[unchanged]], vectors[rows[unchanged]])
+    assert np.array_equal(faiss_ids(index_dir), np.sort(catalog_ids))
+
+    index = ImageIndex(index_dir)
+    try:
+        hits, _ = index.search_image(changed.read_bytes(), 6)
+        assert hits[0].path == "blue_squares/blue_squares_000.jpg" and hits[0].distance < 1e-3
+        assert all(h.path != "red_circles/red_circles_001.jpg" for h in hits)
+    finally:
+        index.close()
+
+
+def test_bad_files_are_skipped_with_reasons_and_never_stop_the_run(small_data, tmp_path, index_images):
+    for name, data in bad_files().items():
+        (small_data / "red_circles" / f"{name}.png").write_bytes(data)
+
+    report = index_images(small_data, tmp_path / "index")
+
+    assert report.indexed == report.total == 6
+    reasons = {s["path"]: s["reason"] for s in report.skipped}
+    assert set(reasons) == {f"red_circles/{n}.png" for n in bad_files()}
+    assert "empty" in reasons["red_circles/empty.png"]
+    assert "not an image" in reasons["red_circles/text.png"]
+    assert "decompression bomb" in reasons["red_circles/bomb.png"]
+    assert reasons["red_circles/truncated.png"]
+
+    again = index_images(small_data, tmp_path / "index")
+    assert again.indexed == 0 and len(again.skipped) == 4, "bad files stay skipped, not re-decoded"
+
+    shutil.copy(small_data / "red_circles" / "red_circles_000.jpg", small_data / "red_circles" / "text.png")
+    fixed = index_images(small_data, tmp_path / "index")
+    assert fixed.indexed == 1 and fixed.total == 7 and len(fixed.skipped) == 3
+
+
+def test_an_indexed_file_that_turns_bad_leaves_the_index(small_data, tmp_path, index_images):
+    index_images(small_data, tmp_path / "index")
+    (small_data / "red_circles" / "red_circles_000.jpg").write_bytes(b"now garbage")
+
+    report = index_images(small_data, tmp_path / "index")
+
+    assert report.total == 5
+    assert [s["path"] for s in report.skipped] == ["red_circles/red_circles_000.jpg"]
+    assert len(faiss_ids(tmp_path / "index")) == 5
+
+
+def test_empty_folder_gives_an_empty_index_that_answers_searches(tmp_path, index_images):
+    (tmp_path / "empty").mkdir()
+    report = index_images(tmp_path / "empty", tmp_path / "index")
+    assert report.total == 0
+    index = ImageIndex(tmp_path / "index")
+    try:
+        hits, _ = index.search_image(jpeg_bytes(), 5)
+        assert hits == []
+    finally:
+        index.close()
+
+
+def jpeg_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (50, 40), (1, 2, 3)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_no_normalize_keeps_raw_fc7(small_data, tmp_path, index_images):
+    index_images(small_data, tmp_path / "index", normalize=False)
+    _, vectors, _ = catalog_state(tmp_path / "index")
+    norms = np.linalg.norm(np.stack(list(vectors.values())), axis=1)
+    assert not np.allclose(norms, 1.0)
+    assert Catalog(tmp_path / "index").settings().normalize is False
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("model", "vgg16", "model 'alexnet'"),
+    ("layer", "fc6", "layer 'fc7'"),
+    ("weights", "imagenet", "weights 'random'"),
+    ("normalize", False, "normalize True"),
+])
+def test_options_that_contradict_the_index_are_refused(small_data, tmp_path, index_images, option, value, message):
+    index_images(small_data, tmp_path / "index")
+    with pytest.raises(ConfigError, match=message):
+        index_images(small_data, tmp_path / "index", **{option: value})
+
+
+def test_another_data_folder_is_refused(small_data, tmp_path, index_images):
+    index_images(small_data, tmp_path / "index")
+    other = tmp_path / "other"
+    shutil.copytree(small_data, other)
+    with pytest.raises(ConfigError, match="was built from"):
+        index_images(other, tmp_path / "index")
+
+
+def test_options_left_out_come_from_the_index(small_data, tmp_path, index_images):
+    index_images(small_data, tmp_path / "index", layer="fc6")
+    report = index_images(small_data, tmp_path / "index", weights=None)
+    assert report.unchanged == 6
+    assert Catalog(tmp_path / "index").settings().layer == "fc6"
+
+
+def test_a_second_writer_is_refused_while_one_runs(small_data, tmp_path, index_images):
+    with index_lock(tmp_path / "index"):
+        with pytest.raises(ConfigError, match="another index-images run"):
+            index_images(small_data, tmp_path / "index")

@@ -1,0 +1,102 @@
+"""Tests for retrieval.vector_index: exact search against brute force, atomic save, reconciliation with the catalog."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval.catalog import Catalog
+from retrieval.vector_index import VectorIndex
+
+
+def random_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+
+
+def brute_force(base: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    d = np.sqrt(((queries[:, None, :] - base[None, :, :]) ** 2).sum(-1))    # (q, n)
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, order, 1), ids[order]
+
+
+def test_search_agrees_with_numpy_brute_force():
+    base, queries = random_vectors(500, 64), random_vectors(20, 64, seed=1)
+    ids = np.arange(1000, 1500, dtype=np.int64)[::-1].copy()     # ids need not follow positions
+    index = VectorIndex(64)
+    index.add(ids, base)
+
+    dist, got = index.search(queries, 10)
+    want_dist, want = brute_force(base, ids, queries, 10)
+
+    assert np.array_equal(got, want)
+    assert np.allclose(dist, want_dist, atol=1e-3)
+
+
+def test_k_larger_than_the_index_and_an_empty_index():
+    index = VectorIndex(8)
+    dist, ids = index.search(random_vectors(2, 8), 5)
+    assert ids.shape == (2, 0)
+    index.add(np.array([7, 9]), random_vectors(2, 8))
+    dist, ids = index.search(random_vectors(1, 8), 5)
+    assert sorted(ids[0]) == [7, 9]
+
+
+def test_remove_and_save_roundtrip(tmp_path):
+    index = VectorIndex(16)
+    base = random_vectors(10, 16)
+    index.add(np.arange(10), base)
+    assert index.remove([3, 4, 99]) == 2
+    index.save(tmp_path / "v.faiss")
+
+    loaded = VectorIndex.load(tmp_path / "v.faiss", 16)
+
+    assert sorted(loaded.ids()) == [0, 1, 2, 5, 6, 7, 8, 9]
+    _, ids = loaded.search(base[5:6], 1)
+    assert ids[0, 0] == 5
+    assert not list(tmp_path.glob(".*tmp")), "no temporary file left behind"
+
+
+def test_unreadable_or_wrong_shape_file_is_ignored(tmp_path):
+    (tmp_path / "bad.faiss").write_bytes(b"garbage")
+    assert VectorIndex.load(tmp_path / "bad.faiss", 16) is None
+    VectorIndex(8).save(tmp_path / "eight.faiss")
+    assert VectorIndex.load(tmp_path / "eight.faiss", 16) is None
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    cat = Catalog(tmp_path, create=True)
+    yield cat
+    cat.close()
+
+
+def add_rows(catalog: Catalog, names: list[str], vecs: np.ndarray) -> list[int]:
+    rows = [{"path": n, "label": None, "size": 1, "mtime_ns": 1, "width": 1, "height": 1, "sha256": "x"} for n in names]
+    return catalog.write_batch(rows, vecs, [])[0]
+
+
+def test_reconcile_adds_missing_and_drops_stale_ids(tmp_path, catalog):
+    vecs = random_vectors(6, 16)
+    ids = add_rows(catalog, [f"img{i}.png" for i in range(6)], vecs)
+    stale = VectorIndex(16)
+    stale.add(np.array(ids[:3] + [999]), vecs[:4])       # 3 known rows, one id the catalog never had
+    stale.save(tmp_path / "v.faiss")
+
+    index, changed = VectorIndex.open_reconciled(tmp_path / "v.faiss", catalog, 16)
+
+    assert changed
+    assert sorted(index.ids()) == sorted(ids)
+    for i, vec in zip(ids, vecs):
+        assert index.search(vec[None], 1)[1][0, 0] == i
+
+
+def test_reconcile_rebuilds_a_missing_file(tmp_path, catalog):
+    ids = add_rows(catalog, ["a.png", "b.png"], random_vectors(2, 16))
+    index, changed = VectorIndex.open_reconciled(tmp_path / "absent.faiss", catalog, 16)
+    assert changed and sorted(index.ids()) == sorted(ids)
+
+
+def test_ids_are_never_reused_after_deletion(catalog):
+    first = add_rows(catalog, ["a.png", "b.png"], random_vectors(2, 4))
+    catalog.remove_paths(["b.png"])
+    again = add_rows(catalog, ["c.png"], random_vectors(1, 4))
+    assert again[0] > max(first)
