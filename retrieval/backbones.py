@@ -144,9 +144,10 @@ class FeatureExtractor:
         assert model in MODELS, f"unknown model {model!r}"
         assert layer in LAYERS, f"unknown layer {layer!r}"
         spec = MODELS[model]
-        net = spec.build(weights=None)
+        with torch.device("meta"):     # no random init of parameters we are about to replace
+            net = spec.build(weights=None)
         try:
-            net.load_state_dict(state_dict)
+            net.load_state_dict(state_dict, assign=True)
         except RuntimeError as exc:
             raise WeightsUnavailable(f"these weights do not fit torchvision's {model}: {exc}") from exc
         net.eval()

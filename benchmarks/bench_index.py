@@ -1,0 +1,179 @@
+"""Benchmark: index-images against the naive one-image-at-a-time loop, same network and device, same run.
+
+Generates a collection (half 500x375 JPEGs, half 4000x3000 phone-size JPEGs), then alternates
+(a) the loop a user would write: Pillow open, the weights' transforms, one forward per image, and
+(b) `index-images` on a fresh index, as a subprocess.
+Both use the same random AlexNet weights (copied into each fresh index). Prints images/s, the ratio,
+and the peak resident memory of each process tree (workers included); saves JSON under
+benchmarks/results/. Quote the medians.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results"
+SIZES = {"small": (500, 375), "phone": (4000, 3000)}
+
+
+def make_collection(folder: Path, n: int) -> Path:
+    """n JPEGs, half small and half phone-size, in class folders; reused when already there."""
+    import random
+
+    from indexer.samples import SAMPLE_CLASSES, draw_sample
+
+    marker = folder / f".complete-{n}"
+    if marker.exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    rng = random.Random(0)
+    classes = list(SAMPLE_CLASSES)
+    for i in range(n):
+        kind = classes[i % len(classes)]
+        size = SIZES["small"] if i % 2 == 0 else SIZES["phone"]
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+        # draw small and upscale: the phone-size files still have real photo-sized JPEG payloads
+        img = draw_sample(kind, (400, 300), rng).resize(size)
+        img.save(folder / kind / f"{kind}_{i:04d}.jpg", "JPEG", quality=90)
+    marker.touch()
+    return folder
+
+
+def peak_rss_of_tree(proc: subprocess.Popen) -> tuple[subprocess.Popen, list[int]]:
+    """Sample the summed RSS of proc and its children every 20 ms until it exits."""
+    peak = [0]
+
+    def watch() -> None:
+        try:
+            p = psutil.Process(proc.pid)
+            while proc.poll() is None:
+                try:
+                    rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
+                except psutil.Error:
+                    rss = 0
+                peak[0] = max(peak[0], rss)
+                time.sleep(0.02)
+        except psutil.Error:
+            pass
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return proc, peak
+
+
+def run_measured(cmd: list[str]) -> tuple[dict, float, int]:
+    """-> (the command's JSON output, wall seconds, peak tree RSS bytes)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, peak = peak_rss_of_tree(proc)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err}")
+    return json.loads(out.strip().splitlines()[-1]), wall, peak[0]
+
+
+def naive_loop(data: Path, weights_file: Path, model: str) -> None:
+    """The loop a user would write; prints {"images", "seconds"} as JSON. Runs in a child process."""
+    import torch
+    from PIL import Image
+
+    from retrieval.backbones import MODELS, FeatureExtractor
+
+    state = torch.load(weights_file, map_location="cpu", weights_only=True)
+    extractor = FeatureExtractor(model, "fc7", state, torch.device("cpu"))
+    transform = MODELS[model].imagenet.transforms()
+    files = sorted(p for p in data.rglob("*.jpg"))
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for path in files:
+            img = Image.open(path).convert("RGB")
+            x = transform(img).unsqueeze(0)                    # (1, 3, 224, 224)
+            extractor.net(x)[extractor.layer]                  # (1, 4096)
+    print(json.dumps({"images": len(files), "seconds": time.perf_counter() - started}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=200, help="collection size (half small, half phone-size)")
+    ap.add_argument("--runs", type=int, default=3, help="runs of each, alternating; medians are reported")
+    ap.add_argument("--model", default="alexnet", choices=["alexnet", "vgg16"])
+    ap.add_argument("--workdir", type=Path, default=RESULTS / "bench_index_work")
+    ap.add_argument("--index-args", default="", help="extra index-images options, e.g. '--workers 1'")
+    ap.add_argument("--naive-child", nargs=2, metavar=("DATA", "WEIGHTS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.naive_child:
+        naive_loop(Path(args.naive_child[0]), Path(args.naive_child[1]), args.model)
+        return
+
+    from retrieval.backbones import load_state_dict, random_weights_file
+
+    work = args.workdir
+    data = make_collection(work / f"data-{args.images}", args.images)
+    weights_home = work / f"weights-{args.model}"
+    weights_home.mkdir(parents=True, exist_ok=True)
+    load_state_dict(args.model, "random", weights_home, create=True)
+    weights = random_weights_file(weights_home, args.model)
+
+    naive, ours = [], []
+    for run in range(args.runs):
+        out, wall, peak = run_measured([sys.executable, __file__, "--model", args.model,
+                                        "--naive-child", str(data), str(weights)])
+        naive.append({"images_per_second": out["images"] / out["seconds"], "peak_rss_mb": peak / 2**20})
+        index_dir = work / "index"
+        shutil.rmtree(index_dir, ignore_errors=True)
+        index_dir.mkdir(parents=True)
+        shutil.copy(weights, random_weights_file(index_dir, args.model))
+        cmd = [sys.executable, "-c", "from indexer.cli import main; main()", str(data), "--index-dir", str(index_dir),
+               "--model", args.model, "--weights", "random", "--device", "cpu", "--json", *args.index_args.split()]
+        out, wall, peak = run_measured(cmd)
+        assert out["indexed"] == args.images, out
+        ours.append({"images_per_second": out["images_per_second"], "wall_images_per_second": args.images / wall,
+                     "peak_rss_mb": peak / 2**20})
+        print(f"run {run + 1}: naive {naive[-1]['images_per_second']:.1f} img/s, "
+              f"index-images {ours[-1]['images_per_second']:.1f} img/s", file=sys.stderr)
+
+    med = lambda rows, key: statistics.median(r[key] for r in rows)  # noqa: E731
+    result = {
+        "benchmark": "bench_index", "model": args.model, "device": "cpu", "images": args.images,
+        "sizes": {k: list(v) for k, v in SIZES.items()}, "runs": args.runs, "index_args": args.index_args,
+        "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "naive": {"runs": naive, "median_images_per_second": med(naive, "images_per_second"),
+                  "median_peak_rss_mb": med(naive, "peak_rss_mb")},
+        "index_images": {"runs": ours, "median_images_per_second": med(ours, "images_per_second"),
+                         "median_wall_images_per_second": med(ours, "wall_images_per_second"),
+                         "median_peak_rss_mb": med(ours, "peak_rss_mb")},
+    }
+    result["speedup"] = result["index_images"]["median_images_per_second"] / result["naive"]["median_images_per_second"]
+    result["speedup_wall"] = (result["index_images"]["median_wall_images_per_second"]
+                              / result["naive"]["median_images_per_second"])
+
+    print(f"\n{args.images} JPEGs (half 500x375, half 4000x3000), {args.model} fc7, CPU, median of {args.runs} runs")
+    print(f"{'':34}{'images/s':>10}{'peak RSS':>12}")
+    print(f"{'naive loop (one image at a time)':34}{result['naive']['median_images_per_second']:>10.1f}"
+          f"{result['naive']['median_peak_rss_mb']:>9.0f} MB")
+    print(f"{'index-images':34}{result['index_images']['median_images_per_second']:>10.1f}"
+          f"{result['index_images']['median_peak_rss_mb']:>9.0f} MB")
+    print(f"{'index-images, incl. start-up':34}{result['index_images']['median_wall_images_per_second']:>10.1f}")
+    print(f"speed-up: {result['speedup']:.2f}x (including start-up: {result['speedup_wall']:.2f}x)")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_file = RESULTS / f"bench_index-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out_file.write_text(json.dumps(result, indent=2))
+    print(f"saved {out_file}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""`make demo`: make a sample collection if data/ is empty, index it, run a sample search, then serve the gallery."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from retrieval.backbones import WeightsUnavailable, imagenet_cache_path, load_state_dict
+from retrieval.catalog import CATALOG_FILE
+from retrieval.images import IMAGE_EXTENSIONS
+
+from .samples import make_sample_collection
+
+DATA = Path("data")
+INDEX = Path("index")
+MODEL = "alexnet"
+
+
+def has_images(folder: Path) -> bool:
+    return folder.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*") if p.is_file())
+
+
+def banner(text: str) -> None:
+    width = 76
+    print("\n" + "=" * width)
+    for line in textwrap.dedent(text).strip().splitlines():
+        print(f" {line}")
+    print("=" * width + "\n", flush=True)
+
+
+def choose_weights() -> str:
+    """ImageNet weights when they can be had, else random weights with a plain warning."""
+    if (INDEX / CATALOG_FILE).exists():
+        return ""  # an existing index keeps its own network
+    try:
+        load_state_dict(MODEL, "imagenet", None)
+        return "imagenet"
+    except WeightsUnavailable:
+        banner(f"""
+        ImageNet weights for {MODEL} are not available here (offline, not in the cache).
+        The demo goes on with RANDOM weights (seeded, saved in {INDEX}/).
+
+        What that means: random convolutions still group pictures by colour and
+        texture, so the generated sample classes come out well, but the features
+        know nothing about objects. For real photos, use ImageNet weights: put
+        {imagenet_cache_path(MODEL)}
+        in place (or pass --weights PATH), then re-index into a fresh --index-dir.
+        """)
+        return "random"
+
+
+def run(args: list[str]) -> None:
+    print("$ " + " ".join(args), flush=True)
+    bindir = Path(sys.executable).parent
+    subprocess.run([str(bindir / args[0]), *args[1:]], check=True)
+
+
+def main() -> None:
+    if not has_images(DATA):
+        print(f"{DATA}/ is empty: writing a sample collection of generated pictures there.", flush=True)
+        make_sample_collection(DATA, per_class=12)
+    weights = choose_weights()
+    try:
+        run(["index-images", str(DATA), "--index-dir", str(INDEX), *(["--weights", weights] if weights else [])])
+        query = next(p for p in sorted(DATA.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS)
+        print(f"\nSample search: the neighbours of {query}", flush=True)
+        run(["search-images", str(query), "-k", "5", "--index-dir", str(INDEX)])
+        if os.environ.get("DEMO_SERVE", "1") != "0" and shutil.which("serve-images", path=str(Path(sys.executable).parent)):
+            port = os.environ.get("DEMO_PORT", "8000")
+            print(f"\nServing the gallery at http://127.0.0.1:{port}/  (Ctrl-C to stop)", flush=True)
+            run(["serve-images", "--index-dir", str(INDEX), "--port", port])
+    except subprocess.CalledProcessError as exc:
+        sys.exit(exc.returncode)
+    except KeyboardInterrupt:
+        print("\nstopped.")
+
+
+if __name__ == "__main__":
+    main()
