@@ -4,7 +4,7 @@ Generates a collection (half 500x375 JPEGs, half 4000x3000 phone-size JPEGs), th
 (a) the loop a user would write: Pillow open, the weights' transforms, one forward per image, and
 (b) `index-images` on a fresh index, as a subprocess.
 Both use the same random AlexNet weights (copied into each fresh index). Prints images/s, the ratio,
-and the peak resident memory of each process tree (workers included); saves JSON under
+and the peak memory (PSS) of each process tree (workers included); saves JSON under
 benchmarks/results/. Quote the medians.
 """
 from __future__ import annotations
@@ -52,8 +52,12 @@ def make_collection(folder: Path, n: int) -> Path:
     return folder
 
 
-def peak_rss_of_tree(proc: subprocess.Popen) -> tuple[subprocess.Popen, list[int]]:
-    """Sample the summed RSS of proc and its children every 20 ms until it exits."""
+def peak_memory_of_tree(proc: subprocess.Popen) -> tuple[subprocess.Popen, list[int]]:
+    """Sample the summed PSS of proc and its children every 50 ms until it exits.
+
+    PSS (proportional set size) splits pages shared between forked workers among them, so the sum
+    over the tree is the memory the job really holds; summed RSS would count shared pages per worker.
+    """
     peak = [0]
 
     def watch() -> None:
@@ -61,11 +65,12 @@ def peak_rss_of_tree(proc: subprocess.Popen) -> tuple[subprocess.Popen, list[int
             p = psutil.Process(proc.pid)
             while proc.poll() is None:
                 try:
-                    rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
+                    procs = [p, *p.children(recursive=True)]
+                    total = sum(q.memory_full_info().pss for q in procs)
                 except psutil.Error:
-                    rss = 0
-                peak[0] = max(peak[0], rss)
-                time.sleep(0.02)
+                    total = 0
+                peak[0] = max(peak[0], total)
+                time.sleep(0.05)
         except psutil.Error:
             pass
 
@@ -75,10 +80,10 @@ def peak_rss_of_tree(proc: subprocess.Popen) -> tuple[subprocess.Popen, list[int
 
 
 def run_measured(cmd: list[str]) -> tuple[dict, float, int]:
-    """-> (the command's JSON output, wall seconds, peak tree RSS bytes)."""
+    """-> (the command's JSON output, wall seconds, peak tree PSS bytes)."""
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc, peak = peak_rss_of_tree(proc)
+    proc, peak = peak_memory_of_tree(proc)
     out, err = proc.communicate()
     wall = time.perf_counter() - started
     if proc.returncode != 0:
@@ -132,7 +137,7 @@ def main() -> None:
     for run in range(args.runs):
         out, wall, peak = run_measured([sys.executable, __file__, "--model", args.model,
                                         "--naive-child", str(data), str(weights)])
-        naive.append({"images_per_second": out["images"] / out["seconds"], "peak_rss_mb": peak / 2**20})
+        naive.append({"images_per_second": out["images"] / out["seconds"], "peak_memory_mb": peak / 2**20})
         index_dir = work / "index"
         shutil.rmtree(index_dir, ignore_errors=True)
         index_dir.mkdir(parents=True)
@@ -142,7 +147,7 @@ def main() -> None:
         out, wall, peak = run_measured(cmd)
         assert out["indexed"] == args.images, out
         ours.append({"images_per_second": out["images_per_second"], "wall_images_per_second": args.images / wall,
-                     "peak_rss_mb": peak / 2**20})
+                     "peak_memory_mb": peak / 2**20})
         print(f"run {run + 1}: naive {naive[-1]['images_per_second']:.1f} img/s, "
               f"index-images {ours[-1]['images_per_second']:.1f} img/s", file=sys.stderr)
 
@@ -152,21 +157,21 @@ def main() -> None:
         "sizes": {k: list(v) for k, v in SIZES.items()}, "runs": args.runs, "index_args": args.index_args,
         "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "naive": {"runs": naive, "median_images_per_second": med(naive, "images_per_second"),
-                  "median_peak_rss_mb": med(naive, "peak_rss_mb")},
+                  "median_peak_memory_mb": med(naive, "peak_memory_mb")},
         "index_images": {"runs": ours, "median_images_per_second": med(ours, "images_per_second"),
                          "median_wall_images_per_second": med(ours, "wall_images_per_second"),
-                         "median_peak_rss_mb": med(ours, "peak_rss_mb")},
+                         "median_peak_memory_mb": med(ours, "peak_memory_mb")},
     }
     result["speedup"] = result["index_images"]["median_images_per_second"] / result["naive"]["median_images_per_second"]
     result["speedup_wall"] = (result["index_images"]["median_wall_images_per_second"]
                               / result["naive"]["median_images_per_second"])
 
     print(f"\n{args.images} JPEGs (half 500x375, half 4000x3000), {args.model} fc7, CPU, median of {args.runs} runs")
-    print(f"{'':34}{'images/s':>10}{'peak RSS':>12}")
+    print(f"{'':34}{'images/s':>10}{'peak memory':>14}")
     print(f"{'naive loop (one image at a time)':34}{result['naive']['median_images_per_second']:>10.1f}"
-          f"{result['naive']['median_peak_rss_mb']:>9.0f} MB")
+          f"{result['naive']['median_peak_memory_mb']:>11.0f} MB")
     print(f"{'index-images':34}{result['index_images']['median_images_per_second']:>10.1f}"
-          f"{result['index_images']['median_peak_rss_mb']:>9.0f} MB")
+          f"{result['index_images']['median_peak_memory_mb']:>11.0f} MB")
     print(f"{'index-images, incl. start-up':34}{result['index_images']['median_wall_images_per_second']:>10.1f}")
     print(f"speed-up: {result['speedup']:.2f}x (including start-up: {result['speedup_wall']:.2f}x)")
     RESULTS.mkdir(parents=True, exist_ok=True)
