@@ -26,18 +26,23 @@ def index_dir_option(f):  # noqa: ANN001, ANN201 - click decorator
                         help="Folder holding the index (catalog.db, vectors.faiss).")(f)
 
 
-def setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool, *, quiet: bool = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not quiet:  # the batch size choice and its reason are always worth a line
+        logging.getLogger("indexer.batch_size").setLevel(logging.INFO)
 
 
-def parse_batch_size(value: str) -> int:
+def parse_batch_size(value: str) -> int | str:
+    """A positive whole number, or "auto" (chosen from the free GPU memory; 32 on the CPU)."""
+    if value.strip().lower() == "auto":
+        return "auto"
     try:
         n = int(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a whole number") from None
+        raise click.BadParameter(f"{value!r} is not a whole number or 'auto'", param_hint="'--batch-size'") from None
     if n < 1:
-        raise click.BadParameter("must be at least 1")
+        raise click.BadParameter("must be at least 1", param_hint="'--batch-size'")
     return n
 
 
@@ -56,8 +61,9 @@ def parse_batch_size(value: str) -> int:
               help="L2-normalise the vectors (recorded in the index). [default: normalize]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the network runs; auto picks a CUDA GPU when there is one.")
-@click.option("--batch-size", default="32", show_default=True, metavar="N",
-              help="Images per forward pass and per catalog transaction.")
+@click.option("--batch-size", default="auto", show_default=True, metavar="N|auto",
+              help="Images per forward pass and per catalog transaction. auto: on CUDA the largest batch the free "
+                   "GPU memory holds (with a safety margin; -v logs the choice), on the CPU 32.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Decoding processes (0 decodes in the main process). [default: one per core]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
@@ -74,7 +80,7 @@ def main(data_dir: Path, index_dir: Path, model, layer, weights, seed, normalize
 
     Exit status: 0 done (even with skipped files), 2 usage or configuration error, 1 unexpected failure.
     """
-    setup_logging(verbose)
+    setup_logging(verbose, quiet=as_json)
     cfg = JobConfig(data_dir=data_dir, index_dir=index_dir, model=model, layer=layer, weights=weights,
                     normalize=normalize, seed=seed, device=device, batch_size=parse_batch_size(batch_size),
                     workers=workers, progress=not as_json)

@@ -22,6 +22,8 @@ from retrieval.images import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageFile, Pr
 from retrieval.index import embed
 from retrieval.vector_index import FAISS_FILE, VectorIndex
 
+from .batch_size import resolve_batch_size
+
 log = logging.getLogger(__name__)
 
 DEFAULTS = {"model": "alexnet", "layer": "fc7", "weights": "imagenet", "normalize": True}
@@ -42,7 +44,7 @@ class JobConfig:
     normalize: bool | None = None     # L2-normalise vectors
     seed: int = DEFAULT_RANDOM_SEED   # for --weights random
     device: str = "auto"
-    batch_size: int = 32              # images per forward pass (and per catalog transaction)
+    batch_size: int | str = "auto"    # images per forward pass (and per catalog transaction); "auto": from free GPU memory, 32 on CPU
     workers: int | None = None        # decoding processes; None: one per core
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     save_every_s: float = 30.0        # also save the FAISS file this often during long runs
@@ -249,7 +251,8 @@ def _update(cfg: JobConfig, catalog: Catalog, extractor: FeatureExtractor, norma
     plan = plan_run(scan.images, scan.skipped, catalog)
     report = RunReport(unchanged=plan.unchanged)
 
-    to_remove = plan.remove + [p for p in plan.refused if p in catalog.file_states()]
+    indexed_paths = catalog.file_states() if plan.refused else {}
+    to_remove = plan.remove + [p for p in plan.refused if p in indexed_paths]
     if to_remove:
         removed_ids = catalog.remove_paths(to_remove)
         vectors.remove(removed_ids)
@@ -262,12 +265,13 @@ def _update(cfg: JobConfig, catalog: Catalog, extractor: FeatureExtractor, norma
             catalog.write_batch([], np.zeros((0, extractor.dim), np.float32), fresh)
 
     workers = cfg.workers if cfg.workers is not None else default_workers()
-    mapper = BatchExtractor(extractor, normalize, cfg.batch_size)
+    batch_size = resolve_batch_size(cfg.batch_size, extractor)
+    mapper = BatchExtractor(extractor, normalize, batch_size)
     bar = tqdm(total=len(plan.todo), unit="img", desc="indexing", dynamic_ncols=True,
                disable=not (cfg.progress and sys.stderr.isatty()) or not plan.todo)
     last_save = time.monotonic()
     try:
-        for batch in read_batches(data_dir, plan.todo, extractor.preprocessing, batch_size=cfg.batch_size,
+        for batch in read_batches(data_dir, plan.todo, extractor.preprocessing, batch_size=batch_size,
                                   workers=workers, max_pixels=cfg.max_pixels,
                                   pin_memory=extractor.device.type == "cuda"):
             feats = mapper(batch.pixels) if batch.pixels is not None else np.zeros((0, extractor.dim), np.float32)

@@ -1,0 +1,113 @@
+"""Command line: `evaluate-index` measures how well an index's stored features separate its labelled classes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from retrieval.evaluation import DEFAULT_KS, EvaluationError, evaluate_index
+
+from .cli import UserError, index_dir_option, setup_logging
+
+MAX_MATRIX_CLASSES = 20   # larger confusion matrices are only in --json
+
+
+def parse_ks(value: str) -> list[int]:
+    """"1,5,10" -> [1, 5, 10] (sorted, unique); raises click.BadParameter."""
+    try:
+        ks = sorted({int(part) for part in value.split(",") if part.strip()})
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of whole numbers, e.g. 1,5,10",
+                                 param_hint="'-k'") from None
+    if not ks or ks[0] < 1:
+        raise click.BadParameter("give one or more numbers of neighbours, each at least 1", param_hint="'-k'")
+    return ks
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@index_dir_option
+@click.option("-k", "ks", default=",".join(map(str, DEFAULT_KS)), show_default=True, metavar="K[,K...]",
+              help="Numbers of neighbours for precision@k and the kNN vote.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the linear probe's train/test split.")
+@click.option("--json", "as_json", is_flag=True, help="Print every number as one JSON object on stdout.")
+@click.option("-v", "--verbose", is_flag=True, help="Log what is being done.")
+def main(index_dir: Path, ks: str, seed: int, as_json: bool, verbose: bool) -> None:
+    """Evaluate the features of an index on its labelled images, from the stored vectors (no forward pass).
+
+    Images are labelled by their class folder (DATA_DIR/<class>/...); unlabelled ones are left out.
+    Reports leave-one-out retrieval (precision@k, mAP over the whole ranking; relevant = same
+    label), leave-one-out k-nearest-neighbour classification (majority vote, ties to the closer
+    group), a linear probe (logistic regression on a stratified, seeded train/test split),
+    per-class numbers, confusion matrices and the chance levels to compare with.
+
+    Exit status: 0 done, 2 no index or not evaluable (fewer than two labels, a label with one image).
+    """
+    setup_logging(verbose)
+    k_list = parse_ks(ks)
+    try:
+        result = evaluate_index(index_dir, k_list, seed=seed)
+    except (FileNotFoundError, EvaluationError) as exc:
+        raise UserError(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(format_report(result))
+
+
+def format_report(r: dict) -> str:
+    """The evaluate_index result as a readable text report."""
+    ix, im, ch = r["index"], r["images"], r["chance"]
+    ks = r["ks"]
+    row = lambda label, value, chance, extra="": f"  {label:<30}{value:>7.3f}{chance:>9.3f}{extra}"  # noqa: E731
+    lines = [f"index {ix['dir']}: {ix['model']} {ix['layer']}, weights {ix['weights']} "
+             f"({ix['dim']}-d{', L2-normalised' if ix['normalize'] else ''})",
+             f"{im['labelled']} labelled images in {im['classes']} classes; {im['unlabelled']} unlabelled left out",
+             "",
+             f"{'':<32}{'value':>7}{'chance':>9}",
+             "retrieval (leave-one-out, relevant = same label)"]
+    for k in ks:
+        lines.append(row(f"precision@{k}", r["retrieval"]["precision_at_k"][str(k)], ch["retrieval_precision"]))
+    lines.append(row("mAP", r["retrieval"]["map"], ch["retrieval_precision"], "  (about)"))
+    lines.append("nearest-neighbour classification (leave-one-out majority vote)")
+    for k in ks:
+        lines.append(row(f"k={k} accuracy", r["knn"]["accuracy"][str(k)], ch["majority_class"]))
+    probe = r["linear_probe"]
+    if probe is not None:
+        lines.append(f"linear probe (logistic regression, {probe['train']} train / {probe['test']} test images, "
+                     f"seed {probe['seed']})")
+        lines.append(row("test accuracy", probe["accuracy"], ch["majority_class"]))
+    lines.append(f"chance: retrieval {ch['retrieval_precision']:.3f} (precision of a random ranking); classification "
+                 f"{ch['majority_class']:.3f} (always the largest class), {ch['uniform']:.3f} (1/{im['classes']} classes)")
+
+    width = max(12, *(len(name) for name in r["labels"]))
+    header = f"{'class':<{width}}  {'images':>6}" + "".join(f"{'P@' + str(k):>7}" for k in ks) + \
+        f"{'AP':>7}{'kNN@' + str(r['knn']['k']):>8}{'probe':>7}"
+    lines += ["", "per class (P@k: retrieval precision; kNN, probe: accuracy on the class's images)", header]
+    for name in r["labels"]:
+        c = r["per_class"][name]
+        probe_acc = "-" if c["probe_accuracy"] is None else f"{c['probe_accuracy']:.3f}"
+        lines.append(f"{name:<{width}}  {c['images']:>6}" + "".join(f"{c['precision_at_k'][str(k)]:>7.3f}" for k in ks) +
+                     f"{c['average_precision']:>7.3f}{c['knn_accuracy'][str(r['knn']['k'])]:>8.3f}{probe_acc:>7}")
+
+    if len(r["labels"]) <= MAX_MATRIX_CLASSES:
+        lines += ["", f"confusion matrix, kNN k={r['knn']['k']} leave-one-out (rows: true, columns: predicted; . = 0)"]
+        lines += confusion_lines(r["labels"], r["knn"]["confusion"])
+        if probe is not None:
+            lines += ["", "confusion matrix, linear probe on its test images"]
+            lines += confusion_lines(r["labels"], probe["confusion"])
+    else:
+        lines += ["", f"confusion matrices left out for {len(r['labels'])} classes (over {MAX_MATRIX_CLASSES}); see --json"]
+    lines += [f"note: {n}" for n in r["notes"]]
+    return "\n".join(lines)
+
+
+def confusion_lines(labels: list[str], matrix: list[list[int]]) -> list[str]:
+    """A plain ASCII confusion matrix: numbered rows with the label names, columns headed by the same numbers."""
+    width = max(len(labels[0]), *(len(name) for name in labels))
+    cell = max(3, len(str(max(max(row) for row in matrix))) + 1, len(str(len(labels))) + 1)
+    pad = 4 + width
+    out = [" " * pad + "".join(f"{j + 1:>{cell}}" for j in range(len(labels)))]
+    for i, (name, row) in enumerate(zip(labels, matrix)):
+        out.append(f"{i + 1:>2} {name:<{width}} " + "".join(f"{(v if v else '.'):>{cell}}" for v in row))
+    return out
