@@ -107,7 +107,7 @@ def naive_loop(data: Path, weights_file: Path, model: str) -> None:
         for path in files:
             img = Image.open(path).convert("RGB")
             x = transform(img).unsqueeze(0)                    # (1, 3, 224, 224)
-            extractor.net(x)[extractor.layer]                  # (1, 4096)
+            extractor.net(x)                                   # (1, 4096)
     print(json.dumps({"images": len(files), "seconds": time.perf_counter() - started}))
 
 

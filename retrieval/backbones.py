@@ -12,7 +12,6 @@ from typing import Callable
 import torch
 from torch import nn
 from torchvision import models
-from torchvision.models.feature_extraction import create_feature_extractor
 
 from .images import Preprocessing
 
@@ -153,7 +152,7 @@ class FeatureExtractor:
         net.eval()
         self.model, self.layer, self.device = model, layer, device
         self.preprocessing = preprocessing_for(model)
-        self.net = create_feature_extractor(net, {spec.layers[layer]: layer}).eval().to(device)
+        self.net = cut_at(net, spec.layers[layer]).eval().to(device)
         if device.type == "cuda":
             self.net = self.net.to(memory_format=torch.channels_last)
         self.dim = int(net.classifier[-1].in_features)  # fc6 and fc7 are both 4096-d
@@ -166,10 +165,23 @@ class FeatureExtractor:
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = self.net(x)[self.layer]
+                out = self.net(x)
         else:
-            out = self.net(x)[self.layer]                                     # (B, 9216) -> ... -> (B, 4096)
+            out = self.net(x)                                                 # (B, 3, 224, 224) -> (B, 4096)
         return out.float().cpu()
+
+
+def cut_at(net: nn.Module, node: str) -> nn.Sequential:
+    """The network up to and including the named classifier node ("classifier.5"), as a plain Sequential.
+
+    Same computation as torchvision's create_feature_extractor(net, {node: ...}) for these
+    architectures, without torch.fx tracing, which patches nn.Module.__call__ process-wide and so
+    can break forward passes running in other threads while a network is built.
+    """
+    prefix, _, index = node.partition(".")
+    assert prefix == "classifier" and index.isdigit(), f"feature node must be classifier.N, not {node!r}"
+    return nn.Sequential(net.features, net.avgpool, nn.Flatten(1),      # (B, 3, 224, 224) -> (B, 9216 or 25088)
+                         net.classifier[:int(index) + 1])               # -> (B, 4096) after the ReLU
 
 
 def build_extractor(model: str, layer: str, weights: str, index_dir: Path | None, device: str = "auto", *,

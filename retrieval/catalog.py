@@ -222,6 +222,11 @@ class Catalog:
             blob = s.scalar(select(ImageRow.vector).where(ImageRow.id == int(image_id)))
             return None if blob is None else blob_to_vector(blob).copy()
 
+    def has_labels(self) -> bool:
+        """Whether any indexed image has a label (uses the label index: cheap)."""
+        with self.Session() as s:
+            return s.scalar(select(ImageRow.id).where(ImageRow.label.is_not(None)).limit(1)) is not None
+
     def labels(self) -> dict[str | None, int]:
         with self.Session() as s:
             return dict(s.execute(select(ImageRow.label, func.count()).group_by(ImageRow.label).order_by(ImageRow.label)).all())

@@ -130,16 +130,21 @@ class ImageIndex:
         return self.search_vectors(vec[None, :], k, exclude=[{int(image_id)}])[0]
 
     # freshness
-    def _current_signature(self) -> tuple:
+    def _current_signature(self) -> tuple | None:
+        """Identity of the FAISS file on disk; index-images replaces it (atomically) at the end of each run
+        that changed anything, and every JobConfig.save_every_s during long runs."""
         try:
             st = os.stat(self.faiss_path)
-            faiss_sig = (st.st_ino, st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
-            faiss_sig = None
-        return faiss_sig, self.catalog.updated_at()
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
 
     def refresh(self) -> bool:
-        """Swap in the index as it is on disk now, if it changed. -> True when something new was loaded."""
+        """Swap in the index as it is on disk now, if its FAISS file changed. -> True when something new was loaded.
+
+        Between two saves, rows the indexer deletes are already left out of results (search_vectors
+        drops ids without a catalog row); rows it adds appear with the next save.
+        """
         with self._lock:
             signature = self._current_signature()
             if signature == self._signature:

@@ -103,3 +103,52 @@ def test_weights_that_do_not_fit_the_model_are_refused():
     vgg_state = models.vgg16(weights=None).state_dict()
     with pytest.raises(WeightsUnavailable, match="do not fit"):
         FeatureExtractor("alexnet", "fc7", vgg_state, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("model", ["alexnet", "vgg16"])
+def test_cut_network_equals_torchvision_feature_extractor_at_the_named_node(model):
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    from retrieval.backbones import MODELS, cut_at
+    torch.manual_seed(1)
+    net = getattr(models, model)(weights=None).eval()
+    x = torch.randn(1, 3, 224, 224)
+    for layer, node in MODELS[model].layers.items():
+        assert node in get_graph_node_names(net)[1]
+        reference = create_feature_extractor(net, {node: layer})
+        with torch.no_grad():
+            assert torch.allclose(cut_at(net, node)(x), reference(x)[layer], atol=1e-5), (model, layer)
+
+
+def test_building_a_network_does_not_disturb_forward_passes_in_other_threads():
+    import threading
+
+    torch.manual_seed(0)
+    state = models.alexnet(weights=None).state_dict()
+    extractor = FeatureExtractor("alexnet", "fc7", state, torch.device("cpu"))
+    x = torch.randn(1, 3, 64, 64)     # small, so many forward passes overlap each build
+    errors: list[BaseException] = []
+    running, stop = threading.Event(), threading.Event()
+
+    def forward_loop():
+        while not stop.is_set():
+            try:
+                with torch.no_grad():
+                    extractor.net(x)
+                running.set()
+            except Exception as exc:   # noqa: BLE001 - any failure is what this test looks for
+                errors.append(exc)
+                return
+
+    t = threading.Thread(target=forward_loop)
+    t.start()
+    assert running.wait(30), errors
+    try:
+        for _ in range(10):
+            FeatureExtractor("alexnet", "fc7", state, torch.device("cpu"))
+            if errors:
+                break
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors
