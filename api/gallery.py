@@ -1,0 +1,118 @@
+"""The gallery blueprint: server-rendered pages to upload a photo, see its neighbours and walk the collection."""
+from __future__ import annotations
+
+import math
+import time
+
+from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from retrieval.images import ImageDecodeError
+
+from .errors import ApiError
+from .query_input import parse_k, read_query_image
+from .recent_queries import RecentQuery
+from .service import current_service
+from .thumbnails import make_thumbnail
+
+bp = Blueprint("gallery", __name__)   # templates and static files are the app's (api/templates, api/static)
+
+PREVIEW_SIZE = 480          # long side of the uploaded query shown on its results page, px
+K_CHOICES = (6, 12, 24, 48)
+
+
+def _gallery_k() -> int:
+    return parse_k(request, default=current_app.config["GALLERY_K"], maximum=current_app.config["MAX_K"])
+
+
+def _page_number(raw: str | None, pages: int) -> int:
+    """?page= as a page in 1..pages; anything unreadable is page 1 (people type URLs)."""
+    try:
+        page = int(raw or 1)
+    except ValueError:
+        page = 1
+    return min(max(page, 1), max(pages, 1))
+
+
+def _home(error: str | None = None, status: int = 200) -> tuple[str, int]:
+    service = current_service()
+    catalog = service.index.catalog
+    label = request.args.get("label") or None
+    page_size = int(current_app.config["GALLERY_PAGE_SIZE"])
+    total = catalog.count_where(label=label)
+    pages = max(1, math.ceil(total / page_size))
+    page = _page_number(request.args.get("page"), pages)
+    images = catalog.list_images(label=label, offset=(page - 1) * page_size, limit=page_size)
+    stats = service.stats()
+    return render_template("home.html", stats=stats, summary=stats, images=images, label=label, page=page, pages=pages,
+                           total=total, error=error), status
+
+
+@bp.get("/")
+def home() -> tuple[str, int]:
+    """Upload form, index overview, and the collection grid (?page=, ?label=)."""
+    return _home()
+
+
+@bp.get("/gallery")
+def gallery_root() -> Response:
+    return redirect(url_for("gallery.home"))
+
+
+@bp.post("/gallery/search")
+def upload() -> Response | tuple[str, int]:
+    """Search with an uploaded photo, then redirect to its results page (so reload and back just work)."""
+    service = current_service()
+    try:
+        k = _gallery_k()
+        data, filename = read_query_image(request)
+        answer = service.search_upload(data, k)
+        preview = make_thumbnail(data, PREVIEW_SIZE, max_pixels=service.config.max_pixels)
+    except ApiError as exc:
+        return _home(error=exc.message, status=exc.status)
+    except RequestEntityTooLarge:
+        limit_mb = current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
+        return _home(error=f"That photo is larger than the {limit_mb:g} MB upload limit.", status=413)
+    except ImageDecodeError as exc:   # the preview failed where the query did not (should not happen)
+        return _home(error=f"not a usable image: {exc}", status=415)
+    token = service.recent_queries.add(RecentQuery(answer.vector, preview, answer.query["width"],
+                                                   answer.query["height"], filename, time.time()))
+    return redirect(url_for("gallery.query_page", token=token, k=k), code=303)
+
+
+@bp.get("/gallery/query/<token>")
+def query_page(token: str) -> str:
+    """Neighbours of an uploaded photo, from its stored features."""
+    service = current_service()
+    query = service.recent_queries.get(token)
+    if query is None:
+        raise ApiError(404, "query_expired", "This search has expired (searches are kept for an hour, on one server "
+                                             "process). Upload the photo again.")
+    k = _gallery_k()
+    hits, _ms = service.search_vector(query.vector, k)
+    return render_template("results.html", hits=hits, k=k, k_choices=K_CHOICES, record=None,
+                           prediction=service.predict(hits),
+                           query=query, query_src=url_for("gallery.query_image", token=token),
+                           summary=service.index_summary())
+
+
+@bp.get("/gallery/query/<token>/image")
+def query_image(token: str) -> Response:
+    query = current_service().recent_queries.get(token)
+    if query is None:
+        raise ApiError(404, "query_expired", "This search has expired. Upload the photo again.")
+    response = Response(query.preview_jpeg, mimetype="image/jpeg")
+    response.cache_control.private = True
+    response.cache_control.max_age = 3600
+    return response
+
+
+@bp.get("/gallery/<int:image_id>")
+def image_page(image_id: int) -> str:
+    """An indexed image and its neighbours; each neighbour links to its own page."""
+    service = current_service()
+    k = _gallery_k()
+    answer = service.neighbours(image_id, k)
+    return render_template("results.html", hits=answer.hits, k=k, k_choices=K_CHOICES,
+                           prediction=service.predict(answer.hits), record=service.record(image_id), query=None,
+                           query_src=url_for("api.thumbnail", image_id=image_id), summary=service.index_summary())

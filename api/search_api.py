@@ -1,0 +1,79 @@
+"""The JSON API blueprint: POST /search, neighbours of an indexed image, the images themselves, stats and health."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request, send_file, url_for
+
+from retrieval.index import Hit
+
+from .image_files import image_mimetype
+from .query_input import parse_k, read_query_image
+from .service import SearchAnswer, current_service
+
+bp = Blueprint("api", __name__)
+
+ORIGINAL_MAX_AGE_S = 3600          # originals can change on disk (re-indexed under a new id)
+THUMBNAIL_MAX_AGE_S = 7 * 24 * 3600  # keyed on id + content hash: safe to cache long
+
+
+def hit_json(hit: Hit) -> dict[str, Any]:
+    return {"id": hit.id, "path": hit.path, "label": hit.label, "distance": round(hit.distance, 6),
+            "image_url": url_for("api.image_file", image_id=hit.id),
+            "thumbnail_url": url_for("api.thumbnail", image_id=hit.id),
+            "gallery_url": url_for("gallery.image_page", image_id=hit.id)}
+
+
+def answer_json(answer: SearchAnswer) -> Response:
+    service = current_service()
+    body = {"results": [hit_json(h) for h in answer.hits], "query": answer.query,
+            "index": service.index_summary(), "timings_ms": answer.timings_ms}
+    if service.index.catalog.has_labels():
+        body["predicted_label"] = service.predict(answer.hits)   # the neighbours' majority vote
+    return jsonify(body)
+
+
+def _k() -> int:
+    return parse_k(request, default=current_app.config["DEFAULT_K"], maximum=current_app.config["MAX_K"])
+
+
+@bp.post("/search")
+def search() -> Response:
+    """Nearest indexed images to an uploaded one (multipart field `image` or raw image/* body), nearest first."""
+    k = _k()
+    data, _name = read_query_image(request)
+    return answer_json(current_service().search_upload(data, k))
+
+
+@bp.get("/images/<int:image_id>/neighbours")
+def neighbours(image_id: int) -> Response:
+    """Nearest images to an indexed one, from its stored vector (no forward pass); itself left out."""
+    k = _k()
+    return answer_json(current_service().neighbours(image_id, k))
+
+
+@bp.get("/images/<int:image_id>")
+def image_file(image_id: int) -> Response:
+    """The original file, found by id only, from inside the data folder."""
+    path = current_service().image_file(image_id)
+    return send_file(path, mimetype=image_mimetype(path), conditional=True, etag=True, max_age=ORIGINAL_MAX_AGE_S)
+
+
+@bp.get("/images/<int:image_id>/thumbnail")
+def thumbnail(image_id: int) -> Response:
+    """A JPEG no larger than THUMBNAIL_SIZE px on its long side, cached on disk."""
+    path = current_service().thumbnail_file(image_id)
+    response = send_file(path, mimetype="image/jpeg", conditional=True, etag=True, max_age=THUMBNAIL_MAX_AGE_S)
+    response.cache_control.public = True
+    return response
+
+
+@bp.get("/stats")
+def stats() -> Response:
+    return jsonify(current_service().stats())
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """200 once the index is loaded (create_app does not return before)."""
+    return jsonify({"status": "ok", "count": len(current_service().index)})

@@ -1,0 +1,217 @@
+"""The per-process retrieval service: the opened index, its query batcher, hot reload, thumbnails and recent uploads."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import faiss
+import numpy as np
+from flask import Flask, current_app
+
+from retrieval.catalog import ImageRecord
+from retrieval.evaluation import vote
+from retrieval.images import ImageDecodeError
+from retrieval.index import Hit, ImageIndex
+
+from .errors import ApiError
+from .image_files import OutsideDataFolder, resolve_inside
+from .index_watcher import IndexWatcher
+from .query_batcher import QueryBatcher
+from .recent_queries import RecentQueries
+from .thumbnails import ThumbnailCache
+
+log = logging.getLogger(__name__)
+
+EXTENSION_KEY = "retrieval"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    """What the service is built from; read from the Flask config (see api.DEFAULTS)."""
+    index_dir: Path                  # folder made by index-images
+    device: str                      # where query features are computed: cpu, cuda or auto
+    max_pixels: int | None           # decompression-bomb limit for uploads and thumbnails (None: Pillow's own)
+    reload_interval_s: float         # how often to look for a changed index on disk; 0 turns hot reload off
+    batch_max_size: int              # most queries in one forward pass
+    batch_wait_ms: float             # most a batch waits for concurrent queries on their way
+    torch_threads: int               # threads of a lone query's forward pass (one fewer under load); 0: one per core
+    search_threads: int              # threads of a batch's FAISS search (a lone query's uses one); 0: one per core
+    thumbnail_dir: Path              # where thumbnails are cached
+    thumbnail_size: int              # long side of thumbnails, px
+    query_timeout_s: float           # a query waiting longer than this answers 503
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any]) -> "ServiceConfig":
+        """Check and convert values (environment variables arrive as JSON or strings). Raises ValueError."""
+        def number(key: str, kind: type, minimum: float) -> Any:
+            try:
+                value = kind(config[key])
+            except (TypeError, ValueError):
+                raise ValueError(f"{key} must be a number, not {config[key]!r}") from None
+            if value < minimum:
+                raise ValueError(f"{key} must be at least {minimum}, not {value}")
+            return value
+
+        index_dir = Path(str(config["INDEX_DIR"]))
+        max_pixels = config.get("MAX_PIXELS")
+        return cls(
+            index_dir=index_dir,
+            device=str(config["DEVICE"]),
+            max_pixels=None if max_pixels in (None, "", 0) else number("MAX_PIXELS", int, 1),
+            reload_interval_s=number("RELOAD_INTERVAL_S", float, 0),
+            batch_max_size=number("BATCH_MAX_SIZE", int, 1),
+            batch_wait_ms=number("BATCH_WAIT_MS", float, 0),
+            torch_threads=number("TORCH_THREADS", int, 0),
+            search_threads=number("SEARCH_THREADS", int, 0),
+            thumbnail_dir=Path(str(config.get("THUMBNAIL_DIR") or index_dir / "thumbnails")),
+            thumbnail_size=number("THUMBNAIL_SIZE", int, 16),
+            query_timeout_s=number("QUERY_TIMEOUT_S", float, 0.001),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchAnswer:
+    """Neighbours of one query, with where the time went."""
+    hits: list[Hit]
+    vector: np.ndarray                  # the query's features, shape=(dim,), float32
+    query: dict[str, Any]               # what is known of the query image: width, height (id, path, label if indexed)
+    timings_ms: dict[str, float]        # decode, features (queue wait included), search
+
+
+class RetrievalService:
+    """Loaded once per process; every method is safe to call from many request threads at once."""
+
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self.index = ImageIndex(config.index_dir, device=config.device, max_pixels=config.max_pixels)
+        self.batcher = QueryBatcher(self.index, max_batch=config.batch_max_size, max_wait_s=config.batch_wait_ms / 1000.0,
+                                    torch_threads=config.torch_threads, search_threads=config.search_threads)
+        self.watcher = IndexWatcher(self.index, config.reload_interval_s) if config.reload_interval_s > 0 else None
+        self.thumbnails = ThumbnailCache(config.thumbnail_dir, config.thumbnail_size, max_pixels=config.max_pixels)
+        self.recent_queries = RecentQueries()
+        log.info("serving %d images from %s (%s %s; forward threads %d alone, %d under load; batch search threads %d)",
+                 len(self.index), config.index_dir, self.index.settings.model, self.index.settings.layer,
+                 self.batcher.idle_threads, self.batcher.busy_threads, self.batcher.search_threads)
+
+    def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.close()
+        self.batcher.close()
+        self.index.close()
+
+    # queries
+    def search_upload(self, data: bytes, k: int) -> SearchAnswer:
+        """Neighbours of uploaded image bytes. Raises ApiError 415 (not an image, bomb), 503 (overloaded)."""
+        started = time.perf_counter()
+        with self.batcher.incoming():           # decode here, in the request thread (Pillow releases the GIL)
+            try:
+                decoded = self.index.decode(data)
+            except ImageDecodeError as exc:
+                raise ApiError(415, "unsupported_image", f"not a usable image: {exc}") from exc
+        decoded_at = time.perf_counter()
+        future = self.batcher.submit(decoded.pixels, k)   # after incoming() ends, so a lone query never waits
+        try:
+            answer = future.result(self.config.query_timeout_s)
+        except TimeoutError:
+            future.cancel()
+            raise ApiError(503, "unavailable", "the server is overloaded; try again shortly") from None
+        return SearchAnswer(answer.hits, answer.vector, {"width": decoded.width, "height": decoded.height},
+                            {"decode": _ms(decoded_at - started), "features": round(answer.features_ms, 3),
+                             "search": round(answer.search_ms, 3)})
+
+    def search_vector(self, vector: np.ndarray, k: int, exclude: set[int] | None = None) -> tuple[list[Hit], float]:
+        """vector shape=(dim,) -> (hits nearest first, search ms); no forward pass, in the calling thread."""
+        started = time.perf_counter()
+        faiss.omp_set_num_threads(1)   # per thread: one query searches fastest alone, and leaves the network its cores
+        hits = self.index.search_vectors(vector[None, :], k, exclude=[exclude] if exclude else None)[0]
+        return hits, _ms(time.perf_counter() - started)
+
+    def neighbours(self, image_id: int, k: int) -> SearchAnswer:
+        """Neighbours of an indexed image from its stored vector, itself left out. Raises ApiError 404."""
+        started = time.perf_counter()
+        record = self.record(image_id)
+        vector = self.index.catalog.vector(image_id)
+        if vector is None:                      # removed between the two lookups
+            raise ApiError(404, "not_found", f"no image with id {image_id} in the index")
+        looked_up = time.perf_counter()
+        hits, search_ms = self.search_vector(vector, k, exclude={int(image_id)})
+        return SearchAnswer(hits, vector, {"id": record.id, "path": record.path, "label": record.label,
+                                           "width": record.width, "height": record.height},
+                            {"decode": 0.0, "features": _ms(looked_up - started), "search": search_ms})
+
+    def predict(self, hits: list[Hit]) -> dict[str, Any] | None:
+        """The neighbours' vote {"label", "votes", "k"} when the collection has labels; None otherwise."""
+        if not hits or not self.index.catalog.has_labels():
+            return None
+        return vote(hits, len(hits))
+
+    # images
+    def record(self, image_id: int) -> ImageRecord:
+        record = self.index.catalog.get(image_id)
+        if record is None:
+            raise ApiError(404, "not_found", f"no image with id {image_id} in the index")
+        return record
+
+    def image_file(self, image_id: int) -> Path:
+        """The resolved file of an indexed image. Raises ApiError 404 (unknown id, file gone), 403 (outside the folder)."""
+        return self._resolve(self.record(image_id))
+
+    def thumbnail_file(self, image_id: int) -> Path:
+        """The cached JPEG thumbnail of an indexed image. Raises ApiError 404, 403."""
+        record = self.record(image_id)
+        source = self._resolve(record)
+        try:
+            return self.thumbnails.get(record.id, record.sha256, source)
+        except ImageDecodeError as exc:
+            raise ApiError(404, "file_unreadable", f"the file of image {image_id} can no longer be decoded: {exc}") from exc
+
+    def _resolve(self, record: ImageRecord) -> Path:
+        try:
+            return resolve_inside(self.index.data_dir, record.path)
+        except OutsideDataFolder:
+            log.warning("refused to serve image %d: %s resolves outside %s", record.id, record.path, self.index.data_dir)
+            raise ApiError(403, "forbidden", f"image {record.id} is outside the indexed data folder and is not served") from None
+        except FileNotFoundError:
+            raise ApiError(404, "file_missing", f"the file of image {record.id} is no longer in the data folder") from None
+
+    # overview
+    def index_summary(self) -> dict[str, Any]:
+        s = self.index.settings
+        return {"model": s.model, "layer": s.layer, "dim": s.dim, "count": len(self.index)}
+
+    def stats(self) -> dict[str, Any]:
+        catalog = self.index.catalog
+        updated = catalog.updated_at()
+        return {**self.index_summary(),
+                "labels": [{"label": label, "count": n} for label, n in catalog.labels().items()],
+                "weights": self.index.settings.weights,
+                "normalized": self.index.settings.normalize,
+                "skipped": catalog.skipped_count(),
+                "updated_at": updated.isoformat(timespec="seconds") + "Z" if updated else None,
+                "queries": self.query_stats()}
+
+    def query_stats(self) -> dict[str, Any]:
+        """Uploads answered by this process, and how they were batched."""
+        s = self.batcher.stats
+        return {"answered": s.queries, "batches": s.batches,
+                "mean_batch": round(s.queries / s.batches, 2) if s.batches else 0.0, "largest_batch": s.largest,
+                "mean_forward_ms": round(s.forward_s * 1000 / s.batches, 2) if s.batches else 0.0,
+                "mean_search_ms": round(s.search_s * 1000 / s.batches, 2) if s.batches else 0.0}
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+def init_service(app: Flask) -> RetrievalService:
+    """Open the index once for this app (this process) and keep it in app.extensions. Raises IndexNotFound."""
+    service = RetrievalService(ServiceConfig.from_mapping(app.config))
+    app.extensions[EXTENSION_KEY] = service
+    return service
+
+
+def current_service() -> RetrievalService:
+    return current_app.extensions[EXTENSION_KEY]

@@ -1,0 +1,79 @@
+// Gallery uploads: choosing a file submits it; a photo dropped anywhere on the page, or pasted, is searched too.
+(function () {
+  "use strict";
+
+  var forms = Array.prototype.slice.call(document.querySelectorAll("form[data-upload]"));
+  if (!forms.length) { return; }
+  var primary = document.querySelector("form[data-upload][data-primary]") || forms[0];
+
+  function showError(form, message) {
+    var box = form.querySelector(".form-error");
+    if (box) { box.textContent = message; box.hidden = false; } else { window.alert(message); }
+  }
+
+  function send(form, file) {
+    if (!file) { return; }
+    if (file.type && file.type.indexOf("image/") !== 0) {
+      showError(form, "“" + file.name + "” is not an image.");
+      return;
+    }
+    var limit = Number(form.getAttribute("data-max-bytes") || 0);
+    if (limit && file.size > limit) {
+      showError(form, "That photo is larger than the " + Math.round(limit / 1048576) + " MB upload limit.");
+      return;
+    }
+    var input = form.querySelector("input[type=file]");
+    if (input.files[0] !== file) {
+      var transfer = new DataTransfer();
+      transfer.items.add(file);
+      input.files = transfer.files;
+    }
+    form.classList.add("busy");
+    document.body.classList.add("searching");
+    form.submit();
+  }
+
+  forms.forEach(function (form) {
+    var input = form.querySelector("input[type=file]");
+    input.addEventListener("change", function () { send(form, input.files[0]); });
+  });
+
+  function carriesFiles(event) {
+    var types = event.dataTransfer && event.dataTransfer.types;
+    return !!types && Array.prototype.indexOf.call(types, "Files") !== -1;
+  }
+  var depth = 0;
+  document.addEventListener("dragenter", function (event) {
+    if (!carriesFiles(event)) { return; }
+    depth += 1;
+    document.body.classList.add("dragging");
+  });
+  document.addEventListener("dragleave", function (event) {
+    if (!carriesFiles(event)) { return; }
+    depth = Math.max(0, depth - 1);
+    if (depth === 0) { document.body.classList.remove("dragging"); }
+  });
+  document.addEventListener("dragover", function (event) {
+    if (carriesFiles(event)) { event.preventDefault(); event.dataTransfer.dropEffect = "copy"; }
+  });
+  document.addEventListener("drop", function (event) {
+    if (!carriesFiles(event)) { return; }
+    event.preventDefault();
+    depth = 0;
+    document.body.classList.remove("dragging");
+    send(primary, event.dataTransfer.files[0]);
+  });
+
+  document.addEventListener("paste", function (event) {
+    var files = event.clipboardData ? event.clipboardData.files : [];
+    for (var i = 0; i < files.length; i += 1) {
+      if (files[i].type.indexOf("image/") === 0) { send(primary, files[i]); return; }
+    }
+  });
+
+  // Back from a results page: the page may come from the back/forward cache with the busy state still on.
+  window.addEventListener("pageshow", function () {
+    forms.forEach(function (form) { form.classList.remove("busy"); });
+    document.body.classList.remove("searching");
+  });
+})();

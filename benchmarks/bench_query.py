@@ -1,0 +1,310 @@
+"""Benchmark: POST /search over HTTP against `serve-images` on a 10,000-image index, for 1 and 8 concurrent clients.
+
+Builds (or reuses) a collection of small synthetic JPEGs and its index (`index-images --weights random`:
+random weights time the same as ImageNet ones), starts `serve-images` as a subprocess, and drives it
+with N client threads, each on its own keep-alive connection, uploading fresh query photos (not in the
+index) as multipart forms. Reports p50/p95/p99 latency and requests/s, and the server's own
+decode/features/search breakdown from `timings_ms`; each figure is the median over --runs runs.
+With --compare-batching it also measures the server with micro-batching off (BATCH_MAX_SIZE=1).
+Saves JSON under benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results"
+IMAGE_SIZE = (160, 120)      # indexed pictures: small, so building 10,000 takes minutes, not hours
+QUERY_SIZE = (640, 480)      # uploaded queries: a typical web photo
+BOUNDARY = "benchqueryboundary"
+
+
+def make_collection(folder: Path, n: int) -> None:
+    """n JPEGs in class folders; reused when a previous run made the same collection."""
+    from indexer.samples import SAMPLE_CLASSES, draw_sample
+
+    marker = folder / f".complete-{n}"
+    if marker.exists():
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    rng = random.Random(0)
+    classes = list(SAMPLE_CLASSES)
+    started = time.perf_counter()
+    for i in range(n):
+        kind = classes[i % len(classes)]
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+        draw_sample(kind, IMAGE_SIZE, rng).save(folder / kind / f"{kind}_{i:05d}.jpg", "JPEG", quality=90)
+    marker.touch()
+    print(f"made {n} images in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+
+
+def build_index(data: Path, index: Path, n: int) -> float | None:
+    """Run index-images unless the index already holds n images; -> seconds taken (None when reused)."""
+    from retrieval.catalog import Catalog
+
+    if (index / "catalog.db").exists():
+        catalog = Catalog(index)
+        try:
+            if catalog.count() == n:
+                return None
+        finally:
+            catalog.close()
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "from indexer.cli import main; main()", str(data), "--index-dir", str(index),
+                    "--weights", "random", "--batch-size", "64"], check=True)
+    return time.perf_counter() - started
+
+
+def query_bodies(count: int) -> list[bytes]:
+    """Multipart bodies of fresh query photos (a seed the collection never used)."""
+    from indexer.samples import SAMPLE_CLASSES, draw_sample
+
+    rng = random.Random(12345)
+    classes = list(SAMPLE_CLASSES)
+    bodies = []
+    for i in range(count):
+        out = io.BytesIO()
+        draw_sample(classes[i % len(classes)], QUERY_SIZE, rng).save(out, "JPEG", quality=90)
+        bodies.append(b"".join([
+            f"--{BOUNDARY}\r\n".encode(),
+            b'Content-Disposition: form-data; name="image"; filename="query.jpg"\r\n',
+            b"Content-Type: image/jpeg\r\n\r\n", out.getvalue(), f"\r\n--{BOUNDARY}--\r\n".encode()]))
+    return bodies
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """serve-images as a subprocess, stopped on exit."""
+
+    def __init__(self, index: Path, port: int, threads: int, env: dict[str, str]):
+        self.port = port
+        self.log = open(RESULTS / "bench_query-server.log", "w")   # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from api.cli import main; main()", "--index-dir", str(index), "--port", str(port),
+             "--threads", str(threads)],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "RETRIEVAL_RELOAD_INTERVAL_S": "0", **env})
+        deadline = time.monotonic() + 300
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"serve-images exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/healthz")
+                if conn.getresponse().status == 200:
+                    conn.close()
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("serve-images did not come up within 300 s")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def batching_counters(port: int) -> dict:
+    """The server's own counters: queries answered, batches, time in forward passes and searches."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/stats")
+    queries = json.loads(conn.getresponse().read())["queries"]
+    conn.close()
+    return queries
+
+
+def drive(port: int, clients: int, seconds: float, bodies: list[bytes], k: int) -> dict:
+    """clients threads post queries back to back for `seconds`; -> latency stats and server timings."""
+    before = batching_counters(port)
+    latencies: list[float] = []
+    server_timings: list[dict] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(clients + 1)
+    stop_at = [0.0]
+
+    def client(seed: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+        rng = random.Random(seed)
+        mine: list[tuple[float, dict]] = []
+        start.wait()
+        while time.perf_counter() < stop_at[0]:
+            body = bodies[rng.randrange(len(bodies))]
+            t0 = time.perf_counter()
+            conn.request("POST", f"/search?k={k}", body=body, headers=headers)
+            response = conn.getresponse()
+            payload = response.read()
+            elapsed = time.perf_counter() - t0
+            if response.status != 200:
+                with lock:
+                    errors.append(f"{response.status} {payload[:200]!r}")
+                continue
+            mine.append((elapsed, json.loads(payload)["timings_ms"]))
+        conn.close()
+        with lock:
+            latencies.extend(e for e, _ in mine)
+            server_timings.extend(t for _, t in mine)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    stop_at[0] = time.perf_counter() + seconds
+    began = time.perf_counter()
+    start.wait()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - began
+    if not latencies:
+        raise SystemExit(f"no successful requests: {errors[:3]}")
+    ms = sorted(x * 1000.0 for x in latencies)
+    after = batching_counters(port)
+    batches = max(1, after["batches"] - before["batches"])
+    batching = {"mean_batch": round((after["answered"] - before["answered"]) / batches, 2),
+                "forward_ms_per_batch": round((after["mean_forward_ms"] * after["batches"]
+                                               - before["mean_forward_ms"] * before["batches"]) / batches, 1),
+                "search_ms_per_batch": round((after["mean_search_ms"] * after["batches"]
+                                              - before["mean_search_ms"] * before["batches"]) / batches, 1)}
+    return {
+        "requests": len(ms), "errors": len(errors), "seconds": round(wall, 2),
+        "requests_per_s": round(len(ms) / wall, 1),
+        "p50_ms": round(percentile(ms, 50), 1), "p95_ms": round(percentile(ms, 95), 1),
+        "p99_ms": round(percentile(ms, 99), 1), "mean_ms": round(statistics.fmean(ms), 1),
+        "server_ms": {key: round(statistics.median(t[key] for t in server_timings), 2)
+                      for key in ("decode", "features", "search")},
+        "batching": batching,
+    }
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    rank = max(1, round(q / 100.0 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def median_of_runs(runs: list[dict]) -> dict:
+    keys = ("requests_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_ms")
+    out = {key: round(statistics.median(r[key] for r in runs), 1) for key in keys}
+    out["server_ms"] = {key: round(statistics.median(r["server_ms"][key] for r in runs), 2)
+                        for key in ("decode", "features", "search")}
+    out["batching"] = {key: round(statistics.median(r["batching"][key] for r in runs), 2)
+                       for key in ("mean_batch", "forward_ms_per_batch", "search_ms_per_batch")}
+    out["requests"] = sum(r["requests"] for r in runs)
+    out["errors"] = sum(r["errors"] for r in runs)
+    return out
+
+
+def measure(index: Path, args: argparse.Namespace, bodies: list[bytes], batching: bool) -> dict:
+    env = {"RETRIEVAL_BATCH_MAX_SIZE": str(args.batch_max_size if batching else 1),
+           "RETRIEVAL_BATCH_WAIT_MS": str(args.batch_wait_ms)}
+    if args.torch_threads:
+        env["RETRIEVAL_TORCH_THREADS"] = str(args.torch_threads)
+    if args.search_threads:
+        env["RETRIEVAL_SEARCH_THREADS"] = str(args.search_threads)
+    server = Server(index, free_port(), args.threads, env)
+    try:
+        drive(server.port, max(args.clients), args.warmup, bodies, args.k)          # warm caches and allocator
+        results = {}
+        for clients in args.clients:
+            runs = [drive(server.port, clients, args.duration, bodies, args.k) for _ in range(args.runs)]
+            results[str(clients)] = {"median": median_of_runs(runs), "runs": runs}
+            m = results[str(clients)]["median"]
+            print(f"  batching {'on ' if batching else 'off'} {clients:>2} client(s): p50 {m['p50_ms']:.1f} ms, "
+                  f"{m['requests_per_s']:.1f} req/s", file=sys.stderr)
+        return results
+    finally:
+        server.stop()
+
+
+def print_table(title: str, results: dict) -> None:
+    print(f"\n{title}")
+    print("| clients | p50 ms | p95 ms | p99 ms | req/s | decode ms | features ms | search ms | batch | forward ms/batch |")
+    print("|--------:|-------:|-------:|-------:|------:|----------:|------------:|----------:|------:|-----------------:|")
+    for clients, r in results.items():
+        m, s, b = r["median"], r["median"]["server_ms"], r["median"]["batching"]
+        print(f"| {clients:>7} | {m['p50_ms']:>6.1f} | {m['p95_ms']:>6.1f} | {m['p99_ms']:>6.1f} | {m['requests_per_s']:>5.1f} "
+              f"| {s['decode']:>9.1f} | {s['features']:>11.1f} | {s['search']:>9.1f} | {b['mean_batch']:>5.1f} "
+              f"| {b['forward_ms_per_batch']:>16.1f} |")
+    print("(decode, features, search: the server's own timings_ms, medians; features include the wait for a batch;"
+          " batch: mean queries per forward pass)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=10_000, help="indexed images")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured run")
+    parser.add_argument("--runs", type=int, default=3, help="runs per client count; the medians are reported")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up before measuring")
+    parser.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8],
+                        help="comma-separated concurrent client counts")
+    parser.add_argument("--k", type=int, default=10, help="neighbours per query")
+    parser.add_argument("--threads", type=int, default=8, help="serve-images --threads")
+    parser.add_argument("--batch-max-size", type=int, default=8, help="RETRIEVAL_BATCH_MAX_SIZE")
+    parser.add_argument("--batch-wait-ms", type=float, default=30.0, help="RETRIEVAL_BATCH_WAIT_MS")
+    parser.add_argument("--torch-threads", type=int, default=0, help="RETRIEVAL_TORCH_THREADS (0: the server's default)")
+    parser.add_argument("--search-threads", type=int, default=0, help="RETRIEVAL_SEARCH_THREADS (0: the server's default)")
+    parser.add_argument("--compare-batching", action="store_true", help="also measure with micro-batching off")
+    parser.add_argument("--work-dir", type=Path, default=RESULTS / "query-bench",
+                        help="where the collection and its index are kept (reused between runs)")
+    args = parser.parse_args()
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data, index = args.work_dir / f"data-{args.images}", args.work_dir / f"index-{args.images}"
+    make_collection(data, args.images)
+    index_seconds = build_index(data, index, args.images)
+    bodies = query_bodies(32)
+
+    configurations = {"batching": True, "no_batching": False} if args.compare_batching else {"batching": True}
+    results = {}
+    for name, batching in configurations.items():
+        print(f"measuring {name.replace('_', ' ')} ...", file=sys.stderr)
+        results[name] = measure(index, args, bodies, batching)
+
+    report = {
+        "benchmark": "bench_query", "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": {"cpus": len(os.sched_getaffinity(0)), "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version()},
+        "settings": {"images": args.images, "image_size": IMAGE_SIZE, "query_size": QUERY_SIZE, "k": args.k,
+                     "duration_s": args.duration, "runs": args.runs, "threads": args.threads,
+                     "batch_max_size": args.batch_max_size, "batch_wait_ms": args.batch_wait_ms,
+                     "torch_threads": args.torch_threads, "search_threads": args.search_threads,
+                     "model": "alexnet fc7 (random weights)", "index_seconds": index_seconds},
+        "results": results,
+        "targets": {"p50_ms_1_client": 40, "requests_per_s_8_clients": 40},
+    }
+    out = RESULTS / f"bench_query-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(report, indent=2))
+    for name in results:
+        print_table(f"{args.images:,} images, AlexNet fc7, {name.replace('_', ' ')} (medians of {args.runs} runs of "
+                    f"{args.duration:g} s)", results[name])
+    print(f"\nsaved {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

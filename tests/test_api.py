@@ -1,0 +1,385 @@
+"""The JSON API (api.search_api) through Flask's test client: every endpoint, and every error status it promises."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from api import create_app
+from retrieval.catalog import Catalog
+from retrieval.index import IndexNotFound
+
+QUERY = "red_circles/red_circles_002.jpg"
+
+
+@pytest.fixture(scope="module")
+def app(sample_index, tmp_path_factory):
+    app = create_app({"INDEX_DIR": str(sample_index.index_dir), "RELOAD_INTERVAL_S": 0,
+                      "THUMBNAIL_DIR": str(tmp_path_factory.mktemp("thumbnails"))})
+    yield app
+    app.extensions["retrieval"].close()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def image_bytes(sample_index, rel: str = QUERY) -> bytes:
+    return (sample_index.data_dir / rel).read_bytes()
+
+
+def png_bytes(size: tuple[int, int] = (64, 48), colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, colour).save(out, "PNG")
+    return out.getvalue()
+
+
+def upload(client, data: bytes, url: str = "/search", **form):
+    return client.post(url, data={"image": (io.BytesIO(data), "query.jpg"), **form}, content_type="multipart/form-data")
+
+
+def assert_error(response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.data
+    assert response.mimetype == "application/json"
+    body = response.get_json()
+    assert set(body) == {"error"} and body["error"]["code"] == code, body
+    assert body["error"]["message"] and "Traceback" not in response.get_data(as_text=True)
+    return body["error"]
+
+
+# --- POST /search -----------------------------------------------------------------------------------
+
+def test_search_finds_the_uploaded_image_first_then_its_class(client, sample_index):
+    r = upload(client, image_bytes(sample_index), "/search?k=5")
+    assert r.status_code == 200, r.data
+    body = r.get_json()
+    results = body["results"]
+    assert len(results) == 5
+    assert results[0]["path"] == QUERY and results[0]["distance"] < 1e-3
+    distances = [h["distance"] for h in results]
+    assert distances == sorted(distances)
+    assert sum(h["label"] == "red_circles" for h in results) >= 3
+    assert set(results[0]) == {"id", "path", "label", "distance", "image_url", "thumbnail_url", "gallery_url"}
+    assert body["query"] == {"width": 160, "height": 120}
+    assert body["index"] == {"model": "alexnet", "layer": "fc7", "dim": 4096, "count": 30}
+    assert set(body["timings_ms"]) == {"decode", "features", "search"}
+    assert all(v >= 0 for v in body["timings_ms"].values())
+
+
+def test_search_result_urls_lead_to_the_image_its_thumbnail_and_its_gallery_page(client, sample_index):
+    hit = upload(client, image_bytes(sample_index), "/search?k=1").get_json()["results"][0]
+    assert client.get(hit["image_url"]).data == image_bytes(sample_index)
+    assert client.get(hit["thumbnail_url"]).mimetype == "image/jpeg"
+    page = client.get(hit["gallery_url"])
+    assert page.status_code == 200 and QUERY.split("/")[-1] in page.get_data(as_text=True)
+
+
+def test_search_accepts_the_raw_image_as_the_request_body(client, sample_index):
+    raw = client.post("/search?k=3", data=image_bytes(sample_index), content_type="image/jpeg")
+    form = upload(client, image_bytes(sample_index), "/search?k=3")
+    assert raw.status_code == 200, raw.data
+    assert [h["id"] for h in raw.get_json()["results"]] == [h["id"] for h in form.get_json()["results"]]
+
+
+def test_search_k_defaults_to_10_and_may_come_from_the_form(client, sample_index):
+    assert len(upload(client, image_bytes(sample_index)).get_json()["results"]) == 10
+    assert len(upload(client, image_bytes(sample_index), k="4").get_json()["results"]) == 4
+    assert len(upload(client, image_bytes(sample_index), "/search?k=100").get_json()["results"]) == 30  # all there is
+
+
+@pytest.mark.parametrize("k", ["0", "101", "-1", "abc", "2.5", "", "١"])
+def test_search_bad_k_is_400(client, sample_index, k):
+    assert_error(upload(client, image_bytes(sample_index), f"/search?k={k}"), 400, "bad_k")
+
+
+def test_search_bad_k_in_the_form_is_400(client, sample_index):
+    assert_error(upload(client, image_bytes(sample_index), k="many"), 400, "bad_k")
+
+
+@pytest.mark.parametrize("request_kwargs", [
+    {"data": {}, "content_type": "multipart/form-data"},                                   # no field
+    {"data": {"picture": (io.BytesIO(b"x"), "q.jpg")}, "content_type": "multipart/form-data"},  # wrong field
+    {"data": b"", "content_type": "image/jpeg"},                                            # empty body
+    {"data": b"hello", "content_type": "text/plain"},                                       # not an image type
+    {},
+])
+def test_search_without_an_image_is_400(client, request_kwargs):
+    assert_error(client.post("/search", **request_kwargs), 400, "missing_image")
+
+
+@pytest.mark.parametrize("data", [b"this is not an image", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, b""])
+def test_search_with_an_undecodable_upload_is_415(client, data):
+    assert_error(upload(client, data), 415, "unsupported_image")
+
+
+def test_search_with_a_truncated_jpeg_is_415(client, sample_index):
+    assert_error(upload(client, image_bytes(sample_index)[:200]), 415, "unsupported_image")
+
+
+def test_wrong_method_is_405_with_allow_header(client):
+    r = client.get("/search")
+    assert_error(r, 405, "method_not_allowed")
+    assert "POST" in r.headers["Allow"]
+    assert_error(client.delete("/images/1"), 405, "method_not_allowed")
+
+
+@pytest.mark.parametrize("url", ["/nope", "/images/abc", "/images/-1/thumbnail", "/images/1/elsewhere"])
+def test_unknown_route_is_404_json(client, url):
+    assert_error(client.get(url), 404, "not_found")
+
+
+def test_concurrent_queries_are_answered_correctly_and_share_forward_passes(app, sample_index):
+    batcher = app.extensions["retrieval"].batcher
+    before = (batcher.stats.batches, batcher.stats.queries)
+    paths = sorted(p.relative_to(sample_index.data_dir).as_posix() for p in sample_index.data_dir.rglob("*.jpg"))[:8]
+    start = threading.Barrier(len(paths))
+    answers: dict[str, dict] = {}
+
+    def query(rel: str) -> None:
+        client = app.test_client()
+        data = image_bytes(sample_index, rel)
+        start.wait()
+        answers[rel] = upload(client, data, "/search?k=2").get_json()
+
+    threads = [threading.Thread(target=query, args=(rel,)) for rel in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for rel in paths:   # batched answers are each query's own, not a neighbour's
+        assert answers[rel]["results"][0]["path"] == rel and answers[rel]["results"][0]["distance"] < 1e-3
+    batches, queries = batcher.stats.batches - before[0], batcher.stats.queries - before[1]
+    assert queries == len(paths)
+    assert batches < queries, "8 simultaneous queries should share at least one forward pass"
+
+
+def test_an_unexpected_failure_is_a_json_500_without_the_details(app, client, monkeypatch):
+    def broken() -> dict:
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(app.extensions["retrieval"], "stats", broken)
+    r = client.get("/stats")
+    assert_error(r, 500, "internal_error")
+    assert "secret internals" not in r.get_data(as_text=True)
+
+
+def test_a_query_that_waits_too_long_is_503(app, client, sample_index, monkeypatch):
+    service = app.extensions["retrieval"]
+    monkeypatch.setattr(service, "config", dataclasses.replace(service.config, query_timeout_s=1e-6))
+    assert_error(upload(client, image_bytes(sample_index)), 503, "unavailable")
+
+
+# --- GET /images/<id>/neighbours --------------------------------------------------------------------
+
+def _id_of(app, rel: str) -> int:
+    return app.extensions["retrieval"].index.catalog.file_states()[rel][0]
+
+
+def test_neighbours_of_an_indexed_image_leave_it_out_and_need_no_forward_pass(app, client, monkeypatch):
+    image_id = _id_of(app, QUERY)
+
+    def no_forward_pass(_pixels):
+        raise AssertionError("neighbours must come from the stored vector")
+
+    monkeypatch.setattr(app.extensions["retrieval"].index, "embed", no_forward_pass)
+    r = client.get(f"/images/{image_id}/neighbours?k=5")
+    assert r.status_code == 200, r.data
+    body = r.get_json()
+    assert len(body["results"]) == 5
+    assert image_id not in [h["id"] for h in body["results"]]
+    assert body["results"][0]["label"] == "red_circles"
+    distances = [h["distance"] for h in body["results"]]
+    assert distances == sorted(distances) and distances[0] > 0
+    assert body["query"]["id"] == image_id and body["query"]["path"] == QUERY
+    assert body["index"]["count"] == 30 and set(body["timings_ms"]) == {"decode", "features", "search"}
+
+
+def test_neighbours_default_k_and_all_but_itself(app, client):
+    image_id = _id_of(app, QUERY)
+    assert len(client.get(f"/images/{image_id}/neighbours").get_json()["results"]) == 10
+    assert len(client.get(f"/images/{image_id}/neighbours?k=100").get_json()["results"]) == 29
+
+
+def test_neighbours_of_an_unknown_id_is_404(client):
+    assert_error(client.get("/images/999999/neighbours"), 404, "not_found")
+
+
+def test_neighbours_with_bad_k_is_400(app, client):
+    assert_error(client.get(f"/images/{_id_of(app, QUERY)}/neighbours?k=0"), 400, "bad_k")
+
+
+# --- GET /images/<id>, thumbnails ----------------------------------------------------------------------
+
+def test_original_image_is_served_by_id_with_its_content_type(app, client, sample_index):
+    r = client.get(f"/images/{_id_of(app, QUERY)}")
+    assert r.status_code == 200
+    assert r.mimetype == "image/jpeg"
+    assert r.data == image_bytes(sample_index)
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_unknown_image_id_is_404(client):
+    assert_error(client.get("/images/999999"), 404, "not_found")
+    assert_error(client.get("/images/999999/thumbnail"), 404, "not_found")
+
+
+def test_thumbnail_is_a_small_jpeg_cached_on_disk_with_cache_headers(app, client):
+    image_id = _id_of(app, QUERY)
+    r = client.get(f"/images/{image_id}/thumbnail")
+    assert r.status_code == 200 and r.mimetype == "image/jpeg"
+    thumb = Image.open(io.BytesIO(r.data))
+    assert thumb.format == "JPEG" and max(thumb.size) <= 256 and thumb.size == (160, 120)
+    assert "public" in r.headers["Cache-Control"] and "max-age" in r.headers["Cache-Control"]
+    folder = Path(app.config["THUMBNAIL_DIR"])
+    cached = list(folder.glob(f"{image_id}-*.jpg"))
+    assert len(cached) == 1 and cached[0].read_bytes() == r.data
+    again = client.get(f"/images/{image_id}/thumbnail", headers={"If-None-Match": r.headers["ETag"]})
+    assert again.status_code == 304
+
+
+def test_thumbnail_of_a_large_image_fits_256_px(tmp_path, index_images):
+    data = tmp_path / "data"
+    (data / "big").mkdir(parents=True)
+    Image.new("RGB", (1200, 500), (10, 120, 200)).save(data / "big" / "wide.jpg", quality=90)
+    index_images(data, tmp_path / "index")
+    app = create_app({"INDEX_DIR": str(tmp_path / "index"), "RELOAD_INTERVAL_S": 0})
+    try:
+        r = app.test_client().get("/images/1/thumbnail")
+        assert Image.open(io.BytesIO(r.data)).size == (256, 107)
+        assert list((tmp_path / "index" / "thumbnails").glob("1-*.jpg")), "cached under INDEX_DIR/thumbnails by default"
+    finally:
+        app.extensions["retrieval"].close()
+
+
+# --- /stats, /healthz --------------------------------------------------------------------------------
+
+def test_stats_describe_the_index(client):
+    body = client.get("/stats").get_json()
+    assert body["count"] == 30
+    assert body["labels"] == [{"label": name, "count": 6} for name in
+                              ["blue_squares", "green_stripes", "orange_triangles", "purple_checks", "red_circles"]]
+    assert (body["model"], body["layer"], body["dim"]) == ("alexnet", "fc7", 4096)
+    assert body["skipped"] == 0
+    assert body["updated_at"].endswith("Z") and body["updated_at"][:2] == "20"
+
+
+def test_healthz_is_200_once_loaded(client):
+    r = client.get("/healthz")
+    assert r.status_code == 200 and r.get_json() == {"status": "ok", "count": 30}
+
+
+# --- configuration and limits ------------------------------------------------------------------------
+
+def test_environment_sets_config_and_the_argument_wins(sample_index, tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_INDEX_DIR", str(sample_index.index_dir))
+    monkeypatch.setenv("RETRIEVAL_MAX_UPLOAD_MB", "0.01")       # about 10 kB
+    monkeypatch.setenv("RETRIEVAL_GALLERY_K", "3")
+    app = create_app({"GALLERY_K": 5, "MAX_PIXELS": 100 * 100, "RELOAD_INTERVAL_S": 0, "THUMBNAIL_DIR": str(tmp_path)})
+    try:
+        assert app.config["INDEX_DIR"] == str(sample_index.index_dir)
+        assert app.config["MAX_CONTENT_LENGTH"] == int(0.01 * 1024 * 1024)
+        assert app.config["GALLERY_K"] == 5
+        client = app.test_client()
+
+        # 413: over the upload limit, as JSON (multipart and raw body)
+        error = assert_error(upload(client, os.urandom(20_000)), 413, "upload_too_large")
+        assert "MB limit" in error["message"]
+        assert_error(client.post("/search", data=os.urandom(20_000), content_type="image/jpeg"), 413, "upload_too_large")
+
+        # 415: more pixels than MAX_PIXELS is refused as a decompression bomb, before decoding
+        error = assert_error(upload(client, image_bytes(sample_index)), 415, "unsupported_image")   # 160x120 > 100x100
+        assert "decompression bomb" in error["message"]
+
+        # under both limits: answered
+        assert upload(client, png_bytes((64, 48))).status_code == 200
+    finally:
+        app.extensions["retrieval"].close()
+
+
+def test_missing_index_fails_with_a_clear_message(tmp_path):
+    with pytest.raises(IndexNotFound, match="run index-images first"):
+        create_app({"INDEX_DIR": str(tmp_path / "nowhere")})
+
+
+def test_bad_config_value_fails_with_a_clear_message(sample_index, monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_BATCH_MAX_SIZE", "lots")
+    with pytest.raises(ValueError, match="BATCH_MAX_SIZE must be a number"):
+        create_app({"INDEX_DIR": str(sample_index.index_dir)})
+
+
+def test_empty_index_answers_200_with_no_results(tmp_path, index_images):
+    (tmp_path / "data").mkdir()
+    index_images(tmp_path / "data", tmp_path / "index")
+    app = create_app({"INDEX_DIR": str(tmp_path / "index"), "RELOAD_INTERVAL_S": 0})
+    try:
+        client = app.test_client()
+        r = upload(client, png_bytes())
+        assert r.status_code == 200, r.data
+        assert r.get_json()["results"] == [] and r.get_json()["index"]["count"] == 0
+        assert client.get("/stats").get_json()["count"] == 0
+        assert client.get("/").status_code == 200
+        assert_error(client.get("/images/1/neighbours"), 404, "not_found")
+    finally:
+        app.extensions["retrieval"].close()
+
+
+# --- files are served only from inside the data folder -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def forged(tmp_path_factory):
+    """An index whose catalog was forced to hold paths that lead outside the data folder."""
+    from conftest import build_index
+
+    root = tmp_path_factory.mktemp("forged")
+    data, outside = root / "data", root / "outside"
+    (data / "shapes").mkdir(parents=True)
+    outside.mkdir()
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(data / "shapes" / "red.jpg", quality=90)
+    (data / "shapes" / "png-named.jpg").write_bytes(png_bytes((50, 40), (20, 160, 60)))   # PNG bytes, .jpg name
+    Image.new("RGB", (40, 30), (30, 30, 220)).save(data / "shapes" / "gone.jpg", quality=90)
+    build_index(data, root / "index")
+    (data / "shapes" / "gone.jpg").unlink()                       # deleted after indexing
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(outside / "secret.jpg", quality=90)
+    (data / "shapes" / "escape.jpg").symlink_to(outside / "secret.jpg")          # symlink out of the folder
+    (data / "shapes" / "alias.jpg").symlink_to(data / "shapes" / "red.jpg")      # symlink that stays inside
+    catalog = Catalog(root / "index")
+    rows = [{"path": p, "label": "shapes", "size": 1, "mtime_ns": 1, "width": 40, "height": 30, "sha256": "0" * 64}
+            for p in ("shapes/escape.jpg", "../outside/secret.jpg", "shapes/alias.jpg")]
+    ids, _ = catalog.write_batch(rows, np.random.default_rng(0).random((3, 4096), dtype=np.float32), [])
+    states = catalog.file_states()
+    catalog.close()
+    app = create_app({"INDEX_DIR": str(root / "index"), "RELOAD_INTERVAL_S": 0})
+    yield app, dict(zip(("escape", "dotdot", "alias"), ids)), states
+    app.extensions["retrieval"].close()
+
+
+def test_a_symlink_pointing_outside_the_data_folder_is_refused(forged):
+    app, ids, _ = forged
+    client = app.test_client()
+    for name in ("escape", "dotdot"):
+        assert_error(client.get(f"/images/{ids[name]}"), 403, "forbidden")
+        assert_error(client.get(f"/images/{ids[name]}/thumbnail"), 403, "forbidden")
+
+
+def test_a_symlink_inside_the_data_folder_is_served(forged):
+    app, ids, _ = forged
+    r = app.test_client().get(f"/images/{ids['alias']}")
+    assert r.status_code == 200 and r.mimetype == "image/jpeg"
+
+
+def test_content_type_comes_from_the_file_not_its_name(forged):
+    app, _, states = forged
+    r = app.test_client().get(f"/images/{states['shapes/png-named.jpg'][0]}")
+    assert r.status_code == 200 and r.mimetype == "image/png"
+
+
+def test_an_indexed_file_deleted_since_is_404(forged):
+    app, _, states = forged
+    assert_error(app.test_client().get(f"/images/{states['shapes/gone.jpg'][0]}"), 404, "file_missing")

@@ -1,0 +1,88 @@
+"""Hot reload: while index-images rewrites the index in another process, every query succeeds and new images appear."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from api import create_app
+from indexer.samples import make_sample_collection
+
+RELOAD_WITHIN_S = 10.0
+
+
+def run_index_images(data: Path, index: Path) -> dict:
+    """The real command in its own process, as a user runs it next to a live server. -> its --json report.
+
+    (In-process would not do: torchvision's feature-extractor tracing patches nn.Module.__call__ for the
+    whole process while it builds the network, which breaks forward passes running in other threads.)
+    """
+    result = subprocess.run([sys.executable, "-c", "from indexer.cli import main; main()", str(data),
+                             "--index-dir", str(index), "--workers", "0", "--batch-size", "4", "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def wait_for(condition, timeout: float) -> bool:  # noqa: ANN001 - zero-argument callable
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_the_server_answers_from_the_rewritten_index_without_failing_a_request(tmp_path, index_images):
+    data, index = tmp_path / "data", tmp_path / "index"
+    make_sample_collection(data, per_class=4, size=(96, 72), seed=3, classes=["red_circles", "blue_squares"])
+    index_images(data, index)
+    app = create_app({"INDEX_DIR": str(index), "RELOAD_INTERVAL_S": 0.2, "THUMBNAIL_DIR": str(tmp_path / "thumbs")})
+    query = (data / "red_circles" / "red_circles_000.jpg").read_bytes()
+    kept_id = app.extensions["retrieval"].index.catalog.file_states()["red_circles/red_circles_000.jpg"][0]
+    failures: list[str] = []
+    answered = 0
+    stop = threading.Event()
+
+    def drive_queries() -> None:
+        nonlocal answered
+        client = app.test_client()
+        while not stop.is_set():
+            for r in (client.post("/search?k=20", data={"image": (io.BytesIO(query), "q.jpg")},
+                                  content_type="multipart/form-data"),
+                      client.get("/stats"), client.get("/"), client.get(f"/images/{kept_id}/neighbours")):
+                if r.status_code != 200:
+                    failures.append(f"{r.request.path}: {r.status_code} {r.get_data(as_text=True)[:200]}")
+            answered += 1
+            stop.wait(0.05)   # a steady stream, leaving the indexer some CPU
+
+    driver = threading.Thread(target=drive_queries)
+    driver.start()
+    try:
+        client = app.test_client()
+        assert client.get("/stats").get_json()["count"] == 8
+        make_sample_collection(data, per_class=4, size=(96, 72), seed=4, classes=["green_stripes", "purple_checks"])
+        (data / "blue_squares" / "blue_squares_000.jpg").unlink()
+        before = answered
+        report = run_index_images(data, index)
+        assert (report["indexed"], report["removed"], report["total"]) == (8, 1, 15)
+        assert answered > before, "queries kept being answered while the index was rewritten"
+
+        assert wait_for(lambda: client.get("/stats").get_json()["count"] == 15, RELOAD_WITHIN_S), \
+            f"the server did not pick up the new index within {RELOAD_WITHIN_S} s"
+        new = (data / "green_stripes" / "green_stripes_002.jpg").read_bytes()
+        hits = client.post("/search?k=20", data={"image": (io.BytesIO(new), "q.jpg")},
+                           content_type="multipart/form-data").get_json()["results"]
+        assert hits[0]["path"] == "green_stripes/green_stripes_002.jpg" and hits[0]["distance"] < 1e-3
+        assert "blue_squares/blue_squares_000.jpg" not in [h["path"] for h in hits], "removed images leave the results"
+        labels = {item["label"] for item in client.get("/stats").get_json()["labels"]}
+        assert labels == {"red_circles", "blue_squares", "green_stripes", "purple_checks"}
+    finally:
+        stop.set()
+        driver.join(60)
+        app.extensions["retrieval"].close()
+    assert not failures, failures[:5]

@@ -1,0 +1,127 @@
+"""The gallery pages (api.gallery) through Flask's test client: home grid, upload, query and neighbour pages."""
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+
+from api import create_app
+
+QUERY = "green_stripes/green_stripes_001.jpg"
+
+
+@pytest.fixture(scope="module")
+def app(sample_index, tmp_path_factory):
+    app = create_app({"INDEX_DIR": str(sample_index.index_dir), "RELOAD_INTERVAL_S": 0, "GALLERY_PAGE_SIZE": 8,
+                      "THUMBNAIL_DIR": str(tmp_path_factory.mktemp("thumbnails"))})
+    yield app
+    app.extensions["retrieval"].close()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def gallery_links(html: str) -> list[int]:
+    return [int(i) for i in re.findall(r'href="/gallery/(\d+)"', html)]
+
+
+def post_photo(client, data: bytes, **extra):
+    return client.post("/gallery/search", data={"image": (io.BytesIO(data), "holiday.jpg"), **extra},
+                       content_type="multipart/form-data")
+
+
+def test_home_shows_upload_form_overview_labels_and_a_grid_page(client):
+    html = client.get("/").get_data(as_text=True)
+    assert 'action="/gallery/search"' in html and 'type="file"' in html and 'enctype="multipart/form-data"' in html
+    assert 'id="image-count">30<' in html and "alexnet · fc7" in html
+    for label in ("blue_squares", "green_stripes", "orange_triangles", "purple_checks", "red_circles"):
+        assert f"?label={label}" in html
+    assert len(gallery_links(html)) == 8                      # GALLERY_PAGE_SIZE
+    assert "Page 1 of 4" in html
+    assert 'href="http' not in html and 'src="http' not in html, "no external resources: the gallery works offline"
+
+
+def test_home_pages_through_the_whole_collection(client):
+    seen = []
+    for page in range(1, 5):
+        seen += gallery_links(client.get(f"/?page={page}").get_data(as_text=True))
+    assert len(seen) == 30 and len(set(seen)) == 30
+    assert gallery_links(client.get("/?page=99").get_data(as_text=True)) == gallery_links(
+        client.get("/?page=4").get_data(as_text=True)), "past the end shows the last page"
+    assert client.get("/?page=abc").status_code == 200
+
+
+def test_home_label_filter(app, client):
+    html = client.get("/?label=purple_checks").get_data(as_text=True)
+    ids = gallery_links(html)
+    records = app.extensions["retrieval"].index.catalog.get_many(ids)
+    assert len(ids) == 6 and {r.label for r in records.values()} == {"purple_checks"}
+    assert "No images labelled" in client.get("/?label=unicorns").get_data(as_text=True)
+
+
+def test_upload_redirects_to_a_results_page_with_the_neighbours(client, sample_index):
+    r = post_photo(client, (sample_index.data_dir / QUERY).read_bytes())
+    assert r.status_code == 303
+    location = r.headers["Location"]
+    assert re.fullmatch(r"/gallery/query/[A-Za-z0-9_-]+\?k=12", location)
+    page = client.get(location)
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200
+    neighbours = gallery_links(html.split('id="neighbours"', 1)[1])
+    assert len(neighbours) == 12
+    assert "#1<" in html and "#12<" in html and "green_stripes" in html
+    preview = client.get(re.search(r'id="query-image" src="([^"]+)"', html).group(1))
+    assert preview.status_code == 200 and preview.mimetype == "image/jpeg"
+
+
+def test_query_page_k_choice(client, sample_index):
+    location = post_photo(client, (sample_index.data_dir / QUERY).read_bytes()).headers["Location"]
+    html = client.get(location.replace("k=12", "k=6")).get_data(as_text=True)
+    assert len(gallery_links(html.split('id="neighbours"', 1)[1])) == 6
+
+
+def test_upload_of_a_non_image_shows_the_form_again_with_the_reason(client):
+    r = post_photo(client, b"%PDF-1.4 not a photo")
+    assert r.status_code == 415 and r.mimetype == "text/html"
+    assert "not a usable image" in r.get_data(as_text=True)
+
+
+def test_upload_without_a_file_shows_the_form_again(client):
+    r = client.post("/gallery/search", data={}, content_type="multipart/form-data")
+    assert r.status_code == 400 and 'type="file"' in r.get_data(as_text=True)
+
+
+def test_unknown_query_token_is_a_404_page(client):
+    r = client.get("/gallery/query/not-a-token")
+    assert r.status_code == 404 and r.mimetype == "text/html"
+    assert "expired" in r.get_data(as_text=True)
+
+
+def test_neighbour_page_links_to_each_neighbours_own_page(app, client):
+    image_id = app.extensions["retrieval"].index.catalog.file_states()[QUERY][0]
+    html = client.get(f"/gallery/{image_id}").get_data(as_text=True)
+    neighbours = gallery_links(html.split('id="neighbours"', 1)[1])
+    assert len(neighbours) == 12 and image_id not in neighbours
+    assert f'src="/images/{image_id}/thumbnail"' in html and f'href="/images/{image_id}"' in html
+    step = client.get(f"/gallery/{neighbours[0]}")                       # walk on through feature space
+    assert step.status_code == 200
+    assert neighbours[0] not in gallery_links(step.get_data(as_text=True).split('id="neighbours"', 1)[1])
+
+
+def test_unknown_gallery_image_is_a_404_page(client):
+    r = client.get("/gallery/999999")
+    assert r.status_code == 404 and r.mimetype == "text/html" and "no image with id 999999" in r.get_data(as_text=True)
+
+
+def test_bad_k_on_a_gallery_page_is_a_400_page(app, client):
+    r = client.get("/gallery/1?k=1000")
+    assert r.status_code == 400 and r.mimetype == "text/html"
+
+
+def test_static_files_are_served(client):
+    for name, mime in (("gallery.css", "text/css"), ("gallery.js", "text/javascript"), ("favicon.svg", "image/svg+xml")):
+        r = client.get(f"/static/{name}")
+        assert r.status_code == 200 and r.mimetype == mime, name

@@ -1,0 +1,143 @@
+"""The gallery in a real headless Chromium (Playwright): upload a photo, see its neighbours, walk on to a neighbour's page."""
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from api import create_app
+
+CHROMIUM = os.environ.get("RETRIEVAL_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+INSTALL_HINT = "install Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+QUERY = "orange_triangles/orange_triangles_003.jpg"
+
+
+def browser_missing_reason() -> str | None:
+    if not Path(CHROMIUM).is_file():
+        return f"no Chromium at {CHROMIUM}: {INSTALL_HINT}"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright Python package is missing: pip install -e '.[dev]'"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    reason = browser_missing_reason()
+    if reason:
+        if os.environ.get("RETRIEVAL_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"RETRIEVAL_REQUIRE_BROWSER=1 but {reason}")
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def base_url(sample_index, tmp_path_factory):
+    """A threaded werkzeug server on a free local port over the sample index."""
+    from werkzeug.serving import make_server
+
+    app = create_app({"INDEX_DIR": str(sample_index.index_dir), "RELOAD_INTERVAL_S": 0,
+                      "THUMBNAIL_DIR": str(tmp_path_factory.mktemp("thumbnails"))})
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(10)
+    app.extensions["retrieval"].close()
+
+
+@pytest.fixture
+def page(browser, base_url):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors: {errors}"
+
+
+def loaded_images(page, selector: str) -> int:
+    """How many of the matching <img> elements actually decoded (naturalWidth > 0)."""
+    page.wait_for_function("sel => [...document.querySelectorAll(sel)].every(i => i.complete)", arg=selector)
+    return page.eval_on_selector_all(selector, "imgs => imgs.filter(i => i.naturalWidth > 0).length")
+
+
+def test_upload_see_neighbours_and_follow_one(page, base_url, sample_index):
+    page.goto(base_url + "/")
+    assert page.locator("#image-count").inner_text() == "30"
+    assert page.locator("#grid li").count() == 30
+
+    # choosing a file submits it (no button to press)
+    page.set_input_files("form[data-primary] input[type=file]", str(sample_index.data_dir / QUERY))
+    page.wait_for_url(re.compile(r"/gallery/query/[\w-]+"))
+    neighbours = page.locator("#neighbours li")
+    assert neighbours.count() == 12
+    first = neighbours.nth(0)
+    assert first.locator(".rank").inner_text() == "#1"
+    assert first.locator(".chip").inner_text() == "orange_triangles"
+    assert float(first.locator(".distance").inner_text()) < 1e-3          # the photo itself is in the collection
+    assert loaded_images(page, "#neighbours img") == 12
+    assert loaded_images(page, "#query-image") == 1
+
+    # follow the second neighbour to its own neighbour page
+    target = neighbours.nth(1).locator("a")
+    target_id = int(target.get_attribute("href").rsplit("/", 1)[1])
+    target.click()
+    page.wait_for_url(re.compile(rf"/gallery/{target_id}$"))
+    assert page.locator("h1.query-title").inner_text().endswith(".jpg")
+    hrefs = page.eval_on_selector_all("#neighbours a", "links => links.map(a => a.getAttribute('href'))")
+    assert len(hrefs) == 12 and f"/gallery/{target_id}" not in hrefs
+    assert loaded_images(page, "#neighbours img") == 12
+
+    # and back again: the results page comes back without resubmitting the upload
+    page.go_back()
+    page.wait_for_url(re.compile(r"/gallery/query/[\w-]+"))
+    assert page.locator("#neighbours li").count() == 12
+
+
+def test_a_photo_dropped_on_the_page_is_searched(page, base_url, sample_index):
+    page.goto(base_url + "/?label=blue_squares")
+    payload = base64.b64encode((sample_index.data_dir / "blue_squares/blue_squares_004.jpg").read_bytes()).decode()
+    page.evaluate("""b64 => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], "dropped.jpg", {type: "image/jpeg"}));
+        const grid = document.querySelector("#grid");
+        for (const type of ["dragenter", "dragover", "drop"]) {
+            grid.dispatchEvent(new DragEvent(type, {dataTransfer: transfer, bubbles: true, cancelable: true}));
+        }
+    }""", payload)
+    page.wait_for_url(re.compile(r"/gallery/query/[\w-]+"))
+    assert page.locator("#neighbours li .chip").first.inner_text() == "blue_squares"
+    assert "dropped.jpg" in page.locator(".query-panel").inner_text()
+
+
+def test_pages_fit_a_phone_screen(browser, base_url):
+    context = browser.new_context(viewport={"width": 375, "height": 812}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    try:
+        for path in ("/", "/gallery/1", "/gallery/999999"):
+            page.goto(base_url + path)
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= 375, f"{path} scrolls sideways on a phone ({width} px wide)"
+        page.goto(base_url + "/")
+        columns = page.eval_on_selector("#grid", "g => getComputedStyle(g).gridTemplateColumns.split(' ').length")
+        assert columns == 3
+    finally:
+        context.close()
