@@ -14,10 +14,6 @@ log = logging.getLogger(__name__)
 
 FAISS_FILE = "vectors.faiss"
 
-# FAISS scans vector by vector for fewer queries than this, and uses one BLAS matrix product above it.
-# A micro-batch of a few queries reads the 4096-d vectors once instead of once per query.
-faiss.cvar.distance_compute_blas_threshold = 4
-
 
 class VectorIndex:
     """Exact L2 search over (id, vector) pairs. Not thread-safe for writes; searches may run concurrently."""
