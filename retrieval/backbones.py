@@ -152,18 +152,17 @@ class FeatureExtractor:
         net.eval()
         self.model, self.layer, self.device = model, layer, device
         self.preprocessing = preprocessing_for(model)
-        self.net = cut_at(net, spec.layers[layer]).eval().to(device)
-        if device.type == "cuda":
-            self.net = self.net.to(memory_format=torch.channels_last)
+        # channels-last convolutions: faster on CUDA, and for batches on the CPU too (AlexNet, eight images on
+        # the 2-core CI machine, interleaved A/B: 109 -> 92 ms; one image: no difference; outputs within 1e-7)
+        self.net = cut_at(net, spec.layers[layer]).eval().to(device, memory_format=torch.channels_last)
         self.dim = int(net.classifier[-1].in_features)  # fc6 and fc7 are both 4096-d
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         assert pixels.dtype == torch.uint8 and pixels.ndim == 4, f"want uint8 (B,3,H,W), got {pixels.dtype} {tuple(pixels.shape)}"
         x = pixels.to(self.device, non_blocking=True)
-        x = self.preprocessing.normalise(x)                                   # (B, 3, 224, 224) float32
+        x = self.preprocessing.normalise(x).contiguous(memory_format=torch.channels_last)   # (B, 3, 224, 224) float32
         if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = self.net(x)
         else:
