@@ -50,3 +50,25 @@ def offline_hub(tmp_path, monkeypatch) -> Path:
         raise urllib.error.URLError("network is unreachable (test)")
     monkeypatch.setattr(torch.hub, "urlopen", refuse)
     return tmp_path / "torch-home"
+
+
+@pytest.fixture(scope="module")
+def app_config() -> dict:
+    """Extra create_app settings for the `app` fixture; a test module overrides this fixture to change them."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def app(sample_index, tmp_path_factory, app_config):
+    """The Flask app over the read-only sample index (hot reload off, thumbnails in a temporary folder)."""
+    from api import create_app
+
+    app = create_app({"INDEX_DIR": str(sample_index.index_dir), "RELOAD_INTERVAL_S": 0,
+                      "THUMBNAIL_DIR": str(tmp_path_factory.mktemp("thumbnails")), **app_config})
+    yield app
+    app.extensions["retrieval"].close()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()

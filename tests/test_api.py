@@ -18,19 +18,6 @@ from retrieval.index import IndexNotFound
 QUERY = "red_circles/red_circles_002.jpg"
 
 
-@pytest.fixture(scope="module")
-def app(sample_index, tmp_path_factory):
-    app = create_app({"INDEX_DIR": str(sample_index.index_dir), "RELOAD_INTERVAL_S": 0,
-                      "THUMBNAIL_DIR": str(tmp_path_factory.mktemp("thumbnails"))})
-    yield app
-    app.extensions["retrieval"].close()
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
-
-
 def image_bytes(sample_index, rel: str = QUERY) -> bytes:
     return (sample_index.data_dir / rel).read_bytes()
 

@@ -6,22 +6,13 @@ import re
 
 import pytest
 
-from api import create_app
 
 QUERY = "green_stripes/green_stripes_001.jpg"
 
 
 @pytest.fixture(scope="module")
-def app(sample_index, tmp_path_factory):
-    app = create_app({"INDEX_DIR": str(sample_index.index_dir), "RELOAD_INTERVAL_S": 0, "GALLERY_PAGE_SIZE": 8,
-                      "THUMBNAIL_DIR": str(tmp_path_factory.mktemp("thumbnails"))})
-    yield app
-    app.extensions["retrieval"].close()
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
+def app_config() -> dict:
+    return {"GALLERY_PAGE_SIZE": 8}
 
 
 def gallery_links(html: str) -> list[int]:

@@ -54,32 +54,32 @@ def test_every_image_is_its_own_nearest_neighbour(sample_index):
         index.close()
 
 
-def test_search_agrees_with_brute_force_over_the_catalog(sample_index):
+@pytest.fixture(scope="module")
+def stored_index(sample_index):
+    """The sample index opened for vector searches only (no network)."""
     index = ImageIndex(sample_index.index_dir, load_network=False)
-    try:
-        ids, vecs = next(index.catalog.vectors())
-        assert len(ids) == sample_index.report.total == 30
-        for qi in range(0, len(ids), 7):
-            hits = index.search_vectors(vecs[qi:qi + 1], 5)[0]
-            d = np.linalg.norm(vecs - vecs[qi], axis=1)
-            order = np.argsort(d, kind="stable")[:5]
-            assert [h.id for h in hits] == ids[order].tolist()
-            assert np.allclose([h.distance for h in hits], d[order], atol=1e-4)
-    finally:
-        index.close()
+    yield index
+    index.close()
 
 
-def test_vectors_are_l2_normalised_and_features_cluster_by_class(sample_index):
-    index = ImageIndex(sample_index.index_dir, load_network=False)
-    try:
-        ids, vecs = next(index.catalog.vectors())
-        assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
-        rows = index.catalog.get_many(ids)
-        same = sum(index.search_vectors(vecs[i:i + 1], 1, exclude=[{int(ids[i])}])[0][0].label == rows[int(ids[i])].label
-                   for i in range(len(ids)))
-        assert same / len(ids) > 0.5, "even random conv features separate colour/shape classes (chance is 0.2)"
-    finally:
-        index.close()
+def test_search_agrees_with_brute_force_over_the_catalog(stored_index, sample_index):
+    ids, vecs = next(stored_index.catalog.vectors())
+    assert len(ids) == sample_index.report.total == 30
+    for qi in range(0, len(ids), 7):
+        hits = stored_index.search_vectors(vecs[qi:qi + 1], 5)[0]
+        d = np.linalg.norm(vecs - vecs[qi], axis=1)
+        order = np.argsort(d, kind="stable")[:5]
+        assert [h.id for h in hits] == ids[order].tolist()
+        assert np.allclose([h.distance for h in hits], d[order], atol=1e-4)
+
+
+def test_vectors_are_l2_normalised_and_features_cluster_by_class(stored_index):
+    ids, vecs = next(stored_index.catalog.vectors())
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    rows = stored_index.catalog.get_many(ids)
+    same = sum(stored_index.search_vectors(vecs[i:i + 1], 1, exclude=[{int(ids[i])}])[0][0].label == rows[int(ids[i])].label
+               for i in range(len(ids)))
+    assert same / len(ids) > 0.5, "even random conv features separate colour/shape classes (chance is 0.2)"
 
 
 def test_rerun_on_an_unchanged_folder_is_a_no_op(small_data, tmp_path, index_images):

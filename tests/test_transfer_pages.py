@@ -17,19 +17,6 @@ from retrieval.model_info import layer_table
 QUERY = "green_stripes/green_stripes_002.jpg"
 
 
-@pytest.fixture(scope="module")
-def app(sample_index, tmp_path_factory):
-    app = create_app({"INDEX_DIR": str(sample_index.index_dir), "RELOAD_INTERVAL_S": 0,
-                      "THUMBNAIL_DIR": str(tmp_path_factory.mktemp("thumbs"))})
-    yield app
-    app.extensions["retrieval"].close()
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
-
-
 def image_id(sample_index, path: str) -> int:
     cat = Catalog(sample_index.index_dir)
     try:
