@@ -143,10 +143,8 @@ class RetrievalService:
                             {"decode": 0.0, "features": _ms(looked_up - started), "search": search_ms})
 
     def predict(self, hits: list[Hit]) -> dict[str, Any] | None:
-        """The neighbours' vote {"label", "votes", "k"} when the collection has labels; None otherwise."""
-        if not hits or not self.index.catalog.has_labels():
-            return None
-        return vote(hits, len(hits))
+        """The neighbours' vote {"label", "votes", "k"}; None when no neighbour has a label."""
+        return vote(hits, len(hits)) if hits else None
 
     # images
     def record(self, image_id: int) -> ImageRecord:

@@ -1,6 +1,7 @@
 """Gallery pages for the transfer-learning lesson: the evaluation numbers, the layer table and first-layer filters."""
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -8,7 +9,7 @@ from flask import Blueprint, Response, render_template
 from markupsafe import Markup
 
 from retrieval.evaluation import EvaluationError, evaluate_index, precision_at_k_svg
-from retrieval.model_info import filters_png, layer_table
+from retrieval.model_info import LayerTable, filters_png, layer_table
 
 from .service import current_service
 
@@ -42,6 +43,11 @@ _filters: dict[str, bytes] = {}   # weights identity -> PNG
 _filters_lock = threading.Lock()
 
 
+@functools.lru_cache(maxsize=8)
+def _layer_table(model: str, input_size: int) -> LayerTable:
+    return layer_table(model, input_size)
+
+
 @bp.get("/evaluation")
 def evaluation() -> str:
     """evaluate-index on the stored vectors: precision@k (with a chart), mAP, kNN, linear probe, per class."""
@@ -58,7 +64,7 @@ def model() -> str:
     """The index's network: its per-layer table and its first convolution's filters."""
     service = current_service()
     settings = service.index.settings
-    table = layer_table(settings.model, service.index.extractor.preprocessing.crop_size)
+    table = _layer_table(settings.model, service.index.extractor.preprocessing.crop_size)
     return render_template("model.html", table=table, settings=settings, summary=service.index_summary())
 
 
