@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from retrieval.images import DECODE_ERRORS
+from retrieval.images import DECODE_ERRORS, is_inside
 
 
 class OutsideDataFolder(PermissionError):
@@ -20,7 +20,7 @@ def resolve_inside(data_dir: Path, relative: str) -> Path:
     """
     root = Path(data_dir).resolve()
     target = (root / relative).resolve()
-    if target != root and root not in target.parents:
+    if not is_inside(target, root):
         raise OutsideDataFolder(f"{relative} resolves outside the data folder")
     if not target.is_file():
         raise FileNotFoundError(f"{relative} is no longer in the data folder")

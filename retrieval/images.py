@@ -73,14 +73,14 @@ def scan_folder(data_dir: Path) -> ScanResult:
             full = Path(entry.path)
             rel = full.relative_to(root).as_posix()
             if entry.is_dir(follow_symlinks=True):
-                if entry.is_symlink() and not _inside(full.resolve(), root):
+                if entry.is_symlink() and not is_inside(full.resolve(), root):
                     log.info("not following %s: it points outside the data folder", rel)
                     continue
                 walk(full)
                 continue
             if full.suffix.lower() not in IMAGE_EXTENSIONS or not entry.is_file(follow_symlinks=True):
                 continue
-            if entry.is_symlink() and not _inside(full.resolve(), root):
+            if entry.is_symlink() and not is_inside(full.resolve(), root):
                 skipped[rel] = "symlink points outside the data folder"
                 continue
             st = entry.stat(follow_symlinks=True)
@@ -93,7 +93,8 @@ def scan_folder(data_dir: Path) -> ScanResult:
     return ScanResult(images, skipped)
 
 
-def _inside(path: Path, root: Path) -> bool:
+def is_inside(path: Path, root: Path) -> bool:
+    """Whether path is root or lies under it (both already resolved)."""
     return path == root or root in path.parents
 
 

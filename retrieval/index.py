@@ -20,10 +20,6 @@ log = logging.getLogger(__name__)
 INDEX_DIR_ENV = "RETRIEVAL_INDEX_DIR"
 
 
-def default_index_dir() -> Path:
-    return Path(os.environ.get(INDEX_DIR_ENV) or "index")
-
-
 class IndexNotFound(FileNotFoundError):
     """No usable index in the folder; the message says what to run."""
 
@@ -121,13 +117,6 @@ class ImageIndex:
         decoded = self.decode(data)
         query = self.embed(decoded.pixels.unsqueeze(0))
         return self.search_vectors(query, k)[0], decoded
-
-    def neighbours_of(self, image_id: int, k: int) -> list[Hit] | None:
-        """Nearest neighbours of an indexed image from its stored vector; None for an unknown id."""
-        vec = self.catalog.vector(image_id)
-        if vec is None:
-            return None
-        return self.search_vectors(vec[None, :], k, exclude=[{int(image_id)}])[0]
 
     # freshness
     def _current_signature(self) -> tuple | None:

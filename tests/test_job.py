@@ -220,3 +220,18 @@ def test_a_second_writer_is_refused_while_one_runs(small_data, tmp_path, index_i
     with index_lock(tmp_path / "index"):
         with pytest.raises(ConfigError, match="another index-images run"):
             index_images(small_data, tmp_path / "index")
+
+
+def test_long_runs_save_the_faiss_file_as_they_go(small_data, tmp_path, index_images, monkeypatch):
+    saved_sizes = []
+    real_save = VectorIndex.save
+
+    def recording_save(self, path):
+        saved_sizes.append(len(self))
+        real_save(self, path)
+    monkeypatch.setattr(VectorIndex, "save", recording_save)
+
+    index_images(small_data, tmp_path / "index", batch_size=2, save_every_s=0.0)
+
+    assert saved_sizes[:3] == [2, 4, 6], "a server sees each batch without waiting for the end of the run"
+    assert saved_sizes[-1] == 6
