@@ -5,8 +5,8 @@ import pytest
 import torch
 from torchvision import models
 
-from retrieval.backbones import (FeatureExtractor, WeightsUnavailable, imagenet_cache_path, load_state_dict,
-                                 random_weights_file)
+from retrieval.backbones import (FeatureExtractor, OneDNNLinear, WeightsUnavailable, imagenet_cache_path, load_state_dict,
+                                 onednn_linear_available, random_weights_file)
 
 
 def reference_features(net: torch.nn.Module, x: torch.Tensor, upto: int) -> torch.Tensor:
@@ -152,3 +152,26 @@ def test_building_a_network_does_not_disturb_forward_passes_in_other_threads():
         stop.set()
         t.join()
     assert not errors, errors
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="this PyTorch build has no oneDNN")
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_onednn_linear_computes_what_nn_linear_does(rows):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(9216, 4096).requires_grad_(False)
+    x = torch.relu(torch.randn(rows, 9216))
+    assert torch.allclose(OneDNNLinear(linear)(x), linear(x), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_extractor_runs_its_fc_layers_through_onednn_with_the_same_weights():
+    torch.manual_seed(0)
+    state = models.alexnet(weights=None).state_dict()
+    extractor = FeatureExtractor("alexnet", "fc7", state, torch.device("cpu"))
+    linears = [m for m in extractor.net.modules() if isinstance(m, (torch.nn.Linear, OneDNNLinear))]
+
+    assert len(linears) == 2   # fc6, fc7 (fc8 is cut off)
+    if onednn_linear_available():
+        assert all(type(m) is OneDNNLinear for m in linears)
+    own = extractor.net.state_dict()
+    for key in ("3.1.weight", "3.1.bias", "3.4.weight"):   # classifier.1 (fc6), classifier.4 (fc7)
+        assert torch.equal(own[key], state[key.replace("3.", "classifier.", 1)])
