@@ -22,7 +22,7 @@ DEFAULTS: dict[str, Any] = {
     "BATCH_MAX_SIZE": 8,           # most concurrent queries in one forward pass
     "BATCH_WAIT_MS": 30.0,         # most a batch waits for concurrent queries on their way (never for a lone one)
     "TORCH_THREADS": 0,            # threads of a lone query's forward pass (one fewer under load); 0: one per core
-    "SEARCH_THREADS": 0,           # threads of a batch's FAISS search (a lone query's uses one); 0: one per core
+    "SEARCH_THREADS": 0,           # threads that scan the vectors for a query or a batch; 0: one per core
     "QUERY_TIMEOUT_S": 30.0,       # a query waiting longer answers 503
     "THUMBNAIL_DIR": None,         # None: INDEX_DIR/thumbnails
     "THUMBNAIL_SIZE": 256,         # long side of thumbnails, px

@@ -12,7 +12,6 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Iterator, Protocol
 
-import faiss
 import numpy as np
 import torch
 
@@ -28,7 +27,8 @@ class EmbeddingIndex(Protocol):
 
     def embed(self, pixels: torch.Tensor) -> np.ndarray: ...
 
-    def search_vectors(self, queries: np.ndarray, k: int, exclude: list[set[int]] | None = None) -> list[list[Hit]]: ...
+    def search_vectors(self, queries: np.ndarray, k: int, exclude: list[set[int]] | None = None,
+                       threads: int = 1) -> list[list[Hit]]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +70,7 @@ class QueryBatcher:
 
     Threads: a forward pass uses torch_threads (0: one per core) when nothing else wants the cores,
     and one fewer while request threads are decoding (two busy OpenMP teams on the same cores are far
-    slower than one). A lone query's FAISS search uses one thread (faster than several over one query
-    on a small index); a batch's uses search_threads (0: one per core).
+    slower than one). The search, of a lone query or a batch, uses search_threads (0: one per core).
     """
 
     def __init__(self, index: EmbeddingIndex, *, max_batch: int = 8, max_wait_s: float = 0.03,
@@ -187,8 +186,8 @@ class QueryBatcher:
             pixels = torch.stack([p.pixels for p in live])                      # (B, 3, H, W) uint8
             vectors = self.index.embed(pixels)                                  # (B, 3, H, W) -> (B, dim)
             embedded = time.perf_counter()
-            faiss.omp_set_num_threads(1 if len(live) == 1 else self.search_threads)
-            hits = self.index.search_vectors(vectors, max(p.k for p in live))   # one search for the batch
+            k = max(p.k for p in live)
+            hits = self.index.search_vectors(vectors, k, threads=self.search_threads)   # one search for the batch
             searched = time.perf_counter()
         except Exception as exc:  # noqa: BLE001 - handed to every caller (as concurrent.futures does); the worker lives on
             log.exception("a batch of %d queries failed", len(live))

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import faiss
 import numpy as np
 from flask import Flask, current_app
 
@@ -38,7 +37,7 @@ class ServiceConfig:
     batch_max_size: int              # most queries in one forward pass
     batch_wait_ms: float             # most a batch waits for concurrent queries on their way
     torch_threads: int               # threads of a lone query's forward pass (one fewer under load); 0: one per core
-    search_threads: int              # threads of a batch's FAISS search (a lone query's uses one); 0: one per core
+    search_threads: int              # threads that scan the vectors for a query or a batch; 0: one per core
     thumbnail_dir: Path              # where thumbnails are cached
     thumbnail_size: int              # long side of thumbnails, px
     query_timeout_s: float           # a query waiting longer than this answers 503
@@ -92,7 +91,7 @@ class RetrievalService:
         self.watcher = IndexWatcher(self.index, config.reload_interval_s) if config.reload_interval_s > 0 else None
         self.thumbnails = ThumbnailCache(config.thumbnail_dir, config.thumbnail_size, max_pixels=config.max_pixels)
         self.recent_queries = RecentQueries()
-        log.info("serving %d images from %s (%s %s; forward threads %d alone, %d under load; batch search threads %d)",
+        log.info("serving %d images from %s (%s %s; forward threads %d alone, %d under load; search threads %d)",
                  len(self.index), config.index_dir, self.index.settings.model, self.index.settings.layer,
                  self.batcher.idle_threads, self.batcher.busy_threads, self.batcher.search_threads)
 
@@ -125,8 +124,8 @@ class RetrievalService:
     def search_vector(self, vector: np.ndarray, k: int, exclude: set[int] | None = None) -> tuple[list[Hit], float]:
         """vector shape=(dim,) -> (hits nearest first, search ms); no forward pass, in the calling thread."""
         started = time.perf_counter()
-        faiss.omp_set_num_threads(1)   # per thread: one query searches fastest alone, and leaves the network its cores
-        hits = self.index.search_vectors(vector[None, :], k, exclude=[exclude] if exclude else None)[0]
+        hits = self.index.search_vectors(vector[None, :], k, exclude=[exclude] if exclude else None,
+                                         threads=self.batcher.search_threads)[0]
         return hits, _ms(time.perf_counter() - started)
 
     def neighbours(self, image_id: int, k: int) -> SearchAnswer:

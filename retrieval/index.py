@@ -93,11 +93,14 @@ class ImageIndex:
         assert self.extractor is not None, "opened with load_network=False"
         return embed(self.extractor, pixels, self.settings.normalize)
 
-    def search_vectors(self, queries: np.ndarray, k: int, exclude: list[set[int]] | None = None) -> list[list[Hit]]:
-        """queries shape=(q, dim) -> for each query its k nearest hits, nearest first (excluded ids left out)."""
+    def search_vectors(self, queries: np.ndarray, k: int, exclude: list[set[int]] | None = None,
+                       threads: int = 1) -> list[list[Hit]]:
+        """queries shape=(q, dim) -> for each query its k nearest hits, nearest first (excluded ids left out).
+
+        threads: how many threads search (see VectorIndex.search)."""
         vectors = self.vectors  # one consistent snapshot even if refresh() swaps meanwhile
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
-        distances, ids = vectors.search(queries, k + extra)
+        distances, ids = vectors.search(queries, k + extra, threads)
         rows = self.catalog.get_many(int(i) for i in np.unique(ids) if i >= 0)
         results = []
         for qi in range(len(queries)):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faiss
@@ -13,6 +15,39 @@ from .catalog import Catalog
 log = logging.getLogger(__name__)
 
 FAISS_FILE = "vectors.faiss"
+
+# A few queries (a lone upload, a micro-batch) are searched by _scan: the stored vectors are split across
+# threads, each reading its share once, in blocks of about SCAN_BLOCK_BYTES that stay in cache while
+# every query of the batch goes over them, with FAISS's own exact kernel. FAISS's flat search gives a
+# query one thread and reads all the vectors once per query. 10k x 4096 vectors, FAISS 1.15, 2-core CI
+# machine, medians: one query 9.7 -> 6.6 ms (two threads), eight 37 -> 22 ms. Larger batches go to FAISS.
+SCAN_BLOCK_BYTES = 1 << 20
+SCAN_MAX_QUERIES = 64
+
+_scan_pool: ThreadPoolExecutor | None = None
+_scan_pool_lock = threading.Lock()
+
+
+def _scan_threads() -> ThreadPoolExecutor:
+    """One pool per process, a thread per core, each with single-threaded FAISS (OpenMP settings are per thread)."""
+    global _scan_pool
+    with _scan_pool_lock:
+        if _scan_pool is None:
+            _scan_pool = ThreadPoolExecutor(len(os.sched_getaffinity(0)), thread_name_prefix="vector-scan",
+                                            initializer=faiss.omp_set_num_threads, initargs=(1,))
+        return _scan_pool
+
+
+def _scan_rows(vectors: np.ndarray, queries: np.ndarray, k: int, start: int, stop: int,
+               block: int) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest of rows [start, stop) for each query -> (squared distances, row positions), shape=(q, k) each."""
+    heap = faiss.ResultHeap(len(queries), k)
+    for lo in range(start, stop, block):
+        hi = min(lo + block, stop)
+        sq, pos = faiss.knn(queries, vectors[lo:hi], k)           # FAISS's exact L2 kernel; -1 where hi - lo < k
+        heap.add_result(sq, np.where(pos >= 0, pos + lo, -1))
+    heap.finalize()
+    return heap.D, heap.I
 
 
 class VectorIndex:
@@ -44,18 +79,43 @@ class VectorIndex:
             return 0
         return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """queries shape=(q, dim) float32 -> (distances shape=(q, k') float32 L2 (not squared), ids shape=(q, k') int64).
 
-        k' = min(k, len(self)); nearest first.
+        k' = min(k, len(self)); nearest first. Exact. threads: how many threads scan the vectors for a
+        few queries (at most one per core), or FAISS's OpenMP threads for a large batch.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         assert queries.ndim == 2 and queries.shape[1] == self.dim, f"queries must be (q, {self.dim}), got {queries.shape}"
         k = min(int(k), len(self))
         if k <= 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        sq, ids = self.index.search(queries, k)
+        if len(queries) <= SCAN_MAX_QUERIES:
+            sq, pos = self._scan(queries, k, threads)
+            ids = self.ids()[pos]                      # k <= len(self): every position is a real row
+        else:
+            faiss.omp_set_num_threads(max(1, threads))   # per calling thread
+            sq, ids = self.index.search(queries, k)
         return np.sqrt(np.maximum(sq, 0.0)), ids
+
+    def _scan(self, queries: np.ndarray, k: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact k-NN over the stored vectors, split across threads -> (squared distances, row positions)."""
+        flat = faiss.downcast_index(self.index.index)
+        n = flat.ntotal
+        vectors = faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim)   # FAISS's storage, no copy
+        # one query gains nothing from blocks (nothing to reuse); a batch reads each block once for all its queries
+        block = n if len(queries) == 1 else max(1, SCAN_BLOCK_BYTES // (4 * self.dim))
+        bounds = np.linspace(0, n, max(1, min(threads, n)) + 1).astype(int).tolist()
+        if len(bounds) == 2:
+            faiss.omp_set_num_threads(1)   # per calling thread: FAISS over one query is slower with more
+            return _scan_rows(vectors, queries, k, 0, n, block)
+        parts = [_scan_threads().submit(_scan_rows, vectors, queries, k, lo, hi, block)
+                 for lo, hi in zip(bounds, bounds[1:])]
+        heap = faiss.ResultHeap(len(queries), k)
+        for part in parts:
+            heap.add_result(*part.result())
+        heap.finalize()
+        return heap.D, heap.I
 
     def save(self, path: Path) -> None:
         """Write to a temporary file, fsync, then rename over path: readers see the old or the new file, whole."""

@@ -30,7 +30,7 @@ class FakeIndex:
         values = pixels[:, 0, 0, 0].numpy().astype(np.float32)
         return np.stack([values, np.zeros_like(values)], axis=1)                 # (B, 2)
 
-    def search_vectors(self, queries: np.ndarray, k: int, exclude=None) -> list[list[Hit]]:  # noqa: ANN001
+    def search_vectors(self, queries: np.ndarray, k: int, exclude=None, threads: int = 1) -> list[list[Hit]]:  # noqa: ANN001
         self.search_sizes.append(len(queries))
         return [[Hit(int(q[0]) + j, f"{int(q[0]) + j}.jpg", None, float(j)) for j in range(k)] for q in queries]
 

@@ -100,3 +100,35 @@ def test_ids_are_never_reused_after_deletion(catalog):
     catalog.remove_paths(["b.png"])
     again = add_rows(catalog, ["c.png"], random_vectors(1, 4))
     assert again[0] > max(first)
+
+
+@pytest.mark.parametrize("queries, threads", [(1, 1), (1, 2), (1, 3), (5, 2), (64, 2), (65, 2)])
+def test_threaded_and_blocked_search_agrees_with_brute_force(queries, threads):
+    """A lone query split across threads, a micro-batch scanned block by block, and a large batch (FAISS's own
+    search) all give brute force's exact answer; 257 rows do not split evenly into threads or blocks."""
+    base, qs = random_vectors(257, 4096), random_vectors(queries, 4096, seed=1)
+    ids = np.arange(5000, 5257, dtype=np.int64)[::-1].copy()
+    index = VectorIndex(4096)
+    index.add(ids, base)
+
+    dist, got = index.search(qs, 10, threads=threads)
+    want_dist, want = brute_force(base, ids, qs, 10)
+
+    assert np.array_equal(got, want)
+    assert np.allclose(dist, want_dist, rtol=1e-4)
+
+
+def test_threaded_search_with_k_beyond_a_thread_share_and_after_removals():
+    base = random_vectors(7, 32)
+    ids = np.arange(10, 17, dtype=np.int64)
+    index = VectorIndex(32)
+    index.add(ids, base)
+    index.remove([12, 13])
+    keep = np.isin(ids, [12, 13], invert=True)
+
+    dist, got = index.search(base[:3], 10, threads=4)     # 5 rows over 4 threads: shares of 1 or 2 rows, k = 5
+    want_dist, want = brute_force(base[keep], ids[keep], base[:3], 5)
+
+    assert got.shape == (3, 5)
+    assert np.array_equal(got, want)
+    assert np.allclose(dist, want_dist, atol=1e-4)
