@@ -24,7 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "TORCH_THREADS": 0,            # threads of a lone query's forward pass (one fewer under load); 0: one per core
     "SEARCH_THREADS": 0,           # threads that scan the vectors for a query or a batch; 0: one per core
     "QUERY_TIMEOUT_S": 30.0,       # a query waiting longer answers 503
-    "THUMBNAIL_DIR": None,         # None: INDEX_DIR/thumbnails
+    "THUMBNAIL_DIR": None,         # None: INDEX_DIR/thumbnails (also keeps uploaded gallery searches for an hour)
     "THUMBNAIL_SIZE": 256,         # long side of thumbnails, px
     "GALLERY_PAGE_SIZE": 48,       # images per page of the gallery grid
     "GALLERY_K": 12,               # neighbours shown on gallery pages

@@ -86,8 +86,8 @@ def query_page(token: str) -> str:
     service = current_service()
     query = service.recent_queries.get(token)
     if query is None:
-        raise ApiError(404, "query_expired", "This search has expired (searches are kept for an hour, on one server "
-                                             "process). Upload the photo again.")
+        raise ApiError(404, "query_expired", "This search has expired (searches are kept for an hour). "
+                                             "Upload the photo again.")
     k = _gallery_k()
     hits, _ms = service.search_vector(query.vector, k)
     return render_template("results.html", hits=hits, k=k, k_choices=K_CHOICES, record=None,

@@ -1,13 +1,30 @@
-"""Uploaded gallery queries kept in memory for a while under a random token (never a path), so pages can link to them."""
+"""Uploaded gallery queries kept for a while under a random token (never a path), in an SQLite file that every
+worker process of the server shares, so a results page works whichever worker answers it."""
 from __future__ import annotations
 
 import dataclasses
 import secrets
-import threading
 import time
-from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
+from sqlalchemy import Column, Float, Integer, LargeBinary, MetaData, String, Table, delete, insert, select
+
+from retrieval.catalog import blob_to_vector, make_engine, vector_to_blob
+
+RECENT_QUERIES_FILE = "recent-queries.db"
+
+_metadata = MetaData()
+_queries = Table(
+    "recent_queries", _metadata,
+    Column("token", String, primary_key=True),
+    Column("vector", LargeBinary, nullable=False),     # float32, shape=(dim,)
+    Column("preview_jpeg", LargeBinary, nullable=False),
+    Column("width", Integer, nullable=False),
+    Column("height", Integer, nullable=False),
+    Column("filename", String, nullable=False),
+    Column("created", Float, nullable=False, index=True),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,29 +38,35 @@ class RecentQuery:
 
 
 class RecentQueries:
-    """A bounded LRU of uploads: token -> RecentQuery. Thread-safe. Per process: a token is unknown to other workers."""
+    """token -> RecentQuery for ttl_s seconds; the newest `capacity` are kept. Safe from many threads and processes."""
 
-    def __init__(self, capacity: int = 256, ttl_s: float = 3600.0):
+    def __init__(self, path: Path, capacity: int = 500, ttl_s: float = 3600.0):
         assert capacity >= 1, "capacity must be at least 1"
         self.capacity, self.ttl_s = capacity, ttl_s
-        self._items: OrderedDict[str, RecentQuery] = OrderedDict()
-        self._lock = threading.Lock()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = make_engine(Path(path))               # WAL: workers read while another writes
+        _metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
 
     def add(self, query: RecentQuery) -> str:
         token = secrets.token_urlsafe(12)
-        with self._lock:
-            self._items[token] = query
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+        newest = select(_queries.c.token).order_by(_queries.c.created.desc()).limit(self.capacity)
+        with self.engine.begin() as conn:
+            conn.execute(insert(_queries).values(
+                token=token, vector=vector_to_blob(query.vector), preview_jpeg=query.preview_jpeg, width=query.width,
+                height=query.height, filename=query.filename, created=query.created))
+            conn.execute(delete(_queries).where(_queries.c.created < time.time() - self.ttl_s))
+            conn.execute(delete(_queries).where(_queries.c.token.not_in(newest)))
         return token
 
     def get(self, token: str) -> RecentQuery | None:
-        with self._lock:
-            query = self._items.get(token)
-            if query is None:
-                return None
-            if time.time() - query.created > self.ttl_s:
-                del self._items[token]
-                return None
-            self._items.move_to_end(token)
-            return query
+        """The query, or None when the token is unknown, expired or pushed out."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(_queries).where(_queries.c.token == token,
+                                                      _queries.c.created >= time.time() - self.ttl_s)).first()
+        if row is None:
+            return None
+        return RecentQuery(blob_to_vector(row.vector), row.preview_jpeg, row.width, row.height, row.filename,
+                           row.created)

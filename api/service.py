@@ -19,7 +19,7 @@ from .errors import ApiError
 from .image_files import OutsideDataFolder, resolve_inside
 from .index_watcher import IndexWatcher
 from .query_batcher import QueryBatcher
-from .recent_queries import RecentQueries
+from .recent_queries import RECENT_QUERIES_FILE, RecentQueries
 from .thumbnails import ThumbnailCache
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class ServiceConfig:
     batch_wait_ms: float             # most a batch waits for concurrent queries on their way
     torch_threads: int               # threads of a lone query's forward pass (one fewer under load); 0: one per core
     search_threads: int              # threads that scan the vectors for a query or a batch; 0: one per core
-    thumbnail_dir: Path              # where thumbnails are cached
+    thumbnail_dir: Path              # where thumbnails are cached, and uploaded gallery searches kept
     thumbnail_size: int              # long side of thumbnails, px
     query_timeout_s: float           # a query waiting longer than this answers 503
 
@@ -90,7 +90,7 @@ class RetrievalService:
                                     torch_threads=config.torch_threads, search_threads=config.search_threads)
         self.watcher = IndexWatcher(self.index, config.reload_interval_s) if config.reload_interval_s > 0 else None
         self.thumbnails = ThumbnailCache(config.thumbnail_dir, config.thumbnail_size, max_pixels=config.max_pixels)
-        self.recent_queries = RecentQueries()
+        self.recent_queries = RecentQueries(config.thumbnail_dir / RECENT_QUERIES_FILE)   # shared by worker processes
         log.info("serving %d images from %s (%s %s; forward threads %d alone, %d under load; search threads %d)",
                  len(self.index), config.index_dir, self.index.settings.model, self.index.settings.layer,
                  self.batcher.idle_threads, self.batcher.busy_threads, self.batcher.search_threads)
@@ -99,6 +99,7 @@ class RetrievalService:
         if self.watcher is not None:
             self.watcher.close()
         self.batcher.close()
+        self.recent_queries.close()
         self.index.close()
 
     # queries

@@ -116,3 +116,20 @@ def test_static_files_are_served(client):
     for name, mime in (("gallery.css", "text/css"), ("gallery.js", "text/javascript"), ("favicon.svg", "image/svg+xml")):
         r = client.get(f"/static/{name}")
         assert r.status_code == 200 and r.mimetype == mime, name
+
+
+def test_a_search_made_on_one_worker_process_opens_on_another(app, client, sample_index):
+    """gunicorn --workers 2: the upload and its results page may reach different processes (each its own app)."""
+    from api import create_app
+
+    other = create_app({"INDEX_DIR": str(sample_index.index_dir), "RELOAD_INTERVAL_S": 0,
+                        "THUMBNAIL_DIR": app.config["THUMBNAIL_DIR"], "GALLERY_PAGE_SIZE": 8})
+    try:
+        location = post_photo(client, (sample_index.data_dir / QUERY).read_bytes()).headers["Location"]
+        page = other.test_client().get(location)
+        assert page.status_code == 200, page.get_data(as_text=True)
+        assert len(gallery_links(page.get_data(as_text=True).split('id="neighbours"', 1)[1])) == 12
+        preview = other.test_client().get(location.split("?")[0] + "/image")
+        assert preview.status_code == 200 and preview.mimetype == "image/jpeg"
+    finally:
+        other.extensions["retrieval"].close()

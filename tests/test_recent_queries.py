@@ -1,0 +1,41 @@
+"""Tests for api.recent_queries: uploads kept under random tokens, shared through SQLite, expired and capped."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from api.recent_queries import RecentQueries, RecentQuery
+
+
+def query(seed: int, created: float | None = None) -> RecentQuery:
+    vector = np.random.default_rng(seed).standard_normal(4096).astype(np.float32)
+    return RecentQuery(vector, b"\xff\xd8 jpeg %d" % seed, 640, 480, f"photo{seed}.jpg",
+                       time.time() if created is None else created)
+
+
+def test_a_query_comes_back_whole_from_another_store_on_the_same_file(tmp_path):
+    writer, reader = RecentQueries(tmp_path / "q.db"), RecentQueries(tmp_path / "q.db")   # two worker processes
+    original = query(1)
+    token = writer.add(original)
+    got = reader.get(token)
+
+    assert got is not None and np.array_equal(got.vector, original.vector) and got.vector.dtype == np.float32
+    assert (got.preview_jpeg, got.width, got.height, got.filename) == (original.preview_jpeg, 640, 480, "photo1.jpg")
+    assert writer.add(query(1)) != token, "every upload gets a fresh random token"
+    assert reader.get("not-a-token") is None
+    writer.close()
+    reader.close()
+
+
+def test_queries_expire_after_their_time_and_the_oldest_go_past_capacity(tmp_path):
+    store = RecentQueries(tmp_path / "sub" / "q.db", capacity=3, ttl_s=60)
+    stale = store.add(query(0, created=time.time() - 120))
+    tokens = [store.add(query(i)) for i in range(1, 5)]
+
+    assert store.get(stale) is None
+    assert store.get(tokens[0]) is None, "pushed out by three newer ones"
+    assert all(store.get(t) is not None for t in tokens[1:])
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM recent_queries").scalar() == 3, "old rows are deleted"
+    store.close()
