@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import Column, Float, Integer, LargeBinary, MetaData, String, Table, delete, insert, select
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 from retrieval.catalog import blob_to_vector, make_engine, vector_to_blob
 
@@ -45,7 +46,10 @@ class RecentQueries:
         self.capacity, self.ttl_s = capacity, ttl_s
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.engine = make_engine(Path(path))               # WAL: workers read while another writes
-        _metadata.create_all(self.engine)
+        with self.engine.begin() as conn:   # IF NOT EXISTS: gunicorn starts its workers together on a fresh folder
+            conn.execute(CreateTable(_queries, if_not_exists=True))
+            for index in _queries.indexes:
+                conn.execute(CreateIndex(index, if_not_exists=True))
 
     def close(self) -> None:
         self.engine.dispose()

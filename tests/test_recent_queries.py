@@ -1,6 +1,7 @@
 """Tests for api.recent_queries: uploads kept under random tokens, shared through SQLite, expired and capped."""
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -39,3 +40,25 @@ def test_queries_expire_after_their_time_and_the_oldest_go_past_capacity(tmp_pat
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM recent_queries").scalar() == 3, "old rows are deleted"
     store.close()
+
+
+def test_worker_processes_starting_together_on_a_fresh_folder_all_open_the_store(tmp_path):
+    path = tmp_path / "fresh" / "q.db"
+    stores, errors = [], []
+
+    def open_store():
+        try:
+            stores.append(RecentQueries(path))
+        except Exception as exc:   # noqa: BLE001 - any failure is what this test looks for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    token = stores[0].add(query(7))
+    assert all(s.get(token) is not None for s in stores)
+    for s in stores:
+        s.close()
