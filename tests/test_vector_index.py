@@ -132,3 +132,20 @@ def test_threaded_search_with_k_beyond_a_thread_share_and_after_removals():
     assert got.shape == (3, 5)
     assert np.array_equal(got, want)
     assert np.allclose(dist, want_dist, atol=1e-4)
+
+
+def test_concurrent_threaded_searches_share_the_scan_threads_and_stay_exact():
+    """Request threads (neighbour pages) and the query batcher search at once through one pool of scan threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, qs = random_vectors(300, 256), random_vectors(24, 256, seed=2)
+    ids = np.arange(300, dtype=np.int64) * 7
+    index = VectorIndex(256)
+    index.add(ids, base)
+    _, want = brute_force(base, ids, qs, 5)
+    slices = [slice(i, i + 1) for i in range(24)] + [slice(j, j + 8) for j in (0, 8, 16)] * 8   # lone and batches
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda part: index.search(qs[part], 5, threads=2)[1], slices))
+    for part, got in zip(slices, results):
+        assert np.array_equal(got, want[part]), part
