@@ -14,6 +14,7 @@ from gunicorn.arbiter import Arbiter
 from retrieval.backbones import WeightsUnavailable
 from retrieval.catalog import Catalog
 from retrieval.index import INDEX_DIR_ENV, IndexNotFound
+from retrieval.system import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def main(index_dir: Path, host: str, port: int, workers: int, threads: int, devi
     if device:
         app_config["DEVICE"] = device
     if "RETRIEVAL_TORCH_THREADS" not in os.environ:   # share the cores between worker processes
-        app_config["TORCH_THREADS"] = max(1, len(os.sched_getaffinity(0)) // workers)
+        app_config["TORCH_THREADS"] = max(1, available_cores() // workers)
     address = f"http://{bind_address(host, port)}/"
 
     def post_worker_init(worker) -> None:  # noqa: ANN001 - gunicorn Worker, after it loaded the app

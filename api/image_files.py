@@ -6,7 +6,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from retrieval.images import DECODE_ERRORS, is_inside
+from retrieval.images import DECODE_ERRORS
+from retrieval.scan import is_inside
 
 
 class OutsideDataFolder(PermissionError):

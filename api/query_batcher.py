@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from retrieval.index import Hit
+from retrieval.system import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,9 @@ class QueryBatcher:
         assert max_batch >= 1, "max_batch must be at least 1"
         assert max_wait_s >= 0, "max_wait_s must not be negative"
         self.index, self.max_batch, self.max_wait_s = index, max_batch, max_wait_s
-        self.idle_threads = torch_threads or len(os.sched_getaffinity(0))
+        self.idle_threads = torch_threads or available_cores()
         self.busy_threads = max(1, self.idle_threads - 1)
-        self.search_threads = search_threads or len(os.sched_getaffinity(0))
+        self.search_threads = search_threads or available_cores()
         self.stats = BatchStats()
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._lock = threading.Lock()   # guards the three counters below

@@ -54,7 +54,9 @@ class ServiceConfig:
                 raise ValueError(f"{key} must be at least {minimum}, not {value}")
             return value
 
-        index_dir = Path(str(config["INDEX_DIR"]))
+        # Paths are made absolute here, where they enter: nothing deeper depends on the working directory
+        # (Flask's send_file would resolve a relative path against the api package).
+        index_dir = Path(str(config["INDEX_DIR"])).expanduser().resolve()
         max_pixels = config.get("MAX_PIXELS")
         return cls(
             index_dir=index_dir,
@@ -65,7 +67,7 @@ class ServiceConfig:
             batch_wait_ms=number("BATCH_WAIT_MS", float, 0),
             torch_threads=number("TORCH_THREADS", int, 0),
             search_threads=number("SEARCH_THREADS", int, 0),
-            thumbnail_dir=Path(str(config.get("THUMBNAIL_DIR") or index_dir / "thumbnails")),
+            thumbnail_dir=Path(str(config.get("THUMBNAIL_DIR") or index_dir / "thumbnails")).expanduser().resolve(),
             thumbnail_size=number("THUMBNAIL_SIZE", int, 16),
             query_timeout_s=number("QUERY_TIMEOUT_S", float, 0.001),
         )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from retrieval.backbones import WeightsUnavailable, imagenet_cache_path, load_state_dict
 from retrieval.catalog import CATALOG_FILE
-from retrieval.images import IMAGE_EXTENSIONS
+from retrieval.scan import IMAGE_EXTENSIONS
 
 from .samples import make_sample_collection
 

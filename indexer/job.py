@@ -18,7 +18,9 @@ from tqdm import tqdm
 
 from retrieval.backbones import DEFAULT_RANDOM_SEED, FeatureExtractor, build_extractor
 from retrieval.catalog import Catalog, IndexSettings
-from retrieval.images import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageFile, Preprocessing, decode_for_model, scan_folder
+from retrieval.images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessing, decode_for_model
+from retrieval.scan import ImageFile, scan_folder
+from retrieval.system import available_cores
 from retrieval.index import embed
 from retrieval.vector_index import FAISS_FILE, VectorIndex
 
@@ -302,4 +304,4 @@ def _update(cfg: JobConfig, catalog: Catalog, extractor: FeatureExtractor, norma
 
 def default_workers() -> int:
     """Decoding processes: one per core, leaving the model the main process (the OS shares the cores)."""
-    return max(1, min(8, len(os.sched_getaffinity(0))))
+    return max(1, min(8, available_cores()))

@@ -5,6 +5,7 @@ import dataclasses
 import datetime as dt
 from pathlib import Path
 from typing import Iterable, Iterator
+from urllib.parse import quote
 
 import numpy as np
 from sqlalchemy import (BigInteger, Boolean, DateTime, Integer, LargeBinary, String, create_engine, delete, event,
@@ -111,9 +112,14 @@ def blob_to_vector(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype=np.float32)
 
 
-def make_engine(path: Path) -> Engine:
-    """SQLite engine in WAL mode, so a server can read while the indexer writes."""
-    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 30, "check_same_thread": False})
+def make_engine(path: Path, *, create: bool = True) -> Engine:
+    """SQLite engine in WAL mode, so a server can read while the indexer writes.
+
+    create=False opens an existing file only: a reader never leaves an empty database behind when the
+    file has been deleted under it (it gets an error instead)."""
+    mode = "rwc" if create else "rw"
+    engine = create_engine(f"sqlite:///file:{quote(str(path))}?mode={mode}&uri=true",
+                           connect_args={"timeout": 30, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn, _record):  # noqa: ANN001 - DB-API connection
@@ -135,7 +141,7 @@ class Catalog:
         if not create and not self.path.exists():
             raise FileNotFoundError(f"no index at {self.index_dir} (missing {CATALOG_FILE}); run index-images first")
         self.index_dir.mkdir(parents=True, exist_ok=True)
-        self.engine = make_engine(self.path)
+        self.engine = make_engine(self.path, create=create)
         if create:
             Base.metadata.create_all(self.engine)
         self.Session = sessionmaker(self.engine, expire_on_commit=False)

@@ -15,7 +15,6 @@ from PIL import Image, ImageOps
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 # Pillow's own bomb limit (about 89 megapixels); larger images are refused, not decoded.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
@@ -28,74 +27,6 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Index
 
 class ImageDecodeError(ValueError):
     """A file that is not a decodable image; the message is the reason shown to the user."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageFile:
-    """One image file found under the data folder."""
-    path: str            # relative to the data folder, with '/' separators
-    label: str | None    # first folder level under the data folder; None for top-level files
-    size: int            # bytes
-    mtime_ns: int        # modification time, nanoseconds
-
-
-@dataclasses.dataclass(frozen=True)
-class ScanResult:
-    images: list[ImageFile]
-    skipped: dict[str, str]   # relative path -> reason (files we refuse before decoding)
-
-
-def scan_folder(data_dir: Path) -> ScanResult:
-    """Walk data_dir recursively for image files, sorted by path.
-
-    Hidden files and folders are skipped. Directory symlinks are followed only when they resolve to
-    a folder inside data_dir not yet visited, so loops cannot hang the walk; file symlinks that point
-    outside data_dir are reported as skipped (they could never be served).
-    """
-    root = Path(data_dir).resolve()
-    images: list[ImageFile] = []
-    skipped: dict[str, str] = {}
-    visited: set[Path] = set()
-
-    def walk(folder: Path) -> None:
-        real = folder.resolve()
-        if real in visited:
-            return
-        visited.add(real)
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as exc:
-            log.warning("cannot list %s: %s", folder, exc)
-            return
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            full = Path(entry.path)
-            rel = full.relative_to(root).as_posix()
-            if entry.is_dir(follow_symlinks=True):
-                if entry.is_symlink() and not is_inside(full.resolve(), root):
-                    log.info("not following %s: it points outside the data folder", rel)
-                    continue
-                walk(full)
-                continue
-            if full.suffix.lower() not in IMAGE_EXTENSIONS or not entry.is_file(follow_symlinks=True):
-                continue
-            if entry.is_symlink() and not is_inside(full.resolve(), root):
-                skipped[rel] = "symlink points outside the data folder"
-                continue
-            st = entry.stat(follow_symlinks=True)
-            parts = rel.split("/")
-            label = parts[0] if len(parts) > 1 else None
-            images.append(ImageFile(rel, label, st.st_size, st.st_mtime_ns))
-
-    walk(root)
-    images.sort(key=lambda f: f.path)
-    return ScanResult(images, skipped)
-
-
-def is_inside(path: Path, root: Path) -> bool:
-    """Whether path is root or lies under it (both already resolved)."""
-    return path == root or root in path.parents
 
 
 def open_rgb(data: bytes, *, min_side: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:

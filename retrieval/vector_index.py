@@ -11,6 +11,7 @@ import faiss
 import numpy as np
 
 from .catalog import Catalog
+from .system import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def _scan_threads() -> ThreadPoolExecutor:
     global _scan_pool
     with _scan_pool_lock:
         if _scan_pool is None:
-            _scan_pool = ThreadPoolExecutor(len(os.sched_getaffinity(0)), thread_name_prefix="vector-scan",
+            _scan_pool = ThreadPoolExecutor(available_cores(), thread_name_prefix="vector-scan",
                                             initializer=faiss.omp_set_num_threads, initargs=(1,))
         return _scan_pool
 

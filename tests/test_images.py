@@ -12,7 +12,8 @@ from PIL import Image
 from torchvision.models import AlexNet_Weights
 
 from retrieval.backbones import preprocessing_for
-from retrieval.images import ImageDecodeError, decode_for_model, open_rgb, scan_folder
+from retrieval.images import ImageDecodeError, decode_for_model, open_rgb
+from retrieval.scan import scan_folder
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -1,0 +1,19 @@
+"""Facts about the machine and the file system that every part needs: usable cores, and file names shown as text."""
+from __future__ import annotations
+
+import os
+
+
+def available_cores() -> int:
+    """Cores this process may run on: its CPU affinity where the OS has one (Linux), else every core (macOS)."""
+    if hasattr(os, "process_cpu_count"):          # Python 3.13+: affinity-aware and portable
+        return max(1, os.process_cpu_count() or 1)
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def display_name(name: str) -> str:
+    """A file or folder name as printable text: bytes that are not UTF-8 (kept by Python as surrogate escapes)
+    are shown as \\xNN, so logs, JSON, pages and terminals never fail on them."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
