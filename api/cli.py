@@ -11,12 +11,16 @@ import click
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
-from retrieval.backbones import WeightsUnavailable
-from retrieval.catalog import Catalog
-from retrieval.index import INDEX_DIR_ENV, IndexNotFound
+from retrieval.names import INDEX_DIR_ENV
 from retrieval.system import available_cores
 
+from .gunicorn_worker import DEFAULT_READ_TIMEOUT_S, with_read_timeout
+
+# Only light modules above (click, gunicorn: about 0.1 s): --help and usage errors answer at once. The
+# retrieval modules that bring torch and FAISS are imported inside the command, after the arguments are parsed.
+
 log = logging.getLogger(__name__)
+
 
 
 class UserError(click.ClickException):
@@ -42,17 +46,22 @@ class GunicornServer(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):  # noqa: ANN201 - a WSGI app
+        from retrieval.backbones import DeviceUnavailable, WeightsUnavailable
+        from retrieval.index import IndexNotFound
+
         from . import create_app   # imported in the worker: torch and FAISS start after the fork
 
         try:
             return create_app(self.app_config)
-        except (IndexNotFound, WeightsUnavailable, ValueError) as exc:
+        except (IndexNotFound, WeightsUnavailable, DeviceUnavailable, ValueError) as exc:   # WeightsMismatch too
             print(f"serve-images: {exc}", file=sys.stderr, flush=True)
             sys.exit(Arbiter.WORKER_BOOT_ERROR)   # the master stops instead of restarting the worker forever
 
 
 def check_index(index_dir: Path) -> tuple[int, str]:
     """-> (image count, "model layer") of the index, or a UserError saying to run index-images first."""
+    from retrieval.catalog import Catalog
+
     try:
         catalog = Catalog(index_dir)
     except FileNotFoundError:
@@ -73,8 +82,9 @@ def bind_address(host: str, port: int) -> str:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path), default="index", envvar=INDEX_DIR_ENV,
-              show_default=True, show_envvar=True, help="Folder holding the index made by index-images.")
+@click.option("--index-dir", type=click.Path(file_okay=False, resolve_path=True, path_type=Path), default="index",
+              envvar=INDEX_DIR_ENV, show_default=True, show_envvar=True,
+              help="Folder holding the index made by index-images.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
@@ -85,14 +95,19 @@ def bind_address(host: str, port: int) -> str:
               help="Where query features are computed. [default: cpu, or RETRIEVAL_DEVICE]")
 @click.option("--timeout", type=click.IntRange(min=1), default=120, show_default=True,
               help="Seconds a worker may stay silent before gunicorn restarts it.")
+@click.option("--read-timeout", type=click.FloatRange(min=0.1), default=DEFAULT_READ_TIMEOUT_S, show_default=True,
+              help="Seconds a client may take to send a request's headers, or pause while sending its body; "
+                   "slower or idle connections are answered 408 and closed.")
 @click.option("--access-log/--no-access-log", default=False, help="Log every request on stderr.")
 def main(index_dir: Path, host: str, port: int, workers: int, threads: int, device: str | None, timeout: int,
-         access_log: bool) -> None:
+         read_timeout: float, access_log: bool) -> None:
     """Serve the index in INDEX_DIR: the JSON API (POST /search, GET /images/<id>/neighbours, /stats) and the gallery.
 
-    Runs under gunicorn with gthread workers. The server notices when index-images updates the
-    index and answers from the new one within a few seconds, without a restart. Limits come from
-    RETRIEVAL_* environment variables (RETRIEVAL_MAX_UPLOAD_MB, RETRIEVAL_MAX_PIXELS, ...).
+    Runs under gunicorn with gthread workers, which read each request in full before a thread takes
+    it, so slow or stalled clients cannot hold the request threads. The server notices when
+    index-images updates the index and answers from the new one within a few seconds, without a
+    restart. Limits come from RETRIEVAL_* environment variables (RETRIEVAL_MAX_UPLOAD_MB,
+    RETRIEVAL_MAX_PIXELS, ...).
 
     Exit status: 2 when there is no index (run index-images first), 3 when a worker cannot start.
     """
@@ -101,8 +116,9 @@ def main(index_dir: Path, host: str, port: int, workers: int, threads: int, devi
     app_config: dict[str, Any] = {"INDEX_DIR": str(index_dir)}
     if device:
         app_config["DEVICE"] = device
-    if "RETRIEVAL_TORCH_THREADS" not in os.environ:   # share the cores between worker processes
-        app_config["TORCH_THREADS"] = max(1, available_cores() // workers)
+    for key in ("TORCH_THREADS", "DECODE_PROCESSES"):    # share the cores between worker processes
+        if f"RETRIEVAL_{key}" not in os.environ:
+            app_config[key] = max(1, available_cores() // workers)
     address = f"http://{bind_address(host, port)}/"
 
     def post_worker_init(worker) -> None:  # noqa: ANN001 - gunicorn Worker, after it loaded the app
@@ -114,7 +130,7 @@ def main(index_dir: Path, host: str, port: int, workers: int, threads: int, devi
         "bind": bind_address(host, port),
         "workers": workers,
         "threads": threads,
-        "worker_class": "gthread",
+        "worker_class": with_read_timeout(read_timeout),   # gthread, reading requests ahead (api.gunicorn_worker)
         "timeout": timeout,
         "graceful_timeout": 10,
         "keepalive": 5,

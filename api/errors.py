@@ -4,7 +4,10 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, jsonify, render_template, request
-from werkzeug.exceptions import HTTPException, InternalServerError
+from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.exceptions import ClientDisconnected, HTTPException, InternalServerError
+
+from retrieval.index import IndexUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -14,6 +17,7 @@ STATUS_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "upload_too_large",
     415: "unsupported_image",
     500: "internal_error",
@@ -58,6 +62,34 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
         return error_response(exc.status, exc.code, exc.message)
+
+    logged_unavailable: list[str] = []   # the last reason logged (per app): each new one is logged once
+
+    def _log_once(reason: str, exc: BaseException) -> None:
+        if logged_unavailable[-1:] != [reason]:
+            log.error("answering 503 on %s %s: %s", request.method, request.path, reason, exc_info=exc)
+            logged_unavailable[:] = [reason]
+
+    @app.errorhandler(IndexUnavailable)
+    def _index_unavailable(exc: IndexUnavailable) -> Response:
+        # the reload that found the index unservable logged why; the reason is the user's to see
+        return error_response(503, "unavailable", f"the index cannot be served right now: {exc}")
+
+    @app.errorhandler(SQLAlchemyError)
+    def _database(exc: SQLAlchemyError) -> Response:
+        # the catalog (or the recent-queries store) was deleted, replaced or corrupted under the server
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        _log_once(reason, exc)
+        return error_response(503, "unavailable", "the index catalog cannot be read right now; try again shortly "
+                                                  "(see /healthz)")
+
+    @app.errorhandler(ClientDisconnected)
+    def _body_cut(exc: ClientDisconnected) -> Response:
+        # werkzeug raises this when reading the body fails: the client went away, or stalled past the
+        # server's read timeout (serve-images --read-timeout), which surfaces as a socket TimeoutError
+        if isinstance(exc.__context__, TimeoutError):
+            return error_response(408, "request_timeout", "the request body stopped arriving; send it again")
+        return error_response(400, "bad_request", "the request body ended before its announced length")
 
     @app.errorhandler(InternalServerError)
     def _internal(exc: InternalServerError) -> Response:

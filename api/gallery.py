@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Iterable
 
 from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from retrieval.images import ImageDecodeError
+from retrieval.system import display_name
 
 from .errors import ApiError
 from .query_input import parse_k, read_query_image
 from .recent_queries import RecentQuery
 from .service import current_service
-from .thumbnails import make_thumbnail
 
 bp = Blueprint("gallery", __name__)   # templates and static files are the app's (api/templates, api/static)
 
@@ -34,10 +34,17 @@ def _page_number(raw: str | None, pages: int) -> int:
     return min(max(page, 1), max(pages, 1))
 
 
+def _stored_label(labels: Iterable[str | None], shown: str | None) -> str | None:
+    """The label as stored for ?label= as shown on pages (names that are not UTF-8 are shown escaped)."""
+    if shown is None:
+        return None
+    return next((label for label in labels if label is not None and display_name(label) == shown), shown)
+
+
 def _home(error: str | None = None, status: int = 200) -> tuple[str, int]:
     service = current_service()
     catalog = service.index.catalog
-    label = request.args.get("label") or None
+    label = _stored_label(catalog.labels(), request.args.get("label") or None)
     page_size = int(current_app.config["GALLERY_PAGE_SIZE"])
     total = catalog.count_where(label=label)
     pages = max(1, math.ceil(total / page_size))
@@ -66,16 +73,13 @@ def upload() -> Response | tuple[str, int]:
     try:
         k = _gallery_k()
         data, filename = read_query_image(request)
-        answer = service.search_upload(data, k)
-        preview = make_thumbnail(data, PREVIEW_SIZE, max_pixels=service.config.max_pixels)
+        answer = service.search_upload(data, k, preview_size=PREVIEW_SIZE)   # the preview: same decode, same limits
     except ApiError as exc:
         return _home(error=exc.message, status=exc.status)
     except RequestEntityTooLarge:
         limit_mb = current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
         return _home(error=f"That photo is larger than the {limit_mb:g} MB upload limit.", status=413)
-    except ImageDecodeError as exc:   # the preview failed where the query did not (should not happen)
-        return _home(error=f"not a usable image: {exc}", status=415)
-    token = service.recent_queries.add(RecentQuery(answer.vector, preview, answer.query["width"],
+    token = service.recent_queries.add(RecentQuery(answer.vector, answer.preview_jpeg, answer.query["width"],
                                                    answer.query["height"], filename, time.time()))
     return redirect(url_for("gallery.query_page", token=token, k=k), code=303)
 
@@ -107,7 +111,7 @@ def query_image(token: str) -> Response:
     return response
 
 
-@bp.get("/gallery/<int:image_id>")
+@bp.get("/gallery/<image_id:image_id>")
 def image_page(image_id: int) -> str:
     """An indexed image and its neighbours; each neighbour links to its own page."""
     service = current_service()

@@ -10,12 +10,12 @@ import threading
 import time
 from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from retrieval.index import Hit
+from retrieval.index import Hit, IndexUnavailable
 from retrieval.system import available_cores
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,13 @@ class EmbeddingIndex(Protocol):
 
     def search_vectors(self, queries: np.ndarray, k: int, exclude: list[set[int]] | None = None,
                        threads: int = 1) -> list[list[Hit]]: ...
+
+
+@runtime_checkable
+class SnapshotSource(Protocol):
+    """An index that hot reload can swap (retrieval.index.ImageIndex): a batch takes one snapshot for its whole run."""
+
+    def snapshot(self) -> EmbeddingIndex: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,12 +191,18 @@ class QueryBatcher:
             started = time.perf_counter()
             # OpenMP thread counts are per calling thread, and PyTorch and FAISS share them: set each before use.
             torch.set_num_threads(self.idle_threads if alone else self.busy_threads)
+            # one network and its own vectors for the whole batch, whatever a reload swaps in meanwhile
+            index = self.index.snapshot() if isinstance(self.index, SnapshotSource) else self.index
             pixels = torch.stack([p.pixels for p in live])                      # (B, 3, H, W) uint8
-            vectors = self.index.embed(pixels)                                  # (B, 3, H, W) -> (B, dim)
+            vectors = index.embed(pixels)                                       # (B, 3, H, W) -> (B, dim)
             embedded = time.perf_counter()
             k = max(p.k for p in live)
-            hits = self.index.search_vectors(vectors, k, threads=self.search_threads)   # one search for the batch
+            hits = index.search_vectors(vectors, k, threads=self.search_threads)   # one search for the batch
             searched = time.perf_counter()
+        except IndexUnavailable as exc:   # the index on disk cannot be served: the reload logged why
+            for p in live:
+                p.future.set_exception(exc)
+            return
         except Exception as exc:  # noqa: BLE001 - handed to every caller (as concurrent.futures does); the worker lives on
             log.exception("a batch of %d queries failed", len(live))
             for p in live:

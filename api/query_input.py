@@ -1,20 +1,42 @@
-"""Reading a query from a request: the image (multipart field or raw body) and k."""
+"""Reading a query from a request: the image (multipart field or raw body), k, and image ids in URLs."""
 from __future__ import annotations
 
 from flask import Request
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.routing import BaseConverter, ValidationError
 
 from .errors import ApiError
 
 IMAGE_FIELD = "image"
+MAX_IMAGE_ID = 2**63 - 1     # catalog ids are SQLite INTEGERs: signed 64-bit
+
+
+class ImageIdConverter(BaseConverter):
+    """`<image_id:name>`: an image id in a URL, ASCII digits only and at most MAX_IMAGE_ID; anything else is a 404.
+
+    werkzeug's `int` converter matches `\\d`, so Arabic-Indic or full-width digits reach the view, and
+    an id past 64 bits reaches the database (OverflowError, a 500).
+    """
+    regex = rf"[0-9]{{1,{len(str(MAX_IMAGE_ID))}}}"
+
+    def to_python(self, value: str) -> int:
+        image_id = int(value)
+        if image_id > MAX_IMAGE_ID:
+            raise ValidationError()
+        return image_id
+
+    def to_url(self, value: int) -> str:
+        return str(int(value))
 
 
 def read_query_image(request: Request) -> tuple[bytes, str]:
     """-> (image bytes, file name for display). Multipart field `image`, or the body with an image/* content type.
 
-    Raises ApiError 400 when there is no image; werkzeug raises 413 past MAX_CONTENT_LENGTH.
+    Raises ApiError 400 when there is no image; werkzeug's RequestEntityTooLarge (413) past MAX_CONTENT_LENGTH.
     """
     if request.mimetype.startswith("image/"):
         data = request.get_data(cache=False)
+        _refuse_cut_body(request, len(data))
         if data:
             return data, "upload"
     else:
@@ -27,6 +49,19 @@ def read_query_image(request: Request) -> tuple[bytes, str]:
                                          "or as the request body with an image/* content type")
 
 
+def _refuse_cut_body(request: Request, size: int) -> None:
+    """Raise RequestEntityTooLarge when a body without Content-Length (chunked) went on past MAX_CONTENT_LENGTH.
+
+    werkzeug stops reading such a body at the limit and returns what it read, without an error: the
+    upload would be decoded cut short (a 415, or worse, a search with half an image).
+    """
+    limit = request.max_content_length
+    if limit is None or size < limit or request.content_length is not None:
+        return
+    if request.environ.get("wsgi.input_terminated") and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
+
+
 def parse_k(request: Request, *, default: int, maximum: int) -> int:
     """k from the query string, else from a multipart/urlencoded form; 1..maximum. Raises ApiError 400."""
     raw = request.args.get("k")
@@ -35,6 +70,9 @@ def parse_k(request: Request, *, default: int, maximum: int) -> int:
     if raw is None:
         return default
     raw = raw.strip()
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
-        raise ApiError(400, "bad_k", f"k must be a whole number from 1 to {maximum}, not {raw!r}")
-    return int(raw)
+    # Length first: int() refuses strings of over 4,300 digits (ValueError), and they are out of range anyway.
+    digits = raw.lstrip("0") or "0"
+    if not (raw.isascii() and raw.isdigit()) or len(digits) > len(str(maximum)) or not 1 <= int(digits) <= maximum:
+        shown = raw if len(raw) <= 20 else raw[:20] + "..."
+        raise ApiError(400, "bad_k", f"k must be a whole number from 1 to {maximum}, not {shown!r}")
+    return int(digits)

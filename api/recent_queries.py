@@ -1,17 +1,26 @@
 """Uploaded gallery queries kept for a while under a random token (never a path), in an SQLite file that every
-worker process of the server shares, so a results page works whichever worker answers it."""
+worker process of the server shares, so a results page works whichever worker answers it. A store whose file or
+folder is deleted under the server is made again; a query made with another network than the one served now is gone."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import secrets
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from sqlalchemy import Column, Float, Integer, LargeBinary, MetaData, String, Table, delete, insert, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from retrieval.catalog import blob_to_vector, make_engine, vector_to_blob
+
+log = logging.getLogger(__name__)
 
 RECENT_QUERIES_FILE = "recent-queries.db"
 
@@ -25,6 +34,7 @@ _queries = Table(
     Column("height", Integer, nullable=False),
     Column("filename", String, nullable=False),
     Column("created", Float, nullable=False, index=True),
+    Column("network", String, nullable=False, server_default=""),   # retrieval.index.network_key of the vector
 )
 
 
@@ -36,41 +46,100 @@ class RecentQuery:
     height: int
     filename: str         # as the browser named it (display only)
     created: float        # time.time()
+    network: str = ""     # the network that made vector (retrieval.index.network_key); "": the one served at add()
 
 
 class RecentQueries:
-    """token -> RecentQuery for ttl_s seconds; the newest `capacity` are kept. Safe from many threads and processes."""
+    """token -> RecentQuery for ttl_s seconds; the newest `capacity` are kept. Safe from many threads and processes.
 
-    def __init__(self, path: Path, capacity: int = 500, ttl_s: float = 3600.0):
+    network: returns the key of the network served now; a query stored with another one is not returned
+    (its vector would be compared with vectors of another network). None: no such check.
+    """
+
+    def __init__(self, path: Path, capacity: int = 500, ttl_s: float = 3600.0,
+                 network: Callable[[], str] | None = None):
         assert capacity >= 1, "capacity must be at least 1"
-        self.capacity, self.ttl_s = capacity, ttl_s
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = make_engine(Path(path))               # WAL: workers read while another writes
-        with self.engine.begin() as conn:   # IF NOT EXISTS: gunicorn starts its workers together on a fresh folder
-            conn.execute(CreateTable(_queries, if_not_exists=True))
-            for index in _queries.indexes:
-                conn.execute(CreateIndex(index, if_not_exists=True))
+        self.path, self.capacity, self.ttl_s, self.network = Path(path), capacity, ttl_s, network
+        self._lock = threading.Lock()   # guards reopening
+        self._file: tuple[int, int] | None = None
+        self.engine: Engine = self._open()
 
     def close(self) -> None:
         self.engine.dispose()
 
+    def _open(self) -> Engine:
+        """Make the folder, the file and the table as needed (again, if they were deleted) and open the store."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(self.path)               # WAL: workers read while another writes
+        with engine.begin() as conn:   # IF NOT EXISTS: gunicorn starts its workers together on a fresh folder
+            conn.execute(CreateTable(_queries, if_not_exists=True))
+            for index in _queries.indexes:
+                conn.execute(CreateIndex(index, if_not_exists=True))
+            columns = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(recent_queries)")}
+            if "network" not in columns:   # a store from before the column existed
+                conn.exec_driver_sql("ALTER TABLE recent_queries ADD COLUMN network VARCHAR NOT NULL DEFAULT ''")
+        self._file = _file_id(self.path)
+        return engine
+
+    def _current_engine(self) -> Engine:
+        """The engine on the file at path now: reopened when the file (or its folder) was deleted or replaced."""
+        if _file_id(self.path) != self._file:
+            with self._lock:
+                if _file_id(self.path) != self._file:
+                    log.warning("the recent-queries store %s was deleted or replaced; making it again", self.path)
+                    old, self.engine = self.engine, self._open()
+                    old.dispose()
+        return self.engine
+
+    def _run(self, work: Callable[[Engine], object]) -> object:
+        """work(engine), made again once when the store vanished under it (its table gone with the file)."""
+        try:
+            return work(self._current_engine())
+        except OperationalError as exc:
+            if "no such table" not in str(exc) and "unable to open" not in str(exc) and "readonly" not in str(exc):
+                raise
+            with self._lock:
+                log.warning("the recent-queries store %s lost its table or file (%s); making it again", self.path,
+                            str(exc.orig).splitlines()[0])
+                old, self.engine = self.engine, self._open()
+                old.dispose()
+            return work(self.engine)
+
     def add(self, query: RecentQuery) -> str:
         token = secrets.token_urlsafe(12)
+        network = query.network or (self.network() if self.network else "")
         newest = select(_queries.c.token).order_by(_queries.c.created.desc()).limit(self.capacity)
-        with self.engine.begin() as conn:
-            conn.execute(insert(_queries).values(
-                token=token, vector=vector_to_blob(query.vector), preview_jpeg=query.preview_jpeg, width=query.width,
-                height=query.height, filename=query.filename, created=query.created))
-            conn.execute(delete(_queries).where(_queries.c.created < time.time() - self.ttl_s))
-            conn.execute(delete(_queries).where(_queries.c.token.not_in(newest)))
+
+        def work(engine: Engine) -> None:
+            with engine.begin() as conn:
+                conn.execute(insert(_queries).values(
+                    token=token, vector=vector_to_blob(query.vector), preview_jpeg=query.preview_jpeg,
+                    width=query.width, height=query.height, filename=query.filename, created=query.created,
+                    network=network))
+                conn.execute(delete(_queries).where(_queries.c.created < time.time() - self.ttl_s))
+                conn.execute(delete(_queries).where(_queries.c.token.not_in(newest)))
+        self._run(work)
         return token
 
     def get(self, token: str) -> RecentQuery | None:
-        """The query, or None when the token is unknown, expired or pushed out."""
-        with self.engine.connect() as conn:
-            row = conn.execute(select(_queries).where(_queries.c.token == token,
-                                                      _queries.c.created >= time.time() - self.ttl_s)).first()
+        """The query, or None when the token is unknown, expired, pushed out, or made with another network."""
+        def work(engine: Engine):  # noqa: ANN202 - a row or None
+            with engine.connect() as conn:
+                return conn.execute(select(_queries).where(_queries.c.token == token,
+                                                           _queries.c.created >= time.time() - self.ttl_s)).first()
+        row = self._run(work)
         if row is None:
             return None
+        if self.network is not None and row.network != self.network():
+            return None
         return RecentQuery(blob_to_vector(row.vector), row.preview_jpeg, row.width, row.height, row.filename,
-                           row.created)
+                           row.created, row.network)
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file at path now, None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino

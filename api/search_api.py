@@ -6,6 +6,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request, send_file, url_for
 
 from retrieval.index import Hit
+from retrieval.system import display_name
 
 from .image_files import image_mimetype
 from .query_input import parse_k, read_query_image
@@ -45,21 +46,26 @@ def search() -> Response:
     return answer_json(current_service().search_upload(data, k))
 
 
-@bp.get("/images/<int:image_id>/neighbours")
+@bp.get("/images/<image_id:image_id>/neighbours")
 def neighbours(image_id: int) -> Response:
     """Nearest images to an indexed one, from its stored vector (no forward pass); itself left out."""
     k = _k()
     return answer_json(current_service().neighbours(image_id, k))
 
 
-@bp.get("/images/<int:image_id>")
+@bp.get("/images/<image_id:image_id>")
 def image_file(image_id: int) -> Response:
     """The original file, found by id only, from inside the data folder."""
     path = current_service().image_file(image_id)
-    return send_file(path, mimetype=image_mimetype(path), conditional=True, etag=True, max_age=ORIGINAL_MAX_AGE_S)
+    # send_file puts the name in a Content-Disposition header (one printable line, whatever the file is called)
+    # and would hash the path as UTF-8 for its ETag (names that are not UTF-8 are not): give it both.
+    name = "".join(ch if ch.isprintable() else "_" for ch in display_name(path.name))
+    st = path.stat()
+    return send_file(path, mimetype=image_mimetype(path), download_name=name, conditional=True,
+                     etag=f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}", max_age=ORIGINAL_MAX_AGE_S)
 
 
-@bp.get("/images/<int:image_id>/thumbnail")
+@bp.get("/images/<image_id:image_id>/thumbnail")
 def thumbnail(image_id: int) -> Response:
     """A JPEG no larger than THUMBNAIL_SIZE px on its long side, cached on disk."""
     path = current_service().thumbnail_file(image_id)
@@ -75,5 +81,9 @@ def stats() -> Response:
 
 @bp.get("/healthz")
 def healthz() -> Response:
-    """200 once the index is loaded (create_app does not return before)."""
-    return jsonify({"status": "ok", "count": len(current_service().index)})
+    """200 while the index is served; 503 with a reason when it cannot be (catalog gone, hot reload broken)."""
+    body, status = current_service().health()
+    response = jsonify(body)
+    response.status_code = status
+    response.headers["Cache-Control"] = "no-store"
+    return response

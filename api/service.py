@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 from flask import Flask, current_app
 
 from retrieval.catalog import ImageRecord
+from retrieval.decode_pool import DecodePool, DecoderBusy
 from retrieval.evaluation import vote
 from retrieval.images import ImageDecodeError
-from retrieval.index import Hit, ImageIndex
+from retrieval.index import Hit, ImageIndex, IndexSnapshot, weights_label
+from retrieval.system import available_cores
 
 from .errors import ApiError
 from .image_files import OutsideDataFolder, resolve_inside
@@ -41,6 +44,10 @@ class ServiceConfig:
     thumbnail_dir: Path              # where thumbnails are cached, and uploaded gallery searches kept
     thumbnail_size: int              # long side of thumbnails, px
     query_timeout_s: float           # a query waiting longer than this answers 503
+    decode_processes: int            # worker processes decoding uploads, so at most this many at once; 0: one per core
+    decode_timeout_s: float          # an upload waits at most this long for a decoder (else 503), decodes at most this long (else 415)
+    max_decoded_pixels: int | None   # pixels an upload may decode to, after JPEG draft reduction (None: max_pixels only)
+    decode_memory_mb: int            # memory a decoder process may add to its own baseline (RLIMIT_AS); 0: no cap
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> "ServiceConfig":
@@ -70,6 +77,11 @@ class ServiceConfig:
             thumbnail_dir=Path(str(config.get("THUMBNAIL_DIR") or index_dir / "thumbnails")).expanduser().resolve(),
             thumbnail_size=number("THUMBNAIL_SIZE", int, 16),
             query_timeout_s=number("QUERY_TIMEOUT_S", float, 0.001),
+            decode_processes=number("DECODE_PROCESSES", int, 0),
+            decode_timeout_s=number("DECODE_TIMEOUT_S", float, 0.001),
+            max_decoded_pixels=None if config.get("MAX_DECODED_PIXELS") in (None, "", 0)
+            else number("MAX_DECODED_PIXELS", int, 1),
+            decode_memory_mb=number("DECODE_MEMORY_MB", int, 0),
         )
 
 
@@ -80,6 +92,7 @@ class SearchAnswer:
     vector: np.ndarray                  # the query's features, shape=(dim,), float32
     query: dict[str, Any]               # what is known of the query image: width, height (id, path, label if indexed)
     timings_ms: dict[str, float]        # decode, features (queue wait included), search
+    preview_jpeg: bytes | None = None   # the upload as an upright JPEG, when search_upload was asked for one
 
 
 class RetrievalService:
@@ -92,7 +105,11 @@ class RetrievalService:
                                     torch_threads=config.torch_threads, search_threads=config.search_threads)
         self.watcher = IndexWatcher(self.index, config.reload_interval_s) if config.reload_interval_s > 0 else None
         self.thumbnails = ThumbnailCache(config.thumbnail_dir, config.thumbnail_size, max_pixels=config.max_pixels)
-        self.recent_queries = RecentQueries(config.thumbnail_dir / RECENT_QUERIES_FILE)   # shared by worker processes
+        self.recent_queries = RecentQueries(config.thumbnail_dir / RECENT_QUERIES_FILE,   # shared by worker processes
+                                            network=lambda: self.index.snapshot().network)
+        # uploads are decoded in separate processes: bounded in number, time and memory (never in this one)
+        self.decoders = DecodePool(config.decode_processes or available_cores(), config.decode_timeout_s,
+                                   memory_mb=config.decode_memory_mb or None)
         log.info("serving %d images from %s (%s %s; forward threads %d alone, %d under load; search threads %d)",
                  len(self.index), config.index_dir, self.index.settings.model, self.index.settings.layer,
                  self.batcher.idle_threads, self.batcher.busy_threads, self.batcher.search_threads)
@@ -101,20 +118,29 @@ class RetrievalService:
         if self.watcher is not None:
             self.watcher.close()
         self.batcher.close()
+        self.decoders.close()
         self.recent_queries.close()
         self.index.close()
 
     # queries
-    def search_upload(self, data: bytes, k: int) -> SearchAnswer:
-        """Neighbours of uploaded image bytes. Raises ApiError 415 (not an image, bomb), 503 (overloaded)."""
+    def search_upload(self, data: bytes, k: int, preview_size: int | None = None) -> SearchAnswer:
+        """Neighbours of uploaded image bytes (and, with preview_size, the upload as a JPEG that size).
+
+        Raises ApiError 415 (not an image, too large, too slow to decode), 503 (decoders or network overloaded)."""
         started = time.perf_counter()
-        with self.batcher.incoming():           # decode here, in the request thread (Pillow releases the GIL)
+        prep = self.index.extractor.preprocessing
+        with self.batcher.incoming():           # decoded in a worker process (retrieval.decode_pool)
             try:
-                decoded = self.index.decode(data)
+                upload = self.decoders.decode(data, prep, max_pixels=self.config.max_pixels,
+                                              max_decoded_pixels=self.config.max_decoded_pixels,
+                                              preview_size=preview_size)
+            except DecoderBusy as exc:
+                raise ApiError(503, "unavailable", "the server is busy decoding other uploads; try again shortly") from exc
             except ImageDecodeError as exc:
                 raise ApiError(415, "unsupported_image", f"not a usable image: {exc}") from exc
+        decoded = upload.image
         decoded_at = time.perf_counter()
-        future = self.batcher.submit(decoded.pixels, k)   # after incoming() ends, so a lone query never waits
+        future = self.batcher.submit(torch.from_numpy(decoded.pixels), k)   # after incoming() ends: a lone query never waits
         try:
             answer = future.result(self.config.query_timeout_s)
         except TimeoutError:
@@ -122,24 +148,29 @@ class RetrievalService:
             raise ApiError(503, "unavailable", "the server is overloaded; try again shortly") from None
         return SearchAnswer(answer.hits, answer.vector, {"width": decoded.width, "height": decoded.height},
                             {"decode": _ms(decoded_at - started), "features": round(answer.features_ms, 3),
-                             "search": round(answer.search_ms, 3)})
+                             "search": round(answer.search_ms, 3)}, upload.preview_jpeg)
 
-    def search_vector(self, vector: np.ndarray, k: int, exclude: set[int] | None = None) -> tuple[list[Hit], float]:
-        """vector shape=(dim,) -> (hits nearest first, search ms); no forward pass, in the calling thread."""
+    def search_vector(self, vector: np.ndarray, k: int, exclude: set[int] | None = None,
+                      snapshot: IndexSnapshot | None = None) -> tuple[list[Hit], float]:
+        """vector shape=(dim,) -> (hits nearest first, search ms); no forward pass, in the calling thread.
+
+        The vector must come from the network of snapshot (default: the current one)."""
         started = time.perf_counter()
-        hits = self.index.search_vectors(vector[None, :], k, exclude=[exclude] if exclude else None,
-                                         threads=self.batcher.search_threads)[0]
+        snapshot = snapshot or self.index.snapshot()
+        hits = snapshot.search_vectors(vector[None, :], k, exclude=[exclude] if exclude else None,
+                                       threads=self.batcher.search_threads)[0]
         return hits, _ms(time.perf_counter() - started)
 
     def neighbours(self, image_id: int, k: int) -> SearchAnswer:
         """Neighbours of an indexed image from its stored vector, itself left out. Raises ApiError 404."""
         started = time.perf_counter()
-        record = self.record(image_id)
-        vector = self.index.catalog.vector(image_id)
-        if vector is None:                      # removed between the two lookups
+        snapshot = self.index.snapshot()        # the stored vector and the vectors it is compared with: one network
+        record = snapshot.catalog.get(image_id)
+        vector = snapshot.catalog.vector(image_id)
+        if record is None or vector is None:    # unknown, or removed between the two lookups
             raise ApiError(404, "not_found", f"no image with id {image_id} in the index")
         looked_up = time.perf_counter()
-        hits, search_ms = self.search_vector(vector, k, exclude={int(image_id)})
+        hits, search_ms = self.search_vector(vector, k, exclude={int(image_id)}, snapshot=snapshot)
         return SearchAnswer(hits, vector, {"id": record.id, "path": record.path, "label": record.label,
                                            "width": record.width, "height": record.height},
                             {"decode": 0.0, "features": _ms(looked_up - started), "search": search_ms})
@@ -178,20 +209,48 @@ class RetrievalService:
             raise ApiError(404, "file_missing", f"the file of image {record.id} is no longer in the data folder") from None
 
     # overview
-    def index_summary(self) -> dict[str, Any]:
-        s = self.index.settings
-        return {"model": s.model, "layer": s.layer, "dim": s.dim, "count": len(self.index)}
+    def index_summary(self, snapshot: IndexSnapshot | None = None) -> dict[str, Any]:
+        snapshot = snapshot or self.index.snapshot()
+        s = snapshot.settings
+        return {"model": s.model, "layer": s.layer, "dim": s.dim, "count": len(snapshot.vectors)}
 
     def stats(self) -> dict[str, Any]:
-        catalog = self.index.catalog
+        snapshot = self.index.snapshot()
+        catalog = snapshot.catalog
         updated = catalog.updated_at()
-        return {**self.index_summary(),
+        return {**self.index_summary(snapshot),
                 "labels": [{"label": label, "count": n} for label, n in catalog.labels().items()],
-                "weights": self.index.settings.weights,
-                "normalized": self.index.settings.normalize,
+                "weights": weights_label(snapshot.settings),   # a file's name and hash, never its path
+                "normalized": snapshot.settings.normalize,
                 "skipped": catalog.skipped_count(),
                 "updated_at": updated.isoformat(timespec="seconds") + "Z" if updated else None,
                 "queries": self.query_stats()}
+
+    def health(self) -> tuple[dict[str, Any], int]:
+        """-> (body, HTTP status): 200 while the index is served, 503 with the reason when it cannot be.
+
+        Unservable: the catalog is missing, unreadable or replaced (without hot reload), the index's network
+        cannot be loaded, or hot reload is broken (its thread has stopped, or its last checks all failed)."""
+        problem = None
+        if self.watcher is None:                # no hot reload: look at the disk now (a stat and one small query)
+            try:
+                self.index.refresh(load=False)
+            except Exception as exc:  # noqa: BLE001 - a health check reports, it does not fail
+                log.exception("health check could not look at the index")
+                problem = f"the index cannot be checked: {type(exc).__name__}: {exc}"
+        problem = self.index.problem or problem
+        body: dict[str, Any] = {"status": "ok", "count": len(self.index)}
+        if self.watcher is not None:
+            w = self.watcher.state()
+            body["reload"] = {"alive": w.alive, "reloads": w.reloads, "last_error": w.last_error,
+                              "last_error_age_s": w.last_error_age_s, "last_check_age_s": w.last_check_age_s}
+            if not w.alive:
+                problem = problem or "the index watcher thread has stopped: the index on disk is no longer followed"
+            elif w.failing:
+                problem = problem or (f"hot reload failed its last {w.failures_in_a_row} checks: {w.last_error}")
+        if problem is not None:
+            return {"status": "unavailable", "reason": problem, **{k: v for k, v in body.items() if k != "status"}}, 503
+        return body, 200
 
     def query_stats(self) -> dict[str, Any]:
         """Uploads answered by this process, and how they were batched."""

@@ -1,26 +1,24 @@
 """Thumbnails: JPEGs no larger than N px on the long side, made on first request and cached on disk."""
 from __future__ import annotations
 
-import io
 import logging
 import os
 import threading
 from pathlib import Path
 
-from PIL import Image
-
-from retrieval.images import DEFAULT_MAX_PIXELS, open_rgb
+from retrieval.images import DEFAULT_MAX_PIXELS, ImageSource, jpeg_bytes, thumbnail_rgb
 
 log = logging.getLogger(__name__)
 
 
-def make_thumbnail(data: bytes, size: int, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, quality: int = 85) -> bytes:
-    """Image bytes -> JPEG bytes, long side <= size px, upright RGB. Raises retrieval.images.ImageDecodeError."""
-    img = open_rgb(data, min_side=size, max_pixels=max_pixels)   # JPEG draft mode: decoded near the target size
-    img.thumbnail((size, size), Image.LANCZOS)
-    out = io.BytesIO()
-    img.save(out, "JPEG", quality=quality, optimize=True, progressive=True)
-    return out.getvalue()
+def make_thumbnail(source: ImageSource, size: int, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                   max_decoded_pixels: int | None = None, quality: int = 85) -> bytes:
+    """Image bytes or file -> JPEG bytes, long side <= size px, upright RGB. Raises retrieval.images.ImageDecodeError.
+
+    JPEGs decode in draft mode near the target size; other images are resized in their own mode before
+    they become RGB (see retrieval.images.thumbnail_rgb), and a file is read as Pillow needs it."""
+    return jpeg_bytes(thumbnail_rgb(source, size, max_pixels=max_pixels, max_decoded_pixels=max_decoded_pixels),
+                      quality)
 
 
 class ThumbnailCache:
@@ -38,7 +36,7 @@ class ThumbnailCache:
         target = self.path_for(image_id, sha256)
         if target.exists():
             return target
-        jpeg = make_thumbnail(source.read_bytes(), self.size, max_pixels=self.max_pixels)
+        jpeg = make_thumbnail(source, self.size, max_pixels=self.max_pixels)   # never read whole into memory
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_bytes(jpeg)

@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import click
 
-from retrieval.backbones import LAYERS, MODELS, WeightsUnavailable
-from retrieval.images import ImageDecodeError
-from retrieval.index import INDEX_DIR_ENV, ImageIndex, IndexNotFound
+from retrieval.names import INDEX_DIR_ENV, LAYERS, MODEL_NAMES
+from retrieval.system import display_name
 
-from .job import ConfigError, JobConfig, RunReport, run_index
+# Nothing heavy at module level: --help and usage errors answer at once. The job imports torch and
+# FAISS itself, only when there is work for the network.
 
 
 class UserError(click.ClickException):
@@ -21,7 +23,7 @@ class UserError(click.ClickException):
 
 
 def index_dir_option(f):  # noqa: ANN001, ANN201 - click decorator
-    return click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path), default="index",
+    return click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path, resolve_path=True), default="index",
                         envvar=INDEX_DIR_ENV, show_default=True, show_envvar=True,
                         help="Folder holding the index (catalog.db, vectors.faiss).")(f)
 
@@ -47,16 +49,16 @@ def parse_batch_size(value: str) -> int | str:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path, resolve_path=True))
 @index_dir_option
-@click.option("--model", type=click.Choice(sorted(MODELS)), default=None,
+@click.option("--model", type=click.Choice(MODEL_NAMES), default=None,
               help="Backbone network. [default: alexnet, or what the index was built with]")
 @click.option("--layer", type=click.Choice(LAYERS), default=None,
               help="Feature layer, taken after its ReLU. [default: fc7, or the index's]")
 @click.option("--weights", default=None, metavar="imagenet|random|PATH",
               help="ImageNet weights (downloaded or from the torch hub cache), seeded random weights "
                    "(kept in the index folder), or a state dict file. [default: imagenet, or the index's]")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --weights random.")
+@click.option("--seed", type=int, default=None, help="Seed for --weights random. [default: 0, or the index's]")
 @click.option("--normalize/--no-normalize", default=None,
               help="L2-normalise the vectors (recorded in the index). [default: normalize]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -66,10 +68,12 @@ def parse_batch_size(value: str) -> int | str:
                    "GPU memory holds (with a safety margin; -v logs the choice), on the CPU 32.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Decoding processes (0 decodes in the main process). [default: one per core]")
+@click.option("--max-file-mb", type=click.FloatRange(min=0, min_open=True), default=512, show_default=True,
+              help="Files larger than this are skipped without being read.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each skipped file and other details.")
 def main(data_dir: Path, index_dir: Path, model, layer, weights, seed, normalize, device, batch_size, workers,  # noqa: ANN001
-         as_json: bool, verbose: bool) -> None:
+         max_file_mb: float, as_json: bool, verbose: bool) -> None:
     """Index (or update the index of) the images in DATA_DIR.
 
     Walks DATA_DIR recursively (JPEG, PNG, WebP, BMP, GIF, TIFF), labels each image by its first
@@ -81,9 +85,11 @@ def main(data_dir: Path, index_dir: Path, model, layer, weights, seed, normalize
     Exit status: 0 done (even with skipped files), 2 usage or configuration error, 1 unexpected failure.
     """
     setup_logging(verbose, quiet=as_json)
+    from .job import ConfigError, JobConfig, run_index
+
     cfg = JobConfig(data_dir=data_dir, index_dir=index_dir, model=model, layer=layer, weights=weights,
                     normalize=normalize, seed=seed, device=device, batch_size=parse_batch_size(batch_size),
-                    workers=workers, progress=not as_json)
+                    workers=workers, max_file_bytes=int(max_file_mb * 2**20), progress=not as_json)
     try:
         report = run_index(cfg, on_extractor=None if as_json else _announce)
     except ConfigError as exc:
@@ -101,7 +107,7 @@ def _announce(extractor) -> None:  # noqa: ANN001 - FeatureExtractor
     click.echo(f"network: {extractor.model} {extractor.layer} on {extractor.device}", err=True)
 
 
-def _print_report(r: RunReport) -> None:
+def _print_report(r) -> None:  # noqa: ANN001 - indexer.job.RunReport
     click.echo(f"indexed {r.indexed}, unchanged {r.unchanged}, removed {r.removed}, skipped {len(r.skipped)}; "
                f"{r.total} images in the index ({r.seconds:.1f} s, {r.images_per_second:.1f} images/s)")
     for s in r.skipped:
@@ -122,10 +128,18 @@ def search_main(query_image: Path, k: int, index_dir: Path, device: str, as_json
     distances between feature vectors (0 for an identical image).
     """
     setup_logging(False)
+    from retrieval.backbones import DeviceUnavailable, WeightsUnavailable
+    from retrieval.images import ImageDecodeError
+    from retrieval.index import ImageIndex, IndexNotFound, IndexUnavailable, WeightsMismatch
+
+    from .job import weights_error_message
+
     try:
         index = ImageIndex(index_dir, device=device)
-    except (IndexNotFound, WeightsUnavailable) as exc:
+    except (IndexNotFound, IndexUnavailable, WeightsMismatch, DeviceUnavailable) as exc:
         raise UserError(str(exc)) from exc
+    except WeightsUnavailable as exc:
+        raise UserError(weights_error_message(exc)) from exc
     try:
         hits, _ = index.search_image(query_image.read_bytes(), k)
     except ImageDecodeError as exc:
@@ -135,7 +149,8 @@ def search_main(query_image: Path, k: int, index_dir: Path, device: str, as_json
     finally:
         index.close()
     if as_json:
-        click.echo(json.dumps({"results": [{"id": h.id, "path": h.path, "label": h.label, "distance": h.distance}
+        click.echo(json.dumps({"results": [{"id": h.id, "path": display_name(h.path),
+                                            "label": None if h.label is None else display_name(h.label), "distance": h.distance}
                                            for h in hits]}))
         return
     if not hits:
@@ -143,4 +158,32 @@ def search_main(query_image: Path, k: int, index_dir: Path, device: str, as_json
         return
     click.echo(f"{'rank':>4}  {'distance':>8}  {'label':<16}  path")
     for rank, h in enumerate(hits, 1):
-        click.echo(f"{rank:>4}  {h.distance:>8.4f}  {(h.label or '-'):<16}  {h.path}")
+        click.echo(f"{rank:>4}  {h.distance:>8.4f}  {display_name(h.label or '-'):<16}  {display_name(h.path)}")
+
+
+def exit_without_teardown(command: click.Command) -> Callable[[], None]:
+    """A console-script entry point for command that ends the process without Python's module teardown once
+    torch is loaded: tearing down torch and torchvision costs about a second after the work is done and saved.
+    (In-process callers, such as tests, call the command itself.)"""
+    def entry() -> None:
+        try:
+            command.main()
+        except SystemExit as exc:
+            code = exc.code
+        else:
+            code = 0
+        if not isinstance(code, int):   # SystemExit("message") or SystemExit(None)
+            if code is not None:
+                print(code, file=sys.stderr)
+            code = 0 if code is None else 1
+        if "torch" in sys.modules:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        sys.exit(code)
+    return entry
+
+
+index_images_entry = exit_without_teardown(main)
+search_images_entry = exit_without_teardown(search_main)

@@ -71,7 +71,10 @@ def main() -> None:
         if os.environ.get("DEMO_SERVE", "1") != "0" and shutil.which("serve-images", path=str(Path(sys.executable).parent)):
             port = os.environ.get("DEMO_PORT", "8000")
             print(f"\nServing the gallery at http://127.0.0.1:{port}/  (Ctrl-C to stop)", flush=True)
-            run(["serve-images", "--index-dir", str(INDEX), "--port", port])
+            serve = ["serve-images", "--index-dir", str(INDEX), "--port", port]
+            print("$ " + " ".join(serve), flush=True)
+            # the server takes this process's place: Ctrl-C reaches gunicorn itself, which stops its workers in order
+            os.execv(str(Path(sys.executable).parent / serve[0]), serve)
     except subprocess.CalledProcessError as exc:
         sys.exit(exc.returncode)
     except KeyboardInterrupt:

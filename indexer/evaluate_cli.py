@@ -6,9 +6,11 @@ from pathlib import Path
 
 import click
 
-from retrieval.evaluation import DEFAULT_KS, EvaluationError, evaluate_index
+from retrieval.names import DEFAULT_KS
 
 from .cli import UserError, index_dir_option, setup_logging
+
+# retrieval.evaluation (numpy, the catalog, scikit-learn) is imported after the arguments are parsed.
 
 MAX_MATRIX_CLASSES = 20   # larger confusion matrices are only in --json
 
@@ -45,6 +47,8 @@ def main(index_dir: Path, ks: str, seed: int, as_json: bool, verbose: bool) -> N
     """
     setup_logging(verbose)
     k_list = parse_ks(ks)
+    from retrieval.evaluation import EvaluationError, evaluate_index
+
     try:
         result = evaluate_index(index_dir, k_list, seed=seed)
     except (FileNotFoundError, EvaluationError) as exc:

@@ -6,25 +6,28 @@ import fcntl
 import logging
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from retrieval.backbones import DEFAULT_RANDOM_SEED, FeatureExtractor, build_extractor
-from retrieval.catalog import Catalog, IndexSettings
-from retrieval.images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessing, decode_for_model
-from retrieval.scan import ImageFile, scan_folder
-from retrieval.system import available_cores
-from retrieval.index import embed
-from retrieval.vector_index import FAISS_FILE, VectorIndex
+from retrieval.catalog import CATALOG_FILE, Catalog, IndexSettings
+from retrieval.images import DEFAULT_MAX_PIXELS, Preprocessing
+from retrieval.scan import DEFAULT_MAX_FILE_BYTES, ImageFile, scan_folder
+from retrieval.system import available_cores, display_name
 
-from .batch_size import resolve_batch_size
+from .reader import Reader
+
+if TYPE_CHECKING:   # torch, torchvision and FAISS are imported only when there is work for the network
+    from retrieval.backbones import FeatureExtractor
+
+# The planning half of a run (scan, diff against the catalog) needs neither torch nor FAISS, so an
+# unchanged folder re-indexes without importing them; they are imported in _update when there is work.
+FAISS_FILE = "vectors.faiss"        # retrieval.vector_index.FAISS_FILE, without importing FAISS
+DEFAULT_RANDOM_SEED = 0             # retrieval.backbones.DEFAULT_RANDOM_SEED, without importing torch
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +47,19 @@ class JobConfig:
     layer: str | None = None
     weights: str | None = None        # "imagenet", "random" or a state dict path
     normalize: bool | None = None     # L2-normalise vectors
-    seed: int = DEFAULT_RANDOM_SEED   # for --weights random
+    seed: int | None = None           # for --weights random; None: DEFAULT_RANDOM_SEED, or the index's
     device: str = "auto"
     batch_size: int | str = "auto"    # images per forward pass (and per catalog transaction); "auto": from free GPU memory, 32 on CPU
     workers: int | None = None        # decoding processes; None: one per core
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES   # larger files are skipped unread; None: no limit
     save_every_s: float = 30.0        # also save the FAISS file this often during long runs
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        # Absolute once, here where the paths enter: nothing deeper depends on the working directory.
+        self.data_dir = Path(self.data_dir).expanduser().resolve()
+        self.index_dir = Path(self.index_dir).expanduser().resolve()
 
 
 @dataclasses.dataclass
@@ -94,116 +103,61 @@ def plan_run(scan_images: list[ImageFile], refused: dict[str, str], catalog: Cat
     return Plan(todo, remove, refused, unchanged)
 
 
-# --- reader ---------------------------------------------------------------------------------------
-
-class ImageFiles(Dataset):
-    """Reads and decodes files in DataLoader workers; a bad file becomes an error item, never an exception."""
-
-    def __init__(self, data_dir: Path, files: list[ImageFile], prep: Preprocessing, max_pixels: int | None):
-        self.data_dir, self.files, self.prep, self.max_pixels = Path(data_dir), files, prep, max_pixels
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> dict:
-        f = self.files[i]
-        try:
-            data = (self.data_dir / f.path).read_bytes()
-            decoded = decode_for_model(data, self.prep, max_pixels=self.max_pixels)
-        except ImageDecodeError as exc:
-            return {"file": f, "error": str(exc)}
-        except OSError as exc:
-            return {"file": f, "error": f"cannot read file: {exc.strerror or exc}"}
-        return {"file": f, "decoded": decoded}
-
-
-@dataclasses.dataclass
-class Batch:
-    pixels: torch.Tensor | None     # uint8, shape=(n, 3, H, W)
-    rows: list[dict]                # catalog fields for each of the n images
-    bad: list[dict]                 # skipped files: path, size, mtime_ns, reason
-
-
-def collate(items: list[dict]) -> Batch:
-    good = [it for it in items if "decoded" in it]
-    rows = [{"path": it["file"].path, "label": it["file"].label, "size": it["file"].size,
-             "mtime_ns": it["file"].mtime_ns, "width": it["decoded"].width, "height": it["decoded"].height,
-             "sha256": it["decoded"].sha256} for it in good]
-    bad = [{"path": it["file"].path, "size": it["file"].size, "mtime_ns": it["file"].mtime_ns, "reason": it["error"]}
-           for it in items if "error" in it]
-    pixels = torch.stack([it["decoded"].pixels for it in good]) if good else None
-    return Batch(pixels, rows, bad)
-
-
-def read_batches(data_dir: Path, files: list[ImageFile], prep: Preprocessing, *, batch_size: int, workers: int,
-                 max_pixels: int | None, pin_memory: bool = False) -> Iterator[Batch]:
-    loader = DataLoader(ImageFiles(data_dir, files, prep, max_pixels), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
-                        prefetch_factor=4 if workers else None)
-    yield from loader
-
-
-# --- mapper ---------------------------------------------------------------------------------------
-
-class BatchExtractor:
-    """Runs the network over a batch in chunks; on CUDA out-of-memory it halves the chunk and retries."""
-
-    def __init__(self, extractor: FeatureExtractor, normalize: bool, chunk: int):
-        self.extractor, self.normalize, self.chunk = extractor, normalize, max(1, chunk)
-
-    def __call__(self, pixels: torch.Tensor) -> np.ndarray:
-        """uint8 shape=(n, 3, H, W) -> float32 shape=(n, dim)."""
-        out, start = [], 0
-        while start < len(pixels):
-            part = pixels[start:start + self.chunk]
-            try:
-                out.append(embed(self.extractor, part, self.normalize))
-            except torch.cuda.OutOfMemoryError:
-                if self.chunk == 1:
-                    raise
-                torch.cuda.empty_cache()
-                self.chunk = max(1, self.chunk // 2)
-                log.warning("CUDA out of memory: retrying with batches of %d", self.chunk)
-                continue
-            start += len(part)
-        return np.concatenate(out) if out else np.zeros((0, self.extractor.dim), np.float32)
-
-
 # --- the job --------------------------------------------------------------------------------------
+
+_held_locks: set[Path] = set()          # index folders this process holds (POSIX locks do not exclude their owner)
+_held_locks_guard = threading.Lock()
+
 
 @contextmanager
 def index_lock(index_dir: Path) -> Iterator[None]:
-    """One writer per index folder at a time."""
+    """One writer per index folder at a time.
+
+    A POSIX record lock (fcntl.lockf) belongs to the process that took it: forked decoding workers do
+    not inherit it, and it goes away the moment that process dies, kill -9 included, so a re-run can
+    start at once. (flock's lock belongs to the open file, which forked children share.)
+    """
+    index_dir = Path(index_dir).resolve()
     index_dir.mkdir(parents=True, exist_ok=True)
-    with open(index_dir / LOCK_FILE, "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"another index-images run is updating {index_dir}; wait for it to finish") from None
-        yield
+    busy = ConfigError(f"another index-images run is updating {index_dir}; wait for it to finish")
+    with _held_locks_guard:
+        if index_dir in _held_locks:
+            raise busy
+        _held_locks.add(index_dir)
+    try:
+        with open(index_dir / LOCK_FILE, "a+") as fh:
+            try:
+                fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:   # EACCES or EAGAIN: held by another process
+                raise busy from None
+            yield
+    finally:
+        with _held_locks_guard:
+            _held_locks.discard(index_dir)
 
 
 def resolve_settings(cfg: JobConfig, stored: IndexSettings | None) -> dict:
-    """Choose model/layer/weights/normalize: explicit options must agree with an existing index."""
+    """Choose model/layer/weights/normalize/seed: explicit options must agree with an existing index."""
     data_dir = str(Path(cfg.data_dir).resolve())
     chosen = {}
-    for key in ("model", "layer", "weights", "normalize"):
+    for key in ("model", "layer", "weights", "normalize", "seed"):
         asked = getattr(cfg, key)
         if stored is None:
-            chosen[key] = DEFAULTS[key] if asked is None else asked
+            chosen[key] = ({**DEFAULTS, "seed": DEFAULT_RANDOM_SEED}[key]) if asked is None else asked
             continue
         have = getattr(stored, key)
         if key == "weights" and asked not in (None, "imagenet", "random"):
             asked = str(Path(asked).resolve()) if have not in ("imagenet", "random") else asked
+        if key == "seed" and stored.weights != "random":
+            asked = None   # the seed only matters for random weights
         if asked is not None and asked != have:
-            flag = {"normalize": "--normalize/--no-normalize"}.get(key, f"--{key}")
             raise ConfigError(
-                f"the index at {cfg.index_dir} was built with {key} {have!r}, not {asked!r} ({flag}); "
-                "one index holds one network's features: use another --index-dir for a new index")
+                f"the index at {cfg.index_dir} was built with {key} {have!r}, not {asked!r}; "
+                "one index holds one network's features: use another index folder for a new index")
         chosen[key] = have
     if stored is not None and stored.data_dir != data_dir:
         raise ConfigError(f"the index at {cfg.index_dir} was built from {stored.data_dir}, not {data_dir}; "
-                          "use another --index-dir for another folder")
+                          "use another index folder for another data folder")
     if stored is None and chosen["weights"] not in ("imagenet", "random"):
         chosen["weights"] = str(Path(chosen["weights"]).resolve())
     chosen["data_dir"] = data_dir
@@ -211,11 +165,13 @@ def resolve_settings(cfg: JobConfig, stored: IndexSettings | None) -> dict:
 
 
 def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] | None = None) -> RunReport:
-    """Bring the index in cfg.index_dir up to date with cfg.data_dir. Raises ConfigError for user errors."""
-    from retrieval.backbones import WeightsUnavailable
+    """Bring the index in cfg.index_dir up to date with cfg.data_dir. Raises ConfigError for user errors.
 
+    Plans first (scan the folder, diff it against the catalog): when there is nothing to do and the
+    FAISS file is in step with the catalog, the run ends there, without loading torch, FAISS or the network.
+    """
     started = time.perf_counter()
-    data_dir, index_dir = Path(cfg.data_dir), Path(cfg.index_dir)
+    data_dir, index_dir = cfg.data_dir, cfg.index_dir
     if not data_dir.is_dir():
         raise ConfigError(f"data folder {data_dir} does not exist or is not a folder")
     with index_lock(index_dir):
@@ -223,59 +179,117 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
         try:
             stored = catalog.settings()
             chosen = resolve_settings(cfg, stored)
-            seed = stored.seed if stored else cfg.seed
-            try:
-                extractor, identity = build_extractor(chosen["model"], chosen["layer"], chosen["weights"], index_dir,
-                                                      cfg.device, seed=seed, create=stored is None)
-            except WeightsUnavailable as exc:
-                raise ConfigError(str(exc)) from exc
-            if stored is not None and identity != stored.weights_identity:
-                raise ConfigError(f"the weights now at {chosen['weights']!r} differ from the ones this index was built "
-                                  f"with ({stored.weights_identity}); use another --index-dir")
-            if on_extractor:
-                on_extractor(extractor)
-            if stored is None:
-                p = extractor.preprocessing
-                catalog.save_settings(IndexSettings(
-                    model=chosen["model"], layer=chosen["layer"], weights=chosen["weights"], weights_identity=identity,
-                    seed=seed, dim=extractor.dim, normalize=chosen["normalize"], data_dir=chosen["data_dir"],
-                    preprocessing=f"resize={p.resize_size},crop={p.crop_size},mean={list(p.mean)},std={list(p.std)},"
-                                  "interpolation=bilinear"))
-            return _update(cfg, catalog, extractor, chosen["normalize"], started)
+            scan = scan_folder(data_dir, exclude=[index_dir], skip_folders_holding=CATALOG_FILE,
+                               max_file_bytes=cfg.max_file_bytes)
+            plan = plan_run(scan.images, scan.skipped, catalog)
+            if stored is not None and not plan.todo and not _removals(plan, catalog) \
+                    and (index_dir / FAISS_FILE).exists() and catalog.vectors_in_step():
+                _record_refused(plan, catalog)
+                return _report(RunReport(unchanged=plan.unchanged), catalog, catalog.count(), started)
+            workers = cfg.workers if cfg.workers is not None else default_workers()
+            # decoding starts now, in workers forked before torch is imported, while the network loads
+            with Reader(data_dir, plan.todo, workers=workers, prep=expected_preprocessing(stored),
+                        max_pixels=cfg.max_pixels) as reader:
+                return _update(cfg, catalog, stored, chosen, plan, reader, started, on_extractor)
         finally:
             catalog.close()
 
 
-def _update(cfg: JobConfig, catalog: Catalog, extractor: FeatureExtractor, normalize: bool, started: float) -> RunReport:
-    data_dir, faiss_path = Path(cfg.data_dir), Path(cfg.index_dir) / FAISS_FILE
-    vectors, dirty = VectorIndex.open_reconciled(faiss_path, catalog, extractor.dim)
-    scan = scan_folder(data_dir)
-    plan = plan_run(scan.images, scan.skipped, catalog)
-    report = RunReport(unchanged=plan.unchanged)
+def expected_preprocessing(stored: IndexSettings | None) -> Preprocessing:
+    """The decode sizes a run will most likely use, before the network is loaded: the index's recorded ones,
+    or the ImageNet standard (Preprocessing's defaults) for a new index. The network's own are checked later."""
+    if stored is not None:
+        fields = dict(part.split("=", 1) for part in stored.preprocessing.split(",") if "=" in part)
+        try:
+            return Preprocessing(resize_size=int(fields["resize"]), crop_size=int(fields["crop"]))
+        except (KeyError, ValueError):
+            pass
+    return Preprocessing()
 
+
+def weights_error_message(exc: Exception) -> str:
+    """A WeightsUnavailable in the command line's terms: with the ways forward when ImageNet weights are offline."""
+    if not getattr(exc, "offline_imagenet", False):
+        return str(exc)
+    return (f"{exc}.\nWays forward:\n"
+            f"  1. put that file at {exc.cache_path}\n"
+            "  2. pass --weights PATH with a state dict file you have for this model\n"
+            "  3. pass --weights random to run with seeded random weights (a demo: results show\n"
+            "     colour and texture similarity, not what the picture shows)")
+
+
+def _removals(plan: Plan, catalog: Catalog) -> list[str]:
+    """Paths to take out of the index: gone from the folder, or indexed and now refused before decoding."""
     indexed_paths = catalog.file_states() if plan.refused else {}
-    to_remove = plan.remove + [p for p in plan.refused if p in indexed_paths]
+    return plan.remove + [p for p in plan.refused if p in indexed_paths]
+
+
+def _record_refused(plan: Plan, catalog: Catalog) -> None:
+    """Record files refused before decoding (too large, symlinks out) that the catalog does not list yet."""
+    if not plan.refused:
+        return
+    known = catalog.skipped_states()
+    fresh = [{"path": p, "size": 0, "mtime_ns": 0, "reason": r} for p, r in plan.refused.items() if p not in known]
+    if fresh:
+        catalog.write_batch([], np.zeros((0, 0), np.float32), fresh)
+
+
+def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chosen: dict, plan: Plan, reader: Reader,
+            started: float, on_extractor: Callable[[FeatureExtractor], None] | None) -> RunReport:
+    from tqdm import tqdm
+
+    from .extract import BatchExtractor
+
+    from retrieval.backbones import DeviceUnavailable, WeightsUnavailable, build_extractor
+    from retrieval.vector_index import VectorIndex
+
+    from .batch_size import resolve_batch_size
+
+    index_dir = cfg.index_dir
+    try:
+        extractor, identity = build_extractor(chosen["model"], chosen["layer"], chosen["weights"], index_dir,
+                                              cfg.device, seed=chosen["seed"], create=stored is None)
+    except WeightsUnavailable as exc:
+        raise ConfigError(weights_error_message(exc)) from exc
+    except DeviceUnavailable as exc:
+        raise ConfigError(f"{exc} (--device)") from exc
+    if stored is not None and identity != stored.weights_identity:
+        raise ConfigError(f"the weights now at {chosen['weights']!r} differ from the ones this index was built "
+                          f"with ({stored.weights_identity}); use another index folder")
+    if on_extractor:
+        on_extractor(extractor)
+    if stored is None:
+        p = extractor.preprocessing
+        catalog.save_settings(IndexSettings(
+            model=chosen["model"], layer=chosen["layer"], weights=chosen["weights"], weights_identity=identity,
+            seed=chosen["seed"], dim=extractor.dim, normalize=chosen["normalize"], data_dir=chosen["data_dir"],
+            preprocessing=f"resize={p.resize_size},crop={p.crop_size},mean={list(p.mean)},std={list(p.std)},"
+                          "interpolation=bilinear"))
+
+    faiss_path = index_dir / FAISS_FILE
+    vectors, dirty = VectorIndex.open_reconciled(faiss_path, catalog, extractor.dim)
+    report = RunReport(unchanged=plan.unchanged)
+    to_remove = _removals(plan, catalog)
     if to_remove:
         removed_ids = catalog.remove_paths(to_remove)
         vectors.remove(removed_ids)
         report.removed = len(removed_ids)
         dirty = True
-    if plan.refused:
-        known_skips = catalog.skipped_states()
-        fresh = [{"path": p, "size": 0, "mtime_ns": 0, "reason": r} for p, r in plan.refused.items() if p not in known_skips]
-        if fresh:
-            catalog.write_batch([], np.zeros((0, extractor.dim), np.float32), fresh)
+    _record_refused(plan, catalog)
 
-    workers = cfg.workers if cfg.workers is not None else default_workers()
     batch_size = resolve_batch_size(cfg.batch_size, extractor)
-    mapper = BatchExtractor(extractor, normalize, batch_size)
+    mapper = BatchExtractor(extractor, chosen["normalize"], batch_size)
     bar = tqdm(total=len(plan.todo), unit="img", desc="indexing", dynamic_ncols=True,
                disable=not (cfg.progress and sys.stderr.isatty()) or not plan.todo)
     last_save = time.monotonic()
+
+    def save() -> None:
+        state = catalog.updated_at()   # read first: a crash between the two writes only costs a reconcile
+        vectors.save(faiss_path)
+        catalog.mark_vectors_saved(state)
+
     try:
-        for batch in read_batches(data_dir, plan.todo, extractor.preprocessing, batch_size=batch_size,
-                                  workers=workers, max_pixels=cfg.max_pixels,
-                                  pin_memory=extractor.device.type == "cuda"):
+        for batch in reader.read(extractor.preprocessing, batch_size, pin_memory=extractor.device.type == "cuda"):
             feats = mapper(batch.pixels) if batch.pixels is not None else np.zeros((0, extractor.dim), np.float32)
             new_ids, replaced = catalog.write_batch(batch.rows, feats, batch.bad)   # the commit point
             vectors.remove(replaced)
@@ -283,20 +297,23 @@ def _update(cfg: JobConfig, catalog: Catalog, extractor: FeatureExtractor, norma
             dirty = True
             report.indexed += len(batch.rows)
             for b in batch.bad:
-                log.info("skipped %s: %s", b["path"], b["reason"])
+                log.info("skipped %s: %s", display_name(b["path"]), b["reason"])
             bar.update(len(batch.rows) + len(batch.bad))
             if time.monotonic() - last_save > cfg.save_every_s:
-                vectors.save(faiss_path)
+                save()
                 last_save = time.monotonic()
     finally:
         bar.close()
-        if dirty or not faiss_path.exists():
-            vectors.save(faiss_path)
-            catalog.touch()
+        if dirty or not catalog.vectors_in_step():
+            save()
 
-    report.skipped = [{"path": p, "reason": r} for p, r in catalog.skipped()]
-    report.total = len(vectors)
-    assert report.total == catalog.count(), "FAISS and the catalog disagree after a run"
+    assert len(vectors) == catalog.count(), "FAISS and the catalog disagree after a run"
+    return _report(report, catalog, len(vectors), started)
+
+
+def _report(report: RunReport, catalog: Catalog, total: int, started: float) -> RunReport:
+    report.skipped = [{"path": display_name(p), "reason": r} for p, r in catalog.skipped()]
+    report.total = total
     report.seconds = round(time.perf_counter() - started, 3)
     report.images_per_second = round(report.indexed / report.seconds, 2) if report.seconds > 0 else 0.0
     return report

@@ -5,14 +5,15 @@ import json
 
 import click
 
-from retrieval.backbones import MODELS
-from retrieval.model_info import BYTES_PER_VALUE, LayerTable, layer_table
+from retrieval.names import MODEL_NAMES
 
 from .cli import UserError, setup_logging
 
+# retrieval.model_info (torch, torchvision) is imported after the arguments are parsed.
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("model", type=click.Choice(sorted(MODELS)))
+@click.argument("model", type=click.Choice(MODEL_NAMES))
 @click.option("--input-size", type=click.IntRange(min=1), default=224, show_default=True,
               help="Side of the square input image, in pixels.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table and its totals as one JSON object on stdout.")
@@ -24,6 +25,8 @@ def main(model: str, input_size: int, as_json: bool) -> None:
     the classic CS231n table; memory is activations x 4 bytes (MB = 10^6 bytes).
     """
     setup_logging(False)
+    from retrieval.model_info import layer_table
+
     try:
         table = layer_table(model, input_size)
     except ValueError as exc:
@@ -42,8 +45,10 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def format_table(t: LayerTable) -> str:
+def format_table(t) -> str:  # noqa: ANN001 - retrieval.model_info.LayerTable
     """The layer table as aligned text, then the totals."""
+    from retrieval.model_info import BYTES_PER_VALUE
+
     head = f"{'layer':<8} {'type':<10} {'module':<13} {'output':<14} {'activations':>12} {'memory':>9} " \
            f"{'weights':>12} {'biases':>7}"
     lines = [f"{t.model} at {t.input_size}x{t.input_size}, per image (memory = activations x {BYTES_PER_VALUE} bytes, "

@@ -14,6 +14,7 @@ from torch import nn
 from torchvision import models
 
 from .images import Preprocessing
+from .names import LAYERS, MODEL_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,24 @@ MODELS: dict[str, ModelSpec] = {
     "vgg16": ModelSpec(models.vgg16, models.VGG16_Weights.IMAGENET1K_V1,
                        {"fc6": "classifier.1", "fc7": "classifier.4"}),
 }
-LAYERS = ("fc6", "fc7")
+assert tuple(MODELS) == MODEL_NAMES, "retrieval.names.MODEL_NAMES lists the backbones"
 DEFAULT_RANDOM_SEED = 0
 
 
 class WeightsUnavailable(RuntimeError):
-    """The requested weights cannot be loaded; the message says how to proceed."""
+    """The requested weights cannot be loaded; the message says why, in the library's terms.
+
+    offline_imagenet: the ImageNet weights are neither cached nor downloadable; cache_path is where
+    the file would go, so a command line can name its own ways forward.
+    """
+
+    def __init__(self, message: str, *, offline_imagenet: bool = False, cache_path: Path | None = None):
+        super().__init__(message)
+        self.offline_imagenet, self.cache_path = offline_imagenet, cache_path
+
+
+class DeviceUnavailable(RuntimeError):
+    """The requested device (a CUDA GPU) is not there."""
 
 
 def random_weights_file(index_dir: Path, model: str) -> Path:
@@ -82,13 +95,9 @@ def load_state_dict(model: str, weights: str, index_dir: Path | None, *, seed: i
             state = spec.imagenet.get_state_dict(progress=False, check_hash=True)
         except (urllib.error.URLError, OSError, RuntimeError) as exc:
             raise WeightsUnavailable(
-                f"ImageNet weights for {model} are not cached and cannot be downloaded ({exc}).\n"
-                "Ways forward:\n"
-                f"  1. put the file {os.path.basename(spec.imagenet.url)} (from {spec.imagenet.url}) at\n"
-                f"     {imagenet_cache_path(model)}\n"
-                "  2. pass --weights PATH with a state dict file you have for this model\n"
-                "  3. pass --weights random to run with seeded random weights (a demo: results show\n"
-                "     colour and texture similarity, not what the picture shows)") from exc
+                f"ImageNet weights for {model} are not cached and cannot be downloaded ({exc}); the file "
+                f"{os.path.basename(spec.imagenet.url)} (from {spec.imagenet.url}) would be at {imagenet_cache_path(model)}",
+                offline_imagenet=True, cache_path=imagenet_cache_path(model)) from exc
         return state, f"imagenet:{type(spec.imagenet).__name__}.{spec.imagenet.name}"
 
     if weights == "random":
@@ -110,7 +119,7 @@ def load_state_dict(model: str, weights: str, index_dir: Path | None, *, seed: i
 
     path = Path(weights)
     if not path.is_file():
-        raise WeightsUnavailable(f"--weights must be 'imagenet', 'random' or a state dict file; {weights!r} is none of these")
+        raise WeightsUnavailable(f"weights must be 'imagenet', 'random' or a state dict file; {weights!r} is none of these")
     return _load_file(path), f"file:{path.resolve()}:sha256={file_sha256(path)}"
 
 
@@ -128,7 +137,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise WeightsUnavailable("--device cuda was asked for, but PyTorch sees no CUDA GPU here")
+        raise DeviceUnavailable("a CUDA GPU was asked for, but PyTorch sees none here")
     return torch.device(device)
 
 
@@ -224,6 +233,6 @@ def build_extractor(model: str, layer: str, weights: str, index_dir: Path | None
                     seed: int = DEFAULT_RANDOM_SEED, create: bool = False) -> tuple[FeatureExtractor, str]:
     """-> (extractor, weights identity)."""
     if model not in MODELS:
-        raise WeightsUnavailable(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
     state, identity = load_state_dict(model, weights, index_dir, seed=seed, create=create)
     return FeatureExtractor(model, layer, state, resolve_device(device)), identity

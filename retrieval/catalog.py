@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 from pathlib import Path
 from typing import Iterable, Iterator
 from urllib.parse import quote
@@ -11,6 +12,7 @@ import numpy as np
 from sqlalchemy import (BigInteger, Boolean, DateTime, Integer, LargeBinary, String, create_engine, delete, event,
                         func, select)
 from sqlalchemy.engine import Engine
+from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 CATALOG_FILE = "catalog.db"
@@ -24,14 +26,38 @@ class Base(DeclarativeBase):
     pass
 
 
+class FileName(TypeDecorator):
+    """A path or folder name from the file system, kept exactly.
+
+    Linux names are bytes; Python shows bytes that are not UTF-8 as surrogate escapes, which no
+    UTF-8 text column can hold. Such a name is stored as its raw bytes (SQLite keeps a BLOB in any
+    column) and read back as the same str, so the file can still be opened; every other name is
+    plain text. Show names with retrieval.system.display_name.
+    """
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):  # noqa: ANN001, ANN201 - SQLAlchemy hook
+        if value is None:
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return os.fsencode(value)
+        return value
+
+    def process_result_value(self, value, dialect):  # noqa: ANN001, ANN201 - SQLAlchemy hook
+        return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
 class ImageRow(Base):
     """One indexed image. Its id is its FAISS id; ids are never reused (AUTOINCREMENT)."""
     __tablename__ = "images"
     __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    path: Mapped[str] = mapped_column(String, unique=True, index=True)   # relative to the data folder
-    label: Mapped[str | None] = mapped_column(String, index=True)
+    path: Mapped[str] = mapped_column(FileName, unique=True, index=True)   # relative to the data folder
+    label: Mapped[str | None] = mapped_column(FileName, index=True)
     size: Mapped[int] = mapped_column(BigInteger)
     mtime_ns: Mapped[int] = mapped_column(BigInteger)
     width: Mapped[int] = mapped_column(Integer)
@@ -63,11 +89,19 @@ class SkippedRow(Base):
     """A file found in the data folder that could not be indexed, and why."""
     __tablename__ = "skipped"
 
-    path: Mapped[str] = mapped_column(String, primary_key=True)
+    path: Mapped[str] = mapped_column(FileName, primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
     mtime_ns: Mapped[int] = mapped_column(BigInteger)
     reason: Mapped[str] = mapped_column(String)
     seen_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class VectorsSavedRow(Base):
+    """Which catalog state the FAISS file was last saved from: equal to the settings' updated_at when in step."""
+    __tablename__ = "vectors_saved"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    catalog_updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +205,17 @@ class Catalog:
             if row is not None:
                 row.updated_at = utcnow()
 
+    def mark_vectors_saved(self, updated_at: dt.datetime | None) -> None:
+        """Record that the FAISS file now holds the catalog as it was at updated_at (read before the save)."""
+        with self.Session.begin() as s:
+            s.merge(VectorsSavedRow(id=1, catalog_updated_at=updated_at))
+
+    def vectors_in_step(self) -> bool:
+        """Whether the FAISS file was saved from the catalog as it is now (no change since)."""
+        with self.Session() as s:
+            saved = s.scalar(select(VectorsSavedRow.catalog_updated_at).where(VectorsSavedRow.id == 1))
+            return saved is not None and saved == s.scalar(select(IndexSettingsRow.updated_at))
+
     def updated_at(self) -> dt.datetime | None:
         with self.Session() as s:
             return s.scalar(select(IndexSettingsRow.updated_at).where(IndexSettingsRow.id == 1))
@@ -269,6 +314,9 @@ class Catalog:
                 part = paths[start:start + 500]
                 removed += s.scalars(delete(ImageRow).where(ImageRow.path.in_(part)).returning(ImageRow.id)).all()
                 s.execute(delete(SkippedRow).where(SkippedRow.path.in_(part)))
+            settings = s.get(IndexSettingsRow, 1)
+            if removed and settings is not None:
+                settings.updated_at = utcnow()
         return removed
 
     def write_batch(self, rows: list[dict], vectors: np.ndarray, skipped: list[dict]) -> tuple[list[int], list[int]]:
@@ -290,7 +338,7 @@ class Catalog:
             s.flush()
             new_ids = [r.id for r in new_rows]
             settings = s.get(IndexSettingsRow, 1)
-            if settings is not None:
+            if settings is not None and (new_rows or replaced):   # the images changed (a new skip alone is no change)
                 settings.updated_at = utcnow()
         return new_ids, list(replaced)
 

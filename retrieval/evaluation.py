@@ -12,10 +12,11 @@ from typing import Protocol
 import numpy as np
 
 from .catalog import Catalog
+from .names import DEFAULT_KS
+from .system import display_name
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KS = (1, 5, 10)
 PROBE_TEST_SHARE = 0.25     # share of the labelled images held out for the linear probe's test
 QUERY_CHUNK = 512           # queries per block of the distance matrix
 
@@ -78,6 +79,7 @@ def load_labelled_vectors(catalog: Catalog) -> LabelledVectors:
     for chunk_ids, chunk_vecs in catalog.vectors():
         records = catalog.get_many(chunk_ids)
         chunk_labels = [getattr(records.get(int(i)), "label", None) for i in chunk_ids]   # None: unlabelled or just removed
+        chunk_labels = [None if x is None else display_name(x) for x in chunk_labels]      # as text, for reports
         keep = [j for j, label in enumerate(chunk_labels) if label is not None]
         unlabelled += sum(1 for i in chunk_ids if int(i) in records) - len(keep)
         ids.append(chunk_ids[keep])

@@ -1,17 +1,21 @@
-"""Image files: finding them in a folder, decoding them safely to RGB, and cropping to the network input."""
+"""Image files: decoding them safely (bounded pixels, shape and scans) to upright 8-bit RGB, and cropping to the network input."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import io
 import logging
+import math
 import os
 import struct
-from pathlib import Path
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, BinaryIO, Iterator, Union
 
 import numpy as np
-import torch
-from PIL import Image, ImageOps
+from PIL import Image
+
+if TYPE_CHECKING:   # torch is imported only where a tensor is made: decoder processes and the planner never load it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -19,73 +23,52 @@ log = logging.getLogger(__name__)
 # Pillow's own bomb limit (about 89 megapixels); larger images are refused, not decoded.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
+# Longest side / shortest side. A 64 x 1,114,160 strip is within the pixel limit, but resizing its short side to
+# the network's 256 px would make a 256 x 4,456,640 image (gigabytes); real panoramas stay well under 1:100.
+MAX_ASPECT_RATIO = 100
+
+# Start-of-scan markers a JPEG may hold. Ordinary progressive JPEGs have about 10 scans; a file that repeats
+# empty scans hundreds of times costs seconds of CPU per hundred at tens of megapixels, draft mode or not.
+MAX_JPEG_SCANS = 100
+
 # What Pillow raises on malformed files: unidentified/truncated (OSError), bad headers (SyntaxError,
-# ValueError, struct.error), short reads (EOFError), odd plugins (IndexError, TypeError).
+# ValueError, struct.error), short reads (EOFError), odd plugins (IndexError, TypeError). Decoding catches
+# every Exception (see decode_error); this tuple is for callers that only open or identify a file.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError,
                  Image.DecompressionBombError)
+
+ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike]   # image bytes, or a file path
+
+READ_CHUNK = 1 << 20        # a file is hashed (and its scans counted) this many bytes at a time
+_SOS = b"\xff\xda"          # JPEG start-of-scan marker (entropy-coded data never holds 0xFF 0xDA: 0xFF is stuffed)
+
+# EXIF orientation -> the transpose that turns the stored image upright (as ImageOps.exif_transpose)
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+_SIDEWAYS = (5, 6, 7, 8)    # orientations that swap width and height
+
+_HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_ALPHA = ("RGBA", "LA", "RGBa", "La")
 
 
 class ImageDecodeError(ValueError):
     """A file that is not a decodable image; the message is the reason shown to the user."""
 
 
-def open_rgb(data: bytes, *, min_side: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode image bytes to an upright 8-bit RGB image.
-
-    min_side: when set, JPEGs are decoded at the largest reduced scale (draft mode) whose sides are
-    all still >= min_side, so a 12-megapixel photo costs a fraction of a full decode.
-    Raises ImageDecodeError with a human-readable reason for anything that is not a usable image.
-    """
-    return _decode(data, min_side, max_pixels)[0]
-
-
-def _decode(data: bytes, min_side: int | None, max_pixels: int | None) -> tuple[Image.Image, tuple[int, int]]:
-    """-> (upright RGB image, upright (width, height) of the full-size original)."""
-    if not data:
-        raise ImageDecodeError("empty file")
-    try:
-        img = Image.open(io.BytesIO(data))
-        width, height = img.size
-        if max_pixels is not None and width * height > max_pixels:
-            raise ImageDecodeError(
-                f"image too large ({width}x{height} = {width * height:,} pixels, limit {max_pixels:,}): "
-                "refused as a possible decompression bomb")
-        if min_side is not None and img.format == "JPEG":
-            img.draft("RGB", (min_side, min_side))
-        img.load()
-        upright = ImageOps.exif_transpose(img)
-        if upright.size != img.size:  # turned by 90 degrees
-            width, height = height, width
-        return _to_rgb(upright), (width, height)
-    except ImageDecodeError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"refused as a possible decompression bomb: {exc}") from exc
-    except Image.UnidentifiedImageError as exc:
-        raise ImageDecodeError("not an image Pillow can identify") from exc
-    except DECODE_ERRORS as exc:
-        raise ImageDecodeError(f"cannot decode image: {exc}") from exc
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Greyscale, palette, alpha, CMYK, 16-bit and float images -> 8-bit RGB (alpha over white)."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16"):
-            arr = arr / 257.0
-        else:  # 32-bit int or float: stretch the actual range
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+def decode_error(exc: BaseException) -> ImageDecodeError:
+    """Any failure to read or decode one file -> an ImageDecodeError with a reason a person can read."""
+    if isinstance(exc, ImageDecodeError):
+        return exc
+    if isinstance(exc, Image.DecompressionBombError):
+        return ImageDecodeError(f"refused as a possible decompression bomb: {exc}")
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return ImageDecodeError("not an image Pillow can identify")
+    if isinstance(exc, MemoryError):
+        return ImageDecodeError("too large to decode within the memory allowed")
+    if isinstance(exc, DECODE_ERRORS):
+        return ImageDecodeError(f"cannot decode image: {exc}")
+    return ImageDecodeError(f"cannot decode image ({type(exc).__name__}: {exc})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,23 +79,30 @@ class Preprocessing:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-    def crop(self, img: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> uint8 tensor, shape=(3, crop, crop). Normalisation happens on the device."""
-        w, h = img.size
-        scale = self.resize_size / min(w, h)
-        # Same size rule as torchvision's resize(int): the shorter side becomes resize_size.
-        new_w, new_h = (self.resize_size, int(self.resize_size * h / w)) if w <= h else (int(self.resize_size * w / h), self.resize_size)
-        if scale != 1.0:
-            img = img.resize((new_w, new_h), Image.BILINEAR)
-        c = self.crop_size
-        left = int(round((new_w - c) / 2.0))
-        top = int(round((new_h - c) / 2.0))
-        img = img.crop((left, top, left + c, top + c))
-        arr = np.asarray(img, dtype=np.uint8)                     # (H, W, 3)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)      # (3, H, W)
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """torchvision's resize(int) rule: the shorter side becomes resize_size."""
+        if width <= height:
+            return self.resize_size, int(self.resize_size * height / width)
+        return int(self.resize_size * width / height), self.resize_size
 
-    def normalise(self, batch: torch.Tensor) -> torch.Tensor:
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """The centre crop_size square of a resized width x height image."""
+        c = self.crop_size
+        left, top = int(round((width - c) / 2.0)), int(round((height - c) / 2.0))
+        return left, top, left + c, top + c
+
+    def crop(self, img: Image.Image) -> np.ndarray:
+        """RGB PIL image -> uint8 array, shape=(3, crop, crop). Normalisation happens on the device."""
+        size = self.resized_size(*img.size)
+        if size != img.size:
+            img = img.resize(size, Image.BILINEAR)
+        arr = np.asarray(img.crop(self.crop_box(*size)), dtype=np.uint8)   # (H, W, 3)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))                # (3, H, W)
+
+    def normalise(self, batch: "torch.Tensor") -> "torch.Tensor":
         """uint8 (B, 3, H, W) -> float32 normalised (B, 3, H, W), on batch's device."""
+        import torch
+
         mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
         return (batch.float() / 255.0 - mean) / std
@@ -120,13 +110,226 @@ class Preprocessing:
 
 @dataclasses.dataclass(frozen=True)
 class DecodedImage:
-    pixels: torch.Tensor   # uint8, shape=(3, crop, crop)
+    pixels: np.ndarray     # uint8, shape=(3, crop, crop); torch.from_numpy(pixels) where a tensor is needed
     width: int             # upright size of the original image
+    height: int
+    sha256: str            # of the file's bytes
+    preview: Image.Image | None = None   # upright RGB, long side <= preview_size, when asked for
+
+
+def decode_for_model(source: ImageSource, prep: Preprocessing, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                     max_decoded_pixels: int | None = None, preview_size: int | None = None) -> DecodedImage:
+    """Image bytes or a file path -> network-ready uint8 crop plus the facts the catalog keeps.
+
+    A path is read through an open file (Pillow reads what it needs) and hashed in chunks; it is never
+    read whole. max_pixels bounds the image's own size (as stored), max_decoded_pixels the pixels actually
+    decoded (after JPEG draft reduction; None: no bound beyond max_pixels). preview_size: also make an
+    upright RGB preview no larger than this on its long side, from the same decode.
+    Raises ImageDecodeError, whatever went wrong with the file.
+    """
+    try:
+        with _opened(source, prep.resize_size, max_pixels, max_decoded_pixels) as loaded:
+            size = prep.resized_size(*loaded.decoded_size)     # at most 256 x 25,600 (MAX_ASPECT_RATIO)
+            crop = np.asarray(loaded.resized(size, Image.BILINEAR).crop(prep.crop_box(*size)), dtype=np.uint8)  # (c, c, 3)
+            preview = None if preview_size is None else loaded.fitted(preview_size)
+            return DecodedImage(np.ascontiguousarray(crop.transpose(2, 0, 1)), loaded.width, loaded.height,
+                                loaded.sha256, preview)
+    except Exception as exc:  # noqa: BLE001 - every failure of one file is that file's decode error
+        raise decode_error(exc) from exc
+
+
+def open_rgb(source: ImageSource, *, min_side: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+             max_decoded_pixels: int | None = None) -> Image.Image:
+    """Decode image bytes or a file to an upright 8-bit RGB image, full size (of the decode).
+
+    min_side: when set, JPEGs are decoded at the largest reduced scale (draft mode) whose sides are
+    all still >= min_side, so a 12-megapixel photo costs a fraction of a full decode.
+    Raises ImageDecodeError with a human-readable reason for anything that is not a usable image.
+    """
+    try:
+        with _opened(source, min_side, max_pixels, max_decoded_pixels) as loaded:
+            return loaded.resized(loaded.decoded_size, Image.BILINEAR)
+    except Exception as exc:  # noqa: BLE001 - see decode_for_model
+        raise decode_error(exc) from exc
+
+
+def thumbnail_rgb(source: ImageSource, size: int, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                  max_decoded_pixels: int | None = None) -> Image.Image:
+    """Upright 8-bit RGB no larger than size px on its long side (never enlarged), without a full-size RGB copy.
+    Raises ImageDecodeError."""
+    try:
+        with _opened(source, size, max_pixels, max_decoded_pixels) as loaded:
+            return loaded.fitted(size)
+    except Exception as exc:  # noqa: BLE001 - see decode_for_model
+        raise decode_error(exc) from exc
+
+
+def jpeg_bytes(img: Image.Image, quality: int = 85) -> bytes:
+    """RGB image -> progressive JPEG bytes (thumbnails and previews)."""
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=quality, optimize=True, progressive=True)
+    return out.getvalue()
+
+
+# --- the one decoding path ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Loaded:
+    """A decoded image as stored: own mode, own orientation, possibly draft-reduced. Converted only once small."""
+    img: Image.Image
+    orientation: int       # EXIF orientation, 1..8
+    width: int             # upright size of the full-size original
     height: int
     sha256: str
 
+    @property
+    def decoded_size(self) -> tuple[int, int]:
+        """Upright size of what was decoded (smaller than width x height after JPEG draft reduction)."""
+        w, h = self.img.size
+        return (h, w) if self.orientation in _SIDEWAYS else (w, h)
 
-def decode_for_model(data: bytes, prep: Preprocessing, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Image bytes -> network-ready uint8 crop plus the facts the catalog keeps. Raises ImageDecodeError."""
-    img, (width, height) = _decode(data, prep.resize_size, max_pixels)
-    return DecodedImage(prep.crop(img), width, height, hashlib.sha256(data).hexdigest())
+    def fitted(self, size: int) -> Image.Image:
+        """The whole image, upright RGB, long side <= size (Image.thumbnail's rounding)."""
+        w, h = self.decoded_size
+        if max(w, h) > size:
+            scale = size / max(w, h)
+            out = (max(1, round(w * scale)), max(1, round(h * scale)))
+        else:
+            out = (w, h)
+        return self.resized(out, Image.LANCZOS, reducing_gap=2.0)
+
+    def resized(self, size: tuple[int, int], resample: int, reducing_gap: float | None = None) -> Image.Image:
+        """The whole image resized to size (upright), as upright 8-bit RGB.
+
+        Resized in the image's own orientation and (where Pillow can) its own mode, then turned upright and
+        converted: 16-bit, 32-bit and alpha images never get a full-size float or RGB copy."""
+        img, finish = _resizable(self.img)
+        out = (size[1], size[0]) if self.orientation in _SIDEWAYS else size
+        if img.mode.startswith("I;16"):   # Image.reduce has no 16-bit integer modes
+            reducing_gap = None
+        small = img.resize(out, resample, reducing_gap=reducing_gap) if out != img.size else img
+        if self.orientation in _UPRIGHT:
+            small = small.transpose(_UPRIGHT[self.orientation])
+        return finish(small)
+
+
+@contextmanager
+def _opened(source: ImageSource, min_side: int | None, max_pixels: int | None,
+            max_decoded_pixels: int | None) -> Iterator[_Loaded]:
+    """Open, check the header against the limits, draft-reduce JPEGs, and load. Raises ImageDecodeError (and
+    whatever Pillow raises: the public functions turn it into an ImageDecodeError)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if not data:
+            raise ImageDecodeError("empty file")
+        with Image.open(io.BytesIO(data)) as img:
+            yield _load(img, hashlib.sha256(data).hexdigest(), data.count(_SOS), min_side, max_pixels,
+                        max_decoded_pixels)
+        return
+    try:
+        f = open(source, "rb")   # noqa: SIM115 - closed below, after Pillow has read what it needs
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
+    with f:
+        sha256, size, scans = _file_facts(f)
+        if size == 0:
+            raise ImageDecodeError("empty file")
+        f.seek(0)
+        with Image.open(f) as img:
+            yield _load(img, sha256, scans, min_side, max_pixels, max_decoded_pixels)
+
+
+def _file_facts(f: BinaryIO) -> tuple[str, int, int]:
+    """-> (sha256 hex, size in bytes, JPEG start-of-scan markers), reading f in READ_CHUNK pieces."""
+    digest, size, scans, tail = hashlib.sha256(), 0, 0, b""
+    while chunk := f.read(READ_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+        scans += (tail + chunk[:1]).count(_SOS) + chunk.count(_SOS)   # + a marker split between two chunks
+        tail = chunk[-1:]
+    return digest.hexdigest(), size, scans
+
+
+def _load(img: Image.Image, sha256: str, scans: int, min_side: int | None, max_pixels: int | None,
+          max_decoded_pixels: int | None) -> _Loaded:
+    width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageDecodeError(
+            f"image too large ({width}x{height} = {width * height:,} pixels, limit {max_pixels:,}): "
+            "refused as a possible decompression bomb")
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageDecodeError(f"image too long and thin ({width}x{height}; at most 1:{MAX_ASPECT_RATIO} is accepted)")
+    if img.format in ("JPEG", "MPO") and scans > MAX_JPEG_SCANS:
+        raise ImageDecodeError(f"JPEG with {scans:,} scans (at most {MAX_JPEG_SCANS} are decoded): "
+                               "refused as a possible decoding bomb")
+    if min_side is not None and img.format in ("JPEG", "MPO"):
+        img.draft("RGB", (min_side, min_side))
+    w, h = img.size
+    if max_decoded_pixels is not None and w * h > max_decoded_pixels:
+        raise ImageDecodeError(f"image too large to decode here ({w}x{h} = {w * h:,} pixels to decode, "
+                               f"limit {max_decoded_pixels:,})")
+    img.load()
+    orientation = img.getexif().get(0x0112, 1)
+    orientation = orientation if isinstance(orientation, int) and orientation in _UPRIGHT else 1
+    if orientation in _SIDEWAYS:
+        width, height = height, width
+    return _Loaded(img, orientation, width, height, sha256)
+
+
+def _resizable(img: Image.Image):  # noqa: ANN202 - (Image, finish: small Image -> RGB Image)
+    """-> (an image Pillow resizes well, the conversion of its resized copy to 8-bit RGB).
+
+    Greyscale, RGB, alpha, 16-bit and 32-bit images are resized as they are (Pillow resizes alpha images
+    premultiplied, so compositing over white after resizing is the same as before); bilevel, palette,
+    CMYK and other colour spaces become L, RGB or RGBA first (at most 4 bytes a pixel)."""
+    mode = img.mode
+    if mode in ("L", "RGB"):
+        return img, _rgb
+    if mode in _ALPHA:
+        return img, _over_white
+    if mode.startswith("I;16"):
+        return img, _scaled_16bit
+    if mode in ("I", "F"):
+        lo, hi = img.getextrema()
+        if not (math.isfinite(lo) and math.isfinite(hi)):   # NaN or inf in a float image: range of the finite values
+            lo, hi = _finite_range(img)
+        return img, lambda small: _stretched(small, lo, hi)
+    if mode == "1":
+        return img.convert("L"), _rgb
+    if mode in ("P", "PA"):
+        alpha = mode == "PA" or "transparency" in img.info
+        return img.convert("RGBA" if alpha else "RGB"), _over_white if alpha else _rgb
+    return img.convert("RGB"), _rgb   # CMYK, YCbCr, LAB, HSV, ...
+
+
+def _rgb(small: Image.Image) -> Image.Image:
+    return small if small.mode == "RGB" else small.convert("RGB")
+
+
+def _over_white(small: Image.Image) -> Image.Image:
+    rgba = small.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _scaled_16bit(small: Image.Image) -> Image.Image:
+    arr = np.asarray(small).astype(np.float32) / 257.0                       # 65535 -> 255
+    return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+
+
+def _stretched(small: Image.Image, lo: float, hi: float) -> Image.Image:
+    """32-bit int or float: the full image's actual range [lo, hi] -> 0..255."""
+    arr = np.nan_to_num(np.asarray(small, dtype=np.float64), nan=lo, posinf=hi, neginf=lo)   # small: crop or preview
+    arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+
+
+def _finite_range(img: Image.Image, rows: int = 256) -> tuple[float, float]:
+    """(min, max) of the finite values of a float image, a strip of rows at a time; (0, 0) when none."""
+    lo, hi = math.inf, -math.inf
+    for top in range(0, img.height, rows):
+        strip = np.asarray(img.crop((0, top, img.width, min(img.height, top + rows))))
+        finite = strip[np.isfinite(strip)]
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+    return (lo, hi) if lo <= hi else (0.0, 0.0)

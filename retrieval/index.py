@@ -2,26 +2,58 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from sqlalchemy.exc import SQLAlchemyError
 
-from .backbones import FeatureExtractor, build_extractor
-from .catalog import Catalog, IndexSettings
+from .backbones import (MODELS, FeatureExtractor, WeightsUnavailable, build_extractor, imagenet_cache_path,
+                        random_weights_file)
+from .catalog import CATALOG_FILE, Catalog, IndexSettings
 from .images import DEFAULT_MAX_PIXELS, DecodedImage, decode_for_model
 from .vector_index import FAISS_FILE, VectorIndex
 
 log = logging.getLogger(__name__)
 
-INDEX_DIR_ENV = "RETRIEVAL_INDEX_DIR"
+
+# After a reload failed because the index's network could not be built, try again this often (or at once
+# when the weights file changes).
+NETWORK_RETRY_S = 60.0
 
 
 class IndexNotFound(FileNotFoundError):
     """No usable index in the folder; the message says what to run."""
+
+
+class WeightsMismatch(WeightsUnavailable):
+    """The weights available now are not the ones the index was built with (another file, other random tensors)."""
+
+
+class IndexUnavailable(RuntimeError):
+    """The index on disk cannot be served right now (catalog missing or unreadable, its network not loadable).
+
+    The message says why; a reload that finds the index servable again clears it."""
+
+
+def network_key(settings: IndexSettings) -> str:
+    """A short identity of the network that made an index's vectors: vectors of different keys never meet."""
+    parts = (settings.model, settings.layer, settings.weights_identity, settings.seed, settings.dim,
+             settings.normalize, settings.preprocessing)
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def weights_label(settings: IndexSettings) -> str:
+    """The weights as shown to anyone: "imagenet", "random", or a file's name and short hash, never its path."""
+    if settings.weights in ("imagenet", "random"):
+        return settings.weights
+    digest = settings.weights_identity.rpartition("sha256=")[2][:12]
+    return f"{Path(settings.weights).name} (sha256 {digest})" if digest else Path(settings.weights).name
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
@@ -44,53 +76,35 @@ class Hit:
     distance: float   # L2 distance in feature space (not squared)
 
 
-class ImageIndex:
-    """Query side of an index folder. Searches are safe from several threads; refresh() swaps in new data."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class IndexSnapshot:
+    """One loaded version of the index: its settings, the network that made its vectors, the vectors and their catalog.
 
-    def __init__(self, index_dir: Path | str, *, device: str = "cpu", load_network: bool = True,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
-        self.index_dir = Path(index_dir)
-        try:
-            self.catalog = Catalog(self.index_dir)
-        except FileNotFoundError as exc:
-            raise IndexNotFound(str(exc)) from exc
-        settings = self.catalog.settings()
-        if settings is None:
-            raise IndexNotFound(f"the index at {self.index_dir} has no settings yet; run index-images first")
-        self.settings: IndexSettings = settings
-        self.data_dir = Path(settings.data_dir)
-        self.max_pixels = max_pixels
-        self._lock = threading.Lock()
-        self._signature = self._current_signature()
-        self.vectors, _ = VectorIndex.open_reconciled(self.faiss_path, self.catalog, settings.dim)
-        self.extractor: FeatureExtractor | None = None
-        if load_network:
-            self.extractor, identity = build_extractor(settings.model, settings.layer, settings.weights,
-                                                       self.index_dir, device, seed=settings.seed)
-            if identity != settings.weights_identity:
-                raise IndexNotFound(
-                    f"the weights available now ({identity}) are not the ones this index was built with "
-                    f"({settings.weights_identity}); re-index or restore the original weights")
+    A query (or a batch) takes one snapshot and uses it from the forward pass to the catalog lookup, so a
+    query vector of one network never meets the stored vectors of another, whatever a reload swaps in.
+    """
+    version: int                        # 1 for the first load, +1 for each reload that loaded something
+    settings: IndexSettings
+    catalog: Catalog
+    vectors: VectorIndex
+    extractor: FeatureExtractor | None  # None when opened with load_network=False
+    faiss_signature: tuple | None       # (inode, mtime_ns, size) of the FAISS file these vectors came from
+    catalog_file: tuple[int, int]       # (st_dev, st_ino) of the catalog file when it was opened
 
     @property
-    def faiss_path(self) -> Path:
-        return self.index_dir / FAISS_FILE
+    def network(self) -> str:
+        return network_key(self.settings)
 
-    def close(self) -> None:
-        self.catalog.close()
-
-    def __len__(self) -> int:
-        return len(self.vectors)
-
-    # querying
-    def decode(self, data: bytes) -> DecodedImage:
-        """Query bytes -> crop, same path as indexing. Raises images.ImageDecodeError."""
-        assert self.extractor is not None, "opened with load_network=False"
-        return decode_for_model(data, self.extractor.preprocessing, max_pixels=self.max_pixels)
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.settings.data_dir)
 
     def embed(self, pixels: torch.Tensor) -> np.ndarray:
-        """uint8 (B, 3, H, W) -> (B, dim) float32, as the index's vectors were made."""
+        """uint8 (B, 3, H, W) -> (B, dim) float32, as this snapshot's vectors were made."""
         assert self.extractor is not None, "opened with load_network=False"
+        crop = self.extractor.preprocessing.crop_size
+        if tuple(pixels.shape[-2:]) != (crop, crop):   # decoded for a network that a reload has replaced since
+            raise IndexUnavailable("the index changed network while this query was decoded; send it again")
         return embed(self.extractor, pixels, self.settings.normalize)
 
     def search_vectors(self, queries: np.ndarray, k: int, exclude: list[set[int]] | None = None,
@@ -98,9 +112,8 @@ class ImageIndex:
         """queries shape=(q, dim) -> for each query its k nearest hits, nearest first (excluded ids left out).
 
         threads: how many threads search (see VectorIndex.search)."""
-        vectors = self.vectors  # one consistent snapshot even if refresh() swaps meanwhile
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
-        distances, ids = vectors.search(queries, k + extra, threads)
+        distances, ids = self.vectors.search(queries, k + extra, threads)
         rows = self.catalog.get_many(int(i) for i in np.unique(ids) if i >= 0)
         results = []
         for qi in range(len(queries)):
@@ -116,9 +129,111 @@ class ImageIndex:
             results.append(hits)
         return results
 
+
+class ImageIndex:
+    """Query side of an index folder. Searches are safe from several threads; refresh() swaps in new snapshots.
+
+    Raises IndexNotFound (no index), WeightsUnavailable or WeightsMismatch (its network cannot be rebuilt).
+    """
+
+    def __init__(self, index_dir: Path | str, *, device: str = "cpu", load_network: bool = True,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.index_dir = Path(index_dir)
+        self.device, self.load_network, self.max_pixels = device, load_network, max_pixels
+        self._lock = threading.Lock()        # one refresh at a time
+        self._problem: str | None = None     # why the index cannot be served now; None when it can
+        self._failed: tuple[tuple, float] | None = None   # (what failed to load, when) for NETWORK_RETRY_S
+        try:
+            catalog = Catalog(self.index_dir)
+            catalog_file = _file_id(catalog.path)
+        except FileNotFoundError as exc:
+            raise IndexNotFound(str(exc)) from exc
+        try:
+            settings = catalog.settings()
+            if settings is None:
+                raise IndexNotFound(f"the index at {self.index_dir} has no settings yet; run index-images first")
+            self._snapshot = self._load(catalog, catalog_file, settings, previous=None)
+        except BaseException:
+            catalog.close()
+            raise
+
+    @property
+    def faiss_path(self) -> Path:
+        return self.index_dir / FAISS_FILE
+
+    def close(self) -> None:
+        self._snapshot.catalog.close()
+
+    def snapshot(self) -> IndexSnapshot:
+        """The loaded version to answer one query or batch with. Raises IndexUnavailable (with the reason).
+
+        A snapshot whose catalog file is no longer the one at the path (deleted, or replaced by another
+        index that refresh() has not loaded yet) is not handed out: new catalog connections would read
+        the other file's rows for this snapshot's vector ids. Checking costs one stat."""
+        problem = self._problem
+        if problem is None:
+            snapshot = self._snapshot
+            try:
+                if _file_id(snapshot.catalog.path) == snapshot.catalog_file:
+                    return snapshot
+                problem = "the index on disk was replaced since it was loaded; it is answered once reloaded"
+            except FileNotFoundError:
+                problem = f"the catalog {CATALOG_FILE} is missing from the index folder; restore it or run index-images"
+        raise IndexUnavailable(problem)
+
+    @property
+    def version(self) -> int:
+        """The loaded snapshot's version (1, then +1 for each reload that loaded something), served or not."""
+        return self._snapshot.version
+
+    @property
+    def problem(self) -> str | None:
+        """Why the index cannot be served now (catalog missing, unreadable, replaced, network not loadable), or None."""
+        return self._problem
+
+    # The current snapshot's parts; each access takes the snapshot anew: a caller that uses two of them
+    # together takes snapshot() once instead.
+    @property
+    def settings(self) -> IndexSettings:
+        return self.snapshot().settings
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.snapshot().catalog
+
+    @property
+    def vectors(self) -> VectorIndex:
+        return self.snapshot().vectors
+
+    @property
+    def extractor(self) -> FeatureExtractor | None:
+        return self.snapshot().extractor
+
+    @property
+    def data_dir(self) -> Path:
+        return self.snapshot().data_dir
+
+    def __len__(self) -> int:
+        return len(self._snapshot.vectors)
+
+    # querying
+    def decode(self, data: bytes) -> DecodedImage:
+        """Query bytes -> crop, same path as indexing. Raises images.ImageDecodeError."""
+        assert self.extractor is not None, "opened with load_network=False"
+        return decode_for_model(data, self.extractor.preprocessing, max_pixels=self.max_pixels)
+
+    def embed(self, pixels: torch.Tensor) -> np.ndarray:
+        """uint8 (B, 3, H, W) -> (B, dim) float32, as the current snapshot's vectors were made."""
+        return self.snapshot().embed(pixels)
+
+    def search_vectors(self, queries: np.ndarray, k: int, exclude: list[set[int]] | None = None,
+                       threads: int = 1) -> list[list[Hit]]:
+        """Search the current snapshot (see IndexSnapshot.search_vectors); queries must come from its network."""
+        return self.snapshot().search_vectors(queries, k, exclude, threads)
+
     def search_image(self, data: bytes, k: int) -> tuple[list[Hit], DecodedImage]:
         decoded = self.decode(data)
-        query = self.embed(decoded.pixels.unsqueeze(0))
+        query = self.embed(torch.from_numpy(decoded.pixels).unsqueeze(0))   # (1, 3, H, W) uint8
         return self.search_vectors(query, k)[0], decoded
 
     # freshness
@@ -131,18 +246,153 @@ class ImageIndex:
             return None
         return st.st_ino, st.st_mtime_ns, st.st_size
 
-    def refresh(self) -> bool:
-        """Swap in the index as it is on disk now, if its FAISS file changed. -> True when something new was loaded.
+    def _load(self, catalog: Catalog, catalog_file: tuple[int, int], settings: IndexSettings,
+              previous: IndexSnapshot | None) -> IndexSnapshot:
+        """A snapshot of the index as on disk now; the previous snapshot's network is kept when the settings
+        name the same one. Raises WeightsUnavailable, WeightsMismatch."""
+        signature = self._current_signature()   # before reading: a save in between is seen at the next refresh
+        if previous is not None and network_key(previous.settings) == network_key(settings):
+            extractor = previous.extractor
+        elif self.load_network:
+            extractor, identity = build_extractor(settings.model, settings.layer, settings.weights, self.index_dir,
+                                                  self.device, seed=settings.seed)
+            if identity != settings.weights_identity:
+                raise WeightsMismatch(
+                    f"the weights available now ({_public_identity(identity)}) are not the ones this index was "
+                    f"built with ({_public_identity(settings.weights_identity)}); re-index or restore the original "
+                    "weights")
+        else:
+            extractor = None
+        vectors, _ = VectorIndex.open_reconciled(self.faiss_path, catalog, settings.dim)
+        return IndexSnapshot(previous.version + 1 if previous else 1, settings, catalog, vectors, extractor,
+                             signature, catalog_file)
 
-        Between two saves, rows the indexer deletes are already left out of results (search_vectors
-        drops ids without a catalog row); rows it adds appear with the next save.
+    def refresh(self, *, load: bool = True) -> bool:
+        """Look at the index on disk and serve it as it is now. -> True when a new snapshot was loaded.
+
+        The settings are compared with the served ones (model, layer, weights identity, dimension,
+        normalisation, preprocessing, data folder): another network is built and swapped in with its
+        vectors and catalog as one snapshot; a replaced catalog file is reopened. When the index on disk
+        cannot be served (catalog missing, unreadable, unfinished; its network cannot be built), the
+        reason is kept in `problem` (and queries answer IndexUnavailable) until a later refresh finds it
+        servable again. load=False only checks (for a server without hot reload): any change that needs a
+        new snapshot becomes the problem.
+
+        Between two saves of the FAISS file, rows the indexer deletes are already left out of results
+        (search_vectors drops ids without a catalog row); rows it adds appear with the next save.
         """
         with self._lock:
+            current = self._snapshot
+            path = self.index_dir / CATALOG_FILE
+            try:
+                catalog_file = _file_id(path)
+            except FileNotFoundError:
+                return self._unavailable(f"the catalog {CATALOG_FILE} is missing from the index folder; "
+                                         "restore it or run index-images")
+            replaced = catalog_file != current.catalog_file
+            if replaced and not load:
+                return self._unavailable("the index on disk was replaced and hot reload is off; restart the server")
+            catalog = current.catalog
+            try:
+                if replaced:
+                    catalog = Catalog(self.index_dir)    # a new file (new inode): a new engine, never the old pool
+                settings = catalog.settings()
+            except (FileNotFoundError, SQLAlchemyError) as exc:
+                if catalog is not current.catalog:
+                    catalog.close()
+                return self._unavailable(f"the catalog cannot be read ({_db_reason(exc)}); "
+                                         "restore it or run index-images")
+            if settings is None:
+                if catalog is not current.catalog:
+                    catalog.close()
+                return self._unavailable("the index is unfinished (no settings yet); wait for index-images to finish")
             signature = self._current_signature()
-            if signature == self._signature:
+            if not replaced and settings == current.settings and (signature == current.faiss_signature or not load):
+                self._available()
                 return False
-            vectors, _ = VectorIndex.open_reconciled(self.faiss_path, self.catalog, self.settings.dim)
-            self.vectors = vectors   # atomic reference swap: in-flight searches keep the old object
-            self._signature = signature
-            log.info("index refreshed: %d vectors", len(vectors))
+            if not load:
+                return self._unavailable("the index on disk was rebuilt and hot reload is off; restart the server")
+            attempt = (catalog_file, settings, self._weights_stamp(settings))
+            if self._failed is not None and self._failed[0] == attempt \
+                    and time.monotonic() - self._failed[1] < NETWORK_RETRY_S:
+                if catalog is not current.catalog:
+                    catalog.close()
+                return False                     # same failure as last time: retried later, problem kept
+            try:
+                snapshot = self._load(catalog, catalog_file, settings, current)
+            except SQLAlchemyError as exc:   # the catalog broke while its vectors were read
+                if catalog is not current.catalog:
+                    catalog.close()
+                return self._unavailable(f"the catalog cannot be read ({_db_reason(exc)}); "
+                                         "restore it or run index-images")
+            except (RuntimeError, ValueError, OSError) as exc:   # WeightsUnavailable, WeightsMismatch, no device
+                if catalog is not current.catalog:
+                    catalog.close()
+                self._failed = (attempt, time.monotonic())
+                why = (f"the index on disk is now {settings.model} {settings.layer} "
+                       f"(weights {weights_label(settings)}), whose network cannot be loaded: {exc}")
+                if not replaced:                 # the served catalog is still the one on disk: keep answering
+                    log.warning("%s; still serving the loaded %s %s", why, current.settings.model,
+                                current.settings.layer)
+                    return False
+                return self._unavailable(why)
+            self._failed = None
+            self._snapshot = snapshot   # atomic reference swap: in-flight queries keep the snapshot they took
+            if network_key(settings) != network_key(current.settings):
+                log.warning("index reloaded with another network: %s %s (weights %s) instead of %s %s (weights %s)",
+                            settings.model, settings.layer, _public_identity(settings.weights_identity),
+                            current.settings.model, current.settings.layer,
+                            _public_identity(current.settings.weights_identity))
+            log.info("index refreshed: %d vectors (version %d)", len(snapshot.vectors), snapshot.version)
+            self._available()
+            # A replaced catalog's engine is left to in-flight queries; it is closed when the last one drops it.
             return True
+
+    def _unavailable(self, reason: str) -> bool:
+        """Record why the index cannot be served (logged when it changes). The reason is shown to clients:
+        the index folder's path is left out of it."""
+        reason = reason.replace(str(self.index_dir), "INDEX_DIR")
+        if reason != self._problem:
+            log.error("the index at %s cannot be served: %s", self.index_dir, reason)
+        self._problem = reason
+        return False
+
+    def _available(self) -> None:
+        if self._problem is not None:
+            log.warning("the index can be served again (%d vectors)", len(self._snapshot.vectors))
+        self._problem = None
+
+    def _weights_stamp(self, settings: IndexSettings) -> tuple | None:
+        """Identity of the weights file a failed load needed: a new file there is tried at once."""
+        if settings.weights == "random":
+            path = random_weights_file(self.index_dir, settings.model)
+        elif settings.weights == "imagenet":
+            path = imagenet_cache_path(settings.model) if settings.model in MODELS else None
+        else:
+            path = Path(settings.weights)
+        if path is None:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    """(st_dev, st_ino): which file is at path now. Raises FileNotFoundError."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _db_reason(exc: BaseException) -> str:
+    """A database error in one line, without the SQL statement SQLAlchemy appends."""
+    return str(getattr(exc, "orig", None) or exc).splitlines()[0]
+
+
+def _public_identity(identity: str) -> str:
+    """A weights identity without the file path it may hold: "file:PATH:sha256=..." -> "file:NAME:sha256=..."."""
+    if identity.startswith("file:"):
+        path, _, digest = identity[len("file:"):].rpartition(":")
+        return f"file:{Path(path).name}:{digest}"
+    return identity

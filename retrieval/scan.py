@@ -5,8 +5,12 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
+from typing import Iterable
 
 log = logging.getLogger(__name__)
+
+# Files larger than this are skipped unread: no photo is this large, and decoding one would cost gigabytes.
+DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -26,23 +30,30 @@ class ScanResult:
     skipped: dict[str, str]   # relative path -> reason (files we refuse before decoding)
 
 
-def scan_folder(data_dir: Path) -> ScanResult:
+def scan_folder(data_dir: Path, *, exclude: Iterable[Path] = (), skip_folders_holding: str | None = None,
+                max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> ScanResult:
     """Walk data_dir recursively for image files, sorted by path.
 
-    Hidden files and folders are skipped. Directory symlinks are followed only when they resolve to
-    a folder inside data_dir not yet visited, so loops cannot hang the walk; file symlinks that point
-    outside data_dir are reported as skipped (they could never be served).
+    Hidden files and folders are skipped, and so are the folders in exclude and any folder holding a
+    file named skip_folders_holding (an index folder kept inside the data folder is not images).
+    Directory symlinks are followed only when they resolve to a folder inside data_dir not yet
+    visited, so loops cannot hang the walk; file symlinks that point outside data_dir, and files
+    over max_file_bytes, are reported as skipped without being read.
+    Names that are not valid UTF-8 are kept as Python keeps them (surrogate escapes).
     """
     root = Path(data_dir).resolve()
     images: list[ImageFile] = []
     skipped: dict[str, str] = {}
-    visited: set[Path] = set()
+    visited: set[Path] = {Path(p).resolve() for p in exclude}
 
     def walk(folder: Path) -> None:
         real = folder.resolve()
         if real in visited:
             return
         visited.add(real)
+        if folder != root and skip_folders_holding and (folder / skip_folders_holding).exists():
+            log.info("not scanning %s: it is an index folder", folder)
+            return
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
@@ -65,6 +76,10 @@ def scan_folder(data_dir: Path) -> ScanResult:
                 skipped[rel] = "symlink points outside the data folder"
                 continue
             st = entry.stat(follow_symlinks=True)
+            if max_file_bytes is not None and st.st_size > max_file_bytes:
+                skipped[rel] = (f"file too large ({st.st_size / 2**20:,.0f} MB, limit {max_file_bytes / 2**20:,.0f} MB): "
+                                "not read")
+                continue
             parts = rel.split("/")
             label = parts[0] if len(parts) > 1 else None
             images.append(ImageFile(rel, label, st.st_size, st.st_mtime_ns))

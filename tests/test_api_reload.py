@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -86,3 +87,54 @@ def test_the_server_answers_from_the_rewritten_index_without_failing_a_request(t
         driver.join(60)
         app.extensions["retrieval"].close()
     assert not failures, failures[:5]
+
+
+def test_an_index_of_another_network_swapped_in_under_load_is_never_mixed_with_the_old_one(tmp_path, index_images):
+    """Folders swapped with renames while queries run: every answer comes from one network and its own vectors
+    (an indexed image finds itself at distance 0), never the old network's query against the new vectors."""
+    data, index, other = tmp_path / "data", tmp_path / "index", tmp_path / "other"
+    make_sample_collection(data, per_class=3, size=(96, 72), seed=3, classes=["red_circles", "blue_squares"])
+    index_images(data, index)                       # AlexNet fc7, random weights seed 0
+    index_images(data, other, seed=7)               # the same images through other weights
+    app = create_app({"INDEX_DIR": str(index), "RELOAD_INTERVAL_S": 0.2, "THUMBNAIL_DIR": str(tmp_path / "thumbs")})
+    query = (data / "red_circles" / "red_circles_001.jpg").read_bytes()
+    service = app.extensions["retrieval"]
+    image_id = service.index.catalog.file_states()["red_circles/red_circles_001.jpg"][0]
+    failures: list[str] = []
+    unavailable = answered = 0
+    stop = threading.Event()
+
+    def drive_queries() -> None:
+        nonlocal answered, unavailable
+        client = app.test_client()
+        while not stop.is_set():
+            r = client.post("/search?k=3", data={"image": (io.BytesIO(query), "q.jpg")},
+                            content_type="multipart/form-data")
+            n = client.get(f"/images/{image_id}/neighbours?k=3")
+            for response in (r, n):
+                if response.status_code == 503 and response.get_json()["error"]["code"] == "unavailable":
+                    unavailable += 1        # the instant between the two renames: said, never mixed
+                elif response.status_code != 200:
+                    failures.append(f"{response.request.path}: {response.status_code} {response.data[:200]!r}")
+            if r.status_code == 200:
+                top = r.get_json()["results"][0]
+                if top["path"] != "red_circles/red_circles_001.jpg" or top["distance"] > 1e-3:
+                    failures.append(f"mixed networks: {top}")
+            answered += 1
+            stop.wait(0.02)   # leave the watcher some CPU to load the new network
+
+    driver = threading.Thread(target=drive_queries)
+    driver.start()
+    try:
+        assert wait_for(lambda: answered >= 3, 30)
+        os.rename(index, tmp_path / "retired")
+        os.rename(other, index)
+        assert wait_for(lambda: service.index.version == 2, RELOAD_WITHIN_S), "the swap was not loaded"
+        settled = answered
+        assert wait_for(lambda: answered >= settled + 3, 30)
+    finally:
+        stop.set()
+        driver.join(60)
+        service.close()
+    assert not failures, failures[:5]
+    assert answered > unavailable / 2, "503 only while the new network was loading"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import indexer.job as job
+import indexer.extract as extract
 from indexer.batch_size import MAX_AUTO_BATCH, choose_batch_size, resolve_batch_size
 from indexer.cli import main as index_main
 from indexer.cli import parse_batch_size
@@ -91,9 +91,9 @@ class OutOfMemoryAbove:
 
 def test_batch_extractor_halves_on_oom_keeping_order(monkeypatch, caplog):
     fake = OutOfMemoryAbove(3)
-    monkeypatch.setattr(job, "embed", fake)
+    monkeypatch.setattr(extract, "embed", fake)
     pixels = torch.arange(11, dtype=torch.uint8).view(11, 1, 1, 1).expand(11, 3, 2, 2).contiguous()
-    mapper = job.BatchExtractor(types.SimpleNamespace(dim=3), normalize=False, chunk=16)
+    mapper = extract.BatchExtractor(types.SimpleNamespace(dim=3), normalize=False, chunk=16)
     out = mapper(pixels)
     np.testing.assert_array_equal(out[:, 0], np.arange(11))            # every image once, in order
     assert mapper.chunk == 2 and fake.calls == [11, 8, 4, 2, 2, 2, 2, 2, 1]
@@ -101,8 +101,8 @@ def test_batch_extractor_halves_on_oom_keeping_order(monkeypatch, caplog):
 
 
 def test_batch_extractor_gives_up_at_one_image(monkeypatch):
-    monkeypatch.setattr(job, "embed", OutOfMemoryAbove(0))
-    mapper = job.BatchExtractor(types.SimpleNamespace(dim=3), normalize=False, chunk=4)
+    monkeypatch.setattr(extract, "embed", OutOfMemoryAbove(0))
+    mapper = extract.BatchExtractor(types.SimpleNamespace(dim=3), normalize=False, chunk=4)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         mapper(torch.zeros(4, 3, 2, 2, dtype=torch.uint8))
 
@@ -113,8 +113,8 @@ def test_run_index_with_oom_indexes_every_image_exactly_once(tmp_path, index_ima
     reference = tmp_path / "reference"
     index_images(data, reference, batch_size=8)
 
-    fake = OutOfMemoryAbove(2, real=job.embed)
-    monkeypatch.setattr(job, "embed", fake)
+    fake = OutOfMemoryAbove(2, real=extract.embed)
+    monkeypatch.setattr(extract, "embed", fake)
     report = index_images(data, tmp_path / "index", batch_size=8)
     assert report.indexed == report.total == len(files) == 10
     assert max(fake.calls) == 8 and fake.calls[:3] == [8, 4, 2] and set(fake.calls[3:]) == {2}

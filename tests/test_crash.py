@@ -96,3 +96,39 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(collection, tmp_
         assert [index.search_vectors(vecs[i:i + 1], 1)[0][0].id for i in range(len(ids))] == ids.tolist()
     finally:
         index.close()
+
+
+def default_command(data: Path, index_dir: Path) -> list[str]:
+    """index-images as the README runs it: decoding workers on (one per core); small batches for many commits."""
+    return [sys.executable, "-c", "from indexer.cli import main; main()", str(data), "--index-dir", str(index_dir),
+            "--weights", "random", "--batch-size", "4", "--json"]
+
+
+def test_sigkill_of_a_default_run_then_an_immediate_rerun_several_times(collection, tmp_path):
+    """Workers on: the lock dies with the killed process, and its decoding workers die with it."""
+    import psutil
+
+    data, reference = collection
+    for round_, kill_after_rows in enumerate([4, 20, 40]):
+        index_dir = tmp_path / f"index-{round_}"
+        proc = subprocess.Popen(default_command(data, index_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while committed_rows(index_dir) < kill_after_rows and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert proc.poll() is None, "the run ended before it could be killed; the test proves nothing"
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert workers, "the default run decodes in worker processes"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+        rerun = subprocess.run(default_command(data, index_dir), capture_output=True, text=True, timeout=300)
+
+        assert rerun.returncode == 0, f"round {round_}: {rerun.stderr}"
+        summary = json.loads(rerun.stdout)
+        assert summary["total"] == N_IMAGES
+        gone, alive = psutil.wait_procs(workers, timeout=5)
+        assert not alive, f"decoding workers outlived their killed parent: {[p.pid for p in alive]}"
+        resumed = snapshot(index_dir)
+        assert sorted(resumed) == sorted(reference)
+        for path, vec in reference.items():
+            assert np.allclose(resumed[path], vec, atol=1e-5), path

@@ -133,3 +133,34 @@ def test_a_search_made_on_one_worker_process_opens_on_another(app, client, sampl
         assert preview.status_code == 200 and preview.mimetype == "image/jpeg"
     finally:
         other.extensions["retrieval"].close()
+
+
+def test_names_that_are_not_utf8_or_hold_a_newline_are_served_and_shown_escaped(tmp_path, index_images):
+    import os
+    import shutil
+
+    from api import create_app
+    from indexer.samples import make_sample_collection
+
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=2, size=(80, 60), classes=["red_circles", "blue_squares"])
+    latin1 = data / os.fsdecode(b"caf\xe9")
+    latin1.mkdir()
+    shutil.copy(data / "red_circles" / "red_circles_000.jpg", latin1 / os.fsdecode(b"gr\xfcn.jpg"))
+    shutil.copy(data / "blue_squares" / "blue_squares_000.jpg", data / "blue_squares" / "two\nlines.jpg")
+    index_images(data, tmp_path / "index")
+    app = create_app({"INDEX_DIR": str(tmp_path / "index"), "RELOAD_INTERVAL_S": 0,
+                      "THUMBNAIL_DIR": str(tmp_path / "thumbs")})
+    client = app.test_client()
+    try:
+        html = client.get("/").get_data(as_text=True)
+        assert "caf\\xe9" in html and "?label=caf%5Cxe9" in html
+        filtered = client.get("/?label=caf%5Cxe9")
+        assert filtered.status_code == 200 and len(gallery_links(filtered.get_data(as_text=True))) == 1
+        for image_id in gallery_links(html):
+            for url in (f"/gallery/{image_id}", f"/images/{image_id}", f"/images/{image_id}/thumbnail",
+                        f"/images/{image_id}/neighbours"):
+                assert client.get(url).status_code == 200, url
+        assert client.get("/stats").status_code == 200
+    finally:
+        app.extensions["retrieval"].close()

@@ -2,46 +2,21 @@
 from __future__ import annotations
 
 import base64
-import os
 import re
-import shutil
 import threading
-from pathlib import Path
 
 import pytest
 
 from api import create_app
+from browser import launch_chromium
 
-CHROMIUM = os.environ.get("RETRIEVAL_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-INSTALL_HINT = "install Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 QUERY = "orange_triangles/orange_triangles_003.jpg"
-
-
-def browser_missing_reason() -> str | None:
-    if not Path(CHROMIUM).is_file():
-        return f"no Chromium at {CHROMIUM}: {INSTALL_HINT}"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright Python package is missing: pip install -e '.[dev]'"
-    return None
 
 
 @pytest.fixture(scope="module")
 def browser():
-    reason = browser_missing_reason()
-    if reason:
-        if os.environ.get("RETRIEVAL_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"RETRIEVAL_REQUIRE_BROWSER=1 but {reason}")
-        pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with launch_chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,13 @@
 """Tests for retrieval.images: folder scanning, awkward image formats, bad files, draft decoding, preprocessing."""
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import subprocess
+import sys
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -12,7 +16,8 @@ from PIL import Image
 from torchvision.models import AlexNet_Weights
 
 from retrieval.backbones import preprocessing_for
-from retrieval.images import ImageDecodeError, decode_for_model, open_rgb
+from retrieval import images
+from retrieval.images import MAX_ASPECT_RATIO, ImageDecodeError, decode_for_model, open_rgb, thumbnail_rgb
 from retrieval.scan import scan_folder
 
 
@@ -140,7 +145,7 @@ def test_large_jpeg_decodes_at_reduced_scale():
 
     assert rgb.size == (500, 375)                       # 1/8 scale, both sides still >= 256
     assert (decoded.width, decoded.height) == (4000, 3000)
-    assert decoded.pixels.shape == (3, 224, 224) and decoded.pixels.dtype == torch.uint8
+    assert decoded.pixels.shape == (3, 224, 224) and decoded.pixels.dtype == np.uint8
 
 
 # --- bad files --------------------------------------------------------------------------------------
@@ -166,6 +171,150 @@ def test_bad_files_raise_a_decode_error_with_a_reason(kind, reason):
         decode_for_model(bad_files()[kind], preprocessing_for("alexnet"))
 
 
+def test_a_path_decodes_like_its_bytes_and_is_read_in_chunks(tmp_path, monkeypatch):
+    path = tmp_path / "photo.png"
+    data = encode(two_colour((300, 200)), "PNG")
+    path.write_bytes(data)
+    reads: list[int] = []
+    real_open = open
+
+    class Recording:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            reads.append(n)
+            return self.f.read(n)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(images, "open", lambda p, mode="r": Recording(real_open(p, mode)), raising=False)
+    monkeypatch.setattr(images, "READ_CHUNK", 1024)
+    from_path = decode_for_model(path, preprocessing_for("alexnet"))
+    from_str = decode_for_model(str(path), preprocessing_for("alexnet"))
+    from_bytes = decode_for_model(data, preprocessing_for("alexnet"))
+
+    assert from_path.sha256 == from_str.sha256 == from_bytes.sha256 == hashlib.sha256(data).hexdigest()
+    assert np.array_equal(from_path.pixels, from_bytes.pixels)
+    assert (from_path.width, from_path.height) == (300, 200)
+    assert reads and all(n is not None and 0 < n <= 1 << 16 for n in reads), reads   # never read() the whole file
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda tmp: tmp / "missing.jpg", "cannot read file"),
+    (lambda tmp: tmp, "cannot read file"),                                  # a folder
+    (lambda tmp: (tmp / "empty.jpg").write_bytes(b"") and tmp / "empty.jpg", "empty file"),
+])
+def test_unreadable_paths_raise_a_decode_error(tmp_path, make, reason):
+    with pytest.raises(ImageDecodeError, match=reason):
+        decode_for_model(make(tmp_path), preprocessing_for("alexnet"))
+
+
+@pytest.mark.parametrize("size", [(2, 40_000_000), (64, 64 * (MAX_ASPECT_RATIO + 1)), (3000, 20)])
+def test_long_thin_images_are_refused_before_decoding(size):
+    data = encode(Image.new("L", size), "PNG")
+    with pytest.raises(ImageDecodeError, match="long and thin"):
+        decode_for_model(data, preprocessing_for("alexnet"))
+
+
+def test_a_panorama_within_the_aspect_limit_decodes():
+    decoded = decode_for_model(encode(Image.new("RGB", (2000, 40), (0, 90, 0)), "PNG"), preprocessing_for("alexnet"))
+    assert decoded.pixels.shape == (3, 224, 224) and tuple(decoded.pixels[:, 100, 100]) == (0, 90, 0)
+
+
+def test_decoded_pixels_are_limited_after_draft_reduction():
+    photo = encode(Image.new("RGB", (4000, 3000), (90, 140, 200)), "JPEG")   # drafted to 500x375
+    png = encode(Image.new("RGB", (1100, 1000), (90, 140, 200)), "PNG")      # no draft for PNG
+    assert decode_for_model(photo, preprocessing_for("alexnet"), max_decoded_pixels=1_000_000).width == 4000
+    with pytest.raises(ImageDecodeError, match="too large to decode"):
+        decode_for_model(png, preprocessing_for("alexnet"), max_decoded_pixels=1_000_000)
+
+
+@pytest.mark.parametrize("mode, values, expected", [
+    ("I", (-5000, 15000), (0, 255)),                      # 32-bit int: the actual range is stretched
+    ("F", (0.25, 0.75), (0, 255)),
+])
+def test_32bit_images_stretch_their_range(mode, values, expected):
+    img = Image.new(mode, (40, 40), values[0])
+    img.paste(values[1], (20, 0, 40, 40))
+    rgb = open_rgb(encode(img, "TIFF"))
+    assert rgb.mode == "RGB"
+    assert tuple(np.asarray(rgb)[20, 5]) == (expected[0],) * 3 and tuple(np.asarray(rgb)[20, 35]) == (expected[1],) * 3
+
+
+def test_a_float_image_with_nan_stretches_its_finite_values():
+    img = Image.new("F", (60, 40), float("nan"))
+    img.paste(0.25, (20, 0, 40, 40))
+    img.paste(0.75, (40, 0, 60, 40))
+    row = np.asarray(open_rgb(encode(img, "TIFF")))[20, :, 0]
+    assert (row[5], row[30], row[55]) == (0, 0, 255)      # NaN counts as the lowest value
+
+
+@pytest.mark.parametrize("mode, value", [("I;16", 40000), ("I", 70000), ("F", 0.5)])
+def test_high_bit_depth_images_are_reduced_before_any_float_copy(mode, value):
+    img = Image.new(mode, (2000, 1500), value)
+    img.paste(0 if mode != "F" else 0.0, (0, 0, 1000, 1500))
+    data = encode(img, "PNG" if mode == "I;16" else "TIFF")
+    tracemalloc.start()
+    try:
+        decoded = decode_for_model(data, preprocessing_for("alexnet"), preview_size=480)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024, f"{peak:,} bytes traced: a full-size float64 copy is 24 MB"   # numpy is traced
+    assert decoded.preview.size == (480, 360)
+
+
+def test_alpha_is_composited_over_white_after_reduction():
+    img = Image.new("RGBA", (1200, 900), (10, 200, 30, 0))
+    img.paste((10, 200, 30, 255), (600, 0, 1200, 900))
+    thumb = thumbnail_rgb(encode(img, "PNG"), 120)
+    assert thumb.size == (120, 90) and thumb.mode == "RGB"
+    assert tuple(np.asarray(thumb)[45, 10]) == (255, 255, 255)
+    assert np.allclose(np.asarray(thumb)[45, 110], (10, 200, 30), atol=2)
+
+
+def test_exif_orientation_is_applied_to_crops_thumbnails_and_previews():
+    img = two_colour((400, 200))
+    exif = Image.Exif()
+    exif[0x0112] = 8   # stored sideways: rotate 90 degrees counter-clockwise to display
+    data = encode(img, "PNG", exif=exif.tobytes())
+    decoded = decode_for_model(data, preprocessing_for("alexnet"), preview_size=100)
+    thumb = thumbnail_rgb(data, 100)
+    assert (decoded.width, decoded.height) == (200, 400) and thumb.size == decoded.preview.size == (50, 100)
+    assert np.asarray(thumb)[90, 25][0] > 200             # the red (left) half is now at the bottom
+    assert decoded.pixels[0, 220, 112] > 200 and decoded.pixels[2, 5, 112] > 200
+
+
+@pytest.mark.parametrize("exc, reason", [
+    (RuntimeError("plugin exploded"), r"RuntimeError: plugin exploded"),
+    (OverflowError("signed integer is greater than maximum"), r"OverflowError"),
+    (MemoryError(), "memory"),
+    (OSError("broken data stream"), "broken data stream"),
+])
+def test_any_failure_while_decoding_is_a_decode_error_with_a_reason(monkeypatch, exc, reason):
+    def fail(self, *args, **kwargs):
+        raise exc
+    monkeypatch.setattr(Image.Image, "resize", fail)
+    data = encode(two_colour(), "PNG")
+    for decode in (lambda: decode_for_model(data, preprocessing_for("alexnet")), lambda: thumbnail_rgb(data, 64)):
+        with pytest.raises(ImageDecodeError, match=reason):
+            decode()
+
+
+def test_the_image_module_does_not_import_torch():
+    code = "import sys, retrieval.images, retrieval.decode_pool; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
 # --- preprocessing ------------------------------------------------------------------------------------
 
 def test_preprocessing_matches_the_weights_own_transforms():
@@ -173,7 +322,7 @@ def test_preprocessing_matches_the_weights_own_transforms():
     img = Image.fromarray(rng.integers(0, 256, (300, 410, 3), dtype=np.uint8))
     prep = preprocessing_for("alexnet")
 
-    ours = prep.normalise(prep.crop(img).unsqueeze(0))[0]
+    ours = prep.normalise(torch.from_numpy(prep.crop(img)).unsqueeze(0))[0]
     theirs = AlexNet_Weights.IMAGENET1K_V1.transforms()(img)
 
     assert ours.shape == theirs.shape == (3, 224, 224)

@@ -235,3 +235,122 @@ def test_long_runs_save_the_faiss_file_as_they_go(small_data, tmp_path, index_im
 
     assert saved_sizes[:3] == [2, 4, 6], "a server sees each batch without waiting for the end of the run"
     assert saved_sizes[-1] == 6
+
+
+def malformed_avif() -> bytes:
+    """A real AVIF whose coded payload is damaged: Pillow's AVIF decoder raises RuntimeError, not OSError."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(buf, "AVIF")
+    data = bytearray(buf.getvalue())
+    for i in range(len(data) - 40, len(data)):
+        data[i] ^= 0xFF
+    return bytes(data)
+
+
+def tall_png(width: int = 2, height: int = 40_000_000) -> bytes:
+    """A valid greyscale PNG of width x height pixels (about 120 KB): under the pixel limit, absurd in shape."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    rows = zlib.compress(b"\x00" + b"\x80" * width, 9) if height == 1 else zlib.compress((b"\x00" + b"\x80" * width) * height, 9)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def test_files_whose_decoder_raises_anything_are_skipped_and_the_run_goes_on(small_data, tmp_path, index_images):
+    (small_data / "red_circles" / "avif-named.jpg").write_bytes(malformed_avif())
+    (small_data / "red_circles" / "tall.png").write_bytes(tall_png())
+
+    report = index_images(small_data, tmp_path / "index")
+
+    assert report.indexed == report.total == 6
+    reasons = {s["path"]: s["reason"] for s in report.skipped}
+    assert set(reasons) == {"red_circles/avif-named.jpg", "red_circles/tall.png"}
+    again = index_images(small_data, tmp_path / "index")
+    assert (again.indexed, again.unchanged, again.total) == (0, 6, 6), "re-runs go on too"
+
+
+def test_folder_names_that_are_not_utf8_are_indexed_and_shown_escaped(small_data, tmp_path, index_images):
+    latin1 = small_data / os.fsdecode(b"caf\xe9")          # a folder named in Latin-1 on a UTF-8 system
+    shutil.copytree(small_data / "red_circles", latin1)
+    (latin1 / os.fsdecode(b"bad-\xff.jpg")).write_bytes(b"not an image")
+
+    report = index_images(small_data, tmp_path / "index")
+
+    assert report.indexed == report.total == 9
+    assert [s["path"] for s in report.skipped] == ["caf\\xe9/bad-\\xff.jpg"], "shown escaped, never a crash"
+    cat = Catalog(tmp_path / "index")
+    try:
+        labels = cat.labels()
+        assert labels[os.fsdecode(b"caf\xe9")] == 3, "stored exactly: the same label as the folder"
+        row = next(r for r in cat.list_images(label=os.fsdecode(b"caf\xe9")))
+        assert (small_data / row.path).is_file(), "the stored path still opens the file"
+    finally:
+        cat.close()
+    again = index_images(small_data, tmp_path / "index")
+    assert (again.indexed, again.unchanged) == (0, 9)
+
+
+def test_an_index_folder_inside_the_data_folder_is_not_indexed(small_data, index_images):
+    first = index_images(small_data, small_data / "index")
+    (small_data / "index-old").mkdir()
+    (small_data / "index-old" / "catalog.db").write_bytes(b"")            # another index folder, by its catalog
+    shutil.copy(small_data / "red_circles" / "red_circles_000.jpg", small_data / "index-old" / "x.jpg")
+    second = index_images(small_data, small_data / "index")
+
+    assert first.total == second.total == 6 and second.indexed == 0
+    assert "index" not in Catalog(small_data / "index").labels()
+
+
+def test_files_over_the_size_limit_are_skipped_unread(small_data, tmp_path, index_images):
+    big = small_data / "red_circles" / "huge.jpg"
+    with open(big, "wb") as f:
+        f.truncate(3 * 2**20)                                             # sparse: 3 MB of zeros, no disk used
+
+    report = index_images(small_data, tmp_path / "index", max_file_bytes=2**20)
+
+    assert report.indexed == 6
+    assert [(s["path"], "too large" in s["reason"]) for s in report.skipped] == [("red_circles/huge.jpg", True)]
+
+
+def test_a_seed_that_contradicts_the_index_is_refused(small_data, tmp_path, index_images):
+    index_images(small_data, tmp_path / "index", seed=3)
+    with pytest.raises(ConfigError, match="seed 3"):
+        index_images(small_data, tmp_path / "index", seed=4)
+    assert index_images(small_data, tmp_path / "index", seed=3).unchanged == 6
+
+
+def test_a_no_op_rerun_imports_neither_torch_nor_faiss(small_data, tmp_path, index_images):
+    import subprocess
+    import sys
+
+    index_images(small_data, tmp_path / "index")
+    code = ("import sys, json; from indexer.cli import main\n"
+            f"main([{str(small_data)!r}, '--index-dir', {str(tmp_path / 'index')!r}, '--json'], standalone_mode=False)\n"
+            "print(json.dumps(sorted(m for m in ('torch', 'faiss', 'torchvision', 'sklearn') if m in sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 0, done.stderr
+    summary, loaded = done.stdout.strip().splitlines()
+    assert '"unchanged": 6' in summary and '"indexed": 0' in summary
+    assert loaded == "[]"
+
+
+def test_a_run_after_a_crash_between_commit_and_faiss_save_reconciles(small_data, tmp_path, index_images):
+    index_dir = tmp_path / "index"
+    index_images(small_data, index_dir)
+    faiss_file = index_dir / FAISS_FILE
+    old = faiss_file.read_bytes()
+    (small_data / "red_circles" / "red_circles_000.jpg").unlink()
+    index_images(small_data, index_dir)
+    faiss_file.write_bytes(old)            # as if the run had died after its commit, before saving FAISS
+    cat = Catalog(index_dir)
+    cat.mark_vectors_saved(None)           # ... and before recording the save
+    cat.close()
+
+    report = index_images(small_data, index_dir)
+
+    assert (report.indexed, report.total) == (0, 5)
+    assert len(faiss_ids(index_dir)) == 5, "the no-op run noticed the stale FAISS file and reconciled it"

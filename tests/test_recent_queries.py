@@ -62,3 +62,43 @@ def test_worker_processes_starting_together_on_a_fresh_folder_all_open_the_store
     assert all(s.get(token) is not None for s in stores)
     for s in stores:
         s.close()
+
+
+def test_a_deleted_store_or_folder_is_made_again(tmp_path):
+    import shutil
+
+    path = tmp_path / "thumbs" / "q.db"
+    store, other_worker = RecentQueries(path), RecentQueries(path)
+    store.add(query(1))
+    for p in path.parent.glob("q.db*"):
+        p.unlink()
+    token = store.add(query(2))                        # file gone: made again, table included
+    assert store.get(token) is not None and other_worker.get(token) is not None, "the other worker follows"
+
+    shutil.rmtree(path.parent)
+    token = other_worker.add(query(3))                 # folder gone too
+    assert other_worker.get(token) is not None and store.get(token) is not None
+    store.close()
+    other_worker.close()
+
+
+def test_a_store_file_without_its_table_gets_it_back(tmp_path):
+    path = tmp_path / "q.db"
+    store = RecentQueries(path)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE recent_queries")
+    token = store.add(query(4))
+    assert store.get(token) is not None
+    store.close()
+
+
+def test_a_query_made_with_another_network_is_not_returned(tmp_path):
+    served = ["alexnet-fc7"]
+    store = RecentQueries(tmp_path / "q.db", network=lambda: served[0])
+    token = store.add(query(5))
+    assert store.get(token).network == "alexnet-fc7"
+    served[0] = "vgg16-fc7"                            # the server reloaded another network
+    assert store.get(token) is None, "its vector would be compared with another network's vectors"
+    served[0] = "alexnet-fc7"
+    assert store.get(token) is not None
+    store.close()

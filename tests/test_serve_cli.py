@@ -1,12 +1,15 @@
 """`serve-images` (api.cli): refuses a missing index clearly; serves the API under gunicorn; `flask --app api` works."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Iterator
 
 import requests
 from click.testing import CliRunner
@@ -22,6 +25,64 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def serve_images(index_dir: Path, log_file: Path, *args: str, **env: str) -> Iterator[str]:
+    """A real `serve-images` (gunicorn) on a free 127.0.0.1 port, logging to log_file; yields its base URL.
+
+    Stops it with SIGTERM and asserts it exited 0.
+    """
+    port = free_port()
+    env = {**os.environ, "RETRIEVAL_RELOAD_INTERVAL_S": "0", **env}
+    with open(log_file, "w") as log:
+        server = subprocess.Popen([*SERVE, "--index-dir", str(index_dir), "--port", str(port), *args],
+                                  stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, log_file.read_text()
+            try:
+                if requests.get(base + "/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:   # not listening yet, or the worker is still loading
+                pass
+            assert time.monotonic() < deadline, "serve-images did not come up within 120 s"
+            time.sleep(0.25)
+        yield base
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    assert server.returncode == 0, log_file.read_text()
+
+
+def test_help_answers_without_loading_torch_or_faiss():
+    # --help and usage errors answer at once: the heavy modules are imported only once the command runs
+    started = time.perf_counter()
+    result = subprocess.run([*SERVE, "--help"], capture_output=True, text=True, timeout=60)
+    print(f"serve-images --help: {time.perf_counter() - started:.2f} s")   # shown with -s; measured, not asserted
+    assert result.returncode == 0, result.stderr
+    assert "--read-timeout" in result.stdout and "--index-dir" in result.stdout
+    probe = "import sys, api.cli; print(sorted(m for m in ('torch', 'faiss', 'torchvision', 'flask') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+
+
+def test_usage_error_exits_2_before_looking_for_the_index(tmp_path):
+    result = CliRunner().invoke(main, ["--index-dir", str(tmp_path), "--read-timeout", "0"])
+    assert result.exit_code == 2 and "--read-timeout" in result.output, result.output
+
+
+def test_a_relative_index_dir_is_made_absolute_where_it_enters(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["--index-dir", "nothing-here"])
+    assert result.exit_code == 2, result.output
+    assert f"no index at {tmp_path / 'nothing-here'}" in result.output
+
+
 def test_missing_index_exits_2_saying_run_index_images_first(tmp_path):
     result = CliRunner().invoke(main, ["--index-dir", str(tmp_path / "nothing-here")])
     assert result.exit_code == 2, result.output
@@ -33,33 +94,67 @@ def test_bind_address_brackets_ipv6():
     assert bind_address("::1", 8000) == "[::1]:8000"
 
 
-def test_serve_images_answers_over_http_and_stops_cleanly(sample_index):
-    port = free_port()
-    env = {**os.environ, "RETRIEVAL_RELOAD_INTERVAL_S": "0"}
-    server = subprocess.Popen([*SERVE, "--index-dir", str(sample_index.index_dir), "--port", str(port), "--threads", "4"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stdout.read()
-            try:
-                if requests.get(base + "/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "serve-images did not come up within 120 s"
-            time.sleep(0.25)
+def test_serve_images_answers_over_http_and_stops_cleanly(sample_index, tmp_path):
+    log = tmp_path / "server.log"
+    with serve_images(sample_index.index_dir, log, "--threads", "4") as base:
         query = (sample_index.data_dir / "purple_checks" / "purple_checks_000.jpg").read_bytes()
         r = requests.post(base + "/search?k=3", files={"image": ("q.jpg", query, "image/jpeg")}, timeout=30)
         assert r.status_code == 200 and r.json()["results"][0]["path"] == "purple_checks/purple_checks_000.jpg"
         assert r.headers["Server"].startswith("gunicorn"), "a production server, not Flask's development server"
         assert requests.get(base + "/nope", timeout=5).json()["error"]["code"] == "not_found"
-    finally:
-        server.send_signal(signal.SIGTERM)
-        output, _ = server.communicate(timeout=60)
-    assert server.returncode == 0, output
-    assert f"gallery and API at http://127.0.0.1:{port}/" in output
+        with requests.Session() as session:          # kept-alive connections: each request read ahead in turn
+            assert all(session.get(base + "/healthz", timeout=5).status_code == 200 for _ in range(3))
+    assert f"gallery and API at {base}/" in log.read_text()
+
+
+def _recv_until_closed(sock: socket.socket, limit_s: float) -> bytes:
+    """Everything the server sends until it closes the connection (at most limit_s seconds)."""
+    sock.settimeout(limit_s)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def test_stalled_clients_do_not_starve_the_others_and_are_dropped_after_the_read_timeout(sample_index, tmp_path):
+    read_timeout = 4
+    query = (sample_index.data_dir / "purple_checks" / "purple_checks_000.jpg").read_bytes()
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.jpg\"\r\n"
+            b"Content-Type: image/jpeg\r\n\r\n" + query + b"\r\n--b--\r\n")
+    head = f"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    stalls = {"idle": b"", "half the headers": head[:40], "half the body": head + body[:len(body) // 2]}
+    log = tmp_path / "server.log"
+    # 8 request threads (the default) and 10 stalled connections
+    with serve_images(sample_index.index_dir, log, "--read-timeout", str(read_timeout)) as base:
+        port = int(base.rsplit(":", 1)[1])
+        stalled = []
+        for i in range(10):
+            kind = list(stalls)[i % 3]
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(stalls[kind])
+            stalled.append((kind, sock))
+        try:
+            time.sleep(0.5)
+            # answered while every stalled connection is still open: the request threads are free
+            assert requests.get(base + "/healthz", timeout=read_timeout - 1).status_code == 200
+            r = requests.post(base + "/search?k=3", files={"image": ("q.jpg", query, "image/jpeg")},
+                              timeout=read_timeout - 1)
+            assert r.status_code == 200 and r.json()["results"][0]["path"] == "purple_checks/purple_checks_000.jpg"
+            for kind, sock in stalled:
+                answer = _recv_until_closed(sock, read_timeout + 5)   # a timeout here fails the test
+                if kind == "idle":
+                    assert answer == b"", answer
+                else:   # a partial request is answered 408, then closed
+                    assert answer.startswith(b"HTTP/1.1 408 ") and b'"request_timeout"' in answer, (kind, answer)
+        finally:
+            for _, sock in stalled:
+                sock.close()
+        assert requests.get(base + "/healthz", timeout=5).status_code == 200
+    output = log.read_text()
+    assert "Traceback" not in output and "unhandled error" not in output, output
 
 
 def test_flask_cli_finds_the_app_factory(sample_index):
@@ -67,5 +162,5 @@ def test_flask_cli_finds_the_app_factory(sample_index):
     result = subprocess.run([sys.executable, "-m", "flask", "--app", "api", "routes"], capture_output=True, text=True,
                             env=env, timeout=300)
     assert result.returncode == 0, result.stderr
-    for route in ("/search", "/images/<int:image_id>/neighbours", "/stats", "/healthz", "/gallery/<int:image_id>"):
+    for route in ("/search", "/images/<image_id:image_id>/neighbours", "/stats", "/healthz", "/gallery/<image_id:image_id>"):
         assert route in result.stdout

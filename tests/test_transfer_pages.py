@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import re
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -107,3 +109,83 @@ def test_filters_png_is_a_grid_of_the_first_layer_filters(client):
     top, left = rows[0], np.flatnonzero((pixels != 255).any(axis=(0, 2)))[0]
     first_cell = pixels[top:top + 33, left:left + 33]
     assert (first_cell[::3, ::3] == first_cell[1::3, 1::3]).all(), "enlarged with nearest-neighbour (3x3 blocks)"
+
+
+# --- the evaluation is computed once per loaded index version, off the request thread ----------------------
+
+@pytest.fixture
+def live_app(tmp_path, index_images):
+    """(app, data folder) over a small labelled index with hot reload every 0.1 s."""
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=4, size=(64, 48), seed=2, classes=["red_circles", "blue_squares"])
+    index_images(data, tmp_path / "index")
+    app = create_app({"INDEX_DIR": str(tmp_path / "index"), "RELOAD_INTERVAL_S": 0.1,
+                      "THUMBNAIL_DIR": str(tmp_path / "thumbs")})
+    yield app, data
+    app.extensions["retrieval"].close()
+
+
+def test_evaluation_is_computed_once_per_loaded_index_version(tmp_path, index_images, live_app, monkeypatch):
+    import api.transfer
+
+    app, data = live_app
+    client = app.test_client()
+    runs: list[str] = []
+
+    def counted(index_dir):  # noqa: ANN001
+        runs.append(str(index_dir))
+        return evaluate_index(index_dir)
+    monkeypatch.setattr(api.transfer, "evaluate_index", counted)
+
+    for _ in range(3):
+        assert b'id="summary-table"' in client.get("/evaluation").data
+    service = app.extensions["retrieval"]
+    service.index.catalog.touch()          # what every indexing batch does: no new loaded version, no new run
+    assert b'id="summary-table"' in client.get("/evaluation").data
+    assert len(runs) == 1, runs
+
+    make_sample_collection(data, per_class=2, size=(64, 48), seed=3, classes=["green_stripes"])
+    index_images(data, tmp_path / "index")
+    deadline = time.monotonic() + 20
+    while service.index.version == 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    html = client.get("/evaluation").get_data(as_text=True)
+    assert "green_stripes" in html and len(runs) == 2
+    client.get("/evaluation")
+    assert len(runs) == 2
+    assert app.extensions["transfer"].evaluations.runs == 2, "the cache lives on the app"
+
+
+def test_a_slow_evaluation_answers_computing_at_once_and_the_page_refreshes_itself(live_app, monkeypatch):
+    import api.transfer
+
+    app, _data = live_app
+    client = app.test_client()
+    release = threading.Event()
+
+    def slow(index_dir):  # noqa: ANN001
+        release.wait(30)
+        return evaluate_index(index_dir)
+    monkeypatch.setattr(api.transfer, "evaluate_index", slow)
+    monkeypatch.setattr(api.transfer, "EVALUATION_WAIT_S", 0.05)
+
+    started = time.monotonic()
+    page = client.get("/evaluation")
+    assert time.monotonic() - started < 5, "the request does not wait for the evaluation"
+    assert page.status_code == 200 and 'id="computing"' in page.get_data(as_text=True)
+    assert page.headers["Refresh"] == str(api.transfer.EVALUATION_REFRESH_S)
+    assert 'id="computing"' in client.get("/evaluation").get_data(as_text=True)
+    release.set()
+    deadline = time.monotonic() + 20
+    html = client.get("/evaluation").get_data(as_text=True)
+    while 'id="computing"' in html and time.monotonic() < deadline:
+        time.sleep(0.1)
+        html = client.get("/evaluation").get_data(as_text=True)
+    assert 'id="summary-table"' in html and "Refresh" not in client.get("/evaluation").headers
+    assert app.extensions["transfer"].evaluations.runs == 1
+
+
+def test_filters_png_is_cached_on_the_app(app, client):
+    assert client.get("/model/filters.png").status_code == 200
+    cached = app.extensions["transfer"].filters
+    assert len(cached) == 1 and next(iter(cached))[0] == "alexnet"

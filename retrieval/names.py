@@ -1,0 +1,7 @@
+"""Names the command lines and the library share, importable without torch: networks, layers, the index variable."""
+from __future__ import annotations
+
+MODEL_NAMES = ("alexnet", "vgg16")       # torchvision backbones (retrieval.backbones.MODELS has one entry each)
+LAYERS = ("fc6", "fc7")                  # feature layers, each taken after its ReLU
+INDEX_DIR_ENV = "RETRIEVAL_INDEX_DIR"    # default index folder for every command and the server
+DEFAULT_KS = (1, 5, 10)                  # neighbours for precision@k and the kNN vote in evaluations
