@@ -24,7 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "TORCH_THREADS": 0,            # threads of a lone query's forward pass (one fewer under load); 0: one per core
     "SEARCH_THREADS": 0,           # threads that scan the vectors for a query or a batch; 0: one per core
     "QUERY_TIMEOUT_S": 30.0,       # a query waiting longer answers 503
-    "DECODE_PROCESSES": 0,         # worker processes that decode uploads (at most this many at once); 0: one per core
+    "DECODE_PROCESSES": 0,         # worker processes that decode uploads (at most this many at once); 0: 2, or 1 core
     "DECODE_TIMEOUT_S": 4.0,       # an upload waits at most this long for a decoder (else 503) and decodes at most this long (else 415)
     "MAX_DECODED_PIXELS": 24_000_000,  # pixels an upload may decode to after JPEG draft reduction (larger: 415); 0: MAX_PIXELS only
     "DECODE_MEMORY_MB": 224,       # memory a decoder process may use above its baseline (RLIMIT_AS, Linux); 0: no cap

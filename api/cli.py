@@ -16,6 +16,8 @@ from retrieval.system import available_cores
 
 from .gunicorn_worker import DEFAULT_READ_TIMEOUT_S, with_read_timeout
 
+MAX_CONNECTIONS = 64   # open connections per worker process (gunicorn's default is 1000)
+
 # Only light modules above (click, gunicorn: about 0.1 s): --help and usage errors answer at once. The
 # retrieval modules that bring torch and FAISS are imported inside the command, after the arguments are parsed.
 
@@ -116,9 +118,10 @@ def main(index_dir: Path, host: str, port: int, workers: int, threads: int, devi
     app_config: dict[str, Any] = {"INDEX_DIR": str(index_dir)}
     if device:
         app_config["DEVICE"] = device
-    for key in ("TORCH_THREADS", "DECODE_PROCESSES"):    # share the cores between worker processes
-        if f"RETRIEVAL_{key}" not in os.environ:
-            app_config[key] = max(1, available_cores() // workers)
+    if "RETRIEVAL_TORCH_THREADS" not in os.environ:      # share the cores between worker processes
+        app_config["TORCH_THREADS"] = max(1, available_cores() // workers)
+    if "RETRIEVAL_DECODE_PROCESSES" not in os.environ:   # and the upload decoders (2 by default) too
+        app_config["DECODE_PROCESSES"] = max(1, min(2, available_cores()) // workers)
     address = f"http://{bind_address(host, port)}/"
 
     def post_worker_init(worker) -> None:  # noqa: ANN001 - gunicorn Worker, after it loaded the app
@@ -131,6 +134,7 @@ def main(index_dir: Path, host: str, port: int, workers: int, threads: int, devi
         "workers": workers,
         "threads": threads,
         "worker_class": with_read_timeout(read_timeout),   # gthread, reading requests ahead (api.gunicorn_worker)
+        "worker_connections": MAX_CONNECTIONS,   # per worker; with the read-ahead cap, bounds the memory slow clients hold
         "timeout": timeout,
         "graceful_timeout": 10,
         "keepalive": 5,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,6 +29,8 @@ from .thumbnails import ThumbnailCache
 log = logging.getLogger(__name__)
 
 EXTENSION_KEY = "retrieval"
+THUMBNAIL_DECODES = 2           # thumbnails made at once (each decodes a collection file, up to MAX_PIXELS)
+DEFAULT_DECODE_PROCESSES = 2    # upload decoders when DECODE_PROCESSES is 0: bounds upload memory, whatever the cores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +47,7 @@ class ServiceConfig:
     thumbnail_dir: Path              # where thumbnails are cached, and uploaded gallery searches kept
     thumbnail_size: int              # long side of thumbnails, px
     query_timeout_s: float           # a query waiting longer than this answers 503
-    decode_processes: int            # worker processes decoding uploads, so at most this many at once; 0: one per core
+    decode_processes: int            # worker processes decoding uploads, so at most this many at once; 0: 2 (fewer cores: one per core)
     decode_timeout_s: float          # an upload waits at most this long for a decoder (else 503), decodes at most this long (else 415)
     max_decoded_pixels: int | None   # pixels an upload may decode to, after JPEG draft reduction (None: max_pixels only)
     decode_memory_mb: int            # memory a decoder process may add to its own baseline (RLIMIT_AS); 0: no cap
@@ -108,7 +111,9 @@ class RetrievalService:
         self.recent_queries = RecentQueries(config.thumbnail_dir / RECENT_QUERIES_FILE,   # shared by worker processes
                                             network=lambda: self.index.snapshot().network)
         # uploads are decoded in separate processes: bounded in number, time and memory (never in this one)
-        self.decoders = DecodePool(config.decode_processes or available_cores(), config.decode_timeout_s,
+        self._thumbnail_slots = threading.BoundedSemaphore(THUMBNAIL_DECODES)
+        self.decoders = DecodePool(config.decode_processes or min(DEFAULT_DECODE_PROCESSES, available_cores()),
+                                   config.decode_timeout_s,
                                    memory_mb=config.decode_memory_mb or None)
         log.info("serving %d images from %s (%s %s; forward threads %d alone, %d under load; search threads %d)",
                  len(self.index), config.index_dir, self.index.settings.model, self.index.settings.layer,
@@ -180,30 +185,33 @@ class RetrievalService:
         return vote(hits, len(hits)) if hits else None
 
     # images
-    def record(self, image_id: int) -> ImageRecord:
-        record = self.index.catalog.get(image_id)
+    def record(self, image_id: int, snapshot: IndexSnapshot | None = None) -> ImageRecord:
+        record = (snapshot or self.index.snapshot()).catalog.get(image_id)
         if record is None:
             raise ApiError(404, "not_found", f"no image with id {image_id} in the index")
         return record
 
     def image_file(self, image_id: int) -> Path:
         """The resolved file of an indexed image. Raises ApiError 404 (unknown id, file gone), 403 (outside the folder)."""
-        return self._resolve(self.record(image_id))
+        snapshot = self.index.snapshot()        # the row and the folder it is relative to: one index
+        return self._resolve(self.record(image_id, snapshot), snapshot.data_dir)
 
     def thumbnail_file(self, image_id: int) -> Path:
         """The cached JPEG thumbnail of an indexed image. Raises ApiError 404, 403."""
-        record = self.record(image_id)
-        source = self._resolve(record)
+        snapshot = self.index.snapshot()
+        record = self.record(image_id, snapshot)
+        source = self._resolve(record, snapshot.data_dir)
         try:
-            return self.thumbnails.get(record.id, record.sha256, source)
+            with self._thumbnail_slots:         # full-size decodes of collection files: a few at a time
+                return self.thumbnails.get(record.id, record.sha256, source)
         except ImageDecodeError as exc:
             raise ApiError(404, "file_unreadable", f"the file of image {image_id} can no longer be decoded: {exc}") from exc
 
-    def _resolve(self, record: ImageRecord) -> Path:
+    def _resolve(self, record: ImageRecord, data_dir: Path) -> Path:
         try:
-            return resolve_inside(self.index.data_dir, record.path)
+            return resolve_inside(data_dir, record.path)
         except OutsideDataFolder:
-            log.warning("refused to serve image %d: %s resolves outside %s", record.id, record.path, self.index.data_dir)
+            log.warning("refused to serve image %d: %s resolves outside %s", record.id, record.path, data_dir)
             raise ApiError(403, "forbidden", f"image {record.id} is outside the indexed data folder and is not served") from None
         except FileNotFoundError:
             raise ApiError(404, "file_missing", f"the file of image {record.id} is no longer in the data folder") from None

@@ -17,6 +17,7 @@ import numpy as np
 from retrieval.catalog import CATALOG_FILE, Catalog, IndexSettings
 from retrieval.images import DEFAULT_MAX_PIXELS, Preprocessing
 from retrieval.scan import DEFAULT_MAX_FILE_BYTES, ImageFile, scan_folder
+from retrieval.names import DEFAULT_RANDOM_SEED, FAISS_FILE
 from retrieval.system import available_cores, display_name
 
 from .reader import Reader
@@ -26,8 +27,6 @@ if TYPE_CHECKING:   # torch, torchvision and FAISS are imported only when there 
 
 # The planning half of a run (scan, diff against the catalog) needs neither torch nor FAISS, so an
 # unchanged folder re-indexes without importing them; they are imported in _update when there is work.
-FAISS_FILE = "vectors.faiss"        # retrieval.vector_index.FAISS_FILE, without importing FAISS
-DEFAULT_RANDOM_SEED = 0             # retrieval.backbones.DEFAULT_RANDOM_SEED, without importing torch
 
 log = logging.getLogger(__name__)
 

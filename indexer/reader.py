@@ -9,13 +9,12 @@ mismatch restarts decoding with the right one.
 from __future__ import annotations
 
 import collections
-import ctypes
 import dataclasses
 import logging
 import multiprocessing
 import os
-import signal
-import sys
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -23,48 +22,30 @@ import numpy as np
 
 from retrieval.images import ImageDecodeError, Preprocessing, decode_for_model
 from retrieval.scan import ImageFile
+from retrieval.system import die_with_parent
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1   # <linux/prctl.h>
 DECODE_CHUNK = 8            # files per task sent to a worker
 TASKS_AHEAD_PER_WORKER = 4  # tasks decoded ahead of the network (bounds the memory held in decoded crops)
 WORKER_NICENESS = 10        # decoding workers run at a lower priority than the process feeding the network
 
 
-def start_worker() -> None:
+def start_worker(parent_pid: int) -> None:
     """In a decoding worker, first: die with the parent, and yield the CPU to it.
 
     The parent's work (loading torch and the network, then the forward passes) is what the run
     waits for; decoding fills the cycles it leaves, and when the network waits for decoded
     images the workers get the cores anyway.
     """
-    die_with_parent()
+    die_with_parent(parent_pid)
     try:
         os.nice(WORKER_NICENESS)
     except OSError:
         pass
-
-
-def die_with_parent() -> None:
-    """In a decoding worker: ask the kernel to kill this process when its parent dies (Linux).
-
-    Without it, workers of a run killed with SIGKILL would go on reading files until they noticed.
-    Elsewhere, a worker ends when the pool's pipe to its parent closes.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError) as exc:
-        log.debug("prctl(PR_SET_PDEATHSIG) unavailable: %s", exc)
-        return
-    if os.getppid() == 1:   # the parent died before prctl took effect
-        os._exit(1)
 
 
 def read_file(data_dir: Path, f: ImageFile, prep: Preprocessing, max_pixels: int | None) -> dict:
@@ -108,22 +89,29 @@ class Reader:
 
     Use as a context manager. The workers take tasks of DECODE_CHUNK files, and keep at most a few
     tasks per worker (or two batches, if more) decoded ahead of the consumer, which bounds memory.
+    A worker that dies in a task (killed for memory, a crash in a decoder) costs no run: its files are
+    tried again one at a time in fresh processes, and the one that kills its process is skipped.
     """
 
     def __init__(self, data_dir: Path, files: list[ImageFile], *, workers: int, prep: Preprocessing,
                  max_pixels: int | None):
         assert workers >= 0, "workers must not be negative"
         self.data_dir, self.files, self.max_pixels, self.prep = Path(data_dir), files, max_pixels, prep
+        self.workers = workers
         self.tasks = [files[i:i + DECODE_CHUNK] for i in range(0, len(files), DECODE_CHUNK)]
         self.ahead = TASKS_AHEAD_PER_WORKER * workers   # tasks submitted and not yet collected
-        self._pending: collections.deque = collections.deque()   # AsyncResults, in file order
+        self._pending: collections.deque[Future] = collections.deque()   # in file order
         self._next = 0
-        self._pool = None
+        self._pool: ProcessPoolExecutor | None = None
         if workers and self.tasks:
-            # fork: the workers share what the planner loaded (no torch yet) and start decoding at once
-            self._pool = multiprocessing.get_context("fork").Pool(min(workers, len(self.tasks)),
-                                                                  initializer=start_worker)
+            self._pool = self._new_pool(min(workers, len(self.tasks)))
             self._fill()
+
+    @staticmethod
+    def _new_pool(workers: int) -> ProcessPoolExecutor:
+        # fork: the workers share what the planner loaded (no torch yet at the start) and begin at once
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=start_worker, initargs=(os.getpid(),))
 
     def __enter__(self) -> "Reader":
         return self
@@ -133,15 +121,38 @@ class Reader:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            processes = list((getattr(self._pool, "_processes", None) or {}).values())
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for proc in processes:   # do not wait for decodes in flight
+                proc.kill()
             self._pool = None
 
     def _fill(self) -> None:
         while self._next < len(self.tasks) and len(self._pending) < self.ahead:
-            args = (self.data_dir, self.tasks[self._next], self.prep, self.max_pixels)
-            self._pending.append(self._pool.apply_async(read_files, args))
+            self._pending.append(self._pool.submit(read_files, self.data_dir, self.tasks[self._next], self.prep,
+                                                   self.max_pixels))
             self._next += 1
+
+    def _restart_from(self, task: int) -> None:
+        """After a worker died: a new pool, and every task from `task` on submitted again."""
+        self.close()
+        self._pool = self._new_pool(min(self.workers, len(self.tasks)))
+        self._pending.clear()
+        self._next = task
+
+    def _one_by_one(self, task: int) -> list[dict]:
+        """The files of a task whose worker died, each in a process of its own; a file that kills it is skipped."""
+        items = []
+        for f in self.tasks[task]:
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"), initializer=start_worker,
+                                     initargs=(os.getpid(),)) as alone:
+                try:
+                    items += alone.submit(read_files, self.data_dir, [f], self.prep, self.max_pixels).result()
+                except BrokenProcessPool:
+                    log.warning("decoding %s killed its worker process; skipped", f.path)
+                    items.append({"file": f, "error": "decoding it killed the worker process (out of memory, "
+                                                      "or a crash in the image decoder)"})
+        return items
 
     def _items(self) -> Iterator[dict]:
         if self._pool is None:
@@ -149,8 +160,15 @@ class Reader:
                 yield from read_files(self.data_dir, files, self.prep, self.max_pixels)
             return
         self._fill()
+        task = self._next - len(self._pending)
         while self._pending:
-            items = self._pending.popleft().get()
+            try:
+                items = self._pending.popleft().result()
+            except BrokenProcessPool:
+                log.warning("a decoding worker died; trying the files of its batch one at a time")
+                items = self._one_by_one(task)
+                self._restart_from(task + 1)
+            task += 1
             self._fill()
             yield from items
 
@@ -159,6 +177,8 @@ class Reader:
         assert batch_size >= 1, "batch_size must be at least 1"
         if (prep.resize_size, prep.crop_size) != (self.prep.resize_size, self.prep.crop_size):
             log.info("the network's preprocessing differs from the expected one: decoding again")
+            for future in self._pending:
+                future.cancel()
             self._pending.clear()            # the early decodes are dropped
             self._next = 0
         self.prep = prep

@@ -14,7 +14,7 @@ from torch import nn
 from torchvision import models
 
 from .images import Preprocessing
-from .names import LAYERS, MODEL_NAMES
+from .names import DEFAULT_RANDOM_SEED, LAYERS, MODEL_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ MODELS: dict[str, ModelSpec] = {
                        {"fc6": "classifier.1", "fc7": "classifier.4"}),
 }
 assert tuple(MODELS) == MODEL_NAMES, "retrieval.names.MODEL_NAMES lists the backbones"
-DEFAULT_RANDOM_SEED = 0
 
 
 class WeightsUnavailable(RuntimeError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
+import sqlite3
 from pathlib import Path
 from typing import Iterable, Iterator
 from urllib.parse import quote
@@ -12,6 +13,7 @@ import numpy as np
 from sqlalchemy import (BigInteger, Boolean, DateTime, Integer, LargeBinary, String, create_engine, delete, event,
                         func, select)
 from sqlalchemy.engine import Engine
+from sqlalchemy.pool import QueuePool
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -74,13 +76,13 @@ class IndexSettingsRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     model: Mapped[str] = mapped_column(String)
     layer: Mapped[str] = mapped_column(String)
-    weights: Mapped[str] = mapped_column(String)           # "imagenet", "random" or a file path (what the user chose)
+    weights: Mapped[str] = mapped_column(FileName)           # "imagenet", "random" or a file path (what the user chose)
     weights_identity: Mapped[str] = mapped_column(String)  # name or content hash
     seed: Mapped[int] = mapped_column(Integer)
     dim: Mapped[int] = mapped_column(Integer)
     normalize: Mapped[bool] = mapped_column(Boolean)
     preprocessing: Mapped[str] = mapped_column(String)     # e.g. "resize=256,crop=224,mean=...,std=..."
-    data_dir: Mapped[str] = mapped_column(String)          # absolute
+    data_dir: Mapped[str] = mapped_column(FileName)          # absolute
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
@@ -151,9 +153,10 @@ def make_engine(path: Path, *, create: bool = True) -> Engine:
 
     create=False opens an existing file only: a reader never leaves an empty database behind when the
     file has been deleted under it (it gets an error instead)."""
-    mode = "rwc" if create else "rw"
-    engine = create_engine(f"sqlite:///file:{quote(str(path))}?mode={mode}&uri=true",
-                           connect_args={"timeout": 30, "check_same_thread": False})
+    # SQLite's own URI, percent-encoded from the path's bytes: any folder name works (not only UTF-8 ones)
+    uri = f"file:{quote(os.fsencode(Path(path).absolute()))}?mode={'rwc' if create else 'rw'}"
+    engine = create_engine("sqlite://", poolclass=QueuePool,
+                           creator=lambda: sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False))
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn, _record):  # noqa: ANN001 - DB-API connection

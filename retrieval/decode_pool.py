@@ -9,14 +9,12 @@ A worker dies with the server: PR_SET_PDEATHSIG on Linux, and EOF on its stdin e
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import json
 import logging
 import os
 import queue
 import select
-import signal
 import struct
 import subprocess
 import sys
@@ -29,12 +27,14 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .images import DecodedImage, ImageDecodeError, Preprocessing, decode_error, decode_for_model, jpeg_bytes
+from .system import die_with_parent
 
 log = logging.getLogger(__name__)
 
 PREVIEW_QUALITY = 85          # JPEG quality of previews made by the workers
 STARTUP_TIMEOUT_S = 60.0      # a new worker imports Pillow and numpy (well under a second on an idle machine)
 MAX_HEADER_BYTES = 1 << 16
+MAX_REPLY_BYTES = 64 << 20    # a crop and a preview are far smaller; a worker that says more is broken
 _LENGTH = struct.Struct(">I")
 # Worker environment: one thread for any numeric library, and large blocks always given back to the system
 # (glibc would otherwise raise its mmap threshold after the first big image and keep the memory).
@@ -95,10 +95,10 @@ class _Worker:
     def pid(self) -> int:
         return self.proc.pid
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, deadline: float | None = None) -> None:
         """The first frame a worker writes says it has imported what it needs. Raises _Broken, _Late."""
         if not self.ready:
-            header, _ = self._read(time.monotonic() + STARTUP_TIMEOUT_S)
+            header, _ = self._read(deadline if deadline is not None else time.monotonic() + STARTUP_TIMEOUT_S)
             if not header.get("ready"):
                 raise _Broken("no ready frame")
             self.ready = True
@@ -129,6 +129,8 @@ class _Worker:
             size = int(header["size"])
         except (ValueError, KeyError, TypeError) as exc:
             raise _Broken(f"an unreadable header ({exc})") from None
+        if not 0 <= size <= MAX_REPLY_BYTES:
+            raise _Broken(f"a {size:,}-byte answer")
         return header, self._read_exactly(size, deadline)
 
     def _read_exactly(self, n: int, deadline: float) -> bytearray:
@@ -207,6 +209,7 @@ class DecodePool:
         self.stats = PoolStats()
         self._lock = threading.Lock()
         self._closed = False
+        self._missing = 0                      # workers that died and could not be replaced yet
         self._idle: queue.LifoQueue[_Worker] = queue.LifoQueue()   # the most recently used worker is warmest
         # Workers are started from one long-lived thread: PR_SET_PDEATHSIG fires when the *thread* that started
         # a process ends, and request threads come and go.
@@ -253,14 +256,25 @@ class DecodePool:
         """-> (reply header, reply bytes, when a worker took the request)."""
         if self._closed:
             raise DecoderBusy("the decoder pool is closed")
+        self._top_up()
         try:
             worker = self._idle.get(timeout=self.timeout_s)
         except queue.Empty:
             with self._lock:
                 self.stats.busy += 1
             raise DecoderBusy(f"every image decoder stayed busy for {self.timeout_s:g} s") from None
+        try:   # a replacement may still be importing: it gets the request's deadline, not the start-up one
+            worker.wait_ready(time.monotonic() + self.timeout_s)
+        except _Late:                          # still starting: it stays in the pool for the next upload
+            self._release(worker)
+            raise DecoderBusy("the image decoders are starting; try again shortly") from None
+        except _Broken:
+            self._replace(worker, "crashes")
+            raise DecoderBusy("the image decoders are restarting; try again shortly") from None
+        except BaseException:
+            self._replace(worker, "crashes")
+            raise
         try:
-            worker.wait_ready()
             handed = time.monotonic()
             reply, body = worker.call(header, payload, handed + self.timeout_s)
         except _Late:
@@ -294,7 +308,20 @@ class DecodePool:
         try:
             self._idle.put(self._spawn())      # it imports while the next request is on its way
         except (OSError, RuntimeError):
-            log.exception("could not start a replacement decoder process")   # the pool runs one short
+            log.exception("could not start a replacement decoder process; trying again on the next upload")
+            with self._lock:
+                self._missing += 1
+
+    def _top_up(self) -> None:
+        """Start the workers that could not be replaced earlier (the pool never stays short for good)."""
+        with self._lock:
+            missing, self._missing = self._missing, 0
+        for _ in range(missing):
+            try:
+                self._idle.put(self._spawn())
+            except (OSError, RuntimeError):
+                with self._lock:
+                    self._missing += 1
 
     def _spawn(self) -> _Worker:
         """A new worker process, started by the spawner thread. Raises OSError (cannot start), RuntimeError (closed)."""
@@ -346,18 +373,6 @@ class DecodePool:
 
 # --- the worker process -----------------------------------------------------------------------------------
 
-def _die_with_parent(parent_pid: int) -> None:
-    """SIGKILL this process when the thread that started it ends (Linux); exit now if the parent is already gone."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL, 0, 0, 0)   # PR_SET_PDEATHSIG = 1
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:
-        os._exit(0)
-
-
 def _cap_memory(extra_mb: int) -> None:
     """Address space = what this process has mapped now (interpreter, Pillow, numpy) + extra_mb. Linux only."""
     import resource
@@ -401,7 +416,7 @@ def _answer(header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], byt
 
 def serve(parent_pid: int, memory_mb: int | None) -> None:
     """The worker's loop: a frame in, a frame out, until EOF on stdin."""
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)                       # a stray print goes to the log, not into the answers
     if memory_mb:

@@ -1,7 +1,9 @@
-"""Names the command lines and the library share, importable without torch: networks, layers, the index variable."""
+"""Names and defaults the command lines and the library share, importable without torch or FAISS."""
 from __future__ import annotations
 
 MODEL_NAMES = ("alexnet", "vgg16")       # torchvision backbones (retrieval.backbones.MODELS has one entry each)
 LAYERS = ("fc6", "fc7")                  # feature layers, each taken after its ReLU
 INDEX_DIR_ENV = "RETRIEVAL_INDEX_DIR"    # default index folder for every command and the server
 DEFAULT_KS = (1, 5, 10)                  # neighbours for precision@k and the kNN vote in evaluations
+FAISS_FILE = "vectors.faiss"             # the vector index in an index folder (derived from the catalog)
+DEFAULT_RANDOM_SEED = 0                  # seed of --weights random when none is given

@@ -1,7 +1,12 @@
 """Facts about the machine and the file system that every part needs: usable cores, and file names shown as text."""
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1   # <linux/prctl.h>
 
 
 def available_cores() -> int:
@@ -17,3 +22,18 @@ def display_name(name: str) -> str:
     """A file or folder name as printable text: bytes that are not UTF-8 (kept by Python as surrogate escapes)
     are shown as \\xNN, so logs, JSON, pages and terminals never fail on them."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a child process: be killed (SIGKILL) when the parent dies (Linux), and exit now if it already has.
+
+    parent_pid is the parent's pid as the parent saw it; comparing with it (not with 1) also notices an
+    adoption by a subreaper (tini, systemd). Elsewhere children notice their parent's end by other means.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)

@@ -11,11 +11,11 @@ import faiss
 import numpy as np
 
 from .catalog import Catalog
+from .names import FAISS_FILE
 from .system import available_cores
 
 log = logging.getLogger(__name__)
 
-FAISS_FILE = "vectors.faiss"
 
 # A few queries (a lone upload, a micro-batch) are searched by _scan: the stored vectors are split across
 # threads, each reading its share once, in blocks of about SCAN_BLOCK_BYTES that stay in cache while
@@ -122,8 +122,9 @@ class VectorIndex:
         """Write to a temporary file, fsync, then rename over path: readers see the old or the new file, whole."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        faiss.write_index(self.index, str(tmp))
-        with open(tmp, "rb") as f:
+        with open(tmp, "wb") as f:   # through Python's file: any path works (FAISS's own takes UTF-8 names only)
+            faiss.write_index(self.index, faiss.PyCallbackIOWriter(f.write))
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
@@ -131,7 +132,10 @@ class VectorIndex:
     def load(cls, path: Path, dim: int) -> "VectorIndex | None":
         """The saved index, or None when it is missing, unreadable or of another shape (it is a cache)."""
         try:
-            index = faiss.read_index(str(path))
+            with open(path, "rb") as f:
+                index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
+        except FileNotFoundError:
+            return None
         except RuntimeError as exc:
             if Path(path).exists():
                 log.warning("ignoring unreadable FAISS file %s (%s); rebuilding from the catalog", path, exc)

@@ -354,3 +354,43 @@ def test_a_run_after_a_crash_between_commit_and_faiss_save_reconciles(small_data
 
     assert (report.indexed, report.total) == (0, 5)
     assert len(faiss_ids(index_dir)) == 5, "the no-op run noticed the stale FAISS file and reconciled it"
+
+
+def test_a_file_that_kills_its_decoding_worker_is_skipped_and_the_run_goes_on(small_data, tmp_path, index_images,
+                                                                               monkeypatch):
+    import signal
+
+    import indexer.reader as reader
+
+    real = reader.decode_for_model
+
+    def deadly(path, *args, **kwargs):   # as if the kernel killed the worker for memory on this one file
+        if str(path).endswith("red_circles_001.jpg"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(reader, "decode_for_model", deadly)   # the forked workers inherit it
+
+    report = index_images(small_data, tmp_path / "index", workers=2, batch_size=2)
+
+    assert (report.indexed, report.total) == (5, 5)
+    assert [(s["path"], "killed the worker process" in s["reason"]) for s in report.skipped] == \
+        [("red_circles/red_circles_001.jpg", True)]
+    assert len(faiss_ids(tmp_path / "index")) == 5
+
+
+def test_data_and_index_folders_whose_names_are_not_utf8(small_data, tmp_path, index_images):
+    data = tmp_path / os.fsdecode(b"photos-\xe9t\xe9")
+    shutil.move(small_data, data)
+    index_dir = tmp_path / os.fsdecode(b"index-\xff")
+
+    first = index_images(data, index_dir)
+    again = index_images(data, index_dir)
+
+    assert (first.indexed, again.unchanged, again.total) == (6, 6, 6)
+    index = ImageIndex(index_dir)
+    try:
+        path = next(iter(index.catalog.file_states()))
+        hits, _ = index.search_image((data / path).read_bytes(), 1)
+        assert hits[0].path == path and hits[0].distance < 1e-3
+    finally:
+        index.close()

@@ -2,8 +2,8 @@
 
 Everything runs as a user runs it: the console scripts as subprocesses whose working folder is a
 temporary folder, relative paths exactly as the README writes them (`index-images data --weights
-random`, the default index folder `index`), default options otherwise (decoding in DataLoader
-workers, `serve-images` under gunicorn). The browser then walks the gallery and, on every page,
+random`, the default index folder `index`), default options otherwise (decoding in worker
+processes, `serve-images` under gunicorn). The browser then walks the gallery and, on every page,
 checks that each <img> loaded, that no console error or 5xx answer appeared, and that label
 folders named like markup are shown as text. `make demo` is started, checked and stopped the same way.
 """
@@ -370,6 +370,7 @@ def test_index_images_rerun_right_after_kill_9(tmp_path):
                         f"the test needs a longer run:\n{log_tail(log)}")
         assert workers, f"index-images started no decoding workers within {COMMAND_S} s (default options)"
         time.sleep(0.5)                          # inside the run: workers decoding, maybe a batch committed
+        assert proc.poll() is None, "the run ended before it could be killed; the test proves nothing:\n" + log_tail(log)
         proc.send_signal(signal.SIGKILL)
         proc.wait(STOP_S)
 
