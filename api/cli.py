@@ -114,6 +114,7 @@ def main(index_dir: Path, host: str, port: int, workers: int, threads: int, devi
     Exit status: 2 when there is no index (run index-images first), 3 when a worker cannot start.
     """
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)   # its search for CPU-specific builds is noise
     count, network = check_index(index_dir)
     app_config: dict[str, Any] = {"INDEX_DIR": str(index_dir)}
     if device:
