@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import json
 import os
 import platform
@@ -22,7 +21,6 @@ import shutil
 import signal
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -44,45 +42,20 @@ CLIENT_TIMEOUT_S = 120      # a client gives up after this (the old server took 
 
 # --- hostile files --------------------------------------------------------------------------------------
 
-def _encode(img, fmt: str, **kw) -> bytes:
-    out = io.BytesIO()
-    img.save(out, fmt, **kw)
-    return out.getvalue()
-
-
-def many_scans_jpeg(width: int, height: int, scans: int) -> bytes:
-    """Greyscale progressive JPEG: one AC scan (an end-of-band run over every block) repeated `scans` times."""
-    def segment(marker: int, payload: bytes) -> bytes:
-        return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
-
-    bits, n = 0, 0
-    left = ((width + 7) // 8) * ((height + 7) // 8)
-    while left:
-        run = min(left, 32767)
-        r = run.bit_length() - 1
-        bits, n = (bits << (4 + r)) | (r << r) | (run - (1 << r)), n + 4 + r
-        left -= run
-    pad = -n % 8
-    data = ((bits << pad) | ((1 << pad) - 1)).to_bytes((n + pad) // 8, "big").replace(b"\xff", b"\xff\x00")
-    scan = segment(0xDA, b"\x01\x01\x00\x01\x3f\x00") + data
-    return b"".join([b"\xff\xd8", segment(0xDB, b"\x00" + bytes([1]) * 64),
-                     segment(0xC2, struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00"),
-                     segment(0xC4, b"\x10" + bytes([0, 0, 0, 15] + [0] * 12) + bytes(r << 4 for r in range(15))),
-                     scan * scans, b"\xff\xd9"])
-
-
 def hostile_files(folder: Path) -> dict[str, bytes]:
     """name -> file bytes; made once and kept in folder."""
     from PIL import Image
 
+    from indexer.samples import encoded, many_scans_jpeg
+
     makers = {
-        "tiff_strip_64x1114160": lambda: _encode(Image.new("1", (64, 1_114_160)), "TIFF", compression="group4"),
-        "png_line_2x40M": lambda: _encode(Image.new("L", (40_000_000, 2)), "PNG"),
-        "png16_89Mpx": lambda: _encode(Image.new("I;16", (SIDE, SIDE)), "PNG"),
-        "tiff32_89Mpx": lambda: _encode(Image.new("I", (SIDE, SIDE)), "TIFF", compression="tiff_adobe_deflate"),
-        "rgba_png_89Mpx": lambda: _encode(Image.new("RGBA", (SIDE, SIDE)), "PNG"),
-        "rgb_png_89Mpx": lambda: _encode(Image.new("RGB", (SIDE, SIDE)), "PNG"),
-        "rgba_png_24Mpx": lambda: _encode(Image.new("RGBA", (6000, 4000), (10, 200, 30, 128)), "PNG"),
+        "tiff_strip_64x1114160": lambda: encoded(Image.new("1", (64, 1_114_160)), "TIFF", compression="group4"),
+        "png_line_2x40M": lambda: encoded(Image.new("L", (40_000_000, 2)), "PNG"),
+        "png16_89Mpx": lambda: encoded(Image.new("I;16", (SIDE, SIDE)), "PNG"),
+        "tiff32_89Mpx": lambda: encoded(Image.new("I", (SIDE, SIDE)), "TIFF", compression="tiff_adobe_deflate"),
+        "rgba_png_89Mpx": lambda: encoded(Image.new("RGBA", (SIDE, SIDE)), "PNG"),
+        "rgb_png_89Mpx": lambda: encoded(Image.new("RGB", (SIDE, SIDE)), "PNG"),
+        "rgba_png_24Mpx": lambda: encoded(Image.new("RGBA", (6000, 4000), (10, 200, 30, 128)), "PNG"),
         "jpeg_1200_scans": lambda: many_scans_jpeg(9000, 9000, 1200),
         "jpeg_100_scans": lambda: many_scans_jpeg(9000, 9000, 100),
     }
@@ -97,9 +70,9 @@ def hostile_files(folder: Path) -> dict[str, bytes]:
 
 
 def query_photo() -> bytes:
-    from indexer.samples import SAMPLE_CLASSES, draw_sample
+    from indexer.samples import SAMPLE_CLASSES, draw_sample, encoded
 
-    return _encode(draw_sample(list(SAMPLE_CLASSES)[0], (640, 480), random.Random(7)), "JPEG", quality=90)
+    return encoded(draw_sample(list(SAMPLE_CLASSES)[0], (640, 480), random.Random(7)), "JPEG", quality=90)
 
 
 # --- server and clients ------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""Synthetic labelled picture collections (for the demo, the tests and the benchmarks), drawn with Pillow."""
+"""Synthetic pictures, drawn with Pillow: labelled collections (for the demo, the tests and the benchmarks), and
+files made to test the decoder's limits (for the tests and benchmarks of hostile uploads)."""
 from __future__ import annotations
 
+import io
 import random
+import struct
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
@@ -62,3 +65,34 @@ def make_sample_collection(folder: Path, per_class: int = 12, size: tuple[int, i
             draw_sample(kind, size, rng).save(path, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
             written.append(path)
     return written
+
+
+# --- files made to test the decoder's limits ------------------------------------------------------
+
+def encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+    """img saved as fmt (Pillow save options in kw), as bytes."""
+    out = io.BytesIO()
+    img.save(out, fmt, **kw)
+    return out.getvalue()
+
+
+def many_scans_jpeg(width: int, height: int, scans: int) -> bytes:
+    """A greyscale progressive JPEG whose picture is all grey and whose AC scan (an end-of-band run over every
+    block) is repeated `scans` times: a few bytes a scan, yet every scan walks every block."""
+    def segment(marker: int, payload: bytes) -> bytes:
+        return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+    bits, n = 0, 0
+    left = ((width + 7) // 8) * ((height + 7) // 8)
+    while left:                                   # EOBr symbols (4-bit codes) + r extra bits: runs of <= 32767
+        run = min(left, 32767)
+        r = run.bit_length() - 1
+        bits, n = (bits << (4 + r)) | (r << r) | (run - (1 << r)), n + 4 + r
+        left -= run
+    pad = -n % 8
+    data = ((bits << pad) | ((1 << pad) - 1)).to_bytes((n + pad) // 8, "big").replace(b"\xff", b"\xff\x00")
+    scan = segment(0xDA, b"\x01\x01\x00\x01\x3f\x00") + data   # component 1, AC table 0, Ss=1 Se=63 Ah=Al=0
+    return b"".join([b"\xff\xd8", segment(0xDB, b"\x00" + bytes([1]) * 64),
+                     segment(0xC2, struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00"),
+                     segment(0xC4, b"\x10" + bytes([0, 0, 0, 15] + [0] * 12) + bytes(r << 4 for r in range(15))),
+                     scan * scans, b"\xff\xd9"])

@@ -15,7 +15,7 @@ from sqlalchemy import (BigInteger, Boolean, DateTime, Integer, LargeBinary, Str
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.types import TypeDecorator
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 CATALOG_FILE = "catalog.db"
 

@@ -17,7 +17,8 @@ from .backbones import (MODELS, FeatureExtractor, WeightsUnavailable, build_extr
                         random_weights_file)
 from .catalog import CATALOG_FILE, Catalog, IndexSettings
 from .images import DEFAULT_MAX_PIXELS, DecodedImage, decode_for_model
-from .vector_index import FAISS_FILE, VectorIndex
+from .names import FAISS_FILE
+from .vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ import faiss
 import numpy as np
 
 from .catalog import Catalog
-from .names import FAISS_FILE
 from .system import available_cores
 
 log = logging.getLogger(__name__)

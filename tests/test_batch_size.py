@@ -16,7 +16,8 @@ from indexer.cli import main as index_main
 from indexer.cli import parse_batch_size
 from indexer.samples import make_sample_collection
 from retrieval.catalog import Catalog
-from retrieval.vector_index import FAISS_FILE, VectorIndex
+from retrieval.names import FAISS_FILE
+from retrieval.vector_index import VectorIndex
 
 VGG16_IMAGE = 60_950_432     # bytes of fp32 activations per 224x224 image (model-info vgg16)
 ALEXNET_IMAGE = 2_932_128

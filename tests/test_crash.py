@@ -16,7 +16,8 @@ import pytest
 from indexer.samples import make_sample_collection
 from retrieval.catalog import Catalog
 from retrieval.index import ImageIndex
-from retrieval.vector_index import FAISS_FILE, VectorIndex
+from retrieval.names import FAISS_FILE
+from retrieval.vector_index import VectorIndex
 
 N_IMAGES = 60
 

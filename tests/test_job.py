@@ -14,7 +14,8 @@ from indexer.job import ConfigError, index_lock
 from indexer.samples import draw_sample, make_sample_collection
 from retrieval.catalog import Catalog
 from retrieval.index import ImageIndex
-from retrieval.vector_index import FAISS_FILE, VectorIndex
+from retrieval.names import FAISS_FILE
+from retrieval.vector_index import VectorIndex
 
 from test_images import bad_files
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from indexer.samples import encoded, many_scans_jpeg
 from retrieval.decode_pool import DecodePool, DecodeTimedOut, DecoderBusy
 from retrieval.images import MAX_JPEG_SCANS, ImageDecodeError, Preprocessing
 
@@ -25,34 +25,6 @@ TIMEOUT_S = 0.5   # the slow file below takes over a second on a 2-core CI machi
 def app_config() -> dict:
     return {"DECODE_PROCESSES": 2, "DECODE_TIMEOUT_S": TIMEOUT_S, "MAX_DECODED_PIXELS": 4_000_000,
             "DECODE_MEMORY_MB": 256}
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    out = io.BytesIO()
-    img.save(out, fmt, **kw)
-    return out.getvalue()
-
-
-def many_scans_jpeg(width: int, height: int, scans: int) -> bytes:
-    """A greyscale progressive JPEG whose picture is all grey and whose AC scan (an end-of-band run over every
-    block) is repeated `scans` times: a few bytes a scan, yet every scan walks every block."""
-    def segment(marker: int, payload: bytes) -> bytes:
-        return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
-
-    bits, n = 0, 0
-    left = ((width + 7) // 8) * ((height + 7) // 8)
-    while left:                                   # EOBr symbols (4-bit codes) + r extra bits: runs of <= 32767
-        run = min(left, 32767)
-        r = run.bit_length() - 1
-        bits, n = (bits << (4 + r)) | (r << r) | (run - (1 << r)), n + 4 + r
-        left -= run
-    pad = -n % 8
-    data = ((bits << pad) | ((1 << pad) - 1)).to_bytes((n + pad) // 8, "big").replace(b"\xff", b"\xff\x00")
-    scan = segment(0xDA, b"\x01\x01\x00\x01\x3f\x00") + data   # component 1, AC table 0, Ss=1 Se=63 Ah=Al=0
-    return b"".join([b"\xff\xd8", segment(0xDB, b"\x00" + bytes([1]) * 64),
-                     segment(0xC2, struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00"),
-                     segment(0xC4, b"\x10" + bytes([0, 0, 0, 15] + [0] * 12) + bytes(r << 4 for r in range(15))),
-                     scan * scans, b"\xff\xd9"])
 
 
 def slow_jpeg() -> bytes:
@@ -88,16 +60,16 @@ def pids_alive(pids) -> set[int]:
 # --- shape, pixels, scans: refused before decoding -----------------------------------------------------
 
 def test_a_long_thin_strip_is_refused_before_any_resize(client):
-    strip = encode(Image.new("1", (64, 64 * 250)), "TIFF", compression="group4")    # 1:250, a few kB
+    strip = encoded(Image.new("1", (64, 64 * 250)), "TIFF", compression="group4")    # 1:250, a few kB
     assert "long and thin" in refused(upload(client, strip))
-    line = encode(Image.new("L", (40_000_000, 2)), "PNG")                           # used to be an OverflowError
+    line = encoded(Image.new("L", (40_000_000, 2)), "PNG")                           # used to be an OverflowError
     assert "long and thin" in refused(upload(client, line))
 
 
 def test_more_decoded_pixels_than_the_limit_is_415_but_a_large_jpeg_decodes_reduced(client):
-    message = refused(upload(client, encode(Image.new("L", (2100, 2000)), "PNG")))   # 4.2 Mpx > 4 Mpx
+    message = refused(upload(client, encoded(Image.new("L", (2100, 2000)), "PNG")))   # 4.2 Mpx > 4 Mpx
     assert "too large to decode" in message
-    photo = encode(Image.new("RGB", (4000, 3000), (20, 120, 200)), "JPEG")           # 12 Mpx, drafted to 500x375
+    photo = encoded(Image.new("RGB", (4000, 3000), (20, 120, 200)), "JPEG")           # 12 Mpx, drafted to 500x375
     r = upload(client, photo)
     assert r.status_code == 200, r.data
     assert r.get_json()["query"] == {"width": 4000, "height": 3000}
@@ -115,7 +87,7 @@ def test_a_jpeg_with_too_many_scans_is_refused_at_once(client):
     (Image.new("RGBA", (1500, 1200), (10, 200, 30, 128)), "PNG"),
 ])
 def test_high_bit_depth_and_alpha_uploads_are_answered(client, img, fmt):
-    assert upload(client, encode(img, fmt)).status_code == 200
+    assert upload(client, encoded(img, fmt)).status_code == 200
 
 
 # --- time: the deadline, and the worker that passed it -------------------------------------------------
@@ -166,7 +138,7 @@ def test_healthz_answers_while_eight_slow_decodes_run_and_every_upload_is_415_or
 def test_the_gallery_preview_comes_from_the_same_bounded_decode(client):
     r = upload(client, slow_jpeg(), "/gallery/search")
     assert r.status_code == 415 and "took too long to decode" in r.get_data(as_text=True)
-    big = encode(Image.new("RGB", (1800, 1200), (200, 40, 40)), "PNG")
+    big = encoded(Image.new("RGB", (1800, 1200), (200, 40, 40)), "PNG")
     r = upload(client, big, "/gallery/search")
     assert r.status_code == 303, r.data
     html = client.get(r.headers["Location"]).get_data(as_text=True)
@@ -208,9 +180,9 @@ def test_a_decode_over_the_memory_cap_is_a_decode_error_and_the_worker_lives_on(
     try:
         pid = pool.worker_pids()[0]
         with pytest.raises(ImageDecodeError, match="memory"):
-            pool.decode(encode(Image.new("RGBA", (3000, 3000)), "PNG"), Preprocessing(), max_pixels=None,
+            pool.decode(encoded(Image.new("RGBA", (3000, 3000)), "PNG"), Preprocessing(), max_pixels=None,
                         max_decoded_pixels=None)                                   # 36 MB as RGBA, twice that resized
-        small = pool.decode(encode(Image.new("RGB", (300, 200), (1, 2, 3)), "PNG"), Preprocessing(), max_pixels=None,
+        small = pool.decode(encoded(Image.new("RGB", (300, 200), (1, 2, 3)), "PNG"), Preprocessing(), max_pixels=None,
                             max_decoded_pixels=None)
         assert small.image.pixels.shape == (3, 224, 224) and small.image.pixels.dtype == np.uint8
         assert tuple(small.image.pixels[:, 0, 0]) == (1, 2, 3)
