@@ -9,6 +9,7 @@ import click
 from retrieval.names import DEFAULT_KS
 
 from .cli import UserError, index_dir_option, setup_logging
+from .config_table import command_settings
 
 # retrieval.evaluation (numpy, the catalog, scikit-learn) is imported after the arguments are parsed.
 
@@ -27,7 +28,7 @@ def parse_ks(value: str) -> list[int]:
     return ks
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=command_settings("evaluate-index"))
 @index_dir_option
 @click.option("-k", "ks", default=",".join(map(str, DEFAULT_KS)), show_default=True, metavar="K[,K...]",
               help="Numbers of neighbours for precision@k and the kNN vote.")

@@ -8,11 +8,12 @@ import click
 from retrieval.names import MODEL_NAMES
 
 from .cli import UserError, setup_logging
+from .config_table import command_settings
 
 # retrieval.model_info (torch, torchvision) is imported after the arguments are parsed.
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=command_settings("model-info"))
 @click.argument("model", type=click.Choice(MODEL_NAMES))
 @click.option("--input-size", type=click.IntRange(min=1), default=224, show_default=True,
               help="Side of the square input image, in pixels.")
