@@ -22,7 +22,9 @@ from .settings import settings_in_force
 
 MAX_CONNECTIONS = 64   # open connections per worker process (gunicorn's default is 1000)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"   # api.metrics: where the workers keep their metric values
-OPTION_SETTINGS = {"index_dir": "INDEX_DIR", "device": "DEVICE"}   # options that set app settings (api.settings)
+# Options that set an app setting (api.settings.SETTINGS): option name -> config key. An option added here is
+# passed to create_app, shown by --print-config with the app's value, and listed once in the README's table.
+OPTION_SETTINGS = {"index_dir": "INDEX_DIR", "device": "DEVICE"}
 
 # Only light modules above (click, gunicorn: about 0.1 s): --help and usage errors answer at once. The
 # retrieval modules that bring torch and FAISS are imported inside the command, after the arguments are parsed.
@@ -89,11 +91,17 @@ def bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def app_overrides(index_dir: Path, device: str | None, workers: int, source: dict[str, str]) -> dict[str, tuple[Any, str]]:
-    """What serve-images passes to create_app on top of the environment: config key -> (value, where it came from)."""
-    overrides: dict[str, tuple[Any, str]] = {"INDEX_DIR": (str(index_dir), source["index_dir"])}
-    if device:
-        overrides["DEVICE"] = (device, source["device"])
+def app_overrides(ctx: click.Context) -> dict[str, tuple[Any, str]]:
+    """What serve-images passes to create_app on top of the environment: config key -> (value, where it came from).
+
+    The options named in OPTION_SETTINGS (when given a value), and the cores shared between the workers."""
+    overrides: dict[str, tuple[Any, str]] = {}
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in OPTION_SETTINGS and value is not None:
+            overrides[OPTION_SETTINGS[param.name]] = (str(value) if isinstance(value, Path) else value,
+                                                      source_of(ctx, param, "serve-images"))
+    workers = ctx.params["workers"]
     if "RETRIEVAL_TORCH_THREADS" not in os.environ:      # share the cores between worker processes
         overrides["TORCH_THREADS"] = (max(1, available_cores() // workers), "serve-images: cores / --workers")
     if "RETRIEVAL_DECODE_PROCESSES" not in os.environ:   # and the upload decoders (2 by default) too
@@ -161,8 +169,7 @@ def main(ctx: click.Context, index_dir: Path, host: str, port: int, workers: int
 
     Exit status: 2 when there is no index (run index-images first), 3 when a worker cannot start.
     """
-    sources = {p.name: source_of(ctx, p, "serve-images") for p in ctx.command.params if p.name}
-    overrides = app_overrides(index_dir, device, workers, sources)
+    overrides = app_overrides(ctx)
     if print_config:
         show_config(ctx, overrides)
         return

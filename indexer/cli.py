@@ -140,7 +140,8 @@ def search_main(query_image: Path, k: int, index_dir: Path, device: str, as_json
     """Print the K images of the index nearest to QUERY_IMAGE in feature space.
 
     The query goes through exactly the network the index was built with. Distances are L2
-    distances between feature vectors (0 for an identical image).
+    distances between feature vectors (0 for an identical image). Options can also be set by
+    environment variables (SEARCH_IMAGES_K, ...; see the README's configuration table).
     """
     setup_logging(False)
     from retrieval.backbones import DeviceUnavailable, WeightsUnavailable

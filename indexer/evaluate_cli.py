@@ -44,6 +44,8 @@ def main(index_dir: Path, ks: str, seed: int, as_json: bool, verbose: bool) -> N
     group), a linear probe (logistic regression on a stratified, seeded train/test split),
     per-class numbers, confusion matrices and the chance levels to compare with.
 
+    Options can also be set by environment variables (EVALUATE_INDEX_KS, ...; see the README).
+
     Exit status: 0 done, 2 no index or not evaluable (fewer than two labels, a label with one image).
     """
     setup_logging(verbose)

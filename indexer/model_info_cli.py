@@ -23,7 +23,8 @@ def main(model: str, input_size: int, as_json: bool) -> None:
 
     Computed from torchvision's own module (forward hooks on a meta-device copy: no weights are
     loaded or downloaded), per image. ReLU and dropout are folded into the layer before them, as in
-    the classic CS231n table; memory is activations x 4 bytes (MB = 10^6 bytes).
+    the classic CS231n table; memory is activations x 4 bytes (MB = 10^6 bytes). Options can also be
+    set by environment variables (MODEL_INFO_INPUT_SIZE, ...).
     """
     setup_logging(False)
     from retrieval.model_info import layer_table

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import click
@@ -11,10 +12,12 @@ from click.testing import CliRunner
 
 from api.cli import main as serve_images
 from api.settings import SETTINGS
-from indexer.config_table import COMMANDS, all_rows, load_command, main as config_table, markdown_table, readme_table
+from indexer.config_table import (COMMANDS, all_rows, env_prefix, load_command, main as config_table, markdown_table,
+                                  readme_table)
 from indexer.model_info_cli import main as model_info
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 
 
 def print_config(*args: str, **env: str) -> dict[str, tuple[str, str]]:
@@ -93,6 +96,14 @@ def test_the_table_has_every_option_of_every_command():
         if r.envvar:
             meaning.setdefault(r.envvar, set()).add(r.option or r.envvar)
     assert all(len(options) == 1 for options in meaning.values()), meaning
+
+
+def test_every_command_is_in_the_table_and_reads_its_variables():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    assert sorted(scripts) == sorted(name for name, _ in COMMANDS), "a command is missing from indexer.config_table"
+    for name, target in COMMANDS:
+        settings = load_command(target).context_settings
+        assert settings.get("auto_envvar_prefix") == env_prefix(name), f"{name}: use command_settings({name!r})"
 
 
 def test_check_and_write(tmp_path):

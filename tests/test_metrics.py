@@ -48,6 +48,31 @@ def searches_by_worker(metrics_dir: Path) -> dict[int, float]:
     return answered
 
 
+def test_metrics_of_a_single_process_app(client):
+    # without PROMETHEUS_MULTIPROC_DIR (flask run, the test client) the process's own registry is served
+    def samples() -> dict:
+        response = client.get("/metrics")
+        assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(response.get_data(as_text=True)) for s in family.samples}
+
+    before = samples()
+    assert client.post("/search", data={"k": "2"}).status_code == 400
+    assert client.get("/nowhere").status_code == 404
+    assert client.get("/images/1/neighbours?k=2").status_code == 200
+    after = samples()
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("retrieval_errors_total", status="400", code="missing_image") == 1
+    assert delta("retrieval_http_requests_total", endpoint="unmatched", method="GET", status="404") == 1
+    assert delta("retrieval_http_requests_total", endpoint="api.neighbours", method="GET", status="200") == 1
+    assert delta("retrieval_http_requests_total", endpoint="metrics.metrics", method="GET", status="200") == 1
+    assert delta("retrieval_search_seconds_count") == 1
+    assert value(after, "retrieval_index_images") == 30
+
+
 def test_metrics_are_summed_over_gunicorn_workers(sample_index, tmp_path):
     query = sorted((sample_index.data_dir / "red_circles").glob("*.jpg"))[0].read_bytes()
     server_tmp = tmp_path / "server-tmp"        # serve-images makes its private metrics folder in TMPDIR
