@@ -204,14 +204,20 @@ def main(ctx: click.Context, index_dir: Path, host: str, port: int, workers: int
     if Path("/dev/shm").is_dir():
         options["worker_tmp_dir"] = "/dev/shm"   # heartbeat file off the disk
     # Prometheus metrics of every worker (api.metrics): a fresh private folder per server, named before any
-    # worker imports prometheus-client (it reads the variable once), removed when the server stops.
+    # worker imports prometheus-client (it reads the variable once), removed when the server stops. A folder
+    # someone else named is not used: values left there by an earlier server would be summed in.
     metrics_dir = tempfile.mkdtemp(prefix="serve-images-metrics-")
+    previous = os.environ.get(MULTIPROC_ENV)
     os.environ[MULTIPROC_ENV] = metrics_dir
     options["child_exit"] = worker_exited
     try:
         GunicornServer(app_config, options).run()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        if previous is None:
+            os.environ.pop(MULTIPROC_ENV, None)
+        else:
+            os.environ[MULTIPROC_ENV] = previous
 
 
 def worker_exited(_server, worker) -> None:  # noqa: ANN001 - gunicorn's child_exit hook, in the master
