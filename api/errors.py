@@ -35,7 +35,7 @@ class ApiError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-JSON_BLUEPRINTS = (None, "api", "metrics")   # the JSON API, /metrics, and URLs no route matched; other blueprints serve pages
+JSON_BLUEPRINTS = (None, "api", "metrics")   # the JSON API, /metrics, URLs no route matched; others serve pages
 
 
 def error_response(status: int, code: str, message: str) -> Response:

@@ -20,7 +20,8 @@ from prometheus_client import multiprocess
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 EXTENSION_KEY = "metrics"
-UNMATCHED = "unmatched"     # the endpoint label of requests no route matched (404s)
+UNMATCHED = "unmatched"     # the endpoint label of requests no route matched (unknown URL, or method: 404, 405)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})   # others count as "other"
 
 # Seconds; from a sub-millisecond FAISS search to a 30 s query timeout.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -86,7 +87,8 @@ def _started() -> None:
 def _count(response: Response) -> Response:
     started = g.get("metrics_started")
     endpoint = request.endpoint or UNMATCHED
-    REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
+    method = request.method if request.method in METHODS else "other"   # a client cannot mint label values
+    REQUESTS.labels(endpoint, method, str(response.status_code)).inc()
     if started is not None:
         REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - started)
     return response

@@ -19,9 +19,9 @@ from retrieval.images import ImageDecodeError
 from retrieval.index import Hit, ImageIndex, IndexSnapshot, weights_label
 from retrieval.system import available_cores
 
+from . import metrics
 from .errors import ApiError
 from .image_files import OutsideDataFolder, resolve_inside
-from . import metrics
 from .index_watcher import IndexWatcher
 from .query_batcher import QueryBatcher
 from .recent_queries import RECENT_QUERIES_FILE, RecentQueries

@@ -18,6 +18,8 @@ from .config_table import command_settings
 # Nothing heavy at module level: --help and usage errors answer at once. The job imports torch and
 # FAISS itself, only when there is work for the network.
 
+SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON object --json prints alone
+
 
 class UserError(click.ClickException):
     """A problem the user can fix; exit status 2, message without a traceback."""
@@ -108,9 +110,6 @@ def main(data_dir: Path, index_dir: Path, model, layer, weights, seed, normalize
     else:
         _print_report(report)
         click.echo(f"{SUMMARY_PREFIX}{summary_json(report)}")   # the machine-readable last line
-
-
-SUMMARY_PREFIX = "summary "   # the human output's last line: this, then the object --json prints alone
 
 
 def summary_json(report) -> str:  # noqa: ANN001 - indexer.job.RunReport
