@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +13,18 @@ import click
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
+from indexer.config_table import command_settings, source_of
 from retrieval.names import INDEX_DIR_ENV
 from retrieval.system import available_cores
 
 from .gunicorn_worker import DEFAULT_READ_TIMEOUT_S, with_read_timeout
+from .settings import settings_in_force
 
 MAX_CONNECTIONS = 64   # open connections per worker process (gunicorn's default is 1000)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"   # api.metrics: where the workers keep their metric values
+# Options that set an app setting (api.settings.SETTINGS): option name -> config key. An option added here is
+# passed to create_app, shown by --print-config with the app's value, and listed once in the README's table.
+OPTION_SETTINGS = {"index_dir": "INDEX_DIR", "device": "DEVICE"}
 
 # Only light modules above (click, gunicorn: about 0.1 s): --help and usage errors answer at once. The
 # retrieval modules that bring torch and FAISS are imported inside the command, after the arguments are parsed.
@@ -83,26 +91,70 @@ def bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def app_overrides(ctx: click.Context) -> dict[str, tuple[Any, str]]:
+    """What serve-images passes to create_app on top of the environment: config key -> (value, where it came from).
+
+    The options named in OPTION_SETTINGS (when given a value), and the cores shared between the workers."""
+    overrides: dict[str, tuple[Any, str]] = {}
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in OPTION_SETTINGS and value is not None:
+            overrides[OPTION_SETTINGS[param.name]] = (str(value) if isinstance(value, Path) else value,
+                                                      source_of(ctx, param, "serve-images"))
+    workers = ctx.params["workers"]
+    if "RETRIEVAL_TORCH_THREADS" not in os.environ:      # share the cores between worker processes
+        overrides["TORCH_THREADS"] = (max(1, available_cores() // workers), "serve-images: cores / --workers")
+    if "RETRIEVAL_DECODE_PROCESSES" not in os.environ:   # and the upload decoders (2 by default) too
+        overrides["DECODE_PROCESSES"] = (max(1, min(2, available_cores()) // workers),
+                                         "serve-images: 2 decoders (at most one per core) / --workers")
+    return overrides
+
+
+def show_config(ctx: click.Context, overrides: dict[str, tuple[Any, str]]) -> None:
+    """The options and settings a server started with these arguments would run with, and where each came from."""
+    settings = {s.name: s for s in settings_in_force(overrides)}
+    rows = []
+    for p in ctx.command.params:
+        if not isinstance(p, click.Option) or p.name == "print_config":
+            continue
+        value, source = ctx.params[p.name], source_of(ctx, p, "serve-images")
+        if p.name in OPTION_SETTINGS:    # what the app will use (--device: the app's own default when not given)
+            setting = settings.pop(f"RETRIEVAL_{OPTION_SETTINGS[p.name]}")
+            value, source = setting.value, source if source != "default" else setting.source
+        rows.append((p.opts[-1], value, source))
+    rows += [(s.name, s.value, s.source) for s in settings.values()]
+    width = max(len(name) for name, _, _ in rows)
+    value_width = min(40, max(len(str(value)) for _, value, _ in rows))
+    click.echo(f"{'setting':<{width}}  {'value':<{value_width}}  source")
+    for name, value, source in rows:
+        shown = "-" if value is None else str(value)
+        click.echo(f"{name:<{width}}  {shown:<{value_width}}  {source}")
+
+
+@click.command(context_settings=command_settings("serve-images"))
 @click.option("--index-dir", type=click.Path(file_okay=False, resolve_path=True, path_type=Path), default="index",
               envvar=INDEX_DIR_ENV, show_default=True, show_envvar=True,
               help="Folder holding the index made by index-images.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for every interface).")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port to listen on.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes; each loads its own copy of the network and the index.")
 @click.option("--threads", type=click.IntRange(min=1), default=8, show_default=True,
               help="Request threads per worker; concurrent queries share forward passes.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None,
-              help="Where query features are computed. [default: cpu, or RETRIEVAL_DEVICE]")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, envvar="RETRIEVAL_DEVICE",
+              show_envvar=True, help="Where query features are computed. [default: cpu]")
 @click.option("--timeout", type=click.IntRange(min=1), default=120, show_default=True,
               help="Seconds a worker may stay silent before gunicorn restarts it.")
 @click.option("--read-timeout", type=click.FloatRange(min=0.1), default=DEFAULT_READ_TIMEOUT_S, show_default=True,
               help="Seconds a client may take to send a request's headers, or pause while sending its body; "
                    "slower or idle connections are answered 408 and closed.")
 @click.option("--access-log/--no-access-log", default=False, help="Log every request on stderr.")
-def main(index_dir: Path, host: str, port: int, workers: int, threads: int, device: str | None, timeout: int,
-         read_timeout: float, access_log: bool) -> None:
+@click.option("--print-config", is_flag=True, allow_from_autoenv=False,
+              help="Print every setting the server would run with, and where its value came from (default, "
+                   "environment variable, command line); then exit without starting it.")
+@click.pass_context
+def main(ctx: click.Context, index_dir: Path, host: str, port: int, workers: int, threads: int, device: str | None,
+         timeout: int, read_timeout: float, access_log: bool, print_config: bool) -> None:
     """Serve the index in INDEX_DIR: the JSON API (POST /search, GET /images/<id>/neighbours, /stats) and the gallery.
 
     Runs under gunicorn with gthread workers, which read each request in full before a thread takes
@@ -111,18 +163,20 @@ def main(index_dir: Path, host: str, port: int, workers: int, threads: int, devi
     restart. Limits come from RETRIEVAL_* environment variables (RETRIEVAL_MAX_UPLOAD_MB,
     RETRIEVAL_MAX_PIXELS, ...).
 
+    Every option can also be set by an environment variable (SERVE_IMAGES_PORT, ...; see
+    --print-config and the README's configuration table). GET /metrics serves Prometheus metrics
+    summed over the worker processes.
+
     Exit status: 2 when there is no index (run index-images first), 3 when a worker cannot start.
     """
+    overrides = app_overrides(ctx)
+    if print_config:
+        show_config(ctx, overrides)
+        return
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)   # its search for CPU-specific builds is noise
     count, network = check_index(index_dir)
-    app_config: dict[str, Any] = {"INDEX_DIR": str(index_dir)}
-    if device:
-        app_config["DEVICE"] = device
-    if "RETRIEVAL_TORCH_THREADS" not in os.environ:      # share the cores between worker processes
-        app_config["TORCH_THREADS"] = max(1, available_cores() // workers)
-    if "RETRIEVAL_DECODE_PROCESSES" not in os.environ:   # and the upload decoders (2 by default) too
-        app_config["DECODE_PROCESSES"] = max(1, min(2, available_cores()) // workers)
+    app_config = {key: value for key, (value, _source) in overrides.items()}
     address = f"http://{bind_address(host, port)}/"
 
     def post_worker_init(worker) -> None:  # noqa: ANN001 - gunicorn Worker, after it loaded the app
@@ -149,4 +203,25 @@ def main(index_dir: Path, host: str, port: int, workers: int, threads: int, devi
     }
     if Path("/dev/shm").is_dir():
         options["worker_tmp_dir"] = "/dev/shm"   # heartbeat file off the disk
-    GunicornServer(app_config, options).run()
+    # Prometheus metrics of every worker (api.metrics): a fresh private folder per server, named before any
+    # worker imports prometheus-client (it reads the variable once), removed when the server stops. A folder
+    # someone else named is not used: values left there by an earlier server would be summed in.
+    metrics_dir = tempfile.mkdtemp(prefix="serve-images-metrics-")
+    previous = os.environ.get(MULTIPROC_ENV)
+    os.environ[MULTIPROC_ENV] = metrics_dir
+    options["child_exit"] = worker_exited
+    try:
+        GunicornServer(app_config, options).run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        if previous is None:
+            os.environ.pop(MULTIPROC_ENV, None)
+        else:
+            os.environ[MULTIPROC_ENV] = previous
+
+
+def worker_exited(_server, worker) -> None:  # noqa: ANN001 - gunicorn's child_exit hook, in the master
+    """Drop a finished worker's live gauges (the index size it reported); its counts stay in the sums."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid, os.environ[MULTIPROC_ENV])

@@ -9,6 +9,8 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException, InternalServe
 
 from retrieval.index import IndexUnavailable
 
+from .metrics import count_error
+
 log = logging.getLogger(__name__)
 
 # HTTP status -> the stable machine-readable code used when a handler did not choose a more specific one.
@@ -33,11 +35,12 @@ class ApiError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-JSON_BLUEPRINTS = (None, "api")   # the JSON API, and URLs no route matched; other blueprints serve pages
+JSON_BLUEPRINTS = (None, "api", "metrics")   # the JSON API, /metrics, URLs no route matched; others serve pages
 
 
 def error_response(status: int, code: str, message: str) -> Response:
     """JSON error for programs; an HTML page when a page (gallery and other HTML blueprints) was asked for."""
+    count_error(status, code)
     if request.blueprint not in JSON_BLUEPRINTS:
         return Response(render_template("error.html", status=status, message=message), status,
                         mimetype="text/html")

@@ -5,7 +5,9 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Protocol
+from typing import Callable, Protocol
+
+from . import metrics
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,10 @@ class IndexWatcher:
     thread only ends with close(). Its state (alive, last error) is what state() returns.
     """
 
-    def __init__(self, index: Refreshable, interval_s: float):
+    def __init__(self, index: Refreshable, interval_s: float, on_reload: Callable[[], None] | None = None):
         assert interval_s > 0, "interval_s must be positive"
         self.index, self.interval_s = index, interval_s
+        self.on_reload = on_reload   # called after each swap (the service updates its index-size gauge)
         self.reloads = 0
         self.checks = 0
         self._failures = 0
@@ -77,6 +80,9 @@ class IndexWatcher:
         try:
             if self.index.refresh():
                 self.reloads += 1
+                metrics.INDEX_RELOADS.inc()
+                if self.on_reload is not None:
+                    self.on_reload()
         except Exception as exc:  # noqa: BLE001 - a watcher that dies leaves the server on a stale index for good
             error = f"{type(exc).__name__}: {exc}"
             if error != self._last_error or self._failures == 0:
@@ -84,6 +90,7 @@ class IndexWatcher:
             else:
                 log.debug("could not reload the index again: %s", error)
             self._failures += 1
+            metrics.INDEX_RELOAD_FAILURES.inc()
             self._last_error, self._last_error_at = error, time.monotonic()
         else:
             if self._failures:

@@ -17,6 +17,8 @@ import torch
 from retrieval.index import Hit, IndexUnavailable
 from retrieval.system import available_cores
 
+from . import metrics
+
 log = logging.getLogger(__name__)
 
 RECENT_BATCHES = 8   # the concurrency to wait for is the largest seen over this many batches
@@ -211,6 +213,9 @@ class QueryBatcher:
         s.batches, s.queries, s.largest = s.batches + 1, s.queries + len(live), max(s.largest, len(live))
         s.forward_s += embedded - started
         s.search_s += searched - embedded
+        metrics.NETWORK_SECONDS.observe(embedded - started)
+        metrics.SEARCH_SECONDS.observe(searched - embedded)
+        metrics.BATCH_SIZE.observe(len(live))
         for i, p in enumerate(live):
             p.future.set_result(BatchedAnswer(
                 vector=vectors[i], hits=hits[i][:p.k], features_ms=(embedded - p.submitted) * 1000.0,

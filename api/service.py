@@ -19,6 +19,7 @@ from retrieval.images import ImageDecodeError
 from retrieval.index import Hit, ImageIndex, IndexSnapshot, weights_label
 from retrieval.system import available_cores
 
+from . import metrics
 from .errors import ApiError
 from .image_files import OutsideDataFolder, resolve_inside
 from .index_watcher import IndexWatcher
@@ -106,7 +107,9 @@ class RetrievalService:
         self.index = ImageIndex(config.index_dir, device=config.device, max_pixels=config.max_pixels)
         self.batcher = QueryBatcher(self.index, max_batch=config.batch_max_size, max_wait_s=config.batch_wait_ms / 1000.0,
                                     torch_threads=config.torch_threads, search_threads=config.search_threads)
-        self.watcher = IndexWatcher(self.index, config.reload_interval_s) if config.reload_interval_s > 0 else None
+        self.watcher = IndexWatcher(self.index, config.reload_interval_s, on_reload=self._count_images) \
+            if config.reload_interval_s > 0 else None
+        self._count_images()
         self.thumbnails = ThumbnailCache(config.thumbnail_dir, config.thumbnail_size, max_pixels=config.max_pixels)
         self.recent_queries = RecentQueries(config.thumbnail_dir / RECENT_QUERIES_FILE,   # shared by worker processes
                                             network=lambda: self.index.snapshot().network)
@@ -118,6 +121,9 @@ class RetrievalService:
         log.info("serving %d images from %s (%s %s; forward threads %d alone, %d under load; search threads %d)",
                  len(self.index), config.index_dir, self.index.settings.model, self.index.settings.layer,
                  self.batcher.idle_threads, self.batcher.busy_threads, self.batcher.search_threads)
+
+    def _count_images(self) -> None:
+        metrics.INDEX_IMAGES.set(len(self.index))
 
     def close(self) -> None:
         if self.watcher is not None:
@@ -145,6 +151,7 @@ class RetrievalService:
                 raise ApiError(415, "unsupported_image", f"not a usable image: {exc}") from exc
         decoded = upload.image
         decoded_at = time.perf_counter()
+        metrics.DECODE_SECONDS.observe(decoded_at - started)
         future = self.batcher.submit(torch.from_numpy(decoded.pixels), k)   # after incoming() ends: a lone query never waits
         try:
             answer = future.result(self.config.query_timeout_s)
@@ -164,7 +171,9 @@ class RetrievalService:
         snapshot = snapshot or self.index.snapshot()
         hits = snapshot.search_vectors(vector[None, :], k, exclude=[exclude] if exclude else None,
                                        threads=self.batcher.search_threads)[0]
-        return hits, _ms(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        metrics.SEARCH_SECONDS.observe(elapsed)
+        return hits, _ms(elapsed)
 
     def neighbours(self, image_id: int, k: int) -> SearchAnswer:
         """Neighbours of an indexed image from its stored vector, itself left out. Raises ApiError 404."""

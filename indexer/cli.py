@@ -13,8 +13,12 @@ import click
 from retrieval.names import INDEX_DIR_ENV, LAYERS, MODEL_NAMES
 from retrieval.system import display_name
 
+from .config_table import command_settings
+
 # Nothing heavy at module level: --help and usage errors answer at once. The job imports torch and
 # FAISS itself, only when there is work for the network.
+
+SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON object --json prints alone
 
 
 class UserError(click.ClickException):
@@ -48,7 +52,7 @@ def parse_batch_size(value: str) -> int | str:
     return n
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=command_settings("index-images"))
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path, resolve_path=True))
 @index_dir_option
 @click.option("--model", type=click.Choice(MODEL_NAMES), default=None,
@@ -82,6 +86,10 @@ def main(data_dir: Path, index_dir: Path, model, layer, weights, seed, normalize
     changed files are re-extracted, removed files leave the index. Unreadable files are skipped and
     listed. Safe to interrupt at any point: run it again to finish.
 
+    The last line printed is machine-readable: "summary " and the JSON object that --json prints alone
+    (indexed, unchanged, removed, skipped, total, seconds, images_per_second). Every option can also
+    be set by an environment variable (INDEX_IMAGES_BATCH_SIZE, ...; see the README).
+
     Exit status: 0 done (even with skipped files), 2 usage or configuration error, 1 unexpected failure.
     """
     setup_logging(verbose, quiet=as_json)
@@ -98,9 +106,15 @@ def main(data_dir: Path, index_dir: Path, model, layer, weights, seed, normalize
         click.echo("\ninterrupted: every finished batch is saved; run the same command again to finish.", err=True)
         sys.exit(130)
     if as_json:
-        click.echo(json.dumps(report.to_json()))
+        click.echo(summary_json(report))
     else:
         _print_report(report)
+        click.echo(f"{SUMMARY_PREFIX}{summary_json(report)}")   # the machine-readable last line
+
+
+def summary_json(report) -> str:  # noqa: ANN001 - indexer.job.RunReport
+    """The run's summary as one line of JSON: what --json prints, and the human output's last line after "summary "."""
+    return json.dumps(report.to_json())
 
 
 def _announce(extractor) -> None:  # noqa: ANN001 - FeatureExtractor
@@ -114,7 +128,7 @@ def _print_report(r) -> None:  # noqa: ANN001 - indexer.job.RunReport
         click.echo(f"  skipped {s['path']}: {s['reason']}")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=command_settings("search-images"))
 @click.argument("query_image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of neighbours.")
 @index_dir_option
@@ -125,7 +139,8 @@ def search_main(query_image: Path, k: int, index_dir: Path, device: str, as_json
     """Print the K images of the index nearest to QUERY_IMAGE in feature space.
 
     The query goes through exactly the network the index was built with. Distances are L2
-    distances between feature vectors (0 for an identical image).
+    distances between feature vectors (0 for an identical image). Options can also be set by
+    environment variables (SEARCH_IMAGES_K, ...; see the README's configuration table).
     """
     setup_logging(False)
     from retrieval.backbones import DeviceUnavailable, WeightsUnavailable

@@ -9,6 +9,7 @@ import click
 from retrieval.names import DEFAULT_KS
 
 from .cli import UserError, index_dir_option, setup_logging
+from .config_table import command_settings
 
 # retrieval.evaluation (numpy, the catalog, scikit-learn) is imported after the arguments are parsed.
 
@@ -27,7 +28,7 @@ def parse_ks(value: str) -> list[int]:
     return ks
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=command_settings("evaluate-index"))
 @index_dir_option
 @click.option("-k", "ks", default=",".join(map(str, DEFAULT_KS)), show_default=True, metavar="K[,K...]",
               help="Numbers of neighbours for precision@k and the kNN vote.")
@@ -42,6 +43,8 @@ def main(index_dir: Path, ks: str, seed: int, as_json: bool, verbose: bool) -> N
     label), leave-one-out k-nearest-neighbour classification (majority vote, ties to the closer
     group), a linear probe (logistic regression on a stratified, seeded train/test split),
     per-class numbers, confusion matrices and the chance levels to compare with.
+
+    Options can also be set by environment variables (EVALUATE_INDEX_KS, ...; see the README).
 
     Exit status: 0 done, 2 no index or not evaluable (fewer than two labels, a label with one image).
     """

@@ -8,11 +8,12 @@ import click
 from retrieval.names import MODEL_NAMES
 
 from .cli import UserError, setup_logging
+from .config_table import command_settings
 
 # retrieval.model_info (torch, torchvision) is imported after the arguments are parsed.
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=command_settings("model-info"))
 @click.argument("model", type=click.Choice(MODEL_NAMES))
 @click.option("--input-size", type=click.IntRange(min=1), default=224, show_default=True,
               help="Side of the square input image, in pixels.")
@@ -22,7 +23,8 @@ def main(model: str, input_size: int, as_json: bool) -> None:
 
     Computed from torchvision's own module (forward hooks on a meta-device copy: no weights are
     loaded or downloaded), per image. ReLU and dropout are folded into the layer before them, as in
-    the classic CS231n table; memory is activations x 4 bytes (MB = 10^6 bytes).
+    the classic CS231n table; memory is activations x 4 bytes (MB = 10^6 bytes). Options can also be
+    set by environment variables (MODEL_INFO_INPUT_SIZE, ...).
     """
     setup_logging(False)
     from retrieval.model_info import layer_table

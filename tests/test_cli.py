@@ -67,6 +67,21 @@ def test_human_output_has_a_summary_and_a_ranked_table(runner, data, tmp_path):
     assert lines[1].split()[0] == "1" and lines[1].endswith("red_circles/red_circles_000.jpg")
 
 
+def test_the_human_output_ends_with_the_json_summary(runner, data, tmp_path):
+    args = [str(data), "--index-dir", str(tmp_path / "index"), "--weights", "random", "--workers", "0"]
+    human = runner.invoke(index_images, args)
+    assert human.exit_code == 0, human.output
+    last = human.stdout.strip().splitlines()[-1]
+    assert last.startswith("summary {"), human.stdout
+    summary = json.loads(last[len("summary "):])
+    assert summary["indexed"] == 4 and summary["total"] == 4
+    assert [s["path"] for s in summary["skipped"]] == ["red_circles/broken.jpg"]
+    again = runner.invoke(index_images, [*args, "--json"])        # --json prints the same object, alone
+    assert again.exit_code == 0, again.output
+    rerun = json.loads(again.stdout)
+    assert rerun.keys() == summary.keys() and rerun["unchanged"] == 4 and rerun["indexed"] == 0
+
+
 def test_index_dir_from_the_environment(runner, data, tmp_path, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_INDEX_DIR", str(tmp_path / "env-index"))
     result = runner.invoke(index_images, [str(data), "--weights", "random", "--workers", "0", "--json"])

@@ -1,0 +1,95 @@
+"""The app's settings: one row each (name, default, meaning), read from RETRIEVAL_* environment variables."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+from PIL import Image
+
+# Light on purpose: `serve-images --help` and `--print-config` import this module and must not load torch.
+
+ENV_PREFIX = "RETRIEVAL"
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One key of the Flask config; set with the environment variable RETRIEVAL_<name>."""
+    name: str        # Flask config key, e.g. MAX_UPLOAD_MB
+    default: Any     # used when neither the environment nor the command line sets it
+    help: str        # one line for the README's configuration table
+
+    @property
+    def envvar(self) -> str:
+        return f"{ENV_PREFIX}_{self.name}"
+
+
+# Adding a setting is one row here: create_app, `serve-images --print-config` and the README's
+# configuration table (python -m indexer.config_table --write README.md) all read this tuple.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("INDEX_DIR", "index", "folder made by index-images"),
+    Setting("DEVICE", "cpu", "where query features are computed: cpu, cuda or auto"),
+    Setting("MAX_UPLOAD_MB", 20, "larger uploads answer 413"),
+    Setting("MAX_PIXELS", Image.MAX_IMAGE_PIXELS,
+            "larger images answer 415 (decompression bomb); Pillow's own limit by default"),
+    Setting("DEFAULT_K", 10, "neighbours when k is not given"),
+    Setting("MAX_K", 100, "largest k accepted"),
+    Setting("RELOAD_INTERVAL_S", 1.0, "seconds between looks at the index on disk; 0 turns hot reload off"),
+    Setting("BATCH_MAX_SIZE", 8, "most concurrent queries in one forward pass"),
+    Setting("BATCH_WAIT_MS", 30.0, "most a batch waits for concurrent queries on their way (a lone query never waits)"),
+    Setting("TORCH_THREADS", 0, "threads of a lone query's forward pass (one fewer under load); 0: one per core "
+                                "(serve-images shares the cores between --workers)"),
+    Setting("SEARCH_THREADS", 0, "threads that scan the vectors for a query or a batch; 0: one per core"),
+    Setting("QUERY_TIMEOUT_S", 30.0, "a query waiting longer answers 503"),
+    Setting("DECODE_PROCESSES", 0, "processes that decode uploads, so at most this many decodes at once; 0: 2, or "
+                                   "1 on one core (serve-images shares them between --workers)"),
+    Setting("DECODE_TIMEOUT_S", 4.0, "an upload waits at most this long for a decoder (else 503) and decodes at most "
+                                     "this long (else 415)"),
+    Setting("MAX_DECODED_PIXELS", 24_000_000, "pixels an upload may decode to after JPEG draft reduction (larger: "
+                                              "415); 0: only MAX_PIXELS"),
+    Setting("DECODE_MEMORY_MB", 224, "memory a decoder process may use above its baseline (RLIMIT_AS, Linux); a decode "
+                                     "that needs more answers 415; 0: no cap"),
+    Setting("THUMBNAIL_DIR", None, "cached thumbnails and uploaded gallery searches (recent-queries.db); "
+                                   "default INDEX_DIR/thumbnails"),
+    Setting("THUMBNAIL_SIZE", 256, "long side of thumbnails, px"),
+    Setting("GALLERY_PAGE_SIZE", 48, "images per page of the gallery grid"),
+    Setting("GALLERY_K", 12, "neighbours shown on gallery pages"),
+)
+
+DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingInForce:
+    """A setting's value for a server about to start, and where the value came from."""
+    name: str     # a command-line option (--port) or a RETRIEVAL_* variable
+    value: Any
+    source: str   # "default", "environment variable NAME", "command line", or what serve-images derived it from
+
+
+def environment_value(text: str) -> Any:
+    """A RETRIEVAL_* variable's value as create_app's app.config.from_prefixed_env reads it: JSON, else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def settings_in_force(overrides: Mapping[str, tuple[Any, str]], environ: Mapping[str, str] | None = None
+                      ) -> list[SettingInForce]:
+    """Every setting as create_app will see it: DEFAULTS, then RETRIEVAL_* variables, then overrides.
+
+    overrides: config key -> (value, source) for what the command passes to create_app itself.
+    """
+    environ = os.environ if environ is None else environ
+    rows = []
+    for s in SETTINGS:
+        if s.name in overrides:
+            value, source = overrides[s.name]
+        elif s.envvar in environ:
+            value, source = environment_value(environ[s.envvar]), f"environment variable {s.envvar}"
+        else:
+            value, source = s.default, "default"
+        rows.append(SettingInForce(s.envvar, value, source))
+    return rows

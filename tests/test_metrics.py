@@ -1,0 +1,149 @@
+"""GET /metrics (api.metrics) from a real serve-images with two gunicorn workers: counts summed over the workers."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+
+from test_serve_cli import serve_images
+
+CONCURRENCY = 6     # clients at once: both workers' threads get some, and queries share forward passes
+ROUNDS = 6          # at most this many rounds of CONCURRENCY searches, until both workers have answered some
+
+
+def scrape(base: str) -> dict[tuple[str, tuple], float]:
+    """GET /metrics, parsed: (sample name, sorted labels) -> value."""
+    response = requests.get(base + "/metrics", timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"].startswith("text/plain; version=")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def searches_by_worker(metrics_dir: Path) -> dict[int, float]:
+    """pid -> POST /search requests that worker answered 200, read from its own file in the multiprocess folder."""
+    answered = {}
+    for file in metrics_dir.glob("counter_*.db"):
+        pid = int(file.stem.split("_")[1])
+        alone = metrics_dir.parent / f"one-worker-{pid}"
+        alone.mkdir(exist_ok=True)
+        shutil.copy(file, alone / file.name)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(alone))
+        answered[pid] = registry.get_sample_value(
+            "retrieval_http_requests_total", {"endpoint": "api.search", "method": "POST", "status": "200"}) or 0.0
+        shutil.rmtree(alone)
+    return answered
+
+
+def test_metrics_of_a_single_process_app(client):
+    # without PROMETHEUS_MULTIPROC_DIR (flask run, the test client) the process's own registry is served
+    def samples() -> dict:
+        response = client.get("/metrics")
+        assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(response.get_data(as_text=True)) for s in family.samples}
+
+    before = samples()
+    assert client.post("/search", data={"k": "2"}).status_code == 400
+    assert client.get("/nowhere").status_code == 404
+    assert client.get("/images/1/neighbours?k=2").status_code == 200
+    after = samples()
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("retrieval_errors_total", status="400", code="missing_image") == 1
+    assert delta("retrieval_http_requests_total", endpoint="unmatched", method="GET", status="404") == 1
+    assert delta("retrieval_http_requests_total", endpoint="api.neighbours", method="GET", status="200") == 1
+    assert delta("retrieval_http_requests_total", endpoint="metrics.metrics", method="GET", status="200") == 1
+    assert delta("retrieval_search_seconds_count") == 1
+    assert value(after, "retrieval_index_images") == 30
+
+
+def test_metrics_are_summed_over_gunicorn_workers(sample_index, tmp_path):
+    query = sorted((sample_index.data_dir / "red_circles").glob("*.jpg"))[0].read_bytes()
+    server_tmp = tmp_path / "server-tmp"        # serve-images makes its private metrics folder in TMPDIR
+    server_tmp.mkdir()
+    with serve_images(sample_index.index_dir, tmp_path / "serve.log", "--workers", "2", "--threads", "4",
+                      TMPDIR=str(server_tmp)) as base:
+        [metrics_dir] = server_tmp.glob("serve-images-metrics-*")
+
+        def search(_: int) -> int:
+            return requests.post(base + "/search?k=3", files={"image": ("q.jpg", query, "image/jpeg")},
+                                 timeout=120).status_code
+
+        sent = 0
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            for _ in range(ROUNDS):
+                assert list(pool.map(search, range(CONCURRENCY))) == [200] * CONCURRENCY
+                sent += CONCURRENCY
+                if len([n for n in searches_by_worker(metrics_dir).values() if n > 0]) >= 2:
+                    break
+        per_worker = searches_by_worker(metrics_dir)
+        assert len([n for n in per_worker.values() if n > 0]) == 2, f"one worker answered every search: {per_worker}"
+        neighbours = requests.get(base + "/images/1/neighbours?k=3", timeout=60)
+        assert neighbours.status_code == 200, neighbours.text
+        missing = requests.post(base + "/search", data={"k": "3"}, timeout=60)      # no image
+        assert missing.status_code == 400 and missing.json()["error"]["code"] == "missing_image"
+        unknown = requests.get(base + "/images/999999", timeout=60)
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
+
+        # every scrape, whichever worker answers it, shows the requests of both workers
+        scrapes = [scrape(base) for _ in range(4)]
+        for samples in scrapes:
+            assert value(samples, "retrieval_http_requests_total",
+                         endpoint="api.search", method="POST", status="200") == sent
+            assert value(samples, "retrieval_http_requests_total",
+                         endpoint="api.search", method="POST", status="400") == 1
+            assert value(samples, "retrieval_http_requests_total",
+                         endpoint="api.neighbours", method="GET", status="200") == 1
+            assert value(samples, "retrieval_http_requests_total",
+                         endpoint="api.image_file", method="GET", status="404") == 1
+        m = scrapes[-1]
+        assert sum(per_worker.values()) == sent
+        # latency histogram: every search request observed, the failed one too; buckets cumulative up to +Inf
+        assert value(m, "retrieval_http_request_duration_seconds_count", endpoint="api.search") == sent + 1
+        assert value(m, "retrieval_http_request_duration_seconds_bucket", endpoint="api.search", le="+Inf") == sent + 1
+        assert value(m, "retrieval_http_request_duration_seconds_sum", endpoint="api.search") > 0
+        # where the time went: one decode per upload, one forward pass and one search per micro-batch
+        assert value(m, "retrieval_decode_seconds_count") == sent
+        assert value(m, "retrieval_decode_seconds_sum") > 0
+        batches = value(m, "retrieval_network_seconds_count")
+        assert 1 <= batches <= sent and value(m, "retrieval_network_seconds_sum") > 0
+        assert value(m, "retrieval_batch_size_count") == batches
+        assert value(m, "retrieval_batch_size_sum") == sent             # every query in exactly one batch
+        assert value(m, "retrieval_search_seconds_count") == batches + 1  # the batches, and the neighbours lookup
+        # errors by code, and the index
+        assert value(m, "retrieval_errors_total", status="400", code="missing_image") == 1
+        assert value(m, "retrieval_errors_total", status="404", code="not_found") == 1
+        assert value(m, "retrieval_index_images") == sample_index.report.total == 30
+        assert value(m, "retrieval_index_reloads_total") == 0
+
+        # a worker that dies: gunicorn starts another; the dead one's counts stay, its live gauge goes
+        dead = max(per_worker, key=per_worker.get)
+        os.kill(dead, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while not [p for p in searches_by_worker(metrics_dir) if p not in per_worker]:
+            assert time.monotonic() < deadline, "gunicorn did not start a new worker within 120 s"
+            time.sleep(0.5)
+        deadline = time.monotonic() + 60
+        while (metrics_dir / f"gauge_livemostrecent_{dead}.db").exists():
+            assert time.monotonic() < deadline, "the dead worker's gauge file was not removed"
+            time.sleep(0.2)
+        after = scrape(base)
+        assert value(after, "retrieval_http_requests_total", endpoint="api.search", method="POST", status="200") == sent
+        assert value(after, "retrieval_index_images") == 30
+    assert not metrics_dir.exists(), "serve-images left its metrics folder behind"
