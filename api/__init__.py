@@ -32,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
     "THUMBNAIL_SIZE": 256,         # long side of thumbnails, px
     "GALLERY_PAGE_SIZE": 48,       # images per page of the gallery grid
     "GALLERY_K": 12,               # neighbours shown on gallery pages
+    "TRAINING": None,              # fine-tune history shown on /training; None: the one next to the index's weights file
+    "COMPARE_INDEX": None,         # a second index folder shown side by side on /evaluation (RETRIEVAL_COMPARE_INDEX)
 }
 
 

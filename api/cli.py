@@ -101,15 +101,24 @@ def bind_address(host: str, port: int) -> str:
               help="Seconds a client may take to send a request's headers, or pause while sending its body; "
                    "slower or idle connections are answered 408 and closed.")
 @click.option("--access-log/--no-access-log", default=False, help="Log every request on stderr.")
+@click.option("--compare-index", type=click.Path(file_okay=False, resolve_path=True, path_type=Path), default=None,
+              envvar="RETRIEVAL_COMPARE_INDEX", show_envvar=True, metavar="DIR",
+              help="A second index of the same labelled images (e.g. with fine-tuned weights): /evaluation shows both "
+                   "side by side.")
+@click.option("--training", type=click.Path(exists=True, dir_okay=False, resolve_path=True, path_type=Path), default=None,
+              envvar="RETRIEVAL_TRAINING", show_envvar=True, metavar="FILE",
+              help="A fine-tune history (NAME.history.json) for /training. [default: the one next to the index's "
+                   "weights file, when it was fine-tuned]")
 def main(index_dir: Path, host: str, port: int, workers: int, threads: int, device: str | None, timeout: int,
-         read_timeout: float, access_log: bool) -> None:
+         read_timeout: float, access_log: bool, compare_index: Path | None, training: Path | None) -> None:
     """Serve the index in INDEX_DIR: the JSON API (POST /search, GET /images/<id>/neighbours, /stats) and the gallery.
 
     Runs under gunicorn with gthread workers, which read each request in full before a thread takes
     it, so slow or stalled clients cannot hold the request threads. The server notices when
     index-images updates the index and answers from the new one within a few seconds, without a
     restart. Limits come from RETRIEVAL_* environment variables (RETRIEVAL_MAX_UPLOAD_MB,
-    RETRIEVAL_MAX_PIXELS, ...).
+    RETRIEVAL_MAX_PIXELS, ...). /evaluation shows a second index side by side with --compare-index;
+    /training shows the fine-tuning history of the index's network (or of --training FILE).
 
     Exit status: 2 when there is no index (run index-images first), 3 when a worker cannot start.
     """
@@ -117,6 +126,11 @@ def main(index_dir: Path, host: str, port: int, workers: int, threads: int, devi
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)   # its search for CPU-specific builds is noise
     count, network = check_index(index_dir)
     app_config: dict[str, Any] = {"INDEX_DIR": str(index_dir)}
+    if compare_index is not None:
+        check_index(compare_index)
+        app_config["COMPARE_INDEX"] = str(compare_index)
+    if training is not None:
+        app_config["TRAINING"] = str(training)
     if device:
         app_config["DEVICE"] = device
     if "RETRIEVAL_TORCH_THREADS" not in os.environ:      # share the cores between worker processes

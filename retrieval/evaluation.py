@@ -389,7 +389,7 @@ def precision_at_k_svg(result: dict, *, width: int = 360, height: int = 200) -> 
     plot_w, plot_h = width - left - right, height - top - bottom
     y = lambda v: top + plot_h * (1.0 - v)  # noqa: E731 - value 0..1 -> pixel row
     slot = plot_w / max(1, len(points))
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
              f'aria-label="precision at k">',
              f'<line x1="{left}" y1="{y(0):.1f}" x2="{width - right}" y2="{y(0):.1f}" stroke="#333"/>']
     for tick in (0.0, 0.5, 1.0):

@@ -305,8 +305,10 @@ def figure_svg(fig, prefix: str) -> str:  # noqa: ANN001 - matplotlib Figure
 
 def training_svgs(history: dict, filters: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, str]:
     """The charts of write_training_plots as inline SVG strings: {"loss", "accuracy"[, "filters"]}."""
-    svgs = {"loss": figure_svg(loss_figure(history), "loss"),
-            "accuracy": figure_svg(accuracy_figure(history), "accuracy")}
+    svgs = {}
+    for name, fig in (("loss", loss_figure(history)), ("accuracy", accuracy_figure(history))):
+        fig.axes[0].set_title("", loc="left")      # the page's caption names the chart
+        svgs[name] = figure_svg(fig, name)
     if filters is not None:
         svgs["filters"] = figure_svg(filters_figure(*filters), "filters")
     return svgs
