@@ -163,10 +163,12 @@ def test_the_page_in_headless_chromium(base_url, sample_index, history_file):
             assert box and box["width"] > 300 and box["height"] > 150, chart
         assert broken_images(page) == []
         assert errors.take() == []
+        page.evaluate("window.scrollTo(0, 0)")        # page coordinates = viewport coordinates from here
         shot = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
         screenshot(page, "training")
         pixels = np.asarray(shot)
         assert shot.height > 1500, "the whole page: outcome, charts, filters, settings, epochs"
         assert pixels.std() > 20 and len(shot.getcolors(1_000_000)) > 500, "not a blank page"
-        charts = pixels[int(page.locator("#loss-chart").bounding_box()["y"]):][:400]
+        top = int(page.evaluate("document.querySelector('#loss-chart').getBoundingClientRect().top + window.scrollY"))
+        charts = pixels[top:top + 400]
         assert (np.abs(charts.astype(int) - (0x4a, 0x7b, 0xd0)).max(axis=2) < 16).sum() > 100, "the train curve is drawn"

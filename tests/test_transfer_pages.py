@@ -14,7 +14,6 @@ from PIL import Image
 
 from api import create_app
 from indexer.samples import make_sample_collection
-from conftest import build_index as index_images
 from retrieval.backbones import random_weights_file
 from retrieval.catalog import Catalog
 from retrieval.evaluation import compare_indexes, evaluate_index
@@ -163,7 +162,7 @@ def test_evaluation_is_computed_once_per_loaded_index_version(tmp_path, index_im
     deadline = time.monotonic() + 20
     while service.index.version == 1 and time.monotonic() < deadline:
         time.sleep(0.1)
-    html = client.get("/evaluation").get_data(as_text=True)
+    html = finished_page(client)
     assert "green_stripes" in html and len(runs) == 2
     client.get("/evaluation")
     assert len(runs) == 2
@@ -238,7 +237,7 @@ def test_evaluation_page_shows_two_indexes_side_by_side(tmp_path, sample_index, 
         app.extensions["retrieval"].close()
 
 
-def test_evaluation_page_compares_only_the_shared_images(tmp_path, sample_index, compare_index):
+def test_evaluation_page_compares_only_the_shared_images(tmp_path, sample_index, compare_index, index_images):
     data = tmp_path / "data"
     for label in ("red_circles", "green_stripes"):
         shutil.copytree(sample_index.data_dir / label, data / label)
@@ -256,7 +255,7 @@ def test_evaluation_page_compares_only_the_shared_images(tmp_path, sample_index,
         app.extensions["retrieval"].close()
 
 
-def test_evaluation_page_says_when_two_indexes_share_nothing(tmp_path, sample_index, compare_index):
+def test_evaluation_page_says_when_two_indexes_share_nothing(tmp_path, sample_index, compare_index, index_images):
     data = tmp_path / "data"
     make_sample_collection(data, per_class=2, size=(64, 48), seed=4, classes=["red_circles", "blue_squares"])
     for p in list(data.rglob("*.jpg")):
