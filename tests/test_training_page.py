@@ -172,3 +172,23 @@ def test_the_page_in_headless_chromium(base_url, sample_index, history_file):
         top = int(page.evaluate("document.querySelector('#loss-chart').getBoundingClientRect().top + window.scrollY"))
         charts = pixels[top:top + 400]
         assert (np.abs(charts.astype(int) - (0x4a, 0x7b, 0xd0)).max(axis=2) < 16).sum() > 100, "the train curve is drawn"
+
+
+def test_charts_are_drawn_once_per_version_of_the_file(app, client, sample_index, history_file, monkeypatch):
+    import api.transfer
+
+    drawn = []
+
+    def counted(history, filters=None):  # noqa: ANN001, ANN202
+        drawn.append(history["best_epoch"])
+        return real(history, filters)
+    real = api.transfer.training_svgs
+    monkeypatch.setattr(api.transfer, "training_svgs", counted)
+    write_history(history_file, make_history(sample_index.data_dir, CLASSES, best_epoch=3))
+    for _ in range(3):
+        assert 'id="loss-chart"' in client.get("/training").get_data(as_text=True)
+    assert drawn == [3]
+    write_history(history_file, make_history(sample_index.data_dir, CLASSES, epochs=7, best_epoch=5))   # a new run
+    html = client.get("/training").get_data(as_text=True)
+    assert drawn == [3, 5] and "at epoch 5 of 7 run" in html
+    assert len(app.extensions["transfer"].training_charts) <= api.transfer.TRAINING_CHARTS_KEPT
