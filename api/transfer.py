@@ -32,7 +32,6 @@ FILTER_CELL_PX = 40     # each first-layer filter enlarged to this many pixels (
 EVALUATION_WAIT_S = 3.0     # a GET waits this long for a fresh evaluation before it shows "computing"
 EVALUATION_REFRESH_S = 2    # a "computing" page reloads itself after this many seconds
 TRAINING_CHARTS_KEPT = 4    # fine-tuning histories whose charts are kept drawn (by file and version)
-SANITY_TARGET_LOSS = 0.05   # the sanity overfit passes when the training loss gets under this
 INITIAL_LOSS_TOLERANCE = 0.10   # the initial loss is "at chance" within this share of ln(C)
 
 
@@ -202,10 +201,9 @@ def _file_version(path: Path) -> tuple | None:
     return (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def _training_charts(path: Path, history: dict) -> tuple[dict[str, str], tuple | None]:
-    """The history's charts as inline SVG (drawn once per file version) and its filters file's (before, after)."""
-    filters_file = filters_path_for(path)
-    key = (_file_version(path), _file_version(filters_file))
+def _training_charts(path: Path, history: dict, key: tuple) -> tuple[dict[str, str], tuple | None]:
+    """The history's charts as inline SVG (drawn once per key, the files' versions taken before they were read) and
+    its filters file's (before, after)."""
     state = pages_state()
     filters = load_filters(path)
     with state.training_lock:
@@ -231,8 +229,9 @@ def training() -> str:
     extra: dict[str, Any] = {}
     if path is not None:
         try:
+            version = (_file_version(path), _file_version(filters_path_for(path)))   # before reading: never stale
             history = load_history(path)
-            svgs, filters = _training_charts(path, history)
+            svgs, filters = _training_charts(path, history, version)
             charts = {name: Markup(svg) for name, svg in svgs.items()}   # drawn by matplotlib from numbers; text escaped by it
             best = next((r for r in history["epochs_run"] if r["epoch"] == history["best_epoch"]), None)
             chance = history["chance_loss"]
@@ -247,7 +246,7 @@ def training() -> str:
     return render_template("training.html", history=history, problem=problem, charts=charts, source=source,
                            file_name=path.name if path else None, settings=settings,
                            weights=weights_label(settings), tolerance=INITIAL_LOSS_TOLERANCE,
-                           sanity_target=SANITY_TARGET_LOSS, summary=service.index_summary(snapshot), **extra)
+                           summary=service.index_summary(snapshot), **extra)
 
 
 @bp.get("/model")
