@@ -24,7 +24,7 @@ MAX_CONNECTIONS = 64   # open connections per worker process (gunicorn's default
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"   # api.metrics: where the workers keep their metric values
 # Options that set an app setting (api.settings.SETTINGS): option name -> config key. An option added here is
 # passed to create_app, shown by --print-config with the app's value, and listed once in the README's table.
-OPTION_SETTINGS = {"index_dir": "INDEX_DIR", "device": "DEVICE"}
+OPTION_SETTINGS = {"index_dir": "INDEX_DIR", "device": "DEVICE", "compare_index": "COMPARE_INDEX", "training": "TRAINING"}
 
 # Only light modules above (click, gunicorn: about 0.1 s): --help and usage errors answer at once. The
 # retrieval modules that bring torch and FAISS are imported inside the command, after the arguments are parsed.
@@ -149,19 +149,29 @@ def show_config(ctx: click.Context, overrides: dict[str, tuple[Any, str]]) -> No
               help="Seconds a client may take to send a request's headers, or pause while sending its body; "
                    "slower or idle connections are answered 408 and closed.")
 @click.option("--access-log/--no-access-log", default=False, help="Log every request on stderr.")
+@click.option("--compare-index", type=click.Path(file_okay=False, resolve_path=True, path_type=Path), default=None,
+              envvar="RETRIEVAL_COMPARE_INDEX", show_envvar=True, metavar="DIR",
+              help="A second index of the same labelled images (e.g. with fine-tuned weights): /evaluation shows both "
+                   "side by side.")
+@click.option("--training", type=click.Path(exists=True, dir_okay=False, resolve_path=True, path_type=Path), default=None,
+              envvar="RETRIEVAL_TRAINING", show_envvar=True, metavar="FILE",
+              help="A fine-tune history (NAME.history.json) for /training. [default: the one next to the index's "
+                   "weights file, when it was fine-tuned]")
 @click.option("--print-config", is_flag=True, allow_from_autoenv=False,
               help="Print every setting the server would run with, and where its value came from (default, "
                    "environment variable, command line); then exit without starting it.")
 @click.pass_context
 def main(ctx: click.Context, index_dir: Path, host: str, port: int, workers: int, threads: int, device: str | None,
-         timeout: int, read_timeout: float, access_log: bool, print_config: bool) -> None:
+         timeout: int, read_timeout: float, access_log: bool, compare_index: Path | None, training: Path | None,
+         print_config: bool) -> None:
     """Serve the index in INDEX_DIR: the JSON API (POST /search, GET /images/<id>/neighbours, /stats) and the gallery.
 
     Runs under gunicorn with gthread workers, which read each request in full before a thread takes
     it, so slow or stalled clients cannot hold the request threads. The server notices when
     index-images updates the index and answers from the new one within a few seconds, without a
     restart. Limits come from RETRIEVAL_* environment variables (RETRIEVAL_MAX_UPLOAD_MB,
-    RETRIEVAL_MAX_PIXELS, ...).
+    RETRIEVAL_MAX_PIXELS, ...). /evaluation shows a second index side by side with --compare-index;
+    /training shows the fine-tuning history of the index's network (or of --training FILE).
 
     Every option can also be set by an environment variable (SERVE_IMAGES_PORT, ...; see
     --print-config and the README's configuration table). GET /metrics serves Prometheus metrics
@@ -176,6 +186,8 @@ def main(ctx: click.Context, index_dir: Path, host: str, port: int, workers: int
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)   # its search for CPU-specific builds is noise
     count, network = check_index(index_dir)
+    if compare_index is not None:
+        check_index(compare_index)
     app_config = {key: value for key, (value, _source) in overrides.items()}
     address = f"http://{bind_address(host, port)}/"
 

@@ -55,6 +55,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("THUMBNAIL_SIZE", 256, "long side of thumbnails, px"),
     Setting("GALLERY_PAGE_SIZE", 48, "images per page of the gallery grid"),
     Setting("GALLERY_K", 12, "neighbours shown on gallery pages"),
+    Setting("TRAINING", None, "a fine-tune history (NAME.history.json) shown on /training; default: the one next to "
+                              "the index's weights file"),
+    Setting("COMPARE_INDEX", None, "a second index folder shown side by side on /evaluation"),
 )
 
 DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}

@@ -1,4 +1,5 @@
-"""Gallery pages for the transfer-learning lesson: the evaluation numbers, the layer table and first-layer filters."""
+"""Gallery pages for the transfer-learning lesson: the evaluation numbers (of one index, or two side by side), the
+layer table and first-layer filters, and the fine-tuning history of the network."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,9 +14,12 @@ from flask.blueprints import BlueprintSetupState
 from markupsafe import Markup
 from sqlalchemy.exc import SQLAlchemyError
 
-from retrieval.evaluation import EvaluationError, evaluate_index, precision_at_k_svg
+from retrieval.evaluation import EvaluationError, compare_indexes, evaluate_index, precision_at_k_svg
 from retrieval.index import weights_label
 from retrieval.model_info import LayerTable, filters_png, layer_table
+from retrieval.catalog import CATALOG_FILE
+from retrieval.training_report import (HistoryError, HistoryNotFound, filter_change, filters_path_for, history_path_for,
+                                       load_filters, load_history, split_counts, training_svgs)
 
 from .service import current_service
 
@@ -27,6 +31,8 @@ EXTENSION_KEY = "transfer"
 FILTER_CELL_PX = 40     # each first-layer filter enlarged to this many pixels (nearest-neighbour)
 EVALUATION_WAIT_S = 3.0     # a GET waits this long for a fresh evaluation before it shows "computing"
 EVALUATION_REFRESH_S = 2    # a "computing" page reloads itself after this many seconds
+TRAINING_CHARTS_KEPT = 4    # fine-tuning histories whose charts are kept drawn (by file and version)
+INITIAL_LOSS_TOLERANCE = 0.10   # the initial loss is "at chance" within this share of ln(C)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,19 +52,20 @@ class EvaluationCache:
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
         self._latest: Evaluation | None = None           # the newest finished run
-        self._wanted: tuple[Any, Path] | None = None     # (version, index folder) the next run is for
+        self._wanted: tuple[Any, Path, Path | None] | None = None   # (version, index folder, compared index) next
         self._running_key: Any = None                    # the version being computed now
         self._running = False
         self.runs = 0                                    # evaluations computed (for tests and logs)
 
-    def get(self, key: Any, index_dir: Path, wait_s: float) -> tuple[Evaluation | None, bool]:
+    def get(self, key: Any, index_dir: Path, wait_s: float, compare_dir: Path | None = None) -> tuple[Evaluation | None, bool]:
         """-> (the newest evaluation, whether it is of this key). Starts a run for key unless one is done or
-        under way, and waits up to wait_s for it."""
+        under way, and waits up to wait_s for it. With compare_dir, a run compares the two indexes (compare_indexes);
+        the key must then name both indexes' versions."""
         with self._lock:
             latest = self._latest
             if latest is None or latest.key != key or latest.retry:
                 if not (self._running and self._running_key == key):
-                    self._wanted = (key, Path(index_dir))
+                    self._wanted = (key, Path(index_dir), compare_dir)
                     if not self._running:
                         self._running = True
                         threading.Thread(target=self._run, name="evaluation", daemon=True).start()
@@ -74,21 +81,25 @@ class EvaluationCache:
                     self._running, self._running_key = False, None
                     return
                 self._running_key = wanted[0]
-            evaluation = Evaluation(wanted[0], *_evaluate(wanted[1]))
+            evaluation = Evaluation(wanted[0], *_evaluate(wanted[1], wanted[2]))
             with self._lock:
                 self._latest = evaluation
                 self.runs += 1
                 self._done.notify_all()
 
 
-def _evaluate(index_dir: Path) -> tuple[dict | None, str | None, bool]:
-    """-> (result, None, False) or (None, the reason it cannot be evaluated, whether to try again)."""
+def _evaluate(index_dir: Path, compare_dir: Path | None = None) -> tuple[dict | None, str | None, bool]:
+    """-> (result, None, False) or (None, the reason it cannot be evaluated, whether to try again).
+
+    With compare_dir the result is compare_indexes' {"a", "b", "matched"}."""
     try:
+        if compare_dir is not None:
+            return compare_indexes(index_dir, compare_dir), None, False
         return evaluate_index(index_dir), None, False
     except EvaluationError as exc:
         return None, str(exc), False
     except (FileNotFoundError, SQLAlchemyError) as exc:
-        log.warning("cannot evaluate %s: %s", index_dir, exc)
+        log.warning("cannot evaluate %s: %s", compare_dir or index_dir, exc)
         return None, "the index catalog cannot be read right now", True
     except Exception:  # noqa: BLE001 - a background thread: its failure is the page's message, not a lost thread
         log.exception("evaluating %s failed", index_dir)
@@ -98,14 +109,25 @@ def _evaluate(index_dir: Path) -> tuple[dict | None, str | None, bool]:
 @dataclasses.dataclass
 class TransferPages:
     """This app's state for the pages of this blueprint (in app.extensions)."""
+    compare_dir: Path | None = None     # a second index shown side by side on /evaluation (COMPARE_INDEX)
+    training_file: Path | None = None   # the fine-tuning history shown on /training (TRAINING); None: the index's
     evaluations: EvaluationCache = dataclasses.field(default_factory=EvaluationCache)
     filters: dict[tuple[str, str], bytes] = dataclasses.field(default_factory=dict)  # (model, weights identity) -> PNG
     filters_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    training_charts: dict[tuple, dict[str, str]] = dataclasses.field(default_factory=dict)  # file versions -> SVGs
+    training_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+
+def _config_path(value: Any) -> Path | None:
+    """A path from the app config (or its environment variable) made absolute where it enters; None when unset."""
+    return Path(str(value)).expanduser().resolve() if value not in (None, "") else None
 
 
 @bp.record_once
 def _init_state(state: BlueprintSetupState) -> None:
-    state.app.extensions[EXTENSION_KEY] = TransferPages()
+    config = state.app.config
+    state.app.extensions[EXTENSION_KEY] = TransferPages(compare_dir=_config_path(config.get("COMPARE_INDEX")),
+                                                        training_file=_config_path(config.get("TRAINING")))
 
 
 def pages_state() -> TransferPages:
@@ -117,17 +139,114 @@ def _layer_table(model: str, input_size: int) -> LayerTable:
     return layer_table(model, input_size)
 
 
+def _index_version(index_dir: Path) -> tuple:
+    """A cheap version of an index we do not serve: its catalog file and write-ahead log, (inode, mtime, size) each."""
+    parts = []
+    for name in (CATALOG_FILE, CATALOG_FILE + "-wal"):
+        try:
+            st = (index_dir / name).stat()
+            parts.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            parts.append(None)
+    return tuple(parts)
+
+
+def _network_name(about: dict) -> str:
+    """"alexnet fc7, weights tuned.pt (sha256 ...)" or "..., weights random (seed 1)": which network made an index."""
+    seed = f" (seed {about['seed']})" if about["weights"] == "random" else ""
+    return f"{about['model']} {about['layer']}, weights {about['weights_label']}{seed}"
+
+
 @bp.get("/evaluation")
 def evaluation() -> Response:
-    """evaluate-index on the stored vectors: precision@k (with a chart), mAP, kNN, linear probe, per class."""
+    """evaluate-index on the stored vectors: precision@k (with a chart), mAP, kNN, linear probe, per class; with a
+    second index (COMPARE_INDEX), both side by side on the images they share."""
     service = current_service()
     snapshot = service.index.snapshot()
-    evaluation, fresh = pages_state().evaluations.get(snapshot.version, service.index.index_dir, EVALUATION_WAIT_S)
+    state = pages_state()
+    compare_dir = state.compare_dir
+    key = snapshot.version if compare_dir is None else (snapshot.version, _index_version(compare_dir))
+    evaluation, fresh = state.evaluations.get(key, service.index.index_dir, EVALUATION_WAIT_S, compare_dir)
     result, problem = (evaluation.result, evaluation.problem) if evaluation else (None, None)
-    chart = Markup(precision_at_k_svg(result)) if result else None   # our own SVG, labels escaped inside
-    html = render_template("evaluation.html", result=result, problem=problem, chart=chart, computing=not fresh,
-                           refresh_s=EVALUATION_REFRESH_S, summary=service.index_summary(snapshot))
+    comparison = None
+    if result is not None and "matched" in result:   # our own SVGs below, labels escaped inside
+        comparison = result
+        result = comparison["a"]
+        charts = [Markup(precision_at_k_svg(comparison[side])) for side in ("a", "b")]
+    else:
+        charts = [Markup(precision_at_k_svg(result))] if result else []
+    names = {side: _network_name(comparison[side]["index"]) for side in ("a", "b")} if comparison else {}
+    html = render_template("evaluation.html", result=result, comparison=comparison, names=names, problem=problem,
+                           chart=charts[0] if charts else None, charts=charts, computing=not fresh,
+                           comparing=compare_dir is not None, refresh_s=EVALUATION_REFRESH_S,
+                           summary=service.index_summary(snapshot))
     return Response(html, headers={"Refresh": str(EVALUATION_REFRESH_S)} if not fresh else {})
+
+
+def _training_source(settings) -> tuple[Path | None, str]:  # noqa: ANN001 - retrieval.catalog.IndexSettings
+    """-> (the history file to show or None, where it comes from: "given", "index" or "none")."""
+    given = pages_state().training_file
+    if given is not None:
+        return given, "given"
+    if settings.weights not in ("imagenet", "random"):
+        return history_path_for(settings.weights), "index"
+    return None, "none"
+
+
+def _file_version(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _training_charts(path: Path, history: dict, key: tuple) -> tuple[dict[str, str], tuple | None]:
+    """The history's charts as inline SVG (drawn once per key, the files' versions taken before they were read) and
+    its filters file's (before, after)."""
+    state = pages_state()
+    filters = load_filters(path)
+    with state.training_lock:
+        svgs = state.training_charts.get(key)
+        if svgs is None:
+            svgs = training_svgs(history, filters)
+            while len(state.training_charts) >= TRAINING_CHARTS_KEPT:
+                state.training_charts.pop(next(iter(state.training_charts)))
+            state.training_charts[key] = svgs
+    return svgs, filters
+
+
+@bp.get("/training")
+def training() -> str:
+    """The fine-tuning history of the network the index was built with (or of TRAINING): settings, split, sanity
+    checks, loss and accuracy per epoch, first-layer filters before and after. Without one, how to make one (200)."""
+    service = current_service()
+    snapshot = service.index.snapshot()
+    settings = snapshot.settings
+    path, source = _training_source(settings)
+    history = problem = None
+    charts: dict[str, Markup] = {}
+    extra: dict[str, Any] = {}
+    if path is not None:
+        try:
+            version = (_file_version(path), _file_version(filters_path_for(path)))   # before reading: never stale
+            history = load_history(path)
+            svgs, filters = _training_charts(path, history, version)
+            charts = {name: Markup(svg) for name, svg in svgs.items()}   # drawn by matplotlib from numbers; text escaped by it
+            best = next((r for r in history["epochs_run"] if r["epoch"] == history["best_epoch"]), None)
+            chance = history["chance_loss"]
+            extra = {"split": split_counts(history), "best": best,
+                     "initial_off": (history["initial_loss"] - chance) / chance if chance else 0.0,
+                     "filter_change": filter_change(*filters) if filters is not None else None,
+                     "filter_shape": filters[0].shape if filters is not None else None}
+        except HistoryNotFound:
+            history = None
+        except HistoryError as exc:
+            problem = str(exc).replace(str(path), path.name)     # the file's name, not the server's folders
+    return render_template("training.html", history=history, problem=problem, charts=charts, source=source,
+                           file_name=path.name if path else None, settings=settings,
+                           weights=weights_label(settings), tolerance=INITIAL_LOSS_TOLERANCE,
+                           summary=service.index_summary(snapshot), **extra)
 
 
 @bp.get("/model")

@@ -33,9 +33,13 @@ def parse_ks(value: str) -> list[int]:
 @click.option("-k", "ks", default=",".join(map(str, DEFAULT_KS)), show_default=True, metavar="K[,K...]",
               help="Numbers of neighbours for precision@k and the kNN vote.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the linear probe's train/test split.")
+@click.option("--compare", "compare_dir", type=click.Path(file_okay=False, path_type=Path, resolve_path=True),
+              default=None, metavar="INDEX_DIR",
+              help="A second index of the same labelled images (e.g. made with fine-tuned weights): both are evaluated "
+                   "on the images they share and shown side by side.")
 @click.option("--json", "as_json", is_flag=True, help="Print every number as one JSON object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Log what is being done.")
-def main(index_dir: Path, ks: str, seed: int, as_json: bool, verbose: bool) -> None:
+def main(index_dir: Path, ks: str, seed: int, compare_dir: Path | None, as_json: bool, verbose: bool) -> None:
     """Evaluate the features of an index on its labelled images, from the stored vectors (no forward pass).
 
     Images are labelled by their class folder (DATA_DIR/<class>/...); unlabelled ones are left out.
@@ -44,22 +48,81 @@ def main(index_dir: Path, ks: str, seed: int, as_json: bool, verbose: bool) -> N
     group), a linear probe (logistic regression on a stratified, seeded train/test split),
     per-class numbers, confusion matrices and the chance levels to compare with.
 
+    With --compare B, both indexes are evaluated on the labelled images they share (same path relative
+    to each index's data folder, same label, same content hash), with the same probe split, and the
+    numbers are shown side by side; --json then gives {"a": ..., "b": ..., "matched": ...}.
+
     Options can also be set by environment variables (EVALUATE_INDEX_KS, ...; see the README).
 
-    Exit status: 0 done, 2 no index or not evaluable (fewer than two labels, a label with one image).
+    Exit status: 0 done, 2 no index or not evaluable (fewer than two labels, a label with one image,
+    no labelled image shared by the two indexes).
     """
     setup_logging(verbose)
     k_list = parse_ks(ks)
-    from retrieval.evaluation import EvaluationError, evaluate_index
+    from retrieval.evaluation import EvaluationError, compare_indexes, evaluate_index
 
     try:
-        result = evaluate_index(index_dir, k_list, seed=seed)
+        if compare_dir is None:
+            result = evaluate_index(index_dir, k_list, seed=seed)
+        else:
+            result = compare_indexes(index_dir, compare_dir, k_list, seed=seed)
     except (FileNotFoundError, EvaluationError) as exc:
         raise UserError(str(exc)) from exc
     if as_json:
         click.echo(json.dumps(result))
-    else:
+    elif compare_dir is None:
         click.echo(format_report(result))
+    else:
+        click.echo(format_comparison(result))
+
+
+def network_text(ix: dict) -> str:
+    """"alexnet fc7, weights random (seed 0), 4096-d, L2-normalised" for an evaluation's "index" entry."""
+    weights = ix.get("weights_label", ix["weights"])
+    seed = f" (seed {ix['seed']})" if ix["weights"] == "random" and ix.get("seed") is not None else ""
+    return f"{ix['model']} {ix['layer']}, weights {weights}{seed}, {ix['dim']}-d{', L2-normalised' if ix['normalize'] else ''}"
+
+
+def format_comparison(c: dict) -> str:
+    """The compare_indexes result: the two indexes' numbers side by side, each against the (shared) chance level."""
+    a, b, m = c["a"], c["b"], c["matched"]
+    ch, im, ks = a["chance"], a["images"], a["ks"]
+    row = lambda label, va, vb, chance, extra="": (f"  {label:<30}{va:>7.3f}{vb:>9.3f}{vb - va:>+9.3f}"  # noqa: E731
+                                                  f"{chance:>9.3f}{extra}")
+    lines = [f"A  {a['index']['dir']}: {network_text(a['index'])}",
+             f"B  {b['index']['dir']}: {network_text(b['index'])}",
+             f"{m['images']} labelled images in {im['classes']} classes, the same in both (matched by {m['by']}); "
+             f"left out: {m['only_a']} only in A, {m['only_b']} only in B, {m['differing']} with another label or content",
+             "",
+             f"{'':<32}{'A':>7}{'B':>9}{'B - A':>9}{'chance':>9}",
+             "retrieval (leave-one-out, relevant = same label)"]
+    for k in ks:
+        lines.append(row(f"precision@{k}", a["retrieval"]["precision_at_k"][str(k)],
+                         b["retrieval"]["precision_at_k"][str(k)], ch["retrieval_precision"]))
+    lines.append(row("mAP", a["retrieval"]["map"], b["retrieval"]["map"], ch["retrieval_precision"], "  (about)"))
+    lines.append("nearest-neighbour classification (leave-one-out majority vote)")
+    for k in ks:
+        lines.append(row(f"k={k} accuracy", a["knn"]["accuracy"][str(k)], b["knn"]["accuracy"][str(k)],
+                         ch["majority_class"]))
+    pa, pb = a["linear_probe"], b["linear_probe"]
+    if pa is not None and pb is not None:
+        lines.append(f"linear probe (logistic regression, {pa['train']} train / {pa['test']} test images, seed "
+                     f"{pa['seed']}, the same split for both)")
+        lines.append(row("test accuracy", pa["accuracy"], pb["accuracy"], ch["majority_class"]))
+    lines.append(f"chance: retrieval {ch['retrieval_precision']:.3f} (precision of a random ranking); classification "
+                 f"{ch['majority_class']:.3f} (always the largest class), {ch['uniform']:.3f} (1/{im['classes']} classes)")
+
+    width = max(12, *(len(name) for name in a["labels"]))
+    kk = str(a["knn"]["k"])
+    lines += ["", f"per class (AP: average precision; kNN@{kk}: accuracy on the class's images)",
+              f"{'class':<{width}}  {'images':>6}{'AP A':>8}{'AP B':>8}{'kNN A':>8}{'kNN B':>8}"]
+    for name in a["labels"]:
+        ca, cb = a["per_class"][name], b["per_class"][name]
+        lines.append(f"{name:<{width}}  {ca['images']:>6}{ca['average_precision']:>8.3f}{cb['average_precision']:>8.3f}"
+                     f"{ca['knn_accuracy'][kk]:>8.3f}{cb['knn_accuracy'][kk]:>8.3f}")
+    for side, r in (("A", a), ("B", b)):
+        lines += [f"note ({side}): {n}" for n in r["notes"]]
+    return "\n".join(lines)
 
 
 def format_report(r: dict) -> str:

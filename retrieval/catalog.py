@@ -123,6 +123,14 @@ class IndexSettings:
         return cls(**{f.name: getattr(row, f.name) for f in dataclasses.fields(cls)})
 
 
+def weights_label(settings: IndexSettings) -> str:
+    """The weights as shown to anyone: "imagenet", "random", or a file's name and short hash, never its path."""
+    if settings.weights in ("imagenet", "random"):
+        return settings.weights
+    digest = settings.weights_identity.rpartition("sha256=")[2][:12]
+    return f"{Path(settings.weights).name} (sha256 {digest})" if digest else Path(settings.weights).name
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageRecord:
     """What callers see of an image row (no vector)."""

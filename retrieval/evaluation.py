@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .catalog import Catalog
+from .catalog import Catalog, weights_label
 from .names import DEFAULT_KS
 from .system import display_name
 
@@ -71,11 +71,19 @@ class LabelledVectors:
     vectors: np.ndarray    # shape=(n, dim), float32
     labels: list[str]      # n labels
     unlabelled: int        # images of the index without a label (left out of the evaluation)
+    paths: list[str] = dataclasses.field(default_factory=list)    # n paths relative to the data folder, as stored
+    sha256: list[str] = dataclasses.field(default_factory=list)   # n content hashes
+
+    def subset(self, rows: Sequence[int]) -> "LabelledVectors":
+        """These rows only, in this order (unlabelled count kept)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return LabelledVectors(self.ids[rows], self.vectors[rows], [self.labels[r] for r in rows], self.unlabelled,
+                               [self.paths[r] for r in rows], [self.sha256[r] for r in rows])
 
 
 def load_labelled_vectors(catalog: Catalog) -> LabelledVectors:
     """The stored vectors of every labelled image, in id order; no network, no forward pass."""
-    ids, vecs, labels, unlabelled = [], [], [], 0
+    ids, vecs, labels, paths, hashes, unlabelled = [], [], [], [], [], 0
     for chunk_ids, chunk_vecs in catalog.vectors():
         records = catalog.get_many(chunk_ids)
         chunk_labels = [getattr(records.get(int(i)), "label", None) for i in chunk_ids]   # None: unlabelled or just removed
@@ -85,10 +93,13 @@ def load_labelled_vectors(catalog: Catalog) -> LabelledVectors:
         ids.append(chunk_ids[keep])
         vecs.append(chunk_vecs[keep])
         labels += [chunk_labels[j] for j in keep]
+        paths += [records[int(chunk_ids[j])].path for j in keep]
+        hashes += [records[int(chunk_ids[j])].sha256 for j in keep]
     settings = catalog.settings()
     dim = settings.dim if settings else 0
     return LabelledVectors(np.concatenate(ids) if ids else np.zeros(0, np.int64),
-                           np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32), labels, unlabelled)
+                           np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32), labels, unlabelled,
+                           paths, hashes)
 
 
 # --- the metrics --------------------------------------------------------------------------------------
@@ -283,11 +294,10 @@ def chance_levels(sizes: np.ndarray) -> dict[str, float]:
             "majority_class": float(sizes.max() / n), "uniform": float(1.0 / len(sizes))}
 
 
-def evaluate_index(index_dir: Path | str, ks: Sequence[int] = DEFAULT_KS, *, seed: int = 0, probe: bool = True) -> dict:
-    """evaluate_vectors on an index folder's stored vectors, plus {"index": {dir, model, layer, weights, dim, normalize}}.
+def _load_index(index_dir: Path | str) -> tuple[dict, LabelledVectors]:
+    """-> ({dir, model, layer, weights, weights_label, weights_identity, seed, dim, normalize, data_dir}, its labelled vectors).
 
-    Raises FileNotFoundError for a folder without an index, EvaluationError when it cannot be evaluated.
-    """
+    Raises FileNotFoundError for a folder without an index."""
     catalog = Catalog(Path(index_dir))
     try:
         settings = catalog.settings()
@@ -296,11 +306,77 @@ def evaluate_index(index_dir: Path | str, ks: Sequence[int] = DEFAULT_KS, *, see
         catalog.close()
     if settings is None:
         raise FileNotFoundError(f"the index at {index_dir} has no settings yet; run index-images first")
+    about = {"dir": str(index_dir), "model": settings.model, "layer": settings.layer, "weights": settings.weights,
+             "weights_label": weights_label(settings), "weights_identity": settings.weights_identity,
+             "seed": settings.seed, "dim": settings.dim,
+             "normalize": settings.normalize, "data_dir": settings.data_dir}
+    return about, data
+
+
+def evaluate_index(index_dir: Path | str, ks: Sequence[int] = DEFAULT_KS, *, seed: int = 0, probe: bool = True) -> dict:
+    """evaluate_vectors on an index folder's stored vectors, plus {"index": {dir, model, layer, weights,
+    weights_label (a file's name and short hash, never its path), weights_identity, seed, dim, normalize, data_dir}}.
+
+    Raises FileNotFoundError for a folder without an index, EvaluationError when it cannot be evaluated.
+    """
+    about, data = _load_index(index_dir)
     log.info("evaluating %d labelled vectors (%d unlabelled left out)", len(data.labels), data.unlabelled)
     result = evaluate_vectors(data.vectors, data.labels, ks, seed=seed, probe=probe, unlabelled=data.unlabelled)
-    about = {"dir": str(index_dir), "model": settings.model, "layer": settings.layer, "weights": settings.weights,
-             "dim": settings.dim, "normalize": settings.normalize}
     return {"index": about, **result}
+
+
+MATCHED_BY = "path relative to the data folder, label and content hash (sha256)"
+
+
+def match_images(a: LabelledVectors, b: LabelledVectors) -> tuple[list[int], list[int], dict[str, int]]:
+    """The labelled images two indexes share: same path relative to each one's data folder, same label, same content.
+
+    -> (rows of a, rows of b, counts), rows in path order so both sides list the same images in the same order
+    (and a seeded split picks the same images on both sides); counts: {matched, only_a, only_b, differing}, where
+    differing counts paths in both whose label or content differ (left out)."""
+    where_b = {path: j for j, path in enumerate(b.paths)}
+    rows_a, rows_b, differing = [], [], 0
+    for i in sorted(range(len(a.paths)), key=lambda i: a.paths[i]):
+        j = where_b.get(a.paths[i])
+        if j is None:
+            continue
+        if a.labels[i] != b.labels[j] or a.sha256[i] != b.sha256[j]:
+            differing += 1
+            continue
+        rows_a.append(i)
+        rows_b.append(j)
+    common = len(rows_a) + differing
+    return rows_a, rows_b, {"matched": len(rows_a), "only_a": len(a.paths) - common, "only_b": len(b.paths) - common,
+                            "differing": differing}
+
+
+def compare_indexes(index_a: Path | str, index_b: Path | str, ks: Sequence[int] = DEFAULT_KS, *, seed: int = 0,
+                    probe: bool = True) -> dict:
+    """evaluate_vectors on each index, restricted to the labelled images both hold (match_images), in the same order.
+
+    -> {"a": result, "b": result (each as evaluate_index's, with "index"), "matched": {images, only_a, only_b,
+    differing, by}}. The linear probe uses the same seeded split on both. Raises FileNotFoundError (no index),
+    EvaluationError (no shared labelled image, or too few to evaluate)."""
+    about_a, data_a = _load_index(index_a)
+    about_b, data_b = _load_index(index_b)
+    rows_a, rows_b, counts = match_images(data_a, data_b)
+    if not rows_a:
+        raise EvaluationError(
+            f"the two indexes share no labelled image ({len(data_a.labels)} labelled in {index_a}, {len(data_b.labels)} "
+            f"in {index_b}; {counts['differing']} path(s) in both with another label or content). Compare indexes of "
+            "the same labelled folder: index it again with the other network into a second --index-dir.")
+    log.info("comparing on %d shared labelled images", len(rows_a))
+    results = {}
+    for side, about, data, rows in (("a", about_a, data_a, rows_a), ("b", about_b, data_b, rows_b)):
+        part = data.subset(rows)
+        result = evaluate_vectors(part.vectors, part.labels, ks, seed=seed, probe=probe, unlabelled=data.unlabelled)
+        left_out = counts["only_a" if side == "a" else "only_b"] + counts["differing"]
+        if left_out:
+            result["notes"].append(f"{left_out} labelled image(s) of this index left out: not in the other index "
+                                   "with the same label and content")
+        results[side] = {"index": about, **result}
+    return {**results, "matched": {"images": counts["matched"], "only_a": counts["only_a"], "only_b": counts["only_b"],
+                                   "differing": counts["differing"], "by": MATCHED_BY}}
 
 
 # --- a chart for pages ------------------------------------------------------------------------------
@@ -313,7 +389,7 @@ def precision_at_k_svg(result: dict, *, width: int = 360, height: int = 200) -> 
     plot_w, plot_h = width - left - right, height - top - bottom
     y = lambda v: top + plot_h * (1.0 - v)  # noqa: E731 - value 0..1 -> pixel row
     slot = plot_w / max(1, len(points))
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
              f'aria-label="precision at k">',
              f'<line x1="{left}" y1="{y(0):.1f}" x2="{width - right}" y2="{y(0):.1f}" stroke="#333"/>']
     for tick in (0.0, 0.5, 1.0):

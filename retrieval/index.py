@@ -15,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .backbones import (MODELS, FeatureExtractor, WeightsUnavailable, build_extractor, imagenet_cache_path,
                         random_weights_file)
-from .catalog import CATALOG_FILE, Catalog, IndexSettings
+from .catalog import CATALOG_FILE, Catalog, IndexSettings, weights_label  # noqa: F401 - weights_label: re-exported
 from .images import DEFAULT_MAX_PIXELS, DecodedImage, decode_for_model
 from .names import FAISS_FILE
 from .vector_index import VectorIndex
@@ -47,14 +47,6 @@ def network_key(settings: IndexSettings) -> str:
     parts = (settings.model, settings.layer, settings.weights_identity, settings.seed, settings.dim,
              settings.normalize, settings.preprocessing)
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
-
-
-def weights_label(settings: IndexSettings) -> str:
-    """The weights as shown to anyone: "imagenet", "random", or a file's name and short hash, never its path."""
-    if settings.weights in ("imagenet", "random"):
-        return settings.weights
-    digest = settings.weights_identity.rpartition("sha256=")[2][:12]
-    return f"{Path(settings.weights).name} (sha256 {digest})" if digest else Path(settings.weights).name
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:

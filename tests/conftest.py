@@ -41,6 +41,15 @@ def sample_index(tmp_path_factory) -> BuiltIndex:
     return BuiltIndex(data, root / "index", report)
 
 
+@pytest.fixture(scope="session")
+def compare_index(sample_index, tmp_path_factory) -> BuiltIndex:
+    """The sample collection indexed again with other random weights (seed 1): a second network to compare with the
+    sample index's on the same images. Read-only."""
+    index_dir = tmp_path_factory.mktemp("compare") / "index"
+    report = build_index(sample_index.data_dir, index_dir, seed=1)
+    return BuiltIndex(sample_index.data_dir, index_dir, report)
+
+
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch) -> Path:
     """An empty torch hub cache (TORCH_HOME in tmp_path) and no network for torch.hub downloads."""

@@ -1,14 +1,18 @@
-"""The `evaluate-index` command: the readable report, --json, and clear exits for indexes it cannot evaluate."""
+"""The `evaluate-index` command: the readable report, --json, clear exits for indexes it cannot evaluate, and --compare."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import build_index
 from indexer.evaluate_cli import confusion_lines, format_report, main
 from indexer.samples import make_sample_collection
+from retrieval.backbones import random_weights_file
 from retrieval.evaluation import evaluate_vectors
 
 
@@ -81,3 +85,87 @@ def test_confusion_lines_are_plain_ascii():
     assert lines[1].split() == ["1", "cats", "10", "2", "."]
     assert lines[3].split() == ["3", "a_long_label", "1", ".", "100"]
     assert len({len(line) for line in lines}) == 1 and all(line.isascii() for line in lines)
+
+
+# --- --compare: two indexes of the same images, side by side -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def partial_index(sample_index, compare_index, tmp_path_factory):
+    """(index folder, expected counts): part of the sample collection, indexed with the compare index's network
+    (its random weights as a file: no new 233 MB file). purple_checks is left out, two red_circles are left out,
+    one blue_squares picture is redrawn (same path, other content) and one new class is added."""
+    root = tmp_path_factory.mktemp("partial")
+    data = root / "data"
+    shutil.copytree(sample_index.data_dir, data)
+    shutil.rmtree(data / "purple_checks")
+    for name in ("red_circles_000.jpg", "red_circles_001.jpg"):
+        (data / "red_circles" / name).unlink()
+    Image.new("RGB", (160, 120), (0, 0, 250)).save(data / "blue_squares" / "blue_squares_000.jpg")
+    make_sample_collection(data, per_class=3, size=(160, 120), seed=5, classes=["purple_checks"])
+    (data / "purple_checks").rename(data / "new_class")
+    build_index(data, root / "index", weights=str(random_weights_file(compare_index.index_dir, "alexnet")))
+    return root / "index", {"images": 30 - 6 - 2 - 1, "only_a": 6 + 2, "only_b": 3, "differing": 1}
+
+
+def test_compare_side_by_side_on_the_same_images(sample_index, compare_index):
+    result = run("--index-dir", str(sample_index.index_dir), "--compare", str(compare_index.index_dir))
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    lines = out.splitlines()
+    assert lines[0] == f"A  {sample_index.index_dir}: alexnet fc7, weights random (seed 0), 4096-d, L2-normalised"
+    assert lines[1] == f"B  {compare_index.index_dir}: alexnet fc7, weights random (seed 1), 4096-d, L2-normalised"
+    assert "30 labelled images in 5 classes, the same in both" in lines[2] and "0 only in A, 0 only in B" in lines[2]
+    assert lines[4].split() == ["A", "B", "B", "-", "A", "chance"]
+
+    alone_a, alone_b = (json.loads(run("--index-dir", str(d), "--json").stdout)
+                        for d in (sample_index.index_dir, compare_index.index_dir))
+    row = next(line for line in lines if line.strip().startswith("mAP")).split()
+    assert float(row[1]) == pytest.approx(alone_a["retrieval"]["map"], abs=6e-4)
+    assert float(row[2]) == pytest.approx(alone_b["retrieval"]["map"], abs=6e-4)
+    assert float(row[3]) == pytest.approx(float(row[2]) - float(row[1]), abs=2e-3)
+    assert float(row[4]) == pytest.approx(alone_a["chance"]["retrieval_precision"], abs=6e-4)
+    for text in ("precision@1", "precision@10", "k=10 accuracy", "the same split for both", "test accuracy",
+                 "per class", "AP A", "kNN B"):
+        assert text in out, text
+
+
+def test_compare_json_gives_both_results_and_the_matched_count(sample_index, compare_index):
+    result = run("--index-dir", str(sample_index.index_dir), "--compare", str(compare_index.index_dir), "--json")
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    assert r["matched"]["images"] == 30 and r["matched"]["only_a"] == r["matched"]["only_b"] == 0
+    assert "path relative to the data folder" in r["matched"]["by"]
+    assert r["a"]["index"]["seed"] == 0 and r["b"]["index"]["seed"] == 1
+    assert r["a"]["images"]["labelled"] == r["b"]["images"]["labelled"] == 30
+    assert r["a"]["counts"] == r["b"]["counts"] and r["a"]["chance"] == r["b"]["chance"]
+    # the two networks really differ, and each number is its own index's (full overlap: as evaluated alone)
+    alone_b = json.loads(run("--index-dir", str(compare_index.index_dir), "--json").stdout)
+    assert r["b"]["retrieval"]["precision_at_k"] == pytest.approx(alone_b["retrieval"]["precision_at_k"])
+    assert r["a"]["retrieval"]["map"] != r["b"]["retrieval"]["map"]
+    assert r["a"]["linear_probe"]["test"] == r["b"]["linear_probe"]["test"]
+
+
+def test_compare_a_partial_overlap_uses_only_the_shared_images(sample_index, partial_index):
+    index_dir, expected = partial_index
+    result = run("--index-dir", str(sample_index.index_dir), "--compare", str(index_dir), "--json")
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    assert {k: r["matched"][k] for k in expected} == expected
+    for side in ("a", "b"):
+        assert r[side]["images"]["labelled"] == expected["images"]
+        assert r[side]["counts"] == {"blue_squares": 5, "green_stripes": 6, "orange_triangles": 6, "red_circles": 4}
+    assert any("9 labelled image(s) of this index left out" in n for n in r["a"]["notes"])
+    assert any("4 labelled image(s) of this index left out" in n for n in r["b"]["notes"])
+    text = run("--index-dir", str(sample_index.index_dir), "--compare", str(index_dir)).stdout
+    assert "21 labelled images in 4 classes" in text and "8 only in A, 3 only in B, 1 with another label or content" in text
+
+
+def test_compare_without_shared_images_exits_2(tmp_path, sample_index, compare_index):
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=2, size=(64, 48), seed=9, classes=["red_circles", "blue_squares"])
+    build_index(data, tmp_path / "index", weights=str(random_weights_file(compare_index.index_dir, "alexnet")))
+    result = run("--index-dir", str(sample_index.index_dir), "--compare", str(tmp_path / "index"))
+    assert result.exit_code == 2 and "share no labelled image" in result.output
+    assert "4 path(s) in both with another label or content" in result.output and "Traceback" not in result.output
+    result = run("--index-dir", str(sample_index.index_dir), "--compare", str(tmp_path / "missing"))
+    assert result.exit_code == 2 and "run index-images first" in result.output

@@ -15,6 +15,7 @@ import requests
 from click.testing import CliRunner
 
 from api.cli import bind_address, main
+from training_history import make_history, write_history
 
 SERVE = [sys.executable, "-c", "from api.cli import main; main()"]
 
@@ -87,6 +88,26 @@ def test_missing_index_exits_2_saying_run_index_images_first(tmp_path):
     result = CliRunner().invoke(main, ["--index-dir", str(tmp_path / "nothing-here")])
     assert result.exit_code == 2, result.output
     assert "run index-images first" in result.output
+
+
+def test_a_missing_compare_index_or_training_file_exits_2(sample_index, tmp_path):
+    result = CliRunner().invoke(main, ["--index-dir", str(sample_index.index_dir), "--compare-index", str(tmp_path / "no")])
+    assert result.exit_code == 2 and f"no index at {tmp_path / 'no'}" in result.output, result.output
+    result = CliRunner().invoke(main, ["--index-dir", str(sample_index.index_dir), "--training", str(tmp_path / "t.json")])
+    assert result.exit_code == 2 and "--training" in result.output and "does not exist" in result.output, result.output
+
+
+def test_serve_images_shows_a_training_history_and_a_second_index(sample_index, compare_index, tmp_path):
+    history = write_history(tmp_path / "tuned.history.json", make_history(sample_index.data_dir, ["red_circles", "blue_squares"]))
+    with serve_images(sample_index.index_dir, tmp_path / "server.log", "--training", str(history),
+                      RETRIEVAL_COMPARE_INDEX=str(compare_index.index_dir)) as base:
+        page = requests.get(base + "/training", timeout=60)
+        assert page.status_code == 200 and "How alexnet was fine-tuned on 2 classes" in page.text
+        deadline = time.monotonic() + 120
+        while 'id="compare-table"' not in (html := requests.get(base + "/evaluation", timeout=60).text):
+            assert time.monotonic() < deadline and "cannot be" not in html, html[-3000:]
+            time.sleep(0.5)
+        assert "weights random (seed 1)" in html
 
 
 def test_bind_address_brackets_ipv6():

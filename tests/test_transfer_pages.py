@@ -1,8 +1,10 @@
-"""Tests for api.transfer and predicted_label: the neighbours' vote, the evaluation page, the network page, filters PNG."""
+"""Tests for api.transfer and predicted_label: the neighbours' vote, the evaluation page (one index, or two side by
+side), the network page, filters PNG."""
 from __future__ import annotations
 
 import io
 import re
+import shutil
 import threading
 import time
 
@@ -12,8 +14,9 @@ from PIL import Image
 
 from api import create_app
 from indexer.samples import make_sample_collection
+from retrieval.backbones import random_weights_file
 from retrieval.catalog import Catalog
-from retrieval.evaluation import evaluate_index
+from retrieval.evaluation import compare_indexes, evaluate_index
 from retrieval.model_info import layer_table
 
 QUERY = "green_stripes/green_stripes_002.jpg"
@@ -25,6 +28,17 @@ def image_id(sample_index, path: str) -> int:
         return cat.file_states()[path][0]
     finally:
         cat.close()
+
+
+def finished_page(client) -> str:  # noqa: ANN001 - Flask test client
+    """/evaluation once its evaluation is done (it is computed off the request thread; a loaded CI machine takes a
+    while to import scikit-learn), whitespace collapsed."""
+    deadline = time.monotonic() + 60
+    html = client.get("/evaluation").get_data(as_text=True)
+    while 'id="computing"' in html and time.monotonic() < deadline:
+        time.sleep(0.2)
+        html = client.get("/evaluation").get_data(as_text=True)
+    return " ".join(html.split())
 
 
 def test_search_predicts_the_label_by_the_neighbours_vote(client, sample_index):
@@ -59,9 +73,8 @@ def test_no_prediction_for_a_collection_without_labels(tmp_path, index_images):
         assert body["results"] and "predicted_label" not in body
         assert client.get("/gallery/1").status_code == 200
         assert b'id="prediction"' not in client.get("/gallery/1").data
-        page = client.get("/evaluation")
-        assert page.status_code == 200
-        assert b"cannot be evaluated" in page.data
+        assert client.get("/evaluation").status_code == 200
+        assert "cannot be evaluated" in finished_page(client)
     finally:
         app.extensions["retrieval"].close()
 
@@ -77,7 +90,7 @@ def test_gallery_page_shows_the_prediction_above_the_neighbours(client, sample_i
 
 def test_evaluation_page_shows_the_evaluate_index_numbers_and_a_chart(client, sample_index):
     expected = evaluate_index(sample_index.index_dir)
-    html = client.get("/evaluation").get_data(as_text=True)
+    html = finished_page(client)
 
     assert "<svg" in html and "</svg>" in html, "the chart is inline SVG, readable without JavaScript"
     assert "<script" not in html.split('id="precision-chart"')[1].split("</figure>")[0]
@@ -149,7 +162,7 @@ def test_evaluation_is_computed_once_per_loaded_index_version(tmp_path, index_im
     deadline = time.monotonic() + 20
     while service.index.version == 1 and time.monotonic() < deadline:
         time.sleep(0.1)
-    html = client.get("/evaluation").get_data(as_text=True)
+    html = finished_page(client)
     assert "green_stripes" in html and len(runs) == 2
     client.get("/evaluation")
     assert len(runs) == 2
@@ -189,3 +202,70 @@ def test_filters_png_is_cached_on_the_app(app, client):
     assert client.get("/model/filters.png").status_code == 200
     cached = app.extensions["transfer"].filters
     assert len(cached) == 1 and next(iter(cached))[0] == "alexnet"
+
+
+# --- a second index side by side (COMPARE_INDEX) --------------------------------------------------------------------
+
+def compare_app(sample_index, compare_dir, tmp_path):  # noqa: ANN201 - Flask app
+    return create_app({"INDEX_DIR": str(sample_index.index_dir), "RELOAD_INTERVAL_S": 0,
+                       "THUMBNAIL_DIR": str(tmp_path / "thumbs"), "COMPARE_INDEX": str(compare_dir)})
+
+
+def test_evaluation_page_shows_two_indexes_side_by_side(tmp_path, sample_index, compare_index):
+    expected = compare_indexes(sample_index.index_dir, compare_index.index_dir)
+    app = compare_app(sample_index, compare_index.index_dir, tmp_path)
+    try:
+        client = app.test_client()
+        html = finished_page(client)
+        a, b = expected["a"], expected["b"]
+        assert "on the same 30 labelled images in 5 classes" in html
+        assert "this index: alexnet fc7, weights random (seed 0)" in html
+        assert "<code>--compare-index</code>: alexnet fc7, weights random (seed 1)" in html
+        table = html.split('id="compare-table"')[1].split("</table>")[0]
+        for k in a["ks"]:
+            va, vb = a["retrieval"]["precision_at_k"][str(k)], b["retrieval"]["precision_at_k"][str(k)]
+            assert f"<td>precision@{k}</td><td>{va:.3f}</td><td>{vb:.3f}</td>" in table
+        assert f"<td>mAP</td><td>{a['retrieval']['map']:.3f}</td><td>{b['retrieval']['map']:.3f}</td>" in table
+        assert f"{a['chance']['retrieval_precision']:.3f}" in table and "same split" in table
+        assert html.count('aria-label="precision at k"') == 2 and 'id="precision-chart-b"' in html
+        per_class = html.split('id="per-class"')[1].split("</table>")[0]
+        assert per_class.count("<tr>") == 1 + 5
+        for _ in range(2):
+            client.get("/evaluation")
+        assert app.extensions["transfer"].evaluations.runs == 1, "computed once for both indexes' versions"
+    finally:
+        app.extensions["retrieval"].close()
+
+
+def test_evaluation_page_compares_only_the_shared_images(tmp_path, sample_index, compare_index, index_images):
+    data = tmp_path / "data"
+    for label in ("red_circles", "green_stripes"):
+        shutil.copytree(sample_index.data_dir / label, data / label)
+    (data / "green_stripes" / "green_stripes_005.jpg").unlink()
+    make_sample_collection(data, per_class=2, size=(64, 48), seed=4, classes=["orange_triangles"])
+    index_images(data, tmp_path / "index", weights=str(random_weights_file(compare_index.index_dir, "alexnet")))
+    app = compare_app(sample_index, tmp_path / "index", tmp_path)
+    try:
+        html = finished_page(app.test_client())
+        assert "on the same 11 labelled images in 2 classes" in html
+        assert "left out: 17 only in A, 0 only in B, 2 with another label or content" in html
+        assert "A: 19 labelled image(s) of this index left out" in html
+        assert html.split('id="per-class"')[1].split("</table>")[0].count("<tr>") == 1 + 2
+    finally:
+        app.extensions["retrieval"].close()
+
+
+def test_evaluation_page_says_when_two_indexes_share_nothing(tmp_path, sample_index, compare_index, index_images):
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=2, size=(64, 48), seed=4, classes=["red_circles", "blue_squares"])
+    for p in list(data.rglob("*.jpg")):
+        p.rename(p.with_name("other_" + p.name))
+    index_images(data, tmp_path / "index", weights=str(random_weights_file(compare_index.index_dir, "alexnet")))
+    app = compare_app(sample_index, tmp_path / "index", tmp_path)
+    try:
+        response = app.test_client().get("/evaluation")
+        html = finished_page(app.test_client())
+        assert response.status_code == 200
+        assert "cannot be compared with the second index" in html and "share no labelled image" in html
+    finally:
+        app.extensions["retrieval"].close()
