@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 DEFAULTS: dict[str, Any] = {
     "INDEX_DIR": "index",          # folder made by index-images (RETRIEVAL_INDEX_DIR)
+    "DB_URL": None,                # the catalog's SQLAlchemy URL (RETRIEVAL_DB_URL); None: SQLite in INDEX_DIR
     "DEVICE": "cpu",               # where query features are computed: cpu, cuda or auto
     "MAX_UPLOAD_MB": 20,           # larger uploads answer 413
     "MAX_PIXELS": Image.MAX_IMAGE_PIXELS,  # larger images answer 415 (decompression bomb); retrieval.images.DEFAULT_MAX_PIXELS

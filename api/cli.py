@@ -11,7 +11,7 @@ import click
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
-from retrieval.names import INDEX_DIR_ENV
+from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV
 from retrieval.system import available_cores
 
 from .gunicorn_worker import DEFAULT_READ_TIMEOUT_S, with_read_timeout
@@ -49,32 +49,40 @@ class GunicornServer(BaseApplication):
 
     def load(self):  # noqa: ANN201 - a WSGI app
         from retrieval.backbones import DeviceUnavailable, WeightsUnavailable
-        from retrieval.index import IndexNotFound
+        from retrieval.index import IndexNotFound, IndexUnavailable
 
         from . import create_app   # imported in the worker: torch and FAISS start after the fork
 
         try:
             return create_app(self.app_config)
-        except (IndexNotFound, WeightsUnavailable, DeviceUnavailable, ValueError) as exc:   # WeightsMismatch too
+        except (IndexNotFound, IndexUnavailable, WeightsUnavailable, DeviceUnavailable, ValueError) as exc:   # WeightsMismatch too
             print(f"serve-images: {exc}", file=sys.stderr, flush=True)
             sys.exit(Arbiter.WORKER_BOOT_ERROR)   # the master stops instead of restarting the worker forever
 
 
-def check_index(index_dir: Path) -> tuple[int, str]:
+def check_index(index_dir: Path, db_url: str | None = None) -> tuple[int, str]:
     """-> (image count, "model layer") of the index, or a UserError saying to run index-images first."""
-    from retrieval.catalog import Catalog
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from retrieval.catalog import Catalog, CatalogUnavailable, db_error_reason
 
     try:
-        catalog = Catalog(index_dir)
-    except FileNotFoundError:
+        catalog = Catalog(index_dir, url=db_url)
+    except FileNotFoundError as exc:
+        if db_url is not None:
+            raise UserError(f"{exc} (index-images DATA_DIR --index-dir {index_dir} --db-url URL)") from None
         raise UserError(f"no index at {index_dir}: run index-images first (index-images DATA_DIR --index-dir {index_dir})") from None
+    except CatalogUnavailable as exc:
+        raise UserError(str(exc)) from None
     try:
         settings = catalog.settings()
         if settings is None:
-            raise UserError(f"the index at {index_dir} is unfinished: run index-images first")
+            raise UserError(f"the index in {catalog.location} is unfinished: run index-images first")
         if not Path(settings.data_dir).is_dir():
             click.echo(f"warning: the indexed data folder {settings.data_dir} is missing; images cannot be shown", err=True)
         return catalog.count(), f"{settings.model} {settings.layer}"
+    except SQLAlchemyError as exc:
+        raise UserError(f"the catalog in {catalog.location} cannot be read: {db_error_reason(exc, db_url)}") from None
     finally:
         catalog.close()
 
@@ -87,6 +95,10 @@ def bind_address(host: str, port: int) -> str:
 @click.option("--index-dir", type=click.Path(file_okay=False, resolve_path=True, path_type=Path), default="index",
               envvar=INDEX_DIR_ENV, show_default=True, show_envvar=True,
               help="Folder holding the index made by index-images.")
+@click.option("--db-url", default=None, envvar=DB_URL_ENV, show_envvar=True, metavar="URL",
+              help="SQLAlchemy URL of the catalog, as given to index-images (postgresql://USER:PASSWORD@HOST:5432/DB); "
+                   "several servers, each with its own index folder, may share it. [default: SQLite catalog.db in "
+                   "the index folder]")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
@@ -101,7 +113,7 @@ def bind_address(host: str, port: int) -> str:
               help="Seconds a client may take to send a request's headers, or pause while sending its body; "
                    "slower or idle connections are answered 408 and closed.")
 @click.option("--access-log/--no-access-log", default=False, help="Log every request on stderr.")
-def main(index_dir: Path, host: str, port: int, workers: int, threads: int, device: str | None, timeout: int,
+def main(index_dir: Path, db_url: str | None, host: str, port: int, workers: int, threads: int, device: str | None, timeout: int,
          read_timeout: float, access_log: bool) -> None:
     """Serve the index in INDEX_DIR: the JSON API (POST /search, GET /images/<id>/neighbours, /stats) and the gallery.
 
@@ -115,8 +127,11 @@ def main(index_dir: Path, host: str, port: int, workers: int, threads: int, devi
     """
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)   # its search for CPU-specific builds is noise
-    count, network = check_index(index_dir)
-    app_config: dict[str, Any] = {"INDEX_DIR": str(index_dir)}
+    count, network = check_index(index_dir, db_url)
+    from retrieval.catalog import mask_url   # light by now: check_index imported it
+
+    where = f"{index_dir} (catalog {mask_url(db_url)})" if db_url else str(index_dir)
+    app_config: dict[str, Any] = {"INDEX_DIR": str(index_dir), "DB_URL": db_url}
     if device:
         app_config["DEVICE"] = device
     if "RETRIEVAL_TORCH_THREADS" not in os.environ:      # share the cores between worker processes
@@ -127,7 +142,7 @@ def main(index_dir: Path, host: str, port: int, workers: int, threads: int, devi
 
     def post_worker_init(worker) -> None:  # noqa: ANN001 - gunicorn Worker, after it loaded the app
         if worker.age == 1:   # the first worker: the index is loaded, requests are answered from now on
-            click.echo(f"serve-images: {count:,} images ({network}) from {index_dir}\n"
+            click.echo(f"serve-images: {count:,} images ({network}) from {where}\n"
                        f"serve-images: gallery and API at {address}  (Ctrl-C to stop)", err=True)
 
     options = {

@@ -8,7 +8,7 @@ import click
 
 from retrieval.names import DEFAULT_KS
 
-from .cli import UserError, index_dir_option, setup_logging
+from .cli import UserError, db_url_option, index_dir_option, setup_logging
 
 # retrieval.evaluation (numpy, the catalog, scikit-learn) is imported after the arguments are parsed.
 
@@ -29,12 +29,13 @@ def parse_ks(value: str) -> list[int]:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @index_dir_option
+@db_url_option
 @click.option("-k", "ks", default=",".join(map(str, DEFAULT_KS)), show_default=True, metavar="K[,K...]",
               help="Numbers of neighbours for precision@k and the kNN vote.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the linear probe's train/test split.")
 @click.option("--json", "as_json", is_flag=True, help="Print every number as one JSON object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Log what is being done.")
-def main(index_dir: Path, ks: str, seed: int, as_json: bool, verbose: bool) -> None:
+def main(index_dir: Path, db_url: str | None, ks: str, seed: int, as_json: bool, verbose: bool) -> None:
     """Evaluate the features of an index on its labelled images, from the stored vectors (no forward pass).
 
     Images are labelled by their class folder (DATA_DIR/<class>/...); unlabelled ones are left out.
@@ -47,11 +48,12 @@ def main(index_dir: Path, ks: str, seed: int, as_json: bool, verbose: bool) -> N
     """
     setup_logging(verbose)
     k_list = parse_ks(ks)
+    from retrieval.catalog import CatalogUnavailable
     from retrieval.evaluation import EvaluationError, evaluate_index
 
     try:
-        result = evaluate_index(index_dir, k_list, seed=seed)
-    except (FileNotFoundError, EvaluationError) as exc:
+        result = evaluate_index(index_dir, k_list, seed=seed, db_url=db_url)
+    except (FileNotFoundError, EvaluationError, CatalogUnavailable) as exc:
         raise UserError(str(exc)) from exc
     if as_json:
         click.echo(json.dumps(result))

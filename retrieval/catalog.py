@@ -238,6 +238,17 @@ def make_engine(path: Path, *, create: bool = True) -> Engine:
     return engine
 
 
+def db_error_reason(exc: BaseException, url: str | None = None) -> str:
+    """A database error in one line, without the SQL statement SQLAlchemy appends or url's password."""
+    message = str(getattr(exc, "orig", None) or exc).strip()
+    line = message.splitlines()[0] if message else type(exc).__name__
+    try:
+        password = make_url(url).password if url else None
+    except ArgumentError:
+        password = None
+    return line.replace(str(password), "***") if password else line
+
+
 def make_server_engine(url: str) -> Engine:
     """Engine for a catalog on a database server (PostgreSQL tested). Raises CatalogUnavailable."""
     try:
@@ -302,10 +313,7 @@ class Catalog:
 
     def reason(self, exc: BaseException) -> str:
         """A database error in one line, without the SQL statement SQLAlchemy appends or the URL's password."""
-        message = str(getattr(exc, "orig", None) or exc).strip()
-        line = message.splitlines()[0] if message else type(exc).__name__
-        password = make_url(self.url).password if self.url else None
-        return line.replace(str(password), "***") if password else line
+        return db_error_reason(exc, self.url)
 
     def identity(self) -> tuple:
         """Which catalog this is now: (st_dev, st_ino) of the SQLite file (raises FileNotFoundError), or

@@ -283,12 +283,15 @@ def chance_levels(sizes: np.ndarray) -> dict[str, float]:
             "majority_class": float(sizes.max() / n), "uniform": float(1.0 / len(sizes))}
 
 
-def evaluate_index(index_dir: Path | str, ks: Sequence[int] = DEFAULT_KS, *, seed: int = 0, probe: bool = True) -> dict:
-    """evaluate_vectors on an index folder's stored vectors, plus {"index": {dir, model, layer, weights, dim, normalize}}.
+def evaluate_index(index_dir: Path | str, ks: Sequence[int] = DEFAULT_KS, *, seed: int = 0, probe: bool = True,
+                   db_url: str | None = None) -> dict:
+    """evaluate_vectors on an index's stored vectors, plus {"index": {dir, model, layer, weights, dim, normalize}}.
 
-    Raises FileNotFoundError for a folder without an index, EvaluationError when it cannot be evaluated.
+    db_url: the catalog's URL (None: SQLite in index_dir). Raises FileNotFoundError for a folder without an
+    index, catalog.CatalogUnavailable when its database cannot be reached, EvaluationError when it cannot be
+    evaluated.
     """
-    catalog = Catalog(Path(index_dir))
+    catalog = Catalog(Path(index_dir), url=db_url)
     try:
         settings = catalog.settings()
         data = load_labelled_vectors(catalog)
