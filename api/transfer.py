@@ -13,6 +13,7 @@ from flask.blueprints import BlueprintSetupState
 from markupsafe import Markup
 from sqlalchemy.exc import SQLAlchemyError
 
+from retrieval.catalog import CatalogUnavailable, db_error_reason
 from retrieval.evaluation import EvaluationError, evaluate_index, precision_at_k_svg
 from retrieval.index import weights_label
 from retrieval.model_info import LayerTable, filters_png, layer_table
@@ -46,19 +47,19 @@ class EvaluationCache:
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
         self._latest: Evaluation | None = None           # the newest finished run
-        self._wanted: tuple[Any, Path] | None = None     # (version, index folder) the next run is for
+        self._wanted: tuple[Any, Path, str | None] | None = None   # (version, index folder, catalog URL) the next run is for
         self._running_key: Any = None                    # the version being computed now
         self._running = False
         self.runs = 0                                    # evaluations computed (for tests and logs)
 
-    def get(self, key: Any, index_dir: Path, wait_s: float) -> tuple[Evaluation | None, bool]:
+    def get(self, key: Any, index_dir: Path, wait_s: float, db_url: str | None = None) -> tuple[Evaluation | None, bool]:
         """-> (the newest evaluation, whether it is of this key). Starts a run for key unless one is done or
         under way, and waits up to wait_s for it."""
         with self._lock:
             latest = self._latest
             if latest is None or latest.key != key or latest.retry:
                 if not (self._running and self._running_key == key):
-                    self._wanted = (key, Path(index_dir))
+                    self._wanted = (key, Path(index_dir), db_url)
                     if not self._running:
                         self._running = True
                         threading.Thread(target=self._run, name="evaluation", daemon=True).start()
@@ -74,21 +75,21 @@ class EvaluationCache:
                     self._running, self._running_key = False, None
                     return
                 self._running_key = wanted[0]
-            evaluation = Evaluation(wanted[0], *_evaluate(wanted[1]))
+            evaluation = Evaluation(wanted[0], *_evaluate(wanted[1], wanted[2]))
             with self._lock:
                 self._latest = evaluation
                 self.runs += 1
                 self._done.notify_all()
 
 
-def _evaluate(index_dir: Path) -> tuple[dict | None, str | None, bool]:
+def _evaluate(index_dir: Path, db_url: str | None = None) -> tuple[dict | None, str | None, bool]:
     """-> (result, None, False) or (None, the reason it cannot be evaluated, whether to try again)."""
     try:
-        return evaluate_index(index_dir), None, False
+        return evaluate_index(index_dir, db_url=db_url), None, False
     except EvaluationError as exc:
         return None, str(exc), False
-    except (FileNotFoundError, SQLAlchemyError) as exc:
-        log.warning("cannot evaluate %s: %s", index_dir, exc)
+    except (FileNotFoundError, SQLAlchemyError, CatalogUnavailable) as exc:
+        log.warning("cannot evaluate %s: %s", index_dir, db_error_reason(exc, db_url))
         return None, "the index catalog cannot be read right now", True
     except Exception:  # noqa: BLE001 - a background thread: its failure is the page's message, not a lost thread
         log.exception("evaluating %s failed", index_dir)
@@ -122,7 +123,8 @@ def evaluation() -> Response:
     """evaluate-index on the stored vectors: precision@k (with a chart), mAP, kNN, linear probe, per class."""
     service = current_service()
     snapshot = service.index.snapshot()
-    evaluation, fresh = pages_state().evaluations.get(snapshot.version, service.index.index_dir, EVALUATION_WAIT_S)
+    evaluation, fresh = pages_state().evaluations.get(snapshot.version, service.index.index_dir, EVALUATION_WAIT_S,
+                                                      service.index.db_url)
     result, problem = (evaluation.result, evaluation.problem) if evaluation else (None, None)
     chart = Markup(precision_at_k_svg(result)) if result else None   # our own SVG, labels escaped inside
     html = render_template("evaluation.html", result=result, problem=problem, chart=chart, computing=not fresh,

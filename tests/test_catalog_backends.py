@@ -126,3 +126,29 @@ def test_the_writer_lock_is_held_by_one_process_and_released_when_it_is_killed(p
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+
+
+def test_every_command_refuses_an_unreachable_database_with_exit_2_and_never_shows_the_password(tmp_path):
+    import socket
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from api.cli import main as serve_main
+    from indexer.cli import main as index_main, search_main
+    from indexer.evaluate_cli import main as evaluate_main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://someone:Very-Secret-1@127.0.0.1:{port}/photos"
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "q.png")
+    commands = [(index_main, [str(tmp_path / "data")]), (search_main, [str(tmp_path / "q.png")]),
+                (evaluate_main, []), (serve_main, [])]
+    for command, args in commands:
+        for options, env in [(["--db-url", url], {}), ([], {"RETRIEVAL_DB_URL": url})]:
+            result = CliRunner().invoke(command, [*args, "--index-dir", str(tmp_path / "index"), *options], env=env)
+            assert result.exit_code == 2, (command.name, result.output)
+            assert f"someone:***@127.0.0.1:{port}/photos" in result.output, result.output
+            assert "Very-Secret-1" not in result.output

@@ -1,8 +1,11 @@
 """Shared metadata in PostgreSQL: two real serve-images processes on their own index folders serve one catalog and follow the writer."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import requests
@@ -60,7 +63,22 @@ def test_two_servers_on_their_own_index_folders_serve_one_postgresql_catalog(tmp
             assert "red_circles/red_circles_001.jpg" not in paths and len(paths) == 6
             health = requests.get(base + "/healthz", timeout=30).json()
             assert health["status"] == "ok" and health["count"] == 6
+            deadline = time.monotonic() + 60   # the evaluation page reads the same catalog (in the background)
+            while 'id="precision-chart"' not in (page := requests.get(base + "/evaluation", timeout=60).text):
+                assert "cannot be evaluated" not in page, page
+                assert time.monotonic() < deadline, "the evaluation page never showed its numbers"
+                time.sleep(0.5)
     assert not (replicas[1] / "catalog.db").exists() and not (writer / "catalog.db").exists()
+    evaluated = subprocess.run([sys.executable, "-c", "from indexer.evaluate_cli import main; main()", "--index-dir",
+                                str(replicas[1]), "--json"], capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "RETRIEVAL_DB_URL": postgres_url})
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["images"]["labelled"] == 6
+    searched = subprocess.run([sys.executable, "-c", "from indexer.cli import search_main; search_main()",
+                               str(data / "blue_squares" / "green.jpg"), "-k", "2", "--index-dir", str(replicas[1]),
+                               "--db-url", postgres_url, "--json"], capture_output=True, text=True, timeout=300)
+    assert searched.returncode == 0, searched.stderr
+    assert json.loads(searched.stdout)["results"][0]["path"] == "blue_squares/green.jpg"
     for log in logs:
         text = log.read_text()
         assert "catalog postgresql://retrieval:***@127.0.0.1" in text, text[-2000:]
