@@ -5,7 +5,8 @@ For each back end, in the same run: commit N images as batches of B rows with 40
 starts without a FAISS file), and bring a copy of the served vectors up to date after one more batch
 (what a replica does when the writer commits). Each figure is the median of --runs runs; ratios are
 PostgreSQL over SQLite. PostgreSQL is the server at --db-url, or a private one started from Debian's
-binaries (as the tests do) on 127.0.0.1. Saves JSON under benchmarks/results/.
+binaries (as the tests do, but with fsync on) on 127.0.0.1, over TCP. SQLite runs as the catalog does
+(WAL, synchronous=NORMAL). Saves JSON under benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def postgres_database(url: str | None):
     if url is None:
         from postgres_server import running_postgres
 
-        with running_postgres() as server:
+        with running_postgres(durable=True) as server:   # every commit flushed, as in production
             with server.new_database() as db_url:
                 yield db_url
         return

@@ -72,9 +72,12 @@ class PostgresServer:
 
 
 @contextlib.contextmanager
-def running_postgres() -> Iterator[PostgresServer]:
+def running_postgres(*, durable: bool = False) -> Iterator[PostgresServer]:
     """Start a throw-away server (initdb, pg_ctl) on a free port with its socket in its own folder; stopped and
-    removed afterwards. As root, the server runs as `nobody` (initdb refuses root)."""
+    removed afterwards. As root, the server runs as `nobody` (initdb refuses root).
+
+    durable=False (tests) skips fsync: a killed client, not a killed server, is what the tests crash.
+    Benchmarks ask for durable=True, PostgreSQL's own defaults (every commit flushed)."""
     reason = missing_reason()
     if reason:
         if os.environ.get(REQUIRE_ENV) == "1":
@@ -97,8 +100,9 @@ def running_postgres() -> Iterator[PostgresServer]:
                    "--auth", "scram-sha-256", "--encoding", "UTF8", "--locale", "C", "--no-sync")
         assert done.returncode == 0, f"initdb failed: {done.stderr}"
         run("mkdir", str(sockets))
-        options = (f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
-                   "-c full_page_writes=off -c shared_buffers=32MB -c max_connections=60")
+        options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c shared_buffers=32MB -c max_connections=60"
+        if not durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         done = run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-o", options,
                    "-w", "-t", "60", "start")
         assert done.returncode == 0, f"pg_ctl start failed: {done.stderr}\n{_tail(root / 'server.log')}"
