@@ -14,7 +14,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
 from indexer.config_table import command_settings, source_of
-from retrieval.names import INDEX_DIR_ENV
+from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV
 from retrieval.system import available_cores
 
 from .gunicorn_worker import DEFAULT_READ_TIMEOUT_S, with_read_timeout
@@ -24,7 +24,7 @@ MAX_CONNECTIONS = 64   # open connections per worker process (gunicorn's default
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"   # api.metrics: where the workers keep their metric values
 # Options that set an app setting (api.settings.SETTINGS): option name -> config key. An option added here is
 # passed to create_app, shown by --print-config with the app's value, and listed once in the README's table.
-OPTION_SETTINGS = {"index_dir": "INDEX_DIR", "device": "DEVICE", "compare_index": "COMPARE_INDEX", "training": "TRAINING"}
+OPTION_SETTINGS = {"index_dir": "INDEX_DIR", "db_url": "DB_URL", "device": "DEVICE", "compare_index": "COMPARE_INDEX", "training": "TRAINING"}
 
 # Only light modules above (click, gunicorn: about 0.1 s): --help and usage errors answer at once. The
 # retrieval modules that bring torch and FAISS are imported inside the command, after the arguments are parsed.
@@ -57,32 +57,40 @@ class GunicornServer(BaseApplication):
 
     def load(self):  # noqa: ANN201 - a WSGI app
         from retrieval.backbones import DeviceUnavailable, WeightsUnavailable
-        from retrieval.index import IndexNotFound
+        from retrieval.index import IndexNotFound, IndexUnavailable
 
         from . import create_app   # imported in the worker: torch and FAISS start after the fork
 
         try:
             return create_app(self.app_config)
-        except (IndexNotFound, WeightsUnavailable, DeviceUnavailable, ValueError) as exc:   # WeightsMismatch too
+        except (IndexNotFound, IndexUnavailable, WeightsUnavailable, DeviceUnavailable, ValueError) as exc:   # WeightsMismatch too
             print(f"serve-images: {exc}", file=sys.stderr, flush=True)
             sys.exit(Arbiter.WORKER_BOOT_ERROR)   # the master stops instead of restarting the worker forever
 
 
-def check_index(index_dir: Path) -> tuple[int, str]:
+def check_index(index_dir: Path, db_url: str | None = None) -> tuple[int, str]:
     """-> (image count, "model layer") of the index, or a UserError saying to run index-images first."""
-    from retrieval.catalog import Catalog
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from retrieval.catalog import Catalog, CatalogUnavailable, db_error_reason
 
     try:
-        catalog = Catalog(index_dir)
-    except FileNotFoundError:
+        catalog = Catalog(index_dir, url=db_url)
+    except FileNotFoundError as exc:
+        if db_url is not None:
+            raise UserError(f"{exc} (index-images DATA_DIR --index-dir {index_dir} --db-url URL)") from None
         raise UserError(f"no index at {index_dir}: run index-images first (index-images DATA_DIR --index-dir {index_dir})") from None
+    except CatalogUnavailable as exc:
+        raise UserError(str(exc)) from None
     try:
         settings = catalog.settings()
         if settings is None:
-            raise UserError(f"the index at {index_dir} is unfinished: run index-images first")
+            raise UserError(f"the index in {catalog.location} is unfinished: run index-images first")
         if not Path(settings.data_dir).is_dir():
             click.echo(f"warning: the indexed data folder {settings.data_dir} is missing; images cannot be shown", err=True)
         return catalog.count(), f"{settings.model} {settings.layer}"
+    except SQLAlchemyError as exc:
+        raise UserError(f"the catalog in {catalog.location} cannot be read: {db_error_reason(exc, db_url)}") from None
     finally:
         catalog.close()
 
@@ -121,6 +129,10 @@ def show_config(ctx: click.Context, overrides: dict[str, tuple[Any, str]]) -> No
         if p.name in OPTION_SETTINGS:    # what the app will use (--device: the app's own default when not given)
             setting = settings.pop(f"RETRIEVAL_{OPTION_SETTINGS[p.name]}")
             value, source = setting.value, source if source != "default" else setting.source
+        if p.name == "db_url" and value:   # never print a password
+            from retrieval.catalog import mask_url
+
+            value = mask_url(value)
         rows.append((p.opts[-1], value, source))
     rows += [(s.name, s.value, s.source) for s in settings.values()]
     width = max(len(name) for name, _, _ in rows)
@@ -135,6 +147,10 @@ def show_config(ctx: click.Context, overrides: dict[str, tuple[Any, str]]) -> No
 @click.option("--index-dir", type=click.Path(file_okay=False, resolve_path=True, path_type=Path), default="index",
               envvar=INDEX_DIR_ENV, show_default=True, show_envvar=True,
               help="Folder holding the index made by index-images.")
+@click.option("--db-url", default=None, envvar=DB_URL_ENV, show_envvar=True, metavar="URL",
+              help="SQLAlchemy URL of the catalog, as given to index-images (postgresql://USER:PASSWORD@HOST:5432/DB); "
+                   "several servers, each with its own index folder, may share it. [default: SQLite catalog.db in "
+                   "the index folder]")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port to listen on.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
@@ -161,7 +177,7 @@ def show_config(ctx: click.Context, overrides: dict[str, tuple[Any, str]]) -> No
               help="Print every setting the server would run with, and where its value came from (default, "
                    "environment variable, command line); then exit without starting it.")
 @click.pass_context
-def main(ctx: click.Context, index_dir: Path, host: str, port: int, workers: int, threads: int, device: str | None,
+def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, port: int, workers: int, threads: int, device: str | None,
          timeout: int, read_timeout: float, access_log: bool, compare_index: Path | None, training: Path | None,
          print_config: bool) -> None:
     """Serve the index in INDEX_DIR: the JSON API (POST /search, GET /images/<id>/neighbours, /stats) and the gallery.
@@ -185,15 +201,18 @@ def main(ctx: click.Context, index_dir: Path, host: str, port: int, workers: int
         return
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)   # its search for CPU-specific builds is noise
-    count, network = check_index(index_dir)
+    count, network = check_index(index_dir, db_url)
     if compare_index is not None:
         check_index(compare_index)
+    from retrieval.catalog import mask_url   # light by now: check_index imported it
+
+    where = f"{index_dir} (catalog {mask_url(db_url)})" if db_url else str(index_dir)
     app_config = {key: value for key, (value, _source) in overrides.items()}
     address = f"http://{bind_address(host, port)}/"
 
     def post_worker_init(worker) -> None:  # noqa: ANN001 - gunicorn Worker, after it loaded the app
         if worker.age == 1:   # the first worker: the index is loaded, requests are answered from now on
-            click.echo(f"serve-images: {count:,} images ({network}) from {index_dir}\n"
+            click.echo(f"serve-images: {count:,} images ({network}) from {where}\n"
                        f"serve-images: gallery and API at {address}  (Ctrl-C to stop)", err=True)
 
     options = {

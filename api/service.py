@@ -38,6 +38,7 @@ DEFAULT_DECODE_PROCESSES = 2    # upload decoders when DECODE_PROCESSES is 0: bo
 class ServiceConfig:
     """What the service is built from; read from the Flask config (see api.DEFAULTS)."""
     index_dir: Path                  # folder made by index-images
+    db_url: str | None               # the catalog's SQLAlchemy URL; None: SQLite in index_dir (never shown: it may hold a password)
     device: str                      # where query features are computed: cpu, cuda or auto
     max_pixels: int | None           # decompression-bomb limit for uploads and thumbnails (None: Pillow's own)
     reload_interval_s: float         # how often to look for a changed index on disk; 0 turns hot reload off
@@ -71,6 +72,7 @@ class ServiceConfig:
         max_pixels = config.get("MAX_PIXELS")
         return cls(
             index_dir=index_dir,
+            db_url=str(config["DB_URL"]) if config.get("DB_URL") else None,
             device=str(config["DEVICE"]),
             max_pixels=None if max_pixels in (None, "", 0) else number("MAX_PIXELS", int, 1),
             reload_interval_s=number("RELOAD_INTERVAL_S", float, 0),
@@ -104,7 +106,8 @@ class RetrievalService:
 
     def __init__(self, config: ServiceConfig):
         self.config = config
-        self.index = ImageIndex(config.index_dir, device=config.device, max_pixels=config.max_pixels)
+        self.index = ImageIndex(config.index_dir, db_url=config.db_url, device=config.device,
+                                max_pixels=config.max_pixels)
         self.batcher = QueryBatcher(self.index, max_batch=config.batch_max_size, max_wait_s=config.batch_wait_ms / 1000.0,
                                     torch_threads=config.torch_threads, search_threads=config.search_threads)
         self.watcher = IndexWatcher(self.index, config.reload_interval_s, on_reload=self._count_images) \
@@ -118,8 +121,9 @@ class RetrievalService:
         self.decoders = DecodePool(config.decode_processes or min(DEFAULT_DECODE_PROCESSES, available_cores()),
                                    config.decode_timeout_s,
                                    memory_mb=config.decode_memory_mb or None)
-        log.info("serving %d images from %s (%s %s; forward threads %d alone, %d under load; search threads %d)",
-                 len(self.index), config.index_dir, self.index.settings.model, self.index.settings.layer,
+        log.info("serving %d images from %s, catalog %s (%s %s; forward threads %d alone, %d under load; "
+                 "search threads %d)", len(self.index), config.index_dir, self.index.catalog.location,
+                 self.index.settings.model, self.index.settings.layer,
                  self.batcher.idle_threads, self.batcher.busy_threads, self.batcher.search_threads)
 
     def _count_images(self) -> None:
@@ -240,6 +244,7 @@ class RetrievalService:
                 "weights": weights_label(snapshot.settings),   # a file's name and hash, never its path
                 "normalized": snapshot.settings.normalize,
                 "skipped": catalog.skipped_count(),
+                "catalog": catalog.backend,                    # "sqlite" or "postgresql": never its URL
                 "updated_at": updated.isoformat(timespec="seconds") + "Z" if updated else None,
                 "queries": self.query_stats()}
 

@@ -29,6 +29,7 @@ class Setting:
 # configuration table (python -m indexer.config_table --write README.md) all read this tuple.
 SETTINGS: tuple[Setting, ...] = (
     Setting("INDEX_DIR", "index", "folder made by index-images"),
+    Setting("DB_URL", None, "the catalog's SQLAlchemy URL (postgresql://...); default SQLite catalog.db in INDEX_DIR"),
     Setting("DEVICE", "cpu", "where query features are computed: cpu, cuda or auto"),
     Setting("MAX_UPLOAD_MB", 20, "larger uploads answer 413"),
     Setting("MAX_PIXELS", Image.MAX_IMAGE_PIXELS,

@@ -14,10 +14,10 @@ from flask.blueprints import BlueprintSetupState
 from markupsafe import Markup
 from sqlalchemy.exc import SQLAlchemyError
 
+from retrieval.catalog import CATALOG_FILE, CatalogUnavailable, db_error_reason
 from retrieval.evaluation import EvaluationError, compare_indexes, evaluate_index, precision_at_k_svg
 from retrieval.index import weights_label
 from retrieval.model_info import LayerTable, filters_png, layer_table
-from retrieval.catalog import CATALOG_FILE
 from retrieval.training_report import (HistoryError, HistoryNotFound, filter_change, filters_path_for, history_path_for,
                                        load_filters, load_history, split_counts, training_svgs)
 
@@ -52,12 +52,13 @@ class EvaluationCache:
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
         self._latest: Evaluation | None = None           # the newest finished run
-        self._wanted: tuple[Any, Path, Path | None] | None = None   # (version, index folder, compared index) next
+        self._wanted: tuple[Any, Path, Path | None, str | None] | None = None   # (version, index folder, compared index, catalog URL) next
         self._running_key: Any = None                    # the version being computed now
         self._running = False
         self.runs = 0                                    # evaluations computed (for tests and logs)
 
-    def get(self, key: Any, index_dir: Path, wait_s: float, compare_dir: Path | None = None) -> tuple[Evaluation | None, bool]:
+    def get(self, key: Any, index_dir: Path, wait_s: float, compare_dir: Path | None = None,
+            db_url: str | None = None) -> tuple[Evaluation | None, bool]:
         """-> (the newest evaluation, whether it is of this key). Starts a run for key unless one is done or
         under way, and waits up to wait_s for it. With compare_dir, a run compares the two indexes (compare_indexes);
         the key must then name both indexes' versions."""
@@ -65,7 +66,7 @@ class EvaluationCache:
             latest = self._latest
             if latest is None or latest.key != key or latest.retry:
                 if not (self._running and self._running_key == key):
-                    self._wanted = (key, Path(index_dir), compare_dir)
+                    self._wanted = (key, Path(index_dir), compare_dir, db_url)
                     if not self._running:
                         self._running = True
                         threading.Thread(target=self._run, name="evaluation", daemon=True).start()
@@ -81,25 +82,27 @@ class EvaluationCache:
                     self._running, self._running_key = False, None
                     return
                 self._running_key = wanted[0]
-            evaluation = Evaluation(wanted[0], *_evaluate(wanted[1], wanted[2]))
+            evaluation = Evaluation(wanted[0], *_evaluate(wanted[1], wanted[2], wanted[3]))
             with self._lock:
                 self._latest = evaluation
                 self.runs += 1
                 self._done.notify_all()
 
 
-def _evaluate(index_dir: Path, compare_dir: Path | None = None) -> tuple[dict | None, str | None, bool]:
+def _evaluate(index_dir: Path, compare_dir: Path | None = None, db_url: str | None = None
+              ) -> tuple[dict | None, str | None, bool]:
     """-> (result, None, False) or (None, the reason it cannot be evaluated, whether to try again).
 
-    With compare_dir the result is compare_indexes' {"a", "b", "matched"}."""
+    db_url: the served catalog's URL (None: SQLite in index_dir). With compare_dir the result is compare_indexes'
+    {"a", "b", "matched"}."""
     try:
         if compare_dir is not None:
-            return compare_indexes(index_dir, compare_dir), None, False
-        return evaluate_index(index_dir), None, False
+            return compare_indexes(index_dir, compare_dir, db_url=db_url), None, False
+        return evaluate_index(index_dir, db_url=db_url), None, False
     except EvaluationError as exc:
         return None, str(exc), False
-    except (FileNotFoundError, SQLAlchemyError) as exc:
-        log.warning("cannot evaluate %s: %s", compare_dir or index_dir, exc)
+    except (FileNotFoundError, SQLAlchemyError, CatalogUnavailable) as exc:
+        log.warning("cannot evaluate %s: %s", compare_dir or index_dir, db_error_reason(exc, db_url))
         return None, "the index catalog cannot be read right now", True
     except Exception:  # noqa: BLE001 - a background thread: its failure is the page's message, not a lost thread
         log.exception("evaluating %s failed", index_dir)
@@ -166,7 +169,8 @@ def evaluation() -> Response:
     state = pages_state()
     compare_dir = state.compare_dir
     key = snapshot.version if compare_dir is None else (snapshot.version, _index_version(compare_dir))
-    evaluation, fresh = state.evaluations.get(key, service.index.index_dir, EVALUATION_WAIT_S, compare_dir)
+    evaluation, fresh = state.evaluations.get(key, service.index.index_dir, EVALUATION_WAIT_S, compare_dir,
+                                              service.index.db_url)
     result, problem = (evaluation.result, evaluation.problem) if evaluation else (None, None)
     comparison = None
     if result is not None and "matched" in result:   # our own SVGs below, labels escaped inside

@@ -10,7 +10,7 @@ from typing import Callable
 
 import click
 
-from retrieval.names import INDEX_DIR_ENV, LAYERS, MODEL_NAMES
+from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV, LAYERS, MODEL_NAMES
 from retrieval.system import display_name
 
 from .config_table import command_settings
@@ -30,6 +30,13 @@ def index_dir_option(f):  # noqa: ANN001, ANN201 - click decorator
     return click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path, resolve_path=True), default="index",
                         envvar=INDEX_DIR_ENV, show_default=True, show_envvar=True,
                         help="Folder holding the index (catalog.db, vectors.faiss).")(f)
+
+
+def db_url_option(f):  # noqa: ANN001, ANN201 - click decorator
+    return click.option("--db-url", default=None, envvar=DB_URL_ENV, show_envvar=True, metavar="URL",
+                        help="SQLAlchemy URL of the catalog, e.g. postgresql://USER:PASSWORD@HOST:5432/DB to share it "
+                             "between hosts (the FAISS file stays in the index folder). [default: SQLite catalog.db "
+                             "in the index folder]")(f)
 
 
 def setup_logging(verbose: bool, *, quiet: bool = False) -> None:
@@ -55,6 +62,7 @@ def parse_batch_size(value: str) -> int | str:
 @click.command(context_settings=command_settings("index-images"))
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path, resolve_path=True))
 @index_dir_option
+@db_url_option
 @click.option("--model", type=click.Choice(MODEL_NAMES), default=None,
               help="Backbone network. [default: alexnet, or what the index was built with]")
 @click.option("--layer", type=click.Choice(LAYERS), default=None,
@@ -76,7 +84,7 @@ def parse_batch_size(value: str) -> int | str:
               help="Files larger than this are skipped without being read.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each skipped file and other details.")
-def main(data_dir: Path, index_dir: Path, model, layer, weights, seed, normalize, device, batch_size, workers,  # noqa: ANN001
+def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weights, seed, normalize, device, batch_size, workers,  # noqa: ANN001
          max_file_mb: float, as_json: bool, verbose: bool) -> None:
     """Index (or update the index of) the images in DATA_DIR.
 
@@ -93,9 +101,13 @@ def main(data_dir: Path, index_dir: Path, model, layer, weights, seed, normalize
     Exit status: 0 done (even with skipped files), 2 usage or configuration error, 1 unexpected failure.
     """
     setup_logging(verbose, quiet=as_json)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from retrieval.catalog import db_error_reason
+
     from .job import ConfigError, JobConfig, run_index
 
-    cfg = JobConfig(data_dir=data_dir, index_dir=index_dir, model=model, layer=layer, weights=weights,
+    cfg = JobConfig(data_dir=data_dir, index_dir=index_dir, db_url=db_url, model=model, layer=layer, weights=weights,
                     normalize=normalize, seed=seed, device=device, batch_size=parse_batch_size(batch_size),
                     workers=workers, max_file_bytes=int(max_file_mb * 2**20), progress=not as_json)
     try:
@@ -105,6 +117,10 @@ def main(data_dir: Path, index_dir: Path, model, layer, weights, seed, normalize
     except KeyboardInterrupt:
         click.echo("\ninterrupted: every finished batch is saved; run the same command again to finish.", err=True)
         sys.exit(130)
+    except SQLAlchemyError as exc:   # the database failed mid-run (server gone, disk full): committed batches stay
+        click.echo(f"error: the catalog database failed: {db_error_reason(exc, db_url)}\n"
+                   "every committed batch is kept: run the same command again to finish.", err=True)
+        sys.exit(1)
     if as_json:
         click.echo(summary_json(report))
     else:
@@ -132,10 +148,11 @@ def _print_report(r) -> None:  # noqa: ANN001 - indexer.job.RunReport
 @click.argument("query_image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of neighbours.")
 @index_dir_option
+@db_url_option
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the network runs for the query.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"results": [...]} as JSON on stdout.')
-def search_main(query_image: Path, k: int, index_dir: Path, device: str, as_json: bool) -> None:
+def search_main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device: str, as_json: bool) -> None:
     """Print the K images of the index nearest to QUERY_IMAGE in feature space.
 
     The query goes through exactly the network the index was built with. Distances are L2
@@ -150,7 +167,7 @@ def search_main(query_image: Path, k: int, index_dir: Path, device: str, as_json
     from .job import weights_error_message
 
     try:
-        index = ImageIndex(index_dir, device=device)
+        index = ImageIndex(index_dir, db_url=db_url, device=device)
     except (IndexNotFound, IndexUnavailable, WeightsMismatch, DeviceUnavailable) as exc:
         raise UserError(str(exc)) from exc
     except WeightsUnavailable as exc:

@@ -8,7 +8,7 @@ import click
 
 from retrieval.names import DEFAULT_KS
 
-from .cli import UserError, index_dir_option, setup_logging
+from .cli import UserError, db_url_option, index_dir_option, setup_logging
 from .config_table import command_settings
 
 # retrieval.evaluation (numpy, the catalog, scikit-learn) is imported after the arguments are parsed.
@@ -30,6 +30,7 @@ def parse_ks(value: str) -> list[int]:
 
 @click.command(context_settings=command_settings("evaluate-index"))
 @index_dir_option
+@db_url_option
 @click.option("-k", "ks", default=",".join(map(str, DEFAULT_KS)), show_default=True, metavar="K[,K...]",
               help="Numbers of neighbours for precision@k and the kNN vote.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the linear probe's train/test split.")
@@ -39,7 +40,8 @@ def parse_ks(value: str) -> list[int]:
                    "on the images they share and shown side by side.")
 @click.option("--json", "as_json", is_flag=True, help="Print every number as one JSON object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Log what is being done.")
-def main(index_dir: Path, ks: str, seed: int, compare_dir: Path | None, as_json: bool, verbose: bool) -> None:
+def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: Path | None, as_json: bool,
+         verbose: bool) -> None:
     """Evaluate the features of an index on its labelled images, from the stored vectors (no forward pass).
 
     Images are labelled by their class folder (DATA_DIR/<class>/...); unlabelled ones are left out.
@@ -59,14 +61,15 @@ def main(index_dir: Path, ks: str, seed: int, compare_dir: Path | None, as_json:
     """
     setup_logging(verbose)
     k_list = parse_ks(ks)
+    from retrieval.catalog import CatalogUnavailable
     from retrieval.evaluation import EvaluationError, compare_indexes, evaluate_index
 
     try:
         if compare_dir is None:
-            result = evaluate_index(index_dir, k_list, seed=seed)
+            result = evaluate_index(index_dir, k_list, seed=seed, db_url=db_url)
         else:
-            result = compare_indexes(index_dir, compare_dir, k_list, seed=seed)
-    except (FileNotFoundError, EvaluationError) as exc:
+            result = compare_indexes(index_dir, compare_dir, k_list, seed=seed, db_url=db_url)
+    except (FileNotFoundError, EvaluationError, CatalogUnavailable) as exc:
         raise UserError(str(exc)) from exc
     if as_json:
         click.echo(json.dumps(result))

@@ -7,13 +7,13 @@ import logging
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
-from retrieval.catalog import CATALOG_FILE, Catalog, IndexSettings
+from retrieval.catalog import CATALOG_FILE, Catalog, CatalogBusy, CatalogUnavailable, IndexSettings, catalog_sqlite_file
 from retrieval.images import DEFAULT_MAX_PIXELS, Preprocessing
 from retrieval.scan import DEFAULT_MAX_FILE_BYTES, ImageFile, scan_folder
 from retrieval.names import DEFAULT_RANDOM_SEED, FAISS_FILE
@@ -41,6 +41,7 @@ class ConfigError(Exception):
 class JobConfig:
     data_dir: Path
     index_dir: Path
+    db_url: str | None = None         # the catalog's SQLAlchemy URL; None: SQLite in index_dir (catalog.db)
     model: str | None = None          # None: as recorded in the index, else DEFAULTS
     layer: str | None = None
     weights: str | None = None        # "imagenet", "random" or a state dict path
@@ -134,6 +135,33 @@ def index_lock(index_dir: Path) -> Iterator[None]:
             _held_locks.discard(index_dir)
 
 
+@contextmanager
+def writer_locks(index_dir: Path, db_url: str | None) -> Iterator[Catalog]:
+    """The one writer's locks, then its catalog (created if new). Raises ConfigError when another run holds one.
+
+    The index folder's lock file always (its FAISS file); for an SQLite catalog elsewhere, the lock file of
+    the folder holding it too; on a database server (PostgreSQL), the database's own writer lock, which
+    guards the catalog whichever index folders its writers use (Catalog.writer_lock)."""
+    try:
+        sqlite_file = catalog_sqlite_file(index_dir, db_url)
+    except CatalogUnavailable as exc:
+        raise ConfigError(str(exc)) from exc
+    with ExitStack() as stack:
+        folders = {Path(index_dir).resolve()} | ({sqlite_file.parent.resolve()} if sqlite_file is not None else set())
+        for folder in sorted(folders):
+            stack.enter_context(index_lock(folder))
+        try:
+            catalog = Catalog(index_dir, create=True, url=db_url)
+        except CatalogUnavailable as exc:
+            raise ConfigError(str(exc)) from exc
+        stack.callback(catalog.close)
+        try:
+            stack.enter_context(catalog.writer_lock())
+        except CatalogBusy as exc:
+            raise ConfigError(str(exc)) from None
+        yield catalog
+
+
 def resolve_settings(cfg: JobConfig, stored: IndexSettings | None) -> dict:
     """Choose model/layer/weights/normalize/seed: explicit options must agree with an existing index."""
     data_dir = str(Path(cfg.data_dir).resolve())
@@ -172,25 +200,21 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
     data_dir, index_dir = cfg.data_dir, cfg.index_dir
     if not data_dir.is_dir():
         raise ConfigError(f"data folder {data_dir} does not exist or is not a folder")
-    with index_lock(index_dir):
-        catalog = Catalog(index_dir, create=True)
-        try:
-            stored = catalog.settings()
-            chosen = resolve_settings(cfg, stored)
-            scan = scan_folder(data_dir, exclude=[index_dir], skip_folders_holding=CATALOG_FILE,
-                               max_file_bytes=cfg.max_file_bytes)
-            plan = plan_run(scan.images, scan.skipped, catalog)
-            if stored is not None and not plan.todo and not _removals(plan, catalog) \
-                    and (index_dir / FAISS_FILE).exists() and catalog.vectors_in_step():
-                _record_refused(plan, catalog)
-                return _report(RunReport(unchanged=plan.unchanged), catalog, catalog.count(), started)
-            workers = cfg.workers if cfg.workers is not None else default_workers()
-            # decoding starts now, in workers forked before torch is imported, while the network loads
-            with Reader(data_dir, plan.todo, workers=workers, prep=expected_preprocessing(stored),
-                        max_pixels=cfg.max_pixels) as reader:
-                return _update(cfg, catalog, stored, chosen, plan, reader, started, on_extractor)
-        finally:
-            catalog.close()
+    with writer_locks(index_dir, cfg.db_url) as catalog:
+        stored = catalog.settings()
+        chosen = resolve_settings(cfg, stored)
+        scan = scan_folder(data_dir, exclude=[index_dir], skip_folders_holding=CATALOG_FILE,
+                           max_file_bytes=cfg.max_file_bytes)
+        plan = plan_run(scan.images, scan.skipped, catalog)
+        if stored is not None and not plan.todo and not _removals(plan, catalog) \
+                and (index_dir / FAISS_FILE).exists() and catalog.vectors_in_step():
+            _record_refused(plan, catalog)
+            return _report(RunReport(unchanged=plan.unchanged), catalog, catalog.count(), started)
+        workers = cfg.workers if cfg.workers is not None else default_workers()
+        # decoding starts now, in workers forked before torch is imported, while the network loads
+        with Reader(data_dir, plan.todo, workers=workers, prep=expected_preprocessing(stored),
+                    max_pixels=cfg.max_pixels) as reader:
+            return _update(cfg, catalog, stored, chosen, plan, reader, started, on_extractor)
 
 
 def expected_preprocessing(stored: IndexSettings | None) -> Preprocessing:

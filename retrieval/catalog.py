@@ -1,23 +1,74 @@
-"""The catalog: SQLAlchemy models in SQLite for images (with their vectors), index settings and skipped files."""
+"""The catalog: SQLAlchemy models for images (with their vectors), index settings and skipped files; SQLite or a database server."""
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import os
 import sqlite3
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 from urllib.parse import quote
 
 import numpy as np
 from sqlalchemy import (BigInteger, Boolean, DateTime, Integer, LargeBinary, String, create_engine, delete, event,
-                        func, select)
-from sqlalchemy.engine import Engine
+                        func, inspect, select, text)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 CATALOG_FILE = "catalog.db"
+
+# Keys of PostgreSQL advisory locks (64-bit, per database): the one writer, and creating the tables.
+WRITER_LOCK_KEY = int.from_bytes(hashlib.sha256(b"cnn-image-retrieval: index-images writer").digest()[:8], "big",
+                                 signed=True)
+SCHEMA_LOCK_KEY = WRITER_LOCK_KEY ^ 1
+
+
+class CatalogUnavailable(RuntimeError):
+    """The catalog database cannot be used: not a database URL, its driver missing, the server unreachable.
+
+    The message never holds the URL's password."""
+
+
+class CatalogBusy(RuntimeError):
+    """Another process holds the catalog's writer lock."""
+
+
+def mask_url(url: str) -> str:
+    """A database URL as it may be shown: the password replaced by ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(not a database URL)"
+
+
+def server_url(url: str) -> str:
+    """The URL SQLAlchemy opens: plain postgresql:// (and postgres://) use psycopg 3, the driver installed."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def catalog_sqlite_file(index_dir: Path, url: str | None) -> Path | None:
+    """The SQLite file a catalog lives in: INDEX_DIR/catalog.db without a URL, the file of a sqlite:/// URL,
+    None for a database server. Raises CatalogUnavailable for a URL that is not one, or an in-memory SQLite."""
+    if url is None:
+        return Path(index_dir) / CATALOG_FILE
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise CatalogUnavailable("the catalog URL is not a database URL; expected e.g. "
+                                 "postgresql://USER:PASSWORD@HOST:5432/DATABASE or sqlite:////path/catalog.db") from None
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    if parsed.database in (None, "", ":memory:"):
+        raise CatalogUnavailable("an in-memory SQLite catalog would be lost at exit; give a file: sqlite:////path/catalog.db")
+    return Path(parsed.database).expanduser().absolute()
 
 
 def utcnow() -> dt.datetime:
@@ -32,16 +83,23 @@ class FileName(TypeDecorator):
     """A path or folder name from the file system, kept exactly.
 
     Linux names are bytes; Python shows bytes that are not UTF-8 as surrogate escapes, which no
-    UTF-8 text column can hold. Such a name is stored as its raw bytes (SQLite keeps a BLOB in any
-    column) and read back as the same str, so the file can still be opened; every other name is
-    plain text. Show names with retrieval.system.display_name.
+    UTF-8 text column can hold. In SQLite such a name is stored as its raw bytes (SQLite keeps a BLOB
+    in any column) and read back as the same str, so the file can still be opened; every other name is
+    plain text. Other databases type their columns strictly: there every name is a binary column
+    (bytea in PostgreSQL) holding the name's bytes, so equal names still compare equal and order by
+    their bytes. Show names with retrieval.system.display_name.
     """
     impl = String
     cache_ok = True
 
+    def load_dialect_impl(self, dialect):  # noqa: ANN001, ANN201 - SQLAlchemy hook
+        return dialect.type_descriptor(String() if dialect.name == "sqlite" else LargeBinary())
+
     def process_bind_param(self, value, dialect):  # noqa: ANN001, ANN201 - SQLAlchemy hook
         if value is None:
             return None
+        if dialect.name != "sqlite":
+            return os.fsencode(value)
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
@@ -49,6 +107,8 @@ class FileName(TypeDecorator):
         return value
 
     def process_result_value(self, value, dialect):  # noqa: ANN001, ANN201 - SQLAlchemy hook
+        if isinstance(value, memoryview):
+            value = value.tobytes()
         return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
@@ -106,6 +166,15 @@ class VectorsSavedRow(Base):
     catalog_updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
 
+class FaissFileRow(Base):
+    """VectorsSavedRow for a catalog on a database server, which several index folders (each with its own
+    FAISS file) may share: one row per index folder."""
+    __tablename__ = "faiss_files"
+
+    index_dir: Mapped[str] = mapped_column(FileName, primary_key=True)   # absolute
+    catalog_updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
 @dataclasses.dataclass(frozen=True)
 class IndexSettings:
     model: str
@@ -152,7 +221,7 @@ def vector_to_blob(vec: np.ndarray) -> bytes:
     return np.ascontiguousarray(vec, dtype=np.float32).tobytes()
 
 
-def blob_to_vector(blob: bytes) -> np.ndarray:
+def blob_to_vector(blob: bytes | memoryview) -> np.ndarray:
     return np.frombuffer(blob, dtype=np.float32)
 
 
@@ -177,19 +246,112 @@ def make_engine(path: Path, *, create: bool = True) -> Engine:
     return engine
 
 
-class Catalog:
-    """SQLite catalog at INDEX_DIR/catalog.db: the source of truth for the index."""
+def db_error_reason(exc: BaseException, url: str | None = None) -> str:
+    """A database error in one line, without the SQL statement SQLAlchemy appends or url's password."""
+    message = str(getattr(exc, "orig", None) or exc).strip()
+    line = message.splitlines()[0] if message else type(exc).__name__
+    try:
+        password = make_url(url).password if url else None
+    except ArgumentError:
+        password = None
+    return line.replace(str(password), "***") if password else line
 
-    def __init__(self, index_dir: Path, *, create: bool = False):
+
+def make_server_engine(url: str) -> Engine:
+    """Engine for a catalog on a database server (PostgreSQL tested). Raises CatalogUnavailable."""
+    try:
+        return create_engine(server_url(url), pool_pre_ping=True)   # pre-ping: a restarted server is reconnected
+    except (NoSuchModuleError, ModuleNotFoundError) as exc:
+        raise CatalogUnavailable(f"no database driver for {mask_url(url)} ({exc}); for PostgreSQL install "
+                                 "psycopg: pip install 'psycopg[binary]'") from None
+    except ArgumentError:
+        raise CatalogUnavailable(f"the catalog URL {mask_url(url)} cannot be opened") from None
+
+
+class Catalog:
+    """The source of truth for an index: SQLite at INDEX_DIR/catalog.db, or any SQLAlchemy database URL.
+
+    Raises FileNotFoundError when there is no catalog yet (create=False), CatalogUnavailable when the
+    database cannot be reached."""
+
+    def __init__(self, index_dir: Path, *, create: bool = False, url: str | None = None):
         self.index_dir = Path(index_dir)
-        self.path = self.index_dir / CATALOG_FILE
-        if not create and not self.path.exists():
-            raise FileNotFoundError(f"no index at {self.index_dir} (missing {CATALOG_FILE}); run index-images first")
-        self.index_dir.mkdir(parents=True, exist_ok=True)
-        self.engine = make_engine(self.path, create=create)
-        if create:
-            Base.metadata.create_all(self.engine)
+        self.url = url
+        self.path = catalog_sqlite_file(self.index_dir, url)   # None: on a database server
+        if self.path is not None:
+            if not create and not self.path.exists():
+                where = self.index_dir if url is None else self.path
+                raise FileNotFoundError(f"no index at {where} (missing {self.path.name}); run index-images first")
+            if create:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.engine = make_engine(self.path, create=create)
+            if create:
+                Base.metadata.create_all(self.engine)
+        else:
+            self.engine = make_server_engine(url)
+            try:
+                if create:
+                    with self.engine.begin() as conn:   # two first writers at once: one creates, the other waits
+                        if self.engine.dialect.name == "postgresql":
+                            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+                        Base.metadata.create_all(conn)
+                else:
+                    with self.engine.connect() as conn:
+                        missing = not inspect(conn).has_table(IndexSettingsRow.__tablename__)
+                    if missing:
+                        raise FileNotFoundError(f"no index in the database {self.location}; run index-images "
+                                                "first (with the same --db-url)")
+            except SQLAlchemyError as exc:
+                self.engine.dispose()
+                raise CatalogUnavailable(f"cannot use the catalog database {self.location}: {self.reason(exc)}") from None
+            except FileNotFoundError:
+                self.engine.dispose()
+                raise
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def location(self) -> str:
+        """Where the catalog is, as it may be shown: the SQLite file, or the URL without its password."""
+        return str(self.path) if self.path is not None else mask_url(self.url)
+
+    @property
+    def backend(self) -> str:
+        """The database's kind: "sqlite", "postgresql", ..."""
+        return self.engine.dialect.name
+
+    def reason(self, exc: BaseException) -> str:
+        """A database error in one line, without the SQL statement SQLAlchemy appends or the URL's password."""
+        return db_error_reason(exc, self.url)
+
+    def identity(self) -> tuple:
+        """Which catalog this is now: (st_dev, st_ino) of the SQLite file (raises FileNotFoundError), or
+        ("database", created_at) on a server, where a re-created index has another created_at (ids restart)."""
+        if self.path is not None:
+            st = os.stat(self.path)
+            return st.st_dev, st.st_ino
+        with self.Session() as s:
+            return "database", s.scalar(select(IndexSettingsRow.created_at).where(IndexSettingsRow.id == 1))
+
+    @contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Hold the database's writer lock for the block (PostgreSQL: an advisory lock on a connection of its own,
+        which the server releases when the connection ends, the process killed included). Raises CatalogBusy.
+
+        SQLite files are locked by their folder's lock file instead (indexer.job.index_lock): nothing here."""
+        if self.engine.dialect.name != "postgresql":
+            yield
+            return
+        conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")   # no transaction held open
+        try:
+            if not conn.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": WRITER_LOCK_KEY}):
+                raise CatalogBusy(f"another index-images run is updating the catalog in {self.location}; "
+                                  "wait for it to finish")
+            try:
+                yield
+            finally:
+                conn.scalar(text("SELECT pg_advisory_unlock(:key)"), {"key": WRITER_LOCK_KEY})
+        finally:
+            conn.close()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -217,14 +379,21 @@ class Catalog:
                 row.updated_at = utcnow()
 
     def mark_vectors_saved(self, updated_at: dt.datetime | None) -> None:
-        """Record that the FAISS file now holds the catalog as it was at updated_at (read before the save)."""
+        """Record that the index folder's FAISS file now holds the catalog as it was at updated_at (read before the save)."""
         with self.Session.begin() as s:
-            s.merge(VectorsSavedRow(id=1, catalog_updated_at=updated_at))
+            if self.path is not None:
+                s.merge(VectorsSavedRow(id=1, catalog_updated_at=updated_at))
+            else:
+                s.merge(FaissFileRow(index_dir=str(self.index_dir.absolute()), catalog_updated_at=updated_at))
 
     def vectors_in_step(self) -> bool:
-        """Whether the FAISS file was saved from the catalog as it is now (no change since)."""
+        """Whether the index folder's FAISS file was saved from the catalog as it is now (no change since)."""
         with self.Session() as s:
-            saved = s.scalar(select(VectorsSavedRow.catalog_updated_at).where(VectorsSavedRow.id == 1))
+            if self.path is not None:
+                saved = s.scalar(select(VectorsSavedRow.catalog_updated_at).where(VectorsSavedRow.id == 1))
+            else:
+                saved = s.scalar(select(FaissFileRow.catalog_updated_at)
+                                 .where(FaissFileRow.index_dir == str(self.index_dir.absolute())))
             return saved is not None and saved == s.scalar(select(IndexSettingsRow.updated_at))
 
     def updated_at(self) -> dt.datetime | None:

@@ -294,11 +294,12 @@ def chance_levels(sizes: np.ndarray) -> dict[str, float]:
             "majority_class": float(sizes.max() / n), "uniform": float(1.0 / len(sizes))}
 
 
-def _load_index(index_dir: Path | str) -> tuple[dict, LabelledVectors]:
+def _load_index(index_dir: Path | str, db_url: str | None = None) -> tuple[dict, LabelledVectors]:
     """-> ({dir, model, layer, weights, weights_label, weights_identity, seed, dim, normalize, data_dir}, its labelled vectors).
 
-    Raises FileNotFoundError for a folder without an index."""
-    catalog = Catalog(Path(index_dir))
+    db_url: the catalog's URL (None: SQLite in index_dir). Raises FileNotFoundError for a folder without an index,
+    catalog.CatalogUnavailable when its database cannot be reached."""
+    catalog = Catalog(Path(index_dir), url=db_url)
     try:
         settings = catalog.settings()
         data = load_labelled_vectors(catalog)
@@ -313,13 +314,16 @@ def _load_index(index_dir: Path | str) -> tuple[dict, LabelledVectors]:
     return about, data
 
 
-def evaluate_index(index_dir: Path | str, ks: Sequence[int] = DEFAULT_KS, *, seed: int = 0, probe: bool = True) -> dict:
+def evaluate_index(index_dir: Path | str, ks: Sequence[int] = DEFAULT_KS, *, seed: int = 0, probe: bool = True,
+                   db_url: str | None = None) -> dict:
     """evaluate_vectors on an index folder's stored vectors, plus {"index": {dir, model, layer, weights,
     weights_label (a file's name and short hash, never its path), weights_identity, seed, dim, normalize, data_dir}}.
 
-    Raises FileNotFoundError for a folder without an index, EvaluationError when it cannot be evaluated.
+    db_url: the catalog's URL (None: SQLite in index_dir). Raises FileNotFoundError for a folder without an
+    index, catalog.CatalogUnavailable when its database cannot be reached, EvaluationError when it cannot be
+    evaluated.
     """
-    about, data = _load_index(index_dir)
+    about, data = _load_index(index_dir, db_url)
     log.info("evaluating %d labelled vectors (%d unlabelled left out)", len(data.labels), data.unlabelled)
     result = evaluate_vectors(data.vectors, data.labels, ks, seed=seed, probe=probe, unlabelled=data.unlabelled)
     return {"index": about, **result}
@@ -351,13 +355,13 @@ def match_images(a: LabelledVectors, b: LabelledVectors) -> tuple[list[int], lis
 
 
 def compare_indexes(index_a: Path | str, index_b: Path | str, ks: Sequence[int] = DEFAULT_KS, *, seed: int = 0,
-                    probe: bool = True) -> dict:
+                    probe: bool = True, db_url: str | None = None) -> dict:
     """evaluate_vectors on each index, restricted to the labelled images both hold (match_images), in the same order.
 
     -> {"a": result, "b": result (each as evaluate_index's, with "index"), "matched": {images, only_a, only_b,
     differing, by}}. The linear probe uses the same seeded split on both. Raises FileNotFoundError (no index),
     EvaluationError (no shared labelled image, or too few to evaluate)."""
-    about_a, data_a = _load_index(index_a)
+    about_a, data_a = _load_index(index_a, db_url)   # db_url: index_a's catalog; index_b's is SQLite in its folder
     about_b, data_b = _load_index(index_b)
     rows_a, rows_b, counts = match_images(data_a, data_b)
     if not rows_a:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import logging
 import os
@@ -15,7 +16,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .backbones import (MODELS, FeatureExtractor, WeightsUnavailable, build_extractor, imagenet_cache_path,
                         random_weights_file)
-from .catalog import CATALOG_FILE, Catalog, IndexSettings, weights_label  # noqa: F401 - weights_label: re-exported
+from .catalog import (CATALOG_FILE, Catalog, CatalogUnavailable, IndexSettings, db_error_reason,  # noqa: F401
+                      weights_label)  # weights_label: re-exported
 from .images import DEFAULT_MAX_PIXELS, DecodedImage, decode_for_model
 from .names import FAISS_FILE
 from .vector_index import VectorIndex
@@ -82,7 +84,9 @@ class IndexSnapshot:
     vectors: VectorIndex
     extractor: FeatureExtractor | None  # None when opened with load_network=False
     faiss_signature: tuple | None       # (inode, mtime_ns, size) of the FAISS file these vectors came from
-    catalog_file: tuple[int, int]       # (st_dev, st_ino) of the catalog file when it was opened
+    catalog_file: tuple                 # Catalog.identity() when it was opened: (st_dev, st_ino) of an SQLite file,
+                                        # ("database", created_at) on a database server
+    catalog_updated_at: dt.datetime | None = None   # on a database server: the catalog's updated_at the vectors agree with
 
     @property
     def network(self) -> str:
@@ -129,19 +133,22 @@ class ImageIndex:
     Raises IndexNotFound (no index), WeightsUnavailable or WeightsMismatch (its network cannot be rebuilt).
     """
 
-    def __init__(self, index_dir: Path | str, *, device: str = "cpu", load_network: bool = True,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(self, index_dir: Path | str, *, db_url: str | None = None, device: str = "cpu",
+                 load_network: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.index_dir = Path(index_dir)
+        self.db_url = db_url                 # the catalog's URL; None: SQLite in the index folder
         self.device, self.load_network, self.max_pixels = device, load_network, max_pixels
         self._lock = threading.Lock()        # one refresh at a time
         self._problem: str | None = None     # why the index cannot be served now; None when it can
         self._failed: tuple[tuple, float] | None = None   # (what failed to load, when) for NETWORK_RETRY_S
         try:
-            catalog = Catalog(self.index_dir)
-            catalog_file = _file_id(catalog.path)
+            catalog = Catalog(self.index_dir, url=db_url)
         except FileNotFoundError as exc:
             raise IndexNotFound(str(exc)) from exc
+        except CatalogUnavailable as exc:
+            raise IndexUnavailable(str(exc)) from exc
         try:
+            catalog_file = catalog.identity()
             settings = catalog.settings()
             if settings is None:
                 raise IndexNotFound(f"the index at {self.index_dir} has no settings yet; run index-images first")
@@ -162,10 +169,13 @@ class ImageIndex:
 
         A snapshot whose catalog file is no longer the one at the path (deleted, or replaced by another
         index that refresh() has not loaded yet) is not handed out: new catalog connections would read
-        the other file's rows for this snapshot's vector ids. Checking costs one stat."""
+        the other file's rows for this snapshot's vector ids. Checking costs one stat. (A catalog on a database
+        server is checked by refresh() only: an index re-created there is noticed within the reload interval.)"""
         problem = self._problem
         if problem is None:
             snapshot = self._snapshot
+            if snapshot.catalog.path is None:
+                return snapshot
             try:
                 if _file_id(snapshot.catalog.path) == snapshot.catalog_file:
                     return snapshot
@@ -239,11 +249,13 @@ class ImageIndex:
             return None
         return st.st_ino, st.st_mtime_ns, st.st_size
 
-    def _load(self, catalog: Catalog, catalog_file: tuple[int, int], settings: IndexSettings,
+    def _load(self, catalog: Catalog, catalog_file: tuple, settings: IndexSettings,
               previous: IndexSnapshot | None) -> IndexSnapshot:
         """A snapshot of the index as on disk now; the previous snapshot's network is kept when the settings
         name the same one. Raises WeightsUnavailable, WeightsMismatch."""
         signature = self._current_signature()   # before reading: a save in between is seen at the next refresh
+        on_server = catalog.path is None
+        updated_at = catalog.updated_at() if on_server else None   # likewise for a commit in between
         if previous is not None and network_key(previous.settings) == network_key(settings):
             extractor = previous.extractor
         elif self.load_network:
@@ -256,9 +268,16 @@ class ImageIndex:
                     "weights")
         else:
             extractor = None
-        vectors, _ = VectorIndex.open_reconciled(self.faiss_path, catalog, settings.dim)
+        if on_server and previous is not None and previous.catalog_file == catalog_file \
+                and previous.faiss_signature == signature and network_key(previous.settings) == network_key(settings):
+            # the same catalog, changed by a writer (whose FAISS file may be in another folder): bring a copy of
+            # the served vectors up to date from the database, without reading every vector again
+            vectors = previous.vectors.copy()
+            vectors.reconcile(catalog)
+        else:
+            vectors, _ = VectorIndex.open_reconciled(self.faiss_path, catalog, settings.dim)
         return IndexSnapshot(previous.version + 1 if previous else 1, settings, catalog, vectors, extractor,
-                             signature, catalog_file)
+                             signature, catalog_file, updated_at)
 
     def refresh(self, *, load: bool = True) -> bool:
         """Look at the index on disk and serve it as it is now. -> True when a new snapshot was loaded.
@@ -276,31 +295,42 @@ class ImageIndex:
         """
         with self._lock:
             current = self._snapshot
-            path = self.index_dir / CATALOG_FILE
-            try:
-                catalog_file = _file_id(path)
-            except FileNotFoundError:
-                return self._unavailable(f"the catalog {CATALOG_FILE} is missing from the index folder; "
-                                         "restore it or run index-images")
-            replaced = catalog_file != current.catalog_file
-            if replaced and not load:
-                return self._unavailable("the index on disk was replaced and hot reload is off; restart the server")
+            on_server = current.catalog.path is None
+            replaced = False
+            if not on_server:
+                try:
+                    catalog_file = _file_id(current.catalog.path)
+                except FileNotFoundError:
+                    return self._unavailable(f"the catalog {CATALOG_FILE} is missing from the index folder; "
+                                             "restore it or run index-images")
+                replaced = catalog_file != current.catalog_file
+                if replaced and not load:
+                    return self._unavailable("the index on disk was replaced and hot reload is off; restart the server")
             catalog = current.catalog
+            updated_at = None
             try:
                 if replaced:
-                    catalog = Catalog(self.index_dir)    # a new file (new inode): a new engine, never the old pool
+                    catalog = Catalog(self.index_dir, url=self.db_url)   # a new file (new inode): a new engine, never the old pool
                 settings = catalog.settings()
+                if on_server:                    # one catalog, changed by writers elsewhere: its rows tell
+                    catalog_file = catalog.identity()
+                    replaced = catalog_file != current.catalog_file
+                    updated_at = catalog.updated_at()
             except (FileNotFoundError, SQLAlchemyError) as exc:
                 if catalog is not current.catalog:
                     catalog.close()
-                return self._unavailable(f"the catalog cannot be read ({_db_reason(exc)}); "
+                return self._unavailable(f"the catalog cannot be read ({db_error_reason(exc, self.db_url)}); "
                                          "restore it or run index-images")
             if settings is None:
                 if catalog is not current.catalog:
                     catalog.close()
                 return self._unavailable("the index is unfinished (no settings yet); wait for index-images to finish")
+            if on_server and replaced and not load:
+                return self._unavailable("the index in the catalog database was re-created and hot reload is off; "
+                                         "restart the server")
             signature = self._current_signature()
-            if not replaced and settings == current.settings and (signature == current.faiss_signature or not load):
+            if not replaced and settings == current.settings and (not load or (
+                    signature == current.faiss_signature and updated_at == current.catalog_updated_at)):
                 self._available()
                 return False
             if not load:
@@ -316,7 +346,7 @@ class ImageIndex:
             except SQLAlchemyError as exc:   # the catalog broke while its vectors were read
                 if catalog is not current.catalog:
                     catalog.close()
-                return self._unavailable(f"the catalog cannot be read ({_db_reason(exc)}); "
+                return self._unavailable(f"the catalog cannot be read ({db_error_reason(exc, self.db_url)}); "
                                          "restore it or run index-images")
             except (RuntimeError, ValueError, OSError) as exc:   # WeightsUnavailable, WeightsMismatch, no device
                 if catalog is not current.catalog:
@@ -376,11 +406,6 @@ def _file_id(path: Path) -> tuple[int, int]:
     """(st_dev, st_ino): which file is at path now. Raises FileNotFoundError."""
     st = os.stat(path)
     return st.st_dev, st.st_ino
-
-
-def _db_reason(exc: BaseException) -> str:
-    """A database error in one line, without the SQL statement SQLAlchemy appends."""
-    return str(getattr(exc, "orig", None) or exc).splitlines()[0]
 
 
 def _public_identity(identity: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 MODEL_NAMES = ("alexnet", "vgg16")       # torchvision backbones (retrieval.backbones.MODELS has one entry each)
 LAYERS = ("fc6", "fc7")                  # feature layers, each taken after its ReLU
 INDEX_DIR_ENV = "RETRIEVAL_INDEX_DIR"    # default index folder for every command and the server
+DB_URL_ENV = "RETRIEVAL_DB_URL"          # the catalog's SQLAlchemy URL for every command and the server (default: SQLite)
 DEFAULT_KS = (1, 5, 10)                  # neighbours for precision@k and the kNN vote in evaluations
 FAISS_FILE = "vectors.faiss"             # the vector index in an index folder (derived from the catalog)
 DEFAULT_RANDOM_SEED = 0                  # seed of --weights random when none is given

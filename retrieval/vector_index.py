@@ -144,6 +144,26 @@ class VectorIndex:
             return None
         return cls(dim, index)
 
+    def copy(self) -> "VectorIndex":
+        """An independent copy (searches of this one may go on while the copy is changed)."""
+        return VectorIndex(self.dim, faiss.clone_index(self.index))
+
+    def reconcile(self, catalog: Catalog) -> bool:
+        """Make the index agree with the catalog: ids missing here are added from the catalog's vectors, ids no
+        longer in the catalog are removed. -> whether anything changed."""
+        have = self.ids()
+        want = catalog.ids()
+        stale = np.setdiff1d(have, want, assume_unique=True)
+        missing = np.setdiff1d(want, have, assume_unique=True)
+        if len(stale):
+            self.remove(stale)
+        if len(missing):
+            for ids, vecs in catalog.vectors(missing):
+                self.add(ids, vecs)
+        if len(stale) or len(missing):
+            log.info("reconciled FAISS with the catalog: %d added, %d removed", len(missing), len(stale))
+        return bool(len(stale) or len(missing))
+
     @classmethod
     def open_reconciled(cls, path: Path, catalog: Catalog, dim: int) -> tuple["VectorIndex", bool]:
         """Load the FAISS file and make it agree with the catalog (DESIGN invariant 1).
@@ -151,19 +171,28 @@ class VectorIndex:
         Ids missing from FAISS are added from the catalog's vectors; ids no longer in the catalog are removed.
         -> (index, changed) where changed says whether it differs from the file.
         """
-        index = cls.load(path, dim) or cls(dim)
-        changed = not Path(path).exists()
-        have = index.ids()
-        want = catalog.ids()
-        stale = np.setdiff1d(have, want, assume_unique=True)
-        missing = np.setdiff1d(want, have, assume_unique=True)
-        if len(stale):
-            index.remove(stale)
-            changed = True
-        if len(missing):
-            for ids, vecs in catalog.vectors(missing):
-                index.add(ids, vecs)
-            changed = True
-        if len(stale) or len(missing):
-            log.info("reconciled FAISS with the catalog: %d added, %d removed", len(missing), len(stale))
-        return index, changed
+        index = cls.load(path, dim)
+        if index is not None and not index.agrees_with(catalog):
+            log.warning("the FAISS file %s holds other vectors than the catalog under the same ids (saved from "
+                        "another catalog?); rebuilding it from the catalog", path)
+            index = None
+        changed = index is None
+        index = index or cls(dim)
+        return index, index.reconcile(catalog) or changed
+
+    def agrees_with(self, catalog: Catalog, sample: int = 8) -> bool:
+        """Whether a few ids spread over the index hold the catalog's vectors for them (a FAISS file of another
+        catalog, whose ids were handed out again, does not). Indexes that cannot give vectors back pass."""
+        have = self.ids()
+        if len(have) == 0:
+            return True
+        picked = np.unique(have[np.linspace(0, len(have) - 1, min(sample, len(have))).astype(int)])
+        for ids, vecs in catalog.vectors(picked):
+            for i, vec in zip(ids.tolist(), vecs):
+                try:
+                    stored = self.index.reconstruct(int(i))
+                except RuntimeError:   # a type that keeps no vectors to give back
+                    return True
+                if not np.allclose(stored, vec, atol=1e-5):
+                    return False
+        return True

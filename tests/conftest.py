@@ -50,6 +50,30 @@ def compare_index(sample_index, tmp_path_factory) -> BuiltIndex:
     return BuiltIndex(sample_index.data_dir, index_dir, report)
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL server for the session (tests.postgres_server); skipped when not installed."""
+    from postgres_server import running_postgres
+
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres):
+    """The URL (password included) of a fresh, empty database on the private server, dropped afterwards."""
+    with postgres.new_database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_url(request):
+    """Run a test on both catalog back ends: None (SQLite in the index folder, the default) and a PostgreSQL URL."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres_url")
+
+
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch) -> Path:
     """An empty torch hub cache (TORCH_HOME in tmp_path) and no network for torch.hub downloads."""

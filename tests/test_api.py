@@ -255,6 +255,7 @@ def test_stats_describe_the_index(client):
     assert (body["model"], body["layer"], body["dim"]) == ("alexnet", "fc7", 4096)
     assert body["skipped"] == 0
     assert body["updated_at"].endswith("Z") and body["updated_at"][:2] == "20"
+    assert body["catalog"] == "sqlite"
 
 
 def test_healthz_is_200_once_loaded(client):

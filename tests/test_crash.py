@@ -35,9 +35,9 @@ def committed_rows(index_dir: Path) -> int:
         return 0
 
 
-def snapshot(index_dir: Path) -> dict[str, np.ndarray]:
+def snapshot(index_dir: Path, url: str | None = None) -> dict[str, np.ndarray]:
     """path -> stored vector, after checking the catalog and FAISS agree."""
-    cat = Catalog(index_dir)
+    cat = Catalog(index_dir, url=url)
     try:
         states = cat.file_states()
         ids = cat.ids()
@@ -133,3 +133,46 @@ def test_sigkill_of_a_default_run_then_an_immediate_rerun_several_times(collecti
         assert sorted(resumed) == sorted(reference)
         for path, vec in reference.items():
             assert np.allclose(resumed[path], vec, atol=1e-5), path
+
+
+def committed_rows_in(url: str) -> int:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=5) as db:
+            return db.execute("SELECT count(*) FROM images").fetchone()[0]
+    except psycopg.errors.UndefinedTable:   # not created yet
+        return 0
+
+
+def test_sigkill_of_a_run_on_postgresql_then_an_immediate_rerun(collection, tmp_path, postgres_url):
+    """The catalog in PostgreSQL: the killed run's advisory lock goes with its connection, the rerun redoes only
+    the uncommitted batch, and the result equals an uninterrupted run (with SQLite) exactly."""
+    import psutil
+
+    data, reference = collection
+    index_dir = tmp_path / "index"
+    command = default_command(data, index_dir) + ["--db-url", postgres_url]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while committed_rows_in(postgres_url) < N_IMAGES // 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed; the test proves nothing"
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = committed_rows_in(postgres_url)
+    assert N_IMAGES // 2 <= partial < N_IMAGES
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)   # at once: no wait for the lock
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert not psutil.wait_procs(workers, timeout=5)[1], "decoding workers outlived their killed parent"
+    summary = json.loads(rerun.stdout)
+    assert (summary["total"], summary["unchanged"], summary["indexed"]) == (N_IMAGES, partial, N_IMAGES - partial)
+    assert [s["path"] for s in summary["skipped"]] == ["red_circles/corrupt.jpg"]
+    assert not (index_dir / "catalog.db").exists(), "the catalog is in PostgreSQL, not in the index folder"
+    resumed = snapshot(index_dir, postgres_url)
+    assert sorted(resumed) == sorted(reference)
+    for path, vec in reference.items():
+        assert np.allclose(resumed[path], vec, atol=1e-5), path

@@ -27,8 +27,8 @@ def small_data(tmp_path):
     return data
 
 
-def catalog_state(index_dir):
-    cat = Catalog(index_dir)
+def catalog_state(index_dir, url=None):
+    cat = Catalog(index_dir, url=url)
     try:
         rows = {p: i for p, (i, _s, _m) in cat.file_states().items()}
         vectors = {}
@@ -83,23 +83,24 @@ def test_vectors_are_l2_normalised_and_features_cluster_by_class(stored_index):
     assert same / len(ids) > 0.5, "even random conv features separate colour/shape classes (chance is 0.2)"
 
 
-def test_rerun_on_an_unchanged_folder_is_a_no_op(small_data, tmp_path, index_images):
-    first = index_images(small_data, tmp_path / "index")
+def test_rerun_on_an_unchanged_folder_is_a_no_op(small_data, tmp_path, index_images, catalog_url):
+    first = index_images(small_data, tmp_path / "index", db_url=catalog_url)
     stamp = os.stat(tmp_path / "index" / FAISS_FILE).st_mtime_ns
-    rows_before, _, _ = catalog_state(tmp_path / "index")
+    rows_before, _, _ = catalog_state(tmp_path / "index", catalog_url)
 
-    again = index_images(small_data, tmp_path / "index")
+    again = index_images(small_data, tmp_path / "index", db_url=catalog_url)
 
     assert (first.indexed, first.total) == (6, 6)
     assert (again.indexed, again.unchanged, again.removed, again.total) == (0, 6, 0, 6)
     assert os.stat(tmp_path / "index" / FAISS_FILE).st_mtime_ns == stamp, "nothing rewritten"
-    assert catalog_state(tmp_path / "index")[0] == rows_before
+    assert catalog_state(tmp_path / "index", catalog_url)[0] == rows_before
+    assert (tmp_path / "index" / "catalog.db").exists() == (catalog_url is None), "the catalog is where the URL says"
 
 
-def test_added_changed_and_removed_files(small_data, tmp_path, index_images):
+def test_added_changed_and_removed_files(small_data, tmp_path, index_images, catalog_url):
     index_dir = tmp_path / "index"
-    index_images(small_data, index_dir)
-    rows, vectors, _ = catalog_state(index_dir)
+    index_images(small_data, index_dir, db_url=catalog_url)
+    rows, vectors, _ = catalog_state(index_dir, catalog_url)
 
     new = small_data / "red_circles" / "new.png"
     Image.new("RGB", (80, 80), (250, 0, 0)).save(new)
@@ -109,10 +110,10 @@ def test_added_changed_and_removed_files(small_data, tmp_path, index_images):
     os.utime(changed, ns=(1, 1_000_000_000))   # a different mtime for sure
     (small_data / "red_circles" / "red_circles_001.jpg").unlink()
 
-    report = index_images(small_data, index_dir)
+    report = index_images(small_data, index_dir, db_url=catalog_url)
 
     assert (report.indexed, report.unchanged, report.removed, report.total) == (2, 4, 1, 6)
-    rows2, vectors2, catalog_ids = catalog_state(index_dir)
+    rows2, vectors2, catalog_ids = catalog_state(index_dir, catalog_url)
     assert "red_circles/red_circles_001.jpg" not in rows2
     assert "red_circles/new.png" in rows2
     assert rows2["blue_squares/blue_squares_000.jpg"] != rows["blue_squares/blue_squares_000.jpg"], "re-extracted"
@@ -122,7 +123,7 @@ def test_added_changed_and_removed_files(small_data, tmp_path, index_images):
     assert rows2[unchanged] == rows[unchanged] and np.array_equal(vectors2[rows2[unchanged]], vectors[rows[unchanged]])
     assert np.array_equal(faiss_ids(index_dir), np.sort(catalog_ids))
 
-    index = ImageIndex(index_dir)
+    index = ImageIndex(index_dir, db_url=catalog_url)
     try:
         hits, _ = index.search_image(changed.read_bytes(), 6)
         assert hits[0].path == "blue_squares/blue_squares_000.jpg" and hits[0].distance < 1e-3
@@ -131,11 +132,11 @@ def test_added_changed_and_removed_files(small_data, tmp_path, index_images):
         index.close()
 
 
-def test_bad_files_are_skipped_with_reasons_and_never_stop_the_run(small_data, tmp_path, index_images):
+def test_bad_files_are_skipped_with_reasons_and_never_stop_the_run(small_data, tmp_path, index_images, catalog_url):
     for name, data in bad_files().items():
         (small_data / "red_circles" / f"{name}.png").write_bytes(data)
 
-    report = index_images(small_data, tmp_path / "index")
+    report = index_images(small_data, tmp_path / "index", db_url=catalog_url)
 
     assert report.indexed == report.total == 6
     reasons = {s["path"]: s["reason"] for s in report.skipped}
@@ -145,11 +146,11 @@ def test_bad_files_are_skipped_with_reasons_and_never_stop_the_run(small_data, t
     assert "decompression bomb" in reasons["red_circles/bomb.png"]
     assert reasons["red_circles/truncated.png"]
 
-    again = index_images(small_data, tmp_path / "index")
+    again = index_images(small_data, tmp_path / "index", db_url=catalog_url)
     assert again.indexed == 0 and len(again.skipped) == 4, "bad files stay skipped, not re-decoded"
 
     shutil.copy(small_data / "red_circles" / "red_circles_000.jpg", small_data / "red_circles" / "text.png")
-    fixed = index_images(small_data, tmp_path / "index")
+    fixed = index_images(small_data, tmp_path / "index", db_url=catalog_url)
     assert fixed.indexed == 1 and fixed.total == 7 and len(fixed.skipped) == 3
 
 
@@ -223,6 +224,18 @@ def test_a_second_writer_is_refused_while_one_runs(small_data, tmp_path, index_i
             index_images(small_data, tmp_path / "index")
 
 
+def test_one_writer_per_database_whatever_its_index_folder(small_data, tmp_path, index_images, postgres_url):
+    holder = Catalog(tmp_path / "index-a", create=True, url=postgres_url)   # as if index-images ran elsewhere
+    try:
+        with holder.writer_lock():
+            with pytest.raises(ConfigError, match="another index-images run is updating the catalog in postgresql"):
+                index_images(small_data, tmp_path / "index-b", db_url=postgres_url)
+            assert not (tmp_path / "index-b" / FAISS_FILE).exists()
+    finally:
+        holder.close()
+    assert index_images(small_data, tmp_path / "index-b", db_url=postgres_url).total == 6, "free once released"
+
+
 def test_long_runs_save_the_faiss_file_as_they_go(small_data, tmp_path, index_images, monkeypatch):
     saved_sizes = []
     real_save = VectorIndex.save
@@ -273,16 +286,16 @@ def test_files_whose_decoder_raises_anything_are_skipped_and_the_run_goes_on(sma
     assert (again.indexed, again.unchanged, again.total) == (0, 6, 6), "re-runs go on too"
 
 
-def test_folder_names_that_are_not_utf8_are_indexed_and_shown_escaped(small_data, tmp_path, index_images):
+def test_folder_names_that_are_not_utf8_are_indexed_and_shown_escaped(small_data, tmp_path, index_images, catalog_url):
     latin1 = small_data / os.fsdecode(b"caf\xe9")          # a folder named in Latin-1 on a UTF-8 system
     shutil.copytree(small_data / "red_circles", latin1)
     (latin1 / os.fsdecode(b"bad-\xff.jpg")).write_bytes(b"not an image")
 
-    report = index_images(small_data, tmp_path / "index")
+    report = index_images(small_data, tmp_path / "index", db_url=catalog_url)
 
     assert report.indexed == report.total == 9
     assert [s["path"] for s in report.skipped] == ["caf\\xe9/bad-\\xff.jpg"], "shown escaped, never a crash"
-    cat = Catalog(tmp_path / "index")
+    cat = Catalog(tmp_path / "index", url=catalog_url)
     try:
         labels = cat.labels()
         assert labels[os.fsdecode(b"caf\xe9")] == 3, "stored exactly: the same label as the folder"
@@ -290,7 +303,7 @@ def test_folder_names_that_are_not_utf8_are_indexed_and_shown_escaped(small_data
         assert (small_data / row.path).is_file(), "the stored path still opens the file"
     finally:
         cat.close()
-    again = index_images(small_data, tmp_path / "index")
+    again = index_images(small_data, tmp_path / "index", db_url=catalog_url)
     assert (again.indexed, again.unchanged) == (0, 9)
 
 

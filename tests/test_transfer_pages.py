@@ -145,9 +145,9 @@ def test_evaluation_is_computed_once_per_loaded_index_version(tmp_path, index_im
     client = app.test_client()
     runs: list[str] = []
 
-    def counted(index_dir):  # noqa: ANN001
+    def counted(index_dir, **options):  # noqa: ANN001, ANN003
         runs.append(str(index_dir))
-        return evaluate_index(index_dir)
+        return evaluate_index(index_dir, **options)
     monkeypatch.setattr(api.transfer, "evaluate_index", counted)
 
     for _ in range(3):
@@ -176,9 +176,9 @@ def test_a_slow_evaluation_answers_computing_at_once_and_the_page_refreshes_itse
     client = app.test_client()
     release = threading.Event()
 
-    def slow(index_dir):  # noqa: ANN001
+    def slow(index_dir, **options):  # noqa: ANN001, ANN003
         release.wait(30)
-        return evaluate_index(index_dir)
+        return evaluate_index(index_dir, **options)
     monkeypatch.setattr(api.transfer, "evaluate_index", slow)
     monkeypatch.setattr(api.transfer, "EVALUATION_WAIT_S", 0.05)
 

@@ -89,6 +89,25 @@ def test_reconcile_adds_missing_and_drops_stale_ids(tmp_path, catalog):
         assert index.search(vec[None], 1)[1][0, 0] == i
 
 
+def test_a_faiss_file_of_another_catalog_with_the_same_ids_is_rebuilt(tmp_path, catalog):
+    """A database re-created under a replica hands out ids 1, 2, 3 again: its old FAISS file must not answer."""
+    old = Catalog(tmp_path / "old", create=True)
+    old_ids = add_rows(old, ["a.png", "b.png", "c.png"], random_vectors(3, 16, seed=1))
+    old_index, _ = VectorIndex.open_reconciled(tmp_path / "v.faiss", old, 16)
+    old_index.save(tmp_path / "v.faiss")
+    old.close()
+    vecs = random_vectors(3, 16, seed=2)
+    ids = add_rows(catalog, ["x.png", "y.png", "z.png"], vecs)
+    assert ids == old_ids, "the test needs ids that coincide"
+
+    index, changed = VectorIndex.open_reconciled(tmp_path / "v.faiss", catalog, 16)
+
+    assert changed
+    for i, vec in zip(ids, vecs):
+        dist, got = index.search(vec[None], 1)
+        assert got[0, 0] == i and dist[0, 0] < 1e-4, "the catalog's vectors, not the old file's"
+
+
 def test_reconcile_rebuilds_a_missing_file(tmp_path, catalog):
     ids = add_rows(catalog, ["a.png", "b.png"], random_vectors(2, 16))
     index, changed = VectorIndex.open_reconciled(tmp_path / "absent.faiss", catalog, 16)

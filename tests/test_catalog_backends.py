@@ -1,0 +1,154 @@
+"""Tests for retrieval.catalog on both back ends (SQLite in the index folder, PostgreSQL by URL): names, vectors, transactions, the writer lock."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from sqlalchemy.exc import IntegrityError
+
+from retrieval.catalog import Catalog, CatalogBusy, CatalogUnavailable, IndexSettings, mask_url
+
+LATIN1_LABEL = os.fsdecode(b"caf\xe9")                 # a folder named in Latin-1 on a UTF-8 system
+
+
+def row(path: str, label: str | None = None, size: int = 10) -> dict:
+    return {"path": path, "label": label, "size": size, "mtime_ns": 5, "width": 4, "height": 3, "sha256": "0" * 64}
+
+
+@pytest.fixture
+def catalog(tmp_path, catalog_url):
+    cat = Catalog(tmp_path / "index", create=True, url=catalog_url)
+    yield cat
+    cat.close()
+
+
+def test_names_that_are_not_utf8_and_vectors_come_back_exactly(catalog, catalog_url, tmp_path):
+    paths = [f"{LATIN1_LABEL}/a.jpg", LATIN1_LABEL + "/" + os.fsdecode(b"b-\xff.jpg"), "plain/c.jpg", "d.jpg"]
+    labels = [LATIN1_LABEL, LATIN1_LABEL, "plain", None]
+    vectors = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    ids, replaced = catalog.write_batch([row(p, lab) for p, lab in zip(paths, labels)], vectors,
+                                        [{"path": os.fsdecode(b"bad-\xfe.png"), "size": 1, "mtime_ns": 1, "reason": "empty"}])
+
+    again = Catalog(tmp_path / "index", url=catalog_url)      # a reader: another engine, another connection
+    try:
+        assert replaced == [] and sorted(again.file_states()) == sorted(paths)
+        assert again.labels() == {None: 1, LATIN1_LABEL: 2, "plain": 1}
+        assert [r.path for r in again.list_images(label=LATIN1_LABEL)] == sorted(paths[:2])
+        assert again.skipped() == [(os.fsdecode(b"bad-\xfe.png"), "empty")]
+        got_ids, got = next(again.vectors())
+        assert got_ids.tolist() == ids and np.array_equal(got, vectors), "float32 bytes stored exactly"
+        assert np.array_equal(again.vector(ids[1]), vectors[1])
+    finally:
+        again.close()
+
+
+def test_a_batch_is_one_transaction_and_ids_are_never_reused(catalog):
+    first, _ = catalog.write_batch([row("a.jpg"), row("b.jpg")], np.zeros((2, 4), np.float32), [])
+    catalog.remove_paths(["b.jpg"])
+    with pytest.raises(IntegrityError):   # the same path twice: the whole batch fails, nothing of it stays
+        catalog.write_batch([row("c.jpg"), row("c.jpg")], np.zeros((2, 4), np.float32), [])
+    assert sorted(catalog.file_states()) == ["a.jpg"]
+
+    replaced_new, replaced = catalog.write_batch([row("a.jpg", size=11), row("b.jpg")], np.ones((2, 4), np.float32), [])
+
+    assert replaced == [first[0]], "a changed file replaces its row"
+    assert min(replaced_new) > max(first), "ids of deleted rows are never handed out again (FAISS ids)"
+    assert catalog.count() == 2
+
+
+def test_the_catalog_records_when_the_faiss_file_was_saved_per_index_folder(catalog, catalog_url, tmp_path):
+    catalog.save_settings(IndexSettings("alexnet", "fc7", "random", "random:sha256=x", 0, 4, True, "p", str(tmp_path)))
+    catalog.write_batch([row("a.jpg")], np.zeros((1, 4), np.float32), [])
+    catalog.mark_vectors_saved(catalog.updated_at())
+    assert catalog.vectors_in_step()
+    if catalog_url is not None:   # several index folders share a database: each has its own FAISS file
+        other = Catalog(tmp_path / "replica", url=catalog_url)
+        try:
+            assert not other.vectors_in_step(), "another folder's FAISS file was never saved"
+        finally:
+            other.close()
+    catalog.write_batch([row("b.jpg")], np.zeros((1, 4), np.float32), [])
+    assert not catalog.vectors_in_step(), "a committed batch makes the FAISS file stale"
+
+
+def test_a_reader_of_an_empty_database_is_told_to_index_first(postgres_url, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no index in the database .*run index-images first"):
+        Catalog(tmp_path / "index", url=postgres_url)
+
+
+def test_an_unreachable_server_is_a_clear_error_without_the_password(tmp_path):
+    import socket
+
+    with socket.socket() as s:                 # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://someone:Very-Secret-1@127.0.0.1:{port}/nothing"
+    with pytest.raises(CatalogUnavailable) as info:
+        Catalog(tmp_path / "index", url=url)
+    message = str(info.value)
+    assert "Very-Secret-1" not in message and "someone:***@127.0.0.1" in message
+    assert mask_url(url) == f"postgresql://someone:***@127.0.0.1:{port}/nothing"
+    with pytest.raises(CatalogUnavailable, match="not a database URL"):
+        Catalog(tmp_path / "index", url="no url at all")
+
+
+def test_the_writer_lock_is_held_by_one_process_and_released_when_it_is_killed(postgres_url, tmp_path):
+    Catalog(tmp_path / "index", create=True, url=postgres_url).close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from retrieval.catalog import Catalog\n"
+         f"c = Catalog({str(tmp_path / 'other')!r}, url={postgres_url!r})\n"
+         "with c.writer_lock():\n    print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        catalog = Catalog(tmp_path / "index", url=postgres_url)
+        with pytest.raises(CatalogBusy, match="another index-images run is updating the catalog in postgresql"):
+            with catalog.writer_lock():
+                pass
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        deadline = time.monotonic() + 30        # the server ends the killed process's session as its socket closes
+        while True:
+            try:
+                with catalog.writer_lock():
+                    break
+            except CatalogBusy:
+                assert time.monotonic() < deadline, "the lock outlived the killed process"
+                time.sleep(0.05)
+        catalog.close()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+
+def test_every_command_refuses_an_unreachable_database_with_exit_2_and_never_shows_the_password(tmp_path):
+    import socket
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from api.cli import main as serve_main
+    from indexer.cli import main as index_main, search_main
+    from indexer.evaluate_cli import main as evaluate_main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://someone:Very-Secret-1@127.0.0.1:{port}/photos"
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "q.png")
+    commands = [(index_main, [str(tmp_path / "data")]), (search_main, [str(tmp_path / "q.png")]),
+                (evaluate_main, []), (serve_main, [])]
+    for command, args in commands:
+        for options, env in [(["--db-url", url], {}), ([], {"RETRIEVAL_DB_URL": url})]:
+            result = CliRunner().invoke(command, [*args, "--index-dir", str(tmp_path / "index"), *options], env=env)
+            assert result.exit_code == 2, (command.name, result.output)
+            assert f"someone:***@127.0.0.1:{port}/photos" in result.output, result.output
+            assert "Very-Secret-1" not in result.output

@@ -1,0 +1,85 @@
+"""Shared metadata in PostgreSQL: two real serve-images processes on their own index folders serve one catalog and follow the writer."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import requests
+from PIL import Image
+
+from indexer.samples import make_sample_collection
+from retrieval.backbones import random_weights_file
+from retrieval.names import FAISS_FILE
+
+from postgres_server import PASSWORD
+from test_serve_cli import serve_images
+
+
+def search(base: str, image: bytes, k: int = 3) -> list[dict]:
+    answer = requests.post(base + "/search", params={"k": k}, data=image, headers={"Content-Type": "image/jpeg"},
+                           timeout=60)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["results"]
+
+
+def test_two_servers_on_their_own_index_folders_serve_one_postgresql_catalog(tmp_path, postgres_url, index_images):
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=3, size=(96, 72), classes=["red_circles", "blue_squares"], seed=2)
+    writer = tmp_path / "writer"
+    index_images(data, writer, db_url=postgres_url)
+    replicas = [tmp_path / "api-a", tmp_path / "api-b"]
+    for folder in replicas:   # each host has the index's network (random weights: the file; imagenet: the hub cache)
+        folder.mkdir()
+        os.link(random_weights_file(writer, "alexnet"), random_weights_file(folder, "alexnet"))
+    shutil.copy(writer / FAISS_FILE, replicas[0] / FAISS_FILE)   # one starts from a copy, one from the database alone
+    query = (data / "red_circles" / "red_circles_000.jpg").read_bytes()
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+
+    with serve_images(replicas[0], logs[0], "--db-url", postgres_url, RETRIEVAL_RELOAD_INTERVAL_S="0.3") as a, \
+            serve_images(replicas[1], logs[1], RETRIEVAL_DB_URL=postgres_url, RETRIEVAL_RELOAD_INTERVAL_S="0.3") as b:
+        for base in (a, b):
+            hits = search(base, query)
+            assert hits[0]["path"] == "red_circles/red_circles_000.jpg" and hits[0]["distance"] < 1e-3
+            stats = requests.get(base + "/stats", timeout=30)
+            assert stats.json()["count"] == 6 and stats.json()["catalog"] == "postgresql"
+            assert PASSWORD not in stats.text
+
+        # the writer, in its own folder, adds one image and removes another: both servers follow the catalog
+        Image.new("RGB", (90, 70), (20, 200, 30)).save(data / "blue_squares" / "green.jpg", quality=95)
+        (data / "red_circles" / "red_circles_001.jpg").unlink()
+        report = index_images(data, writer, db_url=postgres_url)
+        assert (report.indexed, report.removed, report.total) == (1, 1, 6)
+        green = (data / "blue_squares" / "green.jpg").read_bytes()
+        for base in (a, b):
+            deadline = time.monotonic() + 60
+            while search(base, green, k=1)[0]["path"] != "blue_squares/green.jpg":
+                assert time.monotonic() < deadline, f"{base} did not pick up the new image from the database"
+                time.sleep(0.2)
+            paths = [h["path"] for h in search(base, query, k=10)]
+            assert "red_circles/red_circles_001.jpg" not in paths and len(paths) == 6
+            health = requests.get(base + "/healthz", timeout=30).json()
+            assert health["status"] == "ok" and health["count"] == 6
+            deadline = time.monotonic() + 60   # the evaluation page reads the same catalog (in the background)
+            while 'id="precision-chart"' not in (page := requests.get(base + "/evaluation", timeout=60).text):
+                assert "cannot be evaluated" not in page, page
+                assert time.monotonic() < deadline, "the evaluation page never showed its numbers"
+                time.sleep(0.5)
+    assert not (replicas[1] / "catalog.db").exists() and not (writer / "catalog.db").exists()
+    evaluated = subprocess.run([sys.executable, "-c", "from indexer.evaluate_cli import main; main()", "--index-dir",
+                                str(replicas[1]), "--json"], capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "RETRIEVAL_DB_URL": postgres_url})
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["images"]["labelled"] == 6
+    searched = subprocess.run([sys.executable, "-c", "from indexer.cli import search_main; search_main()",
+                               str(data / "blue_squares" / "green.jpg"), "-k", "2", "--index-dir", str(replicas[1]),
+                               "--db-url", postgres_url, "--json"], capture_output=True, text=True, timeout=300)
+    assert searched.returncode == 0, searched.stderr
+    assert json.loads(searched.stdout)["results"][0]["path"] == "blue_squares/green.jpg"
+    for log in logs:
+        text = log.read_text()
+        assert "catalog postgresql://retrieval:***@127.0.0.1" in text, text[-2000:]
+        assert PASSWORD not in text, "the database password never appears in a log"
