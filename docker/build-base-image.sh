@@ -31,9 +31,15 @@ case "$image" in
 esac
 
 hash="$( { cat "$0"; cat "$ca_bundle" 2>/dev/null || true; } | sha256sum | cut -c1-16)"
-if [[ $force == 0 ]] && [[ "$(docker image inspect -f "{{ index .Config.Labels \"$label\" }}" "$image" 2>/dev/null)" == "$hash" ]]; then
-    echo "$image: up to date (hash $hash)"
-    exit 0
+if [[ $force == 0 ]] && docker image inspect "$image" >/dev/null 2>&1; then
+    built="$(docker image inspect -f "{{ index .Config.Labels \"$label\" }}" "$image")"
+    if [[ "$built" == "$hash" ]]; then
+        echo "$image: up to date (hash $hash)"
+        exit 0
+    elif [[ -z "$built" || "$built" == "<no value>" ]]; then
+        echo "$image: the image from the registry is here; nothing to build"
+        exit 0
+    fi
 fi
 [[ $(id -u) == 0 ]] || { echo "debootstrap needs root" >&2; exit 2; }
 command -v debootstrap >/dev/null || { echo "debootstrap is not installed (apt-get install debootstrap)" >&2; exit 2; }

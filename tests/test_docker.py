@@ -110,16 +110,16 @@ def deployment(built_image, tmp_path):
 
 
 def wait_healthy(compose: Compose, container: str) -> None:
-    deadline = time.monotonic() + HEALTHY_WITHIN_S
+    start = time.monotonic()
     status = "?"
-    while time.monotonic() < deadline:
+    while time.monotonic() - start < HEALTHY_WITHIN_S:
         status = run(["docker", "inspect", "-f", "{{.State.Health.Status}}", container], 30).stdout.strip()
         if status == "healthy":
             return
         if status == "unhealthy":
             break
         time.sleep(2)
-    pytest.fail(f"the api container is {status} after {HEALTHY_WITHIN_S} s\n{compose.logs('api')}")
+    pytest.fail(f"the api container is {status} after {time.monotonic() - start:.0f} s\n{compose.logs('api')}")
 
 
 def test_index_job_then_api_in_containers(deployment):
