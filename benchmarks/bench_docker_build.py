@@ -37,6 +37,13 @@ def timed(cmd: list[str], cwd: Path | None = None) -> float:
     return time.perf_counter() - start
 
 
+def remove_if_untagged(image: str) -> None:
+    """Remove an image that no tag names any more (a replaced build); one still tagged elsewhere stays."""
+    tags = subprocess.run(["docker", "image", "inspect", "-f", "{{len .RepoTags}}", image], capture_output=True, text=True)
+    if tags.returncode == 0 and tags.stdout.strip() == "0":
+        subprocess.run(["docker", "image", "rm", image], capture_output=True)
+
+
 def image_id(name: str) -> str | None:
     result = subprocess.run(["docker", "image", "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True)
     return result.stdout.strip() if result.returncode == 0 else None
@@ -47,7 +54,7 @@ def build(context: Path) -> float:
     before = image_id(TAG)
     seconds = timed(["docker", "build", "-t", TAG, str(context)])
     if before is not None and before != image_id(TAG):
-        subprocess.run(["docker", "image", "rm", before], capture_output=True)
+        remove_if_untagged(before)
     return seconds
 
 

@@ -53,6 +53,13 @@ def run(cmd: list[str], timeout: float, env: dict | None = None, check: bool = T
     return result
 
 
+def remove_if_untagged(image: str) -> None:
+    """Remove an image that no tag names any more (a replaced build); one still tagged elsewhere stays."""
+    tags = subprocess.run(["docker", "image", "inspect", "-f", "{{len .RepoTags}}", image], capture_output=True, text=True)
+    if tags.returncode == 0 and tags.stdout.strip() == "0":
+        subprocess.run(["docker", "image", "rm", image], capture_output=True)
+
+
 def image_id(name: str) -> str | None:
     result = subprocess.run(["docker", "image", "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True)
     return result.stdout.strip() if result.returncode == 0 else None
@@ -92,8 +99,8 @@ def built_image(docker) -> str:
     run(["docker-compose", "build", "api"], timeout=3600)
     after = image_id(IMAGE)
     assert after is not None, f"docker-compose build did not tag {IMAGE}"
-    if before is not None and before != after:   # the previous build, now untagged: don't pile them up
-        subprocess.run(["docker", "image", "rm", before], capture_output=True)
+    if before is not None and before != after:   # the previous build, if now untagged: don't pile them up
+        remove_if_untagged(before)
     return after
 
 
