@@ -19,6 +19,11 @@ class BuiltIndex:
     report: RunReport
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """The Docker test runs last: in CI its images build in the background (.ci/run) while everything else runs."""
+    items.sort(key=lambda item: item.path.name == "test_docker.py")
+
+
 def build_index(data_dir: Path, index_dir: Path, **options) -> RunReport:
     """Run the indexer in-process with test-friendly defaults (random weights, no worker processes)."""
     options = {"weights": "random", "workers": 0, "batch_size": 8, "progress": False, **options}
