@@ -45,23 +45,29 @@ def assert_same_index(index_dir: Path, reference: dict[str, np.ndarray], referen
         cat.close()
 
 
-def ray_processes(marker: str) -> list:
-    """Live processes whose command line mentions marker (a cluster's temporary folder)."""
+def ray_processes(temp: str) -> set[int]:
+    """Live processes of the Ray cluster whose temporary folder is temp: the daemons name it on their command
+    line, the workers (titled "ray::...") inherit RAY_TMPDIR=temp. Exited, unreaped processes do not count."""
     import psutil
 
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
+    found = set()
+    for proc in psutil.process_iter(["cmdline", "status"]):
         try:
-            if any(marker in part for part in proc.info["cmdline"] or []):
-                found.append(proc)
+            cmdline = proc.info["cmdline"] or []
+            if proc.info["status"] == psutil.STATUS_ZOMBIE or not cmdline:
+                continue
+            if any(temp in part for part in cmdline) or (
+                    cmdline[0].startswith("ray::") and proc.environ().get("RAY_TMPDIR") == temp):
+                found.add(proc.pid)
         except psutil.Error:
             pass
     return found
 
 
-def wait_gone(marker: str, timeout: float = 30.0) -> list:
+def wait_gone(temp: str, timeout: float = 30.0) -> set[int]:
+    """Wait until the processes of the cluster in temp have exited; -> those still alive."""
     deadline = time.monotonic() + timeout
-    while (left := ray_processes(marker)) and time.monotonic() < deadline:
+    while (left := ray_processes(temp)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
 
@@ -91,15 +97,21 @@ def cluster():
     after checking that no process of the cluster outlives it."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install '.[ray]'); .ci/run installs it")
     temp = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")
+    saved_tmpdir = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp        # inherited by the cluster's workers: how ray_processes finds them
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20,
              _temp_dir=temp, log_to_driver=False, configure_logging=False)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+        if saved_tmpdir is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved_tmpdir
         left = wait_gone(temp)
         shutil.rmtree(temp, ignore_errors=True)
-        assert not left, f"Ray processes outlived the cluster: {[p.pid for p in left]}"
+        assert not left, f"Ray processes outlived the cluster: {sorted(left)}"
 
 
 def test_ray_run_equals_a_single_process_run(cluster, collection, tmp_path):
