@@ -20,7 +20,7 @@ from retrieval.scan import ImageFile
 from retrieval.system import available_cores
 
 from .job import ConfigError, JobConfig, Plan, RunReport, Writer, _report, load_network, progress_bar
-from .reader import read_files
+from .reader import WORKER_NICENESS, read_files
 
 if TYPE_CHECKING:
     import torch
@@ -56,8 +56,15 @@ class ClusterPlan:
     gpus: int
     device: str         # "cuda" or "cpu": the actors' device
     actors: int         # network actors (one per GPU, or a share of the CPUs)
-    actor_cpus: int     # CPUs each actor reserves (on the CPU: torch threads)
+    actor_cpus: int     # CPUs each actor reserves
     batch_size: int | str   # images per catalog transaction (and per actor call); "auto" only as an actor's chunk
+
+    def threads_per_actor(self) -> int:
+        """torch threads of a CPU actor: the cores of its node shared among the node's actors, as the
+        single-process run gives the network every core and lets decoding fill the gaps at a lower priority.
+        (Assumes nodes of about equal size; never fewer than the CPUs it reserved.)"""
+        per_node = max(1, self.cpus // max(1, self.nodes))
+        return max(self.actor_cpus, per_node // max(1, -(-self.actors // max(1, self.nodes))))
 
     def describe(self) -> str:
         where = (f"{self.actors} actor{'s' * (self.actors > 1)} with a GPU each" if self.device == "cuda" else
@@ -84,12 +91,28 @@ def plan_cluster(resources: dict, nodes: int, device: str, batch_size: int | str
 
 # --- read: decoding tasks -------------------------------------------------------------------------
 
+_lowered = False
+
+
+def lower_priority() -> None:
+    """In a decoding task's worker process, once: yield the CPU to the network, as the single-process run's
+    decoding workers do (the network is what the run waits for; decoding fills the cycles it leaves)."""
+    global _lowered
+    if not _lowered:
+        _lowered = True
+        try:
+            os.nice(WORKER_NICENESS)
+        except OSError:
+            pass
+
+
 def read_batch(batch: dict[str, np.ndarray], data_dir: str, prep: Preprocessing, max_pixels: int | None) -> dict:
     """The read stage as a Ray Data batch function: {"i", "path" (bytes)} -> crops and catalog fields.
 
     The same read_files as the single-process run; a bad file is a row with its reason in "error" (and a
     blank crop), never an exception. -> {"i", "pixels" uint8 shape=(n, 3, crop, crop), "width", "height",
     "sha256", "error"}."""
+    lower_priority()
     files = [ImageFile(os.fsdecode(p), None, 0, 0) for p in batch["path"]]
     items = read_files(Path(data_dir), files, prep, max_pixels)
     n, crop = len(items), prep.crop_size
@@ -116,6 +139,7 @@ class NetworkActor:
     """The extract stage as a Ray Data actor: loads the index's recorded network once, then embeds batches."""
 
     def __init__(self, settings: IndexSettings, index_dir: str, device: str, chunk: int | str, threads: int):
+        """threads: torch threads on the CPU (the node's cores shared among its actors; decoding runs niced)."""
         import torch
 
         from retrieval.backbones import WeightsUnavailable, build_extractor
@@ -216,7 +240,7 @@ def run_on_ray(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, c
                            compute=ray.data.ActorPoolStrategy(size=cluster.actors),
                            fn_constructor_kwargs={"settings": settings, "index_dir": str(cfg.index_dir),
                                                   "device": cluster.device, "chunk": cfg.batch_size,
-                                                  "threads": cluster.actor_cpus},
+                                                  "threads": cluster.threads_per_actor()},
                            num_cpus=cluster.actor_cpus, num_gpus=1 if cluster.device == "cuda" else None,
                            # the reservation also keeps Ray from fusing decoding into the actors
                            memory=NETWORK_MEMORY.get(settings.model, 1 << 30)))

@@ -179,18 +179,33 @@ def test_network_worker_killed_mid_run_is_retried(cluster, collection, tmp_path)
     assert_same_index(index_dir, reference, reference_ids)
 
 
-def test_ray_without_address_starts_a_local_cluster_and_leaves_nothing_running(collection, tmp_path):
+def test_ray_without_address_starts_a_local_cluster_that_ends_with_the_command(collection, tmp_path):
+    """No address: the command starts its own cluster; killed with SIGKILL, its cluster dies with it; run again,
+    it finishes the index, stops its cluster, and leaves nothing running."""
     pytest.importorskip("ray", reason="Ray is not installed (pip install '.[ray]'); .ci/run installs it")
     data, reference, reference_ids = collection
+    index_dir = tmp_path / "index"
     temp = tempfile.mkdtemp(prefix="rayl-", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": temp}
     env.pop("RAY_ADDRESS", None)
     try:
-        done = subprocess.run(index_command(data, tmp_path / "index", batch_size=8)[:-1] + ["--ray"], env=env,
-                              capture_output=True, text=True, timeout=400)
+        proc = subprocess.Popen(index_command(data, index_dir, batch_size=1), env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 240
+        while committed_rows(index_dir) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None and ray_processes(temp), "no running local cluster to kill; the test proves nothing"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not wait_gone(temp), "the killed command's local cluster outlived it"
+
+        done = subprocess.run(index_command(data, index_dir, batch_size=8), env=env, capture_output=True, text=True,
+                              timeout=400)
+
         assert done.returncode == 0, done.stderr
-        assert json.loads(done.stdout)["indexed"] == N_IMAGES
-        assert_same_index(tmp_path / "index", reference, reference_ids)
+        summary = json.loads(done.stdout)
+        assert summary["indexed"] + summary["unchanged"] == N_IMAGES and summary["unchanged"] >= 2, summary
+        assert_same_index(index_dir, reference, reference_ids)
         assert not wait_gone(temp), "the local cluster's processes outlived the command"
     finally:
         shutil.rmtree(temp, ignore_errors=True)
