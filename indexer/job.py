@@ -191,19 +191,19 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
         try:
             stored = catalog.settings()
             chosen = resolve_settings(cfg, stored)
-            todo = plan(cfg, catalog)
-            if stored is not None and not todo.todo and not _removals(todo, catalog) \
+            planned = plan(cfg, catalog)
+            if stored is not None and not planned.todo and not _removals(planned, catalog) \
                     and (index_dir / FAISS_FILE).exists() and catalog.vectors_in_step():
-                _record_refused(todo, catalog)
-                return _report(RunReport(unchanged=todo.unchanged), catalog, catalog.count(), started)
+                _record_refused(planned, catalog)
+                return _report(RunReport(unchanged=planned.unchanged), catalog, catalog.count(), started)
             if cfg.ray is not None:
                 from .ray_job import run_on_ray
-                return run_on_ray(cfg, catalog, stored, chosen, todo, started, on_cluster)
+                return run_on_ray(cfg, catalog, stored, chosen, planned, started, on_cluster)
             workers = cfg.workers if cfg.workers is not None else default_workers()
             # decoding starts now, in workers forked before torch is imported, while the network loads
-            with Reader(data_dir, todo.todo, workers=workers, prep=expected_preprocessing(stored),
+            with Reader(data_dir, planned.todo, workers=workers, prep=expected_preprocessing(stored),
                         max_pixels=cfg.max_pixels) as reader:
-                return _update(cfg, catalog, stored, chosen, todo, reader, started, on_extractor)
+                return _update(cfg, catalog, stored, chosen, planned, reader, started, on_extractor)
         finally:
             catalog.close()
 

@@ -10,7 +10,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -21,9 +21,6 @@ from retrieval.system import available_cores
 
 from .job import ConfigError, JobConfig, Plan, RunReport, Writer, _report, load_network, progress_bar
 from .reader import WORKER_NICENESS, read_files
-
-if TYPE_CHECKING:
-    import torch
 
 # ray, ray.data and torch are imported inside the functions: this module is imported only for --ray runs,
 # and the decoding tasks (read_batch) never import torch.
