@@ -6,6 +6,9 @@ Generates a collection (half 500x375 JPEGs, half 4000x3000 phone-size JPEGs), th
 Both use the same random AlexNet weights (copied into each fresh index). Prints images/s, the ratio,
 and the peak memory (PSS) of each process tree (workers included); saves JSON under
 benchmarks/results/. Quote the medians.
+
+With --ray it compares instead `index-images` in one process with `index-images --ray` on a local Ray
+cluster (started once by this script), same files, weights and CPU (see ray_main).
 """
 from __future__ import annotations
 
@@ -123,10 +126,16 @@ def main() -> None:
     ap.add_argument("--model", default="alexnet", choices=["alexnet", "vgg16"])
     ap.add_argument("--workdir", type=Path, default=RESULTS / "bench_index_work")
     ap.add_argument("--index-args", default="", help="extra index-images options, e.g. '--workers 1'")
+    ap.add_argument("--ray", action="store_true",
+                    help="compare `index-images --ray` (on a local Ray cluster started once) with the single-process "
+                         "run instead of the naive loop")
     ap.add_argument("--naive-child", nargs=2, metavar=("DATA", "WEIGHTS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.naive_child:
         naive_loop(Path(args.naive_child[0]), Path(args.naive_child[1]), args.model)
+        return
+    if args.ray:
+        ray_main(args)
         return
 
     from retrieval.backbones import load_state_dict, random_weights_file
@@ -193,6 +202,88 @@ def main() -> None:
     print(f"speed-up: {result['speedup']:.2f}x (whole process against whole process: {result['speedup_wall']:.2f}x)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_file = RESULTS / f"bench_index-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out_file.write_text(json.dumps(result, indent=2))
+    print(f"saved {out_file}")
+
+
+def ray_main(args: argparse.Namespace) -> None:
+    """index-images in one process against index-images --ray on the same files, weights and CPU, same run.
+
+    The Ray runs join a local cluster that this script starts once (as `ray start --head` would), so each
+    run pays for its job (actors loading the network included) but not for starting Ray; that start is
+    timed once, apart. Runs alternate; medians are reported; JSON lands in benchmarks/results/."""
+    import os
+    import tempfile
+
+    import ray
+
+    from retrieval.backbones import load_state_dict, random_weights_file
+    from retrieval.system import available_cores
+
+    work = args.workdir
+    data = make_collection(work / f"data-{args.images}", args.images)
+    weights_home = work / f"weights-{args.model}"
+    weights_home.mkdir(parents=True, exist_ok=True)
+    load_state_dict(args.model, "random", weights_home, create=True)
+    weights = random_weights_file(weights_home, args.model)
+
+    temp = tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp")   # short: Ray's socket paths must fit in 107 bytes
+    t0 = time.perf_counter()
+    ray.init(address="local", num_cpus=available_cores(), include_dashboard=False, _temp_dir=temp,
+             log_to_driver=False, configure_logging=False)
+    cluster_start_s = time.perf_counter() - t0
+    address = ray.get_runtime_context().gcs_address
+
+    def command(ray_address: str | None) -> list[str]:
+        index_dir = work / "index"
+        shutil.rmtree(index_dir, ignore_errors=True)
+        index_dir.mkdir(parents=True)
+        shutil.copy(weights, random_weights_file(index_dir, args.model))
+        cmd = [sys.executable, "-c", "from indexer.cli import index_images_entry; index_images_entry()", str(data),
+               "--index-dir", str(index_dir), "--model", args.model, "--weights", "random", "--device", "cpu",
+               "--json", *args.index_args.split()]
+        return cmd + (["--ray", ray_address] if ray_address else [])
+
+    single, on_ray = [], []
+    try:
+        for run in range(args.runs):
+            for rows, ray_address in ((single, None), (on_ray, address)):
+                out, wall, _ = run_measured(command(ray_address))
+                assert out["indexed"] == args.images, out
+                rows.append({"images_per_second": out["images_per_second"], "wall_images_per_second": args.images / wall,
+                             "wall_s": wall})
+            print(f"run {run + 1}: single process {single[-1]['wall_images_per_second']:.1f} img/s, "
+                  f"--ray {on_ray[-1]['wall_images_per_second']:.1f} img/s (whole processes)", file=sys.stderr)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+    med = lambda rows, key: statistics.median(r[key] for r in rows)  # noqa: E731
+    result = {
+        "benchmark": "bench_index --ray", "model": args.model, "device": "cpu", "images": args.images,
+        "sizes": {k: list(v) for k, v in SIZES.items()}, "runs": args.runs, "index_args": args.index_args,
+        "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "load_average_at_end": os.getloadavg()},
+        "ray": {"version": ray.__version__, "cluster": "local, one node", "cluster_start_s": cluster_start_s},
+        "single_process": {"runs": single, "median_images_per_second": med(single, "images_per_second"),
+                           "median_wall_images_per_second": med(single, "wall_images_per_second")},
+        "ray_run": {"runs": on_ray, "median_images_per_second": med(on_ray, "images_per_second"),
+                    "median_wall_images_per_second": med(on_ray, "wall_images_per_second")},
+    }
+    result["ratio"] = (result["ray_run"]["median_images_per_second"]
+                       / result["single_process"]["median_images_per_second"])
+    result["ratio_wall"] = (result["ray_run"]["median_wall_images_per_second"]
+                            / result["single_process"]["median_wall_images_per_second"])
+
+    print(f"\n{args.images} JPEGs (half 500x375, half 4000x3000), {args.model} fc7, CPU, median of {args.runs} runs")
+    print(f"{'':40}{'images/s (run)':>16}{'images/s (process)':>20}")
+    for name, key in (("index-images, one process", "single_process"), ("index-images --ray (local cluster)", "ray_run")):
+        print(f"{name:40}{result[key]['median_images_per_second']:>16.1f}"
+              f"{result[key]['median_wall_images_per_second']:>20.1f}")
+    print(f"--ray / one process: {result['ratio']:.2f}x (whole processes: {result['ratio_wall']:.2f}x); "
+          f"starting the local Ray cluster took {cluster_start_s:.1f} s (once, not in the runs)")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_file = RESULTS / f"bench_index_ray-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out_file.write_text(json.dumps(result, indent=2))
     print(f"saved {out_file}")
 

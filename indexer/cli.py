@@ -82,10 +82,14 @@ def parse_batch_size(value: str) -> int | str:
               help="Decoding processes (0 decodes in the main process). [default: one per core]")
 @click.option("--max-file-mb", type=click.FloatRange(min=0, min_open=True), default=512, show_default=True,
               help="Files larger than this are skipped without being read.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Decode and run the network on a Ray cluster (pip install '.[ray]'): ADDRESS (auto, HOST:PORT, "
+                   "ray://HOST:PORT) joins a running one; without ADDRESS, $RAY_ADDRESS or else a new local one. "
+                   "This process plans and writes. Put it after DATA_DIR.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each skipped file and other details.")
 def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weights, seed, normalize, device, batch_size, workers,  # noqa: ANN001
-         max_file_mb: float, as_json: bool, verbose: bool) -> None:
+         max_file_mb: float, ray_address: str | None, as_json: bool, verbose: bool) -> None:
     """Index (or update the index of) the images in DATA_DIR.
 
     Walks DATA_DIR recursively (JPEG, PNG, WebP, BMP, GIF, TIFF), labels each image by its first
@@ -109,9 +113,10 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
 
     cfg = JobConfig(data_dir=data_dir, index_dir=index_dir, db_url=db_url, model=model, layer=layer, weights=weights,
                     normalize=normalize, seed=seed, device=device, batch_size=parse_batch_size(batch_size),
-                    workers=workers, max_file_bytes=int(max_file_mb * 2**20), progress=not as_json)
+                    workers=workers, max_file_bytes=int(max_file_mb * 2**20), progress=not as_json, ray=ray_address)
     try:
-        report = run_index(cfg, on_extractor=None if as_json else _announce)
+        report = run_index(cfg, on_extractor=None if as_json else _announce,
+                           on_cluster=None if as_json else lambda line: click.echo(line, err=True))
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""The indexing job: scan the folder, diff it against the catalog, decode, extract, write, report."""
+"""The indexing job as four stages: plan (scan + diff), read (decode), extract (the network), write (the one writer)."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +24,14 @@ from .reader import Reader
 if TYPE_CHECKING:   # torch, torchvision and FAISS are imported only when there is work for the network
     from retrieval.backbones import FeatureExtractor
 
-# The planning half of a run (scan, diff against the catalog) needs neither torch nor FAISS, so an
-# unchanged folder re-indexes without importing them; they are imported in _update when there is work.
+# The stages, in the order a run goes through them:
+#   plan     plan() here: scan the folder, diff it against the catalog; torch-free, so an unchanged folder
+#            re-indexes without importing torch, FAISS or the network.
+#   read     indexer/reader.py: files decoded to uint8 crops (read_files), in worker processes (Reader).
+#   extract  indexer/extract.py: the network over uint8 batches (BatchExtractor), loaded by load_network() here.
+#   write    Writer here: the one writer; one catalog transaction per batch, then the FAISS index.
+# run_index wires them in this process; indexer/ray_job.py wires read and extract into Ray Data on a
+# cluster and keeps plan and write on the driver.
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,8 @@ class JobConfig:
     max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES   # larger files are skipped unread; None: no limit
     save_every_s: float = 30.0        # also save the FAISS file this often during long runs
     progress: bool = True
+    ray: str | None = None            # None: this process; "": a new local Ray cluster (or $RAY_ADDRESS);
+                                      # else the address of a running cluster ("auto", "HOST:PORT", "ray://...")
 
     def __post_init__(self) -> None:
         # Absolute once, here where the paths enter: nothing deeper depends on the working directory.
@@ -190,31 +198,45 @@ def resolve_settings(cfg: JobConfig, stored: IndexSettings | None) -> dict:
     return chosen
 
 
-def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] | None = None) -> RunReport:
+def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] | None = None,
+              on_cluster: Callable[[str], None] | None = None) -> RunReport:
     """Bring the index in cfg.index_dir up to date with cfg.data_dir. Raises ConfigError for user errors.
 
     Plans first (scan the folder, diff it against the catalog): when there is nothing to do and the
     FAISS file is in step with the catalog, the run ends there, without loading torch, FAISS or the network.
+    With cfg.ray set, the read and extract stages run on a Ray cluster (on_cluster gets a line that
+    describes it); plan and write stay here.
     """
     started = time.perf_counter()
     data_dir, index_dir = cfg.data_dir, cfg.index_dir
     if not data_dir.is_dir():
         raise ConfigError(f"data folder {data_dir} does not exist or is not a folder")
+    if cfg.ray is not None:
+        from .ray_job import require_ray
+        require_ray()     # before anything else: without Ray, say how to get it
     with writer_locks(index_dir, cfg.db_url) as catalog:
         stored = catalog.settings()
         chosen = resolve_settings(cfg, stored)
-        scan = scan_folder(data_dir, exclude=[index_dir], skip_folders_holding=CATALOG_FILE,
-                           max_file_bytes=cfg.max_file_bytes)
-        plan = plan_run(scan.images, scan.skipped, catalog)
-        if stored is not None and not plan.todo and not _removals(plan, catalog) \
+        planned = plan(cfg, catalog)
+        if stored is not None and not planned.todo and not _removals(planned, catalog) \
                 and (index_dir / FAISS_FILE).exists() and catalog.vectors_in_step():
-            _record_refused(plan, catalog)
-            return _report(RunReport(unchanged=plan.unchanged), catalog, catalog.count(), started)
+            _record_refused(planned, catalog)
+            return _report(RunReport(unchanged=planned.unchanged), catalog, catalog.count(), started)
+        if cfg.ray is not None:
+            from .ray_job import run_on_ray
+            return run_on_ray(cfg, catalog, stored, chosen, planned, started, on_cluster)
         workers = cfg.workers if cfg.workers is not None else default_workers()
         # decoding starts now, in workers forked before torch is imported, while the network loads
-        with Reader(data_dir, plan.todo, workers=workers, prep=expected_preprocessing(stored),
+        with Reader(data_dir, planned.todo, workers=workers, prep=expected_preprocessing(stored),
                     max_pixels=cfg.max_pixels) as reader:
-            return _update(cfg, catalog, stored, chosen, plan, reader, started, on_extractor)
+            return _update(cfg, catalog, stored, chosen, planned, reader, started, on_extractor)
+
+
+def plan(cfg: JobConfig, catalog: Catalog) -> Plan:
+    """The plan stage: scan the data folder and diff it against the catalog (torch-free)."""
+    scan = scan_folder(cfg.data_dir, exclude=[cfg.index_dir], skip_folders_holding=CATALOG_FILE,
+                       max_file_bytes=cfg.max_file_bytes)
+    return plan_run(scan.images, scan.skipped, catalog)
 
 
 def expected_preprocessing(stored: IndexSettings | None) -> Preprocessing:
@@ -256,21 +278,16 @@ def _record_refused(plan: Plan, catalog: Catalog) -> None:
         catalog.write_batch([], np.zeros((0, 0), np.float32), fresh)
 
 
-def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chosen: dict, plan: Plan, reader: Reader,
-            started: float, on_extractor: Callable[[FeatureExtractor], None] | None) -> RunReport:
-    from tqdm import tqdm
+def load_network(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chosen: dict,
+                 device: str) -> FeatureExtractor:
+    """The extract stage's network: the index's recorded one (a new index records its settings here).
 
-    from .extract import BatchExtractor
-
+    Raises ConfigError when the weights cannot be had, differ from the recorded ones, or the device is missing."""
     from retrieval.backbones import DeviceUnavailable, WeightsUnavailable, build_extractor
-    from retrieval.vector_index import VectorIndex
 
-    from .batch_size import resolve_batch_size
-
-    index_dir = cfg.index_dir
     try:
-        extractor, identity = build_extractor(chosen["model"], chosen["layer"], chosen["weights"], index_dir,
-                                              cfg.device, seed=chosen["seed"], create=stored is None)
+        extractor, identity = build_extractor(chosen["model"], chosen["layer"], chosen["weights"], cfg.index_dir,
+                                              device, seed=chosen["seed"], create=stored is None)
     except WeightsUnavailable as exc:
         raise ConfigError(weights_error_message(exc)) from exc
     except DeviceUnavailable as exc:
@@ -278,8 +295,6 @@ def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chos
     if stored is not None and identity != stored.weights_identity:
         raise ConfigError(f"the weights now at {chosen['weights']!r} differ from the ones this index was built "
                           f"with ({stored.weights_identity}); use another index folder")
-    if on_extractor:
-        on_extractor(extractor)
     if stored is None:
         p = extractor.preprocessing
         catalog.save_settings(IndexSettings(
@@ -287,50 +302,87 @@ def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chos
             seed=chosen["seed"], dim=extractor.dim, normalize=chosen["normalize"], data_dir=chosen["data_dir"],
             preprocessing=f"resize={p.resize_size},crop={p.crop_size},mean={list(p.mean)},std={list(p.std)},"
                           "interpolation=bilinear"))
+    return extractor
 
-    faiss_path = index_dir / FAISS_FILE
-    vectors, dirty = VectorIndex.open_reconciled(faiss_path, catalog, extractor.dim)
-    report = RunReport(unchanged=plan.unchanged)
-    to_remove = _removals(plan, catalog)
-    if to_remove:
-        removed_ids = catalog.remove_paths(to_remove)
-        vectors.remove(removed_ids)
-        report.removed = len(removed_ids)
-        dirty = True
-    _record_refused(plan, catalog)
 
+class Writer:
+    """The write stage, the one writer of an index: one catalog transaction per batch (the commit point),
+    then the same change to the FAISS index, saved every cfg.save_every_s and at the end.
+
+    Opening it reconciles the FAISS file with the catalog and applies the plan's removals. Use as a
+    context manager: on the way out the FAISS file is saved whenever it differs from the saved one, also
+    after an error, so a re-run only redoes the batches that were never committed.
+    """
+
+    def __init__(self, cfg: JobConfig, catalog: Catalog, plan: Plan, dim: int):
+        from retrieval.vector_index import VectorIndex
+
+        self.catalog, self.save_every_s = catalog, cfg.save_every_s
+        self.faiss_path = cfg.index_dir / FAISS_FILE
+        self.vectors, self.dirty = VectorIndex.open_reconciled(self.faiss_path, catalog, dim)
+        self.report = RunReport(unchanged=plan.unchanged)
+        to_remove = _removals(plan, catalog)
+        if to_remove:
+            removed_ids = catalog.remove_paths(to_remove)
+            self.vectors.remove(removed_ids)
+            self.report.removed = len(removed_ids)
+            self.dirty = True
+        _record_refused(plan, catalog)
+        self.last_save = time.monotonic()
+
+    def write(self, rows: list[dict], feats: np.ndarray, bad: list[dict]) -> None:
+        """Commit one batch: rows (catalog fields) with feats shape=(len(rows), dim) float32, and skipped files."""
+        new_ids, replaced = self.catalog.write_batch(rows, feats, bad)   # the commit point
+        self.vectors.remove(replaced)
+        self.vectors.add(np.asarray(new_ids, dtype=np.int64), feats)
+        self.dirty = True
+        self.report.indexed += len(rows)
+        for b in bad:
+            log.info("skipped %s: %s", display_name(b["path"]), b["reason"])
+        if time.monotonic() - self.last_save > self.save_every_s:
+            self.save()
+            self.last_save = time.monotonic()
+
+    def save(self) -> None:
+        state = self.catalog.updated_at()   # read first: a crash between the two writes only costs a reconcile
+        self.vectors.save(self.faiss_path)
+        self.catalog.mark_vectors_saved(state)
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, exc_type, *_exc) -> None:  # noqa: ANN001 - context manager protocol
+        if self.dirty or not self.catalog.vectors_in_step():
+            self.save()
+        if exc_type is None:
+            assert len(self.vectors) == self.catalog.count(), "FAISS and the catalog disagree after a run"
+
+
+def progress_bar(cfg: JobConfig, plan: Plan):  # noqa: ANN201 - tqdm
+    """The run's progress bar (images/s, ETA) on a terminal; silent otherwise."""
+    from tqdm import tqdm
+
+    return tqdm(total=len(plan.todo), unit="img", desc="indexing", dynamic_ncols=True,
+                disable=not (cfg.progress and sys.stderr.isatty()) or not plan.todo)
+
+
+def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chosen: dict, plan: Plan, reader: Reader,
+            started: float, on_extractor: Callable[[FeatureExtractor], None] | None) -> RunReport:
+    """This process's wiring of the stages: read (the Reader's workers) -> extract -> write."""
+    from .batch_size import resolve_batch_size
+    from .extract import BatchExtractor
+
+    extractor = load_network(cfg, catalog, stored, chosen, cfg.device)
+    if on_extractor:
+        on_extractor(extractor)
     batch_size = resolve_batch_size(cfg.batch_size, extractor)
     mapper = BatchExtractor(extractor, chosen["normalize"], batch_size)
-    bar = tqdm(total=len(plan.todo), unit="img", desc="indexing", dynamic_ncols=True,
-               disable=not (cfg.progress and sys.stderr.isatty()) or not plan.todo)
-    last_save = time.monotonic()
-
-    def save() -> None:
-        state = catalog.updated_at()   # read first: a crash between the two writes only costs a reconcile
-        vectors.save(faiss_path)
-        catalog.mark_vectors_saved(state)
-
-    try:
+    with Writer(cfg, catalog, plan, extractor.dim) as writer, progress_bar(cfg, plan) as bar:
         for batch in reader.read(extractor.preprocessing, batch_size, pin_memory=extractor.device.type == "cuda"):
             feats = mapper(batch.pixels) if batch.pixels is not None else np.zeros((0, extractor.dim), np.float32)
-            new_ids, replaced = catalog.write_batch(batch.rows, feats, batch.bad)   # the commit point
-            vectors.remove(replaced)
-            vectors.add(np.asarray(new_ids, dtype=np.int64), feats)
-            dirty = True
-            report.indexed += len(batch.rows)
-            for b in batch.bad:
-                log.info("skipped %s: %s", display_name(b["path"]), b["reason"])
+            writer.write(batch.rows, feats, batch.bad)
             bar.update(len(batch.rows) + len(batch.bad))
-            if time.monotonic() - last_save > cfg.save_every_s:
-                save()
-                last_save = time.monotonic()
-    finally:
-        bar.close()
-        if dirty or not catalog.vectors_in_step():
-            save()
-
-    assert len(vectors) == catalog.count(), "FAISS and the catalog disagree after a run"
-    return _report(report, catalog, len(vectors), started)
+    return _report(writer.report, catalog, len(writer.vectors), started)
 
 
 def _report(report: RunReport, catalog: Catalog, total: int, started: float) -> RunReport:

@@ -1,0 +1,223 @@
+"""Tests for index-images --ray (indexer.ray_job) on a local Ray cluster on the CPU: same result as a single-process
+run, a killed driver or network worker costs nothing, and without Ray the command says how to get it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.samples import make_sample_collection
+
+from conftest import build_index
+from test_crash import committed_rows, snapshot
+
+N_IMAGES = 20
+BAD_FILE = "red_circles/corrupt.jpg"
+
+
+def index_command(data: Path, index_dir: Path, *ray_args: str, batch_size: int = 2) -> list[str]:
+    return [sys.executable, "-c", "from indexer.cli import main; main()", str(data), "--index-dir", str(index_dir),
+            "--weights", "random", "--batch-size", str(batch_size), "--json", "--ray", *ray_args]
+
+
+def assert_same_index(index_dir: Path, reference: dict[str, np.ndarray], reference_ids: np.ndarray) -> None:
+    """Same files, the same set of ids, vectors within 1e-5; the bad file skipped with its reason."""
+    from retrieval.catalog import Catalog
+
+    resumed = snapshot(index_dir)          # also checks that FAISS and the catalog hold the same ids, once each
+    assert sorted(resumed) == sorted(reference)
+    for path, vec in reference.items():
+        assert np.allclose(resumed[path], vec, atol=1e-5), path
+    cat = Catalog(index_dir)
+    try:
+        assert np.array_equal(cat.ids(), reference_ids)
+        assert [p for p, _ in cat.skipped()] == [BAD_FILE]
+    finally:
+        cat.close()
+
+
+def ray_processes(temp: str) -> set[int]:
+    """Live processes of the Ray cluster whose temporary folder is temp: the daemons name it on their command
+    line, the workers (titled "ray::...") inherit RAY_TMPDIR=temp. Exited, unreaped processes do not count."""
+    import psutil
+
+    found = set()
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            cmdline = proc.info["cmdline"] or []
+            if proc.info["status"] == psutil.STATUS_ZOMBIE or not cmdline:
+                continue
+            if any(temp in part for part in cmdline) or (
+                    cmdline[0].startswith("ray::") and proc.environ().get("RAY_TMPDIR") == temp):
+                found.add(proc.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+def wait_gone(temp: str, timeout: float = 30.0) -> set[int]:
+    """Wait until the processes of the cluster in temp have exited; -> those still alive."""
+    deadline = time.monotonic() + timeout
+    while (left := ray_processes(temp)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    """(data folder, reference snapshot, reference ids) from a single-process run."""
+    root = tmp_path_factory.mktemp("ray")
+    data = root / "data"
+    make_sample_collection(data, per_class=N_IMAGES // 5, size=(64, 48), seed=5)
+    (data / BAD_FILE).write_bytes(b"\xff\xd8 broken")
+    report = build_index(data, root / "reference")
+    assert report.indexed == N_IMAGES
+    from retrieval.catalog import Catalog
+
+    cat = Catalog(root / "reference")
+    ids = cat.ids()
+    cat.close()
+    return data, snapshot(root / "reference"), ids
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster (2 CPUs) that this process has joined; -> its address, for other drivers.
+
+    Its temporary folder is short (Ray's socket paths must fit in 107 bytes) and removed afterwards,
+    after checking that no process of the cluster outlives it."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install '.[ray]'); .ci/run installs it")
+    temp = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")
+    saved_tmpdir = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp        # inherited by the cluster's workers: how ray_processes finds them
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20,
+             _temp_dir=temp, log_to_driver=False, configure_logging=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        if saved_tmpdir is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved_tmpdir
+        left = wait_gone(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+        assert not left, f"Ray processes outlived the cluster: {sorted(left)}"
+
+
+def test_ray_run_equals_a_single_process_run(cluster, collection, tmp_path):
+    from indexer.job import JobConfig, run_index
+
+    data, reference, reference_ids = collection
+    lines = []
+    report = run_index(JobConfig(data_dir=data, index_dir=tmp_path / "index", weights="random", batch_size=4,
+                                 progress=False, ray=cluster), on_cluster=lines.append)
+
+    assert report.indexed == N_IMAGES and report.total == N_IMAGES
+    assert [s["path"] for s in report.skipped] == [BAD_FILE]
+    assert report.skipped[0]["reason"] == "not an image Pillow can identify"
+    assert lines and "CPU actor" in lines[0], lines
+    assert_same_index(tmp_path / "index", reference, reference_ids)
+
+    # a re-run through Ray is a no-op that never starts the network
+    again = run_index(JobConfig(data_dir=data, index_dir=tmp_path / "index", progress=False, ray=cluster))
+    assert (again.indexed, again.unchanged) == (0, N_IMAGES)
+
+
+def test_driver_killed_mid_run_then_rerun_equals_a_single_process_run(cluster, collection, tmp_path):
+    data, reference, reference_ids = collection
+    index_dir = tmp_path / "index"
+    proc = subprocess.Popen(index_command(data, index_dir, cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while committed_rows(index_dir) < 4 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before it could be killed; the test proves nothing: {proc.stderr.read()}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = committed_rows(index_dir)
+    assert 4 <= partial < N_IMAGES
+
+    rerun = subprocess.run(index_command(data, index_dir, cluster), capture_output=True, text=True, timeout=300)
+
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout)
+    assert summary["unchanged"] == partial and summary["indexed"] == N_IMAGES - partial, summary
+    assert_same_index(index_dir, reference, reference_ids)
+
+
+def test_network_worker_killed_mid_run_is_retried(cluster, collection, tmp_path):
+    """SIGKILL the actor that runs the network: Ray starts another and redoes its batches; nothing lost or doubled."""
+    import psutil
+
+    data, reference, reference_ids = collection
+    index_dir = tmp_path / "index"
+    proc = subprocess.Popen(index_command(data, index_dir, cluster, batch_size=1),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while committed_rows(index_dir) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    actors = [p for p in psutil.process_iter(["cmdline"])
+              if any("NetworkActor" in part for part in (p.info["cmdline"] or []))]
+    assert proc.poll() is None and actors, "no network actor to kill while the run was going; the test proves nothing"
+    for actor in actors:
+        actor.kill()
+
+    out, err = proc.communicate(timeout=300)
+
+    assert proc.returncode == 0, err.decode()
+    summary = json.loads(out)
+    assert summary["indexed"] == N_IMAGES and summary["total"] == N_IMAGES, summary
+    assert_same_index(index_dir, reference, reference_ids)
+
+
+def test_ray_without_address_starts_a_local_cluster_that_ends_with_the_command(collection, tmp_path):
+    """No address: the command starts its own cluster; killed with SIGKILL, its cluster dies with it; run again,
+    it finishes the index, stops its cluster, and leaves nothing running."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install '.[ray]'); .ci/run installs it")
+    data, reference, reference_ids = collection
+    index_dir = tmp_path / "index"
+    temp = tempfile.mkdtemp(prefix="rayl-", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": temp}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        proc = subprocess.Popen(index_command(data, index_dir, batch_size=1), env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 240
+        while committed_rows(index_dir) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None and ray_processes(temp), "no running local cluster to kill; the test proves nothing"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not wait_gone(temp), "the killed command's local cluster outlived it"
+
+        done = subprocess.run(index_command(data, index_dir, batch_size=8), env=env, capture_output=True, text=True,
+                              timeout=400)
+
+        assert done.returncode == 0, done.stderr
+        summary = json.loads(done.stdout)
+        assert summary["indexed"] + summary["unchanged"] == N_IMAGES and summary["unchanged"] >= 2, summary
+        assert_same_index(index_dir, reference, reference_ids)
+        assert not wait_gone(temp), "the local cluster's processes outlived the command"
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_option_without_ray_installed_says_how_to_get_it(collection, tmp_path):
+    data, _reference, _ids = collection
+    blocked = "import sys; sys.modules['ray'] = None; from indexer.cli import main; main()"   # import ray fails
+    cmd = index_command(data, tmp_path / "index")
+    done = subprocess.run([cmd[0], "-c", blocked, *cmd[3:]], capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'cnn-image-retrieval[ray]'" in done.stderr and "leave out --ray" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "index").exists(), "nothing is written before Ray is there"
