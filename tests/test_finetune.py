@@ -100,7 +100,7 @@ def test_split_is_stratified_seeded_and_leaves_out_bad_and_unlabelled_files(tune
     assert set(split["train"]) | set(split["val"]) == good
     for name in COLOUR_CLASSES:
         in_val = [p for p in split["val"] if p.startswith(name + "/")]
-        assert len(in_val) == round(0.3 * PER_CLASS), name
+        assert round(0.3 * PER_CLASS) - 1 <= len(in_val) <= round(0.3 * PER_CLASS), name   # less a bad file drawn there
 
 
 def test_bad_files_are_skipped_with_their_reason(tuned):
@@ -207,3 +207,24 @@ def test_help_answers_without_importing_torch():
     probe = "import sys, indexer.finetune_cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], env=cli_env(), capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("mode", ["head", "all"])
+def test_train_head_only_or_the_whole_network(mode, tmp_path):
+    make_colour_collection(tmp_path / "data", per_class=4, size=(64, 64))
+    out = tmp_path / "t.pt"
+    result = CliRunner().invoke(main, [str(tmp_path / "data"), "--out", str(out), *RANDOM_START, "--val-fraction", "0.25",
+                                       "--train", mode, "--epochs", "1", "--keep-head", "--json"])
+    assert result.exit_code == 0, result.output
+    state = torch.load(out, map_location="cpu", weights_only=True)
+    start = random_state_dict("alexnet", 0)
+    assert state["classifier.6.weight"].shape == (3, 4096), "--keep-head: the head for the 3 classes"
+    assert torch.equal(state["classifier.4.weight"], start["classifier.4.weight"]) == (mode == "head")
+    assert torch.equal(state["features.0.weight"], start["features.0.weight"]) == (mode == "head")
+    filters = tmp_path / "t.filters.npz"
+    assert filters.exists() == (mode == "all")
+    if mode == "all":
+        with np.load(filters) as f:
+            assert f["before"].shape == f["after"].shape == (64, 3, 11, 11) and f["after"].dtype == np.float32
+            assert np.array_equal(f["before"], start["features.0.weight"].numpy())
+            assert np.array_equal(f["after"], state["features.0.weight"].numpy())
