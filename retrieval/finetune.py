@@ -329,8 +329,8 @@ def fine_tune(cfg: FineTuneConfig, report: Report | None = None) -> FineTuneResu
     filters_before = net.net.features[0].weight.detach().cpu().numpy().copy() if cfg.train == "all" else None
     weights_path = _train(net, train_set, val_set, cfg, prep, device, gen, history, report)
     history["seconds"] = time.perf_counter() - started
-    if filters_before is not None and weights_path is not None:
-        after = net.net.features[0].weight.detach().cpu().numpy()
+    if filters_before is not None and weights_path is not None:   # "after": the saved (best) epoch's filters
+        after = torch.load(weights_path, map_location="cpu", weights_only=True)["features.0.weight"].numpy()
         _atomic(filters_path_for(cfg.out), lambda tmp: np.savez(tmp, before=filters_before.astype(np.float32),
                                                                   after=after.astype(np.float32)))
     if weights_path is not None or history["stopped"] != "interrupted":
@@ -523,8 +523,8 @@ def _train(net: Classifier, train_set: Samples, val_set: Samples, cfg: FineTuneC
             report("epoch", row)
             if (val_acc, -val_loss) > (best[0], -best[1]):
                 best = (val_acc, val_loss)
-                history["best_epoch"], history["best_val_accuracy"] = epoch, val_acc
                 saved = save_weights(net.backbone_state(cfg.keep_head), cfg.out)
+                history["best_epoch"], history["best_val_accuracy"] = epoch, val_acc   # once the file holds it
                 report("saved", {"epoch": epoch, "path": str(saved), "val_accuracy": val_acc})
                 since_best = 0
             else:
