@@ -67,6 +67,51 @@ def make_sample_collection(folder: Path, per_class: int = 12, size: tuple[int, i
     return written
 
 
+# Colour classes whose pictures vary in everything else (background colour, shape, texture, place, size): features of
+# a random network group them by background as much as by class, and a network trained on them learns the colour.
+COLOUR_CLASSES: dict[str, tuple[int, int, int]] = {"reds": (200, 50, 50), "greens": (50, 170, 60), "blues": (50, 70, 200)}
+
+
+def draw_colour_sample(kind: str, size: tuple[int, int], rng: random.Random) -> Image.Image:
+    """One picture of a colour class: a shape, stripes or checks in the class's colour (jittered) on a random background."""
+    w, h = size
+    img = Image.new("RGB", size, tuple(rng.randint(0, 255) for _ in range(3)))
+    fg = tuple(max(0, min(255, v + rng.randint(-40, 40))) for v in COLOUR_CLASSES[kind])
+    d = ImageDraw.Draw(img)
+    shape = rng.choice(["circle", "square", "stripes", "checks"])
+    s = min(w, h)
+    r = int(s * rng.uniform(0.15, 0.3))
+    cx, cy = int(w * rng.uniform(0.35, 0.65)), int(h * rng.uniform(0.35, 0.65))
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    elif shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    elif shape == "stripes":
+        step = max(3, int(s * rng.uniform(0.05, 0.1)))
+        for x in range(-h, w, 2 * step):
+            d.polygon([(x, 0), (x + step, 0), (x + step + h, h), (x + h, h)], fill=fg)
+    else:
+        step = max(3, int(s * rng.uniform(0.08, 0.15)))
+        for y in range(0, h, step):
+            for x in range(0, w, step):
+                if (x // step + y // step) % 2 == 0:
+                    d.rectangle([x, y, x + step - 1, y + step - 1], fill=fg)
+    return img
+
+
+def make_colour_collection(folder: Path, per_class: int = 30, size: tuple[int, int] = (96, 96), seed: int = 0) -> list[Path]:
+    """Write folder/<colour>/<colour>_NNN.png for each of COLOUR_CLASSES (for fine-tuning); -> the written paths."""
+    rng = random.Random(seed)
+    written = []
+    for kind in COLOUR_CLASSES:
+        (Path(folder) / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            path = Path(folder) / kind / f"{kind}_{i:03d}.png"
+            draw_colour_sample(kind, size, rng).save(path)
+            written.append(path)
+    return written
+
+
 # --- files made to test the decoder's limits ------------------------------------------------------
 
 def encoded(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -106,11 +106,8 @@ def load_state_dict(model: str, weights: str, index_dir: Path | None, *, seed: i
         if not path.exists():
             if not create:
                 raise WeightsUnavailable(f"the index's random weights file {path} is missing; re-index to recreate it")
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                net = spec.build(weights=None)
             tmp = path.with_suffix(".tmp")
-            torch.save(net.state_dict(), tmp)
+            torch.save(random_state_dict(model, seed), tmp)
             os.replace(tmp, path)
             log.info("generated random %s weights (seed %d) in %s", model, seed, path)
         state = _load_file(path)
@@ -120,6 +117,46 @@ def load_state_dict(model: str, weights: str, index_dir: Path | None, *, seed: i
     if not path.is_file():
         raise WeightsUnavailable(f"weights must be 'imagenet', 'random' or a state dict file; {weights!r} is none of these")
     return _load_file(path), f"file:{path.resolve()}:sha256={file_sha256(path)}"
+
+
+def random_state_dict(model: str, seed: int = DEFAULT_RANDOM_SEED) -> dict[str, torch.Tensor]:
+    """torchvision's own initialisation of the model, seeded (the global RNG is left as it was): the network that
+    `--weights random --seed SEED` means everywhere (index-images keeps it in the index folder, fine-tune starts from it)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = MODELS[model].build(weights=None)
+    return net.state_dict()
+
+
+def last_layer_keys(net: nn.Module) -> set[str]:
+    """State dict keys of the network's last classifier layer (fc8, "classifier.6.*"): not used by fc6/fc7 features."""
+    index = len(net.classifier) - 1
+    return {f"classifier.{index}.{name}" for name, _ in net.classifier[-1].named_parameters()}
+
+
+def load_backbone(net: nn.Module, model: str, state_dict: dict[str, torch.Tensor], *, assign: bool = False) -> None:
+    """Load state_dict into net (torchvision's `model`), strictly up to fc7; its last layer may be absent or of
+    another size (a fine-tuned file without its head, or with a head for other classes): then net keeps its own.
+
+    Raises WeightsUnavailable when anything else is missing, extra or of another shape (another architecture).
+    """
+    last = last_layer_keys(net)
+    own = net.state_dict()
+    body = {k: v for k, v in state_dict.items() if k not in last}
+    head = {k: v for k, v in state_dict.items() if k in last}
+    if set(head) != last or any(tuple(v.shape) != tuple(own[k].shape) for k, v in head.items()):
+        head = {}          # absent, partial or another number of classes: the network's own last layer stays
+    try:
+        result = net.load_state_dict({**body, **head}, strict=False, assign=assign)
+    except RuntimeError as exc:       # shape mismatches up to fc7
+        raise WeightsUnavailable(f"these weights do not fit torchvision's {model}: {exc}") from exc
+    missing = [k for k in result.missing_keys if k not in last]
+    if missing or result.unexpected_keys:
+        raise WeightsUnavailable(
+            f"these weights do not fit torchvision's {model}: "
+            + "; ".join(part for part in (f"missing {', '.join(missing[:5])}" if missing else "",
+                                          f"unexpected {', '.join(result.unexpected_keys[:5])}"
+                                          if result.unexpected_keys else "") if part))
 
 
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
@@ -153,10 +190,7 @@ class FeatureExtractor:
         spec = MODELS[model]
         with torch.device("meta"):     # no random init of parameters we are about to replace
             net = spec.build(weights=None)
-        try:
-            net.load_state_dict(state_dict, assign=True)
-        except RuntimeError as exc:
-            raise WeightsUnavailable(f"these weights do not fit torchvision's {model}: {exc}") from exc
+        load_backbone(net, model, state_dict, assign=True)   # fc8 may be absent or another size: it is cut off below
         net.eval()
         self.model, self.layer, self.device = model, layer, device
         self.preprocessing = preprocessing_for(model)

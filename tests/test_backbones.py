@@ -175,3 +175,26 @@ def test_cpu_extractor_runs_its_fc_layers_through_onednn_with_the_same_weights()
     own = extractor.net.state_dict()
     for key in ("3.1.weight", "3.1.bias", "3.4.weight"):   # classifier.1 (fc6), classifier.4 (fc7)
         assert torch.equal(own[key], state[key.replace("3.", "classifier.", 1)])
+
+
+@pytest.mark.parametrize("last_layer", ["absent", "other size"])
+def test_a_file_without_fc8_or_with_another_head_gives_the_same_fc7_features(last_layer):
+    torch.manual_seed(2)
+    net = models.alexnet(weights=None).eval()
+    state = net.state_dict()
+    if last_layer == "absent":       # fine-tune's default file: the backbone through fc7
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.6.")}
+    else:                            # fine-tune --keep-head: a head for 3 classes
+        state = {**state, "classifier.6.weight": torch.zeros(3, 4096), "classifier.6.bias": torch.zeros(3)}
+    pixels = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+
+    extractor = FeatureExtractor("alexnet", "fc7", state, torch.device("cpu"))
+
+    expected = reference_features(net, extractor.preprocessing.normalise(pixels), 6)
+    assert torch.allclose(extractor(pixels), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_file_missing_a_layer_before_fc8_is_refused():
+    state = {k: v for k, v in models.alexnet(weights=None).state_dict().items() if not k.startswith("classifier.4.")}
+    with pytest.raises(WeightsUnavailable, match="do not fit.*missing classifier.4"):
+        FeatureExtractor("alexnet", "fc7", state, torch.device("cpu"))

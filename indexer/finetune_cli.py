@@ -1,0 +1,207 @@
+"""Command line: `fine-tune DATA_DIR --out FILE` (train the network on the labelled folders; weights for index-images)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from retrieval.names import MODEL_NAMES
+
+from .cli import UserError, exit_without_teardown, parse_batch_size, setup_logging
+from .config_table import command_settings
+
+# Nothing heavy at module level: --help and usage errors answer at once; torch is imported in the command.
+TRAIN_MODES = ("head", "fc", "all")      # retrieval.finetune.TRAIN_MODES, without importing torch
+AUTO_TRAIN_BATCH_CAP = 64                # --batch-size auto never trains on larger batches (small collections)
+
+
+@click.command(context_settings=command_settings("fine-tune"))
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path, resolve_path=True))
+@click.option("--model", type=click.Choice(MODEL_NAMES), default="alexnet", show_default=True, help="Backbone network.")
+@click.option("--weights", default="imagenet", show_default=True, metavar="imagenet|random|PATH",
+              help="Where training starts: ImageNet weights, seeded random weights (--seed; the same network as "
+                   "index-images --weights random --seed), or a state dict file.")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path, resolve_path=True),
+              help="Weights file to write (the best epoch's); its history goes to <stem>.history.json next to it.")
+@click.option("--train", "train", type=click.Choice(TRAIN_MODES), default="fc", show_default=True,
+              help="head: the new classification layer only; fc: fc6, fc7 and the head (convolutions frozen, "
+                   "their output cached); all: the whole network.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Share of each class held out for validation (stratified, seeded).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the split, the head, augmentation, batch order and --weights random.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="At most this many epochs.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Initial learning rate. [default: 0.01 for sgd, 3e-4 for adamw]")
+@click.option("--lr-schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True,
+              help="Learning-rate decay: cosine to 0 over --epochs, or x0.1 every third of them.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
+              help="SGD with momentum 0.9, or AdamW.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True)
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Dropout before fc6 and fc7 while training. [default: the network's own, 0.5]")
+@click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Stop after this many epochs without a better validation accuracy.")
+@click.option("--batch-size", default="auto", show_default=True, metavar="N|auto",
+              help=f"Training images per step. auto: 32 on the CPU; on CUDA what the free memory holds, at most "
+                   f"{AUTO_TRAIN_BATCH_CAP}.")
+@click.option("--cache-views", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Augmented views (random resized crop, flip) per training image whose convolutional output is "
+                   "computed once and cached (head, fc).")
+@click.option("--sanity", is_flag=True, help="Also overfit a tiny subset (2 images per class, at most 20) with "
+                                             "weight decay and dropout off, and report whether the loss gets under 0.05.")
+@click.option("--keep-head", is_flag=True, help="Keep the new classification layer in the weights file.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
+@click.option("-v", "--verbose", is_flag=True, help="Log details (and each skipped file).")
+def main(data_dir: Path, model: str, weights: str, out: Path, train: str, val_fraction: float, seed: int, epochs: int,  # noqa: PLR0913
+         lr: float | None, lr_schedule: str, optimizer: str, weight_decay: float, dropout: float | None, patience: int,
+         batch_size: str, cache_views: int, sanity: bool, keep_head: bool, device: str, as_json: bool,
+         verbose: bool) -> None:
+    """Fine-tune the network on the classes of DATA_DIR (DATA_DIR/<class>/<image>) and write its weights.
+
+    A new classification layer is trained for the classes, on a stratified train/validation split;
+    the best epoch by validation accuracy is kept in --out, a state dict that `index-images --weights
+    FILE` uses (same --model). Before training the initial loss is shown against chance, ln(classes).
+    Ctrl-C stops training and keeps the best checkpoint so far.
+
+    Exit status: 0 done, 2 usage or data error, 130 interrupted, 1 unexpected failure.
+    """
+    setup_logging(verbose, quiet=as_json)
+    requested_batch = parse_batch_size(batch_size)
+    if weights not in ("imagenet", "random"):
+        path = Path(weights).expanduser().resolve()
+        if not path.is_file():
+            raise click.BadParameter(f"{weights!r} is not 'imagenet', 'random' or a file", param_hint="'--weights'")
+        weights = str(path)
+
+    from retrieval.backbones import DeviceUnavailable, WeightsUnavailable, resolve_device
+    from retrieval.finetune import FineTuneConfig, FineTuneError, fine_tune
+
+    from .job import weights_error_message
+
+    try:
+        dev = resolve_device(device)
+    except DeviceUnavailable as exc:
+        raise UserError(str(exc)) from exc
+    train_batch, cache_batch = _batch_sizes(requested_batch, model, train, dev)
+    try:
+        cfg = FineTuneConfig(data_dir=data_dir, out=out, model=model, weights=weights, seed=seed, train=train,
+                             val_fraction=val_fraction, epochs=epochs, lr=lr, optimizer=optimizer,
+                             weight_decay=weight_decay, lr_schedule=lr_schedule, patience=patience,
+                             batch_size=train_batch, cache_batch_size=cache_batch, cache_views=cache_views,
+                             dropout=dropout, sanity=sanity, keep_head=keep_head, device=str(dev),
+                             progress=not as_json)
+    except FineTuneError as exc:
+        raise UserError(str(exc)) from exc
+    echo = (lambda _e, _f: None) if as_json else _printer(verbose)
+    if not as_json:
+        click.echo(f"fine-tuning {model} ({train}) from {weights} weights on {dev}, batch {train_batch}", err=True)
+    try:
+        result = fine_tune(cfg, report=echo)
+    except FineTuneError as exc:
+        raise UserError(str(exc)) from exc
+    except WeightsUnavailable as exc:
+        raise UserError(weights_error_message(exc)) from exc
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted before the first epoch ended: nothing was saved.", err=True)
+        sys.exit(130)
+    summary = _summary(result, _draw_plots(result.history_path) if result.weights_path else [])
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        _print_summary(summary)
+    if result.stopped == "interrupted":
+        click.echo(f"interrupted: kept the best checkpoint (epoch {summary['best_epoch']}, validation accuracy "
+                   f"{summary['best_val_accuracy']:.3f}) in {result.weights_path}; history in {result.history_path}",
+                   err=True)
+        sys.exit(130)
+
+
+def _batch_sizes(requested: int | str, model: str, train: str, device) -> tuple[int, int]:  # noqa: ANN001 - torch.device
+    """-> (training batch, convolution-cache batch). auto: indexer.batch_size's choice for inference (32 on the CPU)
+    for the cache; for training the same, a third of it with --train all (gradients and saved activations), capped."""
+    from .batch_size import choose_batch_size, cuda_free_bytes
+
+    if requested != "auto":
+        return int(requested), int(requested)
+    if device.type == "cuda":
+        weight_bytes = {"alexnet": 61_100_840, "vgg16": 138_357_544}[model] * 4 * 4   # weights, grads, 2 moments
+        inference = choose_batch_size(model, device, cuda_free_bytes(device), weight_bytes).batch_size
+    else:
+        inference = choose_batch_size(model, device, None, 0).batch_size
+    train_batch = max(1, inference // 3) if train == "all" else inference
+    return min(AUTO_TRAIN_BATCH_CAP, train_batch), inference
+
+
+def _printer(verbose: bool):  # noqa: ANN202 - the report callback
+    def report(event: str, facts: dict) -> None:
+        if event == "skipped":
+            click.echo(f"  skipped {facts['path']}: {facts['reason']}", err=True)
+        elif event == "initial":
+            ratio = facts["initial_loss"] / facts["chance_loss"]
+            verdict = "as expected" if abs(ratio - 1) <= 0.1 else "off: check the data, labels and the head"
+            click.echo(f"initial loss {facts['initial_loss']:.4f}, chance ln(C) = {facts['chance_loss']:.4f} "
+                       f"(x{ratio:.2f}, {verdict}); features cached in {facts['cache_seconds']:.1f} s", err=True)
+        elif event == "sanity":
+            click.echo(f"sanity: overfitting {facts['subset_size']} images (no weight decay, no dropout): training loss "
+                       f"{facts['final_train_loss']:.4f} after {facts['steps']} steps: "
+                       f"{'passed' if facts['passed'] else 'FAILED (it should get under 0.05: check the learning rate)'}",
+                       err=True)
+        elif event == "epoch":
+            click.echo(f"epoch {facts['epoch']:>3}  loss {facts['train_loss']:.4f}  train acc {facts['train_accuracy']:.3f}"
+                       f"  val loss {facts['val_loss']:.4f}  val acc {facts['val_accuracy']:.3f}  lr {facts['lr']:.2e}"
+                       f"  {facts['seconds']:.1f} s", err=True)
+        elif event == "saved" and verbose:
+            click.echo(f"  best so far: saved {facts['path']}", err=True)
+    return report
+
+
+def _draw_plots(history_path: Path) -> list[Path]:
+    """The loss, accuracy (and, with --train all, filter) charts next to the history; a failure is only a warning."""
+    from retrieval.training_report import HistoryError, write_training_plots
+
+    try:
+        return write_training_plots(history_path)
+    except (HistoryError, OSError) as exc:
+        click.echo(f"warning: could not draw the training charts: {exc}", err=True)
+        return []
+
+
+def _summary(result, plots: list[Path]) -> dict:  # noqa: ANN001 - retrieval.finetune.FineTuneResult
+    h = result.history
+    return {"weights": str(result.weights_path) if result.weights_path else None, "history": str(result.history_path),
+            "plots": [str(p) for p in plots],
+            "stopped": h["stopped"], "best_epoch": h["best_epoch"], "best_val_accuracy": h["best_val_accuracy"],
+            "epochs_run": len(h["epochs_run"]), "classes": h["classes"], "train_images": len(h["split"]["train"]),
+            "val_images": len(h["split"]["val"]), "initial_loss": h["initial_loss"], "chance_loss": h["chance_loss"],
+            "sanity": h["sanity"], "skipped": [{"path": p, "reason": r} for p, r in sorted(result.skipped.items())],
+            "unlabelled": result.unlabelled, "cache_seconds": result.cache_seconds, "seconds": h["seconds"]}
+
+
+def _print_summary(s: dict) -> None:
+    if s["weights"] is None:
+        click.echo("no epoch finished: nothing saved")
+        return
+    click.echo(f"{s['stopped'].replace('_', ' ')} after {s['epochs_run']} epoch(s) in {s['seconds']:.1f} s "
+               f"({s['cache_seconds']:.1f} s caching): best validation accuracy {s['best_val_accuracy']:.3f} at "
+               f"epoch {s['best_epoch']} (chance {1 / len(s['classes']):.3f}), {len(s['classes'])} classes, "
+               f"{s['train_images']} train / {s['val_images']} validation images")
+    click.echo(f"weights: {s['weights']}  (index-images DATA --weights {s['weights']} --index-dir NEW_INDEX)")
+    click.echo(f"history: {s['history']}")
+    if s["plots"]:
+        click.echo(f"charts: {', '.join(s['plots'])}  (and /training in serve-images)")
+    if s["unlabelled"]:
+        click.echo(f"{s['unlabelled']} unlabelled image(s) left out (outside the class folders)")
+    if s["skipped"]:
+        click.echo(f"skipped {len(s['skipped'])} file(s):")
+        for item in s["skipped"]:
+            click.echo(f"  {item['path']}: {item['reason']}")
+
+
+fine_tune_entry = exit_without_teardown(main)
+
+if __name__ == "__main__":
+    main()

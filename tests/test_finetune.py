@@ -1,0 +1,253 @@
+"""Tests for fine-tune (retrieval.finetune, indexer.finetune_cli): split, chance loss, sanity overfit, better features
+than the random network's on the same validation images, weights index-images loads, Ctrl-C, bad files."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from api import create_app
+
+from indexer.finetune_cli import main
+from indexer.samples import COLOUR_CLASSES, make_colour_collection
+from retrieval.backbones import file_sha256, random_state_dict
+from retrieval.catalog import Catalog
+from retrieval.evaluation import load_labelled_vectors, pairwise_distances, vote_labels
+from retrieval.finetune import stratified_split
+
+from conftest import build_index
+
+PER_CLASS = 30          # 3 colour classes: 63 train / 27 validation images with --val-fraction 0.3
+HISTORY_KEYS = {"version", "created_at", "data_dir", "model", "weights", "weights_seed", "train", "head", "optimizer",
+                "lr", "lr_schedule", "weight_decay", "momentum", "epochs", "batch_size", "patience", "val_fraction",
+                "seed", "classes", "split", "initial_loss", "chance_loss", "sanity", "epochs_run", "best_epoch",
+                "best_val_accuracy", "stopped", "seconds"}
+EPOCH_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"}
+# A random network's features are tiny (default init shrinks them layer by layer), so SGD's steps are too; AdamW's
+# are not. Dropout on such small signals drowns them, so it is off here (ImageNet weights train with the defaults).
+RANDOM_START = ["--model", "alexnet", "--weights", "random", "--optimizer", "adamw", "--lr", "1e-3", "--dropout", "0",
+                "--val-fraction", "0.3", "--batch-size", "8"]
+
+
+def cli_env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                          os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """One fine-tune of fc6, fc7 and a head from seeded random AlexNet weights, on a folder with bad files."""
+    root = tmp_path_factory.mktemp("finetune")
+    data = root / "data"
+    make_colour_collection(data, per_class=PER_CLASS, seed=0)
+    (data / "reds" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    (data / "blues" / "empty.png").write_bytes(b"")
+    (data / "loose.png").write_bytes((data / "greens" / "greens_000.png").read_bytes())   # unlabelled
+    out = root / "tuned.pt"
+    result = CliRunner().invoke(main, [str(data), "--out", str(out), *RANDOM_START, "--epochs", "12",
+                                       "--patience", "12", "--sanity", "--json"])
+    assert result.exit_code == 0, result.output
+    return {"root": root, "data": data, "out": out, "summary": json.loads(result.stdout),
+            "history": json.loads((root / "tuned.history.json").read_text())}
+
+
+def knn_accuracy(index_dir: Path, split: dict, k: int = 1) -> float:
+    """The kNN vote of each validation image among the training images' stored vectors (exact L2)."""
+    catalog = Catalog(index_dir)
+    try:
+        stored = load_labelled_vectors(catalog)
+        paths = {i: r.path for i, r in catalog.get_many(stored.ids.tolist()).items()}
+    finally:
+        catalog.close()
+    row = {paths[int(i)]: j for j, i in enumerate(stored.ids)}
+    train = np.array([row[p] for p in split["train"]])
+    val = np.array([row[p] for p in split["val"]])
+    labels = np.array(stored.labels)
+    d = pairwise_distances(stored.vectors[val], stored.vectors[train])          # (val, train)
+    votes = [vote_labels(labels[train][np.argsort(r, kind="stable")[:k]].tolist(), np.sort(r)[:k].tolist())[0]
+             for r in d]
+    return float(np.mean(np.array(votes) == labels[val]))
+
+
+def test_history_holds_the_settings_the_split_and_every_epoch(tuned):
+    h = tuned["history"]
+    assert set(h) == HISTORY_KEYS
+    assert h["version"] == 1 and h["data_dir"] == str(tuned["data"]) and h["model"] == "alexnet"
+    assert (h["weights"], h["weights_seed"], h["train"], h["head"], h["optimizer"]) == ("random", 0, "fc", "dropped", "adamw")
+    assert h["classes"] == sorted(COLOUR_CLASSES)
+    assert h["epochs"] == 12 and 1 <= len(h["epochs_run"]) <= 12 and h["stopped"] in ("completed", "early_stopping")
+    assert all(set(e) == EPOCH_KEYS for e in h["epochs_run"])
+    assert [e["epoch"] for e in h["epochs_run"]] == list(range(1, len(h["epochs_run"]) + 1))
+    lrs = [e["lr"] for e in h["epochs_run"]]
+    assert lrs[0] == pytest.approx(1e-3) and all(a > b for a, b in zip(lrs, lrs[1:])), "the learning rate decays"
+    best = max(h["epochs_run"], key=lambda e: e["val_accuracy"])
+    assert h["best_val_accuracy"] == best["val_accuracy"]
+    assert h["epochs_run"][h["best_epoch"] - 1]["val_accuracy"] == best["val_accuracy"]
+
+
+def test_split_is_stratified_seeded_and_leaves_out_bad_and_unlabelled_files(tuned):
+    split = tuned["history"]["split"]
+    assert not set(split["train"]) & set(split["val"])
+    good = {p.relative_to(tuned["data"]).as_posix() for p in tuned["data"].glob("*/*.png") if p.stat().st_size}
+    assert set(split["train"]) | set(split["val"]) == good
+    for name in COLOUR_CLASSES:
+        in_val = [p for p in split["val"] if p.startswith(name + "/")]
+        assert round(0.3 * PER_CLASS) - 1 <= len(in_val) <= round(0.3 * PER_CLASS), name   # less a bad file drawn there
+
+
+def test_bad_files_are_skipped_with_their_reason(tuned):
+    skipped = {s["path"]: s["reason"] for s in tuned["summary"]["skipped"]}
+    assert set(skipped) == {"reds/broken.jpg", "blues/empty.png"}
+    assert "empty" in skipped["blues/empty.png"]
+    assert skipped["reds/broken.jpg"]
+    assert tuned["summary"]["unlabelled"] == 1
+
+
+def test_initial_loss_is_the_chance_loss(tuned):
+    h = tuned["history"]
+    assert h["chance_loss"] == pytest.approx(math.log(3))
+    assert abs(h["initial_loss"] - h["chance_loss"]) <= 0.1 * h["chance_loss"]
+    assert tuned["summary"]["initial_loss"] == h["initial_loss"]
+
+
+def test_sanity_check_overfits_a_tiny_subset(tuned):
+    sanity = tuned["history"]["sanity"]
+    assert sanity["subset_size"] == 6                       # 2 images per class
+    assert sanity["passed"] and sanity["final_train_loss"] < 0.05 and sanity["steps"] >= 1
+    assert tuned["summary"]["sanity"] == sanity
+
+
+def test_fine_tuned_features_beat_the_random_features_on_the_same_validation_images(tuned):
+    root, data, split = tuned["root"], tuned["data"], tuned["history"]["split"]
+    build_index(data, root / "random-index", weights="random", seed=0)       # the network training started from
+    random_knn = knn_accuracy(root / "random-index", split)
+    tuned_knn = knn_accuracy(tuned_index(tuned), split)
+
+    assert tuned_knn > random_knn, (tuned_knn, random_knn)
+    assert tuned["history"]["best_val_accuracy"] > random_knn
+    assert tuned["history"]["best_val_accuracy"] > 1 / 3 + 0.3
+
+
+def tuned_index(tuned) -> Path:
+    """The fine-tune's data folder indexed with the fine-tuned weights (built once, shared by the tests)."""
+    index_dir = tuned["root"] / "tuned-index"
+    if not (index_dir / "catalog.db").exists():
+        build_index(tuned["data"], index_dir, weights=str(tuned["out"]))
+    return index_dir
+
+
+def test_charts_are_drawn_next_to_the_weights_and_served_on_the_training_page(tuned, tmp_path):
+    plots = [Path(p) for p in tuned["summary"]["plots"]]
+    assert sorted(p.name for p in plots) == ["tuned.accuracy.png", "tuned.loss.png"]
+    for png in plots:
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.width >= 400 and im.height >= 250
+    # An index built with the fine-tuned weights shows their history on /training, with no option needed.
+    app = create_app({"INDEX_DIR": str(tuned_index(tuned)), "THUMBNAIL_DIR": str(tmp_path / "thumbs"),
+                      "RELOAD_INTERVAL_S": 0})
+    html = app.test_client().get("/training").get_data(as_text=True)
+    best = tuned["history"]["best_val_accuracy"]
+    assert "tuned.history.json" in html and f"{len(COLOUR_CLASSES)} classes" in html
+    assert f"{best:.3f}" in html, "the best validation accuracy of the run"
+    assert html.count("<svg") >= 2, "the loss and accuracy charts"
+
+
+def test_weights_file_is_the_backbone_that_index_images_loads_and_records(tuned):
+    out = tuned["out"]
+    state = torch.load(out, map_location="cpu", weights_only=True)
+    start = random_state_dict("alexnet", 0)
+    assert set(state) == {k for k in start if not k.startswith("classifier.6.")}, "the head is dropped"
+    assert torch.equal(state["features.0.weight"], start["features.0.weight"]), "convolutions were frozen"
+    assert not torch.equal(state["classifier.4.weight"], start["classifier.4.weight"]), "fc7 was trained"
+
+    catalog = Catalog(tuned_index(tuned))
+    try:
+        settings = catalog.settings()
+    finally:
+        catalog.close()
+    assert settings.weights == str(out)
+    assert settings.weights_identity == f"file:{out}:sha256={file_sha256(out)}"
+
+
+def test_an_interrupted_run_keeps_its_best_checkpoint(tuned, tmp_path):
+    out = tmp_path / "stopped.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "indexer.finetune_cli", str(tuned["data"]), "--out", str(out),
+                             *RANDOM_START, "--epochs", "50", "--patience", "50"],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert out.exists(), proc.poll()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "kept the best checkpoint" in stderr and str(out) in stderr
+    history = json.loads((tmp_path / "stopped.history.json").read_text())
+    assert history["stopped"] == "interrupted" and 1 <= history["best_epoch"] <= len(history["epochs_run"]) < 50
+    state = torch.load(out, map_location="cpu", weights_only=True)
+    assert "classifier.4.weight" in state
+
+
+def test_fewer_than_two_classes_is_a_clear_error(tmp_path):
+    make_colour_collection(tmp_path / "data", per_class=3)
+    for name in list(COLOUR_CLASSES)[1:]:
+        for f in (tmp_path / "data" / name).iterdir():
+            f.unlink()
+        (tmp_path / "data" / name).rmdir()
+    result = CliRunner().invoke(main, [str(tmp_path / "data"), "--out", str(tmp_path / "t.pt"), "--weights", "random"])
+    assert result.exit_code == 2, result.output
+    assert "at least two classes" in result.output and "only the class 'reds'" in result.output
+    assert not (tmp_path / "t.pt").exists()
+
+
+def test_split_puts_every_class_with_two_images_on_both_sides():
+    codes = np.array([0] * 10 + [1] * 2 + [2] * 1 + [3] * 5)
+    train, val = stratified_split(codes, 0.2, seed=0)
+    assert sorted(train.tolist() + val.tolist()) == list(range(len(codes)))
+    assert [int((codes[val] == c).sum()) for c in range(4)] == [2, 1, 0, 1]
+    assert set(codes[train].tolist()) == {0, 1, 2, 3}
+    again, _ = stratified_split(codes, 0.2, seed=0)
+    other, _ = stratified_split(codes, 0.2, seed=1)
+    assert np.array_equal(train, again) and not np.array_equal(train, other)
+
+
+def test_help_answers_without_importing_torch():
+    probe = "import sys, indexer.finetune_cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], env=cli_env(), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("mode", ["head", "all"])
+def test_train_head_only_or_the_whole_network(mode, tmp_path):
+    make_colour_collection(tmp_path / "data", per_class=4, size=(64, 64))
+    out = tmp_path / "t.pt"
+    result = CliRunner().invoke(main, [str(tmp_path / "data"), "--out", str(out), *RANDOM_START, "--val-fraction", "0.25",
+                                       "--train", mode, "--epochs", "1", "--keep-head", "--json"])
+    assert result.exit_code == 0, result.output
+    state = torch.load(out, map_location="cpu", weights_only=True)
+    start = random_state_dict("alexnet", 0)
+    assert state["classifier.6.weight"].shape == (3, 4096), "--keep-head: the head for the 3 classes"
+    assert torch.equal(state["classifier.4.weight"], start["classifier.4.weight"]) == (mode == "head")
+    assert torch.equal(state["features.0.weight"], start["features.0.weight"]) == (mode == "head")
+    filters = tmp_path / "t.filters.npz"
+    assert filters.exists() == (mode == "all")
+    if mode == "all":
+        with np.load(filters) as f:
+            assert f["before"].shape == f["after"].shape == (64, 3, 11, 11) and f["after"].dtype == np.float32
+            assert np.array_equal(f["before"], start["features.0.weight"].numpy())
+            assert np.array_equal(f["after"], state["features.0.weight"].numpy())
