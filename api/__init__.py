@@ -32,6 +32,9 @@ DEFAULTS: dict[str, Any] = {
     "THUMBNAIL_SIZE": 256,         # long side of thumbnails, px
     "GALLERY_PAGE_SIZE": 48,       # images per page of the gallery grid
     "GALLERY_K": 12,               # neighbours shown on gallery pages
+    "NPROBE": 0,                   # IVF lists searched per query; 0: as index-images recorded (tuned for recall)
+    "EF_SEARCH": 0,                # HNSW efSearch; 0: as index-images recorded
+    "MMAP": True,                  # memory-map the FAISS file where FAISS can (IVF lists, flat codes)
 }
 
 

@@ -70,10 +70,26 @@ def parse_batch_size(value: str) -> int | str:
               help="Decoding processes (0 decodes in the main process). [default: one per core]")
 @click.option("--max-file-mb", type=click.FloatRange(min=0, min_open=True), default=512, show_default=True,
               help="Files larger than this are skipped without being read.")
+@click.option("--index-type", default=None, metavar="auto|FACTORY",
+              help="FAISS index type: a faiss.index_factory string (Flat, PCAR256,IVF1024,PQ64, HNSW32, ...) or auto: "
+                   "exact Flat up to --auto-flat-max images, a trained PCA+IVF+PQ index above. Another type than the "
+                   "index's is rebuilt from the catalog, without the network. [default: auto, or the index's]")
+@click.option("--rebuild-index", is_flag=True,
+              help="Rebuild (and retrain) the FAISS file from the catalog's vectors, without the network.")
+@click.option("--nprobe", type=click.IntRange(min=1), default=None,
+              help="IVF lists searched per query. [default: the smallest giving 1-recall@10 >= 0.95 on the recall "
+                   "sample, or the index's]")
+@click.option("--ef-search", type=click.IntRange(min=1), default=None,
+              help="HNSW search breadth (efSearch). [default: tuned like --nprobe, or the index's]")
+@click.option("--recall-queries", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Held-out catalog vectors whose neighbours are checked against exact search after each build.")
+@click.option("--auto-flat-max", type=click.IntRange(min=0), default=None,
+              help="auto keeps exact Flat up to this many images. [default: 50000, or the index's]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each skipped file and other details.")
 def main(data_dir: Path, index_dir: Path, model, layer, weights, seed, normalize, device, batch_size, workers,  # noqa: ANN001
-         max_file_mb: float, as_json: bool, verbose: bool) -> None:
+         max_file_mb: float, index_type: str | None, rebuild_index: bool, nprobe: int | None, ef_search: int | None,
+         recall_queries: int, auto_flat_max: int | None, as_json: bool, verbose: bool) -> None:
     """Index (or update the index of) the images in DATA_DIR.
 
     Walks DATA_DIR recursively (JPEG, PNG, WebP, BMP, GIF, TIFF), labels each image by its first
@@ -85,11 +101,18 @@ def main(data_dir: Path, index_dir: Path, model, layer, weights, seed, normalize
     Exit status: 0 done (even with skipped files), 2 usage or configuration error, 1 unexpected failure.
     """
     setup_logging(verbose, quiet=as_json)
+    from retrieval.index_types import IndexTypeConfig
+
     from .job import ConfigError, JobConfig, run_index
 
+    if index_type is not None and index_type.strip().lower() == "auto":
+        index_type = "auto"
+    vector_index = IndexTypeConfig(index_type=index_type, flat_max=auto_flat_max, nprobe=nprobe, ef_search=ef_search,
+                                   recall_queries=recall_queries, rebuild=rebuild_index)
     cfg = JobConfig(data_dir=data_dir, index_dir=index_dir, model=model, layer=layer, weights=weights,
                     normalize=normalize, seed=seed, device=device, batch_size=parse_batch_size(batch_size),
-                    workers=workers, max_file_bytes=int(max_file_mb * 2**20), progress=not as_json)
+                    workers=workers, max_file_bytes=int(max_file_mb * 2**20), progress=not as_json,
+                    vector_index=vector_index)
     try:
         report = run_index(cfg, on_extractor=None if as_json else _announce)
     except ConfigError as exc:
@@ -112,6 +135,23 @@ def _print_report(r) -> None:  # noqa: ANN001 - indexer.job.RunReport
                f"{r.total} images in the index ({r.seconds:.1f} s, {r.images_per_second:.1f} images/s)")
     for s in r.skipped:
         click.echo(f"  skipped {s['path']}: {s['reason']}")
+    if r.vector_index:
+        click.echo(f"FAISS index: {describe_vector_index(r.vector_index)}")
+
+
+def describe_vector_index(info: dict) -> str:
+    """One line: the type, and for an approximate one its search settings and the recall they gave."""
+    if info.get("exact"):
+        return f"{info['factory']} (exact)"
+    params = ", ".join(f"{k} {v}" for k, v in (info.get("search_params") or {}).items())
+    line = f"{info['factory']} ({info['requested']}{'; ' + params if params else ''})"
+    recall = info.get("recall")
+    measured = next((m for m in (recall or {}).get("results", [])
+                     if m["search_params"] == (info.get("search_params") or {})), None)
+    if measured is None:
+        return line + "; recall not measured"
+    return (line + f"; on {recall['queries']} held-out queries: 1-recall@1 {measured['1-recall@1']:.3f}, "
+                   f"1-recall@10 {measured['1-recall@10']:.3f}, 10-recall@10 {measured['10-recall@10']:.3f}")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

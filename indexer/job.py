@@ -15,6 +15,7 @@ import numpy as np
 
 from retrieval.catalog import CATALOG_FILE, Catalog, IndexSettings
 from retrieval.images import DEFAULT_MAX_PIXELS, Preprocessing
+from retrieval.index_types import IndexTypeConfig, IndexTypeError
 from retrieval.scan import DEFAULT_MAX_FILE_BYTES, ImageFile, scan_folder
 from retrieval.names import DEFAULT_RANDOM_SEED, FAISS_FILE
 from retrieval.system import available_cores, display_name
@@ -53,6 +54,7 @@ class JobConfig:
     max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES   # larger files are skipped unread; None: no limit
     save_every_s: float = 30.0        # also save the FAISS file this often during long runs
     progress: bool = True
+    vector_index: IndexTypeConfig = dataclasses.field(default_factory=IndexTypeConfig)   # FAISS type, training, recall
 
     def __post_init__(self) -> None:
         # Absolute once, here where the paths enter: nothing deeper depends on the working directory.
@@ -69,6 +71,7 @@ class RunReport:
     total: int = 0
     seconds: float = 0.0
     images_per_second: float = 0.0
+    vector_index: dict | None = None   # the FAISS type, training, search settings and recall (index_builder.describe)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -180,10 +183,15 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
             scan = scan_folder(data_dir, exclude=[index_dir], skip_folders_holding=CATALOG_FILE,
                                max_file_bytes=cfg.max_file_bytes)
             plan = plan_run(scan.images, scan.skipped, catalog)
-            if stored is not None and not plan.todo and not _removals(plan, catalog) \
-                    and (index_dir / FAISS_FILE).exists() and catalog.vectors_in_step():
+            if stored is not None and not plan.todo and not _removals(plan, catalog):
                 _record_refused(plan, catalog)
-                return _report(RunReport(unchanged=plan.unchanged), catalog, catalog.count(), started)
+                report = RunReport(unchanged=plan.unchanged, vector_index=catalog.vector_index_record())
+                if (index_dir / FAISS_FILE).exists() and catalog.vectors_in_step() \
+                        and not _vector_work_needed(cfg, catalog, stored.dim):
+                    return _report(report, catalog, catalog.count(), started)
+                # FAISS work only (rebuild, another type, new search settings): from the catalog, no network
+                report.vector_index, total = _maintain_vectors(cfg, catalog, stored.dim)
+                return _report(report, catalog, total, started)
             workers = cfg.workers if cfg.workers is not None else default_workers()
             # decoding starts now, in workers forked before torch is imported, while the network loads
             with Reader(data_dir, plan.todo, workers=workers, prep=expected_preprocessing(stored),
@@ -191,6 +199,21 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
                 return _update(cfg, catalog, stored, chosen, plan, reader, started, on_extractor)
         finally:
             catalog.close()
+
+
+def _vector_work_needed(cfg: JobConfig, catalog: Catalog, dim: int) -> bool:
+    from retrieval.index_builder import vector_work_needed
+
+    return vector_work_needed(cfg.vector_index, catalog, dim)
+
+
+def _maintain_vectors(cfg: JobConfig, catalog: Catalog, dim: int) -> tuple[dict, int]:
+    from retrieval.index_builder import maintain_vectors
+
+    try:
+        return maintain_vectors(catalog, cfg.index_dir / FAISS_FILE, dim, cfg.vector_index)
+    except IndexTypeError as exc:
+        raise ConfigError(f"{exc} (--index-type)") from exc
 
 
 def expected_preprocessing(stored: IndexSettings | None) -> Preprocessing:
@@ -239,7 +262,7 @@ def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chos
     from .extract import BatchExtractor
 
     from retrieval.backbones import DeviceUnavailable, WeightsUnavailable, build_extractor
-    from retrieval.vector_index import VectorIndex
+    from retrieval.index_builder import IndexBuilder
 
     from .batch_size import resolve_batch_size
 
@@ -264,8 +287,11 @@ def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chos
             preprocessing=f"resize={p.resize_size},crop={p.crop_size},mean={list(p.mean)},std={list(p.std)},"
                           "interpolation=bilinear"))
 
-    faiss_path = index_dir / FAISS_FILE
-    vectors, dirty = VectorIndex.open_reconciled(faiss_path, catalog, extractor.dim)
+    try:
+        builder = IndexBuilder(catalog, index_dir / FAISS_FILE, extractor.dim, cfg.vector_index)
+        vectors, dirty = builder.open()
+    except IndexTypeError as exc:
+        raise ConfigError(f"{exc} (--index-type)") from exc
     report = RunReport(unchanged=plan.unchanged)
     to_remove = _removals(plan, catalog)
     if to_remove:
@@ -282,9 +308,7 @@ def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chos
     last_save = time.monotonic()
 
     def save() -> None:
-        state = catalog.updated_at()   # read first: a crash between the two writes only costs a reconcile
-        vectors.save(faiss_path)
-        catalog.mark_vectors_saved(state)
+        builder.save(vectors)   # the file, then the catalog state and the FAISS type it holds
 
     try:
         for batch in reader.read(extractor.preprocessing, batch_size, pin_memory=extractor.device.type == "cuda"):
@@ -292,6 +316,7 @@ def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chos
             new_ids, replaced = catalog.write_batch(batch.rows, feats, batch.bad)   # the commit point
             vectors.remove(replaced)
             vectors.add(np.asarray(new_ids, dtype=np.int64), feats)
+            vectors = builder.grown(vectors)   # exact Flat -> a trained type once the collection calls for one
             dirty = True
             report.indexed += len(batch.rows)
             for b in batch.bad:
@@ -300,12 +325,14 @@ def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chos
             if time.monotonic() - last_save > cfg.save_every_s:
                 save()
                 last_save = time.monotonic()
+        vectors = builder.finish(vectors, dirty)   # another type at this size, recall of an approximate index
     finally:
         bar.close()
-        if dirty or not catalog.vectors_in_step():
+        if dirty or builder.built or not catalog.vectors_in_step() or builder.record != catalog.vector_index_record():
             save()
 
     assert len(vectors) == catalog.count(), "FAISS and the catalog disagree after a run"
+    report.vector_index = builder.record
     return _report(report, catalog, len(vectors), started)
 
 

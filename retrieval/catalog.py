@@ -1,8 +1,9 @@
-"""The catalog: SQLAlchemy models in SQLite for images (with their vectors), index settings and skipped files."""
+"""The catalog: SQLAlchemy models in SQLite for images (with their vectors), index settings, skipped files, the FAISS type."""
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import os
 import sqlite3
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 from sqlalchemy import (BigInteger, Boolean, DateTime, Integer, LargeBinary, String, create_engine, delete, event,
                         func, select)
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -104,6 +106,16 @@ class VectorsSavedRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     catalog_updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class VectorIndexRow(Base):
+    """How the FAISS file is built (one row): the type asked for and built, its training, search settings and recall.
+
+    Written after each save of the FAISS file; the file itself says what it holds (index_types.structure)."""
+    __tablename__ = "vector_index"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    record: Mapped[str] = mapped_column(String)   # JSON, see retrieval.index_builder.IndexBuilder.record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,6 +356,21 @@ class Catalog:
             if settings is not None and (new_rows or replaced):   # the images changed (a new skip alone is no change)
                 settings.updated_at = utcnow()
         return new_ids, list(replaced)
+
+
+    # the FAISS index type
+    def vector_index_record(self) -> dict | None:
+        """What retrieval.index_builder recorded of the FAISS file, or None (none yet, or a catalog made before)."""
+        try:
+            with self.Session() as s:
+                text = s.scalar(select(VectorIndexRow.record).where(VectorIndexRow.id == 1))
+        except OperationalError:   # no such table: made before index types, and opened read-only
+            return None
+        return json.loads(text) if text else None
+
+    def save_vector_index_record(self, record: dict) -> None:
+        with self.Session.begin() as s:
+            s.merge(VectorIndexRow(id=1, record=json.dumps(record, sort_keys=True)))
 
 
 def _stack(part) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001 - rows of (id, blob)
