@@ -15,6 +15,8 @@ from .vector_index import VectorIndex, reconcile
 
 log = logging.getLogger(__name__)
 
+RETRAIN_GROWTH = 2   # a trained index is retrained (rebuilt from the catalog) once the collection doubles
+
 
 def vector_work_needed(config: IndexTypeConfig, catalog: Catalog, dim: int) -> bool:
     """Whether a run with nothing new to index still has FAISS work: a rebuild asked for, another type asked for
@@ -57,8 +59,10 @@ class IndexBuilder:
 
     open() loads and reconciles the file (or builds the recorded type from the catalog); grown() switches
     from Flat to a trained type as soon as the collection calls for one (so a large first run never holds
-    all its vectors uncompressed); finish() rebuilds when the type should change, and measures recall;
-    save() writes the file and then records what it holds in the catalog.
+    all its vectors uncompressed); finish() rebuilds when the type should change or the collection has
+    doubled since training, and measures recall; save() writes the file and then records what it holds.
+    The training sample is a seeded function of the catalog's ids, so the file a run leaves does not depend
+    on where an earlier run was interrupted.
     """
 
     def __init__(self, catalog: Catalog, path: Path, dim: int, config: IndexTypeConfig):
@@ -71,7 +75,7 @@ class IndexBuilder:
         if self.requested != AUTO:
             VectorIndex.empty(dim, self.requested)   # raises IndexTypeError for a type FAISS cannot build
         self.built = False        # the FAISS file was (re)built from the catalog in this run
-        self.train: dict = (previous or {}).get("train", {"size": 0, "seed": config.seed})
+        self.train: dict = (previous or {}).get("train") or {"size": 0, "seed": config.seed}
         self.recall: dict | None = (previous or {}).get("recall")
         self.record: dict = previous or {}
 
@@ -82,10 +86,8 @@ class IndexBuilder:
         """-> (the index as the catalog has it, changed since the file)."""
         factory = (self.previous or {}).get("factory", FLAT)
         vectors = VectorIndex.load(self.path, self.dim, factory=factory, vector_source=self.catalog.vectors)
-        if vectors is None and (factory != FLAT or self.path.exists()):
+        if vectors is None:   # missing, unreadable, or not the recorded type: the catalog has everything
             return self.build(self.wanted(self.catalog.count())), True
-        if vectors is None:
-            vectors = VectorIndex(self.dim, vector_source=self.catalog.vectors)
         changed = reconcile(vectors, self.catalog) or not self.path.exists()
         return vectors, changed
 
@@ -100,7 +102,8 @@ class IndexBuilder:
             if len(ids) < need:
                 raise IndexTypeError(f"index type {factory!r} needs at least {need} vectors to train; "
                                      f"the catalog has {len(ids)}")
-            _, train_ids = seeded_samples(ids, self.config.recall_queries, max(n_train, need), self.config.seed)
+            held_out = min(n_train, len(ids) - min(len(ids), self.config.recall_queries))
+            _, train_ids = seeded_samples(ids, self.config.recall_queries, max(held_out, need), self.config.seed)
             _, sample = sample_vectors(self.catalog.vectors(train_ids))
             log.info("training %s on %d of %d vectors", factory, len(sample), len(ids))
             vectors.train(sample)                                                       # (n_train, dim)
@@ -109,8 +112,8 @@ class IndexBuilder:
         for chunk_ids, chunk in self.catalog.vectors():
             vectors.add(chunk_ids, chunk)
         self.built = True
-        self.train = {"size": int(n_train), "seed": self.config.seed, "seconds": round(time.perf_counter() - started, 3),
-                      "at": _now()}
+        self.train = {"size": int(n_train), "count": len(ids), "seed": self.config.seed, "at": _now(),
+                      "seconds": round(time.perf_counter() - started, 3)}
         self.recall = None
         log.info("built %s from the catalog: %d vectors (%.1f s)", factory, len(vectors), time.perf_counter() - started)
         return vectors
@@ -125,10 +128,15 @@ class IndexBuilder:
         """At the end of a run: rebuild when asked or when the type should change; measure recall when the index
         is approximate and changed (or its search settings did); set the search settings. -> the index to save."""
         target = self.wanted(len(vectors))
-        if target != vectors.factory or (self.config.rebuild and not self.built):
+        trained_on = self.train.get("count") if self.train.get("size") else None
+        outgrown = trained_on is not None and len(vectors) >= RETRAIN_GROWTH * trained_on
+        if target != vectors.factory or (self.config.rebuild and not self.built) or outgrown:
             if target != vectors.factory:
                 log.warning("FAISS index type: %s -> %s (%d vectors); rebuilding from the catalog", vectors.factory,
                             target, len(vectors))
+            elif outgrown:
+                log.info("the collection grew from %d to %d vectors since %s was trained: retraining", trained_on,
+                         len(vectors), target)
             vectors = self.build(target)
         params_changed = self.requested_params.to_json() != (self.previous or {}).get("requested_search_params", {})
         if vectors.exact:

@@ -23,7 +23,7 @@ FLAT = "Flat"
 # 30*K .. 256*K vectors, and codes compressed by PQ after a dimension reduction (PCA or OPQ).
 AUTO_FLAT_MAX = 50_000        # auto keeps exact Flat up to this many vectors
 AUTO_REDUCED_DIM = 256        # auto reduces 4096-d features to this many dimensions (PCA) before IVF
-AUTO_PQ_BYTES = 64            # bytes per vector of the PQ code (4 dimensions per byte after PCA256)
+AUTO_PQ_BYTES = 64            # bytes per vector of the PQ code at 256 dimensions (4 dimensions per byte)
 TRAIN_PER_LIST = 40           # training vectors per IVF list (FAISS warns below 39)
 TRAIN_MIN = 10_000
 TRAIN_MAX = 160_000           # 160k x 4096 float32 = 2.6 GB while training
@@ -75,15 +75,16 @@ def auto_factory(n: int, dim: int, flat_max: int = AUTO_FLAT_MAX) -> str:
     """The factory string auto chooses for n vectors of dimension dim.
 
     Flat (exact) up to flat_max; above, PCA to AUTO_REDUCED_DIM (when dim is larger), an IVF with K lists,
-    K the power of two nearest 4*sqrt(n) (FAISS's guideline: 4..16*sqrt(n)), and PQ codes of
-    AUTO_PQ_BYTES bytes (fewer when the reduced dimension does not divide)."""
+    K the power of two nearest 4*sqrt(n) (FAISS's guideline: 4..16*sqrt(n)), and PQ codes of one byte per
+    4 dimensions (AUTO_PQ_BYTES at 256), without polysemous training ("np": it only serves Hamming
+    filtering, which these searches do not use, and costs minutes)."""
     if n <= flat_max:
         return FLAT
     reduced = min(dim, AUTO_REDUCED_DIM)
     nlist = 2 ** max(4, round(math.log2(4 * math.sqrt(n))))
-    m = math.gcd(reduced, AUTO_PQ_BYTES)
+    m = max(1, reduced // 4) if reduced % 4 == 0 else math.gcd(reduced, AUTO_PQ_BYTES)
     pca = f"PCAR{reduced}," if reduced < dim else ""
-    return f"{pca}IVF{nlist},PQ{m}"
+    return f"{pca}IVF{nlist},PQ{m}np"
 
 
 def resolve_factory(requested: str, n: int, dim: int, flat_max: int = AUTO_FLAT_MAX) -> str:
