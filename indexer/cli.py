@@ -81,15 +81,16 @@ def parse_batch_size(value: str) -> int | str:
                    "sample, or the index's]")
 @click.option("--ef-search", type=click.IntRange(min=1), default=None,
               help="HNSW search breadth (efSearch). [default: tuned like --nprobe, or the index's]")
-@click.option("--recall-queries", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Held-out catalog vectors whose neighbours are checked against exact search after each build.")
+@click.option("--recall-queries", type=click.IntRange(min=1), default=None,
+              help="Held-out catalog vectors whose neighbours are checked against exact search after each build "
+                   "(left out of training). [default: 1000, or the index's]")
 @click.option("--auto-flat-max", type=click.IntRange(min=0), default=None,
               help="auto keeps exact Flat up to this many images. [default: 50000, or the index's]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each skipped file and other details.")
 def main(data_dir: Path, index_dir: Path, model, layer, weights, seed, normalize, device, batch_size, workers,  # noqa: ANN001
          max_file_mb: float, index_type: str | None, rebuild_index: bool, nprobe: int | None, ef_search: int | None,
-         recall_queries: int, auto_flat_max: int | None, as_json: bool, verbose: bool) -> None:
+         recall_queries: int | None, auto_flat_max: int | None, as_json: bool, verbose: bool) -> None:
     """Index (or update the index of) the images in DATA_DIR.
 
     Walks DATA_DIR recursively (JPEG, PNG, WebP, BMP, GIF, TIFF), labels each image by its first

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from .catalog import Catalog
-from .index_types import (AUTO, AUTO_FLAT_MAX, FLAT, RECALL_TARGET, IndexTypeConfig, IndexTypeError, SearchParams,
+from .index_types import (AUTO, AUTO_FLAT_MAX, FLAT, RECALL_QUERIES, RECALL_TARGET, IndexTypeConfig, IndexTypeError, SearchParams,
                           apply_search_params, auto_factory, min_train_vectors, search_params_of, seeded_samples,
                           train_size, tuning_ladder)
 from .recall import K, exact_neighbours, measure, sample_vectors
@@ -72,6 +72,7 @@ class IndexBuilder:
         self.requested = _requested(config, previous)
         self.flat_max = _flat_max(config, previous)
         self.requested_params = _requested_params(config, previous)
+        self.recall_queries = config.recall_queries or (previous or {}).get("recall_queries") or RECALL_QUERIES
         if self.requested != AUTO:
             VectorIndex.empty(dim, self.requested)   # raises IndexTypeError for a type FAISS cannot build
         self.built = False        # the FAISS file was (re)built from the catalog in this run
@@ -102,8 +103,8 @@ class IndexBuilder:
             if len(ids) < need:
                 raise IndexTypeError(f"index type {factory!r} needs at least {need} vectors to train; "
                                      f"the catalog has {len(ids)}")
-            held_out = min(n_train, len(ids) - min(len(ids), self.config.recall_queries))
-            _, train_ids = seeded_samples(ids, self.config.recall_queries, max(held_out, need), self.config.seed)
+            held_out = min(n_train, len(ids) - min(len(ids), self.recall_queries))
+            _, train_ids = seeded_samples(ids, self.recall_queries, max(held_out, need), self.config.seed)
             _, sample = sample_vectors(self.catalog.vectors(train_ids))
             log.info("training %s on %d of %d vectors", factory, len(sample), len(ids))
             vectors.train(sample)                                                       # (n_train, dim)
@@ -153,7 +154,7 @@ class IndexBuilder:
         ladder (nprobe or efSearch) and keeps the smallest that reaches RECALL_TARGET 1-recall@10."""
         started = time.perf_counter()
         ids = self.catalog.ids()
-        query_ids, _ = seeded_samples(ids, self.config.recall_queries, 0, self.config.seed)
+        query_ids, _ = seeded_samples(ids, self.recall_queries, 0, self.config.seed)
         query_ids, queries = sample_vectors(self.catalog.vectors(query_ids))
         exact = exact_neighbours(self.catalog.vectors(), queries, query_ids, K)
         asked = self.requested_params
@@ -180,7 +181,8 @@ class IndexBuilder:
     def describe(self, vectors: VectorIndex) -> dict:
         """What is recorded in the catalog with the FAISS file (and shown in --json, /stats and the gallery)."""
         return {"requested": self.requested, "factory": vectors.factory, "exact": vectors.exact,
-                "flat_max": self.flat_max, "count": len(vectors), "train": self.train if not vectors.exact else None,
+                "flat_max": self.flat_max, "recall_queries": self.recall_queries, "count": len(vectors),
+                "train": self.train if not vectors.exact else None,
                 "requested_search_params": self.requested_params.to_json(),
                 "search_params": search_params_of(vectors.index).to_json(), "recall": self.recall}
 

@@ -46,7 +46,8 @@ class IndexTypeConfig:
     nprobe: int | None = None         # IVF lists searched per query; None: as recorded, else the smallest reaching
                                       # RECALL_TARGET 1-recall@10 on the recall sample
     ef_search: int | None = None      # HNSW search breadth; None: as recorded, else tuned like nprobe
-    recall_queries: int = RECALL_QUERIES   # held-out vectors for the recall measurement
+    recall_queries: int | None = None  # held-out vectors for the recall measurement (and left out of training);
+                                       # None: as recorded, else RECALL_QUERIES
     seed: int = 0                     # of the training and recall samples
     rebuild: bool = False             # rebuild (and retrain) the FAISS file from the catalog this run
 
