@@ -15,7 +15,7 @@ import numpy as np
 
 from retrieval.catalog import CATALOG_FILE, Catalog, IndexSettings
 from retrieval.images import DEFAULT_MAX_PIXELS, Preprocessing
-from retrieval.index_types import IndexTypeConfig, IndexTypeError
+from retrieval.index_types import IndexTypeConfig, IndexTypeError, vector_work_needed
 from retrieval.scan import DEFAULT_MAX_FILE_BYTES, ImageFile, scan_folder
 from retrieval.names import DEFAULT_RANDOM_SEED, FAISS_FILE
 from retrieval.system import available_cores, display_name
@@ -187,7 +187,7 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
                 _record_refused(plan, catalog)
                 report = RunReport(unchanged=plan.unchanged, vector_index=catalog.vector_index_record())
                 if (index_dir / FAISS_FILE).exists() and catalog.vectors_in_step() \
-                        and not _vector_work_needed(cfg, catalog, stored.dim):
+                        and not vector_work_needed(cfg.vector_index, catalog, stored.dim):
                     return _report(report, catalog, catalog.count(), started)
                 # FAISS work only (rebuild, another type, new search settings): from the catalog, no network
                 report.vector_index, total = _maintain_vectors(cfg, catalog, stored.dim)
@@ -199,12 +199,6 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
                 return _update(cfg, catalog, stored, chosen, plan, reader, started, on_extractor)
         finally:
             catalog.close()
-
-
-def _vector_work_needed(cfg: JobConfig, catalog: Catalog, dim: int) -> bool:
-    from retrieval.index_builder import vector_work_needed
-
-    return vector_work_needed(cfg.vector_index, catalog, dim)
 
 
 def _maintain_vectors(cfg: JobConfig, catalog: Catalog, dim: int) -> tuple[dict, int]:

@@ -7,51 +7,16 @@ import time
 from pathlib import Path
 
 from .catalog import Catalog
-from .index_types import (AUTO, AUTO_FLAT_MAX, FLAT, RECALL_QUERIES, RECALL_TARGET, IndexTypeConfig, IndexTypeError, SearchParams,
-                          apply_search_params, auto_factory, min_train_vectors, search_params_of, seeded_samples,
-                          train_size, tuning_ladder)
+from .index_types import (AUTO, FLAT, RECALL_QUERIES, RECALL_TARGET, IndexTypeConfig, IndexTypeError, SearchParams,
+                          apply_search_params, min_train_vectors, requested_params, requested_type, search_params_of,
+                          seeded_samples, train_size, tuning_ladder, wanted_factory)
+from .index_types import flat_max as recorded_flat_max
 from .recall import K, exact_neighbours, measure, sample_vectors
 from .vector_index import VectorIndex, reconcile
 
 log = logging.getLogger(__name__)
 
 RETRAIN_GROWTH = 2   # a trained index is retrained (rebuilt from the catalog) once the collection doubles
-
-
-def vector_work_needed(config: IndexTypeConfig, catalog: Catalog, dim: int) -> bool:
-    """Whether a run with nothing new to index still has FAISS work: a rebuild asked for, another type asked for
-    or chosen by auto at the catalog's size, other search settings, or no recall measured yet. Catalog only."""
-    record = catalog.vector_index_record()
-    if config.rebuild:
-        return True
-    if record is None:
-        return config.index_type not in (None, AUTO, FLAT) or config.nprobe is not None or config.ef_search is not None \
-            or auto_factory(catalog.count(), dim, config.flat_max or AUTO_FLAT_MAX) != FLAT
-    builder_wants = _wanted(_requested(config, record), _flat_max(config, record), catalog.count(), dim)
-    return (builder_wants != record["factory"]
-            or _requested_params(config, record).to_json() != record.get("requested_search_params", {})
-            or (not record.get("exact") and record.get("recall") is None))
-
-
-def _requested(config: IndexTypeConfig, record: dict | None) -> str:
-    return config.index_type or (record or {}).get("requested") or AUTO
-
-
-def _flat_max(config: IndexTypeConfig, record: dict | None) -> int:
-    return config.flat_max if config.flat_max is not None else (record or {}).get("flat_max", AUTO_FLAT_MAX)
-
-
-def _requested_params(config: IndexTypeConfig, record: dict | None) -> SearchParams:
-    asked = SearchParams(config.nprobe, config.ef_search)
-    return asked if asked.to_json() else SearchParams.from_json((record or {}).get("requested_search_params"))
-
-
-def _wanted(requested: str, flat_max: int, n: int, dim: int) -> str:
-    """The type to build for n vectors: auto's choice, or the requested type once there are enough vectors to
-    train it (exact Flat until then)."""
-    if requested == AUTO:
-        return auto_factory(n, dim, flat_max)
-    return requested if n >= min_train_vectors(requested) else FLAT
 
 
 class IndexBuilder:
@@ -69,9 +34,9 @@ class IndexBuilder:
         self.catalog, self.path, self.dim, self.config = catalog, Path(path), dim, config
         previous = catalog.vector_index_record()
         self.previous = previous
-        self.requested = _requested(config, previous)
-        self.flat_max = _flat_max(config, previous)
-        self.requested_params = _requested_params(config, previous)
+        self.requested = requested_type(config, previous)
+        self.flat_max = recorded_flat_max(config, previous)
+        self.requested_params = requested_params(config, previous)
         self.recall_queries = config.recall_queries or (previous or {}).get("recall_queries") or RECALL_QUERIES
         if self.requested != AUTO:
             VectorIndex.empty(dim, self.requested)   # raises IndexTypeError for a type FAISS cannot build
@@ -81,7 +46,7 @@ class IndexBuilder:
         self.record: dict = previous or {}
 
     def wanted(self, n: int) -> str:
-        return _wanted(self.requested, self.flat_max, n, self.dim)
+        return wanted_factory(self.requested, self.flat_max, n, self.dim)
 
     def open(self) -> tuple[VectorIndex, bool]:
         """-> (the index as the catalog has it, changed since the file)."""

@@ -13,6 +13,8 @@ import numpy as np
 if TYPE_CHECKING:   # FAISS is imported by the functions that build or inspect an index
     import faiss
 
+    from .catalog import Catalog
+
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
@@ -100,6 +102,42 @@ def train_size(factory: str, n: int) -> int:
         return 0
     want = max(TRAIN_MIN, TRAIN_PER_LIST * max(lists, default=0))
     return min(n, TRAIN_MAX, want)
+
+
+def vector_work_needed(config: IndexTypeConfig, catalog: "Catalog", dim: int) -> bool:
+    """Whether a run with nothing new to index still has FAISS work: a rebuild asked for, another type asked for
+    or chosen by auto at the catalog's size, other search settings, or no recall measured yet. Catalog only."""
+    record = catalog.vector_index_record()
+    if config.rebuild:
+        return True
+    if record is None:
+        return config.index_type not in (None, AUTO, FLAT) or config.nprobe is not None or config.ef_search is not None \
+            or auto_factory(catalog.count(), dim, config.flat_max or AUTO_FLAT_MAX) != FLAT
+    builder_wants = wanted_factory(requested_type(config, record), flat_max(config, record), catalog.count(), dim)
+    return (builder_wants != record["factory"]
+            or requested_params(config, record).to_json() != record.get("requested_search_params", {})
+            or (not record.get("exact") and record.get("recall") is None))
+
+
+def requested_type(config: IndexTypeConfig, record: dict | None) -> str:
+    return config.index_type or (record or {}).get("requested") or AUTO
+
+
+def flat_max(config: IndexTypeConfig, record: dict | None) -> int:
+    return config.flat_max if config.flat_max is not None else (record or {}).get("flat_max", AUTO_FLAT_MAX)
+
+
+def requested_params(config: IndexTypeConfig, record: dict | None) -> SearchParams:
+    asked = SearchParams(config.nprobe, config.ef_search)
+    return asked if asked.to_json() else SearchParams.from_json((record or {}).get("requested_search_params"))
+
+
+def wanted_factory(requested: str, flat_max: int, n: int, dim: int) -> str:
+    """The type to build for n vectors: auto's choice, or the requested type once there are enough vectors to
+    train it (exact Flat until then)."""
+    if requested == AUTO:
+        return auto_factory(n, dim, flat_max)
+    return requested if n >= min_train_vectors(requested) else FLAT
 
 
 def min_train_vectors(factory: str) -> int:
