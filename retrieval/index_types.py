@@ -29,6 +29,8 @@ AUTO_PQ_BYTES = 64            # bytes per vector of the PQ code at 256 dimension
 TRAIN_PER_LIST = 40           # training vectors per IVF list (FAISS warns below 39)
 TRAIN_MIN = 10_000
 TRAIN_MAX = 160_000           # 160k x 4096 float32 = 2.6 GB while training
+PCA_POINTS_PER_D = 4          # a PCA trains on at most 4 * d_in of the sample (16,384 at 4096-d): its covariance
+                              # costs n * d_in^2 (10x more at 160k), the IVF and PQ still train on the whole sample
 RECALL_QUERIES = 1000         # held-out catalog vectors whose neighbours are checked against exact search
 RECALL_TARGET = 0.95          # auto-tuned nprobe / efSearch: the smallest that reaches this 1-recall@10
 NPROBE_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -163,11 +165,14 @@ def build_empty(factory: str, dim: int) -> "faiss.Index":
         raise IndexTypeError(f"FAISS cannot build index type {factory!r}: {_faiss_reason(exc)}") from None
     if probe.metric_type != faiss.METRIC_L2:
         raise IndexTypeError(f"index type {factory!r} is not an L2 index; this project searches by L2 distance")
-    if _ivf(probe) is not None:
-        return probe
-    if factory.startswith("IDMap"):
-        return probe
-    return faiss.index_factory(dim, f"IDMap2,{factory}")
+    index = probe if _ivf(probe) is not None or factory.startswith("IDMap") else faiss.index_factory(dim, f"IDMap2,{factory}")
+    for part in walk(index):
+        if isinstance(part, faiss.IndexPreTransform):
+            for i in range(part.chain.size()):
+                transform = faiss.downcast_VectorTransform(part.chain.at(i))
+                if isinstance(transform, faiss.PCAMatrix):
+                    transform.max_points_per_d = PCA_POINTS_PER_D
+    return index
 
 
 def check_factory(factory: str, dim: int) -> None:
