@@ -11,6 +11,8 @@ from typing import Callable
 import click
 
 from retrieval.names import INDEX_DIR_ENV, LAYERS, MODEL_NAMES
+
+FEATURE_DIM = 4096   # fc6 and fc7 of both backbones
 from retrieval.system import display_name
 
 # Nothing heavy at module level: --help and usage errors answer at once. The job imports torch and
@@ -108,6 +110,12 @@ def main(data_dir: Path, index_dir: Path, model, layer, weights, seed, normalize
 
     if index_type is not None and index_type.strip().lower() == "auto":
         index_type = "auto"
+    elif index_type is not None:
+        from retrieval.index_types import IndexTypeError, check_factory
+        try:
+            check_factory(index_type, FEATURE_DIM)   # before any work: a typo is an answer at once
+        except IndexTypeError as exc:
+            raise UserError(f"{exc} (--index-type)") from exc
     vector_index = IndexTypeConfig(index_type=index_type, flat_max=auto_flat_max, nprobe=nprobe, ef_search=ef_search,
                                    recall_queries=recall_queries, rebuild=rebuild_index)
     cfg = JobConfig(data_dir=data_dir, index_dir=index_dir, model=model, layer=layer, weights=weights,

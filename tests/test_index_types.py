@@ -346,3 +346,15 @@ def test_serve_side_search_settings_override_the_recorded_ones(trained_collectio
         assert (stats["recall"] is None) == ((("nprobe", 3),) not in recorded), "recall only for settings it was measured with"
     finally:
         app.extensions["retrieval"].close()
+
+
+def test_index_images_refuses_a_factory_string_faiss_cannot_build_at_once(tmp_path):
+    from click.testing import CliRunner
+
+    from indexer.cli import main
+
+    (tmp_path / "data").mkdir()
+    result = CliRunner().invoke(main, [str(tmp_path / "data"), "--index-dir", str(tmp_path / "index"),
+                                       "--index-type", "IVF8,Bogus", "--weights", "random"])
+    assert result.exit_code == 2 and "IVF8,Bogus" in result.output and "--index-type" in result.output
+    assert not (tmp_path / "index").exists(), "nothing written"
