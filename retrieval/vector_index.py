@@ -12,7 +12,7 @@ import faiss
 import numpy as np
 
 from .catalog import Catalog
-from .index_types import FLAT, build_empty, is_exact, native_ids, stored_ids, structure
+from .index_types import FLAT, build_empty, is_exact, native_ids, stored_ids, structure, walk
 from .system import available_cores
 
 # ids -> their catalog vectors in chunks: what an index that cannot remove ids is rebuilt from
@@ -86,6 +86,7 @@ class VectorIndex:
     def train(self, vectors: np.ndarray) -> None:
         """Train an untrained type on a sample; vectors shape=(n, dim) float32."""
         self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+        drop_training_state(self.index)
 
     def ids(self) -> np.ndarray:
         """shape=(N,), dtype=int64; in insertion order for id-mapped types, list by list for IVF types."""
@@ -253,6 +254,17 @@ def reconcile(index: VectorIndex, catalog: Catalog) -> bool:
     if len(stale) or len(missing):
         log.info("reconciled FAISS with the catalog: %d added, %d removed", len(missing), len(stale))
     return bool(len(stale) or len(missing))
+
+
+def drop_training_state(index: faiss.Index) -> None:
+    """Free what only training needs: a PCAMatrix keeps its full d_in x d_in eigenvector matrix (64 MB at 4096-d,
+    as much as a million PQ codes) though applying it needs only its d_out x d_in projection."""
+    for part in walk(index):
+        if isinstance(part, faiss.IndexPreTransform):
+            for i in range(part.chain.size()):
+                transform = faiss.downcast_VectorTransform(part.chain.at(i))
+                if isinstance(transform, faiss.PCAMatrix):
+                    transform.PCAMat.resize(0)
 
 
 def _has_ivf(index: faiss.Index) -> bool:

@@ -358,3 +358,15 @@ def test_index_images_refuses_a_factory_string_faiss_cannot_build_at_once(tmp_pa
                                        "--index-type", "IVF8,Bogus", "--weights", "random"])
     assert result.exit_code == 2 and "IVF8,Bogus" in result.output and "--index-type" in result.output
     assert not (tmp_path / "index").exists(), "nothing written"
+
+
+def test_a_pca_index_file_does_not_keep_the_training_only_eigenvector_matrix(tmp_path):
+    dim = 256
+    vecs = clustered(600, dim)
+    index = VectorIndex.empty(dim, "PCAR16,IVF8,SQ8")
+    index.train(vecs)
+    index.add(np.arange(600), vecs)
+    index.save(tmp_path / FAISS_FILE)
+    assert (tmp_path / FAISS_FILE).stat().st_size < dim * dim * 4, "the d x d PCA matrix alone would be this large"
+    loaded = VectorIndex.load(tmp_path / FAISS_FILE, dim, factory="PCAR16,IVF8,SQ8", mmap=True)
+    assert np.array_equal(loaded.search(vecs[:20], 5)[1], index.search(vecs[:20], 5)[1])
