@@ -178,8 +178,3 @@ def recall_for(record: dict | None, params: SearchParams) -> dict | None:
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def describe_params(params: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in params.items()) or "defaults"
-

@@ -92,10 +92,6 @@ def auto_factory(n: int, dim: int, flat_max: int = AUTO_FLAT_MAX) -> str:
     return f"{pca}IVF{nlist},PQ{m}np"
 
 
-def resolve_factory(requested: str, n: int, dim: int, flat_max: int = AUTO_FLAT_MAX) -> str:
-    return auto_factory(n, dim, flat_max) if requested == AUTO else requested
-
-
 def train_size(factory: str, n: int) -> int:
     """How many catalog vectors train an index of this type: 0 for untrained types (Flat, HNSW over Flat)."""
     lists = [int(k) for k in re.findall(r"IVF(\d+)", factory)]
@@ -114,7 +110,7 @@ def vector_work_needed(config: IndexTypeConfig, catalog: "Catalog", dim: int) ->
         return True
     if record is None:
         return config.index_type not in (None, AUTO, FLAT) or config.nprobe is not None or config.ef_search is not None \
-            or auto_factory(catalog.count(), dim, config.flat_max or AUTO_FLAT_MAX) != FLAT
+            or auto_factory(catalog.count(), dim, flat_max(config, None)) != FLAT
     builder_wants = wanted_factory(requested_type(config, record), flat_max(config, record), catalog.count(), dim)
     return (builder_wants != record["factory"]
             or requested_params(config, record).to_json() != record.get("requested_search_params", {})
