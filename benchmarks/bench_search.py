@@ -35,7 +35,7 @@ import faiss  # noqa: E402 - after the path is set
 
 from retrieval.index_types import (FLAT, RECALL_TARGET, SearchParams, apply_search_params, auto_factory,  # noqa: E402
                                    train_size, tuning_ladder)
-from retrieval.recall import K, score  # noqa: E402
+from retrieval.recall import K, score, without_self  # noqa: E402
 from retrieval.system import available_cores  # noqa: E402
 from retrieval.vector_index import VectorIndex  # noqa: E402
 
@@ -86,20 +86,26 @@ class CatalogVectors:
 
     def sample(self, n: int) -> np.ndarray:
         pick = np.sort(self.rng.choice(self.ids, min(n, self.n), replace=False))
+        self.sample_ids = pick        # members of the collection: each query's own id is left out of both sides
         return np.concatenate([v for _, v in self.catalog.vectors(pick)])
 
 
-def ground_truth(data, queries: np.ndarray) -> np.ndarray:
-    """Exact 10 nearest ids per query (IndexFlatL2 over streamed chunks); a query equal to a vector is not itself excluded."""
-    heap = faiss.ResultHeap(len(queries), K)
+def ground_truth(data, queries: np.ndarray, own: np.ndarray | None) -> np.ndarray:
+    """Exact 10 nearest ids per query (IndexFlatL2 over streamed chunks), without the query's own id where it is a member."""
+    heap = faiss.ResultHeap(len(queries), K + 1)
     flat = faiss.IndexFlatL2(DIM)
     for ids, vecs in data.chunks():
         flat.reset()
         flat.add(vecs)
-        d, pos = flat.search(queries, K)
+        d, pos = flat.search(queries, K + 1)
         heap.add_result(d, np.where(pos >= 0, ids[np.maximum(pos, 0)], -1))
     heap.finalize()
-    return heap.I
+    return top10(heap.I, own)
+
+
+def top10(found: np.ndarray, own: np.ndarray | None) -> np.ndarray:
+    """(q, 11) ids -> (q, 10): without each query's own id when the queries are members, else the first 10."""
+    return without_self(found, own, K) if own is not None else found[:, :K]
 
 
 def build(data, factory: str, train: np.ndarray | None) -> tuple[VectorIndex, dict]:
@@ -127,13 +133,13 @@ def latency_ms(index: VectorIndex, queries: np.ndarray, batch: int, runs: int) -
     return round(statistics.median(times), 3)
 
 
-def tune(index: VectorIndex, queries: np.ndarray, exact: np.ndarray) -> tuple[dict, list[dict]]:
+def tune(index: VectorIndex, queries: np.ndarray, exact: np.ndarray, own: np.ndarray | None) -> tuple[dict, list[dict]]:
     """nprobe / efSearch as index-images chooses it: the smallest reaching RECALL_TARGET 1-recall@10."""
     ladder = tuning_ladder(index.index) or [SearchParams()]
     tried = []
     for params in ladder:
         apply_search_params(index.index, params)
-        found = index.search(queries, K, threads=available_cores())[1]
+        found = top10(index.search(queries, K + 1, threads=available_cores())[1], own)
         r1_1, r1_10, r10_10 = score(found, exact)
         tried.append({"search_params": params.to_json(), "1-recall@1": round(r1_1, 4), "1-recall@10": round(r1_10, 4),
                       "10-recall@10": round(r10_10, 4)})
@@ -175,8 +181,9 @@ def server_memory(path: Path, params: dict, queries: np.ndarray, work: Path) -> 
 def run_size(name: str, data, types: list[str], n_queries: int, work: Path) -> list[dict]:
     print(f"[{name}] {data.n:,} vectors: queries and exact ground truth", file=sys.stderr, flush=True)
     queries = data.sample(n_queries)
+    own = getattr(data, "sample_ids", None)
     started = time.perf_counter()
-    exact = ground_truth(data, queries)
+    exact = ground_truth(data, queries, own)
     print(f"[{name}] ground truth {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     rows = []
     for factory in types:
@@ -188,7 +195,7 @@ def run_size(name: str, data, types: list[str], n_queries: int, work: Path) -> l
         print(f"[{name}] {factory}: training on {n_train:,}, adding", file=sys.stderr, flush=True)
         index, times = build(data, factory, train)
         del train
-        best, tried = tune(index, queries, exact)
+        best, tried = tune(index, queries, exact, own)
         path = work / f"{name}-{factory.replace(',', '_')}.faiss"
         index.save(path)
         row = {"collection": name, "n": data.n, "type": factory, **times, "index_bytes": path.stat().st_size,
