@@ -24,7 +24,8 @@ MAX_CONNECTIONS = 64   # open connections per worker process (gunicorn's default
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"   # api.metrics: where the workers keep their metric values
 # Options that set an app setting (api.settings.SETTINGS): option name -> config key. An option added here is
 # passed to create_app, shown by --print-config with the app's value, and listed once in the README's table.
-OPTION_SETTINGS = {"index_dir": "INDEX_DIR", "db_url": "DB_URL", "device": "DEVICE", "compare_index": "COMPARE_INDEX", "training": "TRAINING"}
+OPTION_SETTINGS = {"index_dir": "INDEX_DIR", "db_url": "DB_URL", "device": "DEVICE", "compare_index": "COMPARE_INDEX", "training": "TRAINING",
+                   "nprobe": "NPROBE", "ef_search": "EF_SEARCH"}
 
 # Only light modules above (click, gunicorn: about 0.1 s): --help and usage errors answer at once. The
 # retrieval modules that bring torch and FAISS are imported inside the command, after the arguments are parsed.
@@ -164,6 +165,10 @@ def show_config(ctx: click.Context, overrides: dict[str, tuple[Any, str]]) -> No
 @click.option("--read-timeout", type=click.FloatRange(min=0.1), default=DEFAULT_READ_TIMEOUT_S, show_default=True,
               help="Seconds a client may take to send a request's headers, or pause while sending its body; "
                    "slower or idle connections are answered 408 and closed.")
+@click.option("--nprobe", type=click.IntRange(min=1), default=None, envvar="RETRIEVAL_NPROBE", show_envvar=True,
+              help="IVF lists searched per query. [default: as index-images recorded it, tuned for recall]")
+@click.option("--ef-search", type=click.IntRange(min=1), default=None, envvar="RETRIEVAL_EF_SEARCH", show_envvar=True,
+              help="HNSW search breadth (efSearch). [default: as index-images recorded it]")
 @click.option("--access-log/--no-access-log", default=False, help="Log every request on stderr.")
 @click.option("--compare-index", type=click.Path(file_okay=False, resolve_path=True, path_type=Path), default=None,
               envvar="RETRIEVAL_COMPARE_INDEX", show_envvar=True, metavar="DIR",
@@ -178,7 +183,7 @@ def show_config(ctx: click.Context, overrides: dict[str, tuple[Any, str]]) -> No
                    "environment variable, command line); then exit without starting it.")
 @click.pass_context
 def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, port: int, workers: int, threads: int, device: str | None,
-         timeout: int, read_timeout: float, access_log: bool, compare_index: Path | None, training: Path | None,
+         timeout: int, read_timeout: float, nprobe: int | None, ef_search: int | None, access_log: bool, compare_index: Path | None, training: Path | None,
          print_config: bool) -> None:
     """Serve the index in INDEX_DIR: the JSON API (POST /search, GET /images/<id>/neighbours, /stats) and the gallery.
 
@@ -191,7 +196,9 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
 
     Every option can also be set by an environment variable (SERVE_IMAGES_PORT, ...; see
     --print-config and the README's configuration table). GET /metrics serves Prometheus metrics
-    summed over the worker processes.
+    summed over the worker processes. A compressed FAISS index is memory-mapped and
+    searched with the nprobe or efSearch index-images tuned, unless --nprobe / --ef-search say otherwise;
+    /stats shows the recall measured with them.
 
     Exit status: 2 when there is no index (run index-images first), 3 when a worker cannot start.
     """

@@ -17,6 +17,7 @@ from retrieval.decode_pool import DecodePool, DecoderBusy
 from retrieval.evaluation import vote
 from retrieval.images import ImageDecodeError
 from retrieval.index import Hit, ImageIndex, IndexSnapshot, weights_label
+from retrieval.index_types import SearchParams
 from retrieval.system import available_cores
 
 from . import metrics
@@ -53,6 +54,9 @@ class ServiceConfig:
     decode_timeout_s: float          # an upload waits at most this long for a decoder (else 503), decodes at most this long (else 415)
     max_decoded_pixels: int | None   # pixels an upload may decode to, after JPEG draft reduction (None: max_pixels only)
     decode_memory_mb: int            # memory a decoder process may add to its own baseline (RLIMIT_AS); 0: no cap
+    nprobe: int                      # IVF lists searched per query; 0: as recorded with the index
+    ef_search: int                   # HNSW efSearch; 0: as recorded with the index
+    mmap: bool                       # memory-map the FAISS file where FAISS can
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> "ServiceConfig":
@@ -88,6 +92,9 @@ class ServiceConfig:
             max_decoded_pixels=None if config.get("MAX_DECODED_PIXELS") in (None, "", 0)
             else number("MAX_DECODED_PIXELS", int, 1),
             decode_memory_mb=number("DECODE_MEMORY_MB", int, 0),
+            nprobe=number("NPROBE", int, 0),
+            ef_search=number("EF_SEARCH", int, 0),
+            mmap=str(config.get("MMAP", True)).lower() not in ("0", "false", "no", "off"),
         )
 
 
@@ -107,7 +114,9 @@ class RetrievalService:
     def __init__(self, config: ServiceConfig):
         self.config = config
         self.index = ImageIndex(config.index_dir, db_url=config.db_url, device=config.device,
-                                max_pixels=config.max_pixels)
+                                max_pixels=config.max_pixels,
+                                search_params=SearchParams(config.nprobe or None, config.ef_search or None),
+                                mmap=config.mmap)
         self.batcher = QueryBatcher(self.index, max_batch=config.batch_max_size, max_wait_s=config.batch_wait_ms / 1000.0,
                                     torch_threads=config.torch_threads, search_threads=config.search_threads)
         self.watcher = IndexWatcher(self.index, config.reload_interval_s, on_reload=self._count_images) \
@@ -245,6 +254,7 @@ class RetrievalService:
                 "normalized": snapshot.settings.normalize,
                 "skipped": catalog.skipped_count(),
                 "catalog": catalog.backend,                    # "sqlite" or "postgresql": never its URL
+                "vector_index": snapshot.describe_vectors(),   # FAISS type, search settings, recall against exact
                 "updated_at": updated.isoformat(timespec="seconds") + "Z" if updated else None,
                 "queries": self.query_stats()}
 

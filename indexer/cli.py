@@ -11,6 +11,8 @@ from typing import Callable
 import click
 
 from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV, LAYERS, MODEL_NAMES
+
+FEATURE_DIM = 4096   # fc6 and fc7 of both backbones
 from retrieval.system import display_name
 
 from .config_table import command_settings
@@ -86,10 +88,28 @@ def parse_batch_size(value: str) -> int | str:
               help="Decode and run the network on a Ray cluster (pip install '.[ray]'): ADDRESS (auto, HOST:PORT, "
                    "ray://HOST:PORT) joins a running one; without ADDRESS, $RAY_ADDRESS or else a new local one. "
                    "This process plans and writes. Put it after DATA_DIR.")
+@click.option("--index-type", default=None, metavar="auto|FACTORY",
+              help="FAISS index type: a faiss.index_factory string (Flat, PCAR256,IVF1024,PQ64, HNSW32, ...) or auto: "
+                   "exact Flat up to --auto-flat-max images, a trained PCA+IVF+PQ index above. Another type than the "
+                   "index's is rebuilt from the catalog, without the network. [default: auto, or the index's]")
+@click.option("--rebuild-index", is_flag=True,
+              help="Rebuild (and retrain) the FAISS file from the catalog's vectors, without the network.")
+@click.option("--nprobe", type=click.IntRange(min=1), default=None, envvar="RETRIEVAL_NPROBE", show_envvar=True,
+              help="IVF lists searched per query. [default: the smallest giving 1-recall@10 >= 0.95 on the recall "
+                   "sample, or the index's]")
+@click.option("--ef-search", type=click.IntRange(min=1), default=None, envvar="RETRIEVAL_EF_SEARCH", show_envvar=True,
+              help="HNSW search breadth (efSearch). [default: tuned like --nprobe, or the index's]")
+@click.option("--recall-queries", type=click.IntRange(min=1), default=None,
+              help="Held-out catalog vectors whose neighbours are checked against exact search after each build "
+                   "(left out of training). [default: 1000, or the index's]")
+@click.option("--auto-flat-max", type=click.IntRange(min=0), default=None,
+              help="auto keeps exact Flat up to this many images. [default: 50000, or the index's]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each skipped file and other details.")
 def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weights, seed, normalize, device, batch_size, workers,  # noqa: ANN001
-         max_file_mb: float, ray_address: str | None, as_json: bool, verbose: bool) -> None:
+         max_file_mb: float, ray_address: str | None, index_type: str | None, rebuild_index: bool, nprobe: int | None,
+         ef_search: int | None, recall_queries: int | None, auto_flat_max: int | None, as_json: bool,
+         verbose: bool) -> None:
     """Index (or update the index of) the images in DATA_DIR.
 
     Walks DATA_DIR recursively (JPEG, PNG, WebP, BMP, GIF, TIFF), labels each image by its first
@@ -108,12 +128,24 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
     from sqlalchemy.exc import SQLAlchemyError
 
     from retrieval.catalog import db_error_reason
+    from retrieval.index_types import IndexTypeConfig
 
     from .job import ConfigError, JobConfig, run_index
 
+    if index_type is not None and index_type.strip().lower() == "auto":
+        index_type = "auto"
+    elif index_type is not None:
+        from retrieval.index_types import IndexTypeError, check_factory
+        try:
+            check_factory(index_type, FEATURE_DIM)   # before any work: a typo is an answer at once
+        except IndexTypeError as exc:
+            raise UserError(f"{exc} (--index-type)") from exc
+    vector_index = IndexTypeConfig(index_type=index_type, flat_max=auto_flat_max, nprobe=nprobe, ef_search=ef_search,
+                                   recall_queries=recall_queries, rebuild=rebuild_index)
     cfg = JobConfig(data_dir=data_dir, index_dir=index_dir, db_url=db_url, model=model, layer=layer, weights=weights,
                     normalize=normalize, seed=seed, device=device, batch_size=parse_batch_size(batch_size),
-                    workers=workers, max_file_bytes=int(max_file_mb * 2**20), progress=not as_json, ray=ray_address)
+                    workers=workers, max_file_bytes=int(max_file_mb * 2**20), progress=not as_json, ray=ray_address,
+                    vector_index=vector_index)
     try:
         report = run_index(cfg, on_extractor=None if as_json else _announce,
                            on_cluster=None if as_json else lambda line: click.echo(line, err=True))
@@ -147,6 +179,23 @@ def _print_report(r) -> None:  # noqa: ANN001 - indexer.job.RunReport
                f"{r.total} images in the index ({r.seconds:.1f} s, {r.images_per_second:.1f} images/s)")
     for s in r.skipped:
         click.echo(f"  skipped {s['path']}: {s['reason']}")
+    if r.vector_index:
+        click.echo(f"FAISS index: {describe_vector_index(r.vector_index)}")
+
+
+def describe_vector_index(info: dict) -> str:
+    """One line: the type, and for an approximate one its search settings and the recall they gave."""
+    if info.get("exact"):
+        return f"{info['factory']} (exact)"
+    params = ", ".join(f"{k} {v}" for k, v in (info.get("search_params") or {}).items())
+    line = f"{info['factory']} ({info['requested']}{'; ' + params if params else ''})"
+    recall = info.get("recall")
+    measured = next((m for m in (recall or {}).get("results", [])
+                     if m["search_params"] == (info.get("search_params") or {})), None)
+    if measured is None:
+        return line + "; recall not measured"
+    return (line + f"; on {recall['queries']} held-out queries: 1-recall@1 {measured['1-recall@1']:.3f}, "
+                   f"1-recall@10 {measured['1-recall@10']:.3f}, 10-recall@10 {measured['10-recall@10']:.3f}")
 
 
 @click.command(context_settings=command_settings("search-images"))

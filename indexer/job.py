@@ -15,6 +15,7 @@ import numpy as np
 
 from retrieval.catalog import CATALOG_FILE, Catalog, CatalogBusy, CatalogUnavailable, IndexSettings, catalog_sqlite_file
 from retrieval.images import DEFAULT_MAX_PIXELS, Preprocessing
+from retrieval.index_types import IndexTypeConfig, IndexTypeError, vector_work_needed
 from retrieval.scan import DEFAULT_MAX_FILE_BYTES, ImageFile, scan_folder
 from retrieval.names import DEFAULT_RANDOM_SEED, FAISS_FILE
 from retrieval.system import available_cores, display_name
@@ -62,6 +63,7 @@ class JobConfig:
     progress: bool = True
     ray: str | None = None            # None: this process; "": a new local Ray cluster (or $RAY_ADDRESS);
                                       # else the address of a running cluster ("auto", "HOST:PORT", "ray://...")
+    vector_index: IndexTypeConfig = dataclasses.field(default_factory=IndexTypeConfig)   # FAISS type, training, recall
 
     def __post_init__(self) -> None:
         # Absolute once, here where the paths enter: nothing deeper depends on the working directory.
@@ -78,6 +80,7 @@ class RunReport:
     total: int = 0
     seconds: float = 0.0
     images_per_second: float = 0.0
+    vector_index: dict | None = None   # the FAISS type, training, search settings and recall (index_builder.describe)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -218,10 +221,15 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
         stored = catalog.settings()
         chosen = resolve_settings(cfg, stored)
         planned = plan(cfg, catalog)
-        if stored is not None and not planned.todo and not _removals(planned, catalog) \
-                and (index_dir / FAISS_FILE).exists() and catalog.vectors_in_step():
+        if stored is not None and not planned.todo and not _removals(planned, catalog):
             _record_refused(planned, catalog)
-            return _report(RunReport(unchanged=planned.unchanged), catalog, catalog.count(), started)
+            report = RunReport(unchanged=planned.unchanged, vector_index=catalog.vector_index_record())
+            if (index_dir / FAISS_FILE).exists() and catalog.vectors_in_step() \
+                    and not vector_work_needed(cfg.vector_index, catalog, stored.dim):
+                return _report(report, catalog, catalog.count(), started)
+            # FAISS work only (rebuild, another type, new search settings): from the catalog, no network
+            report.vector_index, total = _maintain_vectors(cfg, catalog, stored.dim)
+            return _report(report, catalog, total, started)
         if cfg.ray is not None:
             from .ray_job import run_on_ray
             return run_on_ray(cfg, catalog, stored, chosen, planned, started, on_cluster)
@@ -237,6 +245,15 @@ def plan(cfg: JobConfig, catalog: Catalog) -> Plan:
     scan = scan_folder(cfg.data_dir, exclude=[cfg.index_dir], skip_folders_holding=CATALOG_FILE,
                        max_file_bytes=cfg.max_file_bytes)
     return plan_run(scan.images, scan.skipped, catalog)
+
+
+def _maintain_vectors(cfg: JobConfig, catalog: Catalog, dim: int) -> tuple[dict, int]:
+    from retrieval.index_builder import maintain_vectors
+
+    try:
+        return maintain_vectors(catalog, cfg.index_dir / FAISS_FILE, dim, cfg.vector_index)
+    except IndexTypeError as exc:
+        raise ConfigError(f"{exc} (--index-type)") from exc
 
 
 def expected_preprocessing(stored: IndexSettings | None) -> Preprocessing:
@@ -315,11 +332,14 @@ class Writer:
     """
 
     def __init__(self, cfg: JobConfig, catalog: Catalog, plan: Plan, dim: int):
-        from retrieval.vector_index import VectorIndex
+        from retrieval.index_builder import IndexBuilder
 
         self.catalog, self.save_every_s = catalog, cfg.save_every_s
-        self.faiss_path = cfg.index_dir / FAISS_FILE
-        self.vectors, self.dirty = VectorIndex.open_reconciled(self.faiss_path, catalog, dim)
+        try:   # the FAISS type: exact Flat, or trained from a catalog sample (retrieval.index_builder)
+            self.builder = IndexBuilder(catalog, cfg.index_dir / FAISS_FILE, dim, cfg.vector_index)
+            self.vectors, self.dirty = self.builder.open()
+        except IndexTypeError as exc:
+            raise ConfigError(f"{exc} (--index-type)") from exc
         self.report = RunReport(unchanged=plan.unchanged)
         to_remove = _removals(plan, catalog)
         if to_remove:
@@ -335,6 +355,7 @@ class Writer:
         new_ids, replaced = self.catalog.write_batch(rows, feats, bad)   # the commit point
         self.vectors.remove(replaced)
         self.vectors.add(np.asarray(new_ids, dtype=np.int64), feats)
+        self.vectors = self.builder.grown(self.vectors)   # exact Flat -> a trained type once the collection calls for one
         self.dirty = True
         self.report.indexed += len(rows)
         for b in bad:
@@ -344,18 +365,20 @@ class Writer:
             self.last_save = time.monotonic()
 
     def save(self) -> None:
-        state = self.catalog.updated_at()   # read first: a crash between the two writes only costs a reconcile
-        self.vectors.save(self.faiss_path)
-        self.catalog.mark_vectors_saved(state)
+        self.builder.save(self.vectors)   # the file, then the catalog state and the FAISS type it holds
 
     def __enter__(self) -> "Writer":
         return self
 
     def __exit__(self, exc_type, *_exc) -> None:  # noqa: ANN001 - context manager protocol
-        if self.dirty or not self.catalog.vectors_in_step():
+        if exc_type is None:   # another type at this size; the recall of an approximate index
+            self.vectors = self.builder.finish(self.vectors, self.dirty)
+        if self.dirty or self.builder.built or not self.catalog.vectors_in_step() \
+                or self.builder.record != self.catalog.vector_index_record():
             self.save()
         if exc_type is None:
             assert len(self.vectors) == self.catalog.count(), "FAISS and the catalog disagree after a run"
+            self.report.vector_index = self.builder.record
 
 
 def progress_bar(cfg: JobConfig, plan: Plan):  # noqa: ANN201 - tqdm

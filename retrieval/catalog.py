@@ -1,9 +1,10 @@
-"""The catalog: SQLAlchemy models for images (with their vectors), index settings and skipped files; SQLite or a database server."""
+"""The catalog: SQLAlchemy models for images (with their vectors), index settings, skipped files and the FAISS type; SQLite or a database server."""
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
 import hashlib
+import json
 import os
 import sqlite3
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.types import TypeDecorator
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, defer, mapped_column, sessionmaker
 
 CATALOG_FILE = "catalog.db"
 
@@ -173,6 +174,16 @@ class FaissFileRow(Base):
 
     index_dir: Mapped[str] = mapped_column(FileName, primary_key=True)   # absolute
     catalog_updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class VectorIndexRow(Base):
+    """How the FAISS file is built (one row): the type asked for and built, its training, search settings and recall.
+
+    Written after each save of the FAISS file; the file itself says what it holds (index_types.structure)."""
+    __tablename__ = "vector_index"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    record: Mapped[str] = mapped_column(String)   # JSON, see retrieval.index_builder.IndexBuilder.record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,7 +441,9 @@ class Catalog:
         if not ids:
             return {}
         with self.Session() as s:
-            return {r.id: _record(r) for r in s.scalars(select(ImageRow).where(ImageRow.id.in_(ids)))}
+            # rows without their vectors: a query's results never read 16 KB of vector per hit
+            return {r.id: _record(r) for r in s.scalars(select(ImageRow).options(defer(ImageRow.vector))
+                                                        .where(ImageRow.id.in_(ids)))}
 
     def vectors(self, ids: Iterable[int] | None = None, chunk: int = 2048) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (ids shape=(n,) int64, vectors shape=(n, dim) float32) in chunks; all rows when ids is None."""
@@ -521,6 +534,21 @@ class Catalog:
             if settings is not None and (new_rows or replaced):   # the images changed (a new skip alone is no change)
                 settings.updated_at = utcnow()
         return new_ids, list(replaced)
+
+
+    # the FAISS index type
+    def vector_index_record(self) -> dict | None:
+        """What retrieval.index_builder recorded of the FAISS file, or None (none yet, or a catalog made before)."""
+        try:
+            with self.Session() as s:
+                text = s.scalar(select(VectorIndexRow.record).where(VectorIndexRow.id == 1))
+        except OperationalError:   # no such table: made before index types, and opened read-only
+            return None
+        return json.loads(text) if text else None
+
+    def save_vector_index_record(self, record: dict) -> None:
+        with self.Session.begin() as s:
+            s.merge(VectorIndexRow(id=1, record=json.dumps(record, sort_keys=True)))
 
 
 def _stack(part) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001 - rows of (id, blob)

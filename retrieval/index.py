@@ -19,6 +19,7 @@ from .backbones import (MODELS, FeatureExtractor, WeightsUnavailable, build_extr
 from .catalog import (CATALOG_FILE, Catalog, CatalogUnavailable, IndexSettings, db_error_reason,  # noqa: F401
                       weights_label)  # weights_label: re-exported
 from .images import DEFAULT_MAX_PIXELS, DecodedImage, decode_for_model
+from .index_types import SearchParams, apply_search_params, search_params_of
 from .names import FAISS_FILE
 from .vector_index import VectorIndex
 
@@ -87,6 +88,22 @@ class IndexSnapshot:
     catalog_file: tuple                 # Catalog.identity() when it was opened: (st_dev, st_ino) of an SQLite file,
                                         # ("database", created_at) on a database server
     catalog_updated_at: dt.datetime | None = None   # on a database server: the catalog's updated_at the vectors agree with
+    vector_record: dict | None = None   # the FAISS type, training, search settings and recall index-images recorded
+
+    def describe_vectors(self) -> dict:
+        """The FAISS index as served: type, memory-mapped or not, search settings, and the recall they gave."""
+        from .index_builder import recall_for
+
+        record = self.vector_record or {}
+        params = search_params_of(self.vectors.index)
+        recall = record.get("recall") or {}
+        return {"type": record.get("factory", self.vectors.factory), "requested": record.get("requested"),
+                "exact": self.vectors.exact, "memory_mapped": self.vectors.mapped,
+                "train_size": (record.get("train") or {}).get("size"),
+                "search_params": params.to_json(),
+                "recall": recall_for(record, params),   # None: not measured with these settings (or exact)
+                "recall_queries": recall.get("queries"), "recall_measured_at": recall.get("measured_at"),
+                "recall_count": recall.get("count")}
 
     @property
     def network(self) -> str:
@@ -134,10 +151,13 @@ class ImageIndex:
     """
 
     def __init__(self, index_dir: Path | str, *, db_url: str | None = None, device: str = "cpu",
-                 load_network: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+                 load_network: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 search_params: SearchParams | None = None, mmap: bool = True):
         self.index_dir = Path(index_dir)
         self.db_url = db_url                 # the catalog's URL; None: SQLite in the index folder
         self.device, self.load_network, self.max_pixels = device, load_network, max_pixels
+        self.search_params = search_params or SearchParams()   # over the recorded ones (nprobe, efSearch)
+        self.mmap = mmap                     # map FAISS files of types FAISS can map (read-only, page cache)
         self._lock = threading.Lock()        # one refresh at a time
         self._problem: str | None = None     # why the index cannot be served now; None when it can
         self._failed: tuple[tuple, float] | None = None   # (what failed to load, when) for NETWORK_RETRY_S
@@ -268,6 +288,7 @@ class ImageIndex:
                     "weights")
         else:
             extractor = None
+        record = catalog.vector_index_record()
         if on_server and previous is not None and previous.catalog_file == catalog_file \
                 and previous.faiss_signature == signature and network_key(previous.settings) == network_key(settings):
             # the same catalog, changed by a writer (whose FAISS file may be in another folder): bring a copy of
@@ -275,9 +296,12 @@ class ImageIndex:
             vectors = previous.vectors.copy()
             vectors.reconcile(catalog)
         else:
-            vectors, _ = VectorIndex.open_reconciled(self.faiss_path, catalog, settings.dim)
+            vectors, _ = VectorIndex.open_reconciled(self.faiss_path, catalog, settings.dim, factory=None,
+                                                     mmap=self.mmap)
+        recorded = SearchParams.from_json((record or {}).get("search_params"))
+        apply_search_params(vectors.index, self.search_params.over(recorded))   # before any search sees it
         return IndexSnapshot(previous.version + 1 if previous else 1, settings, catalog, vectors, extractor,
-                             signature, catalog_file, updated_at)
+                             signature, catalog_file, updated_at, record)
 
     def refresh(self, *, load: bool = True) -> bool:
         """Look at the index on disk and serve it as it is now. -> True when a new snapshot was loaded.

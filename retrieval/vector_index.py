@@ -1,4 +1,4 @@
-"""The FAISS vector index: IndexIDMap2 over IndexFlatL2, keyed by catalog row id, saved atomically."""
+"""The FAISS vector index keyed by catalog row id (exact IndexFlatL2 or any factory type), saved atomically, opened mmapped."""
 from __future__ import annotations
 
 import logging
@@ -6,12 +6,17 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import faiss
 import numpy as np
 
 from .catalog import Catalog
+from .index_types import FLAT, build_empty, is_exact, native_ids, stored_ids, structure, walk
 from .system import available_cores
+
+# ids -> their catalog vectors in chunks: what an index that cannot remove ids is rebuilt from
+VectorSource = Callable[[Iterable[int]], Iterator[tuple[np.ndarray, np.ndarray]]]
 
 log = logging.getLogger(__name__)
 
@@ -51,38 +56,82 @@ def _scan_rows(vectors: np.ndarray, queries: np.ndarray, k: int, start: int, sto
 
 
 class VectorIndex:
-    """Exact L2 search over (id, vector) pairs. Not thread-safe for writes; searches may run concurrently."""
+    """L2 search over (id, vector) pairs. Not thread-safe for writes; searches may run concurrently.
 
-    def __init__(self, dim: int, index: faiss.Index | None = None):
+    Exact IndexIDMap2 over IndexFlatL2 by default; any FAISS factory type otherwise (retrieval.index_types).
+    A memory-mapped index (load(mmap=True)) is read-only: add and remove refuse it."""
+
+    def __init__(self, dim: int, index: faiss.Index | None = None, *, factory: str = FLAT, mapped: bool = False,
+                 vector_source: VectorSource | None = None):
         self.dim = dim
         self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatL2(dim))
         assert self.index.d == dim, f"FAISS index has dimension {self.index.d}, expected {dim}"
+        self.factory = factory              # the factory string it was built from ("Flat": exact)
+        self.mapped = mapped                # memory-mapped from its file (read-only)
+        self.vector_source = vector_source  # where an index that cannot remove ids is rebuilt from
+        self.exact = is_exact(self.index)   # searched by _scan, FAISS's exact kernel over its storage
+
+    @classmethod
+    def empty(cls, dim: int, factory: str, vector_source: VectorSource | None = None) -> "VectorIndex":
+        """An empty index of this type, untrained (see train). Raises index_types.IndexTypeError."""
+        return cls(dim, build_empty(factory, dim), factory=factory, vector_source=vector_source)
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.index.is_trained)
+
+    def train(self, vectors: np.ndarray) -> None:
+        """Train an untrained type on a sample; vectors shape=(n, dim) float32."""
+        self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+        drop_training_state(self.index)
+
     def ids(self) -> np.ndarray:
-        """shape=(N,), dtype=int64, in insertion order."""
-        return faiss.vector_to_array(self.index.id_map).astype(np.int64, copy=False)
+        """shape=(N,), dtype=int64; in insertion order for id-mapped types, list by list for IVF types."""
+        return stored_ids(self.index)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """ids shape=(n,) int64; vectors shape=(n, dim) float32."""
         if len(ids) == 0:
             return
+        self._writable()
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         assert vectors.shape == (len(ids), self.dim), f"vectors {vectors.shape} do not match ({len(ids)}, {self.dim})"
+        assert self.index.is_trained, f"the {self.factory} index must be trained before vectors are added"
         self.index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
 
     def remove(self, ids) -> int:  # noqa: ANN001 - any int sequence
+        """Remove ids; types FAISS cannot remove from (HNSW) are rebuilt from vector_source without them."""
         ids = np.asarray(list(ids), dtype=np.int64)
         if len(ids) == 0:
             return 0
-        return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
+        self._writable()
+        try:
+            return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
+        except RuntimeError:   # "remove_ids not implemented for this type of index"
+            if self.vector_source is None:
+                raise
+        keep = np.setdiff1d(self.ids(), ids)
+        removed = len(self) - len(keep)
+        if removed:
+            log.info("%s cannot remove ids: rebuilt without %d of them", self.factory, removed)
+            fresh = faiss.clone_index(self.index)   # trained, same parameters
+            fresh.reset()
+            self.index = fresh
+            for chunk_ids, vecs in self.vector_source(keep):
+                self.index.add_with_ids(np.ascontiguousarray(vecs, np.float32), chunk_ids)
+        return removed
+
+    def _writable(self) -> None:
+        assert not self.mapped, "a memory-mapped index is read-only (FAISS would abort on a write)"
 
     def search(self, queries: np.ndarray, k: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """queries shape=(q, dim) float32 -> (distances shape=(q, k') float32 L2 (not squared), ids shape=(q, k') int64).
 
-        k' = min(k, len(self)); nearest first. Exact. threads: how many threads scan the vectors for a
+        k' = min(k, len(self)); nearest first. Exact for Flat; approximate types answer id -1 (distance inf)
+        where they found fewer than k' (searched with their nprobe / efSearch). threads: how many threads scan the vectors for a
         few queries (at most one per core), or FAISS's OpenMP threads for a large batch.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -90,6 +139,10 @@ class VectorIndex:
         k = min(int(k), len(self))
         if k <= 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        if not self.exact:
+            faiss.omp_set_num_threads(max(1, threads))   # per calling thread
+            sq, ids = self.index.search(queries, k)      # -1 where a probed part holds fewer than k
+            return np.sqrt(np.maximum(sq, 0.0)), ids
         if len(queries) <= SCAN_MAX_QUERIES:
             sq, pos = self._scan(queries, k, threads)
             ids = self.ids()[pos]                      # k <= len(self): every position is a real row
@@ -128,63 +181,69 @@ class VectorIndex:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: Path, dim: int) -> "VectorIndex | None":
-        """The saved index, or None when it is missing, unreadable or of another shape (it is a cache)."""
+    def load(cls, path: Path, dim: int, *, factory: str | None = FLAT, mmap: bool = False,
+             vector_source: VectorSource | None = None) -> "VectorIndex | None":
+        """The saved index, or None when it is missing, unreadable or of another shape (it is a cache).
+
+        factory: the type the catalog says the file holds; a file of another structure is ignored (rebuilt).
+        None takes whatever type the file holds (a reader that must not rebuild; its factory is then "?").
+        mmap: map the file instead of reading it (read-only), where FAISS can: IVF lists and flat codes
+        stay in the page cache, shared and evictable. Only for paths FAISS can open by name (UTF-8);
+        other paths are read through Python's file."""
+        path = Path(path)
         try:
-            with open(path, "rb") as f:
-                index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
+            index, mapped = _read(path, mmap)
         except FileNotFoundError:
             return None
         except RuntimeError as exc:
-            if Path(path).exists():
+            if path.exists():
                 log.warning("ignoring unreadable FAISS file %s (%s); rebuilding from the catalog", path, exc)
             return None
-        if index.d != dim or not isinstance(index, faiss.IndexIDMap2):
-            log.warning("ignoring FAISS file %s of another shape; rebuilding from the catalog", path)
+        if index.d != dim:
+            log.warning("ignoring FAISS file %s of another dimension; rebuilding from the catalog", path)
             return None
-        return cls(dim, index)
-
-    def copy(self) -> "VectorIndex":
-        """An independent copy (searches of this one may go on while the copy is changed)."""
-        return VectorIndex(self.dim, faiss.clone_index(self.index))
-
-    def reconcile(self, catalog: Catalog) -> bool:
-        """Make the index agree with the catalog: ids missing here are added from the catalog's vectors, ids no
-        longer in the catalog are removed. -> whether anything changed."""
-        have = self.ids()
-        want = catalog.ids()
-        stale = np.setdiff1d(have, want, assume_unique=True)
-        missing = np.setdiff1d(want, have, assume_unique=True)
-        if len(stale):
-            self.remove(stale)
-        if len(missing):
-            for ids, vecs in catalog.vectors(missing):
-                self.add(ids, vecs)
-        if len(stale) or len(missing):
-            log.info("reconciled FAISS with the catalog: %d added, %d removed", len(missing), len(stale))
-        return bool(len(stale) or len(missing))
+        if not (native_ids(index) and _has_ivf(index)) and not isinstance(index, faiss.IndexIDMap2):
+            log.warning("ignoring FAISS file %s: it holds no catalog ids; rebuilding from the catalog", path)
+            return None
+        if factory is None:
+            return cls(dim, index, factory=FLAT if is_exact(index) else "?", mapped=mapped, vector_source=vector_source)
+        try:
+            expected = structure(build_empty(factory, dim))
+        except ValueError:
+            expected = None
+        if structure(index) != expected:
+            log.warning("ignoring FAISS file %s: it is not the %s index the catalog records; rebuilding", path, factory)
+            return None
+        return cls(dim, index, factory=factory, mapped=mapped, vector_source=vector_source)
 
     @classmethod
-    def open_reconciled(cls, path: Path, catalog: Catalog, dim: int) -> tuple["VectorIndex", bool]:
+    def open_reconciled(cls, path: Path, catalog: Catalog, dim: int, *, factory: str | None = FLAT,
+                        mmap: bool = False) -> tuple["VectorIndex", bool]:
         """Load the FAISS file and make it agree with the catalog (DESIGN invariant 1).
 
         Ids missing from FAISS are added from the catalog's vectors; ids no longer in the catalog are removed.
+        A file that is missing, unreadable or not of type factory gives an empty Flat index: the caller
+        (retrieval.index_builder) rebuilds the type from the catalog. With mmap, an index that needs
+        changes is read into memory instead (a mapped one is read-only).
         -> (index, changed) where changed says whether it differs from the file.
         """
-        index = cls.load(path, dim)
+        index = cls.load(path, dim, factory=factory, mmap=mmap, vector_source=catalog.vectors)
         if index is not None and not index.agrees_with(catalog):
             log.warning("the FAISS file %s holds other vectors than the catalog under the same ids (saved from "
                         "another catalog?); rebuilding it from the catalog", path)
             index = None
-        changed = index is None
-        index = index or cls(dim)
-        return index, index.reconcile(catalog) or changed
+        changed = index is None or not Path(path).exists() or (factory is not None and index.factory != factory)
+        index = index or cls(dim, vector_source=catalog.vectors)
+        if index.mapped and not _in_step(index, catalog):
+            index = cls.load(path, dim, factory=factory, vector_source=catalog.vectors) or cls(dim)
+        return index, reconcile(index, catalog) or changed
 
     def agrees_with(self, catalog: Catalog, sample: int = 8) -> bool:
-        """Whether a few ids spread over the index hold the catalog's vectors for them (a FAISS file of another
-        catalog, whose ids were handed out again, does not). Indexes that cannot give vectors back pass."""
+        """Whether a few ids spread over an exact index hold the catalog's vectors for them (a FAISS file of another
+        catalog, whose ids were handed out again, does not). Compressed types, whose vectors come back only
+        approximately if at all, pass."""
         have = self.ids()
-        if len(have) == 0:
+        if len(have) == 0 or not is_exact(self.index):
             return True
         picked = np.unique(have[np.linspace(0, len(have) - 1, min(sample, len(have))).astype(int)])
         for ids, vecs in catalog.vectors(picked):
@@ -196,3 +255,72 @@ class VectorIndex:
                 if not np.allclose(stored, vec, atol=1e-5):
                     return False
         return True
+
+    def copy(self) -> "VectorIndex":
+        """An independent, writable copy in memory (searches of this one may go on while the copy is changed)."""
+        return VectorIndex(self.dim, faiss.clone_index(self.index), factory=self.factory,
+                           vector_source=self.vector_source)
+
+    def reconcile(self, catalog: Catalog) -> bool:
+        """Make the index agree with the catalog (module function reconcile). -> whether anything changed."""
+        return reconcile(self, catalog)
+
+
+def _in_step(index: VectorIndex, catalog: Catalog) -> bool:
+    have, want = index.ids(), catalog.ids()
+    return len(have) == len(want) and np.array_equal(np.sort(have), want)
+
+
+def reconcile(index: VectorIndex, catalog: Catalog) -> bool:
+    """Add the catalog's ids missing from index, remove those gone from the catalog. -> whether it changed."""
+    have = index.ids()
+    want = catalog.ids()
+    stale = np.setdiff1d(have, want)
+    missing = np.setdiff1d(want, have)
+    if len(stale):
+        index.remove(stale)
+    if len(missing):
+        for ids, vecs in catalog.vectors(missing):
+            index.add(ids, vecs)
+    if len(stale) or len(missing):
+        log.info("reconciled FAISS with the catalog: %d added, %d removed", len(missing), len(stale))
+    return bool(len(stale) or len(missing))
+
+
+def drop_training_state(index: faiss.Index) -> None:
+    """Free what only training needs: a PCAMatrix keeps its full d_in x d_in eigenvector matrix (64 MB at 4096-d,
+    as much as a million PQ codes) though applying it needs only its d_out x d_in projection."""
+    for part in walk(index):
+        if isinstance(part, faiss.IndexPreTransform):
+            for i in range(part.chain.size()):
+                transform = faiss.downcast_VectorTransform(part.chain.at(i))
+                if isinstance(transform, faiss.PCAMatrix):
+                    transform.PCAMat.resize(0)
+
+
+def _has_ivf(index: faiss.Index) -> bool:
+    try:
+        faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return False
+    return True
+
+
+def mmap_path(path: Path) -> str | None:
+    """path as FAISS's own reader takes it (a UTF-8 str), or None when it cannot (names that are not UTF-8)."""
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return str(path)
+
+
+def _read(path: Path, mmap: bool) -> tuple[faiss.Index, bool]:
+    """-> (index, memory-mapped). Raises FileNotFoundError, RuntimeError (unreadable)."""
+    name = mmap_path(path) if mmap else None
+    if name is not None:
+        os.stat(path)   # FileNotFoundError before FAISS's own RuntimeError
+        # IO_FLAG_MMAP maps IVF inverted lists; IO_FLAG_MMAP_IFC (which includes it) also flat codes (Flat, PQ)
+        return faiss.read_index(name, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY), True
+    with open(path, "rb") as f:   # through Python's file: any path works (FAISS's own takes UTF-8 names only)
+        return faiss.read_index(faiss.PyCallbackIOReader(f.read)), False

@@ -38,7 +38,9 @@ def test_index_json_summary_and_search_json(runner, data, tmp_path):
     summary = run_json(runner, index_images, [str(data), "--index-dir", index_dir, "--weights", "random",
                                               "--workers", "0", "--json"])
 
-    assert set(summary) == {"indexed", "unchanged", "removed", "skipped", "total", "seconds", "images_per_second"}
+    assert set(summary) == {"indexed", "unchanged", "removed", "skipped", "total", "seconds", "images_per_second",
+                            "vector_index"}
+    assert summary["vector_index"]["factory"] == "Flat" and summary["vector_index"]["exact"]   # auto, small collection
     assert (summary["indexed"], summary["unchanged"], summary["removed"], summary["total"]) == (4, 0, 0, 4)
     assert [s["path"] for s in summary["skipped"]] == ["red_circles/broken.jpg"]
     assert summary["seconds"] > 0 and summary["images_per_second"] > 0

@@ -17,8 +17,8 @@ from api import create_app
 from api.index_watcher import FAILING_CHECKS, IndexWatcher
 from indexer.samples import make_sample_collection
 from retrieval.backbones import WeightsUnavailable, random_weights_file
-from retrieval.catalog import CATALOG_FILE
-from retrieval.index import ImageIndex, WeightsMismatch
+from retrieval.catalog import CATALOG_FILE, Catalog
+from retrieval.index import ImageIndex, IndexUnavailable, WeightsMismatch
 
 RELOAD_WITHIN_S = 20.0
 CLASSES = ["red_circles", "blue_squares"]
@@ -86,8 +86,21 @@ def test_a_swapped_in_index_is_answered_with_its_own_network(tmp_path, collectio
     index_images(collection, tmp_path / "other", **options)
     before = client.get("/stats").get_json()
 
+    swapped_in = Catalog(tmp_path / "other")
+    try:
+        wanted = swapped_in.settings()
+    finally:
+        swapped_in.close()
     swap_folders(index, tmp_path / "other", tmp_path / "retired")
-    assert wait_for(lambda: app.extensions["retrieval"].index.version == 2), "the swap was not loaded"
+
+    def serving_the_new_index() -> bool:
+        # A reload may first catch the two renames half done (old catalog, new FAISS file); the next one serves the
+        # new index whole. What counts is that the server settles on it, with its own network.
+        try:
+            return app.extensions["retrieval"].index.snapshot().settings == wanted
+        except IndexUnavailable:
+            return False
+    assert wait_for(serving_the_new_index), "the swapped-in index was not loaded"
 
     stats = client.get("/stats").get_json()
     assert stats["layer"] == options.get("layer", "fc7") and stats["count"] == before["count"]

@@ -1,0 +1,180 @@
+"""Keeping an index's FAISS file: its type chosen, trained on a catalog sample, rebuilt from the catalog, tuned, recall measured."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from pathlib import Path
+
+from .catalog import Catalog
+from .index_types import (AUTO, FLAT, RECALL_QUERIES, RECALL_TARGET, IndexTypeConfig, IndexTypeError, SearchParams,
+                          apply_search_params, min_train_vectors, requested_params, requested_type, search_params_of,
+                          seeded_samples, train_size, tuning_ladder, wanted_factory)
+from .index_types import flat_max as recorded_flat_max
+from .recall import K, exact_neighbours, measure, sample_vectors
+from .vector_index import VectorIndex, reconcile
+
+log = logging.getLogger(__name__)
+
+RETRAIN_GROWTH = 2   # a trained index is retrained (rebuilt from the catalog) once the collection doubles
+
+
+class IndexBuilder:
+    """The writer's side of the FAISS file for one index-images run (index-images holds the index lock).
+
+    open() loads and reconciles the file (or builds the recorded type from the catalog); grown() switches
+    from Flat to a trained type as soon as the collection calls for one (so a large first run never holds
+    all its vectors uncompressed); finish() rebuilds when the type should change or the collection has
+    doubled since training, and measures recall; save() writes the file and then records what it holds.
+    The training sample is a seeded function of the catalog's ids, so the file a run leaves does not depend
+    on where an earlier run was interrupted.
+    """
+
+    def __init__(self, catalog: Catalog, path: Path, dim: int, config: IndexTypeConfig):
+        self.catalog, self.path, self.dim, self.config = catalog, Path(path), dim, config
+        previous = catalog.vector_index_record()
+        self.previous = previous
+        self.requested = requested_type(config, previous)
+        self.flat_max = recorded_flat_max(config, previous)
+        self.requested_params = requested_params(config, previous)
+        self.recall_queries = config.recall_queries or (previous or {}).get("recall_queries") or RECALL_QUERIES
+        if self.requested != AUTO:
+            VectorIndex.empty(dim, self.requested)   # raises IndexTypeError for a type FAISS cannot build
+        self.built = False        # the FAISS file was (re)built from the catalog in this run
+        self.train: dict = (previous or {}).get("train") or {"size": 0, "seed": config.seed}
+        self.recall: dict | None = (previous or {}).get("recall")
+        self.record: dict = previous or {}
+
+    def wanted(self, n: int) -> str:
+        return wanted_factory(self.requested, self.flat_max, n, self.dim)
+
+    def open(self) -> tuple[VectorIndex, bool]:
+        """-> (the index as the catalog has it, changed since the file)."""
+        factory = (self.previous or {}).get("factory", FLAT)
+        vectors = VectorIndex.load(self.path, self.dim, factory=factory, vector_source=self.catalog.vectors)
+        if vectors is None:   # missing, unreadable, or not the recorded type: the catalog has everything
+            return self.build(self.wanted(self.catalog.count())), True
+        changed = reconcile(vectors, self.catalog) or not self.path.exists()
+        return vectors, changed
+
+    def build(self, factory: str) -> VectorIndex:
+        """A new index of type factory from the catalog: trained on a seeded sample (queries held out), then filled."""
+        started = time.perf_counter()
+        ids = self.catalog.ids()
+        vectors = VectorIndex.empty(self.dim, factory, vector_source=self.catalog.vectors)
+        n_train = train_size(factory, len(ids)) if not vectors.is_trained else 0
+        if not vectors.is_trained:
+            need = min_train_vectors(factory)
+            if len(ids) < need:
+                raise IndexTypeError(f"index type {factory!r} needs at least {need} vectors to train; "
+                                     f"the catalog has {len(ids)}")
+            held_out = min(n_train, len(ids) - min(len(ids), self.recall_queries))
+            _, train_ids = seeded_samples(ids, self.recall_queries, max(held_out, need), self.config.seed)
+            _, sample = sample_vectors(self.catalog.vectors(train_ids))
+            log.info("training %s on %d of %d vectors", factory, len(sample), len(ids))
+            vectors.train(sample)                                                       # (n_train, dim)
+            del sample
+            n_train = len(train_ids)
+        for chunk_ids, chunk in self.catalog.vectors():
+            vectors.add(chunk_ids, chunk)
+        self.built = True
+        self.train = {"size": int(n_train), "count": len(ids), "seed": self.config.seed, "at": _now(),
+                      "seconds": round(time.perf_counter() - started, 3)}
+        self.recall = None
+        log.info("built %s from the catalog: %d vectors (%.1f s)", factory, len(vectors), time.perf_counter() - started)
+        return vectors
+
+    def grown(self, vectors: VectorIndex) -> VectorIndex:
+        """After a batch: leave exact Flat as soon as the collection calls for a trained type (built from the catalog)."""
+        if vectors.factory == FLAT and self.wanted(len(vectors)) != FLAT:
+            return self.build(self.wanted(len(vectors)))
+        return vectors
+
+    def finish(self, vectors: VectorIndex, changed: bool) -> VectorIndex:
+        """At the end of a run: rebuild when asked or when the type should change; measure recall when the index
+        is approximate and changed (or its search settings did); set the search settings. -> the index to save."""
+        target = self.wanted(len(vectors))
+        trained_on = self.train.get("count") if self.train.get("size") else None
+        outgrown = trained_on is not None and len(vectors) >= RETRAIN_GROWTH * trained_on
+        if target != vectors.factory or (self.config.rebuild and not self.built) or outgrown:
+            if target != vectors.factory:
+                log.warning("FAISS index type: %s -> %s (%d vectors); rebuilding from the catalog", vectors.factory,
+                            target, len(vectors))
+            elif outgrown:
+                log.info("the collection grew from %d to %d vectors since %s was trained: retraining", trained_on,
+                         len(vectors), target)
+            vectors = self.build(target)
+        params_changed = self.requested_params.to_json() != (self.previous or {}).get("requested_search_params", {})
+        if vectors.exact:
+            self.recall = None
+        elif self.built or changed or params_changed or self.recall is None:
+            self.measure_recall(vectors)
+        elif self.record.get("search_params"):
+            apply_search_params(vectors.index, SearchParams.from_json(self.record["search_params"]))
+        self.record = self.describe(vectors)
+        return vectors
+
+    def measure_recall(self, vectors: VectorIndex) -> None:
+        """Recall against exact search on the held-out seeded sample; with no search settings asked for, tries the
+        ladder (nprobe or efSearch) and keeps the smallest that reaches RECALL_TARGET 1-recall@10."""
+        started = time.perf_counter()
+        ids = self.catalog.ids()
+        query_ids, _ = seeded_samples(ids, self.recall_queries, 0, self.config.seed)
+        query_ids, queries = sample_vectors(self.catalog.vectors(query_ids))
+        exact = exact_neighbours(self.catalog.vectors(), queries, query_ids, K)
+        asked = self.requested_params
+        ladder = [asked] if asked.to_json() else (tuning_ladder(vectors.index) or [SearchParams()])
+        results, chosen = [], None
+        for params in ladder:
+            result = measure(vectors, queries, query_ids, exact, params)
+            results.append(result.to_json())
+            log.info("recall with %s: 1-recall@1 %.3f, 1-recall@10 %.3f, 10-recall@10 %.3f", params.to_json() or "defaults",
+                     result.recall_1_at_1, result.recall_1_at_10, result.recall_10_at_10)
+            if result.recall_1_at_10 >= RECALL_TARGET:
+                chosen = params
+                break
+        if chosen is None:
+            chosen = ladder[-1]
+            if not asked.to_json():
+                log.warning("%s reaches 1-recall@10 %.3f at most (target %.2f)", vectors.factory,
+                            results[-1]["1-recall@10"], RECALL_TARGET)
+        apply_search_params(vectors.index, chosen)
+        self.recall = {"queries": int(len(query_ids)), "k": K, "count": len(vectors), "measured_at": _now(),
+                       "seconds": round(time.perf_counter() - started, 3), "target_1_recall_at_10": RECALL_TARGET,
+                       "results": results}
+
+    def describe(self, vectors: VectorIndex) -> dict:
+        """What is recorded in the catalog with the FAISS file (and shown in --json, /stats and the gallery)."""
+        return {"requested": self.requested, "factory": vectors.factory, "exact": vectors.exact,
+                "flat_max": self.flat_max, "recall_queries": self.recall_queries, "count": len(vectors),
+                "train": self.train if not vectors.exact else None,
+                "requested_search_params": self.requested_params.to_json(),
+                "search_params": search_params_of(vectors.index).to_json(), "recall": self.recall}
+
+    def save(self, vectors: VectorIndex) -> None:
+        """Write the FAISS file atomically, then record in the catalog what it holds and which catalog state."""
+        state = self.catalog.updated_at()   # read first: a crash between the writes only costs a reconcile
+        vectors.save(self.path)
+        self.catalog.mark_vectors_saved(state)
+        self.catalog.save_vector_index_record(self.describe(vectors))
+
+
+def maintain_vectors(catalog: Catalog, path: Path, dim: int, config: IndexTypeConfig) -> tuple[dict, int]:
+    """A run without new images: bring the FAISS file in step with the catalog and config without the network.
+    -> (the recorded description, vector count)."""
+    builder = IndexBuilder(catalog, path, dim, config)
+    vectors, changed = builder.open()
+    vectors = builder.finish(vectors, changed)
+    builder.save(vectors)
+    return builder.record, len(vectors)
+
+
+def recall_for(record: dict | None, params: SearchParams) -> dict | None:
+    """The recorded recall measurement made with these search settings, or None (not measured with them)."""
+    recall = (record or {}).get("recall") or {}
+    wanted = params.to_json()
+    return next((r for r in recall.get("results", []) if r["search_params"] == wanted), None)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -1,0 +1,320 @@
+"""FAISS index types: factory strings, the auto choice by collection size, training on a sample, search parameters."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+if TYPE_CHECKING:   # FAISS is imported by the functions that build or inspect an index
+    import faiss
+
+    from .catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+FLAT = "Flat"
+
+# FAISS's guideline ("Guidelines to choose an index", github.com/facebookresearch/faiss/wiki): exact search
+# while the collection is small; above, an IVF index with K = 4*sqrt(N) .. 16*sqrt(N) lists, trained on
+# 30*K .. 256*K vectors, and codes compressed by PQ after a dimension reduction (PCA or OPQ).
+AUTO_FLAT_MAX = 50_000        # auto keeps exact Flat up to this many vectors
+AUTO_REDUCED_DIM = 256        # auto reduces 4096-d features to this many dimensions (PCA) before IVF
+AUTO_PQ_BYTES = 64            # bytes per vector of the PQ code at 256 dimensions (4 dimensions per byte)
+TRAIN_PER_LIST = 40           # training vectors per IVF list (FAISS warns below 39)
+TRAIN_MIN = 10_000
+TRAIN_MAX = 160_000           # 160k x 4096 float32 = 2.6 GB while training
+PCA_POINTS_PER_D = 4          # a PCA trains on at most 4 * d_in of the sample (16,384 at 4096-d): its covariance
+                              # costs n * d_in^2 (10x more at 160k), the IVF and PQ still train on the whole sample
+RECALL_QUERIES = 1000         # held-out catalog vectors whose neighbours are checked against exact search
+RECALL_TARGET = 0.95          # auto-tuned nprobe / efSearch: the smallest that reaches this 1-recall@10
+NPROBE_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+EF_SEARCH_LADDER = (16, 32, 64, 128, 256, 512)
+
+
+class IndexTypeError(ValueError):
+    """A factory string FAISS cannot build, or one this project cannot keep in step with the catalog."""
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexTypeConfig:
+    """How index-images chooses, trains and tunes the FAISS index (recorded with the index)."""
+    index_type: str | None = None     # a FAISS index_factory string (Flat, PCA256,IVF1024,PQ64, HNSW32, ...) or "auto";
+                                      # None: as recorded in the index, else auto
+    flat_max: int | None = None       # auto: exact Flat up to this many vectors; None: as recorded, else AUTO_FLAT_MAX
+    nprobe: int | None = None         # IVF lists searched per query; None: as recorded, else the smallest reaching
+                                      # RECALL_TARGET 1-recall@10 on the recall sample
+    ef_search: int | None = None      # HNSW search breadth; None: as recorded, else tuned like nprobe
+    recall_queries: int | None = None  # held-out vectors for the recall measurement (and left out of training);
+                                       # None: as recorded, else RECALL_QUERIES
+    seed: int = 0                     # of the training and recall samples
+    rebuild: bool = False             # rebuild (and retrain) the FAISS file from the catalog this run
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchParams:
+    """Search-time knobs of approximate indexes; None leaves the index's own value."""
+    nprobe: int | None = None
+    ef_search: int | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, text: str | dict | None) -> "SearchParams":
+        data = json.loads(text) if isinstance(text, str) else (text or {})
+        return cls(**{k: data.get(k) for k in ("nprobe", "ef_search")})
+
+    def over(self, other: "SearchParams") -> "SearchParams":
+        """These values where set, else other's."""
+        return SearchParams(self.nprobe if self.nprobe is not None else other.nprobe,
+                            self.ef_search if self.ef_search is not None else other.ef_search)
+
+
+def auto_factory(n: int, dim: int, flat_max: int = AUTO_FLAT_MAX) -> str:
+    """The factory string auto chooses for n vectors of dimension dim.
+
+    Flat (exact) up to flat_max; above, PCA to AUTO_REDUCED_DIM (when dim is larger), an IVF with K lists,
+    K the power of two nearest 4*sqrt(n) (FAISS's guideline: 4..16*sqrt(n)), and PQ codes of one byte per
+    4 dimensions (AUTO_PQ_BYTES at 256), without polysemous training ("np": it only serves Hamming
+    filtering, which these searches do not use, and costs minutes)."""
+    if n <= flat_max:
+        return FLAT
+    reduced = min(dim, AUTO_REDUCED_DIM)
+    nlist = 2 ** max(4, round(math.log2(4 * math.sqrt(n))))
+    m = max(1, reduced // 4) if reduced % 4 == 0 else math.gcd(reduced, AUTO_PQ_BYTES)
+    pca = f"PCAR{reduced}," if reduced < dim else ""
+    return f"{pca}IVF{nlist},PQ{m}np"
+
+
+def train_size(factory: str, n: int) -> int:
+    """How many catalog vectors train an index of this type: 0 for untrained types (Flat, HNSW over Flat)."""
+    lists = [int(k) for k in re.findall(r"IVF(\d+)", factory)]
+    trained = bool(lists) or bool(re.search(r"(^|,)(PCA|OPQ|PQ|SQ|RR|ITQ|LSH)", factory))
+    if not trained:
+        return 0
+    want = max(TRAIN_MIN, TRAIN_PER_LIST * max(lists, default=0))
+    return min(n, TRAIN_MAX, want)
+
+
+def vector_work_needed(config: IndexTypeConfig, catalog: "Catalog", dim: int) -> bool:
+    """Whether a run with nothing new to index still has FAISS work: a rebuild asked for, another type asked for
+    or chosen by auto at the catalog's size, other search settings, or no recall measured yet. Catalog only."""
+    record = catalog.vector_index_record()
+    if config.rebuild:
+        return True
+    if record is None:
+        return config.index_type not in (None, AUTO, FLAT) or config.nprobe is not None or config.ef_search is not None \
+            or auto_factory(catalog.count(), dim, flat_max(config, None)) != FLAT
+    builder_wants = wanted_factory(requested_type(config, record), flat_max(config, record), catalog.count(), dim)
+    return (builder_wants != record["factory"]
+            or requested_params(config, record).to_json() != record.get("requested_search_params", {})
+            or (not record.get("exact") and record.get("recall") is None))
+
+
+def requested_type(config: IndexTypeConfig, record: dict | None) -> str:
+    return config.index_type or (record or {}).get("requested") or AUTO
+
+
+def flat_max(config: IndexTypeConfig, record: dict | None) -> int:
+    return config.flat_max if config.flat_max is not None else (record or {}).get("flat_max", AUTO_FLAT_MAX)
+
+
+def requested_params(config: IndexTypeConfig, record: dict | None) -> SearchParams:
+    asked = SearchParams(config.nprobe, config.ef_search)
+    return asked if asked.to_json() else SearchParams.from_json((record or {}).get("requested_search_params"))
+
+
+def wanted_factory(requested: str, flat_max: int, n: int, dim: int) -> str:
+    """The type to build for n vectors: auto's choice, or the requested type once there are enough vectors to
+    train it (exact Flat until then)."""
+    if requested == AUTO:
+        return auto_factory(n, dim, flat_max)
+    return requested if n >= min_train_vectors(requested) else FLAT
+
+
+def min_train_vectors(factory: str) -> int:
+    """The fewest vectors FAISS can train this type on: one per IVF list, 2**nbits per PQ code book, d_out per PCA."""
+    need = [1]
+    need += [int(k) for k in re.findall(r"IVF(\d+)", factory)]
+    for m, bits in re.findall(r"(?<![A-Za-z])PQ(\d+)(?:x(\d+))?", factory):
+        need.append(2 ** int(bits or 8))
+    need += [256 for _ in re.findall(r"OPQ\d+", factory)]
+    need += [int(k) for k in re.findall(r"PCAR?W?(\d+)", factory)]
+    return max(need)
+
+
+def build_empty(factory: str, dim: int) -> "faiss.Index":
+    """An empty, untrained index for factory that takes catalog ids: IVF types take them natively, the others
+    through IndexIDMap2 (whose id removal is only right for inner indexes that shift on removal). Raises
+    IndexTypeError."""
+    import faiss
+
+    try:
+        probe = faiss.index_factory(dim, factory)
+    except RuntimeError as exc:
+        raise IndexTypeError(f"FAISS cannot build index type {factory!r}: {_faiss_reason(exc)}") from None
+    if probe.metric_type != faiss.METRIC_L2:
+        raise IndexTypeError(f"index type {factory!r} is not an L2 index; this project searches by L2 distance")
+    index = probe if _ivf(probe) is not None or factory.startswith("IDMap") else faiss.index_factory(dim, f"IDMap2,{factory}")
+    for part in walk(index):
+        if isinstance(part, faiss.IndexPreTransform):
+            for i in range(part.chain.size()):
+                transform = faiss.downcast_VectorTransform(part.chain.at(i))
+                if isinstance(transform, faiss.PCAMatrix):
+                    transform.max_points_per_d = PCA_POINTS_PER_D
+    return index
+
+
+def check_factory(factory: str, dim: int) -> None:
+    """Raise IndexTypeError when FAISS cannot build factory (without training it)."""
+    if factory != AUTO:
+        build_empty(factory, dim)
+
+
+def structure(index: "faiss.Index") -> str:
+    """What an index is made of (classes, dimensions, list counts, code sizes): equal for a FAISS file and a
+    fresh build_empty of the factory string that made it."""
+    import faiss
+
+    parts = []
+    for part in walk(index):
+        fields = [type(part).__name__.replace("IndexFlatL2", "IndexFlat"), f"d={part.d}"]
+        for name in ("nlist", "code_size"):
+            if hasattr(part, name):
+                fields.append(f"{name}={getattr(part, name)}")
+        if isinstance(part, faiss.IndexHNSW):
+            fields.append(f"M={part.hnsw.nb_neighbors(1)}")
+        if isinstance(part, faiss.IndexPreTransform):
+            for i in range(part.chain.size()):
+                vt = part.chain.at(i)
+                fields.append(f"{type(faiss.downcast_VectorTransform(vt)).__name__}({vt.d_in}->{vt.d_out})")
+        parts.append(" ".join(fields))
+    return " / ".join(parts)
+
+
+def walk(index: "faiss.Index") -> Iterator["faiss.Index"]:
+    """The index and the indexes inside it (IDMap, pre-transform, HNSW storage, IVF quantizer left out), outermost first."""
+    import faiss
+
+    seen = 0
+    while index is not None and seen < 8:
+        index = faiss.downcast_index(index)
+        yield index
+        seen += 1
+        if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
+            index = index.index
+        elif isinstance(index, faiss.IndexHNSW):
+            index = index.storage
+        elif isinstance(index, faiss.IndexRefine):
+            index = index.base_index
+        else:
+            index = None
+
+
+def is_exact(index: "faiss.Index") -> bool:
+    """Whether searches are exact: IndexFlatL2 behind the id map (recall is 1 by construction)."""
+    import faiss
+
+    parts = list(walk(index))
+    return (len(parts) == 2 and isinstance(parts[0], faiss.IndexIDMap2) and isinstance(parts[1], faiss.IndexFlat)
+            and parts[1].metric_type == faiss.METRIC_L2)
+
+
+def _ivf(index: "faiss.Index") -> "faiss.IndexIVF | None":
+    import faiss
+
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def hnsw_of(index: "faiss.Index") -> "faiss.IndexHNSW | None":
+    import faiss
+
+    return next((p for p in walk(index) if isinstance(p, faiss.IndexHNSW)), None)
+
+
+def apply_search_params(index: "faiss.Index", params: SearchParams) -> None:
+    """Set nprobe / efSearch on the index (once, before searches run: FAISS reads them at each search)."""
+    ivf = _ivf(index)
+    if ivf is not None and params.nprobe is not None:
+        ivf.nprobe = int(min(params.nprobe, ivf.nlist))
+    hnsw = hnsw_of(index)
+    if hnsw is not None and params.ef_search is not None:
+        hnsw.hnsw.efSearch = int(params.ef_search)
+
+
+def search_params_of(index: "faiss.Index") -> SearchParams:
+    """The index's current nprobe / efSearch (None for types without them)."""
+    ivf = _ivf(index)
+    hnsw = hnsw_of(index)
+    return SearchParams(int(ivf.nprobe) if ivf is not None else None,
+                        int(hnsw.hnsw.efSearch) if hnsw is not None else None)
+
+
+def tuning_ladder(index: "faiss.Index") -> list[SearchParams]:
+    """Search settings to try in order, cheapest first, for auto-tuning (empty for types without any)."""
+    ivf = _ivf(index)
+    if ivf is not None:
+        return [SearchParams(nprobe=p) for p in NPROBE_LADDER if p <= ivf.nlist]
+    if hnsw_of(index) is not None:
+        return [SearchParams(ef_search=e) for e in EF_SEARCH_LADDER]
+    return []
+
+
+def native_ids(index: "faiss.Index") -> bool:
+    """Whether the index keeps catalog ids itself (IVF types) rather than through an IndexIDMap2."""
+    import faiss
+
+    return not isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2))
+
+
+def stored_ids(index: "faiss.Index") -> np.ndarray:
+    """All ids an index holds, shape=(N,), int64: the id map's in insertion order, an IVF's list by list."""
+    import faiss
+
+    top = faiss.downcast_index(index)
+    if isinstance(top, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return faiss.vector_to_array(top.id_map).astype(np.int64, copy=False)
+    ivf = _ivf(index)
+    assert ivf is not None, f"an index without ids: {structure(index)}"
+    invlists = ivf.invlists
+    parts = []
+    for list_no in range(ivf.nlist):
+        size = invlists.list_size(list_no)
+        if size:
+            ptr = invlists.get_ids(list_no)
+            parts.append(faiss.rev_swig_ptr(ptr, size).astype(np.int64, copy=True))
+            invlists.release_ids(list_no, ptr)
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def seeded_samples(ids: np.ndarray, n_queries: int, n_train: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint seeded samples of ids -> (held-out query ids, training ids), each sorted.
+
+    Training takes from what the queries leave: recall is measured on vectors the index was not trained on."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(ids))
+    n_queries = min(n_queries, len(ids))
+    queries = np.sort(ids[order[:n_queries]])
+    rest = order[n_queries:]
+    if len(rest) < n_train:      # a collection too small to hold both out: train on everything
+        rest = order
+    train = np.sort(ids[rest[:n_train]])
+    return queries, train
+
+
+def _faiss_reason(exc: BaseException) -> str:
+    """A FAISS exception's message without its C++ location lines."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if "Error" in ln and ":" in ln:
+            return ln.split(":", 1)[-1].strip().strip("'")
+    return lines[-1] if lines else type(exc).__name__

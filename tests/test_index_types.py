@@ -1,0 +1,372 @@
+"""Tests for FAISS index types: save/load/mmap, the auto choice, rebuilds from the catalog, recall, removals, crashes, serving."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from indexer.samples import make_sample_collection
+from retrieval.catalog import Catalog
+from retrieval.index_builder import IndexBuilder, maintain_vectors
+from retrieval.index_types import FLAT, IndexTypeConfig, IndexTypeError, SearchParams, auto_factory
+from retrieval.names import FAISS_FILE
+from retrieval.recall import exact_neighbours, measure, score
+from retrieval.vector_index import VectorIndex
+
+DIM = 32
+TYPES = ["Flat", "IVF8,Flat", "IVF8,PQ8x4np", "PCAR16,IVF8,SQ8", "HNSW8", "PQ8x4np"]
+
+
+def clustered(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
+    """n vectors around 12 seeded centres, shape=(n, dim) float32."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((12, dim)) * 2
+    return (centres[rng.integers(0, 12, n)] + rng.standard_normal((n, dim))).astype(np.float32)
+
+
+def fill(catalog: Catalog, vectors: np.ndarray, start: int = 0) -> list[int]:
+    rows = [{"path": f"img{start + i:05d}.png", "label": None, "size": 1, "mtime_ns": 1, "width": 1, "height": 1,
+             "sha256": "x"} for i in range(len(vectors))]
+    return catalog.write_batch(rows, vectors, [])[0]
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    cat = Catalog(tmp_path, create=True)
+    yield cat
+    cat.close()
+
+
+def build(catalog: Catalog, tmp_path: Path, **config) -> VectorIndex:
+    """One run's FAISS side (what index-images does with no new images), through the no-network path."""
+    config = {"recall_queries": 100, **config}
+    maintain_vectors(catalog, tmp_path / FAISS_FILE, DIM, IndexTypeConfig(**config))
+    return VectorIndex.load(tmp_path / FAISS_FILE, DIM, factory=catalog.vector_index_record()["factory"])
+
+
+def top_ids(index: VectorIndex, queries: np.ndarray, k: int = 5) -> np.ndarray:
+    return index.search(queries, k)[1]
+
+
+@pytest.mark.parametrize("factory", TYPES)
+def test_every_type_round_trips_through_save_load_and_mmap(catalog, tmp_path, factory):
+    vecs = clustered(400)
+    ids = fill(catalog, vecs)
+    original = build(catalog, tmp_path, index_type=factory)
+    record = catalog.vector_index_record()
+    assert record["factory"] == factory and record["count"] == 400
+    queries = vecs[::40]
+
+    loaded = VectorIndex.load(tmp_path / FAISS_FILE, DIM, factory=factory)
+    mapped = VectorIndex.load(tmp_path / FAISS_FILE, DIM, factory=factory, mmap=True)
+
+    assert mapped.mapped and not loaded.mapped
+    for index in (loaded, mapped):
+        assert sorted(index.ids().tolist()) == ids
+        assert np.array_equal(top_ids(index, queries), top_ids(original, queries))
+    with pytest.raises(AssertionError, match="read-only"):
+        mapped.add(np.array([10**6]), vecs[:1])
+    assert VectorIndex.load(tmp_path / FAISS_FILE, DIM, factory="IVF4,Flat" if factory != "IVF4,Flat" else FLAT) is None, \
+        "a file of another type than the catalog records is not used"
+
+
+def test_auto_keeps_flat_up_to_its_threshold_then_trains_a_compressed_type(catalog, tmp_path):
+    assert auto_factory(50_000, 4096) == FLAT
+    assert auto_factory(50_001, 4096) == "PCAR256,IVF1024,PQ64np"
+    assert auto_factory(1_000_000, 4096) == "PCAR256,IVF4096,PQ64np"
+    fill(catalog, clustered(399))
+    assert build(catalog, tmp_path, flat_max=399).exact
+    assert catalog.vector_index_record()["recall"] is None, "exact search: nothing to measure"
+
+    fill(catalog, clustered(1, seed=5), start=399)   # 400 > flat_max: auto moves on, rebuilt from the catalog
+    index = build(catalog, tmp_path)                 # flat_max is remembered with the index
+
+    record = catalog.vector_index_record()
+    assert record["requested"] == "auto" and record["factory"] == auto_factory(400, DIM, 399) == "IVF64,PQ8np"
+    assert not index.exact and len(index) == 400
+    assert record["train"]["size"] == 300, "trained on the catalog's vectors, the 100 recall queries held out"
+    assert record["recall"]["queries"] == 100
+    assert record["search_params"]["nprobe"] >= 1
+
+
+def test_a_type_faiss_cannot_build_is_a_clear_error(catalog, tmp_path):
+    fill(catalog, clustered(50))
+    with pytest.raises(IndexTypeError, match="IVF8,Nonsense"):
+        build(catalog, tmp_path, index_type="IVF8,Nonsense")
+    assert not (tmp_path / FAISS_FILE).exists()
+
+
+def test_a_trained_type_is_exact_flat_until_there_are_enough_vectors_to_train_it(catalog, tmp_path):
+    fill(catalog, clustered(100))
+    assert build(catalog, tmp_path, index_type="IVF8,PQ8np").exact, "PQ8 needs 256 training vectors"
+    fill(catalog, clustered(200, seed=1), start=100)
+    index = build(catalog, tmp_path)
+    assert catalog.vector_index_record()["factory"] == "IVF8,PQ8np" and not index.exact
+
+
+@pytest.mark.parametrize("factory", ["IVF8,PQ8x4np", "HNSW8"])
+def test_rebuild_from_the_catalog_equals_the_original(catalog, tmp_path, factory):
+    vecs = clustered(400)
+    fill(catalog, vecs)
+    original = build(catalog, tmp_path, index_type=factory)
+    (tmp_path / FAISS_FILE).unlink()
+
+    rebuilt = build(catalog, tmp_path, rebuild=True)
+
+    assert sorted(rebuilt.ids().tolist()) == sorted(original.ids().tolist())
+    assert np.array_equal(top_ids(rebuilt, vecs[::10], 10), top_ids(original, vecs[::10], 10))
+    assert catalog.vector_index_record()["factory"] == factory
+
+
+def test_recall_is_measured_against_indexflatl2(catalog):
+    vecs = clustered(500)
+    ids = np.array(fill(catalog, vecs))
+    queries, query_ids = vecs[:50], ids[:50]
+    truth = faiss.IndexFlatL2(DIM)
+    truth.add(vecs)
+    _, pos = truth.search(queries, 11)
+    want = np.array([[ids[p] for p in row if ids[p] != own][:10] for row, own in zip(pos, query_ids)])
+
+    exact = exact_neighbours(catalog.vectors(chunk=64), queries, query_ids)   # streamed in chunks
+
+    assert np.array_equal(exact, want)
+    exact_ivf = VectorIndex.empty(DIM, "IVF1,Flat")          # one list, searched whole: exact, but measured
+    exact_ivf.train(vecs)
+    exact_ivf.add(ids, vecs)
+    result = measure(exact_ivf, queries, query_ids, exact, SearchParams(nprobe=1))
+    assert (result.recall_1_at_1, result.recall_1_at_10, result.recall_10_at_10) == (1.0, 1.0, 1.0)
+    coarse = VectorIndex.empty(DIM, "IVF16,PQ4x4np")
+    coarse.train(vecs)
+    coarse.add(ids, vecs)
+    rough = measure(coarse, queries, query_ids, exact, SearchParams(nprobe=1))
+    assert rough.recall_10_at_10 < 0.9 and rough.recall_1_at_1 < 1.0
+    _, found = coarse.search(queries, 11)
+    own_removed = np.array([[i for i in row if i != own][:10] for row, own in zip(found, query_ids)])
+    assert score(own_removed, exact)[2] == pytest.approx(rough.recall_10_at_10)
+
+
+def test_recorded_recall_is_at_the_recorded_search_settings(catalog, tmp_path):
+    fill(catalog, clustered(400))
+    build(catalog, tmp_path, index_type="IVF16,Flat", nprobe=2)
+    record = catalog.vector_index_record()
+    assert record["search_params"] == {"nprobe": 2} == record["requested_search_params"]
+    assert [r["search_params"] for r in record["recall"]["results"]] == [{"nprobe": 2}]
+
+    build(catalog, tmp_path, nprobe=16)   # new settings, same file: measured again, recorded with them
+    record = catalog.vector_index_record()
+    assert record["recall"]["results"][0]["search_params"] == {"nprobe": 16}
+    assert record["recall"]["results"][0]["1-recall@10"] == 1.0, "all 16 lists: exact"
+
+
+@pytest.mark.parametrize("factory", ["IVF8,PQ8x4np", "HNSW8", "PQ8x4np"])
+def test_add_and_remove_on_a_trained_index(catalog, tmp_path, factory):
+    vecs = clustered(400)
+    ids = fill(catalog, vecs)
+    build(catalog, tmp_path, index_type=factory)
+    builder = IndexBuilder(catalog, tmp_path / FAISS_FILE, DIM, IndexTypeConfig(recall_queries=100))
+    index, changed = builder.open()
+    assert not changed
+    gone = ids[:50]
+    catalog.remove_paths([f"img{i:05d}.png" for i in range(50)])
+
+    assert index.remove(gone) == 50                              # HNSW: rebuilt from the catalog without them
+    new_ids = fill(catalog, clustered(20, seed=9), start=400)
+    index.add(np.array(new_ids), clustered(20, seed=9))
+
+    assert sorted(index.ids().tolist()) == sorted(ids[50:] + new_ids)
+    found = index.search(vecs[:60], 10)[1]
+    assert not set(found.ravel().tolist()) & set(gone)
+    builder.save(builder.finish(index, True))
+    assert sorted(VectorIndex.load(tmp_path / FAISS_FILE, DIM, factory=factory).ids().tolist()) == sorted(ids[50:] + new_ids)
+
+
+def test_mmap_falls_back_to_reading_for_paths_faiss_cannot_open(catalog, tmp_path):
+    odd = tmp_path / os.fsdecode(b"caf\xe9")   # not UTF-8
+    odd.mkdir()
+    fill(catalog, clustered(100))
+    index = VectorIndex.empty(DIM, "IVF4,Flat")
+    index.train(clustered(100))
+    index.add(catalog.ids(), clustered(100))
+    index.save(odd / FAISS_FILE)
+    loaded = VectorIndex.load(odd / FAISS_FILE, DIM, factory="IVF4,Flat", mmap=True)
+    assert loaded is not None and not loaded.mapped and len(loaded) == 100
+
+
+# --- index-images and the server over a trained index --------------------------------------------------------
+
+N_IMAGES = 40
+TRAINED = "IVF4,SQ8"   # trains on 4 vectors: small enough for a 40-image collection
+
+
+def index_command(data: Path, index_dir: Path) -> list[str]:
+    return [sys.executable, "-c", "from indexer.cli import main; main()", str(data), "--index-dir", str(index_dir),
+            "--weights", "random", "--batch-size", "1", "--workers", "0", "--index-type", TRAINED,
+            "--recall-queries", "20", "--json"]
+
+
+def committed_rows(index_dir: Path) -> int:
+    import sqlite3
+    try:
+        with sqlite3.connect(f"file:{index_dir / 'catalog.db'}?mode=ro", uri=True, timeout=1) as db:
+            return db.execute("SELECT count(*) FROM images").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def state(index_dir: Path) -> tuple[dict, dict, dict]:
+    """(path -> vector, path -> paths of its 5 FAISS neighbours, the FAISS record), checking FAISS agrees with the catalog."""
+    cat = Catalog(index_dir)
+    try:
+        record = cat.vector_index_record()
+        index = VectorIndex.load(index_dir / FAISS_FILE, 4096, factory=record["factory"])
+        assert np.array_equal(np.sort(index.ids()), cat.ids()), "every FAISS id has a row and every row its entry"
+        paths = {i: p for p, (i, _s, _m) in cat.file_states().items()}
+        vectors, neighbours = {}, {}
+        for ids, vecs in cat.vectors():
+            found = index.search(vecs, 5)[1]
+            for i, v, row in zip(ids.tolist(), vecs, found):
+                vectors[paths[i]] = v
+                neighbours[paths[i]] = [paths[int(j)] for j in row if j >= 0]
+        return vectors, neighbours, record
+    finally:
+        cat.close()
+
+
+@pytest.fixture(scope="module")
+def trained_collection(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    data = root / "data"
+    make_sample_collection(data, per_class=N_IMAGES // 5, size=(64, 48), seed=6)
+    reference = root / "reference"
+    done = subprocess.run(index_command(data, reference), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return data, reference, json.loads(done.stdout)
+
+
+def test_index_images_reports_the_type_and_its_recall(trained_collection):
+    _, _, summary = trained_collection
+    info = summary["vector_index"]
+    assert info["factory"] == TRAINED and not info["exact"] and info["train"]["count"] == N_IMAGES
+    measured = info["recall"]["results"][-1]
+    assert measured["search_params"] == info["search_params"]
+    assert 0.0 < measured["1-recall@10"] <= 1.0 and info["recall"]["queries"] == 20
+
+
+def test_sigkill_of_a_trained_index_build_then_rerun_equals_an_uninterrupted_run(trained_collection, tmp_path):
+    data, reference, _ = trained_collection
+    index_dir = tmp_path / "index"
+    proc = subprocess.Popen(index_command(data, index_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while committed_rows(index_dir) < N_IMAGES // 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed; the test proves nothing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert N_IMAGES // 2 <= committed_rows(index_dir) < N_IMAGES
+
+    rerun = subprocess.run(index_command(data, index_dir), capture_output=True, text=True, timeout=300)
+
+    assert rerun.returncode == 0, rerun.stderr
+    vectors, neighbours, record = state(index_dir)
+    want_vectors, want_neighbours, want_record = state(reference)
+    assert sorted(vectors) == sorted(want_vectors)
+    for path, vec in want_vectors.items():
+        assert np.allclose(vectors[path], vec, atol=1e-5), path
+    assert neighbours == want_neighbours, "the same trained index: the same neighbours"
+    assert record["train"]["size"] == want_record["train"]["size"] and record["factory"] == TRAINED
+
+
+def test_rebuild_index_needs_no_network(trained_collection, tmp_path, monkeypatch):
+    """--rebuild-index with nothing new to index never builds the network (its weights could be gone)."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from indexer.cli import main
+
+    data, reference, _ = trained_collection
+    index_dir = tmp_path / "copy"
+    shutil.copytree(reference, index_dir)
+    (index_dir / FAISS_FILE).unlink()
+    import retrieval.backbones
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the network was built")
+    monkeypatch.setattr(retrieval.backbones, "build_extractor", refuse)
+
+    result = CliRunner().invoke(main, [str(data), "--index-dir", str(index_dir), "--rebuild-index", "--json"])
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["vector_index"]["factory"] == TRAINED
+    assert state(index_dir)[1] == state(reference)[1]
+
+
+def test_the_server_answers_from_a_compressed_index(trained_collection, tmp_path):
+    from api import create_app
+
+    data, reference, _ = trained_collection
+    app = create_app({"INDEX_DIR": str(reference), "RELOAD_INTERVAL_S": 0, "THUMBNAIL_DIR": str(tmp_path / "t")})
+    try:
+        client = app.test_client()
+        stats = client.get("/stats").get_json()["vector_index"]
+        assert stats["type"] == TRAINED and stats["memory_mapped"] and not stats["exact"]
+        assert stats["recall"]["search_params"] == stats["search_params"]
+        some = sorted(data.rglob("*.jpg"))[3]
+        with open(some, "rb") as f:
+            found = client.post("/search", data={"image": (f, some.name)}).get_json()["results"]
+        assert len(found) == 10
+        assert some.relative_to(data).as_posix() in [h["path"] for h in found[:3]], "an indexed image finds itself"
+        hit = found[0]["id"]
+        neighbours = client.get(f"/images/{hit}/neighbours?k=5").get_json()["results"]
+        assert len(neighbours) == 5 and hit not in [n["id"] for n in neighbours]
+        page = client.get("/").get_data(as_text=True)
+        assert TRAINED in page and "1-recall@10" in page
+    finally:
+        app.extensions["retrieval"].close()
+
+
+def test_serve_side_search_settings_override_the_recorded_ones(trained_collection, tmp_path):
+    from api import create_app
+
+    _, reference, _ = trained_collection
+    app = create_app({"INDEX_DIR": str(reference), "RELOAD_INTERVAL_S": 0, "THUMBNAIL_DIR": str(tmp_path / "t"),
+                      "NPROBE": 3})
+    try:
+        stats = app.test_client().get("/stats").get_json()["vector_index"]
+        assert stats["search_params"] == {"nprobe": 3}
+        recorded = {tuple(r["search_params"].items()) for r in Catalog(reference).vector_index_record()["recall"]["results"]}
+        assert (stats["recall"] is None) == ((("nprobe", 3),) not in recorded), "recall only for settings it was measured with"
+    finally:
+        app.extensions["retrieval"].close()
+
+
+def test_index_images_refuses_a_factory_string_faiss_cannot_build_at_once(tmp_path):
+    from click.testing import CliRunner
+
+    from indexer.cli import main
+
+    (tmp_path / "data").mkdir()
+    result = CliRunner().invoke(main, [str(tmp_path / "data"), "--index-dir", str(tmp_path / "index"),
+                                       "--index-type", "IVF8,Bogus", "--weights", "random"])
+    assert result.exit_code == 2 and "IVF8,Bogus" in result.output and "--index-type" in result.output
+    assert not (tmp_path / "index").exists(), "nothing written"
+
+
+def test_a_pca_index_file_does_not_keep_the_training_only_eigenvector_matrix(tmp_path):
+    dim = 256
+    vecs = clustered(600, dim)
+    index = VectorIndex.empty(dim, "PCAR16,IVF8,SQ8")
+    index.train(vecs)
+    index.add(np.arange(600), vecs)
+    index.save(tmp_path / FAISS_FILE)
+    assert (tmp_path / FAISS_FILE).stat().st_size < dim * dim * 4, "the d x d PCA matrix alone would be this large"
+    loaded = VectorIndex.load(tmp_path / FAISS_FILE, dim, factory="PCAR16,IVF8,SQ8", mmap=True)
+    assert np.array_equal(loaded.search(vecs[:20], 5)[1], index.search(vecs[:20], 5)[1])
