@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import requests
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -15,8 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from test_serve_cli import serve_images
 
-CONCURRENCY = 6     # clients at once: both workers' threads get some, and queries share forward passes
-ROUNDS = 6          # at most this many rounds of CONCURRENCY searches, until both workers have answered some
+CONCURRENCY = 6     # clients at once: a worker's threads share forward passes
 
 
 def scrape(base: str) -> dict[tuple[str, tuple], float]:
@@ -30,6 +30,18 @@ def scrape(base: str) -> dict[tuple[str, tuple], float]:
 
 def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def worker_pids(metrics_dir: Path) -> list[int]:
+    """The live gunicorn workers of the server whose metrics folder this is: each sets the index-size gauge when it
+    starts, in a file named after its pid."""
+    deadline = time.monotonic() + 60
+    while True:
+        pids = sorted(int(f.stem.rsplit("_", 1)[1]) for f in metrics_dir.glob("gauge_livemostrecent_*.db"))
+        live = [pid for pid in pids if psutil.pid_exists(pid)]
+        if len(live) >= 2 or time.monotonic() > deadline:
+            return live
+        time.sleep(0.5)
 
 
 def searches_by_worker(metrics_dir: Path) -> dict[int, float]:
@@ -85,15 +97,24 @@ def test_metrics_are_summed_over_gunicorn_workers(sample_index, tmp_path):
             return requests.post(base + "/search?k=3", files={"image": ("q.jpg", query, "image/jpeg")},
                                  timeout=120).status_code
 
+        # The kernel hands connections to whichever worker accepts first (on an idle machine often the same one), so
+        # each worker in turn answers a round while the other is stopped: both must have answered some.
+        workers = worker_pids(metrics_dir)
+        assert len(workers) == 2, f"expected 2 gunicorn workers, found {workers}"
         sent = 0
         with ThreadPoolExecutor(CONCURRENCY) as pool:
-            for _ in range(ROUNDS):
-                assert list(pool.map(search, range(CONCURRENCY))) == [200] * CONCURRENCY
+            for answering in workers:
+                others = [pid for pid in workers if pid != answering]
+                for pid in others:
+                    os.kill(pid, signal.SIGSTOP)
+                try:
+                    assert list(pool.map(search, range(CONCURRENCY))) == [200] * CONCURRENCY
+                finally:
+                    for pid in others:
+                        os.kill(pid, signal.SIGCONT)
                 sent += CONCURRENCY
-                if len([n for n in searches_by_worker(metrics_dir).values() if n > 0]) >= 2:
-                    break
         per_worker = searches_by_worker(metrics_dir)
-        assert len([n for n in per_worker.values() if n > 0]) == 2, f"one worker answered every search: {per_worker}"
+        assert sorted(per_worker.get(pid, 0) for pid in workers) == [CONCURRENCY, CONCURRENCY], per_worker
         neighbours = requests.get(base + "/images/1/neighbours?k=3", timeout=60)
         assert neighbours.status_code == 200, neighbours.text
         missing = requests.post(base + "/search", data={"k": "3"}, timeout=60)      # no image
