@@ -119,6 +119,16 @@ def naive_loop(data: Path, weights_file: Path, model: str) -> None:
     print(json.dumps({"images": len(files), "seconds": time.perf_counter() - started}))
 
 
+def random_weights(work: Path, model: str) -> Path:
+    """The seeded random weights both runs use, saved once under work."""
+    from retrieval.backbones import load_state_dict, random_weights_file
+
+    weights_home = work / f"weights-{model}"
+    weights_home.mkdir(parents=True, exist_ok=True)
+    load_state_dict(model, "random", weights_home, create=True)
+    return random_weights_file(weights_home, model)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=120, help="collection size (half small, half phone-size)")
@@ -138,14 +148,11 @@ def main() -> None:
         ray_main(args)
         return
 
-    from retrieval.backbones import load_state_dict, random_weights_file
+    from retrieval.backbones import random_weights_file
 
     work = args.workdir
     data = make_collection(work / f"data-{args.images}", args.images)
-    weights_home = work / f"weights-{args.model}"
-    weights_home.mkdir(parents=True, exist_ok=True)
-    load_state_dict(args.model, "random", weights_home, create=True)
-    weights = random_weights_file(weights_home, args.model)
+    weights = random_weights(work, args.model)
 
     naive_cmd = [sys.executable, __file__, "--model", args.model, "--naive-child", str(data), str(weights)]
 
@@ -217,15 +224,12 @@ def ray_main(args: argparse.Namespace) -> None:
 
     import ray
 
-    from retrieval.backbones import load_state_dict, random_weights_file
+    from retrieval.backbones import random_weights_file
     from retrieval.system import available_cores
 
     work = args.workdir
     data = make_collection(work / f"data-{args.images}", args.images)
-    weights_home = work / f"weights-{args.model}"
-    weights_home.mkdir(parents=True, exist_ok=True)
-    load_state_dict(args.model, "random", weights_home, create=True)
-    weights = random_weights_file(weights_home, args.model)
+    weights = random_weights(work, args.model)
 
     temp = tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp")   # short: Ray's socket paths must fit in 107 bytes
     t0 = time.perf_counter()

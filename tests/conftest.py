@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 import urllib.error
 from pathlib import Path
 
@@ -22,6 +23,16 @@ class BuiltIndex:
 def pytest_collection_modifyitems(config, items) -> None:
     """The Docker test runs last: in CI its images build in the background (.ci/run) while everything else runs."""
     items.sort(key=lambda item: item.path.name == "test_docker.py")
+
+
+def wait_for(condition, timeout: float) -> bool:  # noqa: ANN001 - zero-argument callable
+    """Poll condition() every 0.1 s until it holds (True) or timeout seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def build_index(data_dir: Path, index_dir: Path, **options) -> RunReport:

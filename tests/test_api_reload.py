@@ -7,11 +7,12 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from api import create_app
 from indexer.samples import make_sample_collection
+
+from conftest import wait_for
 
 RELOAD_WITHIN_S = 10.0
 
@@ -27,15 +28,6 @@ def run_index_images(data: Path, index: Path) -> dict:
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
-
-
-def wait_for(condition, timeout: float) -> bool:  # noqa: ANN001 - zero-argument callable
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_the_server_answers_from_the_rewritten_index_without_failing_a_request(tmp_path, index_images):

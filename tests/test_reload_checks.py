@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,18 +19,15 @@ from retrieval.backbones import WeightsUnavailable, random_weights_file
 from retrieval.catalog import CATALOG_FILE, Catalog
 from retrieval.index import ImageIndex, IndexUnavailable, WeightsMismatch
 
+from conftest import wait_for as poll
+
 RELOAD_WITHIN_S = 20.0
 CLASSES = ["red_circles", "blue_squares"]
 QUERY = "red_circles/red_circles_001.jpg"
 
 
 def wait_for(condition, timeout: float = RELOAD_WITHIN_S) -> bool:  # noqa: ANN001 - zero-argument callable
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
+    return poll(condition, timeout)
 
 
 def upload(client, data: bytes, url: str = "/search?k=3"):  # noqa: ANN001, ANN201 - Flask test client and response
