@@ -77,6 +77,13 @@ def parse_batch_size(value: str) -> int | str:
               help="L2-normalise the vectors (recorded in the index). [default: normalize]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the network runs; auto picks a CUDA GPU when there is one.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="The network's arithmetic: bf16 (CUDA only; features within cosine 0.999 of fp32, about twice as "
+                   "fast) or fp32. auto: bf16 on CUDA, fp32 on the CPU. Recorded in the index.")
+@click.option("--decode", type=click.Choice(["auto", "workers", "device"]), default="auto", show_default=True,
+              help="Where JPEGs are decoded: by the decoding workers (Pillow, reduced in the decoder to about the "
+                   "network's size), or on the network's device (torchvision; nvJPEG on a GPU), falling back to "
+                   "the workers' decoder per file. auto: on a GPU, the device for photos of 2+ megapixels.")
 @click.option("--batch-size", default="auto", show_default=True, metavar="N|auto",
               help="Images per forward pass and per catalog transaction. auto: on CUDA the largest batch the free "
                    "GPU memory holds (with a safety margin; -v logs the choice), on the CPU 32.")
@@ -106,7 +113,7 @@ def parse_batch_size(value: str) -> int | str:
               help="auto keeps exact Flat up to this many images. [default: 50000, or the index's]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each skipped file and other details.")
-def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weights, seed, normalize, device, batch_size, workers,  # noqa: ANN001
+def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weights, seed, normalize, device, precision, decode, batch_size, workers,  # noqa: ANN001
          max_file_mb: float, ray_address: str | None, index_type: str | None, rebuild_index: bool, nprobe: int | None,
          ef_search: int | None, recall_queries: int | None, auto_flat_max: int | None, as_json: bool,
          verbose: bool) -> None:
@@ -143,7 +150,8 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
     vector_index = IndexTypeConfig(index_type=index_type, flat_max=auto_flat_max, nprobe=nprobe, ef_search=ef_search,
                                    recall_queries=recall_queries, rebuild=rebuild_index)
     cfg = JobConfig(data_dir=data_dir, index_dir=index_dir, db_url=db_url, model=model, layer=layer, weights=weights,
-                    normalize=normalize, seed=seed, device=device, batch_size=parse_batch_size(batch_size),
+                    normalize=normalize, seed=seed, device=device, precision=precision, decode=decode,
+                    batch_size=parse_batch_size(batch_size),
                     workers=workers, max_file_bytes=int(max_file_mb * 2**20), progress=not as_json, ray=ray_address,
                     vector_index=vector_index)
     try:
@@ -179,6 +187,11 @@ def _print_report(r) -> None:  # noqa: ANN001 - indexer.job.RunReport
                f"{r.total} images in the index ({r.seconds:.1f} s, {r.images_per_second:.1f} images/s)")
     for s in r.skipped:
         click.echo(f"  skipped {s['path']}: {s['reason']}")
+    if r.extraction:
+        x = r.extraction
+        stages = ", ".join(f"{stage} {t:.1f} s" for stage, t in x["stage_seconds"].items())
+        click.echo(f"network on {x['device']} in {x['precision']}, batches of {x['batch_size']}; JPEGs decoded by "
+                   f"{x['decode']}; {stages}")
     if r.vector_index:
         click.echo(f"FAISS index: {describe_vector_index(r.vector_index)}")
 

@@ -18,7 +18,7 @@ from retrieval.images import DEFAULT_MAX_PIXELS, Preprocessing
 from retrieval.index_types import IndexTypeConfig, IndexTypeError, vector_work_needed
 from retrieval.scan import DEFAULT_MAX_FILE_BYTES, ImageFile, scan_folder
 from retrieval.names import DEFAULT_RANDOM_SEED, FAISS_FILE
-from retrieval.system import available_cores, display_name
+from retrieval.system import available_cores, display_name, gpu_present
 
 from .reader import Reader
 
@@ -55,6 +55,9 @@ class JobConfig:
     normalize: bool | None = None     # L2-normalise vectors
     seed: int | None = None           # for --weights random; None: DEFAULT_RANDOM_SEED, or the index's
     device: str = "auto"
+    precision: str = "auto"           # the network's arithmetic: fp32, bf16 (CUDA), auto: bf16 on CUDA, else fp32
+    decode: str = "auto"              # JPEGs decoded by the "workers" (Pillow) or on the network's "device"
+                                      # (torchvision; nvJPEG on CUDA); auto: see device_min_pixels()
     batch_size: int | str = "auto"    # images per forward pass (and per catalog transaction); "auto": from free GPU memory, 32 on CPU
     workers: int | None = None        # decoding processes; None: one per core
     max_pixels: int | None = DEFAULT_MAX_PIXELS
@@ -81,6 +84,7 @@ class RunReport:
     seconds: float = 0.0
     images_per_second: float = 0.0
     vector_index: dict | None = None   # the FAISS type, training, search settings and recall (index_builder.describe)
+    extraction: dict | None = None     # device, precision, decoding and batch size of this run, and where its time went
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -236,7 +240,7 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
         workers = cfg.workers if cfg.workers is not None else default_workers()
         # decoding starts now, in workers forked before torch is imported, while the network loads
         with Reader(data_dir, planned.todo, workers=workers, prep=expected_preprocessing(stored),
-                    max_pixels=cfg.max_pixels) as reader:
+                    max_pixels=cfg.max_pixels, device_min_pixels=device_min_pixels(cfg)) as reader:
             return _update(cfg, catalog, stored, chosen, planned, reader, started, on_extractor)
 
 
@@ -304,11 +308,12 @@ def load_network(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None,
 
     try:
         extractor, identity = build_extractor(chosen["model"], chosen["layer"], chosen["weights"], cfg.index_dir,
-                                              device, seed=chosen["seed"], create=stored is None)
+                                              device, seed=chosen["seed"], create=stored is None,
+                                              precision=cfg.precision)
     except WeightsUnavailable as exc:
         raise ConfigError(weights_error_message(exc)) from exc
     except DeviceUnavailable as exc:
-        raise ConfigError(f"{exc} (--device)") from exc
+        raise ConfigError(f"{exc} (--device, --precision)") from exc
     if stored is not None and identity != stored.weights_identity:
         raise ConfigError(f"the weights now at {chosen['weights']!r} differ from the ones this index was built "
                           f"with ({stored.weights_identity}); use another index folder")
@@ -393,19 +398,58 @@ def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chos
             started: float, on_extractor: Callable[[FeatureExtractor], None] | None) -> RunReport:
     """This process's wiring of the stages: read (the Reader's workers) -> extract -> write."""
     from .batch_size import resolve_batch_size
-    from .extract import BatchExtractor
+    from .extract import BatchExtractor, DeviceBatches, StageClock
 
     extractor = load_network(cfg, catalog, stored, chosen, cfg.device)
     if on_extractor:
         on_extractor(extractor)
     batch_size = resolve_batch_size(cfg.batch_size, extractor)
     mapper = BatchExtractor(extractor, chosen["normalize"], batch_size)
-    with Writer(cfg, catalog, plan, extractor.dim) as writer, progress_bar(cfg, plan) as bar:
-        for batch in reader.read(extractor.preprocessing, batch_size, pin_memory=extractor.device.type == "cuda"):
-            feats = mapper(batch.pixels) if batch.pixels is not None else np.zeros((0, extractor.dim), np.float32)
-            writer.write(batch.rows, feats, batch.bad)
+    clock = StageClock()
+    with Writer(cfg, catalog, plan, extractor.dim) as writer, progress_bar(cfg, plan) as bar, \
+            DeviceBatches(extractor, reader, cfg.max_pixels) as to_device:
+        catalog.note_extraction(extractor.precision, device_label(extractor), to_device.decode)
+        batches = clock.timed("wait for decoding", reader.read(extractor.preprocessing, batch_size,
+                                                               pin_memory=extractor.device.type == "cuda"))
+        for batch in batches:
+            with clock("device decoding"):
+                pixels, rows, bad = to_device(batch)      # JPEGs left by the workers decoded on the device
+            with clock("network"):
+                feats = mapper(pixels) if pixels is not None else np.zeros((0, extractor.dim), np.float32)
+            with clock("write"):
+                writer.write(rows, feats, bad)
             bar.update(len(batch.rows) + len(batch.bad))
-    return _report(writer.report, catalog, len(writer.vectors), started)
+    report = _report(writer.report, catalog, len(writer.vectors), started)
+    report.extraction = {"device": device_label(extractor), "precision": extractor.precision,
+                         "decode": to_device.decode, "device_decoded": to_device.decoded,
+                         "batch_size": batch_size, "workers": reader.workers, "stage_seconds": clock.seconds()}
+    return report
+
+
+def device_label(extractor: FeatureExtractor) -> str:
+    """"cpu", or "cuda (NVIDIA H200)": what the catalog records of where vectors were computed."""
+    if extractor.device.type != "cuda":
+        return extractor.device.type
+    import torch
+
+    return f"cuda ({torch.cuda.get_device_name(extractor.device)})"
+
+
+# --decode auto on a GPU: JPEGs of at least this many pixels are decoded there (nvJPEG), smaller ones by the
+# workers. Chosen from bench_index.py on an H200 with 16 cores (README, "GPU indexing").
+AUTO_DEVICE_DECODE_MIN_PIXELS = 2_000_000
+
+
+def device_min_pixels(cfg: JobConfig) -> int | None:
+    """Which JPEGs the decoding workers leave for the network's device: those of at least this many pixels
+    (0: all), or None (the workers decode everything). Decided before torch is imported: the workers start first."""
+    if cfg.decode == "workers":
+        return None
+    if cfg.decode == "device":
+        return 0
+    assert cfg.decode == "auto", f"unknown decode {cfg.decode!r}"
+    on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpu_present())
+    return AUTO_DEVICE_DECODE_MIN_PIXELS if on_gpu else None
 
 
 def _report(report: RunReport, catalog: Catalog, total: int, started: float) -> RunReport:

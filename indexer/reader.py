@@ -20,12 +20,14 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from retrieval.images import ImageDecodeError, Preprocessing, decode_for_model
+from retrieval.images import ImageDecodeError, Preprocessing, decode_for_model, inspect_jpeg
 from retrieval.scan import ImageFile
 from retrieval.system import die_with_parent
 
 if TYPE_CHECKING:
     import torch
+
+    from retrieval.device_decode import DeviceJpeg
 
 log = logging.getLogger(__name__)
 
@@ -48,40 +50,59 @@ def start_worker(parent_pid: int) -> None:
         pass
 
 
-def read_file(data_dir: Path, f: ImageFile, prep: Preprocessing, max_pixels: int | None) -> dict:
-    """One file -> {"file", "decoded"} or {"file", "error"}: a bad file is an item, never an exception."""
+def read_file(data_dir: Path, f: ImageFile, prep: Preprocessing, max_pixels: int | None,
+              device_min_pixels: int | None = None) -> dict:
+    """One file -> {"file", "decoded"}, {"file", "jpeg"} (hashed and checked, left for the device to decode) or
+    {"file", "error"}: a bad file is an item, never an exception.
+
+    device_min_pixels: JPEGs of at least this many pixels are left for the device (0: all; None: none)."""
+    path = data_dir / f.path
     try:   # the decoder opens the file and reads what it needs; a file is never read whole just to be sniffed
-        return {"file": f, "decoded": decode_for_model(data_dir / f.path, prep, max_pixels=max_pixels)}
+        if device_min_pixels is not None:
+            facts = inspect_jpeg(path, max_pixels=max_pixels)
+            if facts is not None and facts.pixels >= device_min_pixels:
+                return {"file": f, "jpeg": facts}
+        return {"file": f, "decoded": decode_for_model(path, prep, max_pixels=max_pixels)}
     except ImageDecodeError as exc:
         return {"file": f, "error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - whatever one file raises is that file's reason, not the run's end
         return {"file": f, "error": f"cannot read or decode file: {type(exc).__name__}: {exc}"}
 
 
-def read_files(data_dir: Path, files: list[ImageFile], prep: Preprocessing, max_pixels: int | None) -> list[dict]:
-    return [read_file(data_dir, f, prep, max_pixels) for f in files]
+def read_files(data_dir: Path, files: list[ImageFile], prep: Preprocessing, max_pixels: int | None,
+               device_min_pixels: int | None = None) -> list[dict]:
+    return [read_file(data_dir, f, prep, max_pixels, device_min_pixels) for f in files]
 
 
 @dataclasses.dataclass
 class Batch:
-    pixels: torch.Tensor | None     # uint8, shape=(n, 3, H, W)
-    rows: list[dict]                # catalog fields for each of the n images
+    pixels: torch.Tensor | None     # uint8, shape=(n, 3, H, W): the rows decoded on the CPU (all rows without jpegs)
+    rows: list[dict]                # catalog fields for each image
     bad: list[dict]                 # skipped files: path, size, mtime_ns, reason
+    jpegs: list[DeviceJpeg] = dataclasses.field(default_factory=list)   # rows left for the device to decode
+    cpu_rows: list[int] = dataclasses.field(default_factory=list)       # the rows of pixels, in order
 
 
-def collate(items: list[dict], pin_memory: bool = False) -> Batch:
+def collate(items: list[dict], pin_memory: bool = False, data_dir: Path | None = None) -> Batch:
     import torch
 
-    good = [it for it in items if "decoded" in it]
+    from retrieval.device_decode import DeviceJpeg
+
+    good = [it for it in items if "decoded" in it or "jpeg" in it]
     rows = [{"path": it["file"].path, "label": it["file"].label, "size": it["file"].size,
-             "mtime_ns": it["file"].mtime_ns, "width": it["decoded"].width, "height": it["decoded"].height,
-             "sha256": it["decoded"].sha256} for it in good]
+             "mtime_ns": it["file"].mtime_ns, **_facts(it.get("decoded") or it["jpeg"])} for it in good]
     bad = [{"path": it["file"].path, "size": it["file"].size, "mtime_ns": it["file"].mtime_ns, "reason": it["error"]}
            for it in items if "error" in it]
-    pixels = torch.from_numpy(np.stack([it["decoded"].pixels for it in good])) if good else None   # (n, 3, H, W)
+    cpu_rows = [i for i, it in enumerate(good) if "decoded" in it]
+    jpegs = [DeviceJpeg(i, data_dir / it["file"].path, it["jpeg"]) for i, it in enumerate(good) if "jpeg" in it]
+    pixels = torch.from_numpy(np.stack([good[i]["decoded"].pixels for i in cpu_rows])) if cpu_rows else None
     if pixels is not None and pin_memory:
         pixels = pixels.pin_memory()   # page-locked: the copy to the GPU can overlap with compute
-    return Batch(pixels, rows, bad)
+    return Batch(pixels, rows, bad, jpegs, cpu_rows)
+
+
+def _facts(decoded) -> dict:  # noqa: ANN001 - DecodedImage or JpegFacts
+    return {"width": decoded.width, "height": decoded.height, "sha256": decoded.sha256}
 
 
 class Reader:
@@ -94,9 +115,10 @@ class Reader:
     """
 
     def __init__(self, data_dir: Path, files: list[ImageFile], *, workers: int, prep: Preprocessing,
-                 max_pixels: int | None):
+                 max_pixels: int | None, device_min_pixels: int | None = None):
         assert workers >= 0, "workers must not be negative"
         self.data_dir, self.files, self.max_pixels, self.prep = Path(data_dir), files, max_pixels, prep
+        self.device_min_pixels = device_min_pixels     # JPEGs of at least this many pixels: hashed and checked only
         self.workers = workers
         self.tasks = [files[i:i + DECODE_CHUNK] for i in range(0, len(files), DECODE_CHUNK)]
         self.ahead = TASKS_AHEAD_PER_WORKER * workers   # tasks submitted and not yet collected
@@ -130,7 +152,7 @@ class Reader:
     def _fill(self) -> None:
         while self._next < len(self.tasks) and len(self._pending) < self.ahead:
             self._pending.append(self._pool.submit(read_files, self.data_dir, self.tasks[self._next], self.prep,
-                                                   self.max_pixels))
+                                                   self.max_pixels, self.device_min_pixels))
             self._next += 1
 
     def _restart_from(self, task: int) -> None:
@@ -147,7 +169,8 @@ class Reader:
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"), initializer=start_worker,
                                      initargs=(os.getpid(),)) as alone:
                 try:
-                    items += alone.submit(read_files, self.data_dir, [f], self.prep, self.max_pixels).result()
+                    items += alone.submit(read_files, self.data_dir, [f], self.prep, self.max_pixels,
+                                          self.device_min_pixels).result()
                 except BrokenProcessPool:
                     log.warning("decoding %s killed its worker process; skipped", f.path)
                     items.append({"file": f, "error": "decoding it killed the worker process (out of memory, "
@@ -157,7 +180,7 @@ class Reader:
     def _items(self) -> Iterator[dict]:
         if self._pool is None:
             for files in self.tasks:
-                yield from read_files(self.data_dir, files, self.prep, self.max_pixels)
+                yield from read_files(self.data_dir, files, self.prep, self.max_pixels, self.device_min_pixels)
             return
         self._fill()
         task = self._next - len(self._pending)
@@ -187,7 +210,7 @@ class Reader:
         for item in self._items():
             items.append(item)
             if len(items) == batch_size:
-                yield collate(items, pin_memory)
+                yield collate(items, pin_memory, self.data_dir)
                 items = []
         if items:
-            yield collate(items, pin_memory)
+            yield collate(items, pin_memory, self.data_dir)

@@ -180,11 +180,13 @@ def resolve_device(device: str) -> torch.device:
 class FeatureExtractor:
     """A backbone cut at fc6/fc7 (after its ReLU), in eval mode, on one device.
 
-    Call it with uint8 images, shape=(B, 3, 224, 224); get float32 features, shape=(B, D), on the CPU.
-    Normalisation, dtype conversion and (on CUDA) half-precision autocast happen on the device.
+    Call it with uint8 images, shape=(B, 3, 224, 224), on the CPU or already on the device; get float32
+    features, shape=(B, D), on the CPU. Normalisation, dtype conversion and (precision "bf16") bfloat16
+    autocast happen on the device. precision: "fp32", "bf16" (CUDA only), or "auto": bf16 on CUDA, fp32 on the CPU.
     """
 
-    def __init__(self, model: str, layer: str, state_dict: dict[str, torch.Tensor], device: torch.device):
+    def __init__(self, model: str, layer: str, state_dict: dict[str, torch.Tensor], device: torch.device,
+                 precision: str = "auto"):
         assert model in MODELS, f"unknown model {model!r}"
         assert layer in LAYERS, f"unknown layer {layer!r}"
         spec = MODELS[model]
@@ -193,6 +195,7 @@ class FeatureExtractor:
         load_backbone(net, model, state_dict, assign=True)   # fc8 may be absent or another size: it is cut off below
         net.eval()
         self.model, self.layer, self.device = model, layer, device
+        self.precision = resolve_precision(precision, device)
         self.preprocessing = preprocessing_for(model)
         # channels-last convolutions: faster on CUDA, and for batches on the CPU too (AlexNet, eight images on
         # the 2-core CI machine, interleaved A/B: 109 -> 92 ms; one image: no difference; outputs within 1e-7)
@@ -206,12 +209,27 @@ class FeatureExtractor:
         assert pixels.dtype == torch.uint8 and pixels.ndim == 4, f"want uint8 (B,3,H,W), got {pixels.dtype} {tuple(pixels.shape)}"
         x = pixels.to(self.device, non_blocking=True)
         x = self.preprocessing.normalise(x).contiguous(memory_format=torch.channels_last)   # (B, 3, 224, 224) float32
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        if self.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 out = self.net(x)
         else:
             out = self.net(x)                                                 # (B, 3, 224, 224) -> (B, 4096)
         return out.float().cpu()
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "bf16" on CUDA, "fp32" elsewhere. bf16 is refused off CUDA: CPUs without bf16 units run it
+    several times slower than fp32, for features that only lose accuracy."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type != "cuda":
+        raise DeviceUnavailable("bf16 features are computed on a CUDA GPU only; on the CPU use fp32")
+    return precision
 
 
 def onednn_linear_available() -> bool:
@@ -263,9 +281,12 @@ def cut_at(net: nn.Module, node: str) -> nn.Sequential:
 
 
 def build_extractor(model: str, layer: str, weights: str, index_dir: Path | None, device: str = "auto", *,
-                    seed: int = DEFAULT_RANDOM_SEED, create: bool = False) -> tuple[FeatureExtractor, str]:
+                    seed: int = DEFAULT_RANDOM_SEED, create: bool = False,
+                    precision: str = "auto") -> tuple[FeatureExtractor, str]:
     """-> (extractor, weights identity)."""
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    torch_device = resolve_device(device)
+    resolve_precision(precision, torch_device)    # refused before the weights are loaded
     state, identity = load_state_dict(model, weights, index_dir, seed=seed, create=create)
-    return FeatureExtractor(model, layer, state, resolve_device(device)), identity
+    return FeatureExtractor(model, layer, state, torch_device, precision), identity

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import numpy as np
 from sqlalchemy import (BigInteger, Boolean, DateTime, Integer, LargeBinary, String, create_engine, delete, event,
-                        func, inspect, select, text)
+                        func, insert, inspect, select, text)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.pool import QueuePool
@@ -184,6 +184,17 @@ class VectorIndexRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     record: Mapped[str] = mapped_column(String)   # JSON, see retrieval.index_builder.IndexBuilder.record
+
+
+class ExtractionRow(Base):
+    """How the vectors were computed (one row): each precision used with the devices that used it, and the last run's.
+
+    fp32 and bf16 features of one network agree to a cosine of about 0.999, so one index may hold both; this
+    says which it holds."""
+    __tablename__ = "extraction"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    record: Mapped[str] = mapped_column(String)   # JSON, see Catalog.note_extraction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -461,6 +472,11 @@ class Catalog:
                 if part:
                     yield _stack(part)
 
+    def vectors_by_path(self) -> dict[str, np.ndarray]:
+        """Every image's vector by its path (comparing two indexes of the same folder: tests, benchmarks)."""
+        paths = {image_id: path for path, (image_id, *_state) in self.file_states().items()}
+        return {paths[i]: v for ids, vecs in self.vectors() for i, v in zip(ids.tolist(), vecs)}
+
     def vector(self, image_id: int) -> np.ndarray | None:
         with self.Session() as s:
             blob = s.scalar(select(ImageRow.vector).where(ImageRow.id == int(image_id)))
@@ -525,13 +541,15 @@ class Catalog:
             if paths:
                 replaced = s.scalars(delete(ImageRow).where(ImageRow.path.in_(paths)).returning(ImageRow.id)).all()
                 s.execute(delete(SkippedRow).where(SkippedRow.path.in_(paths)))
-            new_rows = [ImageRow(**r, vector=vector_to_blob(v)) for r, v in zip(rows, vectors)]
-            s.add_all(new_rows)
+            new_ids: list[int] = []
+            if rows:   # one multi-row INSERT (Core, not ORM objects: 1.5x the images/s, which a GPU run needs)
+                now = utcnow()
+                new_ids = list(s.scalars(insert(ImageRow).returning(ImageRow.id, sort_by_parameter_order=True),
+                                         [{**r, "vector": vector_to_blob(v), "indexed_at": now}
+                                          for r, v in zip(rows, vectors)]))
             s.add_all(SkippedRow(**k) for k in skipped)
-            s.flush()
-            new_ids = [r.id for r in new_rows]
             settings = s.get(IndexSettingsRow, 1)
-            if settings is not None and (new_rows or replaced):   # the images changed (a new skip alone is no change)
+            if settings is not None and (new_ids or replaced):   # the images changed (a new skip alone is no change)
                 settings.updated_at = utcnow()
         return new_ids, list(replaced)
 
@@ -549,6 +567,29 @@ class Catalog:
     def save_vector_index_record(self, record: dict) -> None:
         with self.Session.begin() as s:
             s.merge(VectorIndexRow(id=1, record=json.dumps(record, sort_keys=True)))
+
+
+    # how the vectors were computed
+    def extraction_record(self) -> dict | None:
+        """{"precisions": {precision: [devices]}, "last": {"precision", "device", "decode"}}, or None (none yet,
+        or a catalog made before precisions were recorded)."""
+        try:
+            with self.Session() as s:
+                text = s.scalar(select(ExtractionRow.record).where(ExtractionRow.id == 1))
+        except OperationalError:   # no such table: an older catalog opened read-only
+            return None
+        return json.loads(text) if text else None
+
+    def note_extraction(self, precision: str, device: str, decode: str) -> None:
+        """Record that vectors are being added with this precision on this device (before the run's first batch)."""
+        with self.Session.begin() as s:
+            row = s.get(ExtractionRow, 1)
+            record = json.loads(row.record) if row is not None else {"precisions": {}}
+            devices = record["precisions"].setdefault(precision, [])
+            if device not in devices:
+                devices.append(device)
+            record["last"] = {"precision": precision, "device": device, "decode": decode}
+            s.merge(ExtractionRow(id=1, record=json.dumps(record, sort_keys=True)))
 
 
 def _stack(part) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001 - rows of (id, blob)

@@ -138,6 +138,55 @@ def decode_for_model(source: ImageSource, prep: Preprocessing, *, max_pixels: in
         raise decode_error(exc) from exc
 
 
+@dataclasses.dataclass(frozen=True)
+class JpegFacts:
+    """A JPEG checked against the limits and left undecoded, for the GPU's decoder: what the catalog keeps of it,
+    and how to turn it upright."""
+    width: int             # upright size
+    height: int
+    sha256: str            # of the file's bytes
+    size: int              # bytes, as hashed: the decoder checks it read the same file
+    orientation: int       # EXIF orientation, 1..8
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+# What the GPU decoder is given: baseline or progressive JPEG in colour or greyscale. CMYK and YCCK JPEGs,
+# and every other format, are decoded on the CPU.
+DEVICE_JPEG_MODES = ("RGB", "L")
+
+
+def inspect_jpeg(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> JpegFacts | None:
+    """Hash a file and check its header against the same limits as decode_for_model, without decoding it.
+
+    -> JpegFacts for a JPEG the GPU decoder takes, None for any other image (decode that one on the CPU).
+    Raises ImageDecodeError for a file that no decoder should be given (too large, too thin, a scan bomb,
+    unreadable, not an image)."""
+    try:
+        f = open(path, "rb")   # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
+    try:
+        with f:
+            sha256, size, scans = _file_facts(f)
+            if size == 0:
+                raise ImageDecodeError("empty file")
+            f.seek(0)
+            with Image.open(f) as img:           # the header only
+                if img.format != "JPEG" or img.mode not in DEVICE_JPEG_MODES:
+                    return None
+                check_header(img, scans, max_pixels)
+                orientation = exif_orientation(img)
+                width, height = img.size
+    except Exception as exc:  # noqa: BLE001 - see decode_for_model
+        raise decode_error(exc) from exc
+    if orientation in _SIDEWAYS:
+        width, height = height, width
+    return JpegFacts(width, height, sha256, size, orientation)
+
+
 def open_rgb(source: ImageSource, *, min_side: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
              max_decoded_pixels: int | None = None) -> Image.Image:
     """Decode image bytes or a file to an upright 8-bit RGB image, full size (of the decode).
@@ -250,8 +299,8 @@ def _file_facts(f: BinaryIO) -> tuple[str, int, int]:
     return digest.hexdigest(), size, scans
 
 
-def _load(img: Image.Image, sha256: str, scans: int, min_side: int | None, max_pixels: int | None,
-          max_decoded_pixels: int | None) -> _Loaded:
+def check_header(img: Image.Image, scans: int, max_pixels: int | None) -> None:
+    """The limits an opened (not yet loaded) image must pass before anything decodes it. Raises ImageDecodeError."""
     width, height = img.size
     if max_pixels is not None and width * height > max_pixels:
         raise ImageDecodeError(
@@ -262,6 +311,18 @@ def _load(img: Image.Image, sha256: str, scans: int, min_side: int | None, max_p
     if img.format in ("JPEG", "MPO") and scans > MAX_JPEG_SCANS:
         raise ImageDecodeError(f"JPEG with {scans:,} scans (at most {MAX_JPEG_SCANS} are decoded): "
                                "refused as a possible decoding bomb")
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation of an opened image, 1..8 (1, upright as stored, when absent or invalid)."""
+    orientation = img.getexif().get(0x0112, 1)
+    return orientation if isinstance(orientation, int) and orientation in _UPRIGHT else 1
+
+
+def _load(img: Image.Image, sha256: str, scans: int, min_side: int | None, max_pixels: int | None,
+          max_decoded_pixels: int | None) -> _Loaded:
+    check_header(img, scans, max_pixels)
+    width, height = img.size
     if min_side is not None and img.format in ("JPEG", "MPO"):
         img.draft("RGB", (min_side, min_side))
     w, h = img.size
@@ -269,8 +330,7 @@ def _load(img: Image.Image, sha256: str, scans: int, min_side: int | None, max_p
         raise ImageDecodeError(f"image too large to decode here ({w}x{h} = {w * h:,} pixels to decode, "
                                f"limit {max_decoded_pixels:,})")
     img.load()
-    orientation = img.getexif().get(0x0112, 1)
-    orientation = orientation if isinstance(orientation, int) and orientation in _UPRIGHT else 1
+    orientation = exif_orientation(img)
     if orientation in _SIDEWAYS:
         width, height = height, width
     return _Loaded(img, orientation, width, height, sha256)

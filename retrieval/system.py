@@ -5,6 +5,7 @@ import ctypes
 import os
 import signal
 import sys
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1   # <linux/prctl.h>
 
@@ -37,3 +38,10 @@ def die_with_parent(parent_pid: int) -> None:
             pass
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+def gpu_present() -> bool:
+    """Whether an NVIDIA GPU is visible, without importing torch (placeholder; see the writer branch)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*"))

@@ -1,0 +1,130 @@
+"""On a CUDA GPU, for real: bf16 GPU features against CPU fp32 ones of the same weights, `--batch-size auto`, a real
+out-of-memory batch retried smaller with no image lost or duplicated, and JPEGs decoded by nvJPEG.
+
+Skipped where PyTorch sees no GPU (CI has none); benchmarks/gpu_check.sh runs them on a GPU host. Each test
+prints what it measured (run with -s to see it)."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from indexer.samples import make_sample_collection
+from retrieval.catalog import Catalog
+from retrieval.device_decode import DeviceJpeg, DeviceJpegDecoder
+from retrieval.images import Preprocessing, decode_for_model, inspect_jpeg
+
+from conftest import build_index
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (CI has none; benchmarks/gpu_check.sh runs these on one)")
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    data = tmp_path_factory.mktemp("cuda") / "data"
+    make_sample_collection(data, per_class=40, size=(500, 375), seed=11)                    # 200 small photos
+    make_sample_collection(data / "large", per_class=2, size=(3000, 2250), seed=12)         # 10 decoded by nvJPEG
+    return data
+
+
+def vectors(index_dir) -> dict[str, np.ndarray]:
+    catalog = Catalog(index_dir)
+    try:
+        return catalog.vectors_by_path()
+    finally:
+        catalog.close()
+
+
+def nearest_neighbours(by_path: dict[str, np.ndarray], paths: list[str]) -> np.ndarray:
+    x = torch.from_numpy(np.stack([by_path[p] for p in paths]))      # (n, 4096)
+    d = torch.cdist(x, x)
+    d.fill_diagonal_(float("inf"))
+    return d.argmin(1).numpy()
+
+
+def cosines(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> np.ndarray:
+    return np.array([float(a[p] @ b[p] / np.linalg.norm(a[p]) / np.linalg.norm(b[p])) for p in a])
+
+
+@pytest.fixture(scope="module")
+def cpu_fp32(collection, tmp_path_factory):
+    index = tmp_path_factory.mktemp("cpu") / "index"
+    report = build_index(collection, index, device="cpu", workers=4, batch_size=32)
+    assert report.extraction["precision"] == "fp32"
+    return vectors(index)
+
+
+def test_gpu_bf16_features_match_cpu_fp32_features(collection, cpu_fp32, tmp_path):
+    report = build_index(collection, tmp_path / "gpu", device="cuda", workers=4, batch_size="auto")
+    x = report.extraction
+    assert x["device"].startswith("cuda") and x["precision"] == "bf16" and x["device_decoded"] >= 10
+    assert 32 < x["batch_size"] <= 512, "--batch-size auto should fill the GPU with more than the CPU's 32"
+    gpu = vectors(tmp_path / "gpu")
+    assert gpu.keys() == cpu_fp32.keys() and len(gpu) == 210
+    cos = cosines(cpu_fp32, gpu)
+    paths = sorted(gpu)
+    same = float(np.mean(nearest_neighbours(cpu_fp32, paths) == nearest_neighbours(gpu, paths)))
+    print(f"\nbf16 on {x['device']} (batch {x['batch_size']}, decode {x['decode']}) against fp32 on the CPU, "
+          f"{len(cos)} images: cosine min {cos.min():.6f}, median {np.median(cos):.6f}; same nearest neighbour "
+          f"for {same:.1%}")
+    assert cos.min() >= 0.999
+    assert same >= 0.95
+
+
+def test_gpu_fp32_features_match_cpu_fp32_features(collection, cpu_fp32, tmp_path):
+    report = build_index(collection, tmp_path / "gpu32", device="cuda", precision="fp32", decode="workers",
+                         workers=4, batch_size=64)
+    assert report.extraction["precision"] == "fp32" and report.extraction["device_decoded"] == 0
+    cos = cosines(cpu_fp32, vectors(tmp_path / "gpu32"))
+    print(f"\nfp32 on the GPU against fp32 on the CPU: cosine min {cos.min():.7f}")
+    assert cos.min() >= 0.9999
+
+
+def test_a_real_out_of_memory_batch_is_retried_smaller_with_nothing_lost(tmp_path, caplog):
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=12, size=(500, 375), seed=13)                    # 60 images
+    reference = tmp_path / "reference"
+    build_index(data, reference, model="vgg16", device="cuda", workers=4, batch_size=8)
+    torch.cuda.empty_cache()
+    free, _total = torch.cuda.mem_get_info()
+    # leave VGG16 (0.8 GB of weights with their bf16 copies) about 1.5 GB: a batch of 60 needs ~1.8 GB of bf16
+    # activations (and its fp32 input), so it fails on the GPU for real and is retried in halves
+    hog = torch.empty(max(0, free - int(2.6e9)), dtype=torch.uint8, device="cuda")
+    try:
+        with caplog.at_level(logging.WARNING, logger="indexer.extract"):
+            report = build_index(data, tmp_path / "index", model="vgg16", device="cuda", workers=4, batch_size=60)
+    finally:
+        del hog
+        torch.cuda.empty_cache()
+    retries = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
+    print(f"\nout-of-memory retries: {retries}")
+    assert retries, "the batch of 60 should not have fitted"
+    assert report.indexed == report.total == 60
+    ours, ref = vectors(tmp_path / "index"), vectors(reference)
+    assert ours.keys() == ref.keys()                                                        # none lost, none twice
+    catalog = Catalog(tmp_path / "index")
+    try:
+        assert len(catalog.ids()) == 60
+    finally:
+        catalog.close()
+    assert cosines(ref, ours).min() >= 0.999
+
+
+def test_nvjpeg_crops_match_pillow_crops(tmp_path):
+    paths = make_sample_collection(tmp_path, per_class=2, size=(500, 375), seed=14)
+    paths += make_sample_collection(tmp_path / "large", per_class=1, size=(4000, 3000), seed=15)
+    prep = Preprocessing()
+    decoder = DeviceJpegDecoder(prep, torch.device("cuda"), max_pixels=None)
+    try:
+        result = decoder.crops([DeviceJpeg(i, p.resolve(), inspect_jpeg(p)) for i, p in enumerate(paths)])
+    finally:
+        decoder.close()
+    assert result.crops.is_cuda and not result.failed and result.on_cpu == 0
+    diffs = [np.abs(crop.cpu().numpy().astype(int) - decode_for_model(p, prep).pixels.astype(int))
+             for p, crop in zip(paths, result.crops)]
+    print(f"\nnvJPEG + resize on the GPU against Pillow: mean abs difference "
+          f"{max(d.mean() for d in diffs):.3f} at most, 99th percentile {max(np.percentile(d, 99) for d in diffs)}")
+    assert max(d.mean() for d in diffs) < 1.0
