@@ -411,6 +411,7 @@ def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chos
         catalog.note_extraction(extractor.precision, device_label(extractor), to_device.decode)
         batches = clock.timed("wait for decoding", reader.read(extractor.preprocessing, batch_size,
                                                                pin_memory=extractor.device.type == "cuda"))
+        loop_started = time.perf_counter()
         for batch in batches:
             with clock("device decoding"):
                 pixels, rows, bad = to_device(batch)      # JPEGs left by the workers decoded on the device
@@ -419,10 +420,14 @@ def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chos
             with clock("write"):
                 writer.write(rows, feats, bad)
             bar.update(len(batch.rows) + len(batch.bad))
+        loop_seconds = time.perf_counter() - loop_started
     report = _report(writer.report, catalog, len(writer.vectors), started)
     report.extraction = {"device": device_label(extractor), "precision": extractor.precision,
                          "decode": to_device.decode, "device_decoded": to_device.decoded,
-                         "batch_size": batch_size, "workers": reader.workers, "stage_seconds": clock.seconds()}
+                         "batch_size": batch_size, "workers": reader.workers, "stage_seconds": clock.seconds(),
+                         # the images' own rate, start-up (imports, network, first CUDA calls) and final save left out
+                         "loop_seconds": round(loop_seconds, 3),
+                         "loop_images_per_second": round(report.indexed / loop_seconds, 1) if loop_seconds else 0.0}
     return report
 
 
