@@ -88,7 +88,9 @@ def parse_batch_size(value: str) -> int | str:
               help="Images per forward pass and per catalog transaction. auto: on CUDA the largest batch the free "
                    "GPU memory holds (with a safety margin; -v logs the choice), on the CPU 32.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Decoding processes (0 decodes in the main process). [default: one per core]")
+              help="Decoding processes (0 decodes in the main process). When the network runs on a GPU (--device "
+                   "cuda, or auto with an NVIDIA GPU present) the main process mostly waits on it, so every core "
+                   "decodes. [default: one per core, at most 8, or 32 on a GPU]")
 @click.option("--max-file-mb", type=click.FloatRange(min=0, min_open=True), default=512, show_default=True,
               help="Files larger than this are skipped without being read.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import logging
+import queue
 import sys
 import threading
 import time
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 DEFAULTS = {"model": "alexnet", "layer": "fc7", "weights": "imagenet", "normalize": True}
 LOCK_FILE = ".lock"
+MAX_WORKERS_CPU = 8    # decoding processes by default when the network runs on the CPU
+MAX_WORKERS_GPU = 32   # ... and on a GPU: a fast one needs every core decoding (an H200 takes 8,000 images/s)
 
 
 class ConfigError(Exception):
@@ -59,7 +62,7 @@ class JobConfig:
     decode: str = "auto"              # JPEGs decoded by the "workers" (Pillow) or on the network's "device"
                                       # (torchvision; nvJPEG on CUDA); auto: see device_min_pixels()
     batch_size: int | str = "auto"    # images per forward pass (and per catalog transaction); "auto": from free GPU memory, 32 on CPU
-    workers: int | None = None        # decoding processes; None: one per core
+    workers: int | None = None        # decoding processes; None: default_workers(device)
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES   # larger files are skipped unread; None: no limit
     save_every_s: float = 30.0        # also save the FAISS file this often during long runs
@@ -237,7 +240,7 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
         if cfg.ray is not None:
             from .ray_job import run_on_ray
             return run_on_ray(cfg, catalog, stored, chosen, planned, started, on_cluster)
-        workers = cfg.workers if cfg.workers is not None else default_workers()
+        workers = cfg.workers if cfg.workers is not None else default_workers(cfg.device)
         # decoding starts now, in workers forked before torch is imported, while the network loads
         with Reader(data_dir, planned.todo, workers=workers, prep=expected_preprocessing(stored),
                     max_pixels=cfg.max_pixels, device_min_pixels=device_min_pixels(cfg)) as reader:
@@ -332,8 +335,12 @@ class Writer:
     then the same change to the FAISS index, saved every cfg.save_every_s and at the end.
 
     Opening it reconciles the FAISS file with the catalog and applies the plan's removals. Use as a
-    context manager: on the way out the FAISS file is saved whenever it differs from the saved one, also
-    after an error, so a re-run only redoes the batches that were never committed.
+    context manager: inside, batches are committed in order on a writer thread, so the network works on
+    the next batch meanwhile (on a GPU, the write is off the critical path); the progress bar counts the
+    files committed. On the way out the queued batches are committed (none after a failed one), and the
+    FAISS file is saved whenever it differs from the saved one, also after an error, so a re-run only
+    redoes the batches that were never committed. The catalog and the FAISS index belong to the writer
+    thread while it runs: the caller must not use them between __enter__ and __exit__.
     """
 
     def __init__(self, cfg: JobConfig, catalog: Catalog, plan: Plan, dim: int):
@@ -354,9 +361,23 @@ class Writer:
             self.dirty = True
         _record_refused(plan, catalog)
         self.last_save = time.monotonic()
+        self.bar = progress_bar(cfg, plan)
+        # one batch waits while one is written: the network never runs more than two batches ahead
+        self.queue: queue.Queue[tuple[list[dict], np.ndarray, list[dict]] | None] = queue.Queue(maxsize=1)
+        # a daemon: a caller gone without __exit__ (a second Ctrl-C in it) never keeps the process alive; a
+        # transaction cut off at exit is lost as in a kill -9 (the catalog rolls it back)
+        self.thread = threading.Thread(target=self._commit_queued, name="index-writer", daemon=True)
+        self.failure: BaseException | None = None   # what a commit on the writer thread raised
 
     def write(self, rows: list[dict], feats: np.ndarray, bad: list[dict]) -> None:
-        """Commit one batch: rows (catalog fields) with feats shape=(len(rows), dim) float32, and skipped files."""
+        """Queue one batch for the writer thread: rows (catalog fields) with feats shape=(len(rows), dim) float32,
+        and skipped files. Returns at once when the queue has room. Raises what an earlier batch's commit raised."""
+        assert self.thread.is_alive(), "write() inside the with block"
+        self._raise_failure()
+        self.queue.put((rows, feats, bad))
+
+    def commit(self, rows: list[dict], feats: np.ndarray, bad: list[dict]) -> None:
+        """Commit one batch (on the writer thread): the catalog transaction, then FAISS, then a save when due."""
         new_ids, replaced = self.catalog.write_batch(rows, feats, bad)   # the commit point
         self.vectors.remove(replaced)
         self.vectors.add(np.asarray(new_ids, dtype=np.int64), feats)
@@ -368,26 +389,52 @@ class Writer:
         if time.monotonic() - self.last_save > self.save_every_s:
             self.save()
             self.last_save = time.monotonic()
+        self.bar.update(len(rows) + len(bad))
+
+    def _commit_queued(self) -> None:
+        """The writer thread: commit batches in order until None; after a failed commit, drop the rest (so the
+        caller never blocks on a full queue) and keep the failure for the caller."""
+        while (batch := self.queue.get()) is not None:
+            if self.failure is not None:
+                continue
+            try:
+                self.commit(*batch)
+            except BaseException as exc:  # noqa: BLE001 - whatever it is, it is the run's error, raised in the caller
+                self.failure = exc
+
+    def _raise_failure(self) -> None:
+        """Raise, in the calling thread, what a commit on the writer thread raised (if one did)."""
+        if self.failure is not None:
+            raise self.failure
 
     def save(self) -> None:
         self.builder.save(self.vectors)   # the file, then the catalog state and the FAISS type it holds
 
     def __enter__(self) -> "Writer":
+        self.thread.start()
         return self
 
-    def __exit__(self, exc_type, *_exc) -> None:  # noqa: ANN001 - context manager protocol
-        if exc_type is None:   # another type at this size; the recall of an approximate index
+    def __exit__(self, exc_type, exc, _tb) -> None:  # noqa: ANN001 - context manager protocol
+        # The queued batches were made before the caller's error (an interrupt, a failed forward pass) and
+        # are committed, as a run without the thread would have; a failed commit dropped the ones after it.
+        self.queue.put(None)
+        self.thread.join()
+        self.bar.close()
+        failed = exc_type is not None or self.failure is not None
+        if not failed:   # another type at this size; the recall of an approximate index
             self.vectors = self.builder.finish(self.vectors, self.dirty)
         if self.dirty or self.builder.built or not self.catalog.vectors_in_step() \
                 or self.builder.record != self.catalog.vector_index_record():
             self.save()
-        if exc_type is None:
+        if exc is not self.failure:
+            self._raise_failure()   # the writer thread's error is the run's, as if the write had run in the caller
+        if not failed:
             assert len(self.vectors) == self.catalog.count(), "FAISS and the catalog disagree after a run"
             self.report.vector_index = self.builder.record
 
 
 def progress_bar(cfg: JobConfig, plan: Plan):  # noqa: ANN201 - tqdm
-    """The run's progress bar (images/s, ETA) on a terminal; silent otherwise."""
+    """The run's progress bar (images/s, ETA) on a terminal; silent otherwise. It counts committed files."""
     from tqdm import tqdm
 
     return tqdm(total=len(plan.todo), unit="img", desc="indexing", dynamic_ncols=True,
@@ -406,9 +453,9 @@ def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chos
     batch_size = resolve_batch_size(cfg.batch_size, extractor)
     mapper = BatchExtractor(extractor, chosen["normalize"], batch_size)
     clock = StageClock()
-    with Writer(cfg, catalog, plan, extractor.dim) as writer, progress_bar(cfg, plan) as bar, \
-            DeviceBatches(extractor, reader, cfg.max_pixels) as to_device:
-        catalog.note_extraction(extractor.precision, device_label(extractor), to_device.decode)
+    to_device = DeviceBatches(extractor, reader, cfg.max_pixels)
+    catalog.note_extraction(extractor.precision, device_label(extractor), to_device.decode)
+    with Writer(cfg, catalog, plan, extractor.dim) as writer, to_device:
         batches = clock.timed("wait for decoding", reader.read(extractor.preprocessing, batch_size,
                                                                pin_memory=extractor.device.type == "cuda"))
         loop_started = time.perf_counter()
@@ -417,9 +464,8 @@ def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chos
                 pixels, rows, bad = to_device(batch)      # JPEGs left by the workers decoded on the device
             with clock("network"):
                 feats = mapper(pixels) if pixels is not None else np.zeros((0, extractor.dim), np.float32)
-            with clock("write"):
-                writer.write(rows, feats, bad)
-            bar.update(len(batch.rows) + len(batch.bad))
+            with clock("write"):     # waits only when the writer thread is still on the batch before last
+                writer.write(rows, feats, bad)   # committed on the writer thread while the next batch runs
         loop_seconds = time.perf_counter() - loop_started
     report = _report(writer.report, catalog, len(writer.vectors), started)
     report.extraction = {"device": device_label(extractor), "precision": extractor.precision,
@@ -465,6 +511,9 @@ def _report(report: RunReport, catalog: Catalog, total: int, started: float) -> 
     return report
 
 
-def default_workers() -> int:
-    """Decoding processes: one per core, leaving the model the main process (the OS shares the cores)."""
-    return max(1, min(8, available_cores()))
+def default_workers(device: str) -> int:
+    """Decoding processes when --workers is not given: one per core, leaving the model the main process (the OS
+    shares the cores). On a GPU (device "cuda", or "auto" with one present) the main process mostly waits on it,
+    so up to MAX_WORKERS_GPU; on the CPU up to MAX_WORKERS_CPU. Decided before torch is imported (gpu_present)."""
+    on_gpu = device == "cuda" or (device == "auto" and gpu_present())
+    return max(1, min(MAX_WORKERS_GPU if on_gpu else MAX_WORKERS_CPU, available_cores()))

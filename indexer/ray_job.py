@@ -19,7 +19,7 @@ from retrieval.images import Preprocessing
 from retrieval.scan import ImageFile
 from retrieval.system import available_cores
 
-from .job import ConfigError, JobConfig, Plan, RunReport, Writer, _report, load_network, progress_bar
+from .job import ConfigError, JobConfig, Plan, RunReport, Writer, _report, load_network
 from .reader import WORKER_NICENESS, read_files
 
 # ray, ray.data and torch are imported inside the functions: this module is imported only for --ray runs,
@@ -241,12 +241,11 @@ def run_on_ray(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, c
                            num_cpus=cluster.actor_cpus, num_gpus=1 if cluster.device == "cuda" else None,
                            # the reservation also keeps Ray from fusing decoding into the actors
                            memory=NETWORK_MEMORY.get(settings.model, 1 << 30)))
-        with Writer(cfg, catalog, plan, dim) as writer, progress_bar(cfg, plan) as bar:
+        with Writer(cfg, catalog, plan, dim) as writer:   # commits on its thread while the driver takes the next batch
             try:
                 for out in ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=1):
                     rows, bad, good = _rows(out, todo)
                     writer.write(rows, np.ascontiguousarray(out["vector"][good], dtype=np.float32), bad)
-                    bar.update(len(out["i"]))
             except Exception as exc:   # noqa: BLE001 - Ray wraps what a task raised; a node's network problem is the user's to fix
                 why = _network_problem(exc)
                 if why is None:

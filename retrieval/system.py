@@ -1,13 +1,14 @@
-"""Facts about the machine and the file system that every part needs: usable cores, and file names shown as text."""
+"""Facts about the machine and the file system that every part needs: usable cores, a GPU or not, and file names shown as text."""
 from __future__ import annotations
 
 import ctypes
+import glob
 import os
 import signal
 import sys
-from pathlib import Path
 
 PR_SET_PDEATHSIG = 1   # <linux/prctl.h>
+GPU_DEVICE_FILES = "/dev/nvidia[0-9]*"   # one per NVIDIA GPU this process can open (nvidiactl, nvidia-uvm do not match)
 
 
 def available_cores() -> int:
@@ -17,6 +18,19 @@ def available_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
+
+
+def gpu_present() -> bool:
+    """Whether this process can see an NVIDIA GPU, without importing torch: a few file lookups.
+
+    Looks for the GPUs' device files, which CUDA opens and a container is given only for its own GPUs (not
+    /proc/driver/nvidia/gpus, which the host's kernel shows also to a container given no GPU). CUDA_VISIBLE_DEVICES
+    set to "" or starting with -1 hides them all, as CUDA reads it. A guess for defaults, not a promise that
+    CUDA works: torch.cuda.is_available() decides where the network runs."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.split(",")[0].strip() in ("", "-1"):
+        return False
+    return bool(glob.glob(GPU_DEVICE_FILES))
 
 
 def display_name(name: str) -> str:
@@ -38,10 +52,3 @@ def die_with_parent(parent_pid: int) -> None:
             pass
     if os.getppid() != parent_pid:
         os._exit(1)
-
-
-def gpu_present() -> bool:
-    """Whether an NVIDIA GPU is visible, without importing torch (placeholder; see the writer branch)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
-    return any(Path("/dev").glob("nvidia[0-9]*"))

@@ -408,3 +408,37 @@ def test_data_and_index_folders_whose_names_are_not_utf8(small_data, tmp_path, i
         assert hits[0].path == path and hits[0].distance < 1e-3
     finally:
         index.close()
+
+
+@pytest.mark.parametrize("device, gpu, cores, workers", [
+    ("cpu", False, 16, 8), ("auto", False, 16, 8), ("cpu", True, 16, 8),    # the network on the CPU: at most 8
+    ("auto", True, 16, 16), ("cuda", False, 16, 16), ("auto", True, 64, 32),   # on a GPU: every core, at most 32
+    ("auto", True, 1, 1),
+])
+def test_default_decoding_workers_are_every_core_when_the_network_runs_on_a_gpu(monkeypatch, device, gpu, cores,
+                                                                                 workers):
+    import indexer.job as job
+
+    monkeypatch.setattr(job, "available_cores", lambda: cores)
+    monkeypatch.setattr(job, "gpu_present", lambda: gpu)
+    assert job.default_workers(device) == workers
+
+
+def test_a_run_without_workers_given_decodes_in_the_default_for_its_device(small_data, tmp_path, index_images,
+                                                                         monkeypatch):
+    import indexer.job as job
+
+    started_with = []
+    real_reader = job.Reader
+
+    def recording_reader(*args, workers, **kwargs):  # noqa: ANN002, ANN003
+        started_with.append(workers)
+        return real_reader(*args, workers=workers, **kwargs)
+    monkeypatch.setattr(job, "Reader", recording_reader)
+    monkeypatch.setattr(job, "available_cores", lambda: 12)   # the Reader starts one process: 6 files are one task
+    monkeypatch.setattr(job, "gpu_present", lambda: True)     # as on a GPU host; torch finds no CUDA here: the CPU runs it
+
+    index_images(small_data, tmp_path / "cpu", workers=None, device="cpu")
+    index_images(small_data, tmp_path / "auto", workers=None, device="auto")
+
+    assert started_with == [8, 12]
