@@ -263,7 +263,7 @@ def child_network(params: dict) -> dict:
         forward, how = forward_at(extractor, precision, has_precision)
         result[precision] = {**time_forward(forward, pixels, device, params["seconds"]), "batch_size": batch,
                              "how": how}
-        del extractor, pixels
+        del extractor, pixels, forward   # the next precision's batch size is chosen with this one's memory free
         if device.type == "cuda":
             torch.cuda.empty_cache()
     result["batch_size"] = result["fp32"]["batch_size"]
