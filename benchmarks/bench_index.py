@@ -9,6 +9,10 @@ benchmarks/results/. Quote the medians.
 
 With --ray it compares instead `index-images` in one process with `index-images --ray` on a local Ray
 cluster (started once by this script), same files, weights and CPU (see ray_main).
+
+With --device cuda|cpu it measures instead, for each model and image size (collections of one size each), the
+end-to-end rate of index-images with the GPU's utilisation, the naive loop on that device, and the ceilings set
+by decoding alone and by the network alone, and names the bottleneck (see benchmarks/index_throughput.py).
 """
 from __future__ import annotations
 
@@ -28,8 +32,10 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.photo_collections import SIZES  # noqa: E402 - after the path is set; torch-free
+
 RESULTS = ROOT / "benchmarks" / "results"
-SIZES = {"small": (500, 375), "phone": (4000, 3000)}
+INDEX_IMAGES = "from indexer.cli import index_images_entry; index_images_entry()"   # this checkout's, not an installed one
 
 
 def make_collection(folder: Path, n: int) -> Path:
@@ -87,8 +93,10 @@ def run_measured(cmd: list[str], memory: bool = False) -> tuple[dict, float, int
 
     Sampling PSS reads every process's smaps each 50 ms, which costs CPU on a small machine: runs that
     are timed do not sample; memory is measured in runs of its own."""
+    from benchmarks.index_probes import child_env
+
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
     peak = [0]
     if memory:
         proc, peak = peak_memory_of_tree(proc)
@@ -99,24 +107,43 @@ def run_measured(cmd: list[str], memory: bool = False) -> tuple[dict, float, int
     return json.loads(out.strip().splitlines()[-1]), wall, peak[0]
 
 
-def naive_loop(data: Path, weights_file: Path, model: str) -> None:
-    """The loop a user would write; prints {"images", "seconds"} as JSON. Runs in a child process."""
+def naive_loop(data: Path, weights_file: Path, model: str, device: str = "cpu", limit: int | None = None,
+               seconds: float | None = None) -> None:
+    """The loop a user would write; prints {"images", "seconds"} as JSON. Runs in a child process.
+
+    On another device than the CPU each image is sent there alone (.to(device)), in fp32, and the clock stops after
+    a synchronize; one forward pass of zeros first takes CUDA's one-time set-up out of the timing.
+    limit: only the first `limit` files; seconds: stop after the image that passes this many seconds."""
+    import inspect
+
     import torch
     from PIL import Image
 
     from retrieval.backbones import MODELS, FeatureExtractor
 
     state = torch.load(weights_file, map_location="cpu", weights_only=True)
-    extractor = FeatureExtractor(model, "fc7", state, torch.device("cpu"))
+    dev = torch.device(device)
+    fp32 = {"precision": "fp32"} if "precision" in inspect.signature(FeatureExtractor).parameters else {}
+    extractor = FeatureExtractor(model, "fc7", state, dev, **fp32)
     transform = MODELS[model].imagenet.transforms()
-    files = sorted(p for p in data.rglob("*.jpg"))
+    files = sorted(p for p in data.rglob("*.jpg"))[:limit]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type != "cpu":
+        with torch.inference_mode():
+            extractor.net(torch.zeros(1, 3, 224, 224, device=dev))
+        sync()
+    done = 0
     started = time.perf_counter()
     with torch.inference_mode():
         for path in files:
             img = Image.open(path).convert("RGB")
-            x = transform(img).unsqueeze(0)                    # (1, 3, 224, 224)
+            x = transform(img).unsqueeze(0).to(dev)            # (1, 3, 224, 224)
             extractor.net(x)                                   # (1, 4096)
-    print(json.dumps({"images": len(files), "seconds": time.perf_counter() - started}))
+            done += 1
+            if seconds is not None and time.perf_counter() - started > seconds:
+                break
+    sync()
+    print(json.dumps({"images": done, "seconds": time.perf_counter() - started}))
 
 
 def random_weights(work: Path, model: str) -> Path:
@@ -139,11 +166,47 @@ def main() -> None:
     ap.add_argument("--ray", action="store_true",
                     help="compare `index-images --ray` (on a local Ray cluster started once) with the single-process "
                          "run instead of the naive loop")
+    ap.add_argument("--out", type=Path, default=None, help="the JSON file [default: benchmarks/results/bench_index*-TIME.json]")
+    device = ap.add_argument_group("--device mode (benchmarks/index_throughput.py)")
+    device.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                        help="measure each model x image size on this device: index-images end to end (with the GPU's "
+                             "utilisation), the naive loop, and the decode and network ceilings")
+    device.add_argument("--models", default="alexnet,vgg16", help="comma-separated: alexnet,vgg16")
+    device.add_argument("--sizes", default="small,phone", help="comma-separated: small (500x375), phone (4000x3000)")
+    device.add_argument("--small-images", type=int, default=20_000, help="files in the 500x375 collection")
+    device.add_argument("--phone-images", type=int, default=1_500, help="files in the 4000x3000 collection")
+    device.add_argument("--phone-unique", type=int, default=400,
+                        help="distinct 4000x3000 files drawn; the rest are hard links to them (0: all distinct)")
+    device.add_argument("--grain", type=int, default=24,
+                        help="levels of noise added to every pixel, for a photo's file size and decoding cost (0: none)")
+    device.add_argument("--naive-images", type=int, default=500, help="the naive loop runs on the first N files ...")
+    device.add_argument("--naive-seconds", type=float, default=20.0, help="... for at most this many seconds")
+    device.add_argument("--network-seconds", type=float, default=3.0, help="timed forward passes per precision")
+    device.add_argument("--startup-images", type=int, default=32,
+                        help="also time index-images on this many files, to give the end-to-end rate less start-up "
+                             "(0: not)")
+    device.add_argument("--time-budget", type=float, default=0.0,
+                        help="seconds after which the measurements left are skipped (and recorded so) (0: none)")
+    device.add_argument("--generate-processes", type=int, default=0, help="processes drawing the collections (0: one per CPU)")
     ap.add_argument("--naive-child", nargs=2, metavar=("DATA", "WEIGHTS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.naive_child:
-        naive_loop(Path(args.naive_child[0]), Path(args.naive_child[1]), args.model)
+        if args.device:
+            naive_loop(Path(args.naive_child[0]), Path(args.naive_child[1]), args.model, args.device,
+                       args.naive_images, args.naive_seconds)
+        else:
+            naive_loop(Path(args.naive_child[0]), Path(args.naive_child[1]), args.model)
         return
+    if args.device:
+        if args.ray:
+            ap.error("--ray and --device are separate modes")
+        from benchmarks.index_throughput import device_main
+
+        device_main(args)
+        return
+    given = [a.option_strings[0] for a in device._group_actions if getattr(args, a.dest) != a.default]
+    if given:
+        ap.error(f"{', '.join(given)} only apply with --device")
     if args.ray:
         ray_main(args)
         return
@@ -161,7 +224,7 @@ def main() -> None:
         shutil.rmtree(index_dir, ignore_errors=True)
         index_dir.mkdir(parents=True)
         shutil.copy(weights, random_weights_file(index_dir, args.model))
-        return [str(Path(sys.executable).parent / "index-images"), str(data), "--index-dir", str(index_dir),
+        return [sys.executable, "-c", INDEX_IMAGES, str(data), "--index-dir", str(index_dir),
                 "--model", args.model, "--weights", "random", "--device", "cpu", "--json", *args.index_args.split()]
 
     naive, ours = [], []
@@ -207,8 +270,8 @@ def main() -> None:
     print(f"{'naive loop, whole process':34}{result['naive']['median_wall_images_per_second']:>10.1f}")
     print(f"{'index-images, whole process':34}{result['index_images']['median_wall_images_per_second']:>10.1f}")
     print(f"speed-up: {result['speedup']:.2f}x (whole process against whole process: {result['speedup_wall']:.2f}x)")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out_file = RESULTS / f"bench_index-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out_file = args.out or RESULTS / f"bench_index-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(result, indent=2))
     print(f"saved {out_file}")
 
@@ -243,7 +306,7 @@ def ray_main(args: argparse.Namespace) -> None:
         shutil.rmtree(index_dir, ignore_errors=True)
         index_dir.mkdir(parents=True)
         shutil.copy(weights, random_weights_file(index_dir, args.model))
-        cmd = [sys.executable, "-c", "from indexer.cli import index_images_entry; index_images_entry()", str(data),
+        cmd = [sys.executable, "-c", INDEX_IMAGES, str(data),
                "--index-dir", str(index_dir), "--model", args.model, "--weights", "random", "--device", "cpu",
                "--json", *args.index_args.split()]
         return cmd + (["--ray", ray_address] if ray_address else [])
@@ -286,8 +349,8 @@ def ray_main(args: argparse.Namespace) -> None:
               f"{result[key]['median_wall_images_per_second']:>20.1f}")
     print(f"--ray / one process: {result['ratio']:.2f}x (whole processes: {result['ratio_wall']:.2f}x); "
           f"starting the local Ray cluster took {cluster_start_s:.1f} s (once, not in the runs)")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out_file = RESULTS / f"bench_index_ray-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out_file = args.out or RESULTS / f"bench_index_ray-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(result, indent=2))
     print(f"saved {out_file}")
 

@@ -6,7 +6,9 @@ with N client threads, each on its own keep-alive connection, uploading fresh qu
 index) as multipart forms. Reports p50/p95/p99 latency and requests/s, and the server's own
 decode/features/search breakdown from `timings_ms`; each figure is the median over --runs runs.
 With --compare-batching it also measures the server with micro-batching off (BATCH_MAX_SIZE=1).
-Saves JSON under benchmarks/results/.
+With --device cuda the server computes query features on the GPU (serve-images --device; the index is built
+there too), and each run records the GPU's utilisation (NVML, when there). Saves JSON under benchmarks/results/
+(or --out FILE).
 """
 from __future__ import annotations
 
@@ -55,8 +57,15 @@ def make_collection(folder: Path, n: int) -> None:
     print(f"made {n} images in {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
 
-def build_index(data: Path, index: Path, n: int) -> float | None:
-    """Run index-images unless the index already holds n images; -> seconds taken (None when reused)."""
+def child_env() -> dict[str, str]:
+    """The environment of the index-images and serve-images processes: this checkout first on the import path."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)}
+
+
+def build_index(data: Path, index: Path, n: int, device: str | None = None) -> float | None:
+    """Run index-images (on device, or its default) unless the index already holds n images; -> seconds taken
+    (None when reused)."""
     from retrieval.catalog import Catalog
 
     if (index / "catalog.db").exists():
@@ -68,7 +77,8 @@ def build_index(data: Path, index: Path, n: int) -> float | None:
             catalog.close()
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", "from indexer.cli import main; main()", str(data), "--index-dir", str(index),
-                    "--weights", "random", "--batch-size", "64"], check=True)
+                    "--weights", "random", "--batch-size", "64", *(["--device", device] if device else [])],
+                   check=True, env=child_env())
     return time.perf_counter() - started
 
 
@@ -98,13 +108,13 @@ def free_port() -> int:
 class Server:
     """serve-images as a subprocess, stopped on exit."""
 
-    def __init__(self, index: Path, port: int, threads: int, env: dict[str, str]):
+    def __init__(self, index: Path, port: int, threads: int, env: dict[str, str], device: str | None = None):
         self.port = port
         self.log = open(RESULTS / "bench_query-server.log", "w")   # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from api.cli import main; main()", "--index-dir", str(index), "--port", str(port),
-             "--threads", str(threads)],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "RETRIEVAL_RELOAD_INTERVAL_S": "0", **env})
+             "--threads", str(threads), *(["--device", device] if device else [])],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**child_env(), "RETRIEVAL_RELOAD_INTERVAL_S": "0", **env})
         deadline = time.monotonic() + 300
         while True:
             if self.proc.poll() is not None:
@@ -172,15 +182,18 @@ def drive(port: int, clients: int, seconds: float, bodies: list[bytes], k: int) 
             latencies.extend(e for e, _ in mine)
             server_timings.extend(t for _, t in mine)
 
+    from benchmarks.index_probes import GpuSampler
+
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
-    stop_at[0] = time.perf_counter() + seconds
-    began = time.perf_counter()
-    start.wait()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - began
+    with GpuSampler() as gpu:
+        stop_at[0] = time.perf_counter() + seconds
+        began = time.perf_counter()
+        start.wait()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - began
     if not latencies:
         raise SystemExit(f"no successful requests: {errors[:3]}")
     ms = sorted(x * 1000.0 for x in latencies)
@@ -199,6 +212,7 @@ def drive(port: int, clients: int, seconds: float, bodies: list[bytes], k: int) 
         "server_ms": {key: round(statistics.median(t[key] for t in server_timings), 2)
                       for key in ("decode", "features", "search")},
         "batching": batching,
+        "gpu": gpu.stats(),   # None without NVML or a GPU
     }
 
 
@@ -217,6 +231,8 @@ def median_of_runs(runs: list[dict]) -> dict:
                        for key in ("mean_batch", "forward_ms_per_batch", "search_ms_per_batch")}
     out["requests"] = sum(r["requests"] for r in runs)
     out["errors"] = sum(r["errors"] for r in runs)
+    utils = [r["gpu"]["util_mean"] for r in runs if r.get("gpu") and r["gpu"]["util_mean"] is not None]
+    out["gpu_util_mean"] = statistics.median(utils) if utils else None
     return out
 
 
@@ -227,7 +243,7 @@ def measure(index: Path, args: argparse.Namespace, bodies: list[bytes], batching
         env["RETRIEVAL_TORCH_THREADS"] = str(args.torch_threads)
     if args.search_threads:
         env["RETRIEVAL_SEARCH_THREADS"] = str(args.search_threads)
-    server = Server(index, free_port(), args.threads, env)
+    server = Server(index, free_port(), args.threads, env, args.device)
     try:
         drive(server.port, max(args.clients), args.warmup, bodies, args.k)          # warm caches and allocator
         results = {}
@@ -235,8 +251,9 @@ def measure(index: Path, args: argparse.Namespace, bodies: list[bytes], batching
             runs = [drive(server.port, clients, args.duration, bodies, args.k) for _ in range(args.runs)]
             results[str(clients)] = {"median": median_of_runs(runs), "runs": runs}
             m = results[str(clients)]["median"]
+            gpu = f", GPU util {m['gpu_util_mean']:.0f}%" if m["gpu_util_mean"] is not None else ""
             print(f"  batching {'on ' if batching else 'off'} {clients:>2} client(s): p50 {m['p50_ms']:.1f} ms, "
-                  f"{m['requests_per_s']:.1f} req/s", file=sys.stderr)
+                  f"{m['requests_per_s']:.1f} req/s{gpu}", file=sys.stderr)
         return results
     finally:
         server.stop()
@@ -270,6 +287,11 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=0, help="RETRIEVAL_TORCH_THREADS (0: the server's default)")
     parser.add_argument("--search-threads", type=int, default=0, help="RETRIEVAL_SEARCH_THREADS (0: the server's default)")
     parser.add_argument("--compare-batching", action="store_true", help="also measure with micro-batching off")
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None,
+                        help="serve-images --device (where query features are computed), and index-images --device "
+                             "for the index build [default: each command's own: cpu for the server, auto for the build]")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the JSON file [default: benchmarks/results/bench_query-TIME.json]")
     parser.add_argument("--work-dir", type=Path, default=RESULTS / "query-bench",
                         help="where the collection and its index are kept (reused between runs)")
     args = parser.parse_args()
@@ -277,7 +299,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     data, index = args.work_dir / f"data-{args.images}", args.work_dir / f"index-{args.images}"
     make_collection(data, args.images)
-    index_seconds = build_index(data, index, args.images)
+    index_seconds = build_index(data, index, args.images, args.device)
     bodies = query_bodies(32)
 
     configurations = {"batching": True, "no_batching": False} if args.compare_batching else {"batching": True}
@@ -294,16 +316,18 @@ def main() -> None:
                      "duration_s": args.duration, "runs": args.runs, "threads": args.threads,
                      "batch_max_size": args.batch_max_size, "batch_wait_ms": args.batch_wait_ms,
                      "torch_threads": args.torch_threads, "search_threads": args.search_threads,
-                     "model": "alexnet fc7 (random weights)", "index_seconds": index_seconds},
+                     "model": "alexnet fc7 (random weights)", "index_seconds": index_seconds,
+                     "device": args.device or "cpu (serve-images' default)"},
         "results": results,
         "targets": {"p50_ms_1_client": 40, "requests_per_s_8_clients": 40},
     }
-    out = RESULTS / f"bench_query-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = (args.out or RESULTS / f"bench_query-{time.strftime('%Y%m%d-%H%M%S')}.json").resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     for name in results:
-        print_table(f"{args.images:,} images, AlexNet fc7, {name.replace('_', ' ')} (medians of {args.runs} runs of "
-                    f"{args.duration:g} s)", results[name])
-    print(f"\nsaved {out.relative_to(ROOT)}")
+        print_table(f"{args.images:,} images, AlexNet fc7, features on {args.device or 'cpu'}, {name.replace('_', ' ')} "
+                    f"(medians of {args.runs} runs of {args.duration:g} s)", results[name])
+    print(f"\nsaved {out}")
 
 
 if __name__ == "__main__":
