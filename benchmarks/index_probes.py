@@ -232,13 +232,29 @@ def child_decode(params: dict) -> dict:
     prep = Preprocessing()             # the ImageNet sizes, which both AlexNet and VGG16 use
     images = bad = 0
     started = time.perf_counter()
-    with Reader(data, files, workers=params["workers"], prep=prep, max_pixels=DEFAULT_MAX_PIXELS) as reader:
+    on_device = params.get("device")   # "cuda": JPEGs inspected by the workers, decoded by nvJPEG (--decode device)
+    decoder = None
+    if on_device:
+        from retrieval.device_decode import DeviceJpegDecoder
+
+        decoder = DeviceJpegDecoder(prep, torch.device(on_device), max_pixels=DEFAULT_MAX_PIXELS)
+        torch.zeros(1, device=on_device)   # the CUDA context, before the clock
+    with Reader(data, files, workers=params["workers"], prep=prep, max_pixels=DEFAULT_MAX_PIXELS,
+                device_min_pixels=0 if on_device else None) as reader:
         for batch in reader.read(prep, params["batch_size"], pin_memory=params["pin_memory"]):
+            if decoder is not None and batch.jpegs:
+                result = decoder.crops(batch.jpegs)                 # (n, 3, 224, 224) uint8 on the device
+                bad += len(result.failed)
             images += len(batch.rows)
             bad += len(batch.bad)
+        if on_device:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - started
+    if decoder is not None:
+        decoder.close()
     return {"images": images, "bad": bad, "seconds": round(seconds, 3), "images_per_second": images / seconds,
-            "workers": params["workers"], "pin_memory": params["pin_memory"], "batch_size": params["batch_size"]}
+            "workers": params["workers"], "pin_memory": params["pin_memory"], "batch_size": params["batch_size"],
+            "decoded_on": on_device or "workers"}
 
 
 def child_network(params: dict) -> dict:

@@ -52,7 +52,7 @@ def log(message: str) -> None:
 
 # --- the session: measurements, budget, JSON ---------------------------------------------------------
 
-RATE_KEYS = ("images_per_second", "wall_images_per_second", "images_per_second_less_startup")
+RATE_KEYS = ("images_per_second", "wall_images_per_second", "images_per_second_less_startup", "loop_images_per_second")
 
 
 def summarise(entry: dict) -> None:
@@ -141,6 +141,11 @@ def describe(row: dict) -> str:
               if isinstance(v, dict) and "images_per_second" in v]
     if row.get("wall_images_per_second") is not None:
         parts.append(f"whole process {row['wall_images_per_second']:.1f} img/s")
+    if row.get("loop_images_per_second") is not None:
+        x = row["extraction"]
+        parts.append(f"batch loop {row['loop_images_per_second']:.1f} img/s (batch {x['batch_size']}, {x['workers']} "
+                     f"workers, decode {x['decode']}; " + ", ".join(f"{k} {v:.2f} s" for k, v in
+                                                                  x["stage_seconds"].items()) + ")")
     gpu = row.get("gpu")
     if gpu and gpu.get("util_mean") is not None:
         parts.append(f"GPU util mean {gpu['util_mean']}% (busy window {gpu['util_mean_busy_window']}%), "
@@ -161,8 +166,10 @@ def bottlenecks(report: dict) -> dict:
     out: dict = {}
     for model, sizes in report["end_to_end"].items():
         network = median_of((report["network"].get(model) or {}).get(precision))
-        for size, e2e in sizes.items():
-            decode = median_of((report["decode"].get(size) or {}).get("all_cores"))
+        for key, e2e in sizes.items():
+            size, _, decoding = key.partition(" decode=")
+            ceiling = "device" if decoding == "device" else "all_cores"
+            decode = median_of((report["decode"].get(size) or {}).get(ceiling))
             rate = median_of(e2e)
             ceilings = {k: v for k, v in (("decode", decode), ("network", network)) if v}
             row = {"end_to_end": rate, "end_to_end_less_startup": median_of(e2e, "median_images_per_second_less_startup"),
@@ -173,7 +180,10 @@ def bottlenecks(report: dict) -> dict:
                            decode_over_network=round(decode / network, 3) if decode and network else None)
                 if row["end_to_end_less_startup"]:
                     row["ratio_less_startup"] = round(row["end_to_end_less_startup"] / ceilings[lower], 3)
-            out.setdefault(model, {})[size] = row
+            row["loop"] = median_of(e2e, "median_loop_images_per_second")
+            if ceilings and row["loop"]:
+                row["loop_ratio"] = round(row["loop"] / min(ceilings.values()), 3)
+            out.setdefault(model, {})[key] = row
     return out
 
 
@@ -273,23 +283,27 @@ def device_main(args: argparse.Namespace) -> None:
                                 lambda: end_to_end_once(model, startup_data, weights[model], args, session, None),
                                 args.runs)
             n_files = counts[size]
-            session.measure(report["end_to_end"].setdefault(model, {}), size, f"end to end {model} {size}",
-                            lambda: end_to_end_once(model, collections[size], weights[model], args, session,
-                                                    report["startup"].get(model), n_files), args.runs)
+            for decode in [d for d in args.decodes.split(",") if d]:
+                key = size if decode == "auto" else f"{size} decode={decode}"
+                session.measure(report["end_to_end"].setdefault(model, {}), key, f"end to end {model} {key}",
+                                lambda: end_to_end_once(model, collections[size], weights[model], args, session,
+                                                        report["startup"].get(model), n_files, decode), args.runs)
 
         # the batch --batch-size auto chose for the first model measured (the decode sizes are the same for both)
         batch = next((report["network"][m]["runs"][0]["batch_size"] for m in models
                       if (report["network"].get(m) or {}).get("runs")), default_batch)
-        variants = [("all_cores", os.cpu_count() or 1, False)]
-        if cuda:
-            variants.append(("all_cores_pinned", os.cpu_count() or 1, True))
+        variants = [("all_cores", os.cpu_count() or 1, False, None)]
+        if cuda:   # the workers hash and check each JPEG, nvJPEG decodes it, and it is resized on the GPU
+            variants.append(("device", os.cpu_count() or 1, True, "cuda"))
+            variants.append(("all_cores_pinned", os.cpu_count() or 1, True, None))
         if machine.get("index_images_workers") and machine["index_images_workers"] != (os.cpu_count() or 1):
-            variants.append(("index_images_workers", machine["index_images_workers"], cuda))
-        for name, workers, pin in variants:
+            variants.append(("index_images_workers", machine["index_images_workers"], cuda, None))
+        for name, workers, pin, on_device in variants:
             session.measure(report["decode"].setdefault(size, {}), name,
-                            f"decode ceiling {size} ({workers} workers{', pinned' if pin else ''})",
+                            f"decode ceiling {size} ({workers} workers{', pinned' if pin else ''}"
+                            f"{', nvJPEG' if on_device else ''})",
                             lambda: run_child(child_cmd("decode", data=str(collections[size]), workers=workers,
-                                                        pin_memory=pin, batch_size=batch),
+                                                        pin_memory=pin, batch_size=batch, device=on_device),
                                               session.timeout())[0], args.runs)
 
     for size, folder in collections.items():
@@ -310,7 +324,7 @@ def network_once(model: str, weights: Path, args: argparse.Namespace, session: S
 
 
 def end_to_end_once(model: str, data: Path, weights: Path, args: argparse.Namespace, session: Session,
-                    startup: dict | None, n_files: int | None = None) -> dict:
+                    startup: dict | None, n_files: int | None = None, decode: str = "auto") -> dict:
     """index-images on a fresh index (the seeded random weights copied in), as a subprocess; -> its rates.
 
     weights: the file retrieval.backbones.random_weights_file names in the weights folder; the copy gets the same
@@ -320,7 +334,7 @@ def end_to_end_once(model: str, data: Path, weights: Path, args: argparse.Namesp
     index_dir.mkdir(parents=True)
     shutil.copy(weights, index_dir / weights.name)
     cmd = [sys.executable, "-c", INDEX_IMAGES, str(data), "--index-dir", str(index_dir), "--model", model,
-           "--weights", "random", "--device", args.device, "--json", *args.index_args.split()]
+           "--weights", "random", "--device", args.device, "--json", "--decode", decode, *args.index_args.split()]
     try:
         out, wall, gpu = run_child(cmd, session.timeout())
     finally:
@@ -328,7 +342,10 @@ def end_to_end_once(model: str, data: Path, weights: Path, args: argparse.Namesp
     if n_files is not None and out["indexed"] != n_files:
         raise MeasurementError(f"indexed {out['indexed']} of {n_files} files; skipped: {out['skipped'][:3]}")
     row = {"images": out["indexed"], "seconds": out["seconds"], "wall_s": round(wall, 3),
-           "images_per_second": out["images_per_second"], "wall_images_per_second": out["indexed"] / wall, "gpu": gpu}
+           "images_per_second": out["images_per_second"], "wall_images_per_second": out["indexed"] / wall, "gpu": gpu,
+           # index-images' own account: the batch loop's rate, and where its time went (extraction in the summary)
+           "loop_images_per_second": (out.get("extraction") or {}).get("loop_images_per_second"),
+           "extraction": out.get("extraction")}
     runs = (startup or {}).get("runs") or []
     if runs and n_files is not None:
         t0 = statistics.median(r["seconds"] for r in runs)
@@ -375,10 +392,10 @@ def print_tables(report: dict, args: argparse.Namespace) -> None:
     print(f"\nindex-images throughput on {report['device']} ({m.get('gpu') or m.get('processor')}), {m.get('cpus')} CPUs, "
           f"torch {m.get('torch')}, {report['date']}; images/s, medians of {args.runs} run(s)")
     fp32_too = precision != "fp32"
-    print("| model | size | files | end to end | whole process | less start-up | naive loop | decode ceiling | "
+    print("| model | size | files | end to end | whole process | less start-up | batch loop | naive loop | decode ceiling | "
           f"network {precision} |{' network fp32 |' if fp32_too else ''} e2e / min ceiling | lower ceiling "
           "| GPU util mean (busy) / max |")
-    print("|---|---|--:|--:|--:|--:|--:|--:|--:|" + ("--:|" if fp32_too else "") + "--:|---|--:|")
+    print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|" + ("--:|" if fp32_too else "") + "--:|---|--:|")
     for model, sizes in report["end_to_end"].items():
         for size, e2e in sizes.items():
             b = report["bottleneck"].get(model, {}).get(size, {})
@@ -387,18 +404,20 @@ def print_tables(report: dict, args: argparse.Namespace) -> None:
             util = (f"{statistics.median(g['util_mean'] for g in gpus):.0f}% "
                     f"({statistics.median(g['util_mean_busy_window'] or 0 for g in gpus):.0f}%) / "
                     f"{max(g['util_max'] for g in gpus)}%") if gpus and gpus[0]["util_mean"] is not None else "–"
+            size, _, decoding = size.partition(" decode=")
             files = (report["collections"].get(size) or {}).get("files")
-            print(f"| {model} | {size} | {files} | {cell(e2e)} | {cell(e2e, 'median_wall_images_per_second')} "
+            print(f"| {model} | {size}{' (' + decoding + ' decode)' if decoding else ''} | {files} | {cell(e2e)} | {cell(e2e, 'median_wall_images_per_second')} "
                   f"| {cell(e2e, 'median_images_per_second_less_startup')} "
+                  f"| {cell(e2e, 'median_loop_images_per_second')} "
                   f"| {cell((report['naive'].get(model) or {}).get(size))} "
-                  f"| {cell((report['decode'].get(size) or {}).get('all_cores'))} "
+                  f"| {cell((report['decode'].get(size) or {}).get('device' if decoding == 'device' else 'all_cores'))} "
                   f"| {cell(network.get(precision) or network)} "
                   + (f"| {cell(network.get('fp32') or network)} " if fp32_too else "") +
                   f"| {fmt(b.get('ratio'), 2)} | {b.get('lower_ceiling', '–')} | {util} |")
     if report["decode"]:
         print("\n| decode ceiling | " + " | ".join(report["decode"]) + " |")
         print("|---|" + "--:|" * len(report["decode"]))
-        names = sorted({n for d in report["decode"].values() for n in d}, key=["all_cores", "all_cores_pinned",
+        names = sorted({n for d in report["decode"].values() for n in d}, key=["all_cores", "device", "all_cores_pinned",
                                                                             "index_images_workers"].index)
         for name in names:
             workers = next((r["runs"][0]["workers"] for r in (d.get(name) for d in report["decode"].values())
