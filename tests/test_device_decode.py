@@ -112,7 +112,7 @@ def test_index_images_decoding_on_the_device_gives_the_workers_features(tmp_path
         assert va.keys() == vb.keys()
         cosines = [float(va[p] @ vb[p] / np.linalg.norm(va[p]) / np.linalg.norm(vb[p])) for p in va]
         assert min(cosines) > 0.999, min(cosines)
-        assert b.extraction_record()["last"]["decode"].startswith("cpu (JPEG)")
+        assert "(JPEG)" in b.extraction_record()["last"]["decode"]   # cpu here, cuda on a GPU host
     finally:
         a.close()
         b.close()
