@@ -39,8 +39,8 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     log "bench_index.py --device $DEVICE"
     # the default sizes: about 4 minutes on the H200 host; BENCH_ARGS adds or overrides options
     timeout 420 $PY benchmarks/bench_index.py --device "$DEVICE" --workdir "$WORK/bench_index" \
-        --out "$OUT/bench_index.json" --small-images 24000 --phone-images 1500 --phone-unique 400 --runs 1 \
-        --naive-images 500 --naive-seconds 8 --network-seconds 3 --time-budget 240 ${BENCH_ARGS:-} 2>&1 \
+        --out "$OUT/bench_index.json" --small-images 20000 --phone-images 1500 --phone-unique 400 --runs 1 --decodes workers,device \
+        --naive-images 300 --naive-seconds 5 --network-seconds 3 --time-budget 270 ${BENCH_ARGS:-} 2>&1 \
         | tee "$OUT/bench_index.log"
 fi
 if [ "$what" = query ] || [ "$what" = all ]; then

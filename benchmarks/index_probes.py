@@ -144,7 +144,7 @@ def precision_argument() -> bool:
     return "precision" in inspect.signature(FeatureExtractor).parameters
 
 
-def child_info(_params: dict) -> dict:
+def child_info(params: dict) -> dict:
     """The machine and the software: CPUs, memory, GPU, versions, and the modules index-images needs that are missing."""
     import importlib.util
 
@@ -184,7 +184,7 @@ def child_info(_params: dict) -> dict:
     try:
         from indexer.job import default_workers   # needs sqlalchemy (the catalog)
 
-        info["index_images_workers"] = default_workers()
+        info["index_images_workers"] = default_workers(params.get("device", "auto"))
     except ImportError as exc:
         info["index_images_workers"] = None
         info["index_images_workers_error"] = str(exc)

@@ -220,7 +220,7 @@ def device_main(args: argparse.Namespace) -> None:
         f"time budget {args.time_budget or 'none'}; JSON: {out_file}")
 
     try:
-        report["machine"], _, _ = run_child(child_cmd("info"), timeout=300, sample_gpu=False)
+        report["machine"], _, _ = run_child(child_cmd("info", device=args.device), timeout=300, sample_gpu=False)
     except MeasurementError as exc:
         report["machine"] = {"error": str(exc), "cpus": os.cpu_count()}
     machine = report["machine"]
@@ -295,7 +295,6 @@ def device_main(args: argparse.Namespace) -> None:
         variants = [("all_cores", os.cpu_count() or 1, False, None)]
         if cuda:   # the workers hash and check each JPEG, nvJPEG decodes it, and it is resized on the GPU
             variants.append(("device", os.cpu_count() or 1, True, "cuda"))
-            variants.append(("all_cores_pinned", os.cpu_count() or 1, True, None))
         if machine.get("index_images_workers") and machine["index_images_workers"] != (os.cpu_count() or 1):
             variants.append(("index_images_workers", machine["index_images_workers"], cuda, None))
         for name, workers, pin, on_device in variants:

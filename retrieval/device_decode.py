@@ -119,9 +119,20 @@ class DeviceJpegDecoder:
         left, top, right, bottom = self.prep.crop_box(width, height)
         if (width, height) == (w, h):
             return images[:, :, top:bottom, left:right]
+        x = images.float()
+        reduce = draft_scale(w, h, self.prep.resize_size)
+        if reduce > 1:   # what Pillow's draft mode has libjpeg do (block means at 1/8), so both paths see one image
+            x = F.avg_pool2d(x, reduce, reduce, ceil_mode=True)
         # antialias: an area-weighted downscale (as Pillow's), not a sampling of a 4000 px image at 256 px
-        x = F.interpolate(images.float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
         return x[:, :, top:bottom, left:right].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def draft_scale(width: int, height: int, min_side: int) -> int:
+    """The reduction Pillow's JPEG draft mode picks for a request of (min_side, min_side): 8, 4, 2 or 1, the
+    largest that keeps both sides at least min_side (images.open_rgb's draft call)."""
+    fits = min(width // min_side, height // min_side)
+    return next(s for s in (8, 4, 2, 1) if fits >= s or s == 1)
 
 
 def upright(image: torch.Tensor, orientation: int) -> torch.Tensor:
