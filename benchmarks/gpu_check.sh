@@ -5,7 +5,7 @@
 # Written for the lent H200 host (Python 3.12 with torch, torchvision, Pillow, numpy, scikit-learn, pytest,
 # nvidia-ml-py; no network): the packages it lacks travel as wheels in .whl/ (faiss-cpu, SQLAlchemy, Flask,
 # gunicorn and their needs), installed with --no-deps since the project's pins ask for a newer torch.
-#   usage: benchmarks/gpu_check.sh [tests|bench|query|all] ...   (default: all)
+#   usage: benchmarks/gpu_check.sh [all|STEP,STEP...]   steps: tests, bench, query (default: all)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/benchmarks/results/gpu-check}
@@ -30,12 +30,12 @@ $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvisio
 
 DEVICE=${DEVICE:-cuda}        # DEVICE=cpu: a dry run of the same steps on a machine without a GPU
 WORK=${WORK:-/tmp/gpu-check}
-if [ "$what" = tests ] || [ "$what" = all ]; then
+if [[ ",$what," == *,tests,* || $what == all ]]; then
     log "CUDA tests"
     timeout 300 $PY -m pytest -q -s -p no:cacheprovider -o tmp_path_retention_policy=none \
         tests/test_cuda.py tests/test_device_decode.py 2>&1 | tee "$OUT/tests.log" | grep -v "^$"
 fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
+if [[ ",$what," == *,bench,* || $what == all ]]; then
     log "bench_index.py --device $DEVICE"
     # the default sizes: about 4 minutes on the H200 host; BENCH_ARGS adds or overrides options
     timeout 420 $PY benchmarks/bench_index.py --device "$DEVICE" --workdir "$WORK/bench_index" \
@@ -43,7 +43,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
         --naive-images 300 --naive-seconds 5 --network-seconds 3 --time-budget 270 ${BENCH_ARGS:-} 2>&1 \
         | tee "$OUT/bench_index.log"
 fi
-if [ "$what" = query ] || [ "$what" = all ]; then
+if [[ ",$what," == *,query,* || $what == all ]]; then
     log "bench_query.py against serve-images --device $DEVICE"
     timeout 150 $PY benchmarks/bench_query.py --device "$DEVICE" --work-dir "$WORK/bench_query" \
         --out "$OUT/bench_query.json" --images 1000 --duration 5 --runs 1 --warmup 2 --clients 1,8 ${QUERY_ARGS:-} 2>&1 \
