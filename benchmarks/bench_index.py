@@ -173,6 +173,8 @@ def main() -> None:
                              "utilisation), the naive loop, and the decode and network ceilings")
     device.add_argument("--models", default="alexnet,vgg16", help="comma-separated: alexnet,vgg16")
     device.add_argument("--sizes", default="small,phone", help="comma-separated: small (500x375), phone (4000x3000)")
+    device.add_argument("--only-end-to-end", action="store_true",
+                        help="measure index-images alone (no ceilings, start-up or naive loop): a second run")
     device.add_argument("--decodes", default="auto",
                         help="comma-separated index-images --decode values to run end to end: auto, workers, device")
     device.add_argument("--small-images", type=int, default=20_000, help="files in the 500x375 collection")

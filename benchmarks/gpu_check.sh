@@ -17,7 +17,7 @@ if [ -d .whl ] && ! $PY -c "import faiss, sqlalchemy, flask, gunicorn" 2>/dev/nu
         || { echo "installing the carried wheels failed"; exit 1; }
     export PYTHONPATH=$PWD:/tmp/site
 else
-    export PYTHONPATH=$PWD
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 started=$(date +%s)
 elapsed() { echo $(( $(date +%s) - started )); }
@@ -32,16 +32,16 @@ DEVICE=${DEVICE:-cuda}        # DEVICE=cpu: a dry run of the same steps on a mac
 WORK=${WORK:-/tmp/gpu-check}
 if [[ ",$what," == *,tests,* || $what == all ]]; then
     log "CUDA tests"
-    timeout 300 $PY -m pytest -q -s -p no:cacheprovider -o tmp_path_retention_policy=none \
-        tests/test_cuda.py tests/test_device_decode.py 2>&1 | tee "$OUT/tests.log" | grep -v "^$"
+    timeout 300 $PY -m pytest -q -s -p no:cacheprovider -o tmp_path_retention_policy=none ${TEST_ARGS:-} \
+        ${TESTS:-tests/test_cuda.py tests/test_device_decode.py} 2>&1 | tee "$OUT/tests${TAG:-}.log" | grep -v "^$"
 fi
 if [[ ",$what," == *,bench,* || $what == all ]]; then
     log "bench_index.py --device $DEVICE"
     # the default sizes: about 4 minutes on the H200 host; BENCH_ARGS adds or overrides options
     timeout 420 $PY benchmarks/bench_index.py --device "$DEVICE" --workdir "$WORK/bench_index" \
-        --out "$OUT/bench_index.json" --small-images 20000 --phone-images 1500 --phone-unique 400 --runs 1 --decodes workers,device \
+        --out "$OUT/bench_index${TAG:-}.json" --small-images 20000 --phone-images 1500 --phone-unique 400 --runs 1 --decodes workers,device \
         --naive-images 300 --naive-seconds 5 --network-seconds 3 --time-budget 270 ${BENCH_ARGS:-} 2>&1 \
-        | tee "$OUT/bench_index.log"
+        | tee "$OUT/bench_index${TAG:-}.log"
 fi
 if [[ ",$what," == *,query,* || $what == all ]]; then
     log "bench_query.py against serve-images --device $DEVICE"

@@ -240,7 +240,7 @@ def child_decode(params: dict) -> dict:
         decoder = DeviceJpegDecoder(prep, torch.device(on_device), max_pixels=DEFAULT_MAX_PIXELS)
         torch.zeros(1, device=on_device)   # the CUDA context, before the clock
     with Reader(data, files, workers=params["workers"], prep=prep, max_pixels=DEFAULT_MAX_PIXELS,
-                device_min_pixels=0 if on_device else None) as reader:
+                device_share=1.0 if on_device else None) as reader:
         for batch in reader.read(prep, params["batch_size"], pin_memory=params["pin_memory"]):
             if decoder is not None and batch.jpegs:
                 result = decoder.crops(batch.jpegs)                 # (n, 3, 224, 224) uint8 on the device

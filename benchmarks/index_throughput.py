@@ -275,10 +275,10 @@ def device_main(args: argparse.Namespace) -> None:
         for model in models:
             if model not in weights:
                 continue
-            if model not in report["network"]:
+            if model not in report["network"] and not args.only_end_to_end:
                 session.measure(report["network"], model, f"network ceiling {model}",
                                 lambda: network_once(model, weights[model], args, session), args.runs)
-            if startup_data is not None and model not in report["startup"]:
+            if startup_data is not None and model not in report["startup"] and not args.only_end_to_end:
                 session.measure(report["startup"], model, f"start-up {model} ({args.startup_images} files)",
                                 lambda: end_to_end_once(model, startup_data, weights[model], args, session, None),
                                 args.runs)
@@ -297,7 +297,7 @@ def device_main(args: argparse.Namespace) -> None:
             variants.append(("device", os.cpu_count() or 1, True, "cuda"))
         if machine.get("index_images_workers") and machine["index_images_workers"] != (os.cpu_count() or 1):
             variants.append(("index_images_workers", machine["index_images_workers"], cuda, None))
-        for name, workers, pin, on_device in variants:
+        for name, workers, pin, on_device in ([] if args.only_end_to_end else variants):
             session.measure(report["decode"].setdefault(size, {}), name,
                             f"decode ceiling {size} ({workers} workers{', pinned' if pin else ''}"
                             f"{', nvJPEG' if on_device else ''})",
@@ -305,7 +305,7 @@ def device_main(args: argparse.Namespace) -> None:
                                                         pin_memory=pin, batch_size=batch, device=on_device),
                                               session.timeout())[0], args.runs)
 
-    for size, folder in collections.items():
+    for size, folder in ([] if args.only_end_to_end else collections.items()):
         for model in models:
             if model in weights:
                 session.measure(report["naive"].setdefault(model, {}), size, f"naive loop {model} {size}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -47,13 +48,20 @@ class BatchExtractor:
 class DeviceBatches:
     """A Batch -> (uint8 pixels on the network's device in row order, rows, bad): the JPEGs the workers left are
     decoded on the device (retrieval.device_decode), the rows the workers decoded are copied there, and a file
-    that could not be decoded moves from rows to bad. Use as a context manager."""
+    that could not be decoded moves from rows to bad. Use as a context manager.
 
-    def __init__(self, extractor: FeatureExtractor, reader: Reader, max_pixels: int | None):
-        self.device, self.min_pixels = extractor.device, reader.device_min_pixels
+    adaptive (--decode auto): the share of JPEGs left for the device is moved batch by batch (balance), since
+    the two decoders run side by side: the workers on their cores, the device's decoder in this process (one at
+    a time: torchvision serialises nvJPEG within a process)."""
+
+    def __init__(self, extractor: FeatureExtractor, reader: Reader, max_pixels: int | None, *, adaptive: bool = False):
+        self.device, self.reader = extractor.device, reader
+        self.adaptive = adaptive and reader.device_share is not None and 0 < reader.device_share < 1
         self.decoded = 0                  # files decoded on the device
         self.decoder = None
-        if self.min_pixels is not None:
+        self._history: list[float] = []   # the share at each batch
+        self._last = (0.0, 0.0)           # the clock's (wait for decoding, device decoding) at the last balance
+        if reader.device_share is not None:
             from retrieval.device_decode import DeviceJpegDecoder
 
             self.decoder = DeviceJpegDecoder(extractor.preprocessing, extractor.device, max_pixels=max_pixels)
@@ -61,11 +69,37 @@ class DeviceBatches:
     @property
     def decode(self) -> str:
         """Where JPEGs are decoded, in words (the run's summary and the catalog record it)."""
-        if self.min_pixels is None:
+        share = self.reader.device_share
+        if share is None:
             return "workers"
-        if self.min_pixels == 0:
-            return f"{self.device.type} (JPEG), workers (other formats)"
-        return f"{self.device.type} (JPEGs of {self.min_pixels / 1e6:g}+ megapixels), workers (the rest)"
+        if self.adaptive:
+            return f"{self.device.type} and workers, shared as each keeps up"
+        return f"{self.device.type} (JPEG), workers (other formats)"
+
+    def balance(self, clock: StageClock) -> None:
+        """Move the device's share of the JPEGs still to be submitted by BALANCE_STEP: up when this process waited
+        for the workers since the last batch (more than a tenth of its device decoding), down when it did not wait
+        at all (the workers are ahead: the device's decoder, or the network, is the slower)."""
+        if not self.adaptive:
+            return
+        seconds = clock.seconds(rounded=False)
+        waited = seconds.get("wait for decoding", 0.0) - self._last[0]
+        decoding = seconds.get("device decoding", 0.0) - self._last[1]
+        self._last = (seconds.get("wait for decoding", 0.0), seconds.get("device decoding", 0.0))
+        share = self.reader.device_share
+        if waited > 0.1 * decoding + 0.002:
+            share = min(MAX_DEVICE_SHARE, share + BALANCE_STEP)
+        elif waited < 0.001:
+            share = max(MIN_DEVICE_SHARE, share - BALANCE_STEP)
+        self.reader.device_share = share
+        self._history.append(round(share, 3))
+
+    def shares(self) -> dict | None:
+        """The device's share of the JPEGs: at the start, the median and at the end (None when not adaptive)."""
+        if not self._history:
+            return None
+        return {"first": self._history[0], "median": sorted(self._history)[len(self._history) // 2],
+                "last": self._history[-1]}
 
     def __enter__(self) -> "DeviceBatches":
         return self
@@ -95,6 +129,10 @@ class DeviceBatches:
         return (pixels[keep] if keep else None), [batch.rows[i] for i in keep], bad
 
 
+BALANCE_STEP = 0.05                       # --decode auto: the device's share moves this much per batch
+MIN_DEVICE_SHARE, MAX_DEVICE_SHARE = 0.05, 0.95   # each decoder keeps some work: the balance can always see both
+
+
 class StageClock:
     """Wall seconds spent in each stage of the main loop (the run's summary says where the time went).
 
@@ -102,6 +140,7 @@ class StageClock:
 
     def __init__(self):
         self._seconds: dict[str, float] = collections.defaultdict(float)
+        self._lock = threading.Lock()    # stages run on several threads
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
@@ -109,7 +148,8 @@ class StageClock:
         try:
             yield
         finally:
-            self._seconds[stage] += time.perf_counter() - t0
+            with self._lock:
+                self._seconds[stage] += time.perf_counter() - t0
 
     def timed(self, stage: str, items: Iterable) -> Iterator:
         """Yield from items, counting the time spent waiting for each one as stage."""
@@ -122,5 +162,6 @@ class StageClock:
                     return
             yield item
 
-    def seconds(self) -> dict[str, float]:
-        return {stage: round(t, 3) for stage, t in self._seconds.items()}
+    def seconds(self, rounded: bool = True) -> dict[str, float]:
+        with self._lock:
+            return {stage: round(t, 3) if rounded else t for stage, t in self._seconds.items()}

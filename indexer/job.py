@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import logging
-import queue
 import sys
 import threading
 import time
@@ -22,6 +21,7 @@ from retrieval.names import DEFAULT_RANDOM_SEED, FAISS_FILE
 from retrieval.system import available_cores, display_name, gpu_present
 
 from .reader import Reader
+from .stage_thread import StageThread
 
 if TYPE_CHECKING:   # torch, torchvision and FAISS are imported only when there is work for the network
     from retrieval.backbones import FeatureExtractor
@@ -60,7 +60,7 @@ class JobConfig:
     device: str = "auto"
     precision: str = "auto"           # the network's arithmetic: fp32, bf16 (CUDA), auto: bf16 on CUDA, else fp32
     decode: str = "auto"              # JPEGs decoded by the "workers" (Pillow) or on the network's "device"
-                                      # (torchvision; nvJPEG on CUDA); auto: see device_min_pixels()
+                                      # (torchvision; nvJPEG on CUDA); auto: both, see device_share()
     batch_size: int | str = "auto"    # images per forward pass (and per catalog transaction); "auto": from free GPU memory, 32 on CPU
     workers: int | None = None        # decoding processes; None: default_workers(device)
     max_pixels: int | None = DEFAULT_MAX_PIXELS
@@ -243,7 +243,7 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
         workers = cfg.workers if cfg.workers is not None else default_workers(cfg.device)
         # decoding starts now, in workers forked before torch is imported, while the network loads
         with Reader(data_dir, planned.todo, workers=workers, prep=expected_preprocessing(stored),
-                    max_pixels=cfg.max_pixels, device_min_pixels=device_min_pixels(cfg)) as reader:
+                    max_pixels=cfg.max_pixels, device_share=device_share(cfg)) as reader:
             return _update(cfg, catalog, stored, chosen, planned, reader, started, on_extractor)
 
 
@@ -362,19 +362,13 @@ class Writer:
         _record_refused(plan, catalog)
         self.last_save = time.monotonic()
         self.bar = progress_bar(cfg, plan)
-        # one batch waits while one is written: the network never runs more than two batches ahead
-        self.queue: queue.Queue[tuple[list[dict], np.ndarray, list[dict]] | None] = queue.Queue(maxsize=1)
-        # a daemon: a caller gone without __exit__ (a second Ctrl-C in it) never keeps the process alive; a
-        # transaction cut off at exit is lost as in a kill -9 (the catalog rolls it back)
-        self.thread = threading.Thread(target=self._commit_queued, name="index-writer", daemon=True)
-        self.failure: BaseException | None = None   # what a commit on the writer thread raised
+        self.stage: StageThread | None = None   # the writer thread, while in the with block
 
     def write(self, rows: list[dict], feats: np.ndarray, bad: list[dict]) -> None:
         """Queue one batch for the writer thread: rows (catalog fields) with feats shape=(len(rows), dim) float32,
         and skipped files. Returns at once when the queue has room. Raises what an earlier batch's commit raised."""
-        assert self.thread.is_alive(), "write() inside the with block"
-        self._raise_failure()
-        self.queue.put((rows, feats, bad))
+        assert self.stage is not None, "write() inside the with block"
+        self.stage.put((rows, feats, bad))
 
     def commit(self, rows: list[dict], feats: np.ndarray, bad: list[dict]) -> None:
         """Commit one batch (on the writer thread): the catalog transaction, then FAISS, then a save when due."""
@@ -391,43 +385,29 @@ class Writer:
             self.last_save = time.monotonic()
         self.bar.update(len(rows) + len(bad))
 
-    def _commit_queued(self) -> None:
-        """The writer thread: commit batches in order until None; after a failed commit, drop the rest (so the
-        caller never blocks on a full queue) and keep the failure for the caller."""
-        while (batch := self.queue.get()) is not None:
-            if self.failure is not None:
-                continue
-            try:
-                self.commit(*batch)
-            except BaseException as exc:  # noqa: BLE001 - whatever it is, it is the run's error, raised in the caller
-                self.failure = exc
-
-    def _raise_failure(self) -> None:
-        """Raise, in the calling thread, what a commit on the writer thread raised (if one did)."""
-        if self.failure is not None:
-            raise self.failure
-
     def save(self) -> None:
         self.builder.save(self.vectors)   # the file, then the catalog state and the FAISS type it holds
 
     def __enter__(self) -> "Writer":
-        self.thread.start()
+        # one batch waits while one is written: the network never runs more than two batches ahead. A transaction
+        # cut off when the process exits is lost as in a kill -9 (the catalog rolls it back)
+        self.stage = StageThread(lambda batch: self.commit(*batch), name="index-writer")
         return self
 
     def __exit__(self, exc_type, exc, _tb) -> None:  # noqa: ANN001 - context manager protocol
         # The queued batches were made before the caller's error (an interrupt, a failed forward pass) and
         # are committed, as a run without the thread would have; a failed commit dropped the ones after it.
-        self.queue.put(None)
-        self.thread.join()
+        self.stage.close()
         self.bar.close()
-        failed = exc_type is not None or self.failure is not None
+        failure = self.stage.failure
+        failed = exc_type is not None or failure is not None
         if not failed:   # another type at this size; the recall of an approximate index
             self.vectors = self.builder.finish(self.vectors, self.dirty)
         if self.dirty or self.builder.built or not self.catalog.vectors_in_step() \
                 or self.builder.record != self.catalog.vector_index_record():
             self.save()
-        if exc is not self.failure:
-            self._raise_failure()   # the writer thread's error is the run's, as if the write had run in the caller
+        if exc is not failure:
+            self.stage.raise_failure()   # the writer thread's error is the run's, as if the write had run in the caller
         if not failed:
             assert len(self.vectors) == self.catalog.count(), "FAISS and the catalog disagree after a run"
             self.report.vector_index = self.builder.record
@@ -453,23 +433,35 @@ def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chos
     batch_size = resolve_batch_size(cfg.batch_size, extractor)
     mapper = BatchExtractor(extractor, chosen["normalize"], batch_size)
     clock = StageClock()
-    to_device = DeviceBatches(extractor, reader, cfg.max_pixels)
+    to_device = DeviceBatches(extractor, reader, cfg.max_pixels, adaptive=cfg.decode == "auto")
     catalog.note_extraction(extractor.precision, device_label(extractor), to_device.decode)
     with Writer(cfg, catalog, plan, extractor.dim) as writer, to_device:
+        def extract(item: tuple) -> None:   # on the network's thread, while this one reads and decodes the next batch
+            pixels, rows, bad = item
+            with clock("network"):
+                feats = mapper(pixels) if pixels is not None else np.zeros((0, extractor.dim), np.float32)
+            with clock("write"):             # waits only while the writer thread is still on the batch before last
+                writer.write(rows, feats, bad)   # committed on the writer thread while the next batch runs
+
         batches = clock.timed("wait for decoding", reader.read(extractor.preprocessing, batch_size,
                                                                pin_memory=extractor.device.type == "cuda"))
         loop_started = time.perf_counter()
-        for batch in batches:
-            with clock("device decoding"):
-                pixels, rows, bad = to_device(batch)      # JPEGs left by the workers decoded on the device
-            with clock("network"):
-                feats = mapper(pixels) if pixels is not None else np.zeros((0, extractor.dim), np.float32)
-            with clock("write"):     # waits only when the writer thread is still on the batch before last
-                writer.write(rows, feats, bad)   # committed on the writer thread while the next batch runs
+        network = StageThread(extract, name="index-network")
+        try:
+            for batch in batches:
+                to_device.balance(clock)              # --decode auto: who waited for whom, and the share moved
+                with clock("device decoding"):
+                    item = to_device(batch)           # JPEGs left by the workers decoded on the device
+                with clock("wait for the network"):
+                    network.put(item)
+        finally:
+            network.close()                           # the batches handed over are extracted and written
+        network.raise_failure()
         loop_seconds = time.perf_counter() - loop_started
     report = _report(writer.report, catalog, len(writer.vectors), started)
     report.extraction = {"device": device_label(extractor), "precision": extractor.precision,
                          "decode": to_device.decode, "device_decoded": to_device.decoded,
+                         "device_share": to_device.shares(),
                          "batch_size": batch_size, "workers": reader.workers, "stage_seconds": clock.seconds(),
                          # the images' own rate, start-up (imports, network, first CUDA calls) and final save left out
                          "loop_seconds": round(loop_seconds, 3),
@@ -486,21 +478,21 @@ def device_label(extractor: FeatureExtractor) -> str:
     return f"cuda ({torch.cuda.get_device_name(extractor.device)})"
 
 
-# --decode auto on a GPU: JPEGs of at least this many pixels are decoded there (nvJPEG), smaller ones by the
-# workers. Chosen from bench_index.py on an H200 with 16 cores (README, "GPU indexing").
-AUTO_DEVICE_DECODE_MIN_PIXELS = 2_000_000
+# --decode auto on a GPU: the share of JPEGs decoded there (nvJPEG) at the start; the main loop moves it so that
+# neither the workers nor the GPU's decoder waits for the other (extract.DeviceBatches.balance).
+AUTO_DEVICE_SHARE = 0.5
 
 
-def device_min_pixels(cfg: JobConfig) -> int | None:
-    """Which JPEGs the decoding workers leave for the network's device: those of at least this many pixels
-    (0: all), or None (the workers decode everything). Decided before torch is imported: the workers start first."""
+def device_share(cfg: JobConfig) -> float | None:
+    """The share of JPEGs the decoding workers leave for the network's device at the start (1: all), or None (the
+    workers decode everything). Decided before torch is imported: the workers start first."""
     if cfg.decode == "workers":
         return None
     if cfg.decode == "device":
-        return 0
+        return 1.0
     assert cfg.decode == "auto", f"unknown decode {cfg.decode!r}"
     on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpu_present())
-    return AUTO_DEVICE_DECODE_MIN_PIXELS if on_gpu else None
+    return AUTO_DEVICE_SHARE if on_gpu else None
 
 
 def _report(report: RunReport, catalog: Catalog, total: int, started: float) -> RunReport:

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import zlib
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -51,16 +52,16 @@ def start_worker(parent_pid: int) -> None:
 
 
 def read_file(data_dir: Path, f: ImageFile, prep: Preprocessing, max_pixels: int | None,
-              device_min_pixels: int | None = None) -> dict:
+              device_share: float | None = None) -> dict:
     """One file -> {"file", "decoded"}, {"file", "jpeg"} (hashed and checked, left for the device to decode) or
     {"file", "error"}: a bad file is an item, never an exception.
 
-    device_min_pixels: JPEGs of at least this many pixels are left for the device (0: all; None: none)."""
+    device_share: the share of JPEGs left for the device (1: all; None or 0: none), picked by a hash of the path."""
     path = data_dir / f.path
     try:   # the decoder opens the file and reads what it needs; a file is never read whole just to be sniffed
-        if device_min_pixels is not None:
+        if device_share and (device_share >= 1 or share_key(f.path) < device_share):
             facts = inspect_jpeg(path, max_pixels=max_pixels)
-            if facts is not None and facts.pixels >= device_min_pixels:
+            if facts is not None:
                 return {"file": f, "jpeg": facts}
         return {"file": f, "decoded": decode_for_model(path, prep, max_pixels=max_pixels)}
     except ImageDecodeError as exc:
@@ -70,8 +71,13 @@ def read_file(data_dir: Path, f: ImageFile, prep: Preprocessing, max_pixels: int
 
 
 def read_files(data_dir: Path, files: list[ImageFile], prep: Preprocessing, max_pixels: int | None,
-               device_min_pixels: int | None = None) -> list[dict]:
-    return [read_file(data_dir, f, prep, max_pixels, device_min_pixels) for f in files]
+               device_share: float | None = None) -> list[dict]:
+    return [read_file(data_dir, f, prep, max_pixels, device_share) for f in files]
+
+
+def share_key(path: str) -> float:
+    """A file's place in [0, 1), the same in every process: files with share_key < s are a share s of them."""
+    return zlib.crc32(path.encode("utf-8", "surrogateescape")) / 2**32
 
 
 @dataclasses.dataclass
@@ -115,10 +121,12 @@ class Reader:
     """
 
     def __init__(self, data_dir: Path, files: list[ImageFile], *, workers: int, prep: Preprocessing,
-                 max_pixels: int | None, device_min_pixels: int | None = None):
+                 max_pixels: int | None, device_share: float | None = None):
         assert workers >= 0, "workers must not be negative"
         self.data_dir, self.files, self.max_pixels, self.prep = Path(data_dir), files, max_pixels, prep
-        self.device_min_pixels = device_min_pixels     # JPEGs of at least this many pixels: hashed and checked only
+        # the share of JPEGs the workers only hash and check, for the network's device to decode (None: none);
+        # it applies to the tasks submitted from then on, so the main loop can move it while the run goes
+        self.device_share = device_share
         self.workers = workers
         self.tasks = [files[i:i + DECODE_CHUNK] for i in range(0, len(files), DECODE_CHUNK)]
         self.ahead = TASKS_AHEAD_PER_WORKER * workers   # tasks submitted and not yet collected
@@ -152,7 +160,7 @@ class Reader:
     def _fill(self) -> None:
         while self._next < len(self.tasks) and len(self._pending) < self.ahead:
             self._pending.append(self._pool.submit(read_files, self.data_dir, self.tasks[self._next], self.prep,
-                                                   self.max_pixels, self.device_min_pixels))
+                                                   self.max_pixels, self.device_share))
             self._next += 1
 
     def _restart_from(self, task: int) -> None:
@@ -170,7 +178,7 @@ class Reader:
                                      initargs=(os.getpid(),)) as alone:
                 try:
                     items += alone.submit(read_files, self.data_dir, [f], self.prep, self.max_pixels,
-                                          self.device_min_pixels).result()
+                                          self.device_share).result()
                 except BrokenProcessPool:
                     log.warning("decoding %s killed its worker process; skipped", f.path)
                     items.append({"file": f, "error": "decoding it killed the worker process (out of memory, "
@@ -180,7 +188,7 @@ class Reader:
     def _items(self) -> Iterator[dict]:
         if self._pool is None:
             for files in self.tasks:
-                yield from read_files(self.data_dir, files, self.prep, self.max_pixels, self.device_min_pixels)
+                yield from read_files(self.data_dir, files, self.prep, self.max_pixels, self.device_share)
             return
         self._fill()
         task = self._next - len(self._pending)

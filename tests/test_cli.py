@@ -43,7 +43,7 @@ def test_index_json_summary_and_search_json(runner, data, tmp_path):
     assert summary["vector_index"]["factory"] == "Flat" and summary["vector_index"]["exact"]   # auto, small collection
     x = summary["extraction"]   # where the network ran, in what arithmetic, and where the run's time went
     assert (x["device"], x["precision"], x["decode"], x["batch_size"]) == ("cpu", "fp32", "workers", 32)
-    assert set(x["stage_seconds"]) == {"wait for decoding", "device decoding", "network", "write"}
+    assert set(x["stage_seconds"]) == {"wait for decoding", "device decoding", "wait for the network", "network", "write"}
     assert (summary["indexed"], summary["unchanged"], summary["removed"], summary["total"]) == (4, 0, 0, 4)
     assert [s["path"] for s in summary["skipped"]] == ["red_circles/broken.jpg"]
     assert summary["seconds"] > 0 and summary["images_per_second"] > 0

@@ -13,11 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from indexer.job import AUTO_DEVICE_DECODE_MIN_PIXELS, JobConfig, device_min_pixels
+from indexer.job import AUTO_DEVICE_SHARE, JobConfig, device_share
+from indexer.reader import read_files
 from indexer.samples import draw_sample, make_sample_collection
 from retrieval.catalog import Catalog
 from retrieval.device_decode import DeviceJpeg, DeviceJpegDecoder, upright
 from retrieval.images import _UPRIGHT, Preprocessing, decode_for_model, inspect_jpeg
+from retrieval.scan import scan_folder
 
 
 def write_jpeg(path: Path, size: tuple[int, int], orientation: int = 1, seed: int = 0, mode: str = "RGB") -> Path:
@@ -124,11 +126,64 @@ def test_which_jpegs_the_workers_leave_for_the_device(monkeypatch):
     def cfg(**kw) -> JobConfig:
         return JobConfig(data_dir=Path("."), index_dir=Path("index"), **kw)
 
-    assert device_min_pixels(cfg(decode="workers", device="cuda")) is None
-    assert device_min_pixels(cfg(decode="device", device="cpu")) == 0
-    assert device_min_pixels(cfg(decode="auto", device="cpu")) is None
-    assert device_min_pixels(cfg(decode="auto", device="cuda")) == AUTO_DEVICE_DECODE_MIN_PIXELS
+    assert device_share(cfg(decode="workers", device="cuda")) is None
+    assert device_share(cfg(decode="device", device="cpu")) == 1.0
+    assert device_share(cfg(decode="auto", device="cpu")) is None        # torchvision's CPU decoder is no help there
+    assert device_share(cfg(decode="auto", device="cuda")) == AUTO_DEVICE_SHARE
     monkeypatch.setattr(job, "gpu_present", lambda: False)
-    assert device_min_pixels(cfg(decode="auto", device="auto")) is None
+    assert device_share(cfg(decode="auto", device="auto")) is None
     monkeypatch.setattr(job, "gpu_present", lambda: True)
-    assert device_min_pixels(cfg(decode="auto", device="auto")) == AUTO_DEVICE_DECODE_MIN_PIXELS
+    assert device_share(cfg(decode="auto", device="auto")) == AUTO_DEVICE_SHARE
+
+
+def test_a_share_of_the_jpegs_is_left_for_the_device_by_path(tmp_path):
+    data = tmp_path / "data"
+    files = make_sample_collection(data, per_class=40, size=(64, 48), seed=2, classes=["red_circles", "blue_squares"])
+    scan = scan_folder(data).images
+    left = {share: {it["file"].path for it in read_files(data, scan, Preprocessing(), None, share) if "jpeg" in it}
+            for share in (None, 0.25, 0.5, 1.0)}
+    assert not left[None] and len(left[1.0]) == len(files) == 80
+    assert left[0.25] < left[0.5] < left[1.0]                         # a larger share keeps the smaller one's files
+    assert 10 <= len(left[0.25]) <= 30 and 25 <= len(left[0.5]) <= 55
+
+
+class FakeReader:
+    device_share = 0.5
+
+
+def test_the_share_moves_towards_the_decoder_that_keeps_up():
+    from indexer.extract import BALANCE_STEP, DeviceBatches, StageClock
+
+    batches = DeviceBatches.__new__(DeviceBatches)          # the balance alone: no network, no decoder
+    batches.adaptive, batches.reader, batches._history, batches._last = True, FakeReader(), [], (0.0, 0.0)
+    clock = StageClock()
+    clock._seconds.update({"wait for decoding": 0.5, "device decoding": 0.1})   # waited for the workers
+    batches.balance(clock)
+    assert batches.reader.device_share == pytest.approx(0.5 + BALANCE_STEP)
+    clock._seconds["device decoding"] += 0.2                                    # no wait: the workers are ahead
+    batches.balance(clock)
+    batches.balance(clock)
+    assert batches.reader.device_share == pytest.approx(0.5 - BALANCE_STEP)
+    assert batches.shares() == {"first": 0.55, "median": 0.5, "last": 0.45}
+
+
+def test_a_shared_run_indexes_every_file_once_with_the_workers_features(tmp_path, index_images, monkeypatch):
+    """--decode auto on a GPU host shares the JPEGs between the workers and the device; here the device is the CPU."""
+    import indexer.job as job
+
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=8, size=(320, 240), seed=4)
+    workers = index_images(data, tmp_path / "workers", decode="workers", workers=2)
+    monkeypatch.setattr(job, "device_share", lambda cfg: 0.5)        # what auto starts with where there is a GPU
+    shared = index_images(data, tmp_path / "shared", decode="auto", workers=2, batch_size=8)
+    x = shared.extraction
+    assert shared.indexed == workers.indexed == 40 and 0 < x["device_decoded"] < 40
+    assert x["decode"] == "cpu and workers, shared as each keeps up" and 0.05 <= x["device_share"]["last"] <= 0.95
+    a, b = Catalog(tmp_path / "workers"), Catalog(tmp_path / "shared")
+    try:
+        va, vb = a.vectors_by_path(), b.vectors_by_path()
+        assert va.keys() == vb.keys() and len(b.ids()) == 40
+        assert min(float(va[p] @ vb[p] / np.linalg.norm(va[p]) / np.linalg.norm(vb[p])) for p in va) > 0.999
+    finally:
+        a.close()
+        b.close()
