@@ -83,7 +83,8 @@ def parse_batch_size(value: str) -> int | str:
 @click.option("--decode", type=click.Choice(["auto", "workers", "device"]), default="auto", show_default=True,
               help="Where JPEGs are decoded: by the decoding workers (Pillow, reduced in the decoder to about the "
                    "network's size), or on the network's device (torchvision; nvJPEG on a GPU), falling back to "
-                   "the workers' decoder per file. auto: on a GPU, the device for photos of 2+ megapixels.")
+                   "the workers' decoder per file. auto: on a GPU both, sharing the JPEGs as each keeps up; "
+                   "on the CPU the workers.")
 @click.option("--batch-size", default="auto", show_default=True, metavar="N|auto",
               help="Images per forward pass and per catalog transaction. auto: on CUDA the largest batch the free "
                    "GPU memory holds (with a safety margin; -v logs the choice), on the CPU 32.")
