@@ -257,9 +257,14 @@ class VectorIndex:
         return True
 
     def copy(self) -> "VectorIndex":
-        """An independent, writable copy in memory (searches of this one may go on while the copy is changed)."""
-        return VectorIndex(self.dim, faiss.clone_index(self.index), factory=self.factory,
-                           vector_source=self.vector_source)
+        """An independent, writable copy in memory (searches of this one may go on while the copy is changed).
+
+        A memory-mapped index is copied through its serialised bytes: faiss.clone_index of one keeps viewing the
+        read-only mapping, and removing from that clone wrote into it (a server's worker died of SIGSEGV when it
+        caught up with a removal)."""
+        index = (faiss.deserialize_index(faiss.serialize_index(self.index)) if self.mapped
+                 else faiss.clone_index(self.index))
+        return VectorIndex(self.dim, index, factory=self.factory, vector_source=self.vector_source)
 
     def reconcile(self, catalog: Catalog) -> bool:
         """Make the index agree with the catalog (module function reconcile). -> whether anything changed."""

@@ -66,7 +66,7 @@ def test_every_type_round_trips_through_save_load_and_mmap(catalog, tmp_path, fa
     queries = vecs[::40]
 
     loaded = VectorIndex.load(tmp_path / FAISS_FILE, DIM, factory=factory)
-    mapped = VectorIndex.load(tmp_path / FAISS_FILE, DIM, factory=factory, mmap=True)
+    mapped = VectorIndex.load(tmp_path / FAISS_FILE, DIM, factory=factory, mmap=True, vector_source=catalog.vectors)
 
     assert mapped.mapped and not loaded.mapped
     for index in (loaded, mapped):
@@ -76,6 +76,14 @@ def test_every_type_round_trips_through_save_load_and_mmap(catalog, tmp_path, fa
         mapped.add(np.array([10**6]), vecs[:1])
     assert VectorIndex.load(tmp_path / FAISS_FILE, DIM, factory="IVF4,Flat" if factory != "IVF4,Flat" else FLAT) is None, \
         "a file of another type than the catalog records is not used"
+
+    # how a server catches up with the catalog: a writable copy of the mapped index, changed while the mapped
+    # one still answers (a clone that kept viewing the read-only mapping died of SIGSEGV on its first removal)
+    changed = mapped.copy()
+    assert changed.remove(ids[:10]) == 10
+    changed.add(np.array([10**6]), vecs[:1])
+    assert sorted(changed.ids().tolist()) == sorted(ids[10:] + [10**6])
+    assert sorted(mapped.ids().tolist()) == ids and np.array_equal(top_ids(mapped, queries), top_ids(original, queries))
 
 
 def test_auto_keeps_flat_up_to_its_threshold_then_trains_a_compressed_type(catalog, tmp_path):
