@@ -307,7 +307,7 @@ def load_network(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None,
     """The extract stage's network: the index's recorded one (a new index records its settings here).
 
     Raises ConfigError when the weights cannot be had, differ from the recorded ones, or the device is missing."""
-    from retrieval.backbones import DeviceUnavailable, WeightsUnavailable, build_extractor
+    from retrieval.backbones import DeviceUnavailable, PrecisionUnavailable, WeightsUnavailable, build_extractor
 
     try:
         extractor, identity = build_extractor(chosen["model"], chosen["layer"], chosen["weights"], cfg.index_dir,
@@ -315,8 +315,10 @@ def load_network(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None,
                                               precision=cfg.precision)
     except WeightsUnavailable as exc:
         raise ConfigError(weights_error_message(exc)) from exc
+    except PrecisionUnavailable as exc:
+        raise ConfigError(f"{exc} (--precision)") from exc
     except DeviceUnavailable as exc:
-        raise ConfigError(f"{exc} (--device, --precision)") from exc
+        raise ConfigError(f"{exc} (--device)") from exc
     if stored is not None and identity != stored.weights_identity:
         raise ConfigError(f"the weights now at {chosen['weights']!r} differ from the ones this index was built "
                           f"with ({stored.weights_identity}); use another index folder")

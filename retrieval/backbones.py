@@ -222,6 +222,10 @@ class FeatureExtractor:
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+class PrecisionUnavailable(DeviceUnavailable):
+    """The precision asked for does not run on this device."""
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """"auto" -> "bf16" on CUDA, "fp32" elsewhere. bf16 is refused off CUDA: CPUs without bf16 units run it
     several times slower than fp32, for features that only lose accuracy."""
@@ -230,7 +234,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision == "bf16" and device.type != "cuda":
-        raise DeviceUnavailable("bf16 features are computed on a CUDA GPU only; on the CPU use fp32")
+        raise PrecisionUnavailable("bf16 features are computed on a CUDA GPU only; on the CPU use fp32")
     return precision
 
 

@@ -43,7 +43,8 @@ def test_index_json_summary_and_search_json(runner, data, tmp_path):
     assert summary["vector_index"]["factory"] == "Flat" and summary["vector_index"]["exact"]   # auto, small collection
     x = summary["extraction"]   # where the network ran, in what arithmetic, and where the run's time went
     assert (x["device"], x["precision"], x["decode"], x["batch_size"]) == ("cpu", "fp32", "workers", 32)
-    assert set(x["stage_seconds"]) == {"wait for decoding", "device decoding", "wait for the network", "network", "write"}
+    assert set(x["stage_seconds"]) == {"wait for decoding", "device decoding", "wait for the network", "network",
+                                       "write"}
     assert (summary["indexed"], summary["unchanged"], summary["removed"], summary["total"]) == (4, 0, 0, 4)
     assert [s["path"] for s in summary["skipped"]] == ["red_circles/broken.jpg"]
     assert summary["seconds"] > 0 and summary["images_per_second"] > 0
@@ -92,6 +93,23 @@ def test_index_dir_from_the_environment(runner, data, tmp_path, monkeypatch):
     result = runner.invoke(index_images, [str(data), "--weights", "random", "--workers", "0", "--json"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "env-index" / "catalog.db").exists()
+
+
+def test_bf16_on_the_cpu_is_refused_before_any_work_and_each_runs_precision_is_recorded(runner, data, tmp_path):
+    from retrieval.catalog import Catalog
+
+    index_dir = str(tmp_path / "index")
+    result = runner.invoke(index_images, [str(data), "--index-dir", index_dir, "--weights", "random", "--device", "cpu",
+                                          "--precision", "bf16"])
+    assert result.exit_code == 2 and "bf16" in result.output and "(--precision)" in result.output
+    run_json(runner, index_images, [str(data), "--index-dir", index_dir, "--weights", "random", "--workers", "0",
+                                    "--json"])
+    catalog = Catalog(tmp_path / "index")
+    try:
+        assert catalog.extraction_record() == {"precisions": {"fp32": ["cpu"]},
+                                               "last": {"precision": "fp32", "device": "cpu", "decode": "workers"}}
+    finally:
+        catalog.close()
 
 
 def test_missing_data_folder_is_a_usage_error(runner, tmp_path):
