@@ -255,6 +255,7 @@ class RetrievalService:
                 "skipped": catalog.skipped_count(),
                 "catalog": catalog.backend,                    # "sqlite" or "postgresql": never its URL
                 "vector_index": snapshot.describe_vectors(),   # FAISS type, search settings, recall against exact
+                "extraction": catalog.extraction_record(),     # precisions and devices the vectors were computed with
                 "updated_at": updated.isoformat(timespec="seconds") + "Z" if updated else None,
                 "queries": self.query_stats()}
 

@@ -256,6 +256,7 @@ def test_stats_describe_the_index(client):
     assert body["skipped"] == 0
     assert body["updated_at"].endswith("Z") and body["updated_at"][:2] == "20"
     assert body["catalog"] == "sqlite"
+    assert body["extraction"]["precisions"] == {"fp32": ["cpu"]}     # how the vectors were computed
 
 
 def test_healthz_is_200_once_loaded(client):
