@@ -174,11 +174,13 @@ def rss():
     return {k: round(int(status[key].split()[0]) / 1024, 1) for k, key in (("rss_mb", "VmRSS"), ("rss_anon_mb", "RssAnon"),
                                                                            ("rss_file_mb", "RssFile"))}
 stages = {"python": rss()}
+sys.path.insert(0, sys.argv[1])
+from retrieval.system import leave_out_triton
+leave_out_triton()                                     # as serve-images does
 import numpy as np, torch
 stages["import torch"] = rss()
 import torchvision
 stages["import torchvision"] = rss()
-sys.path.insert(0, sys.argv[1])
 from retrieval.vector_index import VectorIndex
 from retrieval.index_types import SearchParams, apply_search_params
 net = torchvision.models.alexnet().eval()              # what serve-images holds: the network...
