@@ -171,8 +171,8 @@ SERVER_PROBE = r"""
 import sys, json
 def rss():
     status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
-    return {k: round(int(status[key].split()[0]) / 1024, 1) for k, key in (("rss_mb", "VmRSS"), ("rss_anon_mb", "RssAnon"),
-                                                                           ("rss_file_mb", "RssFile"))}
+    keys = (("rss_mb", "VmRSS"), ("rss_anon_mb", "RssAnon"), ("rss_file_mb", "RssFile"))
+    return {k: round(int(status[key].split()[0]) / 1024, 1) for k, key in keys}
 stages = {"python": rss()}
 sys.path.insert(0, sys.argv[1])
 from retrieval.system import leave_out_triton
@@ -260,8 +260,8 @@ def main() -> None:
         for n in args.sizes:
             data = Synthetic(n)
             rows += run_size(f"synthetic-{n}", data, [FLAT, auto_factory(n, DIM)], args.queries, work)
-    print(f"\n{'collection':<18} {'type':<24} {'build s':>8} {'MB':>8} {'RSS MB':>7} {'anon':>5} {'file':>5} {'1 q ms':>7} "
-          f"{'64 q ms':>8} {'params':<14} {'1-R@10':>7} {'10-R@10':>8}")
+    print(f"\n{'collection':<18} {'type':<24} {'build s':>8} {'MB':>8} {'RSS MB':>7} {'anon':>5} {'file':>5} "
+          f"{'1 q ms':>7} {'64 q ms':>8} {'params':<14} {'1-R@10':>7} {'10-R@10':>8}")
     for r in rows:
         params = ",".join(f"{k}={v}" for k, v in r["search_params"].items()) or "-"
         print(f"{r['collection']:<18} {r['type']:<24} {r['build_s']:>8.1f} {r['index_bytes'] / 2**20:>8.1f} "

@@ -35,10 +35,11 @@ RECALL_QUERIES = 1000         # held-out catalog vectors whose neighbours are ch
 RECALL_TARGET = 0.95          # auto-tuned nprobe / efSearch: the smallest that reaches this 1-recall@10
 NPROBE_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 EF_SEARCH_LADDER = (16, 32, 64, 128, 256, 512)
-# An IVFPQ index (by residual, L2) can keep a precomputed table of nlist x M x ksub floats that saves a few
-# additions per probed list; FAISS builds it when the file is read, up to 2 GB. At 1M vectors auto's
-# IVF4096,PQ64 makes it 268 MB, more than the index file (77 MB). Larger tables are not built: searches
-# then compute each probed list's distance table, with the same results (to float rounding).
+# An IVFPQ index (by residual, L2) can keep a precomputed table of nlist x M x ksub floats that spares a query
+# computing a distance table per probed list; FAISS builds it when the file is read, up to 2 GB. At 1M
+# vectors auto's IVF4096,PQ64 makes it 268 MB, more than the index file (77 MB). Larger tables are not
+# built: searches then compute each probed list's table, with the same results (to float rounding); at 1M,
+# nprobe 4, one query 0.665 ms against 0.645 with the table (README, "Search at scale").
 PRECOMPUTED_TABLE_MAX_BYTES = 64 << 20
 
 

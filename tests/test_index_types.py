@@ -17,8 +17,8 @@ from indexer.samples import make_sample_collection
 from retrieval.catalog import Catalog
 from retrieval.index_builder import IndexBuilder, maintain_vectors
 from retrieval import index_types
-from retrieval.index_types import (FLAT, IndexTypeConfig, IndexTypeError, SearchParams, apply_search_params, auto_factory,
-                                   fit_precomputed_tables)
+from retrieval.index_types import (FLAT, IndexTypeConfig, IndexTypeError, SearchParams, apply_search_params,
+                                   auto_factory, fit_precomputed_tables)
 from retrieval.names import FAISS_FILE
 from retrieval.recall import exact_neighbours, measure, score
 from retrieval.vector_index import VectorIndex
