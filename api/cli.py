@@ -15,7 +15,7 @@ from gunicorn.arbiter import Arbiter
 
 from indexer.config_table import command_settings, source_of
 from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV
-from retrieval.system import available_cores
+from retrieval.system import available_cores, leave_out_triton
 
 from .gunicorn_worker import DEFAULT_READ_TIMEOUT_S, with_read_timeout
 from .settings import settings_in_force
@@ -248,6 +248,7 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
     previous = os.environ.get(MULTIPROC_ENV)
     os.environ[MULTIPROC_ENV] = metrics_dir
     options["child_exit"] = worker_exited
+    leave_out_triton()   # inherited by the workers, which import torch when they load the app
     try:
         GunicornServer(app_config, options).run()
     finally:

@@ -33,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 import faiss  # noqa: E402 - after the path is set
 
-from retrieval.index_types import (FLAT, RECALL_TARGET, SearchParams, apply_search_params, auto_factory,  # noqa: E402
-                                   train_size, tuning_ladder)
+from retrieval.index_types import (FLAT, PRECOMPUTED_TABLE_MAX_BYTES, RECALL_TARGET, SearchParams,  # noqa: E402
+                                   apply_search_params, auto_factory, fit_precomputed_tables, precomputed_table_bytes,
+                                   train_size, tuning_ladder, walk)
 from retrieval.recall import K, score, without_self  # noqa: E402
 from retrieval.system import available_cores  # noqa: E402
 from retrieval.vector_index import VectorIndex  # noqa: E402
@@ -148,23 +149,52 @@ def tune(index: VectorIndex, queries: np.ndarray, exact: np.ndarray, own: np.nda
     return tried[-1], tried
 
 
+def with_precomputed_table(index: VectorIndex, queries: np.ndarray, exact: np.ndarray, own: np.ndarray | None) -> dict:
+    """For an IVFPQ whose precomputed table is over the budget (not built): the same searches with it built, then
+    freed again. -> its size, and latency and recall with it (empty for other types)."""
+    size = sum(precomputed_table_bytes(p) for p in walk(index.index) if isinstance(p, faiss.IndexIVFPQ))
+    if size <= PRECOMPUTED_TABLE_MAX_BYTES:
+        return {"precomputed_table_bytes": size} if size else {}
+    without = top10(index.search(queries, K + 1, threads=available_cores())[1], own)
+    fit_precomputed_tables(index.index, max_bytes=size)
+    found = top10(index.search(queries, K + 1, threads=available_cores())[1], own)
+    with_table = {"precomputed_table_bytes": size, "precomputed_table_same_ids": float(np.mean(found == without)),
+                  "precomputed_table_1-recall@10": round(score(found, exact)[1], 4),
+                  "precomputed_table_10-recall@10": round(score(found, exact)[2], 4),
+                  "precomputed_table_latency_1_ms": latency_ms(index, queries, 1, min(200, len(queries))),
+                  "precomputed_table_latency_64_ms": latency_ms(index, queries, 64, 7)}
+    fit_precomputed_tables(index.index)
+    return with_table
+
+
 SERVER_PROBE = r"""
-import sys, json, numpy as np, torch, torchvision
+import sys, json
+def rss():
+    status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+    keys = (("rss_mb", "VmRSS"), ("rss_anon_mb", "RssAnon"), ("rss_file_mb", "RssFile"))
+    return {k: round(int(status[key].split()[0]) / 1024, 1) for k, key in keys}
+stages = {"python": rss()}
 sys.path.insert(0, sys.argv[1])
+from retrieval.system import leave_out_triton
+leave_out_triton()                                     # as serve-images does
+import numpy as np, torch
+stages["import torch"] = rss()
+import torchvision
+stages["import torchvision"] = rss()
 from retrieval.vector_index import VectorIndex
 from retrieval.index_types import SearchParams, apply_search_params
 net = torchvision.models.alexnet().eval()              # what serve-images holds: the network...
+stages["AlexNet"] = rss()
 index = VectorIndex.load(sys.argv[2], 4096, factory=None, mmap=True)   # ...and the index, memory-mapped
 apply_search_params(index.index, SearchParams.from_json(sys.argv[3]))
+stages["index opened"] = rss()
 queries = np.load(sys.argv[4])
 with torch.inference_mode():
     net(torch.zeros(1, 3, 224, 224))
+stages["a forward pass"] = rss()
 for q in queries:
     index.search(q[None, :], 10)
-status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
-mb = lambda key: int(status[key].split()[0]) / 1024
-print(json.dumps({"rss_mb": mb("VmRSS"), "rss_anon_mb": mb("RssAnon"), "rss_file_mb": mb("RssFile"),
-                  "mapped": index.mapped}))
+print(json.dumps({**rss(), "mapped": index.mapped, "stages": stages}))
 """
 
 
@@ -202,6 +232,7 @@ def run_size(name: str, data, types: list[str], n_queries: int, work: Path) -> l
                **best, "tuning": tried,
                "latency_1_ms": latency_ms(index, queries, 1, min(200, len(queries))),
                "latency_64_ms": latency_ms(index, queries, 64, 7)}
+        row.update(with_precomputed_table(index, queries, exact, own))
         del index
         row["server"] = server_memory(path, best["search_params"], queries, work)
         path.unlink()
@@ -229,12 +260,13 @@ def main() -> None:
         for n in args.sizes:
             data = Synthetic(n)
             rows += run_size(f"synthetic-{n}", data, [FLAT, auto_factory(n, DIM)], args.queries, work)
-    print(f"\n{'collection':<18} {'type':<24} {'build s':>8} {'MB':>8} {'server RSS MB':>14} {'1 q ms':>7} "
-          f"{'64 q ms':>8} {'params':<14} {'1-R@10':>7} {'10-R@10':>8}")
+    print(f"\n{'collection':<18} {'type':<24} {'build s':>8} {'MB':>8} {'RSS MB':>7} {'anon':>5} {'file':>5} "
+          f"{'1 q ms':>7} {'64 q ms':>8} {'params':<14} {'1-R@10':>7} {'10-R@10':>8}")
     for r in rows:
         params = ",".join(f"{k}={v}" for k, v in r["search_params"].items()) or "-"
         print(f"{r['collection']:<18} {r['type']:<24} {r['build_s']:>8.1f} {r['index_bytes'] / 2**20:>8.1f} "
-              f"{r['server']['rss_mb']:>14.0f} {r['latency_1_ms']:>7.2f} {r['latency_64_ms']:>8.2f} {params:<14} "
+              f"{r['server']['rss_mb']:>7.0f} {r['server']['rss_anon_mb']:>5.0f} {r['server']['rss_file_mb']:>5.0f} "
+              f"{r['latency_1_ms']:>7.2f} {r['latency_64_ms']:>8.2f} {params:<14} "
               f"{r['1-recall@10']:>7.3f} {r['10-recall@10']:>8.3f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"bench_search-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -12,7 +12,7 @@ import faiss
 import numpy as np
 
 from .catalog import Catalog
-from .index_types import FLAT, build_empty, is_exact, native_ids, stored_ids, structure, walk
+from .index_types import FLAT, build_empty, fit_precomputed_tables, is_exact, native_ids, stored_ids, structure, walk
 from .system import available_cores
 
 # ids -> their catalog vectors in chunks: what an index that cannot remove ids is rebuilt from
@@ -87,6 +87,7 @@ class VectorIndex:
         """Train an untrained type on a sample; vectors shape=(n, dim) float32."""
         self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))
         drop_training_state(self.index)
+        fit_precomputed_tables(self.index)   # searched as a process that opens the file searches it
 
     def ids(self) -> np.ndarray:
         """shape=(N,), dtype=int64; in insertion order for id-mapped types, list by list for IVF types."""
@@ -202,6 +203,7 @@ class VectorIndex:
         if index.d != dim:
             log.warning("ignoring FAISS file %s of another dimension; rebuilding from the catalog", path)
             return None
+        fit_precomputed_tables(index)   # read without them: only the small ones are built
         if not (native_ids(index) and _has_ivf(index)) and not isinstance(index, faiss.IndexIDMap2):
             log.warning("ignoring FAISS file %s: it holds no catalog ids; rebuilding from the catalog", path)
             return None
@@ -321,11 +323,13 @@ def mmap_path(path: Path) -> str | None:
 
 
 def _read(path: Path, mmap: bool) -> tuple[faiss.Index, bool]:
-    """-> (index, memory-mapped). Raises FileNotFoundError, RuntimeError (unreadable)."""
+    """-> (index, memory-mapped), IVFPQ precomputed tables not built (see fit_precomputed_tables). Raises
+    FileNotFoundError, RuntimeError (unreadable)."""
     name = mmap_path(path) if mmap else None
+    flags = faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE
     if name is not None:
         os.stat(path)   # FileNotFoundError before FAISS's own RuntimeError
         # IO_FLAG_MMAP maps IVF inverted lists; IO_FLAG_MMAP_IFC (which includes it) also flat codes (Flat, PQ)
-        return faiss.read_index(name, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY), True
+        return faiss.read_index(name, flags | faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY), True
     with open(path, "rb") as f:   # through Python's file: any path works (FAISS's own takes UTF-8 names only)
-        return faiss.read_index(faiss.PyCallbackIOReader(f.read)), False
+        return faiss.read_index(faiss.PyCallbackIOReader(f.read), flags), False

@@ -16,7 +16,9 @@ import pytest
 from indexer.samples import make_sample_collection
 from retrieval.catalog import Catalog
 from retrieval.index_builder import IndexBuilder, maintain_vectors
-from retrieval.index_types import FLAT, IndexTypeConfig, IndexTypeError, SearchParams, auto_factory
+from retrieval import index_types
+from retrieval.index_types import (FLAT, IndexTypeConfig, IndexTypeError, SearchParams, apply_search_params,
+                                   auto_factory, fit_precomputed_tables)
 from retrieval.names import FAISS_FILE
 from retrieval.recall import exact_neighbours, measure, score
 from retrieval.vector_index import VectorIndex
@@ -378,3 +380,47 @@ def test_a_pca_index_file_does_not_keep_the_training_only_eigenvector_matrix(tmp
     assert (tmp_path / FAISS_FILE).stat().st_size < dim * dim * 4, "the d x d PCA matrix alone would be this large"
     loaded = VectorIndex.load(tmp_path / FAISS_FILE, dim, factory="PCAR16,IVF8,SQ8", mmap=True)
     assert np.array_equal(loaded.search(vecs[:20], 5)[1], index.search(vecs[:20], 5)[1])
+
+
+def precomputed_table_of(index: VectorIndex) -> faiss.IndexIVFPQ:
+    return faiss.downcast_index(faiss.extract_index_ivf(index.index))
+
+
+def test_an_ivfpq_searches_alike_without_its_precomputed_table(tmp_path):
+    vecs, queries = clustered(3000), clustered(100, seed=1)
+    index = VectorIndex.empty(DIM, "IVF16,PQ8np")
+    index.train(vecs)
+    index.add(np.arange(len(vecs)), vecs)
+    index.save(tmp_path / FAISS_FILE)
+    with_table = VectorIndex.load(tmp_path / FAISS_FILE, DIM, factory="IVF16,PQ8np", mmap=True)
+    without = VectorIndex.load(tmp_path / FAISS_FILE, DIM, factory="IVF16,PQ8np", mmap=True)
+    fit_precomputed_tables(without.index, max_bytes=0)
+    assert precomputed_table_of(with_table).precomputed_table.size() == 16 * 8 * 256   # nlist x M x ksub floats
+    assert precomputed_table_of(without).precomputed_table.size() == 0
+    assert precomputed_table_of(without).use_precomputed_table == -1
+    exact = faiss.IndexFlatL2(DIM)
+    exact.add(vecs)
+    truth = exact.search(queries, 10)[1]
+    for nprobe in (1, 4, 16):
+        apply_search_params(with_table.index, SearchParams(nprobe=nprobe))
+        apply_search_params(without.index, SearchParams(nprobe=nprobe))
+        d_table, i_table = with_table.search(queries, 10)
+        d_none, i_none = without.search(queries, 10)
+        assert np.array_equal(i_table, i_none), f"nprobe {nprobe}"
+        np.testing.assert_allclose(d_table, d_none, rtol=1e-5, atol=1e-5)   # the two sums round differently
+        assert score(i_table, truth) == score(i_none, truth)
+    assert score(i_none, truth)[1] > 0.9, "nprobe 16 of 16 lists: only the PQ codes' error is left"
+
+
+def test_a_served_index_does_not_build_a_precomputed_table_above_the_budget(tmp_path, monkeypatch):
+    vecs = clustered(3000)
+    index = VectorIndex.empty(DIM, "IVF16,PQ8np")
+    index.train(vecs)
+    index.add(np.arange(len(vecs)), vecs)
+    assert precomputed_table_of(index).precomputed_table.size() > 0, "small: kept after training"
+    index.save(tmp_path / FAISS_FILE)
+    monkeypatch.setattr(index_types, "PRECOMPUTED_TABLE_MAX_BYTES", 16 * 8 * 256 * 4 - 1)
+    for mmap in (True, False):
+        loaded = VectorIndex.load(tmp_path / FAISS_FILE, DIM, factory="IVF16,PQ8np", mmap=mmap)
+        assert precomputed_table_of(loaded).precomputed_table.size() == 0
+        assert np.array_equal(loaded.search(vecs[:50], 10)[1], index.search(vecs[:50], 10)[1])

@@ -1,5 +1,9 @@
-"""Tests for retrieval.system: whether a GPU is present, told without torch."""
+"""Tests for retrieval.system: whether a GPU is present, told without torch; a process without Triton."""
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +34,13 @@ def test_cuda_visible_devices_can_hide_the_gpus(dev, monkeypatch, visible, prese
     (dev / "nvidia0").touch()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     assert system.gpu_present() is present
+
+
+def test_a_process_that_leaves_out_triton_still_runs_the_network_without_it():
+    code = ("import sys; from retrieval.system import leave_out_triton; leave_out_triton(); import torch, torchvision; "
+            "net = torchvision.models.alexnet().eval(); out = net(torch.zeros(1, 3, 224, 224)); "
+            "print(out.shape[1], [m for m, mod in sys.modules.items() if m.split('.')[0] == 'triton' and mod])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1000", "[]"]
