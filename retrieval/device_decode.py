@@ -180,7 +180,3 @@ def _by_pixel_budget(todo: list[tuple[DeviceJpeg, bytearray]], budget: int) -> l
         pixels += item[0].facts.pixels
     return parts
 
-
-def as_array(result: DecodeResult) -> np.ndarray:
-    """The crops on the CPU as numpy, shape=(n, 3, crop, crop) uint8 (tests and benchmarks)."""
-    return result.crops.cpu().numpy()
