@@ -21,14 +21,13 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from retrieval.images import ImageDecodeError, Preprocessing, decode_for_model, inspect_jpeg
+from retrieval.images import (DEVICE_JPEG_EXTENSIONS, DeviceJpeg, ImageDecodeError, Preprocessing,
+                             decode_for_model, inspect_jpeg)
 from retrieval.scan import ImageFile
 from retrieval.system import die_with_parent
 
 if TYPE_CHECKING:
     import torch
-
-    from retrieval.device_decode import DeviceJpeg
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,8 @@ def read_file(data_dir: Path, f: ImageFile, prep: Preprocessing, max_pixels: int
     device_share: the share of JPEGs left for the device (1: all; None or 0: none), picked by a hash of the path."""
     path = data_dir / f.path
     try:   # the decoder opens the file and reads what it needs; a file is never read whole just to be sniffed
-        if device_share and (device_share >= 1 or share_key(f.path) < device_share):
+        if device_share and f.path.lower().endswith(DEVICE_JPEG_EXTENSIONS) \
+                and (device_share >= 1 or share_key(f.path) < device_share):
             facts = inspect_jpeg(path, max_pixels=max_pixels)
             if facts is not None:
                 return {"file": f, "jpeg": facts}
@@ -91,8 +91,6 @@ class Batch:
 
 def collate(items: list[dict], pin_memory: bool = False, data_dir: Path | None = None) -> Batch:
     import torch
-
-    from retrieval.device_decode import DeviceJpeg
 
     good = [it for it in items if "decoded" in it or "jpeg" in it]
     rows = [{"path": it["file"].path, "label": it["file"].label, "size": it["file"].size,

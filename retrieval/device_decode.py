@@ -12,28 +12,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .images import ImageDecodeError, JpegFacts, Preprocessing, decode_error, decode_for_model
+from .images import DeviceJpeg, ImageDecodeError, Preprocessing, decode_error, decode_for_model
 
 log = logging.getLogger(__name__)
 
 DECODE_PIXEL_BUDGET = 256_000_000   # pixels decoded per call: bounds device memory (768 MB of RGB) whatever the batch
 RESIZE_BYTES_BUDGET = 1 << 30       # float32 bytes resized per call (a 4000x3000 image is 144 MB)
 READ_THREADS = 8                    # file reads in parallel (the GIL is released while reading)
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceJpeg:
-    """One JPEG of a batch left for the device: its row in the batch, its file and what its inspection found."""
-    row: int
-    path: Path          # absolute
-    facts: JpegFacts
 
 
 @dataclasses.dataclass

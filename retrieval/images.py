@@ -9,6 +9,7 @@ import math
 import os
 import struct
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Iterator, Union
 
 import numpy as np
@@ -152,6 +153,19 @@ class JpegFacts:
     def pixels(self) -> int:
         return self.width * self.height
 
+
+@dataclasses.dataclass(frozen=True)
+class DeviceJpeg:
+    """One JPEG of a batch left for the device (retrieval.device_decode): its row in the batch, its file and what
+    its inspection found."""
+    row: int
+    path: Path          # absolute
+    facts: JpegFacts
+
+
+# The file names inspect_jpeg is tried on (a JPEG under another name is decoded on the CPU, as any image is):
+# other files would be read and hashed twice, once to find they are not JPEGs.
+DEVICE_JPEG_EXTENSIONS = (".jpg", ".jpeg", ".jpe")
 
 # What the GPU decoder is given: baseline or progressive JPEG in colour or greyscale. CMYK and YCCK JPEGs,
 # and every other format, are decoded on the CPU.

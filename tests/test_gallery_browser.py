@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import base64
 import re
-import threading
 
 import pytest
 
 from api import create_app
-from browser import launch_chromium
+from browser import launch_chromium, serve_in_thread
 
 QUERY = "orange_triangles/orange_triangles_003.jpg"
 
@@ -22,16 +21,10 @@ def browser():
 @pytest.fixture(scope="module")
 def base_url(sample_index, tmp_path_factory):
     """A threaded werkzeug server on a free local port over the sample index."""
-    from werkzeug.serving import make_server
-
     app = create_app({"INDEX_DIR": str(sample_index.index_dir), "RELOAD_INTERVAL_S": 0,
                       "THUMBNAIL_DIR": str(tmp_path_factory.mktemp("thumbnails"))})
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(10)
+    with serve_in_thread(app) as url:
+        yield url
     app.extensions["retrieval"].close()
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from api import create_app
-from browser import PageErrors, broken_images, launch_chromium, screenshot
+from browser import PageErrors, broken_images, launch_chromium, screenshot, serve_in_thread
 from retrieval.backbones import random_weights_file
 from retrieval.training_report import history_path_for
 from training_history import make_history, write_history
@@ -138,14 +137,8 @@ def test_the_history_next_to_the_index_weights_file_is_found(tmp_path, sample_in
 
 @pytest.fixture(scope="module")
 def base_url(app):
-    from werkzeug.serving import make_server
-
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(10)
+    with serve_in_thread(app) as url:
+        yield url
 
 
 def test_the_page_in_headless_chromium(base_url, sample_index, history_file):
