@@ -15,7 +15,7 @@ from gunicorn.arbiter import Arbiter
 
 from indexer.config_table import command_settings, source_of
 from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV
-from retrieval.system import available_cores, leave_out_triton
+from retrieval.system import available_cores, collector_paused, leave_out_triton
 
 from .gunicorn_worker import DEFAULT_READ_TIMEOUT_S, with_read_timeout
 from .settings import settings_in_force
@@ -57,16 +57,19 @@ class GunicornServer(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):  # noqa: ANN201 - a WSGI app
-        from retrieval.backbones import DeviceUnavailable, WeightsUnavailable
-        from retrieval.index import IndexNotFound, IndexUnavailable
+        # imported in the worker: torch and FAISS start after the fork, with the garbage collector off (sooner),
+        # and what they made is frozen out of the collections that serving triggers
+        with collector_paused():
+            from retrieval.backbones import DeviceUnavailable, WeightsUnavailable
+            from retrieval.index import IndexNotFound, IndexUnavailable
 
-        from . import create_app   # imported in the worker: torch and FAISS start after the fork
+            from . import create_app
 
-        try:
-            return create_app(self.app_config)
-        except (IndexNotFound, IndexUnavailable, WeightsUnavailable, DeviceUnavailable, ValueError) as exc:   # WeightsMismatch too
-            print(f"serve-images: {exc}", file=sys.stderr, flush=True)
-            sys.exit(Arbiter.WORKER_BOOT_ERROR)   # the master stops instead of restarting the worker forever
+            try:
+                return create_app(self.app_config)
+            except (IndexNotFound, IndexUnavailable, WeightsUnavailable, DeviceUnavailable, ValueError) as exc:   # WeightsMismatch too
+                print(f"serve-images: {exc}", file=sys.stderr, flush=True)
+                sys.exit(Arbiter.WORKER_BOOT_ERROR)   # the master stops instead of restarting the worker forever
 
 
 def check_index(index_dir: Path, db_url: str | None = None) -> tuple[int, str]:

@@ -230,18 +230,21 @@ def search_main(query_image: Path, k: int, index_dir: Path, db_url: str | None, 
     environment variables (SEARCH_IMAGES_K, ...; see the README's configuration table).
     """
     setup_logging(False)
-    from retrieval.backbones import DeviceUnavailable, WeightsUnavailable
-    from retrieval.images import ImageDecodeError
-    from retrieval.index import ImageIndex, IndexNotFound, IndexUnavailable, WeightsMismatch
+    from retrieval.system import collector_paused
 
-    from .job import weights_error_message
+    with collector_paused():   # torch, FAISS and the network load sooner with the garbage collector off
+        from retrieval.backbones import DeviceUnavailable, WeightsUnavailable
+        from retrieval.images import ImageDecodeError
+        from retrieval.index import ImageIndex, IndexNotFound, IndexUnavailable, WeightsMismatch
 
-    try:
-        index = ImageIndex(index_dir, db_url=db_url, device=device)
-    except (IndexNotFound, IndexUnavailable, WeightsMismatch, DeviceUnavailable) as exc:
-        raise UserError(str(exc)) from exc
-    except WeightsUnavailable as exc:
-        raise UserError(weights_error_message(exc)) from exc
+        from .job import weights_error_message
+
+        try:
+            index = ImageIndex(index_dir, db_url=db_url, device=device)
+        except (IndexNotFound, IndexUnavailable, WeightsMismatch, DeviceUnavailable) as exc:
+            raise UserError(str(exc)) from exc
+        except WeightsUnavailable as exc:
+            raise UserError(weights_error_message(exc)) from exc
     try:
         hits, _ = index.search_image(query_image.read_bytes(), k)
     except ImageDecodeError as exc:

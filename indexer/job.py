@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import numpy as np
 
 from retrieval.catalog import CATALOG_FILE, Catalog, CatalogBusy, CatalogUnavailable, IndexSettings, catalog_sqlite_file
+from retrieval.digests import hash_ahead
 from retrieval.images import DEFAULT_MAX_PIXELS, Preprocessing
 from retrieval.index_types import IndexTypeConfig, IndexTypeError, vector_work_needed
 from retrieval.scan import DEFAULT_MAX_FILE_BYTES, ImageFile, scan_folder
-from retrieval.names import DEFAULT_RANDOM_SEED, FAISS_FILE
-from retrieval.system import available_cores, display_name, gpu_present
+from retrieval.names import DEFAULT_RANDOM_SEED, FAISS_FILE, random_weights_file
+from retrieval.system import available_cores, collector_paused, display_name, gpu_present
 
 from .reader import Reader
 from .stage_thread import StageThread
@@ -426,10 +427,12 @@ def progress_bar(cfg: JobConfig, plan: Plan):  # noqa: ANN201 - tqdm
 def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chosen: dict, plan: Plan, reader: Reader,
             started: float, on_extractor: Callable[[FeatureExtractor], None] | None) -> RunReport:
     """This process's wiring of the stages: read (the Reader's workers) -> extract -> write."""
-    from .batch_size import resolve_batch_size
-    from .extract import BatchExtractor, DeviceBatches, StageClock
+    hash_ahead(weights_file(chosen, cfg.index_dir))   # the weights' identity, hashed while torch is imported
+    with collector_paused():                          # torch, torchvision and the network: about 0.6 s sooner
+        from .batch_size import resolve_batch_size
+        from .extract import BatchExtractor, DeviceBatches, StageClock
 
-    extractor = load_network(cfg, catalog, stored, chosen, cfg.device)
+        extractor = load_network(cfg, catalog, stored, chosen, cfg.device)
     if on_extractor:
         on_extractor(extractor)
     batch_size = resolve_batch_size(cfg.batch_size, extractor)
@@ -469,6 +472,14 @@ def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chos
                          "loop_seconds": round(loop_seconds, 3),
                          "loop_images_per_second": round(report.indexed / loop_seconds, 1) if loop_seconds else 0.0}
     return report
+
+
+def weights_file(chosen: dict, index_dir: Path) -> Path | None:
+    """The file the run's weights are loaded and hashed from: the index's random weights or a state dict file
+    (None for ImageNet weights, whose identity is their name)."""
+    if chosen["weights"] == "imagenet":
+        return None
+    return random_weights_file(index_dir, chosen["model"]) if chosen["weights"] == "random" else Path(chosen["weights"])
 
 
 def device_label(extractor: FeatureExtractor) -> str:

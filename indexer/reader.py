@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DECODE_CHUNK = 8            # files per task sent to a worker
-TASKS_AHEAD_PER_WORKER = 4  # tasks decoded ahead of the network (bounds the memory held in decoded crops)
+TASKS_AHEAD_PER_WORKER = 4  # tasks decoded ahead of the network (bounds the memory held in decoded crops) ...
+AHEAD_BYTES = 128 << 20     # ... or this many bytes of crops, if more: the workers decode while the network loads
 WORKER_NICENESS = 10        # decoding workers run at a lower priority than the process feeding the network
 
 
@@ -127,7 +128,10 @@ class Reader:
         self.device_share = device_share
         self.workers = workers
         self.tasks = [files[i:i + DECODE_CHUNK] for i in range(0, len(files), DECODE_CHUNK)]
-        self.ahead = TASKS_AHEAD_PER_WORKER * workers   # tasks submitted and not yet collected
+        crop_bytes = 3 * prep.crop_size ** 2
+        # tasks submitted and not yet collected: a few per worker, or all that AHEAD_BYTES of crops hold (during the
+        # network's start-up, seconds on a small machine, the workers can decode hundreds of images)
+        self.ahead = max(TASKS_AHEAD_PER_WORKER * workers, AHEAD_BYTES // (DECODE_CHUNK * crop_bytes)) if workers else 0
         self._pending: collections.deque[Future] = collections.deque()   # in file order
         self._next = 0
         self._pool: ProcessPoolExecutor | None = None

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import urllib.error
@@ -13,8 +12,9 @@ import torch
 from torch import nn
 from torchvision import models
 
+from .digests import file_sha256
 from .images import Preprocessing
-from .names import DEFAULT_RANDOM_SEED, LAYERS, MODEL_NAMES
+from .names import DEFAULT_RANDOM_SEED, LAYERS, MODEL_NAMES, random_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +53,11 @@ class DeviceUnavailable(RuntimeError):
     """The requested device (a CUDA GPU) is not there."""
 
 
-def random_weights_file(index_dir: Path, model: str) -> Path:
-    return Path(index_dir) / f"random-weights-{model}.pt"
-
-
 def preprocessing_for(model: str) -> Preprocessing:
     """Preprocessing from the ImageNet weights' own transforms (used for every weights choice)."""
     t = MODELS[model].imagenet.transforms()
     return Preprocessing(resize_size=int(t.resize_size[0]), crop_size=int(t.crop_size[0]),
                          mean=tuple(t.mean), std=tuple(t.std))
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def imagenet_cache_path(model: str) -> Path:
@@ -90,6 +78,12 @@ def load_state_dict(model: str, weights: str, index_dir: Path | None, *, seed: i
     """
     spec = MODELS[model]
     if weights == "imagenet":
+        cached, identity = imagenet_cache_path(model), f"imagenet:{type(spec.imagenet).__name__}.{spec.imagenet.name}"
+        if cached.is_file():   # torch hub moves a download into place whole: the file can be mapped
+            try:
+                return _load_file(cached, mmap=True), identity
+            except WeightsUnavailable:
+                pass           # a format that cannot be mapped (before torch 1.6's zip files): torch hub reads it
         try:
             state = spec.imagenet.get_state_dict(progress=False, check_hash=True)
         except (urllib.error.URLError, OSError, RuntimeError) as exc:
@@ -97,7 +91,7 @@ def load_state_dict(model: str, weights: str, index_dir: Path | None, *, seed: i
                 f"ImageNet weights for {model} are not cached and cannot be downloaded ({exc}); the file "
                 f"{os.path.basename(spec.imagenet.url)} (from {spec.imagenet.url}) would be at {imagenet_cache_path(model)}",
                 offline_imagenet=True, cache_path=imagenet_cache_path(model)) from exc
-        return state, f"imagenet:{type(spec.imagenet).__name__}.{spec.imagenet.name}"
+        return state, identity
 
     if weights == "random":
         if index_dir is None:
@@ -110,7 +104,7 @@ def load_state_dict(model: str, weights: str, index_dir: Path | None, *, seed: i
             torch.save(random_state_dict(model, seed), tmp)
             os.replace(tmp, path)
             log.info("generated random %s weights (seed %d) in %s", model, seed, path)
-        state = _load_file(path)
+        state = _load_file(path, mmap=True)   # written by us, replaced whole (os.replace), never rewritten in place
         return state, f"random:sha256={file_sha256(path)}"
 
     path = Path(weights)
@@ -159,9 +153,17 @@ def load_backbone(net: nn.Module, model: str, state_dict: dict[str, torch.Tensor
                                           if result.unexpected_keys else "") if part))
 
 
-def _load_file(path: Path) -> dict[str, torch.Tensor]:
+def _load_file(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict in path. mmap: its tensors are views of the file's pages (loading is instant, and the page
+    cache is shared by every process that maps it, gunicorn's workers included), for files only ever replaced
+    whole: a file rewritten in place under a mapping can change or vanish under the network. A path that is not
+    UTF-8 (torch maps the file by its name as text) is read whole instead."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        os.fspath(path).encode()
+    except UnicodeEncodeError:
+        mmap = False
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
         raise WeightsUnavailable(f"cannot load weights from {path}: {exc}") from exc
     if not isinstance(state, dict):

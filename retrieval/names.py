@@ -1,6 +1,8 @@
 """Names and defaults the command lines and the library share, importable without torch or FAISS."""
 from __future__ import annotations
 
+from pathlib import Path
+
 MODEL_NAMES = ("alexnet", "vgg16")       # torchvision backbones (retrieval.backbones.MODELS has one entry each)
 LAYERS = ("fc6", "fc7")                  # feature layers, each taken after its ReLU
 INDEX_DIR_ENV = "RETRIEVAL_INDEX_DIR"    # default index folder for every command and the server
@@ -8,3 +10,8 @@ DB_URL_ENV = "RETRIEVAL_DB_URL"          # the catalog's SQLAlchemy URL for ever
 DEFAULT_KS = (1, 5, 10)                  # neighbours for precision@k and the kNN vote in evaluations
 FAISS_FILE = "vectors.faiss"             # the vector index in an index folder (derived from the catalog)
 DEFAULT_RANDOM_SEED = 0                  # seed of --weights random when none is given
+
+
+def random_weights_file(index_dir: Path, model: str) -> Path:
+    """Where an index keeps its seeded random weights (--weights random)."""
+    return Path(index_dir) / f"random-weights-{model}.pt"

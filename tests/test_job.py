@@ -442,3 +442,39 @@ def test_a_run_without_workers_given_decodes_in_the_default_for_its_device(small
     index_images(small_data, tmp_path / "auto", workers=None, device="auto")
 
     assert started_with == [8, 12]
+
+
+def test_the_network_runs_with_the_garbage_collector_on(small_data, tmp_path):
+    """Start-up (torch, the network) runs with Python's collector paused; a run's batches, which may last hours, do not."""
+    import gc
+
+    from indexer.job import JobConfig, run_index
+
+    assert gc.isenabled()
+    during = []
+    run_index(JobConfig(data_dir=small_data, index_dir=tmp_path / "index", weights="random", workers=0, progress=False),
+              on_extractor=lambda _extractor: during.append(gc.isenabled()))
+    assert during == [True] and gc.isenabled()
+
+
+def test_decoding_workers_run_ahead_through_the_network_start_up(tmp_path):
+    """The workers do not stop after a few tasks each while the main process loads torch and the network: every file
+    of a small collection is decoded before the first batch is asked for."""
+    import time
+
+    from indexer.reader import DECODE_CHUNK, TASKS_AHEAD_PER_WORKER, Reader
+    from retrieval.images import Preprocessing
+    from retrieval.scan import scan_folder
+
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=30, size=(64, 48), classes=["red_circles", "blue_squares", "green_stripes"],
+                           seed=4)
+    files = scan_folder(data).images
+    assert len(files) > 2 * TASKS_AHEAD_PER_WORKER * DECODE_CHUNK
+    with Reader(data, files, workers=2, prep=Preprocessing(), max_pixels=None) as reader:
+        deadline = time.monotonic() + 60
+        while not all(f.done() for f in reader._pending) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert reader._next == len(reader.tasks), "every task was handed to the workers before any batch was read"
+        assert all(f.done() for f in reader._pending)
+        assert sum(len(b.rows) for b in reader.read(Preprocessing(), 16)) == len(files)
