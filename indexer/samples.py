@@ -19,16 +19,14 @@ SAMPLE_CLASSES: dict[str, tuple[str, tuple[int, int, int], tuple[int, int, int],
 }
 
 
-def draw_sample(kind: str, size: tuple[int, int], rng: random.Random) -> Image.Image:
-    """One picture of a class: its shape, colours and texture, with jittered position, scale and shade."""
-    shape, fg, bg, _texture = SAMPLE_CLASSES[kind]
+def draw_shape(d: ImageDraw.ImageDraw, shape: str, size: tuple[int, int], fg: tuple[int, int, int], rng: random.Random,
+               *, radius: tuple[float, float], stripe: tuple[float, float], check: tuple[float, float],
+               min_step: int) -> None:
+    """Draw one shape in fg: a circle, square or triangle of a radius (a fraction of the shorter side, drawn from
+    `radius`) near the middle, or diagonal stripes or checks over the whole picture (their step drawn likewise)."""
     w, h = size
-    jitter = lambda c: tuple(max(0, min(255, v + rng.randint(-25, 25))) for v in c)  # noqa: E731
-    img = Image.new("RGB", size, jitter(bg))
-    d = ImageDraw.Draw(img)
-    fg = jitter(fg)
     s = min(w, h)
-    r = int(s * rng.uniform(0.2, 0.35))
+    r = int(s * rng.uniform(*radius))
     cx, cy = int(w * rng.uniform(0.35, 0.65)), int(h * rng.uniform(0.35, 0.65))
     if shape == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
@@ -37,15 +35,26 @@ def draw_sample(kind: str, size: tuple[int, int], rng: random.Random) -> Image.I
     elif shape == "triangle":
         d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
     elif shape == "stripes":
-        step = max(4, int(s * rng.uniform(0.05, 0.09)))
+        step = max(min_step, int(s * rng.uniform(*stripe)))
         for x in range(-h, w, 2 * step):
             d.polygon([(x, 0), (x + step, 0), (x + step + h, h), (x + h, h)], fill=fg)
     elif shape == "checks":
-        step = max(4, int(s * rng.uniform(0.08, 0.14)))
+        step = max(min_step, int(s * rng.uniform(*check)))
         for y in range(0, h, step):
             for x in range(0, w, step):
                 if (x // step + y // step) % 2 == 0:
                     d.rectangle([x, y, x + step - 1, y + step - 1], fill=fg)
+
+
+def draw_sample(kind: str, size: tuple[int, int], rng: random.Random) -> Image.Image:
+    """One picture of a class: its shape, colours and texture, with jittered position, scale and shade."""
+    shape, fg, bg, _texture = SAMPLE_CLASSES[kind]
+    w, h = size
+    jitter = lambda c: tuple(max(0, min(255, v + rng.randint(-25, 25))) for v in c)  # noqa: E731
+    img = Image.new("RGB", size, jitter(bg))
+    d = ImageDraw.Draw(img)
+    fg = jitter(fg)
+    draw_shape(d, shape, size, fg, rng, radius=(0.2, 0.35), stripe=(0.05, 0.09), check=(0.08, 0.14), min_step=4)
     # a little noise so no two pictures are identical
     for _ in range(20):
         x, y = rng.randrange(w), rng.randrange(h)
@@ -79,23 +88,7 @@ def draw_colour_sample(kind: str, size: tuple[int, int], rng: random.Random) -> 
     fg = tuple(max(0, min(255, v + rng.randint(-40, 40))) for v in COLOUR_CLASSES[kind])
     d = ImageDraw.Draw(img)
     shape = rng.choice(["circle", "square", "stripes", "checks"])
-    s = min(w, h)
-    r = int(s * rng.uniform(0.15, 0.3))
-    cx, cy = int(w * rng.uniform(0.35, 0.65)), int(h * rng.uniform(0.35, 0.65))
-    if shape == "circle":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
-    elif shape == "square":
-        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fg)
-    elif shape == "stripes":
-        step = max(3, int(s * rng.uniform(0.05, 0.1)))
-        for x in range(-h, w, 2 * step):
-            d.polygon([(x, 0), (x + step, 0), (x + step + h, h), (x + h, h)], fill=fg)
-    else:
-        step = max(3, int(s * rng.uniform(0.08, 0.15)))
-        for y in range(0, h, step):
-            for x in range(0, w, step):
-                if (x // step + y // step) % 2 == 0:
-                    d.rectangle([x, y, x + step - 1, y + step - 1], fill=fg)
+    draw_shape(d, shape, size, fg, rng, radius=(0.15, 0.3), stripe=(0.05, 0.1), check=(0.08, 0.15), min_step=3)
     return img
 
 
