@@ -18,8 +18,6 @@ import os
 import platform
 import random
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,10 +27,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import psutil
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.served import Server, free_port  # noqa: E402 - after the path is set
 
 RESULTS = ROOT / "benchmarks" / "results"
 SIDE = 9459                 # 9459 x 9459 = 89,472,681 pixels: just under Pillow's 89,478,485 limit
@@ -76,65 +74,6 @@ def query_photo() -> bytes:
 
 
 # --- server and clients ------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """serve-images as a subprocess (8 request threads), stopped on exit."""
-
-    def __init__(self, index: Path, port: int, env: dict[str, str], log_path: Path):
-        self.port = port
-        self.log = open(log_path, "w")   # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from api.cli import main; main()", "--index-dir", str(index), "--port", str(port),
-             "--threads", "8"],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "RETRIEVAL_RELOAD_INTERVAL_S": "0", **env})
-        deadline = time.monotonic() + 300
-        while get(port, "/healthz", timeout=5)[0] != 200:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"serve-images exited with {self.proc.returncode}; see {log_path}")
-            if time.monotonic() > deadline:
-                raise SystemExit("serve-images did not come up within 300 s")
-            time.sleep(0.2)
-        time.sleep(1.0)   # decoder processes finish importing
-
-    def tree(self) -> list[psutil.Process]:
-        try:
-            root = psutil.Process(self.proc.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
-    def rss(self) -> int:
-        total = 0
-        for p in self.tree():
-            try:
-                total += p.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        return total
-
-    def pss(self) -> int:
-        total = 0
-        for p in self.tree():
-            try:
-                total += p.memory_full_info().pss
-            except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
-                pass
-        return total
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
 
 def get(port: int, path: str, timeout: float = 10) -> tuple[int, float]:
     started = time.perf_counter()
@@ -272,7 +211,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-c", "from indexer.cli import main; main()", str(data), "--index-dir",
                         str(index), "--weights", "random"], check=True, stdout=subprocess.DEVNULL)
 
-    server = Server(index, free_port(), {}, RESULTS / "bench_hostile_uploads-server.log")
+    server = Server(index, free_port(), RESULTS / "bench_hostile_uploads-server.log", settle_s=1.0)   # decoders import
     try:
         lone = lone_queries(server, query_photo(), args.lone)   # also warms the server up: idle is measured after
         print(f"lone 640x480 JPEG: server decode p50 {lone['decode_ms_p50']} ms (p95 {lone['decode_ms_p95']}), "

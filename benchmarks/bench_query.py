@@ -20,8 +20,6 @@ import os
 import platform
 import random
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.index_probes import child_env  # noqa: E402 - after the path is set
+from benchmarks.served import Server, free_port  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 IMAGE_SIZE = (160, 120)      # indexed pictures: small, so building 10,000 takes minutes, not hours
@@ -55,12 +56,6 @@ def make_collection(folder: Path, n: int) -> None:
         draw_sample(kind, IMAGE_SIZE, rng).save(folder / kind / f"{kind}_{i:05d}.jpg", "JPEG", quality=90)
     marker.touch()
     print(f"made {n} images in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-
-
-def child_env() -> dict[str, str]:
-    """The environment of the index-images and serve-images processes: this checkout first on the import path."""
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)}
 
 
 def build_index(data: Path, index: Path, n: int, device: str | None = None) -> float | None:
@@ -97,47 +92,6 @@ def query_bodies(count: int) -> list[bytes]:
             b'Content-Disposition: form-data; name="image"; filename="query.jpg"\r\n',
             b"Content-Type: image/jpeg\r\n\r\n", out.getvalue(), f"\r\n--{BOUNDARY}--\r\n".encode()]))
     return bodies
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """serve-images as a subprocess, stopped on exit."""
-
-    def __init__(self, index: Path, port: int, threads: int, env: dict[str, str], device: str | None = None):
-        self.port = port
-        self.log = open(RESULTS / "bench_query-server.log", "w")   # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from api.cli import main; main()", "--index-dir", str(index), "--port", str(port),
-             "--threads", str(threads), *(["--device", device] if device else [])],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**child_env(), "RETRIEVAL_RELOAD_INTERVAL_S": "0", **env})
-        deadline = time.monotonic() + 300
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"serve-images exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/healthz")
-                if conn.getresponse().status == 200:
-                    conn.close()
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("serve-images did not come up within 300 s")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
 
 def batching_counters(port: int) -> dict:
@@ -243,7 +197,8 @@ def measure(index: Path, args: argparse.Namespace, bodies: list[bytes], batching
         env["RETRIEVAL_TORCH_THREADS"] = str(args.torch_threads)
     if args.search_threads:
         env["RETRIEVAL_SEARCH_THREADS"] = str(args.search_threads)
-    server = Server(index, free_port(), args.threads, env, args.device)
+    server = Server(index, free_port(), RESULTS / "bench_query-server.log", threads=args.threads, env=env,
+                    device=args.device)
     try:
         drive(server.port, max(args.clients), args.warmup, bodies, args.k)          # warm caches and allocator
         results = {}
