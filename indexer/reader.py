@@ -113,8 +113,9 @@ def _facts(decoded) -> dict:  # noqa: ANN001 - DecodedImage or JpegFacts
 class Reader:
     """Decodes files in order, in `workers` forked processes (0: in this process), and hands out batches.
 
-    Use as a context manager. The workers take tasks of DECODE_CHUNK files, and keep at most a few
-    tasks per worker (or two batches, if more) decoded ahead of the consumer, which bounds memory.
+    Use as a context manager. The workers take tasks of DECODE_CHUNK files, and keep at most AHEAD_BYTES
+    of crops (or a few tasks per worker, or two batches, if more) decoded ahead of the consumer, which
+    bounds memory.
     A worker that dies in a task (killed for memory, a crash in a decoder) costs no run: its files are
     tried again one at a time in fresh processes, and the one that kills its process is skipped.
     """

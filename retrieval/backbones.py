@@ -89,8 +89,8 @@ def load_state_dict(model: str, weights: str, index_dir: Path | None, *, seed: i
         except (urllib.error.URLError, OSError, RuntimeError) as exc:
             raise WeightsUnavailable(
                 f"ImageNet weights for {model} are not cached and cannot be downloaded ({exc}); the file "
-                f"{os.path.basename(spec.imagenet.url)} (from {spec.imagenet.url}) would be at {imagenet_cache_path(model)}",
-                offline_imagenet=True, cache_path=imagenet_cache_path(model)) from exc
+                f"{os.path.basename(spec.imagenet.url)} (from {spec.imagenet.url}) would be at {cached}",
+                offline_imagenet=True, cache_path=cached) from exc
         return state, identity
 
     if weights == "random":

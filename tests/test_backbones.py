@@ -113,7 +113,7 @@ def test_a_weights_file_hashed_ahead_and_then_replaced_is_named_by_its_new_bytes
     hash_ahead(path)
     fresh = tmp_path / "fresh.pt"
     fresh.write_bytes(b"new weights, longer" * 100_000)
-    os.replace(fresh, path)                                    # replaced while the early hash ran
+    os.replace(fresh, path)                                    # replaced after the early hash started
     assert file_sha256(path) == hashlib.sha256(b"new weights, longer" * 100_000).hexdigest()
 
 
