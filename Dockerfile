@@ -34,6 +34,7 @@ COPY pyproject.toml README.md ./
 COPY retrieval retrieval
 COPY indexer indexer
 COPY api api
+COPY commands commands
 RUN pip install --no-deps . \
  && rm -rf build *.egg-info
 

@@ -17,7 +17,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m indexer.demo
+	$(BIN)/python -m commands.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

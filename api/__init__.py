@@ -6,9 +6,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 if TYPE_CHECKING:
     from flask import Flask, Response
 
-from .settings import DEFAULTS   # every setting, its default and meaning: one row each in api.settings.SETTINGS
+from api.settings import DEFAULTS   # every setting, its default and meaning: one row each in api.settings.SETTINGS
 
-# Only light imports here: `serve-images --help` imports this package (api.cli is in it) and must answer at
+# Only light imports here: `serve-images --help` imports this package (commands.serve_images is in it) and must answer at
 # once. Flask, the blueprints and the service (torch, FAISS) are imported by create_app.
 
 
@@ -16,16 +16,16 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app: DEFAULTS, then RETRIEVAL_* environment variables, then config.
 
     Opens the index in INDEX_DIR (network, FAISS vectors, catalog) once; raises
-    retrieval.index.IndexNotFound when there is none ("run index-images first").
+    retrieval.search.index.IndexNotFound when there is none ("run index-images first").
     """
     from flask import Flask
     from markupsafe import Markup
 
-    from . import gallery, search_api, transfer
-    from .errors import register_error_handlers
-    from .metrics import init_metrics
-    from .query_input import ImageIdConverter
-    from .service import init_service
+    from api import gallery, search_api, transfer
+    from api.errors import register_error_handlers
+    from api.metrics import init_metrics
+    from api.query_input import ImageIdConverter
+    from api.service import init_service
     from retrieval.system import display_name
 
     app = Flask(__name__)

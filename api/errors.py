@@ -7,9 +7,9 @@ from flask import Flask, Response, jsonify, render_template, request
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import ClientDisconnected, HTTPException, InternalServerError
 
-from retrieval.index import IndexUnavailable
+from retrieval.search.index import IndexUnavailable
 
-from .metrics import count_error
+from api.metrics import count_error
 
 log = logging.getLogger(__name__)
 

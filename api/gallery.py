@@ -10,10 +10,10 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from retrieval.system import display_name
 
-from .errors import ApiError
-from .query_input import parse_k, read_query_image
-from .recent_queries import RecentQuery
-from .service import current_service
+from api.errors import ApiError
+from api.query_input import parse_k, read_query_image
+from api.recent_queries import RecentQuery
+from api.service import current_service
 
 bp = Blueprint("gallery", __name__)   # templates and static files are the app's (api/templates, api/static)
 

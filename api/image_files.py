@@ -6,8 +6,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from retrieval.images import DECODE_ERRORS
-from retrieval.scan import is_inside
+from retrieval.images.decode import DECODE_ERRORS
+from retrieval.images.scan import is_inside
 
 
 class OutsideDataFolder(PermissionError):

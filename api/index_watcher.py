@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Callable, Protocol
 
-from . import metrics
+from api import metrics
 
 log = logging.getLogger(__name__)
 

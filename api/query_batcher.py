@@ -14,10 +14,10 @@ from typing import Iterator, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from retrieval.index import Hit, IndexUnavailable
+from retrieval.search.index import Hit, IndexUnavailable
 from retrieval.system import available_cores
 
-from . import metrics
+from api import metrics
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ RECENT_BATCHES = 8   # the concurrency to wait for is the largest seen over this
 
 
 class EmbeddingIndex(Protocol):
-    """What the batcher needs of retrieval.index.ImageIndex."""
+    """What the batcher needs of retrieval.search.index.ImageIndex."""
 
     def embed(self, pixels: torch.Tensor) -> np.ndarray: ...
 
@@ -35,7 +35,7 @@ class EmbeddingIndex(Protocol):
 
 @runtime_checkable
 class SnapshotSource(Protocol):
-    """An index that hot reload can swap (retrieval.index.ImageIndex): a batch takes one snapshot for its whole run."""
+    """An index that hot reload can swap (retrieval.search.index.ImageIndex): a batch takes one snapshot for its whole run."""
 
     def snapshot(self) -> EmbeddingIndex: ...
 

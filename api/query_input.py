@@ -5,7 +5,7 @@ from flask import Request
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.routing import BaseConverter, ValidationError
 
-from .errors import ApiError
+from api.errors import ApiError
 
 IMAGE_FIELD = "image"
 MAX_IMAGE_ID = 2**63 - 1     # catalog ids are SQLite INTEGERs: signed 64-bit

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from retrieval.catalog import blob_to_vector, make_engine, vector_to_blob
+from retrieval.catalog.catalog import blob_to_vector, make_engine, vector_to_blob
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ _queries = Table(
     Column("height", Integer, nullable=False),
     Column("filename", String, nullable=False),
     Column("created", Float, nullable=False, index=True),
-    Column("network", String, nullable=False, server_default=""),   # retrieval.index.network_key of the vector
+    Column("network", String, nullable=False, server_default=""),   # retrieval.search.index.network_key of the vector
 )
 
 
@@ -46,7 +46,7 @@ class RecentQuery:
     height: int
     filename: str         # as the browser named it (display only)
     created: float        # time.time()
-    network: str = ""     # the network that made vector (retrieval.index.network_key); "": the one served at add()
+    network: str = ""     # the network that made vector (retrieval.search.index.network_key); "": the one served at add()
 
 
 class RecentQueries:

@@ -5,12 +5,12 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, send_file, url_for
 
-from retrieval.index import Hit
+from retrieval.search.index import Hit
 from retrieval.system import display_name
 
-from .image_files import image_mimetype
-from .query_input import parse_k, read_query_image
-from .service import SearchAnswer, current_service
+from api.image_files import image_mimetype
+from api.query_input import parse_k, read_query_image
+from api.service import SearchAnswer, current_service
 
 bp = Blueprint("api", __name__)
 

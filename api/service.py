@@ -12,21 +12,21 @@ import numpy as np
 import torch
 from flask import Flask, current_app
 
-from retrieval.catalog import ImageRecord
-from retrieval.decode_pool import DecodePool, DecoderBusy
-from retrieval.evaluation import vote
-from retrieval.images import ImageDecodeError
-from retrieval.index import Hit, ImageIndex, IndexSnapshot, weights_label
-from retrieval.index_types import SearchParams
+from retrieval.catalog.catalog import ImageRecord
+from retrieval.images.decode_pool import DecodePool, DecoderBusy
+from retrieval.learning.evaluation import vote
+from retrieval.images.decode import ImageDecodeError
+from retrieval.search.index import Hit, ImageIndex, IndexSnapshot, weights_label
+from retrieval.vectors.index_types import SearchParams
 from retrieval.system import available_cores
 
-from . import metrics
-from .errors import ApiError
-from .image_files import OutsideDataFolder, resolve_inside
-from .index_watcher import IndexWatcher
-from .query_batcher import QueryBatcher
-from .recent_queries import RECENT_QUERIES_FILE, RecentQueries
-from .thumbnails import ThumbnailCache
+from api import metrics
+from api.errors import ApiError
+from api.image_files import OutsideDataFolder, resolve_inside
+from api.index_watcher import IndexWatcher
+from api.query_batcher import QueryBatcher
+from api.recent_queries import RECENT_QUERIES_FILE, RecentQueries
+from api.thumbnails import ThumbnailCache
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class RetrievalService:
         Raises ApiError 415 (not an image, too large, too slow to decode), 503 (decoders or network overloaded)."""
         started = time.perf_counter()
         prep = self.index.extractor.preprocessing
-        with self.batcher.incoming():           # decoded in a worker process (retrieval.decode_pool)
+        with self.batcher.incoming():           # decoded in a worker process (retrieval.images.decode_pool)
             try:
                 upload = self.decoders.decode(data, prep, max_pixels=self.config.max_pixels,
                                               max_decoded_pixels=self.config.max_decoded_pixels,

@@ -26,7 +26,7 @@ class Setting:
 
 
 # Adding a setting is one row here: create_app, `serve-images --print-config` and the README's
-# configuration table (python -m indexer.config_table --write README.md) all read this tuple.
+# configuration table (python -m tools.config_table --write README.md) all read this tuple.
 SETTINGS: tuple[Setting, ...] = (
     Setting("INDEX_DIR", "index", "folder made by index-images"),
     Setting("DB_URL", None, "the catalog's SQLAlchemy URL (postgresql://...); default SQLite catalog.db in INDEX_DIR"),

@@ -6,17 +6,17 @@ import os
 import threading
 from pathlib import Path
 
-from retrieval.images import DEFAULT_MAX_PIXELS, ImageSource, jpeg_bytes, thumbnail_rgb
+from retrieval.images.decode import DEFAULT_MAX_PIXELS, ImageSource, jpeg_bytes, thumbnail_rgb
 
 log = logging.getLogger(__name__)
 
 
 def make_thumbnail(source: ImageSource, size: int, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                    max_decoded_pixels: int | None = None, quality: int = 85) -> bytes:
-    """Image bytes or file -> JPEG bytes, long side <= size px, upright RGB. Raises retrieval.images.ImageDecodeError.
+    """Image bytes or file -> JPEG bytes, long side <= size px, upright RGB. Raises retrieval.images.decode.ImageDecodeError.
 
     JPEGs decode in draft mode near the target size; other images are resized in their own mode before
-    they become RGB (see retrieval.images.thumbnail_rgb), and a file is read as Pillow needs it."""
+    they become RGB (see retrieval.images.decode.thumbnail_rgb), and a file is read as Pillow needs it."""
     return jpeg_bytes(thumbnail_rgb(source, size, max_pixels=max_pixels, max_decoded_pixels=max_decoded_pixels),
                       quality)
 

@@ -37,8 +37,8 @@ def rows(start: int, n: int) -> list[dict]:
 
 
 def measure(url: str | None, folder: Path, n: int, batch: int) -> dict[str, float]:
-    from retrieval.catalog import Catalog, IndexSettings
-    from retrieval.vector_index import VectorIndex
+    from retrieval.catalog.catalog import Catalog, IndexSettings
+    from retrieval.vectors.vector_index import VectorIndex
 
     rng = np.random.default_rng(0)
     catalog = Catalog(folder, create=True, url=url)

@@ -1,6 +1,6 @@
 """Benchmark: a CPU fine-tune of a few hundred images (AlexNet, fc6 + fc7 + head, convolutions cached).
 
-Generates N labelled pictures (indexer.samples, 4 classes), then runs retrieval.finetune.fine_tune
+Generates N labelled pictures (retrieval.samples, 4 classes), then runs retrieval.learning.finetune.fine_tune
 several times from seeded random weights and times the two halves: decoding plus the convolutional
 cache (every training image's --cache-views augmented views and every validation image's centre
 crop through the convolutions, once), and the training epochs on the cached output. Prints a table
@@ -37,8 +37,8 @@ def main() -> None:
 
     import torch
 
-    from indexer.samples import SAMPLE_CLASSES, make_sample_collection
-    from retrieval.finetune import FineTuneConfig, fine_tune
+    from retrieval.samples import SAMPLE_CLASSES, make_sample_collection
+    from retrieval.learning.finetune import FineTuneConfig, fine_tune
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:

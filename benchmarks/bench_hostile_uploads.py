@@ -44,7 +44,7 @@ def hostile_files(folder: Path) -> dict[str, bytes]:
     """name -> file bytes; made once and kept in folder."""
     from PIL import Image
 
-    from indexer.samples import encoded, many_scans_jpeg
+    from retrieval.samples import encoded, many_scans_jpeg
 
     makers = {
         "tiff_strip_64x1114160": lambda: encoded(Image.new("1", (64, 1_114_160)), "TIFF", compression="group4"),
@@ -68,7 +68,7 @@ def hostile_files(folder: Path) -> dict[str, bytes]:
 
 
 def query_photo() -> bytes:
-    from indexer.samples import SAMPLE_CLASSES, draw_sample, encoded
+    from retrieval.samples import SAMPLE_CLASSES, draw_sample, encoded
 
     return encoded(draw_sample(list(SAMPLE_CLASSES)[0], (640, 480), random.Random(7)), "JPEG", quality=90)
 
@@ -204,11 +204,11 @@ def main() -> None:
     files = hostile_files(args.work / "files")
     data, index = args.work / "data", args.work / "index"
     if not (index / "catalog.db").exists():
-        from indexer.samples import make_sample_collection
+        from retrieval.samples import make_sample_collection
 
         shutil.rmtree(data, ignore_errors=True)
         make_sample_collection(data, per_class=4, size=(160, 120), seed=3)
-        subprocess.run([sys.executable, "-c", "from indexer.cli import main; main()", str(data), "--index-dir",
+        subprocess.run([sys.executable, "-c", "from commands.index_images import main; main()", str(data), "--index-dir",
                         str(index), "--weights", "random"], check=True, stdout=subprocess.DEVNULL)
 
     server = Server(index, free_port(), RESULTS / "bench_hostile_uploads-server.log", settle_s=1.0)   # decoders import

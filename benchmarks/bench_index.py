@@ -35,14 +35,14 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.photo_collections import SIZES  # noqa: E402 - after the path is set; torch-free
 
 RESULTS = ROOT / "benchmarks" / "results"
-INDEX_IMAGES = "from indexer.cli import index_images_entry; index_images_entry()"   # this checkout's, not an installed one
+INDEX_IMAGES = "from commands.index_images import index_images_entry; index_images_entry()"   # this checkout's, not an installed one
 
 
 def make_collection(folder: Path, n: int) -> Path:
     """n JPEGs, half small and half phone-size, in class folders; reused when already there."""
     import random
 
-    from indexer.samples import SAMPLE_CLASSES, draw_sample
+    from retrieval.samples import SAMPLE_CLASSES, draw_sample
 
     marker = folder / f".complete-{n}"
     if marker.exists():
@@ -119,7 +119,7 @@ def naive_loop(data: Path, weights_file: Path, model: str, device: str = "cpu", 
     import torch
     from PIL import Image
 
-    from retrieval.backbones import MODELS, FeatureExtractor
+    from retrieval.features.backbones import MODELS, FeatureExtractor
 
     state = torch.load(weights_file, map_location="cpu", weights_only=True)
     dev = torch.device(device)
@@ -148,7 +148,7 @@ def naive_loop(data: Path, weights_file: Path, model: str, device: str = "cpu", 
 
 def random_weights(work: Path, model: str) -> Path:
     """The seeded random weights both runs use, saved once under work."""
-    from retrieval.backbones import load_state_dict, random_weights_file
+    from retrieval.features.backbones import load_state_dict, random_weights_file
 
     weights_home = work / f"weights-{model}"
     weights_home.mkdir(parents=True, exist_ok=True)
@@ -215,7 +215,7 @@ def main() -> None:
         ray_main(args)
         return
 
-    from retrieval.backbones import random_weights_file
+    from retrieval.features.backbones import random_weights_file
 
     work = args.workdir
     data = make_collection(work / f"data-{args.images}", args.images)
@@ -291,7 +291,7 @@ def ray_main(args: argparse.Namespace) -> None:
 
     import ray
 
-    from retrieval.backbones import random_weights_file
+    from retrieval.features.backbones import random_weights_file
     from retrieval.system import available_cores
 
     work = args.workdir

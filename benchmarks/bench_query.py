@@ -41,7 +41,7 @@ BOUNDARY = "benchqueryboundary"
 
 def make_collection(folder: Path, n: int) -> None:
     """n JPEGs in class folders; reused when a previous run made the same collection."""
-    from indexer.samples import SAMPLE_CLASSES, draw_sample
+    from retrieval.samples import SAMPLE_CLASSES, draw_sample
 
     marker = folder / f".complete-{n}"
     if marker.exists():
@@ -61,7 +61,7 @@ def make_collection(folder: Path, n: int) -> None:
 def build_index(data: Path, index: Path, n: int, device: str | None = None) -> float | None:
     """Run index-images (on device, or its default) unless the index already holds n images; -> seconds taken
     (None when reused)."""
-    from retrieval.catalog import Catalog
+    from retrieval.catalog.catalog import Catalog
 
     if (index / "catalog.db").exists():
         catalog = Catalog(index)
@@ -71,7 +71,7 @@ def build_index(data: Path, index: Path, n: int, device: str | None = None) -> f
         finally:
             catalog.close()
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "from indexer.cli import main; main()", str(data), "--index-dir", str(index),
+    subprocess.run([sys.executable, "-c", "from commands.index_images import main; main()", str(data), "--index-dir", str(index),
                     "--weights", "random", "--batch-size", "64", *(["--device", device] if device else [])],
                    check=True, env=child_env())
     return time.perf_counter() - started
@@ -79,7 +79,7 @@ def build_index(data: Path, index: Path, n: int, device: str | None = None) -> f
 
 def query_bodies(count: int) -> list[bytes]:
     """Multipart bodies of fresh query photos (a seed the collection never used)."""
-    from indexer.samples import SAMPLE_CLASSES, draw_sample
+    from retrieval.samples import SAMPLE_CLASSES, draw_sample
 
     rng = random.Random(12345)
     classes = list(SAMPLE_CLASSES)

@@ -33,12 +33,12 @@ sys.path.insert(0, str(ROOT))
 
 import faiss  # noqa: E402 - after the path is set
 
-from retrieval.index_types import (FLAT, PRECOMPUTED_TABLE_MAX_BYTES, RECALL_TARGET, SearchParams,  # noqa: E402
+from retrieval.vectors.index_types import (FLAT, PRECOMPUTED_TABLE_MAX_BYTES, RECALL_TARGET, SearchParams,  # noqa: E402
                                    apply_search_params, auto_factory, fit_precomputed_tables, precomputed_table_bytes,
                                    train_size, tuning_ladder, walk)
-from retrieval.recall import K, score, without_self  # noqa: E402
+from retrieval.vectors.recall import K, score, without_self  # noqa: E402
 from retrieval.system import available_cores  # noqa: E402
-from retrieval.vector_index import VectorIndex  # noqa: E402
+from retrieval.vectors.vector_index import VectorIndex  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DIM = 4096
@@ -76,7 +76,7 @@ class CatalogVectors:
     """The vectors of an indexed collection, from its catalog."""
 
     def __init__(self, index_dir: Path, seed: int = 0):
-        from retrieval.catalog import Catalog
+        from retrieval.catalog.catalog import Catalog
         self.catalog = Catalog(index_dir)
         self.ids = self.catalog.ids()
         self.n = len(self.ids)
@@ -181,8 +181,8 @@ import numpy as np, torch
 stages["import torch"] = rss()
 import torchvision
 stages["import torchvision"] = rss()
-from retrieval.vector_index import VectorIndex
-from retrieval.index_types import SearchParams, apply_search_params
+from retrieval.vectors.vector_index import VectorIndex
+from retrieval.vectors.index_types import SearchParams, apply_search_params
 net = torchvision.models.alexnet().eval()              # what serve-images holds: the network...
 stages["AlexNet"] = rss()
 index = VectorIndex.load(sys.argv[2], 4096, factory=None, mmap=True)   # ...and the index, memory-mapped

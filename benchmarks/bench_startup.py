@@ -42,7 +42,7 @@ def make_folder(folder: Path, n: int) -> Path:
     """n small JPEGs in 5 class folders; reused when already complete."""
     import random
 
-    from indexer.samples import SAMPLE_CLASSES, draw_sample
+    from retrieval.samples import SAMPLE_CLASSES, draw_sample
 
     marker = folder / f".complete-{n}"
     if marker.exists():

@@ -41,7 +41,7 @@ def timed(owner: type, name: str, spent: list[float]) -> None:
 
 
 def one_run(data: Path, index_dir: Path, batch_size: int, workers: int | None) -> dict:
-    from indexer import job
+    from indexer import run as job
 
     waited, work = [], []
     real_write, real_commit = job.Writer.write, job.Writer.commit
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--label", default="", help="a name for the results file (e.g. before, after)")
     args = parser.parse_args()
 
-    from indexer.samples import SAMPLE_CLASSES, make_sample_collection
+    from retrieval.samples import SAMPLE_CLASSES, make_sample_collection
     from retrieval.system import available_cores
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -139,7 +139,7 @@ def precision_argument() -> bool:
     """Whether FeatureExtractor takes precision= ("fp32" | "bf16")."""
     import inspect
 
-    from retrieval.backbones import FeatureExtractor
+    from retrieval.features.backbones import FeatureExtractor
 
     return "precision" in inspect.signature(FeatureExtractor).parameters
 
@@ -182,7 +182,7 @@ def child_info(params: dict) -> dict:
         except pynvml.NVMLError:     # no NVIDIA driver here
             pass
     try:
-        from indexer.job import default_workers   # needs sqlalchemy (the catalog)
+        from indexer.run import default_workers   # needs sqlalchemy (the catalog)
 
         info["index_images_workers"] = default_workers(params.get("device", "auto"))
     except ImportError as exc:
@@ -204,7 +204,7 @@ def cpu_model() -> str:
 def child_weights(params: dict) -> dict:
     """The seeded random weights of each of params["models"], made once in params["work"]/weights-MODEL/;
     -> {model: {"file", "seconds"}} (the seconds to make or check it)."""
-    from retrieval.backbones import load_state_dict, random_weights_file
+    from retrieval.features.backbones import load_state_dict, random_weights_file
 
     out = {}
     for model in params["models"]:
@@ -221,9 +221,9 @@ def child_decode(params: dict) -> dict:
     batches of params["batch_size"] (pinned when params["pin_memory"]), no network; -> images, seconds, images/s."""
     import torch   # before the clock: batches are collated into tensors (index-images imports torch while decoding)
 
-    from indexer.reader import Reader
-    from retrieval.images import DEFAULT_MAX_PIXELS, Preprocessing
-    from retrieval.scan import scan_folder
+    from indexer.read import Reader
+    from retrieval.images.decode import DEFAULT_MAX_PIXELS, Preprocessing
+    from retrieval.images.scan import scan_folder
 
     data = Path(params["data"])
     files = scan_folder(data).images
@@ -235,7 +235,7 @@ def child_decode(params: dict) -> dict:
     on_device = params.get("device")   # "cuda": JPEGs inspected by the workers, decoded by nvJPEG (--decode device)
     decoder = None
     if on_device:
-        from retrieval.device_decode import DeviceJpegDecoder
+        from retrieval.images.device_decode import DeviceJpegDecoder
 
         decoder = DeviceJpegDecoder(prep, torch.device(on_device), max_pixels=DEFAULT_MAX_PIXELS)
         torch.zeros(1, device=on_device)   # the CUDA context, before the clock
@@ -263,8 +263,8 @@ def child_network(params: dict) -> dict:
     images/s and the GPU's utilisation meanwhile."""
     import torch
 
-    from indexer.batch_size import resolve_batch_size
-    from retrieval.backbones import FeatureExtractor
+    from retrieval.features.batch_size import resolve_batch_size
+    from retrieval.features.backbones import FeatureExtractor
 
     device = torch.device(params["device"])
     state = torch.load(params["weights"], map_location="cpu", weights_only=True)

@@ -9,7 +9,7 @@ For each model in --models and each size in --sizes (one collection per size: "s
               given less that start-up too.
   naive loop  one image at a time: Pillow, the weights' transforms, .to(device), fp32 (the first --naive-images
               files, at most --naive-seconds).
-  decode      indexer.reader.Reader on every core (os.cpu_count() workers) over every file, no network; on CUDA
+  decode      indexer.read.Reader on every core (os.cpu_count() workers) over every file, no network; on CUDA
               also with pinned batches, and with index-images' own number of workers (pinned on CUDA).
   network     the extractor alone on uint8 batches already on the device, of the size `--batch-size auto`
               picks, after warm-up: fp32, and bf16 on CUDA (what index-images uses there).
@@ -41,7 +41,7 @@ from benchmarks.photo_collections import SIZES, link_subset, make_size_collectio
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL_CHOICES = ("alexnet", "vgg16")
 CHILD_GRACE_S = 60.0         # a child may run this long past the time budget before it is killed
-INDEX_IMAGES = "from indexer.cli import index_images_entry; index_images_entry()"
+INDEX_IMAGES = "from commands.index_images import index_images_entry; index_images_entry()"
 STARTED = time.monotonic()
 
 
@@ -193,7 +193,7 @@ NOTES = {
     "end_to_end.wall_images_per_second": "images / the wall time of the whole index-images process",
     "end_to_end.images_per_second_less_startup": "(images - startup images) / (seconds - startup seconds): the rate "
                                                  "once started, with start-up timed on --startup-images files",
-    "decode.all_cores": "indexer.reader.Reader with os.cpu_count() workers, no network, unpinned",
+    "decode.all_cores": "indexer.read.Reader with os.cpu_count() workers, no network, unpinned",
     "decode.index_images_workers": "the same with index-images' default number of workers, pinned on CUDA as it does",
     "network": "FeatureExtractor on device-resident uint8 batches of the --batch-size auto size, features copied back",
     "gpu": "NVML utilisation.gpu (% of time a kernel ran) every 100 ms; null without pynvml or a GPU",
@@ -326,7 +326,7 @@ def end_to_end_once(model: str, data: Path, weights: Path, args: argparse.Namesp
                     startup: dict | None, n_files: int | None = None, decode: str = "auto") -> dict:
     """index-images on a fresh index (the seeded random weights copied in), as a subprocess; -> its rates.
 
-    weights: the file retrieval.backbones.random_weights_file names in the weights folder; the copy gets the same
+    weights: the file retrieval.features.backbones.random_weights_file names in the weights folder; the copy gets the same
     name in the index folder, where index-images looks for it (this process never imports torch)."""
     index_dir = args.workdir.resolve() / "index-e2e"
     shutil.rmtree(index_dir, ignore_errors=True)

@@ -32,7 +32,7 @@ def draw_file(task: tuple[int, str, tuple[int, int], int, str]) -> int:
     import numpy as np
     from PIL import Image, ImageChops
 
-    from indexer.samples import draw_sample
+    from retrieval.samples import draw_sample
 
     index, kind, (w, h), grain, path = task
     rng = random.Random(index)
@@ -56,7 +56,7 @@ def make_size_collection(folder: Path, size: str, n: int, unique: int, grain: in
     unique: how many distinct files to draw (0 or >= n: all); the others are hard links to them (copies where
     links fail), which decode at the same cost. Reused when the folder holds a collection made with the same
     parameters."""
-    from indexer.samples import SAMPLE_CLASSES
+    from retrieval.samples import SAMPLE_CLASSES
 
     params = {"size": list(SIZES[size]), "images": n, "unique": min(unique, n) if unique else n, "grain": grain}
     marker = folder / ".complete.json"
@@ -99,7 +99,7 @@ def make_size_collection(folder: Path, size: str, n: int, unique: int, grain: in
 
 def link_subset(source: Path, folder: Path, n: int) -> Path:
     """folder/<class>/... hard links to the first n image files of source (in scan order); -> folder."""
-    from retrieval.scan import scan_folder
+    from retrieval.images.scan import scan_folder
 
     shutil.rmtree(folder, ignore_errors=True)
     for f in scan_folder(source).images[:n]:

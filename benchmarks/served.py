@@ -44,7 +44,7 @@ class Server:
         self.port = port
         self.log = open(log_path, "w")   # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from api.cli import main; main()", "--index-dir", str(index), "--port", str(port),
+            [sys.executable, "-c", "from commands.serve_images import main; main()", "--index-dir", str(index), "--port", str(port),
              "--threads", str(threads), *(["--device", device] if device else [])],
             stdout=self.log, stderr=subprocess.STDOUT,
             env={**child_env(), "RETRIEVAL_RELOAD_INTERVAL_S": "0", **(env or {})})

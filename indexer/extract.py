@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 import torch
 
-from retrieval.backbones import FeatureExtractor
-from retrieval.index import embed
+from retrieval.features.backbones import FeatureExtractor
+from retrieval.search.index import embed
 
 if TYPE_CHECKING:
-    from .reader import Batch, Reader
+    from indexer.read import Batch, Reader
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class BatchExtractor:
 
 class DeviceBatches:
     """A Batch -> (uint8 pixels on the network's device in row order, rows, bad): the JPEGs the workers left are
-    decoded on the device (retrieval.device_decode), the rows the workers decoded are copied there, and a file
+    decoded on the device (retrieval.images.device_decode), the rows the workers decoded are copied there, and a file
     that could not be decoded moves from rows to bad. Use as a context manager.
 
     adaptive (--decode auto): the share of JPEGs left for the device is moved batch by batch (balance), since
@@ -62,7 +62,7 @@ class DeviceBatches:
         self._history: list[float] = []   # the share at each batch
         self._last = (0.0, 0.0)           # the clock's (wait for decoding, device decoding) at the last balance
         if reader.device_share is not None:
-            from retrieval.device_decode import DeviceJpegDecoder
+            from retrieval.images.device_decode import DeviceJpegDecoder
 
             self.decoder = DeviceJpegDecoder(extractor.preprocessing, extractor.device, max_pixels=max_pixels)
 

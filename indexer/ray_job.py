@@ -14,13 +14,13 @@ from typing import Callable
 
 import numpy as np
 
-from retrieval.catalog import Catalog, IndexSettings
-from retrieval.images import Preprocessing
-from retrieval.scan import ImageFile
+from retrieval.catalog.catalog import Catalog, IndexSettings
+from retrieval.images.decode import Preprocessing
+from retrieval.images.scan import ImageFile
 from retrieval.system import available_cores
 
-from .job import ConfigError, JobConfig, Plan, RunReport, Writer, _report, load_network
-from .reader import WORKER_NICENESS, read_files
+from indexer.run import ConfigError, JobConfig, Plan, RunReport, Writer, _report, load_network
+from indexer.read import WORKER_NICENESS, read_files
 
 # ray, ray.data and torch are imported inside the functions: this module is imported only for --ray runs,
 # and the decoding tasks (read_batch) never import torch.
@@ -82,7 +82,7 @@ def plan_cluster(resources: dict, nodes: int, device: str, batch_size: int | str
         return ClusterPlan(nodes, cpus, gpus, "cuda", gpus, 1, GPU_BATCH if batch_size == "auto" else batch_size)
     actor_cpus = max(1, min(4, cpus // 2))
     actors = max(1, cpus // (2 * actor_cpus))
-    from .batch_size import CPU_BATCH
+    from retrieval.features.batch_size import CPU_BATCH
     return ClusterPlan(nodes, cpus, gpus, "cpu", actors, actor_cpus, CPU_BATCH if batch_size == "auto" else batch_size)
 
 
@@ -139,10 +139,10 @@ class NetworkActor:
         """threads: torch threads on the CPU (the node's cores shared among its actors; decoding runs niced)."""
         import torch
 
-        from retrieval.backbones import WeightsUnavailable, build_extractor
+        from retrieval.features.backbones import WeightsUnavailable, build_extractor
 
-        from .batch_size import resolve_batch_size
-        from .extract import BatchExtractor
+        from retrieval.features.batch_size import resolve_batch_size
+        from indexer.extract import BatchExtractor
 
         if device == "cpu":
             torch.set_num_threads(threads)

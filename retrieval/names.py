@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MODEL_NAMES = ("alexnet", "vgg16")       # torchvision backbones (retrieval.backbones.MODELS has one entry each)
+MODEL_NAMES = ("alexnet", "vgg16")       # torchvision backbones (retrieval.features.backbones.MODELS has one entry each)
 LAYERS = ("fc6", "fc7")                  # feature layers, each taken after its ReLU
 INDEX_DIR_ENV = "RETRIEVAL_INDEX_DIR"    # default index folder for every command and the server
 DB_URL_ENV = "RETRIEVAL_DB_URL"          # the catalog's SQLAlchemy URL for every command and the server (default: SQLite)

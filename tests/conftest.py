@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch.hub
 
-from indexer.job import JobConfig, RunReport, run_index
-from indexer.samples import make_sample_collection
+from indexer.run import JobConfig, RunReport, run_index
+from retrieval.samples import make_sample_collection
 
 
 @dataclasses.dataclass(frozen=True)

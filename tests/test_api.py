@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from api import create_app
-from retrieval.catalog import Catalog
-from retrieval.index import IndexNotFound
+from retrieval.catalog.catalog import Catalog
+from retrieval.search.index import IndexNotFound
 
 QUERY = "red_circles/red_circles_002.jpg"
 

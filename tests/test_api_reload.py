@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 from api import create_app
-from indexer.samples import make_sample_collection
+from retrieval.samples import make_sample_collection
 
 from conftest import wait_for
 
@@ -23,7 +23,7 @@ def run_index_images(data: Path, index: Path) -> dict:
     (In-process would not do: torchvision's feature-extractor tracing patches nn.Module.__call__ for the
     whole process while it builds the network, which breaks forward passes running in other threads.)
     """
-    result = subprocess.run([sys.executable, "-c", "from indexer.cli import main; main()", str(data),
+    result = subprocess.run([sys.executable, "-c", "from commands.index_images import main; main()", str(data),
                              "--index-dir", str(index), "--workers", "0", "--batch-size", "4", "--json"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -1,4 +1,4 @@
-"""Tests for retrieval.backbones: fc6/fc7 after ReLU for AlexNet and VGG16, weights choices, offline message."""
+"""Tests for retrieval.features.backbones: fc6/fc7 after ReLU for AlexNet and VGG16, weights choices, offline message."""
 from __future__ import annotations
 
 import hashlib
@@ -8,9 +8,9 @@ import pytest
 import torch
 from torchvision import models
 
-from retrieval.backbones import (FeatureExtractor, OneDNNLinear, WeightsUnavailable, imagenet_cache_path, load_state_dict,
+from retrieval.features.backbones import (FeatureExtractor, OneDNNLinear, WeightsUnavailable, imagenet_cache_path, load_state_dict,
                                  onednn_linear_available, random_weights_file)
-from retrieval.digests import file_sha256, hash_ahead
+from retrieval.features.digests import file_sha256, hash_ahead
 
 
 def reference_features(net: torch.nn.Module, x: torch.Tensor, upto: int) -> torch.Tensor:
@@ -145,7 +145,7 @@ def test_weights_that_do_not_fit_the_model_are_refused():
 def test_cut_network_equals_torchvision_feature_extractor_at_the_named_node(model):
     from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-    from retrieval.backbones import MODELS, cut_at
+    from retrieval.features.backbones import MODELS, cut_at
     torch.manual_seed(1)
     net = getattr(models, model)(weights=None).eval()
     x = torch.randn(1, 3, 224, 224)

@@ -11,13 +11,13 @@ import torch
 from click.testing import CliRunner
 
 import indexer.extract as extract
-from indexer.batch_size import MAX_AUTO_BATCH, choose_batch_size, resolve_batch_size
-from indexer.cli import main as index_main
-from indexer.cli import parse_batch_size
-from indexer.samples import make_sample_collection
-from retrieval.catalog import Catalog
+from retrieval.features.batch_size import MAX_AUTO_BATCH, choose_batch_size, resolve_batch_size
+from commands.index_images import main as index_main
+from commands.options import parse_batch_size
+from retrieval.samples import make_sample_collection
+from retrieval.catalog.catalog import Catalog
 from retrieval.names import FAISS_FILE
-from retrieval.vector_index import VectorIndex
+from retrieval.vectors.vector_index import VectorIndex
 
 VGG16_IMAGE = 60_950_432     # bytes of fp32 activations per 224x224 image (model-info vgg16)
 ALEXNET_IMAGE = 2_932_128
@@ -55,12 +55,12 @@ def fake_extractor(device: str) -> types.SimpleNamespace:
 
 
 def test_resolve_keeps_numbers_and_logs_the_auto_choice(monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="indexer.batch_size")
+    caplog.set_level(logging.INFO, logger="retrieval.features.batch_size")
     assert resolve_batch_size(7, fake_extractor("cpu")) == 7
     assert resolve_batch_size("auto", fake_extractor("cpu")) == 32
     assert "auto chose 32" in caplog.text and "CPU" in caplog.text
 
-    monkeypatch.setattr("indexer.batch_size.cuda_free_bytes", lambda device: 8_000_000_000)
+    monkeypatch.setattr("retrieval.features.batch_size.cuda_free_bytes", lambda device: 8_000_000_000)
     resident = 1000 * 1000 * 4 + 1000 * 4               # the Linear's fp32 weight and bias, already on the GPU
     expected = int(((8_000_000_000 + resident) * 0.75 - 1.5 * resident) // VGG16_IMAGE)
     assert resolve_batch_size(None, fake_extractor("cuda")) == expected == 98
@@ -76,7 +76,7 @@ def test_parse_batch_size():
 
 
 class OutOfMemoryAbove:
-    """A stand-in for retrieval.index.embed that runs out of CUDA memory on chunks larger than `limit`."""
+    """A stand-in for retrieval.search.index.embed that runs out of CUDA memory on chunks larger than `limit`."""
 
     def __init__(self, limit: int, real=None):  # noqa: ANN001 - the real embed, or None for fake features
         self.limit, self.real, self.calls = limit, real, []

@@ -1,4 +1,4 @@
-"""Configuration in one place (indexer.config_table, api.settings): the README's table, --print-config, env variables."""
+"""Configuration in one place (tools.config_table, api.settings): the README's table, --print-config, env variables."""
 from __future__ import annotations
 
 import os
@@ -10,11 +10,12 @@ from pathlib import Path
 import click
 from click.testing import CliRunner
 
-from api.cli import OPTION_SETTINGS, main as serve_images
+from commands.serve_images import OPTION_SETTINGS, main as serve_images
 from api.settings import SETTINGS
-from indexer.config_table import (COMMANDS, all_rows, env_prefix, load_command, main as config_table, markdown_table,
+from commands.options import env_prefix
+from tools.config_table import (COMMANDS, all_rows, load_command, main as config_table, markdown_table,
                                   readme_table)
-from indexer.model_info_cli import main as model_info
+from commands.model_info import main as model_info
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -24,7 +25,7 @@ def print_config(*args: str, **env: str) -> dict[str, tuple[str, str]]:
     """serve-images --print-config in a fresh process (no RETRIEVAL_*/SERVE_IMAGES_* variables but env)
     -> setting -> (value, source); also checks that torch was never imported."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("RETRIEVAL_", "SERVE_IMAGES_"))}
-    probe = ("import sys\nfrom api.cli import main\ntry:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+    probe = ("import sys\nfrom commands.serve_images import main\ntry:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
              "assert code in (0, None), code\nprint('torch loaded' if 'torch' in sys.modules else 'torch not loaded')")
     result = subprocess.run([sys.executable, "-c", probe, "--print-config", *args], capture_output=True, text=True,
                             env={**clean, **env}, timeout=60)
@@ -79,7 +80,7 @@ def test_readme_table_matches_the_commands():
     table = readme_table(README.read_text(encoding="utf-8"))
     assert table is not None, "README.md has no configuration table"
     assert table == markdown_table(), "README.md's configuration table is out of date: " \
-                                      "run python -m indexer.config_table --write README.md"
+                                      "run python -m tools.config_table --write README.md"
 
 
 def test_the_table_has_every_option_of_every_command():
@@ -101,7 +102,7 @@ def test_the_table_has_every_option_of_every_command():
 
 def test_every_command_is_in_the_table_and_reads_its_variables():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
-    assert sorted(scripts) == sorted(name for name, _ in COMMANDS), "a command is missing from indexer.config_table"
+    assert sorted(scripts) == sorted(name for name, _ in COMMANDS), "a command is missing from tools.config_table"
     for name, target in COMMANDS:
         settings = load_command(target).context_settings
         assert settings.get("auto_envvar_prefix") == env_prefix(name), f"{name}: use command_settings({name!r})"

@@ -13,17 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.samples import make_sample_collection
-from retrieval.catalog import Catalog
-from retrieval.index import ImageIndex
+from retrieval.samples import make_sample_collection
+from retrieval.catalog.catalog import Catalog
+from retrieval.search.index import ImageIndex
 from retrieval.names import FAISS_FILE
-from retrieval.vector_index import VectorIndex
+from retrieval.vectors.vector_index import VectorIndex
 
 N_IMAGES = 60
 
 
 def index_command(data: Path, index_dir: Path) -> list[str]:
-    return [sys.executable, "-c", "from indexer.cli import main; main()", str(data), "--index-dir", str(index_dir),
+    return [sys.executable, "-c", "from commands.index_images import main; main()", str(data), "--index-dir", str(index_dir),
             "--weights", "random", "--batch-size", "1", "--workers", "0", "--json"]
 
 
@@ -101,7 +101,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(collection, tmp_
 
 def default_command(data: Path, index_dir: Path) -> list[str]:
     """index-images as the README runs it: decoding workers on (one per core); small batches for many commits."""
-    return [sys.executable, "-c", "from indexer.cli import main; main()", str(data), "--index-dir", str(index_dir),
+    return [sys.executable, "-c", "from commands.index_images import main; main()", str(data), "--index-dir", str(index_dir),
             "--weights", "random", "--batch-size", "4", "--json"]
 
 

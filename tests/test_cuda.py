@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.samples import make_sample_collection
-from retrieval.catalog import Catalog
-from retrieval.device_decode import DeviceJpeg, DeviceJpegDecoder
-from retrieval.images import Preprocessing, decode_for_model, inspect_jpeg
+from retrieval.samples import make_sample_collection
+from retrieval.catalog.catalog import Catalog
+from retrieval.images.device_decode import DeviceJpeg, DeviceJpegDecoder
+from retrieval.images.decode import Preprocessing, decode_for_model, inspect_jpeg
 
 from conftest import build_index
 

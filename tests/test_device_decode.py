@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from indexer.job import AUTO_DEVICE_SHARE, JobConfig, device_share
-from indexer.reader import read_files
-from indexer.samples import draw_sample, make_sample_collection
-from retrieval.catalog import Catalog
-from retrieval.device_decode import DeviceJpeg, DeviceJpegDecoder, upright
-from retrieval.images import _UPRIGHT, Preprocessing, decode_for_model, inspect_jpeg
-from retrieval.scan import scan_folder
+from indexer.run import AUTO_DEVICE_SHARE, JobConfig, device_share
+from indexer.read import read_files
+from retrieval.samples import draw_sample, make_sample_collection
+from retrieval.catalog.catalog import Catalog
+from retrieval.images.device_decode import DeviceJpeg, DeviceJpegDecoder, upright
+from retrieval.images.decode import _UPRIGHT, Preprocessing, decode_for_model, inspect_jpeg
+from retrieval.images.scan import scan_folder
 
 
 def write_jpeg(path: Path, size: tuple[int, int], orientation: int = 1, seed: int = 0, mode: str = "RGB") -> Path:
@@ -121,7 +121,7 @@ def test_index_images_decoding_on_the_device_gives_the_workers_features(tmp_path
 
 
 def test_which_jpegs_the_workers_leave_for_the_device(monkeypatch):
-    import indexer.job as job
+    import indexer.run as job
 
     def cfg(**kw) -> JobConfig:
         return JobConfig(data_dir=Path("."), index_dir=Path("index"), **kw)
@@ -169,7 +169,7 @@ def test_the_share_moves_towards_the_decoder_that_keeps_up():
 
 def test_a_shared_run_indexes_every_file_once_with_the_workers_features(tmp_path, index_images, monkeypatch):
     """--decode auto on a GPU host shares the JPEGs between the workers and the device; here the device is the CPU."""
-    import indexer.job as job
+    import indexer.run as job
 
     data = tmp_path / "data"
     make_sample_collection(data, per_class=8, size=(320, 240), seed=4)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from indexer.samples import make_sample_collection
+from retrieval.samples import make_sample_collection
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = REPO / "docker" / "build-images.sh"   # base image (cached by content), then docker-compose build

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import build_index
-from indexer.evaluate_cli import confusion_lines, format_report, main
-from indexer.samples import make_sample_collection
-from retrieval.backbones import random_weights_file
-from retrieval.evaluation import evaluate_vectors
+from commands.evaluate_index import confusion_lines, format_report, main
+from retrieval.samples import make_sample_collection
+from retrieval.features.backbones import random_weights_file
+from retrieval.learning.evaluation import evaluate_vectors
 
 
 def run(*args: str):  # noqa: ANN201 - click Result

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
-from indexer.samples import make_sample_collection
-from retrieval.catalog import Catalog
-from retrieval.evaluation import (EvaluationError, chance_levels, check_labels, evaluate_index, evaluate_vectors,
+from retrieval.samples import make_sample_collection
+from retrieval.catalog.catalog import Catalog
+from retrieval.learning.evaluation import (EvaluationError, chance_levels, check_labels, evaluate_index, evaluate_vectors,
                                   leave_one_out, load_labelled_vectors, precision_at_k_svg, vote, vote_labels)
-from retrieval.index import Hit
+from retrieval.search.index import Hit
 
 
 def clusters(n_per_class: list[int], dim: int = 8, spread: float = 1.0, seed: int = 0) -> tuple[np.ndarray, list[str]]:

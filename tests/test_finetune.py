@@ -1,4 +1,4 @@
-"""Tests for fine-tune (retrieval.finetune, indexer.finetune_cli): split, chance loss, sanity overfit, better features
+"""Tests for fine-tune (retrieval.learning.finetune, commands.fine_tune): split, chance loss, sanity overfit, better features
 than the random network's on the same validation images, weights index-images loads, Ctrl-C, bad files."""
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from PIL import Image
 
 from api import create_app
 
-from indexer.finetune_cli import main
-from indexer.samples import COLOUR_CLASSES, make_colour_collection
-from retrieval.backbones import file_sha256, random_state_dict
-from retrieval.catalog import Catalog
-from retrieval.evaluation import load_labelled_vectors, pairwise_distances, vote_labels
-from retrieval.finetune import stratified_split
+from commands.fine_tune import main
+from retrieval.samples import COLOUR_CLASSES, make_colour_collection
+from retrieval.features.backbones import file_sha256, random_state_dict
+from retrieval.catalog.catalog import Catalog
+from retrieval.learning.evaluation import load_labelled_vectors, pairwise_distances, vote_labels
+from retrieval.learning.finetune import stratified_split
 
 from conftest import build_index
 
@@ -182,7 +182,7 @@ def test_weights_file_is_the_backbone_that_index_images_loads_and_records(tuned)
 
 def test_an_interrupted_run_keeps_its_best_checkpoint(tuned, tmp_path):
     out = tmp_path / "stopped.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "indexer.finetune_cli", str(tuned["data"]), "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "commands.fine_tune", str(tuned["data"]), "--out", str(out),
                              *RANDOM_START, "--epochs", "50", "--patience", "50"],
                             env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -227,7 +227,7 @@ def test_split_puts_every_class_with_two_images_on_both_sides():
 
 
 def test_help_answers_without_importing_torch():
-    probe = "import sys, indexer.finetune_cli; print('torch' in sys.modules)"
+    probe = "import sys, commands.fine_tune; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], env=cli_env(), capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

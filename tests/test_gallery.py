@@ -141,7 +141,7 @@ def test_names_that_are_not_utf8_or_hold_a_newline_are_served_and_shown_escaped(
     import shutil
 
     from api import create_app
-    from indexer.samples import make_sample_collection
+    from retrieval.samples import make_sample_collection
 
     data = tmp_path / "data"
     make_sample_collection(data, per_class=2, size=(80, 60), classes=["red_circles", "blue_squares"])

@@ -1,4 +1,4 @@
-"""Tests for retrieval.images: folder scanning, awkward image formats, bad files, draft decoding, preprocessing."""
+"""Tests for retrieval.images.decode: folder scanning, awkward image formats, bad files, draft decoding, preprocessing."""
 from __future__ import annotations
 
 import hashlib
@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from torchvision.models import AlexNet_Weights
 
-from retrieval.backbones import preprocessing_for
-from retrieval import images
-from retrieval.images import MAX_ASPECT_RATIO, ImageDecodeError, decode_for_model, open_rgb, thumbnail_rgb
-from retrieval.scan import scan_folder
+from retrieval.features.backbones import preprocessing_for
+from retrieval.images import decode as images
+from retrieval.images.decode import MAX_ASPECT_RATIO, ImageDecodeError, decode_for_model, open_rgb, thumbnail_rgb
+from retrieval.images.scan import scan_folder
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -310,7 +310,7 @@ def test_any_failure_while_decoding_is_a_decode_error_with_a_reason(monkeypatch,
 
 
 def test_the_image_module_does_not_import_torch():
-    code = "import sys, retrieval.images, retrieval.decode_pool; print('torch' in sys.modules)"
+    code = "import sys, retrieval.images.decode, retrieval.images.decode_pool; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
 

@@ -13,15 +13,15 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer.samples import make_sample_collection
-from retrieval.catalog import Catalog
-from retrieval.index_builder import IndexBuilder, maintain_vectors
-from retrieval import index_types
-from retrieval.index_types import (FLAT, IndexTypeConfig, IndexTypeError, SearchParams, apply_search_params,
+from retrieval.samples import make_sample_collection
+from retrieval.catalog.catalog import Catalog
+from retrieval.vectors.builder import IndexBuilder, maintain_vectors
+from retrieval.vectors import index_types
+from retrieval.vectors.index_types import (FLAT, IndexTypeConfig, IndexTypeError, SearchParams, apply_search_params,
                                    auto_factory, fit_precomputed_tables)
 from retrieval.names import FAISS_FILE
-from retrieval.recall import exact_neighbours, measure, score
-from retrieval.vector_index import VectorIndex
+from retrieval.vectors.recall import exact_neighbours, measure, score
+from retrieval.vectors.vector_index import VectorIndex
 
 DIM = 32
 TYPES = ["Flat", "IVF8,Flat", "IVF8,PQ8x4np", "PCAR16,IVF8,SQ8", "HNSW8", "PQ8x4np"]
@@ -217,7 +217,7 @@ TRAINED = "IVF4,SQ8"   # trains on 4 vectors: small enough for a 40-image collec
 
 
 def index_command(data: Path, index_dir: Path) -> list[str]:
-    return [sys.executable, "-c", "from indexer.cli import main; main()", str(data), "--index-dir", str(index_dir),
+    return [sys.executable, "-c", "from commands.index_images import main; main()", str(data), "--index-dir", str(index_dir),
             "--weights", "random", "--batch-size", "1", "--workers", "0", "--index-type", TRAINED,
             "--recall-queries", "20", "--json"]
 
@@ -300,17 +300,17 @@ def test_rebuild_index_needs_no_network(trained_collection, tmp_path, monkeypatc
 
     from click.testing import CliRunner
 
-    from indexer.cli import main
+    from commands.index_images import main
 
     data, reference, _ = trained_collection
     index_dir = tmp_path / "copy"
     shutil.copytree(reference, index_dir)
     (index_dir / FAISS_FILE).unlink()
-    import retrieval.backbones
+    import retrieval.features.backbones
 
     def refuse(*_a, **_k):
         raise AssertionError("the network was built")
-    monkeypatch.setattr(retrieval.backbones, "build_extractor", refuse)
+    monkeypatch.setattr(retrieval.features.backbones, "build_extractor", refuse)
 
     result = CliRunner().invoke(main, [str(data), "--index-dir", str(index_dir), "--rebuild-index", "--json"])
 
@@ -361,7 +361,7 @@ def test_serve_side_search_settings_override_the_recorded_ones(trained_collectio
 def test_index_images_refuses_a_factory_string_faiss_cannot_build_at_once(tmp_path):
     from click.testing import CliRunner
 
-    from indexer.cli import main
+    from commands.index_images import main
 
     (tmp_path / "data").mkdir()
     result = CliRunner().invoke(main, [str(tmp_path / "data"), "--index-dir", str(tmp_path / "index"),

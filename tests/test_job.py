@@ -1,4 +1,4 @@
-"""Tests for indexer.job: incremental runs, skipped files, settings that must agree, and search over the result."""
+"""Tests for indexer.run: incremental runs, skipped files, settings that must agree, and search over the result."""
 from __future__ import annotations
 
 import io
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.job import ConfigError, index_lock
-from indexer.samples import draw_sample, make_sample_collection
-from retrieval.catalog import Catalog
-from retrieval.index import ImageIndex
+from indexer.run import ConfigError, index_lock
+from retrieval.samples import draw_sample, make_sample_collection
+from retrieval.catalog.catalog import Catalog
+from retrieval.search.index import ImageIndex
 from retrieval.names import FAISS_FILE
-from retrieval.vector_index import VectorIndex
+from retrieval.vectors.vector_index import VectorIndex
 
 from test_images import bad_files
 
@@ -341,7 +341,7 @@ def test_a_no_op_rerun_imports_neither_torch_nor_faiss(small_data, tmp_path, ind
     import sys
 
     index_images(small_data, tmp_path / "index")
-    code = ("import sys, json; from indexer.cli import main\n"
+    code = ("import sys, json; from commands.index_images import main\n"
             f"main([{str(small_data)!r}, '--index-dir', {str(tmp_path / 'index')!r}, '--json'], standalone_mode=False)\n"
             "print(json.dumps(sorted(m for m in ('torch', 'faiss', 'torchvision', 'sklearn') if m in sys.modules)))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -374,7 +374,7 @@ def test_a_file_that_kills_its_decoding_worker_is_skipped_and_the_run_goes_on(sm
                                                                                monkeypatch):
     import signal
 
-    import indexer.reader as reader
+    import indexer.read as reader
 
     real = reader.decode_for_model
 
@@ -417,7 +417,7 @@ def test_data_and_index_folders_whose_names_are_not_utf8(small_data, tmp_path, i
 ])
 def test_default_decoding_workers_are_every_core_when_the_network_runs_on_a_gpu(monkeypatch, device, gpu, cores,
                                                                                  workers):
-    import indexer.job as job
+    import indexer.run as job
 
     monkeypatch.setattr(job, "available_cores", lambda: cores)
     monkeypatch.setattr(job, "gpu_present", lambda: gpu)
@@ -426,7 +426,7 @@ def test_default_decoding_workers_are_every_core_when_the_network_runs_on_a_gpu(
 
 def test_a_run_without_workers_given_decodes_in_the_default_for_its_device(small_data, tmp_path, index_images,
                                                                          monkeypatch):
-    import indexer.job as job
+    import indexer.run as job
 
     started_with = []
     real_reader = job.Reader
@@ -448,7 +448,7 @@ def test_the_network_runs_with_the_garbage_collector_on(small_data, tmp_path):
     """Start-up (torch, the network) runs with Python's collector paused; a run's batches, which may last hours, do not."""
     import gc
 
-    from indexer.job import JobConfig, run_index
+    from indexer.run import JobConfig, run_index
 
     assert gc.isenabled()
     during = []
@@ -462,9 +462,9 @@ def test_decoding_workers_run_ahead_through_the_network_start_up(tmp_path):
     of a small collection is decoded before the first batch is asked for."""
     import time
 
-    from indexer.reader import DECODE_CHUNK, TASKS_AHEAD_PER_WORKER, Reader
-    from retrieval.images import Preprocessing
-    from retrieval.scan import scan_folder
+    from indexer.read import DECODE_CHUNK, TASKS_AHEAD_PER_WORKER, Reader
+    from retrieval.images.decode import Preprocessing
+    from retrieval.images.scan import scan_folder
 
     data = tmp_path / "data"
     make_sample_collection(data, per_class=30, size=(64, 48), classes=["red_circles", "blue_squares", "green_stripes"],

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from PIL import Image
 from torchvision import models
 
-from indexer.model_info_cli import main as model_info_main
-from retrieval.backbones import MODELS
-from retrieval.model_info import filter_grid, filters_png, first_conv_weight, layer_table, per_image_activation_bytes
+from commands.model_info import main as model_info_main
+from retrieval.features.backbones import MODELS
+from retrieval.features.model_info import filter_grid, filters_png, first_conv_weight, layer_table, per_image_activation_bytes
 
 # The rows of the CS231n VGG16 table, in order: (type, [HxWxC], weights).
 VGG16_CLASSIC = [

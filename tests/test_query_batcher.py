@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from api.query_batcher import QueryBatcher
-from retrieval.index import Hit
+from retrieval.search.index import Hit
 
 
 class FakeIndex:

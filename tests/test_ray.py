@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.samples import make_sample_collection
+from retrieval.samples import make_sample_collection
 
 from conftest import build_index
 from test_crash import committed_rows, snapshot
@@ -25,13 +25,13 @@ BAD_FILE = "red_circles/corrupt.jpg"
 
 
 def index_command(data: Path, index_dir: Path, *ray_args: str, batch_size: int = 2) -> list[str]:
-    return [sys.executable, "-c", "from indexer.cli import main; main()", str(data), "--index-dir", str(index_dir),
+    return [sys.executable, "-c", "from commands.index_images import main; main()", str(data), "--index-dir", str(index_dir),
             "--weights", "random", "--batch-size", str(batch_size), "--json", "--ray", *ray_args]
 
 
 def assert_same_index(index_dir: Path, reference: dict[str, np.ndarray], reference_ids: np.ndarray) -> None:
     """Same files, the same set of ids, vectors within 1e-5; the bad file skipped with its reason."""
-    from retrieval.catalog import Catalog
+    from retrieval.catalog.catalog import Catalog
 
     resumed = snapshot(index_dir)          # also checks that FAISS and the catalog hold the same ids, once each
     assert sorted(resumed) == sorted(reference)
@@ -81,7 +81,7 @@ def collection(tmp_path_factory):
     (data / BAD_FILE).write_bytes(b"\xff\xd8 broken")
     report = build_index(data, root / "reference")
     assert report.indexed == N_IMAGES
-    from retrieval.catalog import Catalog
+    from retrieval.catalog.catalog import Catalog
 
     cat = Catalog(root / "reference")
     ids = cat.ids()
@@ -115,7 +115,7 @@ def cluster():
 
 
 def test_ray_run_equals_a_single_process_run(cluster, collection, tmp_path):
-    from indexer.job import JobConfig, run_index
+    from indexer.run import JobConfig, run_index
 
     data, reference, reference_ids = collection
     lines = []
@@ -213,7 +213,7 @@ def test_ray_without_address_starts_a_local_cluster_that_ends_with_the_command(c
 
 def test_ray_option_without_ray_installed_says_how_to_get_it(collection, tmp_path):
     data, _reference, _ids = collection
-    blocked = "import sys; sys.modules['ray'] = None; from indexer.cli import main; main()"   # import ray fails
+    blocked = "import sys; sys.modules['ray'] = None; from commands.index_images import main; main()"   # import ray fails
     cmd = index_command(data, tmp_path / "index")
     done = subprocess.run([cmd[0], "-c", blocked, *cmd[3:]], capture_output=True, text=True, timeout=120)
 

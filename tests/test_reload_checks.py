@@ -14,10 +14,10 @@ import torch
 
 from api import create_app
 from api.index_watcher import FAILING_CHECKS, IndexWatcher
-from indexer.samples import make_sample_collection
-from retrieval.backbones import WeightsUnavailable, random_weights_file
-from retrieval.catalog import CATALOG_FILE, Catalog
-from retrieval.index import ImageIndex, IndexUnavailable, WeightsMismatch
+from retrieval.samples import make_sample_collection
+from retrieval.features.backbones import WeightsUnavailable, random_weights_file
+from retrieval.catalog.catalog import CATALOG_FILE, Catalog
+from retrieval.search.index import ImageIndex, IndexUnavailable, WeightsMismatch
 
 from conftest import wait_for as poll
 
@@ -139,7 +139,7 @@ def test_an_index_whose_network_cannot_be_loaded_is_not_answered_until_it_can(tm
     weights = random_weights_file(tmp_path / "other", "alexnet")
     weights.rename(tmp_path / "kept.pt")                       # the new index's network is missing
 
-    caplog.set_level(logging.ERROR, logger="retrieval.index")
+    caplog.set_level(logging.ERROR, logger="retrieval.search.index")
     swap_folders(index, tmp_path / "other", tmp_path / "retired")
     assert wait_for(lambda: client.get("/healthz").status_code == 503), "healthz stayed 200"
     health = client.get("/healthz").get_json()

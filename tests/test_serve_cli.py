@@ -1,4 +1,4 @@
-"""`serve-images` (api.cli): refuses a missing index clearly; serves the API under gunicorn; `flask --app api` works."""
+"""`serve-images` (commands.serve_images): refuses a missing index clearly; serves the API under gunicorn; `flask --app api` works."""
 from __future__ import annotations
 
 import contextlib
@@ -14,10 +14,10 @@ from typing import Iterator
 import requests
 from click.testing import CliRunner
 
-from api.cli import bind_address, main
+from commands.serve_images import bind_address, main
 from training_history import make_history, write_history
 
-SERVE = [sys.executable, "-c", "from api.cli import main; main()"]
+SERVE = [sys.executable, "-c", "from commands.serve_images import main; main()"]
 
 
 def free_port() -> int:
@@ -67,7 +67,7 @@ def test_help_answers_without_loading_torch_or_faiss():
     print(f"serve-images --help: {time.perf_counter() - started:.2f} s")   # shown with -s; measured, not asserted
     assert result.returncode == 0, result.stderr
     assert "--read-timeout" in result.stdout and "--index-dir" in result.stdout
-    probe = "import sys, api.cli; print(sorted(m for m in ('torch', 'faiss', 'torchvision', 'flask') if m in sys.modules))"
+    probe = "import sys, commands.serve_images; print(sorted(m for m in ('torch', 'faiss', 'torchvision', 'flask') if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
 

@@ -11,8 +11,8 @@ import time
 import requests
 from PIL import Image
 
-from indexer.samples import make_sample_collection
-from retrieval.backbones import random_weights_file
+from retrieval.samples import make_sample_collection
+from retrieval.features.backbones import random_weights_file
 from retrieval.names import FAISS_FILE
 
 from postgres_server import PASSWORD
@@ -69,12 +69,12 @@ def test_two_servers_on_their_own_index_folders_serve_one_postgresql_catalog(tmp
                 assert time.monotonic() < deadline, "the evaluation page never showed its numbers"
                 time.sleep(0.5)
     assert not (replicas[1] / "catalog.db").exists() and not (writer / "catalog.db").exists()
-    evaluated = subprocess.run([sys.executable, "-c", "from indexer.evaluate_cli import main; main()", "--index-dir",
+    evaluated = subprocess.run([sys.executable, "-c", "from commands.evaluate_index import main; main()", "--index-dir",
                                 str(replicas[1]), "--json"], capture_output=True, text=True, timeout=300,
                                env={**os.environ, "RETRIEVAL_DB_URL": postgres_url})
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["images"]["labelled"] == 6
-    searched = subprocess.run([sys.executable, "-c", "from indexer.cli import search_main; search_main()",
+    searched = subprocess.run([sys.executable, "-c", "from commands.search_images import main; main()",
                                str(data / "blue_squares" / "green.jpg"), "-k", "2", "--index-dir", str(replicas[1]),
                                "--db-url", postgres_url, "--json"], capture_output=True, text=True, timeout=300)
     assert searched.returncode == 0, searched.stderr

@@ -1,4 +1,4 @@
-"""retrieval.training_report: a fine-tune history checked on load, drawn as PNG files next to it and as inline SVG."""
+"""retrieval.reports.training: a fine-tune history checked on load, drawn as PNG files next to it and as inline SVG."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.training_report import (HistoryError, HistoryNotFound, filter_grid, history_path_for, load_filters,
+from retrieval.reports.training import (HistoryError, HistoryNotFound, filter_grid, history_path_for, load_filters,
                                        load_history, split_counts, training_svgs, write_training_plots)
 from training_history import make_history, write_history
 

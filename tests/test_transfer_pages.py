@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 from api import create_app
-from indexer.samples import make_sample_collection
-from retrieval.backbones import random_weights_file
-from retrieval.catalog import Catalog
-from retrieval.evaluation import compare_indexes, evaluate_index
-from retrieval.model_info import layer_table
+from retrieval.samples import make_sample_collection
+from retrieval.features.backbones import random_weights_file
+from retrieval.catalog.catalog import Catalog
+from retrieval.learning.evaluation import compare_indexes, evaluate_index
+from retrieval.features.model_info import layer_table
 
 QUERY = "green_stripes/green_stripes_002.jpg"
 

@@ -1,4 +1,4 @@
-"""Hostile uploads (retrieval.decode_pool and POST /search, /gallery/search): bounded shape, pixels, scans, time and memory."""
+"""Hostile uploads (retrieval.images.decode_pool and POST /search, /gallery/search): bounded shape, pixels, scans, time and memory."""
 from __future__ import annotations
 
 import io
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.samples import encoded, many_scans_jpeg
-from retrieval.decode_pool import DecodePool, DecodeTimedOut, DecoderBusy
-from retrieval.images import MAX_JPEG_SCANS, ImageDecodeError, Preprocessing
+from retrieval.samples import encoded, many_scans_jpeg
+from retrieval.images.decode_pool import DecodePool, DecodeTimedOut, DecoderBusy
+from retrieval.images.decode import MAX_JPEG_SCANS, ImageDecodeError, Preprocessing
 
 TIMEOUT_S = 0.5   # the slow file below takes over a second on a 2-core CI machine
 
@@ -199,7 +199,7 @@ def test_workers_load_neither_torch_nor_openmp(app):
 
 
 def test_workers_exit_when_the_server_process_is_killed(tmp_path):
-    script = ("import sys, time; from retrieval.decode_pool import DecodePool; "
+    script = ("import sys, time; from retrieval.images.decode_pool import DecodePool; "
               "pool = DecodePool(2, 5.0); print(*pool.worker_pids(), flush=True); time.sleep(120)")
     server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parent.parent)

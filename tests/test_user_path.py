@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from browser import PageErrors, broken_images, launch_chromium, screenshot
-from indexer.samples import make_sample_collection
+from retrieval.samples import make_sample_collection
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent      # the console scripts live next to the interpreter (the venv's bin/)

@@ -1,11 +1,11 @@
-"""Tests for retrieval.vector_index: exact search against brute force, atomic save, reconciliation with the catalog."""
+"""Tests for retrieval.vectors.vector_index: exact search against brute force, atomic save, reconciliation with the catalog."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from retrieval.catalog import Catalog
-from retrieval.vector_index import VectorIndex
+from retrieval.catalog.catalog import Catalog
+from retrieval.vectors.vector_index import VectorIndex
 
 
 def random_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:

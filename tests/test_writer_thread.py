@@ -1,4 +1,4 @@
-"""Tests for the write stage's writer thread (indexer.job.Writer): same index as writing in the loop, order, errors, no hang."""
+"""Tests for the write stage's writer thread (indexer.run.Writer): same index as writing in the loop, order, errors, no hang."""
 from __future__ import annotations
 
 import signal
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from indexer.extract import BatchExtractor
-from indexer.job import Writer
-from indexer.samples import make_sample_collection
-from retrieval.catalog import Catalog
+from indexer.run import Writer
+from retrieval.samples import make_sample_collection
+from retrieval.catalog.catalog import Catalog
 from retrieval.names import FAISS_FILE
-from retrieval.vector_index import VectorIndex
+from retrieval.vectors.vector_index import VectorIndex
 
 HANG_S = 120   # a run that takes longer than this is hung (a few seconds each here)
 

@@ -1,64 +1,22 @@
-"""Command lines: `index-images DATA_DIR` (build or update an index) and `search-images QUERY` (query it)."""
+"""`index-images DATA_DIR`: build or update the index of a folder of images (the pipeline in indexer/)."""
 from __future__ import annotations
 
 import json
-import logging
-import os
 import sys
 from pathlib import Path
-from typing import Callable
 
 import click
 
-from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV, LAYERS, MODEL_NAMES
+from retrieval.names import LAYERS, MODEL_NAMES
 
-FEATURE_DIM = 4096   # fc6 and fc7 of both backbones
-from retrieval.system import display_name
-
-from .config_table import command_settings
+from commands.options import (UserError, command_settings, db_url_option, exit_without_teardown, index_dir_option,
+                              parse_batch_size, setup_logging)
 
 # Nothing heavy at module level: --help and usage errors answer at once. The job imports torch and
 # FAISS itself, only when there is work for the network.
 
+FEATURE_DIM = 4096   # fc6 and fc7 of both backbones
 SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON object --json prints alone
-
-
-class UserError(click.ClickException):
-    """A problem the user can fix; exit status 2, message without a traceback."""
-    exit_code = 2
-
-
-def index_dir_option(f):  # noqa: ANN001, ANN201 - click decorator
-    return click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path, resolve_path=True), default="index",
-                        envvar=INDEX_DIR_ENV, show_default=True, show_envvar=True,
-                        help="Folder holding the index (catalog.db, vectors.faiss).")(f)
-
-
-def db_url_option(f):  # noqa: ANN001, ANN201 - click decorator
-    return click.option("--db-url", default=None, envvar=DB_URL_ENV, show_envvar=True, metavar="URL",
-                        help="SQLAlchemy URL of the catalog, e.g. postgresql://USER:PASSWORD@HOST:5432/DB to share it "
-                             "between hosts (the FAISS file stays in the index folder). [default: SQLite catalog.db "
-                             "in the index folder]")(f)
-
-
-def setup_logging(verbose: bool, *, quiet: bool = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if not quiet:  # the batch size choice and its reason are always worth a line
-        logging.getLogger("indexer.batch_size").setLevel(logging.INFO)
-
-
-def parse_batch_size(value: str) -> int | str:
-    """A positive whole number, or "auto" (chosen from the free GPU memory; 32 on the CPU)."""
-    if value.strip().lower() == "auto":
-        return "auto"
-    try:
-        n = int(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a whole number or 'auto'", param_hint="'--batch-size'") from None
-    if n < 1:
-        raise click.BadParameter("must be at least 1", param_hint="'--batch-size'")
-    return n
 
 
 @click.command(context_settings=command_settings("index-images"))
@@ -137,15 +95,15 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
     setup_logging(verbose, quiet=as_json)
     from sqlalchemy.exc import SQLAlchemyError
 
-    from retrieval.catalog import db_error_reason
-    from retrieval.index_types import IndexTypeConfig
+    from retrieval.catalog.catalog import db_error_reason
+    from retrieval.vectors.index_types import IndexTypeConfig
 
-    from .job import ConfigError, JobConfig, run_index
+    from indexer.run import ConfigError, JobConfig, run_index
 
     if index_type is not None and index_type.strip().lower() == "auto":
         index_type = "auto"
     elif index_type is not None:
-        from retrieval.index_types import IndexTypeError, check_factory
+        from retrieval.vectors.index_types import IndexTypeError, check_factory
         try:
             check_factory(index_type, FEATURE_DIM)   # before any work: a typo is an answer at once
         except IndexTypeError as exc:
@@ -176,7 +134,7 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
         click.echo(f"{SUMMARY_PREFIX}{summary_json(report)}")   # the machine-readable last line
 
 
-def summary_json(report) -> str:  # noqa: ANN001 - indexer.job.RunReport
+def summary_json(report) -> str:  # noqa: ANN001 - indexer.run.RunReport
     """The run's summary as one line of JSON: what --json prints, and the human output's last line after "summary "."""
     return json.dumps(report.to_json())
 
@@ -185,7 +143,7 @@ def _announce(extractor) -> None:  # noqa: ANN001 - FeatureExtractor
     click.echo(f"network: {extractor.model} {extractor.layer} on {extractor.device}", err=True)
 
 
-def _print_report(r) -> None:  # noqa: ANN001 - indexer.job.RunReport
+def _print_report(r) -> None:  # noqa: ANN001 - indexer.run.RunReport
     click.echo(f"indexed {r.indexed}, unchanged {r.unchanged}, removed {r.removed}, skipped {len(r.skipped)}; "
                f"{r.total} images in the index ({r.seconds:.1f} s, {r.images_per_second:.1f} images/s)")
     for s in r.skipped:
@@ -214,81 +172,4 @@ def describe_vector_index(info: dict) -> str:
                    f"1-recall@10 {measured['1-recall@10']:.3f}, 10-recall@10 {measured['10-recall@10']:.3f}")
 
 
-@click.command(context_settings=command_settings("search-images"))
-@click.argument("query_image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("-k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of neighbours.")
-@index_dir_option
-@db_url_option
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where the network runs for the query.")
-@click.option("--json", "as_json", is_flag=True, help='Print {"results": [...]} as JSON on stdout.')
-def search_main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device: str, as_json: bool) -> None:
-    """Print the K images of the index nearest to QUERY_IMAGE in feature space.
-
-    The query goes through exactly the network the index was built with. Distances are L2
-    distances between feature vectors (0 for an identical image). Options can also be set by
-    environment variables (SEARCH_IMAGES_K, ...; see the README's configuration table).
-    """
-    setup_logging(False)
-    from retrieval.system import collector_paused
-
-    with collector_paused():   # torch, FAISS and the network load sooner with the garbage collector off
-        from retrieval.backbones import DeviceUnavailable, WeightsUnavailable
-        from retrieval.images import ImageDecodeError
-        from retrieval.index import ImageIndex, IndexNotFound, IndexUnavailable, WeightsMismatch
-
-        from .job import weights_error_message
-
-        try:
-            index = ImageIndex(index_dir, db_url=db_url, device=device)
-        except (IndexNotFound, IndexUnavailable, WeightsMismatch, DeviceUnavailable) as exc:
-            raise UserError(str(exc)) from exc
-        except WeightsUnavailable as exc:
-            raise UserError(weights_error_message(exc)) from exc
-    try:
-        hits, _ = index.search_image(query_image.read_bytes(), k)
-    except ImageDecodeError as exc:
-        raise UserError(f"cannot use {query_image} as a query: {exc}") from exc
-    except OSError as exc:
-        raise UserError(f"cannot read {query_image}: {exc.strerror or exc}") from exc
-    finally:
-        index.close()
-    if as_json:
-        click.echo(json.dumps({"results": [{"id": h.id, "path": display_name(h.path),
-                                            "label": None if h.label is None else display_name(h.label), "distance": h.distance}
-                                           for h in hits]}))
-        return
-    if not hits:
-        click.echo("the index is empty: no neighbours")
-        return
-    click.echo(f"{'rank':>4}  {'distance':>8}  {'label':<16}  path")
-    for rank, h in enumerate(hits, 1):
-        click.echo(f"{rank:>4}  {h.distance:>8.4f}  {display_name(h.label or '-'):<16}  {display_name(h.path)}")
-
-
-def exit_without_teardown(command: click.Command) -> Callable[[], None]:
-    """A console-script entry point for command that ends the process without Python's module teardown once
-    torch is loaded: tearing down torch and torchvision costs about a second after the work is done and saved.
-    (In-process callers, such as tests, call the command itself.)"""
-    def entry() -> None:
-        try:
-            command.main()
-        except SystemExit as exc:
-            code = exc.code
-        else:
-            code = 0
-        if not isinstance(code, int):   # SystemExit("message") or SystemExit(None)
-            if code is not None:
-                print(code, file=sys.stderr)
-            code = 0 if code is None else 1
-        if "torch" in sys.modules:
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        sys.exit(code)
-    return entry
-
-
 index_images_entry = exit_without_teardown(main)
-search_images_entry = exit_without_teardown(search_main)

@@ -9,11 +9,10 @@ import click
 
 from retrieval.names import MODEL_NAMES
 
-from .cli import UserError, exit_without_teardown, parse_batch_size, setup_logging
-from .config_table import command_settings
+from commands.options import UserError, command_settings, exit_without_teardown, parse_batch_size, setup_logging
 
 # Nothing heavy at module level: --help and usage errors answer at once; torch is imported in the command.
-TRAIN_MODES = ("head", "fc", "all")      # retrieval.finetune.TRAIN_MODES, without importing torch
+TRAIN_MODES = ("head", "fc", "all")      # retrieval.learning.finetune.TRAIN_MODES, without importing torch
 AUTO_TRAIN_BATCH_CAP = 64                # --batch-size auto never trains on larger batches (small collections)
 
 
@@ -77,10 +76,10 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, val_fr
             raise click.BadParameter(f"{weights!r} is not 'imagenet', 'random' or a file", param_hint="'--weights'")
         weights = str(path)
 
-    from retrieval.backbones import DeviceUnavailable, WeightsUnavailable, resolve_device
-    from retrieval.finetune import FineTuneConfig, FineTuneError, fine_tune
+    from retrieval.features.backbones import DeviceUnavailable, WeightsUnavailable, resolve_device
+    from retrieval.learning.finetune import FineTuneConfig, FineTuneError, fine_tune
 
-    from .job import weights_error_message
+    from retrieval.features.backbones import weights_error_message
 
     try:
         dev = resolve_device(device)
@@ -121,9 +120,9 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, val_fr
 
 
 def _batch_sizes(requested: int | str, model: str, train: str, device) -> tuple[int, int]:  # noqa: ANN001 - torch.device
-    """-> (training batch, convolution-cache batch). auto: indexer.batch_size's choice for inference (32 on the CPU)
+    """-> (training batch, convolution-cache batch). auto: retrieval.features.batch_size's choice for inference (32 on the CPU)
     for the cache; for training the same, a third of it with --train all (gradients and saved activations), capped."""
-    from .batch_size import choose_batch_size, cuda_free_bytes
+    from retrieval.features.batch_size import choose_batch_size, cuda_free_bytes
 
     if requested != "auto":
         return int(requested), int(requested)
@@ -161,7 +160,7 @@ def _printer(verbose: bool):  # noqa: ANN202 - the report callback
 
 def _draw_plots(history_path: Path) -> list[Path]:
     """The loss, accuracy (and, with --train all, filter) charts next to the history; a failure is only a warning."""
-    from retrieval.training_report import HistoryError, write_training_plots
+    from retrieval.reports.training import HistoryError, write_training_plots
 
     try:
         return write_training_plots(history_path)
@@ -170,7 +169,7 @@ def _draw_plots(history_path: Path) -> list[Path]:
         return []
 
 
-def _summary(result, plots: list[Path]) -> dict:  # noqa: ANN001 - retrieval.finetune.FineTuneResult
+def _summary(result, plots: list[Path]) -> dict:  # noqa: ANN001 - retrieval.learning.finetune.FineTuneResult
     h = result.history
     return {"weights": str(result.weights_path) if result.weights_path else None, "history": str(result.history_path),
             "plots": [str(p) for p in plots],

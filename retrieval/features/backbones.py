@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torchvision import models
 
-from .digests import file_sha256
-from .images import Preprocessing
-from .names import DEFAULT_RANDOM_SEED, LAYERS, MODEL_NAMES, random_weights_file
+from retrieval.features.digests import file_sha256
+from retrieval.images.decode import Preprocessing
+from retrieval.names import DEFAULT_RANDOM_SEED, LAYERS, MODEL_NAMES, random_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,17 @@ class WeightsUnavailable(RuntimeError):
     def __init__(self, message: str, *, offline_imagenet: bool = False, cache_path: Path | None = None):
         super().__init__(message)
         self.offline_imagenet, self.cache_path = offline_imagenet, cache_path
+
+
+def weights_error_message(exc: Exception) -> str:
+    """A WeightsUnavailable in the command line's terms: with the ways forward when ImageNet weights are offline."""
+    if not getattr(exc, "offline_imagenet", False):
+        return str(exc)
+    return (f"{exc}.\nWays forward:\n"
+            f"  1. put that file at {exc.cache_path}\n"
+            "  2. pass --weights PATH with a state dict file you have for this model\n"
+            "  3. pass --weights random to run with seeded random weights (a demo: results show\n"
+            "     colour and texture similarity, not what the picture shows)")
 
 
 class DeviceUnavailable(RuntimeError):

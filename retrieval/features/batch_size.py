@@ -6,8 +6,8 @@ import logging
 
 import torch
 
-from retrieval.backbones import FeatureExtractor
-from retrieval.model_info import per_image_activation_bytes
+from retrieval.features.backbones import FeatureExtractor
+from retrieval.features.model_info import per_image_activation_bytes
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def choose_batch_size(model: str, device: torch.device | str, free_bytes: int | 
 
     On CUDA: (free_bytes x (1 - margin) - weight_bytes) / per-image forward memory, clamped to
     1..max_batch. The per-image memory is the sum of all activations of the model's layer table at
-    fp32 (retrieval.model_info), an upper bound for inference (bf16 autocast needs about half).
+    fp32 (retrieval.features.model_info), an upper bound for inference (bf16 autocast needs about half).
     free_bytes: device memory free before the network is loaded; weight_bytes: what the network
     needs on the device (weights and their half-precision copies). On the CPU: cpu_batch.
     """

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .images import DeviceJpeg, ImageDecodeError, Preprocessing, decode_error, decode_for_model
+from retrieval.images.decode import DeviceJpeg, ImageDecodeError, Preprocessing, decode_error, decode_for_model
 
 log = logging.getLogger(__name__)
 

@@ -156,7 +156,7 @@ class JpegFacts:
 
 @dataclasses.dataclass(frozen=True)
 class DeviceJpeg:
-    """One JPEG of a batch left for the device (retrieval.device_decode): its row in the batch, its file and what
+    """One JPEG of a batch left for the device (retrieval.images.device_decode): its row in the batch, its file and what
     its inspection found."""
     row: int
     path: Path          # absolute

@@ -13,24 +13,24 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
-from retrieval.catalog import CATALOG_FILE, Catalog, CatalogBusy, CatalogUnavailable, IndexSettings, catalog_sqlite_file
-from retrieval.digests import hash_ahead
-from retrieval.images import DEFAULT_MAX_PIXELS, Preprocessing
-from retrieval.index_types import IndexTypeConfig, IndexTypeError, vector_work_needed
-from retrieval.scan import DEFAULT_MAX_FILE_BYTES, ImageFile, scan_folder
+from retrieval.catalog.catalog import CATALOG_FILE, Catalog, CatalogBusy, CatalogUnavailable, IndexSettings, catalog_sqlite_file
+from retrieval.features.digests import hash_ahead
+from retrieval.images.decode import DEFAULT_MAX_PIXELS, Preprocessing
+from retrieval.vectors.index_types import IndexTypeConfig, IndexTypeError, vector_work_needed
+from retrieval.images.scan import DEFAULT_MAX_FILE_BYTES, ImageFile, scan_folder
 from retrieval.names import DEFAULT_RANDOM_SEED, FAISS_FILE, random_weights_file
 from retrieval.system import available_cores, collector_paused, display_name, gpu_present
 
-from .reader import Reader
-from .stage_thread import StageThread
+from indexer.read import Reader
+from indexer.stage_thread import StageThread
 
 if TYPE_CHECKING:   # torch, torchvision and FAISS are imported only when there is work for the network
-    from retrieval.backbones import FeatureExtractor
+    from retrieval.features.backbones import FeatureExtractor
 
 # The stages, in the order a run goes through them:
 #   plan     plan() here: scan the folder, diff it against the catalog; torch-free, so an unchanged folder
 #            re-indexes without importing torch, FAISS or the network.
-#   read     indexer/reader.py: files decoded to uint8 crops (read_files), in worker processes (Reader).
+#   read     indexer/read.py: files decoded to uint8 crops (read_files), in worker processes (Reader).
 #   extract  indexer/extract.py: the network over uint8 batches (BatchExtractor), loaded by load_network() here.
 #   write    Writer here: the one writer; one catalog transaction per batch, then the FAISS index.
 # run_index wires them in this process; indexer/ray_job.py wires read and extract into Ray Data on a
@@ -223,7 +223,7 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
     if not data_dir.is_dir():
         raise ConfigError(f"data folder {data_dir} does not exist or is not a folder")
     if cfg.ray is not None:
-        from .ray_job import require_ray
+        from indexer.ray_job import require_ray
         require_ray()     # before anything else: without Ray, say how to get it
     with writer_locks(index_dir, cfg.db_url) as catalog:
         stored = catalog.settings()
@@ -239,7 +239,7 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
             report.vector_index, total = _maintain_vectors(cfg, catalog, stored.dim)
             return _report(report, catalog, total, started)
         if cfg.ray is not None:
-            from .ray_job import run_on_ray
+            from indexer.ray_job import run_on_ray
             return run_on_ray(cfg, catalog, stored, chosen, planned, started, on_cluster)
         workers = cfg.workers if cfg.workers is not None else default_workers(cfg.device)
         # decoding starts now, in workers forked before torch is imported, while the network loads
@@ -256,7 +256,7 @@ def plan(cfg: JobConfig, catalog: Catalog) -> Plan:
 
 
 def _maintain_vectors(cfg: JobConfig, catalog: Catalog, dim: int) -> tuple[dict, int]:
-    from retrieval.index_builder import maintain_vectors
+    from retrieval.vectors.builder import maintain_vectors
 
     try:
         return maintain_vectors(catalog, cfg.index_dir / FAISS_FILE, dim, cfg.vector_index)
@@ -274,17 +274,6 @@ def expected_preprocessing(stored: IndexSettings | None) -> Preprocessing:
         except (KeyError, ValueError):
             pass
     return Preprocessing()
-
-
-def weights_error_message(exc: Exception) -> str:
-    """A WeightsUnavailable in the command line's terms: with the ways forward when ImageNet weights are offline."""
-    if not getattr(exc, "offline_imagenet", False):
-        return str(exc)
-    return (f"{exc}.\nWays forward:\n"
-            f"  1. put that file at {exc.cache_path}\n"
-            "  2. pass --weights PATH with a state dict file you have for this model\n"
-            "  3. pass --weights random to run with seeded random weights (a demo: results show\n"
-            "     colour and texture similarity, not what the picture shows)")
 
 
 def _removals(plan: Plan, catalog: Catalog) -> list[str]:
@@ -308,7 +297,8 @@ def load_network(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None,
     """The extract stage's network: the index's recorded one (a new index records its settings here).
 
     Raises ConfigError when the weights cannot be had, differ from the recorded ones, or the device is missing."""
-    from retrieval.backbones import DeviceUnavailable, PrecisionUnavailable, WeightsUnavailable, build_extractor
+    from retrieval.features.backbones import (DeviceUnavailable, PrecisionUnavailable, WeightsUnavailable, build_extractor,
+                                              weights_error_message)
 
     try:
         extractor, identity = build_extractor(chosen["model"], chosen["layer"], chosen["weights"], cfg.index_dir,
@@ -347,10 +337,10 @@ class Writer:
     """
 
     def __init__(self, cfg: JobConfig, catalog: Catalog, plan: Plan, dim: int):
-        from retrieval.index_builder import IndexBuilder
+        from retrieval.vectors.builder import IndexBuilder
 
         self.catalog, self.save_every_s = catalog, cfg.save_every_s
-        try:   # the FAISS type: exact Flat, or trained from a catalog sample (retrieval.index_builder)
+        try:   # the FAISS type: exact Flat, or trained from a catalog sample (retrieval.vectors.builder)
             self.builder = IndexBuilder(catalog, cfg.index_dir / FAISS_FILE, dim, cfg.vector_index)
             self.vectors, self.dirty = self.builder.open()
         except IndexTypeError as exc:
@@ -429,8 +419,8 @@ def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chos
     """This process's wiring of the stages: read (the Reader's workers) -> extract -> write."""
     hash_ahead(weights_file(chosen, cfg.index_dir))   # the weights' identity, hashed while torch is imported
     with collector_paused():                          # torch, torchvision and the network: about 0.6 s sooner
-        from .batch_size import resolve_batch_size
-        from .extract import BatchExtractor, DeviceBatches, StageClock
+        from retrieval.features.batch_size import resolve_batch_size
+        from indexer.extract import BatchExtractor, DeviceBatches, StageClock
 
         extractor = load_network(cfg, catalog, stored, chosen, cfg.device)
     if on_extractor:

@@ -8,10 +8,9 @@ import click
 
 from retrieval.names import DEFAULT_KS
 
-from .cli import UserError, db_url_option, index_dir_option, setup_logging
-from .config_table import command_settings
+from commands.options import UserError, command_settings, db_url_option, index_dir_option, setup_logging
 
-# retrieval.evaluation (numpy, the catalog, scikit-learn) is imported after the arguments are parsed.
+# retrieval.learning.evaluation (numpy, the catalog, scikit-learn) is imported after the arguments are parsed.
 
 MAX_MATRIX_CLASSES = 20   # larger confusion matrices are only in --json
 
@@ -61,8 +60,8 @@ def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: P
     """
     setup_logging(verbose)
     k_list = parse_ks(ks)
-    from retrieval.catalog import CatalogUnavailable
-    from retrieval.evaluation import EvaluationError, compare_indexes, evaluate_index
+    from retrieval.catalog.catalog import CatalogUnavailable
+    from retrieval.learning.evaluation import EvaluationError, compare_indexes, evaluate_index
 
     try:
         if compare_dir is None:

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from retrieval.images import (DEVICE_JPEG_EXTENSIONS, DeviceJpeg, ImageDecodeError, Preprocessing,
+from retrieval.images.decode import (DEVICE_JPEG_EXTENSIONS, DeviceJpeg, ImageDecodeError, Preprocessing,
                              decode_for_model, inspect_jpeg)
-from retrieval.scan import ImageFile
+from retrieval.images.scan import ImageFile
 from retrieval.system import die_with_parent
 
 if TYPE_CHECKING:

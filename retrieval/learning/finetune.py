@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .backbones import MODELS, load_backbone, load_state_dict, preprocessing_for, random_state_dict, resolve_device
-from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessing, decode_for_model, open_rgb
-from .scan import DEFAULT_MAX_FILE_BYTES, ImageFile, scan_folder
+from retrieval.features.backbones import MODELS, load_backbone, load_state_dict, preprocessing_for, random_state_dict, resolve_device
+from retrieval.images.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessing, decode_for_model, open_rgb
+from retrieval.images.scan import DEFAULT_MAX_FILE_BYTES, ImageFile, scan_folder
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from typing import Iterable, Iterator
 import faiss
 import numpy as np
 
-from .index_types import SearchParams, apply_search_params
-from .vector_index import VectorIndex
+from retrieval.vectors.index_types import SearchParams, apply_search_params
+from retrieval.vectors.vector_index import VectorIndex
 
 K = 10
 

@@ -14,14 +14,14 @@ import numpy as np
 import torch
 from sqlalchemy.exc import SQLAlchemyError
 
-from .backbones import (MODELS, FeatureExtractor, WeightsUnavailable, build_extractor, imagenet_cache_path,
+from retrieval.features.backbones import (MODELS, FeatureExtractor, WeightsUnavailable, build_extractor, imagenet_cache_path,
                         random_weights_file)
-from .catalog import (CATALOG_FILE, Catalog, CatalogUnavailable, IndexSettings, db_error_reason,  # noqa: F401
+from retrieval.catalog.catalog import (CATALOG_FILE, Catalog, CatalogUnavailable, IndexSettings, db_error_reason,  # noqa: F401
                       weights_label)  # weights_label: re-exported
-from .images import DEFAULT_MAX_PIXELS, DecodedImage, decode_for_model
-from .index_types import SearchParams, apply_search_params, search_params_of
-from .names import FAISS_FILE
-from .vector_index import VectorIndex
+from retrieval.images.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_for_model
+from retrieval.vectors.index_types import SearchParams, apply_search_params, search_params_of
+from retrieval.names import FAISS_FILE
+from retrieval.vectors.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class IndexSnapshot:
 
     def describe_vectors(self) -> dict:
         """The FAISS index as served: type, memory-mapped or not, search settings, and the recall they gave."""
-        from .index_builder import recall_for
+        from retrieval.vectors.builder import recall_for
 
         record = self.vector_record or {}
         params = search_params_of(self.vectors.index)

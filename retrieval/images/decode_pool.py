@@ -1,8 +1,8 @@
 """Decoding untrusted images in a few separate worker processes: bounded in number, time and memory; a late one is killed.
 
 The server process holds torch, FAISS and OpenMP threads, so it is never forked: each worker is a fresh
-interpreter (`python -m retrieval.decode_pool`, fork+exec) that imports only Pillow, numpy and
-retrieval.images. Requests and answers go over the worker's stdin/stdout as length-prefixed frames: a JSON
+interpreter (`python -m retrieval.images.decode_pool`, fork+exec) that imports only Pillow, numpy and
+retrieval.images.decode. Requests and answers go over the worker's stdin/stdout as length-prefixed frames: a JSON
 header, then raw bytes (no pickle: a worker that a crafted file took over cannot hand the server code).
 A worker dies with the server: PR_SET_PDEATHSIG on Linux, and EOF on its stdin everywhere.
 """
@@ -26,8 +26,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .images import DecodedImage, ImageDecodeError, Preprocessing, decode_error, decode_for_model, jpeg_bytes
-from .system import die_with_parent
+from retrieval.images.decode import DecodedImage, ImageDecodeError, Preprocessing, decode_error, decode_for_model, jpeg_bytes
+from retrieval.system import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class _Worker:
     """One worker process, as seen from the server."""
 
     def __init__(self, memory_mb: int | None):
-        root = str(Path(__file__).resolve().parent.parent)   # so `-m retrieval.decode_pool` finds this checkout
+        root = str(Path(__file__).resolve().parent.parent)   # so `-m retrieval.images.decode_pool` finds this checkout
         env = {**os.environ, **WORKER_ENV,
                "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         command = [sys.executable, "-m", __name__, "--parent", str(os.getpid())]

@@ -7,10 +7,9 @@ import click
 
 from retrieval.names import MODEL_NAMES
 
-from .cli import UserError, setup_logging
-from .config_table import command_settings
+from commands.options import UserError, command_settings, setup_logging
 
-# retrieval.model_info (torch, torchvision) is imported after the arguments are parsed.
+# retrieval.features.model_info (torch, torchvision) is imported after the arguments are parsed.
 
 
 @click.command(context_settings=command_settings("model-info"))
@@ -27,7 +26,7 @@ def main(model: str, input_size: int, as_json: bool) -> None:
     set by environment variables (MODEL_INFO_INPUT_SIZE, ...).
     """
     setup_logging(False)
-    from retrieval.model_info import layer_table
+    from retrieval.features.model_info import layer_table
 
     try:
         table = layer_table(model, input_size)
@@ -47,9 +46,9 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def format_table(t) -> str:  # noqa: ANN001 - retrieval.model_info.LayerTable
+def format_table(t) -> str:  # noqa: ANN001 - retrieval.features.model_info.LayerTable
     """The layer table as aligned text, then the totals."""
-    from retrieval.model_info import BYTES_PER_VALUE
+    from retrieval.features.model_info import BYTES_PER_VALUE
 
     head = f"{'layer':<8} {'type':<10} {'module':<13} {'output':<14} {'activations':>12} {'memory':>9} " \
            f"{'weights':>12} {'biases':>7}"

@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 from torchvision import models
 
-from .backbones import MODELS
+from retrieval.features.backbones import MODELS
 
 BYTES_PER_VALUE = 4   # fp32
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)

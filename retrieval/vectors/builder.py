@@ -6,13 +6,13 @@ import logging
 import time
 from pathlib import Path
 
-from .catalog import Catalog
-from .index_types import (AUTO, FLAT, RECALL_QUERIES, RECALL_TARGET, IndexTypeConfig, IndexTypeError, SearchParams,
+from retrieval.catalog.catalog import Catalog
+from retrieval.vectors.index_types import (AUTO, FLAT, RECALL_QUERIES, RECALL_TARGET, IndexTypeConfig, IndexTypeError, SearchParams,
                           apply_search_params, min_train_vectors, requested_params, requested_type, search_params_of,
                           seeded_samples, train_size, tuning_ladder, wanted_factory)
-from .index_types import flat_max as recorded_flat_max
-from .recall import K, exact_neighbours, measure, sample_vectors
-from .vector_index import VectorIndex, reconcile
+from retrieval.vectors.index_types import flat_max as recorded_flat_max
+from retrieval.vectors.recall import K, exact_neighbours, measure, sample_vectors
+from retrieval.vectors.vector_index import VectorIndex, reconcile
 
 log = logging.getLogger(__name__)
 

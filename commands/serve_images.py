@@ -13,12 +13,12 @@ import click
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
-from indexer.config_table import command_settings, source_of
+from commands.options import UserError, command_settings, source_of
 from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV
 from retrieval.system import available_cores, collector_paused, leave_out_triton
 
-from .gunicorn_worker import DEFAULT_READ_TIMEOUT_S, with_read_timeout
-from .settings import settings_in_force
+from api.gunicorn_worker import DEFAULT_READ_TIMEOUT_S, with_read_timeout
+from api.settings import settings_in_force
 
 MAX_CONNECTIONS = 64   # open connections per worker process (gunicorn's default is 1000)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"   # api.metrics: where the workers keep their metric values
@@ -33,10 +33,6 @@ OPTION_SETTINGS = {"index_dir": "INDEX_DIR", "db_url": "DB_URL", "device": "DEVI
 log = logging.getLogger(__name__)
 
 
-
-class UserError(click.ClickException):
-    """A problem the user can fix; exit status 2, message without a traceback."""
-    exit_code = 2
 
 
 # Settings only some gunicorn versions know; skipped where absent.
@@ -60,10 +56,10 @@ class GunicornServer(BaseApplication):
         # imported in the worker: torch and FAISS start after the fork, with the garbage collector off (sooner),
         # and what they made is frozen out of the collections that serving triggers
         with collector_paused():
-            from retrieval.backbones import DeviceUnavailable, WeightsUnavailable
-            from retrieval.index import IndexNotFound, IndexUnavailable
+            from retrieval.features.backbones import DeviceUnavailable, WeightsUnavailable
+            from retrieval.search.index import IndexNotFound, IndexUnavailable
 
-            from . import create_app
+            from api import create_app
 
             try:
                 return create_app(self.app_config)
@@ -76,7 +72,7 @@ def check_index(index_dir: Path, db_url: str | None = None) -> tuple[int, str]:
     """-> (image count, "model layer") of the index, or a UserError saying to run index-images first."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from retrieval.catalog import Catalog, CatalogUnavailable, db_error_reason
+    from retrieval.catalog.catalog import Catalog, CatalogUnavailable, db_error_reason
 
     try:
         catalog = Catalog(index_dir, url=db_url)
@@ -134,7 +130,7 @@ def show_config(ctx: click.Context, overrides: dict[str, tuple[Any, str]]) -> No
             setting = settings.pop(f"RETRIEVAL_{OPTION_SETTINGS[p.name]}")
             value, source = setting.value, source if source != "default" else setting.source
         if p.name == "db_url" and value:   # never print a password
-            from retrieval.catalog import mask_url
+            from retrieval.catalog.catalog import mask_url
 
             value = mask_url(value)
         rows.append((p.opts[-1], value, source))
@@ -214,7 +210,7 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
     count, network = check_index(index_dir, db_url)
     if compare_index is not None:
         check_index(compare_index)
-    from retrieval.catalog import mask_url   # light by now: check_index imported it
+    from retrieval.catalog.catalog import mask_url   # light by now: check_index imported it
 
     where = f"{index_dir} (catalog {mask_url(db_url)})" if db_url else str(index_dir)
     app_config = {key: value for key, (value, _source) in overrides.items()}

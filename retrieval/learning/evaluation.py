@@ -11,9 +11,9 @@ from typing import Protocol
 
 import numpy as np
 
-from .catalog import Catalog, weights_label
-from .names import DEFAULT_KS
-from .system import display_name
+from retrieval.catalog.catalog import Catalog, weights_label
+from retrieval.names import DEFAULT_KS
+from retrieval.system import display_name
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def vote_labels(labels: Sequence[Hashable], distances: Sequence[float]) -> tuple
 
 
 def vote(hits: Sequence[LabelledHit], k: int) -> dict | None:
-    """Predict a label from the k nearest hits (nearest first), e.g. retrieval.index.Hit.
+    """Predict a label from the k nearest hits (nearest first), e.g. retrieval.search.index.Hit.
 
     Hits without a label do not vote. -> {"label": str, "votes": int, "k": int} where k is the number of
     neighbours that voted (the labelled ones among the first k), or None when none of them has a label.

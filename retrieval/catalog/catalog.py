@@ -183,7 +183,7 @@ class VectorIndexRow(Base):
     __tablename__ = "vector_index"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    record: Mapped[str] = mapped_column(String)   # JSON, see retrieval.index_builder.IndexBuilder.record
+    record: Mapped[str] = mapped_column(String)   # JSON, see retrieval.vectors.builder.IndexBuilder.record
 
 
 class ExtractionRow(Base):
@@ -359,7 +359,7 @@ class Catalog:
         """Hold the database's writer lock for the block (PostgreSQL: an advisory lock on a connection of its own,
         which the server releases when the connection ends, the process killed included). Raises CatalogBusy.
 
-        SQLite files are locked by their folder's lock file instead (indexer.job.index_lock): nothing here."""
+        SQLite files are locked by their folder's lock file instead (indexer.run.index_lock): nothing here."""
         if self.engine.dialect.name != "postgresql":
             yield
             return
@@ -556,7 +556,7 @@ class Catalog:
 
     # the FAISS index type
     def vector_index_record(self) -> dict | None:
-        """What retrieval.index_builder recorded of the FAISS file, or None (none yet, or a catalog made before)."""
+        """What retrieval.vectors.builder recorded of the FAISS file, or None (none yet, or a catalog made before)."""
         try:
             with self.Session() as s:
                 text = s.scalar(select(VectorIndexRow.record).where(VectorIndexRow.id == 1))

@@ -8,11 +8,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-from retrieval.backbones import WeightsUnavailable, imagenet_cache_path, load_state_dict
-from retrieval.catalog import CATALOG_FILE
-from retrieval.scan import IMAGE_EXTENSIONS
+from retrieval.features.backbones import WeightsUnavailable, imagenet_cache_path, load_state_dict
+from retrieval.catalog.catalog import CATALOG_FILE
+from retrieval.images.scan import IMAGE_EXTENSIONS
 
-from .samples import make_sample_collection
+from retrieval.samples import make_sample_collection
 
 DATA = Path("data")
 INDEX = Path("index")

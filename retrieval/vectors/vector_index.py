@@ -11,9 +11,9 @@ from typing import Callable, Iterable, Iterator
 import faiss
 import numpy as np
 
-from .catalog import Catalog
-from .index_types import FLAT, build_empty, fit_precomputed_tables, is_exact, native_ids, stored_ids, structure, walk
-from .system import available_cores
+from retrieval.catalog.catalog import Catalog
+from retrieval.vectors.index_types import FLAT, build_empty, fit_precomputed_tables, is_exact, native_ids, stored_ids, structure, walk
+from retrieval.system import available_cores
 
 # ids -> their catalog vectors in chunks: what an index that cannot remove ids is rebuilt from
 VectorSource = Callable[[Iterable[int]], Iterator[tuple[np.ndarray, np.ndarray]]]
@@ -58,7 +58,7 @@ def _scan_rows(vectors: np.ndarray, queries: np.ndarray, k: int, start: int, sto
 class VectorIndex:
     """L2 search over (id, vector) pairs. Not thread-safe for writes; searches may run concurrently.
 
-    Exact IndexIDMap2 over IndexFlatL2 by default; any FAISS factory type otherwise (retrieval.index_types).
+    Exact IndexIDMap2 over IndexFlatL2 by default; any FAISS factory type otherwise (retrieval.vectors.index_types).
     A memory-mapped index (load(mmap=True)) is read-only: add and remove refuse it."""
 
     def __init__(self, dim: int, index: faiss.Index | None = None, *, factory: str = FLAT, mapped: bool = False,
@@ -225,7 +225,7 @@ class VectorIndex:
 
         Ids missing from FAISS are added from the catalog's vectors; ids no longer in the catalog are removed.
         A file that is missing, unreadable or not of type factory gives an empty Flat index: the caller
-        (retrieval.index_builder) rebuilds the type from the catalog. With mmap, an index that needs
+        (retrieval.vectors.builder) rebuilds the type from the catalog. With mmap, an index that needs
         changes is read into memory instead (a mapped one is read-only).
         -> (index, changed) where changed says whether it differs from the file.
         """

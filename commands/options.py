@@ -1,0 +1,108 @@
+"""What every command shares: the one UserError, common options, logging, option variables and sources, entry points."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from click.core import ParameterSource
+
+from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV
+
+# Only click and the torch-free names above: --help and usage errors answer at once.
+
+
+class UserError(click.ClickException):
+    """A problem the user can fix; exit status 2, message without a traceback."""
+    exit_code = 2
+
+
+def index_dir_option(f):  # noqa: ANN001, ANN201 - click decorator
+    return click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path, resolve_path=True), default="index",
+                        envvar=INDEX_DIR_ENV, show_default=True, show_envvar=True,
+                        help="Folder holding the index (catalog.db, vectors.faiss).")(f)
+
+
+def db_url_option(f):  # noqa: ANN001, ANN201 - click decorator
+    return click.option("--db-url", default=None, envvar=DB_URL_ENV, show_envvar=True, metavar="URL",
+                        help="SQLAlchemy URL of the catalog, e.g. postgresql://USER:PASSWORD@HOST:5432/DB to share it "
+                             "between hosts (the FAISS file stays in the index folder). [default: SQLite catalog.db "
+                             "in the index folder]")(f)
+
+
+def setup_logging(verbose: bool, *, quiet: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not quiet:  # the batch size choice and its reason are always worth a line
+        logging.getLogger("retrieval.features.batch_size").setLevel(logging.INFO)
+
+
+def env_prefix(command_name: str) -> str:
+    """index-images -> INDEX_IMAGES: the prefix of the command's option variables (INDEX_IMAGES_BATCH_SIZE)."""
+    return command_name.upper().replace("-", "_")
+
+
+def command_settings(command_name: str) -> dict[str, Any]:
+    """click context_settings shared by the commands: -h, and an environment variable for every option."""
+    return {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": env_prefix(command_name)}
+
+
+def option_envvar(option: click.Option, command_name: str) -> str | None:
+    """The environment variable click reads for option (its own, else the command's prefix + its name)."""
+    if option.envvar:
+        return option.envvar if isinstance(option.envvar, str) else option.envvar[0]
+    if not option.allow_from_autoenv or option.name is None:
+        return None
+    return f"{env_prefix(command_name)}_{option.name.upper()}"
+
+
+def source_of(ctx: click.Context, param: click.Parameter, command_name: str) -> str:
+    """Where the value of param in ctx came from, in words."""
+    source = ctx.get_parameter_source(param.name)
+    if source is ParameterSource.COMMANDLINE:
+        return "command line"
+    if source is ParameterSource.ENVIRONMENT:
+        return f"environment variable {option_envvar(param, command_name)}"
+    if source is ParameterSource.DEFAULT_MAP:
+        return "configuration file"
+    return "default"
+
+
+def parse_batch_size(value: str) -> int | str:
+    """A positive whole number, or "auto" (chosen from the free GPU memory; 32 on the CPU)."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a whole number or 'auto'", param_hint="'--batch-size'") from None
+    if n < 1:
+        raise click.BadParameter("must be at least 1", param_hint="'--batch-size'")
+    return n
+
+
+def exit_without_teardown(command: click.Command) -> Callable[[], None]:
+    """A console-script entry point for command that ends the process without Python's module teardown once
+    torch is loaded: tearing down torch and torchvision costs about a second after the work is done and saved.
+    (In-process callers, such as tests, call the command itself.)"""
+    def entry() -> None:
+        try:
+            command.main()
+        except SystemExit as exc:
+            code = exc.code
+        else:
+            code = 0
+        if not isinstance(code, int):   # SystemExit("message") or SystemExit(None)
+            if code is not None:
+                print(code, file=sys.stderr)
+            code = 0 if code is None else 1
+        if "torch" in sys.modules:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        sys.exit(code)
+    return entry

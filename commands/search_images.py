@@ -1,0 +1,65 @@
+"""`search-images QUERY`: the images of an index nearest to a query image, as a table or JSON."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from retrieval.system import display_name
+
+from commands.options import (UserError, command_settings, db_url_option, exit_without_teardown, index_dir_option,
+                              setup_logging)
+
+
+@click.command(context_settings=command_settings("search-images"))
+@click.argument("query_image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of neighbours.")
+@index_dir_option
+@db_url_option
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the network runs for the query.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"results": [...]} as JSON on stdout.')
+def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device: str, as_json: bool) -> None:
+    """Print the K images of the index nearest to QUERY_IMAGE in feature space.
+
+    The query goes through exactly the network the index was built with. Distances are L2
+    distances between feature vectors (0 for an identical image). Options can also be set by
+    environment variables (SEARCH_IMAGES_K, ...; see the README's configuration table).
+    """
+    setup_logging(False)
+    from retrieval.system import collector_paused
+
+    with collector_paused():   # torch, FAISS and the network load sooner with the garbage collector off
+        from retrieval.features.backbones import DeviceUnavailable, WeightsUnavailable, weights_error_message
+        from retrieval.images.decode import ImageDecodeError
+        from retrieval.search.index import ImageIndex, IndexNotFound, IndexUnavailable, WeightsMismatch
+
+        try:
+            index = ImageIndex(index_dir, db_url=db_url, device=device)
+        except (IndexNotFound, IndexUnavailable, WeightsMismatch, DeviceUnavailable) as exc:
+            raise UserError(str(exc)) from exc
+        except WeightsUnavailable as exc:
+            raise UserError(weights_error_message(exc)) from exc
+    try:
+        hits, _ = index.search_image(query_image.read_bytes(), k)
+    except ImageDecodeError as exc:
+        raise UserError(f"cannot use {query_image} as a query: {exc}") from exc
+    except OSError as exc:
+        raise UserError(f"cannot read {query_image}: {exc.strerror or exc}") from exc
+    finally:
+        index.close()
+    if as_json:
+        click.echo(json.dumps({"results": [{"id": h.id, "path": display_name(h.path),
+                                            "label": None if h.label is None else display_name(h.label), "distance": h.distance}
+                                           for h in hits]}))
+        return
+    if not hits:
+        click.echo("the index is empty: no neighbours")
+        return
+    click.echo(f"{'rank':>4}  {'distance':>8}  {'label':<16}  path")
+    for rank, h in enumerate(hits, 1):
+        click.echo(f"{rank:>4}  {h.distance:>8.4f}  {display_name(h.label or '-'):<16}  {display_name(h.path)}")
+
+
+search_images_entry = exit_without_teardown(main)

@@ -1,0 +1,1 @@
+"""Charts and pictures of results: training curves, first-layer filters, precision@k."""
