@@ -41,17 +41,17 @@ def timed(owner: type, name: str, spent: list[float]) -> None:
 
 
 def one_run(data: Path, index_dir: Path, batch_size: int, workers: int | None) -> dict:
-    from indexer import run as job
+    from indexer import config, run, write
 
     waited, work = [], []
-    real_write, real_commit = job.Writer.write, job.Writer.commit
-    timed(job.Writer, "write", waited)     # what the loop (the network's thread) spends in write()
-    timed(job.Writer, "commit", work)      # the write itself: catalog transaction, then FAISS
+    real_write, real_commit = write.Writer.write, write.Writer.commit
+    timed(write.Writer, "write", waited)     # what the loop (the network's thread) spends in write()
+    timed(write.Writer, "commit", work)      # the write itself: catalog transaction, then FAISS
     try:
-        report = job.run_index(job.JobConfig(data_dir=data, index_dir=index_dir, weights="random",
+        report = run.run_index(config.JobConfig(data_dir=data, index_dir=index_dir, weights="random",
                                              batch_size=batch_size, workers=workers, progress=False))
     finally:
-        job.Writer.write, job.Writer.commit = real_write, real_commit
+        write.Writer.write, write.Writer.commit = real_write, real_commit
     return {"seconds": report.seconds, "indexed": report.indexed, "write_wait_s": sum(waited), "write_work_s": sum(work),
             "write_wait_share": sum(waited) / report.seconds, "write_work_share": sum(work) / report.seconds}
 

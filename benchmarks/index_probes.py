@@ -182,7 +182,7 @@ def child_info(params: dict) -> dict:
         except pynvml.NVMLError:     # no NVIDIA driver here
             pass
     try:
-        from indexer.run import default_workers   # needs sqlalchemy (the catalog)
+        from indexer.config import default_workers   # needs sqlalchemy (the catalog)
 
         info["index_images_workers"] = default_workers(params.get("device", "auto"))
     except ImportError as exc:

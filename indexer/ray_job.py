@@ -19,7 +19,10 @@ from retrieval.images.decode import Preprocessing
 from retrieval.images.scan import ImageFile
 from retrieval.system import available_cores
 
-from indexer.run import ConfigError, JobConfig, Plan, RunReport, Writer, _report, load_network
+from indexer.config import ConfigError, JobConfig, RunReport, finish_report
+from indexer.network import load_network
+from indexer.plan import Plan
+from indexer.write import Writer
 from indexer.read import WORKER_NICENESS, read_files
 
 # ray, ray.data and torch are imported inside the functions: this module is imported only for --ray runs,
@@ -251,7 +254,7 @@ def run_on_ray(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, c
                 if why is None:
                     raise
                 raise ConfigError(why) from exc
-        return _report(writer.report, catalog, len(writer.vectors), started)
+        return finish_report(writer.report, catalog, len(writer.vectors), started)
     finally:
         if started_here:
             _shutdown(ray)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from indexer.run import AUTO_DEVICE_SHARE, JobConfig, device_share
+from indexer.config import AUTO_DEVICE_SHARE, JobConfig, device_share
 from indexer.read import read_files
 from retrieval.samples import draw_sample, make_sample_collection
 from retrieval.catalog.catalog import Catalog
@@ -121,7 +121,7 @@ def test_index_images_decoding_on_the_device_gives_the_workers_features(tmp_path
 
 
 def test_which_jpegs_the_workers_leave_for_the_device(monkeypatch):
-    import indexer.run as job
+    import indexer.config as job
 
     def cfg(**kw) -> JobConfig:
         return JobConfig(data_dir=Path("."), index_dir=Path("index"), **kw)
@@ -169,7 +169,7 @@ def test_the_share_moves_towards_the_decoder_that_keeps_up():
 
 def test_a_shared_run_indexes_every_file_once_with_the_workers_features(tmp_path, index_images, monkeypatch):
     """--decode auto on a GPU host shares the JPEGs between the workers and the device; here the device is the CPU."""
-    import indexer.run as job
+    import indexer.local as job
 
     data = tmp_path / "data"
     make_sample_collection(data, per_class=8, size=(320, 240), seed=4)

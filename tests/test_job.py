@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.run import ConfigError, index_lock
+from indexer.config import ConfigError
+from indexer.locks import index_lock
 from retrieval.samples import draw_sample, make_sample_collection
 from retrieval.catalog.catalog import Catalog
 from retrieval.search.index import ImageIndex
@@ -417,7 +418,7 @@ def test_data_and_index_folders_whose_names_are_not_utf8(small_data, tmp_path, i
 ])
 def test_default_decoding_workers_are_every_core_when_the_network_runs_on_a_gpu(monkeypatch, device, gpu, cores,
                                                                                  workers):
-    import indexer.run as job
+    import indexer.config as job
 
     monkeypatch.setattr(job, "available_cores", lambda: cores)
     monkeypatch.setattr(job, "gpu_present", lambda: gpu)
@@ -426,7 +427,8 @@ def test_default_decoding_workers_are_every_core_when_the_network_runs_on_a_gpu(
 
 def test_a_run_without_workers_given_decodes_in_the_default_for_its_device(small_data, tmp_path, index_images,
                                                                          monkeypatch):
-    import indexer.run as job
+    import indexer.config as config
+    import indexer.local as job
 
     started_with = []
     real_reader = job.Reader
@@ -435,8 +437,8 @@ def test_a_run_without_workers_given_decodes_in_the_default_for_its_device(small
         started_with.append(workers)
         return real_reader(*args, workers=workers, **kwargs)
     monkeypatch.setattr(job, "Reader", recording_reader)
-    monkeypatch.setattr(job, "available_cores", lambda: 12)   # the Reader starts one process: 6 files are one task
-    monkeypatch.setattr(job, "gpu_present", lambda: True)     # as on a GPU host; torch finds no CUDA here: the CPU runs it
+    monkeypatch.setattr(config, "available_cores", lambda: 12)   # the Reader starts one process: 6 files are one task
+    monkeypatch.setattr(config, "gpu_present", lambda: True)     # as on a GPU host; torch finds no CUDA here: the CPU runs it
 
     index_images(small_data, tmp_path / "cpu", workers=None, device="cpu")
     index_images(small_data, tmp_path / "auto", workers=None, device="auto")

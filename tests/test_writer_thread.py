@@ -1,4 +1,4 @@
-"""Tests for the write stage's writer thread (indexer.run.Writer): same index as writing in the loop, order, errors, no hang."""
+"""Tests for the write stage's writer thread (indexer.write.Writer): same index as writing in the loop, order, errors, no hang."""
 from __future__ import annotations
 
 import signal
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from indexer.extract import BatchExtractor
-from indexer.run import Writer
+from indexer.write import Writer
 from retrieval.samples import make_sample_collection
 from retrieval.catalog.catalog import Catalog
 from retrieval.names import FAISS_FILE

@@ -11,7 +11,6 @@ import importlib
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 

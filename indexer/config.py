@@ -1,0 +1,148 @@
+"""The index-images run's configuration and report: options, the settings an index records, decoding workers."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from retrieval.catalog.catalog import Catalog, IndexSettings
+from retrieval.images.decode import DEFAULT_MAX_PIXELS, Preprocessing
+from retrieval.images.scan import DEFAULT_MAX_FILE_BYTES
+from retrieval.names import DEFAULT_RANDOM_SEED
+from retrieval.system import available_cores, display_name, gpu_present
+from retrieval.vectors.index_types import IndexTypeConfig
+
+DEFAULTS = {"model": "alexnet", "layer": "fc7", "weights": "imagenet", "normalize": True}
+
+MAX_WORKERS_CPU = 8    # decoding processes by default when the network runs on the CPU
+
+MAX_WORKERS_GPU = 32   # ... and on a GPU: a fast one needs every core decoding (an H200 takes 8,000 images/s)
+
+# --decode auto on a GPU: the share of JPEGs decoded there (nvJPEG) at the start; the main loop moves it so that
+# neither the workers nor the GPU's decoder waits for the other (extract.DeviceBatches.balance).
+AUTO_DEVICE_SHARE = 0.5
+
+
+class ConfigError(Exception):
+    """A usage or configuration problem the user can fix (exit status 2)."""
+
+
+
+@dataclasses.dataclass
+class JobConfig:
+    data_dir: Path
+    index_dir: Path
+    db_url: str | None = None         # the catalog's SQLAlchemy URL; None: SQLite in index_dir (catalog.db)
+    model: str | None = None          # None: as recorded in the index, else DEFAULTS
+    layer: str | None = None
+    weights: str | None = None        # "imagenet", "random" or a state dict path
+    normalize: bool | None = None     # L2-normalise vectors
+    seed: int | None = None           # for --weights random; None: DEFAULT_RANDOM_SEED, or the index's
+    device: str = "auto"
+    precision: str = "auto"           # the network's arithmetic: fp32, bf16 (CUDA), auto: bf16 on CUDA, else fp32
+    decode: str = "auto"              # JPEGs decoded by the "workers" (Pillow) or on the network's "device"
+                                      # (torchvision; nvJPEG on CUDA); auto: both, see device_share()
+    batch_size: int | str = "auto"    # images per forward pass (and per catalog transaction); "auto": from free GPU memory, 32 on CPU
+    workers: int | None = None        # decoding processes; None: default_workers(device)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES   # larger files are skipped unread; None: no limit
+    save_every_s: float = 30.0        # also save the FAISS file this often during long runs
+    progress: bool = True
+    ray: str | None = None            # None: this process; "": a new local Ray cluster (or $RAY_ADDRESS);
+                                      # else the address of a running cluster ("auto", "HOST:PORT", "ray://...")
+    vector_index: IndexTypeConfig = dataclasses.field(default_factory=IndexTypeConfig)   # FAISS type, training, recall
+
+    def __post_init__(self) -> None:
+        # Absolute once, here where the paths enter: nothing deeper depends on the working directory.
+        self.data_dir = Path(self.data_dir).expanduser().resolve()
+        self.index_dir = Path(self.index_dir).expanduser().resolve()
+
+
+
+@dataclasses.dataclass
+class RunReport:
+    indexed: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    skipped: list[dict] = dataclasses.field(default_factory=list)   # [{"path", "reason"}], all files not indexed
+    total: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    vector_index: dict | None = None   # the FAISS type, training, search settings and recall (index_builder.describe)
+    extraction: dict | None = None     # device, precision, decoding and batch size of this run, and where its time went
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+
+def resolve_settings(cfg: JobConfig, stored: IndexSettings | None) -> dict:
+    """Choose model/layer/weights/normalize/seed: explicit options must agree with an existing index."""
+    data_dir = str(Path(cfg.data_dir).resolve())
+    chosen = {}
+    for key in ("model", "layer", "weights", "normalize", "seed"):
+        asked = getattr(cfg, key)
+        if stored is None:
+            chosen[key] = ({**DEFAULTS, "seed": DEFAULT_RANDOM_SEED}[key]) if asked is None else asked
+            continue
+        have = getattr(stored, key)
+        if key == "weights" and asked not in (None, "imagenet", "random"):
+            asked = str(Path(asked).resolve()) if have not in ("imagenet", "random") else asked
+        if key == "seed" and stored.weights != "random":
+            asked = None   # the seed only matters for random weights
+        if asked is not None and asked != have:
+            raise ConfigError(
+                f"the index at {cfg.index_dir} was built with {key} {have!r}, not {asked!r}; "
+                "one index holds one network's features: use another index folder for a new index")
+        chosen[key] = have
+    if stored is not None and stored.data_dir != data_dir:
+        raise ConfigError(f"the index at {cfg.index_dir} was built from {stored.data_dir}, not {data_dir}; "
+                          "use another index folder for another data folder")
+    if stored is None and chosen["weights"] not in ("imagenet", "random"):
+        chosen["weights"] = str(Path(chosen["weights"]).resolve())
+    chosen["data_dir"] = data_dir
+    return chosen
+
+
+
+def expected_preprocessing(stored: IndexSettings | None) -> Preprocessing:
+    """The decode sizes a run will most likely use, before the network is loaded: the index's recorded ones,
+    or the ImageNet standard (Preprocessing's defaults) for a new index. The network's own are checked later."""
+    if stored is not None:
+        fields = dict(part.split("=", 1) for part in stored.preprocessing.split(",") if "=" in part)
+        try:
+            return Preprocessing(resize_size=int(fields["resize"]), crop_size=int(fields["crop"]))
+        except (KeyError, ValueError):
+            pass
+    return Preprocessing()
+
+
+
+def default_workers(device: str) -> int:
+    """Decoding processes when --workers is not given: one per core, leaving the model the main process (the OS
+    shares the cores). On a GPU (device "cuda", or "auto" with one present) the main process mostly waits on it,
+    so up to MAX_WORKERS_GPU; on the CPU up to MAX_WORKERS_CPU. Decided before torch is imported (gpu_present)."""
+    on_gpu = device == "cuda" or (device == "auto" and gpu_present())
+    return max(1, min(MAX_WORKERS_GPU if on_gpu else MAX_WORKERS_CPU, available_cores()))
+
+
+
+def device_share(cfg: JobConfig) -> float | None:
+    """The share of JPEGs the decoding workers leave for the network's device at the start (1: all), or None (the
+    workers decode everything). Decided before torch is imported: the workers start first."""
+    if cfg.decode == "workers":
+        return None
+    if cfg.decode == "device":
+        return 1.0
+    assert cfg.decode == "auto", f"unknown decode {cfg.decode!r}"
+    on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpu_present())
+    return AUTO_DEVICE_SHARE if on_gpu else None
+
+
+def finish_report(report: RunReport, catalog: Catalog, total: int, started: float) -> RunReport:
+    """The report's totals: skipped files from the catalog, the index size, the time since started."""
+    report.skipped = [{"path": display_name(p), "reason": r} for p, r in catalog.skipped()]
+    report.total = total
+    report.seconds = round(time.perf_counter() - started, 3)
+    report.images_per_second = round(report.indexed / report.seconds, 2) if report.seconds > 0 else 0.0
+    return report
