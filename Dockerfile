@@ -1,4 +1,4 @@
-# Image for index-images and serve-images. Build and run: see the README's "Deploy" section.
+# Image for index-images and serve-images. Build and run: see docs/deploy.md.
 # Where no registry is reachable, docker/build-base-image.sh builds this base locally first.
 
 # Stage 1: the dependency list, out of pyproject.toml. Copied into the image by content, so an edit

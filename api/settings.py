@@ -18,15 +18,15 @@ class Setting:
     """One key of the Flask config; set with the environment variable RETRIEVAL_<name>."""
     name: str        # Flask config key, e.g. MAX_UPLOAD_MB
     default: Any     # used when neither the environment nor the command line sets it
-    help: str        # one line for the README's configuration table
+    help: str        # one line for the configuration table (docs/configuration.md)
 
     @property
     def envvar(self) -> str:
         return f"{ENV_PREFIX}_{self.name}"
 
 
-# Adding a setting is one row here: create_app, `serve-images --print-config` and the README's
-# configuration table (python -m tools.config_table --write README.md) all read this tuple.
+# Adding a setting is one row here: create_app, `serve-images --print-config` and the
+# configuration table (python -m tools.config_table --write docs/configuration.md) all read this tuple.
 SETTINGS: tuple[Setting, ...] = (
     Setting("INDEX_DIR", "index", "folder made by index-images"),
     Setting("DB_URL", None, "the catalog's SQLAlchemy URL (postgresql://...); default SQLite catalog.db in INDEX_DIR"),

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 TAG = "cnn-image-retrieval:bench"
 BASE = "python:3.11-slim-bookworm"
-CONTEXT = ["Dockerfile", ".dockerignore", "pyproject.toml", "README.md", "retrieval", "indexer", "api"]
+CONTEXT = ["Dockerfile", ".dockerignore", "pyproject.toml", "README.md", "retrieval", "indexer", "api", "commands"]
 
 
 def timed(cmd: list[str], cwd: Path | None = None) -> float:

@@ -53,7 +53,7 @@ def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: P
     to each index's data folder, same label, same content hash), with the same probe split, and the
     numbers are shown side by side; --json then gives {"a": ..., "b": ..., "matched": ...}.
 
-    Options can also be set by environment variables (EVALUATE_INDEX_KS, ...; see the README).
+    Options can also be set by environment variables (EVALUATE_INDEX_KS, ...; see docs/configuration.md).
 
     Exit status: 0 done, 2 no index or not evaluable (fewer than two labels, a label with one image,
     no labelled image shared by the two indexes).

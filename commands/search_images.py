@@ -25,7 +25,7 @@ def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device:
 
     The query goes through exactly the network the index was built with. Distances are L2
     distances between feature vectors (0 for an identical image). Options can also be set by
-    environment variables (SEARCH_IMAGES_K, ...; see the README's configuration table).
+    environment variables (SEARCH_IMAGES_K, ...; see docs/configuration.md).
     """
     setup_logging(False)
     from retrieval.system import collector_paused

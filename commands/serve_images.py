@@ -23,7 +23,7 @@ from api.settings import settings_in_force
 MAX_CONNECTIONS = 64   # open connections per worker process (gunicorn's default is 1000)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"   # api.metrics: where the workers keep their metric values
 # Options that set an app setting (api.settings.SETTINGS): option name -> config key. An option added here is
-# passed to create_app, shown by --print-config with the app's value, and listed once in the README's table.
+# passed to create_app, shown by --print-config with the app's value, and listed once in the configuration table (docs/configuration.md).
 OPTION_SETTINGS = {"index_dir": "INDEX_DIR", "db_url": "DB_URL", "device": "DEVICE", "compare_index": "COMPARE_INDEX", "training": "TRAINING",
                    "nprobe": "NPROBE", "ef_search": "EF_SEARCH"}
 
@@ -194,7 +194,7 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
     /training shows the fine-tuning history of the index's network (or of --training FILE).
 
     Every option can also be set by an environment variable (SERVE_IMAGES_PORT, ...; see
-    --print-config and the README's configuration table). GET /metrics serves Prometheus metrics
+    --print-config and docs/configuration.md). GET /metrics serves Prometheus metrics
     summed over the worker processes. A compressed FAISS index is memory-mapped and
     searched with the nprobe or efSearch index-images tuned, unless --nprobe / --ef-search say otherwise;
     /stats shows the recall measured with them.

@@ -1,4 +1,5 @@
-"""Configuration in one place (tools.config_table, api.settings): the README's table, --print-config, env variables."""
+"""Configuration in one place (tools.config_table, api.settings): the table in docs/configuration.md, --print-config,
+env variables."""
 from __future__ import annotations
 
 import os
@@ -18,7 +19,7 @@ from tools.config_table import (COMMANDS, all_rows, load_command, main as config
 from commands.model_info import main as model_info
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+CONFIGURATION_PAGE = ROOT / "docs" / "configuration.md"   # the table moved here from README.md
 
 
 def print_config(*args: str, **env: str) -> dict[str, tuple[str, str]]:
@@ -77,10 +78,10 @@ def test_the_environment_variable_of_an_option_sets_it(monkeypatch):
 
 
 def test_readme_table_matches_the_commands():
-    table = readme_table(README.read_text(encoding="utf-8"))
-    assert table is not None, "README.md has no configuration table"
-    assert table == markdown_table(), "README.md's configuration table is out of date: " \
-                                      "run python -m tools.config_table --write README.md"
+    table = readme_table(CONFIGURATION_PAGE.read_text(encoding="utf-8"))
+    assert table is not None, "docs/configuration.md has no configuration table"
+    assert table == markdown_table(), "docs/configuration.md's configuration table is out of date: " \
+                                      "run python -m tools.config_table --write docs/configuration.md"
 
 
 def test_the_table_has_every_option_of_every_command():

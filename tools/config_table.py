@@ -16,7 +16,7 @@ import click
 
 from commands.options import option_envvar
 
-# Commands in the order the README shows them: name, "module:attribute" of the click command.
+# Commands in the order the table shows them: name, "module:attribute" of the click command.
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("index-images", "commands.index_images:main"),
     ("search-images", "commands.search_images:main"),
@@ -102,7 +102,7 @@ def _cell(text: str, code: bool = False) -> str:
 
 
 def markdown_table(rows: list[Row] | None = None) -> str:
-    """The README's table, between its markers."""
+    """The table as docs/configuration.md holds it, between its markers."""
     lines = [BEGIN, "| command | option | environment variable | default | meaning |", "|---|---|---|---|---|"]
     for r in rows if rows is not None else all_rows():
         option = _cell(r.option, code=True) if r.option else "(environment only)"
@@ -113,7 +113,7 @@ def markdown_table(rows: list[Row] | None = None) -> str:
 
 
 def readme_table(readme: str) -> str | None:
-    """The generated table as it stands in the README's text (markers included); None without markers."""
+    """The generated table as it stands in a page's text (markers included); None without markers."""
     start, end = readme.find(BEGIN), readme.find(END)
     if start < 0 or end < start:
         return None
@@ -122,11 +122,11 @@ def readme_table(readme: str) -> str | None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--write", "write_to", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Replace the table in this README (between its markers) instead of printing it.")
+              help="Replace the table in this page (between its markers) instead of printing it.")
 @click.option("--check", "check", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Exit 1 when the table in this README differs from the commands.")
+              help="Exit 1 when the table in this page differs from the commands.")
 def main(write_to: Path | None, check: Path | None) -> None:
-    """Print the configuration table of every command (markdown), or write or check the README's."""
+    """Print the configuration table of every command (markdown), or write or check a page's (docs/configuration.md)."""
     table = markdown_table()
     target = write_to or check
     if target is None:

@@ -39,7 +39,7 @@ EF_SEARCH_LADDER = (16, 32, 64, 128, 256, 512)
 # computing a distance table per probed list; FAISS builds it when the file is read, up to 2 GB. At 1M
 # vectors auto's IVF4096,PQ64 makes it 268 MB, more than the index file (77 MB). Larger tables are not
 # built: searches then compute each probed list's table, with the same results (to float rounding); at 1M,
-# nprobe 4, one query 0.665 ms against 0.645 with the table (README, "Search at scale").
+# nprobe 4, one query 0.665 ms against 0.645 with the table (docs/benchmarks.md, "Search at scale").
 PRECOMPUTED_TABLE_MAX_BYTES = 64 << 20
 
 
