@@ -1,0 +1,62 @@
+"""Replacing a file whole: the one atomic write (temporary file in the same folder, fsync, rename, fsync the folder)."""
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+
+def _temporary_name(path: Path) -> Path:
+    # Hidden, in the same folder (a rename never crosses file systems), unique per process and thread.
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in folder durable. Some file systems cannot fsync a folder: the rename is still atomic there."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_file(path: Path | str, *, durable: bool = True) -> Iterator[BinaryIO]:
+    """Open a temporary file for writing, in binary; on a clean exit it replaces path whole.
+
+    Readers see the old file or the new one, never a part. durable: fsync the file before the rename and the
+    folder after it, so a power cut keeps one of the two. On any error (a full disk, an interrupt) the
+    temporary file is removed and path is left as it was; the error propagates."""
+    path = Path(path)
+    tmp = _temporary_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        _fsync_folder(path.parent)
+
+
+def atomic_write(path: Path | str, data: bytes | Callable[[BinaryIO], object], *, durable: bool = True) -> Path:
+    """Replace path whole with data: bytes, or a function that writes to the open binary file it is given
+    (torch.save, np.savez, json.dump through a text wrapper...). Returns path. See atomic_file."""
+    path = Path(path)
+    with atomic_file(path, durable=durable) as f:
+        if callable(data):
+            data(f)
+        else:
+            f.write(data)
+    return path
