@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, BinaryIO, Iterator, Union
 import numpy as np
 from PIL import Image
 
+from retrieval.files import open_regular
+
 if TYPE_CHECKING:   # torch is imported only where a tensor is made: decoder processes and the planner never load it
     import torch
 
@@ -179,7 +181,7 @@ def inspect_jpeg(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MA
     Raises ImageDecodeError for a file that no decoder should be given (too large, too thin, a scan bomb,
     unreadable, not an image)."""
     try:
-        f = open(path, "rb")   # noqa: SIM115 - closed below
+        f = open_regular(path)   # noqa: SIM115 - closed below
     except OSError as exc:
         raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
     try:
@@ -290,7 +292,7 @@ def _opened(source: ImageSource, min_side: int | None, max_pixels: int | None,
                         max_decoded_pixels)
         return
     try:
-        f = open(source, "rb")   # noqa: SIM115 - closed below, after Pillow has read what it needs
+        f = open_regular(source)   # noqa: SIM115 - closed below, after Pillow has read what it needs
     except OSError as exc:
         raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
     with f:
