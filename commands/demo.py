@@ -70,7 +70,8 @@ def main() -> None:
         run(["search-images", str(query), "-k", "5", "--index-dir", str(INDEX)])
         if os.environ.get("DEMO_SERVE", "1") != "0" and shutil.which("serve-images", path=str(Path(sys.executable).parent)):
             port = os.environ.get("DEMO_PORT", "8000")
-            print(f"\nServing the gallery at http://127.0.0.1:{port}/  (Ctrl-C to stop)", flush=True)
+            print(f"\nStarting the gallery server on port {port} (DEMO_PORT=N make demo for another port); it says "
+                  "where to open it once it answers.", flush=True)
             serve = ["serve-images", "--index-dir", str(INDEX), "--port", port]
             print("$ " + " ".join(serve), flush=True)
             # the server takes this process's place: Ctrl-C reaches gunicorn itself, which stops its workers in order

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+import errno
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -97,6 +99,28 @@ def check_index(index_dir: Path, db_url: str | None = None) -> tuple[int, str]:
 
 def bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise a UserError naming the way out when another program listens on host:port (gunicorn would print five
+    lines of its own retries and exit 1). Bound as gunicorn binds, with SO_REUSEADDR, and released at once."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise UserError(f"cannot listen on {host!r}: {exc.strerror} (--host)") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UserError(f"port {port} is in use on {host}: pass --port (or SERVE_IMAGES_PORT), "
+                                "or DEMO_PORT for make demo") from None
+            if exc.errno == errno.EACCES:
+                raise UserError(f"no permission to listen on port {port}: pass --port with a number above 1023") \
+                    from None
+            raise UserError(f"cannot listen on {bind_address(host, port)}: {exc.strerror or exc}") from None
 
 
 def app_overrides(ctx: click.Context) -> dict[str, tuple[Any, str]]:
@@ -207,6 +231,7 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
         return
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)   # its search for CPU-specific builds is noise
+    check_port_free(host, port)
     count, network = check_index(index_dir, db_url)
     if compare_index is not None:
         check_index(compare_index)

@@ -185,3 +185,15 @@ def test_flask_cli_finds_the_app_factory(sample_index):
     assert result.returncode == 0, result.stderr
     for route in ("/search", "/images/<image_id:image_id>/neighbours", "/stats", "/healthz", "/gallery/<image_id:image_id>"):
         assert route in result.stdout
+
+
+def test_a_port_in_use_is_one_clear_line_naming_the_way_out(sample_index):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([*SERVE, "--index-dir", str(sample_index.index_dir), "--port", str(port)],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (f"Error: port {port} is in use on 127.0.0.1: pass --port (or SERVE_IMAGES_PORT), "
+                                     "or DEMO_PORT for make demo")
