@@ -124,7 +124,7 @@ def test_ray_run_equals_a_single_process_run(cluster, collection, tmp_path):
 
     assert report.indexed == N_IMAGES and report.total == N_IMAGES
     assert [s["path"] for s in report.skipped] == [BAD_FILE]
-    assert report.skipped[0]["reason"] == "not an image Pillow can identify"
+    assert report.skipped[0]["reason"] == "not an image, or in a format this program cannot read (JPEG, PNG, WebP, BMP, GIF, TIFF)"
     assert lines and "CPU actor" in lines[0], lines
     assert_same_index(tmp_path / "index", reference, reference_ids)
 

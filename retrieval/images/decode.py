@@ -66,7 +66,7 @@ def decode_error(exc: BaseException) -> ImageDecodeError:
     if isinstance(exc, Image.DecompressionBombError):
         return ImageDecodeError(f"refused as a possible decompression bomb: {exc}")
     if isinstance(exc, Image.UnidentifiedImageError):
-        return ImageDecodeError("not an image Pillow can identify")
+        return ImageDecodeError("not an image, or in a format this program cannot read (JPEG, PNG, WebP, BMP, GIF, TIFF)")
     if isinstance(exc, MemoryError):
         return ImageDecodeError("too large to decode within the memory allowed")
     if isinstance(exc, DECODE_ERRORS):
