@@ -18,6 +18,7 @@ from retrieval.learning.evaluation import vote
 from retrieval.images.decode import ImageDecodeError
 from retrieval.search.index import Hit, ImageIndex, IndexSnapshot, weights_label
 from retrieval.vectors.index_types import SearchParams
+from retrieval.names import MAX_EF_SEARCH, MAX_NPROBE
 from retrieval.system import available_cores
 
 from api import metrics
@@ -61,13 +62,14 @@ class ServiceConfig:
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> "ServiceConfig":
         """Check and convert values (environment variables arrive as JSON or strings). Raises ValueError."""
-        def number(key: str, kind: type, minimum: float) -> Any:
+        def number(key: str, kind: type, minimum: float, maximum: float | None = None) -> Any:
             try:
                 value = kind(config[key])
             except (TypeError, ValueError):
                 raise ValueError(f"{key} must be a number, not {config[key]!r}") from None
-            if value < minimum:
-                raise ValueError(f"{key} must be at least {minimum}, not {value}")
+            if value < minimum or (maximum is not None and value > maximum):
+                bounds = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+                raise ValueError(f"{key} must be {bounds}, not {value}")
             return value
 
         # Paths are made absolute here, where they enter: nothing deeper depends on the working directory
@@ -92,8 +94,8 @@ class ServiceConfig:
             max_decoded_pixels=None if config.get("MAX_DECODED_PIXELS") in (None, "", 0)
             else number("MAX_DECODED_PIXELS", int, 1),
             decode_memory_mb=number("DECODE_MEMORY_MB", int, 0),
-            nprobe=number("NPROBE", int, 0),
-            ef_search=number("EF_SEARCH", int, 0),
+            nprobe=number("NPROBE", int, 0, MAX_NPROBE),
+            ef_search=number("EF_SEARCH", int, 0, MAX_EF_SEARCH),
             mmap=str(config.get("MMAP", True)).lower() not in ("0", "false", "no", "off"),
         )
 

@@ -16,7 +16,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
 from commands.options import UserError, command_settings, source_of
-from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV
+from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV, MAX_EF_SEARCH, MAX_NPROBE
 from retrieval.system import available_cores, collector_paused, leave_out_triton
 
 from api.gunicorn_worker import DEFAULT_READ_TIMEOUT_S, with_read_timeout
@@ -188,9 +188,9 @@ def show_config(ctx: click.Context, overrides: dict[str, tuple[Any, str]]) -> No
 @click.option("--read-timeout", type=click.FloatRange(min=0.1), default=DEFAULT_READ_TIMEOUT_S, show_default=True,
               help="Seconds a client may take to send a request's headers, or pause while sending its body; "
                    "slower or idle connections are answered 408 and closed.")
-@click.option("--nprobe", type=click.IntRange(min=1), default=None, envvar="RETRIEVAL_NPROBE", show_envvar=True,
+@click.option("--nprobe", type=click.IntRange(1, MAX_NPROBE), default=None, envvar="RETRIEVAL_NPROBE", show_envvar=True,
               help="IVF lists searched per query. [default: as index-images recorded it, tuned for recall]")
-@click.option("--ef-search", type=click.IntRange(min=1), default=None, envvar="RETRIEVAL_EF_SEARCH", show_envvar=True,
+@click.option("--ef-search", type=click.IntRange(1, MAX_EF_SEARCH), default=None, envvar="RETRIEVAL_EF_SEARCH", show_envvar=True,
               help="HNSW search breadth (efSearch). [default: as index-images recorded it]")
 @click.option("--access-log/--no-access-log", default=False, help="Log every request on stderr.")
 @click.option("--compare-index", type=click.Path(file_okay=False, resolve_path=True, path_type=Path), default=None,
