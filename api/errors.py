@@ -88,6 +88,11 @@ def register_error_handlers(app: Flask) -> None:
         # the catalog (or the recent-queries store) was deleted, replaced or corrupted under the server
         reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         _log_once(reason, exc)
+        from api.service import EXTENSION_KEY   # api.service raises this module's ApiError
+
+        service = app.extensions.get(EXTENSION_KEY)
+        if service is not None:   # /healthz tells the load balancer, which would otherwise keep sending searches
+            service.catalog_failed(reason)
         return error_response(503, "unavailable", "the index catalog cannot be read right now; try again shortly "
                                                   "(see /healthz)")
 

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 EXTENSION_KEY = "retrieval"
 THUMBNAIL_DECODES = 2           # thumbnails made at once (each decodes a collection file, up to MAX_PIXELS)
 DEFAULT_DECODE_PROCESSES = 2    # upload decoders when DECODE_PROCESSES is 0: bounds upload memory, whatever the cores
+CATALOG_FAILURE_SHOWN_S = 60.0  # /healthz answers 503 this long after a request failed to read the catalog
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +125,7 @@ class RetrievalService:
         self.watcher = IndexWatcher(self.index, config.reload_interval_s, on_reload=self._count_images) \
             if config.reload_interval_s > 0 else None
         self._count_images()
+        self._catalog_failure: tuple[float, str] | None = None   # (monotonic time, reason) of the last failed read
         self.thumbnails = ThumbnailCache(config.thumbnail_dir, config.thumbnail_size, max_pixels=config.max_pixels)
         self.recent_queries = RecentQueries(config.thumbnail_dir / RECENT_QUERIES_FILE,   # shared by worker processes
                                             network=lambda: self.index.snapshot().network)
@@ -139,6 +141,14 @@ class RetrievalService:
 
     def _count_images(self) -> None:
         metrics.INDEX_IMAGES.set(len(self.index))
+
+    def catalog_failed(self, reason: str) -> None:
+        """A request could not read the catalog (a corrupt page, the database gone): /healthz says so for a while."""
+        self._catalog_failure = (time.monotonic(), reason)
+
+    def catalog_answered(self) -> None:
+        """A request read the catalog: an earlier failure is over."""
+        self._catalog_failure = None
 
     def close(self) -> None:
         if self.watcher is not None:
@@ -173,6 +183,7 @@ class RetrievalService:
         except TimeoutError:
             future.cancel()
             raise ApiError(503, "unavailable", "the server is overloaded; try again shortly") from None
+        self.catalog_answered()
         return SearchAnswer(answer.hits, answer.vector, {"width": decoded.width, "height": decoded.height},
                             {"decode": _ms(decoded_at - started), "features": round(answer.features_ms, 3),
                              "search": round(answer.search_ms, 3)}, upload.preview_jpeg)
@@ -274,6 +285,9 @@ class RetrievalService:
                 log.exception("health check could not look at the index")
                 problem = f"the index cannot be checked: {type(exc).__name__}: {exc}"
         problem = self.index.problem or problem
+        failure = self._catalog_failure
+        if problem is None and failure is not None and time.monotonic() - failure[0] < CATALOG_FAILURE_SHOWN_S:
+            problem = f"requests failed to read the catalog {time.monotonic() - failure[0]:.0f} s ago: {failure[1]}"
         body: dict[str, Any] = {"status": "ok", "count": len(self.index)}
         if self.watcher is not None:
             w = self.watcher.state()
