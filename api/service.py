@@ -56,6 +56,7 @@ class ServiceConfig:
     decode_timeout_s: float          # an upload waits at most this long for a decoder (else 503), decodes at most this long (else 415)
     max_decoded_pixels: int | None   # pixels an upload may decode to, after JPEG draft reduction (None: max_pixels only)
     decode_memory_mb: int            # memory a decoder process may add to its own baseline (RLIMIT_AS); 0: no cap
+    vote_k: int                      # neighbours that vote for predicted labels: the API's default k, everywhere
     nprobe: int                      # IVF lists searched per query; 0: as recorded with the index
     ef_search: int                   # HNSW efSearch; 0: as recorded with the index
     mmap: bool                       # memory-map the FAISS file where FAISS can
@@ -95,6 +96,7 @@ class ServiceConfig:
             max_decoded_pixels=None if config.get("MAX_DECODED_PIXELS") in (None, "", 0)
             else number("MAX_DECODED_PIXELS", int, 1),
             decode_memory_mb=number("DECODE_MEMORY_MB", int, 0),
+            vote_k=number("DEFAULT_K", int, 1),
             nprobe=number("NPROBE", int, 0, MAX_NPROBE),
             ef_search=number("EF_SEARCH", int, 0, MAX_EF_SEARCH),
             mmap=str(config.get("MMAP", True)).lower() not in ("0", "false", "no", "off"),
@@ -216,8 +218,9 @@ class RetrievalService:
                             {"decode": 0.0, "features": _ms(looked_up - started), "search": search_ms})
 
     def predict(self, hits: list[Hit]) -> dict[str, Any] | None:
-        """The neighbours' vote {"label", "votes", "k"}; None when no neighbour has a label."""
-        return vote(hits, len(hits)) if hits else None
+        """The vote {"label", "votes", "k"} of the nearest hits, at most vote_k of them (the API's default k: the gallery
+        shows more neighbours than vote); None when none of them has a label."""
+        return vote(hits, min(len(hits), self.config.vote_k)) if hits else None
 
     # images
     def record(self, image_id: int, snapshot: IndexSnapshot | None = None) -> ImageRecord:
