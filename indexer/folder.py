@@ -13,8 +13,8 @@ _OWN = {"data_dir", "index_dir", "model", "weights", "progress", "on_progress"}
 
 
 def index_folder(data_dir: str | os.PathLike, index_dir: str | os.PathLike = "index", *,
-                 weights: str | os.PathLike | None = None, model: str | None = None, progress: Callable[[int, int], None] | None = None,
-                 progress_bar: bool = False, **options: Any) -> RunReport:
+                 weights: str | os.PathLike | None = None, model: str | None = None,
+                 progress: Callable[[int, int], None] | None = None, progress_bar: bool = False, **options: Any) -> RunReport:
     """Index the images under data_dir into index_dir (made if missing), as `index-images` does; -> the run's report.
 
     data_dir, index_dir: relative to the working folder or absolute. Images in subfolders are labelled by
