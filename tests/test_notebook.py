@@ -22,7 +22,7 @@ def test_notebook_is_kept_without_outputs(path):
     dirty = [i for i, cell in enumerate(nb.cells)
              if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)]
     assert not dirty, (f"{path.name}: cells {dirty} hold outputs or execution counts; clear them before committing "
-                       "(jupyter nbconvert --clear-output --inplace)")
+                       "(Jupyter's Clear All Outputs, or jupyter nbconvert --clear-output --inplace)")
 
 
 def this_python_kernel():  # noqa: ANN201 - jupyter_client.KernelManager
