@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Callable
 
 from retrieval.catalog.catalog import Catalog, IndexSettings
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, Preprocessing
@@ -47,7 +48,9 @@ class JobConfig:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES   # larger files are skipped unread; None: no limit
     save_every_s: float = 30.0        # also save the FAISS file this often during long runs
-    progress: bool = True
+    progress: bool = True             # a tqdm bar on a terminal
+    on_progress: Callable[[int, int], None] | None = None   # on_progress(done, total) after each committed batch
+                                      # (on the writer thread; files done, of the run's files to do)
     ray: str | None = None            # None: this process; "": a new local Ray cluster (or $RAY_ADDRESS);
                                       # else the address of a running cluster ("auto", "HOST:PORT", "ray://...")
     vector_index: IndexTypeConfig = dataclasses.field(default_factory=IndexTypeConfig)   # FAISS type, training, recall

@@ -447,6 +447,12 @@ class Catalog:
             row = s.get(ImageRow, int(image_id))
             return _record(row) if row else None
 
+    def get_by_path(self, path: str) -> ImageRecord | None:
+        """The image at path (relative to the data folder, '/' separators, as stored), or None."""
+        with self.Session() as s:
+            row = s.scalar(select(ImageRow).options(defer(ImageRow.vector)).where(ImageRow.path == path))
+            return _record(row) if row else None
+
     def get_many(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
         ids = [int(i) for i in ids]
         if not ids:
