@@ -14,7 +14,7 @@ from flask import Flask, current_app
 
 from retrieval.catalog.catalog import ImageRecord
 from retrieval.images.decode_pool import DecodePool, DecoderBusy
-from retrieval.learning.evaluation import vote
+from retrieval.learning.metrics import vote
 from retrieval.images.decode import ImageDecodeError
 from retrieval.search.index import Hit, ImageIndex, IndexSnapshot, weights_label
 from retrieval.vectors.index_types import SearchParams

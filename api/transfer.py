@@ -15,11 +15,14 @@ from markupsafe import Markup
 from sqlalchemy.exc import SQLAlchemyError
 
 from retrieval.catalog.catalog import CATALOG_FILE, CatalogUnavailable, db_error_reason
-from retrieval.learning.evaluation import EvaluationError, compare_indexes, evaluate_index, precision_at_k_svg
+from retrieval.learning.evaluation import EvaluationError, compare_indexes, evaluate_index
+from retrieval.learning.history import (HistoryError, HistoryNotFound, filters_path_for, history_path_for, load_filters,
+                                        load_history, split_counts)
 from retrieval.search.index import weights_label
 from retrieval.features.model_info import LayerTable, filters_png, layer_table
-from retrieval.reports.training import (HistoryError, HistoryNotFound, filter_change, filters_path_for, history_path_for,
-                                       load_filters, load_history, split_counts, training_svgs)
+from retrieval.reports.filters import filter_change
+from retrieval.reports.precision import precision_at_k_svg
+from retrieval.reports.training import training_svgs
 
 from api.service import current_service
 

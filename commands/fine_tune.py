@@ -160,7 +160,8 @@ def _printer(verbose: bool):  # noqa: ANN202 - the report callback
 
 def _draw_plots(history_path: Path) -> list[Path]:
     """The loss, accuracy (and, with --train all, filter) charts next to the history; a failure is only a warning."""
-    from retrieval.reports.training import HistoryError, write_training_plots
+    from retrieval.learning.history import HistoryError
+    from retrieval.reports.training import write_training_plots
 
     try:
         return write_training_plots(history_path)

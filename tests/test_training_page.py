@@ -12,7 +12,7 @@ from PIL import Image
 from api import create_app
 from browser import PageErrors, broken_images, launch_chromium, screenshot, serve_in_thread
 from retrieval.features.backbones import random_weights_file
-from retrieval.reports.training import history_path_for
+from retrieval.learning.history import history_path_for
 from training_history import make_history, write_history
 
 CLASSES = ["red_circles", "blue_squares", "green_stripes", "orange_triangles", "purple_checks"]
