@@ -10,7 +10,8 @@ import numpy as np
 from PIL import Image
 
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, ImageSource, decode_for_model
-from retrieval.results import THUMBNAIL_PX, Hit, IndexInfo, Prediction, SearchResult, vote
+from retrieval.learning.metrics import vote
+from retrieval.results import THUMBNAIL_PX, Hit, IndexInfo, Prediction, SearchResult
 
 if TYPE_CHECKING:
     from retrieval.search.index import Hit as StoredHit, ImageIndex, IndexSnapshot
@@ -117,8 +118,10 @@ class Index:
         query as for search(). An indexed image is its own nearest neighbour, so it votes for its own label:
         predict new images, or see evaluate() for leave-one-out accuracy."""
         found = self.search(query, k)
-        label, votes, voters = vote(found.hits)
-        return Prediction(label, votes, voters, found)
+        voted = vote(found.hits, len(found.hits)) if found.hits else None   # the same vote as the API and evaluate-index
+        if voted is None:
+            return Prediction(None, 0, 0, found)
+        return Prediction(voted["label"], voted["votes"], voted["k"], found)
 
     # inside
     def _embed(self, query: Query) -> tuple[IndexSnapshot, np.ndarray, str, Image.Image | None]:

@@ -94,23 +94,6 @@ class IndexInfo:
     labels: dict[str | None, int]     # images per label (None: unlabelled)
 
 
-def vote(hits: list[Hit]) -> tuple[str | None, int, int]:
-    """The hits' majority vote, nearest first -> (label, votes, voters). Ties: the label whose votes have the
-    smaller summed distance, then the one seen first. Unlabelled hits do not vote; (None, 0, 0) when none has a label.
-    (The same rule as the evaluation's kNN vote.)"""
-    tally: dict[str, list] = {}          # label -> [votes, summed distance, first rank]
-    for rank, hit in enumerate(hits):
-        if hit.label is None:
-            continue
-        t = tally.setdefault(hit.label, [0, 0.0, rank])
-        t[0] += 1
-        t[1] += hit.distance
-    if not tally:
-        return None, 0, 0
-    label, (votes, _, _) = min(tally.items(), key=lambda kv: (-kv[1][0], kv[1][1], kv[1][2]))
-    return label, votes, sum(t[0] for t in tally.values())
-
-
 # --- HTML -------------------------------------------------------------------------------------------
 
 def image_data_uri(img: Image.Image) -> str:
