@@ -14,7 +14,7 @@ from flask.blueprints import BlueprintSetupState
 from markupsafe import Markup
 from sqlalchemy.exc import SQLAlchemyError
 
-from retrieval.catalog.catalog import CATALOG_FILE, CatalogUnavailable, db_error_reason
+from retrieval.catalog import CATALOG_FILE, CatalogUnavailable, db_error_reason
 from retrieval.learning.evaluation import EvaluationError, compare_indexes, evaluate_index, precision_at_k_svg
 from retrieval.search.index import weights_label
 from retrieval.features.model_info import LayerTable, filters_png, layer_table
@@ -187,7 +187,7 @@ def evaluation() -> Response:
     return Response(html, headers={"Refresh": str(EVALUATION_REFRESH_S)} if not fresh else {})
 
 
-def _training_source(settings) -> tuple[Path | None, str]:  # noqa: ANN001 - retrieval.catalog.catalog.IndexSettings
+def _training_source(settings) -> tuple[Path | None, str]:  # noqa: ANN001 - retrieval.catalog.IndexSettings
     """-> (the history file to show or None, where it comes from: "given", "index" or "none")."""
     given = pages_state().training_file
     if given is not None:

@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 from retrieval.features.backbones import WeightsUnavailable, imagenet_cache_path, load_state_dict
-from retrieval.catalog.catalog import CATALOG_FILE
+from retrieval.catalog import CATALOG_FILE
 from retrieval.images.scan import IMAGE_EXTENSIONS
 
 from retrieval.samples import make_sample_collection

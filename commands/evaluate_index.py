@@ -60,7 +60,7 @@ def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: P
     """
     setup_logging(verbose)
     k_list = parse_ks(ks)
-    from retrieval.catalog.catalog import CatalogUnavailable
+    from retrieval.catalog import CatalogUnavailable
     from retrieval.learning.evaluation import EvaluationError, compare_indexes, evaluate_index
 
     try:

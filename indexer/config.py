@@ -5,7 +5,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from retrieval.catalog.catalog import Catalog, IndexSettings
+from retrieval.catalog import Catalog, IndexSettings
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, Preprocessing
 from retrieval.images.scan import DEFAULT_MAX_FILE_BYTES
 from retrieval.names import DEFAULT_RANDOM_SEED

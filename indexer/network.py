@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from retrieval.catalog.catalog import Catalog, IndexSettings
+from retrieval.catalog import Catalog, IndexSettings
 from retrieval.names import random_weights_file
 
 from indexer.config import ConfigError, JobConfig

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from retrieval.catalog.catalog import Catalog, IndexSettings
+from retrieval.catalog import Catalog, IndexSettings
 from retrieval.images.decode import Preprocessing
 from retrieval.images.scan import ImageFile
 from retrieval.system import available_cores

@@ -11,7 +11,7 @@ from PIL import Image
 from sklearn.metrics import average_precision_score
 
 from retrieval.samples import make_sample_collection
-from retrieval.catalog.catalog import Catalog
+from retrieval.catalog import Catalog
 from retrieval.learning.evaluation import (EvaluationError, chance_levels, check_labels, evaluate_index, evaluate_vectors,
                                   leave_one_out, load_labelled_vectors, precision_at_k_svg, vote, vote_labels)
 from retrieval.search.index import Hit

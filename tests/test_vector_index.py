@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.catalog.catalog import Catalog
+from retrieval.catalog import Catalog
 from retrieval.vectors.vector_index import VectorIndex
 
 

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from retrieval.catalog.catalog import Catalog, weights_label
+from retrieval.catalog import Catalog, weights_label
 from retrieval.names import DEFAULT_KS
 from retrieval.system import display_name
 

@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from retrieval.features.backbones import (MODELS, FeatureExtractor, WeightsUnavailable, build_extractor, imagenet_cache_path,
                         random_weights_file)
-from retrieval.catalog.catalog import (CATALOG_FILE, Catalog, CatalogUnavailable, IndexSettings, db_error_reason,  # noqa: F401
+from retrieval.catalog import (CATALOG_FILE, Catalog, CatalogUnavailable, IndexSettings, db_error_reason,  # noqa: F401
                       weights_label)  # weights_label: re-exported
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_for_model
 from retrieval.vectors.index_types import SearchParams, apply_search_params, search_params_of

@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Iterator
 import faiss
 import numpy as np
 
-from retrieval.catalog.catalog import Catalog
+from retrieval.catalog import Catalog
 from retrieval.vectors.index_types import FLAT, build_empty, fit_precomputed_tables, is_exact, native_ids, stored_ids, structure, walk
 from retrieval.system import available_cores
 
