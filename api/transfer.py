@@ -18,6 +18,7 @@ from retrieval.catalog import CATALOG_FILE, CatalogUnavailable, db_error_reason
 from retrieval.learning.evaluation import EvaluationError, compare_indexes, evaluate_index, precision_at_k_svg
 from retrieval.search.index import weights_label
 from retrieval.features.model_info import LayerTable, filters_png, layer_table
+from retrieval.features.weights import WeightsChoice
 from retrieval.reports.training import (HistoryError, HistoryNotFound, filter_change, filters_path_for, history_path_for,
                                        load_filters, load_history, split_counts, training_svgs)
 
@@ -156,7 +157,7 @@ def _index_version(index_dir: Path) -> tuple:
 
 def _network_name(about: dict) -> str:
     """"alexnet fc7, weights tuned.pt (sha256 ...)" or "..., weights random (seed 1)": which network made an index."""
-    seed = f" (seed {about['seed']})" if about["weights"] == "random" else ""
+    seed = f" (seed {about['seed']})" if WeightsChoice.parse(about["weights"]).is_random else ""
     return f"{about['model']} {about['layer']}, weights {about['weights_label']}{seed}"
 
 
@@ -192,8 +193,9 @@ def _training_source(settings) -> tuple[Path | None, str]:  # noqa: ANN001 - ret
     given = pages_state().training_file
     if given is not None:
         return given, "given"
-    if settings.weights not in ("imagenet", "random"):
-        return history_path_for(settings.weights), "index"
+    weights = settings.weights_choice
+    if weights.is_file:
+        return history_path_for(weights.path), "index"
     return None, "none"
 
 

@@ -18,13 +18,14 @@ from retrieval.catalog.db import (SCHEMA_LOCK_KEY, WRITER_LOCK_KEY, CatalogBusy,
                                   db_error_reason, make_engine, make_server_engine, mask_url)
 from retrieval.catalog.schema import (Base, ExtractionRow, FaissFileRow, ImageRow, IndexSettingsRow, SkippedRow,
                                       VectorIndexRow, VectorsSavedRow, blob_to_vector, utcnow, vector_to_blob)
+from retrieval.features.weights import WeightsChoice
 
 
 @dataclasses.dataclass(frozen=True)
 class IndexSettings:
     model: str
     layer: str
-    weights: str
+    weights: str               # "imagenet", "random" or a file's absolute path: str(WeightsChoice), as stored
     weights_identity: str
     seed: int
     dim: int
@@ -36,13 +37,19 @@ class IndexSettings:
     def from_row(cls, row: IndexSettingsRow) -> "IndexSettings":
         return cls(**{f.name: getattr(row, f.name) for f in dataclasses.fields(cls)})
 
+    @property
+    def weights_choice(self) -> WeightsChoice:
+        """weights as the typed choice (weights itself is the text the catalog keeps)."""
+        return WeightsChoice.parse(self.weights)
+
 
 def weights_label(settings: IndexSettings) -> str:
     """The weights as shown to anyone: "imagenet", "random", or a file's name and short hash, never its path."""
-    if settings.weights in ("imagenet", "random"):
-        return settings.weights
+    choice = settings.weights_choice
+    if not choice.is_file:
+        return str(choice)
     digest = settings.weights_identity.rpartition("sha256=")[2][:12]
-    return f"{Path(settings.weights).name} (sha256 {digest})" if digest else Path(settings.weights).name
+    return f"{choice.path.name} (sha256 {digest})" if digest else choice.path.name
 
 
 @dataclasses.dataclass(frozen=True)
