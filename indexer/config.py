@@ -113,10 +113,9 @@ def expected_preprocessing(stored: IndexSettings | None) -> Preprocessing:
     """The decode sizes a run will most likely use, before the network is loaded: the index's recorded ones,
     or the ImageNet standard (Preprocessing's defaults) for a new index. The network's own are checked later."""
     if stored is not None:
-        fields = dict(part.split("=", 1) for part in stored.preprocessing.split(",") if "=" in part)
         try:
-            return Preprocessing(resize_size=int(fields["resize"]), crop_size=int(fields["crop"]))
-        except (KeyError, ValueError):
+            return Preprocessing.from_record(stored.preprocessing)
+        except ValueError:
             pass
     return Preprocessing()
 

@@ -33,12 +33,10 @@ def load_network(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None,
         raise ConfigError(f"the weights now at {str(chosen['weights'])!r} differ from the ones this index was built "
                           f"with ({stored.weights_identity}); use another index folder")
     if stored is None:
-        p = extractor.preprocessing
         catalog.save_settings(IndexSettings(
             model=chosen["model"], layer=chosen["layer"], weights=str(chosen["weights"]), weights_identity=identity,
             seed=chosen["seed"], dim=extractor.dim, normalize=chosen["normalize"], data_dir=chosen["data_dir"],
-            preprocessing=f"resize={p.resize_size},crop={p.crop_size},mean={list(p.mean)},std={list(p.std)},"
-                          "interpolation=bilinear"))
+            preprocessing=extractor.preprocessing.to_record()))
     return extractor
 
 
