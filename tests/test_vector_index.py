@@ -55,6 +55,25 @@ def test_remove_and_save_roundtrip(tmp_path):
     assert not list(tmp_path.glob(".*tmp")), "no temporary file left behind"
 
 
+def test_a_failed_save_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import faiss
+
+    old = VectorIndex(16)
+    old.add(np.arange(3), random_vectors(3, 16))
+    old.save(tmp_path / "v.faiss")
+    before = (tmp_path / "v.faiss").read_bytes()
+
+    def full_disk(index, writer):   # the temporary file is open (empty) when the write fails
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(faiss, "write_index", full_disk)
+    with pytest.raises(OSError):
+        VectorIndex(16).save(tmp_path / "v.faiss")
+
+    assert (tmp_path / "v.faiss").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.faiss"]
+
+
 def test_unreadable_or_wrong_shape_file_is_ignored(tmp_path):
     (tmp_path / "bad.faiss").write_bytes(b"garbage")
     assert VectorIndex.load(tmp_path / "bad.faiss", 16) is None

@@ -13,6 +13,7 @@ from torch import nn
 from torchvision import models
 
 from retrieval.features.digests import file_sha256
+from retrieval.files import atomic_write
 from retrieval.features.weights import WeightsChoice, WeightsUnavailable
 from retrieval.images.decode import Preprocessing
 from retrieval.names import DEFAULT_RANDOM_SEED, LAYERS, MODEL_NAMES, random_weights_file
@@ -90,11 +91,10 @@ def load_state_dict(model: str, weights: WeightsChoice | str, index_dir: Path | 
         if not path.exists():
             if not create:
                 raise WeightsUnavailable(f"the index's random weights file {path} is missing; re-index to recreate it")
-            tmp = path.with_suffix(".tmp")
-            torch.save(random_state_dict(model, seed), tmp)
-            os.replace(tmp, path)
+            state = random_state_dict(model, seed)
+            atomic_write(path, lambda f: torch.save(state, f))
             log.info("generated random %s weights (seed %d) in %s", model, seed, path)
-        state = _load_file(path, mmap=True)   # written by us, replaced whole (os.replace), never rewritten in place
+        state = _load_file(path, mmap=True)   # written by us, replaced whole (atomic_write), never rewritten in place
         return state, f"random:sha256={file_sha256(path)}"
 
     path = choice.path
