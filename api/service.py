@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from flask import Flask, current_app
 
-from retrieval.catalog.catalog import ImageRecord
+from retrieval.catalog import ImageRecord
 from retrieval.images.decode_pool import DecodePool, DecoderBusy
 from retrieval.learning.metrics import vote
 from retrieval.images.decode import ImageDecodeError

@@ -95,7 +95,7 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
     setup_logging(verbose, quiet=as_json)
     from sqlalchemy.exc import SQLAlchemyError
 
-    from retrieval.catalog.catalog import db_error_reason
+    from retrieval.catalog import db_error_reason
     from retrieval.vectors.index_types import IndexTypeConfig
 
     from indexer.run import ConfigError, JobConfig, run_index

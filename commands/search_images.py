@@ -39,7 +39,8 @@ def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device:
     except OSError as exc:
         raise UserError(f"cannot read {query_image}: {exc.strerror or exc}") from exc
     with collector_paused():   # torch, FAISS and the network load sooner with the garbage collector off
-        from retrieval.features.backbones import DeviceUnavailable, WeightsUnavailable, weights_error_message
+        from retrieval.features.backbones import DeviceUnavailable
+        from retrieval.features.weights import WeightsUnavailable, weights_error_message
         from retrieval.search.index import ImageIndex, IndexNotFound, IndexUnavailable, WeightsMismatch
 
         try:

@@ -74,7 +74,7 @@ def check_index(index_dir: Path, db_url: str | None = None) -> tuple[int, str]:
     """-> (image count, "model layer") of the index, or a UserError saying to run index-images first."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from retrieval.catalog.catalog import Catalog, CatalogUnavailable, db_error_reason
+    from retrieval.catalog import Catalog, CatalogUnavailable, db_error_reason
 
     try:
         catalog = Catalog(index_dir, url=db_url)
@@ -154,7 +154,7 @@ def show_config(ctx: click.Context, overrides: dict[str, tuple[Any, str]]) -> No
             setting = settings.pop(f"RETRIEVAL_{OPTION_SETTINGS[p.name]}")
             value, source = setting.value, source if source != "default" else setting.source
         if p.name == "db_url" and value:   # never print a password
-            from retrieval.catalog.catalog import mask_url
+            from retrieval.catalog import mask_url
 
             value = mask_url(value)
         rows.append((p.opts[-1], value, source))
@@ -235,7 +235,7 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
     count, network = check_index(index_dir, db_url)
     if compare_index is not None:
         check_index(compare_index)
-    from retrieval.catalog.catalog import mask_url   # light by now: check_index imported it
+    from retrieval.catalog import mask_url   # light by now: check_index imported it
 
     where = f"{index_dir} (catalog {mask_url(db_url)})" if db_url else str(index_dir)
     app_config = {key: value for key, (value, _source) in overrides.items()}

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from retrieval.catalog.catalog import Catalog
+from retrieval.catalog import Catalog
 from retrieval.names import FAISS_FILE
 from retrieval.system import display_name
 from retrieval.vectors.index_types import IndexTypeError

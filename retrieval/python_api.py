@@ -63,7 +63,7 @@ class Index:
 
     @property
     def info(self) -> IndexInfo:
-        from retrieval.catalog.catalog import weights_label
+        from retrieval.catalog import weights_label
 
         snapshot = self._index.snapshot()
         s = snapshot.settings

@@ -96,7 +96,7 @@ def test_index_dir_from_the_environment(runner, data, tmp_path, monkeypatch):
 
 
 def test_bf16_on_the_cpu_is_refused_before_any_work_and_each_runs_precision_is_recorded(runner, data, tmp_path):
-    from retrieval.catalog.catalog import Catalog
+    from retrieval.catalog import Catalog
 
     index_dir = str(tmp_path / "index")
     result = runner.invoke(index_images, [str(data), "--index-dir", index_dir, "--weights", "random", "--device", "cpu",

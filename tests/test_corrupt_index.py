@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from api import create_app
-from retrieval.catalog.catalog import CATALOG_FILE
+from retrieval.catalog import CATALOG_FILE
 
 
 def corrupt_table_root(db_file, table: str) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from retrieval.samples import make_sample_collection
-from retrieval.catalog.catalog import Catalog
+from retrieval.catalog import Catalog
 from retrieval.search.index import ImageIndex
 from retrieval.names import FAISS_FILE
 from retrieval.vectors.vector_index import VectorIndex

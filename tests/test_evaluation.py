@@ -10,7 +10,7 @@ from PIL import Image
 from sklearn.metrics import average_precision_score
 
 from retrieval.samples import make_sample_collection
-from retrieval.catalog.catalog import Catalog
+from retrieval.catalog import Catalog
 from retrieval.learning.evaluation import EvaluationError, evaluate_index, load_labelled_vectors
 from retrieval.learning.metrics import chance_levels, check_labels, evaluate_vectors, leave_one_out, vote, vote_labels
 from retrieval.search.index import Hit

@@ -14,7 +14,7 @@ from PIL import Image
 from api.gunicorn_worker import MAX_HEAD_BYTES, RequestReadAhead
 from api.query_input import MAX_IMAGE_ID
 from conftest import build_index
-from retrieval.catalog.catalog import Catalog
+from retrieval.catalog import Catalog
 from test_serve_cli import serve_images
 
 ID_ROUTES = ("/images/{}", "/images/{}/thumbnail", "/images/{}/neighbours", "/gallery/{}")

@@ -317,6 +317,38 @@ def test_the_image_module_does_not_import_torch():
 
 # --- preprocessing ------------------------------------------------------------------------------------
 
+# The preprocessing text indexes have recorded since the first one (indexer/network.py's f-string until the
+# record moved into Preprocessing.to_record): AlexNet's and VGG16's ImageNet transforms, and a made-up one.
+RECORDS_WRITTEN = [
+    "resize=256,crop=224,mean=[0.485, 0.456, 0.406],std=[0.229, 0.224, 0.225],interpolation=bilinear",
+    "resize=232,crop=200,mean=[0.5, 0.5, 0.5],std=[0.25, 0.125, 1.0],interpolation=bilinear",
+]
+
+
+@pytest.mark.parametrize("record", RECORDS_WRITTEN)
+def test_preprocessing_records_round_trip(record):
+    prep = images.Preprocessing.from_record(record)
+    assert prep.to_record() == record
+
+
+def test_preprocessing_record_as_written_before():
+    for prep in (preprocessing_for("alexnet"), preprocessing_for("vgg16"), images.Preprocessing(232, 200)):
+        p = prep   # the f-string indexer/network.py wrote
+        before = (f"resize={p.resize_size},crop={p.crop_size},mean={list(p.mean)},std={list(p.std)},"
+                  "interpolation=bilinear")
+        assert prep.to_record() == before
+        assert images.Preprocessing.from_record(before) == prep
+    assert images.Preprocessing.from_record(RECORDS_WRITTEN[0]) == preprocessing_for("alexnet")
+
+
+@pytest.mark.parametrize("text", ["", "resize=256,crop=224", "resize=256,crop=224,mean=[0.5, 0.5],std=[1.0, 1.0, 1.0],"
+                                  "interpolation=bilinear", "resize=x,crop=224,mean=[1.0, 1.0, 1.0],std=[1.0, 1.0, 1.0],"
+                                  "interpolation=bilinear", RECORDS_WRITTEN[0] + ",extra=1"])
+def test_preprocessing_record_refuses_other_text(text):
+    with pytest.raises(ValueError):
+        images.Preprocessing.from_record(text)
+
+
 def test_preprocessing_matches_the_weights_own_transforms():
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (300, 410, 3), dtype=np.uint8))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from retrieval.samples import make_sample_collection
-from retrieval.catalog.catalog import Catalog
+from retrieval.catalog import Catalog
 from retrieval.vectors.builder import IndexBuilder, maintain_vectors
 from retrieval.vectors import index_types
 from retrieval.vectors.index_types import (FLAT, IndexTypeConfig, IndexTypeError, SearchParams, apply_search_params,

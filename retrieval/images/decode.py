@@ -7,6 +7,7 @@ import io
 import logging
 import math
 import os
+import re
 import struct
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,6 +75,11 @@ def decode_error(exc: BaseException) -> ImageDecodeError:
     return ImageDecodeError(f"cannot decode image ({type(exc).__name__}: {exc})")
 
 
+# The catalog's record of a Preprocessing (IndexSettings.preprocessing), as every index has written it:
+# "resize=256,crop=224,mean=[0.485, 0.456, 0.406],std=[0.229, 0.224, 0.225],interpolation=bilinear"
+_RECORD = re.compile(r"resize=(\d+),crop=(\d+),mean=\[([^\]]*)\],std=\[([^\]]*)\],interpolation=bilinear")
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
     """Resize the shorter side, centre-crop, and normalise: the weights' own transform settings."""
@@ -81,6 +87,20 @@ class Preprocessing:
     crop_size: int = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def to_record(self) -> str:
+        """The text an index records of it: "resize=256,crop=224,mean=[...],std=[...],interpolation=bilinear"."""
+        return (f"resize={self.resize_size},crop={self.crop_size},mean={list(self.mean)},std={list(self.std)},"
+                "interpolation=bilinear")
+
+    @classmethod
+    def from_record(cls, text: str) -> Preprocessing:
+        """The Preprocessing an index recorded (to_record's text). Raises ValueError for any other text."""
+        match = _RECORD.fullmatch(text)
+        if match is None:
+            raise ValueError(f"not a preprocessing record: {text!r}")
+        resize, crop, mean, std = match.groups()
+        return cls(resize_size=int(resize), crop_size=int(crop), mean=_floats(mean), std=_floats(std))
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """torchvision's resize(int) rule: the shorter side becomes resize_size."""
@@ -109,6 +129,14 @@ class Preprocessing:
         mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
         return (batch.float() / 255.0 - mean) / std
+
+
+def _floats(text: str) -> tuple[float, float, float]:
+    """"0.485, 0.456, 0.406" -> (0.485, 0.456, 0.406). Raises ValueError."""
+    values = tuple(float(part) for part in text.split(","))
+    if len(values) != 3:
+        raise ValueError(f"want three channel values, not {text!r}")
+    return values
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.catalog.catalog import Catalog, weights_label
+from retrieval.catalog import Catalog, weights_label
 from retrieval.learning.metrics import EvaluationError, evaluate_vectors   # EvaluationError: the metrics' check_labels raises it too
 from retrieval.names import DEFAULT_KS
 from retrieval.system import display_name
