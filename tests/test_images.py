@@ -176,7 +176,7 @@ def test_a_path_decodes_like_its_bytes_and_is_read_in_chunks(tmp_path, monkeypat
     data = encode(two_colour((300, 200)), "PNG")
     path.write_bytes(data)
     reads: list[int] = []
-    real_open = open
+    real_open = images.open_regular
 
     class Recording:
         def __init__(self, f):
@@ -195,7 +195,7 @@ def test_a_path_decodes_like_its_bytes_and_is_read_in_chunks(tmp_path, monkeypat
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(images, "open", lambda p, mode="r": Recording(real_open(p, mode)), raising=False)
+    monkeypatch.setattr(images, "open_regular", lambda p: Recording(real_open(p)))
     monkeypatch.setattr(images, "READ_CHUNK", 1024)
     from_path = decode_for_model(path, preprocessing_for("alexnet"))
     from_str = decode_for_model(str(path), preprocessing_for("alexnet"))
@@ -210,7 +210,7 @@ def test_a_path_decodes_like_its_bytes_and_is_read_in_chunks(tmp_path, monkeypat
 @pytest.mark.parametrize("make, reason", [
     (lambda tmp: tmp / "missing.jpg", "cannot read file"),
     (lambda tmp: tmp, "cannot read file"),                                  # a folder
-    (lambda tmp: (tmp / "empty.jpg").write_bytes(b"") and tmp / "empty.jpg", "empty file"),
+    (lambda tmp: (tmp / "empty.jpg").write_bytes(b"") or tmp / "empty.jpg", "empty file"),   # write_bytes: 0
 ])
 def test_unreadable_paths_raise_a_decode_error(tmp_path, make, reason):
     with pytest.raises(ImageDecodeError, match=reason):
