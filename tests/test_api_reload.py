@@ -12,7 +12,7 @@ from pathlib import Path
 from api import create_app
 from retrieval.samples import make_sample_collection
 
-from conftest import wait_for
+from helpers.waiting import wait_for
 
 RELOAD_WITHIN_S = 10.0
 

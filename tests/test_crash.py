@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -13,11 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.indexes import committed_rows, snapshot
 from retrieval.samples import make_sample_collection
-from retrieval.catalog.catalog import Catalog
 from retrieval.search.index import ImageIndex
-from retrieval.names import FAISS_FILE
-from retrieval.vectors.vector_index import VectorIndex
 
 N_IMAGES = 60
 
@@ -25,32 +22,6 @@ N_IMAGES = 60
 def index_command(data: Path, index_dir: Path) -> list[str]:
     return [sys.executable, "-c", "from commands.index_images import main; main()", str(data), "--index-dir", str(index_dir),
             "--weights", "random", "--batch-size", "1", "--workers", "0", "--json"]
-
-
-def committed_rows(index_dir: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{index_dir / 'catalog.db'}?mode=ro", uri=True, timeout=1) as db:
-            return db.execute("SELECT count(*) FROM images").fetchone()[0]
-    except sqlite3.OperationalError:   # not created yet, or the table is not there yet
-        return 0
-
-
-def snapshot(index_dir: Path, url: str | None = None) -> dict[str, np.ndarray]:
-    """path -> stored vector, after checking the catalog and FAISS agree."""
-    cat = Catalog(index_dir, url=url)
-    try:
-        states = cat.file_states()
-        ids = cat.ids()
-        assert len(states) == len(ids), "one row per path"
-        faiss_ids = VectorIndex.load(index_dir / FAISS_FILE, 4096).ids()
-        assert len(faiss_ids) == len(set(faiss_ids.tolist())), "no duplicate FAISS ids"
-        assert np.array_equal(np.sort(faiss_ids), ids), "every FAISS id has a row and every row its FAISS entry"
-        by_id = {}
-        for chunk_ids, vecs in cat.vectors():
-            by_id.update(zip(chunk_ids.tolist(), vecs))
-        return {path: by_id[i] for path, (i, _s, _m) in states.items()}
-    finally:
-        cat.close()
 
 
 @pytest.fixture(scope="module")

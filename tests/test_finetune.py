@@ -26,7 +26,7 @@ from retrieval.catalog.catalog import Catalog
 from retrieval.learning.evaluation import load_labelled_vectors, pairwise_distances, vote_labels
 from retrieval.learning.finetune import stratified_split
 
-from conftest import build_index
+from helpers.indexes import build_index
 
 PER_CLASS = 30          # 3 colour classes: 63 train / 27 validation images with --val-fraction 0.3
 HISTORY_KEYS = {"version", "created_at", "data_dir", "model", "weights", "weights_seed", "train", "head", "optimizer",

@@ -13,9 +13,9 @@ from PIL import Image
 
 from api.gunicorn_worker import MAX_HEAD_BYTES, RequestReadAhead
 from api.query_input import MAX_IMAGE_ID
-from conftest import build_index
+from helpers.indexes import build_index
 from retrieval.catalog.catalog import Catalog
-from test_serve_cli import serve_images
+from helpers.servers import serve_images
 
 ID_ROUTES = ("/images/{}", "/images/{}/thumbnail", "/images/{}/neighbours", "/gallery/{}")
 HOSTILE_IDS = [

@@ -13,6 +13,7 @@ import faiss
 import numpy as np
 import pytest
 
+from helpers.indexes import committed_rows
 from retrieval.samples import make_sample_collection
 from retrieval.catalog.catalog import Catalog
 from retrieval.vectors.builder import IndexBuilder, maintain_vectors
@@ -220,15 +221,6 @@ def index_command(data: Path, index_dir: Path) -> list[str]:
     return [sys.executable, "-c", "from commands.index_images import main; main()", str(data), "--index-dir", str(index_dir),
             "--weights", "random", "--batch-size", "1", "--workers", "0", "--index-type", TRAINED,
             "--recall-queries", "20", "--json"]
-
-
-def committed_rows(index_dir: Path) -> int:
-    import sqlite3
-    try:
-        with sqlite3.connect(f"file:{index_dir / 'catalog.db'}?mode=ro", uri=True, timeout=1) as db:
-            return db.execute("SELECT count(*) FROM images").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
 
 
 def state(index_dir: Path) -> tuple[dict, dict, dict]:

@@ -18,7 +18,7 @@ from retrieval.search.index import ImageIndex
 from retrieval.names import FAISS_FILE
 from retrieval.vectors.vector_index import VectorIndex
 
-from test_images import bad_files
+from helpers.images import bad_files
 
 
 @pytest.fixture

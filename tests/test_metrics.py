@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from test_serve_cli import serve_images
+from helpers.servers import serve_images
 
 CONCURRENCY = 6     # clients at once: a worker's threads share forward passes
 

@@ -17,8 +17,7 @@ import pytest
 
 from retrieval.samples import make_sample_collection
 
-from conftest import build_index
-from test_crash import committed_rows, snapshot
+from helpers.indexes import build_index, committed_rows, snapshot
 
 N_IMAGES = 20
 BAD_FILE = "red_circles/corrupt.jpg"

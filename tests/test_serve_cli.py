@@ -1,63 +1,18 @@
 """`serve-images` (commands.serve_images): refuses a missing index clearly; serves the API under gunicorn; `flask --app api` works."""
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Iterator
 
 import requests
 from click.testing import CliRunner
 
 from commands.serve_images import bind_address, main
-from training_history import make_history, write_history
-
-SERVE = [sys.executable, "-c", "from commands.serve_images import main; main()"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve_images(index_dir: Path, log_file: Path, *args: str, **env: str) -> Iterator[str]:
-    """A real `serve-images` (gunicorn) on a free 127.0.0.1 port, logging to log_file; yields its base URL.
-
-    Stops it with SIGTERM and asserts it exited 0.
-    """
-    port = free_port()
-    env = {**os.environ, "RETRIEVAL_RELOAD_INTERVAL_S": "0", **env}
-    with open(log_file, "w") as log:
-        server = subprocess.Popen([*SERVE, "--index-dir", str(index_dir), "--port", str(port), *args],
-                                  stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, log_file.read_text()
-            try:
-                if requests.get(base + "/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:   # not listening yet, or the worker is still loading
-                pass
-            assert time.monotonic() < deadline, "serve-images did not come up within 120 s"
-            time.sleep(0.25)
-        yield base
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    assert server.returncode == 0, log_file.read_text()
+from helpers.servers import SERVE, serve_images
+from helpers.training_history import make_history, write_history
 
 
 def test_help_answers_without_loading_torch_or_faiss():

@@ -15,8 +15,8 @@ from retrieval.samples import make_sample_collection
 from retrieval.features.backbones import random_weights_file
 from retrieval.names import FAISS_FILE
 
-from postgres_server import PASSWORD
-from test_serve_cli import serve_images
+from helpers.postgres import PASSWORD
+from helpers.servers import serve_images
 
 
 def search(base: str, image: bytes, k: int = 3) -> list[dict]:

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,8 @@ import psutil
 import pytest
 import requests
 
-from browser import PageErrors, broken_images, launch_chromium, screenshot
+from helpers.browser import PageErrors, broken_images, launch_chromium, screenshot
+from helpers.servers import free_port
 from retrieval.samples import make_sample_collection
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,12 +73,6 @@ def run_command(args: list[str], cwd: Path, timeout: int = COMMAND_S) -> subproc
 
 def described(result: subprocess.CompletedProcess) -> str:
     return f"$ {' '.join(result.args)}\nexit status {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def log_tail(path: Path, lines: int = 60) -> str:
