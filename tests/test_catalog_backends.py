@@ -76,6 +76,7 @@ def test_the_catalog_records_when_the_faiss_file_was_saved_per_index_folder(cata
     assert not catalog.vectors_in_step(), "a committed batch makes the FAISS file stale"
 
 
+@pytest.mark.postgres
 def test_a_reader_of_an_empty_database_is_told_to_index_first(postgres_url, tmp_path):
     with pytest.raises(FileNotFoundError, match="no index in the database .*run index-images first"):
         Catalog(tmp_path / "index", url=postgres_url)
@@ -97,6 +98,7 @@ def test_an_unreachable_server_is_a_clear_error_without_the_password(tmp_path):
         Catalog(tmp_path / "index", url="no url at all")
 
 
+@pytest.mark.postgres
 def test_the_writer_lock_is_held_by_one_process_and_released_when_it_is_killed(postgres_url, tmp_path):
     Catalog(tmp_path / "index", create=True, url=postgres_url).close()
     holder = subprocess.Popen(

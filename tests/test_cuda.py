@@ -18,8 +18,9 @@ from retrieval.images.decode import Preprocessing, decode_for_model, inspect_jpe
 
 from helpers.indexes import build_index
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU (CI has none; benchmarks/gpu_check.sh runs these on one)")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="needs a CUDA GPU (CI has none; benchmarks/gpu_check.sh runs these on one)")]
 
 
 @pytest.fixture(scope="module")

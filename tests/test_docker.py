@@ -15,6 +15,8 @@ import requests
 from helpers.servers import free_port
 from retrieval.samples import make_sample_collection
 
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
 REPO = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = REPO / "docker" / "build-images.sh"   # base image (cached by content), then docker-compose build
 IMAGE = "cnn-image-retrieval:latest"        # docker-compose.yml's image name

@@ -10,6 +10,8 @@ from api import create_app
 from helpers.browser import launch_chromium
 from helpers.servers import serve_in_thread
 
+pytestmark = pytest.mark.browser
+
 QUERY = "orange_triangles/orange_triangles_003.jpg"
 
 

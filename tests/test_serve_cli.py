@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import requests
 from click.testing import CliRunner
 
@@ -52,6 +53,7 @@ def test_a_missing_compare_index_or_training_file_exits_2(sample_index, tmp_path
     assert result.exit_code == 2 and "--training" in result.output and "does not exist" in result.output, result.output
 
 
+@pytest.mark.slow
 def test_serve_images_shows_a_training_history_and_a_second_index(sample_index, compare_index, tmp_path):
     history = write_history(tmp_path / "tuned.history.json", make_history(sample_index.data_dir, ["red_circles", "blue_squares"]))
     with serve_images(sample_index.index_dir, tmp_path / "server.log", "--training", str(history),
@@ -70,6 +72,7 @@ def test_bind_address_brackets_ipv6():
     assert bind_address("::1", 8000) == "[::1]:8000"
 
 
+@pytest.mark.slow
 def test_serve_images_answers_over_http_and_stops_cleanly(sample_index, tmp_path):
     log = tmp_path / "server.log"
     with serve_images(sample_index.index_dir, log, "--threads", "4") as base:
@@ -95,6 +98,7 @@ def _recv_until_closed(sock: socket.socket, limit_s: float) -> bytes:
     return data
 
 
+@pytest.mark.slow
 def test_stalled_clients_do_not_starve_the_others_and_are_dropped_after_the_read_timeout(sample_index, tmp_path):
     read_timeout = 4
     query = (sample_index.data_dir / "purple_checks" / "purple_checks_000.jpg").read_bytes()
@@ -133,6 +137,7 @@ def test_stalled_clients_do_not_starve_the_others_and_are_dropped_after_the_read
     assert "Traceback" not in output and "unhandled error" not in output, output
 
 
+@pytest.mark.slow
 def test_flask_cli_finds_the_app_factory(sample_index):
     env = {**os.environ, "RETRIEVAL_INDEX_DIR": str(sample_index.index_dir), "RETRIEVAL_RELOAD_INTERVAL_S": "0"}
     result = subprocess.run([sys.executable, "-m", "flask", "--app", "api", "routes"], capture_output=True, text=True,

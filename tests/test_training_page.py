@@ -142,6 +142,7 @@ def base_url(app):
         yield url
 
 
+@pytest.mark.browser
 def test_the_page_in_headless_chromium(base_url, sample_index, history_file):
     write_history(history_file, make_history(sample_index.data_dir, CLASSES[:3] + HOSTILE[:2], train="all"), filters=True)
     with launch_chromium() as browser:
