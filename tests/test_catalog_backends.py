@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from sqlalchemy.exc import IntegrityError
 
+from helpers.servers import free_port
 from retrieval.catalog.catalog import Catalog, CatalogBusy, CatalogUnavailable, IndexSettings, mask_url
 
 LATIN1_LABEL = os.fsdecode(b"caf\xe9")                 # a folder named in Latin-1 on a UTF-8 system
@@ -83,11 +84,7 @@ def test_a_reader_of_an_empty_database_is_told_to_index_first(postgres_url, tmp_
 
 
 def test_an_unreachable_server_is_a_clear_error_without_the_password(tmp_path):
-    import socket
-
-    with socket.socket() as s:                 # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()                         # a port nobody listens on
     url = f"postgresql://someone:Very-Secret-1@127.0.0.1:{port}/nothing"
     with pytest.raises(CatalogUnavailable) as info:
         Catalog(tmp_path / "index", url=url)
@@ -131,8 +128,6 @@ def test_the_writer_lock_is_held_by_one_process_and_released_when_it_is_killed(p
 
 
 def test_every_command_refuses_an_unreachable_database_with_exit_2_and_never_shows_the_password(tmp_path):
-    import socket
-
     from click.testing import CliRunner
     from PIL import Image
 
@@ -141,9 +136,7 @@ def test_every_command_refuses_an_unreachable_database_with_exit_2_and_never_sho
     from commands.search_images import main as search_main
     from commands.evaluate_index import main as evaluate_main
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()                         # a port nobody listens on
     url = f"postgresql://someone:Very-Secret-1@127.0.0.1:{port}/photos"
     (tmp_path / "data").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "q.png")
