@@ -52,6 +52,11 @@ def error_response(status: int, code: str, message: str) -> Response:
 def _http_message(exc: HTTPException) -> str:
     if exc.code == 413:
         limit = request.max_content_length or 0
+        size = request.content_length
+        if size is not None and limit and size <= limit:   # under the size limit: one of the form's own limits
+            return (f"the form has more than {request.max_form_parts:,} parts or a text field over "
+                    f"{(request.max_form_memory_size or 0) / 1000:g} KB; send the image as one file part "
+                    "(multipart field 'image') or as the raw request body")
         return f"the upload is larger than the {limit / (1024 * 1024):g} MB limit"
     if exc.code == 404:
         return "no such resource: see GET /stats, POST /search, GET /images/<id>"
@@ -83,6 +88,11 @@ def register_error_handlers(app: Flask) -> None:
         # the catalog (or the recent-queries store) was deleted, replaced or corrupted under the server
         reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         _log_once(reason, exc)
+        from api.service import EXTENSION_KEY   # api.service raises this module's ApiError
+
+        service = app.extensions.get(EXTENSION_KEY)
+        if service is not None:   # /healthz tells the load balancer, which would otherwise keep sending searches
+            service.catalog_failed(reason)
         return error_response(503, "unavailable", "the index catalog cannot be read right now; try again shortly "
                                                   "(see /healthz)")
 

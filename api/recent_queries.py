@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from retrieval.catalog.catalog import blob_to_vector, make_engine, vector_to_blob
+from retrieval.catalog import blob_to_vector, make_engine, vector_to_blob
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,13 @@ import numpy as np
 import torch
 from flask import Flask, current_app
 
-from retrieval.catalog.catalog import ImageRecord
+from retrieval.catalog import ImageRecord
 from retrieval.images.decode_pool import DecodePool, DecoderBusy
-from retrieval.learning.evaluation import vote
+from retrieval.learning.metrics import vote
 from retrieval.images.decode import ImageDecodeError
 from retrieval.search.index import Hit, ImageIndex, IndexSnapshot, weights_label
 from retrieval.vectors.index_types import SearchParams
+from retrieval.names import MAX_EF_SEARCH, MAX_NPROBE
 from retrieval.system import available_cores
 
 from api import metrics
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 EXTENSION_KEY = "retrieval"
 THUMBNAIL_DECODES = 2           # thumbnails made at once (each decodes a collection file, up to MAX_PIXELS)
 DEFAULT_DECODE_PROCESSES = 2    # upload decoders when DECODE_PROCESSES is 0: bounds upload memory, whatever the cores
+CATALOG_FAILURE_SHOWN_S = 60.0  # /healthz answers 503 this long after a request failed to read the catalog
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,7 @@ class ServiceConfig:
     decode_timeout_s: float          # an upload waits at most this long for a decoder (else 503), decodes at most this long (else 415)
     max_decoded_pixels: int | None   # pixels an upload may decode to, after JPEG draft reduction (None: max_pixels only)
     decode_memory_mb: int            # memory a decoder process may add to its own baseline (RLIMIT_AS); 0: no cap
+    vote_k: int                      # neighbours that vote for predicted labels: the API's default k, everywhere
     nprobe: int                      # IVF lists searched per query; 0: as recorded with the index
     ef_search: int                   # HNSW efSearch; 0: as recorded with the index
     mmap: bool                       # memory-map the FAISS file where FAISS can
@@ -61,13 +64,14 @@ class ServiceConfig:
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> "ServiceConfig":
         """Check and convert values (environment variables arrive as JSON or strings). Raises ValueError."""
-        def number(key: str, kind: type, minimum: float) -> Any:
+        def number(key: str, kind: type, minimum: float, maximum: float | None = None) -> Any:
             try:
                 value = kind(config[key])
             except (TypeError, ValueError):
                 raise ValueError(f"{key} must be a number, not {config[key]!r}") from None
-            if value < minimum:
-                raise ValueError(f"{key} must be at least {minimum}, not {value}")
+            if value < minimum or (maximum is not None and value > maximum):
+                bounds = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+                raise ValueError(f"{key} must be {bounds}, not {value}")
             return value
 
         # Paths are made absolute here, where they enter: nothing deeper depends on the working directory
@@ -92,8 +96,9 @@ class ServiceConfig:
             max_decoded_pixels=None if config.get("MAX_DECODED_PIXELS") in (None, "", 0)
             else number("MAX_DECODED_PIXELS", int, 1),
             decode_memory_mb=number("DECODE_MEMORY_MB", int, 0),
-            nprobe=number("NPROBE", int, 0),
-            ef_search=number("EF_SEARCH", int, 0),
+            vote_k=number("DEFAULT_K", int, 1),
+            nprobe=number("NPROBE", int, 0, MAX_NPROBE),
+            ef_search=number("EF_SEARCH", int, 0, MAX_EF_SEARCH),
             mmap=str(config.get("MMAP", True)).lower() not in ("0", "false", "no", "off"),
         )
 
@@ -122,6 +127,7 @@ class RetrievalService:
         self.watcher = IndexWatcher(self.index, config.reload_interval_s, on_reload=self._count_images) \
             if config.reload_interval_s > 0 else None
         self._count_images()
+        self._catalog_failure: tuple[float, str] | None = None   # (monotonic time, reason) of the last failed read
         self.thumbnails = ThumbnailCache(config.thumbnail_dir, config.thumbnail_size, max_pixels=config.max_pixels)
         self.recent_queries = RecentQueries(config.thumbnail_dir / RECENT_QUERIES_FILE,   # shared by worker processes
                                             network=lambda: self.index.snapshot().network)
@@ -137,6 +143,14 @@ class RetrievalService:
 
     def _count_images(self) -> None:
         metrics.INDEX_IMAGES.set(len(self.index))
+
+    def catalog_failed(self, reason: str) -> None:
+        """A request could not read the catalog (a corrupt page, the database gone): /healthz says so for a while."""
+        self._catalog_failure = (time.monotonic(), reason)
+
+    def catalog_answered(self) -> None:
+        """A request read the catalog: an earlier failure is over."""
+        self._catalog_failure = None
 
     def close(self) -> None:
         if self.watcher is not None:
@@ -171,6 +185,7 @@ class RetrievalService:
         except TimeoutError:
             future.cancel()
             raise ApiError(503, "unavailable", "the server is overloaded; try again shortly") from None
+        self.catalog_answered()
         return SearchAnswer(answer.hits, answer.vector, {"width": decoded.width, "height": decoded.height},
                             {"decode": _ms(decoded_at - started), "features": round(answer.features_ms, 3),
                              "search": round(answer.search_ms, 3)}, upload.preview_jpeg)
@@ -203,8 +218,9 @@ class RetrievalService:
                             {"decode": 0.0, "features": _ms(looked_up - started), "search": search_ms})
 
     def predict(self, hits: list[Hit]) -> dict[str, Any] | None:
-        """The neighbours' vote {"label", "votes", "k"}; None when no neighbour has a label."""
-        return vote(hits, len(hits)) if hits else None
+        """The vote {"label", "votes", "k"} of the nearest hits, at most vote_k of them (the API's default k: the gallery
+        shows more neighbours than vote); None when none of them has a label."""
+        return vote(hits, min(len(hits), self.config.vote_k)) if hits else None
 
     # images
     def record(self, image_id: int, snapshot: IndexSnapshot | None = None) -> ImageRecord:
@@ -272,6 +288,9 @@ class RetrievalService:
                 log.exception("health check could not look at the index")
                 problem = f"the index cannot be checked: {type(exc).__name__}: {exc}"
         problem = self.index.problem or problem
+        failure = self._catalog_failure
+        if problem is None and failure is not None and time.monotonic() - failure[0] < CATALOG_FAILURE_SHOWN_S:
+            problem = f"requests failed to read the catalog {time.monotonic() - failure[0]:.0f} s ago: {failure[1]}"
         body: dict[str, Any] = {"status": "ok", "count": len(self.index)}
         if self.watcher is not None:
             w = self.watcher.state()

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from pathlib import Path
 
+from retrieval.files import atomic_write
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, ImageSource, jpeg_bytes, thumbnail_rgb
 
 log = logging.getLogger(__name__)
@@ -38,8 +37,6 @@ class ThumbnailCache:
             return target
         jpeg = make_thumbnail(source, self.size, max_pixels=self.max_pixels)   # never read whole into memory
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_bytes(jpeg)
-        os.replace(tmp, target)
+        atomic_write(target, jpeg, durable=False)   # a cache: a power cut may lose it, never show half of it
         log.debug("made thumbnail %s", target.name)
         return target

@@ -14,12 +14,16 @@ from flask.blueprints import BlueprintSetupState
 from markupsafe import Markup
 from sqlalchemy.exc import SQLAlchemyError
 
-from retrieval.catalog.catalog import CATALOG_FILE, CatalogUnavailable, db_error_reason
-from retrieval.learning.evaluation import EvaluationError, compare_indexes, evaluate_index, precision_at_k_svg
+from retrieval.catalog import CATALOG_FILE, CatalogUnavailable, db_error_reason
+from retrieval.learning.evaluation import EvaluationError, compare_indexes, evaluate_index
+from retrieval.learning.history import (HistoryError, HistoryNotFound, filters_path_for, history_path_for, load_filters,
+                                        load_history, split_counts)
+from retrieval.features.weights import WeightsChoice
 from retrieval.search.index import weights_label
 from retrieval.features.model_info import LayerTable, filters_png, layer_table
-from retrieval.reports.training import (HistoryError, HistoryNotFound, filter_change, filters_path_for, history_path_for,
-                                       load_filters, load_history, split_counts, training_svgs)
+from retrieval.reports.filters import filter_change
+from retrieval.reports.precision import precision_at_k_svg
+from retrieval.reports.training import training_svgs
 
 from api.service import current_service
 
@@ -156,7 +160,7 @@ def _index_version(index_dir: Path) -> tuple:
 
 def _network_name(about: dict) -> str:
     """"alexnet fc7, weights tuned.pt (sha256 ...)" or "..., weights random (seed 1)": which network made an index."""
-    seed = f" (seed {about['seed']})" if about["weights"] == "random" else ""
+    seed = f" (seed {about['seed']})" if WeightsChoice.parse(about["weights"]).is_random else ""
     return f"{about['model']} {about['layer']}, weights {about['weights_label']}{seed}"
 
 
@@ -187,13 +191,14 @@ def evaluation() -> Response:
     return Response(html, headers={"Refresh": str(EVALUATION_REFRESH_S)} if not fresh else {})
 
 
-def _training_source(settings) -> tuple[Path | None, str]:  # noqa: ANN001 - retrieval.catalog.catalog.IndexSettings
+def _training_source(settings) -> tuple[Path | None, str]:  # noqa: ANN001 - retrieval.catalog.IndexSettings
     """-> (the history file to show or None, where it comes from: "given", "index" or "none")."""
     given = pages_state().training_file
     if given is not None:
         return given, "given"
-    if settings.weights not in ("imagenet", "random"):
-        return history_path_for(settings.weights), "index"
+    weights = settings.weights_choice
+    if weights.is_file:
+        return history_path_for(weights.path), "index"
     return None, "none"
 
 

@@ -37,7 +37,7 @@ def rows(start: int, n: int) -> list[dict]:
 
 
 def measure(url: str | None, folder: Path, n: int, batch: int) -> dict[str, float]:
-    from retrieval.catalog.catalog import Catalog, IndexSettings
+    from retrieval.catalog import Catalog, IndexSettings
     from retrieval.vectors.vector_index import VectorIndex
 
     rng = np.random.default_rng(0)

@@ -62,7 +62,7 @@ def make_collection(folder: Path, n: int) -> None:
 def build_index(data: Path, index: Path, n: int, device: str | None = None) -> float | None:
     """Run index-images (on device, or its default) unless the index already holds n images; -> seconds taken
     (None when reused)."""
-    from retrieval.catalog.catalog import Catalog
+    from retrieval.catalog import Catalog
 
     if (index / "catalog.db").exists():
         catalog = Catalog(index)

@@ -76,7 +76,7 @@ class CatalogVectors:
     """The vectors of an indexed collection, from its catalog."""
 
     def __init__(self, index_dir: Path, seed: int = 0):
-        from retrieval.catalog.catalog import Catalog
+        from retrieval.catalog import Catalog
         self.catalog = Catalog(index_dir)
         self.ids = self.catalog.ids()
         self.n = len(self.ids)

@@ -8,8 +8,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from retrieval.features.backbones import WeightsUnavailable, imagenet_cache_path, load_state_dict
-from retrieval.catalog.catalog import CATALOG_FILE
+from retrieval.features.backbones import imagenet_cache_path, load_state_dict
+from retrieval.features.weights import IMAGENET, RANDOM, WeightsChoice, WeightsUnavailable
+from retrieval.catalog import CATALOG_FILE
 from retrieval.images.scan import IMAGE_EXTENSIONS
 
 from retrieval.samples import make_sample_collection
@@ -31,13 +32,13 @@ def banner(text: str) -> None:
     print("=" * width + "\n", flush=True)
 
 
-def choose_weights() -> str:
-    """ImageNet weights when they can be had, else random weights with a plain warning."""
+def choose_weights() -> WeightsChoice | None:
+    """ImageNet weights when they can be had, else random weights with a plain warning (None: the index's own)."""
     if (INDEX / CATALOG_FILE).exists():
-        return ""  # an existing index keeps its own network
+        return None  # an existing index keeps its own network
     try:
-        load_state_dict(MODEL, "imagenet", None)
-        return "imagenet"
+        load_state_dict(MODEL, IMAGENET, None)
+        return IMAGENET
     except WeightsUnavailable:
         banner(f"""
         ImageNet weights for {MODEL} are not available here (offline, not in the cache).
@@ -49,7 +50,7 @@ def choose_weights() -> str:
         {imagenet_cache_path(MODEL)}
         in place (or pass --weights PATH), then re-index into a fresh --index-dir.
         """)
-        return "random"
+        return RANDOM
 
 
 def run(args: list[str]) -> None:
@@ -64,13 +65,14 @@ def main() -> None:
         make_sample_collection(DATA, per_class=12)
     weights = choose_weights()
     try:
-        run(["index-images", str(DATA), "--index-dir", str(INDEX), *(["--weights", weights] if weights else [])])
+        run(["index-images", str(DATA), "--index-dir", str(INDEX), *(["--weights", str(weights)] if weights else [])])
         query = next(p for p in sorted(DATA.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS)
         print(f"\nSample search: the neighbours of {query}", flush=True)
         run(["search-images", str(query), "-k", "5", "--index-dir", str(INDEX)])
         if os.environ.get("DEMO_SERVE", "1") != "0" and shutil.which("serve-images", path=str(Path(sys.executable).parent)):
             port = os.environ.get("DEMO_PORT", "8000")
-            print(f"\nServing the gallery at http://127.0.0.1:{port}/  (Ctrl-C to stop)", flush=True)
+            print(f"\nStarting the gallery server on port {port} (DEMO_PORT=N make demo for another port); it says "
+                  "where to open it once it answers.", flush=True)
             serve = ["serve-images", "--index-dir", str(INDEX), "--port", port]
             print("$ " + " ".join(serve), flush=True)
             # the server takes this process's place: Ctrl-C reaches gunicorn itself, which stops its workers in order

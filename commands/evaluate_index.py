@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from retrieval.features.weights import WeightsChoice
 from retrieval.names import DEFAULT_KS
 
 from commands.options import UserError, command_settings, db_url_option, index_dir_option, setup_logging
@@ -60,7 +61,7 @@ def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: P
     """
     setup_logging(verbose)
     k_list = parse_ks(ks)
-    from retrieval.catalog.catalog import CatalogUnavailable
+    from retrieval.catalog import CatalogUnavailable
     from retrieval.learning.evaluation import EvaluationError, compare_indexes, evaluate_index
 
     try:
@@ -81,7 +82,7 @@ def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: P
 def network_text(ix: dict) -> str:
     """"alexnet fc7, weights random (seed 0), 4096-d, L2-normalised" for an evaluation's "index" entry."""
     weights = ix.get("weights_label", ix["weights"])
-    seed = f" (seed {ix['seed']})" if ix["weights"] == "random" and ix.get("seed") is not None else ""
+    seed = f" (seed {ix['seed']})" if WeightsChoice.parse(ix["weights"]).is_random and ix.get("seed") is not None else ""
     return f"{ix['model']} {ix['layer']}, weights {weights}{seed}, {ix['dim']}-d{', L2-normalised' if ix['normalize'] else ''}"
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from retrieval.features.weights import WeightsChoice, weights_error_message
 from retrieval.names import MODEL_NAMES
 
 from commands.options import UserError, command_settings, exit_without_teardown, parse_batch_size, setup_logging
@@ -70,16 +71,15 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, val_fr
     """
     setup_logging(verbose, quiet=as_json)
     requested_batch = parse_batch_size(batch_size)
-    if weights not in ("imagenet", "random"):
-        path = Path(weights).expanduser().resolve()
+    choice = WeightsChoice.parse(weights)
+    if choice.is_file:
+        path = choice.path.expanduser().resolve()
         if not path.is_file():
             raise click.BadParameter(f"{weights!r} is not 'imagenet', 'random' or a file", param_hint="'--weights'")
         weights = str(path)
 
     from retrieval.features.backbones import DeviceUnavailable, WeightsUnavailable, resolve_device
     from retrieval.learning.finetune import FineTuneConfig, FineTuneError, fine_tune
-
-    from retrieval.features.backbones import weights_error_message
 
     try:
         dev = resolve_device(device)
@@ -160,7 +160,8 @@ def _printer(verbose: bool):  # noqa: ANN202 - the report callback
 
 def _draw_plots(history_path: Path) -> list[Path]:
     """The loss, accuracy (and, with --train all, filter) charts next to the history; a failure is only a warning."""
-    from retrieval.reports.training import HistoryError, write_training_plots
+    from retrieval.learning.history import HistoryError
+    from retrieval.reports.training import write_training_plots
 
     try:
         return write_training_plots(history_path)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from retrieval.names import LAYERS, MODEL_NAMES
+from retrieval.names import LAYERS, MAX_EF_SEARCH, MAX_NPROBE, MODEL_NAMES
 
 from commands.options import (UserError, command_settings, db_url_option, exit_without_teardown, index_dir_option,
                               parse_batch_size, setup_logging)
@@ -62,10 +62,10 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
                    "index's is rebuilt from the catalog, without the network. [default: auto, or the index's]")
 @click.option("--rebuild-index", is_flag=True,
               help="Rebuild (and retrain) the FAISS file from the catalog's vectors, without the network.")
-@click.option("--nprobe", type=click.IntRange(min=1), default=None, envvar="RETRIEVAL_NPROBE", show_envvar=True,
+@click.option("--nprobe", type=click.IntRange(1, MAX_NPROBE), default=None, envvar="RETRIEVAL_NPROBE", show_envvar=True,
               help="IVF lists searched per query. [default: the smallest giving 1-recall@10 >= 0.95 on the recall "
                    "sample, or the index's]")
-@click.option("--ef-search", type=click.IntRange(min=1), default=None, envvar="RETRIEVAL_EF_SEARCH", show_envvar=True,
+@click.option("--ef-search", type=click.IntRange(1, MAX_EF_SEARCH), default=None, envvar="RETRIEVAL_EF_SEARCH", show_envvar=True,
               help="HNSW search breadth (efSearch). [default: tuned like --nprobe, or the index's]")
 @click.option("--recall-queries", type=click.IntRange(min=1), default=None,
               help="Held-out catalog vectors whose neighbours are checked against exact search after each build "
@@ -95,7 +95,7 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
     setup_logging(verbose, quiet=as_json)
     from sqlalchemy.exc import SQLAlchemyError
 
-    from retrieval.catalog.catalog import db_error_reason
+    from retrieval.catalog import db_error_reason
     from retrieval.vectors.index_types import IndexTypeConfig
 
     from indexer.run import ConfigError, JobConfig, run_index

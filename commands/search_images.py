@@ -28,11 +28,19 @@ def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device:
     environment variables (SEARCH_IMAGES_K, ...; see docs/configuration.md).
     """
     setup_logging(False)
+    from retrieval.images.decode import ImageDecodeError, Preprocessing, decode_for_model
     from retrieval.system import collector_paused
 
+    try:   # a file that is no image is refused before torch, FAISS and the network load (seconds)
+        query = query_image.read_bytes()
+        decode_for_model(query, Preprocessing())
+    except ImageDecodeError as exc:
+        raise UserError(f"cannot use {query_image} as a query: {exc}") from exc
+    except OSError as exc:
+        raise UserError(f"cannot read {query_image}: {exc.strerror or exc}") from exc
     with collector_paused():   # torch, FAISS and the network load sooner with the garbage collector off
-        from retrieval.features.backbones import DeviceUnavailable, WeightsUnavailable, weights_error_message
-        from retrieval.images.decode import ImageDecodeError
+        from retrieval.features.backbones import DeviceUnavailable
+        from retrieval.features.weights import WeightsUnavailable, weights_error_message
         from retrieval.search.index import ImageIndex, IndexNotFound, IndexUnavailable, WeightsMismatch
 
         try:
@@ -42,11 +50,9 @@ def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device:
         except WeightsUnavailable as exc:
             raise UserError(weights_error_message(exc)) from exc
     try:
-        hits, _ = index.search_image(query_image.read_bytes(), k)
+        hits, _ = index.search_image(query, k)
     except ImageDecodeError as exc:
         raise UserError(f"cannot use {query_image} as a query: {exc}") from exc
-    except OSError as exc:
-        raise UserError(f"cannot read {query_image}: {exc.strerror or exc}") from exc
     finally:
         index.close()
     if as_json:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+import errno
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -14,7 +16,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
 from commands.options import UserError, command_settings, source_of
-from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV
+from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV, MAX_EF_SEARCH, MAX_NPROBE
 from retrieval.system import available_cores, collector_paused, leave_out_triton
 
 from api.gunicorn_worker import DEFAULT_READ_TIMEOUT_S, with_read_timeout
@@ -72,7 +74,7 @@ def check_index(index_dir: Path, db_url: str | None = None) -> tuple[int, str]:
     """-> (image count, "model layer") of the index, or a UserError saying to run index-images first."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from retrieval.catalog.catalog import Catalog, CatalogUnavailable, db_error_reason
+    from retrieval.catalog import Catalog, CatalogUnavailable, db_error_reason
 
     try:
         catalog = Catalog(index_dir, url=db_url)
@@ -97,6 +99,28 @@ def check_index(index_dir: Path, db_url: str | None = None) -> tuple[int, str]:
 
 def bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise a UserError naming the way out when another program listens on host:port (gunicorn would print five
+    lines of its own retries and exit 1). Bound as gunicorn binds, with SO_REUSEADDR, and released at once."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise UserError(f"cannot listen on {host!r}: {exc.strerror} (--host)") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UserError(f"port {port} is in use on {host}: pass --port (or SERVE_IMAGES_PORT), "
+                                "or DEMO_PORT for make demo") from None
+            if exc.errno == errno.EACCES:
+                raise UserError(f"no permission to listen on port {port}: pass --port with a number above 1023") \
+                    from None
+            raise UserError(f"cannot listen on {bind_address(host, port)}: {exc.strerror or exc}") from None
 
 
 def app_overrides(ctx: click.Context) -> dict[str, tuple[Any, str]]:
@@ -130,7 +154,7 @@ def show_config(ctx: click.Context, overrides: dict[str, tuple[Any, str]]) -> No
             setting = settings.pop(f"RETRIEVAL_{OPTION_SETTINGS[p.name]}")
             value, source = setting.value, source if source != "default" else setting.source
         if p.name == "db_url" and value:   # never print a password
-            from retrieval.catalog.catalog import mask_url
+            from retrieval.catalog import mask_url
 
             value = mask_url(value)
         rows.append((p.opts[-1], value, source))
@@ -164,9 +188,9 @@ def show_config(ctx: click.Context, overrides: dict[str, tuple[Any, str]]) -> No
 @click.option("--read-timeout", type=click.FloatRange(min=0.1), default=DEFAULT_READ_TIMEOUT_S, show_default=True,
               help="Seconds a client may take to send a request's headers, or pause while sending its body; "
                    "slower or idle connections are answered 408 and closed.")
-@click.option("--nprobe", type=click.IntRange(min=1), default=None, envvar="RETRIEVAL_NPROBE", show_envvar=True,
+@click.option("--nprobe", type=click.IntRange(1, MAX_NPROBE), default=None, envvar="RETRIEVAL_NPROBE", show_envvar=True,
               help="IVF lists searched per query. [default: as index-images recorded it, tuned for recall]")
-@click.option("--ef-search", type=click.IntRange(min=1), default=None, envvar="RETRIEVAL_EF_SEARCH", show_envvar=True,
+@click.option("--ef-search", type=click.IntRange(1, MAX_EF_SEARCH), default=None, envvar="RETRIEVAL_EF_SEARCH", show_envvar=True,
               help="HNSW search breadth (efSearch). [default: as index-images recorded it]")
 @click.option("--access-log/--no-access-log", default=False, help="Log every request on stderr.")
 @click.option("--compare-index", type=click.Path(file_okay=False, resolve_path=True, path_type=Path), default=None,
@@ -207,10 +231,11 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
         return
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)   # its search for CPU-specific builds is noise
+    check_port_free(host, port)
     count, network = check_index(index_dir, db_url)
     if compare_index is not None:
         check_index(compare_index)
-    from retrieval.catalog.catalog import mask_url   # light by now: check_index imported it
+    from retrieval.catalog import mask_url   # light by now: check_index imported it
 
     where = f"{index_dir} (catalog {mask_url(db_url)})" if db_url else str(index_dir)
     app_config = {key: value for key, (value, _source) in overrides.items()}

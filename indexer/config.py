@@ -4,15 +4,17 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Callable
 
-from retrieval.catalog.catalog import Catalog, IndexSettings
+from retrieval.catalog import Catalog, IndexSettings
+from retrieval.features.weights import IMAGENET, WeightsChoice
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, Preprocessing
 from retrieval.images.scan import DEFAULT_MAX_FILE_BYTES
 from retrieval.names import DEFAULT_RANDOM_SEED
 from retrieval.system import available_cores, display_name, gpu_present
 from retrieval.vectors.index_types import IndexTypeConfig
 
-DEFAULTS = {"model": "alexnet", "layer": "fc7", "weights": "imagenet", "normalize": True}
+DEFAULTS = {"model": "alexnet", "layer": "fc7", "weights": IMAGENET, "normalize": True}
 
 MAX_WORKERS_CPU = 8    # decoding processes by default when the network runs on the CPU
 
@@ -35,7 +37,7 @@ class JobConfig:
     db_url: str | None = None         # the catalog's SQLAlchemy URL; None: SQLite in index_dir (catalog.db)
     model: str | None = None          # None: as recorded in the index, else DEFAULTS
     layer: str | None = None
-    weights: str | None = None        # "imagenet", "random" or a state dict path
+    weights: WeightsChoice | str | None = None   # "imagenet", "random" or a state dict path (text: parsed)
     normalize: bool | None = None     # L2-normalise vectors
     seed: int | None = None           # for --weights random; None: DEFAULT_RANDOM_SEED, or the index's
     device: str = "auto"
@@ -47,7 +49,9 @@ class JobConfig:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES   # larger files are skipped unread; None: no limit
     save_every_s: float = 30.0        # also save the FAISS file this often during long runs
-    progress: bool = True
+    progress: bool = True             # a tqdm bar on a terminal
+    on_progress: Callable[[int, int], None] | None = None   # on_progress(done, total) after each committed batch
+                                      # (on the writer thread; files done, of the run's files to do)
     ray: str | None = None            # None: this process; "": a new local Ray cluster (or $RAY_ADDRESS);
                                       # else the address of a running cluster ("auto", "HOST:PORT", "ray://...")
     vector_index: IndexTypeConfig = dataclasses.field(default_factory=IndexTypeConfig)   # FAISS type, training, recall
@@ -56,6 +60,8 @@ class JobConfig:
         # Absolute once, here where the paths enter: nothing deeper depends on the working directory.
         self.data_dir = Path(self.data_dir).expanduser().resolve()
         self.index_dir = Path(self.index_dir).expanduser().resolve()
+        if self.weights is not None:
+            self.weights = WeightsChoice.parse(self.weights)
 
 
 
@@ -77,7 +83,9 @@ class RunReport:
 
 
 def resolve_settings(cfg: JobConfig, stored: IndexSettings | None) -> dict:
-    """Choose model/layer/weights/normalize/seed: explicit options must agree with an existing index."""
+    """Choose model/layer/weights/normalize/seed: explicit options must agree with an existing index.
+
+    -> {"model", "layer", "weights" (a WeightsChoice, a file's path absolute), "normalize", "seed", "data_dir"}."""
     data_dir = str(Path(cfg.data_dir).resolve())
     chosen = {}
     for key in ("model", "layer", "weights", "normalize", "seed"):
@@ -86,9 +94,9 @@ def resolve_settings(cfg: JobConfig, stored: IndexSettings | None) -> dict:
             chosen[key] = ({**DEFAULTS, "seed": DEFAULT_RANDOM_SEED}[key]) if asked is None else asked
             continue
         have = getattr(stored, key)
-        if key == "weights" and asked not in (None, "imagenet", "random"):
-            asked = str(Path(asked).resolve()) if have not in ("imagenet", "random") else asked
-        if key == "seed" and stored.weights != "random":
+        if key == "weights" and asked is not None:   # compared as the text the catalog keeps
+            asked = str(asked.resolved() if asked.is_file and stored.weights_choice.is_file else asked)
+        if key == "seed" and not stored.weights_choice.is_random:
             asked = None   # the seed only matters for random weights
         if asked is not None and asked != have:
             raise ConfigError(
@@ -98,8 +106,7 @@ def resolve_settings(cfg: JobConfig, stored: IndexSettings | None) -> dict:
     if stored is not None and stored.data_dir != data_dir:
         raise ConfigError(f"the index at {cfg.index_dir} was built from {stored.data_dir}, not {data_dir}; "
                           "use another index folder for another data folder")
-    if stored is None and chosen["weights"] not in ("imagenet", "random"):
-        chosen["weights"] = str(Path(chosen["weights"]).resolve())
+    chosen["weights"] = chosen["weights"].resolved() if stored is None else stored.weights_choice
     chosen["data_dir"] = data_dir
     return chosen
 
@@ -109,10 +116,9 @@ def expected_preprocessing(stored: IndexSettings | None) -> Preprocessing:
     """The decode sizes a run will most likely use, before the network is loaded: the index's recorded ones,
     or the ImageNet standard (Preprocessing's defaults) for a new index. The network's own are checked later."""
     if stored is not None:
-        fields = dict(part.split("=", 1) for part in stored.preprocessing.split(",") if "=" in part)
         try:
-            return Preprocessing(resize_size=int(fields["resize"]), crop_size=int(fields["crop"]))
-        except (KeyError, ValueError):
+            return Preprocessing.from_record(stored.preprocessing)
+        except ValueError:
             pass
     return Preprocessing()
 

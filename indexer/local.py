@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from retrieval.catalog.catalog import Catalog, IndexSettings
+from retrieval.catalog import Catalog, IndexSettings
 from retrieval.features.digests import hash_ahead
 from retrieval.system import collector_paused
 

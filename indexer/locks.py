@@ -7,7 +7,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from retrieval.catalog.catalog import Catalog, CatalogBusy, CatalogUnavailable, catalog_sqlite_file
+from retrieval.catalog import Catalog, CatalogBusy, CatalogUnavailable, catalog_sqlite_file
 
 from indexer.config import ConfigError
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from retrieval.catalog.catalog import Catalog, IndexSettings
-from retrieval.names import random_weights_file
+from retrieval.catalog import Catalog, IndexSettings
 
 from indexer.config import ConfigError, JobConfig
 
@@ -17,8 +16,8 @@ def load_network(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None,
     """The extract stage's network: the index's recorded one (a new index records its settings here).
 
     Raises ConfigError when the weights cannot be had, differ from the recorded ones, or the device is missing."""
-    from retrieval.features.backbones import (DeviceUnavailable, PrecisionUnavailable, WeightsUnavailable, build_extractor,
-                                              weights_error_message)
+    from retrieval.features.backbones import DeviceUnavailable, PrecisionUnavailable, WeightsUnavailable, build_extractor
+    from retrieval.features.weights import weights_error_message
 
     try:
         extractor, identity = build_extractor(chosen["model"], chosen["layer"], chosen["weights"], cfg.index_dir,
@@ -31,15 +30,13 @@ def load_network(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None,
     except DeviceUnavailable as exc:
         raise ConfigError(f"{exc} (--device)") from exc
     if stored is not None and identity != stored.weights_identity:
-        raise ConfigError(f"the weights now at {chosen['weights']!r} differ from the ones this index was built "
+        raise ConfigError(f"the weights now at {str(chosen['weights'])!r} differ from the ones this index was built "
                           f"with ({stored.weights_identity}); use another index folder")
     if stored is None:
-        p = extractor.preprocessing
         catalog.save_settings(IndexSettings(
-            model=chosen["model"], layer=chosen["layer"], weights=chosen["weights"], weights_identity=identity,
+            model=chosen["model"], layer=chosen["layer"], weights=str(chosen["weights"]), weights_identity=identity,
             seed=chosen["seed"], dim=extractor.dim, normalize=chosen["normalize"], data_dir=chosen["data_dir"],
-            preprocessing=f"resize={p.resize_size},crop={p.crop_size},mean={list(p.mean)},std={list(p.std)},"
-                          "interpolation=bilinear"))
+            preprocessing=extractor.preprocessing.to_record()))
     return extractor
 
 
@@ -47,9 +44,7 @@ def load_network(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None,
 def weights_file(chosen: dict, index_dir: Path) -> Path | None:
     """The file the run's weights are loaded and hashed from: the index's random weights or a state dict file
     (None for ImageNet weights, whose identity is their name)."""
-    if chosen["weights"] == "imagenet":
-        return None
-    return random_weights_file(index_dir, chosen["model"]) if chosen["weights"] == "random" else Path(chosen["weights"])
+    return chosen["weights"].source_file(index_dir, chosen["model"])
 
 
 

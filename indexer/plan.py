@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from retrieval.catalog.catalog import CATALOG_FILE, Catalog
+from retrieval.catalog import CATALOG_FILE, Catalog
 from retrieval.images.scan import ImageFile, scan_folder
 
 from indexer.config import JobConfig

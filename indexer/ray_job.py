@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from retrieval.catalog.catalog import Catalog, IndexSettings
+from retrieval.catalog import Catalog, IndexSettings
 from retrieval.images.decode import Preprocessing
 from retrieval.images.scan import ImageFile
 from retrieval.system import available_cores
@@ -150,7 +150,7 @@ class NetworkActor:
         if device == "cpu":
             torch.set_num_threads(threads)
         try:
-            extractor, identity = build_extractor(settings.model, settings.layer, settings.weights, Path(index_dir),
+            extractor, identity = build_extractor(settings.model, settings.layer, settings.weights_choice, Path(index_dir),
                                                   device, seed=settings.seed)
         except WeightsUnavailable as exc:
             raise NetworkOnNodeError(f"node {socket.gethostname()}: {exc} (every node must see the index "

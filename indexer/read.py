@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import zlib
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -24,7 +25,7 @@ import numpy as np
 from retrieval.images.decode import (DEVICE_JPEG_EXTENSIONS, DeviceJpeg, ImageDecodeError, Preprocessing,
                              decode_for_model, inspect_jpeg)
 from retrieval.images.scan import ImageFile
-from retrieval.system import die_with_parent
+from retrieval.system import die_with_parent, time_limit
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +36,8 @@ DECODE_CHUNK = 8            # files per task sent to a worker
 TASKS_AHEAD_PER_WORKER = 4  # tasks decoded ahead of the network (bounds the memory held in decoded crops) ...
 AHEAD_BYTES = 128 << 20     # ... or this many bytes of crops, if more: the workers decode while the network loads
 WORKER_NICENESS = 10        # decoding workers run at a lower priority than the process feeding the network
+DECODE_TIME_LIMIT_S = 60.0  # one file's read and decode, in a worker or in this process; then it is skipped
+STUCK_GRACE_S = 30.0        # a worker past its task's limits by this much is stopped (a decoder stuck in C code)
 
 
 def start_worker(parent_pid: int) -> None:
@@ -58,22 +61,37 @@ def read_file(data_dir: Path, f: ImageFile, prep: Preprocessing, max_pixels: int
 
     device_share: the share of JPEGs left for the device (1: all; None or 0: none), picked by a hash of the path."""
     path = data_dir / f.path
+    too_slow = lambda: ImageDecodeError(f"reading and decoding it took longer than {DECODE_TIME_LIMIT_S:g} s")  # noqa: E731
     try:   # the decoder opens the file and reads what it needs; a file is never read whole just to be sniffed
-        if device_share and f.path.lower().endswith(DEVICE_JPEG_EXTENSIONS) \
-                and (device_share >= 1 or share_key(f.path) < device_share):
-            facts = inspect_jpeg(path, max_pixels=max_pixels)
-            if facts is not None:
-                return {"file": f, "jpeg": facts}
-        return {"file": f, "decoded": decode_for_model(path, prep, max_pixels=max_pixels)}
+        with time_limit(DECODE_TIME_LIMIT_S, too_slow):
+            return _read_file(path, f, prep, max_pixels, device_share)
     except ImageDecodeError as exc:
         return {"file": f, "error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - whatever one file raises is that file's reason, not the run's end
         return {"file": f, "error": f"cannot read or decode file: {type(exc).__name__}: {exc}"}
 
 
+def _read_file(path: Path, f: ImageFile, prep: Preprocessing, max_pixels: int | None,
+               device_share: float | None) -> dict:
+    if device_share and f.path.lower().endswith(DEVICE_JPEG_EXTENSIONS) \
+            and (device_share >= 1 or share_key(f.path) < device_share):
+        facts = inspect_jpeg(path, max_pixels=max_pixels)
+        if facts is not None:
+            return {"file": f, "jpeg": facts}
+    return {"file": f, "decoded": decode_for_model(path, prep, max_pixels=max_pixels)}
+
+
 def read_files(data_dir: Path, files: list[ImageFile], prep: Preprocessing, max_pixels: int | None,
                device_share: float | None = None) -> list[dict]:
     return [read_file(data_dir, f, prep, max_pixels, device_share) for f in files]
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Shut a pool down without waiting for the decodes in flight: its processes are killed."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        proc.kill()
 
 
 def share_key(path: str) -> float:
@@ -154,10 +172,7 @@ class Reader:
 
     def close(self) -> None:
         if self._pool is not None:
-            processes = list((getattr(self._pool, "_processes", None) or {}).values())
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            for proc in processes:   # do not wait for decodes in flight
-                proc.kill()
+            _stop(self._pool)
             self._pool = None
 
     def _fill(self) -> None:
@@ -174,18 +189,26 @@ class Reader:
         self._next = task
 
     def _one_by_one(self, task: int) -> list[dict]:
-        """The files of a task whose worker died, each in a process of its own; a file that kills it is skipped."""
+        """The files of a task whose worker died or got stuck, each in a process of its own; a file that kills its
+        process, or keeps it past the time limit, is skipped."""
         items = []
         for f in self.tasks[task]:
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"), initializer=start_worker,
-                                     initargs=(os.getpid(),)) as alone:
-                try:
-                    items += alone.submit(read_files, self.data_dir, [f], self.prep, self.max_pixels,
-                                          self.device_share).result()
-                except BrokenProcessPool:
-                    log.warning("decoding %s killed its worker process; skipped", f.path)
-                    items.append({"file": f, "error": "decoding it killed the worker process (out of memory, "
-                                                      "or a crash in the image decoder)"})
+            alone = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"), initializer=start_worker,
+                                        initargs=(os.getpid(),))
+            try:
+                items += alone.submit(read_files, self.data_dir, [f], self.prep, self.max_pixels,
+                                      self.device_share).result(timeout=DECODE_TIME_LIMIT_S + STUCK_GRACE_S)
+            except BrokenProcessPool:
+                log.warning("decoding %s killed its worker process; skipped", f.path)
+                items.append({"file": f, "error": "decoding it killed the worker process (out of memory, "
+                                                  "or a crash in the image decoder)"})
+            except FutureTimeout:
+                log.warning("decoding %s did not end in time; its worker process was stopped and the file skipped",
+                            f.path)
+                items.append({"file": f, "error": f"reading and decoding it took longer than "
+                                                  f"{DECODE_TIME_LIMIT_S + STUCK_GRACE_S:g} s (the decoder was stopped)"})
+            finally:
+                _stop(alone)
         return items
 
     def _items(self) -> Iterator[dict]:
@@ -196,10 +219,16 @@ class Reader:
         self._fill()
         task = self._next - len(self._pending)
         while self._pending:
-            try:
-                items = self._pending.popleft().result()
+            try:   # each file has DECODE_TIME_LIMIT_S in its worker; past that and a grace, the worker is stuck
+                items = self._pending.popleft().result(
+                    timeout=len(self.tasks[task]) * DECODE_TIME_LIMIT_S + STUCK_GRACE_S)
             except BrokenProcessPool:
                 log.warning("a decoding worker died; trying the files of its batch one at a time")
+                items = self._one_by_one(task)
+                self._restart_from(task + 1)
+            except FutureTimeout:
+                log.warning("a decoding worker is stuck; stopping it and trying the files of its batch one at a time")
+                self.close()
                 items = self._one_by_one(task)
                 self._restart_from(task + 1)
             task += 1

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from retrieval.catalog.catalog import Catalog
+from retrieval.catalog import Catalog
 from retrieval.names import FAISS_FILE
 from retrieval.system import display_name
 from retrieval.vectors.index_types import IndexTypeError
@@ -50,6 +50,7 @@ class Writer:
         record_refused(plan, catalog)
         self.last_save = time.monotonic()
         self.bar = progress_bar(cfg, plan)
+        self.on_progress, self.done, self.todo = cfg.on_progress, 0, len(plan.todo)
         self.stage: StageThread | None = None   # the writer thread, while in the with block
 
     def write(self, rows: list[dict], feats: np.ndarray, bad: list[dict]) -> None:
@@ -72,6 +73,9 @@ class Writer:
             self.save()
             self.last_save = time.monotonic()
         self.bar.update(len(rows) + len(bad))
+        self.done += len(rows) + len(bad)
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.todo)
 
     def save(self) -> None:
         self.builder.save(self.vectors)   # the file, then the catalog state and the FAISS type it holds

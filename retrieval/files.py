@@ -1,7 +1,10 @@
-"""Replacing a file whole: the one atomic write (temporary file in the same folder, fsync, rename, fsync the folder)."""
+"""Files written and read safely: the one atomic write (temporary file in the same folder, fsync, rename, fsync the
+folder), and opening a regular file without ever blocking on a named pipe or a device."""
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,3 +63,30 @@ def atomic_write(path: Path | str, data: bytes | Callable[[BinaryIO], object], *
         else:
             f.write(data)
     return path
+
+
+class NotARegularFile(OSError):
+    """The path names a named pipe, a device, a socket or a folder, where a regular file was expected."""
+
+
+_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def open_regular(path: Path | str, *, buffering: int = -1) -> BinaryIO:
+    """Open a regular file for reading in binary, without ever blocking on what is not one.
+
+    The open itself cannot block (O_NONBLOCK: a named pipe with no writer, a terminal), and the check is made
+    on the open descriptor, so a file replaced by a pipe after a folder scan is refused, not waited on.
+    Raises NotARegularFile (an OSError whose strerror says what the path is) or the OSError of the open."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+            raise NotARegularFile(errno.EINVAL, f"not a regular file ({kind})", os.fsdecode(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise

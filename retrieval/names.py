@@ -10,6 +10,8 @@ DB_URL_ENV = "RETRIEVAL_DB_URL"          # the catalog's SQLAlchemy URL for ever
 DEFAULT_KS = (1, 5, 10)                  # neighbours for precision@k and the kNN vote in evaluations
 FAISS_FILE = "vectors.faiss"             # the vector index in an index folder (derived from the catalog)
 DEFAULT_RANDOM_SEED = 0                  # seed of --weights random when none is given
+MAX_NPROBE = 1 << 16                     # IVF lists searched per query: at most this many (an IVF65536 searched whole)
+MAX_EF_SEARCH = 100_000                  # HNSW efSearch: beyond this a query allocates gigabytes and answers nothing
 
 
 def random_weights_file(index_dir: Path, model: str) -> Path:

@@ -8,8 +8,9 @@ import glob
 import os
 import signal
 import sys
+import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 PR_SET_PDEATHSIG = 1   # <linux/prctl.h>
 GPU_DEVICE_FILES = "/dev/nvidia[0-9]*"   # one per NVIDIA GPU this process can open (nvidiactl, nvidia-uvm do not match)
@@ -85,3 +86,24 @@ def die_with_parent(parent_pid: int) -> None:
             pass
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+@contextmanager
+def time_limit(seconds: float | None, error: Callable[[], BaseException]) -> Iterator[None]:
+    """Raise error() in the block once it has run for seconds (SIGALRM; a blocking read is interrupted too).
+
+    Only on a process's main thread, where Python runs signal handlers; elsewhere, or with seconds None, the
+    block runs unlimited, and the caller needs another bound (a worker process that can be killed)."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(_signum: int, _frame: object) -> None:
+        raise error()
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

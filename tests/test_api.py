@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from api import create_app
-from retrieval.catalog.catalog import Catalog
+from retrieval.catalog import Catalog
 from retrieval.search.index import IndexNotFound
 
 QUERY = "red_circles/red_circles_002.jpg"

@@ -15,7 +15,7 @@ from retrieval.features.batch_size import MAX_AUTO_BATCH, choose_batch_size, res
 from commands.index_images import main as index_main
 from commands.options import parse_batch_size
 from retrieval.samples import make_sample_collection
-from retrieval.catalog.catalog import Catalog
+from retrieval.catalog import Catalog
 from retrieval.names import FAISS_FILE
 from retrieval.vectors.vector_index import VectorIndex
 

@@ -1,4 +1,4 @@
-"""Tests for retrieval.catalog.catalog on both back ends (SQLite in the index folder, PostgreSQL by URL): names, vectors, transactions, the writer lock."""
+"""Tests for retrieval.catalog on both back ends (SQLite in the index folder, PostgreSQL by URL): names, vectors, transactions, the writer lock."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy.exc import IntegrityError
 
 from helpers.servers import free_port
-from retrieval.catalog.catalog import Catalog, CatalogBusy, CatalogUnavailable, IndexSettings, mask_url
+from retrieval.catalog import Catalog, CatalogBusy, CatalogUnavailable, IndexSettings, mask_url
 
 LATIN1_LABEL = os.fsdecode(b"caf\xe9")                 # a folder named in Latin-1 on a UTF-8 system
 
@@ -100,7 +100,7 @@ def test_the_writer_lock_is_held_by_one_process_and_released_when_it_is_killed(p
     Catalog(tmp_path / "index", create=True, url=postgres_url).close()
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from retrieval.catalog.catalog import Catalog\n"
+         "import sys, time; from retrieval.catalog import Catalog\n"
          f"c = Catalog({str(tmp_path / 'other')!r}, url={postgres_url!r})\n"
          "with c.writer_lock():\n    print('held', flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE, text=True)

@@ -96,7 +96,7 @@ def test_index_dir_from_the_environment(runner, data, tmp_path, monkeypatch):
 
 
 def test_bf16_on_the_cpu_is_refused_before_any_work_and_each_runs_precision_is_recorded(runner, data, tmp_path):
-    from retrieval.catalog.catalog import Catalog
+    from retrieval.catalog import Catalog
 
     index_dir = str(tmp_path / "index")
     result = runner.invoke(index_images, [str(data), "--index-dir", index_dir, "--weights", "random", "--device", "cpu",
@@ -150,6 +150,17 @@ def test_search_errors_are_status_2(runner, data, tmp_path):
     unreadable = runner.invoke(search_images, [str(data / "red_circles" / "broken.jpg"), "--index-dir", index_dir])
     assert unreadable.exit_code == 2
     assert "cannot use" in unreadable.output and "Traceback" not in unreadable.output
+
+
+def test_a_query_that_is_no_image_is_refused_before_the_network_loads(tmp_path):
+    query = tmp_path / "notes.jpg"
+    query.write_text("a shopping list, not a photo")
+    probe = ("import sys\nfrom commands.search_images import main\ntry:\n    main()\nexcept SystemExit as e:\n"
+             "    print(e.code, sorted(m for m in ('torch', 'faiss') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe, str(query), "--index-dir", str(tmp_path / "index")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "2 []", result.stderr
+    assert "cannot use" in result.stderr and "not an image" in result.stderr
 
 
 def test_empty_index_gives_an_empty_result_list(runner, tmp_path):

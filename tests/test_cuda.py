@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from retrieval.samples import make_sample_collection
-from retrieval.catalog.catalog import Catalog
+from retrieval.catalog import Catalog
 from retrieval.images.device_decode import DeviceJpeg, DeviceJpegDecoder
 from retrieval.images.decode import Preprocessing, decode_for_model, inspect_jpeg
 

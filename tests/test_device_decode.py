@@ -16,7 +16,7 @@ from PIL import Image
 from indexer.config import AUTO_DEVICE_SHARE, JobConfig, device_share
 from indexer.read import read_files
 from retrieval.samples import draw_sample, make_sample_collection
-from retrieval.catalog.catalog import Catalog
+from retrieval.catalog import Catalog
 from retrieval.images.device_decode import DeviceJpeg, DeviceJpegDecoder, upright
 from retrieval.images.decode import _UPRIGHT, Preprocessing, decode_for_model, inspect_jpeg
 from retrieval.images.scan import scan_folder

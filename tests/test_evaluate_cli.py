@@ -13,7 +13,7 @@ from helpers.indexes import build_index
 from commands.evaluate_index import confusion_lines, format_report, main
 from retrieval.samples import make_sample_collection
 from retrieval.features.backbones import random_weights_file
-from retrieval.learning.evaluation import evaluate_vectors
+from retrieval.learning.metrics import evaluate_vectors
 
 
 def run(*args: str):  # noqa: ANN201 - click Result

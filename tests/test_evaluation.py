@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import xml.etree.ElementTree as ET
 from collections import Counter
 
 import numpy as np
@@ -11,9 +10,9 @@ from PIL import Image
 from sklearn.metrics import average_precision_score
 
 from retrieval.samples import make_sample_collection
-from retrieval.catalog.catalog import Catalog
-from retrieval.learning.evaluation import (EvaluationError, chance_levels, check_labels, evaluate_index, evaluate_vectors,
-                                  leave_one_out, load_labelled_vectors, precision_at_k_svg, vote, vote_labels)
+from retrieval.catalog import Catalog
+from retrieval.learning.evaluation import EvaluationError, evaluate_index, load_labelled_vectors
+from retrieval.learning.metrics import chance_levels, check_labels, evaluate_vectors, leave_one_out, vote, vote_labels
 from retrieval.search.index import Hit
 
 
@@ -199,10 +198,3 @@ def test_unlabelled_images_are_left_out(tmp_path, index_images):
 def test_missing_index(tmp_path):
     with pytest.raises(FileNotFoundError, match="run index-images first"):
         evaluate_index(tmp_path / "nothing")
-
-
-def test_precision_chart_svg_is_well_formed():
-    vectors, labels = clusters([4, 4], seed=0)
-    svg = precision_at_k_svg(evaluate_vectors(vectors, labels, [1, 3], probe=False))
-    root = ET.fromstring(svg)
-    assert root.tag.endswith("svg") and "P@1" in svg and "P@3" in svg and "chance" in svg

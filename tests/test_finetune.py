@@ -21,9 +21,10 @@ from api import create_app
 from commands.fine_tune import main
 from retrieval.samples import COLOUR_CLASSES, make_colour_collection
 from retrieval.features.backbones import file_sha256, random_state_dict
-from retrieval.catalog.catalog import Catalog
-from retrieval.learning.evaluation import load_labelled_vectors, pairwise_distances, vote_labels
-from retrieval.learning.finetune import stratified_split
+from retrieval.catalog import Catalog
+from retrieval.learning.evaluation import load_labelled_vectors
+from retrieval.learning.finetune_data import stratified_split
+from retrieval.learning.metrics import pairwise_distances, vote_labels
 
 from helpers.indexes import build_index
 from helpers.waiting import wait_for

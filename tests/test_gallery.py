@@ -103,6 +103,17 @@ def test_neighbour_page_links_to_each_neighbours_own_page(app, client):
     assert neighbours[0] not in gallery_links(step.get_data(as_text=True).split('id="neighbours"', 1)[1])
 
 
+def test_the_gallery_votes_with_the_apis_k_while_it_shows_more_neighbours(app, client):
+    image_id = app.extensions["retrieval"].index.catalog.file_states()[QUERY][0]
+    html = client.get(f"/gallery/{image_id}").get_data(as_text=True)
+    shown = gallery_links(html.split('id="neighbours"', 1)[1])
+    api = client.get(f"/images/{image_id}/neighbours").get_json()       # the API's default k: 10
+    prediction = re.search(r'id="prediction">predicted: <strong>([^<]+)</strong>, (\d+) of (\d+)', html)
+    assert len(shown) == 12 and len(api["results"]) == 10
+    assert prediction.groups() == (api["predicted_label"]["label"], str(api["predicted_label"]["votes"]), "10")
+    assert "majority vote of the 10 nearest" in html
+
+
 def test_unknown_gallery_image_is_a_404_page(client):
     r = client.get("/gallery/999999")
     assert r.status_code == 404 and r.mimetype == "text/html" and "no image with id 999999" in r.get_data(as_text=True)

@@ -14,8 +14,8 @@ from PIL import Image
 from api.gunicorn_worker import MAX_HEAD_BYTES, RequestReadAhead
 from api.query_input import MAX_IMAGE_ID
 from helpers.indexes import build_index
-from retrieval.catalog.catalog import Catalog
 from helpers.servers import serve_images
+from retrieval.catalog import Catalog
 
 ID_ROUTES = ("/images/{}", "/images/{}/thumbnail", "/images/{}/neighbours", "/gallery/{}")
 HOSTILE_IDS = [

@@ -160,7 +160,7 @@ def test_a_path_decodes_like_its_bytes_and_is_read_in_chunks(tmp_path, monkeypat
     data = encode(two_colour((300, 200)), "PNG")
     path.write_bytes(data)
     reads: list[int] = []
-    real_open = open
+    real_open = images.open_regular
 
     class Recording:
         def __init__(self, f):
@@ -179,7 +179,7 @@ def test_a_path_decodes_like_its_bytes_and_is_read_in_chunks(tmp_path, monkeypat
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(images, "open", lambda p, mode="r": Recording(real_open(p, mode)), raising=False)
+    monkeypatch.setattr(images, "open_regular", lambda p: Recording(real_open(p)))
     monkeypatch.setattr(images, "READ_CHUNK", 1024)
     from_path = decode_for_model(path, preprocessing_for("alexnet"))
     from_str = decode_for_model(str(path), preprocessing_for("alexnet"))
@@ -194,7 +194,7 @@ def test_a_path_decodes_like_its_bytes_and_is_read_in_chunks(tmp_path, monkeypat
 @pytest.mark.parametrize("make, reason", [
     (lambda tmp: tmp / "missing.jpg", "cannot read file"),
     (lambda tmp: tmp, "cannot read file"),                                  # a folder
-    (lambda tmp: (tmp / "empty.jpg").write_bytes(b"") and tmp / "empty.jpg", "empty file"),
+    (lambda tmp: (tmp / "empty.jpg").write_bytes(b"") or tmp / "empty.jpg", "empty file"),   # write_bytes: 0
 ])
 def test_unreadable_paths_raise_a_decode_error(tmp_path, make, reason):
     with pytest.raises(ImageDecodeError, match=reason):
@@ -300,6 +300,38 @@ def test_the_image_module_does_not_import_torch():
 
 
 # --- preprocessing ------------------------------------------------------------------------------------
+
+# The preprocessing text indexes have recorded since the first one (indexer/network.py's f-string until the
+# record moved into Preprocessing.to_record): AlexNet's and VGG16's ImageNet transforms, and a made-up one.
+RECORDS_WRITTEN = [
+    "resize=256,crop=224,mean=[0.485, 0.456, 0.406],std=[0.229, 0.224, 0.225],interpolation=bilinear",
+    "resize=232,crop=200,mean=[0.5, 0.5, 0.5],std=[0.25, 0.125, 1.0],interpolation=bilinear",
+]
+
+
+@pytest.mark.parametrize("record", RECORDS_WRITTEN)
+def test_preprocessing_records_round_trip(record):
+    prep = images.Preprocessing.from_record(record)
+    assert prep.to_record() == record
+
+
+def test_preprocessing_record_as_written_before():
+    for prep in (preprocessing_for("alexnet"), preprocessing_for("vgg16"), images.Preprocessing(232, 200)):
+        p = prep   # the f-string indexer/network.py wrote
+        before = (f"resize={p.resize_size},crop={p.crop_size},mean={list(p.mean)},std={list(p.std)},"
+                  "interpolation=bilinear")
+        assert prep.to_record() == before
+        assert images.Preprocessing.from_record(before) == prep
+    assert images.Preprocessing.from_record(RECORDS_WRITTEN[0]) == preprocessing_for("alexnet")
+
+
+@pytest.mark.parametrize("text", ["", "resize=256,crop=224", "resize=256,crop=224,mean=[0.5, 0.5],std=[1.0, 1.0, 1.0],"
+                                  "interpolation=bilinear", "resize=x,crop=224,mean=[1.0, 1.0, 1.0],std=[1.0, 1.0, 1.0],"
+                                  "interpolation=bilinear", RECORDS_WRITTEN[0] + ",extra=1"])
+def test_preprocessing_record_refuses_other_text(text):
+    with pytest.raises(ValueError):
+        images.Preprocessing.from_record(text)
+
 
 def test_preprocessing_matches_the_weights_own_transforms():
     rng = np.random.default_rng(0)

@@ -15,7 +15,7 @@ import pytest
 from helpers.indexes import committed_rows
 from helpers.waiting import wait_for
 from retrieval.samples import make_sample_collection
-from retrieval.catalog.catalog import Catalog
+from retrieval.catalog import Catalog
 from retrieval.vectors.builder import IndexBuilder, maintain_vectors
 from retrieval.vectors import index_types
 from retrieval.vectors.index_types import (FLAT, IndexTypeConfig, IndexTypeError, SearchParams, apply_search_params,

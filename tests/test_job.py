@@ -13,7 +13,7 @@ from PIL import Image
 from indexer.config import ConfigError
 from indexer.locks import index_lock
 from retrieval.samples import draw_sample, make_sample_collection
-from retrieval.catalog.catalog import Catalog
+from retrieval.catalog import Catalog
 from retrieval.search.index import ImageIndex
 from retrieval.names import FAISS_FILE
 from retrieval.vectors.vector_index import VectorIndex

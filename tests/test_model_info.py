@@ -13,7 +13,7 @@ from torchvision import models
 
 from commands.model_info import main as model_info_main
 from retrieval.features.backbones import MODELS
-from retrieval.features.model_info import filter_grid, filters_png, first_conv_weight, layer_table, per_image_activation_bytes
+from retrieval.features.model_info import filters_png, first_conv_weight, layer_table, per_image_activation_bytes
 
 # The rows of the CS231n VGG16 table, in order: (type, [HxWxC], weights).
 VGG16_CLASSIC = [
@@ -84,23 +84,6 @@ def test_other_input_sizes():
     assert per_image_activation_bytes("vgg16", 224) == 60_950_432
     with pytest.raises(ValueError, match="cannot take a 16x16 input"):
         layer_table("alexnet", 16)
-
-
-def test_filter_grid_rescales_each_filter_and_enlarges_nearest_neighbour():
-    w = torch.zeros(5, 3, 2, 2)
-    w[0] = torch.arange(12, dtype=torch.float32).reshape(3, 2, 2)      # 0..11 -> 0..255
-    w[1] = -1000 * torch.arange(12, dtype=torch.float32).reshape(3, 2, 2)
-    w[2] = 7.0                                                          # constant -> mid grey
-    grid = filter_grid(w, cell=8, padding=1, columns=3)
-    assert grid.dtype == np.uint8 and grid.shape == (2 * (8 + 1) + 1, 3 * (8 + 1) + 1, 3)
-    tile0 = grid[1:9, 1:9]
-    assert tile0.min() == 0 and tile0.max() == 255
-    assert (tile0[:4, :4] == tile0[0, 0]).all()                          # each weight is a 4x4 block
-    np.testing.assert_array_equal(tile0[0, 0], [0, round(4 * 255 / 11), round(8 * 255 / 11)])   # RGB = in channels
-    tile1 = grid[1:9, 10:18]
-    assert tile1[0, 0, 0] == 255 and tile1.min() == 0                   # rescaled on its own, sign and scale ignored
-    assert (grid[1:9, 19:27] == 128).all()
-    assert (grid[10:19, 19:] == 255).all()                               # unused cell stays background
 
 
 def test_filters_png_from_a_state_dict_and_a_module():

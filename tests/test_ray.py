@@ -33,7 +33,7 @@ def index_command(data: Path, index_dir: Path, *ray_args: str, batch_size: int =
 
 def assert_same_index(index_dir: Path, reference: dict[str, np.ndarray], reference_ids: np.ndarray) -> None:
     """Same files, the same set of ids, vectors within 1e-5; the bad file skipped with its reason."""
-    from retrieval.catalog.catalog import Catalog
+    from retrieval.catalog import Catalog
 
     resumed = snapshot(index_dir)          # also checks that FAISS and the catalog hold the same ids, once each
     assert sorted(resumed) == sorted(reference)
@@ -83,7 +83,7 @@ def collection(tmp_path_factory):
     (data / BAD_FILE).write_bytes(b"\xff\xd8 broken")
     report = build_index(data, root / "reference")
     assert report.indexed == N_IMAGES
-    from retrieval.catalog.catalog import Catalog
+    from retrieval.catalog import Catalog
 
     cat = Catalog(root / "reference")
     ids = cat.ids()
@@ -126,7 +126,7 @@ def test_ray_run_equals_a_single_process_run(cluster, collection, tmp_path):
 
     assert report.indexed == N_IMAGES and report.total == N_IMAGES
     assert [s["path"] for s in report.skipped] == [BAD_FILE]
-    assert report.skipped[0]["reason"] == "not an image Pillow can identify"
+    assert report.skipped[0]["reason"] == "not an image, or in a format this program cannot read (JPEG, PNG, WebP, BMP, GIF, TIFF)"
     assert lines and "CPU actor" in lines[0], lines
     assert_same_index(tmp_path / "index", reference, reference_ids)
 

@@ -145,3 +145,30 @@ def test_flask_cli_finds_the_app_factory(sample_index):
     assert result.returncode == 0, result.stderr
     for route in ("/search", "/images/<image_id:image_id>/neighbours", "/stats", "/healthz", "/gallery/<image_id:image_id>"):
         assert route in result.stdout
+
+
+def test_a_port_in_use_is_one_clear_line_naming_the_way_out(sample_index):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([*SERVE, "--index-dir", str(sample_index.index_dir), "--port", str(port)],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (f"Error: port {port} is in use on 127.0.0.1: pass --port (or SERVE_IMAGES_PORT), "
+                                     "or DEMO_PORT for make demo")
+
+
+@pytest.mark.parametrize("option, value", [("--ef-search", "2000000000"), ("--nprobe", "0"), ("--ef-search", "-1")])
+def test_search_settings_out_of_their_bounds_are_refused_before_the_server_starts(tmp_path, option, value):
+    result = CliRunner().invoke(main, ["--index-dir", str(tmp_path), option, value])
+    assert result.exit_code == 2
+    assert f"Invalid value for '{option}'" in result.output and "is not in the range" in result.output
+
+
+def test_the_app_refuses_search_settings_out_of_their_bounds(tmp_path):
+    from api.service import ServiceConfig
+    from api.settings import DEFAULTS
+
+    with pytest.raises(ValueError, match="EF_SEARCH must be between 0 and 100000, not 2000000000"):
+        ServiceConfig.from_mapping({**DEFAULTS, "INDEX_DIR": str(tmp_path), "EF_SEARCH": 2_000_000_000})

@@ -13,7 +13,7 @@ from api import create_app
 from helpers.browser import PageErrors, broken_images, launch_chromium, screenshot
 from helpers.servers import serve_in_thread
 from retrieval.features.backbones import random_weights_file
-from retrieval.reports.training import history_path_for
+from retrieval.learning.history import history_path_for
 from helpers.training_history import make_history, write_history
 
 CLASSES = ["red_circles", "blue_squares", "green_stripes", "orange_triangles", "purple_checks"]

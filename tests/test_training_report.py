@@ -1,4 +1,4 @@
-"""retrieval.reports.training: a fine-tune history checked on load, drawn as PNG files next to it and as inline SVG."""
+"""retrieval.reports.training: a fine-tune history drawn as PNG files next to it and as inline SVG; nothing drawn from a bad file."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.reports.training import (HistoryError, HistoryNotFound, filter_grid, history_path_for, load_filters,
-                                       load_history, split_counts, training_svgs, write_training_plots)
+from retrieval.learning.history import HistoryError, HistoryNotFound, load_filters, load_history
+from retrieval.reports.training import training_svgs, write_training_plots
 from helpers.training_history import make_history, write_history
 
 CLASSES = ["red_circles", "blue_squares", "green_stripes", "orange_triangles", "purple_checks"]
@@ -28,12 +28,6 @@ def history_file(tmp_path) -> Path:
 def pixels_near(img: Image.Image, rgb: tuple[int, int, int], tol: int = 12) -> int:
     a = np.asarray(img.convert("RGB")).astype(int)
     return int((np.abs(a - np.array(rgb)).max(axis=2) <= tol).sum())
-
-
-def test_history_sits_next_to_its_weights_file():
-    assert history_path_for("/w/tuned.pt") == Path("/w/tuned.history.json")
-    assert history_path_for("/w/tuned.v2.pt") == Path("/w/tuned.v2.history.json")
-    assert history_path_for("/w/tuned") == Path("/w/tuned.history.json")
 
 
 def test_plots_are_written_next_to_the_history_as_real_pngs(history_file):
@@ -58,18 +52,6 @@ def test_filters_plot_only_with_a_filters_file(tmp_path):
     assert img.format == "PNG" and img.width >= 600 and len(img.convert("RGB").getcolors(1_000_000)) > 1000
     before, after = load_filters(path)
     assert before.shape == after.shape == (64, 3, 11, 11)
-
-
-def test_filter_grid_scales_each_filter_to_the_full_range():
-    rng = np.random.default_rng(0)
-    filters = rng.normal(size=(5, 3, 4, 4)).astype(np.float32) * np.array([1, 10, 100, 0.01, 3])[:, None, None, None]
-    grid = filter_grid(filters, gap=1)
-    assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 3)          # 5 filters in 3 columns, 2 rows, 1 px gaps
-    for i in range(5):
-        r, c = divmod(i, 3)
-        tile = grid[1 + r * 5:1 + r * 5 + 4, 1 + c * 5:1 + c * 5 + 4]
-        assert tile.min() == 0.0 and tile.max() == 1.0, f"filter {i} min-max scaled on its own"
-    assert (grid[0] == 1.0).all(), "white gaps"
 
 
 def test_svg_charts_hold_the_series_and_reference_lines(history_file):
@@ -98,12 +80,6 @@ def test_an_interrupted_run_without_epochs_still_draws(tmp_path):
     history["epochs_run"] = []
     path = write_history(tmp_path / "early.history.json", history)
     assert len(write_training_plots(path)) == 2
-
-
-def test_split_counts_per_class(history_file):
-    counts = split_counts(load_history(history_file))
-    assert list(counts) == CLASSES
-    assert counts["red_circles"] == {"train": 5, "val": 1}
 
 
 # --- malformed files are refused clearly, and nothing is drawn ------------------------------------------------

@@ -16,7 +16,7 @@ from helpers.waiting import wait_for
 from api import create_app
 from retrieval.samples import make_sample_collection
 from retrieval.features.backbones import random_weights_file
-from retrieval.catalog.catalog import Catalog
+from retrieval.catalog import Catalog
 from retrieval.learning.evaluation import compare_indexes, evaluate_index
 from retrieval.features.model_info import layer_table
 

@@ -214,3 +214,16 @@ def test_workers_exit_when_the_server_process_is_killed(tmp_path):
     finally:
         server.kill()
         server.wait(10)
+
+
+@pytest.mark.parametrize("form, limit", [
+    ({f"field{i}": "x" for i in range(1001)}, "more than 1,000 parts"),   # werkzeug's MAX_FORM_PARTS
+    ({"note": "x" * 600_000}, "a text field over 500 KB"),               # and MAX_FORM_MEMORY_SIZE
+])
+def test_a_form_over_its_own_limits_is_told_which_limit_not_the_upload_size(client, form, limit):
+    picture = encoded(Image.new("RGB", (64, 48), "red"), "PNG")
+    response = client.post("/search", data={**form, "image": (io.BytesIO(picture), "q.png")},
+                           content_type="multipart/form-data")
+    assert response.status_code == 413, response.data
+    error = response.get_json()["error"]
+    assert error["code"] == "upload_too_large" and limit in error["message"] and "MB limit" not in error["message"]

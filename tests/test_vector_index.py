@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.catalog.catalog import Catalog
+from retrieval.catalog import Catalog
 from retrieval.vectors.vector_index import VectorIndex
 
 
@@ -53,6 +53,25 @@ def test_remove_and_save_roundtrip(tmp_path):
     _, ids = loaded.search(base[5:6], 1)
     assert ids[0, 0] == 5
     assert not list(tmp_path.glob(".*tmp")), "no temporary file left behind"
+
+
+def test_a_failed_save_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import faiss
+
+    old = VectorIndex(16)
+    old.add(np.arange(3), random_vectors(3, 16))
+    old.save(tmp_path / "v.faiss")
+    before = (tmp_path / "v.faiss").read_bytes()
+
+    def full_disk(index, writer):   # the temporary file is open (empty) when the write fails
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(faiss, "write_index", full_disk)
+    with pytest.raises(OSError):
+        VectorIndex(16).save(tmp_path / "v.faiss")
+
+    assert (tmp_path / "v.faiss").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.faiss"]
 
 
 def test_unreadable_or_wrong_shape_file_is_ignored(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from indexer.extract import BatchExtractor
 from indexer.write import Writer
 from retrieval.samples import make_sample_collection
-from retrieval.catalog.catalog import Catalog
+from retrieval.catalog import Catalog
 from retrieval.names import FAISS_FILE
 from retrieval.vectors.vector_index import VectorIndex
 

@@ -1,207 +1,31 @@
-"""The catalog: SQLAlchemy models for images (with their vectors), index settings, skipped files and the FAISS type; SQLite or a database server."""
+"""The catalog: the repository of an index's images (with their vectors), settings, skipped files and FAISS records."""
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import os
-import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
-from urllib.parse import quote
 
 import numpy as np
-from sqlalchemy import (BigInteger, Boolean, DateTime, Integer, LargeBinary, String, create_engine, delete, event,
-                        func, insert, inspect, select, text)
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
-from sqlalchemy.pool import QueuePool
-from sqlalchemy.types import TypeDecorator
-from sqlalchemy.orm import DeclarativeBase, Mapped, defer, mapped_column, sessionmaker
+from sqlalchemy import delete, func, insert, inspect, select, text
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import defer, sessionmaker
 
-CATALOG_FILE = "catalog.db"
-
-# Keys of PostgreSQL advisory locks (64-bit, per database): the one writer, and creating the tables.
-WRITER_LOCK_KEY = int.from_bytes(hashlib.sha256(b"cnn-image-retrieval: index-images writer").digest()[:8], "big",
-                                 signed=True)
-SCHEMA_LOCK_KEY = WRITER_LOCK_KEY ^ 1
-
-
-class CatalogUnavailable(RuntimeError):
-    """The catalog database cannot be used: not a database URL, its driver missing, the server unreachable.
-
-    The message never holds the URL's password."""
-
-
-class CatalogBusy(RuntimeError):
-    """Another process holds the catalog's writer lock."""
-
-
-def mask_url(url: str) -> str:
-    """A database URL as it may be shown: the password replaced by ***."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "(not a database URL)"
-
-
-def server_url(url: str) -> str:
-    """The URL SQLAlchemy opens: plain postgresql:// (and postgres://) use psycopg 3, the driver installed."""
-    parsed = make_url(url)
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    return parsed.render_as_string(hide_password=False)
-
-
-def catalog_sqlite_file(index_dir: Path, url: str | None) -> Path | None:
-    """The SQLite file a catalog lives in: INDEX_DIR/catalog.db without a URL, the file of a sqlite:/// URL,
-    None for a database server. Raises CatalogUnavailable for a URL that is not one, or an in-memory SQLite."""
-    if url is None:
-        return Path(index_dir) / CATALOG_FILE
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise CatalogUnavailable("the catalog URL is not a database URL; expected e.g. "
-                                 "postgresql://USER:PASSWORD@HOST:5432/DATABASE or sqlite:////path/catalog.db") from None
-    if parsed.get_backend_name() != "sqlite":
-        return None
-    if parsed.database in (None, "", ":memory:"):
-        raise CatalogUnavailable("an in-memory SQLite catalog would be lost at exit; give a file: sqlite:////path/catalog.db")
-    return Path(parsed.database).expanduser().absolute()
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class FileName(TypeDecorator):
-    """A path or folder name from the file system, kept exactly.
-
-    Linux names are bytes; Python shows bytes that are not UTF-8 as surrogate escapes, which no
-    UTF-8 text column can hold. In SQLite such a name is stored as its raw bytes (SQLite keeps a BLOB
-    in any column) and read back as the same str, so the file can still be opened; every other name is
-    plain text. Other databases type their columns strictly: there every name is a binary column
-    (bytea in PostgreSQL) holding the name's bytes, so equal names still compare equal and order by
-    their bytes. Show names with retrieval.system.display_name.
-    """
-    impl = String
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect):  # noqa: ANN001, ANN201 - SQLAlchemy hook
-        return dialect.type_descriptor(String() if dialect.name == "sqlite" else LargeBinary())
-
-    def process_bind_param(self, value, dialect):  # noqa: ANN001, ANN201 - SQLAlchemy hook
-        if value is None:
-            return None
-        if dialect.name != "sqlite":
-            return os.fsencode(value)
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return os.fsencode(value)
-        return value
-
-    def process_result_value(self, value, dialect):  # noqa: ANN001, ANN201 - SQLAlchemy hook
-        if isinstance(value, memoryview):
-            value = value.tobytes()
-        return os.fsdecode(value) if isinstance(value, bytes) else value
-
-
-class ImageRow(Base):
-    """One indexed image. Its id is its FAISS id; ids are never reused (AUTOINCREMENT)."""
-    __tablename__ = "images"
-    __table_args__ = {"sqlite_autoincrement": True}
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    path: Mapped[str] = mapped_column(FileName, unique=True, index=True)   # relative to the data folder
-    label: Mapped[str | None] = mapped_column(FileName, index=True)
-    size: Mapped[int] = mapped_column(BigInteger)
-    mtime_ns: Mapped[int] = mapped_column(BigInteger)
-    width: Mapped[int] = mapped_column(Integer)
-    height: Mapped[int] = mapped_column(Integer)
-    sha256: Mapped[str] = mapped_column(String(64))
-    vector: Mapped[bytes] = mapped_column(LargeBinary)                   # float32, shape=(dim,)
-    indexed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
-
-
-class IndexSettingsRow(Base):
-    """The single row that says which network made the vectors (DESIGN invariant 2)."""
-    __tablename__ = "index_settings"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    model: Mapped[str] = mapped_column(String)
-    layer: Mapped[str] = mapped_column(String)
-    weights: Mapped[str] = mapped_column(FileName)           # "imagenet", "random" or a file path (what the user chose)
-    weights_identity: Mapped[str] = mapped_column(String)  # name or content hash
-    seed: Mapped[int] = mapped_column(Integer)
-    dim: Mapped[int] = mapped_column(Integer)
-    normalize: Mapped[bool] = mapped_column(Boolean)
-    preprocessing: Mapped[str] = mapped_column(String)     # e.g. "resize=256,crop=224,mean=...,std=..."
-    data_dir: Mapped[str] = mapped_column(FileName)          # absolute
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
-
-
-class SkippedRow(Base):
-    """A file found in the data folder that could not be indexed, and why."""
-    __tablename__ = "skipped"
-
-    path: Mapped[str] = mapped_column(FileName, primary_key=True)
-    size: Mapped[int] = mapped_column(BigInteger)
-    mtime_ns: Mapped[int] = mapped_column(BigInteger)
-    reason: Mapped[str] = mapped_column(String)
-    seen_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
-
-
-class VectorsSavedRow(Base):
-    """Which catalog state the FAISS file was last saved from: equal to the settings' updated_at when in step."""
-    __tablename__ = "vectors_saved"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    catalog_updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
-
-
-class FaissFileRow(Base):
-    """VectorsSavedRow for a catalog on a database server, which several index folders (each with its own
-    FAISS file) may share: one row per index folder."""
-    __tablename__ = "faiss_files"
-
-    index_dir: Mapped[str] = mapped_column(FileName, primary_key=True)   # absolute
-    catalog_updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
-
-
-class VectorIndexRow(Base):
-    """How the FAISS file is built (one row): the type asked for and built, its training, search settings and recall.
-
-    Written after each save of the FAISS file; the file itself says what it holds (index_types.structure)."""
-    __tablename__ = "vector_index"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    record: Mapped[str] = mapped_column(String)   # JSON, see retrieval.vectors.builder.IndexBuilder.record
-
-
-class ExtractionRow(Base):
-    """How the vectors were computed (one row): each precision used with the devices that used it, and the last run's.
-
-    fp32 and bf16 features of one network agree to a cosine of about 0.999, so one index may hold both; this
-    says which it holds."""
-    __tablename__ = "extraction"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    record: Mapped[str] = mapped_column(String)   # JSON, see Catalog.note_extraction
+from retrieval.catalog.db import (SCHEMA_LOCK_KEY, WRITER_LOCK_KEY, CatalogBusy, CatalogUnavailable, catalog_sqlite_file,
+                                  db_error_reason, make_engine, make_server_engine, mask_url)
+from retrieval.catalog.schema import (Base, ExtractionRow, FaissFileRow, ImageRow, IndexSettingsRow, SkippedRow,
+                                      VectorIndexRow, VectorsSavedRow, blob_to_vector, utcnow, vector_to_blob)
+from retrieval.features.weights import WeightsChoice
 
 
 @dataclasses.dataclass(frozen=True)
 class IndexSettings:
     model: str
     layer: str
-    weights: str
+    weights: str               # "imagenet", "random" or a file's absolute path: str(WeightsChoice), as stored
     weights_identity: str
     seed: int
     dim: int
@@ -213,13 +37,19 @@ class IndexSettings:
     def from_row(cls, row: IndexSettingsRow) -> "IndexSettings":
         return cls(**{f.name: getattr(row, f.name) for f in dataclasses.fields(cls)})
 
+    @property
+    def weights_choice(self) -> WeightsChoice:
+        """weights as the typed choice (weights itself is the text the catalog keeps)."""
+        return WeightsChoice.parse(self.weights)
+
 
 def weights_label(settings: IndexSettings) -> str:
     """The weights as shown to anyone: "imagenet", "random", or a file's name and short hash, never its path."""
-    if settings.weights in ("imagenet", "random"):
-        return settings.weights
+    choice = settings.weights_choice
+    if not choice.is_file:
+        return str(choice)
     digest = settings.weights_identity.rpartition("sha256=")[2][:12]
-    return f"{Path(settings.weights).name} (sha256 {digest})" if digest else Path(settings.weights).name
+    return f"{choice.path.name} (sha256 {digest})" if digest else choice.path.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,57 +67,6 @@ class ImageRecord:
 
 def _record(row: ImageRow) -> ImageRecord:
     return ImageRecord(row.id, row.path, row.label, row.size, row.mtime_ns, row.width, row.height, row.sha256)
-
-
-def vector_to_blob(vec: np.ndarray) -> bytes:
-    return np.ascontiguousarray(vec, dtype=np.float32).tobytes()
-
-
-def blob_to_vector(blob: bytes | memoryview) -> np.ndarray:
-    return np.frombuffer(blob, dtype=np.float32)
-
-
-def make_engine(path: Path, *, create: bool = True) -> Engine:
-    """SQLite engine in WAL mode, so a server can read while the indexer writes.
-
-    create=False opens an existing file only: a reader never leaves an empty database behind when the
-    file has been deleted under it (it gets an error instead)."""
-    # SQLite's own URI, percent-encoded from the path's bytes: any folder name works (not only UTF-8 ones)
-    uri = f"file:{quote(os.fsencode(Path(path).absolute()))}?mode={'rwc' if create else 'rw'}"
-    engine = create_engine("sqlite://", poolclass=QueuePool,
-                           creator=lambda: sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False))
-
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_conn, _record):  # noqa: ANN001 - DB-API connection
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.close()
-
-    return engine
-
-
-def db_error_reason(exc: BaseException, url: str | None = None) -> str:
-    """A database error in one line, without the SQL statement SQLAlchemy appends or url's password."""
-    message = str(getattr(exc, "orig", None) or exc).strip()
-    line = message.splitlines()[0] if message else type(exc).__name__
-    try:
-        password = make_url(url).password if url else None
-    except ArgumentError:
-        password = None
-    return line.replace(str(password), "***") if password else line
-
-
-def make_server_engine(url: str) -> Engine:
-    """Engine for a catalog on a database server (PostgreSQL tested). Raises CatalogUnavailable."""
-    try:
-        return create_engine(server_url(url), pool_pre_ping=True)   # pre-ping: a restarted server is reconnected
-    except (NoSuchModuleError, ModuleNotFoundError) as exc:
-        raise CatalogUnavailable(f"no database driver for {mask_url(url)} ({exc}); for PostgreSQL install "
-                                 "psycopg: pip install 'psycopg[binary]'") from None
-    except ArgumentError:
-        raise CatalogUnavailable(f"the catalog URL {mask_url(url)} cannot be opened") from None
 
 
 class Catalog:
@@ -445,6 +224,12 @@ class Catalog:
     def get(self, image_id: int) -> ImageRecord | None:
         with self.Session() as s:
             row = s.get(ImageRow, int(image_id))
+            return _record(row) if row else None
+
+    def get_by_path(self, path: str) -> ImageRecord | None:
+        """The image at path (relative to the data folder, '/' separators, as stored), or None."""
+        with self.Session() as s:
+            row = s.scalar(select(ImageRow).options(defer(ImageRow.vector)).where(ImageRow.path == path))
             return _record(row) if row else None
 
     def get_many(self, ids: Iterable[int]) -> dict[int, ImageRecord]:

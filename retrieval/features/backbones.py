@@ -1,4 +1,4 @@
-"""Backbones (torchvision AlexNet and VGG16), their weights, and the fc6/fc7 feature extractor."""
+"""Backbones (torchvision AlexNet and VGG16), their weights loaded (the choice: features/weights.py), the fc6/fc7 extractor."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +13,8 @@ from torch import nn
 from torchvision import models
 
 from retrieval.features.digests import file_sha256
+from retrieval.files import atomic_write
+from retrieval.features.weights import WeightsChoice, WeightsUnavailable
 from retrieval.images.decode import Preprocessing
 from retrieval.names import DEFAULT_RANDOM_SEED, LAYERS, MODEL_NAMES, random_weights_file
 
@@ -37,29 +39,6 @@ MODELS: dict[str, ModelSpec] = {
 assert tuple(MODELS) == MODEL_NAMES, "retrieval.names.MODEL_NAMES lists the backbones"
 
 
-class WeightsUnavailable(RuntimeError):
-    """The requested weights cannot be loaded; the message says why, in the library's terms.
-
-    offline_imagenet: the ImageNet weights are neither cached nor downloadable; cache_path is where
-    the file would go, so a command line can name its own ways forward.
-    """
-
-    def __init__(self, message: str, *, offline_imagenet: bool = False, cache_path: Path | None = None):
-        super().__init__(message)
-        self.offline_imagenet, self.cache_path = offline_imagenet, cache_path
-
-
-def weights_error_message(exc: Exception) -> str:
-    """A WeightsUnavailable in the command line's terms: with the ways forward when ImageNet weights are offline."""
-    if not getattr(exc, "offline_imagenet", False):
-        return str(exc)
-    return (f"{exc}.\nWays forward:\n"
-            f"  1. put that file at {exc.cache_path}\n"
-            "  2. pass --weights PATH with a state dict file you have for this model\n"
-            "  3. pass --weights random to run with seeded random weights (a demo: results show\n"
-            "     colour and texture similarity, not what the picture shows)")
-
-
 class DeviceUnavailable(RuntimeError):
     """The requested device (a CUDA GPU) is not there."""
 
@@ -77,18 +56,19 @@ def imagenet_cache_path(model: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
-def load_state_dict(model: str, weights: str, index_dir: Path | None, *, seed: int = DEFAULT_RANDOM_SEED,
+def load_state_dict(model: str, weights: WeightsChoice | str, index_dir: Path | None, *, seed: int = DEFAULT_RANDOM_SEED,
                     create: bool = False) -> tuple[dict[str, torch.Tensor], str]:
     """Resolve a weights choice to (state_dict, identity).
 
-    weights: "imagenet", "random", or a path to a state dict file.
-    For "random", the tensors live in index_dir; create=True generates them (seeded) when absent,
+    weights: a WeightsChoice, or its text: "imagenet", "random", or a path to a state dict file.
+    For random weights, the tensors live in index_dir; create=True generates them (seeded) when absent,
     so every later query goes through the identical network.
     identity: what the index records, e.g. "imagenet:AlexNet_Weights.IMAGENET1K_V1",
     "random:sha256=..." (the seed is recorded in the index settings), "file:PATH:sha256=...".
     """
+    choice = WeightsChoice.parse(weights)
     spec = MODELS[model]
-    if weights == "imagenet":
+    if choice.is_imagenet:
         cached, identity = imagenet_cache_path(model), f"imagenet:{type(spec.imagenet).__name__}.{spec.imagenet.name}"
         if cached.is_file():   # torch hub moves a download into place whole: the file can be mapped
             try:
@@ -104,23 +84,22 @@ def load_state_dict(model: str, weights: str, index_dir: Path | None, *, seed: i
                 offline_imagenet=True, cache_path=cached) from exc
         return state, identity
 
-    if weights == "random":
+    if choice.is_random:
         if index_dir is None:
             raise WeightsUnavailable("random weights need an index folder to keep them in")
         path = random_weights_file(index_dir, model)
         if not path.exists():
             if not create:
                 raise WeightsUnavailable(f"the index's random weights file {path} is missing; re-index to recreate it")
-            tmp = path.with_suffix(".tmp")
-            torch.save(random_state_dict(model, seed), tmp)
-            os.replace(tmp, path)
+            state = random_state_dict(model, seed)
+            atomic_write(path, lambda f: torch.save(state, f))
             log.info("generated random %s weights (seed %d) in %s", model, seed, path)
-        state = _load_file(path, mmap=True)   # written by us, replaced whole (os.replace), never rewritten in place
+        state = _load_file(path, mmap=True)   # written by us, replaced whole (atomic_write), never rewritten in place
         return state, f"random:sha256={file_sha256(path)}"
 
-    path = Path(weights)
+    path = choice.path
     if not path.is_file():
-        raise WeightsUnavailable(f"weights must be 'imagenet', 'random' or a state dict file; {weights!r} is none of these")
+        raise WeightsUnavailable(f"weights must be 'imagenet', 'random' or a state dict file; {str(choice)!r} is none of these")
     return _load_file(path), f"file:{path.resolve()}:sha256={file_sha256(path)}"
 
 
@@ -299,7 +278,7 @@ def cut_at(net: nn.Module, node: str) -> nn.Sequential:
                          net.classifier[:int(index) + 1])               # -> (B, 4096) after the ReLU
 
 
-def build_extractor(model: str, layer: str, weights: str, index_dir: Path | None, device: str = "auto", *,
+def build_extractor(model: str, layer: str, weights: WeightsChoice | str, index_dir: Path | None, device: str = "auto", *,
                     seed: int = DEFAULT_RANDOM_SEED, create: bool = False,
                     precision: str = "auto") -> tuple[FeatureExtractor, str]:
     """-> (extractor, weights identity)."""

@@ -12,6 +12,8 @@ import threading
 from concurrent.futures import Future
 from pathlib import Path
 
+from retrieval.files import open_regular
+
 _CHUNK = 1 << 20
 _ahead: dict[tuple, Future] = {}
 _lock = threading.Lock()
@@ -24,7 +26,7 @@ def _stamp(path: Path) -> tuple:
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()

@@ -12,6 +12,7 @@ from torch import nn
 from torchvision import models
 
 from retrieval.features.backbones import MODELS
+from retrieval.reports.filters import filter_grid
 
 BYTES_PER_VALUE = 4   # fp32
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -233,40 +234,12 @@ def first_conv_weight(net: nn.Module | dict[str, torch.Tensor]) -> torch.Tensor:
     raise ValueError("the state dict has no convolution weight")
 
 
-def filter_grid(weight: torch.Tensor, *, cell: int = 48, padding: int = 2, columns: int | None = None,
-                background: int = 255) -> np.ndarray:
-    """Arrange conv filters as an RGB image grid.
-
-    weight: shape=(n, 3 or 1, kh, kw), any float dtype. Each filter is rescaled to 0..255 on its own
-    (min -> 0, max -> 255; a constant filter is mid-grey) and enlarged by an integer factor, nearest
-    neighbour, so one filter is about `cell` pixels wide.
-    -> uint8 array, shape=(H, W, 3).
-    """
-    assert weight.ndim == 4 and weight.shape[1] in (1, 3), f"want (n, 1|3, kh, kw) filters, got {tuple(weight.shape)}"
-    w = weight.detach().float().cpu().numpy()
-    n, c, kh, kw = w.shape
-    lo = w.reshape(n, -1).min(axis=1)[:, None, None, None]
-    hi = w.reshape(n, -1).max(axis=1)[:, None, None, None]
-    span = hi - lo
-    scaled = np.where(span > 0, (w - lo) / np.where(span > 0, span, 1.0) * 255.0, 127.5)
-    tiles = np.rint(scaled).astype(np.uint8).transpose(0, 2, 3, 1)                    # (n, kh, kw, c)
-    if c == 1:
-        tiles = np.repeat(tiles, 3, axis=3)
-    scale = max(1, cell // max(kh, kw))
-    tiles = tiles.repeat(scale, axis=1).repeat(scale, axis=2)                           # nearest neighbour
-    th, tw = kh * scale, kw * scale
-    cols = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (th + padding) + padding, cols * (tw + padding) + padding, 3), background, np.uint8)
-    for i in range(n):
-        y, x = padding + (i // cols) * (th + padding), padding + (i % cols) * (tw + padding)
-        grid[y:y + th, x:x + tw] = tiles[i]
-    return grid
-
-
-def filters_png(net: nn.Module | dict[str, torch.Tensor] | torch.Tensor, **grid_options) -> bytes:
-    """The first convolution layer's filters as a PNG image grid (see filter_grid for the options)."""
+def filters_png(net: nn.Module | dict[str, torch.Tensor] | torch.Tensor, *, cell: int = 48, padding: int = 2,
+                columns: int | None = None, background: int = 255) -> bytes:
+    """The first convolution layer's filters as a PNG image grid: each filter rescaled to 0..255 on its own (a constant
+    one mid-grey) and enlarged, nearest neighbour, to about `cell` pixels (retrieval.reports.filters.filter_grid)."""
     weight = net if isinstance(net, torch.Tensor) else first_conv_weight(net)
+    grid = filter_grid(weight, cell=cell, padding=padding, columns=columns, dtype=np.uint8, background=background)
     buf = io.BytesIO()
-    Image.fromarray(filter_grid(weight, **grid_options), "RGB").save(buf, "PNG")
+    Image.fromarray(grid, "RGB").save(buf, "PNG")
     return buf.getvalue()

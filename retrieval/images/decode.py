@@ -7,6 +7,7 @@ import io
 import logging
 import math
 import os
+import re
 import struct
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING, BinaryIO, Iterator, Union
 
 import numpy as np
 from PIL import Image
+
+from retrieval.files import open_regular
 
 if TYPE_CHECKING:   # torch is imported only where a tensor is made: decoder processes and the planner never load it
     import torch
@@ -64,12 +67,17 @@ def decode_error(exc: BaseException) -> ImageDecodeError:
     if isinstance(exc, Image.DecompressionBombError):
         return ImageDecodeError(f"refused as a possible decompression bomb: {exc}")
     if isinstance(exc, Image.UnidentifiedImageError):
-        return ImageDecodeError("not an image Pillow can identify")
+        return ImageDecodeError("not an image, or in a format this program cannot read (JPEG, PNG, WebP, BMP, GIF, TIFF)")
     if isinstance(exc, MemoryError):
         return ImageDecodeError("too large to decode within the memory allowed")
     if isinstance(exc, DECODE_ERRORS):
         return ImageDecodeError(f"cannot decode image: {exc}")
     return ImageDecodeError(f"cannot decode image ({type(exc).__name__}: {exc})")
+
+
+# The catalog's record of a Preprocessing (IndexSettings.preprocessing), as every index has written it:
+# "resize=256,crop=224,mean=[0.485, 0.456, 0.406],std=[0.229, 0.224, 0.225],interpolation=bilinear"
+_RECORD = re.compile(r"resize=(\d+),crop=(\d+),mean=\[([^\]]*)\],std=\[([^\]]*)\],interpolation=bilinear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +87,20 @@ class Preprocessing:
     crop_size: int = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def to_record(self) -> str:
+        """The text an index records of it: "resize=256,crop=224,mean=[...],std=[...],interpolation=bilinear"."""
+        return (f"resize={self.resize_size},crop={self.crop_size},mean={list(self.mean)},std={list(self.std)},"
+                "interpolation=bilinear")
+
+    @classmethod
+    def from_record(cls, text: str) -> Preprocessing:
+        """The Preprocessing an index recorded (to_record's text). Raises ValueError for any other text."""
+        match = _RECORD.fullmatch(text)
+        if match is None:
+            raise ValueError(f"not a preprocessing record: {text!r}")
+        resize, crop, mean, std = match.groups()
+        return cls(resize_size=int(resize), crop_size=int(crop), mean=_floats(mean), std=_floats(std))
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """torchvision's resize(int) rule: the shorter side becomes resize_size."""
@@ -107,6 +129,14 @@ class Preprocessing:
         mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
         return (batch.float() / 255.0 - mean) / std
+
+
+def _floats(text: str) -> tuple[float, float, float]:
+    """"0.485, 0.456, 0.406" -> (0.485, 0.456, 0.406). Raises ValueError."""
+    values = tuple(float(part) for part in text.split(","))
+    if len(values) != 3:
+        raise ValueError(f"want three channel values, not {text!r}")
+    return values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +209,7 @@ def inspect_jpeg(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MA
     Raises ImageDecodeError for a file that no decoder should be given (too large, too thin, a scan bomb,
     unreadable, not an image)."""
     try:
-        f = open(path, "rb")   # noqa: SIM115 - closed below
+        f = open_regular(path)   # noqa: SIM115 - closed below
     except OSError as exc:
         raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
     try:
@@ -290,7 +320,7 @@ def _opened(source: ImageSource, min_side: int | None, max_pixels: int | None,
                         max_decoded_pixels)
         return
     try:
-        f = open(source, "rb")   # noqa: SIM115 - closed below, after Pillow has read what it needs
+        f = open_regular(source)   # noqa: SIM115 - closed below, after Pillow has read what it needs
     except OSError as exc:
         raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
     with f:

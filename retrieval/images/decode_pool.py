@@ -1,41 +1,38 @@
 """Decoding untrusted images in a few separate worker processes: bounded in number, time and memory; a late one is killed.
 
 The server process holds torch, FAISS and OpenMP threads, so it is never forked: each worker is a fresh
-interpreter (`python -m retrieval.images.decode_pool`, fork+exec) that imports only Pillow, numpy and
+interpreter (`python -m retrieval.images.decode_worker`, fork+exec) that imports only Pillow, numpy and
 retrieval.images.decode. Requests and answers go over the worker's stdin/stdout as length-prefixed frames: a JSON
 header, then raw bytes (no pickle: a worker that a crafted file took over cannot hand the server code).
 A worker dies with the server: PR_SET_PDEATHSIG on Linux, and EOF on its stdin everywhere.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import os
 import queue
 import select
-import struct
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
-from retrieval.images.decode import DecodedImage, ImageDecodeError, Preprocessing, decode_error, decode_for_model, jpeg_bytes
-from retrieval.system import die_with_parent
+from retrieval.images import decode_worker
+from retrieval.images.decode import DecodedImage, ImageDecodeError, Preprocessing
+from retrieval.images.decode_worker import FRAME_LENGTH, frame
 
 log = logging.getLogger(__name__)
 
-PREVIEW_QUALITY = 85          # JPEG quality of previews made by the workers
 STARTUP_TIMEOUT_S = 60.0      # a new worker imports Pillow and numpy (well under a second on an idle machine)
 MAX_HEADER_BYTES = 1 << 16
 MAX_REPLY_BYTES = 64 << 20    # a crop and a preview are far smaller; a worker that says more is broken
-_LENGTH = struct.Struct(">I")
 # Worker environment: one thread for any numeric library, and large blocks always given back to the system
 # (glibc would otherwise raise its mmap threshold after the first big image and keep the memory).
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -81,10 +78,10 @@ class _Worker:
     """One worker process, as seen from the server."""
 
     def __init__(self, memory_mb: int | None):
-        root = str(Path(__file__).resolve().parent.parent)   # so `-m retrieval.images.decode_pool` finds this checkout
+        root = str(Path(__file__).resolve().parent.parent)   # so `-m retrieval.images.decode_worker` finds this checkout
         env = {**os.environ, **WORKER_ENV,
                "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-        command = [sys.executable, "-m", __name__, "--parent", str(os.getpid())]
+        command = [sys.executable, "-m", decode_worker.__name__, "--parent", str(os.getpid())]
         if memory_mb:
             command += ["--memory-mb", str(memory_mb)]
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
@@ -105,7 +102,7 @@ class _Worker:
 
     def call(self, header: dict[str, Any], payload: bytes, deadline: float) -> tuple[dict[str, Any], bytearray]:
         """Send one request, read its answer. Raises _Late (deadline passed), _Broken (died, garbage)."""
-        self._write(_frame(header, len(payload)), deadline)
+        self._write(frame(header, len(payload)), deadline)
         self._write(payload, deadline)
         return self._read(deadline)
 
@@ -121,7 +118,7 @@ class _Worker:
                 raise _Broken(self._exit_reason()) from None
 
     def _read(self, deadline: float) -> tuple[dict[str, Any], bytearray]:
-        (length,) = _LENGTH.unpack(self._read_exactly(_LENGTH.size, deadline))
+        (length,) = FRAME_LENGTH.unpack(self._read_exactly(FRAME_LENGTH.size, deadline))
         if length > MAX_HEADER_BYTES:
             raise _Broken(f"a {length:,}-byte header")
         try:
@@ -176,11 +173,6 @@ class _Worker:
                 pipe.close()
             except OSError:
                 pass
-
-
-def _frame(header: dict[str, Any], size: int) -> bytes:
-    data = json.dumps({**header, "size": size}).encode()
-    return _LENGTH.pack(len(data)) + data
 
 
 def _wait_for(fd: int, deadline: float, *, write: bool) -> None:
@@ -369,79 +361,3 @@ class DecodePool:
     def _close_spawner(self) -> None:
         self._spawn_requests.put(None)
         self._spawner.join(5.0)
-
-
-# --- the worker process -----------------------------------------------------------------------------------
-
-def _cap_memory(extra_mb: int) -> None:
-    """Address space = what this process has mapped now (interpreter, Pillow, numpy) + extra_mb. Linux only."""
-    import resource
-
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        return
-    for line in status.splitlines():
-        if line.startswith("VmSize:"):
-            limit = int(line.split()[1]) * 1024 + (extra_mb << 20)
-            _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-            return
-
-
-def _read_frame(stream: BinaryIO) -> tuple[dict[str, Any], bytes] | None:
-    """-> (header, payload), or None at EOF (the server closed the pipe or died)."""
-    head = stream.read(_LENGTH.size)
-    if len(head) < _LENGTH.size:
-        return None
-    header = json.loads(stream.read(_LENGTH.unpack(head)[0]))
-    payload = stream.read(int(header["size"]))
-    if len(payload) < int(header["size"]):
-        return None
-    return header, payload
-
-
-def _answer(header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
-    try:
-        prep = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in header["prep"].items()})
-        decoded = decode_for_model(payload, prep, max_pixels=header["max_pixels"],
-                                   max_decoded_pixels=header["max_decoded_pixels"], preview_size=header["preview_size"])
-        preview = jpeg_bytes(decoded.preview, PREVIEW_QUALITY) if decoded.preview is not None else b""
-        pixels = decoded.pixels.tobytes()
-        return ({"ok": True, "width": decoded.width, "height": decoded.height, "sha256": decoded.sha256,
-                 "pixels": list(decoded.pixels.shape)}, pixels + preview)
-    except Exception as exc:  # noqa: BLE001 - every failure is this file's reason, and the worker lives on
-        return {"ok": False, "reason": str(decode_error(exc))}, b""
-
-
-def serve(parent_pid: int, memory_mb: int | None) -> None:
-    """The worker's loop: a frame in, a frame out, until EOF on stdin."""
-    die_with_parent(parent_pid)
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)                       # a stray print goes to the log, not into the answers
-    if memory_mb:
-        _cap_memory(memory_mb)
-    stdin = sys.stdin.buffer
-
-    def send(header: dict[str, Any], body: bytes) -> None:
-        out.write(_frame(header, len(body)))
-        out.write(body)
-        out.flush()
-
-    send({"ready": True, "pid": os.getpid()}, b"")
-    while (request := _read_frame(stdin)) is not None:
-        header, body = _answer(*request)
-        del request                     # the upload is not kept while the worker waits for the next one
-        send(header, body)
-        del header, body
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="An image decoder worker (started by DecodePool; speaks frames on stdin/stdout).")
-    parser.add_argument("--parent", type=int, required=True)
-    parser.add_argument("--memory-mb", type=int, default=None)
-    args = parser.parse_args()
-    try:
-        serve(args.parent, args.memory_mb)
-    except (BrokenPipeError, KeyboardInterrupt):
-        pass

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from retrieval.files import open_regular
 from retrieval.images.decode import DeviceJpeg, ImageDecodeError, Preprocessing, decode_error, decode_for_model
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def _read_bytes(jpeg: DeviceJpeg) -> bytearray | str:
     """The file's bytes, or the reason they cannot be used (unreadable, or changed since it was hashed)."""
     data = bytearray(jpeg.facts.size + 1)          # one more: a file that grew since is caught
     try:
-        with open(jpeg.path, "rb", buffering=0) as f:
+        with open_regular(jpeg.path, buffering=0) as f:
             n = f.readinto(data)
     except OSError as exc:
         return f"cannot read file: {exc.strerror or exc}"

@@ -1,66 +1,19 @@
-"""How good the stored features are on the labelled images: leave-one-out retrieval and kNN, a linear probe, chance."""
+"""Evaluating indexes: the labelled vectors an index stores, loaded and scored (one index, or two on the images they share)."""
 from __future__ import annotations
 
 import dataclasses
-import html
 import logging
-import warnings
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
-from retrieval.catalog.catalog import Catalog, weights_label
+from retrieval.catalog import Catalog, weights_label
+from retrieval.learning.metrics import EvaluationError, evaluate_vectors   # EvaluationError: the metrics' check_labels raises it too
 from retrieval.names import DEFAULT_KS
 from retrieval.system import display_name
 
 log = logging.getLogger(__name__)
-
-PROBE_TEST_SHARE = 0.25     # share of the labelled images held out for the linear probe's test
-QUERY_CHUNK = 512           # queries per block of the distance matrix
-
-
-class EvaluationError(ValueError):
-    """The index cannot be evaluated as it is (too few labels or images); the message says why."""
-
-
-class LabelledHit(Protocol):
-    label: str | None
-    distance: float
-
-
-# --- the vote, shared by the service's predicted_label and the kNN evaluation ----------------------
-
-def vote_labels(labels: Sequence[Hashable], distances: Sequence[float]) -> tuple[Hashable, int]:
-    """Majority vote of neighbours given nearest first. -> (label, votes).
-
-    Ties between labels with the same number of votes go to the label whose votes have the smallest
-    summed distance (the closer group); if that is equal too, to the label that appears first.
-    """
-    assert labels and len(labels) == len(distances), "one distance per label, at least one"
-    tally: dict[Hashable, list] = {}   # label -> [votes, summed distance, first rank]
-    for rank, (label, d) in enumerate(zip(labels, distances)):
-        t = tally.setdefault(label, [0, 0.0, rank])
-        t[0] += 1
-        t[1] += float(d)
-    label, (votes, _, _) = min(tally.items(), key=lambda kv: (-kv[1][0], kv[1][1], kv[1][2]))
-    return label, votes
-
-
-def vote(hits: Sequence[LabelledHit], k: int) -> dict | None:
-    """Predict a label from the k nearest hits (nearest first), e.g. retrieval.search.index.Hit.
-
-    Hits without a label do not vote. -> {"label": str, "votes": int, "k": int} where k is the number of
-    neighbours that voted (the labelled ones among the first k), or None when none of them has a label.
-    Ties: see vote_labels.
-    """
-    assert k >= 1, f"k must be at least 1, not {k}"
-    voters = [h for h in list(hits)[:k] if h.label is not None]
-    if not voters:
-        return None
-    label, votes = vote_labels([h.label for h in voters], [h.distance for h in voters])
-    return {"label": label, "votes": votes, "k": len(voters)}
 
 
 # --- loading ----------------------------------------------------------------------------------------
@@ -100,198 +53,6 @@ def load_labelled_vectors(catalog: Catalog) -> LabelledVectors:
     return LabelledVectors(np.concatenate(ids) if ids else np.zeros(0, np.int64),
                            np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32), labels, unlabelled,
                            paths, hashes)
-
-
-# --- the metrics --------------------------------------------------------------------------------------
-
-def check_labels(labels: Sequence[str]) -> dict[str, int]:
-    """-> images per label, sorted by label. Raises EvaluationError unless there are >= 2 labels with >= 2 images each."""
-    counts: dict[str, int] = {}
-    for label in labels:
-        counts[label] = counts.get(label, 0) + 1
-    counts = dict(sorted(counts.items()))
-    if len(counts) < 2:
-        found = f"only the label {next(iter(counts))!r}" if counts else "no labelled images"
-        raise EvaluationError(
-            f"evaluation needs labelled images of at least two classes; the index has {found}. "
-            "Index a folder with one subfolder per class (data/<class>/<image>) to label the images.")
-    single = [label for label, n in counts.items() if n < 2]
-    if single:
-        shown = ", ".join(repr(s) for s in single[:10]) + (" ..." if len(single) > 10 else "")
-        raise EvaluationError(
-            f"every label needs at least two images (one to query, one to find), but {len(single)} "
-            f"label(s) have a single image: {shown}. Add images to those classes or remove their folders.")
-    return counts
-
-
-def pairwise_distances(queries: np.ndarray, base: np.ndarray, base_sq: np.ndarray | None = None) -> np.ndarray:
-    """Euclidean (not squared) distances. queries shape=(q, d), base shape=(n, d) float32 -> shape=(q, n) float64.
-
-    base_sq: the base's squared norms, shape=(n,) float64, when already computed. The dot products are
-    float32 (BLAS), so distances closer than float32 rounding may be ordered either way.
-    """
-    if base_sq is None:
-        base_sq = np.einsum("ij,ij->i", base, base, dtype=np.float64)
-    q_sq = np.einsum("ij,ij->i", queries, queries, dtype=np.float64)
-    dots = (queries @ base.T).astype(np.float64)                                  # (q, d) x (d, n) -> (q, n)
-    return np.sqrt(np.maximum(q_sq[:, None] + base_sq[None, :] - 2.0 * dots, 0.0))
-
-
-def leave_one_out(vectors: np.ndarray, codes: np.ndarray, ks: Sequence[int],
-                  chunk: int = QUERY_CHUNK) -> dict[str, np.ndarray]:
-    """Each image queries all the others (its own entry excluded), exact L2 distances.
-
-    vectors: shape=(n, dim) float32; codes: shape=(n,) int class index; ks: neighbour counts, each <= n - 1.
-    The ranking sorts by distance; equal distances keep row order (id order from an index; a stable sort).
-    -> {"precision": shape=(len(ks), n) float64, precision@k of each query over its k nearest;
-        "ap": shape=(n,) float64, average precision over the whole ranking (relevant = same class);
-        "predicted": shape=(len(ks), n) int, kNN majority-vote class (vote_labels' tie rule)}.
-    """
-    n = len(vectors)
-    assert vectors.ndim == 2 and codes.shape == (n,), "one class code per vector"
-    assert all(1 <= k <= n - 1 for k in ks), f"every k must be in 1..{n - 1}"
-    assert np.isfinite(vectors).all(), "vectors must be finite"
-    precision = np.zeros((len(ks), n))
-    ap = np.zeros(n)
-    predicted = np.zeros((len(ks), n), dtype=np.int64)
-    kmax = max(ks)
-    base_sq = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
-    for start in range(0, n, chunk):
-        rows = np.arange(start, min(n, start + chunk))
-        d = pairwise_distances(vectors[rows], vectors, base_sq)              # (c, n)
-        d[np.arange(len(rows)), rows] = np.inf                               # leave the query itself out
-        order = np.argsort(d, axis=1, kind="stable")[:, :n - 1]              # (c, n - 1), self was last
-        relevant = codes[order] == codes[rows][:, None]                      # (c, n - 1) bool
-        hits = np.cumsum(relevant, axis=1)                                   # relevant among the first r
-        for j, k in enumerate(ks):
-            precision[j, rows] = hits[:, k - 1] / k
-        ranks = np.arange(1, n)
-        ap[rows] = (relevant * hits / ranks).sum(1) / relevant.sum(1)
-        near = np.take_along_axis(d, order[:, :kmax], axis=1)               # (c, kmax) distances
-        near_codes = codes[order[:, :kmax]]
-        for r in range(len(rows)):
-            for j, k in enumerate(ks):
-                predicted[j, rows[r]] = vote_labels(near_codes[r, :k].tolist(), near[r, :k].tolist())[0]
-    return {"precision": precision, "ap": ap, "predicted": predicted}
-
-
-def linear_probe(vectors: np.ndarray, codes: np.ndarray, seed: int, test_share: float = PROBE_TEST_SHARE) -> dict:
-    """Logistic regression on standardised features, stratified train/test split (seeded).
-
-    vectors: shape=(n, dim) float32; codes: shape=(n,) int, every class with >= 2 images.
-    -> {"train": n_train, "test": n_test, "y_test": shape=(n_test,), "predicted": shape=(n_test,), "converged": bool}.
-    """
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    n, classes = len(codes), len(np.unique(codes))
-    n_test = min(n - classes, max(classes, round(test_share * n)))   # each side needs every class
-    x_train, x_test, y_train, y_test = train_test_split(vectors, codes, test_size=n_test, stratify=codes,
-                                                        random_state=seed)
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        probe.fit(x_train, y_train)
-    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    return {"train": len(y_train), "test": len(y_test), "y_test": y_test, "predicted": probe.predict(x_test),
-            "converged": converged}
-
-
-def evaluate_vectors(vectors: np.ndarray, labels: Sequence[str], ks: Sequence[int] = DEFAULT_KS, *, seed: int = 0,
-                     probe: bool = True, unlabelled: int = 0) -> dict:
-    """All the numbers of `evaluate-index` for labelled vectors, as one JSON-ready dict.
-
-    vectors: shape=(n, dim) float32 (as stored); labels: n class names; ks: neighbour counts, those
-    above n - 1 are left out with a note. Keys (k-keyed maps use str(k)):
-      images {labelled, unlabelled, classes}, labels [names], counts {label: images}, ks [ints],
-      retrieval {precision_at_k {k: mean}, map}, knn {accuracy {k: rate}, k, confusion [[...]]},
-      linear_probe {accuracy, train, test, seed, converged, confusion [[...]]} or None,
-      per_class {label: {images, precision_at_k {k}, average_precision, knn_accuracy {k}, probe_accuracy}},
-      chance {retrieval_precision, majority_class, uniform}, notes [str].
-    Confusion matrices: rows = true label, columns = predicted, both in `labels` order; the kNN one is
-    leave-one-out at the largest k. Raises EvaluationError (fewer than 2 labels, a label with 1 image).
-    """
-    from sklearn.metrics import accuracy_score, confusion_matrix, recall_score
-
-    counts = check_labels(labels)
-    names = list(counts)
-    position = {name: c for c, name in enumerate(names)}
-    codes = np.array([position[label] for label in labels], dtype=np.int64)
-    n = len(labels)
-    vectors = np.asarray(vectors, dtype=np.float32)
-    assert vectors.shape[0] == n, "one label per vector"
-    notes = []
-    ks = sorted(set(int(k) for k in ks))
-    assert ks and ks[0] >= 1, "k values must be positive"
-    too_big = [k for k in ks if k > n - 1]
-    if too_big:
-        notes.append(f"k = {', '.join(map(str, too_big))} left out: {n} labelled images give at most {n - 1} neighbours")
-        ks = [k for k in ks if k <= n - 1]
-    if unlabelled:
-        notes.append(f"{unlabelled} unlabelled image(s) left out (neither queries nor neighbours)")
-
-    loo = leave_one_out(vectors, codes, ks)
-    sizes = np.array([counts[name] for name in names])
-    label_ids = list(range(len(names)))
-    knn_conf = confusion_matrix(codes, loo["predicted"][-1], labels=label_ids)
-    knn_recall = {k: recall_score(codes, loo["predicted"][j], labels=label_ids, average=None, zero_division=0.0)
-                  for j, k in enumerate(ks)}
-
-    per_class = {}
-    for c, name in enumerate(names):
-        mine = codes == c
-        per_class[name] = {
-            "images": int(sizes[c]),
-            "precision_at_k": {str(k): float(loo["precision"][j, mine].mean()) for j, k in enumerate(ks)},
-            "average_precision": float(loo["ap"][mine].mean()),
-            "knn_accuracy": {str(k): float(knn_recall[k][c]) for k in ks},
-            "probe_accuracy": None,
-        }
-
-    probe_result = None
-    if probe:
-        p = linear_probe(vectors, codes, seed)
-        recall = recall_score(p["y_test"], p["predicted"], labels=label_ids, average=None, zero_division=0.0)
-        tested = np.bincount(p["y_test"], minlength=len(names))
-        for c, name in enumerate(names):
-            per_class[name]["probe_accuracy"] = float(recall[c]) if tested[c] else None
-        probe_result = {"accuracy": float(accuracy_score(p["y_test"], p["predicted"])), "train": p["train"],
-                        "test": p["test"], "seed": seed, "converged": p["converged"],
-                        "confusion": confusion_matrix(p["y_test"], p["predicted"], labels=label_ids).tolist()}
-        if not p["converged"]:
-            notes.append("the linear probe's solver did not fully converge (2000 iterations)")
-
-    return {
-        "images": {"labelled": n, "unlabelled": int(unlabelled), "classes": len(names)},
-        "labels": names,
-        "counts": counts,
-        "ks": ks,
-        "retrieval": {"precision_at_k": {str(k): float(loo["precision"][j].mean()) for j, k in enumerate(ks)},
-                      "map": float(loo["ap"].mean())},
-        "knn": {"accuracy": {str(k): float(accuracy_score(codes, loo["predicted"][j])) for j, k in enumerate(ks)},
-                "k": ks[-1], "confusion": knn_conf.tolist()},
-        "linear_probe": probe_result,
-        "per_class": per_class,
-        "chance": chance_levels(sizes),
-        "notes": notes,
-    }
-
-
-def chance_levels(sizes: np.ndarray) -> dict[str, float]:
-    """Chance levels for class sizes, shape=(C,).
-
-    retrieval_precision: the expected precision (at any k) of a random ranking, leave-one-out:
-      sum_c n_c (n_c - 1) / (n (n - 1)); mAP of a random ranking is about the same.
-    majority_class: accuracy of always answering the largest class (max n_c / n).
-    uniform: accuracy of a uniformly random guess among the classes (1 / C).
-    """
-    sizes = np.asarray(sizes, dtype=np.float64)
-    n = sizes.sum()
-    return {"retrieval_precision": float((sizes * (sizes - 1)).sum() / (n * (n - 1))),
-            "majority_class": float(sizes.max() / n), "uniform": float(1.0 / len(sizes))}
 
 
 def _load_index(index_dir: Path | str, db_url: str | None = None) -> tuple[dict, LabelledVectors]:
@@ -381,33 +142,3 @@ def compare_indexes(index_a: Path | str, index_b: Path | str, ks: Sequence[int] 
         results[side] = {"index": about, **result}
     return {**results, "matched": {"images": counts["matched"], "only_a": counts["only_a"], "only_b": counts["only_b"],
                                    "differing": counts["differing"], "by": MATCHED_BY}}
-
-
-# --- a chart for pages ------------------------------------------------------------------------------
-
-def precision_at_k_svg(result: dict, *, width: int = 360, height: int = 200) -> str:
-    """An inline SVG bar chart of precision@k from an evaluate_* result, with the chance level as a dashed line."""
-    points = result["retrieval"]["precision_at_k"]
-    chance = result["chance"]["retrieval_precision"]
-    left, right, top, bottom = 36, 8, 12, 28
-    plot_w, plot_h = width - left - right, height - top - bottom
-    y = lambda v: top + plot_h * (1.0 - v)  # noqa: E731 - value 0..1 -> pixel row
-    slot = plot_w / max(1, len(points))
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-             f'aria-label="precision at k">',
-             f'<line x1="{left}" y1="{y(0):.1f}" x2="{width - right}" y2="{y(0):.1f}" stroke="#333"/>']
-    for tick in (0.0, 0.5, 1.0):
-        parts.append(f'<text x="{left - 4}" y="{y(tick) + 4:.1f}" font-size="11" text-anchor="end">{tick:.1f}</text>')
-    for i, (k, v) in enumerate(points.items()):
-        x = left + i * slot + slot * 0.2
-        parts.append(f'<rect x="{x:.1f}" y="{y(v):.1f}" width="{slot * 0.6:.1f}" height="{plot_h * v:.1f}" '
-                     f'fill="#4a7bd0"><title>precision@{html.escape(k)}: {v:.3f}</title></rect>')
-        parts.append(f'<text x="{x + slot * 0.3:.1f}" y="{y(v) - 3:.1f}" font-size="11" text-anchor="middle">{v:.2f}</text>')
-        parts.append(f'<text x="{x + slot * 0.3:.1f}" y="{height - bottom + 14}" font-size="11" '
-                     f'text-anchor="middle">P@{html.escape(k)}</text>')
-    parts.append(f'<line x1="{left}" y1="{y(chance):.1f}" x2="{width - right}" y2="{y(chance):.1f}" stroke="#c33" '
-                 f'stroke-dasharray="4 3"><title>chance: {chance:.3f}</title></line>')
-    parts.append(f'<text x="{width - right}" y="{y(chance) - 3:.1f}" font-size="10" fill="#c33" '
-                 f'text-anchor="end">chance {chance:.2f}</text>')
-    parts.append("</svg>")
-    return "".join(parts)

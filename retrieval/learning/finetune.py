@@ -1,25 +1,25 @@
-"""Fine-tuning a backbone on the labelled folders: split, cached convolutional features, training, checks, checkpoints."""
+"""Fine-tuning a backbone on the labelled folders: the settings, the training loop, the sanity check, checkpoints."""
 from __future__ import annotations
 
 import copy
 import dataclasses
 import datetime
-import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-from retrieval.features.backbones import MODELS, load_backbone, load_state_dict, preprocessing_for, random_state_dict, resolve_device
-from retrieval.images.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessing, decode_for_model, open_rgb
-from retrieval.images.scan import DEFAULT_MAX_FILE_BYTES, ImageFile, scan_folder
+from retrieval.features.backbones import MODELS, load_state_dict, preprocessing_for, random_state_dict, resolve_device
+from retrieval.files import atomic_write
+from retrieval.images.decode import DEFAULT_MAX_PIXELS, Preprocessing
+from retrieval.images.scan import DEFAULT_MAX_FILE_BYTES
+from retrieval.learning.classifier import Classifier
+from retrieval.learning.finetune_data import (FineTuneError, Report, Samples, batch_input, labelled_files,
+                                              prepare_samples, stratified_split)
+from retrieval.learning.history import HISTORY_VERSION, history_path_for, write_filters, write_history
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +27,10 @@ TRAIN_MODES = ("head", "fc", "all")        # what is trained: the new head; fc6,
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "step")
 DEFAULT_LR = {"sgd": 0.01, "adamw": 3e-4}
-CROP_SCALE = (0.35, 1.0)                   # random resized crop: share of the image's area kept
-CROP_RATIO = (3 / 4, 4 / 3)                # and its aspect ratio range (torchvision's default)
 SANITY_PER_CLASS = 2                       # --sanity: images per class in the subset to overfit
 SANITY_MAX_IMAGES = 20
 SANITY_MAX_STEPS = 300
 SANITY_TARGET_LOSS = 0.05
-HISTORY_VERSION = 1
-
-
-class FineTuneError(ValueError):
-    """A data folder or setting fine-tuning cannot use; the message says why, in the library's terms."""
 
 
 @dataclasses.dataclass
@@ -92,17 +85,6 @@ class FineTuneConfig:
         return history_path_for(self.out)
 
 
-def history_path_for(weights_file: Path) -> Path:
-    """tuned.pt -> tuned.history.json (next to it)."""
-    weights_file = Path(weights_file)
-    return weights_file.with_name(weights_file.stem + ".history.json")
-
-
-def filters_path_for(weights_file: Path) -> Path:
-    weights_file = Path(weights_file)
-    return weights_file.with_name(weights_file.stem + ".filters.npz")
-
-
 @dataclasses.dataclass
 class FineTuneResult:
     history: dict                  # what <stem>.history.json holds
@@ -115,158 +97,6 @@ class FineTuneResult:
     @property
     def stopped(self) -> str:
         return self.history["stopped"]
-
-
-# --- the data --------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class LabelledFiles:
-    files: list[ImageFile]         # labelled images, sorted by path
-    codes: np.ndarray              # shape=(n,), int64: class index of each file
-    classes: list[str]             # class names, sorted; code c is classes[c]
-    refused: dict[str, str]        # files the scan refused (path -> reason)
-    unlabelled: int
-
-
-def labelled_files(data_dir: Path, *, max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> LabelledFiles:
-    """The images of data_dir labelled by their first folder level (as index-images labels them).
-
-    Raises FineTuneError with fewer than two classes.
-    """
-    scan = scan_folder(data_dir, max_file_bytes=max_file_bytes)
-    files = [f for f in scan.images if f.label is not None]
-    classes = sorted({f.label for f in files})
-    if len(classes) < 2:
-        found = f"only the class {classes[0]!r}" if classes else "no labelled images"
-        raise FineTuneError(f"fine-tuning needs labelled images of at least two classes in {data_dir} "
-                            f"(one subfolder per class: {data_dir}/<class>/<image>); found {found}")
-    position = {name: c for c, name in enumerate(classes)}
-    refused = {path: reason for path, reason in scan.skipped.items() if "/" in path}
-    return LabelledFiles(files, np.array([position[f.label] for f in files], dtype=np.int64), classes, refused,
-                         len(scan.images) - len(files))
-
-
-def stratified_split(codes: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split indices into (train, val), class by class (seeded).
-
-    codes: shape=(n,) int class index. Each class with n_c >= 2 images puts round(val_fraction x n_c),
-    clamped to 1..n_c - 1, in val; a class with a single image is training only. Both sorted.
-    """
-    assert 0.0 < val_fraction < 1.0, f"val_fraction must be in (0, 1), not {val_fraction}"
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for c in np.unique(codes):
-        members = np.flatnonzero(codes == c)
-        rng.shuffle(members)
-        n_val = 0 if len(members) < 2 else min(len(members) - 1, max(1, round(val_fraction * len(members))))
-        val += members[:n_val].tolist()
-        train += members[n_val:].tolist()
-    return np.array(sorted(train), dtype=np.int64), np.array(sorted(val), dtype=np.int64)
-
-
-def load_for_training(path: Path, prep: Preprocessing, max_pixels: int | None) -> Image.Image:
-    """A file -> upright RGB with its shorter side at prep.resize_size (JPEG draft decode). Raises ImageDecodeError."""
-    img = open_rgb(path, min_side=prep.resize_size, max_pixels=max_pixels)
-    size = prep.resized_size(*img.size)
-    return img if size == img.size else img.resize(size, Image.BILINEAR)
-
-
-def random_view(img: Image.Image, crop_size: int, gen: torch.Generator) -> np.ndarray:
-    """Random resized crop (CROP_SCALE of the area, CROP_RATIO aspect) and a coin-flip horizontal flip.
-
-    -> uint8, shape=(3, crop_size, crop_size)."""
-    w, h = img.size
-    area = w * h
-    for _ in range(10):        # torchvision's RandomResizedCrop sampling, on our generator
-        target = area * float(torch.empty(1).uniform_(*CROP_SCALE, generator=gen))
-        log_ratio = torch.log(torch.tensor(CROP_RATIO))
-        ratio = math.exp(float(torch.empty(1).uniform_(float(log_ratio[0]), float(log_ratio[1]), generator=gen)))
-        cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-        if 0 < cw <= w and 0 < ch <= h:
-            left = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
-            top = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
-            break
-    else:                      # fall back to the centre square
-        cw = ch = min(w, h)
-        left, top = (w - cw) // 2, (h - ch) // 2
-    view = img.resize((crop_size, crop_size), Image.BILINEAR, box=(left, top, left + cw, top + ch))
-    if bool(torch.rand(1, generator=gen) < 0.5):
-        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.ascontiguousarray(np.asarray(view, dtype=np.uint8).transpose(2, 0, 1))   # (3, c, c)
-
-
-# --- the network -----------------------------------------------------------------------------------
-
-class Classifier(nn.Module):
-    """A torchvision backbone with a new last layer for the collection's classes, in two parts.
-
-    conv: features -> avgpool -> flatten, (B, 3, 224, 224) float -> (B, 9216) AlexNet or (B, 25088) VGG16.
-    fc: the rest of the classifier (fc6, fc7 and their ReLUs and dropouts) and the new head, -> (B, C) logits.
-    `net` is the torchvision module itself (its state dict has torchvision's key names).
-    """
-
-    def __init__(self, model: str, state_dict: dict[str, torch.Tensor], num_classes: int, seed: int,
-                 dropout: float | None = None):
-        super().__init__()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = MODELS[model].build(weights=None)
-            load_backbone(net, model, state_dict)
-            old = net.classifier[-1]
-            head = nn.Linear(old.in_features, num_classes)
-            nn.init.normal_(head.weight, 0.0, 0.01)   # small logits: the initial loss starts at chance, ln(C)
-            nn.init.zeros_(head.bias)
-        net.classifier[-1] = head
-        for layer in net.classifier:
-            if isinstance(layer, nn.Dropout) and dropout is not None:
-                layer.p = dropout
-        self.net, self.model = net, model
-        self.conv = nn.Sequential(net.features, net.avgpool, nn.Flatten(1))
-        self.fc = net.classifier
-
-    @property
-    def head(self) -> nn.Linear:
-        return self.net.classifier[-1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.conv(x))                       # (B, 3, 224, 224) -> (B, D) -> (B, C)
-
-    def set_trainable(self, mode: str) -> list[nn.Parameter]:
-        """requires_grad for the layers `mode` trains, off for the others; -> the trained parameters."""
-        self.requires_grad_(mode == "all")
-        if mode == "head":
-            self.head.requires_grad_(True)
-        elif mode == "fc":
-            self.fc.requires_grad_(True)
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def train_mode(self, mode: str) -> None:
-        """Dropout on where layers train (the frozen fc layers of `head` run as at inference)."""
-        self.train(mode in ("fc", "all"))
-        if mode == "head":
-            self.head.train()
-
-    def backbone_state(self, keep_head: bool) -> dict[str, torch.Tensor]:
-        """The torchvision state dict on the CPU, without the head ("classifier.6.*") unless keep_head."""
-        head = f"classifier.{len(self.net.classifier) - 1}."
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()
-                if keep_head or not k.startswith(head)}
-
-
-# --- training --------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Samples:
-    """What an epoch draws from: cached convolutional output (head, fc) or decoded images (all)."""
-    codes: torch.Tensor                         # shape=(n,) int64
-    features: torch.Tensor | None = None        # shape=(n, views, D) float16 (cached modes)
-    images: list[Image.Image] | None = None     # shorter side resize_size (all); None for a cached set
-
-    def __len__(self) -> int:
-        return len(self.codes)
-
-
-Report = Callable[[str, dict], None]          # (event, facts): "skipped", "initial", "sanity", "epoch", "saved"
 
 
 def fine_tune(cfg: FineTuneConfig, report: Report | None = None) -> FineTuneResult:
@@ -294,11 +124,10 @@ def fine_tune(cfg: FineTuneConfig, report: Report | None = None) -> FineTuneResu
     skipped = dict(data.refused)
     for path, reason in data.refused.items():
         report("skipped", {"path": path, "reason": reason})
-    cached = cfg.train != "all"
     t0 = time.perf_counter()
-    train_set, bad = _prepare(net, data, train_idx, prep, cfg, gen, device, train=True, report=report)
+    train_set, bad = prepare_samples(net, data, train_idx, prep, cfg, gen, device, train=True, report=report)
     skipped.update(bad)
-    val_set, bad = _prepare(net, data, val_idx, prep, cfg, gen, device, train=False, report=report)
+    val_set, bad = prepare_samples(net, data, val_idx, prep, cfg, gen, device, train=False, report=report)
     skipped.update(bad)
     cache_seconds = time.perf_counter() - t0
     if len(train_set) == 0 or len(val_set) == 0:
@@ -331,84 +160,10 @@ def fine_tune(cfg: FineTuneConfig, report: Report | None = None) -> FineTuneResu
     history["seconds"] = time.perf_counter() - started
     if filters_before is not None and weights_path is not None:   # "after": the saved (best) epoch's filters
         after = torch.load(weights_path, map_location="cpu", weights_only=True)["features.0.weight"].numpy()
-        _atomic(filters_path_for(cfg.out), lambda tmp: np.savez(tmp, before=filters_before.astype(np.float32),
-                                                                  after=after.astype(np.float32)))
+        write_filters(cfg.history_path, filters_before, after)
     if weights_path is not None or history["stopped"] != "interrupted":
         write_history(cfg.history_path, history)
     return FineTuneResult(history, cfg.history_path, weights_path, skipped, data.unlabelled, cache_seconds)
-
-
-def _prepare(net: Classifier, data: LabelledFiles, idx: np.ndarray, prep: Preprocessing, cfg: FineTuneConfig,
-             gen: torch.Generator, device: torch.device, *, train: bool, report: Report) -> tuple[Samples, dict[str, str]]:
-    """Decode the files at idx (bad ones skipped with their reason); for cached modes, run the convolutions once
-    per view (cfg.cache_views random views of a training image, the centre crop of a validation image)."""
-    from tqdm import tqdm
-
-    cached = cfg.train != "all"
-    views = cfg.cache_views if train else 1
-    skipped: dict[str, str] = {}
-    codes, feats, images = [], [], []
-    pending: list[np.ndarray] = []
-
-    def flush() -> None:
-        if pending:
-            feats.append(_conv(net, np.stack(pending), prep, device))     # (b, D) float16
-            pending.clear()
-
-    bar = tqdm(total=len(idx), unit="img", desc=f"{'caching' if cached else 'decoding'} {'train' if train else 'val'}",
-               dynamic_ncols=True, disable=not cfg.progress, leave=False)
-    for i in idx:
-        f = data.files[i]
-        bar.update(1)
-        try:
-            if train or not cached:
-                img = load_for_training(cfg.data_dir / f.path, prep, cfg.max_pixels)
-            else:    # exactly index-images' decode and centre crop
-                pixels = decode_for_model(cfg.data_dir / f.path, prep, max_pixels=cfg.max_pixels).pixels
-        except ImageDecodeError as exc:
-            skipped[f.path] = str(exc)
-            report("skipped", {"path": f.path, "reason": str(exc)})
-            continue
-        codes.append(int(data.codes[i]))
-        if not cached:
-            images.append(img)
-            continue
-        pending.extend([random_view(img, prep.crop_size, gen) for _ in range(views)] if train else [pixels])
-        if len(pending) >= cfg.cache_batch_size:
-            flush()
-    flush()
-    bar.close()
-    codes_t = torch.tensor(codes, dtype=torch.int64)
-    if not cached:
-        return Samples(codes_t, images=images), skipped
-    dim = net.fc[1 if cfg.model == "alexnet" else 0].in_features
-    features = torch.cat(feats) if feats else torch.zeros(0, dim, dtype=torch.float16)
-    return Samples(codes_t, features=features.view(len(codes), views, -1)), skipped
-
-
-@torch.no_grad()
-def _conv(net: Classifier, pixels: np.ndarray, prep: Preprocessing, device: torch.device) -> torch.Tensor:
-    """uint8 shape=(B, 3, 224, 224) -> the convolutional output, float16 on the CPU, shape=(B, D)."""
-    net.conv.eval()
-    x = prep.normalise(torch.from_numpy(pixels).to(device))
-    return net.conv(x).to("cpu", torch.float16)                               # (B, 3, 224, 224) -> (B, 9216)
-
-
-def _batch(samples: Samples, rows: torch.Tensor, prep: Preprocessing, device: torch.device,
-           gen: torch.Generator | None, view: torch.Tensor | None = None) -> torch.Tensor:
-    """Network input for samples[rows]: cached output (one view each: `view`, or drawn) or augmented images."""
-    if samples.features is not None:
-        if view is None:
-            view = torch.randint(0, samples.features.shape[1], (len(rows),), generator=gen)
-        return samples.features[rows, view].to(device, torch.float32)         # (b, D)
-    crop = prep.crop_size
-    pixels = np.stack([random_view(samples.images[r], crop, gen) if gen is not None else prep.crop(samples.images[r])
-                       for r in rows.tolist()])
-    return prep.normalise(torch.from_numpy(pixels).to(device))                # (b, 3, 224, 224)
-
-
-def _logits(net: Classifier, x: torch.Tensor) -> torch.Tensor:
-    return net.fc(x) if x.ndim == 2 else net(x)
 
 
 @torch.no_grad()
@@ -423,8 +178,8 @@ def _evaluate(net: Classifier, samples: Samples, cfg: FineTuneConfig, prep: Prep
     for v in range(views):
         for start in range(0, len(samples), cfg.batch_size):
             rows = torch.arange(start, min(len(samples), start + cfg.batch_size))
-            x = _batch(samples, rows, prep, device, None, view=torch.full((len(rows),), v))
-            out = _logits(net, x)
+            x = batch_input(samples, rows, prep, device, None, view=torch.full((len(rows),), v))
+            out = net.logits(x)
             y = samples.codes[rows].to(device)
             loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
             correct += float((out.argmax(1) == y).sum())
@@ -455,13 +210,13 @@ def _sanity(net: Classifier, train_set: Samples, cfg: FineTuneConfig, prep: Prep
     params = probe.set_trainable(cfg.train)
     probe.eval()                                       # dropout off
     opt = _optimizer(params, cfg, weight_decay=0.0)
-    x = _batch(train_set, rows, prep, device, None, view=torch.zeros(len(rows), dtype=torch.int64))
+    x = batch_input(train_set, rows, prep, device, None, view=torch.zeros(len(rows), dtype=torch.int64))
     y = codes[rows].to(device)
     loss = float("inf")
     steps = 0
     while steps < SANITY_MAX_STEPS and loss >= SANITY_TARGET_LOSS:
         opt.zero_grad(set_to_none=True)
-        out = nn.functional.cross_entropy(_logits(probe, x), y)
+        out = nn.functional.cross_entropy(probe.logits(x), y)
         loss = float(out.detach())
         if loss < SANITY_TARGET_LOSS:
             break
@@ -502,9 +257,9 @@ def _train(net: Classifier, train_set: Samples, val_set: Samples, cfg: FineTuneC
                        disable=not cfg.progress, leave=False)
             for start in range(0, len(order), cfg.batch_size):
                 rows = order[start:start + cfg.batch_size]
-                x = _batch(train_set, rows, prep, device, gen)
+                x = batch_input(train_set, rows, prep, device, gen)
                 y = train_set.codes[rows].to(device)
-                out = _logits(net, x)
+                out = net.logits(x)
                 loss = nn.functional.cross_entropy(out, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -540,23 +295,7 @@ def _train(net: Classifier, train_set: Samples, val_set: Samples, cfg: FineTuneC
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path) -> Path:
-    """torch.save a plain dict of tensors atomically (a temporary file, then os.replace)."""
-    _atomic(path, lambda tmp: torch.save(state, tmp))
-    return path
-
-
-def write_history(path: Path, history: dict) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(history, indent=1)))
-
-
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """torch.save a plain dict of tensors, replacing path whole (retrieval.files.atomic_write; its folder created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        if not tmp.exists() and tmp.with_name(tmp.name + ".npz").exists():   # np.savez appends .npz
-            tmp.with_name(tmp.name + ".npz").rename(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return atomic_write(path, lambda f: torch.save(state, f))

@@ -1,166 +1,16 @@
-"""A fine-tuning run's history file (`<stem>.history.json`): loaded and checked, drawn as PNG files and inline SVG."""
+"""A fine-tune's charts: loss, accuracy and first-layer filters as matplotlib figures, PNG files next to the history and inline SVG."""
 from __future__ import annotations
 
 import io
-import json
-import math
 import re
-from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-HISTORY_VERSION = 1
-HISTORY_SUFFIX = ".history.json"
-FILTERS_SUFFIX = ".filters.npz"
-STOPPED = ("completed", "early_stopping", "interrupted")
+from retrieval.learning.history import history_stem, load_filters, load_history
+from retrieval.reports.filters import filter_change, filter_grid
 
 # Matplotlib is imported inside the drawing functions: loading a history (the page, the CLI) needs only json.
-
-_NUMBER = (int, float)
-# field -> (types, may be null)
-_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
-    "version": ((int,), False), "created_at": ((str,), False), "data_dir": ((str,), False),
-    "model": ((str,), False), "weights": ((str,), False), "weights_seed": ((int,), True),
-    "train": ((str,), False), "head": ((str,), False), "optimizer": ((str,), False), "lr": (_NUMBER, False),
-    "lr_schedule": ((str,), False), "weight_decay": (_NUMBER, False), "momentum": (_NUMBER, True),
-    "epochs": ((int,), False), "batch_size": ((int,), False), "patience": ((int,), False),
-    "val_fraction": (_NUMBER, False), "seed": ((int,), False), "classes": ((list,), False),
-    "split": ((dict,), False), "initial_loss": (_NUMBER, False), "chance_loss": (_NUMBER, False),
-    "sanity": ((dict,), True), "epochs_run": ((list,), False), "best_epoch": ((int,), False),
-    "best_val_accuracy": (_NUMBER, False), "stopped": ((str,), False), "seconds": (_NUMBER, False),
-}
-_EPOCH_FIELDS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds")
-_SANITY_FIELDS = {"subset_size": (int,), "steps": (int,), "final_train_loss": _NUMBER, "passed": (bool,)}
-
-
-class HistoryError(ValueError):
-    """A history file that cannot be read or does not follow the format; the message names the file and the field."""
-
-
-class HistoryNotFound(FileNotFoundError):
-    """No history file where one was looked for; the message says how to make one."""
-
-
-def history_path_for(weights_file: Path | str) -> Path:
-    """The history file written next to a fine-tuned weights file: tuned.pt -> tuned.history.json."""
-    path = Path(weights_file)
-    return path.with_name(path.stem + HISTORY_SUFFIX) if path.suffix else path.with_name(path.name + HISTORY_SUFFIX)
-
-
-def history_stem(history_path: Path | str) -> Path:
-    """tuned.history.json -> tuned (with its folder): the prefix of the PNG and filters files next to it."""
-    path = Path(history_path)
-    name = path.name[:-len(HISTORY_SUFFIX)] if path.name.endswith(HISTORY_SUFFIX) else path.stem
-    return path.with_name(name)
-
-
-def filters_path_for(history_path: Path | str) -> Path:
-    stem = history_stem(history_path)
-    return stem.with_name(stem.name + FILTERS_SUFFIX)
-
-
-def _kind(value: Any, types: tuple[type, ...]) -> bool:
-    if isinstance(value, bool) and bool not in types:   # JSON true is not a number here
-        return False
-    return isinstance(value, types) and not (isinstance(value, float) and not math.isfinite(value))
-
-
-def validate_history(history: Any, where: str = "history") -> dict:
-    """Check a parsed history against the format (extra fields are allowed). -> history; raises HistoryError."""
-    def fail(what: str) -> HistoryError:
-        return HistoryError(f"{where}: {what}; is it a history file written by fine-tune?")
-
-    if not isinstance(history, dict):
-        raise fail(f"expected a JSON object, found {type(history).__name__}")
-    missing = [name for name in _FIELDS if name not in history]
-    if missing:
-        raise fail(f"missing field(s) {', '.join(missing)}")
-    for name, (types, nullable) in _FIELDS.items():
-        value = history[name]
-        if not (value is None and nullable) and not _kind(value, types):
-            raise fail(f"field {name!r} should be {' or '.join(t.__name__ for t in types)}"
-                       f"{' or null' if nullable else ''}, not {json.dumps(value)[:60]}")
-    if history["version"] != HISTORY_VERSION:
-        raise HistoryError(f"{where}: format version {history['version']}; this version reads version {HISTORY_VERSION}")
-    classes = history["classes"]
-    if not classes or not all(isinstance(c, str) for c in classes):
-        raise fail("'classes' should be a non-empty list of class names")
-    split = history["split"]
-    for part in ("train", "val"):
-        if not isinstance(split.get(part), list) or not all(isinstance(p, str) for p in split[part]):
-            raise fail(f"'split.{part}' should be a list of paths")
-    if history["sanity"] is not None:
-        for name, types in _SANITY_FIELDS.items():
-            if not _kind(history["sanity"].get(name), types):
-                raise fail(f"'sanity.{name}' should be {types[0].__name__}")
-    for i, row in enumerate(history["epochs_run"]):
-        if not isinstance(row, dict) or not _kind(row.get("epoch"), (int,)):
-            raise fail(f"'epochs_run[{i}]' should be an object with an 'epoch' number")
-        for name in _EPOCH_FIELDS:
-            if not _kind(row.get(name), _NUMBER):
-                raise fail(f"'epochs_run[{i}].{name}' should be a finite number, not {json.dumps(row.get(name))}")
-    epochs = [row["epoch"] for row in history["epochs_run"]]
-    if epochs != sorted(set(epochs)):
-        raise fail("'epochs_run' should list each epoch once, in order")
-    if epochs and history["best_epoch"] not in epochs:
-        raise fail(f"'best_epoch' {history['best_epoch']} is not one of the epochs run ({epochs[0]}..{epochs[-1]})")
-    if history["stopped"] not in STOPPED:
-        raise fail(f"'stopped' should be one of {', '.join(STOPPED)}, not {history['stopped']!r}")
-    return history
-
-
-def load_history(path: Path | str) -> dict:
-    """Read and check a history file. Raises HistoryNotFound (no file) or HistoryError (unreadable, malformed)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise HistoryNotFound(f"no training history at {path}: fine-tune writes one next to its weights "
-                              f"(fine-tune DATA_DIR --out tuned.pt writes tuned{HISTORY_SUFFIX})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise HistoryError(f"{path}: cannot be read ({exc})") from exc
-    try:
-        history = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise HistoryError(f"{path}: not valid JSON ({exc}); is it a history file written by fine-tune?") from exc
-    return validate_history(history, str(path))
-
-
-def load_filters(history_path: Path | str) -> tuple[np.ndarray, np.ndarray] | None:
-    """The first layer's filters before and after training, shape=(out, 3, kh, kw) float32 each, or None without a file.
-
-    Raises HistoryError for a file that is not an npz with "before" and "after" of the same 4-d shape."""
-    path = filters_path_for(history_path)
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            before, after = np.asarray(npz["before"], np.float32), np.asarray(npz["after"], np.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        raise HistoryError(f"{path}: not a filters file with 'before' and 'after' arrays ({exc})") from exc
-    if before.ndim != 4 or before.shape != after.shape or before.shape[1] != 3:
-        raise HistoryError(f"{path}: 'before' and 'after' should both have shape (out, 3, kh, kw); "
-                           f"found {before.shape} and {after.shape}")
-    return before, after
-
-
-def split_counts(history: dict) -> dict[str, dict[str, int]]:
-    """Images per class in each part of the split: {class: {"train": n, "val": n}}, in class-index order.
-
-    A path's class is its first folder level (DATA_DIR/<class>/...); classes not in `classes` are listed after."""
-    counts = {part: Counter(p.replace("\\", "/").split("/", 1)[0] for p in history["split"][part]) for part in ("train", "val")}
-    names = list(history["classes"]) + sorted((set(counts["train"]) | set(counts["val"])) - set(history["classes"]))
-    return {name: {"train": counts["train"][name], "val": counts["val"][name]} for name in names}
-
-
-def filter_change(before: np.ndarray, after: np.ndarray) -> float:
-    """How far training moved the filters: ||after - before|| / ||before|| over all of them."""
-    return float(np.linalg.norm(after - before) / max(float(np.linalg.norm(before)), 1e-12))
-
-
-# --- drawing -----------------------------------------------------------------------------------------
 
 TRAIN_COLOUR, VAL_COLOUR, CHANCE_COLOUR, BEST_COLOUR = "#4a7bd0", "#e07b22", "#c33333", "#2e8b57"
 
@@ -237,22 +87,6 @@ def accuracy_figure(history: dict):  # noqa: ANN201 - matplotlib Figure
     ax.set_title("Accuracy", loc="left", fontsize=11, fontweight="bold")
     ax.legend(fontsize=8, frameon=False, loc="lower right")
     return fig
-
-
-def filter_grid(filters: np.ndarray, gap: int = 1) -> np.ndarray:
-    """filters shape=(n, 3, kh, kw) -> one RGB image shape=(H, W, 3) float in 0..1: a grid of tiles, each filter
-    min-max scaled on its own, on a white background."""
-    n, _, kh, kw = filters.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.ones((rows * (kh + gap) + gap, cols * (kw + gap) + gap, 3), np.float32)
-    for i, f in enumerate(filters):
-        lo, hi = float(f.min()), float(f.max())
-        tile = (f - lo) / (hi - lo) if hi > lo else np.full_like(f, 0.5)
-        r, c = divmod(i, cols)
-        y, x = gap + r * (kh + gap), gap + c * (kw + gap)
-        grid[y:y + kh, x:x + kw] = tile.transpose(1, 2, 0)                  # (3, kh, kw) -> (kh, kw, 3)
-    return grid
 
 
 def filters_figure(before: np.ndarray, after: np.ndarray):  # noqa: ANN201 - matplotlib Figure

@@ -14,9 +14,8 @@ import numpy as np
 import torch
 from sqlalchemy.exc import SQLAlchemyError
 
-from retrieval.features.backbones import (MODELS, FeatureExtractor, WeightsUnavailable, build_extractor, imagenet_cache_path,
-                        random_weights_file)
-from retrieval.catalog.catalog import (CATALOG_FILE, Catalog, CatalogUnavailable, IndexSettings, db_error_reason,  # noqa: F401
+from retrieval.features.backbones import MODELS, FeatureExtractor, WeightsUnavailable, build_extractor, imagenet_cache_path
+from retrieval.catalog import (CATALOG_FILE, Catalog, CatalogUnavailable, IndexSettings, db_error_reason,  # noqa: F401
                       weights_label)  # weights_label: re-exported
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_for_model
 from retrieval.vectors.index_types import SearchParams, apply_search_params, search_params_of
@@ -279,7 +278,7 @@ class ImageIndex:
         if previous is not None and network_key(previous.settings) == network_key(settings):
             extractor = previous.extractor
         elif self.load_network:
-            extractor, identity = build_extractor(settings.model, settings.layer, settings.weights, self.index_dir,
+            extractor, identity = build_extractor(settings.model, settings.layer, settings.weights_choice, self.index_dir,
                                                   self.device, seed=settings.seed)
             if identity != settings.weights_identity:
                 raise WeightsMismatch(
@@ -411,12 +410,11 @@ class ImageIndex:
 
     def _weights_stamp(self, settings: IndexSettings) -> tuple | None:
         """Identity of the weights file a failed load needed: a new file there is tried at once."""
-        if settings.weights == "random":
-            path = random_weights_file(self.index_dir, settings.model)
-        elif settings.weights == "imagenet":
+        choice = settings.weights_choice
+        if choice.is_imagenet:
             path = imagenet_cache_path(settings.model) if settings.model in MODELS else None
         else:
-            path = Path(settings.weights)
+            path = choice.source_file(self.index_dir, settings.model)
         if path is None:
             return None
         try:

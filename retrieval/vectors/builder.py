@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from retrieval.catalog.catalog import Catalog
+from retrieval.catalog import Catalog
 from retrieval.vectors.index_types import (AUTO, FLAT, RECALL_QUERIES, RECALL_TARGET, IndexTypeConfig, IndexTypeError, SearchParams,
                           apply_search_params, min_train_vectors, requested_params, requested_type, search_params_of,
                           seeded_samples, train_size, tuning_ladder, wanted_factory)

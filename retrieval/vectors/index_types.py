@@ -13,7 +13,7 @@ import numpy as np
 if TYPE_CHECKING:   # FAISS is imported by the functions that build or inspect an index
     import faiss
 
-    from retrieval.catalog.catalog import Catalog
+    from retrieval.catalog import Catalog
 
 log = logging.getLogger(__name__)
 

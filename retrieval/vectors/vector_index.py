@@ -11,7 +11,8 @@ from typing import Callable, Iterable, Iterator
 import faiss
 import numpy as np
 
-from retrieval.catalog.catalog import Catalog
+from retrieval.catalog import Catalog
+from retrieval.files import atomic_write
 from retrieval.vectors.index_types import FLAT, build_empty, fit_precomputed_tables, is_exact, native_ids, stored_ids, structure, walk
 from retrieval.system import available_cores
 
@@ -172,14 +173,9 @@ class VectorIndex:
         return heap.D, heap.I
 
     def save(self, path: Path) -> None:
-        """Write to a temporary file, fsync, then rename over path: readers see the old or the new file, whole."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:   # through Python's file: any path works (FAISS's own takes UTF-8 names only)
-            faiss.write_index(self.index, faiss.PyCallbackIOWriter(f.write))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        """Replace path whole (retrieval.files.atomic_write): readers see the old or the new file, never a part."""
+        # through Python's file: any path works (FAISS's own takes UTF-8 names only)
+        atomic_write(path, lambda f: faiss.write_index(self.index, faiss.PyCallbackIOWriter(f.write)))
 
     @classmethod
     def load(cls, path: Path, dim: int, *, factory: str | None = FLAT, mmap: bool = False,

@@ -1,0 +1,107 @@
+"""The catalog's database: URLs (passwords masked), SQLite and server engines, lock keys, errors in one line."""
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from pathlib import Path
+from urllib.parse import quote
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.pool import QueuePool
+
+CATALOG_FILE = "catalog.db"
+
+# Keys of PostgreSQL advisory locks (64-bit, per database): the one writer, and creating the tables.
+WRITER_LOCK_KEY = int.from_bytes(hashlib.sha256(b"cnn-image-retrieval: index-images writer").digest()[:8], "big",
+                                 signed=True)
+SCHEMA_LOCK_KEY = WRITER_LOCK_KEY ^ 1
+
+
+class CatalogUnavailable(RuntimeError):
+    """The catalog database cannot be used: not a database URL, its driver missing, the server unreachable.
+
+    The message never holds the URL's password."""
+
+
+class CatalogBusy(RuntimeError):
+    """Another process holds the catalog's writer lock."""
+
+
+def mask_url(url: str) -> str:
+    """A database URL as it may be shown: the password replaced by ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(not a database URL)"
+
+
+def server_url(url: str) -> str:
+    """The URL SQLAlchemy opens: plain postgresql:// (and postgres://) use psycopg 3, the driver installed."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def catalog_sqlite_file(index_dir: Path, url: str | None) -> Path | None:
+    """The SQLite file a catalog lives in: INDEX_DIR/catalog.db without a URL, the file of a sqlite:/// URL,
+    None for a database server. Raises CatalogUnavailable for a URL that is not one, or an in-memory SQLite."""
+    if url is None:
+        return Path(index_dir) / CATALOG_FILE
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise CatalogUnavailable("the catalog URL is not a database URL; expected e.g. "
+                                 "postgresql://USER:PASSWORD@HOST:5432/DATABASE or sqlite:////path/catalog.db") from None
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    if parsed.database in (None, "", ":memory:"):
+        raise CatalogUnavailable("an in-memory SQLite catalog would be lost at exit; give a file: sqlite:////path/catalog.db")
+    return Path(parsed.database).expanduser().absolute()
+
+
+def make_engine(path: Path, *, create: bool = True) -> Engine:
+    """SQLite engine in WAL mode, so a server can read while the indexer writes.
+
+    create=False opens an existing file only: a reader never leaves an empty database behind when the
+    file has been deleted under it (it gets an error instead)."""
+    # SQLite's own URI, percent-encoded from the path's bytes: any folder name works (not only UTF-8 ones)
+    uri = f"file:{quote(os.fsencode(Path(path).absolute()))}?mode={'rwc' if create else 'rw'}"
+    engine = create_engine("sqlite://", poolclass=QueuePool,
+                           creator=lambda: sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False))
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record):  # noqa: ANN001 - DB-API connection
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    return engine
+
+
+def db_error_reason(exc: BaseException, url: str | None = None) -> str:
+    """A database error in one line, without the SQL statement SQLAlchemy appends or url's password."""
+    message = str(getattr(exc, "orig", None) or exc).strip()
+    line = message.splitlines()[0] if message else type(exc).__name__
+    try:
+        password = make_url(url).password if url else None
+    except ArgumentError:
+        password = None
+    return line.replace(str(password), "***") if password else line
+
+
+def make_server_engine(url: str) -> Engine:
+    """Engine for a catalog on a database server (PostgreSQL tested). Raises CatalogUnavailable."""
+    try:
+        return create_engine(server_url(url), pool_pre_ping=True)   # pre-ping: a restarted server is reconnected
+    except (NoSuchModuleError, ModuleNotFoundError) as exc:
+        raise CatalogUnavailable(f"no database driver for {mask_url(url)} ({exc}); for PostgreSQL install "
+                                 "psycopg: pip install 'psycopg[binary]'") from None
+    except ArgumentError:
+        raise CatalogUnavailable(f"the catalog URL {mask_url(url)} cannot be opened") from None
+

@@ -1,0 +1,143 @@
+"""The catalog's tables as SQLAlchemy rows: images (with their vectors), index settings, skipped files, the FAISS file's state."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+import numpy as np
+from sqlalchemy import BigInteger, Boolean, DateTime, Integer, LargeBinary, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class FileName(TypeDecorator):
+    """A path or folder name from the file system, kept exactly.
+
+    Linux names are bytes; Python shows bytes that are not UTF-8 as surrogate escapes, which no
+    UTF-8 text column can hold. In SQLite such a name is stored as its raw bytes (SQLite keeps a BLOB
+    in any column) and read back as the same str, so the file can still be opened; every other name is
+    plain text. Other databases type their columns strictly: there every name is a binary column
+    (bytea in PostgreSQL) holding the name's bytes, so equal names still compare equal and order by
+    their bytes. Show names with retrieval.system.display_name.
+    """
+    impl = String
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect):  # noqa: ANN001, ANN201 - SQLAlchemy hook
+        return dialect.type_descriptor(String() if dialect.name == "sqlite" else LargeBinary())
+
+    def process_bind_param(self, value, dialect):  # noqa: ANN001, ANN201 - SQLAlchemy hook
+        if value is None:
+            return None
+        if dialect.name != "sqlite":
+            return os.fsencode(value)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return os.fsencode(value)
+        return value
+
+    def process_result_value(self, value, dialect):  # noqa: ANN001, ANN201 - SQLAlchemy hook
+        if isinstance(value, memoryview):
+            value = value.tobytes()
+        return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+class ImageRow(Base):
+    """One indexed image. Its id is its FAISS id; ids are never reused (AUTOINCREMENT)."""
+    __tablename__ = "images"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    path: Mapped[str] = mapped_column(FileName, unique=True, index=True)   # relative to the data folder
+    label: Mapped[str | None] = mapped_column(FileName, index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    vector: Mapped[bytes] = mapped_column(LargeBinary)                   # float32, shape=(dim,)
+    indexed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class IndexSettingsRow(Base):
+    """The single row that says which network made the vectors (DESIGN invariant 2)."""
+    __tablename__ = "index_settings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String)
+    layer: Mapped[str] = mapped_column(String)
+    weights: Mapped[str] = mapped_column(FileName)           # "imagenet", "random" or a file path (what the user chose)
+    weights_identity: Mapped[str] = mapped_column(String)  # name or content hash
+    seed: Mapped[int] = mapped_column(Integer)
+    dim: Mapped[int] = mapped_column(Integer)
+    normalize: Mapped[bool] = mapped_column(Boolean)
+    preprocessing: Mapped[str] = mapped_column(String)     # e.g. "resize=256,crop=224,mean=...,std=..."
+    data_dir: Mapped[str] = mapped_column(FileName)          # absolute
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class SkippedRow(Base):
+    """A file found in the data folder that could not be indexed, and why."""
+    __tablename__ = "skipped"
+
+    path: Mapped[str] = mapped_column(FileName, primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(String)
+    seen_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class VectorsSavedRow(Base):
+    """Which catalog state the FAISS file was last saved from: equal to the settings' updated_at when in step."""
+    __tablename__ = "vectors_saved"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    catalog_updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class FaissFileRow(Base):
+    """VectorsSavedRow for a catalog on a database server, which several index folders (each with its own
+    FAISS file) may share: one row per index folder."""
+    __tablename__ = "faiss_files"
+
+    index_dir: Mapped[str] = mapped_column(FileName, primary_key=True)   # absolute
+    catalog_updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class VectorIndexRow(Base):
+    """How the FAISS file is built (one row): the type asked for and built, its training, search settings and recall.
+
+    Written after each save of the FAISS file; the file itself says what it holds (index_types.structure)."""
+    __tablename__ = "vector_index"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    record: Mapped[str] = mapped_column(String)   # JSON, see retrieval.vectors.builder.IndexBuilder.record
+
+
+class ExtractionRow(Base):
+    """How the vectors were computed (one row): each precision used with the devices that used it, and the last run's.
+
+    fp32 and bf16 features of one network agree to a cosine of about 0.999, so one index may hold both; this
+    says which it holds."""
+    __tablename__ = "extraction"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    record: Mapped[str] = mapped_column(String)   # JSON, see Catalog.note_extraction
+
+
+def vector_to_blob(vec: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vec, dtype=np.float32).tobytes()
+
+
+def blob_to_vector(blob: bytes | memoryview) -> np.ndarray:
+    return np.frombuffer(blob, dtype=np.float32)
+

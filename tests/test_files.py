@@ -1,0 +1,56 @@
+"""retrieval.files: atomic_write replaces a file whole, or leaves it as it was and no temporary file behind."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from retrieval.files import atomic_write
+
+
+def test_replaces_the_whole_file(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_bytes(b"x" * 1000)                                     # longer than what replaces it
+    assert atomic_write(path, b'{"a": 1}') == path
+    assert path.read_bytes() == b'{"a": 1}'
+    atomic_write(str(path), lambda f: f.write(json.dumps({"b": 2}).encode()))   # a str path, a writer function
+    assert json.loads(path.read_text()) == {"b": 2}
+    assert os.listdir(tmp_path) == ["state.json"]
+
+
+def test_a_new_file_is_created(tmp_path):
+    atomic_write(tmp_path / "new.bin", b"\x00\x01")
+    assert (tmp_path / "new.bin").read_bytes() == b"\x00\x01"
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
+def test_an_error_while_writing_leaves_the_old_file_and_no_temporary_file(tmp_path, error):
+    path = tmp_path / "weights.pt"
+    path.write_bytes(b"old weights")
+
+    def write(f):  # noqa: ANN001 - the open binary file
+        f.write(b"half of the new wei")
+        raise error
+
+    with pytest.raises(type(error)):
+        atomic_write(path, write)
+    assert path.read_bytes() == b"old weights"
+    assert os.listdir(tmp_path) == ["weights.pt"], "no .tmp file left in the folder"
+
+
+def test_a_file_name_that_is_not_utf8(tmp_path):
+    name = os.fsdecode(b"caf\xe9.bin")                                # a Latin-1 name: not valid UTF-8
+    path = tmp_path / name
+    atomic_write(path, b"first")
+    atomic_write(path, b"second")
+    assert path.read_bytes() == b"second"
+    assert os.listdir(os.fsencode(tmp_path)) == [b"caf\xe9.bin"]
+
+    def fail(f):  # noqa: ANN001
+        f.write(b"partial")
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        atomic_write(path, fail)
+    assert path.read_bytes() == b"second" and os.listdir(os.fsencode(tmp_path)) == [b"caf\xe9.bin"]

@@ -1,0 +1,166 @@
+"""The Python API (retrieval.open_index, evaluate, compare; indexer.index_folder): what a notebook user types."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import retrieval
+from indexer import index_folder
+from retrieval.samples import make_sample_collection
+
+FAST = {"weights": "random", "workers": 0, "batch_size": 8}   # seeded random network, decoding in this process
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    root: Path
+    data: Path
+    index: Path
+    progress: list[tuple[int, int]]
+    total: int
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Built:
+    """4 classes x 5 pictures indexed through index_folder with relative paths, a progress callback recording calls.
+    One class is named with characters HTML must escape."""
+    root = tmp_path_factory.mktemp("pyapi")
+    data = root / "data"
+    written = make_sample_collection(data, per_class=5, size=(120, 96), seed=3,
+                                     classes=["red_circles", "blue_squares", "green_stripes", "purple_checks"])
+    (data / "purple_checks").rename(data / "<b>&checks")
+    calls: list[tuple[int, int]] = []
+    here = os.getcwd()
+    os.chdir(root)              # a notebook user types paths relative to the working folder
+    try:
+        report = index_folder("data", "index", progress=lambda done, total: calls.append((done, total)), **FAST)
+    finally:
+        os.chdir(here)
+    assert report.indexed == len(written), report
+    return Built(root, data, root / "index", calls, len(written))
+
+
+@pytest.fixture(scope="module")
+def index(built):
+    with retrieval.open_index(built.index) as ix:
+        yield ix
+
+
+def test_import_retrieval_loads_no_torch():
+    heavy = "('torch', 'torchvision', 'faiss', 'sqlalchemy', 'sklearn')"
+    for imports, expected in (("retrieval", "[]"), ("retrieval, indexer", "['sqlalchemy']")):   # the catalog's
+        code = f"import sys, {imports}; print(sorted(m for m in {heavy} if m in sys.modules))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out.strip() == expected, (imports, out)
+    assert "open_index" in dir(retrieval) and retrieval.__doc__ and "index_folder" in retrieval.__doc__
+
+
+def test_index_folder_reports_progress_up_to_the_total(built):
+    done = [d for d, _ in built.progress]
+    assert built.progress, "the callback was never called"
+    assert {t for _, t in built.progress} == {built.total}
+    assert done == sorted(done) and len(set(done)) == len(done), built.progress   # strictly increasing
+    assert done[-1] == built.total
+
+
+def test_index_folder_again_is_a_no_op_and_rejects_unknown_options(built):
+    calls = []
+    report = index_folder(built.data, built.index, progress=lambda d, t: calls.append(d), **FAST)
+    assert (report.indexed, report.unchanged, calls) == (0, built.total, [])
+    with pytest.raises(TypeError, match="unknown option"):
+        index_folder(built.data, built.index, bacth_size=4)
+
+
+def test_an_indexed_image_finds_itself_by_path_bytes_pil_and_array(built, index, monkeypatch):
+    file = built.data / "red_circles" / "red_circles_002.jpg"
+    monkeypatch.chdir(built.root)
+    relative = Path("data/red_circles/red_circles_002.jpg")          # relative to the working folder
+    rgb = Image.open(file).convert("RGB")
+    results = [index.search(q, k=5) for q in
+               (str(relative), relative, file.read_bytes(), Image.open(file), rgb, np.asarray(rgb))]
+    first = results[0]
+    assert first[0].path == "red_circles/red_circles_002.jpg" and first[0].distance < 1e-3
+    assert first[0].file == file and first[0].label == "red_circles"
+    assert first.query == str(relative)
+    for r in results[1:]:   # the same preprocessing whatever the kind of query: the same hits
+        assert [h.id for h in r] == [h.id for h in first], r.query
+        assert np.allclose(r.distances, first.distances, atol=1e-4), r.query
+    assert [len(r) for r in results] == [5] * 6
+    assert first.distances == sorted(first.distances)
+
+
+def test_search_refuses_what_is_not_an_image(index):
+    with pytest.raises(TypeError, match="PIL image"):
+        index.search(12345)
+    with pytest.raises(ValueError, match="uint8"):
+        index.search(np.zeros((8, 8, 3), dtype=np.float32))
+    with pytest.raises(ValueError):   # ImageDecodeError
+        index.search(b"not an image")
+    with pytest.raises(ValueError, match="k must"):
+        index.search(b"x", k=0)
+
+
+def test_neighbours_by_id_and_by_path_leave_the_image_out(built, index, monkeypatch):
+    me = index.search(built.data / "blue_squares" / "blue_squares_001.jpg", k=1)[0]
+    by_id = index.neighbours(me.id, k=4)
+    assert me.id not in [h.id for h in by_id] and len(by_id) == 4
+    monkeypatch.chdir(built.data)
+    for path in ("blue_squares/blue_squares_001.jpg", Path("blue_squares/blue_squares_001.jpg").resolve()):
+        assert [h.id for h in index.neighbours(path, k=4)] == [h.id for h in by_id]
+    monkeypatch.chdir(built.root)   # relative to the working folder, or to the data folder: both found
+    assert [h.id for h in index.neighbours("data/blue_squares/blue_squares_001.jpg", k=4)] == [h.id for h in by_id]
+    with pytest.raises(retrieval.ImageNotIndexed):
+        index.neighbours("nowhere.jpg")
+    with pytest.raises(LookupError):
+        index.neighbours(10**9)
+
+
+def test_predict_a_new_picture_by_its_neighbours(index, tmp_path):
+    new = make_sample_collection(tmp_path, per_class=1, size=(120, 96), seed=99, classes=["green_stripes"])[0]
+    p = index.predict(Image.open(new), k=5)
+    assert p.label == "green_stripes", p
+    assert 1 <= p.votes <= p.voters <= 5 and len(p.neighbours) == 5
+    assert "green_stripes" in p._repr_html_()
+
+
+def test_len_info_and_features(built, index):
+    info = index.info
+    assert len(index) == info.count == built.total
+    assert (info.model, info.layer, info.weights, info.dim) == ("alexnet", "fc7", "random", 4096)
+    assert info.labels == {"<b>&checks": 5, "blue_squares": 5, "green_stripes": 5, "red_circles": 5}
+    assert info.data_dir == built.data.resolve()
+    v = index.features(built.data / "red_circles" / "red_circles_000.jpg")
+    assert v.shape == (4096,) and v.dtype == np.float32 and abs(np.linalg.norm(v) - 1) < 1e-4
+
+
+def test_search_result_shows_thumbnails_and_escaped_labels(built, index):
+    r = index.search(built.data / "<b>&checks" / "purple_checks_000.jpg", k=3)
+    assert r[0].label == "<b>&checks"
+    page = r._repr_html_()
+    assert page.count('<img src="data:image/jpeg;base64,') == 4   # the query and its 3 neighbours
+    assert "&lt;b&gt;&amp;checks" in page and "<b>&checks" not in page
+    thumb = page.split('src="data:image/jpeg;base64,')[1].split('"')[0]
+    import base64
+    img = Image.open(io.BytesIO(base64.b64decode(thumb)))
+    assert max(img.size) <= 96
+
+
+def test_evaluate_and_compare(built, monkeypatch):
+    monkeypatch.chdir(built.root)
+    e = retrieval.evaluate("index", ks=(1, 3))
+    assert e.images == built.total and e.classes == 4 and set(e.precision_at_k) == {1, 3}
+    assert e.precision_at_k[1] > e.chance["retrieval_precision"]
+    page = e._repr_html_()
+    assert "precision@1" in page and "chance" in page and "&lt;b&gt;" not in page   # labels only in per_class
+    c = retrieval.compare("index", built.index, ks=(1,), probe=False)   # an index against itself: no difference
+    assert c.matched["images"] == built.total and c.a.probe_accuracy is None
+    assert c.a.precision_at_k == c.b.precision_at_k
+    assert "B &minus; A" in c._repr_html_() and "+0.000" in c._repr_html_()

@@ -1,0 +1,122 @@
+"""Files that change under the indexer or never finish decoding: a named pipe, a slow or stuck decoder.
+
+Each run is a real index-images run in its own process (decoding workers on and off), bounded by a timeout:
+before the fix a named pipe put in place of an image after the scan hung the run for good."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from retrieval.files import NotARegularFile, open_regular
+
+RUN_LIMIT_S = 120   # a normal run of these 6 pictures takes about 10 s here
+
+# The driver: index-images' run_index with hooks a test cannot set from the command line. HOOK is Python run
+# before the run, with `run` (indexer.run) and `read` (indexer.read) in scope.
+DRIVER = textwrap.dedent("""
+    import json, os, sys, signal, time
+    import indexer.run as run, indexer.read as read
+    from indexer.config import JobConfig
+    data, index, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    exec(os.environ["HOOK"])
+    report = run.run_index(JobConfig(data_dir=data, index_dir=index, weights="random", workers=workers, batch_size=4,
+                                     progress=False))
+    print(json.dumps(report.to_json()))
+""")
+
+
+def pictures(folder: Path, n: int = 6) -> list[Path]:
+    paths = []
+    for i in range(n):
+        label = "reds" if i % 2 else "blues"
+        path = folder / label / f"p{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (64, 48), (200, 30 * i, 40) if i % 2 else (20, 30 * i, 200)).save(path)
+        paths.append(path)
+    return paths
+
+
+def run_with(hook: str, data: Path, index: Path, workers: int) -> dict:
+    started = subprocess.run([sys.executable, "-c", DRIVER, str(data), str(index), str(workers)],
+                             env={**os.environ, "HOOK": textwrap.dedent(hook)}, capture_output=True, text=True,
+                             timeout=RUN_LIMIT_S)
+    assert started.returncode == 0, started.stderr[-3000:]
+    return json.loads(started.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_image_replaced_by_a_named_pipe_after_the_scan_is_skipped_not_waited_on(tmp_path, workers):
+    data = tmp_path / "data"
+    victim = pictures(data)[3]
+    hook = f"""
+        planned = run.plan
+        def plan(cfg, catalog):   # the folder changes between the scan and the read
+            result = planned(cfg, catalog)
+            os.unlink({str(victim)!r}); os.mkfifo({str(victim)!r})
+            return result
+        run.plan = plan
+    """
+    report = run_with(hook, data, tmp_path / "index", workers)
+
+    assert (report["indexed"], report["total"]) == (5, 5)
+    assert report["skipped"] == [{"path": "reds/p3.png", "reason": "cannot read file: not a regular file (a named pipe)"}]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_decode_past_the_time_limit_costs_only_its_file(tmp_path, workers):
+    data = tmp_path / "data"
+    pictures(data)
+    hook = """
+        read.DECODE_TIME_LIMIT_S = 1.0
+        real = read.decode_for_model
+        def slow(path, *args, **kwargs):   # as a pathological file would, in whichever process decodes it
+            if str(path).endswith("p2.png"):
+                time.sleep(30)
+            return real(path, *args, **kwargs)
+        read.decode_for_model = slow
+    """
+    report = run_with(hook, data, tmp_path / "index", workers)
+
+    assert (report["indexed"], report["total"]) == (5, 5)
+    assert report["skipped"] == [{"path": "blues/p2.png", "reason": "reading and decoding it took longer than 1 s"}]
+
+
+def test_a_worker_stuck_where_no_signal_reaches_is_stopped_and_its_other_files_indexed(tmp_path):
+    data = tmp_path / "data"
+    pictures(data)
+    hook = """
+        read.DECODE_TIME_LIMIT_S, read.STUCK_GRACE_S = 1.0, 2.0
+        real = read.decode_for_model
+        def stuck(path, *args, **kwargs):   # a decoder looping in C code: the alarm is never delivered
+            if str(path).endswith("p4.png"):
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+                time.sleep(600)
+            return real(path, *args, **kwargs)
+        read.decode_for_model = stuck
+    """
+    report = run_with(hook, data, tmp_path / "index", 2)
+
+    assert (report["indexed"], report["total"]) == (5, 5)
+    assert report["skipped"] == [{"path": "blues/p4.png",
+                                  "reason": "reading and decoding it took longer than 3 s (the decoder was stopped)"}]
+
+
+def test_open_regular_refuses_what_is_not_a_regular_file_at_once(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(NotARegularFile, match="a named pipe"):
+        open_regular(fifo)
+    with pytest.raises(NotARegularFile, match="a folder"):
+        open_regular(tmp_path)
+    with pytest.raises(NotARegularFile, match="a character device"):
+        open_regular("/dev/null")
+    (tmp_path / "file").write_bytes(b"abc")
+    with open_regular(tmp_path / "file") as f:
+        assert f.read() == b"abc"

@@ -1,0 +1,47 @@
+"""Tests for retrieval.features.weights: the weights choice parses and prints back the text the catalog keeps."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from retrieval.catalog import IndexSettings, weights_label
+from retrieval.features.weights import IMAGENET, RANDOM, WeightsChoice
+
+
+@pytest.mark.parametrize("text", ["imagenet", "random", "/models/tuned.pt", "/data/wei ghts/é.pth",
+                                  "/x/\udcff.pt"])   # a name that is not UTF-8 (surrogate escape), as the catalog keeps it
+def test_the_stored_text_round_trips(text: str) -> None:
+    choice = WeightsChoice.parse(text)
+    assert str(choice) == text
+    assert WeightsChoice.parse(str(choice)) == choice
+
+
+def test_kinds() -> None:
+    assert WeightsChoice.parse("imagenet") == IMAGENET and IMAGENET.is_imagenet and IMAGENET.path is None
+    assert WeightsChoice.parse("random") == RANDOM and RANDOM.is_random and not RANDOM.is_file
+    tuned = WeightsChoice.parse("tuned.pt")
+    assert tuned.is_file and tuned.path == Path("tuned.pt") and not tuned.is_random
+    assert WeightsChoice.parse(tuned) is tuned
+    assert WeightsChoice.parse(Path("imagenet")).is_file   # a path is a file, even one named imagenet
+
+
+def test_resolved_makes_a_file_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert str(WeightsChoice.parse("tuned.pt").resolved()) == str(tmp_path.resolve() / "tuned.pt")
+    assert RANDOM.resolved() is RANDOM
+
+
+def test_source_file(tmp_path: Path) -> None:
+    assert IMAGENET.source_file(tmp_path, "alexnet") is None
+    assert RANDOM.source_file(tmp_path, "alexnet").parent == tmp_path
+    assert WeightsChoice.parse("/m/t.pt").source_file(tmp_path, "alexnet") == Path("/m/t.pt")
+
+
+def test_label_never_shows_the_path() -> None:
+    base = dict(model="alexnet", layer="fc7", seed=0, dim=4096, normalize=True, preprocessing="", data_dir="/d")
+    assert weights_label(IndexSettings(weights="random", weights_identity="random:sha256=ab", **base)) == "random"
+    tuned = IndexSettings(weights="/secret/tuned.pt", weights_identity="file:/secret/tuned.pt:sha256=0123456789abcdef",
+                          **base)
+    assert tuned.weights_choice == WeightsChoice("file", Path("/secret/tuned.pt"))
+    assert weights_label(tuned) == "tuned.pt (sha256 0123456789ab)"
