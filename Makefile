@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench bench-query bench-metrics clean
+.PHONY: demo test test-fast install bench bench-query bench-metrics clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The suite without the marked tests (pyproject.toml lists the marks): no servers, subprocess runs, browser,
+# Docker, PostgreSQL, Ray or GPU.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not browser and not docker and not postgres and not ray and not gpu"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_index.py

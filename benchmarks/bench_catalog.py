@@ -72,7 +72,7 @@ def postgres_database(url: str | None):
     import psycopg
 
     if url is None:
-        from postgres_server import running_postgres
+        from helpers.postgres import running_postgres   # tests/helpers: the tests' private server
 
         with running_postgres(durable=True) as server:   # every commit flushed, as in production
             with server.new_database() as db_url:

@@ -30,7 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.served import Server, free_port  # noqa: E402 - after the path is set
+from benchmarks.served import Server  # noqa: E402 - after the path is set
+from tools.ports import free_port  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SIDE = 9459                 # 9459 x 9459 = 89,472,681 pixels: just under Pillow's 89,478,485 limit

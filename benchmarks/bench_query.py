@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.index_probes import child_env  # noqa: E402 - after the path is set
-from benchmarks.served import Server, free_port  # noqa: E402
+from benchmarks.served import Server  # noqa: E402
+from tools.ports import free_port  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 IMAGE_SIZE = (160, 120)      # indexed pictures: small, so building 10,000 takes minutes, not hours

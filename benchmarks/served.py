@@ -1,10 +1,9 @@
-"""serve-images as a subprocess for the benchmarks: a free port, the server started from this checkout and waited
-for on /healthz, its process tree's memory, and its stop."""
+"""serve-images as a subprocess for the benchmarks: the server started from this checkout on a port (tools.ports.free_port)
+and waited for on /healthz, its process tree's memory, and its stop."""
 from __future__ import annotations
 
 import http.client
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,12 +14,6 @@ import psutil
 from benchmarks.index_probes import child_env
 
 START_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def healthz(port: int, timeout: float = 5) -> int:

@@ -1,44 +1,21 @@
-"""Shared fixtures: synthetic labelled collections and indexes built with seeded random weights (no network)."""
+"""Shared fixtures: synthetic labelled collections and indexes built with seeded random weights (no network).
+
+Fixtures only: the helpers they use live in tests/helpers/, which tests import directly."""
 from __future__ import annotations
 
-import dataclasses
-import time
 import urllib.error
 from pathlib import Path
 
 import pytest
 import torch.hub
 
-from indexer.run import JobConfig, RunReport, run_index
+from helpers.indexes import BuiltIndex, build_index
 from retrieval.samples import make_sample_collection
-
-
-@dataclasses.dataclass(frozen=True)
-class BuiltIndex:
-    data_dir: Path
-    index_dir: Path
-    report: RunReport
 
 
 def pytest_collection_modifyitems(config, items) -> None:
     """The Docker test runs last: in CI its images build in the background (.ci/run) while everything else runs."""
     items.sort(key=lambda item: item.path.name == "test_docker.py")
-
-
-def wait_for(condition, timeout: float) -> bool:  # noqa: ANN001 - zero-argument callable
-    """Poll condition() every 0.1 s until it holds (True) or timeout seconds pass (False)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def build_index(data_dir: Path, index_dir: Path, **options) -> RunReport:
-    """Run the indexer in-process with test-friendly defaults (random weights, no worker processes)."""
-    options = {"weights": "random", "workers": 0, "batch_size": 8, "progress": False, **options}
-    return run_index(JobConfig(data_dir=data_dir, index_dir=index_dir, **options))
 
 
 @pytest.fixture
@@ -68,8 +45,8 @@ def compare_index(sample_index, tmp_path_factory) -> BuiltIndex:
 
 @pytest.fixture(scope="session")
 def postgres():
-    """A private PostgreSQL server for the session (tests.postgres_server); skipped when not installed."""
-    from postgres_server import running_postgres
+    """A private PostgreSQL server for the session (helpers.postgres); skipped when not installed."""
+    from helpers.postgres import running_postgres
 
     with running_postgres() as server:
         yield server
@@ -82,7 +59,7 @@ def postgres_url(postgres):
         yield url
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def catalog_url(request):
     """Run a test on both catalog back ends: None (SQLite in the index folder, the default) and a PostgreSQL URL."""
     if request.param == "sqlite":

@@ -324,7 +324,7 @@ def test_empty_index_answers_200_with_no_results(tmp_path, index_images):
 @pytest.fixture(scope="module")
 def forged(tmp_path_factory):
     """An index whose catalog was forced to hold paths that lead outside the data folder."""
-    from conftest import build_index
+    from helpers.indexes import build_index
 
     root = tmp_path_factory.mktemp("forged")
     data, outside = root / "data", root / "outside"

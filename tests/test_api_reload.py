@@ -9,10 +9,12 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from api import create_app
 from retrieval.samples import make_sample_collection
 
-from conftest import wait_for
+from helpers.waiting import wait_for
 
 RELOAD_WITHIN_S = 10.0
 
@@ -30,6 +32,7 @@ def run_index_images(data: Path, index: Path) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_the_server_answers_from_the_rewritten_index_without_failing_a_request(tmp_path, index_images):
     data, index = tmp_path / "data", tmp_path / "index"
     make_sample_collection(data, per_class=4, size=(96, 72), seed=3, classes=["red_circles", "blue_squares"])

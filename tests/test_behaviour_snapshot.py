@@ -41,6 +41,8 @@ from typing import Any
 import pytest
 from PIL import Image, ImageDraw
 
+pytestmark = pytest.mark.slow   # every command run as a subprocess (the index, --help, --json)
+
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 HELP_DIR = SNAPSHOTS / "help"
 JSON_KEYS = SNAPSHOTS / "json_keys.json"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from sqlalchemy.exc import IntegrityError
 
+from helpers.servers import free_port
 from retrieval.catalog import Catalog, CatalogBusy, CatalogUnavailable, IndexSettings, mask_url
 
 LATIN1_LABEL = os.fsdecode(b"caf\xe9")                 # a folder named in Latin-1 on a UTF-8 system
@@ -76,17 +77,14 @@ def test_the_catalog_records_when_the_faiss_file_was_saved_per_index_folder(cata
     assert not catalog.vectors_in_step(), "a committed batch makes the FAISS file stale"
 
 
+@pytest.mark.postgres
 def test_a_reader_of_an_empty_database_is_told_to_index_first(postgres_url, tmp_path):
     with pytest.raises(FileNotFoundError, match="no index in the database .*run index-images first"):
         Catalog(tmp_path / "index", url=postgres_url)
 
 
 def test_an_unreachable_server_is_a_clear_error_without_the_password(tmp_path):
-    import socket
-
-    with socket.socket() as s:                 # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()                         # a port nobody listens on
     url = f"postgresql://someone:Very-Secret-1@127.0.0.1:{port}/nothing"
     with pytest.raises(CatalogUnavailable) as info:
         Catalog(tmp_path / "index", url=url)
@@ -97,6 +95,7 @@ def test_an_unreachable_server_is_a_clear_error_without_the_password(tmp_path):
         Catalog(tmp_path / "index", url="no url at all")
 
 
+@pytest.mark.postgres
 def test_the_writer_lock_is_held_by_one_process_and_released_when_it_is_killed(postgres_url, tmp_path):
     Catalog(tmp_path / "index", create=True, url=postgres_url).close()
     holder = subprocess.Popen(
@@ -129,8 +128,6 @@ def test_the_writer_lock_is_held_by_one_process_and_released_when_it_is_killed(p
 
 
 def test_every_command_refuses_an_unreachable_database_with_exit_2_and_never_shows_the_password(tmp_path):
-    import socket
-
     from click.testing import CliRunner
     from PIL import Image
 
@@ -139,9 +136,7 @@ def test_every_command_refuses_an_unreachable_database_with_exit_2_and_never_sho
     from commands.search_images import main as search_main
     from commands.evaluate_index import main as evaluate_main
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()                         # a port nobody listens on
     url = f"postgresql://someone:Very-Secret-1@127.0.0.1:{port}/photos"
     (tmp_path / "data").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "q.png")

@@ -4,20 +4,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers.indexes import committed_rows, snapshot
+from helpers.waiting import wait_for
 from retrieval.samples import make_sample_collection
-from retrieval.catalog import Catalog
 from retrieval.search.index import ImageIndex
-from retrieval.names import FAISS_FILE
-from retrieval.vectors.vector_index import VectorIndex
+
+pytestmark = pytest.mark.slow   # index-images runs as subprocesses, killed with SIGKILL and run again
 
 N_IMAGES = 60
 
@@ -25,32 +24,6 @@ N_IMAGES = 60
 def index_command(data: Path, index_dir: Path) -> list[str]:
     return [sys.executable, "-c", "from commands.index_images import main; main()", str(data), "--index-dir", str(index_dir),
             "--weights", "random", "--batch-size", "1", "--workers", "0", "--json"]
-
-
-def committed_rows(index_dir: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{index_dir / 'catalog.db'}?mode=ro", uri=True, timeout=1) as db:
-            return db.execute("SELECT count(*) FROM images").fetchone()[0]
-    except sqlite3.OperationalError:   # not created yet, or the table is not there yet
-        return 0
-
-
-def snapshot(index_dir: Path, url: str | None = None) -> dict[str, np.ndarray]:
-    """path -> stored vector, after checking the catalog and FAISS agree."""
-    cat = Catalog(index_dir, url=url)
-    try:
-        states = cat.file_states()
-        ids = cat.ids()
-        assert len(states) == len(ids), "one row per path"
-        faiss_ids = VectorIndex.load(index_dir / FAISS_FILE, 4096).ids()
-        assert len(faiss_ids) == len(set(faiss_ids.tolist())), "no duplicate FAISS ids"
-        assert np.array_equal(np.sort(faiss_ids), ids), "every FAISS id has a row and every row its FAISS entry"
-        by_id = {}
-        for chunk_ids, vecs in cat.vectors():
-            by_id.update(zip(chunk_ids.tolist(), vecs))
-        return {path: by_id[i] for path, (i, _s, _m) in states.items()}
-    finally:
-        cat.close()
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +43,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(collection, tmp_
     data, reference = collection
     index_dir = tmp_path / "index"
     proc = subprocess.Popen(index_command(data, index_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while committed_rows(index_dir) < kill_after_rows and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_for(lambda: committed_rows(index_dir) >= kill_after_rows or proc.poll() is not None, 120, interval=0.005)
     assert proc.poll() is None, "the run ended before it could be killed; the test proves nothing"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -113,9 +84,7 @@ def test_sigkill_of_a_default_run_then_an_immediate_rerun_several_times(collecti
     for round_, kill_after_rows in enumerate([4, 20, 40]):
         index_dir = tmp_path / f"index-{round_}"
         proc = subprocess.Popen(default_command(data, index_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 120
-        while committed_rows(index_dir) < kill_after_rows and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_for(lambda: committed_rows(index_dir) >= kill_after_rows or proc.poll() is not None, 120, interval=0.005)
         assert proc.poll() is None, "the run ended before it could be killed; the test proves nothing"
         workers = psutil.Process(proc.pid).children(recursive=True)
         assert workers, "the default run decodes in worker processes"
@@ -145,6 +114,7 @@ def committed_rows_in(url: str) -> int:
         return 0
 
 
+@pytest.mark.postgres
 def test_sigkill_of_a_run_on_postgresql_then_an_immediate_rerun(collection, tmp_path, postgres_url):
     """The catalog in PostgreSQL: the killed run's advisory lock goes with its connection, the rerun redoes only
     the uncommitted batch, and the result equals an uninterrupted run (with SQLite) exactly."""
@@ -154,9 +124,7 @@ def test_sigkill_of_a_run_on_postgresql_then_an_immediate_rerun(collection, tmp_
     index_dir = tmp_path / "index"
     command = default_command(data, index_dir) + ["--db-url", postgres_url]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while committed_rows_in(postgres_url) < N_IMAGES // 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: committed_rows_in(postgres_url) >= N_IMAGES // 2 or proc.poll() is not None, 120, interval=0.01)
     assert proc.poll() is None, "the run ended before it could be killed; the test proves nothing"
     workers = psutil.Process(proc.pid).children(recursive=True)
     os.kill(proc.pid, signal.SIGKILL)

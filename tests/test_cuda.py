@@ -16,10 +16,11 @@ from retrieval.catalog import Catalog
 from retrieval.images.device_decode import DeviceJpeg, DeviceJpegDecoder
 from retrieval.images.decode import Preprocessing, decode_for_model, inspect_jpeg
 
-from conftest import build_index
+from helpers.indexes import build_index
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU (CI has none; benchmarks/gpu_check.sh runs these on one)")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="needs a CUDA GPU (CI has none; benchmarks/gpu_check.sh runs these on one)")]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -13,7 +12,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from helpers.servers import free_port
 from retrieval.samples import make_sample_collection
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = REPO / "docker" / "build-images.sh"   # base image (cached by content), then docker-compose build
@@ -56,12 +58,6 @@ def run(cmd: list[str], timeout: float, env: dict | None = None, check: bool = T
 def image_id(name: str) -> str | None:
     result = subprocess.run(["docker", "image", "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True)
     return result.stdout.strip() if result.returncode == 0 else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Compose:

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import build_index
+from helpers.indexes import build_index
 from commands.evaluate_index import confusion_lines, format_report, main
 from retrieval.samples import make_sample_collection
 from retrieval.features.backbones import random_weights_file

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,8 @@ from retrieval.learning.evaluation import load_labelled_vectors
 from retrieval.learning.finetune_data import stratified_split
 from retrieval.learning.metrics import pairwise_distances, vote_labels
 
-from conftest import build_index
+from helpers.indexes import build_index
+from helpers.waiting import wait_for
 
 PER_CLASS = 30          # 3 colour classes: 63 train / 27 validation images with --val-fraction 0.3
 HISTORY_KEYS = {"version", "created_at", "data_dir", "model", "weights", "weights_seed", "train", "head", "optimizer",
@@ -81,6 +81,7 @@ def knn_accuracy(index_dir: Path, split: dict, k: int = 1) -> float:
     return float(np.mean(np.array(votes) == labels[val]))
 
 
+@pytest.mark.slow
 def test_history_holds_the_settings_the_split_and_every_epoch(tuned):
     h = tuned["history"]
     assert set(h) == HISTORY_KEYS
@@ -97,6 +98,7 @@ def test_history_holds_the_settings_the_split_and_every_epoch(tuned):
     assert h["epochs_run"][h["best_epoch"] - 1]["val_accuracy"] == best["val_accuracy"]
 
 
+@pytest.mark.slow
 def test_split_is_stratified_seeded_and_leaves_out_bad_and_unlabelled_files(tuned):
     split = tuned["history"]["split"]
     assert not set(split["train"]) & set(split["val"])
@@ -107,6 +109,7 @@ def test_split_is_stratified_seeded_and_leaves_out_bad_and_unlabelled_files(tune
         assert round(0.3 * PER_CLASS) - 1 <= len(in_val) <= round(0.3 * PER_CLASS), name   # less a bad file drawn there
 
 
+@pytest.mark.slow
 def test_bad_files_are_skipped_with_their_reason(tuned):
     skipped = {s["path"]: s["reason"] for s in tuned["summary"]["skipped"]}
     assert set(skipped) == {"reds/broken.jpg", "blues/empty.png"}
@@ -115,6 +118,7 @@ def test_bad_files_are_skipped_with_their_reason(tuned):
     assert tuned["summary"]["unlabelled"] == 1
 
 
+@pytest.mark.slow
 def test_initial_loss_is_the_chance_loss(tuned):
     h = tuned["history"]
     assert h["chance_loss"] == pytest.approx(math.log(3))
@@ -122,6 +126,7 @@ def test_initial_loss_is_the_chance_loss(tuned):
     assert tuned["summary"]["initial_loss"] == h["initial_loss"]
 
 
+@pytest.mark.slow
 def test_sanity_check_overfits_a_tiny_subset(tuned):
     sanity = tuned["history"]["sanity"]
     assert sanity["subset_size"] == 6                       # 2 images per class
@@ -129,6 +134,7 @@ def test_sanity_check_overfits_a_tiny_subset(tuned):
     assert tuned["summary"]["sanity"] == sanity
 
 
+@pytest.mark.slow
 def test_fine_tuned_features_beat_the_random_features_on_the_same_validation_images(tuned):
     root, data, split = tuned["root"], tuned["data"], tuned["history"]["split"]
     build_index(data, root / "random-index", weights="random", seed=0)       # the network training started from
@@ -148,6 +154,7 @@ def tuned_index(tuned) -> Path:
     return index_dir
 
 
+@pytest.mark.slow
 def test_charts_are_drawn_next_to_the_weights_and_served_on_the_training_page(tuned, tmp_path):
     plots = [Path(p) for p in tuned["summary"]["plots"]]
     assert sorted(p.name for p in plots) == ["tuned.accuracy.png", "tuned.loss.png"]
@@ -164,6 +171,7 @@ def test_charts_are_drawn_next_to_the_weights_and_served_on_the_training_page(tu
     assert html.count("<svg") >= 2, "the loss and accuracy charts"
 
 
+@pytest.mark.slow
 def test_weights_file_is_the_backbone_that_index_images_loads_and_records(tuned):
     out = tuned["out"]
     state = torch.load(out, map_location="cpu", weights_only=True)
@@ -181,15 +189,14 @@ def test_weights_file_is_the_backbone_that_index_images_loads_and_records(tuned)
     assert settings.weights_identity == f"file:{out}:sha256={file_sha256(out)}"
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_keeps_its_best_checkpoint(tuned, tmp_path):
     out = tmp_path / "stopped.pt"
     proc = subprocess.Popen([sys.executable, "-m", "commands.fine_tune", str(tuned["data"]), "--out", str(out),
                              *RANDOM_START, "--epochs", "50", "--patience", "50"],
                             env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 300
-        while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: out.exists() or proc.poll() is not None, 300, interval=0.2)
         assert out.exists(), proc.poll()
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
@@ -233,6 +240,7 @@ def test_help_answers_without_importing_torch():
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["head", "all"])
 def test_train_head_only_or_the_whole_network(mode, tmp_path):
     make_colour_collection(tmp_path / "data", per_class=4, size=(64, 64))

@@ -7,7 +7,10 @@ import re
 import pytest
 
 from api import create_app
-from browser import launch_chromium, serve_in_thread
+from helpers.browser import launch_chromium
+from helpers.servers import serve_in_thread
+
+pytestmark = pytest.mark.browser
 
 QUERY = "orange_triangles/orange_triangles_003.jpg"
 

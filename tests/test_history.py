@@ -9,8 +9,8 @@ import pytest
 
 from retrieval.learning.history import (HISTORY_VERSION, HistoryError, HistoryNotFound, filters_path_for, history_path_for,
                                         load_filters, load_history, split_counts, write_filters, write_history)
-from training_history import make_history
-from training_history import write_history as write_test_history
+from helpers.training_history import make_history
+from helpers.training_history import write_history as write_test_history
 
 CLASSES = ["red_circles", "blue_squares", "green_stripes", "orange_triangles", "purple_checks"]
 

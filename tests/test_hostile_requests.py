@@ -13,9 +13,9 @@ from PIL import Image
 
 from api.gunicorn_worker import MAX_HEAD_BYTES, RequestReadAhead
 from api.query_input import MAX_IMAGE_ID
-from conftest import build_index
+from helpers.indexes import build_index
+from helpers.servers import serve_images
 from retrieval.catalog import Catalog
-from test_serve_cli import serve_images
 
 ID_ROUTES = ("/images/{}", "/images/{}/thumbnail", "/images/{}/neighbours", "/gallery/{}")
 HOSTILE_IDS = [
@@ -240,6 +240,7 @@ def _chunked(data: bytes, size: int = 64 * 1024) -> bytes:
     return out + b"0\r\n\r\n"
 
 
+@pytest.mark.slow
 def test_a_chunked_upload_over_the_limit_is_413_under_gunicorn(odd_server):
     over = random.Random(3).randbytes(MAX_UPLOAD_MB * 1024 * 1024 + 100_000)
     raw = (b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n"
@@ -257,6 +258,7 @@ def test_a_chunked_upload_over_the_limit_is_413_under_gunicorn(odd_server):
     assert _exchange(odd_server, raw).startswith(b"HTTP/1.1 200 ")
 
 
+@pytest.mark.slow
 def test_expect_100_continue_is_answered_then_the_body_read(odd_server):
     small = image_bytes("JPEG", (80, 60))
     host, port = odd_server.rsplit("/", 1)[1].split(":")
@@ -271,6 +273,7 @@ def test_expect_100_continue_is_answered_then_the_body_read(odd_server):
     assert b"HTTP/1.1 200 " in answer
 
 
+@pytest.mark.slow
 def test_a_file_name_with_a_newline_is_served_under_gunicorn(odd_server, odd_index):
     catalog = Catalog(odd_index / "index")
     try:
@@ -285,6 +288,7 @@ def test_a_file_name_with_a_newline_is_served_under_gunicorn(odd_server, odd_ind
         assert requests.get(odd_server + url, timeout=30).status_code == 200, url
 
 
+@pytest.mark.slow
 def test_hostile_ids_are_404_under_gunicorn(odd_server):
     for raw in ("99999999999999999999", "١", "-1", "9" * 300):
         for route in ID_ROUTES:

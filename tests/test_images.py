@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import subprocess
 import sys
@@ -15,16 +14,11 @@ import torch
 from PIL import Image
 from torchvision.models import AlexNet_Weights
 
+from helpers.images import bad_files, encode
 from retrieval.features.backbones import preprocessing_for
 from retrieval.images import decode as images
 from retrieval.images.decode import MAX_ASPECT_RATIO, ImageDecodeError, decode_for_model, open_rgb, thumbnail_rgb
 from retrieval.images.scan import scan_folder
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 def two_colour(size=(200, 100)) -> Image.Image:
@@ -149,16 +143,6 @@ def test_large_jpeg_decodes_at_reduced_scale():
 
 
 # --- bad files --------------------------------------------------------------------------------------
-
-def bad_files() -> dict[str, bytes]:
-    good = encode(Image.new("RGB", (300, 200), (200, 30, 30)), "JPEG")
-    return {
-        "empty": b"",
-        "text": b"hello, I am not a picture\n" * 10,
-        "truncated": good[: len(good) // 2],
-        "bomb": encode(Image.new("1", (10000, 9000)), "PNG"),   # 90 Mpx, over Pillow's default limit
-    }
-
 
 @pytest.mark.parametrize("kind, reason", [
     ("empty", "empty file"),

@@ -6,13 +6,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 
+from helpers.indexes import committed_rows
+from helpers.waiting import wait_for
 from retrieval.samples import make_sample_collection
 from retrieval.catalog import Catalog
 from retrieval.vectors.builder import IndexBuilder, maintain_vectors
@@ -222,15 +223,6 @@ def index_command(data: Path, index_dir: Path) -> list[str]:
             "--recall-queries", "20", "--json"]
 
 
-def committed_rows(index_dir: Path) -> int:
-    import sqlite3
-    try:
-        with sqlite3.connect(f"file:{index_dir / 'catalog.db'}?mode=ro", uri=True, timeout=1) as db:
-            return db.execute("SELECT count(*) FROM images").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-
-
 def state(index_dir: Path) -> tuple[dict, dict, dict]:
     """(path -> vector, path -> paths of its 5 FAISS neighbours, the FAISS record), checking FAISS agrees with the catalog."""
     cat = Catalog(index_dir)
@@ -261,6 +253,7 @@ def trained_collection(tmp_path_factory):
     return data, reference, json.loads(done.stdout)
 
 
+@pytest.mark.slow
 def test_index_images_reports_the_type_and_its_recall(trained_collection):
     _, _, summary = trained_collection
     info = summary["vector_index"]
@@ -270,13 +263,12 @@ def test_index_images_reports_the_type_and_its_recall(trained_collection):
     assert 0.0 < measured["1-recall@10"] <= 1.0 and info["recall"]["queries"] == 20
 
 
+@pytest.mark.slow
 def test_sigkill_of_a_trained_index_build_then_rerun_equals_an_uninterrupted_run(trained_collection, tmp_path):
     data, reference, _ = trained_collection
     index_dir = tmp_path / "index"
     proc = subprocess.Popen(index_command(data, index_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while committed_rows(index_dir) < N_IMAGES // 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_for(lambda: committed_rows(index_dir) >= N_IMAGES // 2 or proc.poll() is not None, 120, interval=0.005)
     assert proc.poll() is None, "the run ended before it could be killed; the test proves nothing"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -294,6 +286,7 @@ def test_sigkill_of_a_trained_index_build_then_rerun_equals_an_uninterrupted_run
     assert record["train"]["size"] == want_record["train"]["size"] and record["factory"] == TRAINED
 
 
+@pytest.mark.slow
 def test_rebuild_index_needs_no_network(trained_collection, tmp_path, monkeypatch):
     """--rebuild-index with nothing new to index never builds the network (its weights could be gone)."""
     import shutil
@@ -319,6 +312,7 @@ def test_rebuild_index_needs_no_network(trained_collection, tmp_path, monkeypatc
     assert state(index_dir)[1] == state(reference)[1]
 
 
+@pytest.mark.slow
 def test_the_server_answers_from_a_compressed_index(trained_collection, tmp_path):
     from api import create_app
 
@@ -343,6 +337,7 @@ def test_the_server_answers_from_a_compressed_index(trained_collection, tmp_path
         app.extensions["retrieval"].close()
 
 
+@pytest.mark.slow
 def test_serve_side_search_settings_override_the_recorded_ones(trained_collection, tmp_path):
     from api import create_app
 

@@ -18,7 +18,8 @@ from retrieval.search.index import ImageIndex
 from retrieval.names import FAISS_FILE
 from retrieval.vectors.vector_index import VectorIndex
 
-from test_images import bad_files
+from helpers.images import bad_files
+from helpers.waiting import wait_for
 
 
 @pytest.fixture
@@ -225,6 +226,7 @@ def test_a_second_writer_is_refused_while_one_runs(small_data, tmp_path, index_i
             index_images(small_data, tmp_path / "index")
 
 
+@pytest.mark.postgres
 def test_one_writer_per_database_whatever_its_index_folder(small_data, tmp_path, index_images, postgres_url):
     holder = Catalog(tmp_path / "index-a", create=True, url=postgres_url)   # as if index-images ran elsewhere
     try:
@@ -462,8 +464,6 @@ def test_the_network_runs_with_the_garbage_collector_on(small_data, tmp_path):
 def test_decoding_workers_run_ahead_through_the_network_start_up(tmp_path):
     """The workers do not stop after a few tasks each while the main process loads torch and the network: every file
     of a small collection is decoded before the first batch is asked for."""
-    import time
-
     from indexer.read import DECODE_CHUNK, TASKS_AHEAD_PER_WORKER, Reader
     from retrieval.images.decode import Preprocessing
     from retrieval.images.scan import scan_folder
@@ -474,9 +474,7 @@ def test_decoding_workers_run_ahead_through_the_network_start_up(tmp_path):
     files = scan_folder(data).images
     assert len(files) > 2 * TASKS_AHEAD_PER_WORKER * DECODE_CHUNK
     with Reader(data, files, workers=2, prep=Preprocessing(), max_pixels=None) as reader:
-        deadline = time.monotonic() + 60
-        while not all(f.done() for f in reader._pending) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: all(f.done() for f in reader._pending), 60)
         assert reader._next == len(reader.tasks), "every task was handed to the workers before any batch was read"
         assert all(f.done() for f in reader._pending)
         assert sum(len(b.rows) for b in reader.read(Preprocessing(), 16)) == len(files)

@@ -9,12 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
+import pytest
 import requests
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from test_serve_cli import serve_images
+from helpers.servers import serve_images
+from helpers.waiting import wait_for
 
 CONCURRENCY = 6     # clients at once: a worker's threads share forward passes
 
@@ -85,6 +87,7 @@ def test_metrics_of_a_single_process_app(client):
     assert value(after, "retrieval_index_images") == 30
 
 
+@pytest.mark.slow
 def test_metrics_are_summed_over_gunicorn_workers(sample_index, tmp_path):
     query = sorted((sample_index.data_dir / "red_circles").glob("*.jpg"))[0].read_bytes()
     server_tmp = tmp_path / "server-tmp"        # serve-images makes its private metrics folder in TMPDIR
@@ -156,14 +159,10 @@ def test_metrics_are_summed_over_gunicorn_workers(sample_index, tmp_path):
         # a worker that dies: gunicorn starts another; the dead one's counts stay, its live gauge goes
         dead = max(per_worker, key=per_worker.get)
         os.kill(dead, signal.SIGKILL)
-        deadline = time.monotonic() + 120
-        while not [p for p in searches_by_worker(metrics_dir) if p not in per_worker]:
-            assert time.monotonic() < deadline, "gunicorn did not start a new worker within 120 s"
-            time.sleep(0.5)
-        deadline = time.monotonic() + 60
-        while (metrics_dir / f"gauge_livemostrecent_{dead}.db").exists():
-            assert time.monotonic() < deadline, "the dead worker's gauge file was not removed"
-            time.sleep(0.2)
+        assert wait_for(lambda: [p for p in searches_by_worker(metrics_dir) if p not in per_worker], 120, interval=0.5), \
+            "gunicorn did not start a new worker within 120 s"
+        assert wait_for(lambda: not (metrics_dir / f"gauge_livemostrecent_{dead}.db").exists(), 60, interval=0.2), \
+            "the dead worker's gauge file was not removed"
         after = scrape(base)
         assert value(after, "retrieval_http_requests_total", endpoint="api.search", method="POST", status="200") == sent
         assert value(after, "retrieval_index_images") == 30

@@ -17,8 +17,10 @@ import pytest
 
 from retrieval.samples import make_sample_collection
 
-from conftest import build_index
-from test_crash import committed_rows, snapshot
+from helpers.indexes import build_index, committed_rows, snapshot
+from helpers.waiting import wait_for
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]   # a Ray cluster per module, killed runs
 
 N_IMAGES = 20
 BAD_FILE = "red_circles/corrupt.jpg"
@@ -137,9 +139,7 @@ def test_driver_killed_mid_run_then_rerun_equals_a_single_process_run(cluster, c
     data, reference, reference_ids = collection
     index_dir = tmp_path / "index"
     proc = subprocess.Popen(index_command(data, index_dir, cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while committed_rows(index_dir) < 4 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: committed_rows(index_dir) >= 4 or proc.poll() is not None, 240, interval=0.01)
     assert proc.poll() is None, f"the run ended before it could be killed; the test proves nothing: {proc.stderr.read()}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -162,9 +162,7 @@ def test_network_worker_killed_mid_run_is_retried(cluster, collection, tmp_path)
     index_dir = tmp_path / "index"
     proc = subprocess.Popen(index_command(data, index_dir, cluster, batch_size=1),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while committed_rows(index_dir) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: committed_rows(index_dir) >= 2 or proc.poll() is not None, 240, interval=0.01)
     actors = [p for p in psutil.process_iter(["cmdline"])
               if any("NetworkActor" in part for part in (p.info["cmdline"] or []))]
     assert proc.poll() is None and actors, "no network actor to kill while the run was going; the test proves nothing"
@@ -191,9 +189,7 @@ def test_ray_without_address_starts_a_local_cluster_that_ends_with_the_command(c
     try:
         proc = subprocess.Popen(index_command(data, index_dir, batch_size=1), env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 240
-        while committed_rows(index_dir) < 2 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: committed_rows(index_dir) >= 2 or proc.poll() is not None, 240, interval=0.01)
         assert proc.poll() is None and ray_processes(temp), "no running local cluster to kill; the test proves nothing"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()

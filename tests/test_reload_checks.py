@@ -19,7 +19,7 @@ from retrieval.features.backbones import WeightsUnavailable, random_weights_file
 from retrieval.catalog import CATALOG_FILE, Catalog
 from retrieval.search.index import ImageIndex, IndexUnavailable, WeightsMismatch
 
-from conftest import wait_for as poll
+from helpers.waiting import wait_for as poll
 
 RELOAD_WITHIN_S = 20.0
 CLASSES = ["red_circles", "blue_squares"]

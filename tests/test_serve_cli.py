@@ -1,64 +1,19 @@
 """`serve-images` (commands.serve_images): refuses a missing index clearly; serves the API under gunicorn; `flask --app api` works."""
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 import requests
 from click.testing import CliRunner
 
 from commands.serve_images import bind_address, main
-from training_history import make_history, write_history
-
-SERVE = [sys.executable, "-c", "from commands.serve_images import main; main()"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve_images(index_dir: Path, log_file: Path, *args: str, **env: str) -> Iterator[str]:
-    """A real `serve-images` (gunicorn) on a free 127.0.0.1 port, logging to log_file; yields its base URL.
-
-    Stops it with SIGTERM and asserts it exited 0.
-    """
-    port = free_port()
-    env = {**os.environ, "RETRIEVAL_RELOAD_INTERVAL_S": "0", **env}
-    with open(log_file, "w") as log:
-        server = subprocess.Popen([*SERVE, "--index-dir", str(index_dir), "--port", str(port), *args],
-                                  stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, log_file.read_text()
-            try:
-                if requests.get(base + "/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:   # not listening yet, or the worker is still loading
-                pass
-            assert time.monotonic() < deadline, "serve-images did not come up within 120 s"
-            time.sleep(0.25)
-        yield base
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    assert server.returncode == 0, log_file.read_text()
+from helpers.servers import SERVE, serve_images
+from helpers.training_history import make_history, write_history
 
 
 def test_help_answers_without_loading_torch_or_faiss():
@@ -98,6 +53,7 @@ def test_a_missing_compare_index_or_training_file_exits_2(sample_index, tmp_path
     assert result.exit_code == 2 and "--training" in result.output and "does not exist" in result.output, result.output
 
 
+@pytest.mark.slow
 def test_serve_images_shows_a_training_history_and_a_second_index(sample_index, compare_index, tmp_path):
     history = write_history(tmp_path / "tuned.history.json", make_history(sample_index.data_dir, ["red_circles", "blue_squares"]))
     with serve_images(sample_index.index_dir, tmp_path / "server.log", "--training", str(history),
@@ -116,6 +72,7 @@ def test_bind_address_brackets_ipv6():
     assert bind_address("::1", 8000) == "[::1]:8000"
 
 
+@pytest.mark.slow
 def test_serve_images_answers_over_http_and_stops_cleanly(sample_index, tmp_path):
     log = tmp_path / "server.log"
     with serve_images(sample_index.index_dir, log, "--threads", "4") as base:
@@ -141,6 +98,7 @@ def _recv_until_closed(sock: socket.socket, limit_s: float) -> bytes:
     return data
 
 
+@pytest.mark.slow
 def test_stalled_clients_do_not_starve_the_others_and_are_dropped_after_the_read_timeout(sample_index, tmp_path):
     read_timeout = 4
     query = (sample_index.data_dir / "purple_checks" / "purple_checks_000.jpg").read_bytes()
@@ -179,6 +137,7 @@ def test_stalled_clients_do_not_starve_the_others_and_are_dropped_after_the_read
     assert "Traceback" not in output and "unhandled error" not in output, output
 
 
+@pytest.mark.slow
 def test_flask_cli_finds_the_app_factory(sample_index):
     env = {**os.environ, "RETRIEVAL_INDEX_DIR": str(sample_index.index_dir), "RETRIEVAL_RELOAD_INTERVAL_S": "0"}
     result = subprocess.run([sys.executable, "-m", "flask", "--app", "api", "routes"], capture_output=True, text=True,

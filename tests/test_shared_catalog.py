@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import requests
 from PIL import Image
 
@@ -15,8 +16,11 @@ from retrieval.samples import make_sample_collection
 from retrieval.features.backbones import random_weights_file
 from retrieval.names import FAISS_FILE
 
-from postgres_server import PASSWORD
-from test_serve_cli import serve_images
+from helpers.postgres import PASSWORD
+from helpers.servers import serve_images
+from helpers.waiting import wait_for
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]   # a PostgreSQL server and two serve-images
 
 
 def search(base: str, image: bytes, k: int = 3) -> list[dict]:
@@ -55,10 +59,8 @@ def test_two_servers_on_their_own_index_folders_serve_one_postgresql_catalog(tmp
         assert (report.indexed, report.removed, report.total) == (1, 1, 6)
         green = (data / "blue_squares" / "green.jpg").read_bytes()
         for base in (a, b):
-            deadline = time.monotonic() + 60
-            while search(base, green, k=1)[0]["path"] != "blue_squares/green.jpg":
-                assert time.monotonic() < deadline, f"{base} did not pick up the new image from the database"
-                time.sleep(0.2)
+            assert wait_for(lambda: search(base, green, k=1)[0]["path"] == "blue_squares/green.jpg", 60, interval=0.2), \
+                f"{base} did not pick up the new image from the database"
             paths = [h["path"] for h in search(base, query, k=10)]
             assert "red_circles/red_circles_001.jpg" not in paths and len(paths) == 6
             health = requests.get(base + "/healthz", timeout=30).json()

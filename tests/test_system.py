@@ -36,6 +36,7 @@ def test_cuda_visible_devices_can_hide_the_gpus(dev, monkeypatch, visible, prese
     assert system.gpu_present() is present
 
 
+@pytest.mark.slow
 def test_a_process_that_leaves_out_triton_still_runs_the_network_without_it():
     code = ("import sys; from retrieval.system import leave_out_triton; leave_out_triton(); import torch, torchvision; "
             "net = torchvision.models.alexnet().eval(); out = net(torch.zeros(1, 3, 224, 224)); "

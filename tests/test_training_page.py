@@ -10,10 +10,11 @@ import pytest
 from PIL import Image
 
 from api import create_app
-from browser import PageErrors, broken_images, launch_chromium, screenshot, serve_in_thread
+from helpers.browser import PageErrors, broken_images, launch_chromium, screenshot
+from helpers.servers import serve_in_thread
 from retrieval.features.backbones import random_weights_file
 from retrieval.learning.history import history_path_for
-from training_history import make_history, write_history
+from helpers.training_history import make_history, write_history
 
 CLASSES = ["red_circles", "blue_squares", "green_stripes", "orange_triangles", "purple_checks"]
 HOSTILE = ['<img src=x onerror="window.__xss=1">', 'a&b "q"', "caf\udce9"]   # folder names; the last is Latin-1, not UTF-8
@@ -141,6 +142,7 @@ def base_url(app):
         yield url
 
 
+@pytest.mark.browser
 def test_the_page_in_headless_chromium(base_url, sample_index, history_file):
     write_history(history_file, make_history(sample_index.data_dir, CLASSES[:3] + HOSTILE[:2], train="all"), filters=True)
     with launch_chromium() as browser:

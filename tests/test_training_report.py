@@ -13,7 +13,7 @@ from PIL import Image
 
 from retrieval.learning.history import HistoryError, HistoryNotFound, load_filters, load_history
 from retrieval.reports.training import training_svgs, write_training_plots
-from training_history import make_history, write_history
+from helpers.training_history import make_history, write_history
 
 CLASSES = ["red_circles", "blue_squares", "green_stripes", "orange_triangles", "purple_checks"]
 TRAIN_RGB, VAL_RGB, CHANCE_RGB = (0x4a, 0x7b, 0xd0), (0xe0, 0x7b, 0x22), (0xc3, 0x33, 0x33)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.waiting import wait_for
 from api import create_app
 from retrieval.samples import make_sample_collection
 from retrieval.features.backbones import random_weights_file
@@ -159,9 +160,7 @@ def test_evaluation_is_computed_once_per_loaded_index_version(tmp_path, index_im
 
     make_sample_collection(data, per_class=2, size=(64, 48), seed=3, classes=["green_stripes"])
     index_images(data, tmp_path / "index")
-    deadline = time.monotonic() + 20
-    while service.index.version == 1 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: service.index.version != 1, 20)
     html = finished_page(client)
     assert "green_stripes" in html and len(runs) == 2
     client.get("/evaluation")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.waiting import wait_for
 from retrieval.samples import encoded, many_scans_jpeg
 from retrieval.images.decode_pool import DecodePool, DecodeTimedOut, DecoderBusy
 from retrieval.images.decode import MAX_JPEG_SCANS, ImageDecodeError, Preprocessing
@@ -208,9 +209,7 @@ def test_workers_exit_when_the_server_process_is_killed(tmp_path):
         assert len(pids) == 2 and pids_alive(pids) == set(pids)
         server.send_signal(signal.SIGKILL)
         server.wait(10)
-        deadline = time.monotonic() + 10
-        while pids_alive(pids) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: not pids_alive(pids), 10, interval=0.05)
         assert pids_alive(pids) == set(), "decoder processes outlived the server"
     finally:
         server.kill()

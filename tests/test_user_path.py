@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,8 @@ import psutil
 import pytest
 import requests
 
-from browser import PageErrors, broken_images, launch_chromium, screenshot
+from helpers.browser import PageErrors, broken_images, launch_chromium, screenshot
+from helpers.servers import free_port
 from retrieval.samples import make_sample_collection
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +39,8 @@ MARKUP_FOLDERS = {"<b>x</b>": "<b>x<", 'a&b "q"': 'a&b "q"'}
 TOTAL = 5 * PER_CLASS + len(MARKUP_FOLDERS) * MARKUP_PER_LABEL
 GALLERY_K = 12                         # the gallery's default number of neighbours
 DEMO_IMAGES = 60                       # make demo: 5 classes x 12 generated pictures
+
+pytestmark = pytest.mark.slow   # the console scripts as subprocesses, gunicorn, make demo
 
 SERVER_START_S = 180                   # bounds: server start-up (network load on 2 busy cores), commands, shutdown
 COMMAND_S = 300
@@ -73,12 +75,6 @@ def run_command(args: list[str], cwd: Path, timeout: int = COMMAND_S) -> subproc
 
 def described(result: subprocess.CompletedProcess) -> str:
     return f"$ {' '.join(result.args)}\nexit status {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def log_tail(path: Path, lines: int = 60) -> str:
@@ -248,6 +244,7 @@ def page(browser):
     context.close()
 
 
+@pytest.mark.browser
 def test_home_page_shows_the_whole_collection(page, server):
     errors = PageErrors(page)
     open_page(page, server.base + "/")
@@ -256,6 +253,7 @@ def test_home_page_shows_the_whole_collection(page, server):
     assert page.locator("#grid li").count() == TOTAL
 
 
+@pytest.mark.browser
 def test_label_filter_shows_only_that_label(page, server):
     errors = PageErrors(page)
     open_page(page, server.base + "/")
@@ -266,6 +264,7 @@ def test_label_filter_shows_only_that_label(page, server):
     assert labels == ["purple_checks"] * PER_CLASS
 
 
+@pytest.mark.browser
 def test_markup_label_folders_show_as_text(page, server):
     errors = PageErrors(page)
     open_page(page, server.base + "/")
@@ -296,6 +295,7 @@ def test_markup_label_folders_show_as_text(page, server):
     assert_no_injected_markup(page, "image page in <b>x</b>/")
 
 
+@pytest.mark.browser
 def test_upload_a_photo_then_follow_a_neighbour(page, server, workdir):
     errors = PageErrors(page)
     open_page(page, server.base + "/")
@@ -315,6 +315,7 @@ def test_upload_a_photo_then_follow_a_neighbour(page, server, workdir):
     assert page.locator("#neighbours li").count() == GALLERY_K
 
 
+@pytest.mark.browser
 def test_evaluation_page(page, server):
     errors = PageErrors(page)
     open_page(page, server.base + "/evaluation")
@@ -327,6 +328,7 @@ def test_evaluation_page(page, server):
     assert_no_injected_markup(page, "/evaluation")
 
 
+@pytest.mark.browser
 def test_model_page(page, server):
     errors = PageErrors(page)
     open_page(page, server.base + "/model")
@@ -391,6 +393,7 @@ def test_index_images_rerun_right_after_kill_9(tmp_path):
 
 # --- make demo ------------------------------------------------------------------------------------------------
 
+@pytest.mark.browser
 def test_make_demo_serves_the_gallery(browser, tmp_path):
     """`make demo` in a fresh folder: sample pictures, index, search, then the gallery until Ctrl-C.
 

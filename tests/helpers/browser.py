@@ -45,23 +45,6 @@ def launch_chromium() -> Iterator:
             browser.close()
 
 
-@contextlib.contextmanager
-def serve_in_thread(app) -> Iterator[str]:  # noqa: ANN001 - a Flask app
-    """The app on a threaded werkzeug server on a free local port, for the browser; -> its base URL."""
-    import threading
-
-    from werkzeug.serving import make_server
-
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join(10)
-
-
 class PageErrors:
     """Console errors, uncaught JavaScript exceptions and 5xx answers of a page, collected from the moment it is watched."""
 

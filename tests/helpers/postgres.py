@@ -5,7 +5,6 @@ import contextlib
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -13,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tools.ports import free_port
 
 REQUIRE_ENV = "RETRIEVAL_REQUIRE_POSTGRES"   # "1" (CI): a missing server fails the tests instead of skipping them
 INSTALL_HINT = "install Debian's postgresql (apt-get install postgresql) and psycopg (pip install 'psycopg[binary]')"
@@ -37,12 +38,6 @@ def missing_reason() -> str | None:
     except ImportError:
         return f"the psycopg package is missing: {INSTALL_HINT}"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PostgresServer:
@@ -93,7 +88,7 @@ def running_postgres(*, durable: bool = False) -> Iterator[PostgresServer]:
     (root / "pwfile").write_text(PASSWORD + "\n")
     if as_user:
         shutil.chown(root / "pwfile", "nobody")
-    data, sockets, port = root / "data", root / "sockets", _free_port()
+    data, sockets, port = root / "data", root / "sockets", free_port()
     run = lambda *args: subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=120)  # noqa: E731
     try:
         done = run(str(bin_dir / "initdb"), "-D", str(data), "-U", USER, "--pwfile", str(root / "pwfile"),
