@@ -147,6 +147,7 @@ def test_flask_cli_finds_the_app_factory(sample_index):
         assert route in result.stdout
 
 
+@pytest.mark.slow
 def test_a_port_in_use_is_one_clear_line_naming_the_way_out(sample_index):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

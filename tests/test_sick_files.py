@@ -51,6 +51,7 @@ def run_with(hook: str, data: Path, index: Path, workers: int) -> dict:
     return json.loads(started.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_an_image_replaced_by_a_named_pipe_after_the_scan_is_skipped_not_waited_on(tmp_path, workers):
     data = tmp_path / "data"
@@ -69,6 +70,7 @@ def test_an_image_replaced_by_a_named_pipe_after_the_scan_is_skipped_not_waited_
     assert report["skipped"] == [{"path": "reds/p3.png", "reason": "cannot read file: not a regular file (a named pipe)"}]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_decode_past_the_time_limit_costs_only_its_file(tmp_path, workers):
     data = tmp_path / "data"
@@ -88,6 +90,7 @@ def test_a_decode_past_the_time_limit_costs_only_its_file(tmp_path, workers):
     assert report["skipped"] == [{"path": "blues/p2.png", "reason": "reading and decoding it took longer than 1 s"}]
 
 
+@pytest.mark.slow
 def test_a_worker_stuck_where_no_signal_reaches_is_stopped_and_its_other_files_indexed(tmp_path):
     data = tmp_path / "data"
     pictures(data)
