@@ -34,6 +34,23 @@ def slow_jpeg() -> bytes:
 
 
 def upload(client, data: bytes, url: str = "/search?k=3"):
+    decoders = client.application.extensions["retrieval"].decoders
+    tiny = encoded(Image.new("RGB", (8, 8)), "PNG")
+
+    def decoded() -> bool:
+        try:
+            decoders.decode(tiny, Preprocessing(), max_pixels=None, max_decoded_pixels=None)
+            return True
+        except DecoderBusy:
+            return False
+    # a worker killed by an earlier test is replaced at once, but the new process imports Pillow and numpy (seconds
+    # on a loaded machine), and an upload meanwhile is told the decoders are starting (503): wait until one answers
+    assert wait_for(decoded, 60), "the decoders did not come back"
+    return post_upload(client, data, url)
+
+
+def post_upload(client, data: bytes, url: str = "/search?k=3"):
+    """The upload alone, without waiting for idle decoders (for tests that keep them busy on purpose)."""
     return client.post(url, data={"image": (io.BytesIO(data), "upload.bin")}, content_type="multipart/form-data")
 
 
@@ -115,7 +132,7 @@ def test_healthz_answers_while_eight_slow_decodes_run_and_every_upload_is_415_or
     data = slow_jpeg()
 
     def attack() -> None:
-        r = upload(app.test_client(), data)
+        r = post_upload(app.test_client(), data)
         if r.status_code == 503:
             refused(r, 503)
         statuses.append(r.status_code)
@@ -138,7 +155,7 @@ def test_healthz_answers_while_eight_slow_decodes_run_and_every_upload_is_415_or
 
 def test_the_gallery_preview_comes_from_the_same_bounded_decode(client):
     r = upload(client, slow_jpeg(), "/gallery/search")
-    assert r.status_code == 415 and "took too long to decode" in r.get_data(as_text=True)
+    assert r.status_code == 415 and "took too long to decode" in r.get_data(as_text=True), r.get_data(as_text=True)
     big = encoded(Image.new("RGB", (1800, 1200), (200, 40, 40)), "PNG")
     r = upload(client, big, "/gallery/search")
     assert r.status_code == 303, r.data
