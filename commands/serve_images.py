@@ -273,14 +273,18 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
     os.environ[MULTIPROC_ENV] = metrics_dir
     options["child_exit"] = worker_exited
     leave_out_triton()   # inherited by the workers, which import torch when they load the app
+    server_pid = os.getpid()
     try:
         GunicornServer(app_config, options).run()
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        if previous is None:
-            os.environ.pop(MULTIPROC_ENV, None)
-        else:
-            os.environ[MULTIPROC_ENV] = previous
+        # gunicorn forks the workers inside run(), and each one leaves it by SystemExit through here: only the
+        # server itself cleans up, or the first worker to exit takes the folder away from the others
+        if os.getpid() == server_pid:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            if previous is None:
+                os.environ.pop(MULTIPROC_ENV, None)
+            else:
+                os.environ[MULTIPROC_ENV] = previous
 
 
 def worker_exited(_server, worker) -> None:  # noqa: ANN001 - gunicorn's child_exit hook, in the master

@@ -192,9 +192,18 @@ def test_weights_file_is_the_backbone_that_index_images_loads_and_records(tuned)
 @pytest.mark.slow
 def test_an_interrupted_run_keeps_its_best_checkpoint(tuned, tmp_path):
     out = tmp_path / "stopped.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "commands.fine_tune", str(tuned["data"]), "--out", str(out),
-                             *RANDOM_START, "--epochs", "50", "--patience", "50"],
-                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C reaches a command a terminal started with SIGINT at its default. A shell starts a background job with
+    # SIGINT ignored, an ignored signal stays ignored in children, and Python then never raises KeyboardInterrupt:
+    # under a test run started that way the command would run all 50 epochs. A handler here (not SIG_IGN) is reset
+    # to the default in the child when it execs.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "commands.fine_tune", str(tuned["data"]), "--out", str(out),
+                                 *RANDOM_START, "--epochs", "50", "--patience", "50"],
+                                env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        if previous is not None:     # None: a handler set outside Python, which cannot be put back
+            signal.signal(signal.SIGINT, previous)
     try:
         wait_for(lambda: out.exists() or proc.poll() is not None, 300, interval=0.2)
         assert out.exists(), proc.poll()

@@ -34,32 +34,49 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def worker_pids(metrics_dir: Path) -> list[int]:
-    """The live gunicorn workers of the server whose metrics folder this is: each sets the index-size gauge when it
-    starts, in a file named after its pid."""
-    deadline = time.monotonic() + 60
-    while True:
-        pids = sorted(int(f.stem.rsplit("_", 1)[1]) for f in metrics_dir.glob("gauge_livemostrecent_*.db"))
-        live = [pid for pid in pids if psutil.pid_exists(pid)]
-        if len(live) >= 2 or time.monotonic() > deadline:
-            return live
+def booted_workers(metrics_dir: Path) -> list[int]:
+    """The live gunicorn workers of the server whose metrics folder this is that have built their app: each sets the
+    index-size gauge as its service starts, in its own file (the file itself appears earlier, when the worker imports
+    api.metrics while it is still loading)."""
+    images = worker_values(metrics_dir, "gauge_livemostrecent", "retrieval_index_images")
+    return sorted(pid for pid, value in images.items() if value > 0 and psutil.pid_exists(pid))
+
+
+def wait_for_booted_workers(metrics_dir: Path, count: int, exclude: list[int] | None = None) -> list[int]:
+    """Wait for count booted workers (not counting those in exclude); -> their pids. A request sent to a booted
+    worker is answered: at most it waits in the listening socket's queue while the worker enters its loop."""
+    deadline = time.monotonic() + 180
+    while len(booted := [pid for pid in booted_workers(metrics_dir) if pid not in (exclude or [])]) < count:
+        assert metrics_dir.is_dir(), "the metrics folder was removed while the server runs"
+        assert time.monotonic() < deadline, f"expected {count} booted gunicorn worker(s) within 180 s, found {booted}"
         time.sleep(0.5)
+    return booted
+
+
+def worker_values(metrics_dir: Path, kind: str, name: str, labels: dict[str, str] | None = None) -> dict[int, float]:
+    """pid -> a sample's value in that worker's own file of the multiprocess folder (kind: the files' prefix,
+    "counter", "gauge_livemostrecent", ...), each file copied to a folder of its own and read there."""
+    values = {}
+    for file in metrics_dir.glob(f"{kind}_*.db"):
+        pid = int(file.stem.rsplit("_", 1)[1])
+        alone = metrics_dir.parent / f"one-worker-{pid}"
+        alone.mkdir(exist_ok=True)
+        try:
+            shutil.copy(file, alone / file.name)
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=str(alone))
+            values[pid] = registry.get_sample_value(name, labels or {}) or 0.0
+        except FileNotFoundError:      # a dead worker's live gauge file, which the server removed meanwhile
+            pass
+        finally:
+            shutil.rmtree(alone)
+    return values
 
 
 def searches_by_worker(metrics_dir: Path) -> dict[int, float]:
     """pid -> POST /search requests that worker answered 200, read from its own file in the multiprocess folder."""
-    answered = {}
-    for file in metrics_dir.glob("counter_*.db"):
-        pid = int(file.stem.split("_")[1])
-        alone = metrics_dir.parent / f"one-worker-{pid}"
-        alone.mkdir(exist_ok=True)
-        shutil.copy(file, alone / file.name)
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(alone))
-        answered[pid] = registry.get_sample_value(
-            "retrieval_http_requests_total", {"endpoint": "api.search", "method": "POST", "status": "200"}) or 0.0
-        shutil.rmtree(alone)
-    return answered
+    return worker_values(metrics_dir, "counter", "retrieval_http_requests_total",
+                         {"endpoint": "api.search", "method": "POST", "status": "200"})
 
 
 def test_metrics_of_a_single_process_app(client):
@@ -94,7 +111,9 @@ def test_metrics_are_summed_over_gunicorn_workers(sample_index, tmp_path):
     server_tmp.mkdir()
     with serve_images(sample_index.index_dir, tmp_path / "serve.log", "--workers", "2", "--threads", "4",
                       TMPDIR=str(server_tmp)) as base:
-        [metrics_dir] = server_tmp.glob("serve-images-metrics-*")
+        folders = list(server_tmp.glob("serve-images-metrics-*"))   # made before any worker starts
+        assert len(folders) == 1, f"expected serve-images' one metrics folder in {server_tmp}, found {folders}"
+        [metrics_dir] = folders
 
         def search(_: int) -> int:
             return requests.post(base + "/search?k=3", files={"image": ("q.jpg", query, "image/jpeg")},
@@ -102,7 +121,7 @@ def test_metrics_are_summed_over_gunicorn_workers(sample_index, tmp_path):
 
         # The kernel hands connections to whichever worker accepts first (on an idle machine often the same one), so
         # each worker in turn answers a round while the other is stopped: both must have answered some.
-        workers = worker_pids(metrics_dir)
+        workers = wait_for_booted_workers(metrics_dir, 2)
         assert len(workers) == 2, f"expected 2 gunicorn workers, found {workers}"
         sent = 0
         with ThreadPoolExecutor(CONCURRENCY) as pool:
@@ -156,13 +175,15 @@ def test_metrics_are_summed_over_gunicorn_workers(sample_index, tmp_path):
         assert value(m, "retrieval_index_images") == sample_index.report.total == 30
         assert value(m, "retrieval_index_reloads_total") == 0
 
-        # a worker that dies: gunicorn starts another; the dead one's counts stay, its live gauge goes
-        dead = max(per_worker, key=per_worker.get)
-        os.kill(dead, signal.SIGKILL)
-        assert wait_for(lambda: [p for p in searches_by_worker(metrics_dir) if p not in per_worker], 120, interval=0.5), \
-            "gunicorn did not start a new worker within 120 s"
-        assert wait_for(lambda: not (metrics_dir / f"gauge_livemostrecent_{dead}.db").exists(), 60, interval=0.2), \
-            "the dead worker's gauge file was not removed"
+        # workers that end, one killed (as by the kernel out of memory), one stopped (it exits through Python, as on a
+        # timeout or max-requests, and so through serve-images' main): gunicorn starts others, which boot; the dead
+        # ones' counts stay, their live gauges go
+        killed, stopped = workers
+        os.kill(killed, signal.SIGKILL)
+        os.kill(stopped, signal.SIGTERM)
+        wait_for_booted_workers(metrics_dir, 2, exclude=workers)   # and the server is not stopped mid-boot
+        assert wait_for(lambda: not any((metrics_dir / f"gauge_livemostrecent_{pid}.db").exists() for pid in workers),
+                        60, interval=0.2), "the gauge files of the dead workers were not removed"
         after = scrape(base)
         assert value(after, "retrieval_http_requests_total", endpoint="api.search", method="POST", status="200") == sent
         assert value(after, "retrieval_index_images") == 30
