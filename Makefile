@@ -25,7 +25,7 @@ test: $(STAMP)
 # The suite without the marked tests (pyproject.toml lists the marks): no servers, subprocess runs, browser,
 # Docker, PostgreSQL, Ray or GPU.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not browser and not docker and not postgres and not ray and not gpu"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow and not browser and not docker and not postgres and not ray and not gpu"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_index.py
