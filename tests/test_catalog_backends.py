@@ -148,3 +148,30 @@ def test_every_command_refuses_an_unreachable_database_with_exit_2_and_never_sho
             assert result.exit_code == 2, (command.name, result.output)
             assert f"someone:***@127.0.0.1:{port}/photos" in result.output, result.output
             assert "Very-Secret-1" not in result.output
+
+
+@pytest.mark.parametrize("secret_in", ["userinfo", "query", "query-upper-case"])
+def test_a_password_is_masked_wherever_a_url_is_shown_in_any_form_sqlalchemy_accepts(tmp_path, secret_in):
+    from click.testing import CliRunner
+
+    from commands.index_images import main as index_main
+    from commands.serve_images import main as serve_main
+
+    port = free_port()                         # a port nobody listens on
+    url, shown = {
+        "userinfo": (f"postgresql://someone:Very-Secret-1@127.0.0.1:{port}/photos",
+                     f"postgresql://someone:***@127.0.0.1:{port}/photos"),
+        "query": (f"postgresql://someone@127.0.0.1:{port}/photos?password=Very-Secret-1&sslmode=disable",
+                  f"postgresql://someone@127.0.0.1:{port}/photos?password=***&sslmode=disable"),
+        "query-upper-case": (f"postgresql://someone@127.0.0.1:{port}/photos?PASSWORD=Very-Secret-1",
+                             f"postgresql://someone@127.0.0.1:{port}/photos?PASSWORD=***"),
+    }[secret_in]
+    assert mask_url(url) == shown
+    (tmp_path / "data").mkdir()
+    printed = CliRunner().invoke(serve_main, ["--index-dir", str(tmp_path / "index"), "--db-url", url, "--print-config"])
+    refused = CliRunner().invoke(index_main, [str(tmp_path / "data"), "--index-dir", str(tmp_path / "index"),
+                                              "--db-url", url])
+    assert printed.exit_code == 0 and shown in printed.output, printed.output
+    assert refused.exit_code == 2 and shown in refused.output, refused.output
+    for output in (printed.output, refused.output):
+        assert "Very-Secret-1" not in output

@@ -30,12 +30,28 @@ class CatalogBusy(RuntimeError):
     """Another process holds the catalog's writer lock."""
 
 
+SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pwd", "sslpassword"})   # libpq reads passwords from these too
+
+
+def _secrets(url: str) -> list[str]:
+    """The passwords a database URL holds: the user:password@ part's, and those given as query parameters."""
+    parsed = make_url(url)
+    found = [parsed.password] if parsed.password else []
+    for key, value in parsed.query.items():
+        if key.lower() in SECRET_QUERY_KEYS:
+            found += [value] if isinstance(value, str) else list(value)
+    return [str(s) for s in found if s]
+
+
 def mask_url(url: str) -> str:
-    """A database URL as it may be shown: the password replaced by ***."""
+    """A database URL as it may be shown: every password (user:password@, ?password=...) replaced by ***."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except ArgumentError:
         return "(not a database URL)"
+    masked = {key: "***" for key in parsed.query if key.lower() in SECRET_QUERY_KEYS}
+    shown = parsed.update_query_dict(masked).render_as_string(hide_password=True)
+    return shown.replace("%2A%2A%2A", "***")   # the query's *** as the user:***@ part shows it
 
 
 def server_url(url: str) -> str:
@@ -89,10 +105,12 @@ def db_error_reason(exc: BaseException, url: str | None = None) -> str:
     message = str(getattr(exc, "orig", None) or exc).strip()
     line = message.splitlines()[0] if message else type(exc).__name__
     try:
-        password = make_url(url).password if url else None
+        secrets = _secrets(url) if url else []
     except ArgumentError:
-        password = None
-    return line.replace(str(password), "***") if password else line
+        secrets = []
+    for secret in sorted(secrets, key=len, reverse=True):
+        line = line.replace(secret, "***")
+    return line
 
 
 def make_server_engine(url: str) -> Engine:
