@@ -70,9 +70,11 @@ def test_missing_random_weights_file_is_a_clear_error(tmp_path):
         load_state_dict("alexnet", "random", tmp_path, create=False)
 
 
-def test_offline_imagenet_weights_say_where_the_file_would_go(offline_hub):
+def test_offline_imagenet_weights_say_where_the_file_would_go(offline_hub, capfd):
     with pytest.raises(WeightsUnavailable) as err:
         load_state_dict("alexnet", "imagenet", None)
+    printed = capfd.readouterr()
+    assert "Downloading" not in printed.out + printed.err, "no line that reads as if a download had started"
     message = str(err.value)
     assert str(imagenet_cache_path("alexnet")) in message and str(offline_hub) in message
     assert err.value.offline_imagenet and err.value.cache_path == imagenet_cache_path("alexnet")

@@ -4,7 +4,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +19,8 @@ from retrieval.files import atomic_write
 from retrieval.features.weights import WeightsChoice, WeightsUnavailable
 from retrieval.images.decode import Preprocessing
 from retrieval.names import DEFAULT_RANDOM_SEED, LAYERS, MODEL_NAMES, random_weights_file
+
+DOWNLOAD_PROBE_TIMEOUT_S = 10.0   # the ImageNet weights' address must answer this soon, or they count as offline
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +80,12 @@ def load_state_dict(model: str, weights: WeightsChoice | str, index_dir: Path | 
             except WeightsUnavailable:
                 pass           # a format that cannot be mapped (before torch 1.6's zip files): torch hub reads it
         try:
-            state = spec.imagenet.get_state_dict(progress=False, check_hash=True)
+            # Asked first, so that an offline machine is told so at once: torch hub announces "Downloading: URL"
+            # before it tries, which reads as if a download had started.
+            if not cached.is_file():
+                torch.hub.urlopen(urllib.request.Request(spec.imagenet.url, method="HEAD"),
+                                  timeout=DOWNLOAD_PROBE_TIMEOUT_S).close()
+            state = spec.imagenet.get_state_dict(progress=sys.stderr.isatty(), check_hash=True)
         except (urllib.error.URLError, OSError, RuntimeError) as exc:
             raise WeightsUnavailable(
                 f"ImageNet weights for {model} are not cached and cannot be downloaded ({exc}); the file "
