@@ -164,6 +164,24 @@ def _network_name(about: dict) -> str:
     return f"{about['model']} {about['layer']}, weights {about['weights_label']}{seed}"
 
 
+def _fine_tuned(about: dict) -> bool:
+    """Whether an index's network was trained by fine-tune: its weights are a file with a history beside it."""
+    weights = WeightsChoice.parse(about["weights"])
+    return weights.is_file and history_path_for(weights.path).is_file()
+
+
+def _baseline_first(comparison: dict) -> tuple[dict, dict[str, str]]:
+    """The comparison with the baseline as A and the fine-tuned index as B, whichever of them is served, so that a
+    gain shows as a gain; -> (comparison, side -> which index it is)."""
+    roles = {"a": "this index", "b": "the index given with --compare-index"}
+    if _fine_tuned(comparison["a"]["index"]) and not _fine_tuned(comparison["b"]["index"]):
+        m = comparison["matched"]
+        comparison = {**comparison, "a": comparison["b"], "b": comparison["a"],
+                      "matched": {**m, "only_a": m["only_b"], "only_b": m["only_a"]}}
+        roles = {"a": roles["b"], "b": roles["a"]}
+    return comparison, roles
+
+
 @bp.get("/evaluation")
 def evaluation() -> Response:
     """evaluate-index on the stored vectors: precision@k (with a chart), mAP, kNN, linear probe, per class; with a
@@ -176,15 +194,17 @@ def evaluation() -> Response:
     evaluation, fresh = state.evaluations.get(key, service.index.index_dir, EVALUATION_WAIT_S, compare_dir,
                                               service.index.db_url)
     result, problem = (evaluation.result, evaluation.problem) if evaluation else (None, None)
-    comparison = None
+    comparison, roles = None, {}
     if result is not None and "matched" in result:   # our own SVGs below, labels escaped inside
-        comparison = result
+        comparison, roles = _baseline_first(result)
         result = comparison["a"]
         charts = [Markup(precision_at_k_svg(comparison[side])) for side in ("a", "b")]
     else:
         charts = [Markup(precision_at_k_svg(result))] if result else []
     names = {side: _network_name(comparison[side]["index"]) for side in ("a", "b")} if comparison else {}
-    html = render_template("evaluation.html", result=result, comparison=comparison, names=names, problem=problem,
+    tuned = {side: _fine_tuned(comparison[side]["index"]) for side in ("a", "b")} if comparison else {}
+    html = render_template("evaluation.html", result=result, comparison=comparison, names=names, roles=roles,
+                           tuned=tuned, problem=problem,
                            chart=charts[0] if charts else None, charts=charts, computing=not fresh,
                            comparing=compare_dir is not None, refresh_s=EVALUATION_REFRESH_S,
                            summary=service.index_summary(snapshot))
@@ -255,6 +275,7 @@ def training() -> str:
     return render_template("training.html", history=history, problem=problem, charts=charts, source=source,
                            file_name=path.name if path else None, settings=settings,
                            weights=weights_label(settings), tolerance=INITIAL_LOSS_TOLERANCE,
+                           index_dir=service.index.index_dir.name,
                            summary=service.index_summary(snapshot), **extra)
 
 

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.training_history import make_history, write_history
 from helpers.waiting import wait_for
 from api import create_app
 from retrieval.samples import make_sample_collection
 from retrieval.features.backbones import random_weights_file
 from retrieval.catalog import Catalog
 from retrieval.learning.evaluation import compare_indexes, evaluate_index
+from retrieval.learning.history import history_path_for
 from retrieval.features.model_info import layer_table
 
 QUERY = "green_stripes/green_stripes_002.jpg"
@@ -219,7 +221,7 @@ def test_evaluation_page_shows_two_indexes_side_by_side(tmp_path, sample_index, 
         a, b = expected["a"], expected["b"]
         assert "on the same 30 labelled images in 5 classes" in html
         assert "this index: alexnet fc7, weights random (seed 0)" in html
-        assert "<code>--compare-index</code>: alexnet fc7, weights random (seed 1)" in html
+        assert "the index given with --compare-index: alexnet fc7, weights random (seed 1)" in html
         table = html.split('id="compare-table"')[1].split("</table>")[0]
         for k in a["ks"]:
             va, vb = a["retrieval"]["precision_at_k"][str(k)], b["retrieval"]["precision_at_k"][str(k)]
@@ -232,6 +234,33 @@ def test_evaluation_page_shows_two_indexes_side_by_side(tmp_path, sample_index, 
         for _ in range(2):
             client.get("/evaluation")
         assert app.extensions["transfer"].evaluations.runs == 1, "computed once for both indexes' versions"
+    finally:
+        app.extensions["retrieval"].close()
+
+
+def test_a_served_fine_tuned_index_is_b_and_its_baseline_a(tmp_path, sample_index, compare_index, index_images):
+    """One order everywhere: the baseline is A and the fine-tuned network B, whichever of the two is served."""
+    tuned_weights = tmp_path / "tuned.pt"
+    shutil.copy(random_weights_file(compare_index.index_dir, "alexnet"), tuned_weights)   # a network from a file...
+    classes = sorted(p.name for p in sample_index.data_dir.iterdir())
+    write_history(history_path_for(tuned_weights), make_history(sample_index.data_dir, classes))   # ...that fine-tune made
+    tuned = tmp_path / "index-tuned"
+    index_images(sample_index.data_dir, tuned, weights=str(tuned_weights))
+    app = create_app({"INDEX_DIR": str(tuned), "RELOAD_INTERVAL_S": 0, "THUMBNAIL_DIR": str(tmp_path / "thumbs"),
+                      "COMPARE_INDEX": str(sample_index.index_dir)})
+    try:
+        client = app.test_client()
+        html = finished_page(client)
+        expected = compare_indexes(sample_index.index_dir, tuned)          # baseline as A
+        assert '<span class="side">A</span> the index given with --compare-index: alexnet fc7, weights random (seed 0)' in html
+        assert '<span class="side">B</span> this index (fine-tuned): alexnet fc7, weights tuned.pt' in html
+        assert "The baseline network's features (A) and the fine-tuned network's (B)" in html
+        va, vb = expected["a"]["retrieval"]["map"], expected["b"]["retrieval"]["map"]
+        assert f"<td>mAP</td><td>{va:.3f}</td><td>{vb:.3f}</td>" in html
+        training = client.get("/training").get_data(as_text=True)
+        recipe = training.split('id="compare-recipe"')[1].split("</p>")[0]
+        assert "--compare index-tuned" in recipe and "--compare-index index-base" in recipe, recipe
+        assert "--compare-index index-tuned" not in recipe, "never a recipe that compares the index with itself"
     finally:
         app.extensions["retrieval"].close()
 
