@@ -92,7 +92,7 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, val_fr
                              weight_decay=weight_decay, lr_schedule=lr_schedule, patience=patience,
                              batch_size=train_batch, cache_batch_size=cache_batch, cache_views=cache_views,
                              dropout=dropout, sanity=sanity, keep_head=keep_head, device=str(dev),
-                             progress=not as_json)
+                             progress=not as_json and sys.stderr.isatty())   # bars on a terminal; a line per epoch always
     except FineTuneError as exc:
         raise UserError(str(exc)) from exc
     echo = (lambda _e, _f: None) if as_json else _printer(verbose)

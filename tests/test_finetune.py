@@ -214,6 +214,7 @@ def test_an_interrupted_run_keeps_its_best_checkpoint(tuned, tmp_path):
             proc.kill()
     assert proc.returncode == 130, stderr
     assert "kept the best checkpoint" in stderr and str(out) in stderr
+    assert "img/s]" not in stderr and "epoch   1  loss" in stderr, "redirected: a plain line per epoch, no progress bars"
     history = json.loads((tmp_path / "stopped.history.json").read_text())
     assert history["stopped"] == "interrupted" and 1 <= history["best_epoch"] <= len(history["epochs_run"]) < 50
     state = torch.load(out, map_location="cpu", weights_only=True)
