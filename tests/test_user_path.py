@@ -426,7 +426,9 @@ def test_make_demo_serves_the_gallery(browser, tmp_path):
         output = log.read_text(errors="replace")
         assert "pip install" not in output, f"make demo reinstalled:\n{log_tail(log)}"
         assert "RANDOM weights" in output, f"offline, the demo says it uses random weights:\n{log_tail(log)}"
-        assert "Sample search" in output and "Serving the gallery at" in output, log_tail(log)
+        assert "Sample search" in output and f"gallery and API at http://127.0.0.1:{port}/" in output, log_tail(log)
+        assert "Downloading" not in output, "offline, no line that reads as if a download had started"
+        assert output.index("RANDOM weights") < output.index("index-images data"), log_tail(log)
 
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         try:
