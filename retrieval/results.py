@@ -69,7 +69,7 @@ class Prediction:
     label: str | None        # None when no neighbour has a label
     votes: int               # neighbours that voted for it
     voters: int              # neighbours with a label (the ones that voted), at most k
-    neighbours: SearchResult
+    neighbours: SearchResult = dataclasses.field(repr=False)   # shown by _repr_html_, not in the text repr
 
     def _repr_html_(self) -> str:
         if self.label is None:
