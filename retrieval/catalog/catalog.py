@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from sqlalchemy import delete, func, insert, inspect, select, text
+from sqlalchemy import delete, func, insert, inspect, null, select, text
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import defer, sessionmaker
 
@@ -116,6 +116,7 @@ class Catalog:
             except FileNotFoundError:
                 self.engine.dispose()
                 raise
+        self.checksums = True                # the images table has vector_crc32 (see _add_missing_columns)
         self._add_missing_columns()
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
         self.bad_vectors: set[int] = set()   # ids whose vector failed its checksum here (logged once each)
@@ -140,6 +141,7 @@ class Catalog:
             if damaged_reason(exc):
                 self.engine.dispose()
                 raise
+            self.checksums = False
             log.warning("catalog %s: cannot add new columns (%s); vectors go unchecked", self.location,
                         db_error_reason(exc, self.url))
 
@@ -283,7 +285,7 @@ class Catalog:
 
     def _vector_rows(self, ids: Iterable[int] | None, chunk: int) -> Iterator[list]:
         """(id, blob, crc32 or None) rows in chunks, by id."""
-        columns = (ImageRow.id, ImageRow.vector, ImageRow.vector_crc32)
+        columns = (ImageRow.id, ImageRow.vector, self._crc_column())
         with self.Session() as s:
             if ids is None:
                 result = s.execute(select(*columns).order_by(ImageRow.id).execution_options(yield_per=chunk))
@@ -296,6 +298,9 @@ class Catalog:
                                  .order_by(ImageRow.id)).all()
                 if part:
                     yield part
+
+    def _crc_column(self):  # noqa: ANN202 - a column expression
+        return ImageRow.vector_crc32 if self.checksums else null().label("vector_crc32")
 
     def _intact(self, row) -> bool:  # noqa: ANN001 - (id, blob, crc32)
         """Whether a row's vector matches its checksum (rows without one pass). A bad one is logged once."""
@@ -371,7 +376,7 @@ class Catalog:
 
     def vector(self, image_id: int) -> np.ndarray | None:
         with self.Session() as s:
-            row = s.execute(select(ImageRow.id, ImageRow.vector, ImageRow.vector_crc32)
+            row = s.execute(select(ImageRow.id, ImageRow.vector, self._crc_column())
                             .where(ImageRow.id == int(image_id))).first()
             return None if row is None or not self._intact(row) else blob_to_vector(row[1]).copy()
 

@@ -67,7 +67,8 @@ class ImageRow(Base):
     vector: Mapped[bytes] = mapped_column(LargeBinary)                   # float32, shape=(dim,)
     # CRC32 of vector's bytes, written with it (vector_checksum); NULL in rows written before checksums
     # (filled by index-images --check). Added to older catalogs on open (Catalog._add_missing_columns).
-    vector_crc32: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # deferred: rows loaded whole never name it, so an old catalog opened read-only (no column) still reads
+    vector_crc32: Mapped[int | None] = mapped_column(BigInteger, nullable=True, deferred=True)
     indexed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
