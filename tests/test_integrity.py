@@ -177,3 +177,18 @@ def test_serve_images_says_what_to_do_with_a_damaged_catalog(copy):
 
     with pytest.raises(UserError, match=r"is damaged \(database disk image is malformed\): restore it from a backup"):
         check_index(index)
+
+
+def test_the_api_says_an_image_s_stored_vector_is_damaged(copy, tmp_path):
+    from api import create_app
+
+    _, index = copy
+    bad_id, _ = flip_vector_bytes(index)
+    app = create_app({"INDEX_DIR": str(index), "RELOAD_INTERVAL_S": 0, "THUMBNAIL_DIR": str(tmp_path / "thumbnails")})
+    try:
+        answer = app.test_client().get(f"/images/{bad_id}/neighbours")
+    finally:
+        app.extensions["retrieval"].close()
+
+    assert answer.status_code == 404
+    assert "is damaged (it fails its checksum)" in answer.get_json()["error"]["message"]
