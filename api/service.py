@@ -209,6 +209,9 @@ class RetrievalService:
         snapshot = self.index.snapshot()        # the stored vector and the vectors it is compared with: one network
         record = snapshot.catalog.get(image_id)
         vector = snapshot.catalog.vector(image_id)
+        if record is not None and vector is None and int(image_id) in snapshot.catalog.bad_vectors:
+            raise ApiError(404, "not_found", f"the stored vector of image {image_id} is damaged (it fails its "
+                                             "checksum); index-images --check marks it to be extracted again")
         if record is None or vector is None:    # unknown, or removed between the two lookups
             raise ApiError(404, "not_found", f"no image with id {image_id} in the index")
         looked_up = time.perf_counter()

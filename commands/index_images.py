@@ -72,11 +72,15 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
                    "(left out of training). [default: 1000, or the index's]")
 @click.option("--auto-flat-max", type=click.IntRange(min=0), default=None,
               help="auto keeps exact Flat up to this many images. [default: 50000, or the index's]")
+@click.option("--check", is_flag=True,
+              help="Verify the index instead of updating it: the catalog file (SQLite quick_check), every vector "
+                   "against its checksum, the FAISS file against the catalog. Prints what it found and what to do; "
+                   "exit 1 when something is wrong. Damaged vectors are marked for the next run to extract again.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each skipped file and other details.")
 def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weights, seed, normalize, device, precision, decode, batch_size, workers,  # noqa: ANN001
          max_file_mb: float, ray_address: str | None, index_type: str | None, rebuild_index: bool, nprobe: int | None,
-         ef_search: int | None, recall_queries: int | None, auto_flat_max: int | None, as_json: bool,
+         ef_search: int | None, recall_queries: int | None, auto_flat_max: int | None, check: bool, as_json: bool,
          verbose: bool) -> None:
     """Index (or update the index of) the images in DATA_DIR.
 
@@ -90,12 +94,23 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
     (indexed, unchanged, removed, skipped, total, seconds, images_per_second). Every option can also
     be set by an environment variable (INDEX_IMAGES_BATCH_SIZE, ...; see docs/configuration.md).
 
-    Exit status: 0 done (even with skipped files), 2 usage or configuration error, 1 unexpected failure.
+    Exit status: 0 done (even with skipped files), 2 usage or configuration error (a damaged catalog
+    included), 1 unexpected failure; with --check, 0 sound and 1 something to repair.
     """
     setup_logging(verbose, quiet=as_json)
     from sqlalchemy.exc import SQLAlchemyError
 
-    from retrieval.catalog import db_error_reason
+    from retrieval.catalog import catalog_sqlite_file, damaged_message, damaged_reason, db_error_reason
+
+    def damaged(exc: BaseException) -> UserError | None:
+        reason = damaged_reason(exc)
+        if reason is None:
+            return None
+        where = catalog_sqlite_file(index_dir, db_url)
+        return UserError(damaged_message(str(where) if where else "database", reason, str(data_dir)))
+
+    if check:
+        _check(data_dir, index_dir, db_url, as_json, damaged)
     from retrieval.vectors.index_types import IndexTypeConfig
 
     from indexer.run import ConfigError, JobConfig, run_index
@@ -124,6 +139,8 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
         click.echo("\ninterrupted: every finished batch is saved; run the same command again to finish.", err=True)
         sys.exit(130)
     except SQLAlchemyError as exc:   # the database failed mid-run (server gone, disk full): committed batches stay
+        if (user_error := damaged(exc)) is not None:   # running it again cannot help: say what can
+            raise user_error from None
         click.echo(f"error: the catalog database failed: {db_error_reason(exc, db_url)}\n"
                    "every committed batch is kept: run the same command again to finish.", err=True)
         sys.exit(1)
@@ -132,6 +149,28 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
     else:
         _print_report(report)
         click.echo(f"{SUMMARY_PREFIX}{summary_json(report)}")   # the machine-readable last line
+
+
+def _check(data_dir: Path, index_dir: Path, db_url: str | None, as_json: bool, damaged) -> None:  # noqa: ANN001
+    """index-images --check: verify, print the findings and what to do, exit 0 (sound) or 1."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from retrieval.catalog import CatalogUnavailable, db_error_reason
+
+    from indexer.check import check_index, describe
+
+    try:
+        report = check_index(data_dir, index_dir, db_url)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    except CatalogUnavailable as exc:
+        raise UserError(str(exc)) from None
+    except SQLAlchemyError as exc:
+        if (user_error := damaged(exc)) is not None:
+            raise user_error from None
+        raise UserError(f"the catalog cannot be read: {db_error_reason(exc, db_url)}") from None
+    click.echo(json.dumps(report) if as_json else describe(report))
+    sys.exit(0 if report["ok"] else 1)
 
 
 def summary_json(report) -> str:  # noqa: ANN001 - indexer.run.RunReport
@@ -153,6 +192,8 @@ def _print_report(r) -> None:  # noqa: ANN001 - indexer.run.RunReport
         stages = ", ".join(f"{stage} {t:.1f} s" for stage, t in x["stage_seconds"].items())
         click.echo(f"network on {x['device']} in {x['precision']}, batches of {x['batch_size']}; JPEGs decoded by "
                    f"{x['decode']}; {stages}")
+    for repair in r.repairs:
+        click.echo(repair)
     if r.vector_index:
         click.echo(f"FAISS index: {describe_vector_index(r.vector_index)}")
 

@@ -106,3 +106,19 @@ def exit_without_teardown(command: click.Command) -> Callable[[], None]:
             os._exit(code)
         sys.exit(code)
     return entry
+
+
+def damaged_catalog_error(exc: BaseException, index_dir: Path, db_url: str | None,
+                          data_dir: str | None = None) -> UserError | None:
+    """A UserError naming the ways out when exc says the catalog is damaged (see retrieval.catalog.damaged_message),
+    else None: running the same command again cannot help with a damaged file."""
+    from retrieval.catalog import catalog_sqlite_file, damaged_message, damaged_reason
+
+    reason = damaged_reason(exc)
+    if reason is None:
+        return None
+    try:
+        where = catalog_sqlite_file(Path(index_dir), db_url)
+    except Exception:   # noqa: BLE001 - only for the message
+        where = None
+    return UserError(damaged_message(str(where) if where is not None else "database", reason, data_dir))

@@ -8,7 +8,7 @@ import click
 
 from retrieval.system import display_name
 
-from commands.options import (UserError, command_settings, db_url_option, exit_without_teardown, index_dir_option,
+from commands.options import (UserError, command_settings, damaged_catalog_error, db_url_option, exit_without_teardown, index_dir_option,
                               setup_logging)
 
 
@@ -43,16 +43,26 @@ def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device:
         from retrieval.features.weights import WeightsUnavailable, weights_error_message
         from retrieval.search.index import ImageIndex, IndexNotFound, IndexUnavailable, WeightsMismatch
 
+        from sqlalchemy.exc import SQLAlchemyError
+
         try:
             index = ImageIndex(index_dir, db_url=db_url, device=device)
         except (IndexNotFound, IndexUnavailable, WeightsMismatch, DeviceUnavailable) as exc:
             raise UserError(str(exc)) from exc
+        except SQLAlchemyError as exc:
+            if (user_error := damaged_catalog_error(exc, index_dir, db_url)) is not None:
+                raise user_error from None
+            raise
         except WeightsUnavailable as exc:
             raise UserError(weights_error_message(exc)) from exc
     try:
         hits, _ = index.search_image(query, k)
     except ImageDecodeError as exc:
         raise UserError(f"cannot use {query_image} as a query: {exc}") from exc
+    except SQLAlchemyError as exc:
+        if (user_error := damaged_catalog_error(exc, index_dir, db_url)) is not None:
+            raise user_error from None
+        raise
     finally:
         index.close()
     if as_json:

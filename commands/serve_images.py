@@ -15,7 +15,7 @@ import click
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
-from commands.options import UserError, command_settings, source_of
+from commands.options import UserError, command_settings, damaged_catalog_error, source_of
 from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV, MAX_EF_SEARCH, MAX_NPROBE
 from retrieval.system import available_cores, collector_paused, leave_out_triton
 
@@ -84,14 +84,21 @@ def check_index(index_dir: Path, db_url: str | None = None) -> tuple[int, str]:
         raise UserError(f"no index at {index_dir}: run index-images first (index-images DATA_DIR --index-dir {index_dir})") from None
     except CatalogUnavailable as exc:
         raise UserError(str(exc)) from None
+    except SQLAlchemyError as exc:
+        if (user_error := damaged_catalog_error(exc, index_dir, db_url)) is not None:
+            raise user_error from None
+        raise UserError(f"the catalog cannot be read: {db_error_reason(exc, db_url)}") from None
     try:
         settings = catalog.settings()
         if settings is None:
             raise UserError(f"the index in {catalog.location} is unfinished: run index-images first")
         if not Path(settings.data_dir).is_dir():
             click.echo(f"warning: the indexed data folder {settings.data_dir} is missing; images cannot be shown", err=True)
+        catalog.list_images(limit=1)   # reads the images table itself (a count may read an index only)
         return catalog.count(), f"{settings.model} {settings.layer}"
     except SQLAlchemyError as exc:
+        if (user_error := damaged_catalog_error(exc, index_dir, db_url)) is not None:
+            raise user_error from None
         raise UserError(f"the catalog in {catalog.location} cannot be read: {db_error_reason(exc, db_url)}") from None
     finally:
         catalog.close()

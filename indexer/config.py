@@ -76,6 +76,7 @@ class RunReport:
     images_per_second: float = 0.0
     vector_index: dict | None = None   # the FAISS type, training, search settings and recall (index_builder.describe)
     extraction: dict | None = None     # device, precision, decoding and batch size of this run, and where its time went
+    repairs: list[str] = dataclasses.field(default_factory=list)   # what this run found damaged and repaired
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

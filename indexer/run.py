@@ -1,11 +1,16 @@
 """index-images as a whole: lock the index, choose its settings, plan, then run the stages here or on Ray."""
 from __future__ import annotations
 
+import dataclasses
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from retrieval.names import FAISS_FILE
 from retrieval.vectors.index_types import vector_work_needed
+
+from retrieval.catalog import Catalog
+from retrieval.files import sample_digest
 
 from indexer.config import ConfigError, JobConfig, RunReport, finish_report, resolve_settings
 from indexer.local import run_local
@@ -45,19 +50,52 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
         from indexer.ray_job import require_ray
         require_ray()     # before anything else: without Ray, say how to get it
     with writer_locks(index_dir, cfg.db_url) as catalog:
-        stored = catalog.settings()
-        chosen = resolve_settings(cfg, stored)
-        planned = plan(cfg, catalog)
-        if stored is not None and not planned.todo and not removals(planned, catalog):
-            record_refused(planned, catalog)
-            report = RunReport(unchanged=planned.unchanged, vector_index=catalog.vector_index_record())
-            if (index_dir / FAISS_FILE).exists() and catalog.vectors_in_step() \
-                    and not vector_work_needed(cfg.vector_index, catalog, stored.dim):
-                return finish_report(report, catalog, catalog.count(), started)
-            # FAISS work only (rebuild, another type, new search settings): from the catalog, no network
-            report.vector_index, total = maintain_vectors(cfg, catalog, stored.dim)
-            return finish_report(report, catalog, total, started)
-        if cfg.ray is not None:
-            from indexer.ray_job import run_on_ray
-            return run_on_ray(cfg, catalog, stored, chosen, planned, started, on_cluster)
-        return run_local(cfg, catalog, stored, chosen, planned, started, on_extractor)
+        report = _run(cfg, catalog, started, on_extractor, on_cluster)
+        if catalog.bad_vectors:   # vectors that failed their checksum were left out of FAISS: extract them again
+            paths = catalog.mark_for_extraction(sorted(catalog.bad_vectors))
+            report.repairs.append(f"{len(paths)} vector(s) in the catalog fail their checksum (damaged), left out of "
+                                  "the FAISS index: marked to be extracted again; run the same command again")
+        return report
+
+
+def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callable[[FeatureExtractor], None] | None,
+         on_cluster: Callable[[str], None] | None) -> RunReport:
+    """run_index's work under the writer locks."""
+    index_dir = cfg.index_dir
+    stored = catalog.settings()
+    chosen = resolve_settings(cfg, stored)
+    planned = plan(cfg, catalog)
+    if stored is not None and not planned.todo and not removals(planned, catalog):
+        record_refused(planned, catalog)
+        report = RunReport(unchanged=planned.unchanged, vector_index=catalog.vector_index_record())
+        damaged = faiss_file_damaged(index_dir / FAISS_FILE, catalog)
+        if not damaged and (index_dir / FAISS_FILE).exists() and catalog.vectors_in_step() \
+                and not vector_work_needed(cfg.vector_index, catalog, stored.dim):
+            return finish_report(report, catalog, catalog.count(), started)
+        # FAISS work only (rebuild, another type, new search settings): from the catalog, no network
+        work = cfg
+        if damaged:   # DESIGN invariant 1: the FAISS file is derived; a damaged one is rebuilt from the catalog
+            work = dataclasses.replace(cfg, vector_index=dataclasses.replace(cfg.vector_index, rebuild=True))
+        report.vector_index, total = maintain_vectors(work, catalog, stored.dim)
+        if damaged:
+            report.repairs.append("the FAISS file was unreadable: rebuilt from the catalog")
+        return finish_report(report, catalog, total, started)
+    if cfg.ray is not None:
+        from indexer.ray_job import run_on_ray
+        return run_on_ray(cfg, catalog, stored, chosen, planned, started, on_cluster)
+    return run_local(cfg, catalog, stored, chosen, planned, started, on_extractor)
+
+
+def faiss_file_damaged(path: Path, catalog: Catalog) -> bool:
+    """Whether the FAISS file is no longer the one last saved (truncated, garbled, unreadable), told by its
+    recorded size and digest without FAISS (retrieval.files.sample_digest). False when none is recorded
+    (saved before digests were) or the file is missing (rebuilt anyway)."""
+    recorded = catalog.faiss_digest()
+    if recorded is None:
+        return False
+    try:
+        return sample_digest(path) != recorded
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True

@@ -4,21 +4,29 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from sqlalchemy import delete, func, insert, inspect, select, text
+from sqlalchemy import delete, func, insert, inspect, null, select, text
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import defer, sessionmaker
 
 from retrieval.catalog.db import (SCHEMA_LOCK_KEY, WRITER_LOCK_KEY, CatalogBusy, CatalogUnavailable, catalog_sqlite_file,
-                                  db_error_reason, make_engine, make_server_engine, mask_url)
-from retrieval.catalog.schema import (Base, ExtractionRow, FaissFileRow, ImageRow, IndexSettingsRow, SkippedRow,
-                                      VectorIndexRow, VectorsSavedRow, blob_to_vector, utcnow, vector_to_blob)
+                                  damaged_reason, db_error_reason, make_engine, make_server_engine, mask_url)
+from retrieval.catalog.schema import (Base, ExtractionRow, FaissDigestRow, FaissFileRow, ImageRow, IndexSettingsRow,
+                                      SkippedRow, VectorIndexRow, VectorsSavedRow, blob_to_vector, utcnow,
+                                      vector_checksum, vector_to_blob)
 from retrieval.features.weights import WeightsChoice
+
+log = logging.getLogger(__name__)
+
+# Columns added to a table after its first release: added on open to catalogs made before (ALTER TABLE ... ADD
+# COLUMN, nullable, in SQLite and PostgreSQL alike). (table, column, SQL type)
+ADDED_COLUMNS = (("images", "vector_crc32", "BIGINT"),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +116,34 @@ class Catalog:
             except FileNotFoundError:
                 self.engine.dispose()
                 raise
+        self.checksums = True                # the images table has vector_crc32 (see _add_missing_columns)
+        self._add_missing_columns()
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
+        self.bad_vectors: set[int] = set()   # ids whose vector failed its checksum here (logged once each)
+
+    def _add_missing_columns(self) -> None:
+        """Give a catalog made before a column was added that column (NULL in its rows). A catalog that cannot be
+        written (read-only) keeps working without it: vectors then go unchecked."""
+        try:
+            with self.engine.connect() as conn:
+                inspector = inspect(conn)
+                if not inspector.has_table(ImageRow.__tablename__):
+                    return
+                have = {c["name"] for c in inspector.get_columns(ImageRow.__tablename__)}
+            for table, column, kind in ADDED_COLUMNS:
+                if column not in have:
+                    with self.engine.begin() as conn:
+                        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+                    log.info("catalog %s: added the column %s.%s", self.location, table, column)
+        except SQLAlchemyError as exc:
+            if "duplicate column" in str(exc).lower() or "already exists" in str(exc).lower():
+                return   # another process added it first
+            if damaged_reason(exc):
+                self.engine.dispose()
+                raise
+            self.checksums = False
+            log.warning("catalog %s: cannot add new columns (%s); vectors go unchecked", self.location,
+                        db_error_reason(exc, self.url))
 
     @property
     def location(self) -> str:
@@ -243,19 +278,96 @@ class Catalog:
 
     def vectors(self, ids: Iterable[int] | None = None, chunk: int = 2048) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (ids shape=(n,) int64, vectors shape=(n, dim) float32) in chunks; all rows when ids is None."""
+        for part in self._vector_rows(ids, chunk):
+            good = [r for r in part if self._intact(r)]
+            if good:
+                yield _stack(good)
+
+    def _vector_rows(self, ids: Iterable[int] | None, chunk: int) -> Iterator[list]:
+        """(id, blob, crc32 or None) rows in chunks, by id."""
+        columns = (ImageRow.id, ImageRow.vector, self._crc_column())
         with self.Session() as s:
             if ids is None:
-                q = select(ImageRow.id, ImageRow.vector).order_by(ImageRow.id)
-                result = s.execute(q.execution_options(yield_per=chunk))
+                result = s.execute(select(*columns).order_by(ImageRow.id).execution_options(yield_per=chunk))
                 for part in result.partitions(chunk):
-                    yield _stack(part)
+                    yield part
                 return
             ids = sorted(int(i) for i in ids)
             for start in range(0, len(ids), chunk):
-                part = s.execute(select(ImageRow.id, ImageRow.vector).where(ImageRow.id.in_(ids[start:start + chunk]))
+                part = s.execute(select(*columns).where(ImageRow.id.in_(ids[start:start + chunk]))
                                  .order_by(ImageRow.id)).all()
                 if part:
-                    yield _stack(part)
+                    yield part
+
+    def _crc_column(self):  # noqa: ANN202 - a column expression
+        return ImageRow.vector_crc32 if self.checksums else null().label("vector_crc32")
+
+    def _intact(self, row) -> bool:  # noqa: ANN001 - (id, blob, crc32)
+        """Whether a row's vector matches its checksum (rows without one pass). A bad one is logged once."""
+        image_id, blob, crc = row
+        if crc is None or vector_checksum(blob) == crc:
+            return True
+        if image_id not in self.bad_vectors:
+            self.bad_vectors.add(image_id)
+            log.error("catalog %s: the vector of image %d fails its checksum (damaged); left out of the index. "
+                      "index-images --check names the damaged rows and marks them to be extracted again",
+                      self.location, image_id)
+        return False
+
+    def check_vectors(self, chunk: int = 2048) -> dict:
+        """Every row's vector against its checksum; rows without one get one (trusted as they are).
+
+        -> {"checked": n, "filled": n, "bad": [ids]}."""
+        checked, bad, unsummed = 0, [], []
+        for part in self._vector_rows(None, chunk):
+            for image_id, blob, crc in part:
+                checked += 1
+                if crc is None:
+                    unsummed.append((image_id, vector_checksum(blob)))
+                elif vector_checksum(blob) != crc:
+                    bad.append(int(image_id))
+        for start in range(0, len(unsummed), 500):
+            with self.Session.begin() as s:
+                for image_id, crc in unsummed[start:start + 500]:
+                    s.execute(ImageRow.__table__.update().where(ImageRow.id == image_id).values(vector_crc32=crc))
+        return {"checked": checked, "filled": len(unsummed), "bad": bad}
+
+    def mark_for_extraction(self, ids: Iterable[int]) -> list[str]:
+        """Make the next index-images run extract these images again (their recorded size set to -1, which no
+        file has). -> their paths."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return []
+        with self.Session.begin() as s:
+            paths = list(s.scalars(select(ImageRow.path).where(ImageRow.id.in_(ids)).order_by(ImageRow.path)))
+            s.execute(ImageRow.__table__.update().where(ImageRow.id.in_(ids)).values(size=-1))
+        return paths
+
+    def quick_check(self) -> list[str]:
+        """SQLite's PRAGMA quick_check: [] when the file is sound, else its complaints. [] on a database server."""
+        if self.path is None:
+            return []
+        with self.engine.connect() as conn:
+            lines = [str(r[0]) for r in conn.exec_driver_sql("PRAGMA quick_check").all()]
+        return [] if lines == ["ok"] else lines
+
+    def _faiss_key(self) -> str:
+        """Whose FAISS file a digest is: "." (the one index folder) for SQLite, so a copied folder keeps its
+        digest; on a database server, which several index folders share, the folder's absolute path."""
+        return "." if self.path is not None else str(self.index_dir.absolute())
+
+    def faiss_digest(self) -> tuple[int, str] | None:
+        """(size, digest) of the index folder's FAISS file as last saved, or None (not recorded yet)."""
+        try:
+            with self.Session() as s:
+                row = s.get(FaissDigestRow, self._faiss_key())
+        except OperationalError:   # no such table: an older catalog opened read-only
+            return None
+        return (row.size, row.digest) if row else None
+
+    def save_faiss_digest(self, size: int, digest: str) -> None:
+        with self.Session.begin() as s:
+            s.merge(FaissDigestRow(index_dir=self._faiss_key(), size=size, digest=digest))
 
     def vectors_by_path(self) -> dict[str, np.ndarray]:
         """Every image's vector by its path (comparing two indexes of the same folder: tests, benchmarks)."""
@@ -264,8 +376,9 @@ class Catalog:
 
     def vector(self, image_id: int) -> np.ndarray | None:
         with self.Session() as s:
-            blob = s.scalar(select(ImageRow.vector).where(ImageRow.id == int(image_id)))
-            return None if blob is None else blob_to_vector(blob).copy()
+            row = s.execute(select(ImageRow.id, ImageRow.vector, self._crc_column())
+                            .where(ImageRow.id == int(image_id))).first()
+            return None if row is None or not self._intact(row) else blob_to_vector(row[1]).copy()
 
     def has_labels(self) -> bool:
         """Whether any indexed image has a label (uses the label index: cheap)."""
@@ -330,7 +443,7 @@ class Catalog:
             if rows:   # one multi-row INSERT (Core, not ORM objects: 1.5x the images/s, which a GPU run needs)
                 now = utcnow()
                 new_ids = list(s.scalars(insert(ImageRow).returning(ImageRow.id, sort_by_parameter_order=True),
-                                         [{**r, "vector": vector_to_blob(v), "indexed_at": now}
+                                         [{**r, **_vector_columns(v), "indexed_at": now}
                                           for r, v in zip(rows, vectors)]))
             s.add_all(SkippedRow(**k) for k in skipped)
             settings = s.get(IndexSettingsRow, 1)
@@ -375,6 +488,11 @@ class Catalog:
                 devices.append(device)
             record["last"] = {"precision": precision, "device": device, "decode": decode}
             s.merge(ExtractionRow(id=1, record=json.dumps(record, sort_keys=True)))
+
+
+def _vector_columns(vec: np.ndarray) -> dict:
+    blob = vector_to_blob(vec)
+    return {"vector": blob, "vector_crc32": vector_checksum(blob)}
 
 
 def _stack(part) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001 - rows of (id, blob)

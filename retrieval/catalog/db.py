@@ -123,3 +123,19 @@ def make_server_engine(url: str) -> Engine:
     except ArgumentError:
         raise CatalogUnavailable(f"the catalog URL {mask_url(url)} cannot be opened") from None
 
+
+
+# What SQLite says of a file whose pages are damaged (or that is not a database at all)
+DAMAGED_MARKERS = ("database disk image is malformed", "file is not a database", "database corruption")
+
+
+def damaged_reason(exc: BaseException) -> str | None:
+    """SQLite's words when exc says the catalog file is damaged, else None (busy, full disk, server gone...)."""
+    message = str(getattr(exc, "orig", None) or exc).lower()
+    return next((m for m in DAMAGED_MARKERS if m in message), None)
+
+
+def damaged_message(location: str, reason: str, data_dir: str | None = None) -> str:
+    """What to say of a damaged catalog: what happened and the two ways out."""
+    return (f"the catalog {location} is damaged ({reason}): restore it from a backup, or re-index into a new folder: "
+            f"index-images {data_dir or 'DATA'} --index-dir NEW")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import zlib
 
 import numpy as np
 from sqlalchemy import BigInteger, Boolean, DateTime, Integer, LargeBinary, String
@@ -64,6 +65,10 @@ class ImageRow(Base):
     height: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))
     vector: Mapped[bytes] = mapped_column(LargeBinary)                   # float32, shape=(dim,)
+    # CRC32 of vector's bytes, written with it (vector_checksum); NULL in rows written before checksums
+    # (filled by index-images --check). Added to older catalogs on open (Catalog._add_missing_columns).
+    # deferred: rows loaded whole never name it, so an old catalog opened read-only (no column) still reads
+    vector_crc32: Mapped[int | None] = mapped_column(BigInteger, nullable=True, deferred=True)
     indexed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -113,6 +118,16 @@ class FaissFileRow(Base):
     catalog_updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
 
+class FaissDigestRow(Base):
+    """What the index folder's FAISS file was when saved (size, digest): a run that finds nothing to do still
+    notices a file that was truncated or garbled since, without reading it with FAISS (retrieval.files.sample_digest)."""
+    __tablename__ = "faiss_digests"
+
+    index_dir: Mapped[str] = mapped_column(FileName, primary_key=True)   # "." in SQLite; absolute on a server
+    size: Mapped[int] = mapped_column(BigInteger)
+    digest: Mapped[str] = mapped_column(String(64))
+
+
 class VectorIndexRow(Base):
     """How the FAISS file is built (one row): the type asked for and built, its training, search settings and recall.
 
@@ -136,6 +151,11 @@ class ExtractionRow(Base):
 
 def vector_to_blob(vec: np.ndarray) -> bytes:
     return np.ascontiguousarray(vec, dtype=np.float32).tobytes()
+
+
+def vector_checksum(blob: bytes | memoryview) -> int:
+    """CRC32 of a vector's stored bytes (unsigned, 0 .. 2**32 - 1)."""
+    return zlib.crc32(blob) & 0xFFFFFFFF
 
 
 def blob_to_vector(blob: bytes | memoryview) -> np.ndarray:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from retrieval.catalog import Catalog
+from retrieval.files import sample_digest
 from retrieval.vectors.index_types import (AUTO, FLAT, RECALL_QUERIES, RECALL_TARGET, IndexTypeConfig, IndexTypeError, SearchParams,
                           apply_search_params, min_train_vectors, requested_params, requested_type, search_params_of,
                           seeded_samples, train_size, tuning_ladder, wanted_factory)
@@ -155,6 +156,7 @@ class IndexBuilder:
         """Write the FAISS file atomically, then record in the catalog what it holds and which catalog state."""
         state = self.catalog.updated_at()   # read first: a crash between the writes only costs a reconcile
         vectors.save(self.path)
+        self.catalog.save_faiss_digest(*sample_digest(self.path))   # a later no-op run notices a damaged file
         self.catalog.mark_vectors_saved(state)
         self.catalog.save_vector_index_record(self.describe(vectors))
 

@@ -282,12 +282,14 @@ def reconcile(index: VectorIndex, catalog: Catalog) -> bool:
     missing = np.setdiff1d(want, have)
     if len(stale):
         index.remove(stale)
+    added = 0
     if len(missing):
-        for ids, vecs in catalog.vectors(missing):
+        for ids, vecs in catalog.vectors(missing):   # vectors failing their checksum are left out
             index.add(ids, vecs)
-    if len(stale) or len(missing):
-        log.info("reconciled FAISS with the catalog: %d added, %d removed", len(missing), len(stale))
-    return bool(len(stale) or len(missing))
+            added += len(ids)
+    if len(stale) or added:
+        log.info("reconciled FAISS with the catalog: %d added, %d removed", added, len(stale))
+    return bool(len(stale) or added)
 
 
 def drop_training_state(index: faiss.Index) -> None:
