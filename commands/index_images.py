@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -90,12 +91,14 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
     (indexed, unchanged, removed, skipped, total, seconds, images_per_second). Every option can also
     be set by an environment variable (INDEX_IMAGES_BATCH_SIZE, ...; see docs/configuration.md).
 
-    Exit status: 0 done (even with skipped files), 2 usage or configuration error, 1 unexpected failure.
+    Exit status: 0 done (even with skipped files), 2 usage or configuration error (a read-only index folder
+    included), 1 unexpected failure or a full disk (one line: how much to free; nothing committed is lost).
     """
     setup_logging(verbose, quiet=as_json)
     from sqlalchemy.exc import SQLAlchemyError
 
     from retrieval.catalog import db_error_reason
+    from retrieval.files import READ_ONLY, disk_trouble, no_space_message
     from retrieval.vectors.index_types import IndexTypeConfig
 
     from indexer.run import ConfigError, JobConfig, run_index
@@ -115,6 +118,7 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
                     batch_size=parse_batch_size(batch_size),
                     workers=workers, max_file_bytes=int(max_file_mb * 2**20), progress=not as_json, ray=ray_address,
                     vector_index=vector_index)
+    _check_writable(index_dir)
     try:
         report = run_index(cfg, on_extractor=None if as_json else _announce,
                            on_cluster=None if as_json else lambda line: click.echo(line, err=True))
@@ -123,7 +127,16 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
     except KeyboardInterrupt:
         click.echo("\ninterrupted: every finished batch is saved; run the same command again to finish.", err=True)
         sys.exit(130)
-    except SQLAlchemyError as exc:   # the database failed mid-run (server gone, disk full): committed batches stay
+    except Exception as exc:   # a full disk or a read-only folder, wherever it surfaced (weights, catalog, FAISS): one line
+        trouble = disk_trouble(exc)
+        if trouble == READ_ONLY:
+            raise UserError(_read_only_message(index_dir)) from None
+        if trouble is not None:
+            click.echo(f"error: {no_space_message(index_dir, _space_needed(index_dir, model, weights))}", err=True)
+            sys.exit(1)
+        if not isinstance(exc, SQLAlchemyError):
+            raise
+        # the database failed mid-run (server gone): committed batches stay
         click.echo(f"error: the catalog database failed: {db_error_reason(exc, db_url)}\n"
                    "every committed batch is kept: run the same command again to finish.", err=True)
         sys.exit(1)
@@ -132,6 +145,41 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
     else:
         _print_report(report)
         click.echo(f"{SUMMARY_PREFIX}{summary_json(report)}")   # the machine-readable last line
+
+
+def _check_writable(index_dir: Path) -> None:
+    """A read-only index folder (or the read-only file system it would be made on): one line, exit 2, before any work."""
+    from retrieval.files import is_read_only
+    if is_read_only(index_dir) or (index_dir.is_dir() and not os.access(index_dir, os.W_OK)):
+        raise UserError(_read_only_message(index_dir))
+
+
+def _read_only_message(index_dir: Path) -> str:
+    from retrieval.files import device_words, is_read_only
+    if is_read_only(index_dir):
+        return (f"the index folder {index_dir} is read-only: {device_words(index_dir)} is mounted read-only; "
+                "remount it read-write or pass another --index-dir")
+    return (f"the index folder {index_dir} is read-only: this user may not write in it; "
+            "change its permissions or pass another --index-dir")
+
+
+_WEIGHTS_BYTES = {"alexnet": 61_100_840 * 4, "vgg16": 138_357_544 * 4}   # a state dict file, about
+
+
+def _space_needed(index_dir: Path, model: str | None, weights: str | None) -> int:
+    """About the free space a run needs: the random weights when they are still to be written, a new copy of the
+    FAISS file (it is replaced whole), room for the catalog to grow, and a margin."""
+    from retrieval.catalog.db import CATALOG_FILE
+    from retrieval.names import FAISS_FILE, random_weights_file
+    needed = 16 * 2**20
+    if weights == "random" and not random_weights_file(index_dir, model or "alexnet").exists():
+        needed += _WEIGHTS_BYTES.get(model or "alexnet", 0)
+    for name, share in ((FAISS_FILE, 1.0), (CATALOG_FILE, 0.25)):
+        try:
+            needed += int((index_dir / name).stat().st_size * share)
+        except OSError:
+            pass
+    return needed
 
 
 def summary_json(report) -> str:  # noqa: ANN001 - indexer.run.RunReport
