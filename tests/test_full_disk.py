@@ -279,3 +279,35 @@ def test_index_images_on_a_full_disk_as_a_process(tmp_path, collection):
         assert "error: no space left on tmpfs" in done.stderr and "nothing was lost" in done.stderr
         assert leftovers(fs) == []
     shutil.rmtree(tmp_path / "fs", ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["read-only index folder", "thumbnails folder is a file"])
+def test_serve_images_starts_and_serves_thumbnails(tmp_path, sample_index, where):
+    """Reproduces: serve-images (gunicorn) could not start on a read-only index folder or with a file for its
+    thumbnails folder ('Worker exited with code 3'). Now it starts, answers searches and serves thumbnails."""
+    import requests
+
+    from helpers.servers import serve_images
+
+    env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    picture = next(p for p in sorted(sample_index.data_dir.rglob("*")) if p.is_file())
+
+    def check(index_dir: Path) -> None:
+        with serve_images(index_dir, tmp_path / "serve.log", "--workers", "2", **env) as base:
+            for image_id in (1, 2, 3):
+                response = requests.get(f"{base}/images/{image_id}/thumbnail", timeout=30)
+                assert response.status_code == 200 and response.content[:2] == b"\xff\xd8"
+            with picture.open("rb") as f:
+                found = requests.post(f"{base}/search", files={"image": f}, timeout=60)
+            assert found.status_code == 200, found.text
+
+    if where == "read-only index folder":
+        with read_only_view(sample_index.index_dir, tmp_path / "ro-index") as index_dir:
+            check(index_dir)
+    else:
+        thumbs = tmp_path / "thumbs-file"
+        thumbs.write_bytes(b"not a folder")
+        env["RETRIEVAL_THUMBNAIL_DIR"] = str(thumbs)
+        check(sample_index.index_dir)
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
