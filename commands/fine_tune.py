@@ -11,7 +11,8 @@ import click
 from retrieval.features.weights import WeightsChoice, weights_error_message
 from retrieval.names import MODEL_NAMES
 
-from commands.options import UserError, command_settings, exit_without_teardown, parse_batch_size, setup_logging
+from commands.options import (MODEL_PARAMETERS, UserError, command_settings, exit_without_teardown, parse_batch_size,
+                              setup_logging)
 
 # Nothing heavy at module level: --help and usage errors answer at once; torch is imported in the command.
 TRAIN_MODES = ("head", "fc", "all")      # retrieval.learning.finetune.TRAIN_MODES, without importing torch
@@ -68,7 +69,8 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, val_fr
     FILE` uses (same --model). Before training the initial loss is shown against chance, ln(classes).
     Ctrl-C stops training and keeps the best checkpoint so far.
 
-    Exit status: 0 done, 2 usage or data error, 130 interrupted, 1 unexpected failure.
+    Exit status: 0 done, 2 usage or data error (--out in a read-only folder or one without room for the weights
+    included, told before training), 130 interrupted, 1 unexpected failure.
     """
     setup_logging(verbose, quiet=as_json)
     requested_batch = parse_batch_size(batch_size)
@@ -121,9 +123,6 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, val_fr
         sys.exit(130)
 
 
-PARAMETERS = {"alexnet": 61_100_840, "vgg16": 138_357_544}   # float32 each in the weights file
-
-
 def _check_out(out: Path, model: str) -> None:
     """--out's folder (or the nearest one above it that exists: the rest is made) can be written and has room for
     the weights, about the network's state dict, and its history. Raises UserError."""
@@ -140,7 +139,7 @@ def _check_out(out: Path, model: str) -> None:
                         "read-only); choose another --out")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: the folder {existing} is read-only for this user; choose another --out")
-    needed = PARAMETERS.get(model, 0) * 4 + 2**20   # the state dict (the new head is small), the history
+    needed = MODEL_PARAMETERS.get(model, 0) * 4 + 2**20   # the state dict (the new head is small), the history
     free = free_bytes(existing)
     if free is not None and free < needed:
         raise UserError(f"--out {out}: no space for the weights on {device_words(existing)}: they need about "
@@ -156,7 +155,7 @@ def _batch_sizes(requested: int | str, model: str, train: str, device) -> tuple[
     if requested != "auto":
         return int(requested), int(requested)
     if device.type == "cuda":
-        weight_bytes = PARAMETERS[model] * 4 * 4   # weights, grads, 2 moments
+        weight_bytes = MODEL_PARAMETERS[model] * 4 * 4   # weights, grads, 2 moments
         inference = choose_batch_size(model, device, cuda_free_bytes(device), weight_bytes).batch_size
     else:
         inference = choose_batch_size(model, device, None, 0).batch_size

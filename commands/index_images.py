@@ -10,8 +10,8 @@ import click
 
 from retrieval.names import LAYERS, MAX_EF_SEARCH, MAX_NPROBE, MODEL_NAMES
 
-from commands.options import (UserError, command_settings, db_url_option, exit_without_teardown, index_dir_option,
-                              parse_batch_size, setup_logging)
+from commands.options import (MODEL_PARAMETERS, UserError, command_settings, db_url_option, exit_without_teardown,
+                              index_dir_option, parse_batch_size, setup_logging)
 
 # Nothing heavy at module level: --help and usage errors answer at once. The job imports torch and
 # FAISS itself, only when there is work for the network.
@@ -132,7 +132,7 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
         if trouble == READ_ONLY:
             raise UserError(_read_only_message(index_dir)) from None
         if trouble is not None:
-            click.echo(f"error: {no_space_message(index_dir, _space_needed(index_dir, model, weights))}", err=True)
+            click.echo(f"error: {no_space_message(index_dir, _space_needed(data_dir, index_dir, model, weights))}", err=True)
             sys.exit(1)
         if not isinstance(exc, SQLAlchemyError):
             raise
@@ -163,23 +163,31 @@ def _read_only_message(index_dir: Path) -> str:
             "change its permissions or pass another --index-dir")
 
 
-_WEIGHTS_BYTES = {"alexnet": 61_100_840 * 4, "vgg16": 138_357_544 * 4}   # a state dict file, about
+def _space_needed(data_dir: Path, index_dir: Path, model: str | None, weights: str | None) -> int:
+    """About the free space the run still needs: the random weights when they are still to be written, the new FAISS
+    file (written whole next to the old one), the catalog rows still to commit (a vector each, and the WAL), and a
+    margin. An estimate, made only once the disk is full (a scan of DATA_DIR, as the run made)."""
+    import sqlite3
 
-
-def _space_needed(index_dir: Path, model: str | None, weights: str | None) -> int:
-    """About the free space a run needs: the random weights when they are still to be written, a new copy of the
-    FAISS file (it is replaced whole), room for the catalog to grow, and a margin."""
     from retrieval.catalog.db import CATALOG_FILE
-    from retrieval.names import FAISS_FILE, random_weights_file
-    needed = 16 * 2**20
+    from retrieval.images.scan import scan_folder
+    from retrieval.names import random_weights_file
+    needed = 8 * 2**20
     if weights == "random" and not random_weights_file(index_dir, model or "alexnet").exists():
-        needed += _WEIGHTS_BYTES.get(model or "alexnet", 0)
-    for name, share in ((FAISS_FILE, 1.0), (CATALOG_FILE, 0.25)):
+        needed += MODEL_PARAMETERS.get(model or "alexnet", 0) * 4   # a state dict file
+    vector = FEATURE_DIM * 4
+    try:
+        total = len(scan_folder(data_dir, exclude=[index_dir], skip_folders_holding=CATALOG_FILE).images)
+    except OSError:
+        return needed
+    committed = 0
+    if (index_dir / CATALOG_FILE).is_file():
         try:
-            needed += int((index_dir / name).stat().st_size * share)
-        except OSError:
+            with sqlite3.connect(f"file:{index_dir / CATALOG_FILE}?mode=ro", uri=True, timeout=1) as db:
+                committed = db.execute("SELECT count(*) FROM images").fetchone()[0]
+        except sqlite3.Error:
             pass
-    return needed
+    return needed + total * vector + int(max(0, total - committed) * vector * 1.5)
 
 
 def summary_json(report) -> str:  # noqa: ANN001 - indexer.run.RunReport
