@@ -151,7 +151,10 @@ def test_random_weights_on_a_full_disk_say_how_much_to_free(tmp_path, collection
         assert not random_weights_file(fs / "index", "alexnet").exists()
 
 
-@pytest.mark.parametrize("leave_kb", [48, 160, 400, 900])
+# 48 KB: the catalog's commit fails (SQLite 'database or disk is full'); 900 KB: the FAISS save (inside FAISS's
+# writer); 160 and 400 KB: the FAISS save's temporary file
+@pytest.mark.parametrize("leave_kb", [48, pytest.param(160, marks=pytest.mark.slow),
+                                      pytest.param(400, marks=pytest.mark.slow), 900])
 def test_full_disk_mid_run_then_a_rerun_after_freeing_space_completes(tmp_path, collection, sample_index, leave_kb):
     """Reproduces: OSError Errno 28 / 'database or disk is full' tracebacks when the catalog's commit (on the writer
     thread) or the FAISS save runs out of space, at several points of a run. After the ballast is deleted the same
