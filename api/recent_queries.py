@@ -4,6 +4,7 @@ folder is deleted under the server is made again; a query made with another netw
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import secrets
@@ -19,6 +20,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from retrieval.catalog import blob_to_vector, make_engine, vector_to_blob
+from retrieval.files import is_read_only
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +64,24 @@ class RecentQueries:
         self.path, self.capacity, self.ttl_s, self.network = Path(path), capacity, ttl_s, network
         self._lock = threading.Lock()   # guards reopening
         self._file: tuple[int, int] | None = None
-        self.engine: Engine = self._open()
+        self.memory: dict[str, RecentQuery] | None = None   # set when the store cannot be written: kept in memory
+        self.engine: Engine | None = None
+        try:
+            self.engine = self._open()
+        except (OSError, OperationalError) as exc:   # a read-only or full folder, a file where the folder should be
+            self._to_memory(exc)
 
     def close(self) -> None:
-        self.engine.dispose()
+        if self.engine is not None:
+            self.engine.dispose()
+
+    def _to_memory(self, exc: BaseException) -> None:
+        """Keep the queries in this process's memory from now on (a results page then works only on the worker
+        that took the upload); said in one line."""
+        reason = str(getattr(exc, "orig", None) or getattr(exc, "strerror", None) or exc).splitlines()[0]
+        log.warning("the recent-queries store %s cannot be written (%s): uploaded queries are kept in memory, per "
+                    "worker process", self.path, reason)
+        self.memory = {}
 
     def _open(self) -> Engine:
         """Make the folder, the file and the table as needed (again, if they were deleted) and open the store."""
@@ -94,20 +110,45 @@ class RecentQueries:
     def _run(self, work: Callable[[Engine], object]) -> object:
         """work(engine), made again once when the store vanished under it (its table gone with the file)."""
         try:
-            return work(self._current_engine())
-        except OperationalError as exc:
-            if "no such table" not in str(exc) and "unable to open" not in str(exc) and "readonly" not in str(exc):
-                raise
-            with self._lock:
-                log.warning("the recent-queries store %s lost its table or file (%s); making it again", self.path,
-                            str(exc.orig).splitlines()[0])
-                old, self.engine = self.engine, self._open()
-                old.dispose()
-            return work(self.engine)
+            try:
+                return work(self._current_engine())
+            except OperationalError as exc:
+                if _cannot_write(exc, self.path.parent):
+                    raise
+                if "no such table" not in str(exc) and "unable to open" not in str(exc) and "readonly" not in str(exc):
+                    raise
+                with self._lock:
+                    log.warning("the recent-queries store %s lost its table or file (%s); making it again", self.path,
+                                str(exc.orig).splitlines()[0])
+                    old, self.engine = self.engine, self._open()
+                    old.dispose()
+                return work(self.engine)
+        except (OSError, OperationalError) as exc:
+            if _cannot_write(exc, self.path.parent):
+                raise _NoStore(exc) from exc
+            raise
 
     def add(self, query: RecentQuery) -> str:
         token = secrets.token_urlsafe(12)
         network = query.network or (self.network() if self.network else "")
+        if self.memory is None:
+            try:
+                self._add_to_file(token, query, network)
+                return token
+            except _NoStore as exc:
+                with self._lock:
+                    if self.memory is None:
+                        self._to_memory(exc.__cause__)
+        with self._lock:
+            self.memory[token] = dataclasses.replace(query, network=network)
+            now = time.time()
+            for old in [t for t, q in self.memory.items() if q.created < now - self.ttl_s]:
+                del self.memory[old]
+            while len(self.memory) > self.capacity:   # insertion order: the oldest first
+                del self.memory[next(iter(self.memory))]
+        return token
+
+    def _add_to_file(self, token: str, query: RecentQuery, network: str) -> None:
         newest = select(_queries.c.token).order_by(_queries.c.created.desc()).limit(self.capacity)
 
         def work(engine: Engine) -> None:
@@ -119,7 +160,6 @@ class RecentQueries:
                 conn.execute(delete(_queries).where(_queries.c.created < time.time() - self.ttl_s))
                 conn.execute(delete(_queries).where(_queries.c.token.not_in(newest)))
         self._run(work)
-        return token
 
     def get(self, token: str) -> RecentQuery | None:
         """The query, or None when the token is unknown, expired, pushed out, or made with another network."""
@@ -127,13 +167,40 @@ class RecentQueries:
             with engine.connect() as conn:
                 return conn.execute(select(_queries).where(_queries.c.token == token,
                                                            _queries.c.created >= time.time() - self.ttl_s)).first()
-        row = self._run(work)
+        if self.memory is not None:
+            row = self.memory.get(token)
+            if row is not None and row.created < time.time() - self.ttl_s:
+                row = None
+        else:
+            try:
+                row = self._run(work)
+            except _NoStore:
+                row = None
         if row is None:
             return None
         if self.network is not None and row.network != self.network():
             return None
+        if isinstance(row, RecentQuery):
+            return row
         return RecentQuery(blob_to_vector(row.vector), row.preview_jpeg, row.width, row.height, row.filename,
                            row.created, row.network)
+
+
+class _NoStore(Exception):
+    """The store's file cannot be written (read-only, full): the queries go to memory."""
+
+
+def _cannot_write(exc: BaseException, folder: Path) -> bool:
+    """exc says the store cannot be written where it is (a full disk, a read-only folder, a file in its place);
+    not a store deleted or replaced under the server, which is made again."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EACCES)
+    text = str(getattr(exc, "orig", None) or exc).lower()
+    if "database or disk is full" in text:
+        return True
+    if "readonly" in text or "unable to open" in text:   # deleted under the server, or a folder that refuses writes
+        return is_read_only(folder) or not folder.is_dir() or not os.access(folder, os.W_OK)
+    return False
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:

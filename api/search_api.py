@@ -1,6 +1,7 @@
 """The JSON API blueprint: POST /search, neighbours of an indexed image, the images themselves, stats and health."""
 from __future__ import annotations
 
+import io
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, send_file, url_for
@@ -68,8 +69,12 @@ def image_file(image_id: int) -> Response:
 @bp.get("/images/<image_id:image_id>/thumbnail")
 def thumbnail(image_id: int) -> Response:
     """A JPEG no larger than THUMBNAIL_SIZE px on its long side, cached on disk."""
-    path = current_service().thumbnail_file(image_id)
-    response = send_file(path, mimetype="image/jpeg", conditional=True, etag=True, max_age=THUMBNAIL_MAX_AGE_S)
+    thumb, etag = current_service().thumbnail_file(image_id)
+    if isinstance(thumb, bytes):   # the thumbnails folder could not keep it (read-only, full): from memory
+        response = send_file(io.BytesIO(thumb), mimetype="image/jpeg", conditional=True, etag=etag,
+                             max_age=THUMBNAIL_MAX_AGE_S)
+    else:
+        response = send_file(thumb, mimetype="image/jpeg", conditional=True, etag=True, max_age=THUMBNAIL_MAX_AGE_S)
     response.cache_control.public = True
     return response
 

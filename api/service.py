@@ -237,14 +237,16 @@ class RetrievalService:
         snapshot = self.index.snapshot()        # the row and the folder it is relative to: one index
         return self._resolve(self.record(image_id, snapshot), snapshot.data_dir)
 
-    def thumbnail_file(self, image_id: int) -> Path:
-        """The cached JPEG thumbnail of an indexed image. Raises ApiError 404, 403."""
+    def thumbnail_file(self, image_id: int) -> tuple[Path | bytes, str]:
+        """The cached JPEG thumbnail of an indexed image (its file, or its bytes when the thumbnails folder cannot keep
+        it) and a validator for its ETag. Raises ApiError 404, 403."""
         snapshot = self.index.snapshot()
         record = self.record(image_id, snapshot)
         source = self._resolve(record, snapshot.data_dir)
         try:
             with self._thumbnail_slots:         # full-size decodes of collection files: a few at a time
-                return self.thumbnails.get(record.id, record.sha256, source)
+                return self.thumbnails.get(record.id, record.sha256, source), \
+                    f"{record.id}-{record.sha256[:16]}-{self.thumbnails.size}"
         except ImageDecodeError as exc:
             raise ApiError(404, "file_unreadable", f"the file of image {image_id} can no longer be decoded: {exc}") from exc
 

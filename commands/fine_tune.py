@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import click
 from retrieval.features.weights import WeightsChoice, weights_error_message
 from retrieval.names import MODEL_NAMES
 
-from commands.options import UserError, command_settings, exit_without_teardown, parse_batch_size, setup_logging
+from commands.options import (MODEL_PARAMETERS, UserError, command_settings, exit_without_teardown, parse_batch_size,
+                              setup_logging)
 
 # Nothing heavy at module level: --help and usage errors answer at once; torch is imported in the command.
 TRAIN_MODES = ("head", "fc", "all")      # retrieval.learning.finetune.TRAIN_MODES, without importing torch
@@ -67,7 +69,8 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, val_fr
     FILE` uses (same --model). Before training the initial loss is shown against chance, ln(classes).
     Ctrl-C stops training and keeps the best checkpoint so far.
 
-    Exit status: 0 done, 2 usage or data error, 130 interrupted, 1 unexpected failure.
+    Exit status: 0 done, 2 usage or data error (--out in a read-only folder or one without room for the weights
+    included, told before training), 130 interrupted, 1 unexpected failure.
     """
     setup_logging(verbose, quiet=as_json)
     requested_batch = parse_batch_size(batch_size)
@@ -77,6 +80,7 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, val_fr
         if not path.is_file():
             raise click.BadParameter(f"{weights!r} is not 'imagenet', 'random' or a file", param_hint="'--weights'")
         weights = str(path)
+    _check_out(out, model)   # before any training: a folder that cannot take the weights is told at once
 
     from retrieval.features.backbones import DeviceUnavailable, WeightsUnavailable, resolve_device
     from retrieval.learning.finetune import FineTuneConfig, FineTuneError, fine_tune
@@ -119,6 +123,30 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, val_fr
         sys.exit(130)
 
 
+def _check_out(out: Path, model: str) -> None:
+    """--out's folder (or the nearest one above it that exists: the rest is made) can be written and has room for
+    the weights, about the network's state dict, and its history. Raises UserError."""
+    from retrieval.files import device_words, free_bytes, is_read_only
+
+    folder = out.parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is not a folder")
+    if is_read_only(existing):
+        raise UserError(f"--out {out}: the folder {existing} is read-only ({device_words(existing)} is mounted "
+                        "read-only); choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: the folder {existing} is read-only for this user; choose another --out")
+    needed = MODEL_PARAMETERS.get(model, 0) * 4 + 2**20   # the state dict (the new head is small), the history
+    free = free_bytes(existing)
+    if free is not None and free < needed:
+        raise UserError(f"--out {out}: no space for the weights on {device_words(existing)}: they need about "
+                        f"{needed / 2**20:.0f} MB, {free / 2**20:.1f} MB free; free "
+                        f"{(needed - free) / 2**20:.0f} MB or choose another --out")
+
+
 def _batch_sizes(requested: int | str, model: str, train: str, device) -> tuple[int, int]:  # noqa: ANN001 - torch.device
     """-> (training batch, convolution-cache batch). auto: retrieval.features.batch_size's choice for inference (32 on the CPU)
     for the cache; for training the same, a third of it with --train all (gradients and saved activations), capped."""
@@ -127,7 +155,7 @@ def _batch_sizes(requested: int | str, model: str, train: str, device) -> tuple[
     if requested != "auto":
         return int(requested), int(requested)
     if device.type == "cuda":
-        weight_bytes = {"alexnet": 61_100_840, "vgg16": 138_357_544}[model] * 4 * 4   # weights, grads, 2 moments
+        weight_bytes = MODEL_PARAMETERS[model] * 4 * 4   # weights, grads, 2 moments
         inference = choose_batch_size(model, device, cuda_free_bytes(device), weight_bytes).batch_size
     else:
         inference = choose_batch_size(model, device, None, 0).batch_size

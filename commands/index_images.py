@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -9,8 +10,8 @@ import click
 
 from retrieval.names import LAYERS, MAX_EF_SEARCH, MAX_NPROBE, MODEL_NAMES
 
-from commands.options import (UserError, command_settings, db_url_option, exit_without_teardown, index_dir_option,
-                              parse_batch_size, setup_logging)
+from commands.options import (MODEL_PARAMETERS, UserError, command_settings, db_url_option, exit_without_teardown,
+                              index_dir_option, parse_batch_size, setup_logging)
 
 # Nothing heavy at module level: --help and usage errors answer at once. The job imports torch and
 # FAISS itself, only when there is work for the network.
@@ -94,13 +95,15 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
     (indexed, unchanged, removed, skipped, total, seconds, images_per_second). Every option can also
     be set by an environment variable (INDEX_IMAGES_BATCH_SIZE, ...; see docs/configuration.md).
 
-    Exit status: 0 done (even with skipped files), 2 usage or configuration error (a damaged catalog
-    included), 1 unexpected failure; with --check, 0 sound and 1 something to repair.
+    Exit status: 0 done (even with skipped files), 2 usage or configuration error (a damaged catalog or a
+    read-only index folder included), 1 unexpected failure or a full disk (one line: how much to free; nothing
+    committed is lost); with --check, 0 sound and 1 something to repair.
     """
     setup_logging(verbose, quiet=as_json)
     from sqlalchemy.exc import SQLAlchemyError
 
     from retrieval.catalog import catalog_sqlite_file, damaged_message, damaged_reason, db_error_reason
+    from retrieval.files import READ_ONLY, disk_trouble, no_space_message
 
     def damaged(exc: BaseException) -> UserError | None:
         reason = damaged_reason(exc)
@@ -130,6 +133,7 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
                     batch_size=parse_batch_size(batch_size),
                     workers=workers, max_file_bytes=int(max_file_mb * 2**20), progress=not as_json, ray=ray_address,
                     vector_index=vector_index)
+    _check_writable(index_dir)
     try:
         report = run_index(cfg, on_extractor=None if as_json else _announce,
                            on_cluster=None if as_json else lambda line: click.echo(line, err=True))
@@ -138,9 +142,18 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
     except KeyboardInterrupt:
         click.echo("\ninterrupted: every finished batch is saved; run the same command again to finish.", err=True)
         sys.exit(130)
-    except SQLAlchemyError as exc:   # the database failed mid-run (server gone, disk full): committed batches stay
+    except Exception as exc:   # a full disk or a read-only folder, wherever it surfaced (weights, catalog, FAISS): one line
+        trouble = disk_trouble(exc)
+        if trouble == READ_ONLY:
+            raise UserError(_read_only_message(index_dir)) from None
+        if trouble is not None:
+            click.echo(f"error: {no_space_message(index_dir, _space_needed(data_dir, index_dir, model, weights))}", err=True)
+            sys.exit(1)
+        if not isinstance(exc, SQLAlchemyError):
+            raise
         if (user_error := damaged(exc)) is not None:   # running it again cannot help: say what can
             raise user_error from None
+        # the database failed mid-run (server gone): committed batches stay
         click.echo(f"error: the catalog database failed: {db_error_reason(exc, db_url)}\n"
                    "every committed batch is kept: run the same command again to finish.", err=True)
         sys.exit(1)
@@ -171,6 +184,49 @@ def _check(data_dir: Path, index_dir: Path, db_url: str | None, as_json: bool, d
         raise UserError(f"the catalog cannot be read: {db_error_reason(exc, db_url)}") from None
     click.echo(json.dumps(report) if as_json else describe(report))
     sys.exit(0 if report["ok"] else 1)
+
+
+def _check_writable(index_dir: Path) -> None:
+    """A read-only index folder (or the read-only file system it would be made on): one line, exit 2, before any work."""
+    from retrieval.files import is_read_only
+    if is_read_only(index_dir) or (index_dir.is_dir() and not os.access(index_dir, os.W_OK)):
+        raise UserError(_read_only_message(index_dir))
+
+
+def _read_only_message(index_dir: Path) -> str:
+    from retrieval.files import device_words, is_read_only
+    if is_read_only(index_dir):
+        return (f"the index folder {index_dir} is read-only: {device_words(index_dir)} is mounted read-only; "
+                "remount it read-write or pass another --index-dir")
+    return (f"the index folder {index_dir} is read-only: this user may not write in it; "
+            "change its permissions or pass another --index-dir")
+
+
+def _space_needed(data_dir: Path, index_dir: Path, model: str | None, weights: str | None) -> int:
+    """About the free space the run still needs: the random weights when they are still to be written, the new FAISS
+    file (written whole next to the old one), the catalog rows still to commit (a vector each, and the WAL), and a
+    margin. An estimate, made only once the disk is full (a scan of DATA_DIR, as the run made)."""
+    import sqlite3
+
+    from retrieval.catalog.db import CATALOG_FILE
+    from retrieval.images.scan import scan_folder
+    from retrieval.names import random_weights_file
+    needed = 8 * 2**20
+    if weights == "random" and not random_weights_file(index_dir, model or "alexnet").exists():
+        needed += MODEL_PARAMETERS.get(model or "alexnet", 0) * 4   # a state dict file
+    vector = FEATURE_DIM * 4
+    try:
+        total = len(scan_folder(data_dir, exclude=[index_dir], skip_folders_holding=CATALOG_FILE).images)
+    except OSError:
+        return needed
+    committed = 0
+    if (index_dir / CATALOG_FILE).is_file():
+        try:
+            with sqlite3.connect(f"file:{index_dir / CATALOG_FILE}?mode=ro", uri=True, timeout=1) as db:
+                committed = db.execute("SELECT count(*) FROM images").fetchone()[0]
+        except sqlite3.Error:
+            pass
+    return needed + total * vector + int(max(0, total - committed) * vector * 1.5)
 
 
 def summary_json(report) -> str:  # noqa: ANN001 - indexer.run.RunReport

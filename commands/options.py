@@ -15,6 +15,9 @@ from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV
 # Only click and the torch-free names above: --help and usage errors answer at once.
 
 
+MODEL_PARAMETERS = {"alexnet": 61_100_840, "vgg16": 138_357_544}   # float32 each in a weights (state dict) file
+
+
 class UserError(click.ClickException):
     """A problem the user can fix; exit status 2, message without a traceback."""
     exit_code = 2

@@ -113,3 +113,107 @@ def sample_digest(path: Path | str) -> tuple[int, str]:
             f.seek(size - half)
             digest.update(f.read(half))
     return size, digest.hexdigest()
+
+
+# --- a full disk, a read-only folder: recognised wherever they surface, told in one line -------------------------
+
+FULL = "full"
+READ_ONLY = "read-only"
+
+_FULL_TEXTS = ("no space left on device", "database or disk is full", "disk quota exceeded",
+               "pytorchstreamwriter failed writing file", "file write failed")
+_READ_ONLY_TEXTS = ("read-only file system", "attempt to write a readonly database")
+
+
+def disk_trouble(exc: BaseException | None) -> str | None:
+    """FULL when exc (or an exception it was raised from) is a full disk: OSError ENOSPC or EDQUOT, SQLite's
+    'database or disk is full' (as SQLAlchemy's OperationalError), torch's serialization RuntimeError or FAISS's
+    writer error around one; READ_ONLY for EROFS or SQLite's 'attempt to write a readonly database'; else None."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return FULL
+        if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+            return READ_ONLY
+        if not isinstance(exc, OSError) or exc.errno is None:
+            text = f"{exc} {getattr(exc, 'orig', '') or ''}".lower()
+            if any(t in text for t in _FULL_TEXTS):
+                return FULL
+            if any(t in text for t in _READ_ONLY_TEXTS):
+                return READ_ONLY
+        exc = exc.__cause__ or exc.__context__ or getattr(exc, "orig", None)
+    return None
+
+
+def mount_of(path: Path | str) -> tuple[str, str]:
+    """(source, mount point) of the file system holding path, from /proc/self/mountinfo: ("tmpfs", "/mnt/x"),
+    ("/dev/sda1", "/"). The nearest existing folder above path is used; ("", "") when it cannot be told."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    path = path.resolve()
+    best = ("", "")
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return best
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) < 5 or len(tail) < 2:
+            continue
+        point = fields[4].encode().decode("unicode_escape")   # \040 for a space
+        try:
+            inside = path == Path(point) or path.is_relative_to(point)
+        except ValueError:
+            inside = False
+        if inside and len(point) >= len(best[1]):
+            best = (tail[1], point)
+    return best
+
+
+def free_bytes(path: Path | str) -> int | None:
+    """Bytes an unprivileged writer may still use on path's file system (its nearest existing folder), None if unknown."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def is_read_only(path: Path | str) -> bool:
+    """path's file system (its nearest existing folder) is mounted read-only."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def device_words(path: Path | str) -> str:
+    """The file system holding path, in words: "tmpfs (mounted on /mnt/x)", or its mount point alone."""
+    source, point = mount_of(path)
+    if not point:
+        return "its file system"
+    return f"{source} (mounted on {point})" if source and source != point else point
+
+
+def no_space_message(folder: Path | str, needed_bytes: int | None = None) -> str:
+    """'no space left on DEVICE for FOLDER: free N MB and run again; nothing was lost' (N: needed_bytes less what is
+    free now, when known; else what is free now is said)."""
+    free = free_bytes(folder)
+    mb = 2**20
+    if needed_bytes is not None and free is not None:
+        to_free = max(1, -(-(needed_bytes - free) // mb))
+        how = f"free about {to_free} MB ({free / mb:.1f} MB free now)"
+    elif free is not None:
+        how = f"free some space ({free / mb:.1f} MB free now)"
+    else:
+        how = "free some space"
+    return f"no space left on {device_words(folder)} for {folder}: {how} and run again; nothing was lost"

@@ -12,6 +12,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.pool import QueuePool
 
+from retrieval.files import is_read_only
+
 CATALOG_FILE = "catalog.db"
 
 # Keys of PostgreSQL advisory locks (64-bit, per database): the one writer, and creating the tables.
@@ -83,17 +85,22 @@ def make_engine(path: Path, *, create: bool = True) -> Engine:
     """SQLite engine in WAL mode, so a server can read while the indexer writes.
 
     create=False opens an existing file only: a reader never leaves an empty database behind when the
-    file has been deleted under it (it gets an error instead)."""
+    file has been deleted under it (it gets an error instead). On a read-only file system (create=False) the file
+    is opened read-only and immutable: SQLite could not make the WAL's shared-memory file there, and nothing
+    can write it while the file system stays read-only."""
+    read_only = not create and is_read_only(Path(path).absolute().parent)
     # SQLite's own URI, percent-encoded from the path's bytes: any folder name works (not only UTF-8 ones)
-    uri = f"file:{quote(os.fsencode(Path(path).absolute()))}?mode={'rwc' if create else 'rw'}"
+    mode = "ro&immutable=1" if read_only else "rwc" if create else "rw"
+    uri = f"file:{quote(os.fsencode(Path(path).absolute()))}?mode={mode}"
     engine = create_engine("sqlite://", poolclass=QueuePool,
                            creator=lambda: sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False))
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn, _record):  # noqa: ANN001 - DB-API connection
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
+        if not read_only:
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 

@@ -1,0 +1,316 @@
+"""A full disk and read-only folders (issue 20): index-images says so in one line (no traceback) and a re-run after
+freeing space completes; the server serves thumbnails it cannot cache from memory and starts on a read-only index
+folder; fine-tune checks --out's folder before training. Small tmpfs file systems stand in for a full or read-only
+disk (root only: skipped with the reason when mounting is not permitted)."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from commands.fine_tune import main as fine_tune
+from commands.index_images import main as index_images
+from helpers.indexes import snapshot
+from retrieval.files import FULL, READ_ONLY, disk_trouble, is_read_only, mount_of, no_space_message
+from retrieval.names import FAISS_FILE, random_weights_file
+from retrieval.samples import make_sample_collection
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def tmpfs(folder: Path, size: str = "40m"):
+    """A small tmpfs mounted on folder for the test (unmounted after); skips when mounting is not permitted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot mount a tmpfs to fill ({exc})")
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here (needs root): {done.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)
+
+
+def remount_read_only(folder: Path) -> None:
+    done = subprocess.run(["mount", "-o", "remount,ro", str(folder)], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"cannot remount {folder} read-only: {done.stderr.strip()}")
+
+
+@contextmanager
+def read_only_view(source: Path, folder: Path):
+    """source seen read-only at folder (a read-only bind mount); skips when mounting is not permitted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "--bind", "-o", "ro", str(source), str(folder)], capture_output=True, text=True,
+                          timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"a read-only bind mount is not permitted here: {done.stderr.strip()}")
+    try:
+        if not is_read_only(folder):
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], capture_output=True, timeout=30)
+        if not is_read_only(folder):
+            pytest.skip("the bind mount is not read-only here")
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)
+
+
+def fill(folder: Path, leave_bytes: int) -> Path:
+    """A ballast file that leaves about leave_bytes free on folder's file system."""
+    ballast = folder / "ballast"
+    st = os.statvfs(folder)
+    size = max(0, st.f_bavail * st.f_frsize - leave_bytes)
+    with open(ballast, "wb") as f:
+        chunk = b"\0" * 2**20
+        while size > 0:
+            n = min(size, len(chunk))
+            try:
+                f.write(chunk[:n])
+                f.flush()
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                break
+            size -= n
+    return ballast
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("full-disk") / "data"
+    make_sample_collection(data, per_class=6, size=(160, 120), seed=3)
+    return data
+
+
+def test_disk_trouble_is_recognised_wherever_it_surfaces():
+    """ENOSPC, SQLite's 'database or disk is full' through SQLAlchemy, torch's writer RuntimeError around an ENOSPC,
+    EROFS and SQLite's readonly database: each is told; anything else is not."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+    assert disk_trouble(OSError(errno.ENOSPC, "No space left on device")) == FULL
+    full_db = OperationalError("INSERT ...", {}, sqlite3.OperationalError("database or disk is full"))
+    assert disk_trouble(full_db) == FULL
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as exc:
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0") from exc
+    except RuntimeError as wrapped:
+        assert disk_trouble(wrapped) == FULL
+    assert disk_trouble(RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")) == FULL
+    assert disk_trouble(OSError(errno.EROFS, "Read-only file system")) == READ_ONLY
+    ro_db = OperationalError("INSERT ...", {}, sqlite3.OperationalError("attempt to write a readonly database"))
+    assert disk_trouble(ro_db) == READ_ONLY
+    assert disk_trouble(ValueError("bad value")) is None
+    assert disk_trouble(OSError(errno.ENOENT, "No such file")) is None
+
+
+def test_no_space_message_names_the_device_and_what_to_free(tmp_path):
+    with tmpfs(tmp_path / "fs", "4m") as fs:
+        assert mount_of(fs) == ("tmpfs", str(fs))
+        line = no_space_message(fs / "index", needed_bytes=10 * 2**20)
+        assert line.startswith(f"no space left on tmpfs (mounted on {fs}) for {fs / 'index'}: free about ")
+        assert line.endswith("and run again; nothing was lost")
+
+
+def _assert_one_line_no_traceback(result, code: int, start: str) -> str:
+    text = result.output
+    assert result.exit_code == code, text
+    assert "Traceback" not in text, text
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in text.splitlines() if line.startswith(start)]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def test_random_weights_on_a_full_disk_say_how_much_to_free(tmp_path, collection):
+    """Reproduces: torch's RuntimeError when the random weights (233 MB) cannot be written on a 40 MB file system."""
+    with tmpfs(tmp_path / "fs") as fs:
+        result = CliRunner().invoke(index_images, [str(collection), "--index-dir", str(fs / "index"),
+                                                   "--weights", "random", "--workers", "0", "--batch-size", "8"])
+        line = _assert_one_line_no_traceback(result, 1, "error: no space left on tmpfs")
+        assert f"for {fs / 'index'}: free about " in line and line.endswith("nothing was lost")
+        assert int(line.split("free about ")[1].split(" MB")[0]) >= 200    # the weights need ~233 MB
+        assert leftovers(fs) == []
+        assert not random_weights_file(fs / "index", "alexnet").exists()
+
+
+# 48 KB: the catalog's commit fails (SQLite 'database or disk is full'); 900 KB: the FAISS save (inside FAISS's
+# writer); 160 and 400 KB: the FAISS save's temporary file
+@pytest.mark.parametrize("leave_kb", [48, pytest.param(160, marks=pytest.mark.slow),
+                                      pytest.param(400, marks=pytest.mark.slow), 900])
+def test_full_disk_mid_run_then_a_rerun_after_freeing_space_completes(tmp_path, collection, sample_index, leave_kb):
+    """Reproduces: OSError Errno 28 / 'database or disk is full' tracebacks when the catalog's commit (on the writer
+    thread) or the FAISS save runs out of space, at several points of a run. After the ballast is deleted the same
+    command completes: every image indexed, catalog and FAISS agree, no temporary file left."""
+    weights = random_weights_file(sample_index.index_dir, "alexnet")   # outside the small file system
+    args = [str(collection), "--weights", str(weights), "--workers", "0", "--batch-size", "8"]
+    with tmpfs(tmp_path / "fs", "8m") as fs:
+        index_dir = fs / "index"
+        ballast = fill(fs, leave_kb * 1024)
+        result = CliRunner().invoke(index_images, [*args, "--index-dir", str(index_dir)])
+        if result.exit_code == 0:
+            pytest.skip(f"{leave_kb} KB was enough for the whole index here")   # the others cover the failure
+        line = _assert_one_line_no_traceback(result, 1, "error: no space left on tmpfs")
+        assert line.endswith("and run again; nothing was lost")
+        assert leftovers(fs) == []
+        ballast.unlink()
+        again = CliRunner().invoke(index_images, [*args, "--index-dir", str(index_dir)])
+        assert again.exit_code == 0, again.output
+        assert len(snapshot(index_dir)) == 30
+        assert (index_dir / FAISS_FILE).is_file()
+        assert leftovers(fs) == []
+
+
+def test_read_only_index_folder_is_one_line_exit_2(tmp_path, collection, sample_index):
+    """Reproduces: a raw OSError Errno 30 traceback from index-images on a read-only index folder (an existing index
+    and a folder still to be made)."""
+    with tmpfs(tmp_path / "fs", "8m") as fs:
+        weights = random_weights_file(sample_index.index_dir, "alexnet")
+        args = [str(collection), "--weights", str(weights), "--workers", "0", "--batch-size", "8"]
+        built = CliRunner().invoke(index_images, [*args, "--index-dir", str(fs / "index")])
+        assert built.exit_code == 0, built.output
+        remount_read_only(fs)
+        for index_dir in (fs / "index", fs / "new-index"):
+            result = CliRunner().invoke(index_images, [*args, "--index-dir", str(index_dir)])
+            line = _assert_one_line_no_traceback(result, 2, "Error: the index folder")
+            assert line.startswith(f"Error: the index folder {index_dir} is read-only: "), line
+
+
+def test_fine_tune_checks_out_folder_before_training(tmp_path, collection):
+    """Reproduces: fine-tune --out into a read-only folder (or one without room for the weights) trained every epoch,
+    then died with a torch traceback. Now: exit 2 and one line, before training."""
+    with tmpfs(tmp_path / "fs", "8m") as fs:
+        common = [str(collection), "--weights", "random", "--epochs", "1", "--device", "cpu"]
+        result = CliRunner().invoke(fine_tune, [*common, "--out", str(fs / "tuned.pt")])
+        line = _assert_one_line_no_traceback(result, 2, "Error: --out")
+        assert "no space for the weights on tmpfs" in line and "fine-tuning" not in result.output
+        remount_read_only(fs)
+        result = CliRunner().invoke(fine_tune, [*common, "--out", str(fs / "sub" / "tuned.pt")])
+        line = _assert_one_line_no_traceback(result, 2, "Error: --out")
+        assert f"the folder {fs} is read-only" in line and "fine-tuning" not in result.output
+
+
+def _thumbnail_ok(client, image_id: int = 1) -> None:
+    response = client.get(f"/images/{image_id}/thumbnail")
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.mimetype == "image/jpeg" and response.data[:2] == b"\xff\xd8"
+    again = client.get(f"/images/{image_id}/thumbnail", headers={"If-None-Match": response.headers["ETag"]})
+    assert again.status_code == 304
+
+
+def _upload_search_ok(client, sample_index) -> None:
+    picture = next(p for p in sorted(sample_index.data_dir.rglob("*")) if p.is_file())
+    response = client.post("/gallery/search", data={"image": (picture.open("rb"), picture.name)},
+                           content_type="multipart/form-data")
+    assert response.status_code in (302, 303), response.get_data(as_text=True)[:500]
+    page = client.get(response.headers["Location"])
+    assert page.status_code == 200
+
+
+@pytest.mark.parametrize("odd", ["file", "read-only", "full"])
+def test_thumbnails_it_cannot_cache_are_served_from_memory(tmp_path, sample_index, odd, caplog):
+    """Reproduces: 500 for a thumbnail the server cannot cache (thumbnails folder replaced by a file, read-only,
+    full) and a server that could not start there (the recent-queries store in that folder). Now 200 from memory,
+    and uploaded searches kept in memory, said in one warning line each."""
+    from api import create_app
+
+    with tmpfs(tmp_path / "fs", "4m") as fs:
+        thumbs = fs / "thumbnails"
+        if odd == "file":
+            thumbs.write_bytes(b"not a folder")
+        elif odd == "read-only":
+            remount_read_only(fs)
+        else:
+            fill(fs, 0)
+        app = create_app({"INDEX_DIR": str(sample_index.index_dir), "RELOAD_INTERVAL_S": 0,
+                          "THUMBNAIL_DIR": str(thumbs)})
+        try:
+            client = app.test_client()
+            _thumbnail_ok(client, 1)
+            _thumbnail_ok(client, 2)
+            _upload_search_ok(client, sample_index)
+        finally:
+            app.extensions["retrieval"].close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert sum("thumbnails cannot be cached" in w for w in warnings) == 1, warnings
+    assert sum("uploaded queries are kept in memory" in w for w in warnings) == 1, warnings
+
+
+def test_server_starts_on_a_read_only_index_folder(tmp_path, sample_index):
+    """Reproduces: create_app (serve-images) failing on a read-only index folder (thumbnails and the recent-queries
+    store inside it). It starts, searches, and serves thumbnails from memory."""
+    from api import create_app
+
+    with read_only_view(sample_index.index_dir, tmp_path / "ro-index") as index_dir:
+        app = create_app({"INDEX_DIR": str(index_dir), "RELOAD_INTERVAL_S": 0})
+        try:
+            client = app.test_client()
+            assert client.get("/healthz").status_code == 200
+            _thumbnail_ok(client, 1)
+            _upload_search_ok(client, sample_index)
+        finally:
+            app.extensions["retrieval"].close()
+
+
+@pytest.mark.slow
+def test_index_images_on_a_full_disk_as_a_process(tmp_path, collection):
+    """The console script on a full disk: exit 1, the one line on stderr, no traceback."""
+    with tmpfs(tmp_path / "fs") as fs:
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        done = subprocess.run([sys.executable, "-c", "from commands.index_images import index_images_entry as e; e()",
+                               str(collection), "--index-dir", str(fs / "index"), "--weights", "random",
+                               "--workers", "0"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        assert done.returncode == 1, done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
+        assert "error: no space left on tmpfs" in done.stderr and "nothing was lost" in done.stderr
+        assert leftovers(fs) == []
+    shutil.rmtree(tmp_path / "fs", ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["read-only index folder", "thumbnails folder is a file"])
+def test_serve_images_starts_and_serves_thumbnails(tmp_path, sample_index, where):
+    """Reproduces: serve-images (gunicorn) could not start on a read-only index folder or with a file for its
+    thumbnails folder ('Worker exited with code 3'). Now it starts, answers searches and serves thumbnails."""
+    import requests
+
+    from helpers.servers import serve_images
+
+    env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    picture = next(p for p in sorted(sample_index.data_dir.rglob("*")) if p.is_file())
+
+    def check(index_dir: Path) -> None:
+        with serve_images(index_dir, tmp_path / "serve.log", "--workers", "2", **env) as base:
+            for image_id in (1, 2, 3):
+                response = requests.get(f"{base}/images/{image_id}/thumbnail", timeout=30)
+                assert response.status_code == 200 and response.content[:2] == b"\xff\xd8"
+            with picture.open("rb") as f:
+                found = requests.post(f"{base}/search", files={"image": f}, timeout=60)
+            assert found.status_code == 200, found.text
+
+    if where == "read-only index folder":
+        with read_only_view(sample_index.index_dir, tmp_path / "ro-index") as index_dir:
+            check(index_dir)
+    else:
+        thumbs = tmp_path / "thumbs-file"
+        thumbs.write_bytes(b"not a folder")
+        env["RETRIEVAL_THUMBNAIL_DIR"] = str(thumbs)
+        check(sample_index.index_dir)
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
