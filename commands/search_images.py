@@ -67,7 +67,8 @@ def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device:
         index.close()
     if as_json:
         click.echo(json.dumps({"results": [{"id": h.id, "path": display_name(h.path),
-                                            "label": None if h.label is None else display_name(h.label), "distance": h.distance}
+                                            "label": None if h.label is None else display_name(h.label),
+                                            "distance": round(h.distance, 6)}   # as the API rounds it
                                            for h in hits]}))
         return
     if not hits:

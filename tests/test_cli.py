@@ -55,7 +55,7 @@ def test_index_json_summary_and_search_json(runner, data, tmp_path):
     assert len(results) == 3
     assert set(results[0]) == {"id", "path", "label", "distance"}
     assert results[0]["path"] == "blue_squares/blue_squares_001.jpg" and results[0]["label"] == "blue_squares"
-    assert results[0]["distance"] < 1e-3
+    assert results[0]["distance"] == 0.0, "rounded to 6 decimals, as the API: the query itself is at 0.0"
     assert [r["distance"] for r in results] == sorted(r["distance"] for r in results)
 
 
