@@ -2,35 +2,18 @@
 from __future__ import annotations
 
 import io
-import shutil
-import sqlite3
 
 import pytest
 
 from api import create_app
+from helpers.catalogs import corrupt_table_root, private_copy
 from retrieval.catalog import CATALOG_FILE
-
-
-def corrupt_table_root(db_file, table: str) -> None:
-    """Overwrite the root page of one table of an SQLite file with garbage (other tables intact), then write
-    elsewhere in the file as any writer would, so that open connections drop their cached pages."""
-    with sqlite3.connect(db_file) as db:
-        page_size = db.execute("PRAGMA page_size").fetchone()[0]
-        root = db.execute("SELECT rootpage FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone()[0]
-    with open(db_file, "r+b") as f:
-        f.seek((root - 1) * page_size)
-        f.write(b"\xa5" * page_size)
-    with sqlite3.connect(db_file) as db:
-        db.execute("PRAGMA user_version = 7")
 
 
 @pytest.fixture
 def served_copy(sample_index, tmp_path):
     """The app over a private copy of the sample index (hot reload off: it must notice failures by itself)."""
-    index = tmp_path / "index"
-    shutil.copytree(sample_index.index_dir, index)
-    with sqlite3.connect(index / CATALOG_FILE) as db:   # every page in the main file, none left in the WAL
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    index = private_copy(sample_index.index_dir, tmp_path / "index")
     app = create_app({"INDEX_DIR": str(index), "RELOAD_INTERVAL_S": 0, "THUMBNAIL_DIR": str(tmp_path / "thumbnails")})
     yield app, index
     app.extensions["retrieval"].close()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sqlite3
 import zlib
 
@@ -18,7 +17,7 @@ from retrieval.names import FAISS_FILE
 from retrieval.search.index import ImageIndex
 from retrieval.vectors.vector_index import VectorIndex
 
-from tests.test_corrupt_index import corrupt_table_root
+from helpers.catalogs import corrupt_table_root, private_copy
 
 FAST = ["--weights", "random", "--workers", "0", "--batch-size", "8"]
 
@@ -26,11 +25,7 @@ FAST = ["--weights", "random", "--workers", "0", "--batch-size", "8"]
 @pytest.fixture
 def copy(sample_index, tmp_path):
     """A private copy of the sample index folder (its data folder shared, read-only): -> (data_dir, index_dir)."""
-    index = tmp_path / "index"
-    shutil.copytree(sample_index.index_dir, index)
-    with sqlite3.connect(index / CATALOG_FILE) as db:   # every page in the main file, none left in the WAL
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    return sample_index.data_dir, index
+    return sample_index.data_dir, private_copy(sample_index.index_dir, tmp_path / "index")
 
 
 def flip_vector_bytes(index_dir, image_id: int | None = None) -> tuple[int, str]:
