@@ -8,7 +8,7 @@ import stat
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 
 def _temporary_name(path: Path) -> Path:
@@ -99,20 +99,69 @@ def sample_digest(path: Path | str) -> tuple[int, str]:
     """(size, sha256) of a file: of all its bytes up to DIGEST_WHOLE_MAX, else of its first and last
     DIGEST_WHOLE_MAX / 2 bytes (a truncated file changes size; a garbled header or tail changes the digest).
     Raises OSError."""
+    with open(path, "rb") as f:
+        return descriptor_digest(f.fileno())
+
+
+def descriptor_digest(fd: int) -> tuple[int, str]:
+    """sample_digest of the open file fd (read with pread: its offset is left as it was). Raises OSError."""
     import hashlib
 
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size <= DIGEST_WHOLE_MAX:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        else:
-            half = DIGEST_WHOLE_MAX // 2
-            digest.update(f.read(half))
-            f.seek(size - half)
-            digest.update(f.read(half))
+    size = os.fstat(fd).st_size
+    parts = [(0, size)] if size <= DIGEST_WHOLE_MAX else [(0, DIGEST_WHOLE_MAX // 2),
+                                                           (size - DIGEST_WHOLE_MAX // 2, DIGEST_WHOLE_MAX // 2)]
+    for start, length in parts:
+        done = 0
+        while done < length and (chunk := os.pread(fd, min(1 << 20, length - done), start + done)):
+            digest.update(chunk)
+            done += len(chunk)
     return size, digest.hexdigest()
+
+
+def private_copy(path: Path | str, folders: Iterable[Path | str]) -> BinaryIO | None:
+    """A private copy of the regular file at path, in the first of folders that takes it: a temporary file with no
+    name (unlinked at once), so nothing else can open, truncate or rewrite it. -> the copy, open for reading and
+    writing at offset 0 (closing it frees it, unless something still maps it), or None when no folder had room or
+    allowed it (read-only, full, missing). Raises the OSError of opening or reading path (FileNotFoundError...).
+
+    What it is for: a file mapped into memory (mmap) and then truncated in place kills the process that maps it
+    with SIGBUS at its next read of the lost pages; a mapping of a private copy cannot lose them."""
+    import shutil
+    import tempfile
+
+    with open_regular(path) as source:
+        for folder in folders:
+            try:
+                copy = tempfile.TemporaryFile(dir=folder)   # O_TMPFILE where the file system has it: never named
+            except OSError:
+                continue
+            try:
+                source.seek(0)
+                copied = 0
+                while n := _copy_range(source.fileno(), copy.fileno(), copied):
+                    copied += n
+                if copied == 0 and os.fstat(source.fileno()).st_size:   # copy_file_range refused: copy through us
+                    shutil.copyfileobj(source, copy, 1 << 20)
+                copy.flush()
+                copy.seek(0)
+                return copy
+            except OSError as exc:
+                copy.close()
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO):
+                    raise
+    return None
+
+
+def _copy_range(src: int, dst: int, offset: int) -> int:
+    """Copy the next chunk of src from offset to the same offset of dst in the kernel; -> bytes copied, 0 at the end
+    (or where the kernel cannot copy between these two files: the caller then copies through user space)."""
+    try:
+        return os.copy_file_range(src, dst, 1 << 30, offset, offset)
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL) and offset == 0:
+            return 0
+        raise
 
 
 # --- a full disk, a read-only folder: recognised wherever they surface, told in one line -------------------------

@@ -199,7 +199,7 @@ def test_add_and_remove_on_a_trained_index(catalog, tmp_path, factory):
     assert sorted(VectorIndex.load(tmp_path / FAISS_FILE, DIM, factory=factory).ids().tolist()) == sorted(ids[50:] + new_ids)
 
 
-def test_mmap_falls_back_to_reading_for_paths_faiss_cannot_open(catalog, tmp_path):
+def test_mmap_maps_a_private_copy_also_of_paths_faiss_cannot_open(catalog, tmp_path):
     odd = tmp_path / os.fsdecode(b"caf\xe9")   # not UTF-8
     odd.mkdir()
     fill(catalog, clustered(100))
@@ -208,7 +208,8 @@ def test_mmap_falls_back_to_reading_for_paths_faiss_cannot_open(catalog, tmp_pat
     index.add(catalog.ids(), clustered(100))
     index.save(odd / FAISS_FILE)
     loaded = VectorIndex.load(odd / FAISS_FILE, DIM, factory="IVF4,Flat", mmap=True)
-    assert loaded is not None and not loaded.mapped and len(loaded) == 100
+    assert loaded is not None and loaded.mapped and len(loaded) == 100
+    assert np.array_equal(loaded.search(clustered(100)[:5], 3)[1], index.search(clustered(100)[:5], 3)[1])
 
 
 # --- index-images and the server over a trained index --------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Files that change under the indexer or never finish decoding: a named pipe, a slow or stuck decoder.
+"""Files that change under the indexer or the server, or never finish decoding: a named pipe, a slow or stuck
+decoder, the FAISS file truncated in place under a running serve-images.
 
 Each run is a real index-images run in its own process (decoding workers on and off), bounded by a timeout:
 before the fix a named pipe put in place of an image after the scan hung the run for good."""
@@ -9,12 +10,21 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import requests
 from PIL import Image
 
+from helpers.catalogs import private_copy
+from helpers.servers import serve_images
+from retrieval.catalog import Catalog
 from retrieval.files import NotARegularFile, open_regular
+from retrieval.names import FAISS_FILE
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RUN_LIMIT_S = 120   # a normal run of these 6 pictures takes about 10 s here
 
@@ -123,3 +133,58 @@ def test_open_regular_refuses_what_is_not_a_regular_file_at_once(tmp_path):
     (tmp_path / "file").write_bytes(b"abc")
     with open_regular(tmp_path / "file") as f:
         assert f.read() == b"abc"
+
+
+def _brute_force_ids(index_dir: Path, image_id: int, k: int) -> list[int]:
+    """The k nearest catalog ids to image_id's stored vector (itself first), by numpy over every catalog vector."""
+    catalog = Catalog(index_dir)
+    try:
+        ids, vecs = map(np.concatenate, zip(*catalog.vectors()))
+    finally:
+        catalog.close()
+    distances = np.linalg.norm(vecs - vecs[ids.tolist().index(image_id)], axis=1)
+    return ids[np.argsort(distances, kind="stable")[:k]].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reload", ["default", "off"])
+def test_a_faiss_file_truncated_under_a_running_server_drops_no_connection(tmp_path, sample_index, reload):
+    """Reproduces: the FAISS file truncated in place (open r+b, truncate) under a running serve-images killed the
+    worker at the next search (SIGBUS: the file was memory-mapped) and dropped the connection in flight. Now every
+    search is answered, with the old good vectors or from the catalog, and matches brute force."""
+    index = private_copy(sample_index.index_dir, tmp_path / "index")
+    env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if reload == "default":
+        env["RETRIEVAL_RELOAD_INTERVAL_S"] = "1"   # the default (the test helper turns hot reload off)
+    picture = sorted(sample_index.data_dir.rglob("*.jpg"))[7]
+    path = picture.relative_to(sample_index.data_dir).as_posix()
+    with serve_images(index, tmp_path / "serve.log", **env) as base:
+        def search() -> requests.Response:
+            with picture.open("rb") as f:   # a dropped connection raises requests.ConnectionError here
+                return requests.post(f"{base}/search?k=8", files={"image": f}, timeout=60)
+
+        before = search()
+        assert before.status_code == 200, before.text
+        hits = before.json()["results"]
+        assert hits[0]["path"] == path
+        image_id = hits[0]["id"]
+        assert [h["id"] for h in hits] == _brute_force_ids(index, image_id, 8)
+        with open(index / FAISS_FILE, "r+b") as f:
+            f.truncate(4096)   # in place: same inode, the tail of every mapping of it gone
+        for _ in range(6):
+            answer = search()
+            assert answer.status_code in (200, 503), answer.text
+            if answer.status_code == 200:
+                assert [h["id"] for h in answer.json()["results"]] == [h["id"] for h in hits]
+            else:
+                assert answer.json()["error"]["code"] == "unavailable"
+            neighbours = requests.get(f"{base}/images/{image_id}/neighbours?k=7", timeout=60)
+            assert neighbours.status_code in (200, 503), neighbours.text
+            if neighbours.status_code == 200:
+                assert [h["id"] for h in neighbours.json()["results"]] == [h["id"] for h in hits[1:]]
+            time.sleep(0.5)   # hot reload (default: every second) sees the truncated file meanwhile
+        after = search()
+        assert after.status_code == 200, after.text
+        assert [h["id"] for h in after.json()["results"]] == [h["id"] for h in hits]
+    log = (tmp_path / "serve.log").read_text()
+    assert "Worker (pid" not in log and "SIGBUS" not in log and "Traceback" not in log, log[-3000:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -12,7 +13,7 @@ import faiss
 import numpy as np
 
 from retrieval.catalog import Catalog
-from retrieval.files import atomic_write
+from retrieval.files import NotARegularFile, atomic_write, descriptor_digest, open_regular, private_copy
 from retrieval.vectors.index_types import FLAT, build_empty, fit_precomputed_tables, is_exact, native_ids, stored_ids, structure, walk
 from retrieval.system import available_cores
 
@@ -179,18 +180,23 @@ class VectorIndex:
 
     @classmethod
     def load(cls, path: Path, dim: int, *, factory: str | None = FLAT, mmap: bool = False,
-             vector_source: VectorSource | None = None) -> "VectorIndex | None":
-        """The saved index, or None when it is missing, unreadable or of another shape (it is a cache).
+             vector_source: VectorSource | None = None, expected: ExpectedDigest | None = None) -> "VectorIndex | None":
+        """The saved index, or None when it is missing, unreadable, of another shape or not as saved (it is a cache).
 
         factory: the type the catalog says the file holds; a file of another structure is ignored (rebuilt).
         None takes whatever type the file holds (a reader that must not rebuild; its factory is then "?").
-        mmap: map the file instead of reading it (read-only), where FAISS can: IVF lists and flat codes
-        stay in the page cache, shared and evictable. Only for paths FAISS can open by name (UTF-8);
-        other paths are read through Python's file."""
+        mmap: map a private copy of the file instead of reading it (read-only; see _read): IVF lists and flat
+        codes stay in the page cache, evictable, and nothing done to the file can take them away.
+        expected: the (size, digest) index-images recorded for the file (Catalog.faiss_digest); a file that differs
+        from it (truncated or rewritten in place since) is ignored."""
         path = Path(path)
         try:
-            index, mapped = _read(path, mmap)
+            index, mapped = _read(path, mmap, expected)
         except FileNotFoundError:
+            return None
+        except NotAsSaved as exc:
+            log.warning("ignoring the FAISS file %s: it is not the one index-images saved (%s: changed in place?); "
+                        "rebuilding from the catalog", path, exc)
             return None
         except RuntimeError as exc:
             if path.exists():
@@ -225,7 +231,8 @@ class VectorIndex:
         changes is read into memory instead (a mapped one is read-only).
         -> (index, changed) where changed says whether it differs from the file.
         """
-        index = cls.load(path, dim, factory=factory, mmap=mmap, vector_source=catalog.vectors)
+        index = cls.load(path, dim, factory=factory, mmap=mmap, vector_source=catalog.vectors,
+                         expected=catalog.faiss_digest)
         if index is not None and not index.agrees_with(catalog):
             log.warning("the FAISS file %s holds other vectors than the catalog under the same ids (saved from "
                         "another catalog?); rebuilding it from the catalog", path)
@@ -311,23 +318,58 @@ def _has_ivf(index: faiss.Index) -> bool:
     return True
 
 
-def mmap_path(path: Path) -> str | None:
-    """path as FAISS's own reader takes it (a UTF-8 str), or None when it cannot (names that are not UTF-8)."""
-    try:
-        os.fsencode(path).decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    return str(path)
+class NotAsSaved(RuntimeError):
+    """The FAISS file is not the one index-images last saved (its size or digest differ from the catalog's record)."""
 
 
-def _read(path: Path, mmap: bool) -> tuple[faiss.Index, bool]:
+# index-images records the digest of a FAISS file just after renaming it into place: a reader that finds another
+# digest looks again for this long before it takes the file for damaged
+DIGEST_WAIT_S = 5.0
+
+# (size, sha256 of retrieval.files.sample_digest) of the FAISS file as last saved, or None (not recorded)
+ExpectedDigest = Callable[[], "tuple[int, str] | None"]
+
+
+def _verify(fd: int, path: Path, expected: ExpectedDigest | None) -> None:
+    """Raise NotAsSaved when the file open as fd is not the one the catalog records for path."""
+    if expected is None or (want := expected()) is None:
+        return
+    have = descriptor_digest(fd)
+    deadline = time.monotonic() + DIGEST_WAIT_S
+    while tuple(want) != have:
+        if want is None:
+            return
+        if time.monotonic() > deadline:
+            raise NotAsSaved(f"{have[0]} bytes, {want[0]} when index-images saved it; or another digest")
+        time.sleep(0.25)
+        want = expected()
+
+
+def _read(path: Path, mmap: bool, expected: ExpectedDigest | None = None) -> tuple[faiss.Index, bool]:
     """-> (index, memory-mapped), IVFPQ precomputed tables not built (see fit_precomputed_tables). Raises
-    FileNotFoundError, RuntimeError (unreadable)."""
-    name = mmap_path(path) if mmap else None
+    FileNotFoundError, RuntimeError (unreadable), NotAsSaved (expected: the file is not the one last saved).
+
+    mmap maps a private copy of the file (retrieval.files.private_copy), never the file itself: index-images
+    replaces it whole, but a file truncated or rewritten in place under a mapping of it would kill the process at its
+    next search (SIGBUS). The copy goes next to the file, else into the temporary folder; where neither takes it, the
+    index is read into memory (not mapped). The copy is what is verified against expected, so what is served is
+    what was verified."""
     flags = faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE
-    if name is not None:
-        os.stat(path)   # FileNotFoundError before FAISS's own RuntimeError
-        # IO_FLAG_MMAP maps IVF inverted lists; IO_FLAG_MMAP_IFC (which includes it) also flat codes (Flat, PQ)
-        return faiss.read_index(name, flags | faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY), True
-    with open(path, "rb") as f:   # through Python's file: any path works (FAISS's own takes UTF-8 names only)
-        return faiss.read_index(faiss.PyCallbackIOReader(f.read), flags), False
+    try:
+        copy = private_copy(path, (path.parent, None)) if mmap else None
+    except NotARegularFile as exc:
+        raise RuntimeError(str(exc)) from exc
+    if copy is None:
+        if mmap:
+            log.warning("no room for a private copy of %s next to it or in the temporary folder: read into memory",
+                        path)
+        with open_regular(path) as f:   # through Python's file: a short read, never a signal, if it is truncated
+            _verify(f.fileno(), path, expected)
+            return faiss.read_index(faiss.PyCallbackIOReader(f.read), flags), False
+    with copy:
+        _verify(copy.fileno(), path, expected)
+        if not os.path.isdir("/proc/self/fd"):   # no /proc mounted: nothing to give FAISS a name by
+            return faiss.read_index(faiss.PyCallbackIOReader(copy.read), flags), False
+        # FAISS maps a file by name: the copy has none but its descriptor's (always UTF-8); its mapping outlives it
+        return faiss.read_index(f"/proc/self/fd/{copy.fileno()}",
+                                flags | faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY), True
