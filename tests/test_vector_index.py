@@ -1,10 +1,17 @@
 """Tests for retrieval.vectors.vector_index: exact search against brute force, atomic save, reconciliation with the catalog."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+import threading
+
 import numpy as np
 import pytest
 
 from retrieval.catalog import Catalog
+from retrieval.files import sample_digest
+from retrieval.vectors import vector_index
 from retrieval.vectors.vector_index import VectorIndex
 
 
@@ -187,3 +194,78 @@ def test_concurrent_threaded_searches_share_the_scan_threads_and_stay_exact():
         results = list(pool.map(lambda part: index.search(qs[part], 5, threads=2)[1], slices))
     for part, got in zip(slices, results):
         assert np.array_equal(got, want[part]), part
+
+
+# A process that maps an index, truncates its file in place and searches: before the private copy it died of SIGBUS.
+TRUNCATE_UNDER_MAPPING = textwrap.dedent("""
+    import sys, json, numpy as np
+    from pathlib import Path
+    from retrieval.vectors.vector_index import VectorIndex
+    path, queries = Path(sys.argv[1]), np.load(sys.argv[2])
+    index = VectorIndex.load(path, queries.shape[1], mmap=True)
+    assert index.mapped
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    print(json.dumps(index.search(queries, 5)[1].tolist()))
+""")
+
+
+def test_a_mapped_index_keeps_answering_after_its_file_is_truncated_in_place(tmp_path):
+    base, queries = random_vectors(3000, 64), random_vectors(4, 64, seed=1)   # 750 KB: many pages to lose
+    ids = np.arange(3000, dtype=np.int64) * 3
+    index = VectorIndex(64)
+    index.add(ids, base)
+    index.save(tmp_path / "v.faiss")
+    np.save(tmp_path / "q.npy", queries)
+
+    done = subprocess.run([sys.executable, "-c", TRUNCATE_UNDER_MAPPING, str(tmp_path / "v.faiss"),
+                           str(tmp_path / "q.npy")], capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 0, f"exit {done.returncode} (-7: SIGBUS): {done.stderr[-2000:]}"
+    assert np.array_equal(np.array(eval(done.stdout)), brute_force(base, ids, queries, 5)[1])
+    assert (tmp_path / "v.faiss").stat().st_size == 100 and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["q.npy", "v.faiss"], "the private copy has no name: nothing is left next to the file"
+
+
+def _saved_with_digest(tmp_path, catalog, n: int = 40) -> tuple[list[int], np.ndarray]:
+    vecs = random_vectors(n, 16)
+    ids = add_rows(catalog, [f"img{i}.png" for i in range(n)], vecs)
+    index, _ = VectorIndex.open_reconciled(tmp_path / "v.faiss", catalog, 16)
+    index.save(tmp_path / "v.faiss")
+    catalog.save_faiss_digest(*sample_digest(tmp_path / "v.faiss"))   # as index-images records it
+    return ids, vecs
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_a_faiss_file_rewritten_in_place_is_not_served_but_rebuilt_from_the_catalog(tmp_path, catalog, mmap,
+                                                                                     monkeypatch, caplog):
+    """Bytes flipped in the vectors (same size, still readable by FAISS): the digest says it is not the file saved."""
+    monkeypatch.setattr(vector_index, "DIGEST_WAIT_S", 0.2)
+    ids, vecs = _saved_with_digest(tmp_path, catalog)
+    with open(tmp_path / "v.faiss", "r+b") as f:
+        f.seek(-16 * 4 * 20 - 8 * 40, 2)          # the 20th vector from the end, before the 40 ids
+        f.write(np.full(16, 50.0, np.float32).tobytes())
+
+    index, changed = VectorIndex.open_reconciled(tmp_path / "v.faiss", catalog, 16, mmap=mmap)
+
+    assert changed and not index.mapped
+    assert "not the one index-images saved" in caplog.text
+    _, got = index.search(vecs, 3)
+    assert np.array_equal(got, brute_force(vecs, np.array(ids), vecs, 3)[1])
+
+
+def test_a_digest_recorded_just_after_the_file_is_waited_for(tmp_path, catalog):
+    """index-images renames the new file into place, then records its digest: a server reloading in between waits
+    for the record instead of taking the new file for damaged."""
+    ids, vecs = _saved_with_digest(tmp_path, catalog)
+    more = random_vectors(5, 16, seed=3)
+    index, _ = VectorIndex.open_reconciled(tmp_path / "v.faiss", catalog, 16)
+    index.add(np.array(add_rows(catalog, [f"new{i}.png" for i in range(5)], more)), more)
+    index.save(tmp_path / "v.faiss")          # the digest recorded is still the old file's
+    late = threading.Timer(1.0, lambda: catalog.save_faiss_digest(*sample_digest(tmp_path / "v.faiss")))
+    late.start()
+    try:
+        loaded, changed = VectorIndex.open_reconciled(tmp_path / "v.faiss", catalog, 16, mmap=True)
+    finally:
+        late.join()
+    assert loaded.mapped and not changed and len(loaded) == 45, "the new file itself, mapped, not a rebuild"
