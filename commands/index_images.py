@@ -11,7 +11,7 @@ import click
 from retrieval.names import LAYERS, MAX_EF_SEARCH, MAX_NPROBE, MODEL_NAMES
 
 from commands.options import (MODEL_PARAMETERS, UserError, command_settings, db_url_option, exit_without_teardown,
-                              index_dir_option, parse_batch_size, setup_logging)
+                              index_dir_option, parse_batch_size, permission_denied, setup_logging)
 
 # Nothing heavy at module level: --help and usage errors answer at once. The job imports torch and
 # FAISS itself, only when there is work for the network.
@@ -146,6 +146,8 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
         trouble = disk_trouble(exc)
         if trouble == READ_ONLY:
             raise UserError(_read_only_message(index_dir)) from None
+        if (denied := permission_denied(exc)) is not None:   # a file in the index folder this user may not write
+            raise UserError(f"{denied}; change its permissions or pass another --index-dir") from None
         if trouble is not None:
             click.echo(f"error: {no_space_message(index_dir, _space_needed(data_dir, index_dir, model, weights))}", err=True)
             sys.exit(1)
@@ -187,10 +189,24 @@ def _check(data_dir: Path, index_dir: Path, db_url: str | None, as_json: bool, d
 
 
 def _check_writable(index_dir: Path) -> None:
-    """A read-only index folder (or the read-only file system it would be made on): one line, exit 2, before any work."""
+    """A read-only index folder (or the read-only file system it would be made on), or a folder this user may not
+    make it in: one line, exit 2, before any work."""
     from retrieval.files import is_read_only
-    if is_read_only(index_dir) or (index_dir.is_dir() and not os.access(index_dir, os.W_OK)):
+    if is_read_only(index_dir) or (index_dir.is_dir() and not os.access(index_dir, os.W_OK | os.X_OK)):
         raise UserError(_read_only_message(index_dir))
+    existing = index_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == index_dir:
+        if not index_dir.is_dir():
+            raise UserError(f"the index folder {index_dir} is a file, not a folder; pass another --index-dir")
+        return
+    if not existing.is_dir():
+        raise UserError(f"cannot make the index folder {index_dir}: {existing} is a file, not a folder; "
+                        "pass another --index-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot make the index folder {index_dir}: this user may not write in {existing}; "
+                        "change its permissions or pass another --index-dir")
 
 
 def _read_only_message(index_dir: Path) -> str:

@@ -125,3 +125,16 @@ def damaged_catalog_error(exc: BaseException, index_dir: Path, db_url: str | Non
     except Exception:   # noqa: BLE001 - only for the message
         where = None
     return UserError(damaged_message(str(where) if where is not None else "database", reason, data_dir))
+
+
+def permission_denied(exc: BaseException | None) -> str | None:
+    """'permission denied: this user may not read or write PATH' when exc (or an exception it was raised from) is a
+    PermissionError; else None. For the one line a command prints instead of a traceback."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, PermissionError):
+            where = exc.filename if exc.filename is not None else "a file it needs"
+            return f"permission denied: this user may not read or write {os.fsdecode(where)}"
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -95,6 +95,10 @@ def check_index(index_dir: Path, db_url: str | None = None) -> tuple[int, str]:
         if not Path(settings.data_dir).is_dir():
             click.echo(f"warning: the indexed data folder {settings.data_dir} is missing; images cannot be shown", err=True)
         catalog.list_images(limit=1)   # reads the images table itself (a count may read an index only)
+        weights = settings.weights_choice.source_file(index_dir, settings.model)   # None: ImageNet's, from the hub cache
+        if weights is not None and weights.exists() and not os.access(weights, os.R_OK):
+            raise UserError(f"the index's weights file {weights} cannot be read: this user may not read it; change "
+                            "its permissions or run as its owner")
         return catalog.count(), f"{settings.model} {settings.layer}"
     except SQLAlchemyError as exc:
         if (user_error := damaged_catalog_error(exc, index_dir, db_url)) is not None:

@@ -91,6 +91,10 @@ class Catalog:
             if not create and not self.path.exists():
                 where = self.index_dir if url is None else self.path
                 raise FileNotFoundError(f"no index at {where} (missing {self.path.name}); run index-images first")
+            if self.path.exists() and not os.access(self.path, os.R_OK | (os.W_OK if create else 0)):
+                raise CatalogUnavailable(f"the catalog {self.path} cannot be {'written' if create else 'read'}: this "
+                                         f"user may not {'write' if create else 'read'} it; change its permissions or "
+                                         "run as its owner")
             if create:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             self.engine = make_engine(self.path, create=create)

@@ -87,13 +87,28 @@ def make_engine(path: Path, *, create: bool = True) -> Engine:
     create=False opens an existing file only: a reader never leaves an empty database behind when the
     file has been deleted under it (it gets an error instead). On a read-only file system (create=False) the file
     is opened read-only and immutable: SQLite could not make the WAL's shared-memory file there, and nothing
-    can write it while the file system stays read-only."""
-    read_only = not create and is_read_only(Path(path).absolute().parent)
+    can write it while the file system stays read-only. A file or folder this user may not write (an index another
+    user keeps up to date) is opened read-only, taking the writer's locks where SQLite can (its WAL's files are
+    there), else immutable (no writer has it open now)."""
+    folder = Path(path).absolute().parent
+    mounted_read_only = not create and is_read_only(folder)
+    read_only = mounted_read_only or (not create and not _writable(Path(path).absolute()))
     # SQLite's own URI, percent-encoded from the path's bytes: any folder name works (not only UTF-8 ones)
-    mode = "ro&immutable=1" if read_only else "rwc" if create else "rw"
-    uri = f"file:{quote(os.fsencode(Path(path).absolute()))}?mode={mode}"
-    engine = create_engine("sqlite://", poolclass=QueuePool,
-                           creator=lambda: sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False))
+    base = f"file:{quote(os.fsencode(Path(path).absolute()))}?mode="
+    modes = (["ro&immutable=1"] if mounted_read_only else ["ro", "ro&immutable=1"] if read_only
+             else ["rwc" if create else "rw"])
+
+    def connect() -> sqlite3.Connection:
+        for mode in modes[:-1]:   # a read-only WAL database opens only where its -shm file exists or can be made
+            conn = sqlite3.connect(base + mode, uri=True, timeout=30, check_same_thread=False)
+            try:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                return conn
+            except sqlite3.OperationalError:
+                conn.close()
+        return sqlite3.connect(base + modes[-1], uri=True, timeout=30, check_same_thread=False)
+
+    engine = create_engine("sqlite://", poolclass=QueuePool, creator=connect)
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn, _record):  # noqa: ANN001 - DB-API connection
@@ -105,6 +120,12 @@ def make_engine(path: Path, *, create: bool = True) -> Engine:
         cur.close()
 
     return engine
+
+
+def _writable(file: Path) -> bool:
+    """This user may write file (where it exists) and make files next to it (SQLite's WAL and its index)."""
+    folder = file.parent
+    return os.access(folder, os.W_OK | os.X_OK) and (not file.exists() or os.access(file, os.W_OK))
 
 
 def db_error_reason(exc: BaseException, url: str | None = None) -> str:

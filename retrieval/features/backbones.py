@@ -163,6 +163,9 @@ def _load_file(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
         mmap = False
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except PermissionError as exc:
+        raise WeightsUnavailable(f"cannot load weights from {path}: this user may not read it; change its permissions "
+                                 "or run as its owner") from exc
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
         raise WeightsUnavailable(f"cannot load weights from {path}: {exc}") from exc
     if not isinstance(state, dict):

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import requests
@@ -31,16 +31,19 @@ def healthy(base: str) -> bool:
 
 
 @contextlib.contextmanager
-def serve_images(index_dir: Path, log_file: Path, *args: str, **env: str) -> Iterator[str]:
+def serve_images(index_dir: Path, log_file: Path, *args: str,
+                 run_as: Callable[[list[str]], list[str]] | None = None, **env: str) -> Iterator[str]:
     """A real `serve-images` (gunicorn) on a free 127.0.0.1 port, logging to log_file; yields its base URL.
 
+    run_as: wraps the command (helpers.unprivileged.unprivileged: as a user whom file permissions bind).
     Stops it with SIGTERM and asserts it exited 0.
     """
     port = free_port()
     env = {**os.environ, "RETRIEVAL_RELOAD_INTERVAL_S": "0", **env}
+    cmd = [*SERVE, "--index-dir", str(index_dir), "--port", str(port), *args]
     with open(log_file, "w") as log:
-        server = subprocess.Popen([*SERVE, "--index-dir", str(index_dir), "--port", str(port), *args],
-                                  stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+        server = subprocess.Popen(run_as(cmd) if run_as else cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                  env=env)
     base = f"http://127.0.0.1:{port}"
 
     def up() -> bool:

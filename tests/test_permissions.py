@@ -1,0 +1,134 @@
+"""Folders and files this user may not write or read (issue 20): every command says so in one line with exit 2, never
+a PermissionError traceback; an index this user may only read is searched, evaluated and served.
+
+The tests run as root in CI, whom permissions do not bind: each command runs as an unprivileged user
+(helpers.unprivileged: nobody, or root without capabilities where this Python is root's alone)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from helpers.servers import free_port, serve_images
+from helpers.unprivileged import shared_folder, someone_elses, unprivileged
+from retrieval.catalog import CATALOG_FILE
+from retrieval.names import random_weights_file
+from retrieval.samples import make_sample_collection
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "HOME": "/"}
+COMMANDS = {"index-images": "commands.index_images:index_images_entry",
+            "search-images": "commands.search_images:search_images_entry",
+            "evaluate-index": "commands.evaluate_index:main", "fine-tune": "commands.fine_tune:fine_tune_entry",
+            "serve-images": "commands.serve_images:main"}
+
+pytestmark = pytest.mark.slow   # every check is a command run as a process
+
+
+def run(command: str, *args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The console script run as an unprivileged user, from / (a folder anyone may enter)."""
+    module, function = COMMANDS[command].split(":")
+    cmd = [sys.executable, "-c", f"from {module} import {function} as main; main()", *map(str, args)]
+    return subprocess.run(unprivileged(cmd), capture_output=True, text=True, env=ENV, cwd="/", timeout=timeout)
+
+
+def one_line(done: subprocess.CompletedProcess, code: int = 2) -> str:
+    """The one line a refused command prints (exit code, no traceback)."""
+    assert done.returncode == code, f"exit {done.returncode}: {done.stderr[-3000:]}"
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def work():
+    """A folder anyone may read, with a sample collection and its index (built as the tests' own user)."""
+    from helpers.indexes import build_index
+
+    folder = shared_folder()
+    make_sample_collection(folder / "data", per_class=2, size=(96, 72), seed=4)
+    build_index(folder / "data", folder / "index")
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    yield folder
+    subprocess.run(["chmod", "-R", "u+rwX", str(folder)], check=False)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def locked(work, request) -> Path:
+    """A folder this user may enter and read but not write in (another user's)."""
+    folder = work / f"locked-{request.node.name}"
+    folder.mkdir()
+    return someone_elses(folder, 0o444)
+
+
+def copy_of_index(work: Path, name: str) -> Path:
+    copy = work / name
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(work / "index", copy)
+    return copy
+
+
+def test_index_images_where_this_user_may_not_make_the_index_folder(work, locked):
+    """Reproduces: index-images --index-dir DIR, DIR's parent (or a folder above a missing parent) not writable: a
+    PermissionError traceback. Now one line naming the folder, exit 2 (as for a read-only index folder)."""
+    for index_dir in (locked / "index", locked / "missing" / "index"):
+        line = one_line(run("index-images", work / "data", "--index-dir", index_dir, "--weights", "random"))
+        assert line == (f"Error: cannot make the index folder {index_dir}: this user may not write in {locked}; "
+                        "change its permissions or pass another --index-dir")
+
+
+def test_fine_tune_out_where_this_user_may_not_write(work, locked):
+    line = one_line(run("fine-tune", work / "data", "--out", locked / "sub" / "tuned.pt", "--weights", "random",
+                        "--epochs", "1"))
+    assert line.startswith(f"Error: --out {locked / 'sub' / 'tuned.pt'}: the folder {locked} is read-only for this user")
+
+
+def test_an_index_this_user_may_only_read_is_searched_evaluated_and_served(work, tmp_path):
+    """Another user's index (say, kept up to date by a service account): before, search-images and evaluate-index
+    died with SQLite's 'attempt to write a readonly database' traceback and serve-images refused to start."""
+    index = someone_elses(copy_of_index(work, "read-only-index"), 0o444)
+    query = sorted((work / "data").rglob("*.jpg"))[3]
+
+    found = run("search-images", query, "--index-dir", index, "-k", "3", "--json")
+    assert found.returncode == 0, found.stderr[-3000:]
+    first = json.loads(found.stdout)["results"][0]
+    assert first["path"] == query.relative_to(work / "data").as_posix() and first["distance"] < 1e-3, found.stdout
+    evaluated = run("evaluate-index", "--index-dir", index, "--json")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    line = one_line(run("index-images", work / "data", "--index-dir", index))
+    assert line.startswith(f"Error: the index folder {index} is read-only: this user may not write in it")
+
+    with serve_images(index, tmp_path / "serve.log", run_as=unprivileged) as base:
+        with query.open("rb") as f:
+            answer = requests.post(f"{base}/search?k=3", files={"image": f}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["results"][0]["distance"] < 1e-3
+        assert requests.get(f"{base}/images/1/thumbnail", timeout=60).status_code == 200
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+@pytest.mark.parametrize("unreadable", ["catalog", "weights"])
+def test_an_index_file_this_user_may_not_read_is_one_line(work, unreadable):
+    """A catalog or weights file of another user's that this user may not read: one line naming it, exit 2, from
+    every command that needs it (serve-images used to end in gunicorn's 'Worker failed to boot')."""
+    index = copy_of_index(work, f"unreadable-{unreadable}")
+    path = index / CATALOG_FILE if unreadable == "catalog" else random_weights_file(index, "alexnet")
+    someone_elses(path, 0)
+    query = sorted((work / "data").rglob("*.jpg"))[0]
+    runs = {"search-images": run("search-images", query, "--index-dir", index),
+            "serve-images": run("serve-images", "--index-dir", index, "--port", str(free_port()), timeout=120)}
+    if unreadable == "catalog":
+        runs["evaluate-index"] = run("evaluate-index", "--index-dir", index)
+        runs["index-images"] = run("index-images", work / "data", "--index-dir", index)
+    for command, done in runs.items():
+        line = one_line(done)
+        assert str(path) in line and "this user may not" in line, (command, line)
