@@ -102,7 +102,8 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
     setup_logging(verbose, quiet=as_json)
     from sqlalchemy.exc import SQLAlchemyError
 
-    from retrieval.catalog import catalog_sqlite_file, damaged_message, damaged_reason, db_error_reason
+    from retrieval.catalog import (catalog_sqlite_file, damaged_message, damaged_reason, database_full_message,
+                                   db_error_reason)
     from retrieval.files import READ_ONLY, disk_trouble, no_space_message
 
     def damaged(exc: BaseException) -> UserError | None:
@@ -148,6 +149,10 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
             raise UserError(_read_only_message(index_dir)) from None
         if (denied := permission_denied(exc)) is not None:   # a file in the index folder this user may not write
             raise UserError(f"{denied}; change its permissions or pass another --index-dir") from None
+        if trouble is not None and db_url is not None and catalog_sqlite_file(index_dir, db_url) is None \
+                and isinstance(exc, SQLAlchemyError):   # the database server's disk, not the index folder's
+            click.echo(f"error: {database_full_message(db_url, exc)}", err=True)
+            sys.exit(1)
         if trouble is not None:
             click.echo(f"error: {no_space_message(index_dir, _space_needed(data_dir, index_dir, model, weights))}", err=True)
             sys.exit(1)

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,73 +16,14 @@ from click.testing import CliRunner
 
 from commands.fine_tune import main as fine_tune
 from commands.index_images import main as index_images
+from helpers.filesystems import fill, read_only_view, remount_read_only, tmpfs
 from helpers.indexes import snapshot
-from retrieval.files import FULL, READ_ONLY, disk_trouble, is_read_only, mount_of, no_space_message
+from helpers.unprivileged import shared_folder
+from retrieval.files import FULL, READ_ONLY, disk_trouble, mount_of, no_space_message
 from retrieval.names import FAISS_FILE, random_weights_file
 from retrieval.samples import make_sample_collection
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@contextmanager
-def tmpfs(folder: Path, size: str = "40m"):
-    """A small tmpfs mounted on folder for the test (unmounted after); skips when mounting is not permitted."""
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                              capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot mount a tmpfs to fill ({exc})")
-    if done.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here (needs root): {done.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)
-
-
-def remount_read_only(folder: Path) -> None:
-    done = subprocess.run(["mount", "-o", "remount,ro", str(folder)], capture_output=True, text=True, timeout=30)
-    if done.returncode != 0:
-        pytest.skip(f"cannot remount {folder} read-only: {done.stderr.strip()}")
-
-
-@contextmanager
-def read_only_view(source: Path, folder: Path):
-    """source seen read-only at folder (a read-only bind mount); skips when mounting is not permitted."""
-    folder.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "--bind", "-o", "ro", str(source), str(folder)], capture_output=True, text=True,
-                          timeout=30)
-    if done.returncode != 0:
-        pytest.skip(f"a read-only bind mount is not permitted here: {done.stderr.strip()}")
-    try:
-        if not is_read_only(folder):
-            subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], capture_output=True, timeout=30)
-        if not is_read_only(folder):
-            pytest.skip("the bind mount is not read-only here")
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)
-
-
-def fill(folder: Path, leave_bytes: int) -> Path:
-    """A ballast file that leaves about leave_bytes free on folder's file system."""
-    ballast = folder / "ballast"
-    st = os.statvfs(folder)
-    size = max(0, st.f_bavail * st.f_frsize - leave_bytes)
-    with open(ballast, "wb") as f:
-        chunk = b"\0" * 2**20
-        while size > 0:
-            n = min(size, len(chunk))
-            try:
-                f.write(chunk[:n])
-                f.flush()
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                break
-            size -= n
-    return ballast
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -314,3 +254,39 @@ def test_serve_images_starts_and_serves_thumbnails(tmp_path, sample_index, where
         env["RETRIEVAL_THUMBNAIL_DIR"] = str(thumbs)
         check(sample_index.index_dir)
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+@pytest.mark.postgres
+def test_a_full_disk_under_a_postgresql_catalog_is_one_line_and_a_rerun_completes(tmp_path, collection, postgres):
+    """The database server's disk fills mid-run (its database in a tablespace on a small tmpfs): one line naming the
+    catalog database, not the index folder's disk, and nothing lost: after freeing space the same command finishes."""
+    reachable = shared_folder()   # the private server runs as nobody, who cannot reach into tmp_path
+    with tmpfs(reachable / "space", "16m") as space:
+        os.chown(space, *_nobody_ids())
+        name = f"full_{os.getpid()}"
+        postgres.admin(f"CREATE TABLESPACE {name} LOCATION '{space}'")
+        postgres.admin(f"CREATE DATABASE {name} TABLESPACE {name}")
+        try:
+            url = postgres.url(name)
+            ballast = fill(space, 480 * 1024)   # the schema and a few batches fit, not 30 vectors of 16 KB
+            args = [str(collection), "--db-url", url, "--index-dir", str(tmp_path / "index"), "--weights", "random",
+                    "--workers", "0", "--batch-size", "4"]
+            result = CliRunner().invoke(index_images, args)
+            line = _assert_one_line_no_traceback(result, 1, "error: ")
+            assert line.startswith("error: no space left for the catalog database postgresql://retrieval:***@"), line
+            assert line.endswith("nothing was lost") and "s3cret" not in result.output, line
+            ballast.unlink()
+            again = CliRunner().invoke(index_images, args)
+            assert again.exit_code == 0, again.output
+            assert len(snapshot(tmp_path / "index", url)) == 30
+        finally:
+            postgres.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            postgres.admin(f"DROP TABLESPACE IF EXISTS {name}")
+    shutil.rmtree(reachable, ignore_errors=True)
+
+
+def _nobody_ids() -> tuple[int, int]:
+    import pwd
+
+    entry = pwd.getpwnam("nobody")
+    return entry.pw_uid, entry.pw_gid

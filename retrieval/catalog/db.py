@@ -152,6 +152,12 @@ def make_server_engine(url: str) -> Engine:
         raise CatalogUnavailable(f"the catalog URL {mask_url(url)} cannot be opened") from None
 
 
+def database_full_message(url: str, exc: BaseException) -> str:
+    """What to say when the catalog's database server ran out of disk mid-run (PostgreSQL: 'could not extend file
+    ...: No space left on device'): the database, not the index folder's disk, is what needs room."""
+    return (f"no space left for the catalog database {mask_url(url)} ({db_error_reason(exc, url)}): free space on "
+            "the database server's disk and run again; nothing was lost")
+
 
 # What SQLite says of a file whose pages are damaged (or that is not a database at all)
 DAMAGED_MARKERS = ("database disk image is malformed", "file is not a database", "database corruption")
