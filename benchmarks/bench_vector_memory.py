@@ -114,7 +114,13 @@ def memory(server: Server) -> dict:
             total[key] += row[key]
         if proc.pid != server.proc.pid and proc.ppid() == server.proc.pid and "multiprocessing" not in cmd:
             workers.append(row)
-    return {"workers": workers, "total": total}
+    return {"workers": workers, "total": total,
+            "index_mapped_mb": [mapped_index_mb(p, server_index(server)) for p in workers_of(server)]}
+
+
+def server_index(server: Server) -> Path:
+    args = server.proc.args
+    return Path(args[args.index("--index-dir") + 1])
 
 
 def _rss_kinds(pid: int) -> dict:
@@ -128,8 +134,24 @@ def _rss_kinds(pid: int) -> dict:
             for key in ("RssAnon", "RssFile", "RssShmem") if key in status}
 
 
+def mapped_index_mb(proc: psutil.Process, index: Path) -> float:
+    """Resident MB of proc's mappings of the index's vectors: the FAISS file itself, or its private copy (an unlinked
+    file in the index folder, shown as '#N (deleted)'); 0 when it reads the vectors into memory."""
+    total = 0
+    for m in proc.memory_maps(grouped=True):
+        if m.path.startswith(str(index)) and (m.path.endswith("vectors.faiss") or "(deleted)" in m.path):
+            total += m.rss
+    return total / MB
+
+
+def workers_of(server: Server) -> list[psutil.Process]:
+    return [p for p in server.tree() if p.pid != server.proc.pid and p.ppid() == server.proc.pid
+            and "multiprocessing" not in " ".join(p.cmdline())]
+
+
 def one_run(index: Path, option: str, workers: int | None, queries: int, work: Path) -> dict:
     env, prelude = OPTIONS[option]
+    env = {**env, "RETRIEVAL_QUERY_TIMEOUT_S": "600"}   # a first scan of 1.6 GB on a busy 2-core machine is slow
     if workers:
         env = {**env, "SERVE_IMAGES_WORKERS": str(workers)}
     picture = next((index.parent / f"data-{index.name.split('-')[-1]}").rglob("*.jpg")).read_bytes()
@@ -138,17 +160,22 @@ def one_run(index: Path, option: str, workers: int | None, queries: int, work: P
     start_s = time.perf_counter() - started
     try:
         base = f"http://127.0.0.1:{server.port}"
-        for _ in range(queries):   # more than the workers: every worker answers some (each scans every vector)
-            answer = requests.post(f"{base}/search?k=10", files={"image": ("q.jpg", picture)}, timeout=300)
-            assert answer.status_code == 200, answer.text
         mapped = requests.get(f"{base}/stats", timeout=60).json()["vector_index"]["memory_mapped"]
+        file_mb = (index / "vectors.faiss").stat().st_size / MB
+        sent = 0
+        # every worker must have scanned every vector (an exact search reads them all) before memory is read
+        while sent < queries or (mapped and sent < 10 * queries and
+                                 min(mapped_index_mb(p, index) for p in workers_of(server)) < 0.9 * file_mb):
+            answer = requests.post(f"{base}/search?k=10", files={"image": ("q.jpg", picture)}, timeout=900)
+            assert answer.status_code == 200, answer.text
+            sent += 1
         time.sleep(1.0)
         found = memory(server)
     finally:
         server.stop()
     worker = {key: statistics.median(w[key] for w in found["workers"]) for key in KEYS}
     return {"start_s": start_s, "mapped": mapped, "workers": len(found["workers"]), "worker": worker,
-            "total": found["total"]}
+            "total": found["total"], "queries": sent, "index_mapped_mb": found["index_mapped_mb"]}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -177,7 +204,8 @@ def main() -> None:
     args = ap.parse_args()
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = {"hardware": hardware(), "queries": args.queries, "runs": args.runs, "sizes": {}}
+    results = {"hardware": hardware(), "queries": args.queries, "runs": args.runs, "sizes": {},
+               "started": time.strftime("%Y%m%d-%H%M%S")}
     counts = [None] + [int(w) for w in args.workers.split(",") if w]
     for n in (int(s) for s in args.sizes.split(",")):
         index = args.workdir / f"index-{n}"
@@ -189,6 +217,7 @@ def main() -> None:
                 runs = [one_run(index, option, workers, args.queries, args.workdir) for _ in range(args.runs)]
                 row = {"option": option, "workers_asked": workers or "default", **median_run(runs), "all_runs": runs}
                 rows["rows"].append(row)
+                save(results)
                 print(f"[{n:,}] {option} workers={row['workers']}: {json.dumps(median_run(runs))}", file=sys.stderr,
                       flush=True)
 
@@ -204,10 +233,15 @@ def main() -> None:
                   f"{r['worker']['rss']:>10.0f} {r['worker']['rss_anon']:>6.0f} {r['worker']['rss_file']:>6.0f} "
                   f"{r['worker']['pss']:>10.0f} {r['total']['pss']:>10.0f} "
                   f"{ratio:>6.2f} {r['start_s']:>7.1f}")
+    print(f"saved {save(results)}", file=sys.stderr)
+
+
+def save(results: dict) -> Path:
+    """Write results (again) to this run's JSON file under benchmarks/results/. -> its path."""
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"bench_vector_memory-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = RESULTS / f"bench_vector_memory-{results['started']}.json"
     out.write_text(json.dumps(results, indent=1))
-    print(f"saved {out}", file=sys.stderr)
+    return out
 
 
 if __name__ == "__main__":
