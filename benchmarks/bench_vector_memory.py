@@ -136,10 +136,10 @@ def _rss_kinds(pid: int) -> dict:
 
 def mapped_index_mb(proc: psutil.Process, index: Path) -> float:
     """Resident MB of proc's mappings of the index's vectors: the FAISS file itself, or its private copy (an unlinked
-    file in the index folder, shown as '#N (deleted)'); 0 when it reads the vectors into memory."""
+    file in the index folder, named '#INODE' in the maps); 0 when it reads the vectors into memory."""
     total = 0
     for m in proc.memory_maps(grouped=True):
-        if m.path.startswith(str(index)) and (m.path.endswith("vectors.faiss") or "(deleted)" in m.path):
+        if m.path.startswith(str(index)) and (m.path.endswith("vectors.faiss") or Path(m.path).name.startswith("#")):
             total += m.rss
     return total / MB
 
