@@ -58,7 +58,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("GALLERY_K", 12, "neighbours shown on gallery pages"),
     Setting("NPROBE", 0, "IVF lists searched per query; 0: as index-images recorded (tuned for recall)"),
     Setting("EF_SEARCH", 0, "HNSW efSearch; 0: as index-images recorded"),
-    Setting("MMAP", True, "memory-map the FAISS file where FAISS can (IVF lists, flat codes)"),
+    Setting("MMAP", True, "memory-map a private copy of the FAISS file (IVF lists, flat codes); false reads it into memory"),
     Setting("TRAINING", None, "a fine-tune history (NAME.history.json) shown on /training; default: the one next to "
                               "the index's weights file"),
     Setting("COMPARE_INDEX", None, "a second index folder shown side by side on /evaluation"),

@@ -119,11 +119,12 @@ def descriptor_digest(fd: int) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def private_copy(path: Path | str, folders: Iterable[Path | str]) -> BinaryIO | None:
-    """A private copy of the regular file at path, in the first of folders that takes it: a temporary file with no
-    name (unlinked at once), so nothing else can open, truncate or rewrite it. -> the copy, open for reading and
-    writing at offset 0 (closing it frees it, unless something still maps it), or None when no folder had room or
-    allowed it (read-only, full, missing). Raises the OSError of opening or reading path (FileNotFoundError...).
+def private_copy(path: Path | str, folders: Iterable[Path | str | None]) -> BinaryIO | None:
+    """A private copy of the regular file at path, in the first of folders that takes it (None: the temporary
+    folder): a temporary file with no name (unlinked at once), so nothing else can open, truncate or rewrite it.
+    -> the copy, open for reading and writing at offset 0 (closing it frees it, unless something still maps it), or
+    None when no folder allowed it (read-only, missing) or had room for it with as much again to spare (a copy must
+    not fill the disk under other writers). Raises the OSError of opening or reading path (FileNotFoundError...).
 
     What it is for: a file mapped into memory (mmap) and then truncated in place kills the process that maps it
     with SIGBUS at its next read of the lost pages; a mapping of a private copy cannot lose them."""
@@ -131,7 +132,11 @@ def private_copy(path: Path | str, folders: Iterable[Path | str]) -> BinaryIO | 
     import tempfile
 
     with open_regular(path) as source:
+        size = os.fstat(source.fileno()).st_size
         for folder in folders:
+            free = free_bytes(folder if folder is not None else tempfile.gettempdir())
+            if free is not None and free < 2 * size:   # leave the disk at least as much again for its other writers
+                continue
             try:
                 copy = tempfile.TemporaryFile(dir=folder)   # O_TMPFILE where the file system has it: never named
             except OSError:
@@ -141,7 +146,7 @@ def private_copy(path: Path | str, folders: Iterable[Path | str]) -> BinaryIO | 
                 copied = 0
                 while n := _copy_range(source.fileno(), copy.fileno(), copied):
                     copied += n
-                if copied == 0 and os.fstat(source.fileno()).st_size:   # copy_file_range refused: copy through us
+                if copied == 0 and size:   # copy_file_range refused: copy through user space
                     shutil.copyfileobj(source, copy, 1 << 20)
                 copy.flush()
                 copy.seek(0)

@@ -1,4 +1,5 @@
-"""retrieval.files: atomic_write replaces a file whole, or leaves it as it was and no temporary file behind."""
+"""retrieval.files: atomic_write replaces a file whole, or leaves it as it was and no temporary file behind; a private
+copy outlives what is done to its original."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,8 @@ import os
 
 import pytest
 
-from retrieval.files import atomic_write
+from retrieval import files
+from retrieval.files import atomic_write, descriptor_digest, private_copy, sample_digest
 
 
 def test_replaces_the_whole_file(tmp_path):
@@ -54,3 +56,27 @@ def test_a_file_name_that_is_not_utf8(tmp_path):
     with pytest.raises(ValueError):
         atomic_write(path, fail)
     assert path.read_bytes() == b"second" and os.listdir(os.fsencode(tmp_path)) == [b"caf\xe9.bin"]
+
+
+def test_a_private_copy_has_no_name_and_outlives_its_original_truncated(tmp_path):
+    original = tmp_path / "vectors.faiss"
+    data = os.urandom(3 << 20)
+    original.write_bytes(data)
+    with private_copy(original, [tmp_path]) as copy:
+        assert sorted(os.listdir(tmp_path)) == ["vectors.faiss"], "the copy has no name anyone could open"
+        assert descriptor_digest(copy.fileno()) == sample_digest(original)
+        with open(original, "r+b") as f:
+            f.truncate(10)
+        assert copy.read() == data
+
+
+def test_a_private_copy_goes_to_the_next_folder_with_room_or_nowhere(tmp_path, monkeypatch):
+    original = tmp_path / "v.bin"
+    original.write_bytes(b"x" * 4096)
+    roomy, cramped = tmp_path / "roomy", tmp_path / "cramped"
+    roomy.mkdir(), cramped.mkdir()
+    real_free = files.free_bytes
+    monkeypatch.setattr(files, "free_bytes", lambda p: 6000 if str(p).startswith(str(cramped)) else real_free(p))
+    with private_copy(original, [tmp_path / "missing", cramped, roomy]) as copy:
+        assert copy.read() == b"x" * 4096
+    assert private_copy(original, [tmp_path / "missing", cramped]) is None
