@@ -8,6 +8,7 @@ import click
 
 from retrieval.features.weights import WeightsChoice
 from retrieval.names import DEFAULT_KS
+from retrieval.quality import held_out_words
 
 from commands.options import UserError, command_settings, db_url_option, index_dir_option, setup_logging
 
@@ -105,7 +106,7 @@ def format_comparison(c: dict) -> str:
              f"B  {b['index']['dir']}: {network_text(b['index'])}",
              f"{m['images']} labelled images in {im['classes']} classes, the same in both (matched by {m['by']}); "
              f"left out: {m['only_a']} only in A, {m['only_b']} only in B, {m['differing']} with another label or content",
-             f"evaluated on {held_out_text(a, m['excluded_training_images'])}, the same for both",
+             f"evaluated on {held_out_words(c)}, the same for both",
              "",
              f"{'':<32}{'A':>7}{'B':>9}{'B - A':>9}{'chance':>9}",
              "retrieval (leave-one-out, relevant = same label)"]
@@ -145,18 +146,6 @@ def probe_split_text(probe: dict) -> str:
     return f"{probe['train']} train / {probe['test']} test images, seed {probe['seed']}"
 
 
-def held_out_text(r: dict, excluded: int) -> str:
-    """"8 held-out images (19 training images left out)", or what is known of the training images, for a result."""
-    facts, n = r.get("training_images", {"status": "none"}), r["evaluated_images"]
-    if facts["status"] == "included":
-        return f"{n} images, training images included: {facts['in_index']} of them were trained on"
-    if facts["status"] == "unknown" and not excluded:
-        return f"all {n} images: the training images of the network cannot be told apart"
-    if excluded or facts["status"] == "excluded":
-        return f"{n} held-out images ({excluded} training image(s) left out)"
-    return f"all {n} images (the network was not fine-tuned on them)"
-
-
 def format_report(r: dict) -> str:
     """The evaluate_index result as a readable text report."""
     ix, im, ch = r["index"], r["images"], r["chance"]
@@ -165,7 +154,7 @@ def format_report(r: dict) -> str:
     lines = [f"index {ix['dir']}: {ix['model']} {ix['layer']}, weights {ix['weights']} "
              f"({ix['dim']}-d{', L2-normalised' if ix['normalize'] else ''})",
              f"{im['labelled']} labelled images in {im['classes']} classes; {im['unlabelled']} unlabelled left out",
-             f"evaluated on {held_out_text(r, r.get('excluded_training_images', 0))}",
+             f"evaluated on {held_out_words(r)}",
              "",
              f"{'':<32}{'value':>7}{'chance':>9}",
              "retrieval (leave-one-out, relevant = same label)"]

@@ -39,7 +39,7 @@ def load_network(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None,
             model=chosen["model"], layer=chosen["layer"], weights=str(chosen["weights"]), weights_identity=identity,
             seed=chosen["seed"], dim=extractor.dim, normalize=chosen["normalize"], data_dir=chosen["data_dir"],
             preprocessing=extractor.preprocessing.to_record()))
-    record_training_images(catalog, chosen["weights"], identity)
+        record_training_images(catalog, chosen["weights"], identity)   # a known index's: indexer.run, every run
     return extractor
 
 

@@ -242,6 +242,9 @@ def compare_indexes(index_a: Path | str, index_b: Path | str, ks: Sequence[int] 
         result = evaluate_vectors(part.vectors, part.labels, ks, seed=seed, probe=probe, unlabelled=data.unlabelled,
                                   queries=None if not exclude.any() else ~exclude)
         notes = _held_out_notes(facts[side], result["evaluated_images"], 0, 0)
+        if facts[side]["status"] == "excluded" and facts[side]["in_index"]:
+            notes.append(f"this network was fine-tuned on {facts[side]['in_index']} of the shared images "
+                         "(left out of both sides' queries)")
         left_out = counts["only_a" if side == "a" else "only_b"] + counts["differing"]
         if left_out:
             notes.append(f"{left_out} labelled image(s) of this index left out: not in the other index "
@@ -251,8 +254,7 @@ def compare_indexes(index_a: Path | str, index_b: Path | str, ks: Sequence[int] 
                          "training_images": facts[side]}
     shared = []
     if exclude.any():
-        shared.append(f"{int(exclude.sum())} shared image(s) a network was fine-tuned on left out of the queries "
-                      f"({facts['a']['in_index'] or 0} of A's training images, {facts['b']['in_index'] or 0} of B's): "
+        shared.append(f"{int(exclude.sum())} shared image(s) a network was fine-tuned on left out of the queries: "
                       f"both are scored on the same {results['a']['evaluated_images']} held-out images, which query "
                       "all the shared images")
     if validation:
