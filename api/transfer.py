@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, current_app, render_template
+from flask import Blueprint, Response, current_app, render_template, request
 from flask.blueprints import BlueprintSetupState
 from markupsafe import Markup
 from sqlalchemy.exc import SQLAlchemyError
@@ -19,6 +19,7 @@ from retrieval.learning.evaluation import EvaluationError, compare_indexes, eval
 from retrieval.learning.history import (HistoryError, HistoryNotFound, filters_path_for, history_path_for, load_filters,
                                         load_history, split_counts)
 from retrieval.features.weights import WeightsChoice
+from retrieval.quality import held_out_words, telling_side
 from retrieval.search.index import weights_label
 from retrieval.features.model_info import LayerTable, filters_png, layer_table
 from retrieval.reports.filters import filter_change
@@ -56,21 +57,22 @@ class EvaluationCache:
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
         self._latest: Evaluation | None = None           # the newest finished run
-        self._wanted: tuple[Any, Path, Path | None, str | None] | None = None   # (version, index folder, compared index, catalog URL) next
+        # (version, index folder, compared index, catalog URL, include training images) next
+        self._wanted: tuple[Any, Path, Path | None, str | None, bool] | None = None
         self._running_key: Any = None                    # the version being computed now
         self._running = False
         self.runs = 0                                    # evaluations computed (for tests and logs)
 
     def get(self, key: Any, index_dir: Path, wait_s: float, compare_dir: Path | None = None,
-            db_url: str | None = None) -> tuple[Evaluation | None, bool]:
+            db_url: str | None = None, include_training_images: bool = False) -> tuple[Evaluation | None, bool]:
         """-> (the newest evaluation, whether it is of this key). Starts a run for key unless one is done or
         under way, and waits up to wait_s for it. With compare_dir, a run compares the two indexes (compare_indexes);
-        the key must then name both indexes' versions."""
+        the key must then name both indexes' versions (and include_training_images, when it may change)."""
         with self._lock:
             latest = self._latest
             if latest is None or latest.key != key or latest.retry:
                 if not (self._running and self._running_key == key):
-                    self._wanted = (key, Path(index_dir), compare_dir, db_url)
+                    self._wanted = (key, Path(index_dir), compare_dir, db_url, include_training_images)
                     if not self._running:
                         self._running = True
                         threading.Thread(target=self._run, name="evaluation", daemon=True).start()
@@ -86,23 +88,24 @@ class EvaluationCache:
                     self._running, self._running_key = False, None
                     return
                 self._running_key = wanted[0]
-            evaluation = Evaluation(wanted[0], *_evaluate(wanted[1], wanted[2], wanted[3]))
+            evaluation = Evaluation(wanted[0], *_evaluate(*wanted[1:]))
             with self._lock:
                 self._latest = evaluation
                 self.runs += 1
                 self._done.notify_all()
 
 
-def _evaluate(index_dir: Path, compare_dir: Path | None = None, db_url: str | None = None
-              ) -> tuple[dict | None, str | None, bool]:
+def _evaluate(index_dir: Path, compare_dir: Path | None = None, db_url: str | None = None,
+              include_training_images: bool = False) -> tuple[dict | None, str | None, bool]:
     """-> (result, None, False) or (None, the reason it cannot be evaluated, whether to try again).
 
     db_url: the served catalog's URL (None: SQLite in index_dir). With compare_dir the result is compare_indexes'
-    {"a", "b", "matched"}."""
+    {"a", "b", "matched"}. The network's training images are left out unless include_training_images."""
     try:
         if compare_dir is not None:
-            return compare_indexes(index_dir, compare_dir, db_url=db_url), None, False
-        return evaluate_index(index_dir, db_url=db_url), None, False
+            return compare_indexes(index_dir, compare_dir, db_url=db_url,
+                                   include_training_images=include_training_images), None, False
+        return evaluate_index(index_dir, db_url=db_url, include_training_images=include_training_images), None, False
     except EvaluationError as exc:
         return None, str(exc), False
     except (FileNotFoundError, SQLAlchemyError, CatalogUnavailable) as exc:
@@ -182,17 +185,27 @@ def _baseline_first(comparison: dict) -> tuple[dict, dict[str, str]]:
     return comparison, roles
 
 
+def _held_out(results: dict) -> dict:
+    """What /evaluation says of the training images, for one result or a comparison (its most telling side's):
+    {status (included, unknown, excluded, none), excluded, in_index, reason}."""
+    telling = telling_side(results)
+    return {**telling["training_images"], "excluded": telling["excluded_training_images"]}
+
+
 @bp.get("/evaluation")
 def evaluation() -> Response:
     """evaluate-index on the stored vectors: precision@k (with a chart), mAP, kNN, linear probe, per class; with a
-    second index (COMPARE_INDEX), both side by side on the images they share."""
+    second index (COMPARE_INDEX), both side by side on the images they share. The images the network was fine-tuned
+    on are left out of the queries unless ?training_images=include."""
     service = current_service()
     snapshot = service.index.snapshot()
     state = pages_state()
     compare_dir = state.compare_dir
+    include = request.args.get("training_images") == "include"
     key = snapshot.version if compare_dir is None else (snapshot.version, _index_version(compare_dir))
+    key = (key, include)
     evaluation, fresh = state.evaluations.get(key, service.index.index_dir, EVALUATION_WAIT_S, compare_dir,
-                                              service.index.db_url)
+                                              service.index.db_url, include)
     result, problem = (evaluation.result, evaluation.problem) if evaluation else (None, None)
     comparison, roles = None, {}
     if result is not None and "matched" in result:   # our own SVGs below, labels escaped inside
@@ -204,7 +217,8 @@ def evaluation() -> Response:
     names = {side: _network_name(comparison[side]["index"]) for side in ("a", "b")} if comparison else {}
     tuned = {side: _fine_tuned(comparison[side]["index"]) for side in ("a", "b")} if comparison else {}
     html = render_template("evaluation.html", result=result, comparison=comparison, names=names, roles=roles,
-                           tuned=tuned, problem=problem,
+                           tuned=tuned, problem=problem, evaluated_on=held_out_words(comparison or result) if result else None,
+                           held=_held_out(comparison or result) if result else None,
                            chart=charts[0] if charts else None, charts=charts, computing=not fresh,
                            comparing=compare_dir is not None, refresh_s=EVALUATION_REFRESH_S,
                            summary=service.index_summary(snapshot))

@@ -8,6 +8,7 @@ import click
 
 from retrieval.features.weights import WeightsChoice
 from retrieval.names import DEFAULT_KS
+from retrieval.quality import held_out_words
 
 from commands.options import UserError, command_settings, db_url_option, index_dir_option, setup_logging
 
@@ -38,26 +39,33 @@ def parse_ks(value: str) -> list[int]:
               default=None, metavar="INDEX_DIR",
               help="A second index of the same labelled images (e.g. made with fine-tuned weights): both are evaluated "
                    "on the images they share and shown side by side.")
+@click.option("--include-training-images", is_flag=True,
+              help="Also evaluate on the images the network was fine-tuned on (left out by default: they flatter "
+                   "it); the report says so.")
 @click.option("--json", "as_json", is_flag=True, help="Print every number as one JSON object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Log what is being done.")
-def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: Path | None, as_json: bool,
-         verbose: bool) -> None:
+def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: Path | None,
+         include_training_images: bool, as_json: bool, verbose: bool) -> None:
     """Evaluate the features of an index on its labelled images, from the stored vectors (no forward pass).
 
     Images are labelled by their class folder (DATA_DIR/<class>/...); unlabelled ones are left out.
+    An index made with fine-tune's weights knows the images they were trained on (by content hash):
+    those are left out of the queries (they stay in the searched collection and train the linear
+    probe), and the report says how many; --include-training-images evaluates them too, labelled.
     Reports leave-one-out retrieval (precision@k, mAP over the whole ranking; relevant = same
     label), leave-one-out k-nearest-neighbour classification (majority vote, ties to the closer
     group), a linear probe (logistic regression on a stratified, seeded train/test split),
     per-class numbers, confusion matrices and the chance levels to compare with.
 
     With --compare B, both indexes are evaluated on the labelled images they share (same path relative
-    to each index's data folder, same label, same content hash), with the same probe split, and the
-    numbers are shown side by side; --json then gives {"a": ..., "b": ..., "matched": ...}.
+    to each index's data folder, same label, same content hash), with the same queries (neither
+    network's training images) and the same probe split, and the numbers are shown side by side;
+    --json then gives {"a": ..., "b": ..., "matched": ...}.
 
     Options can also be set by environment variables (EVALUATE_INDEX_KS, ...; see docs/configuration.md).
 
     Exit status: 0 done, 2 no index or not evaluable (fewer than two labels, a label with one image,
-    no labelled image shared by the two indexes).
+    no labelled image shared by the two indexes, no image left that the network was not trained on).
     """
     setup_logging(verbose)
     k_list = parse_ks(ks)
@@ -66,9 +74,11 @@ def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: P
 
     try:
         if compare_dir is None:
-            result = evaluate_index(index_dir, k_list, seed=seed, db_url=db_url)
+            result = evaluate_index(index_dir, k_list, seed=seed, db_url=db_url,
+                                    include_training_images=include_training_images)
         else:
-            result = compare_indexes(index_dir, compare_dir, k_list, seed=seed, db_url=db_url)
+            result = compare_indexes(index_dir, compare_dir, k_list, seed=seed, db_url=db_url,
+                                     include_training_images=include_training_images)
     except (FileNotFoundError, EvaluationError, CatalogUnavailable) as exc:
         raise UserError(str(exc)) from exc
     if as_json:
@@ -96,6 +106,7 @@ def format_comparison(c: dict) -> str:
              f"B  {b['index']['dir']}: {network_text(b['index'])}",
              f"{m['images']} labelled images in {im['classes']} classes, the same in both (matched by {m['by']}); "
              f"left out: {m['only_a']} only in A, {m['only_b']} only in B, {m['differing']} with another label or content",
+             f"evaluated on {held_out_words(c)}, the same for both",
              "",
              f"{'':<32}{'A':>7}{'B':>9}{'B - A':>9}{'chance':>9}",
              "retrieval (leave-one-out, relevant = same label)"]
@@ -109,8 +120,7 @@ def format_comparison(c: dict) -> str:
                          ch["majority_class"]))
     pa, pb = a["linear_probe"], b["linear_probe"]
     if pa is not None and pb is not None:
-        lines.append(f"linear probe (logistic regression, {pa['train']} train / {pa['test']} test images, seed "
-                     f"{pa['seed']}, the same split for both)")
+        lines.append(f"linear probe (logistic regression, {probe_split_text(pa)}, the same split for both)")
         lines.append(row("test accuracy", pa["accuracy"], pb["accuracy"], ch["majority_class"]))
     lines.append(f"chance: retrieval {ch['retrieval_precision']:.3f} (precision of a random ranking); classification "
                  f"{ch['majority_class']:.3f} (always the largest class), {ch['uniform']:.3f} (1/{im['classes']} classes)")
@@ -119,13 +129,21 @@ def format_comparison(c: dict) -> str:
     kk = str(a["knn"]["k"])
     lines += ["", f"per class (AP: average precision; kNN@{kk}: accuracy on the class's images)",
               f"{'class':<{width}}  {'images':>6}{'AP A':>8}{'AP B':>8}{'kNN A':>8}{'kNN B':>8}"]
-    for name in a["labels"]:
+    for name in a["per_class"]:
         ca, cb = a["per_class"][name], b["per_class"][name]
         lines.append(f"{name:<{width}}  {ca['images']:>6}{ca['average_precision']:>8.3f}{cb['average_precision']:>8.3f}"
                      f"{ca['knn_accuracy'][kk]:>8.3f}{cb['knn_accuracy'][kk]:>8.3f}")
+    lines += [f"note: {n}" for n in m.get("notes", [])]
     for side, r in (("A", a), ("B", b)):
         lines += [f"note ({side}): {n}" for n in r["notes"]]
     return "\n".join(lines)
+
+
+def probe_split_text(probe: dict) -> str:
+    """"15 train / 5 test images, seed 0", or "trained on the 19 training images, tested on the 8 held-out ones"."""
+    if probe.get("split") == "held_out":
+        return f"trained on the {probe['train']} training images, tested on the {probe['test']} held-out ones"
+    return f"{probe['train']} train / {probe['test']} test images, seed {probe['seed']}"
 
 
 def format_report(r: dict) -> str:
@@ -136,6 +154,7 @@ def format_report(r: dict) -> str:
     lines = [f"index {ix['dir']}: {ix['model']} {ix['layer']}, weights {ix['weights']} "
              f"({ix['dim']}-d{', L2-normalised' if ix['normalize'] else ''})",
              f"{im['labelled']} labelled images in {im['classes']} classes; {im['unlabelled']} unlabelled left out",
+             f"evaluated on {held_out_words(r)}",
              "",
              f"{'':<32}{'value':>7}{'chance':>9}",
              "retrieval (leave-one-out, relevant = same label)"]
@@ -147,8 +166,7 @@ def format_report(r: dict) -> str:
         lines.append(row(f"k={k} accuracy", r["knn"]["accuracy"][str(k)], ch["majority_class"]))
     probe = r["linear_probe"]
     if probe is not None:
-        lines.append(f"linear probe (logistic regression, {probe['train']} train / {probe['test']} test images, "
-                     f"seed {probe['seed']})")
+        lines.append(f"linear probe (logistic regression, {probe_split_text(probe)})")
         lines.append(row("test accuracy", probe["accuracy"], ch["majority_class"]))
     lines.append(f"chance: retrieval {ch['retrieval_precision']:.3f} (precision of a random ranking); classification "
                  f"{ch['majority_class']:.3f} (always the largest class), {ch['uniform']:.3f} (1/{im['classes']} classes)")
@@ -157,7 +175,7 @@ def format_report(r: dict) -> str:
     header = f"{'class':<{width}}  {'images':>6}" + "".join(f"{'P@' + str(k):>7}" for k in ks) + \
         f"{'AP':>7}{'kNN@' + str(r['knn']['k']):>8}{'probe':>7}"
     lines += ["", "per class (P@k: retrieval precision; kNN, probe: accuracy on the class's images)", header]
-    for name in r["labels"]:
+    for name in r["per_class"]:
         c = r["per_class"][name]
         probe_acc = "-" if c["probe_accuracy"] is None else f"{c['probe_accuracy']:.3f}"
         lines.append(f"{name:<{width}}  {c['images']:>6}" + "".join(f"{c['precision_at_k'][str(k)]:>7.3f}" for k in ks) +

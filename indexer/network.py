@@ -5,6 +5,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from retrieval.catalog import Catalog, IndexSettings
+from retrieval.features.weights import WeightsChoice
+from retrieval.learning.history import TRAINING_RECORDED, training_record
 
 from indexer.config import ConfigError, JobConfig
 
@@ -37,7 +39,22 @@ def load_network(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None,
             model=chosen["model"], layer=chosen["layer"], weights=str(chosen["weights"]), weights_identity=identity,
             seed=chosen["seed"], dim=extractor.dim, normalize=chosen["normalize"], data_dir=chosen["data_dir"],
             preprocessing=extractor.preprocessing.to_record()))
+        record_training_images(catalog, chosen["weights"], identity)   # a known index's: indexer.run, every run
     return extractor
+
+
+def record_training_images(catalog: Catalog, weights: WeightsChoice, identity: str) -> None:
+    """For weights from a file: record in the catalog which images fine-tune trained them on (from the history next
+    to the file), once; looked for again on later runs while unknown (a history put back, an index made before this
+    was recorded)."""
+    if not weights.is_file:
+        return
+    known = catalog.training_record()
+    if known is not None and known["weights_identity"] == identity and known["status"] == TRAINING_RECORDED:
+        return
+    record = {**training_record(weights.path, identity.rpartition("sha256=")[2]), "weights_identity": identity}
+    if record != known:
+        catalog.save_training_record(record)
 
 
 

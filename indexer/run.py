@@ -15,6 +15,7 @@ from retrieval.files import sample_digest
 from indexer.config import ConfigError, JobConfig, RunReport, finish_report, resolve_settings
 from indexer.local import run_local
 from indexer.locks import writer_locks
+from indexer.network import record_training_images
 from indexer.plan import plan, record_refused, removals
 from indexer.write import maintain_vectors
 
@@ -64,6 +65,8 @@ def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callabl
     index_dir = cfg.index_dir
     stored = catalog.settings()
     chosen = resolve_settings(cfg, stored)
+    if stored is not None:   # the images its weights were fine-tuned on, if not known yet (no network needed)
+        record_training_images(catalog, stored.weights_choice, stored.weights_identity)
     planned = plan(cfg, catalog)
     if stored is not None and not planned.todo and not removals(planned, catalog):
         record_refused(planned, catalog)

@@ -12,7 +12,7 @@ Index a folder (one subfolder per class labels its images), then open the index 
         result[0].label, result[0].distance
         index.neighbours(result[1].id)      # an indexed image's neighbours, from its stored vector
         index.predict("new_photo.jpg").label   # the neighbours' majority vote
-    retrieval.evaluate("index")             # leave-one-out precision@k, kNN accuracy, linear probe, chance
+    retrieval.evaluate("index")             # leave-one-out precision@k, kNN, probe, chance; held-out images
     retrieval.compare("index", "index-tuned")   # two networks on the same labelled images
 
 `open_index` -> `Index` (`search`, `neighbours`, `predict`, `features`, `len()`, `info`); results are

@@ -14,7 +14,7 @@ from retrieval.names import DEFAULT_KS
 class Evaluation:
     """How well an index's stored features separate its labelled classes (leave-one-out), against chance."""
     index: dict                          # the index and its network: dir, model, layer, weights_label, dim, ...
-    images: int                          # labelled images evaluated
+    images: int                          # labelled images evaluated (the queries)
     classes: int
     ks: list[int]                        # neighbour counts evaluated
     precision_at_k: dict[int, float]     # retrieval: share of the k nearest with the query's label, mean over queries
@@ -23,15 +23,22 @@ class Evaluation:
     probe_accuracy: float | None         # a linear probe's test accuracy (None: not run)
     chance: dict[str, float]             # retrieval_precision, majority_class, uniform
     notes: list[str]
+    excluded_training_images: int        # labelled images left out because the network was fine-tuned on them
+    training_images: str                 # "excluded", "included" (asked for), "unknown" (not recorded), "none"
     result: dict = dataclasses.field(repr=False)   # evaluate_index's whole JSON-ready result (per class, confusion)
 
     @classmethod
     def from_result(cls, r: dict) -> Evaluation:
         probe = r["linear_probe"]
-        return cls(r["index"], r["images"]["labelled"], r["images"]["classes"], list(r["ks"]),
+        return cls(r["index"], r["evaluated_images"], r["images"]["classes"], list(r["ks"]),
                    {int(k): v for k, v in r["retrieval"]["precision_at_k"].items()}, r["retrieval"]["map"],
                    {int(k): v for k, v in r["knn"]["accuracy"].items()}, None if probe is None else probe["accuracy"],
-                   dict(r["chance"]), list(r["notes"]), r)
+                   dict(r["chance"]), list(r["notes"]), r["excluded_training_images"], r["training_images"]["status"], r)
+
+    @property
+    def evaluated_on(self) -> str:
+        """Which images the numbers are of, in words: held out, or with the training images (and why)."""
+        return held_out_words(self.result)
 
     @property
     def per_class(self) -> dict[str, dict]:
@@ -48,8 +55,8 @@ class Evaluation:
 
     def _repr_html_(self) -> str:
         body = "".join(f"<tr><td>{html.escape(name)}</td>{_num(v)}{_num(c)}</tr>" for name, v, c in self.rows())
-        return (f"<p>{html.escape(network_text(self.index))}: {self.images} labelled images in {self.classes} classes"
-                f"</p><table><tr><th></th><th>value</th><th>chance</th></tr>{body}</table>{_notes(self.notes)}")
+        return (f"<p>{html.escape(network_text(self.index))}: {html.escape(self.evaluated_on)} in {self.classes} "
+                f"classes</p><table><tr><th></th><th>value</th><th>chance</th></tr>{body}</table>{_notes(self.notes)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +64,12 @@ class Comparison:
     """Two indexes evaluated on the labelled images they share (same path, label and content), side by side."""
     a: Evaluation
     b: Evaluation
-    matched: dict      # images, only_a, only_b, differing, by
+    matched: dict      # images, only_a, only_b, differing, by, evaluated_images, excluded_training_images, notes
+
+    @property
+    def evaluated_on(self) -> str:
+        """Which images both sides are evaluated on, in words (see Evaluation.evaluated_on)."""
+        return held_out_words({"a": self.a.result, "b": self.b.result, "matched": self.matched})
 
     def _repr_html_(self) -> str:
         body = "".join(
@@ -66,32 +78,66 @@ class Comparison:
             for (name, va, c), (_, vb, _) in zip(self.a.rows(), self.b.rows()))
         m = self.matched
         return (f"<p>A: {html.escape(network_text(self.a.index))}<br>B: {html.escape(network_text(self.b.index))}<br>"
-                f"{m['images']} labelled images in both ({m['only_a']} only in A, {m['only_b']} only in B)</p>"
+                f"{m['images']} labelled images in both ({m['only_a']} only in A, {m['only_b']} only in B); both "
+                f"evaluated on {html.escape(self.evaluated_on)}</p>"
                 f"<table><tr><th></th><th>A</th><th>B</th><th>B &minus; A</th><th>chance</th></tr>{body}</table>"
-                f"{_notes([f'A: {n}' for n in self.a.notes] + [f'B: {n}' for n in self.b.notes])}")
+                f"{_notes(list(m.get('notes', [])) + [f'A: {n}' for n in self.a.notes] + [f'B: {n}' for n in self.b.notes])}")
 
 
 def evaluate(index_dir: str | os.PathLike = "index", ks: Sequence[int] = DEFAULT_KS, *, seed: int = 0,
-             probe: bool = True, db_url: str | None = None) -> Evaluation:
+             probe: bool = True, db_url: str | None = None, include_training_images: bool = False) -> Evaluation:
     """Evaluate an index's stored features on its labelled images (no forward pass): leave-one-out retrieval
-    precision@k and mAP, kNN accuracy, a linear probe (seeded split), and the chance levels to read them against.
+    precision@k and mAP, kNN accuracy, a linear probe, and the chance levels to read them against.
 
-    Raises FileNotFoundError (no index there), EvaluationError (a ValueError: fewer than two labels, a label
-    with one image)."""
+    The images the index's network was fine-tuned on (recorded by content hash when the index was made with
+    fine-tune's weights) are left out of the queries unless include_training_images; see
+    Evaluation.excluded_training_images and .training_images. Raises FileNotFoundError (no index there),
+    EvaluationError (a ValueError: fewer than two labels, a label with one image, no held-out image)."""
     from retrieval.learning.evaluation import evaluate_index
 
-    return Evaluation.from_result(evaluate_index(_absolute(index_dir), ks, seed=seed, probe=probe, db_url=db_url))
+    return Evaluation.from_result(evaluate_index(_absolute(index_dir), ks, seed=seed, probe=probe, db_url=db_url,
+                                                 include_training_images=include_training_images))
 
 
 def compare(a: str | os.PathLike, b: str | os.PathLike, ks: Sequence[int] = DEFAULT_KS, *, seed: int = 0,
-            probe: bool = True) -> Comparison:
+            probe: bool = True, include_training_images: bool = False) -> Comparison:
     """Evaluate two indexes of the same labelled images (e.g. ImageNet or random weights as A, fine-tuned as B)
-    on the images they share, with the same probe split. Raises as evaluate(), and EvaluationError when they
+    on the images they share, with the same queries (neither network's training images, unless
+    include_training_images) and the same probe split. Raises as evaluate(), and EvaluationError when they
     share no labelled image."""
     from retrieval.learning.evaluation import compare_indexes
 
-    r = compare_indexes(_absolute(a), _absolute(b), ks, seed=seed, probe=probe)
+    r = compare_indexes(_absolute(a), _absolute(b), ks, seed=seed, probe=probe,
+                        include_training_images=include_training_images)
     return Comparison(Evaluation.from_result(r["a"]), Evaluation.from_result(r["b"]), r["matched"])
+
+
+TELLING = ("included", "unknown", "excluded", "none")   # which side of a comparison says most of its training images
+
+
+def telling_side(result: dict) -> dict:
+    """An evaluate_index result itself; of a compare_indexes result, the side whose training images say the most
+    (included, else unknown, else excluded): both sides are evaluated on the same images."""
+    if "matched" not in result:
+        return result
+    return min((result["a"], result["b"]), key=lambda r: TELLING.index(r["training_images"]["status"]))
+
+
+def held_out_words(result: dict) -> str:
+    """Which images an evaluate_index or compare_indexes result is of, in words: "8 held-out images (19 training
+    images left out)", "27 labelled images, training images included (19 of them trained on)", ..."""
+    result = telling_side(result)
+    n, excluded = result["evaluated_images"], result.get("excluded_training_images", 0)
+    facts = result.get("training_images") or {"status": "none"}
+    if facts["status"] == "included":
+        return f"{n} labelled images, training images included ({facts['in_index']} of them trained on)"
+    if excluded:
+        return f"{n} held-out images ({excluded} training images left out)"
+    if facts["status"] == "unknown":
+        return f"{n} labelled images (which ones the network was fine-tuned on cannot be told apart)"
+    if facts["status"] == "excluded":
+        return f"{n} held-out images (none of them trained on)"
+    return f"{n} labelled images (the network was not fine-tuned on them)"
 
 
 def network_text(about: dict) -> str:

@@ -41,6 +41,8 @@ def test_json_and_k_list(sample_index):
     assert r["linear_probe"]["seed"] == 7 and r["index"]["model"] == "alexnet"
     assert r["retrieval"]["precision_at_k"]["1"] > r["chance"]["retrieval_precision"]
     assert sum(map(sum, r["knn"]["confusion"])) == 30
+    assert (r["evaluated_images"], r["excluded_training_images"]) == (30, 0), "random weights trained on nothing"
+    assert r["training_images"]["status"] == "none"
 
 
 def test_missing_index_exits_2(tmp_path):
@@ -115,7 +117,8 @@ def test_compare_side_by_side_on_the_same_images(sample_index, compare_index):
     assert lines[0] == f"A  {sample_index.index_dir}: alexnet fc7, weights random (seed 0), 4096-d, L2-normalised"
     assert lines[1] == f"B  {compare_index.index_dir}: alexnet fc7, weights random (seed 1), 4096-d, L2-normalised"
     assert "30 labelled images in 5 classes, the same in both" in lines[2] and "0 only in A, 0 only in B" in lines[2]
-    assert lines[4].split() == ["A", "B", "B", "-", "A", "chance"]
+    assert lines[3] == "evaluated on 30 labelled images (the network was not fine-tuned on them), the same for both"
+    assert lines[5].split() == ["A", "B", "B", "-", "A", "chance"]
 
     alone_a, alone_b = (json.loads(run("--index-dir", str(d), "--json").stdout)
                         for d in (sample_index.index_dir, compare_index.index_dir))

@@ -198,3 +198,32 @@ def test_unlabelled_images_are_left_out(tmp_path, index_images):
 def test_missing_index(tmp_path):
     with pytest.raises(FileNotFoundError, match="run index-images first"):
         evaluate_index(tmp_path / "nothing")
+
+
+def test_some_queries_search_everything_and_score_as_in_the_full_run():
+    rng = np.random.default_rng(3)
+    codes = np.arange(30) % 3
+    labels = [f"c{c}" for c in codes]
+    vectors = (rng.normal(size=(30, 8)) + 2 * np.eye(3, 8)[codes]).astype(np.float32)   # 3 loose clusters
+    asking = np.zeros(30, dtype=bool)
+    asking[::4] = True                                       # 8 queries; the other 22 are only searched
+    full = leave_one_out(vectors, codes, [1, 5])
+    part = leave_one_out(vectors, codes, [1, 5], queries=np.flatnonzero(asking))
+    np.testing.assert_array_equal(part["precision"], full["precision"][:, asking])
+    np.testing.assert_array_equal(part["ap"], full["ap"][asking])
+    r = evaluate_vectors(vectors, labels, [1, 5], queries=asking)
+    assert r["evaluated_images"] == 8 and sum(c["images"] for c in r["per_class"].values()) == 8
+    assert r["retrieval"]["map"] == pytest.approx(full["ap"][asking].mean())
+    assert (r["linear_probe"]["split"], r["linear_probe"]["train"], r["linear_probe"]["test"]) == ("held_out", 22, 8)
+    asked = Counter(label for label, q in zip(labels, asking) if q)
+    assert r["chance"]["retrieval_precision"] == pytest.approx(sum(asked[c] * 9 for c in asked) / (8 * 29))
+
+
+def test_a_single_image_class_that_never_queries_is_only_searched():
+    rng = np.random.default_rng(0)
+    labels = ["a"] * 5 + ["b"] * 5 + ["lonely"]
+    asking = np.array([True] * 10 + [False])
+    r = evaluate_vectors(rng.normal(size=(11, 4)).astype(np.float32), labels, [1], queries=asking)
+    assert set(r["per_class"]) == {"a", "b"} and r["labels"] == ["a", "b", "lonely"]
+    with pytest.raises(EvaluationError, match="single image"):
+        evaluate_vectors(rng.normal(size=(11, 4)).astype(np.float32), labels, [1])

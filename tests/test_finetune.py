@@ -33,7 +33,7 @@ PER_CLASS = 30          # 3 colour classes: 63 train / 27 validation images with
 HISTORY_KEYS = {"version", "created_at", "data_dir", "model", "weights", "weights_seed", "train", "head", "optimizer",
                 "lr", "lr_schedule", "weight_decay", "momentum", "epochs", "batch_size", "patience", "val_fraction",
                 "seed", "classes", "split", "initial_loss", "chance_loss", "sanity", "epochs_run", "best_epoch",
-                "best_val_accuracy", "stopped", "seconds"}
+                "best_val_accuracy", "stopped", "seconds", "split_sha256", "weights_sha256"}
 EPOCH_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"}
 # A random network's features are tiny (default init shrinks them layer by layer), so SGD's steps are too; AdamW's
 # are not. Dropout on such small signals drowns them, so it is off here (ImageNet weights train with the defaults).

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from retrieval.learning.history import (HISTORY_VERSION, HistoryError, HistoryNotFound, filters_path_for, history_path_for,
-                                        load_filters, load_history, split_counts, write_filters, write_history)
+                                        load_filters, load_history, split_counts, training_record, write_filters,
+                                        write_history)
 from helpers.training_history import make_history
 from helpers.training_history import write_history as write_test_history
 
@@ -65,3 +66,30 @@ def test_not_json_and_missing_files(tmp_path):
         load_history(tmp_path / "y.history.json")
     with pytest.raises(HistoryNotFound, match="fine-tune DATA_DIR --out tuned.pt"):
         load_history(tmp_path / "none.history.json")
+
+
+def test_split_hashes_must_name_each_split_image(tmp_path):
+    history = make_history(tmp_path / "data", CLASSES)
+    hashes = {part: ["ab" * 32] * len(paths) for part, paths in history["split"].items()}
+    write_test_history(tmp_path / "ok.history.json", {**history, "split_sha256": hashes, "weights_sha256": "cd" * 32})
+    assert load_history(tmp_path / "ok.history.json")["split_sha256"] == hashes
+    short = {**hashes, "train": hashes["train"][1:]}
+    write_test_history(tmp_path / "short.history.json", {**history, "split_sha256": short})
+    with pytest.raises(HistoryError, match="split_sha256.train"):
+        load_history(tmp_path / "short.history.json")
+
+
+def test_training_record_says_why_training_images_cannot_be_told_apart(tmp_path):
+    history = make_history(tmp_path / "data", CLASSES)
+    weights = tmp_path / "tuned.pt"
+    assert training_record(weights, "ef" * 32)["status"] == "no_history"
+    write_test_history(history_path_for(weights), history)
+    old = training_record(weights, "ef" * 32)
+    assert old["status"] == "no_hashes" and "older fine-tune" in old["reason"] and old["train_sha256"] == []
+    hashes = {"train": [f"{i:064x}" for i in range(len(history["split"]["train"]))],
+              "val": [None] * len(history["split"]["val"])}
+    write_test_history(history_path_for(weights), {**history, "split_sha256": hashes, "weights_sha256": "cd" * 32})
+    assert training_record(weights, "ef" * 32)["status"] == "other_weights", "fine-tune ran again since these weights"
+    record = training_record(weights, "cd" * 32)
+    assert record["status"] == "recorded" and record["reason"] is None
+    assert record["train_sha256"] == sorted(hashes["train"]) and record["val_sha256"] == []

@@ -18,8 +18,8 @@ from sqlalchemy.orm import defer, sessionmaker
 from retrieval.catalog.db import (SCHEMA_LOCK_KEY, WRITER_LOCK_KEY, CatalogBusy, CatalogUnavailable, catalog_sqlite_file,
                                   damaged_reason, db_error_reason, make_engine, make_server_engine, mask_url)
 from retrieval.catalog.schema import (Base, ExtractionRow, FaissDigestRow, FaissFileRow, ImageRow, IndexSettingsRow,
-                                      SkippedRow, VectorIndexRow, VectorsSavedRow, blob_to_vector, utcnow,
-                                      vector_checksum, vector_to_blob)
+                                      SkippedRow, VectorIndexRow, VectorsSavedRow, WeightsTrainingRow, blob_to_vector,
+                                      utcnow, vector_checksum, vector_to_blob)
 from retrieval.features.weights import WeightsChoice
 
 log = logging.getLogger(__name__)
@@ -492,6 +492,22 @@ class Catalog:
                 devices.append(device)
             record["last"] = {"precision": precision, "device": device, "decode": decode}
             s.merge(ExtractionRow(id=1, record=json.dumps(record, sort_keys=True)))
+
+    # which images the network was fine-tuned on
+    def training_record(self) -> dict | None:
+        """What index-images recorded of the images its weights file was fine-tuned on
+        (retrieval.learning.history.training_record, with "weights_identity"), or None: weights that are not a file,
+        or an index made before this was recorded."""
+        try:
+            with self.Session() as s:
+                text = s.scalar(select(WeightsTrainingRow.record).where(WeightsTrainingRow.id == 1))
+        except OperationalError:   # no such table: an older catalog opened read-only
+            return None
+        return json.loads(text) if text else None
+
+    def save_training_record(self, record: dict) -> None:
+        with self.Session.begin() as s:
+            s.merge(WeightsTrainingRow(id=1, record=json.dumps(record, sort_keys=True)))
 
 
 def _vector_columns(vec: np.ndarray) -> dict:

@@ -149,6 +149,16 @@ class ExtractionRow(Base):
     record: Mapped[str] = mapped_column(String)   # JSON, see Catalog.note_extraction
 
 
+class WeightsTrainingRow(Base):
+    """Which images the index's network was fine-tuned on (one row; only for weights from a file): the content hashes
+    of fine-tune's training and validation images, taken from its history when the index was made, so the index
+    knows them even once the weights and history files move. evaluate-index leaves the training images out."""
+    __tablename__ = "weights_training"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    record: Mapped[str] = mapped_column(String)   # JSON, see retrieval.learning.history.training_record
+
+
 def vector_to_blob(vec: np.ndarray) -> bytes:
     return np.ascontiguousarray(vec, dtype=np.float32).tobytes()
 

@@ -70,3 +70,15 @@ def file_sha256(path: Path) -> str:
         except OSError:
             pass               # read now, and let its error (if any) be the caller's
     return _sha256(path)
+
+
+def files_sha256(folder: Path, paths: list[str]) -> list[str | None]:
+    """The hex sha256 of each file at folder/path (the hash the catalog keeps of an image), None for a file that
+    cannot be read now."""
+    hashes: list[str | None] = []
+    for path in paths:
+        try:
+            hashes.append(_sha256(Path(folder) / path))
+        except OSError:
+            hashes.append(None)
+    return hashes

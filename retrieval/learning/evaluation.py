@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.catalog import Catalog, weights_label
+from retrieval.catalog import Catalog, IndexSettings, weights_label
+from retrieval.learning.history import TRAINING_RECORDED
 from retrieval.learning.metrics import EvaluationError, evaluate_vectors   # EvaluationError: the metrics' check_labels raises it too
 from retrieval.names import DEFAULT_KS
 from retrieval.system import display_name
@@ -55,8 +56,74 @@ def load_labelled_vectors(catalog: Catalog) -> LabelledVectors:
                            paths, hashes)
 
 
-def _load_index(index_dir: Path | str, db_url: str | None = None) -> tuple[dict, LabelledVectors]:
-    """-> ({dir, model, layer, weights, weights_label, weights_identity, seed, dim, normalize, data_dir}, its labelled vectors).
+# --- the images the network was fine-tuned on ---------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TrainingImages:
+    """What an index knows of the images its network was fine-tuned on (recorded by index-images from the history)."""
+    status: str                      # "none" (ImageNet or random weights), "recorded", or why they are unknown
+    train_sha256: frozenset[str] = frozenset()
+    val_sha256: frozenset[str] = frozenset()
+    reason: str | None = None        # why they cannot be told apart (status neither "none" nor "recorded")
+
+    @property
+    def known(self) -> bool:
+        return self.status in ("none", TRAINING_RECORDED)
+
+
+def training_images(catalog: Catalog, settings: IndexSettings) -> TrainingImages:
+    """The index's record of its network's training images (Catalog.training_record), as a TrainingImages."""
+    if not settings.weights_choice.is_file:
+        return TrainingImages("none")
+    record = catalog.training_record()
+    if record is None:
+        return TrainingImages("not_recorded", reason="the index was made before index-images recorded the images its "
+                              "weights were fine-tuned on; run index-images on it again to record them (it reads the "
+                              "fine-tune history next to the weights file)")
+    if record.get("weights_identity") != settings.weights_identity:
+        return TrainingImages("other_weights", reason="the record of training images is for other weights")
+    if record["status"] != TRAINING_RECORDED:
+        return TrainingImages(record["status"], reason=record["reason"])
+    return TrainingImages(TRAINING_RECORDED, frozenset(record["train_sha256"]), frozenset(record["val_sha256"]))
+
+
+def _training_facts(training: TrainingImages, hashes: Sequence[str], include: bool) -> dict:
+    """The "training_images" entry of a result: {"status": "excluded" | "included" | "unknown" | "none",
+    "in_index": the evaluated set's images the network trained on (None when unknown), "reason"}."""
+    if training.status == "none":
+        return {"status": "none", "in_index": 0, "reason": None}
+    if not training.known:
+        return {"status": "unknown", "in_index": None, "reason": training.reason}
+    return {"status": "included" if include else "excluded",
+            "in_index": sum(1 for h in hashes if h in training.train_sha256), "reason": None}
+
+
+def _held_out_notes(facts: dict, evaluated: int, excluded: int, validation: int) -> list[str]:
+    """What the result says of the training images, in words."""
+    status = facts["status"]
+    if status == "excluded" and excluded:
+        notes = [f"{excluded} labelled image(s) the network was fine-tuned on left out of the queries: the "
+                 f"{evaluated} held-out images query the whole index (training images included, as a search does) "
+                 "and the linear probe trains on the training images"]
+    elif status == "included":
+        notes = [f"training images included (as asked): {facts['in_index']} of the {evaluated} evaluated images "
+                 "are ones the network was fine-tuned on, which flatters it"]
+    elif status == "unknown":
+        notes = [f"the images the network was fine-tuned on cannot be told apart ({facts['reason']}): all "
+                 f"{evaluated} labelled images are evaluated, training images possibly among them"]
+    else:
+        notes = []
+    if validation:
+        notes.append(f"{validation} of the evaluated images were fine-tune's validation images, which chose the "
+                     "epoch kept: new images are the fairest test")
+    return notes
+
+
+# --- one index, two indexes -----------------------------------------------------------------------------
+
+def _load_index(index_dir: Path | str, db_url: str | None = None) -> tuple[dict, LabelledVectors, TrainingImages]:
+    """-> ({dir, model, layer, weights, weights_label, weights_identity, seed, dim, normalize, data_dir}, its labelled
+    vectors, its network's training images).
 
     db_url: the catalog's URL (None: SQLite in index_dir). Raises FileNotFoundError for a folder without an index,
     catalog.CatalogUnavailable when its database cannot be reached."""
@@ -64,30 +131,49 @@ def _load_index(index_dir: Path | str, db_url: str | None = None) -> tuple[dict,
     try:
         settings = catalog.settings()
         data = load_labelled_vectors(catalog)
+        if settings is None:
+            raise FileNotFoundError(f"the index at {index_dir} has no settings yet; run index-images first")
+        training = training_images(catalog, settings)
     finally:
         catalog.close()
-    if settings is None:
-        raise FileNotFoundError(f"the index at {index_dir} has no settings yet; run index-images first")
     about = {"dir": str(index_dir), "model": settings.model, "layer": settings.layer, "weights": settings.weights,
              "weights_label": weights_label(settings), "weights_identity": settings.weights_identity,
              "seed": settings.seed, "dim": settings.dim,
              "normalize": settings.normalize, "data_dir": settings.data_dir}
-    return about, data
+    return about, data, training
 
 
 def evaluate_index(index_dir: Path | str, ks: Sequence[int] = DEFAULT_KS, *, seed: int = 0, probe: bool = True,
-                   db_url: str | None = None) -> dict:
-    """evaluate_vectors on an index folder's stored vectors, plus {"index": {dir, model, layer, weights,
-    weights_label (a file's name and short hash, never its path), weights_identity, seed, dim, normalize, data_dir}}.
+                   db_url: str | None = None, include_training_images: bool = False) -> dict:
+    """evaluate_vectors on an index folder's stored vectors, on the images its network was not fine-tuned on.
+
+    The images the index records as its network's training images (by content hash) are left out of the queries
+    unless include_training_images; they stay in the searched collection. -> evaluate_vectors' result plus
+    {"index": {dir, model, layer, weights, weights_label (a file's name and short hash, never its path),
+    weights_identity, seed, dim, normalize, data_dir}, "evaluated_images": n, "excluded_training_images": n,
+    "training_images": {status ("excluded", "included", "unknown": not recorded, "none": not fine-tuned), in_index,
+    reason}}.
 
     db_url: the catalog's URL (None: SQLite in index_dir). Raises FileNotFoundError for a folder without an
     index, catalog.CatalogUnavailable when its database cannot be reached, EvaluationError when it cannot be
-    evaluated.
+    evaluated (no held-out image left among them).
     """
-    about, data = _load_index(index_dir, db_url)
-    log.info("evaluating %d labelled vectors (%d unlabelled left out)", len(data.labels), data.unlabelled)
-    result = evaluate_vectors(data.vectors, data.labels, ks, seed=seed, probe=probe, unlabelled=data.unlabelled)
-    return {"index": about, **result}
+    about, data, training = _load_index(index_dir, db_url)
+    facts = _training_facts(training, data.sha256, include_training_images)
+    trained = np.array([h in training.train_sha256 for h in data.sha256], dtype=bool)
+    exclude = trained if facts["status"] == "excluded" else np.zeros(len(trained), dtype=bool)
+    if exclude.any() and exclude.all():
+        raise EvaluationError(
+            f"all {len(exclude)} labelled images of the index are ones its network was fine-tuned on, so none is "
+            "left to evaluate on; index new images of the same classes with it, or pass --include-training-images "
+            "(flattering)")
+    log.info("evaluating %d labelled vectors (%d unlabelled, %d training images left out)", int((~exclude).sum()),
+             data.unlabelled, int(exclude.sum()))
+    result = evaluate_vectors(data.vectors, data.labels, ks, seed=seed, probe=probe, unlabelled=data.unlabelled,
+                              queries=None if not exclude.any() else ~exclude)
+    validation = sum(1 for h, x in zip(data.sha256, exclude) if not x and h in training.val_sha256)
+    result["notes"] = _held_out_notes(facts, result["evaluated_images"], int(exclude.sum()), validation) + result["notes"]
+    return {"index": about, **result, "excluded_training_images": int(exclude.sum()), "training_images": facts}
 
 
 MATCHED_BY = "path relative to the data folder, label and content hash (sha256)"
@@ -116,29 +202,65 @@ def match_images(a: LabelledVectors, b: LabelledVectors) -> tuple[list[int], lis
 
 
 def compare_indexes(index_a: Path | str, index_b: Path | str, ks: Sequence[int] = DEFAULT_KS, *, seed: int = 0,
-                    probe: bool = True, db_url: str | None = None) -> dict:
-    """evaluate_vectors on each index, restricted to the labelled images both hold (match_images), in the same order.
+                    probe: bool = True, db_url: str | None = None, include_training_images: bool = False) -> dict:
+    """evaluate_vectors on each index, restricted to the labelled images both hold (match_images), in the same order,
+    with the same queries: the images neither network was fine-tuned on (the union of both indexes' training images
+    is left out of the queries, unless include_training_images).
 
-    -> {"a": result, "b": result (each as evaluate_index's, with "index"), "matched": {images, only_a, only_b,
-    differing, by}}. The linear probe uses the same seeded split on both. Raises FileNotFoundError (no index),
-    EvaluationError (no shared labelled image, or too few to evaluate)."""
-    about_a, data_a = _load_index(index_a, db_url)   # db_url: index_a's catalog; index_b's is SQLite in its folder
-    about_b, data_b = _load_index(index_b)
+    -> {"a": result, "b": result (each as evaluate_index's, with "index", "evaluated_images",
+    "excluded_training_images" and its own "training_images"), "matched": {images, only_a, only_b, differing, by,
+    evaluated_images, excluded_training_images}}. The linear probe uses the same split on both. Raises
+    FileNotFoundError (no index), EvaluationError (no shared labelled image, or too few to evaluate)."""
+    about_a, data_a, training_a = _load_index(index_a, db_url)   # db_url: index_a's catalog; index_b's is SQLite in its folder
+    about_b, data_b, training_b = _load_index(index_b)
     rows_a, rows_b, counts = match_images(data_a, data_b)
     if not rows_a:
         raise EvaluationError(
             f"the two indexes share no labelled image ({len(data_a.labels)} labelled in {index_a}, {len(data_b.labels)} "
             f"in {index_b}; {counts['differing']} path(s) in both with another label or content). Compare indexes of "
             "the same labelled folder: index it again with the other network into a second --index-dir.")
-    log.info("comparing on %d shared labelled images", len(rows_a))
+    parts = {"a": data_a.subset(rows_a), "b": data_b.subset(rows_b)}
+    hashes = parts["a"].sha256                                   # the same content on both sides
+    facts = {"a": _training_facts(training_a, hashes, include_training_images),
+             "b": _training_facts(training_b, hashes, include_training_images)}
+    excluded_hashes = set()
+    for side, training in (("a", training_a), ("b", training_b)):
+        if facts[side]["status"] == "excluded":
+            excluded_hashes |= training.train_sha256
+    exclude = np.array([h in excluded_hashes for h in hashes], dtype=bool)
+    if exclude.all():
+        raise EvaluationError(
+            f"all {len(exclude)} labelled images the two indexes share are ones a network was fine-tuned on, so none "
+            "is left to evaluate on; index new images of the same classes with both, or pass "
+            "--include-training-images (flattering)")
+    validation_hashes = training_a.val_sha256 | training_b.val_sha256
+    validation = sum(1 for h, x in zip(hashes, exclude) if not x and h in validation_hashes)
+    log.info("comparing on %d shared labelled images (%d training images left out)", len(rows_a), int(exclude.sum()))
     results = {}
-    for side, about, data, rows in (("a", about_a, data_a, rows_a), ("b", about_b, data_b, rows_b)):
-        part = data.subset(rows)
-        result = evaluate_vectors(part.vectors, part.labels, ks, seed=seed, probe=probe, unlabelled=data.unlabelled)
+    for side, about, data in (("a", about_a, data_a), ("b", about_b, data_b)):
+        part = parts[side]
+        result = evaluate_vectors(part.vectors, part.labels, ks, seed=seed, probe=probe, unlabelled=data.unlabelled,
+                                  queries=None if not exclude.any() else ~exclude)
+        notes = _held_out_notes(facts[side], result["evaluated_images"], 0, 0)
+        if facts[side]["status"] == "excluded" and facts[side]["in_index"]:
+            notes.append(f"this network was fine-tuned on {facts[side]['in_index']} of the shared images "
+                         "(left out of both sides' queries)")
         left_out = counts["only_a" if side == "a" else "only_b"] + counts["differing"]
         if left_out:
-            result["notes"].append(f"{left_out} labelled image(s) of this index left out: not in the other index "
-                                   "with the same label and content")
-        results[side] = {"index": about, **result}
+            notes.append(f"{left_out} labelled image(s) of this index left out: not in the other index "
+                         "with the same label and content")
+        result["notes"] = notes + result["notes"]
+        results[side] = {"index": about, **result, "excluded_training_images": int(exclude.sum()),
+                         "training_images": facts[side]}
+    shared = []
+    if exclude.any():
+        shared.append(f"{int(exclude.sum())} shared image(s) a network was fine-tuned on left out of the queries: "
+                      f"both are scored on the same {results['a']['evaluated_images']} held-out images, which query "
+                      "all the shared images")
+    if validation:
+        shared.append(f"{validation} of the evaluated images were fine-tune's validation images, which chose the "
+                      "epoch kept: new images are the fairest test")
     return {**results, "matched": {"images": counts["matched"], "only_a": counts["only_a"], "only_b": counts["only_b"],
-                                   "differing": counts["differing"], "by": MATCHED_BY}}
+                                   "differing": counts["differing"], "by": MATCHED_BY,
+                                   "evaluated_images": results["a"]["evaluated_images"],
+                                   "excluded_training_images": int(exclude.sum()), "notes": shared}}

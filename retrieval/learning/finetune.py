@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from retrieval.features.backbones import MODELS, load_state_dict, preprocessing_for, random_state_dict, resolve_device
+from retrieval.features.digests import file_sha256, files_sha256
 from retrieval.files import atomic_write
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, Preprocessing
 from retrieval.images.scan import DEFAULT_MAX_FILE_BYTES
@@ -134,6 +135,9 @@ def fine_tune(cfg: FineTuneConfig, report: Report | None = None) -> FineTuneResu
         raise FineTuneError(f"no readable {'training' if len(train_set) == 0 else 'validation'} images left "
                             f"({len(skipped)} file(s) skipped)")
     rel = lambda idx, ok: [data.files[i].path for i in idx if data.files[i].path not in ok]  # noqa: E731
+    split = {"train": rel(train_idx, skipped), "val": rel(val_idx, skipped)}
+    # the content hash of each split image (as the catalog keeps it): an index made with these weights knows them
+    split_sha256 = {part: files_sha256(cfg.data_dir, paths) for part, paths in split.items()}
 
     chance = math.log(len(data.classes))
     net.set_trainable(cfg.train)
@@ -151,13 +155,14 @@ def fine_tune(cfg: FineTuneConfig, report: Report | None = None) -> FineTuneResu
         "momentum": float(cfg.momentum) if cfg.optimizer == "sgd" else None, "epochs": cfg.epochs,
         "batch_size": cfg.batch_size, "patience": cfg.patience, "val_fraction": float(cfg.val_fraction),
         "seed": cfg.seed, "classes": data.classes,
-        "split": {"train": rel(train_idx, skipped), "val": rel(val_idx, skipped)},
+        "split": split, "split_sha256": split_sha256,
         "initial_loss": float(initial), "chance_loss": chance, "sanity": sanity,
         "epochs_run": [], "best_epoch": 0, "best_val_accuracy": 0.0, "stopped": "completed", "seconds": 0.0,
     }
     filters_before = net.net.features[0].weight.detach().cpu().numpy().copy() if cfg.train == "all" else None
     weights_path = _train(net, train_set, val_set, cfg, prep, device, gen, history, report)
     history["seconds"] = time.perf_counter() - started
+    history["weights_sha256"] = file_sha256(weights_path) if weights_path is not None else None   # whose split this is
     if filters_before is not None and weights_path is not None:   # "after": the saved (best) epoch's filters
         after = torch.load(weights_path, map_location="cpu", weights_only=True)["features.0.weight"].numpy()
         write_filters(cfg.history_path, filters_before, after)

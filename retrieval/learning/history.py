@@ -66,6 +66,10 @@ def _kind(value: Any, types: tuple[type, ...]) -> bool:
     return isinstance(value, types) and not (isinstance(value, float) and not math.isfinite(value))
 
 
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 def validate_history(history: Any, where: str = "history") -> dict:
     """Check a parsed history against the format (extra fields are allowed). -> history; raises HistoryError."""
     def fail(what: str) -> HistoryError:
@@ -94,6 +98,15 @@ def validate_history(history: Any, where: str = "history") -> dict:
         for name, types in _SANITY_FIELDS.items():
             if not _kind(history["sanity"].get(name), types):
                 raise fail(f"'sanity.{name}' should be {types[0].__name__}")
+    if history.get("split_sha256") is not None:     # written since fine-tune records the split's content hashes
+        hashes = history["split_sha256"]
+        for part in ("train", "val"):
+            got = hashes.get(part) if isinstance(hashes, dict) else None
+            if (not isinstance(got, list) or len(got) != len(split[part])
+                    or not all(h is None or _is_sha256(h) for h in got)):
+                raise fail(f"'split_sha256.{part}' should list a sha256 (or null) for each path of 'split.{part}'")
+    if history.get("weights_sha256") is not None and not _is_sha256(history["weights_sha256"]):
+        raise fail("'weights_sha256' should be a sha256 in hex")
     for i, row in enumerate(history["epochs_run"]):
         if not isinstance(row, dict) or not _kind(row.get("epoch"), (int,)):
             raise fail(f"'epochs_run[{i}]' should be an object with an 'epoch' number")
@@ -108,6 +121,39 @@ def validate_history(history: Any, where: str = "history") -> dict:
     if history["stopped"] not in STOPPED:
         raise fail(f"'stopped' should be one of {', '.join(STOPPED)}, not {history['stopped']!r}")
     return history
+
+
+# What an index made with a fine-tune's weights file knows of the images they were trained on (training_record)
+TRAINING_RECORDED = "recorded"          # the history's content hashes of the split, for these very weights
+TRAINING_UNKNOWN = ("no_history", "no_hashes", "other_weights", "unreadable")
+
+
+def training_record(weights_file: Path | str, weights_sha256: str) -> dict:
+    """Which images a fine-tuned weights file was trained on, from the history next to it (history_path_for):
+    what index-images keeps in the catalog, so the index knows them even once the files move.
+
+    weights_sha256: the hash of the weights file as the index records it. -> {"status", "history" (the file looked
+    at), "train_sha256" and "val_sha256" (sorted, unique content hashes; empty unless "recorded"), "reason" (why
+    the training images cannot be told apart; None when recorded)}. status: TRAINING_RECORDED, or one of
+    TRAINING_UNKNOWN: no history there, a history written before fine-tune recorded content hashes, a history of
+    other weights (fine-tune ran again since), or one that cannot be read."""
+    path = history_path_for(weights_file)
+    record = {"status": TRAINING_RECORDED, "history": str(path), "train_sha256": [], "val_sha256": [], "reason": None}
+    try:
+        history = load_history(path)
+    except HistoryNotFound:
+        return {**record, "status": "no_history", "reason": f"no fine-tune history ({path.name}) next to the weights"}
+    except HistoryError as exc:
+        return {**record, "status": "unreadable", "reason": f"the fine-tune history cannot be read ({exc})"}
+    hashes = history.get("split_sha256")
+    if hashes is None:
+        return {**record, "status": "no_hashes",
+                "reason": f"{path.name} was written by an older fine-tune, which kept the split's paths but not "
+                          "the images' content hashes"}
+    if history.get("weights_sha256") not in (None, weights_sha256):
+        return {**record, "status": "other_weights",
+                "reason": f"{path.name} describes another weights file (fine-tune ran again since these weights)"}
+    return {**record, **{f"{part}_sha256": sorted({h for h in hashes[part] if h is not None}) for part in ("train", "val")}}
 
 
 def write_history(path: Path | str, history: dict) -> Path:

@@ -57,8 +57,9 @@ def vote(hits: Sequence[LabelledHit], k: int) -> dict | None:
 
 # --- the metrics --------------------------------------------------------------------------------------
 
-def check_labels(labels: Sequence[str]) -> dict[str, int]:
-    """-> images per label, sorted by label. Raises EvaluationError unless there are >= 2 labels with >= 2 images each."""
+def check_labels(labels: Sequence[str], queries: np.ndarray | None = None) -> dict[str, int]:
+    """-> images per label, sorted by label. Raises EvaluationError unless there are >= 2 labels and every query's
+    label has >= 2 images (itself and one to find). queries: shape=(n,) bool, the images that query (None: all)."""
     counts: dict[str, int] = {}
     for label in labels:
         counts[label] = counts.get(label, 0) + 1
@@ -68,7 +69,8 @@ def check_labels(labels: Sequence[str]) -> dict[str, int]:
         raise EvaluationError(
             f"evaluation needs labelled images of at least two classes; the index has {found}. "
             "Index a folder with one subfolder per class (data/<class>/<image>) to label the images.")
-    single = [label for label, n in counts.items() if n < 2]
+    asking = set(labels) if queries is None else {label for label, q in zip(labels, queries) if q}
+    single = [label for label, n in counts.items() if n < 2 and label in asking]
     if single:
         shown = ", ".join(repr(s) for s in single[:10]) + (" ..." if len(single) > 10 else "")
         raise EvaluationError(
@@ -90,31 +92,34 @@ def pairwise_distances(queries: np.ndarray, base: np.ndarray, base_sq: np.ndarra
     return np.sqrt(np.maximum(q_sq[:, None] + base_sq[None, :] - 2.0 * dots, 0.0))
 
 
-def leave_one_out(vectors: np.ndarray, codes: np.ndarray, ks: Sequence[int],
-                  chunk: int = QUERY_CHUNK) -> dict[str, np.ndarray]:
-    """Each image queries all the others (its own entry excluded), exact L2 distances.
+def leave_one_out(vectors: np.ndarray, codes: np.ndarray, ks: Sequence[int], chunk: int = QUERY_CHUNK,
+                  queries: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Each query image searches all the other images (its own entry excluded), exact L2 distances.
 
-    vectors: shape=(n, dim) float32; codes: shape=(n,) int class index; ks: neighbour counts, each <= n - 1.
+    vectors: shape=(n, dim) float32; codes: shape=(n,) int class index; ks: neighbour counts, each <= n - 1;
+    queries: shape=(q,) int, the rows that query (None: every row); every row is searched.
     The ranking sorts by distance; equal distances keep row order (id order from an index; a stable sort).
-    -> {"precision": shape=(len(ks), n) float64, precision@k of each query over its k nearest;
-        "ap": shape=(n,) float64, average precision over the whole ranking (relevant = same class);
-        "predicted": shape=(len(ks), n) int, kNN majority-vote class (vote_labels' tie rule)}.
+    -> {"precision": shape=(len(ks), q) float64, precision@k of each query over its k nearest;
+        "ap": shape=(q,) float64, average precision over the whole ranking (relevant = same class);
+        "predicted": shape=(len(ks), q) int, kNN majority-vote class (vote_labels' tie rule)}.
     """
     n = len(vectors)
     assert vectors.ndim == 2 and codes.shape == (n,), "one class code per vector"
     assert all(1 <= k <= n - 1 for k in ks), f"every k must be in 1..{n - 1}"
     assert np.isfinite(vectors).all(), "vectors must be finite"
-    precision = np.zeros((len(ks), n))
-    ap = np.zeros(n)
-    predicted = np.zeros((len(ks), n), dtype=np.int64)
+    queries = np.arange(n) if queries is None else np.asarray(queries, dtype=np.int64)
+    q = len(queries)
+    precision = np.zeros((len(ks), q))
+    ap = np.zeros(q)
+    predicted = np.zeros((len(ks), q), dtype=np.int64)
     kmax = max(ks)
     base_sq = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
-    for start in range(0, n, chunk):
-        rows = np.arange(start, min(n, start + chunk))
-        d = pairwise_distances(vectors[rows], vectors, base_sq)              # (c, n)
-        d[np.arange(len(rows)), rows] = np.inf                               # leave the query itself out
+    for start in range(0, q, chunk):
+        rows = np.arange(start, min(q, start + chunk))                       # positions among the queries
+        d = pairwise_distances(vectors[queries[rows]], vectors, base_sq)     # (c, n)
+        d[np.arange(len(rows)), queries[rows]] = np.inf                      # leave the query itself out
         order = np.argsort(d, axis=1, kind="stable")[:, :n - 1]              # (c, n - 1), self was last
-        relevant = codes[order] == codes[rows][:, None]                      # (c, n - 1) bool
+        relevant = codes[order] == codes[queries[rows]][:, None]             # (c, n - 1) bool
         hits = np.cumsum(relevant, axis=1)                                   # relevant among the first r
         for j, k in enumerate(ks):
             precision[j, rows] = hits[:, k - 1] / k
@@ -128,10 +133,13 @@ def leave_one_out(vectors: np.ndarray, codes: np.ndarray, ks: Sequence[int],
     return {"precision": precision, "ap": ap, "predicted": predicted}
 
 
-def linear_probe(vectors: np.ndarray, codes: np.ndarray, seed: int, test_share: float = PROBE_TEST_SHARE) -> dict:
-    """Logistic regression on standardised features, stratified train/test split (seeded).
+def linear_probe(vectors: np.ndarray, codes: np.ndarray, seed: int, test_share: float = PROBE_TEST_SHARE,
+                 test_rows: np.ndarray | None = None) -> dict:
+    """Logistic regression on standardised features, stratified train/test split (seeded), or tested on test_rows
+    (shape=(t,) int) and trained on all the other rows.
 
-    vectors: shape=(n, dim) float32; codes: shape=(n,) int, every class with >= 2 images.
+    vectors: shape=(n, dim) float32; codes: shape=(n,) int, every class with >= 2 images (seeded split) or at least
+    two classes among the training rows (test_rows).
     -> {"train": n_train, "test": n_test, "y_test": shape=(n_test,), "predicted": shape=(n_test,), "converged": bool}.
     """
     from sklearn.exceptions import ConvergenceWarning
@@ -141,9 +149,14 @@ def linear_probe(vectors: np.ndarray, codes: np.ndarray, seed: int, test_share: 
     from sklearn.preprocessing import StandardScaler
 
     n, classes = len(codes), len(np.unique(codes))
-    n_test = min(n - classes, max(classes, round(test_share * n)))   # each side needs every class
-    x_train, x_test, y_train, y_test = train_test_split(vectors, codes, test_size=n_test, stratify=codes,
-                                                        random_state=seed)
+    if test_rows is None:
+        n_test = min(n - classes, max(classes, round(test_share * n)))   # each side needs every class
+        x_train, x_test, y_train, y_test = train_test_split(vectors, codes, test_size=n_test, stratify=codes,
+                                                            random_state=seed)
+    else:
+        testing = np.zeros(n, dtype=bool)
+        testing[test_rows] = True
+        x_train, x_test, y_train, y_test = vectors[~testing], vectors[testing], codes[~testing], codes[testing]
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
@@ -154,26 +167,36 @@ def linear_probe(vectors: np.ndarray, codes: np.ndarray, seed: int, test_share: 
 
 
 def evaluate_vectors(vectors: np.ndarray, labels: Sequence[str], ks: Sequence[int] = DEFAULT_KS, *, seed: int = 0,
-                     probe: bool = True, unlabelled: int = 0) -> dict:
+                     probe: bool = True, unlabelled: int = 0, queries: np.ndarray | None = None) -> dict:
     """All the numbers of `evaluate-index` for labelled vectors, as one JSON-ready dict.
 
     vectors: shape=(n, dim) float32 (as stored); labels: n class names; ks: neighbour counts, those
-    above n - 1 are left out with a note. Keys (k-keyed maps use str(k)):
-      images {labelled, unlabelled, classes}, labels [names], counts {label: images}, ks [ints],
+    above n - 1 are left out with a note. queries: shape=(n,) bool, the images evaluated (held out); None: all.
+    Every image is searched, but only the queries ask: their precision, AP and kNN vote are the numbers, and
+    the linear probe trains on the other images and is tested on the queries (with every image querying, it
+    uses a seeded stratified split). Keys (k-keyed maps use str(k)):
+      images {labelled, unlabelled, classes}, evaluated_images (the queries), labels [names], counts {label: images}, ks [ints],
       retrieval {precision_at_k {k: mean}, map}, knn {accuracy {k: rate}, k, confusion [[...]]},
-      linear_probe {accuracy, train, test, seed, converged, confusion [[...]]} or None,
-      per_class {label: {images, precision_at_k {k}, average_precision, knn_accuracy {k}, probe_accuracy}},
-      chance {retrieval_precision, majority_class, uniform}, notes [str].
+      linear_probe {accuracy, train, test, seed, split ("seeded" | "held_out"), converged, confusion [[...]]} or None,
+      per_class {label: {images (queries), precision_at_k {k}, average_precision, knn_accuracy {k}, probe_accuracy}}
+      for each label with a query, chance {retrieval_precision, majority_class, uniform}, notes [str].
     Confusion matrices: rows = true label, columns = predicted, both in `labels` order; the kNN one is
-    leave-one-out at the largest k. Raises EvaluationError (fewer than 2 labels, a label with 1 image).
+    leave-one-out at the largest k. Raises EvaluationError (fewer than 2 labels, a query's label with 1 image,
+    no query).
     """
     from sklearn.metrics import accuracy_score, confusion_matrix, recall_score
 
-    counts = check_labels(labels)
+    n = len(labels)
+    asking = np.ones(n, dtype=bool) if queries is None else np.asarray(queries, dtype=bool)
+    assert asking.shape == (n,), "one query flag per label"
+    counts = check_labels(labels, asking)
+    if not asking.any():
+        raise EvaluationError(f"none of the {n} labelled images is left to evaluate")
     names = list(counts)
     position = {name: c for c, name in enumerate(names)}
     codes = np.array([position[label] for label in labels], dtype=np.int64)
-    n = len(labels)
+    rows = np.flatnonzero(asking)                        # (q,) the queries' rows
+    q_codes = codes[rows]
     vectors = np.asarray(vectors, dtype=np.float32)
     assert vectors.shape[0] == n, "one label per vector"
     notes = []
@@ -186,18 +209,21 @@ def evaluate_vectors(vectors: np.ndarray, labels: Sequence[str], ks: Sequence[in
     if unlabelled:
         notes.append(f"{unlabelled} unlabelled image(s) left out (neither queries nor neighbours)")
 
-    loo = leave_one_out(vectors, codes, ks)
+    loo = leave_one_out(vectors, codes, ks, queries=rows)
     sizes = np.array([counts[name] for name in names])
+    asked = np.bincount(q_codes, minlength=len(names))   # queries per label
     label_ids = list(range(len(names)))
-    knn_conf = confusion_matrix(codes, loo["predicted"][-1], labels=label_ids)
-    knn_recall = {k: recall_score(codes, loo["predicted"][j], labels=label_ids, average=None, zero_division=0.0)
+    knn_conf = confusion_matrix(q_codes, loo["predicted"][-1], labels=label_ids)
+    knn_recall = {k: recall_score(q_codes, loo["predicted"][j], labels=label_ids, average=None, zero_division=0.0)
                   for j, k in enumerate(ks)}
 
     per_class = {}
     for c, name in enumerate(names):
-        mine = codes == c
+        mine = q_codes == c
+        if not mine.any():
+            continue
         per_class[name] = {
-            "images": int(sizes[c]),
+            "images": int(asked[c]),
             "precision_at_k": {str(k): float(loo["precision"][j, mine].mean()) for j, k in enumerate(ks)},
             "average_precision": float(loo["ap"][mine].mean()),
             "knn_accuracy": {str(k): float(knn_recall[k][c]) for k in ks},
@@ -205,43 +231,53 @@ def evaluate_vectors(vectors: np.ndarray, labels: Sequence[str], ks: Sequence[in
         }
 
     probe_result = None
-    if probe:
-        p = linear_probe(vectors, codes, seed)
+    held_out = queries is not None and not asking.all()
+    trainable = len(np.unique(codes[~asking])) >= 2 if held_out else True
+    if probe and not trainable:
+        notes.append("no linear probe: it trains on the images left out of the queries, and those hold fewer than "
+                     "two labels")
+    if probe and trainable:
+        p = linear_probe(vectors, codes, seed, test_rows=rows if held_out else None)
         recall = recall_score(p["y_test"], p["predicted"], labels=label_ids, average=None, zero_division=0.0)
         tested = np.bincount(p["y_test"], minlength=len(names))
         for c, name in enumerate(names):
-            per_class[name]["probe_accuracy"] = float(recall[c]) if tested[c] else None
+            if name in per_class:
+                per_class[name]["probe_accuracy"] = float(recall[c]) if tested[c] else None
         probe_result = {"accuracy": float(accuracy_score(p["y_test"], p["predicted"])), "train": p["train"],
-                        "test": p["test"], "seed": seed, "converged": p["converged"],
+                        "test": p["test"], "seed": seed, "split": "held_out" if held_out else "seeded",
+                        "converged": p["converged"],
                         "confusion": confusion_matrix(p["y_test"], p["predicted"], labels=label_ids).tolist()}
         if not p["converged"]:
             notes.append("the linear probe's solver did not fully converge (2000 iterations)")
 
     return {
         "images": {"labelled": n, "unlabelled": int(unlabelled), "classes": len(names)},
+        "evaluated_images": len(rows),
         "labels": names,
         "counts": counts,
         "ks": ks,
         "retrieval": {"precision_at_k": {str(k): float(loo["precision"][j].mean()) for j, k in enumerate(ks)},
                       "map": float(loo["ap"].mean())},
-        "knn": {"accuracy": {str(k): float(accuracy_score(codes, loo["predicted"][j])) for j, k in enumerate(ks)},
+        "knn": {"accuracy": {str(k): float(accuracy_score(q_codes, loo["predicted"][j])) for j, k in enumerate(ks)},
                 "k": ks[-1], "confusion": knn_conf.tolist()},
         "linear_probe": probe_result,
         "per_class": per_class,
-        "chance": chance_levels(sizes),
+        "chance": chance_levels(sizes, asked),
         "notes": notes,
     }
 
 
-def chance_levels(sizes: np.ndarray) -> dict[str, float]:
-    """Chance levels for class sizes, shape=(C,).
+def chance_levels(sizes: np.ndarray, queries: np.ndarray | None = None) -> dict[str, float]:
+    """Chance levels for class sizes, shape=(C,) (images searched), and the queries per class, shape=(C,)
+    (None: every image queries).
 
     retrieval_precision: the expected precision (at any k) of a random ranking, leave-one-out:
-      sum_c n_c (n_c - 1) / (n (n - 1)); mAP of a random ranking is about the same.
-    majority_class: accuracy of always answering the largest class (max n_c / n).
+      sum_c q_c (n_c - 1) / (q (n - 1)); mAP of a random ranking is about the same.
+    majority_class: accuracy of always answering the largest class among the queries (max q_c / q).
     uniform: accuracy of a uniformly random guess among the classes (1 / C).
     """
     sizes = np.asarray(sizes, dtype=np.float64)
-    n = sizes.sum()
-    return {"retrieval_precision": float((sizes * (sizes - 1)).sum() / (n * (n - 1))),
-            "majority_class": float(sizes.max() / n), "uniform": float(1.0 / len(sizes))}
+    asked = sizes if queries is None else np.asarray(queries, dtype=np.float64)
+    n, q = sizes.sum(), asked.sum()
+    return {"retrieval_precision": float((asked * (sizes - 1)).sum() / (q * (n - 1))),
+            "majority_class": float(asked.max() / q), "uniform": float(1.0 / len(sizes))}
