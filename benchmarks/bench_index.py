@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -245,9 +246,12 @@ def main() -> None:
         if memory:
             ours_peak = peak
             continue
-        ours.append({"images_per_second": out["images_per_second"], "wall_images_per_second": args.images / wall})
+        ours.append({"images_per_second": out["images_per_second"], "wall_images_per_second": args.images / wall,
+                     "precision": out["extraction"]["precision"], "load_average": os.getloadavg()[0]})
         print(f"run {run + 1}: naive {naive[-1]['wall_images_per_second']:.1f} img/s, "
-              f"index-images {ours[-1]['wall_images_per_second']:.1f} img/s (whole processes)", file=sys.stderr)
+              f"index-images {ours[-1]['wall_images_per_second']:.1f} img/s (whole processes, "
+              f"{ours[-1]['precision']}; load average {ours[-1]['load_average']:.1f}): "
+              f"{ours[-1]['wall_images_per_second'] / naive[-1]['wall_images_per_second']:.2f}x", file=sys.stderr)
 
     med = lambda rows, key: statistics.median(r[key] for r in rows)  # noqa: E731
     result = {

@@ -33,13 +33,16 @@ class Server:
     log_path and the index never reloaded; the constructor returns once /healthz answers 200, plus settle_s."""
 
     def __init__(self, index: Path, port: int, log_path: Path, *, threads: int = 8, env: dict[str, str] | None = None,
-                 device: str | None = None, settle_s: float = 0.0, prelude: str = ""):
-        """prelude: Python run in the server's main process before serve-images starts (its workers fork from it)."""
+                 device: str | None = None, settle_s: float = 0.0, prelude: str = "",
+                 command: list[str] | None = None):
+        """prelude: Python run in the server's main process before serve-images starts (its workers fork from it).
+        command: another server's command line to run instead (it must answer /healthz on port)."""
         self.port = port
         self.log = open(log_path, "w")   # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", f"{prelude}\nfrom commands.serve_images import main; main()", "--index-dir", str(index), "--port", str(port),
-             "--threads", str(threads), *(["--device", device] if device else [])],
+            command or [sys.executable, "-c", f"{prelude}\nfrom commands.serve_images import main; main()",
+                        "--index-dir", str(index), "--port", str(port), "--threads", str(threads),
+                        *(["--device", device] if device else [])],
             stdout=self.log, stderr=subprocess.STDOUT,
             env={**child_env(), "RETRIEVAL_RELOAD_INTERVAL_S": "0", **(env or {})})
         deadline = time.monotonic() + START_TIMEOUT_S

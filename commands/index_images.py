@@ -37,8 +37,9 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the network runs; auto picks a CUDA GPU when there is one.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="The network's arithmetic: bf16 (CUDA only; features within cosine 0.999 of fp32, about twice as "
-                   "fast) or fp32. auto: bf16 on CUDA, fp32 on the CPU. Recorded in the index.")
+              help="The network's arithmetic: bf16 (CUDA, or a CPU with AVX512-BF16 or AMX-BF16; features within "
+                   "cosine 0.999 of fp32) or fp32. auto: the index's recorded one; for a new index bf16 on CUDA, on "
+                   "a CPU with bf16 units whichever a start-up probe finds faster, else fp32. Recorded in the index.")
 @click.option("--decode", type=click.Choice(["auto", "workers", "device"]), default="auto", show_default=True,
               help="Where JPEGs are decoded: by the decoding workers (Pillow, reduced in the decoder to about the "
                    "network's size), or on the network's device (torchvision; nvJPEG on a GPU), falling back to "

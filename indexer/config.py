@@ -41,7 +41,8 @@ class JobConfig:
     normalize: bool | None = None     # L2-normalise vectors
     seed: int | None = None           # for --weights random; None: DEFAULT_RANDOM_SEED, or the index's
     device: str = "auto"
-    precision: str = "auto"           # the network's arithmetic: fp32, bf16 (CUDA), auto: bf16 on CUDA, else fp32
+    precision: str = "auto"           # the network's arithmetic: fp32, bf16 (CUDA; CPUs with bf16 units); auto: the
+                                      # index's recorded one, else bf16 on CUDA, the faster one on a bf16 CPU, fp32
     decode: str = "auto"              # JPEGs decoded by the "workers" (Pillow) or on the network's "device"
                                       # (torchvision; nvJPEG on CUDA); auto: both, see device_share()
     batch_size: int | str = "auto"    # images per forward pass (and per catalog transaction); "auto": from free GPU memory, 32 on CPU

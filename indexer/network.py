@@ -18,13 +18,18 @@ def load_network(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None,
     """The extract stage's network: the index's recorded one (a new index records its settings here).
 
     Raises ConfigError when the weights cannot be had, differ from the recorded ones, or the device is missing."""
-    from retrieval.features.backbones import DeviceUnavailable, PrecisionUnavailable, WeightsUnavailable, build_extractor
+    from retrieval.features.backbones import (DeviceUnavailable, PrecisionUnavailable, WeightsUnavailable,
+                                              build_extractor, precision_for_index, resolve_device)
     from retrieval.features.weights import weights_error_message
 
     try:
+        precision = cfg.precision
+        if precision == "auto" and stored is not None:   # an index's new vectors are computed as its others were
+            recorded = ((catalog.extraction_record() or {}).get("last") or {}).get("precision")
+            precision = precision_for_index(recorded, resolve_device(device))
         extractor, identity = build_extractor(chosen["model"], chosen["layer"], chosen["weights"], cfg.index_dir,
                                               device, seed=chosen["seed"], create=stored is None,
-                                              precision=cfg.precision)
+                                              precision=precision)
     except WeightsUnavailable as exc:
         raise ConfigError(weights_error_message(exc)) from exc
     except PrecisionUnavailable as exc:

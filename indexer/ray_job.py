@@ -138,11 +138,13 @@ class NetworkOnNodeError(RuntimeError):
 class NetworkActor:
     """The extract stage as a Ray Data actor: loads the index's recorded network once, then embeds batches."""
 
-    def __init__(self, settings: IndexSettings, index_dir: str, device: str, chunk: int | str, threads: int):
-        """threads: torch threads on the CPU (the node's cores shared among its actors; decoding runs niced)."""
+    def __init__(self, settings: IndexSettings, index_dir: str, device: str, chunk: int | str, threads: int,
+                 precision: str = "auto"):
+        """threads: torch threads on the CPU (the node's cores shared among its actors; decoding runs niced).
+        precision: the driver's (the index's recorded one, or auto's choice there)."""
         import torch
 
-        from retrieval.features.backbones import WeightsUnavailable, build_extractor
+        from retrieval.features.backbones import WeightsUnavailable, build_extractor, precision_for_index, resolve_device
 
         from retrieval.features.batch_size import resolve_batch_size
         from indexer.extract import BatchExtractor
@@ -151,7 +153,8 @@ class NetworkActor:
             torch.set_num_threads(threads)
         try:
             extractor, identity = build_extractor(settings.model, settings.layer, settings.weights_choice, Path(index_dir),
-                                                  device, seed=settings.seed)
+                                                  device, seed=settings.seed,
+                                                  precision=precision_for_index(precision, resolve_device(device)))
         except WeightsUnavailable as exc:
             raise NetworkOnNodeError(f"node {socket.gethostname()}: {exc} (every node must see the index "
                                      f"folder {index_dir} and the weights at the same paths)") from None
@@ -209,7 +212,7 @@ def run_on_ray(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, c
     import ray.data
 
     extractor = load_network(cfg, catalog, stored, chosen, "cpu")
-    prep, dim = extractor.preprocessing, extractor.dim
+    prep, dim, precision = extractor.preprocessing, extractor.dim, extractor.precision
     del extractor   # the actors load their own copy; the driver only writes
     gc.collect()
     settings = catalog.settings()
@@ -240,7 +243,9 @@ def run_on_ray(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, c
                            compute=ray.data.ActorPoolStrategy(size=cluster.actors),
                            fn_constructor_kwargs={"settings": settings, "index_dir": str(cfg.index_dir),
                                                   "device": cluster.device, "chunk": cfg.batch_size,
-                                                  "threads": cluster.threads_per_actor()},
+                                                  "threads": cluster.threads_per_actor(),
+                                                  # CPU actors compute in the driver's precision (probed there)
+                                                  "precision": precision if cluster.device == "cpu" else cfg.precision},
                            num_cpus=cluster.actor_cpus, num_gpus=1 if cluster.device == "cuda" else None,
                            # the reservation also keeps Ray from fusing decoding into the actors
                            memory=NETWORK_MEMORY.get(settings.model, 1 << 30)))

@@ -29,7 +29,7 @@ def reference_features(net: torch.nn.Module, x: torch.Tensor, upto: int) -> torc
 def test_layer_is_the_relu_output_of_the_named_fc_layer(model, layer, upto):
     torch.manual_seed(0)
     net = getattr(models, model)(weights=None).eval()
-    extractor = FeatureExtractor(model, layer, net.state_dict(), torch.device("cpu"))
+    extractor = FeatureExtractor(model, layer, net.state_dict(), torch.device("cpu"), precision="fp32")
     pixels = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
 
     feats = extractor(pixels)
@@ -163,7 +163,7 @@ def test_building_a_network_does_not_disturb_forward_passes_in_other_threads():
 
     torch.manual_seed(0)
     state = models.alexnet(weights=None).state_dict()
-    extractor = FeatureExtractor("alexnet", "fc7", state, torch.device("cpu"))
+    extractor = FeatureExtractor("alexnet", "fc7", state, torch.device("cpu"), precision="fp32")
     x = torch.randn(1, 3, 64, 64)     # small, so many forward passes overlap each build
     errors: list[BaseException] = []
     running, stop = threading.Event(), threading.Event()
@@ -183,7 +183,7 @@ def test_building_a_network_does_not_disturb_forward_passes_in_other_threads():
     assert running.wait(30), errors
     try:
         for _ in range(10):
-            FeatureExtractor("alexnet", "fc7", state, torch.device("cpu"))
+            FeatureExtractor("alexnet", "fc7", state, torch.device("cpu"), precision="fp32")
             if errors:
                 break
     finally:
@@ -204,7 +204,7 @@ def test_onednn_linear_computes_what_nn_linear_does(rows):
 def test_cpu_extractor_runs_its_fc_layers_through_onednn_with_the_same_weights():
     torch.manual_seed(0)
     state = models.alexnet(weights=None).state_dict()
-    extractor = FeatureExtractor("alexnet", "fc7", state, torch.device("cpu"))
+    extractor = FeatureExtractor("alexnet", "fc7", state, torch.device("cpu"), precision="fp32")
     linears = [m for m in extractor.net.modules() if isinstance(m, (torch.nn.Linear, OneDNNLinear))]
 
     assert len(linears) == 2   # fc6, fc7 (fc8 is cut off)
@@ -226,7 +226,7 @@ def test_a_file_without_fc8_or_with_another_head_gives_the_same_fc7_features(las
         state = {**state, "classifier.6.weight": torch.zeros(3, 4096), "classifier.6.bias": torch.zeros(3)}
     pixels = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
 
-    extractor = FeatureExtractor("alexnet", "fc7", state, torch.device("cpu"))
+    extractor = FeatureExtractor("alexnet", "fc7", state, torch.device("cpu"), precision="fp32")
 
     expected = reference_features(net, extractor.preprocessing.normalise(pixels), 6)
     assert torch.allclose(extractor(pixels), expected, atol=1e-5, rtol=1e-4)

@@ -173,7 +173,7 @@ def workspace(tmp_path_factory) -> Workspace:
     root = tmp_path_factory.mktemp("behaviour")
     draw_collection(root / "data")
     first = run_ok("index-images", "data", "--index-dir", "index", "--json", "--weights", "random",
-                   "--device", "cpu", cwd=root)
+                   "--device", "cpu", "--precision", "fp32", cwd=root)   # auto's choice varies by CPU (a /stats key)
     rerun = run_ok("index-images", "data", "--index-dir", "index", "--weights", "random", "--device", "cpu",
                    cwd=root)
     return Workspace(root, json.loads(first), rerun)

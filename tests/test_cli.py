@@ -11,7 +11,9 @@ from PIL import Image
 
 from commands.index_images import main as index_images
 from commands.search_images import main as search_images
+from retrieval.features.precision import cpu_bf16_instructions
 from retrieval.samples import make_sample_collection
+from helpers.precision import auto_precisions_here, needs_cpu_bf16
 
 
 @pytest.fixture
@@ -42,7 +44,8 @@ def test_index_json_summary_and_search_json(runner, data, tmp_path):
                             "vector_index", "extraction", "repairs"}
     assert summary["vector_index"]["factory"] == "Flat" and summary["vector_index"]["exact"]   # auto, small collection
     x = summary["extraction"]   # where the network ran, in what arithmetic, and where the run's time went
-    assert (x["device"], x["precision"], x["decode"], x["batch_size"]) == ("cpu", "fp32", "workers", 32)
+    assert (x["device"], x["decode"], x["batch_size"]) == ("cpu", "workers", 32)
+    assert x["precision"] in auto_precisions_here()      # fp32, or bf16 where this CPU has bf16 units and it is faster
     assert set(x["stage_seconds"]) == {"wait for decoding", "device decoding", "wait for the network", "network",
                                        "write"}
     assert (summary["indexed"], summary["unchanged"], summary["removed"], summary["total"]) == (4, 0, 0, 4)
@@ -95,7 +98,8 @@ def test_index_dir_from_the_environment(runner, data, tmp_path, monkeypatch):
     assert (tmp_path / "env-index" / "catalog.db").exists()
 
 
-def test_bf16_on_the_cpu_is_refused_before_any_work_and_each_runs_precision_is_recorded(runner, data, tmp_path):
+@pytest.mark.skipif(cpu_bf16_instructions() is not None, reason="this CPU has bf16 units (AVX512-BF16 or AMX-BF16)")
+def test_bf16_on_a_cpu_without_bf16_units_is_refused_before_any_work(runner, data, tmp_path):
     from retrieval.catalog import Catalog
 
     index_dir = str(tmp_path / "index")
@@ -110,6 +114,28 @@ def test_bf16_on_the_cpu_is_refused_before_any_work_and_each_runs_precision_is_r
                                                "last": {"precision": "fp32", "device": "cpu", "decode": "workers"}}
     finally:
         catalog.close()
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=needs_cpu_bf16)])
+def test_each_runs_precision_is_recorded_and_queries_and_later_runs_keep_it(runner, data, tmp_path, precision):
+    from retrieval.catalog import Catalog
+
+    index_dir = str(tmp_path / "index")
+    first = run_json(runner, index_images, [str(data), "--index-dir", index_dir, "--weights", "random", "--workers", "0",
+                                            "--precision", precision, "--json"])
+    assert first["extraction"]["precision"] == precision
+    (data / "red_circles" / "red_circles_000.jpg").rename(data / "red_circles" / "later.jpg")   # a changed folder
+    again = run_json(runner, index_images, [str(data), "--index-dir", index_dir, "--workers", "0", "--json"])
+    assert again["indexed"] == 1 and again["extraction"]["precision"] == precision, "auto keeps the index's precision"
+    catalog = Catalog(tmp_path / "index")
+    try:
+        assert catalog.extraction_record() == {"precisions": {precision: ["cpu"]},
+                                               "last": {"precision": precision, "device": "cpu", "decode": "workers"}}
+    finally:
+        catalog.close()
+    for name in ("red_circles/later.jpg", "blue_squares/blue_squares_000.jpg"):   # batch of 1 and batch of 4
+        found = run_json(runner, search_images, [str(data / name), "-k", "2", "--index-dir", index_dir, "--json"])
+        assert found["results"][0]["path"] == name and found["results"][0]["distance"] < 1e-4, found
 
 
 def test_missing_data_folder_is_a_usage_error(runner, tmp_path):

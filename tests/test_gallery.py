@@ -5,6 +5,7 @@ import io
 import re
 
 import pytest
+from helpers.precision import auto_precisions_here
 
 
 QUERY = "green_stripes/green_stripes_001.jpg"
@@ -28,7 +29,7 @@ def test_home_shows_upload_form_overview_labels_and_a_grid_page(client):
     html = client.get("/").get_data(as_text=True)
     assert 'action="/gallery/search"' in html and 'type="file"' in html and 'enctype="multipart/form-data"' in html
     assert 'id="image-count">30<' in html and "alexnet · fc7" in html
-    assert 'id="index-precision">fp32 on cpu<' in html                   # how the vectors were computed
+    assert any(f'id="index-precision">{p} on cpu<' in html for p in auto_precisions_here())   # how vectors were made
     for label in ("blue_squares", "green_stripes", "orange_triangles", "purple_checks", "red_circles"):
         assert f"?label={label}" in html
     assert len(gallery_links(html)) == 8                      # GALLERY_PAGE_SIZE

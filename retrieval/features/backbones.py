@@ -15,6 +15,7 @@ from torch import nn
 from torchvision import models
 
 from retrieval.features.digests import file_sha256
+from retrieval.features.precision import PRECISIONS, bf16_faster, cpu_bf16_instructions
 from retrieval.files import atomic_write
 from retrieval.features.weights import WeightsChoice, WeightsUnavailable
 from retrieval.images.decode import Preprocessing
@@ -181,49 +182,60 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+_PROBED: dict[tuple[str, str], tuple[bool, dict]] = {}   # (model, layer) -> auto's CPU probe, once per process
+
+
 class FeatureExtractor:
     """A backbone cut at fc6/fc7 (after its ReLU), in eval mode, on one device.
 
     Call it with uint8 images, shape=(B, 3, 224, 224), on the CPU or already on the device; get float32
-    features, shape=(B, D), on the CPU. Normalisation, dtype conversion and (precision "bf16") bfloat16
-    autocast happen on the device. precision: "fp32", "bf16" (CUDA only), or "auto": bf16 on CUDA, fp32 on the CPU.
+    features, shape=(B, D), on the CPU. Normalisation and dtype conversion happen on the device. precision:
+    "fp32"; "bf16": autocast on CUDA, bfloat16 weights on a CPU with bf16 units (refused on other CPUs); "auto": bf16
+    on CUDA, on a CPU with bf16 units whichever a start-up probe (one image each way) finds faster, else fp32.
+    self.precision is the one chosen ("fp32" or "bf16"), as the catalog records it.
     """
 
     def __init__(self, model: str, layer: str, state_dict: dict[str, torch.Tensor], device: torch.device,
                  precision: str = "auto"):
         assert model in MODELS, f"unknown model {model!r}"
         assert layer in LAYERS, f"unknown layer {layer!r}"
-        spec = MODELS[model]
-        with torch.device("meta"):     # no random init of parameters we are about to replace
-            net = spec.build(weights=None)
-        load_backbone(net, model, state_dict, assign=True)   # fc8 may be absent or another size: it is cut off below
-        net.eval()
         self.model, self.layer, self.device = model, layer, device
-        self.precision = resolve_precision(precision, device)
         self.preprocessing = preprocessing_for(model)
-        # channels-last convolutions: faster on CUDA, and for batches on the CPU too (AlexNet, eight images on
-        # the 2-core CI machine, interleaved A/B: 109 -> 92 ms; one image: no difference; outputs within 1e-7)
-        self.net = cut_at(net, spec.layers[layer]).eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
-        if device.type == "cuda":   # batches keep one shape: cuDNN's fastest convolution for it is worth finding once
-            torch.backends.cudnn.benchmark = True
-        if device.type == "cpu" and onednn_linear_available():
-            use_onednn_linear(self.net)
-        self.dim = int(net.classifier[-1].in_features)  # fc6 and fc7 are both 4096-d
+        self.probe: dict | None = None   # auto on a CPU with bf16 units: the start-up probe's medians, ms
+        precision = resolve_precision(precision, device)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True   # batches keep one shape: cuDNN's fastest convolution, found once
+        if device.type == "cuda" or precision == "fp32":
+            self.net = _network(model, layer, state_dict, device)     # bf16 on CUDA: autocast in __call__
+        elif precision == "bf16":
+            self.net = _network(model, layer, _bf16(state_dict), device)
+        else:   # auto on a CPU with bf16 units: whichever of the two is faster here, timed on one image
+            fp32_net, bf16_net = _network(model, layer, state_dict, device), _network(model, layer, _bf16(state_dict), device)
+            if (model, layer) not in _PROBED:
+                one = torch.zeros(1, 3, self.preprocessing.crop_size, self.preprocessing.crop_size)
+                one = one.contiguous(memory_format=torch.channels_last)
+                with torch.inference_mode():
+                    _PROBED[model, layer] = bf16_faster(lambda: fp32_net(one), lambda: bf16_net(one.to(torch.bfloat16)))
+            faster, self.probe = _PROBED[model, layer]
+            precision, self.net = ("bf16", bf16_net) if faster else ("fp32", fp32_net)
+            log.info("precision auto: %s on this CPU (%s; one image: fp32 %.1f ms, bf16 %.1f ms)", precision,
+                     cpu_bf16_instructions(), self.probe["fp32_ms"], self.probe["bf16_ms"])
+        self.precision = precision
+        self.dim = int(self.net[-1][-2].out_features)   # the cut layer (fc6 or fc7): 4096-d
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         assert pixels.dtype == torch.uint8 and pixels.ndim == 4, f"want uint8 (B,3,H,W), got {pixels.dtype} {tuple(pixels.shape)}"
         x = pixels.to(self.device, non_blocking=True)
         x = self.preprocessing.normalise(x).contiguous(memory_format=torch.channels_last)   # (B, 3, 224, 224) float32
-        if self.precision == "bf16":
+        if self.precision == "bf16" and self.device.type == "cuda":
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 out = self.net(x)
+        elif self.precision == "bf16":                                      # the CPU: bf16 weights, bf16 input
+            out = self.net(x.to(torch.bfloat16))
         else:
             out = self.net(x)                                                 # (B, 3, 224, 224) -> (B, 4096)
         return out.float().cpu()
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class PrecisionUnavailable(DeviceUnavailable):
@@ -231,15 +243,55 @@ class PrecisionUnavailable(DeviceUnavailable):
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> "bf16" on CUDA, "fp32" elsewhere. bf16 is refused off CUDA: CPUs without bf16 units run it
-    several times slower than fp32, for features that only lose accuracy."""
+    """The precision to run: "fp32", "bf16", or "auto" where only timing can tell (a CPU with bf16 units:
+    FeatureExtractor probes). auto is bf16 on CUDA and fp32 on CPUs without bf16 instructions (AVX512-BF16,
+    AMX-BF16), where bf16 is refused: PyTorch emulates it there, slower than fp32, for features that only lose
+    accuracy."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16" and device.type != "cuda":
-        raise PrecisionUnavailable("bf16 features are computed on a CUDA GPU only; on the CPU use fp32")
-    return precision
+    if device.type == "cuda":
+        return "bf16" if precision == "auto" else precision
+    if device.type == "cpu" and cpu_bf16_instructions():
+        return precision
+    if precision == "bf16":
+        raise PrecisionUnavailable("this CPU has no bf16 instructions (AVX512-BF16 or AMX-BF16), so bf16 would run "
+                                   "slower than fp32; use --precision fp32 (or auto)")
+    return "fp32"
+
+
+def precision_for_index(recorded: str | None, device: torch.device) -> str:
+    """The precision to compute an index's queries (or its new vectors) in: the one its vectors were last computed
+    in (the catalog's extraction record), so an indexed image finds itself at distance ~0, where this device runs
+    it; else fp32 (bf16 on CUDA), as before precisions were recorded. recorded: "fp32", "bf16" or None."""
+    if recorded in ("fp32", "bf16"):
+        try:
+            return resolve_precision(recorded, device)
+        except PrecisionUnavailable:
+            log.info("the index's vectors were computed in %s, which this device lacks: queries run in fp32 "
+                     "(cosine about 0.999 to bf16 vectors)", recorded)
+            return "fp32"
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def _bf16(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict's floating-point tensors as bfloat16 (a copy: mapped float32 weights stay untouched)."""
+    return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def _network(model: str, layer: str, state_dict: dict[str, torch.Tensor], device: torch.device) -> nn.Sequential:
+    """model's backbone with state_dict's tensors (their dtype kept), cut at layer, in eval mode, on device.
+
+    Raises WeightsUnavailable."""
+    spec = MODELS[model]
+    with torch.device("meta"):     # no random init of parameters we are about to replace
+        net = spec.build(weights=None)
+    load_backbone(net, model, state_dict, assign=True)   # fc8 may be absent or another size: it is cut off below
+    # channels-last convolutions: faster on CUDA, and for batches on the CPU too (AlexNet, eight images on
+    # the 2-core CI machine, interleaved A/B: 109 -> 92 ms; one image: no difference; outputs within 1e-7)
+    net = cut_at(net.eval(), spec.layers[layer]).eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+    if device.type == "cpu" and onednn_linear_available() and net[-1][-2].weight.dtype == torch.float32:
+        use_onednn_linear(net)   # bf16: PyTorch's own Linear is faster (one image: 13.2 against 15.7 ms)
+    return net
 
 
 def onednn_linear_available() -> bool:

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from sqlalchemy.exc import SQLAlchemyError
 
-from retrieval.features.backbones import MODELS, FeatureExtractor, WeightsUnavailable, build_extractor, imagenet_cache_path
+from retrieval.features.backbones import (MODELS, FeatureExtractor, WeightsUnavailable, build_extractor, imagenet_cache_path,
+                                          precision_for_index, resolve_device)
 from retrieval.catalog import (CATALOG_FILE, Catalog, CatalogUnavailable, IndexSettings, db_error_reason,  # noqa: F401
                       weights_label)  # weights_label: re-exported
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_for_model
@@ -275,11 +276,15 @@ class ImageIndex:
         signature = self._current_signature()   # before reading: a save in between is seen at the next refresh
         on_server = catalog.path is None
         updated_at = catalog.updated_at() if on_server else None   # likewise for a commit in between
-        if previous is not None and network_key(previous.settings) == network_key(settings):
+        # queries are computed in the precision of the index's last run, so an indexed image finds itself at ~0
+        precision = precision_for_index(((catalog.extraction_record() or {}).get("last") or {}).get("precision"),
+                                        resolve_device(self.device)) if self.load_network else None
+        if previous is not None and network_key(previous.settings) == network_key(settings) \
+                and (previous.extractor is None or previous.extractor.precision == precision):
             extractor = previous.extractor
         elif self.load_network:
             extractor, identity = build_extractor(settings.model, settings.layer, settings.weights_choice, self.index_dir,
-                                                  self.device, seed=settings.seed)
+                                                  self.device, seed=settings.seed, precision=precision)
             if identity != settings.weights_identity:
                 raise WeightsMismatch(
                     f"the weights available now ({_public_identity(identity)}) are not the ones this index was "
