@@ -50,6 +50,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise SystemExit(f"serve-images exited with {self.proc.returncode}; see {log_path}")
             if time.monotonic() > deadline:
+                self.stop()   # not left running behind the benchmark
                 raise SystemExit(f"serve-images did not come up within {START_TIMEOUT_S} s")
             time.sleep(0.2)
         time.sleep(settle_s)

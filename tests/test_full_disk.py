@@ -261,28 +261,30 @@ def test_a_full_disk_under_a_postgresql_catalog_is_one_line_and_a_rerun_complete
     """The database server's disk fills mid-run (its database in a tablespace on a small tmpfs): one line naming the
     catalog database, not the index folder's disk, and nothing lost: after freeing space the same command finishes."""
     reachable = shared_folder()   # the private server runs as nobody, who cannot reach into tmp_path
-    with tmpfs(reachable / "space", "16m") as space:
-        os.chown(space, *_nobody_ids())
-        name = f"full_{os.getpid()}"
-        postgres.admin(f"CREATE TABLESPACE {name} LOCATION '{space}'")
-        postgres.admin(f"CREATE DATABASE {name} TABLESPACE {name}")
-        try:
-            url = postgres.url(name)
-            ballast = fill(space, 480 * 1024)   # the schema and a few batches fit, not 30 vectors of 16 KB
-            args = [str(collection), "--db-url", url, "--index-dir", str(tmp_path / "index"), "--weights", "random",
-                    "--workers", "0", "--batch-size", "4"]
-            result = CliRunner().invoke(index_images, args)
-            line = _assert_one_line_no_traceback(result, 1, "error: ")
-            assert line.startswith("error: no space left for the catalog database postgresql://retrieval:***@"), line
-            assert line.endswith("nothing was lost") and "s3cret" not in result.output, line
-            ballast.unlink()
-            again = CliRunner().invoke(index_images, args)
-            assert again.exit_code == 0, again.output
-            assert len(snapshot(tmp_path / "index", url)) == 30
-        finally:
-            postgres.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            postgres.admin(f"DROP TABLESPACE IF EXISTS {name}")
-    shutil.rmtree(reachable, ignore_errors=True)
+    try:
+        with tmpfs(reachable / "space", "16m") as space:
+            os.chown(space, *_nobody_ids())
+            name = f"full_{os.getpid()}"
+            postgres.admin(f"CREATE TABLESPACE {name} LOCATION '{space}'")
+            postgres.admin(f"CREATE DATABASE {name} TABLESPACE {name}")
+            try:
+                url = postgres.url(name)
+                ballast = fill(space, 480 * 1024)   # the schema and a few batches fit, not 30 vectors of 16 KB
+                args = [str(collection), "--db-url", url, "--index-dir", str(tmp_path / "index"), "--weights", "random",
+                        "--workers", "0", "--batch-size", "4"]
+                result = CliRunner().invoke(index_images, args)
+                line = _assert_one_line_no_traceback(result, 1, "error: ")
+                assert line.startswith("error: no space left for the catalog database postgresql://retrieval:***@"), line
+                assert line.endswith("nothing was lost") and "s3cret" not in result.output, line
+                ballast.unlink()
+                again = CliRunner().invoke(index_images, args)
+                assert again.exit_code == 0, again.output
+                assert len(snapshot(tmp_path / "index", url)) == 30
+            finally:
+                postgres.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+                postgres.admin(f"DROP TABLESPACE IF EXISTS {name}")
+    finally:
+        shutil.rmtree(reachable, ignore_errors=True)
 
 
 def _nobody_ids() -> tuple[int, int]:
