@@ -76,10 +76,12 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
 @click.option("--whiten/--no-whiten", default=None,
               help="PCA-whiten the vectors in the FAISS index (centre, rotate, scale by eigenvalue^-1/2, L2-normalise), "
                    "learned on the collection, applied to every query; the catalog keeps the raw vectors. Waits for "
-                   "2 x --whiten-dim images (fewer dimensions while the collection is small). [default: whiten a new "
+                   "128 images (40 with --whiten-dim N). [default: whiten a new "
                    "index; an existing one keeps what it recorded]")
-@click.option("--whiten-dim", type=click.IntRange(min=1), default=None,
-              help="Dimensions after whitening. [default: 256, or the index's]")
+@click.option("--whiten-dim", default=None, metavar="N|auto",
+              help="Dimensions after whitening. auto: a power of two up to a quarter of the images, at most 256 "
+                   "(more dimensions than that make kNN classification worse). N is kept while there are 1.25 N "
+                   "images. [default: auto, or the index's]")
 @click.option("--dba", type=click.IntRange(0, 50), default=None, metavar="N",
               help="Database-side augmentation: store each image's vector averaged with its N nearest (weighted by "
                    "similarity^3), recomputed whenever the collection changes; 0 turns it off. [default: 0, or the "
@@ -137,6 +139,11 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
             check_factory(index_type, FEATURE_DIM)   # before any work: a typo is an answer at once
         except IndexTypeError as exc:
             raise UserError(f"{exc} (--index-type)") from exc
+    if whiten_dim is not None:
+        whiten_dim = whiten_dim.strip().lower()
+        if whiten_dim != "auto" and not (whiten_dim.isascii() and whiten_dim.isdigit() and 1 <= int(whiten_dim) <= 4096):
+            raise UserError(f"--whiten-dim takes a number of dimensions from 1 to 4096 or auto, not {whiten_dim!r}")
+        whiten_dim = whiten_dim if whiten_dim == "auto" else int(whiten_dim)
     vector_index = IndexTypeConfig(index_type=index_type, flat_max=auto_flat_max, nprobe=nprobe, ef_search=ef_search,
                                    recall_queries=recall_queries, rebuild=rebuild_index, whiten=whiten,
                                    whiten_dim=whiten_dim, dba=dba)

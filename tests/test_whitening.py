@@ -11,7 +11,7 @@ from retrieval.names import FAISS_FILE
 from retrieval.vectors.builder import maintain_vectors
 from retrieval.vectors.index_types import IndexTypeConfig
 from retrieval.vectors.vector_index import VectorIndex
-from retrieval.vectors.whitening import WHITEN_MIN_DIM, VECTORS_PER_DIM, whitening_of
+from retrieval.vectors.whitening import VECTORS_PER_DIM, WHITEN_MIN_DIM, min_whiten_vectors, whitening_of
 
 DIM = 128
 
@@ -68,6 +68,17 @@ def test_a_new_index_whitens_and_an_indexed_vector_finds_itself_at_distance_zero
     assert recall["1-recall@1"] == 1.0 and recall["10-recall@10"] == 1.0
 
 
+def test_auto_whitening_takes_a_quarter_of_the_collection_in_dimensions(catalog, tmp_path):
+    vectors, _ = one_way(4 * WHITEN_MIN_DIM * 2 + 7)
+    fill(catalog, vectors[:4 * WHITEN_MIN_DIM - 1])
+    record, _ = run(catalog, tmp_path)                                   # a new index: whitening on, auto
+    assert record["factory"] == "Flat" and record["whiten"] == {"on": True, "dim": None}
+    assert record["whiten_waits_for"] == 4 * WHITEN_MIN_DIM
+    fill(catalog, vectors[4 * WHITEN_MIN_DIM - 1:], start=4 * WHITEN_MIN_DIM - 1)
+    record, _ = run(catalog, tmp_path)                                   # 263 images: 65 -> 64 dimensions
+    assert record["factory"] == f"PCAW{2 * WHITEN_MIN_DIM},L2norm,Flat"
+
+
 def test_whitening_spreads_vectors_that_all_point_one_way(catalog, tmp_path):
     vectors, _ = one_way(800, seed=1)
     fill(catalog, vectors)
@@ -79,8 +90,8 @@ def test_whitening_spreads_vectors_that_all_point_one_way(catalog, tmp_path):
 
 
 def test_a_small_collection_waits_for_whitening_then_grows_into_it(catalog, tmp_path):
-    smallest = VECTORS_PER_DIM * WHITEN_MIN_DIM
-    vectors, _ = one_way(2 * smallest)
+    smallest = min_whiten_vectors(256)
+    vectors, _ = one_way(int(2 * VECTORS_PER_DIM * WHITEN_MIN_DIM) + 1)
     fill(catalog, vectors[:smallest - 1])
     record, index = run(catalog, tmp_path, whiten_dim=256)
     assert record["factory"] == "Flat" and record["whitened_dim"] is None

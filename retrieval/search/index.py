@@ -104,7 +104,7 @@ class IndexSnapshot:
                 "recall": recall_for(record, params),   # None: not measured with these settings (or exact)
                 "recall_queries": recall.get("queries"), "recall_measured_at": recall.get("measured_at"),
                 "recall_count": recall.get("count"), "file_bytes": record.get("file_bytes"),
-                "whiten": record.get("whiten"), "whitened_dim": record.get("whitened_dim"),
+                "whiten": record.get("whiten"), "whitened_dim": record.get("whitened_dim"), "dba": record.get("dba", 0),
                 "whiten_waits_for": record.get("whiten_waits_for")}
 
     def expand(self, queries: np.ndarray, expansion: QueryExpansion, exclude: list[set[int]] | None = None,

@@ -62,7 +62,8 @@ class IndexTypeConfig:
     rebuild: bool = False             # rebuild (and retrain) the FAISS file from the catalog this run
     whiten: bool | None = None        # PCA-whiten in front of the type (retrieval.vectors.whitening); None: as recorded,
                                       # else WHITEN_DEFAULT for a new index (an index recorded without it keeps none)
-    whiten_dim: int | None = None     # whitened dimensions; None: as recorded, else whitening.WHITEN_DIM
+    whiten_dim: int | str | None = None   # whitened dimensions or "auto" (by collection size, whitening.whitened_dim);
+                                          # None: as recorded, else auto
     dba: int | None = None            # database-side augmentation: each stored vector averaged with its nearest dba
                                       # (retrieval.search.expansion); 0 off; None: as recorded, else 0
 
@@ -105,13 +106,14 @@ def auto_factory(n: int, dim: int, flat_max: int = AUTO_FLAT_MAX) -> str:
 
 # Whether a new index whitens: decided by benchmarks/bench_quality.py (docs/quality.md)
 WHITEN_DEFAULT = True
+WHITEN_AUTO = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
 class Whitening:
-    """Whitening as asked for an index: on or off, and its dimension (fewer while the collection is small)."""
+    """Whitening as asked for an index: on or off, and its dimension (None: auto; fewer while the collection is small)."""
     on: bool
-    dim: int
+    dim: int | None
 
     def to_json(self) -> dict:
         return {"on": self.on, "dim": self.dim}
@@ -126,12 +128,13 @@ class Whitening:
 def requested_whitening(config: IndexTypeConfig, record: dict | None) -> Whitening:
     """--whiten / --whiten-dim over what the index recorded; a new index gets WHITEN_DEFAULT, an index recorded
     before whitening existed keeps raw vectors."""
-    from retrieval.vectors.whitening import WHITEN_DIM
-
-    recorded = recorded_whitening(record) if record is not None else Whitening(WHITEN_DEFAULT, WHITEN_DIM)
+    recorded = recorded_whitening(record) if record is not None else Whitening(WHITEN_DEFAULT, None)
     on = config.whiten if config.whiten is not None else recorded.on
-    dim = config.whiten_dim if config.whiten_dim is not None else recorded.dim
-    return Whitening(bool(on), int(dim) if on else recorded.dim)
+    if config.whiten_dim is None:
+        dim = recorded.dim
+    else:
+        dim = None if config.whiten_dim == WHITEN_AUTO else int(config.whiten_dim)
+    return Whitening(bool(on), dim if on else recorded.dim)
 
 
 def requested_dba(config: IndexTypeConfig, record: dict | None) -> int:
@@ -140,10 +143,8 @@ def requested_dba(config: IndexTypeConfig, record: dict | None) -> int:
 
 def recorded_whitening(record: dict | None) -> Whitening:
     """What an index recorded (off for one recorded before whitening existed); the dimension only matters when on."""
-    from retrieval.vectors.whitening import WHITEN_DIM
-
-    recorded = (record or {}).get("whiten") or {"on": False, "dim": WHITEN_DIM}
-    return Whitening(bool(recorded["on"]), int(recorded["dim"]))
+    recorded = (record or {}).get("whiten") or {"on": False, "dim": None}
+    return Whitening(bool(recorded["on"]), recorded.get("dim"))
 
 
 def train_size(factory: str, n: int) -> int:
@@ -195,7 +196,7 @@ def wanted_factory(requested: str, flat_max: int, n: int, dim: int, whitening: W
     from retrieval.vectors.whitening import whiten_prefix, whitened_dim
 
     if whitening is not None and whitening.on:
-        d = whitened_dim(min(whitening.dim, dim), n)
+        d = whitened_dim(whitening.dim, n, dim)
         if d is not None:
             return whiten_prefix(d) + wanted_factory(requested, flat_max, n, d)
     if requested == AUTO:
