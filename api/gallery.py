@@ -11,7 +11,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from retrieval.system import display_name
 
 from api.errors import ApiError
-from api.query_input import parse_k, read_query_image
+from api.query_input import parse_expansion, parse_k, read_query_image
 from api.recent_queries import RecentQuery
 from api.service import current_service
 
@@ -19,6 +19,7 @@ bp = Blueprint("gallery", __name__)   # templates and static files are the app's
 
 PREVIEW_SIZE = 480          # long side of the uploaded query shown on its results page, px
 K_CHOICES = (6, 12, 24, 48)
+QE_CHOICES = (0, 1, 3, 10)  # query expansion over the first N results (0: off); alpha-QE's alpha from ?qe_alpha=
 
 
 def _gallery_k() -> int:
@@ -92,9 +93,10 @@ def query_page(token: str) -> str:
     if query is None:
         raise ApiError(404, "query_expired", "This search has expired (searches are kept for an hour). "
                                              "Upload the photo again.")
-    k = _gallery_k()
-    hits, _ms = service.search_vector(query.vector, k)
+    k, expansion = _gallery_k(), parse_expansion(request)
+    hits, _ms = service.search_vector(query.vector, k, expansion=expansion)
     return render_template("results.html", hits=hits, k=k, k_choices=K_CHOICES, record=None,
+                           qe=expansion.n if expansion else 0, qe_choices=QE_CHOICES,
                            prediction=service.predict(hits),
                            query=query, query_src=url_for("gallery.query_image", token=token),
                            summary=service.index_summary())
@@ -115,8 +117,9 @@ def query_image(token: str) -> Response:
 def image_page(image_id: int) -> str:
     """An indexed image and its neighbours; each neighbour links to its own page."""
     service = current_service()
-    k = _gallery_k()
-    answer = service.neighbours(image_id, k)
+    k, expansion = _gallery_k(), parse_expansion(request)
+    answer = service.neighbours(image_id, k, expansion)
     return render_template("results.html", hits=answer.hits, k=k, k_choices=K_CHOICES,
+                           qe=expansion.n if expansion else 0, qe_choices=QE_CHOICES,
                            prediction=service.predict(answer.hits), record=service.record(image_id), query=None,
                            query_src=url_for("api.thumbnail", image_id=image_id), summary=service.index_summary())

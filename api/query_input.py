@@ -5,6 +5,8 @@ from flask import Request
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.routing import BaseConverter, ValidationError
 
+from retrieval.search.expansion import ExpansionError, QueryExpansion
+
 from api.errors import ApiError
 
 IMAGE_FIELD = "image"
@@ -76,3 +78,30 @@ def parse_k(request: Request, *, default: int, maximum: int) -> int:
         shown = raw if len(raw) <= 20 else raw[:20] + "..."
         raise ApiError(400, "bad_k", f"k must be a whole number from 1 to {maximum}, not {shown!r}")
     return int(digits)
+
+
+def _param(request: Request, name: str) -> str | None:
+    """A parameter from the query string, else from a multipart/urlencoded form."""
+    raw = request.args.get(name)
+    if raw is None and request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        raw = request.form.get(name)
+    return raw
+
+
+def parse_expansion(request: Request) -> QueryExpansion | None:
+    """Query expansion from `qe` (top results averaged with the query, 0..50; 0 or absent: none) and `qe_alpha`
+    (weights similarity^alpha; 0: plain average). Raises ApiError 400."""
+    raw_n, raw_alpha = _param(request, "qe"), _param(request, "qe_alpha")
+    if raw_n is None and raw_alpha is None:
+        return None
+    try:
+        n = int(raw_n.strip()) if raw_n is not None and raw_n.strip() else 0
+        alpha = float(raw_alpha.strip()) if raw_alpha is not None and raw_alpha.strip() else 0.0
+        if not (raw_alpha is None or raw_alpha.strip().replace(".", "", 1).isdigit()):
+            raise ValueError(raw_alpha)
+        expansion = QueryExpansion(n, alpha)
+    except ValueError as exc:   # ExpansionError included
+        message = str(exc) if isinstance(exc, ExpansionError) else \
+            "qe must be a whole number from 0 to 50 and qe_alpha a number from 0 to 100"
+        raise ApiError(400, "bad_query_expansion", message) from None
+    return expansion or None

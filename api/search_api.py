@@ -10,7 +10,7 @@ from retrieval.search.index import Hit
 from retrieval.system import display_name
 
 from api.image_files import image_mimetype
-from api.query_input import parse_k, read_query_image
+from api.query_input import parse_expansion, parse_k, read_query_image
 from api.service import SearchAnswer, current_service
 
 bp = Blueprint("api", __name__)
@@ -41,17 +41,20 @@ def _k() -> int:
 
 @bp.post("/search")
 def search() -> Response:
-    """Nearest indexed images to an uploaded one (multipart field `image` or raw image/* body), nearest first."""
+    """Nearest indexed images to an uploaded one (multipart field `image` or raw image/* body), nearest first.
+
+    ?qe=N&qe_alpha=A (or form fields): query expansion over the first N results (docs/searching.md)."""
     k = _k()
+    expansion = parse_expansion(request)
     data, _name = read_query_image(request)
-    return answer_json(current_service().search_upload(data, k))
+    return answer_json(current_service().search_upload(data, k, expansion=expansion))
 
 
 @bp.get("/images/<image_id:image_id>/neighbours")
 def neighbours(image_id: int) -> Response:
     """Nearest images to an indexed one, from its stored vector (no forward pass); itself left out."""
     k = _k()
-    return answer_json(current_service().neighbours(image_id, k))
+    return answer_json(current_service().neighbours(image_id, k, parse_expansion(request)))
 
 
 @bp.get("/images/<image_id:image_id>")

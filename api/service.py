@@ -16,6 +16,7 @@ from retrieval.catalog import ImageRecord
 from retrieval.images.decode_pool import DecodePool, DecoderBusy
 from retrieval.learning.metrics import vote
 from retrieval.images.decode import ImageDecodeError
+from retrieval.search.expansion import QueryExpansion
 from retrieval.search.index import Hit, ImageIndex, IndexSnapshot, weights_label
 from retrieval.vectors.index_types import SearchParams
 from retrieval.names import MAX_EF_SEARCH, MAX_NPROBE
@@ -161,7 +162,8 @@ class RetrievalService:
         self.index.close()
 
     # queries
-    def search_upload(self, data: bytes, k: int, preview_size: int | None = None) -> SearchAnswer:
+    def search_upload(self, data: bytes, k: int, preview_size: int | None = None,
+                      expansion: QueryExpansion | None = None) -> SearchAnswer:
         """Neighbours of uploaded image bytes (and, with preview_size, the upload as a JPEG that size).
 
         Raises ApiError 415 (not an image, too large, too slow to decode), 503 (decoders or network overloaded)."""
@@ -186,24 +188,29 @@ class RetrievalService:
             future.cancel()
             raise ApiError(503, "unavailable", "the server is overloaded; try again shortly") from None
         self.catalog_answered()
-        return SearchAnswer(answer.hits, answer.vector, {"width": decoded.width, "height": decoded.height},
+        hits, search_ms = answer.hits, round(answer.search_ms, 3)
+        if expansion:   # searched again, the query averaged with its first results
+            hits, expanded_ms = self.search_vector(answer.vector, k, expansion=expansion)
+            search_ms = round(search_ms + expanded_ms, 3)
+        return SearchAnswer(hits, answer.vector, {"width": decoded.width, "height": decoded.height},
                             {"decode": _ms(decoded_at - started), "features": round(answer.features_ms, 3),
-                             "search": round(answer.search_ms, 3)}, upload.preview_jpeg)
+                             "search": search_ms}, upload.preview_jpeg)
 
     def search_vector(self, vector: np.ndarray, k: int, exclude: set[int] | None = None,
-                      snapshot: IndexSnapshot | None = None) -> tuple[list[Hit], float]:
+                      snapshot: IndexSnapshot | None = None,
+                      expansion: QueryExpansion | None = None) -> tuple[list[Hit], float]:
         """vector shape=(dim,) -> (hits nearest first, search ms); no forward pass, in the calling thread.
 
-        The vector must come from the network of snapshot (default: the current one)."""
+        The vector must come from the network of snapshot (default: the current one). expansion: query expansion."""
         started = time.perf_counter()
         snapshot = snapshot or self.index.snapshot()
         hits = snapshot.search_vectors(vector[None, :], k, exclude=[exclude] if exclude else None,
-                                       threads=self.batcher.search_threads)[0]
+                                       threads=self.batcher.search_threads, expansion=expansion)[0]
         elapsed = time.perf_counter() - started
         metrics.SEARCH_SECONDS.observe(elapsed)
         return hits, _ms(elapsed)
 
-    def neighbours(self, image_id: int, k: int) -> SearchAnswer:
+    def neighbours(self, image_id: int, k: int, expansion: QueryExpansion | None = None) -> SearchAnswer:
         """Neighbours of an indexed image from its stored vector, itself left out. Raises ApiError 404."""
         started = time.perf_counter()
         snapshot = self.index.snapshot()        # the stored vector and the vectors it is compared with: one network
@@ -215,7 +222,7 @@ class RetrievalService:
         if record is None or vector is None:    # unknown, or removed between the two lookups
             raise ApiError(404, "not_found", f"no image with id {image_id} in the index")
         looked_up = time.perf_counter()
-        hits, search_ms = self.search_vector(vector, k, exclude={int(image_id)}, snapshot=snapshot)
+        hits, search_ms = self.search_vector(vector, k, exclude={int(image_id)}, snapshot=snapshot, expansion=expansion)
         return SearchAnswer(hits, vector, {"id": record.id, "path": record.path, "label": record.label,
                                            "width": record.width, "height": record.height},
                             {"decode": 0.0, "features": _ms(looked_up - started), "search": search_ms})

@@ -74,6 +74,19 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
                    "(left out of training). [default: 1000, or the index's]")
 @click.option("--auto-flat-max", type=click.IntRange(min=0), default=None,
               help="auto keeps exact Flat up to this many images. [default: 50000, or the index's]")
+@click.option("--whiten/--no-whiten", default=None,
+              help="PCA-whiten the vectors in the FAISS index (centre, rotate, scale by eigenvalue^-1/2, L2-normalise), "
+                   "learned on the collection, applied to every query; the catalog keeps the raw vectors. Waits for "
+                   "128 images (40 with --whiten-dim N). [default: whiten a new "
+                   "index; an existing one keeps what it recorded]")
+@click.option("--whiten-dim", default=None, metavar="N|auto",
+              help="Dimensions after whitening. auto: a power of two up to a quarter of the images, at most 256 "
+                   "(more dimensions than that make kNN classification worse). N is kept while there are 1.25 N "
+                   "images. [default: auto, or the index's]")
+@click.option("--dba", type=click.IntRange(0, 50), default=None, metavar="N",
+              help="Database-side augmentation: store each image's vector averaged with its N nearest (weighted by "
+                   "similarity^3), recomputed whenever the collection changes; 0 turns it off. [default: 0, or the "
+                   "index's]")
 @click.option("--check", is_flag=True,
               help="Verify the index instead of updating it: the catalog file (SQLite quick_check), every vector "
                    "against its checksum, the FAISS file against the catalog. Prints what it found and what to do; "
@@ -82,8 +95,8 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
 @click.option("-v", "--verbose", is_flag=True, help="Log each skipped file and other details.")
 def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weights, seed, normalize, device, precision, decode, batch_size, workers,  # noqa: ANN001
          max_file_mb: float, ray_address: str | None, index_type: str | None, rebuild_index: bool, nprobe: int | None,
-         ef_search: int | None, recall_queries: int | None, auto_flat_max: int | None, check: bool, as_json: bool,
-         verbose: bool) -> None:
+         ef_search: int | None, recall_queries: int | None, auto_flat_max: int | None, whiten: bool | None,
+         whiten_dim: int | None, dba: int | None, check: bool, as_json: bool, verbose: bool) -> None:
     """Index (or update the index of) the images in DATA_DIR.
 
     Walks DATA_DIR recursively (JPEG, PNG, WebP, BMP, GIF, TIFF), labels each image by its first
@@ -128,8 +141,14 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
             check_factory(index_type, FEATURE_DIM)   # before any work: a typo is an answer at once
         except IndexTypeError as exc:
             raise UserError(f"{exc} (--index-type)") from exc
+    if whiten_dim is not None:
+        whiten_dim = whiten_dim.strip().lower()
+        if whiten_dim != "auto" and not (whiten_dim.isascii() and whiten_dim.isdigit() and 1 <= int(whiten_dim) <= 4096):
+            raise UserError(f"--whiten-dim takes a number of dimensions from 1 to 4096 or auto, not {whiten_dim!r}")
+        whiten_dim = whiten_dim if whiten_dim == "auto" else int(whiten_dim)
     vector_index = IndexTypeConfig(index_type=index_type, flat_max=auto_flat_max, nprobe=nprobe, ef_search=ef_search,
-                                   recall_queries=recall_queries, rebuild=rebuild_index)
+                                   recall_queries=recall_queries, rebuild=rebuild_index, whiten=whiten,
+                                   whiten_dim=whiten_dim, dba=dba)
     cfg = JobConfig(data_dir=data_dir, index_dir=index_dir, db_url=db_url, model=model, layer=layer, weights=weights,
                     normalize=normalize, seed=seed, device=device, precision=precision, decode=decode,
                     batch_size=parse_batch_size(batch_size),
@@ -278,16 +297,22 @@ def _print_report(r) -> None:  # noqa: ANN001 - indexer.run.RunReport
 
 def describe_vector_index(info: dict) -> str:
     """One line: the type, and for an approximate one its search settings and the recall they gave."""
+    if info.get("whiten_waits_for"):
+        whitening = (f"; whitening waits for {info['whiten_waits_for']} images (has {info.get('count', 0)}), "
+                     "raw vectors until then")
+    else:
+        whitening = ""
     if info.get("exact"):
-        return f"{info['factory']} (exact)"
+        return f"{info['factory']} (exact{whitening})"
     params = ", ".join(f"{k} {v}" for k, v in (info.get("search_params") or {}).items())
-    line = f"{info['factory']} ({info['requested']}{'; ' + params if params else ''})"
+    line = f"{info['factory']} ({info['requested']}{'; ' + params if params else ''}{whitening})"
     recall = info.get("recall")
     measured = next((m for m in (recall or {}).get("results", [])
                      if m["search_params"] == (info.get("search_params") or {})), None)
     if measured is None:
         return line + "; recall not measured"
-    return (line + f"; on {recall['queries']} held-out queries: 1-recall@1 {measured['1-recall@1']:.3f}, "
+    space = " (in the whitened space)" if info.get("whitened_dim") else ""
+    return (line + f"; on {recall['queries']} held-out queries{space}: 1-recall@1 {measured['1-recall@1']:.3f}, "
                    f"1-recall@10 {measured['1-recall@10']:.3f}, 10-recall@10 {measured['10-recall@10']:.3f}")
 
 

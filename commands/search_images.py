@@ -19,8 +19,14 @@ from commands.options import (UserError, command_settings, damaged_catalog_error
 @db_url_option
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the network runs for the query.")
+@click.option("--qe", type=click.IntRange(0, 50), default=0, show_default=True, metavar="N",
+              help="Query expansion: search again with the query averaged with its first N results (0: off).")
+@click.option("--qe-alpha", type=click.FloatRange(0, 100), default=0.0, show_default=True, metavar="ALPHA",
+              help="alpha-QE: weigh each of those results by its cosine similarity to the query ^ ALPHA (0: plain "
+                   "average).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"results": [...]} as JSON on stdout.')
-def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device: str, as_json: bool) -> None:
+def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device: str, qe: int, qe_alpha: float,
+         as_json: bool) -> None:
     """Print the K images of the index nearest to QUERY_IMAGE in feature space.
 
     The query goes through exactly the network the index was built with. Distances are L2
@@ -41,6 +47,7 @@ def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device:
     with collector_paused():   # torch, FAISS and the network load sooner with the garbage collector off
         from retrieval.features.backbones import DeviceUnavailable
         from retrieval.features.weights import WeightsUnavailable, weights_error_message
+        from retrieval.search.expansion import QueryExpansion
         from retrieval.search.index import ImageIndex, IndexNotFound, IndexUnavailable, WeightsMismatch
 
         from sqlalchemy.exc import SQLAlchemyError
@@ -56,7 +63,7 @@ def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device:
         except WeightsUnavailable as exc:
             raise UserError(weights_error_message(exc)) from exc
     try:
-        hits, _ = index.search_image(query, k)
+        hits, _ = index.search_image(query, k, expansion=QueryExpansion(qe, qe_alpha))
     except ImageDecodeError as exc:
         raise UserError(f"cannot use {query_image} as a query: {exc}") from exc
     except SQLAlchemyError as exc:

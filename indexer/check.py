@@ -103,7 +103,7 @@ def _check_faiss(path: Path, catalog: Catalog, dim: int, bad: set[int]) -> dict:
     if len(missing) or len(extra):
         found["problems"].append(f"the FAISS file holds other ids than the catalog: {len(missing)} missing, "
                                  f"{len(extra)} not in the catalog")
-    if is_exact(index.index):
+    if is_exact(index.index) and not (catalog.vector_index_record() or {}).get("dba"):   # DBA stores averages
         flat = faiss.downcast_index(index.index.index)
         stored = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * dim).reshape(flat.ntotal, dim)
         position = {int(i): p for p, i in enumerate(have.tolist())}

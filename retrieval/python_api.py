@@ -12,6 +12,7 @@ from PIL import Image
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, ImageSource, decode_for_model
 from retrieval.learning.metrics import vote
 from retrieval.results import THUMBNAIL_PX, Hit, IndexInfo, Prediction, SearchResult
+from retrieval.search.expansion import QueryExpansion
 
 if TYPE_CHECKING:
     from retrieval.search.index import Hit as StoredHit, ImageIndex, IndexSnapshot
@@ -84,18 +85,22 @@ class Index:
         """The query's feature vector, made as the index's vectors were. -> shape=(dim,) float32."""
         return self._embed(query)[1][0]
 
-    def search(self, query: Query, k: int = 10) -> SearchResult:
+    def search(self, query: Query, k: int = 10, *, qe: int = 0, qe_alpha: float = 0.0) -> SearchResult:
         """The k images nearest to query, nearest first.
 
         query: a file path (str or Path; relative paths are taken from the working folder), encoded image
         bytes, a PIL image, or a uint8 numpy array (H, W, 3) RGB. Every kind is decoded and preprocessed as
         the indexer did (EXIF-upright, RGB, resize, centre crop): an indexed file searched by its path finds
-        itself first at distance ~0. Raises ImageDecodeError (a ValueError) for what is not a usable image,
-        TypeError for another kind of query.
+        itself first at distance ~0. qe, qe_alpha: query expansion, the query averaged with its first qe results
+        (weights similarity^qe_alpha) and searched again (docs/searching.md). Raises ImageDecodeError (a
+        ValueError) for what is not a usable image, TypeError for another kind of query, ValueError for qe
+        settings out of range.
         """
         _check_k(k)
+        expansion = QueryExpansion(qe, qe_alpha)
         snapshot, vector, described, preview = self._embed(query)
-        return SearchResult(self._hits(snapshot, snapshot.search_vectors(vector, k)[0]), described, k, preview)
+        hits = snapshot.search_vectors(vector, k, expansion=expansion)[0]
+        return SearchResult(self._hits(snapshot, hits), described, k, preview)
 
     def neighbours(self, image: int | str | os.PathLike, k: int = 10) -> SearchResult:
         """The k nearest images to an indexed image, itself left out, from its stored vector (no forward pass).

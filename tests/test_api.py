@@ -164,6 +164,24 @@ def test_a_query_that_waits_too_long_is_503(app, client, sample_index, monkeypat
     assert_error(upload(client, image_bytes(sample_index)), 503, "unavailable")
 
 
+def test_search_with_query_expansion_averages_the_query_with_its_first_results(client, sample_index):
+    plain = upload(client, image_bytes(sample_index), "/search?k=6").get_json()["results"]
+    expanded = upload(client, image_bytes(sample_index), "/search?k=6&qe=3&qe_alpha=3").get_json()["results"]
+    assert plain[0]["path"] == QUERY and plain[0]["distance"] < 1e-3
+    # the query moved towards its first three results: no longer at distance 0 from itself, its class still first
+    assert expanded[0]["distance"] > 1e-3 and {r["path"] for r in expanded[:3]} == {r["path"] for r in plain[:3]}
+    assert sum(r["label"] == "red_circles" for r in expanded) >= sum(r["label"] == "red_circles" for r in plain) - 1
+    form = upload(client, image_bytes(sample_index), "/search?k=6", qe="3", qe_alpha="3").get_json()["results"]
+    assert [r["id"] for r in form] == [r["id"] for r in expanded]
+    off = upload(client, image_bytes(sample_index), "/search?k=6&qe=0").get_json()["results"]
+    assert [r["id"] for r in off] == [r["id"] for r in plain]
+
+
+@pytest.mark.parametrize("query", ["qe=x", "qe=-1", "qe=51", "qe=2&qe_alpha=x", "qe=2&qe_alpha=-1", "qe=2&qe_alpha=nan"])
+def test_search_with_bad_query_expansion_is_400(client, sample_index, query):
+    assert_error(upload(client, image_bytes(sample_index), f"/search?{query}"), 400, "bad_query_expansion")
+
+
 # --- GET /images/<id>/neighbours --------------------------------------------------------------------
 
 def _id_of(app, rel: str) -> int:
@@ -197,6 +215,15 @@ def test_neighbours_default_k_and_all_but_itself(app, client):
 
 def test_neighbours_of_an_unknown_id_is_404(client):
     assert_error(client.get("/images/999999/neighbours"), 404, "not_found")
+
+
+def test_neighbours_with_query_expansion(app, client):
+    image_id = app.extensions["retrieval"].index.catalog.ids()[0]
+    plain = client.get(f"/images/{image_id}/neighbours?k=5").get_json()["results"]
+    expanded = client.get(f"/images/{image_id}/neighbours?k=5&qe=2").get_json()["results"]
+    assert image_id not in {r["id"] for r in expanded} and len(expanded) == 5
+    assert [r["distance"] for r in expanded] != [r["distance"] for r in plain]
+    assert_error(client.get(f"/images/{image_id}/neighbours?qe=99"), 400, "bad_query_expansion")
 
 
 def test_neighbours_with_bad_k_is_400(app, client):

@@ -60,6 +60,8 @@ def test_index_json_summary_and_search_json(runner, data, tmp_path):
     assert results[0]["path"] == "blue_squares/blue_squares_001.jpg" and results[0]["label"] == "blue_squares"
     assert results[0]["distance"] == 0.0, "rounded to 6 decimals, as the API: the query itself is at 0.0"
     assert [r["distance"] for r in results] == sorted(r["distance"] for r in results)
+    expanded = run_json(runner, search_images, [str(query), "-k", "3", "--qe", "2", "--index-dir", index_dir, "--json"])
+    assert expanded["results"][0]["distance"] > 0, "the query averaged with its first 2 results is not the image itself"
 
 
 def test_human_output_has_a_summary_and_a_ranked_table(runner, data, tmp_path):

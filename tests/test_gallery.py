@@ -76,6 +76,20 @@ def test_query_page_k_choice(client, sample_index):
     assert len(gallery_links(html.split('id="neighbours"', 1)[1])) == 6
 
 
+def test_results_pages_offer_query_expansion_and_keep_it_with_k(client, sample_index):
+    location = post_photo(client, (sample_index.data_dir / QUERY).read_bytes()).headers["Location"]
+    html = client.get(location).get_data(as_text=True)
+    control = html.split('id="qe-choice"', 1)[1].split("</nav>", 1)[0]
+    assert "?k=12&amp;qe=3" in control and 'active" href="?k=12&amp;qe=0"' in control
+    page = client.get(location + "&qe=3")
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200 and len(gallery_links(html.split('id="neighbours"', 1)[1])) == 12
+    assert 'active" href="?k=12&amp;qe=3"' in html and "?k=6&amp;qe=3" in html   # k choices keep the expansion
+    assert client.get(location + "&qe=lots").status_code == 400
+    image_page = client.get(f"/gallery/{gallery_links(html)[0]}?qe=3")
+    assert image_page.status_code == 200 and 'active" href="?k=12&amp;qe=3"' in image_page.get_data(as_text=True)
+
+
 def test_upload_of_a_non_image_shows_the_form_again_with_the_reason(client):
     r = post_photo(client, b"%PDF-1.4 not a photo")
     assert r.status_code == 415 and r.mimetype == "text/html"

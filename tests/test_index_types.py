@@ -50,7 +50,7 @@ def catalog(tmp_path):
 
 def build(catalog: Catalog, tmp_path: Path, **config) -> VectorIndex:
     """One run's FAISS side (what index-images does with no new images), through the no-network path."""
-    config = {"recall_queries": 100, **config}
+    config = {"recall_queries": 100, "whiten": False, **config}   # the types themselves, on raw vectors
     maintain_vectors(catalog, tmp_path / FAISS_FILE, DIM, IndexTypeConfig(**config))
     return VectorIndex.load(tmp_path / FAISS_FILE, DIM, factory=catalog.vector_index_record()["factory"])
 
@@ -182,7 +182,7 @@ def test_add_and_remove_on_a_trained_index(catalog, tmp_path, factory):
     vecs = clustered(400)
     ids = fill(catalog, vecs)
     build(catalog, tmp_path, index_type=factory)
-    builder = IndexBuilder(catalog, tmp_path / FAISS_FILE, DIM, IndexTypeConfig(recall_queries=100))
+    builder = IndexBuilder(catalog, tmp_path / FAISS_FILE, DIM, IndexTypeConfig(recall_queries=100, whiten=False))
     index, changed = builder.open()
     assert not changed
     gone = ids[:50]

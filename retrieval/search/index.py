@@ -19,6 +19,7 @@ from retrieval.features.backbones import (MODELS, FeatureExtractor, WeightsUnava
 from retrieval.catalog import (CATALOG_FILE, Catalog, CatalogUnavailable, IndexSettings, db_error_reason,  # noqa: F401
                       weights_label)  # weights_label: re-exported
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_for_model
+from retrieval.search.expansion import QueryExpansion, expand
 from retrieval.vectors.index_types import SearchParams, apply_search_params, search_params_of
 from retrieval.names import FAISS_FILE
 from retrieval.vectors.vector_index import VectorIndex
@@ -103,7 +104,26 @@ class IndexSnapshot:
                 "search_params": params.to_json(),
                 "recall": recall_for(record, params),   # None: not measured with these settings (or exact)
                 "recall_queries": recall.get("queries"), "recall_measured_at": recall.get("measured_at"),
-                "recall_count": recall.get("count")}
+                "recall_count": recall.get("count"), "file_bytes": record.get("file_bytes"),
+                "whiten": record.get("whiten"), "whitened_dim": record.get("whitened_dim"), "dba": record.get("dba", 0),
+                "whiten_waits_for": record.get("whiten_waits_for")}
+
+    def expand(self, queries: np.ndarray, expansion: QueryExpansion, exclude: list[set[int]] | None = None,
+               threads: int = 1) -> np.ndarray:
+        """queries shape=(q, dim) -> the same averaged with their first expansion.n results (query expansion)."""
+        extra = max((len(e) for e in exclude), default=0) if exclude else 0
+        distances, ids = self.vectors.search(queries, expansion.n + extra, threads)
+        if exclude:
+            for row, skip in enumerate(exclude):
+                keep = ~np.isin(ids[row], list(skip))
+                ids[row] = np.concatenate([ids[row][keep], np.full((~keep).sum(), -1)])
+                distances[row] = np.concatenate([distances[row][keep], np.full((~keep).sum(), np.inf)])
+
+        def lookup(wanted: np.ndarray) -> dict[int, np.ndarray]:
+            return {int(i): v for chunk_ids, vecs in self.catalog.vectors(wanted) for i, v in zip(chunk_ids, vecs)}
+
+        whitened = bool((self.vector_record or {}).get("whitened_dim"))
+        return expand(queries, distances, ids, expansion, lookup, renormalize=self.settings.normalize and not whitened)
 
     @property
     def network(self) -> str:
@@ -122,11 +142,14 @@ class IndexSnapshot:
         return embed(self.extractor, pixels, self.settings.normalize)
 
     def search_vectors(self, queries: np.ndarray, k: int, exclude: list[set[int]] | None = None,
-                       threads: int = 1) -> list[list[Hit]]:
+                       threads: int = 1, expansion: QueryExpansion | None = None) -> list[list[Hit]]:
         """queries shape=(q, dim) -> for each query its k nearest hits, nearest first (excluded ids left out).
 
-        threads: how many threads search (see VectorIndex.search)."""
+        threads: how many threads search (see VectorIndex.search). expansion: search again with each query
+        averaged with its first results (retrieval.search.expansion; excluded ids are not averaged in)."""
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
+        if expansion:
+            queries = self.expand(queries, expansion, exclude, threads)
         distances, ids = self.vectors.search(queries, k + extra, threads)
         rows = self.catalog.get_many(int(i) for i in np.unique(ids) if i >= 0)
         results = []
@@ -254,10 +277,11 @@ class ImageIndex:
         """Search the current snapshot (see IndexSnapshot.search_vectors); queries must come from its network."""
         return self.snapshot().search_vectors(queries, k, exclude, threads)
 
-    def search_image(self, data: bytes, k: int) -> tuple[list[Hit], DecodedImage]:
+    def search_image(self, data: bytes, k: int, expansion: QueryExpansion | None = None) -> tuple[list[Hit], DecodedImage]:
         decoded = self.decode(data)
-        query = self.embed(torch.from_numpy(decoded.pixels).unsqueeze(0))   # (1, 3, H, W) uint8
-        return self.search_vectors(query, k)[0], decoded
+        snapshot = self.snapshot()   # one network for the query and the vectors it meets
+        query = snapshot.embed(torch.from_numpy(decoded.pixels).unsqueeze(0))   # (1, 3, H, W) uint8
+        return snapshot.search_vectors(query, k, expansion=expansion)[0], decoded
 
     # freshness
     def _current_signature(self) -> tuple | None:
@@ -301,7 +325,7 @@ class ImageIndex:
             vectors.reconcile(catalog)
         else:
             vectors, _ = VectorIndex.open_reconciled(self.faiss_path, catalog, settings.dim, factory=None,
-                                                     mmap=self.mmap)
+                                                     mmap=self.mmap, augmented=bool((record or {}).get("dba")))
         recorded = SearchParams.from_json((record or {}).get("search_params"))
         apply_search_params(vectors.index, self.search_params.over(recorded))   # before any search sees it
         return IndexSnapshot(previous.version + 1 if previous else 1, settings, catalog, vectors, extractor,

@@ -6,18 +6,24 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+
 from retrieval.catalog import Catalog
 from retrieval.files import sample_digest
 from retrieval.vectors.index_types import (AUTO, FLAT, RECALL_QUERIES, RECALL_TARGET, IndexTypeConfig, IndexTypeError, SearchParams,
-                          apply_search_params, min_train_vectors, requested_params, requested_type, search_params_of,
-                          seeded_samples, train_size, tuning_ladder, wanted_factory)
+                          apply_search_params, min_train_vectors, requested_params, requested_dba, requested_type, requested_whitening,
+                          search_params_of, seeded_samples, train_size, tuning_ladder, wanted_factory)
 from retrieval.vectors.index_types import flat_max as recorded_flat_max
 from retrieval.vectors.recall import K, exact_neighbours, measure, sample_vectors
 from retrieval.vectors.vector_index import VectorIndex, reconcile
+from retrieval.search.expansion import QueryExpansion, expand
+from retrieval.system import available_cores
+from retrieval.vectors.whitening import min_whiten_vectors, whitening_of, split_whitening
 
 log = logging.getLogger(__name__)
 
 RETRAIN_GROWTH = 2   # a trained index is retrained (rebuilt from the catalog) once the collection doubles
+DBA_ALPHA = 3.0      # database-side augmentation weighs each neighbour by its similarity^3 (Radenovic et al. 2018)
 
 
 class IndexBuilder:
@@ -38,6 +44,9 @@ class IndexBuilder:
         self.requested = requested_type(config, previous)
         self.flat_max = recorded_flat_max(config, previous)
         self.requested_params = requested_params(config, previous)
+        self.whitening = requested_whitening(config, previous)
+        self.dba = requested_dba(config, previous)
+        self.augmented: list[tuple[np.ndarray, np.ndarray]] | None = None   # DBA's stored vectors, as the index sees them
         self.recall_queries = config.recall_queries or (previous or {}).get("recall_queries") or RECALL_QUERIES
         if self.requested != AUTO:
             VectorIndex.empty(dim, self.requested)   # raises IndexTypeError for a type FAISS cannot build
@@ -47,7 +56,7 @@ class IndexBuilder:
         self.record: dict = previous or {}
 
     def wanted(self, n: int) -> str:
-        return wanted_factory(self.requested, self.flat_max, n, self.dim)
+        return wanted_factory(self.requested, self.flat_max, n, self.dim, self.whitening)
 
     def open(self) -> tuple[VectorIndex, bool]:
         """-> (the index as the catalog has it, changed since the file)."""
@@ -70,6 +79,8 @@ class IndexBuilder:
                 raise IndexTypeError(f"index type {factory!r} needs at least {need} vectors to train; "
                                      f"the catalog has {len(ids)}")
             held_out = min(n_train, len(ids) - min(len(ids), self.recall_queries))
+            if split_whitening(factory)[0] is not None:   # whitening learns the whole collection while it is small
+                held_out = n_train                        # (seeded_samples then trains on everything)
             _, train_ids = seeded_samples(ids, self.recall_queries, max(held_out, need), self.config.seed)
             _, sample = sample_vectors(self.catalog.vectors(train_ids))
             log.info("training %s on %d of %d vectors", factory, len(sample), len(ids))
@@ -78,12 +89,39 @@ class IndexBuilder:
             n_train = len(train_ids)
         for chunk_ids, chunk in self.catalog.vectors():
             vectors.add(chunk_ids, chunk)
+        if self.dba:
+            vectors = self.augment(vectors)
         self.built = True
         self.train = {"size": int(n_train), "count": len(ids), "seed": self.config.seed, "at": _now(),
                       "seconds": round(time.perf_counter() - started, 3)}
         self.recall = None
         log.info("built %s from the catalog: %d vectors (%.1f s)", factory, len(vectors), time.perf_counter() - started)
         return vectors
+
+    def augment(self, vectors: VectorIndex) -> VectorIndex:
+        """Database-side augmentation: a copy of vectors holding each catalog vector averaged with its nearest
+        self.dba others (weights similarity^DBA_ALPHA, in the index's space). Keeps what the copy holds, as the
+        index sees it, in self.augmented (for the recall measurement)."""
+        settings = self.catalog.settings()
+        whiten = whitening_of(vectors.index)
+        fresh = vectors.copy()
+        fresh.index.reset()
+        self.augmented = []
+
+        def lookup(wanted: np.ndarray) -> dict[int, np.ndarray]:
+            return {int(i): v for ids, vecs in self.catalog.vectors(wanted) for i, v in zip(ids, vecs)}
+
+        for chunk_ids, chunk in self.catalog.vectors():
+            distances, found = vectors.search(chunk, self.dba + 1, threads=available_cores())   # itself among them
+            own = found == chunk_ids[:, None]
+            order = np.argsort(own, axis=1, kind="stable")                # itself last, the others in rank order
+            found, distances = np.take_along_axis(found, order, 1), np.take_along_axis(distances, order, 1)
+            mixed = expand(chunk, distances, found, QueryExpansion(self.dba, DBA_ALPHA), lookup,
+                           renormalize=bool(settings and settings.normalize) and whiten is None)
+            fresh.add(chunk_ids, mixed)
+            self.augmented.append((chunk_ids, whiten(mixed) if whiten is not None else mixed))
+        log.info("database-side augmentation: each of %d vectors averaged with its %d nearest", len(fresh), self.dba)
+        return fresh
 
     def grown(self, vectors: VectorIndex) -> VectorIndex:
         """After a batch: leave exact Flat as soon as the collection calls for a trained type (built from the catalog)."""
@@ -97,7 +135,11 @@ class IndexBuilder:
         target = self.wanted(len(vectors))
         trained_on = self.train.get("count") if self.train.get("size") else None
         outgrown = trained_on is not None and len(vectors) >= RETRAIN_GROWTH * trained_on
-        if target != vectors.factory or (self.config.rebuild and not self.built) or outgrown:
+        params_changed = self.requested_params.to_json() != (self.previous or {}).get("requested_search_params", {})
+        # DBA's stored vectors depend on the whole collection: recomputed whenever it changed
+        stale_dba = bool(self.dba) and not self.built and (changed or params_changed or self.recall is None
+                                                            or self.dba != (self.previous or {}).get("dba", 0))
+        if target != vectors.factory or (self.config.rebuild and not self.built) or outgrown or stale_dba:
             if target != vectors.factory:
                 log.warning("FAISS index type: %s -> %s (%d vectors); rebuilding from the catalog", vectors.factory,
                             target, len(vectors))
@@ -105,8 +147,9 @@ class IndexBuilder:
                 log.info("the collection grew from %d to %d vectors since %s was trained: retraining", trained_on,
                          len(vectors), target)
             vectors = self.build(target)
-        params_changed = self.requested_params.to_json() != (self.previous or {}).get("requested_search_params", {})
-        if vectors.exact:
+        if not self.dba and (self.previous or {}).get("dba") and not self.built:   # DBA turned off: raw vectors again
+            vectors = self.build(target)
+        if vectors.exact and not self.dba:
             self.recall = None
         elif self.built or changed or params_changed or self.recall is None:
             self.measure_recall(vectors)
@@ -122,7 +165,10 @@ class IndexBuilder:
         ids = self.catalog.ids()
         query_ids, _ = seeded_samples(ids, self.recall_queries, 0, self.config.seed)
         query_ids, queries = sample_vectors(self.catalog.vectors(query_ids))
-        exact = exact_neighbours(self.catalog.vectors(), queries, query_ids, K)
+        # against exact search in the space the index searches: after its whitening, where it has one
+        transform = whitening_of(vectors.index) or (lambda x: x)
+        stored = self.augmented if self.augmented is not None else ((i, transform(v)) for i, v in self.catalog.vectors())
+        exact = exact_neighbours(stored, transform(queries), query_ids, K)
         asked = self.requested_params
         ladder = [asked] if asked.to_json() else (tuning_ladder(vectors.index) or [SearchParams()])
         results, chosen = [], None
@@ -147,10 +193,14 @@ class IndexBuilder:
     def describe(self, vectors: VectorIndex) -> dict:
         """What is recorded in the catalog with the FAISS file (and shown in --json, /stats and the gallery)."""
         return {"requested": self.requested, "factory": vectors.factory, "exact": vectors.exact,
+                "whiten": self.whitening.to_json(), "dba": self.dba, "whitened_dim": split_whitening(vectors.factory)[0],
+                "whiten_waits_for": (min_whiten_vectors(self.whitening.dim) if self.whitening.on
+                                     and split_whitening(vectors.factory)[0] is None else None),
                 "flat_max": self.flat_max, "recall_queries": self.recall_queries, "count": len(vectors),
                 "train": self.train if not vectors.exact else None,
                 "requested_search_params": self.requested_params.to_json(),
-                "search_params": search_params_of(vectors.index).to_json(), "recall": self.recall}
+                "search_params": search_params_of(vectors.index).to_json(), "recall": self.recall,
+                "file_bytes": self.path.stat().st_size if self.path.exists() else None}
 
     def save(self, vectors: VectorIndex) -> None:
         """Write the FAISS file atomically, then record in the catalog what it holds and which catalog state."""
@@ -158,7 +208,8 @@ class IndexBuilder:
         vectors.save(self.path)
         self.catalog.save_faiss_digest(*sample_digest(self.path))   # a later no-op run notices a damaged file
         self.catalog.mark_vectors_saved(state)
-        self.catalog.save_vector_index_record(self.describe(vectors))
+        self.record = self.describe(vectors)   # with the size of the file just written
+        self.catalog.save_vector_index_record(self.record)
 
 
 def maintain_vectors(catalog: Catalog, path: Path, dim: int, config: IndexTypeConfig) -> tuple[dict, int]:

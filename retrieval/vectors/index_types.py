@@ -60,6 +60,12 @@ class IndexTypeConfig:
                                        # None: as recorded, else RECALL_QUERIES
     seed: int = 0                     # of the training and recall samples
     rebuild: bool = False             # rebuild (and retrain) the FAISS file from the catalog this run
+    whiten: bool | None = None        # PCA-whiten in front of the type (retrieval.vectors.whitening); None: as recorded,
+                                      # else WHITEN_DEFAULT for a new index (an index recorded without it keeps none)
+    whiten_dim: int | str | None = None   # whitened dimensions or "auto" (by collection size, whitening.whitened_dim);
+                                          # None: as recorded, else auto
+    dba: int | None = None            # database-side augmentation: each stored vector averaged with its nearest dba
+                                      # (retrieval.search.expansion); 0 off; None: as recorded, else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +104,49 @@ def auto_factory(n: int, dim: int, flat_max: int = AUTO_FLAT_MAX) -> str:
     return f"{pca}IVF{nlist},PQ{m}np"
 
 
+# Whether a new index whitens: decided by benchmarks/bench_quality.py (docs/quality.md)
+WHITEN_DEFAULT = True
+WHITEN_AUTO = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class Whitening:
+    """Whitening as asked for an index: on or off, and its dimension (None: auto; fewer while the collection is small)."""
+    on: bool
+    dim: int | None
+
+    def to_json(self) -> dict:
+        return {"on": self.on, "dim": self.dim}
+
+    def __eq__(self, other: object) -> bool:   # the dimension of whitening that is off does not matter
+        return isinstance(other, Whitening) and self.on == other.on and (not self.on or self.dim == other.dim)
+
+    def __hash__(self) -> int:
+        return hash((self.on, self.dim if self.on else None))
+
+
+def requested_whitening(config: IndexTypeConfig, record: dict | None) -> Whitening:
+    """--whiten / --whiten-dim over what the index recorded; a new index gets WHITEN_DEFAULT, an index recorded
+    before whitening existed keeps raw vectors."""
+    recorded = recorded_whitening(record) if record is not None else Whitening(WHITEN_DEFAULT, None)
+    on = config.whiten if config.whiten is not None else recorded.on
+    if config.whiten_dim is None:
+        dim = recorded.dim
+    else:
+        dim = None if config.whiten_dim == WHITEN_AUTO else int(config.whiten_dim)
+    return Whitening(bool(on), dim if on else recorded.dim)
+
+
+def requested_dba(config: IndexTypeConfig, record: dict | None) -> int:
+    return config.dba if config.dba is not None else int((record or {}).get("dba", 0))
+
+
+def recorded_whitening(record: dict | None) -> Whitening:
+    """What an index recorded (off for one recorded before whitening existed); the dimension only matters when on."""
+    recorded = (record or {}).get("whiten") or {"on": False, "dim": None}
+    return Whitening(bool(recorded["on"]), recorded.get("dim"))
+
+
 def train_size(factory: str, n: int) -> int:
     """How many catalog vectors train an index of this type: 0 for untrained types (Flat, HNSW over Flat)."""
     lists = [int(k) for k in re.findall(r"IVF(\d+)", factory)]
@@ -116,9 +165,13 @@ def vector_work_needed(config: IndexTypeConfig, catalog: "Catalog", dim: int) ->
         return True
     if record is None:
         return config.index_type not in (None, AUTO, FLAT) or config.nprobe is not None or config.ef_search is not None \
-            or auto_factory(catalog.count(), dim, flat_max(config, None)) != FLAT
-    builder_wants = wanted_factory(requested_type(config, record), flat_max(config, record), catalog.count(), dim)
-    return (builder_wants != record["factory"]
+            or bool(config.dba) \
+            or wanted_factory(requested_type(config, None), flat_max(config, None), catalog.count(), dim,
+                              requested_whitening(config, None)) != FLAT
+    builder_wants = wanted_factory(requested_type(config, record), flat_max(config, record), catalog.count(), dim,
+                                   requested_whitening(config, record))
+    return (builder_wants != record["factory"] or requested_dba(config, record) != record.get("dba", 0)
+            or requested_whitening(config, record) != recorded_whitening(record)
             or requested_params(config, record).to_json() != record.get("requested_search_params", {})
             or (not record.get("exact") and record.get("recall") is None))
 
@@ -136,9 +189,16 @@ def requested_params(config: IndexTypeConfig, record: dict | None) -> SearchPara
     return asked if asked.to_json() else SearchParams.from_json((record or {}).get("requested_search_params"))
 
 
-def wanted_factory(requested: str, flat_max: int, n: int, dim: int) -> str:
+def wanted_factory(requested: str, flat_max: int, n: int, dim: int, whitening: Whitening | None = None) -> str:
     """The type to build for n vectors: auto's choice, or the requested type once there are enough vectors to
-    train it (exact Flat until then)."""
+    train it (exact Flat until then); with whitening, "PCAW{d},L2norm," in front and the type chosen for d
+    dimensions, d as whitening.whitened_dim allows at n (no whitening while it allows none)."""
+    from retrieval.vectors.whitening import whiten_prefix, whitened_dim
+
+    if whitening is not None and whitening.on:
+        d = whitened_dim(whitening.dim, n, dim)
+        if d is not None:
+            return whiten_prefix(d) + wanted_factory(requested, flat_max, n, d)
     if requested == AUTO:
         return auto_factory(n, dim, flat_max)
     return requested if n >= min_train_vectors(requested) else FLAT

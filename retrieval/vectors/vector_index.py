@@ -120,7 +120,7 @@ class VectorIndex:
         removed = len(self) - len(keep)
         if removed:
             log.info("%s cannot remove ids: rebuilt without %d of them", self.factory, removed)
-            fresh = faiss.clone_index(self.index)   # trained, same parameters
+            fresh = _clone(self.index)   # trained, same parameters
             fresh.reset()
             self.index = fresh
             for chunk_ids, vecs in self.vector_source(keep):
@@ -222,18 +222,19 @@ class VectorIndex:
 
     @classmethod
     def open_reconciled(cls, path: Path, catalog: Catalog, dim: int, *, factory: str | None = FLAT,
-                        mmap: bool = False) -> tuple["VectorIndex", bool]:
+                        mmap: bool = False, augmented: bool = False) -> tuple["VectorIndex", bool]:
         """Load the FAISS file and make it agree with the catalog (DESIGN invariant 1).
 
         Ids missing from FAISS are added from the catalog's vectors; ids no longer in the catalog are removed.
         A file that is missing, unreadable or not of type factory gives an empty Flat index: the caller
         (retrieval.vectors.builder) rebuilds the type from the catalog. With mmap, an index that needs
-        changes is read into memory instead (a mapped one is read-only).
+        changes is read into memory instead (a mapped one is read-only). augmented: the file holds averaged
+        vectors (database-side augmentation), not the catalog's (so they are not compared).
         -> (index, changed) where changed says whether it differs from the file.
         """
         index = cls.load(path, dim, factory=factory, mmap=mmap, vector_source=catalog.vectors,
                          expected=catalog.faiss_digest)
-        if index is not None and not index.agrees_with(catalog):
+        if index is not None and not augmented and not index.agrees_with(catalog):
             log.warning("the FAISS file %s holds other vectors than the catalog under the same ids (saved from "
                         "another catalog?); rebuilding it from the catalog", path)
             index = None
@@ -267,13 +268,21 @@ class VectorIndex:
         A memory-mapped index is copied through its serialised bytes: faiss.clone_index of one keeps viewing the
         read-only mapping, and removing from that clone wrote into it (a server's worker died of SIGSEGV when it
         caught up with a removal)."""
-        index = (faiss.deserialize_index(faiss.serialize_index(self.index)) if self.mapped
-                 else faiss.clone_index(self.index))
+        index = faiss.deserialize_index(faiss.serialize_index(self.index)) if self.mapped else _clone(self.index)
         return VectorIndex(self.dim, index, factory=self.factory, vector_source=self.vector_source)
 
     def reconcile(self, catalog: Catalog) -> bool:
         """Make the index agree with the catalog (module function reconcile). -> whether anything changed."""
         return reconcile(self, catalog)
+
+
+def _clone(index: faiss.Index) -> faiss.Index:
+    """A copy in memory: faiss.clone_index, or through the serialised bytes for what it cannot clone (an L2norm
+    transform, as whitening has)."""
+    try:
+        return faiss.clone_index(index)
+    except RuntimeError:   # "clone not supported for this type of VectorTransform"
+        return faiss.deserialize_index(faiss.serialize_index(index))
 
 
 def _in_step(index: VectorIndex, catalog: Catalog) -> bool:
