@@ -18,13 +18,14 @@ APPROX_K = 16               # neighbours looked at per vector by the approximate
 
 def learn_whitening(vectors: np.ndarray, dim: int = DEFAULT_WHITEN_DIM) -> faiss.PCAMatrix:
     """PCA whitening learned on vectors shape=(n, d) float32: centre, rotate, scale each component by
-    1/sqrt(eigenvalue) and keep min(dim, n - 1, d) components. Apply with whiten(); fit on the collection itself.
+    1/sqrt(eigenvalue) and keep min(dim, n // 4, d) components (a few images cannot estimate many: their weakest
+    components are noise, which whitening would blow up to the size of the real ones). Apply with whiten(); fit on the collection itself.
 
     Raw fc7 vectors of a random network all point one way (every pair's cosine above 0.8); after whitening the
     directions along which images really differ carry the distance."""
     n, d = vectors.shape
     assert n >= 2, f"whitening needs at least 2 vectors, got {n}"
-    out = max(1, min(dim, n - 1, d))
+    out = max(1, min(dim, n // 4, d))
     pca = faiss.PCAMatrix(d, out, -0.5)   # eigen_power -0.5: whitened
     pca.epsilon = 1e-6   # components with (almost) no variance are not blown up to noise
     pca.train(np.ascontiguousarray(vectors, dtype=np.float32))
