@@ -48,7 +48,7 @@ HELP_DIR = SNAPSHOTS / "help"
 JSON_KEYS = SNAPSHOTS / "json_keys.json"
 UPDATE = os.environ.get("RETRIEVAL_UPDATE_SNAPSHOTS", "") not in ("", "0")
 
-COMMANDS = ["index-images", "search-images", "serve-images", "evaluate-index", "model-info", "fine-tune"]
+COMMANDS = ["index-images", "search-images", "serve-images", "evaluate-index", "model-info", "fine-tune", "find-duplicates"]
 # Environment variables the commands and the app read for their options: unset, so the machine's don't leak in.
 OPTION_ENV_PREFIXES = ("RETRIEVAL_", *(f"{c.upper().replace('-', '_')}_" for c in COMMANDS))
 QUERY = "data/reds/reds_0.jpg"          # relative to the work folder
@@ -196,9 +196,10 @@ def test_help_text_is_unchanged(command):
     ("model-info", ["resnet"]),                                    # usage: not a model name
     ("search-images", [QUERY, "--index-dir", "no-index"]),         # no index
     ("evaluate-index", ["--index-dir", "no-index"]),               # no index
+    ("find-duplicates", ["--index-dir", "no-index"]),              # no index
     ("serve-images", ["--index-dir", "no-index"]),                 # no index
 ], ids=["index-images-missing-folder", "model-info-bad-model", "search-images-no-index",
-        "evaluate-index-no-index", "serve-images-no-index"])
+        "evaluate-index-no-index", "find-duplicates-no-index", "serve-images-no-index"])
 def test_user_errors_exit_with_status_2(command, args, workspace):
     result = run(command, *args, cwd=workspace.root)
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
@@ -229,6 +230,16 @@ def test_search_images_json(workspace):
 def test_evaluate_index_json(workspace):
     out = json.loads(run_ok("evaluate-index", "--index-dir", "index", "--json", cwd=workspace.root))
     compare_structure("evaluate-index --json", out)
+
+
+def test_find_duplicates_json(workspace):
+    out = json.loads(run_ok("find-duplicates", "--index-dir", "index", "--json", cwd=workspace.root))
+    compare_structure("find-duplicates --json", out)
+
+
+def test_evaluate_index_copies_json(workspace):
+    out = json.loads(run_ok("evaluate-index", "--index-dir", "index", "--copies", "2", "--json", cwd=workspace.root))
+    compare_structure("evaluate-index --copies 2 --json", out)
 
 
 def test_model_info_json():

@@ -190,3 +190,23 @@ def test_whitening_spreads_vectors_that_all_point_one_way():
 def test_pair_scores():
     s = pair_scores([[1, 2, 3]], [[1, 2], [3, 4]])
     assert (s["precision"], s["recall"]) == (1 / 3, 1 / 2)
+
+
+@pytest.mark.parametrize("index_type", ["HNSW32", "IVF4,PQ8x4"])
+def test_compressed_indexes_give_the_same_groups(collection, tmp_path, index_type):
+    """The groups come from the catalog's vectors: a compressed FAISS index of the same folder groups alike."""
+    from retrieval.search.duplicates import find_duplicates
+    from retrieval.search.index import ImageIndex
+    from retrieval.vectors.index_types import IndexTypeConfig
+
+    root, _ = collection
+    build_index(root / "data", tmp_path / "index", vector_index=IndexTypeConfig(index_type=index_type))
+    groups = {}
+    for where in (root / "index", tmp_path / "index"):
+        index = ImageIndex(where, load_network=False)
+        try:
+            assert index.vectors.exact == (where == root / "index")
+            groups[where] = [sorted(m.path for m in g) for g in find_duplicates(index, threshold=0.5).groups]
+        finally:
+            index.close()
+    assert groups[root / "index"] and groups[root / "index"] == groups[tmp_path / "index"]
