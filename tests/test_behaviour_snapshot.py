@@ -3,14 +3,15 @@
 What is recorded, and compared on every run:
 
 * tests/snapshots/help/<command>.txt: the exact ``--help`` text of every console script (index-images,
-  search-images, serve-images, evaluate-index, model-info, fine-tune), run as a subprocess through the installed
-  console script next to sys.executable, with COLUMNS=100 and no option environment variables set.
+  search-images, serve-images, evaluate-index, model-info, fine-tune, find-duplicates), run as a subprocess
+  through the installed console script next to sys.executable, with COLUMNS=100 and no option environment
+  variables set.
 * tests/snapshots/json_keys.json: the key structure (not the values) of the JSON the commands print with --json
-  (index-images, a fresh run and the "summary " last line of an unchanged re-run; search-images; evaluate-index;
-  model-info) and of the Flask API's answers (GET /stats, POST /search, GET /images/<id>/neighbours, GET /healthz,
-  an error body). The structure is the JSON with every dict's keys sorted (recursively), every list replaced by a
-  one-element list holding its first element's structure ([] when empty), and every scalar replaced by its JSON
-  type: "str", "number" (ints and floats alike), "bool" or "null".
+  (index-images, a fresh run and the "summary " last line of an unchanged re-run; search-images; evaluate-index,
+  also with --copies; find-duplicates; model-info) and of the Flask API's answers (GET /stats, POST /search,
+  GET /images/<id>/neighbours, GET /healthz, an error body). The structure is the JSON with every dict's keys
+  sorted (recursively), every list replaced by a one-element list holding its first element's structure ([] when
+  empty), and every scalar replaced by its JSON type: "str", "number" (ints and floats alike), "bool" or "null".
 * Exit statuses (usage and "no index" errors), and that index-images' last line starts with "summary ":
   these are plain assertions, not snapshot files.
 

@@ -3,6 +3,7 @@ groups with a suggested keeper each, and the label-free copy measure (recall of 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
 from pathlib import Path
@@ -15,7 +16,8 @@ from retrieval.images.decode import DECODE_ERRORS, ImageDecodeError, open_rgb
 from retrieval.images.edits import EDITS, edited_copies
 from retrieval.search.index import ImageIndex, IndexSnapshot
 from retrieval.vectors.duplicates import (DEFAULT_WHITEN_DIM, ThresholdChoice, choose_threshold, close_pairs,
-                                          connected_groups, learn_whitening, pair_scores, whiten)
+                                          connected_groups, learn_whitening, pair_scores, whiten,
+                                          WHITEN_TRAIN_MAX)
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +33,14 @@ class DuplicatesError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class CollectionVectors:
-    """The catalog's vectors, and the same whitened with the whitening learned on them."""
+    """The catalog's vectors whitened with the whitening learned on them (the raw ones are not kept)."""
     ids: np.ndarray          # shape=(n,) int64, ascending
-    raw: np.ndarray          # shape=(n, dim) float32, as stored
     white: np.ndarray        # shape=(n, d_out) float32, whitened and L2-normalised
     whitening: object        # the faiss.PCAMatrix (see retrieval.vectors.duplicates.learn_whitening)
 
-    def row_of(self) -> dict[int, int]:
+    @functools.cached_property
+    def rows(self) -> dict[int, int]:
+        """image id -> its row in white."""
         return {int(i): r for r, i in enumerate(self.ids)}
 
 
@@ -95,20 +98,30 @@ def keeper_order(record: ImageRecord) -> tuple:
 
 
 def collection_vectors(snapshot: IndexSnapshot, dim: int = DEFAULT_WHITEN_DIM) -> CollectionVectors:
-    """Every catalog vector, and the whitening learned on them. Raises DuplicatesError below two images."""
-    parts = list(snapshot.catalog.vectors())
-    if sum(len(i) for i, _ in parts) < 2:
+    """Every catalog vector, whitened with the whitening learned on them (on a random WHITEN_TRAIN_MAX when there
+    are more), read in chunks: the raw 4096-d vectors are never all in memory. Raises DuplicatesError below two
+    images."""
+    count = snapshot.catalog.count()
+    if count < 2:
         raise DuplicatesError("the index holds fewer than two images: nothing can be a duplicate")
-    ids = np.concatenate([i for i, _ in parts])
-    raw = np.concatenate([v for _, v in parts])
-    pca = learn_whitening(_sample(raw), dim)
-    return CollectionVectors(ids, raw, whiten(pca, raw), pca)
-
-
-def _sample(raw: np.ndarray, limit: int = 50_000) -> np.ndarray:
-    if len(raw) <= limit:
-        return raw
-    return raw[np.random.default_rng(0).choice(len(raw), size=limit, replace=False)]
+    rng = np.random.default_rng(0)
+    share = min(1.0, WHITEN_TRAIN_MAX / count)
+    sample, ids, chunks = [], [], []
+    for chunk_ids, chunk in snapshot.catalog.vectors():
+        sample.append(chunk if share == 1.0 else chunk[rng.random(len(chunk)) < share])
+        if share == 1.0:
+            ids.append(chunk_ids)
+    train = np.concatenate(sample)
+    if len(train) < 2:
+        raise DuplicatesError("the index holds fewer than two readable vectors: nothing can be a duplicate")
+    pca = learn_whitening(train, dim)
+    if share == 1.0:   # all of them are in memory already
+        return CollectionVectors(np.concatenate(ids), whiten(pca, train), pca)
+    del train, sample
+    for chunk_ids, chunk in snapshot.catalog.vectors():   # a second pass, whitening chunk by chunk
+        ids.append(chunk_ids)
+        chunks.append(whiten(pca, chunk))
+    return CollectionVectors(np.concatenate(ids), np.concatenate(chunks), pca)
 
 
 def edited_copy_vectors(snapshot: IndexSnapshot, records: list[ImageRecord], seed: int,
@@ -141,38 +154,39 @@ def _sample_records(snapshot: IndexSnapshot, ids: np.ndarray, n: int, seed: int,
     return [records[i] for i in chosen if i in records]
 
 
-def calibrate(snapshot: IndexSnapshot, vectors: CollectionVectors, images: int = CALIBRATION_IMAGES,
-              seed: int = CALIBRATION_SEED) -> Threshold:
+def calibrate(snapshot: IndexSnapshot, vectors: CollectionVectors, same_file: dict[str, list[int]],
+              images: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED) -> Threshold:
     """Choose the threshold on the collection itself: edited copies of a sample of its images give copy distances
     (each copy to its image), each sampled image's nearest other images (byte copies left out) give non-copy
-    distances, and the cut that best separates the two is the threshold. Raises DuplicatesError."""
+    distances, and the cut that best separates the two is the threshold. same_file: see same_file_rows.
+    Raises DuplicatesError."""
     records = _sample_records(snapshot, vectors.ids, images, seed)
     used, copies, edits = edited_copy_vectors(snapshot, records, seed)
     if not used:
         raise DuplicatesError(f"none of the {len(records)} sampled images could be read from {snapshot.data_dir} "
                               "to calibrate the threshold; give one with --threshold")
-    rows = vectors.row_of()
+    rows = vectors.rows
     white = whiten(vectors.whitening, copies).reshape(len(used), len(edits), -1)   # (images, edits, d_out)
     originals = vectors.white[[rows[r.id] for r in used]]                          # (images, d_out)
     copy_d = np.linalg.norm(white - originals[:, None, :], axis=2).ravel()
-    same_file = _sha_rows(snapshot, vectors)
     neighbour_d = []
     for rec, orig in zip(used, originals):
         d = np.linalg.norm(vectors.white - orig, axis=1)                           # (n,)
         d[same_file.get(rec.sha256, [rows[rec.id]])] = np.inf                       # itself and its byte copies
-        neighbour_d.extend(np.sort(d)[:NEIGHBOURS][np.isfinite(np.sort(d)[:NEIGHBOURS])])
+        nearest = np.sort(d)[:NEIGHBOURS]
+        neighbour_d.extend(nearest[np.isfinite(nearest)])
     choice = choose_threshold(copy_d, np.array(neighbour_d))
     log.info("calibrated threshold %.4f on %d copies, %d neighbour distances", choice.threshold, choice.copies,
              choice.neighbours)
     return Threshold(choice.threshold, "calibrated", choice, len(used))
 
 
-def _sha_rows(snapshot: IndexSnapshot, vectors: CollectionVectors) -> dict[str, list[int]]:
+def same_file_rows(records: dict[int, ImageRecord], vectors: CollectionVectors) -> dict[str, list[int]]:
     """sha256 -> the rows (in vectors) of the images with that content."""
-    rows = vectors.row_of()
     out: dict[str, list[int]] = {}
-    for rec in _records(snapshot, vectors.ids).values():
-        out.setdefault(rec.sha256, []).append(rows[rec.id])
+    for rec in records.values():
+        if rec.id in vectors.rows:
+            out.setdefault(rec.sha256, []).append(vectors.rows[rec.id])
     return out
 
 
@@ -199,17 +213,18 @@ def find_duplicates(index: ImageIndex, *, threshold: float | None = None, dim: i
     suggested keeper (keeper_order); groups come largest first. Nothing is changed. Raises DuplicatesError."""
     snapshot = index.snapshot()
     vectors = collection_vectors(snapshot, dim)
-    chosen = calibrate(snapshot, vectors, calibration_images) if threshold is None \
-        else Threshold(float(threshold), "given", None)
     records = _records(snapshot, vectors.ids)
-    same_file = [g for g in _sha_rows(snapshot, vectors).values() if len(g) > 1]
+    by_content = same_file_rows(records, vectors)
+    chosen = calibrate(snapshot, vectors, by_content, calibration_images) if threshold is None \
+        else Threshold(float(threshold), "given", None)
+    same_file = [g for g in by_content.values() if len(g) > 1]
     groups = []
     for rows in group_rows(vectors.white, chosen.value, same_file):
         members = sorted((records[int(vectors.ids[r])] for r in rows), key=keeper_order)
-        keep = vectors.white[vectors.row_of()[members[0].id]]
+        keep = vectors.white[vectors.rows[members[0].id]]
         groups.append([DuplicateImage(m.id, m.path, m.label, m.width, m.height, m.size, m.mtime_ns, m.sha256,
                                       0.0 if m.sha256 == members[0].sha256
-                                      else float(np.linalg.norm(vectors.white[vectors.row_of()[m.id]] - keep)))
+                                      else float(np.linalg.norm(vectors.white[vectors.rows[m.id]] - keep)))
                        for m in members])
     groups.sort(key=lambda g: (-len(g), g[0].path))
     return DuplicateGroups(groups, chosen, len(vectors.ids))
@@ -227,7 +242,10 @@ def evaluate_copies(index: ImageIndex, copies: int, *, seed: int = 1, threshold:
     the copy and the other image come from the same original). Raises DuplicatesError."""
     snapshot = index.snapshot()
     vectors = collection_vectors(snapshot, dim)
-    chosen = calibrate(snapshot, vectors) if threshold is None else Threshold(float(threshold), "given", None)
+    all_records = _records(snapshot, vectors.ids)
+    by_content = same_file_rows(all_records, vectors)
+    chosen = calibrate(snapshot, vectors, by_content) if threshold is None \
+        else Threshold(float(threshold), "given", None)
     avoid: set[int] = set()
     if chosen.source == "calibrated":   # measure on other images than the calibration's, where there are enough
         avoid = {r.id for r in _sample_records(snapshot, vectors.ids, CALIBRATION_IMAGES, CALIBRATION_SEED)}
@@ -235,7 +253,6 @@ def evaluate_copies(index: ImageIndex, copies: int, *, seed: int = 1, threshold:
     used, raw, edits = edited_copy_vectors(snapshot, records, seed)
     if not used:
         raise DuplicatesError(f"none of the {len(records)} sampled images could be read from {snapshot.data_dir}")
-    all_records = _records(snapshot, vectors.ids)
     hits = snapshot.search_vectors(raw, 5)
     found1, found5 = [], []
     per_edit: dict[str, list[bool]] = {e: [] for e in edits}
@@ -248,9 +265,9 @@ def evaluate_copies(index: ImageIndex, copies: int, *, seed: int = 1, threshold:
     # duplicates: the collection plus the copies, grouped at the threshold
     white = np.concatenate([vectors.white, whiten(vectors.whitening, raw)])
     n_coll = len(vectors.ids)
-    same_file = [g for g in _sha_rows(snapshot, vectors).values() if len(g) > 1]
+    same_file = [g for g in by_content.values() if len(g) > 1]
     predicted = group_rows(white, chosen.value, same_file)
-    rows = vectors.row_of()
+    rows = vectors.rows
     truth = []
     for i, rec in enumerate(used):
         originals = next((g for g in same_file if rows[rec.id] in g), [rows[rec.id]])

@@ -62,7 +62,7 @@ def close_pairs(vectors: np.ndarray, threshold: float, *, exact_max: int = EXACT
         quantizer = faiss.IndexFlatL2(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist)
         rng = np.random.default_rng(0)
-        index.train(x[rng.choice(n, size=min(n, 64 * nlist), replace=False)])
+        index.train(x[rng.choice(n, size=min(n, 40 * nlist), replace=False)])   # FAISS wants 39+ per list
         index.add(x)
         index.nprobe = 16
         dist, nbr = index.search(x, min(k + 1, n))                        # (n, k+1): itself among them
@@ -143,8 +143,10 @@ def pair_scores(predicted: Iterable[Iterable[int]], truth: Iterable[Iterable[int
         out = set()
         for g in groups:
             g = sorted(set(int(i) for i in g))
-            out.update((a, b) for x, a in enumerate(g) for b in g[x + 1:]
-                       if among is None or a in among or b in among)
+            if among is None:
+                out.update((a, b) for x, a in enumerate(g) for b in g[x + 1:])
+            else:   # only the pairs through a member of among: a large group costs len(group) per such member
+                out.update((min(a, b), max(a, b)) for a in g if a in among for b in g if b != a)
         return out
 
     p, t = pairs(predicted), pairs(truth)
