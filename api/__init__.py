@@ -21,7 +21,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from flask import Flask
     from markupsafe import Markup
 
-    from api import gallery, search_api, transfer
+    from api import duplicates, gallery, search_api, transfer
     from api.errors import register_error_handlers
     from api.metrics import init_metrics
     from api.query_input import ImageIdConverter
@@ -47,6 +47,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(search_api.bp)
     app.register_blueprint(gallery.bp)
     app.register_blueprint(transfer.bp)
+    app.register_blueprint(duplicates.bp)
     app.after_request(_security_headers)
     return app
 

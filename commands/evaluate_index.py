@@ -42,10 +42,16 @@ def parse_ks(value: str) -> list[int]:
 @click.option("--include-training-images", is_flag=True,
               help="Also evaluate on the images the network was fine-tuned on (left out by default: they flatter "
                    "it); the report says so.")
+@click.option("--copies", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Label-free instead: make edited copies (every edit) of N images of the collection, search them "
+                   "and report how often the original comes first (recall@1, @5) and the duplicate F1 of "
+                   "find-duplicates' default threshold. Needs no labels.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the network runs for --copies.")
 @click.option("--json", "as_json", is_flag=True, help="Print every number as one JSON object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Log what is being done.")
 def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: Path | None,
-         include_training_images: bool, as_json: bool, verbose: bool) -> None:
+         include_training_images: bool, copies: int | None, device: str, as_json: bool, verbose: bool) -> None:
     """Evaluate the features of an index on its labelled images, from the stored vectors (no forward pass).
 
     Images are labelled by their class folder (DATA_DIR/<class>/...); unlabelled ones are left out.
@@ -64,11 +70,22 @@ def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: P
 
     Options can also be set by environment variables (EVALUATE_INDEX_KS, ...; see docs/configuration.md).
 
+    With --copies N, no labels are needed: N images of the collection are copied with the eight edits of a
+    copy (crop, flip, JPEG 30, brightness, downscale, 7-degree rotation, greyscale, blur), the copies go
+    through the index's network and are searched, and recall@1/@5 (the original found) and find-duplicates'
+    pair precision/recall/F1 at its default threshold are reported (see docs/duplicates.md).
+
     Exit status: 0 done, 2 no index or not evaluable (fewer than two labels, a label with one image,
     no labelled image shared by the two indexes, no image left that the network was not trained on).
     """
     setup_logging(verbose)
     k_list = parse_ks(ks)
+    if copies is not None:
+        if compare_dir is not None:
+            raise UserError("--copies measures one index: leave out --compare")
+        result = copies_result(index_dir, db_url, copies, seed, device)
+        click.echo(json.dumps(result) if as_json else format_copies(result))
+        return
     from retrieval.catalog import CatalogUnavailable
     from retrieval.learning.evaluation import EvaluationError, compare_indexes, evaluate_index
 
@@ -87,6 +104,52 @@ def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: P
         click.echo(format_report(result))
     else:
         click.echo(format_comparison(result))
+
+
+def copies_result(index_dir: Path, db_url: str | None, copies: int, seed: int, device: str) -> dict:
+    """evaluate_copies on the index (its own network), with the index described; raises UserError."""
+    from retrieval.system import collector_paused
+
+    with collector_paused():
+        from retrieval.features.backbones import DeviceUnavailable
+        from retrieval.features.weights import WeightsUnavailable, weights_error_message
+        from retrieval.search.duplicates import DuplicatesError, evaluate_copies
+        from retrieval.search.index import ImageIndex, IndexNotFound, IndexUnavailable, WeightsMismatch, weights_label
+
+        try:
+            index = ImageIndex(index_dir, db_url=db_url, device=device)
+        except (IndexNotFound, IndexUnavailable, WeightsMismatch, DeviceUnavailable) as exc:
+            raise UserError(str(exc)) from exc
+        except WeightsUnavailable as exc:
+            raise UserError(weights_error_message(exc)) from exc
+    try:
+        result = evaluate_copies(index, copies, seed=seed + 1)   # seed 0 picks the threshold's calibration images
+        s = index.settings
+        result["index"] = {"dir": str(index_dir), "model": s.model, "layer": s.layer, "weights": s.weights,
+                           "weights_label": weights_label(s), "seed": s.seed, "dim": s.dim, "normalize": s.normalize,
+                           "images": len(index)}
+    except DuplicatesError as exc:
+        raise UserError(str(exc)) from exc
+    finally:
+        index.close()
+    return result
+
+
+def format_copies(r: dict) -> str:
+    """The evaluate_copies result as text: recall of the copies (per edit) and the duplicate scores."""
+    d, t = r["duplicates"], r["duplicates"]["threshold"]
+    lines = [f"index {r['index']['dir']}: {network_text(r['index'])}, {r['index']['images']} images",
+             f"{r['copies']} edited copies of {r['images']} images ({', '.join(r['edits'])}), searched in the index",
+             "",
+             f"{'':<24}{'value':>7}{'chance':>9}",
+             f"  {'recall@1':<22}{r['recall_at_1']:>7.3f}{r['chance_at_1']:>9.3f}",
+             f"  {'recall@5':<22}{r['recall_at_5']:>7.3f}{r['chance_at_5']:>9.3f}",
+             "recall@1 by edit"]
+    lines += [f"  {edit:<22}{value:>7.3f}" for edit, value in r["per_edit"].items()]
+    lines += [f"near-duplicate pairs with a copy in them, at find-duplicates' {t['source']} threshold {t['value']:.3f}",
+              f"  {'precision':<22}{d['precision']:>7.3f}", f"  {'recall':<22}{d['recall']:>7.3f}",
+              f"  {'F1':<22}{d['f1']:>7.3f}"]
+    return "\n".join(lines)
 
 
 def network_text(ix: dict) -> str:

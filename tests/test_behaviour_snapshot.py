@@ -3,14 +3,15 @@
 What is recorded, and compared on every run:
 
 * tests/snapshots/help/<command>.txt: the exact ``--help`` text of every console script (index-images,
-  search-images, serve-images, evaluate-index, model-info, fine-tune), run as a subprocess through the installed
-  console script next to sys.executable, with COLUMNS=100 and no option environment variables set.
+  search-images, serve-images, evaluate-index, model-info, fine-tune, find-duplicates), run as a subprocess
+  through the installed console script next to sys.executable, with COLUMNS=100 and no option environment
+  variables set.
 * tests/snapshots/json_keys.json: the key structure (not the values) of the JSON the commands print with --json
-  (index-images, a fresh run and the "summary " last line of an unchanged re-run; search-images; evaluate-index;
-  model-info) and of the Flask API's answers (GET /stats, POST /search, GET /images/<id>/neighbours, GET /healthz,
-  an error body). The structure is the JSON with every dict's keys sorted (recursively), every list replaced by a
-  one-element list holding its first element's structure ([] when empty), and every scalar replaced by its JSON
-  type: "str", "number" (ints and floats alike), "bool" or "null".
+  (index-images, a fresh run and the "summary " last line of an unchanged re-run; search-images; evaluate-index,
+  also with --copies; find-duplicates; model-info) and of the Flask API's answers (GET /stats, POST /search,
+  GET /images/<id>/neighbours, GET /healthz, an error body). The structure is the JSON with every dict's keys
+  sorted (recursively), every list replaced by a one-element list holding its first element's structure ([] when
+  empty), and every scalar replaced by its JSON type: "str", "number" (ints and floats alike), "bool" or "null".
 * Exit statuses (usage and "no index" errors), and that index-images' last line starts with "summary ":
   these are plain assertions, not snapshot files.
 
@@ -48,7 +49,7 @@ HELP_DIR = SNAPSHOTS / "help"
 JSON_KEYS = SNAPSHOTS / "json_keys.json"
 UPDATE = os.environ.get("RETRIEVAL_UPDATE_SNAPSHOTS", "") not in ("", "0")
 
-COMMANDS = ["index-images", "search-images", "serve-images", "evaluate-index", "model-info", "fine-tune"]
+COMMANDS = ["index-images", "search-images", "serve-images", "evaluate-index", "model-info", "fine-tune", "find-duplicates"]
 # Environment variables the commands and the app read for their options: unset, so the machine's don't leak in.
 OPTION_ENV_PREFIXES = ("RETRIEVAL_", *(f"{c.upper().replace('-', '_')}_" for c in COMMANDS))
 QUERY = "data/reds/reds_0.jpg"          # relative to the work folder
@@ -196,9 +197,10 @@ def test_help_text_is_unchanged(command):
     ("model-info", ["resnet"]),                                    # usage: not a model name
     ("search-images", [QUERY, "--index-dir", "no-index"]),         # no index
     ("evaluate-index", ["--index-dir", "no-index"]),               # no index
+    ("find-duplicates", ["--index-dir", "no-index"]),              # no index
     ("serve-images", ["--index-dir", "no-index"]),                 # no index
 ], ids=["index-images-missing-folder", "model-info-bad-model", "search-images-no-index",
-        "evaluate-index-no-index", "serve-images-no-index"])
+        "evaluate-index-no-index", "find-duplicates-no-index", "serve-images-no-index"])
 def test_user_errors_exit_with_status_2(command, args, workspace):
     result = run(command, *args, cwd=workspace.root)
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
@@ -229,6 +231,16 @@ def test_search_images_json(workspace):
 def test_evaluate_index_json(workspace):
     out = json.loads(run_ok("evaluate-index", "--index-dir", "index", "--json", cwd=workspace.root))
     compare_structure("evaluate-index --json", out)
+
+
+def test_find_duplicates_json(workspace):
+    out = json.loads(run_ok("find-duplicates", "--index-dir", "index", "--json", cwd=workspace.root))
+    compare_structure("find-duplicates --json", out)
+
+
+def test_evaluate_index_copies_json(workspace):
+    out = json.loads(run_ok("evaluate-index", "--index-dir", "index", "--copies", "2", "--json", cwd=workspace.root))
+    compare_structure("evaluate-index --copies 2 --json", out)
 
 
 def test_model_info_json():

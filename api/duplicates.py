@@ -1,0 +1,81 @@
+"""The /duplicates page: groups of near-duplicate images (find-duplicates) with thumbnails, computed once per index
+version on a background thread."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import Any
+
+from flask import Blueprint, Response, current_app, render_template
+from sqlalchemy.exc import SQLAlchemyError
+
+from retrieval.search.duplicates import DuplicateGroups, DuplicatesError, find_duplicates
+
+from api.service import current_service
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("duplicates", __name__)
+
+WAIT_S = 3.0          # a GET waits this long for the groups before it shows "computing"
+REFRESH_S = 3         # a "computing" page reloads itself after this many seconds
+MAX_GROUPS_SHOWN = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class Grouping:
+    key: Any                            # the index version the groups are of
+    result: DuplicateGroups | None
+    problem: str | None
+
+
+class GroupingCache:
+    """find-duplicates on the served index, once per index version, off the request threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
+        self._latest: Grouping | None = None
+        self._running: Any = None       # the version being grouped now (None: no thread)
+
+    def get(self, key: Any, index: Any, wait_s: float) -> tuple[Grouping | None, bool]:
+        """-> (the newest grouping, whether it is of this key); starts one for key unless done or under way."""
+        with self._lock:
+            latest = self._latest
+            if latest is None or latest.key != key:
+                if self._running is None:
+                    self._running = key
+                    threading.Thread(target=self._run, args=(key, index), name="duplicates", daemon=True).start()
+                self._done.wait_for(lambda: self._latest is not None and self._latest.key == key, wait_s)
+            latest = self._latest
+            return latest, latest is not None and latest.key == key
+
+    def _run(self, key: Any, index: Any) -> None:
+        try:
+            grouping = Grouping(key, find_duplicates(index), None)
+        except DuplicatesError as exc:
+            grouping = Grouping(key, None, str(exc))
+        except (SQLAlchemyError, OSError, RuntimeError) as exc:   # the catalog or the network failed
+            log.warning("cannot group duplicates: %s", exc)
+            grouping = Grouping(key, None, "the groups cannot be computed right now (the server log says why)")
+        with self._lock:
+            self._latest, self._running = grouping, None
+            self._done.notify_all()
+
+
+def _cache() -> GroupingCache:
+    return current_app.extensions.setdefault("duplicates", GroupingCache())
+
+
+@bp.get("/duplicates")
+def duplicates() -> Response:
+    """Groups of near-duplicates with thumbnails, the suggested keeper first; nothing is changed."""
+    service = current_service()
+    snapshot = service.index.snapshot()
+    grouping, fresh = _cache().get(snapshot.version, service.index, WAIT_S)
+    result = grouping.result if grouping else None
+    html = render_template("duplicates.html", result=result, problem=grouping.problem if grouping else None,
+                           groups=result.groups[:MAX_GROUPS_SHOWN] if result else [], computing=not fresh,
+                           refresh_s=REFRESH_S, summary=service.index_summary(snapshot))
+    return Response(html, headers={} if fresh else {"Refresh": str(REFRESH_S)})

@@ -1,0 +1,234 @@
+"""Benchmark: find-duplicates against idealo's imagededup hashes on real photos, and the grouping's time up to 1M vectors.
+
+Quality, for each seed: a flat folder of real photos (benchmarks/real_photos.py): one 320x240 crop of each of its
+19 photos as a distinct original, its 8 edited copies (retrieval/images/edits.py: crop, flip, JPEG 30, brightness,
+downscale, 7-degree rotation, greyscale, blur), and DISTRACTORS other crops of the same photos, each overlapping any
+other crop of its photo by less than MAX_IOU (so a distractor is no copy of an original, nor of another distractor).
+Truth: each original with its copies is one group. The folder is indexed with `index-images --weights random`
+(AlexNet fc7, the CPU), then `find-duplicates --json` at its defaults (threshold calibrated on the collection)
+gives groups; imagededup's PHash, DHash, WHash and AHash at their defaults (max_distance_threshold 10) give each
+file's duplicates. Scored by pair precision/recall/F1 (a pair: two files in one group; for the hashes, two files
+one names as the other's duplicate). find-duplicates' settings (whitening dimension, the calibration's F-beta and
+neighbours) were chosen on seed 0: seeds 1.. are held out.
+
+Timing: random unit vectors of the whitened dimension (N of them, a tenth of them with a near copy planted), the
+grouping step as find-duplicates runs it (FAISS exact range search up to EXACT_MAX vectors, IVF k-NN above; then
+the groups), medians of --repeats runs; and the whitening's cost per 4096-d vector, so the whole at N is the sum.
+
+    python benchmarks/bench_duplicates.py --seeds 0 1 2 --sizes 10000 100000 1000000
+
+Prints the tables and saves JSON under benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from PIL import Image  # noqa: E402
+
+from benchmarks.real_photos import real_photos  # noqa: E402
+from retrieval.images.edits import edited_copies  # noqa: E402
+from retrieval.system import available_cores  # noqa: E402
+from retrieval.vectors.duplicates import (DEFAULT_WHITEN_DIM, EXACT_MAX, close_pairs, connected_groups,  # noqa: E402
+                                          learn_whitening, pair_scores, whiten)
+
+RESULTS = ROOT / "benchmarks" / "results"
+BIN = Path(sys.executable).parent
+DISTRACTORS = 336       # 19 x 9 + 336 = 507 images
+MAX_IOU = 0.4           # a distractor overlaps any other crop of its photo by less than this (intersection / union)
+SIZE = (320, 240)
+HASHES = ("PHash", "DHash", "WHash", "AHash")
+
+
+def _box(photo: Image.Image, rng: random.Random, lo: float, hi: float) -> tuple[int, int, int, int]:
+    w, h = photo.size
+    f = rng.uniform(lo, hi)
+    cw, ch = max(16, int(w * f)), max(16, int(h * f))
+    x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    return x, y, x + cw, y + ch
+
+
+def _iou(a: tuple, b: tuple) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def make_set(folder: Path, seed: int, distractors: int = DISTRACTORS) -> list[list[str]]:
+    """Write the seed's originals, copies and distractors into folder (flat) -> the true groups (file names)."""
+    rng = random.Random(seed)
+    photos = sorted(real_photos().items())
+    folder.mkdir(parents=True, exist_ok=True)
+    boxes: dict[str, list[tuple]] = {}
+    groups = []
+    for name, photo in photos:
+        b = _box(photo, rng, 0.4, 0.7)
+        boxes[name] = [b]
+        original = photo.crop(b).resize(SIZE, Image.BILINEAR)
+        original.save(folder / f"orig_{name}.jpg", quality=90)
+        group = [f"orig_{name}.jpg"]
+        for edit, img in edited_copies(original, seed).items():
+            img.save(folder / f"copy_{name}_{edit}.jpg", quality=90)
+            group.append(f"copy_{name}_{edit}.jpg")
+        groups.append(group)
+    for i in range(distractors):
+        name, photo = photos[i % len(photos)]
+        for _ in range(500):   # the last try is kept when none fits (small photos, many crops)
+            b = _box(photo, rng, 0.3, 0.6)
+            if all(_iou(b, o) < MAX_IOU for o in boxes[name]):
+                break
+        boxes[name].append(b)
+        photo.crop(b).resize(SIZE, Image.BILINEAR).save(folder / f"other_{name}_{i:03d}.jpg", quality=90)
+    return groups
+
+
+def run_find_duplicates(data: Path, index: Path) -> tuple[list[list[str]], dict, float, float]:
+    """index-images --weights random, then find-duplicates --json -> (groups of file names, threshold, seconds to
+    index, seconds to group)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INDEX_IMAGES_", "FIND_DUPLICATES_"))}
+    t0 = time.perf_counter()
+    subprocess.run([str(BIN / "index-images"), str(data), "--index-dir", str(index), "--weights", "random"],
+                   check=True, capture_output=True, env=env)
+    t1 = time.perf_counter()
+    out = subprocess.run([str(BIN / "find-duplicates"), "--index-dir", str(index), "--json"], check=True,
+                         capture_output=True, text=True, env=env)
+    t2 = time.perf_counter()
+    doc = json.loads(out.stdout)
+    return [[m["path"] for m in g] for g in doc["groups"]], doc["threshold"], t1 - t0, t2 - t1
+
+
+def run_hash(method: str, data: Path) -> tuple[list[list[str]], float]:
+    """imagededup's method at its defaults -> (its duplicate pairs as two-file groups, seconds)."""
+    import imagededup.methods
+
+    t0 = time.perf_counter()
+    found = getattr(imagededup.methods, method)(verbose=False).find_duplicates(image_dir=str(data))
+    return [[a, b] for a, dups in found.items() for b in dups], time.perf_counter() - t0
+
+
+def quality(seeds: list[int]) -> list[dict]:
+    rows = []
+    for seed in seeds:
+        with tempfile.TemporaryDirectory(prefix="bench-dupes-") as tmp:
+            data, index = Path(tmp) / "data", Path(tmp) / "index"
+            truth = make_set(data, seed)
+            files = sorted(p.name for p in data.iterdir())
+            number = {name: i for i, name in enumerate(files)}
+            as_ids = lambda groups: [[number[n] for n in g] for g in groups]   # noqa: E731
+            groups, threshold, index_s, group_s = run_find_duplicates(data, index)
+            score = pair_scores(as_ids(groups), as_ids(truth))
+            row = {"seed": seed, "held_out": seed != 0, "images": len(files), "true_pairs": score["true_pairs"],
+                   "find_duplicates": {**score, "threshold": threshold["value"], "index_s": round(index_s, 1),
+                                       "group_s": round(group_s, 1)}}
+            for method in HASHES:
+                pairs, seconds = run_hash(method, data)
+                row[method] = {**pair_scores(as_ids(pairs), as_ids(truth)), "seconds": round(seconds, 1)}
+            best = max(HASHES, key=lambda m: row[m]["f1"])
+            row["best_hash"] = best
+            row["margin_over_best_hash"] = score["f1"] - row[best]["f1"]
+            rows.append(row)
+            print(f"seed {seed}: find-duplicates F1 {score['f1']:.3f}, best hash {best} {row[best]['f1']:.3f}",
+                  flush=True)
+    return rows
+
+
+def planted(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    """n random unit vectors, the last tenth near copies of the first tenth. shape=(n, dim) float32."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    k = n // 10
+    x[n - k:] = x[:k] + 0.05 * rng.standard_normal((k, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def timing(sizes: list[int], repeats: int, threshold: float, whitening: bool = True) -> dict:
+    """The grouping step at each size (medians), exact and IVF side by side where both run, and the whitening."""
+    rows = []
+    for n in sizes:
+        x = planted(n, DEFAULT_WHITEN_DIM)
+        for path in ("exact", "ivf"):
+            if path == "exact" and n > max(EXACT_MAX, 100_000):
+                continue
+            exact_max = n if path == "exact" else 0
+            times, pairs = [], None
+            for _ in range(repeats if n <= 100_000 else max(1, repeats - 1)):
+                t0 = time.perf_counter()
+                p, _ = close_pairs(x, threshold, exact_max=exact_max)
+                groups = connected_groups(n, p.tolist())
+                times.append(time.perf_counter() - t0)
+                pairs = p
+            rows.append({"vectors": n, "search": path, "seconds": statistics.median(times), "runs": times,
+                         "pairs": int(len(pairs)), "groups": len(groups)})
+            print(f"{n:>9} {path:>6} {statistics.median(times):8.2f} s  {len(pairs)} pairs", flush=True)
+        if n <= 100_000 and any(r["vectors"] == n and r["search"] == "exact" for r in rows):
+            ex = next(r for r in rows if r["vectors"] == n and r["search"] == "exact")
+            iv = next(r for r in rows if r["vectors"] == n and r["search"] == "ivf")
+            iv["pair_recall_vs_exact"] = iv["pairs"] / max(1, ex["pairs"])
+            iv["speedup_vs_exact"] = ex["seconds"] / iv["seconds"]
+    if not whitening:
+        return {"grouping": rows}
+    raw = np.random.default_rng(1).random((50_000, 4096), dtype=np.float32)
+    t0 = time.perf_counter()
+    pca = learn_whitening(raw, DEFAULT_WHITEN_DIM)
+    learn_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    whiten(pca, raw)
+    apply_s = time.perf_counter() - t0
+    return {"grouping": rows, "whitening": {"learn_50k_s": learn_s, "apply_per_million_s": apply_s * 20}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--skip-whitening", action="store_true", help="time the grouping step only")
+    args = parser.parse_args()
+    result: dict = {"machine": {"cores": available_cores(), "cpu": platform.processor() or platform.machine(),
+                                "platform": platform.platform()},
+                    "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    if not args.skip_quality:
+        result["quality"] = quality(args.seeds)
+        print(f"\n{'seed':>4} {'images':>6}  {'method':<16}{'precision':>10}{'recall':>8}{'F1':>7}{'seconds':>9}")
+        for row in result["quality"]:
+            fd = row["find_duplicates"]
+            name = f"find-duplicates{'' if row['held_out'] else '*'}"
+            print(f"{row['seed']:>4} {row['images']:>6}  {name:<16}{fd['precision']:>10.3f}{fd['recall']:>8.3f}"
+                  f"{fd['f1']:>7.3f}{fd['group_s']:>9.1f}")
+            for m in HASHES:
+                r = row[m]
+                print(f"{'':>4} {'':>6}  {m:<16}{r['precision']:>10.3f}{r['recall']:>8.3f}{r['f1']:>7.3f}"
+                      f"{r['seconds']:>9.1f}")
+        print("* seed 0: the set find-duplicates' settings were chosen on")
+    if not args.skip_timing:
+        result["timing"] = timing(args.sizes, args.repeats, threshold=0.4, whitening=not args.skip_whitening)
+        w = result["timing"].get("whitening")
+        if w:
+            print(f"\nwhitening: learned on 50,000 4096-d vectors in {w['learn_50k_s']:.1f} s; applied at "
+                  f"{w['apply_per_million_s']:.0f} s per million vectors")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"bench_duplicates-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""`find-duplicates`: groups of near-duplicate images of an index, with a suggested keeper each; nothing is deleted."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from retrieval.system import display_name
+
+from commands.options import (UserError, command_settings, damaged_catalog_error, db_url_option, exit_without_teardown,
+                              index_dir_option, setup_logging)
+
+# torch, FAISS and the network are imported after the arguments are parsed.
+
+
+@click.command(context_settings=command_settings("find-duplicates"))
+@index_dir_option
+@db_url_option
+@click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=None, metavar="DISTANCE",
+              help="Group images closer than this (L2 distance between whitened vectors, 0-2) instead of the "
+                   "threshold calibrated on the collection.  [default: calibrated]")
+@click.option("--calibration-images", type=click.IntRange(min=1), default=24, show_default=True,
+              help="Images of the collection whose edited copies calibrate the threshold.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the network runs for the calibration's copies.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"groups": [[{"id", "path", "label", "width", "height", "distance"}, ...], ...], '
+                   '"threshold": {...}} on stdout.')
+@click.option("-v", "--verbose", is_flag=True, help="Log what is being done.")
+def main(index_dir: Path, db_url: str | None, threshold: float | None, calibration_images: int, device: str,
+         as_json: bool, verbose: bool) -> None:
+    """Print groups of near-duplicate images of the index: edited copies (cropped, flipped, recompressed,
+    brightened, scaled, rotated, greyscale, blurred) of one photo, and byte-identical files, which are always
+    one group. Nothing is deleted or moved: each group names a suggested keeper (the largest, then the oldest).
+
+    Vectors are compared after a PCA whitening learned on the collection's own vectors. The distance under
+    which two images are one group is calibrated on the collection itself: edited copies of a sample of its
+    images are put through the index's network, and the threshold that separates their distances from the
+    distances between different images is used (printed; --threshold overrides it).
+
+    Options can also be set by environment variables (FIND_DUPLICATES_THRESHOLD, ...; see docs/configuration.md).
+
+    Exit status: 0 done (duplicates or not), 2 no index or no usable images.
+    """
+    setup_logging(verbose)
+    from retrieval.system import collector_paused
+
+    with collector_paused():
+        from retrieval.features.backbones import DeviceUnavailable
+        from retrieval.features.weights import WeightsUnavailable, weights_error_message
+        from retrieval.search.duplicates import DuplicatesError, find_duplicates
+        from retrieval.search.index import ImageIndex, IndexNotFound, IndexUnavailable, WeightsMismatch
+
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            index = ImageIndex(index_dir, db_url=db_url, device=device, load_network=threshold is None)
+        except (IndexNotFound, IndexUnavailable, WeightsMismatch, DeviceUnavailable) as exc:
+            raise UserError(str(exc)) from exc
+        except SQLAlchemyError as exc:
+            if (user_error := damaged_catalog_error(exc, index_dir, db_url)) is not None:
+                raise user_error from None
+            raise
+        except WeightsUnavailable as exc:
+            raise UserError(weights_error_message(exc)) from exc
+    try:
+        result = find_duplicates(index, threshold=threshold, calibration_images=calibration_images)
+    except DuplicatesError as exc:
+        raise UserError(str(exc)) from exc
+    except SQLAlchemyError as exc:
+        if (user_error := damaged_catalog_error(exc, index_dir, db_url)) is not None:
+            raise user_error from None
+        raise
+    finally:
+        index.close()
+    if as_json:
+        doc = result.to_json()
+        for group in doc["groups"]:
+            for member in group:
+                member["path"] = display_name(member["path"])
+                member["label"] = None if member["label"] is None else display_name(member["label"])
+        click.echo(json.dumps(doc))
+        return
+    click.echo(format_groups(result))
+
+
+def format_groups(result) -> str:  # noqa: ANN001 - retrieval.search.duplicates.DuplicateGroups
+    """The groups as a readable list: the keeper first, then the others with their distance to it."""
+    in_groups = sum(len(g) for g in result.groups)
+    lines = [f"{len(result.groups)} group{'s' if len(result.groups) != 1 else ''} of near-duplicates "
+             f"({in_groups} of {result.images} images); nothing was changed",
+             result.threshold.describe(), ""]
+    for n, group in enumerate(result.groups, 1):
+        lines.append(f"group {n}: {len(group)} images")
+        for i, m in enumerate(group):
+            tag = "keep " if i == 0 else ("same " if m.sha256 == group[0].sha256 else f"{m.distance:.3f}")
+            lines.append(f"  {tag:>6}  {m.width}x{m.height}  {display_name(m.path)}")
+    if result.groups:
+        lines.append("")
+        lines.append("keep: suggested keeper (largest, then oldest); same: byte-identical to it; "
+                     "a number: distance to it")
+    return "\n".join(lines).rstrip()
+
+
+find_duplicates_entry = exit_without_teardown(main)

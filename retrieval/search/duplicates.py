@@ -1,0 +1,281 @@
+"""Near-duplicates in an opened index: the grouping threshold calibrated on the collection's own edited copies, the
+groups with a suggested keeper each, and the label-free copy measure (recall of edited copies, duplicate F1)."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retrieval.catalog.catalog import ImageRecord
+from retrieval.images.decode import DECODE_ERRORS, ImageDecodeError, open_rgb
+from retrieval.images.edits import EDITS, edited_copies
+from retrieval.search.index import ImageIndex, IndexSnapshot
+from retrieval.vectors.duplicates import (DEFAULT_WHITEN_DIM, ThresholdChoice, choose_threshold, close_pairs,
+                                          connected_groups, learn_whitening, pair_scores, whiten,
+                                          WHITEN_TRAIN_MAX)
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_IMAGES = 24     # images of the collection whose edited copies calibrate the threshold
+CALIBRATION_SEED = 0        # which images and edits: the same collection gets the same threshold
+NEIGHBOURS = 32             # nearest-neighbour distances taken per calibration image (non-copies, mostly)
+BATCH = 32                  # copies embedded per forward pass
+
+
+class DuplicatesError(ValueError):
+    """The collection cannot be grouped or measured as asked (too few images, none readable); the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectionVectors:
+    """The catalog's vectors whitened with the whitening learned on them (the raw ones are not kept)."""
+    ids: np.ndarray          # shape=(n,) int64, ascending
+    white: np.ndarray        # shape=(n, d_out) float32, whitened and L2-normalised
+    whitening: object        # the faiss.PCAMatrix (see retrieval.vectors.duplicates.learn_whitening)
+
+    @functools.cached_property
+    def rows(self) -> dict[int, int]:
+        """image id -> its row in white."""
+        return {int(i): r for r, i in enumerate(self.ids)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Threshold:
+    """The distance (between whitened vectors) under which two images are near-duplicates, and where it came from."""
+    value: float
+    source: str                         # "calibrated" or "given"
+    choice: ThresholdChoice | None      # the calibration's numbers (None when given)
+    calibration_images: int = 0         # images whose copies were made
+
+    def to_json(self) -> dict:
+        return {"value": round(self.value, 6), "source": self.source, "calibration_images": self.calibration_images,
+                "calibration": None if self.choice is None else self.choice.to_json()}
+
+    def describe(self) -> str:
+        if self.choice is None:
+            return f"threshold {self.value:.3f} (given)"
+        c = self.choice
+        return (f"threshold {self.value:.3f}, calibrated on this collection: {c.copies} edited copies of "
+                f"{self.calibration_images} of its images ({', '.join(EDITS)}) against {c.neighbours} distances to "
+                f"their nearest other images; {c.copy_recall:.0%} of the copies and {c.neighbour_share:.0%} of the "
+                "neighbours fall under it (--threshold to override)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DuplicateImage:
+    id: int
+    path: str
+    label: str | None
+    width: int
+    height: int
+    size: int
+    mtime_ns: int
+    sha256: str
+    distance: float          # to the group's keeper, between whitened vectors (0 for the keeper and its byte copies)
+
+
+@dataclasses.dataclass(frozen=True)
+class DuplicateGroups:
+    """Groups of near-duplicate images, each with its suggested keeper first."""
+    groups: list[list[DuplicateImage]]
+    threshold: Threshold
+    images: int              # images looked at
+
+    def to_json(self) -> dict:
+        return {"groups": [[{"id": m.id, "path": m.path, "label": m.label, "width": m.width, "height": m.height,
+                             "distance": round(m.distance, 6)} for m in g] for g in self.groups],
+                "threshold": self.threshold.to_json(), "images": self.images}
+
+
+def keeper_order(record: ImageRecord) -> tuple:
+    """Sort key putting the image to keep first: the largest (pixels, then bytes), then the oldest, then by path."""
+    return (-record.width * record.height, -record.size, record.mtime_ns, record.path)
+
+
+def collection_vectors(snapshot: IndexSnapshot, dim: int = DEFAULT_WHITEN_DIM) -> CollectionVectors:
+    """Every catalog vector, whitened with the whitening learned on them (on a random WHITEN_TRAIN_MAX when there
+    are more), read in chunks: the raw 4096-d vectors are never all in memory. Raises DuplicatesError below two
+    images."""
+    count = snapshot.catalog.count()
+    if count < 2:
+        raise DuplicatesError("the index holds fewer than two images: nothing can be a duplicate")
+    rng = np.random.default_rng(0)
+    share = min(1.0, WHITEN_TRAIN_MAX / count)
+    sample, ids, chunks = [], [], []
+    for chunk_ids, chunk in snapshot.catalog.vectors():
+        sample.append(chunk if share == 1.0 else chunk[rng.random(len(chunk)) < share])
+        if share == 1.0:
+            ids.append(chunk_ids)
+    train = np.concatenate(sample)
+    if len(train) < 2:
+        raise DuplicatesError("the index holds fewer than two readable vectors: nothing can be a duplicate")
+    pca = learn_whitening(train, dim)
+    if share == 1.0:   # all of them are in memory already
+        return CollectionVectors(np.concatenate(ids), whiten(pca, train), pca)
+    del train, sample
+    for chunk_ids, chunk in snapshot.catalog.vectors():   # a second pass, whitening chunk by chunk
+        ids.append(chunk_ids)
+        chunks.append(whiten(pca, chunk))
+    return CollectionVectors(np.concatenate(ids), np.concatenate(chunks), pca)
+
+
+def edited_copy_vectors(snapshot: IndexSnapshot, records: list[ImageRecord], seed: int,
+                        ) -> tuple[list[ImageRecord], np.ndarray, list[str]]:
+    """The edited copies (every edit of retrieval.images.edits) of the images at records, through the index's own
+    network -> (the records whose file could be read, vectors shape=(len * edits, dim) float32 in record order,
+    the edit names in their order within each record). Files that cannot be read are left out (logged)."""
+    assert snapshot.extractor is not None, "the index was opened without its network"
+    prep = snapshot.extractor.preprocessing
+    used, crops = [], []
+    for rec in records:
+        try:
+            img = open_rgb(snapshot.data_dir / rec.path, min_side=3 * prep.resize_size)
+        except (ImageDecodeError, *DECODE_ERRORS) as exc:
+            log.warning("cannot read %s for its edited copies: %s", rec.path, exc)
+            continue
+        used.append(rec)
+        crops.extend(prep.crop(c) for c in edited_copies(img, seed).values())   # each (3, crop, crop) uint8
+    if not crops:
+        return used, np.zeros((0, snapshot.settings.dim), np.float32), list(EDITS)
+    out = [snapshot.embed(torch.from_numpy(np.stack(crops[s:s + BATCH]))) for s in range(0, len(crops), BATCH)]
+    return used, np.concatenate(out), list(EDITS)
+
+
+def _sample_records(snapshot: IndexSnapshot, ids: np.ndarray, n: int, seed: int,
+                    avoid: set[int] = frozenset()) -> list[ImageRecord]:
+    pool = [int(i) for i in ids if int(i) not in avoid] or [int(i) for i in ids]
+    chosen = random.Random(seed).sample(pool, min(n, len(pool)))
+    records = snapshot.catalog.get_many(chosen)
+    return [records[i] for i in chosen if i in records]
+
+
+def calibrate(snapshot: IndexSnapshot, vectors: CollectionVectors, same_file: dict[str, list[int]],
+              images: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED) -> Threshold:
+    """Choose the threshold on the collection itself: edited copies of a sample of its images give copy distances
+    (each copy to its image), each sampled image's nearest other images (byte copies left out) give non-copy
+    distances, and the cut that best separates the two is the threshold. same_file: see same_file_rows.
+    Raises DuplicatesError."""
+    records = _sample_records(snapshot, vectors.ids, images, seed)
+    used, copies, edits = edited_copy_vectors(snapshot, records, seed)
+    if not used:
+        raise DuplicatesError(f"none of the {len(records)} sampled images could be read from {snapshot.data_dir} "
+                              "to calibrate the threshold; give one with --threshold")
+    rows = vectors.rows
+    white = whiten(vectors.whitening, copies).reshape(len(used), len(edits), -1)   # (images, edits, d_out)
+    originals = vectors.white[[rows[r.id] for r in used]]                          # (images, d_out)
+    copy_d = np.linalg.norm(white - originals[:, None, :], axis=2).ravel()
+    neighbour_d = []
+    for rec, orig in zip(used, originals):
+        d = np.linalg.norm(vectors.white - orig, axis=1)                           # (n,)
+        d[same_file.get(rec.sha256, [rows[rec.id]])] = np.inf                       # itself and its byte copies
+        nearest = np.sort(d)[:NEIGHBOURS]
+        neighbour_d.extend(nearest[np.isfinite(nearest)])
+    choice = choose_threshold(copy_d, np.array(neighbour_d))
+    log.info("calibrated threshold %.4f on %d copies, %d neighbour distances", choice.threshold, choice.copies,
+             choice.neighbours)
+    return Threshold(choice.threshold, "calibrated", choice, len(used))
+
+
+def same_file_rows(records: dict[int, ImageRecord], vectors: CollectionVectors) -> dict[str, list[int]]:
+    """sha256 -> the rows (in vectors) of the images with that content."""
+    out: dict[str, list[int]] = {}
+    for rec in records.values():
+        if rec.id in vectors.rows:
+            out.setdefault(rec.sha256, []).append(vectors.rows[rec.id])
+    return out
+
+
+def _records(snapshot: IndexSnapshot, ids: np.ndarray) -> dict[int, ImageRecord]:
+    ids = [int(i) for i in ids]
+    out: dict[int, ImageRecord] = {}
+    for s in range(0, len(ids), 5000):
+        out.update(snapshot.catalog.get_many(ids[s:s + 5000]))
+    return out
+
+
+def group_rows(white: np.ndarray, threshold: float, same_file: list[list[int]]) -> list[list[int]]:
+    """Rows of white (whitened vectors) closer than threshold, joined through each other, and rows holding the
+    same file (lists of rows), always -> groups of rows."""
+    pairs, _ = close_pairs(white, threshold)
+    sha_pairs = [(g[0], r) for g in same_file for r in g[1:]]
+    return connected_groups(len(white), [*map(tuple, pairs.tolist()), *sha_pairs])
+
+
+def find_duplicates(index: ImageIndex, *, threshold: float | None = None, dim: int = DEFAULT_WHITEN_DIM,
+                    calibration_images: int = CALIBRATION_IMAGES) -> DuplicateGroups:
+    """Groups of near-duplicate images of an index: whitened catalog vectors closer than the threshold (calibrated on
+    the collection when not given), and byte-identical files (same sha256) always. Each group starts with its
+    suggested keeper (keeper_order); groups come largest first. Nothing is changed. Raises DuplicatesError."""
+    snapshot = index.snapshot()
+    vectors = collection_vectors(snapshot, dim)
+    records = _records(snapshot, vectors.ids)
+    by_content = same_file_rows(records, vectors)
+    chosen = calibrate(snapshot, vectors, by_content, calibration_images) if threshold is None \
+        else Threshold(float(threshold), "given", None)
+    same_file = [g for g in by_content.values() if len(g) > 1]
+    groups = []
+    for rows in group_rows(vectors.white, chosen.value, same_file):
+        members = sorted((records[int(vectors.ids[r])] for r in rows), key=keeper_order)
+        keep = vectors.white[vectors.rows[members[0].id]]
+        groups.append([DuplicateImage(m.id, m.path, m.label, m.width, m.height, m.size, m.mtime_ns, m.sha256,
+                                      0.0 if m.sha256 == members[0].sha256
+                                      else float(np.linalg.norm(vectors.white[vectors.rows[m.id]] - keep)))
+                       for m in members])
+    groups.sort(key=lambda g: (-len(g), g[0].path))
+    return DuplicateGroups(groups, chosen, len(vectors.ids))
+
+
+def evaluate_copies(index: ImageIndex, copies: int, *, seed: int = 1, threshold: float | None = None,
+                    dim: int = DEFAULT_WHITEN_DIM) -> dict:
+    """The label-free measure: edited copies (every edit) of `copies` images of the collection, made now and put
+    through the index's network, are searched in the index (as search-images does) and grouped with the collection
+    (as find-duplicates does, at its default threshold unless given).
+
+    -> {"images", "copies", "edits", "recall_at_1", "recall_at_5", "per_edit": {edit: recall@1},
+        "duplicates": {"threshold", "precision", "recall", "f1", ...}}. recall@k: share of the copies whose original
+    (or a byte copy of it) is among their k nearest. Duplicate pairs counted: those with a copy in them (true when
+    the copy and the other image come from the same original). Raises DuplicatesError."""
+    snapshot = index.snapshot()
+    vectors = collection_vectors(snapshot, dim)
+    all_records = _records(snapshot, vectors.ids)
+    by_content = same_file_rows(all_records, vectors)
+    chosen = calibrate(snapshot, vectors, by_content) if threshold is None \
+        else Threshold(float(threshold), "given", None)
+    avoid: set[int] = set()
+    if chosen.source == "calibrated":   # measure on other images than the calibration's, where there are enough
+        avoid = {r.id for r in _sample_records(snapshot, vectors.ids, CALIBRATION_IMAGES, CALIBRATION_SEED)}
+    records = _sample_records(snapshot, vectors.ids, copies, seed, avoid)
+    used, raw, edits = edited_copy_vectors(snapshot, records, seed)
+    if not used:
+        raise DuplicatesError(f"none of the {len(records)} sampled images could be read from {snapshot.data_dir}")
+    hits = snapshot.search_vectors(raw, 5)
+    found1, found5 = [], []
+    per_edit: dict[str, list[bool]] = {e: [] for e in edits}
+    for n, hit in enumerate(hits):
+        original = used[n // len(edits)]
+        match = [all_records[h.id].sha256 == original.sha256 if h.id in all_records else False for h in hit]
+        found1.append(bool(match[:1] and match[0]))
+        found5.append(any(match[:5]))
+        per_edit[edits[n % len(edits)]].append(found1[-1])
+    # duplicates: the collection plus the copies, grouped at the threshold
+    white = np.concatenate([vectors.white, whiten(vectors.whitening, raw)])
+    n_coll = len(vectors.ids)
+    same_file = [g for g in by_content.values() if len(g) > 1]
+    predicted = group_rows(white, chosen.value, same_file)
+    rows = vectors.rows
+    truth = []
+    for i, rec in enumerate(used):
+        originals = next((g for g in same_file if rows[rec.id] in g), [rows[rec.id]])
+        truth.append([*originals, *range(n_coll + i * len(edits), n_coll + (i + 1) * len(edits))])
+    scores = pair_scores(predicted, truth, among=set(range(n_coll, len(white))))
+    return {"images": len(used), "copies": len(raw), "edits": edits, "seed": seed,
+            "recall_at_1": float(np.mean(found1)), "recall_at_5": float(np.mean(found5)),
+            "per_edit": {e: float(np.mean(v)) for e, v in per_edit.items()},
+            "chance_at_1": 1 / max(1, n_coll), "chance_at_5": min(1.0, 5 / max(1, n_coll)),
+            "duplicates": {"threshold": chosen.to_json(), **{k: (round(v, 6) if isinstance(v, float) else v)
+                                                                for k, v in scores.items()}}}

@@ -1,0 +1,212 @@
+"""find-duplicates and evaluate-index --copies: near-duplicate groups from whitened vectors, a threshold calibrated on
+the collection's own edited copies, byte copies always grouped, the /duplicates page; and the array functions below."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from helpers.indexes import build_index
+from retrieval.images.edits import edited_copies
+from retrieval.samples import make_sample_collection
+from retrieval.vectors.duplicates import (choose_threshold, close_pairs, connected_groups, learn_whitening,
+                                          pair_scores, whiten)
+
+BIN = Path(sys.executable).parent
+COPY_EDITS = ["jpeg30", "downscale", "blur", "crop"]
+
+
+def _collection(data: Path) -> dict:
+    """5 classes x 4 drawings; the first of each class with 4 edited copies next to it; one byte copy.
+    -> {"originals": {original path: [its copies' paths]}, "byte_copy": (original, copy)} (paths relative to data)."""
+    paths = make_sample_collection(data, per_class=4, seed=3)
+    originals = {}
+    for p in paths[::4]:
+        copies = []
+        for edit, img in edited_copies(Image.open(p), 0, COPY_EDITS).items():
+            img.save(p.with_name(f"{p.stem}_{edit}.jpg"), quality=90)
+            copies.append(p.with_name(f"{p.stem}_{edit}.jpg").relative_to(data).as_posix())
+        originals[p.relative_to(data).as_posix()] = copies
+    shutil.copyfile(paths[1], paths[1].with_name("byte_copy.jpg"))
+    return {"originals": originals, "byte_copy": (paths[1].relative_to(data).as_posix(),
+                                                  paths[1].with_name("byte_copy.jpg").relative_to(data).as_posix())}
+
+
+def _folder_state(data: Path) -> dict[str, str]:
+    return {p.relative_to(data).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(data.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dupes")
+    truth = _collection(root / "data")
+    build_index(root / "data", root / "index")
+    return root, truth
+
+
+def _check_groups(groups: list[list[dict]], truth: dict) -> None:
+    """The byte copy is grouped with its original; every original's JPEG-30 copy with it; no group mixes two originals."""
+    group_of = {m["path"]: n for n, g in enumerate(groups) for m in g}
+    original, byte_copy = truth["byte_copy"]
+    assert byte_copy in group_of and group_of.get(original) == group_of[byte_copy], groups
+    family = {p: o for o, copies in truth["originals"].items() for p in [o, *copies]}
+    for o, copies in truth["originals"].items():
+        jpeg = next(c for c in copies if c.endswith("_jpeg30.jpg"))
+        assert o in group_of and group_of[o] == group_of.get(jpeg), (o, groups)
+    for g in groups:
+        assert len({family[m["path"]] for m in g if m["path"] in family}) <= 1, f"two originals in one group: {g}"
+
+
+def test_find_duplicates_groups_copies_and_byte_copies(collection):
+    from commands.find_duplicates import main
+
+    root, truth = collection
+    before = _folder_state(root / "data")
+    result = CliRunner().invoke(main, ["--index-dir", str(root / "index"), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    _check_groups(doc["groups"], truth)
+    assert doc["threshold"]["source"] == "calibrated" and 0 < doc["threshold"]["value"] < 2
+    for g in doc["groups"]:
+        assert set(g[0]) >= {"id", "path", "label", "width", "height", "distance"} and g[0]["distance"] == 0
+    assert _folder_state(root / "data") == before, "find-duplicates changed the folder"
+
+    text = CliRunner().invoke(main, ["--index-dir", str(root / "index")])
+    assert text.exit_code == 0, text.output
+    assert "calibrated on this collection" in text.output and "keep" in text.output
+    keeper_line = next(line for line in text.output.splitlines() if line.strip().startswith("keep ") and "x" in line)
+    assert keeper_line.split()[1] == "320x240", "the keeper is the largest image of its group"
+
+
+def test_a_given_threshold_overrides_the_calibration(collection):
+    from commands.find_duplicates import main
+
+    root, truth = collection
+    tiny = CliRunner().invoke(main, ["--index-dir", str(root / "index"), "--json", "--threshold", "1e-6"])
+    assert tiny.exit_code == 0, tiny.output
+    doc = json.loads(tiny.output)
+    assert doc["threshold"] == {"value": 1e-6, "source": "given", "calibration_images": 0, "calibration": None}
+    assert [sorted(m["path"] for m in g) for g in doc["groups"]] == [sorted(truth["byte_copy"])], \
+        "at a threshold of about 0 only the byte-identical files are one group"
+
+
+def test_find_duplicates_without_an_index_is_one_line(tmp_path):
+    from commands.find_duplicates import main
+
+    result = CliRunner().invoke(main, ["--index-dir", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "run index-images first" in result.output
+
+
+@pytest.mark.slow
+def test_user_path_find_duplicates_and_copies_measure(collection, tmp_path):
+    root, truth = collection
+    before = _folder_state(root / "data")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FIND_DUPLICATES_", "EVALUATE_INDEX_"))}
+    out = subprocess.run([str(BIN / "find-duplicates"), "--index-dir", str(root / "index"), "--json"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    _check_groups(json.loads(out.stdout)["groups"], truth)
+    assert _folder_state(root / "data") == before
+
+    ev = subprocess.run([str(BIN / "evaluate-index"), "--index-dir", str(root / "index"), "--copies", "5", "--json"],
+                        capture_output=True, text=True, timeout=300, env=env)
+    assert ev.returncode == 0, ev.stderr
+    r = json.loads(ev.stdout)
+    assert r["copies"] == 5 * 8 and 0 <= r["duplicates"]["f1"] <= 1
+    assert 0 <= r["recall_at_1"] <= 1 and r["recall_at_1"] > 10 * r["chance_at_1"], r
+    assert _folder_state(root / "data") == before
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_duplicates_page_shows_the_groups_with_thumbnails(collection, tmp_path):
+    from helpers.browser import PageErrors, broken_images, launch_chromium, screenshot
+    from helpers.servers import serve_images
+
+    root, truth = collection
+    with serve_images(root / "index", tmp_path / "server.log") as base, launch_chromium() as browser:
+        page = browser.new_page()
+        errors = PageErrors(page)
+        page.goto(base + "/")
+        page.click("text=duplicates")
+        page.wait_for_selector(".duplicate-group", timeout=180_000)   # the page reloads itself while computing
+        assert page.url.endswith("/duplicates")
+        shown = page.locator(".duplicate-group img").count()
+        assert shown >= 2 * len(truth["originals"]), "every group shows its images"
+        assert broken_images(page) == []
+        assert truth["byte_copy"][1].rsplit("/", 1)[-1] in page.content()
+        screenshot(page, "duplicates")
+        assert errors.take() == []
+
+
+# --- the array functions -------------------------------------------------------------------------------------
+
+
+def test_close_pairs_match_brute_force_exact_and_approximate():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    x[150:] = x[:150] + rng.normal(scale=0.05, size=(150, 8)).astype(np.float32)   # 150 close pairs
+    d = np.linalg.norm(x[:, None] - x[None], axis=2)
+    brute = {(i, j) for i, j in zip(*np.nonzero(np.triu(d < 0.5, 1)))}
+    pairs, dist = close_pairs(x, 0.5)
+    assert set(map(tuple, pairs.tolist())) == brute
+    assert np.allclose(dist, d[pairs[:, 0], pairs[:, 1]], atol=1e-4)
+    approx, _ = close_pairs(x, 0.5, exact_max=10)   # the IVF k-NN path
+    found = set(map(tuple, approx.tolist()))
+    assert found <= brute and len(found) >= 0.9 * len(brute)
+
+
+def test_groups_join_through_pairs():
+    assert connected_groups(6, [(0, 1), (1, 2), (4, 5)]) == [[0, 1, 2], [4, 5]]
+    assert connected_groups(3, []) == []
+
+
+def test_threshold_separates_copies_from_neighbours():
+    rng = np.random.default_rng(1)
+    copies, neighbours = rng.uniform(0.0, 0.3, 100), rng.uniform(0.6, 1.2, 400)
+    choice = choose_threshold(copies, neighbours)
+    assert 0.3 <= choice.threshold <= 0.6 and choice.copy_recall == 1 and choice.neighbour_share == 0
+
+
+def test_whitening_spreads_vectors_that_all_point_one_way():
+    rng = np.random.default_rng(2)
+    x = (5 + rng.normal(size=(200, 64))).astype(np.float32)     # every pair's cosine near 1
+    w = whiten(learn_whitening(x, 16), x)
+    assert w.shape == (200, 16) and np.allclose(np.linalg.norm(w, axis=1), 1, atol=1e-4)
+    cos = w @ w.T
+    assert np.abs(cos[np.triu_indices(200, 1)]).mean() < 0.3
+
+
+def test_pair_scores():
+    s = pair_scores([[1, 2, 3]], [[1, 2], [3, 4]])
+    assert (s["precision"], s["recall"]) == (1 / 3, 1 / 2)
+
+
+@pytest.mark.parametrize("index_type", ["HNSW32", "IVF4,PQ8x4"])
+def test_compressed_indexes_give_the_same_groups(collection, tmp_path, index_type):
+    """The groups come from the catalog's vectors: a compressed FAISS index of the same folder groups alike."""
+    from retrieval.search.duplicates import find_duplicates
+    from retrieval.search.index import ImageIndex
+    from retrieval.vectors.index_types import IndexTypeConfig
+
+    root, _ = collection
+    build_index(root / "data", tmp_path / "index", vector_index=IndexTypeConfig(index_type=index_type))
+    groups = {}
+    for where in (root / "index", tmp_path / "index"):
+        index = ImageIndex(where, load_network=False)
+        try:
+            assert index.vectors.exact == (where == root / "index")
+            groups[where] = [sorted(m.path for m in g) for g in find_duplicates(index, threshold=0.5).groups]
+        finally:
+            index.close()
+    assert groups[root / "index"] and groups[root / "index"] == groups[tmp_path / "index"]
