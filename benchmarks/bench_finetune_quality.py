@@ -34,24 +34,17 @@ OLD_DEFAULTS = {"objective": "ce", "optimizer": "sgd", "lr": 0.01, "dropout": 0.
 K = 10
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--per-class", type=int, default=20, help="crops per photo in each folder")
-    parser.add_argument("--skip-old", action="store_true", help="leave out the old defaults (half the time)")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-
+def one_run(i: int, args: argparse.Namespace) -> dict:
+    """Run i: its two folders, the random network and the fine-tunes, each scored on the test folder."""
     import numpy as np
     import torch
 
     from real_photos import crop_collection
-    from retrieval.features.backbones import FeatureExtractor, random_state_dict
+    from retrieval.features.backbones import FeatureExtractor, preprocessing_for, random_state_dict
     from retrieval.images.decode import decode_for_model
     from retrieval.learning.finetune import FineTuneConfig, fine_tune
     from retrieval.learning.finetune_data import labelled_files
     from retrieval.learning.metrics import query_scores
-    from retrieval.system import available_cores
 
     def pixels_of(folder: Path, prep) -> tuple[np.ndarray, np.ndarray, list[str]]:  # noqa: ANN001
         data = labelled_files(folder)
@@ -74,41 +67,61 @@ def main() -> None:
     def score(state: dict, train, test, conv_cache: dict) -> dict:  # noqa: ANN001
         return query_scores(fc7(state, test[0], conv_cache), test[1], fc7(state, train[0], conv_cache), train[1], K)
 
-    runs = []
-    for i in range(args.runs):
-        train_seed, test_seed, weights_seed = 11 + 2 * i, 12 + 2 * i, i + 1
-        with tempfile.TemporaryDirectory(prefix="bench-ftq-") as tmp:
-            tmp = Path(tmp)
-            crop_collection(tmp / "train", args.per_class, train_seed)
-            crop_collection(tmp / "test", args.per_class, test_seed)
-            from retrieval.features.backbones import preprocessing_for
-            prep = preprocessing_for("alexnet")
-            train, test = pixels_of(tmp / "train", prep), pixels_of(tmp / "test", prep)
-            assert train[2] == test[2]
-            row = {"train_seed": train_seed, "test_seed": test_seed, "weights_seed": weights_seed,
-                   "train_images": len(train[1]), "test_images": len(test[1]), "classes": len(train[2])}
-            conv_cache: dict = {}
-            row["random"] = score(random_state_dict("alexnet", weights_seed), train, test, conv_cache)
-            print(f"run {i + 1}: random fc7: test kNN@{K} {row['random']['knn_accuracy']:.3f} "
-                  f"mAP {row['random']['map']:.3f}", flush=True)
-            variants = {"defaults": {}} if args.skip_old else {"old defaults": OLD_DEFAULTS, "defaults": {}}
-            for name, options in variants.items():
-                cfg = FineTuneConfig(data_dir=tmp / "train", out=tmp / f"{name}.pt", weights="random",
-                                     seed=weights_seed, device="cpu", **options)
-                wall, cpu = time.perf_counter(), time.process_time()
-                result = fine_tune(cfg)
-                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-                h = result.history
-                state = torch.load(result.weights_path, map_location="cpu", weights_only=True)
-                row[name] = {**score(state, train, test, conv_cache), "wall_s": wall, "cpu_s": cpu, "best_epoch": h["best_epoch"],
-                             "epochs_run": len(h["epochs_run"]), "val_before": h["initial_retrieval"],
-                             "val_after": h["best_retrieval"], "settings": {k: h[k] for k in (
-                                 "objective", "optimizer", "lr", "dropout", "epochs", "train", "batch_size")}}
-                print(f"run {i + 1}: {name}: test kNN@{K} {row[name]['knn_accuracy']:.3f} mAP {row[name]['map']:.3f} "
-                      f"(kept epoch {h['best_epoch']} of {len(h['epochs_run'])}; validation kNN "
-                      f"{h['initial_retrieval']['knn_accuracy']:.3f} -> {h['best_retrieval']['knn_accuracy']:.3f}), "
-                      f"{wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
-        runs.append(row)
+    train_seed, test_seed, weights_seed = 11 + 2 * i, 12 + 2 * i, i + 1
+    with tempfile.TemporaryDirectory(prefix="bench-ftq-") as tmp_name:
+        tmp = Path(tmp_name)
+        crop_collection(tmp / "train", args.per_class, train_seed)
+        crop_collection(tmp / "test", args.per_class, test_seed)
+        prep = preprocessing_for("alexnet")
+        train, test = pixels_of(tmp / "train", prep), pixels_of(tmp / "test", prep)
+        assert train[2] == test[2]
+        row = {"train_seed": train_seed, "test_seed": test_seed, "weights_seed": weights_seed,
+               "train_images": len(train[1]), "test_images": len(test[1]), "classes": len(train[2])}
+        conv_cache: dict = {}
+        row["random"] = score(random_state_dict("alexnet", weights_seed), train, test, conv_cache)
+        print(f"run {i + 1}: random fc7: test kNN@{K} {row['random']['knn_accuracy']:.3f} "
+              f"mAP {row['random']['map']:.3f}", flush=True)
+        variants = {"defaults": {}} if args.skip_old else {"old defaults": OLD_DEFAULTS, "defaults": {}}
+        for name, options in variants.items():
+            cfg = FineTuneConfig(data_dir=tmp / "train", out=tmp / f"{name}.pt", weights="random",
+                                 seed=weights_seed, device="cpu", **options)
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = fine_tune(cfg)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            h = result.history
+            state = torch.load(result.weights_path, map_location="cpu", weights_only=True)
+            row[name] = {**score(state, train, test, conv_cache), "wall_s": wall, "cpu_s": cpu,
+                         "best_epoch": h["best_epoch"],
+                         "epochs_run": len(h["epochs_run"]), "val_before": h["initial_retrieval"],
+                         "val_after": h["best_retrieval"], "settings": {k: h[k] for k in (
+                             "objective", "optimizer", "lr", "dropout", "epochs", "train", "batch_size")}}
+            print(f"run {i + 1}: {name}: test kNN@{K} {row[name]['knn_accuracy']:.3f} mAP {row[name]['map']:.3f} "
+                  f"(kept epoch {h['best_epoch']} of {len(h['epochs_run'])}; validation kNN "
+                  f"{h['initial_retrieval']['knn_accuracy']:.3f} -> {h['best_retrieval']['knn_accuracy']:.3f}), "
+                  f"{wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--per-class", type=int, default=20, help="crops per photo in each folder")
+    parser.add_argument("--skip-old", action="store_true", help="leave out the old defaults (half the time)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (CPU time is "
+                                                              "per process; wall time then includes waiting for cores)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    from retrieval.system import available_cores
+
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(args.jobs) as pool:
+            runs = list(pool.map(one_run, range(args.runs), [args] * args.runs))
+    else:
+        runs = [one_run(i, args) for i in range(args.runs)]
 
     names = ["random"] + (["defaults"] if args.skip_old else ["old defaults", "defaults"])
     median = {n: {m: statistics.median(r[n][m] for r in runs) for m in ("knn_accuracy", "map")} for n in names}

@@ -41,15 +41,15 @@ AUTO_TRAIN_BATCH_CAP = 64                # --batch-size auto never trains on lar
               help="Seed of the split, the head, augmentation, batch order and --weights random.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="At most this many epochs.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Initial learning rate. [default: 0.01 for sgd, 3e-4 for adamw]")
+              help="Initial learning rate. [default: 1e-3 for adamw, 0.01 for sgd]")
 @click.option("--lr-schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True,
               help="Learning-rate decay: cosine to 0 over --epochs, or x0.1 every third of them.")
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
-              help="SGD with momentum 0.9, or AdamW.")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True,
+              help="AdamW, or SGD with momentum 0.9.")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True)
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
-              help="Dropout before fc6 and fc7 while training. [default: the network's own, 0.5]")
-@click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Dropout before fc6 and fc7 while training (the network's own is 0.5).")
+@click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True,
               help="Stop after this many epochs without better validation retrieval (kNN@10, then mAP).")
 @click.option("--batch-size", default="auto", show_default=True, metavar="N|auto",
               help=f"Training images per step. auto: 32 on the CPU; on CUDA what the free memory holds, at most "
@@ -64,8 +64,8 @@ AUTO_TRAIN_BATCH_CAP = 64                # --batch-size auto never trains on lar
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details (and each skipped file).")
 def main(data_dir: Path, model: str, weights: str, out: Path, train: str, objective: str, val_fraction: float,  # noqa: PLR0913
-         seed: int, epochs: int,
-         lr: float | None, lr_schedule: str, optimizer: str, weight_decay: float, dropout: float | None, patience: int,
+         seed: int, epochs: int, lr: float | None, lr_schedule: str, optimizer: str, weight_decay: float, dropout: float,
+         patience: int,
          batch_size: str, cache_views: int, sanity: bool, keep_head: bool, device: str, as_json: bool,
          verbose: bool) -> None:
     """Fine-tune the network on the classes of DATA_DIR (DATA_DIR/<class>/<image>) and write its weights.
@@ -110,9 +110,8 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, object
         raise UserError(str(exc)) from exc
     echo = (lambda _e, _f: None) if as_json else _printer(verbose)
     if not as_json:
-        click.echo(f"fine-tuning {model} ({train}, {objective}, {cfg.optimizer} lr {cfg.lr:g}, dropout "
-                   f"{'default' if dropout is None else f'{dropout:g}'}) from {weights} weights on {dev}, batch {train_batch}",
-                   err=True)
+        click.echo(f"fine-tuning {model} ({train}, {objective}, {cfg.optimizer} lr {cfg.lr:g}, dropout {dropout:g}) "
+                   f"from {weights} weights on {dev}, batch {train_batch}", err=True)
     try:
         result = fine_tune(cfg, report=echo)
     except FineTuneError as exc:
