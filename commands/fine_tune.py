@@ -221,7 +221,7 @@ def _summary(result, plots: list[Path]) -> dict:  # noqa: ANN001 - retrieval.lea
             "stopped": h["stopped"], "best_epoch": h["best_epoch"], "best_val_accuracy": h["best_val_accuracy"],
             "retrieval": {"k": h["retrieval_k"], "before": h["initial_retrieval"], "after": h["best_retrieval"],
                           "improved": h["improved"], "selection": h["selection"]},
-            "objective": h["objective"],
+            "objective": h["objective"], "train": h["train"],
             "epochs_run": len(h["epochs_run"]), "classes": h["classes"], "train_images": len(h["split"]["train"]),
             "val_images": len(h["split"]["val"]), "initial_loss": h["initial_loss"], "chance_loss": h["chance_loss"],
             "sanity": h["sanity"], "skipped": [{"path": p, "reason": r} for p, r in sorted(result.skipped.items())],
@@ -247,8 +247,9 @@ def _print_summary(s: dict) -> None:
     else:
         click.echo(f"NOT IMPROVED: no epoch retrieved better than the starting weights (kNN@{r['k']} "
                    f"{before['knn_accuracy']:.3f}, mAP {before['map']:.3f}), so {s['weights']} holds the starting "
-                   "weights unchanged: an index built with it is the same as one built from them. Try more images "
-                   "per class, more --epochs or another --lr.")
+                   "weights unchanged: an index built with it is the same as one built from them. "
+                   + ("--train head trains only the classification layer, which the index does not use: train fc."
+                      if s["train"] == "head" else "Try more images per class, more --epochs or another --lr."))
     click.echo(f"history: {s['history']}")
     if s["plots"]:
         click.echo(f"charts: {', '.join(s['plots'])}  (and /training in serve-images)")
