@@ -39,6 +39,9 @@ def one_run(i: int, args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
+    if args.jobs > 1:
+        torch.set_num_threads(1)         # runs side by side: one core each, not two threads fighting for one
+
     from real_photos import crop_collection
     from retrieval.features.backbones import FeatureExtractor, preprocessing_for, random_state_dict
     from retrieval.images.decode import decode_for_model
@@ -81,7 +84,7 @@ def one_run(i: int, args: argparse.Namespace) -> dict:
         row["random"] = score(random_state_dict("alexnet", weights_seed), train, test, conv_cache)
         print(f"run {i + 1}: random fc7: test kNN@{K} {row['random']['knn_accuracy']:.3f} "
               f"mAP {row['random']['map']:.3f}", flush=True)
-        variants = {"defaults": {}} if args.skip_old else {"old defaults": OLD_DEFAULTS, "defaults": {}}
+        variants = {"defaults": {}} if args.skip_old else {"defaults": {}, "old defaults": OLD_DEFAULTS}   # defaults first
         for name, options in variants.items():
             cfg = FineTuneConfig(data_dir=tmp / "train", out=tmp / f"{name}.pt", weights="random",
                                  seed=weights_seed, device="cpu", **options)

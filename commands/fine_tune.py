@@ -26,7 +26,8 @@ AUTO_TRAIN_BATCH_CAP = 64                # --batch-size auto never trains on lar
               help="Where training starts: ImageNet weights, seeded random weights (--seed; the same network as "
                    "index-images --weights random --seed), or a state dict file.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path, resolve_path=True),
-              help="Weights file to write (the best epoch's); its history goes to <stem>.history.json next to it.")
+              help="Weights file to write (the epoch that retrieves best, or the starting weights when none beats them); "
+                   "its history goes to <stem>.history.json next to it.")
 @click.option("--train", "train", type=click.Choice(TRAIN_MODES), default="fc", show_default=True,
               help="head: the new classification layer only; fc: fc6, fc7 and the head (convolutions frozen, "
                    "their output cached); all: the whole network.")
