@@ -271,7 +271,11 @@ def retrieval_scores(net: Classifier, train_set: Samples, val_set: Samples, cfg:
     base, queries = fc7(train_set), fc7(val_set)
     net.train(was_training)
     k = min(RETRIEVAL_K, len(train_set))
-    return query_scores(queries.numpy(), val_set.codes.numpy(), base.numpy(), train_set.codes.numpy(), k)
+    findable = torch.isin(val_set.codes, train_set.codes)     # a class whose training images were all unreadable: none
+    if not bool(findable.any()):
+        return {"knn_accuracy": 0.0, "map": 0.0, "k": k, "queries": 0}
+    return query_scores(queries[findable].numpy(), val_set.codes[findable].numpy(), base.numpy(),
+                        train_set.codes.numpy(), k)
 
 
 def _two_views(samples: Samples, rows: torch.Tensor, prep: Preprocessing, device: torch.device,
