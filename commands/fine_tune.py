@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from retrieval.features.weights import WeightsChoice, weights_error_message
-from retrieval.names import MODEL_NAMES
+from retrieval.names import DEFAULT_FINE_TUNE_OBJECTIVE, FINE_TUNE_OBJECTIVES, MODEL_NAMES
 
 from commands.options import (MODEL_PARAMETERS, UserError, command_settings, exit_without_teardown, parse_batch_size,
                               setup_logging)
@@ -26,26 +26,32 @@ AUTO_TRAIN_BATCH_CAP = 64                # --batch-size auto never trains on lar
               help="Where training starts: ImageNet weights, seeded random weights (--seed; the same network as "
                    "index-images --weights random --seed), or a state dict file.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path, resolve_path=True),
-              help="Weights file to write (the best epoch's); its history goes to <stem>.history.json next to it.")
+              help="Weights file to write (the epoch that retrieves best, or the starting weights when none beats them); "
+                   "its history goes to <stem>.history.json next to it.")
 @click.option("--train", "train", type=click.Choice(TRAIN_MODES), default="fc", show_default=True,
               help="head: the new classification layer only; fc: fc6, fc7 and the head (convolutions frozen, "
                    "their output cached); all: the whole network.")
+@click.option("--objective", type=click.Choice(FINE_TUNE_OBJECTIVES), default=DEFAULT_FINE_TUNE_OBJECTIVE,
+              show_default=True,
+              help="What training minimises. ce: cross-entropy of the new classification layer; proxy-anchor, "
+                   "norm-softmax, supcon, triplet: a metric-learning loss on the L2-normalised fc7 that the index "
+                   "stores (the layer is still trained, on its own); ce+X: both.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Share of each class held out for validation (stratified, seeded).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the split, the head, augmentation, batch order and --weights random.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="At most this many epochs.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Initial learning rate. [default: 0.01 for sgd, 3e-4 for adamw]")
+              help="Initial learning rate. [default: 1e-3 for adamw, 0.01 for sgd]")
 @click.option("--lr-schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True,
               help="Learning-rate decay: cosine to 0 over --epochs, or x0.1 every third of them.")
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
-              help="SGD with momentum 0.9, or AdamW.")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True,
+              help="AdamW, or SGD with momentum 0.9.")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True)
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
-              help="Dropout before fc6 and fc7 while training. [default: the network's own, 0.5]")
-@click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Stop after this many epochs without a better validation accuracy.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Dropout before fc6 and fc7 while training (the network's own is 0.5).")
+@click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Stop after this many epochs without better validation retrieval (kNN@10, then mAP).")
 @click.option("--batch-size", default="auto", show_default=True, metavar="N|auto",
               help=f"Training images per step. auto: 32 on the CPU; on CUDA what the free memory holds, at most "
                    f"{AUTO_TRAIN_BATCH_CAP}.")
@@ -58,16 +64,20 @@ AUTO_TRAIN_BATCH_CAP = 64                # --batch-size auto never trains on lar
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details (and each skipped file).")
-def main(data_dir: Path, model: str, weights: str, out: Path, train: str, val_fraction: float, seed: int, epochs: int,  # noqa: PLR0913
-         lr: float | None, lr_schedule: str, optimizer: str, weight_decay: float, dropout: float | None, patience: int,
+def main(data_dir: Path, model: str, weights: str, out: Path, train: str, objective: str, val_fraction: float,  # noqa: PLR0913
+         seed: int, epochs: int, lr: float | None, lr_schedule: str, optimizer: str, weight_decay: float, dropout: float,
+         patience: int,
          batch_size: str, cache_views: int, sanity: bool, keep_head: bool, device: str, as_json: bool,
          verbose: bool) -> None:
     """Fine-tune the network on the classes of DATA_DIR (DATA_DIR/<class>/<image>) and write its weights.
 
-    A new classification layer is trained for the classes, on a stratified train/validation split;
-    the best epoch by validation accuracy is kept in --out, a state dict that `index-images --weights
-    FILE` uses (same --model). Before training the initial loss is shown against chance, ln(classes).
-    Ctrl-C stops training and keeps the best checkpoint so far.
+    fc7, the layer the index stores, is trained for nearest-neighbour search (--objective), with a new
+    classification layer for the classes, on a stratified train/validation split. Each epoch the
+    validation images' fc7 is searched among the training images' (L2-normalised, as indexed); the
+    epoch that retrieves best (kNN@10 accuracy, then mAP) is kept in --out, a state dict that
+    `index-images --weights FILE` uses (same --model). The starting weights are epoch 0: when no epoch
+    beats them, --out holds them unchanged and the summary says so. Before training the initial loss
+    is shown against chance, ln(classes). Ctrl-C stops training and keeps the best checkpoint so far.
 
     Exit status: 0 done, 2 usage or data error (--out in a read-only folder or one without room for the weights
     included, told before training), 130 interrupted, 1 unexpected failure.
@@ -92,7 +102,7 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, val_fr
     train_batch, cache_batch = _batch_sizes(requested_batch, model, train, dev)
     try:
         cfg = FineTuneConfig(data_dir=data_dir, out=out, model=model, weights=weights, seed=seed, train=train,
-                             val_fraction=val_fraction, epochs=epochs, lr=lr, optimizer=optimizer,
+                             objective=objective, val_fraction=val_fraction, epochs=epochs, lr=lr, optimizer=optimizer,
                              weight_decay=weight_decay, lr_schedule=lr_schedule, patience=patience,
                              batch_size=train_batch, cache_batch_size=cache_batch, cache_views=cache_views,
                              dropout=dropout, sanity=sanity, keep_head=keep_head, device=str(dev),
@@ -101,7 +111,8 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, val_fr
         raise UserError(str(exc)) from exc
     echo = (lambda _e, _f: None) if as_json else _printer(verbose)
     if not as_json:
-        click.echo(f"fine-tuning {model} ({train}) from {weights} weights on {dev}, batch {train_batch}", err=True)
+        click.echo(f"fine-tuning {model} ({train}, {objective}, {cfg.optimizer} lr {cfg.lr:g}, dropout {dropout:g}) "
+                   f"from {weights} weights on {dev}, batch {train_batch}", err=True)
     try:
         result = fine_tune(cfg, report=echo)
     except FineTuneError as exc:
@@ -117,8 +128,9 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, val_fr
     else:
         _print_summary(summary)
     if result.stopped == "interrupted":
-        click.echo(f"interrupted: kept the best checkpoint (epoch {summary['best_epoch']}, validation accuracy "
-                   f"{summary['best_val_accuracy']:.3f}) in {result.weights_path}; history in {result.history_path}",
+        r = summary["retrieval"]
+        click.echo(f"interrupted: kept the best checkpoint (epoch {summary['best_epoch']}, validation kNN@{r['k']} "
+                   f"{r['after']['knn_accuracy']:.3f}) in {result.weights_path}; history in {result.history_path}",
                    err=True)
         sys.exit(130)
 
@@ -177,9 +189,14 @@ def _printer(verbose: bool):  # noqa: ANN202 - the report callback
                        f"{facts['final_train_loss']:.4f} after {facts['steps']} steps: "
                        f"{'passed' if facts['passed'] else 'FAILED (it should get under 0.05: check the learning rate)'}",
                        err=True)
+        elif event == "before":
+            click.echo(f"epoch   0  (the starting weights)  val kNN@{facts['k']} {facts['knn_accuracy']:.3f}  val mAP "
+                       f"{facts['map']:.3f}  ({facts['val_images']} validation images searched among "
+                       f"{facts['train_images']} training images, fc7 L2-normalised)", err=True)
         elif event == "epoch":
-            click.echo(f"epoch {facts['epoch']:>3}  loss {facts['train_loss']:.4f}  train acc {facts['train_accuracy']:.3f}"
-                       f"  val loss {facts['val_loss']:.4f}  val acc {facts['val_accuracy']:.3f}  lr {facts['lr']:.2e}"
+            click.echo(f"epoch {facts['epoch']:>3}  loss {facts['train_objective_loss']:.4f}  train acc "
+                       f"{facts['train_accuracy']:.3f}  val loss {facts['val_loss']:.4f}  val acc {facts['val_accuracy']:.3f}"
+                       f"  val kNN {facts['val_knn_accuracy']:.3f}  val mAP {facts['val_map']:.3f}  lr {facts['lr']:.2e}"
                        f"  {facts['seconds']:.1f} s", err=True)
         elif event == "saved" and verbose:
             click.echo(f"  best so far: saved {facts['path']}", err=True)
@@ -203,6 +220,9 @@ def _summary(result, plots: list[Path]) -> dict:  # noqa: ANN001 - retrieval.lea
     return {"weights": str(result.weights_path) if result.weights_path else None, "history": str(result.history_path),
             "plots": [str(p) for p in plots],
             "stopped": h["stopped"], "best_epoch": h["best_epoch"], "best_val_accuracy": h["best_val_accuracy"],
+            "retrieval": {"k": h["retrieval_k"], "before": h["initial_retrieval"], "after": h["best_retrieval"],
+                          "improved": h["improved"], "selection": h["selection"]},
+            "objective": h["objective"], "train": h["train"],
             "epochs_run": len(h["epochs_run"]), "classes": h["classes"], "train_images": len(h["split"]["train"]),
             "val_images": len(h["split"]["val"]), "initial_loss": h["initial_loss"], "chance_loss": h["chance_loss"],
             "sanity": h["sanity"], "skipped": [{"path": p, "reason": r} for p, r in sorted(result.skipped.items())],
@@ -213,11 +233,24 @@ def _print_summary(s: dict) -> None:
     if s["weights"] is None:
         click.echo("no epoch finished: nothing saved")
         return
+    r = s["retrieval"]
+    before, after = r["before"], r["after"]
     click.echo(f"{s['stopped'].replace('_', ' ')} after {s['epochs_run']} epoch(s) in {s['seconds']:.1f} s "
-               f"({s['cache_seconds']:.1f} s caching): best validation accuracy {s['best_val_accuracy']:.3f} at "
-               f"epoch {s['best_epoch']} (chance {1 / len(s['classes']):.3f}), {len(s['classes'])} classes, "
-               f"{s['train_images']} train / {s['val_images']} validation images")
-    click.echo(f"weights: {s['weights']}  (index-images DATA --weights {s['weights']} --index-dir NEW_INDEX)")
+               f"({s['cache_seconds']:.1f} s caching), {len(s['classes'])} classes, {s['train_images']} train / "
+               f"{s['val_images']} validation images")
+    click.echo(f"retrieval of the validation images (fc7, searched among the training images): kNN@{r['k']} "
+               f"{before['knn_accuracy']:.3f} -> {after['knn_accuracy']:.3f}, mAP {before['map']:.3f} -> "
+               f"{after['map']:.3f} (before training -> epoch {s['best_epoch']}, kept)")
+    if r["improved"]:
+        click.echo(f"classification layer at that epoch: validation accuracy {s['best_val_accuracy']:.3f} "
+                   f"(chance {1 / len(s['classes']):.3f})")
+        click.echo(f"weights: {s['weights']}  (index-images DATA --weights {s['weights']} --index-dir NEW_INDEX)")
+    else:
+        click.echo(f"NOT IMPROVED: no epoch retrieved better than the starting weights (kNN@{r['k']} "
+                   f"{before['knn_accuracy']:.3f}, mAP {before['map']:.3f}), so {s['weights']} holds the starting "
+                   "weights unchanged: an index built with it is the same as one built from them. "
+                   + ("--train head trains only the classification layer, which the index does not use: train fc."
+                      if s["train"] == "head" else "Try more images per class, more --epochs or another --lr."))
     click.echo(f"history: {s['history']}")
     if s["plots"]:
         click.echo(f"charts: {', '.join(s['plots'])}  (and /training in serve-images)")

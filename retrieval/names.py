@@ -9,6 +9,11 @@ INDEX_DIR_ENV = "RETRIEVAL_INDEX_DIR"    # default index folder for every comman
 DB_URL_ENV = "RETRIEVAL_DB_URL"          # the catalog's SQLAlchemy URL for every command and the server (default: SQLite)
 DEFAULT_KS = (1, 5, 10)                  # neighbours for precision@k and the kNN vote in evaluations
 FAISS_FILE = "vectors.faiss"             # the vector index in an index folder (derived from the catalog)
+# fine-tune's objectives (retrieval.learning.objectives explains each) and its default, chosen by measurement
+# (benchmarks/sweep_finetune.py, bench_finetune_quality.py)
+FINE_TUNE_METRIC_LOSSES = ("proxy-anchor", "norm-softmax", "supcon", "triplet")
+FINE_TUNE_OBJECTIVES = ("ce", *FINE_TUNE_METRIC_LOSSES, *(f"ce+{m}" for m in FINE_TUNE_METRIC_LOSSES))
+DEFAULT_FINE_TUNE_OBJECTIVE = "ce+proxy-anchor"
 DEFAULT_RANDOM_SEED = 0                  # seed of --weights random when none is given
 MAX_NPROBE = 1 << 16                     # IVF lists searched per query: at most this many (an IVF65536 searched whole)
 MAX_EF_SEARCH = 100_000                  # HNSW efSearch: beyond this a query allocates gigabytes and answers nothing

@@ -12,7 +12,8 @@ from sklearn.metrics import average_precision_score
 from retrieval.samples import make_sample_collection
 from retrieval.catalog import Catalog
 from retrieval.learning.evaluation import EvaluationError, evaluate_index, load_labelled_vectors
-from retrieval.learning.metrics import chance_levels, check_labels, evaluate_vectors, leave_one_out, vote, vote_labels
+from retrieval.learning.metrics import (chance_levels, check_labels, evaluate_vectors, leave_one_out, query_scores, vote,
+                                       vote_labels)
 from retrieval.search.index import Hit
 
 
@@ -227,3 +228,17 @@ def test_a_single_image_class_that_never_queries_is_only_searched():
     assert set(r["per_class"]) == {"a", "b"} and r["labels"] == ["a", "b", "lonely"]
     with pytest.raises(EvaluationError, match="single image"):
         evaluate_vectors(rng.normal(size=(11, 4)).astype(np.float32), labels, [1])
+
+
+def test_query_scores_rank_held_out_queries_among_the_base():
+    # 1-d: class 0 at 0 and 1, class 1 at 2 and 3. The query at 0.4 (class 0) ranks 0, 1, 2, 3: AP 1, its nearest is
+    # class 0. The query at 1.6 (class 0) ranks 2 (class 1), 1, 3, 0: relevant at ranks 2 and 4, AP (1/2 + 2/4) / 2.
+    base = np.array([[0.0], [1.0], [2.0], [3.0]], dtype=np.float32)
+    queries = np.array([[0.4], [1.6]], dtype=np.float32)
+    scores = query_scores(queries, np.array([0, 0]), base, np.array([0, 0, 1, 1]), k=1)
+    assert scores == {"knn_accuracy": 0.5, "map": pytest.approx(0.75), "k": 1, "queries": 2}
+    # k=3: the query at 1.6 sees classes 1, 0, 1: outvoted again; at 0.4: 0, 0, 1
+    assert query_scores(queries, np.array([0, 0]), base, np.array([0, 0, 1, 1]), k=3)["knn_accuracy"] == 0.5
+    # a query that is not in the base: its own copy is not there to find
+    far = query_scores(np.array([[2.9]], np.float32), np.array([1]), base, np.array([0, 0, 1, 1]), k=2)
+    assert far["knn_accuracy"] == 1.0 and far["map"] == pytest.approx(1.0)

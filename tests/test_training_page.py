@@ -61,6 +61,27 @@ def test_shows_the_history_given_with_training(client, sample_index, history_fil
     assert str(history_file.parent) not in html, "the server's folders are not shown"
 
 
+def test_retrieval_before_and_after_and_the_kept_epoch(client, sample_index, history_file):
+    write_history(history_file, make_history(sample_index.data_dir, CLASSES, epochs=6, best_epoch=4, retrieval=True))
+    html = client.get("/training").get_data(as_text=True)
+    best = html.split('id="best"')[1].split("</div>\n  </div>")[0]
+    assert "validation kNN@10" in best and "0.500 → 0.700" in best and "mAP 0.400 → 0.560" in best
+    assert "✓ better than the starting weights" in best
+    epochs = html.split('id="epochs"')[1].split("</table>")[0]
+    assert "<th>val kNN@10</th>" in epochs and 'class="features-layer"><td>4 (best)</td>' in epochs
+    assert "ce+proxy-anchor, dropout 0.0" in html
+
+
+def test_a_run_that_kept_the_starting_weights_says_so(client, sample_index, history_file):
+    write_history(history_file, make_history(sample_index.data_dir, CLASSES, epochs=3, best_epoch=0, retrieval=True,
+                                             stopped="completed"))
+    html = client.get("/training").get_data(as_text=True)
+    best = html.split('id="best"')[1].split("</div>\n  </div>")[0]
+    assert "0.500 → 0.500" in best and "✗ not improved" in best and "holds them unchanged" in best
+    epochs = html.split('id="epochs"')[1].split("</table>")[0]
+    assert "0 (before) (kept)" in epochs and "(best)" not in epochs
+
+
 def test_filters_before_and_after_with_train_all(client, sample_index, history_file):
     write_history(history_file, make_history(sample_index.data_dir, CLASSES, train="all", stopped="completed"),
                   filters=True)
@@ -86,6 +107,9 @@ def test_without_a_history_the_page_says_how_to_make_one(client, history_file):
     html = response.get_data(as_text=True)
     assert 'id="no-history"' in html and "tuned.history.json" in html and "fine-tune data" in html
     assert "--compare-index" in html
+    # the recipe suggests the default options, from the network the served index uses (seeded random weights here)
+    recipe = html.split('id="how-to"')[1].split("</pre>")[0]
+    assert "fine-tune data --model alexnet --weights random --seed 0 --out tuned.pt\n" in recipe
 
 
 def test_a_malformed_history_is_reported_not_crashed_on(client, sample_index, history_file):

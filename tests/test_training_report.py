@@ -94,7 +94,7 @@ def broken(tmp_path, change) -> Path:  # noqa: ANN001 - change(history) edits it
     (lambda h: h.update(lr="fast"), "field 'lr' should be int or float"),
     (lambda h: h.update(classes=[]), "'classes' should be a non-empty list"),
     (lambda h: h["epochs_run"][2].update(val_loss=None), "'epochs_run[2].val_loss' should be a finite number"),
-    (lambda h: h.update(best_epoch=99), "'best_epoch' 99 is not one of the epochs run"),
+    (lambda h: h.update(best_epoch=99), "'best_epoch' 99 is neither 0 (the starting weights) nor one of the epochs run"),
     (lambda h: h.update(stopped="bored"), "'stopped' should be one of completed, early_stopping, interrupted"),
     (lambda h: h.update(version=2), "format version 2"),
     (lambda h: h.update(sanity={"passed": "yes"}), "'sanity.subset_size'"),

@@ -11,7 +11,8 @@ class Classifier(nn.Module):
     """A torchvision backbone with a new last layer for the collection's classes, in two parts.
 
     conv: features -> avgpool -> flatten, (B, 3, 224, 224) float -> (B, 9216) AlexNet or (B, 25088) VGG16.
-    fc: the rest of the classifier (fc6, fc7 and their ReLUs and dropouts) and the new head, -> (B, C) logits.
+    fc: the rest of the classifier (fc6, fc7 and their ReLUs and dropouts) and the new head, -> (B, C) logits;
+    to_fc7 is its first part (up to fc7's ReLU, the layer index-images stores) and after_fc7 the rest.
     `net` is the torchvision module itself (its state dict has torchvision's key names).
     """
 
@@ -30,9 +31,12 @@ class Classifier(nn.Module):
         for layer in net.classifier:
             if isinstance(layer, nn.Dropout) and dropout is not None:
                 layer.p = dropout
+        self.dropout = next(layer.p for layer in net.classifier if isinstance(layer, nn.Dropout))
         self.net, self.model = net, model
         self.conv = nn.Sequential(net.features, net.avgpool, nn.Flatten(1))
         self.fc = net.classifier
+        fc7_relu = int(MODELS[model].layers["fc7"].split(".")[1])      # "classifier.5" -> 5
+        self.to_fc7, self.after_fc7 = self.fc[:fc7_relu + 1], self.fc[fc7_relu + 1:]
 
     @property
     def head(self) -> nn.Linear:
@@ -44,6 +48,11 @@ class Classifier(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits from either input a batch can be: cached convolutional output (B, D) or images (B, 3, 224, 224)."""
         return self.fc(x) if x.ndim == 2 else self(x)
+
+    def fc7_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fc7 after its ReLU, shape=(B, 4096); logits, shape=(B, C)) from cached convolutional output or images."""
+        fc7 = self.to_fc7(x if x.ndim == 2 else self.conv(x))         # (B, D) -> (B, 4096)
+        return fc7, self.after_fc7(fc7)                                # (B, 4096) -> (B, C)
 
     def set_trainable(self, mode: str) -> list[nn.Parameter]:
         """requires_grad for the layers `mode` trains, off for the others; -> the trained parameters."""

@@ -1,4 +1,9 @@
-"""Fine-tuning a backbone on the labelled folders: the settings, the training loop, the sanity check, checkpoints."""
+"""Fine-tuning a backbone on the labelled folders: the settings, the training loop, the sanity check, checkpoints.
+
+The checkpoint kept is the epoch whose fc7 features retrieve best: the validation images' kNN@RETRIEVAL_K accuracy
+(then mAP) searched against the training images, L2-normalised as index-images stores them. The starting weights
+are epoch 0 and are written first, so a run that does not improve on them keeps them.
+"""
 from __future__ import annotations
 
 import copy
@@ -18,16 +23,22 @@ from retrieval.files import atomic_write
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, Preprocessing
 from retrieval.images.scan import DEFAULT_MAX_FILE_BYTES
 from retrieval.learning.classifier import Classifier
-from retrieval.learning.finetune_data import (FineTuneError, Report, Samples, batch_input, labelled_files,
+from retrieval.learning.finetune_data import (FineTuneError, Report, Samples, batch_input, centre_input, labelled_files,
                                               prepare_samples, stratified_split)
 from retrieval.learning.history import HISTORY_VERSION, history_path_for, write_filters, write_history
+from retrieval.learning.metrics import query_scores
+from retrieval.learning.objectives import OBJECTIVES, PROXY_LR_SCALE, Objective
+from retrieval.names import DEFAULT_FINE_TUNE_OBJECTIVE
 
 log = logging.getLogger(__name__)
 
 TRAIN_MODES = ("head", "fc", "all")        # what is trained: the new head; fc6, fc7 and the head; everything
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "step")
-DEFAULT_LR = {"sgd": 0.01, "adamw": 3e-4}
+DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}       # chosen by measurement (benchmarks/sweep_finetune.py)
+DEFAULT_OBJECTIVE = DEFAULT_FINE_TUNE_OBJECTIVE
+RETRIEVAL_K = 10                           # kNN@k of the validation images among the training images (the API's k)
+SELECTION = f"val kNN@{RETRIEVAL_K} accuracy, then val mAP (validation images searched among the training images)"
 SANITY_PER_CLASS = 2                       # --sanity: images per class in the subset to overfit
 SANITY_MAX_IMAGES = 20
 SANITY_MAX_STEPS = 300
@@ -42,18 +53,19 @@ class FineTuneConfig:
     weights: str = "imagenet"      # "imagenet" | "random" | a state dict file: where training starts
     seed: int = 0                  # split, head initialisation, augmentation, batch order, and --weights random
     train: str = "fc"              # "head" | "fc" | "all" (see TRAIN_MODES)
+    objective: str = DEFAULT_OBJECTIVE   # see retrieval.learning.objectives.OBJECTIVES
     val_fraction: float = 0.2      # share of each class held out for validation
     epochs: int = 10               # at most this many passes over the training images
     lr: float | None = None        # None: DEFAULT_LR[optimizer]
-    optimizer: str = "sgd"         # "sgd" (with momentum) | "adamw"
+    optimizer: str = "adamw"       # "adamw" | "sgd" (with momentum)
     momentum: float = 0.9          # SGD only
     weight_decay: float = 5e-4
     lr_schedule: str = "cosine"    # "cosine" (to 0 over `epochs`) | "step" (x0.1 every third of the epochs)
-    patience: int = 3              # stop after this many epochs without a better validation accuracy
+    patience: int = 5              # stop after this many epochs without better validation retrieval (kNN, then mAP)
     batch_size: int = 32           # training images per step
     cache_batch_size: int = 32     # images per forward pass when caching the convolutional output
     cache_views: int = 4           # augmented views cached per training image (head, fc)
-    dropout: float | None = None   # dropout before fc6 and fc7 while training; None: the network's own (0.5)
+    dropout: float | None = 0.0    # dropout before fc6 and fc7 while training; None: the network's own (0.5)
     sanity: bool = False           # also overfit a tiny subset with regularisation off
     keep_head: bool = False        # save the new classification head as the last layer too
     device: str = "auto"
@@ -69,7 +81,7 @@ class FineTuneConfig:
         if self.model not in MODELS:
             raise FineTuneError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
         for name, value, allowed in (("train", self.train, TRAIN_MODES), ("optimizer", self.optimizer, OPTIMIZERS),
-                                     ("lr_schedule", self.lr_schedule, LR_SCHEDULES)):
+                                     ("lr_schedule", self.lr_schedule, LR_SCHEDULES), ("objective", self.objective, OBJECTIVES)):
             if value not in allowed:
                 raise FineTuneError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
@@ -150,17 +162,20 @@ def fine_tune(cfg: FineTuneConfig, report: Report | None = None) -> FineTuneResu
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "data_dir": str(cfg.data_dir), "model": cfg.model, "weights": cfg.weights,
         "weights_seed": cfg.seed if cfg.weights == "random" else None, "train": cfg.train,
-        "head": "kept" if cfg.keep_head else "dropped", "optimizer": cfg.optimizer, "lr": float(cfg.lr),
+        "head": "kept" if cfg.keep_head else "dropped", "objective": cfg.objective,
+        "dropout": float(net.dropout), "optimizer": cfg.optimizer, "lr": float(cfg.lr),
         "lr_schedule": cfg.lr_schedule, "weight_decay": float(cfg.weight_decay),
         "momentum": float(cfg.momentum) if cfg.optimizer == "sgd" else None, "epochs": cfg.epochs,
         "batch_size": cfg.batch_size, "patience": cfg.patience, "val_fraction": float(cfg.val_fraction),
         "seed": cfg.seed, "classes": data.classes,
         "split": split, "split_sha256": split_sha256,
         "initial_loss": float(initial), "chance_loss": chance, "sanity": sanity,
-        "epochs_run": [], "best_epoch": 0, "best_val_accuracy": 0.0, "stopped": "completed", "seconds": 0.0,
+        "selection": SELECTION, "retrieval_k": 0, "initial_retrieval": None, "best_retrieval": None,
+        "improved": False, "epochs_run": [], "best_epoch": 0, "best_val_accuracy": 0.0, "stopped": "completed",
+        "seconds": 0.0,
     }
     filters_before = net.net.features[0].weight.detach().cpu().numpy().copy() if cfg.train == "all" else None
-    weights_path = _train(net, train_set, val_set, cfg, prep, device, gen, history, report)
+    weights_path = train_epochs(net, train_set, val_set, cfg, prep, device, gen, history, report)
     history["seconds"] = time.perf_counter() - started
     history["weights_sha256"] = file_sha256(weights_path) if weights_path is not None else None   # whose split this is
     if filters_before is not None and weights_path is not None:   # "after": the saved (best) epoch's filters
@@ -193,10 +208,12 @@ def _evaluate(net: Classifier, samples: Samples, cfg: FineTuneConfig, prep: Prep
     return loss / count, correct / count
 
 
-def _optimizer(params: list[nn.Parameter], cfg: FineTuneConfig, weight_decay: float) -> torch.optim.Optimizer:
+def _optimizer(params: list, cfg: FineTuneConfig, weight_decay: float) -> torch.optim.Optimizer:
+    """params: parameters, or parameter groups (dicts with "params" and their own settings)."""
     # fused: one kernel over all parameters (CPU and CUDA); the step over AlexNet's 58M fc parameters on 2 cores
     # takes a fraction of the per-tensor loop's time
-    fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in params) else {}
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in tensors) else {}
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=weight_decay, **fused)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=weight_decay, **fused)
@@ -240,52 +257,117 @@ def _schedule(opt: torch.optim.Optimizer, cfg: FineTuneConfig) -> torch.optim.lr
     return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, math.ceil(cfg.epochs / 3)), gamma=0.1)
 
 
-def _train(net: Classifier, train_set: Samples, val_set: Samples, cfg: FineTuneConfig, prep: Preprocessing,
-           device: torch.device, gen: torch.Generator, history: dict, report: Report) -> Path | None:
-    """The epochs: train, validate, checkpoint the best, stop early. Fills history; -> the weights file or None."""
+@torch.no_grad()
+def retrieval_scores(net: Classifier, train_set: Samples, val_set: Samples, cfg: FineTuneConfig, prep: Preprocessing,
+                     device: torch.device) -> dict:
+    """Held-out retrieval with the network as it is: each validation image's centre-crop fc7, L2-normalised as
+    index-images stores it, searched among the training images' (exact L2). -> metrics.query_scores' dict."""
+    was_training = net.training
+    net.eval()
+
+    def fc7(samples: Samples) -> torch.Tensor:
+        out = []
+        for start in range(0, len(samples), cfg.cache_batch_size):
+            rows = torch.arange(start, min(len(samples), start + cfg.cache_batch_size))
+            out.append(nn.functional.normalize(net.fc7_and_logits(centre_input(samples, rows, prep, device))[0], dim=1)
+                       .float().cpu())                                        # (b, 4096), unit rows
+        return torch.cat(out)
+
+    base, queries = fc7(train_set), fc7(val_set)
+    net.train(was_training)
+    k = min(RETRIEVAL_K, len(train_set))
+    findable = torch.isin(val_set.codes, train_set.codes)     # a class whose training images were all unreadable: none
+    if not bool(findable.any()):
+        return {"knn_accuracy": 0.0, "map": 0.0, "k": k, "queries": 0}
+    return query_scores(queries[findable].numpy(), val_set.codes[findable].numpy(), base.numpy(),
+                        train_set.codes.numpy(), k)
+
+
+def _two_views(samples: Samples, rows: torch.Tensor, prep: Preprocessing, device: torch.device,
+               gen: torch.Generator) -> torch.Tensor:
+    """Two different random views of each image of rows, stacked: the first len(rows) rows, then the second."""
+    if samples.features is None:
+        return torch.cat([batch_input(samples, rows, prep, device, gen), batch_input(samples, rows, prep, device, gen)])
+    views = samples.features.shape[1]
+    first = torch.randint(0, views, (len(rows),), generator=gen)
+    second = (first + torch.randint(1, views, (len(rows),), generator=gen)) % views if views > 1 else first
+    return torch.cat([batch_input(samples, rows, prep, device, None, view=first),
+                      batch_input(samples, rows, prep, device, None, view=second)])
+
+
+def _better(scores: dict, than: dict | None) -> bool:
+    """Retrieval order: higher kNN accuracy, then higher mAP (SELECTION)."""
+    return than is None or (scores["knn_accuracy"], scores["map"]) > (than["knn_accuracy"], than["map"])
+
+
+def train_epochs(net: Classifier, train_set: Samples, val_set: Samples, cfg: FineTuneConfig, prep: Preprocessing,
+                 device: torch.device, gen: torch.Generator, history: dict, report: Report) -> Path | None:
+    """Epoch 0 (the starting weights: scored and written), then the epochs: train, validate, keep the best by
+    retrieval, stop early. Fills history; -> the weights file, or None when even epoch 0 could not be written."""
     from tqdm import tqdm
 
     params = net.set_trainable(cfg.train)
-    opt = _optimizer(params, cfg, cfg.weight_decay)
+    objective = Objective(cfg.objective, len(history["classes"]), net.head.in_features, cfg.seed).to(device)
+    groups = [{"params": params}]
+    if objective.proxies is not None:
+        groups.append({"params": [objective.proxies], "lr": cfg.lr * PROXY_LR_SCALE, "weight_decay": 0.0})
+    opt = _optimizer(groups, cfg, cfg.weight_decay)
     schedule = _schedule(opt, cfg)
-    best = (-1.0, math.inf)                  # (val accuracy, val loss): a tie in accuracy goes to the lower loss
     saved: Path | None = None
     since_best = 0
     try:
+        before = retrieval_scores(net, train_set, val_set, cfg, prep, device)
+        _, head_acc = _evaluate(net, val_set, cfg, prep, device)
+        best = {"knn_accuracy": before["knn_accuracy"], "map": before["map"]}
+        history.update(retrieval_k=before["k"], initial_retrieval=dict(best), best_retrieval=dict(best))
+        report("before", {**before, "val_images": len(val_set), "train_images": len(train_set)})
+        saved = save_weights(net.backbone_state(cfg.keep_head), cfg.out)
+        history["best_epoch"], history["best_val_accuracy"] = 0, head_acc          # once the file holds it
+        report("saved", {"epoch": 0, "path": str(saved), **best})
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
             lr = opt.param_groups[0]["lr"]
             net.train_mode(cfg.train)
             order = torch.randperm(len(train_set), generator=gen)
-            loss_sum = correct = 0.0
+            loss_sum = ce_sum = correct = seen = 0.0
             bar = tqdm(total=len(order), unit="img", desc=f"epoch {epoch}/{cfg.epochs}", dynamic_ncols=True,
                        disable=not cfg.progress, leave=False)
             for start in range(0, len(order), cfg.batch_size):
                 rows = order[start:start + cfg.batch_size]
-                x = batch_input(train_set, rows, prep, device, gen)
-                y = train_set.codes[rows].to(device)
-                out = net.logits(x)
-                loss = nn.functional.cross_entropy(out, y)
+                if objective.views_per_image == 2:
+                    x = _two_views(train_set, rows, prep, device, gen)
+                    y = train_set.codes[rows].repeat(2).to(device)
+                else:
+                    x = batch_input(train_set, rows, prep, device, gen)
+                    y = train_set.codes[rows].to(device)
+                fc7, logits = net.fc7_and_logits(x)
+                head_only = None if objective.cross_entropy else net.after_fc7(fc7.detach())
+                loss = objective(fc7, logits, y, head_only)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                loss_sum += float(loss.detach()) * len(rows)
-                correct += float((out.argmax(1) == y).sum())
+                shown = logits if head_only is None else head_only
+                loss_sum += float(loss.detach()) * len(y)
+                ce_sum += float(nn.functional.cross_entropy(shown.detach(), y)) * len(y)
+                correct += float((shown.argmax(1) == y).sum())
+                seen += len(y)
                 bar.update(len(rows))
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
             bar.close()
             schedule.step()
             val_loss, val_acc = _evaluate(net, val_set, cfg, prep, device)
-            row = {"epoch": epoch, "train_loss": loss_sum / len(order), "train_accuracy": correct / len(order),
-                   "val_loss": val_loss, "val_accuracy": val_acc, "lr": float(lr),
+            scores = retrieval_scores(net, train_set, val_set, cfg, prep, device)
+            row = {"epoch": epoch, "train_loss": ce_sum / seen, "train_accuracy": correct / seen,
+                   "train_objective_loss": loss_sum / seen, "val_loss": val_loss, "val_accuracy": val_acc,
+                   "val_knn_accuracy": scores["knn_accuracy"], "val_map": scores["map"], "lr": float(lr),
                    "seconds": time.perf_counter() - t0}
             history["epochs_run"].append(row)
             report("epoch", row)
-            if (val_acc, -val_loss) > (best[0], -best[1]):
-                best = (val_acc, val_loss)
+            if _better(scores, best):
+                best = {"knn_accuracy": scores["knn_accuracy"], "map": scores["map"]}
                 saved = save_weights(net.backbone_state(cfg.keep_head), cfg.out)
-                history["best_epoch"], history["best_val_accuracy"] = epoch, val_acc   # once the file holds it
-                report("saved", {"epoch": epoch, "path": str(saved), "val_accuracy": val_acc})
+                history.update(best_epoch=epoch, best_val_accuracy=val_acc, best_retrieval=dict(best), improved=True)
+                report("saved", {"epoch": epoch, "path": str(saved), **best})
                 since_best = 0
             else:
                 since_best += 1

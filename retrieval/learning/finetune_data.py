@@ -109,6 +109,8 @@ class Samples:
     codes: torch.Tensor                         # shape=(n,) int64
     features: torch.Tensor | None = None        # shape=(n, views, D) float16 (cached modes)
     images: list[Image.Image] | None = None     # shorter side resize_size (all); None for a cached set
+    centre: torch.Tensor | None = None          # shape=(n, D) float16: the centre crop's output, as index-images
+                                                # crops (cached training sets; validation's view 0 is its centre crop)
 
     def __len__(self) -> int:
         return len(self.codes)
@@ -118,7 +120,8 @@ def prepare_samples(net: Classifier, data: LabelledFiles, idx: np.ndarray, prep:
                     gen: torch.Generator, device: torch.device, *, train: bool,
                     report: Report) -> tuple[Samples, dict[str, str]]:
     """Decode the files at idx (bad ones skipped with their reason); for cached modes, run the convolutions once
-    per view (cfg.cache_views random views of a training image, the centre crop of a validation image)."""
+    per view (cfg.cache_views random views of a training image, and its centre crop apart; the centre crop of a
+    validation image)."""
     from tqdm import tqdm
 
     cached = cfg.train != "all"
@@ -150,7 +153,8 @@ def prepare_samples(net: Classifier, data: LabelledFiles, idx: np.ndarray, prep:
         if not cached:
             images.append(img)
             continue
-        pending.extend([random_view(img, prep.crop_size, gen) for _ in range(views)] if train else [pixels])
+        pending.extend([*(random_view(img, prep.crop_size, gen) for _ in range(views)), prep.crop(img)] if train
+                       else [pixels])
         if len(pending) >= cfg.cache_batch_size:
             flush()
     flush()
@@ -160,7 +164,10 @@ def prepare_samples(net: Classifier, data: LabelledFiles, idx: np.ndarray, prep:
         return Samples(codes_t, images=images), skipped
     dim = net.fc[1 if cfg.model == "alexnet" else 0].in_features
     features = torch.cat(feats) if feats else torch.zeros(0, dim, dtype=torch.float16)
-    return Samples(codes_t, features=features.view(len(codes), views, -1)), skipped
+    if not train:
+        return Samples(codes_t, features=features.view(len(codes), 1, -1)), skipped
+    features = features.view(len(codes), views + 1, -1)                       # the random views, then the centre
+    return Samples(codes_t, features=features[:, :views], centre=features[:, views]), skipped
 
 
 @torch.no_grad()
@@ -173,7 +180,8 @@ def conv_output(net: Classifier, pixels: np.ndarray, prep: Preprocessing, device
 
 def batch_input(samples: Samples, rows: torch.Tensor, prep: Preprocessing, device: torch.device,
                 gen: torch.Generator | None, view: torch.Tensor | None = None) -> torch.Tensor:
-    """Network input for samples[rows]: cached output (one view each: `view`, or drawn) or augmented images."""
+    """Network input for samples[rows]: cached output (one view each: `view`, or drawn) or augmented images
+    (gen None: centre crops)."""
     if samples.features is not None:
         if view is None:
             view = torch.randint(0, samples.features.shape[1], (len(rows),), generator=gen)
@@ -182,3 +190,11 @@ def batch_input(samples: Samples, rows: torch.Tensor, prep: Preprocessing, devic
     pixels = np.stack([random_view(samples.images[r], crop, gen) if gen is not None else prep.crop(samples.images[r])
                        for r in rows.tolist()])
     return prep.normalise(torch.from_numpy(pixels).to(device))                # (b, 3, 224, 224)
+
+
+def centre_input(samples: Samples, rows: torch.Tensor, prep: Preprocessing, device: torch.device) -> torch.Tensor:
+    """Network input for samples[rows] as index-images sees them: the centre crop (cached, or cropped from the image)."""
+    if samples.features is not None:
+        cached = samples.centre if samples.centre is not None else samples.features[:, 0]
+        return cached[rows].to(device, torch.float32)                          # (b, D)
+    return batch_input(samples, rows, prep, device, None)                      # (b, 3, 224, 224)

@@ -30,6 +30,9 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "best_val_accuracy": (_NUMBER, False), "stopped": ((str,), False), "seconds": (_NUMBER, False),
 }
 _EPOCH_FIELDS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds")
+# written since fine-tune keeps the epoch that retrieves best (older histories lack them): checked when present
+_RETRIEVAL_FIELDS = ("initial_retrieval", "best_retrieval")    # {"knn_accuracy", "map"}: epoch 0, the kept epoch
+_EPOCH_RETRIEVAL_FIELDS = ("train_objective_loss", "val_knn_accuracy", "val_map")
 _SANITY_FIELDS = {"subset_size": (int,), "steps": (int,), "final_train_loss": _NUMBER, "passed": (bool,)}
 
 
@@ -107,17 +110,24 @@ def validate_history(history: Any, where: str = "history") -> dict:
                 raise fail(f"'split_sha256.{part}' should list a sha256 (or null) for each path of 'split.{part}'")
     if history.get("weights_sha256") is not None and not _is_sha256(history["weights_sha256"]):
         raise fail("'weights_sha256' should be a sha256 in hex")
+    for name in _RETRIEVAL_FIELDS:
+        value = history.get(name)
+        if value is not None and not (isinstance(value, dict) and all(_kind(value.get(m), _NUMBER) for m in ("knn_accuracy", "map"))):
+            raise fail(f"'{name}' should be an object with 'knn_accuracy' and 'map' numbers, or null")
+    if "improved" in history and not isinstance(history["improved"], bool):
+        raise fail("'improved' should be true or false")
     for i, row in enumerate(history["epochs_run"]):
         if not isinstance(row, dict) or not _kind(row.get("epoch"), (int,)):
             raise fail(f"'epochs_run[{i}]' should be an object with an 'epoch' number")
-        for name in _EPOCH_FIELDS:
+        for name in _EPOCH_FIELDS + tuple(f for f in _EPOCH_RETRIEVAL_FIELDS if f in row):
             if not _kind(row.get(name), _NUMBER):
                 raise fail(f"'epochs_run[{i}].{name}' should be a finite number, not {json.dumps(row.get(name))}")
     epochs = [row["epoch"] for row in history["epochs_run"]]
     if epochs != sorted(set(epochs)):
         raise fail("'epochs_run' should list each epoch once, in order")
-    if epochs and history["best_epoch"] not in epochs:
-        raise fail(f"'best_epoch' {history['best_epoch']} is not one of the epochs run ({epochs[0]}..{epochs[-1]})")
+    if epochs and history["best_epoch"] != 0 and history["best_epoch"] not in epochs:   # 0: the starting weights
+        raise fail(f"'best_epoch' {history['best_epoch']} is neither 0 (the starting weights) nor one of the epochs "
+                   f"run ({epochs[0]}..{epochs[-1]})")
     if history["stopped"] not in STOPPED:
         raise fail(f"'stopped' should be one of {', '.join(STOPPED)}, not {history['stopped']!r}")
     return history

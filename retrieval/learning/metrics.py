@@ -133,6 +133,36 @@ def leave_one_out(vectors: np.ndarray, codes: np.ndarray, ks: Sequence[int], chu
     return {"precision": precision, "ap": ap, "predicted": predicted}
 
 
+def query_scores(queries: np.ndarray, query_codes: np.ndarray, base: np.ndarray, base_codes: np.ndarray,
+                 k: int, chunk: int = QUERY_CHUNK) -> dict[str, float]:
+    """Held-out retrieval: each query searches the base (exact L2; no query is in the base).
+
+    queries: shape=(q, dim) float32, query_codes: shape=(q,) int; base: shape=(n, dim) float32, base_codes: shape=(n,)
+    int, with every query's class among them; k <= n. The ranking sorts by distance, equal distances in base order.
+    -> {"knn_accuracy": share of queries whose k nearest vote (vote_labels) their class, "map": mean average
+        precision over the whole ranking (relevant = same class), "k": k, "queries": q}.
+    """
+    n = len(base)
+    assert queries.ndim == base.ndim == 2 and query_codes.shape == (len(queries),) and base_codes.shape == (n,)
+    assert 1 <= k <= n, f"k must be in 1..{n}"
+    assert np.isin(query_codes, base_codes).all(), "every query's class must be in the base"
+    correct, ap_sum = 0, 0.0
+    base_sq = np.einsum("ij,ij->i", base, base, dtype=np.float64)
+    ranks = np.arange(1, n + 1)
+    for start in range(0, len(queries), chunk):
+        rows = np.arange(start, min(len(queries), start + chunk))
+        d = pairwise_distances(queries[rows], base, base_sq)                 # (c, n)
+        order = np.argsort(d, axis=1, kind="stable")                          # (c, n)
+        relevant = base_codes[order] == query_codes[rows][:, None]            # (c, n) bool
+        ap_sum += float(((relevant * np.cumsum(relevant, axis=1) / ranks).sum(1) / relevant.sum(1)).sum())
+        near = np.take_along_axis(d, order[:, :k], axis=1)                   # (c, k)
+        for r in range(len(rows)):
+            label, _ = vote_labels(base_codes[order[r, :k]].tolist(), near[r].tolist())
+            correct += int(label == query_codes[rows[r]])
+    q = len(queries)
+    return {"knn_accuracy": correct / q, "map": ap_sum / q, "k": k, "queries": q}
+
+
 def linear_probe(vectors: np.ndarray, codes: np.ndarray, seed: int, test_share: float = PROBE_TEST_SHARE,
                  test_rows: np.ndarray | None = None) -> dict:
     """Logistic regression on standardised features, stratified train/test split (seeded), or tested on test_rows

@@ -66,7 +66,8 @@ def loss_figure(history: dict):  # noqa: ANN201 - matplotlib Figure
 
 
 def accuracy_figure(history: dict):  # noqa: ANN201 - matplotlib Figure
-    """Train and validation accuracy per epoch, chance 1/C dashed, the best epoch (by validation accuracy) marked."""
+    """Train and validation accuracy per epoch, chance 1/C dashed; the validation kNN accuracy from epoch 0 and the
+    epoch kept (by it) marked, or for an older history the best epoch by validation accuracy."""
     fig = _figure()
     ax = fig.add_subplot()
     epochs, train = _epochs(history, "train_accuracy")
@@ -76,7 +77,17 @@ def accuracy_figure(history: dict):  # noqa: ANN201 - matplotlib Figure
                label=f"chance 1/{classes} = {1.0 / classes:.3f}")
     ax.plot(epochs, train, "o-", color=TRAIN_COLOUR, markersize=4, gid="train", label="train")
     ax.plot(epochs, val, "s-", color=VAL_COLOUR, markersize=4, gid="val", label="validation")
-    if epochs:
+    retrieval = history.get("initial_retrieval")
+    if retrieval is not None:          # the epoch kept is the best by retrieval, from epoch 0 (the starting weights)
+        k, best = history["retrieval_k"], history["best_epoch"]
+        knn = [retrieval["knn_accuracy"]] + [float(r["val_knn_accuracy"]) for r in history["epochs_run"]]
+        ax.plot([0, *epochs], knn, "D-", color=BEST_COLOUR, markersize=4, gid="val-knn",
+                label=f"validation kNN@{k} (retrieval)")
+        ax.axvline(best, color=BEST_COLOUR, linestyle=":", linewidth=1.2)
+        ax.plot([best], [history["best_retrieval"]["knn_accuracy"]], "o", markersize=11, markerfacecolor="none",
+                markeredgecolor=BEST_COLOUR, markeredgewidth=2, gid="best",
+                label=f"kept: epoch {best}, kNN@{k} {history['best_retrieval']['knn_accuracy']:.3f}")
+    elif epochs:
         best = history["best_epoch"]
         ax.axvline(best, color=BEST_COLOUR, linestyle=":", linewidth=1.2)
         ax.plot([best], [history["best_val_accuracy"]], "o", markersize=11, markerfacecolor="none",

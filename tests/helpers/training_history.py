@@ -9,8 +9,12 @@ import numpy as np
 
 
 def make_history(data_dir: Path, classes: list[str], *, per_class: int = 6, epochs: int = 6, best_epoch: int = 4,
-                 stopped: str = "early_stopping", train: str = "fc", sanity: bool = True) -> dict:
-    """A history as fine-tune writes it: the loss starts near ln(C) and falls, accuracies rise, then validation flattens."""
+                 stopped: str = "early_stopping", train: str = "fc", sanity: bool = True,
+                 retrieval: bool = False) -> dict:
+    """A history as fine-tune writes it: the loss starts near ln(C) and falls, accuracies rise, then validation flattens.
+
+    retrieval: also the retrieval fields fine-tune writes since it keeps the best-retrieving epoch (validation kNN@10
+    0.5 before training, rising to 0.5 + 0.05 x epoch until best_epoch, then falling; best_epoch 0: never better)."""
     c = len(classes)
     val_per_class = max(1, per_class // 4)
     split = {"train": [f"{name}/{name}_{i:03d}.jpg" for name in classes for i in range(val_per_class, per_class)],
@@ -22,7 +26,7 @@ def make_history(data_dir: Path, classes: list[str], *, per_class: int = 6, epoc
                      "val_loss": math.log(c) * (0.6 ** t) + 0.02 * max(0, e - best_epoch),
                      "val_accuracy": min(0.95, 1 / c + 0.15 * t) - 0.01 * max(0, e - best_epoch),
                      "lr": 0.01 * 0.5 * (1 + math.cos(math.pi * (e - 1) / epochs)), "seconds": 3.0 + 0.1 * e})
-    return {
+    history = {
         "version": 1, "created_at": "2026-11-29T19:30:00Z", "data_dir": str(Path(data_dir).resolve()),
         "model": "alexnet", "weights": "random", "weights_seed": 0, "train": train, "head": "dropped",
         "optimizer": "sgd", "lr": 0.01, "lr_schedule": "cosine", "weight_decay": 5e-4, "momentum": 0.9,
@@ -32,6 +36,19 @@ def make_history(data_dir: Path, classes: list[str], *, per_class: int = 6, epoc
         "epochs_run": rows, "best_epoch": best_epoch, "best_val_accuracy": rows[best_epoch - 1]["val_accuracy"],
         "stopped": stopped, "seconds": sum(r["seconds"] for r in rows) + 4.0,
     }
+    if retrieval:
+        for r in rows:
+            e = r["epoch"]
+            r.update(train_objective_loss=2 * r["train_loss"], val_knn_accuracy=0.5 + 0.05 * min(e, best_epoch)
+                     - (0.02 * e if best_epoch == 0 else 0.01 * max(0, e - best_epoch)), val_map=0.4 + 0.04 * min(e, best_epoch))
+        kept = rows[best_epoch - 1] if best_epoch else None
+        before = {"knn_accuracy": 0.5, "map": 0.4}
+        history.update(objective="ce+proxy-anchor", dropout=0.0, selection="val kNN@10 accuracy, then val mAP",
+                       retrieval_k=10, initial_retrieval=before, improved=best_epoch > 0,
+                       best_retrieval={"knn_accuracy": kept["val_knn_accuracy"], "map": kept["val_map"]} if kept else before)
+        if not best_epoch:
+            history["best_val_accuracy"] = 1 / c
+    return history
 
 
 def write_history(path: Path, history: dict, *, filters: bool = False, seed: int = 0) -> Path:
