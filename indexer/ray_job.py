@@ -151,7 +151,7 @@ class NetworkActor:
             torch.set_num_threads(threads)
         try:
             extractor, identity = build_extractor(settings.model, settings.layer, settings.weights_choice, Path(index_dir),
-                                                  device, seed=settings.seed)
+                                                  device, seed=settings.seed, views=settings.views)
         except WeightsUnavailable as exc:
             raise NetworkOnNodeError(f"node {socket.gethostname()}: {exc} (every node must see the index "
                                      f"folder {index_dir} and the weights at the same paths)") from None

@@ -1,4 +1,5 @@
-"""Backbones (torchvision AlexNet and VGG16), their weights loaded (the choice: features/weights.py), the fc6/fc7 extractor."""
+"""Backbones (torchvision AlexNet and VGG16), their weights loaded (the choice: features/weights.py), the feature
+extractor: fc6/fc7, or the last conv block pooled, each optionally averaged over views (features/descriptors.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,11 +15,12 @@ import torch
 from torch import nn
 from torchvision import models
 
+from retrieval.features.descriptors import is_pooled, largest_scale, pooled_conv, with_views
 from retrieval.features.digests import file_sha256
 from retrieval.files import atomic_write
 from retrieval.features.weights import WeightsChoice, WeightsUnavailable
 from retrieval.images.decode import Preprocessing
-from retrieval.names import DEFAULT_RANDOM_SEED, LAYERS, MODEL_NAMES, random_weights_file
+from retrieval.names import DEFAULT_RANDOM_SEED, LAYERS, MODEL_NAMES, POOLED_INPUT, VIEWS, random_weights_file
 
 DOWNLOAD_PROBE_TIMEOUT_S = 10.0   # the ImageNet weights' address must answer this soon, or they count as offline
 
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 class ModelSpec:
     build: Callable[..., nn.Module]            # torchvision builder
     imagenet: models.WeightsEnum               # ImageNet weights (carry transforms and meta)
-    layers: dict[str, str]                     # our layer name -> graph node (the ReLU after it)
+    layers: dict[str, str]                     # our fc layer name -> graph node (the ReLU after it)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -47,11 +49,13 @@ class DeviceUnavailable(RuntimeError):
     """The requested device (a CUDA GPU) is not there."""
 
 
-def preprocessing_for(model: str) -> Preprocessing:
-    """Preprocessing from the ImageNet weights' own transforms (used for every weights choice)."""
+def preprocessing_for(model: str, layer: str = "fc7") -> Preprocessing:
+    """Preprocessing from the ImageNet weights' own transforms (used for every weights choice). A pooled layer
+    takes the centre square of the whole shorter side (POOLED_INPUT) instead of the 224 cut from 256: it needs no
+    fixed input size, and keeps more of the picture."""
     t = MODELS[model].imagenet.transforms()
-    return Preprocessing(resize_size=int(t.resize_size[0]), crop_size=int(t.crop_size[0]),
-                         mean=tuple(t.mean), std=tuple(t.std))
+    resize, crop = (POOLED_INPUT, POOLED_INPUT) if is_pooled(layer) else (int(t.resize_size[0]), int(t.crop_size[0]))
+    return Preprocessing(resize_size=resize, crop_size=crop, mean=tuple(t.mean), std=tuple(t.std))
 
 
 def imagenet_cache_path(model: str) -> Path:
@@ -179,7 +183,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 class FeatureExtractor:
-    """A backbone cut at fc6/fc7 (after its ReLU), in eval mode, on one device.
+    """A backbone cut at fc6/fc7 (after its ReLU) or at its last conv block, pooled (retrieval.names.LAYERS), in
+    eval mode, on one device; views: the descriptor of the image alone, or averaged over its mirror (and scales).
 
     Call it with uint8 images, shape=(B, 3, 224, 224), on the CPU or already on the device; get float32
     features, shape=(B, D), on the CPU. Normalisation, dtype conversion and (precision "bf16") bfloat16
@@ -187,25 +192,29 @@ class FeatureExtractor:
     """
 
     def __init__(self, model: str, layer: str, state_dict: dict[str, torch.Tensor], device: torch.device,
-                 precision: str = "auto"):
+                 precision: str = "auto", views: str = "single"):
         assert model in MODELS, f"unknown model {model!r}"
         assert layer in LAYERS, f"unknown layer {layer!r}"
+        assert views in VIEWS, f"unknown views {views!r}"
         spec = MODELS[model]
         with torch.device("meta"):     # no random init of parameters we are about to replace
             net = spec.build(weights=None)
         load_backbone(net, model, state_dict, assign=True)   # fc8 may be absent or another size: it is cut off below
         net.eval()
-        self.model, self.layer, self.device = model, layer, device
+        self.model, self.layer, self.views, self.device = model, layer, views, device
         self.precision = resolve_precision(precision, device)
-        self.preprocessing = preprocessing_for(model)
+        self.preprocessing = preprocessing_for(model, layer)
+        self.largest_input = round(self.preprocessing.crop_size * largest_scale(views))   # side of the largest view
+        body = pooled_conv(net, layer) if is_pooled(layer) else cut_at(net, spec.layers[layer])
         # channels-last convolutions: faster on CUDA, and for batches on the CPU too (AlexNet, eight images on
         # the 2-core CI machine, interleaved A/B: 109 -> 92 ms; one image: no difference; outputs within 1e-7)
-        self.net = cut_at(net, spec.layers[layer]).eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+        self.net = with_views(body, views).eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
         if device.type == "cuda":   # batches keep one shape: cuDNN's fastest convolution for it is worth finding once
             torch.backends.cudnn.benchmark = True
         if device.type == "cpu" and onednn_linear_available():
             use_onednn_linear(self.net)
-        self.dim = int(net.classifier[-1].in_features)  # fc6 and fc7 are both 4096-d
+        # fc6 and fc7 are both 4096-d; a pooled layer has one value per channel of the last conv (256 or 512)
+        self.dim = body.channels if is_pooled(layer) else int(net.classifier[-1].in_features)
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -216,7 +225,7 @@ class FeatureExtractor:
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 out = self.net(x)
         else:
-            out = self.net(x)                                                 # (B, 3, 224, 224) -> (B, 4096)
+            out = self.net(x)                                   # (B, 3, 224, 224) -> (B, 4096), or (B, 256|512)
         return out.float().cpu()
 
 
@@ -289,11 +298,11 @@ def cut_at(net: nn.Module, node: str) -> nn.Sequential:
 
 def build_extractor(model: str, layer: str, weights: WeightsChoice | str, index_dir: Path | None, device: str = "auto", *,
                     seed: int = DEFAULT_RANDOM_SEED, create: bool = False,
-                    precision: str = "auto") -> tuple[FeatureExtractor, str]:
+                    precision: str = "auto", views: str = "single") -> tuple[FeatureExtractor, str]:
     """-> (extractor, weights identity)."""
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
     torch_device = resolve_device(device)
     resolve_precision(precision, torch_device)    # refused before the weights are loaded
     state, identity = load_state_dict(model, weights, index_dir, seed=seed, create=create)
-    return FeatureExtractor(model, layer, state, torch_device, precision), identity
+    return FeatureExtractor(model, layer, state, torch_device, precision, views), identity
