@@ -31,8 +31,12 @@ def spoc(x: torch.Tensor) -> torch.Tensor:
 
 
 def gem(x: torch.Tensor, p: float = GEM_P) -> torch.Tensor:
-    """Generalised mean of each channel, (mean of x^p)^(1/p), over the positive activations. (B, C, H, W) -> (B, C)."""
-    return x.clamp(min=EPS).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+    """Generalised mean of each channel, (mean of x^p)^(1/p), over the positive activations. (B, C, H, W) -> (B, C).
+
+    Computed relative to each channel's maximum, so that x^p neither underflows nor overflows whatever p."""
+    x = x.clamp(min=EPS)
+    top = x.amax(dim=(2, 3), keepdim=True)                                      # (B, C, 1, 1)
+    return top.flatten(1) * (x / top).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
 
 
 @functools.lru_cache(maxsize=64)

@@ -68,7 +68,8 @@ def _load_index(index_dir: Path | str, db_url: str | None = None) -> tuple[dict,
         catalog.close()
     if settings is None:
         raise FileNotFoundError(f"the index at {index_dir} has no settings yet; run index-images first")
-    about = {"dir": str(index_dir), "model": settings.model, "layer": settings.layer, "weights": settings.weights,
+    about = {"dir": str(index_dir), "model": settings.model, "layer": settings.layer, "views": settings.views,
+             "weights": settings.weights,
              "weights_label": weights_label(settings), "weights_identity": settings.weights_identity,
              "seed": settings.seed, "dim": settings.dim,
              "normalize": settings.normalize, "data_dir": settings.data_dir}
