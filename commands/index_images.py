@@ -33,9 +33,9 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
                    "scales of regions). Recorded in the index. [default: fc7, or the index's]")
 @click.option("--views", type=click.Choice(VIEWS), default=None,
               help="Average each image's descriptor over views of it, when indexing and for every query: single "
-                   "(the image alone), flip (the image and its mirror: a mirrored copy finds its original; twice "
-                   "the network's time), flip+scales (both at 0.71, 1 and 1.41 times the size: about 6 times the "
-                   "time). Recorded in the index. [default: single, or the index's]")
+                   "(the image alone), flip (the image and its mirror: a mirrored copy finds its original; about "
+                   "twice the network's time), flip+scales (both at 0.71, 1 and 1.41 times the size: 4 to 7 times "
+                   "the time). Recorded in the index. [default: single, or the index's]")
 @click.option("--weights", default=None, metavar="imagenet|random|PATH",
               help="ImageNet weights (downloaded or from the torch hub cache), seeded random weights "
                    "(kept in the index folder), or a state dict file. [default: imagenet, or the index's]")
