@@ -164,7 +164,8 @@ def _index_version(index_dir: Path) -> tuple:
 def _network_name(about: dict) -> str:
     """"alexnet fc7, weights tuned.pt (sha256 ...)" or "..., weights random (seed 1)": which network made an index."""
     seed = f" (seed {about['seed']})" if WeightsChoice.parse(about["weights"]).is_random else ""
-    return f"{about['model']} {about['layer']}, weights {about['weights_label']}{seed}"
+    views = "" if about.get("views", "single") == "single" else f" with {about['views']} views"
+    return f"{about['model']} {about['layer']}{views}, weights {about['weights_label']}{seed}"
 
 
 def _fine_tuned(about: dict) -> bool:

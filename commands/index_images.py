@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from retrieval.names import LAYERS, MAX_EF_SEARCH, MAX_NPROBE, MODEL_NAMES
+from retrieval.names import FC_DIM, LAYERS, MAX_EF_SEARCH, MAX_NPROBE, MODEL_NAMES, VIEWS, feature_dim
 
 from commands.options import (MODEL_PARAMETERS, UserError, command_settings, db_url_option, exit_without_teardown,
                               index_dir_option, parse_batch_size, permission_denied, setup_logging)
@@ -16,7 +16,7 @@ from commands.options import (MODEL_PARAMETERS, UserError, command_settings, db_
 # Nothing heavy at module level: --help and usage errors answer at once. The job imports torch and
 # FAISS itself, only when there is work for the network.
 
-FEATURE_DIM = 4096   # fc6 and fc7 of both backbones
+FEATURE_DIM = FC_DIM   # the largest: fc6 and fc7 of both backbones (pooled conv5 layers have 256 or 512)
 SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON object --json prints alone
 
 
@@ -27,7 +27,15 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
 @click.option("--model", type=click.Choice(MODEL_NAMES), default=None,
               help="Backbone network. [default: alexnet, or what the index was built with]")
 @click.option("--layer", type=click.Choice(LAYERS), default=None,
-              help="Feature layer, taken after its ReLU. [default: fc7, or the index's]")
+              help="Feature layer: fc6 or fc7 (4096-d, after the ReLU), or the last conv block (pool5's input) pooled "
+                   "to one L2-normalised vector of its channels (256-d on alexnet, 512-d on vgg16): conv5-mac (max), "
+                   "conv5-spoc (average), conv5-gem (generalised mean, p=3), conv5-rmac (regional max over three "
+                   "scales of regions). Recorded in the index. [default: fc7, or the index's]")
+@click.option("--views", type=click.Choice(VIEWS), default=None,
+              help="Average each image's descriptor over views of it, when indexing and for every query: single "
+                   "(the image alone), flip (the image and its mirror: a mirrored copy finds its original; about "
+                   "twice the network's time), flip+scales (both at 0.71, 1 and 1.41 times the size: 4 to 7 times "
+                   "the time). Recorded in the index. [default: single, or the index's]")
 @click.option("--weights", default=None, metavar="imagenet|random|PATH",
               help="ImageNet weights (downloaded or from the torch hub cache), seeded random weights "
                    "(kept in the index folder), or a state dict file. [default: imagenet, or the index's]")
@@ -93,7 +101,7 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
                    "exit 1 when something is wrong. Damaged vectors are marked for the next run to extract again.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each skipped file and other details.")
-def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weights, seed, normalize, device, precision, decode, batch_size, workers,  # noqa: ANN001
+def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, views, weights, seed, normalize, device, precision, decode, batch_size, workers,  # noqa: ANN001
          max_file_mb: float, ray_address: str | None, index_type: str | None, rebuild_index: bool, nprobe: int | None,
          ef_search: int | None, recall_queries: int | None, auto_flat_max: int | None, whiten: bool | None,
          whiten_dim: int | None, dba: int | None, check: bool, as_json: bool, verbose: bool) -> None:
@@ -138,7 +146,7 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
     elif index_type is not None:
         from retrieval.vectors.index_types import IndexTypeError, check_factory
         try:
-            check_factory(index_type, FEATURE_DIM)   # before any work: a typo is an answer at once
+            check_factory(index_type, feature_dim(model or "alexnet", layer or "fc7"))   # before any work: a typo is an answer at once
         except IndexTypeError as exc:
             raise UserError(f"{exc} (--index-type)") from exc
     if whiten_dim is not None:
@@ -149,7 +157,8 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, weig
     vector_index = IndexTypeConfig(index_type=index_type, flat_max=auto_flat_max, nprobe=nprobe, ef_search=ef_search,
                                    recall_queries=recall_queries, rebuild=rebuild_index, whiten=whiten,
                                    whiten_dim=whiten_dim, dba=dba)
-    cfg = JobConfig(data_dir=data_dir, index_dir=index_dir, db_url=db_url, model=model, layer=layer, weights=weights,
+    cfg = JobConfig(data_dir=data_dir, index_dir=index_dir, db_url=db_url, model=model, layer=layer, views=views,
+                    weights=weights,
                     normalize=normalize, seed=seed, device=device, precision=precision, decode=decode,
                     batch_size=parse_batch_size(batch_size),
                     workers=workers, max_file_bytes=int(max_file_mb * 2**20), progress=not as_json, ray=ray_address,
@@ -276,7 +285,8 @@ def summary_json(report) -> str:  # noqa: ANN001 - indexer.run.RunReport
 
 
 def _announce(extractor) -> None:  # noqa: ANN001 - FeatureExtractor
-    click.echo(f"network: {extractor.model} {extractor.layer} on {extractor.device}", err=True)
+    views = "" if extractor.views == "single" else f", {extractor.views} views averaged"
+    click.echo(f"network: {extractor.model} {extractor.layer}{views} on {extractor.device}", err=True)
 
 
 def _print_report(r) -> None:  # noqa: ANN001 - indexer.run.RunReport

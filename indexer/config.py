@@ -6,15 +6,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from retrieval.catalog import Catalog, IndexSettings
+from retrieval.catalog import Catalog, IndexSettings, weights_label
 from retrieval.features.weights import IMAGENET, WeightsChoice
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, Preprocessing
 from retrieval.images.scan import DEFAULT_MAX_FILE_BYTES
-from retrieval.names import DEFAULT_RANDOM_SEED
+from retrieval.names import DEFAULT_RANDOM_SEED, POOLED_INPUT, POOLED_LAYERS
 from retrieval.system import available_cores, display_name, gpu_present
 from retrieval.vectors.index_types import IndexTypeConfig
 
-DEFAULTS = {"model": "alexnet", "layer": "fc7", "weights": IMAGENET, "normalize": True}
+DEFAULTS = {"model": "alexnet", "layer": "fc7", "views": "single", "weights": IMAGENET, "normalize": True}
 
 MAX_WORKERS_CPU = 8    # decoding processes by default when the network runs on the CPU
 
@@ -37,6 +37,8 @@ class JobConfig:
     db_url: str | None = None         # the catalog's SQLAlchemy URL; None: SQLite in index_dir (catalog.db)
     model: str | None = None          # None: as recorded in the index, else DEFAULTS
     layer: str | None = None
+    views: str | None = None          # the descriptor of the image alone ("single"), or averaged over "flip" or
+                                      # "flip+scales" views (retrieval.names.VIEWS)
     weights: WeightsChoice | str | None = None   # "imagenet", "random" or a state dict path (text: parsed)
     normalize: bool | None = None     # L2-normalise vectors
     seed: int | None = None           # for --weights random; None: DEFAULT_RANDOM_SEED, or the index's
@@ -78,6 +80,7 @@ class RunReport:
     vector_index: dict | None = None   # the FAISS type, training, search settings and recall (index_builder.describe)
     extraction: dict | None = None     # device, precision, decoding and batch size of this run, and where its time went
     repairs: list[str] = dataclasses.field(default_factory=list)   # what this run found damaged and repaired
+    network: dict | None = None        # the index's network as recorded: model, layer, views, weights, dim, normalize
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -85,12 +88,13 @@ class RunReport:
 
 
 def resolve_settings(cfg: JobConfig, stored: IndexSettings | None) -> dict:
-    """Choose model/layer/weights/normalize/seed: explicit options must agree with an existing index.
+    """Choose model/layer/views/weights/normalize/seed: explicit options must agree with an existing index.
 
-    -> {"model", "layer", "weights" (a WeightsChoice, a file's path absolute), "normalize", "seed", "data_dir"}."""
+    -> {"model", "layer", "views", "weights" (a WeightsChoice, a file's path absolute), "normalize", "seed",
+    "data_dir"}."""
     data_dir = str(Path(cfg.data_dir).resolve())
     chosen = {}
-    for key in ("model", "layer", "weights", "normalize", "seed"):
+    for key in ("model", "layer", "views", "weights", "normalize", "seed"):
         asked = getattr(cfg, key)
         if stored is None:
             chosen[key] = ({**DEFAULTS, "seed": DEFAULT_RANDOM_SEED}[key]) if asked is None else asked
@@ -114,14 +118,26 @@ def resolve_settings(cfg: JobConfig, stored: IndexSettings | None) -> dict:
 
 
 
-def expected_preprocessing(stored: IndexSettings | None) -> Preprocessing:
+def describe_network(settings: IndexSettings | None) -> dict | None:
+    """The network an index records, as the run's summary shows it (weights by name and hash, never a path)."""
+    if settings is None:
+        return None
+    return {"model": settings.model, "layer": settings.layer, "views": settings.views,
+            "weights": weights_label(settings), "dim": settings.dim, "normalize": settings.normalize}
+
+
+
+def expected_preprocessing(stored: IndexSettings | None, layer: str | None = None) -> Preprocessing:
     """The decode sizes a run will most likely use, before the network is loaded: the index's recorded ones,
-    or the ImageNet standard (Preprocessing's defaults) for a new index. The network's own are checked later."""
+    or for a new index the ImageNet standard (Preprocessing's defaults), or a pooled layer's whole shorter side
+    (POOLED_INPUT). The network's own are checked later."""
     if stored is not None:
         try:
             return Preprocessing.from_record(stored.preprocessing)
         except ValueError:
             pass
+    if layer in POOLED_LAYERS:
+        return Preprocessing(resize_size=POOLED_INPUT, crop_size=POOLED_INPUT)
     return Preprocessing()
 
 

@@ -27,7 +27,7 @@ def run_local(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, ch
     """Run the planned work in this process: decoding starts at once, in workers forked before torch is
     imported, while the network loads."""
     workers = cfg.workers if cfg.workers is not None else default_workers(cfg.device)
-    with Reader(cfg.data_dir, plan.todo, workers=workers, prep=expected_preprocessing(stored),
+    with Reader(cfg.data_dir, plan.todo, workers=workers, prep=expected_preprocessing(stored, cfg.layer),
                 max_pixels=cfg.max_pixels, device_share=device_share(cfg)) as reader:
         return _update(cfg, catalog, stored, chosen, plan, reader, started, on_extractor)
 

@@ -29,7 +29,7 @@ def load_network(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None,
             precision = precision_for_index(recorded, resolve_device(device))
         extractor, identity = build_extractor(chosen["model"], chosen["layer"], chosen["weights"], cfg.index_dir,
                                               device, seed=chosen["seed"], create=stored is None,
-                                              precision=precision)
+                                              precision=precision, views=chosen["views"])
     except WeightsUnavailable as exc:
         raise ConfigError(weights_error_message(exc)) from exc
     except PrecisionUnavailable as exc:
@@ -43,7 +43,7 @@ def load_network(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None,
         catalog.save_settings(IndexSettings(
             model=chosen["model"], layer=chosen["layer"], weights=str(chosen["weights"]), weights_identity=identity,
             seed=chosen["seed"], dim=extractor.dim, normalize=chosen["normalize"], data_dir=chosen["data_dir"],
-            preprocessing=extractor.preprocessing.to_record()))
+            preprocessing=extractor.preprocessing.to_record(), views=chosen["views"]))
         record_training_images(catalog, chosen["weights"], identity)   # a known index's: indexer.run, every run
     return extractor
 

@@ -154,7 +154,8 @@ class NetworkActor:
         try:
             extractor, identity = build_extractor(settings.model, settings.layer, settings.weights_choice, Path(index_dir),
                                                   device, seed=settings.seed,
-                                                  precision=precision_for_index(precision, resolve_device(device)))
+                                                  precision=precision_for_index(precision, resolve_device(device)),
+                                                  views=settings.views)
         except WeightsUnavailable as exc:
             raise NetworkOnNodeError(f"node {socket.gethostname()}: {exc} (every node must see the index "
                                      f"folder {index_dir} and the weights at the same paths)") from None

@@ -12,7 +12,7 @@ from retrieval.vectors.index_types import vector_work_needed
 from retrieval.catalog import Catalog
 from retrieval.files import sample_digest
 
-from indexer.config import ConfigError, JobConfig, RunReport, finish_report, resolve_settings
+from indexer.config import ConfigError, JobConfig, RunReport, describe_network, finish_report, resolve_settings
 from indexer.local import run_local
 from indexer.locks import writer_locks
 from indexer.network import record_training_images
@@ -52,6 +52,7 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
         require_ray()     # before anything else: without Ray, say how to get it
     with writer_locks(index_dir, cfg.db_url) as catalog:
         report = _run(cfg, catalog, started, on_extractor, on_cluster)
+        report.network = describe_network(catalog.settings())
         if catalog.bad_vectors:   # vectors that failed their checksum were left out of FAISS: extract them again
             paths = catalog.mark_for_extraction(sorted(catalog.bad_vectors))
             report.repairs.append(f"{len(paths)} vector(s) in the catalog fail their checksum (damaged), left out of "

@@ -4,7 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 MODEL_NAMES = ("alexnet", "vgg16")       # torchvision backbones (retrieval.features.backbones.MODELS has one entry each)
-LAYERS = ("fc6", "fc7")                  # feature layers, each taken after its ReLU
+FC_LAYERS = ("fc6", "fc7")               # fully connected feature layers, each taken after its ReLU
+POOLED_LAYERS = ("conv5-mac", "conv5-spoc", "conv5-gem", "conv5-rmac")   # the last conv block (pool5's input) pooled:
+                                         # max, average, generalised mean (p=3), regional max; L2-normalised
+POOLED_INPUT = 224                       # pooled layers see the image's shorter side whole, resized to this, centre
+                                         # square (fc layers: 224 cut from 256); measured: docs/indexing.md
+LAYERS = FC_LAYERS + POOLED_LAYERS       # what --layer takes (retrieval.features.descriptors makes the pooled ones)
+VIEWS = ("single", "flip", "flip+scales")   # a descriptor from the image alone, averaged with its mirror's, or over
+                                         # the image and its mirror at three scales (retrieval.features.descriptors)
 INDEX_DIR_ENV = "RETRIEVAL_INDEX_DIR"    # default index folder for every command and the server
 DB_URL_ENV = "RETRIEVAL_DB_URL"          # the catalog's SQLAlchemy URL for every command and the server (default: SQLite)
 DEFAULT_KS = (1, 5, 10)                  # neighbours for precision@k and the kNN vote in evaluations
@@ -17,6 +24,14 @@ DEFAULT_FINE_TUNE_OBJECTIVE = "ce+proxy-anchor"
 DEFAULT_RANDOM_SEED = 0                  # seed of --weights random when none is given
 MAX_NPROBE = 1 << 16                     # IVF lists searched per query: at most this many (an IVF65536 searched whole)
 MAX_EF_SEARCH = 100_000                  # HNSW efSearch: beyond this a query allocates gigabytes and answers nothing
+
+CONV5_CHANNELS = {"alexnet": 256, "vgg16": 512}   # the last conv block's channels: a pooled layer's dimension
+FC_DIM = 4096                            # fc6 and fc7 of both backbones
+
+
+def feature_dim(model: str, layer: str) -> int:
+    """The vectors' dimension for a backbone's layer (torch-free; the extractor reports the same)."""
+    return CONV5_CHANNELS[model] if layer in POOLED_LAYERS else FC_DIM
 
 
 def random_weights_file(index_dir: Path, model: str) -> Path:

@@ -141,9 +141,11 @@ def held_out_words(result: dict) -> str:
 
 
 def network_text(about: dict) -> str:
-    """"index (alexnet fc7, weights random, 4096-d)" for an evaluation's "index" entry."""
-    return (f"{about['dir']} ({about['model']} {about['layer']}, weights {about.get('weights_label', about['weights'])}"
-            f", {about['dim']}-d)")
+    """"index (alexnet fc7, weights random, 4096-d)" for an evaluation's "index" entry ("alexnet conv5-gem with flip
+    views, ..." for a descriptor averaged over views)."""
+    views = about.get("views", "single")
+    return (f"{about['dir']} ({about['model']} {about['layer']}{'' if views == 'single' else f' with {views} views'}, "
+            f"weights {about.get('weights_label', about['weights'])}, {about['dim']}-d)")
 
 
 def _absolute(path: str | os.PathLike) -> Path:

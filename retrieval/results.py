@@ -86,12 +86,13 @@ class IndexInfo:
     index_dir: Path
     data_dir: Path                    # the folder that was indexed (absolute)
     model: str                        # "alexnet" | "vgg16"
-    layer: str                        # "fc7" (or "fc6")
+    layer: str                        # "fc7", "fc6", or a pooled last conv block: "conv5-gem", ...
     weights: str                      # "imagenet", "random", or a weights file's name and short hash
-    dim: int                          # vector length (4096)
+    dim: int                          # vector length (4096 for fc layers; 256 or 512 pooled)
     normalize: bool                   # vectors L2-normalised
     count: int                        # images in the index
     labels: dict[str | None, int]     # images per label (None: unlabelled)
+    views: str = "single"             # descriptors of the image alone, or averaged over "flip" / "flip+scales" views
 
 
 # --- HTML -------------------------------------------------------------------------------------------

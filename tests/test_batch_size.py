@@ -51,7 +51,7 @@ def test_cuda_choice_is_capped_and_never_zero():
 
 def fake_extractor(device: str) -> types.SimpleNamespace:
     return types.SimpleNamespace(model="vgg16", device=torch.device(device), net=torch.nn.Linear(1000, 1000),
-                                 preprocessing=types.SimpleNamespace(crop_size=224))
+                                 preprocessing=types.SimpleNamespace(crop_size=224), largest_input=224)
 
 
 def test_resolve_keeps_numbers_and_logs_the_auto_choice(monkeypatch, caplog):

@@ -1,5 +1,6 @@
 """On a CUDA GPU, for real: bf16 GPU features against CPU fp32 ones of the same weights, `--batch-size auto`, a real
-out-of-memory batch retried smaller with no image lost or duplicated, and JPEGs decoded by nvJPEG.
+out-of-memory batch retried smaller with no image lost or duplicated, JPEGs decoded by nvJPEG, and the pooled conv
+layers with flip and multi-scale views.
 
 Skipped where PyTorch sees no GPU (CI has none); benchmarks/gpu_check.sh runs them on a GPU host. Each test
 prints what it measured (run with -s to see it)."""
@@ -99,6 +100,20 @@ def test_gpu_fp32_features_match_cpu_fp32_features(collection, cpu_fp32, tmp_pat
     cos = cosines(cpu_fp32, vectors(tmp_path / "gpu32"))
     print(f"\nfp32 on the GPU against fp32 on the CPU: cosine min {cos.min():.7f}")
     assert cos.min() >= 0.9999
+
+
+@pytest.mark.parametrize("layer, views", [("conv5-gem", "flip"), ("conv5-rmac", "flip+scales")])
+def test_pooled_layers_with_views_on_the_gpu_match_the_cpu(collection, tmp_path, layer, views):
+    """The descriptors beyond fc7 through the whole GPU path (nvJPEG at their input size, bf16, views made on the
+    device) against the CPU's fp32 and Pillow."""
+    build_index(collection, tmp_path / "cpu", device="cpu", workers=4, batch_size=32, layer=layer, views=views)
+    report = build_index(collection, tmp_path / "gpu", device="cuda", workers=4, layer=layer, views=views)
+    x = report.extraction
+    assert x["precision"] == "bf16" and report.network["views"] == views and report.network["dim"] == 256
+    cos, same = compare(vectors(tmp_path / "cpu"), vectors(tmp_path / "gpu"))
+    print(f"\n{layer} {views} on the GPU (bf16, {x['device_decoded']} of 210 by nvJPEG) against the CPU: cosine min "
+          f"{cos.min():.6f}, median {np.median(cos):.6f}; same nearest neighbour for {same:.1%}")
+    assert cos.min() >= 0.995 and same >= 0.95
 
 
 def test_a_real_out_of_memory_batch_is_retried_smaller_with_nothing_lost(tmp_path, caplog):

@@ -8,7 +8,7 @@ import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 from sqlalchemy import delete, func, insert, inspect, null, select, text
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # Columns added to a table after its first release: added on open to catalogs made before (ALTER TABLE ... ADD
 # COLUMN, nullable, in SQLite and PostgreSQL alike). (table, column, SQL type)
-ADDED_COLUMNS = (("images", "vector_crc32", "BIGINT"),)
+ADDED_COLUMNS = (("images", "vector_crc32", "BIGINT"), ("index_settings", "views", "VARCHAR"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +40,13 @@ class IndexSettings:
     normalize: bool
     preprocessing: str
     data_dir: str
+    views: str = "single"      # the descriptor of the image alone, or averaged over views: "flip", "flip+scales"
 
     @classmethod
-    def from_row(cls, row: IndexSettingsRow) -> "IndexSettings":
-        return cls(**{f.name: getattr(row, f.name) for f in dataclasses.fields(cls)})
+    def from_row(cls, values: Mapping[str, Any]) -> "IndexSettings":
+        """From the index_settings row's columns by name; views NULL or absent: an index made before views."""
+        return cls(**{**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values},
+                      "views": values.get("views") or "single"})
 
     @property
     def weights_choice(self) -> WeightsChoice:
@@ -120,34 +123,47 @@ class Catalog:
             except FileNotFoundError:
                 self.engine.dispose()
                 raise
-        self.checksums = True                # the images table has vector_crc32 (see _add_missing_columns)
+        self.absent_columns: set[tuple[str, str]] = set()   # ADDED_COLUMNS this catalog lacks (read-only, made before)
         self._add_missing_columns()
+        self.checksums = ("images", "vector_crc32") not in self.absent_columns   # else vectors go unchecked
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
         self.bad_vectors: set[int] = set()   # ids whose vector failed its checksum here (logged once each)
 
     def _add_missing_columns(self) -> None:
         """Give a catalog made before a column was added that column (NULL in its rows). A catalog that cannot be
-        written (read-only) keeps working without it: vectors then go unchecked."""
+        written (read-only) keeps working without it (absent_columns): vectors then go unchecked, settings made
+        before views read as "single"."""
         try:
             with self.engine.connect() as conn:
                 inspector = inspect(conn)
                 if not inspector.has_table(ImageRow.__tablename__):
                     return
-                have = {c["name"] for c in inspector.get_columns(ImageRow.__tablename__)}
-            for table, column, kind in ADDED_COLUMNS:
-                if column not in have:
-                    with self.engine.begin() as conn:
-                        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
-                    log.info("catalog %s: added the column %s.%s", self.location, table, column)
+                have = {(table, c["name"]) for table in {t for t, _, _ in ADDED_COLUMNS}
+                        for c in inspector.get_columns(table)}
         except SQLAlchemyError as exc:
-            if "duplicate column" in str(exc).lower() or "already exists" in str(exc).lower():
-                return   # another process added it first
             if damaged_reason(exc):
                 self.engine.dispose()
                 raise
-            self.checksums = False
-            log.warning("catalog %s: cannot add new columns (%s); vectors go unchecked", self.location,
+            self.absent_columns.add(("images", "vector_crc32"))
+            log.warning("catalog %s: cannot look for new columns (%s); vectors go unchecked", self.location,
                         db_error_reason(exc, self.url))
+            return
+        for table, column, kind in ADDED_COLUMNS:
+            if (table, column) in have:
+                continue
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+                log.info("catalog %s: added the column %s.%s", self.location, table, column)
+            except SQLAlchemyError as exc:
+                if "duplicate column" in str(exc).lower() or "already exists" in str(exc).lower():
+                    continue   # another process added it first
+                if damaged_reason(exc):
+                    self.engine.dispose()
+                    raise
+                self.absent_columns.add((table, column))
+                log.warning("catalog %s: cannot add the new column %s.%s (%s)%s", self.location, table, column,
+                            db_error_reason(exc, self.url), "; vectors go unchecked" if column == "vector_crc32" else "")
 
     @property
     def location(self) -> str:
@@ -198,9 +214,11 @@ class Catalog:
 
     # settings
     def settings(self) -> IndexSettings | None:
+        names = [f.name for f in dataclasses.fields(IndexSettings) if ("index_settings", f.name) not in self.absent_columns]
         with self.Session() as s:
-            row = s.get(IndexSettingsRow, 1)
-            return IndexSettings.from_row(row) if row else None
+            row = s.execute(select(*(getattr(IndexSettingsRow, n) for n in names))
+                            .where(IndexSettingsRow.id == 1)).first()
+            return IndexSettings.from_row(row._mapping) if row else None
 
     def save_settings(self, settings: IndexSettings) -> None:
         with self.Session.begin() as s:

@@ -86,6 +86,7 @@ class IndexSettingsRow(Base):
     normalize: Mapped[bool] = mapped_column(Boolean)
     preprocessing: Mapped[str] = mapped_column(String)     # e.g. "resize=256,crop=224,mean=...,std=..."
     data_dir: Mapped[str] = mapped_column(FileName)          # absolute
+    views: Mapped[str | None] = mapped_column(String, nullable=True)   # "flip", ...; NULL (before views): "single"
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 

@@ -1,4 +1,5 @@
-"""Backbones (torchvision AlexNet and VGG16), their weights loaded (the choice: features/weights.py), the fc6/fc7 extractor."""
+"""Backbones (torchvision AlexNet and VGG16), their weights loaded (the choice: features/weights.py), the feature
+extractor: fc6/fc7, or the last conv block pooled, each optionally averaged over views (features/descriptors.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,12 +15,13 @@ import torch
 from torch import nn
 from torchvision import models
 
+from retrieval.features.descriptors import is_pooled, largest_scale, pooled_conv, with_views
 from retrieval.features.digests import file_sha256
 from retrieval.features.precision import PRECISIONS, bf16_faster, cpu_bf16_instructions
 from retrieval.files import atomic_write
 from retrieval.features.weights import WeightsChoice, WeightsUnavailable
 from retrieval.images.decode import Preprocessing
-from retrieval.names import DEFAULT_RANDOM_SEED, LAYERS, MODEL_NAMES, random_weights_file
+from retrieval.names import DEFAULT_RANDOM_SEED, LAYERS, MODEL_NAMES, POOLED_INPUT, VIEWS, random_weights_file
 
 DOWNLOAD_PROBE_TIMEOUT_S = 10.0   # the ImageNet weights' address must answer this soon, or they count as offline
 
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 class ModelSpec:
     build: Callable[..., nn.Module]            # torchvision builder
     imagenet: models.WeightsEnum               # ImageNet weights (carry transforms and meta)
-    layers: dict[str, str]                     # our layer name -> graph node (the ReLU after it)
+    layers: dict[str, str]                     # our fc layer name -> graph node (the ReLU after it)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -48,11 +50,13 @@ class DeviceUnavailable(RuntimeError):
     """The requested device (a CUDA GPU) is not there."""
 
 
-def preprocessing_for(model: str) -> Preprocessing:
-    """Preprocessing from the ImageNet weights' own transforms (used for every weights choice)."""
+def preprocessing_for(model: str, layer: str = "fc7") -> Preprocessing:
+    """Preprocessing from the ImageNet weights' own transforms (used for every weights choice). A pooled layer
+    takes the centre square of the whole shorter side (POOLED_INPUT) instead of the 224 cut from 256: it needs no
+    fixed input size, and keeps more of the picture."""
     t = MODELS[model].imagenet.transforms()
-    return Preprocessing(resize_size=int(t.resize_size[0]), crop_size=int(t.crop_size[0]),
-                         mean=tuple(t.mean), std=tuple(t.std))
+    resize, crop = (POOLED_INPUT, POOLED_INPUT) if is_pooled(layer) else (int(t.resize_size[0]), int(t.crop_size[0]))
+    return Preprocessing(resize_size=resize, crop_size=crop, mean=tuple(t.mean), std=tuple(t.std))
 
 
 def imagenet_cache_path(model: str) -> Path:
@@ -182,11 +186,12 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-_PROBED: dict[tuple[str, str], tuple[bool, dict]] = {}   # (model, layer) -> auto's CPU probe, once per process
+_PROBED: dict[tuple[str, str, str], tuple[bool, dict]] = {}   # (model, layer, views) -> auto's CPU probe, once per process
 
 
 class FeatureExtractor:
-    """A backbone cut at fc6/fc7 (after its ReLU), in eval mode, on one device.
+    """A backbone cut at fc6/fc7 (after its ReLU) or at its last conv block, pooled (retrieval.names.LAYERS), in
+    eval mode, on one device; views: the descriptor of the image alone, or averaged over its mirror (and scales).
 
     Call it with uint8 images, shape=(B, 3, 224, 224), on the CPU or already on the device; get float32
     features, shape=(B, D), on the CPU. Normalisation and dtype conversion happen on the device. precision:
@@ -196,32 +201,35 @@ class FeatureExtractor:
     """
 
     def __init__(self, model: str, layer: str, state_dict: dict[str, torch.Tensor], device: torch.device,
-                 precision: str = "auto"):
+                 precision: str = "auto", views: str = "single"):
         assert model in MODELS, f"unknown model {model!r}"
         assert layer in LAYERS, f"unknown layer {layer!r}"
-        self.model, self.layer, self.device = model, layer, device
-        self.preprocessing = preprocessing_for(model)
+        assert views in VIEWS, f"unknown views {views!r}"
+        self.model, self.layer, self.views, self.device = model, layer, views, device
+        self.preprocessing = preprocessing_for(model, layer)
+        self.largest_input = round(self.preprocessing.crop_size * largest_scale(views))   # side of the largest view
         self.probe: dict | None = None   # auto on a CPU with bf16 units: the start-up probe's medians, ms
         precision = resolve_precision(precision, device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True   # batches keep one shape: cuDNN's fastest convolution, found once
         if device.type == "cuda" or precision == "fp32":
-            self.net = _network(model, layer, state_dict, device)     # bf16 on CUDA: autocast in __call__
+            self.net, self.dim = _network(model, layer, views, state_dict, device)   # bf16 on CUDA: autocast in __call__
         elif precision == "bf16":
-            self.net = _network(model, layer, _bf16(state_dict), device)
+            self.net, self.dim = _network(model, layer, views, _bf16(state_dict), device)
         else:   # auto on a CPU with bf16 units: whichever of the two is faster here, timed on one image
-            fp32_net, bf16_net = _network(model, layer, state_dict, device), _network(model, layer, _bf16(state_dict), device)
-            if (model, layer) not in _PROBED:
+            (fp32_net, self.dim), (bf16_net, _) = (_network(model, layer, views, state_dict, device),
+                                                   _network(model, layer, views, _bf16(state_dict), device))
+            key = (model, layer, views)
+            if key not in _PROBED:
                 one = torch.zeros(1, 3, self.preprocessing.crop_size, self.preprocessing.crop_size)
                 one = one.contiguous(memory_format=torch.channels_last)
                 with torch.inference_mode():
-                    _PROBED[model, layer] = bf16_faster(lambda: fp32_net(one), lambda: bf16_net(one.to(torch.bfloat16)))
-            faster, self.probe = _PROBED[model, layer]
+                    _PROBED[key] = bf16_faster(lambda: fp32_net(one), lambda: bf16_net(one.to(torch.bfloat16)))
+            faster, self.probe = _PROBED[key]
             precision, self.net = ("bf16", bf16_net) if faster else ("fp32", fp32_net)
             log.info("precision auto: %s on this CPU (%s; one image: fp32 %.1f ms, bf16 %.1f ms)", precision,
                      cpu_bf16_instructions(), self.probe["fp32_ms"], self.probe["bf16_ms"])
         self.precision = precision
-        self.dim = int(self.net[-1][-2].out_features)   # the cut layer (fc6 or fc7): 4096-d
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -234,7 +242,7 @@ class FeatureExtractor:
         elif self.precision == "bf16":                                      # the CPU: bf16 weights, bf16 input
             out = self.net(x.to(torch.bfloat16))
         else:
-            out = self.net(x)                                                 # (B, 3, 224, 224) -> (B, 4096)
+            out = self.net(x)                                   # (B, 3, 224, 224) -> (B, 4096), or (B, 256|512)
         return out.float().cpu()
 
 
@@ -278,20 +286,26 @@ def _bf16(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
-def _network(model: str, layer: str, state_dict: dict[str, torch.Tensor], device: torch.device) -> nn.Sequential:
-    """model's backbone with state_dict's tensors (their dtype kept), cut at layer, in eval mode, on device.
+def _network(model: str, layer: str, views: str, state_dict: dict[str, torch.Tensor],
+             device: torch.device) -> tuple[nn.Module, int]:
+    """model's backbone with state_dict's tensors (their dtype kept), cut at layer (or its last conv block pooled),
+    averaged over views, in eval mode, on device -> (network, its output dimension).
 
     Raises WeightsUnavailable."""
     spec = MODELS[model]
     with torch.device("meta"):     # no random init of parameters we are about to replace
         net = spec.build(weights=None)
     load_backbone(net, model, state_dict, assign=True)   # fc8 may be absent or another size: it is cut off below
+    net.eval()
+    body = pooled_conv(net, layer) if is_pooled(layer) else cut_at(net, spec.layers[layer])
+    # fc6 and fc7 are both 4096-d; a pooled layer has one value per channel of the last conv (256 or 512)
+    dim = body.channels if is_pooled(layer) else int(net.classifier[-1].in_features)
     # channels-last convolutions: faster on CUDA, and for batches on the CPU too (AlexNet, eight images on
     # the 2-core CI machine, interleaved A/B: 109 -> 92 ms; one image: no difference; outputs within 1e-7)
-    net = cut_at(net.eval(), spec.layers[layer]).eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
-    if device.type == "cpu" and onednn_linear_available() and net[-1][-2].weight.dtype == torch.float32:
-        use_onednn_linear(net)   # bf16: PyTorch's own Linear is faster (one image: 13.2 against 15.7 ms)
-    return net
+    out = with_views(body, views).eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+    if device.type == "cpu" and onednn_linear_available() and next(out.parameters()).dtype == torch.float32:
+        use_onednn_linear(out)   # bf16: PyTorch's own Linear is faster (one image: 13.2 against 15.7 ms)
+    return out, dim
 
 
 def onednn_linear_available() -> bool:
@@ -344,11 +358,11 @@ def cut_at(net: nn.Module, node: str) -> nn.Sequential:
 
 def build_extractor(model: str, layer: str, weights: WeightsChoice | str, index_dir: Path | None, device: str = "auto", *,
                     seed: int = DEFAULT_RANDOM_SEED, create: bool = False,
-                    precision: str = "auto") -> tuple[FeatureExtractor, str]:
+                    precision: str = "auto", views: str = "single") -> tuple[FeatureExtractor, str]:
     """-> (extractor, weights identity)."""
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
     torch_device = resolve_device(device)
     resolve_precision(precision, torch_device)    # refused before the weights are loaded
     state, identity = load_state_dict(model, weights, index_dir, seed=seed, create=create)
-    return FeatureExtractor(model, layer, state, torch_device, precision), identity
+    return FeatureExtractor(model, layer, state, torch_device, precision, views), identity

@@ -73,7 +73,7 @@ def resolve_batch_size(requested: int | str | None, extractor: FeatureExtractor)
         free = cuda_free_bytes(device) + resident          # as if the weights were not loaded yet
         weight_bytes = resident + resident // 2            # fp32 weights + their bf16 autocast copies
     choice = choose_batch_size(extractor.model, device, free, weight_bytes or 0,
-                               input_size=extractor.preprocessing.crop_size)
+                               input_size=extractor.largest_input)   # flip+scales: its largest view
     log.info("--batch-size auto chose %d: %s", choice.batch_size, choice.reason)
     return choice.batch_size
 

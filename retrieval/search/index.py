@@ -49,7 +49,7 @@ class IndexUnavailable(RuntimeError):
 def network_key(settings: IndexSettings) -> str:
     """A short identity of the network that made an index's vectors: vectors of different keys never meet."""
     parts = (settings.model, settings.layer, settings.weights_identity, settings.seed, settings.dim,
-             settings.normalize, settings.preprocessing)
+             settings.normalize, settings.preprocessing) + ((settings.views,) if settings.views != "single" else ())
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
@@ -308,7 +308,8 @@ class ImageIndex:
             extractor = previous.extractor
         elif self.load_network:
             extractor, identity = build_extractor(settings.model, settings.layer, settings.weights_choice, self.index_dir,
-                                                  self.device, seed=settings.seed, precision=precision)
+                                                  self.device, seed=settings.seed, precision=precision,
+                                                  views=settings.views)
             if identity != settings.weights_identity:
                 raise WeightsMismatch(
                     f"the weights available now ({_public_identity(identity)}) are not the ones this index was "
@@ -334,7 +335,7 @@ class ImageIndex:
     def refresh(self, *, load: bool = True) -> bool:
         """Look at the index on disk and serve it as it is now. -> True when a new snapshot was loaded.
 
-        The settings are compared with the served ones (model, layer, weights identity, dimension,
+        The settings are compared with the served ones (model, layer, views, weights identity, dimension,
         normalisation, preprocessing, data folder): another network is built and swapped in with its
         vectors and catalog as one snapshot; a replaced catalog file is reopened. When the index on disk
         cannot be served (catalog missing, unreadable, unfinished; its network cannot be built), the
