@@ -46,7 +46,8 @@ def test_conv5_mac_is_the_global_max_of_torchvisions_pool5_output(model, channel
     """pool5 tiles its input whole, so the maximum of its input (MAC) is the maximum of its output."""
     torch.manual_seed(1)
     net = getattr(models, model)(weights=None).eval()
-    extractor = FeatureExtractor(model, "conv5-mac", net.state_dict(), torch.device("cpu"))
+    # fp32: this compares the pooling with torchvision's float32 pool5 (bf16 would differ by its rounding)
+    extractor = FeatureExtractor(model, "conv5-mac", net.state_dict(), torch.device("cpu"), precision="fp32")
     pixels = torch.cat([photo_like(1), photo_like(2)])
 
     feats = extractor(pixels)

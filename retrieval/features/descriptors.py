@@ -148,7 +148,9 @@ class ViewAverage(nn.Module):
             v = torch.flip(x, dims=(3,)) if mirrored else x
             if scale != 1.0:
                 size = [max(1, round(d * scale)) for d in x.shape[2:]]
-                v = F.interpolate(v, size=size, mode="bilinear", align_corners=False, antialias=scale < 1.0)
+                # in float32: a bf16 network's input is bf16, which the antialiased resize has no kernel for
+                v = F.interpolate(v.float(), size=size, mode="bilinear", align_corners=False,
+                                  antialias=scale < 1.0).to(x.dtype)
             out = self.net(v.contiguous(memory_format=torch.channels_last)).float()   # (B, D)
             total = out if total is None else total + out
         return total / len(self.transforms)
