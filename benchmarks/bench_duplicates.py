@@ -43,8 +43,8 @@ from PIL import Image  # noqa: E402
 from benchmarks.real_photos import real_photos  # noqa: E402
 from retrieval.images.edits import edited_copies  # noqa: E402
 from retrieval.system import available_cores  # noqa: E402
-from retrieval.vectors.duplicates import (DEFAULT_WHITEN_DIM, EXACT_MAX, close_pairs, connected_groups,  # noqa: E402
-                                          learn_whitening, pair_scores, whiten)
+from retrieval.vectors.duplicates import DEFAULT_WHITEN_DIM, EXACT_MAX, close_pairs, connected_groups, pair_scores  # noqa: E402
+from retrieval.vectors.whitening import learn_whitening, whiten  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BIN = Path(sys.executable).parent

@@ -18,8 +18,8 @@ from PIL import Image
 from helpers.indexes import build_index
 from retrieval.images.edits import edited_copies
 from retrieval.samples import make_sample_collection
-from retrieval.vectors.duplicates import (choose_threshold, close_pairs, connected_groups, learn_whitening,
-                                          pair_scores, whiten)
+from retrieval.vectors.duplicates import choose_threshold, close_pairs, connected_groups, pair_scores
+from retrieval.vectors.whitening import learn_whitening, whiten
 
 BIN = Path(sys.executable).parent
 COPY_EDITS = ["jpeg30", "downscale", "blur", "crop"]

@@ -16,8 +16,8 @@ from retrieval.images.decode import DECODE_ERRORS, ImageDecodeError, open_rgb
 from retrieval.images.edits import EDITS, edited_copies
 from retrieval.search.index import ImageIndex, IndexSnapshot
 from retrieval.vectors.duplicates import (DEFAULT_WHITEN_DIM, ThresholdChoice, choose_threshold, close_pairs,
-                                          connected_groups, learn_whitening, pair_scores, whiten,
-                                          WHITEN_TRAIN_MAX)
+                                          connected_groups, pair_scores, WHITEN_TRAIN_MAX)
+from retrieval.vectors.whitening import learn_whitening, whiten
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
-"""Near-duplicate groups from feature vectors, as pure functions of arrays: the whitening learned on the collection,
-pairs within a distance threshold (FAISS range search or k-NN), groups (connected pairs), the threshold chosen from
+"""Near-duplicate groups from feature vectors, as pure functions of arrays (the whitening they are compared in is
+retrieval.vectors.whitening's learn_whitening): pairs within a distance threshold (FAISS range search or k-NN), groups (connected pairs), the threshold chosen from
 copy and non-copy distances, and pair precision/recall/F1 against known groups."""
 from __future__ import annotations
 
@@ -14,29 +14,6 @@ THRESHOLD_BETA = 0.5        # the calibration's F-beta: precision weighs double 
 WHITEN_TRAIN_MAX = 50_000   # vectors the whitening is learned on (a random sample above that)
 EXACT_MAX = 50_000          # up to this many vectors the pairs come from an exact range search; above, IVF k-NN
 APPROX_K = 16               # neighbours looked at per vector by the approximate (k-NN) search
-
-
-def learn_whitening(vectors: np.ndarray, dim: int = DEFAULT_WHITEN_DIM) -> faiss.PCAMatrix:
-    """PCA whitening learned on vectors shape=(n, d) float32: centre, rotate, scale each component by
-    1/sqrt(eigenvalue) and keep min(dim, n // 4, d) components (a few images cannot estimate many: their weakest
-    components are noise, which whitening would blow up to the size of the real ones). Apply with whiten(); fit on the collection itself.
-
-    Raw fc7 vectors of a random network all point one way (every pair's cosine above 0.8); after whitening the
-    directions along which images really differ carry the distance."""
-    n, d = vectors.shape
-    assert n >= 2, f"whitening needs at least 2 vectors, got {n}"
-    out = max(1, min(dim, n // 4, d))
-    pca = faiss.PCAMatrix(d, out, -0.5)   # eigen_power -0.5: whitened
-    pca.epsilon = 1e-6   # components with (almost) no variance are not blown up to noise
-    pca.train(np.ascontiguousarray(vectors, dtype=np.float32))
-    return pca
-
-
-def whiten(pca: faiss.PCAMatrix, vectors: np.ndarray) -> np.ndarray:
-    """vectors shape=(n, d) float32 -> whitened and L2-normalised, shape=(n, pca.d_out) float32."""
-    out = pca.apply(np.ascontiguousarray(vectors, dtype=np.float32))   # (n, d) -> (n, d_out)
-    faiss.normalize_L2(out)
-    return out
 
 
 def close_pairs(vectors: np.ndarray, threshold: float, *, exact_max: int = EXACT_MAX,

@@ -90,3 +90,32 @@ def whitening_of(index: "faiss.Index") -> Callable[[np.ndarray], np.ndarray] | N
         return out
 
     return apply
+
+
+# Whitening as plain arrays, outside a FAISS index: find-duplicates learns it on the catalog's raw vectors
+# (retrieval.search.duplicates), whatever the index's own type.
+def learn_whitening(vectors: np.ndarray, dim: int) -> faiss.PCAMatrix:
+    """PCA whitening learned on vectors shape=(n, d) float32: centre, rotate, scale each component by
+    1/sqrt(eigenvalue) and keep min(dim, n // 4, d) components (a few images cannot estimate many: their weakest
+    components are noise, which whitening would blow up to the size of the real ones). Apply with whiten().
+
+    Raw fc7 vectors of a random network all point one way (every pair's cosine above 0.8); after whitening the
+    directions along which images really differ carry the distance."""
+    import faiss
+
+    n, d = vectors.shape
+    assert n >= 2, f"whitening needs at least 2 vectors, got {n}"
+    out = max(1, min(dim, n // 4, d))
+    pca = faiss.PCAMatrix(d, out, -0.5)   # eigen_power -0.5: whitened
+    pca.epsilon = 1e-6   # components with (almost) no variance are not blown up to noise
+    pca.train(np.ascontiguousarray(vectors, dtype=np.float32))
+    return pca
+
+
+def whiten(pca: faiss.PCAMatrix, vectors: np.ndarray) -> np.ndarray:
+    """vectors shape=(n, d) float32 -> whitened and L2-normalised, shape=(n, pca.d_out) float32."""
+    import faiss
+
+    out = pca.apply(np.ascontiguousarray(vectors, dtype=np.float32))   # (n, d) -> (n, d_out)
+    faiss.normalize_L2(out)
+    return out
