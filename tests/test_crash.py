@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from helpers.indexes import committed_rows, snapshot
+from helpers.precision import same_features
 from helpers.waiting import wait_for
 from retrieval.samples import make_sample_collection
 from retrieval.search.index import ImageIndex
@@ -61,7 +61,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(collection, tmp_
     resumed = snapshot(index_dir)
     assert sorted(resumed) == sorted(reference)
     for path, vec in reference.items():
-        assert np.allclose(resumed[path], vec, atol=1e-5), path
+        assert same_features(resumed[path], vec), path
     index = ImageIndex(index_dir, load_network=False)
     try:
         ids, vecs = next(index.catalog.vectors())
@@ -101,7 +101,7 @@ def test_sigkill_of_a_default_run_then_an_immediate_rerun_several_times(collecti
         resumed = snapshot(index_dir)
         assert sorted(resumed) == sorted(reference)
         for path, vec in reference.items():
-            assert np.allclose(resumed[path], vec, atol=1e-5), path
+            assert same_features(resumed[path], vec), path
 
 
 def committed_rows_in(url: str) -> int:
@@ -143,4 +143,4 @@ def test_sigkill_of_a_run_on_postgresql_then_an_immediate_rerun(collection, tmp_
     resumed = snapshot(index_dir, postgres_url)
     assert sorted(resumed) == sorted(reference)
     for path, vec in reference.items():
-        assert np.allclose(resumed[path], vec, atol=1e-5), path
+        assert same_features(resumed[path], vec), path

@@ -18,6 +18,7 @@ import pytest
 from retrieval.samples import make_sample_collection
 
 from helpers.indexes import build_index, committed_rows, snapshot
+from helpers.precision import same_features
 from helpers.waiting import wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]   # a Ray cluster per module, killed runs
@@ -32,13 +33,13 @@ def index_command(data: Path, index_dir: Path, *ray_args: str, batch_size: int =
 
 
 def assert_same_index(index_dir: Path, reference: dict[str, np.ndarray], reference_ids: np.ndarray) -> None:
-    """Same files, the same set of ids, vectors within 1e-5; the bad file skipped with its reason."""
+    """Same files, the same set of ids, the same vectors (helpers.precision.same_features); the bad file skipped with its reason."""
     from retrieval.catalog import Catalog
 
     resumed = snapshot(index_dir)          # also checks that FAISS and the catalog hold the same ids, once each
     assert sorted(resumed) == sorted(reference)
     for path, vec in reference.items():
-        assert np.allclose(resumed[path], vec, atol=1e-5), path
+        assert same_features(resumed[path], vec), path
     cat = Catalog(index_dir)
     try:
         assert np.array_equal(cat.ids(), reference_ids)
