@@ -10,7 +10,7 @@ from retrieval.features.weights import WeightsChoice
 from retrieval.names import DEFAULT_KS
 from retrieval.quality import held_out_words
 
-from commands.options import UserError, command_settings, db_url_option, index_dir_option, setup_logging
+from commands.options import UserError, command_settings, db_url_option, index_dir_option, open_index, setup_logging
 
 # retrieval.learning.evaluation (numpy, the catalog, scikit-learn) is imported after the arguments are parsed.
 
@@ -108,20 +108,10 @@ def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: P
 
 def copies_result(index_dir: Path, db_url: str | None, copies: int, seed: int, device: str) -> dict:
     """evaluate_copies on the index (its own network), with the index described; raises UserError."""
-    from retrieval.system import collector_paused
+    index = open_index(index_dir, db_url, device)
+    from retrieval.search.duplicates import DuplicatesError, evaluate_copies
+    from retrieval.search.index import weights_label
 
-    with collector_paused():
-        from retrieval.features.backbones import DeviceUnavailable
-        from retrieval.features.weights import WeightsUnavailable, weights_error_message
-        from retrieval.search.duplicates import DuplicatesError, evaluate_copies
-        from retrieval.search.index import ImageIndex, IndexNotFound, IndexUnavailable, WeightsMismatch, weights_label
-
-        try:
-            index = ImageIndex(index_dir, db_url=db_url, device=device)
-        except (IndexNotFound, IndexUnavailable, WeightsMismatch, DeviceUnavailable) as exc:
-            raise UserError(str(exc)) from exc
-        except WeightsUnavailable as exc:
-            raise UserError(weights_error_message(exc)) from exc
     try:
         result = evaluate_copies(index, copies, seed=seed + 1)   # seed 0 picks the threshold's calibration images
         s = index.settings

@@ -9,7 +9,7 @@ import click
 from retrieval.system import display_name
 
 from commands.options import (UserError, command_settings, damaged_catalog_error, db_url_option, exit_without_teardown,
-                              index_dir_option, setup_logging)
+                              index_dir_option, open_index, setup_logging)
 
 # torch, FAISS and the network are imported after the arguments are parsed.
 
@@ -44,26 +44,11 @@ def main(index_dir: Path, db_url: str | None, threshold: float | None, calibrati
     Exit status: 0 done (duplicates or not), 2 no index or no usable images.
     """
     setup_logging(verbose)
-    from retrieval.system import collector_paused
+    index = open_index(index_dir, db_url, device, load_network=threshold is None)
+    from sqlalchemy.exc import SQLAlchemyError
 
-    with collector_paused():
-        from retrieval.features.backbones import DeviceUnavailable
-        from retrieval.features.weights import WeightsUnavailable, weights_error_message
-        from retrieval.search.duplicates import DuplicatesError, find_duplicates
-        from retrieval.search.index import ImageIndex, IndexNotFound, IndexUnavailable, WeightsMismatch
+    from retrieval.search.duplicates import DuplicatesError, find_duplicates
 
-        from sqlalchemy.exc import SQLAlchemyError
-
-        try:
-            index = ImageIndex(index_dir, db_url=db_url, device=device, load_network=threshold is None)
-        except (IndexNotFound, IndexUnavailable, WeightsMismatch, DeviceUnavailable) as exc:
-            raise UserError(str(exc)) from exc
-        except SQLAlchemyError as exc:
-            if (user_error := damaged_catalog_error(exc, index_dir, db_url)) is not None:
-                raise user_error from None
-            raise
-        except WeightsUnavailable as exc:
-            raise UserError(weights_error_message(exc)) from exc
     try:
         result = find_duplicates(index, threshold=threshold, calibration_images=calibration_images)
     except DuplicatesError as exc:

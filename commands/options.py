@@ -127,6 +127,30 @@ def damaged_catalog_error(exc: BaseException, index_dir: Path, db_url: str | Non
     return UserError(damaged_message(str(where) if where is not None else "database", reason, data_dir))
 
 
+def open_index(index_dir: Path, db_url: str | None, device: str, *, load_network: bool = True):  # noqa: ANN201
+    """retrieval.search.index.ImageIndex for a command's queries, its network loaded with the garbage collector off;
+    every way it cannot open (no index, a damaged catalog, weights or device unavailable) is a UserError."""
+    from retrieval.system import collector_paused
+
+    with collector_paused():   # torch, FAISS and the network load sooner with the garbage collector off
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from retrieval.features.backbones import DeviceUnavailable
+        from retrieval.features.weights import WeightsUnavailable, weights_error_message
+        from retrieval.search.index import ImageIndex, IndexNotFound, IndexUnavailable, WeightsMismatch
+
+        try:
+            return ImageIndex(index_dir, db_url=db_url, device=device, load_network=load_network)
+        except (IndexNotFound, IndexUnavailable, WeightsMismatch, DeviceUnavailable) as exc:
+            raise UserError(str(exc)) from exc
+        except SQLAlchemyError as exc:
+            if (user_error := damaged_catalog_error(exc, index_dir, db_url)) is not None:
+                raise user_error from None
+            raise
+        except WeightsUnavailable as exc:
+            raise UserError(weights_error_message(exc)) from exc
+
+
 def permission_denied(exc: BaseException | None) -> str | None:
     """'permission denied: this user may not read or write PATH' when exc (or an exception it was raised from) is a
     PermissionError; else None. For the one line a command prints instead of a traceback."""

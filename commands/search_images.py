@@ -8,8 +8,8 @@ import click
 
 from retrieval.system import display_name
 
-from commands.options import (UserError, command_settings, damaged_catalog_error, db_url_option, exit_without_teardown, index_dir_option,
-                              setup_logging)
+from commands.options import (UserError, command_settings, damaged_catalog_error, db_url_option, exit_without_teardown,
+                              index_dir_option, open_index, setup_logging)
 
 
 @click.command(context_settings=command_settings("search-images"))
@@ -35,7 +35,6 @@ def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device:
     """
     setup_logging(False)
     from retrieval.images.decode import ImageDecodeError, Preprocessing, decode_for_model
-    from retrieval.system import collector_paused
 
     try:   # a file that is no image is refused before torch, FAISS and the network load (seconds)
         query = query_image.read_bytes()
@@ -44,24 +43,11 @@ def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device:
         raise UserError(f"cannot use {query_image} as a query: {exc}") from exc
     except OSError as exc:
         raise UserError(f"cannot read {query_image}: {exc.strerror or exc}") from exc
-    with collector_paused():   # torch, FAISS and the network load sooner with the garbage collector off
-        from retrieval.features.backbones import DeviceUnavailable
-        from retrieval.features.weights import WeightsUnavailable, weights_error_message
-        from retrieval.search.expansion import QueryExpansion
-        from retrieval.search.index import ImageIndex, IndexNotFound, IndexUnavailable, WeightsMismatch
+    index = open_index(index_dir, db_url, device)
+    from sqlalchemy.exc import SQLAlchemyError
 
-        from sqlalchemy.exc import SQLAlchemyError
+    from retrieval.search.expansion import QueryExpansion
 
-        try:
-            index = ImageIndex(index_dir, db_url=db_url, device=device)
-        except (IndexNotFound, IndexUnavailable, WeightsMismatch, DeviceUnavailable) as exc:
-            raise UserError(str(exc)) from exc
-        except SQLAlchemyError as exc:
-            if (user_error := damaged_catalog_error(exc, index_dir, db_url)) is not None:
-                raise user_error from None
-            raise
-        except WeightsUnavailable as exc:
-            raise UserError(weights_error_message(exc)) from exc
     try:
         hits, _ = index.search_image(query, k, expansion=QueryExpansion(qe, qe_alpha))
     except ImageDecodeError as exc:
