@@ -14,6 +14,7 @@ import indexer.extract as extract
 from retrieval.features.batch_size import MAX_AUTO_BATCH, choose_batch_size, resolve_batch_size
 from commands.index_images import main as index_main
 from commands.options import parse_batch_size
+from helpers.indexes import recorded_precision
 from retrieval.samples import make_sample_collection
 from retrieval.catalog import Catalog
 from retrieval.names import FAISS_FILE
@@ -116,7 +117,7 @@ def test_run_index_with_oom_indexes_every_image_exactly_once(tmp_path, index_ima
 
     fake = OutOfMemoryAbove(2, real=extract.embed)
     monkeypatch.setattr(extract, "embed", fake)
-    report = index_images(data, tmp_path / "index", batch_size=8)
+    report = index_images(data, tmp_path / "index", batch_size=8, precision=recorded_precision(reference))
     assert report.indexed == report.total == len(files) == 10
     assert max(fake.calls) == 8 and fake.calls[:3] == [8, 4, 2] and set(fake.calls[3:]) == {2}
 

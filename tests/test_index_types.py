@@ -12,7 +12,7 @@ import faiss
 import numpy as np
 import pytest
 
-from helpers.indexes import committed_rows
+from helpers.indexes import committed_rows, recorded_precision
 from helpers.waiting import wait_for
 from retrieval.samples import make_sample_collection
 from retrieval.catalog import Catalog
@@ -218,10 +218,10 @@ N_IMAGES = 40
 TRAINED = "IVF4,SQ8"   # trains on 4 vectors: small enough for a 40-image collection
 
 
-def index_command(data: Path, index_dir: Path) -> list[str]:
+def index_command(data: Path, index_dir: Path, precision: str = "auto") -> list[str]:
     return [sys.executable, "-c", "from commands.index_images import main; main()", str(data), "--index-dir", str(index_dir),
             "--weights", "random", "--batch-size", "1", "--workers", "0", "--index-type", TRAINED,
-            "--recall-queries", "20", "--json"]
+            "--recall-queries", "20", "--precision", precision, "--json"]
 
 
 def state(index_dir: Path) -> tuple[dict, dict, dict]:
@@ -268,7 +268,8 @@ def test_index_images_reports_the_type_and_its_recall(trained_collection):
 def test_sigkill_of_a_trained_index_build_then_rerun_equals_an_uninterrupted_run(trained_collection, tmp_path):
     data, reference, _ = trained_collection
     index_dir = tmp_path / "index"
-    proc = subprocess.Popen(index_command(data, index_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    precision = recorded_precision(reference)   # the same precision as the reference, so the same neighbours
+    proc = subprocess.Popen(index_command(data, index_dir, precision), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for(lambda: committed_rows(index_dir) >= N_IMAGES // 2 or proc.poll() is not None, 120, interval=0.005)
     assert proc.poll() is None, "the run ended before it could be killed; the test proves nothing"
     os.kill(proc.pid, signal.SIGKILL)

@@ -9,6 +9,7 @@ import pytest
 
 from indexer.extract import BatchExtractor
 from indexer.write import Writer
+from helpers.indexes import recorded_precision
 from retrieval.samples import make_sample_collection
 from retrieval.catalog import Catalog
 from retrieval.names import FAISS_FILE
@@ -52,11 +53,11 @@ def contents(index_dir) -> dict:
         cat.close()
     stored = VectorIndex.load(index_dir / FAISS_FILE, 4096)
     faiss = {int(i): stored.index.reconstruct(int(i)) for i in stored.ids()}
-    return {"rows": rows, "skipped": skipped, "faiss": faiss}
+    return {"rows": rows, "skipped": skipped, "faiss": faiss, "precision": recorded_precision(index_dir)}
 
 
 def assert_same_index(got: dict, want: dict) -> None:
-    assert got["skipped"] == want["skipped"]
+    assert got["skipped"] == want["skipped"] and got["precision"] == want["precision"]
     assert {p: i for p, (i, _v) in got["rows"].items()} == {p: i for p, (i, _v) in want["rows"].items()}, "same ids"
     for path, (_i, vec) in want["rows"].items():
         assert np.allclose(got["rows"][path][1], vec, atol=1e-6), path
@@ -86,7 +87,8 @@ def test_the_writer_thread_builds_the_index_a_run_writing_in_its_loop_builds(dat
         real_commit(self, rows, feats, bad)
     monkeypatch.setattr(Writer, "commit", recording_commit)
 
-    report = index_images(data, tmp_path / "index", batch_size=2, workers=None)   # the default decoding workers
+    report = index_images(data, tmp_path / "index", batch_size=2, workers=None,   # the default decoding workers
+                          precision=reference["precision"])
 
     assert (report.indexed, report.total, len(report.skipped)) == (12, 12, 1)
     assert committed_on == ["index-writer"] * 7, "every batch (the broken file's too) committed on the writer thread"
@@ -147,7 +149,7 @@ def test_a_failed_write_is_the_runs_error_and_a_rerun_completes_the_index(data, 
     monkeypatch.setattr(Writer, "write", counting_write)
 
     with pytest.raises(DiskOnFire, match="no space left"):
-        index_images(data, tmp_path / "index", batch_size=2, workers=None)
+        index_images(data, tmp_path / "index", batch_size=2, precision=reference["precision"], workers=None)
 
     assert len(batches) == failing_batch, "no write after the failed one"
     committed = contents(tmp_path / "index")
@@ -183,7 +185,7 @@ def test_an_interrupt_commits_the_queued_batches_and_saves_faiss_in_step(data, t
     monkeypatch.setattr(Writer, "commit", commit_after_the_interrupt)
 
     with pytest.raises(KeyboardInterrupt):
-        index_images(data, tmp_path / "index", batch_size=2, workers=0)
+        index_images(data, tmp_path / "index", batch_size=2, precision=reference["precision"], workers=0)
 
     committed = contents(tmp_path / "index")
     assert len(committed["rows"]) == 4, "the two batches before the interrupted one"

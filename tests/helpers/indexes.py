@@ -27,6 +27,16 @@ def build_index(data_dir: Path, index_dir: Path, **options) -> RunReport:
     return run_index(JobConfig(data_dir=data_dir, index_dir=index_dir, **options))
 
 
+def recorded_precision(index_dir: Path) -> str:
+    """The precision an index's vectors were computed in. `auto` decides by a start-up probe, so two fresh indexes of
+    one folder can differ; a test that wants a second run to equal a first passes it this."""
+    cat = Catalog(index_dir)
+    try:
+        return cat.extraction_record()["last"]["precision"]
+    finally:
+        cat.close()
+
+
 def committed_rows(index_dir: Path) -> int:
     """The image rows committed so far in the index folder's SQLite catalog (0 before it or its table exists);
     read-only, so it can watch a running index-images."""
