@@ -4,7 +4,8 @@ Copy search (benchmarks/quality_sets.py): originals are crops of the 19 real pho
 (crop, flip, JPEG 30, brightness, downscale, 7 degree rotation, greyscale, blur), among 304 distractor crops;
 every edited copy is a query, recall@1/@5 = its original ranked first / in the first five. kNN: a labelled set of
 scene crops (19 classes x 20), leave-one-out kNN@10 accuracy and precision@10, to show what whitening does to
-classification. Random-weight AlexNet fc7 (`--weights random`), on the CPU.
+classification. Random-weight AlexNet fc7 (`--weights random`), on the CPU; and the descriptor options
+(`--views flip`, `--input-norm image`, `--layer conv5-rmac`), each indexed anew and whitened (auto).
 
 Every setting runs the product: the database is indexed once per seed by index_folder; each setting is the same
 index folder copied and re-run with its options (no new images: index-images' no-network path rebuilds the FAISS
@@ -38,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality_sets import copy_set, knn_set  # noqa: E402 - after the path is set
+from benchmarks.quality_sets import copy_set, descriptor_tag, knn_set  # noqa: E402 - after the path is set
 
 RESULTS = ROOT / "benchmarks" / "results"
 TUNE_DIMS = (32, 64, 128, 256)
@@ -54,6 +55,13 @@ class Setting:
     whiten_dim: int | str | None = "auto"
     qe: tuple[int, float] = (0, 0.0)
     dba: int = 0
+    descriptor: tuple[tuple[str, str], ...] = ()   # index-images' descriptor options: (("views", "flip"), ...)
+
+
+FLIP, IMAGE_NORM, RMAC = ("views", "flip"), ("input_norm", "image"), ("layer", "conv5-rmac")
+# descriptors beyond the default (fc7 of the image alone, normalised by the weights' statistics), whitened (auto)
+DESCRIPTORS = [("flip", (FLIP,)), ("image norm", (IMAGE_NORM,)), ("flip + image norm", (FLIP, IMAGE_NORM)),
+               ("conv5-rmac + flip", (RMAC, FLIP)), ("conv5-rmac + flip + image norm", (RMAC, FLIP, IMAGE_NORM))]
 
 
 def rebuilt(source: Path, work: Path, setting: Setting) -> tuple[Path, dict, float]:
@@ -117,12 +125,14 @@ def knn(sets: dict, index_dir: Path, setting: Setting) -> dict:
             "precision@10": float(np.mean(precision))}
 
 
-def load(work: Path, seed: int) -> tuple[dict, Path, dict, Path]:
-    """The copy set and the kNN set of a seed, with the index folders they were indexed in."""
+def load(work: Path, seed: int, descriptor: tuple = ()) -> tuple[dict, Path, dict, Path]:
+    """The copy set and the kNN set of a seed with a descriptor, with the index folders they were indexed in."""
     from retrieval.catalog import Catalog
 
-    copies = copy_set(work, seed)
-    copies_index = work / f"copies-{seed}-index"
+    options = dict(descriptor)
+    tag = descriptor_tag(options)
+    copies = copy_set(work, seed, **options)
+    copies_index = work / f"copies-{seed}{tag}-index"
     catalog = Catalog(copies_index)
     originals = {int(o) for o in copies["db_original"] if o >= 0}
     by_path = {Path(r.path).name: r.id for r in catalog.list_images(limit=10**6)}
@@ -131,8 +141,8 @@ def load(work: Path, seed: int) -> tuple[dict, Path, dict, Path]:
     order = {i: n for n, i in enumerate(sorted(by_path.values()))}
     copies["db_names"] = {name: int(copies["db_original"][order[i]]) for name, i in by_path.items()}
     assert {v for v in copies["db_names"].values() if v >= 0} == originals
-    labelled = knn_set(work, seed)
-    knn_index = work / f"knn-{seed}-index"
+    labelled = knn_set(work, seed, **options)
+    knn_index = work / f"knn-{seed}{tag}-index"
     catalog = Catalog(knn_index)
     labelled["ids"] = np.concatenate([ids for ids, _ in catalog.vectors()])
     catalog.close()
@@ -140,16 +150,19 @@ def load(work: Path, seed: int) -> tuple[dict, Path, dict, Path]:
 
 
 def evaluate(work: Path, seed: int, settings: list[Setting], scratch: Path) -> list[dict]:
-    copies, copies_index, labelled, knn_index = load(work, seed)
+    sets = {}
     rows = []
     for setting in settings:
+        if setting.descriptor not in sets:
+            sets[setting.descriptor] = load(work, seed, setting.descriptor)
+        copies, copies_index, labelled, knn_index = sets[setting.descriptor]
         folder, record, build_s = rebuilt(copies_index, scratch, setting)
         row = {"seed": seed, "setting": setting.name, "factory": record["factory"], "build_s": build_s,
                "faiss_bytes": record.get("file_bytes"), **copy_search(copies, folder, setting)}
         folder, record, _ = rebuilt(knn_index, scratch, setting)
         row.update(knn(labelled, folder, setting))
         rows.append(row)
-        print(f"  seed {seed} {setting.name:<22} {row['factory']:<22} recall@1 {row['recall@1']:.3f} "
+        print(f"  seed {seed} {setting.name:<40} {row['factory']:<22} recall@1 {row['recall@1']:.3f} "
               f"recall@5 {row['recall@5']:.3f} kNN@10 {row['knn@10']:.3f}", flush=True)
     return rows
 
@@ -180,6 +193,8 @@ def main() -> None:
         settings = [Setting("raw fc7", False), Setting("raw fc7 + QE", False, qe=QE)] + dims + [auto]
         settings += [Setting("whiten (auto) + QE", True, qe=QE), Setting("whiten (auto) + DBA", True, dba=DBA),
                      Setting("whiten (auto) + QE + DBA", True, qe=QE, dba=DBA)]
+        settings += [Setting(f"{name}, whiten (auto)", True, descriptor=d) for name, d in DESCRIPTORS]
+        settings += [Setting("flip + image norm, raw", False, descriptor=(FLIP, IMAGE_NORM))]
         print(f"reporting on seeds {args.seeds}")
         report_rows = [row for seed in args.seeds for row in evaluate(args.work_dir, seed, settings, scratch)]
     summary = []
@@ -187,21 +202,22 @@ def main() -> None:
         rows = [r for r in report_rows if r["setting"] == setting.name]
         mean = {key: float(np.mean([r[key] for r in rows])) for key in
                 ("recall@1", "recall@5", "knn@10", "precision@10", "build_s", "search_ms")}
-        summary.append({"setting": setting.name, "factory": rows[0]["factory"], "faiss_bytes": rows[0]["faiss_bytes"],
+        summary.append({"setting": setting.name, "descriptor": dict(setting.descriptor), "factory": rows[0]["factory"],
+                        "faiss_bytes": rows[0]["faiss_bytes"],
                         **mean, "recall@1_by_edit": {e: float(np.mean([r["recall@1_by_edit"][e] for r in rows]))
                                                      for e in rows[0]["recall@1_by_edit"]}})
     print(f"\nmeans over seeds {args.seeds} ({len(report_rows) // len(settings)} sets; copy search: 456 queries among "
           "361 images each; kNN: 380 labelled crops each)")
-    print(f"{'setting':<26} {'FAISS type (copy set)':<24} {'recall@1':>8} {'recall@5':>8} {'kNN@10':>7} {'P@10':>6} "
+    print(f"{'setting':<44} {'FAISS type (copy set)':<24} {'recall@1':>8} {'recall@5':>8} {'kNN@10':>7} {'P@10':>6} "
           f"{'build s':>7} {'ms/query':>8} {'FAISS KB':>8}")
     for s in summary:
-        print(f"{s['setting']:<26} {s['factory']:<24} {s['recall@1']:>8.3f} {s['recall@5']:>8.3f} {s['knn@10']:>7.3f} "
+        print(f"{s['setting']:<44} {s['factory']:<24} {s['recall@1']:>8.3f} {s['recall@5']:>8.3f} {s['knn@10']:>7.3f} "
               f"{s['precision@10']:>6.3f} {s['build_s']:>7.2f} {s['search_ms']:>8.2f} {s['faiss_bytes'] / 1024:>8.0f}")
     print("\nrecall@1 by edit:")
     edits = list(summary[0]["recall@1_by_edit"])
-    print(f"{'setting':<26} " + " ".join(f"{e:>10}" for e in edits))
+    print(f"{'setting':<44} " + " ".join(f"{e:>10}" for e in edits))
     for s in summary:
-        print(f"{s['setting']:<26} " + " ".join(f"{s['recall@1_by_edit'][e]:>10.3f}" for e in edits))
+        print(f"{s['setting']:<44} " + " ".join(f"{s['recall@1_by_edit'][e]:>10.3f}" for e in edits))
     out = (args.out or RESULTS / f"bench_quality-{time.strftime('%Y%m%d-%H%M%S')}.json").resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

@@ -57,10 +57,18 @@ def crop_boxes(size: tuple[int, int], originals: int, distractors: int, rng: ran
     return boxes
 
 
-def copy_set(work: Path, seed: int) -> dict:
-    """-> {"db": (n, 4096) float32, "db_original": (n,) int (original number or -1 for a distractor),
-    "queries": (q, 4096) float32, "query_original": (q,) int, "query_edit": [edit name per query], "extract_s": float}."""
-    cache = work / f"copies-{seed}.npz"
+def descriptor_tag(options: dict) -> str:
+    """"" for the default descriptor, else e.g. "-views=flip-input_norm=image": the cache and index folders' suffix."""
+    return "".join(f"-{k}={v}" for k, v in sorted(options.items()))
+
+
+def copy_set(work: Path, seed: int, **index_options) -> dict:
+    """-> {"db": (n, d) float32, "db_original": (n,) int (original number or -1 for a distractor),
+    "queries": (q, d) float32, "query_original": (q,) int, "query_edit": [edit name per query], "extract_s": float}.
+    index_options: index-images' descriptor options (views, input_norm, layer) for the database, which the queries
+    then go through too."""
+    tag = descriptor_tag(index_options)
+    cache = work / f"copies-{seed}{tag}.npz"
     if cache.exists():
         data = np.load(cache, allow_pickle=False)
         return {k: (data[k].tolist() if k == "query_edit" else data[k]) for k in data.files}
@@ -75,7 +83,7 @@ def copy_set(work: Path, seed: int) -> dict:
     from benchmarks.real_photos import real_photos
 
     rng = random.Random(seed)
-    data_dir, index_dir = work / f"copies-{seed}-data", work / f"copies-{seed}-index"
+    data_dir, index_dir = work / f"copies-{seed}-data", work / f"copies-{seed}{tag}-index"
     data_dir.mkdir(parents=True, exist_ok=True)
     originals, paths = [], {}
     for name, photo in sorted(real_photos().items()):
@@ -83,12 +91,13 @@ def copy_set(work: Path, seed: int) -> dict:
         crops = [photo.crop(box).resize(CROP_SIZE, Image.BILINEAR) for box in boxes]
         for i, crop in enumerate(crops):
             path = data_dir / f"{name}_{i:03d}.jpg"
-            crop.save(path, "JPEG", quality=90)
+            if not path.exists():   # written once per seed, shared by the descriptors' indexes
+                crop.save(path, "JPEG", quality=90)
             if i < ORIGINALS_PER_PHOTO:
                 paths[path.name] = len(originals)
                 originals.append(crop)
     started = time.perf_counter()
-    index_folder(data_dir, index_dir, weights="random")
+    index_folder(data_dir, index_dir, weights="random", **index_options)
     with retrieval.open_index(index_dir) as index:
         snapshot = index._index.snapshot()
         ids, db = [], []
@@ -112,9 +121,11 @@ def copy_set(work: Path, seed: int) -> dict:
     return out
 
 
-def knn_set(work: Path, seed: int) -> dict:
-    """-> {"vectors": (n, 4096) float32, "labels": (n,) str}: crop_collection's scene crops of one seed."""
-    cache = work / f"knn-{seed}.npz"
+def knn_set(work: Path, seed: int, **index_options) -> dict:
+    """-> {"vectors": (n, d) float32, "labels": (n,) str}: crop_collection's scene crops of one seed, indexed with
+    index_options (as copy_set)."""
+    tag = descriptor_tag(index_options)
+    cache = work / f"knn-{seed}{tag}.npz"
     if cache.exists():
         data = np.load(cache, allow_pickle=False)
         return {k: data[k] for k in data.files}
@@ -123,9 +134,10 @@ def knn_set(work: Path, seed: int) -> dict:
 
     from benchmarks.real_photos import crop_collection
 
-    data_dir, index_dir = work / f"knn-{seed}-data", work / f"knn-{seed}-index"
-    crop_collection(data_dir, KNN_PER_CLASS, seed)
-    index_folder(data_dir, index_dir, weights="random")
+    data_dir, index_dir = work / f"knn-{seed}-data", work / f"knn-{seed}{tag}-index"
+    if not data_dir.exists():
+        crop_collection(data_dir, KNN_PER_CLASS, seed)
+    index_folder(data_dir, index_dir, weights="random", **index_options)
     with retrieval.open_index(index_dir) as index:
         catalog = index._index.snapshot().catalog
         ids, vecs = zip(*catalog.vectors())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from retrieval.names import FC_DIM, LAYERS, MAX_EF_SEARCH, MAX_NPROBE, MODEL_NAMES, VIEWS, feature_dim
+from retrieval.names import FC_DIM, INPUT_NORMS, LAYERS, MAX_EF_SEARCH, MAX_NPROBE, MODEL_NAMES, VIEWS, feature_dim
 
 from commands.options import (MODEL_PARAMETERS, UserError, command_settings, db_url_option, exit_without_teardown,
                               index_dir_option, parse_batch_size, permission_denied, setup_logging)
@@ -36,6 +36,12 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
                    "(the image alone), flip (the image and its mirror: a mirrored copy finds its original; about "
                    "twice the network's time), flip+scales (both at 0.71, 1 and 1.41 times the size: 4 to 7 times "
                    "the time). Recorded in the index. [default: single, or the index's]")
+@click.option("--input-norm", type=click.Choice(INPUT_NORMS), default=None,
+              help="How each image is normalised before the network: weights (by the weights' own mean and "
+                   "standard deviation, as they were trained) or image (by the image's own, per channel: a "
+                   "brighter, darker, flatter or colour-cast copy finds its original; loses colour cues, so "
+                   "classes that differ by colour are told apart less well). Recorded in the index. "
+                   "[default: weights, or the index's]")
 @click.option("--weights", default=None, metavar="imagenet|random|PATH",
               help="ImageNet weights (downloaded or from the torch hub cache), seeded random weights "
                    "(kept in the index folder), or a state dict file. [default: imagenet, or the index's]")
@@ -101,7 +107,7 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
                    "exit 1 when something is wrong. Damaged vectors are marked for the next run to extract again.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each skipped file and other details.")
-def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, views, weights, seed, normalize, device, precision, decode, batch_size, workers,  # noqa: ANN001
+def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, views, input_norm, weights, seed, normalize, device, precision, decode, batch_size, workers,  # noqa: ANN001
          max_file_mb: float, ray_address: str | None, index_type: str | None, rebuild_index: bool, nprobe: int | None,
          ef_search: int | None, recall_queries: int | None, auto_flat_max: int | None, whiten: bool | None,
          whiten_dim: int | None, dba: int | None, check: bool, as_json: bool, verbose: bool) -> None:
@@ -158,7 +164,7 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
                                    recall_queries=recall_queries, rebuild=rebuild_index, whiten=whiten,
                                    whiten_dim=whiten_dim, dba=dba)
     cfg = JobConfig(data_dir=data_dir, index_dir=index_dir, db_url=db_url, model=model, layer=layer, views=views,
-                    weights=weights,
+                    input_norm=input_norm, weights=weights,
                     normalize=normalize, seed=seed, device=device, precision=precision, decode=decode,
                     batch_size=parse_batch_size(batch_size),
                     workers=workers, max_file_bytes=int(max_file_mb * 2**20), progress=not as_json, ray=ray_address,
@@ -286,7 +292,8 @@ def summary_json(report) -> str:  # noqa: ANN001 - indexer.run.RunReport
 
 def _announce(extractor) -> None:  # noqa: ANN001 - FeatureExtractor
     views = "" if extractor.views == "single" else f", {extractor.views} views averaged"
-    click.echo(f"network: {extractor.model} {extractor.layer}{views} on {extractor.device}", err=True)
+    norm = "" if extractor.preprocessing.input_norm == "weights" else ", each image normalised by its own statistics"
+    click.echo(f"network: {extractor.model} {extractor.layer}{views}{norm} on {extractor.device}", err=True)
 
 
 def _print_report(r) -> None:  # noqa: ANN001 - indexer.run.RunReport

@@ -14,7 +14,8 @@ from retrieval.names import DEFAULT_RANDOM_SEED, POOLED_INPUT, POOLED_LAYERS
 from retrieval.system import available_cores, display_name, gpu_present
 from retrieval.vectors.index_types import IndexTypeConfig
 
-DEFAULTS = {"model": "alexnet", "layer": "fc7", "views": "single", "weights": IMAGENET, "normalize": True}
+DEFAULTS = {"model": "alexnet", "layer": "fc7", "views": "single", "input_norm": "weights", "weights": IMAGENET,
+            "normalize": True}
 
 MAX_WORKERS_CPU = 8    # decoding processes by default when the network runs on the CPU
 
@@ -39,6 +40,8 @@ class JobConfig:
     layer: str | None = None
     views: str | None = None          # the descriptor of the image alone ("single"), or averaged over "flip" or
                                       # "flip+scales" views (retrieval.names.VIEWS)
+    input_norm: str | None = None     # the network's input normalised by the weights' mean and std ("weights") or by
+                                      # each image's own ("image"; retrieval.names.INPUT_NORMS)
     weights: WeightsChoice | str | None = None   # "imagenet", "random" or a state dict path (text: parsed)
     normalize: bool | None = None     # L2-normalise vectors
     seed: int | None = None           # for --weights random; None: DEFAULT_RANDOM_SEED, or the index's
@@ -90,11 +93,11 @@ class RunReport:
 def resolve_settings(cfg: JobConfig, stored: IndexSettings | None) -> dict:
     """Choose model/layer/views/weights/normalize/seed: explicit options must agree with an existing index.
 
-    -> {"model", "layer", "views", "weights" (a WeightsChoice, a file's path absolute), "normalize", "seed",
+    -> {"model", "layer", "views", "input_norm", "weights" (a WeightsChoice, a file's path absolute), "normalize", "seed",
     "data_dir"}."""
     data_dir = str(Path(cfg.data_dir).resolve())
     chosen = {}
-    for key in ("model", "layer", "views", "weights", "normalize", "seed"):
+    for key in ("model", "layer", "views", "input_norm", "weights", "normalize", "seed"):
         asked = getattr(cfg, key)
         if stored is None:
             chosen[key] = ({**DEFAULTS, "seed": DEFAULT_RANDOM_SEED}[key]) if asked is None else asked
@@ -123,7 +126,8 @@ def describe_network(settings: IndexSettings | None) -> dict | None:
     if settings is None:
         return None
     return {"model": settings.model, "layer": settings.layer, "views": settings.views,
-            "weights": weights_label(settings), "dim": settings.dim, "normalize": settings.normalize}
+            "input_norm": settings.input_norm, "weights": weights_label(settings), "dim": settings.dim,
+            "normalize": settings.normalize}
 
 
 

@@ -29,7 +29,8 @@ def load_network(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None,
             precision = precision_for_index(recorded, resolve_device(device))
         extractor, identity = build_extractor(chosen["model"], chosen["layer"], chosen["weights"], cfg.index_dir,
                                               device, seed=chosen["seed"], create=stored is None,
-                                              precision=precision, views=chosen["views"])
+                                              precision=precision, views=chosen["views"],
+                                              input_norm=chosen["input_norm"])
     except WeightsUnavailable as exc:
         raise ConfigError(weights_error_message(exc)) from exc
     except PrecisionUnavailable as exc:

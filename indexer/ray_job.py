@@ -155,7 +155,7 @@ class NetworkActor:
             extractor, identity = build_extractor(settings.model, settings.layer, settings.weights_choice, Path(index_dir),
                                                   device, seed=settings.seed,
                                                   precision=precision_for_index(precision, resolve_device(device)),
-                                                  views=settings.views)
+                                                  views=settings.views, input_norm=settings.input_norm)
         except WeightsUnavailable as exc:
             raise NetworkOnNodeError(f"node {socket.gethostname()}: {exc} (every node must see the index "
                                      f"folder {index_dir} and the weights at the same paths)") from None

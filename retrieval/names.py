@@ -12,6 +12,8 @@ POOLED_INPUT = 224                       # pooled layers see the image's shorter
 LAYERS = FC_LAYERS + POOLED_LAYERS       # what --layer takes (retrieval.features.descriptors makes the pooled ones)
 VIEWS = ("single", "flip", "flip+scales")   # a descriptor from the image alone, averaged with its mirror's, or over
                                          # the image and its mirror at three scales (retrieval.features.descriptors)
+INPUT_NORMS = ("weights", "image")       # the network's input normalised by the weights' own mean and std, or by each
+                                         # image's own (retrieval.images.decode.Preprocessing.normalise)
 INDEX_DIR_ENV = "RETRIEVAL_INDEX_DIR"    # default index folder for every command and the server
 DB_URL_ENV = "RETRIEVAL_DB_URL"          # the catalog's SQLAlchemy URL for every command and the server (default: SQLite)
 DEFAULT_KS = (1, 5, 10)                  # neighbours for precision@k and the kNN vote in evaluations

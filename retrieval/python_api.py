@@ -69,7 +69,7 @@ class Index:
         snapshot = self._index.snapshot()
         s = snapshot.settings
         return IndexInfo(self.index_dir, snapshot.data_dir, s.model, s.layer, weights_label(s), s.dim, s.normalize,
-                         len(snapshot.vectors), snapshot.catalog.labels(), s.views)
+                         len(snapshot.vectors), snapshot.catalog.labels(), s.views, s.input_norm)
 
     @property
     def data_dir(self) -> Path:

@@ -144,7 +144,8 @@ def network_text(about: dict) -> str:
     """"index (alexnet fc7, weights random, 4096-d)" for an evaluation's "index" entry ("alexnet conv5-gem with flip
     views, ..." for a descriptor averaged over views)."""
     views = about.get("views", "single")
-    return (f"{about['dir']} ({about['model']} {about['layer']}{'' if views == 'single' else f' with {views} views'}, "
+    norm = ", input normalised per image" if about.get("input_norm") == "image" else ""
+    return (f"{about['dir']} ({about['model']} {about['layer']}{'' if views == 'single' else f' with {views} views'}{norm}, "
             f"weights {about.get('weights_label', about['weights'])}, {about['dim']}-d)")
 
 

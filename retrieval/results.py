@@ -93,6 +93,7 @@ class IndexInfo:
     count: int                        # images in the index
     labels: dict[str | None, int]     # images per label (None: unlabelled)
     views: str = "single"             # descriptors of the image alone, or averaged over "flip" / "flip+scales" views
+    input_norm: str = "weights"       # input normalised by the weights' mean and std, or by each image's own ("image")
 
 
 # --- HTML -------------------------------------------------------------------------------------------

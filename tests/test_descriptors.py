@@ -112,8 +112,10 @@ def test_with_flip_an_image_and_its_mirror_have_the_same_descriptor(alexnet_stat
 
 def test_flip_averages_the_image_and_its_mirror(alexnet_state):
     pixels = photo_like(7)
-    single = FeatureExtractor("alexnet", "conv5-gem", alexnet_state, torch.device("cpu"))
-    averaged = FeatureExtractor("alexnet", "conv5-gem", alexnet_state, torch.device("cpu"), views="flip")
+    # one precision for both (auto's probe, run per layer and views, may choose bf16 for one and fp32 for the other)
+    single = FeatureExtractor("alexnet", "conv5-gem", alexnet_state, torch.device("cpu"), precision="fp32")
+    averaged = FeatureExtractor("alexnet", "conv5-gem", alexnet_state, torch.device("cpu"), precision="fp32",
+                                views="flip")
     both = (single(pixels) + single(torch.flip(pixels, dims=(3,)))) / 2
     assert torch.allclose(averaged(pixels), both, atol=1e-5)
 
@@ -142,8 +144,8 @@ def test_an_index_records_its_layer_and_views_and_a_query_finds_the_image_itself
     summary = run_json(runner, index_images, [str(collection), "--index-dir", index_dir, "--weights", "random",
                                               "--workers", "0", "--layer", layer, "--views", views, "--json"])
     dim = feature_dim("alexnet", layer)
-    assert summary["network"] == {"model": "alexnet", "layer": layer, "views": views, "weights": "random",
-                                  "dim": dim, "normalize": True}
+    assert summary["network"] == {"model": "alexnet", "layer": layer, "views": views, "input_norm": "weights",
+                                  "weights": "random", "dim": dim, "normalize": True}
     again = run_json(runner, index_images, [str(collection), "--index-dir", index_dir, "--json"])   # the index's own
     assert again["unchanged"] == 6 and again["network"] == summary["network"]
 

@@ -21,6 +21,7 @@ from retrieval.catalog.schema import (Base, ExtractionRow, FaissDigestRow, Faiss
                                       SkippedRow, VectorIndexRow, VectorsSavedRow, WeightsTrainingRow, blob_to_vector,
                                       utcnow, vector_checksum, vector_to_blob)
 from retrieval.features.weights import WeightsChoice
+from retrieval.images.decode import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,11 @@ class IndexSettings:
     def weights_choice(self) -> WeightsChoice:
         """weights as the typed choice (weights itself is the text the catalog keeps)."""
         return WeightsChoice.parse(self.weights)
+
+    @property
+    def input_norm(self) -> str:
+        """How the network's input is normalised: "weights" or "image" (kept in the preprocessing record)."""
+        return Preprocessing.from_record(self.preprocessing).input_norm
 
 
 def weights_label(settings: IndexSettings) -> str:

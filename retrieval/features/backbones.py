@@ -21,7 +21,7 @@ from retrieval.features.precision import PRECISIONS, bf16_faster, cpu_bf16_instr
 from retrieval.files import atomic_write
 from retrieval.features.weights import WeightsChoice, WeightsUnavailable
 from retrieval.images.decode import Preprocessing
-from retrieval.names import DEFAULT_RANDOM_SEED, LAYERS, MODEL_NAMES, POOLED_INPUT, VIEWS, random_weights_file
+from retrieval.names import DEFAULT_RANDOM_SEED, INPUT_NORMS, LAYERS, MODEL_NAMES, POOLED_INPUT, VIEWS, random_weights_file
 
 DOWNLOAD_PROBE_TIMEOUT_S = 10.0   # the ImageNet weights' address must answer this soon, or they count as offline
 
@@ -50,13 +50,15 @@ class DeviceUnavailable(RuntimeError):
     """The requested device (a CUDA GPU) is not there."""
 
 
-def preprocessing_for(model: str, layer: str = "fc7") -> Preprocessing:
+def preprocessing_for(model: str, layer: str = "fc7", input_norm: str = "weights") -> Preprocessing:
     """Preprocessing from the ImageNet weights' own transforms (used for every weights choice). A pooled layer
     takes the centre square of the whole shorter side (POOLED_INPUT) instead of the 224 cut from 256: it needs no
-    fixed input size, and keeps more of the picture."""
+    fixed input size, and keeps more of the picture. input_norm: retrieval.names.INPUT_NORMS."""
+    assert input_norm in INPUT_NORMS, f"unknown input normalisation {input_norm!r}"
     t = MODELS[model].imagenet.transforms()
     resize, crop = (POOLED_INPUT, POOLED_INPUT) if is_pooled(layer) else (int(t.resize_size[0]), int(t.crop_size[0]))
-    return Preprocessing(resize_size=resize, crop_size=crop, mean=tuple(t.mean), std=tuple(t.std))
+    return Preprocessing(resize_size=resize, crop_size=crop, mean=tuple(t.mean), std=tuple(t.std),
+                         input_norm=input_norm)
 
 
 def imagenet_cache_path(model: str) -> Path:
@@ -191,7 +193,8 @@ _PROBED: dict[tuple[str, str, str], tuple[bool, dict]] = {}   # (model, layer, v
 
 class FeatureExtractor:
     """A backbone cut at fc6/fc7 (after its ReLU) or at its last conv block, pooled (retrieval.names.LAYERS), in
-    eval mode, on one device; views: the descriptor of the image alone, or averaged over its mirror (and scales).
+    eval mode, on one device; views: the descriptor of the image alone, or averaged over its mirror (and scales);
+    input_norm: the input normalised by the weights' mean and std, or by each image's own (Preprocessing).
 
     Call it with uint8 images, shape=(B, 3, 224, 224), on the CPU or already on the device; get float32
     features, shape=(B, D), on the CPU. Normalisation and dtype conversion happen on the device. precision:
@@ -201,12 +204,12 @@ class FeatureExtractor:
     """
 
     def __init__(self, model: str, layer: str, state_dict: dict[str, torch.Tensor], device: torch.device,
-                 precision: str = "auto", views: str = "single"):
+                 precision: str = "auto", views: str = "single", input_norm: str = "weights"):
         assert model in MODELS, f"unknown model {model!r}"
         assert layer in LAYERS, f"unknown layer {layer!r}"
         assert views in VIEWS, f"unknown views {views!r}"
         self.model, self.layer, self.views, self.device = model, layer, views, device
-        self.preprocessing = preprocessing_for(model, layer)
+        self.preprocessing = preprocessing_for(model, layer, input_norm)
         self.largest_input = round(self.preprocessing.crop_size * largest_scale(views))   # side of the largest view
         self.probe: dict | None = None   # auto on a CPU with bf16 units: the start-up probe's medians, ms
         precision = resolve_precision(precision, device)
@@ -358,11 +361,12 @@ def cut_at(net: nn.Module, node: str) -> nn.Sequential:
 
 def build_extractor(model: str, layer: str, weights: WeightsChoice | str, index_dir: Path | None, device: str = "auto", *,
                     seed: int = DEFAULT_RANDOM_SEED, create: bool = False,
-                    precision: str = "auto", views: str = "single") -> tuple[FeatureExtractor, str]:
+                    precision: str = "auto", views: str = "single",
+                    input_norm: str = "weights") -> tuple[FeatureExtractor, str]:
     """-> (extractor, weights identity)."""
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
     torch_device = resolve_device(device)
     resolve_precision(precision, torch_device)    # refused before the weights are loaded
     state, identity = load_state_dict(model, weights, index_dir, seed=seed, create=create)
-    return FeatureExtractor(model, layer, state, torch_device, precision, views), identity
+    return FeatureExtractor(model, layer, state, torch_device, precision, views, input_norm), identity

@@ -309,7 +309,7 @@ class ImageIndex:
         elif self.load_network:
             extractor, identity = build_extractor(settings.model, settings.layer, settings.weights_choice, self.index_dir,
                                                   self.device, seed=settings.seed, precision=precision,
-                                                  views=settings.views)
+                                                  views=settings.views, input_norm=settings.input_norm)
             if identity != settings.weights_identity:
                 raise WeightsMismatch(
                     f"the weights available now ({_public_identity(identity)}) are not the ones this index was "
