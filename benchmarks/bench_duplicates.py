@@ -5,17 +5,20 @@ Quality, for each seed: a flat folder of real photos (benchmarks/real_photos.py)
 downscale, 7-degree rotation, greyscale, blur), and DISTRACTORS other crops of the same photos, each overlapping any
 other crop of its photo by less than MAX_IOU (so a distractor is no copy of an original, nor of another distractor).
 Truth: each original with its copies is one group. The folder is indexed with `index-images --weights random`
-(AlexNet fc7, the CPU), then `find-duplicates --json` at its defaults (threshold calibrated on the collection)
-gives groups; imagededup's PHash, DHash, WHash and AHash at their defaults (max_distance_threshold 10) give each
+(AlexNet fc7, the CPU; --index-options adds index-images options, e.g. "--views flip"), then `find-duplicates
+--json` at its defaults (threshold calibrated on the collection; complete-linkage groups) gives groups, and the same
+in process with the old rule (grouping="connected": pairs joined through each other, calibrated at F-beta 0.5) for
+comparison; imagededup's PHash, DHash, WHash and AHash at their defaults (max_distance_threshold 10) give each
 file's duplicates. Scored by pair precision/recall/F1 (a pair: two files in one group; for the hashes, two files
 one names as the other's duplicate). find-duplicates' settings (whitening dimension, the calibration's F-beta and
 neighbours) were chosen on seed 0: seeds 1.. are held out.
 
 Timing: random unit vectors of the whitened dimension (N of them, a tenth of them with a near copy planted), the
 grouping step as find-duplicates runs it (FAISS exact range search up to EXACT_MAX vectors, IVF k-NN above; then
-the groups), medians of --repeats runs; and the whitening's cost per 4096-d vector, so the whole at N is the sum.
+the complete-linkage groups; the connected components' time beside it), medians of --repeats runs; and the
+whitening's cost per 4096-d vector, so the whole at N is the sum.
 
-    python benchmarks/bench_duplicates.py --seeds 0 1 2 --sizes 10000 100000 1000000
+    python benchmarks/bench_duplicates.py --seeds 0 1 2 --sizes 10000 100000 1000000 --index-options "--views flip"
 
 Prints the tables and saves JSON under benchmarks/results/.
 """
@@ -26,6 +29,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -43,7 +47,8 @@ from PIL import Image  # noqa: E402
 from benchmarks.real_photos import real_photos  # noqa: E402
 from retrieval.images.edits import edited_copies  # noqa: E402
 from retrieval.system import available_cores  # noqa: E402
-from retrieval.vectors.duplicates import DEFAULT_WHITEN_DIM, EXACT_MAX, close_pairs, connected_groups, pair_scores  # noqa: E402
+from retrieval.vectors.duplicates import (DEFAULT_GROUPING, DEFAULT_WHITEN_DIM, EXACT_MAX, GROUPINGS,  # noqa: E402
+                                          close_pairs, pair_scores)
 from retrieval.vectors.whitening import learn_whitening, whiten  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -97,19 +102,35 @@ def make_set(folder: Path, seed: int, distractors: int = DISTRACTORS) -> list[li
     return groups
 
 
-def run_find_duplicates(data: Path, index: Path) -> tuple[list[list[str]], dict, float, float]:
-    """index-images --weights random, then find-duplicates --json -> (groups of file names, threshold, seconds to
-    index, seconds to group)."""
+def run_find_duplicates(data: Path, index: Path, index_options: list[str],
+                        ) -> tuple[list[list[str]], dict, float, float]:
+    """index-images --weights random [index_options], then find-duplicates --json -> (groups of file names,
+    threshold, seconds to index, seconds to group)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INDEX_IMAGES_", "FIND_DUPLICATES_"))}
     t0 = time.perf_counter()
-    subprocess.run([str(BIN / "index-images"), str(data), "--index-dir", str(index), "--weights", "random"],
-                   check=True, capture_output=True, env=env)
+    subprocess.run([str(BIN / "index-images"), str(data), "--index-dir", str(index), "--weights", "random",
+                    *index_options], check=True, capture_output=True, env=env)
     t1 = time.perf_counter()
     out = subprocess.run([str(BIN / "find-duplicates"), "--index-dir", str(index), "--json"], check=True,
                          capture_output=True, text=True, env=env)
     t2 = time.perf_counter()
     doc = json.loads(out.stdout)
     return [[m["path"] for m in g] for g in doc["groups"]], doc["threshold"], t1 - t0, t2 - t1
+
+
+def run_old_rule(index: Path) -> tuple[list[list[str]], float, float]:
+    """find-duplicates' library call with the rule it had before complete linkage (grouping="connected", calibrated
+    with that rule's F-beta) -> (groups of file names, threshold, seconds)."""
+    from retrieval.search.duplicates import find_duplicates
+    from retrieval.search.index import ImageIndex
+
+    t0 = time.perf_counter()
+    opened = ImageIndex(index)
+    try:
+        result = find_duplicates(opened, grouping="connected")
+    finally:
+        opened.close()
+    return [[m.path for m in g] for g in result.groups], result.threshold.value, time.perf_counter() - t0
 
 
 def run_hash(method: str, data: Path) -> tuple[list[list[str]], float]:
@@ -121,7 +142,7 @@ def run_hash(method: str, data: Path) -> tuple[list[list[str]], float]:
     return [[a, b] for a, dups in found.items() for b in dups], time.perf_counter() - t0
 
 
-def quality(seeds: list[int]) -> list[dict]:
+def quality(seeds: list[int], index_options: list[str]) -> list[dict]:
     rows = []
     for seed in seeds:
         with tempfile.TemporaryDirectory(prefix="bench-dupes-") as tmp:
@@ -130,11 +151,16 @@ def quality(seeds: list[int]) -> list[dict]:
             files = sorted(p.name for p in data.iterdir())
             number = {name: i for i, name in enumerate(files)}
             as_ids = lambda groups: [[number[n] for n in g] for g in groups]   # noqa: E731
-            groups, threshold, index_s, group_s = run_find_duplicates(data, index)
+            groups, threshold, index_s, group_s = run_find_duplicates(data, index, index_options)
             score = pair_scores(as_ids(groups), as_ids(truth))
+            old_groups, old_threshold, old_s = run_old_rule(index)
             row = {"seed": seed, "held_out": seed != 0, "images": len(files), "true_pairs": score["true_pairs"],
-                   "find_duplicates": {**score, "threshold": threshold["value"], "index_s": round(index_s, 1),
-                                       "group_s": round(group_s, 1)}}
+                   "find_duplicates": {**score, "threshold": threshold["value"], "grouping": DEFAULT_GROUPING,
+                                       "groups": len(groups), "grouped_images": sum(map(len, groups)),
+                                       "index_s": round(index_s, 1), "group_s": round(group_s, 1)},
+                   "old_rule": {**pair_scores(as_ids(old_groups), as_ids(truth)), "threshold": old_threshold,
+                                "grouping": "connected", "groups": len(old_groups),
+                                "grouped_images": sum(map(len, old_groups)), "group_s": round(old_s, 1)}}
             for method in HASHES:
                 pairs, seconds = run_hash(method, data)
                 row[method] = {**pair_scores(as_ids(pairs), as_ids(truth)), "seconds": round(seconds, 1)}
@@ -142,8 +168,8 @@ def quality(seeds: list[int]) -> list[dict]:
             row["best_hash"] = best
             row["margin_over_best_hash"] = score["f1"] - row[best]["f1"]
             rows.append(row)
-            print(f"seed {seed}: find-duplicates F1 {score['f1']:.3f}, best hash {best} {row[best]['f1']:.3f}",
-                  flush=True)
+            print(f"seed {seed}: find-duplicates F1 {score['f1']:.3f} (old rule {row['old_rule']['f1']:.3f}), "
+                  f"best hash {best} {row[best]['f1']:.3f}", flush=True)
     return rows
 
 
@@ -166,16 +192,24 @@ def timing(sizes: list[int], repeats: int, threshold: float, whitening: bool = T
             if path == "exact" and n > max(EXACT_MAX, 100_000):
                 continue
             exact_max = n if path == "exact" else 0
-            times, pairs = [], None
+            times, group_times, pairs = [], {rule: [] for rule in GROUPINGS}, None
             for _ in range(repeats if n <= 100_000 else max(1, repeats - 1)):
                 t0 = time.perf_counter()
                 p, _ = close_pairs(x, threshold, exact_max=exact_max)
-                groups = connected_groups(n, p.tolist())
-                times.append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                for rule, group in GROUPINGS.items():
+                    t2 = time.perf_counter()
+                    found = group(x, p, threshold)
+                    group_times[rule].append(time.perf_counter() - t2)
+                    if rule == DEFAULT_GROUPING:
+                        groups = found
+                times.append(t1 - t0 + group_times[DEFAULT_GROUPING][-1])
                 pairs = p
             rows.append({"vectors": n, "search": path, "seconds": statistics.median(times), "runs": times,
-                         "pairs": int(len(pairs)), "groups": len(groups)})
-            print(f"{n:>9} {path:>6} {statistics.median(times):8.2f} s  {len(pairs)} pairs", flush=True)
+                         "grouping": DEFAULT_GROUPING, "pairs": int(len(pairs)), "groups": len(groups),
+                         "group_s": {rule: statistics.median(t) for rule, t in group_times.items()}})
+            print(f"{n:>9} {path:>6} {statistics.median(times):8.2f} s  {len(pairs)} pairs; grouping "
+                  + ", ".join(f"{rule} {statistics.median(t):.3f} s" for rule, t in group_times.items()), flush=True)
         if n <= 100_000 and any(r["vectors"] == n and r["search"] == "exact" for r in rows):
             ex = next(r for r in rows if r["vectors"] == n and r["search"] == "exact")
             iv = next(r for r in rows if r["vectors"] == n and r["search"] == "ivf")
@@ -201,23 +235,28 @@ def main() -> None:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-whitening", action="store_true", help="time the grouping step only")
+    parser.add_argument("--index-options", default="", metavar='"OPTIONS"',
+                        help='options passed verbatim to index-images, e.g. "--views flip"')
     args = parser.parse_args()
     result: dict = {"machine": {"cores": available_cores(), "cpu": platform.processor() or platform.machine(),
                                 "platform": platform.platform()},
-                    "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+                    "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "index_options": args.index_options}
     if not args.skip_quality:
-        result["quality"] = quality(args.seeds)
-        print(f"\n{'seed':>4} {'images':>6}  {'method':<16}{'precision':>10}{'recall':>8}{'F1':>7}{'seconds':>9}")
+        result["quality"] = quality(args.seeds, shlex.split(args.index_options))
+        print(f"\nindex-images --weights random {args.index_options}".rstrip())
+        print(f"{'seed':>4} {'images':>6}  {'method':<22}{'threshold':>10}{'precision':>10}{'recall':>8}{'F1':>7}"
+              f"{'seconds':>9}")
         for row in result["quality"]:
-            fd = row["find_duplicates"]
-            name = f"find-duplicates{'' if row['held_out'] else '*'}"
-            print(f"{row['seed']:>4} {row['images']:>6}  {name:<16}{fd['precision']:>10.3f}{fd['recall']:>8.3f}"
-                  f"{fd['f1']:>7.3f}{fd['group_s']:>9.1f}")
+            star = "" if row["held_out"] else "*"
+            for name, r in ((f"find-duplicates{star}", row["find_duplicates"]),
+                            (f"  old rule (connected){star}", row["old_rule"])):
+                print(f"{row['seed']:>4} {row['images']:>6}  {name:<22}{r['threshold']:>10.3f}{r['precision']:>10.3f}"
+                      f"{r['recall']:>8.3f}{r['f1']:>7.3f}{r['group_s']:>9.1f}")
             for m in HASHES:
                 r = row[m]
-                print(f"{'':>4} {'':>6}  {m:<16}{r['precision']:>10.3f}{r['recall']:>8.3f}{r['f1']:>7.3f}"
+                print(f"{'':>4} {'':>6}  {m:<22}{'':>10}{r['precision']:>10.3f}{r['recall']:>8.3f}{r['f1']:>7.3f}"
                       f"{r['seconds']:>9.1f}")
-        print("* seed 0: the set find-duplicates' settings were chosen on")
+        print("* seed 0: the set find-duplicates' settings (grouping rule, F-beta) were chosen on")
     if not args.skip_timing:
         result["timing"] = timing(args.sizes, args.repeats, threshold=0.4, whitening=not args.skip_whitening)
         w = result["timing"].get("whitening")

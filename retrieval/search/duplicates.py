@@ -15,8 +15,9 @@ from retrieval.catalog.catalog import ImageRecord
 from retrieval.images.decode import DECODE_ERRORS, ImageDecodeError, open_rgb
 from retrieval.images.edits import EDITS, edited_copies
 from retrieval.search.index import ImageIndex, IndexSnapshot
-from retrieval.vectors.duplicates import (DEFAULT_WHITEN_DIM, ThresholdChoice, choose_threshold, close_pairs,
-                                          connected_groups, pair_scores, WHITEN_TRAIN_MAX)
+from retrieval.vectors.duplicates import (DEFAULT_GROUPING, DEFAULT_WHITEN_DIM, GROUPING_BETA, GROUPINGS,
+                                          ThresholdChoice, choose_threshold, close_pairs, pair_scores,
+                                          WHITEN_TRAIN_MAX)
 from retrieval.vectors.whitening import learn_whitening, whiten
 
 log = logging.getLogger(__name__)
@@ -155,11 +156,12 @@ def _sample_records(snapshot: IndexSnapshot, ids: np.ndarray, n: int, seed: int,
 
 
 def calibrate(snapshot: IndexSnapshot, vectors: CollectionVectors, same_file: dict[str, list[int]],
-              images: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED) -> Threshold:
+              images: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED,
+              grouping: str = DEFAULT_GROUPING) -> Threshold:
     """Choose the threshold on the collection itself: edited copies of a sample of its images give copy distances
     (each copy to its image), each sampled image's nearest other images (byte copies left out) give non-copy
-    distances, and the cut that best separates the two is the threshold. same_file: see same_file_rows.
-    Raises DuplicatesError."""
+    distances, and the cut that best separates the two (by the F-beta of GROUPING_BETA[grouping]) is the threshold.
+    same_file: see same_file_rows. Raises DuplicatesError."""
     records = _sample_records(snapshot, vectors.ids, images, seed)
     used, copies, edits = edited_copy_vectors(snapshot, records, seed)
     if not used:
@@ -175,7 +177,7 @@ def calibrate(snapshot: IndexSnapshot, vectors: CollectionVectors, same_file: di
         d[same_file.get(rec.sha256, [rows[rec.id]])] = np.inf                       # itself and its byte copies
         nearest = np.sort(d)[:NEIGHBOURS]
         neighbour_d.extend(nearest[np.isfinite(nearest)])
-    choice = choose_threshold(copy_d, np.array(neighbour_d))
+    choice = choose_threshold(copy_d, np.array(neighbour_d), GROUPING_BETA[grouping])
     log.info("calibrated threshold %.4f on %d copies, %d neighbour distances", choice.threshold, choice.copies,
              choice.neighbours)
     return Threshold(choice.threshold, "calibrated", choice, len(used))
@@ -198,28 +200,41 @@ def _records(snapshot: IndexSnapshot, ids: np.ndarray) -> dict[int, ImageRecord]
     return out
 
 
-def group_rows(white: np.ndarray, threshold: float, same_file: list[list[int]]) -> list[list[int]]:
-    """Rows of white (whitened vectors) closer than threshold, joined through each other, and rows holding the
-    same file (lists of rows), always -> groups of rows."""
+def group_rows(white: np.ndarray, threshold: float, same_file: list[list[int]],
+               grouping: str = DEFAULT_GROUPING) -> list[list[int]]:
+    """Rows of white (whitened vectors) grouped by the rule GROUPINGS[grouping] at threshold ("complete": every two
+    rows of a group closer than it; "connected": rows closer than it, joined through each other), and rows holding
+    the same file (lists of rows) always in one group -> groups of rows.
+
+    Each same-file list is grouped as its first row (the others' pairs move to it), then comes back whole."""
     pairs, _ = close_pairs(white, threshold)
-    sha_pairs = [(g[0], r) for g in same_file for r in g[1:]]
-    return connected_groups(len(white), [*map(tuple, pairs.tolist()), *sha_pairs])
+    first = np.arange(len(white))
+    for g in same_file:
+        first[g] = g[0]
+    pairs = np.unique(np.sort(first[pairs], axis=1), axis=0) if len(pairs) else pairs
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]                             # pairs within one file's rows go
+    grouped = GROUPINGS[grouping](white, pairs, threshold)
+    rest = {g[0]: g for g in same_file}
+    groups = [sorted(r for row in g for r in rest.pop(row, [row])) for g in grouped]
+    return groups + [sorted(g) for g in rest.values()]
 
 
 def find_duplicates(index: ImageIndex, *, threshold: float | None = None, dim: int = DEFAULT_WHITEN_DIM,
-                    calibration_images: int = CALIBRATION_IMAGES) -> DuplicateGroups:
-    """Groups of near-duplicate images of an index: whitened catalog vectors closer than the threshold (calibrated on
-    the collection when not given), and byte-identical files (same sha256) always. Each group starts with its
-    suggested keeper (keeper_order); groups come largest first. Nothing is changed. Raises DuplicatesError."""
+                    calibration_images: int = CALIBRATION_IMAGES, grouping: str = DEFAULT_GROUPING,
+                    ) -> DuplicateGroups:
+    """Groups of near-duplicate images of an index: images whose whitened catalog vectors are all closer than the
+    threshold to one another (calibrated on the collection when not given; grouping "connected": joined pair by pair
+    instead), and byte-identical files (same sha256) always. Each group starts with its suggested keeper
+    (keeper_order); groups come largest first. Nothing is changed. Raises DuplicatesError."""
     snapshot = index.snapshot()
     vectors = collection_vectors(snapshot, dim)
     records = _records(snapshot, vectors.ids)
     by_content = same_file_rows(records, vectors)
-    chosen = calibrate(snapshot, vectors, by_content, calibration_images) if threshold is None \
+    chosen = calibrate(snapshot, vectors, by_content, calibration_images, grouping=grouping) if threshold is None \
         else Threshold(float(threshold), "given", None)
     same_file = [g for g in by_content.values() if len(g) > 1]
     groups = []
-    for rows in group_rows(vectors.white, chosen.value, same_file):
+    for rows in group_rows(vectors.white, chosen.value, same_file, grouping):
         members = sorted((records[int(vectors.ids[r])] for r in rows), key=keeper_order)
         keep = vectors.white[vectors.rows[members[0].id]]
         groups.append([DuplicateImage(m.id, m.path, m.label, m.width, m.height, m.size, m.mtime_ns, m.sha256,

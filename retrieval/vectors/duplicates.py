@@ -1,16 +1,25 @@
 """Near-duplicate groups from feature vectors, as pure functions of arrays (the whitening they are compared in is
-retrieval.vectors.whitening's learn_whitening): pairs within a distance threshold (FAISS range search or k-NN), groups (connected pairs), the threshold chosen from
-copy and non-copy distances, and pair precision/recall/F1 against known groups."""
+retrieval.vectors.whitening's learn_whitening): pairs within a distance threshold (FAISS range search or k-NN),
+groups (complete linkage within the pairs' connected components, or the components themselves), the threshold
+chosen from copy and non-copy distances, and pair precision/recall/F1 against known groups."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Iterable, Sequence
 
 import faiss
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 DEFAULT_WHITEN_DIM = 32     # dimensions kept by the grouping's whitening (16-192 measured; see docs/duplicates.md)
-THRESHOLD_BETA = 0.5        # the calibration's F-beta: precision weighs double (chosen on one benchmark set)
+# grouping rule -> the calibration's F-beta that goes with it (chosen together on bench_duplicates' seed 0, see
+# docs/duplicates.md): "complete" (every two images of a group closer than the threshold) takes the balanced cut;
+# "connected" (pairs joined through each other) needs precision weighed double, as one false pair merges two groups
+GROUPING_BETA = {"complete": 1.0, "connected": 0.5}
+DEFAULT_GROUPING = "complete"
+LINKAGE_MAX = 4096          # complete linkage takes a component of up to this many rows at once (m^2 / 2 distances)
 WHITEN_TRAIN_MAX = 50_000   # vectors the whitening is learned on (a random sample above that)
 EXACT_MAX = 50_000          # up to this many vectors the pairs come from an exact range search; above, IVF k-NN
 APPROX_K = 16               # neighbours looked at per vector by the approximate (k-NN) search
@@ -56,24 +65,82 @@ def close_pairs(vectors: np.ndarray, threshold: float, *, exact_max: int = EXACT
     return pairs, dists
 
 
+def _components(n: int, pairs: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """-> (the component label of each row 0..n-1, the components of two or more rows, each an ascending array)."""
+    import scipy.sparse
+    from scipy.sparse.csgraph import connected_components
+
+    graph = scipy.sparse.coo_matrix((np.ones(len(pairs), np.int32), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    order = np.argsort(labels, kind="stable")                       # rows by component, ascending within one
+    starts = np.flatnonzero(np.r_[True, np.diff(labels[order]) != 0])
+    sizes = np.diff(np.r_[starts, n])
+    return labels, [order[s:s + k] for s, k in zip(starts[sizes > 1], sizes[sizes > 1])]
+
+
+def _as_pairs(pairs: Iterable[Sequence[int]]) -> np.ndarray:
+    return np.asarray([tuple(p) for p in pairs] if not isinstance(pairs, np.ndarray) else pairs,
+                      dtype=np.int64).reshape(-1, 2)
+
+
 def connected_groups(n: int, pairs: Iterable[Sequence[int]]) -> list[list[int]]:
-    """Rows 0..n-1 joined by pairs -> the groups of two or more rows (each sorted; groups by their first row)."""
-    parent = list(range(n))
+    """Rows 0..n-1 joined by pairs, through each other -> the groups of two or more rows (each sorted; groups by their
+    first row). A chain a~b~c is one group however far a is from c."""
+    _, comps = _components(n, _as_pairs(pairs))
+    return sorted((c.tolist() for c in comps), key=lambda g: g[0])
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
 
-    for a, b in pairs:
-        ra, rb = root(int(a)), root(int(b))
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(root(i), []).append(i)
-    return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: g[0])
+def complete_groups(vectors: np.ndarray, pairs: Iterable[Sequence[int]], threshold: float, *,
+                    linkage_max: int = LINKAGE_MAX) -> list[list[int]]:
+    """Rows of vectors shape=(n, d) float32 joined by pairs (closer than threshold), split so that every two rows of a
+    group are closer than threshold: complete linkage (scipy), cut below threshold -> the groups of two or more rows
+    (each sorted; groups by their first row). A chain a~b~c with a and c threshold or more apart is not one group.
+
+    Worked per connected component of the pairs (most rows are in none, most components are pairs). A component of
+    more than linkage_max rows (thousands of images all alike) is cut into runs of linkage_max rows in
+    breadth-first order from its best-connected row first, each linked alone: its groups hold at most linkage_max."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import pdist
+
+    pairs = _as_pairs(pairs)
+    below = float(np.nextafter(np.float64(threshold), 0))   # fcluster keeps merges <= t; the pairs are < threshold
+    groups = []
+    for comp in _components(len(vectors), pairs)[1]:
+        if len(comp) == 2:      # its one pair is under the threshold
+            groups.append(comp.tolist())
+            continue
+        parts = [comp]
+        if len(comp) > linkage_max:
+            log.warning("%d images are all joined by near-duplicate pairs; grouped %d at a time", len(comp),
+                        linkage_max)
+            parts = _runs(comp, pairs, linkage_max)
+        for part in parts:
+            if len(part) < 2:
+                continue
+            labels = fcluster(linkage(pdist(vectors[part].astype(np.float64)), method="complete"), t=below,
+                              criterion="distance")                  # (m,) a flat cluster number per row
+            for label in np.unique(labels):
+                members = np.sort(part[labels == label])
+                if len(members) > 1:
+                    groups.append(members.tolist())
+    return sorted(groups, key=lambda g: g[0])
+
+
+def _runs(comp: np.ndarray, pairs: np.ndarray, size: int) -> list[np.ndarray]:
+    """The rows of one large component in breadth-first order from its row with the most pairs, cut every size."""
+    import scipy.sparse
+    from scipy.sparse.csgraph import breadth_first_order
+
+    inside = pairs[np.isin(pairs[:, 0], comp)]                        # both ends are in comp when one is
+    a, b = np.searchsorted(comp, inside[:, 0]), np.searchsorted(comp, inside[:, 1])   # comp is ascending
+    graph = scipy.sparse.coo_matrix((np.ones(len(a), np.int32), (a, b)), shape=(len(comp), len(comp))).tocsr()
+    start = int(np.argmax(np.bincount(np.r_[a, b], minlength=len(comp))))
+    order = breadth_first_order(graph, start, directed=False, return_predecessors=False)
+    return [comp[order[s:s + size]] for s in range(0, len(order), size)]
+
+
+GROUPINGS = {"complete": complete_groups,
+             "connected": lambda vectors, pairs, threshold: connected_groups(len(vectors), pairs)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +157,10 @@ class ThresholdChoice:
 
 
 def choose_threshold(copy_distances: np.ndarray, neighbour_distances: np.ndarray,
-                     beta: float = THRESHOLD_BETA) -> ThresholdChoice:
+                     beta: float = GROUPING_BETA[DEFAULT_GROUPING]) -> ThresholdChoice:
     """The threshold that best separates copy distances (an image to its edited copy) from non-copy neighbour
     distances (an image to its nearest other images): the cut maximising F-beta with the copies as positives.
-    beta < 1 weighs precision above recall: groups join through every pair, so one false pair merges two groups.
+    beta < 1 weighs precision above recall (GROUPING_BETA: the beta each grouping rule is calibrated with).
 
     copy_distances shape=(p,), neighbour_distances shape=(q,): L2 distances between whitened vectors."""
     pos = np.sort(np.asarray(copy_distances, dtype=np.float64))
