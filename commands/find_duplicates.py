@@ -18,8 +18,8 @@ from commands.options import (UserError, command_settings, damaged_catalog_error
 @index_dir_option
 @db_url_option
 @click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=None, metavar="DISTANCE",
-              help="Group images closer than this (L2 distance between whitened vectors, 0-2) instead of the "
-                   "threshold calibrated on the collection.  [default: calibrated]")
+              help="Group images all closer than this to one another (L2 distance between whitened vectors, 0-2) "
+                   "instead of the threshold calibrated on the collection.  [default: calibrated]")
 @click.option("--calibration-images", type=click.IntRange(min=1), default=24, show_default=True,
               help="Images of the collection whose edited copies calibrate the threshold.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
@@ -34,9 +34,9 @@ def main(index_dir: Path, db_url: str | None, threshold: float | None, calibrati
     brightened, scaled, rotated, greyscale, blurred) of one photo, and byte-identical files, which are always
     one group. Nothing is deleted or moved: each group names a suggested keeper (the largest, then the oldest).
 
-    Vectors are compared after a PCA whitening learned on the collection's own vectors. The distance under
-    which two images are one group is calibrated on the collection itself: edited copies of a sample of its
-    images are put through the index's network, and the threshold that separates their distances from the
+    Vectors are compared after a PCA whitening learned on the collection's own vectors. Every two images of a
+    group are closer than a threshold calibrated on the collection itself: edited copies of a sample of its
+    images are put through the index's network, and the distance that separates their distances from the
     distances between different images is used (printed; --threshold overrides it).
 
     Options can also be set by environment variables (FIND_DUPLICATES_THRESHOLD, ...; see docs/configuration.md).

@@ -18,7 +18,8 @@ from PIL import Image
 from helpers.indexes import build_index
 from retrieval.images.edits import edited_copies
 from retrieval.samples import make_sample_collection
-from retrieval.vectors.duplicates import choose_threshold, close_pairs, connected_groups, pair_scores
+from retrieval.vectors.duplicates import (choose_threshold, close_pairs, complete_groups, connected_groups,
+                                          pair_scores)
 from retrieval.vectors.whitening import learn_whitening, whiten
 
 BIN = Path(sys.executable).parent
@@ -169,6 +170,51 @@ def test_close_pairs_match_brute_force_exact_and_approximate():
 def test_groups_join_through_pairs():
     assert connected_groups(6, [(0, 1), (1, 2), (4, 5)]) == [[0, 1, 2], [4, 5]]
     assert connected_groups(3, []) == []
+
+
+def test_a_chain_of_near_images_is_not_one_group():
+    """Neighbouring crops of one photo: a~b, b~c, c~d each under the threshold, a and d far apart. Joined pair by
+    pair they would be one group; find-duplicates' groups keep every two members under the threshold."""
+    from retrieval.search.duplicates import group_rows
+
+    x = np.array([[0, 0], [0.3, 0], [0.6, 0], [0.9, 0], [5, 5], [5.1, 5]], np.float32)
+    assert connected_groups(len(x), close_pairs(x, 0.4)[0]) == [[0, 1, 2, 3], [4, 5]], "the chain the old rule made"
+    groups = group_rows(x, 0.4, [])
+    assert [4, 5] in groups
+    assert not any({0, 3} <= set(g) or {0, 2} <= set(g) for g in groups), groups
+    assert all(len(g) == 2 for g in groups) and len(groups) == 3, groups
+
+
+def test_byte_copies_are_one_group_whatever_the_rule():
+    """Rows 0 and 4 hold the same file: one group with row 1 (near both), though 4 has no pair of its own; rows 2 and 3
+    hold another file and are one group even at a threshold of about 0; groups of the same file never split."""
+    from retrieval.search.duplicates import group_rows
+
+    x = np.array([[0, 0], [0.1, 0], [3, 3], [3.001, 3], [9, 9], [-4, 2]], np.float32)   # row 4 is not near row 0
+    assert sorted(group_rows(x, 0.5, [[0, 4], [2, 3]])) == [[0, 1, 4], [2, 3]]
+    assert sorted(group_rows(x, 1e-6, [[0, 4], [2, 3]])) == [[0, 4], [2, 3]]
+
+
+def test_complete_groups_hold_only_close_images_and_find_the_copies():
+    """Clusters of 6 near copies among scattered vectors, a few clusters close enough to bridge: every two members of
+    a group are closer than the threshold (brute force), and each cluster is found whole."""
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(30, 8)).astype(np.float32)
+    step = rng.normal(size=(15, 8)).astype(np.float32)
+    centres[1::2] = centres[0::2] + 0.28 * step / np.linalg.norm(step, axis=1, keepdims=True)   # bridged clusters
+    x = np.concatenate([np.repeat(centres, 6, axis=0) + rng.normal(scale=0.02, size=(180, 8)).astype(np.float32),
+                        rng.normal(size=(200, 8)).astype(np.float32) * 3])
+    t = 0.3
+    pairs, _ = close_pairs(x, t)
+    chained = connected_groups(len(x), pairs)
+    assert max(map(len, chained)) > 6, "some clusters bridge into one component"
+    for linkage_max in (4096, 10):   # 10: large components are linked in runs
+        groups = complete_groups(x, pairs, t, linkage_max=linkage_max)
+        for g in groups:
+            d = np.linalg.norm(x[g][:, None] - x[g][None], axis=2)
+            assert d.max() < t and len(g) <= linkage_max, g
+        if linkage_max > 12:   # every component (two bridged clusters) linked whole
+            assert sorted(map(tuple, groups)) == [tuple(range(6 * c, 6 * c + 6)) for c in range(30)]
 
 
 def test_threshold_separates_copies_from_neighbours():
