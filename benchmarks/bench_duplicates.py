@@ -13,10 +13,10 @@ file's duplicates. Scored by pair precision/recall/F1 (a pair: two files in one 
 one names as the other's duplicate). find-duplicates' settings (whitening dimension, the calibration's F-beta and
 neighbours) were chosen on seed 0: seeds 1.. are held out.
 
-Timing: random unit vectors of the whitened dimension (N of them, a tenth of them with a near copy planted), the
-grouping step as find-duplicates runs it (FAISS exact range search up to EXACT_MAX vectors, IVF k-NN above; then
-the complete-linkage groups; the connected components' time beside it), medians of --repeats runs; and the
-whitening's cost per 4096-d vector, so the whole at N is the sum.
+Timing: random unit vectors of the whitened dimension (N of them, a tenth of them planted in groups of 9 near
+copies), the grouping step as find-duplicates runs it (FAISS exact range search up to EXACT_MAX vectors, IVF k-NN
+above; then the complete-linkage groups; the connected components' time beside it), medians of --repeats runs; and
+the whitening's cost per 4096-d vector, so the whole at N is the sum.
 
     python benchmarks/bench_duplicates.py --seeds 0 1 2 --sizes 10000 100000 1000000 --index-options "--views flip"
 
@@ -57,6 +57,7 @@ DISTRACTORS = 336       # 19 x 9 + 336 = 507 images
 MAX_IOU = 0.4           # a distractor overlaps any other crop of its photo by less than this (intersection / union)
 SIZE = (320, 240)
 HASHES = ("PHash", "DHash", "WHash", "AHash")
+PLANTED_GROUP = 9       # timing: near copies planted per group (an original and its 8 edits)
 
 
 def _box(photo: Image.Image, rng: random.Random, lo: float, hi: float) -> tuple[int, int, int, int]:
@@ -173,12 +174,13 @@ def quality(seeds: list[int], index_options: list[str]) -> list[dict]:
     return rows
 
 
-def planted(n: int, dim: int, seed: int = 0) -> np.ndarray:
-    """n random unit vectors, the last tenth near copies of the first tenth. shape=(n, dim) float32."""
+def planted(n: int, dim: int, seed: int = 0, group: int = PLANTED_GROUP) -> np.ndarray:
+    """n random unit vectors, the last tenth in groups of `group` near copies of one point (an image and its edits:
+    the components complete linkage splits). shape=(n, dim) float32."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, dim), dtype=np.float32)
-    k = n // 10
-    x[n - k:] = x[:k] + 0.05 * rng.standard_normal((k, dim), dtype=np.float32)
+    k = n // 10 // group * group
+    x[n - k:] = np.repeat(x[n - k::group], group, axis=0) + 0.03 * rng.standard_normal((k, dim), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
 
@@ -244,17 +246,18 @@ def main() -> None:
     if not args.skip_quality:
         result["quality"] = quality(args.seeds, shlex.split(args.index_options))
         print(f"\nindex-images --weights random {args.index_options}".rstrip())
-        print(f"{'seed':>4} {'images':>6}  {'method':<22}{'threshold':>10}{'precision':>10}{'recall':>8}{'F1':>7}"
-              f"{'seconds':>9}")
+        print(f"{'seed':>4} {'images':>6}  {'method':<24}{'threshold':>10}{'groups':>13}{'precision':>10}{'recall':>8}"
+              f"{'F1':>7}{'seconds':>9}")
         for row in result["quality"]:
             star = "" if row["held_out"] else "*"
             for name, r in ((f"find-duplicates{star}", row["find_duplicates"]),
                             (f"  old rule (connected){star}", row["old_rule"])):
-                print(f"{row['seed']:>4} {row['images']:>6}  {name:<22}{r['threshold']:>10.3f}{r['precision']:>10.3f}"
-                      f"{r['recall']:>8.3f}{r['f1']:>7.3f}{r['group_s']:>9.1f}")
+                groups = f"{r['grouped_images']} in {r['groups']}"
+                print(f"{row['seed']:>4} {row['images']:>6}  {name:<24}{r['threshold']:>10.3f}{groups:>13}"
+                      f"{r['precision']:>10.3f}{r['recall']:>8.3f}{r['f1']:>7.3f}{r['group_s']:>9.1f}")
             for m in HASHES:
                 r = row[m]
-                print(f"{'':>4} {'':>6}  {m:<22}{'':>10}{r['precision']:>10.3f}{r['recall']:>8.3f}{r['f1']:>7.3f}"
+                print(f"{'':>4} {'':>6}  {m:<24}{'':>23}{r['precision']:>10.3f}{r['recall']:>8.3f}{r['f1']:>7.3f}"
                       f"{r['seconds']:>9.1f}")
         print("* seed 0: the set find-duplicates' settings (grouping rule, F-beta) were chosen on")
     if not args.skip_timing:
