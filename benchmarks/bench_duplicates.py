@@ -16,7 +16,8 @@ neighbours) were chosen on seed 0: seeds 1.. are held out.
 Timing: random unit vectors of the whitened dimension (N of them, a tenth of them planted in groups of 9 near
 copies), the grouping step as find-duplicates runs it (FAISS exact range search up to EXACT_MAX vectors, IVF k-NN
 above; then the complete-linkage groups; the connected components' time beside it), medians of --repeats runs; and
-the whitening's cost per 4096-d vector, so the whole at N is the sum.
+the whitening's cost per 4096-d vector, so the whole at N is the sum. The grouping alone (the planted pairs
+given, no search) is timed up to 1M, each rule (--grouping-sizes).
 
     python benchmarks/bench_duplicates.py --seeds 0 1 2 --sizes 10000 100000 1000000 --index-options "--views flip"
 
@@ -185,6 +186,33 @@ def planted(n: int, dim: int, seed: int = 0, group: int = PLANTED_GROUP) -> np.n
     return x
 
 
+def planted_pairs(n: int, group: int = PLANTED_GROUP) -> np.ndarray:
+    """Every pair within the groups planted(n, ...) makes (the pairs the search finds there, without searching).
+    shape=(p, 2) int64."""
+    k = n // 10 // group * group
+    starts = np.arange(n - k, n, group)
+    i, j = np.triu_indices(group, 1)
+    return np.stack([(starts[:, None] + i).ravel(), (starts[:, None] + j).ravel()], axis=1).astype(np.int64)
+
+
+def grouping_alone(sizes: list[int], repeats: int, threshold: float) -> list[dict]:
+    """The groups from the planted pairs at each size (no search; cheap up to 1M), each rule, medians."""
+    rows = []
+    for n in sizes:
+        x, pairs = planted(n, DEFAULT_WHITEN_DIM), planted_pairs(n)
+        for rule, group in GROUPINGS.items():
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                found = group(x, pairs, threshold)
+                times.append(time.perf_counter() - t0)
+            rows.append({"vectors": n, "pairs": int(len(pairs)), "grouping": rule, "groups": len(found),
+                         "seconds": statistics.median(times), "runs": times})
+            print(f"{n:>9} {rule:>9} {statistics.median(times):8.3f} s  {len(pairs)} planted pairs, {len(found)} groups",
+                  flush=True)
+    return rows
+
+
 def timing(sizes: list[int], repeats: int, threshold: float, whitening: bool = True) -> dict:
     """The grouping step at each size (medians), exact and IVF side by side where both run, and the whitening."""
     rows = []
@@ -237,6 +265,8 @@ def main() -> None:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-whitening", action="store_true", help="time the grouping step only")
+    parser.add_argument("--grouping-sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000],
+                        help="time the grouping alone (the planted pairs, no search) at these sizes")
     parser.add_argument("--index-options", default="", metavar='"OPTIONS"',
                         help='options passed verbatim to index-images, e.g. "--views flip"')
     args = parser.parse_args()
@@ -262,6 +292,7 @@ def main() -> None:
         print("* seed 0: the set find-duplicates' settings (grouping rule, F-beta) were chosen on")
     if not args.skip_timing:
         result["timing"] = timing(args.sizes, args.repeats, threshold=0.4, whitening=not args.skip_whitening)
+        result["timing"]["grouping_alone"] = grouping_alone(args.grouping_sizes, args.repeats, threshold=0.4)
         w = result["timing"].get("whitening")
         if w:
             print(f"\nwhitening: learned on 50,000 4096-d vectors in {w['learn_50k_s']:.1f} s; applied at "
