@@ -208,8 +208,8 @@ def grouping_alone(sizes: list[int], repeats: int, threshold: float) -> list[dic
                 times.append(time.perf_counter() - t0)
             rows.append({"vectors": n, "pairs": int(len(pairs)), "grouping": rule, "groups": len(found),
                          "seconds": statistics.median(times), "runs": times})
-            print(f"{n:>9} {rule:>9} {statistics.median(times):8.3f} s  {len(pairs)} planted pairs, {len(found)} groups",
-                  flush=True)
+            print(f"{n:>9} {rule:>9} {statistics.median(times):8.3f} s  {len(pairs)} planted pairs, "
+                  f"{len(found)} groups", flush=True)
     return rows
 
 

@@ -65,8 +65,9 @@ def close_pairs(vectors: np.ndarray, threshold: float, *, exact_max: int = EXACT
     return pairs, dists
 
 
-def _components(n: int, pairs: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """-> (the component label of each row 0..n-1, the components of two or more rows, each an ascending array)."""
+def _components(n: int, pairs: np.ndarray) -> list[np.ndarray]:
+    """Rows 0..n-1 joined by pairs shape=(p, 2) int64 -> the connected components of two or more rows, each an
+    ascending array."""
     import scipy.sparse
     from scipy.sparse.csgraph import connected_components
 
@@ -75,10 +76,11 @@ def _components(n: int, pairs: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]
     order = np.argsort(labels, kind="stable")                       # rows by component, ascending within one
     starts = np.flatnonzero(np.r_[True, np.diff(labels[order]) != 0])
     sizes = np.diff(np.r_[starts, n])
-    return labels, [order[s:s + k] for s, k in zip(starts[sizes > 1], sizes[sizes > 1])]
+    return [order[s:s + k] for s, k in zip(starts[sizes > 1], sizes[sizes > 1])]
 
 
 def _as_pairs(pairs: Iterable[Sequence[int]]) -> np.ndarray:
+    """Pairs as an array shape=(p, 2) int64 (an array passes through)."""
     return np.asarray([tuple(p) for p in pairs] if not isinstance(pairs, np.ndarray) else pairs,
                       dtype=np.int64).reshape(-1, 2)
 
@@ -86,8 +88,7 @@ def _as_pairs(pairs: Iterable[Sequence[int]]) -> np.ndarray:
 def connected_groups(n: int, pairs: Iterable[Sequence[int]]) -> list[list[int]]:
     """Rows 0..n-1 joined by pairs, through each other -> the groups of two or more rows (each sorted; groups by their
     first row). A chain a~b~c is one group however far a is from c."""
-    _, comps = _components(n, _as_pairs(pairs))
-    return sorted((c.tolist() for c in comps), key=lambda g: g[0])
+    return sorted((c.tolist() for c in _components(n, _as_pairs(pairs))), key=lambda g: g[0])
 
 
 def complete_groups(vectors: np.ndarray, pairs: Iterable[Sequence[int]], threshold: float, *,
@@ -105,7 +106,7 @@ def complete_groups(vectors: np.ndarray, pairs: Iterable[Sequence[int]], thresho
     pairs = _as_pairs(pairs)
     below = float(np.nextafter(np.float64(threshold), 0))   # fcluster keeps merges <= t; the pairs are < threshold
     groups = []
-    for comp in _components(len(vectors), pairs)[1]:
+    for comp in _components(len(vectors), pairs):
         if len(comp) == 2:      # its one pair is under the threshold
             groups.append(comp.tolist())
             continue
