@@ -224,6 +224,21 @@ def test_threshold_separates_copies_from_neighbours():
     assert 0.3 <= choice.threshold <= 0.6 and choice.copy_recall == 1 and choice.neighbour_share == 0
 
 
+def test_where_copies_and_neighbours_overlap_a_stricter_threshold_is_offered():
+    """A collection whose pictures lie as close to each other as to their copies (the demo's drawings): the chosen
+    threshold joins many non-copies, and the strict one keeps them under 1%, at the recall it reports."""
+    rng = np.random.default_rng(3)
+    copies = rng.uniform(0.0, 0.5, 200)
+    neighbours = np.concatenate([rng.uniform(0.1, 0.5, 80), rng.uniform(0.6, 1.2, 720)])   # a tenth as close as copies
+    choice = choose_threshold(copies, neighbours)
+    assert choice.neighbour_share > 0.05
+    assert choice.strict_threshold < choice.threshold
+    assert np.mean(neighbours < choice.strict_threshold) <= 0.01
+    assert choice.strict_copy_recall == pytest.approx(np.mean(copies < choice.strict_threshold))
+    clean = choose_threshold(rng.uniform(0.0, 0.3, 100), rng.uniform(0.6, 1.2, 400))
+    assert clean.strict_threshold == clean.threshold, "nothing stricter to offer where they do not overlap"
+
+
 def test_whitening_spreads_vectors_that_all_point_one_way():
     rng = np.random.default_rng(2)
     x = (5 + rng.normal(size=(200, 64))).astype(np.float32)     # every pair's cosine near 1

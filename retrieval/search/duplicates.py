@@ -15,9 +15,9 @@ from retrieval.catalog.catalog import ImageRecord
 from retrieval.images.decode import DECODE_ERRORS, ImageDecodeError, open_rgb
 from retrieval.images.edits import EDITS, edited_copies
 from retrieval.search.index import ImageIndex, IndexSnapshot
-from retrieval.vectors.duplicates import (DEFAULT_GROUPING, DEFAULT_WHITEN_DIM, GROUPING_BETA, GROUPINGS,
-                                          ThresholdChoice, choose_threshold, close_pairs, pair_scores,
-                                          WHITEN_TRAIN_MAX)
+from retrieval.vectors.duplicates import (CAUTION_NEIGHBOUR_SHARE, DEFAULT_GROUPING, DEFAULT_WHITEN_DIM, GROUPING_BETA,
+                                          GROUPINGS, STRICT_NEIGHBOUR_SHARE, WHITEN_TRAIN_MAX, ThresholdChoice,
+                                          choose_threshold, close_pairs, pair_scores)
 from retrieval.vectors.whitening import learn_whitening, whiten
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,16 @@ class Threshold:
         if self.choice is None:
             return f"threshold {self.value:.3f} (given)"
         c = self.choice
-        return (f"threshold {self.value:.3f}, calibrated on this collection: {c.copies} edited copies of "
+        text = (f"threshold {self.value:.3f}, calibrated on this collection: {c.copies} edited copies of "
                 f"{self.calibration_images} of its images ({', '.join(EDITS)}) against {c.neighbours} distances to "
                 f"their nearest other images; {c.copy_recall:.0%} of the copies and {c.neighbour_share:.0%} of the "
                 "neighbours fall under it (--threshold to override)")
+        if c.neighbour_share > CAUTION_NEIGHBOUR_SHARE:
+            text += (f"\ncaution: {c.neighbour_share:.0%} of the distances to these images' nearest others fall "
+                     "under it too, so a group may hold similar pictures that are not copies (or real copies: the "
+                     f"calibration cannot tell which); --threshold {c.strict_threshold:.3f} keeps that under "
+                     f"{STRICT_NEIGHBOUR_SHARE:.0%} and still finds {c.strict_copy_recall:.0%} of the copies")
+        return text
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,8 @@ DEFAULT_WHITEN_DIM = 32     # dimensions kept by the grouping's whitening (16-19
 # "connected" (pairs joined through each other) needs precision weighed double, as one false pair merges two groups
 GROUPING_BETA = {"complete": 1.0, "connected": 0.5}
 DEFAULT_GROUPING = "complete"
+CAUTION_NEIGHBOUR_SHARE = 0.05   # above this share of an image's nearest others under the threshold, say so
+STRICT_NEIGHBOUR_SHARE = 0.01    # ... and suggest the threshold that keeps it under this
 LINKAGE_MAX = 4096          # complete linkage takes a component of up to this many rows at once (m^2 / 2 distances)
 WHITEN_TRAIN_MAX = 50_000   # vectors the whitening is learned on (a random sample above that)
 EXACT_MAX = 50_000          # up to this many vectors the pairs come from an exact range search; above, IVF k-NN
@@ -152,6 +154,8 @@ class ThresholdChoice:
     neighbours: int          # non-copy neighbour distances it was chosen from
     copy_recall: float       # share of the copy distances below the threshold
     neighbour_share: float   # share of the neighbour distances below it (non-copies that would be joined)
+    strict_threshold: float  # the highest cut with at most STRICT_NEIGHBOUR_SHARE of the neighbours under it
+    strict_copy_recall: float   # share of the copy distances below strict_threshold
 
     def to_json(self) -> dict:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
@@ -175,8 +179,12 @@ def choose_threshold(copy_distances: np.ndarray, neighbour_distances: np.ndarray
     score = (1 + beta ** 2) * precision * recall / np.maximum(beta ** 2 * precision + recall, 1e-12)
     best = int(np.argmax(score))
     t = float(cuts[best])
+    # the cut for a collection whose images lie as close to each other as to their copies (no precision to trade)
+    allowed = fp <= STRICT_NEIGHBOUR_SHARE * len(neg)
+    strict = int(np.flatnonzero(allowed)[-1]) if allowed.any() else 0
     return ThresholdChoice(t, len(pos), len(neg), float(tp[best] / len(pos)),
-                           float(fp[best] / len(neg)) if len(neg) else 0.0)
+                           float(fp[best] / len(neg)) if len(neg) else 0.0,
+                           min(t, float(cuts[strict])), float(tp[min(strict, best)] / len(pos)))
 
 
 def pair_scores(predicted: Iterable[Iterable[int]], truth: Iterable[Iterable[int]],
