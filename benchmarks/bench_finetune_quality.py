@@ -58,7 +58,8 @@ def one_run(i: int, args: argparse.Namespace) -> dict:
     def fc7(state: dict, crops: np.ndarray, conv_cache: dict) -> np.ndarray:
         """index-images' fc7 of the crops, L2-normalised. The convolutions' output is computed once per folder and
         set of convolution weights (--train fc leaves them as they started; checked by their bytes)."""
-        ex = FeatureExtractor("alexnet", "fc7", state, torch.device("cpu"), "auto")
+        ex = FeatureExtractor("alexnet", "fc7", state, torch.device("cpu"), "fp32")   # fine-tune trains in fp32; auto
+        # may choose a bf16 network, whose layers the float input below cannot go through
         conv, fc = ex.net[:3], ex.net[3:]                       # features, avgpool, flatten | fc6 .. fc7's ReLU
         key = (id(crops), hash(tuple(float(state[k].double().sum()) for k in state if k.startswith("features."))))
         if key not in conv_cache:
@@ -108,6 +109,8 @@ def one_run(i: int, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--first-run", type=int, default=0, help="run numbers first..first+runs-1 (their seeds: see "
+                                                                 "above); a later first run gives sets never measured")
     parser.add_argument("--per-class", type=int, default=20, help="crops per photo in each folder")
     parser.add_argument("--skip-old", action="store_true", help="leave out the old defaults (half the time)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (CPU time is "
@@ -122,9 +125,9 @@ def main() -> None:
     if args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(args.jobs) as pool:
-            runs = list(pool.map(one_run, range(args.runs), [args] * args.runs))
+            runs = list(pool.map(one_run, range(args.first_run, args.first_run + args.runs), [args] * args.runs))
     else:
-        runs = [one_run(i, args) for i in range(args.runs)]
+        runs = [one_run(i, args) for i in range(args.first_run, args.first_run + args.runs)]
 
     names = ["random"] + (["defaults"] if args.skip_old else ["old defaults", "defaults"])
     median = {n: {m: statistics.median(r[n][m] for r in runs) for m in ("knn_accuracy", "map")} for n in names}

@@ -40,7 +40,7 @@ AUTO_TRAIN_BATCH_CAP = 64                # --batch-size auto never trains on lar
               show_default=True, help="Share of each class held out for validation (stratified, seeded).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the split, the head, augmentation, batch order and --weights random.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="At most this many epochs.")
+@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True, help="At most this many epochs.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Initial learning rate. [default: 1e-3 for adamw, 0.01 for sgd]")
 @click.option("--lr-schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True,

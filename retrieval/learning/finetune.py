@@ -55,7 +55,7 @@ class FineTuneConfig:
     train: str = "fc"              # "head" | "fc" | "all" (see TRAIN_MODES)
     objective: str = DEFAULT_OBJECTIVE   # see retrieval.learning.objectives.OBJECTIVES
     val_fraction: float = 0.2      # share of each class held out for validation
-    epochs: int = 10               # at most this many passes over the training images
+    epochs: int = 20               # at most this many passes over the training images
     lr: float | None = None        # None: DEFAULT_LR[optimizer]
     optimizer: str = "adamw"       # "adamw" | "sgd" (with momentum)
     momentum: float = 0.9          # SGD only
