@@ -250,7 +250,10 @@ def _print_summary(s: dict) -> None:
                    f"{before['knn_accuracy']:.3f}, mAP {before['map']:.3f}), so {s['weights']} holds the starting "
                    "weights unchanged: an index built with it is the same as one built from them. "
                    + ("--train head trains only the classification layer, which the index does not use: train fc."
-                      if s["train"] == "head" else "Try more images per class, more --epochs or another --lr."))
+                      if s["train"] == "head" else
+                      "The starting weights already find the right class for every validation image: these classes "
+                      "need no fine-tuning (a harder collection may)." if before["knn_accuracy"] >= 1.0 else
+                      "Try more images per class, more --epochs or another --lr."))
     click.echo(f"history: {s['history']}")
     if s["plots"]:
         click.echo(f"charts: {', '.join(s['plots'])}  (and /training in serve-images)")

@@ -21,7 +21,7 @@ from PIL import Image
 from api import create_app
 
 from commands.fine_tune import main
-from retrieval.samples import COLOUR_CLASSES, make_colour_collection
+from retrieval.samples import COLOUR_CLASSES, make_colour_collection, make_sample_collection
 from retrieval.features.backbones import file_sha256, random_state_dict
 from retrieval.catalog import Catalog
 from retrieval.learning.evaluation import load_labelled_vectors
@@ -141,6 +141,18 @@ def test_the_kept_epoch_retrieves_best_and_index_images_with_its_weights_agrees(
     split, index_dir = h["split"], tuned_index(tuned)
     assert knn_accuracy(index_dir, split, k=K) == pytest.approx(best[1], abs=1 / len(split["val"]) + 1e-9)
     assert mean_average_precision(index_dir, split) == pytest.approx(best[2], abs=0.02)
+
+
+@pytest.mark.slow
+def test_on_classes_the_starting_weights_already_tell_apart_it_says_so_instead_of_more_epochs(tmp_path):
+    # make demo's collection: random fc7 already finds the right class for every validation image
+    make_sample_collection(tmp_path / "data", per_class=12)
+    result = CliRunner().invoke(main, [str(tmp_path / "data"), "--out", str(tmp_path / "t.pt"), *RANDOM_START, "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    h = json.loads((tmp_path / "t.history.json").read_text())
+    assert h["initial_retrieval"]["knn_accuracy"] == 1.0 and h["improved"] is False, h["best_retrieval"]
+    assert "NOT IMPROVED" in result.output and "these classes need no fine-tuning" in result.output
+    assert "more --epochs" not in result.output
 
 
 @pytest.mark.slow
