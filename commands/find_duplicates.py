@@ -75,7 +75,7 @@ def format_groups(result) -> str:  # noqa: ANN001 - retrieval.search.duplicates.
     in_groups = sum(len(g) for g in result.groups)
     lines = [f"{len(result.groups)} group{'s' if len(result.groups) != 1 else ''} of near-duplicates "
              f"({in_groups} of {result.images} images); nothing was changed",
-             result.threshold.describe(), ""]
+             result.threshold.describe(), *filter(None, [result.threshold.caution()]), ""]
     for n, group in enumerate(result.groups, 1):
         lines.append(f"group {n}: {len(group)} images")
         for i, m in enumerate(group):

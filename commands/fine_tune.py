@@ -194,7 +194,9 @@ def _printer(verbose: bool):  # noqa: ANN202 - the report callback
                        f"{facts['map']:.3f}  ({facts['val_images']} validation images searched among "
                        f"{facts['train_images']} training images, fc7 L2-normalised)", err=True)
         elif event == "epoch":
-            click.echo(f"epoch {facts['epoch']:>3}  loss {facts['train_objective_loss']:.4f}  train acc "
+            objective = ("" if facts["train_objective_loss"] == facts["train_loss"]
+                         else f" (objective {facts['train_objective_loss']:.4f})")   # ce + a metric loss: its sum
+            click.echo(f"epoch {facts['epoch']:>3}  train loss {facts['train_loss']:.4f}{objective}  train acc "
                        f"{facts['train_accuracy']:.3f}  val loss {facts['val_loss']:.4f}  val acc {facts['val_accuracy']:.3f}"
                        f"  val kNN {facts['val_knn_accuracy']:.3f}  val mAP {facts['val_map']:.3f}  lr {facts['lr']:.2e}"
                        f"  {facts['seconds']:.1f} s", err=True)

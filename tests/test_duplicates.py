@@ -80,6 +80,8 @@ def test_find_duplicates_groups_copies_and_byte_copies(collection):
     assert doc["threshold"]["source"] == "calibrated" and 0 < doc["threshold"]["value"] < 2
     for g in doc["groups"]:
         assert set(g[0]) >= {"id", "path", "label", "width", "height", "distance"} and g[0]["distance"] == 0
+        after_keeper = [m["distance"] for m in g[1:]]
+        assert after_keeper == sorted(after_keeper), "the others nearest the keeper first"
     assert _folder_state(root / "data") == before, "find-duplicates changed the folder"
 
     text = CliRunner().invoke(main, ["--index-dir", str(root / "index")])
@@ -237,6 +239,20 @@ def test_where_copies_and_neighbours_overlap_a_stricter_threshold_is_offered():
     assert choice.strict_copy_recall == pytest.approx(np.mean(copies < choice.strict_threshold))
     clean = choose_threshold(rng.uniform(0.0, 0.3, 100), rng.uniform(0.6, 1.2, 400))
     assert clean.strict_threshold == clean.threshold, "nothing stricter to offer where they do not overlap"
+
+
+def test_the_caution_names_the_stricter_threshold_only_where_neighbours_fall_under_the_chosen_one():
+    from retrieval.search.duplicates import Threshold
+
+    rng = np.random.default_rng(3)
+    copies = rng.uniform(0.0, 0.5, 200)
+    crowded = choose_threshold(copies, np.concatenate([rng.uniform(0.1, 0.5, 80), rng.uniform(0.6, 1.2, 720)]))
+    caution = Threshold(crowded.threshold, "calibrated", crowded, 24).caution()
+    assert caution is not None and f"threshold {crowded.strict_threshold:.3f}" in caution
+    assert f"{crowded.strict_copy_recall:.0%} of the copies" in caution
+    clean = choose_threshold(copies, rng.uniform(0.6, 1.2, 800))
+    assert Threshold(clean.threshold, "calibrated", clean, 24).caution() is None
+    assert Threshold(0.4, "given", None).caution() is None
 
 
 def test_whitening_spreads_vectors_that_all_point_one_way():

@@ -57,20 +57,25 @@ class Threshold:
         return {"value": round(self.value, 6), "source": self.source, "calibration_images": self.calibration_images,
                 "calibration": None if self.choice is None else self.choice.to_json()}
 
+    def caution(self) -> str | None:
+        """A warning when many of the collection's own nearest neighbours fall under the calibrated threshold (its
+        pictures lie as close to each other as to their copies), with a stricter threshold to try; else None."""
+        c = self.choice
+        if c is None or c.neighbour_share <= CAUTION_NEIGHBOUR_SHARE:
+            return None
+        return (f"caution: {c.neighbour_share:.0%} of the distances between these images and their nearest others "
+                "are as short as a copy's. If the collection holds few real copies, groups may join pictures that "
+                f"are only alike; threshold {c.strict_threshold:.3f} keeps that under {STRICT_NEIGHBOUR_SHARE:.0%} "
+                f"and still finds {c.strict_copy_recall:.0%} of the copies.")
+
     def describe(self) -> str:
         if self.choice is None:
             return f"threshold {self.value:.3f} (given)"
         c = self.choice
-        text = (f"threshold {self.value:.3f}, calibrated on this collection: {c.copies} edited copies of "
+        return (f"threshold {self.value:.3f}, calibrated on this collection: {c.copies} edited copies of "
                 f"{self.calibration_images} of its images ({', '.join(EDITS)}) against {c.neighbours} distances to "
                 f"their nearest other images; {c.copy_recall:.0%} of the copies and {c.neighbour_share:.0%} of the "
                 "neighbours fall under it (--threshold to override)")
-        if c.neighbour_share > CAUTION_NEIGHBOUR_SHARE:
-            text += (f"\ncaution: {c.neighbour_share:.0%} of the distances to these images' nearest others fall "
-                     "under it too, so a group may hold similar pictures that are not copies (or real copies: the "
-                     f"calibration cannot tell which); --threshold {c.strict_threshold:.3f} keeps that under "
-                     f"{STRICT_NEIGHBOUR_SHARE:.0%} and still finds {c.strict_copy_recall:.0%} of the copies")
-        return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,10 +248,11 @@ def find_duplicates(index: ImageIndex, *, threshold: float | None = None, dim: i
     for rows in group_rows(vectors.white, chosen.value, same_file, grouping):
         members = sorted((records[int(vectors.ids[r])] for r in rows), key=keeper_order)
         keep = vectors.white[vectors.rows[members[0].id]]
-        groups.append([DuplicateImage(m.id, m.path, m.label, m.width, m.height, m.size, m.mtime_ns, m.sha256,
-                                      0.0 if m.sha256 == members[0].sha256
-                                      else float(np.linalg.norm(vectors.white[vectors.rows[m.id]] - keep)))
-                       for m in members])
+        group = [DuplicateImage(m.id, m.path, m.label, m.width, m.height, m.size, m.mtime_ns, m.sha256,
+                                0.0 if m.sha256 == members[0].sha256
+                                else float(np.linalg.norm(vectors.white[vectors.rows[m.id]] - keep)))
+                 for m in members]
+        groups.append(group[:1] + sorted(group[1:], key=lambda d: (d.distance, d.path)))   # the keeper, then nearest first
     groups.sort(key=lambda g: (-len(g), g[0].path))
     return DuplicateGroups(groups, chosen, len(vectors.ids))
 
