@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 from PIL import Image
 
-from retrieval.images.decode import DEFAULT_MAX_PIXELS, ImageSource, decode_for_model
+from retrieval.images.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageSource, decode_for_model
 from retrieval.learning.metrics import vote
 from retrieval.results import THUMBNAIL_PX, Hit, IndexInfo, Prediction, SearchResult
 from retrieval.search.expansion import QueryExpansion
@@ -136,8 +136,13 @@ class Index:
         source, described = query_source(query)
         snapshot = self._index.snapshot()
         assert snapshot.extractor is not None, "the index was opened without its network"
-        decoded = decode_for_model(source, snapshot.extractor.preprocessing, max_pixels=DEFAULT_MAX_PIXELS,
-                                   preview_size=THUMBNAIL_PX)
+        try:
+            decoded = decode_for_model(source, snapshot.extractor.preprocessing, max_pixels=DEFAULT_MAX_PIXELS,
+                                       preview_size=THUMBNAIL_PX)
+        except ImageDecodeError as exc:
+            if isinstance(source, str):   # a file: say which
+                raise ImageDecodeError(f"{described}: {exc}") from exc
+            raise
         vector = snapshot.embed(torch.from_numpy(decoded.pixels).unsqueeze(0))   # (1, 3, 224, 224) -> (1, dim)
         return snapshot, vector, described, decoded.preview
 
