@@ -84,7 +84,8 @@ def format_groups(result) -> str:  # noqa: ANN001 - retrieval.search.duplicates.
     if result.groups:
         lines.append("")
         lines.append("keep: suggested keeper (largest, then oldest); same: byte-identical to it; "
-                     "a number: distance to it")
+                     "a number: distance to it, between vectors whitened on this collection (0 to 2; not "
+                     "search-images' distances)")
     return "\n".join(lines).rstrip()
 
 
