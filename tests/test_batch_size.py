@@ -56,16 +56,18 @@ def fake_extractor(device: str) -> types.SimpleNamespace:
 
 
 def test_resolve_keeps_numbers_and_logs_the_auto_choice(monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="retrieval.features.batch_size")
+    caplog.set_level(logging.DEBUG, logger="retrieval.features.batch_size")
     assert resolve_batch_size(7, fake_extractor("cpu")) == 7
     assert resolve_batch_size("auto", fake_extractor("cpu")) == 32
-    assert "auto chose 32" in caplog.text and "CPU" in caplog.text
+    cpu = [r for r in caplog.records if "auto chose 32" in r.getMessage()]
+    assert cpu and "CPU" in cpu[0].getMessage() and cpu[0].levelno == logging.DEBUG, "on the CPU not a line of output"
 
     monkeypatch.setattr("retrieval.features.batch_size.cuda_free_bytes", lambda device: 8_000_000_000)
     resident = 1000 * 1000 * 4 + 1000 * 4               # the Linear's fp32 weight and bias, already on the GPU
     expected = int(((8_000_000_000 + resident) * 0.75 - 1.5 * resident) // VGG16_IMAGE)
     assert resolve_batch_size(None, fake_extractor("cuda")) == expected == 98
     assert f"auto chose {expected}" in caplog.text and "8.00 GB free on cuda" in caplog.text
+    assert any(r.levelno == logging.INFO for r in caplog.records if f"auto chose {expected}" in r.getMessage())
 
 
 def test_parse_batch_size():

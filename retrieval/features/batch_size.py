@@ -74,7 +74,9 @@ def resolve_batch_size(requested: int | str | None, extractor: FeatureExtractor)
         weight_bytes = resident + resident // 2            # fp32 weights + their bf16 autocast copies
     choice = choose_batch_size(extractor.model, device, free, weight_bytes or 0,
                                input_size=extractor.largest_input)   # flip+scales: its largest view
-    log.info("--batch-size auto chose %d: %s", choice.batch_size, choice.reason)
+    # a line on a GPU, where free memory decided; on the CPU the batch is always the same (the run's summary says it)
+    log.log(logging.INFO if device.type == "cuda" else logging.DEBUG, "--batch-size auto chose %d: %s",
+            choice.batch_size, choice.reason)
     return choice.batch_size
 
 
