@@ -10,7 +10,8 @@ from retrieval.features.weights import WeightsChoice
 from retrieval.names import DEFAULT_KS
 from retrieval.quality import held_out_words
 
-from commands.options import UserError, command_settings, db_url_option, index_dir_option, open_index, setup_logging
+from commands.options import (UserError, command_settings, db_url_option, index_dir_option, open_index, querying,
+                              setup_logging)
 
 # retrieval.learning.evaluation (numpy, the catalog, scikit-learn) is imported after the arguments are parsed.
 
@@ -108,20 +109,18 @@ def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: P
 
 def copies_result(index_dir: Path, db_url: str | None, copies: int, seed: int, device: str) -> dict:
     """evaluate_copies on the index (its own network), with the index described; raises UserError."""
-    index = open_index(index_dir, db_url, device)
     from retrieval.search.duplicates import DuplicatesError, evaluate_copies
     from retrieval.search.index import weights_label
 
-    try:
-        result = evaluate_copies(index, copies, seed=seed + 1)   # seed 0 picks the threshold's calibration images
+    with querying(open_index(index_dir, db_url, device), index_dir, db_url) as index:
+        try:
+            result = evaluate_copies(index, copies, seed=seed + 1)   # seed 0 picks the threshold's calibration images
+        except DuplicatesError as exc:
+            raise UserError(str(exc)) from exc
         s = index.settings
         result["index"] = {"dir": str(index_dir), "model": s.model, "layer": s.layer, "weights": s.weights,
                            "weights_label": weights_label(s), "seed": s.seed, "dim": s.dim, "normalize": s.normalize,
                            "images": len(index)}
-    except DuplicatesError as exc:
-        raise UserError(str(exc)) from exc
-    finally:
-        index.close()
     return result
 
 

@@ -8,8 +8,8 @@ import click
 
 from retrieval.system import display_name
 
-from commands.options import (UserError, command_settings, damaged_catalog_error, db_url_option, exit_without_teardown,
-                              index_dir_option, open_index, setup_logging)
+from commands.options import (UserError, command_settings, db_url_option, exit_without_teardown, index_dir_option,
+                              open_index, querying, setup_logging)
 
 # torch, FAISS and the network are imported after the arguments are parsed.
 
@@ -44,21 +44,13 @@ def main(index_dir: Path, db_url: str | None, threshold: float | None, calibrati
     Exit status: 0 done (duplicates or not), 2 no index or no usable images.
     """
     setup_logging(verbose)
-    index = open_index(index_dir, db_url, device, load_network=threshold is None)
-    from sqlalchemy.exc import SQLAlchemyError
-
     from retrieval.search.duplicates import DuplicatesError, find_duplicates
 
-    try:
-        result = find_duplicates(index, threshold=threshold, calibration_images=calibration_images)
-    except DuplicatesError as exc:
-        raise UserError(str(exc)) from exc
-    except SQLAlchemyError as exc:
-        if (user_error := damaged_catalog_error(exc, index_dir, db_url)) is not None:
-            raise user_error from None
-        raise
-    finally:
-        index.close()
+    with querying(open_index(index_dir, db_url, device, load_network=threshold is None), index_dir, db_url) as index:
+        try:
+            result = find_duplicates(index, threshold=threshold, calibration_images=calibration_images)
+        except DuplicatesError as exc:
+            raise UserError(str(exc)) from exc
     if as_json:
         doc = result.to_json()
         for group in doc["groups"]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -149,6 +150,22 @@ def open_index(index_dir: Path, db_url: str | None, device: str, *, load_network
             raise
         except WeightsUnavailable as exc:
             raise UserError(weights_error_message(exc)) from exc
+
+
+@contextmanager
+def querying(index, index_dir: Path, db_url: str | None):  # noqa: ANN001, ANN201 - an open_index ImageIndex
+    """Query an index open_index opened, then close it: a damaged catalog met on the way is a UserError naming the
+    ways out (as at opening); errors of the query itself are the caller's to translate inside."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield index
+    except SQLAlchemyError as exc:
+        if (user_error := damaged_catalog_error(exc, index_dir, db_url)) is not None:
+            raise user_error from None
+        raise
+    finally:
+        index.close()
 
 
 def permission_denied(exc: BaseException | None) -> str | None:

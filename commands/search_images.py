@@ -8,8 +8,8 @@ import click
 
 from retrieval.system import display_name
 
-from commands.options import (UserError, command_settings, damaged_catalog_error, db_url_option, exit_without_teardown,
-                              index_dir_option, open_index, setup_logging)
+from commands.options import (UserError, command_settings, db_url_option, exit_without_teardown, index_dir_option,
+                              open_index, querying, setup_logging)
 
 
 @click.command(context_settings=command_settings("search-images"))
@@ -43,21 +43,13 @@ def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device:
         raise UserError(f"cannot use {query_image} as a query: {exc}") from exc
     except OSError as exc:
         raise UserError(f"cannot read {query_image}: {exc.strerror or exc}") from exc
-    index = open_index(index_dir, db_url, device)
-    from sqlalchemy.exc import SQLAlchemyError
-
     from retrieval.search.expansion import QueryExpansion
 
-    try:
-        hits, _ = index.search_image(query, k, expansion=QueryExpansion(qe, qe_alpha))
-    except ImageDecodeError as exc:
-        raise UserError(f"cannot use {query_image} as a query: {exc}") from exc
-    except SQLAlchemyError as exc:
-        if (user_error := damaged_catalog_error(exc, index_dir, db_url)) is not None:
-            raise user_error from None
-        raise
-    finally:
-        index.close()
+    with querying(open_index(index_dir, db_url, device), index_dir, db_url) as index:
+        try:
+            hits, _ = index.search_image(query, k, expansion=QueryExpansion(qe, qe_alpha))
+        except ImageDecodeError as exc:
+            raise UserError(f"cannot use {query_image} as a query: {exc}") from exc
     if as_json:
         click.echo(json.dumps({"results": [{"id": h.id, "path": display_name(h.path),
                                             "label": None if h.label is None else display_name(h.label),
