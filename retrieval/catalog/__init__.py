@@ -1,8 +1,11 @@
 """The catalog: image rows with their vectors, the index settings and runs, in SQLite or PostgreSQL through SQLAlchemy.
 
-db.py: URLs, engines, locks, passwords masked; schema.py: the ORM rows; catalog.py: the repository (Catalog).
+db.py: URLs, engines, locks, passwords masked; schema.py: the ORM rows; catalog.py: the repository (Catalog), with
+integrity.py (checksums, quick_check, the FAISS digest) and records.py (one-row JSON records) mixed in; values.py:
+what callers see (IndexSettings, ImageRecord).
 """
-from retrieval.catalog.catalog import Catalog, ImageRecord, IndexSettings, weights_label
+from retrieval.catalog.catalog import Catalog
+from retrieval.catalog.values import ImageRecord, IndexSettings, weights_label
 from retrieval.catalog.db import (CATALOG_FILE, CatalogBusy, CatalogUnavailable, catalog_sqlite_file, damaged_message,
                                   damaged_reason, database_full_message, db_error_reason,
                                   make_engine, mask_url)

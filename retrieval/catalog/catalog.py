@@ -1,27 +1,27 @@
-"""The catalog: the repository of an index's images (with their vectors), settings, skipped files and FAISS records."""
+"""The catalog: the repository of an index's images (with their vectors), settings, skipped files and FAISS records;
+its integrity checks (integrity.py) and one-row JSON records (records.py) are mixed in, its values in values.py."""
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Iterable, Iterator
 
 import numpy as np
 from sqlalchemy import delete, func, insert, inspect, null, select, text
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import defer, sessionmaker
 
 from retrieval.catalog.db import (SCHEMA_LOCK_KEY, WRITER_LOCK_KEY, CatalogBusy, CatalogUnavailable, catalog_sqlite_file,
                                   damaged_reason, db_error_reason, make_engine, make_server_engine, mask_url)
-from retrieval.catalog.schema import (Base, ExtractionRow, FaissDigestRow, FaissFileRow, ImageRow, IndexSettingsRow,
-                                      SkippedRow, VectorIndexRow, VectorsSavedRow, WeightsTrainingRow, blob_to_vector,
-                                      utcnow, vector_checksum, vector_to_blob)
-from retrieval.features.weights import WeightsChoice
-from retrieval.images.decode import Preprocessing
+from retrieval.catalog.schema import (Base, FaissFileRow, ImageRow, IndexSettingsRow, SkippedRow, VectorsSavedRow,
+                                      blob_to_vector, utcnow, vector_checksum, vector_to_blob)
+from retrieval.catalog.integrity import IntegrityChecks
+from retrieval.catalog.records import RunRecords
+from retrieval.catalog.values import ImageRecord, IndexSettings, image_record
 
 log = logging.getLogger(__name__)
 
@@ -30,63 +30,7 @@ log = logging.getLogger(__name__)
 ADDED_COLUMNS = (("images", "vector_crc32", "BIGINT"), ("index_settings", "views", "VARCHAR"))
 
 
-@dataclasses.dataclass(frozen=True)
-class IndexSettings:
-    model: str
-    layer: str
-    weights: str               # "imagenet", "random" or a file's absolute path: str(WeightsChoice), as stored
-    weights_identity: str
-    seed: int
-    dim: int
-    normalize: bool
-    preprocessing: str
-    data_dir: str
-    views: str = "single"      # the descriptor of the image alone, or averaged over views: "flip", "flip+scales"
-
-    @classmethod
-    def from_row(cls, values: Mapping[str, Any]) -> "IndexSettings":
-        """From the index_settings row's columns by name; views NULL or absent: an index made before views."""
-        return cls(**{**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values},
-                      "views": values.get("views") or "single"})
-
-    @property
-    def weights_choice(self) -> WeightsChoice:
-        """weights as the typed choice (weights itself is the text the catalog keeps)."""
-        return WeightsChoice.parse(self.weights)
-
-    @property
-    def input_norm(self) -> str:
-        """How the network's input is normalised: "weights" or "image" (kept in the preprocessing record)."""
-        return Preprocessing.from_record(self.preprocessing).input_norm
-
-
-def weights_label(settings: IndexSettings) -> str:
-    """The weights as shown to anyone: "imagenet", "random", or a file's name and short hash, never its path."""
-    choice = settings.weights_choice
-    if not choice.is_file:
-        return str(choice)
-    digest = settings.weights_identity.rpartition("sha256=")[2][:12]
-    return f"{choice.path.name} (sha256 {digest})" if digest else choice.path.name
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageRecord:
-    """What callers see of an image row (no vector)."""
-    id: int
-    path: str
-    label: str | None
-    size: int
-    mtime_ns: int
-    width: int
-    height: int
-    sha256: str
-
-
-def _record(row: ImageRow) -> ImageRecord:
-    return ImageRecord(row.id, row.path, row.label, row.size, row.mtime_ns, row.width, row.height, row.sha256)
-
-
-class Catalog:
+class Catalog(IntegrityChecks, RunRecords):
     """The source of truth for an index: SQLite at INDEX_DIR/catalog.db, or any SQLAlchemy database URL.
 
     Raises FileNotFoundError when there is no catalog yet (create=False), CatalogUnavailable when the
@@ -287,13 +231,13 @@ class Catalog:
     def get(self, image_id: int) -> ImageRecord | None:
         with self.Session() as s:
             row = s.get(ImageRow, int(image_id))
-            return _record(row) if row else None
+            return image_record(row) if row else None
 
     def get_by_path(self, path: str) -> ImageRecord | None:
         """The image at path (relative to the data folder, '/' separators, as stored), or None."""
         with self.Session() as s:
             row = s.scalar(select(ImageRow).options(defer(ImageRow.vector)).where(ImageRow.path == path))
-            return _record(row) if row else None
+            return image_record(row) if row else None
 
     def get_many(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
         ids = [int(i) for i in ids]
@@ -301,7 +245,7 @@ class Catalog:
             return {}
         with self.Session() as s:
             # rows without their vectors: a query's results never read 16 KB of vector per hit
-            return {r.id: _record(r) for r in s.scalars(select(ImageRow).options(defer(ImageRow.vector))
+            return {r.id: image_record(r) for r in s.scalars(select(ImageRow).options(defer(ImageRow.vector))
                                                         .where(ImageRow.id.in_(ids)))}
 
     def vectors(self, ids: Iterable[int] | None = None, chunk: int = 2048) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -342,61 +286,6 @@ class Catalog:
                       self.location, image_id)
         return False
 
-    def check_vectors(self, chunk: int = 2048) -> dict:
-        """Every row's vector against its checksum; rows without one get one (trusted as they are).
-
-        -> {"checked": n, "filled": n, "bad": [ids]}."""
-        checked, bad, unsummed = 0, [], []
-        for part in self._vector_rows(None, chunk):
-            for image_id, blob, crc in part:
-                checked += 1
-                if crc is None:
-                    unsummed.append((image_id, vector_checksum(blob)))
-                elif vector_checksum(blob) != crc:
-                    bad.append(int(image_id))
-        for start in range(0, len(unsummed), 500):
-            with self.Session.begin() as s:
-                for image_id, crc in unsummed[start:start + 500]:
-                    s.execute(ImageRow.__table__.update().where(ImageRow.id == image_id).values(vector_crc32=crc))
-        return {"checked": checked, "filled": len(unsummed), "bad": bad}
-
-    def mark_for_extraction(self, ids: Iterable[int]) -> list[str]:
-        """Make the next index-images run extract these images again (their recorded size set to -1, which no
-        file has). -> their paths."""
-        ids = [int(i) for i in ids]
-        if not ids:
-            return []
-        with self.Session.begin() as s:
-            paths = list(s.scalars(select(ImageRow.path).where(ImageRow.id.in_(ids)).order_by(ImageRow.path)))
-            s.execute(ImageRow.__table__.update().where(ImageRow.id.in_(ids)).values(size=-1))
-        return paths
-
-    def quick_check(self) -> list[str]:
-        """SQLite's PRAGMA quick_check: [] when the file is sound, else its complaints. [] on a database server."""
-        if self.path is None:
-            return []
-        with self.engine.connect() as conn:
-            lines = [str(r[0]) for r in conn.exec_driver_sql("PRAGMA quick_check").all()]
-        return [] if lines == ["ok"] else lines
-
-    def _faiss_key(self) -> str:
-        """Whose FAISS file a digest is: "." (the one index folder) for SQLite, so a copied folder keeps its
-        digest; on a database server, which several index folders share, the folder's absolute path."""
-        return "." if self.path is not None else str(self.index_dir.absolute())
-
-    def faiss_digest(self) -> tuple[int, str] | None:
-        """(size, digest) of the index folder's FAISS file as last saved, or None (not recorded yet)."""
-        try:
-            with self.Session() as s:
-                row = s.get(FaissDigestRow, self._faiss_key())
-        except OperationalError:   # no such table: an older catalog opened read-only
-            return None
-        return (row.size, row.digest) if row else None
-
-    def save_faiss_digest(self, size: int, digest: str) -> None:
-        with self.Session.begin() as s:
-            s.merge(FaissDigestRow(index_dir=self._faiss_key(), size=size, digest=digest))
-
     def vectors_by_path(self) -> dict[str, np.ndarray]:
         """Every image's vector by its path (comparing two indexes of the same folder: tests, benchmarks)."""
         paths = {image_id: path for path, (image_id, *_state) in self.file_states().items()}
@@ -422,7 +311,7 @@ class Catalog:
             q = select(ImageRow).order_by(ImageRow.path)
             if label is not None:
                 q = q.where(ImageRow.label == label)
-            return [_record(r) for r in s.scalars(q.offset(offset).limit(limit))]
+            return [image_record(r) for r in s.scalars(q.offset(offset).limit(limit))]
 
     def count_where(self, *, label: str | None = None) -> int:
         with self.Session() as s:
@@ -478,60 +367,6 @@ class Catalog:
             if settings is not None and (new_ids or replaced):   # the images changed (a new skip alone is no change)
                 settings.updated_at = utcnow()
         return new_ids, list(replaced)
-
-
-    # the FAISS index type
-    def vector_index_record(self) -> dict | None:
-        """What retrieval.vectors.builder recorded of the FAISS file, or None (none yet, or a catalog made before)."""
-        try:
-            with self.Session() as s:
-                text = s.scalar(select(VectorIndexRow.record).where(VectorIndexRow.id == 1))
-        except OperationalError:   # no such table: made before index types, and opened read-only
-            return None
-        return json.loads(text) if text else None
-
-    def save_vector_index_record(self, record: dict) -> None:
-        with self.Session.begin() as s:
-            s.merge(VectorIndexRow(id=1, record=json.dumps(record, sort_keys=True)))
-
-
-    # how the vectors were computed
-    def extraction_record(self) -> dict | None:
-        """{"precisions": {precision: [devices]}, "last": {"precision", "device", "decode"}}, or None (none yet,
-        or a catalog made before precisions were recorded)."""
-        try:
-            with self.Session() as s:
-                text = s.scalar(select(ExtractionRow.record).where(ExtractionRow.id == 1))
-        except OperationalError:   # no such table: an older catalog opened read-only
-            return None
-        return json.loads(text) if text else None
-
-    def note_extraction(self, precision: str, device: str, decode: str) -> None:
-        """Record that vectors are being added with this precision on this device (before the run's first batch)."""
-        with self.Session.begin() as s:
-            row = s.get(ExtractionRow, 1)
-            record = json.loads(row.record) if row is not None else {"precisions": {}}
-            devices = record["precisions"].setdefault(precision, [])
-            if device not in devices:
-                devices.append(device)
-            record["last"] = {"precision": precision, "device": device, "decode": decode}
-            s.merge(ExtractionRow(id=1, record=json.dumps(record, sort_keys=True)))
-
-    # which images the network was fine-tuned on
-    def training_record(self) -> dict | None:
-        """What index-images recorded of the images its weights file was fine-tuned on
-        (retrieval.learning.history.training_record, with "weights_identity"), or None: weights that are not a file,
-        or an index made before this was recorded."""
-        try:
-            with self.Session() as s:
-                text = s.scalar(select(WeightsTrainingRow.record).where(WeightsTrainingRow.id == 1))
-        except OperationalError:   # no such table: an older catalog opened read-only
-            return None
-        return json.loads(text) if text else None
-
-    def save_training_record(self, record: dict) -> None:
-        with self.Session.begin() as s:
-            s.merge(WeightsTrainingRow(id=1, record=json.dumps(record, sort_keys=True)))
 
 
 def _vector_columns(vec: np.ndarray) -> dict:

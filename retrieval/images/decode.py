@@ -7,19 +7,16 @@ import io
 import logging
 import math
 import os
-import re
 import struct
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterator, Union
+from typing import BinaryIO, Iterator, Union
 
 import numpy as np
 from PIL import Image
 
 from retrieval.files import open_regular
-
-if TYPE_CHECKING:   # torch is imported only where a tensor is made: decoder processes and the planner never load it
-    import torch
+from retrieval.images.preprocessing import Preprocessing  # noqa: F401 - where callers have always imported it
 
 log = logging.getLogger(__name__)
 
@@ -73,86 +70,6 @@ def decode_error(exc: BaseException) -> ImageDecodeError:
     if isinstance(exc, DECODE_ERRORS):
         return ImageDecodeError(f"cannot decode image: {exc}")
     return ImageDecodeError(f"cannot decode image ({type(exc).__name__}: {exc})")
-
-
-# The catalog's record of a Preprocessing (IndexSettings.preprocessing), as every index has written it:
-# "resize=256,crop=224,mean=[0.485, 0.456, 0.406],std=[0.229, 0.224, 0.225],interpolation=bilinear", and
-# ",input_norm=image" after it for an index whose input is normalised by each image's own statistics
-_RECORD = re.compile(r"resize=(\d+),crop=(\d+),mean=\[([^\]]*)\],std=\[([^\]]*)\],interpolation=bilinear"
-                     r"(?:,input_norm=(image))?")
-IMAGE_STD_FLOOR = 0.02   # input_norm "image": a channel's standard deviation is taken as at least this (about 5 grey
-                         # levels), so a flat image's noise is not blown up to the size of a photo's content
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocessing:
-    """Resize the shorter side, centre-crop, and normalise: the weights' own transform settings.
-
-    input_norm "weights": every image normalised by the weights' mean and std (as they were trained); "image": each
-    image by its own per-channel mean and standard deviation, so a brighter, darker, flatter or colour-cast copy of
-    a picture gives the network (almost) the same input."""
-    resize_size: int = 256
-    crop_size: int = 224
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    input_norm: str = "weights"
-
-    def to_record(self) -> str:
-        """The text an index records of it: "resize=256,crop=224,mean=[...],std=[...],interpolation=bilinear", and
-        ",input_norm=image" when the input is normalised per image."""
-        return (f"resize={self.resize_size},crop={self.crop_size},mean={list(self.mean)},std={list(self.std)},"
-                "interpolation=bilinear" + ("" if self.input_norm == "weights" else f",input_norm={self.input_norm}"))
-
-    @classmethod
-    def from_record(cls, text: str) -> Preprocessing:
-        """The Preprocessing an index recorded (to_record's text). Raises ValueError for any other text."""
-        match = _RECORD.fullmatch(text)
-        if match is None:
-            raise ValueError(f"not a preprocessing record: {text!r}")
-        resize, crop, mean, std, input_norm = match.groups()
-        return cls(resize_size=int(resize), crop_size=int(crop), mean=_floats(mean), std=_floats(std),
-                   input_norm=input_norm or "weights")
-
-    def resized_size(self, width: int, height: int) -> tuple[int, int]:
-        """torchvision's resize(int) rule: the shorter side becomes resize_size."""
-        if width <= height:
-            return self.resize_size, int(self.resize_size * height / width)
-        return int(self.resize_size * width / height), self.resize_size
-
-    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
-        """The centre crop_size square of a resized width x height image."""
-        c = self.crop_size
-        left, top = int(round((width - c) / 2.0)), int(round((height - c) / 2.0))
-        return left, top, left + c, top + c
-
-    def crop(self, img: Image.Image) -> np.ndarray:
-        """RGB PIL image -> uint8 array, shape=(3, crop, crop). Normalisation happens on the device."""
-        size = self.resized_size(*img.size)
-        if size != img.size:
-            img = img.resize(size, Image.BILINEAR)
-        arr = np.asarray(img.crop(self.crop_box(*size)), dtype=np.uint8)   # (H, W, 3)
-        return np.ascontiguousarray(arr.transpose(2, 0, 1))                # (3, H, W)
-
-    def normalise(self, batch: "torch.Tensor") -> "torch.Tensor":
-        """uint8 (B, 3, H, W) -> float32 normalised (B, 3, H, W), on batch's device: by the weights' mean and std,
-        or (input_norm "image") each image and channel to mean 0 and standard deviation 1."""
-        import torch
-
-        x = batch.float() / 255.0
-        if self.input_norm == "image":
-            std, mean = torch.std_mean(x, dim=(2, 3), keepdim=True)
-            return (x - mean) / std.clamp_min(IMAGE_STD_FLOOR)
-        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
-        return (x - mean) / std
-
-
-def _floats(text: str) -> tuple[float, float, float]:
-    """"0.485, 0.456, 0.406" -> (0.485, 0.456, 0.406). Raises ValueError."""
-    values = tuple(float(part) for part in text.split(","))
-    if len(values) != 3:
-        raise ValueError(f"want three channel values, not {text!r}")
-    return values
 
 
 @dataclasses.dataclass(frozen=True)
