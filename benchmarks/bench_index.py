@@ -126,7 +126,9 @@ def naive_loop(data: Path, weights_file: Path, model: str, device: str = "cpu", 
     dev = torch.device(device)
     fp32 = {"precision": "fp32"} if "precision" in inspect.signature(FeatureExtractor).parameters else {}
     extractor = FeatureExtractor(model, "fc7", state, dev, **fp32)
-    transform = MODELS[model].imagenet.transforms()
+    from torchvision.models import get_weight   # what a user's loop imports: torchvision and its transforms
+
+    transform = get_weight(MODELS[model].imagenet.name).transforms()
     files = sorted(p for p in data.rglob("*.jpg"))[:limit]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if dev.type != "cpu":

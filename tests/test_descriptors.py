@@ -19,7 +19,7 @@ from helpers.indexes import build_index
 from indexer.config import ConfigError
 from retrieval.catalog import Catalog
 from retrieval.features.backbones import FeatureExtractor
-from retrieval.features.descriptors import gem, mac, rmac_regions, spoc
+from retrieval.features.descriptors import ONE_PASS_MAX_IMAGES, gem, mac, rmac_regions, spoc
 from retrieval.names import POOLED_LAYERS, feature_dim
 from retrieval.samples import make_sample_collection
 from retrieval.search.index import ImageIndex
@@ -118,6 +118,18 @@ def test_flip_averages_the_image_and_its_mirror(alexnet_state):
                                 views="flip")
     both = (single(pixels) + single(torch.flip(pixels, dims=(3,)))) / 2
     assert torch.allclose(averaged(pixels), both, atol=1e-5)
+
+
+@pytest.mark.parametrize("views", ["flip", "flip+scales"])
+def test_a_query_and_an_indexing_batch_get_the_same_view_average(alexnet_state, views):
+    """A few images go through the network with their views in one pass (the fc weights read once), a larger
+    batch one pass per view: an image's descriptor must not depend on which."""
+    many = torch.cat([photo_like(seed) for seed in range(ONE_PASS_MAX_IMAGES + 4)])
+    averaged = FeatureExtractor("alexnet", "fc7", alexnet_state, torch.device("cpu"), precision="fp32", views=views)
+    in_a_batch = averaged(many)                        # one pass per view
+    for i in (0, 5, len(many) - 1):
+        alone = averaged(many[i:i + 1])                # the views together, as a query
+        assert torch.allclose(alone[0], in_a_batch[i], atol=1e-5 * float(alone.abs().max())), (views, i)
 
 
 # --- recorded with the index, used for queries -------------------------------------------------------------------

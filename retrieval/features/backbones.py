@@ -1,5 +1,6 @@
-"""Backbones (torchvision AlexNet and VGG16), their weights loaded (the choice: features/weights.py), the feature
-extractor: fc6/fc7, or the last conv block pooled, each optionally averaged over views (features/descriptors.py)."""
+"""Backbones (torchvision's AlexNet and VGG16, as features/architectures.py defines them), their weights loaded
+(the choice: features/weights.py), the feature extractor: fc6/fc7, or the last conv block pooled, each optionally
+averaged over views (features/descriptors.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,8 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torchvision import models
 
+from retrieval.features.architectures import ALEXNET_IMAGENET, VGG16_IMAGENET, ImageNetWeights, alexnet, vgg16
 from retrieval.features.descriptors import is_pooled, largest_scale, pooled_conv, with_views
 from retrieval.features.digests import file_sha256
 from retrieval.features.precision import PRECISIONS, bf16_faster, cpu_bf16_instructions
@@ -30,17 +31,17 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    build: Callable[..., nn.Module]            # torchvision builder
-    imagenet: models.WeightsEnum               # ImageNet weights (carry transforms and meta)
+    build: Callable[[], nn.Module]             # the network, seeded initialisation as torchvision's
+    imagenet: ImageNetWeights                  # its ImageNet weights (address, transforms)
     layers: dict[str, str]                     # our fc layer name -> graph node (the ReLU after it)
 
 
 MODELS: dict[str, ModelSpec] = {
     # AlexNet classifier: Dropout, Linear(fc6), ReLU, Dropout, Linear(fc7), ReLU, Linear(fc8)
-    "alexnet": ModelSpec(models.alexnet, models.AlexNet_Weights.IMAGENET1K_V1,
+    "alexnet": ModelSpec(alexnet, ALEXNET_IMAGENET,
                          {"fc6": "classifier.2", "fc7": "classifier.5"}),
     # VGG16 classifier: Linear(fc6), ReLU, Dropout, Linear(fc7), ReLU, Dropout, Linear(fc8)
-    "vgg16": ModelSpec(models.vgg16, models.VGG16_Weights.IMAGENET1K_V1,
+    "vgg16": ModelSpec(vgg16, VGG16_IMAGENET,
                        {"fc6": "classifier.1", "fc7": "classifier.4"}),
 }
 assert tuple(MODELS) == MODEL_NAMES, "retrieval.names.MODEL_NAMES lists the backbones"
@@ -55,8 +56,8 @@ def preprocessing_for(model: str, layer: str = "fc7", input_norm: str = "weights
     takes the centre square of the whole shorter side (POOLED_INPUT) instead of the 224 cut from 256: it needs no
     fixed input size, and keeps more of the picture. input_norm: retrieval.names.INPUT_NORMS."""
     assert input_norm in INPUT_NORMS, f"unknown input normalisation {input_norm!r}"
-    t = MODELS[model].imagenet.transforms()
-    resize, crop = (POOLED_INPUT, POOLED_INPUT) if is_pooled(layer) else (int(t.resize_size[0]), int(t.crop_size[0]))
+    t = MODELS[model].imagenet
+    resize, crop = (POOLED_INPUT, POOLED_INPUT) if is_pooled(layer) else (t.resize_size, t.crop_size)
     return Preprocessing(resize_size=resize, crop_size=crop, mean=tuple(t.mean), std=tuple(t.std),
                          input_norm=input_norm)
 
@@ -80,7 +81,7 @@ def load_state_dict(model: str, weights: WeightsChoice | str, index_dir: Path | 
     choice = WeightsChoice.parse(weights)
     spec = MODELS[model]
     if choice.is_imagenet:
-        cached, identity = imagenet_cache_path(model), f"imagenet:{type(spec.imagenet).__name__}.{spec.imagenet.name}"
+        cached, identity = imagenet_cache_path(model), f"imagenet:{spec.imagenet.name}"
         if cached.is_file():   # torch hub moves a download into place whole: the file can be mapped
             try:
                 return _load_file(cached, mmap=True), identity
@@ -124,7 +125,7 @@ def random_state_dict(model: str, seed: int = DEFAULT_RANDOM_SEED) -> dict[str, 
     `--weights random --seed SEED` means everywhere (index-images keeps it in the index folder, fine-tune starts from it)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = MODELS[model].build(weights=None)
+        net = MODELS[model].build()
     return net.state_dict()
 
 
@@ -297,7 +298,7 @@ def _network(model: str, layer: str, views: str, state_dict: dict[str, torch.Ten
     Raises WeightsUnavailable."""
     spec = MODELS[model]
     with torch.device("meta"):     # no random init of parameters we are about to replace
-        net = spec.build(weights=None)
+        net = spec.build()
     load_backbone(net, model, state_dict, assign=True)   # fc8 may be absent or another size: it is cut off below
     net.eval()
     body = pooled_conv(net, layer) if is_pooled(layer) else cut_at(net, spec.layers[layer])

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torchvision import models
 
+from retrieval.features.architectures import VGG
 from retrieval.features.backbones import MODELS
 from retrieval.reports.filters import filter_grid
 
@@ -107,7 +107,7 @@ def build_shape_model(model: str) -> nn.Module:
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
     with torch.device("meta"):
-        return MODELS[model].build(weights=None).eval()
+        return MODELS[model].build().eval()
 
 
 def layer_table(model: str | nn.Module, input_size: int = 224) -> LayerTable:
@@ -158,7 +158,7 @@ def layer_table(model: str | nn.Module, input_size: int = 224) -> LayerTable:
             rows[-1] = dataclasses.replace(prev, weights=prev.weights + weights, biases=prev.biases + biases)
             continue
         rows.append(LayerRow("", kind, path, out_shape, math.prod(out_shape), weights, biases))
-    staged = isinstance(net, models.VGG)
+    staged = isinstance(net, VGG)
     return LayerTable(name, input_size, _with_conventional_names(rows, staged))
 
 

@@ -21,7 +21,7 @@ class Classifier(nn.Module):
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            net = MODELS[model].build(weights=None)
+            net = MODELS[model].build()
             load_backbone(net, model, state_dict)
             old = net.classifier[-1]
             head = nn.Linear(old.in_features, num_classes)
