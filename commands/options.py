@@ -91,14 +91,25 @@ def parse_batch_size(value: str) -> int | str:
 def exit_without_teardown(command: click.Command) -> Callable[[], None]:
     """A console-script entry point for command that ends the process without Python's module teardown once
     torch is loaded: tearing down torch and torchvision costs about a second after the work is done and saved.
-    (In-process callers, such as tests, call the command itself.)"""
+    A Ctrl-C exits 130 wherever it lands (click alone says "Aborted!" and exits 1 outside the command's own
+    handler). (In-process callers, such as tests, call the command itself.)"""
     def entry() -> None:
         try:
-            command.main()
+            code = command.main(standalone_mode=False)   # click's own handling, less its Ctrl-C: "Aborted!", exit 1
         except SystemExit as exc:
             code = exc.code
+        except click.ClickException as exc:
+            exc.show()
+            code = exc.exit_code
+        except click.Abort as exc:
+            if isinstance(exc.__context__, KeyboardInterrupt):   # Ctrl-C before the command's own handler
+                click.echo("interrupted", err=True)
+                code = 130
+            else:
+                click.echo("Aborted!", err=True)
+                code = 1
         else:
-            code = 0
+            code = code if isinstance(code, int) else 0
         if not isinstance(code, int):   # SystemExit("message") or SystemExit(None)
             if code is not None:
                 print(code, file=sys.stderr)
