@@ -32,6 +32,9 @@ def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device:
     The query goes through exactly the network the index was built with. Distances are L2
     distances between feature vectors (0 for an identical image). Options can also be set by
     environment variables (SEARCH_IMAGES_K, ...; see docs/configuration.md).
+
+    Exit status: 0 done, 2 a query that cannot be used (no image, no regular file) or an index that cannot be
+    searched (none there, a damaged catalog), 130 interrupted.
     """
     setup_logging(False)
     from retrieval.files import open_regular

@@ -234,7 +234,8 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
     searched with the nprobe or efSearch index-images tuned, unless --nprobe / --ef-search say otherwise;
     /stats shows the recall measured with them.
 
-    Exit status: 2 when there is no index (run index-images first), 3 when a worker cannot start.
+    Exit status: 2 when the index cannot be served (none there: run index-images first; a damaged or unreadable
+    catalog; the port in use), 3 when a worker cannot start.
     """
     overrides = app_overrides(ctx)
     if print_config:
