@@ -24,6 +24,11 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
+class DiskFull(click.ClickException):
+    """A full disk: one line saying what to free; exit status 1, as index-images' (nothing was lost)."""
+    exit_code = 1
+
+
 def index_dir_option(f):  # noqa: ANN001, ANN201 - click decorator
     return click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path, resolve_path=True), default="index",
                         envvar=INDEX_DIR_ENV, show_default=True, show_envvar=True,
@@ -139,6 +144,22 @@ def damaged_catalog_error(exc: BaseException, index_dir: Path, db_url: str | Non
     return UserError(damaged_message(str(where) if where is not None else "database", reason, data_dir))
 
 
+def full_disk_error(exc: BaseException, index_dir: Path, db_url: str | None) -> DiskFull | None:
+    """A DiskFull naming the disk to free when exc says the catalog's disk is full, else None."""
+    from retrieval.catalog import CatalogUnavailable, catalog_sqlite_file, database_full_message
+    from retrieval.files import FULL, disk_trouble, no_space_message
+
+    if disk_trouble(exc) != FULL:
+        return None
+    try:
+        where = catalog_sqlite_file(Path(index_dir), db_url)
+    except CatalogUnavailable:
+        where = None
+    if where is None and db_url is not None:   # the database server's disk, not the index folder's
+        return DiskFull(database_full_message(db_url, exc))
+    return DiskFull(no_space_message(index_dir if db_url is None or where is None else where.parent))
+
+
 def open_index(index_dir: Path, db_url: str | None, device: str, *, load_network: bool = True):  # noqa: ANN201
     """retrieval.search.index.ImageIndex for a command's queries, its network loaded with the garbage collector off;
     every way it cannot open (no index, a damaged catalog, weights or device unavailable) is a UserError."""
@@ -158,6 +179,8 @@ def open_index(index_dir: Path, db_url: str | None, device: str, *, load_network
         except SQLAlchemyError as exc:
             if (user_error := damaged_catalog_error(exc, index_dir, db_url)) is not None:
                 raise user_error from None
+            if (full := full_disk_error(exc, index_dir, db_url)) is not None:
+                raise full from None
             raise
         except WeightsUnavailable as exc:
             raise UserError(weights_error_message(exc)) from exc
@@ -174,6 +197,8 @@ def querying(index, index_dir: Path, db_url: str | None):  # noqa: ANN001, ANN20
     except SQLAlchemyError as exc:
         if (user_error := damaged_catalog_error(exc, index_dir, db_url)) is not None:
             raise user_error from None
+        if (full := full_disk_error(exc, index_dir, db_url)) is not None:
+            raise full from None
         raise
     finally:
         index.close()

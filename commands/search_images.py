@@ -34,7 +34,7 @@ def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device:
     environment variables (SEARCH_IMAGES_K, ...; see docs/configuration.md).
 
     Exit status: 0 done, 2 a query that cannot be used (no image, no regular file) or an index that cannot be
-    searched (none there, a damaged catalog), 130 interrupted.
+    searched (none there, a damaged catalog), 1 a full disk (one line: what to free), 130 interrupted.
     """
     setup_logging(False)
     from retrieval.files import open_regular
