@@ -7,6 +7,7 @@ from flask import Flask, Response, jsonify, render_template, request
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import ClientDisconnected, HTTPException, InternalServerError
 
+from retrieval.catalog import damaged_message, damaged_reason
 from retrieval.search.index import IndexUnavailable
 
 from api.metrics import count_error
@@ -86,13 +87,23 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(SQLAlchemyError)
     def _database(exc: SQLAlchemyError) -> Response:
         # the catalog (or the recent-queries store) was deleted, replaced or corrupted under the server
-        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        _log_once(reason, exc)
         from api.service import EXTENSION_KEY   # api.service raises this module's ApiError
 
         service = app.extensions.get(EXTENSION_KEY)
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        damage = damaged_reason(exc)
+        if damage is not None and service is not None:   # waiting cannot mend a damaged file: say what can
+            try:
+                snapshot = service.index.snapshot()
+                reason = damaged_message(snapshot.catalog.location, damage, str(snapshot.data_dir))
+            except IndexUnavailable:   # replaced or gone meanwhile: SQLite's words stand
+                pass
+        _log_once(reason, exc)
         if service is not None:   # /healthz tells the load balancer, which would otherwise keep sending searches
             service.catalog_failed(reason)
+        if damage is not None:
+            return error_response(503, "unavailable", "the index catalog is damaged; the server's operator has been "
+                                                      "told what to do (see /healthz)")
         return error_response(503, "unavailable", "the index catalog cannot be read right now; try again shortly "
                                                   "(see /healthz)")
 

@@ -10,8 +10,8 @@ from retrieval.features.weights import WeightsChoice
 from retrieval.names import DEFAULT_KS
 from retrieval.quality import held_out_words
 
-from commands.options import (UserError, command_settings, db_url_option, index_dir_option, open_index, querying,
-                              setup_logging)
+from commands.options import (UserError, command_settings, damaged_catalog_error, db_url_option, full_disk_error,
+                              index_dir_option, open_index, querying, setup_logging)
 
 # retrieval.learning.evaluation (numpy, the catalog, scikit-learn) is imported after the arguments are parsed.
 
@@ -77,7 +77,8 @@ def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: P
     pair precision/recall/F1 at its default threshold are reported (see docs/duplicates.md).
 
     Exit status: 0 done, 2 no index or not evaluable (fewer than two labels, a label with one image,
-    no labelled image shared by the two indexes, no image left that the network was not trained on).
+    no labelled image shared by the two indexes, no image left that the network was not trained on, a damaged
+    catalog), 1 a full disk (one line: what to free).
     """
     setup_logging(verbose)
     k_list = parse_ks(ks)
@@ -87,7 +88,9 @@ def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: P
         result = copies_result(index_dir, db_url, copies, seed, device)
         click.echo(json.dumps(result) if as_json else format_copies(result))
         return
-    from retrieval.catalog import CatalogUnavailable
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from retrieval.catalog import CatalogUnavailable, db_error_reason
     from retrieval.learning.evaluation import EvaluationError, compare_indexes, evaluate_index
 
     try:
@@ -99,6 +102,13 @@ def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: P
                                      include_training_images=include_training_images)
     except (FileNotFoundError, EvaluationError, CatalogUnavailable) as exc:
         raise UserError(str(exc)) from exc
+    except SQLAlchemyError as exc:   # a damaged catalog or a full disk: one line, as from the other commands
+        if compare_dir is None:
+            if (problem := damaged_catalog_error(exc, index_dir, db_url) or full_disk_error(exc, index_dir, db_url)):
+                raise problem from None
+            raise
+        raise UserError(f"the catalog of {index_dir} or of {compare_dir} cannot be read ({db_error_reason(exc, db_url)}):"
+                        " index-images DATA --index-dir DIR --check says which, and what to do") from None
     if as_json:
         click.echo(json.dumps(result))
     elif compare_dir is None:

@@ -41,7 +41,8 @@ def main(index_dir: Path, db_url: str | None, threshold: float | None, calibrati
 
     Options can also be set by environment variables (FIND_DUPLICATES_THRESHOLD, ...; see docs/configuration.md).
 
-    Exit status: 0 done (duplicates or not), 2 no index or no usable images.
+    Exit status: 0 done (duplicates or not), 2 no index, no usable images or a damaged catalog, 1 a full disk
+    (one line: what to free).
     """
     setup_logging(verbose)
     from retrieval.search.duplicates import DuplicatesError, find_duplicates

@@ -24,6 +24,11 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
+class DiskFull(click.ClickException):
+    """A full disk: one line saying what to free; exit status 1, as index-images' (nothing was lost)."""
+    exit_code = 1
+
+
 def index_dir_option(f):  # noqa: ANN001, ANN201 - click decorator
     return click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path, resolve_path=True), default="index",
                         envvar=INDEX_DIR_ENV, show_default=True, show_envvar=True,
@@ -91,14 +96,25 @@ def parse_batch_size(value: str) -> int | str:
 def exit_without_teardown(command: click.Command) -> Callable[[], None]:
     """A console-script entry point for command that ends the process without Python's module teardown once
     torch is loaded: tearing down torch and torchvision costs about a second after the work is done and saved.
-    (In-process callers, such as tests, call the command itself.)"""
+    A Ctrl-C exits 130 wherever it lands (click alone says "Aborted!" and exits 1 outside the command's own
+    handler). (In-process callers, such as tests, call the command itself.)"""
     def entry() -> None:
         try:
-            command.main()
+            code = command.main(standalone_mode=False)   # click's own handling, less its Ctrl-C: "Aborted!", exit 1
         except SystemExit as exc:
             code = exc.code
+        except click.ClickException as exc:
+            exc.show()
+            code = exc.exit_code
+        except click.Abort as exc:
+            if isinstance(exc.__context__, KeyboardInterrupt):   # Ctrl-C before the command's own handler
+                click.echo("interrupted", err=True)
+                code = 130
+            else:
+                click.echo("Aborted!", err=True)
+                code = 1
         else:
-            code = 0
+            code = code if isinstance(code, int) else 0
         if not isinstance(code, int):   # SystemExit("message") or SystemExit(None)
             if code is not None:
                 print(code, file=sys.stderr)
@@ -128,6 +144,22 @@ def damaged_catalog_error(exc: BaseException, index_dir: Path, db_url: str | Non
     return UserError(damaged_message(str(where) if where is not None else "database", reason, data_dir))
 
 
+def full_disk_error(exc: BaseException, index_dir: Path, db_url: str | None) -> DiskFull | None:
+    """A DiskFull naming the disk to free when exc says the catalog's disk is full, else None."""
+    from retrieval.catalog import CatalogUnavailable, catalog_sqlite_file, database_full_message
+    from retrieval.files import FULL, disk_trouble, no_space_message
+
+    if disk_trouble(exc) != FULL:
+        return None
+    try:
+        where = catalog_sqlite_file(Path(index_dir), db_url)
+    except CatalogUnavailable:
+        where = None
+    if where is None and db_url is not None:   # the database server's disk, not the index folder's
+        return DiskFull(database_full_message(db_url, exc))
+    return DiskFull(no_space_message(index_dir if db_url is None or where is None else where.parent))
+
+
 def open_index(index_dir: Path, db_url: str | None, device: str, *, load_network: bool = True):  # noqa: ANN201
     """retrieval.search.index.ImageIndex for a command's queries, its network loaded with the garbage collector off;
     every way it cannot open (no index, a damaged catalog, weights or device unavailable) is a UserError."""
@@ -147,6 +179,8 @@ def open_index(index_dir: Path, db_url: str | None, device: str, *, load_network
         except SQLAlchemyError as exc:
             if (user_error := damaged_catalog_error(exc, index_dir, db_url)) is not None:
                 raise user_error from None
+            if (full := full_disk_error(exc, index_dir, db_url)) is not None:
+                raise full from None
             raise
         except WeightsUnavailable as exc:
             raise UserError(weights_error_message(exc)) from exc
@@ -163,6 +197,8 @@ def querying(index, index_dir: Path, db_url: str | None):  # noqa: ANN001, ANN20
     except SQLAlchemyError as exc:
         if (user_error := damaged_catalog_error(exc, index_dir, db_url)) is not None:
             raise user_error from None
+        if (full := full_disk_error(exc, index_dir, db_url)) is not None:
+            raise full from None
         raise
     finally:
         index.close()

@@ -32,12 +32,17 @@ def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device:
     The query goes through exactly the network the index was built with. Distances are L2
     distances between feature vectors (0 for an identical image). Options can also be set by
     environment variables (SEARCH_IMAGES_K, ...; see docs/configuration.md).
+
+    Exit status: 0 done, 2 a query that cannot be used (no image, no regular file) or an index that cannot be
+    searched (none there, a damaged catalog), 1 a full disk (one line: what to free), 130 interrupted.
     """
     setup_logging(False)
+    from retrieval.files import open_regular
     from retrieval.images.decode import ImageDecodeError, Preprocessing, decode_for_model
 
     try:   # a file that is no image is refused before torch, FAISS and the network load (seconds)
-        query = query_image.read_bytes()
+        with open_regular(query_image) as f:   # a named pipe or a device is refused, not waited on or read forever
+            query = f.read()
         decode_for_model(query, Preprocessing())
     except ImageDecodeError as exc:
         raise UserError(f"cannot use {query_image} as a query: {exc}") from exc

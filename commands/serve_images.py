@@ -15,7 +15,7 @@ import click
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
-from commands.options import UserError, command_settings, damaged_catalog_error, source_of
+from commands.options import UserError, command_settings, damaged_catalog_error, full_disk_error, source_of
 from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV, MAX_EF_SEARCH, MAX_NPROBE
 from retrieval.system import available_cores, collector_paused, leave_out_triton
 
@@ -85,7 +85,7 @@ def check_index(index_dir: Path, db_url: str | None = None) -> tuple[int, str]:
     except CatalogUnavailable as exc:
         raise UserError(str(exc)) from None
     except SQLAlchemyError as exc:
-        if (user_error := damaged_catalog_error(exc, index_dir, db_url)) is not None:
+        if (user_error := damaged_catalog_error(exc, index_dir, db_url) or full_disk_error(exc, index_dir, db_url)):
             raise user_error from None
         raise UserError(f"the catalog cannot be read: {db_error_reason(exc, db_url)}") from None
     try:
@@ -101,7 +101,7 @@ def check_index(index_dir: Path, db_url: str | None = None) -> tuple[int, str]:
                             "its permissions or run as its owner")
         return catalog.count(), f"{settings.model} {settings.layer}"
     except SQLAlchemyError as exc:
-        if (user_error := damaged_catalog_error(exc, index_dir, db_url)) is not None:
+        if (user_error := damaged_catalog_error(exc, index_dir, db_url) or full_disk_error(exc, index_dir, db_url)):
             raise user_error from None
         raise UserError(f"the catalog in {catalog.location} cannot be read: {db_error_reason(exc, db_url)}") from None
     finally:
@@ -234,7 +234,9 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
     searched with the nprobe or efSearch index-images tuned, unless --nprobe / --ef-search say otherwise;
     /stats shows the recall measured with them.
 
-    Exit status: 2 when there is no index (run index-images first), 3 when a worker cannot start.
+    Exit status: 2 when the index cannot be served (none there: run index-images first; a damaged or unreadable
+    catalog; the port in use), 1 when its disk is too full to open the catalog (one line: what to free), 3 when a
+    worker cannot start.
     """
     overrides = app_overrides(ctx)
     if print_config:

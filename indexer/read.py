@@ -25,7 +25,7 @@ import numpy as np
 from retrieval.images.decode import (DEVICE_JPEG_EXTENSIONS, DeviceJpeg, ImageDecodeError, Preprocessing,
                              decode_for_model, inspect_jpeg)
 from retrieval.images.scan import ImageFile
-from retrieval.system import die_with_parent, time_limit
+from retrieval.system import die_with_parent, ignore_interrupts, interrupts_held, time_limit
 
 if TYPE_CHECKING:
     import torch
@@ -41,12 +41,14 @@ STUCK_GRACE_S = 30.0        # a worker past its task's limits by this much is st
 
 
 def start_worker(parent_pid: int) -> None:
-    """In a decoding worker, first: die with the parent, and yield the CPU to it.
+    """In a decoding worker, first: leave Ctrl-C to the parent (which stops the workers), die with the parent,
+    and yield the CPU to it.
 
     The parent's work (loading torch and the network, then the forward passes) is what the run
     waits for; decoding fills the cycles it leaves, and when the network waits for decoded
     images the workers get the cores anyway.
     """
+    ignore_interrupts()   # forked with SIGINT held (Reader._submit): no Ctrl-C lands before this
     die_with_parent(parent_pid)
     try:
         os.nice(WORKER_NICENESS)
@@ -87,11 +89,24 @@ def read_files(data_dir: Path, files: list[ImageFile], prep: Preprocessing, max_
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
-    """Shut a pool down without waiting for the decodes in flight: its processes are killed."""
+    """Shut a pool down without waiting for the decodes in flight: its processes are killed.
+
+    The pool's thread may be reading a reply that a killed worker had begun: this process's end of the reply pipe
+    is closed too, so the thread gets end-of-file once the workers are gone instead of waiting for the rest for good
+    (and the process's exit with it)."""
     processes = list((getattr(pool, "_processes", None) or {}).values())
+    replies = getattr(pool, "_result_queue", None)   # shutdown() lets go of it
     pool.shutdown(wait=False, cancel_futures=True)
     for proc in processes:
         proc.kill()
+    if replies is not None:
+        replies._writer.close()   # noqa: SLF001 - the only writers left are the killed workers
+
+
+def _submit(pool: ProcessPoolExecutor, fn, *args) -> Future:  # noqa: ANN001
+    """pool.submit, with SIGINT held: a pool forks its workers at its first submit, and they start with it held."""
+    with interrupts_held():
+        return pool.submit(fn, *args)
 
 
 def share_key(path: str) -> float:
@@ -177,8 +192,8 @@ class Reader:
 
     def _fill(self) -> None:
         while self._next < len(self.tasks) and len(self._pending) < self.ahead:
-            self._pending.append(self._pool.submit(read_files, self.data_dir, self.tasks[self._next], self.prep,
-                                                   self.max_pixels, self.device_share))
+            self._pending.append(_submit(self._pool, read_files, self.data_dir, self.tasks[self._next], self.prep,
+                                         self.max_pixels, self.device_share))
             self._next += 1
 
     def _restart_from(self, task: int) -> None:
@@ -196,8 +211,8 @@ class Reader:
             alone = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"), initializer=start_worker,
                                         initargs=(os.getpid(),))
             try:
-                items += alone.submit(read_files, self.data_dir, [f], self.prep, self.max_pixels,
-                                      self.device_share).result(timeout=DECODE_TIME_LIMIT_S + STUCK_GRACE_S)
+                items += _submit(alone, read_files, self.data_dir, [f], self.prep, self.max_pixels,
+                                 self.device_share).result(timeout=DECODE_TIME_LIMIT_S + STUCK_GRACE_S)
             except BrokenProcessPool:
                 log.warning("decoding %s killed its worker process; skipped", f.path)
                 items.append({"file": f, "error": "decoding it killed the worker process (out of memory, "

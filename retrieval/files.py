@@ -177,11 +177,14 @@ READ_ONLY = "read-only"
 _FULL_TEXTS = ("no space left on device", "database or disk is full", "disk quota exceeded",
                "pytorchstreamwriter failed writing file", "file write failed")
 _READ_ONLY_TEXTS = ("read-only file system", "attempt to write a readonly database")
+# SQLite's 'disk I/O error' when it cannot make room for its 32 KB shared-memory file beside a WAL catalog: the first
+# connection to a catalog on a full disk (a reader too) fails so
+_FULL_SQLITE_ERRORS = ("SQLITE_IOERR_SHMSIZE",)
 
 
 def disk_trouble(exc: BaseException | None) -> str | None:
     """FULL when exc (or an exception it was raised from) is a full disk: OSError ENOSPC or EDQUOT, SQLite's
-    'database or disk is full' (as SQLAlchemy's OperationalError), torch's serialization RuntimeError or FAISS's
+    'database or disk is full' or its shared-memory file without room (as SQLAlchemy's OperationalError), torch's serialization RuntimeError or FAISS's
     writer error around one; READ_ONLY for EROFS or SQLite's 'attempt to write a readonly database'; else None."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
@@ -190,6 +193,8 @@ def disk_trouble(exc: BaseException | None) -> str | None:
             return FULL
         if isinstance(exc, OSError) and exc.errno == errno.EROFS:
             return READ_ONLY
+        if getattr(exc, "sqlite_errorname", None) in _FULL_SQLITE_ERRORS:
+            return FULL
         if not isinstance(exc, OSError) or exc.errno is None:
             text = f"{exc} {getattr(exc, 'orig', '') or ''}".lower()
             if any(t in text for t in _FULL_TEXTS):

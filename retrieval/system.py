@@ -89,6 +89,28 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 @contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold back SIGINT in this thread for the block; a Ctrl-C that came meanwhile arrives right after it.
+
+    A process forked in the block starts with SIGINT held, so a Ctrl-C at that moment waits until the child has
+    said what one means to it (ignore_interrupts) instead of interrupting its start."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def ignore_interrupts() -> None:
+    """In a helper process whose parent handles Ctrl-C (and stops it): SIGINT ignored, a held one dropped.
+
+    A terminal's Ctrl-C reaches the whole process group; a helper interrupted in the middle of a reply to its
+    parent would leave the parent waiting for the rest of it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+@contextmanager
 def time_limit(seconds: float | None, error: Callable[[], BaseException]) -> Iterator[None]:
     """Raise error() in the block once it has run for seconds (SIGALRM; a blocking read is interrupted too).
 

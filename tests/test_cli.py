@@ -191,6 +191,23 @@ def test_a_query_that_is_no_image_is_refused_before_the_network_loads(tmp_path):
     assert "cannot use" in result.stderr and "not an image" in result.stderr
 
 
+@pytest.mark.parametrize("kind", ["a named pipe", "a character device"])
+def test_a_query_that_is_no_regular_file_is_refused_not_waited_on(tmp_path, kind):
+    """Reproduces: search-images on a named pipe waited for a writer for good (and on /dev/zero it would read until
+    memory ran out); the library and the indexer open only regular files, checked on the open descriptor."""
+    import os
+
+    if kind == "a named pipe":
+        query = tmp_path / "photo.jpg"
+        os.mkfifo(query)
+    else:
+        query = "/dev/zero"
+    result = subprocess.run([sys.executable, "-c", "from commands.search_images import main; main()", str(query),
+                             "--index-dir", str(tmp_path / "index")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"Error: cannot read {query}: not a regular file ({kind})", result.stderr
+
+
 def test_empty_index_gives_an_empty_result_list(runner, tmp_path):
     (tmp_path / "empty").mkdir()
     index_dir = str(tmp_path / "index")

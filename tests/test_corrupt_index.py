@@ -36,3 +36,21 @@ def test_healthz_says_503_while_searches_fail_on_a_corrupt_catalog_page(served_c
     health = client.get("/healthz")
     assert health.status_code == 503, health.get_json()
     assert "failed to read the catalog" in health.get_json()["reason"]
+
+
+def test_a_corrupt_catalog_under_the_server_is_told_with_what_to_do(served_copy, sample_index, caplog):
+    """Reproduces: a search on a catalog damaged under a running server answered 'try again shortly', and /healthz and
+    the log gave SQLite's words alone; the commands name the two ways out (restore it, or re-index into a new folder)."""
+    app, index = served_copy
+    client = app.test_client()
+    query = next(sample_index.data_dir.rglob("*.jpg")).read_bytes()
+    corrupt_table_root(index / CATALOG_FILE, "images")
+
+    failed = client.post("/search?k=3", data={"image": (io.BytesIO(query), "q.jpg")}, content_type="multipart/form-data")
+
+    assert failed.status_code == 503, failed.data
+    assert "try again" not in failed.get_json()["error"]["message"], "waiting cannot mend a damaged file"
+    reason = client.get("/healthz").get_json()["reason"]
+    ways_out = f"restore it from a backup, or re-index into a new folder: index-images {sample_index.data_dir}"
+    assert str(index / CATALOG_FILE) in reason and ways_out in reason, reason
+    assert any(ways_out in r.getMessage() for r in caplog.records if r.levelname == "ERROR"), caplog.text

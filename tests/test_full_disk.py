@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -207,6 +208,44 @@ def test_server_starts_on_a_read_only_index_folder(tmp_path, sample_index):
             _upload_search_ok(client, sample_index)
         finally:
             app.extensions["retrieval"].close()
+
+
+@pytest.mark.parametrize("command", ["search-images", "evaluate-index", "find-duplicates", "serve-images",
+                                     "index-images"])
+def test_every_command_on_an_index_whose_disk_is_full_says_so_in_one_line(tmp_path, sample_index, command):
+    """Reproduces: with the index folder's disk full (SQLite cannot make its 32 KB shared-memory file beside the
+    catalog), search-images, evaluate-index and find-duplicates died with an 'OperationalError: disk I/O error'
+    traceback, serve-images said 'the catalog ... cannot be read: disk I/O error' and index-images 'the catalog
+    database failed ... run the same command again'."""
+    from commands.evaluate_index import main as evaluate_index
+    from commands.find_duplicates import main as find_duplicates
+    from commands.search_images import main as search_images
+    from commands.serve_images import main as serve_images
+
+    query = next(sample_index.data_dir.rglob("*.jpg"))
+    runs = {"search-images": (search_images, [str(query)]), "evaluate-index": (evaluate_index, []),
+            "find-duplicates": (find_duplicates, []), "serve-images": (serve_images, ["--port", "1"]),
+            "index-images": (index_images, [str(sample_index.data_dir)])}
+    with tmpfs(tmp_path / "fs") as fs:
+        index_dir = fs / "index"   # the catalog and FAISS file on the small disk; the 233 MB weights linked
+        shutil.copytree(sample_index.index_dir, index_dir, ignore=shutil.ignore_patterns("random-weights-*"))
+        random_weights_file(index_dir, "alexnet").symlink_to(random_weights_file(sample_index.index_dir, "alexnet"))
+        db = sqlite3.connect(index_dir / "catalog.db")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.close()                 # the last connection: -wal and -shm go, and must be made again on the full disk
+        assert sorted(p.name for p in index_dir.glob("catalog.db*")) == ["catalog.db"]
+        fill(fs, 0)
+        entry, args = runs[command]
+        result = CliRunner().invoke(entry, [*args, "--index-dir", str(index_dir)])
+
+        assert result.exit_code == 1, result.output
+        assert isinstance(result.exception, SystemExit), result.exception
+        line, = result.output.strip().splitlines()
+        if command == "index-images":   # it estimates the room a run needs
+            assert line.startswith(f"error: no space left on tmpfs (mounted on {fs}) for {index_dir}: free about "), line
+            assert line.endswith("and run again; nothing was lost"), line
+        else:
+            assert line == f"Error: {no_space_message(index_dir)}", line
 
 
 @pytest.mark.slow

@@ -163,6 +163,25 @@ def test_a_damaged_catalog_says_what_to_do_in_index_images_and_search_images(cop
     assert searched.exit_code == 2 and expected in searched.output
 
 
+@pytest.mark.parametrize("command", ["evaluate-index", "evaluate-index --copies", "find-duplicates"])
+def test_a_damaged_catalog_says_what_to_do_in_the_other_commands_that_read_it(copy, command):
+    """Reproduces: evaluate-index on a damaged catalog died with an SQLAlchemy DatabaseError traceback."""
+    from commands.evaluate_index import main as evaluate_index
+    from commands.find_duplicates import main as find_duplicates
+
+    _, index = copy
+    corrupt_table_root(index / CATALOG_FILE, "images")
+    entry = find_duplicates if command == "find-duplicates" else evaluate_index
+    args = ["--copies", "10"] if command.endswith("--copies") else []
+
+    result = run(entry, [*args, "--index-dir", index])
+
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1].startswith(
+        f"Error: the catalog {index / CATALOG_FILE} is damaged (database disk image is malformed): restore it from "
+        "a backup, or re-index into a new folder"), result.output
+
+
 def test_serve_images_says_what_to_do_with_a_damaged_catalog(copy):
     from commands.options import UserError
     from commands.serve_images import check_index

@@ -22,6 +22,7 @@ from retrieval.catalog.schema import (Base, FaissFileRow, ImageRow, IndexSetting
 from retrieval.catalog.integrity import IntegrityChecks
 from retrieval.catalog.records import RunRecords
 from retrieval.catalog.values import ImageRecord, IndexSettings, image_record
+from retrieval.files import FULL, disk_trouble
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class Catalog(IntegrityChecks, RunRecords):
                 have = {(table, c["name"]) for table in {t for t, _, _ in ADDED_COLUMNS}
                         for c in inspector.get_columns(table)}
         except SQLAlchemyError as exc:
-            if damaged_reason(exc):
+            if damaged_reason(exc) or disk_trouble(exc) == FULL:   # nothing can be read: the caller says why
                 self.engine.dispose()
                 raise
             self.absent_columns.add(("images", "vector_crc32"))
