@@ -37,7 +37,7 @@ def stage_table(index: Path, bodies: list[bytes], k: int, rounds: int) -> dict:
     from retrieval.images.decode import decode_for_model
     from retrieval.images.decode_pool import DecodePool
     from retrieval.search.index import ImageIndex, embed
-    from retrieval.vectors.whitening import split_whitening, whiten_prefix, whitening_of
+    from retrieval.vectors.whitening import whiten_prefix, whitening_of
 
     served = ImageIndex(index)
     snapshot = served.snapshot()
@@ -48,11 +48,11 @@ def stage_table(index: Path, bodies: list[bytes], k: int, rounds: int) -> dict:
     if cpu_bf16_instructions():
         extractors["bf16"] = FeatureExtractor(settings.model, settings.layer, state, cpu, "bf16")
     ids, vectors = map(np.concatenate, zip(*snapshot.catalog.vectors()))        # (N,), (N, D) float32
-    served_factory = snapshot.vectors.factory
-    whiten = whitening_of(snapshot.vectors.index) or (lambda x: x)   # the served index's space: (n, D) -> (n, d)
+    served_factory = (snapshot.catalog.vector_index_record() or {}).get("factory", snapshot.vectors.factory)
+    whitening = whitening_of(snapshot.vectors.index)
+    whiten = whitening or (lambda x: x)                              # the served index's space: (n, D) -> (n, d)
     stored = whiten(vectors)                                                     # (N, d): what the served index holds
-    whitened_dim = split_whitening(served_factory)[0]
-    prefix = whiten_prefix(whitened_dim) if whitened_dim else ""                # "PCAW256,L2norm," or ""
+    prefix = whiten_prefix(stored.shape[1]) if whitening else ""                # "PCAW256,L2norm," or ""
     compact = {}
     for factory in ("SQfp16", "SQ8"):
         sq = faiss.index_factory(stored.shape[1], factory)

@@ -3,8 +3,8 @@
 FAISS's PCAMatrix.train decomposes the whole d_in x d_in scatter matrix (all 4,096 eigenpairs of fc7, in double
 precision) though a PCA keeps only its top d_out <= 256 of them: 49 of index-images' 111 s on 10,000 images on
 two cores. train_pca computes the same thing, only the components that are kept: the same sample (FAISS's
-seeded subsample above max_points_per_d * d_in vectors), the mean, the scatter matrix of the centred vectors as
-one float32 BLAS product (FAISS: the same product, uncentred), its top d_out eigenpairs in double precision
+seeded subsample above max_points_per_d * d_in vectors), the mean, the scatter matrix of the centred vectors by
+float32 BLAS (FAISS: the same product, uncentred, less accurate), its top d_out eigenpairs in double precision
 (LAPACK's dsyevr on an index range), by decreasing eigenvalue; then it installs them into the PCAMatrix and lets
 FAISS's own prepare_Ab turn them into the applied map (eigen_power, epsilon, random rotation, balanced bins), so
 the FAISS file, what reads it and what is searched stay as they were (benchmarks/bench_whitening.py measures
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import faiss
 
 FAISS_SUBSAMPLE_SEED = 1234   # faiss::fvecs_maybe_subsample's default, which PCAMatrix.train uses
+SCATTER_CHUNK = 8192          # vectors centred at a time for the scatter matrix (128 MiB at 4096-d), not all at once
 
 
 def train_pca(pca: "faiss.PCAMatrix", vectors: np.ndarray) -> "faiss.PCAMatrix":
@@ -39,14 +40,18 @@ def train_pca(pca: "faiss.PCAMatrix", vectors: np.ndarray) -> "faiss.PCAMatrix":
     x = faiss_subsample(x, int(pca.max_points_per_d) * d)
     n = len(x)
     mean = x.mean(axis=0, dtype=np.float64) if pca.have_bias else np.zeros(d)   # (d,)
-    centred = x - mean.astype(np.float32)                                           # (n, d)
     if n >= d:
-        # scatter matrix sum_i (x_i - mean)(x_i - mean)^T, not divided by n (FAISS's eigenvalues are of this)
-        scatter = ssyrk(1.0, centred.T, lower=0)                                    # (d, d), upper triangle
+        # scatter matrix sum_i (x_i - mean)(x_i - mean)^T, not divided by n (FAISS's eigenvalues are of this); FAISS
+        # sums x_i x_i^T - n mean mean^T instead, which loses digits in float32 when the vectors share a large mean
+        scatter = np.zeros((d, d), dtype=np.float32, order="F")
+        for start in range(0, n, SCATTER_CHUNK):
+            centred = x[start:start + SCATTER_CHUNK] - mean.astype(np.float32)     # (chunk, d)
+            scatter = ssyrk(1.0, centred.T, beta=1.0, c=scatter, lower=0, overwrite_c=1)   # (d, d), upper triangle
         values, vecs = eigh(scatter.astype(np.float64), lower=False, subset_by_index=(d - k, d - 1), driver="evr",
                             overwrite_a=True, check_finite=False)                   # ascending, vecs (d, k)
         components = vecs[:, ::-1].T                                                # (k, d), by decreasing value
     else:
+        centred = x - mean.astype(np.float32)                                       # (n, d), n < d
         # fewer vectors than dimensions: the Gram matrix of the centred vectors has the same nonzero eigenvalues,
         # and each of its eigenvectors v gives the component centred^T v (normalised), as FAISS does too
         gram = ssyrk(1.0, centred, lower=0)                                         # (n, n), upper triangle
