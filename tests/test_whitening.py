@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.vectors import one_way
 from retrieval.catalog import Catalog
 from retrieval.names import FAISS_FILE
 from retrieval.vectors.builder import maintain_vectors
@@ -14,20 +15,6 @@ from retrieval.vectors.vector_index import VectorIndex
 from retrieval.vectors.whitening import VECTORS_PER_DIM, WHITEN_MIN_DIM, min_whiten_vectors, whitening_of
 
 DIM = 128
-
-
-def one_way(n: int, seed: int = 0, items: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Unit vectors that all point one way (a shared direction, as random-weight fc7 does), each a seeded item's own
-    small signal plus noise -> (vectors shape=(n, DIM) float32, item of each shape=(n,))."""
-    rng = np.random.default_rng(seed)
-    items = items or n
-    common = np.abs(rng.standard_normal(DIM)) * 3
-    spread = rng.standard_normal(DIM) * np.linspace(2.0, 0.05, DIM)   # a few strong shared directions
-    own = rng.standard_normal((items, DIM)) * 0.25
-    which = np.arange(n) % items
-    x = common + rng.standard_normal((n, 1)) * spread + own[which] + rng.standard_normal((n, DIM)) * 0.05
-    x = np.abs(x)                                                         # non-negative, as after a ReLU
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), which
 
 
 def fill(catalog: Catalog, vectors: np.ndarray, start: int = 0) -> np.ndarray:

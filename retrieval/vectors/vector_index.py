@@ -15,6 +15,7 @@ import numpy as np
 from retrieval.catalog import Catalog
 from retrieval.files import NotARegularFile, atomic_write, descriptor_digest, open_regular, private_copy
 from retrieval.vectors.index_types import FLAT, build_empty, fit_precomputed_tables, is_exact, native_ids, stored_ids, structure, walk
+from retrieval.vectors.pca import train_front_pca
 from retrieval.system import available_cores
 
 # ids -> their catalog vectors in chunks: what an index that cannot remove ids is rebuilt from
@@ -86,8 +87,11 @@ class VectorIndex:
         return bool(self.index.is_trained)
 
     def train(self, vectors: np.ndarray) -> None:
-        """Train an untrained type on a sample; vectors shape=(n, dim) float32."""
-        self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+        """Train an untrained type on a sample; vectors shape=(n, dim) float32. A PCA in front (PCAW, PCAR) is trained
+        first by retrieval.vectors.pca.train_pca (FAISS's result, only the components kept), the rest by FAISS."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        train_front_pca(self.index, vectors)
+        self.index.train(vectors)
         drop_training_state(self.index)
         fit_precomputed_tables(self.index)   # searched as a process that opens the file searches it
 

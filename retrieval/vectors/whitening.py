@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from retrieval.vectors.pca import train_pca
+
 if TYPE_CHECKING:
     import faiss
 
@@ -108,8 +110,7 @@ def learn_whitening(vectors: np.ndarray, dim: int) -> faiss.PCAMatrix:
     out = max(1, min(dim, n // 4, d))
     pca = faiss.PCAMatrix(d, out, -0.5)   # eigen_power -0.5: whitened
     pca.epsilon = 1e-6   # components with (almost) no variance are not blown up to noise
-    pca.train(np.ascontiguousarray(vectors, dtype=np.float32))
-    return pca
+    return train_pca(pca, vectors)   # what pca.train gives, in a fraction of the time (retrieval.vectors.pca)
 
 
 def whiten(pca: faiss.PCAMatrix, vectors: np.ndarray) -> np.ndarray:

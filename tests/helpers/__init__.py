@@ -7,6 +7,7 @@
 - `browser`: headless Chromium through Playwright, and the checks made on every page.
 - `postgres`: a private PostgreSQL server in a temporary folder.
 - `training_history`: realistic fine-tune history files.
+- `vectors`: synthetic vectors shaped like fc7 (unit length, non-negative, all pointing one way).
 - `precision`: what `--precision auto` may pick on this CPU; a skip where it has no bf16 units.
 
 Fixtures stay in tests/conftest.py; no test module imports another test module or conftest.
