@@ -18,7 +18,7 @@ from retrieval.learning.metrics import vote
 from retrieval.images.decode import ImageDecodeError
 from retrieval.search.expansion import QueryExpansion
 from retrieval.search.index import Hit, ImageIndex, IndexSnapshot, weights_label
-from retrieval.vectors.index_types import SearchParams
+from retrieval.vectors.faiss_parts import SearchParams
 from retrieval.names import MAX_EF_SEARCH, MAX_NPROBE
 from retrieval.system import available_cores
 

@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 import faiss  # noqa: E402 - after the path is set
 
-from retrieval.vectors.index_types import (FLAT, PRECOMPUTED_TABLE_MAX_BYTES, RECALL_TARGET, SearchParams,  # noqa: E402
-                                   apply_search_params, auto_factory, fit_precomputed_tables, precomputed_table_bytes,
-                                   train_size, tuning_ladder, walk)
+from retrieval.vectors.index_types import FLAT, RECALL_TARGET, auto_factory, train_size  # noqa: E402
+from retrieval.vectors.faiss_parts import (PRECOMPUTED_TABLE_MAX_BYTES, SearchParams, apply_search_params,  # noqa: E402
+                                           fit_precomputed_tables, precomputed_table_bytes, tuning_ladder, walk)
 from retrieval.vectors.recall import K, score, without_self  # noqa: E402
 from retrieval.system import available_cores  # noqa: E402
 from retrieval.vectors.vector_index import VectorIndex  # noqa: E402
@@ -182,7 +182,7 @@ stages["import torch"] = rss()
 import torchvision
 stages["import torchvision"] = rss()
 from retrieval.vectors.vector_index import VectorIndex
-from retrieval.vectors.index_types import SearchParams, apply_search_params
+from retrieval.vectors.faiss_parts import SearchParams, apply_search_params
 net = torchvision.models.alexnet().eval()              # what serve-images holds: the network...
 stages["AlexNet"] = rss()
 index = VectorIndex.load(sys.argv[2], 4096, factory=None, mmap=True)   # ...and the index, memory-mapped

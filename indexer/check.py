@@ -71,7 +71,7 @@ def check_index(data_dir: Path, index_dir: Path, db_url: str | None) -> dict:
 def _check_faiss(path: Path, catalog: Catalog, dim: int, bad: set[int]) -> dict:
     """The FAISS file against the catalog: {"file", "readable", "type", "missing", "extra", "different", "problems"}."""
     from retrieval.files import sample_digest
-    from retrieval.vectors.index_types import is_exact
+    from retrieval.vectors.faiss_parts import is_exact
     from retrieval.vectors.vector_index import VectorIndex
 
     import faiss

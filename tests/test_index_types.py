@@ -17,9 +17,9 @@ from helpers.waiting import wait_for
 from retrieval.samples import make_sample_collection
 from retrieval.catalog import Catalog
 from retrieval.vectors.builder import IndexBuilder, maintain_vectors
-from retrieval.vectors import index_types
-from retrieval.vectors.index_types import (FLAT, IndexTypeConfig, IndexTypeError, SearchParams, apply_search_params,
-                                   auto_factory, fit_precomputed_tables)
+from retrieval.vectors import faiss_parts
+from retrieval.vectors.faiss_parts import SearchParams, apply_search_params, fit_precomputed_tables
+from retrieval.vectors.index_types import FLAT, IndexTypeConfig, IndexTypeError, auto_factory
 from retrieval.names import FAISS_FILE
 from retrieval.vectors.recall import exact_neighbours, measure, score
 from retrieval.vectors.vector_index import VectorIndex
@@ -416,7 +416,7 @@ def test_a_served_index_does_not_build_a_precomputed_table_above_the_budget(tmp_
     index.add(np.arange(len(vecs)), vecs)
     assert precomputed_table_of(index).precomputed_table.size() > 0, "small: kept after training"
     index.save(tmp_path / FAISS_FILE)
-    monkeypatch.setattr(index_types, "PRECOMPUTED_TABLE_MAX_BYTES", 16 * 8 * 256 * 4 - 1)
+    monkeypatch.setattr(faiss_parts, "PRECOMPUTED_TABLE_MAX_BYTES", 16 * 8 * 256 * 4 - 1)
     for mmap in (True, False):
         loaded = VectorIndex.load(tmp_path / FAISS_FILE, DIM, factory="IVF16,PQ8np", mmap=mmap)
         assert precomputed_table_of(loaded).precomputed_table.size() == 0

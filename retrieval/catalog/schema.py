@@ -132,7 +132,7 @@ class FaissDigestRow(Base):
 class VectorIndexRow(Base):
     """How the FAISS file is built (one row): the type asked for and built, its training, search settings and recall.
 
-    Written after each save of the FAISS file; the file itself says what it holds (index_types.structure)."""
+    Written after each save of the FAISS file; the file itself says what it holds (faiss_parts.structure)."""
     __tablename__ = "vector_index"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -20,7 +20,7 @@ from retrieval.catalog import (CATALOG_FILE, Catalog, CatalogUnavailable, IndexS
                       weights_label)  # weights_label: re-exported
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_for_model
 from retrieval.search.expansion import QueryExpansion, expand
-from retrieval.vectors.index_types import SearchParams, apply_search_params, search_params_of
+from retrieval.vectors.faiss_parts import SearchParams, apply_search_params, search_params_of
 from retrieval.names import FAISS_FILE
 from retrieval.vectors.vector_index import VectorIndex
 

@@ -10,9 +10,10 @@ import numpy as np
 
 from retrieval.catalog import Catalog
 from retrieval.files import sample_digest
-from retrieval.vectors.index_types import (AUTO, FLAT, RECALL_QUERIES, RECALL_TARGET, IndexTypeConfig, IndexTypeError, SearchParams,
-                          apply_search_params, min_train_vectors, requested_params, requested_dba, requested_type, requested_whitening,
-                          search_params_of, seeded_samples, train_size, tuning_ladder, wanted_factory)
+from retrieval.vectors.index_types import (AUTO, FLAT, RECALL_QUERIES, RECALL_TARGET, IndexTypeConfig, IndexTypeError,
+                                           min_train_vectors, requested_dba, requested_params, requested_type,
+                                           requested_whitening, seeded_samples, train_size, wanted_factory)
+from retrieval.vectors.faiss_parts import SearchParams, apply_search_params, search_params_of, tuning_ladder
 from retrieval.vectors.index_types import flat_max as recorded_flat_max
 from retrieval.vectors.recall import K, exact_neighbours, measure, sample_vectors
 from retrieval.vectors.vector_index import VectorIndex, reconcile

@@ -8,7 +8,7 @@ from typing import Iterable, Iterator
 import faiss
 import numpy as np
 
-from retrieval.vectors.index_types import SearchParams, apply_search_params
+from retrieval.vectors.faiss_parts import SearchParams, apply_search_params
 from retrieval.vectors.vector_index import VectorIndex
 
 K = 10

@@ -14,7 +14,8 @@ import numpy as np
 
 from retrieval.catalog import Catalog
 from retrieval.files import NotARegularFile, atomic_write, descriptor_digest, open_regular, private_copy
-from retrieval.vectors.index_types import FLAT, build_empty, fit_precomputed_tables, is_exact, native_ids, stored_ids, structure, walk
+from retrieval.vectors.index_types import FLAT, build_empty
+from retrieval.vectors.faiss_parts import fit_precomputed_tables, is_exact, ivf_of, native_ids, stored_ids, structure, walk
 from retrieval.vectors.pca import train_front_pca
 from retrieval.system import available_cores
 
@@ -210,7 +211,7 @@ class VectorIndex:
             log.warning("ignoring FAISS file %s of another dimension; rebuilding from the catalog", path)
             return None
         fit_precomputed_tables(index)   # read without them: only the small ones are built
-        if not (native_ids(index) and _has_ivf(index)) and not isinstance(index, faiss.IndexIDMap2):
+        if not (native_ids(index) and ivf_of(index) is not None) and not isinstance(index, faiss.IndexIDMap2):
             log.warning("ignoring FAISS file %s: it holds no catalog ids; rebuilding from the catalog", path)
             return None
         if factory is None:
@@ -321,14 +322,6 @@ def drop_training_state(index: faiss.Index) -> None:
                 transform = faiss.downcast_VectorTransform(part.chain.at(i))
                 if isinstance(transform, faiss.PCAMatrix):
                     transform.PCAMat.resize(0)
-
-
-def _has_ivf(index: faiss.Index) -> bool:
-    try:
-        faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return False
-    return True
 
 
 class NotAsSaved(RuntimeError):

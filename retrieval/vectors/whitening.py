@@ -75,7 +75,7 @@ def whitening_of(index: "faiss.Index") -> Callable[[np.ndarray], np.ndarray] | N
     vectors shape=(n, d_in) float32 -> shape=(n, d) float32, unit length."""
     import faiss
 
-    from retrieval.vectors.index_types import walk
+    from retrieval.vectors.faiss_parts import walk
 
     pre = next((p for p in walk(index) if isinstance(p, faiss.IndexPreTransform)), None)
     if pre is None:
