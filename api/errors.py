@@ -8,7 +8,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import ClientDisconnected, HTTPException, InternalServerError
 
 from retrieval.catalog import damaged_message, damaged_reason
-from retrieval.search.index import IndexUnavailable
+from retrieval.search.snapshot import IndexUnavailable
 
 from api.metrics import count_error
 

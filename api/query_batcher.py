@@ -14,7 +14,7 @@ from typing import Iterator, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from retrieval.search.index import Hit, IndexUnavailable
+from retrieval.search.snapshot import Hit, IndexUnavailable
 from retrieval.system import available_cores
 
 from api import metrics

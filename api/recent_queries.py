@@ -36,7 +36,7 @@ _queries = Table(
     Column("height", Integer, nullable=False),
     Column("filename", String, nullable=False),
     Column("created", Float, nullable=False, index=True),
-    Column("network", String, nullable=False, server_default=""),   # retrieval.search.index.network_key of the vector
+    Column("network", String, nullable=False, server_default=""),   # retrieval.search.snapshot.network_key of the vector
 )
 
 
@@ -48,7 +48,7 @@ class RecentQuery:
     height: int
     filename: str         # as the browser named it (display only)
     created: float        # time.time()
-    network: str = ""     # the network that made vector (retrieval.search.index.network_key); "": the one served at add()
+    network: str = ""     # the network that made vector (retrieval.search.snapshot.network_key); "": the one served at add()
 
 
 class RecentQueries:

@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, send_file, url_for
 
-from retrieval.search.index import Hit
+from retrieval.search.snapshot import Hit
 from retrieval.system import display_name
 
 from api.image_files import image_mimetype

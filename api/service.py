@@ -17,7 +17,8 @@ from retrieval.images.decode_pool import DecodePool, DecoderBusy
 from retrieval.learning.metrics import vote
 from retrieval.images.decode import ImageDecodeError
 from retrieval.search.expansion import QueryExpansion
-from retrieval.search.index import Hit, ImageIndex, IndexSnapshot, weights_label
+from retrieval.search.index import ImageIndex, weights_label
+from retrieval.search.snapshot import Hit, IndexSnapshot
 from retrieval.vectors.faiss_parts import SearchParams
 from retrieval.names import MAX_EF_SEARCH, MAX_NPROBE
 from retrieval.system import available_cores

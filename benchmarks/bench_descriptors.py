@@ -49,7 +49,7 @@ from retrieval.images.decode import Preprocessing, decode_for_model  # noqa: E40
 from retrieval.images.edits import EDITS, edited_copies  # noqa: E402
 from retrieval.learning.metrics import pairwise_distances, vote_labels  # noqa: E402
 from retrieval.names import POOLED_LAYERS  # noqa: E402
-from retrieval.search.index import l2_normalize  # noqa: E402
+from retrieval.search.snapshot import l2_normalize  # noqa: E402
 from retrieval.system import available_cores  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

@@ -36,7 +36,8 @@ def stage_table(index: Path, bodies: list[bytes], k: int, rounds: int) -> dict:
     from retrieval.features.precision import cpu_bf16_instructions
     from retrieval.images.decode import decode_for_model
     from retrieval.images.decode_pool import DecodePool
-    from retrieval.search.index import ImageIndex, embed
+    from retrieval.search.index import ImageIndex
+    from retrieval.search.snapshot import embed
     from retrieval.vectors.whitening import whiten_prefix, whitening_of
 
     served = ImageIndex(index)

@@ -170,7 +170,8 @@ def open_index(index_dir: Path, db_url: str | None, device: str, *, load_network
 
         from retrieval.features.backbones import DeviceUnavailable
         from retrieval.features.weights import WeightsUnavailable, weights_error_message
-        from retrieval.search.index import ImageIndex, IndexNotFound, IndexUnavailable, WeightsMismatch
+        from retrieval.search.index import ImageIndex, IndexNotFound, WeightsMismatch
+        from retrieval.search.snapshot import IndexUnavailable
 
         try:
             return ImageIndex(index_dir, db_url=db_url, device=device, load_network=load_network)

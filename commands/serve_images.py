@@ -59,7 +59,8 @@ class GunicornServer(BaseApplication):
         # and what they made is frozen out of the collections that serving triggers
         with collector_paused():
             from retrieval.features.backbones import DeviceUnavailable, WeightsUnavailable
-            from retrieval.search.index import IndexNotFound, IndexUnavailable
+            from retrieval.search.index import IndexNotFound
+            from retrieval.search.snapshot import IndexUnavailable
 
             from api import create_app
 

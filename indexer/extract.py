@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from retrieval.features.backbones import FeatureExtractor
-from retrieval.search.index import embed
+from retrieval.search.snapshot import embed
 
 if TYPE_CHECKING:
     from indexer.read import Batch, Reader

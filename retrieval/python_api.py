@@ -15,7 +15,8 @@ from retrieval.results import THUMBNAIL_PX, Hit, IndexInfo, Prediction, SearchRe
 from retrieval.search.expansion import QueryExpansion
 
 if TYPE_CHECKING:
-    from retrieval.search.index import Hit as StoredHit, ImageIndex, IndexSnapshot
+    from retrieval.search.index import ImageIndex
+    from retrieval.search.snapshot import Hit as StoredHit, IndexSnapshot
 
 # What Index.search takes: a file path (relative to the working folder, or absolute), encoded image bytes,
 # a PIL image, or a uint8 array of shape (H, W, 3) (RGB; also (H, W) grey or (H, W, 4) RGBA).

@@ -79,7 +79,7 @@ def test_parse_batch_size():
 
 
 class OutOfMemoryAbove:
-    """A stand-in for retrieval.search.index.embed that runs out of CUDA memory on chunks larger than `limit`."""
+    """A stand-in for retrieval.search.snapshot.embed that runs out of CUDA memory on chunks larger than `limit`."""
 
     def __init__(self, limit: int, real=None):  # noqa: ANN001 - the real embed, or None for fake features
         self.limit, self.real, self.calls = limit, real, []

@@ -14,7 +14,7 @@ from retrieval.catalog import Catalog
 from retrieval.learning.evaluation import EvaluationError, evaluate_index, load_labelled_vectors
 from retrieval.learning.metrics import (chance_levels, check_labels, evaluate_vectors, leave_one_out, query_scores, vote,
                                        vote_labels)
-from retrieval.search.index import Hit
+from retrieval.search.snapshot import Hit
 
 
 def clusters(n_per_class: list[int], dim: int = 8, spread: float = 1.0, seed: int = 0) -> tuple[np.ndarray, list[str]]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from api.query_batcher import QueryBatcher
-from retrieval.search.index import Hit
+from retrieval.search.snapshot import Hit
 
 
 class FakeIndex:

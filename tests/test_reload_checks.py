@@ -17,7 +17,8 @@ from api.index_watcher import FAILING_CHECKS, IndexWatcher
 from retrieval.samples import make_sample_collection
 from retrieval.features.backbones import WeightsUnavailable, random_weights_file
 from retrieval.catalog import CATALOG_FILE, Catalog
-from retrieval.search.index import ImageIndex, IndexUnavailable, WeightsMismatch
+from retrieval.search.index import ImageIndex, WeightsMismatch
+from retrieval.search.snapshot import IndexUnavailable
 
 from helpers.waiting import wait_for as poll
 

@@ -41,7 +41,7 @@ def vote_labels(labels: Sequence[Hashable], distances: Sequence[float]) -> tuple
 
 
 def vote(hits: Sequence[LabelledHit], k: int) -> dict | None:
-    """Predict a label from the k nearest hits (nearest first), e.g. retrieval.search.index.Hit.
+    """Predict a label from the k nearest hits (nearest first), e.g. retrieval.search.snapshot.Hit.
 
     Hits without a label do not vote. -> {"label": str, "votes": int, "k": int} where k is the number of
     neighbours that voted (the labelled ones among the first k), or None when none of them has a label.

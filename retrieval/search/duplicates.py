@@ -14,7 +14,8 @@ import torch
 from retrieval.catalog.catalog import ImageRecord
 from retrieval.images.decode import DECODE_ERRORS, ImageDecodeError, open_rgb
 from retrieval.images.edits import EDITS, edited_copies
-from retrieval.search.index import ImageIndex, IndexSnapshot
+from retrieval.search.index import ImageIndex
+from retrieval.search.snapshot import IndexSnapshot
 from retrieval.vectors.duplicates import (CAUTION_NEIGHBOUR_SHARE, DEFAULT_GROUPING, DEFAULT_WHITEN_DIM, GROUPING_BETA,
                                           GROUPINGS, STRICT_NEIGHBOUR_SHARE, WHITEN_TRAIN_MAX, ThresholdChoice,
                                           choose_threshold, close_pairs, pair_scores)
