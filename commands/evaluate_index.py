@@ -10,7 +10,7 @@ from retrieval.features.weights import WeightsChoice
 from retrieval.names import DEFAULT_KS
 from retrieval.quality import held_out_words
 
-from commands.options import (UserError, command_settings, damaged_catalog_error, db_url_option, full_disk_error,
+from commands.options import (UserError, catalog_error, command_settings, db_url_option,
                               index_dir_option, open_index, querying, setup_logging)
 
 # retrieval.learning.evaluation (numpy, the catalog, scikit-learn) is imported after the arguments are parsed.
@@ -104,7 +104,7 @@ def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: P
         raise UserError(str(exc)) from exc
     except SQLAlchemyError as exc:   # a damaged catalog or a full disk: one line, as from the other commands
         if compare_dir is None:
-            if (problem := damaged_catalog_error(exc, index_dir, db_url) or full_disk_error(exc, index_dir, db_url)):
+            if (problem := catalog_error(exc, index_dir, db_url)):
                 raise problem from None
             raise
         raise UserError(f"the catalog of {index_dir} or of {compare_dir} cannot be read ({db_error_reason(exc, db_url)}):"

@@ -160,6 +160,11 @@ def full_disk_error(exc: BaseException, index_dir: Path, db_url: str | None) -> 
     return DiskFull(no_space_message(index_dir if db_url is None or where is None else where.parent))
 
 
+def catalog_error(exc: BaseException, index_dir: Path, db_url: str | None) -> click.ClickException | None:
+    """The one line for a catalog error the user can act on: damaged (exit 2) or on a full disk (exit 1); else None."""
+    return damaged_catalog_error(exc, index_dir, db_url) or full_disk_error(exc, index_dir, db_url)
+
+
 def open_index(index_dir: Path, db_url: str | None, device: str, *, load_network: bool = True):  # noqa: ANN201
     """retrieval.search.index.ImageIndex for a command's queries, its network loaded with the garbage collector off;
     every way it cannot open (no index, a damaged catalog, weights or device unavailable) is a UserError."""
@@ -178,10 +183,8 @@ def open_index(index_dir: Path, db_url: str | None, device: str, *, load_network
         except (IndexNotFound, IndexUnavailable, WeightsMismatch, DeviceUnavailable) as exc:
             raise UserError(str(exc)) from exc
         except SQLAlchemyError as exc:
-            if (user_error := damaged_catalog_error(exc, index_dir, db_url)) is not None:
-                raise user_error from None
-            if (full := full_disk_error(exc, index_dir, db_url)) is not None:
-                raise full from None
+            if (problem := catalog_error(exc, index_dir, db_url)) is not None:
+                raise problem from None
             raise
         except WeightsUnavailable as exc:
             raise UserError(weights_error_message(exc)) from exc
@@ -196,10 +199,8 @@ def querying(index, index_dir: Path, db_url: str | None):  # noqa: ANN001, ANN20
     try:
         yield index
     except SQLAlchemyError as exc:
-        if (user_error := damaged_catalog_error(exc, index_dir, db_url)) is not None:
-            raise user_error from None
-        if (full := full_disk_error(exc, index_dir, db_url)) is not None:
-            raise full from None
+        if (problem := catalog_error(exc, index_dir, db_url)) is not None:
+            raise problem from None
         raise
     finally:
         index.close()

@@ -15,7 +15,7 @@ import click
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
-from commands.options import UserError, command_settings, damaged_catalog_error, full_disk_error, source_of
+from commands.options import UserError, catalog_error, command_settings, source_of
 from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV, MAX_EF_SEARCH, MAX_NPROBE
 from retrieval.system import available_cores, collector_paused, leave_out_triton
 
@@ -86,7 +86,7 @@ def check_index(index_dir: Path, db_url: str | None = None) -> tuple[int, str]:
     except CatalogUnavailable as exc:
         raise UserError(str(exc)) from None
     except SQLAlchemyError as exc:
-        if (user_error := damaged_catalog_error(exc, index_dir, db_url) or full_disk_error(exc, index_dir, db_url)):
+        if (user_error := catalog_error(exc, index_dir, db_url)):
             raise user_error from None
         raise UserError(f"the catalog cannot be read: {db_error_reason(exc, db_url)}") from None
     try:
@@ -102,7 +102,7 @@ def check_index(index_dir: Path, db_url: str | None = None) -> tuple[int, str]:
                             "its permissions or run as its owner")
         return catalog.count(), f"{settings.model} {settings.layer}"
     except SQLAlchemyError as exc:
-        if (user_error := damaged_catalog_error(exc, index_dir, db_url) or full_disk_error(exc, index_dir, db_url)):
+        if (user_error := catalog_error(exc, index_dir, db_url)):
             raise user_error from None
         raise UserError(f"the catalog in {catalog.location} cannot be read: {db_error_reason(exc, db_url)}") from None
     finally:
