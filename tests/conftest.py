@@ -18,6 +18,16 @@ def pytest_collection_modifyitems(config, items) -> None:
     items.sort(key=lambda item: item.path.name == "test_docker.py")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache_folder(tmp_path_factory) -> Path:
+    """The user cache folder (auto's remembered bf16 probe) is the session's own, for this process and the commands it
+    starts: a test neither reads nor writes the developer's ~/.cache."""
+    folder = tmp_path_factory.mktemp("user-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(folder))
+        yield folder
+
+
 @pytest.fixture
 def index_images():
     """index_images(data_dir, index_dir, **JobConfig options) -> RunReport."""

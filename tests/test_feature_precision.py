@@ -50,14 +50,64 @@ def test_a_cpu_without_bf16_units_refuses_bf16_and_auto_runs_fp32_without_a_prob
 
 @needs_cpu_bf16
 @pytest.mark.parametrize("faster", [True, False])
-def test_auto_takes_the_precision_the_probe_finds_faster(monkeypatch, state, faster):
+def test_auto_takes_the_precision_the_probe_finds_faster(monkeypatch, tmp_path, state, faster):
     monkeypatch.setattr(backbones, "_PROBED", {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))    # nothing remembered from an earlier probe
     monkeypatch.setattr(backbones, "bf16_faster", lambda *a: (faster, {"fp32_ms": 20.0, "bf16_ms": 13.0 if faster else 25.0}))
     extractor = FeatureExtractor("alexnet", "fc7", state, CPU, precision="auto")
     assert extractor.precision == ("bf16" if faster else "fp32")
     assert {p.dtype for p in extractor.net.parameters()} == {torch.bfloat16 if faster else torch.float32}
     assert extractor(sample_pixels(1)).dtype == torch.float32
     assert precision_for_index("bf16", CPU) == "bf16" and precision_for_index("fp32", CPU) == "fp32"
+
+
+@needs_cpu_bf16
+def test_a_probe_that_chose_bf16_is_remembered_on_this_machine_and_one_that_chose_fp32_runs_again(monkeypatch, tmp_path,
+                                                                                                   state):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    probes = []
+
+    def probe(faster):
+        def timed(*_calls):
+            probes.append(faster)
+            return faster, {"fp32_ms": 20.0, "bf16_ms": 13.0 if faster else 25.0}
+        return timed
+
+    def new_process_extractor(faster: bool) -> FeatureExtractor:   # a later index-images: nothing probed in memory
+        monkeypatch.setattr(backbones, "_PROBED", {})
+        monkeypatch.setattr(backbones, "bf16_faster", probe(faster))
+        return FeatureExtractor("alexnet", "fc7", state, CPU, precision="auto")
+
+    assert new_process_extractor(False).precision == "fp32"
+    assert new_process_extractor(False).precision == "fp32" and probes == [False, False]   # fp32: asked again
+    assert not (tmp_path / "cnn-image-retrieval" / "precision-probe.json").exists()
+    first = new_process_extractor(True)
+    assert first.precision == "bf16" and probes == [False, False, True]
+    later = new_process_extractor(False)          # a busy moment would now say fp32, but it is not asked
+    assert later.precision == "bf16" and probes == [False, False, True]
+    assert {p.dtype for p in later.net.parameters()} == {torch.bfloat16}
+    assert later.probe["bf16_ms"] == 13.0 and later.probe["probed"]
+    # another network (or another torch, CPU, thread count) is its own question
+    monkeypatch.setattr(backbones, "_PROBED", {})
+    assert FeatureExtractor("alexnet", "fc6", state, CPU, precision="auto").precision == "fp32"
+    assert probes == [False, False, True, False]
+
+
+@needs_cpu_bf16
+def test_a_damaged_or_unwritable_probe_cache_only_means_probing_again(monkeypatch, tmp_path, state):
+    probes = []
+    monkeypatch.setattr(backbones, "bf16_faster", lambda *a: probes.append(1) or (True, {"fp32_ms": 20.0, "bf16_ms": 9.0}))
+    cache = tmp_path / "cache" / "cnn-image-retrieval" / "precision-probe.json"
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"\x00{not json")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(backbones, "_PROBED", {})
+    assert FeatureExtractor("alexnet", "fc7", state, CPU, precision="auto").precision == "bf16" and len(probes) == 1
+    assert "bf16_ms" in cache.read_text()                                   # rewritten whole
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))       # the cache folder cannot be made
+    monkeypatch.setattr(backbones, "_PROBED", {})
+    assert FeatureExtractor("alexnet", "fc7", state, CPU, precision="auto").precision == "bf16" and len(probes) == 2
 
 
 @needs_cpu_bf16

@@ -18,7 +18,8 @@ from torch import nn
 from retrieval.features.architectures import ALEXNET_IMAGENET, VGG16_IMAGENET, ImageNetWeights, alexnet, vgg16
 from retrieval.features.descriptors import is_pooled, largest_scale, pooled_conv, with_views
 from retrieval.features.digests import file_sha256
-from retrieval.features.precision import PRECISIONS, bf16_faster, cpu_bf16_instructions
+from retrieval.features.precision import (PRECISIONS, bf16_faster, cpu_bf16_instructions, probe_cache_file, probe_key,
+                                          remember_bf16, remembered_bf16)
 from retrieval.files import atomic_write
 from retrieval.features.weights import WeightsChoice, WeightsUnavailable
 from retrieval.images.decode import Preprocessing
@@ -221,18 +222,29 @@ class FeatureExtractor:
         elif precision == "bf16":
             self.net, self.dim = _network(model, layer, views, _bf16(state_dict), device)
         else:   # auto on a CPU with bf16 units: whichever of the two is faster here, timed on one image
-            (fp32_net, self.dim), (bf16_net, _) = (_network(model, layer, views, state_dict, device),
-                                                   _network(model, layer, views, _bf16(state_dict), device))
             key = (model, layer, views)
-            if key not in _PROBED:
+            machine_key = probe_key("/".join(key), torch.__version__, torch.get_num_threads())
+            if key not in _PROBED and (remembered := remembered_bf16(machine_key)) is not None:
+                _PROBED[key] = True, remembered      # probed on this machine before: bf16, no need to time it again
+            if key in _PROBED:
+                faster, self.probe = _PROBED[key]
+                self.net, self.dim = _network(model, layer, views, _bf16(state_dict) if faster else state_dict, device)
+            else:
+                (fp32_net, self.dim), (bf16_net, _) = (_network(model, layer, views, state_dict, device),
+                                                       _network(model, layer, views, _bf16(state_dict), device))
                 one = torch.zeros(1, 3, self.preprocessing.crop_size, self.preprocessing.crop_size)
                 one = one.contiguous(memory_format=torch.channels_last)
                 with torch.inference_mode():
-                    _PROBED[key] = bf16_faster(lambda: fp32_net(one), lambda: bf16_net(one.to(torch.bfloat16)))
-            faster, self.probe = _PROBED[key]
-            precision, self.net = ("bf16", bf16_net) if faster else ("fp32", fp32_net)
-            log.info("precision auto: %s on this CPU (%s; one image: fp32 %.1f ms, bf16 %.1f ms)", precision,
-                     cpu_bf16_instructions(), self.probe["fp32_ms"], self.probe["bf16_ms"])
+                    faster, self.probe = _PROBED[key] = bf16_faster(lambda: fp32_net(one),
+                                                                    lambda: bf16_net(one.to(torch.bfloat16)))
+                self.net = bf16_net if faster else fp32_net
+                if faster:
+                    remember_bf16(machine_key, self.probe)
+            precision = "bf16" if faster else "fp32"
+            log.info("precision auto: %s on this CPU (%s; one image: fp32 %.1f ms, bf16 %.1f ms%s)", precision,
+                     cpu_bf16_instructions(), self.probe["fp32_ms"], self.probe["bf16_ms"],
+                     f"; probed {self.probe['probed']}, remembered in {probe_cache_file()}" if "probed" in self.probe
+                     else "")
         self.precision = precision
 
     @torch.inference_mode()
