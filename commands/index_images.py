@@ -119,8 +119,8 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
     changed files are re-extracted, removed files leave the index. Unreadable files are skipped and
     listed. Safe to interrupt at any point: run it again to finish.
 
-    The last line printed is machine-readable: "summary " and the JSON object that --json prints alone
-    (indexed, unchanged, removed, skipped, total, seconds, images_per_second). Every option can also
+    Where stdout is not a terminal, the last line printed is machine-readable: "summary " and the JSON object
+    that --json prints alone (indexed, unchanged, removed, skipped, total, seconds, images_per_second). Every option can also
     be set by an environment variable (INDEX_IMAGES_BATCH_SIZE, ...; see docs/configuration.md).
 
     Exit status: 0 done (even with skipped files), 2 usage or configuration error (a damaged catalog or a
@@ -202,9 +202,12 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
         sys.exit(1)
     if as_json:
         click.echo(summary_json(report))
-    else:
-        _print_report(report)
-        click.echo(f"{SUMMARY_PREFIX}{summary_json(report)}")   # the machine-readable last line
+        return
+    _print_report(report, verbose)
+    if whiten and (report.vector_index or {}).get("whiten_waits_for"):
+        click.echo(f"note: {_whiten_waits(report.vector_index)}", err=True)
+    if not sys.stdout.isatty():   # a pipe or a log file: the machine-readable last line (a person has read it above)
+        click.echo(f"{SUMMARY_PREFIX}{summary_json(report)}")
 
 
 def _check(data_dir: Path, index_dir: Path, db_url: str | None, as_json: bool, damaged) -> None:  # noqa: ANN001
@@ -297,7 +300,7 @@ def _announce(extractor) -> None:  # noqa: ANN001 - FeatureExtractor
     click.echo(f"network: {extractor.model} {extractor.layer}{views}{norm} on {extractor.device}", err=True)
 
 
-def _print_report(r) -> None:  # noqa: ANN001 - indexer.run.RunReport
+def _print_report(r, verbose: bool = False) -> None:  # noqa: ANN001 - indexer.run.RunReport
     click.echo(f"indexed {r.indexed}, unchanged {r.unchanged}, removed {r.removed}, skipped {len(r.skipped)}; "
                f"{r.total} images in the index ({r.seconds:.1f} s, {r.images_per_second:.1f} images/s)")
     for s in r.skipped:
@@ -306,11 +309,25 @@ def _print_report(r) -> None:  # noqa: ANN001 - indexer.run.RunReport
         x = r.extraction
         stages = ", ".join(f"{stage} {t:.1f} s" for stage, t in x["stage_seconds"].items())
         click.echo(f"network on {x['device']} in {x['precision']}, batches of {x['batch_size']}; JPEGs decoded by "
-                   f"{x['decode']}; {stages}")
+                   f"{x['decode']}" + (f"; {stages}" if verbose else ""))
     for repair in r.repairs:
         click.echo(repair)
     if r.vector_index:
         click.echo(f"FAISS index: {describe_vector_index(r.vector_index)}")
+
+
+def _whiten_waits(info: dict) -> str:
+    """Why --whiten did not whiten yet, and what would (a smaller --whiten-dim, or more images)."""
+    from retrieval.vectors.whitening import WHITEN_MIN_DIM, min_whiten_vectors
+
+    count, dim = info.get("count", 0), WHITEN_MIN_DIM
+    while dim > 8 and min_whiten_vectors(dim) > count:   # the most dimensions an explicit --whiten-dim has here
+        dim //= 2                                          # (not under 8: a handful of images has little to learn)
+    line = (f"--whiten waits for {info['whiten_waits_for']} images (the index has {count}): its vectors stay raw until "
+            "then, and the run that reaches it whitens them")
+    if min_whiten_vectors(dim) <= count < info["whiten_waits_for"]:
+        return line + f"; --whiten-dim {dim} whitens these {count} now"
+    return line
 
 
 def describe_vector_index(info: dict) -> str:

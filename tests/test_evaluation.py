@@ -157,13 +157,24 @@ def test_chance_levels():
 @pytest.mark.parametrize("labels, match", [
     ([], "no labelled images"),
     (["cats"] * 4, "only the label 'cats'"),
-    (["cats", "cats", "dogs", "owls", "owls"], "single image: 'dogs'"),
+    (["cats", "cats", "dogs"], "single image: 'dogs'"),
 ])
 def test_unevaluable_labels(labels, match):
     with pytest.raises(EvaluationError, match=match):
         check_labels(labels)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=match):
         evaluate_vectors(np.zeros((len(labels), 4), np.float32), labels)
+
+
+def test_a_folder_of_one_image_is_left_out_with_a_note_not_the_whole_evaluation():
+    rng = np.random.default_rng(0)
+    labels = ["cats"] * 4 + ["my holiday"] + ["owls"] * 4
+    vectors = rng.normal(size=(9, 8)).astype(np.float32)
+    r = evaluate_vectors(vectors, labels, [1, 3])
+    assert r["labels"] == ["cats", "owls"] and r["images"]["labelled"] == 8 and r["evaluated_images"] == 8
+    assert any("single image left out" in note and "'my holiday'" in note for note in r["notes"]), r["notes"]
+    without = evaluate_vectors(np.delete(vectors, 4, axis=0), labels[:4] + labels[5:], [1, 3])
+    assert r["retrieval"] == without["retrieval"] and r["linear_probe"]["accuracy"] == without["linear_probe"]["accuracy"]
 
 
 def test_sample_index_is_clearly_above_chance(sample_index):
@@ -226,8 +237,8 @@ def test_a_single_image_class_that_never_queries_is_only_searched():
     asking = np.array([True] * 10 + [False])
     r = evaluate_vectors(rng.normal(size=(11, 4)).astype(np.float32), labels, [1], queries=asking)
     assert set(r["per_class"]) == {"a", "b"} and r["labels"] == ["a", "b", "lonely"]
-    with pytest.raises(EvaluationError, match="single image"):
-        evaluate_vectors(rng.normal(size=(11, 4)).astype(np.float32), labels, [1])
+    everyone = evaluate_vectors(rng.normal(size=(11, 4)).astype(np.float32), labels, [1])   # it would query: left out
+    assert everyone["labels"] == ["a", "b"] and "'lonely'" in everyone["notes"][-1]
 
 
 def test_query_scores_rank_held_out_queries_among_the_base():

@@ -204,6 +204,20 @@ def test_search_images_finds_the_query_itself_first(workdir):
     assert rows[0][1] == "0.0000" and rows[0][-1] == "purple_checks/purple_checks_002.jpg", described(result)
 
 
+def readme_block(after: str, language: str = "") -> str:
+    """The README's first fenced block of language after the line that starts with `after`."""
+    text = (REPO / "README.md").read_text()
+    return re.search(rf"^{re.escape(after)}.*?^```{language}\n(.*?)^```", text, re.S | re.M).group(1)
+
+
+def test_the_readmes_search_examples_run_verbatim_after_indexing(workdir):
+    line = next(line for line in readme_block("## Commands").splitlines() if line.startswith("search-images "))
+    result = run_command(line.split("#")[0].split(), workdir.root)
+    assert result.returncode == 0 and "red_circles/red_circles_000.jpg" in result.stdout, described(result)
+    python = run_command([sys.executable, "-c", readme_block("From Python:", "python")], workdir.root)
+    assert python.returncode == 0, described(python)
+
+
 def test_evaluate_index_reports_every_label(workdir):
     result = run_command(["evaluate-index"], workdir.root)
     assert result.returncode == 0, described(result)

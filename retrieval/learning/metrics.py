@@ -79,6 +79,15 @@ def check_labels(labels: Sequence[str], queries: np.ndarray | None = None) -> di
     return counts
 
 
+def _single_image_labels(labels: Sequence[str], queries: np.ndarray | None) -> list[str]:
+    """The labels of one image, where that image would query (one that does not is only searched, a distractor)."""
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    asking = set(labels) if queries is None else {label for label, q in zip(labels, queries) if q}
+    return sorted(label for label, n in counts.items() if n == 1 and label in asking)
+
+
 def pairwise_distances(queries: np.ndarray, base: np.ndarray, base_sq: np.ndarray | None = None) -> np.ndarray:
     """Euclidean (not squared) distances. queries shape=(q, d), base shape=(n, d) float32 -> shape=(q, n) float64.
 
@@ -210,12 +219,17 @@ def evaluate_vectors(vectors: np.ndarray, labels: Sequence[str], ks: Sequence[in
       linear_probe {accuracy, train, test, seed, split ("seeded" | "held_out"), converged, confusion [[...]]} or None,
       per_class {label: {images (queries), precision_at_k {k}, average_precision, knn_accuracy {k}, probe_accuracy}}
       for each label with a query, chance {retrieval_precision, majority_class, uniform}, notes [str].
+    A label with a single image that would query is left out, with a note, while two labels with more remain.
     Confusion matrices: rows = true label, columns = predicted, both in `labels` order; the kNN one is
-    leave-one-out at the largest k. Raises EvaluationError (fewer than 2 labels, a query's label with 1 image,
-    no query).
+    leave-one-out at the largest k. Raises EvaluationError (fewer than 2 labels with 2 images, no query).
     """
     from sklearn.metrics import accuracy_score, confusion_matrix, recall_score
 
+    alone = _single_image_labels(labels, queries)
+    if alone and len(set(labels)) - len(alone) >= 2:   # else check_labels says what the collection lacks
+        keep = np.array([label not in alone for label in labels])
+        vectors, labels = np.asarray(vectors)[keep], [label for label, k in zip(labels, keep) if k]
+        queries = None if queries is None else np.asarray(queries, dtype=bool)[keep]
     n = len(labels)
     asking = np.ones(n, dtype=bool) if queries is None else np.asarray(queries, dtype=bool)
     assert asking.shape == (n,), "one query flag per label"
@@ -238,6 +252,10 @@ def evaluate_vectors(vectors: np.ndarray, labels: Sequence[str], ks: Sequence[in
         ks = [k for k in ks if k <= n - 1]
     if unlabelled:
         notes.append(f"{unlabelled} unlabelled image(s) left out (neither queries nor neighbours)")
+    if alone and len(counts) >= 2:
+        shown = ", ".join(repr(label) for label in alone[:10]) + (" ..." if len(alone) > 10 else "")
+        notes.append(f"{len(alone)} label(s) with a single image left out (a query needs another image of its class "
+                     f"to find): {shown}")
 
     loo = leave_one_out(vectors, codes, ks, queries=rows)
     sizes = np.array([counts[name] for name in names])

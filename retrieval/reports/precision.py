@@ -8,7 +8,7 @@ def precision_at_k_svg(result: dict, *, width: int = 360, height: int = 200) -> 
     """An inline SVG bar chart of precision@k from an evaluate_* result, with the chance level as a dashed line."""
     points = result["retrieval"]["precision_at_k"]
     chance = result["chance"]["retrieval_precision"]
-    left, right, top, bottom = 36, 8, 12, 28
+    left, right, top, bottom = 36, 64, 12, 28     # the chance label sits in the right margin, beside its line
     plot_w, plot_h = width - left - right, height - top - bottom
     y = lambda v: top + plot_h * (1.0 - v)  # noqa: E731 - value 0..1 -> pixel row
     slot = plot_w / max(1, len(points))
@@ -26,7 +26,7 @@ def precision_at_k_svg(result: dict, *, width: int = 360, height: int = 200) -> 
                      f'text-anchor="middle">P@{html.escape(k)}</text>')
     parts.append(f'<line x1="{left}" y1="{y(chance):.1f}" x2="{width - right}" y2="{y(chance):.1f}" stroke="#c33" '
                  f'stroke-dasharray="4 3"><title>chance: {chance:.3f}</title></line>')
-    parts.append(f'<text x="{width - right}" y="{y(chance) - 3:.1f}" font-size="10" fill="#c33" '
-                 f'text-anchor="end">chance {chance:.2f}</text>')
+    parts.append(f'<text x="{width - right + 4}" y="{y(chance) + 4:.1f}" font-size="10" fill="#c33" '
+                 f'text-anchor="start">chance {chance:.2f}</text>')
     parts.append("</svg>")
     return "".join(parts)
