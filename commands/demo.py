@@ -60,6 +60,18 @@ def run(args: list[str]) -> None:
 
 
 def main() -> None:
+    serving = os.environ.get("DEMO_SERVE", "1") != "0" and shutil.which("serve-images", path=str(Path(sys.executable).parent))
+    port = os.environ.get("DEMO_PORT", "8000")
+    if serving:   # a port in use is said before the indexing, not after it
+        from commands.options import UserError
+        from commands.serve_images import check_port_free
+
+        try:
+            check_port_free("127.0.0.1", int(port))
+        except (UserError, ValueError) as exc:
+            print(f"error: {exc if isinstance(exc, UserError) else f'DEMO_PORT={port!r} is not a port number'}",
+                  file=sys.stderr)
+            sys.exit(2)
     if not has_images(DATA):
         print(f"{DATA}/ is empty: writing a sample collection of generated pictures there.", flush=True)
         make_sample_collection(DATA, per_class=12)
@@ -69,8 +81,7 @@ def main() -> None:
         query = next(p for p in sorted(DATA.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS)
         print(f"\nSample search: the neighbours of {query}", flush=True)
         run(["search-images", str(query), "-k", "5", "--index-dir", str(INDEX)])
-        if os.environ.get("DEMO_SERVE", "1") != "0" and shutil.which("serve-images", path=str(Path(sys.executable).parent)):
-            port = os.environ.get("DEMO_PORT", "8000")
+        if serving:
             print(f"\nStarting the gallery server on port {port} (DEMO_PORT=N make demo for another port); it says "
                   "where to open it once it answers.", flush=True)
             serve = ["serve-images", "--index-dir", str(INDEX), "--port", port]

@@ -474,6 +474,20 @@ def test_make_demo_serves_the_gallery(browser, tmp_path):
     assert not server_failures(log.read_text(errors="replace")), f"make demo's server logged failures:\n{log_tail(log)}"
 
 
+def test_make_demo_on_a_port_in_use_says_so_before_any_work(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "commands.demo"], cwd=tmp_path, capture_output=True, text=True,
+                                env=user_env(DEMO_PORT=str(port), PYTHONPATH=str(REPO)), timeout=COMMAND_S)
+    assert result.returncode == 2, described(result)
+    assert f"port {port} is in use" in result.stderr and "DEMO_PORT" in result.stderr, described(result)
+    assert not (tmp_path / "data").exists() and not (tmp_path / "index").exists(), "refused before any work"
+
+
 def _running(process: psutil.Process) -> bool:
     """Alive and not a zombie (an orphan's exit status waits for init to reap it; it runs no more)."""
     try:
