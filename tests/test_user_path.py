@@ -320,6 +320,7 @@ def test_upload_a_photo_then_follow_a_neighbour(page, server, workdir):
     neighbours = page.locator("#neighbours li")
     assert neighbours.count() == GALLERY_K
     assert neighbours.nth(0).locator(".chip").inner_text() == "purple_checks"
+    assert page.locator("#already-indexed").count() == 0, "a new photo is not said to be in the collection"
 
     target = neighbours.nth(1).locator("a")
     target_id = int(target.get_attribute("href").rsplit("/", 1)[1])
@@ -327,6 +328,15 @@ def test_upload_a_photo_then_follow_a_neighbour(page, server, workdir):
     page.wait_for_url(re.compile(rf"/gallery/{target_id}$"))
     check_page(page, errors, server, "image page")
     assert page.locator("#neighbours li").count() == GALLERY_K
+
+    open_page(page, server.base + "/")                 # a photo of the collection itself, uploaded again
+    page.set_input_files("form[data-primary] input[type=file]", str(workdir.root / "data/red_circles/red_circles_003.jpg"))
+    page.wait_for_url(re.compile(r"/gallery/query/[\w-]+"))
+    note = page.locator("#already-indexed")
+    assert "already in the collection" in note.inner_text() and "red_circles/red_circles_003.jpg" in note.inner_text()
+    note.locator("a").click()
+    page.wait_for_url(re.compile(r"/gallery/\d+$"))
+    assert page.locator("h1.query-title").inner_text() == "red_circles_003.jpg"
 
 
 @pytest.mark.browser
