@@ -72,7 +72,10 @@ def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chos
         network.raise_failure()
         loop_seconds = time.perf_counter() - loop_started
     report = finish_report(writer.report, catalog, len(writer.vectors), started)
+    probe = extractor.probe   # auto on a CPU with bf16 units: the timings it chose by, measured now or remembered
     report.extraction = {"device": device_label(extractor), "precision": extractor.precision,
+                         "precision_probe": None if probe is None else {
+                             "fp32_ms": probe["fp32_ms"], "bf16_ms": probe["bf16_ms"], "remembered": "probed" in probe},
                          "decode": to_device.decode, "device_decoded": to_device.decoded,
                          "device_share": to_device.shares(),
                          "batch_size": batch_size, "workers": reader.workers, "stage_seconds": clock.seconds(),

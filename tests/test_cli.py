@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -95,7 +96,6 @@ def test_the_human_output_ends_with_the_json_summary(runner, data, tmp_path):
 
 def test_on_a_terminal_a_person_reads_the_report_without_the_json_line_and_an_unmet_whiten_says_why(tmp_path):
     """The console script on a real terminal (a pseudo-terminal), run as a person does in a fresh folder."""
-    import os
     import pty
 
     make_sample_collection(tmp_path / "data", per_class=10, size=(80, 60), classes=["red_circles", "blue_squares"])
@@ -142,6 +142,25 @@ def test_bf16_on_a_cpu_without_bf16_units_is_refused_before_any_work(runner, dat
                                                "last": {"precision": "fp32", "device": "cpu", "decode": "workers"}}
     finally:
         catalog.close()
+
+
+@needs_cpu_bf16
+def test_a_second_new_index_on_this_machine_takes_a_remembered_bf16_verdict(data, tmp_path):
+    """Two index-images processes, each on a new index, sharing one user cache folder."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    runs = []
+    for name in ("first", "second"):
+        done = subprocess.run(["index-images", str(data), "--index-dir", str(tmp_path / name), "--weights", "random",
+                               "--json"], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        runs.append(json.loads(done.stdout)["extraction"])
+    first, second = runs
+    assert first["precision_probe"]["remembered"] is False
+    if first["precision"] == "bf16":
+        assert second["precision"] == "bf16" and second["precision_probe"] == {**first["precision_probe"],
+                                                                                "remembered": True}
+    else:                          # a busy moment made fp32 look as fast: not remembered, so asked again
+        assert second["precision_probe"]["remembered"] is False
 
 
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=needs_cpu_bf16)])
