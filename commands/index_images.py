@@ -1,6 +1,7 @@
 """`index-images DATA_DIR`: build or update the index of a folder of images (the pipeline in indexer/)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -171,10 +172,13 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
                     workers=workers, max_file_bytes=int(max_file_mb * 2**20), progress=not as_json, ray=ray_address,
                     vector_index=vector_index)
     _check_writable(index_dir)
+    fresh = not index_dir.exists()
     try:
         report = run_index(cfg, on_extractor=None if as_json else _announce,
                            on_cluster=None if as_json else lambda line: click.echo(line, err=True))
     except ConfigError as exc:
+        if fresh:
+            _discard_unused(index_dir)
         raise UserError(str(exc)) from exc
     except KeyboardInterrupt:
         click.echo("\ninterrupted: every finished batch is saved; run the same command again to finish.", err=True)
@@ -287,6 +291,34 @@ def _space_needed(data_dir: Path, index_dir: Path, model: str | None, weights: s
         except sqlite3.Error:
             pass
     return needed + total * vector + int(max(0, total - committed) * vector * 1.5)
+
+
+def _discard_unused(index_dir: Path) -> None:
+    """Remove the index folder a first run made before it stopped on its configuration (ImageNet weights offline, a
+    device missing): an empty catalog and a lock file, nothing a user made. Anything else there keeps the folder."""
+    from indexer.locks import LOCK_FILE
+    from retrieval.catalog import CATALOG_FILE
+
+    made = {LOCK_FILE, CATALOG_FILE, f"{CATALOG_FILE}-wal", f"{CATALOG_FILE}-shm", f"{CATALOG_FILE}-journal"}
+    try:
+        if {p.name for p in index_dir.iterdir()} <= made and not _has_images(index_dir / CATALOG_FILE):
+            for name in made:
+                (index_dir / name).unlink(missing_ok=True)
+            index_dir.rmdir()
+    except OSError:
+        pass   # left as it is: the next run opens it like any empty index
+
+
+def _has_images(catalog_file: Path) -> bool:
+    import sqlite3
+
+    if not catalog_file.exists():
+        return False
+    with contextlib.closing(sqlite3.connect(f"file:{catalog_file}?mode=ro", uri=True)) as db:
+        try:
+            return db.execute("SELECT EXISTS (SELECT 1 FROM images)").fetchone()[0] == 1
+        except sqlite3.Error:
+            return True   # not a catalog this run made: keep it
 
 
 def summary_json(report) -> str:  # noqa: ANN001 - indexer.run.RunReport

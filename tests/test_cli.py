@@ -198,6 +198,11 @@ def test_unavailable_imagenet_weights_stop_with_status_2(runner, data, tmp_path,
     for hint in ("torch-home", "--weights PATH", "--weights random"):
         assert hint in result.output
     assert "Traceback" not in result.output
+    assert not (tmp_path / "index").exists(), "a first run that stopped before any work leaves no index folder behind"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    assert runner.invoke(index_images, [str(data), "--index-dir", str(tmp_path / "mine")]).exit_code == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's", "a folder that was there is kept"
 
 
 def test_index_built_with_another_model_is_status_2(runner, data, tmp_path):
