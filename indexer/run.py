@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from retrieval.names import FAISS_FILE
+from retrieval.names import FAISS_FILE, REGIONS_FILE
 from retrieval.vectors.index_types import vector_work_needed
 
 from retrieval.catalog import Catalog
@@ -74,6 +74,7 @@ def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callabl
         report = RunReport(unchanged=planned.unchanged, vector_index=catalog.vector_index_record())
         damaged = faiss_file_damaged(index_dir / FAISS_FILE, catalog)
         if not damaged and (index_dir / FAISS_FILE).exists() and catalog.vectors_in_step() \
+                and (not stored.regions or (index_dir / REGIONS_FILE).exists()) \
                 and not vector_work_needed(cfg.vector_index, catalog, stored.dim):
             return finish_report(report, catalog, catalog.count(), started)
         # FAISS work only (rebuild, another type, new search settings): from the catalog, no network
