@@ -17,7 +17,7 @@ from retrieval.vectors.index_types import (AUTO, FLAT, RECALL_QUERIES, RECALL_TA
 from retrieval.vectors.faiss_parts import SearchParams, apply_search_params, search_params_of, tuning_ladder
 from retrieval.vectors.index_types import flat_max as recorded_flat_max
 from retrieval.vectors.recall import K, exact_neighbours, measure, sample_vectors
-from retrieval.vectors.regions import build_regions, open_regions
+from retrieval.vectors.regions import build_regions, open_regions, regions_file_state
 from retrieval.names import REGIONS_FILE
 from retrieval.vectors.vector_index import VectorIndex, reconcile
 from retrieval.search.expansion import QueryExpansion, expand
@@ -233,8 +233,7 @@ class IndexBuilder:
                 "search_params": search_params_of(vectors.index).to_json(), "recall": self.recall,
                 "file_bytes": self.path.stat().st_size if self.path.exists() else None,
                 **({"regions": {"per_image": self.region_count, "count": len(self.regions),
-                                "file_bytes": self.regions_path.stat().st_size if self.regions_path.exists() else None}}
-                   if self.regions is not None else {})}
+                                **regions_file_state(self.regions_path)}} if self.regions is not None else {})}
 
     def save(self, vectors: VectorIndex) -> None:
         """Write the FAISS file atomically, then record in the catalog what it holds and which catalog state."""

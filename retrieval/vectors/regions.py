@@ -12,19 +12,25 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrieval.catalog import Catalog
+from retrieval.files import sample_digest
 from retrieval.vectors.faiss_parts import structure
-from retrieval.vectors.vector_index import VectorIndex
 from retrieval.vectors.whitening import whitening_of
+
+if TYPE_CHECKING:   # FAISS is imported where an index is made or read: index-images' no-op run never loads it
+    from retrieval.catalog import Catalog
+    from retrieval.vectors.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 
 
 def empty_like(main: VectorIndex) -> VectorIndex:
     """An empty index of main's type, trained as main is (the same whitening): the regions' index."""
+    from retrieval.vectors.vector_index import VectorIndex
+
     index = main.copy().index   # in memory, never a view of a memory-mapped file
     index.reset()               # the vectors go, the trained transform stays
     return VectorIndex(main.dim, index, factory=main.factory)
@@ -68,6 +74,8 @@ def open_regions(path: Path, catalog: Catalog, main: VectorIndex) -> tuple[Vecto
 
     A file that is missing, unreadable, of another type or whitening than main, or that holds another number of
     vectors than the catalog once reconciled, is rebuilt from the catalog. -> (index, changed since the file)."""
+    from retrieval.vectors.vector_index import VectorIndex
+
     side = VectorIndex.load(path, main.dim, factory=None)   # of main's structure, checked here
     if side is not None and structure(side.index) != structure(main.index):
         side = None
@@ -84,6 +92,23 @@ def open_regions(path: Path, catalog: Catalog, main: VectorIndex) -> tuple[Vecto
                     catalog.region_count())
         return build_regions(catalog, main), True
     return side, changed
+
+
+def regions_file_state(path: Path) -> dict:
+    """{"file_bytes", "digest"} of the regions' file as saved (the catalog's vector_index record keeps it): a later
+    run that finds nothing to do still notices a file lost, replaced or damaged since (regions_file_in_step)."""
+    try:
+        size, digest = sample_digest(path)
+    except OSError:
+        return {"file_bytes": None, "digest": None}
+    return {"file_bytes": size, "digest": digest}
+
+
+def regions_file_in_step(path: Path, record: dict | None) -> bool:
+    """Whether the regions' file is the one last saved with the main one (its size and digest as recorded)."""
+    saved = (record or {}).get("regions") or {}
+    return saved.get("digest") is not None and regions_file_state(path) == {"file_bytes": saved.get("file_bytes"),
+                                                                            "digest": saved["digest"]}
 
 
 def search_images(main: VectorIndex, side: VectorIndex | None, queries: np.ndarray, k: int, per_image: int,
