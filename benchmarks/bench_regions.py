@@ -11,6 +11,14 @@ median time of one query. Seed 0 chose the region size (0.8, in an offline versi
 are held out.
 
     python benchmarks/bench_regions.py --seeds 0 1 2
+    python benchmarks/bench_regions.py --duplicates --seeds 0 1 2   # would regions help find-duplicates?
+
+--duplicates asks whether find-duplicates should use the regions: bench_duplicates' near-duplicate sets (19 originals
+with their 8 edited copies among 336 distractor crops) indexed with the recipe and --regions; every pair of images
+scored by the distance of its whole-image vectors (what find-duplicates compares) and by the nearest of either
+image's own vector to any vector of the other (what a search with regions compares), both whitened as
+find-duplicates whitens (learned on the whole-image vectors); reported: the best pair F1 any single threshold gives
+on each (an upper bound on what a calibrated threshold can reach) and the average precision of the ranking.
 
 Prints a table and saves JSON under benchmarks/results/ (or --out FILE).
 """
@@ -31,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality_sets import copy_set, descriptor_tag  # noqa: E402 - after the path is set
+from benchmarks.quality_sets import copy_set  # noqa: E402 - after the path is set
 
 RESULTS = ROOT / "benchmarks" / "results"
 OPTIONS = {"views": "flip", "input_norm": "image"}   # the recipe for copies (docs/quality.md)
@@ -101,15 +109,80 @@ def same_network(index_dir: Path, sets: dict) -> float:
     return float(np.min(np.sum(vectors * sets["db"], axis=1)))
 
 
+def duplicate_pairs(seed: int, work: Path) -> dict:
+    """bench_duplicates' set of a seed indexed with the recipe and --regions -> pair separability with and without."""
+    from indexer import index_folder
+    from retrieval.catalog import Catalog
+    from retrieval.vectors.duplicates import DEFAULT_WHITEN_DIM
+    from retrieval.vectors.whitening import learn_whitening, whiten
+
+    from benchmarks.bench_duplicates import make_set
+
+    data, index_dir = work / f"dupes-{seed}-data", work / f"dupes-{seed}-regions-index"
+    groups_file = work / f"dupes-{seed}-groups.json"   # the true groups' file names, kept with the folder
+    if not groups_file.exists():
+        shutil.rmtree(data, ignore_errors=True)
+        groups_file.write_text(json.dumps(make_set(data, seed)))
+    truth = [set(g) for g in json.loads(groups_file.read_text())]
+    if not index_dir.exists():
+        index_folder(data, index_dir, weights="random", regions=True, **OPTIONS)
+    catalog = Catalog(index_dir)
+    try:
+        ids, whole = (np.concatenate(x) for x in zip(*catalog.vectors()))
+        owners, regional = (np.concatenate(x) for x in zip(*catalog.region_vectors()))
+        names = [Path(catalog.get_many([int(i)])[int(i)].path).name for i in ids]
+    finally:
+        catalog.close()
+    pca = learn_whitening(whole, DEFAULT_WHITEN_DIM)
+    w, r = whiten(pca, whole), whiten(pca, regional).reshape(len(ids), -1, pca.d_out)   # (n, d), (n, R, d)
+    assert np.array_equal(owners.reshape(len(ids), -1)[:, 0], ids), "regions in the catalog's id order"
+    d_whole = np.sqrt(np.maximum(2 - 2 * w @ w.T, 0))                                    # (n, n)
+    to_regions = np.sqrt(np.maximum(2 - 2 * np.einsum("id,jrd->ijr", w, r), 0)).min(axis=2)   # (n, n): i to j's regions
+    d_regions = np.minimum(d_whole, np.minimum(to_regions, to_regions.T))
+    group = {name: g for g, members in enumerate(truth) for name in members}
+    same = np.array([[group.get(a, -1 - i) == group.get(b, -2 - j) for j, b in enumerate(names)]
+                     for i, a in enumerate(names)])
+    upper = np.triu_indices(len(names), 1)
+    return {"seed": seed, "images": len(names), "true_pairs": int(same[upper].sum()),
+            "whole": separability(d_whole[upper], same[upper]), "regions": separability(d_regions[upper], same[upper])}
+
+
+def separability(distances: np.ndarray, positive: np.ndarray) -> dict:
+    """Pairs ranked by distance -> the best F1 of any threshold, its threshold, and the ranking's average precision."""
+    order = np.argsort(distances, kind="stable")
+    hits = positive[order].astype(np.float64)
+    tp = np.cumsum(hits)
+    precision, recall = tp / np.arange(1, len(hits) + 1), tp / max(1.0, hits.sum())
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    best = int(np.argmax(f1))
+    return {"best_f1": float(f1[best]), "threshold": float(distances[order][best]),
+            "precision": float(precision[best]), "recall": float(recall[best]),
+            "average_precision": float((precision * hits).sum() / max(1.0, hits.sum()))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, default=RESULTS / "quality-bench",
                         help="bench_quality's folder of photo sets (reused; made when missing)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--duplicates", action="store_true", help="measure the near-duplicate pairs instead")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    if args.duplicates:
+        rows = []
+        for seed in args.seeds:
+            rows.append(duplicate_pairs(seed, args.work_dir))
+            w, r = rows[-1]["whole"], rows[-1]["regions"]
+            print(f"seed {seed}: best pair F1 whole-image {w['best_f1']:.3f} (AP {w['average_precision']:.3f}), "
+                  f"with regions {r['best_f1']:.3f} (AP {r['average_precision']:.3f})", flush=True)
+        out = (args.out or RESULTS / f"bench_regions-duplicates-{time.strftime('%Y%m%d-%H%M%S')}.json").resolve()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"benchmark": "bench_regions --duplicates", "options": OPTIONS,
+                                   "seconds": round(time.time() - started, 1), "rows": rows}, indent=2))
+        print(f"saved {out}")
+        return
     rows = []
     for seed in args.seeds:
         sets = copy_set(args.work_dir, seed, **OPTIONS)

@@ -45,10 +45,10 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
 @click.option("--regions/--no-regions", default=None,
               help="Also store the vectors of five regions of each image (its four corners and its centre, 80% of "
                    "each side, through the same network and views) and score each image by its nearest vector, its "
-                   "own or a region's: a cropped copy finds its original (copy recall@1 0.95 -> 0.97 with --views "
-                   "flip --input-norm image); six times the network's time and FAISS size. Searched exactly (index "
-                   "type Flat or auto, whitened or not); not with --ray. Recorded in the index. [default: "
-                   "no-regions, or the index's]")
+                   "own or a region's: a cropped copy finds its original (copy recall@1 0.95 -> 0.97-0.98 with "
+                   "--views flip --input-norm image); about 5 times the indexing time, 6 times the stored vectors. "
+                   "Searched exactly (index type Flat or auto, whitened or not); not with --ray or --decode device. "
+                   "Recorded in the index. [default: no-regions, or the index's]")
 @click.option("--weights", default=None, metavar="imagenet|random|PATH",
               help="ImageNet weights (downloaded or from the torch hub cache), seeded random weights "
                    "(kept in the index folder), or a state dict file. [default: imagenet, or the index's]")

@@ -216,3 +216,16 @@ def test_regions_through_the_commands(tmp_path):
     assert found.exit_code == 0, found.output
     hits = json.loads(found.output)["results"]
     assert hits[0]["path"] == "blue_squares/blue_squares_001.png" and len({h["path"] for h in hits}) == 3
+
+
+def test_a_large_jpeg_finds_itself_at_distance_zero(tmp_path):
+    """The regions come from the same decode as the whole image, which is decoded as a query is (JPEG draft mode
+    included): an indexed photo searched by its own file is at distance 0."""
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=1, size=(1500, 1100))   # JPEGs drafted to a quarter on decoding
+    index_dir = tmp_path / "index"
+    build_index(data, index_dir, regions=True)
+    with retrieval.open_index(index_dir) as index:
+        for path in sorted(data.rglob("*.jpg")):
+            hit = index.search(str(path), k=1)[0]
+            assert hit.path == path.relative_to(data).as_posix() and hit.distance < 1e-3, hit

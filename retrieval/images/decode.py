@@ -93,25 +93,25 @@ def decode_for_model(source: ImageSource, prep: Preprocessing, *, max_pixels: in
     of the image's regions (preprocessing.region_boxes), each resized and centre-cropped as the whole image is.
     Raises ImageDecodeError, whatever went wrong with the file.
     """
-    # with regions, JPEGs are draft-decoded large enough that a region's shorter side still has resize_size pixels
-    min_side = math.ceil(prep.resize_size / REGION_SCALE) if prep.regions else prep.resize_size
-    try:
-        with _opened(source, min_side, max_pixels, max_decoded_pixels) as loaded:
+    try:   # JPEGs draft-decoded for the whole image, regions or not: a query decoded alike finds it at distance 0
+        with _opened(source, prep.resize_size, max_pixels, max_decoded_pixels) as loaded:
             size = prep.resized_size(*loaded.decoded_size)     # at most 256 x 25,600 (MAX_ASPECT_RATIO)
             crop = np.asarray(loaded.resized(size, Image.BILINEAR).crop(prep.crop_box(*size)), dtype=np.uint8)  # (c, c, 3)
             preview = None if preview_size is None else loaded.fitted(preview_size)
-            regions = _region_crops(loaded, prep, min_side) if prep.regions else None
+            regions = _region_crops(loaded, prep) if prep.regions else None
             return DecodedImage(np.ascontiguousarray(crop.transpose(2, 0, 1)), loaded.width, loaded.height,
                                 loaded.sha256, preview, regions)
     except Exception as exc:  # noqa: BLE001 - every failure of one file is that file's decode error
         raise decode_error(exc) from exc
 
 
-def _region_crops(loaded: "_Loaded", prep: Preprocessing, min_side: int) -> np.ndarray:
+def _region_crops(loaded: "_Loaded", prep: Preprocessing) -> np.ndarray:
     """The regions of a decoded image, each resized and centre-cropped -> uint8 shape=(prep.regions, 3, c, c).
 
-    The image is first brought to min_side on its shorter side (never enlarged), so a large photo is cropped from a
-    copy of a few hundred pixels a side, not from its full-size pixels."""
+    The image is first brought to resize_size / REGION_SCALE on its shorter side (never enlarged: a region then has
+    about resize_size pixels on its shorter side), so a large photo is cropped from a copy of a few hundred pixels a
+    side, not from its full-size pixels."""
+    min_side = math.ceil(prep.resize_size / REGION_SCALE)
     w, h = loaded.decoded_size
     if min(w, h) > min_side:
         w, h = (min_side, max(1, round(h * min_side / w))) if w <= h else (max(1, round(w * min_side / h)), min_side)
