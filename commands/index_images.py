@@ -320,6 +320,10 @@ def _print_report(r) -> None:  # noqa: ANN001 - indexer.run.RunReport
         click.echo(repair)
     if r.vector_index:
         click.echo(f"FAISS index: {describe_vector_index(r.vector_index)}")
+        if r.vector_index.get("regions"):
+            regions = r.vector_index["regions"]
+            click.echo(f"regional vectors: {regions['count']} ({regions['per_image']} per image), searched exactly "
+                       "with the images' own")
 
 
 def describe_vector_index(info: dict) -> str:

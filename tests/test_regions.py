@@ -211,6 +211,8 @@ def test_regions_through_the_commands(tmp_path):
     assert done.exit_code == 0, done.output
     summary = json.loads(done.output.strip().splitlines()[-1])
     assert summary["network"]["regions"] == REGION_COUNT and summary["vector_index"]["regions"]["count"] == 50
+    again = runner.invoke(index_images, base[:-1])   # nothing to do: the text summary names the regions
+    assert again.exit_code == 0 and "regional vectors: 50 (5 per image)" in again.output, again.output
     query = _crop_copy(data, "blue_squares/blue_squares_001.png", 4, tmp_path / "q.png")
     found = runner.invoke(search_images, [query, "--index-dir", str(index_dir), "-k", "3", "--json"])
     assert found.exit_code == 0, found.output
@@ -229,3 +231,33 @@ def test_a_large_jpeg_finds_itself_at_distance_zero(tmp_path):
         for path in sorted(data.rglob("*.jpg")):
             hit = index.search(str(path), k=1)[0]
             assert hit.path == path.relative_to(data).as_posix() and hit.distance < 1e-3, hit
+
+
+def test_a_run_that_fails_midway_leaves_regions_in_step_and_a_rerun_completes_them(tmp_path, monkeypatch):
+    """A batch whose commit fails (a full disk, a kill) is the run's error; what was committed keeps its regions in
+    both the catalog and regions.faiss, and the next run adds the rest, each image with its five regions."""
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=2, size=(120, 90), **PNG)
+    index_dir = tmp_path / "index"
+    real_write_batch = Catalog.write_batch
+    calls = []
+
+    def failing_write_batch(self, rows, vectors, skipped, regions=None):  # noqa: ANN001
+        calls.append(len(rows))
+        if len(calls) == 3:
+            raise OSError("no space left on device")
+        return real_write_batch(self, rows, vectors, skipped, regions)
+
+    monkeypatch.setattr(Catalog, "write_batch", failing_write_batch)
+    with pytest.raises(OSError, match="no space left"):
+        build_index(data, index_dir, regions=True, batch_size=2)
+    monkeypatch.undo()
+    cat = Catalog(index_dir)
+    try:
+        assert cat.count() == 4 and cat.region_count() == 4 * REGION_COUNT
+    finally:
+        cat.close()
+    _assert_in_step(index_dir)
+    report = build_index(data, index_dir, batch_size=2)
+    assert report.indexed == 6 and report.unchanged == 4
+    _assert_in_step(index_dir)
