@@ -187,11 +187,11 @@ def test_removal_changes_and_lost_side_files_keep_regions_with_the_catalog(tmp_p
     assert check_index(data, index_dir, None)["ok"]
 
 
-def _assert_in_step(index_dir) -> None:
-    cat = Catalog(index_dir)
+def _assert_in_step(index_dir, url: str | None = None) -> None:
+    cat = Catalog(index_dir, url=url)
     try:
         ids = cat.ids()
-        owners, _ = _all_vectors(index_dir)
+        owners = np.concatenate([i for i, _ in list(cat.vectors()) + list(cat.region_vectors())])
         assert np.array_equal(np.sort(owners), np.sort(np.concatenate([ids, np.repeat(ids, REGION_COUNT)])))
         side = VectorIndex.load(index_dir / REGIONS_FILE, 4096, factory=None)
         assert np.array_equal(np.sort(side.ids()), np.repeat(ids, REGION_COUNT)), "each image's regions, no other"
@@ -261,3 +261,18 @@ def test_a_run_that_fails_midway_leaves_regions_in_step_and_a_rerun_completes_th
     report = build_index(data, index_dir, batch_size=2)
     assert report.indexed == 6 and report.unchanged == 4
     _assert_in_step(index_dir)
+
+
+def test_regions_on_either_catalog_back_end(tmp_path, catalog_url):
+    data = tmp_path / "data"
+    paths = make_sample_collection(data, per_class=2, size=(120, 90), **PNG)
+    index_dir = tmp_path / "index"
+    build_index(data, index_dir, regions=True, db_url=catalog_url)
+    _assert_in_step(index_dir, catalog_url)
+    paths[3].unlink()
+    assert build_index(data, index_dir, db_url=catalog_url).removed == 1
+    _assert_in_step(index_dir, catalog_url)
+    query = _crop_copy(data, paths[5].relative_to(data).as_posix(), 2, tmp_path / "q.png")
+    with retrieval.open_index(index_dir, db_url=catalog_url) as index:
+        hit = index.search(query, k=1)[0]
+    assert hit.path == paths[5].relative_to(data).as_posix() and hit.distance < 1e-3
