@@ -12,6 +12,11 @@ are held out.
 
     python benchmarks/bench_regions.py --seeds 0 1 2
     python benchmarks/bench_regions.py --duplicates --seeds 0 1 2   # would regions help find-duplicates?
+    python benchmarks/bench_regions.py --knn --seeds 1 2             # and what do they do to kNN on classes?
+
+--knn: bench_quality's labelled scene crops (19 classes of 20) indexed with the recipe without and with --regions;
+leave-one-out kNN@10 and precision@10 through search_vectors (each image's neighbours, itself and its regions left
+out), as bench_quality measures them.
 
 --duplicates asks whether find-duplicates should use the regions: bench_duplicates' near-duplicate sets (19 originals
 with their 8 edited copies among 336 distractor crops) indexed with the recipe and --regions; every pair of images
@@ -147,6 +152,34 @@ def duplicate_pairs(seed: int, work: Path) -> dict:
             "whole": separability(d_whole[upper], same[upper]), "regions": separability(d_regions[upper], same[upper])}
 
 
+def knn_rows(seed: int, work: Path) -> list[dict]:
+    """bench_quality's kNN set of a seed indexed with the recipe, without and with --regions -> kNN@10, precision@10."""
+    from indexer import index_folder
+    from retrieval.catalog import Catalog
+
+    from benchmarks.bench_quality import Setting, knn
+    from benchmarks.quality_sets import KNN_PER_CLASS
+    from benchmarks.real_photos import crop_collection
+
+    data = work / f"knn-{seed}-data"
+    if not data.exists():
+        crop_collection(data, KNN_PER_CLASS, seed)
+    rows = []
+    for regions in (False, True):
+        index_dir = work / f"knn-regions-bench-{seed}-{'with' if regions else 'without'}"
+        shutil.rmtree(index_dir, ignore_errors=True)
+        index_folder(data, index_dir, weights="random", regions=regions, **OPTIONS)
+        catalog = Catalog(index_dir)
+        try:
+            ids, vectors = (np.concatenate(x) for x in zip(*catalog.vectors()))
+            records = catalog.get_many(ids.tolist())
+        finally:
+            catalog.close()
+        labelled = {"ids": ids, "vectors": vectors, "labels": np.array([records[int(i)].label for i in ids])}
+        rows.append({"seed": seed, "regions": regions, **knn(labelled, index_dir, Setting("recipe", True))})
+    return rows
+
+
 def separability(distances: np.ndarray, positive: np.ndarray) -> dict:
     """Pairs ranked by distance -> the best F1 of any threshold, its threshold, and the ranking's average precision."""
     order = np.argsort(distances, kind="stable")
@@ -167,9 +200,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--duplicates", action="store_true", help="measure the near-duplicate pairs instead")
+    parser.add_argument("--knn", action="store_true", help="measure kNN on the labelled scene crops instead")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    if args.knn:
+        rows = [row for seed in args.seeds for row in knn_rows(seed, args.work_dir)]
+        for row in rows:
+            print(f"seed {row['seed']} {'with' if row['regions'] else 'without'} regions: kNN@10 {row['knn@10']:.3f} "
+                  f"precision@10 {row['precision@10']:.3f}", flush=True)
+        out = (args.out or RESULTS / f"bench_regions-knn-{time.strftime('%Y%m%d-%H%M%S')}.json").resolve()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"benchmark": "bench_regions --knn", "options": OPTIONS,
+                                   "seconds": round(time.time() - started, 1), "rows": rows}, indent=2))
+        print(f"saved {out}")
+        return
     if args.duplicates:
         rows = []
         for seed in args.seeds:

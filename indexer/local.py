@@ -11,6 +11,7 @@ import numpy as np
 from retrieval.catalog import Catalog, IndexSettings
 from retrieval.features.digests import hash_ahead
 from retrieval.system import collector_paused
+from retrieval.vectors.regions import regions_type_error
 
 from indexer.config import ConfigError, JobConfig, RunReport, default_workers, device_share, expected_preprocessing, finish_report
 from indexer.network import device_label, load_network, weights_file
@@ -29,6 +30,8 @@ def run_local(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, ch
     imported, while the network loads."""
     workers = cfg.workers if cfg.workers is not None else default_workers(cfg.device)
     regions = chosen["regions"]   # regions are cropped by the workers from their decode: no JPEG left for the device
+    if regions and (refused := regions_type_error(cfg.vector_index.index_type)):   # before the network is loaded
+        raise ConfigError(f"{refused} (--index-type)")
     if regions and cfg.decode == "device":
         raise ConfigError("an index with regional vectors (--regions) has its images decoded by the workers, which "
                           "crop the regions: use --decode auto or --decode workers")

@@ -17,7 +17,7 @@ from retrieval.vectors.index_types import (AUTO, FLAT, RECALL_QUERIES, RECALL_TA
 from retrieval.vectors.faiss_parts import SearchParams, apply_search_params, search_params_of, tuning_ladder
 from retrieval.vectors.index_types import flat_max as recorded_flat_max
 from retrieval.vectors.recall import K, exact_neighbours, measure, sample_vectors
-from retrieval.vectors.regions import build_regions, open_regions, regions_file_state
+from retrieval.vectors.regions import build_regions, open_regions, regions_file_state, regions_type_error
 from retrieval.names import REGIONS_FILE
 from retrieval.vectors.vector_index import VectorIndex, reconcile
 from retrieval.search.expansion import QueryExpansion, expand
@@ -60,9 +60,8 @@ class IndexBuilder:
         self.region_count = settings.regions if settings is not None else 0
         self.regions_path = self.path.parent / REGIONS_FILE
         self.regions: VectorIndex | None = None
-        if self.region_count and split_whitening(self.requested)[1] not in (AUTO, FLAT):
-            raise IndexTypeError(f"an index with regional vectors (--regions) is searched exactly: it takes index type "
-                                 f"Flat or auto, not {self.requested!r}")
+        if self.region_count and (refused := regions_type_error(self.requested)):
+            raise IndexTypeError(refused)
         self.built = False        # the FAISS file was (re)built from the catalog in this run
         self.train: dict = (previous or {}).get("train") or {"size": 0, "seed": config.seed}
         self.recall: dict | None = (previous or {}).get("recall")

@@ -27,6 +27,17 @@ if TYPE_CHECKING:   # FAISS is imported where an index is made or read: index-im
 log = logging.getLogger(__name__)
 
 
+def regions_type_error(requested: str | None) -> str | None:
+    """Why an index with regions cannot have the index type requested (None: it can: Flat or auto, whitened or not;
+    the search over both indexes is exact only over exact ones)."""
+    from retrieval.vectors.whitening import split_whitening
+
+    if requested is None or split_whitening(requested)[1].strip().lower() in ("auto", "flat"):
+        return None
+    return (f"an index with regional vectors (--regions) is searched exactly: it takes index type Flat or auto, "
+            f"not {requested!r}")
+
+
 def empty_like(main: VectorIndex) -> VectorIndex:
     """An empty index of main's type, trained as main is (the same whitening): the regions' index."""
     from retrieval.vectors.vector_index import VectorIndex
