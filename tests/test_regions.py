@@ -276,3 +276,29 @@ def test_regions_on_either_catalog_back_end(tmp_path, catalog_url):
     with retrieval.open_index(index_dir, db_url=catalog_url) as index:
         hit = index.search(query, k=1)[0]
     assert hit.path == paths[5].relative_to(data).as_posix() and hit.distance < 1e-3
+
+
+def test_the_server_searches_with_regions(indexes, tmp_path):
+    """POST /search and an image's neighbours through the Flask app answer each image once, by its nearest vector;
+    /stats describes the regional vectors."""
+    from api import create_app
+
+    data, with_regions, _ = indexes
+    original = "green_stripes/green_stripes_004.png"
+    query = _crop_copy(data, original, 3, tmp_path / "q.png")
+    app = create_app({"INDEX_DIR": str(with_regions), "RELOAD_INTERVAL_S": 0, "THUMBNAIL_DIR": str(tmp_path / "t")})
+    try:
+        client = app.test_client()
+        with open(query, "rb") as f:
+            found = client.post("/search?k=6", data=f.read(), content_type="image/png")
+        assert found.status_code == 200, found.get_data(as_text=True)
+        results = found.get_json()["results"]
+        assert results[0]["path"] == original and results[0]["distance"] < 1e-3
+        assert len({r["id"] for r in results}) == 6
+        me = results[0]["id"]
+        neighbours = client.get(f"/images/{me}/neighbours?k=8").get_json()["results"]
+        assert me not in {r["id"] for r in neighbours} and len({r["id"] for r in neighbours}) == 8
+        stats = client.get("/stats").get_json()
+        assert stats["vector_index"]["regions"]["count"] == REGION_COUNT * IMAGES
+    finally:
+        app.extensions["retrieval"].close()
