@@ -302,3 +302,20 @@ def test_the_server_searches_with_regions(indexes, tmp_path):
         assert stats["vector_index"]["regions"]["count"] == REGION_COUNT * IMAGES
     finally:
         app.extensions["retrieval"].close()
+
+
+def test_a_damaged_regional_vector_is_found_by_check_and_extracted_again(tmp_path):
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=1, size=(120, 90), **PNG)
+    index_dir = tmp_path / "index"
+    build_index(data, index_dir, regions=True)
+    with sqlite3.connect(index_dir / "catalog.db") as db:   # one region's bytes changed behind the catalog's back
+        image_id, blob = db.execute("SELECT image_id, vector FROM region_vectors WHERE region = 2 LIMIT 1").fetchone()
+        db.execute("UPDATE region_vectors SET vector = ? WHERE image_id = ? AND region = 2",
+                   (bytes(reversed(blob)), image_id))
+    report = check_index(data, index_dir, None)
+    assert not report["ok"] and [v["id"] for v in report["vectors"]["bad"]] == [image_id]
+    again = build_index(data, index_dir)
+    assert again.indexed == 1   # the image of the damaged region, extracted again with all its regions
+    _assert_in_step(index_dir)
+    assert check_index(data, index_dir, None)["ok"]
