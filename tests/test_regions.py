@@ -83,7 +83,7 @@ def test_search_with_regions_is_the_best_of_each_images_vectors(indexes, tmp_pat
     data, with_regions, _ = indexes
     query = _crop_copy(data, "red_circles/red_circles_002.png", 1, tmp_path / "query.png")
     with retrieval.open_index(with_regions) as index:
-        assert index._index.snapshot().regions is not None
+        assert index._index.snapshot().regions is not None and index.info.regions == REGION_COUNT
         vector = index.features(query)
         found = index.search(query, k=12)
         want_ids, want_d = _brute_force(with_regions, vector, 12)
@@ -207,6 +207,8 @@ def test_regions_through_the_commands(tmp_path):
     base = [str(data), "--index-dir", str(index_dir), "--weights", "random", "--workers", "1", "--json"]
     refused = runner.invoke(index_images, base + ["--regions", "--index-type", "HNSW32"])
     assert refused.exit_code == 2 and "Flat or auto" in refused.output, refused.output
+    refused = runner.invoke(index_images, base + ["--regions", "--decode", "device"])
+    assert refused.exit_code == 2 and "--decode auto" in refused.output, refused.output
     done = runner.invoke(index_images, base + ["--regions"])
     assert done.exit_code == 0, done.output
     summary = json.loads(done.output.strip().splitlines()[-1])
