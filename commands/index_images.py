@@ -43,6 +43,13 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
                    "brighter, darker, flatter or colour-cast copy finds its original; loses colour cues, so "
                    "classes that differ by colour are told apart less well). Recorded in the index. "
                    "[default: weights, or the index's]")
+@click.option("--regions/--no-regions", default=None,
+              help="Also store the vectors of five regions of each image (its four corners and its centre, 80% of "
+                   "each side, through the same network and views) and score each image by its nearest vector, its "
+                   "own or a region's: a cropped copy finds its original (copy recall@1 0.95 -> 0.97-0.98 with "
+                   "--views flip --input-norm image); about 5 times the indexing time, 6 times the stored vectors. "
+                   "Searched exactly (index type Flat or auto, whitened or not); not with --ray or --decode device. "
+                   "Recorded in the index. [default: no-regions, or the index's]")
 @click.option("--weights", default=None, metavar="imagenet|random|PATH",
               help="ImageNet weights (downloaded or from the torch hub cache), seeded random weights "
                    "(kept in the index folder), or a state dict file. [default: imagenet, or the index's]")
@@ -108,7 +115,7 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
                    "exit 1 when something is wrong. Damaged vectors are marked for the next run to extract again.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each skipped file and other details.")
-def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, views, input_norm, weights, seed, normalize, device, precision, decode, batch_size, workers,  # noqa: ANN001
+def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, views, input_norm, regions, weights, seed, normalize, device, precision, decode, batch_size, workers,  # noqa: ANN001
          max_file_mb: float, ray_address: str | None, index_type: str | None, rebuild_index: bool, nprobe: int | None,
          ef_search: int | None, recall_queries: int | None, auto_flat_max: int | None, whiten: bool | None,
          whiten_dim: int | None, dba: int | None, check: bool, as_json: bool, verbose: bool) -> None:
@@ -165,8 +172,10 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
     vector_index = IndexTypeConfig(index_type=index_type, flat_max=auto_flat_max, nprobe=nprobe, ef_search=ef_search,
                                    recall_queries=recall_queries, rebuild=rebuild_index, whiten=whiten,
                                    whiten_dim=whiten_dim, dba=dba)
+    from retrieval.images.preprocessing import REGION_COUNT
+
     cfg = JobConfig(data_dir=data_dir, index_dir=index_dir, db_url=db_url, model=model, layer=layer, views=views,
-                    input_norm=input_norm, weights=weights,
+                    input_norm=input_norm, regions=None if regions is None else REGION_COUNT * regions, weights=weights,
                     normalize=normalize, seed=seed, device=device, precision=precision, decode=decode,
                     batch_size=parse_batch_size(batch_size),
                     workers=workers, max_file_bytes=int(max_file_mb * 2**20), progress=not as_json, ray=ray_address,
@@ -346,6 +355,10 @@ def _print_report(r, verbose: bool = False) -> None:  # noqa: ANN001 - indexer.r
         click.echo(repair)
     if r.vector_index:
         click.echo(f"FAISS index: {describe_vector_index(r.vector_index)}")
+        if r.vector_index.get("regions"):
+            regions = r.vector_index["regions"]
+            click.echo(f"regional vectors: {regions['count']} ({regions['per_image']} per image), searched exactly "
+                       "with the images' own")
 
 
 def _whiten_waits(info: dict) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.catalog import Catalog, damaged_message, damaged_reason, db_error_reason
-from retrieval.names import FAISS_FILE
+from retrieval.names import FAISS_FILE, REGIONS_FILE
 from retrieval.system import display_name
 
 SHOWN = 10   # ids and paths named in the text report (the JSON report has them all)
@@ -48,7 +48,7 @@ def check_index(data_dir: Path, index_dir: Path, db_url: str | None) -> dict:
             return report
         report["images"] = catalog.count()
         vectors = catalog.check_vectors()
-        bad = vectors["bad"]
+        bad = sorted(set(vectors["bad"]) | set(catalog.check_region_vectors()))   # an image or one of its regions
         paths = catalog.mark_for_extraction(bad)
         report["vectors"] = {"checked": vectors["checked"], "filled": vectors["filled"],
                              "bad": [{"id": i, "path": display_name(p)} for i, p in zip(bad, paths)]}
@@ -58,6 +58,9 @@ def check_index(data_dir: Path, index_dir: Path, db_url: str | None) -> dict:
             report["actions"].append(f"they are marked to be extracted again and left out of searches: run "
                                      f"index-images {data} --index-dir {display_name(str(index_dir))}")
         report["faiss"] = _check_faiss(index_dir / FAISS_FILE, catalog, settings.dim, set(bad))
+        if settings.regions:
+            report["regions"] = _check_regions(index_dir / REGIONS_FILE, catalog, settings.dim, set(bad))
+            report["faiss"]["problems"] += report["regions"]["problems"]
         if report["faiss"]["problems"]:
             report["problems"] += report["faiss"]["problems"]
             report["actions"].append(f"rebuild it from the catalog: index-images {data} --index-dir "
@@ -116,6 +119,35 @@ def _check_faiss(path: Path, catalog: Catalog, dim: int, bad: set[int]) -> dict:
         found["different"] = different
         if different:
             found["problems"].append(f"the FAISS file holds other vectors than the catalog for {different} id(s)")
+    return found
+
+
+def _check_regions(path: Path, catalog: Catalog, dim: int, bad: set[int]) -> dict:
+    """The regional vectors' FAISS file (index-images --regions) against the catalog: {"file", "readable", "count",
+    "missing", "extra", "problems"}: the same images, each with all its regions."""
+    from retrieval.vectors.vector_index import VectorIndex
+
+    found: dict = {"file": display_name(str(path)), "readable": False, "count": 0, "missing": 0, "extra": 0,
+                   "problems": []}
+    want = catalog.region_ids()
+    if not path.exists():
+        if len(want):
+            found["problems"].append(f"the regional vectors' FAISS file {found['file']} is missing")
+        return found
+    index = VectorIndex.load(path, dim, factory=None)
+    if index is None:
+        found["problems"].append(f"the regional vectors' FAISS file {found['file']} is unreadable")
+        return found
+    have = index.ids()
+    found["readable"], found["count"] = True, len(have)
+    missing = [i for i in np.setdiff1d(want, have).tolist() if i not in bad]
+    extra = np.setdiff1d(have, want)
+    found["missing"], found["extra"] = len(missing), int(len(extra))
+    expected = catalog.region_count()
+    if missing or len(extra) or (not bad and len(have) != expected):
+        found["problems"].append(f"the regional vectors' FAISS file holds other vectors than the catalog: "
+                                 f"{len(have)} vectors ({expected} in the catalog), {len(missing)} images missing, "
+                                 f"{len(extra)} not in the catalog")
     return found
 
 

@@ -9,13 +9,14 @@ from typing import Callable
 from retrieval.catalog import Catalog, IndexSettings, weights_label
 from retrieval.features.weights import IMAGENET, WeightsChoice
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, Preprocessing
+from retrieval.images.preprocessing import REGION_COUNT
 from retrieval.images.scan import DEFAULT_MAX_FILE_BYTES
 from retrieval.names import DEFAULT_RANDOM_SEED, POOLED_INPUT, POOLED_LAYERS
 from retrieval.system import available_cores, display_name, gpu_present
 from retrieval.vectors.index_types import IndexTypeConfig
 
 DEFAULTS = {"model": "alexnet", "layer": "fc7", "views": "single", "input_norm": "weights", "weights": IMAGENET,
-            "normalize": True}
+            "normalize": True, "regions": 0}
 
 MAX_WORKERS_CPU = 8    # decoding processes by default when the network runs on the CPU
 
@@ -42,6 +43,8 @@ class JobConfig:
                                       # "flip+scales" views (retrieval.names.VIEWS)
     input_norm: str | None = None     # the network's input normalised by the weights' mean and std ("weights") or by
                                       # each image's own ("image"; retrieval.names.INPUT_NORMS)
+    regions: int | None = None        # regional vectors per image besides its own: 0 (none) or REGION_COUNT
+                                      # (--regions: the four corners and the centre, retrieval.images.preprocessing)
     weights: WeightsChoice | str | None = None   # "imagenet", "random" or a state dict path (text: parsed)
     normalize: bool | None = None     # L2-normalise vectors
     seed: int | None = None           # for --weights random; None: DEFAULT_RANDOM_SEED, or the index's
@@ -68,6 +71,11 @@ class JobConfig:
         self.index_dir = Path(self.index_dir).expanduser().resolve()
         if self.weights is not None:
             self.weights = WeightsChoice.parse(self.weights)
+        if isinstance(self.regions, bool):   # index_folder(..., regions=True): the regions there are
+            self.regions = REGION_COUNT if self.regions else 0
+        if self.regions not in (None, 0, REGION_COUNT):
+            raise ConfigError(f"regions takes 0 (none) or {REGION_COUNT} (four corners and the centre), "
+                              f"not {self.regions!r}")
 
 
 
@@ -93,11 +101,11 @@ class RunReport:
 def resolve_settings(cfg: JobConfig, stored: IndexSettings | None) -> dict:
     """Choose model/layer/views/weights/normalize/seed: explicit options must agree with an existing index.
 
-    -> {"model", "layer", "views", "input_norm", "weights" (a WeightsChoice, a file's path absolute), "normalize", "seed",
-    "data_dir"}."""
+    -> {"model", "layer", "views", "input_norm", "regions", "weights" (a WeightsChoice, a file's path absolute),
+    "normalize", "seed", "data_dir"}."""
     data_dir = str(Path(cfg.data_dir).resolve())
     chosen = {}
-    for key in ("model", "layer", "views", "input_norm", "weights", "normalize", "seed"):
+    for key in ("model", "layer", "views", "input_norm", "regions", "weights", "normalize", "seed"):
         asked = getattr(cfg, key)
         if stored is None:
             chosen[key] = ({**DEFAULTS, "seed": DEFAULT_RANDOM_SEED}[key]) if asked is None else asked
@@ -126,8 +134,8 @@ def describe_network(settings: IndexSettings | None) -> dict | None:
     if settings is None:
         return None
     return {"model": settings.model, "layer": settings.layer, "views": settings.views,
-            "input_norm": settings.input_norm, "weights": weights_label(settings), "dim": settings.dim,
-            "normalize": settings.normalize}
+            "input_norm": settings.input_norm, "regions": settings.regions, "weights": weights_label(settings),
+            "dim": settings.dim, "normalize": settings.normalize}
 
 
 

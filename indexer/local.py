@@ -2,6 +2,7 @@
 write (the writer thread). indexer/ray_job.py wires the same stages on a Ray cluster."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -10,8 +11,9 @@ import numpy as np
 from retrieval.catalog import Catalog, IndexSettings
 from retrieval.features.digests import hash_ahead
 from retrieval.system import collector_paused
+from retrieval.vectors.regions import regions_type_error
 
-from indexer.config import JobConfig, RunReport, default_workers, device_share, expected_preprocessing, finish_report
+from indexer.config import ConfigError, JobConfig, RunReport, default_workers, device_share, expected_preprocessing, finish_report
 from indexer.network import device_label, load_network, weights_file
 from indexer.plan import Plan
 from indexer.read import Reader
@@ -27,8 +29,15 @@ def run_local(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, ch
     """Run the planned work in this process: decoding starts at once, in workers forked before torch is
     imported, while the network loads."""
     workers = cfg.workers if cfg.workers is not None else default_workers(cfg.device)
-    with Reader(cfg.data_dir, plan.todo, workers=workers, prep=expected_preprocessing(stored, cfg.layer),
-                max_pixels=cfg.max_pixels, device_share=device_share(cfg)) as reader:
+    regions = chosen["regions"]   # regions are cropped by the workers from their decode: no JPEG left for the device
+    if regions and (refused := regions_type_error(cfg.vector_index.index_type)):   # before the network is loaded
+        raise ConfigError(f"{refused} (--index-type)")
+    if regions and cfg.decode == "device":
+        raise ConfigError("an index with regional vectors (--regions) has its images decoded by the workers, which "
+                          "crop the regions: use --decode auto or --decode workers")
+    with Reader(cfg.data_dir, plan.todo, workers=workers,
+                prep=dataclasses.replace(expected_preprocessing(stored, cfg.layer), regions=regions),
+                max_pixels=cfg.max_pixels, device_share=None if regions else device_share(cfg)) as reader:
         return _update(cfg, catalog, stored, chosen, plan, reader, started, on_extractor)
 
 
@@ -50,13 +59,16 @@ def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chos
     catalog.note_extraction(extractor.precision, device_label(extractor), to_device.decode)
     with Writer(cfg, catalog, plan, extractor.dim) as writer, to_device:
         def extract(item: tuple) -> None:   # on the network's thread, while this one reads and decodes the next batch
-            pixels, rows, bad = item
+            pixels, rows, bad, region_pixels = item
             with clock("network"):
                 feats = mapper(pixels) if pixels is not None else np.zeros((0, extractor.dim), np.float32)
+                regions = None if region_pixels is None else \
+                    mapper(region_pixels).reshape(len(rows), -1, extractor.dim)   # (n * R, dim) -> (n, R, dim)
             with clock("write"):             # waits only while the writer thread is still on the batch before last
-                writer.write(rows, feats, bad)   # committed on the writer thread while the next batch runs
+                writer.write(rows, feats, bad, regions)   # committed on the writer thread while the next batch runs
 
-        batches = clock.timed("wait for decoding", reader.read(extractor.preprocessing, batch_size,
+        prep = dataclasses.replace(extractor.preprocessing, regions=chosen["regions"])
+        batches = clock.timed("wait for decoding", reader.read(prep, batch_size,
                                                                pin_memory=extractor.device.type == "cuda"))
         loop_started = time.perf_counter()
         network = StageThread(extract, name="index-network")
@@ -64,7 +76,7 @@ def _update(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chos
             for batch in batches:
                 to_device.balance(clock)              # --decode auto: who waited for whom, and the share moved
                 with clock("device decoding"):
-                    item = to_device(batch)           # JPEGs left by the workers decoded on the device
+                    item = (*to_device(batch), batch.region_pixels)   # JPEGs left by the workers decoded on the device
                 with clock("wait for the network"):
                     network.put(item)
         finally:

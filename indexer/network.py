@@ -1,6 +1,7 @@
 """The extract stage's network, loaded as the index records it (torch is imported only when it is called)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,10 +42,13 @@ def load_network(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None,
         raise ConfigError(f"the weights now at {str(chosen['weights'])!r} differ from the ones this index was built "
                           f"with ({stored.weights_identity}); use another index folder")
     if stored is None:
+        if chosen["regions"]:
+            catalog.enable_regions()   # the table first: the settings then never name regions a catalog cannot hold
         catalog.save_settings(IndexSettings(
             model=chosen["model"], layer=chosen["layer"], weights=str(chosen["weights"]), weights_identity=identity,
             seed=chosen["seed"], dim=extractor.dim, normalize=chosen["normalize"], data_dir=chosen["data_dir"],
-            preprocessing=extractor.preprocessing.to_record(), views=chosen["views"]))
+            preprocessing=dataclasses.replace(extractor.preprocessing, regions=chosen["regions"]).to_record(),
+            views=chosen["views"]))
         record_training_images(catalog, chosen["weights"], identity)   # a known index's: indexer.run, every run
     return extractor
 

@@ -209,6 +209,9 @@ def run_on_ray(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, c
 
     The network is checked (and a new index's settings and random weights written) here first, so a
     weights problem stops the run before the cluster is asked for anything."""
+    if chosen["regions"]:
+        raise ConfigError("regional vectors (--regions) are extracted in this process only, not on Ray yet: "
+                          "run index-images without --ray")
     import ray
     import ray.data
 

@@ -121,6 +121,8 @@ class Batch:
     bad: list[dict]                 # skipped files: path, size, mtime_ns, reason
     jpegs: list[DeviceJpeg] = dataclasses.field(default_factory=list)   # rows left for the device to decode
     cpu_rows: list[int] = dataclasses.field(default_factory=list)       # the rows of pixels, in order
+    region_pixels: torch.Tensor | None = None   # uint8, shape=(n * R, 3, H, W): each row's R regions in turn
+                                                # (Preprocessing.regions; all rows are then decoded on the CPU)
 
 
 def collate(items: list[dict], pin_memory: bool = False, data_dir: Path | None = None) -> Batch:
@@ -136,7 +138,13 @@ def collate(items: list[dict], pin_memory: bool = False, data_dir: Path | None =
     pixels = torch.from_numpy(np.stack([good[i]["decoded"].pixels for i in cpu_rows])) if cpu_rows else None
     if pixels is not None and pin_memory:
         pixels = pixels.pin_memory()   # page-locked: the copy to the GPU can overlap with compute
-    return Batch(pixels, rows, bad, jpegs, cpu_rows)
+    region_pixels = None
+    if cpu_rows and good[cpu_rows[0]]["decoded"].regions is not None:
+        assert not jpegs, "regions are cropped by the workers: no JPEG is left for the device"
+        region_pixels = torch.from_numpy(np.concatenate([it["decoded"].regions for it in good]))   # (n * R, 3, H, W)
+        if pin_memory:
+            region_pixels = region_pixels.pin_memory()
+    return Batch(pixels, rows, bad, jpegs, cpu_rows, region_pixels)
 
 
 def _facts(decoded) -> dict:  # noqa: ANN001 - DecodedImage or JpegFacts
@@ -162,7 +170,7 @@ class Reader:
         self.device_share = device_share
         self.workers = workers
         self.tasks = [files[i:i + DECODE_CHUNK] for i in range(0, len(files), DECODE_CHUNK)]
-        crop_bytes = 3 * prep.crop_size ** 2
+        crop_bytes = 3 * prep.crop_size ** 2 * (1 + prep.regions)   # the image's crop and its regions'
         # tasks submitted and not yet collected: a few per worker, or all that AHEAD_BYTES of crops hold (during the
         # network's start-up, seconds on a small machine, the workers can decode hundreds of images)
         self.ahead = max(TASKS_AHEAD_PER_WORKER * workers, AHEAD_BYTES // (DECODE_CHUNK * crop_bytes)) if workers else 0
@@ -253,7 +261,8 @@ class Reader:
     def read(self, prep: Preprocessing, batch_size: int, pin_memory: bool = False) -> Iterator[Batch]:
         """Every file, in order, decoded with prep (the network's own preprocessing), in batches of batch_size."""
         assert batch_size >= 1, "batch_size must be at least 1"
-        if (prep.resize_size, prep.crop_size) != (self.prep.resize_size, self.prep.crop_size):
+        if (prep.resize_size, prep.crop_size, prep.regions) != (self.prep.resize_size, self.prep.crop_size,
+                                                                 self.prep.regions):
             log.info("the network's preprocessing differs from the expected one: decoding again")
             for future in self._pending:
                 future.cancel()

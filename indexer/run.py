@@ -6,8 +6,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from retrieval.names import FAISS_FILE
+from retrieval.names import FAISS_FILE, REGIONS_FILE
 from retrieval.vectors.index_types import vector_work_needed
+from retrieval.vectors.regions import regions_file_in_step
 
 from retrieval.catalog import Catalog
 from retrieval.files import sample_digest
@@ -74,6 +75,7 @@ def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callabl
         report = RunReport(unchanged=planned.unchanged, vector_index=catalog.vector_index_record())
         damaged = faiss_file_damaged(index_dir / FAISS_FILE, catalog)
         if not damaged and (index_dir / FAISS_FILE).exists() and catalog.vectors_in_step() \
+                and (not stored.regions or regions_file_in_step(index_dir / REGIONS_FILE, report.vector_index)) \
                 and not vector_work_needed(cfg.vector_index, catalog, stored.dim):
             return finish_report(report, catalog, catalog.count(), started)
         # FAISS work only (rebuild, another type, new search settings): from the catalog, no network

@@ -44,7 +44,7 @@ class Writer:
         to_remove = removals(plan, catalog)
         if to_remove:
             removed_ids = catalog.remove_paths(to_remove)
-            self.vectors.remove(removed_ids)
+            self.builder.remove(self.vectors, removed_ids)
             self.report.removed = len(removed_ids)
             self.dirty = True
         record_refused(plan, catalog)
@@ -53,17 +53,20 @@ class Writer:
         self.on_progress, self.done, self.todo = cfg.on_progress, 0, len(plan.todo)
         self.stage: StageThread | None = None   # the writer thread, while in the with block
 
-    def write(self, rows: list[dict], feats: np.ndarray, bad: list[dict]) -> None:
+    def write(self, rows: list[dict], feats: np.ndarray, bad: list[dict], regions: np.ndarray | None = None) -> None:
         """Queue one batch for the writer thread: rows (catalog fields) with feats shape=(len(rows), dim) float32,
-        and skipped files. Returns at once when the queue has room. Raises what an earlier batch's commit raised."""
+        regions shape=(len(rows), R, dim) float32 (index-images --regions; else None), and skipped files. Returns at
+        once when the queue has room. Raises what an earlier batch's commit raised."""
         assert self.stage is not None, "write() inside the with block"
-        self.stage.put((rows, feats, bad))
+        self.stage.put((rows, feats, bad, regions))
 
-    def commit(self, rows: list[dict], feats: np.ndarray, bad: list[dict]) -> None:
+    def commit(self, rows: list[dict], feats: np.ndarray, bad: list[dict], regions: np.ndarray | None = None) -> None:
         """Commit one batch (on the writer thread): the catalog transaction, then FAISS, then a save when due."""
-        new_ids, replaced = self.catalog.write_batch(rows, feats, bad)   # the commit point
-        self.vectors.remove(replaced)
-        self.vectors.add(np.asarray(new_ids, dtype=np.int64), feats)
+        assert not rows or (regions is not None) == bool(self.builder.region_count), \
+            "an index with regions gets each image's regional vectors, an index without gets none"
+        new_ids, replaced = self.catalog.write_batch(rows, feats, bad, regions)   # the commit point
+        self.builder.remove(self.vectors, replaced)
+        self.builder.add(self.vectors, np.asarray(new_ids, dtype=np.int64), feats, regions)
         self.vectors = self.builder.grown(self.vectors)   # exact Flat -> a trained type once the collection calls for one
         self.dirty = True
         self.report.indexed += len(rows)

@@ -18,6 +18,7 @@ INDEX_DIR_ENV = "RETRIEVAL_INDEX_DIR"    # default index folder for every comman
 DB_URL_ENV = "RETRIEVAL_DB_URL"          # the catalog's SQLAlchemy URL for every command and the server (default: SQLite)
 DEFAULT_KS = (1, 5, 10)                  # neighbours for precision@k and the kNN vote in evaluations
 FAISS_FILE = "vectors.faiss"             # the vector index in an index folder (derived from the catalog)
+REGIONS_FILE = "regions.faiss"           # index-images --regions: the regional vectors' index beside it (likewise)
 # fine-tune's objectives (retrieval.learning.objectives explains each) and its default, chosen by measurement
 # (benchmarks/sweep_finetune.py, bench_finetune_quality.py)
 FINE_TUNE_METRIC_LOSSES = ("proxy-anchor", "norm-softmax", "supcon", "triplet")

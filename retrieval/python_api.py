@@ -70,7 +70,8 @@ class Index:
         snapshot = self._index.snapshot()
         s = snapshot.settings
         return IndexInfo(self.index_dir, snapshot.data_dir, s.model, s.layer, weights_label(s), s.dim, s.normalize,
-                         len(snapshot.vectors), snapshot.catalog.labels(), s.views, s.input_norm)
+                         len(snapshot.vectors), snapshot.catalog.labels(), s.views, s.input_norm,
+                         s.regions)
 
     @property
     def data_dir(self) -> Path:

@@ -94,6 +94,7 @@ class IndexInfo:
     labels: dict[str | None, int]     # images per label (None: unlabelled)
     views: str = "single"             # descriptors of the image alone, or averaged over "flip" / "flip+scales" views
     input_norm: str = "weights"       # input normalised by the weights' mean and std, or by each image's own ("image")
+    regions: int = 0                  # regional vectors per image besides its own (index-images --regions; 0: none)
 
 
 # --- HTML -------------------------------------------------------------------------------------------

@@ -157,7 +157,7 @@ def test_an_index_records_its_layer_and_views_and_a_query_finds_the_image_itself
                                               "--workers", "0", "--layer", layer, "--views", views, "--json"])
     dim = feature_dim("alexnet", layer)
     assert summary["network"] == {"model": "alexnet", "layer": layer, "views": views, "input_norm": "weights",
-                                  "weights": "random", "dim": dim, "normalize": True}
+                                  "regions": 0, "weights": "random", "dim": dim, "normalize": True}
     again = run_json(runner, index_images, [str(collection), "--index-dir", index_dir, "--json"])   # the index's own
     assert again["unchanged"] == 6 and again["network"] == summary["network"]
 

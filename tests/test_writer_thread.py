@@ -82,9 +82,9 @@ def test_the_writer_thread_builds_the_index_a_run_writing_in_its_loop_builds(dat
     committed_on = []
     real_commit = Writer.commit
 
-    def recording_commit(self, rows, feats, bad):  # noqa: ANN001
+    def recording_commit(self, rows, feats, bad, regions=None):  # noqa: ANN001
         committed_on.append(threading.current_thread().name)
-        real_commit(self, rows, feats, bad)
+        real_commit(self, rows, feats, bad, regions)
     monkeypatch.setattr(Writer, "commit", recording_commit)
 
     report = index_images(data, tmp_path / "index", batch_size=2, workers=None,   # the default decoding workers
@@ -101,13 +101,13 @@ def test_write_returns_while_the_previous_batch_is_being_committed(data, tmp_pat
     real_commit, real_write = Writer.commit, Writer.write
     writes = []
 
-    def slow_first_commit(self, rows, feats, bad):  # noqa: ANN001
+    def slow_first_commit(self, rows, feats, bad, regions=None):  # noqa: ANN001
         if not second_queued.is_set():
             assert second_queued.wait(HANG_S / 2), "write() waited for the commit of the batch before"
-        real_commit(self, rows, feats, bad)
+        real_commit(self, rows, feats, bad, regions)
 
-    def counting_write(self, rows, feats, bad):  # noqa: ANN001
-        real_write(self, rows, feats, bad)
+    def counting_write(self, rows, feats, bad, regions=None):  # noqa: ANN001
+        real_write(self, rows, feats, bad, regions)
         writes.append(len(rows))
         if len(writes) == 2:
             second_queued.set()
@@ -132,16 +132,16 @@ def test_a_failed_write_is_the_runs_error_and_a_rerun_completes_the_index(data, 
     batches, writes = [], []
     next_one_queued = threading.Event()
 
-    def failing_write_batch(self, rows, vectors, skipped):  # noqa: ANN001
+    def failing_write_batch(self, rows, vectors, skipped, regions=None):  # noqa: ANN001
         batches.append(len(rows) + len(skipped))
         if len(batches) == failing_batch:
             if failing_batch < 7:   # let the caller queue the next batch first: it must never be committed
                 assert next_one_queued.wait(HANG_S / 2)
             raise DiskOnFire("no space left on the catalog's disk")
-        return real_write_batch(self, rows, vectors, skipped)
+        return real_write_batch(self, rows, vectors, skipped, regions)
 
-    def counting_write(self, rows, feats, bad):  # noqa: ANN001
-        real_write(self, rows, feats, bad)
+    def counting_write(self, rows, feats, bad, regions=None):  # noqa: ANN001
+        real_write(self, rows, feats, bad, regions)
         writes.append(len(rows) + len(bad))
         if len(writes) == failing_batch + 1:
             next_one_queued.set()
@@ -178,9 +178,9 @@ def test_an_interrupt_commits_the_queued_batches_and_saves_faiss_in_step(data, t
             raise KeyboardInterrupt
         return real_call(self, pixels)
 
-    def commit_after_the_interrupt(self, rows, feats, bad):  # noqa: ANN001
+    def commit_after_the_interrupt(self, rows, feats, bad, regions=None):  # noqa: ANN001
         assert interrupted.wait(HANG_S / 2)   # the batches wait in the queue until the interrupt
-        real_commit(self, rows, feats, bad)
+        real_commit(self, rows, feats, bad, regions)
     monkeypatch.setattr(BatchExtractor, "__call__", interrupted_forward)
     monkeypatch.setattr(Writer, "commit", commit_after_the_interrupt)
 

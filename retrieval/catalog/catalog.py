@@ -17,8 +17,8 @@ from sqlalchemy.orm import defer, sessionmaker
 
 from retrieval.catalog.db import (SCHEMA_LOCK_KEY, WRITER_LOCK_KEY, CatalogBusy, CatalogUnavailable, catalog_sqlite_file,
                                   damaged_reason, db_error_reason, make_engine, make_server_engine, mask_url)
-from retrieval.catalog.schema import (Base, FaissFileRow, ImageRow, IndexSettingsRow, SkippedRow, VectorsSavedRow,
-                                      blob_to_vector, utcnow, vector_checksum, vector_to_blob)
+from retrieval.catalog.schema import (Base, FaissFileRow, ImageRow, IndexSettingsRow, RegionBase, RegionRow, SkippedRow,
+                                      VectorsSavedRow, blob_to_vector, utcnow, vector_checksum, vector_to_blob)
 from retrieval.catalog.integrity import IntegrityChecks
 from retrieval.catalog.records import RunRecords
 from retrieval.catalog.values import ImageRecord, IndexSettings, image_record
@@ -79,6 +79,7 @@ class Catalog(IntegrityChecks, RunRecords):
         self.checksums = ("images", "vector_crc32") not in self.absent_columns   # else vectors go unchecked
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
         self.bad_vectors: set[int] = set()   # ids whose vector failed its checksum here (logged once each)
+        self._has_regions = False            # the region_vectors table exists (seen once: it is never dropped)
 
     def _add_missing_columns(self) -> None:
         """Give a catalog made before a column was added that column (NULL in its rows). A catalog that cannot be
@@ -329,40 +330,117 @@ class Catalog(IntegrityChecks, RunRecords):
         with self.Session() as s:
             return s.scalar(select(func.count()).select_from(SkippedRow)) or 0
 
+    # regional vectors (index-images --regions): a table of their own, made by the first run that writes them
+    def enable_regions(self) -> None:
+        """Create the region_vectors table (a new index with regions; nothing happens when it exists)."""
+        RegionBase.metadata.create_all(self.engine)
+        self._has_regions = True
+
+    def has_regions(self) -> bool:
+        """Whether the catalog has a region_vectors table (only indexes made with --regions do)."""
+        if not self._has_regions:
+            with self.engine.connect() as conn:
+                self._has_regions = inspect(conn).has_table(RegionRow.__tablename__)
+        return self._has_regions
+
+    def region_count(self) -> int:
+        """How many regional vectors the catalog holds."""
+        if not self.has_regions():
+            return 0
+        with self.Session() as s:
+            return s.scalar(select(func.count()).select_from(RegionRow)) or 0
+
+    def region_ids(self) -> np.ndarray:
+        """The images that have regional vectors, shape=(N,), int64, ascending."""
+        if not self.has_regions():
+            return np.zeros(0, np.int64)
+        with self.Session() as s:
+            return np.array(s.scalars(select(RegionRow.image_id).distinct().order_by(RegionRow.image_id)).all(),
+                            dtype=np.int64)
+
+    def region_vectors(self, ids: Iterable[int] | None = None,
+                       chunk: int = 2048) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (image ids shape=(m,) int64, one per region, vectors shape=(m, dim) float32) in chunks of images, by
+        image id then region; all images when ids is None. A region failing its checksum is left out, and its image
+        counted among bad_vectors (marked to be extracted again, as a damaged image vector is)."""
+        if not self.has_regions():
+            return
+        columns = (RegionRow.image_id, RegionRow.vector, RegionRow.vector_crc32)
+        order = (RegionRow.image_id, RegionRow.region)
+        with self.Session() as s:
+            wanted = self.region_ids() if ids is None else np.unique(np.asarray(list(ids), dtype=np.int64))
+            for start in range(0, len(wanted), chunk):
+                part = s.execute(select(*columns).where(RegionRow.image_id.in_(wanted[start:start + chunk].tolist()))
+                                 .order_by(*order)).all()
+                good = [r for r in part if self._intact(r)]
+                if good:
+                    yield _stack(good)
+
+    def check_region_vectors(self) -> list[int]:
+        """Every regional vector against its checksum -> the ids of the images with a damaged one."""
+        bad: set[int] = set()
+        if not self.has_regions():
+            return []
+        with self.Session() as s:
+            result = s.execute(select(RegionRow.image_id, RegionRow.vector, RegionRow.vector_crc32)
+                               .execution_options(yield_per=2048))
+            for image_id, blob, crc in result:
+                if vector_checksum(blob) != crc:
+                    bad.add(int(image_id))
+        return sorted(bad)
+
+    @staticmethod
+    def _delete_regions(s, ids: list[int], has_regions: bool) -> None:  # noqa: ANN001 - a session in a transaction
+        """Delete these images' regional vectors in s's transaction (has_regions: looked up before it began)."""
+        if ids and has_regions:
+            for start in range(0, len(ids), 500):
+                s.execute(delete(RegionRow).where(RegionRow.image_id.in_(ids[start:start + 500])))
+
     # writes: one transaction each
     def remove_paths(self, paths: Iterable[str]) -> list[int]:
-        """Delete the images and skipped entries at these paths; -> the removed image ids."""
+        """Delete the images (with their regional vectors) and skipped entries at these paths; -> the removed image ids."""
         paths = list(paths)
         removed: list[int] = []
+        has_regions = self.has_regions()
         with self.Session.begin() as s:
             for start in range(0, len(paths), 500):
                 part = paths[start:start + 500]
                 removed += s.scalars(delete(ImageRow).where(ImageRow.path.in_(part)).returning(ImageRow.id)).all()
                 s.execute(delete(SkippedRow).where(SkippedRow.path.in_(part)))
+            self._delete_regions(s, list(removed), has_regions)
             settings = s.get(IndexSettingsRow, 1)
             if removed and settings is not None:
                 settings.updated_at = utcnow()
         return removed
 
-    def write_batch(self, rows: list[dict], vectors: np.ndarray, skipped: list[dict]) -> tuple[list[int], list[int]]:
-        """Commit one batch atomically: replace rows at these paths, record skips.
+    def write_batch(self, rows: list[dict], vectors: np.ndarray, skipped: list[dict],
+                    regions: np.ndarray | None = None) -> tuple[list[int], list[int]]:
+        """Commit one batch atomically: replace rows at these paths (their regional vectors with them), record skips.
 
-        rows: dicts with path, label, size, mtime_ns, width, height, sha256; vectors: shape=(len(rows), dim) float32.
+        rows: dicts with path, label, size, mtime_ns, width, height, sha256; vectors: shape=(len(rows), dim) float32;
+        regions: the rows' regional vectors, shape=(len(rows), R, dim) float32, or None (an index without them).
         -> (new ids in rows' order, ids of the rows they replaced or that are now skipped).
         """
         assert len(rows) == len(vectors), "one vector per row"
+        assert regions is None or len(regions) == len(rows), "R regional vectors per row"
         paths = [r["path"] for r in rows] + [k["path"] for k in skipped]
+        has_regions = self.has_regions()
         with self.Session.begin() as s:
             replaced: list[int] = []
             if paths:
                 replaced = s.scalars(delete(ImageRow).where(ImageRow.path.in_(paths)).returning(ImageRow.id)).all()
                 s.execute(delete(SkippedRow).where(SkippedRow.path.in_(paths)))
+                self._delete_regions(s, list(replaced), has_regions)
             new_ids: list[int] = []
             if rows:   # one multi-row INSERT (Core, not ORM objects: 1.5x the images/s, which a GPU run needs)
                 now = utcnow()
                 new_ids = list(s.scalars(insert(ImageRow).returning(ImageRow.id, sort_by_parameter_order=True),
                                          [{**r, **_vector_columns(v), "indexed_at": now}
                                           for r, v in zip(rows, vectors)]))
+                if regions is not None and regions.shape[1]:
+                    s.execute(insert(RegionRow), [{"image_id": i, "region": j, **_vector_columns(v)}
+                                                  for i, per_image in zip(new_ids, regions)
+                                                  for j, v in enumerate(per_image)])
             s.add_all(SkippedRow(**k) for k in skipped)
             settings = s.get(IndexSettingsRow, 1)
             if settings is not None and (new_ids or replaced):   # the images changed (a new skip alone is no change)

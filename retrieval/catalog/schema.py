@@ -72,6 +72,22 @@ class ImageRow(Base):
     indexed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class RegionBase(DeclarativeBase):
+    """The tables an index has only when it holds regional vectors (index-images --regions): created by the run that
+    records them (Catalog.enable_regions), so a catalog without regions stays as it was."""
+
+
+class RegionRow(RegionBase):
+    """One region's vector of an indexed image (index-images --regions), written in the image's own transaction and
+    deleted with it. Its FAISS id is its image's id (retrieval.vectors.regions)."""
+    __tablename__ = "region_vectors"
+
+    image_id: Mapped[int] = mapped_column(Integer, primary_key=True)   # images.id
+    region: Mapped[int] = mapped_column(Integer, primary_key=True)     # 0 .. regions-1 (preprocessing.region_boxes)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)                 # float32, shape=(dim,)
+    vector_crc32: Mapped[int] = mapped_column(BigInteger)              # vector_checksum(vector)
+
+
 class IndexSettingsRow(Base):
     """The single row that says which network made the vectors (DESIGN invariant 2)."""
     __tablename__ = "index_settings"

@@ -39,6 +39,12 @@ class IndexSettings:
         """How the network's input is normalised: "weights" or "image" (kept in the preprocessing record)."""
         return Preprocessing.from_record(self.preprocessing).input_norm
 
+    @property
+    def regions(self) -> int:
+        """How many regional vectors each image has besides its own (index-images --regions; 0: none), kept in the
+        preprocessing record."""
+        return Preprocessing.from_record(self.preprocessing).regions
+
 
 def weights_label(settings: IndexSettings) -> str:
     """The weights as shown to anyone: "imagenet", "random", or a file's name and short hash, never its path."""

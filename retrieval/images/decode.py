@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from retrieval.files import open_regular
-from retrieval.images.preprocessing import Preprocessing  # noqa: F401 - where callers have always imported it
+from retrieval.images.preprocessing import REGION_SCALE, Preprocessing, region_boxes
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class DecodedImage:
     height: int
     sha256: str            # of the file's bytes
     preview: Image.Image | None = None   # upright RGB, long side <= preview_size, when asked for
+    regions: np.ndarray | None = None    # uint8, shape=(prep.regions, 3, crop, crop): the regions' crops (prep.regions)
 
 
 def decode_for_model(source: ImageSource, prep: Preprocessing, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -88,18 +89,34 @@ def decode_for_model(source: ImageSource, prep: Preprocessing, *, max_pixels: in
     A path is read through an open file (Pillow reads what it needs) and hashed in chunks; it is never
     read whole. max_pixels bounds the image's own size (as stored), max_decoded_pixels the pixels actually
     decoded (after JPEG draft reduction; None: no bound beyond max_pixels). preview_size: also make an
-    upright RGB preview no larger than this on its long side, from the same decode.
+    upright RGB preview no larger than this on its long side, from the same decode. prep.regions: also the crops
+    of the image's regions (preprocessing.region_boxes), each resized and centre-cropped as the whole image is.
     Raises ImageDecodeError, whatever went wrong with the file.
     """
-    try:
+    try:   # JPEGs draft-decoded for the whole image, regions or not: a query decoded alike finds it at distance 0
         with _opened(source, prep.resize_size, max_pixels, max_decoded_pixels) as loaded:
             size = prep.resized_size(*loaded.decoded_size)     # at most 256 x 25,600 (MAX_ASPECT_RATIO)
             crop = np.asarray(loaded.resized(size, Image.BILINEAR).crop(prep.crop_box(*size)), dtype=np.uint8)  # (c, c, 3)
             preview = None if preview_size is None else loaded.fitted(preview_size)
+            regions = _region_crops(loaded, prep) if prep.regions else None
             return DecodedImage(np.ascontiguousarray(crop.transpose(2, 0, 1)), loaded.width, loaded.height,
-                                loaded.sha256, preview)
+                                loaded.sha256, preview, regions)
     except Exception as exc:  # noqa: BLE001 - every failure of one file is that file's decode error
         raise decode_error(exc) from exc
+
+
+def _region_crops(loaded: "_Loaded", prep: Preprocessing) -> np.ndarray:
+    """The regions of a decoded image, each resized and centre-cropped -> uint8 shape=(prep.regions, 3, c, c).
+
+    The image is first brought to resize_size / REGION_SCALE on its shorter side (never enlarged: a region then has
+    about resize_size pixels on its shorter side), so a large photo is cropped from a copy of a few hundred pixels a
+    side, not from its full-size pixels."""
+    min_side = math.ceil(prep.resize_size / REGION_SCALE)
+    w, h = loaded.decoded_size
+    if min(w, h) > min_side:
+        w, h = (min_side, max(1, round(h * min_side / w))) if w <= h else (max(1, round(w * min_side / h)), min_side)
+    upright = loaded.resized((w, h), Image.BILINEAR)
+    return np.stack([prep.crop(upright.crop(box)) for box in region_boxes(w, h, prep.regions)])   # (R, 3, c, c)
 
 
 @dataclasses.dataclass(frozen=True)

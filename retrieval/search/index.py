@@ -20,7 +20,8 @@ from retrieval.images.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_for
 from retrieval.search.expansion import QueryExpansion
 from retrieval.search.snapshot import Hit, IndexSnapshot, IndexUnavailable, network_key
 from retrieval.vectors.faiss_parts import SearchParams, apply_search_params
-from retrieval.names import FAISS_FILE
+from retrieval.names import FAISS_FILE, REGIONS_FILE
+from retrieval.vectors.regions import open_regions, reconcile_regions
 from retrieval.vectors.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -190,8 +191,9 @@ class ImageIndex:
         else:
             extractor = None
         record = catalog.vector_index_record()
-        if on_server and previous is not None and previous.catalog_file == catalog_file \
-                and previous.faiss_signature == signature and network_key(previous.settings) == network_key(settings):
+        reuse = on_server and previous is not None and previous.catalog_file == catalog_file \
+            and previous.faiss_signature == signature and network_key(previous.settings) == network_key(settings)
+        if reuse:
             # the same catalog, changed by a writer (whose FAISS file may be in another folder): bring a copy of
             # the served vectors up to date from the database, without reading every vector again
             vectors = previous.vectors.copy()
@@ -199,10 +201,16 @@ class ImageIndex:
         else:
             vectors, _ = VectorIndex.open_reconciled(self.faiss_path, catalog, settings.dim, factory=None,
                                                      mmap=self.mmap, augmented=bool((record or {}).get("dba")))
+        regions = None
+        if settings.regions and reuse and previous.regions is not None:   # as the main vectors above
+            regions = previous.regions.copy()
+            reconcile_regions(regions, catalog)
+        elif settings.regions:   # the regions' file in step with the catalog and the vectors (rebuilt here if not)
+            regions, _ = open_regions(self.index_dir / REGIONS_FILE, catalog, vectors)
         recorded = SearchParams.from_json((record or {}).get("search_params"))
         apply_search_params(vectors.index, self.search_params.over(recorded))   # before any search sees it
         return IndexSnapshot(previous.version + 1 if previous else 1, settings, catalog, vectors, extractor,
-                             signature, catalog_file, updated_at, record)
+                             signature, catalog_file, updated_at, record, regions)
 
     def refresh(self, *, load: bool = True) -> bool:
         """Look at the index on disk and serve it as it is now. -> True when a new snapshot was loaded.

@@ -14,6 +14,7 @@ from retrieval.catalog import Catalog, IndexSettings
 from retrieval.features.backbones import FeatureExtractor
 from retrieval.search.expansion import QueryExpansion, expand
 from retrieval.vectors.faiss_parts import search_params_of
+from retrieval.vectors.regions import search_images
 from retrieval.vectors.vector_index import VectorIndex
 
 
@@ -67,6 +68,7 @@ class IndexSnapshot:
                                         # ("database", created_at) on a database server
     catalog_updated_at: dt.datetime | None = None   # on a database server: the catalog's updated_at the vectors agree with
     vector_record: dict | None = None   # the FAISS type, training, search settings and recall index-images recorded
+    regions: VectorIndex | None = None  # the regional vectors' index (index-images --regions), ids = image ids
 
     def describe_vectors(self) -> dict:
         """The FAISS index as served: type, memory-mapped or not, search settings, and the recall they gave."""
@@ -83,11 +85,16 @@ class IndexSnapshot:
                 "recall_queries": recall.get("queries"), "recall_measured_at": recall.get("measured_at"),
                 "recall_count": recall.get("count"), "file_bytes": record.get("file_bytes"),
                 "whiten": record.get("whiten"), "whitened_dim": record.get("whitened_dim"), "dba": record.get("dba", 0),
-                "whiten_waits_for": record.get("whiten_waits_for")}
+                "whiten_waits_for": record.get("whiten_waits_for"),
+                **({"regions": {"per_image": self.settings.regions, "count": len(self.regions),
+                                "file_bytes": (record.get("regions") or {}).get("file_bytes")}}
+                   if self.regions is not None else {})}
 
     def expand(self, queries: np.ndarray, expansion: QueryExpansion, exclude: list[set[int]] | None = None,
                threads: int = 1) -> np.ndarray:
-        """queries shape=(q, dim) -> the same averaged with their first expansion.n results (query expansion)."""
+        """queries shape=(q, dim) -> the same averaged with their first expansion.n results (query expansion).
+
+        The results averaged are found among the images' own vectors only, never their regions'."""
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
         distances, ids = self.vectors.search(queries, expansion.n + extra, threads)
         if exclude:
@@ -127,7 +134,8 @@ class IndexSnapshot:
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
         if expansion:
             queries = self.expand(queries, expansion, exclude, threads)
-        distances, ids = self.vectors.search(queries, k + extra, threads)
+        # each image once, by its nearest vector: its own, or one of its regions' (index-images --regions)
+        distances, ids = search_images(self.vectors, self.regions, queries, k + extra, self.settings.regions, threads)
         rows = self.catalog.get_many(int(i) for i in np.unique(ids) if i >= 0)
         results = []
         for qi in range(len(queries)):

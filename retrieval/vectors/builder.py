@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from retrieval.vectors.index_types import (AUTO, FLAT, RECALL_QUERIES, RECALL_TA
 from retrieval.vectors.faiss_parts import SearchParams, apply_search_params, search_params_of, tuning_ladder
 from retrieval.vectors.index_types import flat_max as recorded_flat_max
 from retrieval.vectors.recall import K, exact_neighbours, measure, sample_vectors
+from retrieval.vectors.regions import build_regions, open_regions, regions_file_state, regions_type_error
+from retrieval.names import REGIONS_FILE
 from retrieval.vectors.vector_index import VectorIndex, reconcile
 from retrieval.search.expansion import QueryExpansion, expand
 from retrieval.system import available_cores
@@ -51,22 +54,46 @@ class IndexBuilder:
         self.recall_queries = config.recall_queries or (previous or {}).get("recall_queries") or RECALL_QUERIES
         if self.requested != AUTO:
             VectorIndex.empty(dim, self.requested)   # raises IndexTypeError for a type FAISS cannot build
+        settings = catalog.settings()
+        # index-images --regions: the regional vectors' index beside the file (retrieval.vectors.regions), searched
+        # exactly with the main one, which then stays exact (whitened or not) at any size
+        self.region_count = settings.regions if settings is not None else 0
+        self.regions_path = self.path.parent / REGIONS_FILE
+        self.regions: VectorIndex | None = None
+        if self.region_count and (refused := regions_type_error(self.requested)):
+            raise IndexTypeError(refused)
         self.built = False        # the FAISS file was (re)built from the catalog in this run
         self.train: dict = (previous or {}).get("train") or {"size": 0, "seed": config.seed}
         self.recall: dict | None = (previous or {}).get("recall")
         self.record: dict = previous or {}
 
     def wanted(self, n: int) -> str:
-        return wanted_factory(self.requested, self.flat_max, n, self.dim, self.whitening)
+        flat_max = sys.maxsize if self.region_count else self.flat_max   # with regions: exact at any size
+        return wanted_factory(self.requested, flat_max, n, self.dim, self.whitening)
 
     def open(self) -> tuple[VectorIndex, bool]:
-        """-> (the index as the catalog has it, changed since the file)."""
+        """-> (the index as the catalog has it, changed since the file); the regions' index in self.regions."""
         factory = (self.previous or {}).get("factory", FLAT)
         vectors = VectorIndex.load(self.path, self.dim, factory=factory, vector_source=self.catalog.vectors)
         if vectors is None:   # missing, unreadable, or not the recorded type: the catalog has everything
             return self.build(self.wanted(self.catalog.count())), True
         changed = reconcile(vectors, self.catalog) or not self.path.exists()
+        if self.region_count:
+            self.regions, regions_changed = open_regions(self.regions_path, self.catalog, vectors)
+            changed = changed or regions_changed
         return vectors, changed
+
+    def add(self, vectors: VectorIndex, ids: np.ndarray, feats: np.ndarray, regions: np.ndarray | None) -> None:
+        """One committed batch into the indexes: ids shape=(n,), feats shape=(n, dim), regions shape=(n, R, dim)."""
+        vectors.add(ids, feats)
+        if self.regions is not None and regions is not None and regions.size:
+            self.regions.add(np.repeat(ids, regions.shape[1]), regions.reshape(-1, self.dim))   # (n * R,), (n * R, dim)
+
+    def remove(self, vectors: VectorIndex, ids) -> None:  # noqa: ANN001 - any int sequence
+        """Images gone from the catalog out of the indexes (their regions too)."""
+        vectors.remove(ids)
+        if self.regions is not None:
+            self.regions.remove(ids)
 
     def build(self, factory: str) -> VectorIndex:
         """A new index of type factory from the catalog: trained on a seeded sample (queries held out), then filled."""
@@ -90,6 +117,8 @@ class IndexBuilder:
             n_train = len(train_ids)
         for chunk_ids, chunk in self.catalog.vectors():
             vectors.add(chunk_ids, chunk)
+        if self.region_count:
+            self.regions = build_regions(self.catalog, vectors)   # in the new space (whitening learned anew)
         if self.dba:
             vectors = self.augment(vectors)
         self.built = True
@@ -201,11 +230,15 @@ class IndexBuilder:
                 "train": self.train if not vectors.exact else None,
                 "requested_search_params": self.requested_params.to_json(),
                 "search_params": search_params_of(vectors.index).to_json(), "recall": self.recall,
-                "file_bytes": self.path.stat().st_size if self.path.exists() else None}
+                "file_bytes": self.path.stat().st_size if self.path.exists() else None,
+                **({"regions": {"per_image": self.region_count, "count": len(self.regions),
+                                **regions_file_state(self.regions_path)}} if self.regions is not None else {})}
 
     def save(self, vectors: VectorIndex) -> None:
         """Write the FAISS file atomically, then record in the catalog what it holds and which catalog state."""
         state = self.catalog.updated_at()   # read first: a crash between the writes only costs a reconcile
+        if self.regions is not None:        # first: a reader that sees the new main file finds regions as new
+            self.regions.save(self.regions_path)
         vectors.save(self.path)
         self.catalog.save_faiss_digest(*sample_digest(self.path))   # a later no-op run notices a damaged file
         self.catalog.mark_vectors_saved(state)
