@@ -17,10 +17,12 @@ from sqlalchemy.orm import defer, sessionmaker
 
 from retrieval.catalog.db import (SCHEMA_LOCK_KEY, WRITER_LOCK_KEY, CatalogBusy, CatalogUnavailable, catalog_sqlite_file,
                                   damaged_reason, db_error_reason, make_engine, make_server_engine, mask_url)
-from retrieval.catalog.schema import (Base, FaissFileRow, ImageRow, IndexSettingsRow, RegionBase, RegionRow, SkippedRow,
-                                      VectorsSavedRow, blob_to_vector, utcnow, vector_checksum, vector_to_blob)
+from retrieval.catalog.schema import (Base, FaissFileRow, ImageRow, IndexSettingsRow, RegionRow, SkippedRow,
+                                      VectorsSavedRow, blob_to_vector, stack_vector_rows, utcnow, vector_checksum,
+                                      vector_columns)
 from retrieval.catalog.integrity import IntegrityChecks
 from retrieval.catalog.records import RunRecords
+from retrieval.catalog.regions import RegionVectors
 from retrieval.catalog.values import ImageRecord, IndexSettings, image_record
 from retrieval.files import FULL, disk_trouble
 
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 ADDED_COLUMNS = (("images", "vector_crc32", "BIGINT"), ("index_settings", "views", "VARCHAR"))
 
 
-class Catalog(IntegrityChecks, RunRecords):
+class Catalog(IntegrityChecks, RunRecords, RegionVectors):
     """The source of truth for an index: SQLite at INDEX_DIR/catalog.db, or any SQLAlchemy database URL.
 
     Raises FileNotFoundError when there is no catalog yet (create=False), CatalogUnavailable when the
@@ -255,7 +257,7 @@ class Catalog(IntegrityChecks, RunRecords):
         for part in self._vector_rows(ids, chunk):
             good = [r for r in part if self._intact(r)]
             if good:
-                yield _stack(good)
+                yield stack_vector_rows(good)
 
     def _vector_rows(self, ids: Iterable[int] | None, chunk: int) -> Iterator[list]:
         """(id, blob, crc32 or None) rows in chunks, by id."""
@@ -330,72 +332,6 @@ class Catalog(IntegrityChecks, RunRecords):
         with self.Session() as s:
             return s.scalar(select(func.count()).select_from(SkippedRow)) or 0
 
-    # regional vectors (index-images --regions): a table of their own, made by the first run that writes them
-    def enable_regions(self) -> None:
-        """Create the region_vectors table (a new index with regions; nothing happens when it exists)."""
-        RegionBase.metadata.create_all(self.engine)
-        self._has_regions = True
-
-    def has_regions(self) -> bool:
-        """Whether the catalog has a region_vectors table (only indexes made with --regions do)."""
-        if not self._has_regions:
-            with self.engine.connect() as conn:
-                self._has_regions = inspect(conn).has_table(RegionRow.__tablename__)
-        return self._has_regions
-
-    def region_count(self) -> int:
-        """How many regional vectors the catalog holds."""
-        if not self.has_regions():
-            return 0
-        with self.Session() as s:
-            return s.scalar(select(func.count()).select_from(RegionRow)) or 0
-
-    def region_ids(self) -> np.ndarray:
-        """The images that have regional vectors, shape=(N,), int64, ascending."""
-        if not self.has_regions():
-            return np.zeros(0, np.int64)
-        with self.Session() as s:
-            return np.array(s.scalars(select(RegionRow.image_id).distinct().order_by(RegionRow.image_id)).all(),
-                            dtype=np.int64)
-
-    def region_vectors(self, ids: Iterable[int] | None = None,
-                       chunk: int = 2048) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (image ids shape=(m,) int64, one per region, vectors shape=(m, dim) float32) in chunks of images, by
-        image id then region; all images when ids is None. A region failing its checksum is left out, and its image
-        counted among bad_vectors (marked to be extracted again, as a damaged image vector is)."""
-        if not self.has_regions():
-            return
-        columns = (RegionRow.image_id, RegionRow.vector, RegionRow.vector_crc32)
-        order = (RegionRow.image_id, RegionRow.region)
-        with self.Session() as s:
-            wanted = self.region_ids() if ids is None else np.unique(np.asarray(list(ids), dtype=np.int64))
-            for start in range(0, len(wanted), chunk):
-                part = s.execute(select(*columns).where(RegionRow.image_id.in_(wanted[start:start + chunk].tolist()))
-                                 .order_by(*order)).all()
-                good = [r for r in part if self._intact(r)]
-                if good:
-                    yield _stack(good)
-
-    def check_region_vectors(self) -> list[int]:
-        """Every regional vector against its checksum -> the ids of the images with a damaged one."""
-        bad: set[int] = set()
-        if not self.has_regions():
-            return []
-        with self.Session() as s:
-            result = s.execute(select(RegionRow.image_id, RegionRow.vector, RegionRow.vector_crc32)
-                               .execution_options(yield_per=2048))
-            for image_id, blob, crc in result:
-                if vector_checksum(blob) != crc:
-                    bad.add(int(image_id))
-        return sorted(bad)
-
-    @staticmethod
-    def _delete_regions(s, ids: list[int], has_regions: bool) -> None:  # noqa: ANN001 - a session in a transaction
-        """Delete these images' regional vectors in s's transaction (has_regions: looked up before it began)."""
-        if ids and has_regions:
-            for start in range(0, len(ids), 500):
-                s.execute(delete(RegionRow).where(RegionRow.image_id.in_(ids[start:start + 500])))
-
     # writes: one transaction each
     def remove_paths(self, paths: Iterable[str]) -> list[int]:
         """Delete the images (with their regional vectors) and skipped entries at these paths; -> the removed image ids."""
@@ -435,10 +371,10 @@ class Catalog(IntegrityChecks, RunRecords):
             if rows:   # one multi-row INSERT (Core, not ORM objects: 1.5x the images/s, which a GPU run needs)
                 now = utcnow()
                 new_ids = list(s.scalars(insert(ImageRow).returning(ImageRow.id, sort_by_parameter_order=True),
-                                         [{**r, **_vector_columns(v), "indexed_at": now}
+                                         [{**r, **vector_columns(v), "indexed_at": now}
                                           for r, v in zip(rows, vectors)]))
                 if regions is not None and regions.shape[1]:
-                    s.execute(insert(RegionRow), [{"image_id": i, "region": j, **_vector_columns(v)}
+                    s.execute(insert(RegionRow), [{"image_id": i, "region": j, **vector_columns(v)}
                                                   for i, per_image in zip(new_ids, regions)
                                                   for j, v in enumerate(per_image)])
             s.add_all(SkippedRow(**k) for k in skipped)
@@ -447,13 +383,3 @@ class Catalog(IntegrityChecks, RunRecords):
                 settings.updated_at = utcnow()
         return new_ids, list(replaced)
 
-
-def _vector_columns(vec: np.ndarray) -> dict:
-    blob = vector_to_blob(vec)
-    return {"vector": blob, "vector_crc32": vector_checksum(blob)}
-
-
-def _stack(part) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001 - rows of (id, blob)
-    ids = np.fromiter((r[0] for r in part), dtype=np.int64, count=len(part))
-    vecs = np.stack([blob_to_vector(r[1]) for r in part]).astype(np.float32, copy=False)
-    return ids, vecs

@@ -188,3 +188,15 @@ def vector_checksum(blob: bytes | memoryview) -> int:
 def blob_to_vector(blob: bytes | memoryview) -> np.ndarray:
     return np.frombuffer(blob, dtype=np.float32)
 
+
+def vector_columns(vec: np.ndarray) -> dict:
+    """A vector as its row's columns: the blob and its checksum."""
+    blob = vector_to_blob(vec)
+    return {"vector": blob, "vector_crc32": vector_checksum(blob)}
+
+
+def stack_vector_rows(part) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001 - rows of (id, blob)
+    """Rows of (id, blob, ...) -> (ids shape=(m,) int64, vectors shape=(m, dim) float32)."""
+    ids = np.fromiter((r[0] for r in part), dtype=np.int64, count=len(part))
+    vecs = np.stack([blob_to_vector(r[1]) for r in part]).astype(np.float32, copy=False)
+    return ids, vecs
