@@ -76,8 +76,10 @@ def _iou(a: tuple, b: tuple) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def make_set(folder: Path, seed: int, distractors: int = DISTRACTORS) -> list[list[str]]:
-    """Write the seed's originals, copies and distractors into folder (flat) -> the true groups (file names)."""
+def make_set(folder: Path, seed: int, distractors: int = DISTRACTORS, copies: int = 8) -> list[list[str]]:
+    """Write the seed's originals, copies and distractors into folder (flat) -> the true groups (file names).
+    copies: 8, every edit of each original; fewer, that many edits of each (the n-th original's starting at edit
+    n); 0, no copies at all (no true groups)."""
     rng = random.Random(seed)
     photos = sorted(real_photos().items())
     folder.mkdir(parents=True, exist_ok=True)
@@ -89,7 +91,9 @@ def make_set(folder: Path, seed: int, distractors: int = DISTRACTORS) -> list[li
         original = photo.crop(b).resize(SIZE, Image.BILINEAR)
         original.save(folder / f"orig_{name}.jpg", quality=90)
         group = [f"orig_{name}.jpg"]
-        for edit, img in edited_copies(original, seed).items():
+        edits = list(edited_copies(original, seed).items())
+        for edit, img in (edits if copies >= len(edits) else
+                          [edits[(len(groups) + k) % len(edits)] for k in range(copies)]):
             img.save(folder / f"copy_{name}_{edit}.jpg", quality=90)
             group.append(f"copy_{name}_{edit}.jpg")
         groups.append(group)
@@ -101,7 +105,7 @@ def make_set(folder: Path, seed: int, distractors: int = DISTRACTORS) -> list[li
                 break
         boxes[name].append(b)
         photo.crop(b).resize(SIZE, Image.BILINEAR).save(folder / f"other_{name}_{i:03d}.jpg", quality=90)
-    return groups
+    return [g for g in groups if len(g) > 1]
 
 
 def run_find_duplicates(data: Path, index: Path, index_options: list[str],
@@ -173,6 +177,56 @@ def quality(seeds: list[int], index_options: list[str]) -> list[dict]:
             print(f"seed {seed}: find-duplicates F1 {score['f1']:.3f} (old rule {row['old_rule']['f1']:.3f}), "
                   f"best hash {best} {row[best]['f1']:.3f}", flush=True)
     return rows
+
+
+PLANTED_EDITS = ("same", "crop", "flip", "jpeg30", "brightness", "downscale", "rotate7", "greyscale", "blur")
+FLIP_NORM = "--views flip --input-norm image"
+
+
+def make_demo(folder: Path, planted: bool) -> list[list[str]]:
+    """The `make demo` collection (retrieval.samples, 12 drawings of each of 5 classes; no copies) -> no true groups;
+    planted: one copy each of 9 of its drawings (a byte copy, then each edit once) -> those 9 pairs (relative paths)."""
+    import shutil
+
+    from retrieval.images.edits import EDITS
+    from retrieval.samples import make_sample_collection
+
+    written = sorted(make_sample_collection(folder, per_class=12))
+    if not planted:
+        return []
+    truth = []
+    for n, (edit, src) in enumerate(zip(PLANTED_EDITS, random.Random(7).sample(written, len(PLANTED_EDITS)))):
+        dst = src.with_name(f"{src.stem}_copy_{edit}.jpg")
+        if edit == "same":
+            shutil.copyfile(src, dst)
+        else:
+            with Image.open(src) as img:
+                EDITS[edit](img.convert("RGB"), random.Random(n)).save(dst, quality=90)
+        truth.append([str(src.relative_to(folder)), str(dst.relative_to(folder))])
+    return truth
+
+
+def collect(name: str, data: Path, index: Path, truth: list[list[str]], index_options: list[str]) -> dict:
+    """Index data (index-images --weights random [index_options]) and read what find-duplicates' threshold is chosen
+    from (the whitened vectors, the calibration's copy and neighbour distances) -> a dict of arrays and names."""
+    from retrieval.search.duplicates import calibration_distances, collection_vectors, same_file_rows, _records
+    from retrieval.search.index import ImageIndex
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INDEX_IMAGES_", "FIND_DUPLICATES_"))}
+    subprocess.run([str(BIN / "index-images"), str(data), "--index-dir", str(index), "--weights", "random",
+                    *index_options], check=True, capture_output=True, env=env)
+    opened = ImageIndex(index)
+    try:
+        snap = opened.snapshot()
+        vectors = collection_vectors(snap)
+        records = _records(snap, vectors.ids)
+        by_content = same_file_rows(records, vectors)
+        _, copy_d, neighbour_d = calibration_distances(snap, vectors, by_content)
+    finally:
+        opened.close()
+    return {"name": name, "white": vectors.white, "paths": [records[int(i)].path for i in vectors.ids],
+            "same_file": [g for g in by_content.values() if len(g) > 1], "copy_d": copy_d,
+            "neighbour_d": neighbour_d, "truth": truth}
 
 
 def planted(n: int, dim: int, seed: int = 0, group: int = PLANTED_GROUP) -> np.ndarray:
