@@ -21,6 +21,13 @@ given, no search) is timed up to 1M, each rule (--grouping-sizes).
 
     python benchmarks/bench_duplicates.py --seeds 0 1 2 --sizes 10000 100000 1000000 --index-options "--views flip"
 
+Threshold rules (--rules): for each seed the set above with 8, 1 and 0 copies of each original, and the `make demo`
+drawings (no copies) alone and with 9 planted copies (a byte copy, one copy per edit); each index is calibrated once
+and every candidate rule (RULES: the default, the rule before, stricter ones) picks its threshold from the same
+distances; groups scored by pair F1, or by the images they hold where there is nothing to find; hashes beside.
+
+    python benchmarks/bench_duplicates.py --rules --seeds 0 1 2 --index-options "--views flip --input-norm image"
+
 Prints the tables and saves JSON under benchmarks/results/.
 """
 from __future__ import annotations
@@ -294,8 +301,8 @@ def _scores(groups: list[list[int]], truth: list[list[int]]) -> dict:
     out = {"grouped_images": sum(map(len, groups)), "groups": len(groups)}
     if truth:
         s = pair_scores(groups, truth)
-        out.update({k: round(s[k], 4) for k in ("precision", "recall", "f1")}, found_pairs=round(s["recall"] * s["true_pairs"]),
-                   true_pairs=s["true_pairs"])
+        out.update({k: round(s[k], 4) for k in ("precision", "recall", "f1")},
+                   found_pairs=round(s["recall"] * s["true_pairs"]), true_pairs=s["true_pairs"])
     return out
 
 
@@ -322,13 +329,15 @@ def rules(seeds: list[int], index_options: list[str], hashes: bool = True) -> li
                    "rules": {}}
             for name, rule in RULES.items():
                 t = rule(c)
-                row["rules"][name] = {"threshold": round(t, 4), **_scores(group_rows(c["white"], t, c["same_file"]), truth)}
+                groups = group_rows(c["white"], t, c["same_file"])
+                row["rules"][name] = {"threshold": round(t, 4), **_scores(groups, truth)}
             if hashes and kind != "copies1":
                 for method in HASHES:
                     pairs, seconds = run_hash(method, data)
                     groups = [[number[p] for p in g] for g in pairs]
-                    row.setdefault("hashes", {})[method] = {**_scores(groups, truth), "grouped_images": len({i for g in groups for i in g}),
-                                                            "groups": None, "seconds": round(seconds, 1)}
+                    row.setdefault("hashes", {})[method] = {
+                        **_scores(groups, truth), "grouped_images": len({i for g in groups for i in g}),
+                        "groups": None, "seconds": round(seconds, 1)}
             rows.append(row)
             d = row["rules"]["estimated copy rate (default)"]
             print(f"{kind} {seed}: default threshold {d['threshold']:.3f}, {d['grouped_images']} of {row['images']} "

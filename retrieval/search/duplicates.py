@@ -77,8 +77,8 @@ class Threshold:
         c = self.choice
         return (f"threshold {self.value:.3f}, calibrated on this collection: {c.copy_recall:.0%} of {c.copies} edited "
                 f"copies of {self.calibration_images} of its images ({', '.join(EDITS)}) lie within it of their "
-                f"original; of {c.neighbours} distances from its images to their nearest others, {c.neighbour_share:.1%} "
-                f"fall under it, and it takes about {c.copy_rate:.1%} of them to be copies (--threshold to override)")
+                f"original; of {c.neighbours} distances from its images to their nearest others, "
+                f"{c.neighbour_share:.1%} fall under it, and it takes about {c.copy_rate:.1%} of them to be copies (--threshold to override)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,5 +319,5 @@ def evaluate_copies(index: ImageIndex, copies: int, *, seed: int = 1, threshold:
             "recall_at_1": float(np.mean(found1)), "recall_at_5": float(np.mean(found5)),
             "per_edit": {e: float(np.mean(v)) for e, v in per_edit.items()},
             "chance_at_1": 1 / max(1, n_coll), "chance_at_5": min(1.0, 5 / max(1, n_coll)),
-            "duplicates": {"threshold": chosen.to_json(), "within_threshold": round(within, 6), **{k: (round(v, 6) if isinstance(v, float) else v)
-                                                                for k, v in scores.items()}}}
+            "duplicates": {"threshold": chosen.to_json(), "within_threshold": round(within, 6),
+                           **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in scores.items()}}}
