@@ -133,7 +133,7 @@ def run_find_duplicates(data: Path, index: Path, index_options: list[str],
 
 def run_old_rule(index: Path) -> tuple[list[list[str]], float, float]:
     """find-duplicates' library call with the rule it had before complete linkage (grouping="connected", calibrated
-    with that rule's F-beta) -> (groups of file names, threshold, seconds)."""
+    with that rule's F-beta, by today's calibration) -> (groups of file names, threshold, seconds)."""
     from retrieval.search.duplicates import find_duplicates
     from retrieval.search.index import ImageIndex
 
