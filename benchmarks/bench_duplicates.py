@@ -21,6 +21,13 @@ given, no search) is timed up to 1M, each rule (--grouping-sizes).
 
     python benchmarks/bench_duplicates.py --seeds 0 1 2 --sizes 10000 100000 1000000 --index-options "--views flip"
 
+Threshold rules (--rules): for each seed the set above with 8, 1 and 0 copies of each original, and the `make demo`
+drawings (no copies) alone and with 9 planted copies (a byte copy, one copy per edit); each index is calibrated once
+and every candidate rule (RULES: the default, the rule before, stricter ones) picks its threshold from the same
+distances; groups scored by pair F1, or by the images they hold where there is nothing to find; hashes beside.
+
+    python benchmarks/bench_duplicates.py --rules --seeds 0 1 2 --index-options "--views flip --input-norm image"
+
 Prints the tables and saves JSON under benchmarks/results/.
 """
 from __future__ import annotations
@@ -76,8 +83,10 @@ def _iou(a: tuple, b: tuple) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def make_set(folder: Path, seed: int, distractors: int = DISTRACTORS) -> list[list[str]]:
-    """Write the seed's originals, copies and distractors into folder (flat) -> the true groups (file names)."""
+def make_set(folder: Path, seed: int, distractors: int = DISTRACTORS, copies: int = 8) -> list[list[str]]:
+    """Write the seed's originals, copies and distractors into folder (flat) -> the true groups (file names).
+    copies: 8, every edit of each original; fewer, that many edits of each (the n-th original's starting at edit
+    n); 0, no copies at all (no true groups)."""
     rng = random.Random(seed)
     photos = sorted(real_photos().items())
     folder.mkdir(parents=True, exist_ok=True)
@@ -89,7 +98,9 @@ def make_set(folder: Path, seed: int, distractors: int = DISTRACTORS) -> list[li
         original = photo.crop(b).resize(SIZE, Image.BILINEAR)
         original.save(folder / f"orig_{name}.jpg", quality=90)
         group = [f"orig_{name}.jpg"]
-        for edit, img in edited_copies(original, seed).items():
+        edits = list(edited_copies(original, seed).items())
+        for edit, img in (edits if copies >= len(edits) else
+                          [edits[(len(groups) + k) % len(edits)] for k in range(copies)]):
             img.save(folder / f"copy_{name}_{edit}.jpg", quality=90)
             group.append(f"copy_{name}_{edit}.jpg")
         groups.append(group)
@@ -101,7 +112,7 @@ def make_set(folder: Path, seed: int, distractors: int = DISTRACTORS) -> list[li
                 break
         boxes[name].append(b)
         photo.crop(b).resize(SIZE, Image.BILINEAR).save(folder / f"other_{name}_{i:03d}.jpg", quality=90)
-    return groups
+    return [g for g in groups if len(g) > 1]
 
 
 def run_find_duplicates(data: Path, index: Path, index_options: list[str],
@@ -122,7 +133,7 @@ def run_find_duplicates(data: Path, index: Path, index_options: list[str],
 
 def run_old_rule(index: Path) -> tuple[list[list[str]], float, float]:
     """find-duplicates' library call with the rule it had before complete linkage (grouping="connected", calibrated
-    with that rule's F-beta) -> (groups of file names, threshold, seconds)."""
+    with that rule's F-beta, by today's calibration) -> (groups of file names, threshold, seconds)."""
     from retrieval.search.duplicates import find_duplicates
     from retrieval.search.index import ImageIndex
 
@@ -140,7 +151,7 @@ def run_hash(method: str, data: Path) -> tuple[list[list[str]], float]:
     import imagededup.methods
 
     t0 = time.perf_counter()
-    found = getattr(imagededup.methods, method)(verbose=False).find_duplicates(image_dir=str(data))
+    found = getattr(imagededup.methods, method)(verbose=False).find_duplicates(image_dir=str(data), recursive=True)
     return [[a, b] for a, dups in found.items() for b in dups], time.perf_counter() - t0
 
 
@@ -173,6 +184,181 @@ def quality(seeds: list[int], index_options: list[str]) -> list[dict]:
             print(f"seed {seed}: find-duplicates F1 {score['f1']:.3f} (old rule {row['old_rule']['f1']:.3f}), "
                   f"best hash {best} {row[best]['f1']:.3f}", flush=True)
     return rows
+
+
+PLANTED_EDITS = ("same", "crop", "flip", "jpeg30", "brightness", "downscale", "rotate7", "greyscale", "blur")
+FLIP_NORM = "--views flip --input-norm image"
+
+
+def make_demo(folder: Path, planted: bool) -> list[list[str]]:
+    """The `make demo` collection (retrieval.samples, 12 drawings of each of 5 classes; no copies) -> no true groups;
+    planted: one copy each of 9 of its drawings (a byte copy, then each edit once) -> those 9 pairs (relative paths)."""
+    import shutil
+
+    from retrieval.images.edits import EDITS
+    from retrieval.samples import make_sample_collection
+
+    written = sorted(make_sample_collection(folder, per_class=12))
+    if not planted:
+        return []
+    truth = []
+    for n, (edit, src) in enumerate(zip(PLANTED_EDITS, random.Random(7).sample(written, len(PLANTED_EDITS)))):
+        dst = src.with_name(f"{src.stem}_copy_{edit}.jpg")
+        if edit == "same":
+            shutil.copyfile(src, dst)
+        else:
+            with Image.open(src) as img:
+                EDITS[edit](img.convert("RGB"), random.Random(n)).save(dst, quality=90)
+        truth.append([str(src.relative_to(folder)), str(dst.relative_to(folder))])
+    return truth
+
+
+def collect(data: Path, index: Path, index_options: list[str]) -> dict:
+    """Index data (index-images --weights random [index_options]) and read what find-duplicates' threshold is chosen
+    from: the whitened vectors, the made copies' distances, and the nearest-neighbour distances of every image (as
+    find-duplicates takes them) and of the 24 copied images only (as it took them before)."""
+    from retrieval.search.duplicates import (CALIBRATION_IMAGES, CALIBRATION_SEED, NEIGHBOURS, _records,
+                                             _sample_records, calibration_distances, collection_vectors,
+                                             same_file_rows)
+    from retrieval.search.index import ImageIndex
+    from retrieval.vectors.duplicates import nearest_distances
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INDEX_IMAGES_", "FIND_DUPLICATES_"))}
+    subprocess.run([str(BIN / "index-images"), str(data), "--index-dir", str(index), "--weights", "random",
+                    *index_options], check=True, capture_output=True, env=env)
+    opened = ImageIndex(index)
+    try:
+        snap = opened.snapshot()
+        vectors = collection_vectors(snap)
+        records = _records(snap, vectors.ids)
+        by_content = same_file_rows(records, vectors)
+        same_file = [g for g in by_content.values() if len(g) > 1]
+        _, copy_d, neighbour_d = calibration_distances(snap, vectors, by_content)
+        copied = [vectors.rows[r.id] for r in _sample_records(snap, vectors.ids, CALIBRATION_IMAGES, CALIBRATION_SEED)]
+        copied_d = nearest_distances(vectors.white, np.array(copied), NEIGHBOURS, same_file)
+    finally:
+        opened.close()
+    return {"white": vectors.white, "paths": [records[int(i)].path for i in vectors.ids], "same_file": same_file,
+            "copy_d": copy_d, "neighbour_d": neighbour_d, "copied_neighbour_d": copied_d}
+
+
+def _cuts(copy_d: np.ndarray, neighbour_d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cuts between the observed distances -> (cuts, copies under each, neighbours under each)."""
+    pos, neg = np.sort(copy_d), np.sort(neighbour_d)
+    cuts = np.unique(np.concatenate([pos, neg]))
+    cuts = (cuts[:-1] + cuts[1:]) / 2
+    return cuts, np.searchsorted(pos, cuts, side="right"), np.searchsorted(neg, cuts, side="right")
+
+
+def rule_before(c: dict) -> float:
+    """The calibration before: F1 between the copies and the 24 copied images' neighbours, as if each had 8 copies."""
+    cuts, tp, fp = _cuts(c["copy_d"], c["copied_neighbour_d"])
+    precision, recall = tp / np.maximum(tp + fp, 1), tp / len(c["copy_d"])
+    return float(cuts[int(np.argmax(2 * precision * recall / np.maximum(precision + recall, 1e-12)))])
+
+
+def rule_strict_when_cautioned(c: dict) -> float:
+    """The threshold before, or its strict one (1% of the neighbours under it) when it had more than 5% under it."""
+    t = rule_before(c)
+    cuts, _, fp = _cuts(c["copy_d"], c["copied_neighbour_d"])
+    n = len(c["copied_neighbour_d"])
+    if np.mean(c["copied_neighbour_d"] < t) <= 0.05:
+        return t
+    return min(t, float(cuts[np.flatnonzero(fp <= 0.01 * n)[-1]]))
+
+
+def rule_share(share: float):
+    def rule(c: dict) -> float:
+        """The highest cut with at most `share` of every image's nearest-neighbour distances under it."""
+        cuts, _, fp = _cuts(c["copy_d"], c["neighbour_d"])
+        return float(cuts[np.flatnonzero(fp <= share * len(c["neighbour_d"]))[-1]])
+    return rule
+
+
+def rule_one_copy(c: dict) -> float:
+    """F1 with the copies weighed as one of each image's 32 nearest others (one copy per image)."""
+    cuts, tp, fp = _cuts(c["copy_d"], c["neighbour_d"])
+    w = len(c["neighbour_d"]) / 32 / len(c["copy_d"])
+    true, missed = tp * w, (len(c["copy_d"]) - tp) * w
+    return float(cuts[int(np.argmax(2 * true / np.maximum(2 * true + fp + missed, 1e-12)))])
+
+
+def rule_default(c: dict) -> float:
+    """find-duplicates' calibration now (choose_threshold: the copy rate the collection seems to hold)."""
+    from retrieval.vectors.duplicates import choose_threshold
+
+    return choose_threshold(c["copy_d"], c["neighbour_d"]).threshold
+
+
+RULES = {"estimated copy rate (default)": rule_default, "before (8 copies each)": rule_before,
+         "strict when cautioned": rule_strict_when_cautioned, "neighbour share <= 3%": rule_share(0.03),
+         "one copy per image": rule_one_copy}
+SETS = ("copies8", "copies1", "copies0")
+
+
+def _scores(groups: list[list[int]], truth: list[list[int]]) -> dict:
+    """Pair scores and what a user sees (images in groups, groups)."""
+    out = {"grouped_images": sum(map(len, groups)), "groups": len(groups)}
+    if truth:
+        s = pair_scores(groups, truth)
+        out.update({k: round(s[k], 4) for k in ("precision", "recall", "f1")},
+                   found_pairs=round(s["recall"] * s["true_pairs"]), true_pairs=s["true_pairs"])
+    return out
+
+
+def rules(seeds: list[int], index_options: list[str], hashes: bool = True) -> list[dict]:
+    """Each candidate threshold rule on the same indexes: the benchmark's sets at each seed with 8, 1 and 0 copies of
+    each original, the `make demo` drawings, and the demo drawings with a byte copy and one copy per edit planted."""
+    from retrieval.search.duplicates import group_rows
+
+    todo = [(kind, seed) for seed in seeds for kind in SETS] + [("demo", None), ("demo+planted", None)]
+    rows = []
+    for kind, seed in todo:
+        with tempfile.TemporaryDirectory(prefix="bench-dupes-") as tmp:
+            data, index = Path(tmp) / "data", Path(tmp) / "index"
+            if kind.startswith("demo"):
+                truth_names = make_demo(data, planted=kind == "demo+planted")
+            else:
+                truth_names = make_set(data, seed, copies=int(kind[-1]))
+            t0 = time.perf_counter()
+            c = collect(data, index, index_options)
+            number = {p: i for i, p in enumerate(c["paths"])}
+            truth = [[number[n] for n in g] for g in truth_names]
+            row = {"set": kind, "seed": seed, "held_out": seed not in (0, None), "images": len(c["paths"]),
+                   "true_pairs": pair_scores([], truth)["true_pairs"], "collect_s": round(time.perf_counter() - t0, 1),
+                   "rules": {}}
+            for name, rule in RULES.items():
+                t = rule(c)
+                groups = group_rows(c["white"], t, c["same_file"])
+                row["rules"][name] = {"threshold": round(t, 4), **_scores(groups, truth)}
+            if hashes and kind != "copies1":
+                for method in HASHES:
+                    pairs, seconds = run_hash(method, data)
+                    groups = [[number[p] for p in g] for g in pairs]
+                    row.setdefault("hashes", {})[method] = {
+                        **_scores(groups, truth), "grouped_images": len({i for g in groups for i in g}),
+                        "groups": None, "seconds": round(seconds, 1)}
+            rows.append(row)
+            d = row["rules"]["estimated copy rate (default)"]
+            print(f"{kind} {seed}: default threshold {d['threshold']:.3f}, {d['grouped_images']} of {row['images']} "
+                  f"grouped" + (f", F1 {d['f1']:.3f}" if truth else ""), flush=True)
+    return rows
+
+
+def print_rules(rows: list[dict]) -> None:
+    """One line per set and rule: threshold, images in groups, pair precision/recall/F1 (or found pairs)."""
+    print(f"{'set':<13}{'seed':>5}  {'rule':<31}{'threshold':>10}{'grouped':>12}{'precision':>10}{'recall':>8}"
+          f"{'F1':>7}")
+    for row in rows:
+        entries = list(row["rules"].items()) + list(row.get("hashes", {}).items())
+        for name, r in entries:
+            grouped = f"{r['grouped_images']}" + (f" in {r['groups']}" if r.get("groups") is not None else "")
+            t = f"{r['threshold']:.3f}" if "threshold" in r else ""
+            scores = (f"{r['precision']:>10.3f}{r['recall']:>8.3f}{r['f1']:>7.3f}" if "f1" in r else "")
+            if row["set"] == "demo+planted" and "f1" in r:
+                scores += f"  found {r['found_pairs']}/{r['true_pairs']}"
+            print(f"{row['set']:<13}{'' if row['seed'] is None else row['seed']:>5}  {name:<31}{t:>10}{grouped:>12}"
+                  f"{scores}")
 
 
 def planted(n: int, dim: int, seed: int = 0, group: int = PLANTED_GROUP) -> np.ndarray:
@@ -269,7 +455,12 @@ def main() -> None:
                         help="time the grouping alone (the planted pairs, no search) at these sizes")
     parser.add_argument("--index-options", default="", metavar='"OPTIONS"',
                         help='options passed verbatim to index-images, e.g. "--views flip"')
+    parser.add_argument("--rules", action="store_true",
+                        help="compare threshold rules on the seeds' sets with 8, 1 and 0 copies per original and on the "
+                             "`make demo` drawings (alone, and with copies planted); implies --skip-quality --skip-timing")
     args = parser.parse_args()
+    if args.rules:
+        args.skip_quality = args.skip_timing = True
     result: dict = {"machine": {"cores": available_cores(), "cpu": platform.processor() or platform.machine(),
                                 "platform": platform.platform()},
                     "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "index_options": args.index_options}
@@ -290,6 +481,10 @@ def main() -> None:
                 print(f"{'':>4} {'':>6}  {m:<24}{'':>23}{r['precision']:>10.3f}{r['recall']:>8.3f}{r['f1']:>7.3f}"
                       f"{r['seconds']:>9.1f}")
         print("* seed 0: the set find-duplicates' settings (grouping rule, F-beta) were chosen on")
+    if args.rules:
+        result["rules"] = rules(args.seeds, shlex.split(args.index_options))
+        print(f"\nindex-images --weights random {args.index_options}".rstrip())
+        print_rules(result["rules"])
     if not args.skip_timing:
         result["timing"] = timing(args.sizes, args.repeats, threshold=0.4, whitening=not args.skip_whitening)
         result["timing"]["grouping_alone"] = grouping_alone(args.grouping_sizes, args.repeats, threshold=0.4)

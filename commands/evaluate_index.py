@@ -145,9 +145,16 @@ def format_copies(r: dict) -> str:
              f"  {'recall@5':<22}{r['recall_at_5']:>7.3f}{r['chance_at_5']:>9.3f}",
              "recall@1 by edit"]
     lines += [f"  {edit:<22}{value:>7.3f}" for edit, value in r["per_edit"].items()]
-    lines += [f"near-duplicate pairs with a copy in them, at find-duplicates' {t['source']} threshold {t['value']:.3f}",
-              f"  {'precision':<22}{d['precision']:>7.3f}", f"  {'recall':<22}{d['recall']:>7.3f}",
-              f"  {'F1':<22}{d['f1']:>7.3f}"]
+    lines += [f"grouped with the collection at find-duplicates' {t['source']} threshold {t['value']:.3f}",
+              f"  {'within it of original':<22}{d['within_threshold']:>7.3f}   share of the copies "
+              "(find-duplicates' \"lie within it\", on other images)",
+              f"  {'pair precision':<22}{d['precision']:>7.3f}   of the pairs with a copy in the groups, "
+              "those of one original",
+              f"  {'pair recall':<22}{d['recall']:>7.3f}   of the pairs of one original (copies among themselves "
+              "too), those in one group",
+              f"  {'pair F1':<22}{d['f1']:>7.3f}",
+              "  pair recall is below the share within the threshold: a group holds only images all within it of "
+              "one another, and two copies are further apart than each is from its original"]
     return "\n".join(lines)
 
 

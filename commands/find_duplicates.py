@@ -36,8 +36,10 @@ def main(index_dir: Path, db_url: str | None, threshold: float | None, calibrati
 
     Vectors are compared after a PCA whitening learned on the collection's own vectors. Every two images of a
     group are closer than a threshold calibrated on the collection itself: edited copies of a sample of its
-    images are put through the index's network, and the distance that separates their distances from the
-    distances between different images is used (printed; --threshold overrides it).
+    images are put through the index's network, and the threshold is the distance with the best expected pair F1
+    between their distances and those of the collection's images to their nearest others, counting as many
+    copies among the latter as the collection seems to hold (few or none: a low threshold). It is printed with
+    the share of the made copies within it of their original; --threshold overrides it.
 
     Options can also be set by environment variables (FIND_DUPLICATES_THRESHOLD, ...; see docs/configuration.md).
 

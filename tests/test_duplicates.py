@@ -17,7 +17,7 @@ from PIL import Image
 
 from helpers.indexes import build_index
 from retrieval.images.edits import edited_copies
-from retrieval.samples import make_sample_collection
+from retrieval.samples import make_colour_collection, make_sample_collection
 from retrieval.vectors.duplicates import (choose_threshold, close_pairs, complete_groups, connected_groups,
                                           pair_scores)
 from retrieval.vectors.whitening import learn_whitening, whiten
@@ -101,6 +101,42 @@ def test_a_given_threshold_overrides_the_calibration(collection):
     assert doc["threshold"] == {"value": 1e-6, "source": "given", "calibration_images": 0, "calibration": None}
     assert [sorted(m["path"] for m in g) for g in doc["groups"]] == [sorted(truth["byte_copy"])], \
         "at a threshold of about 0 only the byte-identical files are one group"
+
+
+def test_a_collection_without_copies_is_left_ungrouped_and_planted_copies_are_found(tmp_path):
+    """30 drawings, none a copy of another: at the defaults (almost) none is grouped, where the calibration that
+    weighed every image as having 8 copies grouped 10. The same drawings with a byte copy and three edited copies
+    (JPEG 30, a third of the size, blurred) added: each copy is grouped with its original, and the other drawings
+    stay (almost) ungrouped."""
+    from commands.find_duplicates import main
+
+    data = tmp_path / "data"
+    paths = make_colour_collection(data, per_class=10, size=(320, 240))
+    build_index(data, tmp_path / "index")
+    alone = CliRunner().invoke(main, ["--index-dir", str(tmp_path / "index"), "--json"])
+    assert alone.exit_code == 0, alone.output
+    grouped = [m["path"] for g in json.loads(alone.output)["groups"] for m in g]
+    assert len(grouped) <= 3, f"{len(grouped)} of 30 drawings without copies grouped: {grouped}"
+
+    planted = {paths[0]: "same", paths[11]: "jpeg30", paths[22]: "downscale", paths[16]: "blur"}
+    pairs = []
+    for src, edit in planted.items():
+        dst = src.with_name(f"{src.stem}_{edit}.png")
+        if edit == "same":
+            shutil.copyfile(src, dst.with_suffix(src.suffix))
+            dst = dst.with_suffix(src.suffix)
+        else:
+            edited_copies(Image.open(src), 0, [edit])[edit].save(dst)
+        pairs.append((src.relative_to(data).as_posix(), dst.relative_to(data).as_posix()))
+    build_index(data, tmp_path / "index2")
+    both = CliRunner().invoke(main, ["--index-dir", str(tmp_path / "index2"), "--json"])
+    assert both.exit_code == 0, both.output
+    groups = json.loads(both.output)["groups"]
+    group_of = {m["path"]: n for n, g in enumerate(groups) for m in g}
+    for original, copy in pairs:
+        assert copy in group_of and group_of.get(original) == group_of[copy], (original, copy, groups)
+    others = [p for p in group_of if p not in {x for pair in pairs for x in pair}]
+    assert len(others) <= 3, f"drawings without copies grouped: {others}"
 
 
 def test_find_duplicates_without_an_index_is_one_line(tmp_path):
@@ -224,6 +260,20 @@ def test_threshold_separates_copies_from_neighbours():
     copies, neighbours = rng.uniform(0.0, 0.3, 100), rng.uniform(0.6, 1.2, 400)
     choice = choose_threshold(copies, neighbours)
     assert 0.3 <= choice.threshold <= 0.6 and choice.copy_recall == 1 and choice.neighbour_share == 0
+
+
+def test_the_threshold_follows_how_many_copies_the_collection_seems_to_hold():
+    """The same made copies against two collections: one whose images' nearest others include a tenth of copies (as
+    close as the made ones), one with none of them. The first is taken to hold about that share of copies and gets a
+    threshold that finds most copies; the second joins none of its neighbours."""
+    rng = np.random.default_rng(5)
+    copies = rng.uniform(0.0, 0.5, 200)
+    others = rng.uniform(0.3, 1.2, 900)
+    with_copies = choose_threshold(copies, np.concatenate([rng.uniform(0.0, 0.5, 100), others]))
+    without = choose_threshold(copies, others)
+    assert 0.05 <= with_copies.copy_rate <= 0.2 and with_copies.copy_recall >= 0.6
+    assert without.copy_rate < with_copies.copy_rate and without.threshold < with_copies.threshold
+    assert np.mean(others < without.threshold) <= 0.01 and without.neighbour_share <= 0.01
 
 
 def test_where_copies_and_neighbours_overlap_a_stricter_threshold_is_offered():

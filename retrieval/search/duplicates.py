@@ -18,14 +18,15 @@ from retrieval.search.index import ImageIndex
 from retrieval.search.snapshot import IndexSnapshot
 from retrieval.vectors.duplicates import (CAUTION_NEIGHBOUR_SHARE, DEFAULT_GROUPING, DEFAULT_WHITEN_DIM, GROUPING_BETA,
                                           GROUPINGS, STRICT_NEIGHBOUR_SHARE, WHITEN_TRAIN_MAX, ThresholdChoice,
-                                          choose_threshold, close_pairs, pair_scores)
+                                          choose_threshold, close_pairs, nearest_distances, pair_scores)
 from retrieval.vectors.whitening import learn_whitening, whiten
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_IMAGES = 24     # images of the collection whose edited copies calibrate the threshold
 CALIBRATION_SEED = 0        # which images and edits: the same collection gets the same threshold
-NEIGHBOURS = 32             # nearest-neighbour distances taken per calibration image (non-copies, mostly)
+NEIGHBOURS = 32             # nearest-neighbour distances taken per image for the calibration
+NEIGHBOUR_IMAGES = 2000     # images whose nearest neighbours are taken (a seeded sample of a larger collection)
 BATCH = 32                  # copies embedded per forward pass
 
 
@@ -59,13 +60,14 @@ class Threshold:
                 "calibration": None if self.choice is None else self.choice.to_json()}
 
     def caution(self) -> str | None:
-        """A warning when many of the collection's own nearest neighbours fall under the calibrated threshold (its
-        pictures lie as close to each other as to their copies), with a stricter threshold to try; else None."""
+        """A warning when more than CAUTION_NEIGHBOUR_SHARE of the collection's own nearest-neighbour distances fall
+        under the calibrated threshold (the calibration counts them as copies; they may be pictures only alike), with
+        a stricter threshold to try; else None."""
         c = self.choice
-        if c is None or c.neighbour_share <= CAUTION_NEIGHBOUR_SHARE:
+        if c is None or c.neighbour_share <= CAUTION_NEIGHBOUR_SHARE or c.strict_threshold >= c.threshold:
             return None
-        return (f"caution: {c.neighbour_share:.0%} of the distances between these images and their nearest others "
-                "are as short as a copy's. If the collection holds few real copies, groups may join pictures that "
+        return (f"caution: {c.neighbour_share:.1%} of the distances between these images and their nearest others are "
+                "under it, counted as copies. If the collection holds few real copies, groups may join pictures that "
                 f"are only alike; threshold {c.strict_threshold:.3f} keeps that under {STRICT_NEIGHBOUR_SHARE:.0%} "
                 f"and still finds {c.strict_copy_recall:.0%} of the copies.")
 
@@ -73,10 +75,10 @@ class Threshold:
         if self.choice is None:
             return f"threshold {self.value:.3f} (given)"
         c = self.choice
-        return (f"threshold {self.value:.3f}, calibrated on this collection: {c.copies} edited copies of "
-                f"{self.calibration_images} of its images ({', '.join(EDITS)}) against {c.neighbours} distances to "
-                f"their nearest other images; {c.copy_recall:.0%} of the copies and {c.neighbour_share:.0%} of the "
-                "neighbours fall under it (--threshold to override)")
+        return (f"threshold {self.value:.3f}, calibrated on this collection: {c.copy_recall:.0%} of {c.copies} edited "
+                f"copies of {self.calibration_images} of its images ({', '.join(EDITS)}) lie within it of their "
+                f"original; of {c.neighbours} distances from its images to their nearest others, "
+                f"{c.neighbour_share:.1%} fall under it, and it takes about {c.copy_rate:.1%} of them to be copies (--threshold to override)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,13 +169,14 @@ def _sample_records(snapshot: IndexSnapshot, ids: np.ndarray, n: int, seed: int,
     return [records[i] for i in chosen if i in records]
 
 
-def calibrate(snapshot: IndexSnapshot, vectors: CollectionVectors, same_file: dict[str, list[int]],
-              images: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED,
-              grouping: str = DEFAULT_GROUPING) -> Threshold:
-    """Choose the threshold on the collection itself: edited copies of a sample of its images give copy distances
-    (each copy to its image), each sampled image's nearest other images (byte copies left out) give non-copy
-    distances, and the cut that best separates the two (by the F-beta of GROUPING_BETA[grouping]) is the threshold.
-    same_file: see same_file_rows. Raises DuplicatesError."""
+def calibration_distances(snapshot: IndexSnapshot, vectors: CollectionVectors, same_file: dict[str, list[int]],
+                          images: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED,
+                          ) -> tuple[int, np.ndarray, np.ndarray]:
+    """What the threshold is chosen from: edited copies of `images` sampled images give copy distances (each copy to
+    its image); up to NEIGHBOUR_IMAGES images of the collection (all of a smaller one; a seeded sample) give
+    neighbour distances, each to its NEIGHBOURS nearest other images (byte copies left out) -> (images copied, copy
+    distances shape=(used * edits,), neighbour distances shape=(q,)). same_file: see same_file_rows. Raises
+    DuplicatesError."""
     records = _sample_records(snapshot, vectors.ids, images, seed)
     used, copies, edits = edited_copy_vectors(snapshot, records, seed)
     if not used:
@@ -183,16 +186,23 @@ def calibrate(snapshot: IndexSnapshot, vectors: CollectionVectors, same_file: di
     white = whiten(vectors.whitening, copies).reshape(len(used), len(edits), -1)   # (images, edits, d_out)
     originals = vectors.white[[rows[r.id] for r in used]]                          # (images, d_out)
     copy_d = np.linalg.norm(white - originals[:, None, :], axis=2).ravel()
-    neighbour_d = []
-    for rec, orig in zip(used, originals):
-        d = np.linalg.norm(vectors.white - orig, axis=1)                           # (n,)
-        d[same_file.get(rec.sha256, [rows[rec.id]])] = np.inf                       # itself and its byte copies
-        nearest = np.sort(d)[:NEIGHBOURS]
-        neighbour_d.extend(nearest[np.isfinite(nearest)])
-    choice = choose_threshold(copy_d, np.array(neighbour_d), GROUPING_BETA[grouping])
+    n = len(vectors.ids)
+    sample = np.arange(n) if n <= NEIGHBOUR_IMAGES else \
+        np.sort(np.random.default_rng(seed).choice(n, NEIGHBOUR_IMAGES, replace=False))
+    neighbour_d = nearest_distances(vectors.white, sample, NEIGHBOURS, [g for g in same_file.values() if len(g) > 1])
+    return len(used), copy_d, neighbour_d
+
+
+def calibrate(snapshot: IndexSnapshot, vectors: CollectionVectors, same_file: dict[str, list[int]],
+              images: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED,
+              grouping: str = DEFAULT_GROUPING) -> Threshold:
+    """Choose the threshold on the collection itself (choose_threshold on calibration_distances). Raises
+    DuplicatesError."""
+    used, copy_d, neighbour_d = calibration_distances(snapshot, vectors, same_file, images, seed)
+    choice = choose_threshold(copy_d, neighbour_d, GROUPING_BETA[grouping])
     log.info("calibrated threshold %.4f on %d copies, %d neighbour distances", choice.threshold, choice.copies,
              choice.neighbours)
-    return Threshold(choice.threshold, "calibrated", choice, len(used))
+    return Threshold(choice.threshold, "calibrated", choice, used)
 
 
 def same_file_rows(records: dict[int, ImageRecord], vectors: CollectionVectors) -> dict[str, list[int]]:
@@ -266,8 +276,10 @@ def evaluate_copies(index: ImageIndex, copies: int, *, seed: int = 1, threshold:
 
     -> {"images", "copies", "edits", "recall_at_1", "recall_at_5", "per_edit": {edit: recall@1},
         "duplicates": {"threshold", "precision", "recall", "f1", ...}}. recall@k: share of the copies whose original
-    (or a byte copy of it) is among their k nearest. Duplicate pairs counted: those with a copy in them (true when
-    the copy and the other image come from the same original). Raises DuplicatesError."""
+    (or a byte copy of it) is among their k nearest. within_threshold: share of the copies closer than the threshold
+    to their original (what find-duplicates reports for its calibration copies). Duplicate pairs counted: those with a
+    copy in them (true when the copy and the other image come from the same original; copies of one original among
+    themselves too), in the groups (every two images of a group within the threshold). Raises DuplicatesError."""
     snapshot = index.snapshot()
     vectors = collection_vectors(snapshot, dim)
     all_records = _records(snapshot, vectors.ids)
@@ -301,9 +313,11 @@ def evaluate_copies(index: ImageIndex, copies: int, *, seed: int = 1, threshold:
         originals = next((g for g in same_file if rows[rec.id] in g), [rows[rec.id]])
         truth.append([*originals, *range(n_coll + i * len(edits), n_coll + (i + 1) * len(edits))])
     scores = pair_scores(predicted, truth, among=set(range(n_coll, len(white))))
+    own = vectors.white[[rows[r.id] for r in used]].repeat(len(edits), axis=0)    # (copies, d_out) their originals
+    within = float(np.mean(np.linalg.norm(white[n_coll:] - own, axis=1) < chosen.value))
     return {"images": len(used), "copies": len(raw), "edits": edits, "seed": seed,
             "recall_at_1": float(np.mean(found1)), "recall_at_5": float(np.mean(found5)),
             "per_edit": {e: float(np.mean(v)) for e, v in per_edit.items()},
             "chance_at_1": 1 / max(1, n_coll), "chance_at_5": min(1.0, 5 / max(1, n_coll)),
-            "duplicates": {"threshold": chosen.to_json(), **{k: (round(v, 6) if isinstance(v, float) else v)
-                                                                for k, v in scores.items()}}}
+            "duplicates": {"threshold": chosen.to_json(), "within_threshold": round(within, 6),
+                           **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in scores.items()}}}

@@ -19,7 +19,7 @@ DEFAULT_WHITEN_DIM = 32     # dimensions kept by the grouping's whitening (16-19
 # "connected" (pairs joined through each other) needs precision weighed double, as one false pair merges two groups
 GROUPING_BETA = {"complete": 1.0, "connected": 0.5}
 DEFAULT_GROUPING = "complete"
-CAUTION_NEIGHBOUR_SHARE = 0.05   # above this share of an image's nearest others under the threshold, say so
+CAUTION_NEIGHBOUR_SHARE = 0.02   # above this share of the images' nearest others under the threshold, say so
 STRICT_NEIGHBOUR_SHARE = 0.01    # ... and suggest the threshold that keeps it under this
 LINKAGE_MAX = 4096          # complete linkage takes a component of up to this many rows at once (m^2 / 2 distances)
 WHITEN_TRAIN_MAX = 50_000   # vectors the whitening is learned on (a random sample above that)
@@ -148,12 +148,13 @@ GROUPINGS = {"complete": complete_groups,
 
 @dataclasses.dataclass(frozen=True)
 class ThresholdChoice:
-    """A distance threshold chosen from the distances of known copies and of non-copy neighbours."""
+    """A distance threshold chosen from the distances of known copies and of the collection's nearest neighbours."""
     threshold: float
     copies: int              # copy distances it was chosen from
-    neighbours: int          # non-copy neighbour distances it was chosen from
+    neighbours: int          # nearest-neighbour distances it was chosen from
+    copy_rate: float         # estimated share of the neighbour distances that are copies (see choose_threshold)
     copy_recall: float       # share of the copy distances below the threshold
-    neighbour_share: float   # share of the neighbour distances below it (non-copies that would be joined)
+    neighbour_share: float   # share of the neighbour distances below it (copies or not)
     strict_threshold: float  # the highest cut with at most STRICT_NEIGHBOUR_SHARE of the neighbours under it
     strict_copy_recall: float   # share of the copy distances below strict_threshold
 
@@ -163,11 +164,16 @@ class ThresholdChoice:
 
 def choose_threshold(copy_distances: np.ndarray, neighbour_distances: np.ndarray,
                      beta: float = GROUPING_BETA[DEFAULT_GROUPING]) -> ThresholdChoice:
-    """The threshold that best separates copy distances (an image to its edited copy) from non-copy neighbour
-    distances (an image to its nearest other images): the cut maximising F-beta with the copies as positives.
-    beta < 1 weighs precision above recall (GROUPING_BETA: the beta each grouping rule is calibrated with).
+    """The threshold with the best expected pair F-beta in the collection the distances come from.
 
-    copy_distances shape=(p,), neighbour_distances shape=(q,): L2 distances between whitened vectors."""
+    copy_distances shape=(p,): made copies to their image; neighbour_distances shape=(q,): images to their nearest
+    other images, a mix of the collection's own copies (if it holds any) and of other pictures. The share of the
+    neighbours that are copies, copy_rate, is estimated as twice the share shorter than the median copy distance
+    (as if the collection's copies lay as close as the made ones; other pictures that close count as copies too,
+    so it errs towards more). At a cut t the expected true pairs are then copy_rate * q * (copies under t), the false
+    ones the rest of the neighbours under t; the cut maximising F-beta of those is the threshold (beta < 1 weighs
+    precision above recall: GROUPING_BETA). With no neighbour as close as a copy (copy_rate 0) it is the highest
+    cut with no neighbour under it. Distances: L2 between whitened vectors."""
     pos = np.sort(np.asarray(copy_distances, dtype=np.float64))
     neg = np.sort(np.asarray(neighbour_distances, dtype=np.float64))
     assert len(pos) > 0, "no copy distances to calibrate on"
@@ -175,16 +181,45 @@ def choose_threshold(copy_distances: np.ndarray, neighbour_distances: np.ndarray
     cuts = (cuts[:-1] + cuts[1:]) / 2 if len(cuts) > 1 else cuts + 1e-6   # between observed distances
     tp = np.searchsorted(pos, cuts, side="right")
     fp = np.searchsorted(neg, cuts, side="right")
-    precision, recall = tp / np.maximum(tp + fp, 1), tp / len(pos)
+    rate = min(1.0, 2 * float(np.mean(neg < np.median(pos)))) if len(neg) else 1.0
+    copies = rate * len(neg) if len(neg) else float(len(pos))            # expected copy pairs among the neighbours
+    true = copies * tp / len(pos)                                        # (cuts,) expected true pairs under each cut
+    false = np.maximum(0.0, fp - true) if len(neg) else np.zeros(len(cuts))
+    precision, recall = true / np.maximum(true + false, 1e-12), true / max(copies, 1e-12)
     score = (1 + beta ** 2) * precision * recall / np.maximum(beta ** 2 * precision + recall, 1e-12)
-    best = int(np.argmax(score))
+    if score.max() > 0:
+        best = int(np.argmax(score))
+    else:   # no neighbour as close as a copy: as far as it goes without joining one
+        clear = np.flatnonzero(fp == 0)
+        best = int(clear[-1]) if len(clear) else 0
     t = float(cuts[best])
     # the cut for a collection whose images lie as close to each other as to their copies (no precision to trade)
     allowed = fp <= STRICT_NEIGHBOUR_SHARE * len(neg)
     strict = int(np.flatnonzero(allowed)[-1]) if allowed.any() else 0
-    return ThresholdChoice(t, len(pos), len(neg), float(tp[best] / len(pos)),
+    return ThresholdChoice(t, len(pos), len(neg), rate, float(tp[best] / len(pos)),
                            float(fp[best] / len(neg)) if len(neg) else 0.0,
                            min(t, float(cuts[strict])), float(tp[min(strict, best)] / len(pos)))
+
+
+def nearest_distances(vectors: np.ndarray, rows: np.ndarray, k: int, same_file: Sequence[Sequence[int]] = (),
+                      ) -> np.ndarray:
+    """The distances from each of rows of vectors shape=(n, d) float32 to its k nearest other rows, rows holding the
+    same file as it (same_file: lists of rows) left out -> shape=(m,) float64, m <= len(rows) * k (exact FAISS
+    search, rows in chunks)."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    twin = {r: g for g in same_file for r in g}
+    reach = min(len(x), k + max((len(g) for g in same_file), default=1))   # enough to skip itself and its twins
+    out = []
+    for s in range(0, len(rows), 1024):
+        part = np.asarray(rows[s:s + 1024], dtype=np.int64)
+        dist, nbr = index.search(x[part], reach)                         # (m, reach) squared distances
+        for row, d, nb in zip(part, dist, nbr):
+            skip = set(twin.get(int(row), (int(row),)))
+            kept = [v for v, j in zip(d, nb) if j >= 0 and int(j) not in skip][:k]
+            out.extend(kept)
+    return np.sqrt(np.maximum(np.asarray(out, dtype=np.float64), 0))
 
 
 def pair_scores(predicted: Iterable[Iterable[int]], truth: Iterable[Iterable[int]],
