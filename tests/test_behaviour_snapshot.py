@@ -35,12 +35,13 @@ import io
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image, ImageDraw
+
+from helpers.scripts import console_script
 
 pytestmark = pytest.mark.slow   # every command run as a subprocess (the index, --help, --json)
 
@@ -58,14 +59,6 @@ TIMEOUT_S = 300
 
 # --- helpers --------------------------------------------------------------------------------------
 
-def script(name: str) -> str:
-    """The installed console script `name`, next to the running interpreter."""
-    path = Path(sys.executable).parent / name
-    if not path.exists():
-        pytest.fail(f"console script {name} not found next to {sys.executable}: pip install -e '.[dev]' first")
-    return str(path)
-
-
 def clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(OPTION_ENV_PREFIXES)}
     env["COLUMNS"] = "100"
@@ -73,7 +66,7 @@ def clean_env() -> dict[str, str]:
 
 
 def run(command: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([script(command), *args], cwd=cwd, env=clean_env(), capture_output=True, text=True,
+    return subprocess.run([console_script(command), *args], cwd=cwd, env=clean_env(), capture_output=True, text=True,
                           timeout=TIMEOUT_S)
 
 

@@ -15,6 +15,7 @@ from commands.search_images import main as search_images
 from retrieval.features.precision import cpu_bf16_instructions
 from retrieval.samples import make_sample_collection
 from helpers.precision import auto_precisions_here, needs_cpu_bf16
+from helpers.scripts import console_script
 
 
 @pytest.fixture
@@ -100,7 +101,7 @@ def test_on_a_terminal_a_person_reads_the_report_without_the_json_line_and_an_un
 
     make_sample_collection(tmp_path / "data", per_class=10, size=(80, 60), classes=["red_circles", "blue_squares"])
     parent, child = pty.openpty()
-    proc = subprocess.run(["index-images", "data", "--weights", "random", "--whiten"], cwd=tmp_path,
+    proc = subprocess.run([console_script("index-images"), "data", "--weights", "random", "--whiten"], cwd=tmp_path,
                           stdout=child, stderr=child, timeout=300)
     os.close(child)
     out = b""
@@ -150,7 +151,7 @@ def test_a_second_new_index_on_this_machine_takes_a_remembered_bf16_verdict(data
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     runs = []
     for name in ("first", "second"):
-        done = subprocess.run(["index-images", str(data), "--index-dir", str(tmp_path / name), "--weights", "random",
+        done = subprocess.run([console_script("index-images"), str(data), "--index-dir", str(tmp_path / name), "--weights", "random",
                                "--json"], capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr
         runs.append(json.loads(done.stdout)["extraction"])

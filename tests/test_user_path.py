@@ -25,6 +25,7 @@ import pytest
 import requests
 
 from helpers.browser import PageErrors, broken_images, launch_chromium, screenshot
+from helpers.scripts import console_script
 from helpers.servers import free_port
 from retrieval.samples import make_sample_collection
 
@@ -50,15 +51,6 @@ ACCESS_5XX = re.compile(r'"[A-Z]+ \S+ HTTP/[\d.]+" 5\d\d ')                # gun
 SERVER_FAILURE = re.compile(r"Exception on |Traceback \(most recent call last\)|\[ERROR\]")
 
 
-def script(name: str) -> str:
-    path = BIN / name
-    if not path.is_file():
-        found = shutil.which(name)
-        assert found, f"console script {name} not found next to {sys.executable} nor on PATH: pip install -e '.[dev]'"
-        return found
-    return str(path)
-
-
 def user_env(**extra: str) -> dict[str, str]:
     """The environment of a user's shell: the venv's bin/ first on PATH, no RETRIEVAL_* settings, no outer make."""
     env = {k: v for k, v in os.environ.items()
@@ -69,7 +61,7 @@ def user_env(**extra: str) -> dict[str, str]:
 
 def run_command(args: list[str], cwd: Path, timeout: int = COMMAND_S) -> subprocess.CompletedProcess:
     """Run a console script in cwd as a user would type it; the result carries stdout and stderr."""
-    return subprocess.run([script(args[0]), *args[1:]], cwd=cwd, env=user_env(), capture_output=True, text=True,
+    return subprocess.run([console_script(args[0]), *args[1:]], cwd=cwd, env=user_env(), capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -233,7 +225,7 @@ def server(workdir) -> Server:
     port = free_port()
     log = workdir.root / "serve-images.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([script("serve-images"), "--port", str(port), "--access-log"], cwd=workdir.root,
+        proc = subprocess.Popen([console_script("serve-images"), "--port", str(port), "--access-log"], cwd=workdir.root,
                                 env=user_env(), stdout=out, stderr=subprocess.STDOUT)
     served = Server(proc, f"http://127.0.0.1:{port}", log)
     try:
@@ -380,7 +372,7 @@ def test_index_images_rerun_right_after_kill_9(tmp_path):
     total = 5 * 8
     log = tmp_path / "first-run.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([script("index-images"), "data", "--weights", "random"],
+        proc = subprocess.Popen([console_script("index-images"), "data", "--weights", "random"],
                                 cwd=tmp_path, env=user_env(), stdout=out, stderr=subprocess.STDOUT)
     workers: list[psutil.Process] = []
     try:
