@@ -128,7 +128,8 @@ def copies_result(index_dir: Path, db_url: str | None, copies: int, seed: int, d
         except DuplicatesError as exc:
             raise UserError(str(exc)) from exc
         s = index.settings
-        result["index"] = {"dir": str(index_dir), "model": s.model, "layer": s.layer, "weights": s.weights,
+        result["index"] = {"dir": str(index_dir), "model": s.model, "layer": s.layer, "views": s.views,
+                           "input_norm": s.input_norm, "regions": s.regions, "weights": s.weights,
                            "weights_label": weights_label(s), "seed": s.seed, "dim": s.dim, "normalize": s.normalize,
                            "images": len(index)}
     return result
@@ -138,7 +139,9 @@ def format_copies(r: dict) -> str:
     """The evaluate_copies result as text: recall of the copies (per edit) and the duplicate scores."""
     d, t = r["duplicates"], r["duplicates"]["threshold"]
     lines = [f"index {r['index']['dir']}: {network_text(r['index'])}, {r['index']['images']} images",
-             f"{r['copies']} edited copies of {r['images']} images ({', '.join(r['edits'])}), searched in the index",
+             f"{r['copies']} edited copies of {r['images']} images ({', '.join(r['edits'])}), searched in the index"
+             + (f" ({r['asked']} asked: the other {r['calibration_images']} images calibrate find-duplicates' threshold)"
+                if r.get("asked", 0) > r["images"] and r.get("calibration_images") else ""),
              "",
              f"{'':<24}{'value':>7}{'chance':>9}",
              f"  {'recall@1':<22}{r['recall_at_1']:>7.3f}{r['chance_at_1']:>9.3f}",
@@ -159,10 +162,15 @@ def format_copies(r: dict) -> str:
 
 
 def network_text(ix: dict) -> str:
-    """"alexnet fc7, weights random (seed 0), 4096-d, L2-normalised" for an evaluation's "index" entry."""
+    """"alexnet fc7, weights random (seed 0), 4096-d, L2-normalised" for an evaluation's "index" entry, with its
+    descriptor options where they are not the defaults ("flip views, own-statistics input, 5 regions per image")."""
     weights = ix.get("weights_label", ix["weights"])
     seed = f" (seed {ix['seed']})" if WeightsChoice.parse(ix["weights"]).is_random and ix.get("seed") is not None else ""
-    return f"{ix['model']} {ix['layer']}, weights {weights}{seed}, {ix['dim']}-d{', L2-normalised' if ix['normalize'] else ''}"
+    options = [f"{ix['views']} views" if ix.get("views", "single") != "single" else "",
+               "each image normalised by its own statistics" if ix.get("input_norm", "weights") != "weights" else "",
+               f"{ix['regions']} regional vectors per image" if ix.get("regions") else ""]
+    return (f"{ix['model']} {ix['layer']}{''.join(f', {o}' for o in options if o)}, weights {weights}{seed}, "
+            f"{ix['dim']}-d{', L2-normalised' if ix['normalize'] else ''}")
 
 
 def format_comparison(c: dict) -> str:
@@ -220,9 +228,10 @@ def format_report(r: dict) -> str:
     ix, im, ch = r["index"], r["images"], r["chance"]
     ks = r["ks"]
     row = lambda label, value, chance, extra="": f"  {label:<30}{value:>7.3f}{chance:>9.3f}{extra}"  # noqa: E731
-    lines = [f"index {ix['dir']}: {ix['model']} {ix['layer']}, weights {ix['weights']} "
-             f"({ix['dim']}-d{', L2-normalised' if ix['normalize'] else ''})",
-             f"{im['labelled']} labelled images in {im['classes']} classes; {im['unlabelled']} unlabelled left out",
+    lines = [f"index {ix['dir']}: {network_text(ix)}",
+             f"{im['labelled']} labelled images in {im['classes']} classes; {im['unlabelled']} unlabelled left out"
+             + (f"; {im['single_image_labels']} label(s) of a single image left out (note below)"
+                if im.get("single_image_labels") else ""),
              f"evaluated on {held_out_words(r)}",
              "",
              f"{'':<32}{'value':>7}{'chance':>9}",

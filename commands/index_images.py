@@ -99,7 +99,7 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
 @click.option("--whiten/--no-whiten", default=None,
               help="PCA-whiten the vectors in the FAISS index (centre, rotate, scale by eigenvalue^-1/2, L2-normalise), "
                    "learned on the collection, applied to every query; the catalog keeps the raw vectors. Waits for "
-                   "128 images (40 with --whiten-dim N). [default: whiten a new "
+                   "128 images (with --whiten-dim N: 1.25 N, at most 40). [default: whiten a new "
                    "index; an existing one keeps what it recorded]")
 @click.option("--whiten-dim", default=None, metavar="N|auto",
               help="Dimensions after whitening. auto: a power of two up to a quarter of the images, at most 256 "
@@ -342,8 +342,9 @@ def _announce(extractor) -> None:  # noqa: ANN001 - FeatureExtractor
 
 
 def _print_report(r, verbose: bool = False) -> None:  # noqa: ANN001 - indexer.run.RunReport
+    rate = f", {r.images_per_second:.1f} images/s" if r.indexed else ""
     click.echo(f"indexed {r.indexed}, unchanged {r.unchanged}, removed {r.removed}, skipped {len(r.skipped)}; "
-               f"{r.total} images in the index ({r.seconds:.1f} s, {r.images_per_second:.1f} images/s)")
+               f"{r.total} images in the index ({r.seconds:.1f} s{rate})")
     for s in r.skipped:
         click.echo(f"  skipped {s['path']}: {s['reason']}")
     if r.extraction:
@@ -358,7 +359,7 @@ def _print_report(r, verbose: bool = False) -> None:  # noqa: ANN001 - indexer.r
         if r.vector_index.get("regions"):
             regions = r.vector_index["regions"]
             click.echo(f"regional vectors: {regions['count']} ({regions['per_image']} per image), searched exactly "
-                       "with the images' own")
+                       "together with the images' own vectors")
 
 
 def _whiten_waits(info: dict) -> str:

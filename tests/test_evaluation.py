@@ -114,7 +114,7 @@ def test_evaluate_vectors_separable_classes():
     vectors, labels = clusters([6, 8, 10], spread=0.3, seed=2)
     r = evaluate_vectors(vectors, labels, [1, 5], seed=0)
     assert r["labels"] == ["c0", "c1", "c2"] and r["counts"] == {"c0": 6, "c1": 8, "c2": 10}
-    assert r["images"] == {"labelled": 24, "unlabelled": 0, "classes": 3}
+    assert r["images"] == {"labelled": 24, "unlabelled": 0, "classes": 3, "single_image_labels": 0}
     assert r["retrieval"]["precision_at_k"] == {"1": 1.0, "5": 1.0} and r["retrieval"]["map"] == 1.0
     assert r["knn"]["accuracy"] == {"1": 1.0, "5": 1.0} and r["knn"]["k"] == 5
     assert r["knn"]["confusion"] == [[6, 0, 0], [0, 8, 0], [0, 0, 10]]
@@ -172,6 +172,7 @@ def test_a_folder_of_one_image_is_left_out_with_a_note_not_the_whole_evaluation(
     vectors = rng.normal(size=(9, 8)).astype(np.float32)
     r = evaluate_vectors(vectors, labels, [1, 3])
     assert r["labels"] == ["cats", "owls"] and r["images"]["labelled"] == 8 and r["evaluated_images"] == 8
+    assert r["images"]["single_image_labels"] == 1
     assert any("single image left out" in note and "'my holiday'" in note for note in r["notes"]), r["notes"]
     without = evaluate_vectors(np.delete(vectors, 4, axis=0), labels[:4] + labels[5:], [1, 3])
     assert r["retrieval"] == without["retrieval"] and r["linear_probe"]["accuracy"] == without["linear_probe"]["accuracy"]
@@ -179,7 +180,7 @@ def test_a_folder_of_one_image_is_left_out_with_a_note_not_the_whole_evaluation(
 
 def test_sample_index_is_clearly_above_chance(sample_index):
     r = evaluate_index(sample_index.index_dir, [1, 5], seed=0)
-    assert r["index"]["model"] == "alexnet" and r["images"] == {"labelled": 30, "unlabelled": 0, "classes": 5}
+    assert r["index"]["model"] == "alexnet" and r["images"] == {"labelled": 30, "unlabelled": 0, "classes": 5, "single_image_labels": 0}
     chance = r["chance"]
     assert chance["retrieval_precision"] == pytest.approx(5 / 29) and chance["majority_class"] == 0.2
     assert r["retrieval"]["precision_at_k"]["1"] >= 0.8 and r["retrieval"]["precision_at_k"]["5"] >= 0.6
@@ -203,7 +204,7 @@ def test_unlabelled_images_are_left_out(tmp_path, index_images):
     finally:
         catalog.close()
     r = evaluate_index(tmp_path / "index", [1, 3])
-    assert r["images"] == {"labelled": 6, "unlabelled": 2, "classes": 2}
+    assert r["images"] == {"labelled": 6, "unlabelled": 2, "classes": 2, "single_image_labels": 0}
     assert any("2 unlabelled" in n for n in r["notes"])
 
 

@@ -137,7 +137,7 @@ def _load_index(index_dir: Path | str, db_url: str | None = None) -> tuple[dict,
     finally:
         catalog.close()
     about = {"dir": str(index_dir), "model": settings.model, "layer": settings.layer, "views": settings.views,
-             "input_norm": settings.input_norm, "weights": settings.weights,
+             "input_norm": settings.input_norm, "regions": settings.regions, "weights": settings.weights,
              "weights_label": weights_label(settings), "weights_identity": settings.weights_identity,
              "seed": settings.seed, "dim": settings.dim,
              "normalize": settings.normalize, "data_dir": settings.data_dir}

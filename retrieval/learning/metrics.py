@@ -214,7 +214,7 @@ def evaluate_vectors(vectors: np.ndarray, labels: Sequence[str], ks: Sequence[in
     Every image is searched, but only the queries ask: their precision, AP and kNN vote are the numbers, and
     the linear probe trains on the other images and is tested on the queries (with every image querying, it
     uses a seeded stratified split). Keys (k-keyed maps use str(k)):
-      images {labelled, unlabelled, classes}, evaluated_images (the queries), labels [names], counts {label: images}, ks [ints],
+      images {labelled, unlabelled, classes, single_image_labels (left out)}, evaluated_images (the queries), labels [names], counts {label: images}, ks [ints],
       retrieval {precision_at_k {k: mean}, map}, knn {accuracy {k: rate}, k, confusion [[...]]},
       linear_probe {accuracy, train, test, seed, split ("seeded" | "held_out"), converged, confusion [[...]]} or None,
       per_class {label: {images (queries), precision_at_k {k}, average_precision, knn_accuracy {k}, probe_accuracy}}
@@ -299,7 +299,8 @@ def evaluate_vectors(vectors: np.ndarray, labels: Sequence[str], ks: Sequence[in
             notes.append("the linear probe's solver did not fully converge (2000 iterations)")
 
     return {
-        "images": {"labelled": n, "unlabelled": int(unlabelled), "classes": len(names)},
+        "images": {"labelled": n, "unlabelled": int(unlabelled), "classes": len(names),
+                   "single_image_labels": len(alone) if alone and len(counts) >= 2 else 0},
         "evaluated_images": len(rows),
         "labels": names,
         "counts": counts,

@@ -78,7 +78,8 @@ class Threshold:
         return (f"threshold {self.value:.3f}, calibrated on this collection: {c.copy_recall:.0%} of {c.copies} edited "
                 f"copies of {self.calibration_images} of its images ({', '.join(EDITS)}) lie within it of their "
                 f"original; of {c.neighbours} distances from its images to their nearest others, "
-                f"{c.neighbour_share:.1%} fall under it, and it takes about {c.copy_rate:.1%} of them to be copies (--threshold to override)")
+                f"{c.neighbour_share:.1%} fall under it; it estimates that about {c.copy_rate:.1%} of those distances are "
+                "between copies, and chose the threshold for that (--threshold to override)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,7 +275,7 @@ def evaluate_copies(index: ImageIndex, copies: int, *, seed: int = 1, threshold:
     through the index's network, are searched in the index (as search-images does) and grouped with the collection
     (as find-duplicates does, at its default threshold unless given).
 
-    -> {"images", "copies", "edits", "recall_at_1", "recall_at_5", "per_edit": {edit: recall@1},
+    -> {"images", "asked", "calibration_images" (left for the threshold), "copies", "edits", "recall_at_1", "recall_at_5", "per_edit": {edit: recall@1},
         "duplicates": {"threshold", "precision", "recall", "f1", ...}}. recall@k: share of the copies whose original
     (or a byte copy of it) is among their k nearest. within_threshold: share of the copies closer than the threshold
     to their original (what find-duplicates reports for its calibration copies). Duplicate pairs counted: those with a
@@ -315,7 +316,8 @@ def evaluate_copies(index: ImageIndex, copies: int, *, seed: int = 1, threshold:
     scores = pair_scores(predicted, truth, among=set(range(n_coll, len(white))))
     own = vectors.white[[rows[r.id] for r in used]].repeat(len(edits), axis=0)    # (copies, d_out) their originals
     within = float(np.mean(np.linalg.norm(white[n_coll:] - own, axis=1) < chosen.value))
-    return {"images": len(used), "copies": len(raw), "edits": edits, "seed": seed,
+    return {"images": len(used), "asked": copies, "calibration_images": len(avoid), "copies": len(raw),
+            "edits": edits, "seed": seed,
             "recall_at_1": float(np.mean(found1)), "recall_at_5": float(np.mean(found5)),
             "per_edit": {e: float(np.mean(v)) for e, v in per_edit.items()},
             "chance_at_1": 1 / max(1, n_coll), "chance_at_5": min(1.0, 5 / max(1, n_coll)),
