@@ -271,8 +271,8 @@ class RetrievalService:
     def index_summary(self, snapshot: IndexSnapshot | None = None) -> dict[str, Any]:
         snapshot = snapshot or self.index.snapshot()
         s = snapshot.settings
-        return {"model": s.model, "layer": s.layer, "views": s.views, "input_norm": s.input_norm, "dim": s.dim,
-                "count": len(snapshot.vectors)}
+        return {"model": s.model, "layer": s.layer, "views": s.views, "input_norm": s.input_norm, "regions": s.regions,
+                "dim": s.dim, "count": len(snapshot.vectors)}
 
     def stats(self) -> dict[str, Any]:
         snapshot = self.index.snapshot()

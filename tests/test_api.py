@@ -56,8 +56,8 @@ def test_search_finds_the_uploaded_image_first_then_its_class(client, sample_ind
     assert sum(h["label"] == "red_circles" for h in results) >= 3
     assert set(results[0]) == {"id", "path", "label", "distance", "image_url", "thumbnail_url", "gallery_url"}
     assert body["query"] == {"width": 160, "height": 120}
-    assert body["index"] == {"model": "alexnet", "layer": "fc7", "views": "single", "input_norm": "weights", "dim": 4096,
-                             "count": 30}
+    assert body["index"] == {"model": "alexnet", "layer": "fc7", "views": "single", "input_norm": "weights", "regions": 0,
+                             "dim": 4096, "count": 30}
     assert set(body["timings_ms"]) == {"decode", "features", "search"}
     assert all(v >= 0 for v in body["timings_ms"].values())
 

@@ -297,6 +297,7 @@ def test_the_server_searches_with_regions(indexes, tmp_path):
         results = found.get_json()["results"]
         assert results[0]["path"] == original and results[0]["distance"] < 1e-3
         assert len({r["id"] for r in results}) == 6
+        assert found.get_json()["index"]["regions"] == REGION_COUNT     # the answer says how it was searched
         me = results[0]["id"]
         neighbours = client.get(f"/images/{me}/neighbours?k=8").get_json()["results"]
         assert me not in {r["id"] for r in neighbours} and len({r["id"] for r in neighbours}) == 8
