@@ -209,11 +209,8 @@ def main() -> None:
         for row in rows:
             print(f"seed {row['seed']} {'with' if row['regions'] else 'without'} regions: kNN@10 {row['knn@10']:.3f} "
                   f"precision@10 {row['precision@10']:.3f}", flush=True)
-        out = (args.out or RESULTS / f"bench_regions-knn-{time.strftime('%Y%m%d-%H%M%S')}.json").resolve()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"benchmark": "bench_regions --knn", "options": OPTIONS,
-                                   "seconds": round(time.time() - started, 1), "rows": rows}, indent=2))
-        print(f"saved {out}")
+        save(args.out, "knn", {"benchmark": "bench_regions --knn", "options": OPTIONS,
+                               "seconds": round(time.time() - started, 1), "rows": rows})
         return
     if args.duplicates:
         rows = []
@@ -222,11 +219,8 @@ def main() -> None:
             w, r = rows[-1]["whole"], rows[-1]["regions"]
             print(f"seed {seed}: best pair F1 whole-image {w['best_f1']:.3f} (AP {w['average_precision']:.3f}), "
                   f"with regions {r['best_f1']:.3f} (AP {r['average_precision']:.3f})", flush=True)
-        out = (args.out or RESULTS / f"bench_regions-duplicates-{time.strftime('%Y%m%d-%H%M%S')}.json").resolve()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"benchmark": "bench_regions --duplicates", "options": OPTIONS,
-                                   "seconds": round(time.time() - started, 1), "rows": rows}, indent=2))
-        print(f"saved {out}")
+        save(args.out, "duplicates", {"benchmark": "bench_regions --duplicates", "options": OPTIONS,
+                                      "seconds": round(time.time() - started, 1), "rows": rows})
         return
     rows = []
     for seed in args.seeds:
@@ -251,14 +245,20 @@ def main() -> None:
     size = statistics.median((b["faiss_bytes"] + b["regions_bytes"]) / a["faiss_bytes"] for a, b in pairs)
     print(f"with regions / without (medians over seeds): indexing {ratio['index_s']:.2f}x (extraction loop "
           f"{ratio['loop_s']:.2f}x), FAISS bytes {size:.2f}x, one query {ratio['search_ms']:.2f}x")
-    out = (args.out or RESULTS / f"bench_regions-{time.strftime('%Y%m%d-%H%M%S')}.json").resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    save(args.out, None, {
         "benchmark": "bench_regions", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 1), "options": OPTIONS,
         "machine": {"cpus": len(os.sched_getaffinity(0)), "processor": platform.processor() or platform.machine(),
                     "python": platform.python_version(), "load_average": os.getloadavg()},
-        "ratios": {**ratio, "faiss_bytes": size}, "rows": rows}, indent=2))
+        "ratios": {**ratio, "faiss_bytes": size}, "rows": rows})
+
+
+def save(out: Path | None, mode: str | None, result: dict) -> None:
+    """Write result as JSON to out, or to benchmarks/results/bench_regions[-mode]-<time>.json; say where."""
+    name = f"bench_regions{'-' + mode if mode else ''}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = (out or RESULTS / name).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     print(f"saved {out}")
 
 

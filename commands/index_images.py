@@ -319,15 +319,17 @@ def _discard_unused(index_dir: Path) -> None:
 
 
 def _has_images(catalog_file: Path) -> bool:
-    import sqlite3
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from retrieval.catalog import Catalog
 
     if not catalog_file.exists():
         return False
-    with contextlib.closing(sqlite3.connect(f"file:{catalog_file}?mode=ro", uri=True)) as db:
-        try:
-            return db.execute("SELECT EXISTS (SELECT 1 FROM images)").fetchone()[0] == 1
-        except sqlite3.Error:
-            return True   # not a catalog this run made: keep it
+    try:
+        with contextlib.closing(Catalog(catalog_file.parent)) as catalog:
+            return catalog.count() > 0
+    except SQLAlchemyError:
+        return True   # not a catalog this run made: keep it
 
 
 def summary_json(report) -> str:  # noqa: ANN001 - indexer.run.RunReport

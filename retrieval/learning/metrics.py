@@ -1,6 +1,7 @@
 """Evaluation metrics, pure functions of arrays: the kNN vote, leave-one-out precision and mAP, a linear probe, chance levels."""
 from __future__ import annotations
 
+import collections
 import warnings
 from collections.abc import Hashable, Sequence
 from typing import Protocol
@@ -81,9 +82,7 @@ def check_labels(labels: Sequence[str], queries: np.ndarray | None = None) -> di
 
 def _single_image_labels(labels: Sequence[str], queries: np.ndarray | None) -> list[str]:
     """The labels of one image, where that image would query (one that does not is only searched, a distractor)."""
-    counts: dict[str, int] = {}
-    for label in labels:
-        counts[label] = counts.get(label, 0) + 1
+    counts = collections.Counter(labels)
     asking = set(labels) if queries is None else {label for label, q in zip(labels, queries) if q}
     return sorted(label for label, n in counts.items() if n == 1 and label in asking)
 
