@@ -217,6 +217,11 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
         click.echo(summary_json(report))
         return
     _print_report(report, verbose)
+    if report.total == 0 and not report.skipped and not report.removed:   # a typo'd or wrong folder, most likely
+        from retrieval.images.scan import IMAGE_EXTENSIONS
+        from retrieval.system import display_name
+        click.echo(f"note: no image files in {display_name(str(data_dir))} or its subfolders ({' '.join(sorted(IMAGE_EXTENSIONS))}): "
+                   "the index is empty", err=True)
     if whiten and (report.vector_index or {}).get("whiten_waits_for"):
         click.echo(f"note: {_whiten_waits(report.vector_index)}", err=True)
     if not sys.stdout.isatty():   # a pipe or a log file: the machine-readable last line (a person has read it above)

@@ -43,7 +43,8 @@ def check_index(data_dir: Path, index_dir: Path, db_url: str | None) -> dict:
         settings = catalog.settings()
         if settings is None:
             report["problems"].append("the index is unfinished (no settings)")
-            report["actions"].append(f"run index-images {data} --index-dir {display_name(str(index_dir))}")
+            report["actions"].append(f"run index-images {data} --index-dir {display_name(str(index_dir))} again with "
+                                     "the options of its first run (--weights, --model, ...): it goes on from there")
             report["ok"] = False
             return report
         report["images"] = catalog.count()

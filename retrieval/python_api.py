@@ -1,6 +1,7 @@
 """The Python API's opened index: open_index() -> Index, to search by example, list neighbours and predict labels."""
 from __future__ import annotations
 
+import errno
 import io
 import os
 from pathlib import Path
@@ -94,9 +95,9 @@ class Index:
         bytes, a PIL image, or a uint8 numpy array (H, W, 3) RGB. Every kind is decoded and preprocessed as
         the indexer did (EXIF-upright, RGB, resize, centre crop): an indexed file searched by its path finds
         itself first at distance ~0. qe, qe_alpha: query expansion, the query averaged with its first qe results
-        (weights similarity^qe_alpha) and searched again (docs/searching.md). Raises ImageDecodeError (a
-        ValueError) for what is not a usable image, TypeError for another kind of query, ValueError for qe
-        settings out of range.
+        (weights similarity^qe_alpha) and searched again (docs/searching.md). Raises FileNotFoundError for a
+        path to no file, ImageDecodeError (a ValueError) for what is not a usable image, TypeError for another
+        kind of query, ValueError for qe settings out of range.
         """
         _check_k(k)
         expansion = QueryExpansion(qe, qe_alpha)
@@ -136,6 +137,8 @@ class Index:
         import torch
 
         source, described = query_source(query)
+        if isinstance(source, str) and not os.path.exists(source):
+            raise FileNotFoundError(errno.ENOENT, "no such file (paths are taken from the working folder)", described)
         snapshot = self._index.snapshot()
         assert snapshot.extractor is not None, "the index was opened without its network"
         try:

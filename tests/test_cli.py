@@ -268,6 +268,24 @@ def test_empty_index_gives_an_empty_result_list(runner, tmp_path):
     assert run_json(runner, search_images, [str(query), "--index-dir", index_dir, "--json"]) == {"results": []}
 
 
+def test_an_empty_or_mistyped_folder_is_indexed_empty_and_said_so(tmp_path):
+    """A folder with no images (a typo, the wrong folder, photos in .heic) still gives an index a later run fills, but the
+    person is told it is empty, which extensions were looked for; a folder with images is not."""
+    (tmp_path / "photos" / "cats").mkdir(parents=True)
+    (tmp_path / "photos" / "cats" / "IMG_0001.heic").write_bytes(b"\0" * 100)
+    empty = subprocess.run([console_script("index-images"), "photos", "--weights", "random"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert empty.returncode == 0, empty.stderr
+    assert "0 images in the index" in empty.stdout
+    assert "note: no image files in" in empty.stderr and "photos or its subfolders (" in empty.stderr
+    assert ".jpg" in empty.stderr and ".png" in empty.stderr and "the index is empty" in empty.stderr
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "photos" / "cats" / "cat.jpg")
+    filled = subprocess.run([console_script("index-images"), "photos"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert filled.returncode == 0 and "1 images in the index" in filled.stdout, filled.stderr
+    assert "no image files" not in filled.stderr
+
+
 def test_console_scripts_are_installed_and_explain_themselves():
     for script in ("index-images", "search-images"):
         out = subprocess.run([sys.executable, "-c", f"import sys; from importlib.metadata import entry_points; "

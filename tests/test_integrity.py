@@ -206,3 +206,17 @@ def test_the_api_says_an_image_s_stored_vector_is_damaged(copy, tmp_path):
 
     assert answer.status_code == 404
     assert "is damaged (it fails its checksum)" in answer.get_json()["error"]["message"]
+
+
+def test_check_of_an_index_stopped_before_its_settings_says_to_rerun_with_the_first_runs_options(sample_index, tmp_path):
+    """A run stopped at once (Ctrl-C while the network loads) leaves a catalog with no settings. --check tells the
+    person to run it again with the options of that first run: the bare command would ask for ImageNet weights."""
+    index = tmp_path / "index"
+    Catalog(index, create=True).close()   # what such a run leaves: an empty catalog, no settings
+    result = run(index_images, [sample_index.data_dir, "--index-dir", index, "--check"])
+    assert result.exit_code == 1
+    assert "the index is unfinished (no settings)" in result.output
+    assert "again with the options of its first run (--weights, --model, ...)" in result.output
+    rerun = run(index_images, [sample_index.data_dir, "--index-dir", index, "--json", *FAST])
+    assert rerun.exit_code == 0, rerun.output
+    assert run(index_images, [sample_index.data_dir, "--index-dir", index, "--check"]).exit_code == 0
