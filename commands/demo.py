@@ -73,7 +73,8 @@ def main() -> None:
                   file=sys.stderr)
             sys.exit(2)
     if not has_images(DATA):
-        print(f"{DATA}/ is empty: writing a sample collection of generated pictures there.", flush=True)
+        state = "is empty" if DATA.is_dir() else "does not exist yet"
+        print(f"{DATA}/ {state}: writing a sample collection of generated pictures there.", flush=True)
         make_sample_collection(DATA, per_class=12)
     weights = choose_weights()
     try:

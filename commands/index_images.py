@@ -391,6 +391,12 @@ def describe_vector_index(info: dict) -> str:
     else:
         whitening = ""
     if info.get("exact"):
+        from retrieval.vectors.index_types import min_train_vectors
+        from retrieval.vectors.whitening import split_whitening
+        requested = info.get("requested") or "auto"
+        if requested.lower() not in ("auto", "flat") and split_whitening(info["factory"])[1] != requested:
+            whitening += (f"; {requested} waits for {min_train_vectors(requested)} images to train "
+                          f"(has {info.get('count', 0)}), exact search until then")
         return f"{info['factory']} (exact{whitening})"
     params = ", ".join(f"{k} {v}" for k, v in (info.get("search_params") or {}).items())
     line = f"{info['factory']} ({info['requested']}{'; ' + params if params else ''}{whitening})"

@@ -421,3 +421,23 @@ def test_a_served_index_does_not_build_a_precomputed_table_above_the_budget(tmp_
         loaded = VectorIndex.load(tmp_path / FAISS_FILE, DIM, factory="IVF16,PQ8np", mmap=mmap)
         assert precomputed_table_of(loaded).precomputed_table.size() == 0
         assert np.array_equal(loaded.search(vecs[:50], 10)[1], index.search(vecs[:50], 10)[1])
+
+
+@pytest.mark.slow
+def test_a_type_too_large_for_the_collection_is_named_with_what_it_waits_for(trained_collection, tmp_path):
+    """--index-type IVF4096 on 40 images: the index stays exact, and the report line says which type was asked for,
+    how many images it needs to train and how many there are (not a bare "Flat (exact)")."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from commands.index_images import main
+
+    data, reference, _ = trained_collection
+    index_dir = tmp_path / "index"
+    shutil.copytree(reference, index_dir)
+    result = CliRunner().invoke(main, [str(data), "--index-dir", str(index_dir), "--index-type", "IVF4096,PQ16"])
+    assert result.exit_code == 0, result.output
+    line = next(s for s in result.output.splitlines() if s.startswith("FAISS index: "))
+    assert line.startswith("FAISS index: Flat (exact"), line
+    assert f"IVF4096,PQ16 waits for 4096 images to train (has {N_IMAGES}), exact search until then" in line

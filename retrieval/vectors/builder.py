@@ -171,7 +171,7 @@ class IndexBuilder:
                                                             or self.dba != (self.previous or {}).get("dba", 0))
         if target != vectors.factory or (self.config.rebuild and not self.built) or outgrown or stale_dba:
             if target != vectors.factory:
-                log.warning("FAISS index type: %s -> %s (%d vectors); rebuilding from the catalog", vectors.factory,
+                log.info("FAISS index type: %s -> %s (%d vectors); rebuilding from the catalog", vectors.factory,
                             target, len(vectors))
             elif outgrown:
                 log.info("the collection grew from %d to %d vectors since %s was trained: retraining", trained_on,
