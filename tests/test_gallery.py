@@ -191,3 +191,30 @@ def test_names_that_are_not_utf8_or_hold_a_newline_are_served_and_shown_escaped(
         assert client.get("/stats").status_code == 200
     finally:
         app.extensions["retrieval"].close()
+
+
+def test_overview_counts_labels_not_the_unlabelled_and_cards_keep_the_end_of_long_names(tmp_path, index_images):
+    """Photos at the top of the data folder have no label: the overview says how many, beside the number of labels
+    (the chips), instead of counting "no label" as one; a long file name is cut in its middle, so cards of
+    holiday_in_the_mountains_001.jpg and ..._002.jpg can be told apart, and the card's tooltip holds it whole."""
+    import shutil
+
+    from api import create_app
+    from retrieval.samples import make_sample_collection
+
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=2, size=(80, 60), classes=["red_circles", "blue_squares"])
+    for n in (1, 2):
+        shutil.copy(data / "red_circles" / "red_circles_000.jpg", data / f"holiday_in_the_mountains_{n:03d}.jpg")
+    index_images(data, tmp_path / "index")
+    app = create_app({"INDEX_DIR": str(tmp_path / "index"), "RELOAD_INTERVAL_S": 0,
+                      "THUMBNAIL_DIR": str(tmp_path / "thumbs")})
+    try:
+        html = app.test_client().get("/").get_data(as_text=True)
+        assert re.search(r'id="label-count">2 <span class="muted">· 2 images without one</span>', html), html
+        for n in (1, 2):
+            assert f'title="holiday_in_the_mountains_{n:03d}.jpg"' in html
+            assert f'<span class="filename">holiday_…ins_{n:03d}.jpg</span>' in html
+        assert '<span class="filename">red_circles_000.jpg</span>' in html   # 19 characters: shown whole
+    finally:
+        app.extensions["retrieval"].close()

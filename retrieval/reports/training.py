@@ -15,13 +15,18 @@ from retrieval.reports.filters import filter_change, filter_grid
 TRAIN_COLOUR, VAL_COLOUR, CHANCE_COLOUR, BEST_COLOUR = "#4a7bd0", "#e07b22", "#c33333", "#2e8b57"
 
 
-def _figure(width_in: float = 6.4, height_in: float = 3.6):  # noqa: ANN202 - matplotlib Figure
+def _figure(width_in: float = 8.0, height_in: float = 3.6):  # noqa: ANN202 - matplotlib Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width_in, height_in), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)   # no pyplot: no global state, safe from request threads
     return fig
+
+
+def _legend(fig, ax) -> None:  # noqa: ANN001 - matplotlib Figure, Axes
+    """The legend beside the plot, not on it (inside, some corner always hides a line: chance, train, kNN)."""
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=8, frameon=False)
 
 
 def _epochs(history: dict, key: str) -> tuple[list[int], list[float]]:
@@ -61,7 +66,7 @@ def loss_figure(history: dict):  # noqa: ANN201 - matplotlib Figure
     ax.set_ylim(bottom=0)
     _style(ax, "cross-entropy loss", epochs)
     ax.set_title("Loss", loc="left", fontsize=11, fontweight="bold")
-    ax.legend(fontsize=8, frameon=False, loc="upper right")
+    _legend(fig, ax)
     return fig
 
 
@@ -96,7 +101,7 @@ def accuracy_figure(history: dict):  # noqa: ANN201 - matplotlib Figure
     ax.set_ylim(0, 1.02)
     _style(ax, "accuracy", epochs)
     ax.set_title("Accuracy", loc="left", fontsize=11, fontweight="bold")
-    ax.legend(fontsize=8, frameon=False, loc="lower right")
+    _legend(fig, ax)
     return fig
 
 
