@@ -18,8 +18,9 @@ queries, 304 distractors; kNN: 19 scene classes x 20 crops), random-weight AlexN
   whitens on the whole collection, copies included, to 32 dimensions: that row too).
 The Lw pairs are copies of the distractors only (never of an original a query was made from), with their own edit
 seeds; for kNN, copies of every labelled image (the labels are not used). Lw's sizes (128 principal axes, then 64)
-were chosen on seed 0; seeds 1 and 2 are held out. Arrays only (numpy), as the product's vectors: the PCA row is
-the product's --whiten to within 0.005 (FAISS's sampling).
+were chosen on seed 0; seeds 1 and 2 are held out. On the sets' vectors as arrays: the PCA rows whiten with the
+product's own code (retrieval.vectors.whitening.learn_whitening, what find-duplicates uses; --whiten's PCAW is the
+same map), Lw with numpy.
 
     python benchmarks/bench_learned_whitening.py                       # seeds 0 1 2, fc7
     python benchmarks/bench_learned_whitening.py --views flip --input-norm image
@@ -37,6 +38,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -45,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality_sets import ORIGINALS_PER_PHOTO, copy_set, descriptor_tag, knn_set  # noqa: E402
 from retrieval.vectors.duplicates import DEFAULT_WHITEN_DIM  # noqa: E402
+from retrieval.vectors.whitening import learn_whitening, whiten  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 PCA_DIM = 64            # what --whiten-dim auto gives on these ~370-image collections
@@ -82,18 +85,18 @@ def copies_of(kind: str, work: Path, seed: int, options: dict) -> tuple[list[str
     return names, out["originals"], out["copies"], list(EDITS)
 
 
-def pca_whitening(x: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """-> (mean shape=(d,), map shape=(dim, d)): centre, project on the top dim principal axes, scale by
-    eigenvalue^-1/2 (the product's PCAW)."""
-    mean = x.mean(0)
-    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
-    return mean, vt[:dim] / np.sqrt(s[:dim] ** 2 + 1e-6)[:, None]
+def pca_whitening(x: np.ndarray, dim: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The product's PCA whitening (retrieval.vectors.whitening, as find-duplicates learns it; index-images' PCAW is
+    the same map) learned on x shape=(n, d) -> vectors shape=(m, d) -> whitened, unit length, shape=(m, dim)."""
+    pca = learn_whitening(x, dim)
+    return lambda vectors: whiten(pca, vectors)
 
 
-def learned_whitening(x: np.ndarray, a: np.ndarray, b: np.ndarray, axes: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+def learned_whitening(x: np.ndarray, a: np.ndarray, b: np.ndarray, axes: int, dim: int,
+                      ) -> Callable[[np.ndarray], np.ndarray]:
     """Lw from matching pairs (a[i], b[i]) shape=(m, d) on collection x shape=(n, d): the top `axes` principal axes
     of x, the pairs' difference scatter C_S whitened away there, then x's top dim principal axes in that space.
-    -> (mean, map shape=(dim, d))."""
+    -> vectors shape=(m, d) -> mapped, unit length, shape=(m, dim)."""
     mean = x.mean(0)
     basis = np.linalg.svd(x - mean, full_matrices=False)[2][:axes]      # (axes, d)
     diff = (a - b) @ basis.T                                            # (m, axes)
@@ -101,25 +104,25 @@ def learned_whitening(x: np.ndarray, a: np.ndarray, b: np.ndarray, axes: int, di
     inv_sqrt = vectors @ np.diag(1 / np.sqrt(np.maximum(values, 1e-9 * values.max()))) @ vectors.T
     y = (x - mean) @ basis.T @ inv_sqrt.T                               # (n, axes), C_S whitened
     rotate = np.linalg.svd(y - y.mean(0), full_matrices=False)[2][:dim]
-    return mean, rotate @ inv_sqrt @ basis
+    projection = rotate @ inv_sqrt @ basis                              # (dim, d)
 
+    def apply(vectors: np.ndarray) -> np.ndarray:
+        out = (vectors - mean) @ projection.T
+        return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
 
-def mapped(whitening: tuple[np.ndarray, np.ndarray], x: np.ndarray) -> np.ndarray:
-    mean, m = whitening
-    y = (x - mean) @ m.T
-    return y / np.linalg.norm(y, axis=1, keepdims=True)
+    return apply
 
 
 def copy_search(sets: dict, whitening) -> tuple[float, dict[str, float]]:
     """Recall@1 of the edited copies finding their original -> (all, {edit: recall@1})."""
-    db, queries = mapped(whitening, sets["db"]), mapped(whitening, sets["queries"])
+    db, queries = whitening(sets["db"]), whitening(sets["queries"])
     hit = sets["db_original"][(queries @ db.T).argmax(1)] == sets["query_original"]
     edits = np.array(sets["query_edit"])
     return float(hit.mean()), {e: float(hit[edits == e].mean()) for e in dict.fromkeys(sets["query_edit"])}
 
 
 def knn10(sets: dict, whitening) -> float:
-    x, labels = mapped(whitening, sets["vectors"]), sets["labels"]
+    x, labels = whitening(sets["vectors"]), sets["labels"]
     sims = x @ x.T
     np.fill_diagonal(sims, -np.inf)
     nearest = np.argsort(-sims, axis=1)[:, :10]
@@ -129,7 +132,7 @@ def knn10(sets: dict, whitening) -> float:
 def best_pair_f1(sets: dict, whitening) -> float:
     """The issue's near-duplicate set (originals, their copies, distractors as one collection): pair F1 at the best
     threshold on the distances, in hindsight."""
-    x = mapped(whitening, np.concatenate([sets["db"], sets["queries"]]))
+    x = whitening(np.concatenate([sets["db"], sets["queries"]]))
     group = np.concatenate([sets["db_original"], sets["query_original"]])
     upper = np.triu_indices(len(x), 1)
     dist = np.sqrt(np.maximum(2 - 2 * (x @ x.T)[upper], 0))
@@ -164,11 +167,11 @@ def run_seed(work: Path, seed: int, options: dict) -> dict:
         held_out[edit] = copy_search(copies, w)[1][edit]
     row["lw_edit_held_out"] = held_out
     # the issue's offline 0.870 -> 0.946 learned the whitening with the copies among the collection's vectors
-    with_queries = pca_whitening(np.concatenate([copies["db"], copies["queries"]]), PCA_DIM)
-    row["pca_copies_in_training"] = dict(zip(("recall@1", "recall@1_by_edit"), copy_search(copies, with_queries)))
-    row["pca_duplicates"] = {"dim": DEFAULT_WHITEN_DIM,   # find-duplicates' own whitening
-                             "best_pair_f1": best_pair_f1(copies, pca_whitening(
-                                 np.concatenate([copies["db"], copies["queries"]]), DEFAULT_WHITEN_DIM))}
+    everything = np.concatenate([copies["db"], copies["queries"]])
+    row["pca_copies_in_training"] = dict(zip(("recall@1", "recall@1_by_edit"),
+                                             copy_search(copies, pca_whitening(everything, PCA_DIM))))
+    row["pca_duplicates"] = {"dim": DEFAULT_WHITEN_DIM,   # find-duplicates' own whitening, on the whole collection
+                             "best_pair_f1": best_pair_f1(copies, pca_whitening(everything, DEFAULT_WHITEN_DIM))}
     return row
 
 

@@ -112,3 +112,20 @@ def test_pages_fit_a_phone_screen(browser, base_url):
         assert columns == 3
     finally:
         context.close()
+
+
+def test_a_long_file_name_on_a_card_gives_way_in_its_middle_and_keeps_its_end_in_view(page, base_url):
+    """orange_triangles_003.jpg is wider than a card: its head is cut with an ellipsis, and its end (_003.jpg), what
+    tells it from its neighbours, is shown whole inside the card, as is a short name."""
+    page.goto(base_url + "/")
+    cards = page.eval_on_selector_all("#grid li", """cards => cards.map(card => {
+        const name = card.querySelector('.filename'), head = name.querySelector('.head'),
+              tail = name.querySelector('.tail'), box = card.getBoundingClientRect(), t = tail.getBoundingClientRect();
+        return {title: card.querySelector('a').title, tail: tail.textContent, cut: head.scrollWidth > head.clientWidth,
+                inside: t.left >= box.left && t.right <= box.right + 0.5 && t.width > 0};
+    })""")
+    assert len(cards) == 30
+    for card in cards:
+        assert card["title"].endswith(card["tail"]) and card["inside"], card
+    long = [c for c in cards if c["title"].startswith("orange_triangles/")]
+    assert long and all(c["cut"] for c in long), "at 1280 px a card is narrower than orange_triangles_003.jpg"
