@@ -97,8 +97,11 @@ def exit_without_teardown(command: click.Command) -> Callable[[], None]:
     """A console-script entry point for command that ends the process without Python's module teardown once
     torch is loaded: tearing down torch and torchvision costs about a second after the work is done and saved.
     A Ctrl-C exits 130 wherever it lands (click alone says "Aborted!" and exits 1 outside the command's own
-    handler). (In-process callers, such as tests, call the command itself.)"""
+    handler; one inside torch's import waits for its end). (In-process callers, such as tests, call the command itself.)"""
     def entry() -> None:
+        from retrieval.system import hold_interrupts_while_importing
+
+        hold_interrupts_while_importing("torch", "torchvision")   # a Ctrl-C inside torch's import aborted the process
         try:
             code = command.main(standalone_mode=False)   # click's own handling, less its Ctrl-C: "Aborted!", exit 1
         except SystemExit as exc:

@@ -17,7 +17,7 @@ from gunicorn.arbiter import Arbiter
 
 from commands.options import UserError, catalog_error, command_settings, source_of
 from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV, MAX_EF_SEARCH, MAX_NPROBE
-from retrieval.system import available_cores, collector_paused, leave_out_triton
+from retrieval.system import available_cores, collector_paused, hold_interrupts_while_importing, leave_out_triton
 
 from api.gunicorn_worker import DEFAULT_READ_TIMEOUT_S, with_read_timeout
 from api.settings import settings_in_force
@@ -287,6 +287,7 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
     os.environ[MULTIPROC_ENV] = metrics_dir
     options["child_exit"] = worker_exited
     leave_out_triton()   # inherited by the workers, which import torch when they load the app
+    hold_interrupts_while_importing("torch", "torchvision")   # so is this: a Ctrl-C in their import aborted them
     server_pid = os.getpid()
     try:
         GunicornServer(app_config, options).run()

@@ -46,8 +46,12 @@ def atomic_file(path: Path | str, *, durable: bool = True) -> Iterator[BinaryIO]
             if durable:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc.__context__, KeyboardInterrupt) and not isinstance(exc, KeyboardInterrupt):
+            # a writer whose own cleanup failed once it was interrupted (torch.save's zip writer: "unexpected
+            # pos"): the Ctrl-C is what happened, and what the caller handles
+            raise exc.__context__ from None
         raise
     if durable:
         _fsync_folder(path.parent)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -170,12 +171,16 @@ def entry_command(script: str, *args: str, hook: str = "") -> list[str]:
 def test_ctrl_c_while_the_workers_decode_exits_130_at_once_and_a_rerun_finishes(collection, tmp_path):
     """Reproduces: Ctrl-C while the decoding workers were busy (the first seconds of a run, while torch loads) printed
     'interrupted' and then hung for good in 3 of 10 tries by hand: a worker interrupted while it sent its crops left
-    half a message in the pool's pipe, and the exit waited on it. One run per moment after the workers start."""
+    half a message in the pool's pipe, and the exit waited on it. Later moments reproduce two more: a Ctrl-C while torch
+    was imported (about 0.7 s in) aborted the process with a core dump, and one while the random weights were saved
+    (about 2 s in) ended in torch.save's traceback and exit 1. One run per moment after the workers start, each on a
+    new index (the weights are saved by a first run only)."""
     import psutil
 
     data, _ = collection
-    index_dir = tmp_path / "index"
-    for offset in (0.0, 0.1, 0.2, 0.3, 0.4, 0.6):
+    for offset in (0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 1.0, 1.5, 2.0, 2.5):
+        index_dir = tmp_path / "index"
+        shutil.rmtree(index_dir, ignore_errors=True)
         proc = interruptible(entry_command("index-images", str(data), "--index-dir", str(index_dir),
                                            "--weights", "random", "--batch-size", "4"))
         try:

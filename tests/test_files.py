@@ -80,3 +80,30 @@ def test_a_private_copy_goes_to_the_next_folder_with_room_or_nowhere(tmp_path, m
     with private_copy(original, [tmp_path / "missing", cramped, roomy]) as copy:
         assert copy.read() == b"x" * 4096
     assert private_copy(original, [tmp_path / "missing", cramped]) is None
+
+
+def test_ctrl_c_inside_torch_save_is_reported_as_the_interrupt_and_loses_nothing(tmp_path):
+    """Reproduces: Ctrl-C while index-images saved its random weights printed a traceback and exited 1: torch.save's zip
+    writer, interrupted, fails in its own cleanup ("unexpected pos"), and that RuntimeError hid the KeyboardInterrupt."""
+    import torch
+
+    path = tmp_path / "weights.pt"
+    path.write_bytes(b"old weights")
+
+    class CtrlCAfter:               # the open file, with a Ctrl-C arriving once 64 KiB are written
+        def __init__(self, f):  # noqa: ANN001
+            self.f, self.written = f, 0
+
+        def write(self, b) -> int:  # noqa: ANN001
+            if self.written > 65536:
+                raise KeyboardInterrupt
+            self.written += len(b)
+            return self.f.write(b)
+
+        def flush(self) -> None:
+            self.f.flush()
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, lambda f: torch.save({"w": torch.zeros(100_000)}, CtrlCAfter(f)))
+    assert path.read_bytes() == b"old weights"
+    assert os.listdir(tmp_path) == ["weights.pt"], "no .tmp file left in the folder"

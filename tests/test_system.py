@@ -45,3 +45,19 @@ def test_a_process_that_leaves_out_triton_still_runs_the_network_without_it():
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1000", "[]"]
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_a_ctrl_c_during_a_held_import_interrupts_once_the_module_has_loaded_whole(tmp_path, held):
+    """Why the console scripts hold Ctrl-C while torch is imported: a KeyboardInterrupt raised inside torch's import
+    (in Python called from its C++) aborted the process with a core dump instead of exiting 130. Here a module whose
+    import is interrupted halfway: held, its code runs to its end and the interrupt comes as the import returns."""
+    (tmp_path / "slow_to_load.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n"
+                                              "print('second half ran', flush=True)\n")
+    script = (f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nfrom retrieval import system\n"
+              f"if {held}:\n    system.hold_interrupts_while_importing('slow_to_load')\n"
+              "try:\n    import slow_to_load\nexcept KeyboardInterrupt:\n    print('interrupted')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:-1] == (["second half ran", "interrupted"] if held else ["interrupted"]), done.stdout
