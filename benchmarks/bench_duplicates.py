@@ -25,6 +25,7 @@ Threshold rules (--rules): for each seed the set above with 8, 1 and 0 copies of
 drawings (no copies) alone and with 9 planted copies (a byte copy, one copy per edit); each index is calibrated once
 and every candidate rule (RULES: the default, the rule before, stricter ones) picks its threshold from the same
 distances; groups scored by pair F1, or by the images they hold where there is nothing to find; hashes beside.
+--whiten-dims D [D ...] groups each index at each whitening dimension (one row each; default: find-duplicates').
 
     python benchmarks/bench_duplicates.py --rules --seeds 0 1 2 --index-options "--views flip --input-norm image"
 
@@ -44,6 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -121,8 +123,9 @@ def run_find_duplicates(data: Path, index: Path, index_options: list[str],
     threshold, seconds to index, seconds to group)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INDEX_IMAGES_", "FIND_DUPLICATES_"))}
     t0 = time.perf_counter()
-    subprocess.run([str(BIN / "index-images"), str(data), "--index-dir", str(index), "--weights", "random",
-                    *index_options], check=True, capture_output=True, env=env)
+    if not index.exists():
+        subprocess.run([str(BIN / "index-images"), str(data), "--index-dir", str(index), "--weights", "random",
+                        *index_options], check=True, capture_output=True, env=env)
     t1 = time.perf_counter()
     out = subprocess.run([str(BIN / "find-duplicates"), "--index-dir", str(index), "--json"], check=True,
                          capture_output=True, text=True, env=env)
@@ -213,10 +216,11 @@ def make_demo(folder: Path, planted: bool) -> list[list[str]]:
     return truth
 
 
-def collect(data: Path, index: Path, index_options: list[str]) -> dict:
-    """Index data (index-images --weights random [index_options]) and read what find-duplicates' threshold is chosen
-    from: the whitened vectors, the made copies' distances, and the nearest-neighbour distances of every image (as
-    find-duplicates takes them) and of the 24 copied images only (as it took them before)."""
+def collect(data: Path, index: Path, index_options: list[str], dim: int = DEFAULT_WHITEN_DIM) -> dict:
+    """Index data (index-images --weights random [index_options]; once: an index already there is reused) and read
+    what find-duplicates' threshold is chosen from, its whitening at dim dimensions: the whitened vectors, the made
+    copies' distances, and the nearest-neighbour distances of every image (as find-duplicates takes them) and of
+    the 24 copied images only (as it took them before)."""
     from retrieval.search.duplicates import (CALIBRATION_IMAGES, CALIBRATION_SEED, NEIGHBOURS, _records,
                                              _sample_records, calibration_distances, collection_vectors,
                                              same_file_rows)
@@ -224,12 +228,13 @@ def collect(data: Path, index: Path, index_options: list[str]) -> dict:
     from retrieval.vectors.duplicates import nearest_distances
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INDEX_IMAGES_", "FIND_DUPLICATES_"))}
-    subprocess.run([str(BIN / "index-images"), str(data), "--index-dir", str(index), "--weights", "random",
-                    *index_options], check=True, capture_output=True, env=env)
+    if not index.exists():
+        subprocess.run([str(BIN / "index-images"), str(data), "--index-dir", str(index), "--weights", "random",
+                        *index_options], check=True, capture_output=True, env=env)
     opened = ImageIndex(index)
     try:
         snap = opened.snapshot()
-        vectors = collection_vectors(snap)
+        vectors = collection_vectors(snap, dim)
         records = _records(snap, vectors.ids)
         by_content = same_file_rows(records, vectors)
         same_file = [g for g in by_content.values() if len(g) > 1]
@@ -306,9 +311,11 @@ def _scores(groups: list[list[int]], truth: list[list[int]]) -> dict:
     return out
 
 
-def rules(seeds: list[int], index_options: list[str], hashes: bool = True) -> list[dict]:
+def rules(seeds: list[int], index_options: list[str], hashes: bool = True,
+          dims: Sequence[int] = (DEFAULT_WHITEN_DIM,)) -> list[dict]:
     """Each candidate threshold rule on the same indexes: the benchmark's sets at each seed with 8, 1 and 0 copies of
-    each original, the `make demo` drawings, and the demo drawings with a byte copy and one copy per edit planted."""
+    each original, the `make demo` drawings, and the demo drawings with a byte copy and one copy per edit planted;
+    each index grouped at each whitening dimension in dims (one row each)."""
     from retrieval.search.duplicates import group_rows
 
     todo = [(kind, seed) for seed in seeds for kind in SETS] + [("demo", None), ("demo+planted", None)]
@@ -320,34 +327,35 @@ def rules(seeds: list[int], index_options: list[str], hashes: bool = True) -> li
                 truth_names = make_demo(data, planted=kind == "demo+planted")
             else:
                 truth_names = make_set(data, seed, copies=int(kind[-1]))
-            t0 = time.perf_counter()
-            c = collect(data, index, index_options)
-            number = {p: i for i, p in enumerate(c["paths"])}
-            truth = [[number[n] for n in g] for g in truth_names]
-            row = {"set": kind, "seed": seed, "held_out": seed not in (0, None), "images": len(c["paths"]),
-                   "true_pairs": pair_scores([], truth)["true_pairs"], "collect_s": round(time.perf_counter() - t0, 1),
-                   "rules": {}}
-            for name, rule in RULES.items():
-                t = rule(c)
-                groups = group_rows(c["white"], t, c["same_file"])
-                row["rules"][name] = {"threshold": round(t, 4), **_scores(groups, truth)}
-            if hashes and kind != "copies1":
-                for method in HASHES:
-                    pairs, seconds = run_hash(method, data)
-                    groups = [[number[p] for p in g] for g in pairs]
-                    row.setdefault("hashes", {})[method] = {
-                        **_scores(groups, truth), "grouped_images": len({i for g in groups for i in g}),
-                        "groups": None, "seconds": round(seconds, 1)}
-            rows.append(row)
-            d = row["rules"]["estimated copy rate (default)"]
-            print(f"{kind} {seed}: default threshold {d['threshold']:.3f}, {d['grouped_images']} of {row['images']} "
-                  f"grouped" + (f", F1 {d['f1']:.3f}" if truth else ""), flush=True)
+            for dim in dims:
+                t0 = time.perf_counter()
+                c = collect(data, index, index_options, dim)
+                number = {p: i for i, p in enumerate(c["paths"])}
+                truth = [[number[n] for n in g] for g in truth_names]
+                row = {"set": kind, "seed": seed, "held_out": seed not in (0, None), "whiten_dim": dim,
+                       "images": len(c["paths"]), "true_pairs": pair_scores([], truth)["true_pairs"],
+                       "collect_s": round(time.perf_counter() - t0, 1), "rules": {}}
+                for name, rule in RULES.items():
+                    t = rule(c)
+                    groups = group_rows(c["white"], t, c["same_file"])
+                    row["rules"][name] = {"threshold": round(t, 4), **_scores(groups, truth)}
+                if hashes and kind != "copies1" and dim == dims[0]:
+                    for method in HASHES:
+                        pairs, seconds = run_hash(method, data)
+                        groups = [[number[p] for p in g] for g in pairs]
+                        row.setdefault("hashes", {})[method] = {
+                            **_scores(groups, truth), "grouped_images": len({i for g in groups for i in g}),
+                            "groups": None, "seconds": round(seconds, 1)}
+                rows.append(row)
+                d = row["rules"]["estimated copy rate (default)"]
+                print(f"{kind} {seed} ({dim}-d): default threshold {d['threshold']:.3f}, {d['grouped_images']} of "
+                      f"{row['images']} grouped" + (f", F1 {d['f1']:.3f}" if truth else ""), flush=True)
     return rows
 
 
 def print_rules(rows: list[dict]) -> None:
     """One line per set and rule: threshold, images in groups, pair precision/recall/F1 (or found pairs)."""
-    print(f"{'set':<13}{'seed':>5}  {'rule':<31}{'threshold':>10}{'grouped':>12}{'precision':>10}{'recall':>8}"
+    print(f"{'set':<13}{'seed':>5}{'dim':>5}  {'rule':<31}{'threshold':>10}{'grouped':>12}{'precision':>10}{'recall':>8}"
           f"{'F1':>7}")
     for row in rows:
         entries = list(row["rules"].items()) + list(row.get("hashes", {}).items())
@@ -357,7 +365,7 @@ def print_rules(rows: list[dict]) -> None:
             scores = (f"{r['precision']:>10.3f}{r['recall']:>8.3f}{r['f1']:>7.3f}" if "f1" in r else "")
             if row["set"] == "demo+planted" and "f1" in r:
                 scores += f"  found {r['found_pairs']}/{r['true_pairs']}"
-            print(f"{row['set']:<13}{'' if row['seed'] is None else row['seed']:>5}  {name:<31}{t:>10}{grouped:>12}"
+            print(f"{row['set']:<13}{'' if row['seed'] is None else row['seed']:>5}{row.get('whiten_dim', ''):>5}  {name:<31}{t:>10}{grouped:>12}"
                   f"{scores}")
 
 
@@ -458,6 +466,9 @@ def main() -> None:
     parser.add_argument("--rules", action="store_true",
                         help="compare threshold rules on the seeds' sets with 8, 1 and 0 copies per original and on the "
                              "`make demo` drawings (alone, and with copies planted); implies --skip-quality --skip-timing")
+    parser.add_argument("--whiten-dims", type=int, nargs="+", default=[DEFAULT_WHITEN_DIM], metavar="D",
+                        help="with --rules: group each index at each of these whitening dimensions "
+                             f"(find-duplicates uses {DEFAULT_WHITEN_DIM})")
     args = parser.parse_args()
     if args.rules:
         args.skip_quality = args.skip_timing = True
@@ -482,7 +493,7 @@ def main() -> None:
                       f"{r['seconds']:>9.1f}")
         print("* seed 0: the set find-duplicates' settings (grouping rule, F-beta) were chosen on")
     if args.rules:
-        result["rules"] = rules(args.seeds, shlex.split(args.index_options))
+        result["rules"] = rules(args.seeds, shlex.split(args.index_options), dims=args.whiten_dims)
         print(f"\nindex-images --weights random {args.index_options}".rstrip())
         print_rules(result["rules"])
     if not args.skip_timing:
