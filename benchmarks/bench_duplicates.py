@@ -238,13 +238,15 @@ def collect(data: Path, index: Path, index_options: list[str], dim: int = DEFAUL
         records = _records(snap, vectors.ids)
         by_content = same_file_rows(records, vectors)
         same_file = [g for g in by_content.values() if len(g) > 1]
-        _, copy_d, neighbour_d = calibration_distances(snap, vectors, by_content)
+        _, copy_d, neighbour_rows, sibling_d = calibration_distances(snap, vectors, by_content)
+        neighbour_d = neighbour_rows[np.isfinite(neighbour_rows)]
         copied = [vectors.rows[r.id] for r in _sample_records(snap, vectors.ids, CALIBRATION_IMAGES, CALIBRATION_SEED)]
         copied_d = nearest_distances(vectors.white, np.array(copied), NEIGHBOURS, same_file)
     finally:
         opened.close()
     return {"white": vectors.white, "paths": [records[int(i)].path for i in vectors.ids], "same_file": same_file,
-            "copy_d": copy_d, "neighbour_d": neighbour_d, "copied_neighbour_d": copied_d}
+            "copy_d": copy_d, "neighbour_d": neighbour_d, "neighbour_rows": neighbour_rows, "sibling_d": sibling_d,
+            "copied_neighbour_d": copied_d}
 
 
 def _cuts(copy_d: np.ndarray, neighbour_d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -289,13 +291,22 @@ def rule_one_copy(c: dict) -> float:
 
 
 def rule_default(c: dict) -> float:
-    """find-duplicates' calibration now (choose_threshold: the copy rate the collection seems to hold)."""
+    """find-duplicates' calibration now (choose_threshold: the copy rate the collection seems to hold, the copies'
+    distances a mixture with the siblings' where its copies seem to come in groups)."""
+    from retrieval.vectors.duplicates import choose_threshold
+
+    return choose_threshold(c["copy_d"], c["neighbour_rows"], sibling_distances=c["sibling_d"]).threshold
+
+
+def rule_single_copies(c: dict) -> float:
+    """The default before copies in groups were noticed: the copy rate, with every copy as close as the made ones."""
     from retrieval.vectors.duplicates import choose_threshold
 
     return choose_threshold(c["copy_d"], c["neighbour_d"]).threshold
 
 
-RULES = {"estimated copy rate (default)": rule_default, "before (8 copies each)": rule_before,
+RULES = {"estimated copy rate (default)": rule_default, "copy rate, copies as made": rule_single_copies,
+         "before (8 copies each)": rule_before,
          "strict when cautioned": rule_strict_when_cautioned, "neighbour share <= 3%": rule_share(0.03),
          "one copy per image": rule_one_copy}
 SETS = ("copies8", "copies1", "copies0")

@@ -18,7 +18,7 @@ from retrieval.search.index import ImageIndex
 from retrieval.search.snapshot import IndexSnapshot
 from retrieval.vectors.duplicates import (CAUTION_NEIGHBOUR_SHARE, DEFAULT_GROUPING, DEFAULT_WHITEN_DIM, GROUPING_BETA,
                                           GROUPINGS, STRICT_NEIGHBOUR_SHARE, WHITEN_TRAIN_MAX, ThresholdChoice,
-                                          choose_threshold, close_pairs, nearest_distances, pair_scores)
+                                          choose_threshold, close_pairs, nearest_distance_rows, pair_scores)
 from retrieval.vectors.whitening import learn_whitening, whiten
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,11 @@ class Threshold:
                 f"copies of {self.calibration_images} of its images ({', '.join(EDITS)}) lie within it of their "
                 f"original; of {c.neighbours} distances from its images to their nearest others, "
                 f"{c.neighbour_share:.1%} fall under it; it estimates that about {c.copy_rate:.1%} of those distances are "
-                "between copies, and chose the threshold for that (--threshold to override)")
+                f"between copies{self._in_groups()}, and chose the threshold for that (--threshold to override)")
+
+    def _in_groups(self) -> str:
+        g = self.choice.group_size
+        return f" (in groups of about {g:.0f} images, so two copies of one image count too)" if g > 2 else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,12 +176,13 @@ def _sample_records(snapshot: IndexSnapshot, ids: np.ndarray, n: int, seed: int,
 
 def calibration_distances(snapshot: IndexSnapshot, vectors: CollectionVectors, same_file: dict[str, list[int]],
                           images: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED,
-                          ) -> tuple[int, np.ndarray, np.ndarray]:
+                          ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """What the threshold is chosen from: edited copies of `images` sampled images give copy distances (each copy to
-    its image); up to NEIGHBOUR_IMAGES images of the collection (all of a smaller one; a seeded sample) give
-    neighbour distances, each to its NEIGHBOURS nearest other images (byte copies left out) -> (images copied, copy
-    distances shape=(used * edits,), neighbour distances shape=(q,)). same_file: see same_file_rows. Raises
-    DuplicatesError."""
+    its image) and sibling distances (two copies of one image to each other); up to NEIGHBOUR_IMAGES images of the
+    collection (all of a smaller one; a seeded sample) give neighbour distances, each to its NEIGHBOURS nearest
+    other images (byte copies left out) -> (images copied, copy distances shape=(used * edits,), neighbour distances
+    shape=(sampled, NEIGHBOURS) with inf where fewer, sibling distances shape=(used * edits * (edits - 1) / 2,)).
+    same_file: see same_file_rows. Raises DuplicatesError."""
     records = _sample_records(snapshot, vectors.ids, images, seed)
     used, copies, edits = edited_copy_vectors(snapshot, records, seed)
     if not used:
@@ -187,11 +192,14 @@ def calibration_distances(snapshot: IndexSnapshot, vectors: CollectionVectors, s
     white = whiten(vectors.whitening, copies).reshape(len(used), len(edits), -1)   # (images, edits, d_out)
     originals = vectors.white[[rows[r.id] for r in used]]                          # (images, d_out)
     copy_d = np.linalg.norm(white - originals[:, None, :], axis=2).ravel()
+    a, b = np.triu_indices(len(edits), 1)
+    sibling_d = np.linalg.norm(white[:, a] - white[:, b], axis=2).ravel()
     n = len(vectors.ids)
     sample = np.arange(n) if n <= NEIGHBOUR_IMAGES else \
         np.sort(np.random.default_rng(seed).choice(n, NEIGHBOUR_IMAGES, replace=False))
-    neighbour_d = nearest_distances(vectors.white, sample, NEIGHBOURS, [g for g in same_file.values() if len(g) > 1])
-    return len(used), copy_d, neighbour_d
+    neighbour_d = nearest_distance_rows(vectors.white, sample, NEIGHBOURS,
+                                        [g for g in same_file.values() if len(g) > 1])
+    return len(used), copy_d, neighbour_d, sibling_d
 
 
 def calibrate(snapshot: IndexSnapshot, vectors: CollectionVectors, same_file: dict[str, list[int]],
@@ -199,8 +207,8 @@ def calibrate(snapshot: IndexSnapshot, vectors: CollectionVectors, same_file: di
               grouping: str = DEFAULT_GROUPING) -> Threshold:
     """Choose the threshold on the collection itself (choose_threshold on calibration_distances). Raises
     DuplicatesError."""
-    used, copy_d, neighbour_d = calibration_distances(snapshot, vectors, same_file, images, seed)
-    choice = choose_threshold(copy_d, neighbour_d, GROUPING_BETA[grouping])
+    used, copy_d, neighbour_d, sibling_d = calibration_distances(snapshot, vectors, same_file, images, seed)
+    choice = choose_threshold(copy_d, neighbour_d, GROUPING_BETA[grouping], sibling_d)
     log.info("calibrated threshold %.4f on %d copies, %d neighbour distances", choice.threshold, choice.copies,
              choice.neighbours)
     return Threshold(choice.threshold, "calibrated", choice, used)

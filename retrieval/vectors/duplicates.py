@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import faiss
 import numpy as np
@@ -153,6 +153,7 @@ class ThresholdChoice:
     copies: int              # copy distances it was chosen from
     neighbours: int          # nearest-neighbour distances it was chosen from
     copy_rate: float         # estimated share of the neighbour distances that are copies (see choose_threshold)
+    group_size: float        # images per copy group the collection seems to hold (2: an image and one copy)
     copy_recall: float       # share of the copy distances below the threshold
     neighbour_share: float   # share of the neighbour distances below it (copies or not)
     strict_threshold: float  # the highest cut with at most STRICT_NEIGHBOUR_SHARE of the neighbours under it
@@ -163,27 +164,62 @@ class ThresholdChoice:
 
 
 def choose_threshold(copy_distances: np.ndarray, neighbour_distances: np.ndarray,
-                     beta: float = GROUPING_BETA[DEFAULT_GROUPING]) -> ThresholdChoice:
+                     beta: float = GROUPING_BETA[DEFAULT_GROUPING],
+                     sibling_distances: np.ndarray | None = None) -> ThresholdChoice:
     """The threshold with the best expected pair F-beta in the collection the distances come from.
 
-    copy_distances shape=(p,): made copies to their image; neighbour_distances shape=(q,): images to their nearest
-    other images, a mix of the collection's own copies (if it holds any) and of other pictures. The share of the
-    neighbours that are copies, copy_rate, is estimated as twice the share shorter than the median copy distance
-    (as if the collection's copies lay as close as the made ones; other pictures that close count as copies too,
-    so it errs towards more). At a cut t the expected true pairs are then copy_rate * q * (copies under t), the false
-    ones the rest of the neighbours under t; the cut maximising F-beta of those is the threshold (beta < 1 weighs
-    precision above recall: GROUPING_BETA). With no neighbour as close as a copy (copy_rate 0) it is the highest
-    cut with no neighbour under it. Distances: L2 between whitened vectors."""
+    copy_distances shape=(p,): made copies to their image; neighbour_distances: images to their nearest other
+    images, a mix of the collection's own copies (if it holds any) and of other pictures, shape=(q,), or one row
+    per image shape=(m, k) (inf where a row has fewer). The share of the neighbours that are copies, copy_rate, is
+    estimated as twice the share shorter than the median copy distance (as if the collection's copies lay as close
+    as the made ones; other pictures that close count as copies too, so it errs towards more). At a cut t the
+    expected true pairs are then copy_rate * q * (copies under t), the false ones the rest of the neighbours under t;
+    the cut maximising F-beta of those is the threshold (beta < 1 weighs precision above recall: GROUPING_BETA).
+    With no neighbour as close as a copy (copy_rate 0) it is the highest cut with no neighbour under it.
+
+    Copies in groups. With sibling_distances shape=(s,) (two copies of one image to each other) and neighbours in
+    rows, the images with a neighbour under that first cut say how large the collection's copy groups are: g, one
+    more than their mean number of such neighbours. Of the g (g - 1) / 2 pairs of a group of one image and g - 1
+    copies, only g - 1 are an image and its copy (a share w = 2 / g); the others are two copies, further apart. So
+    where g > 2 the copies' distances are taken as w parts copy distances and 1 - w parts sibling distances, the copy
+    rate as the share under the median copy distance divided by the share of that mixture under it, and the cut is
+    chosen again. Where copies come singly (g <= 2: no image has two neighbours that close) nothing changes.
+    Distances: L2 between whitened vectors."""
     pos = np.sort(np.asarray(copy_distances, dtype=np.float64))
-    neg = np.sort(np.asarray(neighbour_distances, dtype=np.float64))
+    rows = np.asarray(neighbour_distances, dtype=np.float64)
+    neg = np.sort(rows[np.isfinite(rows)])
     assert len(pos) > 0, "no copy distances to calibrate on"
+    rate = min(1.0, 2 * float(np.mean(neg < np.median(pos)))) if len(neg) else 1.0
+    choice = _best_cut(pos, neg, rate, beta, lambda cuts: np.searchsorted(pos, cuts, side="right") / len(pos))
+    if sibling_distances is None or rows.ndim != 2 or not len(sibling_distances) or not len(neg):
+        return choice
+    close = np.sum(rows < choice.threshold, axis=1)
+    g = 1 + float(close[close > 0].mean()) if (close > 0).any() else 2.0
+    if g <= 2:
+        return choice
+    w = 2 / g
+    sib = np.sort(np.asarray(sibling_distances, dtype=np.float64))
+    median = np.median(pos)
+    under = 0.5 * w + (1 - w) * np.searchsorted(sib, median, side="right") / len(sib)   # the mixture's share there
+    rate = min(1.0, float(np.mean(neg < median) / under))
+    return _best_cut(np.sort(np.concatenate([pos, sib])), neg, rate, beta,
+                     lambda cuts: w * np.searchsorted(pos, cuts, side="right") / len(pos)
+                     + (1 - w) * np.searchsorted(sib, cuts, side="right") / len(sib),
+                     copies_recall=pos, group_size=g)
+
+
+def _best_cut(pos: np.ndarray, neg: np.ndarray, rate: float, beta: float,
+              copy_share: Callable[[np.ndarray], np.ndarray], copies_recall: np.ndarray | None = None,
+              group_size: float = 2.0) -> ThresholdChoice:
+    """choose_threshold's cut, for copies whose share under each cut is copy_share(cuts), among neighbour distances
+    neg (sorted) of which a share rate are copies; pos (sorted): the copies' distances, where cuts fall between;
+    copies_recall (sorted; default pos): the copy distances whose share under the cut is reported."""
+    made = pos if copies_recall is None else copies_recall
     cuts = np.unique(np.concatenate([pos, neg]))
     cuts = (cuts[:-1] + cuts[1:]) / 2 if len(cuts) > 1 else cuts + 1e-6   # between observed distances
-    tp = np.searchsorted(pos, cuts, side="right")
     fp = np.searchsorted(neg, cuts, side="right")
-    rate = min(1.0, 2 * float(np.mean(neg < np.median(pos)))) if len(neg) else 1.0
-    copies = rate * len(neg) if len(neg) else float(len(pos))            # expected copy pairs among the neighbours
-    true = copies * tp / len(pos)                                        # (cuts,) expected true pairs under each cut
+    copies = rate * len(neg) if len(neg) else float(len(made))           # expected copy pairs among the neighbours
+    true = copies * copy_share(cuts)                                     # (cuts,) expected true pairs under each cut
     false = np.maximum(0.0, fp - true) if len(neg) else np.zeros(len(cuts))
     precision, recall = true / np.maximum(true + false, 1e-12), true / max(copies, 1e-12)
     score = (1 + beta ** 2) * precision * recall / np.maximum(beta ** 2 * precision + recall, 1e-12)
@@ -195,31 +231,38 @@ def choose_threshold(copy_distances: np.ndarray, neighbour_distances: np.ndarray
     t = float(cuts[best])
     # the cut for a collection whose images lie as close to each other as to their copies (no precision to trade)
     allowed = fp <= STRICT_NEIGHBOUR_SHARE * len(neg)
-    strict = int(np.flatnonzero(allowed)[-1]) if allowed.any() else 0
-    return ThresholdChoice(t, len(pos), len(neg), rate, float(tp[best] / len(pos)),
-                           float(fp[best] / len(neg)) if len(neg) else 0.0,
-                           min(t, float(cuts[strict])), float(tp[min(strict, best)] / len(pos)))
+    strict = min(t, float(cuts[int(np.flatnonzero(allowed)[-1]) if allowed.any() else 0]))
+    recall_at = lambda cut: float(np.searchsorted(made, cut, side="right") / len(made))   # noqa: E731
+    return ThresholdChoice(t, len(made), len(neg), rate, group_size, recall_at(t),
+                           float(fp[best] / len(neg)) if len(neg) else 0.0, strict, recall_at(strict))
 
 
-def nearest_distances(vectors: np.ndarray, rows: np.ndarray, k: int, same_file: Sequence[Sequence[int]] = (),
-                      ) -> np.ndarray:
+def nearest_distance_rows(vectors: np.ndarray, rows: np.ndarray, k: int, same_file: Sequence[Sequence[int]] = (),
+                          ) -> np.ndarray:
     """The distances from each of rows of vectors shape=(n, d) float32 to its k nearest other rows, rows holding the
-    same file as it (same_file: lists of rows) left out -> shape=(m,) float64, m <= len(rows) * k (exact FAISS
-    search, rows in chunks)."""
+    same file as it (same_file: lists of rows) left out -> shape=(len(rows), k) float64, ascending, inf where fewer
+    (exact FAISS search, rows in chunks)."""
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     index = faiss.IndexFlatL2(x.shape[1])
     index.add(x)
     twin = {r: g for g in same_file for r in g}
     reach = min(len(x), k + max((len(g) for g in same_file), default=1))   # enough to skip itself and its twins
-    out = []
+    out = np.full((len(rows), k), np.inf)
     for s in range(0, len(rows), 1024):
         part = np.asarray(rows[s:s + 1024], dtype=np.int64)
         dist, nbr = index.search(x[part], reach)                         # (m, reach) squared distances
-        for row, d, nb in zip(part, dist, nbr):
+        for i, (row, d, nb) in enumerate(zip(part, dist, nbr)):
             skip = set(twin.get(int(row), (int(row),)))
             kept = [v for v, j in zip(d, nb) if j >= 0 and int(j) not in skip][:k]
-            out.extend(kept)
-    return np.sqrt(np.maximum(np.asarray(out, dtype=np.float64), 0))
+            out[s + i, :len(kept)] = np.sqrt(np.maximum(np.asarray(kept, dtype=np.float64), 0))
+    return out
+
+
+def nearest_distances(vectors: np.ndarray, rows: np.ndarray, k: int, same_file: Sequence[Sequence[int]] = (),
+                      ) -> np.ndarray:
+    """nearest_distance_rows, every distance in one array -> shape=(m,) float64, m <= len(rows) * k."""
+    out = nearest_distance_rows(vectors, rows, k, same_file)
+    return out[np.isfinite(out)]
 
 
 def pair_scores(predicted: Iterable[Iterable[int]], truth: Iterable[Iterable[int]],
