@@ -12,10 +12,11 @@ Index a folder (one subfolder per class labels its images), then open the index 
         result[0].label, result[0].distance
         index.neighbours(result[1].id)      # an indexed image's neighbours, from its stored vector
         index.predict("new_photo.jpg").label   # the neighbours' majority vote
+        index.duplicates().groups           # near-duplicate groups, a keeper first in each (as find-duplicates)
     retrieval.evaluate("index")             # leave-one-out precision@k, kNN, probe, chance; held-out images
     retrieval.compare("index", "index-tuned")   # two networks on the same labelled images
 
-`open_index` -> `Index` (`search`, `neighbours`, `predict`, `features`, `len()`, `info`); results are
+`open_index` -> `Index` (`search`, `neighbours`, `predict`, `duplicates`, `features`, `len()`, `info`); results are
 `SearchResult` (a list of `Hit`), `Prediction`, `IndexInfo`; `evaluate` -> `Evaluation`, `compare` ->
 `Comparison`. Importing this package is light: torch loads when an index is opened.
 See docs/python-api.md; the notebook examples/transfer_learning_lab.ipynb walks the whole lesson.
@@ -26,7 +27,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __all__ = ["open_index", "Index", "ImageNotIndexed", "Query", "SearchResult", "Hit", "Prediction", "IndexInfo",
-           "evaluate", "compare", "Evaluation", "Comparison"]
+           "evaluate", "compare", "Evaluation", "Comparison", "DuplicateGroups", "DuplicatesError"]
 
 # name -> the module that holds it; imported when first used, so `import retrieval` loads no torch, FAISS or SQLAlchemy
 _HOMES = {"open_index": "retrieval.python_api", "Index": "retrieval.python_api",
@@ -34,11 +35,13 @@ _HOMES = {"open_index": "retrieval.python_api", "Index": "retrieval.python_api",
           "SearchResult": "retrieval.results", "Hit": "retrieval.results", "Prediction": "retrieval.results",
           "IndexInfo": "retrieval.results",
           "evaluate": "retrieval.quality", "compare": "retrieval.quality", "Evaluation": "retrieval.quality",
-          "Comparison": "retrieval.quality"}
+          "Comparison": "retrieval.quality", "DuplicateGroups": "retrieval.search.duplicates",
+          "DuplicatesError": "retrieval.search.duplicates"}
 
 if TYPE_CHECKING:
     from retrieval.python_api import ImageNotIndexed, Index, Query, open_index
     from retrieval.quality import Comparison, Evaluation, compare, evaluate
+    from retrieval.search.duplicates import DuplicateGroups, DuplicatesError
     from retrieval.results import Hit, IndexInfo, Prediction, SearchResult
 
 

@@ -16,6 +16,7 @@ from retrieval.results import THUMBNAIL_PX, Hit, IndexInfo, Prediction, SearchRe
 from retrieval.search.expansion import QueryExpansion
 
 if TYPE_CHECKING:
+    from retrieval.search.duplicates import DuplicateGroups
     from retrieval.search.index import ImageIndex
     from retrieval.search.snapshot import Hit as StoredHit, IndexSnapshot
 
@@ -41,7 +42,7 @@ def open_index(index_dir: str | os.PathLike = "index", *, db_url: str | None = N
 
 
 class Index:
-    """An opened index: search(query), neighbours(image), predict(query), len(index), index.info."""
+    """An opened index: search(query), neighbours(image), predict(query), duplicates(), len(index), index.info."""
 
     def __init__(self, index_dir: str | os.PathLike, *, db_url: str | None = None, device: str = "cpu"):
         from retrieval.search.index import ImageIndex
@@ -130,6 +131,22 @@ class Index:
         if voted is None:
             return Prediction(None, 0, 0, found)
         return Prediction(voted["label"], voted["votes"], voted["k"], found)
+
+    def duplicates(self, *, threshold: float | None = None, calibration_images: int | None = None) -> DuplicateGroups:
+        """Groups of near-duplicate images, as `find-duplicates` makes them (docs/duplicates.md): every two images of
+        a group closer than the threshold, between vectors whitened on this collection, and byte-identical files
+        always together; each group starts with its suggested keeper (the largest, then the oldest), groups largest
+        first. threshold: None calibrates it on the collection (edited copies of calibration_images of its images,
+        24 by default, through the index's network: needs the image files); a number skips that. Nothing is
+        changed.
+
+        -> DuplicateGroups: .groups (lists of DuplicateImage: id, path, label, width, height, distance to the
+        keeper), .threshold (.value, .describe(), .caution()), .images, .to_json(). Raises DuplicatesError (a
+        ValueError) when there is nothing to group or no image file to calibrate on."""
+        from retrieval.search.duplicates import find_duplicates
+
+        given = {} if calibration_images is None else {"calibration_images": calibration_images}
+        return find_duplicates(self._index, threshold=threshold, **given)
 
     # inside
     def _embed(self, query: Query) -> tuple[IndexSnapshot, np.ndarray, str, Image.Image | None]:

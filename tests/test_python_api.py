@@ -166,3 +166,31 @@ def test_evaluate_and_compare(built, monkeypatch):
     assert c.matched["images"] == built.total and c.a.probe_accuracy is None
     assert c.a.precision_at_k == c.b.precision_at_k
     assert "B &minus; A" in c._repr_html_() and "+0.000" in c._repr_html_()
+
+
+def test_duplicates_from_python_group_a_photo_with_its_copies(tmp_path, monkeypatch):
+    """index.duplicates() as find-duplicates: a byte copy and a JPEG re-save of one picture in its group, the keeper
+    (the largest) first; a given threshold skips the calibration; nothing in the folder changes."""
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=6, size=(120, 96), seed=5, classes=["red_circles", "blue_squares"])
+    original = data / "red_circles" / "red_circles_002.jpg"
+    (data / "red_circles" / "byte_copy.jpg").write_bytes(original.read_bytes())
+    with Image.open(original) as img:
+        img.resize((240, 192)).save(data / "red_circles" / "larger_resave.jpg", quality=60)
+    before = sorted(p.name for p in data.rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    index_folder("data", "index", **FAST)
+    with retrieval.open_index("index") as index:
+        found = index.duplicates()
+        given = index.duplicates(threshold=found.threshold.value)
+    group = next(g for g in found.groups if "red_circles/red_circles_002.jpg" in [m.path for m in g])
+    paths = [m.path for m in group]
+    assert paths[0] == "red_circles/larger_resave.jpg", "the largest is the suggested keeper"
+    assert {"red_circles/byte_copy.jpg", "red_circles/red_circles_002.jpg"} <= set(paths)
+    assert group[0].distance == 0 and group[0].width == 240 and found.images == 14
+    assert found.threshold.source == "calibrated" and given.threshold.source == "given"
+    assert [[m.id for m in g] for g in given.groups] == [[m.id for m in g] for g in found.groups]
+    assert found.to_json()["groups"][0][0].keys() >= {"id", "path", "label", "width", "height", "distance"}
+    assert sorted(p.name for p in data.rglob("*")) == before
+    with retrieval.open_index("index") as index, pytest.raises(retrieval.DuplicatesError):
+        index.duplicates(threshold=-1)   # what find-duplicates --threshold refuses too

@@ -257,6 +257,8 @@ def find_duplicates(index: ImageIndex, *, threshold: float | None = None, dim: i
     threshold to one another (calibrated on the collection when not given; grouping "connected": joined pair by pair
     instead), and byte-identical files (same sha256) always. Each group starts with its suggested keeper
     (keeper_order); groups come largest first. Nothing is changed. Raises DuplicatesError."""
+    if threshold is not None and not threshold > 0:   # NaN too
+        raise DuplicatesError(f"the threshold is a distance between whitened vectors, above 0 (up to 2), not {threshold}")
     snapshot = index.snapshot()
     vectors = collection_vectors(snapshot, dim)
     records = _records(snapshot, vectors.ids)
