@@ -123,9 +123,8 @@ def run_find_duplicates(data: Path, index: Path, index_options: list[str],
     threshold, seconds to index, seconds to group)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INDEX_IMAGES_", "FIND_DUPLICATES_"))}
     t0 = time.perf_counter()
-    if not index.exists():
-        subprocess.run([str(BIN / "index-images"), str(data), "--index-dir", str(index), "--weights", "random",
-                        *index_options], check=True, capture_output=True, env=env)
+    subprocess.run([str(BIN / "index-images"), str(data), "--index-dir", str(index), "--weights", "random",
+                    *index_options], check=True, capture_output=True, env=env)
     t1 = time.perf_counter()
     out = subprocess.run([str(BIN / "find-duplicates"), "--index-dir", str(index), "--json"], check=True,
                          capture_output=True, text=True, env=env)

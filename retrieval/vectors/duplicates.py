@@ -190,7 +190,7 @@ def choose_threshold(copy_distances: np.ndarray, neighbour_distances: np.ndarray
     neg = np.sort(rows[np.isfinite(rows)])
     assert len(pos) > 0, "no copy distances to calibrate on"
     rate = min(1.0, 2 * float(np.mean(neg < np.median(pos)))) if len(neg) else 1.0
-    choice = _best_cut(pos, neg, rate, beta, lambda cuts: np.searchsorted(pos, cuts, side="right") / len(pos))
+    choice = _best_cut(pos, neg, rate, beta, lambda cuts: _share_under(pos, cuts), pos)
     if sibling_distances is None or rows.ndim != 2 or not len(sibling_distances) or not len(neg):
         return choice
     close = np.sum(rows < choice.threshold, axis=1)
@@ -200,22 +200,23 @@ def choose_threshold(copy_distances: np.ndarray, neighbour_distances: np.ndarray
     w = 2 / g
     sib = np.sort(np.asarray(sibling_distances, dtype=np.float64))
     median = np.median(pos)
-    under = 0.5 * w + (1 - w) * np.searchsorted(sib, median, side="right") / len(sib)   # the mixture's share there
-    rate = min(1.0, float(np.mean(neg < median) / under))
-    return _best_cut(np.sort(np.concatenate([pos, sib])), neg, rate, beta,
-                     lambda cuts: w * np.searchsorted(pos, cuts, side="right") / len(pos)
-                     + (1 - w) * np.searchsorted(sib, cuts, side="right") / len(sib),
-                     copies_recall=pos, group_size=g)
+    rate = min(1.0, float(np.mean(neg < median) / (0.5 * w + (1 - w) * _share_under(sib, median))))
+    return _best_cut(np.concatenate([pos, sib]), neg, rate, beta,
+                     lambda cuts: w * _share_under(pos, cuts) + (1 - w) * _share_under(sib, cuts), pos, group_size=g)
 
 
-def _best_cut(pos: np.ndarray, neg: np.ndarray, rate: float, beta: float,
-              copy_share: Callable[[np.ndarray], np.ndarray], copies_recall: np.ndarray | None = None,
+def _share_under(sorted_values: np.ndarray, at: np.ndarray | float) -> np.ndarray | float:
+    """The share of sorted_values at or below each of at."""
+    return np.searchsorted(sorted_values, at, side="right") / len(sorted_values)
+
+
+def _best_cut(points: np.ndarray, neg: np.ndarray, rate: float, beta: float,
+              copy_share: Callable[[np.ndarray], np.ndarray], made: np.ndarray,
               group_size: float = 2.0) -> ThresholdChoice:
-    """choose_threshold's cut, for copies whose share under each cut is copy_share(cuts), among neighbour distances
-    neg (sorted) of which a share rate are copies; pos (sorted): the copies' distances, where cuts fall between;
-    copies_recall (sorted; default pos): the copy distances whose share under the cut is reported."""
-    made = pos if copies_recall is None else copies_recall
-    cuts = np.unique(np.concatenate([pos, neg]))
+    """choose_threshold's cut among cuts between the distances in points and neg (the neighbour distances, sorted,
+    a share rate of them copies), the copies' share under each cut being copy_share(cuts); made (sorted): the made
+    copies' distances to their images, whose share under the cut is reported."""
+    cuts = np.unique(np.concatenate([points, neg]))
     cuts = (cuts[:-1] + cuts[1:]) / 2 if len(cuts) > 1 else cuts + 1e-6   # between observed distances
     fp = np.searchsorted(neg, cuts, side="right")
     copies = rate * len(neg) if len(neg) else float(len(made))           # expected copy pairs among the neighbours
@@ -232,9 +233,8 @@ def _best_cut(pos: np.ndarray, neg: np.ndarray, rate: float, beta: float,
     # the cut for a collection whose images lie as close to each other as to their copies (no precision to trade)
     allowed = fp <= STRICT_NEIGHBOUR_SHARE * len(neg)
     strict = min(t, float(cuts[int(np.flatnonzero(allowed)[-1]) if allowed.any() else 0]))
-    recall_at = lambda cut: float(np.searchsorted(made, cut, side="right") / len(made))   # noqa: E731
-    return ThresholdChoice(t, len(made), len(neg), rate, group_size, recall_at(t),
-                           float(fp[best] / len(neg)) if len(neg) else 0.0, strict, recall_at(strict))
+    return ThresholdChoice(t, len(made), len(neg), rate, group_size, float(_share_under(made, t)),
+                           float(fp[best] / len(neg)) if len(neg) else 0.0, strict, float(_share_under(made, strict)))
 
 
 def nearest_distance_rows(vectors: np.ndarray, rows: np.ndarray, k: int, same_file: Sequence[Sequence[int]] = (),
