@@ -158,6 +158,12 @@ def format_copies(r: dict) -> str:
               f"  {'pair F1':<22}{d['f1']:>7.3f}",
               "  pair recall is below the share within the threshold: a group holds only images all within it of "
               "one another, and two copies are further apart than each is from its original"]
+    if r.get("also_calibrated"):
+        from retrieval.search.duplicates import CALIBRATION_IMAGES
+
+        lines.append(f"note: {r['also_calibrated']} of the {r['images']} images also calibrated the threshold (the "
+                     f"collection has too few images to keep them apart), so \"within it\" and the pair scores flatter "
+                     f"it; with {CALIBRATION_IMAGES + r['asked']} images or more they are measured on others")
     return "\n".join(lines)
 
 

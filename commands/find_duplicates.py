@@ -17,7 +17,8 @@ from commands.options import (UserError, command_settings, db_url_option, exit_w
 @click.command(context_settings=command_settings("find-duplicates"))
 @index_dir_option
 @db_url_option
-@click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=None, metavar="DISTANCE",
+@click.option("--threshold", type=click.FloatRange(min=0, max=2, min_open=True, max_open=True), default=None,
+              metavar="DISTANCE",
               help="Group images all closer than this to one another (L2 distance between whitened vectors, 0-2) "
                    "instead of the threshold calibrated on the collection.  [default: calibrated]")
 @click.option("--calibration-images", type=click.IntRange(min=1), default=24, show_default=True,
@@ -44,7 +45,7 @@ def main(index_dir: Path, db_url: str | None, threshold: float | None, calibrati
     Options can also be set by environment variables (FIND_DUPLICATES_THRESHOLD, ...; see docs/configuration.md).
 
     Exit status: 0 done (duplicates or not), 2 no index, no usable images or a damaged catalog, 1 a full disk
-    (one line: what to free).
+    (one line: what to free), 130 interrupted.
     """
     setup_logging(verbose)
     from retrieval.search.duplicates import DuplicatesError, find_duplicates

@@ -47,7 +47,8 @@ AUTO_TRAIN_BATCH_CAP = 64                # --batch-size auto never trains on lar
               help="Learning-rate decay: cosine to 0 over --epochs, or x0.1 every third of them.")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True,
               help="AdamW, or SGD with momentum 0.9.")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True,
+              help="L2 penalty on the trained weights (decoupled for adamw), against overfitting small classes.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Dropout before fc6 and fc7 while training (the network's own is 0.5).")
 @click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True,
@@ -61,7 +62,8 @@ AUTO_TRAIN_BATCH_CAP = 64                # --batch-size auto never trains on lar
 @click.option("--sanity", is_flag=True, help="Also overfit a tiny subset (2 images per class, at most 20) with "
                                              "weight decay and dropout off, and report whether the loss gets under 0.05.")
 @click.option("--keep-head", is_flag=True, help="Keep the new classification layer in the weights file.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the network trains: auto is a CUDA GPU when there is one, else the CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details (and each skipped file).")
 def main(data_dir: Path, model: str, weights: str, out: Path, train: str, objective: str, val_fraction: float,  # noqa: PLR0913

@@ -224,6 +224,10 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
                    "the index is empty", err=True)
     if whiten and (report.vector_index or {}).get("whiten_waits_for"):
         click.echo(f"note: {_whiten_waits(report.vector_index)}", err=True)
+    if report.indexed and (report.network or {}).get("weights") == "random":   # e.g. an index make demo made offline
+        click.echo("note: this index's network has seeded random weights: they find copies and pictures alike in "
+                   "colour, shape and texture, not pictures of the same kind of thing; for that, index into a new "
+                   "folder with --weights imagenet (docs/indexing.md)", err=True)
     if not sys.stdout.isatty():   # a pipe or a log file: the machine-readable last line (a person has read it above)
         click.echo(f"{SUMMARY_PREFIX}{summary_json(report)}")
 

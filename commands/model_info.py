@@ -24,6 +24,9 @@ def main(model: str, input_size: int, as_json: bool) -> None:
     loaded or downloaded), per image. ReLU and dropout are folded into the layer before them, as in
     the classic CS231n table; memory is activations x 4 bytes (MB = 10^6 bytes). Options can also be
     set by environment variables (MODEL_INFO_INPUT_SIZE, ...).
+
+    Exit status: 0 done, 2 usage error (a model name other than alexnet or vgg16, an input too small for the
+    network).
     """
     setup_logging(False)
     from retrieval.features.model_info import layer_table

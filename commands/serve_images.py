@@ -165,6 +165,8 @@ def show_config(ctx: click.Context, overrides: dict[str, tuple[Any, str]]) -> No
         if p.name in OPTION_SETTINGS:    # what the app will use (--device: the app's own default when not given)
             setting = settings.pop(f"RETRIEVAL_{OPTION_SETTINGS[p.name]}")
             value, source = setting.value, source if source != "default" else setting.source
+            if p.name in ("nprobe", "ef_search") and not value:   # 0: what index-images tuned and recorded
+                value, source = None, "default: the index's, as index-images tuned it"
         if p.name == "db_url" and value:   # never print a password
             from retrieval.catalog import mask_url
 
@@ -235,9 +237,9 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
     searched with the nprobe or efSearch index-images tuned, unless --nprobe / --ef-search say otherwise;
     /stats shows the recall measured with them.
 
-    Exit status: 2 when the index cannot be served (none there: run index-images first; a damaged or unreadable
-    catalog; the port in use), 1 when its disk is too full to open the catalog (one line: what to free), 3 when a
-    worker cannot start.
+    Exit status: 0 when stopped (Ctrl-C or SIGTERM), 2 when the index cannot be served (none there: run
+    index-images first; a damaged or unreadable catalog; the port in use), 1 when its disk is too full to open the
+    catalog (one line: what to free), 3 when a worker cannot start.
     """
     overrides = app_overrides(ctx)
     if print_config:

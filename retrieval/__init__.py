@@ -18,7 +18,8 @@ Index a folder (one subfolder per class labels its images), then open the index 
 
 `open_index` -> `Index` (`search`, `neighbours`, `predict`, `duplicates`, `features`, `len()`, `info`); results are
 `SearchResult` (a list of `Hit`), `Prediction`, `IndexInfo`; `evaluate` -> `Evaluation`, `compare` ->
-`Comparison`. Importing this package is light: torch loads when an index is opened.
+`Comparison`. Errors: `IndexNotFound`, `WeightsUnavailable`, `ImageDecodeError`, `ImageNotIndexed`,
+`EvaluationError`, `DuplicatesError`, all importable from here. Importing this package is light: torch loads when an index is opened.
 See docs/python-api.md; the notebook examples/transfer_learning_lab.ipynb walks the whole lesson.
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __all__ = ["open_index", "Index", "ImageNotIndexed", "Query", "SearchResult", "Hit", "Prediction", "IndexInfo",
-           "evaluate", "compare", "Evaluation", "Comparison", "DuplicateGroups", "DuplicatesError"]
+           "evaluate", "compare", "Evaluation", "Comparison", "DuplicateGroups", "DuplicatesError",
+           "IndexNotFound", "WeightsUnavailable", "ImageDecodeError", "EvaluationError"]
 
 # name -> the module that holds it; imported when first used, so `import retrieval` loads no torch, FAISS or SQLAlchemy
 _HOMES = {"open_index": "retrieval.python_api", "Index": "retrieval.python_api",
@@ -36,12 +38,19 @@ _HOMES = {"open_index": "retrieval.python_api", "Index": "retrieval.python_api",
           "IndexInfo": "retrieval.results",
           "evaluate": "retrieval.quality", "compare": "retrieval.quality", "Evaluation": "retrieval.quality",
           "Comparison": "retrieval.quality", "DuplicateGroups": "retrieval.search.duplicates",
-          "DuplicatesError": "retrieval.search.duplicates"}
+          "DuplicatesError": "retrieval.search.duplicates",
+          # the errors the API raises, so that `except retrieval.IndexNotFound:` works
+          "IndexNotFound": "retrieval.search.index", "WeightsUnavailable": "retrieval.features.weights",
+          "ImageDecodeError": "retrieval.images.decode", "EvaluationError": "retrieval.learning.metrics"}
 
 if TYPE_CHECKING:
     from retrieval.python_api import ImageNotIndexed, Index, Query, open_index
     from retrieval.quality import Comparison, Evaluation, compare, evaluate
+    from retrieval.features.weights import WeightsUnavailable
+    from retrieval.images.decode import ImageDecodeError
+    from retrieval.learning.metrics import EvaluationError
     from retrieval.search.duplicates import DuplicateGroups, DuplicatesError
+    from retrieval.search.index import IndexNotFound
     from retrieval.results import Hit, IndexInfo, Prediction, SearchResult
 
 

@@ -140,8 +140,8 @@ class Index:
         24 by default, through the index's network: needs the image files); a number skips that. Nothing is
         changed.
 
-        -> DuplicateGroups: .groups (lists of DuplicateImage: id, path, label, width, height, distance to the
-        keeper), .threshold (.value, .describe(), .caution()), .images, .to_json(). Raises DuplicatesError (a
+        -> DuplicateGroups: .groups (lists of DuplicateImage: id, path, label, width, height, size in bytes,
+        mtime_ns, sha256, distance to the keeper), .threshold (.value, .describe(), .caution()), .images, .to_json(). Raises DuplicatesError (a
         ValueError) when there is nothing to group or no image file to calibrate on."""
         from retrieval.search.duplicates import find_duplicates
 

@@ -192,8 +192,11 @@ def test_help_text_is_unchanged(command):
     ("evaluate-index", ["--index-dir", "no-index"]),               # no index
     ("find-duplicates", ["--index-dir", "no-index"]),              # no index
     ("serve-images", ["--index-dir", "no-index"]),                 # no index
+    ("evaluate-index", ["--index-dir", "index", "-k", "50"]),      # more neighbours than the images give
+    ("find-duplicates", ["--index-dir", "index", "--threshold", "2"]),   # every image would be one group
 ], ids=["index-images-missing-folder", "model-info-bad-model", "search-images-no-index",
-        "evaluate-index-no-index", "find-duplicates-no-index", "serve-images-no-index"])
+        "evaluate-index-no-index", "find-duplicates-no-index", "serve-images-no-index", "evaluate-index-k-too-large",
+        "find-duplicates-threshold-2"])
 def test_user_errors_exit_with_status_2(command, args, workspace):
     result = run(command, *args, cwd=workspace.root)
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)

@@ -284,6 +284,9 @@ def test_an_empty_or_mistyped_folder_is_indexed_empty_and_said_so(tmp_path):
                             timeout=300)
     assert filled.returncode == 0 and "1 images in the index" in filled.stdout, filled.stderr
     assert "no image files" not in filled.stderr
+    # the photo went through the index's random weights (recorded by the first run): said, with what to do instead
+    assert "seeded random weights" in filled.stderr and "--weights imagenet" in filled.stderr, filled.stderr
+    assert "seeded random weights" not in empty.stderr, "nothing was indexed with them"
 
 
 def test_console_scripts_are_installed_and_explain_themselves():

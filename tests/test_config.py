@@ -65,6 +65,8 @@ def test_print_config_defaults_and_derived_values():
     assert rows["--device"] == ("cpu", "default")             # the app's own default when --device is not given
     assert rows["--index-dir"] == (str(Path("index").resolve()), "default")
     assert rows["RETRIEVAL_TORCH_THREADS"] == ("2", "environment variable RETRIEVAL_TORCH_THREADS")
+    assert rows["--nprobe"] == ("-", "default: the index's, as index-images tuned it")   # not a number it never uses
+    assert print_config("--nprobe", "4")["--nprobe"] == ("4", "command line")
 
 
 def test_the_environment_variable_of_an_option_sets_it(monkeypatch):

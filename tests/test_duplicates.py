@@ -162,6 +162,7 @@ def test_user_path_find_duplicates_and_copies_measure(collection, tmp_path):
     assert ev.returncode == 0, ev.stderr
     r = json.loads(ev.stdout)
     assert r["copies"] == 5 * 8 and 0 <= r["duplicates"]["f1"] <= 1
+    assert r["also_calibrated"] == 0, "41 images: the measured ones are not those the threshold was calibrated on"
     assert 0 <= r["recall_at_1"] <= 1 and r["recall_at_1"] > 10 * r["chance_at_1"], r
     assert _folder_state(root / "data") == before
 

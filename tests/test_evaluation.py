@@ -147,6 +147,11 @@ def test_large_k_is_left_out_with_a_note():
     r = evaluate_vectors(vectors, labels, [1, 5, 10], probe=False, unlabelled=2)
     assert r["ks"] == [1, 5] and r["linear_probe"] is None
     assert any("k = 10 left out" in n for n in r["notes"]) and any("2 unlabelled" in n for n in r["notes"])
+    # classes of 3: a perfect ranking still scores 2/5 at k = 5, and the note says so
+    assert any("precision@5 can reach at most 0.40" in n for n in r["notes"]), r["notes"]
+    assert r["retrieval"]["precision_at_k"]["5"] == pytest.approx(0.4)
+    with pytest.raises(EvaluationError, match=r"at most 5 each\): ask for k up to 5"):
+        evaluate_vectors(vectors, labels, [10, 20], probe=False)   # nothing left to measure
 
 
 def test_chance_levels():

@@ -102,7 +102,7 @@ def test_search_refuses_what_is_not_an_image(index):
         index.search(12345)
     with pytest.raises(ValueError, match="uint8"):
         index.search(np.zeros((8, 8, 3), dtype=np.float32))
-    with pytest.raises(ValueError):   # ImageDecodeError
+    with pytest.raises(retrieval.ImageDecodeError):   # a ValueError, caught by its name from the package
         index.search(b"not an image")
     with pytest.raises(FileNotFoundError, match="no-such-photo.jpg"):   # as open() would say, the file named
         index.search("no-such-photo.jpg")
@@ -166,6 +166,10 @@ def test_evaluate_and_compare(built, monkeypatch):
     assert c.matched["images"] == built.total and c.a.probe_accuracy is None
     assert c.a.precision_at_k == c.b.precision_at_k
     assert "B &minus; A" in c._repr_html_() and "+0.000" in c._repr_html_()
+    with pytest.raises(retrieval.EvaluationError, match=f"at most {built.total - 1} each"):
+        retrieval.evaluate("index", ks=(built.total,))   # no k left to measure: said, not a traceback
+    with pytest.raises(retrieval.IndexNotFound):
+        retrieval.open_index("no-index-here")
 
 
 def test_duplicates_from_python_group_a_photo_with_its_copies(tmp_path, monkeypatch):
@@ -190,7 +194,14 @@ def test_duplicates_from_python_group_a_photo_with_its_copies(tmp_path, monkeypa
     assert group[0].distance == 0 and group[0].width == 240 and found.images == 14
     assert found.threshold.source == "calibrated" and given.threshold.source == "given"
     assert [[m.id for m in g] for g in given.groups] == [[m.id for m in g] for g in found.groups]
-    assert found.to_json()["groups"][0][0].keys() >= {"id", "path", "label", "width", "height", "distance"}
+    entries = {e["path"]: e for g in found.to_json()["groups"] for e in g}
+    assert entries["red_circles/larger_resave.jpg"].keys() >= {"id", "path", "label", "width", "height", "bytes",
+                                                                "sha256", "distance"}
+    byte_copy, copied = entries["red_circles/byte_copy.jpg"], entries["red_circles/red_circles_002.jpg"]
+    assert byte_copy["sha256"] == copied["sha256"] != entries["red_circles/larger_resave.jpg"]["sha256"], \
+        "a script tells the byte copy from the re-save by its sha256"
+    assert byte_copy["bytes"] == original.stat().st_size
     assert sorted(p.name for p in data.rglob("*")) == before
-    with retrieval.open_index("index") as index, pytest.raises(retrieval.DuplicatesError):
-        index.duplicates(threshold=-1)   # what find-duplicates --threshold refuses too
+    for refused in (-1, 0, 2, float("nan")):   # what find-duplicates --threshold refuses too
+        with retrieval.open_index("index") as index, pytest.raises(retrieval.DuplicatesError):
+            index.duplicates(threshold=refused)

@@ -246,9 +246,17 @@ def evaluate_vectors(vectors: np.ndarray, labels: Sequence[str], ks: Sequence[in
     ks = sorted(set(int(k) for k in ks))
     assert ks and ks[0] >= 1, "k values must be positive"
     too_big = [k for k in ks if k > n - 1]
+    if too_big and len(too_big) == len(ks):
+        raise EvaluationError(f"k = {', '.join(map(str, too_big))} asks for more neighbours than these {n} labelled "
+                              f"images give (at most {n - 1} each): ask for k up to {n - 1}, e.g. -k 1,{min(5, n - 1)}")
     if too_big:
         notes.append(f"k = {', '.join(map(str, too_big))} left out: {n} labelled images give at most {n - 1} neighbours")
         ks = [k for k in ks if k <= n - 1]
+    largest = max(counts.values())
+    beyond = [k for k in ks if k > largest - 1]
+    if beyond:
+        notes.append(f"k = {', '.join(map(str, beyond))} is more than the largest class's {largest - 1} other images: "
+                     f"precision@{beyond[0]} can reach at most {(largest - 1) / beyond[0]:.2f} here")
     if unlabelled:
         notes.append(f"{unlabelled} unlabelled image(s) left out (neither queries nor neighbours)")
     if alone and len(counts) >= 2:

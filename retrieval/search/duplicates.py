@@ -108,6 +108,7 @@ class DuplicateGroups:
 
     def to_json(self) -> dict:
         return {"groups": [[{"id": m.id, "path": m.path, "label": m.label, "width": m.width, "height": m.height,
+                             "bytes": m.size, "sha256": m.sha256,   # the keeper's sha256 again: a byte copy
                              "distance": round(m.distance, 6)} for m in g] for g in self.groups],
                 "threshold": self.threshold.to_json(), "images": self.images}
 
@@ -257,8 +258,9 @@ def find_duplicates(index: ImageIndex, *, threshold: float | None = None, dim: i
     threshold to one another (calibrated on the collection when not given; grouping "connected": joined pair by pair
     instead), and byte-identical files (same sha256) always. Each group starts with its suggested keeper
     (keeper_order); groups come largest first. Nothing is changed. Raises DuplicatesError."""
-    if threshold is not None and not threshold > 0:   # NaN too
-        raise DuplicatesError(f"the threshold is a distance between whitened vectors, above 0 (up to 2), not {threshold}")
+    if threshold is not None and not 0 < threshold < 2:   # NaN too; at 2 every image is one group
+        raise DuplicatesError(f"the threshold is a distance between whitened vectors, above 0 and below 2, not "
+                              f"{threshold}")
     snapshot = index.snapshot()
     vectors = collection_vectors(snapshot, dim)
     records = _records(snapshot, vectors.ids)
@@ -285,7 +287,8 @@ def evaluate_copies(index: ImageIndex, copies: int, *, seed: int = 1, threshold:
     through the index's network, are searched in the index (as search-images does) and grouped with the collection
     (as find-duplicates does, at its default threshold unless given).
 
-    -> {"images", "asked", "calibration_images" (left for the threshold), "copies", "edits", "recall_at_1", "recall_at_5", "per_edit": {edit: recall@1},
+    -> {"images", "asked", "calibration_images" (left for the threshold), "also_calibrated" (measured images that
+        calibrated the threshold too: a collection of too few images to keep them apart), "copies", "edits", "recall_at_1", "recall_at_5", "per_edit": {edit: recall@1},
         "duplicates": {"threshold", "precision", "recall", "f1", ...}}. recall@k: share of the copies whose original
     (or a byte copy of it) is among their k nearest. within_threshold: share of the copies closer than the threshold
     to their original (what find-duplicates reports for its calibration copies). Duplicate pairs counted: those with a
@@ -326,7 +329,9 @@ def evaluate_copies(index: ImageIndex, copies: int, *, seed: int = 1, threshold:
     scores = pair_scores(predicted, truth, among=set(range(n_coll, len(white))))
     own = vectors.white[[rows[r.id] for r in used]].repeat(len(edits), axis=0)    # (copies, d_out) their originals
     within = float(np.mean(np.linalg.norm(white[n_coll:] - own, axis=1) < chosen.value))
-    return {"images": len(used), "asked": copies, "calibration_images": len(avoid), "copies": len(raw),
+    return {"images": len(used), "asked": copies, "calibration_images": len(avoid),
+            "also_calibrated": sum(r.id in avoid for r in used),   # too few images to keep the two apart
+            "copies": len(raw),
             "edits": edits, "seed": seed,
             "recall_at_1": float(np.mean(found1)), "recall_at_5": float(np.mean(found5)),
             "per_edit": {e: float(np.mean(v)) for e, v in per_edit.items()},
