@@ -75,15 +75,15 @@ class Threshold:
         if self.choice is None:
             return f"threshold {self.value:.3f} (given)"
         c = self.choice
-        return (f"threshold {self.value:.3f}, calibrated on this collection: {c.copy_recall:.0%} of {c.copies} edited "
+        return (f"threshold {self.value:.3f}, calibrated on this collection. {c.copy_recall:.0%} of {c.copies} edited "
                 f"copies of {self.calibration_images} of its images ({', '.join(EDITS)}) lie within it of their "
-                f"original; of {c.neighbours} distances from its images to their nearest others, "
-                f"{c.neighbour_share:.1%} fall under it; it estimates that about {c.copy_rate:.1%} of those distances are "
-                f"between copies{self._in_groups()}, and chose the threshold for that (--threshold to override)")
+                f"original. Of {c.neighbours} distances from its images to their nearest others, "
+                f"{c.neighbour_share:.1%} fall under it; about {c.copy_rate:.1%} look like copies{self._in_groups()}, "
+                "and the threshold was chosen for that. --threshold overrides it.")
 
     def _in_groups(self) -> str:
         g = self.choice.group_size
-        return f" (in groups of about {g:.0f} images, so two copies of one image count too)" if g > 2 else ""
+        return f" (in groups of about {g:.0f}, so copies of one image count with each other too)" if g > 2 else ""
 
 
 @dataclasses.dataclass(frozen=True)
