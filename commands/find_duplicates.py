@@ -52,7 +52,7 @@ def main(index_dir: Path, db_url: str | None, threshold: float | None, calibrati
 
     with querying(open_index(index_dir, db_url, device, load_network=threshold is None), index_dir, db_url) as index:
         try:
-            result = find_duplicates(index, threshold=threshold, calibration_images=calibration_images)
+            result = find_duplicates(index, threshold=threshold, calibration_images=calibration_images, progress=True)
         except DuplicatesError as exc:
             raise UserError(str(exc)) from exc
     if as_json:

@@ -97,25 +97,12 @@ def test_the_human_output_ends_with_the_json_summary(runner, data, tmp_path):
 
 def test_on_a_terminal_a_person_reads_the_report_without_the_json_line_and_an_unmet_whiten_says_why(tmp_path):
     """The console script on a real terminal (a pseudo-terminal), run as a person does in a fresh folder."""
-    import pty
+    from helpers.terminal import run_on_terminal
 
     make_sample_collection(tmp_path / "data", per_class=10, size=(80, 60), classes=["red_circles", "blue_squares"])
-    parent, child = pty.openpty()
-    proc = subprocess.run([console_script("index-images"), "data", "--weights", "random", "--whiten"], cwd=tmp_path,
-                          stdout=child, stderr=child, timeout=300)
-    os.close(child)
-    out = b""
-    while True:
-        try:
-            chunk = os.read(parent, 65536)
-        except OSError:          # the terminal is closed and drained
-            break
-        if not chunk:
-            break
-        out += chunk
-    os.close(parent)
-    text = out.decode()
-    assert proc.returncode == 0, text
+    status, text = run_on_terminal([console_script("index-images"), "data", "--weights", "random", "--whiten"],
+                                   tmp_path)
+    assert status == 0, text
     assert "indexed 20," in text and "summary {" not in text and "wait for decoding" not in text, text
     assert "--whiten waits for 128 images (the index has 20)" in text and "--whiten-dim 16 whitens these 20 now" in text
 

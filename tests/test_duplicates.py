@@ -156,6 +156,13 @@ def test_user_path_find_duplicates_and_copies_measure(collection, tmp_path):
     assert out.returncode == 0, out.stderr
     _check_groups(json.loads(out.stdout)["groups"], truth)
     assert _folder_state(root / "data") == before
+    assert "edited copies" not in out.stderr, "no progress bar where no person watches"
+    from helpers.terminal import run_on_terminal
+
+    status, text = run_on_terminal([str(BIN / "find-duplicates"), "--index-dir", str(root / "index")], tmp_path)
+    assert status == 0, text
+    assert "reading vectors" in text and "edited copies" in text and "192/192" in text, text   # 24 images x 8 edits
+    assert "groups of near-duplicates" in text and "keep" in text, text
 
     ev = subprocess.run([str(BIN / "evaluate-index"), "--index-dir", str(root / "index"), "--copies", "5", "--json"],
                         capture_output=True, text=True, timeout=300, env=env)

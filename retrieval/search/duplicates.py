@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import logging
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -118,20 +119,31 @@ def keeper_order(record: ImageRecord) -> tuple:
     return (-record.width * record.height, -record.size, record.mtime_ns, record.path)
 
 
-def collection_vectors(snapshot: IndexSnapshot, dim: int = DEFAULT_WHITEN_DIM) -> CollectionVectors:
+def progress_bar(progress: bool, desc: str, total: int, unit: str = "img"):  # noqa: ANN201 - tqdm
+    """A tqdm bar on stderr when progress is asked for and stderr is a terminal; silent otherwise."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False,
+                disable=not (progress and sys.stderr.isatty()))
+
+
+def collection_vectors(snapshot: IndexSnapshot, dim: int = DEFAULT_WHITEN_DIM, progress: bool = False,
+                       ) -> CollectionVectors:
     """Every catalog vector, whitened with the whitening learned on them (on a random WHITEN_TRAIN_MAX when there
-    are more), read in chunks: the raw 4096-d vectors are never all in memory. Raises DuplicatesError below two
-    images."""
+    are more), read in chunks: the raw 4096-d vectors are never all in memory. progress: a bar per pass over the
+    catalog on a terminal. Raises DuplicatesError below two images."""
     count = snapshot.catalog.count()
     if count < 2:
         raise DuplicatesError("the index holds fewer than two images: nothing can be a duplicate")
     rng = np.random.default_rng(0)
     share = min(1.0, WHITEN_TRAIN_MAX / count)
     sample, ids, chunks = [], [], []
-    for chunk_ids, chunk in snapshot.catalog.vectors():
-        sample.append(chunk if share == 1.0 else chunk[rng.random(len(chunk)) < share])
-        if share == 1.0:
-            ids.append(chunk_ids)
+    with progress_bar(progress, "reading vectors", count) as bar:
+        for chunk_ids, chunk in snapshot.catalog.vectors():
+            sample.append(chunk if share == 1.0 else chunk[rng.random(len(chunk)) < share])
+            if share == 1.0:
+                ids.append(chunk_ids)
+            bar.update(len(chunk_ids))
     train = np.concatenate(sample)
     if len(train) < 2:
         raise DuplicatesError("the index holds fewer than two readable vectors: nothing can be a duplicate")
@@ -139,17 +151,20 @@ def collection_vectors(snapshot: IndexSnapshot, dim: int = DEFAULT_WHITEN_DIM) -
     if share == 1.0:   # all of them are in memory already
         return CollectionVectors(np.concatenate(ids), whiten(pca, train), pca)
     del train, sample
-    for chunk_ids, chunk in snapshot.catalog.vectors():   # a second pass, whitening chunk by chunk
-        ids.append(chunk_ids)
-        chunks.append(whiten(pca, chunk))
+    with progress_bar(progress, "whitening vectors", count) as bar:
+        for chunk_ids, chunk in snapshot.catalog.vectors():   # a second pass, whitening chunk by chunk
+            ids.append(chunk_ids)
+            chunks.append(whiten(pca, chunk))
+            bar.update(len(chunk_ids))
     return CollectionVectors(np.concatenate(ids), np.concatenate(chunks), pca)
 
 
-def edited_copy_vectors(snapshot: IndexSnapshot, records: list[ImageRecord], seed: int,
+def edited_copy_vectors(snapshot: IndexSnapshot, records: list[ImageRecord], seed: int, progress: bool = False,
                         ) -> tuple[list[ImageRecord], np.ndarray, list[str]]:
     """The edited copies (every edit of retrieval.images.edits) of the images at records, through the index's own
     network -> (the records whose file could be read, vectors shape=(len * edits, dim) float32 in record order,
-    the edit names in their order within each record). Files that cannot be read are left out (logged)."""
+    the edit names in their order within each record). Files that cannot be read are left out (logged).
+    progress: a bar over the copies' forward passes on a terminal."""
     assert snapshot.extractor is not None, "the index was opened without its network"
     prep = snapshot.extractor.preprocessing
     used, crops = [], []
@@ -163,7 +178,11 @@ def edited_copy_vectors(snapshot: IndexSnapshot, records: list[ImageRecord], see
         crops.extend(prep.crop(c) for c in edited_copies(img, seed).values())   # each (3, crop, crop) uint8
     if not crops:
         return used, np.zeros((0, snapshot.settings.dim), np.float32), list(EDITS)
-    out = [snapshot.embed(torch.from_numpy(np.stack(crops[s:s + BATCH]))) for s in range(0, len(crops), BATCH)]
+    out = []
+    with progress_bar(progress, "edited copies", len(crops), unit="copy") as bar:
+        for s in range(0, len(crops), BATCH):
+            out.append(snapshot.embed(torch.from_numpy(np.stack(crops[s:s + BATCH]))))
+            bar.update(len(out[-1]))
     return used, np.concatenate(out), list(EDITS)
 
 
@@ -176,7 +195,7 @@ def _sample_records(snapshot: IndexSnapshot, ids: np.ndarray, n: int, seed: int,
 
 
 def calibration_distances(snapshot: IndexSnapshot, vectors: CollectionVectors, same_file: dict[str, list[int]],
-                          images: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED,
+                          images: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED, progress: bool = False,
                           ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """What the threshold is chosen from: edited copies of `images` sampled images give copy distances (each copy to
     its image) and sibling distances (two copies of one image to each other); up to NEIGHBOUR_IMAGES images of the
@@ -185,7 +204,7 @@ def calibration_distances(snapshot: IndexSnapshot, vectors: CollectionVectors, s
     shape=(sampled, NEIGHBOURS) with inf where fewer, sibling distances shape=(used * edits * (edits - 1) / 2,)).
     same_file: see same_file_rows. Raises DuplicatesError."""
     records = _sample_records(snapshot, vectors.ids, images, seed)
-    used, copies, edits = edited_copy_vectors(snapshot, records, seed)
+    used, copies, edits = edited_copy_vectors(snapshot, records, seed, progress)
     if not used:
         raise DuplicatesError(f"none of the {len(records)} sampled images could be read from {snapshot.data_dir} "
                               "to calibrate the threshold; give one with --threshold")
@@ -205,10 +224,11 @@ def calibration_distances(snapshot: IndexSnapshot, vectors: CollectionVectors, s
 
 def calibrate(snapshot: IndexSnapshot, vectors: CollectionVectors, same_file: dict[str, list[int]],
               images: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED,
-              grouping: str = DEFAULT_GROUPING) -> Threshold:
+              grouping: str = DEFAULT_GROUPING, progress: bool = False) -> Threshold:
     """Choose the threshold on the collection itself (choose_threshold on calibration_distances). Raises
     DuplicatesError."""
-    used, copy_d, neighbour_d, sibling_d = calibration_distances(snapshot, vectors, same_file, images, seed)
+    used, copy_d, neighbour_d, sibling_d = calibration_distances(snapshot, vectors, same_file, images, seed,
+                                                                 progress)
     choice = choose_threshold(copy_d, neighbour_d, GROUPING_BETA[grouping], sibling_d)
     log.info("calibrated threshold %.4f on %d copies, %d neighbour distances", choice.threshold, choice.copies,
              choice.neighbours)
@@ -253,20 +273,21 @@ def group_rows(white: np.ndarray, threshold: float, same_file: list[list[int]],
 
 def find_duplicates(index: ImageIndex, *, threshold: float | None = None, dim: int = DEFAULT_WHITEN_DIM,
                     calibration_images: int = CALIBRATION_IMAGES, grouping: str = DEFAULT_GROUPING,
-                    ) -> DuplicateGroups:
+                    progress: bool = False) -> DuplicateGroups:
     """Groups of near-duplicate images of an index: images whose whitened catalog vectors are all closer than the
     threshold to one another (calibrated on the collection when not given; grouping "connected": joined pair by pair
     instead), and byte-identical files (same sha256) always. Each group starts with its suggested keeper
-    (keeper_order); groups come largest first. Nothing is changed. Raises DuplicatesError."""
+    (keeper_order); groups come largest first. Nothing is changed. progress: bars on a terminal (stderr) while the
+    vectors are read and the calibration's copies go through the network. Raises DuplicatesError."""
     if threshold is not None and not 0 < threshold < 2:   # NaN too; at 2 every image is one group
         raise DuplicatesError(f"the threshold is a distance between whitened vectors, above 0 and below 2, not "
                               f"{threshold}")
     snapshot = index.snapshot()
-    vectors = collection_vectors(snapshot, dim)
+    vectors = collection_vectors(snapshot, dim, progress)
     records = _records(snapshot, vectors.ids)
     by_content = same_file_rows(records, vectors)
-    chosen = calibrate(snapshot, vectors, by_content, calibration_images, grouping=grouping) if threshold is None \
-        else Threshold(float(threshold), "given", None)
+    chosen = calibrate(snapshot, vectors, by_content, calibration_images, grouping=grouping, progress=progress) \
+        if threshold is None else Threshold(float(threshold), "given", None)
     same_file = [g for g in by_content.values() if len(g) > 1]
     groups = []
     for rows in group_rows(vectors.white, chosen.value, same_file, grouping):
@@ -282,7 +303,7 @@ def find_duplicates(index: ImageIndex, *, threshold: float | None = None, dim: i
 
 
 def evaluate_copies(index: ImageIndex, copies: int, *, seed: int = 1, threshold: float | None = None,
-                    dim: int = DEFAULT_WHITEN_DIM) -> dict:
+                    dim: int = DEFAULT_WHITEN_DIM, progress: bool = False) -> dict:
     """The label-free measure: edited copies (every edit) of `copies` images of the collection, made now and put
     through the index's network, are searched in the index (as search-images does) and grouped with the collection
     (as find-duplicates does, at its default threshold unless given).
@@ -295,16 +316,16 @@ def evaluate_copies(index: ImageIndex, copies: int, *, seed: int = 1, threshold:
     copy in them (true when the copy and the other image come from the same original; copies of one original among
     themselves too), in the groups (every two images of a group within the threshold). Raises DuplicatesError."""
     snapshot = index.snapshot()
-    vectors = collection_vectors(snapshot, dim)
+    vectors = collection_vectors(snapshot, dim, progress)
     all_records = _records(snapshot, vectors.ids)
     by_content = same_file_rows(all_records, vectors)
-    chosen = calibrate(snapshot, vectors, by_content) if threshold is None \
+    chosen = calibrate(snapshot, vectors, by_content, progress=progress) if threshold is None \
         else Threshold(float(threshold), "given", None)
     avoid: set[int] = set()
     if chosen.source == "calibrated":   # measure on other images than the calibration's, where there are enough
         avoid = {r.id for r in _sample_records(snapshot, vectors.ids, CALIBRATION_IMAGES, CALIBRATION_SEED)}
     records = _sample_records(snapshot, vectors.ids, copies, seed, avoid)
-    used, raw, edits = edited_copy_vectors(snapshot, records, seed)
+    used, raw, edits = edited_copy_vectors(snapshot, records, seed, progress)
     if not used:
         raise DuplicatesError(f"none of the {len(records)} sampled images could be read from {snapshot.data_dir}")
     hits = snapshot.search_vectors(raw, 5)
