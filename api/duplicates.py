@@ -7,11 +7,14 @@ import logging
 import threading
 from typing import Any
 
-from flask import Blueprint, Response, current_app, render_template
+import math
+
+from flask import Blueprint, Response, current_app, render_template, request
 from sqlalchemy.exc import SQLAlchemyError
 
 from retrieval.search.duplicates import DuplicateGroups, DuplicatesError, find_duplicates
 
+from api.errors import ApiError
 from api.service import current_service
 
 log = logging.getLogger(__name__)
@@ -25,7 +28,7 @@ MAX_GROUPS_SHOWN = 200
 
 @dataclasses.dataclass(frozen=True)
 class Grouping:
-    key: Any                            # the index version the groups are of
+    key: Any                            # (the index version the groups are of, the threshold asked for or None)
     result: DuplicateGroups | None
     problem: str | None
 
@@ -39,8 +42,9 @@ class GroupingCache:
         self._latest: Grouping | None = None
         self._running: Any = None       # the version being grouped now (None: no thread)
 
-    def get(self, key: Any, index: Any, wait_s: float) -> tuple[Grouping | None, bool]:
-        """-> (the newest grouping, whether it is of this key); starts one for key unless done or under way."""
+    def get(self, key: tuple[Any, float | None], index: Any, wait_s: float) -> tuple[Grouping | None, bool]:
+        """key: (index version, threshold or None for the calibrated one) -> (the newest grouping, whether it is of
+        this key); starts one for key unless done or under way."""
         with self._lock:
             latest = self._latest
             if latest is None or latest.key != key:
@@ -51,9 +55,9 @@ class GroupingCache:
             latest = self._latest
             return latest, latest is not None and latest.key == key
 
-    def _run(self, key: Any, index: Any) -> None:
+    def _run(self, key: tuple[Any, float | None], index: Any) -> None:
         try:
-            grouping = Grouping(key, find_duplicates(index), None)
+            grouping = Grouping(key, find_duplicates(index, threshold=key[1]), None)
         except DuplicatesError as exc:
             grouping = Grouping(key, None, str(exc))
         except (SQLAlchemyError, OSError, RuntimeError) as exc:   # the catalog or the network failed
@@ -70,12 +74,29 @@ def _cache() -> GroupingCache:
 
 @bp.get("/duplicates")
 def duplicates() -> Response:
-    """Groups of near-duplicates with thumbnails, the suggested keeper first; nothing is changed."""
+    """Groups of near-duplicates with thumbnails, the suggested keeper first; nothing is changed. ?threshold=D groups
+    at D (0 < D < 2) instead of the calibrated threshold, as find-duplicates --threshold D does."""
+    threshold = _threshold(request.args.get("threshold"))
     service = current_service()
     snapshot = service.index.snapshot()
-    grouping, fresh = _cache().get(snapshot.version, service.index, WAIT_S)
+    grouping, fresh = _cache().get((snapshot.version, threshold), service.index, WAIT_S)
     result = grouping.result if grouping else None
     html = render_template("duplicates.html", result=result, problem=grouping.problem if grouping else None,
                            groups=result.groups[:MAX_GROUPS_SHOWN] if result else [], computing=not fresh,
-                           refresh_s=REFRESH_S, summary=service.index_summary(snapshot))
+                           refresh_s=REFRESH_S, summary=service.index_summary(snapshot), threshold=threshold)
     return Response(html, headers={} if fresh else {"Refresh": str(REFRESH_S)})
+
+
+def _threshold(raw: str | None) -> float | None:
+    """?threshold= -> a distance between whitened vectors, 0 < D < 2, or None (absent or empty: calibrated). Raises
+    ApiError 400."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        value = float(raw.strip()[:32])
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 2:   # NaN too
+        raise ApiError(400, "bad_threshold", f"threshold must be a distance between whitened vectors above 0 and "
+                                             f"below 2, not {raw.strip()[:32]!r}")
+    return value

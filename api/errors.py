@@ -60,7 +60,8 @@ def _http_message(exc: HTTPException) -> str:
                     "(multipart field 'image') or as the raw request body")
         return f"the upload is larger than the {limit / (1024 * 1024):g} MB limit"
     if exc.code == 404:
-        return "no such resource: see GET /stats, POST /search, GET /images/<id>"
+        return ("no such resource: the API has POST /search, GET /images/<id>, GET /images/<id>/neighbours, "
+                "GET /stats, GET /healthz and GET /metrics; the gallery is at /")
     if exc.code == 405:
         allowed = ", ".join(sorted(exc.valid_methods or [])) if hasattr(exc, "valid_methods") else ""
         return f"{request.method} is not allowed here" + (f"; use {allowed}" if allowed else "")

@@ -60,8 +60,8 @@ class RequestReadAhead:
         return self.complete
 
     @property
-    def head_too_long(self) -> bool:
-        return self.body_start < 0 and len(self.data) > MAX_HEAD_BYTES
+    def head_too_long(self) -> bool:   # still without its end past the limit, or ended past it (one read brought it)
+        return len(self.data) > MAX_HEAD_BYTES if self.body_start < 0 else self.body_start - 4 > MAX_HEAD_BYTES
 
     @property
     def awaiting_body(self) -> bool:

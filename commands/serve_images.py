@@ -19,7 +19,7 @@ from commands.options import UserError, catalog_error, command_settings, source_
 from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV, MAX_EF_SEARCH, MAX_NPROBE
 from retrieval.system import available_cores, collector_paused, hold_interrupts_while_importing, leave_out_triton
 
-from api.gunicorn_worker import DEFAULT_READ_TIMEOUT_S, with_read_timeout
+from api.gunicorn_worker import DEFAULT_READ_TIMEOUT_S, MAX_HEAD_BYTES, with_read_timeout
 from api.settings import settings_in_force
 
 MAX_CONNECTIONS = 64   # open connections per worker process (gunicorn's default is 1000)
@@ -271,6 +271,12 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
         "timeout": timeout,
         "graceful_timeout": 10,
         "keepalive": 5,
+        # gunicorn's own head limits (4 KB request line, 8 KB per header, 100 headers) answer in HTML; the read-ahead
+        # worker answers JSON 431 past MAX_HEAD_BYTES (64 KB) for the whole head, so a long query string reaches the
+        # app (400 bad_k, not an HTML 414)
+        "limit_request_line": 0,                           # unlimited (gunicorn's documented 0)
+        "limit_request_field_size": MAX_HEAD_BYTES,        # here 0 means its 8 KB default
+        "limit_request_fields": 32768,                     # its most
         "preload_app": False,
         "accesslog": "-" if access_log else None,
         "errorlog": "-",

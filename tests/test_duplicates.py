@@ -196,6 +196,39 @@ def test_duplicates_page_shows_the_groups_with_thumbnails(collection, tmp_path):
         assert errors.take() == []
 
 
+def test_duplicates_page_at_a_threshold_of_ones_own(collection, tmp_path):
+    """/duplicates?threshold=D groups at D, as find-duplicates --threshold D does, with a way back; a threshold out
+    of range is a 400 page that says why."""
+    import time
+
+    from api import create_app
+    from retrieval.search.duplicates import find_duplicates
+    from retrieval.search.index import ImageIndex
+
+    root, _ = collection
+    app = create_app({"INDEX_DIR": str(root / "index"), "RELOAD_INTERVAL_S": 0, "THUMBNAIL_DIR": str(tmp_path / "t")})
+    try:
+        client = app.test_client()
+        deadline = time.monotonic() + 120
+        while True:   # the page computes in the background and says so (Refresh) until the groups are ready
+            page = client.get("/duplicates?threshold=0.3")
+            if "Refresh" not in page.headers or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        html = page.get_data(as_text=True)
+        assert page.status_code == 200 and "threshold 0.300 (given)." in html and 'id="calibrated-link"' in html, html
+        index = ImageIndex(root / "index", load_network=False)
+        try:
+            expected = len(find_duplicates(index, threshold=0.3).groups)
+        finally:
+            index.close()
+        assert html.count('class="panel duplicate-group"') == min(expected, 200)
+        refused = client.get("/duplicates?threshold=3")
+        assert refused.status_code == 400 and "below 2" in refused.get_data(as_text=True)
+    finally:
+        app.extensions["retrieval"].close()
+
+
 # --- the array functions -------------------------------------------------------------------------------------
 
 

@@ -85,6 +85,9 @@ def test_results_pages_offer_query_expansion_and_keep_it_with_k(client, sample_i
     html = page.get_data(as_text=True)
     assert page.status_code == 200 and len(gallery_links(html.split('id="neighbours"', 1)[1])) == 12
     assert 'active" href="?k=12&amp;qe=3"' in html and "?k=6&amp;qe=3" in html   # k choices keep the expansion
+    # the page says the distances are now from the expanded query (an identical image need not come first)
+    assert 'id="expanded"' in html and "Expanded with the top 3" in html and 'id="already-indexed"' not in html
+    assert 'id="expanded"' not in client.get(location).get_data(as_text=True)
     assert client.get(location + "&qe=lots").status_code == 400
     image_page = client.get(f"/gallery/{gallery_links(html)[0]}?qe=3")
     assert image_page.status_code == 200 and 'active" href="?k=12&amp;qe=3"' in image_page.get_data(as_text=True)

@@ -293,3 +293,24 @@ def test_hostile_ids_are_404_under_gunicorn(odd_server):
     for raw in ("99999999999999999999", "١", "-1", "9" * 300):
         for route in ID_ROUTES:
             assert requests.get(odd_server + route.format(_quote(raw)), timeout=30).status_code == 404, (route, raw)
+
+
+@pytest.mark.slow
+def test_long_request_lines_and_headers_are_answered_in_json_under_gunicorn(odd_server):
+    """gunicorn's own limits (4 KB request line, 8 KB header) would answer an HTML 414/431; the API answers JSON:
+    a long k reaches the app (400 bad_k), a 10 KB header is served, a head over 64 KB is 431 headers_too_large
+    whether it arrives in pieces or with its end in the same read."""
+    def answer(raw: bytes) -> tuple[str, bytes]:
+        head, _, body = _exchange(odd_server, raw).partition(b"\r\n\r\n")
+        assert b"application/json" in head.lower(), head[:300]
+        return head.split(b"\r\n", 1)[0].decode(), body   # a refusal's body may be cut short: its head came first
+
+    status, body = answer(b"GET /stats?k=" + b"9" * 5000 + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status.startswith("HTTP/1.1 200 "), (status, body[:300])   # /stats takes no k: a long line is no error
+    raw = b"GET /images/1/neighbours?k=" + b"9" * 5000 + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    status, body = answer(raw)
+    assert status.startswith("HTTP/1.1 400 ") and b"bad_k" in body, (status, body[:300])
+    status, body = answer(b"GET /stats HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10_000 + b"\r\nConnection: close\r\n\r\n")
+    assert status.startswith("HTTP/1.1 200 "), (status, body[:300])
+    status, body = answer(b"GET /stats HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\nConnection: close\r\n\r\n")
+    assert status.startswith("HTTP/1.1 431 "), (status, body[:300])
