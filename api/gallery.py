@@ -71,12 +71,13 @@ def gallery_root() -> Response:
 def upload() -> Response | tuple[str, int]:
     """Search with an uploaded photo, then redirect to its results page (so reload and back just work)."""
     service = current_service()
+    filename = None
     try:
         k = _gallery_k()
         data, filename = read_query_image(request)
         answer = service.search_upload(data, k, preview_size=PREVIEW_SIZE)   # the preview: same decode, same limits
-    except ApiError as exc:
-        return _home(error=exc.message, status=exc.status)
+    except ApiError as exc:   # the file named, as the page's own check names a file that is no image
+        return _home(error=f"“{filename}”: {exc.message}" if filename else exc.message, status=exc.status)
     except RequestEntityTooLarge:
         limit_mb = current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
         return _home(error=f"That photo is larger than the {limit_mb:g} MB upload limit.", status=413)

@@ -97,6 +97,7 @@ def test_upload_of_a_non_image_shows_the_form_again_with_the_reason(client):
     r = post_photo(client, b"%PDF-1.4 not a photo")
     assert r.status_code == 415 and r.mimetype == "text/html"
     assert "not a usable image" in r.get_data(as_text=True)
+    assert "“holiday.jpg”" in r.get_data(as_text=True), "the file is named, as the page's own check names it"
 
 
 def test_upload_without_a_file_shows_the_form_again(client):
