@@ -300,10 +300,19 @@ def test_long_request_lines_and_headers_are_answered_in_json_under_gunicorn(odd_
     """gunicorn's own limits (4 KB request line, 8 KB header) would answer an HTML 414/431; the API answers JSON:
     a long k reaches the app (400 bad_k), a 10 KB header is served, a head over 64 KB is 431 headers_too_large
     whether it arrives in pieces or with its end in the same read."""
-    def answer(raw: bytes) -> tuple[str, bytes]:
-        head, _, body = _exchange(odd_server, raw).partition(b"\r\n\r\n")
+    def answer(raw: bytes) -> tuple[str, bytes]:   # every request says Connection: close: read until the server closes
+        host, port = odd_server.rsplit("/", 1)[1].split(":")
+        got = b""
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            try:
+                sock.sendall(raw)
+                while chunk := sock.recv(65536):
+                    got += chunk
+            except (BrokenPipeError, ConnectionResetError):   # a refusal may close before all was sent
+                pass
+        head, _, body = got.partition(b"\r\n\r\n")
         assert b"application/json" in head.lower(), head[:300]
-        return head.split(b"\r\n", 1)[0].decode(), body   # a refusal's body may be cut short: its head came first
+        return head.split(b"\r\n", 1)[0].decode(), body
 
     status, body = answer(b"GET /stats?k=" + b"9" * 5000 + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status.startswith("HTTP/1.1 200 "), (status, body[:300])   # /stats takes no k: a long line is no error
@@ -313,4 +322,4 @@ def test_long_request_lines_and_headers_are_answered_in_json_under_gunicorn(odd_
     status, body = answer(b"GET /stats HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10_000 + b"\r\nConnection: close\r\n\r\n")
     assert status.startswith("HTTP/1.1 200 "), (status, body[:300])
     status, body = answer(b"GET /stats HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\nConnection: close\r\n\r\n")
-    assert status.startswith("HTTP/1.1 431 "), (status, body[:300])
+    assert status.startswith("HTTP/1.1 431 ") and (not body or b"headers_too_large" in body), (status, body[:300])
