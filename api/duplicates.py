@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 from typing import Any
-
-import math
 
 from flask import Blueprint, Response, current_app, render_template, request
 from sqlalchemy.exc import SQLAlchemyError
 
-from retrieval.search.duplicates import DuplicateGroups, DuplicatesError, find_duplicates
+from retrieval.search.duplicates import DuplicateGroups, DuplicatesError, check_threshold, find_duplicates
 
 from api.errors import ApiError
 from api.service import current_service
@@ -96,7 +95,7 @@ def _threshold(raw: str | None) -> float | None:
         value = float(raw.strip()[:32])
     except ValueError:
         value = math.nan
-    if not 0 < value < 2:   # NaN too
-        raise ApiError(400, "bad_threshold", f"threshold must be a distance between whitened vectors above 0 and "
-                                             f"below 2, not {raw.strip()[:32]!r}")
-    return value
+    try:
+        return check_threshold(value)   # what find-duplicates --threshold accepts
+    except DuplicatesError as exc:
+        raise ApiError(400, "bad_threshold", str(exc)) from None

@@ -124,7 +124,8 @@ def copies_result(index_dir: Path, db_url: str | None, copies: int, seed: int, d
 
     with querying(open_index(index_dir, db_url, device), index_dir, db_url) as index:
         try:
-            result = evaluate_copies(index, copies, seed=seed + 1, progress=True)   # seed 0 picks the threshold's calibration images
+            # seed 0 picks the threshold's calibration images
+            result = evaluate_copies(index, copies, seed=seed + 1, progress=True)
         except DuplicatesError as exc:
             raise UserError(str(exc)) from exc
         s = index.settings

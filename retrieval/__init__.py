@@ -19,7 +19,8 @@ Index a folder (one subfolder per class labels its images), then open the index 
 `open_index` -> `Index` (`search`, `neighbours`, `predict`, `duplicates`, `features`, `len()`, `info`); results are
 `SearchResult` (a list of `Hit`), `Prediction`, `IndexInfo`; `evaluate` -> `Evaluation`, `compare` ->
 `Comparison`. Errors: `IndexNotFound`, `WeightsUnavailable`, `ImageDecodeError`, `ImageNotIndexed`,
-`EvaluationError`, `DuplicatesError`, all importable from here. Importing this package is light: torch loads when an index is opened.
+`EvaluationError`, `DuplicatesError`, all importable from here. Importing this package is light: torch loads when
+an index is opened.
 See docs/python-api.md; the notebook examples/transfer_learning_lab.ipynb walks the whole lesson.
 """
 from __future__ import annotations

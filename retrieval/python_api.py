@@ -141,8 +141,9 @@ class Index:
         changed.
 
         -> DuplicateGroups: .groups (lists of DuplicateImage: id, path, label, width, height, size in bytes,
-        mtime_ns, sha256, distance to the keeper), .threshold (.value, .describe(), .caution()), .images, .to_json(). Raises DuplicatesError (a
-        ValueError) when there is nothing to group or no image file to calibrate on."""
+        mtime_ns, sha256, distance to the keeper), .threshold (.value, .describe(), .caution()), .images,
+        .to_json(). Raises DuplicatesError (a ValueError) for a threshold not in (0, 2), when there is nothing to
+        group or no image file to calibrate on."""
         from retrieval.search.duplicates import find_duplicates
 
         given = {} if calibration_images is None else {"calibration_images": calibration_images}

@@ -271,6 +271,15 @@ def group_rows(white: np.ndarray, threshold: float, same_file: list[list[int]],
     return groups + [sorted(g) for g in rest.values()]
 
 
+def check_threshold(threshold: float) -> float:
+    """threshold, a distance between whitened (unit) vectors, if 0 < threshold < 2 (at 2 every image is one group).
+    Raises DuplicatesError, NaN included."""
+    if not 0 < threshold < 2:
+        raise DuplicatesError(f"the threshold is a distance between whitened vectors, above 0 and below 2, not "
+                              f"{threshold}")
+    return threshold
+
+
 def find_duplicates(index: ImageIndex, *, threshold: float | None = None, dim: int = DEFAULT_WHITEN_DIM,
                     calibration_images: int = CALIBRATION_IMAGES, grouping: str = DEFAULT_GROUPING,
                     progress: bool = False) -> DuplicateGroups:
@@ -279,9 +288,8 @@ def find_duplicates(index: ImageIndex, *, threshold: float | None = None, dim: i
     instead), and byte-identical files (same sha256) always. Each group starts with its suggested keeper
     (keeper_order); groups come largest first. Nothing is changed. progress: bars on a terminal (stderr) while the
     vectors are read and the calibration's copies go through the network. Raises DuplicatesError."""
-    if threshold is not None and not 0 < threshold < 2:   # NaN too; at 2 every image is one group
-        raise DuplicatesError(f"the threshold is a distance between whitened vectors, above 0 and below 2, not "
-                              f"{threshold}")
+    if threshold is not None:
+        check_threshold(threshold)
     snapshot = index.snapshot()
     vectors = collection_vectors(snapshot, dim, progress)
     records = _records(snapshot, vectors.ids)
