@@ -149,16 +149,27 @@ def test_ray_run_equals_a_single_process_run(cluster, collection, tmp_path):
     assert (again.indexed, again.unchanged) == (0, N_IMAGES)
 
 
-def test_driver_killed_mid_run_then_rerun_equals_a_single_process_run(cluster, collection, tmp_path):
-    data, reference, reference_ids = collection
-    index_dir = tmp_path / "index"
+def killed_after_first_commit(data: Path, index_dir: Path, cluster: str) -> int:
+    """Start index-images --ray, SIGKILL it as soon as its first batch is committed; -> the rows it left."""
     proc = subprocess.Popen(index_command(data, index_dir, cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for(lambda: committed_rows(index_dir) >= 4 or proc.poll() is not None, 240, interval=0.01)
+    wait_for(lambda: committed_rows(index_dir) >= 1 or proc.poll() is not None, 240, interval=0.005)
     assert proc.poll() is None, f"the run ended before it could be killed; the test proves nothing: {proc.stderr.read()}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    partial = committed_rows(index_dir)
-    assert 4 <= partial < N_IMAGES
+    return committed_rows(index_dir)
+
+
+def test_driver_killed_mid_run_then_rerun_equals_a_single_process_run(cluster, collection, tmp_path):
+    data, reference, reference_ids = collection
+    # The actors may have finished every batch by the first commit, leaving the driver only commits to do, each
+    # a few milliseconds; on a loaded machine the kill can then land after the last one. Such a try proves
+    # nothing about a kill mid-run, so it is made again in a fresh folder, up to three tries.
+    for attempt in range(3):
+        index_dir = tmp_path / f"index{attempt}"
+        partial = killed_after_first_commit(data, index_dir, cluster)
+        if partial < N_IMAGES:
+            break
+    assert 1 <= partial < N_IMAGES, "three runs finished before the kill landed"
 
     rerun = subprocess.run(index_command(data, index_dir, cluster), capture_output=True, text=True, timeout=300)
 
