@@ -15,9 +15,11 @@ import errno
 import json
 import re
 import selectors
+import signal
 import time
 from functools import partial
 
+from gunicorn.workers.base import Worker
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 READ_CHUNK = 64 * 1024
@@ -157,6 +159,18 @@ class ReadAheadThreadWorker(ThreadWorker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.reading_conns: set[ReadAheadConn] = set()
+
+    def handle_quit(self, sig, frame) -> None:  # noqa: ANN001 - a signal handler
+        """Ctrl-C or SIGQUIT: exit now (gunicorn's base worker: the worker_int hook, then SystemExit).
+
+        Not through gthread's own handler, which first shuts the thread pool down under the pool's lock: Ctrl-C
+        reaches a worker twice (from the terminal, then as the server's SIGQUIT), and the second handler, run
+        inside the first while it held that lock (or inside the event loop's submit(), which takes it too),
+        waited on its own thread until the server killed the worker 10 s later. Later quit signals are ignored:
+        the first is already exiting. The request threads still finish what they hold at exit."""
+        for quit_signal in (signal.SIGINT, signal.SIGQUIT):
+            signal.signal(quit_signal, signal.SIG_IGN)
+        Worker.handle_quit(self, sig, frame)
 
     def accept(self, listener) -> None:  # noqa: ANN001
         try:

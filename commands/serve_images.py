@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import errno
+import faulthandler
 import shutil
 import socket
 import sys
@@ -23,6 +24,7 @@ from api.gunicorn_worker import DEFAULT_READ_TIMEOUT_S, MAX_HEAD_BYTES, with_rea
 from api.settings import settings_in_force
 
 MAX_CONNECTIONS = 64   # open connections per worker process (gunicorn's default is 1000)
+GRACEFUL_TIMEOUT_S = 10   # after Ctrl-C or SIGTERM, how long a worker has to finish before the server kills it
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"   # api.metrics: where the workers keep their metric values
 # Options that set an app setting (api.settings.SETTINGS): option name -> config key. An option added here is
 # passed to create_app, shown by --print-config with the app's value, and listed once in the configuration table (docs/configuration.md).
@@ -269,7 +271,7 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
         "worker_class": with_read_timeout(read_timeout),   # gthread, reading requests ahead (api.gunicorn_worker)
         "worker_connections": MAX_CONNECTIONS,   # per worker; with the read-ahead cap, bounds the memory slow clients hold
         "timeout": timeout,
-        "graceful_timeout": 10,
+        "graceful_timeout": GRACEFUL_TIMEOUT_S,
         "keepalive": 5,
         # gunicorn's own head limits (4 KB request line, 8 KB per header, 100 headers) answer in HTML; the read-ahead
         # worker answers JSON 431 past MAX_HEAD_BYTES (64 KB) for the whole head, so a long query string reaches the
@@ -294,6 +296,7 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
     previous = os.environ.get(MULTIPROC_ENV)
     os.environ[MULTIPROC_ENV] = metrics_dir
     options["child_exit"] = worker_exited
+    options["worker_int"] = worker_interrupted
     leave_out_triton()   # inherited by the workers, which import torch when they load the app
     hold_interrupts_while_importing("torch", "torchvision")   # so is this: a Ctrl-C in their import aborted them
     server_pid = os.getpid()
@@ -308,6 +311,12 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
                 os.environ.pop(MULTIPROC_ENV, None)
             else:
                 os.environ[MULTIPROC_ENV] = previous
+
+
+def worker_interrupted(_worker) -> None:  # noqa: ANN001 - gunicorn's worker_int hook, in the worker, on Ctrl-C
+    """A worker told to quit at once exits within a second; should it still be running a second before the server
+    kills it (graceful_timeout), its threads' stacks go to the error log first, so a hang on the way out says where."""
+    faulthandler.dump_traceback_later(max(1, GRACEFUL_TIMEOUT_S - 1), exit=False, file=sys.stderr)
 
 
 def worker_exited(_server, worker) -> None:  # noqa: ANN001 - gunicorn's child_exit hook, in the master

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -84,6 +85,49 @@ def test_serve_images_answers_over_http_and_stops_cleanly(sample_index, tmp_path
         with requests.Session() as session:          # kept-alive connections: each request read ahead in turn
             assert all(session.get(base + "/healthz", timeout=5).status_code == 200 for _ in range(3))
     assert f"gallery and API at {base}/" in log.read_text()
+
+
+def test_a_quit_signal_inside_the_thread_pools_lock_still_exits_the_worker():
+    """Ctrl-C reaches a worker twice (the terminal's SIGINT, then the server's SIGQUIT), so one handler can run
+    while the worker holds its thread pool's lock (in the first handler, or submitting a request). gthread's
+    handler took that lock again and waited on itself until the server SIGKILLed the worker 10 s later ("Worker
+    was sent SIGKILL! Perhaps out of memory?" on a plain Ctrl-C: twice in ten stops of `make demo` with the CPUs
+    busy, and once in the full suite)."""
+    from gunicorn.config import Config
+    from gunicorn.glogging import Logger
+
+    from api.gunicorn_worker import with_read_timeout
+
+    cfg = Config()
+    worker = with_read_timeout(5)(1, os.getpid(), [], None, 30, cfg, Logger(cfg))
+    worker.tpool = worker.get_thread_pool()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGQUIT, signal.SIGALRM)}
+
+    def blocked(_signum, _frame):
+        raise TimeoutError("the quit handler blocked")
+    signal.signal(signal.SIGALRM, blocked)
+    signal.setitimer(signal.ITIMER_REAL, 3)
+    try:
+        with pytest.raises(SystemExit) as exited, worker.tpool._shutdown_lock:
+            worker.handle_quit(signal.SIGQUIT, None)
+        assert exited.value.code == 0
+        assert signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN, "a second quit signal does not run the handler again"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        worker.tpool.shutdown()
+        worker.tmp.close()
+
+
+def test_a_worker_still_running_after_ctrl_c_writes_its_threads_stacks_before_it_is_killed():
+    """serve-images' worker_int hook: a worker that has not exited a second before the server's graceful timeout
+    says where each thread is (in the server's error log, its stderr), so a hang on the way out can be found."""
+    hang = ("import time, commands.serve_images as s; s.GRACEFUL_TIMEOUT_S = 2; s.worker_interrupted(None)\n"
+            "def stuck_on_the_way_out():\n    time.sleep(4)\nstuck_on_the_way_out()")
+    result = subprocess.run([sys.executable, "-c", hang], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "most recent call first" in result.stderr and "stuck_on_the_way_out" in result.stderr, result.stderr
 
 
 def _recv_until_closed(sock: socket.socket, limit_s: float) -> bytes:
