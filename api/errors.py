@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, jsonify, render_template, request
+from flask import Flask, Response, current_app, jsonify, render_template, request
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import ClientDisconnected, HTTPException, InternalServerError
 
@@ -43,11 +43,22 @@ def error_response(status: int, code: str, message: str) -> Response:
     """JSON error for programs; an HTML page when a page (gallery and other HTML blueprints) was asked for."""
     count_error(status, code)
     if request.blueprint not in JSON_BLUEPRINTS:
-        return Response(render_template("error.html", status=status, message=message), status,
-                        mimetype="text/html")
+        return Response(render_template("error.html", status=status, message=message, summary=_served_summary()),
+                        status, mimetype="text/html")
     response = jsonify({"error": {"code": code, "message": message}})
     response.status_code = status
     return response
+
+
+def _served_summary() -> dict | None:
+    """The served index's network and size, for an error page's title and footer; None when it cannot be served."""
+    from api.service import EXTENSION_KEY   # api.service raises this module's ApiError
+
+    service = current_app.extensions.get(EXTENSION_KEY)
+    try:
+        return service.index_summary() if service is not None else None
+    except IndexUnavailable:
+        return None
 
 
 def _http_message(exc: HTTPException) -> str:

@@ -8,6 +8,7 @@ from typing import Iterable
 from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from retrieval.search.expansion import QueryExpansion
 from retrieval.system import display_name
 
 from api.errors import ApiError
@@ -24,6 +25,14 @@ QE_CHOICES = (0, 1, 3, 10)  # query expansion over the first N results (0: off);
 
 def _gallery_k() -> int:
     return parse_k(request, default=current_app.config["GALLERY_K"], maximum=current_app.config["MAX_K"])
+
+
+def _carried(k: int, expansion: QueryExpansion | None) -> dict[str, int | float | None]:
+    """The search settings a results page's links to neighbours keep, those not at their defaults: click on from a
+    search of 24 with expansion, and the neighbour's page is one too. (None: left out of the URL.)"""
+    return {"k": None if k == current_app.config["GALLERY_K"] else k,
+            "qe": expansion.n if expansion else None,
+            "qe_alpha": (expansion.alpha or None) if expansion else None}
 
 
 def _page_number(raw: str | None, pages: int) -> int:
@@ -97,7 +106,7 @@ def query_page(token: str) -> str:
     k, expansion = _gallery_k(), parse_expansion(request)
     hits, _ms = service.search_vector(query.vector, k, expansion=expansion)
     return render_template("results.html", hits=hits, k=k, k_choices=K_CHOICES, record=None,
-                           qe=expansion.n if expansion else 0, qe_choices=QE_CHOICES,
+                           qe=expansion.n if expansion else 0, qe_choices=QE_CHOICES, carry=_carried(k, expansion),
                            prediction=service.predict(hits),
                            query=query, query_src=url_for("gallery.query_image", token=token),
                            summary=service.index_summary())
@@ -121,6 +130,6 @@ def image_page(image_id: int) -> str:
     k, expansion = _gallery_k(), parse_expansion(request)
     answer = service.neighbours(image_id, k, expansion)
     return render_template("results.html", hits=answer.hits, k=k, k_choices=K_CHOICES,
-                           qe=expansion.n if expansion else 0, qe_choices=QE_CHOICES,
+                           qe=expansion.n if expansion else 0, qe_choices=QE_CHOICES, carry=_carried(k, expansion),
                            prediction=service.predict(answer.hits), record=service.record(image_id), query=None,
                            query_src=url_for("api.thumbnail", image_id=image_id), summary=service.index_summary())

@@ -17,7 +17,11 @@ def app_config() -> dict:
 
 
 def gallery_links(html: str) -> list[int]:
-    return [int(i) for i in re.findall(r'href="/gallery/(\d+)"', html)]
+    return [int(i) for i in re.findall(r'href="/gallery/(\d+)(?:\?[^"]*)?"', html)]
+
+
+def neighbour_hrefs(html: str) -> list[str]:
+    return re.findall(r'href="(/gallery/\d+[^"]*)"', html.split('id="neighbours"', 1)[1])
 
 
 def post_photo(client, data: bytes, **extra):
@@ -93,6 +97,19 @@ def test_results_pages_offer_query_expansion_and_keep_it_with_k(client, sample_i
     assert image_page.status_code == 200 and 'active" href="?k=12&amp;qe=3"' in image_page.get_data(as_text=True)
 
 
+def test_a_neighbours_page_keeps_the_searchs_k_and_expansion(client, sample_index):
+    """Search with 24 neighbours and expansion, click a neighbour: its page is a search of 24 with expansion too
+    (links carry only what differs from the defaults)."""
+    location = post_photo(client, (sample_index.data_dir / QUERY).read_bytes()).headers["Location"]
+    plain = neighbour_hrefs(client.get(location).get_data(as_text=True))
+    assert plain and all("?" not in href for href in plain), "the gallery's default k: plain links"
+    hrefs = neighbour_hrefs(client.get(location.replace("k=12", "k=24") + "&qe=3&qe_alpha=2").get_data(as_text=True))
+    assert len(hrefs) == 24 and all(href.endswith("?k=24&amp;qe=3&amp;qe_alpha=2.0") for href in hrefs), hrefs[:3]
+    html = client.get(hrefs[0].replace("&amp;", "&")).get_data(as_text=True)
+    assert len(neighbour_hrefs(html)) == 24 and 'id="expanded"' in html and "Expanded with the top 3" in html
+    assert all(href.endswith("?k=24&amp;qe=3&amp;qe_alpha=2.0") for href in neighbour_hrefs(html)), "and on"
+
+
 def test_upload_of_a_non_image_shows_the_form_again_with_the_reason(client):
     r = post_photo(client, b"%PDF-1.4 not a photo")
     assert r.status_code == 415 and r.mimetype == "text/html"
@@ -108,7 +125,10 @@ def test_upload_without_a_file_shows_the_form_again(client):
 def test_unknown_query_token_is_a_404_page(client):
     r = client.get("/gallery/query/not-a-token")
     assert r.status_code == 404 and r.mimetype == "text/html"
-    assert "expired" in r.get_data(as_text=True)
+    html = r.get_data(as_text=True)
+    assert "expired" in html
+    # an error page names the served network as the others do (it said "CNN feature space")
+    assert "alexnet fc7 image search</title>" in html and "alexnet fc7 feature space" in html
 
 
 def test_neighbour_page_links_to_each_neighbours_own_page(app, client):
