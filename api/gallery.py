@@ -76,6 +76,12 @@ def gallery_root() -> Response:
     return redirect(url_for("gallery.home"))
 
 
+@bp.get("/gallery/search")
+def upload_page() -> Response:
+    """The upload's URL opened again (a reload or a bookmark after a refused upload): the form is on the home page."""
+    return redirect(url_for("gallery.home"))
+
+
 @bp.post("/gallery/search")
 def upload() -> Response | tuple[str, int]:
     """Search with an uploaded photo, then redirect to its results page (so reload and back just work)."""

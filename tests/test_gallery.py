@@ -120,6 +120,9 @@ def test_upload_of_a_non_image_shows_the_form_again_with_the_reason(client):
 def test_upload_without_a_file_shows_the_form_again(client):
     r = client.post("/gallery/search", data={}, content_type="multipart/form-data")
     assert r.status_code == 400 and 'type="file"' in r.get_data(as_text=True)
+    # the browser is left on the upload's URL: opened again without the form (reload, bookmark), it is the home page
+    again = client.get("/gallery/search")
+    assert again.status_code == 302 and again.headers["Location"] == "/"
 
 
 def test_unknown_query_token_is_a_404_page(client):

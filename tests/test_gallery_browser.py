@@ -82,6 +82,30 @@ def test_upload_see_neighbours_and_follow_one(page, base_url, sample_index):
     assert page.locator("#neighbours li").count() == 12
 
 
+def test_the_photo_chooser_opens_from_the_keyboard(page, base_url):
+    """Tab to "Choose a photo" and press Enter (or Space): the file chooser opens, and nothing is submitted (a review
+    reported Enter did nothing; in this Chromium both keys open it)."""
+    choosers = []
+    page.on("filechooser", lambda chooser: choosers.append(chooser))   # before the page loads: intercepted from then on
+    for key in ("Enter", " "):
+        page.goto(base_url + "/")          # a fresh page for each key
+        choosers.clear()
+        for _ in range(10):                 # Tab from the top of the page to "Choose a photo"
+            page.keyboard.press("Tab")
+            if page.evaluate("document.activeElement.matches('form[data-primary] input[type=file]')"):
+                break
+        else:
+            pytest.fail("Tab never reaches the photo chooser")
+        page.keyboard.press(key)
+        deadline = 50
+        while not choosers and deadline:
+            page.wait_for_timeout(100)
+            deadline -= 1
+        assert choosers, f"{key!r} on the focused chooser opened no file chooser"
+        assert choosers[0].element.evaluate("e => e.closest('form').hasAttribute('data-primary')"), key
+        assert page.url == base_url + "/", "the key opened the chooser; it did not submit the empty form"
+
+
 def test_a_photo_dropped_on_the_page_is_searched(page, base_url, sample_index):
     page.goto(base_url + "/?label=blue_squares")
     payload = base64.b64encode((sample_index.data_dir / "blue_squares/blue_squares_004.jpg").read_bytes()).decode()
