@@ -10,7 +10,7 @@ from retrieval.features.weights import WeightsChoice
 from retrieval.names import DEFAULT_KS
 from retrieval.quality import held_out_words
 
-from commands.options import (UserError, catalog_error, command_settings, db_url_option,
+from commands.options import (Command, UserError, catalog_error, command_settings, db_url_option,
                               index_dir_option, open_index, querying, setup_logging)
 
 # retrieval.learning.evaluation (numpy, the catalog, scikit-learn) is imported after the arguments are parsed.
@@ -30,7 +30,7 @@ def parse_ks(value: str) -> list[int]:
     return ks
 
 
-@click.command(context_settings=command_settings("evaluate-index"))
+@click.command(cls=Command, context_settings=command_settings("evaluate-index"))
 @index_dir_option
 @db_url_option
 @click.option("-k", "ks", default=",".join(map(str, DEFAULT_KS)), show_default=True, metavar="K[,K...]",

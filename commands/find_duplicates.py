@@ -8,13 +8,13 @@ import click
 
 from retrieval.system import display_name
 
-from commands.options import (UserError, command_settings, db_url_option, exit_without_teardown, index_dir_option,
+from commands.options import (Command, UserError, command_settings, db_url_option, exit_without_teardown, index_dir_option,
                               open_index, querying, setup_logging)
 
 # torch, FAISS and the network are imported after the arguments are parsed.
 
 
-@click.command(context_settings=command_settings("find-duplicates"))
+@click.command(cls=Command, context_settings=command_settings("find-duplicates"))
 @index_dir_option
 @db_url_option
 @click.option("--threshold", type=click.FloatRange(min=0, max=2, min_open=True, max_open=True), default=None,

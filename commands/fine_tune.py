@@ -11,7 +11,7 @@ import click
 from retrieval.features.weights import WeightsChoice, weights_error_message
 from retrieval.names import DEFAULT_FINE_TUNE_OBJECTIVE, FINE_TUNE_OBJECTIVES, MODEL_NAMES
 
-from commands.options import (MODEL_PARAMETERS, UserError, command_settings, exit_without_teardown, parse_batch_size,
+from commands.options import (Command, MODEL_PARAMETERS, UserError, command_settings, exit_without_teardown, parse_batch_size,
                               setup_logging)
 
 # Nothing heavy at module level: --help and usage errors answer at once; torch is imported in the command.
@@ -19,7 +19,7 @@ TRAIN_MODES = ("head", "fc", "all")      # retrieval.learning.finetune.TRAIN_MOD
 AUTO_TRAIN_BATCH_CAP = 64                # --batch-size auto never trains on larger batches (small collections)
 
 
-@click.command(context_settings=command_settings("fine-tune"))
+@click.command(cls=Command, context_settings=command_settings("fine-tune"))
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path, resolve_path=True))
 @click.option("--model", type=click.Choice(MODEL_NAMES), default="alexnet", show_default=True, help="Backbone network.")
 @click.option("--weights", default="imagenet", show_default=True, metavar="imagenet|random|PATH",

@@ -11,7 +11,7 @@ import click
 
 from retrieval.names import FC_DIM, INPUT_NORMS, LAYERS, MAX_EF_SEARCH, MAX_NPROBE, MODEL_NAMES, VIEWS, feature_dim
 
-from commands.options import (MODEL_PARAMETERS, UserError, command_settings, db_url_option, exit_without_teardown,
+from commands.options import (Command, MODEL_PARAMETERS, UserError, command_settings, db_url_option, exit_without_teardown,
                               index_dir_option, parse_batch_size, permission_denied, setup_logging)
 
 # Nothing heavy at module level: --help and usage errors answer at once. The job imports torch and
@@ -21,7 +21,7 @@ FEATURE_DIM = FC_DIM   # the largest: fc6 and fc7 of both backbones (pooled conv
 SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON object --json prints alone
 
 
-@click.command(context_settings=command_settings("index-images"))
+@click.command(cls=Command, context_settings=command_settings("index-images"))
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path, resolve_path=True))
 @index_dir_option
 @db_url_option

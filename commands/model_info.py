@@ -7,12 +7,12 @@ import click
 
 from retrieval.names import MODEL_NAMES
 
-from commands.options import UserError, command_settings, setup_logging
+from commands.options import Command, UserError, command_settings, setup_logging
 
 # retrieval.features.model_info (torch, torchvision) is imported after the arguments are parsed.
 
 
-@click.command(context_settings=command_settings("model-info"))
+@click.command(cls=Command, context_settings=command_settings("model-info"))
 @click.argument("model", type=click.Choice(MODEL_NAMES))
 @click.option("--input-size", type=click.IntRange(min=1), default=224, show_default=True,
               help="Side of the square input image, in pixels.")

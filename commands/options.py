@@ -59,6 +59,22 @@ def command_settings(command_name: str) -> dict[str, Any]:
     return {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": env_prefix(command_name)}
 
 
+class Command(click.Command):
+    """A command whose option variables are named after the options as typed: `search-images --json` reads
+    SEARCH_IMAGES_JSON (and SEARCH_IMAGES_AS_JSON, the name from its Python parameter, as before), so the name a
+    user guesses from --help works. Options with a variable of their own (RETRIEVAL_INDEX_DIR) keep it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        prefix = self.context_settings.get("auto_envvar_prefix")
+        for param in self.params:
+            if not isinstance(param, click.Option) or param.envvar or not param.allow_from_autoenv or not prefix:
+                continue
+            flag = next((opt[2:].replace("-", "_") for opt in param.opts if opt.startswith("--")), None)
+            if flag and param.name and flag != param.name:
+                param.envvar = [f"{prefix}_{flag.upper()}", f"{prefix}_{param.name.upper()}"]
+
+
 def option_envvar(option: click.Option, command_name: str) -> str | None:
     """The environment variable click reads for option (its own, else the command's prefix + its name)."""
     if option.envvar:

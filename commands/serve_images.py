@@ -16,7 +16,7 @@ import click
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
-from commands.options import UserError, catalog_error, command_settings, source_of
+from commands.options import Command, UserError, catalog_error, command_settings, source_of
 from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV, MAX_EF_SEARCH, MAX_NPROBE
 from retrieval.system import available_cores, collector_paused, hold_interrupts_while_importing, leave_out_triton
 
@@ -183,7 +183,7 @@ def show_config(ctx: click.Context, overrides: dict[str, tuple[Any, str]]) -> No
         click.echo(f"{name:<{width}}  {shown:<{value_width}}  {source}")
 
 
-@click.command(context_settings=command_settings("serve-images"))
+@click.command(cls=Command, context_settings=command_settings("serve-images"))
 @click.option("--index-dir", type=click.Path(file_okay=False, resolve_path=True, path_type=Path), default="index",
               envvar=INDEX_DIR_ENV, show_default=True, show_envvar=True,
               help="Folder holding the index made by index-images.")

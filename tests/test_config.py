@@ -2,6 +2,8 @@
 env variables."""
 from __future__ import annotations
 
+import json
+
 import os
 import subprocess
 import sys
@@ -77,6 +79,17 @@ def test_the_environment_variable_of_an_option_sets_it(monkeypatch):
     monkeypatch.setenv("SERVE_IMAGES_READ_TIMEOUT", "0")
     result = CliRunner().invoke(serve_images, ["--print-config"])
     assert result.exit_code == 2 and "--read-timeout" in result.output, result.output
+
+
+def test_an_options_variable_is_named_after_the_option_as_typed(monkeypatch):
+    """--json reads MODEL_INFO_JSON (the name a user derives from --help), and still MODEL_INFO_AS_JSON (its
+    parameter's name, which it was before)."""
+    assert not CliRunner().invoke(model_info, ["alexnet"]).output.lstrip().startswith("{")
+    for name in ("MODEL_INFO_JSON", "MODEL_INFO_AS_JSON"):
+        with monkeypatch.context() as env:
+            env.setenv(name, "1")
+            result = CliRunner().invoke(model_info, ["alexnet"])
+        assert result.exit_code == 0 and json.loads(result.output)["model"] == "alexnet", (name, result.output[:200])
 
 
 def test_readme_table_matches_the_commands():
