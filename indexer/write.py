@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 
 import numpy as np
 
 from retrieval.catalog import Catalog
 from retrieval.names import FAISS_FILE
-from retrieval.system import display_name
+from retrieval.system import display_name, progress_bar
 from retrieval.vectors.index_types import IndexTypeError
 
 from indexer.config import ConfigError, JobConfig, RunReport
@@ -49,7 +48,8 @@ class Writer:
             self.dirty = True
         record_refused(plan, catalog)
         self.last_save = time.monotonic()
-        self.bar = progress_bar(cfg, plan)
+        # counts committed files; stays on screen at the end of the run
+        self.bar = progress_bar(cfg.progress and bool(plan.todo), "indexing", len(plan.todo), leave=True)
         self.on_progress, self.done, self.todo = cfg.on_progress, 0, len(plan.todo)
         self.stage: StageThread | None = None   # the writer thread, while in the with block
 
@@ -108,15 +108,6 @@ class Writer:
             assert len(self.vectors) + len(self.catalog.bad_vectors) >= self.catalog.count(), \
                 "FAISS and the catalog disagree after a run"
             self.report.vector_index = self.builder.record
-
-
-
-def progress_bar(cfg: JobConfig, plan: Plan):  # noqa: ANN201 - tqdm
-    """The run's progress bar (images/s, ETA) on a terminal; silent otherwise. It counts committed files."""
-    from tqdm import tqdm
-
-    return tqdm(total=len(plan.todo), unit="img", desc="indexing", dynamic_ncols=True,
-                disable=not (cfg.progress and sys.stderr.isatty()) or not plan.todo)
 
 
 

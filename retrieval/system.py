@@ -169,3 +169,12 @@ def time_limit(seconds: float | None, error: Callable[[], BaseException]) -> Ite
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def progress_bar(show: bool, desc: str, total: int, *, unit: str = "img", leave: bool = False):  # noqa: ANN201 - tqdm
+    """A tqdm bar on stderr when show and stderr is a terminal (a log or a pipe gets no bar lines); silent otherwise.
+    leave: the finished bar stays on screen (index-images' run), else it is wiped (a step of a longer command)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=leave,
+                disable=not (show and sys.stderr.isatty()))

@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import logging
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from retrieval.images.decode import DECODE_ERRORS, ImageDecodeError, open_rgb
 from retrieval.images.edits import EDITS, edited_copies
 from retrieval.search.index import ImageIndex
 from retrieval.search.snapshot import IndexSnapshot
+from retrieval.system import progress_bar
 from retrieval.vectors.duplicates import (CAUTION_NEIGHBOUR_SHARE, DEFAULT_GROUPING, DEFAULT_WHITEN_DIM, GROUPING_BETA,
                                           GROUPINGS, STRICT_NEIGHBOUR_SHARE, WHITEN_TRAIN_MAX, ThresholdChoice,
                                           choose_threshold, close_pairs, nearest_distance_rows, pair_scores)
@@ -117,14 +117,6 @@ class DuplicateGroups:
 def keeper_order(record: ImageRecord) -> tuple:
     """Sort key putting the image to keep first: the largest (pixels, then bytes), then the oldest, then by path."""
     return (-record.width * record.height, -record.size, record.mtime_ns, record.path)
-
-
-def progress_bar(progress: bool, desc: str, total: int, unit: str = "img"):  # noqa: ANN201 - tqdm
-    """A tqdm bar on stderr when progress is asked for and stderr is a terminal; silent otherwise."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False,
-                disable=not (progress and sys.stderr.isatty()))
 
 
 def collection_vectors(snapshot: IndexSnapshot, dim: int = DEFAULT_WHITEN_DIM, progress: bool = False,
