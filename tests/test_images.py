@@ -84,6 +84,22 @@ def test_scan_refuses_symlinks_that_leave_the_data_folder(tmp_path):
     assert "outside the data folder" in scan.skipped["cats/link.png"]
 
 
+def test_scan_skips_symlinks_that_loop_on_themselves_or_lead_nowhere(tmp_path):
+    """A symlink to itself (any name) crashed index-images with ELOOP and left a half-made index; one to a missing
+    file was dropped without a word. Both are skipped now, with a reason where the name is an image's."""
+    (tmp_path / "cats").mkdir()
+    two_colour((20, 20)).save(tmp_path / "cats" / "ok.png")
+    os.symlink("self.jpg", tmp_path / "cats" / "self.jpg")          # cats/self.jpg -> itself
+    os.symlink("x", tmp_path / "cats" / "x")                        # not an image's name: passed over
+    os.symlink("gone.jpg", tmp_path / "cats" / "dangling.jpg")
+
+    scan = scan_folder(tmp_path)
+
+    assert [f.path for f in scan.images] == ["cats/ok.png"]
+    assert scan.skipped == {"cats/self.jpg": "a symlink loop: it never leads to a file",
+                            "cats/dangling.jpg": "symlink to a file that is not there"}
+
+
 # --- awkward formats ------------------------------------------------------------------------------
 
 def test_exif_orientation_is_applied():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 from pathlib import Path
@@ -62,31 +63,52 @@ def scan_folder(data_dir: Path, *, exclude: Iterable[Path] = (), skip_folders_ho
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            full = Path(entry.path)
-            rel = full.relative_to(root).as_posix()
-            if entry.is_dir(follow_symlinks=True):
-                if entry.is_symlink() and not is_inside(full.resolve(), root):
-                    log.info("not following %s: it points outside the data folder", rel)
-                    continue
-                walk(full)
-                continue
-            if full.suffix.lower() not in IMAGE_EXTENSIONS or not entry.is_file(follow_symlinks=True):
-                continue
+            rel = Path(entry.path).relative_to(root).as_posix()
+            try:
+                visit(entry, rel)
+            except (OSError, RuntimeError) as exc:   # a symlink loop (ELOOP; RuntimeError from resolve()), a race
+                reason = unreadable_entry(exc)
+                if Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
+                    skipped[rel] = reason
+                else:
+                    log.info("not scanning %s: %s", rel, reason)
+
+    def visit(entry: os.DirEntry, rel: str) -> None:
+        full = Path(entry.path)
+        if entry.is_dir(follow_symlinks=True):
             if entry.is_symlink() and not is_inside(full.resolve(), root):
-                skipped[rel] = "symlink points outside the data folder"
-                continue
-            st = entry.stat(follow_symlinks=True)
-            if max_file_bytes is not None and st.st_size > max_file_bytes:
-                skipped[rel] = (f"file too large ({st.st_size / 2**20:,.0f} MB, limit {max_file_bytes / 2**20:,.0f} MB): "
-                                "not read")
-                continue
-            parts = rel.split("/")
-            label = parts[0] if len(parts) > 1 else None
-            images.append(ImageFile(rel, label, st.st_size, st.st_mtime_ns))
+                log.info("not following %s: it points outside the data folder", rel)
+                return
+            walk(full)
+            return
+        if full.suffix.lower() not in IMAGE_EXTENSIONS:
+            return
+        if not entry.is_file(follow_symlinks=True):
+            if entry.is_symlink() and not os.path.exists(full):
+                skipped[rel] = "symlink to a file that is not there"
+            return
+        if entry.is_symlink() and not is_inside(full.resolve(), root):
+            skipped[rel] = "symlink points outside the data folder"
+            return
+        st = entry.stat(follow_symlinks=True)
+        if max_file_bytes is not None and st.st_size > max_file_bytes:
+            skipped[rel] = (f"file too large ({st.st_size / 2**20:,.0f} MB, limit {max_file_bytes / 2**20:,.0f} MB): "
+                            "not read")
+            return
+        parts = rel.split("/")
+        label = parts[0] if len(parts) > 1 else None
+        images.append(ImageFile(rel, label, st.st_size, st.st_mtime_ns))
 
     walk(root)
     images.sort(key=lambda f: f.path)
     return ScanResult(images, skipped)
+
+
+def unreadable_entry(exc: OSError | RuntimeError) -> str:
+    """Why a folder entry could not be looked at, in words (a skipped file's reason)."""
+    if isinstance(exc, RuntimeError) or exc.errno == errno.ELOOP:
+        return "a symlink loop: it never leads to a file"
+    return f"cannot be looked at: {exc.strerror or exc}"
 
 
 def is_inside(path: Path, root: Path) -> bool:
