@@ -193,6 +193,20 @@ def test_unavailable_imagenet_weights_stop_with_status_2(runner, data, tmp_path,
     assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's", "a folder that was there is kept"
 
 
+@pytest.mark.parametrize("content", [b"hello, a text file", bytes(range(256)) * 20, b"\xff\xd8\xff\xe0 a JPEG's start"],
+                         ids=["text", "binary", "jpeg"])
+def test_a_weights_file_that_is_not_a_state_dict_is_status_2(runner, data, tmp_path, content):
+    """--weights readme.txt (or a photo) raised torch's KeyError or UnpicklingError as a traceback, the latter
+    advising weights_only=False, which would run code from the file."""
+    (tmp_path / "weights.pt").write_bytes(content)
+    result = runner.invoke(index_images, [str(data), "--index-dir", str(tmp_path / "index"),
+                                          "--weights", str(tmp_path / "weights.pt")])
+
+    assert result.exit_code == 2, result.output
+    assert "is not a PyTorch weights file" in result.output and "weights_only" not in result.output, result.output
+    assert not (tmp_path / "index").exists(), "nothing was indexed: no index folder left behind"
+
+
 def test_index_built_with_another_model_is_status_2(runner, data, tmp_path):
     args = [str(data), "--index-dir", str(tmp_path / "index"), "--weights", "random", "--workers", "0"]
     assert runner.invoke(index_images, args + ["--json"]).exit_code == 0

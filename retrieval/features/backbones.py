@@ -177,6 +177,10 @@ def _load_file(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
                                  "or run as its owner") from exc
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
         raise WeightsUnavailable(f"cannot load weights from {path}: {exc}") from exc
+    except Exception as exc:   # noqa: BLE001 - any other bytes: torch's unpickler raises KeyError, UnpicklingError, ...
+        # (not its message: it suggests loading with weights_only=False, which would run code from the file)
+        raise WeightsUnavailable(f"cannot load weights from {path}: it is not a PyTorch weights file (a state dict "
+                                 f"saved with torch.save; reading it failed with {type(exc).__name__})") from exc
     if not isinstance(state, dict):
         raise WeightsUnavailable(f"{path} does not hold a state dict")
     return state
