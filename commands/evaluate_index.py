@@ -10,7 +10,7 @@ from retrieval.features.weights import WeightsChoice
 from retrieval.names import DEFAULT_KS
 from retrieval.quality import held_out_words
 
-from commands.options import (Command, UserError, catalog_error, command_settings, db_url_option,
+from commands.options import (Command, UserError, catalog_error, command_settings, db_url_option, exit_without_teardown,
                               index_dir_option, open_index, querying, setup_logging)
 
 # retrieval.learning.evaluation (numpy, the catalog, scikit-learn) is imported after the arguments are parsed.
@@ -78,7 +78,7 @@ def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: P
 
     Exit status: 0 done, 2 no index or not evaluable (fewer than two labels, a label with one image,
     no labelled image shared by the two indexes, no image left that the network was not trained on, a damaged
-    catalog), 1 a full disk (one line: what to free).
+    catalog), 1 a full disk (one line: what to free), 130 interrupted.
     """
     setup_logging(verbose)
     k_list = parse_ks(ks)
@@ -287,3 +287,6 @@ def confusion_lines(labels: list[str], matrix: list[list[int]]) -> list[str]:
     for i, (name, row) in enumerate(zip(labels, matrix)):
         out.append(f"{i + 1:>2} {name:<{width}} " + "".join(f"{(v if v else '.'):>{cell}}" for v in row))
     return out
+
+
+evaluate_index_entry = exit_without_teardown(main)

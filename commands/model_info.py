@@ -7,7 +7,7 @@ import click
 
 from retrieval.names import MODEL_NAMES
 
-from commands.options import Command, UserError, command_settings, setup_logging
+from commands.options import Command, UserError, command_settings, exit_without_teardown, setup_logging
 
 # retrieval.features.model_info (torch, torchvision) is imported after the arguments are parsed.
 
@@ -26,7 +26,7 @@ def main(model: str, input_size: int, as_json: bool) -> None:
     set by environment variables (MODEL_INFO_INPUT_SIZE, ...).
 
     Exit status: 0 done, 2 usage error (a model name other than alexnet or vgg16, an input too small for the
-    network).
+    network), 130 interrupted.
     """
     setup_logging(False)
     from retrieval.features.model_info import layer_table
@@ -70,3 +70,6 @@ def format_table(t) -> str:  # noqa: ANN001 - retrieval.features.model_info.Laye
               f"forward memory per image: {human_bytes(t.forward_bytes)} at fp32; "
               f"about twice that, {human_bytes(t.backward_bytes)}, with a backward pass (gradients)"]
     return "\n".join(lines)
+
+
+model_info_entry = exit_without_teardown(main)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "HOME": "/"}
 COMMANDS = {"index-images": "commands.index_images:index_images_entry",
             "search-images": "commands.search_images:search_images_entry",
-            "evaluate-index": "commands.evaluate_index:main", "fine-tune": "commands.fine_tune:fine_tune_entry",
+            "evaluate-index": "commands.evaluate_index:evaluate_index_entry", "fine-tune": "commands.fine_tune:fine_tune_entry",
             "serve-images": "commands.serve_images:main"}
 
 pytestmark = pytest.mark.slow   # every check is a command run as a process
