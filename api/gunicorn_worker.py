@@ -19,6 +19,7 @@ import signal
 import time
 from functools import partial
 
+from gunicorn import util
 from gunicorn.workers.base import Worker
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
@@ -34,6 +35,21 @@ def _error_response(status: int, reason: str, code: str, message: str) -> bytes:
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
     return (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+# gunicorn answers what its HTTP parser refuses (a malformed request line or header, a negative Content-Length)
+# with an HTML page of its own; in this worker's process the same answer is JSON, as every other error is
+_PARSER_ERROR_CODES = {400: "bad_request", 403: "forbidden", 414: "request_line_too_long",
+                       417: "expectation_failed", 431: "headers_too_large", 500: "internal_error", 501: "not_implemented"}
+
+
+def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:  # noqa: ANN001 - gunicorn's write_error
+    code = _PARSER_ERROR_CODES.get(status_int, "bad_request")
+    if status_int < 500:
+        message = "the request could not be read as HTTP/1.1" + (f": {mesg}" if mesg else "")
+    else:
+        message = mesg or "the server failed on this request"
+    util.write_nonblock(sock, _error_response(status_int, reason, code, message))
 
 
 class RequestReadAhead:
@@ -160,6 +176,10 @@ class ReadAheadThreadWorker(ThreadWorker):
         super().__init__(*args, **kwargs)
         self.reading_conns: set[ReadAheadConn] = set()
 
+    def init_process(self) -> None:
+        util.write_error = _write_json_error   # gunicorn's error pages, JSON here (in this worker process only)
+        super().init_process()
+
     def handle_quit(self, sig, frame) -> None:  # noqa: ANN001 - a signal handler
         """Ctrl-C or SIGQUIT: exit now (gunicorn's base worker: the worker_int hook, then SystemExit).
 
@@ -249,7 +269,11 @@ class ReadAheadThreadWorker(ThreadWorker):
         except OSError:
             data = b""
         if not data:                     # the client closed the connection (or reset it)
-            self._drop(conn)
+            if conn.request.awaiting_body:   # half-closed inside the body: it may still read an answer
+                self._refuse(conn, 400, "Bad Request", "bad_request",
+                             "the request body was cut short: the connection closed before all of it arrived")
+            else:
+                self._drop(conn)
             return
         request = conn.request
         had_head = request.body_start >= 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import random
 import shutil
 import socket
@@ -323,3 +324,42 @@ def test_long_request_lines_and_headers_are_answered_in_json_under_gunicorn(odd_
     assert status.startswith("HTTP/1.1 200 "), (status, body[:300])
     status, body = answer(b"GET /stats HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\nConnection: close\r\n\r\n")
     assert status.startswith("HTTP/1.1 431 ") and (not body or b"headers_too_large" in body), (status, body[:300])
+
+
+def _read_until_closed(base: str, request: bytes, *, half_close: bool = False, limit_s: float = 30) -> bytes:
+    """Send raw bytes (then shut the sending side when half_close), -> all the server answers until it closes."""
+    host, port = base.rsplit("/", 1)[1].split(":")
+    got = b""
+    with socket.create_connection((host, int(port)), timeout=limit_s) as sock:
+        sock.sendall(request)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        try:
+            while chunk := sock.recv(65536):
+                got += chunk
+        except ConnectionResetError:
+            pass
+    return got
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /images/ 33 HTTP/1.1\r\nHost: x\r\n\r\n",                    # a space in the target: four parts
+    b"GET /stats HTTP/1.1\r\nHost: x\r\nX-Nul: a\x00b\r\n\r\n",          # a NUL in a header value
+    b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",   # a negative length
+    b"G\xc3\xa9T /stats HTTP/1.1\r\nHost: x\r\n\r\n",                    # not a method
+], ids=["request-line", "nul-header", "negative-length", "method"])
+def test_requests_gunicorns_parser_refuses_are_answered_in_json(odd_server, request_bytes):
+    """They got gunicorn's HTML 400 page, though the docs say every error is JSON."""
+    answer = _read_until_closed(odd_server, request_bytes)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head.lower(), answer[:300]
+    assert json.loads(body)["error"]["code"] == "bad_request", body
+
+
+def test_a_body_cut_short_by_the_client_closing_its_side_is_answered_400(odd_server):
+    """Content-Length 100, three bytes, then the client shuts its sending side: it got no answer at all."""
+    answer = _read_until_closed(odd_server, b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                                            b"Content-Length: 100\r\n\r\nabc", half_close=True)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head.lower(), answer[:300]
+    assert "cut short" in json.loads(body)["error"]["message"], body
