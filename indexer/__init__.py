@@ -2,6 +2,7 @@
 
 From Python: `from indexer import index_folder`; `index_folder("data", "index")` -> RunReport.
 """
+from indexer.config import ConfigError
 from indexer.folder import index_folder
 
-__all__ = ["index_folder"]
+__all__ = ["ConfigError", "index_folder"]

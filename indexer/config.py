@@ -76,6 +76,25 @@ class JobConfig:
         if self.regions not in (None, 0, REGION_COUNT):
             raise ConfigError(f"regions takes 0 (none) or {REGION_COUNT} (four corners and the centre), "
                               f"not {self.regions!r}")
+        # what the command line's types check, checked for index_folder(...) too, before any work
+        if self.batch_size != "auto":
+            _check_whole("batch_size", self.batch_size, 1, also="'auto'")
+        _check_whole("workers", self.workers, 0, also="None (one per core)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ConfigError(f"seed takes a whole number, or None; not {self.seed!r}")
+        _check_whole("max_pixels", self.max_pixels, 1, also="None (no limit)")
+        _check_whole("max_file_bytes", self.max_file_bytes, 1, also="None (no limit)")
+        if isinstance(self.save_every_s, bool) or not isinstance(self.save_every_s, (int, float)) \
+                or not self.save_every_s >= 0:
+            raise ConfigError(f"save_every_s takes a number of seconds (0: after every batch), not {self.save_every_s!r}")
+
+
+def _check_whole(name: str, value: object, minimum: int, *, also: str) -> None:
+    """Raise ConfigError unless value is None (where also allows it) or a whole number >= minimum."""
+    if value is None and also.startswith("None"):
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} takes a whole number from {minimum} up, or {also}; not {value!r}")
 
 
 

@@ -79,6 +79,17 @@ def test_index_folder_again_is_a_no_op_and_rejects_unknown_options(built):
         index_folder(built.data, built.index, bacth_size=4)
 
 
+@pytest.mark.parametrize("option, value", [("batch_size", 0), ("batch_size", "64"), ("workers", "x"), ("workers", -1),
+                                           ("seed", "abc"), ("max_pixels", 0), ("save_every_s", -1)])
+def test_index_folder_refuses_a_bad_value_before_any_work_naming_the_option(built, option, value):
+    """As the command line's types do: batch_size=0 was an AssertionError, workers="x" a TypeError from deep inside,
+    and each was accepted without a word when nothing needed indexing."""
+    from indexer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{option} takes"):
+        index_folder(built.data, built.index, **{**FAST, option: value})
+
+
 def test_an_indexed_image_finds_itself_by_path_bytes_pil_and_array(built, index, monkeypatch):
     file = built.data / "red_circles" / "red_circles_002.jpg"
     monkeypatch.chdir(built.root)
