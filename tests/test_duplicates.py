@@ -139,6 +139,30 @@ def test_a_collection_without_copies_is_left_ungrouped_and_planted_copies_are_fo
     assert len(others) <= 3, f"drawings without copies grouped: {others}"
 
 
+def test_a_handful_of_photos_are_not_grouped_with_one_another(tmp_path):
+    """Whitening learned on a few images keeps n // 4 components: 3 or 5 distinct photos came out one-dimensional and
+    all were grouped, at a threshold of 0.000. Below MIN_WHITENED images the raw unit vectors are compared."""
+    from retrieval.search.duplicates import find_duplicates
+    from retrieval.search.index import ImageIndex
+    from retrieval.vectors.duplicates import MIN_WHITENED
+
+    data = tmp_path / "data"
+    paths = make_sample_collection(data, per_class=1, seed=4)            # 5 drawings, one of each class
+    first = paths[0]
+    edited_copies(Image.open(first), 0, ["jpeg30"])["jpeg30"].save(first.with_name("copy.jpg"), quality=90)
+    build_index(data, tmp_path / "index")
+    assert len(paths) + 1 < MIN_WHITENED
+    index = ImageIndex(tmp_path / "index")
+    try:
+        result = find_duplicates(index)
+    finally:
+        index.close()
+
+    groups = [sorted(image.path for image in group) for group in result.groups]
+    assert groups == [sorted([first.relative_to(data).as_posix(), first.with_name("copy.jpg").relative_to(data).as_posix()])]
+    assert result.threshold.value > 0.01, result.threshold.describe()
+
+
 def test_find_duplicates_without_an_index_is_one_line(tmp_path):
     from commands.find_duplicates import main
 

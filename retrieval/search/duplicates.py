@@ -18,7 +18,7 @@ from retrieval.search.index import ImageIndex
 from retrieval.search.snapshot import IndexSnapshot
 from retrieval.system import progress_bar
 from retrieval.vectors.duplicates import (CAUTION_NEIGHBOUR_SHARE, DEFAULT_GROUPING, DEFAULT_WHITEN_DIM, GROUPING_BETA,
-                                          GROUPINGS, STRICT_NEIGHBOUR_SHARE, WHITEN_TRAIN_MAX, ThresholdChoice,
+                                          GROUPINGS, MIN_WHITENED, STRICT_NEIGHBOUR_SHARE, WHITEN_TRAIN_MAX, ThresholdChoice,
                                           choose_threshold, close_pairs, nearest_distance_rows, pair_scores)
 from retrieval.vectors.whitening import learn_whitening, whiten
 
@@ -40,7 +40,7 @@ class CollectionVectors:
     """The catalog's vectors whitened with the whitening learned on them (the raw ones are not kept)."""
     ids: np.ndarray          # shape=(n,) int64, ascending
     white: np.ndarray        # shape=(n, d_out) float32, whitened and L2-normalised
-    whitening: object        # the faiss.PCAMatrix (see retrieval.vectors.duplicates.learn_whitening)
+    whitening: object        # the faiss.PCAMatrix (see retrieval.vectors.duplicates.learn_whitening); None below MIN_WHITENED
 
     @functools.cached_property
     def rows(self) -> dict[int, int]:
@@ -139,7 +139,9 @@ def collection_vectors(snapshot: IndexSnapshot, dim: int = DEFAULT_WHITEN_DIM, p
     train = np.concatenate(sample)
     if len(train) < 2:
         raise DuplicatesError("the index holds fewer than two readable vectors: nothing can be a duplicate")
-    pca = learn_whitening(train, dim)
+    # a few images cannot estimate a whitening: with n // 4 components, 3 or 5 photos came out one-dimensional,
+    # every pair at distance 0 or 2, and all were grouped; their own unit vectors keep them apart
+    pca = learn_whitening(train, dim) if len(train) >= MIN_WHITENED else None
     if share == 1.0:   # all of them are in memory already
         return CollectionVectors(np.concatenate(ids), whiten(pca, train), pca)
     del train, sample

@@ -23,6 +23,7 @@ CAUTION_NEIGHBOUR_SHARE = 0.02   # above this share of the images' nearest other
 STRICT_NEIGHBOUR_SHARE = 0.01    # ... and suggest the threshold that keeps it under this
 LINKAGE_MAX = 4096          # complete linkage takes a component of up to this many rows at once (m^2 / 2 distances)
 WHITEN_TRAIN_MAX = 50_000   # vectors the whitening is learned on (a random sample above that)
+MIN_WHITENED = 32           # fewer images are grouped by their raw unit vectors, not whitened (measured: docs/duplicates.md)
 EXACT_MAX = 50_000          # up to this many vectors the pairs come from an exact range search; above, IVF k-NN
 APPROX_K = 16               # neighbours looked at per vector by the approximate (k-NN) search
 

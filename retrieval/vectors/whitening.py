@@ -113,10 +113,12 @@ def learn_whitening(vectors: np.ndarray, dim: int) -> faiss.PCAMatrix:
     return train_pca(pca, vectors)   # what pca.train gives, in a fraction of the time (retrieval.vectors.pca)
 
 
-def whiten(pca: faiss.PCAMatrix, vectors: np.ndarray) -> np.ndarray:
-    """vectors shape=(n, d) float32 -> whitened and L2-normalised, shape=(n, pca.d_out) float32."""
+def whiten(pca: faiss.PCAMatrix | None, vectors: np.ndarray) -> np.ndarray:
+    """vectors shape=(n, d) float32 -> whitened and L2-normalised, shape=(n, pca.d_out) float32 (pca None: only
+    L2-normalised, shape=(n, d))."""
     import faiss
 
-    out = pca.apply(np.ascontiguousarray(vectors, dtype=np.float32))   # (n, d) -> (n, d_out)
+    out = pca.apply(np.ascontiguousarray(vectors, dtype=np.float32)) if pca is not None else \
+        np.array(vectors, dtype=np.float32, copy=True)   # (n, d) -> (n, d_out)
     faiss.normalize_L2(out)
     return out
