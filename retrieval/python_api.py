@@ -48,12 +48,21 @@ class Index:
         from retrieval.search.index import ImageIndex
 
         self.index_dir = Path(index_dir).expanduser().resolve()   # absolute once: later chdirs change nothing
-        self._index: ImageIndex = ImageIndex(self.index_dir, db_url=db_url, device=device)
+        self._opened: ImageIndex | None = ImageIndex(self.index_dir, db_url=db_url, device=device)
 
     # lifetime
     def close(self) -> None:
-        """Release the catalog's connections (the vectors and the network go with the object)."""
-        self._index.close()
+        """Release the catalog's connections (the vectors and the network go with the object). Using the index
+        afterwards raises ValueError, as a closed file does; closing again does nothing."""
+        if self._opened is not None:
+            self._opened.close()
+            self._opened = None
+
+    @property
+    def _index(self) -> ImageIndex:
+        if self._opened is None:
+            raise ValueError(f"the index {self.index_dir} is closed; open it again with retrieval.open_index()")
+        return self._opened
 
     def __enter__(self) -> Index:
         return self
@@ -81,6 +90,8 @@ class Index:
         return self._index.snapshot().data_dir
 
     def __repr__(self) -> str:
+        if self._opened is None:
+            return f"<Index {self.index_dir} (closed)>"
         i = self.info
         return f"<Index {i.index_dir}: {i.model} {i.layer}, weights {i.weights}, {i.count} images of {i.data_dir}>"
 
@@ -226,6 +237,8 @@ def array_image(pixels: np.ndarray) -> Image.Image:
                          "e.g. (x * 255).clip(0, 255).astype(np.uint8) for floats in [0, 1]")
     if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (3, 4))):
         raise ValueError(f"an image array has shape (H, W, 3) (RGB), (H, W, 4) or (H, W), not {pixels.shape}")
+    if 0 in pixels.shape[:2]:
+        raise ValueError(f"an image array needs at least one pixel, not shape {pixels.shape}")
     return Image.fromarray(np.ascontiguousarray(pixels))
 
 

@@ -119,6 +119,20 @@ def test_search_refuses_what_is_not_an_image(index):
         index.search("no-such-photo.jpg")
     with pytest.raises(ValueError, match="k must"):
         index.search(b"x", k=0)
+    with pytest.raises(ValueError, match="at least one pixel"):   # it was PIL's "cannot write empty image"
+        index.search(np.zeros((0, 10, 3), dtype=np.uint8))
+
+
+def test_a_closed_index_says_so_as_a_closed_file_does(built):
+    """After close() a search reconnected silently; now it is a ValueError saying what to do, and repr still works."""
+    ix = retrieval.open_index(built.index)
+    ix.close()
+    with pytest.raises(ValueError, match="is closed; open it again"):
+        ix.search(built.data / "red_circles" / "red_circles_002.jpg")
+    with pytest.raises(ValueError, match="is closed"):
+        len(ix)
+    assert "(closed)" in repr(ix)
+    ix.close()                                  # a second close does nothing
 
 
 def test_neighbours_by_id_and_by_path_leave_the_image_out(built, index, monkeypatch):
