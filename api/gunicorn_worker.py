@@ -186,10 +186,12 @@ class ReadAheadThreadWorker(ThreadWorker):
         Not through gthread's own handler, which first shuts the thread pool down under the pool's lock: Ctrl-C
         reaches a worker twice (from the terminal, then as the server's SIGQUIT), and the second handler, run
         inside the first while it held that lock (or inside the event loop's submit(), which takes it too),
-        waited on its own thread until the server killed the worker 10 s later. Later quit signals are ignored:
-        the first is already exiting. The request threads still finish what they hold at exit."""
+        waited on its own thread until the server killed the worker 10 s later. Later quit signals do nothing:
+        the first is already exiting (a handler that does nothing, not SIG_IGN: a signal already caught when the
+        handler changes would find SIG_IGN and print "Signal 3 ignored due to race condition" as an error). The
+        request threads still finish what they hold at exit."""
         for quit_signal in (signal.SIGINT, signal.SIGQUIT):
-            signal.signal(quit_signal, signal.SIG_IGN)
+            signal.signal(quit_signal, _already_quitting)
         Worker.handle_quit(self, sig, frame)
 
     def accept(self, listener) -> None:  # noqa: ANN001
@@ -312,6 +314,10 @@ class ReadAheadThreadWorker(ThreadWorker):
             pass
         self.nr_conns -= 1
         conn.close()
+
+
+def _already_quitting(_signum: int, _frame: object) -> None:
+    """A quit signal after the first: the worker is on its way out already."""
 
 
 def _send_quietly(conn: TConn, data: bytes) -> None:

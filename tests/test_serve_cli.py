@@ -111,7 +111,7 @@ def test_a_quit_signal_inside_the_thread_pools_lock_still_exits_the_worker():
         with pytest.raises(SystemExit) as exited, worker.tpool._shutdown_lock:
             worker.handle_quit(signal.SIGQUIT, None)
         assert exited.value.code == 0
-        assert signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN, "a second quit signal does not run the handler again"
+        os.kill(os.getpid(), signal.SIGQUIT)   # a second quit signal, as the server's after the terminal's: nothing
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         for s, handler in saved.items():
