@@ -171,6 +171,17 @@ def test_bad_files_raise_a_decode_error_with_a_reason(kind, reason):
         decode_for_model(bad_files()[kind], preprocessing_for("alexnet"))
 
 
+def test_an_image_over_pillows_own_limit_is_refused_with_the_limit_the_docs_give():
+    """Over twice Pillow's limit, Pillow refuses it itself; its message quoted 178,956,970 pixels where the docs
+    and the smaller bombs say 89,478,485."""
+    from retrieval.images.decode import DEFAULT_MAX_PIXELS
+
+    with pytest.raises(ImageDecodeError) as err:
+        open_rgb(encode(Image.new("1", (14000, 13000)), "PNG"))
+    assert str(err.value) == (f"image too large (182,000,000 pixels, limit {DEFAULT_MAX_PIXELS:,}): refused as a "
+                              "possible decompression bomb")
+
+
 def test_a_path_decodes_like_its_bytes_and_is_read_in_chunks(tmp_path, monkeypatch):
     path = tmp_path / "photo.png"
     data = encode(two_colour((300, 200)), "PNG")

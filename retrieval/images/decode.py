@@ -7,6 +7,7 @@ import io
 import logging
 import math
 import os
+import re
 import struct
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,8 +62,11 @@ def decode_error(exc: BaseException) -> ImageDecodeError:
     """Any failure to read or decode one file -> an ImageDecodeError with a reason a person can read."""
     if isinstance(exc, ImageDecodeError):
         return exc
-    if isinstance(exc, Image.DecompressionBombError):
-        return ImageDecodeError(f"refused as a possible decompression bomb: {exc}")
+    if isinstance(exc, Image.DecompressionBombError):   # Pillow's own check, at twice its limit: said as check_header says it
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{int(size.group(1)):,} pixels, " if size else ""
+        return ImageDecodeError(f"image too large ({pixels}limit {DEFAULT_MAX_PIXELS:,}): refused as a possible "
+                                "decompression bomb")
     if isinstance(exc, Image.UnidentifiedImageError):
         return ImageDecodeError("not an image, or in a format this program cannot read (JPEG, PNG, WebP, BMP, GIF, TIFF)")
     if isinstance(exc, MemoryError):
