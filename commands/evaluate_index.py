@@ -10,7 +10,7 @@ from retrieval.features.weights import WeightsChoice
 from retrieval.names import DEFAULT_KS
 from retrieval.quality import held_out_words
 
-from commands.options import (Command, UserError, catalog_error, command_settings, db_url_option, exit_without_teardown,
+from commands.options import (Command, PathArg, UserError, catalog_error, command_settings, db_url_option, exit_without_teardown,
                               index_dir_option, open_index, querying, setup_logging)
 
 # retrieval.learning.evaluation (numpy, the catalog, scikit-learn) is imported after the arguments are parsed.
@@ -36,7 +36,7 @@ def parse_ks(value: str) -> list[int]:
 @click.option("-k", "ks", default=",".join(map(str, DEFAULT_KS)), show_default=True, metavar="K[,K...]",
               help="Numbers of neighbours for precision@k and the kNN vote.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the linear probe's train/test split.")
-@click.option("--compare", "compare_dir", type=click.Path(file_okay=False, path_type=Path, resolve_path=True),
+@click.option("--compare", "compare_dir", type=PathArg(file_okay=False, path_type=Path, resolve_path=True),
               default=None, metavar="INDEX_DIR",
               help="A second index of the same labelled images (e.g. made with fine-tuned weights): both are evaluated "
                    "on the images they share and shown side by side.")

@@ -11,7 +11,7 @@ import click
 from retrieval.features.weights import WeightsChoice, weights_error_message
 from retrieval.names import DEFAULT_FINE_TUNE_OBJECTIVE, FINE_TUNE_OBJECTIVES, MODEL_NAMES
 
-from commands.options import (Command, MODEL_PARAMETERS, UserError, command_settings, exit_without_teardown, parse_batch_size,
+from commands.options import (Command, MODEL_PARAMETERS, PathArg, UserError, command_settings, exit_without_teardown, parse_batch_size,
                               setup_logging)
 
 # Nothing heavy at module level: --help and usage errors answer at once; torch is imported in the command.
@@ -20,12 +20,12 @@ AUTO_TRAIN_BATCH_CAP = 64                # --batch-size auto never trains on lar
 
 
 @click.command(cls=Command, context_settings=command_settings("fine-tune"))
-@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path, resolve_path=True))
+@click.argument("data_dir", type=PathArg(exists=True, file_okay=False, path_type=Path, resolve_path=True))
 @click.option("--model", type=click.Choice(MODEL_NAMES), default="alexnet", show_default=True, help="Backbone network.")
 @click.option("--weights", default="imagenet", show_default=True, metavar="imagenet|random|PATH",
               help="Where training starts: ImageNet weights, seeded random weights (--seed; the same network as "
                    "index-images --weights random --seed), or a state dict file.")
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path, resolve_path=True),
+@click.option("--out", "out", required=True, type=PathArg(dir_okay=False, path_type=Path, resolve_path=True),
               help="Weights file to write (the epoch that retrieves best, or the starting weights when none beats them); "
                    "its history goes to <stem>.history.json next to it.")
 @click.option("--train", "train", type=click.Choice(TRAIN_MODES), default="fc", show_default=True,

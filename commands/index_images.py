@@ -11,7 +11,7 @@ import click
 
 from retrieval.names import FC_DIM, INPUT_NORMS, LAYERS, MAX_EF_SEARCH, MAX_NPROBE, MODEL_NAMES, VIEWS, feature_dim
 
-from commands.options import (Command, MODEL_PARAMETERS, UserError, command_settings, db_url_option, exit_without_teardown,
+from commands.options import (Command, MODEL_PARAMETERS, PathArg, UserError, command_settings, db_url_option, exit_without_teardown,
                               index_dir_option, parse_batch_size, permission_denied, setup_logging)
 
 # Nothing heavy at module level: --help and usage errors answer at once. The job imports torch and
@@ -22,7 +22,7 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
 
 
 @click.command(cls=Command, context_settings=command_settings("index-images"))
-@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path, resolve_path=True))
+@click.argument("data_dir", type=PathArg(exists=True, file_okay=False, path_type=Path, resolve_path=True))
 @index_dir_option
 @db_url_option
 @click.option("--model", type=click.Choice(MODEL_NAMES), default=None,

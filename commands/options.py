@@ -29,8 +29,18 @@ class DiskFull(click.ClickException):
     exit_code = 1
 
 
+class PathArg(click.Path):
+    """click.Path that refuses an empty name: click resolves "" to the working folder, so `index-images ""` (an
+    unset shell variable) indexed the working folder, and `--index-dir ""` wrote the index into it."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, (str, bytes)) and not value.strip():
+            self.fail("is empty; give a path (. for the working folder)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def index_dir_option(f):  # noqa: ANN001, ANN201 - click decorator
-    return click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path, resolve_path=True), default="index",
+    return click.option("--index-dir", type=PathArg(file_okay=False, path_type=Path, resolve_path=True), default="index",
                         envvar=INDEX_DIR_ENV, show_default=True, show_envvar=True,
                         help="Folder holding the index (catalog.db, vectors.faiss).")(f)
 

@@ -8,12 +8,12 @@ import click
 
 from retrieval.system import display_name
 
-from commands.options import (Command, UserError, command_settings, db_url_option, exit_without_teardown, index_dir_option,
+from commands.options import (Command, PathArg, UserError, command_settings, db_url_option, exit_without_teardown, index_dir_option,
                               open_index, querying, setup_logging)
 
 
 @click.command(cls=Command, context_settings=command_settings("search-images"))
-@click.argument("query_image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("query_image", type=PathArg(exists=True, dir_okay=False, path_type=Path))
 @click.option("-k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of neighbours.")
 @index_dir_option
 @db_url_option

@@ -16,7 +16,7 @@ import click
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
-from commands.options import Command, UserError, catalog_error, command_settings, source_of
+from commands.options import Command, PathArg, UserError, catalog_error, command_settings, source_of
 from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV, MAX_EF_SEARCH, MAX_NPROBE
 from retrieval.system import available_cores, collector_paused, hold_interrupts_while_importing, leave_out_triton
 
@@ -184,7 +184,7 @@ def show_config(ctx: click.Context, overrides: dict[str, tuple[Any, str]]) -> No
 
 
 @click.command(cls=Command, context_settings=command_settings("serve-images"))
-@click.option("--index-dir", type=click.Path(file_okay=False, resolve_path=True, path_type=Path), default="index",
+@click.option("--index-dir", type=PathArg(file_okay=False, resolve_path=True, path_type=Path), default="index",
               envvar=INDEX_DIR_ENV, show_default=True, show_envvar=True,
               help="Folder holding the index made by index-images.")
 @click.option("--db-url", default=None, envvar=DB_URL_ENV, show_envvar=True, metavar="URL",
@@ -209,11 +209,11 @@ def show_config(ctx: click.Context, overrides: dict[str, tuple[Any, str]]) -> No
 @click.option("--ef-search", type=click.IntRange(1, MAX_EF_SEARCH), default=None, envvar="RETRIEVAL_EF_SEARCH", show_envvar=True,
               help="HNSW search breadth (efSearch). [default: as index-images recorded it]")
 @click.option("--access-log/--no-access-log", default=False, help="Log every request on stderr.")
-@click.option("--compare-index", type=click.Path(file_okay=False, resolve_path=True, path_type=Path), default=None,
+@click.option("--compare-index", type=PathArg(file_okay=False, resolve_path=True, path_type=Path), default=None,
               envvar="RETRIEVAL_COMPARE_INDEX", show_envvar=True, metavar="DIR",
               help="A second index of the same labelled images (e.g. with fine-tuned weights): /evaluation shows both "
                    "side by side.")
-@click.option("--training", type=click.Path(exists=True, dir_okay=False, resolve_path=True, path_type=Path), default=None,
+@click.option("--training", type=PathArg(exists=True, dir_okay=False, resolve_path=True, path_type=Path), default=None,
               envvar="RETRIEVAL_TRAINING", show_envvar=True, metavar="FILE",
               help="A fine-tune history (NAME.history.json) for /training. [default: the one next to the index's "
                    "weights file, when it was fine-tuned]")

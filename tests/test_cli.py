@@ -207,6 +207,16 @@ def test_a_weights_file_that_is_not_a_state_dict_is_status_2(runner, data, tmp_p
     assert not (tmp_path / "index").exists(), "nothing was indexed: no index folder left behind"
 
 
+def test_an_empty_path_is_refused_not_taken_for_the_working_folder(runner, data, tmp_path, monkeypatch):
+    """click resolves "" to the working folder: `index-images ""` (an unset shell variable) indexed it, and
+    `--index-dir ""` wrote the index there."""
+    monkeypatch.chdir(tmp_path)
+    for args in (["", "--weights", "random"], [str(data), "--index-dir", "", "--weights", "random"]):
+        result = runner.invoke(index_images, args)
+        assert result.exit_code == 2 and "is empty; give a path" in result.output, (args, result.output)
+    assert not (tmp_path / "catalog.db").exists() and not (tmp_path / "index").exists()
+
+
 def test_index_built_with_another_model_is_status_2(runner, data, tmp_path):
     args = [str(data), "--index-dir", str(tmp_path / "index"), "--weights", "random", "--workers", "0"]
     assert runner.invoke(index_images, args + ["--json"]).exit_code == 0
