@@ -163,6 +163,7 @@ def test_chance_levels():
     ([], "no labelled images"),
     (["cats"] * 4, "only the label 'cats'"),
     (["cats", "cats", "dogs"], "single image: 'dogs'"),
+    (["caf\udce9"] * 3, r"only the label 'caf\\xe9'\."),   # a name that is not UTF-8, escaped once (it was twice)
 ])
 def test_unevaluable_labels(labels, match):
     with pytest.raises(EvaluationError, match=match):

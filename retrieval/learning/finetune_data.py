@@ -13,6 +13,7 @@ from PIL import Image
 from retrieval.images.decode import ImageDecodeError, Preprocessing, decode_for_model, open_rgb
 from retrieval.images.scan import DEFAULT_MAX_FILE_BYTES, ImageFile, scan_folder
 from retrieval.learning.classifier import Classifier
+from retrieval.system import display_name
 
 if TYPE_CHECKING:
     from retrieval.learning.finetune import FineTuneConfig
@@ -45,7 +46,7 @@ def labelled_files(data_dir: Path, *, max_file_bytes: int | None = DEFAULT_MAX_F
     files = [f for f in scan.images if f.label is not None]
     classes = sorted({f.label for f in files})
     if len(classes) < 2:
-        found = f"only the class {classes[0]!r}" if classes else "no labelled images"
+        found = f"only the class '{display_name(classes[0])}'" if classes else "no labelled images"
         raise FineTuneError(f"fine-tuning needs labelled images of at least two classes in {data_dir} "
                             f"(one subfolder per class: {data_dir}/<class>/<image>); found {found}")
     position = {name: c for c, name in enumerate(classes)}

@@ -9,6 +9,7 @@ from typing import Protocol
 import numpy as np
 
 from retrieval.names import DEFAULT_KS
+from retrieval.system import display_name
 
 PROBE_TEST_SHARE = 0.25     # share of the labelled images held out for the linear probe's test
 QUERY_CHUNK = 512           # queries per block of the distance matrix
@@ -66,14 +67,14 @@ def check_labels(labels: Sequence[str], queries: np.ndarray | None = None) -> di
         counts[label] = counts.get(label, 0) + 1
     counts = dict(sorted(counts.items()))
     if len(counts) < 2:
-        found = f"only the label {next(iter(counts))!r}" if counts else "no labelled images"
+        found = f"only the label '{display_name(next(iter(counts)))}'" if counts else "no labelled images"
         raise EvaluationError(
             f"evaluation needs labelled images of at least two classes; the index has {found}. "
             "Index a folder with one subfolder per class (data/<class>/<image>) to label the images.")
     asking = set(labels) if queries is None else {label for label, q in zip(labels, queries) if q}
     single = [label for label, n in counts.items() if n < 2 and label in asking]
     if single:
-        shown = ", ".join(repr(s) for s in single[:10]) + (" ..." if len(single) > 10 else "")
+        shown = ", ".join(f"'{display_name(s)}'" for s in single[:10]) + (" ..." if len(single) > 10 else "")
         raise EvaluationError(
             f"every label needs at least two images (one to query, one to find), but {len(single)} "
             f"label(s) have a single image: {shown}. Add images to those classes or remove their folders.")
