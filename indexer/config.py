@@ -78,7 +78,7 @@ class JobConfig:
                               f"not {self.regions!r}")
         # what the command line's types check, checked for index_folder(...) too, before any work
         if self.batch_size != "auto":
-            _check_whole("batch_size", self.batch_size, 1, also="'auto'")
+            _check_whole("batch_size", self.batch_size, 1, also="'auto'", none_ok=False)
         _check_whole("workers", self.workers, 0, also="None (one per core)")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ConfigError(f"seed takes a whole number, or None; not {self.seed!r}")
@@ -89,9 +89,10 @@ class JobConfig:
             raise ConfigError(f"save_every_s takes a number of seconds (0: after every batch), not {self.save_every_s!r}")
 
 
-def _check_whole(name: str, value: object, minimum: int, *, also: str) -> None:
-    """Raise ConfigError unless value is None (where also allows it) or a whole number >= minimum."""
-    if value is None and also.startswith("None"):
+def _check_whole(name: str, value: object, minimum: int, *, also: str, none_ok: bool = True) -> None:
+    """Raise ConfigError unless value is a whole number >= minimum, or None where none_ok (also: the other values
+    taken, in words, for the message)."""
+    if value is None and none_ok:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name} takes a whole number from {minimum} up, or {also}; not {value!r}")
