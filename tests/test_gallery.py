@@ -108,6 +108,9 @@ def test_a_neighbours_page_keeps_the_searchs_k_and_expansion(client, sample_inde
     html = client.get(hrefs[0].replace("&amp;", "&")).get_data(as_text=True)
     assert len(neighbour_hrefs(html)) == 24 and 'id="expanded"' in html and "Expanded with the top 3" in html
     assert all(href.endswith("?k=24&amp;qe=3&amp;qe_alpha=2.0") for href in neighbour_hrefs(html)), "and on"
+    # so do the page's own choices of k and of expansion, and its JSON link
+    assert 'href="?k=6&amp;qe=3&amp;qe_alpha=2.0"' in html and 'href="?k=24&amp;qe=10&amp;qe_alpha=2.0"' in html
+    assert 'href="?k=24&amp;qe=0"' in html and "qe=3&amp;qe_alpha=2.0\">JSON" in html
 
 
 def test_upload_of_a_non_image_shows_the_form_again_with_the_reason(client):
