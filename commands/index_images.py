@@ -190,7 +190,7 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
             _discard_unused(index_dir)
         raise UserError(str(exc)) from exc
     except KeyboardInterrupt:
-        click.echo("\ninterrupted: every finished batch is saved; run the same command again to finish.", err=True)
+        click.echo("\ninterrupted: whatever was indexed before it is saved; run the same command again to finish.", err=True)
         sys.exit(130)
     except Exception as exc:   # a full disk or a read-only folder, wherever it surfaced (weights, catalog, FAISS): one line
         trouble = disk_trouble(exc)
