@@ -354,8 +354,11 @@ def _announce(extractor) -> None:  # noqa: ANN001 - FeatureExtractor
 
 def _print_report(r, verbose: bool = False) -> None:  # noqa: ANN001 - indexer.run.RunReport
     rate = f", {r.images_per_second:.1f} images/s" if r.indexed else ""
+    loop = r.extraction or {}
+    if r.indexed and loop.get("loop_seconds"):   # start-up (imports, the network) apart: one new file is not "0.5 images/s"
+        rate = f"; {loop['loop_images_per_second']:.1f} images/s after start-up"
     click.echo(f"indexed {r.indexed}, unchanged {r.unchanged}, removed {r.removed}, skipped {len(r.skipped)}; "
-               f"{r.total} images in the index ({r.seconds:.1f} s{rate})")
+               f"{r.total} image{'' if r.total == 1 else 's'} in the index ({r.seconds:.1f} s{rate})")
     for s in r.skipped:
         click.echo(f"  skipped {s['path']}: {s['reason']}")
     if r.extraction:
