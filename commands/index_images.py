@@ -128,7 +128,7 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
     listed. Safe to interrupt at any point: run it again to finish.
 
     Where stdout is not a terminal, the last line printed is machine-readable: "summary " and the JSON object
-    that --json prints alone (indexed, unchanged, removed, skipped, total, seconds, images_per_second). Every option can also
+    that --json prints alone (indexed, unchanged, removed, skipped, total, seconds, images_per_second, ...). Every option can also
     be set by an environment variable (INDEX_IMAGES_BATCH_SIZE, ...; see docs/configuration.md).
 
     Exit status: 0 done (even with skipped files), 2 usage or configuration error (a damaged catalog or a

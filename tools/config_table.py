@@ -40,8 +40,10 @@ def load_command(target: str) -> click.Command:
 def option_default(option: click.Option, command: click.Command) -> str:
     """The default as a user reads it: the value, the text of a "[default: ...]" note in the help, or on/off."""
     match = _DEFAULT_IN_HELP.search(option.help or "")
+    if option.required:
+        return "required"
     default = option.get_default(click.Context(command), call=True)
-    if default is None:
+    if default is None or default is getattr(click.core, "UNSET", None):   # click 8.3 and later: a sentinel, not None
         return match.group(1) if match else ""
     if option.is_flag and not option.secondary_opts:
         return "on" if default else "off"
