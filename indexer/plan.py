@@ -18,6 +18,7 @@ class Plan:
     remove: list[str]                     # paths gone from the folder
     refused: dict[str, str]               # found but refused before decoding (path -> reason)
     unchanged: int
+    found: int = 0                        # image files the folder holds now, refused ones included
 
 
 
@@ -36,7 +37,7 @@ def plan_run(scan_images: list[ImageFile], refused: dict[str, str], catalog: Cat
             continue  # still the same bad file: no need to decode it again
         todo.append(f)
     remove = sorted((set(known) | set(known_skipped)) - present)
-    return Plan(todo, remove, refused, unchanged)
+    return Plan(todo, remove, refused, unchanged, len(present))
 
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -12,6 +13,8 @@ from retrieval.vectors.regions import regions_file_in_step
 
 from retrieval.catalog import Catalog
 from retrieval.files import sample_digest
+from retrieval.images.scan import IMAGE_EXTENSIONS
+from retrieval.system import display_name
 
 from indexer.config import ConfigError, JobConfig, RunReport, describe_network, finish_report, resolve_settings
 from indexer.local import run_local
@@ -48,6 +51,7 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
     data_dir, index_dir = cfg.data_dir, cfg.index_dir
     if not data_dir.is_dir():
         raise ConfigError(f"data folder {data_dir} does not exist or is not a folder")
+    _check_index_folder(data_dir, index_dir)
     if cfg.ray is not None:
         from indexer.ray_job import require_ray
         require_ray()     # before anything else: without Ray, say how to get it
@@ -70,6 +74,10 @@ def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callabl
     if stored is not None:   # the images its weights were fine-tuned on, if not known yet (no network needed)
         record_training_images(catalog, stored.weights_choice, stored.weights_identity)
     planned = plan(cfg, catalog)
+    if stored is not None and not planned.found and (indexed := catalog.count()):
+        raise ConfigError(f"the data folder {display_name(str(cfg.data_dir))} holds no image files now, but the index has "
+                          f"{indexed}: nothing was removed (a drive or network share not mounted?). Run it again once "
+                          f"they are back; to empty the index, delete its folder {display_name(str(index_dir))}")
     if stored is not None and not planned.todo and not removals(planned, catalog):
         record_refused(planned, catalog)
         report = RunReport(unchanged=planned.unchanged, vector_index=catalog.vector_index_record())
@@ -90,6 +98,28 @@ def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callabl
         from indexer.ray_job import run_on_ray
         return run_on_ray(cfg, catalog, stored, chosen, planned, started, on_cluster)
     return run_local(cfg, catalog, stored, chosen, planned, started, on_extractor)
+
+
+def _check_index_folder(data_dir: Path, index_dir: Path) -> None:
+    """Refuse an index folder that is the data folder, or one inside it that holds images: a folder holding an
+    index is never scanned (retrieval.images.scan), so its images would silently leave the index (a typo:
+    --index-dir data/cats)."""
+    data, index = data_dir.resolve(), index_dir.resolve()
+    if index == data:
+        raise ConfigError(f"the index folder is the data folder {display_name(str(data_dir))}: its files would lie among "
+                          "the images; pass another --index-dir (the default, index, beside the data folder)")
+    if data not in index.parents or not index.is_dir():
+        return
+    try:
+        images = sorted(e.name for e in os.scandir(index) if not e.name.startswith(".")
+                        and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS and e.is_file())
+    except OSError:
+        return
+    if images:
+        raise ConfigError(f"the index folder {display_name(str(index_dir))} is inside the data folder and holds "
+                          f"{len(images)} image(s) ({display_name(images[0])}{', ...' if len(images) > 1 else ''}): "
+                          "a folder that holds an index is not scanned, so they would be left out; pass another "
+                          "--index-dir, outside the data folder or in a folder of its own")
 
 
 def faiss_file_damaged(path: Path, catalog: Catalog) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 import shutil
 
 import numpy as np
@@ -319,6 +320,40 @@ def test_an_index_folder_inside_the_data_folder_is_not_indexed(small_data, index
 
     assert first.total == second.total == 6 and second.indexed == 0
     assert "index" not in Catalog(small_data / "index").labels()
+    # an image lying in that other index folder is named, not left out silently
+    assert [(s["path"], "holds an index (catalog.db)" in s["reason"]) for s in second.skipped] == [("index-old/x.jpg", True)]
+
+
+def test_an_index_folder_made_in_a_class_folder_or_the_data_folder_is_refused(small_data, tmp_path, index_images):
+    """--index-dir data/red_circles (a typo) would hide that class from every index of the folder (a folder holding an
+    index is not scanned); --index-dir data would scatter the index among the images. Both refused before any work."""
+    for index_dir, words in [(small_data / "red_circles", "holds 3 image(s) (red_circles_000.jpg, ...)"),
+                             (small_data, "is the data folder")]:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            index_images(small_data, index_dir)
+    assert sorted(p.name for p in small_data.iterdir()) == ["blue_squares", "red_circles"], "nothing written"
+    assert not (small_data / "red_circles" / "catalog.db").exists()
+    nested = index_images(small_data, small_data / "red_circles" / "index")   # a folder of its own there: fine
+    assert nested.total == 6
+
+
+def test_a_data_folder_found_empty_does_not_empty_the_index(small_data, tmp_path, index_images):
+    """A drive or share not mounted for a moment looks like a folder whose images were all deleted: the run refuses
+    to remove them all (hours of extraction on a large collection), says why and how to empty the index on purpose."""
+    index_images(small_data, tmp_path / "index")
+    held = tmp_path / "held"
+    shutil.move(small_data, held)
+    small_data.mkdir()
+    with pytest.raises(ConfigError, match=r"holds no image files now, but the index has 6: nothing was removed"):
+        index_images(small_data, tmp_path / "index")
+    assert Catalog(tmp_path / "index").count() == 6
+    small_data.rmdir()
+    shutil.move(held, small_data)
+    back = index_images(small_data, tmp_path / "index")
+    assert (back.indexed, back.unchanged, back.removed) == (0, 6, 0)
+    for image in list(small_data.rglob("*.jpg"))[:-1]:   # one left: removing all but one is an ordinary update
+        image.unlink()
+    assert index_images(small_data, tmp_path / "index").removed == 5
 
 
 def test_files_over_the_size_limit_are_skipped_unread(small_data, tmp_path, index_images):

@@ -54,6 +54,7 @@ def scan_folder(data_dir: Path, *, exclude: Iterable[Path] = (), skip_folders_ho
         visited.add(real)
         if folder != root and skip_folders_holding and (folder / skip_folders_holding).exists():
             log.info("not scanning %s: it is an index folder", folder)
+            held_by_index(folder)
             return
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -72,6 +73,19 @@ def scan_folder(data_dir: Path, *, exclude: Iterable[Path] = (), skip_folders_ho
                     skipped[rel] = reason
                 else:
                     log.info("not scanning %s: %s", rel, reason)
+
+    def held_by_index(folder: Path) -> None:
+        """The images lying in an index folder itself (one made in a class folder by mistake) are named as skipped,
+        not left out silently; its subfolders (the server's thumbnails) are not looked into."""
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return
+        for entry in entries:
+            if not entry.name.startswith(".") and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
+                skipped[Path(entry.path).relative_to(root).as_posix()] = (
+                    f"in a folder that holds an index ({skip_folders_holding}): not indexed; move that index out of "
+                    "the data folder to index it")
 
     def visit(entry: os.DirEntry, rel: str) -> None:
         full = Path(entry.path)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from retrieval.catalog.db import CATALOG_FILE
 from retrieval.images.decode import ImageDecodeError, Preprocessing, decode_for_model, open_rgb
 from retrieval.images.scan import DEFAULT_MAX_FILE_BYTES, ImageFile, scan_folder
 from retrieval.learning.classifier import Classifier
@@ -38,11 +39,12 @@ class LabelledFiles:
 
 
 def labelled_files(data_dir: Path, *, max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> LabelledFiles:
-    """The images of data_dir labelled by their first folder level (as index-images labels them).
+    """The images of data_dir labelled by their first folder level (as index-images labels them; an index folder kept
+    inside data_dir, its thumbnails, is no class, as it is no images to index-images).
 
     Raises FineTuneError with fewer than two classes.
     """
-    scan = scan_folder(data_dir, max_file_bytes=max_file_bytes)
+    scan = scan_folder(data_dir, max_file_bytes=max_file_bytes, skip_folders_holding=CATALOG_FILE)
     files = [f for f in scan.images if f.label is not None]
     classes = sorted({f.label for f in files})
     if len(classes) < 2:
