@@ -240,8 +240,12 @@ def _check(data_dir: Path, index_dir: Path, db_url: str | None, as_json: bool, d
 
     from indexer.check import check_index, describe
 
+    from indexer.config import ConfigError
+
     try:
         report = check_index(data_dir, index_dir, db_url)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
     except FileNotFoundError as exc:
         raise UserError(str(exc)) from None
     except CatalogUnavailable as exc:

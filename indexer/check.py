@@ -22,9 +22,16 @@ SHOWN = 10   # ids and paths named in the text report (the JSON report has them 
 def check_index(data_dir: Path, index_dir: Path, db_url: str | None) -> dict:
     """The report: {"ok", "catalog", "images", "quick_check", "vectors", "faiss", "problems", "actions"}.
 
-    Raises FileNotFoundError (no index), CatalogUnavailable, SQLAlchemyError (a catalog that fails to read)."""
+    Raises FileNotFoundError (no index), CatalogUnavailable, SQLAlchemyError (a catalog that fails to read),
+    ConfigError (an index-images run is writing the index now)."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    from indexer.config import ConfigError
+    from indexer.locks import writer_running
+
+    if writer_running(index_dir):   # its FAISS file lags its commits until it saves: a check now finds false damage
+        raise ConfigError(f"another index-images run is updating {display_name(str(index_dir))}; check it when that "
+                          "run has finished")
     catalog = Catalog(index_dir, url=db_url)
     data = display_name(str(data_dir))
     report: dict = {"ok": True, "catalog": catalog.location, "images": 0, "quick_check": [],
@@ -58,6 +65,10 @@ def check_index(data_dir: Path, index_dir: Path, db_url: str | None) -> dict:
             report["problems"].append(f"{len(bad)} vector(s) fail their checksum (damaged in the catalog): {shown}")
             report["actions"].append(f"they are marked to be extracted again and left out of searches: run "
                                      f"index-images {data} --index-dir {display_name(str(index_dir))}")
+        weights = _check_weights(index_dir, settings)
+        if weights is not None:
+            report["problems"].append(weights[0])
+            report["actions"].append(weights[1].format(data=data, index=display_name(str(index_dir))))
         report["faiss"] = _check_faiss(index_dir / FAISS_FILE, catalog, settings.dim, set(bad))
         if settings.regions:
             report["regions"] = _check_regions(index_dir / REGIONS_FILE, catalog, settings.dim, set(bad))
@@ -70,6 +81,36 @@ def check_index(data_dir: Path, index_dir: Path, db_url: str | None) -> dict:
         return report
     finally:
         catalog.close()
+
+
+def _check_weights(index_dir: Path, settings) -> tuple[str, str] | None:  # noqa: ANN001 - IndexSettings
+    """The weights file queries are computed with (the index's random weights, or a state dict file it was built
+    from): there and the one recorded (its SHA-256)? -> (problem, action with {data} and {index}) or None."""
+    from retrieval.features.digests import file_sha256
+
+    choice = settings.weights_choice
+    path = choice.source_file(index_dir, settings.model)
+    if path is None:   # ImageNet weights: known by their name, in torch hub's cache
+        return None
+    try:
+        same = settings.weights_identity.endswith(f"sha256={file_sha256(path)}")
+    except FileNotFoundError:
+        if choice.is_random:
+            return (f"the index's random weights file {path.name} is missing: no query can be computed",
+                    "run index-images {data} --index-dir {index}: it makes the file again from the recorded seed")
+        return (f"the weights file {display_name(str(path))} this index was built with is missing: no query can be "
+                "computed", "put that file back, or index into a new folder with the weights you have")
+    except OSError as exc:
+        return (f"the weights file {display_name(str(path))} cannot be read ({exc.strerror or exc})",
+                "make it readable, or put the file back from a backup")
+    if same:
+        return None
+    if choice.is_random:
+        return (f"the index's random weights file {path.name} is not the one recorded (damaged or replaced)",
+                f"delete {display_name(str(path))} and run index-images {{data}} --index-dir {{index}}: it makes the "
+                "file again from the recorded seed")
+    return (f"the weights file {display_name(str(path))} has changed since this index was built with it",
+            "put the original back, or index into a new folder with these weights")
 
 
 def _check_faiss(path: Path, catalog: Catalog, dim: int, bad: set[int]) -> dict:

@@ -45,6 +45,24 @@ def index_lock(index_dir: Path) -> Iterator[None]:
 
 
 
+def writer_running(index_dir: Path) -> bool:
+    """Whether an index-images run holds the index folder's lock now: probed with a shared lock, taken and let go at
+    once (never waits, writes nothing: works on a read-only folder too)."""
+    index_dir = Path(index_dir).resolve()
+    with _held_locks_guard:
+        if index_dir in _held_locks:
+            return True
+    try:
+        with open(index_dir / LOCK_FILE, "rb") as fh:
+            fcntl.lockf(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.lockf(fh, fcntl.LOCK_UN)
+    except FileNotFoundError:
+        return False
+    except OSError:   # EACCES or EAGAIN: held by a writer
+        return True
+    return False
+
+
 @contextmanager
 def writer_locks(index_dir: Path, db_url: str | None) -> Iterator[Catalog]:
     """The one writer's locks, then its catalog (created if new). Raises ConfigError when another run holds one.

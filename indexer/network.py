@@ -53,6 +53,32 @@ def load_network(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None,
     return extractor
 
 
+def restore_random_weights(index_dir: Path, stored: IndexSettings) -> str | None:
+    """An index with seeded random weights whose file is gone: made again from the recorded seed and kept when it
+    is the very file recorded (its SHA-256; torch.save writes the same bytes for the same tensors). -> the repair,
+    in words, or None when there was nothing to do. Raises ConfigError when the seed gives other weights here
+    (another torch or torchvision version initialises differently)."""
+    choice = stored.weights_choice
+    if not choice.is_random:
+        return None
+    path = choice.source_file(index_dir, stored.model)
+    if path.exists():
+        return None
+    import torch
+
+    from retrieval.features.backbones import random_state_dict
+    from retrieval.features.digests import file_sha256
+    from retrieval.files import atomic_write
+
+    atomic_write(path, lambda f: torch.save(random_state_dict(stored.model, stored.seed), f))
+    if f"random:sha256={file_sha256(path)}" != stored.weights_identity:
+        path.unlink()
+        raise ConfigError(f"the index's random weights file {path} is missing, and seed {stored.seed} makes other "
+                          f"weights with this torch {torch.__version__} than the recorded ones: restore the file from "
+                          "a backup, or index into a new folder (--index-dir NEW)")
+    return f"the random weights file {path.name} was missing: made again from seed {stored.seed} (the same file, by its SHA-256)"
+
+
 def record_training_images(catalog: Catalog, weights: WeightsChoice, identity: str) -> None:
     """For weights from a file: record in the catalog which images fine-tune trained them on (from the history next
     to the file), once; looked for again on later runs while unknown (a history put back, an index made before this

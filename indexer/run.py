@@ -19,7 +19,7 @@ from retrieval.system import display_name
 from indexer.config import ConfigError, JobConfig, RunReport, describe_network, finish_report, resolve_settings
 from indexer.local import run_local
 from indexer.locks import writer_locks
-from indexer.network import record_training_images
+from indexer.network import record_training_images, restore_random_weights
 from indexer.plan import plan, record_refused, removals
 from indexer.write import maintain_vectors
 
@@ -56,7 +56,11 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
         from indexer.ray_job import require_ray
         require_ray()     # before anything else: without Ray, say how to get it
     with writer_locks(index_dir, cfg.db_url) as catalog:
+        stored = catalog.settings()
+        restored = None if stored is None else restore_random_weights(index_dir, stored)
         report = _run(cfg, catalog, started, on_extractor, on_cluster)
+        if restored:
+            report.repairs.insert(0, restored)
         report.network = describe_network(catalog.settings())
         if catalog.bad_vectors:   # vectors that failed their checksum were left out of FAISS: extract them again
             paths = catalog.mark_for_extraction(sorted(catalog.bad_vectors))

@@ -220,3 +220,50 @@ def test_check_of_an_index_stopped_before_its_settings_says_to_rerun_with_the_fi
     rerun = run(index_images, [sample_index.data_dir, "--index-dir", index, "--json", *FAST])
     assert rerun.exit_code == 0, rerun.output
     assert run(index_images, [sample_index.data_dir, "--index-dir", index, "--check"]).exit_code == 0
+
+
+def test_a_lost_random_weights_file_is_named_by_check_and_made_again_by_the_next_run(copy):
+    """The seeded random weights are the index's network: lost, no query can be computed. --check says so and what to
+    do; the next index-images run, even one with nothing to index, makes the very file again from the recorded seed."""
+    data, index = copy
+    weights = index / "random-weights-alexnet.pt"
+    original = weights.read_bytes()
+    weights.unlink()
+    query = data / "red_circles" / "red_circles_000.jpg"
+    refused = run(search_images, [query, "--index-dir", index])
+    assert refused.exit_code == 2 and "is missing; run index-images" in refused.output
+
+    check = run(index_images, [data, "--index-dir", index, "--check"])
+    assert check.exit_code == 1 and "random weights file random-weights-alexnet.pt is missing" in check.output
+    assert "makes the file again from the recorded seed" in check.output
+
+    result = run(index_images, [data, "--index-dir", index])
+    assert result.exit_code == 0 and "indexed 0, unchanged 30" in result.output, result.output
+    assert "random-weights-alexnet.pt was missing: made again from seed 0" in result.output
+    assert weights.read_bytes() == original
+    found = run(search_images, [query, "--index-dir", index, "-k", "1"])
+    assert found.exit_code == 0 and "red_circles/red_circles_000.jpg" in found.output
+
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))   # one bit changed: not the network recorded
+    damaged = run(index_images, [data, "--index-dir", index, "--check"])
+    assert damaged.exit_code == 1 and "is not the one recorded" in damaged.output and f"delete {weights}" in damaged.output
+
+
+def test_check_while_an_index_images_run_writes_says_to_wait(copy):
+    """Between a run's commits and its next FAISS save the file lags the catalog: a check then would report damage
+    that is not there. It says another run is writing (exit 2), as a second writer is told."""
+    import subprocess
+    import sys
+
+    data, index = copy
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom indexer.locks import index_lock\n"
+                               f"with index_lock({str(index)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = run(index_images, [data, "--index-dir", index, "--check"])
+        assert result.exit_code == 2 and "another index-images run is updating" in result.output, result.output
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run(index_images, [data, "--index-dir", index, "--check"]).exit_code == 0
