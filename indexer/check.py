@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.catalog import Catalog, damaged_message, damaged_reason, db_error_reason
+from retrieval.files import leftover_temporaries
 from retrieval.names import FAISS_FILE, REGIONS_FILE
 from retrieval.system import display_name
 
@@ -65,6 +66,13 @@ def check_index(data_dir: Path, index_dir: Path, db_url: str | None) -> dict:
             report["problems"].append(f"{len(bad)} vector(s) fail their checksum (damaged in the catalog): {shown}")
             report["actions"].append(f"they are marked to be extracted again and left out of searches: run "
                                      f"index-images {data} --index-dir {display_name(str(index_dir))}")
+        leftovers = leftover_temporaries(index_dir)   # no writer is at work (checked above): a killed run's
+        if leftovers:
+            size = sum(p.stat().st_size for p in leftovers if p.exists()) / 2**20
+            report["problems"].append(f"{len(leftovers)} temporary file(s) an interrupted run left, {size:,.1f} MB: "
+                                      + ", ".join(p.name for p in leftovers[:SHOWN]))
+            report["actions"].append(f"run index-images {data} --index-dir {display_name(str(index_dir))}: it removes "
+                                     "them")
         weights = _check_weights(index_dir, settings)
         if weights is not None:
             report["problems"].append(weights[0])

@@ -12,7 +12,7 @@ from retrieval.vectors.index_types import vector_work_needed
 from retrieval.vectors.regions import regions_file_in_step
 
 from retrieval.catalog import Catalog
-from retrieval.files import sample_digest
+from retrieval.files import leftover_temporaries, sample_digest
 from retrieval.images.scan import IMAGE_EXTENSIONS
 from retrieval.system import display_name
 
@@ -57,10 +57,10 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
         require_ray()     # before anything else: without Ray, say how to get it
     with writer_locks(index_dir, cfg.db_url) as catalog:
         stored = catalog.settings()
-        restored = None if stored is None else restore_random_weights(index_dir, stored)
+        repairs = list(filter(None, [_remove_leftovers(index_dir),
+                                     None if stored is None else restore_random_weights(index_dir, stored)]))
         report = _run(cfg, catalog, started, on_extractor, on_cluster)
-        if restored:
-            report.repairs.insert(0, restored)
+        report.repairs[:0] = repairs
         report.network = describe_network(catalog.settings())
         if catalog.bad_vectors:   # vectors that failed their checksum were left out of FAISS: extract them again
             paths = catalog.mark_for_extraction(sorted(catalog.bad_vectors))
@@ -102,6 +102,24 @@ def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callabl
         from indexer.ray_job import run_on_ray
         return run_on_ray(cfg, catalog, stored, chosen, planned, started, on_cluster)
     return run_local(cfg, catalog, stored, chosen, planned, started, on_extractor)
+
+
+def _remove_leftovers(index_dir: Path) -> str | None:
+    """Remove the temporary files an index-images run killed mid-write left in the index folder (a half-written
+    weights file is hundreds of MB); under the writer lock, no other writer's. -> the repair, in words, or None."""
+    removed, freed = [], 0
+    for path in leftover_temporaries(index_dir):
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except OSError:
+            continue
+        removed.append(path.name)
+        freed += size
+    if not removed:
+        return None
+    return (f"removed {len(removed)} temporary file(s) an interrupted run left ({', '.join(removed[:3])}"
+            f"{', ...' if len(removed) > 3 else ''}): {freed / 2**20:,.1f} MB freed")
 
 
 def _check_index_folder(data_dir: Path, index_dir: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import threading
 from contextlib import contextmanager
@@ -14,6 +15,17 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 def _temporary_name(path: Path) -> Path:
     # Hidden, in the same folder (a rename never crosses file systems), unique per process and thread.
     return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def leftover_temporaries(folder: Path | str) -> list[Path]:
+    """Temporary files of atomic writes in folder that never finished (a process killed mid-write: kill -9, a lost
+    machine): hidden, named as _temporary_name names them. Only a caller who knows no writer is at work in folder
+    (index-images under its lock) may take them for leftovers."""
+    pattern = re.compile(r"\..+\.\d+\.\d+\.tmp")
+    try:
+        return sorted(p for p in Path(folder).iterdir() if pattern.fullmatch(p.name) and p.is_file())
+    except OSError:
+        return []
 
 
 def _fsync_folder(folder: Path) -> None:

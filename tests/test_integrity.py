@@ -267,3 +267,25 @@ def test_check_while_an_index_images_run_writes_says_to_wait(copy):
         holder.kill()
         holder.wait()
     assert run(index_images, [data, "--index-dir", index, "--check"]).exit_code == 0
+
+
+def test_a_write_killed_midway_leaves_a_temporary_file_that_check_names_and_the_next_run_removes(copy):
+    """kill -9 while a file of the index is written (random weights: hundreds of MB) leaves its hidden temporary
+    file; it stayed forever and --check called the index sound. Now --check names it and the next run removes it."""
+    import subprocess
+    import sys
+
+    data, index = copy
+    killed = subprocess.run([sys.executable, "-c", "import os, signal\nfrom retrieval.files import atomic_file\n"
+                             f"with atomic_file({str(index / 'random-weights-alexnet.pt')!r}) as f:\n"
+                             "    f.write(b'w' * 3_000_000); f.flush(); os.kill(os.getpid(), signal.SIGKILL)"])
+    assert killed.returncode == -9
+    [leftover] = [p for p in index.iterdir() if p.name.startswith(".random-weights-alexnet.pt.")]
+
+    check = run(index_images, [data, "--index-dir", index, "--check"])
+    assert check.exit_code == 1 and f"1 temporary file(s) an interrupted run left, 2.9 MB: {leftover.name}" in check.output
+
+    result = run(index_images, [data, "--index-dir", index])
+    assert result.exit_code == 0 and "removed 1 temporary file(s) an interrupted run left" in result.output
+    assert not leftover.exists() and (index / "random-weights-alexnet.pt").stat().st_size > 100_000_000
+    assert run(index_images, [data, "--index-dir", index, "--check"]).exit_code == 0
