@@ -331,3 +331,32 @@ def _nobody_ids() -> tuple[int, int]:
 
     entry = pwd.getpwnam("nobody")
     return entry.pw_uid, entry.pw_gid
+
+
+def test_a_read_only_index_whose_wal_holds_commits_is_read_with_them_or_refused_with_the_reason(tmp_path, sample_index):
+    """A run killed before SQLite merged its log into catalog.db leaves the commits in catalog.db-wal. Seen through a
+    read-only mount, the catalog was opened immutable, which ignores the log: an older index with no word (here the
+    new label missing), or 'no such table' tracebacks for a first run. Now the log is read where its -shm file lies
+    beside it, and otherwise every command says why it cannot be read and what to do."""
+    from commands.search_images import main as search_images
+    from retrieval.catalog import CATALOG_FILE
+
+    index = tmp_path / "index"
+    shutil.copytree(sample_index.index_dir, index)
+    query = next(sample_index.data_dir.rglob("*.jpg"))
+    path = query.relative_to(sample_index.data_dir).as_posix()
+    killed = subprocess.run([sys.executable, "-c", "import os, sqlite3, sys\n"   # as a killed run leaves it
+                             "db = sqlite3.connect(sys.argv[1]); db.execute('PRAGMA wal_autocheckpoint=0')\n"
+                             "db.execute('UPDATE images SET label = ? WHERE path = ?', ('relabelled', sys.argv[2]))\n"
+                             "db.commit(); os._exit(0)", str(index / CATALOG_FILE), path], timeout=60)
+    assert killed.returncode == 0
+    assert (index / f"{CATALOG_FILE}-wal").stat().st_size > 0 and (index / f"{CATALOG_FILE}-shm").exists()
+    with read_only_view(index, tmp_path / "ro") as seen:
+        result = CliRunner().invoke(search_images, [str(query), "--index-dir", str(seen), "-k", "1"])
+        assert result.exit_code == 0 and "relabelled" in result.output, result.output
+    os.unlink(index / f"{CATALOG_FILE}-shm")   # as a copy that left it out, or a tool that removed it
+    with read_only_view(index, tmp_path / "ro2") as seen:
+        result = CliRunner().invoke(search_images, [str(query), "--index-dir", str(seen), "-k", "1"])
+        assert result.exit_code == 2, result.output
+        assert "catalog.db-wal holds commits not yet merged into catalog.db" in result.output
+        assert "open the index once where it can be written" in result.output

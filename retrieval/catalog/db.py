@@ -97,6 +97,21 @@ def make_engine(path: Path, *, create: bool = True) -> Engine:
     base = f"file:{quote(os.fsencode(Path(path).absolute()))}?mode="
     modes = (["ro&immutable=1"] if mounted_read_only else ["ro", "ro&immutable=1"] if read_only
              else ["rwc" if create else "rw"])
+    # commits still in the WAL (a run killed before SQLite merged them into the file): immutable would not read
+    # them, showing an older index or none, so it is no way out then
+    if read_only and _wal_pending(Path(path).absolute()):
+        modes = ["ro"]   # never immutable, which would not read them; and "ro" only where it reads (looked at now)
+        probe = sqlite3.connect(base + "ro", uri=True, timeout=30)
+        try:
+            probe.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError:
+            name = Path(path).name
+            raise CatalogUnavailable(
+                f"the catalog {path} cannot be read here: {name}-wal holds commits not yet merged into {name}, which "
+                f"SQLite reads in a read-only folder only with {name}-shm beside it: open the index once where it "
+                "can be written (any command merges them), or copy its folder to a writable place") from None
+        finally:
+            probe.close()
 
     def connect() -> sqlite3.Connection:
         for mode in modes[:-1]:   # a read-only WAL database opens only where its -shm file exists or can be made
@@ -120,6 +135,14 @@ def make_engine(path: Path, *, create: bool = True) -> Engine:
         cur.close()
 
     return engine
+
+
+def _wal_pending(file: Path) -> bool:
+    """Whether SQLite's write-ahead log next to file holds anything (commits not yet merged into file)."""
+    try:
+        return os.stat(f"{file}-wal").st_size > 0
+    except OSError:
+        return False
 
 
 def _writable(file: Path) -> bool:
