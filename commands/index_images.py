@@ -133,8 +133,8 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
 
     Exit status: 0 done (even with skipped files), 2 usage or configuration error (a damaged catalog or a
     read-only index folder included), 1 unexpected failure or a full disk (one line: how much to free; nothing
-    committed is lost), 130 interrupted (Ctrl-C: every finished batch is kept); with --check, 0 sound and 1 something
-    to repair.
+    committed is lost), 130 interrupted (Ctrl-C: every finished batch is kept; 143 for SIGTERM, the same way); with
+    --check, 0 sound and 1 something to repair.
     """
     setup_logging(verbose, quiet=as_json)
     from sqlalchemy.exc import SQLAlchemyError

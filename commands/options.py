@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -123,11 +124,20 @@ def exit_without_teardown(command: click.Command) -> Callable[[], None]:
     """A console-script entry point for command that ends the process without Python's module teardown once
     torch is loaded: tearing down torch and torchvision costs about a second after the work is done and saved.
     A Ctrl-C exits 130 wherever it lands (click alone says "Aborted!" and exits 1 outside the command's own
-    handler; one inside torch's import waits for its end). (In-process callers, such as tests, call the command itself.)"""
+    handler; one inside torch's import waits for its end). A SIGTERM (kill, timeout, systemd, docker stop, a batch
+    scheduler) takes the same way out, saying so, with exit status 143 (128 + 15) instead of dying silently.
+    (In-process callers, such as tests, call the command itself.)"""
     def entry() -> None:
         from retrieval.system import hold_interrupts_while_importing
 
         hold_interrupts_while_importing("torch", "torchvision")   # a Ctrl-C inside torch's import aborted the process
+        terminated: list[int] = []
+
+        def on_terminate(signum: int, _frame) -> None:  # noqa: ANN001 - a signal handler
+            terminated.append(signum)
+            os.kill(os.getpid(), signal.SIGINT)   # as a Ctrl-C, so a moment that holds Ctrl-C holds this too
+
+        signal.signal(signal.SIGTERM, on_terminate)
         try:
             code = command.main(standalone_mode=False)   # click's own handling, less its Ctrl-C: "Aborted!", exit 1
         except SystemExit as exc:
@@ -148,6 +158,8 @@ def exit_without_teardown(command: click.Command) -> Callable[[], None]:
             if code is not None:
                 print(code, file=sys.stderr)
             code = 0 if code is None else 1
+        if terminated and code == 130:
+            code = 128 + signal.SIGTERM
         if "torch" in sys.modules:
             logging.shutdown()
             sys.stdout.flush()

@@ -147,6 +147,7 @@ def ignore_interrupts() -> None:
     A terminal's Ctrl-C reaches the whole process group; a helper interrupted in the middle of a reply to its
     parent would leave the parent waiting for the rest of it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # not the parent command's (an interrupt): stopped, it stops
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 

@@ -200,6 +200,46 @@ def test_ctrl_c_while_the_workers_decode_exits_130_at_once_and_a_rerun_finishes(
     assert json.loads(rerun.stdout)["total"] == N_IMAGES
 
 
+@pytest.mark.parametrize("whole_group", [False, True], ids=["kill", "docker-stop"])
+def test_sigterm_mid_run_stops_as_ctrl_c_does_exit_143_and_a_rerun_finishes(collection, tmp_path, whole_group):
+    """Reproduces: SIGTERM (kill, timeout, systemd, docker stop, a batch scheduler) ended index-images silently with
+    status -15. Now the Ctrl-C way: the queued batches committed, a line saying so, exit 143 (128 + 15), whether the
+    signal reaches the command alone (kill PID) or its decoding workers too (a container's or a unit's whole group)."""
+    import psutil
+
+    data, reference = collection
+    index_dir = tmp_path / "index"
+    proc = interruptible(entry_command("index-images", str(data), "--index-dir", str(index_dir), "--weights", "random",
+                                       "--batch-size", "1"))
+    try:
+        catalog = index_dir / "catalog.db"
+        wait_for(lambda: proc.poll() is not None or (catalog.exists() and _committed(catalog) >= 2), 120, interval=0.05)
+        assert proc.poll() is None, "the run ended before it could be stopped; the test proves nothing"
+        assert psutil.Process(proc.pid).children(), "its decoding workers are running"
+        (os.killpg if whole_group else os.kill)(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "interrupted: whatever was indexed before it is saved" in stderr and "Traceback" not in stderr, stderr[-2000:]
+    rerun = subprocess.run(default_command(data, index_dir), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["total"] == N_IMAGES
+
+
+def _committed(catalog: Path) -> int:
+    """Images committed to an SQLite catalog a run is writing (0 until its table exists)."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{catalog}?mode=ro", uri=True, timeout=5) as db:
+            return db.execute("SELECT count(*) FROM images").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
 @pytest.mark.parametrize("script, step", [("index-images", "commands.index_images._check_writable"),
                                           ("fine-tune", "commands.fine_tune._check_out"),
                                           ("evaluate-index", "commands.evaluate_index.setup_logging"),
