@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from retrieval.system import display_name
+from retrieval.system import display_name, terminal_name
 
 from commands.options import (Command, UserError, command_settings, db_url_option, exit_without_teardown, index_dir_option,
                               open_index, querying, setup_logging)
@@ -77,7 +77,7 @@ def format_groups(result) -> str:  # noqa: ANN001 - retrieval.search.duplicates.
         lines.append(f"group {n}: {len(group)} images")
         for i, m in enumerate(group):
             tag = "keep " if i == 0 else ("same " if m.sha256 == group[0].sha256 else f"{m.distance:.3f}")
-            lines.append(f"  {tag:>6}  {m.width}x{m.height}  {display_name(m.path)}")
+            lines.append(f"  {tag:>6}  {m.width}x{m.height}  {terminal_name(m.path)}")
     if result.groups:
         lines.append("")
         lines.append("keep: suggested keeper (largest, then oldest); same: byte-identical to it; "

@@ -357,6 +357,8 @@ def _announce(extractor) -> None:  # noqa: ANN001 - FeatureExtractor
 
 
 def _print_report(r, verbose: bool = False) -> None:  # noqa: ANN001 - indexer.run.RunReport
+    from retrieval.system import terminal_name
+
     rate = f", {r.images_per_second:.1f} images/s" if r.indexed else ""
     loop = r.extraction or {}
     if r.indexed and loop.get("loop_seconds"):   # start-up (imports, the network) apart: one new file is not "0.5 images/s"
@@ -364,7 +366,7 @@ def _print_report(r, verbose: bool = False) -> None:  # noqa: ANN001 - indexer.r
     click.echo(f"indexed {r.indexed}, unchanged {r.unchanged}, removed {r.removed}, skipped {len(r.skipped)}; "
                f"{r.total} image{'' if r.total == 1 else 's'} in the index ({r.seconds:.1f} s{rate})")
     for s in r.skipped:
-        click.echo(f"  skipped {s['path']}: {s['reason']}")
+        click.echo(f"  skipped {terminal_name(s['path'])}: {s['reason']}")
     if r.extraction:
         x = r.extraction
         stages = ", ".join(f"{stage} {t:.1f} s" for stage, t in x["stage_seconds"].items())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from retrieval.system import display_name
+from retrieval.system import display_name, terminal_name
 
 from commands.options import (Command, PathArg, UserError, command_settings, db_url_option, exit_without_teardown, index_dir_option,
                               open_index, querying, setup_logging)
@@ -66,7 +66,7 @@ def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device:
         return
     click.echo(f"{'rank':>4}  {'distance':>8}  {'label':<16}  path")
     for rank, h in enumerate(hits, 1):
-        click.echo(f"{rank:>4}  {h.distance:>8.4f}  {display_name(h.label or '-'):<16}  {display_name(h.path)}")
+        click.echo(f"{rank:>4}  {h.distance:>8.4f}  {terminal_name(h.label or '-'):<16}  {terminal_name(h.path)}")
 
 
 search_images_entry = exit_without_teardown(main)

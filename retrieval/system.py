@@ -74,6 +74,16 @@ def display_name(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+# control characters (C0, DEL, C1) as escapes: a name holding a newline would split a line of a table, and one holding
+# an escape sequence (ESC [ ...) would drive the terminal it is printed on
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))} | {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
+
+
+def terminal_name(name: str) -> str:
+    """display_name, with control characters escaped too (\\n, \\x1b): a name as a line of text output shows it."""
+    return display_name(name).translate(_CONTROL_ESCAPES)
+
+
 def die_with_parent(parent_pid: int) -> None:
     """In a child process: be killed (SIGKILL) when the parent dies (Linux), and exit now if it already has.
 

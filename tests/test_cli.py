@@ -310,3 +310,19 @@ def test_console_scripts_are_installed_and_explain_themselves():
                               "ep.load()()"], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert "Usage:" in out.stdout and "--index-dir" in out.stdout
+
+
+def test_names_with_control_characters_print_escaped_one_line_each(runner, data, tmp_path):
+    """A file name may hold a newline or a terminal escape sequence: printed raw, it split a row of the results table
+    or the skipped list in two, or recoloured the terminal. Text output escapes them (\\n, \\x1b); JSON keeps them."""
+    folder = data / "red_circles"
+    Image.new("RGB", (64, 48), (220, 20, 20)).save(folder / "new\nline.jpg")
+    (folder / "bad\x1b[31mred.jpg").write_bytes(b"not an image")
+    index = tmp_path / "index"
+    indexed = runner.invoke(index_images, [str(data), "--index-dir", str(index), "--weights", "random"])
+    assert indexed.exit_code == 0, indexed.output
+    assert "  skipped red_circles/bad\\x1b[31mred.jpg: not an image" in indexed.output and "\x1b" not in indexed.output
+    found = runner.invoke(search_images, [str(folder / "new\nline.jpg"), "--index-dir", str(index), "-k", "1"])
+    assert found.exit_code == 0 and found.output.splitlines()[1].endswith("red_circles/new\\nline.jpg"), found.output
+    as_json = run_json(runner, search_images, [str(folder / "new\nline.jpg"), "--index-dir", str(index), "-k", "1", "--json"])
+    assert as_json["results"][0]["path"] == "red_circles/new\nline.jpg"
