@@ -19,7 +19,7 @@ from retrieval.catalog import Catalog
 from retrieval.vectors.builder import IndexBuilder, maintain_vectors
 from retrieval.vectors import faiss_parts
 from retrieval.vectors.faiss_parts import SearchParams, apply_search_params, fit_precomputed_tables
-from retrieval.vectors.index_types import FLAT, IndexTypeConfig, IndexTypeError, auto_factory
+from retrieval.vectors.index_types import FLAT, IndexTypeConfig, IndexTypeError, auto_factory, vector_work_needed
 from retrieval.names import FAISS_FILE
 from retrieval.vectors.recall import exact_neighbours, measure, score
 from retrieval.vectors.vector_index import VectorIndex
@@ -121,6 +121,36 @@ def test_a_trained_type_is_exact_flat_until_there_are_enough_vectors_to_train_it
     fill(catalog, clustered(200, seed=1), start=100)
     index = build(catalog, tmp_path)
     assert catalog.vector_index_record()["factory"] == "IVF8,PQ8np" and not index.exact
+
+
+def test_a_type_asked_for_before_it_can_be_built_is_remembered_until_it_can(catalog, tmp_path):
+    """Reproduces: --index-type IVF8,PQ8np on an auto index of 100 images (a PQ code book needs 256) was dropped: the
+    run had no FAISS work to do (exact Flat either way), so the request went unrecorded and auto went on at 300."""
+    fill(catalog, clustered(100))
+    build(catalog, tmp_path)
+    asked = IndexTypeConfig(index_type="IVF8,PQ8np", whiten=False)
+    assert vector_work_needed(asked, catalog, DIM), "a new type asked for is work, even while it stays Flat"
+    assert build(catalog, tmp_path, index_type="IVF8,PQ8np").exact
+    assert catalog.vector_index_record()["requested"] == "IVF8,PQ8np"
+    fill(catalog, clustered(200, seed=1), start=100)
+    assert not build(catalog, tmp_path).exact and catalog.vector_index_record()["factory"] == "IVF8,PQ8np"
+
+
+def test_search_settings_asked_for_one_type_are_not_carried_to_another(catalog, tmp_path):
+    """Reproduces: --ef-search 64 asked for an HNSW index stayed 'requested' when IVF16,Flat was asked for next, so
+    its nprobe was never tuned (left at 1: 1-recall@10 0.83) and the recall recorded was under efSearch 64."""
+    fill(catalog, clustered(400))
+    build(catalog, tmp_path, index_type="HNSW8", ef_search=64)
+    assert catalog.vector_index_record()["requested_search_params"] == {"ef_search": 64}
+    build(catalog, tmp_path, index_type="IVF16,Flat")
+    record = catalog.vector_index_record()
+    assert record["requested_search_params"] == {} and set(record["search_params"]) == {"nprobe"}
+    measured = record["recall"]["results"]
+    assert all(set(r["search_params"]) == {"nprobe"} for r in measured), measured
+    assert measured[-1]["1-recall@10"] >= 0.95 and measured[-1]["search_params"] == record["search_params"]
+    build(catalog, tmp_path, nprobe=4)   # settings asked for with the same type are kept by later runs
+    build(catalog, tmp_path)
+    assert catalog.vector_index_record()["requested_search_params"] == {"nprobe": 4}
 
 
 @pytest.mark.parametrize("factory", ["IVF8,PQ8x4np", "HNSW8"])

@@ -144,7 +144,8 @@ def vector_work_needed(config: IndexTypeConfig, catalog: "Catalog", dim: int) ->
                               requested_whitening(config, None)) != FLAT
     builder_wants = wanted_factory(requested_type(config, record), flat_max(config, record), catalog.count(), dim,
                                    requested_whitening(config, record))
-    return (builder_wants != record["factory"] or requested_dba(config, record) != record.get("dba", 0)
+    return (builder_wants != record["factory"] or requested_type(config, record) != record.get("requested")
+            or requested_dba(config, record) != record.get("dba", 0)
             or requested_whitening(config, record) != recorded_whitening(record)
             or requested_params(config, record).to_json() != record.get("requested_search_params", {})
             or (not record.get("exact") and record.get("recall") is None))
@@ -159,8 +160,12 @@ def flat_max(config: IndexTypeConfig, record: dict | None) -> int:
 
 
 def requested_params(config: IndexTypeConfig, record: dict | None) -> SearchParams:
+    """The search settings asked for now, else those asked for before while the type asked for stays the same (an
+    HNSW's efSearch means nothing to the IVF asked for next, whose nprobe is tuned anew)."""
     asked = SearchParams(config.nprobe, config.ef_search)
-    return asked if asked.to_json() else SearchParams.from_json((record or {}).get("requested_search_params"))
+    if asked.to_json() or record is None or requested_type(config, record) != record.get("requested"):
+        return asked
+    return SearchParams.from_json(record.get("requested_search_params"))
 
 
 def wanted_factory(requested: str, flat_max: int, n: int, dim: int, whitening: Whitening | None = None) -> str:
