@@ -6,6 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from retrieval.files import NotARegularFile, open_regular
 from retrieval.images.decode import DECODE_ERRORS
 from retrieval.images.scan import is_inside
 
@@ -14,25 +15,35 @@ class OutsideDataFolder(PermissionError):
     """The catalog path resolves (through '..' or a symlink) to a file outside the indexed data folder."""
 
 
+class NotAnImageNow(ValueError):
+    """The indexed path is there but holds no image any more (overwritten, or now a named pipe or a folder)."""
+
+
 def resolve_inside(data_dir: Path, relative: str) -> Path:
     """data_dir / relative with every symlink resolved, refused unless it stays inside data_dir.
 
-    Raises OutsideDataFolder when it escapes, FileNotFoundError when the file is gone.
+    Raises OutsideDataFolder when it escapes, FileNotFoundError when the file is gone, NotAnImageNow when the
+    path is something else than a regular file now (a named pipe, a folder).
     """
     root = Path(data_dir).resolve()
     target = (root / relative).resolve()
     if not is_inside(target, root):
         raise OutsideDataFolder(f"{relative} resolves outside the data folder")
-    if not target.is_file():
+    if not target.exists():
         raise FileNotFoundError(f"{relative} is no longer in the data folder")
+    if not target.is_file():
+        raise NotAnImageNow("it is not a regular file now")
     return target
 
 
 def image_mimetype(path: Path) -> str:
-    """Content type from the file's own header (a PNG named .jpg is image/png), else from its name."""
+    """Content type from the file's own header (a PNG named .jpg is image/png; a format Pillow knows but has no
+    type for, by its name). Raises NotAnImageNow when the file is no image Pillow can open any more."""
     try:
-        with Image.open(path) as img:
+        with open_regular(path) as f, Image.open(f) as img:
             mime = Image.MIME.get(img.format or "")
-    except DECODE_ERRORS:
-        mime = None
+    except NotARegularFile:
+        raise NotAnImageNow("it is not a regular file now") from None
+    except DECODE_ERRORS as exc:
+        raise NotAnImageNow(f"it is not an image now ({type(exc).__name__})") from None
     return mime or mimetypes.guess_type(path.name)[0] or "application/octet-stream"

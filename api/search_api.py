@@ -9,7 +9,8 @@ from flask import Blueprint, Response, current_app, jsonify, request, send_file,
 from retrieval.search.snapshot import Hit
 from retrieval.system import display_name
 
-from api.image_files import image_mimetype
+from api.errors import ApiError
+from api.image_files import NotAnImageNow, image_mimetype
 from api.query_input import parse_expansion, parse_k, read_query_image
 from api.service import SearchAnswer, current_service
 
@@ -61,11 +62,15 @@ def neighbours(image_id: int) -> Response:
 def image_file(image_id: int) -> Response:
     """The original file, found by id only, from inside the data folder."""
     path = current_service().image_file(image_id)
+    try:
+        mimetype = image_mimetype(path)
+    except NotAnImageNow as exc:
+        raise ApiError(404, "file_unreadable", f"the file of image {image_id} can no longer be decoded: {exc}") from None
     # send_file puts the name in a Content-Disposition header (one printable line, whatever the file is called)
     # and would hash the path as UTF-8 for its ETag (names that are not UTF-8 are not): give it both.
     name = "".join(ch if ch.isprintable() else "_" for ch in display_name(path.name))
     st = path.stat()
-    return send_file(path, mimetype=image_mimetype(path), download_name=name, conditional=True,
+    return send_file(path, mimetype=mimetype, download_name=name, conditional=True,
                      etag=f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}", max_age=ORIGINAL_MAX_AGE_S)
 
 

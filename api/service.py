@@ -25,7 +25,7 @@ from retrieval.system import available_cores
 
 from api import metrics
 from api.errors import ApiError
-from api.image_files import OutsideDataFolder, resolve_inside
+from api.image_files import NotAnImageNow, OutsideDataFolder, resolve_inside
 from api.index_watcher import IndexWatcher
 from api.query_batcher import QueryBatcher
 from api.recent_queries import RECENT_QUERIES_FILE, RecentQueries
@@ -266,6 +266,9 @@ class RetrievalService:
             raise ApiError(403, "forbidden", f"image {record.id} is outside the indexed data folder and is not served") from None
         except FileNotFoundError:
             raise ApiError(404, "file_missing", f"the file of image {record.id} is no longer in the data folder") from None
+        except NotAnImageNow as exc:
+            raise ApiError(404, "file_unreadable", f"the file of image {record.id} can no longer be decoded: {exc}") \
+                from None
 
     # overview
     def index_summary(self, snapshot: IndexSnapshot | None = None) -> dict[str, Any]:

@@ -363,8 +363,13 @@ def forged(tmp_path_factory):
     Image.new("RGB", (40, 30), (200, 40, 40)).save(data / "shapes" / "red.jpg", quality=90)
     (data / "shapes" / "png-named.jpg").write_bytes(png_bytes((50, 40), (20, 160, 60)))   # PNG bytes, .jpg name
     Image.new("RGB", (40, 30), (30, 30, 220)).save(data / "shapes" / "gone.jpg", quality=90)
+    for name in ("text-now.jpg", "pipe-now.jpg"):
+        Image.new("RGB", (40, 30), (90, 90, 20)).save(data / "shapes" / name, quality=90)
     build_index(data, root / "index")
     (data / "shapes" / "gone.jpg").unlink()                       # deleted after indexing
+    (data / "shapes" / "text-now.jpg").write_text("hello text")   # overwritten after indexing
+    (data / "shapes" / "pipe-now.jpg").unlink()
+    os.mkfifo(data / "shapes" / "pipe-now.jpg")                   # a named pipe in its place
     Image.new("RGB", (40, 30), (9, 9, 9)).save(outside / "secret.jpg", quality=90)
     (data / "shapes" / "escape.jpg").symlink_to(outside / "secret.jpg")          # symlink out of the folder
     (data / "shapes" / "alias.jpg").symlink_to(data / "shapes" / "red.jpg")      # symlink that stays inside
@@ -402,3 +407,16 @@ def test_content_type_comes_from_the_file_not_its_name(forged):
 def test_an_indexed_file_deleted_since_is_404(forged):
     app, _, states = forged
     assert_error(app.test_client().get(f"/images/{states['shapes/gone.jpg'][0]}"), 404, "file_missing")
+
+
+def test_an_indexed_file_that_holds_no_image_now_is_404_file_unreadable(forged):
+    """Reproduces: an indexed JPEG overwritten with text was served 200 image/jpeg (the type from its name), and one
+    replaced by a named pipe was said to be 'no longer in the data folder'. Both are now what the docs say:
+    404 file_unreadable, with the reason, for the original and its thumbnail alike."""
+    app, _, states = forged
+    client = app.test_client()
+    for name, reason in [("text-now.jpg", "it is not an image now"), ("pipe-now.jpg", "it is not a regular file now")]:
+        for url in (f"/images/{states[f'shapes/{name}'][0]}", f"/images/{states[f'shapes/{name}'][0]}/thumbnail"):
+            r = client.get(url)
+            assert_error(r, 404, "file_unreadable")
+            assert url.endswith("thumbnail") or reason in r.get_json()["error"]["message"], r.get_json()
