@@ -231,7 +231,7 @@ def test_a_lost_random_weights_file_is_named_by_check_and_made_again_by_the_next
     weights.unlink()
     query = data / "red_circles" / "red_circles_000.jpg"
     refused = run(search_images, [query, "--index-dir", index])
-    assert refused.exit_code == 2 and "is missing; run index-images" in refused.output
+    assert refused.exit_code == 2 and "or run index-images on the index's data folder" in refused.output
 
     check = run(index_images, [data, "--index-dir", index, "--check"])
     assert check.exit_code == 1 and "random weights file random-weights-alexnet.pt is missing" in check.output
