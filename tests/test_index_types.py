@@ -123,6 +123,15 @@ def test_a_trained_type_is_exact_flat_until_there_are_enough_vectors_to_train_it
     assert catalog.vector_index_record()["factory"] == "IVF8,PQ8np" and not index.exact
 
 
+@pytest.mark.parametrize("factory", ["LSH", "PCAR16,LSH"])
+def test_lsh_is_refused_as_not_l2(catalog, tmp_path, factory):
+    """LSH says METRIC_L2 but ranks by the Hamming distance of binary codes (1-recall@1 0.68 on a small index): it was
+    built; it is refused as the inner-product types are."""
+    fill(catalog, clustered(50))
+    with pytest.raises(IndexTypeError, match="is not an L2 index"):
+        build(catalog, tmp_path, index_type=factory)
+
+
 def test_a_type_asked_for_before_it_can_be_built_is_remembered_until_it_can(catalog, tmp_path):
     """Reproduces: --index-type IVF8,PQ8np on an auto index of 100 images (a PQ code book needs 256) was dropped: the
     run had no FAISS work to do (exact Flat either way), so the request went unrecorded and auto went on at 300."""

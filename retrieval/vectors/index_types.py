@@ -204,7 +204,8 @@ def build_empty(factory: str, dim: int) -> "faiss.Index":
         probe = faiss.index_factory(dim, factory)
     except RuntimeError as exc:
         raise IndexTypeError(f"FAISS cannot build index type {factory!r}: {_faiss_reason(exc)}") from None
-    if probe.metric_type != faiss.METRIC_L2:
+    if probe.metric_type != faiss.METRIC_L2 or any(isinstance(part, faiss.IndexLSH) for part in walk(probe)):
+        # (LSH says L2 but ranks by the Hamming distance of binary codes)
         raise IndexTypeError(f"index type {factory!r} is not an L2 index; this project searches by L2 distance")
     index = probe if ivf_of(probe) is not None or factory.startswith("IDMap") else faiss.index_factory(dim, f"IDMap2,{factory}")
     for part in walk(index):
