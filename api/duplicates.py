@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 from typing import Any
 
@@ -94,7 +93,8 @@ def _threshold(raw: str | None) -> float | None:
     try:
         value = float(raw.strip()[:32])
     except ValueError:
-        value = math.nan
+        raise ApiError(400, "bad_threshold", f"the threshold is a distance between whitened vectors, above 0 and "
+                                             f"below 2, not {raw.strip()[:32]!r}") from None
     try:
         return check_threshold(value)   # what find-duplicates --threshold accepts
     except DuplicatesError as exc:

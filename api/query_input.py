@@ -101,7 +101,9 @@ def parse_expansion(request: Request) -> QueryExpansion | None:
             raise ValueError(raw_alpha)
         expansion = QueryExpansion(n, alpha)
     except ValueError as exc:   # ExpansionError included
+        given = ", ".join(f"{name}={raw.strip()[:32]!r}" for name, raw in (("qe", raw_n), ("qe_alpha", raw_alpha))
+                          if raw is not None)
         message = str(exc) if isinstance(exc, ExpansionError) else \
-            "qe must be a whole number from 0 to 50 and qe_alpha a number from 0 to 100"
+            f"qe must be a whole number from 0 to 50 and qe_alpha a number from 0 to 100, not {given}"
         raise ApiError(400, "bad_query_expansion", message) from None
     return expansion or None

@@ -180,7 +180,9 @@ def test_search_with_query_expansion_averages_the_query_with_its_first_results(c
 
 @pytest.mark.parametrize("query", ["qe=x", "qe=-1", "qe=51", "qe=2&qe_alpha=x", "qe=2&qe_alpha=-1", "qe=2&qe_alpha=nan"])
 def test_search_with_bad_query_expansion_is_400(client, sample_index, query):
-    assert_error(upload(client, image_bytes(sample_index), f"/search?{query}"), 400, "bad_query_expansion")
+    r = upload(client, image_bytes(sample_index), f"/search?{query}")
+    assert_error(r, 400, "bad_query_expansion")
+    assert "qe_alpha" not in query or "qe_alpha=" in r.get_json()["error"]["message"], "names the value given"
 
 
 # --- GET /images/<id>/neighbours --------------------------------------------------------------------

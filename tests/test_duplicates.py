@@ -249,6 +249,8 @@ def test_duplicates_page_at_a_threshold_of_ones_own(collection, tmp_path):
         assert html.count('class="panel duplicate-group"') == min(expected, 200)
         refused = client.get("/duplicates?threshold=3")
         assert refused.status_code == 400 and "below 2" in refused.get_data(as_text=True)
+        typo = client.get("/duplicates?threshold=abc")   # named as typed (it said "not nan")
+        assert typo.status_code == 400 and "below 2, not &#39;abc&#39;" in typo.get_data(as_text=True)
     finally:
         app.extensions["retrieval"].close()
 
