@@ -139,8 +139,15 @@ def test_a_network_keeps_its_weights_when_the_file_is_replaced_under_it(tmp_path
 
 def test_weights_that_do_not_fit_the_model_are_refused():
     vgg_state = models.vgg16(weights=None).state_dict()
-    with pytest.raises(WeightsUnavailable, match="do not fit"):
+    # the other backbone's weights are named as such, with the option to pass (not torch's "size mismatch" list)
+    with pytest.raises(WeightsUnavailable, match="do not fit torchvision's alexnet: they are vgg16's .*--model vgg16"):
         FeatureExtractor("alexnet", "fc7", vgg_state, torch.device("cpu"))
+    alexnet_state = models.alexnet(weights=None).state_dict()
+    with pytest.raises(WeightsUnavailable, match="do not fit torchvision's vgg16: they are alexnet's"):
+        FeatureExtractor("vgg16", "fc7", alexnet_state, torch.device("cpu"))
+    resnet_like = {"conv1.weight": torch.zeros(64, 3, 7, 7)}
+    with pytest.raises(WeightsUnavailable, match="do not fit torchvision's alexnet: missing features.0.weight"):
+        FeatureExtractor("alexnet", "fc7", resnet_like, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("model", ["alexnet", "vgg16"])

@@ -151,14 +151,30 @@ def load_backbone(net: nn.Module, model: str, state_dict: dict[str, torch.Tensor
     try:
         result = net.load_state_dict({**body, **head}, strict=False, assign=assign)
     except RuntimeError as exc:       # shape mismatches up to fc7
-        raise WeightsUnavailable(f"these weights do not fit torchvision's {model}: {exc}") from exc
+        raise WeightsUnavailable(f"these weights do not fit torchvision's {model}: "
+                                 f"{_other_model(model, body) or str(exc).splitlines()[0]}") from exc
     missing = [k for k in result.missing_keys if k not in last]
     if missing or result.unexpected_keys:
         raise WeightsUnavailable(
             f"these weights do not fit torchvision's {model}: "
-            + "; ".join(part for part in (f"missing {', '.join(missing[:5])}" if missing else "",
-                                          f"unexpected {', '.join(result.unexpected_keys[:5])}"
-                                          if result.unexpected_keys else "") if part))
+            + (_other_model(model, body) or "; ".join(
+                part for part in (f"missing {', '.join(missing[:5])}" if missing else "",
+                                  f"unexpected {', '.join(result.unexpected_keys[:5])}" if result.unexpected_keys else "")
+                if part)))
+
+
+def _other_model(model: str, body: dict[str, torch.Tensor]) -> str | None:
+    """"they are vgg16's ...": the other backbone whose layers up to fc7 the state dict fits, in words, or None."""
+    for other, spec in MODELS.items():
+        if other == model:
+            continue
+        with torch.device("meta"):   # shapes only: no memory for the weights
+            net = spec.build()
+        own = {k: v for k, v in net.state_dict().items() if k not in last_layer_keys(net)}
+        if own.keys() == body.keys() and all(tuple(v.shape) == tuple(body[k].shape) for k, v in own.items()):
+            return (f"they are {other}'s (the same layers and shapes): pass --model {other}, in an index folder of "
+                    f"its own (an index keeps its network)")
+    return None
 
 
 def _load_file(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
