@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 from contextlib import contextmanager
@@ -254,7 +255,12 @@ def permission_denied(exc: BaseException | None) -> str | None:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, PermissionError):
-            where = exc.filename if exc.filename is not None else "a file it needs"
-            return f"permission denied: this user may not read or write {os.fsdecode(where)}"
+            # a rename into place names the file it replaces second; a temporary file stands for the one it replaces
+            where = exc.filename2 if exc.filename2 is not None else exc.filename
+            name = re.sub(r"(^|/)\.([^/]+)\.\d+\.\d+\.tmp$", r"\1\2", os.fsdecode(where)) if where is not None \
+                else "a file it needs"
+            why = (" (this user is root, so not by its permissions: an immutable or append-only attribute, see lsattr, "
+                   "or a security policy)" if hasattr(os, "geteuid") and os.geteuid() == 0 else "")
+            return f"permission denied: this user may not read or write {name}{why}"
         exc = exc.__cause__ or exc.__context__
     return None

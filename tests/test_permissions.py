@@ -132,3 +132,19 @@ def test_an_index_file_this_user_may_not_read_is_one_line(work, unreadable):
     for command, done in runs.items():
         line = one_line(done)
         assert str(path) in line and "this user may not" in line, (command, line)
+
+
+def test_a_refused_replace_names_the_file_replaced_and_for_root_what_refuses_it(tmp_path):
+    """Reproduces (root, `chattr +i vectors.faiss`, then a run with one new image): the message named the hidden
+    temporary file, gone by then, and said to change permissions, which do not bind root. Now it names vectors.faiss
+    and, for root, what does refuse it."""
+    import errno
+
+    from commands.options import permission_denied
+
+    tmp, target = tmp_path / ".vectors.faiss.123.456.tmp", tmp_path / "vectors.faiss"
+    renamed = PermissionError(errno.EPERM, "Operation not permitted", str(tmp), None, str(target))
+    assert permission_denied(renamed).startswith(f"permission denied: this user may not read or write {target}")
+    written = PermissionError(errno.EACCES, "Permission denied", str(tmp))
+    assert f"may not read or write {target}" in permission_denied(written)
+    assert ("an immutable or append-only attribute" in permission_denied(renamed)) == (os.geteuid() == 0)
