@@ -295,9 +295,10 @@ def _space_needed(data_dir: Path, index_dir: Path, model: str | None, weights: s
     import sqlite3
 
     from retrieval.catalog.db import CATALOG_FILE
+    from retrieval.files import SPACE_MARGIN
     from retrieval.images.scan import scan_folder
     from retrieval.names import random_weights_file
-    needed = 8 * 2**20
+    needed = SPACE_MARGIN
     if weights == "random" and not random_weights_file(index_dir, model or "alexnet").exists():
         needed += MODEL_PARAMETERS.get(model or "alexnet", 0) * 4   # a state dict file
     vector = FEATURE_DIM * 4

@@ -260,6 +260,18 @@ def free_bytes(path: Path | str) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def _size_bytes(path: Path | str) -> int | None:
+    """The size of path's file system (its nearest existing folder), None if unknown."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_blocks * st.f_frsize
+
+
 def is_read_only(path: Path | str) -> bool:
     """path's file system (its nearest existing folder) is mounted read-only."""
     path = Path(path).absolute()
@@ -279,11 +291,19 @@ def device_words(path: Path | str) -> str:
     return f"{source} (mounted on {point})" if source and source != point else point
 
 
+SPACE_MARGIN = 8 * 2**20   # what an estimate of the room a run needs adds for what it cannot foresee
+
+
 def no_space_message(folder: Path | str, needed_bytes: int | None = None) -> str:
     """'no space left on DEVICE for FOLDER: free N MB and run again; nothing was lost' (N: needed_bytes less what is
     free now, when known; else what is free now is said)."""
     free = free_bytes(folder)
     mb = 2**20
+    size = _size_bytes(folder)
+    if needed_bytes is not None and size is not None and needed_bytes - SPACE_MARGIN > size:   # emptying it would not do
+        return (f"no space left on {device_words(folder)} for {folder}: it holds {size / mb:.1f} MB in all, less than "
+                f"the about {-(-needed_bytes // mb)} MB the run needs; pass an --index-dir on a larger disk "
+                "(nothing was lost)")
     if needed_bytes is not None and free is not None:
         to_free = max(1, -(-(needed_bytes - free) // mb))
         how = f"free about {to_free} MB ({free / mb:.1f} MB free now)"

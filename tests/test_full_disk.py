@@ -65,9 +65,13 @@ def test_disk_trouble_is_recognised_wherever_it_surfaces():
 def test_no_space_message_names_the_device_and_what_to_free(tmp_path):
     with tmpfs(tmp_path / "fs", "4m") as fs:
         assert mount_of(fs) == ("tmpfs", str(fs))
-        line = no_space_message(fs / "index", needed_bytes=10 * 2**20)
+        line = no_space_message(fs / "index", needed_bytes=2 * 2**20)
         assert line.startswith(f"no space left on tmpfs (mounted on {fs}) for {fs / 'index'}: free about ")
         assert line.endswith("and run again; nothing was lost")
+        # more than the whole file system holds: freeing space cannot do it (a 30 MB disk was told to free 213 MB)
+        line = no_space_message(fs / "index", needed_bytes=20 * 2**20)
+        assert line == (f"no space left on tmpfs (mounted on {fs}) for {fs / 'index'}: it holds 4.0 MB in all, less "
+                        "than the about 20 MB the run needs; pass an --index-dir on a larger disk (nothing was lost)")
 
 
 def _assert_one_line_no_traceback(result, code: int, start: str) -> str:
@@ -86,8 +90,9 @@ def test_random_weights_on_a_full_disk_say_how_much_to_free(tmp_path, collection
         result = CliRunner().invoke(index_images, [str(collection), "--index-dir", str(fs / "index"),
                                                    "--weights", "random", "--workers", "0", "--batch-size", "8"])
         line = _assert_one_line_no_traceback(result, 1, "error: no space left on tmpfs")
-        assert f"for {fs / 'index'}: free about " in line and line.endswith("nothing was lost")
-        assert int(line.split("free about ")[1].split(" MB")[0]) >= 200    # the weights need ~233 MB
+        assert f"for {fs / 'index'}: it holds 40.0 MB in all, less than the about " in line
+        assert int(line.split("less than the about ")[1].split(" MB")[0]) >= 200    # the weights need ~233 MB
+        assert line.endswith("pass an --index-dir on a larger disk (nothing was lost)")
         assert leftovers(fs) == []
         assert not random_weights_file(fs / "index", "alexnet").exists()
 
