@@ -248,28 +248,27 @@ def mount_of(path: Path | str) -> tuple[str, str]:
     return best
 
 
-def free_bytes(path: Path | str) -> int | None:
-    """Bytes an unprivileged writer may still use on path's file system (its nearest existing folder), None if unknown."""
+def _statvfs(path: Path | str) -> os.statvfs_result | None:
+    """statvfs of path's file system (its nearest existing folder), None if unknown."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
     try:
-        st = os.statvfs(path)
+        return os.statvfs(path)
     except OSError:
         return None
-    return st.f_bavail * st.f_frsize
+
+
+def free_bytes(path: Path | str) -> int | None:
+    """Bytes an unprivileged writer may still use on path's file system (its nearest existing folder), None if unknown."""
+    st = _statvfs(path)
+    return None if st is None else st.f_bavail * st.f_frsize
 
 
 def _size_bytes(path: Path | str) -> int | None:
     """The size of path's file system (its nearest existing folder), None if unknown."""
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return None
-    return st.f_blocks * st.f_frsize
+    st = _statvfs(path)
+    return None if st is None else st.f_blocks * st.f_frsize
 
 
 def is_read_only(path: Path | str) -> bool:
