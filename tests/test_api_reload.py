@@ -133,3 +133,51 @@ def test_an_index_of_another_network_swapped_in_under_load_is_never_mixed_with_t
         service.close()
     assert not failures, failures[:5]
     assert answered > unavailable / 2, "503 only while the new network was loading"
+
+
+@pytest.mark.parametrize("follows", [True, False], ids=["small-file", "over-the-limit"])
+def test_commits_reach_searches_before_the_faiss_save_while_the_file_is_small(tmp_path, sample_index, monkeypatch,
+                                                                               follows):
+    """Reproduces (a served index, images edited, then index-images): each changed image vanished from searches from
+    its batch's commit (a new id, gone from the served FAISS file's view of the catalog) until the next FAISS save,
+    while /stats still counted it. A server now follows the catalog's commits while the FAISS file is small (a copy
+    of its vectors brought up to date from the catalog): a changed image stays found, a new one is found at once.
+    Over the limit it waits for the save, as before (copying a large index at every commit would cost too much)."""
+    import shutil
+
+    import numpy as np
+
+    from retrieval.catalog import Catalog
+    from retrieval.search import index as index_module
+    from retrieval.search.index import ImageIndex
+
+    if not follows:
+        monkeypatch.setattr(index_module, "FOLLOW_COMMITS_MAX_FILE_BYTES", 0)
+    folder = tmp_path / "index"
+    shutil.copytree(sample_index.index_dir, folder)
+    index = ImageIndex(folder, load_network=False)
+    writer = Catalog(folder)
+    try:
+        changed = sorted(writer.file_states())[0]
+        old_id = writer.file_states()[changed][0]
+        record = writer.get(old_id)
+        [(_, vectors)] = list(writer.vectors([old_id]))
+        row = {"path": record.path, "label": record.label, "size": record.size + 1, "mtime_ns": record.mtime_ns + 1,
+               "width": record.width, "height": record.height, "sha256": "f" * 64}
+        new_vector = np.roll(vectors[0], 1)[None, :]   # a changed picture: other features
+        added = {**row, "path": "red_circles/new.jpg", "sha256": "e" * 64}
+        faiss_file = (folder / "vectors.faiss").stat()
+        writer.write_batch([row, added], np.concatenate([new_vector, vectors]), [])   # a run's commit, no FAISS save
+        assert (folder / "vectors.faiss").stat().st_mtime_ns == faiss_file.st_mtime_ns
+
+        assert index.refresh() is follows
+        near_old = [h.path for h in index.snapshot().search_vectors(vectors, 3)[0]]
+        near_new = [h.path for h in index.snapshot().search_vectors(new_vector, 3)[0]]
+        if follows:
+            assert near_old[0] == "red_circles/new.jpg", near_old   # the new image holds the old features
+            assert near_new[0] == changed, near_new                  # the changed one its new features
+        else:   # the served file knows neither the changed image's new id nor the new image yet
+            assert changed not in near_old + near_new and "red_circles/new.jpg" not in near_old
+    finally:
+        writer.close()
+        index.close()
