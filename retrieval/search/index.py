@@ -30,10 +30,6 @@ log = logging.getLogger(__name__)
 # After a reload failed because the index's network could not be built, try again this often (or at once
 # when the weights file changes).
 NETWORK_RETRY_S = 60.0
-# A server follows the catalog's commits (a copy of its vectors brought up to date from the catalog each time, so that
-# an image a run has committed is found before the run saves the FAISS file) on a database server always, and on
-# SQLite while the FAISS file is at most this large; a larger one is reloaded when index-images saves it.
-FOLLOW_COMMITS_MAX_FILE_BYTES = 64 * 2**20
 
 
 class IndexNotFound(FileNotFoundError):
@@ -176,8 +172,7 @@ class ImageIndex:
         name the same one. Raises WeightsUnavailable, WeightsMismatch."""
         signature = self._current_signature()   # before reading: a save in between is seen at the next refresh
         on_server = catalog.path is None
-        follows = follows_commits(on_server, signature)
-        updated_at = catalog.updated_at() if follows else None   # likewise for a commit in between
+        updated_at = catalog.updated_at() if on_server else None   # likewise for a commit in between
         # queries are computed in the precision of the index's last run, so an indexed image finds itself at ~0
         precision = precision_for_index(((catalog.extraction_record() or {}).get("last") or {}).get("precision"),
                                         resolve_device(self.device)) if self.load_network else None
@@ -196,11 +191,11 @@ class ImageIndex:
         else:
             extractor = None
         record = catalog.vector_index_record()
-        reuse = follows and previous is not None and previous.catalog_file == catalog_file \
+        reuse = on_server and previous is not None and previous.catalog_file == catalog_file \
             and previous.faiss_signature == signature and network_key(previous.settings) == network_key(settings)
         if reuse:
-            # the same catalog, changed by a writer (whose FAISS file may be in another folder, or not saved yet):
-            # bring a copy of the served vectors up to date from the database, without reading every vector again
+            # the same catalog, changed by a writer (whose FAISS file may be in another folder): bring a copy of
+            # the served vectors up to date from the database, without reading every vector again
             vectors = previous.vectors.copy()
             vectors.reconcile(catalog)
         else:
@@ -229,8 +224,7 @@ class ImageIndex:
         new snapshot becomes the problem.
 
         Between two saves of the FAISS file, rows the indexer deletes are already left out of results
-        (search_vectors drops ids without a catalog row); rows it adds appear at the next refresh after their commit
-        where the snapshot follows commits (follows_commits), else with the next save.
+        (search_vectors drops ids without a catalog row); rows it adds appear with the next save.
         """
         with self._lock:
             current = self._snapshot
@@ -254,7 +248,6 @@ class ImageIndex:
                 if on_server:                    # one catalog, changed by writers elsewhere: its rows tell
                     catalog_file = catalog.identity()
                     replaced = catalog_file != current.catalog_file
-                if follows_commits(on_server, self._current_signature()):   # each commit, before the FAISS save
                     updated_at = catalog.updated_at()
             except (FileNotFoundError, SQLAlchemyError) as exc:
                 if catalog is not current.catalog:
@@ -339,11 +332,6 @@ class ImageIndex:
         except OSError:
             return None
         return st.st_ino, st.st_mtime_ns, st.st_size
-
-
-def follows_commits(on_server: bool, faiss_signature: tuple | None) -> bool:
-    """Whether a snapshot is brought up to date at each catalog commit (see FOLLOW_COMMITS_MAX_FILE_BYTES)."""
-    return on_server or (faiss_signature is not None and faiss_signature[2] <= FOLLOW_COMMITS_MAX_FILE_BYTES)
 
 
 def _file_id(path: Path) -> tuple[int, int]:
