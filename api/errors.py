@@ -40,14 +40,20 @@ JSON_BLUEPRINTS = (None, "api", "metrics")   # the JSON API, /metrics, URLs no r
 
 
 def error_response(status: int, code: str, message: str) -> Response:
-    """JSON error for programs; an HTML page when a page (gallery and other HTML blueprints) was asked for."""
+    """JSON error for programs; an HTML page when a page (gallery and other HTML blueprints) was asked for, or a
+    browser asked for a URL no route matched (a mistyped /gallery/abc: a page, not JSON)."""
     count_error(status, code)
-    if request.blueprint not in JSON_BLUEPRINTS:
+    if request.blueprint not in JSON_BLUEPRINTS or (request.blueprint is None and _browser_asked()):
         return Response(render_template("error.html", status=status, message=message, summary=_served_summary()),
                         status, mimetype="text/html")
     response = jsonify({"error": {"code": code, "message": message}})
     response.status_code = status
     return response
+
+
+def _browser_asked() -> bool:
+    """The request prefers an HTML page to JSON (a browser's Accept: text/html first; curl's */* does not)."""
+    return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
 
 
 def _served_summary() -> dict | None:
@@ -70,6 +76,8 @@ def _http_message(exc: HTTPException) -> str:
                     f"{(request.max_form_memory_size or 0) / 1000:g} KB; send the image as one file part "
                     "(multipart field 'image') or as the raw request body")
         return f"the upload is larger than the {limit / (1024 * 1024):g} MB limit"
+    if exc.code == 404 and request.blueprint is None and _browser_asked():
+        return "there is no such page here; the collection is on the home page"
     if exc.code == 404:
         return ("no such resource: the API has POST /search, GET /images/<id>, GET /images/<id>/neighbours, "
                 "GET /stats, GET /healthz and GET /metrics; the gallery is at /")

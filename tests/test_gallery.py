@@ -249,3 +249,14 @@ def test_overview_counts_labels_not_the_unlabelled_and_cards_keep_the_end_of_lon
                     f'<span class="tail">_{n:03d}.jpg</span></span>') in html
     finally:
         app.extensions["retrieval"].close()
+
+
+def test_a_mistyped_page_url_is_an_html_page_for_a_browser_and_json_for_a_program(client):
+    """Reproduces: /gallery/abc, /gallery/-1 and /nonexistent showed a browser the API's JSON listing its routes."""
+    browser = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+    for url in ("/gallery/abc", "/gallery/-1", "/nonexistent"):
+        page = client.get(url, headers=browser)
+        assert page.status_code == 404 and page.mimetype == "text/html"
+        assert "there is no such page here" in page.get_data(as_text=True)
+        program = client.get(url, headers={"Accept": "*/*"})
+        assert program.status_code == 404 and program.get_json()["error"]["code"] == "not_found"

@@ -158,3 +158,76 @@ def test_a_long_file_name_on_a_card_gives_way_in_its_middle_and_keeps_its_end_in
         assert card["title"].endswith(card["tail"]) and card["inside"], card
     long = [c for c in cards if c["title"].startswith("orange_triangles/")]
     assert long and all(c["cut"] for c in long), "at 1280 px a card is narrower than orange_triangles_003.jpg"
+
+
+LONG_LABEL = "Très_long_dossier_de_catégorie_avec_un_nom_vraiment_très_très_long_pour_tester"
+LONG_NAME = "photo_" + "sans_espace_" * 8 + "001.jpg"
+
+
+@pytest.fixture(scope="module")
+def long_names_url(tmp_path_factory):
+    """A small index whose label and one file name are far wider than a phone, without a space to break at."""
+    from helpers.indexes import build_index
+    from retrieval.samples import make_sample_collection
+
+    root = tmp_path_factory.mktemp("long-names")
+    make_sample_collection(root / "data", per_class=3, size=(96, 72), classes=["red_circles", "blue_squares"], seed=5)
+    (root / "data" / "red_circles" / "red_circles_000.jpg").rename(root / "data" / "red_circles" / LONG_NAME)
+    (root / "data" / "blue_squares").rename(root / "data" / LONG_LABEL)
+    build_index(root / "data", root / "index")
+    app = create_app({"INDEX_DIR": str(root / "index"), "RELOAD_INTERVAL_S": 0,
+                      "THUMBNAIL_DIR": str(tmp_path_factory.mktemp("thumbnails"))})
+    with serve_in_thread(app) as url:
+        yield url, app.extensions["retrieval"].index.catalog.file_states()
+    app.extensions["retrieval"].close()
+
+
+@pytest.mark.parametrize("width", [390, 1280])
+def test_long_names_without_spaces_never_widen_a_page_or_spill_from_their_box(browser, long_names_url, width):
+    """Reproduces: a folder name of 80 characters without a space made the image page 816 px wide on a phone (the
+    k choices off screen) and spilled its label and path out of the query panel on a desktop; the home page's label
+    chip, the label's page heading and a long file name's breadcrumb made phones scroll sideways."""
+    from urllib.parse import quote
+
+    url, states = long_names_url
+    by_label = next(i for p, (i, _s, _m) in states.items() if p.startswith(LONG_LABEL))
+    by_name = states[f"red_circles/{LONG_NAME}"][0]
+    context = browser.new_context(viewport={"width": width, "height": 900})
+    page = context.new_page()
+    try:
+        for path in ("/", f"/?label={quote(LONG_LABEL)}", f"/gallery/{by_label}", f"/gallery/{by_name}", "/evaluation"):
+            page.goto(url + path)
+            for _ in range(60):   # the evaluation is computed in the background: its page reloads until it is there
+                if page.locator("#computing").count() == 0:
+                    break
+                page.wait_for_timeout(1000)
+                page.reload()
+            scroll = page.evaluate("document.documentElement.scrollWidth")
+            assert scroll <= width, f"{path} is {scroll} px wide on a {width} px screen"
+            spilled = page.evaluate("""() => [...document.querySelectorAll('.query-panel, .overview, .breadcrumbs')]
+                .filter(box => box.scrollWidth > box.clientWidth + 1).map(box => box.className)""")
+            assert not spilled, f"{path}: content wider than its box in {spilled}"
+        page.goto(url + f"/gallery/{by_label}")
+        chips = page.eval_on_selector_all(".k-choice a", "links => links.map(a => a.getBoundingClientRect().right)")
+        assert chips and max(chips) <= width, "every k choice is on screen"
+    finally:
+        context.close()
+
+
+def test_the_evaluation_charts_are_readable_in_dark_mode(browser, base_url):
+    """Reproduces: with the browser in dark mode the precision chart's ticks and values were black on the dark panel."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, color_scheme="dark")
+    page = context.new_page()
+    try:
+        page.goto(base_url + "/evaluation")
+        for _ in range(60):
+            if page.locator("#computing").count() == 0:
+                break
+            page.wait_for_timeout(1000)
+            page.reload()
+        fills = page.eval_on_selector_all("#precision-chart svg text:not([fill])",
+                                          "texts => texts.map(t => getComputedStyle(t).fill)")
+        panel = page.eval_on_selector("#precision-chart", "f => getComputedStyle(f).backgroundColor")
+        assert fills and all(fill != "rgb(0, 0, 0)" and fill != panel for fill in fills), (fills, panel)
+    finally:
+        context.close()
