@@ -41,7 +41,7 @@ def labelled_paths(data_dir: Path) -> list[str]:
     return sorted(p.relative_to(data_dir).as_posix() for p in data_dir.glob("*/*") if p.is_file())
 
 
-def fine_tune_files(data_dir: Path, out: Path, *, seed: int, hashes: bool = True) -> dict:
+def fine_tune_files(data_dir: Path, out: Path, *, seed: int, hashes: bool = True, improved: bool = True) -> dict:
     """A weights file as fine-tune leaves one (a seeded random AlexNet backbone) and its history beside it, with a
     stratified split of data_dir; hashes=False writes the history an older fine-tune wrote. -> the split."""
     torch.save(random_state_dict("alexnet", seed), out)
@@ -49,7 +49,7 @@ def fine_tune_files(data_dir: Path, out: Path, *, seed: int, hashes: bool = True
     classes = sorted({p.split("/")[0] for p in paths})
     train, val = stratified_split(np.array([classes.index(p.split("/")[0]) for p in paths]), 0.25, seed)
     split = {"train": [paths[i] for i in train], "val": [paths[i] for i in val]}
-    history = {**make_history(data_dir, classes), "split": split}
+    history = {**make_history(data_dir, classes), "split": split, "improved": improved}
     if hashes:
         history["split_sha256"] = {part: files_sha256(data_dir, names) for part, names in split.items()}
         history["weights_sha256"] = file_sha256(out)
@@ -160,6 +160,19 @@ def test_an_older_history_without_hashes_evaluates_everything_and_says_so(sample
     assert r["training_images"]["status"] == "unknown" and "older fine-tune" in r["training_images"]["reason"]
     assert any("cannot be told apart" in n for n in r["notes"])
     assert "cannot be told apart" in quality.evaluate(tmp_path / "index", [1]).evaluated_on
+
+
+def test_weights_fine_tune_kept_unimproved_hold_nothing_out(sample_index, tmp_path):
+    """Reproduces: fine-tune found no better epoch and wrote its starting weights ("improved": false), yet an index
+    built with them left every training-split image out of evaluations (81% of a small collection), saying the
+    network was fine-tuned on them. No image was learned into those weights: all are held out, and it says why."""
+    fine_tune_files(sample_index.data_dir, tmp_path / "kept.pt", seed=6, improved=False)
+    build_index(sample_index.data_dir, tmp_path / "index", weights=str(tmp_path / "kept.pt"))
+    r = evaluate_index(tmp_path / "index", [1])
+    assert (r["evaluated_images"], r["excluded_training_images"]) == (30, 0)
+    assert r["training_images"]["status"] == "none"
+    assert any("fine-tune's starting weights" in n and "all 30 labelled images are held out" in n for n in r["notes"])
+    assert not any("fine-tuned on left out" in n for n in r["notes"])
 
 
 def test_an_index_made_before_the_record_learns_it_on_its_next_run(sample_index, tuned, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.catalog import Catalog, IndexSettings, weights_label
-from retrieval.learning.history import TRAINING_RECORDED
+from retrieval.learning.history import TRAINING_NONE_LEARNED, TRAINING_RECORDED
 from retrieval.learning.metrics import EvaluationError, evaluate_vectors   # EvaluationError: the metrics' check_labels raises it too
 from retrieval.names import DEFAULT_KS
 from retrieval.system import display_name
@@ -82,6 +82,8 @@ def training_images(catalog: Catalog, settings: IndexSettings) -> TrainingImages
                               "fine-tune history next to the weights file)")
     if record.get("weights_identity") != settings.weights_identity:
         return TrainingImages("other_weights", reason="the record of training images is for other weights")
+    if record["status"] == TRAINING_NONE_LEARNED:   # as ImageNet or random weights: every image is held out
+        return TrainingImages("none", reason=record["reason"])
     if record["status"] != TRAINING_RECORDED:
         return TrainingImages(record["status"], reason=record["reason"])
     return TrainingImages(TRAINING_RECORDED, frozenset(record["train_sha256"]), frozenset(record["val_sha256"]))
@@ -91,7 +93,7 @@ def _training_facts(training: TrainingImages, hashes: Sequence[str], include: bo
     """The "training_images" entry of a result: {"status": "excluded" | "included" | "unknown" | "none",
     "in_index": the evaluated set's images the network trained on (None when unknown), "reason"}."""
     if training.status == "none":
-        return {"status": "none", "in_index": 0, "reason": None}
+        return {"status": "none", "in_index": 0, "reason": training.reason}
     if not training.known:
         return {"status": "unknown", "in_index": None, "reason": training.reason}
     return {"status": "included" if include else "excluded",
@@ -111,6 +113,8 @@ def _held_out_notes(facts: dict, evaluated: int, excluded: int, validation: int)
     elif status == "unknown":
         notes = [f"the images the network was fine-tuned on cannot be told apart ({facts['reason']}): all "
                  f"{evaluated} labelled images are evaluated, training images possibly among them"]
+    elif status == "none" and facts["reason"]:
+        notes = [f"{facts['reason']}: all {evaluated} labelled images are held out"]
     else:
         notes = []
     if validation:

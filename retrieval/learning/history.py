@@ -136,6 +136,7 @@ def validate_history(history: Any, where: str = "history") -> dict:
 # What an index made with a fine-tune's weights file knows of the images they were trained on (training_record)
 TRAINING_RECORDED = "recorded"          # the history's content hashes of the split, for these very weights
 TRAINING_UNKNOWN = ("no_history", "no_hashes", "other_weights", "unreadable")
+TRAINING_NONE_LEARNED = "starting_weights"   # fine-tune kept its starting weights: no image was learned into them
 
 
 def training_record(weights_file: Path | str, weights_sha256: str) -> dict:
@@ -144,8 +145,8 @@ def training_record(weights_file: Path | str, weights_sha256: str) -> dict:
 
     weights_sha256: the hash of the weights file as the index records it. -> {"status", "history" (the file looked
     at), "train_sha256" and "val_sha256" (sorted, unique content hashes; empty unless "recorded"), "reason" (why
-    the training images cannot be told apart; None when recorded)}. status: TRAINING_RECORDED, or one of
-    TRAINING_UNKNOWN: no history there, a history written before fine-tune recorded content hashes, a history of
+    the training images cannot be told apart; None when recorded)}. status: TRAINING_RECORDED,
+    TRAINING_NONE_LEARNED (fine-tune wrote its starting weights: nothing to hold out), or one of TRAINING_UNKNOWN: no history there, a history written before fine-tune recorded content hashes, a history of
     other weights (fine-tune ran again since), or one that cannot be read."""
     path = history_path_for(weights_file)
     record = {"status": TRAINING_RECORDED, "history": str(path), "train_sha256": [], "val_sha256": [], "reason": None}
@@ -163,6 +164,10 @@ def training_record(weights_file: Path | str, weights_sha256: str) -> dict:
     if history.get("weights_sha256") not in (None, weights_sha256):
         return {**record, "status": "other_weights",
                 "reason": f"{path.name} describes another weights file (fine-tune ran again since these weights)"}
+    if history.get("improved") is False:
+        return {**record, "status": TRAINING_NONE_LEARNED,
+                "reason": "these weights are fine-tune's starting weights, kept because no epoch retrieved better: no "
+                          "image was learned into them"}
     return {**record, **{f"{part}_sha256": sorted({h for h in hashes[part] if h is not None}) for part in ("train", "val")}}
 
 
