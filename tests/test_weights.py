@@ -45,3 +45,25 @@ def test_label_never_shows_the_path() -> None:
                           **base)
     assert tuned.weights_choice == WeightsChoice("file", Path("/secret/tuned.pt"))
     assert weights_label(tuned) == "tuned.pt (sha256 0123456789ab)"
+
+
+def test_an_index_whose_weights_file_moved_says_so_and_what_to_do(sample_index, tmp_path: Path) -> None:
+    """Reproduces: the fine-tuned weights file moved, and opening its index said "weights must be 'imagenet', 'random'
+    or a state dict file; '/.../tuned.pt' is none of these", as if the user had mistyped an option."""
+    import shutil
+
+    import retrieval
+    from helpers.indexes import build_index
+    from retrieval.features.backbones import WeightsUnavailable
+    from retrieval.names import random_weights_file
+
+    weights = tmp_path / "tuned.pt"
+    shutil.copy(random_weights_file(sample_index.index_dir, "alexnet"), weights)
+    build_index(sample_index.data_dir, tmp_path / "index", weights=str(weights))
+    weights.rename(tmp_path / "moved.pt")
+    with pytest.raises(WeightsUnavailable, match=f"the weights file this index was built with, {weights}, is missing "
+                                                 r"\(moved or deleted\?\): put it back there"):
+        retrieval.open_index(tmp_path / "index")
+    (tmp_path / "moved.pt").rename(weights)
+    with retrieval.open_index(tmp_path / "index") as index:
+        assert len(index) == 30

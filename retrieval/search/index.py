@@ -21,6 +21,7 @@ from retrieval.search.expansion import QueryExpansion
 from retrieval.search.snapshot import Hit, IndexSnapshot, IndexUnavailable, network_key
 from retrieval.vectors.faiss_parts import SearchParams, apply_search_params
 from retrieval.names import FAISS_FILE, REGIONS_FILE
+from retrieval.system import display_name
 from retrieval.vectors.regions import open_regions, reconcile_regions
 from retrieval.vectors.vector_index import VectorIndex
 
@@ -180,6 +181,12 @@ class ImageIndex:
                 and (previous.extractor is None or previous.extractor.precision == precision):
             extractor = previous.extractor
         elif self.load_network:
+            choice = settings.weights_choice
+            if choice.is_file and not choice.path.exists():   # the index records where its weights file was
+                raise WeightsUnavailable(
+                    f"the weights file this index was built with, {display_name(str(choice.path))}, is missing (moved "
+                    "or deleted?): put it back there, or index the data folder into a new index folder with --weights "
+                    "naming it where it is now")
             extractor, identity = build_extractor(settings.model, settings.layer, settings.weights_choice, self.index_dir,
                                                   self.device, seed=settings.seed, precision=precision,
                                                   views=settings.views, input_norm=settings.input_norm)
