@@ -64,6 +64,13 @@ class Index:
             raise ValueError(f"the index {self.index_dir} is closed; open it again with retrieval.open_index()")
         return self._opened
 
+    def _snapshot(self) -> IndexSnapshot:
+        """The index as it is on disk now, as a server sees it: what an index-images run (in this process or another)
+        saved since the last call is swapped in first (a stat and one small query when nothing changed)."""
+        index = self._index
+        index.refresh()
+        return index.snapshot()
+
     def __enter__(self) -> Index:
         return self
 
@@ -72,13 +79,13 @@ class Index:
 
     # facts
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._snapshot().vectors)
 
     @property
     def info(self) -> IndexInfo:
         from retrieval.catalog import weights_label
 
-        snapshot = self._index.snapshot()
+        snapshot = self._snapshot()
         s = snapshot.settings
         return IndexInfo(self.index_dir, snapshot.data_dir, s.model, s.layer, weights_label(s), s.dim, s.normalize,
                          len(snapshot.vectors), snapshot.catalog.labels(), s.views, s.input_norm,
@@ -87,7 +94,7 @@ class Index:
     @property
     def data_dir(self) -> Path:
         """The indexed folder (absolute)."""
-        return self._index.snapshot().data_dir
+        return self._snapshot().data_dir
 
     def __repr__(self) -> str:
         if self._opened is None:
@@ -124,7 +131,7 @@ class Index:
         data folder (as Hit.path). Raises ImageNotIndexed when the index does not hold it.
         """
         _check_k(k)
-        snapshot = self._index.snapshot()    # the stored vector and the vectors it meets: one network
+        snapshot = self._snapshot()    # the stored vector and the vectors it meets: one network
         record = self._record(snapshot, image)
         vector = snapshot.catalog.vector(record.id)
         if vector is None:
@@ -158,6 +165,7 @@ class Index:
         from retrieval.search.duplicates import find_duplicates
 
         given = {} if calibration_images is None else {"calibration_images": calibration_images}
+        self._snapshot()   # the index as on disk now
         return find_duplicates(self._index, threshold=threshold, **given)
 
     # inside
@@ -168,7 +176,7 @@ class Index:
         source, described = query_source(query)
         if isinstance(source, str) and not os.path.exists(source):
             raise FileNotFoundError(errno.ENOENT, "no such file (paths are taken from the working folder)", described)
-        snapshot = self._index.snapshot()
+        snapshot = self._snapshot()
         assert snapshot.extractor is not None, "the index was opened without its network"
         try:
             decoded = decode_for_model(source, snapshot.extractor.preprocessing, max_pixels=DEFAULT_MAX_PIXELS,

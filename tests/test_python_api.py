@@ -230,3 +230,24 @@ def test_duplicates_from_python_group_a_photo_with_its_copies(tmp_path, monkeypa
     for refused in (-1, 0, 2, float("nan")):   # what find-duplicates --threshold refuses too
         with retrieval.open_index("index") as index, pytest.raises(retrieval.DuplicatesError):
             index.duplicates(threshold=refused)
+
+
+def test_an_open_index_sees_what_another_process_indexed_since(tmp_path):
+    """Reproduces: an Index opened in a notebook kept the vectors of the moment it was opened while its catalog was
+    live: after index-images ran elsewhere, a new image was missing from search() (yet found by neighbours()), and
+    info.count (105) disagreed with its labels (110). Each call now sees the index as on disk, as a server does."""
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=3, size=(96, 72), seed=8, classes=["red_circles", "blue_squares"])
+    index_folder(data, tmp_path / "index", **FAST)
+    with retrieval.open_index(tmp_path / "index") as ix:
+        assert len(ix) == 6
+        new = data / "red_circles" / "late.png"
+        Image.new("RGB", (96, 72), (20, 200, 220)).save(new)
+        (data / "blue_squares" / "blue_squares_000.jpg").unlink()
+        done = subprocess.run([sys.executable, "-c", "from commands.index_images import main; main()", str(data),
+                               "--index-dir", str(tmp_path / "index"), "--workers", "0"], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert len(ix) == 6 and ix.info.count == sum(ix.info.labels.values()) == 6
+        assert ix.search(new, k=1).hits[0].path == "red_circles/late.png"
+        assert all(h.path != "blue_squares/blue_squares_000.jpg" for h in ix.search(new, k=6).hits)
