@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,8 +96,22 @@ def evaluate(index_dir: str | os.PathLike = "index", ks: Sequence[int] = DEFAULT
     EvaluationError (a ValueError: fewer than two labels, a label with one image, no held-out image)."""
     from retrieval.learning.evaluation import evaluate_index
 
-    return Evaluation.from_result(evaluate_index(_absolute(index_dir), ks, seed=seed, probe=probe, db_url=db_url,
+    return Evaluation.from_result(evaluate_index(_absolute(index_dir), _checked_ks(ks), seed=seed, probe=probe, db_url=db_url,
                                                  include_training_images=include_training_images))
+
+
+def _checked_ks(ks: Sequence[int] | int) -> tuple[int, ...]:
+    """ks as whole numbers from 1 up (one number alone is taken for a list of one). Raises EvaluationError."""
+    from retrieval.learning.metrics import EvaluationError
+
+    values = (ks,) if isinstance(ks, numbers.Integral) and not isinstance(ks, bool) else ks
+    try:
+        values = tuple(values)
+    except TypeError:
+        raise EvaluationError(f"ks is a list of whole numbers from 1 up, such as (1, 5, 10), not {ks!r}") from None
+    if not values or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in values):
+        raise EvaluationError(f"ks is a list of whole numbers from 1 up, such as (1, 5, 10), not {ks!r}")
+    return tuple(int(k) for k in values)
 
 
 def compare(a: str | os.PathLike, b: str | os.PathLike, ks: Sequence[int] = DEFAULT_KS, *, seed: int = 0,
@@ -107,7 +122,7 @@ def compare(a: str | os.PathLike, b: str | os.PathLike, ks: Sequence[int] = DEFA
     share no labelled image."""
     from retrieval.learning.evaluation import compare_indexes
 
-    r = compare_indexes(_absolute(a), _absolute(b), ks, seed=seed, probe=probe,
+    r = compare_indexes(_absolute(a), _absolute(b), _checked_ks(ks), seed=seed, probe=probe,
                         include_training_images=include_training_images)
     return Comparison(Evaluation.from_result(r["a"]), Evaluation.from_result(r["b"]), r["matched"])
 

@@ -251,3 +251,12 @@ def test_an_open_index_sees_what_another_process_indexed_since(tmp_path):
         assert len(ix) == 6 and ix.info.count == sum(ix.info.labels.values()) == 6
         assert ix.search(new, k=1).hits[0].path == "red_circles/late.png"
         assert all(h.path != "blue_squares/blue_squares_000.jpg" for h in ix.search(new, k=6).hits)
+
+
+@pytest.mark.parametrize("ks", [(0,), (), (1.5,), "abc", (True,)])
+def test_evaluate_refuses_ks_that_are_not_whole_numbers_from_one_with_an_evaluation_error(built, ks):
+    """Reproduces: ks=(0,) was an AssertionError (under python -O: 'min() arg is an empty sequence' and a divide by
+    zero warning); ks=5 a TypeError. Now an EvaluationError (a ValueError) naming the value; one number is a list of one."""
+    with pytest.raises(retrieval.EvaluationError, match="ks is a list of whole numbers from 1 up"):
+        retrieval.evaluate(built.index, ks=ks)
+    assert retrieval.evaluate(built.index, ks=np.int64(5)).ks == [5]
