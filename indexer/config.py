@@ -27,7 +27,7 @@ MAX_WORKERS_GPU = 32   # ... and on a GPU: a fast one needs every core decoding 
 AUTO_DEVICE_SHARE = 0.5
 
 
-class ConfigError(Exception):
+class ConfigError(ValueError):
     """A usage or configuration problem the user can fix (exit status 2)."""
 
 

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 __all__ = ["open_index", "Index", "ImageNotIndexed", "Query", "SearchResult", "Hit", "Prediction", "IndexInfo",
            "evaluate", "compare", "Evaluation", "Comparison", "DuplicateGroups", "DuplicatesError",
-           "IndexNotFound", "WeightsUnavailable", "ImageDecodeError", "EvaluationError"]
+           "IndexNotFound", "WeightsUnavailable", "ImageDecodeError", "EvaluationError", "ExpansionError",
+           "DeviceUnavailable", "IndexUnavailable"]
 
 # name -> the module that holds it; imported when first used, so `import retrieval` loads no torch, FAISS or SQLAlchemy
 _HOMES = {"open_index": "retrieval.python_api", "Index": "retrieval.python_api",
@@ -42,7 +43,9 @@ _HOMES = {"open_index": "retrieval.python_api", "Index": "retrieval.python_api",
           "DuplicatesError": "retrieval.search.duplicates",
           # the errors the API raises, so that `except retrieval.IndexNotFound:` works
           "IndexNotFound": "retrieval.search.index", "WeightsUnavailable": "retrieval.features.weights",
-          "ImageDecodeError": "retrieval.images.decode", "EvaluationError": "retrieval.learning.metrics"}
+          "ImageDecodeError": "retrieval.images.decode", "EvaluationError": "retrieval.learning.metrics",
+          "ExpansionError": "retrieval.search.expansion", "DeviceUnavailable": "retrieval.features.backbones",
+          "IndexUnavailable": "retrieval.search.snapshot"}
 
 if TYPE_CHECKING:
     from retrieval.python_api import ImageNotIndexed, Index, Query, open_index

@@ -162,9 +162,15 @@ class Index:
         mtime_ns, sha256, distance to the keeper), .threshold (.value, .describe(), .caution()), .images,
         .to_json(). Raises DuplicatesError (a ValueError) for a threshold not in (0, 2), when there is nothing to
         group or no image file to calibrate on."""
-        from retrieval.search.duplicates import find_duplicates
+        from retrieval.search.duplicates import DuplicatesError, find_duplicates
 
-        given = {} if calibration_images is None else {"calibration_images": calibration_images}
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number))):
+            raise TypeError(f"threshold is a number (a distance between whitened vectors) or None, not {threshold!r}")
+        if calibration_images is not None and (isinstance(calibration_images, bool) or not isinstance(
+                calibration_images, (int, np.integer)) or calibration_images < 1):
+            raise DuplicatesError(f"calibration_images is a whole number of at least 1 (or None: 24), not "
+                                  f"{calibration_images!r}")
+        given = {} if calibration_images is None else {"calibration_images": int(calibration_images)}
         self._snapshot()   # the index as on disk now
         return find_duplicates(self._index, threshold=threshold, **given)
 
@@ -227,6 +233,8 @@ def query_source(query: Query) -> tuple[ImageSource, str]:
     Pixels (a PIL image, an array) are encoded as PNG in memory, losslessly, so they take the one decoding
     path files take (mode conversion, EXIF orientation, resize, crop), not a copy of it."""
     if isinstance(query, (str, os.PathLike)):
+        if not os.fspath(query):
+            raise ValueError("the query path is empty: give an image file's path")
         return os.path.abspath(Path(query).expanduser()), os.fspath(query)
     if isinstance(query, (bytes, bytearray, memoryview)):
         return bytes(query), f"{len(query):,} bytes of image"
@@ -250,14 +258,17 @@ def array_image(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels))
 
 
-PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16")   # modes PNG stores as they are
+PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")   # modes PNG stores as they are
 
 
 def png_bytes(img: Image.Image) -> bytes:
     """A PIL image -> PNG bytes (fast, lossless), its EXIF kept so the decoder turns it upright as it would the file."""
+    out = io.BytesIO()
+    if img.mode == "I":   # 32-bit integers, which PNG cannot store: TIFF can, and is decoded as such a file would be
+        img.save(out, "TIFF")
+        return out.getvalue()
     if img.mode not in PNG_MODES:   # CMYK, YCbCr, LAB, HSV, F: RGB as the decoder would make it
         img = img.convert("RGB")
-    out = io.BytesIO()
     exif = img.getexif()
     img.save(out, "PNG", compress_level=1, **({"exif": exif} if len(exif) else {}))
     return out.getvalue()

@@ -260,3 +260,23 @@ def test_evaluate_refuses_ks_that_are_not_whole_numbers_from_one_with_an_evaluat
     with pytest.raises(retrieval.EvaluationError, match="ks is a list of whole numbers from 1 up"):
         retrieval.evaluate(built.index, ks=ks)
     assert retrieval.evaluate(built.index, ks=np.int64(5)).ks == [5]
+
+
+def test_odd_arguments_get_the_errors_the_docs_name(built, index):
+    """Reproduces a review's list: a PIL image of mode I raised OSError (cannot write mode I as PNG); device='tpu'
+    torch's RuntimeError listing a dozen backends; duplicates(threshold='0.3') a TypeError comparing int and str, and
+    calibration_images=0 an error naming a command-line flag; search('') 'cannot read file: ... (a folder)'."""
+    picture = Image.open(next(built.data.glob("red_circles/*.jpg")))
+    assert index.search(picture.convert("I"), k=1).hits, "read as a file of 32-bit integers would be"
+    with pytest.raises(ValueError, match="device is 'cpu', 'cuda' \\(or 'cuda:N'\\) or 'auto', not 'tpu'"):
+        retrieval.open_index(built.index, device="tpu")
+    with pytest.raises(TypeError, match="threshold is a number"):
+        index.duplicates(threshold="0.3")
+    with pytest.raises(retrieval.DuplicatesError, match="calibration_images is a whole number of at least 1"):
+        index.duplicates(calibration_images=0)
+    with pytest.raises(ValueError, match="the query path is empty"):
+        index.search("")
+    with pytest.raises(retrieval.ExpansionError):
+        index.search(picture, qe=-1)
+    from indexer import ConfigError
+    assert issubclass(ConfigError, ValueError) and issubclass(retrieval.DeviceUnavailable, RuntimeError)

@@ -203,9 +203,14 @@ def _load_file(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
 
 
 def resolve_device(device: str) -> torch.device:
+    """"cpu", "cuda" (or "cuda:N") or "auto" -> the torch device. Raises DeviceUnavailable for a GPU that is not
+    here, ValueError for another name (torch's own message lists a dozen backends this project does not run on)."""
+    if not isinstance(device, str) or not (device in ("cpu", "cuda", "auto")
+                                           or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ValueError(f"device is 'cpu', 'cuda' (or 'cuda:N') or 'auto', not {device!r}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceUnavailable("a CUDA GPU was asked for, but PyTorch sees none here")
     return torch.device(device)
 
