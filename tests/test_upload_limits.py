@@ -86,7 +86,8 @@ def test_a_long_thin_strip_is_refused_before_any_resize(client):
 
 def test_more_decoded_pixels_than_the_limit_is_415_but_a_large_jpeg_decodes_reduced(client):
     message = refused(upload(client, encoded(Image.new("L", (2100, 2000)), "PNG")))   # 4.2 Mpx > 4 Mpx
-    assert "too large to decode" in message
+    assert "too large to decode" in message and "downscale it, or send it as a JPEG" in message
+    assert "other than JPEGs, up to 4 megapixels" in client.get("/").get_data(as_text=True), "the page says so first"
     photo = encoded(Image.new("RGB", (4000, 3000), (20, 120, 200)), "JPEG")           # 12 Mpx, drafted to 500x375
     r = upload(client, photo)
     assert r.status_code == 200, r.data

@@ -326,7 +326,8 @@ def _load(img: Image.Image, sha256: str, scans: int, min_side: int | None, max_p
     w, h = img.size
     if max_decoded_pixels is not None and w * h > max_decoded_pixels:
         raise ImageDecodeError(f"image too large to decode here ({w}x{h} = {w * h:,} pixels to decode, "
-                               f"limit {max_decoded_pixels:,})")
+                               f"limit {max_decoded_pixels:,}): downscale it, or send it as a JPEG (decoded "
+                               "straight to a fraction of its size)")
     img.load()
     orientation = exif_orientation(img)
     if orientation in _SIDEWAYS:
