@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, BinaryIO, Union
 
 import numpy as np
 from PIL import Image
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 # What Index.search takes: a file path (relative to the working folder, or absolute), encoded image bytes,
 # a PIL image, or a uint8 array of shape (H, W, 3) (RGB; also (H, W) grey or (H, W, 4) RGBA).
-Query = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+Query = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image, np.ndarray]
 
 
 class ImageNotIndexed(LookupError):
@@ -48,7 +49,13 @@ class Index:
         from retrieval.search.index import ImageIndex
 
         self.index_dir = Path(index_dir).expanduser().resolve()   # absolute once: later chdirs change nothing
+        self._db_url, self._device = db_url, device
         self._opened: ImageIndex | None = ImageIndex(self.index_dir, db_url=db_url, device=device)
+
+    def __reduce__(self) -> tuple:
+        """Pickled as the way to open it again (a multiprocessing worker opens its own: network, vectors, catalog)."""
+        self._index   # noqa: B018 - a closed index raises ValueError here, as elsewhere
+        return functools.partial(open_index, db_url=self._db_url, device=self._device), (self.index_dir,)
 
     # lifetime
     def close(self) -> None:
@@ -238,11 +245,16 @@ def query_source(query: Query) -> tuple[ImageSource, str]:
         return os.path.abspath(Path(query).expanduser()), os.fspath(query)
     if isinstance(query, (bytes, bytearray, memoryview)):
         return bytes(query), f"{len(query):,} bytes of image"
+    if hasattr(query, "read") and not isinstance(query, Image.Image):   # an open binary file, io.BytesIO
+        data = query.read()
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError("a file object query must be opened in binary mode ('rb')")
+        return bytes(data), f"{len(data):,} bytes read from {getattr(query, 'name', type(query).__name__)}"
     if isinstance(query, Image.Image):
         return png_bytes(query), f"PIL image {query.width}x{query.height} {query.mode}"
     if isinstance(query, np.ndarray):
         return png_bytes(array_image(query)), f"array {query.shape} {query.dtype}"
-    raise TypeError(f"search takes a file path, image bytes, a PIL image or a uint8 array (H, W, 3), "
+    raise TypeError(f"search takes a file path, image bytes, a binary file object, a PIL image or a uint8 array (H, W, 3), "
                     f"not {type(query).__name__}")
 
 

@@ -280,3 +280,24 @@ def test_odd_arguments_get_the_errors_the_docs_name(built, index):
         index.search(picture, qe=-1)
     from indexer import ConfigError
     assert issubclass(ConfigError, ValueError) and issubclass(retrieval.DeviceUnavailable, RuntimeError)
+
+
+def test_an_index_pickles_as_the_way_to_reopen_it_and_file_objects_are_queries(built, index):
+    """Reproduces: pickle.dumps(index) and Pool.map over an index failed ('cannot pickle _thread.lock'); an io.BytesIO
+    or an open file was refused as a query though PIL users pass them."""
+    import io
+    import pickle
+
+    query = next(built.data.glob("red_circles/*.jpg"))
+    expected = index.search(query, k=1).hits[0].path
+    with pickle.loads(pickle.dumps(index)) as again:
+        assert again.index_dir == index.index_dir and again.search(query, k=1).hits[0].path == expected
+    with open(query, "rb") as f:
+        assert index.search(f, k=1).hits[0].path == expected
+    assert index.search(io.BytesIO(query.read_bytes()), k=1).hits[0].path == expected
+    with open(query, encoding="latin-1") as text, pytest.raises(TypeError, match="binary mode"):
+        index.search(text, k=1)
+    closed = retrieval.open_index(built.index)
+    closed.close()
+    with pytest.raises(ValueError, match="is closed"):
+        pickle.dumps(closed)
