@@ -44,7 +44,8 @@ def error_response(status: int, code: str, message: str) -> Response:
     browser asked for a URL no route matched (a mistyped /gallery/abc: a page, not JSON)."""
     count_error(status, code)
     if request.blueprint not in JSON_BLUEPRINTS or (request.blueprint is None and _browser_asked()):
-        return Response(render_template("error.html", status=status, message=message, summary=_served_summary()),
+        return Response(render_template("error.html", status=status, code=code, message=message,
+                                        summary=_served_summary()),
                         status, mimetype="text/html")
     response = jsonify({"error": {"code": code, "message": message}})
     response.status_code = status

@@ -133,6 +133,9 @@ def test_unknown_query_token_is_a_404_page(client):
     assert r.status_code == 404 and r.mimetype == "text/html"
     html = r.get_data(as_text=True)
     assert "expired" in html
+    # it says so in its heading and offers the upload it asks for (it was "Not found" and a link home only)
+    assert "<h1>This search has expired</h1>" in html and 'action="/gallery/search"' in html
+    assert 'aria-label="Upload the photo again"' in html
     # an error page names the served network as the others do (it said "CNN feature space")
     assert "alexnet fc7 image search</title>" in html and "alexnet fc7 feature space" in html
 
@@ -260,3 +263,10 @@ def test_a_mistyped_page_url_is_an_html_page_for_a_browser_and_json_for_a_progra
         assert "there is no such page here" in page.get_data(as_text=True)
         program = client.get(url, headers={"Accept": "*/*"})
         assert program.status_code == 404 and program.get_json()["error"]["code"] == "not_found"
+
+
+def test_neighbour_cards_name_their_file(client, sample_index):
+    """The name was only in a tooltip, which touch screens never show: each neighbour's card shows it."""
+    location = post_photo(client, (sample_index.data_dir / QUERY).read_bytes()).headers["Location"]
+    grid = client.get(location).get_data(as_text=True).split('id="neighbours"', 1)[1].split("</ol>", 1)[0]
+    assert grid.count('<li class="card">') == 12 and grid.count('class="filename"') == 12

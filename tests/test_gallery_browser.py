@@ -82,6 +82,16 @@ def test_upload_see_neighbours_and_follow_one(page, base_url, sample_index):
     assert page.locator("#neighbours li").count() == 12
 
 
+def test_the_first_tab_skips_past_the_top_bar_to_the_page(page, base_url):
+    """A keyboard user reached the first card after 9 Tabs: the first Tab now offers to skip to the content."""
+    page.goto(base_url + "/")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent.trim()") == "Skip to the content"
+    assert page.evaluate("document.activeElement.getBoundingClientRect().top") >= 0, "visible when focused"
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "main"
+
+
 def test_the_photo_chooser_opens_from_the_keyboard(page, base_url):
     """Tab to "Choose a photo" and press Enter (or Space): the file chooser opens, and nothing is submitted (a review
     reported Enter did nothing; in this Chromium both keys open it)."""
