@@ -247,6 +247,10 @@ def test_duplicates_page_at_a_threshold_of_ones_own(collection, tmp_path):
         finally:
             index.close()
         assert html.count('class="panel duplicate-group"') == min(expected, 200)
+        # the byte copy is marked as such beside its keeper, and its group says so (they sat unmarked among groups of
+        # pictures only alike, the keeper's "keep" styled as a label)
+        assert html.count('class="badge badge-keep"') == min(expected, 200)
+        assert '<span class="badge badge-same-file">same file</span>' in html and "2 identical files</span>" in html
         refused = client.get("/duplicates?threshold=3")
         assert refused.status_code == 400 and "below 2" in refused.get_data(as_text=True)
         typo = client.get("/duplicates?threshold=abc")   # named as typed (it said "not nan")
