@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from typing import Iterable
 
@@ -27,12 +28,26 @@ def _gallery_k() -> int:
     return parse_k(request, default=current_app.config["GALLERY_K"], maximum=current_app.config["MAX_K"])
 
 
-def _carried(k: int, expansion: QueryExpansion | None) -> dict[str, int | float | None]:
+def _carried(k: int, expansion: QueryExpansion | None, origin: str | None = None) -> dict[str, int | float | str | None]:
     """The search settings a results page's links to neighbours keep, those not at their defaults: click on from a
-    search of 24 with expansion, and the neighbour's page is one too. (None: left out of the URL.)"""
+    search of 24 with expansion, and the neighbour's page is one too; and the uploaded search they started from
+    (`from`: its token), so that every page after it links back to it. (None: left out of the URL.)"""
     return {"k": None if k == current_app.config["GALLERY_K"] else k,
             "qe": expansion.n if expansion else None,
-            "qe_alpha": (expansion.alpha or None) if expansion else None}
+            "qe_alpha": (expansion.alpha or None) if expansion else None,
+            "from": origin}
+
+
+TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")   # what RecentQueries hands out (secrets.token_urlsafe)
+
+
+def _origin(service) -> tuple[str | None, str | None]:  # noqa: ANN001 - api.service.SearchService
+    """?from= on an image page: (the uploaded search's token, its page's URL) while that search is kept, else (None,
+    None): an expired or made-up token is dropped quietly (the page itself is what was asked for)."""
+    token = request.args.get("from")
+    if not token or not TOKEN.fullmatch(token) or service.recent_queries.get(token) is None:
+        return None, None
+    return token, url_for("gallery.query_page", token=token)
 
 
 def _page_number(raw: str | None, pages: int) -> int:
@@ -112,7 +127,8 @@ def query_page(token: str) -> str:
     k, expansion = _gallery_k(), parse_expansion(request)
     hits, _ms = service.search_vector(query.vector, k, expansion=expansion)
     return render_template("results.html", hits=hits, k=k, k_choices=K_CHOICES, record=None,
-                           qe=expansion.n if expansion else 0, qe_choices=QE_CHOICES, carry=_carried(k, expansion),
+                           qe=expansion.n if expansion else 0, qe_choices=QE_CHOICES,
+                           carry=_carried(k, expansion, origin=token), back=None,
                            prediction=service.predict(hits),
                            query=query, query_src=url_for("gallery.query_image", token=token),
                            summary=service.index_summary())
@@ -135,7 +151,9 @@ def image_page(image_id: int) -> str:
     service = current_service()
     k, expansion = _gallery_k(), parse_expansion(request)
     answer = service.neighbours(image_id, k, expansion)
+    origin, back = _origin(service)
     return render_template("results.html", hits=answer.hits, k=k, k_choices=K_CHOICES,
-                           qe=expansion.n if expansion else 0, qe_choices=QE_CHOICES, carry=_carried(k, expansion),
+                           qe=expansion.n if expansion else 0, qe_choices=QE_CHOICES,
+                           carry=_carried(k, expansion, origin=origin), back=back,
                            prediction=service.predict(answer.hits), record=service.record(image_id), query=None,
                            query_src=url_for("api.thumbnail", image_id=image_id), summary=service.index_summary())

@@ -99,18 +99,30 @@ def test_results_pages_offer_query_expansion_and_keep_it_with_k(client, sample_i
 
 def test_a_neighbours_page_keeps_the_searchs_k_and_expansion(client, sample_index):
     """Search with 24 neighbours and expansion, click a neighbour: its page is a search of 24 with expansion too
-    (links carry only what differs from the defaults)."""
+    (links carry only what differs from the defaults), and links back to the uploaded search it started from."""
     location = post_photo(client, (sample_index.data_dir / QUERY).read_bytes()).headers["Location"]
+    token = location.split("/gallery/query/", 1)[1].split("?", 1)[0]
     plain = neighbour_hrefs(client.get(location).get_data(as_text=True))
-    assert plain and all("?" not in href for href in plain), "the gallery's default k: plain links"
+    assert plain and all(href.endswith(f"?from={token}") for href in plain), "the gallery's default k: only the origin"
     hrefs = neighbour_hrefs(client.get(location.replace("k=12", "k=24") + "&qe=3&qe_alpha=2").get_data(as_text=True))
-    assert len(hrefs) == 24 and all(href.endswith("?k=24&amp;qe=3&amp;qe_alpha=2.0") for href in hrefs), hrefs[:3]
+    carried = f"?k=24&amp;qe=3&amp;qe_alpha=2.0&amp;from={token}"
+    assert len(hrefs) == 24 and all(href.endswith(carried) for href in hrefs), hrefs[:3]
     html = client.get(hrefs[0].replace("&amp;", "&")).get_data(as_text=True)
     assert len(neighbour_hrefs(html)) == 24 and 'id="expanded"' in html and "Expanded with the top 3" in html
-    assert all(href.endswith("?k=24&amp;qe=3&amp;qe_alpha=2.0") for href in neighbour_hrefs(html)), "and on"
+    assert all(href.endswith(carried) for href in neighbour_hrefs(html)), "and on"
     # so do the page's own choices of k and of expansion, and its JSON link
-    assert 'href="?k=6&amp;qe=3&amp;qe_alpha=2.0"' in html and 'href="?k=24&amp;qe=10&amp;qe_alpha=2.0"' in html
-    assert 'href="?k=24&amp;qe=0"' in html and "qe=3&amp;qe_alpha=2.0\">JSON" in html
+    assert f'href="?k=6&amp;qe=3&amp;qe_alpha=2.0&amp;from={token}"' in html
+    assert f'href="?k=24&amp;qe=10&amp;qe_alpha=2.0&amp;from={token}"' in html
+    assert f'href="?k=24&amp;qe=0&amp;from={token}"' in html and "qe=3&amp;qe_alpha=2.0\">JSON" in html
+    # the way back: "your photo" in the breadcrumbs, on every page after it (there was only the browser's Back)
+    assert f'<a href="/gallery/query/{token}" id="back-to-search">your photo</a>' in html
+    page = client.get(neighbour_hrefs(html)[0].replace("&amp;", "&")).get_data(as_text=True)
+    assert 'id="back-to-search"' in page
+    # a made-up or expired token is dropped quietly: the page asked for, without the link
+    first_id = hrefs[0].split("/gallery/", 1)[1].split("?", 1)[0]
+    for bogus in ("no-such-search", "<script>"):
+        other = client.get(f"/gallery/{first_id}", query_string={"from": bogus})
+        assert other.status_code == 200 and 'id="back-to-search"' not in other.get_data(as_text=True)
 
 
 def test_upload_of_a_non_image_shows_the_form_again_with_the_reason(client):

@@ -315,11 +315,14 @@ def test_upload_a_photo_then_follow_a_neighbour(page, server, workdir):
     assert page.locator("#already-indexed").count() == 0, "a new photo is not said to be in the collection"
 
     target = neighbours.nth(1).locator("a")
-    target_id = int(target.get_attribute("href").rsplit("/", 1)[1])
+    target_id = int(target.get_attribute("href").split("?", 1)[0].rsplit("/", 1)[1])
     target.click()
-    page.wait_for_url(re.compile(rf"/gallery/{target_id}$"))
+    page.wait_for_url(re.compile(rf"/gallery/{target_id}\?from=[\w-]+$"))   # the search it came from, for the way back
     check_page(page, errors, server, "image page")
     assert page.locator("#neighbours li").count() == GALLERY_K
+    page.locator("#back-to-search").click()            # "your photo" in the breadcrumbs: back to the upload's results
+    page.wait_for_url(re.compile(r"/gallery/query/[\w-]+"))
+    assert "holiday photo.jpg" in page.locator(".query-panel").inner_text()
 
     open_page(page, server.base + "/")                 # a photo of the collection itself, uploaded again
     page.set_input_files("form[data-primary] input[type=file]", str(workdir.root / "data/red_circles/red_circles_003.jpg"))
@@ -327,7 +330,7 @@ def test_upload_a_photo_then_follow_a_neighbour(page, server, workdir):
     note = page.locator("#already-indexed")
     assert "already in the collection" in note.inner_text() and "red_circles/red_circles_003.jpg" in note.inner_text()
     note.locator("a").click()
-    page.wait_for_url(re.compile(r"/gallery/\d+$"))
+    page.wait_for_url(re.compile(r"/gallery/\d+(\?from=[\w-]+)?$"))
     assert page.locator("h1.query-title").inner_text() == "red_circles_003.jpg"
 
 
