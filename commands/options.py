@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import sys
 from contextlib import contextmanager
@@ -251,14 +250,15 @@ def querying(index, index_dir: Path, db_url: str | None):  # noqa: ANN001, ANN20
 def permission_denied(exc: BaseException | None) -> str | None:
     """'permission denied: this user may not read or write PATH' when exc (or an exception it was raised from) is a
     PermissionError; else None. For the one line a command prints instead of a traceback."""
+    from retrieval.files import replaced_by
+
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, PermissionError):
             # a rename into place names the file it replaces second; a temporary file stands for the one it replaces
             where = exc.filename2 if exc.filename2 is not None else exc.filename
-            name = re.sub(r"(^|/)\.([^/]+)\.\d+\.\d+\.tmp$", r"\1\2", os.fsdecode(where)) if where is not None \
-                else "a file it needs"
+            name = os.fsdecode(replaced_by(os.fsdecode(where))) if where is not None else "a file it needs"
             why = (" (this user is root, so not by its permissions: an immutable or append-only attribute, see lsattr, "
                    "or a security policy)" if hasattr(os, "geteuid") and os.geteuid() == 0 else "")
             return f"permission denied: this user may not read or write {name}{why}"

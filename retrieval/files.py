@@ -17,13 +17,23 @@ def _temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
 
 
+_TEMPORARY = re.compile(r"\.(.+)\.\d+\.\d+\.tmp")   # _temporary_name's names; group 1: the file it replaces
+
+
+def replaced_by(path: Path | str) -> Path:
+    """The file an atomic write's temporary file stands for (.vectors.faiss.PID.TID.tmp -> vectors.faiss); any other
+    path as it is."""
+    path = Path(path)
+    named = _TEMPORARY.fullmatch(path.name)
+    return path.with_name(named.group(1)) if named else path
+
+
 def leftover_temporaries(folder: Path | str) -> list[Path]:
     """Temporary files of atomic writes in folder that never finished (a process killed mid-write: kill -9, a lost
     machine): hidden, named as _temporary_name names them. Only a caller who knows no writer is at work in folder
     (index-images under its lock) may take them for leftovers."""
-    pattern = re.compile(r"\..+\.\d+\.\d+\.tmp")
     try:
-        return sorted(p for p in Path(folder).iterdir() if pattern.fullmatch(p.name) and p.is_file())
+        return sorted(p for p in Path(folder).iterdir() if _TEMPORARY.fullmatch(p.name) and p.is_file())
     except OSError:
         return []
 

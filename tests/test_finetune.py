@@ -22,7 +22,8 @@ from api import create_app
 
 from commands.fine_tune import main
 from retrieval.samples import COLOUR_CLASSES, make_colour_collection, make_sample_collection
-from retrieval.features.backbones import file_sha256, random_state_dict
+from retrieval.features.backbones import random_state_dict
+from retrieval.features.digests import file_sha256
 from retrieval.catalog import Catalog
 from retrieval.learning.evaluation import load_labelled_vectors
 from retrieval.learning.finetune import FineTuneConfig

@@ -43,6 +43,16 @@ def page(browser, base_url):
     assert not errors, f"JavaScript errors: {errors}"
 
 
+def open_computed(page, url: str) -> None:
+    """Open url; a page computed in the background (/evaluation) reloads until it is there: wait for that (60 s)."""
+    page.goto(url)
+    for _ in range(60):
+        if page.locator("#computing").count() == 0:
+            return
+        page.wait_for_timeout(1000)
+        page.reload()
+
+
 def loaded_images(page, selector: str) -> int:
     """How many of the matching <img> elements actually decoded (naturalWidth > 0)."""
     page.wait_for_function("sel => [...document.querySelectorAll(sel)].every(i => i.complete)", arg=selector)
@@ -138,12 +148,7 @@ def test_pages_fit_a_phone_screen(browser, base_url):
     page = context.new_page()
     try:
         for path in ("/", "/gallery/1", "/gallery/999999", "/evaluation"):
-            page.goto(base_url + path)
-            for _ in range(60):   # the evaluation is computed in the background: its page reloads until it is there
-                if page.locator("#computing").count() == 0:
-                    break
-                page.wait_for_timeout(1000)
-                page.reload()
+            open_computed(page, base_url + path)
             width = page.evaluate("document.documentElement.scrollWidth")
             assert width <= 375, f"{path} scrolls sideways on a phone ({width} px wide)"
         page.goto(base_url + "/")
@@ -206,12 +211,7 @@ def test_long_names_without_spaces_never_widen_a_page_or_spill_from_their_box(br
     page = context.new_page()
     try:
         for path in ("/", f"/?label={quote(LONG_LABEL)}", f"/gallery/{by_label}", f"/gallery/{by_name}", "/evaluation"):
-            page.goto(url + path)
-            for _ in range(60):   # the evaluation is computed in the background: its page reloads until it is there
-                if page.locator("#computing").count() == 0:
-                    break
-                page.wait_for_timeout(1000)
-                page.reload()
+            open_computed(page, url + path)
             scroll = page.evaluate("document.documentElement.scrollWidth")
             assert scroll <= width, f"{path} is {scroll} px wide on a {width} px screen"
             spilled = page.evaluate("""() => [...document.querySelectorAll('.query-panel, .overview, .breadcrumbs')]
@@ -229,12 +229,7 @@ def test_the_evaluation_charts_are_readable_in_dark_mode(browser, base_url):
     context = browser.new_context(viewport={"width": 1280, "height": 900}, color_scheme="dark")
     page = context.new_page()
     try:
-        page.goto(base_url + "/evaluation")
-        for _ in range(60):
-            if page.locator("#computing").count() == 0:
-                break
-            page.wait_for_timeout(1000)
-            page.reload()
+        open_computed(page, base_url + "/evaluation")
         fills = page.eval_on_selector_all("#precision-chart svg text:not([fill])",
                                           "texts => texts.map(t => getComputedStyle(t).fill)")
         panel = page.eval_on_selector("#precision-chart", "f => getComputedStyle(f).backgroundColor")
