@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,8 +15,9 @@ from retrieval.search.snapshot import Hit
 class FakeIndex:
     """embed: each image's first pixel value becomes its 2-d vector; search: ids by distance to that value."""
 
-    def __init__(self, fail_once: bool = False):
+    def __init__(self, fail_once: bool = False, pass_s: float = 0.0):
         self.embed_sizes: list[int] = []
+        self.pass_s = pass_s                     # how long a forward pass takes (a real one: 5-50 ms on a CPU)
         self.search_sizes: list[int] = []
         self.fail_once = fail_once
         self.release = threading.Event()
@@ -23,6 +25,7 @@ class FakeIndex:
 
     def embed(self, pixels: torch.Tensor) -> np.ndarray:
         self.release.wait(10)
+        time.sleep(self.pass_s)
         self.embed_sizes.append(len(pixels))
         if self.fail_once:
             self.fail_once = False
@@ -125,7 +128,10 @@ def test_close_answers_what_was_queued_then_refuses_new_queries(fake):
         batcher.submit(pixels(4), k=1)
 
 
-def test_clients_that_come_straight_back_are_batched_together(fake):
+def test_clients_that_come_straight_back_are_batched_together():
+    # a forward pass that takes time, as a real one does: with an instant one, a loaded machine's scheduler can run the
+    # four clients one after another (CI saw 17 passes, none larger than 2), and there is then nothing to batch
+    fake = FakeIndex(pass_s=0.03)
     batcher = QueryBatcher(fake, max_batch=8, max_wait_s=0.5)
     start = threading.Barrier(4)
 
@@ -143,7 +149,7 @@ def test_clients_that_come_straight_back_are_batched_together(fake):
     finally:
         batcher.close()
     assert sum(fake.embed_sizes) == 20
-    # without batching: 20 forward passes; in lock step: 5 (about 6 on an idle machine: the batcher learns the
-    # concurrency as it goes). How close it gets depends on the scheduler (12 on a loaded 2-core machine), so what is
-    # asserted is that concurrent clients share forward passes; bench_query measures how much.
-    assert len(fake.embed_sizes) < 20 and max(fake.embed_sizes) >= 3, fake.embed_sizes
+    # without batching: 20 forward passes; in lock step: 5. Measured with 30 ms passes on this 2-core machine, 15 runs
+    # each, with 3 and 8 busy loops beside it: 5-6 passes, never a batch below 4 at its largest; a batcher that does not
+    # wait for clients on their way back (max_wait_s=0) took 6-10. bench_query measures what it is worth.
+    assert len(fake.embed_sizes) <= 8 and max(fake.embed_sizes) >= 3, fake.embed_sizes
