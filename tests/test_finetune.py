@@ -61,6 +61,8 @@ def tuned(tmp_path_factory):
     (data / "reds" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
     (data / "blues" / "empty.png").write_bytes(b"")
     (data / "loose.png").write_bytes((data / "greens" / "greens_000.png").read_bytes())   # unlabelled
+    for i in range(3):                                                                   # byte-identical copies
+        (data / "reds" / f"copy_of_{i}.png").write_bytes((data / "reds" / f"reds_{i:03d}.png").read_bytes())
     out = root / "tuned.pt"
     result = CliRunner().invoke(main, [str(data), "--out", str(out), *RANDOM_START, "--epochs", "6",
                                        "--patience", "6", "--sanity", "--json"])
@@ -183,7 +185,20 @@ def test_split_is_stratified_seeded_and_leaves_out_bad_and_unlabelled_files(tune
     assert set(split["train"]) | set(split["val"]) == good
     for name in COLOUR_CLASSES:
         in_val = [p for p in split["val"] if p.startswith(name + "/")]
-        assert round(0.3 * PER_CLASS) - 1 <= len(in_val) <= round(0.3 * PER_CLASS), name   # less a bad file drawn there
+        files = len(list((tuned["data"] / name).iterdir()))
+        # less a bad file drawn there; more by one where a copy followed its original over the line
+        assert round(0.3 * files) - 1 <= len(in_val) <= round(0.3 * files) + 1, name
+
+
+@pytest.mark.slow
+def test_copies_of_an_image_are_all_trained_on_or_all_validated(tuned):
+    h = tuned["history"]
+    train, val = set(h["split_sha256"]["train"]), set(h["split_sha256"]["val"])
+    assert len(h["split_sha256"]["train"]) + len(h["split_sha256"]["val"]) - len(train | val) == 3   # the copies
+    assert not train & val, "a validation image is a copy of a training image: its score says nothing"
+    for i in range(3):
+        side = "train" if f"reds/reds_{i:03d}.png" in h["split"]["train"] else "val"
+        assert f"reds/copy_of_{i}.png" in h["split"][side]
 
 
 @pytest.mark.slow
@@ -311,6 +326,24 @@ def test_fewer_than_two_classes_is_a_clear_error(tmp_path):
     assert result.exit_code == 2, result.output
     assert "at least two classes" in result.output and "only the class 'reds'" in result.output
     assert not (tmp_path / "t.pt").exists()
+
+
+def test_split_keeps_groups_whole_and_still_validates_every_class_it_can():
+    codes = np.array([0] * 6 + [1] * 3 + [2] * 4)
+    groups = ["a", "a", "a", "b", None, None,      # class 0: a group of three, a pair, two of their own
+              "c", "c", "c",                        # class 1: one image three times: nothing to validate against
+              "d", "e", "e", "a"]                   # class 2: the same file as class 0's group "a"
+    for seed in range(20):
+        train, val = stratified_split(codes, 0.3, seed, groups=groups)
+        assert sorted(train.tolist() + val.tolist()) == list(range(len(codes)))
+        side = {}
+        for i in range(len(codes)):
+            if groups[i] is not None:
+                assert side.setdefault(groups[i], i in val) == (i in val), (seed, groups[i])
+        assert not set(val.tolist()) & {6, 7, 8}, "a class of one group trains only"
+        for c in (0, 2):
+            assert 0 < int((codes[train] == c).sum()) < (codes == c).sum(), (seed, c)
+    assert stratified_split(codes, 0.3, 0, groups=list(range(13)))[1].tolist() == stratified_split(codes, 0.3, 0)[1].tolist()
 
 
 def test_split_puts_every_class_with_two_images_on_both_sides():

@@ -130,7 +130,10 @@ def fine_tune(cfg: FineTuneConfig, report: Report | None = None) -> FineTuneResu
     prep = preprocessing_for(cfg.model)
     net = Classifier(cfg.model, state, len(data.classes), cfg.seed, cfg.dropout).to(device)
     del state
-    train_idx, val_idx = stratified_split(data.codes, cfg.val_fraction, cfg.seed)
+    # the content hash of each image (as the catalog keeps it): byte-identical copies stay on one side of the split,
+    # and an index made with these weights knows which images they were trained on
+    hashes = files_sha256(cfg.data_dir, [f.path for f in data.files])
+    train_idx, val_idx = stratified_split(data.codes, cfg.val_fraction, cfg.seed, groups=hashes)
     if len(val_idx) == 0:
         raise FineTuneError("no class has two images, so nothing is left to validate on; add images")
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -146,10 +149,9 @@ def fine_tune(cfg: FineTuneConfig, report: Report | None = None) -> FineTuneResu
     if len(train_set) == 0 or len(val_set) == 0:
         raise FineTuneError(f"no readable {'training' if len(train_set) == 0 else 'validation'} images left "
                             f"({len(skipped)} file(s) skipped)")
-    rel = lambda idx, ok: [data.files[i].path for i in idx if data.files[i].path not in ok]  # noqa: E731
-    split = {"train": rel(train_idx, skipped), "val": rel(val_idx, skipped)}
-    # the content hash of each split image (as the catalog keeps it): an index made with these weights knows them
-    split_sha256 = {part: files_sha256(cfg.data_dir, paths) for part, paths in split.items()}
+    kept = lambda idx: [i for i in idx if data.files[i].path not in skipped]  # noqa: E731
+    split = {"train": [data.files[i].path for i in kept(train_idx)], "val": [data.files[i].path for i in kept(val_idx)]}
+    split_sha256 = {"train": [hashes[i] for i in kept(train_idx)], "val": [hashes[i] for i in kept(val_idx)]}
 
     chance = math.log(len(data.classes))
     net.set_trainable(cfg.train)

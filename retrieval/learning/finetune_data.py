@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -57,22 +58,39 @@ def labelled_files(data_dir: Path, *, max_file_bytes: int | None = DEFAULT_MAX_F
                          len(scan.images) - len(files))
 
 
-def stratified_split(codes: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split indices into (train, val), class by class (seeded).
+def stratified_split(codes: np.ndarray, val_fraction: float, seed: int,
+                     groups: Sequence[Hashable | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (train, val), class by class (seeded), never splitting a group.
 
-    codes: shape=(n,) int class index. Each class with n_c >= 2 images puts round(val_fraction x n_c),
-    clamped to 1..n_c - 1, in val; a class with a single image is training only. Both sorted.
+    codes: shape=(n,) int class index. groups: n keys (a file's content hash: byte-identical files share it; None: a
+    group of its own), so copies of one image all train or all validate: a validation image whose copy was trained on
+    is no test. Each class with two groups or more puts about round(val_fraction x n_c) images, at least one group and
+    never all, in val; a class of one group is training only (unless its group went to val with another class). Without
+    groups (or all distinct) exactly round(val_fraction x n_c), clamped to 1..n_c - 1. Both sorted.
     """
     assert 0.0 < val_fraction < 1.0, f"val_fraction must be in (0, 1), not {val_fraction}"
+    assert groups is None or len(groups) == len(codes), "one group key per image"
     rng = np.random.default_rng(seed)
-    train, val = [], []
+    key = (lambda i: i) if groups is None else (lambda i: ("file", i) if groups[i] is None else groups[i])
+    side: dict[Hashable, bool] = {}               # group -> validates; a group spanning classes goes where it went first
     for c in np.unique(codes):
         members = np.flatnonzero(codes == c)
         rng.shuffle(members)
-        n_val = 0 if len(members) < 2 else min(len(members) - 1, max(1, round(val_fraction * len(members))))
-        val += members[:n_val].tolist()
-        train += members[n_val:].tolist()
-    return np.array(sorted(train), dtype=np.int64), np.array(sorted(val), dtype=np.int64)
+        units: dict[Hashable, int] = {}           # this class's groups in shuffled order -> their sizes here
+        for i in members:
+            units[key(i)] = units.get(key(i), 0) + 1
+        n_val = 0 if len(units) < 2 else min(len(members) - 1, max(1, round(val_fraction * len(members))))
+        in_val = sum(size for k, size in units.items() if side.get(k) is True)
+        training = any(side.get(k) is False for k in units)
+        free = [k for k in units if k not in side]
+        for j, k in enumerate(free):
+            last_chance = j == len(free) - 1 and not training       # some group of the class must train
+            side[k] = in_val < n_val and not last_chance
+            in_val += units[k] if side[k] else 0
+            training = training or not side[k]
+    val = sorted(i for i in range(len(codes)) if side[key(i)])
+    train = sorted(i for i in range(len(codes)) if not side[key(i)])
+    return np.array(train, dtype=np.int64), np.array(val, dtype=np.int64)
 
 
 def load_for_training(path: Path, prep: Preprocessing, max_pixels: int | None) -> Image.Image:
