@@ -105,6 +105,7 @@ class RunReport:
     unchanged: int = 0
     removed: int = 0
     skipped: list[dict] = dataclasses.field(default_factory=list)   # [{"path", "reason"}], all files not indexed
+    folders: list[dict] = dataclasses.field(default_factory=list)   # [{"path", "reason"}], folders not looked into
     total: int = 0
     seconds: float = 0.0
     images_per_second: float = 0.0

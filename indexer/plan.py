@@ -19,14 +19,32 @@ class Plan:
     refused: dict[str, str]               # found but refused before decoding (path -> reason)
     unchanged: int
     found: int = 0                        # image files the folder holds now, refused ones included
+    folders: dict[str, str] = dataclasses.field(default_factory=dict)   # folders not looked into -> why (the scan's),
+                                                                        # with what the index keeps of them
+    unlisted_root: str | None = None      # why the data folder itself cannot be listed (None: it can)
 
 
+def _under(path: str, folders: frozenset[str]) -> bool:
+    """Whether a relative path lies in one of these folders (relative paths; "." the data folder)."""
+    return "." in folders or any(path.startswith(f + "/") for f in folders)
 
-def plan_run(scan_images: list[ImageFile], refused: dict[str, str], catalog: Catalog) -> Plan:
+
+def plan_run(scan_images: list[ImageFile], refused: dict[str, str], catalog: Catalog,
+             folders: dict[str, str] | None = None, unlisted: frozenset[str] = frozenset()) -> Plan:
+    """unlisted: folders the scan could not list: the index keeps what it has of them, unchanged (a folder that
+    cannot be read now is no folder emptied)."""
     known = catalog.file_states()
     known_skipped = catalog.skipped_states()
     present = {f.path for f in scan_images} | set(refused)
-    todo, unchanged = [], 0
+    folders = dict(folders or {})
+    unlisted_root = folders.get(".") if "." in unlisted else None
+    kept = [p for p in known if p not in present and _under(p, unlisted)] if unlisted else []
+    for folder in unlisted:
+        n = sum(1 for p in kept if _under(p, frozenset({folder})))
+        if n:
+            folders[folder] += f"; the {n} image{'' if n == 1 else 's'} indexed from it stay in the index as they were"
+    present |= set(kept) | ({p for p in known_skipped if _under(p, unlisted)} if unlisted else set())
+    todo, unchanged = [], len(kept)
     for f in scan_images:
         state = known.get(f.path)
         if state is not None and state[1:] == (f.size, f.mtime_ns):
@@ -37,7 +55,7 @@ def plan_run(scan_images: list[ImageFile], refused: dict[str, str], catalog: Cat
             continue  # still the same bad file: no need to decode it again
         todo.append(f)
     remove = sorted((set(known) | set(known_skipped)) - present)
-    return Plan(todo, remove, refused, unchanged, len(present))
+    return Plan(todo, remove, refused, unchanged, len(present) - len(kept), folders, unlisted_root)
 
 
 
@@ -45,7 +63,7 @@ def plan(cfg: JobConfig, catalog: Catalog) -> Plan:
     """The plan stage: scan the data folder and diff it against the catalog (torch-free)."""
     scan = scan_folder(cfg.data_dir, exclude=[cfg.index_dir], skip_folders_holding=CATALOG_FILE,
                        max_file_bytes=cfg.max_file_bytes)
-    return plan_run(scan.images, scan.skipped, catalog)
+    return plan_run(scan.images, scan.skipped, catalog, scan.folders, scan.unlisted)
 
 
 

@@ -20,10 +20,11 @@ from indexer.config import ConfigError, JobConfig, RunReport, describe_network, 
 from indexer.local import run_local
 from indexer.locks import writer_locks
 from indexer.network import record_training_images, restore_random_weights
-from indexer.plan import plan, record_refused, removals
+from indexer.plan import Plan, plan, record_refused, removals
 from indexer.write import maintain_vectors
 
 if TYPE_CHECKING:
+    from retrieval.catalog import IndexSettings
     from retrieval.features.backbones import FeatureExtractor
 
 __all__ = ["ConfigError", "JobConfig", "RunReport", "run_index"]
@@ -78,6 +79,19 @@ def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callabl
     if stored is not None:   # the images its weights were fine-tuned on, if not known yet (no network needed)
         record_training_images(catalog, stored.weights_choice, stored.weights_identity)
     planned = plan(cfg, catalog)
+    if planned.unlisted_root is not None:
+        raise ConfigError(f"the data folder {display_name(str(cfg.data_dir))} {planned.unlisted_root}: nothing was "
+                          "changed; run index-images as a user who may read it")
+    report = _run_planned(cfg, catalog, stored, chosen, planned, started, on_extractor, on_cluster)
+    report.folders = [{"path": display_name(path), "reason": reason} for path, reason in planned.folders.items()]
+    return report
+
+
+def _run_planned(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chosen: dict, planned: Plan,
+                 started: float, on_extractor: Callable[[FeatureExtractor], None] | None,
+                 on_cluster: Callable[[str], None] | None) -> RunReport:
+    """_run's work once the folder is planned."""
+    index_dir = cfg.index_dir
     if stored is not None and not planned.found and (indexed := catalog.count()):
         raise ConfigError(f"the data folder {display_name(str(cfg.data_dir))} holds no image files now, but the index has "
                           f"{indexed}: nothing was removed (a drive or network share not mounted?). Run it again once "

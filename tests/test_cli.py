@@ -43,7 +43,7 @@ def test_index_json_summary_and_search_json(runner, data, tmp_path):
     summary = run_json(runner, index_images, [str(data), "--index-dir", index_dir, "--weights", "random",
                                               "--workers", "0", "--json"])
 
-    assert set(summary) == {"indexed", "unchanged", "removed", "skipped", "total", "seconds", "images_per_second",
+    assert set(summary) == {"indexed", "unchanged", "removed", "skipped", "folders", "total", "seconds", "images_per_second",
                             "vector_index", "extraction", "repairs", "network"}
     assert summary["vector_index"]["factory"] == "Flat" and summary["vector_index"]["exact"]   # auto, small collection
     x = summary["extraction"]   # where the network ran, in what arithmetic, and where the run's time went
@@ -326,3 +326,28 @@ def test_names_with_control_characters_print_escaped_one_line_each(runner, data,
     assert found.exit_code == 0 and found.output.splitlines()[1].endswith("red_circles/new\\nline.jpg"), found.output
     as_json = run_json(runner, search_images, [str(folder / "new\nline.jpg"), "--index-dir", str(index), "-k", "1", "--json"])
     assert as_json["results"][0]["path"] == "red_circles/new\nline.jpg"
+
+
+def test_a_shortcut_to_a_class_folder_leaves_the_index_as_it_was_and_is_named(tmp_path):
+    """Reproduces (a photographer's 'Favourites' link to a class folder, sorted before it): the next run printed
+    'removed 2' and re-labelled the class 'Favourites'; a link to a folder on another drive was dropped without a
+    word. The index is as it was now, and both links are named with what to do."""
+    make_sample_collection(tmp_path / "data", per_class=2, size=(80, 60), classes=["red_circles", "blue_squares"])
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (64, 48), (20, 200, 30)).save(tmp_path / "elsewhere" / "trip.jpg")
+    first = subprocess.run([console_script("index-images"), "data", "--weights", "random", "--json"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    os.symlink("red_circles", tmp_path / "data" / "Favourites")
+    os.symlink("../elsewhere", tmp_path / "data" / "Trip")
+    again = subprocess.run([console_script("index-images"), "data"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("indexed 0, unchanged 4, removed 0, skipped 0; 4 images in the index"), again.stdout
+    assert "  folder left out: Favourites/: a link to the folder red_circles, which is indexed under its own name\n" \
+        in again.stdout
+    assert f"  folder left out: Trip/: a link to a folder outside the data folder ({tmp_path / 'elsewhere'}); " \
+        in again.stdout
+    found = subprocess.run([console_script("search-images"), "data/red_circles/red_circles_000.jpg", "-k", "1",
+                            "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert json.loads(found.stdout)["results"][0]["path"] == "red_circles/red_circles_000.jpg", found.stdout

@@ -82,6 +82,41 @@ def test_scan_refuses_symlinks_that_leave_the_data_folder(tmp_path):
 
     assert [f.path for f in scan.images] == ["cats/ok.png"]
     assert "outside the data folder" in scan.skipped["cats/link.png"]
+    assert scan.folders["elsewhere"].startswith(f"a link to a folder outside the data folder ({outside})")
+
+
+def test_a_link_to_a_class_folder_never_takes_its_images_and_label(tmp_path):
+    """Reproduces: data/Favourites -> 'red circles' (a shortcut), sorted before the folder it links to, took its
+    images under the label 'Favourites' and the real folder was dropped: removed 10, 'red circles' gone from every
+    label list, without a word. The real folders are walked first now; a link to one is named and left out."""
+    for name in ("red circles", "blue"):
+        (tmp_path / name).mkdir()
+        two_colour((20, 20)).save(tmp_path / name / "x.png")
+    os.symlink("red circles", tmp_path / "Favourites")                     # sorts before the folder it links to
+    os.symlink(tmp_path / "red circles", tmp_path / "blue" / "also")      # a link inside another class
+    (tmp_path / "archive" / "2019").mkdir(parents=True)
+    two_colour((20, 20)).save(tmp_path / "archive" / "2019" / "y.png")
+    os.symlink("archive/2019", tmp_path / "2019")                          # a link to a folder under another one
+
+    scan = scan_folder(tmp_path)
+
+    assert {f.path: f.label for f in scan.images} == {"red circles/x.png": "red circles", "blue/x.png": "blue",
+                                                      "archive/2019/y.png": "archive"}
+    assert scan.folders == {"2019": "a link to the folder archive/2019, which is indexed under its own name",
+                            "Favourites": "a link to the folder red circles, which is indexed under its own name",
+                            "blue/also": "a link to the folder red circles, which is indexed under its own name"}
+    (tmp_path / "Favourites").unlink()
+    (tmp_path / "more").mkdir()
+    os.symlink("../blue", tmp_path / "more" / "blues")
+    os.symlink(tmp_path / "more", tmp_path / "shortcut")
+    (tmp_path / "elsewhere").mkdir()
+    two_colour((20, 20)).save(tmp_path / "elsewhere" / "z.png")
+    hidden = tmp_path / ".private"
+    hidden.mkdir()
+    two_colour((20, 20)).save(hidden / "p.png")
+    os.symlink(".private", tmp_path / "shown")                              # the one way into a hidden folder: walked
+    assert [f.path for f in scan_folder(tmp_path).images] == [
+        "archive/2019/y.png", "blue/x.png", "elsewhere/z.png", "red circles/x.png", "shown/p.png"]
 
 
 def test_scan_skips_symlinks_that_loop_on_themselves_or_lead_nowhere(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from helpers.servers import free_port, serve_images
-from helpers.unprivileged import shared_folder, someone_elses, unprivileged
+from helpers.unprivileged import as_nobody, shared_folder, someone_elses, unprivileged
 from retrieval.catalog import CATALOG_FILE
 from retrieval.names import random_weights_file
 from retrieval.samples import make_sample_collection
@@ -148,3 +148,38 @@ def test_a_refused_replace_names_the_file_replaced_and_for_root_what_refuses_it(
     written = PermissionError(errno.EACCES, "Permission denied", str(tmp))
     assert f"may not read or write {target}" in permission_denied(written)
     assert ("an immutable or append-only attribute" in permission_denied(renamed)) == (os.geteuid() == 0)
+
+
+def test_a_class_folder_this_user_may_not_list_keeps_its_images_and_is_named(work):
+    """Reproduces (a class folder made unreadable, a share's subfolder that fails to list): 'removed 10' and nothing
+    more, its images gone from the index; only -v logged why. Now its images stay and a line says why; a data folder
+    that cannot be listed at all changes nothing, exit 2 (click's check; the library says so too: run_index)."""
+    folder = work / "unlisted"
+    shutil.copytree(work / "data", folder / "data")
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    if as_nobody():
+        someone_elses(folder, 0o644)    # the unprivileged user makes and updates the index here
+    first = run("index-images", folder / "data", "--index-dir", folder / "index", "--weights", "random", "--json")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads(first.stdout)["total"] == len(list((folder / "data").rglob("*.jpg")))
+    shut = sorted(p for p in (folder / "data").iterdir() if p.is_dir())[0]
+    someone_elses(shut, 0)
+
+    again = run("index-images", folder / "data", "--index-dir", folder / "index")
+    assert again.returncode == 0, again.stderr[-3000:]
+    total = json.loads(first.stdout)["total"]
+    assert again.stdout.startswith(f"indexed 0, unchanged {total}, removed 0, skipped 0; {total} images"), again.stdout
+    assert (f"  folder left out: {shut.name}/: cannot be listed: Permission denied; the 2 images indexed from it stay "
+            "in the index as they were\n") in again.stdout
+
+    someone_elses(folder / "data", 0)
+    refused = run("index-images", folder / "data", "--index-dir", folder / "index")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert f"Directory '{folder / 'data'}' is not readable" in refused.stderr
+    script = ("import sys\nfrom indexer import index_folder\n"
+              "try:\n    index_folder(sys.argv[1], sys.argv[2])\nexcept ValueError as exc:\n    print(exc)")
+    from_python = subprocess.run(unprivileged([sys.executable, "-c", script, str(folder / "data"), str(folder / "index")]),
+                                 capture_output=True, text=True, env=ENV, cwd="/", timeout=300)
+    assert from_python.stdout == (f"the data folder {folder / 'data'} cannot be listed: Permission denied: nothing was "
+                                  "changed; run index-images as a user who may read it\n"), from_python.stderr[-3000:]

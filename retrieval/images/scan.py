@@ -29,6 +29,10 @@ class ImageFile:
 class ScanResult:
     images: list[ImageFile]
     skipped: dict[str, str]   # relative path -> reason (files we refuse before decoding)
+    folders: dict[str, str] = dataclasses.field(default_factory=dict)   # folders not looked into -> why ("." the
+                                                                        # data folder itself)
+    unlisted: frozenset[str] = frozenset()   # those of them that could not be listed (relative paths): what they held
+                                             # may still be there
 
 
 def scan_folder(data_dir: Path, *, exclude: Iterable[Path] = (), skip_folders_holding: str | None = None,
@@ -37,50 +41,53 @@ def scan_folder(data_dir: Path, *, exclude: Iterable[Path] = (), skip_folders_ho
 
     Hidden files and folders are skipped, and so are the folders in exclude and any folder holding a
     file named skip_folders_holding (an index folder kept inside the data folder is not images).
-    Directory symlinks are followed only when they resolve to a folder inside data_dir not yet
-    visited, so loops cannot hang the walk; file symlinks that point outside data_dir, and files
-    over max_file_bytes, are reported as skipped without being read.
-    Names that are not valid UTF-8 are kept as Python keeps them (surrogate escapes).
+    Folder symlinks are followed after every real folder has been walked, and only to a folder inside
+    data_dir not walked yet: a link to a class folder (a "Favourites" shortcut) never takes its images
+    and label, and loops cannot hang the walk. Folders not looked into (a link out of data_dir or to a
+    folder already walked, one that cannot be listed) are in the result's folders with the reason;
+    file symlinks that point outside data_dir, and files over max_file_bytes, are reported as skipped
+    without being read. Names that are not valid UTF-8 are kept as Python keeps them (surrogate escapes).
     """
     root = Path(data_dir).resolve()
     images: list[ImageFile] = []
     skipped: dict[str, str] = {}
-    visited: set[Path] = {Path(p).resolve() for p in exclude}
+    folders: dict[str, str] = {}
+    unlisted: set[str] = set()
+    excluded = {Path(p).resolve() for p in exclude}
+    walked: dict[Path, str] = {}                 # real folder -> the relative path it was walked as
+    links: list[tuple[Path, str]] = []          # folder symlinks met, walked once the real folders have been
 
-    def walk(folder: Path) -> None:
+    def walk(folder: Path, rel: str) -> None:
         real = folder.resolve()
-        if real in visited:
+        if real in walked or real in excluded:
             return
-        visited.add(real)
-        if folder != root and skip_folders_holding and (folder / skip_folders_holding).exists():
-            log.info("not scanning %s: it is an index folder", folder)
-            held_by_index(folder)
-            return
+        walked[real] = rel
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
-            log.warning("cannot list %s: %s", folder, exc)
+            folders[rel] = f"cannot be listed: {exc.strerror or exc}"
+            unlisted.add(rel)
+            return
+        if folder != root and skip_folders_holding and any(e.name == skip_folders_holding for e in entries):
+            log.info("not scanning %s: it is an index folder", folder)
+            held_by_index(entries)
             return
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            rel = Path(entry.path).relative_to(root).as_posix()
+            entry_rel = Path(entry.path).relative_to(root).as_posix()
             try:
-                visit(entry, rel)
+                visit(entry, entry_rel)
             except (OSError, RuntimeError) as exc:   # a symlink loop (ELOOP; RuntimeError from resolve()), a race
                 reason = unreadable_entry(exc)
                 if Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
-                    skipped[rel] = reason
+                    skipped[entry_rel] = reason
                 else:
-                    log.info("not scanning %s: %s", rel, reason)
+                    log.info("not scanning %s: %s", entry_rel, reason)
 
-    def held_by_index(folder: Path) -> None:
+    def held_by_index(entries: list[os.DirEntry]) -> None:
         """The images lying in an index folder itself (one made in a class folder by mistake) are named as skipped,
         not left out silently; its subfolders (the server's thumbnails) are not looked into."""
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            return
         for entry in entries:
             if not entry.name.startswith(".") and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
                 skipped[Path(entry.path).relative_to(root).as_posix()] = (
@@ -90,10 +97,10 @@ def scan_folder(data_dir: Path, *, exclude: Iterable[Path] = (), skip_folders_ho
     def visit(entry: os.DirEntry, rel: str) -> None:
         full = Path(entry.path)
         if entry.is_dir(follow_symlinks=True):
-            if entry.is_symlink() and not is_inside(full.resolve(), root):
-                log.info("not following %s: it points outside the data folder", rel)
-                return
-            walk(full)
+            if entry.is_symlink():
+                links.append((full, rel))
+            else:
+                walk(full, rel)
             return
         if full.suffix.lower() not in IMAGE_EXTENSIONS:
             return
@@ -113,9 +120,29 @@ def scan_folder(data_dir: Path, *, exclude: Iterable[Path] = (), skip_folders_ho
         label = parts[0] if len(parts) > 1 else None
         images.append(ImageFile(rel, label, st.st_size, st.st_mtime_ns))
 
-    walk(root)
+    def follow(link: Path, rel: str) -> None:
+        try:
+            target = link.resolve(strict=True)
+        except (OSError, RuntimeError) as exc:
+            folders[rel] = f"a folder link that cannot be followed ({unreadable_entry(exc)})"
+            return
+        if not is_inside(target, root):
+            folders[rel] = (f"a link to a folder outside the data folder ({target}); the server shows only files "
+                            "inside the data folder: move or copy the folder in")
+        elif target in excluded:
+            folders[rel] = "a link to the index folder"
+        elif target in walked:
+            where = walked[target]
+            folders[rel] = ("a link to the data folder itself" if where == "." else
+                            f"a link to the folder {where}, which is indexed under its own name")
+        else:
+            walk(link, rel)
+
+    walk(root, ".")
+    while links:                 # walking a linked folder may meet more links: each in its turn
+        follow(*links.pop(0))
     images.sort(key=lambda f: f.path)
-    return ScanResult(images, skipped)
+    return ScanResult(images, skipped, dict(sorted(folders.items())), frozenset(unlisted))
 
 
 def unreadable_entry(exc: OSError | RuntimeError) -> str:

@@ -54,6 +54,7 @@ def labelled_files(data_dir: Path, *, max_file_bytes: int | None = DEFAULT_MAX_F
                             f"(one subfolder per class: {data_dir}/<class>/<image>); found {found}")
     position = {name: c for c, name in enumerate(classes)}
     refused = {path: reason for path, reason in scan.skipped.items() if "/" in path}
+    refused |= {f"{path}/": reason for path, reason in scan.folders.items()}   # folders not looked into, named too
     return LabelledFiles(files, np.array([position[f.label] for f in files], dtype=np.int64), classes, refused,
                          len(scan.images) - len(files))
 
