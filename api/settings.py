@@ -33,7 +33,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DEVICE", "cpu", "where query features are computed: cpu, cuda or auto"),
     Setting("MAX_UPLOAD_MB", 20, "larger uploads answer 413"),
     Setting("MAX_PIXELS", Image.MAX_IMAGE_PIXELS,
-            "larger images answer 415 (decompression bomb); Pillow's own limit by default"),
+            "larger images answer 415 (decompression bomb; a JPEG's pixels once reduced); Pillow's own limit by "
+            "default"),
     Setting("DEFAULT_K", 10, "neighbours when k is not given"),
     Setting("MAX_K", 100, "largest k accepted"),
     Setting("RELOAD_INTERVAL_S", 1.0, "seconds between looks at the index on disk; 0 turns hot reload off"),

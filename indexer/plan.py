@@ -22,6 +22,8 @@ class Plan:
     folders: dict[str, str] = dataclasses.field(default_factory=dict)   # folders not looked into -> why (the scan's),
                                                                         # with what the index keeps of them
     unlisted_root: str | None = None      # why the data folder itself cannot be listed (None: it can)
+    was_indexed: frozenset[str] = frozenset()   # the todo files the index holds (changed since): one that cannot be
+                                                # read now leaves the index, and is counted as removed
 
 
 def _under(path: str, folders: frozenset[str]) -> bool:
@@ -55,7 +57,8 @@ def plan_run(scan_images: list[ImageFile], refused: dict[str, str], catalog: Cat
             continue  # still the same bad file: no need to decode it again
         todo.append(f)
     remove = sorted((set(known) | set(known_skipped)) - present)
-    return Plan(todo, remove, refused, unchanged, len(present) - len(kept), folders, unlisted_root)
+    return Plan(todo, remove, refused, unchanged, len(present) - len(kept), folders, unlisted_root,
+                frozenset(f.path for f in todo if f.path in known))
 
 
 

@@ -40,6 +40,7 @@ class Writer:
         except IndexTypeError as exc:
             raise ConfigError(f"{exc} (--index-type)") from exc
         self.report = RunReport(unchanged=plan.unchanged)
+        self.was_indexed = plan.was_indexed
         to_remove = removals(plan, catalog)
         if to_remove:
             removed_ids = catalog.remove_paths(to_remove)
@@ -70,6 +71,7 @@ class Writer:
         self.vectors = self.builder.grown(self.vectors)   # exact Flat -> a trained type once the collection calls for one
         self.dirty = True
         self.report.indexed += len(rows)
+        self.report.removed += sum(1 for b in bad if b["path"] in self.was_indexed)   # indexed, unreadable now: gone
         for b in bad:
             log.info("skipped %s: %s", display_name(b["path"]), b["reason"])
         if time.monotonic() - self.last_save > self.save_every_s:

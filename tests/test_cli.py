@@ -351,3 +351,35 @@ def test_a_shortcut_to_a_class_folder_leaves_the_index_as_it_was_and_is_named(tm
     found = subprocess.run([console_script("search-images"), "data/red_circles/red_circles_000.jpg", "-k", "1",
                             "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert json.loads(found.stdout)["results"][0]["path"] == "red_circles/red_circles_000.jpg", found.stdout
+
+
+def test_an_indexed_photo_that_cannot_be_read_now_is_counted_as_removed(tmp_path):
+    """Reproduces (a photo cut short by a failed copy): 'indexed 0, unchanged 3, removed 0, skipped 1; 3 images in the
+    index', down from 4, the photo gone with no count saying so. It is counted as removed now, and named as skipped."""
+    make_sample_collection(tmp_path / "data", per_class=2, size=(80, 60), classes=["red_circles", "blue_squares"])
+    first = subprocess.run([console_script("index-images"), "data", "--weights", "random"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and "4 images in the index" in first.stdout, first.stderr
+    photo = tmp_path / "data" / "blue_squares" / "blue_squares_001.jpg"
+    photo.write_bytes(photo.read_bytes()[:300])
+    again = subprocess.run([console_script("index-images"), "data", "--json"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+    summary = json.loads(again.stdout)
+    assert (summary["indexed"], summary["unchanged"], summary["removed"], summary["total"]) == (0, 3, 1, 3), summary
+    assert [s["path"] for s in summary["skipped"]] == ["blue_squares/blue_squares_001.jpg"]
+    once_more = subprocess.run([console_script("index-images"), "data", "--json"], cwd=tmp_path, capture_output=True,
+                               text=True, timeout=300)
+    assert json.loads(once_more.stdout)["removed"] == 0, "counted once, when it left"
+
+
+def test_a_100_megapixel_cameras_jpeg_is_indexed_without_pillows_warning(tmp_path):
+    """Reproduces: 'skipped red/GFX100_0001.jpg: image too large (11648x8736 = 101,756,928 pixels, limit 89,478,485):
+    refused as a possible decompression bomb', after Pillow's DecompressionBombWarning on stderr."""
+    (tmp_path / "data" / "red").mkdir(parents=True)
+    Image.new("L", (11648, 8736), 90).save(tmp_path / "data" / "red" / "GFX100_0001.jpg", "JPEG", quality=80)
+    done = subprocess.run([console_script("index-images"), "data", "--weights", "random", "--json"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["indexed"], summary["skipped"]) == (1, []), summary
+    assert "Warning" not in done.stderr, done.stderr

@@ -217,6 +217,19 @@ def test_an_image_over_pillows_own_limit_is_refused_with_the_limit_the_docs_give
                               "possible decompression bomb")
 
 
+def test_a_100_megapixel_cameras_jpeg_is_decoded_reduced_not_refused(tmp_path):
+    """Reproduces: a Fujifilm GFX100's 11648x8736 JPEG (102 Mpx) was skipped by index-images as 'a possible
+    decompression bomb' (over Pillow's 89 Mpx), after Pillow's own warning on the terminal. Decoded at 1/8 scale it
+    is 1.6 Mpx: the limit bounds the pixels decoded. The same size as PNG (decoded whole) is still refused. (The
+    terminal without Pillow's warning: test_cli, a process with its own warning filters.)"""
+    photo = tmp_path / "GFX100_0001.jpg"
+    Image.new("L", (11648, 8736), 90).save(photo, "JPEG", quality=80)
+    pixels = decode_for_model(str(photo), preprocessing_for("alexnet")).pixels
+    assert tuple(pixels.shape) == (3, 224, 224)
+    with pytest.raises(ImageDecodeError, match=r"image too large \(11648x8736 = 101,756,928 pixels"):
+        decode_for_model(encode(Image.new("1", (11648, 8736)), "PNG"), preprocessing_for("alexnet"))
+
+
 def test_a_path_decodes_like_its_bytes_and_is_read_in_chunks(tmp_path, monkeypatch):
     path = tmp_path / "photo.png"
     data = encode(two_colour((300, 200)), "PNG")

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import struct
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator, Union
@@ -22,8 +23,12 @@ from retrieval.images.preprocessing import REGION_SCALE, Preprocessing, region_b
 log = logging.getLogger(__name__)
 
 
-# Pillow's own bomb limit (about 89 megapixels); larger images are refused, not decoded.
+# Pillow's own bomb limit (about 89 megapixels); larger images are refused, not decoded (a JPEG: when more than this
+# would be decoded at the reduced scale the network needs; see _load).
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+# Pillow warns of images over its limit as it opens them: these limits are checked here, and the warning would only
+# reach a user's terminal as a traceback-like line (index-images, fine-tune) for a 100-megapixel camera's JPEG
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # Longest side / shortest side. A 64 x 1,114,160 strip is within the pixel limit, but resizing its short side to
 # the network's 256 px would make a 256 x 4,456,640 image (gigabytes); real panoramas stay well under 1:100.
@@ -175,6 +180,8 @@ def inspect_jpeg(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MA
             with Image.open(f) as img:           # the header only
                 if img.format != "JPEG" or img.mode not in DEVICE_JPEG_MODES:
                     return None
+                if max_pixels is not None and img.size[0] * img.size[1] > max_pixels:
+                    return None                  # decoded whole on the device: the CPU decodes it reduced instead
                 check_header(img, scans, max_pixels)
                 orientation = exif_orientation(img)
                 width, height = img.size
@@ -319,11 +326,17 @@ def exif_orientation(img: Image.Image) -> int:
 
 def _load(img: Image.Image, sha256: str, scans: int, min_side: int | None, max_pixels: int | None,
           max_decoded_pixels: int | None) -> _Loaded:
-    check_header(img, scans, max_pixels)
+    # a JPEG read at a reduced size (draft mode) decodes a fraction of its pixels: a 100-megapixel camera's photo
+    # decodes to 1.6 at 1/8 scale, so max_pixels bounds what is decoded, not the size declared
+    draft = min_side is not None and img.format in ("JPEG", "MPO")
+    check_header(img, scans, None if draft else max_pixels)
     width, height = img.size
-    if min_side is not None and img.format in ("JPEG", "MPO"):
+    if draft:
         img.draft("RGB", (min_side, min_side))
     w, h = img.size
+    if draft and max_pixels is not None and w * h > max_pixels:
+        raise ImageDecodeError(f"image too large ({width}x{height}, {w}x{h} = {w * h:,} pixels even when decoded at a "
+                               f"reduced scale, limit {max_pixels:,}): refused as a possible decompression bomb")
     if max_decoded_pixels is not None and w * h > max_decoded_pixels:
         raise ImageDecodeError(f"image too large to decode here ({w}x{h} = {w * h:,} pixels to decode, "
                                f"limit {max_decoded_pixels:,}): downscale it, or send it as a JPEG (decoded "
