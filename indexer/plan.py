@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 
 from retrieval.catalog import CATALOG_FILE, Catalog
-from retrieval.images.scan import ImageFile, scan_folder
+from retrieval.images.scan import ImageFile, may_read_later, scan_folder
 
 from indexer.config import JobConfig
 
@@ -53,7 +53,8 @@ def plan_run(scan_images: list[ImageFile], refused: dict[str, str], catalog: Cat
             unchanged += 1
             continue
         skipped = known_skipped.get(f.path)
-        if state is None and skipped is not None and skipped[:2] == (f.size, f.mtime_ns):
+        if state is None and skipped is not None and skipped[:2] == (f.size, f.mtime_ns) \
+                and not may_read_later(skipped[2]):
             continue  # still the same bad file: no need to decode it again
         todo.append(f)
     remove = sorted((set(known) | set(known_skipped)) - present)

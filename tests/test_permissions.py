@@ -183,3 +183,29 @@ def test_a_class_folder_this_user_may_not_list_keeps_its_images_and_is_named(wor
                                  capture_output=True, text=True, env=ENV, cwd="/", timeout=300)
     assert from_python.stdout == (f"the data folder {folder / 'data'} cannot be listed: Permission denied: nothing was "
                                   "changed; run index-images as a user who may read it\n"), from_python.stderr[-3000:]
+
+
+def test_a_file_made_readable_again_is_indexed_on_the_next_run(work):
+    """Reproduces: a photo skipped as 'cannot read file: Permission denied' stayed skipped, with that reason, after
+    chmod made it readable (chmod changes neither size nor mtime, and skipped files waited for a change). A file the OS
+    would not read is tried on every run now; a file that would not decode still waits for a change."""
+    folder = work / "readable-again"
+    shutil.copytree(work / "data", folder / "data")
+    (folder / "data" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG")
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    if as_nobody():
+        someone_elses(folder, 0o644)
+    photo = sorted((folder / "data").rglob("*.jpg"))[-1]
+    assert photo.name != "broken.jpg"
+    photo_mode, owner = photo.stat().st_mode, (photo.stat().st_uid, photo.stat().st_gid)
+    someone_elses(photo, 0)
+    first = run("index-images", folder / "data", "--index-dir", folder / "index", "--weights", "random", "--json")
+    skipped = {s["path"]: s["reason"] for s in json.loads(first.stdout)["skipped"]}
+    rel = photo.relative_to(folder / "data").as_posix()
+    assert skipped[rel] == "cannot read file: Permission denied", skipped
+    os.chown(photo, *owner)
+    photo.chmod(photo_mode)
+    again = run("index-images", folder / "data", "--index-dir", folder / "index", "--json")
+    summary = json.loads(again.stdout)
+    assert summary["indexed"] == 1 and [s["path"] for s in summary["skipped"]] == ["broken.jpg"], summary

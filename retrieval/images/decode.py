@@ -19,6 +19,7 @@ from PIL import Image
 
 from retrieval.files import open_regular
 from retrieval.images.preprocessing import REGION_SCALE, Preprocessing, region_boxes
+from retrieval.images.scan import unreadable
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def inspect_jpeg(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MA
     try:
         f = open_regular(path)   # noqa: SIM115 - closed below
     except OSError as exc:
-        raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
+        raise ImageDecodeError(unreadable(exc)) from exc
     try:
         with f:
             sha256, size, scans = _file_facts(f)
@@ -283,7 +284,7 @@ def _opened(source: ImageSource, min_side: int | None, max_pixels: int | None,
     try:
         f = open_regular(source)   # noqa: SIM115 - closed below, after Pillow has read what it needs
     except OSError as exc:
-        raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
+        raise ImageDecodeError(unreadable(exc)) from exc
     with f:
         sha256, size, scans = _file_facts(f)
         if size == 0:

@@ -20,6 +20,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from retrieval.files import open_regular
 from retrieval.images.decode import DeviceJpeg, ImageDecodeError, Preprocessing, decode_error, decode_for_model
+from retrieval.images.scan import unreadable
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def _read_bytes(jpeg: DeviceJpeg) -> bytearray | str:
         with open_regular(jpeg.path, buffering=0) as f:
             n = f.readinto(data)
     except OSError as exc:
-        return f"cannot read file: {exc.strerror or exc}"
+        return unreadable(exc)
     if n != jpeg.facts.size:
         return "the file changed while it was being indexed; run index-images again"
     del data[n:]

@@ -145,6 +145,21 @@ def scan_folder(data_dir: Path, *, exclude: Iterable[Path] = (), skip_folders_ho
     return ScanResult(images, skipped, dict(sorted(folders.items())), frozenset(unlisted))
 
 
+UNREADABLE = "cannot read file: "   # the start of the reason for a file the OS would not read (permissions, a share)
+
+
+def unreadable(exc: OSError) -> str:
+    """The reason for a file the OS would not read, in words."""
+    return f"{UNREADABLE}{exc.strerror or exc}"
+
+
+def may_read_later(reason: str) -> bool:
+    """Whether a file skipped for this reason is worth trying again though it has not changed: a file the OS would not
+    read (chmod, a share that failed) is tried on every run, at the cost of an open; a file that would not decode is
+    tried once it changes."""
+    return reason.startswith(UNREADABLE)
+
+
 def unreadable_entry(exc: OSError | RuntimeError) -> str:
     """Why a folder entry could not be looked at, in words (a skipped file's reason)."""
     if isinstance(exc, RuntimeError) or exc.errno == errno.ELOOP:
