@@ -76,11 +76,15 @@ def format_groups(result) -> str:  # noqa: ANN001 - retrieval.search.duplicates.
     for n, group in enumerate(result.groups, 1):
         lines.append(f"group {n}: {len(group)} images")
         for i, m in enumerate(group):
-            tag = "keep " if i == 0 else ("same " if m.sha256 == group[0].sha256 else f"{m.distance:.3f}")
-            lines.append(f"  {tag:>6}  {m.width}x{m.height}  {terminal_name(m.path)}")
+            tag = "keep " if i == 0 else ("link " if m.link_to else "same " if m.sha256 == group[0].sha256
+                                          else f"{m.distance:.3f}")
+            also = f"  (another name of {terminal_name(m.link_to)}'s file)" if m.link_to else ""
+            lines.append(f"  {tag:>6}  {m.width}x{m.height}  {terminal_name(m.path)}{also}")
     if result.groups:
         lines.append("")
-        lines.append("keep: suggested keeper (largest, then oldest); same: byte-identical to it; "
+        lines.append("keep: suggested keeper (largest, then oldest; a real file before a symlink); same: "
+                     "byte-identical to it; link: a symlink or hard link to a file of the group (removing it frees "
+                     "nothing); "
                      "a number: distance to it, between vectors whitened on this collection (0 to 2; not "
                      "search-images' distances)")
     return "\n".join(lines).rstrip()

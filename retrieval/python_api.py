@@ -166,8 +166,8 @@ class Index:
         changed.
 
         -> DuplicateGroups: .groups (lists of DuplicateImage: id, path, label, width, height, size in bytes,
-        mtime_ns, sha256, distance to the keeper), .threshold (.value, .describe(), .caution()), .images,
-        .to_json(). Raises DuplicatesError (a ValueError) for a threshold not in (0, 2), when there is nothing to
+        mtime_ns, sha256, distance to the keeper, link_to: the member whose file this symlink or hard link names too,
+        else None), .threshold (.value, .describe(), .caution()), .images, .to_json(). Raises DuplicatesError (a ValueError) for a threshold not in (0, 2), when there is nothing to
         group or no image file to calibrate on."""
         from retrieval.search.duplicates import DuplicatesError, find_duplicates
 

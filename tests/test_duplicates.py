@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from helpers.indexes import build_index
+from helpers.scripts import console_script
 from retrieval.images.edits import edited_copies
 from retrieval.samples import make_colour_collection, make_sample_collection
 from retrieval.vectors.duplicates import (choose_threshold, close_pairs, complete_groups, connected_groups,
@@ -161,6 +162,31 @@ def test_a_handful_of_photos_are_not_grouped_with_one_another(tmp_path):
     groups = [sorted(image.path for image in group) for group in result.groups]
     assert groups == [sorted([first.relative_to(data).as_posix(), first.with_name("copy.jpg").relative_to(data).as_posix()])]
     assert result.threshold.value > 0.01, result.threshold.describe()
+
+
+def test_a_symlink_is_never_the_keeper_and_other_names_of_one_file_are_marked_links(tmp_path):
+    """Reproduces: noise/link_to_noise_001.jpg -> noise_001.jpg was suggested as the keeper and its target marked
+    'same' (a copy): deleting the 'copy' as suggested left a dangling link and lost the photo. The real file is
+    kept now, and a symlink or hard link to it is marked 'link' (removing it frees nothing)."""
+    data = tmp_path / "data"
+    paths = make_sample_collection(data, per_class=1, seed=4)
+    target = paths[0]
+    os.symlink(target.name, target.with_name("a_link.jpg"))                 # sorts first; same size and mtime
+    os.link(paths[1], paths[1].with_name("hard.jpg"))
+    shutil.copyfile(paths[2], paths[2].with_name("copy.jpg"))               # a byte copy: another file
+    build_index(data, tmp_path / "index")
+    done = subprocess.run([console_script("find-duplicates"), "--index-dir", "index", "--json", "--threshold", "0.001"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    groups = {g[0]["path"]: [(m["path"], m["link_to"]) for m in g[1:]] for g in json.loads(done.stdout)["groups"]}
+    rel = lambda p: p.relative_to(data).as_posix()  # noqa: E731
+    assert groups[rel(target)] == [(rel(target.with_name("a_link.jpg")), rel(target))]
+    hard = sorted([rel(paths[1]), rel(paths[1].with_name("hard.jpg"))])     # neither a symlink: the usual order
+    assert groups[hard[0]] == [(hard[1], hard[0])]
+    assert groups[rel(paths[2])] == [(rel(paths[2].with_name("copy.jpg")), None)]
+    text = subprocess.run([console_script("find-duplicates"), "--index-dir", "index", "--threshold", "0.001"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300).stdout
+    assert f"   link   320x240  {rel(target.with_name('a_link.jpg'))}  (another name of {rel(target)}'s file)" in text
 
 
 def test_find_duplicates_without_an_index_is_one_line(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections import Counter
 import logging
 import random
 from pathlib import Path
@@ -98,6 +99,8 @@ class DuplicateImage:
     mtime_ns: int
     sha256: str
     distance: float          # to the group's keeper, between whitened vectors (0 for the keeper and its byte copies)
+    link_to: str | None = None   # the path of an earlier member whose file this is too (a symlink or hard link to
+                                 # it: removing this name frees nothing); None: a file of its own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,13 +113,31 @@ class DuplicateGroups:
     def to_json(self) -> dict:
         return {"groups": [[{"id": m.id, "path": m.path, "label": m.label, "width": m.width, "height": m.height,
                              "bytes": m.size, "sha256": m.sha256,   # the keeper's sha256 again: a byte copy
-                             "distance": round(m.distance, 6)} for m in g] for g in self.groups],
+                             "distance": round(m.distance, 6), "link_to": m.link_to} for m in g] for g in self.groups],
                 "threshold": self.threshold.to_json(), "images": self.images}
 
 
 def keeper_order(record: ImageRecord) -> tuple:
     """Sort key putting the image to keep first: the largest (pixels, then bytes), then the oldest, then by path."""
     return (-record.width * record.height, -record.size, record.mtime_ns, record.path)
+
+
+def file_identities(data_dir: Path, records: list[ImageRecord]) -> dict[str, tuple[bool, tuple[int, int] | None]]:
+    """path -> (whether it is a symlink, the (device, inode) of the file it names; None when it cannot be looked at),
+    for records sharing their content with another: two names of one file are no copies (deleting the symlink's
+    target as a "duplicate" would leave the link dangling)."""
+    shared = Counter(r.sha256 for r in records)
+    identities = {}
+    for r in records:
+        if shared[r.sha256] < 2:
+            continue
+        path = data_dir / r.path
+        try:
+            st = path.stat()
+            identities[r.path] = (path.is_symlink(), (st.st_dev, st.st_ino))
+        except OSError:
+            identities[r.path] = (False, None)
+    return identities
 
 
 def collection_vectors(snapshot: IndexSnapshot, dim: int = DEFAULT_WHITEN_DIM, progress: bool = False,
@@ -293,11 +314,22 @@ def find_duplicates(index: ImageIndex, *, threshold: float | None = None, dim: i
     same_file = [g for g in by_content.values() if len(g) > 1]
     groups = []
     for rows in group_rows(vectors.white, chosen.value, same_file, grouping):
-        members = sorted((records[int(vectors.ids[r])] for r in rows), key=keeper_order)
+        members = [records[int(vectors.ids[r])] for r in rows]
+        identity = file_identities(snapshot.data_dir, members)
+        members.sort(key=lambda m: (identity.get(m.path, (False, None))[0], keeper_order(m)))   # a symlink never kept
+        named: dict[tuple[int, int], str] = {}   # a file -> the first member naming it
+        links = {}
+        for m in members:
+            file = identity.get(m.path, (False, None))[1]
+            if file in named:
+                links[m.path] = named[file]
+            elif file is not None:
+                named[file] = m.path
         keep = vectors.white[vectors.rows[members[0].id]]
         group = [DuplicateImage(m.id, m.path, m.label, m.width, m.height, m.size, m.mtime_ns, m.sha256,
                                 0.0 if m.sha256 == members[0].sha256
-                                else float(np.linalg.norm(vectors.white[vectors.rows[m.id]] - keep)))
+                                else float(np.linalg.norm(vectors.white[vectors.rows[m.id]] - keep)),
+                                links.get(m.path))
                  for m in members]
         groups.append(group[:1] + sorted(group[1:], key=lambda d: (d.distance, d.path)))   # the keeper, then nearest first
     groups.sort(key=lambda g: (-len(g), g[0].path))
