@@ -10,6 +10,7 @@ import click
 
 from retrieval.features.weights import WeightsChoice, weights_error_message
 from retrieval.names import DEFAULT_FINE_TUNE_OBJECTIVE, FINE_TUNE_OBJECTIVES, MODEL_NAMES
+from retrieval.system import display_name, terminal_name
 
 from commands.options import (Command, MODEL_PARAMETERS, PathArg, UserError, command_settings, exit_without_teardown, parse_batch_size,
                               setup_logging)
@@ -180,7 +181,7 @@ def _batch_sizes(requested: int | str, model: str, train: str, device) -> tuple[
 def _printer(verbose: bool):  # noqa: ANN202 - the report callback
     def report(event: str, facts: dict) -> None:
         if event == "skipped":
-            click.echo(f"  skipped {facts['path']}: {facts['reason']}", err=True)
+            click.echo(f"  skipped {terminal_name(facts['path'])}: {facts['reason']}", err=True)
         elif event == "initial":
             ratio = facts["initial_loss"] / facts["chance_loss"]
             verdict = "as expected" if abs(ratio - 1) <= 0.1 else "off: check the data, labels and the head"
@@ -229,7 +230,7 @@ def _summary(result, plots: list[Path]) -> dict:  # noqa: ANN001 - retrieval.lea
             "objective": h["objective"], "train": h["train"],
             "epochs_run": len(h["epochs_run"]), "classes": h["classes"], "train_images": len(h["split"]["train"]),
             "val_images": len(h["split"]["val"]), "initial_loss": h["initial_loss"], "chance_loss": h["chance_loss"],
-            "sanity": h["sanity"], "skipped": [{"path": p, "reason": r} for p, r in sorted(result.skipped.items())],
+            "sanity": h["sanity"], "skipped": [{"path": display_name(p), "reason": r} for p, r in sorted(result.skipped.items())],
             "unlabelled": result.unlabelled, "cache_seconds": result.cache_seconds, "seconds": h["seconds"],
             "batch_size": h.get("batch_size"), "patience": h.get("patience")}
 
@@ -284,7 +285,7 @@ def _print_summary(s: dict) -> None:
     if s["skipped"]:
         click.echo(f"skipped {len(s['skipped'])} file(s):")
         for item in s["skipped"]:
-            click.echo(f"  {item['path']}: {item['reason']}")
+            click.echo(f"  {terminal_name(item['path'])}: {item['reason']}")
 
 
 fine_tune_entry = exit_without_teardown(main)

@@ -406,3 +406,15 @@ def test_not_improved_on_a_small_collection_names_the_batch_size_and_patience(ca
                     "retrieval": {"k": 10, "before": same, "after": same, "improved": False, "selection": "knn"}})
     out = capsys.readouterr().out
     assert "NOT IMPROVED" in out and advice in out, out
+
+
+def test_skipped_names_with_control_characters_print_escaped(tmp_path):
+    """Reproduces: a file named 'bad\\nname\\x1b[31mRED.jpg' split fine-tune's skipped line in two (and sent the escape
+    sequence to the terminal), on stderr and again in the summary; index-images escaped the same name."""
+    make_colour_collection(tmp_path / "data", per_class=4, seed=0)
+    (tmp_path / "data" / "reds" / "bad\nname\x1b[31mRED.jpg").write_bytes(b"not an image")
+    result = CliRunner().invoke(main, [str(tmp_path / "data"), "--out", str(tmp_path / "t.pt"), *RANDOM_START,
+                                       "--epochs", "1", "--train", "head"])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output
+    assert result.output.count("reds/bad\\nname\\x1b[31mRED.jpg: not an image") == 2, result.output
