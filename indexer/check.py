@@ -146,7 +146,8 @@ def _check_faiss(path: Path, catalog: Catalog, dim: int, bad: set[int]) -> dict:
     if index is None:
         found["problems"].append(f"the FAISS file {found['file']} is unreadable")
         return found
-    found["readable"], found["type"] = True, index.factory
+    # the type as index-images recorded it (a file read back knows only whether it is exact: "?" for PCAW64,L2norm,Flat)
+    found["readable"], found["type"] = True, (catalog.vector_index_record() or {}).get("factory") or index.factory
     if changed:
         found["problems"].append(f"the FAISS file {found['file']} is not the one last saved (size or digest differ)")
     have = index.ids()

@@ -175,3 +175,12 @@ def test_a_password_is_masked_wherever_a_url_is_shown_in_any_form_sqlalchemy_acc
     assert refused.exit_code == 2 and shown in refused.output, refused.output
     for output in (printed.output, refused.output):
         assert "Very-Secret-1" not in output
+
+
+def test_labels_come_in_the_order_a_person_looks_for_them(catalog):
+    """Reproduces: the gallery listed 'Green Stripes 2024' before 'blue_squares' (SQLite sorts capitals first; a
+    PostgreSQL database sorts by its locale)."""
+    labels = ["blue_squares", "Green Stripes 2024", None, "apples", "Zebra"]
+    catalog.write_batch([row(f"{label or 'top'}/x.jpg", label) for label in labels],
+                        np.zeros((len(labels), 16), np.float32), [])
+    assert list(catalog.labels()) == ["apples", "blue_squares", "Green Stripes 2024", "Zebra", None]

@@ -443,6 +443,13 @@ def test_the_caution_names_the_stricter_threshold_only_where_neighbours_fall_und
     clean = choose_threshold(copies, rng.uniform(0.6, 1.2, 800))
     assert Threshold(clean.threshold, "calibrated", clean, 24).caution() is None
     assert Threshold(0.4, "given", None).caution() is None
+    # pictures as alike as copies (a messy folder of near-identical drawings): a threshold finding 0% of the copies
+    # was offered ('threshold 0.012 keeps that under 1% and still finds 0% of the copies'); none is now
+    alike = choose_threshold(rng.uniform(0.2, 0.5, 200), rng.uniform(0.0, 0.6, 800))
+    said = Threshold(alike.threshold, "calibrated", alike, 24)
+    assert alike.strict_copy_recall < 0.1 and said.caution() is not None and not said.strict_offered()
+    assert "no threshold keeps that under 1% and still finds copies" in said.caution()
+    assert f"threshold {alike.strict_threshold:.3f}" not in said.caution()
 
 
 def test_whitening_spreads_vectors_that_all_point_one_way():

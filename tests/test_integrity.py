@@ -289,3 +289,15 @@ def test_a_write_killed_midway_leaves_a_temporary_file_that_check_names_and_the_
     assert result.exit_code == 0 and "removed 1 temporary file(s) an interrupted run left" in result.output
     assert not leftover.exists() and (index / "random-weights-alexnet.pt").stat().st_size > 100_000_000
     assert run(index_images, [data, "--index-dir", index, "--check"]).exit_code == 0
+
+
+def test_check_names_a_whitened_index_s_type(tmp_path):
+    """Reproduces: 'FAISS file .../vectors.faiss: ?, readable' for a PCAW32,L2norm,Flat index (a file read back
+    knows only whether it is exact); the type is the one index-images recorded."""
+    from retrieval.samples import make_sample_collection
+
+    make_sample_collection(tmp_path / "data", per_class=8, size=(96, 72))      # 40 images: whitened to 32 dimensions
+    index = tmp_path / "index"
+    run(index_images, [str(tmp_path / "data"), "--index-dir", str(index), "--weights", "random", "--whiten-dim", "32"])
+    checked = run(index_images, [str(tmp_path / "data"), "--index-dir", str(index), "--check"])
+    assert f"FAISS file {index / FAISS_FILE}: PCAW32,L2norm,Flat, readable" in checked.output, checked.output

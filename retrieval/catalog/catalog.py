@@ -307,8 +307,11 @@ class Catalog(IntegrityChecks, RunRecords, RegionVectors):
             return s.scalar(select(ImageRow.id).where(ImageRow.label.is_not(None)).limit(1)) is not None
 
     def labels(self) -> dict[str | None, int]:
+        """label -> images, labels in the order a person looks for them (case aside: 'blue' before 'Green'; the
+        database's own collation differs between SQLite and PostgreSQL), None (unlabelled) last."""
         with self.Session() as s:
-            return dict(s.execute(select(ImageRow.label, func.count()).group_by(ImageRow.label).order_by(ImageRow.label)).all())
+            counts = s.execute(select(ImageRow.label, func.count()).group_by(ImageRow.label)).all()
+        return dict(sorted(counts, key=lambda lc: (lc[0] is None, (lc[0] or "").casefold(), lc[0] or "")))
 
     def list_images(self, *, label: str | None = None, offset: int = 0, limit: int = 50) -> list[ImageRecord]:
         with self.Session() as s:

@@ -68,10 +68,19 @@ class Threshold:
         c = self.choice
         if c is None or c.neighbour_share <= CAUTION_NEIGHBOUR_SHARE or c.strict_threshold >= c.threshold:
             return None
-        return (f"caution: {c.neighbour_share:.1%} of the distances between these images and their nearest others are "
+        said = (f"caution: {c.neighbour_share:.1%} of the distances between these images and their nearest others are "
                 "under it, counted as copies. If the collection holds few real copies, groups may join pictures that "
-                f"are only alike; threshold {c.strict_threshold:.3f} keeps that under {STRICT_NEIGHBOUR_SHARE:.0%} "
+                "are only alike")
+        if not self.strict_offered():
+            return (f"{said}; no threshold keeps that under {STRICT_NEIGHBOUR_SHARE:.0%} and still finds copies (its "
+                    "pictures are as alike as an image and its edited copies): look at the groups before acting on them.")
+        return (f"{said}; threshold {c.strict_threshold:.3f} keeps that under {STRICT_NEIGHBOUR_SHARE:.0%} "
                 f"and still finds {c.strict_copy_recall:.0%} of the copies.")
+
+    def strict_offered(self) -> bool:
+        """Whether the caution offers its stricter threshold: one that still finds a useful share of the copies (at
+        0.012, finding 0% of them, it was advice to find nothing)."""
+        return self.choice is not None and self.choice.strict_copy_recall >= STRICT_MIN_COPY_RECALL
 
     def describe(self) -> str:
         if self.choice is None:
@@ -115,6 +124,9 @@ class DuplicateGroups:
                              "bytes": m.size, "sha256": m.sha256,   # the keeper's sha256 again: a byte copy
                              "distance": round(m.distance, 6), "link_to": m.link_to} for m in g] for g in self.groups],
                 "threshold": self.threshold.to_json(), "images": self.images}
+
+
+STRICT_MIN_COPY_RECALL = 0.1   # a stricter threshold finding fewer of the calibration's copies is not offered
 
 
 def keeper_order(record: ImageRecord) -> tuple:
