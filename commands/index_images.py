@@ -368,6 +368,9 @@ def _print_report(r, verbose: bool = False) -> None:  # noqa: ANN001 - indexer.r
                f"{r.total} image{'' if r.total == 1 else 's'} in the index ({r.seconds:.1f} s{rate})")
     for s in r.skipped:
         click.echo(f"  skipped {terminal_name(s['path'])}: {s['reason']}")
+    if r.restamped:
+        click.echo(f"  {r.restamped} of the unchanged have a new modification time but the same bytes: kept as they "
+                   "were, not extracted again")
     for f in r.folders:
         click.echo(f"  folder left out: {terminal_name(f['path'])}/: {terminal_name(f['reason'])}")
     if r.extraction:

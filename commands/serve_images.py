@@ -249,10 +249,10 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
         return
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)   # its search for CPU-specific builds is noise
-    check_port_free(host, port)
-    count, network = check_index(index_dir, db_url)
+    count, network = check_index(index_dir, db_url)   # what to index comes before where to listen
     if compare_index is not None:
         check_index(compare_index)
+    check_port_free(host, port)
     from retrieval.catalog import mask_url   # light by now: check_index imported it
 
     where = f"{index_dir} (catalog {mask_url(db_url)})" if db_url else str(index_dir)

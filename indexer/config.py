@@ -106,6 +106,7 @@ class RunReport:
     removed: int = 0
     skipped: list[dict] = dataclasses.field(default_factory=list)   # [{"path", "reason"}], all files not indexed
     folders: list[dict] = dataclasses.field(default_factory=list)   # [{"path", "reason"}], folders not looked into
+    restamped: int = 0                 # of the unchanged: files with a new time and the same bytes (not extracted again)
     total: int = 0
     seconds: float = 0.0
     images_per_second: float = 0.0

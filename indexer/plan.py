@@ -3,10 +3,13 @@ re-indexes without importing torch, FAISS or the network)."""
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
 from retrieval.catalog import CATALOG_FILE, Catalog
+from retrieval.features.digests import files_sha256
 from retrieval.images.scan import ImageFile, may_read_later, scan_folder
 
 from indexer.config import JobConfig
@@ -24,6 +27,12 @@ class Plan:
     unlisted_root: str | None = None      # why the data folder itself cannot be listed (None: it can)
     was_indexed: frozenset[str] = frozenset()   # the todo files the index holds (changed since): one that cannot be
                                                 # read now leaves the index, and is counted as removed
+    same_size: frozenset[str] = frozenset()     # those of them whose size is as indexed (their time changed)
+    restamp: list[ImageFile] = dataclasses.field(default_factory=list)   # indexed files whose time changed but not
+                                                # their bytes (a touch, a copy without its times): kept as they are
+
+
+HASH_THREADS = 4   # files hashed at once to see whether a touched file's bytes changed (reads, mostly)
 
 
 def _under(path: str, folders: frozenset[str]) -> bool:
@@ -59,7 +68,8 @@ def plan_run(scan_images: list[ImageFile], refused: dict[str, str], catalog: Cat
         todo.append(f)
     remove = sorted((set(known) | set(known_skipped)) - present)
     return Plan(todo, remove, refused, unchanged, len(present) - len(kept), folders, unlisted_root,
-                frozenset(f.path for f in todo if f.path in known))
+                frozenset(f.path for f in todo if f.path in known),
+                frozenset(f.path for f in todo if f.path in known and known[f.path][1] == f.size))
 
 
 
@@ -67,7 +77,32 @@ def plan(cfg: JobConfig, catalog: Catalog) -> Plan:
     """The plan stage: scan the data folder and diff it against the catalog (torch-free)."""
     scan = scan_folder(cfg.data_dir, exclude=[cfg.index_dir], skip_folders_holding=CATALOG_FILE,
                        max_file_bytes=cfg.max_file_bytes)
-    return plan_run(scan.images, scan.skipped, catalog, scan.folders, scan.unlisted)
+    return same_content_kept(plan_run(scan.images, scan.skipped, catalog, scan.folders, scan.unlisted), cfg.data_dir,
+                             catalog)
+
+
+def same_content_kept(planned: Plan, data_dir: Path, catalog: Catalog) -> Plan:
+    """The plan less the files whose time changed but not their bytes (hashed against the catalog's sha256: a touch,
+    a restore or a copy that did not keep the times would otherwise extract every one again, each under a new id);
+    they are counted unchanged and listed to restamp."""
+    if not planned.same_size:
+        return planned
+    recorded = catalog.content_hashes(planned.same_size)
+    candidates = [f for f in planned.todo if f.path in recorded]
+
+    def hashed(f: ImageFile) -> str | None:
+        try:
+            return files_sha256(data_dir, [f.path])[0]
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(max(1, min(HASH_THREADS, len(candidates)))) as pool:   # hashlib lets go of the GIL
+        same = {f.path for f, digest in zip(candidates, pool.map(hashed, candidates)) if digest == recorded[f.path]}
+    if not same:
+        return planned
+    return dataclasses.replace(planned, todo=[f for f in planned.todo if f.path not in same],
+                               unchanged=planned.unchanged + len(same),
+                               restamp=[f for f in planned.todo if f.path in same])
 
 
 

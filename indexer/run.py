@@ -82,8 +82,10 @@ def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callabl
     if planned.unlisted_root is not None:
         raise ConfigError(f"the data folder {display_name(str(cfg.data_dir))} {planned.unlisted_root}: nothing was "
                           "changed; run index-images as a user who may read it")
+    catalog.restamp((f.path, f.size, f.mtime_ns) for f in planned.restamp)   # touched, same bytes: kept as they are
     report = _run_planned(cfg, catalog, stored, chosen, planned, started, on_extractor, on_cluster)
     report.folders = [{"path": display_name(path), "reason": reason} for path, reason in planned.folders.items()]
+    report.restamped = len(planned.restamp)
     return report
 
 

@@ -43,7 +43,7 @@ def test_index_json_summary_and_search_json(runner, data, tmp_path):
     summary = run_json(runner, index_images, [str(data), "--index-dir", index_dir, "--weights", "random",
                                               "--workers", "0", "--json"])
 
-    assert set(summary) == {"indexed", "unchanged", "removed", "skipped", "folders", "total", "seconds", "images_per_second",
+    assert set(summary) == {"indexed", "unchanged", "removed", "skipped", "folders", "restamped", "total", "seconds", "images_per_second",
                             "vector_index", "extraction", "repairs", "network"}
     assert summary["vector_index"]["factory"] == "Flat" and summary["vector_index"]["exact"]   # auto, small collection
     x = summary["extraction"]   # where the network ran, in what arithmetic, and where the run's time went
@@ -383,3 +383,38 @@ def test_a_100_megapixel_cameras_jpeg_is_indexed_without_pillows_warning(tmp_pat
     summary = json.loads(done.stdout)
     assert (summary["indexed"], summary["skipped"]) == (1, []), summary
     assert "Warning" not in done.stderr, done.stderr
+
+
+def test_touched_files_keep_their_ids_and_are_not_extracted_again(tmp_path):
+    """Reproduces: `touch` (or a restore, a copy that did not keep the times) re-extracted every file under a new id,
+    so a bookmarked /gallery/ID answered 404. A file whose bytes are as indexed is kept now; one of the same size with
+    other bytes is extracted again."""
+    make_sample_collection(tmp_path / "data", per_class=2, size=(80, 60), classes=["red_circles", "blue_squares"])
+    first = subprocess.run([console_script("index-images"), "data", "--weights", "random"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+
+    def ids() -> dict[str, int]:
+        found = subprocess.run([console_script("search-images"), "data/red_circles/red_circles_000.jpg", "-k", "4",
+                                "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        return {hit["path"]: hit["id"] for hit in json.loads(found.stdout)["results"]}
+
+    before = ids()
+    photos = sorted((tmp_path / "data").rglob("*.jpg"))
+    for photo in photos:
+        os.utime(photo, ns=(photo.stat().st_atime_ns, photo.stat().st_mtime_ns + 10**9))
+    edited = photos[0]
+    data = bytearray(edited.read_bytes())
+    data[-3] ^= 0xFF                                              # same size, other bytes (in the last scan's data)
+    edited.write_bytes(bytes(data))
+    again = subprocess.run([console_script("index-images"), "data", "--json"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+    summary = json.loads(again.stdout)
+    assert (summary["indexed"], summary["unchanged"], summary["restamped"]) == (1, 3, 3), summary
+    after = ids()
+    name = edited.relative_to(tmp_path / "data").as_posix()
+    assert {p: i for p, i in after.items() if p != name} == {p: i for p, i in before.items() if p != name}
+    assert after[name] != before[name]
+    quiet = subprocess.run([console_script("index-images"), "data", "--json"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+    assert (json.loads(quiet.stdout)["unchanged"], json.loads(quiet.stdout)["restamped"]) == (4, 0), "recorded"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from sqlalchemy import delete, func, insert, inspect, null, select, text
+from sqlalchemy import delete, func, insert, inspect, null, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import defer, sessionmaker
 
@@ -226,6 +226,26 @@ class Catalog(IntegrityChecks, RunRecords, RegionVectors):
         """path -> (id, size, mtime_ns) for every indexed image."""
         with self.Session() as s:
             return {p: (i, sz, mt) for i, p, sz, mt in s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns))}
+
+    def content_hashes(self, paths: Iterable[str]) -> dict[str, str]:
+        """path -> sha256 of those of paths that are indexed."""
+        paths, found = list(paths), {}
+        with self.Session() as s:
+            for start in range(0, len(paths), 500):   # a bounded IN list per query
+                found.update(s.execute(select(ImageRow.path, ImageRow.sha256)
+                                       .where(ImageRow.path.in_(paths[start:start + 500]))).all())
+        return found
+
+    def restamp(self, stamps: Iterable[tuple[str, int, int]]) -> int:
+        """Record a new (size, mtime_ns) for indexed files whose content is as indexed (a touch, a copy that did not
+        keep the times): their ids, vectors and everything else stay. stamps: (path, size, mtime_ns). -> rows updated.
+        Not a change of the images: the index's updated_at stays."""
+        stamps = list(stamps)
+        if not stamps:
+            return 0
+        with self.Session.begin() as s:
+            return sum(s.execute(update(ImageRow).where(ImageRow.path == path).values(size=size, mtime_ns=mtime))
+                       .rowcount for path, size, mtime in stamps)
 
     def skipped_states(self) -> dict[str, tuple[int, int, str]]:
         """path -> (size, mtime_ns, reason) for every skipped file."""
