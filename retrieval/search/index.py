@@ -206,8 +206,12 @@ class ImageIndex:
             vectors = previous.vectors.copy()
             vectors.reconcile(catalog)
         else:
-            vectors, _ = VectorIndex.open_reconciled(self.faiss_path, catalog, settings.dim, factory=None,
-                                                     mmap=self.mmap, augmented=bool((record or {}).get("dba")))
+            from retrieval.vectors.builder import rebuilt_from_catalog
+
+            vectors, _ = VectorIndex.open_reconciled(
+                self.faiss_path, catalog, settings.dim, factory=None, mmap=self.mmap,
+                augmented=bool((record or {}).get("dba")),
+                rebuild=lambda: rebuilt_from_catalog(catalog, self.faiss_path, settings.dim))
         regions = None
         if settings.regions and reuse and previous.regions is not None:   # as the main vectors above
             regions = previous.regions.copy()

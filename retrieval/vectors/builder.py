@@ -95,10 +95,11 @@ class IndexBuilder:
         if self.regions is not None:
             self.regions.remove(ids)
 
-    def build(self, factory: str) -> VectorIndex:
-        """A new index of type factory from the catalog: trained on a seeded sample (queries held out), then filled."""
+    def build(self, factory: str, trained_on: np.ndarray | None = None) -> VectorIndex:
+        """A new index of type factory from the catalog: trained on a seeded sample (queries held out), then filled.
+        trained_on: the ids whose seeded sample trains it (default: all the catalog's), then all are added."""
         started = time.perf_counter()
-        ids = self.catalog.ids()
+        ids = self.catalog.ids() if trained_on is None else trained_on
         vectors = VectorIndex.empty(self.dim, factory, vector_source=self.catalog.vectors)
         n_train = train_size(factory, len(ids)) if not vectors.is_trained else 0
         if not vectors.is_trained:
@@ -123,7 +124,8 @@ class IndexBuilder:
             vectors = self.augment(vectors)
         self.built = True
         self.train = {"size": int(n_train), "count": len(ids), "seed": self.config.seed, "at": _now(),
-                      "seconds": round(time.perf_counter() - started, 3)}
+                      "seconds": round(time.perf_counter() - started, 3),
+                      "last_id": int(ids.max()) if len(ids) else 0}   # the ids it was trained among: up to this one
         self.recall = None
         log.info("built %s from the catalog: %d vectors (%.1f s)", factory, len(vectors), time.perf_counter() - started)
         return vectors
@@ -254,6 +256,26 @@ def maintain_vectors(catalog: Catalog, path: Path, dim: int, config: IndexTypeCo
     vectors = builder.finish(vectors, changed)
     builder.save(vectors)
     return builder.record, len(vectors)
+
+
+def rebuilt_from_catalog(catalog: Catalog, path: Path, dim: int) -> VectorIndex | None:
+    """The FAISS type the catalog records, built again from it in memory, for a reader whose file is missing or is
+    another catalog's (a replica started without one, a database made anew under it): trained as index-images trains
+    it (the seeded sample of the catalog's ids now), so searches rank as the writer's do, whitened where the index
+    is. None for a recorded Flat, or nothing recorded: the raw vectors are the index then."""
+    record = catalog.vector_index_record() or {}
+    factory = record.get("factory")
+    if not factory or factory == FLAT or not len(catalog.ids()):
+        return None
+    train = record.get("train") or {}
+    builder = IndexBuilder(catalog, path, dim, IndexTypeConfig(seed=train.get("seed", 0)))
+    builder.region_count = 0   # the reader opens the regional vectors itself
+    log.warning("the FAISS file %s is missing or not this catalog's: building %s from the catalog in memory (run "
+                "index-images on the writer's folder to save one)", path, factory)
+    ids = catalog.ids()
+    # trained among the ids the writer's file was (those since removed aside), so both whiten alike
+    trained_on = ids[ids <= train["last_id"]] if train.get("last_id") else ids[:train.get("count") or len(ids)]
+    return builder.build(factory, trained_on if len(trained_on) >= min_train_vectors(factory) else None)
 
 
 def recall_for(record: dict | None, params: SearchParams) -> dict | None:

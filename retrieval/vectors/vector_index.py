@@ -227,12 +227,14 @@ class VectorIndex:
 
     @classmethod
     def open_reconciled(cls, path: Path, catalog: Catalog, dim: int, *, factory: str | None = FLAT,
-                        mmap: bool = False, augmented: bool = False) -> tuple["VectorIndex", bool]:
+                        mmap: bool = False, augmented: bool = False,
+                        rebuild: Callable[[], "VectorIndex | None"] | None = None) -> tuple["VectorIndex", bool]:
         """Load the FAISS file and make it agree with the catalog (DESIGN invariant 1).
 
         Ids missing from FAISS are added from the catalog's vectors; ids no longer in the catalog are removed.
         A file that is missing, unreadable or not of type factory gives an empty Flat index: the caller
-        (retrieval.vectors.builder) rebuilds the type from the catalog. With mmap, an index that needs
+        (retrieval.vectors.builder) rebuilds the type from the catalog, or rebuild() gives that index here (a reader:
+        builder.rebuilt_from_catalog; None: the empty Flat). With mmap, an index that needs
         changes is read into memory instead (a mapped one is read-only). augmented: the file holds averaged
         vectors (database-side augmentation), not the catalog's (so they are not compared).
         -> (index, changed) where changed says whether it differs from the file.
@@ -244,19 +246,30 @@ class VectorIndex:
                         "another catalog?); rebuilding it from the catalog", path)
             index = None
         changed = index is None or not Path(path).exists() or (factory is not None and index.factory != factory)
+        if index is None and rebuild is not None:
+            index = rebuild()
         index = index or cls(dim, vector_source=catalog.vectors)
         if index.mapped and not _in_step(index, catalog):
             index = cls.load(path, dim, factory=factory, vector_source=catalog.vectors) or cls(dim)
         return index, reconcile(index, catalog) or changed
 
     def agrees_with(self, catalog: Catalog, sample: int = 8) -> bool:
-        """Whether a few ids spread over an exact index hold the catalog's vectors for them (a FAISS file of another
-        catalog, whose ids were handed out again, does not). Compressed types, whose vectors come back only
-        approximately if at all, pass."""
+        """Whether a few ids spread over the index hold the catalog's vectors for them (a FAISS file of another
+        catalog, whose ids were handed out again, does not). An exact index gives them back to compare; any other
+        type (whitened, compressed) is searched with them: three in four must find their own id among their
+        nearest (1 in 10 of the vectors, at most 10), where another catalog's file answers other images."""
         have = self.ids()
-        if len(have) == 0 or not is_exact(self.index):
+        if len(have) == 0:
             return True
         picked = np.unique(have[np.linspace(0, len(have) - 1, min(sample, len(have))).astype(int)])
+        if not is_exact(self.index):
+            k = max(1, min(10, len(have) // 10))
+            found = asked = 0
+            for ids, vecs in catalog.vectors(picked):
+                _, got = self.search(vecs, k)
+                found += sum(int(i) in row for i, row in zip(ids.tolist(), got.tolist()))
+                asked += len(ids)
+            return found >= 0.75 * asked
         for ids, vecs in catalog.vectors(picked):
             for i, vec in zip(ids.tolist(), vecs):
                 try:
