@@ -269,3 +269,23 @@ def test_a_digest_recorded_just_after_the_file_is_waited_for(tmp_path, catalog):
     finally:
         late.join()
     assert loaded.mapped and not changed and len(loaded) == 45, "the new file itself, mapped, not a rebuild"
+
+
+def test_a_search_while_the_process_shuts_its_thread_pools_still_answers(monkeypatch):
+    """Reproduces (Ctrl-C or SIGQUIT to serve-images under load): once a worker's main thread ended, Python refused new
+    work to every thread pool, and searches its request threads were finishing failed ('cannot schedule new futures
+    after shutdown', 500 internal_error). Such a search scans in its own thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from retrieval.vectors import vector_index
+
+    vecs = random_vectors(2000, 16)
+    index = VectorIndex(16)
+    index.add(np.arange(2000), vecs)
+    expected = index.search(vecs[:3], 5, threads=4)
+    closed = ThreadPoolExecutor(2)
+    closed.shutdown()
+    monkeypatch.setattr(vector_index, "_scan_pool", closed)
+    distances, ids = index.search(vecs[:3], 5, threads=4)
+    assert np.array_equal(ids, expected[1]) and np.allclose(distances, expected[0])
+    assert ids[:, 0].tolist() == [0, 1, 2]

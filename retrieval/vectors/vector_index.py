@@ -170,8 +170,12 @@ class VectorIndex:
         if len(bounds) == 2:
             faiss.omp_set_num_threads(1)   # per calling thread: FAISS over one query is slower with more
             return _scan_rows(vectors, queries, k, 0, n, block)
-        parts = [_scan_threads().submit(_scan_rows, vectors, queries, k, lo, hi, block)
-                 for lo, hi in zip(bounds, bounds[1:])]
+        try:
+            parts = [_scan_threads().submit(_scan_rows, vectors, queries, k, lo, hi, block)
+                     for lo, hi in zip(bounds, bounds[1:])]
+        except RuntimeError:   # "cannot schedule new futures after shutdown": the interpreter is ending (a server's worker
+            faiss.omp_set_num_threads(1)        # told to quit, its main thread gone) while requests finish: this thread
+            return _scan_rows(vectors, queries, k, 0, n, block)   # scans alone
         heap = faiss.ResultHeap(len(queries), k)
         for part in parts:
             heap.add_result(*part.result())
