@@ -24,6 +24,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from api import duplicates, gallery, search_api, transfer
     from api.errors import register_error_handlers
     from api.metrics import init_metrics
+    from api.settings import checked_settings
     from api.query_input import ImageIdConverter
     from api.service import init_service
     from retrieval.system import display_name
@@ -33,7 +34,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.from_prefixed_env("RETRIEVAL")          # RETRIEVAL_INDEX_DIR -> INDEX_DIR, values parsed as JSON
     if config:
         app.config.from_mapping(config)
-    app.config["MAX_CONTENT_LENGTH"] = int(float(app.config["MAX_UPLOAD_MB"]) * 1024 * 1024)
+    app.config.update(checked_settings(app.config))    # 'abc' refused here, naming its variable, not a 500 per request
+    app.config["MAX_CONTENT_LENGTH"] = int(app.config["MAX_UPLOAD_MB"] * 1024 * 1024)
     app.json.sort_keys = False
 
     app.url_map.converters["image_id"] = ImageIdConverter   # ids in URLs: ASCII digits, signed 64-bit

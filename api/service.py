@@ -20,7 +20,6 @@ from retrieval.search.expansion import QueryExpansion
 from retrieval.search.index import ImageIndex, weights_label
 from retrieval.search.snapshot import Hit, IndexSnapshot
 from retrieval.vectors.faiss_parts import SearchParams
-from retrieval.names import MAX_EF_SEARCH, MAX_NPROBE
 from retrieval.system import available_cores
 
 from api import metrics
@@ -29,6 +28,7 @@ from api.image_files import NotAnImageNow, OutsideDataFolder, resolve_inside
 from api.index_watcher import IndexWatcher
 from api.query_batcher import QueryBatcher
 from api.recent_queries import RECENT_QUERIES_FILE, RecentQueries
+from api.settings import checked_settings
 from api.thumbnails import ThumbnailCache
 
 log = logging.getLogger(__name__)
@@ -65,43 +65,33 @@ class ServiceConfig:
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> "ServiceConfig":
-        """Check and convert values (environment variables arrive as JSON or strings). Raises ValueError."""
-        def number(key: str, kind: type, minimum: float, maximum: float | None = None) -> Any:
-            try:
-                value = kind(config[key])
-            except (TypeError, ValueError):
-                raise ValueError(f"{key} must be a number, not {config[key]!r}") from None
-            if value < minimum or (maximum is not None and value > maximum):
-                bounds = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-                raise ValueError(f"{key} must be {bounds}, not {value}")
-            return value
-
+        """Check and convert values (environment variables arrive as JSON or strings: api.settings.checked_settings).
+        Raises ValueError naming the variable."""
+        config = {**config, **checked_settings(config)}
         # Paths are made absolute here, where they enter: nothing deeper depends on the working directory
         # (Flask's send_file would resolve a relative path against the api package).
         index_dir = Path(str(config["INDEX_DIR"])).expanduser().resolve()
-        max_pixels = config.get("MAX_PIXELS")
         return cls(
             index_dir=index_dir,
             db_url=str(config["DB_URL"]) if config.get("DB_URL") else None,
             device=str(config["DEVICE"]),
-            max_pixels=None if max_pixels in (None, "", 0) else number("MAX_PIXELS", int, 1),
-            reload_interval_s=number("RELOAD_INTERVAL_S", float, 0),
-            batch_max_size=number("BATCH_MAX_SIZE", int, 1),
-            batch_wait_ms=number("BATCH_WAIT_MS", float, 0),
-            torch_threads=number("TORCH_THREADS", int, 0),
-            search_threads=number("SEARCH_THREADS", int, 0),
+            max_pixels=config.get("MAX_PIXELS") or None,                 # 0: no bound
+            reload_interval_s=config["RELOAD_INTERVAL_S"],
+            batch_max_size=config["BATCH_MAX_SIZE"],
+            batch_wait_ms=config["BATCH_WAIT_MS"],
+            torch_threads=config["TORCH_THREADS"],
+            search_threads=config["SEARCH_THREADS"],
             thumbnail_dir=Path(str(config.get("THUMBNAIL_DIR") or index_dir / "thumbnails")).expanduser().resolve(),
-            thumbnail_size=number("THUMBNAIL_SIZE", int, 16),
-            query_timeout_s=number("QUERY_TIMEOUT_S", float, 0.001),
-            decode_processes=number("DECODE_PROCESSES", int, 0),
-            decode_timeout_s=number("DECODE_TIMEOUT_S", float, 0.001),
-            max_decoded_pixels=None if config.get("MAX_DECODED_PIXELS") in (None, "", 0)
-            else number("MAX_DECODED_PIXELS", int, 1),
-            decode_memory_mb=number("DECODE_MEMORY_MB", int, 0),
-            vote_k=number("DEFAULT_K", int, 1),
-            nprobe=number("NPROBE", int, 0, MAX_NPROBE),
-            ef_search=number("EF_SEARCH", int, 0, MAX_EF_SEARCH),
-            mmap=str(config.get("MMAP", True)).lower() not in ("0", "false", "no", "off"),
+            thumbnail_size=config["THUMBNAIL_SIZE"],
+            query_timeout_s=config["QUERY_TIMEOUT_S"],
+            decode_processes=config["DECODE_PROCESSES"],
+            decode_timeout_s=config["DECODE_TIMEOUT_S"],
+            max_decoded_pixels=config.get("MAX_DECODED_PIXELS") or None,   # 0: only MAX_PIXELS
+            decode_memory_mb=config["DECODE_MEMORY_MB"],
+            vote_k=config["DEFAULT_K"],
+            nprobe=config["NPROBE"],
+            ef_search=config["EF_SEARCH"],
+            mmap=config.get("MMAP", True),
         )
 
 

@@ -85,6 +85,37 @@ class Command(click.Command):
             if flag and param.name and flag != param.name:
                 param.envvar = [f"{prefix}_{flag.upper()}", f"{prefix}_{param.name.upper()}"]
 
+    def invoke(self, ctx: click.Context) -> Any:
+        for line in misspelt_variables(self, os.environ):
+            click.echo(f"warning: {line}", err=True)
+        return super().invoke(ctx)
+
+
+def misspelt_variables(command: click.Command, environ: Any) -> list[str]:
+    """Variables of this command's prefix (INDEX_IMAGES_) that none of its options reads, and RETRIEVAL_ ones that no
+    command nor the server reads, each with the closest name that is read: a typo (RETRIEVAL_DB_ULR) was ignored
+    without a word, and the command went on with the default (another catalog)."""
+    import difflib
+
+    from api.settings import SETTINGS
+
+    prefix = (command.context_settings.get("auto_envvar_prefix") or "") + "_"
+    reads = {name for p in command.params if isinstance(p, click.Option) and p.envvar
+             for name in ([p.envvar] if isinstance(p.envvar, str) else p.envvar)}
+    reads |= {f"{prefix}{p.name.upper()}" for p in command.params
+              if isinstance(p, click.Option) and p.name and not p.envvar and p.allow_from_autoenv}
+    shared = {s.envvar for s in SETTINGS} | {INDEX_DIR_ENV, DB_URL_ENV} | {n for n in reads if n.startswith("RETRIEVAL_")}
+    lines = []
+    for name in sorted(environ):
+        if name.startswith(prefix) and prefix != "_" and name not in reads:
+            close = difflib.get_close_matches(name, sorted(reads), n=1, cutoff=0.75)
+            lines.append(f"{name} is set, but {prefix[:-1].lower().replace('_', '-')} has no option it names"
+                         + (f" (did you mean {close[0]}?)" if close else ""))
+        elif name.startswith("RETRIEVAL_") and name not in shared | reads:
+            close = difflib.get_close_matches(name, sorted(shared | reads), n=1, cutoff=0.75)
+            lines.append(f"{name} is set, but no command reads it" + (f" (did you mean {close[0]}?)" if close else ""))
+    return lines
+
 
 def option_envvar(option: click.Option, command_name: str) -> str | None:
     """The environment variable click reads for option (its own, else the command's prefix + its name)."""

@@ -21,7 +21,7 @@ from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV, MAX_EF_SEARCH, MAX_NPROBE
 from retrieval.system import available_cores, collector_paused, hold_interrupts_while_importing, leave_out_triton
 
 from api.gunicorn_worker import DEFAULT_READ_TIMEOUT_S, MAX_HEAD_BYTES, with_read_timeout
-from api.settings import settings_in_force
+from api.settings import SETTINGS, checked_settings, settings_in_force
 
 MAX_CONNECTIONS = 64   # open connections per worker process (gunicorn's default is 1000)
 GRACEFUL_TIMEOUT_S = 10   # after Ctrl-C or SIGTERM, how long a worker has to finish before the server kills it
@@ -244,6 +244,10 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
     catalog (one line: what to free), 3 when a worker cannot start.
     """
     overrides = app_overrides(ctx)
+    try:   # before any worker starts: a wrong RETRIEVAL_* value is one line naming it, exit 2
+        checked_settings({s.name: row.value for s, row in zip(SETTINGS, settings_in_force(overrides))})
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     if print_config:
         show_config(ctx, overrides)
         return

@@ -331,7 +331,7 @@ def test_missing_index_fails_with_a_clear_message(tmp_path):
 
 def test_bad_config_value_fails_with_a_clear_message(sample_index, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_BATCH_MAX_SIZE", "lots")
-    with pytest.raises(ValueError, match="BATCH_MAX_SIZE must be a number"):
+    with pytest.raises(ValueError, match="RETRIEVAL_BATCH_MAX_SIZE must be a whole number of at least 1, not .lots."):
         create_app({"INDEX_DIR": str(sample_index.index_dir)})
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -215,5 +216,42 @@ def test_the_app_refuses_search_settings_out_of_their_bounds(tmp_path):
     from api.service import ServiceConfig
     from api.settings import DEFAULTS
 
-    with pytest.raises(ValueError, match="EF_SEARCH must be between 0 and 100000, not 2000000000"):
+    with pytest.raises(ValueError, match="RETRIEVAL_EF_SEARCH must be a whole number from 0 to 100000, not 2000000000"):
         ServiceConfig.from_mapping({**DEFAULTS, "INDEX_DIR": str(tmp_path), "EF_SEARCH": 2_000_000_000})
+
+
+@pytest.mark.parametrize("variable, value, said", [
+    ("RETRIEVAL_MAX_K", "abc", "RETRIEVAL_MAX_K must be a whole number of at least 1, not 'abc'"),
+    ("RETRIEVAL_GALLERY_PAGE_SIZE", "abc", "RETRIEVAL_GALLERY_PAGE_SIZE must be a whole number of at least 1, not 'abc'"),
+    ("RETRIEVAL_MAX_K", "0", "RETRIEVAL_MAX_K must be a whole number of at least 1, not 0"),
+    ("RETRIEVAL_MMAP", "flase", "RETRIEVAL_MMAP must be true or false, not 'flase'"),
+    ("RETRIEVAL_MAX_UPLOAD_MB", "20MB", "RETRIEVAL_MAX_UPLOAD_MB must be a number of at least 0.001, not '20MB'"),
+    ("RETRIEVAL_RELOAD_INTERVAL_S", "-1", "RETRIEVAL_RELOAD_INTERVAL_S must be a number of at least 0, not -1"),
+    ("RETRIEVAL_DEFAULT_K", "500", "RETRIEVAL_DEFAULT_K (500) must not be more than RETRIEVAL_MAX_K (100)"),
+])
+def test_a_wrong_setting_is_refused_before_the_server_starts_naming_its_variable(sample_index, variable, value, said,
+                                                                                monkeypatch):
+    """Reproduces: RETRIEVAL_MAX_K=abc started a healthy server whose every search answered 500; GALLERY_PAGE_SIZE=abc
+    failed every gallery page; MMAP=flase was taken for true; MAX_UPLOAD_MB=20MB and RELOAD_INTERVAL_S=-1 were refused
+    without the variable's name. One line now, exit 2, before any worker; the app refuses them alike."""
+    result = CliRunner().invoke(main, ["--index-dir", str(sample_index.index_dir), "--port", "1"], env={variable: value})
+    assert result.exit_code == 2 and result.output.strip().splitlines()[-1] == f"Error: {said}", result.output
+    from api import create_app
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=re.escape(said)):
+        create_app({"INDEX_DIR": str(sample_index.index_dir)})
+
+
+def test_a_misspelt_variable_is_named_with_the_one_meant(sample_index):
+    """Reproduces: RETRIEVAL_DB_ULR=postgresql://... was ignored without a word and the command said there was no
+    index in the folder (it had used SQLite); SERVE_IMAGES_PORTT and RETRIEVAL_RELOAD_INTERVAL likewise."""
+    result = CliRunner().invoke(main, ["--index-dir", str(sample_index.index_dir), "--print-config"],
+                                env={"RETRIEVAL_DB_ULR": "postgresql://x@127.0.0.1/photos", "SERVE_IMAGES_PORTT": "9",
+                                     "RETRIEVAL_RELOAD_INTERVAL": "3", "RETRIEVAL_MAX_K": "50"})
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: RETRIEVAL_DB_ULR is set, but no command reads it (did you mean RETRIEVAL_DB_URL?)",
+        "warning: RETRIEVAL_RELOAD_INTERVAL is set, but no command reads it (did you mean RETRIEVAL_RELOAD_INTERVAL_S?)",
+        "warning: SERVE_IMAGES_PORTT is set, but serve-images has no option it names (did you mean SERVE_IMAGES_PORT?)"]
