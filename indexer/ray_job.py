@@ -8,6 +8,7 @@ import math
 import os
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -203,27 +204,55 @@ def connect(address: str) -> bool:
     return True
 
 
+RAY_CURRENT_CLUSTER = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"   # where `ray start --head` notes it
+PROBE_TIMEOUT_S = 5.0
+
+
+def probe_cluster(address: str) -> None:
+    """Fail at once, saying what to do, where ray.init would retry for minutes: an address that is no host:port, or
+    one where nothing listens (a mistyped port, a head that died without `ray stop`, which "auto" still finds).
+    Raises ConfigError."""
+    given = address
+    if address == "auto":
+        try:
+            address = RAY_CURRENT_CLUSTER.read_text().strip()
+        except OSError:
+            return                     # ray.init says no cluster runs here, at once
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or "/" in host:
+        raise ConfigError(f"--ray {given!r} is no Ray address: give the head's host:port (`ray start --head` prints "
+                          "it, e.g. 127.0.0.1:6379), 'auto' for the cluster started on this machine, or no address "
+                          "to start a local one (the data folder comes first: index-images DATA_DIR --ray ADDRESS)")
+    try:
+        socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        where = f" (the one {RAY_CURRENT_CLUSTER} names)" if given == "auto" else ""
+        raise ConfigError(f"no Ray cluster answers at {address}{where}: {exc.strerror or exc}; start one with "
+                          "`ray start --head` (after `ray stop` if a head died), or give --ray no address to start a "
+                          "local one") from None
+
+
 def run_on_ray(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chosen: dict, plan: Plan,
                started: float, on_cluster: Callable[[str], None] | None) -> RunReport:
     """Index plan.todo on a Ray cluster: read as CPU tasks, extract in an actor pool, write here, batch by batch.
 
-    The network is checked (and a new index's settings and random weights written) here first, so a
-    weights problem stops the run before the cluster is asked for anything."""
+    The cluster is joined first (run_index has probed its address, so one that answers nothing has written nothing),
+    then the network is checked (and a new index's settings and random weights written) before the cluster is asked
+    for any work."""
     if chosen["regions"]:
         raise ConfigError("regional vectors (--regions) are extracted in this process only, not on Ray yet: "
                           "run index-images without --ray")
     import ray
     import ray.data
 
-    extractor = load_network(cfg, catalog, stored, chosen, "cpu")
-    prep, dim, precision = extractor.preprocessing, extractor.dim, extractor.precision
-    del extractor   # the actors load their own copy; the driver only writes
-    gc.collect()
-    settings = catalog.settings()
-    assert settings is not None, "load_network records a new index's settings"
-
-    started_here = connect(cfg.ray or "")
+    started_here = connect(cfg.ray or "")   # first: an address that answers nothing writes nothing
     try:
+        extractor = load_network(cfg, catalog, stored, chosen, "cpu")
+        prep, dim, precision = extractor.preprocessing, extractor.dim, extractor.precision
+        del extractor   # the actors load their own copy; the driver only writes
+        gc.collect()
+        settings = catalog.settings()
+        assert settings is not None, "load_network records a new index's settings"
         cluster = plan_cluster(ray.cluster_resources(), len([n for n in ray.nodes() if n.get("Alive")]),
                                cfg.device, cfg.batch_size)
         if on_cluster:

@@ -54,8 +54,10 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
         raise ConfigError(f"data folder {data_dir} does not exist or is not a folder")
     _check_index_folder(data_dir, index_dir)
     if cfg.ray is not None:
-        from indexer.ray_job import require_ray
+        from indexer.ray_job import probe_cluster, require_ray
         require_ray()     # before anything else: without Ray, say how to get it
+        if address := cfg.ray or os.environ.get("RAY_ADDRESS", ""):
+            probe_cluster(address)   # and a cluster that does not answer, at once (ray.init retries for minutes)
     with writer_locks(index_dir, cfg.db_url) as catalog:
         stored = catalog.settings()
         repairs = list(filter(None, [_remove_leftovers(index_dir),

@@ -245,3 +245,23 @@ def test_ray_option_without_ray_installed_says_how_to_get_it(collection, tmp_pat
     assert "pip install 'cnn-image-retrieval[ray]'" in done.stderr and "leave out --ray" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "index").exists(), "nothing is written before Ray is there"
+
+
+@pytest.mark.parametrize("address, said", [
+    ("127.0.0.1:{port}", "no Ray cluster answers at 127.0.0.1:{port}: Connection refused; start one with `ray start --head`"),
+    ("data/", "--ray 'data/' is no Ray address: give the head's host:port"),
+])
+def test_a_ray_address_that_answers_nothing_fails_at_once_and_writes_nothing(collection, tmp_path, address, said):
+    """Reproduces: --ray 127.0.0.1:6390 (nothing there) was still retrying after 581 s; `--ray data/ data/` (the data
+    folder given twice) ended in a traceback, 'Invalid address format', after writing catalog.db and the weights."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install '.[ray]'); .ci/run installs it")
+    from helpers.servers import free_port
+
+    data, _reference, _ids = collection
+    port = free_port()
+    cmd = index_command(data, tmp_path / "index", address.format(port=port))
+    started = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+    assert done.returncode == 2 and time.monotonic() - started < 60, done.stderr
+    assert said.format(port=port) in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "index").exists(), "nothing is written for a cluster that is not there"
