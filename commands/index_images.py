@@ -12,7 +12,7 @@ import click
 from retrieval.names import FC_DIM, INPUT_NORMS, LAYERS, MAX_EF_SEARCH, MAX_NPROBE, MODEL_NAMES, VIEWS, feature_dim
 
 from commands.options import (Command, MODEL_PARAMETERS, PathArg, UserError, command_settings, db_url_option, exit_without_teardown,
-                              index_dir_option, parse_batch_size, permission_denied, setup_logging)
+                              index_dir_option, parse_batch_size, permission_denied, privilege_error, setup_logging)
 
 # Nothing heavy at module level: --help and usage errors answer at once. The job imports torch and
 # FAISS itself, only when there is work for the network.
@@ -207,7 +207,7 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
             sys.exit(1)
         if not isinstance(exc, SQLAlchemyError):
             raise
-        if (user_error := damaged(exc)) is not None:   # running it again cannot help: say what can
+        if (user_error := damaged(exc) or privilege_error(exc, db_url)) is not None:   # running it again cannot help
             raise user_error from None
         # the database failed mid-run (server gone): committed batches stay
         click.echo(f"error: the catalog database failed: {db_error_reason(exc, db_url)}\n"

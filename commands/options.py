@@ -233,8 +233,22 @@ def full_disk_error(exc: BaseException, index_dir: Path, db_url: str | None) -> 
 
 
 def catalog_error(exc: BaseException, index_dir: Path, db_url: str | None) -> click.ClickException | None:
-    """The one line for a catalog error the user can act on: damaged (exit 2) or on a full disk (exit 1); else None."""
-    return damaged_catalog_error(exc, index_dir, db_url) or full_disk_error(exc, index_dir, db_url)
+    """The one line for a catalog error the user can act on: damaged or not the user's to read (exit 2), or on a full
+    disk (exit 1); else None."""
+    return (damaged_catalog_error(exc, index_dir, db_url) or privilege_error(exc, db_url)
+            or full_disk_error(exc, index_dir, db_url))
+
+
+def privilege_error(exc: BaseException, db_url: str | None) -> UserError | None:
+    """A UserError when the database refused the user the catalog's tables (PostgreSQL's insufficient_privilege,
+    SQLSTATE 42501), saying what to grant; else None (it was a raw 'permission denied for table' traceback)."""
+    if db_url is None or getattr(getattr(exc, "orig", None), "sqlstate", None) != "42501":
+        return None
+    from retrieval.catalog import db_error_reason, mask_url
+
+    return UserError(f"the database user may not use the catalog's tables in {mask_url(db_url)} "
+                     f"({db_error_reason(exc, db_url)}): grant it SELECT on them to search, evaluate and serve "
+                     "(GRANT SELECT ON ALL TABLES IN SCHEMA public TO ...), and the owner's rights to index")
 
 
 def open_index(index_dir: Path, db_url: str | None, device: str, *, load_network: bool = True):  # noqa: ANN201

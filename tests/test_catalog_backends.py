@@ -184,3 +184,46 @@ def test_labels_come_in_the_order_a_person_looks_for_them(catalog):
     catalog.write_batch([row(f"{label or 'top'}/x.jpg", label) for label in labels],
                         np.zeros((len(labels), 16), np.float32), [])
     assert list(catalog.labels()) == ["apples", "blue_squares", "Green Stripes 2024", "Zebra", None]
+
+
+def test_a_password_with_an_at_sign_not_percent_encoded_is_one_line_saying_how_to_write_it(tmp_path):
+    """Reproduces: --db-url postgresql://retrieval:p@ss:w/rd@HOST/photos ended in SQLAlchemy's traceback,
+    'ValueError: invalid literal for int() with base 10: 'w''."""
+    from click.testing import CliRunner
+
+    from commands.evaluate_index import main as evaluate_main
+    from commands.index_images import main as index_main
+
+    (tmp_path / "data").mkdir()
+    url = "postgresql://retrieval:p@ss:w/rd@127.0.0.1:5432/photos"
+    for command, args in [(index_main, [str(tmp_path / "data")]), (evaluate_main, [])]:
+        result = CliRunner().invoke(command, [*args, "--index-dir", str(tmp_path / "index"), "--db-url", url])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        assert "a password holding @ : / or % is written percent-encoded: p%40ss for p@ss" in result.output
+        assert "rd@" not in result.output
+
+
+@pytest.mark.postgres
+def test_a_database_user_without_rights_on_the_tables_is_told_what_to_grant(postgres, postgres_url, sample_index,
+                                                                             tmp_path):
+    """Reproduces: a database user without SELECT on the catalog's tables got sqlalchemy's ProgrammingError traceback,
+    'permission denied for table index_settings'."""
+    from click.testing import CliRunner
+    from sqlalchemy.engine import make_url
+
+    from commands.evaluate_index import main as evaluate_main
+    from commands.index_images import main as index_main
+
+    built = CliRunner().invoke(index_main, [str(sample_index.data_dir), "--index-dir", str(tmp_path / "index"),
+                                            "--db-url", postgres_url, "--weights", "random"])
+    assert built.exit_code == 0, built.output
+    postgres.admin("DO $$ BEGIN CREATE ROLE outsider LOGIN PASSWORD 'outsider-pw'; EXCEPTION WHEN duplicate_object "
+                   "THEN NULL; END $$")
+    outsider = make_url(postgres_url).set(username="outsider", password="outsider-pw").render_as_string(
+        hide_password=False)
+    for command, args in [(evaluate_main, []), (index_main, [str(sample_index.data_dir)])]:
+        result = CliRunner().invoke(command, [*args, "--index-dir", str(tmp_path / "index"), "--db-url", outsider])
+        assert result.exit_code == 2, result.output
+        assert "the database user may not use the catalog's tables in postgresql://outsider:***@" in result.output
+        assert "permission denied for table" in result.output and "GRANT SELECT" in result.output
+        assert "outsider-pw" not in result.output and "Traceback" not in result.output

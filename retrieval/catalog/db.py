@@ -8,7 +8,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.pool import QueuePool
 
@@ -35,9 +35,22 @@ class CatalogBusy(RuntimeError):
 SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pwd", "sslpassword"})   # libpq reads passwords from these too
 
 
+NOT_A_URL = ("the catalog URL is not a database URL; expected e.g. postgresql://USER:PASSWORD@HOST:5432/DATABASE or "
+             "sqlite:////path/catalog.db (a password holding @ : / or % is written percent-encoded: p%40ss for p@ss)")
+
+
+def parse_url(url: str) -> "URL":
+    """SQLAlchemy's URL of url. Raises CatalogUnavailable saying what a URL looks like (a password with an '@' or a
+    ':' not percent-encoded made SQLAlchemy raise 'invalid literal for int()' on the port)."""
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError):
+        raise CatalogUnavailable(NOT_A_URL) from None
+
+
 def _secrets(url: str) -> list[str]:
     """The passwords a database URL holds: the user:password@ part's, and those given as query parameters."""
-    parsed = make_url(url)
+    parsed = parse_url(url)
     found = [parsed.password] if parsed.password else []
     for key, value in parsed.query.items():
         if key.lower() in SECRET_QUERY_KEYS:
@@ -48,8 +61,8 @@ def _secrets(url: str) -> list[str]:
 def mask_url(url: str) -> str:
     """A database URL as it may be shown: every password (user:password@, ?password=...) replaced by ***."""
     try:
-        parsed = make_url(url)
-    except ArgumentError:
+        parsed = parse_url(url)
+    except CatalogUnavailable:
         return "(not a database URL)"
     masked = {key: "***" for key in parsed.query if key.lower() in SECRET_QUERY_KEYS}
     shown = parsed.update_query_dict(masked).render_as_string(hide_password=True)
@@ -58,7 +71,7 @@ def mask_url(url: str) -> str:
 
 def server_url(url: str) -> str:
     """The URL SQLAlchemy opens: plain postgresql:// (and postgres://) use psycopg 3, the driver installed."""
-    parsed = make_url(url)
+    parsed = parse_url(url)
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed.render_as_string(hide_password=False)
@@ -69,11 +82,7 @@ def catalog_sqlite_file(index_dir: Path, url: str | None) -> Path | None:
     None for a database server. Raises CatalogUnavailable for a URL that is not one, or an in-memory SQLite."""
     if url is None:
         return Path(index_dir) / CATALOG_FILE
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise CatalogUnavailable("the catalog URL is not a database URL; expected e.g. "
-                                 "postgresql://USER:PASSWORD@HOST:5432/DATABASE or sqlite:////path/catalog.db") from None
+    parsed = parse_url(url)
     if parsed.get_backend_name() != "sqlite":
         return None
     if parsed.database in (None, "", ":memory:"):
@@ -157,7 +166,7 @@ def db_error_reason(exc: BaseException, url: str | None = None) -> str:
     line = message.splitlines()[0] if message else type(exc).__name__
     try:
         secrets = _secrets(url) if url else []
-    except ArgumentError:
+    except CatalogUnavailable:
         secrets = []
     for secret in sorted(secrets, key=len, reverse=True):
         line = line.replace(secret, "***")
