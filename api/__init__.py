@@ -12,6 +12,22 @@ from api.settings import DEFAULTS   # every setting, its default and meaning: on
 # once. Flask, the blueprints and the service (torch, FAISS) are imported by create_app.
 
 
+def _in_memory_uploads() -> type:
+    """Flask's Request keeping uploaded files in memory (they are at most MAX_UPLOAD_MB, and read whole anyway):
+    Werkzeug spools parts over 500 KB to a temporary file, and with the temporary folder full a photo's upload
+    answered 500 (No space left on device) though the same bytes sent raw were searched."""
+    import io
+
+    from flask import Request
+
+    class InMemory(Request):
+        def _get_file_stream(self, total_content_length, content_type, filename=None,  # noqa: ANN001, ANN202
+                             content_length=None):
+            return io.BytesIO()
+
+    return InMemory
+
+
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app: DEFAULTS, then RETRIEVAL_* environment variables, then config.
 
@@ -30,6 +46,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from retrieval.system import display_name
 
     app = Flask(__name__)
+    app.request_class = _in_memory_uploads()
     app.config.from_mapping(DEFAULTS)
     app.config.from_prefixed_env("RETRIEVAL")          # RETRIEVAL_INDEX_DIR -> INDEX_DIR, values parsed as JSON
     if config:

@@ -115,6 +115,20 @@ def bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+METRICS_ROOM_BYTES = 4 << 20   # free space the metrics folder's file system needs (a few 64 KB files per worker)
+
+
+def metrics_parent() -> str | None:
+    """Where the workers' metric files go: /dev/shm when it is a writable folder with room, else the temporary folder
+    (None)."""
+    shm = "/dev/shm"
+    try:
+        roomy = os.statvfs(shm).f_bavail * os.statvfs(shm).f_frsize >= METRICS_ROOM_BYTES
+    except OSError:
+        return None
+    return shm if roomy and os.access(shm, os.W_OK | os.X_OK) else None
+
+
 def check_port_free(host: str, port: int) -> None:
     """Raise a UserError naming the way out when another program listens on host:port (gunicorn would print five
     lines of its own retries and exit 1). Bound as gunicorn binds, with SO_REUSEADDR, and released at once."""
@@ -296,7 +310,9 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
     # Prometheus metrics of every worker (api.metrics): a fresh private folder per server, named before any
     # worker imports prometheus-client (it reads the variable once), removed when the server stops. A folder
     # someone else named is not used: values left there by an earlier server would be summed in.
-    metrics_dir = tempfile.mkdtemp(prefix="serve-images-metrics-")
+    # In memory (/dev/shm) where there is one: prometheus-client maps its files, and a page of them first touched on
+    # a full disk kills the worker (SIGBUS), every new one too; a full /tmp is a commoner sickness than a full /dev/shm
+    metrics_dir = tempfile.mkdtemp(prefix="serve-images-metrics-", dir=metrics_parent())
     previous = os.environ.get(MULTIPROC_ENV)
     os.environ[MULTIPROC_ENV] = metrics_dir
     options["child_exit"] = worker_exited

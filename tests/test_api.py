@@ -422,3 +422,23 @@ def test_an_indexed_file_that_holds_no_image_now_is_404_file_unreadable(forged):
             r = client.get(url)
             assert_error(r, 404, "file_unreadable")
             assert url.endswith("thumbnail") or reason in r.get_json()["error"]["message"], r.get_json()
+
+
+def test_an_upload_is_searched_with_the_temporary_folder_full(client, monkeypatch):
+    """Reproduces (TMPDIR on a full disk): a 3 MB PNG sent as a form answered 500 internal_error, 'No space left on
+    device', as Werkzeug spools form files over 500 KB to a temporary file; the same bytes sent raw were searched.
+    Uploads stay in memory now (they are at most MAX_UPLOAD_MB)."""
+    import errno
+    import tempfile
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for name in ("SpooledTemporaryFile", "TemporaryFile", "NamedTemporaryFile", "mkstemp"):
+        monkeypatch.setattr(tempfile, name, full)
+    noise = np.random.default_rng(0).integers(0, 255, (700, 900, 3), dtype=np.uint8)
+    big = io.BytesIO()
+    Image.fromarray(noise).save(big, "PNG")
+    assert big.tell() > 1_000_000
+    answer = upload(client, big.getvalue())
+    assert answer.status_code == 200, answer.get_json()

@@ -188,3 +188,30 @@ def test_a_faiss_file_truncated_under_a_running_server_drops_no_connection(tmp_p
         assert [h["id"] for h in after.json()["results"]] == [h["id"] for h in hits]
     log = (tmp_path / "serve.log").read_text()
     assert "Worker (pid" not in log and "SIGBUS" not in log and "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.slow
+def test_a_full_temporary_folder_neither_kills_the_server_nor_fails_uploads(sample_index, tmp_path):
+    """Reproduces (TMPDIR on a disk that fills while serving): every worker died of SIGBUS as soon as it touched a new
+    page of its mapped metric files (341 restarts in 10 minutes, no answers), and a 3 MB form upload answered 500.
+    The metric files live in /dev/shm now, and uploads in memory."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        with serve_images(sample_index.index_dir, tmp_path / "serve.log", TMPDIR=str(small)) as base:
+            subprocess.run(["dd", "if=/dev/zero", f"of={small / 'filler'}", "bs=64k"], capture_output=True)
+            assert os.statvfs(small).f_bavail == 0, "the temporary folder is full"
+            noise = np.random.default_rng(0).integers(0, 255, (700, 900, 3), dtype=np.uint8)
+            png = tmp_path / "big.png"
+            Image.fromarray(noise).save(png)
+            for path in ("/stats", "/metrics", "/model", "/duplicates", "/?page=1", "/gallery/1"):
+                assert requests.get(base + path, timeout=60).status_code in (200, 202), path
+            with png.open("rb") as f:
+                assert requests.post(f"{base}/search", files={"image": f}, timeout=60).status_code == 200
+            assert requests.get(base + "/metrics", timeout=60).status_code == 200
+        assert "SIGBUS" not in (tmp_path / "serve.log").read_text()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
