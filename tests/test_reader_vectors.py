@@ -76,3 +76,39 @@ def test_another_catalogs_whitened_file_is_not_searched(two, tmp_path):
     own_ids, own_distances, _ = searched(mine)
     assert np.array_equal(ids, own_ids) and np.allclose(distances, own_distances, atol=1e-4)
     assert np.array_equal(ids[:, 0], np.sort(ids[:, 0])) and distances[:, 0].max() < 1e-3   # each finds itself first
+
+
+def test_a_replaced_catalog_is_closed_once_no_query_holds_it(two, tmp_path):
+    """Reproduces (an index folder swapped or deleted and restored under a running server): every replaced catalog
+    stayed open, 15 handles to a deleted catalog.db after 14 swaps, its disk space held until restart; they waited for
+    the garbage collector. A replaced catalog closes when the last query holding its snapshot lets it go."""
+    import os
+
+    folder = tmp_path / "index"
+    shutil.copytree(two[0], folder)
+
+    def held() -> list[str]:
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(str(tmp_path)) and "catalog.db" in target:
+                found.append(target)
+        return found
+
+    index = ImageIndex(folder, load_network=False)
+    try:
+        in_flight = index.snapshot()           # a query that started before the swaps
+        for i in range(3):
+            folder.rename(tmp_path / f"old{i}")
+            shutil.copytree(two[0], folder)
+            shutil.rmtree(tmp_path / f"old{i}")
+            assert index.refresh()
+            index.snapshot().catalog.settings()
+        assert in_flight.catalog.settings() is not None, "a query holding the first snapshot still reads its catalog"
+        del in_flight
+        assert [t for t in held() if "(deleted)" in t] == []
+    finally:
+        index.close()

@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -305,6 +306,10 @@ class ImageIndex:
                 return self._unavailable(why)
             self._failed = None
             self._snapshot = snapshot   # atomic reference swap: in-flight queries keep the snapshot they took
+            if snapshot.catalog is not current.catalog:
+                # the replaced catalog's connections (to a file maybe deleted since) close with the last query that
+                # holds its snapshot: left to the garbage collector, a server kept every replaced file open
+                weakref.finalize(current, current.catalog.close)
             if network_key(settings) != network_key(current.settings):
                 log.warning("index reloaded with another network: %s %s (weights %s) instead of %s %s (weights %s)",
                             settings.model, settings.layer, _public_identity(settings.weights_identity),
@@ -312,7 +317,6 @@ class ImageIndex:
                             _public_identity(current.settings.weights_identity))
             log.info("index refreshed: %d vectors (version %d)", len(snapshot.vectors), snapshot.version)
             self._available()
-            # A replaced catalog's engine is left to in-flight queries; it is closed when the last one drops it.
             return True
 
     def _unavailable(self, reason: str) -> bool:
