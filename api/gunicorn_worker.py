@@ -5,7 +5,8 @@ and the thread then blocks until the rest of the request comes. Eight clients th
 request and stop hold all eight threads, and nobody else is answered. This worker reads the request
 head and body in its event loop instead (as nginx does), without blocking, and hands the request to
 a thread only once all of it is there. A request that is not complete within `read_timeout` seconds
-(the head in all, the body without progress) is answered 408 and closed; an idle connection that
+(the head in all, the body without progress or slower than MIN_BODY_RATE on average) is answered
+408 and closed; an idle connection that
 sends nothing is closed. In the request thread the socket keeps a timeout too, for the bodies too
 large to read ahead and for clients that stop reading the answer.
 """
@@ -27,6 +28,10 @@ READ_CHUNK = 64 * 1024
 MAX_HEAD_BYTES = 64 * 1024              # request line and headers; longer heads answer 431
 MAX_READ_AHEAD_BODY = 32 * 1024 * 1024  # larger bodies are read by the request thread (the default upload limit is 20 MB)
 DEFAULT_READ_TIMEOUT_S = 10.0
+# A body must also come at this many bytes a second on average (Apache's mod_reqtimeout MinRate): each byte buys the
+# read timeout 1/MIN_BODY_RATE s more. Without it a client dripping a byte a second never stalled, and 64 of them held
+# every connection a worker takes, locking new clients out. A slow real upload (a phone on 2G, 5 KB/s) is ten times it.
+MIN_BODY_RATE = 500
 
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
@@ -156,6 +161,7 @@ class ReadAheadConn(TConn):
         self.read_timeout = read_timeout
         self.request: RequestReadAhead | None = None
         self.read_deadline = 0.0
+        self.body_since = 0.0             # when the head had arrived and the body began
         self.continue_sent = False
 
     def init(self) -> None:
@@ -280,8 +286,10 @@ class ReadAheadThreadWorker(ThreadWorker):
         request = conn.request
         had_head = request.body_start >= 0
         request.feed(data)
-        if had_head:                     # a body may take long, as long as it keeps coming
-            conn.read_deadline = time.monotonic() + self.read_timeout
+        if had_head:                     # a body may take long, as long as it keeps coming at MIN_BODY_RATE
+            now, body = time.monotonic(), len(request.data) - request.body_start
+            conn.read_deadline = min(now + self.read_timeout,
+                                     conn.body_since + self.read_timeout + body / MIN_BODY_RATE)
         if request.head_too_long:
             self._refuse(conn, 431, "Request Header Fields Too Large", "headers_too_large",
                          f"the request line and headers are longer than {MAX_HEAD_BYTES} bytes")
@@ -289,7 +297,8 @@ class ReadAheadThreadWorker(ThreadWorker):
             self._dispatch(conn)
         elif request.awaiting_body:
             if not had_head:
-                conn.read_deadline = time.monotonic() + self.read_timeout
+                conn.body_since = time.monotonic()
+                conn.read_deadline = conn.body_since + self.read_timeout
             if request.expect_continue and not conn.continue_sent and len(request.data) == request.body_start:
                 conn.continue_sent = True  # gunicorn sends its own later; clients skip any number of 1xx answers
                 _send_quietly(conn, b"HTTP/1.1 100 Continue\r\n\r\n")

@@ -183,6 +183,38 @@ def test_stalled_clients_do_not_starve_the_others_and_are_dropped_after_the_read
 
 
 @pytest.mark.slow
+def test_a_body_dripped_slower_than_the_minimum_rate_is_408_and_others_get_in(sample_index, tmp_path):
+    """Reproduces: 70 connections each sending a byte of a 28 KB body every 2 s were never timed out (each byte
+    restarted the read timeout) and held all 64 connections a worker takes: a new client waited 17.8 s or timed out.
+    A body must come at api.gunicorn_worker.MIN_BODY_RATE (500) bytes/s on average now."""
+    read_timeout = 2
+    head = (b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 28000\r\n\r\n")
+    with serve_images(sample_index.index_dir, tmp_path / "server.log", "--read-timeout", str(read_timeout)) as base:
+        port = int(base.rsplit(":", 1)[1])
+        drips = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(70)]
+        try:
+            for sock in drips:
+                sock.sendall(head)
+            started, answered = time.monotonic(), {}
+            while len(answered) < len(drips) and time.monotonic() - started < read_timeout + 20:
+                for i, sock in enumerate(drips):      # a byte every 0.25 s each: 4 bytes/s, far under the minimum
+                    if i not in answered:
+                        try:
+                            sock.sendall(b"x")
+                        except OSError:
+                            answered[i] = time.monotonic() - started
+                time.sleep(0.25)
+            assert len(answered) == len(drips), f"{len(answered)} of {len(drips)} closed"
+            assert max(answered.values()) < read_timeout + 8, answered
+            fresh = requests.get(base + "/healthz", timeout=5)    # a new connection gets in at once
+            assert fresh.status_code == 200
+        finally:
+            for sock in drips:
+                sock.close()
+
+
+@pytest.mark.slow
 def test_flask_cli_finds_the_app_factory(sample_index):
     env = {**os.environ, "RETRIEVAL_INDEX_DIR": str(sample_index.index_dir), "RETRIEVAL_RELOAD_INTERVAL_S": "0"}
     result = subprocess.run([sys.executable, "-m", "flask", "--app", "api", "routes"], capture_output=True, text=True,
