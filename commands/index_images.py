@@ -371,6 +371,10 @@ def _print_report(r, verbose: bool = False) -> None:  # noqa: ANN001 - indexer.r
     if r.restamped:
         click.echo(f"  {r.restamped} of the unchanged have a new modification time but the same bytes: kept as they "
                    "were, not extracted again")
+    if r.unreadable_formats:
+        counted = ", ".join(f"{n} {ext}" for ext, n in r.unreadable_formats.items())
+        click.echo(f"  not indexed: {counted} (photo formats this program does not read: convert them to JPEG to "
+                   "index them)")
     for f in r.folders:
         click.echo(f"  folder left out: {terminal_name(f['path'])}/: {terminal_name(f['reason'])}")
     if r.extraction:

@@ -30,6 +30,7 @@ class Plan:
     same_size: frozenset[str] = frozenset()     # those of them whose size is as indexed (their time changed)
     restamp: list[ImageFile] = dataclasses.field(default_factory=list)   # indexed files whose time changed but not
                                                 # their bytes (a touch, a copy without its times): kept as they are
+    unreadable_formats: dict[str, int] = dataclasses.field(default_factory=dict)   # the scan's: ".heic" -> files
 
 
 HASH_THREADS = 4   # files hashed at once to see whether a touched file's bytes changed (reads, mostly)
@@ -77,7 +78,8 @@ def plan(cfg: JobConfig, catalog: Catalog) -> Plan:
     """The plan stage: scan the data folder and diff it against the catalog (torch-free)."""
     scan = scan_folder(cfg.data_dir, exclude=[cfg.index_dir], skip_folders_holding=CATALOG_FILE,
                        max_file_bytes=cfg.max_file_bytes)
-    return same_content_kept(plan_run(scan.images, scan.skipped, catalog, scan.folders, scan.unlisted), cfg.data_dir,
+    planned = plan_run(scan.images, scan.skipped, catalog, scan.folders, scan.unlisted)
+    return same_content_kept(dataclasses.replace(planned, unreadable_formats=scan.unreadable_formats), cfg.data_dir,
                              catalog)
 
 

@@ -88,6 +88,7 @@ def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callabl
     report = _run_planned(cfg, catalog, stored, chosen, planned, started, on_extractor, on_cluster)
     report.folders = [{"path": display_name(path), "reason": reason} for path, reason in planned.folders.items()]
     report.restamped = len(planned.restamp)
+    report.unreadable_formats = planned.unreadable_formats
     return report
 
 

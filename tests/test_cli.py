@@ -43,8 +43,8 @@ def test_index_json_summary_and_search_json(runner, data, tmp_path):
     summary = run_json(runner, index_images, [str(data), "--index-dir", index_dir, "--weights", "random",
                                               "--workers", "0", "--json"])
 
-    assert set(summary) == {"indexed", "unchanged", "removed", "skipped", "folders", "restamped", "total", "seconds", "images_per_second",
-                            "vector_index", "extraction", "repairs", "network"}
+    assert set(summary) == {"indexed", "unchanged", "removed", "skipped", "folders", "restamped", "unreadable_formats",
+                            "total", "seconds", "images_per_second", "vector_index", "extraction", "repairs", "network"}
     assert summary["vector_index"]["factory"] == "Flat" and summary["vector_index"]["exact"]   # auto, small collection
     x = summary["extraction"]   # where the network ran, in what arithmetic, and where the run's time went
     assert (x["device"], x["decode"], x["batch_size"]) == ("cpu", "workers", 32)
@@ -295,6 +295,9 @@ def test_an_empty_or_mistyped_folder_is_indexed_empty_and_said_so(tmp_path):
     filled = subprocess.run([console_script("index-images"), "photos"], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)
     assert filled.returncode == 0 and "1 image in the index" in filled.stdout, filled.stderr
+    # the phone's HEIC photo beside it is counted, not passed over in silence
+    assert ("  not indexed: 1 .heic (photo formats this program does not read: convert them to JPEG to index them)\n"
+            in filled.stdout), filled.stdout
     # one new file's rate leaves start-up out (with it, a second's network loading made it "0.4 images/s")
     assert re.search(r"\(\d+\.\d s; \d+\.\d images/s after start-up\)", filled.stdout), filled.stdout
     assert "no image files" not in filled.stderr

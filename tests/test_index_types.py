@@ -480,3 +480,23 @@ def test_a_type_too_large_for_the_collection_is_named_with_what_it_waits_for(tra
     line = next(s for s in result.output.splitlines() if s.startswith("FAISS index: "))
     assert line.startswith("FAISS index: Flat (exact"), line
     assert f"IVF4096,PQ16 waits for 4096 images to train (has {N_IMAGES}), exact search until then" in line
+
+
+def test_a_type_trained_on_fewer_vectors_than_its_k_means_want_says_so_once():
+    """Reproduces: IVF256,PQ64 chosen on 2,000 images printed 65 lines of FAISS's 'WARNING clustering 2000 points to
+    256 centroids: please provide at least 9984 training points', one per k-means; one line of ours says it now."""
+    import subprocess
+    import sys
+
+    script = ("import logging, numpy as np\nlogging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
+              "from retrieval.vectors.vector_index import VectorIndex\n"
+              "v = VectorIndex.empty(256, 'IVF256,PQ64np')\n"
+              "v.train(np.random.default_rng(0).standard_normal((2000, 256)).astype('float32'))\n"
+              "assert v.index.is_trained")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert "please provide at least" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "training IVF256,PQ64np on 2000 vectors, fewer than its k-means want (256 lists want 9,984; 64 codebooks of "
+        "256 want 9,984): its clusters are rougher, and recall is measured below"]

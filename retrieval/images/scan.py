@@ -14,6 +14,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# Photos in formats Pillow does not read (a phone's HEIC, a camera's raw files): counted, so that a folder of them is
+# not indexed in silence
+UNREADABLE_PHOTO_EXTENSIONS = frozenset({".heic", ".heif", ".jxl", ".dng", ".nef", ".nrw", ".cr2", ".cr3",
+                                         ".crw", ".arw", ".srf", ".sr2", ".raf", ".orf", ".rw2", ".pef", ".srw",
+                                         ".x3f", ".3fr", ".iiq", ".erf", ".mrw", ".raw"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +38,8 @@ class ScanResult:
                                                                         # data folder itself)
     unlisted: frozenset[str] = frozenset()   # those of them that could not be listed (relative paths): what they held
                                              # may still be there
+    unreadable_formats: dict[str, int] = dataclasses.field(default_factory=dict)   # ".heic" -> files of photo formats
+                                                                                   # not read (UNREADABLE_PHOTO_...)
 
 
 def scan_folder(data_dir: Path, *, exclude: Iterable[Path] = (), skip_folders_holding: str | None = None,
@@ -54,6 +61,7 @@ def scan_folder(data_dir: Path, *, exclude: Iterable[Path] = (), skip_folders_ho
     folders: dict[str, str] = {}
     unlisted: set[str] = set()
     excluded = {Path(p).resolve() for p in exclude}
+    formats: dict[str, int] = {}
     walked: dict[Path, str] = {}                 # real folder -> the relative path it was walked as
     links: list[tuple[Path, str]] = []          # folder symlinks met, walked once the real folders have been
 
@@ -103,6 +111,8 @@ def scan_folder(data_dir: Path, *, exclude: Iterable[Path] = (), skip_folders_ho
                 walk(full, rel)
             return
         if full.suffix.lower() not in IMAGE_EXTENSIONS:
+            if full.suffix.lower() in UNREADABLE_PHOTO_EXTENSIONS:
+                formats[full.suffix.lower()] = formats.get(full.suffix.lower(), 0) + 1
             return
         if not entry.is_file(follow_symlinks=True):
             if entry.is_symlink() and not os.path.exists(full):
@@ -142,7 +152,7 @@ def scan_folder(data_dir: Path, *, exclude: Iterable[Path] = (), skip_folders_ho
     while links:                 # walking a linked folder may meet more links: each in its turn
         follow(*links.pop(0))
     images.sort(key=lambda f: f.path)
-    return ScanResult(images, skipped, dict(sorted(folders.items())), frozenset(unlisted))
+    return ScanResult(images, skipped, dict(sorted(folders.items())), frozenset(unlisted), dict(sorted(formats.items())))
 
 
 UNREADABLE = "cannot read file: "   # the start of the reason for a file the OS would not read (permissions, a share)

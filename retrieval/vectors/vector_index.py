@@ -15,7 +15,8 @@ import numpy as np
 from retrieval.catalog import Catalog
 from retrieval.files import NotARegularFile, atomic_write, descriptor_digest, open_regular, private_copy
 from retrieval.vectors.index_types import FLAT, build_empty
-from retrieval.vectors.faiss_parts import fit_precomputed_tables, is_exact, ivf_of, native_ids, stored_ids, structure, walk
+from retrieval.vectors.faiss_parts import (fit_precomputed_tables, is_exact, ivf_of, native_ids, stored_ids, structure,
+                                          underfed_clusterings, walk)
 from retrieval.vectors.pca import train_front_pca
 from retrieval.system import available_cores
 
@@ -92,6 +93,9 @@ class VectorIndex:
         first by retrieval.vectors.pca.train_pca (FAISS's result, only the components kept), the rest by FAISS."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         train_front_pca(self.index, vectors)
+        if short := underfed_clusterings(self.index, len(vectors)):
+            log.warning("training %s on %d vectors, fewer than its k-means want (%s): its clusters are rougher, and "
+                        "recall is measured below", self.factory, len(vectors), "; ".join(short))
         self.index.train(vectors)
         drop_training_state(self.index)
         fit_precomputed_tables(self.index)   # searched as a process that opens the file searches it
