@@ -386,6 +386,8 @@ def _print_report(r, verbose: bool = False) -> None:  # noqa: ANN001 - indexer.r
         click.echo(repair)
     if r.vector_index:
         click.echo(f"FAISS index: {describe_vector_index(r.vector_index)}")
+        if (low := low_recall_note(r.vector_index)) is not None:
+            click.echo(low)
         if r.vector_index.get("regions"):
             regions = r.vector_index["regions"]
             click.echo(f"regional vectors: {regions['count']} ({regions['per_image']} per image), searched exactly "
@@ -406,6 +408,21 @@ def _whiten_waits(info: dict) -> str:
     return line
 
 
+def low_recall_note(info: dict) -> str | None:
+    """A line when search settings that were asked for (--nprobe, --ef-search, or RETRIEVAL_NPROBE meant for a
+    server) give less than the recall the tuning aims for; else None."""
+    from retrieval.vectors.index_types import RECALL_TARGET
+
+    asked, used = info.get("requested_search_params") or {}, info.get("search_params") or {}
+    measured = next((m for m in (info.get("recall") or {}).get("results", []) if m["search_params"] == used), None)
+    if not asked or measured is None or measured["1-recall@10"] >= RECALL_TARGET:
+        return None
+    given = " and ".join(f"--{k.replace('_', '-')} {v}" for k, v in asked.items())
+    return (f"note: {given} (asked for on the command line, or by RETRIEVAL_NPROBE / RETRIEVAL_EF_SEARCH) finds "
+            f"{measured['1-recall@10']:.3f} of the true nearest in the first 10, under the {RECALL_TARGET} the tuning "
+            "aims for; leave it out (and unset the variable) to tune it, or keep it for speed")
+
+
 def describe_vector_index(info: dict) -> str:
     """One line: the type, and for an approximate one its search settings and the recall they gave."""
     if info.get("whiten_waits_for"):
@@ -413,14 +430,16 @@ def describe_vector_index(info: dict) -> str:
                      "raw vectors until then")
     else:
         whitening = ""
+    from retrieval.vectors.index_types import min_train_vectors
+    from retrieval.vectors.whitening import split_whitening
+    requested = info.get("requested") or "auto"
+    if requested.lower() not in ("auto", "flat") and split_whitening(info["factory"])[1] != requested:
+        whitening += (f"; {requested} waits for {min_train_vectors(requested)} images to train "
+                      f"(has {info.get('count', 0)}), exact search until then")
     if info.get("exact"):
-        from retrieval.vectors.index_types import min_train_vectors
-        from retrieval.vectors.whitening import split_whitening
-        requested = info.get("requested") or "auto"
-        if requested.lower() not in ("auto", "flat") and split_whitening(info["factory"])[1] != requested:
-            whitening += (f"; {requested} waits for {min_train_vectors(requested)} images to train "
-                          f"(has {info.get('count', 0)}), exact search until then")
         return f"{info['factory']} (exact{whitening})"
+    if split_whitening(info["factory"])[1].lower() == "flat":   # whitened, searched exactly in the whitened space
+        return f"{info['factory']} (exact in the whitened space{whitening})"
     params = ", ".join(f"{k} {v}" for k, v in (info.get("search_params") or {}).items())
     line = f"{info['factory']} ({info['requested']}{'; ' + params if params else ''}{whitening})"
     recall = info.get("recall")

@@ -500,3 +500,34 @@ def test_a_type_trained_on_fewer_vectors_than_its_k_means_want_says_so_once():
     assert done.stderr.strip().splitlines() == [
         "training IVF256,PQ64np on 2000 vectors, fewer than its k-means want (256 lists want 9,984; 64 codebooks of "
         "256 want 9,984): its clusters are rougher, and recall is measured below"]
+
+
+def test_search_settings_asked_for_below_the_recall_target_are_said_so():
+    """Reproduces: RETRIEVAL_NPROBE=2 in the shell (meant for serve-images) made index-images record nprobe 2 with
+    1-recall@10 0.864 and no word; the report said only the number. A note says what it is and how to tune."""
+    from commands.index_images import describe_vector_index, low_recall_note
+
+    def info(asked: dict, recall: float) -> dict:
+        return {"requested": "IVF16,Flat", "factory": "IVF16,Flat", "exact": False, "count": 200,
+                "requested_search_params": asked, "search_params": {"nprobe": 2},
+                "recall": {"queries": 200, "results": [{"search_params": {"nprobe": 2}, "1-recall@1": recall,
+                                                        "1-recall@10": recall, "10-recall@10": recall}]}}
+
+    low = low_recall_note(info({"nprobe": 2}, 0.864))
+    assert low is not None and low.startswith("note: --nprobe 2 (asked for on the command line, or by RETRIEVAL_NPROBE")
+    assert "0.864 of the true nearest in the first 10, under the 0.95 the tuning aims for" in low
+    assert low_recall_note(info({"nprobe": 2}, 0.97)) is None, "enough recall"
+    assert low_recall_note(info({}, 0.864)) is None, "tuned by index-images itself: its own choice, reported as is"
+    assert "1-recall@10 0.864" in describe_vector_index(info({"nprobe": 2}, 0.864))
+
+
+def test_a_requested_type_still_waiting_for_images_is_named_behind_whitening():
+    """Reproduces: --index-type IVF4096,PQ64np on 2,000 images (whitened) printed only 'PCAW256,L2norm,Flat
+    (IVF4096,PQ64np; recall not measured)', not that the type waits for more images."""
+    from commands.index_images import describe_vector_index
+    from retrieval.vectors.index_types import min_train_vectors
+
+    line = describe_vector_index({"requested": "IVF4096,PQ64np", "factory": "PCAW256,L2norm,Flat", "exact": False,
+                                  "count": 2000})
+    assert line == (f"PCAW256,L2norm,Flat (exact in the whitened space; IVF4096,PQ64np waits for "
+                    f"{min_train_vectors('IVF4096,PQ64np')} images to train (has 2000), exact search until then)")
