@@ -227,3 +227,23 @@ def test_a_database_user_without_rights_on_the_tables_is_told_what_to_grant(post
         assert "the database user may not use the catalog's tables in postgresql://outsider:***@" in result.output
         assert "permission denied for table" in result.output and "GRANT SELECT" in result.output
         assert "outsider-pw" not in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.postgres
+def test_a_replica_folder_not_made_yet_is_named_with_the_weights_it_needs(postgres_url, sample_index, tmp_path):
+    """Reproduces: a replica started on a folder that did not exist yet was told to copy the random weights file into
+    it, and the `cp` then failed; the message says to make the folder first now."""
+    from click.testing import CliRunner
+
+    from commands.index_images import main as index_main
+    from commands.search_images import main as search_main
+
+    built = CliRunner().invoke(index_main, [str(sample_index.data_dir), "--index-dir", str(tmp_path / "writer"),
+                                            "--db-url", postgres_url, "--weights", "random"])
+    assert built.exit_code == 0, built.output
+    query = sorted(sample_index.data_dir.rglob("*.jpg"))[0]
+    replica = tmp_path / "replica"
+    found = CliRunner().invoke(search_main, [str(query), "--index-dir", str(replica), "--db-url", postgres_url])
+    assert found.exit_code == 2, found.output
+    assert f"random weights file {replica / 'random-weights-alexnet.pt'} is missing (the folder {replica} itself does " \
+           "not exist yet: make it first, mkdir -p); copy it from the index folder that has it" in found.output

@@ -89,7 +89,11 @@ def load_state_dict(model: str, weights: WeightsChoice | str, index_dir: Path | 
         path = random_weights_file(index_dir, model)
         if not path.exists():
             if not create:
-                raise WeightsUnavailable(f"the index's random weights file {path} is missing; copy it from the index folder that has it (a replica's), or run index-images on the index's data folder to make it again from its recorded seed")
+                where = ("" if path.parent.is_dir() else
+                         f" (the folder {path.parent} itself does not exist yet: make it first, mkdir -p)")
+                raise WeightsUnavailable(f"the index's random weights file {path} is missing{where}; copy it from the "
+                                         "index folder that has it (a replica's), or run index-images on the index's "
+                                         "data folder to make it again from its recorded seed")
             state = random_state_dict(model, seed)
             atomic_write(path, lambda f: torch.save(state, f))
             log.info("generated random %s weights (seed %d) in %s", model, seed, path)
