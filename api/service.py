@@ -121,6 +121,7 @@ class RetrievalService:
         self._count_images()
         self._catalog_failure: tuple[float, str] | None = None   # (monotonic time, reason) of the last failed read
         self.thumbnails = ThumbnailCache(config.thumbnail_dir, config.thumbnail_size, max_pixels=config.max_pixels)
+        threading.Thread(target=self._prune_thumbnails, name="thumbnail-prune", daemon=True).start()
         self.recent_queries = RecentQueries(config.thumbnail_dir / RECENT_QUERIES_FILE,   # shared by worker processes
                                             network=lambda: self.index.snapshot().network)
         # uploads are decoded in separate processes: bounded in number, time and memory (never in this one)
@@ -217,6 +218,16 @@ class RetrievalService:
         return SearchAnswer(hits, vector, {"id": record.id, "path": record.path, "label": record.label,
                                            "width": record.width, "height": record.height},
                             {"decode": 0.0, "features": _ms(looked_up - started), "search": search_ms})
+
+    def _prune_thumbnails(self) -> None:
+        """Once as a worker starts, in the background: the cached thumbnails of images no longer indexed go."""
+        try:
+            removed = self.thumbnails.prune(self.index.snapshot().catalog.hash_prefixes())
+        except Exception as exc:  # noqa: BLE001 - a cache's housekeeping never stops a server
+            log.warning("cached thumbnails were not pruned: %s", exc)
+            return
+        if removed:
+            log.info("removed %d cached thumbnail(s) of images no longer in the index", removed)
 
     def predict(self, hits: list[Hit]) -> dict[str, Any] | None:
         """The vote {"label", "votes", "k"} of the nearest hits, at most vote_k of them (the API's default k: the gallery

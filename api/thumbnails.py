@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 from pathlib import Path
 
 from retrieval.files import atomic_write
@@ -20,6 +22,9 @@ def make_thumbnail(source: ImageSource, size: int, *, max_pixels: int | None = D
                       quality)
 
 
+_THUMBNAIL_NAME = re.compile(r"(\d+)-([0-9a-f]{16})-(\d+)\.jpg")
+
+
 class ThumbnailCache:
     """folder/<id>-<sha256 prefix>-<size>.jpg per image; written atomically so readers never see half a file."""
 
@@ -30,6 +35,29 @@ class ThumbnailCache:
 
     def path_for(self, image_id: int, sha256: str) -> Path:
         return self.folder / f"{int(image_id)}-{sha256[:16]}-{self.size}.jpg"
+
+    def prune(self, records: dict[int, str]) -> int:
+        """Remove the cached thumbnails of images the index no longer holds (removed, or changed: a new id), and those
+        made at another size. records: id -> sha256 of every indexed image. -> files removed. Left alone, a folder
+        whose images came and went kept every thumbnail ever made."""
+        removed = 0
+        try:
+            entries = list(os.scandir(self.folder))
+        except OSError:
+            return 0
+        for entry in entries:
+            match = _THUMBNAIL_NAME.fullmatch(entry.name)
+            if match is None:
+                continue   # not a thumbnail (recent-queries.db, the uploads' previews)
+            image_id, prefix, size = int(match[1]), match[2], int(match[3])
+            if size == self.size and records.get(image_id, "")[:16] == prefix:
+                continue
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except OSError:
+                pass       # gone already (another worker), or the folder is read-only: a cache, no harm
+        return removed
 
     def get(self, image_id: int, sha256: str, source: Path) -> Path | bytes:
         """The cached thumbnail of image_id, made from source first if needed: its file, or its JPEG bytes when the

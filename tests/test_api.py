@@ -442,3 +442,31 @@ def test_an_upload_is_searched_with_the_temporary_folder_full(client, monkeypatc
     assert big.tell() > 1_000_000
     answer = upload(client, big.getvalue())
     assert answer.status_code == 200, answer.get_json()
+
+
+def test_thumbnails_of_images_no_longer_indexed_are_removed_when_a_server_starts(sample_index, tmp_path):
+    """Reproduces: after images came and went (removed, or changed and re-indexed under new ids), index/thumbnails kept
+    every thumbnail ever made (20 orphans after a few runs). A starting worker removes those of images the index no
+    longer holds and those of another size; the others, and the uploads' store, stay."""
+    thumbs = tmp_path / "thumbnails"
+    first = create_app({"INDEX_DIR": str(sample_index.index_dir), "RELOAD_INTERVAL_S": 0, "THUMBNAIL_DIR": str(thumbs)})
+    try:
+        client = first.test_client()
+        assert client.get("/images/1/thumbnail").status_code == 200
+        made = sorted(p.name for p in thumbs.glob("*.jpg"))
+        assert len(made) == 1 and made[0].startswith("1-")
+    finally:
+        first.extensions["retrieval"].close()
+    orphans = ["999999-0123456789abcdef-256.jpg", made[0].replace("1-", "2-", 1), made[0].replace("-256.", "-128.")]
+    for name in orphans:
+        (thumbs / name).write_bytes(b"\xff\xd8 old thumbnail")
+    (thumbs / "notes.txt").write_text("not ours")
+    second = create_app({"INDEX_DIR": str(sample_index.index_dir), "RELOAD_INTERVAL_S": 0, "THUMBNAIL_DIR": str(thumbs)})
+    try:
+        from helpers.waiting import wait_for
+
+        assert wait_for(lambda: not any((thumbs / name).exists() for name in orphans), 30, interval=0.1), \
+            sorted(p.name for p in thumbs.iterdir())
+        assert (thumbs / made[0]).exists() and (thumbs / "notes.txt").exists()
+    finally:
+        second.extensions["retrieval"].close()

@@ -227,6 +227,11 @@ class Catalog(IntegrityChecks, RunRecords, RegionVectors):
         with self.Session() as s:
             return {p: (i, sz, mt) for i, p, sz, mt in s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns))}
 
+    def hash_prefixes(self) -> dict[int, str]:
+        """id -> the first 16 hex digits of its sha256, for every indexed image (what a thumbnail's name holds)."""
+        with self.Session() as s:
+            return dict(s.execute(select(ImageRow.id, func.substr(ImageRow.sha256, 1, 16))).all())
+
     def content_hashes(self, paths: Iterable[str]) -> dict[str, str]:
         """path -> sha256 of those of paths that are indexed."""
         paths, found = list(paths), {}
