@@ -120,6 +120,7 @@ class RetrievalService:
             if config.reload_interval_s > 0 else None
         self._count_images()
         self._catalog_failure: tuple[float, str] | None = None   # (monotonic time, reason) of the last failed read
+        self._labels: tuple[int, dict[str | None, int]] | None = None   # (index version, images per label)
         self.thumbnails = ThumbnailCache(config.thumbnail_dir, config.thumbnail_size, max_pixels=config.max_pixels)
         threading.Thread(target=self._prune_thumbnails, name="thumbnail-prune", daemon=True).start()
         self.recent_queries = RecentQueries(config.thumbnail_dir / RECENT_QUERIES_FILE,   # shared by worker processes
@@ -230,9 +231,23 @@ class RetrievalService:
             log.info("removed %d cached thumbnail(s) of images no longer in the index", removed)
 
     def predict(self, hits: list[Hit]) -> dict[str, Any] | None:
-        """The vote {"label", "votes", "k"} of the nearest hits, at most vote_k of them (the API's default k: the gallery
-        shows more neighbours than vote); None when none of them has a label."""
-        return vote(hits, min(len(hits), self.config.vote_k)) if hits else None
+        """The vote {"label", "votes", "k", "weak"} of the nearest hits, at most vote_k of them (the API's default k: the
+        gallery shows more neighbours than vote); None when none of them has a label. weak: the label won half or
+        fewer of the votes it could have won (k, or fewer where the collection holds fewer images of it): most
+        neighbours say something else, and the picture may be of none of the collection's labels."""
+        voted = vote(hits, min(len(hits), self.config.vote_k)) if hits else None
+        if voted is not None:
+            possible = min(voted["k"], self._label_counts().get(voted["label"], 0))
+            voted["weak"] = voted["votes"] * 2 <= possible
+        return voted
+
+    def _label_counts(self) -> dict[str | None, int]:
+        """Images per label of the served index, read once per index version."""
+        snapshot = self.index.snapshot()
+        cached = self._labels
+        if cached is None or cached[0] != snapshot.version:
+            cached = self._labels = (snapshot.version, snapshot.catalog.labels())
+        return cached[1]
 
     # images
     def record(self, image_id: int, snapshot: IndexSnapshot | None = None) -> ImageRecord:

@@ -56,6 +56,9 @@ def main(index_dir: Path, db_url: str | None, threshold: float | None, calibrati
             result = find_duplicates(index, threshold=threshold, calibration_images=calibration_images, progress=True)
         except DuplicatesError as exc:
             raise UserError(str(exc)) from exc
+        lagging = _index_lags_folder(index, index_dir)
+    if lagging:
+        click.echo(f"note: {lagging}", err=True)
     if as_json:
         doc = result.to_json()
         for group in doc["groups"]:
@@ -65,6 +68,23 @@ def main(index_dir: Path, db_url: str | None, threshold: float | None, calibrati
         click.echo(json.dumps(doc))
         return
     click.echo(format_groups(result))
+
+
+def _index_lags_folder(index, index_dir: Path) -> str | None:  # noqa: ANN001 - retrieval.search.index.ImageIndex
+    """What index-images would find to do in the index's data folder now, in words, or None: the groups are of the
+    index, and a copy made since it was indexed is in none (a user expects to find it)."""
+    from indexer.plan import pending_changes
+    from retrieval.system import display_name
+
+    snapshot = index.snapshot()
+    if not snapshot.data_dir.is_dir():
+        return None
+    changed, gone = pending_changes(snapshot.data_dir, Path(index_dir), snapshot.catalog)
+    if not changed and not gone:
+        return None
+    return (f"the data folder changed since it was indexed ({changed} new or changed file{'' if changed == 1 else 's'}, "
+            f"{gone} gone): these groups are of the index as it was; run index-images "
+            f"{display_name(str(snapshot.data_dir))} first to include them")
 
 
 def format_groups(result) -> str:  # noqa: ANN001 - retrieval.search.duplicates.DuplicateGroups

@@ -83,6 +83,15 @@ def plan(cfg: JobConfig, catalog: Catalog) -> Plan:
                              catalog)
 
 
+def pending_changes(data_dir: Path, index_dir: Path, catalog: Catalog) -> tuple[int, int]:
+    """What index-images would find to do in data_dir now, without doing it: -> (files new or changed since they were
+    indexed, files gone). For the commands that read an index and should say when it lags its folder."""
+    scan = scan_folder(data_dir, exclude=[index_dir], skip_folders_holding=CATALOG_FILE)
+    planned = same_content_kept(plan_run(scan.images, scan.skipped, catalog, scan.folders, scan.unlisted), data_dir,
+                                catalog)
+    return len(planned.todo), len(planned.remove)
+
+
 def same_content_kept(planned: Plan, data_dir: Path, catalog: Catalog) -> Plan:
     """The plan less the files whose time changed but not their bytes (hashed against the catalog's sha256: a touch,
     a restore or a copy that did not keep the times would otherwise extract every one again, each under a new id);

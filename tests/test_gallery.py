@@ -4,6 +4,9 @@ from __future__ import annotations
 import io
 import re
 
+import numpy as np
+from PIL import Image
+
 import pytest
 from helpers.precision import auto_precisions_here
 
@@ -282,3 +285,36 @@ def test_neighbour_cards_name_their_file(client, sample_index):
     location = post_photo(client, (sample_index.data_dir / QUERY).read_bytes()).headers["Location"]
     grid = client.get(location).get_data(as_text=True).split('id="neighbours"', 1)[1].split("</ol>", 1)[0]
     assert grid.count('<li class="card">') == 12 and grid.count('class="filename"') == 12
+
+
+def test_a_weak_vote_says_the_picture_may_be_of_none_of_the_labels(app, client):
+    """Reproduces: a drawing unlike the whole collection was shown 'predicted: purple_checks, 4 of 10' as boldly as a
+    vote of 10 of 10. A label that won half or fewer of the votes it could win (k, or its images in the collection
+    where they are fewer: 6 here) is said to be a weak vote (a page per image of the collection, an upload of noise)."""
+    seen = {"weak": 0, "strong": 0}
+    labels = app.extensions["retrieval"].index.catalog.labels()
+    pages = [client.get(f"/gallery/{i}").get_data(as_text=True)
+             for _, (i, _, _) in sorted(app.extensions["retrieval"].index.catalog.file_states().items())]
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(7).integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(noise, "PNG")
+    searched = client.post("/gallery/search", data={"image": (io.BytesIO(noise.getvalue()), "noise.png")},
+                           content_type="multipart/form-data", follow_redirects=True)
+    for html in [*pages, searched.get_data(as_text=True)]:
+        label, votes, k = re.search(r'id="prediction">predicted: <strong>([^<]+)</strong>, (\d+) of (\d+)', html).groups()
+        weak = int(votes) * 2 <= min(int(k), labels[label])
+        assert ('id="weak-vote"' in html) == weak, (votes, k)
+        seen["weak" if weak else "strong"] += 1
+    assert seen["strong"], seen
+    # the same rule on votes made up to be weak and strong (these drawings vote clearly; the noise too)
+    from retrieval.search.snapshot import Hit
+
+    service = app.extensions["retrieval"]
+    name, size = next((lab, n) for lab, n in labels.items() if lab is not None)
+    others = [lab for lab in labels if lab not in (None, name)]
+
+    def hits(mine: int) -> list[Hit]:
+        return [Hit(i, f"{name}/{i}.jpg", name, 0.1) for i in range(mine)] + \
+            [Hit(100 + i, f"x/{i}.jpg", others[i % len(others)], 0.2) for i in range(10 - mine)]
+
+    assert service.predict(hits(3)) == {"label": name, "votes": 3, "k": 10, "weak": True}
+    assert service.predict(hits(min(size, 10) // 2 + 1))["weak"] is False

@@ -343,7 +343,8 @@ def find_duplicates(index: ImageIndex, *, threshold: float | None = None, dim: i
                                 else float(np.linalg.norm(vectors.white[vectors.rows[m.id]] - keep)),
                                 links.get(m.path))
                  for m in members]
-        groups.append(group[:1] + sorted(group[1:], key=lambda d: (d.distance, d.path)))   # the keeper, then nearest first
+        # the keeper, then nearest first, another name of a file right after the file
+        groups.append(group[:1] + sorted(group[1:], key=lambda d: (d.distance, d.link_to or d.path, d.link_to is not None)))
     groups.sort(key=lambda g: (-len(g), g[0].path))
     return DuplicateGroups(groups, chosen, len(vectors.ids))
 
