@@ -101,11 +101,8 @@ def same_content_kept(planned: Plan, data_dir: Path, catalog: Catalog) -> Plan:
     recorded = catalog.content_hashes(planned.same_size)
     candidates = [f for f in planned.todo if f.path in recorded]
 
-    def hashed(f: ImageFile) -> str | None:
-        try:
-            return files_sha256(data_dir, [f.path])[0]
-        except OSError:
-            return None
+    def hashed(f: ImageFile) -> str | None:     # None: unreadable now (the decode will say why)
+        return files_sha256(data_dir, [f.path])[0]
 
     with ThreadPoolExecutor(max(1, min(HASH_THREADS, len(candidates)))) as pool:   # hashlib lets go of the GIL
         same = {f.path for f, digest in zip(candidates, pool.map(hashed, candidates)) if digest == recorded[f.path]}

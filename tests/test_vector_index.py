@@ -277,7 +277,7 @@ def test_a_search_while_the_process_shuts_its_thread_pools_still_answers(monkeyp
     after shutdown', 500 internal_error). Such a search scans in its own thread."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from retrieval.vectors import vector_index
+    from retrieval.vectors import exact_scan
 
     vecs = random_vectors(2000, 16)
     index = VectorIndex(16)
@@ -285,7 +285,7 @@ def test_a_search_while_the_process_shuts_its_thread_pools_still_answers(monkeyp
     expected = index.search(vecs[:3], 5, threads=4)
     closed = ThreadPoolExecutor(2)
     closed.shutdown()
-    monkeypatch.setattr(vector_index, "_scan_pool", closed)
+    monkeypatch.setattr(exact_scan, "_scan_pool", closed)
     distances, ids = index.search(vecs[:3], 5, threads=4)
     assert np.array_equal(ids, expected[1]) and np.allclose(distances, expected[0])
     assert ids[:, 0].tolist() == [0, 1, 2]

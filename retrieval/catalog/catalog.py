@@ -1,5 +1,6 @@
 """The catalog: the repository of an index's images (with their vectors), settings, skipped files and FAISS records;
-its integrity checks (integrity.py) and one-row JSON records (records.py) are mixed in, its values in values.py."""
+its integrity checks (integrity.py), one-row JSON records (records.py) and the files' states (file_states.py) are
+mixed in, its values in values.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from sqlalchemy import delete, func, insert, inspect, null, select, text, update
+from sqlalchemy import delete, func, insert, inspect, null, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import defer, sessionmaker
 
@@ -20,6 +21,7 @@ from retrieval.catalog.db import (SCHEMA_LOCK_KEY, WRITER_LOCK_KEY, CatalogBusy,
 from retrieval.catalog.schema import (Base, FaissFileRow, ImageRow, IndexSettingsRow, RegionRow, SkippedRow,
                                       VectorsSavedRow, blob_to_vector, stack_vector_rows, utcnow, vector_checksum,
                                       vector_columns)
+from retrieval.catalog.file_states import FileStates
 from retrieval.catalog.integrity import IntegrityChecks
 from retrieval.catalog.records import RunRecords
 from retrieval.catalog.regions import RegionVectors
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 ADDED_COLUMNS = (("images", "vector_crc32", "BIGINT"), ("index_settings", "views", "VARCHAR"))
 
 
-class Catalog(IntegrityChecks, RunRecords, RegionVectors):
+class Catalog(IntegrityChecks, RunRecords, RegionVectors, FileStates):
     """The source of truth for an index: SQLite at INDEX_DIR/catalog.db, or any SQLAlchemy database URL.
 
     Raises FileNotFoundError when there is no catalog yet (create=False), CatalogUnavailable when the
@@ -221,41 +223,6 @@ class Catalog(IntegrityChecks, RunRecords, RegionVectors):
         """All image ids, shape=(N,), dtype=int64, ascending."""
         with self.Session() as s:
             return np.array(s.scalars(select(ImageRow.id).order_by(ImageRow.id)).all(), dtype=np.int64)
-
-    def file_states(self) -> dict[str, tuple[int, int, int]]:
-        """path -> (id, size, mtime_ns) for every indexed image."""
-        with self.Session() as s:
-            return {p: (i, sz, mt) for i, p, sz, mt in s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns))}
-
-    def hash_prefixes(self) -> dict[int, str]:
-        """id -> the first 16 hex digits of its sha256, for every indexed image (what a thumbnail's name holds)."""
-        with self.Session() as s:
-            return dict(s.execute(select(ImageRow.id, func.substr(ImageRow.sha256, 1, 16))).all())
-
-    def content_hashes(self, paths: Iterable[str]) -> dict[str, str]:
-        """path -> sha256 of those of paths that are indexed."""
-        paths, found = list(paths), {}
-        with self.Session() as s:
-            for start in range(0, len(paths), 500):   # a bounded IN list per query
-                found.update(s.execute(select(ImageRow.path, ImageRow.sha256)
-                                       .where(ImageRow.path.in_(paths[start:start + 500]))).all())
-        return found
-
-    def restamp(self, stamps: Iterable[tuple[str, int, int]]) -> int:
-        """Record a new (size, mtime_ns) for indexed files whose content is as indexed (a touch, a copy that did not
-        keep the times): their ids, vectors and everything else stay. stamps: (path, size, mtime_ns). -> rows updated.
-        Not a change of the images: the index's updated_at stays."""
-        stamps = list(stamps)
-        if not stamps:
-            return 0
-        with self.Session.begin() as s:
-            return sum(s.execute(update(ImageRow).where(ImageRow.path == path).values(size=size, mtime_ns=mtime))
-                       .rowcount for path, size, mtime in stamps)
-
-    def skipped_states(self) -> dict[str, tuple[int, int, str]]:
-        """path -> (size, mtime_ns, reason) for every skipped file."""
-        with self.Session() as s:
-            return {r.path: (r.size, r.mtime_ns, r.reason) for r in s.scalars(select(SkippedRow))}
 
     def get(self, image_id: int) -> ImageRecord | None:
         with self.Session() as s:
