@@ -17,6 +17,16 @@ from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV
 # Only click and the torch-free names above: --help and usage errors answer at once.
 
 
+# RETRIEVAL_ variables that other parts of the project read, not the commands: a shell that exports them for
+# docker-compose or the test suite must not be warned about them on every command.
+READ_ELSEWHERE = {
+    "RETRIEVAL_DATA": "docker-compose.yml", "RETRIEVAL_PORT": "docker-compose.yml",
+    "RETRIEVAL_REQUIRE_BROWSER": "the test suite", "RETRIEVAL_REQUIRE_DOCKER": "the test suite",
+    "RETRIEVAL_REQUIRE_POSTGRES": "the test suite", "RETRIEVAL_CHROMIUM": "the test suite",
+    "RETRIEVAL_POSTGRES_BIN": "the test suite", "RETRIEVAL_SCREENSHOTS": "the test suite",
+    "RETRIEVAL_UPDATE_SNAPSHOTS": "the test suite",
+}
+
 MODEL_PARAMETERS = {"alexnet": 61_100_840, "vgg16": 138_357_544}   # float32 each in a weights (state dict) file
 
 
@@ -106,6 +116,7 @@ def misspelt_variables(command: click.Command, environ: Any) -> list[str]:
               if isinstance(p, click.Option) and p.name and not p.envvar and p.allow_from_autoenv}
     shared = {s.envvar for s in SETTINGS} | {INDEX_DIR_ENV, DB_URL_ENV} | {n for n in reads if n.startswith("RETRIEVAL_")}
     lines = []
+    environ = {name: value for name, value in environ.items() if name not in READ_ELSEWHERE}
     for name in sorted(environ):
         if name.startswith(prefix) and prefix != "_" and name not in reads:
             close = difflib.get_close_matches(name, sorted(reads), n=1, cutoff=0.75)

@@ -287,3 +287,23 @@ def test_a_misspelt_variable_is_named_with_the_one_meant(sample_index):
         "warning: RETRIEVAL_DB_ULR is set, but no command reads it (did you mean RETRIEVAL_DB_URL?)",
         "warning: RETRIEVAL_RELOAD_INTERVAL is set, but no command reads it (did you mean RETRIEVAL_RELOAD_INTERVAL_S?)",
         "warning: SERVE_IMAGES_PORTT is set, but serve-images has no option it names (did you mean SERVE_IMAGES_PORT?)"]
+
+
+def test_variables_that_docker_compose_or_the_tests_read_are_not_called_misspelt(sample_index):
+    """Reproduces: CI exports RETRIEVAL_REQUIRE_BROWSER=1 (and a docker-compose user RETRIEVAL_DATA=...), and every
+    command warned that no command reads them, which also broke 24 tests that expect one line of output."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sources = [root / "docker-compose.yml", root / ".ci" / "run", *sorted((root / "tests").rglob("*.py"))]
+    read = set()
+    for source in sources:
+        text = source.read_text()
+        read |= set(re.findall(r"\$\{(RETRIEVAL_[A-Z_]+)", text))                          # compose interpolation
+        read |= set(re.findall(r"environ(?:\.get\(|\[)\s*\"(RETRIEVAL_[A-Z_]+)\"", text))    # os.environ reads
+        read |= set(re.findall(r"_ENV = \"(RETRIEVAL_[A-Z_]+)\"", text))
+    assert {"RETRIEVAL_DATA", "RETRIEVAL_REQUIRE_BROWSER", "RETRIEVAL_UPDATE_SNAPSHOTS"} <= read   # the scan works
+    result = CliRunner().invoke(main, ["--index-dir", str(sample_index.index_dir), "--print-config"],
+                                env={name: "1" for name in read})
+    assert result.exit_code == 0, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("warning:")] == []
