@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from retrieval.names import FC_DIM, INPUT_NORMS, LAYERS, MAX_EF_SEARCH, MAX_NPROBE, MODEL_NAMES, VIEWS, feature_dim
+from retrieval.names import DECODES, FC_DIM, INPUT_NORMS, LAYERS, MAX_EF_SEARCH, MAX_NPROBE, MODEL_NAMES, VIEWS, feature_dim
 
 from commands.options import (Command, MODEL_PARAMETERS, PathArg, UserError, command_settings, db_url_option, exit_without_teardown,
                               index_dir_option, parse_batch_size, permission_denied, privilege_error, setup_logging)
@@ -62,7 +62,7 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
               help="The network's arithmetic: bf16 (CUDA, or a CPU with AVX512-BF16 or AMX-BF16; features within "
                    "cosine 0.999 of fp32) or fp32. auto: the index's recorded one; for a new index bf16 on CUDA, on "
                    "a CPU with bf16 units whichever a start-up probe finds faster, else fp32. Recorded in the index.")
-@click.option("--decode", type=click.Choice(["auto", "workers", "device"]), default="auto", show_default=True,
+@click.option("--decode", type=click.Choice(DECODES), default="auto", show_default=True,
               help="Where JPEGs are decoded: by the decoding workers (Pillow, reduced in the decoder to about the "
                    "network's size), or on the network's device (torchvision; nvJPEG on a GPU), falling back to "
                    "the workers' decoder per file. auto: on a GPU both, sharing the JPEGs as each keeps up; "

@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Callable
 
 from retrieval.catalog import Catalog, IndexSettings, weights_label
+from retrieval.features.precision import PRECISIONS
 from retrieval.features.weights import IMAGENET, WeightsChoice
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, Preprocessing
 from retrieval.images.preprocessing import REGION_COUNT
 from retrieval.images.scan import DEFAULT_MAX_FILE_BYTES
-from retrieval.names import DEFAULT_RANDOM_SEED, POOLED_INPUT, POOLED_LAYERS
+from retrieval.names import (DECODES, DEFAULT_RANDOM_SEED, INPUT_NORMS, LAYERS, MODEL_NAMES, POOLED_INPUT,
+                             POOLED_LAYERS, VIEWS, is_device_name)
 from retrieval.system import available_cores, display_name, gpu_present
 from retrieval.vectors.index_types import IndexTypeConfig
 
@@ -76,7 +78,28 @@ class JobConfig:
         if self.regions not in (None, 0, REGION_COUNT):
             raise ConfigError(f"regions takes 0 (none) or {REGION_COUNT} (four corners and the centre), "
                               f"not {self.regions!r}")
-        # what the command line's types check, checked for index_folder(...) too, before any work
+        # what the command line's types check, checked for index_folder(...) too, before any work: a wrong name
+        # reached an assert deep in the network's code after the index folder and its weights file were made
+        for name, choices in (("model", MODEL_NAMES), ("layer", LAYERS), ("views", VIEWS), ("input_norm", INPUT_NORMS),
+                              ("precision", PRECISIONS), ("decode", DECODES)):
+            value = getattr(self, name)
+            if not (value is None and name in DEFAULTS) and value not in choices:
+                raise ConfigError(f"{name} takes one of {', '.join(map(repr, choices))}"
+                                  f"{' (None: as recorded, else ' + repr(DEFAULTS[name]) + ')' if name in DEFAULTS else ''}"
+                                  f"; not {value!r}")
+        if not is_device_name(self.device):
+            raise ConfigError(f"device takes 'auto', 'cpu', 'cuda' or 'cuda:N'; not {self.device!r}")
+        if self.normalize is not None and not isinstance(self.normalize, bool):
+            raise ConfigError(f"normalize takes True, False or None (as recorded, else True); not {self.normalize!r}")
+        if self.on_progress is not None and not callable(self.on_progress):
+            raise ConfigError(f"progress takes a function progress(done, total), or None; not {self.on_progress!r}")
+        if self.ray is not None and not isinstance(self.ray, str):
+            raise ConfigError(f"ray takes a cluster's address (\"\": a new local one), or None; not {self.ray!r}")
+        if isinstance(self.vector_index, str):   # index_folder(..., vector_index="IVF256,Flat"): the FAISS type
+            self.vector_index = IndexTypeConfig(index_type=self.vector_index)
+        elif not isinstance(self.vector_index, IndexTypeConfig):
+            raise ConfigError("vector_index takes a FAISS type (\"auto\", \"Flat\", \"IVF1024,PQ32\", ...) or a "
+                              f"retrieval.vectors.index_types.IndexTypeConfig; not {self.vector_index!r}")
         if self.batch_size != "auto":
             _check_whole("batch_size", self.batch_size, 1, also="'auto'", none_ok=False)
         _check_whole("workers", self.workers, 0, also="None (one per core)")

@@ -18,8 +18,9 @@ Index a folder (one subfolder per class labels its images), then open the index 
 
 `open_index` -> `Index` (`search`, `neighbours`, `predict`, `duplicates`, `features`, `len()`, `info`); results are
 `SearchResult` (a list of `Hit`), `Prediction`, `IndexInfo`; `evaluate` -> `Evaluation`, `compare` ->
-`Comparison`. Errors: `IndexNotFound`, `WeightsUnavailable`, `ImageDecodeError`, `ImageNotIndexed`,
-`EvaluationError`, `DuplicatesError`, all importable from here. Importing this package is light: torch loads when
+`Comparison`. Errors: `IndexNotFound`, `IndexUnavailable`, `WeightsUnavailable`, `DeviceUnavailable`,
+`ImageDecodeError`, `ImageNotIndexed`, `EvaluationError`, `ExpansionError`, `DuplicatesError`, all importable from
+here. Importing this package is light: torch loads when
 an index is opened.
 See docs/python-api.md; the notebook examples/transfer_learning_lab.ipynb walks the whole lesson.
 """
@@ -55,6 +56,9 @@ if TYPE_CHECKING:
     from retrieval.learning.metrics import EvaluationError
     from retrieval.search.duplicates import DuplicateGroups, DuplicatesError
     from retrieval.search.index import IndexNotFound
+    from retrieval.search.expansion import ExpansionError
+    from retrieval.features.backbones import DeviceUnavailable
+    from retrieval.search.snapshot import IndexUnavailable
     from retrieval.results import Hit, IndexInfo, Prediction, SearchResult
 
 

@@ -14,6 +14,7 @@ VIEWS = ("single", "flip", "flip+scales")   # a descriptor from the image alone,
                                          # the image and its mirror at three scales (retrieval.features.descriptors)
 INPUT_NORMS = ("weights", "image")       # the network's input normalised by the weights' own mean and std, or by each
                                          # image's own (retrieval.images.decode.Preprocessing.normalise)
+DECODES = ("auto", "workers", "device")   # index-images --decode: JPEGs decoded by Pillow workers, on the device, or both
 INDEX_DIR_ENV = "RETRIEVAL_INDEX_DIR"    # default index folder for every command and the server
 DB_URL_ENV = "RETRIEVAL_DB_URL"          # the catalog's SQLAlchemy URL for every command and the server (default: SQLite)
 DEFAULT_KS = (1, 5, 10)                  # neighbours for precision@k and the kNN vote in evaluations
@@ -40,3 +41,9 @@ def feature_dim(model: str, layer: str) -> int:
 def random_weights_file(index_dir: Path, model: str) -> Path:
     """Where an index keeps its seeded random weights (--weights random)."""
     return Path(index_dir) / f"random-weights-{model}.pt"
+
+
+def is_device_name(device: object) -> bool:
+    """Whether device names a device this project runs on: "auto", "cpu", "cuda" or "cuda:N"."""
+    return isinstance(device, str) and (device in ("auto", "cpu", "cuda")
+                                        or (device.startswith("cuda:") and device[5:].isdigit()))

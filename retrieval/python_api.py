@@ -13,6 +13,7 @@ from PIL import Image
 
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageSource, decode_for_model
 from retrieval.learning.metrics import vote
+from retrieval.quality import absolute_index_dir
 from retrieval.results import THUMBNAIL_PX, Hit, IndexInfo, Prediction, SearchResult
 from retrieval.search.expansion import QueryExpansion
 
@@ -48,7 +49,7 @@ class Index:
     def __init__(self, index_dir: str | os.PathLike, *, db_url: str | None = None, device: str = "cpu"):
         from retrieval.search.index import ImageIndex
 
-        self.index_dir = Path(index_dir).expanduser().resolve()   # absolute once: later chdirs change nothing
+        self.index_dir = absolute_index_dir(index_dir)   # absolute once: later chdirs change nothing
         self._db_url, self._device = db_url, device
         self._opened: ImageIndex | None = ImageIndex(self.index_dir, db_url=db_url, device=device)
 
@@ -90,13 +91,15 @@ class Index:
 
     @property
     def info(self) -> IndexInfo:
+        """What the index holds and which network made it, as now: its network, images and labels, the FAISS type."""
         from retrieval.catalog import weights_label
 
         snapshot = self._snapshot()
+        vectors = snapshot.describe_vectors()
         s = snapshot.settings
         return IndexInfo(self.index_dir, snapshot.data_dir, s.model, s.layer, weights_label(s), s.dim, s.normalize,
                          len(snapshot.vectors), snapshot.catalog.labels(), s.views, s.input_norm,
-                         s.regions)
+                         s.regions, vectors["type"], vectors["whitened_dim"])
 
     @property
     def data_dir(self) -> Path:
@@ -220,7 +223,7 @@ class Index:
 
 
 def _check_k(k: int) -> None:
-    if not isinstance(k, (int, np.integer)) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a whole number of at least 1, not {k!r}")
 
 

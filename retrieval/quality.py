@@ -92,12 +92,13 @@ def evaluate(index_dir: str | os.PathLike = "index", ks: Sequence[int] = DEFAULT
 
     The images the index's network was fine-tuned on (recorded by content hash when the index was made with
     fine-tune's weights) are left out of the queries unless include_training_images; see
-    Evaluation.excluded_training_images and .training_images. Raises FileNotFoundError (no index there),
+    Evaluation.excluded_training_images and .training_images. Raises IndexNotFound (a FileNotFoundError: no index there),
     EvaluationError (a ValueError: fewer than two labels, a label with one image, no held-out image)."""
     from retrieval.learning.evaluation import evaluate_index
 
-    return Evaluation.from_result(evaluate_index(_absolute(index_dir), _checked_ks(ks), seed=seed, probe=probe, db_url=db_url,
-                                                 include_training_images=include_training_images))
+    _checked_options(seed, probe)
+    return Evaluation.from_result(evaluate_index(absolute_index_dir(index_dir), _checked_ks(ks), seed=seed, probe=probe,
+                                                 db_url=db_url, include_training_images=include_training_images))
 
 
 def _checked_ks(ks: Sequence[int] | int) -> tuple[int, ...]:
@@ -122,7 +123,8 @@ def compare(a: str | os.PathLike, b: str | os.PathLike, ks: Sequence[int] = DEFA
     share no labelled image."""
     from retrieval.learning.evaluation import compare_indexes
 
-    r = compare_indexes(_absolute(a), _absolute(b), _checked_ks(ks), seed=seed, probe=probe,
+    _checked_options(seed, probe)
+    r = compare_indexes(absolute_index_dir(a), absolute_index_dir(b), _checked_ks(ks), seed=seed, probe=probe,
                         include_training_images=include_training_images)
     return Comparison(Evaluation.from_result(r["a"]), Evaluation.from_result(r["b"]), r["matched"])
 
@@ -164,8 +166,22 @@ def network_text(about: dict) -> str:
             f"weights {about.get('weights_label', about['weights'])}, {about['dim']}-d)")
 
 
-def _absolute(path: str | os.PathLike) -> Path:
+def absolute_index_dir(path: str | os.PathLike) -> Path:
+    """An index folder given as a path (relative to the working folder or absolute) -> absolute. Raises TypeError
+    naming what was given for anything else (None: pathlib's own message named no argument)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"an index folder is a path (str or Path), not {path!r}")
     return Path(path).expanduser().resolve()
+
+
+def _checked_options(seed: object, probe: object) -> None:
+    """seed a whole number, probe True or False; raises EvaluationError naming the one that is not."""
+    from retrieval.learning.metrics import EvaluationError
+
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise EvaluationError(f"seed is a whole number, not {seed!r}")
+    if not isinstance(probe, bool):
+        raise EvaluationError(f"probe is True or False, not {probe!r}")
 
 
 def _num(v: float | None, signed: bool = False) -> str:

@@ -7,7 +7,7 @@ import dataclasses
 import html
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, jpeg_bytes, thumbnail_rgb
 
@@ -44,15 +44,22 @@ class SearchResult:
     def __iter__(self) -> Iterator[Hit]:
         return iter(self.hits)
 
-    def __getitem__(self, i: int) -> Hit:
+    @overload
+    def __getitem__(self, i: int) -> Hit: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Hit]: ...
+
+    def __getitem__(self, i: int | slice) -> Hit | list[Hit]:
         return self.hits[i]
 
     @property
     def labels(self) -> list[str | None]:
+        """The hits' labels, nearest first (None: an image outside class folders)."""
         return [h.label for h in self.hits]
 
     @property
     def distances(self) -> list[float]:
+        """The hits' distances, nearest first (Hit.distance)."""
         return [h.distance for h in self.hits]
 
     def _repr_html_(self) -> str:
@@ -95,6 +102,9 @@ class IndexInfo:
     views: str = "single"             # descriptors of the image alone, or averaged over "flip" / "flip+scales" views
     input_norm: str = "weights"       # input normalised by the weights' mean and std, or by each image's own ("image")
     regions: int = 0                  # regional vectors per image besides its own (index-images --regions; 0: none)
+    index_type: str = "Flat"          # the FAISS type searched ("PCAW64,L2norm,Flat": whitened to 64 dimensions)
+    whitened_dim: int | None = None   # the dimensions searches compare vectors in when the index whitens (Hit.distance
+                                      # is measured there, not between features()); None: the features themselves
 
 
 # --- HTML -------------------------------------------------------------------------------------------

@@ -80,7 +80,10 @@ def test_index_folder_again_is_a_no_op_and_rejects_unknown_options(built):
 
 
 @pytest.mark.parametrize("option, value", [("batch_size", 0), ("batch_size", "64"), ("workers", "x"), ("workers", -1),
-                                           ("seed", "abc"), ("max_pixels", 0), ("save_every_s", -1)])
+                                           ("seed", "abc"), ("max_pixels", 0), ("save_every_s", -1),
+                                           ("layer", "fc9"), ("views", "bogus"), ("input_norm", "x"), ("model", "resnet"),
+                                           ("normalize", "no"), ("device", "tpu"), ("precision", "fp8"), ("decode", "gpu"),
+                                           ("progress", 5), ("vector_index", 3)])
 def test_index_folder_refuses_a_bad_value_before_any_work_naming_the_option(built, option, value):
     """As the command line's types do: batch_size=0 was an AssertionError, workers="x" a TypeError from deep inside,
     and each was accepted without a word when nothing needed indexing."""
@@ -88,6 +91,21 @@ def test_index_folder_refuses_a_bad_value_before_any_work_naming_the_option(buil
 
     with pytest.raises(ConfigError, match=f"^{option} takes"):
         index_folder(built.data, built.index, **{**FAST, option: value})
+
+
+def test_a_wrong_name_leaves_no_index_folder_behind(built, tmp_path):
+    """Reproduces: layer="fc9" (or views="bogus") was an AssertionError from the network's code, after a new index
+    folder with its catalog and a 244 MB random-weights file had been made."""
+    from indexer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="^layer takes one of 'fc6', 'fc7'"):
+        index_folder(built.data, tmp_path / "new-index", weights="random", layer="fc9")
+    assert not (tmp_path / "new-index").exists()
+
+
+def test_vector_index_takes_a_faiss_type_as_text(built):
+    report = index_folder(built.data, built.index, vector_index="Flat", **FAST)
+    assert report.vector_index["factory"] == "Flat"
 
 
 def test_an_indexed_image_finds_itself_by_path_bytes_pil_and_array(built, index, monkeypatch):
@@ -166,6 +184,23 @@ def test_len_info_and_features(built, index):
     assert info.data_dir == built.data.resolve()
     v = index.features(built.data / "red_circles" / "red_circles_000.jpg")
     assert v.shape == (4096,) and v.dtype == np.float32 and abs(np.linalg.norm(v) - 1) < 1e-4
+    assert (info.index_type, info.whitened_dim) == ("Flat", None)   # 20 images: whitening waits for 128
+
+
+def test_info_says_when_distances_are_measured_in_a_whitened_space(tmp_path):
+    """Reproduces: on a whitened index Hit.distance (0.557) was not the distance between the two images'
+    features() (0.137), and nothing in IndexInfo said the searches compare whitened vectors."""
+    from retrieval.vectors.index_types import IndexTypeConfig
+
+    make_sample_collection(tmp_path / "data", per_class=12, size=(64, 48), seed=5)
+    index_folder(tmp_path / "data", tmp_path / "index", vector_index=IndexTypeConfig(whiten=True, whiten_dim=8), **FAST)
+    with retrieval.open_index(tmp_path / "index") as ix:
+        info = ix.info
+        assert (info.index_type, info.whitened_dim, info.dim) == ("PCAW8,L2norm,Flat", 8, 4096)
+        first = sorted((tmp_path / "data").rglob("*.jpg"))[0]
+        hit = ix.search(first, k=2)[1]
+        raw = float(np.linalg.norm(ix.features(first) - ix.features(hit.file)))
+        assert abs(hit.distance - raw) > 0.01   # as the docs now say: not the features' distance
 
 
 def test_search_result_shows_thumbnails_and_escaped_labels(built, index):
@@ -195,6 +230,9 @@ def test_evaluate_and_compare(built, monkeypatch):
         retrieval.evaluate("index", ks=(built.total,))   # no k left to measure: said, not a traceback
     with pytest.raises(retrieval.IndexNotFound):
         retrieval.open_index("no-index-here")
+    for call in (lambda: retrieval.evaluate("no-index-here"), lambda: retrieval.compare("index", "no-index-here")):
+        with pytest.raises(retrieval.IndexNotFound, match="run index-images first"):   # a plain FileNotFoundError before
+            call()
 
 
 def test_duplicates_from_python_group_a_photo_with_its_copies(tmp_path, monkeypatch):
@@ -278,6 +316,17 @@ def test_odd_arguments_get_the_errors_the_docs_name(built, index):
         index.search("")
     with pytest.raises(retrieval.ExpansionError):
         index.search(picture, qe=-1)
+    # a second review's list: qe="2" a TypeError comparing str and int, qe=2.5 a slice error after the forward pass,
+    # k=True taken for 1, evaluate(seed="x") scikit-learn's error about random_state, open_index(None) pathlib's
+    for call, error, said in [(lambda: index.search(picture, qe="2"), retrieval.ExpansionError, "not '2'"),
+                              (lambda: index.search(picture, qe=2.5), retrieval.ExpansionError, "not 2.5"),
+                              (lambda: index.search(picture, qe=1, qe_alpha="3"), retrieval.ExpansionError, "not '3'"),
+                              (lambda: index.search(picture, k=True), ValueError, "not True"),
+                              (lambda: retrieval.evaluate(built.index, seed="x"), retrieval.EvaluationError, "seed is"),
+                              (lambda: retrieval.evaluate(built.index, probe="no"), retrieval.EvaluationError, "probe is"),
+                              (lambda: retrieval.open_index(None), TypeError, "an index folder is a path")]:
+        with pytest.raises(error, match=said):
+            call()
     from indexer import ConfigError
     assert issubclass(ConfigError, ValueError) and issubclass(retrieval.DeviceUnavailable, RuntimeError)
 

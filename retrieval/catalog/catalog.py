@@ -16,8 +16,9 @@ from sqlalchemy import delete, func, insert, inspect, null, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import defer, sessionmaker
 
-from retrieval.catalog.db import (SCHEMA_LOCK_KEY, WRITER_LOCK_KEY, CatalogBusy, CatalogUnavailable, catalog_sqlite_file,
-                                  damaged_reason, db_error_reason, make_engine, make_server_engine, mask_url)
+from retrieval.catalog.db import (SCHEMA_LOCK_KEY, WRITER_LOCK_KEY, CatalogBusy, CatalogUnavailable, IndexNotFound,
+                                  catalog_sqlite_file, damaged_reason, db_error_reason, make_engine, make_server_engine,
+                                  mask_url)
 from retrieval.catalog.schema import (Base, FaissFileRow, ImageRow, IndexSettingsRow, RegionRow, SkippedRow,
                                       VectorsSavedRow, blob_to_vector, stack_vector_rows, utcnow, vector_checksum,
                                       vector_columns)
@@ -38,7 +39,7 @@ ADDED_COLUMNS = (("images", "vector_crc32", "BIGINT"), ("index_settings", "views
 class Catalog(IntegrityChecks, RunRecords, RegionVectors, FileStates):
     """The source of truth for an index: SQLite at INDEX_DIR/catalog.db, or any SQLAlchemy database URL.
 
-    Raises FileNotFoundError when there is no catalog yet (create=False), CatalogUnavailable when the
+    Raises IndexNotFound (a FileNotFoundError) when there is no catalog yet (create=False), CatalogUnavailable when the
     database cannot be reached."""
 
     def __init__(self, index_dir: Path, *, create: bool = False, url: str | None = None):
@@ -48,7 +49,7 @@ class Catalog(IntegrityChecks, RunRecords, RegionVectors, FileStates):
         if self.path is not None:
             if not create and not self.path.exists():
                 where = self.index_dir if url is None else self.path
-                raise FileNotFoundError(f"no index at {where} (missing {self.path.name}); run index-images first")
+                raise IndexNotFound(f"no index at {where} (missing {self.path.name}); run index-images first")
             if self.path.exists() and not os.access(self.path, os.R_OK | (os.W_OK if create else 0)):
                 raise CatalogUnavailable(f"the catalog {self.path} cannot be {'written' if create else 'read'}: this "
                                          f"user may not {'write' if create else 'read'} it; change its permissions or "
@@ -70,7 +71,7 @@ class Catalog(IntegrityChecks, RunRecords, RegionVectors, FileStates):
                     with self.engine.connect() as conn:
                         missing = not inspect(conn).has_table(IndexSettingsRow.__tablename__)
                     if missing:
-                        raise FileNotFoundError(f"no index in the database {self.location}; run index-images "
+                        raise IndexNotFound(f"no index in the database {self.location}; run index-images "
                                                 "first (with the same --db-url)")
             except SQLAlchemyError as exc:
                 self.engine.dispose()

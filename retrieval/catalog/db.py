@@ -28,6 +28,10 @@ class CatalogUnavailable(RuntimeError):
     The message never holds the URL's password."""
 
 
+class IndexNotFound(FileNotFoundError):
+    """No usable index in the folder (or database); the message says what to run."""
+
+
 class CatalogBusy(RuntimeError):
     """Another process holds the catalog's writer lock."""
 

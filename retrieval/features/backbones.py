@@ -16,7 +16,7 @@ from retrieval.features.state_dicts import (  # noqa: F401 - the loading API, im
     MODELS, imagenet_cache_path, load_backbone, load_state_dict, random_state_dict)
 from retrieval.features.weights import WeightsChoice, WeightsUnavailable
 from retrieval.images.decode import Preprocessing
-from retrieval.names import DEFAULT_RANDOM_SEED, INPUT_NORMS, LAYERS, POOLED_INPUT, VIEWS
+from retrieval.names import DEFAULT_RANDOM_SEED, INPUT_NORMS, LAYERS, POOLED_INPUT, VIEWS, is_device_name
 from retrieval.names import random_weights_file  # noqa: F401 - imported from here by its callers
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,7 @@ def preprocessing_for(model: str, layer: str = "fc7", input_norm: str = "weights
 def resolve_device(device: str) -> torch.device:
     """"cpu", "cuda" (or "cuda:N") or "auto" -> the torch device. Raises DeviceUnavailable for a GPU that is not
     here, ValueError for another name (torch's own message lists a dozen backends this project does not run on)."""
-    if not isinstance(device, str) or not (device in ("cpu", "cuda", "auto")
-                                           or (device.startswith("cuda:") and device[5:].isdigit())):
+    if not is_device_name(device):
         raise ValueError(f"device is 'cpu', 'cuda' (or 'cuda:N') or 'auto', not {device!r}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

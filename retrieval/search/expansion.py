@@ -27,10 +27,12 @@ class QueryExpansion:
     alpha: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.n <= MAX_EXPANSION:
-            raise ExpansionError(f"query expansion takes 0 to {MAX_EXPANSION} top results, not {self.n}")
-        if not 0 <= self.alpha <= 100:
-            raise ExpansionError(f"the query-expansion alpha is a number from 0 to 100, not {self.alpha}")
+        if isinstance(self.n, bool) or not isinstance(self.n, (int, np.integer)) or not 0 <= self.n <= MAX_EXPANSION:
+            raise ExpansionError(f"query expansion takes a whole number of top results from 0 to {MAX_EXPANSION}, "
+                                 f"not {self.n!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float, np.integer, np.floating)) \
+                or not 0 <= self.alpha <= 100:
+            raise ExpansionError(f"the query-expansion alpha is a number from 0 to 100, not {self.alpha!r}")
 
     def __bool__(self) -> bool:
         return self.n > 0

@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from retrieval.features.backbones import (MODELS, FeatureExtractor, WeightsUnavailable, build_extractor, imagenet_cache_path,
                                           precision_for_index, resolve_device)
+from retrieval.catalog.db import IndexNotFound  # noqa: F401 - raised here too, and imported from here by callers
 from retrieval.catalog import (CATALOG_FILE, Catalog, CatalogUnavailable, IndexSettings, db_error_reason,  # noqa: F401
                       weights_label)  # weights_label: re-exported
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_for_model
@@ -33,9 +34,6 @@ log = logging.getLogger(__name__)
 # when the weights file changes).
 NETWORK_RETRY_S = 60.0
 
-
-class IndexNotFound(FileNotFoundError):
-    """No usable index in the folder; the message says what to run."""
 
 
 class WeightsMismatch(WeightsUnavailable):
