@@ -177,6 +177,8 @@ def exit_without_teardown(command: click.Command) -> Callable[[], None]:
 
         def on_terminate(signum: int, _frame) -> None:  # noqa: ANN001 - a signal handler
             terminated.append(signum)
+            if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:   # a job a script started with & ignores Ctrl-C;
+                signal.signal(signal.SIGINT, signal.default_int_handler)   # a SIGTERM must still stop it
             os.kill(os.getpid(), signal.SIGINT)   # as a Ctrl-C, so a moment that holds Ctrl-C holds this too
 
         signal.signal(signal.SIGTERM, on_terminate)

@@ -200,17 +200,22 @@ def test_ctrl_c_while_the_workers_decode_exits_130_at_once_and_a_rerun_finishes(
     assert json.loads(rerun.stdout)["total"] == N_IMAGES
 
 
-@pytest.mark.parametrize("whole_group", [False, True], ids=["kill", "docker-stop"])
-def test_sigterm_mid_run_stops_as_ctrl_c_does_exit_143_and_a_rerun_finishes(collection, tmp_path, whole_group):
+@pytest.mark.parametrize("whole_group, sigint_ignored", [(False, False), (True, False), (False, True)],
+                         ids=["kill", "docker-stop", "kill-a-script's-background-job"])
+def test_sigterm_mid_run_stops_as_ctrl_c_does_exit_143_and_a_rerun_finishes(collection, tmp_path, whole_group,
+                                                                            sigint_ignored):
     """Reproduces: SIGTERM (kill, timeout, systemd, docker stop, a batch scheduler) ended index-images silently with
     status -15. Now the Ctrl-C way: the queued batches committed, a line saying so, exit 143 (128 + 15), whether the
-    signal reaches the command alone (kill PID) or its decoding workers too (a container's or a unit's whole group)."""
+    signal reaches the command alone (kill PID) or its decoding workers too (a container's or a unit's whole group).
+    And a second review's: a job a script starts with & inherits SIGINT ignored, and the SIGTERM passed on as a
+    Ctrl-C was dropped: the run went on to the end and exited 0."""
     import psutil
 
     data, reference = collection
     index_dir = tmp_path / "index"
     proc = interruptible(entry_command("index-images", str(data), "--index-dir", str(index_dir), "--weights", "random",
-                                       "--batch-size", "1"))
+                                       "--batch-size", "1"),
+                         **({"preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)} if sigint_ignored else {}))
     try:
         catalog = index_dir / "catalog.db"
         wait_for(lambda: proc.poll() is not None or (catalog.exists() and _committed(catalog) >= 2), 120, interval=0.05)
