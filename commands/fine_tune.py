@@ -62,6 +62,8 @@ AUTO_TRAIN_BATCH_CAP = 64                # --batch-size auto never trains on lar
                    "computed once and cached (head, fc).")
 @click.option("--sanity", is_flag=True, help="Also overfit a tiny subset (2 images per class, at most 20) with "
                                              "weight decay and dropout off, and report whether the loss gets under 0.05.")
+@click.option("--overwrite", is_flag=True, help="Replace --out when it exists (an index made with it then no longer "
+                                                "matches its weights: index again into a new folder).")
 @click.option("--keep-head", is_flag=True, help="Keep the new classification layer in the weights file.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the network trains: auto is a CUDA GPU when there is one, else the CPU.")
@@ -70,7 +72,7 @@ AUTO_TRAIN_BATCH_CAP = 64                # --batch-size auto never trains on lar
 def main(data_dir: Path, model: str, weights: str, out: Path, train: str, objective: str, val_fraction: float,  # noqa: PLR0913
          seed: int, epochs: int, lr: float | None, lr_schedule: str, optimizer: str, weight_decay: float, dropout: float,
          patience: int,
-         batch_size: str, cache_views: int, sanity: bool, keep_head: bool, device: str, as_json: bool,
+         batch_size: str, cache_views: int, sanity: bool, overwrite: bool, keep_head: bool, device: str, as_json: bool,
          verbose: bool) -> None:
     """Fine-tune the network on the classes of DATA_DIR (DATA_DIR/<class>/<image>) and write its weights.
 
@@ -93,7 +95,7 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, object
         if not path.is_file():
             raise click.BadParameter(f"{weights!r} is not 'imagenet', 'random' or a file", param_hint="'--weights'")
         weights = str(path)
-    _check_out(out, model)   # before any training: a folder that cannot take the weights is told at once
+    _check_out(out, model, overwrite)   # before any training: a folder that cannot take the weights is told at once
 
     from retrieval.features.backbones import DeviceUnavailable, WeightsUnavailable, resolve_device
     from retrieval.learning.finetune import FineTuneConfig, FineTuneError, fine_tune
@@ -138,11 +140,16 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, object
         sys.exit(130)
 
 
-def _check_out(out: Path, model: str) -> None:
-    """--out's folder (or the nearest one above it that exists: the rest is made) can be written and has room for
-    the weights, about the network's state dict, and its history. Raises UserError."""
+def _check_out(out: Path, model: str, overwrite: bool = False) -> None:
+    """--out does not exist yet (unless overwrite), and its folder (or the nearest one above it that exists: the rest
+    is made) can be written and has room for the weights, about the network's state dict, and its history. Raises
+    UserError."""
     from retrieval.files import device_words, free_bytes, is_read_only
 
+    if out.exists() and not overwrite:
+        # a rerun wrote its starting weights over the file at once, and every index made with it stopped working
+        raise UserError(f"--out {out} exists: an index made with those weights would no longer match them. Choose "
+                        "another --out, or pass --overwrite to replace it")
     folder = out.parent
     existing = folder
     while not existing.exists() and existing != existing.parent:

@@ -328,6 +328,22 @@ def test_fewer_than_two_classes_is_a_clear_error(tmp_path):
     assert not (tmp_path / "t.pt").exists()
 
 
+def test_an_existing_out_file_is_kept_unless_overwrite_is_asked(tmp_path):
+    """Reproduces: a second fine-tune run with the same --out wrote its starting weights over the file at once, and
+    the index made with the first run's weights stopped answering ("not the ones this index was built with")."""
+    make_colour_collection(tmp_path / "data", per_class=3)
+    out = tmp_path / "tuned.pt"
+    out.write_bytes(b"the first run's weights")
+    result = CliRunner().invoke(main, [str(tmp_path / "data"), "--out", str(out), "--weights", "random"])
+    assert result.exit_code == 2, result.output
+    assert f"--out {out} exists" in result.output and "--overwrite" in result.output
+    assert out.read_bytes() == b"the first run's weights"
+    result = CliRunner().invoke(main, [str(tmp_path / "data"), "--out", str(out), *RANDOM_START, "--epochs", "1",
+                                       "--train", "head", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes() != b"the first run's weights"
+
+
 def test_split_keeps_groups_whole_and_still_validates_every_class_it_can():
     codes = np.array([0] * 6 + [1] * 3 + [2] * 4)
     groups = ["a", "a", "a", "b", None, None,      # class 0: a group of three, a pair, two of their own
