@@ -238,6 +238,22 @@ def test_some_queries_search_everything_and_score_as_in_the_full_run():
     assert r["chance"]["retrieval_precision"] == pytest.approx(sum(asked[c] * 9 for c in asked) / (8 * 29))
 
 
+def test_a_class_added_after_fine_tuning_lends_the_probe_half_its_images_instead_of_scoring_zero():
+    """Reproduces: a class folder added after fine-tuning has every image held out, so the probe (trained on the
+    fine-tuning images) had never seen it: probe accuracy 0.000 for it, 0.556 overall against kNN 1.000."""
+    rng = np.random.default_rng(1)
+    codes = np.repeat(np.arange(3), 10)                         # c2 is the new class: no image outside the queries
+    labels = [f"c{c}" for c in codes]
+    vectors = (0.3 * rng.normal(size=(30, 8)) + 3 * np.eye(3, 8)[codes]).astype(np.float32)   # 3 tight clusters
+    asking = (np.arange(30) % 10 >= 7) | (codes == 2)           # 3 held-out images of c0 and c1, all 10 of c2
+    r = evaluate_vectors(vectors, labels, [1, 5], queries=asking)
+    assert r["evaluated_images"] == 16 and r["per_class"]["c2"]["images"] == 10   # the kNN numbers: all the queries
+    probe = r["linear_probe"]
+    assert (probe["train"], probe["test"]) == (14 + 5, 16 - 5)   # half of c2 trains the probe
+    assert probe["accuracy"] == 1.0 and r["per_class"]["c2"]["probe_accuracy"] == 1.0
+    assert any("no training image of 1 label(s)" in note and "'c2'" in note for note in r["notes"])
+
+
 def test_a_single_image_class_that_never_queries_is_only_searched():
     rng = np.random.default_rng(0)
     labels = ["a"] * 5 + ["b"] * 5 + ["lonely"]

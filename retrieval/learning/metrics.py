@@ -205,6 +205,24 @@ def linear_probe(vectors: np.ndarray, codes: np.ndarray, seed: int, test_share: 
             "converged": converged}
 
 
+def _probe_test_rows(codes: np.ndarray, asking: np.ndarray, seed: int) -> tuple[np.ndarray, list[int]]:
+    """The rows a held-out linear probe is tested on: the queries, less a seeded half (at least one) of those of each
+    label with no image among the other rows, which train it instead: a probe cannot predict a label it never saw
+    (a class folder added after fine-tuning had probe accuracy 0 and pulled the whole probe down).
+    -> (test rows, shape=(t,) int; the labels that lent images)."""
+    rng = np.random.default_rng(seed)
+    trained = set(np.unique(codes[~asking]).tolist())
+    rows = np.flatnonzero(asking)
+    lent_rows, lent = [], []
+    for c in np.unique(codes[rows]).tolist():
+        if c in trained:
+            continue
+        mine = rng.permutation(rows[codes[rows] == c])
+        lent_rows.extend(mine[:max(1, len(mine) // 2)].tolist())
+        lent.append(c)
+    return (np.setdiff1d(rows, lent_rows) if lent_rows else rows), lent
+
+
 def evaluate_vectors(vectors: np.ndarray, labels: Sequence[str], ks: Sequence[int] = DEFAULT_KS, *, seed: int = 0,
                      probe: bool = True, unlabelled: int = 0, queries: np.ndarray | None = None) -> dict:
     """All the numbers of `evaluate-index` for labelled vectors, as one JSON-ready dict.
@@ -288,12 +306,20 @@ def evaluate_vectors(vectors: np.ndarray, labels: Sequence[str], ks: Sequence[in
 
     probe_result = None
     held_out = queries is not None and not asking.all()
-    trainable = len(np.unique(codes[~asking])) >= 2 if held_out else True
+    probe_rows = rows
+    if held_out and probe:
+        probe_rows, lent = _probe_test_rows(codes, asking, seed)
+        if lent:
+            notes.append(f"the linear probe had no training image of {len(lent)} label(s) (added after "
+                         f"fine-tuning, or all held out): half of their held-out images (at least one) trained it "
+                         f"instead of testing it: {', '.join(repr(names[c]) for c in lent[:10])}"
+                         f"{' ...' if len(lent) > 10 else ''}")
+    trainable = len(np.unique(np.delete(codes, probe_rows))) >= 2 if held_out else True
     if probe and not trainable:
         notes.append("no linear probe: it trains on the images left out of the queries, and those hold fewer than "
                      "two labels")
     if probe and trainable:
-        p = linear_probe(vectors, codes, seed, test_rows=rows if held_out else None)
+        p = linear_probe(vectors, codes, seed, test_rows=probe_rows if held_out else None)
         recall = recall_score(p["y_test"], p["predicted"], labels=label_ids, average=None, zero_division=0.0)
         tested = np.bincount(p["y_test"], minlength=len(names))
         for c, name in enumerate(names):
