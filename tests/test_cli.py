@@ -231,6 +231,32 @@ def test_bad_batch_size_is_a_usage_error(runner, data, tmp_path):
     assert result.exit_code == 2 and "batch" in result.output.lower()
 
 
+def test_an_empty_catalog_file_is_no_index_said_in_one_line_and_left_as_it_was(runner, data, tmp_path):
+    """Reproduces: a 0-byte catalog.db (touch, a copy that failed) or one without tables gave search-images,
+    find-duplicates and evaluate-index an SQLAlchemy traceback ("no such table: index_settings"), and search-images
+    wrote 4 kB into the file."""
+    import sqlite3
+
+    from commands.evaluate_index import main as evaluate_index
+    from commands.find_duplicates import main as find_duplicates
+
+    query = data / "red_circles" / "red_circles_000.jpg"
+    empty, tableless = tmp_path / "empty", tmp_path / "tableless"
+    empty.mkdir()
+    (empty / "catalog.db").write_bytes(b"")
+    tableless.mkdir()
+    with sqlite3.connect(tableless / "catalog.db") as db:
+        db.execute("CREATE TABLE notes (text)")
+    for folder, said in [(empty, "its catalog.db is an empty file"), (tableless, "its catalog.db holds no index")]:
+        for command, args in [(search_images, [str(query)]), (find_duplicates, []), (evaluate_index, []),
+                              (index_images, [str(data), "--check"])]:
+            result = runner.invoke(command, [*args, "--index-dir", str(folder)])
+            assert result.exit_code == 2 and said in result.output and "run index-images first" in result.output, \
+                (command.name, result.output)
+            assert "Traceback" not in result.output
+    assert (empty / "catalog.db").stat().st_size == 0
+
+
 def test_search_errors_are_status_2(runner, data, tmp_path):
     query = data / "red_circles" / "red_circles_000.jpg"
     no_index = runner.invoke(search_images, [str(query), "--index-dir", str(tmp_path / "missing")])

@@ -54,11 +54,20 @@ class Catalog(IntegrityChecks, RunRecords, RegionVectors, FileStates):
                 raise CatalogUnavailable(f"the catalog {self.path} cannot be {'written' if create else 'read'}: this "
                                          f"user may not {'write' if create else 'read'} it; change its permissions or "
                                          "run as its owner")
+            if not create and self.path.stat().st_size == 0:   # opening it would write a database header into it
+                raise IndexNotFound(f"no index at {self.index_dir}: its {self.path.name} is an empty file (no "
+                                    "index-images run has written it); run index-images first")
             if create:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             self.engine = make_engine(self.path, create=create)
             if create:
                 Base.metadata.create_all(self.engine)
+            else:
+                try:
+                    self._refuse_without_tables(f"no index at {self.index_dir}: its {self.path.name} holds no index "
+                                                "(a database without its tables); run index-images first")
+                except SQLAlchemyError:   # a damaged or unreachable file: said where it is read, as before
+                    pass
         else:
             self.engine = make_server_engine(url)
             try:
@@ -68,10 +77,7 @@ class Catalog(IntegrityChecks, RunRecords, RegionVectors, FileStates):
                             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
                         Base.metadata.create_all(conn)
                 else:
-                    with self.engine.connect() as conn:
-                        missing = not inspect(conn).has_table(IndexSettingsRow.__tablename__)
-                    if missing:
-                        raise IndexNotFound(f"no index in the database {self.location}; run index-images "
+                    self._refuse_without_tables(f"no index in the database {self.location}; run index-images "
                                                 "first (with the same --db-url)")
             except SQLAlchemyError as exc:
                 self.engine.dispose()
@@ -135,6 +141,14 @@ class Catalog(IntegrityChecks, RunRecords, RegionVectors, FileStates):
     def reason(self, exc: BaseException) -> str:
         """A database error in one line, without the SQL statement SQLAlchemy appends or the URL's password."""
         return db_error_reason(exc, self.url)
+
+    def _refuse_without_tables(self, message: str) -> None:
+        """Raise IndexNotFound(message) when the database has no index_settings table (no index-images run made it)."""
+        with self.engine.connect() as conn:
+            missing = not inspect(conn).has_table(IndexSettingsRow.__tablename__)
+        if missing:
+            self.engine.dispose()
+            raise IndexNotFound(message)
 
     def identity(self) -> tuple:
         """Which catalog this is now: (st_dev, st_ino) of the SQLite file (raises FileNotFoundError), or
