@@ -33,7 +33,18 @@ def index_lock(index_dir: Path) -> Iterator[None]:
             raise busy
         _held_locks.add(index_dir)
     try:
-        with open(index_dir / LOCK_FILE, "a+") as fh:
+        try:
+            opened = open(index_dir / LOCK_FILE, "a+")
+        except IsADirectoryError:
+            raise ConfigError(f"{index_dir / LOCK_FILE} is a folder, not index-images' lock file: remove it and run "
+                              "again") from None
+        except PermissionError:
+            if not (index_dir / LOCK_FILE).exists():
+                raise ConfigError(f"the index folder {index_dir} is read-only for this user: change its permissions "
+                                  "or pass another --index-dir") from None
+            raise ConfigError(f"{index_dir / LOCK_FILE}, index-images' lock file, cannot be opened for writing by "
+                              "this user: change its permissions, or remove it, and run again") from None
+        with opened as fh:
             try:
                 fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:   # EACCES or EAGAIN: held by another process
@@ -53,13 +64,15 @@ def writer_running(index_dir: Path) -> bool:
         if index_dir in _held_locks:
             return True
     try:
-        with open(index_dir / LOCK_FILE, "rb") as fh:
+        fh = open(index_dir / LOCK_FILE, "rb")
+    except OSError:   # none (no run yet), a folder, not readable here: no writer holds it that this can see
+        return False  # (a lock file this user cannot open was said to be held: "another run", with none running)
+    with fh:
+        try:
             fcntl.lockf(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
             fcntl.lockf(fh, fcntl.LOCK_UN)
-    except FileNotFoundError:
-        return False
-    except OSError:   # EACCES or EAGAIN: held by a writer
-        return True
+        except OSError:   # EACCES or EAGAIN: held by a writer
+            return True
     return False
 
 

@@ -257,6 +257,20 @@ def test_an_empty_catalog_file_is_no_index_said_in_one_line_and_left_as_it_was(r
     assert (empty / "catalog.db").stat().st_size == 0
 
 
+def test_a_lock_file_that_is_a_folder_is_named_not_taken_for_another_run(runner, data, tmp_path):
+    """Reproduces: .lock made a folder (or unreadable to this user) gave index-images an IsADirectoryError traceback
+    and --check "another index-images run is updating ..." with none running."""
+    index_dir = tmp_path / "index"
+    assert runner.invoke(index_images, [str(data), "--index-dir", str(index_dir), "--weights", "random",
+                                        "--workers", "0"]).exit_code == 0
+    (index_dir / ".lock").unlink()
+    (index_dir / ".lock").mkdir()
+    run = runner.invoke(index_images, [str(data), "--index-dir", str(index_dir)])
+    assert run.exit_code == 2 and ".lock is a folder, not index-images' lock file: remove it" in run.output, run.output
+    check = runner.invoke(index_images, [str(data), "--index-dir", str(index_dir), "--check"])
+    assert "another index-images run" not in check.output and check.exit_code == 0, check.output
+
+
 def test_search_errors_are_status_2(runner, data, tmp_path):
     query = data / "red_circles" / "red_circles_000.jpg"
     no_index = runner.invoke(search_images, [str(query), "--index-dir", str(tmp_path / "missing")])
