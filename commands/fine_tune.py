@@ -12,8 +12,8 @@ from retrieval.features.weights import WeightsChoice, weights_error_message
 from retrieval.names import DEFAULT_FINE_TUNE_OBJECTIVE, FINE_TUNE_OBJECTIVES, MODEL_NAMES
 from retrieval.system import display_name, terminal_name
 
-from commands.options import (Command, MODEL_PARAMETERS, PathArg, UserError, command_settings, exit_without_teardown, parse_batch_size,
-                              setup_logging)
+from commands.options import (Command, DiskFull, MODEL_PARAMETERS, PathArg, UserError, command_settings,
+                              exit_without_teardown, parse_batch_size, setup_logging)
 
 # Nothing heavy at module level: --help and usage errors answer at once; torch is imported in the command.
 TRAIN_MODES = ("head", "fc", "all")      # retrieval.learning.finetune.TRAIN_MODES, without importing torch
@@ -127,6 +127,16 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, object
     except KeyboardInterrupt:
         click.echo("\ninterrupted before the first epoch ended: nothing was saved.", err=True)
         sys.exit(130)
+    except Exception as exc:
+        from retrieval.files import FULL, disk_trouble, no_space_message
+
+        if disk_trouble(exc) != FULL:
+            raise
+        # the disk filled after the check before training (another writer): torch.save's "unexpected pos" traceback
+        needed = (MODEL_PARAMETERS.get(model, 0) * 4 + 2**20) / 2**20
+        raise DiskFull(no_space_message(out.parent).replace("; nothing was lost", "") + f": the weights need about "
+                       f"{needed:.0f} MB ({out} is as it was before this write: files are replaced whole or not at "
+                       "all)") from None
     summary = _summary(result, _draw_plots(result.history_path) if result.weights_path else [])
     if as_json:
         click.echo(json.dumps(summary))

@@ -153,6 +153,26 @@ def test_fine_tune_checks_out_folder_before_training(tmp_path, collection):
         assert f"the folder {fs} is read-only" in line and "fine-tuning" not in result.output
 
 
+def test_fine_tune_on_a_disk_that_fills_after_its_check_says_so_in_one_line(tmp_path, collection, monkeypatch):
+    """Reproduces: a disk filled by another writer after fine-tune's check before training: torch.save's
+    'RuntimeError: unexpected pos' traceback, exit 1, nothing saying the disk was full."""
+    import commands.fine_tune as command
+
+    checked = command._check_out
+
+    def check_then_fill(out, model, overwrite=False):   # another writer fills the disk once the check has passed
+        checked(out, model, overwrite)
+        fill(out.parent, 64 * 2**10)
+
+    with tmpfs(tmp_path / "fs", "300m") as fs:
+        monkeypatch.setattr(command, "_check_out", check_then_fill)
+        result = CliRunner().invoke(fine_tune, [str(collection), "--weights", "random", "--epochs", "1", "--train",
+                                                "head", "--device", "cpu", "--out", str(fs / "tuned.pt")])
+        line = _assert_one_line_no_traceback(result, 1, "Error: no space left on tmpfs")
+        assert f"for {fs}" in line and "the weights need about 234 MB" in line, line
+        assert not (fs / "tuned.pt").exists() and leftovers(fs) == []
+
+
 def _thumbnail_ok(client, image_id: int = 1) -> None:
     response = client.get(f"/images/{image_id}/thumbnail")
     assert response.status_code == 200, response.get_data(as_text=True)
