@@ -12,7 +12,8 @@ import click
 from retrieval.names import DECODES, FC_DIM, INPUT_NORMS, LAYERS, MAX_EF_SEARCH, MAX_NPROBE, MODEL_NAMES, VIEWS, feature_dim
 
 from commands.options import (Command, MODEL_PARAMETERS, PathArg, UserError, command_settings, db_url_option, exit_without_teardown,
-                              index_dir_option, parse_batch_size, permission_denied, privilege_error, setup_logging)
+                              full_disk_error, index_dir_option, parse_batch_size, permission_denied, privilege_error,
+                              setup_logging)
 
 # Nothing heavy at module level: --help and usage errors answer at once. The job imports torch and
 # FAISS itself, only when there is work for the network.
@@ -250,8 +251,8 @@ def _check(data_dir: Path, index_dir: Path, db_url: str | None, as_json: bool, d
         raise UserError(str(exc)) from None
     except CatalogUnavailable as exc:
         raise UserError(str(exc)) from None
-    except SQLAlchemyError as exc:
-        if (user_error := damaged(exc)) is not None:
+    except SQLAlchemyError as exc:   # a full disk too: SQLite cannot make its shared-memory file ("disk I/O error")
+        if (user_error := damaged(exc) or full_disk_error(exc, index_dir, db_url)) is not None:
             raise user_error from None
         raise UserError(f"the catalog cannot be read: {db_error_reason(exc, db_url)}") from None
     click.echo(json.dumps(report) if as_json else describe(report))

@@ -236,12 +236,13 @@ def test_server_starts_on_a_read_only_index_folder(tmp_path, sample_index):
 
 
 @pytest.mark.parametrize("command", ["search-images", "evaluate-index", "find-duplicates", "serve-images",
-                                     "index-images"])
+                                     "index-images", "index-images --check"])
 def test_every_command_on_an_index_whose_disk_is_full_says_so_in_one_line(tmp_path, sample_index, command):
     """Reproduces: with the index folder's disk full (SQLite cannot make its 32 KB shared-memory file beside the
     catalog), search-images, evaluate-index and find-duplicates died with an 'OperationalError: disk I/O error'
     traceback, serve-images said 'the catalog ... cannot be read: disk I/O error' and index-images 'the catalog
-    database failed ... run the same command again'."""
+    database failed ... run the same command again'; index-images --check 'the catalog cannot be read: disk I/O
+    error', exit 2."""
     from commands.evaluate_index import main as evaluate_index
     from commands.find_duplicates import main as find_duplicates
     from commands.search_images import main as search_images
@@ -250,7 +251,8 @@ def test_every_command_on_an_index_whose_disk_is_full_says_so_in_one_line(tmp_pa
     query = next(sample_index.data_dir.rglob("*.jpg"))
     runs = {"search-images": (search_images, [str(query)]), "evaluate-index": (evaluate_index, []),
             "find-duplicates": (find_duplicates, []), "serve-images": (serve_images, ["--port", "1"]),
-            "index-images": (index_images, [str(sample_index.data_dir)])}
+            "index-images": (index_images, [str(sample_index.data_dir)]),
+            "index-images --check": (index_images, [str(sample_index.data_dir), "--check"])}
     with tmpfs(tmp_path / "fs") as fs:
         index_dir = fs / "index"   # the catalog and FAISS file on the small disk; the 233 MB weights linked
         shutil.copytree(sample_index.index_dir, index_dir, ignore=shutil.ignore_patterns("random-weights-*"))
