@@ -99,6 +99,11 @@ _KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
 
 
+def file_kind(mode: int) -> str:
+    """What a stat mode that is not a regular file's names, in words: "a named pipe", "a character device", ..."""
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
 def open_regular(path: Path | str, *, buffering: int = -1) -> BinaryIO:
     """Open a regular file for reading in binary, without ever blocking on what is not one.
 
@@ -109,8 +114,7 @@ def open_regular(path: Path | str, *, buffering: int = -1) -> BinaryIO:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
-            raise NotARegularFile(errno.EINVAL, f"not a regular file ({kind})", os.fsdecode(path))
+            raise NotARegularFile(errno.EINVAL, f"not a regular file ({file_kind(mode)})", os.fsdecode(path))
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb", buffering=buffering)
     except BaseException:

@@ -121,6 +121,24 @@ def test_a_worker_stuck_where_no_signal_reaches_is_stopped_and_its_other_files_i
                                   "reason": "reading and decoding it took longer than 3 s (the decoder was stopped)"}]
 
 
+def test_a_named_pipe_or_a_device_named_like_a_photo_is_listed_as_skipped_with_what_it_is(tmp_path):
+    """Reproduces: a named pipe called p.jpg, or a link named z.jpg to /dev/zero, was neither indexed nor in the
+    skipped list, without a word (the docs promise a reason for each)."""
+    from retrieval.images.scan import scan_folder
+
+    data = tmp_path / "data"
+    pictures(data)
+    os.mkfifo(data / "reds" / "pipe.jpg")
+    (data / "reds" / "zeros.jpg").symlink_to("/dev/zero")
+    (data / "reds" / "inside.jpg").symlink_to(data / "blues" / "p2.png")   # a link to a photo inside: indexed
+    (data / "reds" / "inside-pipe.jpg").symlink_to(data / "reds" / "pipe.jpg")
+    result = scan_folder(data)
+    assert result.skipped == {"reds/pipe.jpg": "not a regular file (a named pipe)",
+                              "reds/inside-pipe.jpg": "not a regular file (a named pipe)",
+                              "reds/zeros.jpg": "symlink points outside the data folder"}
+    assert "reds/inside.jpg" in [image.path for image in result.images]
+
+
 def test_open_regular_refuses_what_is_not_a_regular_file_at_once(tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)

@@ -5,8 +5,11 @@ import dataclasses
 import errno
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Iterable
+
+from retrieval.files import file_kind
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +117,16 @@ def scan_folder(data_dir: Path, *, exclude: Iterable[Path] = (), skip_folders_ho
             if full.suffix.lower() in UNREADABLE_PHOTO_EXTENSIONS:
                 formats[full.suffix.lower()] = formats.get(full.suffix.lower(), 0) + 1
             return
-        if not entry.is_file(follow_symlinks=True):
-            if entry.is_symlink() and not os.path.exists(full):
-                skipped[rel] = "symlink to a file that is not there"
+        if entry.is_symlink() and not os.path.exists(full):
+            skipped[rel] = "symlink to a file that is not there"
             return
         if entry.is_symlink() and not is_inside(full.resolve(), root):
             skipped[rel] = "symlink points outside the data folder"
             return
         st = entry.stat(follow_symlinks=True)
+        if not stat.S_ISREG(st.st_mode):   # a named pipe or a device named like a photo: said, never opened
+            skipped[rel] = f"not a regular file ({file_kind(st.st_mode)})"
+            return
         if max_file_bytes is not None and st.st_size > max_file_bytes:
             skipped[rel] = (f"file too large ({st.st_size / 2**20:,.0f} MB, limit {max_file_bytes / 2**20:,.0f} MB): "
                             "not read")
