@@ -186,6 +186,8 @@ def exit_without_teardown(command: click.Command) -> Callable[[], None]:
             code = command.main(standalone_mode=False)   # click's own handling, less its Ctrl-C: "Aborted!", exit 1
         except SystemExit as exc:
             code = exc.code
+        except OSError as exc:
+            code = _output_failed(exc)
         except click.ClickException as exc:
             exc.show()
             code = exc.exit_code
@@ -204,13 +206,37 @@ def exit_without_teardown(command: click.Command) -> Callable[[], None]:
             code = 0 if code is None else 1
         if terminated and code == 130:
             code = 128 + signal.SIGTERM
+        try:
+            sys.stdout.flush()
+        except OSError as exc:
+            code = code or _output_failed(exc)
         if "torch" in sys.modules:
             logging.shutdown()
-            sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
         sys.exit(code)
     return entry
+
+
+def _output_failed(exc: OSError) -> int:
+    """The exit status for an OSError that reached the entry point, said in one line: the reader of a pipe gone
+    (`search-images x.jpg | head -1`) at the last flush: quietly 1, as click exits when it meets it earlier; the
+    output's disk full (> a file on a full disk, > /dev/full): one line, exit 1. Anything else is raised again (a
+    traceback: a bug)."""
+    import errno
+
+    if exc.errno == errno.EPIPE:
+        devnull = os.open(os.devnull, os.O_WRONLY)   # the interpreter's last flush would fail again, out loud
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT) and exc.filename is None:   # a write to stdout (files are named)
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            click.echo(f"Error: cannot write the output (stdout): {exc.strerror}", err=True)
+        except OSError:
+            pass
+        return 1
+    raise exc
 
 
 def damaged_catalog_error(exc: BaseException, index_dir: Path, db_url: str | None,

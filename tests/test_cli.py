@@ -461,3 +461,16 @@ def test_touched_files_keep_their_ids_and_are_not_extracted_again(tmp_path):
     quiet = subprocess.run([console_script("index-images"), "data", "--json"], cwd=tmp_path, capture_output=True,
                            text=True, timeout=300)
     assert (json.loads(quiet.stdout)["unchanged"], json.loads(quiet.stdout)["restamped"]) == (4, 0), "recorded"
+
+
+@pytest.mark.slow
+def test_output_to_a_full_disk_is_one_line_not_a_traceback(sample_index):
+    """Reproduces: `search-images x.jpg > /dev/full` (stdout on a full disk) died with an 'OSError: [Errno 28]'
+    traceback from click.echo, as did every command."""
+    query = next(sample_index.data_dir.rglob("*.jpg"))
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([console_script("search-images"), str(query), "--index-dir", str(sample_index.index_dir)],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == ["Error: cannot write the output (stdout): No space left on device"], \
+        done.stderr
