@@ -298,7 +298,7 @@ def _space_needed(data_dir: Path, index_dir: Path, model: str | None, weights: s
     from retrieval.catalog.db import CATALOG_FILE
     from retrieval.files import SPACE_MARGIN
     from retrieval.images.scan import scan_folder
-    from retrieval.names import random_weights_file
+    from retrieval.names import FAISS_FILE, random_weights_file
     needed = SPACE_MARGIN
     if weights == "random" and not random_weights_file(index_dir, model or "alexnet").exists():
         needed += MODEL_PARAMETERS.get(model or "alexnet", 0) * 4   # a state dict file
@@ -314,7 +314,12 @@ def _space_needed(data_dir: Path, index_dir: Path, model: str | None, weights: s
                 committed = db.execute("SELECT count(*) FROM images").fetchone()[0]
         except sqlite3.Error:
             pass
-    return needed + total * vector + int(max(0, total - committed) * vector * 1.5)
+    faiss_file = index_dir / FAISS_FILE
+    if committed and faiss_file.is_file():   # whitened or compressed vectors take a fraction of the raw ones' room
+        new_faiss = int(faiss_file.stat().st_size * max(total, committed) / committed)
+    else:
+        new_faiss = total * vector
+    return needed + new_faiss + int(max(0, total - committed) * vector * 1.5)
 
 
 def _discard_unused(index_dir: Path) -> None:

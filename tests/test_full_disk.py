@@ -387,3 +387,21 @@ def test_a_read_only_index_whose_wal_holds_commits_is_read_with_them_or_refused_
         assert result.exit_code == 2, result.output
         assert "catalog.db-wal holds commits not yet merged into catalog.db" in result.output
         assert "open the index once where it can be written" in result.output
+
+
+def test_the_room_a_run_needs_counts_the_faiss_file_as_it_is_stored(tmp_path):
+    """Reproduces: on an 8 MB disk holding a whitened index, an update run was told it needed about 17 MB and to move
+    to a larger disk, though it ran with 1 MB free: the estimate counted 16 kB of raw fc7 per image for the new FAISS
+    file, six times what a whitened one stores."""
+    from commands.index_images import _space_needed
+    from indexer import index_folder
+    from retrieval.files import SPACE_MARGIN
+    from retrieval.vectors.index_types import IndexTypeConfig
+
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=12, size=(64, 48), seed=5)
+    index_folder(data, tmp_path / "index", weights="random", workers=0,
+                 vector_index=IndexTypeConfig(whiten=True, whiten_dim=8))
+    stored = (tmp_path / "index" / FAISS_FILE).stat().st_size
+    assert stored < 60 * 4096 * 4 / 4                                   # whitened: a fraction of the raw vectors
+    assert _space_needed(data, tmp_path / "index", "alexnet", "random") == SPACE_MARGIN + stored   # nothing new
