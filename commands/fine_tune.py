@@ -55,7 +55,8 @@ AUTO_TRAIN_BATCH_CAP = 64                # --batch-size auto never trains on lar
 @click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True,
               help="Stop after this many epochs without better validation retrieval (kNN@10, then mAP).")
 @click.option("--batch-size", default="auto", show_default=True, metavar="N|auto",
-              help=f"Training images per step. auto: 32 on the CPU; on CUDA what the free memory holds, at most "
+              help=f"Training images per step. auto: 32 on the CPU (10 with --train all, whose gradients run through the "
+                   f"convolutions); on CUDA what the free memory holds (a third of it with --train all), at most "
                    f"{AUTO_TRAIN_BATCH_CAP}.")
 @click.option("--cache-views", type=click.IntRange(min=1), default=4, show_default=True,
               help="Augmented views (random resized crop, flip) per training image whose convolutional output is "
@@ -114,7 +115,7 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, object
                              progress=not as_json and sys.stderr.isatty())   # bars on a terminal; a line per epoch always
     except FineTuneError as exc:
         raise UserError(str(exc)) from exc
-    echo = (lambda _e, _f: None) if as_json else _printer(verbose)
+    echo = (lambda _e, _f: None) if as_json else _printer(verbose, cached=train != "all")
     if not as_json:
         click.echo(f"fine-tuning {model} ({train}, {objective}, {cfg.optimizer} lr {cfg.lr:g}, dropout {dropout:g}) "
                    f"from {weights} weights on {dev}, batch {train_batch}", err=True)
@@ -195,7 +196,7 @@ def _batch_sizes(requested: int | str, model: str, train: str, device) -> tuple[
     return min(AUTO_TRAIN_BATCH_CAP, train_batch), inference
 
 
-def _printer(verbose: bool):  # noqa: ANN202 - the report callback
+def _printer(verbose: bool, cached: bool = True):  # noqa: ANN202 - the report callback
     def report(event: str, facts: dict) -> None:
         if event == "skipped":
             click.echo(f"  skipped {terminal_name(facts['path'])}: {facts['reason']}", err=True)
@@ -203,7 +204,8 @@ def _printer(verbose: bool):  # noqa: ANN202 - the report callback
             ratio = facts["initial_loss"] / facts["chance_loss"]
             verdict = "as expected" if abs(ratio - 1) <= 0.1 else "off: check the data, labels and the head"
             click.echo(f"initial loss {facts['initial_loss']:.4f}, chance ln(C) = {facts['chance_loss']:.4f} "
-                       f"(x{ratio:.2f}, {verdict}); features cached in {facts['cache_seconds']:.1f} s", err=True)
+                       f"(x{ratio:.2f}, {verdict})"
+                       + (f"; features cached in {facts['cache_seconds']:.1f} s" if cached else ""), err=True)
         elif event == "sanity":
             click.echo(f"sanity: overfitting {facts['subset_size']} images (no weight decay, no dropout): training loss "
                        f"{facts['final_train_loss']:.4f} after {facts['steps']} steps: "
