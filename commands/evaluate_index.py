@@ -11,7 +11,7 @@ from retrieval.names import DEFAULT_KS
 from retrieval.quality import held_out_words
 
 from commands.options import (Command, PathArg, UserError, catalog_error, command_settings, db_url_option, exit_without_teardown,
-                              index_dir_option, open_index, querying, setup_logging)
+                              index_dir_option, index_lag_note, open_index, querying, setup_logging)
 
 # retrieval.learning.evaluation (numpy, the catalog, scikit-learn) is imported after the arguments are parsed.
 
@@ -109,12 +109,27 @@ def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: P
             raise
         raise UserError(f"the catalog of {index_dir} or of {compare_dir} cannot be read ({db_error_reason(exc, db_url)}):"
                         " index-images DATA --index-dir DIR --check says which, and what to do") from None
+    for folder, url in [(index_dir, db_url)] + ([(compare_dir, None)] if compare_dir is not None else []):
+        if (lagging := _lag_note(folder, url)) is not None:
+            click.echo(f"note: {folder.name}: {lagging}" if compare_dir is not None else f"note: {lagging}", err=True)
     if as_json:
         click.echo(json.dumps(result))
     elif compare_dir is None:
         click.echo(format_report(result))
     else:
         click.echo(format_comparison(result))
+
+
+def _lag_note(index_dir: Path, db_url: str | None) -> str | None:
+    """The note when the index lags its data folder (images added since it was indexed are in no number), or None."""
+    from retrieval.catalog import Catalog
+
+    catalog = Catalog(index_dir, url=db_url)
+    try:
+        settings = catalog.settings()
+        return None if settings is None else index_lag_note(Path(settings.data_dir), index_dir, catalog, "these numbers")
+    finally:
+        catalog.close()
 
 
 def copies_result(index_dir: Path, db_url: str | None, copies: int, seed: int, device: str) -> dict:

@@ -9,7 +9,7 @@ import click
 from retrieval.system import display_name, terminal_name
 
 from commands.options import (Command, UserError, command_settings, db_url_option, exit_without_teardown, index_dir_option,
-                              open_index, querying, setup_logging)
+                              index_lag_note, open_index, querying, setup_logging)
 
 # torch, FAISS and the network are imported after the arguments are parsed.
 
@@ -71,20 +71,10 @@ def main(index_dir: Path, db_url: str | None, threshold: float | None, calibrati
 
 
 def _index_lags_folder(index, index_dir: Path) -> str | None:  # noqa: ANN001 - retrieval.search.index.ImageIndex
-    """What index-images would find to do in the index's data folder now, in words, or None: the groups are of the
-    index, and a copy made since it was indexed is in none (a user expects to find it)."""
-    from indexer.plan import pending_changes
-    from retrieval.system import display_name
-
+    """The note when the index lags its data folder, or None: the groups are of the index, and a copy made since it
+    was indexed is in none (a user expects to find it)."""
     snapshot = index.snapshot()
-    if not snapshot.data_dir.is_dir():
-        return None
-    changed, gone = pending_changes(snapshot.data_dir, Path(index_dir), snapshot.catalog)
-    if not changed and not gone:
-        return None
-    return (f"the data folder changed since it was indexed ({changed} new or changed file{'' if changed == 1 else 's'}, "
-            f"{gone} gone): these groups are of the index as it was; run index-images "
-            f"{display_name(str(snapshot.data_dir))} first to include them")
+    return index_lag_note(snapshot.data_dir, Path(index_dir), snapshot.catalog, "these groups")
 
 
 def format_groups(result) -> str:  # noqa: ANN001 - retrieval.search.duplicates.DuplicateGroups

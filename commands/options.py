@@ -239,6 +239,23 @@ def _output_failed(exc: OSError) -> int:
     raise exc
 
 
+def index_lag_note(data_dir: Path, index_dir: Path, catalog: Any, what: str) -> str | None:
+    """What index-images would find to do in the index's data folder now, in words, for a command whose answer (what:
+    "these groups", "these numbers") is of the index as it was; None when the index is up to date or its folder is
+    not here. catalog: the index's retrieval.catalog.Catalog."""
+    from indexer.plan import pending_changes
+    from retrieval.system import display_name
+
+    if not Path(data_dir).is_dir():
+        return None
+    changed, gone = pending_changes(Path(data_dir), Path(index_dir), catalog)
+    if not changed and not gone:
+        return None
+    return (f"the data folder changed since it was indexed ({changed} new or changed file{'' if changed == 1 else 's'}, "
+            f"{gone} gone): {what} are of the index as it was; run index-images {display_name(str(data_dir))} "
+            "first to include them")
+
+
 def damaged_catalog_error(exc: BaseException, index_dir: Path, db_url: str | None,
                           data_dir: str | None = None) -> UserError | None:
     """A UserError naming the ways out when exc says the catalog is damaged (see retrieval.catalog.damaged_message),

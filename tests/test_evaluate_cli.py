@@ -72,6 +72,22 @@ def test_unevaluable_indexes_exit_2_with_a_message(tmp_path, index_images):
     assert "Traceback" not in result.output
 
 
+def test_a_class_folder_added_since_indexing_is_noted_not_silently_left_out(tmp_path, index_images):
+    """Reproduces: after data/yellow_dots/ was added, evaluate-index ignored its 8 images without a word (find-duplicates
+    said so)."""
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=3, size=(64, 48), seed=0, classes=["red_circles", "blue_squares"])
+    index_images(data, tmp_path / "index")
+    quiet = run("--index-dir", str(tmp_path / "index"))
+    assert quiet.exit_code == 0 and "note: the data folder changed" not in quiet.output
+    make_sample_collection(data, per_class=2, size=(64, 48), seed=1, classes=["green_stripes"])
+    result = run("--index-dir", str(tmp_path / "index"))
+    assert result.exit_code == 0, result.output
+    assert ("note: the data folder changed since it was indexed (2 new or changed files, 0 gone): these numbers are "
+            "of the index as it was; run index-images") in result.stderr
+    assert "6 labelled images in 2 classes" in result.stdout
+
+
 def test_many_classes_leave_the_matrix_to_json():
     rng = np.random.default_rng(0)
     labels = [f"class{i:02d}" for i in range(21) for _ in range(2)]
