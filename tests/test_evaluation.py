@@ -254,6 +254,19 @@ def test_a_class_added_after_fine_tuning_lends_the_probe_half_its_images_instead
     assert any("no training image of 1 label(s)" in note and "'c2'" in note for note in r["notes"])
 
 
+def test_classes_too_small_for_the_largest_k_are_named():
+    """Reproduces: a class of 2 images showed kNN@10 0.000 and precision@10 0.100 without a word on why."""
+    rng = np.random.default_rng(0)
+    labels = ["a"] * 12 + ["b"] * 12 + ["two"] * 2 + ["three"] * 3
+    r = evaluate_vectors(rng.normal(size=(29, 8)).astype(np.float32), labels, [1, 5, 10])
+    assert ("2 label(s) with 5 images or fewer: their kNN@10 vote is hard to win (at most 2 of the 10 neighbours can "
+            "be of their class) and their precision@10 is capped: 'two' (2), 'three' (3)") in r["notes"]
+    roomy = evaluate_vectors(rng.normal(size=(29, 8)).astype(np.float32), labels, [1, 5])
+    assert [note for note in roomy["notes"] if "hard to win" in note] == [   # k=5: 3 images can win the vote
+        "1 label(s) with 2 images or fewer: their kNN@5 vote is hard to win (at most 1 of the 5 neighbours can be of "
+        "their class) and their precision@5 is capped: 'two' (2)"]
+
+
 def test_a_single_image_class_that_never_queries_is_only_searched():
     rng = np.random.default_rng(0)
     labels = ["a"] * 5 + ["b"] * 5 + ["lonely"]

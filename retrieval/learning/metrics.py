@@ -276,6 +276,13 @@ def evaluate_vectors(vectors: np.ndarray, labels: Sequence[str], ks: Sequence[in
     if beyond:
         notes.append(f"k = {', '.join(map(str, beyond))} is more than the largest class's {largest - 1} other images: "
                      f"precision@{beyond[0]} can reach at most {(largest - 1) / beyond[0]:.2f} here")
+    small = sorted((name for name, count in counts.items() if 1 < count <= ks[-1] // 2 and count < largest),
+                   key=lambda name: (counts[name], name))
+    if small and not beyond:   # a class of 2 showed kNN@10 0.000 and P@10 0.100 without a word
+        shown = ", ".join(f"{name!r} ({counts[name]})" for name in small[:10]) + (" ..." if len(small) > 10 else "")
+        notes.append(f"{len(small)} label(s) with {ks[-1] // 2} images or fewer: their kNN@{ks[-1]} vote is hard to "
+                     f"win (at most {max(counts[name] for name in small) - 1} of the {ks[-1]} neighbours can "
+                     f"be of their class) and their precision@{ks[-1]} is capped: {shown}")
     if unlabelled:
         notes.append(f"{unlabelled} unlabelled image(s) left out (neither queries nor neighbours)")
     if alone and len(counts) >= 2:
