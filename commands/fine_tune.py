@@ -211,6 +211,11 @@ def _printer(verbose: bool, cached: bool = True):  # noqa: ANN202 - the report c
                        f"{facts['final_train_loss']:.4f} after {facts['steps']} steps: "
                        f"{'passed' if facts['passed'] else 'FAILED (it should get under 0.05: check the learning rate)'}",
                        err=True)
+        elif event == "unvalidated":
+            names = ", ".join(repr(terminal_name(c)) for c in facts["classes"][:10]) + \
+                (" ..." if len(facts["classes"]) > 10 else "")
+            click.echo(f"note: {len(facts['classes'])} class(es) with no validation image (one image, or copies of "
+                       f"one): trained on, but never checked, and their search not measured: {names}", err=True)
         elif event == "before":
             click.echo(f"epoch   0  (the starting weights)  val kNN@{facts['k']} {facts['knn_accuracy']:.3f}  val mAP "
                        f"{facts['map']:.3f}  ({facts['val_images']} validation images searched among "

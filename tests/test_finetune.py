@@ -344,6 +344,21 @@ def test_an_existing_out_file_is_kept_unless_overwrite_is_asked(tmp_path):
     assert out.read_bytes() != b"the first run's weights"
 
 
+def test_a_class_with_nothing_to_validate_on_is_named(tmp_path):
+    """Reproduces: a class of one image was trained on without a word, with no validation image to check it."""
+    import shutil
+
+    make_colour_collection(tmp_path / "data", per_class=3)
+    (tmp_path / "data" / "lonely").mkdir()
+    first = sorted((tmp_path / "data" / list(COLOUR_CLASSES)[0]).iterdir())[0]
+    shutil.copy(first, tmp_path / "data" / "lonely" / "only.png")
+    result = CliRunner().invoke(main, [str(tmp_path / "data"), "--out", str(tmp_path / "t.pt"), *RANDOM_START,
+                                       "--epochs", "1", "--train", "head"])
+    assert result.exit_code == 0, result.output
+    assert ("note: 1 class(es) with no validation image (one image, or copies of one): trained on, but never checked, "
+            "and their search not measured: 'lonely'") in result.output
+
+
 def test_split_keeps_groups_whole_and_still_validates_every_class_it_can():
     codes = np.array([0] * 6 + [1] * 3 + [2] * 4)
     groups = ["a", "a", "a", "b", None, None,      # class 0: a group of three, a pair, two of their own

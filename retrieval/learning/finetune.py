@@ -136,6 +136,9 @@ def fine_tune(cfg: FineTuneConfig, report: Report | None = None) -> FineTuneResu
     train_idx, val_idx = stratified_split(data.codes, cfg.val_fraction, cfg.seed, groups=hashes)
     if len(val_idx) == 0:
         raise FineTuneError("no class has two images, so nothing is left to validate on; add images")
+    unvalidated = sorted(set(data.classes) - {data.classes[data.codes[i]] for i in val_idx})
+    if unvalidated:   # trained on, never checked: a class of one image (or of one file's copies)
+        report("unvalidated", {"classes": unvalidated})
     gen = torch.Generator().manual_seed(cfg.seed)
     skipped = dict(data.refused)
     for path, reason in data.refused.items():
