@@ -143,6 +143,13 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, object
         click.echo(json.dumps(summary))
     else:
         _print_summary(summary)
+        h = result.history
+        if keep_head and result.weights_path and h["best_val_accuracy"] <= 1 / len(h["classes"]) + 1e-9:
+            # the epoch is chosen for retrieval: on classes fc7 already separates that can be epoch 0 or 1, whose head
+            # has not learnt yet
+            click.echo(f"note: the kept head (epoch {h['best_epoch']}) classifies the validation images at chance "
+                       f"({h['best_val_accuracy']:.3f}, {len(h['classes'])} classes): the epoch was chosen for "
+                       "retrieval, not for its head; do not use that head as a classifier", err=True)
     if result.stopped == "interrupted":
         r = summary["retrieval"]
         click.echo(f"interrupted: kept the best checkpoint (epoch {summary['best_epoch']}, validation kNN@{r['k']} "
@@ -196,11 +203,18 @@ def _batch_sizes(requested: int | str, model: str, train: str, device) -> tuple[
     return min(AUTO_TRAIN_BATCH_CAP, train_batch), inference
 
 
+DIVERGED = 10   # a training loss this many times chance's ln(C) after an epoch: the learning rate is too high
+
+
 def _printer(verbose: bool, cached: bool = True):  # noqa: ANN202 - the report callback
+    chance: list[float] = []   # ln(C), from the initial event
+    warned: list[bool] = []
+
     def report(event: str, facts: dict) -> None:
         if event == "skipped":
             click.echo(f"  skipped {terminal_name(facts['path'])}: {facts['reason']}", err=True)
         elif event == "initial":
+            chance.append(facts["chance_loss"])
             ratio = facts["initial_loss"] / facts["chance_loss"]
             verdict = "as expected" if abs(ratio - 1) <= 0.1 else "off: check the data, labels and the head"
             click.echo(f"initial loss {facts['initial_loss']:.4f}, chance ln(C) = {facts['chance_loss']:.4f} "
@@ -227,6 +241,12 @@ def _printer(verbose: bool, cached: bool = True):  # noqa: ANN202 - the report c
                        f"{facts['train_accuracy']:.3f}  val loss {facts['val_loss']:.4f}  val acc {facts['val_accuracy']:.3f}"
                        f"  val kNN {facts['val_knn_accuracy']:.3f}  val mAP {facts['val_map']:.3f}  lr {facts['lr']:.2e}"
                        f"  {facts['seconds']:.1f} s", err=True)
+            loss = facts["train_loss"]
+            if chance and not warned and not loss < DIVERGED * chance[0]:   # NaN too
+                warned.append(True)   # --lr 0.1 reached a training loss of 138,017 without a word
+                click.echo(f"note: the training loss ({loss:.4g}) is far above chance's ln(C) = {chance[0]:.3f}: "
+                           "training is diverging; the kept epoch is still the best by validation retrieval, but try "
+                           "a lower --lr", err=True)
         elif event == "saved" and verbose:
             click.echo(f"  best so far: saved {facts['path']}", err=True)
     return report

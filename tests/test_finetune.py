@@ -156,6 +156,13 @@ def test_on_classes_the_starting_weights_already_tell_apart_it_says_so_instead_o
     assert h["initial_retrieval"]["knn_accuracy"] == 1.0 and h["improved"] is False, h["best_retrieval"]
     assert "NOT IMPROVED" in result.output and "these classes need no fine-tuning" in result.output
     assert "more --epochs" not in result.output
+    assert "note: the kept head" not in result.output   # the head is dropped: nothing to say about it
+    kept = CliRunner().invoke(main, [str(tmp_path / "data"), "--out", str(tmp_path / "h.pt"), *RANDOM_START,
+                                     "--epochs", "2", "--keep-head"])
+    h = json.loads((tmp_path / "h.history.json").read_text())
+    assert h["best_epoch"] == 0 and h["best_val_accuracy"] <= 0.2, h   # the starting weights: a head never trained
+    assert ("note: the kept head (epoch 0) classifies the validation images at chance" in kept.output
+            and "do not use that head as a classifier" in kept.output), kept.output
 
 
 @pytest.mark.slow
@@ -357,6 +364,19 @@ def test_a_class_with_nothing_to_validate_on_is_named(tmp_path):
     assert result.exit_code == 0, result.output
     assert ("note: 1 class(es) with no validation image (one image, or copies of one): trained on, but never checked, "
             "and their search not measured: 'lonely'") in result.output
+
+
+def test_a_learning_rate_that_blows_the_loss_up_is_named(tmp_path):
+    """Reproduces: --lr 0.1 reached a training loss of 138,017 (chance 1.6) and nothing said the rate was too high."""
+    make_colour_collection(tmp_path / "data", per_class=4)
+    result = CliRunner().invoke(main, [str(tmp_path / "data"), "--out", str(tmp_path / "t.pt"), *RANDOM_START,
+                                       "--epochs", "2", "--lr", "50", "--objective", "ce"])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if "training is diverging" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: the training loss (") and "try a lower --lr" in notes[0]
+    calm = CliRunner().invoke(main, [str(tmp_path / "data"), "--out", str(tmp_path / "u.pt"), *RANDOM_START,
+                                     "--epochs", "1", "--train", "head"])
+    assert calm.exit_code == 0 and "diverging" not in calm.output, calm.output
 
 
 def test_split_keeps_groups_whole_and_still_validates_every_class_it_can():

@@ -357,7 +357,8 @@ def train_epochs(net: Classifier, train_set: Samples, val_set: Samples, cfg: Fin
                 correct += float((shown.argmax(1) == y).sum())
                 seen += len(y)
                 bar.update(len(rows))
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+                # what the step minimises: the epoch line's "train loss" is the head's cross-entropy, its sum "objective"
+                bar.set_postfix({"loss" if cfg.objective == "ce" else "objective": f"{float(loss.detach()):.3f}"})
             bar.close()
             schedule.step()
             val_loss, val_acc = _evaluate(net, val_set, cfg, prep, device)
