@@ -115,7 +115,8 @@ def _run_planned(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None,
             work = dataclasses.replace(cfg, vector_index=dataclasses.replace(cfg.vector_index, rebuild=True))
         report.vector_index, total = maintain_vectors(work, catalog, stored.dim)
         if damaged:
-            report.repairs.append("the FAISS file was unreadable: rebuilt from the catalog")
+            report.repairs.append("the FAISS file was not the one last recorded (damaged, replaced, or a run stopped between "
+                                  "saving it and recording it): rebuilt from the catalog")
         return finish_report(report, catalog, total, started)
     if cfg.ray is not None:
         from indexer.ray_job import run_on_ray

@@ -149,7 +149,8 @@ class VectorIndex:
         except FileNotFoundError:
             return None
         except NotAsSaved as exc:
-            log.warning("ignoring the FAISS file %s: it is not the one index-images saved (%s: changed in place?); "
+            log.warning("ignoring the FAISS file %s: it is not the one index-images recorded (%s: changed in place, or "
+                        "a run stopped between saving and recording it?); "
                         "rebuilding from the catalog", path, exc)
             return None
         except RuntimeError as exc:
