@@ -249,7 +249,7 @@ def test_a_faiss_file_rewritten_in_place_is_not_served_but_rebuilt_from_the_cata
     index, changed = VectorIndex.open_reconciled(tmp_path / "v.faiss", catalog, 16, mmap=mmap)
 
     assert changed and not index.mapped
-    assert "not the one index-images saved" in caplog.text
+    assert "not the one index-images recorded" in caplog.text
     _, got = index.search(vecs, 3)
     assert np.array_equal(got, brute_force(vecs, np.array(ids), vecs, 3)[1])
 
