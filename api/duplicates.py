@@ -81,7 +81,8 @@ def duplicates() -> Response:
     result = grouping.result if grouping else None
     html = render_template("duplicates.html", result=result, problem=grouping.problem if grouping else None,
                            groups=result.groups[:MAX_GROUPS_SHOWN] if result else [], computing=not fresh,
-                           refresh_s=REFRESH_S, summary=service.index_summary(snapshot), threshold=threshold)
+                           refresh_s=REFRESH_S, summary=service.index_summary(snapshot), threshold=threshold,
+                           random_weights=snapshot.settings.weights_choice.is_random)
     return Response(html, headers={} if fresh else {"Refresh": str(REFRESH_S)})
 
 

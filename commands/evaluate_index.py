@@ -274,7 +274,7 @@ def format_report(r: dict) -> str:
     width = max(12, *(len(name) for name in r["labels"]))
     header = f"{'class':<{width}}  {'images':>6}" + "".join(f"{'P@' + str(k):>7}" for k in ks) + \
         f"{'AP':>7}{'kNN@' + str(r['knn']['k']):>8}{'probe':>7}"
-    lines += ["", "per class (P@k: retrieval precision; kNN, probe: accuracy on the class's images)", header]
+    lines += ["", "per class (P@k: retrieval precision; kNN: accuracy on the class's images; probe: on its test images)", header]
     for name in r["per_class"]:
         c = r["per_class"][name]
         probe_acc = "-" if c["probe_accuracy"] is None else f"{c['probe_accuracy']:.3f}"

@@ -34,7 +34,8 @@ def main(index_dir: Path, db_url: str | None, threshold: float | None, calibrati
          as_json: bool, verbose: bool) -> None:
     """Print groups of near-duplicate images of the index: edited copies (cropped, flipped, recompressed,
     brightened, scaled, rotated, greyscale, blurred) of one photo, and byte-identical files, which are always
-    one group. Nothing is deleted or moved: each group names a suggested keeper (the largest, then the oldest).
+    one group (which edits are found depends on the index's network and options: evaluate-index --copies measures
+    it). Nothing is deleted or moved: each group names a suggested keeper (the largest, then the oldest).
 
     Vectors are compared after a PCA whitening learned on the collection's own vectors. Every two images of a
     group are closer than a threshold calibrated on the collection itself: edited copies of a sample of its
@@ -57,8 +58,11 @@ def main(index_dir: Path, db_url: str | None, threshold: float | None, calibrati
         except DuplicatesError as exc:
             raise UserError(str(exc)) from exc
         lagging = _index_lags_folder(index, index_dir)
+        random_weights = index.snapshot().settings.weights_choice.is_random
     if lagging:
         click.echo(f"note: {lagging}", err=True)
+    if random_weights and result.groups:   # make demo's drawings: 40 of 60 in groups, none of them copies
+        click.echo(f"note: {RANDOM_WEIGHTS_GROUPS}", err=True)
     if as_json:
         doc = result.to_json()
         for group in doc["groups"]:
@@ -68,6 +72,10 @@ def main(index_dir: Path, db_url: str | None, threshold: float | None, calibrati
         click.echo(json.dumps(doc))
         return
     click.echo(format_groups(result))
+
+
+RANDOM_WEIGHTS_GROUPS = ("this index's network has seeded random weights: pictures alike in colour, shape and texture "
+                         "lie as close as copies do, so some groups may be of alike pictures, not copies")
 
 
 def _index_lags_folder(index, index_dir: Path) -> str | None:  # noqa: ANN001 - retrieval.search.index.ImageIndex

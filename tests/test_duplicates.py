@@ -76,7 +76,7 @@ def test_find_duplicates_groups_copies_and_byte_copies(collection):
     before = _folder_state(root / "data")
     result = CliRunner().invoke(main, ["--index-dir", str(root / "index"), "--json"])
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.output)
+    doc = json.loads(result.stdout)
     _check_groups(doc["groups"], truth)
     assert doc["threshold"]["source"] == "calibrated" and 0 < doc["threshold"]["value"] < 2
     for g in doc["groups"]:
@@ -88,6 +88,8 @@ def test_find_duplicates_groups_copies_and_byte_copies(collection):
     text = CliRunner().invoke(main, ["--index-dir", str(root / "index")])
     assert text.exit_code == 0, text.output
     assert "calibrated on this collection" in text.output and "keep" in text.output
+    # a newcomer read make demo's alike drawings, grouped, as copies: random weights are named
+    assert "note: this index's network has seeded random weights" in text.output
     keeper_line = next(line for line in text.output.splitlines() if line.strip().startswith("keep ") and "x" in line)
     assert keeper_line.split()[1] == "320x240", "the keeper is the largest image of its group"
 
@@ -98,7 +100,7 @@ def test_a_given_threshold_overrides_the_calibration(collection):
     root, truth = collection
     tiny = CliRunner().invoke(main, ["--index-dir", str(root / "index"), "--json", "--threshold", "1e-6"])
     assert tiny.exit_code == 0, tiny.output
-    doc = json.loads(tiny.output)
+    doc = json.loads(tiny.stdout)
     assert doc["threshold"] == {"value": 1e-6, "source": "given", "calibration_images": 0, "calibration": None}
     assert [sorted(m["path"] for m in g) for g in doc["groups"]] == [sorted(truth["byte_copy"])], \
         "at a threshold of about 0 only the byte-identical files are one group"
@@ -116,7 +118,7 @@ def test_a_collection_without_copies_is_left_ungrouped_and_planted_copies_are_fo
     build_index(data, tmp_path / "index")
     alone = CliRunner().invoke(main, ["--index-dir", str(tmp_path / "index"), "--json"])
     assert alone.exit_code == 0, alone.output
-    grouped = [m["path"] for g in json.loads(alone.output)["groups"] for m in g]
+    grouped = [m["path"] for g in json.loads(alone.stdout)["groups"] for m in g]
     assert len(grouped) <= 3, f"{len(grouped)} of 30 drawings without copies grouped: {grouped}"
 
     planted = {paths[0]: "same", paths[11]: "jpeg30", paths[22]: "downscale", paths[16]: "blur"}
@@ -132,7 +134,7 @@ def test_a_collection_without_copies_is_left_ungrouped_and_planted_copies_are_fo
     build_index(data, tmp_path / "index2")
     both = CliRunner().invoke(main, ["--index-dir", str(tmp_path / "index2"), "--json"])
     assert both.exit_code == 0, both.output
-    groups = json.loads(both.output)["groups"]
+    groups = json.loads(both.stdout)["groups"]
     group_of = {m["path"]: n for n, g in enumerate(groups) for m in g}
     for original, copy in pairs:
         assert copy in group_of and group_of.get(original) == group_of[copy], (original, copy, groups)
@@ -188,7 +190,7 @@ def test_a_symlink_is_never_the_keeper_and_other_names_of_one_file_are_marked_li
                           cwd=tmp_path, capture_output=True, text=True, timeout=300).stdout
     assert f"   link   320x240  {rel(target.with_name('a_link.jpg'))}  (another name of {rel(target)}'s file)" in text
     # a copy made since the index was: the groups cannot hold it, and it is said (a photographer expected to see it)
-    assert "note:" not in done.stderr
+    assert "note: the data folder changed" not in done.stderr
     shutil.copyfile(paths[3], paths[3].with_name("new_copy.jpg"))
     lagging = subprocess.run([console_script("find-duplicates"), "--index-dir", "index", "--threshold", "0.001"],
                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -250,6 +252,7 @@ def test_duplicates_page_shows_the_groups_with_thumbnails(collection, tmp_path):
         assert shown >= 2 * len(truth["originals"]), "every group shows its images"
         assert broken_images(page) == []
         assert truth["byte_copy"][1].rsplit("/", 1)[-1] in page.content()
+        assert "seeded random weights" in page.locator("#random-weights-note").inner_text()
         screenshot(page, "duplicates")
         assert errors.take() == []
 
