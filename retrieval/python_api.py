@@ -80,6 +80,7 @@ class Index:
         return index.snapshot()
 
     def __enter__(self) -> Index:
+        self._index   # noqa: B018 - `with index:` on a closed index raises here, not at its first use inside
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -191,7 +192,11 @@ class Index:
 
         source, described = query_source(query)
         if isinstance(source, str) and not os.path.exists(source):
-            raise FileNotFoundError(errno.ENOENT, "no such file (paths are taken from the working folder)", described)
+            given = Path(os.fspath(query)).expanduser()   # as typed: source is made absolute from the working folder
+            in_data = not given.is_absolute() and (self._snapshot().data_dir / given).is_file()
+            raise FileNotFoundError(errno.ENOENT, "no such file (paths are taken from the working folder" + (
+                "; this is an indexed image's path, relative to the data folder: search hit.file, or "
+                "index.neighbours(path) for its neighbours" if in_data else "") + ")", described)
         snapshot = self._snapshot()
         assert snapshot.extractor is not None, "the index was opened without its network"
         try:

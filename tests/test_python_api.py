@@ -93,6 +93,14 @@ def test_index_folder_refuses_a_bad_value_before_any_work_naming_the_option(buil
         index_folder(built.data, built.index, **{**FAST, option: value})
 
 
+def test_with_on_a_closed_index_says_it_is_closed(built):
+    ix = retrieval.open_index(built.index)
+    ix.close()
+    with pytest.raises(ValueError, match="is closed; open it again"):
+        with ix:
+            pass
+
+
 def test_a_wrong_name_leaves_no_index_folder_behind(built, tmp_path):
     """Reproduces: layer="fc9" (or views="bogus") was an AssertionError from the network's code, after a new index
     folder with its catalog and a 244 MB random-weights file had been made."""
@@ -327,6 +335,10 @@ def test_odd_arguments_get_the_errors_the_docs_name(built, index):
                               (lambda: retrieval.open_index(None), TypeError, "an index folder is a path")]:
         with pytest.raises(error, match=said):
             call()
+    # a hit's path is relative to the data folder: searched from elsewhere it was only "no such file"
+    hit = index.search(picture, k=1)[0]
+    with pytest.raises(FileNotFoundError, match="this is an indexed image's path, relative to the data folder"):
+        index.search(hit.path)
     from indexer import ConfigError
     assert issubclass(ConfigError, ValueError) and issubclass(retrieval.DeviceUnavailable, RuntimeError)
 
