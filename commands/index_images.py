@@ -157,14 +157,6 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
 
     from indexer.run import ConfigError, JobConfig, run_index
 
-    if index_type is not None and index_type.strip().lower() == "auto":
-        index_type = "auto"
-    elif index_type is not None:
-        from retrieval.vectors.index_types import IndexTypeError, check_factory
-        try:
-            check_factory(index_type, feature_dim(model or "alexnet", layer or "fc7"))   # before any work: a typo is an answer at once
-        except IndexTypeError as exc:
-            raise UserError(f"{exc} (--index-type)") from exc
     if whiten_dim is not None:
         whiten_dim = whiten_dim.strip().lower()
         if whiten_dim != "auto" and not (whiten_dim.isascii() and whiten_dim.isdigit() and 1 <= int(whiten_dim) <= 4096):
@@ -175,12 +167,15 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
                                    whiten_dim=whiten_dim, dba=dba)
     from retrieval.images.preprocessing import REGION_COUNT
 
-    cfg = JobConfig(data_dir=data_dir, index_dir=index_dir, db_url=db_url, model=model, layer=layer, views=views,
-                    input_norm=input_norm, regions=None if regions is None else REGION_COUNT * regions, weights=weights,
-                    normalize=normalize, seed=seed, device=device, precision=precision, decode=decode,
-                    batch_size=parse_batch_size(batch_size),
-                    workers=workers, max_file_bytes=int(max_file_mb * 2**20), progress=not as_json, ray=ray_address,
-                    vector_index=vector_index)
+    try:   # JobConfig checks what click's types do not (the FAISS type), before any work
+        cfg = JobConfig(data_dir=data_dir, index_dir=index_dir, db_url=db_url, model=model, layer=layer, views=views,
+                        input_norm=input_norm, regions=None if regions is None else REGION_COUNT * regions,
+                        weights=weights, normalize=normalize, seed=seed, device=device, precision=precision,
+                        decode=decode, batch_size=parse_batch_size(batch_size), workers=workers,
+                        max_file_bytes=int(max_file_mb * 2**20), progress=not as_json, ray=ray_address,
+                        vector_index=vector_index)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from exc
     _check_writable(index_dir)
     fresh = not index_dir.exists()
     try:

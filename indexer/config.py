@@ -110,6 +110,27 @@ class JobConfig:
         if isinstance(self.save_every_s, bool) or not isinstance(self.save_every_s, (int, float)) \
                 or not self.save_every_s >= 0:
             raise ConfigError(f"save_every_s takes a number of seconds (0: after every batch), not {self.save_every_s!r}")
+        self._check_index_type()
+
+    def _check_index_type(self) -> None:
+        """The FAISS type asked for ("AUTO" and " auto " are auto) is one FAISS can build, checked before any work, as
+        a ConfigError naming --index-type: a typo was refused only once the index folder, its weights file and the
+        decoding workers were made."""
+        asked = self.vector_index.index_type
+        if asked is None:
+            return
+        if not isinstance(asked, str):
+            raise ConfigError(f"the FAISS type (--index-type) is text such as \"IVF1024,PQ32\", not {asked!r}")
+        from retrieval.names import feature_dim
+        from retrieval.vectors.index_types import AUTO, IndexTypeError, check_factory
+
+        if asked.strip().lower() == AUTO:
+            self.vector_index = dataclasses.replace(self.vector_index, index_type=AUTO)
+            return
+        try:   # the dimension of the features asked for, or the defaults' (an existing index's own is checked later)
+            check_factory(asked, feature_dim(self.model or DEFAULTS["model"], self.layer or DEFAULTS["layer"]))
+        except IndexTypeError as exc:
+            raise ConfigError(f"{exc} (--index-type)") from exc
 
 
 def _check_whole(name: str, value: object, minimum: int, *, also: str, none_ok: bool = True) -> None:

@@ -108,6 +108,8 @@ def test_a_wrong_name_leaves_no_index_folder_behind(built, tmp_path):
 
     with pytest.raises(ConfigError, match="^layer takes one of 'fc6', 'fc7'"):
         index_folder(built.data, tmp_path / "new-index", weights="random", layer="fc9")
+    with pytest.raises(ConfigError, match="--index-type"):   # refused by FAISS itself, before any work too
+        index_folder(built.data, tmp_path / "new-index", weights="random", vector_index="IVF1024,PQ33")
     assert not (tmp_path / "new-index").exists()
 
 
