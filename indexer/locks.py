@@ -56,17 +56,26 @@ def index_lock(index_dir: Path) -> Iterator[None]:
 
 
 
+class LockUnreadable(ConfigError):
+    """The index folder's lock file cannot be read by this user: whether a writer holds it cannot be told."""
+
+
 def writer_running(index_dir: Path) -> bool:
     """Whether an index-images run holds the index folder's lock now: probed with a shared lock, taken and let go at
-    once (never waits, writes nothing: works on a read-only folder too)."""
+    once (never waits, writes nothing: works on a read-only folder too). Raises LockUnreadable (a ConfigError) when
+    this user cannot open the lock file."""
     index_dir = Path(index_dir).resolve()
     with _held_locks_guard:
         if index_dir in _held_locks:
             return True
     try:
         fh = open(index_dir / LOCK_FILE, "rb")
-    except OSError:   # none (no run yet), a folder, not readable here: no writer holds it that this can see
-        return False  # (a lock file this user cannot open was said to be held: "another run", with none running)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):   # no run yet, or no lock a writer could hold
+        return False
+    except PermissionError:   # another user's (umask 077), whose run may be going: this user cannot tell
+        raise LockUnreadable(f"cannot tell whether an index-images run is updating {index_dir}: its lock file "
+                             f"{LOCK_FILE} is not readable by this user; check as the index's owner, or when no run "
+                             "is going") from None
     with fh:
         try:
             fcntl.lockf(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)

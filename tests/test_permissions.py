@@ -134,6 +134,18 @@ def test_an_index_file_this_user_may_not_read_is_one_line(work, unreadable):
         assert str(path) in line and "this user may not" in line, (command, line)
 
 
+def test_check_on_an_index_whose_lock_file_this_user_may_not_read_says_it_cannot_tell(work):
+    """Another user's index whose lock file is theirs alone (umask 077): --check cannot tell whether their run is
+    going, and says so (a review: treating it as free would check a FAISS file that lags its commits)."""
+    index = someone_elses(copy_of_index(work, "private-lock"), 0o444)
+    if not (index / ".lock").exists():
+        (index / ".lock").touch()
+    someone_elses(index / ".lock", 0)
+    line = one_line(run("index-images", work / "data", "--index-dir", index, "--check"))
+    assert line == (f"Error: cannot tell whether an index-images run is updating {index}: its lock file .lock is not "
+                    "readable by this user; check as the index's owner, or when no run is going"), line
+
+
 def test_a_refused_replace_names_the_file_replaced_and_for_root_what_refuses_it(tmp_path):
     """Reproduces (root, `chattr +i vectors.faiss`, then a run with one new image): the message named the hidden
     temporary file, gone by then, and said to change permissions, which do not bind root. Now it names vectors.faiss
