@@ -209,7 +209,7 @@ def exit_without_teardown(command: click.Command) -> Callable[[], None]:
         try:
             sys.stdout.flush()
         except OSError as exc:
-            code = code or _output_failed(exc)
+            code = code or _output_failed(exc, flushing=True)
         if "torch" in sys.modules:
             logging.shutdown()
             sys.stderr.flush()
@@ -218,18 +218,24 @@ def exit_without_teardown(command: click.Command) -> Callable[[], None]:
     return entry
 
 
-def _output_failed(exc: OSError) -> int:
-    """The exit status for an OSError that reached the entry point, said in one line: the reader of a pipe gone
-    (`search-images x.jpg | head -1`) at the last flush: quietly 1, as click exits when it meets it earlier; the
-    output's disk full (> a file on a full disk, > /dev/full): one line, exit 1. Anything else is raised again (a
-    traceback: a bug)."""
+def _output_failed(exc: OSError, flushing: bool = False) -> int:
+    """The exit status for an OSError that reached the entry point from writing the output, said in one line: the
+    reader of a pipe gone (`search-images x.jpg | head -1`) at the last flush: quietly 1, as click exits when it meets
+    it earlier; the output's disk full (> a file on a full disk, > /dev/full): one line, exit 1. flushing: raised by
+    the entry point's own flush of stdout; else only an error raised by click.echo's write counts (a full disk under
+    any other open file raises the same unnamed OSError). Anything else is raised again (a traceback: a bug)."""
     import errno
+    import traceback
 
+    frames = traceback.extract_tb(exc.__traceback__)
+    echoing = bool(frames) and frames[-1].name == "echo" and frames[-1].filename.endswith(os.path.join("click", "utils.py"))
+    if not (flushing or echoing):
+        raise exc
     if exc.errno == errno.EPIPE:
         devnull = os.open(os.devnull, os.O_WRONLY)   # the interpreter's last flush would fail again, out loud
         os.dup2(devnull, sys.stdout.fileno())
         return 1
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT) and exc.filename is None:   # a write to stdout (files are named)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             click.echo(f"Error: cannot write the output (stdout): {exc.strerror}", err=True)
