@@ -255,6 +255,8 @@ def test_an_empty_catalog_file_is_no_index_said_in_one_line_and_left_as_it_was(r
                 (command.name, result.output)
             assert "Traceback" not in result.output
     assert (empty / "catalog.db").stat().st_size == 0
+    with sqlite3.connect(tableless / "catalog.db") as db:   # someone else's database: not made a WAL one
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
 
 
 def test_a_lock_file_that_is_a_folder_is_named_not_taken_for_another_run(runner, data, tmp_path):

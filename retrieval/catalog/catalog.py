@@ -7,7 +7,7 @@ import dataclasses
 import datetime as dt
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -36,6 +36,20 @@ log = logging.getLogger(__name__)
 ADDED_COLUMNS = (("images", "vector_crc32", "BIGINT"), ("index_settings", "views", "VARCHAR"))
 
 
+def _sqlite_without_index(path: Path) -> bool:
+    """Whether path is an SQLite database (read-only, without touching it) that holds no index_settings table: made by
+    something else, or by a first run stopped before its tables. False when it cannot be told (damaged, locked,
+    unreadable): the catalog's own open says why."""
+    import sqlite3
+
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)) as db:
+            return db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
+                              (IndexSettingsRow.__tablename__,)).fetchone()[0] == 0
+    except sqlite3.Error:
+        return False
+
+
 class Catalog(IntegrityChecks, RunRecords, RegionVectors, FileStates):
     """The source of truth for an index: SQLite at INDEX_DIR/catalog.db, or any SQLAlchemy database URL.
 
@@ -57,17 +71,14 @@ class Catalog(IntegrityChecks, RunRecords, RegionVectors, FileStates):
             if not create and self.path.stat().st_size == 0:   # opening it would write a database header into it
                 raise IndexNotFound(f"no index at {self.index_dir}: its {self.path.name} is an empty file (no "
                                     "index-images run has written it); run index-images first")
+            if not create and _sqlite_without_index(self.path):   # before the engine, which makes it a WAL database
+                raise IndexNotFound(f"no index at {self.index_dir}: its {self.path.name} holds no index (a database "
+                                    "without its tables); run index-images first")
             if create:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             self.engine = make_engine(self.path, create=create)
             if create:
                 Base.metadata.create_all(self.engine)
-            else:
-                try:
-                    self._refuse_without_tables(f"no index at {self.index_dir}: its {self.path.name} holds no index "
-                                                "(a database without its tables); run index-images first")
-                except SQLAlchemyError:   # a damaged or unreachable file: said where it is read, as before
-                    pass
         else:
             self.engine = make_server_engine(url)
             try:
