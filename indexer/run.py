@@ -115,8 +115,7 @@ def _run_planned(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None,
             work = dataclasses.replace(cfg, vector_index=dataclasses.replace(cfg.vector_index, rebuild=True))
         report.vector_index, total = maintain_vectors(work, catalog, stored.dim)
         if damaged:
-            report.repairs.append("the FAISS file was not the one last recorded (damaged, replaced, or a run stopped between "
-                                  "saving it and recording it): rebuilt from the catalog")
+            report.repairs.append(f"{damaged}: rebuilt from the catalog")
         return finish_report(report, catalog, total, started)
     if cfg.ray is not None:
         from indexer.ray_job import run_on_ray
@@ -164,16 +163,19 @@ def _check_index_folder(data_dir: Path, index_dir: Path) -> None:
                           "--index-dir, outside the data folder or in a folder of its own")
 
 
-def faiss_file_damaged(path: Path, catalog: Catalog) -> bool:
-    """Whether the FAISS file is no longer the one last saved (truncated, garbled, unreadable), told by its
-    recorded size and digest without FAISS (retrieval.files.sample_digest). False when none is recorded
-    (saved before digests were) or the file is missing (rebuilt anyway)."""
+def faiss_file_damaged(path: Path, catalog: Catalog) -> str | None:
+    """How the FAISS file is no longer the one last saved (truncated, garbled, unreadable), in words, told by its
+    recorded size and digest without FAISS (retrieval.files.sample_digest); None when it is, none is recorded (saved
+    before digests were) or the file is missing (rebuilt anyway)."""
     recorded = catalog.faiss_digest()
     if recorded is None:
-        return False
+        return None
     try:
-        return sample_digest(path) != recorded
+        if sample_digest(path) == recorded:
+            return None
     except FileNotFoundError:
-        return False
-    except OSError:
-        return True
+        return None
+    except OSError as exc:
+        return f"the FAISS file could not be read ({exc.strerror or exc})"
+    return ("the FAISS file was not the one last recorded (damaged, replaced, or a run stopped between saving it and "
+            "recording it)")
