@@ -10,6 +10,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, render_template, request
 from sqlalchemy.exc import SQLAlchemyError
 
+from retrieval.search.duplicate_groups import RANDOM_WEIGHTS_GROUPS, alike_groups
 from retrieval.search.duplicates import DuplicateGroups, DuplicatesError, check_threshold, find_duplicates
 
 from api.errors import ApiError
@@ -82,7 +83,8 @@ def duplicates() -> Response:
     html = render_template("duplicates.html", result=result, problem=grouping.problem if grouping else None,
                            groups=result.groups[:MAX_GROUPS_SHOWN] if result else [], computing=not fresh,
                            refresh_s=REFRESH_S, summary=service.index_summary(snapshot), threshold=threshold,
-                           random_weights=snapshot.settings.weights_choice.is_random)
+                           random_weights_note=RANDOM_WEIGHTS_GROUPS if result and alike_groups(result)
+                           and snapshot.settings.weights_choice.is_random else None)
     return Response(html, headers={} if fresh else {"Refresh": str(REFRESH_S)})
 
 

@@ -61,7 +61,9 @@ def main(index_dir: Path, db_url: str | None, threshold: float | None, calibrati
         random_weights = index.snapshot().settings.weights_choice.is_random
     if lagging:
         click.echo(f"note: {lagging}", err=True)
-    if random_weights and result.groups:   # make demo's drawings: 40 of 60 in groups, none of them copies
+    from retrieval.search.duplicate_groups import RANDOM_WEIGHTS_GROUPS, alike_groups
+
+    if random_weights and alike_groups(result):   # make demo's drawings: 40 of 60 in groups, none of them copies
         click.echo(f"note: {RANDOM_WEIGHTS_GROUPS}", err=True)
     if as_json:
         doc = result.to_json()
@@ -72,10 +74,6 @@ def main(index_dir: Path, db_url: str | None, threshold: float | None, calibrati
         click.echo(json.dumps(doc))
         return
     click.echo(format_groups(result))
-
-
-RANDOM_WEIGHTS_GROUPS = ("this index's network has seeded random weights: pictures alike in colour, shape and texture "
-                         "lie as close as copies do, so some groups may be of alike pictures, not copies")
 
 
 def _index_lags_folder(index, index_dir: Path) -> str | None:  # noqa: ANN001 - retrieval.search.index.ImageIndex

@@ -178,8 +178,8 @@ def _checked_options(seed: object, probe: object) -> None:
     """seed a whole number, probe True or False; raises EvaluationError naming the one that is not."""
     from retrieval.learning.metrics import EvaluationError
 
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise EvaluationError(f"seed is a whole number, not {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        raise EvaluationError(f"seed is a whole number from 0 to 2**32 - 1, not {seed!r}")
     if not isinstance(probe, bool):
         raise EvaluationError(f"probe is True or False, not {probe!r}")
 

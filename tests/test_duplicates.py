@@ -104,6 +104,7 @@ def test_a_given_threshold_overrides_the_calibration(collection):
     assert doc["threshold"] == {"value": 1e-6, "source": "given", "calibration_images": 0, "calibration": None}
     assert [sorted(m["path"] for m in g) for g in doc["groups"]] == [sorted(truth["byte_copy"])], \
         "at a threshold of about 0 only the byte-identical files are one group"
+    assert "seeded random weights" not in tiny.stderr, "byte copies are copies whatever the network"
 
 
 def test_a_collection_without_copies_is_left_ungrouped_and_planted_copies_are_found(tmp_path):

@@ -112,3 +112,12 @@ def file_identities(data_dir: Path, records: list[ImageRecord]) -> dict[str, tup
         except OSError:
             identities[r.path] = (False, None)
     return identities
+
+
+def alike_groups(result: DuplicateGroups) -> bool:
+    """Whether a group holds more than byte copies of its keeper (only those can be alike pictures, not copies)."""
+    return any(m.sha256 != group[0].sha256 for group in result.groups for m in group[1:])
+
+
+RANDOM_WEIGHTS_GROUPS = ("this index's network has seeded random weights: pictures alike in colour, shape and texture "
+                         "lie as close as copies do, so some groups may be of alike pictures, not copies")
