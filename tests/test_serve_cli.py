@@ -303,7 +303,8 @@ def test_variables_that_docker_compose_or_the_tests_read_are_not_called_misspelt
         read |= set(re.findall(r"environ(?:\.get\(|\[)\s*\"(RETRIEVAL_[A-Z_]+)\"", text))    # os.environ reads
         read |= set(re.findall(r"_ENV = \"(RETRIEVAL_[A-Z_]+)\"", text))
     assert {"RETRIEVAL_DATA", "RETRIEVAL_REQUIRE_BROWSER", "RETRIEVAL_UPDATE_SNAPSHOTS"} <= read   # the scan works
+    others = {name: None for name in os.environ if name.startswith("RETRIEVAL_") and name not in read}   # unset
     result = CliRunner().invoke(main, ["--index-dir", str(sample_index.index_dir), "--print-config"],
-                                env={name: "1" for name in read})
+                                env={**others, **{name: "1" for name in read}})
     assert result.exit_code == 0, result.output
     assert [line for line in result.output.splitlines() if line.startswith("warning:")] == []
