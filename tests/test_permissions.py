@@ -131,7 +131,7 @@ def test_an_index_file_this_user_may_not_read_is_one_line(work, unreadable):
         runs["index-images"] = run("index-images", work / "data", "--index-dir", index)
     for command, done in runs.items():
         line = one_line(done)
-        assert str(path) in line and "this user may not" in line, (command, line)
+        assert str(path) in line and "this user may not read" in line, (command, line)   # index-images said "write"
 
 
 def test_check_on_an_index_whose_lock_file_this_user_may_not_read_says_it_cannot_tell(work):

@@ -65,9 +65,10 @@ class Catalog(IntegrityChecks, RunRecords, RegionVectors, FileStates):
                 where = self.index_dir if url is None else self.path
                 raise IndexNotFound(f"no index at {where} (missing {self.path.name}); run index-images first")
             if self.path.exists() and not os.access(self.path, os.R_OK | (os.W_OK if create else 0)):
-                raise CatalogUnavailable(f"the catalog {self.path} cannot be {'written' if create else 'read'}: this "
-                                         f"user may not {'write' if create else 'read'} it; change its permissions or "
-                                         "run as its owner")
+                unreadable = not os.access(self.path, os.R_OK)   # mode 000 was said "cannot be written" to a writer
+                raise CatalogUnavailable(f"the catalog {self.path} cannot be {'read' if unreadable else 'written'}: "
+                                         f"this user may not {'read' if unreadable else 'write'} it; change its "
+                                         "permissions or run as its owner")
             if not create and self.path.stat().st_size == 0:   # opening it would write a database header into it
                 raise IndexNotFound(f"no index at {self.index_dir}: its {self.path.name} is an empty file (no "
                                     "index-images run has written it); run index-images first")
