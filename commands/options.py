@@ -19,13 +19,11 @@ from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV
 
 # RETRIEVAL_ variables that other parts of the project read, not the commands: a shell that exports them for
 # docker-compose or the test suite must not be warned about them on every command.
-READ_ELSEWHERE = {
-    "RETRIEVAL_DATA": "docker-compose.yml", "RETRIEVAL_PORT": "docker-compose.yml",
-    "RETRIEVAL_REQUIRE_BROWSER": "the test suite", "RETRIEVAL_REQUIRE_DOCKER": "the test suite",
-    "RETRIEVAL_REQUIRE_POSTGRES": "the test suite", "RETRIEVAL_CHROMIUM": "the test suite",
-    "RETRIEVAL_POSTGRES_BIN": "the test suite", "RETRIEVAL_SCREENSHOTS": "the test suite",
-    "RETRIEVAL_UPDATE_SNAPSHOTS": "the test suite",
-}
+READ_ELSEWHERE = frozenset({
+    "RETRIEVAL_DATA", "RETRIEVAL_PORT",                                                   # docker-compose.yml
+    "RETRIEVAL_REQUIRE_BROWSER", "RETRIEVAL_REQUIRE_DOCKER", "RETRIEVAL_REQUIRE_POSTGRES",  # the test suite
+    "RETRIEVAL_CHROMIUM", "RETRIEVAL_POSTGRES_BIN", "RETRIEVAL_SCREENSHOTS", "RETRIEVAL_UPDATE_SNAPSHOTS",
+})
 
 MODEL_PARAMETERS = {"alexnet": 61_100_840, "vgg16": 138_357_544}   # float32 each in a weights (state dict) file
 
@@ -231,18 +229,17 @@ def _output_failed(exc: OSError, flushing: bool = False) -> int:
     echoing = bool(frames) and frames[-1].name == "echo" and frames[-1].filename.endswith(os.path.join("click", "utils.py"))
     if not (flushing or echoing):
         raise exc
-    if exc.errno == errno.EPIPE:
-        devnull = os.open(os.devnull, os.O_WRONLY)   # the interpreter's last flush would fail again, out loud
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if exc.errno not in (errno.EPIPE, errno.ENOSPC, errno.EDQUOT):
+        raise exc
+    devnull = os.open(os.devnull, os.O_WRONLY)   # the interpreter's last flush would fail again, out loud
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    if exc.errno != errno.EPIPE:   # the reader of a pipe left on purpose; a full disk is said
         try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             click.echo(f"Error: cannot write the output (stdout): {exc.strerror}", err=True)
         except OSError:
             pass
-        return 1
-    raise exc
+    return 1
 
 
 def index_lag_note(data_dir: Path, index_dir: Path, catalog: Any, what: str) -> str | None:

@@ -1,7 +1,8 @@
 """The catalog: image rows with their vectors, the index settings and runs, in SQLite or PostgreSQL through SQLAlchemy.
 
 db.py: URLs, engines, locks, passwords masked; schema.py: the ORM rows; catalog.py: the repository (Catalog), with
-integrity.py (checksums, quick_check, the FAISS digest) and records.py (one-row JSON records) mixed in; values.py:
+integrity.py (checksums, quick_check, the FAISS digest), records.py (one-row JSON records), file_states.py
+(the files' recorded states) and vector_rows.py (vectors read back under their checksums) mixed in; values.py:
 what callers see (IndexSettings, ImageRecord).
 """
 from retrieval.catalog.catalog import Catalog

@@ -1,6 +1,6 @@
 """The catalog: the repository of an index's images (with their vectors), settings, skipped files and FAISS records;
-its integrity checks (integrity.py), one-row JSON records (records.py) and the files' states (file_states.py) are
-mixed in, its values in values.py."""
+its integrity checks (integrity.py), one-row JSON records (records.py), the files' states (file_states.py) and the
+vectors read back under their checksums (vector_rows.py) are mixed in, its values in values.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from sqlalchemy import delete, func, insert, inspect, null, select, text
+from sqlalchemy import delete, func, insert, inspect, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import defer, sessionmaker
 
@@ -20,12 +20,12 @@ from retrieval.catalog.db import (SCHEMA_LOCK_KEY, WRITER_LOCK_KEY, CatalogBusy,
                                   catalog_sqlite_file, damaged_reason, db_error_reason, make_engine, make_server_engine,
                                   mask_url)
 from retrieval.catalog.schema import (Base, FaissFileRow, ImageRow, IndexSettingsRow, RegionRow, SkippedRow,
-                                      VectorsSavedRow, blob_to_vector, stack_vector_rows, utcnow, vector_checksum,
-                                      vector_columns)
+                                      VectorsSavedRow, utcnow, vector_columns)
 from retrieval.catalog.file_states import FileStates
 from retrieval.catalog.integrity import IntegrityChecks
 from retrieval.catalog.records import RunRecords
 from retrieval.catalog.regions import RegionVectors
+from retrieval.catalog.vector_rows import VectorRows
 from retrieval.catalog.values import ImageRecord, IndexSettings, image_record
 from retrieval.files import FULL, disk_trouble
 
@@ -50,7 +50,7 @@ def _sqlite_without_index(path: Path) -> bool:
         return False
 
 
-class Catalog(IntegrityChecks, RunRecords, RegionVectors, FileStates):
+class Catalog(IntegrityChecks, RunRecords, RegionVectors, FileStates, VectorRows):
     """The source of truth for an index: SQLite at INDEX_DIR/catalog.db, or any SQLAlchemy database URL.
 
     Raises IndexNotFound (a FileNotFoundError) when there is no catalog yet (create=False), CatalogUnavailable when the
@@ -270,55 +270,6 @@ class Catalog(IntegrityChecks, RunRecords, RegionVectors, FileStates):
             # rows without their vectors: a query's results never read 16 KB of vector per hit
             return {r.id: image_record(r) for r in s.scalars(select(ImageRow).options(defer(ImageRow.vector))
                                                         .where(ImageRow.id.in_(ids)))}
-
-    def vectors(self, ids: Iterable[int] | None = None, chunk: int = 2048) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (ids shape=(n,) int64, vectors shape=(n, dim) float32) in chunks; all rows when ids is None."""
-        for part in self._vector_rows(ids, chunk):
-            good = [r for r in part if self._intact(r)]
-            if good:
-                yield stack_vector_rows(good)
-
-    def _vector_rows(self, ids: Iterable[int] | None, chunk: int) -> Iterator[list]:
-        """(id, blob, crc32 or None) rows in chunks, by id."""
-        columns = (ImageRow.id, ImageRow.vector, self._crc_column())
-        with self.Session() as s:
-            if ids is None:
-                result = s.execute(select(*columns).order_by(ImageRow.id).execution_options(yield_per=chunk))
-                for part in result.partitions(chunk):
-                    yield part
-                return
-            ids = sorted(int(i) for i in ids)
-            for start in range(0, len(ids), chunk):
-                part = s.execute(select(*columns).where(ImageRow.id.in_(ids[start:start + chunk]))
-                                 .order_by(ImageRow.id)).all()
-                if part:
-                    yield part
-
-    def _crc_column(self):  # noqa: ANN202 - a column expression
-        return ImageRow.vector_crc32 if self.checksums else null().label("vector_crc32")
-
-    def _intact(self, row) -> bool:  # noqa: ANN001 - (id, blob, crc32)
-        """Whether a row's vector matches its checksum (rows without one pass). A bad one is logged once."""
-        image_id, blob, crc = row
-        if crc is None or vector_checksum(blob) == crc:
-            return True
-        if image_id not in self.bad_vectors:
-            self.bad_vectors.add(image_id)
-            log.error("catalog %s: the vector of image %d fails its checksum (damaged); left out of the index. "
-                      "index-images --check names the damaged rows and marks them to be extracted again",
-                      self.location, image_id)
-        return False
-
-    def vectors_by_path(self) -> dict[str, np.ndarray]:
-        """Every image's vector by its path (comparing two indexes of the same folder: tests, benchmarks)."""
-        paths = {image_id: path for path, (image_id, *_state) in self.file_states().items()}
-        return {paths[i]: v for ids, vecs in self.vectors() for i, v in zip(ids.tolist(), vecs)}
-
-    def vector(self, image_id: int) -> np.ndarray | None:
-        with self.Session() as s:
-            row = s.execute(select(ImageRow.id, ImageRow.vector, self._crc_column())
-                            .where(ImageRow.id == int(image_id))).first()
-            return None if row is None or not self._intact(row) else blob_to_vector(row[1]).copy()
 
     def has_labels(self) -> bool:
         """Whether any indexed image has a label (uses the label index: cheap)."""
