@@ -179,8 +179,11 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
     _check_writable(index_dir)
     fresh = not index_dir.exists()
     try:
-        report = run_index(cfg, on_extractor=None if as_json else _announce,
-                           on_cluster=None if as_json else lambda line: click.echo(line, err=True))
+        # stdout carries the report only: what a library prints meanwhile goes to stderr (Ray's driver prints a
+        # killed worker's "(raylet) A worker died ..." on stdout, which broke --json and the summary line)
+        with contextlib.redirect_stdout(sys.stderr):
+            report = run_index(cfg, on_extractor=None if as_json else _announce,
+                               on_cluster=None if as_json else lambda line: click.echo(line, err=True))
     except ConfigError as exc:
         if fresh:
             _discard_unused(index_dir)

@@ -476,3 +476,22 @@ def test_output_to_a_full_disk_is_one_line_not_a_traceback(sample_index):
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip().splitlines() == ["Error: cannot write the output (stdout): No space left on device"], \
         done.stderr
+
+
+def test_what_a_library_prints_during_the_run_goes_to_stderr_not_into_the_json(runner, data, tmp_path, monkeypatch):
+    """Ray's driver prints a killed worker's "(raylet) A worker died ..." on stdout mid-run (CI saw it break --json)."""
+    import indexer.run
+
+    real = indexer.run.run_index
+
+    def chatty(*args, **kwargs):
+        print("(raylet) A worker died or was killed while executing a task")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(indexer.run, "run_index", chatty)
+    result = runner.invoke(index_images, [str(data), "--index-dir", str(tmp_path / "index"), "--weights", "random",
+                                          "--workers", "0", "--json"], catch_exceptions=False)
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["indexed"] == 4
+    assert "(raylet) A worker died" in result.stderr
