@@ -111,7 +111,7 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, object
                              objective=objective, val_fraction=val_fraction, epochs=epochs, lr=lr, optimizer=optimizer,
                              weight_decay=weight_decay, lr_schedule=lr_schedule, patience=patience,
                              batch_size=train_batch, cache_batch_size=cache_batch, cache_views=cache_views,
-                             dropout=dropout, sanity=sanity, keep_head=keep_head, device=str(dev),
+                             dropout=dropout, sanity=sanity, keep_head=keep_head, device=str(dev), overwrite=overwrite,
                              progress=not as_json and sys.stderr.isatty())   # bars on a terminal; a line per epoch always
     except FineTuneError as exc:
         raise UserError(str(exc)) from exc

@@ -26,7 +26,7 @@ from retrieval.features.backbones import random_state_dict
 from retrieval.features.digests import file_sha256
 from retrieval.catalog import Catalog
 from retrieval.learning.evaluation import load_labelled_vectors
-from retrieval.learning.finetune import FineTuneConfig
+from retrieval.learning.finetune import FineTuneConfig, FineTuneError, fine_tune
 from retrieval.learning.finetune_data import stratified_split
 from retrieval.learning.metrics import vote_labels
 
@@ -348,6 +348,20 @@ def test_an_existing_out_file_is_kept_unless_overwrite_is_asked(tmp_path):
     result = CliRunner().invoke(main, [str(tmp_path / "data"), "--out", str(out), *RANDOM_START, "--epochs", "1",
                                        "--train", "head", "--overwrite"])
     assert result.exit_code == 0, result.output
+    assert out.read_bytes() != b"the first run's weights"
+
+
+def test_fine_tune_from_python_keeps_an_existing_out_file_unless_overwrite(tmp_path):
+    """The command refused a second run's --out, but fine_tune(FineTuneConfig(...)) from Python (a notebook's
+    re-run cell) still wrote over the weights an index was made with."""
+    make_colour_collection(tmp_path / "data", per_class=3)
+    out = tmp_path / "tuned.pt"
+    out.write_bytes(b"the first run's weights")
+    with pytest.raises(FineTuneError, match="overwrite=True"):
+        fine_tune(FineTuneConfig(data_dir=tmp_path / "data", out=out, weights="random"))
+    assert out.read_bytes() == b"the first run's weights"
+    fine_tune(FineTuneConfig(data_dir=tmp_path / "data", out=out, weights="random", epochs=1, train="head",
+                             device="cpu", overwrite=True))
     assert out.read_bytes() != b"the first run's weights"
 
 

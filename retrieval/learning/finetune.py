@@ -72,6 +72,7 @@ class FineTuneConfig:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES
     progress: bool = False         # tqdm bars (caching, and one per epoch)
+    overwrite: bool = False        # replace out when it exists (an index made with it then no longer answers)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
@@ -117,9 +118,14 @@ def fine_tune(cfg: FineTuneConfig, report: Report | None = None) -> FineTuneResu
 
     A KeyboardInterrupt during training stops it: the best checkpoint so far stays, the history says
     "interrupted", and the result is returned (an interrupt before the first epoch ends propagates).
-    Raises FineTuneError (data or settings), WeightsUnavailable (weights), DeviceUnavailable.
+    Raises FineTuneError (data or settings; cfg.out exists and not cfg.overwrite), WeightsUnavailable (weights),
+    DeviceUnavailable.
     """
     report = report or (lambda _event, _facts: None)
+    if cfg.out.exists() and not cfg.overwrite:
+        # a rerun wrote its starting weights over the file at once, and every index made with it stopped answering
+        raise FineTuneError(f"{cfg.out} exists: an index made with those weights would no longer match them; choose "
+                            "another out, or pass overwrite=True to replace it")
     started = time.perf_counter()
     data = labelled_files(cfg.data_dir, max_file_bytes=cfg.max_file_bytes)
     device = resolve_device(cfg.device)
