@@ -49,7 +49,7 @@ def main() -> None:
             cfg = FineTuneConfig(data_dir=data, out=Path(tmp) / "tuned.pt", model="alexnet", weights="random",
                                  train="fc", epochs=args.epochs, patience=args.epochs, optimizer="adamw", lr=5e-4,
                                  dropout=0.0, batch_size=args.batch_size, cache_batch_size=32,
-                                 cache_views=args.cache_views, device="cpu")
+                                 cache_views=args.cache_views, device="cpu", overwrite=True)   # the runs repeat one
             started = time.perf_counter()
             result = fine_tune(cfg)
             total = time.perf_counter() - started
