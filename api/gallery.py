@@ -41,13 +41,15 @@ def _carried(k: int, expansion: QueryExpansion | None, origin: str | None = None
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")   # what RecentQueries hands out (secrets.token_urlsafe)
 
 
-def _origin(service) -> tuple[str | None, str | None]:  # noqa: ANN001 - api.service.SearchService
-    """?from= on an image page: (the uploaded search's token, its page's URL) while that search is kept, else (None,
-    None): an expired or made-up token is dropped quietly (the page itself is what was asked for)."""
+def _origin(service, settings: dict[str, int | float | str | None]) -> tuple[str | None, str | None]:  # noqa: ANN001
+    """?from= on an image page: (the uploaded search's token, its page's URL with the page's settings, _carried's)
+    while that search is kept, else (None, None): an expired or made-up token is dropped quietly (the page itself
+    is what was asked for). service: api.service.SearchService."""
     token = request.args.get("from")
     if not token or not TOKEN.fullmatch(token) or service.recent_queries.get(token) is None:
         return None, None
-    return token, url_for("gallery.query_page", token=token)
+    kept = {name: value for name, value in settings.items() if value is not None and name != "from"}
+    return token, url_for("gallery.query_page", token=token, **kept)
 
 
 def _page_number(raw: str | None, pages: int) -> int:
@@ -151,7 +153,7 @@ def image_page(image_id: int) -> str:
     service = current_service()
     k, expansion = _gallery_k(), parse_expansion(request)
     answer = service.neighbours(image_id, k, expansion)
-    origin, back = _origin(service)
+    origin, back = _origin(service, _carried(k, expansion))   # back to the photo with this page's k and expansion
     return render_template("results.html", hits=answer.hits, k=k, k_choices=K_CHOICES,
                            qe=expansion.n if expansion else 0, qe_choices=QE_CHOICES,
                            carry=_carried(k, expansion, origin=origin), back=back,

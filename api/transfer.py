@@ -2,6 +2,7 @@
 layer table and first-layer filters, and the fine-tuning history of the network."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -47,16 +48,21 @@ class Evaluation:
     result: dict | None
     problem: str | None
     retry: bool = False          # the catalog could not be read: compute again on the next request
+    include: bool = False        # computed with the training images among the queries (?training_images=include)
 
 
 class EvaluationCache:
-    """evaluate-index results for the index version the server serves, computed once per version, off the
-    request threads (one background thread at a time, for the newest version asked for)."""
+    """evaluate-index results for the index versions the server serves, computed once per version and view, off the
+    request threads (one background thread at a time, for the newest version asked for). The KEPT newest results
+    are kept by key: switching the page between its views (training images left out or included) computes neither
+    again."""
+
+    KEPT = 4
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
-        self._latest: Evaluation | None = None           # the newest finished run
+        self._finished: collections.OrderedDict[Any, Evaluation] = collections.OrderedDict()   # oldest first
         # (version, index folder, compared index, catalog URL, include training images) next
         self._wanted: tuple[Any, Path, Path | None, str | None, bool] | None = None
         self._running_key: Any = None                    # the version being computed now
@@ -65,20 +71,25 @@ class EvaluationCache:
 
     def get(self, key: Any, index_dir: Path, wait_s: float, compare_dir: Path | None = None,
             db_url: str | None = None, include_training_images: bool = False) -> tuple[Evaluation | None, bool]:
-        """-> (the newest evaluation, whether it is of this key). Starts a run for key unless one is done or
-        under way, and waits up to wait_s for it. With compare_dir, a run compares the two indexes (compare_indexes);
-        the key must then name both indexes' versions (and include_training_images, when it may change)."""
+        """-> (the evaluation of key, True), or, while it is computed, (the newest one of the same view, or None,
+        False). Starts a run for key unless one is done or under way, and waits up to wait_s for it. With
+        compare_dir, a run compares the two indexes (compare_indexes); the key must then name both indexes' versions
+        (and include_training_images, when it may change)."""
         with self._lock:
-            latest = self._latest
-            if latest is None or latest.key != key or latest.retry:
+            known = self._finished.get(key)
+            if known is None or known.retry:
                 if not (self._running and self._running_key == key):
                     self._wanted = (key, Path(index_dir), compare_dir, db_url, include_training_images)
                     if not self._running:
                         self._running = True
                         threading.Thread(target=self._run, name="evaluation", daemon=True).start()
-                self._done.wait_for(lambda: self._latest is not latest and self._latest.key == key, wait_s)
-            latest = self._latest
-            return latest, latest is not None and latest.key == key
+                self._done.wait_for(lambda: self._finished.get(key, known) is not known, wait_s)
+            found = self._finished.get(key)
+            if found is not None:
+                self._finished.move_to_end(key)
+                return found, True
+            same_view = [e for e in self._finished.values() if e.include == include_training_images]
+            return (same_view[-1] if same_view else None), False
 
     def _run(self) -> None:
         while True:
@@ -88,9 +99,12 @@ class EvaluationCache:
                     self._running, self._running_key = False, None
                     return
                 self._running_key = wanted[0]
-            evaluation = Evaluation(wanted[0], *_evaluate(*wanted[1:]))
+            evaluation = Evaluation(wanted[0], *_evaluate(*wanted[1:]), include=wanted[4])
             with self._lock:
-                self._latest = evaluation
+                self._finished.pop(evaluation.key, None)
+                self._finished[evaluation.key] = evaluation
+                while len(self._finished) > self.KEPT:
+                    self._finished.popitem(last=False)
                 self.runs += 1
                 self._done.notify_all()
 

@@ -117,10 +117,16 @@ def test_a_neighbours_page_keeps_the_searchs_k_and_expansion(client, sample_inde
     assert f'href="?k=6&amp;qe=3&amp;qe_alpha=2.0&amp;from={token}"' in html
     assert f'href="?k=24&amp;qe=10&amp;qe_alpha=2.0&amp;from={token}"' in html
     assert f'href="?k=24&amp;qe=0&amp;from={token}"' in html and "qe=3&amp;qe_alpha=2.0\">JSON" in html
-    # the way back: "your photo" in the breadcrumbs, on every page after it (there was only the browser's Back)
-    assert f'<a href="/gallery/query/{token}" id="back-to-search">your photo</a>' in html
+    # the way back: "your photo" in the breadcrumbs, on every page after it (there was only the browser's Back), to
+    # the photo's search with the settings chosen on the way (it was 12 neighbours, no expansion)
+    assert f'<a href="/gallery/query/{token}?k=24&amp;qe=3&amp;qe_alpha=2.0" id="back-to-search">your photo</a>' in html
     page = client.get(neighbour_hrefs(html)[0].replace("&amp;", "&")).get_data(as_text=True)
     assert 'id="back-to-search"' in page
+    # "Without expansion" in the expansion's note keeps the way back too, as the "off" chip does
+    note = html.split('id="expanded"', 1)[1].split("</p>", 1)[0]
+    assert f'href="?k=24&amp;qe=0&amp;from={token}">Without expansion' in note
+    plain_page = client.get(plain[0]).get_data(as_text=True)
+    assert f'<a href="/gallery/query/{token}" id="back-to-search">' in plain_page, "defaults: the bare search"
     # a made-up or expired token is dropped quietly: the page asked for, without the link
     first_id = hrefs[0].split("/gallery/", 1)[1].split("?", 1)[0]
     for bogus in ("no-such-search", "<script>"):

@@ -126,6 +126,21 @@ def test_the_photo_chooser_opens_from_the_keyboard(page, base_url):
         assert page.url == base_url + "/", "the key opened the chooser; it did not submit the empty form"
 
 
+def test_a_file_refused_by_the_top_bar_is_said_under_it_and_can_be_chosen_again(page, base_url, tmp_path):
+    """Reproduces: on a page without the drop zone, a file that is no image was refused with the browser's alert box,
+    and the chooser kept it, so choosing it again (after renaming it, say) was no change and did nothing."""
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    (tmp_path / "notes.txt").write_text("not a photo")
+    page.goto(base_url + "/gallery/1")
+    page.set_input_files(".topbar-upload input[type=file]", str(tmp_path / "notes.txt"))
+    error = page.locator(".topbar-upload .form-error")
+    error.wait_for(state="visible", timeout=5000)
+    assert error.inner_text() == "“notes.txt” is not an image." and not dialogs
+    assert page.eval_on_selector(".topbar-upload input[type=file]", "input => input.files.length") == 0
+    assert page.url == base_url + "/gallery/1"
+
+
 def test_a_photo_dropped_on_the_page_is_searched(page, base_url, sample_index):
     page.goto(base_url + "/?label=blue_squares")
     payload = base64.b64encode((sample_index.data_dir / "blue_squares/blue_squares_004.jpg").read_bytes()).decode()
@@ -177,6 +192,7 @@ def test_a_long_file_name_on_a_card_gives_way_in_its_middle_and_keeps_its_end_in
 
 LONG_LABEL = "Très_long_dossier_de_catégorie_avec_un_nom_vraiment_très_très_long_pour_tester"
 LONG_NAME = "photo_" + "sans_espace_" * 8 + "001.jpg"
+SPACED_NAME = "100% red.jpg"   # the card's tail (its last 8 characters) begins with the space
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +204,7 @@ def long_names_url(tmp_path_factory):
     root = tmp_path_factory.mktemp("long-names")
     make_sample_collection(root / "data", per_class=3, size=(96, 72), classes=["red_circles", "blue_squares"], seed=5)
     (root / "data" / "red_circles" / "red_circles_000.jpg").rename(root / "data" / "red_circles" / LONG_NAME)
+    (root / "data" / "red_circles" / "red_circles_001.jpg").rename(root / "data" / "red_circles" / SPACED_NAME)
     (root / "data" / "blue_squares").rename(root / "data" / LONG_LABEL)
     build_index(root / "data", root / "index")
     app = create_app({"INDEX_DIR": str(root / "index"), "RELOAD_INTERVAL_S": 0,
@@ -236,3 +253,12 @@ def test_the_evaluation_charts_are_readable_in_dark_mode(browser, base_url):
         assert fills and all(fill != "rgb(0, 0, 0)" and fill != panel for fill in fills), (fills, panel)
     finally:
         context.close()
+
+
+def test_a_space_where_a_cards_name_is_split_is_shown(page, long_names_url):
+    """Reproduces: "100% red.jpg" read "100%red.jpg" on its card (the end kept in view, " red.jpg", is a flex item,
+    whose leading space the browser dropped)."""
+    url, _states = long_names_url
+    page.goto(url + "/")
+    shown = page.eval_on_selector_all("#grid li .filename", "names => names.map(n => [...n.children].map(part => part.innerText).join(''))")
+    assert SPACED_NAME in shown, shown

@@ -200,6 +200,35 @@ def test_a_slow_evaluation_answers_computing_at_once_and_the_page_refreshes_itse
     assert app.extensions["transfer"].evaluations.runs == 1
 
 
+def test_switching_the_evaluation_between_its_views_computes_each_once(live_app, monkeypatch):
+    """Reproduces: the cache held one result, so each switch between "held-out images only" and "include the training
+    images" computed again, showing meanwhile the other view's numbers as "the previous version's", and its Reload
+    link dropped ?training_images=include."""
+    import api.transfer
+
+    app, _data = live_app
+    client = app.test_client()
+    monkeypatch.setattr(api.transfer, "EVALUATION_WAIT_S", 0.0)   # every first look is the "computing" page
+
+    def finished(url: str) -> tuple[str, list[str]]:
+        pages = [client.get(url).get_data(as_text=True)]
+        deadline = time.monotonic() + 60
+        while 'id="computing"' in pages[-1] and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pages.append(client.get(url).get_data(as_text=True))
+        return pages[-1], pages[:-1]
+
+    held_out, _ = finished("/evaluation")
+    included, computing = finished("/evaluation?training_images=include")
+    assert 'id="summary-table"' in held_out and 'id="summary-table"' in included
+    assert computing, "the included view was computed, not taken from the other"
+    assert all('id="summary-table"' not in page for page in computing), "no other view's numbers meanwhile"
+    assert all('href="/evaluation?training_images=include">Reload' in page for page in computing)
+    for url in ("/evaluation", "/evaluation?training_images=include", "/evaluation"):
+        assert 'id="computing"' not in client.get(url).get_data(as_text=True), url
+    assert app.extensions["transfer"].evaluations.runs == 2
+
+
 def test_filters_png_is_cached_on_the_app(app, client):
     assert client.get("/model/filters.png").status_code == 200
     cached = app.extensions["transfer"].filters

@@ -9,6 +9,7 @@
   function showError(form, message) {
     var box = form.querySelector(".form-error");
     if (box) { box.textContent = message; box.hidden = false; } else { window.alert(message); }
+    form.querySelector("input[type=file]").value = "";   // choosing the same file again is a change again
   }
 
   function send(form, file) {
@@ -72,8 +73,12 @@
   });
 
   // Back from a results page: the page may come from the back/forward cache with the busy state still on.
+  // Its file input still holds the file sent, and choosing that file again would not be a change: emptied.
   window.addEventListener("pageshow", function () {
-    forms.forEach(function (form) { form.classList.remove("busy"); });
+    forms.forEach(function (form) {
+      form.classList.remove("busy");
+      form.querySelector("input[type=file]").value = "";
+    });
     document.body.classList.remove("searching");
   });
 })();
