@@ -70,7 +70,7 @@ def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: P
     network's training images) and the same probe split, and the numbers are shown side by side;
     --json then gives {"a": ..., "b": ..., "matched": ...}.
 
-    Options can also be set by environment variables (EVALUATE_INDEX_KS, ...; see docs/configuration.md).
+    Options can also be set by environment variables (EVALUATE_INDEX_K, ...; see docs/configuration.md).
 
     With --copies N, no labels are needed: N images of the collection are copied with the eight edits of a
     copy (crop, flip, JPEG 30, brightness, downscale, 7-degree rotation, greyscale, blur), the copies go

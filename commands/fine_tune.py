@@ -13,7 +13,7 @@ from retrieval.names import DEFAULT_FINE_TUNE_OBJECTIVE, FINE_TUNE_OBJECTIVES, M
 from retrieval.system import display_name, terminal_name
 
 from commands.options import (Command, DiskFull, MODEL_PARAMETERS, PathArg, UserError, command_settings,
-                              exit_without_teardown, parse_batch_size, setup_logging)
+                              exit_without_teardown, batch_size_value, setup_logging)
 
 # Nothing heavy at module level: --help and usage errors answer at once; torch is imported in the command.
 TRAIN_MODES = ("head", "fc", "all")      # retrieval.learning.finetune.TRAIN_MODES, without importing torch
@@ -54,7 +54,7 @@ AUTO_TRAIN_BATCH_CAP = 64                # --batch-size auto never trains on lar
               help="Dropout before fc6 and fc7 while training (the network's own is 0.5).")
 @click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True,
               help="Stop after this many epochs without better validation retrieval (kNN@10, then mAP).")
-@click.option("--batch-size", default="auto", show_default=True, metavar="N|auto",
+@click.option("--batch-size", default="auto", show_default=True, metavar="N|auto", callback=batch_size_value,
               help=f"Training images per step. auto: 32 on the CPU (10 with --train all, whose gradients run through the "
                    f"convolutions); on CUDA what the free memory holds (a third of it with --train all), at most "
                    f"{AUTO_TRAIN_BATCH_CAP}.")
@@ -89,7 +89,7 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, object
     included, told before training), 130 interrupted, 1 unexpected failure.
     """
     setup_logging(verbose, quiet=as_json)
-    requested_batch = parse_batch_size(batch_size)
+    requested_batch = batch_size
     choice = WeightsChoice.parse(weights)
     if choice.is_file:
         path = choice.path.expanduser().resolve()

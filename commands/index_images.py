@@ -12,7 +12,7 @@ import click
 from retrieval.names import DECODES, FC_DIM, INPUT_NORMS, LAYERS, MAX_EF_SEARCH, MAX_NPROBE, MODEL_NAMES, VIEWS, feature_dim
 
 from commands.options import (Command, MODEL_PARAMETERS, PathArg, UserError, command_settings, db_url_option, exit_without_teardown,
-                              full_disk_error, index_dir_option, parse_batch_size, permission_denied, privilege_error,
+                              full_disk_error, index_dir_option, batch_size_value, permission_denied, privilege_error,
                               setup_logging)
 
 # Nothing heavy at module level: --help and usage errors answer at once. The job imports torch and
@@ -68,7 +68,7 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
                    "network's size), or on the network's device (torchvision; nvJPEG on a GPU), falling back to "
                    "the workers' decoder per file. auto: on a GPU both, sharing the JPEGs as each keeps up; "
                    "on the CPU the workers.")
-@click.option("--batch-size", default="auto", show_default=True, metavar="N|auto",
+@click.option("--batch-size", default="auto", show_default=True, metavar="N|auto", callback=batch_size_value,
               help="Images per forward pass and per catalog transaction. auto: on CUDA the largest batch the free "
                    "GPU memory holds (with a safety margin; -v logs the choice), on the CPU 32.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
@@ -171,7 +171,7 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
         cfg = JobConfig(data_dir=data_dir, index_dir=index_dir, db_url=db_url, model=model, layer=layer, views=views,
                         input_norm=input_norm, regions=None if regions is None else REGION_COUNT * regions,
                         weights=weights, normalize=normalize, seed=seed, device=device, precision=precision,
-                        decode=decode, batch_size=parse_batch_size(batch_size), workers=workers,
+                        decode=decode, batch_size=batch_size, workers=workers,
                         max_file_bytes=int(max_file_mb * 2**20), progress=not as_json, ray=ray_address,
                         vector_index=vector_index)
     except ConfigError as exc:

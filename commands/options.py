@@ -81,17 +81,37 @@ def command_settings(command_name: str) -> dict[str, Any]:
 class Command(click.Command):
     """A command whose option variables are named after the options as typed: `search-images --json` reads
     SEARCH_IMAGES_JSON (and SEARCH_IMAGES_AS_JSON, the name from its Python parameter, as before), so the name a
-    user guesses from --help works. Options with a variable of their own (RETRIEVAL_INDEX_DIR) keep it."""
+    user guesses from --help works. Options with a variable of their own (RETRIEVAL_INDEX_DIR) read it only: click
+    would also read INDEX_IMAGES_INDEX_DIR, while the warning for unread variables called it unread."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         prefix = self.context_settings.get("auto_envvar_prefix")
         for param in self.params:
-            if not isinstance(param, click.Option) or param.envvar or not param.allow_from_autoenv or not prefix:
+            if not isinstance(param, click.Option) or not param.allow_from_autoenv or not prefix:
                 continue
-            flag = next((opt[2:].replace("-", "_") for opt in param.opts if opt.startswith("--")), None)
+            if param.envvar:
+                param.allow_from_autoenv = False
+                continue
+            flag = next((opt[2:].replace("-", "_") for opt in param.opts if opt.startswith("--")),
+                        next((opt[1:] for opt in param.opts if len(opt) == 2), None))   # -k alone: EVALUATE_INDEX_K
             if flag and param.name and flag != param.name:
                 param.envvar = [f"{prefix}_{flag.upper()}", f"{prefix}_{param.name.upper()}"]
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.BadParameter as exc:   # a value from the environment: name the variable, not only the option
+            param = exc.param
+            if isinstance(param, click.Option) and param.name and \
+                    ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT:
+                names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())
+                if param.allow_from_autoenv and ctx.auto_envvar_prefix:
+                    names.append(f"{ctx.auto_envvar_prefix}_{param.name.upper()}")
+                variable = next((name for name in names if os.environ.get(name)), None)
+                if variable is not None:
+                    exc.param_hint = f"{variable} (the environment's {param.opts[0]})"
+            raise
 
     def invoke(self, ctx: click.Context) -> Any:
         for line in misspelt_variables(self, os.environ):
@@ -113,10 +133,17 @@ def misspelt_variables(command: click.Command, environ: Any) -> list[str]:
     reads |= {f"{prefix}{p.name.upper()}" for p in command.params
               if isinstance(p, click.Option) and p.name and not p.envvar and p.allow_from_autoenv}
     shared = {s.envvar for s in SETTINGS} | {INDEX_DIR_ENV, DB_URL_ENV} | {n for n in reads if n.startswith("RETRIEVAL_")}
+    own = {f"{prefix}{flag.upper()}": (option, own_var)   # INDEX_IMAGES_INDEX_DIR -> (--index-dir, RETRIEVAL_INDEX_DIR)
+           for p in command.params if isinstance(p, click.Option) and isinstance(p.envvar, str)
+           for option in p.opts if option.startswith("--")
+           for flag, own_var in ((option[2:].replace("-", "_"), p.envvar),)}
     lines = []
     environ = {name: value for name, value in environ.items() if name not in READ_ELSEWHERE}
     for name in sorted(environ):
-        if name.startswith(prefix) and prefix != "_" and name not in reads:
+        if name in own and prefix != "_" and name not in reads:
+            option, own_var = own[name]
+            lines.append(f"{name} is set, but {option} reads {own_var}: set that instead")
+        elif name.startswith(prefix) and prefix != "_" and name not in reads:
             close = difflib.get_close_matches(name, sorted(reads), n=1, cutoff=0.75)
             lines.append(f"{name} is set, but {prefix[:-1].lower().replace('_', '-')} has no option it names"
                          + (f" (did you mean {close[0]}?)" if close else ""))
@@ -147,8 +174,8 @@ def source_of(ctx: click.Context, param: click.Parameter, command_name: str) -> 
     return "default"
 
 
-def parse_batch_size(value: str) -> int | str:
-    """A positive whole number, or "auto" (chosen from the free GPU memory; 32 on the CPU)."""
+def batch_size_value(_ctx: click.Context | None, _param: click.Parameter | None, value: str) -> int | str:
+    """--batch-size's callback: a positive whole number, or "auto" (chosen from the free GPU memory; 32 on the CPU)."""
     if value.strip().lower() == "auto":
         return "auto"
     try:

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import indexer.extract as extract
 from retrieval.features.batch_size import MAX_AUTO_BATCH, choose_batch_size, resolve_batch_size
 from commands.index_images import main as index_main
-from commands.options import parse_batch_size
+from commands.options import batch_size_value
 from helpers.indexes import recorded_precision
 from retrieval.samples import make_sample_collection
 from retrieval.catalog import Catalog
@@ -70,12 +70,12 @@ def test_resolve_keeps_numbers_and_logs_the_auto_choice(monkeypatch, caplog):
     assert any(r.levelno == logging.INFO for r in caplog.records if f"auto chose {expected}" in r.getMessage())
 
 
-def test_parse_batch_size():
-    assert parse_batch_size("auto") == "auto" and parse_batch_size(" AUTO ") == "auto"
-    assert parse_batch_size("16") == 16
+def test_batch_size_value():
+    assert batch_size_value(None, None, "auto") == "auto" and batch_size_value(None, None, " AUTO ") == "auto"
+    assert batch_size_value(None, None, "16") == 16
     for bad in ("0", "-3", "big", "1.5"):
         with pytest.raises(click.BadParameter):
-            parse_batch_size(bad)
+            batch_size_value(None, None, bad)
 
 
 class OutOfMemoryAbove:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -287,6 +288,49 @@ def test_a_misspelt_variable_is_named_with_the_one_meant(sample_index):
         "warning: RETRIEVAL_DB_ULR is set, but no command reads it (did you mean RETRIEVAL_DB_URL?)",
         "warning: RETRIEVAL_RELOAD_INTERVAL is set, but no command reads it (did you mean RETRIEVAL_RELOAD_INTERVAL_S?)",
         "warning: SERVE_IMAGES_PORTT is set, but serve-images has no option it names (did you mean SERVE_IMAGES_PORT?)"]
+
+
+def test_an_option_with_a_retrieval_variable_reads_only_that_one(sample_index, tmp_path):
+    """Reproduces: SERVE_IMAGES_DEVICE=cuda was warned about as unread, then used (and --print-config credited it to
+    RETRIEVAL_DEVICE, which was not set); INDEX_IMAGES_INDEX_DIR likewise wrote an index where the warning said it
+    would not (click reads PREFIX_NAME for an option even when it has its own variable)."""
+    from commands.index_images import main as index_images
+
+    result = CliRunner().invoke(main, ["--index-dir", str(sample_index.index_dir), "--print-config"],
+                                env={"SERVE_IMAGES_DEVICE": "cuda", "SERVE_IMAGES_NPROBE": "7"})
+    assert result.exit_code == 0, result.output
+    assert "warning: SERVE_IMAGES_DEVICE is set, but --device reads RETRIEVAL_DEVICE: set that instead" in result.output
+    assert "warning: SERVE_IMAGES_NPROBE is set, but --nprobe reads RETRIEVAL_NPROBE: set that instead" in result.output
+    device = next(line for line in result.stdout.splitlines() if line.startswith("--device"))
+    assert device.split()[1:] == ["cpu", "default"], device
+
+    elsewhere = tmp_path / "elsewhere"
+    runner = CliRunner()
+    with runner.isolated_filesystem(temp_dir=tmp_path):
+        result = runner.invoke(index_images, [str(sample_index.data_dir), "--weights", "random", "--workers", "0"],
+                               env={"INDEX_IMAGES_INDEX_DIR": str(elsewhere)})
+        assert result.exit_code == 0, result.output
+        assert "INDEX_IMAGES_INDEX_DIR is set, but --index-dir reads RETRIEVAL_INDEX_DIR" in result.output
+        assert Path("index", "catalog.db").is_file() and not elsewhere.exists()
+
+
+def test_a_wrong_value_in_an_option_variable_names_the_variable(sample_index):
+    """Reproduces: SEARCH_IMAGES_K=abc said "Invalid value for '-k'", though no -k was typed (the docs promise the
+    variable's name); INDEX_IMAGES_BATCH_SIZE=abc likewise."""
+    from commands.index_images import main as index_images
+    from commands.search_images import main as search_images
+
+    query = str(next(sample_index.data_dir.rglob("*.jpg")))
+    for command, args, variable, said in (
+            (search_images, [query, "--index-dir", str(sample_index.index_dir)], "SEARCH_IMAGES_K",
+             "Error: Invalid value for SEARCH_IMAGES_K (the environment's -k): 'abc' is not a valid integer range."),
+            (index_images, [str(sample_index.data_dir)], "INDEX_IMAGES_BATCH_SIZE",
+             "Error: Invalid value for INDEX_IMAGES_BATCH_SIZE (the environment's --batch-size): 'abc' is not a whole "
+             "number or 'auto'")):
+        result = CliRunner().invoke(command, args, env={variable: "abc"})
+        assert result.exit_code == 2 and result.output.strip().splitlines()[-1] == said, result.output
+    typed = CliRunner().invoke(search_images, [query, "-k", "abc"], env={"SEARCH_IMAGES_K": "3"})
+    assert "Invalid value for '-k'" in typed.output, "typed: the option's own name"
 
 
 def test_variables_that_docker_compose_or_the_tests_read_are_not_called_misspelt(sample_index):
