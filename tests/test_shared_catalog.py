@@ -85,3 +85,39 @@ def test_two_servers_on_their_own_index_folders_serve_one_postgresql_catalog(tmp
         text = log.read_text()
         assert "catalog postgresql://retrieval:***@127.0.0.1" in text, text[-2000:]
         assert PASSWORD not in text, "the database password never appears in a log"
+
+
+def test_a_replica_follows_the_writer_across_a_change_of_faiss_type(tmp_path, postgres_url, index_images):
+    """Reproduces: a replica serving while the writer's collection passed 128 images went on searching raw vectors
+    after the writer switched to whitening (PCAW32), and to its own stale type after the next retraining, while
+    /stats reported the writer's: it answered unlike the writer, unlike a replica started later, and unlike
+    search-images (the same catalog and FAISS file signature made it bring its old index up to date instead)."""
+    from retrieval.search.index import ImageIndex
+    from retrieval.vectors.whitening import whitening_of
+
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=4, size=(64, 48), seed=2)           # 20 images: Flat, whitening waits
+    writer = tmp_path / "writer"
+    index_images(data, writer, db_url=postgres_url)
+    replicas = [tmp_path / "replica", tmp_path / "later"]
+    for folder in replicas:
+        folder.mkdir()
+        os.link(random_weights_file(writer, "alexnet"), random_weights_file(folder, "alexnet"))
+    query = (data / "red_circles" / "red_circles_000.jpg").read_bytes()
+    serving = ImageIndex(replicas[0], db_url=postgres_url)
+    try:
+        assert whitening_of(serving.snapshot().vectors.index) is None
+        make_sample_collection(data, per_class=28, size=(64, 48), seed=2)      # 140 images: whitened from now on
+        report = index_images(data, writer, db_url=postgres_url)
+        assert report.vector_index["factory"].startswith("PCAW"), report.vector_index
+        assert serving.refresh()
+        assert whitening_of(serving.snapshot().vectors.index) is not None, "the replica searches what the writer does"
+        later = ImageIndex(replicas[1], db_url=postgres_url)
+        try:
+            served, fresh = serving.search_image(query, 10)[0], later.search_image(query, 10)[0]
+        finally:
+            later.close()
+        assert [h.path for h in served] == [h.path for h in fresh]
+        assert [round(h.distance, 4) for h in served] == [round(h.distance, 4) for h in fresh]
+    finally:
+        serving.close()

@@ -2,6 +2,7 @@
 when index-images changes them; each loaded version is an IndexSnapshot (search/snapshot.py), which searches."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -197,8 +198,12 @@ class ImageIndex:
         else:
             extractor = None
         record = catalog.vector_index_record()
+        # a replica without the writer's FAISS file sees the same signature whatever the writer did: the recorded
+        # build tells whether its own index can be brought up to date (new rows added) or must be built anew (the
+        # writer changed the type, retrained its whitening, or averages its vectors with their neighbours' (DBA))
         reuse = on_server and previous is not None and previous.catalog_file == catalog_file \
-            and previous.faiss_signature == signature and network_key(previous.settings) == network_key(settings)
+            and previous.faiss_signature == signature and network_key(previous.settings) == network_key(settings) \
+            and _build_of(previous.vector_record) == _build_of(record) and not (record or {}).get("dba")
         if reuse:
             # the same catalog, changed by a writer (whose FAISS file may be in another folder): bring a copy of
             # the served vectors up to date from the database, without reading every vector again
@@ -345,6 +350,12 @@ class ImageIndex:
         except OSError:
             return None
         return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _build_of(record: dict | None) -> tuple:
+    """What of a vector-index record fixes the vectors searched: the FAISS type, its training, its whitening."""
+    record = record or {}
+    return record.get("factory"), json.dumps(record.get("train"), sort_keys=True), record.get("whitened_dim")
 
 
 def _file_id(path: Path) -> tuple[int, int]:
