@@ -48,6 +48,7 @@ class BatchedAnswer:
     features_ms: float     # from submit to features ready: wait for the batch + forward pass
     search_ms: float       # the batch's FAISS search and catalog lookup
     batch_size: int        # how many queries shared the forward pass
+    index: EmbeddingIndex | None = None   # what the batch embedded and searched with (a snapshot, on a swappable index)
 
 
 @dataclasses.dataclass
@@ -219,4 +220,4 @@ class QueryBatcher:
         for i, p in enumerate(live):
             p.future.set_result(BatchedAnswer(
                 vector=vectors[i], hits=hits[i][:p.k], features_ms=(embedded - p.submitted) * 1000.0,
-                search_ms=(searched - embedded) * 1000.0, batch_size=len(live)))
+                search_ms=(searched - embedded) * 1000.0, batch_size=len(live), index=index))

@@ -29,10 +29,11 @@ def hit_json(hit: Hit) -> dict[str, Any]:
 
 def answer_json(answer: SearchAnswer) -> Response:
     service = current_service()
+    snapshot = answer.snapshot or service.index.snapshot()   # the index that answered, not one swapped in since
     body = {"results": [hit_json(h) for h in answer.hits], "query": answer.query,
-            "index": service.index_summary(), "timings_ms": answer.timings_ms}
-    if service.index.catalog.has_labels():
-        body["predicted_label"] = service.predict(answer.hits)   # the neighbours' majority vote
+            "index": service.index_summary(snapshot), "timings_ms": answer.timings_ms}
+    if snapshot.catalog.has_labels():
+        body["predicted_label"] = service.predict(answer.hits, snapshot)   # the neighbours' majority vote
     return jsonify(body)
 
 

@@ -103,6 +103,7 @@ class SearchAnswer:
     query: dict[str, Any]               # what is known of the query image: width, height (id, path, label if indexed)
     timings_ms: dict[str, float]        # decode, features (queue wait included), search
     preview_jpeg: bytes | None = None   # the upload as an upright JPEG, when search_upload was asked for one
+    snapshot: IndexSnapshot | None = None   # the index version that answered (a reload may have swapped in another since)
 
 
 class RetrievalService:
@@ -182,12 +183,13 @@ class RetrievalService:
             raise ApiError(503, "unavailable", "the server is overloaded; try again shortly") from None
         self.catalog_answered()
         hits, search_ms = answer.hits, round(answer.search_ms, 3)
-        if expansion:   # searched again, the query averaged with its first results
-            hits, expanded_ms = self.search_vector(answer.vector, k, expansion=expansion)
+        snapshot = answer.index if isinstance(answer.index, IndexSnapshot) else None   # the query's network's version
+        if expansion:   # searched again, the query averaged with its first results, among the same vectors
+            hits, expanded_ms = self.search_vector(answer.vector, k, snapshot=snapshot, expansion=expansion)
             search_ms = round(search_ms + expanded_ms, 3)
         return SearchAnswer(hits, answer.vector, {"width": decoded.width, "height": decoded.height},
                             {"decode": _ms(decoded_at - started), "features": round(answer.features_ms, 3),
-                             "search": search_ms}, upload.preview_jpeg)
+                             "search": search_ms}, upload.preview_jpeg, snapshot)
 
     def search_vector(self, vector: np.ndarray, k: int, exclude: set[int] | None = None,
                       snapshot: IndexSnapshot | None = None,
@@ -218,7 +220,7 @@ class RetrievalService:
         hits, search_ms = self.search_vector(vector, k, exclude={int(image_id)}, snapshot=snapshot, expansion=expansion)
         return SearchAnswer(hits, vector, {"id": record.id, "path": record.path, "label": record.label,
                                            "width": record.width, "height": record.height},
-                            {"decode": 0.0, "features": _ms(looked_up - started), "search": search_ms})
+                            {"decode": 0.0, "features": _ms(looked_up - started), "search": search_ms}, snapshot=snapshot)
 
     def _prune_thumbnails(self) -> None:
         """Once as a worker starts, in the background: the cached thumbnails of images no longer indexed go."""
@@ -230,20 +232,21 @@ class RetrievalService:
         if removed:
             log.info("removed %d cached thumbnail(s) of images no longer in the index", removed)
 
-    def predict(self, hits: list[Hit]) -> dict[str, Any] | None:
+    def predict(self, hits: list[Hit], snapshot: IndexSnapshot | None = None) -> dict[str, Any] | None:
         """The vote {"label", "votes", "k", "weak"} of the nearest hits, at most vote_k of them (the API's default k: the
         gallery shows more neighbours than vote); None when none of them has a label. weak: the label won half or
         fewer of the votes it could have won (k, or fewer where the collection holds fewer images of it): most
-        neighbours say something else, and the picture may be of none of the collection's labels."""
+        neighbours say something else, and the picture may be of none of the collection's labels. snapshot: the index
+        version the hits came from (default: the current one)."""
         voted = vote(hits, min(len(hits), self.config.vote_k)) if hits else None
         if voted is not None:
-            possible = min(voted["k"], self._label_counts().get(voted["label"], 0))
+            possible = min(voted["k"], self._label_counts(snapshot).get(voted["label"], 0))
             voted["weak"] = voted["votes"] * 2 <= possible
         return voted
 
-    def _label_counts(self) -> dict[str | None, int]:
-        """Images per label of the served index, read once per index version."""
-        snapshot = self.index.snapshot()
+    def _label_counts(self, snapshot: IndexSnapshot | None = None) -> dict[str | None, int]:
+        """Images per label of the served index (or of snapshot), read once per index version."""
+        snapshot = snapshot or self.index.snapshot()
         cached = self._labels
         if cached is None or cached[0] != snapshot.version:
             cached = self._labels = (snapshot.version, snapshot.catalog.labels())

@@ -133,3 +133,30 @@ def test_an_index_of_another_network_swapped_in_under_load_is_never_mixed_with_t
         service.close()
     assert not failures, failures[:5]
     assert answered > unavailable / 2, "503 only while the new network was loading"
+
+
+def test_an_answer_describes_the_index_version_that_answered_it(tmp_path, index_images):
+    """Reproduces: a search answered from 50 images said "count": 250 when a reload landed between the search and
+    its JSON (the index block, the label vote and an expansion's second search read whatever was current then)."""
+    from api.search_api import answer_json
+
+    data, index = tmp_path / "data", tmp_path / "index"
+    make_sample_collection(data, per_class=2, size=(96, 72), seed=3, classes=["red_circles", "blue_squares"])
+    index_images(data, index)
+    app = create_app({"INDEX_DIR": str(index), "RELOAD_INTERVAL_S": 0, "THUMBNAIL_DIR": str(tmp_path / "thumbs")})
+    service = app.extensions["retrieval"]
+    try:
+        query = (data / "red_circles" / "red_circles_000.jpg").read_bytes()
+        first_id = service.index.catalog.file_states()["red_circles/red_circles_000.jpg"][0]
+        with app.test_request_context():
+            answers = [service.search_upload(query, 10), service.neighbours(first_id, 10)]
+        make_sample_collection(data, per_class=5, size=(96, 72), seed=3, classes=["red_circles", "blue_squares"])
+        run_index_images(data, index)
+        assert service.index.refresh() and len(service.index.snapshot().vectors) == 10
+        with app.test_request_context():
+            for answer in answers:
+                body = json.loads(answer_json(answer).get_data())
+                assert body["index"]["count"] == 4 and len(body["results"]) <= 4, body["index"]
+                assert body["predicted_label"]["k"] == len(body["results"])
+    finally:
+        service.close()
