@@ -18,7 +18,7 @@ from retrieval.learning.metrics import vote
 from retrieval.images.decode import ImageDecodeError
 from retrieval.search.expansion import QueryExpansion
 from retrieval.search.index import ImageIndex, weights_label
-from retrieval.search.snapshot import Hit, IndexSnapshot
+from retrieval.search.snapshot import Hit, IndexSnapshot, IndexUnavailable
 from retrieval.vectors.faiss_parts import SearchParams
 from retrieval.system import available_cores
 
@@ -324,6 +324,11 @@ class RetrievalService:
                 log.exception("health check could not look at the index")
                 problem = f"the index cannot be checked: {type(exc).__name__}: {exc}"
         problem = self.index.problem or problem
+        if problem is None:
+            try:
+                self.index.snapshot()   # a catalog file replaced but not reloaded yet: searches answer 503 meanwhile
+            except IndexUnavailable as exc:
+                problem = str(exc)
         failure = self._catalog_failure
         if problem is None and failure is not None and time.monotonic() - failure[0] < CATALOG_FAILURE_SHOWN_S:
             problem = f"requests failed to read the catalog {time.monotonic() - failure[0]:.0f} s ago: {failure[1]}"

@@ -160,3 +160,26 @@ def test_an_answer_describes_the_index_version_that_answered_it(tmp_path, index_
                 assert body["predicted_label"]["k"] == len(body["results"])
     finally:
         service.close()
+
+
+def test_healthz_says_unavailable_while_searches_do_after_the_folder_is_swapped(tmp_path, index_images):
+    """Reproduces: after `mv index index-old; mv index-new index`, searches answered 503 "the index on disk was
+    replaced" until the next reload while /healthz said ok, so a load balancer kept sending them here."""
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=2, size=(96, 72), seed=3, classes=["red_circles", "blue_squares"])
+    index_images(data, tmp_path / "index")
+    index_images(data, tmp_path / "index-new", seed=1)
+    app = create_app({"INDEX_DIR": str(tmp_path / "index"), "RELOAD_INTERVAL_S": 3600,   # no reload in this test
+                      "THUMBNAIL_DIR": str(tmp_path / "thumbs")})
+    try:
+        client = app.test_client()
+        assert client.get("/healthz").status_code == 200
+        (tmp_path / "index").rename(tmp_path / "index-old")
+        (tmp_path / "index-new").rename(tmp_path / "index")
+        search = client.post("/search", data=(data / "red_circles" / "red_circles_000.jpg").read_bytes(),
+                             content_type="image/jpeg")
+        health = client.get("/healthz")
+        assert search.status_code == 503 and health.status_code == 503, health.get_data(as_text=True)
+        assert "replaced" in health.get_json()["reason"]
+    finally:
+        app.extensions["retrieval"].close()
