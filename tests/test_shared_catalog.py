@@ -121,3 +121,35 @@ def test_a_replica_follows_the_writer_across_a_change_of_faiss_type(tmp_path, po
         assert [round(h.distance, 4) for h in served] == [round(h.distance, 4) for h in fresh]
     finally:
         serving.close()
+
+
+def test_a_catalog_database_out_of_reach_is_told_to_clients_without_its_address(tmp_path, postgres, postgres_url,
+                                                                                  index_images, caplog):
+    """Reproduces: with PostgreSQL down, a search answered 503 with 'connection to server at "127.0.0.1", port ...
+    failed ...; restore it or run index-images': the database's address to any client, and advice that cannot help."""
+    import logging
+
+    from retrieval.search.index import ImageIndex
+    from retrieval.search.snapshot import IndexUnavailable
+
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=2, size=(64, 48), seed=2, classes=["red_circles", "blue_squares"])
+    index_images(data, tmp_path / "writer", db_url=postgres_url)
+    name = postgres_url.rsplit("/", 1)[1]
+    index = ImageIndex(tmp_path / "writer", db_url=postgres_url)
+    try:
+        postgres.admin(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false")
+        postgres.admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+        with caplog.at_level(logging.ERROR, logger="retrieval.search.index"):
+            assert not index.refresh()
+        assert index.problem == ("the catalog database cannot be read now; searches are answered again once it is "
+                                 "back (the server log says why)")
+        with pytest.raises(IndexUnavailable):
+            index.snapshot()
+        assert "not currently accepting connections" in caplog.text, "the operator's log says why"
+        postgres.admin(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true")
+        index.refresh()
+        assert index.problem is None and len(index.snapshot().vectors) == 4
+    finally:
+        postgres.admin(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true")
+        index.close()

@@ -267,8 +267,7 @@ class ImageIndex:
             except (FileNotFoundError, SQLAlchemyError) as exc:
                 if catalog is not current.catalog:
                     catalog.close()
-                return self._unavailable(f"the catalog cannot be read ({db_error_reason(exc, self.db_url)}); "
-                                         "restore it or run index-images")
+                return self._catalog_unreadable(exc, on_server)
             if settings is None:
                 if catalog is not current.catalog:
                     catalog.close()
@@ -294,8 +293,7 @@ class ImageIndex:
             except SQLAlchemyError as exc:   # the catalog broke while its vectors were read
                 if catalog is not current.catalog:
                     catalog.close()
-                return self._unavailable(f"the catalog cannot be read ({db_error_reason(exc, self.db_url)}); "
-                                         "restore it or run index-images")
+                return self._catalog_unreadable(exc, on_server)
             except (RuntimeError, ValueError, OSError) as exc:   # WeightsUnavailable, WeightsMismatch, no device
                 if catalog is not current.catalog:
                     catalog.close()
@@ -322,12 +320,22 @@ class ImageIndex:
             self._available()
             return True
 
-    def _unavailable(self, reason: str) -> bool:
-        """Record why the index cannot be served (logged when it changes). The reason is shown to clients:
-        the index folder's path is left out of it."""
+    def _catalog_unreadable(self, exc: Exception, on_server: bool) -> bool:
+        """_unavailable for a catalog that failed to be read. A database server's failure (down, unreachable, its
+        password changed) is for its operator: the log has why, with the server's address; a client is told only
+        that it is out of reach, and running index-images would not help."""
+        why = db_error_reason(exc, self.db_url)
+        if not on_server:
+            return self._unavailable(f"the catalog cannot be read ({why}); restore it or run index-images")
+        return self._unavailable("the catalog database cannot be read now; searches are answered again once it is "
+                                 "back (the server log says why)", detail=why)
+
+    def _unavailable(self, reason: str, detail: str | None = None) -> bool:
+        """Record why the index cannot be served (logged when it changes, with detail). The reason is shown to
+        clients: the index folder's path is left out of it."""
         reason = reason.replace(str(self.index_dir), "INDEX_DIR")
         if reason != self._problem:
-            log.error("the index at %s cannot be served: %s", self.index_dir, reason)
+            log.error("the index at %s cannot be served: %s%s", self.index_dir, reason, f" ({detail})" if detail else "")
         self._problem = reason
         return False
 
