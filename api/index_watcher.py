@@ -98,4 +98,5 @@ class IndexWatcher:
             self._failures = 0
         finally:
             self.checks += 1
+            metrics.INDEX_AVAILABLE.set(0 if self._failures or self.index.problem is not None else 1)
             self._last_check_at = time.monotonic()

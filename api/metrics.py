@@ -46,6 +46,10 @@ BATCH_SIZE = Histogram("retrieval_batch_size", "Queries that shared one forward 
                        buckets=BATCH_BUCKETS)
 INDEX_IMAGES = Gauge("retrieval_index_images", "Images in the index served (the value last set by a live worker).",
                      multiprocess_mode="livemostrecent")
+INDEX_AVAILABLE = Gauge("retrieval_index_available",
+                        "1 while every live worker serves the index, 0 while one cannot (its /healthz says why: "
+                        "the catalog missing, damaged or out of reach, the network not loadable, hot reload failing).",
+                        multiprocess_mode="livemin")
 INDEX_RELOADS = Counter("retrieval_index_reloads", "Times hot reload swapped in a changed index, summed over workers.")
 INDEX_RELOAD_FAILURES = Counter("retrieval_index_reload_failures",
                                 "Looks at the index on disk that raised, summed over workers.")
@@ -104,6 +108,7 @@ def metrics() -> Response:
     service = current_app.extensions.get("retrieval")
     if service is not None:             # this worker's view is current; the others set theirs when they load
         INDEX_IMAGES.set(len(service.index))
+        INDEX_AVAILABLE.set(1 if service.health()[1] == 200 else 0)
     state: MetricsState = current_app.extensions[EXTENSION_KEY]
     response = Response(generate_latest(state.registry), mimetype=None)
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST

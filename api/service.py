@@ -138,6 +138,7 @@ class RetrievalService:
 
     def _count_images(self) -> None:
         metrics.INDEX_IMAGES.set(len(self.index))
+        metrics.INDEX_AVAILABLE.set(1 if self.index.problem is None else 0)
 
     def catalog_failed(self, reason: str) -> None:
         """A request could not read the catalog (a corrupt page, the database gone): /healthz says so for a while."""

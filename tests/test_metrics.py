@@ -191,3 +191,31 @@ def test_metrics_are_summed_over_gunicorn_workers(sample_index, tmp_path):
         assert value(after, "retrieval_http_requests_total", endpoint="api.search", method="POST", status="200") == sent
         assert value(after, "retrieval_index_images") == 30
     assert not metrics_dir.exists(), "serve-images left its metrics folder behind"
+
+
+def test_a_metric_says_when_the_index_cannot_be_served(tmp_path, index_images):
+    """Reproduces: with the catalog moved away (or its database down) /healthz and /search answered 503, while
+    /metrics showed no failure and the image count unchanged: nothing to alert on."""
+    from api import create_app
+    from retrieval.samples import make_sample_collection
+
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=2, size=(64, 48), classes=["red_circles", "blue_squares"])
+    index_images(data, tmp_path / "index")
+    app = create_app({"INDEX_DIR": str(tmp_path / "index"), "RELOAD_INTERVAL_S": 0,
+                      "THUMBNAIL_DIR": str(tmp_path / "thumbs")})
+    client = app.test_client()
+
+    def available() -> float:
+        samples = {s.name: s.value for family in text_string_to_metric_families(client.get("/metrics").get_data(
+            as_text=True)) for s in family.samples}
+        return samples["retrieval_index_available"]
+
+    try:
+        assert available() == 1
+        (tmp_path / "index" / "catalog.db").rename(tmp_path / "moved.db")
+        assert client.get("/healthz").status_code == 503 and available() == 0
+        (tmp_path / "moved.db").rename(tmp_path / "index" / "catalog.db")
+        assert available() == 1
+    finally:
+        app.extensions["retrieval"].close()
