@@ -129,6 +129,24 @@ def metrics_parent() -> str | None:
     return shm if roomy and os.access(shm, os.W_OK | os.X_OK) else None
 
 
+METRICS_PREFIX = "serve-images-metrics-"   # + the server's pid + "-" + mkdtemp's letters
+
+
+def remove_dead_servers_metrics(parent: Path) -> None:
+    """Remove the metrics folders of servers that died without cleaning up (SIGKILL, the out-of-memory killer): in
+    /dev/shm they hold memory, about 200 kB a worker, and a supervisor that restarts a killed server piles them up."""
+    for folder in parent.glob(f"{METRICS_PREFIX}*-*"):
+        pid = folder.name[len(METRICS_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:   # another user's live server
+            continue
+
+
 def check_port_free(host: str, port: int) -> None:
     """Raise a UserError naming the way out when another program listens on host:port (gunicorn would print five
     lines of its own retries and exit 1). Bound as gunicorn binds, with SO_REUSEADDR, and released at once."""
@@ -312,7 +330,9 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
     # someone else named is not used: values left there by an earlier server would be summed in.
     # In memory (/dev/shm) where there is one: prometheus-client maps its files, and a page of them first touched on
     # a full disk kills the worker (SIGBUS), every new one too; a full /tmp is a commoner sickness than a full /dev/shm
-    metrics_dir = tempfile.mkdtemp(prefix="serve-images-metrics-", dir=metrics_parent())
+    parent = metrics_parent()
+    remove_dead_servers_metrics(Path(parent or tempfile.gettempdir()))
+    metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-", dir=parent)
     previous = os.environ.get(MULTIPROC_ENV)
     os.environ[MULTIPROC_ENV] = metrics_dir
     options["child_exit"] = worker_exited

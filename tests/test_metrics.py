@@ -219,3 +219,32 @@ def test_a_metric_says_when_the_index_cannot_be_served(tmp_path, index_images):
         assert available() == 1
     finally:
         app.extensions["retrieval"].close()
+
+
+@pytest.mark.slow
+def test_the_metrics_folder_of_a_killed_server_is_removed_by_the_next_one(sample_index, tmp_path):
+    """Reproduces: `kill -KILL` of serve-images (the out-of-memory killer, a supervisor) left its metrics folder in
+    /dev/shm, about 200 kB a worker, and every restart after such a kill added one."""
+    import subprocess
+    import tempfile
+
+    from commands.serve_images import METRICS_PREFIX, metrics_parent
+    from helpers.servers import SERVE, START_S, healthy
+    from tools.ports import free_port
+
+    parent = Path(metrics_parent() or tempfile.gettempdir())
+    port = free_port()
+    with open(tmp_path / "killed.log", "w") as log:
+        killed = subprocess.Popen([*SERVE, "--index-dir", str(sample_index.index_dir), "--port", str(port)],
+                                  stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "RETRIEVAL_RELOAD_INTERVAL_S": "0"})
+    try:
+        assert wait_for(lambda: healthy(f"http://127.0.0.1:{port}"), START_S, interval=0.25)
+        left = list(parent.glob(f"{METRICS_PREFIX}{killed.pid}-*"))
+        assert len(left) == 1, left
+    finally:
+        killed.kill()
+        killed.wait()
+    assert left[0].exists(), "a killed server cannot clean up after itself"
+    with serve_images(sample_index.index_dir, tmp_path / "next.log"):
+        assert not left[0].exists(), "the next server removed the dead one's folder"
