@@ -283,7 +283,9 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
     if print_config:
         show_config(ctx, overrides)
         return
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    # as gunicorn's own lines: when and which worker (every worker logs its reloads, and they interleave)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, datefmt="%Y-%m-%d %H:%M:%S %z",
+                        format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)   # its search for CPU-specific builds is noise
     count, network = check_index(index_dir, db_url)   # what to index comes before where to listen
     if compare_index is not None:

@@ -92,8 +92,8 @@ def load_state_dict(model: str, weights: WeightsChoice | str, index_dir: Path | 
                 where = ("" if path.parent.is_dir() else
                          f" (the folder {path.parent} itself does not exist yet: make it first, mkdir -p)")
                 raise WeightsUnavailable(f"the index's random weights file {path} is missing{where}; copy it from the "
-                                         "index folder that has it (a replica's), or run index-images on the index's "
-                                         "data folder to make it again from its recorded seed")
+                                         "index folder that has it (for a replica, the writer's), or run index-images "
+                                         "on the index's data folder to make it again from its recorded seed")
             state = random_state_dict(model, seed)
             atomic_write(path, lambda f: torch.save(state, f))
             log.info("generated random %s weights (seed %d) in %s", model, seed, path)

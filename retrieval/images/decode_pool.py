@@ -219,7 +219,7 @@ class DecodePool:
             raise RuntimeError(f"the image decoder processes did not start: {exc}") from None
         for w in workers:
             self._idle.put(w)
-        log.info("decoding uploads in %d worker processes (pids %s; %g s each%s)", processes,
+        log.info("decoding uploads in %d worker process%s (pids %s; %g s each%s)", processes, "" if processes == 1 else "es",
                  ", ".join(str(w.pid) for w in workers), timeout_s,
                  f", {memory_mb} MB above baseline" if memory_mb else "")
 
