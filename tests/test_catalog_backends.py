@@ -150,7 +150,7 @@ def test_every_command_refuses_an_unreachable_database_with_exit_2_and_never_sho
             assert "Very-Secret-1" not in result.output
 
 
-@pytest.mark.parametrize("secret_in", ["userinfo", "query", "query-upper-case"])
+@pytest.mark.parametrize("secret_in", ["userinfo", "query", "query-upper-case", "not-percent-encoded"])
 def test_a_password_is_masked_wherever_a_url_is_shown_in_any_form_sqlalchemy_accepts(tmp_path, secret_in):
     from click.testing import CliRunner
 
@@ -165,6 +165,10 @@ def test_a_password_is_masked_wherever_a_url_is_shown_in_any_form_sqlalchemy_acc
                   f"postgresql://someone@127.0.0.1:{port}/photos?password=***&sslmode=disable"),
         "query-upper-case": (f"postgresql://someone@127.0.0.1:{port}/photos?PASSWORD=Very-Secret-1",
                              f"postgresql://someone@127.0.0.1:{port}/photos?PASSWORD=***"),
+        # reproduces: "postgresql://someone:***@Secret/1%40127.0.0.1...: failed to resolve host 'Secret'": a bare @ or /
+        # in the password split it, and pieces of it were shown as the host and the database
+        "not-percent-encoded": (f"postgresql://someone:Very@Secret/1@127.0.0.1:{port}/photos",
+                                f"postgresql://***@127.0.0.1:{port}/photos"),
     }[secret_in]
     assert mask_url(url) == shown
     (tmp_path / "data").mkdir()
@@ -174,7 +178,9 @@ def test_a_password_is_masked_wherever_a_url_is_shown_in_any_form_sqlalchemy_acc
     assert printed.exit_code == 0 and shown in printed.output, printed.output
     assert refused.exit_code == 2 and shown in refused.output, refused.output
     for output in (printed.output, refused.output):
-        assert "Very-Secret-1" not in output
+        assert "Very-Secret-1" not in output and "Secret" not in output
+    if secret_in == "not-percent-encoded":
+        assert "not percent-encoded (write @ as %40" in refused.output
 
 
 def test_labels_come_in_the_order_a_person_looks_for_them(catalog):

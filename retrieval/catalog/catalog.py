@@ -16,9 +16,9 @@ from sqlalchemy import delete, func, insert, inspect, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import defer, sessionmaker
 
-from retrieval.catalog.db import (SCHEMA_LOCK_KEY, WRITER_LOCK_KEY, CatalogBusy, CatalogUnavailable, IndexNotFound,
-                                  catalog_sqlite_file, damaged_reason, db_error_reason, make_engine, make_server_engine,
-                                  mask_url)
+from retrieval.catalog.db import (PERCENT_ENCODE_HINT, SCHEMA_LOCK_KEY, WRITER_LOCK_KEY, CatalogBusy, CatalogUnavailable,
+                                  IndexNotFound, catalog_sqlite_file, damaged_reason, db_error_reason, make_engine,
+                                  make_server_engine, mask_url, unencoded_credentials)
 from retrieval.catalog.schema import (Base, FaissFileRow, ImageRow, IndexSettingsRow, RegionRow, SkippedRow,
                                       VectorsSavedRow, utcnow, vector_columns)
 from retrieval.catalog.file_states import FileStates
@@ -93,7 +93,9 @@ class Catalog(IntegrityChecks, RunRecords, RegionVectors, FileStates, VectorRows
                                                 "first (with the same --db-url)")
             except SQLAlchemyError as exc:
                 self.engine.dispose()
-                raise CatalogUnavailable(f"cannot use the catalog database {self.location}: {self.reason(exc)}") from None
+                # a password with a bare @ or /: the driver's error is about the wrong host, and may quote a piece of it
+                why = PERCENT_ENCODE_HINT if unencoded_credentials(url) else self.reason(exc)
+                raise CatalogUnavailable(f"cannot use the catalog database {self.location}: {why}") from None
             except FileNotFoundError:
                 self.engine.dispose()
                 raise

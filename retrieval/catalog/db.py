@@ -62,8 +62,23 @@ def _secrets(url: str) -> list[str]:
     return [str(s) for s in found if s]
 
 
+def unencoded_credentials(url: str) -> bool:
+    """The user:password@ part of url holds an @ or a / that is not percent-encoded: the URL is then read wrong
+    (part of the password taken for the host), and showing its parts would show pieces of the password."""
+    authority = url.partition("://")[2]
+    credentials = authority.rpartition("@")[0]
+    return "@" in credentials or "/" in credentials
+
+
+PERCENT_ENCODE_HINT = ("the URL's password holds an @, : or / that is not percent-encoded (write @ as %40, : as %3A, "
+                       "/ as %2F)")
+
+
 def mask_url(url: str) -> str:
     """A database URL as it may be shown: every password (user:password@, ?password=...) replaced by ***."""
+    if unencoded_credentials(url):   # everything before the last @ may be password
+        scheme, _, authority = url.partition("://")
+        return f"{scheme}://***@{authority.rpartition('@')[2]}"
     try:
         parsed = parse_url(url)
     except CatalogUnavailable:
