@@ -36,7 +36,7 @@ def parse_ks(value: str) -> list[int]:
 @click.option("-k", "ks", default=",".join(map(str, DEFAULT_KS)), show_default=True, metavar="K[,K...]",
               help="Numbers of neighbours for precision@k and the kNN vote.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
-              help="Seed of the linear probe's train/test split.")
+              help="Seed of the linear probe's train/test split, and of the images --copies draws (with seed + 1).")
 @click.option("--compare", "compare_dir", type=PathArg(file_okay=False, path_type=Path, resolve_path=True),
               default=None, metavar="INDEX_DIR",
               help="A second index of the same labelled images (e.g. made with fine-tuned weights): both are evaluated "

@@ -26,9 +26,9 @@ from commands.options import (Command, UserError, command_settings, db_url_optio
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the network runs for the calibration's copies.")
 @click.option("--json", "as_json", is_flag=True,
-              help='Print {"groups": [[{"id", "path", "label", "width", "height", "bytes", "sha256", "distance"}, '
-                   '...], ...], "threshold": {...}, "images": N} on stdout (each group\'s keeper first; distance: '
-                   'to it).')
+              help='Print {"groups": [[{"id", "path", "label", "width", "height", "bytes", "sha256", "distance", '
+                   '"link_to"}, ...], ...], "threshold": {...}, "images": N} on stdout (each group\'s keeper first; '
+                   'distance: to it; link_to: the member whose file this one is too, a link, or null).')
 @click.option("-v", "--verbose", is_flag=True, help="Log what is being done.")
 def main(index_dir: Path, db_url: str | None, threshold: float | None, calibration_images: int, device: str,
          as_json: bool, verbose: bool) -> None:
