@@ -19,8 +19,9 @@ from commands.options import (Command, UserError, command_settings, db_url_optio
 @db_url_option
 @click.option("--threshold", type=click.FloatRange(min=0, max=2, min_open=True, max_open=True), default=None,
               metavar="DISTANCE",
-              help="Group images all closer than this to one another (L2 distance between whitened vectors, 0-2) "
-                   "instead of the threshold calibrated on the collection.  [default: calibrated]")
+              help="Group images all closer than this to one another (L2 distance between whitened vectors, the raw "
+                   "unit ones below 32 images, 0-2) instead of the threshold calibrated on the collection.  "
+                   "[default: calibrated]")
 @click.option("--calibration-images", type=click.IntRange(min=1), default=24, show_default=True,
               help="Images of the collection whose edited copies calibrate the threshold.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
@@ -85,6 +86,8 @@ def _index_lags_folder(index, index_dir: Path) -> str | None:  # noqa: ANN001 - 
 
 def format_groups(result) -> str:  # noqa: ANN001 - retrieval.search.duplicates.DuplicateGroups
     """The groups as a readable list: the keeper first, then the others with their distance to it."""
+    from retrieval.vectors.duplicates import MIN_WHITENED
+
     in_groups = sum(len(g) for g in result.groups)
     lines = [f"{len(result.groups)} group{'s' if len(result.groups) != 1 else ''} of near-duplicates "
              f"({in_groups} of {result.images} images); nothing was changed",
@@ -101,8 +104,10 @@ def format_groups(result) -> str:  # noqa: ANN001 - retrieval.search.duplicates.
         lines.append("keep: suggested keeper (largest, then oldest; a real file before a symlink); same: "
                      "byte-identical to it; link: a symlink or hard link to a file of the group (removing it frees "
                      "nothing); "
-                     "a number: distance to it, between vectors whitened on this collection (0 to 2; not "
-                     "search-images' distances)")
+                     "a number: distance to it, between "
+                     + ("vectors whitened on this collection" if result.whitened else
+                        f"the raw unit vectors (fewer than {MIN_WHITENED} images: too few to learn a whitening)")
+                     + " (0 to 2; not search-images' distances)")
     return "\n".join(lines).rstrip()
 
 

@@ -88,6 +88,7 @@ def test_find_duplicates_groups_copies_and_byte_copies(collection):
     text = CliRunner().invoke(main, ["--index-dir", str(root / "index")])
     assert text.exit_code == 0, text.output
     assert "calibrated on this collection" in text.output and "keep" in text.output
+    assert "distance to it, between vectors whitened on this collection" in text.output
     # a newcomer read make demo's alike drawings, grouped, as copies: random weights are named
     assert "note: this index's network has seeded random weights" in text.output
     keeper_line = next(line for line in text.output.splitlines() if line.strip().startswith("keep ") and "x" in line)
@@ -146,6 +147,7 @@ def test_a_collection_without_copies_is_left_ungrouped_and_planted_copies_are_fo
 def test_a_handful_of_photos_are_not_grouped_with_one_another(tmp_path):
     """Whitening learned on a few images keeps n // 4 components: 3 or 5 distinct photos came out one-dimensional and
     all were grouped, at a threshold of 0.000. Below MIN_WHITENED images the raw unit vectors are compared."""
+    from commands.find_duplicates import format_groups
     from retrieval.search.duplicates import find_duplicates
     from retrieval.search.index import ImageIndex
     from retrieval.vectors.duplicates import MIN_WHITENED
@@ -165,6 +167,8 @@ def test_a_handful_of_photos_are_not_grouped_with_one_another(tmp_path):
     groups = [sorted(image.path for image in group) for group in result.groups]
     assert groups == [sorted([first.relative_to(data).as_posix(), first.with_name("copy.jpg").relative_to(data).as_posix()])]
     assert result.threshold.value > 0.01, result.threshold.describe()
+    # the legend says which distances these are (it said "whitened on this collection" whatever the size)
+    assert not result.whitened and "between the raw unit vectors (fewer than 32 images" in format_groups(result)
 
 
 def test_a_symlink_is_never_the_keeper_and_other_names_of_one_file_are_marked_links(tmp_path):

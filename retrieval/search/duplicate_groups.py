@@ -80,6 +80,7 @@ class DuplicateGroups:
     groups: list[list[DuplicateImage]]
     threshold: Threshold
     images: int              # images looked at
+    whitened: bool = True    # distances between whitened vectors; False: raw unit vectors (too few images to whiten)
 
     def to_json(self) -> dict:
         return {"groups": [[{"id": m.id, "path": m.path, "label": m.label, "width": m.width, "height": m.height,

@@ -242,7 +242,7 @@ def find_duplicates(index: ImageIndex, *, threshold: float | None = None, dim: i
         # the keeper, then nearest first, another name of a file right after the file
         groups.append(group[:1] + sorted(group[1:], key=lambda d: (d.distance, d.link_to or d.path, d.link_to is not None)))
     groups.sort(key=lambda g: (-len(g), g[0].path))
-    return DuplicateGroups(groups, chosen, len(vectors.ids))
+    return DuplicateGroups(groups, chosen, len(vectors.ids), whitened=vectors.whitening is not None)
 
 
 def evaluate_copies(index: ImageIndex, copies: int, *, seed: int = 1, threshold: float | None = None,
