@@ -148,7 +148,7 @@ def _check_index_folder(data_dir: Path, index_dir: Path) -> None:
     data, index = data_dir.resolve(), index_dir.resolve()
     if index == data:
         raise ConfigError(f"the index folder is the data folder {display_name(str(data_dir))}: its files would lie among "
-                          "the images; pass another --index-dir (the default, index, beside the data folder)")
+                          "the images; pass another --index-dir (the default is index, in the working folder)")
     if data not in index.parents or not index.is_dir():
         return
     try:
