@@ -203,7 +203,9 @@ def build_empty(factory: str, dim: int) -> "faiss.Index":
     try:
         probe = faiss.index_factory(dim, factory)
     except RuntimeError as exc:
-        raise IndexTypeError(f"FAISS cannot build index type {factory!r}: {_faiss_reason(exc)}") from None
+        raise IndexTypeError(f"FAISS cannot build index type {factory!r}: {_faiss_reason(exc)} (types are FAISS "
+                             "factory strings, e.g. Flat, HNSW32, IVF1024,Flat, IVF1024,PQ64, or auto: see "
+                             "docs/index-types.md)") from None
     if probe.metric_type != faiss.METRIC_L2 or any(isinstance(part, faiss.IndexLSH) for part in walk(probe)):
         # (LSH says L2 but ranks by the Hamming distance of binary codes)
         raise IndexTypeError(f"index type {factory!r} is not an L2 index; this project searches by L2 distance")
@@ -239,9 +241,10 @@ def seeded_samples(ids: np.ndarray, n_queries: int, n_train: int, seed: int) -> 
 
 
 def _faiss_reason(exc: BaseException) -> str:
-    """A FAISS exception's message without its C++ location lines."""
-    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-    for ln in lines:
-        if "Error" in ln and ":" in ln:
-            return ln.split(":", 1)[-1].strip().strip("'")
-    return lines[-1] if lines else type(exc).__name__
+    """A FAISS exception's message without its C++ function and location ("Error in <signature> at <file>:<line>: ")
+    and the failed assertion before the words ("Error: '!(d % M == 0)' failed: ")."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    located = re.search(r"\bat \S+:\d+: (.*)$", text)
+    reason = located.group(1) if located else text
+    asserted = re.match(r"Error: '.*?' failed: (.*)$", reason)
+    return (asserted.group(1) if asserted else reason).strip() or type(exc).__name__
