@@ -452,7 +452,9 @@ def describe_vector_index(info: dict) -> str:
     if measured is None:
         return line + "; recall not measured"
     space = " (in the whitened space)" if info.get("whitened_dim") else ""
-    return (line + f"; on {recall['queries']} held-out queries{space}: 1-recall@1 {measured['1-recall@1']:.3f}, "
+    queries = (f"{recall['queries']} held-out queries" if recall.get("held_out", True) else
+               f"{recall['queries']} queries (trained on too: too few images to hold them out)")
+    return (line + f"; on {queries}{space}: 1-recall@1 {measured['1-recall@1']:.3f}, "
                    f"1-recall@10 {measured['1-recall@10']:.3f}, 10-recall@10 {measured['10-recall@10']:.3f}")
 
 

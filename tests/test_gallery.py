@@ -324,3 +324,22 @@ def test_a_weak_vote_says_the_picture_may_be_of_none_of_the_labels(app, client):
 
     assert service.predict(hits(3)) == {"label": name, "votes": 3, "k": 10, "weak": True}
     assert service.predict(hits(min(size, 10) // 2 + 1))["weak"] is False
+
+
+def test_a_whitened_index_searched_exactly_is_called_exact_with_no_recall_row(tmp_path, index_images):
+    """Reproduces: the overview of a whitened index said "Search: PCAW32,L2norm,Flat" and a Recall row "(... held-out
+    images)", as if the search were approximate, where index-images says "exact in the whitened space"."""
+    from api import create_app
+    from retrieval.samples import make_sample_collection
+
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=26, size=(48, 36), seed=2)     # 130 images: whitened (auto, 32-d)
+    index_images(data, tmp_path / "index")
+    app = create_app({"INDEX_DIR": str(tmp_path / "index"), "RELOAD_INTERVAL_S": 0,
+                      "THUMBNAIL_DIR": str(tmp_path / "thumbs")})
+    try:
+        html = app.test_client().get("/").get_data(as_text=True)
+        assert 'id="index-type">exact, in the whitened space (PCAW32,L2norm,Flat)</dd>' in html
+        assert 'id="index-recall"' not in html and "PCA-whitened to 32-d" in html
+    finally:
+        app.extensions["retrieval"].close()

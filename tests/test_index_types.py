@@ -104,7 +104,7 @@ def test_auto_keeps_flat_up_to_its_threshold_then_trains_a_compressed_type(catal
     assert record["requested"] == "auto" and record["factory"] == auto_factory(400, DIM, 399) == "IVF64,PQ8np"
     assert not index.exact and len(index) == 400
     assert record["train"]["size"] == 300, "trained on the catalog's vectors, the 100 recall queries held out"
-    assert record["recall"]["queries"] == 100
+    assert record["recall"]["queries"] == 100 and record["recall"]["held_out"]
     assert record["search_params"]["nprobe"] >= 1
 
 
@@ -174,6 +174,20 @@ def test_rebuild_from_the_catalog_equals_the_original(catalog, tmp_path, factory
     assert sorted(rebuilt.ids().tolist()) == sorted(original.ids().tolist())
     assert np.array_equal(top_ids(rebuilt, vecs[::10], 10), top_ids(original, vecs[::10], 10))
     assert catalog.vector_index_record()["factory"] == factory
+
+
+def test_recall_queries_the_index_was_also_trained_on_are_not_called_held_out(catalog, tmp_path):
+    """Reproduces: a whitened IVF index of 295 images learned its whitening on all of them (as whitening does while
+    the collection is small), and index-images still said "on 295 held-out queries" (the gallery "held-out images")."""
+    from commands.index_images import describe_vector_index
+
+    fill(catalog, clustered(150))
+    build(catalog, tmp_path, index_type="IVF8,Flat", whiten=True)
+    record = catalog.vector_index_record()
+    assert record["factory"].startswith("PCAW") and record["factory"].endswith("IVF8,Flat"), record["factory"]
+    assert record["train"]["size"] == 150 and record["train"]["trained_on_recall_queries"]
+    assert record["recall"]["held_out"] is False
+    assert "on 100 queries (trained on too: too few images to hold them out)" in describe_vector_index(record)
 
 
 def test_recall_is_measured_against_indexflatl2(catalog):

@@ -83,6 +83,7 @@ class IndexSnapshot:
                 "search_params": params.to_json(),
                 "recall": recall_for(record, params),   # None: not measured with these settings (or exact)
                 "recall_queries": recall.get("queries"), "recall_measured_at": recall.get("measured_at"),
+                "recall_held_out": recall.get("held_out", True),   # False: the queries were in the training sample
                 "recall_count": recall.get("count"), "file_bytes": record.get("file_bytes"),
                 "whiten": record.get("whiten"), "whitened_dim": record.get("whitened_dim"), "dba": record.get("dba", 0),
                 "whiten_waits_for": record.get("whiten_waits_for"),

@@ -102,6 +102,7 @@ class IndexBuilder:
         ids = self.catalog.ids() if trained_on is None else trained_on
         vectors = VectorIndex.empty(self.dim, factory, vector_source=self.catalog.vectors)
         n_train = train_size(factory, len(ids)) if not vectors.is_trained else 0
+        trained_on_queries = False   # the recall queries were in the training sample (a collection too small to spare them)
         if not vectors.is_trained:
             need = min_train_vectors(factory)
             if len(ids) < need:
@@ -116,6 +117,8 @@ class IndexBuilder:
             vectors.train(sample)                                                       # (n_train, dim)
             del sample
             n_train = len(train_ids)
+            query_ids, _ = seeded_samples(ids, self.recall_queries, 0, self.config.seed)
+            trained_on_queries = bool(np.isin(query_ids, train_ids).any())
         for chunk_ids, chunk in self.catalog.vectors():
             vectors.add(chunk_ids, chunk)
         if self.region_count:
@@ -125,7 +128,8 @@ class IndexBuilder:
         self.built = True
         self.train = {"size": int(n_train), "count": len(ids), "seed": self.config.seed, "at": _now(),
                       "seconds": round(time.perf_counter() - started, 3),
-                      "last_id": int(ids.max()) if len(ids) else 0}   # the ids it was trained among: up to this one
+                      "last_id": int(ids.max()) if len(ids) else 0,   # the ids it was trained among: up to this one
+                      "trained_on_recall_queries": trained_on_queries}
         self.recall = None
         log.info("built %s from the catalog: %d vectors (%.1f s)", factory, len(vectors), time.perf_counter() - started)
         return vectors
@@ -219,6 +223,7 @@ class IndexBuilder:
                             results[-1]["1-recall@10"], RECALL_TARGET)
         apply_search_params(vectors.index, chosen)
         self.recall = {"queries": int(len(query_ids)), "k": K, "count": len(vectors), "measured_at": _now(),
+                       "held_out": not self.train.get("trained_on_recall_queries", False),
                        "seconds": round(time.perf_counter() - started, 3), "target_1_recall_at_10": RECALL_TARGET,
                        "results": results}
 
