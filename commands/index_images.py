@@ -105,7 +105,7 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
 @click.option("--whiten-dim", default=None, metavar="N|auto",
               help="Dimensions after whitening. auto: a power of two up to a quarter of the images, at most 256 "
                    "(more dimensions than that make kNN classification worse). N is kept while there are 1.25 N "
-                   "images. [default: auto, or the index's]")
+                   "images; with fewer, the largest power of two they allow. [default: auto, or the index's]")
 @click.option("--dba", type=click.IntRange(0, 50), default=None, metavar="N",
               help="Database-side augmentation: store each image's vector averaged with its N nearest (weighted by "
                    "similarity^3), recomputed whenever the collection changes; 0 turns it off. [default: 0, or the "
@@ -392,6 +392,8 @@ def _print_report(r, verbose: bool = False) -> None:  # noqa: ANN001 - indexer.r
         click.echo(f"FAISS index: {describe_vector_index(r.vector_index)}")
         if (low := low_recall_note(r.vector_index)) is not None:
             click.echo(low)
+        if (unused := unused_search_params_note(r.vector_index)) is not None:
+            click.echo(unused)
         if r.vector_index.get("regions"):
             regions = r.vector_index["regions"]
             click.echo(f"regional vectors: {regions['count']} ({regions['per_image']} per image), searched exactly "
@@ -410,6 +412,20 @@ def _whiten_waits(info: dict) -> str:
     if min_whiten_vectors(dim) <= count < info["whiten_waits_for"]:
         return line + f"; --whiten-dim {dim} whitens these {count} now"
     return line
+
+
+def unused_search_params_note(info: dict) -> str | None:
+    """A line for search settings asked for (--nprobe, --ef-search) that the index's type has no use for now: they
+    are kept, and apply once it is a type that has (auto moves to IVF past --auto-flat-max)."""
+    factory = info.get("factory") or ""
+    uses = {"nprobe": "IVF" in factory, "efSearch": "HNSW" in factory}
+    unused = [name for name in (info.get("requested_search_params") or {}) if not uses.get(name, True)]
+    if not unused:
+        return None
+    options = " and ".join({"nprobe": "--nprobe", "efSearch": "--ef-search"}.get(name, name) for name in unused)
+    kinds = " or ".join({"nprobe": "IVF", "efSearch": "HNSW"}.get(name, name) for name in unused)
+    it = "them" if len(unused) > 1 else "it"
+    return f"note: {options} kept for when the index is a type that uses {it} ({kinds}); {factory} has no use for {it}"
 
 
 def low_recall_note(info: dict) -> str | None:

@@ -548,3 +548,33 @@ def test_a_requested_type_still_waiting_for_images_is_named_behind_whitening():
                                   "count": 2000})
     assert line == (f"PCAW256,L2norm,Flat (exact in the whitened space; IVF4096,PQ64np waits for "
                     f"{min_train_vectors('IVF4096,PQ64np')} images to train (has 2000), exact search until then)")
+
+
+def test_search_settings_the_index_type_has_no_use_for_are_said_to_wait(tmp_path):
+    """Reproduces: `index-images data --nprobe 32` on a Flat index recorded the setting without a word, as if it had
+    been used."""
+    from click.testing import CliRunner
+
+    from commands.index_images import main
+    from retrieval.samples import make_sample_collection
+
+    make_sample_collection(tmp_path / "data", per_class=1, size=(48, 36), classes=["red_circles", "blue_squares"])
+    result = CliRunner().invoke(main, [str(tmp_path / "data"), "--index-dir", str(tmp_path / "index"), "--weights",
+                                       "random", "--workers", "0", "--nprobe", "32"])
+    assert result.exit_code == 0, result.output
+    assert "note: --nprobe kept for when the index is a type that uses it (IVF); Flat has no use for it" in result.output
+
+
+def test_an_nprobe_beyond_the_lists_is_said_to_search_them_all(caplog):
+    """Reproduces: serve-images --nprobe 64 on an IVF16 index ran with nprobe 16 without a word."""
+    import logging
+
+    import faiss
+
+    from retrieval.vectors.faiss_parts import SearchParams, apply_search_params, ivf_of
+
+    index = faiss.index_factory(DIM, "IVF16,Flat")
+    with caplog.at_level(logging.WARNING, logger="retrieval.vectors.faiss_parts"):
+        apply_search_params(index, SearchParams(nprobe=64))
+    assert ivf_of(index).nprobe == 16
+    assert "nprobe 64 is more than the index's 16 lists: all 16 are searched" in caplog.text

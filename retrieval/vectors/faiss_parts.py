@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 if TYPE_CHECKING:   # FAISS is imported by the functions that inspect an index
     import faiss
+
+log = logging.getLogger(__name__)
 
 NPROBE_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 EF_SEARCH_LADDER = (16, 32, 64, 128, 256, 512)
@@ -131,6 +134,9 @@ def apply_search_params(index: "faiss.Index", params: SearchParams) -> None:
     """Set nprobe / efSearch on the index (once, before searches run: FAISS reads them at each search)."""
     ivf = ivf_of(index)
     if ivf is not None and params.nprobe is not None:
+        if params.nprobe > ivf.nlist:   # (--nprobe 64 on IVF16: it was clamped without a word)
+            log.warning("nprobe %d is more than the index's %d lists: all %d are searched", params.nprobe, ivf.nlist,
+                        ivf.nlist)
         ivf.nprobe = int(min(params.nprobe, ivf.nlist))
     hnsw = hnsw_of(index)
     if hnsw is not None and params.ef_search is not None:
