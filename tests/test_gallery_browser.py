@@ -262,3 +262,18 @@ def test_a_space_where_a_cards_name_is_split_is_shown(page, long_names_url):
     page.goto(url + "/")
     shown = page.eval_on_selector_all("#grid li .filename", "names => names.map(n => [...n.children].map(part => part.innerText).join(''))")
     assert SPACED_NAME in shown, shown
+
+
+def test_a_refused_upload_leaves_the_home_page_address_so_a_reload_sends_nothing(page, base_url, tmp_path):
+    """Reproduces: after a refused upload (a text file named .jpg) the address stayed /gallery/search, and reloading
+    the page sent the file again ("Confirm Form Resubmission")."""
+    (tmp_path / "fake.jpg").write_text("not a photo")
+    page.goto(base_url + "/")
+    with page.expect_navigation():
+        page.set_input_files("form[data-primary] input[type=file]", str(tmp_path / "fake.jpg"))
+    assert "fake.jpg" in page.locator("form[data-primary] .form-error").inner_text()
+    assert page.url == base_url + "/"
+    posts = []
+    page.on("request", lambda request: posts.append(request.url) if request.method == "POST" else None)
+    page.reload()
+    assert not posts and page.locator("#grid li").count() > 0

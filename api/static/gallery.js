@@ -2,6 +2,11 @@
 (function () {
   "use strict";
 
+  // A refused upload is answered at the upload's own address: a reload would send the file again ("Confirm Form
+  // Resubmission"), so the address shown becomes the home page's.
+  var refused = document.querySelector("[data-replace-url]");
+  if (refused && window.history.replaceState) { window.history.replaceState(null, "", refused.getAttribute("data-replace-url")); }
+
   var forms = Array.prototype.slice.call(document.querySelectorAll("form[data-upload]"));
   if (!forms.length) { return; }
   var primary = document.querySelector("form[data-upload][data-primary]") || forms[0];
