@@ -38,6 +38,7 @@ def _carried(k: int, expansion: QueryExpansion | None, origin: str | None = None
             "from": origin}
 
 
+SKIPPED_SHOWN = 50   # skipped files named on the home page (index-images --json names them all)
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")   # what RecentQueries hands out (secrets.token_urlsafe)
 
 
@@ -78,8 +79,9 @@ def _home(error: str | None = None, status: int = 200) -> tuple[str, int]:
     page = _page_number(request.args.get("page"), pages)
     images = catalog.list_images(label=label, offset=(page - 1) * page_size, limit=page_size)
     stats = service.stats()
+    skipped = catalog.skipped(limit=SKIPPED_SHOWN) if stats["skipped"] else []   # which files, and why
     return render_template("home.html", stats=stats, summary=stats, images=images, label=label, page=page, pages=pages,
-                           total=total, error=error), status
+                           total=total, error=error, skipped=skipped), status
 
 
 @bp.get("/")

@@ -343,3 +343,22 @@ def test_a_whitened_index_searched_exactly_is_called_exact_with_no_recall_row(tm
         assert 'id="index-recall"' not in html and "PCA-whitened to 32-d" in html
     finally:
         app.extensions["retrieval"].close()
+
+
+def test_the_overview_names_the_skipped_files_and_why(tmp_path, index_images):
+    """Reproduces: "Skipped files 4" on the home page, with no way to see which files or why (/stats: a count)."""
+    from api import create_app
+    from retrieval.samples import make_sample_collection
+
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=2, size=(64, 48), classes=["red_circles", "blue_squares"])
+    (data / "red_circles" / "broken <1>.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    index_images(data, tmp_path / "index")
+    app = create_app({"INDEX_DIR": str(tmp_path / "index"), "RELOAD_INTERVAL_S": 0,
+                      "THUMBNAIL_DIR": str(tmp_path / "thumbs")})
+    try:
+        html = app.test_client().get("/").get_data(as_text=True)
+        skipped = html.split('id="skipped">', 1)[1].split("</dd>", 1)[0]
+        assert skipped.startswith("1") and "<code>red_circles/broken &lt;1&gt;.jpg</code>: cannot decode image" in skipped
+    finally:
+        app.extensions["retrieval"].close()

@@ -299,9 +299,10 @@ class Catalog(IntegrityChecks, RunRecords, RegionVectors, FileStates, VectorRows
                 q = q.where(ImageRow.label == label)
             return s.scalar(q) or 0
 
-    def skipped(self) -> list[tuple[str, str]]:
+    def skipped(self, limit: int | None = None) -> list[tuple[str, str]]:
+        """(path, reason) of the files index-images skipped, by path; the first limit of them (None: all)."""
         with self.Session() as s:
-            return [(r.path, r.reason) for r in s.scalars(select(SkippedRow).order_by(SkippedRow.path))]
+            return [(r.path, r.reason) for r in s.scalars(select(SkippedRow).order_by(SkippedRow.path).limit(limit))]
 
     def skipped_count(self) -> int:
         with self.Session() as s:
