@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 from typing import Any
 
@@ -14,6 +15,7 @@ from retrieval.search.duplicate_groups import RANDOM_WEIGHTS_GROUPS, alike_group
 from retrieval.search.duplicates import DuplicateGroups, DuplicatesError, check_threshold, find_duplicates
 
 from api.errors import ApiError
+from api.query_input import page_number
 from api.service import current_service
 
 log = logging.getLogger(__name__)
@@ -22,7 +24,7 @@ bp = Blueprint("duplicates", __name__)
 
 WAIT_S = 3.0          # a GET waits this long for the groups before it shows "computing"
 REFRESH_S = 3         # a "computing" page reloads itself after this many seconds
-MAX_GROUPS_SHOWN = 200
+GROUPS_PER_PAGE = 20   # a page of 107 groups was 32,750 px tall
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +82,12 @@ def duplicates() -> Response:
     snapshot = service.index.snapshot()
     grouping, fresh = _cache().get((snapshot.version, threshold), service.index, WAIT_S)
     result = grouping.result if grouping else None
+    pages = max(1, math.ceil(len(result.groups) / GROUPS_PER_PAGE)) if result else 1
+    page = page_number(request.args.get("page"), pages)
+    first = (page - 1) * GROUPS_PER_PAGE
     html = render_template("duplicates.html", result=result, problem=grouping.problem if grouping else None,
-                           groups=result.groups[:MAX_GROUPS_SHOWN] if result else [], computing=not fresh,
+                           groups=result.groups[first:first + GROUPS_PER_PAGE] if result else [], first=first,
+                           page=page, pages=pages, computing=not fresh,
                            refresh_s=REFRESH_S, summary=service.index_summary(snapshot), threshold=threshold,
                            random_weights_note=RANDOM_WEIGHTS_GROUPS if result and alike_groups(result)
                            and snapshot.settings.weights_choice.is_random else None)

@@ -13,7 +13,7 @@ from retrieval.search.expansion import QueryExpansion
 from retrieval.system import display_name
 
 from api.errors import ApiError
-from api.query_input import parse_expansion, parse_k, read_query_image
+from api.query_input import page_number, parse_expansion, parse_k, read_query_image
 from api.recent_queries import RecentQuery
 from api.service import current_service
 
@@ -53,15 +53,6 @@ def _origin(service, settings: dict[str, int | float | str | None]) -> tuple[str
     return token, url_for("gallery.query_page", token=token, **kept)
 
 
-def _page_number(raw: str | None, pages: int) -> int:
-    """?page= as a page in 1..pages; anything unreadable is page 1 (people type URLs)."""
-    try:
-        page = int(raw or 1)
-    except ValueError:
-        page = 1
-    return min(max(page, 1), max(pages, 1))
-
-
 def _stored_label(labels: Iterable[str | None], shown: str | None) -> str | None:
     """The label as stored for ?label= as shown on pages (names that are not UTF-8 are shown escaped)."""
     if shown is None:
@@ -76,7 +67,7 @@ def _home(error: str | None = None, status: int = 200) -> tuple[str, int]:
     page_size = int(current_app.config["GALLERY_PAGE_SIZE"])
     total = catalog.count_where(label=label)
     pages = max(1, math.ceil(total / page_size))
-    page = _page_number(request.args.get("page"), pages)
+    page = page_number(request.args.get("page"), pages)
     images = catalog.list_images(label=label, offset=(page - 1) * page_size, limit=page_size)
     stats = service.stats()
     skipped = catalog.skipped(limit=SKIPPED_SHOWN) if stats["skipped"] else []   # which files, and why

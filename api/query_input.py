@@ -64,6 +64,15 @@ def _refuse_cut_body(request: Request, size: int) -> None:
         raise RequestEntityTooLarge()
 
 
+def page_number(raw: str | None, pages: int) -> int:
+    """?page= as a page in 1..pages; anything unreadable is page 1 (people type URLs)."""
+    try:
+        page = int(raw or 1)
+    except ValueError:
+        page = 1
+    return min(max(page, 1), max(pages, 1))
+
+
 def parse_k(request: Request, *, default: int, maximum: int) -> int:
     """k from the query string, else from a multipart/urlencoded form; 1..maximum. Raises ApiError 400."""
     raw = request.args.get("k")

@@ -266,11 +266,12 @@ def test_duplicates_page_shows_the_groups_with_thumbnails(collection, tmp_path):
         assert errors.take() == []
 
 
-def test_duplicates_page_at_a_threshold_of_ones_own(collection, tmp_path):
+def test_duplicates_page_at_a_threshold_of_ones_own(collection, tmp_path, monkeypatch):
     """/duplicates?threshold=D groups at D, as find-duplicates --threshold D does, with a way back; a threshold out
-    of range is a 400 page that says why."""
+    of range is a 400 page that says why. The groups come a page at a time (107 groups made a page 32,750 px tall)."""
     import time
 
+    import api.duplicates
     from api import create_app
     from retrieval.search.duplicates import find_duplicates
     from retrieval.search.index import ImageIndex
@@ -292,11 +293,19 @@ def test_duplicates_page_at_a_threshold_of_ones_own(collection, tmp_path):
             expected = len(find_duplicates(index, threshold=0.3).groups)
         finally:
             index.close()
-        assert html.count('class="panel duplicate-group"') == min(expected, 200)
+        per_page = api.duplicates.GROUPS_PER_PAGE
+        assert html.count('class="panel duplicate-group"') == min(expected, per_page)
         # the byte copy is marked as such beside its keeper, and its group says so (they sat unmarked among groups of
         # pictures only alike, the keeper's "keep" styled as a label)
-        assert html.count('class="badge badge-keep"') == min(expected, 200)
+        assert html.count('class="badge badge-keep"') == min(expected, per_page)
         assert '<span class="badge badge-same-file">same file</span>' in html and "2 identical files</span>" in html
+        monkeypatch.setattr(api.duplicates, "GROUPS_PER_PAGE", 2)
+        assert expected > 2, "the page test needs more groups than a page holds"
+        first = client.get("/duplicates?threshold=0.3").get_data(as_text=True)
+        assert first.count('class="panel duplicate-group"') == 2 and "Group 2:" in first and "Group 3:" not in first
+        assert 'href="/duplicates?page=2&amp;threshold=0.3#groups">Next' in first
+        second = client.get("/duplicates?page=2&threshold=0.3").get_data(as_text=True)
+        assert "Group 3:" in second and "Group 1:" not in second and f"Page 2 of {-(-expected // 2)}" in second
         refused = client.get("/duplicates?threshold=3")
         assert refused.status_code == 400 and "below 2" in refused.get_data(as_text=True)
         typo = client.get("/duplicates?threshold=abc")   # named as typed (it said "not nan")
