@@ -98,5 +98,6 @@ class IndexWatcher:
             self._failures = 0
         finally:
             self.checks += 1
-            metrics.INDEX_AVAILABLE.set(0 if self._failures or self.index.problem is not None else 1)
+            unservable = self._failures or getattr(self.index, "problem", None) is not None
+            metrics.INDEX_AVAILABLE.set(0 if unservable else 1)
             self._last_check_at = time.monotonic()
