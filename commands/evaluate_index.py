@@ -200,8 +200,9 @@ def network_text(ix: dict) -> str:
     options = [f"{ix['views']} views" if ix.get("views", "single") != "single" else "",
                "each image normalised by its own statistics" if ix.get("input_norm", "weights") != "weights" else "",
                f"{ix['regions']} regional vectors per image" if ix.get("regions") else ""]
+    whitened = f", whitened to {ix['whitened_dim']}-d as searched" if ix.get("whitened_dim") else ""
     return (f"{ix['model']} {ix['layer']}{''.join(f', {o}' for o in options if o)}, weights {weights}{seed}, "
-            f"{ix['dim']}-d{', L2-normalised' if ix['normalize'] else ''}")
+            f"{ix['dim']}-d{', L2-normalised' if ix['normalize'] else ''}{whitened}")
 
 
 def format_comparison(c: dict) -> str:
