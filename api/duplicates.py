@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from retrieval.search.duplicate_groups import RANDOM_WEIGHTS_GROUPS, alike_groups
 from retrieval.search.duplicates import DuplicateGroups, DuplicatesError, check_threshold, find_duplicates
+from retrieval.vectors.pca import background_linear_algebra
 
 from api.errors import ApiError
 from api.query_input import page_number
@@ -58,7 +59,8 @@ class GroupingCache:
 
     def _run(self, key: tuple[Any, float | None], index: Any) -> None:
         try:
-            grouping = Grouping(key, find_duplicates(index, threshold=key[1]), None)
+            with background_linear_algebra():   # the whitening it learns lets this worker's searches run meanwhile
+                grouping = Grouping(key, find_duplicates(index, threshold=key[1]), None)
         except DuplicatesError as exc:
             grouping = Grouping(key, None, str(exc))
         except (SQLAlchemyError, OSError, RuntimeError) as exc:   # the catalog or the network failed

@@ -7,6 +7,8 @@ import threading
 import time
 from typing import Callable, Protocol
 
+from retrieval.vectors.pca import background_linear_algebra
+
 from api import metrics
 
 log = logging.getLogger(__name__)
@@ -72,8 +74,9 @@ class IndexWatcher:
             last_check_age_s=None if self._last_check_at is None else round(now - self._last_check_at, 1))
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.check()
+        with background_linear_algebra():   # a reload that trains a whitening (a replica's) lets searches run meanwhile
+            while not self._stop.wait(self.interval_s):
+                self.check()
 
     def check(self) -> None:
         """One look at the index on disk; never raises (the loop must outlive any error)."""

@@ -81,6 +81,22 @@ def test_find_duplicates_whitening_gives_the_components_and_distances_faiss_whit
     np.testing.assert_allclose(faiss.pairwise_distances(a, a), faiss.pairwise_distances(b, b), atol=5e-3)
 
 
+@pytest.mark.parametrize("n", [300, 2 * DIM])   # fewer vectors than dimensions (the Gram matrix), and more
+def test_the_background_linear_algebra_trains_the_same_pca(n):
+    """A server's background thread (find-duplicates' grouping, a replica's reload) trains with NumPy's eigh, which
+    lets the request threads run where SciPy's held the GIL (0.65 s on 2,660 vectors): the same PCA."""
+    from retrieval.vectors.pca import background_linear_algebra
+
+    vectors, _ = one_way(n, seed=8)
+    queries = one_way(100, seed=9)[0]
+    default = train_pca(faiss.PCAMatrix(DIM, 32, -0.5), vectors)
+    with background_linear_algebra():
+        background = train_pca(faiss.PCAMatrix(DIM, 32, -0.5), vectors)
+    np.testing.assert_allclose(faiss.vector_to_array(background.eigenvalues), faiss.vector_to_array(default.eigenvalues),
+                               rtol=1e-5)
+    np.testing.assert_allclose(background.apply(queries), default.apply(queries), rtol=1e-3, atol=1e-4)   # signs fixed
+
+
 def min_abs_cosine(a: np.ndarray, b: np.ndarray) -> float:
     """The least |cosine| between a column of a and the same column of b, shape=(n, d) each."""
     return float(np.min(np.abs(np.sum(a * b, axis=0)) / (np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=0))))

@@ -5,7 +5,8 @@ precision) though a PCA keeps only its top d_out <= 256 of them: 49 of index-ima
 two cores. train_pca computes the same thing, only the components that are kept: the same sample (FAISS's
 seeded subsample above max_points_per_d * d_in vectors), the mean, the scatter matrix of the centred vectors by
 float32 BLAS (FAISS: the same product, uncentred, less accurate), its top d_out eigenpairs in double precision
-(LAPACK's dsyevr on an index range), by decreasing eigenvalue; then it installs them into the PCAMatrix and lets
+(LAPACK's dsyevr on an index range; in a server's background thread NumPy's eigh of every pair, which lets the
+request threads run), by decreasing eigenvalue; then it installs them into the PCAMatrix and lets
 FAISS's own prepare_Ab turn them into the applied map (eigen_power, epsilon, random rotation, balanced bins), so
 the FAISS file and everything that reads it stay as they were. What differs: the result is an exact PCA's to
 float rounding, where FAISS's own float32 sums turn the weaker components of vectors that all point one way (fc7)
@@ -16,7 +17,9 @@ index-images drops after training anyway).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+import contextvars
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -25,14 +28,41 @@ if TYPE_CHECKING:
 
 FAISS_SUBSAMPLE_SEED = 1234   # faiss::fvecs_maybe_subsample's default, which PCAMatrix.train uses
 SCATTER_CHUNK = 8192          # vectors centred at a time for the scatter matrix (128 MiB at 4096-d), not all at once
+# SciPy's LAPACK wrappers hold Python's GIL while they run (dsyevr on 2,660 vectors: 0.65 s in which no other thread
+# of the process runs: a server's searches waited that long behind find-duplicates' whitening); NumPy's eigh lets
+# other threads run, computing every eigenpair (about 3x the time). A thread serving next to request threads asks
+# for it (background_linear_algebra).
+_LETS_OTHERS_RUN: contextvars.ContextVar[bool] = contextvars.ContextVar("pca_lets_others_run", default=False)
+
+
+@contextlib.contextmanager
+def background_linear_algebra() -> Iterator[None]:
+    """Within it (in this thread), train_pca uses linear algebra that releases the GIL, at the cost of time: for
+    work in a server's background threads, whose request threads must keep answering."""
+    token = _LETS_OTHERS_RUN.set(True)
+    try:
+        yield
+    finally:
+        _LETS_OTHERS_RUN.reset(token)
+
+
+def _top_eigenpairs(matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest eigenpairs of the symmetric matrix shape=(m, m) float64 (its upper triangle is read) ->
+    (values ascending shape=(k,), vectors shape=(m, k))."""
+    m = len(matrix)
+    if _LETS_OTHERS_RUN.get():
+        values, vecs = np.linalg.eigh(matrix, UPLO="U")          # every pair, the GIL released
+        return values[m - k:], vecs[:, m - k:]
+    from scipy.linalg import eigh
+
+    return eigh(matrix, lower=False, subset_by_index=(m - k, m - 1), driver="evr", overwrite_a=True,
+                check_finite=False)                              # LAPACK's dsyevr on an index range
 
 
 def train_pca(pca: "faiss.PCAMatrix", vectors: np.ndarray) -> "faiss.PCAMatrix":
     """Train pca on vectors shape=(n, pca.d_in) float32, as pca.train(vectors) does, keeping only the top
     pca.d_out components. -> pca, trained."""
     import faiss
-    from scipy.linalg import eigh
-    from scipy.linalg.blas import ssyrk
 
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     n, d = x.shape
@@ -45,20 +75,19 @@ def train_pca(pca: "faiss.PCAMatrix", vectors: np.ndarray) -> "faiss.PCAMatrix":
     if n >= d:
         # scatter matrix sum_i (x_i - mean)(x_i - mean)^T, not divided by n (FAISS's eigenvalues are of this); FAISS
         # sums x_i x_i^T - n mean mean^T instead, which loses digits in float32 when the vectors share a large mean
-        scatter = np.zeros((d, d), dtype=np.float32, order="F")
+        # (float32 GEMM through NumPy: it lets other threads run, and here it took half the time of SciPy's ssyrk)
+        scatter = np.zeros((d, d), dtype=np.float32)
         for start in range(0, n, SCATTER_CHUNK):
             centred = x[start:start + SCATTER_CHUNK] - mean.astype(np.float32)     # (chunk, d)
-            scatter = ssyrk(1.0, centred.T, beta=1.0, c=scatter, lower=0, overwrite_c=1)   # (d, d), upper triangle
-        values, vecs = eigh(scatter.astype(np.float64), lower=False, subset_by_index=(d - k, d - 1), driver="evr",
-                            overwrite_a=True, check_finite=False)                   # ascending, vecs (d, k)
+            scatter += centred.T @ centred                                          # (d, d)
+        values, vecs = _top_eigenpairs(scatter.astype(np.float64), k)              # ascending, vecs (d, k)
         components = vecs[:, ::-1].T                                                # (k, d), by decreasing value
     else:
         centred = x - mean.astype(np.float32)                                       # (n, d), n < d
         # fewer vectors than dimensions: the Gram matrix of the centred vectors has the same nonzero eigenvalues,
         # and each of its eigenvectors v gives the component centred^T v (normalised), as FAISS does too
-        gram = ssyrk(1.0, centred, lower=0)                                         # (n, n), upper triangle
-        values, vecs = eigh(gram.astype(np.float64), lower=False, subset_by_index=(n - k, n - 1), driver="evr",
-                            overwrite_a=True, check_finite=False)                   # vecs (n, k)
+        gram = centred @ centred.T                                                  # (n, n)
+        values, vecs = _top_eigenpairs(gram.astype(np.float64), k)                  # vecs (n, k)
         components = (centred.T.astype(np.float64) @ vecs[:, ::-1]).T               # (k, d)
         components /= np.maximum(np.linalg.norm(components, axis=1, keepdims=True), np.finfo(np.float64).tiny)
     values = values[::-1]
