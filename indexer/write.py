@@ -8,7 +8,7 @@ import numpy as np
 
 from retrieval.catalog import Catalog
 from retrieval.names import FAISS_FILE
-from retrieval.system import display_name, progress_bar
+from retrieval.system import display_name, progress_bar, transient_status
 from retrieval.vectors.index_types import IndexTypeError
 
 from indexer.config import ConfigError, JobConfig, RunReport
@@ -33,7 +33,7 @@ class Writer:
     def __init__(self, cfg: JobConfig, catalog: Catalog, plan: Plan, dim: int):
         from retrieval.vectors.builder import IndexBuilder
 
-        self.catalog, self.save_every_s = catalog, cfg.save_every_s
+        self.catalog, self.save_every_s, self.show_status = catalog, cfg.save_every_s, cfg.progress
         try:   # the FAISS type: exact Flat, or trained from a catalog sample (retrieval.vectors.builder)
             self.builder = IndexBuilder(catalog, cfg.index_dir / FAISS_FILE, dim, cfg.vector_index)
             self.vectors, self.dirty = self.builder.open()
@@ -99,7 +99,8 @@ class Writer:
         failure = self.stage.failure
         failed = exc_type is not None or failure is not None
         if not failed:   # another type at this size; the recall of an approximate index
-            self.vectors = self.builder.finish(self.vectors, self.dirty)
+            with transient_status(self.show_status) as self.builder.status:   # seconds after the bar, said on a terminal
+                self.vectors = self.builder.finish(self.vectors, self.dirty)
         if self.dirty or self.builder.built or not self.catalog.vectors_in_step() \
                 or self.builder.record != self.catalog.vector_index_record():
             self.save()
@@ -118,6 +119,7 @@ def maintain_vectors(cfg: JobConfig, catalog: Catalog, dim: int) -> tuple[dict, 
     from retrieval.vectors.builder import maintain_vectors as maintain
 
     try:
-        return maintain(catalog, cfg.index_dir / FAISS_FILE, dim, cfg.vector_index)
+        with transient_status(cfg.progress) as status:   # what the seconds of a rebuild go to, on a terminal
+            return maintain(catalog, cfg.index_dir / FAISS_FILE, dim, cfg.vector_index, status=status)
     except IndexTypeError as exc:
         raise ConfigError(f"{exc} (--index-type)") from exc

@@ -189,3 +189,26 @@ def progress_bar(show: bool, desc: str, total: int, *, unit: str = "img", leave:
 
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=leave,
                 disable=not (show and sys.stderr.isatty()))
+
+
+@contextmanager
+def transient_status(show: bool) -> Iterator[Callable[[str], None]]:
+    """-> a callback that shows its latest line on stderr's terminal (in place of the one before), wiped on the way
+    out: for the seconds of work after a progress bar (a FAISS index built, its recall measured), which were silent.
+    Silent where show is False or stderr is no terminal."""
+    import shutil
+
+    shown = show and sys.stderr.isatty()
+
+    def say(line: str) -> None:
+        if shown:
+            width = shutil.get_terminal_size().columns - 2   # one row: \r and erase-line put it back in place
+            sys.stderr.write("\r\033[K" + (line + "...")[:max(width, 10)])
+            sys.stderr.flush()
+
+    try:
+        yield say
+    finally:
+        if shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()

@@ -108,6 +108,21 @@ def test_on_a_terminal_a_person_reads_the_report_without_the_json_line_and_an_un
     assert "--whiten waits for 128 images (the index has 20)" in text and "--whiten-dim 16 whitens these 20 now" in text
 
 
+def test_on_a_terminal_the_seconds_after_the_bar_say_what_they_do(tmp_path):
+    """Reproduces: past 128 images, the bar ended and the terminal stayed silent while the whitened index was built
+    and its recall measured (13-20 s at 2,800 images in a review)."""
+    from helpers.terminal import run_on_terminal
+
+    make_sample_collection(tmp_path / "data", per_class=26, size=(48, 36), seed=2)   # 130 images: whitened, 32-d
+    status, text = run_on_terminal([console_script("index-images"), "data", "--weights", "random"], tmp_path)
+    assert status == 0, text
+    assert "\x1b[Kmeasuring the FAISS index's recall on 130 queries against exact search...\r\x1b[Kindexed 130" in text, \
+        text   # said, then wiped before the report
+    status, text = run_on_terminal([console_script("index-images"), "data", "--rebuild-index"], tmp_path)
+    assert status == 0, text
+    assert "\x1b[Kbuilding the FAISS index (PCAW32,L2norm,Flat) from 130 vectors..." in text, text
+
+
 def test_index_dir_from_the_environment(runner, data, tmp_path, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_INDEX_DIR", str(tmp_path / "env-index"))
     result = runner.invoke(index_images, [str(data), "--weights", "random", "--workers", "0", "--json"])

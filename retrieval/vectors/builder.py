@@ -6,6 +6,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -63,6 +64,7 @@ class IndexBuilder:
         if self.region_count and (refused := regions_type_error(self.requested)):
             raise IndexTypeError(refused)
         self.built = False        # the FAISS file was (re)built from the catalog in this run
+        self.status: Callable[[str], None] = lambda _line: None   # what it is doing, for a person watching (seconds)
         self.train: dict = (previous or {}).get("train") or {"size": 0, "seed": config.seed}
         self.recall: dict | None = (previous or {}).get("recall")
         self.record: dict = previous or {}
@@ -100,6 +102,7 @@ class IndexBuilder:
         trained_on: the ids whose seeded sample trains it (default: all the catalog's), then all are added."""
         started = time.perf_counter()
         ids = self.catalog.ids() if trained_on is None else trained_on
+        self.status(f"building the FAISS index ({factory}) from {len(ids):,} vectors")
         vectors = VectorIndex.empty(self.dim, factory, vector_source=self.catalog.vectors)
         n_train = train_size(factory, len(ids)) if not vectors.is_trained else 0
         trained_on_queries = False   # the recall queries were in the training sample (a collection too small to spare them)
@@ -200,6 +203,7 @@ class IndexBuilder:
         started = time.perf_counter()
         ids = self.catalog.ids()
         query_ids, _ = seeded_samples(ids, self.recall_queries, 0, self.config.seed)
+        self.status(f"measuring the FAISS index's recall on {len(query_ids):,} queries against exact search")
         query_ids, queries = sample_vectors(self.catalog.vectors(query_ids))
         # against exact search in the space the index searches: after its whitening, where it has one
         transform = whitening_of(vectors.index) or (lambda x: x)
@@ -253,10 +257,13 @@ class IndexBuilder:
         self.catalog.save_vector_index_record(self.record)
 
 
-def maintain_vectors(catalog: Catalog, path: Path, dim: int, config: IndexTypeConfig) -> tuple[dict, int]:
+def maintain_vectors(catalog: Catalog, path: Path, dim: int, config: IndexTypeConfig,
+                     status: Callable[[str], None] | None = None) -> tuple[dict, int]:
     """A run without new images: bring the FAISS file in step with the catalog and config without the network.
-    -> (the recorded description, vector count)."""
+    status: told what it is doing (IndexBuilder.status). -> (the recorded description, vector count)."""
     builder = IndexBuilder(catalog, path, dim, config)
+    if status is not None:
+        builder.status = status
     vectors, changed = builder.open()
     vectors = builder.finish(vectors, changed)
     builder.save(vectors)
