@@ -51,8 +51,8 @@ def test_a_new_index_whitens_and_an_indexed_vector_finds_itself_at_distance_zero
     assert space.shape == (600, 64) and np.allclose(np.linalg.norm(space, axis=1), 1, atol=1e-4)
     brute = np.argsort(((space[50:80, None, :] - space[None, :, :]) ** 2).sum(-1), axis=1)[:, :5]
     assert np.array_equal(index.search(vectors[50:80], 5)[1], ids[brute])
-    recall = record["recall"]["results"][0]   # against exact search in the same space: Flat there is exact
-    assert recall["1-recall@1"] == 1.0 and recall["10-recall@10"] == 1.0
+    # exact there (the brute force above), so no recall is measured: it scored 0.998 only where ties came apart
+    assert record["recall"] is None
 
 
 def test_auto_whitening_takes_a_quarter_of_the_collection_in_dimensions(catalog, tmp_path):
