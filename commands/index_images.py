@@ -368,10 +368,14 @@ def _print_report(r, verbose: bool = False) -> None:  # noqa: ANN001 - indexer.r
     loop = r.extraction or {}
     if r.indexed and loop.get("loop_seconds"):   # start-up (imports, the network) apart: one new file is not "0.5 images/s"
         rate = f"; {loop['loop_images_per_second']:.1f} images/s after start-up"
-    click.echo(f"indexed {r.indexed}, unchanged {r.unchanged}, removed {r.removed}, skipped {len(r.skipped)}; "
+    moved = f", moved {r.moved}" if r.moved else ""
+    click.echo(f"indexed {r.indexed}, unchanged {r.unchanged}{moved}, removed {r.removed}, skipped {len(r.skipped)}; "
                f"{r.total} image{'' if r.total == 1 else 's'} in the index ({r.seconds:.1f} s{rate})")
     for s in r.skipped:
         click.echo(f"  skipped {terminal_name(s['path'])}: {s['reason']}")
+    if r.moved:
+        click.echo(f"  {r.moved} moved or renamed in the folder (the same bytes): kept with their new path and label, not "
+                   "extracted again")
     if r.restamped:
         click.echo(f"  {r.restamped} of the unchanged have a new modification time but the same bytes: kept as they "
                    "were, not extracted again")

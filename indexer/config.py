@@ -151,6 +151,7 @@ class RunReport:
     skipped: list[dict] = dataclasses.field(default_factory=list)   # [{"path", "reason"}], all files not indexed
     folders: list[dict] = dataclasses.field(default_factory=list)   # [{"path", "reason"}], folders not looked into
     restamped: int = 0                 # of the unchanged: files with a new time and the same bytes (not extracted again)
+    moved: int = 0                     # files moved or renamed, same bytes: kept with their new path and label
     unreadable_formats: dict = dataclasses.field(default_factory=dict)   # ".heic" -> photos in formats not read
     total: int = 0
     seconds: float = 0.0

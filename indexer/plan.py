@@ -31,6 +31,8 @@ class Plan:
     restamp: list[ImageFile] = dataclasses.field(default_factory=list)   # indexed files whose time changed but not
                                                 # their bytes (a touch, a copy without its times): kept as they are
     unreadable_formats: dict[str, int] = dataclasses.field(default_factory=dict)   # the scan's: ".heic" -> files
+    moves: list[tuple[str, ImageFile]] = dataclasses.field(default_factory=list)   # (indexed path, the file now there):
+                                                # moved or renamed (same size, time and bytes): kept, path and label new
 
 
 HASH_THREADS = 4   # files hashed at once to see whether a touched file's bytes changed (reads, mostly)
@@ -79,17 +81,18 @@ def plan(cfg: JobConfig, catalog: Catalog) -> Plan:
     scan = scan_folder(cfg.data_dir, exclude=[cfg.index_dir], skip_folders_holding=CATALOG_FILE,
                        max_file_bytes=cfg.max_file_bytes)
     planned = plan_run(scan.images, scan.skipped, catalog, scan.folders, scan.unlisted)
-    return same_content_kept(dataclasses.replace(planned, unreadable_formats=scan.unreadable_formats), cfg.data_dir,
-                             catalog)
+    planned = same_content_kept(dataclasses.replace(planned, unreadable_formats=scan.unreadable_formats), cfg.data_dir,
+                                catalog)
+    return moves_kept(planned, cfg.data_dir, catalog)
 
 
 def pending_changes(data_dir: Path, index_dir: Path, catalog: Catalog) -> tuple[int, int]:
     """What index-images would find to do in data_dir now, without doing it: -> (files new or changed since they were
     indexed, files gone). For the commands that read an index and should say when it lags its folder."""
     scan = scan_folder(data_dir, exclude=[index_dir], skip_folders_holding=CATALOG_FILE)
-    planned = same_content_kept(plan_run(scan.images, scan.skipped, catalog, scan.folders, scan.unlisted), data_dir,
-                                catalog)
-    return len(planned.todo), len(planned.remove)
+    planned = moves_kept(same_content_kept(plan_run(scan.images, scan.skipped, catalog, scan.folders, scan.unlisted),
+                                           data_dir, catalog), data_dir, catalog)
+    return len(planned.todo) + len(planned.moves), len(planned.remove)   # a move changes a path, maybe a label
 
 
 def same_content_kept(planned: Plan, data_dir: Path, catalog: Catalog) -> Plan:
@@ -112,6 +115,39 @@ def same_content_kept(planned: Plan, data_dir: Path, catalog: Catalog) -> Plan:
                                unchanged=planned.unchanged + len(same),
                                restamp=[f for f in planned.todo if f.path in same])
 
+
+
+def moves_kept(planned: Plan, data_dir: Path, catalog: Catalog) -> Plan:
+    """The plan less the files that were moved or renamed in the folder (a class folder renamed): a new path whose
+    size and modification time are those of an indexed path gone from the folder, and whose bytes hash to its sha256,
+    keeps that image's id and vector with its new path and label (each was extracted again, under a new id: a
+    review's renamed folder of 262 photos went through the network again). Listed in moves."""
+    known = catalog.file_states()
+    gone: dict[tuple[int, int], list[str]] = {}
+    for path in planned.remove:
+        if path in known:
+            gone.setdefault(known[path][1:], []).append(path)
+    candidates = [f for f in planned.todo if f.path not in known and (f.size, f.mtime_ns) in gone]
+    if not candidates:
+        return planned
+    recorded = catalog.content_hashes([p for f in candidates for p in gone[(f.size, f.mtime_ns)]])
+
+    def hashed(f: ImageFile) -> str | None:     # None: unreadable now (the decode will say why)
+        return files_sha256(data_dir, [f.path])[0]
+
+    with ThreadPoolExecutor(max(1, min(HASH_THREADS, len(candidates)))) as pool:   # hashlib lets go of the GIL
+        digests = list(pool.map(hashed, candidates))
+    moves, taken = [], set()
+    for f, digest in zip(candidates, digests):
+        old = next((p for p in gone[(f.size, f.mtime_ns)] if p not in taken and recorded.get(p) == digest), None)
+        if digest is not None and old is not None:   # one indexed image for one new path (byte copies moved too)
+            taken.add(old)
+            moves.append((old, f))
+    if not moves:
+        return planned
+    moved = {f.path for _old, f in moves}
+    return dataclasses.replace(planned, todo=[f for f in planned.todo if f.path not in moved],
+                               remove=[p for p in planned.remove if p not in taken], moves=moves)
 
 
 def removals(plan: Plan, catalog: Catalog) -> list[str]:

@@ -85,7 +85,9 @@ def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callabl
         raise ConfigError(f"the data folder {display_name(str(cfg.data_dir))} {planned.unlisted_root}: nothing was "
                           "changed; run index-images as a user who may read it")
     catalog.restamp((f.path, f.size, f.mtime_ns) for f in planned.restamp)   # touched, same bytes: kept as they are
+    catalog.move((old, f.path, f.label) for old, f in planned.moves)          # moved, same bytes: new path and label
     report = _run_planned(cfg, catalog, stored, chosen, planned, started, on_extractor, on_cluster)
+    report.moved = len(planned.moves)
     report.folders = [{"path": display_name(path), "reason": reason} for path, reason in planned.folders.items()]
     report.restamped = len(planned.restamp)
     report.unreadable_formats = planned.unreadable_formats
@@ -105,7 +107,8 @@ def _run_planned(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None,
         record_refused(planned, catalog)
         report = RunReport(unchanged=planned.unchanged, vector_index=catalog.vector_index_record())
         damaged = faiss_file_damaged(index_dir / FAISS_FILE, catalog)
-        if not damaged and (index_dir / FAISS_FILE).exists() and catalog.vectors_in_step() \
+        # after moves the FAISS file is saved again (the same vectors): a server loads a new version, new labels and all
+        if not damaged and not planned.moves and (index_dir / FAISS_FILE).exists() and catalog.vectors_in_step() \
                 and (not stored.regions or regions_file_in_step(index_dir / REGIONS_FILE, report.vector_index)) \
                 and not vector_work_needed(cfg.vector_index, catalog, stored.dim):
             return finish_report(report, catalog, catalog.count(), started)

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -43,8 +44,8 @@ def test_index_json_summary_and_search_json(runner, data, tmp_path):
     summary = run_json(runner, index_images, [str(data), "--index-dir", index_dir, "--weights", "random",
                                               "--workers", "0", "--json"])
 
-    assert set(summary) == {"indexed", "unchanged", "removed", "skipped", "folders", "restamped", "unreadable_formats",
-                            "total", "seconds", "images_per_second", "vector_index", "extraction", "repairs", "network"}
+    assert set(summary) == {"indexed", "unchanged", "removed", "skipped", "folders", "restamped", "moved",
+                            "unreadable_formats", "total", "seconds", "images_per_second", "vector_index", "extraction", "repairs", "network"}
     assert summary["vector_index"]["factory"] == "Flat" and summary["vector_index"]["exact"]   # auto, small collection
     x = summary["extraction"]   # where the network ran, in what arithmetic, and where the run's time went
     assert (x["device"], x["decode"], x["batch_size"]) == ("cpu", "workers", 32)
@@ -510,3 +511,39 @@ def test_what_a_library_prints_during_the_run_goes_to_stderr_not_into_the_json(r
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["indexed"] == 4
     assert "(raylet) A worker died" in result.stderr
+
+
+def test_a_renamed_class_folder_keeps_its_images_vectors_with_the_new_label(tmp_path):
+    """Reproduces: `mv data/temples data/china_temples` sent all 262 photos through the network again, each under a
+    new id ("indexed 262, removed 262"), though the catalog knew their bytes. A file moved within the folder keeps
+    its id and vector, with its new path and label; the server sees the new labels (the FAISS file is saved again)."""
+    from retrieval.catalog import Catalog
+
+    make_sample_collection(tmp_path / "data", per_class=3, size=(80, 60), classes=["red_circles", "blue_squares"])
+    first = subprocess.run([console_script("index-images"), "data", "--weights", "random", "--json"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    catalog = Catalog(tmp_path / "index")
+    try:
+        before = {p: (i, catalog.vector(i)) for p, (i, *_s) in catalog.file_states().items()}
+    finally:
+        catalog.close()
+    faiss_before = (tmp_path / "index" / "vectors.faiss").stat().st_ino
+    (tmp_path / "data" / "red_circles").rename(tmp_path / "data" / "circles")
+    (tmp_path / "data" / "blue_squares" / "blue_squares_000.jpg").rename(tmp_path / "data" / "top.jpg")
+    again = subprocess.run([console_script("index-images"), "data", "--json"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+    summary = json.loads(again.stdout)
+    assert (summary["indexed"], summary["moved"], summary["removed"], summary["total"]) == (0, 4, 0, 6), summary
+    catalog = Catalog(tmp_path / "index")
+    try:
+        after = {p: (i, catalog.vector(i)) for p, (i, *_s) in catalog.file_states().items()}
+        labels = {r.path: r.label for r in catalog.list_images()}
+    finally:
+        catalog.close()
+    renamed = {"blue_squares/blue_squares_000.jpg": "top.jpg"}
+    for old, (image_id, vector) in before.items():
+        new = renamed.get(old, old.replace("red_circles/", "circles/", 1))
+        assert after[new][0] == image_id and np.array_equal(after[new][1], vector), old
+    assert labels["circles/red_circles_001.jpg"] == "circles" and labels["top.jpg"] is None
+    assert (tmp_path / "index" / "vectors.faiss").stat().st_ino != faiss_before, "saved again: servers reload"

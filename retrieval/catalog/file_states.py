@@ -42,6 +42,19 @@ class FileStates:
             return sum(s.execute(update(ImageRow).where(ImageRow.path == path).values(size=size, mtime_ns=mtime))
                        .rowcount for path, size, mtime in stamps)
 
+    def move(self, moves: Iterable[tuple[str, str, str | None]]) -> int:
+        """Give indexed images their new path and label (moved or renamed in the data folder, the same bytes): their
+        ids and vectors stay. moves: (old path, new path, new label). -> rows updated. A change of the index (labels):
+        its updated_at moves."""
+        moves = list(moves)
+        if not moves:
+            return 0
+        with self.Session.begin() as s:
+            moved = sum(s.execute(update(ImageRow).where(ImageRow.path == old).values(path=new, label=label)).rowcount
+                        for old, new, label in moves)
+        self.touch()
+        return moved
+
     def skipped_states(self) -> dict[str, tuple[int, int, str]]:
         """path -> (size, mtime_ns, reason) for every skipped file."""
         with self.Session() as s:
