@@ -189,7 +189,9 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
             _discard_unused(index_dir)
         raise UserError(str(exc)) from exc
     except KeyboardInterrupt:
-        click.echo("\ninterrupted: whatever was indexed before it is saved; run the same command again to finish.", err=True)
+        held = _images_held(index_dir, db_url)
+        click.echo(f"\ninterrupted: whatever was indexed before it is saved{held}; run the same command again to "
+                   "finish.", err=True)
         sys.exit(130)
     except Exception as exc:   # a full disk or a read-only folder, wherever it surfaced (weights, catalog, FAISS): one line
         trouble = disk_trouble(exc)
@@ -348,6 +350,21 @@ def _has_images(catalog_file: Path) -> bool:
             return catalog.count() > 0
     except SQLAlchemyError:
         return True   # not a catalog this run made: keep it
+
+
+def _images_held(index_dir: Path, db_url: str | None) -> str:
+    """" (1,790 images in the index now)" after an interrupted run, or "" when the catalog cannot say."""
+    from retrieval.catalog import Catalog
+
+    try:
+        catalog = Catalog(index_dir, url=db_url)
+        try:
+            count = catalog.count()
+        finally:
+            catalog.close()
+    except Exception:  # noqa: BLE001 - a count for the message; the interruption is what is reported
+        return ""
+    return f" ({count:,} image{'' if count == 1 else 's'} in the index now)"
 
 
 def summary_json(report) -> str:  # noqa: ANN001 - indexer.run.RunReport

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -229,6 +230,8 @@ def test_sigterm_mid_run_stops_as_ctrl_c_does_exit_143_and_a_rerun_finishes(coll
             proc.wait()
     assert proc.returncode == 143, stderr[-2000:]
     assert "interrupted: whatever was indexed before it is saved" in stderr and "Traceback" not in stderr, stderr[-2000:]
+    held = re.search(r"\(([\d,]+) images? in the index now\)", stderr)   # how much was kept, said
+    assert held and int(held.group(1).replace(",", "")) == _committed(index_dir / "catalog.db"), stderr[-2000:]
     rerun = subprocess.run(default_command(data, index_dir), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert json.loads(rerun.stdout)["total"] == N_IMAGES
