@@ -513,3 +513,30 @@ def test_compressed_indexes_give_the_same_groups(collection, tmp_path, index_typ
         finally:
             index.close()
     assert groups[root / "index"] and groups[root / "index"] == groups[tmp_path / "index"]
+
+
+def test_byte_copies_of_one_another_inside_a_group_are_marked_not_only_those_of_the_keeper(tmp_path):
+    """Reproduces: rockets/IMG_00943.jpg and its byte copy sat in a larger group under another keeper, shown as
+    "0.250" and "0.250": the one certain duplicate of the group was not marked."""
+    from commands.find_duplicates import format_groups
+    from retrieval.search.duplicates import find_duplicates
+    from retrieval.search.index import ImageIndex
+
+    data = tmp_path / "data"
+    paths = make_sample_collection(data, per_class=1, size=(160, 120), seed=4)
+    first = paths[0]
+    edited = edited_copies(Image.open(first), 0, ["jpeg30"])["jpeg30"]
+    edited.save(first.with_name("edited.jpg"), quality=90)
+    shutil.copyfile(first.with_name("edited.jpg"), first.with_name("edited_copy.jpg"))
+    build_index(data, tmp_path / "index")
+    index = ImageIndex(tmp_path / "index")
+    try:
+        result = find_duplicates(index, threshold=1.0)
+    finally:
+        index.close()
+    group = next(g for g in result.groups if any(m.path.endswith("edited_copy.jpg") for m in g))
+    assert "edited" not in group[0].path, "a larger file is kept: the byte copies are two of the others"
+    text = format_groups(result)
+    twin = next(line for line in text.splitlines() if "edited" in line and "byte-identical to" in line)
+    assert twin.rstrip().endswith("edited.jpg)") or twin.rstrip().endswith("edited_copy.jpg)"), twin
+    assert result.groups[0] is group or len({m.sha256 for m in result.groups[0]}) < len(result.groups[0])

@@ -243,7 +243,8 @@ def find_duplicates(index: ImageIndex, *, threshold: float | None = None, dim: i
         groups.append(group[:1] + sorted(group[1:], key=lambda d: (d.distance, d.link_to or d.path, d.link_to is not None)))
     # groups holding a byte-identical copy or another name of a file first (certain: a review found the real copies
     # at groups 6 and 10 of 107 alike-looking ones), then the largest
-    groups.sort(key=lambda g: (not any(d.sha256 == g[0].sha256 or d.link_to for d in g[1:]), -len(g), g[0].path))
+    groups.sort(key=lambda g: (len({d.sha256 for d in g}) == len(g) and not any(d.link_to for d in g), -len(g),
+                               g[0].path))
     return DuplicateGroups(groups, chosen, len(vectors.ids), whitened=vectors.whitening is not None)
 
 
