@@ -132,3 +132,19 @@ def test_database_side_augmentation_moves_stored_vectors_towards_their_neighbour
     distances, found = index.search(vectors[:100], 4)
     assert record["dba"] == 0 and distances[:, 0].max() < 1e-3
     assert together > (item_of(found) == item[:100, None]).mean()      # DBA brought each item's copies together
+
+
+def test_an_unchanged_folder_leaves_a_whitened_flat_file_as_it_is(tmp_path, index_images):
+    """Reproduces (a review of the change that stopped measuring a whitened Flat's recall): every run on an unchanged
+    folder of 128 images or more saved the FAISS file again ("no recall yet" was FAISS work), so every server
+    reloaded after each cron run: an unchanged folder is a no-op run (DESIGN invariant)."""
+    from retrieval.samples import make_sample_collection
+
+    make_sample_collection(tmp_path / "data", per_class=26, size=(48, 36), seed=2)   # 130 images: PCAW32,L2norm,Flat
+    first = index_images(tmp_path / "data", tmp_path / "index")
+    assert first.vector_index["factory"] == "PCAW32,L2norm,Flat" and first.vector_index["recall"] is None
+    saved = (tmp_path / "index" / FAISS_FILE).stat()
+    again = index_images(tmp_path / "data", tmp_path / "index")
+    assert again.unchanged == 130
+    after = (tmp_path / "index" / FAISS_FILE).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (saved.st_ino, saved.st_mtime_ns), "the FAISS file was written again"

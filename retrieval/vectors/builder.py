@@ -13,8 +13,9 @@ import numpy as np
 from retrieval.catalog import Catalog
 from retrieval.files import sample_digest
 from retrieval.vectors.index_types import (AUTO, FLAT, RECALL_QUERIES, RECALL_TARGET, IndexTypeConfig, IndexTypeError,
-                                           min_train_vectors, requested_dba, requested_params, requested_type,
-                                           requested_whitening, seeded_samples, train_size, wanted_factory)
+                                           has_recall_to_measure, min_train_vectors, requested_dba, requested_params,
+                                           requested_type, requested_whitening, seeded_samples, train_size,
+                                           wanted_factory)
 from retrieval.vectors.faiss_parts import SearchParams, apply_search_params, search_params_of, tuning_ladder
 from retrieval.vectors.index_types import flat_max as recorded_flat_max
 from retrieval.vectors.recall import K, exact_neighbours, measure, sample_vectors
@@ -188,9 +189,8 @@ class IndexBuilder:
             vectors = self.build(target)
         if not self.dba and (self.previous or {}).get("dba") and not self.built:   # DBA turned off: raw vectors again
             vectors = self.build(target)
-        searched_exactly = vectors.exact or split_whitening(vectors.factory)[1] == FLAT   # whitened Flat: exact there
-        if searched_exactly and not self.dba:
-            self.recall = None   # nothing to measure (a whitened Flat scored 0.998 only where ties were ordered apart)
+        if not has_recall_to_measure(vectors.factory, vectors.exact, self.dba):
+            self.recall = None
         elif self.built or changed or params_changed or self.recall is None:
             self.measure_recall(vectors)
         elif self.record.get("search_params"):
