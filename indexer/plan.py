@@ -103,12 +103,7 @@ def same_content_kept(planned: Plan, data_dir: Path, catalog: Catalog) -> Plan:
         return planned
     recorded = catalog.content_hashes(planned.same_size)
     candidates = [f for f in planned.todo if f.path in recorded]
-
-    def hashed(f: ImageFile) -> str | None:     # None: unreadable now (the decode will say why)
-        return files_sha256(data_dir, [f.path])[0]
-
-    with ThreadPoolExecutor(max(1, min(HASH_THREADS, len(candidates)))) as pool:   # hashlib lets go of the GIL
-        same = {f.path for f, digest in zip(candidates, pool.map(hashed, candidates)) if digest == recorded[f.path]}
+    same = {f.path for f, digest in zip(candidates, _digests(data_dir, candidates)) if digest == recorded[f.path]}
     if not same:
         return planned
     return dataclasses.replace(planned, todo=[f for f in planned.todo if f.path not in same],
@@ -122,6 +117,8 @@ def moves_kept(planned: Plan, data_dir: Path, catalog: Catalog) -> Plan:
     size and modification time are those of an indexed path gone from the folder, and whose bytes hash to its sha256,
     keeps that image's id and vector with its new path and label (each was extracted again, under a new id: a
     review's renamed folder of 262 photos went through the network again). Listed in moves."""
+    if not planned.remove or not planned.todo:   # nothing gone, or nothing new: no move (and no catalog read)
+        return planned
     known = catalog.file_states()
     gone: dict[tuple[int, int], list[str]] = {}
     for path in planned.remove:
@@ -131,14 +128,8 @@ def moves_kept(planned: Plan, data_dir: Path, catalog: Catalog) -> Plan:
     if not candidates:
         return planned
     recorded = catalog.content_hashes([p for f in candidates for p in gone[(f.size, f.mtime_ns)]])
-
-    def hashed(f: ImageFile) -> str | None:     # None: unreadable now (the decode will say why)
-        return files_sha256(data_dir, [f.path])[0]
-
-    with ThreadPoolExecutor(max(1, min(HASH_THREADS, len(candidates)))) as pool:   # hashlib lets go of the GIL
-        digests = list(pool.map(hashed, candidates))
     moves, taken = [], set()
-    for f, digest in zip(candidates, digests):
+    for f, digest in zip(candidates, _digests(data_dir, candidates)):
         old = next((p for p in gone[(f.size, f.mtime_ns)] if p not in taken and recorded.get(p) == digest), None)
         if digest is not None and old is not None:   # one indexed image for one new path (byte copies moved too)
             taken.add(old)
@@ -148,6 +139,14 @@ def moves_kept(planned: Plan, data_dir: Path, catalog: Catalog) -> Plan:
     moved = {f.path for _old, f in moves}
     return dataclasses.replace(planned, todo=[f for f in planned.todo if f.path not in moved],
                                remove=[p for p in planned.remove if p not in taken], moves=moves)
+
+
+def _digests(data_dir: Path, files: list[ImageFile]) -> list[str | None]:
+    """The sha256 of each file (None: unreadable now; the decode will say why), a few at a time."""
+    if not files:
+        return []
+    with ThreadPoolExecutor(max(1, min(HASH_THREADS, len(files)))) as pool:   # hashlib lets go of the GIL
+        return list(pool.map(lambda f: files_sha256(data_dir, [f.path])[0], files))
 
 
 def removals(plan: Plan, catalog: Catalog) -> list[str]:

@@ -547,3 +547,11 @@ def test_a_renamed_class_folder_keeps_its_images_vectors_with_the_new_label(tmp_
         assert after[new][0] == image_id and np.array_equal(after[new][1], vector), old
     assert labels["circles/red_circles_001.jpg"] == "circles" and labels["top.jpg"] is None
     assert (tmp_path / "index" / "vectors.faiss").stat().st_ino != faiss_before, "saved again: servers reload"
+
+    # a good file moved onto the path of a skipped (bad) one is indexed, and skipped no more
+    (tmp_path / "data" / "bad.jpg").write_bytes(b"not an image")
+    subprocess.run([console_script("index-images"), "data", "--json"], cwd=tmp_path, capture_output=True, timeout=300)
+    (tmp_path / "data" / "top.jpg").replace(tmp_path / "data" / "bad.jpg")
+    moved = json.loads(subprocess.run([console_script("index-images"), "data", "--json"], cwd=tmp_path,
+                                      capture_output=True, text=True, timeout=300).stdout)
+    assert moved["moved"] == 1 and moved["skipped"] == [], moved

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
 from retrieval.catalog.schema import ImageRow, SkippedRow
 
@@ -50,6 +50,8 @@ class FileStates:
         if not moves:
             return 0
         with self.Session.begin() as s:
+            # a new path that was a skipped file (a bad file replaced by a moved good one) is skipped no more
+            s.execute(delete(SkippedRow).where(SkippedRow.path.in_([new for _old, new, _label in moves])))
             moved = sum(s.execute(update(ImageRow).where(ImageRow.path == old).values(path=new, label=label)).rowcount
                         for old, new, label in moves)
         self.touch()
