@@ -138,9 +138,9 @@ def _load_index(index_dir: Path | str, db_url: str | None = None) -> tuple[dict,
         if settings is None:
             raise FileNotFoundError(f"the index at {index_dir} has no settings yet; run index-images first")
         training = training_images(catalog, settings)
+        vectors, space = _as_searched(catalog, Path(index_dir), settings.dim, data.vectors)
     finally:
         catalog.close()
-    vectors, space = _as_searched(Path(index_dir), db_url, data.vectors)
     about = {"dir": str(index_dir), "model": settings.model, "layer": settings.layer, "views": settings.views,
              "input_norm": settings.input_norm, "regions": settings.regions, "weights": settings.weights,
              "weights_label": weights_label(settings), "weights_identity": settings.weights_identity,
@@ -149,25 +149,28 @@ def _load_index(index_dir: Path | str, db_url: str | None = None) -> tuple[dict,
     return about, dataclasses.replace(data, vectors=vectors), training
 
 
-def _as_searched(index_dir: Path, db_url: str | None, vectors: np.ndarray) -> tuple[np.ndarray, dict]:
+def _as_searched(catalog: Catalog, index_dir: Path, dim: int, vectors: np.ndarray) -> tuple[np.ndarray, dict]:
     """The stored vectors as the index searches them: whitened (PCAW, learned on the collection) where its FAISS index
     whitens, so that the numbers are those of the searches a user makes (on a whitened index the raw fc7 scored
     precision@10 0.908 where its searches gave 0.925). -> (vectors shape=(n, d), {"whitened_dim": d or None,
-    "vector_index": the FAISS type}). The FAISS index is opened as a reader opens it (rebuilt in memory from the
-    catalog where its file is missing)."""
-    from retrieval.search.index import ImageIndex
-    from retrieval.vectors.whitening import whitening_of
+    "vector_index": the FAISS type}). Only a whitened index's FAISS file is read (mapped), or, where it is missing or
+    unreadable, its type built from the catalog in memory as a replica's reader builds it."""
+    from retrieval.names import FAISS_FILE
+    from retrieval.vectors.builder import rebuilt_from_catalog
+    from retrieval.vectors.vector_index import VectorIndex
+    from retrieval.vectors.whitening import split_whitening, whitening_of
 
-    index = ImageIndex(index_dir, db_url=db_url, load_network=False)
-    try:
-        snapshot = index.snapshot()
-        record = snapshot.vector_record or {}
-        whitening = whitening_of(snapshot.vectors.index)
-        searched = whitening(vectors) if whitening is not None and len(vectors) else vectors   # in the index's lifetime
-        return searched, {"whitened_dim": record.get("whitened_dim") if whitening is not None else None,
-                          "vector_index": record.get("factory")}
-    finally:
-        index.close()
+    record = catalog.vector_index_record() or {}
+    factory = record.get("factory")
+    space = {"whitened_dim": None, "vector_index": factory}
+    if not factory or split_whitening(factory)[0] is None or not len(vectors):
+        return vectors, space
+    path = index_dir / FAISS_FILE
+    index = VectorIndex.load(path, dim, factory=factory, mmap=True) or rebuilt_from_catalog(catalog, path, dim)
+    whitening = whitening_of(index.index) if index is not None else None
+    if whitening is None:
+        return vectors, space
+    return whitening(vectors), {**space, "whitened_dim": split_whitening(factory)[0]}   # (index alive meanwhile)
 
 
 def evaluate_index(index_dir: Path | str, ks: Sequence[int] = DEFAULT_KS, *, seed: int = 0, probe: bool = True,
