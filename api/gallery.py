@@ -120,13 +120,14 @@ def query_page(token: str) -> str:
         raise ApiError(404, "query_expired", "This search has expired (searches are kept for an hour). "
                                              "Upload the photo again.")
     k, expansion = _gallery_k(), parse_expansion(request)
-    hits, _ms = service.search_vector(query.vector, k, expansion=expansion)
+    snapshot = service.index.snapshot()   # one index version for the search, the vote and the overview
+    hits, _ms = service.search_vector(query.vector, k, snapshot=snapshot, expansion=expansion)
     return render_template("results.html", hits=hits, k=k, k_choices=K_CHOICES, record=None,
                            qe=expansion.n if expansion else 0, qe_choices=QE_CHOICES,
                            carry=_carried(k, expansion, origin=token), back=None,
-                           prediction=service.predict(hits),
+                           prediction=service.predict(hits, snapshot),
                            query=query, query_src=url_for("gallery.query_image", token=token),
-                           summary=service.index_summary())
+                           summary=service.index_summary(snapshot))
 
 
 @bp.get("/gallery/query/<token>/image")
@@ -150,5 +151,7 @@ def image_page(image_id: int) -> str:
     return render_template("results.html", hits=answer.hits, k=k, k_choices=K_CHOICES,
                            qe=expansion.n if expansion else 0, qe_choices=QE_CHOICES,
                            carry=_carried(k, expansion, origin=origin), back=back,
-                           prediction=service.predict(answer.hits), record=service.record(image_id), query=None,
-                           query_src=url_for("api.thumbnail", image_id=image_id), summary=service.index_summary())
+                           prediction=service.predict(answer.hits, answer.snapshot),
+                           record=service.record(image_id, answer.snapshot), query=None,
+                           query_src=url_for("api.thumbnail", image_id=image_id),
+                           summary=service.index_summary(answer.snapshot))

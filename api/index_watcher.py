@@ -43,10 +43,12 @@ class IndexWatcher:
     thread only ends with close(). Its state (alive, last error) is what state() returns.
     """
 
-    def __init__(self, index: Refreshable, interval_s: float, on_reload: Callable[[], None] | None = None):
+    def __init__(self, index: Refreshable, interval_s: float, on_reload: Callable[[], None] | None = None,
+                 on_check: Callable[[], None] | None = None):
         assert interval_s > 0, "interval_s must be positive"
         self.index, self.interval_s = index, interval_s
         self.on_reload = on_reload   # called after each swap (the service updates its index-size gauge)
+        self.on_check = on_check     # called after each look, failed or not (the service's availability gauge)
         self.reloads = 0
         self.checks = 0
         self._failures = 0
@@ -101,6 +103,9 @@ class IndexWatcher:
             self._failures = 0
         finally:
             self.checks += 1
-            unservable = self._failures or getattr(self.index, "problem", None) is not None
-            metrics.INDEX_AVAILABLE.set(0 if unservable else 1)
+            if self.on_check is not None:
+                try:
+                    self.on_check()
+                except Exception:  # noqa: BLE001 - a gauge's update never stops the loop
+                    log.exception("could not update the index's availability")
             self._last_check_at = time.monotonic()

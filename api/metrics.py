@@ -108,7 +108,7 @@ def metrics() -> Response:
     service = current_app.extensions.get("retrieval")
     if service is not None:             # this worker's view is current; the others set theirs when they load
         INDEX_IMAGES.set(len(service.index))
-        INDEX_AVAILABLE.set(1 if service.health()[1] == 200 else 0)
+        service.note_availability()
     state: MetricsState = current_app.extensions[EXTENSION_KEY]
     response = Response(generate_latest(state.registry), mimetype=None)
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST

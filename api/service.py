@@ -117,11 +117,12 @@ class RetrievalService:
                                 mmap=config.mmap)
         self.batcher = QueryBatcher(self.index, max_batch=config.batch_max_size, max_wait_s=config.batch_wait_ms / 1000.0,
                                     torch_threads=config.torch_threads, search_threads=config.search_threads)
-        self.watcher = IndexWatcher(self.index, config.reload_interval_s, on_reload=self._count_images) \
-            if config.reload_interval_s > 0 else None
-        self._count_images()
         self._catalog_failure: tuple[float, str] | None = None   # (monotonic time, reason) of the last failed read
         self._labels: tuple[int, dict[str | None, int]] | None = None   # (index version, images per label)
+        self.watcher = None   # (health() reads it: set before the watcher's first look calls it)
+        self.watcher = IndexWatcher(self.index, config.reload_interval_s, on_reload=self._count_images,
+                                    on_check=self.note_availability) if config.reload_interval_s > 0 else None
+        self._count_images()
         self.thumbnails = ThumbnailCache(config.thumbnail_dir, config.thumbnail_size, max_pixels=config.max_pixels)
         threading.Thread(target=self._prune_thumbnails, name="thumbnail-prune", daemon=True).start()
         self.recent_queries = RecentQueries(config.thumbnail_dir / RECENT_QUERIES_FILE,   # shared by worker processes
@@ -138,7 +139,11 @@ class RetrievalService:
 
     def _count_images(self) -> None:
         metrics.INDEX_IMAGES.set(len(self.index))
-        metrics.INDEX_AVAILABLE.set(1 if self.index.problem is None else 0)
+        self.note_availability()
+
+    def note_availability(self) -> None:
+        """Set this process's retrieval_index_available gauge from what /healthz says (one rule for both)."""
+        metrics.INDEX_AVAILABLE.set(1 if self.health()[1] == 200 else 0)
 
     def catalog_failed(self, reason: str) -> None:
         """A request could not read the catalog (a corrupt page, the database gone): /healthz says so for a while."""
