@@ -130,21 +130,37 @@ def metrics_parent() -> str | None:
 
 
 METRICS_PREFIX = "serve-images-metrics-"   # + the server's pid + "-" + mkdtemp's letters
+METRICS_LOCK = ".server.lock"              # in the folder, locked (flock) by its server for as long as it runs
+
+
+def hold_metrics_folder(folder: str) -> int:
+    """Lock folder's METRICS_LOCK for this process's life (and its workers', which inherit it): the descriptor, kept
+    open. The lock, not the pid, tells a live server's folder: a pid says nothing across containers sharing /dev/shm."""
+    import fcntl
+
+    fd = os.open(os.path.join(folder, METRICS_LOCK), os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
 
 
 def remove_dead_servers_metrics(parent: Path) -> None:
     """Remove the metrics folders of servers that died without cleaning up (SIGKILL, the out-of-memory killer): in
-    /dev/shm they hold memory, about 200 kB a worker, and a supervisor that restarts a killed server piles them up."""
-    for folder in parent.glob(f"{METRICS_PREFIX}*-*"):
-        pid = folder.name[len(METRICS_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit():
+    /dev/shm they hold memory, about 200 kB a worker, and a supervisor that restarts a killed server piles them up.
+    A folder whose lock no process holds is a dead server's; one without a lock file is left alone."""
+    import fcntl
+
+    for folder in parent.glob(f"{METRICS_PREFIX}*"):
+        try:
+            fd = os.open(folder / METRICS_LOCK, os.O_RDWR)
+        except OSError:   # no lock file (another program's, or older), or another user's
             continue
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-        except OSError:   # another user's live server
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:   # held: that server runs
             continue
+        finally:
+            os.close(fd)   # (closing it lets the lock go again)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -335,6 +351,12 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
     parent = metrics_parent()
     remove_dead_servers_metrics(Path(parent or tempfile.gettempdir()))
     metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-", dir=parent)
+    lock_fd = hold_metrics_folder(metrics_dir)
+
+    def post_fork(_server, _worker) -> None:  # noqa: ANN001 - gunicorn Arbiter, Worker
+        os.close(lock_fd)   # the server alone holds the lock: a killed server's workers, gone soon after, do not
+
+    options["post_fork"] = post_fork
     previous = os.environ.get(MULTIPROC_ENV)
     os.environ[MULTIPROC_ENV] = metrics_dir
     options["child_exit"] = worker_exited

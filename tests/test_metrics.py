@@ -228,7 +228,7 @@ def test_the_metrics_folder_of_a_killed_server_is_removed_by_the_next_one(sample
     import subprocess
     import tempfile
 
-    from commands.serve_images import METRICS_PREFIX, metrics_parent
+    from commands.serve_images import METRICS_PREFIX, metrics_parent, remove_dead_servers_metrics
     from helpers.servers import SERVE, START_S, healthy
     from tools.ports import free_port
 
@@ -242,6 +242,8 @@ def test_the_metrics_folder_of_a_killed_server_is_removed_by_the_next_one(sample
         assert wait_for(lambda: healthy(f"http://127.0.0.1:{port}"), START_S, interval=0.25)
         left = list(parent.glob(f"{METRICS_PREFIX}{killed.pid}-*"))
         assert len(left) == 1, left
+        remove_dead_servers_metrics(parent)   # as another server starting (another container, say) looks
+        assert left[0].exists(), "a running server's folder is kept (its lock is held, whatever its pid says)"
     finally:
         killed.kill()
         killed.wait()
