@@ -86,6 +86,7 @@ def _index_lags_folder(index, index_dir: Path) -> str | None:  # noqa: ANN001 - 
 
 def format_groups(result) -> str:  # noqa: ANN001 - retrieval.search.duplicates.DuplicateGroups
     """The groups as a readable list: the keeper first, then the others with their distance to it."""
+    from retrieval.search.duplicate_groups import byte_twin
     from retrieval.vectors.duplicates import MIN_WHITENED
 
     in_groups = sum(len(g) for g in result.groups)
@@ -95,12 +96,11 @@ def format_groups(result) -> str:  # noqa: ANN001 - retrieval.search.duplicates.
     for n, group in enumerate(result.groups, 1):
         lines.append(f"group {n}: {len(group)} images")
         for i, m in enumerate(group):
-            # byte for byte another member (not the keeper): certain too, where a review saw two 0.250s under a keeper
-            twin = next((o for o in group[1:i] if o.sha256 == m.sha256), None) if m.sha256 != group[0].sha256 else None
+            twin = byte_twin(group, i)
             tag = "keep " if i == 0 else ("link " if m.link_to else "same " if m.sha256 == group[0].sha256
                                           else f"{m.distance:.3f}")
             also = (f"  (another name of {terminal_name(m.link_to)}'s file)" if m.link_to else
-                    f"  (byte-identical to {terminal_name(twin.path)})" if twin is not None and not twin.link_to else "")
+                    f"  (byte-identical to {terminal_name(twin.path)})" if twin is not None else "")
             lines.append(f"  {tag:>6}  {m.width}x{m.height}  {terminal_name(m.path)}{also}")
     if result.groups:
         lines.append("")

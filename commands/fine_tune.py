@@ -12,8 +12,8 @@ from retrieval.features.weights import WeightsChoice, weights_error_message
 from retrieval.names import DEFAULT_FINE_TUNE_OBJECTIVE, FINE_TUNE_OBJECTIVES, MODEL_NAMES
 from retrieval.system import display_name, terminal_name
 
-from commands.options import (Command, DiskFull, MODEL_PARAMETERS, PathArg, UserError, command_settings,
-                              exit_without_teardown, batch_size_value, setup_logging)
+from commands.options import (Command, DiskFull, MODEL_PARAMETERS, PathArg, UserError, batch_size_value,
+                              command_settings, exit_without_teardown, setup_logging)
 
 # Nothing heavy at module level: --help and usage errors answer at once; torch is imported in the command.
 TRAIN_MODES = ("head", "fc", "all")      # retrieval.learning.finetune.TRAIN_MODES, without importing torch

@@ -11,9 +11,9 @@ import click
 
 from retrieval.names import DECODES, FC_DIM, INPUT_NORMS, LAYERS, MAX_EF_SEARCH, MAX_NPROBE, MODEL_NAMES, VIEWS, feature_dim
 
-from commands.options import (Command, MODEL_PARAMETERS, PathArg, UserError, command_settings, db_url_option, exit_without_teardown,
-                              full_disk_error, index_dir_option, batch_size_value, permission_denied, privilege_error,
-                              setup_logging)
+from commands.options import (Command, MODEL_PARAMETERS, PathArg, UserError, batch_size_value, command_settings,
+                              db_url_option, exit_without_teardown, full_disk_error, index_dir_option, permission_denied,
+                              privilege_error, setup_logging)
 
 # Nothing heavy at module level: --help and usage errors answer at once. The job imports torch and
 # FAISS itself, only when there is work for the network.

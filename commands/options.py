@@ -181,9 +181,9 @@ def batch_size_value(_ctx: click.Context | None, _param: click.Parameter | None,
     try:
         n = int(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a whole number or 'auto'", param_hint="'--batch-size'") from None
+        raise click.BadParameter(f"{value!r} is not a whole number or 'auto'", param=_param) from None
     if n < 1:
-        raise click.BadParameter("must be at least 1", param_hint="'--batch-size'")
+        raise click.BadParameter("must be at least 1", param=_param)
     return n
 
 

@@ -74,6 +74,16 @@ class DuplicateImage:
                                  # it: removing this name frees nothing); None: a file of its own
 
 
+def byte_twin(group: list[DuplicateImage], i: int) -> DuplicateImage | None:
+    """The earlier member of group whose bytes member i's are, where that is not the keeper (whose byte copies are
+    marked "same") and member i is no link (marked "link"): certain too, where a review saw two 0.250s under a
+    keeper. None otherwise. For find-duplicates' text and /duplicates alike."""
+    m = group[i]
+    if i == 0 or m.link_to or m.sha256 == group[0].sha256:
+        return None
+    return next((o for o in group[1:i] if o.sha256 == m.sha256 and not o.link_to), None)
+
+
 @dataclasses.dataclass(frozen=True)
 class DuplicateGroups:
     """Groups of near-duplicate images, each with its suggested keeper first."""
