@@ -176,7 +176,8 @@ def test_each_runs_precision_is_recorded_and_queries_and_later_runs_keep_it(runn
     first = run_json(runner, index_images, [str(data), "--index-dir", index_dir, "--weights", "random", "--workers", "0",
                                             "--precision", precision, "--json"])
     assert first["extraction"]["precision"] == precision
-    (data / "red_circles" / "red_circles_000.jpg").rename(data / "red_circles" / "later.jpg")   # a changed folder
+    with Image.open(data / "red_circles" / "red_circles_000.jpg") as original:   # a changed folder: a new picture
+        original.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(data / "red_circles" / "later.jpg", quality=90)
     again = run_json(runner, index_images, [str(data), "--index-dir", index_dir, "--workers", "0", "--json"])
     assert again["indexed"] == 1 and again["extraction"]["precision"] == precision, "auto keeps the index's precision"
     catalog = Catalog(tmp_path / "index")
