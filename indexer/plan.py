@@ -101,9 +101,9 @@ def same_content_kept(planned: Plan, data_dir: Path, catalog: Catalog) -> Plan:
     they are counted unchanged and listed to restamp."""
     if not planned.same_size:
         return planned
-    recorded = catalog.content_hashes(planned.same_size)
+    recorded = catalog.recorded_contents(planned.same_size)
     candidates = [f for f in planned.todo if f.path in recorded]
-    same = {f.path for f, digest in zip(candidates, _digests(data_dir, candidates)) if digest == recorded[f.path]}
+    same = {f.path for f, digest in zip(candidates, _digests(data_dir, candidates)) if digest == recorded[f.path][2]}
     if not same:
         return planned
     return dataclasses.replace(planned, todo=[f for f in planned.todo if f.path not in same],
@@ -119,18 +119,16 @@ def moves_kept(planned: Plan, data_dir: Path, catalog: Catalog) -> Plan:
     review's renamed folder of 262 photos went through the network again). Listed in moves."""
     if not planned.remove or not planned.todo:   # nothing gone, or nothing new: no move (and no catalog read)
         return planned
-    known = catalog.file_states()
+    recorded = catalog.recorded_contents(planned.remove)   # the indexed paths gone (a skipped one is none)
     gone: dict[tuple[int, int], list[str]] = {}
-    for path in planned.remove:
-        if path in known:
-            gone.setdefault(known[path][1:], []).append(path)
-    candidates = [f for f in planned.todo if f.path not in known and (f.size, f.mtime_ns) in gone]
+    for path, (size, mtime_ns, _sha) in recorded.items():
+        gone.setdefault((size, mtime_ns), []).append(path)
+    candidates = [f for f in planned.todo if f.path not in planned.was_indexed and (f.size, f.mtime_ns) in gone]
     if not candidates:
         return planned
-    recorded = catalog.content_hashes([p for f in candidates for p in gone[(f.size, f.mtime_ns)]])
     moves, taken = [], set()
     for f, digest in zip(candidates, _digests(data_dir, candidates)):
-        old = next((p for p in gone[(f.size, f.mtime_ns)] if p not in taken and recorded.get(p) == digest), None)
+        old = next((p for p in gone[(f.size, f.mtime_ns)] if p not in taken and recorded[p][2] == digest), None)
         if digest is not None and old is not None:   # one indexed image for one new path (byte copies moved too)
             taken.add(old)
             moves.append((old, f))

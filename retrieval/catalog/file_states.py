@@ -22,13 +22,14 @@ class FileStates:
         with self.Session() as s:
             return dict(s.execute(select(ImageRow.id, func.substr(ImageRow.sha256, 1, 16))).all())
 
-    def content_hashes(self, paths: Iterable[str]) -> dict[str, str]:
-        """path -> sha256 of those of paths that are indexed."""
+    def recorded_contents(self, paths: Iterable[str]) -> dict[str, tuple[int, int, str]]:
+        """path -> (size, mtime_ns, sha256) of those of paths that are indexed."""
         paths, found = list(paths), {}
         with self.Session() as s:
             for start in range(0, len(paths), 500):   # a bounded IN list per query
-                found.update(s.execute(select(ImageRow.path, ImageRow.sha256)
-                                       .where(ImageRow.path.in_(paths[start:start + 500]))).all())
+                found.update((p, (size, mtime, sha)) for p, size, mtime, sha in s.execute(
+                    select(ImageRow.path, ImageRow.size, ImageRow.mtime_ns, ImageRow.sha256)
+                    .where(ImageRow.path.in_(paths[start:start + 500]))))
         return found
 
     def restamp(self, stamps: Iterable[tuple[str, int, int]]) -> int:

@@ -2,7 +2,6 @@
 when index-images changes them; each loaded version is an IndexSnapshot (search/snapshot.py), which searches."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -363,7 +362,7 @@ class ImageIndex:
 def _build_of(record: dict | None) -> tuple:
     """What of a vector-index record fixes the vectors searched: the FAISS type, its training, its whitening."""
     record = record or {}
-    return record.get("factory"), json.dumps(record.get("train"), sort_keys=True), record.get("whitened_dim")
+    return record.get("factory"), record.get("train"), record.get("whitened_dim")
 
 
 def _file_id(path: Path) -> tuple[int, int]:
