@@ -183,3 +183,34 @@ def test_healthz_says_unavailable_while_searches_do_after_the_folder_is_swapped(
         assert "replaced" in health.get_json()["reason"]
     finally:
         app.extensions["retrieval"].close()
+
+
+def test_a_search_between_a_removal_and_the_reload_still_gets_k_results(tmp_path, index_images):
+    """An image removed from the catalog stays in the loaded FAISS file until the next reload; a search in between
+    leaves it out and still answers k others (it answered short before: 25 images left, k=25, 20 came back)."""
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=6, size=(96, 72), seed=4)
+    index_images(data, tmp_path / "index")
+    from retrieval.search.index import ImageIndex
+
+    index = ImageIndex(tmp_path / "index")
+    try:
+        snapshot = index.snapshot()
+        everything = snapshot.catalog.list_images(limit=100)
+        vector = next(vecs for _, vecs in snapshot.catalog.vectors([everything[0].id]))
+        nearest = snapshot.search_vectors(vector, 5)[0]
+
+        from retrieval.catalog import Catalog
+        writer = Catalog(tmp_path / "index")   # as index-images removes files gone from the folder
+        try:
+            writer.remove_paths([hit.path for hit in nearest])
+        finally:
+            writer.close()
+
+        left = len(everything) - 5
+        hits = snapshot.search_vectors(vector, left)[0]
+        assert len(hits) == left
+        assert not {hit.id for hit in nearest} & {hit.id for hit in hits}
+        assert len({hit.id for hit in hits}) == left
+    finally:
+        index.close()

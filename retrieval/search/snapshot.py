@@ -135,19 +135,27 @@ class IndexSnapshot:
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
         if expansion:
             queries = self.expand(queries, expansion, exclude, threads)
-        # each image once, by its nearest vector: its own, or one of its regions' (index-images --regions)
-        distances, ids = search_images(self.vectors, self.regions, queries, k + extra, self.settings.regions, threads)
-        rows = self.catalog.get_many(int(i) for i in np.unique(ids) if i >= 0)
-        results = []
-        for qi in range(len(queries)):
-            skip = exclude[qi] if exclude else set()
-            hits = []
-            for d, i in zip(distances[qi], ids[qi]):
-                row = rows.get(int(i))
-                if row is None or int(i) in skip:   # removed since the snapshot, or excluded
-                    continue
-                hits.append(Hit(row.id, row.path, row.label, float(d)))
-                if len(hits) == k:
-                    break
-            results.append(hits)
-        return results
+        fetch = k + extra
+        while True:
+            # each image once, by its nearest vector: its own, or one of its regions' (index-images --regions)
+            distances, ids = search_images(self.vectors, self.regions, queries, fetch, self.settings.regions, threads)
+            rows = self.catalog.get_many(int(i) for i in np.unique(ids) if i >= 0)
+            results, gone = [], 0
+            for qi in range(len(queries)):
+                skip = exclude[qi] if exclude else set()
+                hits = []
+                for d, i in zip(distances[qi], ids[qi]):
+                    row = rows.get(int(i))
+                    if row is None or int(i) in skip:   # removed since the snapshot, or excluded
+                        continue
+                    hits.append(Hit(row.id, row.path, row.label, float(d)))
+                    if len(hits) == k:
+                        break
+                results.append(hits)
+                if len(hits) < k:
+                    gone = max(gone, sum(1 for i in ids[qi] if i >= 0 and int(i) not in rows))
+            # an image removed from the catalog stays in this snapshot's FAISS file until the next reload: where such
+            # images took places in a top k, ask for more rather than answer short
+            if not gone or fetch >= len(self.vectors):
+                return results
+            fetch = min(len(self.vectors), fetch + max(gone, fetch))
