@@ -25,7 +25,7 @@ QE_CHOICES = (0, 1, 3, 10)  # query expansion over the first N results (0: off);
 
 
 def _gallery_k() -> int:
-    return parse_k(request, default=current_app.config["GALLERY_K"], maximum=current_app.config["MAX_K"])
+    return parse_k(request, default=current_app.config["GALLERY_K"], maximum=current_app.config["MAX_K"], lenient=True)
 
 
 def _carried(k: int, expansion: QueryExpansion | None, origin: str | None = None) -> dict[str, int | float | str | None]:

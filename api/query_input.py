@@ -73,28 +73,36 @@ def page_number(raw: str | None, pages: int) -> int:
     return min(max(page, 1), max(pages, 1))
 
 
-def parse_k(request: Request, *, default: int, maximum: int) -> int:
-    """k from the query string, else from a multipart/urlencoded form; 1..maximum. Raises ApiError 400."""
-    raw = request.args.get("k")
-    if raw is None and request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        raw = request.form.get("k")
+def parse_k(request: Request, *, default: int, maximum: int, lenient: bool = False) -> int:
+    """k from the query string, else from a multipart/urlencoded form; 1..maximum. Raises ApiError 400.
+
+    lenient (the gallery's pages, whose URLs people type): a k past maximum is maximum and an unreadable one the
+    default, as ?page= is clamped."""
+    raw = _param(request, "k")
     if raw is None:
         return default
     raw = raw.strip()
     # Length first: int() refuses strings of over 4,300 digits (ValueError), and they are out of range anyway.
     digits = raw.lstrip("0") or "0"
-    if not (raw.isascii() and raw.isdigit()) or len(digits) > len(str(maximum)) or not 1 <= int(digits) <= maximum:
-        shown = raw if len(raw) <= 20 else raw[:20] + "..."
-        raise ApiError(400, "bad_k", f"k must be a whole number from 1 to {maximum}, not {shown!r}")
-    return int(digits)
+    readable = raw.isascii() and raw.isdigit()
+    if readable and len(digits) <= len(str(maximum)) and 1 <= int(digits) <= maximum:
+        return int(digits)
+    if lenient:
+        return maximum if readable and digits != "0" else default
+    shown = raw if len(raw) <= 20 else raw[:20] + "..."
+    raise ApiError(400, "bad_k", f"k must be a whole number from 1 to {maximum}, not {shown!r}")
 
 
 def _param(request: Request, name: str) -> str | None:
-    """A parameter from the query string, else from a multipart/urlencoded form."""
-    raw = request.args.get(name)
-    if raw is None and request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        raw = request.form.get(name)
-    return raw
+    """A parameter from the query string, else from a multipart/urlencoded form. Raises ApiError 400 when it is
+    given more than once there (k=1&k=abc: which one was meant?)."""
+    source = request.args
+    if name not in source and request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        source = request.form
+    given = source.getlist(name)
+    if len(given) > 1:
+        raise ApiError(400, f"repeated_{name}", f"{name} is given {len(given)} times; send it once")
+    return given[0] if given else None
 
 
 def parse_expansion(request: Request) -> QueryExpansion | None:

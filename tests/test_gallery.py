@@ -188,9 +188,18 @@ def test_unknown_gallery_image_is_a_404_page(client):
     assert r.status_code == 404 and r.mimetype == "text/html" and "no image with id 999999" in r.get_data(as_text=True)
 
 
-def test_bad_k_on_a_gallery_page_is_a_400_page(app, client):
-    r = client.get("/gallery/1?k=1000")
-    assert r.status_code == 400 and r.mimetype == "text/html"
+def test_a_typed_k_on_a_gallery_page_is_clamped_as_a_page_number_is(app, client):
+    """People type gallery URLs: ?k=1000 shows the most a page may (MAX_K), ?k=abc the default, as ?page=999 shows
+    the last page; the JSON API refuses both (400 bad_k)."""
+    def shown(url: str) -> int:
+        r = client.get(url)
+        assert r.status_code == 200 and r.mimetype == "text/html", url
+        return r.get_data(as_text=True).count('class="card')
+
+    assert app.config["MAX_K"] >= 30   # the sample index's 30 images: every other one fits on a page
+    assert shown("/gallery/1?k=1000") == 29
+    assert shown("/gallery/1?k=abc") == shown("/gallery/1") == app.config["GALLERY_K"]
+    assert client.get("/images/1/neighbours?k=1000").status_code == 400
 
 
 def test_static_files_are_served(client):

@@ -363,3 +363,16 @@ def test_a_body_cut_short_by_the_client_closing_its_side_is_answered_400(odd_ser
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head.lower(), answer[:300]
     assert "cut short" in json.loads(body)["error"]["message"], body
+
+
+def test_a_parameter_given_twice_is_refused_not_read_once(client, known_id):
+    """k=1&k=abc: the first was read and the second ignored without a word; now neither is guessed."""
+    for url in (f"/images/{known_id}/neighbours?k=1&k=abc", f"/images/{known_id}/neighbours?qe=1&qe=3"):
+        r = client.get(url)
+        assert r.status_code == 400 and r.mimetype == "application/json", url
+        assert "given 2 times" in r.get_json()["error"]["message"], url
+    r = client.post("/search?k=2&k=3", data={"image": (io.BytesIO(image_bytes()), "q.jpg")})
+    assert r.status_code == 400 and r.get_json()["error"]["code"] == "repeated_k"
+    r = client.post("/search", data={"image": (io.BytesIO(image_bytes()), "q.jpg"), "k": ["2", "3"]})
+    assert r.status_code == 400 and r.get_json()["error"]["code"] == "repeated_k"
+    assert len(client.post("/search?k=2", data={"image": (io.BytesIO(image_bytes()), "q.jpg")}).get_json()["results"]) == 2
