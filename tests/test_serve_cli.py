@@ -56,6 +56,22 @@ def test_a_missing_compare_index_or_training_file_exits_2(sample_index, tmp_path
     assert result.exit_code == 2 and "--training" in result.output and "does not exist" in result.output, result.output
 
 
+def test_a_missing_weights_file_is_said_before_the_server_starts(sample_index, tmp_path):
+    """It was said by every worker after gunicorn's "Listening at", and the server then answered 503s."""
+    import shutil
+
+    from retrieval.names import random_weights_file
+
+    index = tmp_path / "index"
+    shutil.copytree(sample_index.index_dir, index)
+    weights = random_weights_file(index, "alexnet")
+    weights.unlink()
+    result = CliRunner().invoke(main, ["--index-dir", str(index)])
+    assert result.exit_code == 2, result.output
+    assert f"the index's random weights file {weights} is missing" in result.output
+    assert "copy it from the index folder that has it" in result.output
+
+
 @pytest.mark.slow
 def test_serve_images_shows_a_training_history_and_a_second_index(sample_index, compare_index, tmp_path):
     history = write_history(tmp_path / "tuned.history.json", make_history(sample_index.data_dir, ["red_circles", "blue_squares"]))
