@@ -217,7 +217,7 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
     if as_json:
         click.echo(summary_json(report))
         return
-    _print_report(report, verbose)
+    _print_report(report, verbose, rebuilt=rebuild_index)
     if report.total == 0 and not report.skipped and not report.removed:   # a typo'd or wrong folder, most likely
         from retrieval.images.scan import IMAGE_EXTENSIONS
         from retrieval.system import display_name
@@ -378,7 +378,7 @@ def _announce(extractor) -> None:  # noqa: ANN001 - FeatureExtractor
     click.echo(f"network: {extractor.model} {extractor.layer}{views}{norm} on {extractor.device}", err=True)
 
 
-def _print_report(r, verbose: bool = False) -> None:  # noqa: ANN001 - indexer.run.RunReport
+def _print_report(r, verbose: bool = False, rebuilt: bool = False) -> None:  # noqa: ANN001 - indexer.run.RunReport
     from retrieval.system import terminal_name
 
     rate = f", {r.images_per_second:.1f} images/s" if r.indexed else ""
@@ -410,7 +410,8 @@ def _print_report(r, verbose: bool = False) -> None:  # noqa: ANN001 - indexer.r
     for repair in r.repairs:
         click.echo(repair)
     if r.vector_index:
-        click.echo(f"FAISS index: {describe_vector_index(r.vector_index)}")
+        click.echo(f"FAISS index{' (rebuilt from the catalog, as asked)' if rebuilt else ''}: "
+                   f"{describe_vector_index(r.vector_index)}")
         if (low := low_recall_note(r.vector_index)) is not None:
             click.echo(low)
         if (unused := unused_search_params_note(r.vector_index)) is not None:

@@ -365,6 +365,8 @@ def test_rebuild_index_needs_no_network(trained_collection, tmp_path, monkeypatc
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["vector_index"]["factory"] == TRAINED
     assert state(index_dir)[1] == state(reference)[1]
+    said = CliRunner().invoke(main, [str(data), "--index-dir", str(index_dir), "--rebuild-index"]).stdout
+    assert f"FAISS index (rebuilt from the catalog, as asked): {TRAINED}" in said   # a line of its own, not silence
 
 
 @pytest.mark.slow

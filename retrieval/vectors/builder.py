@@ -186,6 +186,8 @@ class IndexBuilder:
             elif outgrown:
                 log.info("the collection grew from %d to %d vectors since %s was trained: retraining", trained_on,
                          len(vectors), target)
+            elif self.config.rebuild and not self.built:
+                log.info("rebuilding the FAISS index (%s, %d vectors) from the catalog, as asked", target, len(vectors))
             vectors = self.build(target)
         if not self.dba and (self.previous or {}).get("dba") and not self.built:   # DBA turned off: raw vectors again
             vectors = self.build(target)
