@@ -68,7 +68,18 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(transfer.bp)
     app.register_blueprint(duplicates.bp)
     app.after_request(_security_headers)
+    app.after_request(_options_answer)
     return app
+
+
+def _options_answer(response: Response) -> Response:
+    """OPTIONS (Flask's automatic answer: the Allow header) as 204 No Content, not an empty 200 said to be HTML."""
+    from flask import request
+
+    if request.method == "OPTIONS" and response.status_code == 200 and not response.get_data():
+        response.status_code = 204
+        del response.headers["Content-Type"]
+    return response
 
 
 def _security_headers(response: Response) -> Response:

@@ -83,7 +83,9 @@ def _http_message(exc: HTTPException) -> str:
         return ("no such resource: the API has POST /search, GET /images/<id>, GET /images/<id>/neighbours, "
                 "GET /stats, GET /healthz and GET /metrics; the gallery is at /")
     if exc.code == 405:
-        allowed = ", ".join(sorted(exc.valid_methods or [])) if hasattr(exc, "valid_methods") else ""
+        # HEAD and OPTIONS come with GET and with every route: not what a client is looking for
+        methods = set(getattr(exc, "valid_methods", None) or []) - {"HEAD", "OPTIONS"}
+        allowed = " or ".join(sorted(methods))
         return f"{request.method} is not allowed here" + (f"; use {allowed}" if allowed else "")
     return exc.description or exc.name
 

@@ -116,7 +116,16 @@ def test_wrong_method_is_405_with_allow_header(client):
     r = client.get("/search")
     assert_error(r, 405, "method_not_allowed")
     assert "POST" in r.headers["Allow"]
-    assert_error(client.delete("/images/1"), 405, "method_not_allowed")
+    assert r.get_json()["error"]["message"] == "GET is not allowed here; use POST"
+    r = client.delete("/images/1")
+    assert_error(r, 405, "method_not_allowed")
+    assert r.get_json()["error"]["message"] == "DELETE is not allowed here; use GET"   # not "HEAD, GET, OPTIONS"
+
+
+def test_options_is_204_naming_the_methods_with_no_body(client):
+    r = client.options("/search")
+    assert r.status_code == 204 and set(r.headers["Allow"].split(", ")) == {"OPTIONS", "POST"} and r.get_data() == b""
+    assert "Content-Type" not in r.headers   # it said text/html about nothing
 
 
 @pytest.mark.parametrize("url", ["/nope", "/images/abc", "/images/-1/thumbnail", "/images/1/elsewhere"])
