@@ -77,8 +77,9 @@ def check_index(index_dir: Path, db_url: str | None = None) -> tuple[int, str]:
     """-> (image count, "model layer") of the index, or a UserError saying to run index-images first."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    from indexer.check import weights_problem
+    from retrieval.system import display_name
     from retrieval.catalog import Catalog, CatalogUnavailable, db_error_reason
-    from retrieval.features.weights import missing_weights_file
 
     try:
         catalog = Catalog(index_dir, url=db_url)
@@ -100,11 +101,13 @@ def check_index(index_dir: Path, db_url: str | None = None) -> tuple[int, str]:
             click.echo(f"warning: the indexed data folder {settings.data_dir} is missing; images cannot be shown", err=True)
         catalog.list_images(limit=1)   # reads the images table itself (a count may read an index only)
         weights = settings.weights_choice.source_file(index_dir, settings.model)   # None: ImageNet's, from the hub cache
-        if weights is not None and not weights.exists():   # else said by every worker, after gunicorn's "Listening"
-            raise UserError(missing_weights_file(weights, random=settings.weights_choice.is_random))
-        if weights is not None and not os.access(weights, os.R_OK):
+        if weights is not None and weights.exists() and not os.access(weights, os.R_OK):
             raise UserError(f"the index's weights file {weights} cannot be read: this user may not read it; change "
                             "its permissions or run as its owner")
+        # missing, damaged or replaced: said here once, not by every worker after gunicorn's "Listening", then 503s
+        if (problem := weights_problem(index_dir, settings)) is not None:
+            action = problem[1].format(data=display_name(settings.data_dir), index=display_name(str(index_dir)))
+            raise UserError(f"{problem[0]}; {action}")
         return catalog.count(), f"{settings.model} {settings.layer}"
     except SQLAlchemyError as exc:
         if (user_error := catalog_error(exc, index_dir, db_url)):

@@ -73,7 +73,7 @@ def check_index(data_dir: Path, index_dir: Path, db_url: str | None) -> dict:
                                       + ", ".join(p.name for p in leftovers[:SHOWN]))
             report["actions"].append(f"run index-images {data} --index-dir {display_name(str(index_dir))}: it removes "
                                      "them")
-        weights = _check_weights(index_dir, settings)
+        weights = weights_problem(index_dir, settings)
         if weights is not None:
             report["problems"].append(weights[0])
             report["actions"].append(weights[1].format(data=data, index=display_name(str(index_dir))))
@@ -91,7 +91,7 @@ def check_index(data_dir: Path, index_dir: Path, db_url: str | None) -> dict:
         catalog.close()
 
 
-def _check_weights(index_dir: Path, settings) -> tuple[str, str] | None:  # noqa: ANN001 - IndexSettings
+def weights_problem(index_dir: Path, settings) -> tuple[str, str] | None:  # noqa: ANN001 - IndexSettings
     """The weights file queries are computed with (the index's random weights, or a state dict file it was built
     from): there and the one recorded (its SHA-256)? -> (problem, action with {data} and {index}) or None."""
     from retrieval.features.digests import file_sha256

@@ -56,7 +56,7 @@ def test_a_missing_compare_index_or_training_file_exits_2(sample_index, tmp_path
     assert result.exit_code == 2 and "--training" in result.output and "does not exist" in result.output, result.output
 
 
-def test_a_missing_weights_file_is_said_before_the_server_starts(sample_index, tmp_path):
+def test_a_missing_or_damaged_weights_file_is_said_before_the_server_starts(sample_index, tmp_path):
     """It was said by every worker after gunicorn's "Listening at", and the server then answered 503s."""
     import shutil
 
@@ -68,8 +68,12 @@ def test_a_missing_weights_file_is_said_before_the_server_starts(sample_index, t
     weights.unlink()
     result = CliRunner().invoke(main, ["--index-dir", str(index)])
     assert result.exit_code == 2, result.output
-    assert f"the index's random weights file {weights} is missing" in result.output
-    assert "copy it from the index folder that has it" in result.output
+    assert f"the index's random weights file {weights.name} is missing: no query can be computed; run " \
+           f"index-images {sample_index.data_dir} --index-dir {index}" in result.output
+
+    weights.write_bytes(b"not the weights the index was made with")   # damaged or replaced: found too
+    result = CliRunner().invoke(main, ["--index-dir", str(index)])
+    assert result.exit_code == 2 and "is not the one recorded (damaged or replaced)" in result.output, result.output
 
 
 @pytest.mark.slow

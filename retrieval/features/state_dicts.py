@@ -18,7 +18,7 @@ from torch import nn
 
 from retrieval.features.architectures import ALEXNET_IMAGENET, VGG16_IMAGENET, ImageNetWeights, alexnet, vgg16
 from retrieval.features.digests import file_sha256
-from retrieval.features.weights import WeightsChoice, WeightsUnavailable, missing_weights_file
+from retrieval.features.weights import WeightsChoice, WeightsUnavailable
 from retrieval.files import atomic_write
 from retrieval.names import DEFAULT_RANDOM_SEED, MODEL_NAMES, random_weights_file
 
@@ -89,7 +89,11 @@ def load_state_dict(model: str, weights: WeightsChoice | str, index_dir: Path | 
         path = random_weights_file(index_dir, model)
         if not path.exists():
             if not create:
-                raise WeightsUnavailable(missing_weights_file(path, random=True))
+                where = ("" if path.parent.is_dir() else
+                         f" (the folder {path.parent} itself does not exist yet: make it first, mkdir -p)")
+                raise WeightsUnavailable(f"the index's random weights file {path} is missing{where}; copy it from the "
+                                         "index folder that has it (for a replica, the writer's), or run index-images "
+                                         "on the index's data folder to make it again from its recorded seed")
             state = random_state_dict(model, seed)
             atomic_write(path, lambda f: torch.save(state, f))
             log.info("generated random %s weights (seed %d) in %s", model, seed, path)

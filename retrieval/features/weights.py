@@ -61,18 +61,6 @@ class WeightsChoice:
         return self.path
 
 
-def missing_weights_file(path: Path, *, random: bool) -> str:
-    """What to say when an index's weights file is not where the index recorded it."""
-    if random:
-        where = "" if path.parent.is_dir() else \
-            f" (the folder {path.parent} itself does not exist yet: make it first, mkdir -p)"
-        return (f"the index's random weights file {path} is missing{where}; copy it from the index folder that has "
-                "it (for a replica, the writer's), or run index-images on the index's data folder to make it again "
-                "from its recorded seed")
-    return (f"the index's weights file {path} is missing: its vectors were made with that file, so put it back "
-            "there (no other file gives the same vectors), or index the folder again with other --weights")
-
-
 IMAGENET = WeightsChoice("imagenet")
 RANDOM = WeightsChoice("random")
 
