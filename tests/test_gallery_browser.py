@@ -192,6 +192,7 @@ def test_a_long_file_name_on_a_card_gives_way_in_its_middle_and_keeps_its_end_in
 
 LONG_LABEL = "Très_long_dossier_de_catégorie_avec_un_nom_vraiment_très_très_long_pour_tester"
 LONG_NAME = "photo_" + "sans_espace_" * 8 + "001.jpg"
+PANORAMA = "panorama.jpg"
 SPACED_NAME = "100% red.jpg"   # the card's tail (its last 8 characters) begins with the space
 
 
@@ -206,6 +207,11 @@ def long_names_url(tmp_path_factory):
     (root / "data" / "red_circles" / "red_circles_000.jpg").rename(root / "data" / "red_circles" / LONG_NAME)
     (root / "data" / "red_circles" / "red_circles_001.jpg").rename(root / "data" / "red_circles" / SPACED_NAME)
     (root / "data" / "blue_squares").rename(root / "data" / LONG_LABEL)
+    from PIL import Image, ImageDraw
+
+    panorama = Image.new("RGB", (1200, 80), "white")   # 15:1, as a scanned strip or a phone's panorama
+    ImageDraw.Draw(panorama).rectangle((0, 20, 1199, 60), fill="red")
+    panorama.save(root / "data" / "red_circles" / PANORAMA)
     build_index(root / "data", root / "index")
     app = create_app({"INDEX_DIR": str(root / "index"), "RELOAD_INTERVAL_S": 0,
                       "THUMBNAIL_DIR": str(tmp_path_factory.mktemp("thumbnails"))})
@@ -277,3 +283,15 @@ def test_a_refused_upload_leaves_the_home_page_address_so_a_reload_sends_nothing
     page.on("request", lambda request: posts.append(request.url) if request.method == "POST" else None)
     page.reload()
     assert not posts and page.locator("#grid li").count() > 0
+
+
+def test_a_panorama_is_shown_whole_on_its_card_not_as_a_sliver(page, long_names_url):
+    """Reproduces: a card crops its thumbnail to a square, so a 15:1 panorama showed a blown-up sliver of its middle
+    (its thumbnail is 256 x 17). Very wide or tall pictures are fitted whole; the others still fill their square."""
+    url, _states = long_names_url
+    page.goto(url + "/")
+    assert loaded_images(page, "#grid img") == page.locator("#grid img").count()
+    fits = page.eval_on_selector_all("#grid li", """cards => Object.fromEntries(cards.map(card => [
+        card.querySelector('a').title, getComputedStyle(card.querySelector('img')).objectFit]))""")
+    assert fits.pop(f"red_circles/{PANORAMA}") == "contain"
+    assert fits and set(fits.values()) == {"cover"}, fits

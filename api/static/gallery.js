@@ -1,4 +1,5 @@
-// Gallery uploads: choosing a file submits it; a photo dropped anywhere on the page, or pasted, is searched too.
+// Gallery pages: choosing a file submits it; a photo dropped anywhere on the page, or pasted, is searched too; very wide
+// or tall pictures are shown whole on their cards.
 (function () {
   "use strict";
 
@@ -6,6 +7,21 @@
   // Resubmission"), so the address shown becomes the home page's.
   var refused = document.querySelector("[data-replace-url]");
   if (refused && window.history.replaceState) { window.history.replaceState(null, "", refused.getAttribute("data-replace-url")); }
+
+  // A card crops its thumbnail to a square: a panorama or a tall strip (10:1) would show a blown-up sliver of its
+  // middle. Such pictures are shown whole in the square instead.
+  var WHOLE_BEYOND = 2.5;
+  function fitThumbnail(img) {
+    if (!img.naturalWidth || !img.naturalHeight) { return; }
+    var ratio = img.naturalWidth / img.naturalHeight;
+    if (ratio > WHOLE_BEYOND || ratio < 1 / WHOLE_BEYOND) { img.classList.add("whole"); }
+  }
+  document.addEventListener("load", function (event) {   // images do not bubble load: caught on the way down
+    if (event.target.tagName === "IMG" && event.target.closest(".thumb")) { fitThumbnail(event.target); }
+  }, true);
+  Array.prototype.forEach.call(document.querySelectorAll(".thumb img"), function (img) {
+    if (img.complete) { fitThumbnail(img); }   // loaded before this script ran
+  });
 
   var forms = Array.prototype.slice.call(document.querySelectorAll("form[data-upload]"));
   if (!forms.length) { return; }
