@@ -341,6 +341,9 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
         "limit_request_fields": 32768,                     # its most
         "preload_app": False,
         "accesslog": "-" if access_log else None,
+        # gunicorn's default line, but the size from Content-Length: its own count (%(b)s) is 0 for every file it
+        # sends with sendfile (originals and thumbnails), as if nothing were sent
+        "access_log_format": '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %({content-length}o)s "%(f)s" "%(a)s"',
         "errorlog": "-",
         "loglevel": "info",
         "proc_name": "serve-images",
