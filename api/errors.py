@@ -37,23 +37,35 @@ class ApiError(Exception):
 
 
 JSON_BLUEPRINTS = (None, "api", "metrics")   # the JSON API, /metrics, URLs no route matched; others serve pages
+API_ADDRESSES = ("/search", "/images", "/stats", "/healthz", "/metrics")   # and below: JSON whoever asks
+# 503s say when to try again: an overloaded server soon, an index that cannot be served after the next reload's look
+RETRY_AFTER_S = {"overloaded": 1}
+RETRY_AFTER_DEFAULT_S = 5
 
 
 def error_response(status: int, code: str, message: str) -> Response:
     """JSON error for programs; an HTML page when a page (gallery and other HTML blueprints) was asked for, or a
     browser asked for a URL no route matched (a mistyped /gallery/abc: a page, not JSON)."""
     count_error(status, code)
-    if request.blueprint not in JSON_BLUEPRINTS or (request.blueprint is None and _browser_asked()):
-        return Response(render_template("error.html", status=status, code=code, message=message,
-                                        summary=_served_summary()),
-                        status, mimetype="text/html")
-    response = jsonify({"error": {"code": code, "message": message}})
-    response.status_code = status
+    if request.blueprint not in JSON_BLUEPRINTS or (request.blueprint is None and _page_asked()):
+        response = Response(render_template("error.html", status=status, code=code, message=message,
+                                            summary=_served_summary()),
+                            status, mimetype="text/html")
+    else:
+        response = jsonify({"error": {"code": code, "message": message}})
+        response.status_code = status
+    if status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER_S.get(code, RETRY_AFTER_DEFAULT_S))
     return response
 
 
-def _browser_asked() -> bool:
-    """The request prefers an HTML page to JSON (a browser's Accept: text/html first; curl's */* does not)."""
+def _page_asked() -> bool:
+    """A browser asked for an address no route matched, outside the API's (a mistyped /gallery/abc: a page; a
+    mistyped /images/abc is the API's: JSON even to a browser). A browser's Accept has text/html first; curl's */*
+    does not."""
+    path = request.path
+    if any(path == prefix or path.startswith(prefix + "/") for prefix in API_ADDRESSES):
+        return False
     return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
 
 
@@ -77,11 +89,11 @@ def _http_message(exc: HTTPException) -> str:
                     f"{(request.max_form_memory_size or 0) / 1000:g} KB; send the image as one file part "
                     "(multipart field 'image') or as the raw request body")
         return f"the upload is larger than the {limit / (1024 * 1024):g} MB limit"
-    if exc.code == 404 and request.blueprint is None and _browser_asked():
+    if exc.code == 404 and request.blueprint is None and _page_asked():
         return "there is no such page here; the collection is on the home page"
     if exc.code == 404:
         return ("no such resource: the API has POST /search, GET /images/<id>, GET /images/<id>/neighbours, "
-                "GET /stats, GET /healthz and GET /metrics; the gallery is at /")
+                "GET /images/<id>/thumbnail, GET /stats, GET /healthz and GET /metrics; the gallery is at /")
     if exc.code == 405:
         # HEAD and OPTIONS come with GET and with every route: not what a client is looking for
         methods = set(getattr(exc, "valid_methods", None) or []) - {"HEAD", "OPTIONS"}

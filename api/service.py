@@ -175,7 +175,7 @@ class RetrievalService:
                                               max_decoded_pixels=self.config.max_decoded_pixels,
                                               preview_size=preview_size)
             except DecoderBusy as exc:
-                raise ApiError(503, "unavailable", "the server is busy decoding other uploads; try again shortly") from exc
+                raise ApiError(503, "overloaded", "the server is busy decoding other uploads; try again shortly") from exc
             except ImageDecodeError as exc:
                 raise ApiError(415, "unsupported_image", f"not a usable image: {exc}") from exc
         decoded = upload.image
@@ -186,7 +186,7 @@ class RetrievalService:
             answer = future.result(self.config.query_timeout_s)
         except TimeoutError:
             future.cancel()
-            raise ApiError(503, "unavailable", "the server is overloaded; try again shortly") from None
+            raise ApiError(503, "overloaded", "the server is overloaded; try again shortly") from None
         self.catalog_answered()
         hits, search_ms = answer.hits, round(answer.search_ms, 3)
         snapshot = answer.index if isinstance(answer.index, IndexSnapshot) else None   # the query's network's version

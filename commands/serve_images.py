@@ -317,7 +317,9 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
 
     where = f"{index_dir} (catalog {mask_url(db_url)})" if db_url else str(index_dir)
     app_config = {key: value for key, (value, _source) in overrides.items()}
-    address = f"http://{bind_address(host, port)}/"
+    # behind a proxy under a sub-path, gunicorn's SCRIPT_NAME=/pics: every address the app makes starts with it
+    prefix = os.environ.get("SCRIPT_NAME", "").rstrip("/")
+    address = f"http://{bind_address(host, port)}{prefix}/"
 
     def post_worker_init(worker) -> None:  # noqa: ANN001 - gunicorn Worker, after it loaded the app
         if worker.age == 1:   # the first worker: the index is loaded, requests are answered from now on

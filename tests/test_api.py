@@ -171,7 +171,9 @@ def test_an_unexpected_failure_is_a_json_500_without_the_details(app, client, mo
 def test_a_query_that_waits_too_long_is_503(app, client, sample_index, monkeypatch):
     service = app.extensions["retrieval"]
     monkeypatch.setattr(service, "config", dataclasses.replace(service.config, query_timeout_s=1e-6))
-    assert_error(upload(client, image_bytes(sample_index)), 503, "unavailable")
+    r = upload(client, image_bytes(sample_index))
+    assert_error(r, 503, "overloaded")   # told apart from an index that cannot be served ("unavailable")
+    assert r.headers["Retry-After"] == "1"
 
 
 def test_search_with_query_expansion_averages_the_query_with_its_first_results(client, sample_index):

@@ -293,6 +293,12 @@ def test_a_mistyped_page_url_is_an_html_page_for_a_browser_and_json_for_a_progra
         assert "there is no such page here" in page.get_data(as_text=True)
         program = client.get(url, headers={"Accept": "*/*"})
         assert program.status_code == 404 and program.get_json()["error"]["code"] == "not_found"
+    # the API's own addresses answer JSON whoever asks: a browser-like client (fetch from a page, an HTTP library
+    # sending a browser's Accept) got the HTML page for a mistyped id or a wrong method
+    for method, url, status in (("GET", "/images/abc", 404), ("GET", "/images/1/elsewhere", 404), ("GET", "/search", 405),
+                                ("POST", "/stats", 405), ("GET", "/search/", 404)):
+        answer = client.open(url, method=method, headers=browser)
+        assert answer.status_code == status and answer.mimetype == "application/json", (method, url)
 
 
 def test_neighbour_cards_name_their_file(client, sample_index):

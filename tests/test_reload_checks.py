@@ -45,6 +45,7 @@ def assert_unavailable(response) -> dict:  # noqa: ANN001 - a Flask response
     assert response.status_code == 503, response.data[:300]
     body = response.get_json()
     assert body["error"]["code"] == "unavailable", body
+    assert response.headers["Retry-After"] == "5"   # when a client may look again (the next reload's look)
     assert "Traceback" not in response.get_data(as_text=True)
     return body["error"]
 

@@ -77,6 +77,24 @@ def test_a_missing_or_damaged_weights_file_is_said_before_the_server_starts(samp
 
 
 @pytest.mark.slow
+def test_served_under_a_sub_path_every_address_carries_it(sample_index, tmp_path):
+    """Behind a proxy that passes /pics/... on as it is: SCRIPT_NAME=/pics. The answer's URLs and the gallery's links
+    start with /pics; an address outside it is a 404 naming the prefix (gunicorn's own words came as a 500)."""
+    with serve_images(sample_index.index_dir, tmp_path / "log.txt", SCRIPT_NAME="/pics") as base:
+        assert base.endswith("/pics")
+        query = (sample_index.data_dir / "red_circles" / "red_circles_000.jpg").read_bytes()
+        answer = requests.post(base + "/search?k=2", files={"image": ("q.jpg", query)}, timeout=60).json()
+        first = answer["results"][0]
+        assert first["image_url"].startswith("/pics/images/") and first["gallery_url"].startswith("/pics/gallery/")
+        root = base.removesuffix("/pics")
+        assert requests.get(root + first["thumbnail_url"], timeout=30).headers["Content-Type"] == "image/jpeg"
+        assert 'href="/pics/static/gallery.css"' in requests.get(base + "/", timeout=30).text
+        outside = requests.get(root + "/healthz", timeout=30)
+        assert outside.status_code == 404 and "answers under /pics/" in outside.json()["error"]["message"]
+    assert f"gallery and API at {base}/" in (tmp_path / "log.txt").read_text()
+
+
+@pytest.mark.slow
 def test_serve_images_shows_a_training_history_and_a_second_index(sample_index, compare_index, tmp_path):
     history = write_history(tmp_path / "tuned.history.json", make_history(sample_index.data_dir, ["red_circles", "blue_squares"]))
     with serve_images(sample_index.index_dir, tmp_path / "server.log", "--training", str(history),

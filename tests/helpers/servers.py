@@ -44,7 +44,7 @@ def serve_images(index_dir: Path, log_file: Path, *args: str,
     with open(log_file, "w") as log:
         server = subprocess.Popen(run_as(cmd) if run_as else cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
                                   env=env)
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{port}" + env.get("SCRIPT_NAME", "").rstrip("/")   # served under a sub-path
 
     def up() -> bool:
         assert server.poll() is None, log_file.read_text()
