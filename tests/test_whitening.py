@@ -148,3 +148,21 @@ def test_an_unchanged_folder_leaves_a_whitened_flat_file_as_it_is(tmp_path, inde
     assert again.unchanged == 130
     after = (tmp_path / "index" / FAISS_FILE).stat()
     assert (after.st_ino, after.st_mtime_ns) == (saved.st_ino, saved.st_mtime_ns), "the FAISS file was written again"
+
+
+@pytest.mark.parametrize("explicit", ["PCAW32,L2norm,Flat", "PCAW32,Flat"])
+def test_an_explicit_whitening_type_waits_for_one_vector_more_than_its_dimensions(catalog, tmp_path, explicit):
+    """Reproduces (a Python user's index_folder with vector_index="PCAW32,L2norm,Flat" and a first batch of 32): the
+    whitening trained on exactly 32 vectors, which centred span 31 directions; the last was divided by a zero
+    eigenvalue, every stored vector and query came out NaN, and the 60-image index answered no neighbours at all."""
+    vectors, _ = one_way(60)
+    fill(catalog, vectors[:32])
+    record, _ = run(catalog, tmp_path, index_type=explicit, whiten=False)
+    assert record["factory"] == "Flat", "32 vectors cannot train a 32-d whitening: exact search until they can"
+    ids = catalog.ids()
+    ids = np.concatenate([ids, fill(catalog, vectors[32:33], start=32)])
+    record, index = run(catalog, tmp_path, index_type=explicit, whiten=False)
+    assert record["factory"] == explicit
+    distances, found = index.search(vectors[:33], 5)
+    assert np.isfinite(distances).all() and (found >= 0).all()
+    assert np.array_equal(found[:, 0], ids) and distances[:, 0].max() < 1e-3   # each finds itself

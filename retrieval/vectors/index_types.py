@@ -194,13 +194,15 @@ def wanted_factory(requested: str, flat_max: int, n: int, dim: int, whitening: W
 
 
 def min_train_vectors(factory: str) -> int:
-    """The fewest vectors FAISS can train this type on: one per IVF list, 2**nbits per PQ code book, d_out per PCA."""
+    """The fewest vectors this type can be trained on: one per IVF list, 2**nbits per PQ code book, d_out + 1 per
+    PCA (centred, d_out vectors span only d_out - 1 directions: FAISS trains on them, but a whitening PCA then
+    divides its last component by a zero eigenvalue, and every vector and query becomes NaN)."""
     need = [1]
     need += [int(k) for k in re.findall(r"IVF(\d+)", factory)]
     for m, bits in re.findall(r"(?<![A-Za-z])PQ(\d+)(?:x(\d+))?", factory):
         need.append(2 ** int(bits or 8))
     need += [256 for _ in re.findall(r"OPQ\d+", factory)]
-    need += [int(k) for k in re.findall(r"PCAR?W?(\d+)", factory)]
+    need += [int(k) + 1 for k in re.findall(r"PCAR?W?(\d+)", factory)]
     return max(need)
 
 
