@@ -177,16 +177,13 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
     _check_writable(index_dir)
-    fresh = not index_dir.exists()
     try:
         # stdout carries the report only: what a library prints meanwhile goes to stderr (Ray's driver prints a
         # killed worker's "(raylet) A worker died ..." on stdout, which broke --json and the summary line)
         with contextlib.redirect_stdout(sys.stderr):
             report = run_index(cfg, on_extractor=None if as_json else _announce,
                                on_cluster=None if as_json else lambda line: click.echo(line, err=True))
-    except ConfigError as exc:
-        if fresh:
-            _discard_unused(index_dir)
+    except ConfigError as exc:   # (a first run's folder is removed again: indexer.run)
         raise UserError(str(exc)) from exc
     except KeyboardInterrupt:
         held = _images_held(index_dir, db_url)
@@ -320,36 +317,6 @@ def _space_needed(data_dir: Path, index_dir: Path, model: str | None, weights: s
     else:
         new_faiss = total * vector
     return needed + new_faiss + int(max(0, total - committed) * vector * 1.5)
-
-
-def _discard_unused(index_dir: Path) -> None:
-    """Remove the index folder a first run made before it stopped on its configuration (ImageNet weights offline, a
-    device missing): an empty catalog and a lock file, nothing a user made. Anything else there keeps the folder."""
-    from indexer.locks import LOCK_FILE
-    from retrieval.catalog import CATALOG_FILE
-
-    made = {LOCK_FILE, CATALOG_FILE, f"{CATALOG_FILE}-wal", f"{CATALOG_FILE}-shm", f"{CATALOG_FILE}-journal"}
-    try:
-        if {p.name for p in index_dir.iterdir()} <= made and not _has_images(index_dir / CATALOG_FILE):
-            for name in made:
-                (index_dir / name).unlink(missing_ok=True)
-            index_dir.rmdir()
-    except OSError:
-        pass   # left as it is: the next run opens it like any empty index
-
-
-def _has_images(catalog_file: Path) -> bool:
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from retrieval.catalog import Catalog
-
-    if not catalog_file.exists():
-        return False
-    try:
-        with contextlib.closing(Catalog(catalog_file.parent)) as catalog:
-            return catalog.count() > 0
-    except SQLAlchemyError:
-        return True   # not a catalog this run made: keep it
 
 
 def _images_held(index_dir: Path, db_url: str | None) -> str:

@@ -1,6 +1,7 @@
 """index-images as a whole: lock the index, choose its settings, plan, then run the stages here or on Ray."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -58,18 +59,24 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
         require_ray()     # before anything else: without Ray, say how to get it
         if address := cfg.ray or os.environ.get("RAY_ADDRESS", ""):
             probe_cluster(address)   # and a cluster that does not answer, at once (ray.init retries for minutes)
-    with writer_locks(index_dir, cfg.db_url) as catalog:
-        stored = catalog.settings()
-        repairs = list(filter(None, [_remove_leftovers(index_dir),
-                                     None if stored is None else restore_random_weights(index_dir, stored)]))
-        report = _run(cfg, catalog, started, on_extractor, on_cluster)
-        report.repairs[:0] = repairs
-        report.network = describe_network(catalog.settings())
-        if catalog.bad_vectors:   # vectors that failed their checksum were left out of FAISS: extract them again
-            paths = catalog.mark_for_extraction(sorted(catalog.bad_vectors))
-            report.repairs.append(f"{len(paths)} vector(s) in the catalog fail their checksum (damaged), left out of "
-                                  "the FAISS index: marked to be extracted again; run the same command again")
-        return report
+    fresh = not index_dir.exists()
+    try:
+        with writer_locks(index_dir, cfg.db_url) as catalog:
+            stored = catalog.settings()
+            repairs = list(filter(None, [_remove_leftovers(index_dir),
+                                         None if stored is None else restore_random_weights(index_dir, stored)]))
+            report = _run(cfg, catalog, started, on_extractor, on_cluster)
+            report.repairs[:0] = repairs
+            report.network = describe_network(catalog.settings())
+            if catalog.bad_vectors:   # vectors that failed their checksum were left out of FAISS: extract them again
+                paths = catalog.mark_for_extraction(sorted(catalog.bad_vectors))
+                report.repairs.append(f"{len(paths)} vector(s) in the catalog fail their checksum (damaged), left out "
+                                      "of the FAISS index: marked to be extracted again; run the same command again")
+            return report
+    except ConfigError:
+        if fresh:   # refused before any work: no half-made index folder left behind (a later open would call it one)
+            _discard_unused(index_dir)
+        raise
 
 
 def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callable[[FeatureExtractor], None] | None,
@@ -124,6 +131,34 @@ def _run_planned(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None,
         from indexer.ray_job import run_on_ray
         return run_on_ray(cfg, catalog, stored, chosen, planned, started, on_cluster)
     return run_local(cfg, catalog, stored, chosen, planned, started, on_extractor)
+
+
+def _discard_unused(index_dir: Path) -> None:
+    """Remove the index folder a first run made before it stopped on its configuration (ImageNet weights offline, a
+    device missing): an empty catalog and a lock file, nothing a user made. Anything else there keeps the folder."""
+    from indexer.locks import LOCK_FILE
+    from retrieval.catalog import CATALOG_FILE
+
+    made = {LOCK_FILE, CATALOG_FILE, f"{CATALOG_FILE}-wal", f"{CATALOG_FILE}-shm", f"{CATALOG_FILE}-journal"}
+    try:
+        if {p.name for p in index_dir.iterdir()} <= made and not _has_images(index_dir / CATALOG_FILE):
+            for name in made:
+                (index_dir / name).unlink(missing_ok=True)
+            index_dir.rmdir()
+    except OSError:
+        pass   # left as it is: the next run opens it like any empty index
+
+
+def _has_images(catalog_file: Path) -> bool:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    if not catalog_file.exists():
+        return False
+    try:
+        with contextlib.closing(Catalog(catalog_file.parent)) as catalog:
+            return catalog.count() > 0
+    except SQLAlchemyError:
+        return True   # not a catalog this run made: keep it
 
 
 def _remove_leftovers(index_dir: Path) -> str | None:

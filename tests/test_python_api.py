@@ -111,6 +111,12 @@ def test_a_wrong_name_leaves_no_index_folder_behind(built, tmp_path):
     with pytest.raises(ConfigError, match="--index-type"):   # refused by FAISS itself, before any work too
         index_folder(built.data, tmp_path / "new-index", weights="random", vector_index="IVF1024,PQ33")
     assert not (tmp_path / "new-index").exists()
+    # weights refused once the run has begun (its catalog made): the folder goes again, as the command's does
+    (tmp_path / "garbage.pt").write_bytes(b"not a state dict")
+    for weights in (tmp_path / "nofile.pt", tmp_path / "garbage.pt"):
+        with pytest.raises(ConfigError):
+            index_folder(built.data, tmp_path / "new-index", weights=weights)
+        assert not (tmp_path / "new-index").exists(), weights.name
 
 
 def test_vector_index_takes_a_faiss_type_as_text(built):
