@@ -11,7 +11,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, render_template, request
 from sqlalchemy.exc import SQLAlchemyError
 
-from retrieval.search.duplicate_groups import RANDOM_WEIGHTS_GROUPS, alike_groups, byte_twin
+from retrieval.search.duplicate_groups import byte_twin
 from retrieval.search.duplicates import DuplicateGroups, DuplicatesError, check_threshold, find_duplicates
 from retrieval.vectors.pca import background_linear_algebra
 
@@ -91,8 +91,7 @@ def duplicates() -> Response:
                            groups=result.groups[first:first + GROUPS_PER_PAGE] if result else [], first=first,
                            page=page, pages=pages, computing=not fresh,
                            refresh_s=REFRESH_S, summary=service.index_summary(snapshot), threshold=threshold,
-                           byte_twin=byte_twin, random_weights_note=RANDOM_WEIGHTS_GROUPS if result and alike_groups(result)
-                           and snapshot.settings.weights_choice.is_random else None)
+                           byte_twin=byte_twin, notes=result.notes() if result else [])
     return Response(html, headers={} if fresh else {"Refresh": str(REFRESH_S)})
 
 

@@ -59,13 +59,8 @@ def main(index_dir: Path, db_url: str | None, threshold: float | None, calibrati
         except DuplicatesError as exc:
             raise UserError(str(exc)) from exc
         lagging = _index_lags_folder(index, index_dir)
-        random_weights = index.snapshot().settings.weights_choice.is_random
-    if lagging:
-        click.echo(f"note: {lagging}", err=True)
-    from retrieval.search.duplicate_groups import RANDOM_WEIGHTS_GROUPS, alike_groups
-
-    if random_weights and alike_groups(result):   # make demo's drawings: 40 of 60 in groups, none of them copies
-        click.echo(f"note: {RANDOM_WEIGHTS_GROUPS}", err=True)
+    for note in ([lagging] if lagging else []) + result.notes():
+        click.echo(f"note: {note}", err=True)
     if as_json:
         doc = result.to_json()
         for group in doc["groups"]:

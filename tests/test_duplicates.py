@@ -261,7 +261,7 @@ def test_duplicates_page_shows_the_groups_with_thumbnails(collection, tmp_path):
         assert shown >= 2 * len(truth["originals"]), "every group shows its images"
         assert broken_images(page) == []
         assert truth["byte_copy"][1].rsplit("/", 1)[-1] in page.content()
-        assert "seeded random weights" in page.locator("#random-weights-note").inner_text()
+        assert "seeded random weights" in page.locator(".groups-note").inner_text()
         screenshot(page, "duplicates")
         assert errors.take() == []
 

@@ -281,6 +281,11 @@ def test_duplicates_from_python_group_a_photo_with_its_copies(tmp_path, monkeypa
         "a script tells the byte copy from the re-save by its sha256"
     assert byte_copy["bytes"] == original.stat().st_size
     assert sorted(p.name for p in data.rglob("*")) == before
+    # random weights: groups of drawings only alike come with find-duplicates' note, in Python too (it had none)
+    assert any(len({m.sha256 for m in g}) > 1 for g in found.groups)
+    assert found.notes() and "seeded random weights" in found.notes()[0]
+    assert str(found).startswith(f"{len(found.groups)} group(s) of near-duplicates among 14 images") and \
+        "note: this index's network has seeded random weights" in str(found)
     for refused in (-1, 0, 2, float("nan")):   # what find-duplicates --threshold refuses too
         with retrieval.open_index("index") as index, pytest.raises(retrieval.DuplicatesError):
             index.duplicates(threshold=refused)

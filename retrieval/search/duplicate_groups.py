@@ -91,6 +91,20 @@ class DuplicateGroups:
     threshold: Threshold
     images: int              # images looked at
     whitened: bool = True    # distances between whitened vectors; False: raw unit vectors (too few images to whiten)
+    random_weights: bool = False   # the index's network has seeded random weights
+
+    def notes(self) -> list[str]:
+        """What to bear in mind reading these groups (find-duplicates prints them, /duplicates shows them): with
+        random weights, groups of pictures that are alike, not copies (make demo's drawings: 40 of 60 grouped)."""
+        return [RANDOM_WEIGHTS_GROUPS] if self.random_weights and alike_groups(self) else []
+
+    def __str__(self) -> str:
+        shown = "\n".join(f"  {len(g)}: " + ", ".join(m.path for m in g[:4]) + (" ..." if len(g) > 4 else "")
+                          for g in self.groups[:10])
+        more = f"\n  ... {len(self.groups) - 10} more" if len(self.groups) > 10 else ""
+        notes = "".join(f"\nnote: {note}" for note in self.notes())
+        return (f"{len(self.groups)} group(s) of near-duplicates among {self.images} images "
+                f"(threshold {self.threshold.value:.3f}; keeper first){':' if shown else ''}\n{shown}{more}{notes}").rstrip()
 
     def to_json(self) -> dict:
         return {"groups": [[{"id": m.id, "path": m.path, "label": m.label, "width": m.width, "height": m.height,

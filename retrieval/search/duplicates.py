@@ -245,7 +245,8 @@ def find_duplicates(index: ImageIndex, *, threshold: float | None = None, dim: i
     # at groups 6 and 10 of 107 alike-looking ones), then the largest
     groups.sort(key=lambda g: (len({d.sha256 for d in g}) == len(g) and not any(d.link_to for d in g), -len(g),
                                g[0].path))
-    return DuplicateGroups(groups, chosen, len(vectors.ids), whitened=vectors.whitening is not None)
+    return DuplicateGroups(groups, chosen, len(vectors.ids), whitened=vectors.whitening is not None,
+                           random_weights=snapshot.settings.weights_choice.is_random)
 
 
 def evaluate_copies(index: ImageIndex, copies: int, *, seed: int = 1, threshold: float | None = None,
