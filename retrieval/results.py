@@ -28,6 +28,10 @@ class Hit:
     distance: float        # L2 distance in feature space (not squared); 0 for the query itself
     file: Path             # the absolute path of the file (data folder / path), for thumbnails or opening it
 
+    def to_json(self) -> dict:
+        """Plain data for json.dumps: search-images --json's fields, and the file as text."""
+        return {"id": self.id, "path": self.path, "label": self.label, "distance": self.distance, "file": str(self.file)}
+
 
 @dataclasses.dataclass(frozen=True)
 class SearchResult:
@@ -61,6 +65,16 @@ class SearchResult:
     def distances(self) -> list[float]:
         """The hits' distances, nearest first (Hit.distance)."""
         return [h.distance for h in self.hits]
+
+    def to_json(self) -> dict:
+        """Plain data for json.dumps: {"query", "k", "results": [Hit.to_json(), ...]}."""
+        return {"query": self.query, "k": self.k, "results": [h.to_json() for h in self.hits]}
+
+    def __str__(self) -> str:
+        """A table, as search-images prints it."""
+        rows = [f"{rank:>4}  {h.distance:>8.4f}  {h.label or '-':<16}  {h.path}" for rank, h in enumerate(self.hits, 1)]
+        return "\n".join([f"{len(self.hits)} nearest to {self.query}", f"{'rank':>4}  {'distance':>8}  {'label':<16}  path",
+                          *rows])
 
     def _repr_html_(self) -> str:
         head = f"<p><b>{len(self.hits)} nearest</b> to {html.escape(self.query)}</p>"

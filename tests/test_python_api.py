@@ -375,3 +375,18 @@ def test_an_index_pickles_as_the_way_to_reopen_it_and_file_objects_are_queries(b
     closed.close()
     with pytest.raises(ValueError, match="is closed"):
         pickle.dumps(closed)
+
+
+def test_a_search_result_prints_as_a_table_and_turns_into_json(built, index):
+    """Reproduces: json.dumps refused a SearchResult and dataclasses.asdict of one (a Path inside); print showed the
+    dataclass's repr, every field of every hit on one line."""
+    import json
+
+    result = index.search(built.data / "red_circles" / "red_circles_000.jpg", k=3)
+    doc = json.loads(json.dumps(result.to_json()))
+    assert [r["id"] for r in doc["results"]] == [h.id for h in result] and doc["k"] == 3
+    assert doc["results"][0]["path"] == "red_circles/red_circles_000.jpg" and doc["results"][0]["distance"] < 1e-3
+    assert doc["results"][0]["file"] == str(built.data.resolve() / "red_circles" / "red_circles_000.jpg")
+    lines = str(result).splitlines()
+    assert lines[1].split() == ["rank", "distance", "label", "path"] and len(lines) == 2 + 3
+    assert lines[2].split()[0] == "1" and lines[2].endswith("red_circles/red_circles_000.jpg")
