@@ -254,6 +254,8 @@ def query_source(query: Query) -> tuple[ImageSource, str]:
     if isinstance(query, (bytes, bytearray, memoryview)):
         return bytes(query), f"{len(query):,} bytes of image"
     if hasattr(query, "read") and not isinstance(query, Image.Image):   # an open binary file, io.BytesIO
+        if isinstance(query, io.TextIOBase):   # read() would fail decoding the image's bytes as text first
+            raise TypeError("a file object query must be opened in binary mode ('rb')")
         data = query.read()
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError("a file object query must be opened in binary mode ('rb')")

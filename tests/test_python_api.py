@@ -369,8 +369,9 @@ def test_an_index_pickles_as_the_way_to_reopen_it_and_file_objects_are_queries(b
     with open(query, "rb") as f:
         assert index.search(f, k=1).hits[0].path == expected
     assert index.search(io.BytesIO(query.read_bytes()), k=1).hits[0].path == expected
-    with open(query, encoding="latin-1") as text, pytest.raises(TypeError, match="binary mode"):
-        index.search(text, k=1)
+    for encoding in ("latin-1", "utf-8"):   # utf-8, open()'s usual: a UnicodeDecodeError from read() before
+        with open(query, encoding=encoding) as text, pytest.raises(TypeError, match="binary mode"):
+            index.search(text, k=1)
     closed = retrieval.open_index(built.index)
     closed.close()
     with pytest.raises(ValueError, match="is closed"):
