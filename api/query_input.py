@@ -107,20 +107,27 @@ def _param(request: Request, name: str) -> str | None:
 
 def parse_expansion(request: Request) -> QueryExpansion | None:
     """Query expansion from `qe` (top results averaged with the query, 0..50; 0 or absent: none) and `qe_alpha`
-    (weights similarity^alpha; 0: plain average). Raises ApiError 400."""
+    (weights similarity^alpha, a number 0..100, 1e2 and 2.5 alike; 0: plain average). Raises ApiError 400."""
     raw_n, raw_alpha = _param(request, "qe"), _param(request, "qe_alpha")
     if raw_n is None and raw_alpha is None:
         return None
+    n_text = (raw_n or "").strip()
+    alpha_text = (raw_alpha or "").strip()
+    n: int | None = 0
+    if n_text:
+        n = int(n_text) if n_text.isascii() and n_text.isdigit() and len(n_text) <= 4 else None
+    alpha: float | None = 0.0
+    if alpha_text:
+        try:
+            alpha = float(alpha_text) if alpha_text.isascii() and len(alpha_text) <= 32 else None
+        except ValueError:
+            alpha = None
     try:
-        n = int(raw_n.strip()) if raw_n is not None and raw_n.strip() else 0
-        alpha = float(raw_alpha.strip()) if raw_alpha is not None and raw_alpha.strip() else 0.0
-        if not (raw_alpha is None or raw_alpha.strip().replace(".", "", 1).isdigit()):
-            raise ValueError(raw_alpha)
-        expansion = QueryExpansion(n, alpha)
-    except ValueError as exc:   # ExpansionError included
+        if n is None or alpha is None or alpha != alpha:   # unreadable, or NaN
+            raise ValueError
+        return QueryExpansion(n, alpha) or None
+    except (ValueError, ExpansionError):
         given = ", ".join(f"{name}={raw.strip()[:32]!r}" for name, raw in (("qe", raw_n), ("qe_alpha", raw_alpha))
                           if raw is not None)
-        message = str(exc) if isinstance(exc, ExpansionError) else \
-            f"qe must be a whole number from 0 to 50 and qe_alpha a number from 0 to 100, not {given}"
-        raise ApiError(400, "bad_query_expansion", message) from None
-    return expansion or None
+        raise ApiError(400, "bad_query_expansion", "qe must be a whole number from 0 to 50 and qe_alpha a number "
+                                                   f"from 0 to 100, not {given}") from None

@@ -189,11 +189,21 @@ def test_search_with_query_expansion_averages_the_query_with_its_first_results(c
     assert [r["id"] for r in off] == [r["id"] for r in plain]
 
 
-@pytest.mark.parametrize("query", ["qe=x", "qe=-1", "qe=51", "qe=2&qe_alpha=x", "qe=2&qe_alpha=-1", "qe=2&qe_alpha=nan"])
+@pytest.mark.parametrize("query", ["qe=x", "qe=-1", "qe=51", "qe=2&qe_alpha=x", "qe=2&qe_alpha=-1", "qe=2&qe_alpha=nan",
+                                   "qe=2&qe_alpha=101", "qe=2&qe_alpha=inf", "qe=2&qe_alpha=1e400", "qe=１"])
 def test_search_with_bad_query_expansion_is_400(client, sample_index, query):
     r = upload(client, image_bytes(sample_index), f"/search?{query}")
     assert_error(r, 400, "bad_query_expansion")
-    assert "qe_alpha" not in query or "qe_alpha=" in r.get_json()["error"]["message"], "names the value given"
+    message = r.get_json()["error"]["message"]   # one message for every way of getting it wrong, naming what was given
+    assert message.startswith("qe must be a whole number from 0 to 50 and qe_alpha a number from 0 to 100, not qe=")
+    assert "qe_alpha" not in query or "qe_alpha='" in message
+
+
+def test_qe_alpha_is_any_way_of_writing_a_number(client, sample_index):
+    """1e2 was refused though the docs say "a number" (and 101 was "not 101.0")."""
+    ids = {alpha: [h["id"] for h in upload(client, image_bytes(sample_index), f"/search?k=6&qe=2&qe_alpha={alpha}")
+                   .get_json()["results"]] for alpha in ("3", "3.0", "3e0", " 3 ")}
+    assert len({tuple(v) for v in ids.values()}) == 1, ids
 
 
 # --- GET /images/<id>/neighbours --------------------------------------------------------------------
