@@ -78,11 +78,12 @@ class WeightsUnavailable(RuntimeError):
 
 
 def weights_error_message(exc: Exception) -> str:
-    """A WeightsUnavailable in the command line's terms: with the ways forward when ImageNet weights are offline."""
+    """A WeightsUnavailable with the ways forward when ImageNet weights are offline, in the command line's terms and
+    index_folder's (both raise it)."""
     if not getattr(exc, "offline_imagenet", False):
         return str(exc)
     return (f"{exc}.\nWays forward:\n"
             f"  1. put that file at {exc.cache_path}\n"
-            "  2. pass --weights PATH with a state dict file you have for this model\n"
-            "  3. pass --weights random to run with seeded random weights (a demo: results show\n"
+            "  2. pass --weights PATH (from Python: weights=PATH) with a state dict file you have for this model\n"
+            "  3. pass --weights random (weights=\"random\") to run with seeded random weights (a demo: results show\n"
             "     colour and texture similarity, not what the picture shows)")

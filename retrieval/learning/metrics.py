@@ -267,7 +267,8 @@ def evaluate_vectors(vectors: np.ndarray, labels: Sequence[str], ks: Sequence[in
     too_big = [k for k in ks if k > n - 1]
     if too_big and len(too_big) == len(ks):
         raise EvaluationError(f"k = {', '.join(map(str, too_big))} asks for more neighbours than these {n} labelled "
-                              f"images give (at most {n - 1} each): ask for k up to {n - 1}, e.g. -k 1,{min(5, n - 1)}")
+                              f"images give (at most {n - 1} each): ask for k up to {n - 1}, e.g. -k 1,{min(5, n - 1)} "
+                              f"(from Python: ks=(1, {min(5, n - 1)}))")
     if too_big:
         notes.append(f"k = {', '.join(map(str, too_big))} left out: {n} labelled images give at most {n - 1} neighbours")
         ks = [k for k in ks if k <= n - 1]

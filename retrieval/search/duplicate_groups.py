@@ -52,7 +52,7 @@ class Threshold:
                 f"copies of {self.calibration_images} of its images ({', '.join(EDITS)}) lie within it of their "
                 f"original. Of {c.neighbours} distances from its images to their nearest others, "
                 f"{c.neighbour_share:.1%} fall under it; about {c.copy_rate:.1%} look like copies{self._in_groups()}, "
-                "and the threshold was chosen for that. --threshold overrides it.")
+                "and the threshold was chosen for that. --threshold (from Python: threshold=) overrides it.")
 
     def _in_groups(self) -> str:
         g = self.choice.group_size
