@@ -483,3 +483,10 @@ def test_skipped_names_with_control_characters_print_escaped(tmp_path):
     assert result.exit_code == 0, result.output
     assert "\x1b" not in result.output
     assert result.output.count("reds/bad\\nname\\x1b[31mRED.jpg: not an image") == 2, result.output
+
+
+@pytest.mark.parametrize("name", ["epochs", "batch_size", "cache_batch_size", "cache_views", "patience"])
+def test_a_setting_below_one_is_refused_by_its_name(tmp_path, name):
+    """It said "epochs, batch sizes, cache views and patience must each be at least 1", whichever it was."""
+    with pytest.raises(FineTuneError, match=f"^{name} must be at least 1, not 0$"):
+        FineTuneConfig(data_dir=tmp_path, out=tmp_path / "t.pt", **{name: 0})

@@ -89,8 +89,9 @@ class FineTuneConfig:
             raise FineTuneError(f"dropout must be in [0, 1), not {self.dropout}")
         if not 0.0 < self.val_fraction < 1.0:
             raise FineTuneError(f"the validation share must be between 0 and 1, not {self.val_fraction}")
-        if self.epochs < 1 or self.batch_size < 1 or self.cache_batch_size < 1 or self.cache_views < 1 or self.patience < 1:
-            raise FineTuneError("epochs, batch sizes, cache views and patience must each be at least 1")
+        for name in ("epochs", "batch_size", "cache_batch_size", "cache_views", "patience"):
+            if getattr(self, name) < 1:
+                raise FineTuneError(f"{name} must be at least 1, not {getattr(self, name)!r}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.optimizer]
 
