@@ -164,10 +164,10 @@ def _check_out(out: Path, model: str, overwrite: bool = False) -> None:
     UserError."""
     from retrieval.files import device_words, free_bytes, is_read_only
 
-    if out.exists() and not overwrite:
-        # a rerun wrote its starting weights over the file at once, and every index made with it stopped working
-        raise UserError(f"--out {out} exists: an index made with those weights would no longer match them. Choose "
-                        "another --out, or pass --overwrite to replace it")
+    from retrieval.learning.history import out_taken
+
+    if not overwrite and (taken := out_taken(out)) is not None:
+        raise UserError(f"--out {taken}. Choose another --out, or pass --overwrite to replace it")
     folder = out.parent
     existing = folder
     while not existing.exists() and existing != existing.parent:

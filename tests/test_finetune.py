@@ -351,6 +351,21 @@ def test_an_existing_out_file_is_kept_unless_overwrite_is_asked(tmp_path):
     assert out.read_bytes() != b"the first run's weights"
 
 
+def test_an_out_of_another_suffix_keeps_the_history_of_the_weights_beside_it(tmp_path):
+    """Reproduces: --out tuned.pth next to tuned.pt wrote over tuned.history.json, tuned.pt's history, without
+    --overwrite; an index of tuned.pt then could not tell its training images apart and scored them as held out."""
+    make_colour_collection(tmp_path / "data", per_class=3)
+    history = tmp_path / "tuned.history.json"
+    history.write_text('{"the first run": "its history"}')
+    result = CliRunner().invoke(main, [str(tmp_path / "data"), "--out", str(tmp_path / "tuned.pth"), *RANDOM_START])
+    assert result.exit_code == 2, result.output
+    assert f"--out {history}, where this run would write its history, holds another run's" in result.output
+    assert "--overwrite" in result.output and history.read_text() == '{"the first run": "its history"}'
+    with pytest.raises(FineTuneError, match="holds another run's.*overwrite=True"):
+        fine_tune(FineTuneConfig(data_dir=tmp_path / "data", out=tmp_path / "tuned.pth", weights="random"))
+    assert history.read_text() == '{"the first run": "its history"}'
+
+
 def test_fine_tune_from_python_keeps_an_existing_out_file_unless_overwrite(tmp_path):
     """The command refused a second run's --out, but fine_tune(FineTuneConfig(...)) from Python (a notebook's
     re-run cell) still wrote over the weights an index was made with."""

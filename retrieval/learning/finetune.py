@@ -25,7 +25,7 @@ from retrieval.images.scan import DEFAULT_MAX_FILE_BYTES
 from retrieval.learning.classifier import Classifier
 from retrieval.learning.finetune_data import (FineTuneError, Report, Samples, batch_input, centre_input, labelled_files,
                                               prepare_samples, stratified_split)
-from retrieval.learning.history import HISTORY_VERSION, history_path_for, write_filters, write_history
+from retrieval.learning.history import HISTORY_VERSION, history_path_for, out_taken, write_filters, write_history
 from retrieval.learning.metrics import query_scores
 from retrieval.learning.objectives import OBJECTIVES, PROXY_LR_SCALE, Objective
 from retrieval.names import DEFAULT_FINE_TUNE_OBJECTIVE
@@ -123,10 +123,8 @@ def fine_tune(cfg: FineTuneConfig, report: Report | None = None) -> FineTuneResu
     DeviceUnavailable.
     """
     report = report or (lambda _event, _facts: None)
-    if cfg.out.exists() and not cfg.overwrite:
-        # a rerun wrote its starting weights over the file at once, and every index made with it stopped answering
-        raise FineTuneError(f"{cfg.out} exists: an index made with those weights would no longer match them; choose "
-                            "another out, or pass overwrite=True to replace it")
+    if not cfg.overwrite and (taken := out_taken(cfg.out)) is not None:
+        raise FineTuneError(f"{taken}; choose another out, or pass overwrite=True to replace it")
     started = time.perf_counter()
     data = labelled_files(cfg.data_dir, max_file_bytes=cfg.max_file_bytes)
     device = resolve_device(cfg.device)

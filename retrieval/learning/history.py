@@ -50,6 +50,20 @@ def history_path_for(weights_file: Path | str) -> Path:
     return path.with_name(path.stem + HISTORY_SUFFIX) if path.suffix else path.with_name(path.name + HISTORY_SUFFIX)
 
 
+def out_taken(out: Path) -> str | None:
+    """Why a fine-tune writing to out would replace another run's work, or None. out itself: a rerun wrote its
+    starting weights over the file at once, and every index made with it stopped answering. The history file next
+    to it (tuned.pth writes tuned.history.json, tuned.pt's): an index of tuned.pt would then read another run's
+    training images, and score its own as held out."""
+    if out.exists():
+        return f"{out} exists: an index made with those weights would no longer match them"
+    history = history_path_for(out)
+    if history.exists():
+        return (f"{history}, where this run would write its history, holds another run's (an index of its weights "
+                "reads there which images they were trained on)")
+    return None
+
+
 def history_stem(history_path: Path | str) -> Path:
     """tuned.history.json -> tuned (with its folder): the prefix of the PNG and filters files next to it."""
     path = Path(history_path)
