@@ -57,7 +57,7 @@ def post_upload(client, data: bytes, url: str = "/search?k=3"):
 def refused(response, status: int = 415) -> str:
     assert response.status_code == status, response.data
     body = response.get_json()
-    assert body["error"]["code"] == ("unsupported_image" if status == 415 else "unavailable"), body
+    assert body["error"]["code"] == ("unsupported_image" if status == 415 else "overloaded"), body   # decoders busy
     return body["error"]["message"]
 
 
