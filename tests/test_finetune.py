@@ -323,6 +323,37 @@ def test_an_interrupted_run_keeps_its_best_checkpoint(tuned, tmp_path):
     assert "classifier.4.weight" in state
 
 
+@pytest.mark.slow
+def test_a_run_killed_mid_training_leaves_the_history_of_the_weights_it_left(tuned, tmp_path):
+    """Reproduces: a hang-up (the terminal closed) or a crash mid-run left the weights without their history, which
+    was written at the end only; an index of them then evaluated the training images as if held out."""
+    from retrieval.features.digests import file_sha256
+    from retrieval.quality import evaluate
+
+    out = tmp_path / "hup.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "commands.fine_tune", str(tuned["data"]), "--out", str(out),
+                             *RANDOM_START, "--epochs", "50", "--patience", "50"],
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    history_file = tmp_path / "hup.history.json"
+
+    def learned() -> bool:   # an epoch better than the starting weights saved (those hold no training image)
+        return history_file.exists() and json.loads(history_file.read_text())["improved"]
+    try:
+        wait_for(lambda: learned() or proc.poll() is not None, 300, interval=0.2)
+        assert learned(), proc.communicate()[1]
+        proc.send_signal(signal.SIGHUP)   # not handled: the process ends where it is
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGHUP
+    history = json.loads(history_file.read_text())
+    assert history["stopped"] == "unfinished" and history["weights_sha256"] == file_sha256(out)
+    build_index(tuned["data"], tmp_path / "index", weights=str(out))
+    ev = evaluate(tmp_path / "index", ks=(1,), probe=False)
+    assert ev.training_images == "excluded" and ev.excluded_training_images == len(history["split"]["train"]) > 0
+
+
 def test_fewer_than_two_classes_is_a_clear_error(tmp_path):
     make_colour_collection(tmp_path / "data", per_class=3)
     for name in list(COLOUR_CLASSES)[1:]:

@@ -333,6 +333,7 @@ def train_epochs(net: Classifier, train_set: Samples, val_set: Samples, cfg: Fin
         report("before", {**before, "val_images": len(val_set), "train_images": len(train_set)})
         saved = save_weights(net.backbone_state(cfg.keep_head), cfg.out)
         history["best_epoch"], history["best_val_accuracy"] = 0, head_acc          # once the file holds it
+        _checkpoint_history(cfg, history, saved)
         report("saved", {"epoch": 0, "path": str(saved), **best})
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
@@ -378,6 +379,7 @@ def train_epochs(net: Classifier, train_set: Samples, val_set: Samples, cfg: Fin
                 best = {"knn_accuracy": scores["knn_accuracy"], "map": scores["map"]}
                 saved = save_weights(net.backbone_state(cfg.keep_head), cfg.out)
                 history.update(best_epoch=epoch, best_val_accuracy=val_acc, best_retrieval=dict(best), improved=True)
+                _checkpoint_history(cfg, history, saved)
                 report("saved", {"epoch": epoch, "path": str(saved), **best})
                 since_best = 0
             else:
@@ -390,6 +392,13 @@ def train_epochs(net: Classifier, train_set: Samples, val_set: Samples, cfg: Fin
         if saved is None:
             raise
     return saved
+
+
+def _checkpoint_history(cfg: FineTuneConfig, history: dict, saved: Path) -> None:
+    """The history as it stands, written next to the weights just saved, "unfinished" (the run's end writes it
+    again): a run killed by a hang-up, a crash or the kernel's OOM killer leaves weights whose training images are
+    still known, so an index made with them keeps scoring held-out images only."""
+    write_history(cfg.history_path, {**history, "stopped": "unfinished", "weights_sha256": file_sha256(saved)})
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path) -> Path:

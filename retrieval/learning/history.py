@@ -14,7 +14,7 @@ from retrieval.files import atomic_write
 HISTORY_VERSION = 1
 HISTORY_SUFFIX = ".history.json"
 FILTERS_SUFFIX = ".filters.npz"
-STOPPED = ("completed", "early_stopping", "interrupted")
+STOPPED = ("completed", "early_stopping", "interrupted", "unfinished")   # unfinished: killed mid-run
 
 _NUMBER = (int, float)
 # field -> (types, may be null)
