@@ -107,7 +107,8 @@ def weights_problem(index_dir: Path, settings) -> tuple[str, str] | None:  # noq
             return (f"the index's random weights file {path.name} is missing: no query can be computed",
                     "run index-images {data} --index-dir {index}: it makes the file again from the recorded seed")
         return (f"the weights file {display_name(str(path))} this index was built with is missing: no query can be "
-                "computed", "put that file back, or index into a new folder with the weights you have")
+                "computed", "put that file back, or if it moved: index-images {data} --index-dir {index} --weights NEW_PATH "
+                "(the same file, checked by its SHA-256)")
     except OSError as exc:
         return (f"the weights file {display_name(str(path))} cannot be read ({exc.strerror or exc})",
                 "make it readable, or put the file back from a backup")

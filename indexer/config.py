@@ -183,6 +183,9 @@ def resolve_settings(cfg: JobConfig, stored: IndexSettings | None) -> dict:
             asked = str(asked.resolved() if asked.is_file and stored.weights_choice.is_file else asked)
         if key == "seed" and not stored.weights_choice.is_random:
             asked = None   # the seed only matters for random weights
+        if key == "weights" and asked is not None and asked != have and _moved_weights(asked, stored):
+            chosen["moved_weights"] = asked   # the file it was made with, moved: the index follows it (indexer.run)
+            asked = have
         if asked is not None and asked != have:
             raise ConfigError(
                 f"the index at {cfg.index_dir} was built with {key} {have!r}, not {asked!r}; "
@@ -194,6 +197,20 @@ def resolve_settings(cfg: JobConfig, stored: IndexSettings | None) -> dict:
     chosen["weights"] = chosen["weights"].resolved() if stored is None else stored.weights_choice
     chosen["data_dir"] = data_dir
     return chosen
+
+
+def _moved_weights(asked: str, stored: IndexSettings) -> bool:
+    """Whether the weights file asked for is the index's own moved elsewhere: both files, the recorded one gone, and
+    the asked one's bytes the recorded SHA-256."""
+    from retrieval.features.digests import file_sha256
+
+    choice = WeightsChoice.parse(asked)
+    if not (choice.is_file and stored.weights_choice.is_file) or stored.weights_choice.path.exists():
+        return False
+    try:
+        return stored.weights_identity.endswith(f"sha256={file_sha256(choice.path)}")
+    except OSError:
+        return False
 
 
 

@@ -13,6 +13,7 @@ from retrieval.vectors.index_types import vector_work_needed
 from retrieval.vectors.regions import regions_file_in_step
 
 from retrieval.catalog import Catalog
+from retrieval.features.weights import file_weights_identity
 from retrieval.files import leftover_temporaries, sample_digest
 from retrieval.images.scan import IMAGE_EXTENSIONS
 from retrieval.system import display_name
@@ -85,6 +86,15 @@ def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callabl
     index_dir = cfg.index_dir
     stored = catalog.settings()
     chosen = resolve_settings(cfg, stored)
+    moved_weights = None
+    if (moved := chosen.pop("moved_weights", None)) is not None:   # its weights file, moved: the index follows it
+        moved_weights = f"the weights file moved: {display_name(stored.weights)} -> {display_name(moved)}; the index " \
+                        "loads it from there now"
+        sha256 = stored.weights_identity.rpartition("sha256=")[2]
+        stored = dataclasses.replace(stored, weights=moved, weights_identity=file_weights_identity(Path(moved), sha256))
+        catalog.save_settings(stored)
+        catalog.touch()   # servers load the index again, its network from the new place
+        chosen["weights"] = stored.weights_choice
     if stored is not None:   # the images its weights were fine-tuned on, if not known yet (no network needed)
         record_training_images(catalog, stored.weights_choice, stored.weights_identity)
     planned = plan(cfg, catalog)
@@ -94,6 +104,8 @@ def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callabl
     catalog.restamp((f.path, f.size, f.mtime_ns) for f in planned.restamp)   # touched, same bytes: kept as they are
     catalog.move((old, f.path, f.label) for old, f in planned.moves)          # moved, same bytes: new path and label
     report = _run_planned(cfg, catalog, stored, chosen, planned, started, on_extractor, on_cluster)
+    if moved_weights:
+        report.repairs.append(moved_weights)
     report.moved = len(planned.moves)
     report.folders = [{"path": display_name(path), "reason": reason} for path, reason in planned.folders.items()]
     report.restamped = len(planned.restamp)

@@ -67,3 +67,41 @@ def test_an_index_whose_weights_file_moved_says_so_and_what_to_do(sample_index, 
     (tmp_path / "moved.pt").rename(weights)
     with retrieval.open_index(tmp_path / "index") as index:
         assert len(index) == 30
+
+
+def test_the_index_follows_its_weights_file_to_where_it_moved(sample_index, tmp_path: Path) -> None:
+    """Reproduces: after `mv tuned.pt moved/`, `index-images data --weights moved/tuned.pt` was refused ("built with
+    weights '.../tuned.pt', not '.../moved/tuned.pt'") though the index records the file's SHA-256: the only ways
+    on were moving it back or extracting every image again. The same bytes at the new path are its weights now;
+    other bytes are still refused."""
+    import shutil
+
+    import retrieval
+    from helpers.indexes import build_index
+    from indexer.config import ConfigError
+    from retrieval.names import random_weights_file
+
+    weights = tmp_path / "tuned.pt"
+    shutil.copy(random_weights_file(sample_index.index_dir, "alexnet"), weights)
+    build_index(sample_index.data_dir, tmp_path / "index", weights=str(weights))
+    (tmp_path / "moved").mkdir()
+    other = tmp_path / "moved" / "other.pt"
+    shutil.copy(random_weights_file(sample_index.index_dir, "alexnet"), other)
+    with open(other, "r+b") as f:   # other bytes: other weights
+        f.seek(-1, 2)
+        f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
+    new = tmp_path / "moved" / "tuned.pt"
+    weights.rename(new)
+    with pytest.raises(ConfigError, match="built with weights"):
+        build_index(sample_index.data_dir, tmp_path / "index", weights=str(other))
+    report = build_index(sample_index.data_dir, tmp_path / "index", weights=str(new))
+    assert report.indexed == 0 and report.unchanged == 30, "nothing extracted again"
+    assert f"the weights file moved: {weights} -> {new}" in " ".join(report.repairs)
+    from retrieval.catalog import Catalog
+    catalog = Catalog(tmp_path / "index")
+    try:
+        assert catalog.settings().weights == str(new) and catalog.settings().weights_identity.startswith(f"file:{new}:")
+    finally:
+        catalog.close()
+    with retrieval.open_index(tmp_path / "index") as index:   # its network loaded from the new place
+        assert index.search(sample_index.data_dir / "red_circles" / "red_circles_000.jpg", k=1)[0].distance < 1e-3

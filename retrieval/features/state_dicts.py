@@ -18,7 +18,7 @@ from torch import nn
 
 from retrieval.features.architectures import ALEXNET_IMAGENET, VGG16_IMAGENET, ImageNetWeights, alexnet, vgg16
 from retrieval.features.digests import file_sha256
-from retrieval.features.weights import WeightsChoice, WeightsUnavailable
+from retrieval.features.weights import WeightsChoice, WeightsUnavailable, file_weights_identity
 from retrieval.files import atomic_write
 from retrieval.names import DEFAULT_RANDOM_SEED, MODEL_NAMES, random_weights_file
 
@@ -103,7 +103,7 @@ def load_state_dict(model: str, weights: WeightsChoice | str, index_dir: Path | 
     path = choice.path
     if not path.is_file():
         raise WeightsUnavailable(f"weights must be 'imagenet', 'random' or a state dict file; {str(choice)!r} is none of these")
-    return _load_file(path), f"file:{path.resolve()}:sha256={file_sha256(path)}"
+    return _load_file(path), file_weights_identity(path, file_sha256(path))
 
 
 def random_state_dict(model: str, seed: int = DEFAULT_RANDOM_SEED) -> dict[str, torch.Tensor]:

@@ -61,6 +61,11 @@ class WeightsChoice:
         return self.path
 
 
+def file_weights_identity(path: Path, sha256: str) -> str:
+    """What an index records of weights from a state dict file: "file:ABSOLUTE_PATH:sha256=HEX"."""
+    return f"file:{Path(path).resolve()}:sha256={sha256}"
+
+
 IMAGENET = WeightsChoice("imagenet")
 RANDOM = WeightsChoice("random")
 

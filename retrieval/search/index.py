@@ -184,8 +184,8 @@ class ImageIndex:
             if choice.is_file and not choice.path.exists():   # the index records where its weights file was
                 raise WeightsUnavailable(
                     f"the weights file this index was built with, {display_name(str(choice.path))}, is missing (moved "
-                    "or deleted?): put it back there, or index the data folder into a new index folder with --weights "
-                    "naming it where it is now")
+                    "or deleted?): put it back there, or tell the index where it is now: index-images DATA_DIR "
+                    "--index-dir INDEX --weights NEW_PATH (the same file: checked by its SHA-256)")
             extractor, identity = build_extractor(settings.model, settings.layer, settings.weights_choice, self.index_dir,
                                                   self.device, seed=settings.seed, precision=precision,
                                                   views=settings.views, input_norm=settings.input_norm)
