@@ -101,7 +101,7 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
               help="PCA-whiten the vectors in the FAISS index (centre, rotate, scale by eigenvalue^-1/2, L2-normalise), "
                    "learned on the collection, applied to every query; the catalog keeps the raw vectors. Waits for "
                    "128 images (with --whiten-dim N: 1.25 N, at most 40). [default: whiten a new "
-                   "index; an existing one keeps what it recorded]")
+                   "index, but not one of a weights file (fine-tune's output); an existing one keeps what it recorded]")
 @click.option("--whiten-dim", default=None, metavar="N|auto",
               help="Dimensions after whitening. auto: a power of two up to a quarter of the images, at most 256 "
                    "(more dimensions than that make kNN classification worse). N is kept while there are 1.25 N "
@@ -381,6 +381,10 @@ def _print_report(r, verbose: bool = False, rebuilt: bool = False) -> None:  # n
                    f"{describe_vector_index(r.vector_index)}")
         if (low := low_recall_note(r.vector_index)) is not None:
             click.echo(low)
+        if r.indexed and not (r.vector_index.get("whiten") or {}).get("on") and r.network \
+                and r.network["weights"] not in ("imagenet", "random"):
+            click.echo("not whitened: an index of a weights file (fine-tune's output) searches fc7 as the fine-tune "
+                       "shaped it, where whitening lost most of its gain (docs/fine-tuning.md); --whiten to whiten it")
         if (unused := unused_search_params_note(r.vector_index)) is not None:
             click.echo(unused)
         if r.vector_index.get("regions"):

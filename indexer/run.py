@@ -97,6 +97,10 @@ def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callabl
         chosen["weights"] = stored.weights_choice
     if stored is not None:   # the images its weights were fine-tuned on, if not known yet (no network needed)
         record_training_images(catalog, stored.weights_choice, stored.weights_identity)
+    elif chosen["weights"].is_file and cfg.vector_index.whiten is None:
+        # a new index of a weights file (fine-tune's output) searches fc7 as the fine-tune shaped it and chose its
+        # epoch in: whitened, its held-out mAP fell from 0.74-0.77 to 0.57-0.59 (benchmarks/bench_finetune_whitening.py)
+        cfg = dataclasses.replace(cfg, vector_index=dataclasses.replace(cfg.vector_index, whiten=False))
     planned = plan(cfg, catalog)
     if planned.unlisted_root is not None:
         raise ConfigError(f"the data folder {display_name(str(cfg.data_dir))} {planned.unlisted_root}: nothing was "
