@@ -536,3 +536,27 @@ def test_a_setting_below_one_is_refused_by_its_name(tmp_path, name):
     """It said "epochs, batch sizes, cache views and patience must each be at least 1", whichever it was."""
     with pytest.raises(FineTuneError, match=f"^{name} must be at least 1, not 0$"):
         FineTuneConfig(data_dir=tmp_path, out=tmp_path / "t.pt", **{name: 0})
+
+
+def test_a_gain_on_few_validation_images_or_with_a_lower_map_comes_with_a_caution(capsys):
+    """Reproduces: "kNN@10 0.579 -> 0.737, mAP 0.580 -> 0.572" on 19 validation images (3 images) was reported as any
+    gain is, and on pictures the fine-tune never saw it was none. Ctrl-C before any better epoch was told to "try
+    more images per class"."""
+    from commands.fine_tune import _print_summary
+
+    def summary(val_images: int, before: tuple, after: tuple, stopped: str = "completed", improved: bool = True) -> dict:
+        return {"weights": "t.pt", "history": "t.history.json", "plots": [], "stopped": stopped, "best_epoch": 3,
+                "best_val_accuracy": 0.5, "epochs_run": 5, "classes": ["a", "b"], "train_images": 200,
+                "val_images": val_images, "cache_seconds": 1.0, "seconds": 10.0, "skipped": [], "unlabelled": 0,
+                "train": "fc", "batch_size": 32, "patience": 5,
+                "retrieval": {"k": 10, "improved": improved, "before": dict(zip(("knn_accuracy", "map"), before)),
+                              "after": dict(zip(("knn_accuracy", "map"), after))}}
+
+    _print_summary(summary(19, (0.579, 0.580), (0.737, 0.572)))
+    said = capsys.readouterr().out
+    assert "note: measured on 19 validation images, where kNN@10 found 3 more right and mAP fell (0.580 -> 0.572)" in said
+    _print_summary(summary(114, (0.640, 0.553), (0.860, 0.793)))
+    assert "note:" not in capsys.readouterr().out, "a gain on 114 images with mAP up too needs no caution"
+    _print_summary(summary(114, (0.640, 0.553), (0.640, 0.553), stopped="interrupted", improved=False))
+    said = capsys.readouterr().out
+    assert "NOT IMPROVED before it was stopped" in said and "more images per class" not in said
