@@ -560,3 +560,15 @@ def test_a_gain_on_few_validation_images_or_with_a_lower_map_comes_with_a_cautio
     _print_summary(summary(114, (0.640, 0.553), (0.640, 0.553), stopped="interrupted", improved=False))
     said = capsys.readouterr().out
     assert "NOT IMPROVED before it was stopped" in said and "more images per class" not in said
+
+
+def test_an_index_folder_or_a_folder_without_class_folders_is_named_as_such(sample_index, tmp_path):
+    """It said "found no labelled images" for both, as if the folder were empty."""
+    result = CliRunner().invoke(main, [str(sample_index.index_dir), "--out", str(tmp_path / "t.pt"), "--weights", "random"])
+    assert result.exit_code == 2 and "it is an index folder: give the folder of pictures it indexed" in result.output
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in list((sample_index.data_dir / "red_circles").iterdir())[:3]:
+        (flat / f.name).write_bytes(f.read_bytes())
+    result = CliRunner().invoke(main, [str(flat), "--out", str(tmp_path / "t.pt"), "--weights", "random"])
+    assert result.exit_code == 2 and "(3 image(s) directly in it, outside any class folder)" in result.output

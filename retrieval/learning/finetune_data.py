@@ -50,6 +50,10 @@ def labelled_files(data_dir: Path, *, max_file_bytes: int | None = DEFAULT_MAX_F
     classes = sorted({f.label for f in files})
     if len(classes) < 2:
         found = f"only the class '{display_name(classes[0])}'" if classes else "no labelled images"
+        if (data_dir / CATALOG_FILE).exists():
+            found += " (it is an index folder: give the folder of pictures it indexed)"
+        elif not classes and (loose := len(scan.images) - len(files)):
+            found += f" ({loose} image(s) directly in it, outside any class folder)"
         raise FineTuneError(f"fine-tuning needs labelled images of at least two classes in {data_dir} "
                             f"(one subfolder per class: {data_dir}/<class>/<image>); found {found}")
     position = {name: c for c, name in enumerate(classes)}
