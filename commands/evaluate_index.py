@@ -233,6 +233,7 @@ def format_comparison(c: dict) -> str:
         lines.append(row("test accuracy", pa["accuracy"], pb["accuracy"], ch["majority_class"]))
     lines.append(f"chance: retrieval {ch['retrieval_precision']:.3f} (precision of a random ranking); classification "
                  f"{ch['majority_class']:.3f} (always the largest class), {ch['uniform']:.3f} (1/{im['classes']} classes)")
+    lines.append(_verdict(a, b))
 
     width = max(12, *(len(name) for name in a["labels"]))
     kk = str(a["knn"]["k"])
@@ -246,6 +247,28 @@ def format_comparison(c: dict) -> str:
     for side, r in (("A", a), ("B", b)):
         lines += [f"note ({side}): {n}" for n in r["notes"]]
     return "\n".join(lines)
+
+
+def _fine_tuned(r: dict) -> bool:
+    return r["index"]["weights"] not in ("imagenet", "random")
+
+
+def _verdict(a: dict, b: dict) -> str:
+    """One line: on how many of the measures above B is ahead, and which way round the two are when only A holds
+    fine-tuned weights (B - A then reads the fine-tune's gain as a loss)."""
+    pairs = [(a["retrieval"]["precision_at_k"][k], b["retrieval"]["precision_at_k"][k]) for k in a["retrieval"]["precision_at_k"]]
+    pairs += [(a["retrieval"]["map"], b["retrieval"]["map"])]
+    pairs += [(a["knn"]["accuracy"][k], b["knn"]["accuracy"][k]) for k in a["knn"]["accuracy"]]
+    if a["linear_probe"] is not None and b["linear_probe"] is not None:
+        pairs.append((a["linear_probe"]["accuracy"], b["linear_probe"]["accuracy"]))
+    ahead = sum(vb - va > 0.0005 for va, vb in pairs)
+    behind = sum(va - vb > 0.0005 for va, vb in pairs)
+    line = (f"B - A: B ahead on {ahead} of these {len(pairs)} measures, behind on {behind} "
+            f"(mAP {b['retrieval']['map'] - a['retrieval']['map']:+.3f})")
+    if _fine_tuned(a) and not _fine_tuned(b):
+        line += ("\nnote: A holds the fine-tuned weights and B does not, so B - A is the fine-tune's gain with its "
+                 "sign turned: to read it as a gain, put the fine-tuned index second (--index-dir B --compare A)")
+    return line
 
 
 def probe_split_text(probe: dict) -> str:

@@ -146,6 +146,17 @@ def test_compare_side_by_side_on_the_same_images(sample_index, compare_index):
     for text in ("precision@1", "precision@10", "k=10 accuracy", "the same split for both", "test accuracy",
                  "per class", "AP A", "kNN B"):
         assert text in out, text
+    verdict = next(line for line in lines if line.startswith("B - A: B ahead on"))   # a verdict, not only a table
+    assert verdict.endswith(f"(mAP {float(row[2]) - float(row[1]):+.3f})") and "note: A holds" not in out
+
+
+def test_a_fine_tuned_index_given_first_is_pointed_out(sample_index, partial_index):
+    """Reproduces: with the fine-tuned index as A every B - A was negative, with no word that the two were the wrong
+    way round. (partial_index's weights are a file, as fine-tune's are.)"""
+    result = run("--index-dir", str(partial_index[0]), "--compare", str(sample_index.index_dir))
+    assert result.exit_code == 0, result.output
+    assert "note: A holds the fine-tuned weights and B does not" in result.stdout
+    assert "--index-dir B --compare A" in result.stdout
 
 
 def test_compare_json_gives_both_results_and_the_matched_count(sample_index, compare_index):
