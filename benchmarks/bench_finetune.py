@@ -72,11 +72,17 @@ def main() -> None:
     for key, label in (("cache_s", "decode + convolutional cache"), ("training_s", "training (all epochs)"),
                        ("epoch_s", "one epoch"), ("total_s", "whole fine_tune call")):
         print(f"{label:<34}{median[key]:>10.1f}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "finetune.json"
+    save_results(RESULTS / "finetune.json", args, median, runs)
+
+
+def save_results(out: Path, args: argparse.Namespace, median: dict, runs: list, **extra: object) -> None:
+    """The fine-tune benchmarks' JSON: the machine, the settings, the medians and every run (and extra)."""
+    import torch
+
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": {"cores": available_cores(), "cpu": platform.processor() or platform.machine(),
                                            "torch": torch.__version__},
-                               "settings": vars(args), "median": median, "runs": runs}, indent=1))
+                               "settings": vars(args), **extra, "median": median, "runs": runs}, indent=1))
     print(f"saved {out}")
 
 

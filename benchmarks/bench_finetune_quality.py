@@ -17,8 +17,6 @@ the crop seeds 1 (train) and 2 (test) and weights seed 0; the runs here use othe
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_finetune import save_results  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 OLD_DEFAULTS = {"objective": "ce", "optimizer": "sgd", "lr": 0.01, "dropout": 0.5, "epochs": 10, "patience": 3}
@@ -146,13 +146,8 @@ def main() -> None:
                  f"{m['cpu_s']:>8.0f}" if n != "random" else f"{'':>10}{'':>12}{'':>8}{'':>8}")
         print(f"{n:<14}{m['knn_accuracy']:>8.3f}{m['map']:>8.3f}{extra}   "
               f"{' '.join('%.3f' % r[n]['knn_accuracy'] for r in runs)}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) if args.out else RESULTS / "finetune_quality.json"
-    out.write_text(json.dumps({"machine": {"cores": available_cores(), "cpu": platform.processor() or platform.machine(),
-                                           "torch": torch.__version__},
-                               "settings": vars(args), "old_defaults": OLD_DEFAULTS, "median": median, "runs": runs},
-                              indent=1))
-    print(f"saved {out}")
+    save_results(Path(args.out) if args.out else RESULTS / "finetune_quality.json", args, median, runs,
+                 old_defaults=OLD_DEFAULTS)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ Prints a table and the medians, saves JSON under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -23,6 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_finetune import save_results  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SETTINGS = [("random", True), ("random", False), ("tuned", True), ("tuned", False)]
@@ -88,12 +88,7 @@ def main() -> None:
         gain = {m: statistics.median(r[f"tuned {whiten}"][m] - r[f"random {whiten}"][m] for r in runs) for m in METRICS}
         median[f"gain {whiten}"] = gain
         print(f"{'gain, ' + whiten:<18}" + "".join(f"{gain[m]:>+14.3f}" for m in METRICS))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) if args.out else RESULTS / "finetune_whitening.json"
-    out.write_text(json.dumps({"machine": {"cores": available_cores(), "cpu": platform.processor() or platform.machine(),
-                                           "torch": torch.__version__},
-                               "settings": vars(args), "median": median, "runs": runs}, indent=1))
-    print(f"saved {out}")
+    save_results(Path(args.out) if args.out else RESULTS / "finetune_whitening.json", args, median, runs)
 
 
 if __name__ == "__main__":
