@@ -101,7 +101,7 @@ def weights_problem(index_dir: Path, settings) -> tuple[str, str] | None:  # noq
     if path is None:   # ImageNet weights: known by their name, in torch hub's cache
         return None
     try:
-        same = settings.weights_identity.endswith(f"sha256={file_sha256(path)}")
+        same = file_sha256(path) == settings.weights_sha256
     except FileNotFoundError:
         if choice.is_random:
             return (f"the index's random weights file {path.name} is missing: no query can be computed",
@@ -116,8 +116,8 @@ def weights_problem(index_dir: Path, settings) -> tuple[str, str] | None:  # noq
         return None
     if choice.is_random:
         return (f"the index's random weights file {path.name} is not the one recorded (damaged or replaced)",
-                f"delete {display_name(str(path))} and run index-images {{data}} --index-dir {{index}}: it makes the "
-                "file again from the recorded seed")
+                "delete " + display_name(str(path)).replace("{", "{{").replace("}", "}}")   # (formatted by the caller)
+                + " and run index-images {data} --index-dir {index}: it makes the file again from the recorded seed")
     return (f"the weights file {display_name(str(path))} has changed since this index was built with it",
             "put the original back, or index into a new folder with these weights")
 

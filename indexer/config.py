@@ -208,7 +208,7 @@ def _moved_weights(asked: str, stored: IndexSettings) -> bool:
     if not (choice.is_file and stored.weights_choice.is_file) or stored.weights_choice.path.exists():
         return False
     try:
-        return stored.weights_identity.endswith(f"sha256={file_sha256(choice.path)}")
+        return file_sha256(choice.path) == stored.weights_sha256
     except OSError:
         return False
 

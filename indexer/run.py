@@ -60,9 +60,10 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
         require_ray()     # before anything else: without Ray, say how to get it
         if address := cfg.ray or os.environ.get("RAY_ADDRESS", ""):
             probe_cluster(address)   # and a cluster that does not answer, at once (ray.init retries for minutes)
-    fresh = not index_dir.exists()
+    fresh, locked = not index_dir.exists(), False
     try:
         with writer_locks(index_dir, cfg.db_url) as catalog:
+            locked = True   # (a run that found the folder locked made none of it: another run's first files)
             stored = catalog.settings()
             repairs = list(filter(None, [_remove_leftovers(index_dir),
                                          None if stored is None else restore_random_weights(index_dir, stored)]))
@@ -75,7 +76,7 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
                                       "of the FAISS index: marked to be extracted again; run the same command again")
             return report
     except ConfigError:
-        if fresh:   # refused before any work: no half-made index folder left behind (a later open would call it one)
+        if fresh and locked:   # refused before any work: no half-made index folder (a later open would call it one)
             _discard_unused(index_dir)
         raise
 
@@ -90,16 +91,20 @@ def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callabl
     if (moved := chosen.pop("moved_weights", None)) is not None:   # its weights file, moved: the index follows it
         moved_weights = f"the weights file moved: {display_name(stored.weights)} -> {display_name(moved)}; the index " \
                         "loads it from there now"
-        sha256 = stored.weights_identity.rpartition("sha256=")[2]
-        stored = dataclasses.replace(stored, weights=moved, weights_identity=file_weights_identity(Path(moved), sha256))
+        before = stored.weights_identity
+        stored = dataclasses.replace(stored, weights=moved,
+                                     weights_identity=file_weights_identity(Path(moved), stored.weights_sha256))
         catalog.save_settings(stored)
+        # the same bytes: what was recorded of their training images still holds (the history may not have moved)
+        if (known := catalog.training_record()) is not None and known["weights_identity"] == before:
+            catalog.save_training_record({**known, "weights_identity": stored.weights_identity})
         catalog.touch()   # servers load the index again, its network from the new place
         chosen["weights"] = stored.weights_choice
     if stored is not None:   # the images its weights were fine-tuned on, if not known yet (no network needed)
         record_training_images(catalog, stored.weights_choice, stored.weights_identity)
-    elif chosen["weights"].is_file and cfg.vector_index.whiten is None:
-        # a new index of a weights file (fine-tune's output) searches fc7 as the fine-tune shaped it and chose its
-        # epoch in: whitened, its held-out mAP fell from 0.74-0.77 to 0.57-0.59 (benchmarks/bench_finetune_whitening.py)
+    if chosen["weights"].is_file and cfg.vector_index.whiten is None and catalog.vector_index_record() is None:
+        # a new index of a weights file (fine-tune's output; new until its FAISS side is first recorded, a first run
+        # killed before that included) searches fc7 as the fine-tune shaped it and chose its epoch in: whitened, its held-out mAP fell from 0.74-0.77 to 0.57-0.59 (benchmarks/bench_finetune_whitening.py)
         cfg = dataclasses.replace(cfg, vector_index=dataclasses.replace(cfg.vector_index, whiten=False))
     planned = plan(cfg, catalog)
     if planned.unlisted_root is not None:

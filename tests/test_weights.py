@@ -135,5 +135,36 @@ def test_a_new_index_of_a_weights_file_does_not_whiten_unless_asked(sample_index
     assert recorded["on"] is False and "not whitened: an index of a weights file" in said
     assert whitening(tmp_path / "file", "--weights", str(weights))[0]["on"] is False, "recorded: later runs keep it"
     assert whitening(tmp_path / "asked", "--weights", str(weights), "--whiten")[0]["on"] is True
+    explicit, said = whitening(tmp_path / "typed", "--weights", str(weights), "--index-type", "PCAW16,L2norm,Flat")
+    assert "not whitened" not in said and "waits for" not in said, said   # a whitening type is built as asked
     assert whitening(tmp_path / "random", "--weights", "random")[0]["on"] is True, \
         "random (and ImageNet) weights still whiten by default"
+
+
+def test_a_first_run_of_a_weights_file_killed_before_its_faiss_side_still_does_not_whiten(sample_index, tmp_path):
+    """Reproduces (a review): the settings are saved when the network loads, the FAISS record only at the end, so a
+    first run killed in between left an index that the next run took for an existing one and whitened."""
+    import shutil
+    import subprocess
+    import sys
+    import textwrap
+
+    from helpers.indexes import build_index
+    from retrieval.catalog import Catalog
+    from retrieval.names import random_weights_file
+
+    weights = tmp_path / "tuned.pt"
+    shutil.copy(random_weights_file(sample_index.index_dir, "alexnet"), weights)
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import os
+        from indexer import index_folder
+        index_folder({str(sample_index.data_dir)!r}, {str(tmp_path / 'index')!r}, weights={str(weights)!r}, workers=0,
+                     batch_size=8, progress=lambda done, total: os._exit(9))   # killed after its first batch
+        """)], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 9, killed.stderr
+    build_index(sample_index.data_dir, tmp_path / "index", weights=str(weights))
+    catalog = Catalog(tmp_path / "index")
+    try:
+        assert catalog.count() == 30 and catalog.vector_index_record()["whiten"]["on"] is False
+    finally:
+        catalog.close()

@@ -30,6 +30,13 @@ class IndexSettings:
                       "views": values.get("views") or "single"})
 
     @property
+    def weights_sha256(self) -> str | None:
+        """The SHA-256 of the weights file the index records (random weights or a state dict file); None for
+        ImageNet's, known by their name."""
+        sha256 = self.weights_identity.rpartition("sha256=")[2]
+        return sha256 if "sha256=" in self.weights_identity else None
+
+    @property
     def weights_choice(self) -> WeightsChoice:
         """weights as the typed choice (weights itself is the text the catalog keeps)."""
         return WeightsChoice.parse(self.weights)
