@@ -55,7 +55,13 @@ def error_response(status: int, code: str, message: str) -> Response:
         response = jsonify({"error": {"code": code, "message": message}})
         response.status_code = status
     if status == 503:
-        response.headers["Retry-After"] = str(RETRY_AFTER_S.get(code, RETRY_AFTER_DEFAULT_S))
+        set_retry_after(response, code)
+    return response
+
+
+def set_retry_after(response: Response, code: str) -> Response:
+    """A 503's Retry-After: seconds until it is worth asking again, by the error's code."""
+    response.headers["Retry-After"] = str(RETRY_AFTER_S.get(code, RETRY_AFTER_DEFAULT_S))
     return response
 
 

@@ -6,13 +6,13 @@ import re
 import time
 from typing import Iterable
 
-from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
+from flask import Blueprint, Response, current_app, make_response, redirect, render_template, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from retrieval.search.expansion import QueryExpansion
 from retrieval.system import display_name
 
-from api.errors import ApiError
+from api.errors import ApiError, set_retry_after
 from api.query_input import page_number, parse_expansion, parse_k, read_query_image
 from api.recent_queries import RecentQuery
 from api.service import current_service
@@ -102,7 +102,8 @@ def upload() -> Response | tuple[str, int]:
         data, filename = read_query_image(request)
         answer = service.search_upload(data, k, preview_size=PREVIEW_SIZE)   # the preview: same decode, same limits
     except ApiError as exc:   # the file named, as the page's own check names a file that is no image
-        return _home(error=f"“{filename}”: {exc.message}" if filename else exc.message, status=exc.status)
+        page = make_response(*_home(error=f"“{filename}”: {exc.message}" if filename else exc.message, status=exc.status))
+        return set_retry_after(page, exc.code) if exc.status == 503 else page
     except RequestEntityTooLarge:
         limit_mb = current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
         return _home(error=f"That photo is larger than the {limit_mb:g} MB upload limit.", status=413)

@@ -9,7 +9,7 @@ from flask import Blueprint, Response, current_app, jsonify, request, send_file,
 from retrieval.search.snapshot import Hit
 from retrieval.system import display_name
 
-from api.errors import ApiError
+from api.errors import ApiError, set_retry_after
 from api.image_files import NotAnImageNow, image_mimetype
 from api.query_input import parse_expansion, parse_k, read_query_image
 from api.service import SearchAnswer, current_service
@@ -100,4 +100,4 @@ def healthz() -> Response:
     response = jsonify(body)
     response.status_code = status
     response.headers["Cache-Control"] = "no-store"
-    return response
+    return set_retry_after(response, "unavailable") if status == 503 else response

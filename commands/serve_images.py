@@ -73,8 +73,10 @@ class GunicornServer(BaseApplication):
                 sys.exit(Arbiter.WORKER_BOOT_ERROR)   # the master stops instead of restarting the worker forever
 
 
-def check_index(index_dir: Path, db_url: str | None = None) -> tuple[int, str]:
-    """-> (image count, "model layer") of the index, or a UserError saying to run index-images first."""
+def check_index(index_dir: Path, db_url: str | None = None, *, queried: bool = True) -> tuple[int, str]:
+    """-> (image count, "model layer") of the index, or a UserError saying to run index-images first. queried: its
+    network computes queries, so its weights file must be there as recorded (--compare-index's is only evaluated,
+    from its stored vectors)."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from indexer.check import weights_problem
@@ -105,7 +107,7 @@ def check_index(index_dir: Path, db_url: str | None = None) -> tuple[int, str]:
             raise UserError(f"the index's weights file {weights} cannot be read: this user may not read it; change "
                             "its permissions or run as its owner")
         # missing, damaged or replaced: said here once, not by every worker after gunicorn's "Listening", then 503s
-        if (problem := weights_problem(index_dir, settings)) is not None:
+        if queried and (problem := weights_problem(index_dir, settings)) is not None:
             action = problem[1].format(data=display_name(settings.data_dir), index=display_name(str(index_dir)))
             raise UserError(f"{problem[0]}; {action}")
         return catalog.count(), f"{settings.model} {settings.layer}"
@@ -311,7 +313,7 @@ def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, por
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)   # its search for CPU-specific builds is noise
     count, network = check_index(index_dir, db_url)   # what to index comes before where to listen
     if compare_index is not None:
-        check_index(compare_index)
+        check_index(compare_index, queried=False)
     check_port_free(host, port)
     from retrieval.catalog import mask_url   # light by now: check_index imported it
 

@@ -187,7 +187,8 @@ def test_a_broken_catalog_answers_503_until_it_is_restored(tmp_path, collection,
     else:
         (index / CATALOG_FILE).write_bytes(b"not a database " * 1000)
     assert wait_for(lambda: client.get("/healthz").status_code == 503), "healthz stayed 200"
-    assert client.get("/healthz").get_json()["status"] == "unavailable"
+    health = client.get("/healthz")
+    assert health.get_json()["status"] == "unavailable" and health.headers["Retry-After"] == "5"   # as every 503
     for response in (upload(client, query), client.get("/stats"), client.get(f"/images/{image_id}/neighbours"),
                      client.get(f"/images/{image_id}/thumbnail"), client.get(f"/images/{image_id}")):
         assert str(tmp_path) not in assert_unavailable(response)["message"], "no server paths in answers"

@@ -62,7 +62,7 @@ def test_a_missing_or_damaged_weights_file_is_said_before_the_server_starts(samp
 
     from retrieval.names import random_weights_file
 
-    index = tmp_path / "index"
+    index = tmp_path / "index{v}"   # braces: the message is formatted with the paths in it
     shutil.copytree(sample_index.index_dir, index)
     weights = random_weights_file(index, "alexnet")
     weights.unlink()
@@ -74,6 +74,10 @@ def test_a_missing_or_damaged_weights_file_is_said_before_the_server_starts(samp
     weights.write_bytes(b"not the weights the index was made with")   # damaged or replaced: found too
     result = CliRunner().invoke(main, ["--index-dir", str(index)])
     assert result.exit_code == 2 and "is not the one recorded (damaged or replaced)" in result.output, result.output
+    assert f"delete {weights} and run index-images" in result.output
+
+    from commands.serve_images import check_index   # a --compare-index is evaluated from its vectors, never queried
+    assert check_index(index, queried=False)[0] == 30
 
 
 @pytest.mark.slow
