@@ -381,8 +381,8 @@ def _print_report(r, verbose: bool = False, rebuilt: bool = False) -> None:  # n
                    f"{describe_vector_index(r.vector_index)}")
         if (low := low_recall_note(r.vector_index)) is not None:
             click.echo(low)
-        if r.indexed and not (r.vector_index.get("whiten") or {}).get("on") and r.network \
-                and r.network["weights"] not in ("imagenet", "random"):
+        if r.indexed and not (r.vector_index.get("whiten") or {}).get("on") and not r.vector_index.get("whitened_dim") \
+                and r.network and r.network["weights"] not in ("imagenet", "random"):
             click.echo("not whitened: an index of a weights file (fine-tune's output) searches fc7 as the fine-tune "
                        "shaped it, where whitening lost most of its gain (docs/fine-tuning.md); --whiten to whiten it")
         if (unused := unused_search_params_note(r.vector_index)) is not None:
@@ -446,7 +446,8 @@ def describe_vector_index(info: dict) -> str:
     from retrieval.vectors.index_types import min_train_vectors
     from retrieval.vectors.whitening import split_whitening
     requested = info.get("requested") or "auto"
-    if requested.lower() not in ("auto", "flat") and split_whitening(info["factory"])[1] != requested:
+    if requested.lower() not in ("auto", "flat") and requested != info["factory"] \
+            and split_whitening(info["factory"])[1] != requested:   # (an explicit PCAW... type is built as asked)
         whitening += (f"; {requested} waits for {min_train_vectors(requested)} images to train "
                       f"(has {info.get('count', 0)}), exact search until then")
     if info.get("exact"):

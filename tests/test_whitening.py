@@ -150,7 +150,7 @@ def test_an_unchanged_folder_leaves_a_whitened_flat_file_as_it_is(tmp_path, inde
     assert (after.st_ino, after.st_mtime_ns) == (saved.st_ino, saved.st_mtime_ns), "the FAISS file was written again"
 
 
-@pytest.mark.parametrize("explicit", ["PCAW32,L2norm,Flat", "PCAW32,Flat"])
+@pytest.mark.parametrize("explicit", ["PCAW32,L2norm,Flat", "PCAW32,Flat", "PCAWR32,Flat"])
 def test_an_explicit_whitening_type_waits_for_one_vector_more_than_its_dimensions(catalog, tmp_path, explicit):
     """Reproduces (a Python user's index_folder with vector_index="PCAW32,L2norm,Flat" and a first batch of 32): the
     whitening trained on exactly 32 vectors, which centred span 31 directions; the last was divided by a zero

@@ -202,7 +202,7 @@ def min_train_vectors(factory: str) -> int:
     for m, bits in re.findall(r"(?<![A-Za-z])PQ(\d+)(?:x(\d+))?", factory):
         need.append(2 ** int(bits or 8))
     need += [256 for _ in re.findall(r"OPQ\d+", factory)]
-    need += [int(k) + 1 for k in re.findall(r"PCAR?W?(\d+)", factory)]
+    need += [int(k) + 1 for k in re.findall(r"PCA[RW]{0,2}(\d+)", factory)]   # PCA, PCAR, PCAW, PCAWR
     return max(need)
 
 
