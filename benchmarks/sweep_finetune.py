@@ -104,16 +104,16 @@ def main() -> None:
             kept: dict = {}
             per_epoch: list = []
 
-            def keep(_state, _path, model=model, kept=kept):   # instead of writing 233 MB: the fc layers in memory
-                kept["fc"] = copy.deepcopy(model.fc.state_dict())
-                return Path(_path)
+            def keep(_state, cfg_, _history, model=model, kept=kept):   # instead of writing 233 MB (and a history):
+                kept["fc"] = copy.deepcopy(model.fc.state_dict())        # the fc layers in memory
+                return Path(cfg_.out)
 
             def report(event, facts, model=model, per_epoch=per_epoch):
                 if event == "epoch":
                     per_epoch.append({"epoch": facts["epoch"], "val_knn": facts["val_knn_accuracy"],
                                       "val_acc": facts["val_accuracy"], "test": test_scores(model)["knn_accuracy"]})
 
-            ft.save_weights = keep
+            ft.save_checkpoint = keep
             history = {"classes": data.classes, "epochs_run": [], "stopped": "completed"}
             t1 = time.perf_counter()
             ft.train_epochs(model, train_set, val_set, cfg, prep, device, torch.Generator().manual_seed(cfg.seed),

@@ -333,7 +333,7 @@ def _print_summary(s: dict) -> None:
             click.echo(f"note: {caution}")
     elif s["stopped"] == "interrupted":
         click.echo(f"NOT IMPROVED before it was stopped: no epoch so far retrieved better than the starting weights, "
-                   f"which {s['weights']} holds; run it again to train longer.")
+                   f"which {s['weights']} holds; run it again with --overwrite to train longer.")
     else:
         click.echo(f"NOT IMPROVED: no epoch retrieved better than the starting weights (kNN@{r['k']} "
                    f"{before['knn_accuracy']:.3f}, mAP {before['map']:.3f}), so {s['weights']} holds the starting "

@@ -39,7 +39,7 @@ HISTORY_KEYS = {"version", "created_at", "data_dir", "model", "weights", "weight
                 "patience", "val_fraction", "seed", "classes", "split", "initial_loss", "chance_loss", "sanity",
                 "selection", "retrieval_k", "initial_retrieval", "best_retrieval", "improved", "epochs_run",
                 "best_epoch", "best_val_accuracy", "stopped", "seconds", "split_sha256",
-                "weights_sha256"}
+                "weights_sha256", "checkpoints_sha256"}
 EPOCH_KEYS = {"epoch", "train_loss", "train_accuracy", "train_objective_loss", "val_loss", "val_accuracy",
               "val_knn_accuracy", "val_map", "lr", "seconds"}
 # The default objective and optimisation, from seeded random weights; small batches for a small collection.
@@ -336,8 +336,10 @@ def test_a_run_killed_mid_training_leaves_the_history_of_the_weights_it_left(tun
                             env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     history_file = tmp_path / "hup.history.json"
 
-    def learned() -> bool:   # an epoch better than the starting weights saved (those hold no training image)
-        return history_file.exists() and json.loads(history_file.read_text())["improved"]
+    def learned() -> bool:   # an epoch better than the starting weights in the file (those hold no training image)
+        if not (history_file.exists() and out.exists()):
+            return False
+        return file_sha256(out) in json.loads(history_file.read_text()).get("checkpoints_sha256", [])[1:]
     try:
         wait_for(lambda: learned() or proc.poll() is not None, 300, interval=0.2)
         assert learned(), proc.communicate()[1]
@@ -348,7 +350,7 @@ def test_a_run_killed_mid_training_leaves_the_history_of_the_weights_it_left(tun
             proc.kill()
     assert proc.returncode == -signal.SIGHUP
     history = json.loads(history_file.read_text())
-    assert history["stopped"] == "unfinished" and history["weights_sha256"] == file_sha256(out)
+    assert history["stopped"] == "unfinished" and file_sha256(out) in history["checkpoints_sha256"]
     build_index(tuned["data"], tmp_path / "index", weights=str(out))
     ev = evaluate(tmp_path / "index", ks=(1,), probe=False)
     assert ev.training_images == "excluded" and ev.excluded_training_images == len(history["split"]["train"]) > 0
@@ -390,7 +392,8 @@ def test_an_out_of_another_suffix_keeps_the_history_of_the_weights_beside_it(tmp
     history.write_text('{"the first run": "its history"}')
     result = CliRunner().invoke(main, [str(tmp_path / "data"), "--out", str(tmp_path / "tuned.pth"), *RANDOM_START])
     assert result.exit_code == 2, result.output
-    assert f"--out {history}, where this run would write its history, holds another run's" in result.output
+    assert f"--out {tmp_path / 'tuned.pth'} would write its history to {history}, which holds another run's" \
+        in result.output
     assert "--overwrite" in result.output and history.read_text() == '{"the first run": "its history"}'
     with pytest.raises(FineTuneError, match="holds another run's.*overwrite=True"):
         fine_tune(FineTuneConfig(data_dir=tmp_path / "data", out=tmp_path / "tuned.pth", weights="random"))
@@ -560,6 +563,7 @@ def test_a_gain_on_few_validation_images_or_with_a_lower_map_comes_with_a_cautio
     _print_summary(summary(114, (0.640, 0.553), (0.640, 0.553), stopped="interrupted", improved=False))
     said = capsys.readouterr().out
     assert "NOT IMPROVED before it was stopped" in said and "more images per class" not in said
+    assert "run it again with --overwrite" in said   # (without it, the rerun is refused: --out exists)
 
 
 def test_an_index_folder_or_a_folder_without_class_folders_is_named_as_such(sample_index, tmp_path):
@@ -572,3 +576,26 @@ def test_an_index_folder_or_a_folder_without_class_folders_is_named_as_such(samp
         (flat / f.name).write_bytes(f.read_bytes())
     result = CliRunner().invoke(main, [str(flat), "--out", str(tmp_path / "t.pt"), "--weights", "random"])
     assert result.exit_code == 2 and "(3 image(s) directly in it, outside any class folder)" in result.output
+
+
+@pytest.mark.slow
+def test_an_index_that_follows_its_moved_weights_keeps_their_training_images(tuned, tmp_path):
+    """Reproduces (a review): repointing an index at its weights file moved elsewhere, without the history beside it,
+    read the history again at the new place, found none, and forgot which images the weights were trained on."""
+    import shutil
+
+    from retrieval.quality import evaluate
+
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    first.mkdir()
+    moved.mkdir()
+    shutil.copy(tuned["out"], first / "tuned.pt")
+    shutil.copy(tuned["root"] / "tuned.history.json", first / "tuned.history.json")
+    build_index(tuned["data"], tmp_path / "index", weights=str(first / "tuned.pt"))
+    before = evaluate(tmp_path / "index", ks=(1,), probe=False)
+    assert before.training_images == "excluded" and before.excluded_training_images > 0
+    (first / "tuned.pt").rename(moved / "tuned.pt")   # the weights alone: the history stays behind
+    report = build_index(tuned["data"], tmp_path / "index", weights=str(moved / "tuned.pt"))
+    assert any("the weights file moved" in r for r in report.repairs)
+    after = evaluate(tmp_path / "index", ks=(1,), probe=False)
+    assert (after.training_images, after.excluded_training_images) == ("excluded", before.excluded_training_images)

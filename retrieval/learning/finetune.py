@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import hashlib
+import io
 import logging
 import math
 import time
@@ -331,9 +333,8 @@ def train_epochs(net: Classifier, train_set: Samples, val_set: Samples, cfg: Fin
         best = {"knn_accuracy": before["knn_accuracy"], "map": before["map"]}
         history.update(retrieval_k=before["k"], initial_retrieval=dict(best), best_retrieval=dict(best))
         report("before", {**before, "val_images": len(val_set), "train_images": len(train_set)})
-        saved = save_weights(net.backbone_state(cfg.keep_head), cfg.out)
-        history["best_epoch"], history["best_val_accuracy"] = 0, head_acc          # once the file holds it
-        _checkpoint_history(cfg, history, saved)
+        history["best_epoch"], history["best_val_accuracy"] = 0, head_acc
+        saved = save_checkpoint(net.backbone_state(cfg.keep_head), cfg, history)
         report("saved", {"epoch": 0, "path": str(saved), **best})
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
@@ -377,9 +378,8 @@ def train_epochs(net: Classifier, train_set: Samples, val_set: Samples, cfg: Fin
             report("epoch", row)
             if _better(scores, best):
                 best = {"knn_accuracy": scores["knn_accuracy"], "map": scores["map"]}
-                saved = save_weights(net.backbone_state(cfg.keep_head), cfg.out)
                 history.update(best_epoch=epoch, best_val_accuracy=val_acc, best_retrieval=dict(best), improved=True)
-                _checkpoint_history(cfg, history, saved)
+                saved = save_checkpoint(net.backbone_state(cfg.keep_head), cfg, history)
                 report("saved", {"epoch": epoch, "path": str(saved), **best})
                 since_best = 0
             else:
@@ -394,15 +394,17 @@ def train_epochs(net: Classifier, train_set: Samples, val_set: Samples, cfg: Fin
     return saved
 
 
-def _checkpoint_history(cfg: FineTuneConfig, history: dict, saved: Path) -> None:
-    """The history as it stands, written next to the weights just saved, "unfinished" (the run's end writes it
-    again): a run killed by a hang-up, a crash or the kernel's OOM killer leaves weights whose training images are
-    still known, so an index made with them keeps scoring held-out images only."""
-    write_history(cfg.history_path, {**history, "stopped": "unfinished", "weights_sha256": file_sha256(saved)})
+def save_checkpoint(state: dict[str, torch.Tensor], cfg: FineTuneConfig, history: dict) -> Path:
+    """Write a checkpoint to cfg.out and the history as it stands, marked "unfinished" (the run's end writes it
+    again), so that a run killed by a hang-up, a crash or the OOM killer leaves weights whose training images are
+    known: an index made with them keeps scoring held-out images only. The history goes first, already naming the
+    new weights among the run's checkpoints (hashed in memory): killed in between, the file still holds an earlier
+    checkpoint, which it names too. -> cfg.out."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    digest = hashlib.sha256(buffer.getbuffer()).hexdigest()
+    history["checkpoints_sha256"] = [*history.get("checkpoints_sha256", []), digest]   # the first: epoch 0's
+    write_history(cfg.history_path, {**history, "stopped": "unfinished", "weights_sha256": digest})
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(cfg.out, buffer.getbuffer())
 
-
-def save_weights(state: dict[str, torch.Tensor], path: Path) -> Path:
-    """torch.save a plain dict of tensors, replacing path whole (retrieval.files.atomic_write; its folder created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda f: torch.save(state, f))

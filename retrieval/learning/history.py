@@ -59,8 +59,8 @@ def out_taken(out: Path) -> str | None:
         return f"{out} exists: an index made with those weights would no longer match them"
     history = history_path_for(out)
     if history.exists():
-        return (f"{history}, where this run would write its history, holds another run's (an index of its weights "
-                "reads there which images they were trained on)")
+        return (f"{out} would write its history to {history}, which holds another run's (an index of that run's "
+                "weights reads there which images they were trained on)")
     return None
 
 
@@ -175,13 +175,14 @@ def training_record(weights_file: Path | str, weights_sha256: str) -> dict:
         return {**record, "status": "no_hashes",
                 "reason": f"{path.name} was written by an older fine-tune, which kept the split's paths but not "
                           "the images' content hashes"}
-    if history.get("weights_sha256") not in (None, weights_sha256):
+    checkpoints = history.get("checkpoints_sha256") or []   # every checkpoint the run wrote, epoch 0's first
+    if history.get("weights_sha256") not in (None, weights_sha256) and weights_sha256 not in checkpoints:
         return {**record, "status": "other_weights",
                 "reason": f"{path.name} describes another weights file (fine-tune ran again since these weights)"}
-    if history.get("improved") is False:
+    if history.get("improved") is False or (checkpoints and weights_sha256 == checkpoints[0]):
         return {**record, "status": TRAINING_NONE_LEARNED,
-                "reason": "these weights are fine-tune's starting weights, kept because no epoch retrieved better: no "
-                          "image was learned into them"}
+                "reason": "these weights are fine-tune's starting weights (no epoch retrieved better, or the run "
+                          "stopped before one did): no image was learned into them"}
     return {**record, **{f"{part}_sha256": sorted({h for h in hashes[part] if h is not None}) for part in ("train", "val")}}
 
 
