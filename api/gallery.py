@@ -81,6 +81,12 @@ def home() -> tuple[str, int]:
     return _home()
 
 
+@bp.get("/favicon.ico")
+def favicon() -> Response:
+    """Where browsers look for an icon on pages that name none (the JSON answers): the gallery's own."""
+    return redirect(url_for("static", filename="favicon.svg"), code=301)
+
+
 @bp.get("/gallery")
 def gallery_root() -> Response:
     return redirect(url_for("gallery.home"))

@@ -50,7 +50,7 @@ _PARSER_ERROR_CODES = {400: "bad_request", 403: "forbidden", 414: "request_line_
 
 
 def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:  # noqa: ANN001 - gunicorn's write_error
-    prefix = os.environ.get("SCRIPT_NAME", "")
+    prefix = os.environ.get("SCRIPT_NAME", "").rstrip("/")
     if status_int == 500 and prefix and "does not start with SCRIPT_NAME" in str(mesg):
         # served under a sub-path (SCRIPT_NAME=/pics) and asked outside it: no such address, not a server failure
         status_int, reason, mesg = 404, "Not Found", f"no such resource: this server answers under {prefix}/"

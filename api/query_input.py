@@ -1,6 +1,8 @@
 """Reading a query from a request: the image (multipart field or raw body), k, and image ids in URLs."""
 from __future__ import annotations
 
+import re
+
 from flask import Request
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.routing import BaseConverter, ValidationError
@@ -10,6 +12,7 @@ from retrieval.search.expansion import ExpansionError, QueryExpansion
 from api.errors import ApiError
 
 IMAGE_FIELD = "image"
+NUMBER = re.compile(r"[0-9]{1,10}(\.[0-9]{0,10})?([eE][+-]?[0-9]{1,3})?|\.[0-9]{1,10}([eE][+-]?[0-9]{1,3})?")
 MAX_IMAGE_ID = 2**63 - 1     # catalog ids are SQLite INTEGERs: signed 64-bit
 
 
@@ -119,7 +122,8 @@ def parse_expansion(request: Request) -> QueryExpansion | None:
     alpha: float | None = 0.0
     if alpha_text:
         try:
-            alpha = float(alpha_text) if alpha_text.isascii() and len(alpha_text) <= 32 else None
+            # float() also reads "1_0" and "infinity": only the ways people write a number
+            alpha = float(alpha_text) if NUMBER.fullmatch(alpha_text) else None
         except ValueError:
             alpha = None
     try:

@@ -190,7 +190,8 @@ def test_search_with_query_expansion_averages_the_query_with_its_first_results(c
 
 
 @pytest.mark.parametrize("query", ["qe=x", "qe=-1", "qe=51", "qe=2&qe_alpha=x", "qe=2&qe_alpha=-1", "qe=2&qe_alpha=nan",
-                                   "qe=2&qe_alpha=101", "qe=2&qe_alpha=inf", "qe=2&qe_alpha=1e400", "qe=１"])
+                                   "qe=2&qe_alpha=101", "qe=2&qe_alpha=inf", "qe=2&qe_alpha=1e400", "qe=１",
+                                   "qe=2&qe_alpha=1_0"])
 def test_search_with_bad_query_expansion_is_400(client, sample_index, query):
     r = upload(client, image_bytes(sample_index), f"/search?{query}")
     assert_error(r, 400, "bad_query_expansion")

@@ -203,6 +203,8 @@ def test_a_typed_k_on_a_gallery_page_is_clamped_as_a_page_number_is(app, client)
 
 
 def test_static_files_are_served(client):
+    # /favicon.ico, which browsers ask for on the JSON answers (a 404 in their console), is the gallery's icon
+    assert client.get("/favicon.ico", follow_redirects=True).mimetype == "image/svg+xml"
     for name, mime in (("gallery.css", "text/css"), ("gallery.js", "text/javascript"), ("favicon.svg", "image/svg+xml")):
         r = client.get(f"/static/{name}")
         assert r.status_code == 200 and r.mimetype == mime, name

@@ -284,6 +284,7 @@ def test_duplicates_from_python_group_a_photo_with_its_copies(tmp_path, monkeypa
     # random weights: groups of drawings only alike come with find-duplicates' note, in Python too (it had none)
     assert any(len({m.sha256 for m in g}) > 1 for g in found.groups)
     assert found.notes() and "seeded random weights" in found.notes()[0]
+    assert [g for g in found] == found.groups   # iterable, as a SearchResult is
     assert str(found).startswith(f"{len(found.groups)} group(s) of near-duplicates among 14 images") and \
         "note: this index's network has seeded random weights" in str(found)
     for refused in (-1, 0, 2, float("nan")):   # what find-duplicates --threshold refuses too

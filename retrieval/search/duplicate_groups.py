@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from retrieval.catalog.catalog import ImageRecord
@@ -92,6 +93,9 @@ class DuplicateGroups:
     images: int              # images looked at
     whitened: bool = True    # distances between whitened vectors; False: raw unit vectors (too few images to whiten)
     random_weights: bool = False   # the index's network has seeded random weights
+
+    def __iter__(self) -> Iterator[list[DuplicateImage]]:   # for group in index.duplicates(): (no __len__: an
+        return iter(self.groups)                            # empty result stays truthy where callers test for None)
 
     def notes(self) -> list[str]:
         """What to bear in mind reading these groups (find-duplicates prints them, /duplicates shows them): with
