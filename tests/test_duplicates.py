@@ -262,6 +262,9 @@ def test_duplicates_page_shows_the_groups_with_thumbnails(collection, tmp_path):
         assert broken_images(page) == []
         assert truth["byte_copy"][1].rsplit("/", 1)[-1] in page.content()
         assert "seeded random weights" in page.locator(".groups-note").inner_text()
+        how = page.locator("#threshold-details").text_content()
+        assert "calibrated on this collection" in how and "--threshold (from Python" not in how, \
+            "the page offers ?threshold=D, not the command's option"
         screenshot(page, "duplicates")
         assert errors.take() == []
 

@@ -45,7 +45,9 @@ class Threshold:
         0.012, finding 0% of them, it was advice to find nothing)."""
         return self.choice is not None and self.choice.strict_copy_recall >= STRICT_MIN_COPY_RECALL
 
-    def describe(self) -> str:
+    def describe(self, *, override: bool = True) -> str:
+        """The threshold in words: how it was calibrated; override: and how to give another (the command line's and
+        Python's way; the page offers its own)."""
         if self.choice is None:
             return f"threshold {self.value:.3f} (given)"
         c = self.choice
@@ -53,7 +55,8 @@ class Threshold:
                 f"copies of {self.calibration_images} of its images ({', '.join(EDITS)}) lie within it of their "
                 f"original. Of {c.neighbours} distances from its images to their nearest others, "
                 f"{c.neighbour_share:.1%} fall under it; about {c.copy_rate:.1%} look like copies{self._in_groups()}, "
-                "and the threshold was chosen for that. --threshold (from Python: threshold=) overrides it.")
+                "and the threshold was chosen for that." + (" --threshold (from Python: threshold=) overrides it."
+                                                             if override else ""))
 
     def _in_groups(self) -> str:
         g = self.choice.group_size
