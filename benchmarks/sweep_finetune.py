@@ -3,7 +3,7 @@
 The training folder (crop_collection, --train-seed) and the test folder (--test-seed) are cut from the same 19 real
 photos with different seeds. The convolutions are frozen (--train fc), so their output is computed once per run
 (the same cache fine_tune builds: random views of each training image, centre crops) and every setting trains on
-it with retrieval.learning.finetune.train_epochs, the loop fine_tune runs, keeping the epoch it keeps (the best
+it with retrieval.learning.epochs.train_epochs, the loop fine_tune runs, keeping the epoch it keeps (the best
 validation kNN@10). Each line: the validation kNN@10 of the kept epoch, and the test images' kNN@10 and mAP
 searched among the training folder's images (fc7, L2-normalised) with that epoch's network, against epoch 0 (the
 starting weights). Test numbers never choose anything. Saves JSON under benchmarks/results/.
@@ -48,6 +48,7 @@ def main() -> None:
     import numpy as np
     import torch
 
+    import retrieval.learning.epochs as epochs_module
     import retrieval.learning.finetune as ft
     from real_photos import crop_collection
     from retrieval.features.backbones import preprocessing_for, random_state_dict
@@ -113,11 +114,11 @@ def main() -> None:
                     per_epoch.append({"epoch": facts["epoch"], "val_knn": facts["val_knn_accuracy"],
                                       "val_acc": facts["val_accuracy"], "test": test_scores(model)["knn_accuracy"]})
 
-            ft.save_checkpoint = keep
+            epochs_module.save_checkpoint = keep
             history = {"classes": data.classes, "epochs_run": [], "stopped": "completed"}
             t1 = time.perf_counter()
-            ft.train_epochs(model, train_set, val_set, cfg, prep, device, torch.Generator().manual_seed(cfg.seed),
-                            history, report)
+            epochs_module.train_epochs(model, train_set, val_set, cfg, prep, device,
+                                       torch.Generator().manual_seed(cfg.seed), history, report)
             seconds = time.perf_counter() - t1
             model.fc.load_state_dict(kept["fc"])
             scores = test_scores(model)
