@@ -384,6 +384,15 @@ def test_an_existing_out_file_is_kept_unless_overwrite_is_asked(tmp_path):
     assert out.read_bytes() != b"the first run's weights"
 
 
+def test_an_out_ending_in_a_slash_is_refused_before_anything_is_written(tmp_path):
+    """Reproduces: `--out tuned/` (meaning "into that folder") trained and wrote a file named "tuned"."""
+    make_colour_collection(tmp_path / "data", per_class=3)
+    result = CliRunner().invoke(main, [str(tmp_path / "data"), "--out", f"{tmp_path / 'tuned'}/", "--weights", "random"])
+    assert result.exit_code == 2, result.output
+    assert "ends with '/', so it names a folder; give a file's name" in result.output
+    assert not (tmp_path / "tuned").exists()
+
+
 def test_an_out_of_another_suffix_keeps_the_history_of_the_weights_beside_it(tmp_path):
     """Reproduces: --out tuned.pth next to tuned.pt wrote over tuned.history.json, tuned.pt's history, without
     --overwrite; an index of tuned.pt then could not tell its training images apart and scored them as held out."""
