@@ -135,10 +135,10 @@ class Index:
         hits = snapshot.search_vectors(vector, k, expansion=expansion)[0]
         return SearchResult(self._hits(snapshot, hits), described, k, preview)
 
-    def neighbours(self, image: int | str | os.PathLike, k: int = 10) -> SearchResult:
+    def neighbours(self, image: Hit | int | str | os.PathLike, k: int = 10) -> SearchResult:
         """The k nearest images to an indexed image, itself left out, from its stored vector (no forward pass).
 
-        image: its id (Hit.id), or its path: relative to the working folder, absolute, or relative to the
+        image: a Hit of an earlier result, its id (Hit.id), or its path: relative to the working folder, absolute, or relative to the
         data folder (as Hit.path). Raises ImageNotIndexed when the index does not hold it.
         """
         _check_k(k)
@@ -214,13 +214,15 @@ class Index:
         data_dir = snapshot.data_dir
         return [Hit(h.id, h.path, h.label, h.distance, data_dir / h.path) for h in hits]
 
-    def _record(self, snapshot: IndexSnapshot, image: int | str | os.PathLike):  # noqa: ANN202 - ImageRecord
+    def _record(self, snapshot: IndexSnapshot, image: Hit | int | str | os.PathLike):  # noqa: ANN202 - ImageRecord
+        if isinstance(image, Hit):
+            image = image.id
         if isinstance(image, (int, np.integer)) and not isinstance(image, bool):
             record = snapshot.catalog.get(int(image))
         elif isinstance(image, (str, os.PathLike)):
             record = snapshot.catalog.get_by_path(stored_path(image, snapshot.data_dir))
         else:
-            raise TypeError(f"an image id (int) or a path, not {type(image).__name__}")
+            raise TypeError(f"a Hit, an image id (int) or a path, not {type(image).__name__}")
         if record is None:
             shown = os.fspath(image) if isinstance(image, (str, os.PathLike)) else int(image)
             raise ImageNotIndexed(f"the index holds no image {shown!r}; search() takes any image file")
@@ -264,6 +266,9 @@ def query_source(query: Query) -> tuple[ImageSource, str]:
         return png_bytes(query), f"PIL image {query.width}x{query.height} {query.mode}"
     if isinstance(query, np.ndarray):
         return png_bytes(array_image(query)), f"array {query.shape} {query.dtype}"
+    if isinstance(query, Hit):
+        raise TypeError("search takes an image, not a Hit: neighbours(hit) searches from an indexed image's stored "
+                        "vector, search(hit.file) from its file")
     raise TypeError(f"search takes a file path, image bytes, a binary file object, a PIL image or a uint8 array (H, W, 3), "
                     f"not {type(query).__name__}")
 

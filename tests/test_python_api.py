@@ -169,10 +169,13 @@ def test_a_closed_index_says_so_as_a_closed_file_does(built):
     ix.close()                                  # a second close does nothing
 
 
-def test_neighbours_by_id_and_by_path_leave_the_image_out(built, index, monkeypatch):
+def test_neighbours_by_hit_by_id_and_by_path_leave_the_image_out(built, index, monkeypatch):
     me = index.search(built.data / "blue_squares" / "blue_squares_001.jpg", k=1)[0]
     by_id = index.neighbours(me.id, k=4)
     assert me.id not in [h.id for h in by_id] and len(by_id) == 4
+    assert [h.id for h in index.neighbours(me, k=4)] == [h.id for h in by_id]   # a result's hit, as it is
+    with pytest.raises(TypeError, match=r"neighbours\(hit\).*search\(hit.file\)"):
+        index.search(me)
     monkeypatch.chdir(built.data)
     for path in ("blue_squares/blue_squares_001.jpg", Path("blue_squares/blue_squares_001.jpg").resolve()):
         assert [h.id for h in index.neighbours(path, k=4)] == [h.id for h in by_id]
