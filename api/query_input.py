@@ -79,9 +79,9 @@ def page_number(raw: str | None, pages: int) -> int:
 def parse_k(request: Request, *, default: int, maximum: int, lenient: bool = False) -> int:
     """k from the query string, else from a multipart/urlencoded form; 1..maximum. Raises ApiError 400.
 
-    lenient (the gallery's pages, whose URLs people type): a k past maximum is maximum and an unreadable one the
-    default, as ?page= is clamped."""
-    raw = _param(request, "k")
+    lenient (the gallery's pages, whose URLs people type): a k past maximum is maximum, an unreadable one the
+    default, as ?page= is clamped, and of a repeated k (`?k=5` typed after a link's `?k=10`) the last."""
+    raw = _param(request, "k", last=lenient)
     if raw is None:
         return default
     raw = raw.strip()
@@ -96,13 +96,15 @@ def parse_k(request: Request, *, default: int, maximum: int, lenient: bool = Fal
     raise ApiError(400, "bad_k", f"k must be a whole number from 1 to {maximum}, not {shown!r}")
 
 
-def _param(request: Request, name: str) -> str | None:
+def _param(request: Request, name: str, *, last: bool = False) -> str | None:
     """A parameter from the query string, else from a multipart/urlencoded form. Raises ApiError 400 when it is
-    given more than once there (k=1&k=abc: which one was meant?)."""
+    given more than once there (k=1&k=abc: which one was meant?), unless last: then the last one given."""
     source = request.args
     if name not in source and request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         source = request.form
     given = source.getlist(name)
+    if last and given:
+        return given[-1]
     if len(given) > 1:
         raise ApiError(400, f"repeated_{name}", f"{name} is given {len(given)} times; send it once")
     return given[0] if given else None

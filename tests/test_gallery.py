@@ -190,7 +190,7 @@ def test_unknown_gallery_image_is_a_404_page(client):
 
 def test_a_typed_k_on_a_gallery_page_is_clamped_as_a_page_number_is(app, client):
     """People type gallery URLs: ?k=1000 shows the most a page may (MAX_K), ?k=abc the default, as ?page=999 shows
-    the last page; the JSON API refuses both (400 bad_k)."""
+    the last page, a repeated k the last; the JSON API refuses them (400 bad_k, repeated_k)."""
     def shown(url: str) -> int:
         r = client.get(url)
         assert r.status_code == 200 and r.mimetype == "text/html", url
@@ -199,7 +199,9 @@ def test_a_typed_k_on_a_gallery_page_is_clamped_as_a_page_number_is(app, client)
     assert app.config["MAX_K"] >= 30   # the sample index's 30 images: every other one fits on a page
     assert shown("/gallery/1?k=1000") == 29
     assert shown("/gallery/1?k=abc") == shown("/gallery/1") == app.config["GALLERY_K"]
+    assert shown("/gallery/1?k=10&k=3") == 3     # a k typed after a link's: the last one (was a 400 page)
     assert client.get("/images/1/neighbours?k=1000").status_code == 400
+    assert client.get("/images/1/neighbours?k=10&k=3").status_code == 400   # the API: which one was meant?
 
 
 def test_static_files_are_served(client):
