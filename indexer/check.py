@@ -116,8 +116,7 @@ def weights_problem(index_dir: Path, settings) -> tuple[str, str] | None:  # noq
         return None
     if choice.is_random:
         return (f"the index's random weights file {path.name} is not the one recorded (damaged or replaced)",
-                "delete " + display_name(str(path)).replace("{", "{{").replace("}", "}}")   # (formatted by the caller)
-                + " and run index-images {data} --index-dir {index}: it makes the file again from the recorded seed")
+                "run index-images {data} --index-dir {index}: it makes the file again from the recorded seed")
     return (f"the weights file {display_name(str(path))} has changed since this index was built with it",
             "put the original back, or index into a new folder with these weights")
 

@@ -54,29 +54,41 @@ def load_network(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None,
 
 
 def restore_random_weights(index_dir: Path, stored: IndexSettings) -> str | None:
-    """An index with seeded random weights whose file is gone: made again from the recorded seed and kept when it
-    is the very file recorded (its SHA-256; torch.save writes the same bytes for the same tensors). -> the repair,
-    in words, or None when there was nothing to do. Raises ConfigError when the seed gives other weights here
-    (another torch or torchvision version initialises differently)."""
+    """An index with seeded random weights whose file is gone or damaged (its SHA-256 not the recorded one): made
+    again from the recorded seed and kept when it is the very file recorded (torch.save writes the same bytes for
+    the same tensors). -> the repair, in words, or None when there was nothing to do. Raises ConfigError when the
+    seed gives other weights here (another torch or torchvision version initialises differently); a damaged file
+    is then left as it is."""
+    from retrieval.features.digests import file_sha256
+
     choice = stored.weights_choice
     if not choice.is_random:
         return None
     path = choice.source_file(index_dir, stored.model)
-    if path.exists():
-        return None
+    try:
+        if f"random:sha256={file_sha256(path)}" == stored.weights_identity:
+            return None
+        state = "damaged (not the recorded bytes)"
+    except FileNotFoundError:
+        state = "missing"
+    except OSError:
+        return None   # unreadable: the run that loads it says so, with what to do
+    import hashlib
+    import io
+
     import torch
 
     from retrieval.features.backbones import random_state_dict
-    from retrieval.features.digests import file_sha256
     from retrieval.files import atomic_write
 
-    atomic_write(path, lambda f: torch.save(random_state_dict(stored.model, stored.seed), f))
-    if f"random:sha256={file_sha256(path)}" != stored.weights_identity:
-        path.unlink()
-        raise ConfigError(f"the index's random weights file {path} is missing, and seed {stored.seed} makes other "
+    made = io.BytesIO()
+    torch.save(random_state_dict(stored.model, stored.seed), made)
+    if f"random:sha256={hashlib.sha256(made.getbuffer()).hexdigest()}" != stored.weights_identity:
+        raise ConfigError(f"the index's random weights file {path} is {state}, and seed {stored.seed} makes other "
                           f"weights with this torch {torch.__version__} than the recorded ones: restore the file from "
                           "a backup, or index into a new folder (--index-dir NEW)")
-    return f"the random weights file {path.name} was missing: made again from seed {stored.seed} (the same file, by its SHA-256)"
+    atomic_write(path, made.getvalue())
+    return f"the random weights file {path.name} was {state}: made again from seed {stored.seed} (the same file, by its SHA-256)"
 
 
 def record_training_images(catalog: Catalog, weights: WeightsChoice, identity: str) -> None:

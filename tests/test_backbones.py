@@ -119,6 +119,25 @@ def test_a_weights_file_hashed_ahead_and_then_replaced_is_named_by_its_new_bytes
     assert file_sha256(path) == hashlib.sha256(b"new weights, longer" * 100_000).hexdigest()
 
 
+def test_a_weights_file_is_read_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    """serve-images checked the weights against the index (a hash of hundreds of MB) and then hashed them again to
+    load them. A file unchanged since is hashed once; one changed in place, even to the same size, is read again."""
+    from retrieval.features import digests
+
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"a" * 1000)
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))        # written long ago
+    reads = []
+    real = digests._sha256
+    monkeypatch.setattr(digests, "_sha256", lambda p: reads.append(p) or real(p))
+    assert file_sha256(path) == file_sha256(path) == hashlib.sha256(b"a" * 1000).hexdigest()
+    assert len(reads) == 1
+    with open(path, "r+b") as f:                               # damaged in place: same inode, same size
+        f.write(b"b")
+    assert file_sha256(path) == hashlib.sha256(b"b" + b"a" * 999).hexdigest()   # just written: not kept
+    assert file_sha256(path) == hashlib.sha256(b"b" + b"a" * 999).hexdigest() and len(reads) == 3
+
+
 def test_a_network_keeps_its_weights_when_the_file_is_replaced_under_it(tmp_path):
     """Random weights are memory-mapped: a new file put in their place (a rebuilt index) leaves a loaded network as
     it was, and the next load reads the new one."""

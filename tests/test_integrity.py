@@ -222,9 +222,10 @@ def test_check_of_an_index_stopped_before_its_settings_says_to_rerun_with_the_fi
     assert run(index_images, [sample_index.data_dir, "--index-dir", index, "--check"]).exit_code == 0
 
 
-def test_a_lost_random_weights_file_is_named_by_check_and_made_again_by_the_next_run(copy):
-    """The seeded random weights are the index's network: lost, no query can be computed. --check says so and what to
-    do; the next index-images run, even one with nothing to index, makes the very file again from the recorded seed."""
+def test_a_lost_or_damaged_random_weights_file_is_named_by_check_and_made_again_by_the_next_run(copy):
+    """The seeded random weights are the index's network: lost or damaged, no query can be computed. --check says so
+    and what to do; the next index-images run, even one with nothing to index, makes the very file again from the
+    recorded seed."""
     data, index = copy
     weights = index / "random-weights-alexnet.pt"
     original = weights.read_bytes()
@@ -246,7 +247,13 @@ def test_a_lost_random_weights_file_is_named_by_check_and_made_again_by_the_next
 
     weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))   # one bit changed: not the network recorded
     damaged = run(index_images, [data, "--index-dir", index, "--check"])
-    assert damaged.exit_code == 1 and "is not the one recorded" in damaged.output and f"delete {weights}" in damaged.output
+    assert damaged.exit_code == 1 and "is not the one recorded" in damaged.output
+    assert "makes the file again from the recorded seed" in damaged.output
+    # an index-images run with nothing to index noticed nothing: the next search then refused to run
+    result = run(index_images, [data, "--index-dir", index])
+    assert result.exit_code == 0 and "indexed 0, unchanged 30" in result.output, result.output
+    assert "random-weights-alexnet.pt was damaged (not the recorded bytes): made again from seed 0" in result.output
+    assert weights.read_bytes() == original
 
 
 def test_check_while_an_index_images_run_writes_says_to_wait(copy):

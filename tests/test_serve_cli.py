@@ -74,7 +74,7 @@ def test_a_missing_or_damaged_weights_file_is_said_before_the_server_starts(samp
     weights.write_bytes(b"not the weights the index was made with")   # damaged or replaced: found too
     result = CliRunner().invoke(main, ["--index-dir", str(index)])
     assert result.exit_code == 2 and "is not the one recorded (damaged or replaced)" in result.output, result.output
-    assert f"delete {weights} and run index-images" in result.output
+    assert f"run index-images {sample_index.data_dir} --index-dir {index}: it makes the file again" in result.output
 
     from commands.serve_images import check_index   # a --compare-index is evaluated from its vectors, never queried
     assert check_index(index, queried=False)[0] == 30

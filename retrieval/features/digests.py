@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from retrieval.files import open_regular
 
 _CHUNK = 1 << 20
 _ahead: dict[tuple, Future] = {}
+_known: dict[tuple, str] = {}   # hashes this process made, by file stamp: a check and then a load hash once
+_KNOWN_MAX = 16
 _lock = threading.Lock()
 
 
@@ -50,26 +53,40 @@ def hash_ahead(path: Path | None) -> None:
             future.set_exception(exc)
 
     with _lock:
-        if stamp in _ahead:
+        if stamp in _ahead or stamp in _known:
             return
         _ahead[stamp] = future
     threading.Thread(target=run, name="sha256-ahead", daemon=True).start()
 
 
 def file_sha256(path: Path) -> str:
-    """The hex sha256 of the file's bytes: the one hashed ahead when the file is as it was then, else hashed now."""
+    """The hex sha256 of the file's bytes: the one hashed ahead, or earlier in this process, when the file is as it
+    was then (same inode, size and modification time to the nanosecond), else hashed now."""
     try:
         stamp = _stamp(path)
     except OSError:
         stamp = None
     with _lock:
-        future = _ahead.pop(stamp, None) if stamp is not None else None
+        known = _known.get(stamp) if stamp is not None else None
+        future = _ahead.pop(stamp, None) if stamp is not None and known is None else None
+    if known is not None:
+        return known
+    digest = None
     if future is not None:
         try:
-            return future.result()
+            digest = future.result()
         except OSError:
             pass               # read now, and let its error (if any) be the caller's
-    return _sha256(path)
+    if digest is None:
+        digest = _sha256(path)
+    # Kept only for a file not modified in the last seconds: timestamps tick in milliseconds, so a file rewritten
+    # twice in one tick, same size, would keep its stamp (git's "racy" entries, handled the same way).
+    if stamp is not None and time.time_ns() - stamp[3] > 2_000_000_000:
+        with _lock:
+            if len(_known) >= _KNOWN_MAX:
+                _known.pop(next(iter(_known)))
+            _known[stamp] = digest
+    return digest
 
 
 def files_sha256(folder: Path, paths: list[str]) -> list[str | None]:
