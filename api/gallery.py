@@ -14,6 +14,7 @@ from retrieval.system import display_name
 
 from api.errors import ApiError, set_retry_after
 from api.query_input import page_number, parse_expansion, parse_k, read_query_image
+from api.search_api import thumbnail_url
 from api.recent_queries import RecentQuery
 from api.service import current_service
 
@@ -155,10 +156,10 @@ def image_page(image_id: int) -> str:
     k, expansion = _gallery_k(), parse_expansion(request)
     answer = service.neighbours(image_id, k, expansion)
     origin, back = _origin(service, _carried(k, expansion))   # back to the photo with this page's k and expansion
+    record = service.record(image_id, answer.snapshot)
     return render_template("results.html", hits=answer.hits, k=k, k_choices=K_CHOICES,
                            qe=expansion.n if expansion else 0, qe_choices=QE_CHOICES,
                            carry=_carried(k, expansion, origin=origin), back=back,
                            prediction=service.predict(answer.hits, answer.snapshot),
-                           record=service.record(image_id, answer.snapshot), query=None,
-                           query_src=url_for("api.thumbnail", image_id=image_id),
+                           record=record, query=None, query_src=thumbnail_url(record.id, record.sha256),
                            summary=service.index_summary(answer.snapshot))

@@ -16,15 +16,42 @@ from api.service import SearchAnswer, current_service
 
 bp = Blueprint("api", __name__)
 
-ORIGINAL_MAX_AGE_S = 3600          # originals can change on disk (re-indexed under a new id)
-THUMBNAIL_MAX_AGE_S = 7 * 24 * 3600  # keyed on id + content hash: safe to cache long
+VERSIONED_MAX_AGE_S = 7 * 24 * 3600   # an image's URL with ?v=<its content hash>: the same URL, the same bytes
+
+
+@bp.app_template_global()
+def thumbnail_url(image_id: int, sha256: str) -> str:
+    """An indexed image's thumbnail address, versioned by its content (?v=): ids start again at 1 in a rebuilt
+    index, and a file replaced in place keeps its id, so /images/3/thumbnail alone may be another picture
+    tomorrow (a browser kept the old one for a week)."""
+    return url_for("api.thumbnail", image_id=image_id, v=sha256[:16] or None)
+
+
+@bp.app_template_global()
+def image_url(image_id: int, sha256: str) -> str:
+    """An indexed image's original file, versioned by its content as thumbnail_url."""
+    return url_for("api.image_file", image_id=image_id, v=sha256[:16] or None)
 
 
 def hit_json(hit: Hit) -> dict[str, Any]:
     return {"id": hit.id, "path": hit.path, "label": hit.label, "distance": round(hit.distance, 6),
-            "image_url": url_for("api.image_file", image_id=hit.id),
-            "thumbnail_url": url_for("api.thumbnail", image_id=hit.id),
+            "image_url": image_url(hit.id, hit.sha256),
+            "thumbnail_url": thumbnail_url(hit.id, hit.sha256),
             "gallery_url": url_for("gallery.image_page", image_id=hit.id)}
+
+
+def _cache_for(response: Response, sha256: str) -> Response:
+    """Cached for a week where the URL names the content (?v= its hash, as the pages and the API link them), else
+    checked with the server each time (its ETag answers 304): an unversioned /images/3 may be another picture
+    after a rebuild."""
+    if (v := request.args.get("v")) and sha256.startswith(v) and len(v) >= 8:
+        response.cache_control.max_age = VERSIONED_MAX_AGE_S
+        response.cache_control.immutable = True
+    else:
+        response.cache_control.max_age = 0
+        response.cache_control.no_cache = True
+    response.cache_control.public = True
+    return response
 
 
 def answer_json(answer: SearchAnswer) -> Response:
@@ -62,7 +89,7 @@ def neighbours(image_id: int) -> Response:
 @bp.get("/images/<image_id:image_id>")
 def image_file(image_id: int) -> Response:
     """The original file, found by id only, from inside the data folder."""
-    path = current_service().image_file(image_id)
+    path, sha256 = current_service().image_file(image_id)
     try:
         mimetype = image_mimetype(path)
     except NotAnImageNow as exc:
@@ -71,21 +98,19 @@ def image_file(image_id: int) -> Response:
     # and would hash the path as UTF-8 for its ETag (names that are not UTF-8 are not): give it both.
     name = "".join(ch if ch.isprintable() else "_" for ch in display_name(path.name))
     st = path.stat()
-    return send_file(path, mimetype=mimetype, download_name=name, conditional=True,
-                     etag=f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}", max_age=ORIGINAL_MAX_AGE_S)
+    return _cache_for(send_file(path, mimetype=mimetype, download_name=name, conditional=True,
+                                etag=f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}"), sha256)
 
 
 @bp.get("/images/<image_id:image_id>/thumbnail")
 def thumbnail(image_id: int) -> Response:
     """A JPEG no larger than THUMBNAIL_SIZE px on its long side, cached on disk."""
-    thumb, etag = current_service().thumbnail_file(image_id)
+    thumb, etag, sha256 = current_service().thumbnail_file(image_id)
     if isinstance(thumb, bytes):   # the thumbnails folder could not keep it (read-only, full): from memory
-        response = send_file(io.BytesIO(thumb), mimetype="image/jpeg", conditional=True, etag=etag,
-                             max_age=THUMBNAIL_MAX_AGE_S)
+        response = send_file(io.BytesIO(thumb), mimetype="image/jpeg", conditional=True, etag=etag)
     else:
-        response = send_file(thumb, mimetype="image/jpeg", conditional=True, etag=True, max_age=THUMBNAIL_MAX_AGE_S)
-    response.cache_control.public = True
-    return response
+        response = send_file(thumb, mimetype="image/jpeg", conditional=True, etag=True)
+    return _cache_for(response, sha256)
 
 
 @bp.get("/stats")

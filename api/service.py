@@ -265,21 +265,29 @@ class RetrievalService:
             raise ApiError(404, "not_found", f"no image with id {image_id} in the index")
         return record
 
-    def image_file(self, image_id: int) -> Path:
-        """The resolved file of an indexed image. Raises ApiError 404 (unknown id, file gone), 403 (outside the folder)."""
+    def image_file(self, image_id: int) -> tuple[Path, str]:
+        """The resolved file of an indexed image and its indexed sha256. Raises ApiError 404 (unknown id, file gone),
+        403 (outside the folder)."""
         snapshot = self.index.snapshot()        # the row and the folder it is relative to: one index
-        return self._resolve(self.record(image_id, snapshot), snapshot.data_dir)
+        record = self.record(image_id, snapshot)
+        return self._resolve(record, snapshot.data_dir), record.sha256
 
-    def thumbnail_file(self, image_id: int) -> tuple[Path | bytes, str]:
+    def thumbnail_file(self, image_id: int) -> tuple[Path | bytes, str, str]:
         """The cached JPEG thumbnail of an indexed image (its file, or its bytes when the thumbnails folder cannot keep
-        it) and a validator for its ETag. Raises ApiError 404, 403."""
+        it), a validator for its ETag and the image's indexed sha256. Raises ApiError 404, 403."""
         snapshot = self.index.snapshot()
         record = self.record(image_id, snapshot)
-        source = self._resolve(record, snapshot.data_dir)
+        etag = f"{record.id}-{record.sha256[:16]}-{self.thumbnails.size}"
+        try:
+            source = self._resolve(record, snapshot.data_dir)
+        except ApiError as exc:
+            cached = self.thumbnails.path_for(record.id, record.sha256)
+            if exc.code == "file_missing" and cached.is_file():   # the drive unmounted, or deleted and not re-indexed
+                return cached, etag, record.sha256                 # yet: the picture as it was indexed
+            raise
         try:
             with self._thumbnail_slots:         # full-size decodes of collection files: a few at a time
-                return self.thumbnails.get(record.id, record.sha256, source), \
-                    f"{record.id}-{record.sha256[:16]}-{self.thumbnails.size}"
+                return self.thumbnails.get(record.id, record.sha256, source), etag, record.sha256
         except ImageDecodeError as exc:
             raise ApiError(404, "file_unreadable", f"the file of image {image_id} can no longer be decoded: {exc}") from exc
 

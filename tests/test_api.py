@@ -284,6 +284,48 @@ def test_thumbnail_is_a_small_jpeg_cached_on_disk_with_cache_headers(app, client
     assert again.status_code == 304
 
 
+def test_image_urls_name_the_content_so_a_rebuilt_index_never_shows_a_cached_other_picture(app, client, sample_index):
+    """Reproduces: ids start again at 1 in a rebuilt index (and a file replaced in place keeps its id), and
+    /images/3/thumbnail was cached by browsers for a week: the gallery showed the old index's picture under the
+    new one's name. The API and the pages link versioned URLs (?v= the content hash), cached long; an unversioned
+    or outdated URL is checked with the server each time."""
+    hit = client.post("/search?k=1", data={"image": (io.BytesIO(image_bytes(sample_index)), "q.jpg")}).get_json()["results"][0]
+    sha = app.extensions["retrieval"].index.catalog.get(hit["id"]).sha256
+    assert hit["thumbnail_url"] == f"/images/{hit['id']}/thumbnail?v={sha[:16]}"
+    assert hit["image_url"] == f"/images/{hit['id']}?v={sha[:16]}"
+    for url in (hit["thumbnail_url"], hit["image_url"]):
+        cached = client.get(url).headers["Cache-Control"]
+        assert "max-age=604800" in cached and "immutable" in cached, cached
+        for other in (url.split("?")[0], url.split("?")[0] + "?v=0123456789abcdef"):   # none, or another picture's
+            r = client.get(other)
+            assert r.status_code == 200 and "no-cache" in r.headers["Cache-Control"], r.headers["Cache-Control"]
+            assert client.get(other, headers={"If-None-Match": r.headers["ETag"]}).status_code == 304
+    page = client.get(f"/gallery/{hit['id']}").get_data(as_text=True)
+    assert f'src="{hit["thumbnail_url"]}"' in page
+
+
+def test_a_cached_thumbnail_is_served_while_its_file_is_missing(tmp_path, index_images):
+    """The data folder's drive unmounted (or a file deleted, not re-indexed yet): the gallery's cards were all
+    broken pictures though their thumbnails were cached; the original is 404 file_missing."""
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    Image.new("RGB", (120, 90), (200, 40, 40)).save(data / "a" / "red.jpg", quality=90)
+    index_images(data, tmp_path / "index")
+    app = create_app({"INDEX_DIR": str(tmp_path / "index"), "RELOAD_INTERVAL_S": 0})
+    try:
+        client = app.test_client()
+        made = client.get("/images/1/thumbnail").data
+        (data / "a" / "red.jpg").unlink()
+        r = client.get("/images/1/thumbnail")
+        assert r.status_code == 200 and r.data == made
+        assert_error(client.get("/images/1"), 404, "file_missing")
+        for cached in (tmp_path / "index" / "thumbnails").glob("1-*.jpg"):
+            cached.unlink()
+        assert_error(client.get("/images/1/thumbnail"), 404, "file_missing")
+    finally:
+        app.extensions["retrieval"].close()
+
+
 def test_thumbnail_of_a_large_image_fits_256_px(tmp_path, index_images):
     data = tmp_path / "data"
     (data / "big").mkdir(parents=True)

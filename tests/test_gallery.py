@@ -166,7 +166,8 @@ def test_neighbour_page_links_to_each_neighbours_own_page(app, client):
     html = client.get(f"/gallery/{image_id}").get_data(as_text=True)
     neighbours = gallery_links(html.split('id="neighbours"', 1)[1])
     assert len(neighbours) == 12 and image_id not in neighbours
-    assert f'src="/images/{image_id}/thumbnail"' in html and f'href="/images/{image_id}"' in html
+    sha = app.extensions["retrieval"].index.catalog.get(image_id).sha256[:16]
+    assert f'src="/images/{image_id}/thumbnail?v={sha}"' in html and f'href="/images/{image_id}?v={sha}"' in html
     step = client.get(f"/gallery/{neighbours[0]}")                       # walk on through feature space
     assert step.status_code == 200
     assert neighbours[0] not in gallery_links(step.get_data(as_text=True).split('id="neighbours"', 1)[1])

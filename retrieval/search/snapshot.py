@@ -49,6 +49,7 @@ class Hit:
     path: str
     label: str | None
     distance: float   # L2 distance in feature space (not squared)
+    sha256: str = ""  # of the file's bytes, as indexed: what a versioned thumbnail or file URL is keyed on
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -148,7 +149,7 @@ class IndexSnapshot:
                     row = rows.get(int(i))
                     if row is None or int(i) in skip:   # removed since the snapshot, or excluded
                         continue
-                    hits.append(Hit(row.id, row.path, row.label, float(d)))
+                    hits.append(Hit(row.id, row.path, row.label, float(d), row.sha256))
                     if len(hits) == k:
                         break
                 results.append(hits)
