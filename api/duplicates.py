@@ -83,6 +83,8 @@ def duplicates() -> Response:
     service = current_service()
     snapshot = service.index.snapshot()
     grouping, fresh = _cache().get((snapshot.version, threshold), service.index, WAIT_S)
+    if not fresh:   # the groups of an earlier version, or of another threshold: never shown as these (images gone
+        grouping = None   # since were offered as keepers, and one may delete "the others" on their word)
     result = grouping.result if grouping else None
     pages = max(1, math.ceil(len(result.groups) / GROUPS_PER_PAGE)) if result else 1
     page = page_number(request.args.get("page"), pages)

@@ -313,6 +313,20 @@ def test_duplicates_page_at_a_threshold_of_ones_own(collection, tmp_path, monkey
         assert refused.status_code == 400 and "below 2" in refused.get_data(as_text=True)
         typo = client.get("/duplicates?threshold=abc")   # named as typed (it said "not nan")
         assert typo.status_code == 400 and "below 2, not &#39;abc&#39;" in typo.get_data(as_text=True)
+
+        # While other groups are computed (another threshold here; a changed index alike), the page showed the last
+        # ones under "computing": images deleted since offered as keepers, beside the copies one would then delete.
+        import threading
+
+        release = threading.Event()
+        real = api.duplicates.find_duplicates
+        monkeypatch.setattr(api.duplicates, "find_duplicates", lambda *a, **kw: release.wait(60) and real(*a, **kw))
+        monkeypatch.setattr(api.duplicates, "WAIT_S", 0.2)
+        waiting = client.get("/duplicates?threshold=0.25")
+        html = waiting.get_data(as_text=True)
+        assert waiting.headers.get("Refresh") and 'id="computing"' in html
+        assert "duplicate-group" not in html and "badge-keep" not in html
+        release.set()
     finally:
         app.extensions["retrieval"].close()
 
