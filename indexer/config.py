@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -166,11 +167,13 @@ class RunReport:
 
 
 
-def resolve_settings(cfg: JobConfig, stored: IndexSettings | None) -> dict:
+def resolve_settings(cfg: JobConfig, stored: IndexSettings | None,
+                     moved_data_dir_holds: Callable[[Path], bool] | None = None) -> dict:
     """Choose model/layer/views/weights/normalize/seed: explicit options must agree with an existing index.
 
     -> {"model", "layer", "views", "input_norm", "regions", "weights" (a WeightsChoice, a file's path absolute),
-    "normalize", "seed", "data_dir"}."""
+    "normalize", "seed", "data_dir"}, and "moved_data_dir" when the index's data folder is gone and the one given
+    holds its images (moved_data_dir_holds(folder) says whether it does)."""
     data_dir = str(Path(cfg.data_dir).resolve())
     chosen = {}
     for key in ("model", "layer", "views", "input_norm", "regions", "weights", "normalize", "seed"):
@@ -192,11 +195,41 @@ def resolve_settings(cfg: JobConfig, stored: IndexSettings | None) -> dict:
                 "one index holds one network's features: use another index folder for a new index")
         chosen[key] = have
     if stored is not None and stored.data_dir != data_dir:
-        raise ConfigError(f"the index at {cfg.index_dir} was built from {stored.data_dir}, not {data_dir}; "
-                          "use another index folder for another data folder")
+        if os.path.realpath(stored.data_dir) == data_dir:   # its recorded path leads here (a symbolic link now)
+            data_dir = stored.data_dir
+        elif not os.path.lexists(stored.data_dir) and moved_data_dir_holds is not None \
+                and moved_data_dir_holds(Path(data_dir)):
+            chosen["moved_data_dir"] = data_dir   # the folder it was made of, moved: the index follows it (indexer.run)
+        else:
+            gone = " (which is gone)" if not os.path.lexists(stored.data_dir) else ""
+            hint = " and this folder does not hold its images (by their paths and sizes)" if gone else ""
+            raise ConfigError(f"the index at {cfg.index_dir} was built from {stored.data_dir}{gone}, not "
+                              f"{data_dir}{hint}; use another index folder for another data folder")
     chosen["weights"] = chosen["weights"].resolved() if stored is None else stored.weights_choice
     chosen["data_dir"] = data_dir
     return chosen
+
+
+MOVED_SAMPLE = 200   # indexed images looked for in a folder that may be the data folder moved
+
+
+def holds_indexed_images(catalog: Catalog, folder: Path) -> bool:
+    """Whether folder holds the catalog's images at their recorded paths with their recorded sizes: at least 80% of
+    up to MOVED_SAMPLE of them, spread over the catalog (what the folder lacks or changed is then indexed as any
+    change is)."""
+    import numpy as np
+
+    ids = catalog.ids()
+    if not len(ids):
+        return False
+    picked = ids[np.linspace(0, len(ids) - 1, min(len(ids), MOVED_SAMPLE)).astype(int)]
+    found = 0
+    for record in catalog.get_many(np.unique(picked)).values():
+        try:
+            found += (folder / record.path).stat().st_size == record.size
+        except (OSError, ValueError):
+            pass
+    return found >= 0.8 * len(np.unique(picked))
 
 
 def _moved_weights(asked: str, stored: IndexSettings) -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ from retrieval.files import leftover_temporaries, sample_digest
 from retrieval.images.scan import IMAGE_EXTENSIONS
 from retrieval.system import display_name
 
-from indexer.config import ConfigError, JobConfig, RunReport, describe_network, finish_report, resolve_settings
+from indexer.config import (ConfigError, JobConfig, RunReport, describe_network, finish_report, holds_indexed_images,
+                            resolve_settings)
 from indexer.local import run_local
 from indexer.locks import writer_locks
 from indexer.network import record_training_images, restore_random_weights
@@ -86,7 +88,14 @@ def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callabl
     """run_index's work under the writer locks."""
     index_dir = cfg.index_dir
     stored = catalog.settings()
-    chosen = resolve_settings(cfg, stored)
+    chosen = resolve_settings(cfg, stored, functools.partial(holds_indexed_images, catalog))
+    moved_data = None
+    if (moved_dir := chosen.pop("moved_data_dir", None)) is not None:   # its data folder, moved: the index follows it
+        moved_data = f"the data folder moved: {display_name(stored.data_dir)} -> {display_name(moved_dir)}; the " \
+                     "index reads its images from there now"
+        stored = dataclasses.replace(stored, data_dir=moved_dir)
+        catalog.save_settings(stored)
+        catalog.touch()   # servers load the index again, its images from the new place
     moved_weights = None
     if (moved := chosen.pop("moved_weights", None)) is not None:   # its weights file, moved: the index follows it
         moved_weights = f"the weights file moved: {display_name(stored.weights)} -> {display_name(moved)}; the index " \
@@ -113,8 +122,7 @@ def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callabl
     catalog.restamp((f.path, f.size, f.mtime_ns) for f in planned.restamp)   # touched, same bytes: kept as they are
     catalog.move((old, f.path, f.label) for old, f in planned.moves)          # moved, same bytes: new path and label
     report = _run_planned(cfg, catalog, stored, chosen, planned, started, on_extractor, on_cluster)
-    if moved_weights:
-        report.repairs.append(moved_weights)
+    report.repairs.extend(filter(None, [moved_data, moved_weights]))
     report.moved = len(planned.moves)
     report.folders = [{"path": display_name(path), "reason": reason} for path, reason in planned.folders.items()]
     report.restamped = len(planned.restamp)

@@ -214,6 +214,38 @@ def test_another_data_folder_is_refused(small_data, tmp_path, index_images):
         index_images(other, tmp_path / "index")
 
 
+def test_a_moved_data_folder_keeps_its_index_without_extracting_again(small_data, tmp_path, index_images):
+    """Reproduces: `mv lib photos; index-images photos` was refused ("use another index folder"): every image
+    extracted again for a rename. The index follows a data folder that is gone when the folder given holds its
+    images; a symbolic link left at the old name leads to the same folder; a copy beside the original is still
+    another data folder."""
+    index_images(small_data, tmp_path / "index")
+    before = {r.path: r.id for r in Catalog(tmp_path / "index").list_images(limit=100)}
+    moved = tmp_path / "photos"
+    small_data.rename(moved)
+    report = index_images(moved, tmp_path / "index")
+    assert report.indexed == 0 and report.unchanged == 6 and report.removed == 0
+    assert any(r.startswith("the data folder moved:") and str(moved) in r for r in report.repairs), report.repairs
+    assert Catalog(tmp_path / "index").settings().data_dir == str(moved)
+    index = ImageIndex(tmp_path / "index", load_network=False)
+    try:
+        assert index.snapshot().data_dir == moved
+    finally:
+        index.close()
+    assert {r.path: r.id for r in Catalog(tmp_path / "index").list_images(limit=100)} == before
+
+    (tmp_path / "pictures").symlink_to(moved)   # another name for the folder the index reads
+    index_images(tmp_path / "pictures", tmp_path / "index")
+    (moved / os.listdir(moved)[0]).rename(tmp_path / "elsewhere")   # a copy beside it is another folder
+    shutil.copytree(moved, tmp_path / "copy")
+    with pytest.raises(ConfigError, match="was built from"):
+        index_images(tmp_path / "copy", tmp_path / "index")
+    shutil.rmtree(moved)
+    (tmp_path / "pictures").unlink()
+    with pytest.raises(ConfigError, match=r"\(which is gone\).*does not hold its images"):
+        index_images(tmp_path / "elsewhere", tmp_path / "index")   # gone, and this folder holds none of it
+
+
 def test_options_left_out_come_from_the_index(small_data, tmp_path, index_images):
     index_images(small_data, tmp_path / "index", layer="fc6")
     report = index_images(small_data, tmp_path / "index", weights=None)
