@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from typing import Iterable
+from typing import Any, Iterable
 
 from flask import Blueprint, Response, current_app, make_response, redirect, render_template, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -74,6 +74,15 @@ def _home(error: str | None = None, status: int = 200) -> tuple[str, int]:
     skipped = catalog.skipped(limit=SKIPPED_SHOWN) if stats["skipped"] else []   # which files, and why
     return render_template("home.html", stats=stats, summary=stats, images=images, label=label, page=page, pages=pages,
                            total=total, error=error, skipped=skipped), status
+
+
+@bp.app_context_processor
+def _data_folder() -> dict[str, Any]:
+    """Every page says when the index's data folder is not there (it showed a page of broken pictures, silently)."""
+    try:
+        return {"data_folder_missing": current_service().data_folder_missing()}
+    except Exception:  # noqa: BLE001 - an error page about the index itself renders without it
+        return {"data_folder_missing": None}
 
 
 @bp.get("/")

@@ -20,7 +20,7 @@ from retrieval.search.expansion import QueryExpansion
 from retrieval.search.index import ImageIndex, weights_label
 from retrieval.search.snapshot import Hit, IndexSnapshot, IndexUnavailable
 from retrieval.vectors.faiss_parts import SearchParams
-from retrieval.system import available_cores
+from retrieval.system import available_cores, display_name
 
 from api import metrics
 from api.errors import ApiError
@@ -325,6 +325,16 @@ class RetrievalService:
                 "updated_at": updated.isoformat(timespec="seconds") + "Z" if updated else None,
                 "queries": self.query_stats()}
 
+    def data_folder_missing(self, snapshot: IndexSnapshot | None = None) -> str | None:
+        """What to say when the index's data folder is not there (a drive not mounted, the folder moved): searches
+        still answer, from the vectors, but pictures whose thumbnails were not cached cannot be shown."""
+        data_dir = (snapshot or self.index.snapshot()).data_dir
+        if data_dir.is_dir():
+            return None
+        return (f"the data folder {display_name(str(data_dir))} is not there (a drive not mounted? the folder moved?): "
+                "searches still answer, but pictures not seen before cannot be shown. If it moved: index-images "
+                "NEW_PLACE --index-dir INDEX")
+
     def health(self) -> tuple[dict[str, Any], int]:
         """-> (body, HTTP status): 200 while the index is served, 503 with the reason when it cannot be.
 
@@ -347,6 +357,8 @@ class RetrievalService:
         if problem is None and failure is not None and time.monotonic() - failure[0] < CATALOG_FAILURE_SHOWN_S:
             problem = f"requests failed to read the catalog {time.monotonic() - failure[0]:.0f} s ago: {failure[1]}"
         body: dict[str, Any] = {"status": "ok", "count": len(self.index)}
+        if problem is None and (missing := self.data_folder_missing()):
+            body["warning"] = missing   # still served: a balancer should not take it out of service for this
         if self.watcher is not None:
             w = self.watcher.state()
             body["reload"] = {"alive": w.alive, "reloads": w.reloads, "last_error": w.last_error,

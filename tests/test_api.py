@@ -306,7 +306,8 @@ def test_image_urls_name_the_content_so_a_rebuilt_index_never_shows_a_cached_oth
 
 def test_a_cached_thumbnail_is_served_while_its_file_is_missing(tmp_path, index_images):
     """The data folder's drive unmounted (or a file deleted, not re-indexed yet): the gallery's cards were all
-    broken pictures though their thumbnails were cached; the original is 404 file_missing."""
+    broken pictures though their thumbnails were cached, and nothing said why; the original is 404 file_missing.
+    Now the cached ones are served, and /healthz and every page say the folder is not there."""
     data = tmp_path / "data"
     (data / "a").mkdir(parents=True)
     Image.new("RGB", (120, 90), (200, 40, 40)).save(data / "a" / "red.jpg", quality=90)
@@ -322,6 +323,15 @@ def test_a_cached_thumbnail_is_served_while_its_file_is_missing(tmp_path, index_
         for cached in (tmp_path / "index" / "thumbnails").glob("1-*.jpg"):
             cached.unlink()
         assert_error(client.get("/images/1/thumbnail"), 404, "file_missing")
+        assert "warning" not in client.get("/healthz").get_json()
+        (data / "a").rmdir()
+        data.rename(tmp_path / "unmounted")        # the whole folder gone: every page and /healthz say so
+        health = client.get("/healthz")
+        assert health.status_code == 200 and health.get_json()["status"] == "ok"   # searches still answer
+        assert f"the data folder {data} is not there" in health.get_json()["warning"]
+        page = client.get("/").get_data(as_text=True)
+        assert 'id="data-folder-missing"' in page and f"The data folder {data} is not there" in page
+        assert "index-images NEW_PLACE --index-dir INDEX" in page
     finally:
         app.extensions["retrieval"].close()
 
