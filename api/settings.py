@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -53,7 +54,7 @@ class Setting:
             if isinstance(value, bool):
                 raise ValueError
             number = float(value)
-            if whole and not number.is_integer():
+            if not math.isfinite(number) or (whole and not number.is_integer()):   # nan passed every bound
                 raise ValueError
             number = int(number) if whole else number
         except (TypeError, ValueError, OverflowError):

@@ -8,7 +8,7 @@ import click
 
 from retrieval.system import display_name, terminal_name
 
-from commands.options import (Command, UserError, command_settings, db_url_option, exit_without_teardown, index_dir_option,
+from commands.options import (Command, FloatRange, UserError, command_settings, db_url_option, exit_without_teardown, index_dir_option,
                               index_lag_note, open_index, querying, setup_logging)
 
 # torch, FAISS and the network are imported after the arguments are parsed.
@@ -17,7 +17,7 @@ from commands.options import (Command, UserError, command_settings, db_url_optio
 @click.command(cls=Command, context_settings=command_settings("find-duplicates"))
 @index_dir_option
 @db_url_option
-@click.option("--threshold", type=click.FloatRange(min=0, max=2, min_open=True, max_open=True), default=None,
+@click.option("--threshold", type=FloatRange(min=0, max=2, min_open=True, max_open=True), default=None,
               metavar="DISTANCE",
               help="Group images all closer than this to one another (L2 distance between whitened vectors, the raw "
                    "unit ones below 32 images, 0-2) instead of the threshold calibrated on the collection.  "

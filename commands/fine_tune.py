@@ -12,7 +12,7 @@ from retrieval.features.weights import WeightsChoice, weights_error_message
 from retrieval.names import DEFAULT_FINE_TUNE_OBJECTIVE, FINE_TUNE_OBJECTIVES, MODEL_NAMES
 from retrieval.system import display_name, terminal_name
 
-from commands.options import (Command, DiskFull, MODEL_PARAMETERS, PathArg, UserError, batch_size_value,
+from commands.options import (Command, FloatRange, DiskFull, MODEL_PARAMETERS, PathArg, UserError, batch_size_value,
                               command_settings, exit_without_teardown, setup_logging)
 
 # Nothing heavy at module level: --help and usage errors answer at once; torch is imported in the command.
@@ -37,20 +37,20 @@ AUTO_TRAIN_BATCH_CAP = 64                # --batch-size auto never trains on lar
               help="What training minimises. ce: cross-entropy of the new classification layer; proxy-anchor, "
                    "norm-softmax, supcon, triplet: a metric-learning loss on the L2-normalised fc7 that the index "
                    "stores (the layer is still trained, on its own); ce+X: both.")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+@click.option("--val-fraction", type=FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Share of each class held out for validation (stratified, seeded).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the split, the head, augmentation, batch order and --weights random.")
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True, help="At most this many epochs.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--lr", type=FloatRange(min=0, min_open=True), default=None,
               help="Initial learning rate. [default: 1e-3 for adamw, 0.01 for sgd]")
 @click.option("--lr-schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True,
               help="Learning-rate decay: cosine to 0 over --epochs, or x0.1 every third of them.")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True,
               help="AdamW, or SGD with momentum 0.9.")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True,
+@click.option("--weight-decay", type=FloatRange(min=0), default=5e-4, show_default=True,
               help="L2 penalty on the trained weights (decoupled for adamw), against overfitting small classes.")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+@click.option("--dropout", type=FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Dropout before fc6 and fc7 while training (the network's own is 0.5).")
 @click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True,
               help="Stop after this many epochs without better validation retrieval (kNN@10, then mAP).")

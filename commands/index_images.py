@@ -11,7 +11,7 @@ import click
 
 from retrieval.names import DECODES, FC_DIM, INPUT_NORMS, LAYERS, MAX_EF_SEARCH, MAX_NPROBE, MODEL_NAMES, VIEWS, feature_dim
 
-from commands.options import (Command, MODEL_PARAMETERS, PathArg, UserError, batch_size_value, command_settings,
+from commands.options import (Command, FloatRange, MODEL_PARAMETERS, PathArg, UserError, batch_size_value, command_settings,
                               db_url_option, exit_without_teardown, full_disk_error, index_dir_option, permission_denied,
                               privilege_error, setup_logging)
 
@@ -75,7 +75,7 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
               help="Decoding processes (0 decodes in the main process). When the network runs on a GPU (--device "
                    "cuda, or auto with an NVIDIA GPU present) the main process mostly waits on it, so every core "
                    "decodes. [default: one per core, at most 8, or 32 on a GPU]")
-@click.option("--max-file-mb", type=click.FloatRange(min=0, min_open=True), default=512, show_default=True,
+@click.option("--max-file-mb", type=FloatRange(min=0, min_open=True), default=512, show_default=True,
               help="Files larger than this are skipped without being read.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="Decode and run the network on a Ray cluster (pip install '.[ray]'): ADDRESS (auto, HOST:PORT, "

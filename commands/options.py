@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -49,6 +50,17 @@ class PathArg(click.Path):
             # resolve_path drops the slash: `--out tuned/` wrote a file named "tuned"
             self.fail(f"{value!r} ends with '/', so it names a folder; give a file's name", param, ctx)
         return super().convert(value, param, ctx)
+
+
+class FloatRange(click.FloatRange):
+    """click.FloatRange that refuses nan and inf: every bound check passes a nan (comparisons with it are false),
+    and `--max-file-mb nan` or `--lr nan` then failed with a traceback deep in the work."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def index_dir_option(f):  # noqa: ANN001, ANN201 - click decorator

@@ -8,7 +8,7 @@ import click
 
 from retrieval.system import display_name, terminal_name
 
-from commands.options import (Command, PathArg, UserError, command_settings, db_url_option, exit_without_teardown, index_dir_option,
+from commands.options import (Command, FloatRange, PathArg, UserError, command_settings, db_url_option, exit_without_teardown, index_dir_option,
                               open_index, querying, setup_logging)
 
 
@@ -21,7 +21,7 @@ from commands.options import (Command, PathArg, UserError, command_settings, db_
               help="Where the network runs for the query.")
 @click.option("--qe", type=click.IntRange(0, 50), default=0, show_default=True, metavar="N",
               help="Query expansion: search again with the query averaged with its first N results (0: off).")
-@click.option("--qe-alpha", type=click.FloatRange(0, 100), default=0.0, show_default=True, metavar="ALPHA",
+@click.option("--qe-alpha", type=FloatRange(0, 100), default=0.0, show_default=True, metavar="ALPHA",
               help="alpha-QE: weigh each of those results by its cosine similarity to the query ^ ALPHA (0: plain "
                    "average).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"results": [...]} as JSON on stdout.')

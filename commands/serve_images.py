@@ -16,7 +16,7 @@ import click
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
-from commands.options import Command, PathArg, UserError, catalog_error, command_settings, source_of
+from commands.options import Command, FloatRange, PathArg, UserError, catalog_error, command_settings, source_of
 from retrieval.names import DB_URL_ENV, INDEX_DIR_ENV, MAX_EF_SEARCH, MAX_NPROBE
 from retrieval.system import available_cores, collector_paused, hold_interrupts_while_importing, leave_out_triton
 
@@ -257,7 +257,7 @@ def show_config(ctx: click.Context, overrides: dict[str, tuple[Any, str]]) -> No
               show_envvar=True, help="Where query features are computed. [default: cpu]")
 @click.option("--timeout", type=click.IntRange(min=1), default=120, show_default=True,
               help="Seconds a worker may stay silent before gunicorn restarts it.")
-@click.option("--read-timeout", type=click.FloatRange(min=0.1), default=DEFAULT_READ_TIMEOUT_S, show_default=True,
+@click.option("--read-timeout", type=FloatRange(min=0.1), default=DEFAULT_READ_TIMEOUT_S, show_default=True,
               help="Seconds a client may take to send a request's headers, or pause while sending its body; "
                    "slower or idle connections are answered 408 and closed.")
 @click.option("--nprobe", type=click.IntRange(1, MAX_NPROBE), default=None, envvar="RETRIEVAL_NPROBE", show_envvar=True,

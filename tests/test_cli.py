@@ -556,3 +556,25 @@ def test_a_renamed_class_folder_keeps_its_images_vectors_with_the_new_label(tmp_
     moved = json.loads(subprocess.run([console_script("index-images"), "data", "--json"], cwd=tmp_path,
                                       capture_output=True, text=True, timeout=300).stdout)
     assert moved["moved"] == 1 and moved["skipped"] == [], moved
+
+
+@pytest.mark.parametrize("command, args", [
+    ("index_images", ["DATA", "--max-file-mb", "nan"]),
+    ("index_images", ["DATA", "--max-file-mb", "inf"]),
+    ("search_images", ["QUERY", "--qe", "2", "--qe-alpha", "nan"]),
+    ("fine_tune", ["DATA", "--out", "OUT", "--weights", "random", "--lr", "nan"]),
+    ("find_duplicates", ["--threshold", "nan"]),
+])
+def test_nan_and_inf_are_refused_as_usage_errors(sample_index, tmp_path, command, args):
+    """Reproduces: a nan passed every bound check (comparisons with it are false) and failed later with a traceback
+    (--max-file-mb nan, --qe-alpha nan after the network's load, --lr nan); inf likewise."""
+    import importlib
+
+    main = importlib.import_module(f"commands.{command}").main
+    query = sample_index.data_dir / "red_circles" / "red_circles_000.jpg"
+    filled = [{"DATA": str(sample_index.data_dir), "QUERY": str(query), "OUT": str(tmp_path / "t.pt")}.get(a, a)
+              for a in args]
+    result = CliRunner().invoke(main, [*filled, "--index-dir", str(sample_index.index_dir)]
+                                if command != "fine_tune" else filled)
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for" in result.output and isinstance(result.exception, SystemExit), result.output

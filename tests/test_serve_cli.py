@@ -280,11 +280,13 @@ def test_a_port_in_use_is_one_clear_line_naming_the_way_out(sample_index):
                                      "or DEMO_PORT for make demo")
 
 
-@pytest.mark.parametrize("option, value", [("--ef-search", "2000000000"), ("--nprobe", "0"), ("--ef-search", "-1")])
+@pytest.mark.parametrize("option, value", [("--ef-search", "2000000000"), ("--nprobe", "0"), ("--ef-search", "-1"),
+                                           ("--read-timeout", "nan"), ("--read-timeout", "inf")])
 def test_search_settings_out_of_their_bounds_are_refused_before_the_server_starts(tmp_path, option, value):
     result = CliRunner().invoke(main, ["--index-dir", str(tmp_path), option, value])
     assert result.exit_code == 2
-    assert f"Invalid value for '{option}'" in result.output and "is not in the range" in result.output
+    assert f"Invalid value for '{option}'" in result.output
+    assert "is not in the range" in result.output or "is not a finite number" in result.output
 
 
 def test_the_app_refuses_search_settings_out_of_their_bounds(tmp_path):
@@ -303,6 +305,11 @@ def test_the_app_refuses_search_settings_out_of_their_bounds(tmp_path):
     ("RETRIEVAL_MAX_UPLOAD_MB", "20MB", "RETRIEVAL_MAX_UPLOAD_MB must be a number of at least 0.001, not '20MB'"),
     ("RETRIEVAL_RELOAD_INTERVAL_S", "-1", "RETRIEVAL_RELOAD_INTERVAL_S must be a number of at least 0, not -1"),
     ("RETRIEVAL_DEFAULT_K", "500", "RETRIEVAL_DEFAULT_K (500) must not be more than RETRIEVAL_MAX_K (100)"),
+    # nan passed every bound: the workers failed to boot (MAX_UPLOAD_MB), or a healthy server answered every search
+    # 503 (QUERY_TIMEOUT_S) or 500 (DECODE_TIMEOUT_S=inf)
+    ("RETRIEVAL_MAX_UPLOAD_MB", "nan", "RETRIEVAL_MAX_UPLOAD_MB must be a number of at least 0.001, not 'nan'"),
+    ("RETRIEVAL_QUERY_TIMEOUT_S", "nan", "RETRIEVAL_QUERY_TIMEOUT_S must be a number of at least 0.001, not 'nan'"),
+    ("RETRIEVAL_DECODE_TIMEOUT_S", "inf", "RETRIEVAL_DECODE_TIMEOUT_S must be a number of at least 0.001, not 'inf'"),
 ])
 def test_a_wrong_setting_is_refused_before_the_server_starts_naming_its_variable(sample_index, variable, value, said,
                                                                                 monkeypatch):
