@@ -28,8 +28,9 @@ from commands.options import (Command, FloatRange, UserError, command_settings, 
               help="Where the network runs for the calibration's copies.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"groups": [[{"id", "path", "label", "width", "height", "bytes", "sha256", "distance", '
-                   '"link_to"}, ...], ...], "threshold": {...}, "images": N} on stdout (each group\'s keeper first; '
-                   'distance: to it; link_to: the member whose file this one is too, a link, or null).')
+                   '"link_to", "file"}, ...], ...], "threshold": {...}, "images": N, "data_dir"} on stdout (each group\'s '
+                   'keeper first; distance: to it; link_to: the member whose file this one is too, a link, or null; '
+                   'path: relative to data_dir; file: the whole path).')
 @click.option("-v", "--verbose", is_flag=True, help="Log what is being done.")
 def main(index_dir: Path, db_url: str | None, threshold: float | None, calibration_images: int, device: str,
          as_json: bool, verbose: bool) -> None:
@@ -63,9 +64,10 @@ def main(index_dir: Path, db_url: str | None, threshold: float | None, calibrati
         click.echo(f"note: {note}", err=True)
     if as_json:
         doc = result.to_json()
+        doc["data_dir"] = display_name(doc["data_dir"])
         for group in doc["groups"]:
             for member in group:
-                member["path"] = display_name(member["path"])
+                member["path"], member["file"] = display_name(member["path"]), display_name(member["file"])
                 member["label"] = None if member["label"] is None else display_name(member["label"])
         click.echo(json.dumps(doc))
         return

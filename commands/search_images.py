@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -53,13 +54,15 @@ def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device:
     with querying(open_index(index_dir, db_url, device), index_dir, db_url) as index:
         try:
             hits, _ = index.search_image(query, k, expansion=QueryExpansion(qe, qe_alpha))
+            data_dir = str(index.data_dir)   # the hits' paths are relative to it
         except ImageDecodeError as exc:
             raise UserError(f"cannot use {query_image} as a query: {exc}") from exc
     if as_json:
         click.echo(json.dumps({"results": [{"id": h.id, "path": display_name(h.path),
                                             "label": None if h.label is None else display_name(h.label),
-                                            "distance": round(h.distance, 6)}   # as the API rounds it
-                                           for h in hits]}))
+                                            "distance": round(h.distance, 6),   # as the API rounds it
+                                            "file": display_name(os.path.join(data_dir, h.path))}   # from anywhere
+                                           for h in hits], "data_dir": display_name(data_dir)}))
         return
     if not hits:
         click.echo("the index is empty: no neighbours")

@@ -60,7 +60,9 @@ def test_index_json_summary_and_search_json(runner, data, tmp_path):
     found = run_json(runner, search_images, [str(query), "-k", "3", "--index-dir", index_dir, "--json"])
     results = found["results"]
     assert len(results) == 3
-    assert set(results[0]) == {"id", "path", "label", "distance"}
+    assert set(results[0]) == {"id", "path", "label", "distance", "file"}
+    # a script run in another folder can act on the files (the paths are relative to the data folder)
+    assert results[0]["file"] == str(query) and found["data_dir"] == str(data)
     assert results[0]["path"] == "blue_squares/blue_squares_001.jpg" and results[0]["label"] == "blue_squares"
     assert results[0]["distance"] == 0.0, "rounded to 6 decimals, as the API: the query itself is at 0.0"
     assert [r["distance"] for r in results] == sorted(r["distance"] for r in results)
@@ -336,7 +338,8 @@ def test_empty_index_gives_an_empty_result_list(runner, tmp_path):
     run_json(runner, index_images, [str(tmp_path / "empty"), "--index-dir", index_dir, "--weights", "random", "--json"])
     query = tmp_path / "q.png"
     Image.new("RGB", (64, 64), (10, 20, 30)).save(query)
-    assert run_json(runner, search_images, [str(query), "--index-dir", index_dir, "--json"]) == {"results": []}
+    found = run_json(runner, search_images, [str(query), "--index-dir", index_dir, "--json"])
+    assert found == {"results": [], "data_dir": str(tmp_path / "empty")}
 
 
 def test_an_empty_or_mistyped_folder_is_indexed_empty_and_said_so(tmp_path):

@@ -192,7 +192,8 @@ def test_a_symlink_is_never_the_keeper_and_other_names_of_one_file_are_marked_li
     groups = {g[0]["path"]: [(m["path"], m["link_to"]) for m in g[1:]] for g in json.loads(done.stdout)["groups"]}
     rel = lambda p: p.relative_to(data).as_posix()  # noqa: E731
     assert groups[rel(target)] == [(rel(target.with_name("a_link.jpg")), rel(target))]
-    hard = sorted([rel(paths[1]), rel(paths[1].with_name("hard.jpg"))])     # neither a symlink: the usual order
+    hard = sorted([rel(paths[1]), rel(paths[1].with_name("hard.jpg"))],    # neither a symlink: the usual order,
+                  key=lambda p: (len(p.rsplit("/", 1)[-1]), p))            # the plainer (shorter) name first
     assert groups[hard[0]] == [(hard[1], hard[0])]
     assert groups[rel(paths[2])] == [(rel(paths[2].with_name("copy.jpg")), None)]
     text = subprocess.run([console_script("find-duplicates"), "--index-dir", "index", "--threshold", "0.001"],
@@ -557,3 +558,16 @@ def test_byte_copies_of_one_another_inside_a_group_are_marked_not_only_those_of_
     twin = next(line for line in text.splitlines() if "edited" in line and "byte-identical to" in line)
     assert twin.rstrip().endswith("edited.jpg)") or twin.rstrip().endswith("edited_copy.jpg)"), twin
     assert result.groups[0] is group or len({m.sha256 for m in result.groups[0]}) < len(result.groups[0])
+
+
+def test_the_keeper_of_files_alike_in_size_and_age_is_the_one_named_plainly():
+    """Reproduces: 'best_cat copy.jpg' was suggested as the keeper over 'best_cat.jpg' (same pixels, bytes and
+    time; ' ' sorts before '.'), so the file a person would keep was listed among the ones to delete."""
+    from retrieval.catalog.values import ImageRecord
+    from retrieval.search.duplicate_groups import keeper_order
+
+    names = ["cats/best_cat copy.jpg", "cats/best_cat (1).jpg", "cats/best_cat.jpg", "a/best_cat - Copy.jpg"]
+    records = [ImageRecord(i, p, "cats", 100, 5, 64, 48, "0" * 64) for i, p in enumerate(names)]
+    assert min(records, key=keeper_order).path == "cats/best_cat.jpg"
+    bigger = ImageRecord(9, "cats/best_cat copy 2.jpg", "cats", 100, 5, 128, 96, "1" * 64)
+    assert min([*records, bigger], key=keeper_order) is bigger     # the largest first, whatever its name

@@ -96,6 +96,7 @@ class DuplicateGroups:
     images: int              # images looked at
     whitened: bool = True    # distances between whitened vectors; False: raw unit vectors (too few images to whiten)
     random_weights: bool = False   # the index's network has seeded random weights
+    data_dir: Path | None = None   # the folder the paths are relative to
 
     def __iter__(self) -> Iterator[list[DuplicateImage]]:   # for group in index.duplicates(): (no __len__: an
         return iter(self.groups)                            # empty result stays truthy where callers test for None)
@@ -114,18 +115,25 @@ class DuplicateGroups:
                 f"(threshold {self.threshold.value:.3f}; keeper first){':' if shown else ''}\n{shown}{more}{notes}").rstrip()
 
     def to_json(self) -> dict:
+        """Plain data for json.dumps (find-duplicates --json): paths relative to data_dir, and each file's whole
+        path ("file"), so a script run elsewhere can act on them."""
         return {"groups": [[{"id": m.id, "path": m.path, "label": m.label, "width": m.width, "height": m.height,
                              "bytes": m.size, "sha256": m.sha256,   # the keeper's sha256 again: a byte copy
-                             "distance": round(m.distance, 6), "link_to": m.link_to} for m in g] for g in self.groups],
-                "threshold": self.threshold.to_json(), "images": self.images}
+                             "distance": round(m.distance, 6), "link_to": m.link_to,
+                             "file": None if self.data_dir is None else str(self.data_dir / m.path)} for m in g]
+                           for g in self.groups],
+                "threshold": self.threshold.to_json(), "images": self.images,
+                "data_dir": None if self.data_dir is None else str(self.data_dir)}
 
 
 STRICT_MIN_COPY_RECALL = 0.1   # a stricter threshold finding fewer of the calibration's copies is not offered
 
 
 def keeper_order(record: ImageRecord) -> tuple:
-    """Sort key putting the image to keep first: the largest (pixels, then bytes), then the oldest, then by path."""
-    return (-record.width * record.height, -record.size, record.mtime_ns, record.path)
+    """Sort key putting the image to keep first: the largest (pixels, then bytes), then the oldest, then the shortest
+    name ("photo.jpg" before "photo copy.jpg" and "photo (1).jpg", which sort before it), then by path."""
+    return (-record.width * record.height, -record.size, record.mtime_ns, len(record.path.rsplit("/", 1)[-1]),
+            record.path)
 
 
 def file_identities(data_dir: Path, records: list[ImageRecord]) -> dict[str, tuple[bool, tuple[int, int] | None]]:

@@ -246,7 +246,7 @@ def find_duplicates(index: ImageIndex, *, threshold: float | None = None, dim: i
     groups.sort(key=lambda g: (len({d.sha256 for d in g}) == len(g) and not any(d.link_to for d in g), -len(g),
                                g[0].path))
     return DuplicateGroups(groups, chosen, len(vectors.ids), whitened=vectors.whitening is not None,
-                           random_weights=snapshot.settings.weights_choice.is_random)
+                           random_weights=snapshot.settings.weights_choice.is_random, data_dir=snapshot.data_dir)
 
 
 def evaluate_copies(index: ImageIndex, copies: int, *, seed: int = 1, threshold: float | None = None,
