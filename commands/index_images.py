@@ -11,7 +11,7 @@ import click
 
 from retrieval.names import DECODES, FC_DIM, INPUT_NORMS, LAYERS, MAX_EF_SEARCH, MAX_NPROBE, MODEL_NAMES, VIEWS, feature_dim
 
-from commands.options import (Command, FloatRange, MODEL_PARAMETERS, PathArg, UserError, batch_size_value, command_settings,
+from commands.options import (Busy, Command, FloatRange, MODEL_PARAMETERS, PathArg, UserError, batch_size_value, command_settings,
                               db_url_option, exit_without_teardown, full_disk_error, index_dir_option, permission_denied,
                               privilege_error, setup_logging)
 
@@ -133,7 +133,7 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
     be set by an environment variable (INDEX_IMAGES_BATCH_SIZE, ...; see docs/configuration.md).
 
     Exit status: 0 done (even with skipped files), 2 usage or configuration error (a damaged catalog or a
-    read-only index folder included), 1 unexpected failure or a full disk (one line: how much to free; nothing
+    read-only index folder included), 75 another run is updating the index (try again later), 1 unexpected failure or a full disk (one line: how much to free; nothing
     committed is lost), 130 interrupted (Ctrl-C: every finished batch is kept; 143 for SIGTERM, the same way); with
     --check, 0 sound and 1 something to repair.
     """
@@ -155,6 +155,7 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
         _check(data_dir, index_dir, db_url, as_json, damaged)
     from retrieval.vectors.index_types import IndexTypeConfig
 
+    from indexer.locks import IndexBusy
     from indexer.run import ConfigError, JobConfig, run_index
 
     if whiten_dim is not None:
@@ -183,6 +184,8 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
         with contextlib.redirect_stdout(sys.stderr):
             report = run_index(cfg, on_extractor=None if as_json else _announce,
                                on_cluster=None if as_json else lambda line: click.echo(line, err=True))
+    except IndexBusy as exc:
+        raise Busy(str(exc)) from None
     except ConfigError as exc:   # (a first run's folder is removed again: indexer.run)
         raise UserError(str(exc)) from exc
     except KeyboardInterrupt:
@@ -239,9 +242,12 @@ def _check(data_dir: Path, index_dir: Path, db_url: str | None, as_json: bool, d
     from indexer.check import check_index, describe
 
     from indexer.config import ConfigError
+    from indexer.locks import IndexBusy
 
     try:
         report = check_index(data_dir, index_dir, db_url)
+    except IndexBusy as exc:
+        raise Busy(str(exc)) from None
     except ConfigError as exc:
         raise UserError(str(exc)) from None
     except FileNotFoundError as exc:

@@ -34,6 +34,12 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
+class Busy(click.ClickException):
+    """Another run holds the index's writer lock: try again later. Exit status 75 (EX_TEMPFAIL of sysexits.h), so
+    a cron job can tell "skip this time" from a mistake (2)."""
+    exit_code = 75
+
+
 class DiskFull(click.ClickException):
     """A full disk: one line saying what to free; exit status 1, as index-images' (nothing was lost)."""
     exit_code = 1

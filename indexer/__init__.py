@@ -4,5 +4,6 @@ From Python: `from indexer import index_folder`; `index_folder("data", "index")`
 """
 from indexer.config import ConfigError
 from indexer.folder import index_folder
+from indexer.locks import IndexBusy
 
-__all__ = ["ConfigError", "index_folder"]
+__all__ = ["ConfigError", "IndexBusy", "index_folder"]

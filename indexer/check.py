@@ -27,11 +27,10 @@ def check_index(data_dir: Path, index_dir: Path, db_url: str | None) -> dict:
     ConfigError (an index-images run is writing the index now)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from indexer.config import ConfigError
-    from indexer.locks import writer_running
+    from indexer.locks import IndexBusy, writer_running
 
     if writer_running(index_dir):   # its FAISS file lags its commits until it saves: a check now finds false damage
-        raise ConfigError(f"another index-images run is updating {display_name(str(index_dir))}; check it when that "
+        raise IndexBusy(f"another index-images run is updating {display_name(str(index_dir))}; check it when that "
                           "run has finished")
     catalog = Catalog(index_dir, url=db_url)
     data = display_name(str(data_dir))

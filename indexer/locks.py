@@ -27,7 +27,7 @@ def index_lock(index_dir: Path) -> Iterator[None]:
     """
     index_dir = Path(index_dir).resolve()
     index_dir.mkdir(parents=True, exist_ok=True)
-    busy = ConfigError(f"another index-images run is updating {index_dir}; wait for it to finish")
+    busy = IndexBusy(f"another index-images run is updating {index_dir}; wait for it to finish")
     with _held_locks_guard:
         if index_dir in _held_locks:
             raise busy
@@ -54,6 +54,11 @@ def index_lock(index_dir: Path) -> Iterator[None]:
         with _held_locks_guard:
             _held_locks.discard(index_dir)
 
+
+
+class IndexBusy(ConfigError):
+    """Another index-images run holds the index's writer lock: nothing is wrong, try again later (index-images and
+    --check exit with status 75, EX_TEMPFAIL, so a cron job can tell it from a mistake)."""
 
 
 class LockUnreadable(ConfigError):
@@ -108,5 +113,5 @@ def writer_locks(index_dir: Path, db_url: str | None) -> Iterator[Catalog]:
         try:
             stack.enter_context(catalog.writer_lock())
         except CatalogBusy as exc:
-            raise ConfigError(str(exc)) from None
+            raise IndexBusy(str(exc)) from None
         yield catalog
