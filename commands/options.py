@@ -213,10 +213,13 @@ def exit_without_teardown(command: click.Command) -> Callable[[], None]:
     torch is loaded: tearing down torch and torchvision costs about a second after the work is done and saved.
     A Ctrl-C exits 130 wherever it lands (click alone says "Aborted!" and exits 1 outside the command's own
     handler; one inside torch's import waits for its end). A SIGTERM (kill, timeout, systemd, docker stop, a batch
-    scheduler) takes the same way out, saying so, with exit status 143 (128 + 15) instead of dying silently.
+    scheduler) takes the same way out, saying so, with exit status 143 (128 + 15) instead of dying silently; a
+    SIGHUP (the ssh session or terminal closed) too, with 129, unless it is ignored (nohup).
     (In-process callers, such as tests, call the command itself.)"""
     def entry() -> None:
         from retrieval.system import hold_interrupts_while_importing
+
+        _open_closed_standard_streams()
 
         hold_interrupts_while_importing("torch", "torchvision")   # a Ctrl-C inside torch's import aborted the process
         terminated: list[int] = []
@@ -228,6 +231,8 @@ def exit_without_teardown(command: click.Command) -> Callable[[], None]:
             os.kill(os.getpid(), signal.SIGINT)   # as a Ctrl-C, so a moment that holds Ctrl-C holds this too
 
         signal.signal(signal.SIGTERM, on_terminate)
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:   # (under nohup it stays ignored)
+            signal.signal(signal.SIGHUP, on_terminate)   # an ssh session closed: as a SIGTERM, exit 129
         try:
             code = command.main(standalone_mode=False)   # click's own handling, less its Ctrl-C: "Aborted!", exit 1
         except SystemExit as exc:
@@ -251,7 +256,7 @@ def exit_without_teardown(command: click.Command) -> Callable[[], None]:
                 print(code, file=sys.stderr)
             code = 0 if code is None else 1
         if terminated and code == 130:
-            code = 128 + signal.SIGTERM
+            code = 128 + terminated[0]
         try:
             sys.stdout.flush()
         except OSError as exc:
@@ -262,6 +267,24 @@ def exit_without_teardown(command: click.Command) -> Callable[[], None]:
             os._exit(code)
         sys.exit(code)
     return entry
+
+
+def _open_closed_standard_streams() -> None:
+    """Started with stdout or stderr closed (`index-images data >&-`, a daemon's launcher): /dev/null in their
+    place. Python had set sys.stdout to None, and the run failed at its end on .isatty(); worse, the next file
+    opened (the catalog) would have taken descriptor 1, and anything printed would have written into it."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))
 
 
 def _output_failed(exc: OSError, flushing: bool = False) -> int:

@@ -158,6 +158,8 @@ def ignore_interrupts() -> None:
     parent would leave the parent waiting for the rest of it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)   # not the parent command's (an interrupt): stopped, it stops
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:   # likewise a hang-up (ignored under nohup: still)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 

@@ -581,3 +581,25 @@ def test_nan_and_inf_are_refused_as_usage_errors(sample_index, tmp_path, command
                                 if command != "fine_tune" else filled)
     assert result.exit_code == 2, result.output
     assert "Invalid value for" in result.output and isinstance(result.exception, SystemExit), result.output
+
+
+@pytest.mark.slow
+def test_commands_started_with_stdout_closed_do_their_work_and_exit_0(sample_index, tmp_path):
+    """Reproduces: `index-images data >&-` built the whole index, then failed on sys.stdout.isatty() (None) with a
+    traceback and exit 1; search-images and find-duplicates failed at their last flush. A closed stdout now reads as
+    /dev/null (and the catalog never takes its descriptor)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(sample_index.data_dir, data)
+    index = tmp_path / "index"
+    query = data / "red_circles" / "red_circles_000.jpg"
+    for argv in ([console_script("index-images"), str(data), "--index-dir", str(index), "--weights", "random"],
+                 [console_script("search-images"), str(query), "--index-dir", str(index)],
+                 [console_script("find-duplicates"), "--index-dir", str(index), "--threshold", "0.3"]):
+        done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300,
+                              preexec_fn=lambda: os.close(1))
+        assert done.returncode == 0 and "Traceback" not in done.stderr, (argv[0], done.stderr)
+    found = subprocess.run([console_script("search-images"), str(query), "--index-dir", str(index), "--json"],
+                           capture_output=True, text=True, timeout=300)
+    assert json.loads(found.stdout)["results"][0]["path"] == "red_circles/red_circles_000.jpg"   # the index is whole

@@ -201,15 +201,18 @@ def test_ctrl_c_while_the_workers_decode_exits_130_at_once_and_a_rerun_finishes(
     assert json.loads(rerun.stdout)["total"] == N_IMAGES
 
 
-@pytest.mark.parametrize("whole_group, sigint_ignored", [(False, False), (True, False), (False, True)],
-                         ids=["kill", "docker-stop", "kill-a-script's-background-job"])
+@pytest.mark.parametrize("whole_group, sigint_ignored, signum",
+                         [(False, False, signal.SIGTERM), (True, False, signal.SIGTERM), (False, True, signal.SIGTERM),
+                          (True, False, signal.SIGHUP)],
+                         ids=["kill", "docker-stop", "kill-a-script's-background-job", "ssh-session-closed"])
 def test_sigterm_mid_run_stops_as_ctrl_c_does_exit_143_and_a_rerun_finishes(collection, tmp_path, whole_group,
-                                                                            sigint_ignored):
+                                                                            sigint_ignored, signum):
     """Reproduces: SIGTERM (kill, timeout, systemd, docker stop, a batch scheduler) ended index-images silently with
     status -15. Now the Ctrl-C way: the queued batches committed, a line saying so, exit 143 (128 + 15), whether the
     signal reaches the command alone (kill PID) or its decoding workers too (a container's or a unit's whole group).
     And a second review's: a job a script starts with & inherits SIGINT ignored, and the SIGTERM passed on as a
-    Ctrl-C was dropped: the run went on to the end and exited 0."""
+    Ctrl-C was dropped: the run went on to the end and exited 0. A SIGHUP (an ssh session closed) ended it with
+    129 and no word: now the same way, exit 129."""
     import psutil
 
     data, reference = collection
@@ -222,13 +225,13 @@ def test_sigterm_mid_run_stops_as_ctrl_c_does_exit_143_and_a_rerun_finishes(coll
         wait_for(lambda: proc.poll() is not None or (catalog.exists() and _committed(catalog) >= 2), 120, interval=0.05)
         assert proc.poll() is None, "the run ended before it could be stopped; the test proves nothing"
         assert psutil.Process(proc.pid).children(), "its decoding workers are running"
-        (os.killpg if whole_group else os.kill)(proc.pid, signal.SIGTERM)
+        (os.killpg if whole_group else os.kill)(proc.pid, signum)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 143, stderr[-2000:]
+    assert proc.returncode == 128 + signum, stderr[-2000:]
     assert "interrupted: whatever was indexed before it is saved" in stderr and "Traceback" not in stderr, stderr[-2000:]
     held = re.search(r"\(([\d,]+) images? in the index now\)", stderr)   # how much was kept, said
     assert held and int(held.group(1).replace(",", "")) == _committed(index_dir / "catalog.db"), stderr[-2000:]
