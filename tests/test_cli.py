@@ -603,3 +603,17 @@ def test_commands_started_with_stdout_closed_do_their_work_and_exit_0(sample_ind
     found = subprocess.run([console_script("search-images"), str(query), "--index-dir", str(index), "--json"],
                            capture_output=True, text=True, timeout=300)
     assert json.loads(found.stdout)["results"][0]["path"] == "red_circles/red_circles_000.jpg"   # the index is whole
+
+
+def test_a_query_piped_in_on_standard_input(sample_index):
+    """`curl -s URL | search-images -`: the refusal of named pipes (which could block forever) left no way to search
+    an image that is not a file."""
+    query = (sample_index.data_dir / "red_circles" / "red_circles_000.jpg").read_bytes()
+    args = ["-", "-k", "1", "--index-dir", str(sample_index.index_dir), "--json"]
+    found = CliRunner().invoke(search_images, args, input=query)
+    assert found.exit_code == 0, found.output
+    assert json.loads(found.stdout)["results"][0]["path"] == "red_circles/red_circles_000.jpg"
+    refused = CliRunner().invoke(search_images, args, input=b"not an image")
+    assert refused.exit_code == 2 and "cannot use the image on standard input as a query" in refused.output
+    empty = CliRunner().invoke(search_images, args, input=b"")
+    assert empty.exit_code == 2 and "standard input was empty" in empty.output
