@@ -6,7 +6,7 @@ import re
 import time
 from typing import Any, Iterable
 
-from flask import Blueprint, Response, current_app, make_response, redirect, render_template, request, url_for
+from flask import Blueprint, Response, current_app, jsonify, make_response, redirect, render_template, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from retrieval.search.expansion import QueryExpansion
@@ -118,14 +118,31 @@ def upload() -> Response | tuple[str, int]:
         data, filename = read_query_image(request)
         answer = service.search_upload(data, k, preview_size=PREVIEW_SIZE)   # the preview: same decode, same limits
     except ApiError as exc:   # the file named, as the page's own check names a file that is no image
-        page = make_response(*_home(error=f"“{filename}”: {exc.message}" if filename else exc.message, status=exc.status))
+        message = f"“{filename}”: {exc.message}" if filename else exc.message
+        page = _refused(message, exc.status) if _from_script() else make_response(*_home(error=message, status=exc.status))
         return set_retry_after(page, exc.code) if exc.status == 503 else page
     except RequestEntityTooLarge:
         limit_mb = current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
-        return _home(error=f"That photo is larger than the {limit_mb:g} MB upload limit.", status=413)
+        message = f"That photo is larger than the {limit_mb:g} MB upload limit."
+        return _refused(message, 413) if _from_script() else _home(error=message, status=413)
     token = service.recent_queries.add(RecentQuery(answer.vector, answer.preview_jpeg, answer.query["width"],
                                                    answer.query["height"], filename, time.time()))
-    return redirect(url_for("gallery.query_page", token=token, k=k), code=303)
+    results = url_for("gallery.query_page", token=token, k=k)
+    if _from_script():   # the page's script goes there itself; a refusal it shows where the person is
+        return jsonify({"url": results})
+    return redirect(results, code=303)
+
+
+def _from_script() -> bool:
+    """An upload sent by the pages' script (fetch), which shows a refusal in place, on the page the person was on
+    (a form post answered it with the home page, scrolled to the top, focus lost), rather than by a form post."""
+    return request.headers.get("X-Requested-With") == "fetch"
+
+
+def _refused(message: str, status: int) -> Response:
+    response = jsonify({"error": {"message": message}})
+    response.status_code = status
+    return response
 
 
 @bp.get("/gallery/query/<token>")

@@ -270,14 +270,34 @@ def test_a_space_where_a_cards_name_is_split_is_shown(page, long_names_url):
     assert SPACED_NAME in shown, shown
 
 
-def test_a_refused_upload_leaves_the_home_page_address_so_a_reload_sends_nothing(page, base_url, tmp_path):
-    """Reproduces: after a refused upload (a text file named .jpg) the address stayed /gallery/search, and reloading
-    the page sent the file again ("Confirm Form Resubmission")."""
+def test_a_refused_upload_is_said_where_the_person_was_and_a_reload_sends_nothing(page, base_url, tmp_path):
+    """Reproduces: a file the server refuses (a text file named .jpg, which only decoding tells) threw the person
+    from the page they were on to the home page, scrolled to the top, focus lost, the message in an alert region
+    that was already there (seldom announced); and before that, the address stayed /gallery/search, so a reload
+    sent the file again ("Confirm Form Resubmission"). The refusal is now said in place, in the top bar of the page
+    they were on, scrolled where it was; Escape closes it; the home page's drop zone says it under itself."""
     (tmp_path / "fake.jpg").write_text("not a photo")
+    page.set_viewport_size({"width": 1000, "height": 600})
+    page.goto(base_url + "/gallery/1?k=48")
+    page.mouse.wheel(0, 900)
+    page.wait_for_function("window.scrollY > 300")
+    scrolled = page.evaluate("window.scrollY")
+    navigations = []
+    page.on("framenavigated", lambda frame: navigations.append(frame.url) if frame == page.main_frame else None)
+    page.set_input_files(".topbar-upload input[type=file]", str(tmp_path / "fake.jpg"))
+    error = page.locator(".topbar-upload .form-error")
+    error.wait_for(state="visible", timeout=30_000)
+    page.wait_for_function("document.querySelector('.topbar-upload .form-error').textContent.includes('fake.jpg')")
+    assert "not an image" in error.inner_text() or "cannot read" in error.inner_text(), error.inner_text()
+    assert not navigations and page.url == base_url + "/gallery/1?k=48"
+    assert page.evaluate("window.scrollY") == scrolled
+    assert page.get_attribute(".topbar-upload", "aria-busy") == "false"
+    page.keyboard.press("Escape")
+    error.wait_for(state="hidden", timeout=5000)
+
     page.goto(base_url + "/")
-    with page.expect_navigation():
-        page.set_input_files("form[data-primary] input[type=file]", str(tmp_path / "fake.jpg"))
-    assert "fake.jpg" in page.locator("form[data-primary] .form-error").inner_text()
+    page.set_input_files("form[data-primary] input[type=file]", str(tmp_path / "fake.jpg"))
+    page.wait_for_function("document.querySelector('form[data-primary] .form-error').textContent.includes('fake.jpg')")
     assert page.url == base_url + "/"
     posts = []
     page.on("request", lambda request: posts.append(request.url) if request.method == "POST" else None)

@@ -27,10 +27,54 @@
   if (!forms.length) { return; }
   var primary = document.querySelector("form[data-upload][data-primary]") || forms[0];
 
+  function busy(form, on) {
+    form.classList.toggle("busy", on);
+    form.setAttribute("aria-busy", on ? "true" : "false");
+    var note = form.querySelector(".busy-note");
+    if (note) { note.textContent = on ? "Searching…" : ""; }   // a live region announces text put into it
+    document.body.classList.toggle("searching", on);
+  }
+
   function showError(form, message) {
     var box = form.querySelector(".form-error");
-    if (box) { box.textContent = message; box.hidden = false; } else { window.alert(message); }
     form.querySelector("input[type=file]").value = "";   // choosing the same file again is a change again
+    if (!box) { window.alert(message); return; }
+    box.textContent = "";   // the same message again is announced again: emptied, then filled on the next frame
+    box.hidden = false;
+    window.requestAnimationFrame(function () { box.textContent = message; });
+  }
+
+  function hideErrors() {
+    forms.forEach(function (form) {
+      var box = form.querySelector(".topbar-error");   // the top bar's floats over the page: it goes when done with
+      if (box && !box.hidden) { box.hidden = true; }
+    });
+  }
+  document.addEventListener("keydown", function (event) { if (event.key === "Escape") { hideErrors(); } });
+  document.addEventListener("click", function (event) {
+    if (!event.target.closest(".topbar-upload")) { hideErrors(); }
+  });
+
+  // Sent by fetch where there is one: a refusal (not an image after all, too many pixels, the server busy) is shown
+  // in place, where the person was, focus kept; a form post answered it with the home page, scrolled to the top.
+  function post(form) {
+    if (!window.fetch || !window.FormData) { form.submit(); return; }
+    window.fetch(form.action, {method: "POST", body: new FormData(form), headers: {"X-Requested-With": "fetch"},
+                               credentials: "same-origin"})
+      .then(function (response) {
+        return response.json().then(function (body) { return {ok: response.ok, body: body}; }, function () {
+          return {ok: false, body: {error: {message: "The server answered " + response.status + " " +
+                                            response.statusText + "; try again in a moment."}}};
+        });
+      })
+      .then(function (answer) {
+        if (answer.ok && answer.body.url) { window.location.assign(answer.body.url); return; }
+        busy(form, false);
+        showError(form, answer.body.error ? answer.body.error.message : "The search failed; try again.");
+      }, function () {
+        busy(form, false);
+        showError(form, "The photo did not reach the server (is it still running? is the network up?); try again.");
+      });
   }
 
   function send(form, file) {
@@ -50,14 +94,18 @@
       transfer.items.add(file);
       input.files = transfer.files;
     }
-    form.classList.add("busy");
-    document.body.classList.add("searching");
-    form.submit();
+    hideErrors();
+    busy(form, true);
+    post(form);
   }
 
   forms.forEach(function (form) {
     var input = form.querySelector("input[type=file]");
     input.addEventListener("change", function () { send(form, input.files[0]); });
+    // The label looks like a button: Enter opens the file chooser as Space does (Chromium opened it on Space only)
+    input.addEventListener("keydown", function (event) {
+      if (event.key === "Enter") { event.preventDefault(); input.click(); }
+    });
   });
 
   function carriesFiles(event) {
@@ -97,9 +145,8 @@
   // Its file input still holds the file sent, and choosing that file again would not be a change: emptied.
   window.addEventListener("pageshow", function () {
     forms.forEach(function (form) {
-      form.classList.remove("busy");
+      busy(form, false);
       form.querySelector("input[type=file]").value = "";
     });
-    document.body.classList.remove("searching");
   });
 })();
