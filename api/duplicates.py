@@ -94,7 +94,7 @@ def duplicates() -> Response:
                            page=page, pages=pages, computing=not fresh,
                            refresh_s=REFRESH_S, summary=service.index_summary(snapshot), threshold=threshold,
                            byte_twin=byte_twin, notes=result.notes() if result else [])
-    return Response(html, headers={} if fresh else {"Refresh": str(REFRESH_S)})
+    return Response(html)   # while computing, the page's script asks again (without script: a <noscript> refresh)
 
 
 def _threshold(raw: str | None) -> float | None:

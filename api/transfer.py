@@ -237,7 +237,7 @@ def evaluation() -> Response:
                            chart=charts[0] if charts else None, charts=charts, computing=not fresh,
                            comparing=compare_dir is not None, refresh_s=EVALUATION_REFRESH_S,
                            summary=service.index_summary(snapshot))
-    return Response(html, headers={"Refresh": str(EVALUATION_REFRESH_S)} if not fresh else {})
+    return Response(html)   # while computing, the page's script asks again (without script: a <noscript> refresh)
 
 
 def _training_source(settings) -> tuple[Path | None, str]:  # noqa: ANN001 - retrieval.catalog.IndexSettings

@@ -315,3 +315,24 @@ def test_a_panorama_is_shown_whole_on_its_card_not_as_a_sliver(page, long_names_
         card.querySelector('a').title, getComputedStyle(card.querySelector('img')).objectFit]))""")
     assert fits.pop(f"red_circles/{PANORAMA}") == "contain"
     assert fits and set(fits.values()) == {"cover"}, fits
+
+
+def test_a_page_still_computing_shows_its_answer_in_place_without_reloading(page, base_url, monkeypatch):
+    """Reproduces: /duplicates and /evaluation reloaded themselves every 2-3 s while computing (an HTTP Refresh):
+    focus, scroll and a screen reader's place were lost each time, and a link followed at that moment was cancelled.
+    The page now asks again in the background and puts the answer in place: one document from start to end."""
+    import time
+
+    import api.duplicates
+
+    real = api.duplicates.find_duplicates
+    monkeypatch.setattr(api.duplicates, "find_duplicates", lambda *a, **kw: time.sleep(4) or real(*a, **kw))
+    monkeypatch.setattr(api.duplicates, "WAIT_S", 0.1)
+    navigations = []
+    page.on("framenavigated", lambda frame: navigations.append(frame.url) if frame == page.main_frame else None)
+    page.goto(base_url + "/duplicates?threshold=0.2345")   # a threshold not asked before: computed now
+    assert page.locator("#computing").count() == 1
+    navigations.clear()
+    page.wait_for_selector("#duplicates-summary", timeout=120_000)
+    assert page.locator("#computing").count() == 0 and not navigations, navigations
+    assert "Near-duplicates" in page.title()

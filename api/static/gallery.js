@@ -23,6 +23,26 @@
     if (img.complete) { fitThumbnail(img); }   // loaded before this script ran
   });
 
+  // A page still computing (/evaluation, /duplicates) asks again every few seconds and shows the answer in place when
+  // it is ready. It reloaded itself instead (an HTTP Refresh), taking focus, scroll and a screen reader's place
+  // every 2-3 s, and cancelling a link followed at that moment.
+  var computing = document.getElementById("computing");
+  if (computing && computing.getAttribute("data-poll-s") && window.fetch && window.DOMParser) {
+    var every = 1000 * Number(computing.getAttribute("data-poll-s"));
+    var poll = function () {
+      window.fetch(window.location.href, {credentials: "same-origin"})
+        .then(function (response) { return response.text(); })
+        .then(function (text) {
+          var fresh = new DOMParser().parseFromString(text, "text/html");
+          var main = fresh.querySelector("main");
+          if (!main || fresh.getElementById("computing")) { window.setTimeout(poll, every); return; }
+          document.querySelector("main").innerHTML = main.innerHTML;
+          document.title = fresh.title;
+        }, function () { window.setTimeout(poll, every); });
+    };
+    window.setTimeout(poll, every);
+  }
+
   var forms = Array.prototype.slice.call(document.querySelectorAll("form[data-upload]"));
   if (!forms.length) { return; }
   var primary = document.querySelector("form[data-upload][data-primary]") || forms[0];
