@@ -120,7 +120,7 @@ class RetrievalService:
         self._catalog_failure: tuple[float, str] | None = None   # (monotonic time, reason) of the last failed read
         self._labels: tuple[int, dict[str | None, int]] | None = None   # (index version, images per label)
         self.watcher = None   # (health() reads it: set before the watcher's first look calls it)
-        self.watcher = IndexWatcher(self.index, config.reload_interval_s, on_reload=self._count_images,
+        self.watcher = IndexWatcher(self.index, config.reload_interval_s, on_reload=self._reloaded,
                                     on_check=self.note_availability) if config.reload_interval_s > 0 else None
         self._count_images()
         self.thumbnails = ThumbnailCache(config.thumbnail_dir, config.thumbnail_size, max_pixels=config.max_pixels)
@@ -136,6 +136,12 @@ class RetrievalService:
                  "search threads %d)", len(self.index), config.index_dir, self.index.catalog.location,
                  self.index.settings.model, self.index.settings.layer,
                  self.batcher.idle_threads, self.batcher.busy_threads, self.batcher.search_threads)
+
+    def _reloaded(self) -> None:
+        """After each reload (on the watcher's thread): the size gauge, and the thumbnails of images gone or changed
+        removed (they piled up until a worker restarted)."""
+        self._count_images()
+        self._prune_thumbnails()
 
     def _count_images(self) -> None:
         metrics.INDEX_IMAGES.set(len(self.index))
@@ -229,7 +235,8 @@ class RetrievalService:
                             {"decode": 0.0, "features": _ms(looked_up - started), "search": search_ms}, snapshot=snapshot)
 
     def _prune_thumbnails(self) -> None:
-        """Once as a worker starts, in the background: the cached thumbnails of images no longer indexed go."""
+        """As a worker starts (in the background) and after each reload: the cached thumbnails of images no longer
+        indexed, or changed since, go."""
         try:
             removed = self.thumbnails.prune(self.index.snapshot().catalog.hash_prefixes())
         except Exception as exc:  # noqa: BLE001 - a cache's housekeeping never stops a server

@@ -61,6 +61,9 @@ def test_the_server_answers_from_the_rewritten_index_without_failing_a_request(t
     try:
         client = app.test_client()
         assert client.get("/stats").get_json()["count"] == 8
+        removed_id = app.extensions["retrieval"].index.catalog.file_states()["blue_squares/blue_squares_000.jpg"][0]
+        assert client.get(f"/images/{removed_id}/thumbnail").status_code == 200
+        assert list((tmp_path / "thumbs").glob(f"{removed_id}-*.jpg")), "cached"
         make_sample_collection(data, per_class=4, size=(96, 72), seed=4, classes=["green_stripes", "purple_checks"])
         (data / "blue_squares" / "blue_squares_000.jpg").unlink()
         before = answered
@@ -77,6 +80,8 @@ def test_the_server_answers_from_the_rewritten_index_without_failing_a_request(t
         assert "blue_squares/blue_squares_000.jpg" not in [h["path"] for h in hits], "removed images leave the results"
         labels = {item["label"] for item in client.get("/stats").get_json()["labels"]}
         assert labels == {"red_circles", "blue_squares", "green_stripes", "purple_checks"}
+        # the removed image's cached thumbnail goes with the reload (it stayed until a worker restarted)
+        assert wait_for(lambda: not list((tmp_path / "thumbs").glob(f"{removed_id}-*.jpg")), 10)
     finally:
         stop.set()
         driver.join(60)
