@@ -52,6 +52,8 @@ class PathArg(click.Path):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, (str, bytes)) and not value.strip():
             self.fail("is empty; give a path (. for the working folder)", param, ctx)
+        if isinstance(value, str) and value.startswith("~"):
+            value = os.path.expanduser(value)   # from a variable or a crontab line, which no shell expanded: ./~/idx
         if not self.dir_okay and isinstance(value, str) and value.endswith(("/", os.sep)):
             # resolve_path drops the slash: `--out tuned/` wrote a file named "tuned"
             self.fail(f"{value!r} ends with '/', so it names a folder; give a file's name", param, ctx)

@@ -197,10 +197,11 @@ def progress_bar(show: bool, desc: str, total: int, *, unit: str = "img", leave:
 def transient_status(show: bool) -> Iterator[Callable[[str], None]]:
     """-> a callback that shows its latest line on stderr's terminal (in place of the one before), wiped on the way
     out: for the seconds of work after a progress bar (a FAISS index built, its recall measured), which were silent.
-    Silent where show is False or stderr is no terminal."""
+    Silent where show is False, stderr is no terminal, or the terminal cannot erase a line (TERM=dumb: an editor's
+    shell buffer, which printed the escape codes)."""
     import shutil
 
-    shown = show and sys.stderr.isatty()
+    shown = show and sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
 
     def say(line: str) -> None:
         if shown:

@@ -124,6 +124,10 @@ def test_on_a_terminal_the_seconds_after_the_bar_say_what_they_do(tmp_path):
     assert "\x1b[Kbuilding the FAISS index (PCAW32,L2norm,IVF8,Flat) from 130 vectors..." in text, text
     assert "\x1b[Kmeasuring the FAISS index's recall on 130 queries against exact search...\r\x1b[Kindexed 0" in text, \
         text   # said, then wiped before the report
+    # a terminal that cannot erase a line (TERM=dumb: an editor's shell) printed the escape codes: no such lines there
+    status, text = run_on_terminal([console_script("index-images"), "data", "--rebuild-index"], tmp_path,
+                                   env={"TERM": "dumb"})
+    assert status == 0 and "\x1b[K" not in text and "building the FAISS index" not in text, text
 
 
 def test_index_dir_from_the_environment(runner, data, tmp_path, monkeypatch):
@@ -131,6 +135,13 @@ def test_index_dir_from_the_environment(runner, data, tmp_path, monkeypatch):
     result = runner.invoke(index_images, [str(data), "--weights", "random", "--workers", "0", "--json"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "env-index" / "catalog.db").exists()
+    # as a crontab line or a quoted value sets it, no shell expanding ~: it made a folder named "~" in the working one
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("RETRIEVAL_INDEX_DIR", "~/tilde-index")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(index_images, [str(data), "--weights", "random", "--workers", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "tilde-index" / "catalog.db").exists() and not (tmp_path / "~").exists()
 
 
 @pytest.mark.skipif(cpu_bf16_instructions() is not None, reason="this CPU has bf16 units (AVX512-BF16 or AMX-BF16)")

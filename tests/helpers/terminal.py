@@ -11,11 +11,12 @@ import termios
 from pathlib import Path
 
 
-def run_on_terminal(cmd: list[str], cwd: Path, timeout: float = 300) -> tuple[int, str]:
-    """-> (exit status, everything it wrote to the terminal, stdout and stderr together)."""
+def run_on_terminal(cmd: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> tuple[int, str]:
+    """-> (exit status, everything it wrote to the terminal, stdout and stderr together). env: variables to set."""
     parent, child = pty.openpty()
     fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))   # rows, columns: tqdm draws to fit
-    proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=child, stderr=child)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=child, stderr=child,
+                            env=None if env is None else {**os.environ, **env})
     os.close(child)
     out = b""
     try:
