@@ -63,6 +63,9 @@ def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device:
             data_dir = str(index.data_dir)   # the hits' paths are relative to it
         except ImageDecodeError as exc:
             raise UserError(f"cannot use {shown} as a query: {exc}") from exc
+    if _being_updated(index_dir):
+        click.echo("note: an index-images run is updating this index now: images it has not reached yet are not "
+                   "searched", err=True)
     if as_json:
         click.echo(json.dumps({"results": [{"id": h.id, "path": display_name(h.path),
                                             "label": None if h.label is None else display_name(h.label),
@@ -76,6 +79,17 @@ def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device:
     click.echo(f"{'rank':>4}  {'distance':>8}  {'label':<16}  path")
     for rank, h in enumerate(hits, 1):
         click.echo(f"{rank:>4}  {h.distance:>8.4f}  {terminal_name(h.label or '-'):<16}  {terminal_name(h.path)}")
+
+
+def _being_updated(index_dir: Path) -> bool:
+    """Whether an index-images run holds the index now (a lock probe: nothing waits); False when it cannot be told."""
+    from indexer.config import ConfigError
+    from indexer.locks import writer_running
+
+    try:
+        return writer_running(index_dir)
+    except ConfigError:
+        return False
 
 
 def _read_stdin() -> bytes:

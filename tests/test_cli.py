@@ -628,3 +628,27 @@ def test_a_query_piped_in_on_standard_input(sample_index):
     assert refused.exit_code == 2 and "cannot use the image on standard input as a query" in refused.output
     empty = CliRunner().invoke(search_images, args, input=b"")
     assert empty.exit_code == 2 and "standard input was empty" in empty.output
+
+
+def test_a_search_while_index_images_updates_the_index_says_so(sample_index, tmp_path):
+    """Reproduces: a search during an index-images run answered from the images indexed so far, without a word
+    (find-duplicates said it)."""
+    import shutil
+
+    index = tmp_path / "index"
+    shutil.copytree(sample_index.index_dir, index)
+    query = sample_index.data_dir / "red_circles" / "red_circles_000.jpg"
+    args = [str(query), "-k", "1", "--index-dir", str(index), "--json"]
+    quiet = CliRunner().invoke(search_images, args)
+    assert quiet.exit_code == 0 and "note:" not in quiet.stderr
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom indexer.locks import index_lock\n"
+                               f"with index_lock({str(index)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = CliRunner().invoke(search_images, args)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert busy.exit_code == 0 and json.loads(busy.stdout)["results"][0]["path"] == "red_circles/red_circles_000.jpg"
+    assert "note: an index-images run is updating this index now" in busy.stderr
