@@ -418,3 +418,19 @@ def test_preprocessing_matches_the_weights_own_transforms():
 
     assert ours.shape == theirs.shape == (3, 224, 224)
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_a_heic_or_jpeg_xl_photo_is_named_with_what_to_do():
+    """Reproduces: an iPhone's HEIC photo uploaded (or given to search-images) was "not an image, or in a format this
+    program cannot read", which reads as a damaged file; the indexer already named such formats. The format is
+    named now, with the way to JPEG; anything else unreadable is said as before."""
+    from retrieval.images.decode import Preprocessing
+
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(200)
+    jxl = b"\x00\x00\x00\x0cJXL \r\n\x87\n" + bytes(200)
+    for data, said in ((heic, "a HEIC photo, a format this program cannot read: convert it to JPEG (an iPhone"),
+                       (jxl, "a JPEG XL photo, a format this program cannot read: convert it to JPEG"),
+                       (b"plain text, not a photo" * 4, "not an image, or in a format this program cannot read")):
+        with pytest.raises(ImageDecodeError) as raised:
+            decode_for_model(data, Preprocessing())
+        assert str(raised.value).startswith(said), str(raised.value)

@@ -276,7 +276,7 @@ def _opened(source: ImageSource, min_side: int | None, max_pixels: int | None,
         data = bytes(source)
         if not data:
             raise ImageDecodeError("empty file")
-        with Image.open(io.BytesIO(data)) as img:
+        with _open_image(io.BytesIO(data), data[:32]) as img:
             yield _load(img, hashlib.sha256(data).hexdigest(), data.count(_SOS), min_side, max_pixels,
                         max_decoded_pixels)
         return
@@ -289,8 +289,39 @@ def _opened(source: ImageSource, min_side: int | None, max_pixels: int | None,
         if size == 0:
             raise ImageDecodeError("empty file")
         f.seek(0)
-        with Image.open(f) as img:
+        head = f.read(32)
+        f.seek(0)
+        with _open_image(f, head) as img:
             yield _load(img, sha256, scans, min_side, max_pixels, max_decoded_pixels)
+
+
+def _open_image(fp: BinaryIO, head: bytes) -> Image.Image:
+    """Image.open, a photo format Pillow does not read named as such (an iPhone's HEIC upload was "not an image")."""
+    try:
+        return Image.open(fp)
+    except Image.UnidentifiedImageError:
+        if (name := photo_format(head)) is not None:
+            hint = " (an iPhone takes JPEGs with Settings > Camera > Formats > Most Compatible)" if name == "HEIC" else ""
+            raise ImageDecodeError(f"a {name} photo, a format this program cannot read: convert it to JPEG{hint}") \
+                from None
+        raise
+
+
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+
+
+def photo_format(head: bytes) -> str | None:
+    """The name of a photo format Pillow does not read, from a file's first bytes: "HEIC", "AVIF", "JPEG XL"; None
+    for anything else."""
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in _HEIF_BRANDS:
+            return "HEIC"
+        if brand in (b"avif", b"avis"):
+            return "AVIF"
+    if head[:2] == b"\xff\x0a" or head[:12] == b"\x00\x00\x00\x0cJXL \r\n\x87\n":
+        return "JPEG XL"
+    return None
 
 
 def _file_facts(f: BinaryIO) -> tuple[str, int, int]:
