@@ -18,22 +18,22 @@ from commands.options import (Command, PathArg, UserError, catalog_error, comman
 MAX_MATRIX_CLASSES = 20   # larger confusion matrices are only in --json
 
 
-def parse_ks(value: str) -> list[int]:
-    """"1,5,10" -> [1, 5, 10] (sorted, unique); raises click.BadParameter."""
+def parse_ks(_ctx: click.Context | None, _param: click.Parameter | None, value: str) -> list[int]:
+    """-k's callback: "1,5,10" -> [1, 5, 10] (sorted, unique); raises click.BadParameter (during parsing, so a value
+    from EVALUATE_INDEX_K is named as the variable's)."""
     try:
         ks = sorted({int(part) for part in value.split(",") if part.strip()})
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of whole numbers, e.g. 1,5,10",
-                                 param_hint="'-k'") from None
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of whole numbers, e.g. 1,5,10") from None
     if not ks or ks[0] < 1:
-        raise click.BadParameter("give one or more numbers of neighbours, each at least 1", param_hint="'-k'")
+        raise click.BadParameter("give one or more numbers of neighbours, each at least 1")
     return ks
 
 
 @click.command(cls=Command, context_settings=command_settings("evaluate-index"))
 @index_dir_option
 @db_url_option
-@click.option("-k", "ks", default=",".join(map(str, DEFAULT_KS)), show_default=True, metavar="K[,K...]",
+@click.option("-k", "ks", default=",".join(map(str, DEFAULT_KS)), show_default=True, metavar="K[,K...]", callback=parse_ks,
               help="Numbers of neighbours for precision@k and the kNN vote.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
               help="Seed of the linear probe's train/test split, and of the images --copies draws (with seed + 1).")
@@ -82,7 +82,7 @@ def main(index_dir: Path, db_url: str | None, ks: str, seed: int, compare_dir: P
     catalog), 1 a full disk (one line: what to free), 130 interrupted.
     """
     setup_logging(verbose)
-    k_list = parse_ks(ks)
+    k_list = ks
     if copies is not None:
         if compare_dir is not None:
             raise UserError("--copies measures one index: leave out --compare")

@@ -20,10 +20,22 @@ TRAIN_MODES = ("head", "fc", "all")      # retrieval.learning.finetune.TRAIN_MOD
 AUTO_TRAIN_BATCH_CAP = 64                # --batch-size auto never trains on larger batches (small collections)
 
 
+def _weights_value(_ctx: click.Context | None, _param: click.Parameter | None, value: str) -> str:
+    """--weights' callback: imagenet, random, or a state dict file's absolute path. Raises click.BadParameter (while
+    parsing: a value from FINE_TUNE_WEIGHTS is named as the variable's)."""
+    choice = WeightsChoice.parse(value)
+    if not choice.is_file:
+        return value
+    path = choice.path.expanduser().resolve()
+    if not path.is_file():
+        raise click.BadParameter(f"{value!r} is not 'imagenet', 'random' or a file")
+    return str(path)
+
+
 @click.command(cls=Command, context_settings=command_settings("fine-tune"))
 @click.argument("data_dir", type=PathArg(exists=True, file_okay=False, path_type=Path, resolve_path=True))
 @click.option("--model", type=click.Choice(MODEL_NAMES), default="alexnet", show_default=True, help="Backbone network.")
-@click.option("--weights", default="imagenet", show_default=True, metavar="imagenet|random|PATH",
+@click.option("--weights", default="imagenet", show_default=True, metavar="imagenet|random|PATH", callback=_weights_value,
               help="Where training starts: ImageNet weights, seeded random weights (--seed; the same network as "
                    "index-images --weights random --seed), or a state dict file.")
 @click.option("--out", "out", required=True, type=PathArg(dir_okay=False, path_type=Path, resolve_path=True),
@@ -90,12 +102,6 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, object
     """
     setup_logging(verbose, quiet=as_json)
     requested_batch = batch_size
-    choice = WeightsChoice.parse(weights)
-    if choice.is_file:
-        path = choice.path.expanduser().resolve()
-        if not path.is_file():
-            raise click.BadParameter(f"{weights!r} is not 'imagenet', 'random' or a file", param_hint="'--weights'")
-        weights = str(path)
     _check_out(out, model, overwrite)   # before any training: a folder that cannot take the weights is told at once
 
     from retrieval.features.backbones import DeviceUnavailable, WeightsUnavailable, resolve_device

@@ -22,6 +22,16 @@ FEATURE_DIM = FC_DIM   # the largest: fc6 and fc7 of both backbones (pooled conv
 SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON object --json prints alone
 
 
+def whiten_dim_value(_ctx: click.Context | None, _param: click.Parameter | None, value: str | None) -> int | str | None:
+    """--whiten-dim's callback: a number of dimensions from 1 to 4096, "auto", or None (not given)."""
+    if value is None:
+        return None
+    value = value.strip().lower()
+    if value != "auto" and not (value.isascii() and value.isdigit() and 1 <= int(value) <= 4096):
+        raise click.BadParameter(f"takes a number of dimensions from 1 to 4096 or auto, not {value!r}")
+    return value if value == "auto" else int(value)
+
+
 @click.command(cls=Command, context_settings=command_settings("index-images"))
 @click.argument("data_dir", type=PathArg(exists=True, file_okay=False, path_type=Path, resolve_path=True))
 @index_dir_option
@@ -102,7 +112,7 @@ SUMMARY_PREFIX = "summary "   # index-images' last line: this, then the JSON obj
                    "learned on the collection, applied to every query; the catalog keeps the raw vectors. Waits for "
                    "128 images (with --whiten-dim N: 1.25 N, at most 40). [default: whiten a new "
                    "index, but not one of a weights file (fine-tune's output); an existing one keeps what it recorded]")
-@click.option("--whiten-dim", default=None, metavar="N|auto",
+@click.option("--whiten-dim", default=None, metavar="N|auto", callback=whiten_dim_value,
               help="Dimensions after whitening. auto: a power of two up to a quarter of the images, at most 256 "
                    "(more dimensions than that make kNN classification worse). N is kept while there are 1.25 N "
                    "images; with fewer, the largest power of two they allow. [default: auto, or the index's]")
@@ -158,11 +168,6 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
     from indexer.locks import IndexBusy
     from indexer.run import ConfigError, JobConfig, run_index
 
-    if whiten_dim is not None:
-        whiten_dim = whiten_dim.strip().lower()
-        if whiten_dim != "auto" and not (whiten_dim.isascii() and whiten_dim.isdigit() and 1 <= int(whiten_dim) <= 4096):
-            raise UserError(f"--whiten-dim takes a number of dimensions from 1 to 4096 or auto, not {whiten_dim!r}")
-        whiten_dim = whiten_dim if whiten_dim == "auto" else int(whiten_dim)
     vector_index = IndexTypeConfig(index_type=index_type, flat_max=auto_flat_max, nprobe=nprobe, ef_search=ef_search,
                                    recall_queries=recall_queries, rebuild=rebuild_index, whiten=whiten,
                                    whiten_dim=whiten_dim, dba=dba)

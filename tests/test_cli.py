@@ -652,3 +652,22 @@ def test_a_search_while_index_images_updates_the_index_says_so(sample_index, tmp
         holder.wait()
     assert busy.exit_code == 0 and json.loads(busy.stdout)["results"][0]["path"] == "red_circles/red_circles_000.jpg"
     assert "note: an index-images run is updating this index now" in busy.stderr
+
+
+@pytest.mark.parametrize("command, args, variable, value", [
+    ("evaluate_index", [], "EVALUATE_INDEX_K", "1,x"),
+    ("fine_tune", ["DATA", "--out", "OUT"], "FINE_TUNE_WEIGHTS", "nosuch.pt"),
+    ("index_images", ["DATA"], "INDEX_IMAGES_WHITEN_DIM", "abc"),
+])
+def test_a_wrong_value_from_the_environment_is_named_as_the_variable(sample_index, tmp_path, command, args,
+                                                                     variable, value):
+    """Reproduces: EVALUATE_INDEX_K=1,x was reported as "Invalid value for '-k'" (and FINE_TUNE_WEIGHTS,
+    INDEX_IMAGES_WHITEN_DIM alike): checked after parsing, these values lost where they came from."""
+    import importlib
+
+    main = importlib.import_module(f"commands.{command}").main
+    filled = [{"DATA": str(sample_index.data_dir), "OUT": str(tmp_path / "t.pt")}.get(a, a) for a in args]
+    result = CliRunner().invoke(main, [*filled, "--index-dir", str(tmp_path / "index")] if command != "fine_tune"
+                                else filled, env={variable: value})
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {variable} (the environment's" in result.output and repr(value) in result.output
