@@ -170,6 +170,12 @@ def misspelt_variables(command: click.Command, environ: Any) -> list[str]:
             close = difflib.get_close_matches(name, sorted(reads), n=1, cutoff=0.75)
             lines.append(f"{name} is set, but {prefix[:-1].lower().replace('_', '-')} has no option it names"
                          + (f" (did you mean {close[0]}?)" if close else ""))
+        elif name.startswith("RETRIEVAL_") and name not in reads and prefix != "_" \
+                and f"{prefix}{name[len('RETRIEVAL_'):]}" in reads and name in {s.envvar for s in SETTINGS}:
+            # RETRIEVAL_DEVICE=cuda search-images ran on the CPU without a word: the server's variable, not this one's
+            mine = f"{prefix}{name[len('RETRIEVAL_'):]}"
+            lines.append(f"{name} is set, but it is the server's (serve-images); "
+                         f"{prefix[:-1].lower().replace('_', '-')} reads {mine}")
         elif name.startswith("RETRIEVAL_") and name not in shared | reads:
             close = difflib.get_close_matches(name, sorted(shared | reads), n=1, cutoff=0.75)
             lines.append(f"{name} is set, but no command reads it" + (f" (did you mean {close[0]}?)" if close else ""))

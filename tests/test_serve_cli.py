@@ -362,6 +362,15 @@ def test_an_option_with_a_retrieval_variable_reads_only_that_one(sample_index, t
         assert "INDEX_IMAGES_INDEX_DIR is set, but --index-dir reads RETRIEVAL_INDEX_DIR" in result.output
         assert Path("index", "catalog.db").is_file() and not elsewhere.exists()
 
+    # the other way round: RETRIEVAL_DEVICE=cuda search-images ran on the CPU without a word (the server's variable)
+    from commands.search_images import main as search_images
+
+    query = str(sample_index.data_dir / "red_circles" / "red_circles_000.jpg")
+    result = CliRunner().invoke(search_images, [query, "--index-dir", str(sample_index.index_dir), "-k", "1"],
+                                env={"RETRIEVAL_DEVICE": "cuda"})
+    assert result.exit_code == 0 and ("warning: RETRIEVAL_DEVICE is set, but it is the server's (serve-images); "
+                                      "search-images reads SEARCH_IMAGES_DEVICE") in result.output, result.output
+
 
 def test_a_wrong_value_in_an_option_variable_names_the_variable(sample_index):
     """Reproduces: SEARCH_IMAGES_K=abc said "Invalid value for '-k'", though no -k was typed (the docs promise the
