@@ -62,6 +62,7 @@ class JobConfig:
     max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES   # larger files are skipped unread; None: no limit
     save_every_s: float = 30.0        # also save the FAISS file this often during long runs
     progress: bool = True             # a tqdm bar on a terminal
+    list_changes: bool = False        # RunReport.changes: each path added, changed, moved and removed
     on_progress: Callable[[int, int], None] | None = None   # on_progress(done, total) after each committed batch
                                       # (on the writer thread; files done, of the run's files to do)
     ray: str | None = None            # None: this process; "": a new local Ray cluster (or $RAY_ADDRESS);
@@ -160,6 +161,7 @@ class RunReport:
     vector_index: dict | None = None   # the FAISS type, training, search settings and recall (index_builder.describe)
     extraction: dict | None = None     # device, precision, decoding and batch size of this run, and where its time went
     repairs: list[str] = dataclasses.field(default_factory=list)   # what this run found damaged and repaired
+    changes: dict | None = None        # with list_changes: {"added", "changed", "removed": [paths], "moved": [[old, new]]}
     network: dict | None = None        # the index's network as recorded: model, layer, views, weights, dim, normalize
 
     def to_json(self) -> dict:

@@ -121,13 +121,28 @@ def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callabl
                           "changed; run index-images as a user who may read it")
     catalog.restamp((f.path, f.size, f.mtime_ns) for f in planned.restamp)   # touched, same bytes: kept as they are
     catalog.move((old, f.path, f.label) for old, f in planned.moves)          # moved, same bytes: new path and label
+    removals_planned = removals(planned, catalog) if cfg.list_changes else []   # (before the run takes them out)
     report = _run_planned(cfg, catalog, stored, chosen, planned, started, on_extractor, on_cluster)
     report.repairs.extend(filter(None, [moved_data, moved_weights]))
     report.moved = len(planned.moves)
+    if cfg.list_changes:
+        report.changes = _changes(planned, removals_planned, report)
     report.folders = [{"path": display_name(path), "reason": reason} for path, reason in planned.folders.items()]
     report.restamped = len(planned.restamp)
     report.unreadable_formats = planned.unreadable_formats
     return report
+
+
+def _changes(planned: Plan, removed: list[str], report: RunReport) -> dict:
+    """What the run changed, path by path (index-images --list-changes): files added and changed (those it could not
+    decode are among the skipped instead), moved or renamed ([old, new]), and removed from the index (gone from the
+    folder, or refused now; a changed file that can no longer be read is removed too)."""
+    skipped = {s["path"] for s in report.skipped}
+    kept = [f.path for f in planned.todo if f.path not in skipped]
+    return {"added": [p for p in kept if p not in planned.was_indexed],
+            "changed": [p for p in kept if p in planned.was_indexed],
+            "moved": [[old, f.path] for old, f in planned.moves],
+            "removed": removed + [p for p in planned.was_indexed if p in skipped]}
 
 
 def _run_planned(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chosen: dict, planned: Plan,

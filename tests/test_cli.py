@@ -45,7 +45,7 @@ def test_index_json_summary_and_search_json(runner, data, tmp_path):
                                               "--workers", "0", "--json"])
 
     assert set(summary) == {"indexed", "unchanged", "removed", "skipped", "folders", "restamped", "moved",
-                            "unreadable_formats", "total", "seconds", "images_per_second", "vector_index", "extraction", "repairs", "network"}
+                            "unreadable_formats", "total", "seconds", "images_per_second", "vector_index", "extraction", "repairs", "changes", "network"}
     assert summary["vector_index"]["factory"] == "Flat" and summary["vector_index"]["exact"]   # auto, small collection
     x = summary["extraction"]   # where the network ran, in what arithmetic, and where the run's time went
     assert (x["device"], x["decode"], x["batch_size"]) == ("cpu", "workers", 32)

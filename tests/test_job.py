@@ -246,6 +246,22 @@ def test_a_moved_data_folder_keeps_its_index_without_extracting_again(small_data
         index_images(tmp_path / "elsewhere", tmp_path / "index")   # gone, and this folder holds none of it
 
 
+def test_list_changes_names_each_file_added_changed_moved_and_removed(small_data, tmp_path, index_images):
+    """index-images said only counts ("indexed 1, moved 24, removed 1"): which photo left the index, and was the one
+    indexed a new one or a replaced one? --list-changes names them (report.changes)."""
+    index_images(small_data, tmp_path / "index")
+    files = sorted(p.relative_to(small_data).as_posix() for p in small_data.rglob("*.jpg"))
+    (small_data / files[0]).unlink()                                              # removed
+    (small_data / files[1]).rename(small_data / files[1].replace(".jpg", "_renamed.jpg"))   # moved
+    draw_sample(files[2].split("/")[0], (64, 48), random.Random(7)).save(small_data / files[2], quality=90)  # changed
+    draw_sample(files[2].split("/")[0], (64, 48), random.Random(8)).save(small_data / "new.jpg", quality=90)  # added
+    os.utime(small_data / files[2], ns=(1, 1))   # not the time indexed, whatever the clock's resolution
+    report = index_images(small_data, tmp_path / "index", list_changes=True)
+    assert report.changes == {"added": ["new.jpg"], "changed": [files[2]],
+                              "moved": [[files[1], files[1].replace(".jpg", "_renamed.jpg")]], "removed": [files[0]]}
+    assert index_images(small_data, tmp_path / "index").changes is None   # not asked: no lists (a first run's 1M paths)
+
+
 def test_options_left_out_come_from_the_index(small_data, tmp_path, index_images):
     index_images(small_data, tmp_path / "index", layer="fc6")
     report = index_images(small_data, tmp_path / "index", weights=None)
