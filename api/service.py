@@ -183,7 +183,7 @@ class RetrievalService:
             except DecoderBusy as exc:
                 raise ApiError(503, "overloaded", "the server is busy decoding other uploads; try again shortly") from exc
             except ImageDecodeError as exc:
-                raise ApiError(415, "unsupported_image", f"not a usable image: {exc}") from exc
+                raise ApiError(415, "unsupported_image", str(exc)) from exc   # the reason says it all
         decoded = upload.image
         decoded_at = time.perf_counter()
         metrics.DECODE_SECONDS.observe(decoded_at - started)

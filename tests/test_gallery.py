@@ -149,7 +149,7 @@ def test_a_neighbours_page_keeps_the_searchs_k_and_expansion(client, sample_inde
 def test_upload_of_a_non_image_shows_the_form_again_with_the_reason(client):
     r = post_photo(client, b"%PDF-1.4 not a photo")
     assert r.status_code == 415 and r.mimetype == "text/html"
-    assert "not a usable image" in r.get_data(as_text=True)
+    assert "“holiday.jpg”: not an image, or in a format this program cannot read" in r.get_data(as_text=True)
     assert "“holiday.jpg”" in r.get_data(as_text=True), "the file is named, as the page's own check names it"
 
 
