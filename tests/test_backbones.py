@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 
 import pytest
 import torch
@@ -127,6 +128,7 @@ def test_a_weights_file_is_read_once_per_process_until_it_changes(tmp_path, monk
     path = tmp_path / "w.pt"
     path.write_bytes(b"a" * 1000)
     os.utime(path, ns=(1_000_000_000, 1_000_000_000))        # written long ago
+    time.sleep(2.1)                                            # and its status changed seconds ago, not just now
     reads = []
     real = digests._sha256
     monkeypatch.setattr(digests, "_sha256", lambda p: reads.append(p) or real(p))
@@ -136,6 +138,16 @@ def test_a_weights_file_is_read_once_per_process_until_it_changes(tmp_path, monk
         f.write(b"b")
     assert file_sha256(path) == hashlib.sha256(b"b" + b"a" * 999).hexdigest()   # just written: not kept
     assert file_sha256(path) == hashlib.sha256(b"b" + b"a" * 999).hexdigest() and len(reads) == 3
+    # rewritten in place with its modification time put back (cp -p, touch -r, rsync -t): its status-change time
+    # moved, so it is read again (a review found the old hash returned)
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    time.sleep(2.1)                                            # the change itself no longer recent
+    file_sha256(path)
+    reads.clear()
+    with open(path, "r+b") as f:
+        f.write(b"c")
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    assert file_sha256(path) == hashlib.sha256(b"c" + b"a" * 999).hexdigest() and len(reads) == 1
 
 
 def test_a_network_keeps_its_weights_when_the_file_is_replaced_under_it(tmp_path):

@@ -23,8 +23,11 @@ _lock = threading.Lock()
 
 
 def _stamp(path: Path) -> tuple:
+    """What tells a file's bytes apart without reading them: its inode (on its device), size, modification time,
+    and status-change time, which a rewrite moves even when the modification time is put back (cp -p, touch -r,
+    rsync -t) and which a new file in a reused inode has anew."""
     st = os.stat(path)
-    return (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _sha256(path: Path) -> str:
@@ -61,7 +64,7 @@ def hash_ahead(path: Path | None) -> None:
 
 def file_sha256(path: Path) -> str:
     """The hex sha256 of the file's bytes: the one hashed ahead, or earlier in this process, when the file is as it
-    was then (same inode, size and modification time to the nanosecond), else hashed now."""
+    was then (same device and inode, size, modification and status-change times), else hashed now."""
     try:
         stamp = _stamp(path)
     except OSError:
@@ -81,7 +84,7 @@ def file_sha256(path: Path) -> str:
         digest = _sha256(path)
     # Kept only for a file not modified in the last seconds: timestamps tick in milliseconds, so a file rewritten
     # twice in one tick, same size, would keep its stamp (git's "racy" entries, handled the same way).
-    if stamp is not None and time.time_ns() - stamp[3] > 2_000_000_000:
+    if stamp is not None and time.time_ns() - max(stamp[4], stamp[5]) > 2_000_000_000:
         with _lock:
             if len(_known) >= _KNOWN_MAX:
                 _known.pop(next(iter(_known)))
