@@ -234,6 +234,8 @@ def exit_without_teardown(command: click.Command) -> Callable[[], None]:
 
         def on_terminate(signum: int, _frame) -> None:  # noqa: ANN001 - a signal handler
             terminated.append(signum)
+            if signum == signal.SIGHUP:   # the terminal is gone: writing to it fails (EIO), which ended the run with a
+                _off_the_terminal()       # traceback and status 1 before its "interrupted" line; nowhere, instead
             if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:   # a job a script started with & ignores Ctrl-C;
                 signal.signal(signal.SIGINT, signal.default_int_handler)   # a SIGTERM must still stop it
             os.kill(os.getpid(), signal.SIGINT)   # as a Ctrl-C, so a moment that holds Ctrl-C holds this too
@@ -275,6 +277,21 @@ def exit_without_teardown(command: click.Command) -> Callable[[], None]:
             os._exit(code)
         sys.exit(code)
     return entry
+
+
+def _off_the_terminal() -> None:
+    """stdout and stderr, where they are a terminal (a character device: isatty() is False once it hung up), to
+    /dev/null; pipes and files are left as they are."""
+    import stat
+
+    for fd in (1, 2):
+        try:
+            if stat.S_ISCHR(os.fstat(fd).st_mode):
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, fd)
+                os.close(null)
+        except OSError:
+            pass
 
 
 def _open_closed_standard_streams() -> None:

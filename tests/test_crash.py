@@ -277,3 +277,35 @@ def test_ctrl_c_before_the_work_starts_exits_130_not_aborted(collection, tmp_pat
             proc.wait()
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Aborted!" not in stderr and "Traceback" not in stderr, stderr
+
+
+def test_a_terminal_hanging_up_mid_run_keeps_the_work_and_exits_129(collection, tmp_path):
+    """Reproduces (a review, with a real terminal): the ssh session closed, the run got SIGHUP, and writing its
+    "interrupted" line to the terminal that was gone failed (EIO): a traceback and exit status 1. It writes nowhere
+    now, keeps what it committed, and exits 129; a rerun finishes."""
+    import pty
+    import select
+
+    data, _ = collection
+    index_dir = tmp_path / "index"
+    argv = entry_command("index-images", str(data), "--index-dir", str(index_dir), "--weights", "random",
+                         "--batch-size", "1")
+    pid, terminal = pty.fork()
+    if pid == 0:   # the child: a session leader on the new terminal, as a login shell's job is
+        os.execvp(argv[0], argv)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and _committed(index_dir / "catalog.db") < 2:
+            if select.select([terminal], [], [], 0.1)[0]:
+                try:
+                    os.read(terminal, 65536)
+                except OSError:
+                    break
+        assert _committed(index_dir / "catalog.db") >= 2, "the run ended before the hang-up; the test proves nothing"
+    finally:
+        os.close(terminal)   # the terminal hangs up: its session leader gets SIGHUP
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 129
+    rerun = subprocess.run(default_command(data, index_dir), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["total"] == N_IMAGES
