@@ -80,7 +80,7 @@ def _home(error: str | None = None, status: int = 200) -> tuple[str, int]:
 def _data_folder() -> dict[str, Any]:
     """Every page says when the index's data folder is not there (it showed a page of broken pictures, silently)."""
     try:
-        return {"data_folder_missing": current_service().data_folder_missing()}
+        return {"data_folder_missing": current_service().data_folder_missing(whole_path=False)}
     except Exception:  # noqa: BLE001 - an error page about the index itself renders without it
         return {"data_folder_missing": None}
 

@@ -37,6 +37,7 @@ EXTENSION_KEY = "retrieval"
 THUMBNAIL_DECODES = 2           # thumbnails made at once (each decodes a collection file, up to MAX_PIXELS)
 DEFAULT_DECODE_PROCESSES = 2    # upload decoders when DECODE_PROCESSES is 0: bounds upload memory, whatever the cores
 CATALOG_FAILURE_SHOWN_S = 60.0  # /healthz answers 503 this long after a request failed to read the catalog
+DATA_FOLDER_LOOK_S = 5.0        # how often the pages' "data folder not there" note looks at the folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +120,7 @@ class RetrievalService:
                                     torch_threads=config.torch_threads, search_threads=config.search_threads)
         self._catalog_failure: tuple[float, str] | None = None   # (monotonic time, reason) of the last failed read
         self._labels: tuple[int, dict[str | None, int]] | None = None   # (index version, images per label)
+        self._data_folder_look: tuple[Path, float, bool] | None = None   # (folder, when, there): data_folder_missing
         self.watcher = None   # (health() reads it: set before the watcher's first look calls it)
         self.watcher = IndexWatcher(self.index, config.reload_interval_s, on_reload=self._reloaded,
                                     on_check=self.note_availability) if config.reload_interval_s > 0 else None
@@ -332,15 +334,23 @@ class RetrievalService:
                 "updated_at": updated.isoformat(timespec="seconds") + "Z" if updated else None,
                 "queries": self.query_stats()}
 
-    def data_folder_missing(self, snapshot: IndexSnapshot | None = None) -> str | None:
+    def data_folder_missing(self, *, whole_path: bool = True) -> str | None:
         """What to say when the index's data folder is not there (a drive not mounted, the folder moved): searches
-        still answer, from the vectors, but pictures whose thumbnails were not cached cannot be shown."""
-        data_dir = (snapshot or self.index.snapshot()).data_dir
-        if data_dir.is_dir():
+        still answer, from the vectors, but pictures whose thumbnails were not cached cannot be shown. whole_path:
+        the folder's whole path (/healthz, an operator's), else its name only (the pages, anyone's). Looked at once
+        in DATA_FOLDER_LOOK_S (every page asks; a hung network mount would hang them all)."""
+        data_dir = self.index.snapshot().data_dir
+        now = time.monotonic()
+        looked = self._data_folder_look
+        if looked is None or looked[0] != data_dir or now - looked[1] > DATA_FOLDER_LOOK_S:
+            looked = self._data_folder_look = (data_dir, now, data_dir.is_dir())
+        if looked[2]:
             return None
-        return (f"the data folder {display_name(str(data_dir))} is not there (a drive not mounted? the folder moved?): "
-                "searches still answer, but pictures not seen before cannot be shown. If it moved: index-images "
-                "NEW_PLACE --index-dir INDEX")
+        shown = display_name(str(data_dir)) if whole_path else display_name(data_dir.name)
+        index = display_name(str(self.config.index_dir)) if whole_path else "INDEX"
+        return (f"the data folder {shown} is not there (a drive not mounted? the folder moved?): searches still "
+                f"answer, but pictures not seen before cannot be shown. If it moved: index-images NEW_PLACE "
+                f"--index-dir {index} --data-moved")
 
     def health(self) -> tuple[dict[str, Any], int]:
         """-> (body, HTTP status): 200 while the index is served, 503 with the reason when it cannot be.

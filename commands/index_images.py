@@ -124,6 +124,9 @@ def whiten_dim_value(_ctx: click.Context | None, _param: click.Parameter | None,
               help="Verify the index instead of updating it: the catalog file (SQLite quick_check), every vector "
                    "against its checksum, the FAISS file against the catalog. Prints what it found and what to do; "
                    "exit 1 when something is wrong. Damaged vectors are marked for the next run to extract again.")
+@click.option("--data-moved", is_flag=True,
+              help="The folder the index was made of is gone and DATA_DIR is it, moved: point the index at DATA_DIR "
+                   "(checked: its images at their paths, sizes and times, a few by their bytes) instead of refusing.")
 @click.option("--list-changes", is_flag=True,
               help='List each file added, changed, moved and removed (with --json: "changes").')
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
@@ -131,7 +134,8 @@ def whiten_dim_value(_ctx: click.Context | None, _param: click.Parameter | None,
 def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, views, input_norm, regions, weights, seed, normalize, device, precision, decode, batch_size, workers,  # noqa: ANN001
          max_file_mb: float, ray_address: str | None, index_type: str | None, rebuild_index: bool, nprobe: int | None,
          ef_search: int | None, recall_queries: int | None, auto_flat_max: int | None, whiten: bool | None,
-         whiten_dim: int | None, dba: int | None, check: bool, list_changes: bool, as_json: bool, verbose: bool) -> None:
+         whiten_dim: int | None, dba: int | None, check: bool, data_moved: bool, list_changes: bool, as_json: bool,
+         verbose: bool) -> None:
     """Index (or update the index of) the images in DATA_DIR.
 
     Walks DATA_DIR recursively (JPEG, PNG, WebP, BMP, GIF, TIFF), labels each image by its first
@@ -181,7 +185,7 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
                         weights=weights, normalize=normalize, seed=seed, device=device, precision=precision,
                         decode=decode, batch_size=batch_size, workers=workers,
                         max_file_bytes=int(max_file_mb * 2**20), progress=not as_json, ray=ray_address,
-                        list_changes=list_changes,
+                        list_changes=list_changes, data_moved=data_moved,
                         vector_index=vector_index)
     except ConfigError as exc:
         raise UserError(str(exc)) from exc

@@ -63,6 +63,7 @@ class JobConfig:
     save_every_s: float = 30.0        # also save the FAISS file this often during long runs
     progress: bool = True             # a tqdm bar on a terminal
     list_changes: bool = False        # RunReport.changes: each path added, changed, moved and removed
+    data_moved: bool = False          # the index's data folder is gone and data_dir is it, moved: follow it
     on_progress: Callable[[int, int], None] | None = None   # on_progress(done, total) after each committed batch
                                       # (on the writer thread; files done, of the run's files to do)
     ray: str | None = None            # None: this process; "": a new local Ray cluster (or $RAY_ADDRESS);
@@ -197,16 +198,22 @@ def resolve_settings(cfg: JobConfig, stored: IndexSettings | None,
                 "one index holds one network's features: use another index folder for a new index")
         chosen[key] = have
     if stored is not None and stored.data_dir != data_dir:
+        gone = not os.path.lexists(stored.data_dir)
         if os.path.realpath(stored.data_dir) == data_dir:   # its recorded path leads here (a symbolic link now)
             data_dir = stored.data_dir
-        elif not os.path.lexists(stored.data_dir) and moved_data_dir_holds is not None \
-                and moved_data_dir_holds(Path(data_dir)):
+        elif gone and moved_data_dir_holds is not None and moved_data_dir_holds(Path(data_dir)):
+            if not cfg.data_moved:   # asked, never assumed: a backup copy beside an unmounted drive holds them too
+                raise ConfigError(f"the index at {cfg.index_dir} was built from {stored.data_dir}, which is gone, and "
+                                  f"{data_dir} holds its images: if the folder moved here, run again with --data-moved "
+                                  "to point the index at it (nothing is extracted again); else use another index "
+                                  "folder (--index-dir)")
             chosen["moved_data_dir"] = data_dir   # the folder it was made of, moved: the index follows it (indexer.run)
         else:
-            gone = " (which is gone)" if not os.path.lexists(stored.data_dir) else ""
-            hint = " and this folder does not hold its images (by their paths and sizes)" if gone else ""
-            raise ConfigError(f"the index at {cfg.index_dir} was built from {stored.data_dir}{gone}, not "
-                              f"{data_dir}{hint}; use another index folder for another data folder")
+            why = (" (which is gone), and this folder does not hold its images (by their paths, sizes, times and "
+                   "contents)") if gone else (" (still there: --data-moved is for a folder moved away)"
+                                               if cfg.data_moved else "")
+            raise ConfigError(f"the index at {cfg.index_dir} was built from {stored.data_dir}{why}, not "
+                              f"{data_dir}; use another index folder for another data folder")
     chosen["weights"] = chosen["weights"].resolved() if stored is None else stored.weights_choice
     chosen["data_dir"] = data_dir
     return chosen
@@ -215,23 +222,33 @@ def resolve_settings(cfg: JobConfig, stored: IndexSettings | None,
 MOVED_SAMPLE = 200   # indexed images looked for in a folder that may be the data folder moved
 
 
+MOVED_HASHED = 5     # of those found, files whose bytes are checked against their recorded sha256
+
+
 def holds_indexed_images(catalog: Catalog, folder: Path) -> bool:
-    """Whether folder holds the catalog's images at their recorded paths with their recorded sizes: at least 80% of
-    up to MOVED_SAMPLE of them, spread over the catalog (what the folder lacks or changed is then indexed as any
-    change is)."""
+    """Whether folder holds the catalog's images: at least 80% of up to MOVED_SAMPLE of them, spread over the catalog,
+    at their recorded paths with their recorded sizes and modification times (mv and cp -a keep them), and of those,
+    up to MOVED_HASHED with their recorded bytes. What the folder lacks or changed is then indexed as any change is."""
     import numpy as np
+
+    from retrieval.features.digests import files_sha256
 
     ids = catalog.ids()
     if not len(ids):
         return False
-    picked = ids[np.linspace(0, len(ids) - 1, min(len(ids), MOVED_SAMPLE)).astype(int)]
-    found = 0
-    for record in catalog.get_many(np.unique(picked)).values():
+    picked = np.unique(ids[np.linspace(0, len(ids) - 1, min(len(ids), MOVED_SAMPLE)).astype(int)])
+    found = []
+    for record in catalog.get_many(picked).values():
         try:
-            found += (folder / record.path).stat().st_size == record.size
+            st = (folder / record.path).stat()
         except (OSError, ValueError):
-            pass
-    return found >= 0.8 * len(np.unique(picked))
+            continue
+        if st.st_size == record.size and st.st_mtime_ns == record.mtime_ns:
+            found.append(record)
+    if len(found) < 0.8 * len(picked):
+        return False
+    checked = found[:: max(1, len(found) // MOVED_HASHED)][:MOVED_HASHED]
+    return files_sha256(folder, [r.path for r in checked]) == [r.sha256 for r in checked]
 
 
 def _moved_weights(asked: str, stored: IndexSettings) -> bool:

@@ -89,13 +89,7 @@ def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callabl
     index_dir = cfg.index_dir
     stored = catalog.settings()
     chosen = resolve_settings(cfg, stored, functools.partial(holds_indexed_images, catalog))
-    moved_data = None
-    if (moved_dir := chosen.pop("moved_data_dir", None)) is not None:   # its data folder, moved: the index follows it
-        moved_data = f"the data folder moved: {display_name(stored.data_dir)} -> {display_name(moved_dir)}; the " \
-                     "index reads its images from there now"
-        stored = dataclasses.replace(stored, data_dir=moved_dir)
-        catalog.save_settings(stored)
-        catalog.touch()   # servers load the index again, its images from the new place
+    moved_dir = chosen.pop("moved_data_dir", None)   # its data folder, moved (--data-moved): followed once planned
     moved_weights = None
     if (moved := chosen.pop("moved_weights", None)) is not None:   # its weights file, moved: the index follows it
         moved_weights = f"the weights file moved: {display_name(stored.weights)} -> {display_name(moved)}; the index " \
@@ -119,6 +113,13 @@ def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callabl
     if planned.unlisted_root is not None:
         raise ConfigError(f"the data folder {display_name(str(cfg.data_dir))} {planned.unlisted_root}: nothing was "
                           "changed; run index-images as a user who may read it")
+    moved_data = None
+    if moved_dir is not None:   # the index follows its moved data folder
+        moved_data = f"the data folder moved: {display_name(stored.data_dir)} -> {display_name(moved_dir)}; the " \
+                     "index reads its images from there now"
+        stored = dataclasses.replace(stored, data_dir=moved_dir)
+        catalog.save_settings(stored)
+        catalog.touch()   # servers load the index again, its images from the new place
     catalog.restamp((f.path, f.size, f.mtime_ns) for f in planned.restamp)   # touched, same bytes: kept as they are
     catalog.move((old, f.path, f.label) for old, f in planned.moves)          # moved, same bytes: new path and label
     removals_planned = removals(planned, catalog) if cfg.list_changes else []   # (before the run takes them out)

@@ -216,14 +216,19 @@ def test_another_data_folder_is_refused(small_data, tmp_path, index_images):
 
 def test_a_moved_data_folder_keeps_its_index_without_extracting_again(small_data, tmp_path, index_images):
     """Reproduces: `mv lib photos; index-images photos` was refused ("use another index folder"): every image
-    extracted again for a rename. The index follows a data folder that is gone when the folder given holds its
-    images; a symbolic link left at the old name leads to the same folder; a copy beside the original is still
-    another data folder."""
+    extracted again for a rename. Told that the folder moved (--data-moved), the index follows it when the folder it
+    was made of is gone and the one given holds its images (paths, sizes, times, a few by their bytes); without it
+    the refusal says so. A symbolic link left at the old name leads to the same folder; a copy beside the original,
+    or a folder of other bytes at the same paths, sizes and times, is another folder."""
     index_images(small_data, tmp_path / "index")
     before = {r.path: r.id for r in Catalog(tmp_path / "index").list_images(limit=100)}
     moved = tmp_path / "photos"
     small_data.rename(moved)
-    report = index_images(moved, tmp_path / "index")
+    with pytest.raises(ConfigError, match="which is gone, and .* holds its images: if the folder moved here, run "
+                                          "again with --data-moved"):
+        index_images(moved, tmp_path / "index")
+    assert Catalog(tmp_path / "index").settings().data_dir == str(small_data)   # nothing changed
+    report = index_images(moved, tmp_path / "index", data_moved=True)
     assert report.indexed == 0 and report.unchanged == 6 and report.removed == 0
     assert any(r.startswith("the data folder moved:") and str(moved) in r for r in report.repairs), report.repairs
     assert Catalog(tmp_path / "index").settings().data_dir == str(moved)
@@ -236,14 +241,19 @@ def test_a_moved_data_folder_keeps_its_index_without_extracting_again(small_data
 
     (tmp_path / "pictures").symlink_to(moved)   # another name for the folder the index reads
     index_images(tmp_path / "pictures", tmp_path / "index")
-    (moved / os.listdir(moved)[0]).rename(tmp_path / "elsewhere")   # a copy beside it is another folder
-    shutil.copytree(moved, tmp_path / "copy")
-    with pytest.raises(ConfigError, match="was built from"):
-        index_images(tmp_path / "copy", tmp_path / "index")
+    shutil.copytree(moved, tmp_path / "copy")    # a copy beside it is another folder, --data-moved or not
+    with pytest.raises(ConfigError, match=r"still there: --data-moved is for a folder moved away"):
+        index_images(tmp_path / "copy", tmp_path / "index", data_moved=True)
+    forged = tmp_path / "forged"                 # the same paths, sizes and times, other bytes
+    for f in moved.rglob("*.jpg"):
+        target = forged / f.relative_to(moved)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(bytes(f.stat().st_size))
+        os.utime(target, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns))
     shutil.rmtree(moved)
     (tmp_path / "pictures").unlink()
-    with pytest.raises(ConfigError, match=r"\(which is gone\).*does not hold its images"):
-        index_images(tmp_path / "elsewhere", tmp_path / "index")   # gone, and this folder holds none of it
+    with pytest.raises(ConfigError, match=r"\(which is gone\), and this folder does not hold its images"):
+        index_images(forged, tmp_path / "index", data_moved=True)
 
 
 def test_list_changes_names_each_file_added_changed_moved_and_removed(small_data, tmp_path, index_images):
