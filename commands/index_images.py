@@ -151,7 +151,7 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
     Exit status: 0 done (even with skipped files), 2 usage or configuration error (a damaged catalog or a
     read-only index folder included), 75 another run is updating the index (try again later), 1 unexpected failure or a full disk (one line: how much to free; nothing
     committed is lost), 130 interrupted (Ctrl-C: every finished batch is kept; 143 for SIGTERM, the same way); with
-    --check, 0 sound and 1 something to repair.
+    --check, 0 sound, 1 something to repair, 75 a run is writing it now.
     """
     setup_logging(verbose, quiet=as_json)
     from sqlalchemy.exc import SQLAlchemyError
