@@ -38,24 +38,25 @@ class Grouping:
 class GroupingCache:
     """find-duplicates on the served index, once per index version, off the request threads."""
 
+    KEPT = 4   # groupings kept, newest first: two thresholds looked at in turn (two tabs) no longer undo each other
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
-        self._latest: Grouping | None = None
-        self._running: Any = None       # the version being grouped now (None: no thread)
+        self._kept: dict[Any, Grouping] = {}   # by key, oldest first
+        self._running: Any = None       # the key being grouped now (None: no thread)
 
     def get(self, key: tuple[Any, float | None], index: Any, wait_s: float) -> tuple[Grouping | None, bool]:
-        """key: (index version, threshold or None for the calibrated one) -> (the newest grouping, whether it is of
-        this key); starts one for key unless done or under way."""
+        """key: (index version, threshold or None for the calibrated one) -> (its grouping or None, whether it is
+        there); starts one for key unless done or under way (one at a time: another key's waits for its turn)."""
         with self._lock:
-            latest = self._latest
-            if latest is None or latest.key != key:
+            if key not in self._kept:
                 if self._running is None:
                     self._running = key
                     threading.Thread(target=self._run, args=(key, index), name="duplicates", daemon=True).start()
-                self._done.wait_for(lambda: self._latest is not None and self._latest.key == key, wait_s)
-            latest = self._latest
-            return latest, latest is not None and latest.key == key
+                self._done.wait_for(lambda: key in self._kept, wait_s)
+            grouping = self._kept.get(key)
+            return grouping, grouping is not None
 
     def _run(self, key: tuple[Any, float | None], index: Any) -> None:
         try:
@@ -67,7 +68,11 @@ class GroupingCache:
             log.warning("cannot group duplicates: %s", exc)
             grouping = Grouping(key, None, "the groups cannot be computed right now (the server log says why)")
         with self._lock:
-            self._latest, self._running = grouping, None
+            self._kept.pop(key, None)
+            self._kept[key] = grouping
+            while len(self._kept) > self.KEPT:
+                self._kept.pop(next(iter(self._kept)))
+            self._running = None
             self._done.notify_all()
 
 

@@ -29,16 +29,25 @@
   var computing = document.getElementById("computing");
   if (computing && computing.getAttribute("data-poll-s") && window.fetch && window.DOMParser) {
     var every = 1000 * Number(computing.getAttribute("data-poll-s"));
+    var again = function () {   // less and less often while it lasts (each look holds a server thread a moment)
+      every = Math.min(every * 1.5, 30000);
+      window.setTimeout(poll, every);
+    };
     var poll = function () {
       window.fetch(window.location.href, {credentials: "same-origin"})
-        .then(function (response) { return response.text(); })
-        .then(function (text) {
-          var fresh = new DOMParser().parseFromString(text, "text/html");
-          var main = fresh.querySelector("main");
-          if (!main || fresh.getElementById("computing")) { window.setTimeout(poll, every); return; }
-          document.querySelector("main").innerHTML = main.innerHTML;
-          document.title = fresh.title;
-        }, function () { window.setTimeout(poll, every); });
+        .then(function (response) {
+          if (!response.ok) { again(); return; }   // a restart's 503: asked again, the page kept
+          return response.text().then(function (text) {
+            var fresh = new DOMParser().parseFromString(text, "text/html");
+            var main = fresh.querySelector("main");
+            if (!main || fresh.getElementById("computing")) { again(); return; }
+            var page = document.querySelector("main");
+            var focused = page.contains(document.activeElement);
+            page.innerHTML = main.innerHTML;
+            document.title = fresh.title;
+            if (focused) { page.focus(); }   // focus was in what was replaced: kept in the page, not dropped to <body>
+          });
+        }, again);
     };
     window.setTimeout(poll, every);
   }
@@ -83,8 +92,11 @@
                                credentials: "same-origin"})
       .then(function (response) {
         return response.json().then(function (body) { return {ok: response.ok, body: body}; }, function () {
-          return {ok: false, body: {error: {message: "The server answered " + response.status + " " +
-                                            response.statusText + "; try again in a moment."}}};
+          // not the server's own answer (a proxy's page): said by its status
+          var message = response.status === 413 ? "That photo is larger than the server accepts." :
+            response.status >= 500 ? "The server could not answer (" + response.status + "); try again in a moment." :
+            "The upload was refused (" + response.status + ").";
+          return {ok: false, body: {error: {message: message}}};
         });
       })
       .then(function (answer) {
@@ -98,7 +110,7 @@
   }
 
   function send(form, file) {
-    if (!file) { return; }
+    if (!file || document.body.classList.contains("searching")) { return; }   // one upload at a time
     if (file.type && file.type.indexOf("image/") !== 0) {
       showError(form, "“" + file.name + "” is not an image.");
       return;
