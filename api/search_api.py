@@ -40,17 +40,21 @@ def hit_json(hit: Hit) -> dict[str, Any]:
             "gallery_url": url_for("gallery.image_page", image_id=hit.id)}
 
 
-def _cache_for(response: Response, sha256: str) -> Response:
-    """Cached for a week where the URL names the content (?v= its hash, as the pages and the API link them), else
-    checked with the server each time (its ETag answers 304): an unversioned /images/3 may be another picture
-    after a rebuild."""
-    if (v := request.args.get("v")) and sha256.startswith(v) and len(v) >= 8:
+def _cache_for(response: Response, sha256: str | None, *, public: bool) -> Response:
+    """Cached for a week where the URL names the content (?v= its hash, as the pages and the API link them) and the
+    file is as indexed (sha256 None: changed since, not re-indexed yet), else checked with the server each time (its
+    ETag answers 304): an unversioned /images/3 may be another picture after a rebuild. public: shared caches may
+    keep it (thumbnails); originals are private (a proxy that authenticates must not hand them to others)."""
+    if sha256 and (v := request.args.get("v")) and sha256.startswith(v) and len(v) >= 8:
         response.cache_control.max_age = VERSIONED_MAX_AGE_S
         response.cache_control.immutable = True
     else:
         response.cache_control.max_age = 0
         response.cache_control.no_cache = True
-    response.cache_control.public = True
+    if public:
+        response.cache_control.public = True
+    else:
+        response.cache_control.private = True
     return response
 
 
@@ -99,18 +103,15 @@ def image_file(image_id: int) -> Response:
     name = "".join(ch if ch.isprintable() else "_" for ch in display_name(path.name))
     st = path.stat()
     return _cache_for(send_file(path, mimetype=mimetype, download_name=name, conditional=True,
-                                etag=f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}"), sha256)
+                                etag=f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}"), sha256, public=False)
 
 
 @bp.get("/images/<image_id:image_id>/thumbnail")
 def thumbnail(image_id: int) -> Response:
     """A JPEG no larger than THUMBNAIL_SIZE px on its long side, cached on disk."""
     thumb, etag, sha256 = current_service().thumbnail_file(image_id)
-    if isinstance(thumb, bytes):   # the thumbnails folder could not keep it (read-only, full): from memory
-        response = send_file(io.BytesIO(thumb), mimetype="image/jpeg", conditional=True, etag=etag)
-    else:
-        response = send_file(thumb, mimetype="image/jpeg", conditional=True, etag=True)
-    return _cache_for(response, sha256)
+    return _cache_for(send_file(io.BytesIO(thumb), mimetype="image/jpeg", conditional=True, etag=etag), sha256,
+                      public=True)
 
 
 @bp.get("/stats")

@@ -38,7 +38,17 @@ THUMBNAIL_DECODES = 2           # thumbnails made at once (each decodes a collec
 DEFAULT_DECODE_PROCESSES = 2    # upload decoders when DECODE_PROCESSES is 0: bounds upload memory, whatever the cores
 CATALOG_FAILURE_SHOWN_S = 60.0  # /healthz answers 503 this long after a request failed to read the catalog
 DATA_FOLDER_LOOK_S = 5.0        # how often the pages' "data folder not there" note looks at the folder
+PRUNE_EVERY_S = 60.0            # cached thumbnails are pruned after a reload at most this often
 
+
+
+def _as_indexed(path: Path, record: ImageRecord) -> bool:
+    """Whether the file is as it was indexed, by its size and modification time (what index-images compares)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_size == record.size and st.st_mtime_ns == record.mtime_ns
 
 @dataclasses.dataclass(frozen=True)
 class ServiceConfig:
@@ -121,6 +131,7 @@ class RetrievalService:
         self._catalog_failure: tuple[float, str] | None = None   # (monotonic time, reason) of the last failed read
         self._labels: tuple[int, dict[str | None, int]] | None = None   # (index version, images per label)
         self._data_folder_look: tuple[Path, float, bool] | None = None   # (folder, when, there): data_folder_missing
+        self._pruned_at = float("-inf")   # when the cached thumbnails were last pruned (time.monotonic)
         self.watcher = None   # (health() reads it: set before the watcher's first look calls it)
         self.watcher = IndexWatcher(self.index, config.reload_interval_s, on_reload=self._reloaded,
                                     on_check=self.note_availability) if config.reload_interval_s > 0 else None
@@ -141,9 +152,12 @@ class RetrievalService:
 
     def _reloaded(self) -> None:
         """After each reload (on the watcher's thread): the size gauge, and the thumbnails of images gone or changed
-        removed (they piled up until a worker restarted)."""
+        removed (they piled up until a worker restarted), at most once in PRUNE_EVERY_S (a PostgreSQL catalog
+        reloads on every commit of a long run, and a prune lists the folder and every image's hash)."""
         self._count_images()
-        self._prune_thumbnails()
+        if time.monotonic() - self._pruned_at >= PRUNE_EVERY_S:
+            self._pruned_at = time.monotonic()
+            self._prune_thumbnails()
 
     def _count_images(self) -> None:
         metrics.INDEX_IMAGES.set(len(self.index))
@@ -237,7 +251,7 @@ class RetrievalService:
                             {"decode": 0.0, "features": _ms(looked_up - started), "search": search_ms}, snapshot=snapshot)
 
     def _prune_thumbnails(self) -> None:
-        """As a worker starts (in the background) and after each reload: the cached thumbnails of images no longer
+        """As a worker starts (in the background) and after reloads: the cached thumbnails of images no longer
         indexed, or changed since, go."""
         try:
             removed = self.thumbnails.prune(self.index.snapshot().catalog.hash_prefixes())
@@ -274,31 +288,49 @@ class RetrievalService:
             raise ApiError(404, "not_found", f"no image with id {image_id} in the index")
         return record
 
-    def image_file(self, image_id: int) -> tuple[Path, str]:
-        """The resolved file of an indexed image and its indexed sha256. Raises ApiError 404 (unknown id, file gone),
-        403 (outside the folder)."""
+    def image_file(self, image_id: int) -> tuple[Path, str | None]:
+        """The resolved file of an indexed image, and its indexed sha256 while the file is as indexed (its size and
+        modification time; None once it changed and is not re-indexed yet: its bytes are then not those the hash
+        names). Raises ApiError 404 (unknown id, file gone), 403 (outside the folder)."""
         snapshot = self.index.snapshot()        # the row and the folder it is relative to: one index
         record = self.record(image_id, snapshot)
-        return self._resolve(record, snapshot.data_dir), record.sha256
+        path = self._resolve(record, snapshot.data_dir)
+        return path, record.sha256 if _as_indexed(path, record) else None
 
-    def thumbnail_file(self, image_id: int) -> tuple[Path | bytes, str, str]:
-        """The cached JPEG thumbnail of an indexed image (its file, or its bytes when the thumbnails folder cannot keep
-        it), a validator for its ETag and the image's indexed sha256. Raises ApiError 404, 403."""
+    def thumbnail_file(self, image_id: int) -> tuple[bytes, str, str | None]:
+        """The JPEG thumbnail of an indexed image, cached on disk; a validator for its ETag; and the image's indexed
+        sha256 while the file is as indexed (else None, and the thumbnail, made from the bytes there now, is not kept
+        under the indexed hash's name). Bytes, not a path: a reload's prune may remove the file before it is sent.
+        Raises ApiError 404, 403."""
         snapshot = self.index.snapshot()
         record = self.record(image_id, snapshot)
         etag = f"{record.id}-{record.sha256[:16]}-{self.thumbnails.size}"
         try:
             source = self._resolve(record, snapshot.data_dir)
         except ApiError as exc:
-            cached = self.thumbnails.path_for(record.id, record.sha256)
-            if exc.code == "file_missing" and cached.is_file():   # the drive unmounted, or deleted and not re-indexed
-                return cached, etag, record.sha256                 # yet: the picture as it was indexed
+            if exc.code == "file_missing":   # the drive unmounted, or deleted and not re-indexed yet: the picture as
+                try:                          # it was indexed, where it was cached
+                    return self.thumbnails.path_for(record.id, record.sha256).read_bytes(), etag, record.sha256
+                except OSError:
+                    pass
             raise
+        current = _as_indexed(source, record)
         try:
             with self._thumbnail_slots:         # full-size decodes of collection files: a few at a time
-                return self.thumbnails.get(record.id, record.sha256, source), etag, record.sha256
+                for _ in range(2):
+                    made = self.thumbnails.get(record.id, record.sha256, source, keep=current)
+                    if isinstance(made, bytes):
+                        break
+                    try:
+                        made = made.read_bytes()
+                        break
+                    except FileNotFoundError:   # pruned just now: made again
+                        continue
+                else:
+                    raise ApiError(404, "file_missing", f"the thumbnail of image {image_id} could not be kept")
         except ImageDecodeError as exc:
             raise ApiError(404, "file_unreadable", f"the file of image {image_id} can no longer be decoded: {exc}") from exc
+        return made, etag if current else f"{etag}-{source.stat().st_mtime_ns:x}", record.sha256 if current else None
 
     def _resolve(self, record: ImageRecord, data_dir: Path) -> Path:
         try:

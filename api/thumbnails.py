@@ -59,14 +59,17 @@ class ThumbnailCache:
                 pass       # gone already (another worker), or the folder is read-only: a cache, no harm
         return removed
 
-    def get(self, image_id: int, sha256: str, source: Path) -> Path | bytes:
+    def get(self, image_id: int, sha256: str, source: Path, *, keep: bool = True) -> Path | bytes:
         """The cached thumbnail of image_id, made from source first if needed: its file, or its JPEG bytes when the
-        folder cannot keep it (read-only, full, a file in its place; logged once). Raises ImageDecodeError, OSError
-        (reading source)."""
+        folder cannot keep it (read-only, full, a file in its place; logged once) or keep is False (source is no
+        longer the file sha256 names: made, not kept under that name). Raises ImageDecodeError, OSError (reading
+        source)."""
         target = self.path_for(image_id, sha256)
-        if target.is_file():
+        if keep and target.is_file():
             return target
         jpeg = make_thumbnail(source, self.size, max_pixels=self.max_pixels)   # never read whole into memory
+        if not keep:
+            return jpeg
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write(target, jpeg, durable=False)   # a cache: a power cut may lose it, never show half of it

@@ -304,6 +304,30 @@ def test_image_urls_name_the_content_so_a_rebuilt_index_never_shows_a_cached_oth
     assert f'src="{hit["thumbnail_url"]}"' in page
 
 
+def test_a_file_changed_since_indexing_is_never_cached_under_its_indexed_version(tmp_path, index_images):
+    """Reproduces (a review): ?v= names the indexed bytes, but the file there now was changed and not re-indexed
+    yet: browsers kept the new picture for a week under the old version, and the server kept its thumbnail under the
+    old hash's name. Such a file is answered no-cache and its thumbnail is not kept; originals are never public."""
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    Image.new("RGB", (120, 90), (200, 40, 40)).save(data / "a" / "red.jpg", quality=90)
+    index_images(data, tmp_path / "index")
+    app = create_app({"INDEX_DIR": str(tmp_path / "index"), "RELOAD_INTERVAL_S": 0})
+    try:
+        client = app.test_client()
+        sha = app.extensions["retrieval"].index.catalog.get(1).sha256[:16]
+        assert "private" in client.get(f"/images/1?v={sha}").headers["Cache-Control"]
+        Image.new("RGB", (120, 90), (20, 40, 200)).save(data / "a" / "red.jpg", quality=90)   # blue now
+        for url in (f"/images/1/thumbnail?v={sha}", f"/images/1?v={sha}"):
+            r = client.get(url)
+            assert r.status_code == 200 and "no-cache" in r.headers["Cache-Control"], (url, r.headers)
+        thumb = Image.open(io.BytesIO(client.get(f"/images/1/thumbnail?v={sha}").data)).convert("RGB")
+        assert thumb.getpixel((60, 45))[2] > 150, "the picture there now"
+        assert not list((tmp_path / "index" / "thumbnails").glob("1-*.jpg")), "not kept under the indexed hash"
+    finally:
+        app.extensions["retrieval"].close()
+
+
 def test_a_cached_thumbnail_is_served_while_its_file_is_missing(tmp_path, index_images, monkeypatch):
     """The data folder's drive unmounted (or a file deleted, not re-indexed yet): the gallery's cards were all
     broken pictures though their thumbnails were cached, and nothing said why; the original is 404 file_missing.
