@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,7 +67,10 @@ def restore_random_weights(index_dir: Path, stored: IndexSettings) -> str | None
         return None
     path = choice.source_file(index_dir, stored.model)
     try:
+        if _checked_before(path, stored.weights_identity):
+            return None
         if f"random:sha256={file_sha256(path)}" == stored.weights_identity:
+            _note_checked(path, stored.weights_identity)
             return None
         state = "damaged (not the recorded bytes)"
     except FileNotFoundError:
@@ -88,7 +92,38 @@ def restore_random_weights(index_dir: Path, stored: IndexSettings) -> str | None
                           f"weights with this torch {torch.__version__} than the recorded ones: restore the file from "
                           "a backup, or index into a new folder (--index-dir NEW)")
     atomic_write(path, made.getvalue())
+    _note_checked(path, stored.weights_identity)
     return f"the random weights file {path.name} was {state}: made again from seed {stored.seed} (the same file, by its SHA-256)"
+
+
+def _checked_file(path: Path) -> Path:
+    """Beside the random weights: the file's stamp when its bytes were last found to be the recorded ones."""
+    return path.with_name(path.name + ".checked")
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()   # a rewrite moves the status-change time even when the modification time is put back
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _checked_before(path: Path, identity: str) -> bool:
+    """Whether the weights file is as it was when last found sound (its stamp), so it need not be read again: 233 MB
+    (AlexNet) to 528 MB (VGG16) on every run, one with nothing to index included."""
+    try:
+        noted = json.loads(_checked_file(path).read_text())
+        return noted == {"stamp": _stamp(path), "identity": identity}
+    except (OSError, ValueError):
+        return False
+
+
+def _note_checked(path: Path, identity: str) -> None:
+    from retrieval.files import atomic_write
+
+    try:
+        atomic_write(_checked_file(path), json.dumps({"stamp": _stamp(path), "identity": identity}).encode(),
+                     durable=False)
+    except OSError:
+        pass   # a read-only index folder: checked again next time
 
 
 def record_training_images(catalog: Catalog, weights: WeightsChoice, identity: str) -> None:
