@@ -158,6 +158,32 @@ def test_an_index_whose_network_cannot_be_loaded_is_not_answered_until_it_can(tm
     assert hit["path"] == QUERY and hit["distance"] < 1e-3
 
 
+def test_random_weights_damaged_under_a_running_server_are_refused_until_index_images_makes_them_again(
+        collection, index_images, served):
+    """Reproduces (a newcomer): one byte of the index's random weights flipped while the server ran: /healthz stayed
+    ok and searches went on (the weights are memory-mapped: the network read the damaged file), while search-images
+    refused the index and serve-images would refuse to start. The running server now notices the file changed,
+    answers 503 with the reason, and serves again once index-images made the file anew."""
+    app, index = served
+    client = app.test_client()
+    query = (collection / QUERY).read_bytes()
+    assert top_hit(client, query)["path"] == QUERY
+    weights = random_weights_file(index, "alexnet")
+    with open(weights, "r+b") as f:             # damaged in place, deep in its tensors
+        f.seek(weights.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+    assert wait_for(lambda: client.get("/healthz").status_code == 503), client.get("/healthz").get_json()
+    assert "is not the one recorded (damaged or replaced): run index-images" in client.get("/healthz").get_json()["reason"]
+    assert_unavailable(upload(client, query))
+    report = index_images(collection, index)
+    assert any("was damaged" in r for r in report.repairs), report.repairs
+    assert wait_for(lambda: client.get("/healthz").status_code == 200), client.get("/healthz").get_json()
+    hit = top_hit(client, query)
+    assert hit["path"] == QUERY and hit["distance"] < 1e-3
+
+
 # --- the catalog deleted, corrupted, restored ---------------------------------------------------------------
 
 def catalog_files(index: Path) -> list[Path]:

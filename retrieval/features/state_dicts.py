@@ -97,7 +97,11 @@ def load_state_dict(model: str, weights: WeightsChoice | str, index_dir: Path | 
             state = random_state_dict(model, seed)
             atomic_write(path, lambda f: torch.save(state, f))
             log.info("generated random %s weights (seed %d) in %s", model, seed, path)
-        state = _load_file(path, mmap=True)   # written by us, replaced whole (atomic_write), never rewritten in place
+        try:
+            state = _load_file(path, mmap=True)   # written by us, replaced whole (atomic_write), never rewritten in place
+        except WeightsUnavailable as exc:   # damaged: the seed makes it again
+            raise WeightsUnavailable(f"{exc}; it is the index's random weights file, damaged: run index-images on the "
+                                     "index's data folder, which makes it again from the recorded seed") from None
         return state, f"random:sha256={file_sha256(path)}"
 
     path = choice.path

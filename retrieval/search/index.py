@@ -22,7 +22,7 @@ from retrieval.images.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_for
 from retrieval.search.expansion import QueryExpansion
 from retrieval.search.snapshot import Hit, IndexSnapshot, IndexUnavailable, network_key
 from retrieval.vectors.faiss_parts import SearchParams, apply_search_params
-from retrieval.names import FAISS_FILE, REGIONS_FILE
+from retrieval.names import FAISS_FILE, REGIONS_FILE, random_weights_file
 from retrieval.system import display_name
 from retrieval.vectors.regions import open_regions, reconcile_regions
 from retrieval.vectors.vector_index import VectorIndex
@@ -176,9 +176,11 @@ class ImageIndex:
         # queries are computed in the precision of the index's last run, so an indexed image finds itself at ~0
         precision = precision_for_index(((catalog.extraction_record() or {}).get("last") or {}).get("precision"),
                                         resolve_device(self.device)) if self.load_network else None
+        stamp = self._weights_stamp(settings)
         if previous is not None and network_key(previous.settings) == network_key(settings) \
-                and (previous.extractor is None or previous.extractor.precision == precision):
-            extractor = previous.extractor
+                and (previous.extractor is None or (previous.extractor.precision == precision
+                                                    and previous.weights_stamp == stamp)):
+            extractor = previous.extractor   # (not when its weights file was written to since: read from it now)
         elif self.load_network:
             choice = settings.weights_choice
             if choice.is_file and not choice.path.exists():   # the index records where its weights file was
@@ -189,6 +191,11 @@ class ImageIndex:
             extractor, identity = build_extractor(settings.model, settings.layer, settings.weights_choice, self.index_dir,
                                                   self.device, seed=settings.seed, precision=precision,
                                                   views=settings.views, input_norm=settings.input_norm)
+            if identity != settings.weights_identity and settings.weights_choice.is_random:
+                raise WeightsMismatch(
+                    f"the index's random weights file {random_weights_file(self.index_dir, settings.model).name} is not "
+                    "the one recorded (damaged or replaced): run index-images on the index's data folder, which makes "
+                    "it again from the recorded seed in seconds")
             if identity != settings.weights_identity:
                 raise WeightsMismatch(
                     f"the weights available now ({_public_identity(identity)}) are not the ones this index was "
@@ -224,7 +231,8 @@ class ImageIndex:
         recorded = SearchParams.from_json((record or {}).get("search_params"))
         apply_search_params(vectors.index, self.search_params.over(recorded))   # before any search sees it
         return IndexSnapshot(previous.version + 1 if previous else 1, settings, catalog, vectors, extractor,
-                             signature, catalog_file, updated_at, record, regions)
+                             signature, catalog_file, updated_at, record, regions,
+                             stamp if extractor is not None else None)
 
     def refresh(self, *, load: bool = True) -> bool:
         """Look at the index on disk and serve it as it is now. -> True when a new snapshot was loaded.
@@ -275,7 +283,17 @@ class ImageIndex:
                 return self._unavailable("the index in the catalog database was re-created and hot reload is off; "
                                          "restart the server")
             signature = self._current_signature()
-            if not replaced and settings == current.settings and (not load or (
+            if current.extractor is not None and current.weights_stamp is not None \
+                    and self._weights_stamp(settings) != current.weights_stamp and settings.weights_choice.is_random:
+                # the weights file was written to since it was loaded (memory-mapped: the network reads the file as
+                # it is now): queries are refused until a network is loaded from sound weights again
+                if not load:
+                    if catalog is not current.catalog:
+                        catalog.close()
+                    return self._unavailable("the index's weights file changed since it was loaded; run "
+                                             "index-images on the index's data folder (it makes random weights "
+                                             "again), then restart the server")
+            elif not replaced and settings == current.settings and (not load or (
                     signature == current.faiss_signature and updated_at == current.catalog_updated_at)):
                 self._available()
                 return False
@@ -299,7 +317,10 @@ class ImageIndex:
                 self._failed = (attempt, time.monotonic())
                 why = (f"the index on disk is now {settings.model} {settings.layer} "
                        f"(weights {weights_label(settings)}), whose network cannot be loaded: {exc}")
-                if not replaced:                 # the served catalog is still the one on disk: keep answering
+                # the served network's random weights are memory-mapped: written to since, it reads them damaged
+                weights_written = current.weights_stamp is not None and attempt[2] != current.weights_stamp \
+                    and network_key(settings) == network_key(current.settings) and settings.weights_choice.is_random
+                if not replaced and not weights_written:   # the served catalog is still the one on disk: keep answering
                     log.warning("%s; still serving the loaded %s %s", why, current.settings.model,
                                 current.settings.layer)
                     return False
@@ -356,7 +377,7 @@ class ImageIndex:
             st = os.stat(path)
         except OSError:
             return None
-        return st.st_ino, st.st_mtime_ns, st.st_size
+        return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
 
 
 def _build_of(record: dict | None) -> tuple:

@@ -70,6 +70,7 @@ class IndexSnapshot:
     catalog_updated_at: dt.datetime | None = None   # on a database server: the catalog's updated_at the vectors agree with
     vector_record: dict | None = None   # the FAISS type, training, search settings and recall index-images recorded
     regions: VectorIndex | None = None  # the regional vectors' index (index-images --regions), ids = image ids
+    weights_stamp: tuple | None = None  # the weights file's (inode, times, size) when the network was loaded from it
 
     def describe_vectors(self) -> dict:
         """The FAISS index as served: type, memory-mapped or not, search settings, and the recall they gave."""
