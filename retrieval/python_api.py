@@ -215,8 +215,9 @@ class Index:
         return [Hit(h.id, h.path, h.label, h.distance, data_dir / h.path) for h in hits]
 
     def _record(self, snapshot: IndexSnapshot, image: Hit | int | str | os.PathLike):  # noqa: ANN202 - ImageRecord
-        if isinstance(image, Hit):
-            image = image.id
+        hit = image if isinstance(image, Hit) else None
+        if hit is not None:
+            image = hit.id
         if isinstance(image, (int, np.integer)) and not isinstance(image, bool):
             record = snapshot.catalog.get(int(image))
         elif isinstance(image, (str, os.PathLike)):
@@ -226,6 +227,10 @@ class Index:
         if record is None:
             shown = os.fspath(image) if isinstance(image, (str, os.PathLike)) else int(image)
             raise ImageNotIndexed(f"the index holds no image {shown!r}; search() takes any image file")
+        if hit is not None and record.path != hit.path:   # a hit of another index, or of this one before a rebuild
+            raise ImageNotIndexed(f"this hit ({hit.path}, id {hit.id}) is not this index's image {hit.id} "
+                                  f"({record.path}): a result of another index, or of this one before it changed; "
+                                  "search again, or pass the path")
         return record
 
 

@@ -428,6 +428,9 @@ def test_a_heic_or_jpeg_xl_photo_is_named_with_what_to_do():
 
     heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(200)
     jxl = b"\x00\x00\x00\x0cJXL \r\n\x87\n" + bytes(200)
+    from retrieval.images.decode import photo_format
+
+    assert photo_format(b"\x00\x00\x00\x1cftypmif1\x00\x00\x00\x00mif1avifmiaf") == "AVIF"   # HEIF's generic brand first
     for data, said in ((heic, "a HEIC photo, a format this program cannot read: convert it to JPEG (an iPhone"),
                        (jxl, "a JPEG XL photo, a format this program cannot read: convert it to JPEG"),
                        (b"plain text, not a photo" * 4, "not an image, or in a format this program cannot read")):

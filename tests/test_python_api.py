@@ -174,6 +174,10 @@ def test_neighbours_by_hit_by_id_and_by_path_leave_the_image_out(built, index, m
     by_id = index.neighbours(me.id, k=4)
     assert me.id not in [h.id for h in by_id] and len(by_id) == 4
     assert [h.id for h in index.neighbours(me, k=4)] == [h.id for h in by_id]   # a result's hit, as it is
+    import dataclasses
+
+    with pytest.raises(retrieval.ImageNotIndexed, match="a result of another index"):   # not silently another image's
+        index.neighbours(dataclasses.replace(me, path="elsewhere/other.jpg"))
     with pytest.raises(TypeError, match=r"neighbours\(hit\).*search\(hit.file\)"):
         index.search(me)
     monkeypatch.chdir(built.data)

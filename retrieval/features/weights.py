@@ -27,12 +27,13 @@ class WeightsChoice:
 
     @classmethod
     def parse(cls, text: str | os.PathLike | WeightsChoice) -> WeightsChoice:
-        """"imagenet", "random", or anything else as a file path (not resolved: see resolved())."""
+        """"imagenet", "random", or anything else as a file path, "~" expanded (from a variable or a crontab line no
+        shell expanded) but not resolved: see resolved()."""
         if isinstance(text, WeightsChoice):
             return text
         if isinstance(text, str) and text in ("imagenet", "random"):
             return cls(text)
-        return cls("file", Path(text))
+        return cls("file", Path(text).expanduser())
 
     def __str__(self) -> str:
         return os.fspath(self.path) if self.path is not None else self.kind

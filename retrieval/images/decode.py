@@ -276,7 +276,7 @@ def _opened(source: ImageSource, min_side: int | None, max_pixels: int | None,
         data = bytes(source)
         if not data:
             raise ImageDecodeError("empty file")
-        with _open_image(io.BytesIO(data), data[:32]) as img:
+        with _open_image(io.BytesIO(data), data[:64]) as img:
             yield _load(img, hashlib.sha256(data).hexdigest(), data.count(_SOS), min_side, max_pixels,
                         max_decoded_pixels)
         return
@@ -289,7 +289,7 @@ def _opened(source: ImageSource, min_side: int | None, max_pixels: int | None,
         if size == 0:
             raise ImageDecodeError("empty file")
         f.seek(0)
-        head = f.read(32)
+        head = f.read(64)
         f.seek(0)
         with _open_image(f, head) as img:
             yield _load(img, sha256, scans, min_side, max_pixels, max_decoded_pixels)
@@ -315,10 +315,10 @@ def photo_format(head: bytes) -> str | None:
     for anything else."""
     if head[4:8] == b"ftyp":
         brand = head[8:12]
+        if brand in (b"avif", b"avis") or (brand in (b"mif1", b"msf1") and b"avif" in head[16:]):
+            return "AVIF"   # (mif1 and msf1 are HEIF's generic brands: an AVIF file may give one first)
         if brand in _HEIF_BRANDS:
             return "HEIC"
-        if brand in (b"avif", b"avis"):
-            return "AVIF"
     if head[:2] == b"\xff\x0a" or head[:12] == b"\x00\x00\x00\x0cJXL \r\n\x87\n":
         return "JPEG XL"
     return None
