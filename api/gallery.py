@@ -153,7 +153,7 @@ def query_page(token: str) -> str:
     if query is None:
         raise ApiError(404, "query_expired", "This search has expired (searches are kept for an hour). "
                                              "Upload the photo again.")
-    k, expansion = _gallery_k(), parse_expansion(request)
+    k, expansion = _gallery_k(), parse_expansion(request, lenient=True)
     snapshot = service.index.snapshot()   # one index version for the search, the vote and the overview
     hits, _ms = service.search_vector(query.vector, k, snapshot=snapshot, expansion=expansion)
     return render_template("results.html", hits=hits, k=k, k_choices=K_CHOICES, record=None,
@@ -179,7 +179,7 @@ def query_image(token: str) -> Response:
 def image_page(image_id: int) -> str:
     """An indexed image and its neighbours; each neighbour links to its own page."""
     service = current_service()
-    k, expansion = _gallery_k(), parse_expansion(request)
+    k, expansion = _gallery_k(), parse_expansion(request, lenient=True)
     answer = service.neighbours(image_id, k, expansion)
     origin, back = _origin(service, _carried(k, expansion))   # back to the photo with this page's k and expansion
     record = service.record(image_id, answer.snapshot)

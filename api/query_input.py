@@ -7,7 +7,7 @@ from flask import Request
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.routing import BaseConverter, ValidationError
 
-from retrieval.search.expansion import ExpansionError, QueryExpansion
+from retrieval.search.expansion import MAX_EXPANSION, ExpansionError, QueryExpansion
 
 from api.errors import ApiError
 
@@ -110,10 +110,13 @@ def _param(request: Request, name: str, *, last: bool = False) -> str | None:
     return given[0] if given else None
 
 
-def parse_expansion(request: Request) -> QueryExpansion | None:
+def parse_expansion(request: Request, *, lenient: bool = False) -> QueryExpansion | None:
     """Query expansion from `qe` (top results averaged with the query, 0..50; 0 or absent: none) and `qe_alpha`
-    (weights similarity^alpha, a number 0..100, 1e2 and 2.5 alike; 0: plain average). Raises ApiError 400."""
-    raw_n, raw_alpha = _param(request, "qe"), _param(request, "qe_alpha")
+    (weights similarity^alpha, a number 0..100, 1e2 and 2.5 alike; 0: plain average). Raises ApiError 400.
+
+    lenient (the gallery's pages, whose URLs people type, as parse_k's): a number past its range is its end, an
+    unreadable one none (no expansion, alpha 0), a repeated one the last."""
+    raw_n, raw_alpha = _param(request, "qe", last=lenient), _param(request, "qe_alpha", last=lenient)
     if raw_n is None and raw_alpha is None:
         return None
     n_text = (raw_n or "").strip()
@@ -128,6 +131,9 @@ def parse_expansion(request: Request) -> QueryExpansion | None:
             alpha = float(alpha_text) if NUMBER.fullmatch(alpha_text) else None
         except ValueError:
             alpha = None
+    if lenient:
+        n = 0 if n is None else min(n, MAX_EXPANSION)
+        alpha = 0.0 if alpha is None or alpha != alpha else min(max(alpha, 0.0), 100.0)
     try:
         if n is None or alpha is None or alpha != alpha:   # unreadable, or NaN
             raise ValueError

@@ -107,7 +107,11 @@ def test_results_pages_offer_query_expansion_and_keep_it_with_k(client, sample_i
     # the page says the distances are now from the expanded query (an identical image need not come first)
     assert 'id="expanded"' in html and "Expanded with the top 3" in html and 'id="already-indexed"' not in html
     assert 'id="expanded"' not in client.get(location).get_data(as_text=True)
-    assert client.get(location + "&qe=lots").status_code == 400
+    # typed: read as gallery pages read a typed k (it was a 400 page for qe, while k was clamped)
+    unreadable = client.get(location + "&qe=lots")
+    assert unreadable.status_code == 200 and 'id="expanded"' not in unreadable.get_data(as_text=True)
+    assert "Expanded with the top 50" in client.get(location + "&qe=99").get_data(as_text=True)
+    assert client.get("/images/1/neighbours?qe=lots").status_code == 400   # the API: said
     image_page = client.get(f"/gallery/{gallery_links(html)[0]}?qe=3")
     assert image_page.status_code == 200 and "?k=12&amp;qe=3" in active_choices(image_page.get_data(as_text=True))
 
