@@ -14,7 +14,7 @@ from retrieval.system import display_name
 
 from api.errors import ApiError, set_retry_after
 from api.query_input import page_number, parse_expansion, parse_k, read_query_image
-from api.search_api import thumbnail_url
+from api.search_api import image_url, thumbnail_url
 from api.recent_queries import RecentQuery
 from api.service import current_service
 
@@ -173,6 +173,14 @@ def query_image(token: str) -> Response:
     response.cache_control.private = True
     response.cache_control.max_age = 3600
     return response
+
+
+@bp.get("/gallery/<image_id:image_id>/original")
+def original(image_id: int) -> Response:
+    """"Open original": the file's own address when it is there, else a page that says why (the API's address
+    answers JSON, which a person following the link read raw)."""
+    _path, sha256 = current_service().image_file(image_id)   # ApiError 404/403: an error page, in this blueprint
+    return redirect(image_url(image_id, sha256 or ""))
 
 
 @bp.get("/gallery/<image_id:image_id>")

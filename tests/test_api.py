@@ -344,6 +344,9 @@ def test_a_cached_thumbnail_is_served_while_its_file_is_missing(tmp_path, index_
         r = client.get("/images/1/thumbnail")
         assert r.status_code == 200 and r.data == made
         assert_error(client.get("/images/1"), 404, "file_missing")
+        page = client.get("/gallery/1/original")   # "Open original": a page that says why, not the API's JSON
+        assert page.status_code == 404 and page.mimetype == "text/html"
+        assert "no longer in the data folder" in page.get_data(as_text=True)
         for cached in (tmp_path / "index" / "thumbnails").glob("1-*.jpg"):
             cached.unlink()
         assert_error(client.get("/images/1/thumbnail"), 404, "file_missing")

@@ -183,7 +183,9 @@ def test_neighbour_page_links_to_each_neighbours_own_page(app, client):
     neighbours = gallery_links(html.split('id="neighbours"', 1)[1])
     assert len(neighbours) == 12 and image_id not in neighbours
     sha = app.extensions["retrieval"].index.catalog.get(image_id).sha256[:16]
-    assert f'src="/images/{image_id}/thumbnail?v={sha}"' in html and f'href="/images/{image_id}?v={sha}"' in html
+    assert f'src="/images/{image_id}/thumbnail?v={sha}"' in html and f'href="/gallery/{image_id}/original"' in html
+    opened = client.get(f"/gallery/{image_id}/original")   # the file's own, versioned address
+    assert opened.status_code == 302 and opened.headers["Location"] == f"/images/{image_id}?v={sha}"
     step = client.get(f"/gallery/{neighbours[0]}")                       # walk on through feature space
     assert step.status_code == 200
     assert neighbours[0] not in gallery_links(step.get_data(as_text=True).split('id="neighbours"', 1)[1])
