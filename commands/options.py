@@ -57,6 +57,9 @@ class PathArg(click.Path):
         if not self.dir_okay and isinstance(value, str) and value.endswith(("/", os.sep)):
             # resolve_path drops the slash: `--out tuned/` wrote a file named "tuned"
             self.fail(f"{value!r} ends with '/', so it names a folder; give a file's name", param, ctx)
+        if not self.dir_okay and isinstance(value, str) and value != "-" and os.path.isdir(value):
+            self.fail(f"{value!r} is a folder; give a file's name (in it: {value.rstrip(os.sep)}{os.sep}NAME)",
+                      param, ctx)
         return super().convert(value, param, ctx)
 
 

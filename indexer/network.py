@@ -107,8 +107,8 @@ def _stamp(path: Path) -> list[int]:
 
 
 def _checked_before(path: Path, identity: str) -> bool:
-    """Whether the weights file is as it was when last found sound (its stamp), so it need not be read again: 233 MB
-    (AlexNet) to 528 MB (VGG16) on every run, one with nothing to index included."""
+    """Whether the weights file is as it was when last found sound (its stamp), so it need not be read again: 244 MB
+    (AlexNet) to 553 MB (VGG16) on every run, one with nothing to index included."""
     try:
         noted = json.loads(_checked_file(path).read_text())
         return noted == {"stamp": _stamp(path), "identity": identity}
