@@ -28,6 +28,18 @@ def _in_memory_uploads() -> type:
     return InMemory
 
 
+def breakable(name: str) -> Any:
+    """A file name or path, escaped, that may wrap after '/', '_' and '-' (<wbr>; markupsafe.Markup): it
+    broke anywhere, "blue_squares_004." then "jpg" on a phone, "blue_squares/blue_squares_00" then "4.jpg"."""
+    import re
+
+    from markupsafe import Markup, escape
+
+    from retrieval.system import display_name
+
+    return Markup(re.sub(r"([/_\-])", r"\1<wbr>", str(escape(display_name(name)))))   # not before the extension
+
+
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app: DEFAULTS, then RETRIEVAL_* environment variables, then config.
 
@@ -60,6 +72,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.jinja_env.finalize = lambda value: value if isinstance(value, Markup) or not isinstance(value, str) \
         else display_name(value)                               # (Markup was built from finalized parts)
     app.jinja_env.filters["shown"] = display_name
+    app.jinja_env.filters["breakable"] = breakable
     init_metrics(app)
     init_service(app)
     register_error_handlers(app)

@@ -336,3 +336,21 @@ def test_a_page_still_computing_shows_its_answer_in_place_without_reloading(page
     page.wait_for_selector("#duplicates-summary", timeout=120_000)
     assert page.locator("#computing").count() == 0 and not navigations, navigations
     assert "Near-duplicates" in page.title()
+
+
+def test_on_a_phone_a_cards_name_and_label_wrap_whole_and_the_image_page_breaks_names_at_their_parts(browser,
+                                                                                                    base_url):
+    """Reproduces (a newcomer on a phone): cards read "blu…_010.jpg" and "blue_squ…", which said nothing; the image
+    page's title broke as "blue_squares_004." / "jpg". Two cards a row, names and labels wrap whole; the title and
+    path break after '_' and '/'."""
+    context = browser.new_context(viewport={"width": 375, "height": 812})
+    page = context.new_page()
+    try:
+        page.goto(base_url + "/")
+        cut = page.eval_on_selector_all("#grid li .caption > *", "els => els.filter(e => "
+                                        "[e, ...e.children].some(x => x.scrollWidth > x.clientWidth + 1)).length")
+        assert cut == 0
+        page.goto(base_url + "/gallery/1")
+        assert "<wbr>" in page.inner_html(".query-title") and ".<wbr>jpg" not in page.inner_html(".query-title")
+    finally:
+        context.close()
