@@ -304,68 +304,66 @@ def test_image_urls_name_the_content_so_a_rebuilt_index_never_shows_a_cached_oth
     assert f'src="{hit["thumbnail_url"]}"' in page
 
 
-def test_a_file_changed_since_indexing_is_never_cached_under_its_indexed_version(tmp_path, index_images):
+@pytest.fixture
+def one_red(tmp_path, index_images):
+    """(data folder, Flask app) over an index of one picture, data/a/red.jpg (id 1), whose files a test may change."""
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    Image.new("RGB", (120, 90), (200, 40, 40)).save(data / "a" / "red.jpg", quality=90)
+    index_images(data, tmp_path / "index")
+    app = create_app({"INDEX_DIR": str(tmp_path / "index"), "RELOAD_INTERVAL_S": 0})
+    yield data, app
+    app.extensions["retrieval"].close()
+
+
+def test_a_file_changed_since_indexing_is_never_cached_under_its_indexed_version(tmp_path, one_red):
     """Reproduces (a review): ?v= names the indexed bytes, but the file there now was changed and not re-indexed
     yet: browsers kept the new picture for a week under the old version, and the server kept its thumbnail under the
     old hash's name. Such a file is answered no-cache and its thumbnail is not kept; originals are never public."""
-    data = tmp_path / "data"
-    (data / "a").mkdir(parents=True)
-    Image.new("RGB", (120, 90), (200, 40, 40)).save(data / "a" / "red.jpg", quality=90)
-    index_images(data, tmp_path / "index")
-    app = create_app({"INDEX_DIR": str(tmp_path / "index"), "RELOAD_INTERVAL_S": 0})
-    try:
-        client = app.test_client()
-        sha = app.extensions["retrieval"].index.catalog.get(1).sha256[:16]
-        assert "private" in client.get(f"/images/1?v={sha}").headers["Cache-Control"]
-        Image.new("RGB", (120, 90), (20, 40, 200)).save(data / "a" / "red.jpg", quality=90)   # blue now
-        for url in (f"/images/1/thumbnail?v={sha}", f"/images/1?v={sha}"):
-            r = client.get(url)
-            assert r.status_code == 200 and "no-cache" in r.headers["Cache-Control"], (url, r.headers)
-        thumb = Image.open(io.BytesIO(client.get(f"/images/1/thumbnail?v={sha}").data)).convert("RGB")
-        assert thumb.getpixel((60, 45))[2] > 150, "the picture there now"
-        assert not list((tmp_path / "index" / "thumbnails").glob("1-*.jpg")), "not kept under the indexed hash"
-    finally:
-        app.extensions["retrieval"].close()
+    data, app = one_red
+    client = app.test_client()
+    sha = app.extensions["retrieval"].index.catalog.get(1).sha256[:16]
+    assert "private" in client.get(f"/images/1?v={sha}").headers["Cache-Control"]
+    Image.new("RGB", (120, 90), (20, 40, 200)).save(data / "a" / "red.jpg", quality=90)   # blue now
+    for url in (f"/images/1/thumbnail?v={sha}", f"/images/1?v={sha}"):
+        r = client.get(url)
+        assert r.status_code == 200 and "no-cache" in r.headers["Cache-Control"], (url, r.headers)
+    thumb = Image.open(io.BytesIO(client.get(f"/images/1/thumbnail?v={sha}").data)).convert("RGB")
+    assert thumb.getpixel((60, 45))[2] > 150, "the picture there now"
+    assert not list((tmp_path / "index" / "thumbnails").glob("1-*.jpg")), "not kept under the indexed hash"
 
 
-def test_a_cached_thumbnail_is_served_while_its_file_is_missing(tmp_path, index_images, monkeypatch):
+def test_a_cached_thumbnail_is_served_while_its_file_is_missing(tmp_path, one_red, monkeypatch):
     """The data folder's drive unmounted (or a file deleted, not re-indexed yet): the gallery's cards were all
     broken pictures though their thumbnails were cached, and nothing said why; the original is 404 file_missing.
     Now the cached ones are served, and /healthz and every page say the folder is not there."""
-    data = tmp_path / "data"
-    (data / "a").mkdir(parents=True)
-    Image.new("RGB", (120, 90), (200, 40, 40)).save(data / "a" / "red.jpg", quality=90)
-    index_images(data, tmp_path / "index")
-    app = create_app({"INDEX_DIR": str(tmp_path / "index"), "RELOAD_INTERVAL_S": 0})
-    try:
-        client = app.test_client()
-        made = client.get("/images/1/thumbnail").data
-        (data / "a" / "red.jpg").unlink()
-        r = client.get("/images/1/thumbnail")
-        assert r.status_code == 200 and r.data == made
-        assert_error(client.get("/images/1"), 404, "file_missing")
-        page = client.get("/gallery/1/original")   # "Open original": a page that says why, not the API's JSON
-        assert page.status_code == 404 and page.mimetype == "text/html"
-        assert "no longer in the data folder" in page.get_data(as_text=True)
-        for cached in (tmp_path / "index" / "thumbnails").glob("1-*.jpg"):
-            cached.unlink()
-        assert_error(client.get("/images/1/thumbnail"), 404, "file_missing")
-        assert "warning" not in client.get("/healthz").get_json()
-        (data / "a").rmdir()
-        data.rename(tmp_path / "unmounted")        # the whole folder gone: every page and /healthz say so
-        import api.service
+    data, app = one_red
+    client = app.test_client()
+    made = client.get("/images/1/thumbnail").data
+    (data / "a" / "red.jpg").unlink()
+    r = client.get("/images/1/thumbnail")
+    assert r.status_code == 200 and r.data == made
+    assert_error(client.get("/images/1"), 404, "file_missing")
+    page = client.get("/gallery/1/original")   # "Open original": a page that says why, not the API's JSON
+    assert page.status_code == 404 and page.mimetype == "text/html"
+    assert "no longer in the data folder" in page.get_data(as_text=True)
+    for cached in (tmp_path / "index" / "thumbnails").glob("1-*.jpg"):
+        cached.unlink()
+    assert_error(client.get("/images/1/thumbnail"), 404, "file_missing")
+    assert "warning" not in client.get("/healthz").get_json()
+    (data / "a").rmdir()
+    data.rename(tmp_path / "unmounted")        # the whole folder gone: every page and /healthz say so
+    import api.service
 
-        monkeypatch.setattr(api.service, "DATA_FOLDER_LOOK_S", 0)   # (looked at once in 5 s: a hung mount hung pages)
-        health = client.get("/healthz")
-        assert health.status_code == 200 and health.get_json()["status"] == "ok"   # searches still answer
-        assert f"the data folder {data} is not there" in health.get_json()["warning"]
-        assert f"--index-dir {tmp_path / 'index'} --data-moved" in health.get_json()["warning"]
-        page = client.get("/").get_data(as_text=True)
-        # the pages, anyone's, name the folder only (not the server's paths)
-        assert 'id="data-folder-missing"' in page and "The data folder data is not there" in page
-        assert "index-images NEW_PLACE --index-dir INDEX --data-moved" in page and str(tmp_path) not in page
-    finally:
-        app.extensions["retrieval"].close()
+    monkeypatch.setattr(api.service, "DATA_FOLDER_LOOK_S", 0)   # (looked at once in 5 s: a hung mount hung pages)
+    health = client.get("/healthz")
+    assert health.status_code == 200 and health.get_json()["status"] == "ok"   # searches still answer
+    assert f"the data folder {data} is not there" in health.get_json()["warning"]
+    assert f"--index-dir {tmp_path / 'index'} --data-moved" in health.get_json()["warning"]
+    page = client.get("/").get_data(as_text=True)
+    # the pages, anyone's, name the folder only (not the server's paths)
+    assert 'id="data-folder-missing"' in page and "The data folder data is not there" in page
+    assert "index-images NEW_PLACE --index-dir INDEX --data-moved" in page and str(tmp_path) not in page
 
 
 def test_thumbnail_of_a_large_image_fits_256_px(tmp_path, index_images):
