@@ -104,6 +104,21 @@ def command_settings(command_name: str) -> dict[str, Any]:
     return {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": env_prefix(command_name)}
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """--version: the package's version (what a bug report needs first), without importing torch."""
+    if not value or ctx.resilient_parsing:
+        return
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mine = version("cnn-image-retrieval")
+    except PackageNotFoundError:   # run from a checkout that was not installed
+        mine = "unknown (not installed)"
+    click.echo(f"{ctx.info_name} {mine} (cnn-image-retrieval; Python {platform.python_version()})")
+    ctx.exit()
+
+
 class Command(click.Command):
     """A command whose option variables are named after the options as typed: `search-images --json` reads
     SEARCH_IMAGES_JSON (and SEARCH_IMAGES_AS_JSON, the name from its Python parameter, as before), so the name a
@@ -112,6 +127,9 @@ class Command(click.Command):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.params.append(click.Option(["--version"], is_flag=True, expose_value=False, is_eager=True,
+                                        allow_from_autoenv=False, callback=_print_version,
+                                        help="Print the version and exit."))
         prefix = self.context_settings.get("auto_envvar_prefix")
         for param in self.params:
             if not isinstance(param, click.Option) or not param.allow_from_autoenv or not prefix:

@@ -217,7 +217,7 @@ def show_config(ctx: click.Context, overrides: dict[str, tuple[Any, str]]) -> No
     settings = {s.name: s for s in settings_in_force(overrides)}
     rows = []
     for p in ctx.command.params:
-        if not isinstance(p, click.Option) or p.name == "print_config":
+        if not isinstance(p, click.Option) or p.name in ("print_config", "version") or not p.expose_value:
             continue
         value, source = ctx.params[p.name], source_of(ctx, p, "serve-images")
         if p.name in OPTION_SETTINGS:    # what the app will use (--device: the app's own default when not given)

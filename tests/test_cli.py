@@ -671,3 +671,16 @@ def test_a_wrong_value_from_the_environment_is_named_as_the_variable(sample_inde
                                 else filled, env={variable: value})
     assert result.exit_code == 2, result.output
     assert f"Invalid value for {variable} (the environment's" in result.output and repr(value) in result.output
+
+
+@pytest.mark.parametrize("command", ["index_images", "search_images", "serve_images", "evaluate_index", "fine_tune",
+                                     "model_info", "find_duplicates"])
+def test_every_command_says_its_version(command):
+    """What a bug report needs first; there was no --version (a scripter's review). Arguments it would need
+    otherwise are not asked for."""
+    import importlib
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(importlib.import_module(f"commands.{command}").main, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert f"{version('cnn-image-retrieval')} (cnn-image-retrieval; Python " in result.output
