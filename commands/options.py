@@ -90,6 +90,9 @@ def db_url_option(f):  # noqa: ANN001, ANN201 - click decorator
 def setup_logging(verbose: bool, *, quiet: bool = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    # faiss says at import which build it tried first: "Could not load library with AVX2 support ...
+    # ModuleNotFoundError" on every -v run of a machine without that build reads like a failure; it is not one
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     if not quiet:  # the batch size choice and its reason are always worth a line
         logging.getLogger("retrieval.features.batch_size").setLevel(logging.INFO)
 
