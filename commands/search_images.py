@@ -15,7 +15,8 @@ from commands.options import (Command, FloatRange, PathArg, UserError, command_s
 
 
 @click.command(cls=Command, context_settings=command_settings("search-images"))
-@click.argument("query_image", type=PathArg(exists=True, dir_okay=False, allow_dash=True, path_type=Path))
+@click.argument("query_images", metavar="QUERY_IMAGE...", nargs=-1, required=True,
+                type=PathArg(exists=True, dir_okay=False, allow_dash=True, path_type=Path))
 @click.option("-k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of neighbours.")
 @index_dir_option
 @db_url_option
@@ -26,59 +27,89 @@ from commands.options import (Command, FloatRange, PathArg, UserError, command_s
 @click.option("--qe-alpha", type=FloatRange(0, 100), default=0.0, show_default=True, metavar="ALPHA",
               help="alpha-QE: weigh each of those results by its cosine similarity to the query ^ ALPHA (0: plain "
                    "average).")
-@click.option("--json", "as_json", is_flag=True, help='Print {"results": [...]} as JSON on stdout.')
-def main(query_image: Path, k: int, index_dir: Path, db_url: str | None, device: str, qe: int, qe_alpha: float,
-         as_json: bool) -> None:
-    """Print the K images of the index nearest to QUERY_IMAGE in feature space (- reads it from standard input:
-    `curl -s URL | search-images -`).
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"results": [...], "data_dir"} as JSON on stdout; for several queries {"queries": '
+                   '[{"query", "results"}, ...], "data_dir"}.')
+def main(query_images: tuple[Path, ...], k: int, index_dir: Path, db_url: str | None, device: str, qe: int,
+         qe_alpha: float, as_json: bool) -> None:
+    """Print the K images of the index nearest to each QUERY_IMAGE in feature space (- reads one from standard
+    input: `curl -s URL | search-images -`). Several queries share one start-up (the network and the index load
+    once: about 2 s here), each with its own list.
 
     The query goes through exactly the network the index was built with. Distances are L2
     distances between feature vectors (0 for an identical image). Options can also be set by
     environment variables (SEARCH_IMAGES_K, ...; see docs/configuration.md).
 
-    Exit status: 0 done, 2 a query that cannot be used (no image, no regular file) or an index that cannot be
-    searched (none there, a damaged catalog), 1 a full disk (one line: what to free), 130 interrupted.
+    Exit status: 0 done, 2 a query that cannot be used (no image, no regular file; nothing is searched then) or an
+    index that cannot be searched (none there, a damaged catalog), 1 a full disk (one line: what to free), 130
+    interrupted.
     """
     setup_logging(False)
-    from retrieval.files import open_regular
-    from retrieval.images.decode import ImageDecodeError, Preprocessing, decode_for_model
+    from retrieval.images.decode import ImageDecodeError
 
-    shown = "the image on standard input" if str(query_image) == "-" else str(query_image)
-    try:   # a file that is no image is refused before torch, FAISS and the network load (seconds)
-        if str(query_image) == "-":
-            query = _read_stdin()
-        else:
-            with open_regular(query_image) as f:   # a named pipe or a device is refused, not waited on or read forever
-                query = f.read()
-        decode_for_model(query, Preprocessing())
-    except ImageDecodeError as exc:
-        raise UserError(f"cannot use {shown} as a query: {exc}") from exc
-    except OSError as exc:
-        raise UserError(f"cannot read {shown}: {exc.strerror or exc}") from exc
+    if sum(str(q) == "-" for q in query_images) > 1:
+        raise UserError("- (standard input) can be given once")
+    stdin = _read_stdin() if any(str(q) == "-" for q in query_images) else None
+    for query_image in query_images:   # a file that is no image is refused before torch, FAISS and the network load
+        _query_bytes(query_image, stdin, check=True)
     from retrieval.search.expansion import QueryExpansion
 
+    found = []
     with querying(open_index(index_dir, db_url, device), index_dir, db_url) as index:
-        try:
-            hits, _ = index.search_image(query, k, expansion=QueryExpansion(qe, qe_alpha))
-            data_dir = str(index.data_dir)   # the hits' paths are relative to it
-        except ImageDecodeError as exc:
-            raise UserError(f"cannot use {shown} as a query: {exc}") from exc
+        for query_image in query_images:
+            try:
+                hits, _ = index.search_image(_query_bytes(query_image, stdin), k,
+                                             expansion=QueryExpansion(qe, qe_alpha))
+            except ImageDecodeError as exc:
+                raise UserError(f"cannot use {_shown(query_image)} as a query: {exc}") from exc
+            found.append((query_image, hits))
+        data_dir = str(index.data_dir)   # the hits' paths are relative to it
     if _being_updated(index_dir):
         click.echo("note: an index-images run is updating this index now: images it has not reached yet are not "
                    "searched", err=True)
     if as_json:
-        click.echo(json.dumps({"results": [{"id": h.id, "path": display_name(h.path),
-                                            "label": None if h.label is None else display_name(h.label),
-                                            "distance": round(h.distance, 6),   # as the API rounds it
-                                            "file": display_name(os.path.join(data_dir, h.path))}   # from anywhere
-                                           for h in hits], "data_dir": display_name(data_dir)}))
+        def listed(hits: list) -> list[dict]:
+            return [{"id": h.id, "path": display_name(h.path), "label": None if h.label is None else display_name(h.label),
+                     "distance": round(h.distance, 6),   # as the API rounds it
+                     "file": display_name(os.path.join(data_dir, h.path))} for h in hits]   # usable from anywhere
+        doc = {"results": listed(found[0][1])} if len(found) == 1 else \
+            {"queries": [{"query": display_name(str(q)), "results": listed(hits)} for q, hits in found]}
+        click.echo(json.dumps({**doc, "data_dir": display_name(data_dir)}))
         return
-    if not hits:
-        click.echo("the index is empty: no neighbours")
-        return
-    click.echo(f"{'rank':>4}  {'distance':>8}  {'label':<16}  path")
-    for rank, h in enumerate(hits, 1):
-        click.echo(f"{rank:>4}  {h.distance:>8.4f}  {terminal_name(h.label or '-'):<16}  {terminal_name(h.path)}")
+    for n, (query_image, hits) in enumerate(found):
+        if len(found) > 1:
+            click.echo(f"{'' if n == 0 else chr(10)}query: {terminal_name(_shown(query_image))}")
+        if not hits:
+            click.echo("the index is empty: no neighbours")
+            continue
+        click.echo(f"{'rank':>4}  {'distance':>8}  {'label':<16}  path")
+        for rank, h in enumerate(hits, 1):
+            click.echo(f"{rank:>4}  {h.distance:>8.4f}  {terminal_name(h.label or '-'):<16}  {terminal_name(h.path)}")
+
+
+def _shown(query_image: Path) -> str:
+    return "the image on standard input" if str(query_image) == "-" else str(query_image)
+
+
+def _query_bytes(query_image: Path, stdin: bytes | None, *, check: bool = False) -> bytes:
+    """A query's bytes (stdin's for -); check: also decoded, to refuse a file that is no image before the network
+    loads. Raises UserError."""
+    from retrieval.files import open_regular
+    from retrieval.images.decode import ImageDecodeError, Preprocessing, decode_for_model
+
+    try:
+        if str(query_image) == "-":
+            data = stdin or b""
+        else:
+            with open_regular(query_image) as f:   # a named pipe or a device is refused, not waited on or read forever
+                data = f.read()
+        if check:
+            decode_for_model(data, Preprocessing())
+        return data
+    except ImageDecodeError as exc:
+        raise UserError(f"cannot use {_shown(query_image)} as a query: {exc}") from exc
+    except OSError as exc:
+        raise UserError(f"cannot read {_shown(query_image)}: {exc.strerror or exc}") from exc
 
 
 def _being_updated(index_dir: Path) -> bool:

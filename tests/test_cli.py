@@ -684,3 +684,21 @@ def test_every_command_says_its_version(command):
     result = CliRunner().invoke(importlib.import_module(f"commands.{command}").main, ["--version"])
     assert result.exit_code == 0, result.output
     assert f"{version('cnn-image-retrieval')} (cnn-image-retrieval; Python " in result.output
+
+
+def test_several_queries_share_one_start_up(sample_index):
+    """A script searching 50 photos paid the network's and the index's load (about 2 s here) 50 times: one run takes
+    several queries now, each with its own list; a query that cannot be used refuses the run before any search."""
+    red = sample_index.data_dir / "red_circles" / "red_circles_000.jpg"
+    blue = sample_index.data_dir / "blue_squares" / "blue_squares_001.jpg"
+    args = ["-k", "1", "--index-dir", str(sample_index.index_dir)]
+    found = CliRunner().invoke(search_images, [str(red), str(blue), *args, "--json"])
+    assert found.exit_code == 0, found.output
+    doc = json.loads(found.stdout)
+    assert [q["query"] for q in doc["queries"]] == [str(red), str(blue)]
+    assert [q["results"][0]["path"] for q in doc["queries"]] == ["red_circles/red_circles_000.jpg",
+                                                                 "blue_squares/blue_squares_001.jpg"]
+    text = CliRunner().invoke(search_images, [str(red), str(blue), *args]).stdout
+    assert f"query: {red}\n" in text and f"\nquery: {blue}\n" in text
+    refused = CliRunner().invoke(search_images, [str(red), str(sample_index.index_dir / "catalog.db"), *args])
+    assert refused.exit_code == 2 and "cannot use" in refused.output and "rank" not in refused.stdout
