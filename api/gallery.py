@@ -80,7 +80,8 @@ def _home(error: str | None = None, status: int = 200) -> tuple[str, int]:
 def _data_folder() -> dict[str, Any]:
     """Every page says when the index's data folder is not there (it showed a page of broken pictures, silently)."""
     try:
-        return {"data_folder_missing": current_service().data_folder_missing(whole_path=False)}
+        service = current_service()
+        return {"data_folder_missing": service.files.data_folder_missing(service.config.index_dir, whole_path=False)}
     except Exception:  # noqa: BLE001 - an error page about the index itself renders without it
         return {"data_folder_missing": None}
 
@@ -179,7 +180,7 @@ def query_image(token: str) -> Response:
 def original(image_id: int) -> Response:
     """"Open original": the file's own address when it is there, else a page that says why (the API's address
     answers JSON, which a person following the link read raw)."""
-    _path, sha256 = current_service().image_file(image_id)   # ApiError 404/403: an error page, in this blueprint
+    _path, sha256 = current_service().files.image_file(image_id)   # ApiError 404/403: an error page, in this blueprint
     return redirect(image_url(image_id, sha256 or ""))
 
 

@@ -93,7 +93,7 @@ def neighbours(image_id: int) -> Response:
 @bp.get("/images/<image_id:image_id>")
 def image_file(image_id: int) -> Response:
     """The original file, found by id only, from inside the data folder."""
-    path, sha256 = current_service().image_file(image_id)
+    path, sha256 = current_service().files.image_file(image_id)
     try:
         mimetype = image_mimetype(path)
     except NotAnImageNow as exc:
@@ -109,7 +109,7 @@ def image_file(image_id: int) -> Response:
 @bp.get("/images/<image_id:image_id>/thumbnail")
 def thumbnail(image_id: int) -> Response:
     """A JPEG no larger than THUMBNAIL_SIZE px on its long side, cached on disk."""
-    thumb, etag, sha256 = current_service().thumbnail_file(image_id)
+    thumb, etag, sha256 = current_service().files.thumbnail_file(image_id)
     return _cache_for(send_file(io.BytesIO(thumb), mimetype="image/jpeg", conditional=True, etag=etag), sha256,
                       public=True)
 

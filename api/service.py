@@ -1,4 +1,5 @@
-"""The per-process retrieval service: the opened index, its query batcher, hot reload, thumbnails and recent uploads."""
+"""The per-process retrieval service: the opened index, its query batcher, hot reload, health and recent uploads; the
+collection's files and thumbnails are api.collection_files'."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,18 +14,18 @@ import torch
 from flask import Flask, current_app
 
 from retrieval.catalog import ImageRecord
+from retrieval.images.decode import ImageDecodeError
 from retrieval.images.decode_pool import DecodePool, DecoderBusy
 from retrieval.learning.metrics import vote
-from retrieval.images.decode import ImageDecodeError
 from retrieval.search.expansion import QueryExpansion
 from retrieval.search.index import ImageIndex, weights_label
 from retrieval.search.snapshot import Hit, IndexSnapshot, IndexUnavailable
 from retrieval.vectors.faiss_parts import SearchParams
-from retrieval.system import available_cores, display_name
+from retrieval.system import available_cores
 
 from api import metrics
 from api.errors import ApiError
-from api.image_files import NotAnImageNow, OutsideDataFolder, resolve_inside
+from api.collection_files import CollectionFiles, indexed_record
 from api.index_watcher import IndexWatcher
 from api.query_batcher import QueryBatcher
 from api.recent_queries import RECENT_QUERIES_FILE, RecentQueries
@@ -34,21 +35,10 @@ from api.thumbnails import ThumbnailCache
 log = logging.getLogger(__name__)
 
 EXTENSION_KEY = "retrieval"
-THUMBNAIL_DECODES = 2           # thumbnails made at once (each decodes a collection file, up to MAX_PIXELS)
 DEFAULT_DECODE_PROCESSES = 2    # upload decoders when DECODE_PROCESSES is 0: bounds upload memory, whatever the cores
 CATALOG_FAILURE_SHOWN_S = 60.0  # /healthz answers 503 this long after a request failed to read the catalog
-DATA_FOLDER_LOOK_S = 5.0        # how often the pages' "data folder not there" note looks at the folder
-PRUNE_EVERY_S = 60.0            # cached thumbnails are pruned after a reload at most this often
 
 
-
-def _as_indexed(path: Path, record: ImageRecord) -> bool:
-    """Whether the file is as it was indexed, by its size and modification time (what index-images compares)."""
-    try:
-        st = path.stat()
-    except OSError:
-        return False
-    return st.st_size == record.size and st.st_mtime_ns == record.mtime_ns
 
 @dataclasses.dataclass(frozen=True)
 class ServiceConfig:
@@ -130,18 +120,16 @@ class RetrievalService:
                                     torch_threads=config.torch_threads, search_threads=config.search_threads)
         self._catalog_failure: tuple[float, str] | None = None   # (monotonic time, reason) of the last failed read
         self._labels: tuple[int, dict[str | None, int]] | None = None   # (index version, images per label)
-        self._data_folder_look: tuple[Path, float, bool] | None = None   # (folder, when, there): data_folder_missing
-        self._pruned_at = float("-inf")   # when the cached thumbnails were last pruned (time.monotonic)
+        self.files = CollectionFiles(self.index, ThumbnailCache(config.thumbnail_dir, config.thumbnail_size,
+                                                                max_pixels=config.max_pixels))   # (health() reads it too)
         self.watcher = None   # (health() reads it: set before the watcher's first look calls it)
         self.watcher = IndexWatcher(self.index, config.reload_interval_s, on_reload=self._reloaded,
                                     on_check=self.note_availability) if config.reload_interval_s > 0 else None
         self._count_images()
-        self.thumbnails = ThumbnailCache(config.thumbnail_dir, config.thumbnail_size, max_pixels=config.max_pixels)
-        threading.Thread(target=self._prune_thumbnails, name="thumbnail-prune", daemon=True).start()
+        threading.Thread(target=self.files.prune_thumbnails, name="thumbnail-prune", daemon=True).start()
         self.recent_queries = RecentQueries(config.thumbnail_dir / RECENT_QUERIES_FILE,   # shared by worker processes
                                             network=lambda: self.index.snapshot().network)
         # uploads are decoded in separate processes: bounded in number, time and memory (never in this one)
-        self._thumbnail_slots = threading.BoundedSemaphore(THUMBNAIL_DECODES)
         self.decoders = DecodePool(config.decode_processes or min(DEFAULT_DECODE_PROCESSES, available_cores()),
                                    config.decode_timeout_s,
                                    memory_mb=config.decode_memory_mb or None)
@@ -152,12 +140,9 @@ class RetrievalService:
 
     def _reloaded(self) -> None:
         """After each reload (on the watcher's thread): the size gauge, and the thumbnails of images gone or changed
-        removed (they piled up until a worker restarted), at most once in PRUNE_EVERY_S (a PostgreSQL catalog
-        reloads on every commit of a long run, and a prune lists the folder and every image's hash)."""
+        removed (they piled up until a worker restarted; CollectionFiles.prune_thumbnails says how often)."""
         self._count_images()
-        if time.monotonic() - self._pruned_at >= PRUNE_EVERY_S:
-            self._pruned_at = time.monotonic()
-            self._prune_thumbnails()
+        self.files.prune_thumbnails(throttled=True)
 
     def _count_images(self) -> None:
         metrics.INDEX_IMAGES.set(len(self.index))
@@ -250,17 +235,6 @@ class RetrievalService:
                                            "width": record.width, "height": record.height},
                             {"decode": 0.0, "features": _ms(looked_up - started), "search": search_ms}, snapshot=snapshot)
 
-    def _prune_thumbnails(self) -> None:
-        """As a worker starts (in the background) and after reloads: the cached thumbnails of images no longer
-        indexed, or changed since, go."""
-        try:
-            removed = self.thumbnails.prune(self.index.snapshot().catalog.hash_prefixes())
-        except Exception as exc:  # noqa: BLE001 - a cache's housekeeping never stops a server
-            log.warning("cached thumbnails were not pruned: %s", exc)
-            return
-        if removed:
-            log.info("removed %d cached thumbnail(s) of images no longer in the index", removed)
-
     def predict(self, hits: list[Hit], snapshot: IndexSnapshot | None = None) -> dict[str, Any] | None:
         """The vote {"label", "votes", "k", "weak"} of the nearest hits, at most vote_k of them (the API's default k: the
         gallery shows more neighbours than vote); None when none of them has a label. weak: the label won half or
@@ -283,66 +257,7 @@ class RetrievalService:
 
     # images
     def record(self, image_id: int, snapshot: IndexSnapshot | None = None) -> ImageRecord:
-        record = (snapshot or self.index.snapshot()).catalog.get(image_id)
-        if record is None:
-            raise ApiError(404, "not_found", f"no image with id {image_id} in the index")
-        return record
-
-    def image_file(self, image_id: int) -> tuple[Path, str | None]:
-        """The resolved file of an indexed image, and its indexed sha256 while the file is as indexed (its size and
-        modification time; None once it changed and is not re-indexed yet: its bytes are then not those the hash
-        names). Raises ApiError 404 (unknown id, file gone), 403 (outside the folder)."""
-        snapshot = self.index.snapshot()        # the row and the folder it is relative to: one index
-        record = self.record(image_id, snapshot)
-        path = self._resolve(record, snapshot.data_dir)
-        return path, record.sha256 if _as_indexed(path, record) else None
-
-    def thumbnail_file(self, image_id: int) -> tuple[bytes, str, str | None]:
-        """The JPEG thumbnail of an indexed image, cached on disk; a validator for its ETag; and the image's indexed
-        sha256 while the file is as indexed (else None, and the thumbnail, made from the bytes there now, is not kept
-        under the indexed hash's name). Bytes, not a path: a reload's prune may remove the file before it is sent.
-        Raises ApiError 404, 403."""
-        snapshot = self.index.snapshot()
-        record = self.record(image_id, snapshot)
-        etag = f"{record.id}-{record.sha256[:16]}-{self.thumbnails.size}"
-        try:
-            source = self._resolve(record, snapshot.data_dir)
-        except ApiError as exc:
-            if exc.code == "file_missing":   # the drive unmounted, or deleted and not re-indexed yet: the picture as
-                try:                          # it was indexed, where it was cached
-                    return self.thumbnails.path_for(record.id, record.sha256).read_bytes(), etag, record.sha256
-                except OSError:
-                    pass
-            raise
-        current = _as_indexed(source, record)
-        try:
-            with self._thumbnail_slots:         # full-size decodes of collection files: a few at a time
-                for _ in range(2):
-                    made = self.thumbnails.get(record.id, record.sha256, source, keep=current)
-                    if isinstance(made, bytes):
-                        break
-                    try:
-                        made = made.read_bytes()
-                        break
-                    except FileNotFoundError:   # pruned just now: made again
-                        continue
-                else:
-                    raise ApiError(404, "file_missing", f"the thumbnail of image {image_id} could not be kept")
-        except ImageDecodeError as exc:
-            raise ApiError(404, "file_unreadable", f"the file of image {image_id} can no longer be decoded: {exc}") from exc
-        return made, etag if current else f"{etag}-{source.stat().st_mtime_ns:x}", record.sha256 if current else None
-
-    def _resolve(self, record: ImageRecord, data_dir: Path) -> Path:
-        try:
-            return resolve_inside(data_dir, record.path)
-        except OutsideDataFolder:
-            log.warning("refused to serve image %d: %s resolves outside %s", record.id, record.path, data_dir)
-            raise ApiError(403, "forbidden", f"image {record.id} is outside the indexed data folder and is not served") from None
-        except FileNotFoundError:
-            raise ApiError(404, "file_missing", f"the file of image {record.id} is no longer in the data folder") from None
-        except NotAnImageNow as exc:
-            raise ApiError(404, "file_unreadable", f"the file of image {record.id} can no longer be decoded: {exc}") \
-                from None
+        return indexed_record(snapshot or self.index.snapshot(), image_id)
 
     # overview
     def index_summary(self, snapshot: IndexSnapshot | None = None) -> dict[str, Any]:
@@ -366,24 +281,6 @@ class RetrievalService:
                 "updated_at": updated.isoformat(timespec="seconds") + "Z" if updated else None,
                 "queries": self.query_stats()}
 
-    def data_folder_missing(self, *, whole_path: bool = True) -> str | None:
-        """What to say when the index's data folder is not there (a drive not mounted, the folder moved): searches
-        still answer, from the vectors, but pictures whose thumbnails were not cached cannot be shown. whole_path:
-        the folder's whole path (/healthz, an operator's), else its name only (the pages, anyone's). Looked at once
-        in DATA_FOLDER_LOOK_S (every page asks; a hung network mount would hang them all)."""
-        data_dir = self.index.snapshot().data_dir
-        now = time.monotonic()
-        looked = self._data_folder_look
-        if looked is None or looked[0] != data_dir or now - looked[1] > DATA_FOLDER_LOOK_S:
-            looked = self._data_folder_look = (data_dir, now, data_dir.is_dir())
-        if looked[2]:
-            return None
-        shown = display_name(str(data_dir)) if whole_path else display_name(data_dir.name)
-        index = display_name(str(self.config.index_dir)) if whole_path else "INDEX"
-        return (f"the data folder {shown} is not there (a drive not mounted? the folder moved?): searches still "
-                f"answer, but pictures not seen before cannot be shown. If it moved: index-images NEW_PLACE "
-                f"--index-dir {index} --data-moved")
-
     def health(self) -> tuple[dict[str, Any], int]:
         """-> (body, HTTP status): 200 while the index is served, 503 with the reason when it cannot be.
 
@@ -406,7 +303,7 @@ class RetrievalService:
         if problem is None and failure is not None and time.monotonic() - failure[0] < CATALOG_FAILURE_SHOWN_S:
             problem = f"requests failed to read the catalog {time.monotonic() - failure[0]:.0f} s ago: {failure[1]}"
         body: dict[str, Any] = {"status": "ok", "count": len(self.index)}
-        if problem is None and (missing := self.data_folder_missing()):
+        if problem is None and (missing := self.files.data_folder_missing(self.config.index_dir)):
             body["warning"] = missing   # still served: a balancer should not take it out of service for this
         if self.watcher is not None:
             w = self.watcher.state()

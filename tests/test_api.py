@@ -353,9 +353,9 @@ def test_a_cached_thumbnail_is_served_while_its_file_is_missing(tmp_path, one_re
     assert "warning" not in client.get("/healthz").get_json()
     (data / "a").rmdir()
     data.rename(tmp_path / "unmounted")        # the whole folder gone: every page and /healthz say so
-    import api.service
+    import api.collection_files
 
-    monkeypatch.setattr(api.service, "DATA_FOLDER_LOOK_S", 0)   # (looked at once in 5 s: a hung mount hung pages)
+    monkeypatch.setattr(api.collection_files, "DATA_FOLDER_LOOK_S", 0)   # (looked at once in 5 s: a hung mount hung pages)
     health = client.get("/healthz")
     assert health.status_code == 200 and health.get_json()["status"] == "ok"   # searches still answer
     assert f"the data folder {data} is not there" in health.get_json()["warning"]
