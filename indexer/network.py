@@ -101,26 +101,23 @@ def _checked_file(path: Path) -> Path:
     return path.with_name(path.name + ".checked")
 
 
-def _stamp(path: Path) -> list[int]:
-    st = path.stat()   # a rewrite moves the status-change time even when the modification time is put back
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
 def _checked_before(path: Path, identity: str) -> bool:
     """Whether the weights file is as it was when last found sound (its stamp), so it need not be read again: 244 MB
     (AlexNet) to 553 MB (VGG16) on every run, one with nothing to index included."""
+    from retrieval.files import file_stamp
+
     try:
         noted = json.loads(_checked_file(path).read_text())
-        return noted == {"stamp": _stamp(path), "identity": identity}
+        return noted == {"stamp": list(file_stamp(path)), "identity": identity}
     except (OSError, ValueError):
         return False
 
 
 def _note_checked(path: Path, identity: str) -> None:
-    from retrieval.files import atomic_write
+    from retrieval.files import atomic_write, file_stamp
 
     try:
-        atomic_write(_checked_file(path), json.dumps({"stamp": _stamp(path), "identity": identity}).encode(),
+        atomic_write(_checked_file(path), json.dumps({"stamp": list(file_stamp(path)), "identity": identity}).encode(),
                      durable=False)
     except OSError:
         pass   # a read-only index folder: checked again next time

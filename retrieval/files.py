@@ -99,6 +99,14 @@ _KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
 
 
+def file_stamp(path: Path | str) -> tuple[int, int, int, int, int]:
+    """What tells a file's bytes apart without reading them: (device, inode, size, modification time, status-change
+    time, nanoseconds). The status-change time moves with any rewrite, even one that puts the modification time
+    back (cp -p, touch -r, rsync -t), and a new file in a reused inode has it anew. Raises OSError."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def file_kind(mode: int) -> str:
     """What a stat mode that is not a regular file's names, in words: "a named pipe", "a character device", ..."""
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")

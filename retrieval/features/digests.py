@@ -13,7 +13,7 @@ import time
 from concurrent.futures import Future
 from pathlib import Path
 
-from retrieval.files import open_regular
+from retrieval.files import file_stamp, open_regular
 
 _CHUNK = 1 << 20
 _ahead: dict[tuple, Future] = {}
@@ -23,11 +23,8 @@ _lock = threading.Lock()
 
 
 def _stamp(path: Path) -> tuple:
-    """What tells a file's bytes apart without reading them: its inode (on its device), size, modification time,
-    and status-change time, which a rewrite moves even when the modification time is put back (cp -p, touch -r,
-    rsync -t) and which a new file in a reused inode has anew."""
-    st = os.stat(path)
-    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    """The file's path and retrieval.files.file_stamp: (path, device, inode, size, mtime_ns, ctime_ns)."""
+    return (os.path.realpath(path), *file_stamp(path))
 
 
 def _sha256(path: Path) -> str:

@@ -18,6 +18,7 @@ from retrieval.features.backbones import (MODELS, FeatureExtractor, WeightsUnava
 from retrieval.catalog.db import IndexNotFound  # noqa: F401 - raised here too, and imported from here by callers
 from retrieval.catalog import (CATALOG_FILE, Catalog, CatalogUnavailable, IndexSettings, db_error_reason,  # noqa: F401
                       weights_label)  # weights_label: re-exported
+from retrieval.files import file_stamp
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_for_model
 from retrieval.search.expansion import QueryExpansion
 from retrieval.search.snapshot import Hit, IndexSnapshot, IndexUnavailable, network_key
@@ -374,10 +375,9 @@ class ImageIndex:
         if path is None:
             return None
         try:
-            st = os.stat(path)
+            return file_stamp(path)
         except OSError:
             return None
-        return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
 
 
 def _build_of(record: dict | None) -> tuple:
