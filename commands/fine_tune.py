@@ -121,7 +121,7 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, object
                              progress=not as_json and sys.stderr.isatty())   # bars on a terminal; a line per epoch always
     except FineTuneError as exc:
         raise UserError(str(exc)) from exc
-    echo = (lambda _e, _f: None) if as_json else _printer(verbose, cached=train != "all")
+    echo = (lambda _e, _f: None) if as_json else _printer(verbose, cached=train != "all", epochs=epochs)
     if not as_json:
         click.echo(f"fine-tuning {model} ({train}, {objective}, {cfg.optimizer} lr {cfg.lr:g}, dropout {dropout:g}) "
                    f"from {weights} weights on {dev}, batch {train_batch}", err=True)
@@ -212,9 +212,16 @@ def _batch_sizes(requested: int | str, model: str, train: str, device) -> tuple[
 DIVERGED = 10   # a training loss this many times chance's ln(C) after an epoch: the learning rate is too high
 
 
-def _printer(verbose: bool, cached: bool = True):  # noqa: ANN202 - the report callback
+def _time_left(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
+
+
+def _printer(verbose: bool, cached: bool = True, epochs: int | None = None):  # noqa: ANN202 - the report callback
     chance: list[float] = []   # ln(C), from the initial event
     warned: list[bool] = []
+    took: list[float] = []     # each epoch's seconds, for the time left
 
     def report(event: str, facts: dict) -> None:
         if event == "skipped":
@@ -241,12 +248,15 @@ def _printer(verbose: bool, cached: bool = True):  # noqa: ANN202 - the report c
                        f"{facts['map']:.3f}  ({facts['val_images']} validation images searched among "
                        f"{facts['train_images']} training images, fc7 L2-normalised)", err=True)
         elif event == "epoch":
+            took.append(facts["seconds"])
+            remaining = (epochs or 0) - facts["epoch"]   # early stopping (--patience) may end it sooner
+            left = f"  (at most ~{_time_left(remaining * sum(took) / len(took))} left)" if remaining > 0 else ""
             objective = ("" if facts["train_objective_loss"] == facts["train_loss"]
                          else f" (objective {facts['train_objective_loss']:.4f})")   # ce + a metric loss: its sum
             click.echo(f"epoch {facts['epoch']:>3}  train loss {facts['train_loss']:.4f}{objective}  train acc "
                        f"{facts['train_accuracy']:.3f}  val loss {facts['val_loss']:.4f}  val acc {facts['val_accuracy']:.3f}"
                        f"  val kNN {facts['val_knn_accuracy']:.3f}  val mAP {facts['val_map']:.3f}  lr {facts['lr']:.2e}"
-                       f"  {facts['seconds']:.1f} s", err=True)
+                       f"  {facts['seconds']:.1f} s" + left, err=True)
             loss = facts["train_loss"]
             if chance and not warned and not loss < DIVERGED * chance[0]:   # NaN too
                 warned.append(True)   # --lr 0.1 reached a training loss of 138,017 without a word

@@ -178,6 +178,8 @@ def test_a_run_that_cannot_improve_says_so_and_keeps_the_starting_weights(tuned,
     before = h["initial_retrieval"]
     assert f"epoch   0  (the starting weights)  val kNN@{K} {before['knn_accuracy']:.3f}" in result.output
     assert "NOT IMPROVED" in result.output and f"kNN@{K} {before['knn_accuracy']:.3f}" in result.output
+    epoch_lines = [line for line in result.stderr.splitlines() if line.startswith("epoch ") and "train loss" in line]
+    assert len(epoch_lines) == 2 and "left)" in epoch_lines[0] and "left" not in epoch_lines[1], epoch_lines
     state = torch.load(out, map_location="cpu", weights_only=True)
     start = random_state_dict("alexnet", 0)
     assert set(state) == {k for k in start if not k.startswith("classifier.6.")}
