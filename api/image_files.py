@@ -1,13 +1,10 @@
 """Indexed files on disk: a catalog path resolved strictly inside the data folder, and its content type."""
 from __future__ import annotations
 
-import mimetypes
 from pathlib import Path
 
-from PIL import Image
-
 from retrieval.files import NotARegularFile, open_regular
-from retrieval.images.decode import DECODE_ERRORS
+from retrieval.images.decode import DECODE_ERRORS, open_image
 from retrieval.images.scan import is_inside
 
 
@@ -36,14 +33,20 @@ def resolve_inside(data_dir: Path, relative: str) -> Path:
     return target
 
 
+# READ_FORMATS' types; a phone's multi-picture JPEG (MPO) is a JPEG to a browser (Pillow says image/mpo, which a
+# browser opened on its own would download rather than show)
+_MIME_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp",
+               "GIF": "image/gif", "TIFF": "image/tiff"}
+
+
 def image_mimetype(path: Path) -> str:
-    """Content type from the file's own header (a PNG named .jpg is image/png; a format Pillow knows but has no
-    type for, by its name). Raises NotAnImageNow when the file is no image Pillow can open any more."""
+    """Content type from the file's own header (a PNG named .jpg is image/png). Raises NotAnImageNow when the file
+    is no image of the formats read (retrieval.images.decode.READ_FORMATS) any more."""
     try:
-        with open_regular(path) as f, Image.open(f) as img:
-            mime = Image.MIME.get(img.format or "")
+        with open_regular(path) as f, open_image(f) as img:
+            mime = _MIME_TYPES.get(img.format or "")
     except NotARegularFile:
         raise NotAnImageNow("it is not a regular file now") from None
     except DECODE_ERRORS as exc:
         raise NotAnImageNow(f"it is not an image now ({type(exc).__name__})") from None
-    return mime or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return mime or "application/octet-stream"

@@ -457,6 +457,9 @@ def test_empty_index_answers_200_with_no_results(tmp_path, index_images):
 
 # --- files are served only from inside the data folder -----------------------------------------------
 
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n<html><script>alert(1)</script></html>\nshowpage\n"
+
+
 @pytest.fixture(scope="module")
 def forged(tmp_path_factory):
     """An index whose catalog was forced to hold paths that lead outside the data folder."""
@@ -469,13 +472,16 @@ def forged(tmp_path_factory):
     Image.new("RGB", (40, 30), (200, 40, 40)).save(data / "shapes" / "red.jpg", quality=90)
     (data / "shapes" / "png-named.jpg").write_bytes(png_bytes((50, 40), (20, 160, 60)))   # PNG bytes, .jpg name
     Image.new("RGB", (40, 30), (30, 30, 220)).save(data / "shapes" / "gone.jpg", quality=90)
-    for name in ("text-now.jpg", "pipe-now.jpg"):
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(data / "shapes" / "phone.jpg", "MPO", save_all=True,
+                                                   append_images=[Image.new("RGB", (40, 30))])   # a phone's 2 pictures
+    for name in ("text-now.jpg", "pipe-now.jpg", "eps-now.jpg"):
         Image.new("RGB", (40, 30), (90, 90, 20)).save(data / "shapes" / name, quality=90)
     build_index(data, root / "index")
     (data / "shapes" / "gone.jpg").unlink()                       # deleted after indexing
     (data / "shapes" / "text-now.jpg").write_text("hello text")   # overwritten after indexing
     (data / "shapes" / "pipe-now.jpg").unlink()
     os.mkfifo(data / "shapes" / "pipe-now.jpg")                   # a named pipe in its place
+    (data / "shapes" / "eps-now.jpg").write_bytes(EPS)            # PostScript in its place, which Pillow identifies
     Image.new("RGB", (40, 30), (9, 9, 9)).save(outside / "secret.jpg", quality=90)
     (data / "shapes" / "escape.jpg").symlink_to(outside / "secret.jpg")          # symlink out of the folder
     (data / "shapes" / "alias.jpg").symlink_to(data / "shapes" / "red.jpg")      # symlink that stays inside
@@ -508,6 +514,8 @@ def test_content_type_comes_from_the_file_not_its_name(forged):
     app, _, states = forged
     r = app.test_client().get(f"/images/{states['shapes/png-named.jpg'][0]}")
     assert r.status_code == 200 and r.mimetype == "image/png"
+    r = app.test_client().get(f"/images/{states['shapes/phone.jpg'][0]}")
+    assert r.status_code == 200 and r.mimetype == "image/jpeg", "Pillow's image/mpo: a browser would download it"
 
 
 def test_an_indexed_file_deleted_since_is_404(forged):
@@ -521,7 +529,8 @@ def test_an_indexed_file_that_holds_no_image_now_is_404_file_unreadable(forged):
     404 file_unreadable, with the reason, for the original and its thumbnail alike."""
     app, _, states = forged
     client = app.test_client()
-    for name, reason in [("text-now.jpg", "it is not an image now"), ("pipe-now.jpg", "it is not a regular file now")]:
+    for name, reason in [("text-now.jpg", "it is not an image now"), ("pipe-now.jpg", "it is not a regular file now"),
+                         ("eps-now.jpg", "it is not an image now")]:   # was 200 application/postscript
         for url in (f"/images/{states[f'shapes/{name}'][0]}", f"/images/{states[f'shapes/{name}'][0]}/thumbnail"):
             r = client.get(url)
             assert_error(r, 404, "file_unreadable")

@@ -109,6 +109,33 @@ def test_high_bit_depth_and_alpha_uploads_are_answered(client, img, fmt):
     assert upload(client, encoded(img, fmt)).status_code == 200
 
 
+# --- formats: only the six read reach a reader ----------------------------------------------------------
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n(hello from the upload) print\nshowpage\n"
+
+
+def test_postscript_never_reaches_ghostscript(tmp_path, monkeypatch):
+    """Reproduces: an EPS upload was handed to Pillow's EPS reader, which ran Ghostscript (`gs`, where installed) on
+    the uploader's PostScript, left it running past the decoder's deadline, and spooled the upload to /tmp."""
+    from retrieval.images.decode import decode_for_model
+
+    ran = tmp_path / "gs-ran"
+    gs = tmp_path / "bin" / "gs"
+    gs.parent.mkdir()
+    gs.write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{gs.parent}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(ImageDecodeError, match=r"a format this program cannot read \(JPEG, PNG, WebP, BMP, GIF, TIFF\)"):
+        decode_for_model(EPS, Preprocessing())
+    assert not ran.exists(), "Ghostscript was run on the upload"
+
+
+@pytest.mark.parametrize("fmt", ["PCX", "SGI", "TGA", "PPM", "QOI"])
+def test_formats_pillow_reads_but_the_docs_do_not_name_are_refused(client, fmt):
+    data = encoded(Image.new("RGB", (64, 48), (200, 40, 40)), fmt)
+    assert "(JPEG, PNG, WebP, BMP, GIF, TIFF)" in refused(upload(client, data))
+
+
 # --- time: the deadline, and the worker that passed it -------------------------------------------------
 
 def test_a_decode_past_the_deadline_is_415_its_worker_is_replaced_and_the_next_query_works(app, client, sample_index):
@@ -191,6 +218,21 @@ def test_a_busy_pool_answers_decoder_busy_instead_of_queueing_forever():
         assert pool.stats.busy == kinds.count(DecoderBusy) and pool.stats.timeouts == kinds.count(DecodeTimedOut)
         assert len(pool.worker_pids()) == 1
     finally:
+        pool.close()
+
+
+def test_a_decoder_killed_at_its_deadline_takes_what_it_started_with_it():
+    pool = DecodePool(1, 0.3)
+    started = None
+    try:
+        pid = pool.worker_pids()[0]
+        started = subprocess.Popen(["sleep", "60"], process_group=pid)   # as a program the decoder had started
+        with pytest.raises(DecodeTimedOut):
+            pool.decode(slow_jpeg(), Preprocessing(), max_pixels=None, max_decoded_pixels=None)
+        assert started.wait(10) == -signal.SIGKILL, "what the decoder started outlived it"
+    finally:
+        if started is not None and started.poll() is None:
+            started.kill()
         pool.close()
 
 

@@ -48,6 +48,11 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Index
 
 ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike]   # image bytes, or a file path
 
+# The formats read, and the only Pillow plugins any file or upload is handed to (a phone's multi-picture JPEG opens
+# as JPEG, its format then "MPO"). Pillow's other readers are never reached: EPS runs Ghostscript on the file, and
+# the dozen others (PCX, SGI, DDS, ...) are parsers an anonymous upload has no business reaching.
+READ_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
 READ_CHUNK = 1 << 20        # a file is hashed (and its scans counted) this many bytes at a time
 _SOS = b"\xff\xda"          # JPEG start-of-scan marker (entropy-coded data never holds 0xFF 0xDA: 0xFF is stuffed)
 
@@ -177,7 +182,7 @@ def inspect_jpeg(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MA
             if size == 0:
                 raise ImageDecodeError("empty file")
             f.seek(0)
-            with Image.open(f) as img:           # the header only
+            with open_image(f) as img:           # the header only
                 if img.format != "JPEG" or img.mode not in DEVICE_JPEG_MODES:
                     return None
                 if max_pixels is not None and img.size[0] * img.size[1] > max_pixels:
@@ -295,10 +300,15 @@ def _opened(source: ImageSource, min_side: int | None, max_pixels: int | None,
             yield _load(img, sha256, scans, min_side, max_pixels, max_decoded_pixels)
 
 
+def open_image(fp: BinaryIO) -> Image.Image:
+    """Image.open of the formats read (READ_FORMATS) only: any other file is not identified."""
+    return Image.open(fp, formats=READ_FORMATS)
+
+
 def _open_image(fp: BinaryIO, head: bytes) -> Image.Image:
     """Image.open, a photo format Pillow does not read named as such (an iPhone's HEIC upload was "not an image")."""
     try:
-        return Image.open(fp)
+        return open_image(fp)
     except Image.UnidentifiedImageError:
         if (name := photo_format(head)) is not None:
             hint = " (an iPhone takes JPEGs with Settings > Camera > Formats > Most Compatible)" if name == "HEIC" else ""

@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -84,7 +85,10 @@ class _Worker:
         command = [sys.executable, "-m", decode_worker.__name__, "--parent", str(os.getpid())]
         if memory_mb:
             command += ["--memory-mb", str(memory_mb)]
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
+        # its own process group: a kill takes anything it started too (no image library it reaches starts a program
+        # today, but Pillow's EPS reader ran Ghostscript, which outlived the worker killed at the deadline)
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+                                     process_group=0)
         os.set_blocking(self.proc.stdin.fileno(), False)   # writes wait in select(), under the deadline
         self.ready = False
 
@@ -148,8 +152,14 @@ class _Worker:
         return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
 
     def kill(self) -> None:
-        self.proc.kill()
+        self._kill_group()
         self._reap(5.0)
+
+    def _kill_group(self) -> None:
+        try:   # (not reaped yet, so the pid and group are still this worker's)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            self.proc.kill()
 
     def stop(self, timeout: float = 2.0) -> None:
         """EOF on stdin: the worker exits by itself; killed if it does not within timeout."""
@@ -160,7 +170,7 @@ class _Worker:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self._kill_group()
         self._reap(timeout)
 
     def _reap(self, timeout: float) -> None:
