@@ -26,6 +26,7 @@ bp = Blueprint("duplicates", __name__)
 WAIT_S = 3.0          # a GET waits this long for the groups before it shows "computing"
 REFRESH_S = 3         # a "computing" page reloads itself after this many seconds
 GROUPS_PER_PAGE = 20   # a page of 107 groups was 32,750 px tall
+MEMBERS_SHOWN = 100    # images shown of one group (?threshold=1.99 made one group of the whole collection)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +99,7 @@ def duplicates() -> Response:
                            groups=result.groups[first:first + GROUPS_PER_PAGE] if result else [], first=first,
                            page=page, pages=pages, computing=not fresh,
                            refresh_s=REFRESH_S, summary=service.index_summary(snapshot), threshold=threshold,
-                           byte_twin=byte_twin, notes=result.notes() if result else [])
+                           byte_twin=byte_twin, members_shown=MEMBERS_SHOWN, notes=result.notes() if result else [])
     return Response(html)   # while computing, the page's script asks again (without script: a <noscript> refresh)
 
 

@@ -315,6 +315,19 @@ def test_duplicates_page_at_a_threshold_of_ones_own(collection, tmp_path, monkey
         typo = client.get("/duplicates?threshold=abc")   # named as typed (it said "not nan")
         assert typo.status_code == 400 and "below 2, not &#39;abc&#39;" in typo.get_data(as_text=True)
 
+        # a threshold that links everything: one group of the whole collection, shown in part (security review:
+        # every image of a large collection on one page)
+        monkeypatch.setattr(api.duplicates, "MEMBERS_SHOWN", 5)
+        deadline = time.monotonic() + 120
+        while 'id="computing"' in (loose := client.get("/duplicates?threshold=1.99").get_data(as_text=True)) \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "Group 1:" in loose and "Group 2:" not in loose, loose
+        group = loose.split("Group 1:", 1)[1].split("</section>", 1)[0]
+        size = int(group.split(" images", 1)[0])
+        assert size > 5 and group.count("<li") == 5, group
+        assert f"{size - 5} more\n  images of this group are not shown here" in group, group
+
         # While other groups are computed (another threshold here; a changed index alike), the page showed the last
         # ones under "computing": images deleted since offered as keepers, beside the copies one would then delete.
         import threading
@@ -347,6 +360,22 @@ def test_close_pairs_match_brute_force_exact_and_approximate():
     approx, _ = close_pairs(x, 0.5, exact_max=10)   # the IVF k-NN path
     found = set(map(tuple, approx.tolist()))
     assert found <= brute and len(found) >= 0.9 * len(brute)
+    blocks, _ = close_pairs(x, 0.5, range_results_max=1000)   # the range search a few rows at a time: the same
+    assert set(map(tuple, blocks.tolist())) == brute
+
+
+def test_a_threshold_that_links_everything_takes_each_images_nearest_not_every_pair():
+    """Reproduces: ?threshold=1.99 on /duplicates (or find-duplicates --threshold 1.99) had the range search return
+    every pair of the collection: 4.4 GB at 8,000 images, n^2. Past a bound each image's k nearest are taken."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    everything, _ = close_pairs(x, 1.99 * 2)
+    assert len(everything) == 400 * 399 // 2
+    bounded, dist = close_pairs(x, 1.99 * 2, range_results_max=10_000, k=5)
+    assert 400 * 5 // 2 <= len(bounded) <= 400 * 5, len(bounded)
+    assert set(map(tuple, bounded.tolist())) <= set(map(tuple, everything.tolist())) and (dist < 1.99 * 2).all()
+    assert connected_groups(400, bounded) == [list(range(400))], "still one group, as the threshold says"
 
 
 def test_groups_join_through_pairs():

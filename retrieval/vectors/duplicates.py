@@ -26,15 +26,20 @@ WHITEN_TRAIN_MAX = 50_000   # vectors the whitening is learned on (a random samp
 MIN_WHITENED = 32           # fewer images are grouped by their raw unit vectors, not whitened (measured: docs/duplicates.md)
 EXACT_MAX = 50_000          # up to this many vectors the pairs come from an exact range search; above, IVF k-NN
 APPROX_K = 16               # neighbours looked at per vector by the approximate (k-NN) search
+# results the exact range search may hold (each pair twice, and each row itself): a loose threshold (1.99 on 8,000
+# images) made it return every pair, 4.4 GB; past this many, each row's APPROX_K nearest are taken instead (exact)
+RANGE_RESULTS_MAX = 5_000_000
 
 
 def close_pairs(vectors: np.ndarray, threshold: float, *, exact_max: int = EXACT_MAX,
-                k: int = APPROX_K) -> tuple[np.ndarray, np.ndarray]:
+                k: int = APPROX_K, range_results_max: int = RANGE_RESULTS_MAX) -> tuple[np.ndarray, np.ndarray]:
     """Every pair (i < j) of rows of vectors shape=(n, d) float32 at L2 distance below threshold
     -> (pairs shape=(p, 2) int64, distances shape=(p,) float32).
 
-    Up to exact_max rows: an exact FAISS range search (all pairs). Above: an IVF index and each row's k nearest
-    (a pair both ends miss is missed; groups still join through their other members)."""
+    Up to exact_max rows: an exact FAISS range search (all pairs), unless the threshold is so loose that it finds
+    more than range_results_max results: then each row's k nearest, exactly. Above exact_max: an IVF index and each
+    row's k nearest. (With k nearest, a pair both ends miss is missed; groups still join through their other
+    members.)"""
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     n, d = x.shape
     if n < 2:
@@ -43,9 +48,13 @@ def close_pairs(vectors: np.ndarray, threshold: float, *, exact_max: int = EXACT
     if n <= exact_max:
         index = faiss.IndexFlatL2(d)
         index.add(x)
-        lims, dist, nbr = index.range_search(x, radius)
-        rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(lims).astype(np.int64))     # (p,) the query row of each result
-        nbr = nbr.astype(np.int64)
+        found = _range_search(index, x, radius, range_results_max)
+        if found is None:
+            log.info("threshold %g links more than %d pairs: each image's %d nearest instead", threshold,
+                     range_results_max // 2, k)
+            rows, dist, nbr = _nearest(index, x, radius, k)
+        else:
+            rows, dist, nbr = found
     else:
         nlist = int(min(65536, max(64, 4 * np.sqrt(n))))
         quantizer = faiss.IndexFlatL2(d)
@@ -54,18 +63,41 @@ def close_pairs(vectors: np.ndarray, threshold: float, *, exact_max: int = EXACT
         index.train(x[rng.choice(n, size=min(n, 40 * nlist), replace=False)])   # FAISS wants 39+ per list
         index.add(x)
         index.nprobe = 16
-        dist, nbr = index.search(x, min(k + 1, n))                        # (n, k+1): itself among them
-        rows = np.repeat(np.arange(n, dtype=np.int64), dist.shape[1])
-        dist, nbr = dist.ravel(), nbr.ravel().astype(np.int64)
-        keep = (nbr >= 0) & (dist < radius)
-        rows, dist, nbr = rows[keep], dist[keep], nbr[keep]
-    keep = rows < nbr                                                     # each pair once, no self pairs
-    pairs = np.stack([rows[keep], nbr[keep]], axis=1)
+        rows, dist, nbr = _nearest(index, x, radius, k)
+    keep = rows != nbr                                                    # no self pairs; each pair as (i < j):
+    pairs = np.sort(np.stack([rows[keep], nbr[keep]], axis=1), axis=1)   # k-NN finds some from one end only
     dists = np.sqrt(np.maximum(dist[keep], 0)).astype(np.float32)
-    if len(pairs):   # the k-NN search may find a pair from both ends
+    if len(pairs):   # found from both ends (the range search finds every pair so)
         pairs, first = np.unique(pairs, axis=0, return_index=True)
         dists = dists[first]
     return pairs, dists
+
+
+def _range_search(index: faiss.Index, x: np.ndarray, radius: float, max_results: int,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Every (row, neighbour) of x within radius (squared L2) -> (rows, squared distances, neighbours), or None once
+    more than max_results are found: searched a block of rows at a time, no block able to hold many more."""
+    n = len(x)
+    block = max(1, min(n, max_results // n))
+    rows, dists, nbrs, total = [], [], [], 0
+    for start in range(0, n, block):
+        lims, dist, nbr = index.range_search(x[start:start + block], radius)
+        total += len(nbr)
+        if total > max_results:
+            return None
+        rows.append(start + np.repeat(np.arange(len(lims) - 1, dtype=np.int64), np.diff(lims).astype(np.int64)))
+        dists.append(dist)
+        nbrs.append(nbr.astype(np.int64))
+    return np.concatenate(rows), np.concatenate(dists), np.concatenate(nbrs)
+
+
+def _nearest(index: faiss.Index, x: np.ndarray, radius: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's k nearest others within radius (squared L2) -> (rows, squared distances, neighbours)."""
+    dist, nbr = index.search(x, min(k + 1, len(x)))                        # (n, k+1): itself among them
+    rows = np.repeat(np.arange(len(x), dtype=np.int64), dist.shape[1])
+    dist, nbr = dist.ravel(), nbr.ravel().astype(np.int64)
+    keep = (nbr >= 0) & (dist < radius)
+    return rows[keep], dist[keep], nbr[keep]
 
 
 def _components(n: int, pairs: np.ndarray) -> list[np.ndarray]:
