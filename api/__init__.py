@@ -28,6 +28,30 @@ def _in_memory_uploads() -> type:
     return InMemory
 
 
+def _printable_json() -> type:
+    """Flask's JSON provider, every string in an answer passed through display_name: a file or folder name that is not
+    UTF-8 (kept by Python as surrogate escapes) went out as a lone surrogate (\\udcff), which a strict client cannot
+    encode and a browser turns into U+FFFD; it is \\xff, as search-images --json and the pages show it."""
+    from flask.json.provider import DefaultJSONProvider
+
+    from retrieval.system import display_name
+
+    def printable(value: Any) -> Any:
+        if isinstance(value, str):
+            return display_name(value)
+        if isinstance(value, dict):
+            return {printable(k): printable(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [printable(v) for v in value]
+        return value
+
+    class PrintableJSON(DefaultJSONProvider):
+        def dumps(self, obj: Any, **kwargs: Any) -> str:
+            return super().dumps(printable(obj), **kwargs)
+
+    return PrintableJSON
+
+
 def breakable(name: str) -> Any:
     """A file name or path, escaped, that may wrap after '/', '_' and '-' (<wbr>; markupsafe.Markup): it
     broke anywhere, "blue_squares_004." then "jpg" on a phone, "blue_squares/blue_squares_00" then "4.jpg"."""
@@ -58,6 +82,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from retrieval.system import display_name
 
     app = Flask(__name__)
+    app.json = _printable_json()(app)
     app.request_class = _in_memory_uploads()
     app.config.from_mapping(DEFAULTS)
     app.config.from_prefixed_env("RETRIEVAL")          # RETRIEVAL_INDEX_DIR -> INDEX_DIR, values parsed as JSON

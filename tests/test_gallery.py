@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 
 import numpy as np
@@ -274,7 +275,14 @@ def test_names_that_are_not_utf8_or_hold_a_newline_are_served_and_shown_escaped(
             for url in (f"/gallery/{image_id}", f"/images/{image_id}", f"/images/{image_id}/thumbnail",
                         f"/images/{image_id}/neighbours"):
                 assert client.get(url).status_code == 200, url
-        assert client.get("/stats").status_code == 200
+        stats = client.get("/stats")
+        assert stats.status_code == 200
+        # the JSON answers as search-images --json writes the names (they went out as lone surrogates, \udce9, which
+        # a strict client cannot encode and a browser turns into U+FFFD)
+        assert "\\udc" not in stats.get_data(as_text=True) and "caf\\\\xe9" in stats.get_data(as_text=True)
+        own = client.get(f"/images/{gallery_links(filtered.get_data(as_text=True))[0]}/neighbours?k=5").get_json()
+        assert own["query"]["path"] == "caf\\xe9/gr\\xfcn.jpg" and own["query"]["label"] == "caf\\xe9", own["query"]
+        json.dumps(own, ensure_ascii=False).encode("utf-8")   # (raised UnicodeEncodeError)
     finally:
         app.extensions["retrieval"].close()
 
