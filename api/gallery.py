@@ -147,8 +147,8 @@ def _refused(message: str, status: int) -> Response:
 
 
 @bp.get("/gallery/query/<token>")
-def query_page(token: str) -> str:
-    """Neighbours of an uploaded photo, from its stored features."""
+def query_page(token: str) -> Response:
+    """Neighbours of an uploaded photo, from its stored features: a visitor's own, kept by no cache."""
     service = current_service()
     query = service.recent_queries.get(token)
     if query is None:
@@ -157,12 +157,14 @@ def query_page(token: str) -> str:
     k, expansion = _gallery_k(), parse_expansion(request, lenient=True)
     snapshot = service.index.snapshot()   # one index version for the search, the vote and the overview
     hits, _ms = service.search_vector(query.vector, k, snapshot=snapshot, expansion=expansion)
-    return render_template("results.html", hits=hits, k=k, k_choices=K_CHOICES, record=None,
-                           qe=expansion.n if expansion else 0, qe_choices=QE_CHOICES,
-                           carry=_carried(k, expansion, origin=token), back=None,
-                           prediction=service.predict(hits, snapshot),
-                           query=query, query_src=url_for("gallery.query_image", token=token),
-                           summary=service.index_summary(snapshot))
+    response = make_response(render_template(
+        "results.html", hits=hits, k=k, k_choices=K_CHOICES, record=None, qe=expansion.n if expansion else 0,
+        qe_choices=QE_CHOICES, carry=_carried(k, expansion, origin=token), back=None,
+        prediction=service.predict(hits, snapshot), query=query,
+        query_src=url_for("gallery.query_image", token=token), summary=service.index_summary(snapshot)))
+    response.cache_control.private = True
+    response.cache_control.no_store = True
+    return response
 
 
 @bp.get("/gallery/query/<token>/image")

@@ -34,6 +34,17 @@ class ImageIdConverter(BaseConverter):
         return str(int(value))
 
 
+FILENAME_MAX = 255   # characters of an upload's file name kept (a 100,000-character name was stored and shown whole)
+
+
+def shortened(name: str, limit: int = FILENAME_MAX) -> str:
+    """name, or its start and end around "…" where it is longer than limit characters (the extension kept)."""
+    if len(name) <= limit:
+        return name
+    head = (limit - 1) // 2
+    return name[:head] + "…" + name[-(limit - 1 - head):]
+
+
 def read_query_image(request: Request) -> tuple[bytes, str]:
     """-> (image bytes, file name for display). Multipart field `image`, or the body with an image/* content type.
 
@@ -49,7 +60,7 @@ def read_query_image(request: Request) -> tuple[bytes, str]:
         if upload is not None:
             data = upload.read()
             if data or upload.filename:
-                return data, upload.filename or "upload"
+                return data, shortened(upload.filename or "upload")
     raise ApiError(400, "missing_image", f"send the image as the multipart form field {IMAGE_FIELD!r}, "
                                          "or as the request body with an image/* content type")
 

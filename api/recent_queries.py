@@ -25,6 +25,7 @@ from retrieval.files import is_read_only
 log = logging.getLogger(__name__)
 
 RECENT_QUERIES_FILE = "recent-queries.db"
+SWEEP_EVERY_S = 60.0   # expired queries (visitors' photos, previews and names) are deleted within this of their hour
 
 _metadata = MetaData()
 _queries = Table(
@@ -63,6 +64,7 @@ class RecentQueries:
         assert capacity >= 1, "capacity must be at least 1"
         self.path, self.capacity, self.ttl_s, self.network = Path(path), capacity, ttl_s, network
         self._lock = threading.Lock()   # guards reopening
+        self._swept = time.monotonic()   # (the store is swept as it is opened)
         self._file: tuple[int, int] | None = None
         self.memory: dict[str, RecentQuery] | None = None   # set when the store cannot be written: kept in memory
         self.engine: Engine | None = None
@@ -72,8 +74,30 @@ class RecentQueries:
             self._to_memory(exc)
 
     def close(self) -> None:
+        self.sweep()
         if self.engine is not None:
             self.engine.dispose()
+
+    def sweep(self, *, throttled: bool = False) -> None:
+        """Delete the expired queries: past their hour they are not shown, and their previews and file names (a
+        visitor's photos) are not kept either; they stayed in the file until the next upload, or for good once the
+        server stopped. throttled: at most once every SWEEP_EVERY_S in this process."""
+        if throttled and time.monotonic() - self._swept < SWEEP_EVERY_S:
+            return
+        self._swept = time.monotonic()
+        if self.memory is not None:
+            with self._lock:
+                for old in [t for t, q in self.memory.items() if q.created < time.time() - self.ttl_s]:
+                    del self.memory[old]
+            return
+
+        def work(engine: Engine) -> None:
+            with engine.begin() as conn:
+                conn.execute(delete(_queries).where(_queries.c.created < time.time() - self.ttl_s))
+        try:
+            self._run(work)
+        except (_NoStore, OperationalError, OSError) as exc:   # swept again later; said, not raised
+            log.warning("could not delete the expired uploads from %s: %s", self.path, exc)
 
     def _to_memory(self, exc: BaseException) -> None:
         """Keep the queries in this process's memory from now on (a results page then works only on the worker
@@ -84,8 +108,15 @@ class RecentQueries:
         self.memory = {}
 
     def _open(self) -> Engine:
-        """Make the folder, the file and the table as needed (again, if they were deleted) and open the store."""
+        """Make the folder, the file and the table as needed (again, if they were deleted) and open the store, its
+        expired queries deleted. The file is the server's user's alone (0600; SQLite gives its -wal and -shm files the
+        same): it holds visitors' photos."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))   # an empty file is an empty database
+        try:
+            os.chmod(self.path, 0o600)   # one made before (0644)
+        except PermissionError:           # another user's: left as it is
+            pass
         engine = make_engine(self.path)               # WAL: workers read while another writes
         with engine.begin() as conn:   # IF NOT EXISTS: gunicorn starts its workers together on a fresh folder
             conn.execute(CreateTable(_queries, if_not_exists=True))
@@ -94,6 +125,7 @@ class RecentQueries:
             columns = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(recent_queries)")}
             if "network" not in columns:   # a store from before the column existed
                 conn.exec_driver_sql("ALTER TABLE recent_queries ADD COLUMN network VARCHAR NOT NULL DEFAULT ''")
+            conn.execute(delete(_queries).where(_queries.c.created < time.time() - self.ttl_s))
         self._file = _file_id(self.path)
         return engine
 
@@ -163,6 +195,7 @@ class RecentQueries:
 
     def get(self, token: str) -> RecentQuery | None:
         """The query, or None when the token is unknown, expired, pushed out, or made with another network."""
+        self.sweep(throttled=True)
         def work(engine: Engine):  # noqa: ANN202 - a row or None
             with engine.connect() as conn:
                 return conn.execute(select(_queries).where(_queries.c.token == token,

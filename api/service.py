@@ -122,13 +122,13 @@ class RetrievalService:
         self._labels: tuple[int, dict[str | None, int]] | None = None   # (index version, images per label)
         self.files = CollectionFiles(self.index, ThumbnailCache(config.thumbnail_dir, config.thumbnail_size,
                                                                 max_pixels=config.max_pixels))   # (health() reads it too)
-        self.watcher = None   # (health() reads it: set before the watcher's first look calls it)
-        self.watcher = IndexWatcher(self.index, config.reload_interval_s, on_reload=self._reloaded,
-                                    on_check=self.note_availability) if config.reload_interval_s > 0 else None
-        self._count_images()
-        threading.Thread(target=self.files.prune_thumbnails, name="thumbnail-prune", daemon=True).start()
         self.recent_queries = RecentQueries(config.thumbnail_dir / RECENT_QUERIES_FILE,   # shared by worker processes
                                             network=lambda: self.index.snapshot().network)
+        self.watcher = None   # (health() reads it: set before the watcher's first look calls it)
+        self.watcher = IndexWatcher(self.index, config.reload_interval_s, on_reload=self._reloaded,
+                                    on_check=self._checked) if config.reload_interval_s > 0 else None
+        self._count_images()
+        threading.Thread(target=self.files.prune_thumbnails, name="thumbnail-prune", daemon=True).start()
         # uploads are decoded in separate processes: bounded in number, time and memory (never in this one)
         self.decoders = DecodePool(config.decode_processes or min(DEFAULT_DECODE_PROCESSES, available_cores()),
                                    config.decode_timeout_s,
@@ -143,6 +143,12 @@ class RetrievalService:
         removed (they piled up until a worker restarted; CollectionFiles.prune_thumbnails says how often)."""
         self._count_images()
         self.files.prune_thumbnails(throttled=True)
+
+    def _checked(self) -> None:
+        """After each look at the index on disk (on the watcher's thread): availability, and the uploads past their
+        hour deleted (at most once a minute) on a server nobody visits too."""
+        self.note_availability()
+        self.recent_queries.sweep(throttled=True)
 
     def _count_images(self) -> None:
         metrics.INDEX_IMAGES.set(len(self.index))

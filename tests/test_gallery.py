@@ -90,6 +90,19 @@ def test_upload_redirects_to_a_results_page_with_the_neighbours(client, sample_i
     assert preview.status_code == 200 and preview.mimetype == "image/jpeg"
 
 
+def test_an_uploads_long_file_name_is_kept_short_and_its_results_page_is_not_cached(app, client, sample_index):
+    """Security review: a 100,000-character file name was stored and shown whole; the results page of a private
+    upload had no Cache-Control."""
+    name = "a" * 100_000 + ".jpg"
+    r = client.post("/gallery/search", data={"image": (io.BytesIO((sample_index.data_dir / QUERY).read_bytes()), name)},
+                    content_type="multipart/form-data")
+    assert r.status_code == 303
+    page = client.get(r.headers["Location"])
+    html = page.get_data(as_text=True)
+    assert "a" * 127 + "…" + "a" * 123 + ".jpg" in html and "a" * 300 not in html
+    assert "no-store" in page.headers["Cache-Control"] and "private" in page.headers["Cache-Control"]
+
+
 def test_query_page_k_choice(client, sample_index):
     location = post_photo(client, (sample_index.data_dir / QUERY).read_bytes()).headers["Location"]
     html = client.get(location.replace("k=12", "k=6")).get_data(as_text=True)

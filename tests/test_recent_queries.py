@@ -42,6 +42,38 @@ def test_queries_expire_after_their_time_and_the_oldest_go_past_capacity(tmp_pat
     store.close()
 
 
+def rows_on_disk(path) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        return [name for (name,) in conn.execute("SELECT filename FROM recent_queries")]
+
+
+def test_a_visitors_upload_leaves_the_file_after_its_hour_and_the_file_is_the_servers_alone(tmp_path, monkeypatch):
+    """Reproduces (security review): an expired upload (its preview, a visitor's photo, and its file name) stayed in
+    the file until somebody uploaded again, and for good once the server stopped; the file was world-readable."""
+    import api.recent_queries
+
+    monkeypatch.setattr(api.recent_queries, "SWEEP_EVERY_S", 1)
+    path = tmp_path / "q.db"
+    store = RecentQueries(path, ttl_s=1)
+    store.add(query(1))
+    assert path.stat().st_mode & 0o777 == 0o600
+    time.sleep(1.1)
+    assert store.get("x") is None and rows_on_disk(path) == [], "swept as it was looked at"
+    store.add(query(2))
+    monkeypatch.setattr(api.recent_queries, "SWEEP_EVERY_S", 3600)
+    time.sleep(1.1)
+    store.get("x")   # throttled: not swept again so soon
+    assert rows_on_disk(path) == ["photo2.jpg"]
+    store.close()
+    assert rows_on_disk(path) == [], "swept as the server stops"
+
+    path.chmod(0o644)   # a store made before
+    RecentQueries(path).close()
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
 def test_worker_processes_starting_together_on_a_fresh_folder_all_open_the_store(tmp_path):
     path = tmp_path / "fresh" / "q.db"
     stores, errors = [], []
