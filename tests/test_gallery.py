@@ -52,6 +52,10 @@ def test_home_shows_upload_form_overview_labels_and_a_grid_page(client):
     assert len(gallery_links(html)) == 8                      # GALLERY_PAGE_SIZE
     assert "Page 1 of 4" in html
     assert 'href="http' not in html and 'src="http' not in html, "no external resources: the gallery works offline"
+    # a second line behind the escaping, and no framing by other sites (the browser tests see the pages work under it)
+    headers = client.get("/").headers
+    assert "script-src 'self';" in headers["Content-Security-Policy"]
+    assert "frame-ancestors 'self'" in headers["Content-Security-Policy"] and headers["X-Frame-Options"] == "SAMEORIGIN"
 
 
 def test_home_pages_through_the_whole_collection(client):

@@ -195,8 +195,25 @@ def test_the_gallery_preview_comes_from_the_same_bounded_decode(client):
 
 # --- the pool itself -----------------------------------------------------------------------------------
 
+def started(pool: DecodePool) -> DecodePool:
+    """pool once its workers answer: a fresh worker imports Pillow and numpy first (seconds on a loaded machine),
+    and a decode handed to it meanwhile is told the decoders are starting, not timed out."""
+    tiny = encoded(Image.new("RGB", (8, 8)), "PNG")
+    for _ in pool.worker_pids():
+        assert wait_for(lambda: _decodes(pool, tiny), 60), "the decoders did not start"
+    return pool
+
+
+def _decodes(pool: DecodePool, data: bytes) -> bool:
+    try:
+        pool.decode(data, Preprocessing(), max_pixels=None, max_decoded_pixels=None)
+        return True
+    except DecoderBusy:
+        return False
+
+
 def test_a_busy_pool_answers_decoder_busy_instead_of_queueing_forever():
-    pool = DecodePool(1, 0.3)
+    pool = started(DecodePool(1, 0.3))
     try:
         results: list[BaseException] = []
 
@@ -222,17 +239,17 @@ def test_a_busy_pool_answers_decoder_busy_instead_of_queueing_forever():
 
 
 def test_a_decoder_killed_at_its_deadline_takes_what_it_started_with_it():
-    pool = DecodePool(1, 0.3)
-    started = None
+    pool = started(DecodePool(1, 0.3))
+    child = None
     try:
         pid = pool.worker_pids()[0]
-        started = subprocess.Popen(["sleep", "60"], process_group=pid)   # as a program the decoder had started
+        child = subprocess.Popen(["sleep", "60"], process_group=pid)   # as a program the decoder had started
         with pytest.raises(DecodeTimedOut):
             pool.decode(slow_jpeg(), Preprocessing(), max_pixels=None, max_decoded_pixels=None)
-        assert started.wait(10) == -signal.SIGKILL, "what the decoder started outlived it"
+        assert child.wait(10) == -signal.SIGKILL, "what the decoder started outlived it"
     finally:
-        if started is not None and started.poll() is None:
-            started.kill()
+        if child is not None and child.poll() is None:
+            child.kill()
         pool.close()
 
 
