@@ -59,9 +59,9 @@ def breakable(name: str) -> Any:
 
     from markupsafe import Markup, escape
 
-    from retrieval.system import display_name
+    from retrieval.system import shown_name
 
-    return Markup(re.sub(r"([/_\-])", r"\1<wbr>", str(escape(display_name(name)))))   # not before the extension
+    return Markup(re.sub(r"([/_\-])", r"\1<wbr>", str(escape(shown_name(name)))))   # not before the extension
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -79,7 +79,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from api.settings import checked_settings
     from api.query_input import ImageIdConverter
     from api.service import init_service
-    from retrieval.system import display_name
+    from retrieval.system import shown_name
 
     app = Flask(__name__)
     app.json = _printable_json()(app)
@@ -95,8 +95,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.url_map.converters["image_id"] = ImageIdConverter   # ids in URLs: ASCII digits, signed 64-bit
     # File and folder names that are not UTF-8 are shown escaped on every page (and so in label links too)
     app.jinja_env.finalize = lambda value: value if isinstance(value, Markup) or not isinstance(value, str) \
-        else display_name(value)                               # (Markup was built from finalized parts)
-    app.jinja_env.filters["shown"] = display_name
+        else shown_name(value)                               # (Markup was built from finalized parts)
+    app.jinja_env.filters["shown"] = shown_name
     app.jinja_env.filters["breakable"] = breakable
     init_metrics(app)
     init_service(app)

@@ -12,7 +12,7 @@ from retrieval.catalog import ImageRecord
 from retrieval.images.decode import ImageDecodeError
 from retrieval.search.index import ImageIndex
 from retrieval.search.snapshot import IndexSnapshot
-from retrieval.system import display_name
+from retrieval.system import shown_name
 
 from api.errors import ApiError
 from api.image_files import NotAnImageNow, OutsideDataFolder, resolve_inside
@@ -123,8 +123,8 @@ class CollectionFiles:
             looked = self._data_folder_look = (data_dir, now, data_dir.is_dir())
         if looked[2]:
             return None
-        shown = display_name(str(data_dir)) if whole_path else display_name(data_dir.name)
-        index = display_name(str(index_dir)) if whole_path else "INDEX"
+        shown = shown_name(str(data_dir)) if whole_path else shown_name(data_dir.name)
+        index = shown_name(str(index_dir)) if whole_path else "INDEX"
         return (f"the data folder {shown} is not there (a drive not mounted? the folder moved?): searches still "
                 f"answer, but pictures not seen before cannot be shown. If it moved: index-images NEW_PLACE "
                 f"--index-dir {index} --data-moved")

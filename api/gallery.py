@@ -10,7 +10,7 @@ from flask import Blueprint, Response, current_app, jsonify, make_response, redi
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from retrieval.search.expansion import QueryExpansion
-from retrieval.system import display_name
+from retrieval.system import shown_name
 
 from api.errors import ApiError, set_retry_after
 from api.query_input import page_number, parse_expansion, parse_k, read_query_image
@@ -58,7 +58,7 @@ def _stored_label(labels: Iterable[str | None], shown: str | None) -> str | None
     """The label as stored for ?label= as shown on pages (names that are not UTF-8 are shown escaped)."""
     if shown is None:
         return None
-    return next((label for label in labels if label is not None and display_name(label) == shown), shown)
+    return next((label for label in labels if label is not None and shown_name(label) == shown), shown)
 
 
 def _home(error: str | None = None, status: int = 200) -> tuple[str, int]:

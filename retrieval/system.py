@@ -79,9 +79,20 @@ def display_name(name: str) -> str:
 _CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))} | {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
 
 
+# bidirectional controls (marks, embeddings, overrides, isolates) as escapes: a folder named "\u202eevil" showed as
+# "3 live" beside its count, and "report\u202efdp.jpg" would show as "reportgpj.pdf"
+_BIDI_ESCAPES = {c: f"\\u{c:04x}" for c in (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+
+
+def shown_name(name: str) -> str:
+    """display_name, with bidirectional controls escaped too (\\u202e): a name as the pages show it, never reordering
+    the text around it. (The JSON answers keep them: a program gets the name as it is.)"""
+    return display_name(name).translate(_BIDI_ESCAPES)
+
+
 def terminal_name(name: str) -> str:
-    """display_name, with control characters escaped too (\\n, \\x1b): a name as a line of text output shows it."""
-    return display_name(name).translate(_CONTROL_ESCAPES)
+    """shown_name, with control characters escaped too (\\n, \\x1b): a name as a line of text output shows it."""
+    return display_name(name).translate(_CONTROL_ESCAPES | _BIDI_ESCAPES)
 
 
 def die_with_parent(parent_pid: int) -> None:

@@ -400,6 +400,11 @@ def test_names_with_control_characters_print_escaped_one_line_each(runner, data,
     assert "  skipped red_circles/bad\\x1b[31mred.jpg: not an image" in indexed.output and "\x1b" not in indexed.output
     found = runner.invoke(search_images, [str(folder / "new\nline.jpg"), "--index-dir", str(index), "-k", "1"])
     assert found.exit_code == 0 and found.output.splitlines()[1].endswith("red_circles/new\\nline.jpg"), found.output
+    # a right-to-left override reordered the rest of its line: "report\u202efdp.jpg" read as "reportgpj.pdf"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(folder / "report\u202efdp.jpg")
+    assert runner.invoke(index_images, [str(data), "--index-dir", str(index)]).exit_code == 0
+    found = runner.invoke(search_images, [str(folder / "report\u202efdp.jpg"), "--index-dir", str(index), "-k", "1"])
+    assert "red_circles/report\\u202efdp.jpg" in found.output and "\u202e" not in found.output, found.output
     as_json = run_json(runner, search_images, [str(folder / "new\nline.jpg"), "--index-dir", str(index), "-k", "1", "--json"])
     assert as_json["results"][0]["path"] == "red_circles/new\nline.jpg"
 

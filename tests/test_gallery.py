@@ -279,6 +279,8 @@ def test_names_that_are_not_utf8_or_hold_a_newline_are_served_and_shown_escaped(
     latin1.mkdir()
     shutil.copy(data / "red_circles" / "red_circles_000.jpg", latin1 / os.fsdecode(b"gr\xfcn.jpg"))
     shutil.copy(data / "blue_squares" / "blue_squares_000.jpg", data / "blue_squares" / "two\nlines.jpg")
+    (data / "\u202eevil").mkdir()   # a right-to-left override: its chip read "3 live" (its count reordered with it)
+    shutil.copy(data / "blue_squares" / "blue_squares_000.jpg", data / "\u202eevil" / "x.jpg")
     index_images(data, tmp_path / "index")
     app = create_app({"INDEX_DIR": str(tmp_path / "index"), "RELOAD_INTERVAL_S": 0,
                       "THUMBNAIL_DIR": str(tmp_path / "thumbs")})
@@ -286,6 +288,8 @@ def test_names_that_are_not_utf8_or_hold_a_newline_are_served_and_shown_escaped(
     try:
         html = client.get("/").get_data(as_text=True)
         assert "caf\\xe9" in html and "?label=caf%5Cxe9" in html
+        assert "\u202e" not in html and "\\u202eevil <span>1</span>" in html and "?label=%5Cu202eevil" in html
+        assert len(gallery_links(client.get("/?label=%5Cu202eevil").get_data(as_text=True))) == 1
         filtered = client.get("/?label=caf%5Cxe9")
         assert filtered.status_code == 200 and len(gallery_links(filtered.get_data(as_text=True))) == 1
         for image_id in gallery_links(html):
