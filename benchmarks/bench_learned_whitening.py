@@ -31,9 +31,6 @@ of it the copies' forward passes (kept under --work-dir).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from collections import Counter
@@ -45,7 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality_sets import ORIGINALS_PER_PHOTO, copy_set, descriptor_tag, knn_set  # noqa: E402
+from benchmarks.quality_sets import ORIGINALS_PER_PHOTO, copy_set, descriptor_tag, knn_set, save_results  # noqa: E402
 from retrieval.vectors.duplicates import DEFAULT_WHITEN_DIM  # noqa: E402
 from retrieval.vectors.whitening import learn_whitening, whiten  # noqa: E402
 
@@ -211,16 +208,8 @@ def main() -> None:
         print(f"{'Lw, that edit not shown':<32} {r['seed']:>4} {'':>8} {'':>7} {'':>7}  "
               + " ".join(f"{r['lw_edit_held_out'][e]:>8.3f}" for e in edits))
     print("* near-duplicate pair F1 at the best threshold in hindsight (an upper bound for any threshold rule)")
-    out = (args.out or RESULTS / f"bench_learned_whitening-{time.strftime('%Y%m%d-%H%M%S')}.json").resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "bench_learned_whitening", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "seconds": round(time.time() - started, 1), "options": options,
-        "machine": {"cpus": len(os.sched_getaffinity(0)), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version(), "load_average": os.getloadavg()},
-        "network": "alexnet fc7, --weights random (seed 0)", "pca_dim": PCA_DIM, "lw_axes": LW_AXES, "lw_dim": LW_DIM,
-        "rows": rows}, indent=2))
-    print(f"\nsaved {out}")
+    save_results("bench_learned_whitening", started, args.out, options=options, pca_dim=PCA_DIM, lw_axes=LW_AXES,
+                 lw_dim=LW_DIM, rows=rows)
 
 
 if __name__ == "__main__":

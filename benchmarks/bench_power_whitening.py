@@ -20,9 +20,6 @@ kept under --work-dir (bench_quality.py builds them; this script builds what is 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_learned_whitening import copy_search, knn10  # noqa: E402
-from benchmarks.quality_sets import copy_set, knn_set  # noqa: E402
+from benchmarks.quality_sets import copy_set, knn_set, save_results  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 Learner = Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]]
@@ -108,16 +105,7 @@ def main() -> None:
         s = summary[name]
         print(f"{name:<44} {s['recall@1']:>8.3f} {s['knn@10']:>7.3f} {s['flip']:>6.2f} {s['brightness']:>6.2f} "
               f"{s['crop']:>6.2f}")
-    out = (args.out or RESULTS / f"bench_power_whitening-{time.strftime('%Y%m%d-%H%M%S')}.json").resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "bench_power_whitening", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "seconds": round(time.time() - started, 1),
-        "machine": {"cpus": len(os.sched_getaffinity(0)), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version(), "load_average": os.getloadavg()},
-        "network": "alexnet fc7, --weights random (seed 0)", "held_out": args.held_out, "summary": summary,
-        "rows": rows}, indent=2))
-    print(f"\nsaved {out}")
+    save_results("bench_power_whitening", started, args.out, held_out=args.held_out, summary=summary, rows=rows)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -39,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality_sets import copy_set, descriptor_tag, knn_set  # noqa: E402 - after the path is set
+from benchmarks.quality_sets import copy_set, descriptor_tag, knn_set, save_results  # noqa: E402 - after the path is set
 
 RESULTS = ROOT / "benchmarks" / "results"
 TUNE_DIMS = (32, 64, 128, 256)
@@ -218,17 +215,8 @@ def main() -> None:
     print(f"{'setting':<44} " + " ".join(f"{e:>10}" for e in edits))
     for s in summary:
         print(f"{s['setting']:<44} " + " ".join(f"{s['recall@1_by_edit'][e]:>10.3f}" for e in edits))
-    out = (args.out or RESULTS / f"bench_quality-{time.strftime('%Y%m%d-%H%M%S')}.json").resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "bench_quality", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "seconds": round(time.time() - started, 1),
-        "machine": {"cpus": len(os.sched_getaffinity(0)), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version(), "load_average": os.getloadavg()},
-        "network": "alexnet fc7, --weights random (seed 0)", "tune_seed": args.tune_seed, "seeds": args.seeds,
-        "chosen_whiten_dim": chosen, "auto_vectors_per_dim": AUTO_VECTORS_PER_DIM, "tuning": tuning, "rows": report_rows,
-        "summary": summary}, indent=2))
-    print(f"\nsaved {out}")
+    save_results("bench_quality", started, args.out, tune_seed=args.tune_seed, seeds=args.seeds, chosen_whiten_dim=chosen,
+                 auto_vectors_per_dim=AUTO_VECTORS_PER_DIM, tuning=tuning, rows=report_rows, summary=summary)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,12 @@ opened index's features() for the queries. Cached per seed under the work folder
 """
 from __future__ import annotations
 
+import json
+import os
+import platform
 import random
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +160,18 @@ if __name__ == "__main__":
         print(s, c["db"].shape, c["queries"].shape, float(c["extract_s"]))
         k = knn_set(work, s)
         print(s, k["vectors"].shape)
+
+
+def save_results(benchmark: str, started: float, out: Path | None, **fields) -> Path:
+    """Write a quality benchmark's JSON (to out, or benchmarks/results/BENCHMARK-TIME.json): its name, start, duration,
+    the machine, the network measured, then fields -> the file written."""
+    out = (out or ROOT / "benchmarks" / "results" / f"{benchmark}-{time.strftime('%Y%m%d-%H%M%S')}.json").resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": benchmark, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "machine": {"cpus": len(os.sched_getaffinity(0)), "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version(), "load_average": os.getloadavg()},
+        "network": "alexnet fc7, --weights random (seed 0)", **fields}, indent=2))
+    print(f"\nsaved {out}")
+    return out
