@@ -280,14 +280,14 @@ def test_a_refused_upload_is_said_where_the_person_was_and_a_reload_sends_nothin
     page.set_viewport_size({"width": 1000, "height": 600})
     page.goto(base_url + "/gallery/1?k=48")
     page.mouse.wheel(0, 900)
-    page.wait_for_function("window.scrollY > 300")
+    page.wait_for_function("() => window.scrollY > 300")
     scrolled = page.evaluate("window.scrollY")
     navigations = []
     page.on("framenavigated", lambda frame: navigations.append(frame.url) if frame == page.main_frame else None)
     page.set_input_files(".topbar-upload input[type=file]", str(tmp_path / "fake.jpg"))
     error = page.locator(".topbar-upload .form-error")
     error.wait_for(state="visible", timeout=30_000)
-    page.wait_for_function("document.querySelector('.topbar-upload .form-error').textContent.includes('fake.jpg')")
+    page.wait_for_function("() => document.querySelector('.topbar-upload .form-error').textContent.includes('fake.jpg')")
     assert "not an image" in error.inner_text() or "cannot read" in error.inner_text(), error.inner_text()
     assert not navigations and page.url == base_url + "/gallery/1?k=48"
     assert page.evaluate("window.scrollY") == scrolled
@@ -297,7 +297,7 @@ def test_a_refused_upload_is_said_where_the_person_was_and_a_reload_sends_nothin
 
     page.goto(base_url + "/")
     page.set_input_files("form[data-primary] input[type=file]", str(tmp_path / "fake.jpg"))
-    page.wait_for_function("document.querySelector('form[data-primary] .form-error').textContent.includes('fake.jpg')")
+    page.wait_for_function("() => document.querySelector('form[data-primary] .form-error').textContent.includes('fake.jpg')")
     assert page.url == base_url + "/"
     posts = []
     page.on("request", lambda request: posts.append(request.url) if request.method == "POST" else None)
