@@ -410,6 +410,14 @@ def test_a_whitened_index_searched_exactly_is_called_exact_with_no_recall_row(tm
         assert 'id="index-recall"' not in html and "PCA-whitened to 32-d" in html
     finally:
         app.extensions["retrieval"].close()
+    # an inverted file behind the whitening is approximate: it was called exact too (its type ends in "Flat")
+    index_images(data, tmp_path / "ivf", vector_index="IVF4,Flat")
+    app = create_app({"INDEX_DIR": str(tmp_path / "ivf"), "RELOAD_INTERVAL_S": 0, "THUMBNAIL_DIR": str(tmp_path / "t2")})
+    try:
+        html = app.test_client().get("/").get_data(as_text=True)
+        assert 'id="index-type">PCAW32,L2norm,IVF4,Flat · nprobe' in html and 'id="index-recall">1-recall@10' in html
+    finally:
+        app.extensions["retrieval"].close()
 
 
 def test_the_overview_names_the_skipped_files_and_why(tmp_path, index_images):

@@ -75,12 +75,16 @@ class IndexSnapshot:
     def describe_vectors(self) -> dict:
         """The FAISS index as served: type, memory-mapped or not, search settings, and the recall they gave."""
         from retrieval.vectors.builder import recall_for
+        from retrieval.vectors.whitening import split_whitening
 
         record = self.vector_record or {}
         params = search_params_of(self.vectors.index)
         recall = record.get("recall") or {}
-        return {"type": record.get("factory", self.vectors.factory), "requested": record.get("requested"),
+        factory = record.get("factory", self.vectors.factory)
+        return {"type": factory, "requested": record.get("requested"),
                 "exact": self.vectors.exact, "memory_mapped": self.vectors.mapped,
+                # whitening in front of an exact Flat: exact in the whitened space (not "PCAW32,L2norm,IVF4,Flat")
+                "exact_whitened": bool(record.get("whitened_dim")) and split_whitening(factory)[1].lower() == "flat",
                 "train_size": (record.get("train") or {}).get("size"),
                 "search_params": params.to_json(),
                 "recall": recall_for(record, params),   # None: not measured with these settings (or exact)
