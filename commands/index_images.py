@@ -429,16 +429,20 @@ def _whiten_waits(info: dict) -> str:
     return line
 
 
+def _uses(factory: str, setting: str) -> bool:
+    """Whether an index of this FAISS type has a use for the search setting (nprobe, ef_search)."""
+    return {"nprobe": "IVF" in factory, "ef_search": "HNSW" in factory}.get(setting, True)
+
+
 def unused_search_params_note(info: dict) -> str | None:
     """A line for search settings asked for (--nprobe, --ef-search) that the index's type has no use for now: they
     are kept, and apply once it is a type that has (auto moves to IVF past --auto-flat-max)."""
     factory = info.get("factory") or ""
-    uses = {"nprobe": "IVF" in factory, "efSearch": "HNSW" in factory}
-    unused = [name for name in (info.get("requested_search_params") or {}) if not uses.get(name, True)]
+    unused = [name for name in (info.get("requested_search_params") or {}) if not _uses(factory, name)]
     if not unused:
         return None
-    options = " and ".join({"nprobe": "--nprobe", "efSearch": "--ef-search"}.get(name, name) for name in unused)
-    kinds = " or ".join({"nprobe": "IVF", "efSearch": "HNSW"}.get(name, name) for name in unused)
+    options = " and ".join({"nprobe": "--nprobe", "ef_search": "--ef-search"}.get(name, name) for name in unused)
+    kinds = " or ".join({"nprobe": "IVF", "ef_search": "HNSW"}.get(name, name) for name in unused)
     it = "them" if len(unused) > 1 else "it"
     return f"note: {options} kept for when the index is a type that uses {it} ({kinds}); {factory} has no use for {it}"
 
@@ -449,6 +453,7 @@ def low_recall_note(info: dict) -> str | None:
     from retrieval.vectors.index_types import RECALL_TARGET
 
     asked, used = info.get("requested_search_params") or {}, info.get("search_params") or {}
+    asked = {k: v for k, v in asked.items() if _uses(info.get("factory") or "", k)}   # (the others: tuned as if not)
     measured = next((m for m in (info.get("recall") or {}).get("results", []) if m["search_params"] == used), None)
     if not asked or measured is None or measured["1-recall@10"] >= RECALL_TARGET:
         return None

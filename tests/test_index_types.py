@@ -162,6 +162,24 @@ def test_search_settings_asked_for_one_type_are_not_carried_to_another(catalog, 
     assert catalog.vector_index_record()["requested_search_params"] == {"nprobe": 4}
 
 
+def test_a_setting_the_type_has_no_use_for_leaves_its_own_tuned_and_measured(catalog, tmp_path):
+    """Reproduces (scale-out review): --ef-search 64 on an IVF index (RETRIEVAL_EF_SEARCH exported for an HNSW server)
+    stopped nprobe's tuning for good: a rebuild left nprobe 1 (top-5 as exact for 6 of 30 queries) and the recall was
+    recorded under efSearch, which IVF has not ('recall not measured'); nor was the setting said to wait."""
+    from commands.index_images import describe_vector_index, unused_search_params_note
+
+    fill(catalog, clustered(400))
+    build(catalog, tmp_path, index_type="IVF16,Flat", ef_search=64, rebuild=True)
+    record = catalog.vector_index_record()
+    assert record["requested_search_params"] == {"ef_search": 64}, "kept for when the type is HNSW"
+    measured = record["recall"]["results"]
+    assert all(set(r["search_params"]) == {"nprobe"} for r in measured), measured
+    assert measured[-1]["1-recall@10"] >= 0.95 and record["search_params"] == measured[-1]["search_params"]
+    assert "recall not measured" not in describe_vector_index(record)
+    assert unused_search_params_note(record) == ("note: --ef-search kept for when the index is a type that uses it "
+                                                 "(HNSW); IVF16,Flat has no use for it")
+
+
 @pytest.mark.parametrize("factory", ["IVF8,PQ8x4np", "HNSW8"])
 def test_rebuild_from_the_catalog_equals_the_original(catalog, tmp_path, factory):
     vecs = clustered(400)

@@ -212,7 +212,7 @@ class IndexBuilder:
         transform = whitening_of(vectors.index) or (lambda x: x)
         stored = self.augmented if self.augmented is not None else ((i, transform(v)) for i, v in self.catalog.vectors())
         exact = exact_neighbours(stored, transform(queries), query_ids, K)
-        asked = self.requested_params
+        asked = self.requested_params.used_by(vectors.index)
         ladder = [asked] if asked.to_json() else (tuning_ladder(vectors.index) or [SearchParams()])
         results, chosen = [], None
         for params in ladder:

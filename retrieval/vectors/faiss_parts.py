@@ -38,6 +38,12 @@ class SearchParams:
         data = json.loads(text) if isinstance(text, str) else (text or {})
         return cls(**{k: data.get(k) for k in ("nprobe", "ef_search")})
 
+    def used_by(self, index: "faiss.Index") -> "SearchParams":
+        """These values that index has a use for: nprobe for an inverted file, efSearch for HNSW (an --ef-search
+        given for an HNSW, kept for it, is no setting of the IVF built now: its nprobe is tuned as if none were)."""
+        return SearchParams(self.nprobe if ivf_of(index) is not None else None,
+                            self.ef_search if hnsw_of(index) is not None else None)
+
     def over(self, other: "SearchParams") -> "SearchParams":
         """These values where set, else other's."""
         return SearchParams(self.nprobe if self.nprobe is not None else other.nprobe,
