@@ -26,6 +26,7 @@ from retrieval.system import available_cores
 from api import metrics
 from api.errors import ApiError
 from api.collection_files import CollectionFiles, indexed_record
+from api.database_probe import DatabaseProbe
 from api.index_watcher import IndexWatcher
 from api.query_batcher import QueryBatcher
 from api.recent_queries import RECENT_QUERIES_FILE, RecentQueries
@@ -122,6 +123,8 @@ class RetrievalService:
         self._labels: tuple[int, dict[str | None, int]] | None = None   # (index version, images per label)
         self.files = CollectionFiles(self.index, ThumbnailCache(config.thumbnail_dir, config.thumbnail_size,
                                                                 max_pixels=config.max_pixels))   # (health() reads it too)
+        catalog = self.index.catalog   # a database server's silence is looked for by /healthz (not a local file's)
+        self._database_probe = DatabaseProbe(catalog.engine) if catalog.engine.dialect.name != "sqlite" else None
         self.recent_queries = RecentQueries(config.thumbnail_dir / RECENT_QUERIES_FILE,   # shared by worker processes
                                             network=lambda: self.index.snapshot().network)
         self.watcher = None   # (health() reads it: set before the watcher's first look calls it)
@@ -290,10 +293,13 @@ class RetrievalService:
     def health(self) -> tuple[dict[str, Any], int]:
         """-> (body, HTTP status): 200 while the index is served, 503 with the reason when it cannot be.
 
-        Unservable: the catalog is missing, unreadable or replaced (without hot reload), the index's network
-        cannot be loaded, or hot reload is broken (its thread has stopped, or its last checks all failed)."""
+        Unservable: the catalog is missing, unreadable or replaced (without hot reload), its database server does not
+        answer (api.database_probe), the index's network cannot be loaded, or hot reload is broken (its thread has
+        stopped, or its last checks all failed)."""
         problem = None
-        if self.watcher is None:                # no hot reload: look at the disk now (a stat and one small query)
+        if self._database_probe is not None and (silent := self._database_probe.silent_for()) is not None:
+            problem = f"the catalog database has not answered for {silent:.0f} s (a query to it is still waiting)"
+        elif self.watcher is None:              # no hot reload: look at the disk now (a stat and one small query)
             try:
                 self.index.refresh(load=False)
             except Exception as exc:  # noqa: BLE001 - a health check reports, it does not fail

@@ -95,6 +95,26 @@ def test_an_unreachable_server_is_a_clear_error_without_the_password(tmp_path):
         Catalog(tmp_path / "index", url="no url at all")
 
 
+@pytest.mark.slow
+def test_a_server_that_accepts_and_never_answers_is_given_up_on_in_seconds(tmp_path):
+    """Reproduces (scale-out review): a PostgreSQL URL whose host accepts TCP and never answers (a hung server, a
+    half-open balancer) held index-images about 130 s before 'connection timeout expired', deaf to Ctrl-C."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)                       # accepted by the kernel, never answered
+        url = f"postgresql://someone:pw@127.0.0.1:{listener.getsockname()[1]}/nothing"
+        started = time.monotonic()
+        with pytest.raises(CatalogUnavailable, match="timeout"):
+            Catalog(tmp_path / "index", url=url)
+        assert time.monotonic() - started < 30
+        started = time.monotonic()               # the URL's own setting wins
+        with pytest.raises(CatalogUnavailable, match="timeout"):
+            Catalog(tmp_path / "index", url=url + "?connect_timeout=2")
+        assert time.monotonic() - started < 8
+
+
 @pytest.mark.postgres
 def test_the_writer_lock_is_held_by_one_process_and_released_when_it_is_killed(postgres_url, tmp_path):
     Catalog(tmp_path / "index", create=True, url=postgres_url).close()

@@ -153,3 +153,31 @@ def test_a_catalog_database_out_of_reach_is_told_to_clients_without_its_address(
     finally:
         postgres.admin(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true")
         index.close()
+
+
+def test_a_catalog_database_that_stops_answering_makes_healthz_503_until_it_answers(tmp_path, postgres, postgres_url,
+                                                                                     index_images, caplog):
+    """Reproduces (scale-out review): PostgreSQL frozen (connections open, nothing answering: a hung host, a half-open
+    balancer) left searches failing as 'overloaded' after 30 s while /healthz said ok, so a balancer kept sending
+    traffic; the server logged nothing."""
+    import logging
+
+    from api import create_app
+
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=2, size=(64, 48), seed=2, classes=["red_circles", "blue_squares"])
+    index_images(data, tmp_path / "writer", db_url=postgres_url)
+    app = create_app({"INDEX_DIR": str(tmp_path / "writer"), "DB_URL": postgres_url, "RELOAD_INTERVAL_S": 1,
+                      "THUMBNAIL_DIR": str(tmp_path / "thumbs")})
+    client = app.test_client()
+    try:
+        assert client.get("/healthz").status_code == 200
+        with postgres.frozen(), caplog.at_level(logging.WARNING, logger="api.database_probe"):
+            started = time.monotonic()
+            health = client.get("/healthz")
+            assert health.status_code == 503 and time.monotonic() - started < 10
+            assert health.get_json()["reason"].startswith("the catalog database has not answered for"), health.get_json()
+            assert "has not answered SELECT 1" in caplog.text
+        assert wait_for(lambda: client.get("/healthz").status_code == 200, 30), client.get("/healthz").get_json()
+    finally:
+        app.extensions["retrieval"].close()

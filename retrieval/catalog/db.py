@@ -192,10 +192,21 @@ def db_error_reason(exc: BaseException, url: str | None = None) -> str:
     return line
 
 
+# libpq's connection settings unless the URL gives its own (?connect_timeout=30): a server that accepts TCP and never
+# answers (hung, a half-open balancer) held every command about 130 s, deaf to Ctrl-C, before "connection timeout
+# expired"; keepalives notice a peer gone without a word on an open connection
+POSTGRES_CONNECT_ARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+                         "keepalives_count": 3}
+
+
 def make_server_engine(url: str) -> Engine:
     """Engine for a catalog on a database server (PostgreSQL tested). Raises CatalogUnavailable."""
     try:
-        return create_engine(server_url(url), pool_pre_ping=True)   # pre-ping: a restarted server is reconnected
+        parsed = parse_url(url)
+        connect_args = {k: v for k, v in POSTGRES_CONNECT_ARGS.items() if k not in parsed.query} \
+            if parsed.get_backend_name() == "postgresql" else {}
+        return create_engine(server_url(url), pool_pre_ping=True,   # pre-ping: a restarted server is reconnected
+                             connect_args=connect_args)
     except (NoSuchModuleError, ModuleNotFoundError) as exc:
         raise CatalogUnavailable(f"no database driver for {mask_url(url)} ({exc}); for PostgreSQL install "
                                  "psycopg: pip install 'psycopg[binary]'") from None

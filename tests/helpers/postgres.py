@@ -56,6 +56,26 @@ class PostgresServer:
             conn.execute(sql)
 
     @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The server stopped (SIGSTOP: its postmaster and every backend) for the block: connections stay open and
+        nothing answers, as with a hung host or a half-open balancer; SIGCONT after."""
+        import signal
+
+        postmaster = int((self.root / "data" / "postmaster.pid").read_text().split()[0])
+        pids = [postmaster] + [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                               and _parent(p) == postmaster]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+
+    @contextlib.contextmanager
     def new_database(self) -> Iterator[str]:
         """A fresh empty database for one test -> its URL; dropped afterwards."""
         name = f"t_{uuid.uuid4().hex[:12]}"
@@ -107,6 +127,13 @@ def running_postgres(*, durable: bool = False) -> Iterator[PostgresServer]:
             run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _parent(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _tail(path: Path) -> str:
