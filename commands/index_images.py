@@ -172,6 +172,7 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
     from retrieval.vectors.index_types import IndexTypeConfig
 
     from indexer.locks import IndexBusy
+    from indexer.config import DecoderCrashed
     from indexer.run import ConfigError, JobConfig, run_index
 
     vector_index = IndexTypeConfig(index_type=index_type, flat_max=auto_flat_max, nprobe=nprobe, ef_search=ef_search,
@@ -200,6 +201,10 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
         raise Busy(str(exc)) from None
     except ConfigError as exc:   # (a first run's folder is removed again: indexer.run)
         raise UserError(str(exc)) from exc
+    except DecoderCrashed as exc:
+        click.echo(f"error: {exc}\nevery committed batch is kept: move the file that crashes the decoder out of the data "
+                   "folder (or give the nodes more memory) and run the same command again.", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         held = _images_held(index_dir, db_url)
         click.echo(f"\ninterrupted: whatever was indexed before it is saved{held}; run the same command again to "

@@ -34,6 +34,11 @@ class ConfigError(ValueError):
     """A usage or configuration problem the user can fix (exit status 2)."""
 
 
+class DecoderCrashed(RuntimeError):
+    """A decoding task's worker process died every time it was run (--ray: Ray's retries spent); the message says
+    where. What was committed before stays (exit status 1)."""
+
+
 
 @dataclasses.dataclass
 class JobConfig:

@@ -18,9 +18,9 @@ import numpy as np
 from retrieval.catalog import Catalog, IndexSettings
 from retrieval.images.decode import Preprocessing
 from retrieval.images.scan import ImageFile
-from retrieval.system import available_cores
+from retrieval.system import available_cores, terminal_name
 
-from indexer.config import ConfigError, JobConfig, RunReport, finish_report
+from indexer.config import ConfigError, DecoderCrashed, JobConfig, RunReport, finish_report
 from indexer.network import load_network
 from indexer.plan import Plan
 from indexer.write import Writer
@@ -36,6 +36,8 @@ INSTALL_HINT = ("--ray needs Ray Data, which is not installed here: pip install 
                 "to index in this process")
 FILES_PER_READ_TASK = 16          # files one decoding task reads (a Ray Data block of the input)
 MAX_READ_TASKS = 20_000           # blocks of the input at most (a million files: 50 per task)
+READ_RETRIES = 3                  # a decoding task whose worker died is run again this often, then the run fails (Ray
+                                  # Data's default is forever: a file that crashes its decoder kept a run going for good)
 GPU_BATCH = 256                   # images per catalog transaction on GPUs; each actor fits its forward passes
 NETWORK_MEMORY = {"alexnet": 1 << 30, "vgg16": 2 << 30}   # heap a network actor reserves (weights, activations)
 
@@ -270,7 +272,7 @@ def run_on_ray(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, c
         blocks = max(1, min(MAX_READ_TASKS, math.ceil(len(items) / FILES_PER_READ_TASK)))
         batch_size = cluster.batch_size if isinstance(cluster.batch_size, int) else GPU_BATCH
         ds = (ray.data.from_items(items, override_num_blocks=blocks)
-              .map_batches(read_batch, batch_format="numpy", num_cpus=1,
+              .map_batches(read_batch, batch_format="numpy", num_cpus=1, max_retries=READ_RETRIES,
                            fn_kwargs={"data_dir": str(cfg.data_dir), "prep": prep, "max_pixels": cfg.max_pixels})
               .map_batches(NetworkActor, batch_size=batch_size, batch_format="numpy",
                            compute=ray.data.ActorPoolStrategy(size=cluster.actors),
@@ -283,15 +285,23 @@ def run_on_ray(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, c
                            # the reservation also keeps Ray from fusing decoding into the actors
                            memory=NETWORK_MEMORY.get(settings.model, 1 << 30)))
         with Writer(cfg, catalog, plan, dim) as writer:   # commits on its thread while the driver takes the next batch
+            received = 0   # files answered so far (in file order: preserve_order)
             try:
                 for out in ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=1):
                     rows, bad, good = _rows(out, todo)
                     writer.write(rows, np.ascontiguousarray(out["vector"][good], dtype=np.float32), bad)
+                    received = max(received, int(out["i"].max()) + 1) if len(out["i"]) else received
             except Exception as exc:   # noqa: BLE001 - Ray wraps what a task raised; a node's network problem is the user's to fix
                 why = _network_problem(exc)
-                if why is None:
-                    raise
-                raise ConfigError(why) from exc
+                if why is not None:
+                    raise ConfigError(why) from exc
+                if _worker_crashed(exc) and received < len(todo):
+                    raise DecoderCrashed(
+                        f"a decoding task on the cluster lost its worker process {READ_RETRIES + 1} times in a row (a "
+                        f"file that crashes the image decoder, or a node out of memory); the "
+                        f"{len(todo) - received:,} files from {terminal_name(str(todo[received].path))} on are not "
+                        "indexed yet") from exc
+                raise
         return finish_report(writer.report, catalog, len(writer.vectors), started)
     finally:
         if started_here:
@@ -310,6 +320,17 @@ def _rows(out: dict[str, np.ndarray], todo: list[ImageFile]) -> tuple[list[dict]
         else:
             bad.append({"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns, "reason": out["error"][j]})
     return rows, bad, good
+
+
+def _worker_crashed(exc: BaseException) -> bool:
+    """Whether what Ray raised is a task whose worker process died (WorkerCrashedError, anywhere in the chain)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if "WorkerCrashedError" in type(exc).__name__ or "WorkerCrashedError" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _network_problem(exc: BaseException) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -265,3 +266,54 @@ def test_a_ray_address_that_answers_nothing_fails_at_once_and_writes_nothing(col
     assert done.returncode == 2 and time.monotonic() - started < 60, done.stderr
     assert said.format(port=port) in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "index").exists(), "nothing is written for a cluster that is not there"
+
+
+POISON_SITE = '''
+import os
+import PIL.Image as _image
+
+_real_open = _image.open
+
+
+def _open(fp, *args, **kwargs):   # a decoder that dies on one file, every time (as a segfault or an OOM kill would)
+    if hasattr(fp, "read") and hasattr(fp, "seek"):
+        at = fp.tell()
+        head = fp.read(4096)
+        fp.seek(at)
+        if b"POISON-PILL" in head:
+            os._exit(1)
+    return _real_open(fp, *args, **kwargs)
+
+
+_image.open = _open
+'''
+
+
+def test_a_file_that_kills_its_decoder_every_time_fails_the_run_naming_where(collection, tmp_path):
+    """Reproduces (scale-out review): a decoding task that crashed every time was retried forever (Ray Data's
+    default): the run never ended, printing raylet lines only. Its retries are bounded; the run fails with exit 1,
+    saying which files are not indexed, and keeps what was committed."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install '.[ray]'); .ci/run installs it")
+    data = tmp_path / "data"
+    shutil.copytree(collection[0], data)
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (90, 20, 200)).save(data / "zz_poison.jpg", comment=b"POISON-PILL")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(POISON_SITE)
+    temp = tempfile.mkdtemp(prefix="rayp-", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": temp, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)   # a local cluster of the command's own: its workers inherit PYTHONPATH
+    try:
+        started = time.monotonic()
+        done = subprocess.run(index_command(data, tmp_path / "index", batch_size=4), env=env, capture_output=True,
+                              text=True, timeout=400)
+        assert done.returncode == 1, (done.returncode, done.stderr[-3000:])
+        assert "lost its worker process 4 times in a row" in done.stderr, done.stderr[-3000:]
+        assert re.search(r"the \d+ files from \S+ on are not indexed yet", done.stderr), done.stderr[-3000:]
+        assert "every committed batch is kept" in done.stderr
+        assert time.monotonic() - started < 300
+        assert not wait_gone(temp), "the local cluster's processes outlived the command"
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
