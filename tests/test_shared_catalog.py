@@ -123,6 +123,35 @@ def test_a_replica_follows_the_writer_across_a_change_of_faiss_type(tmp_path, po
         serving.close()
 
 
+def test_a_replica_with_its_own_faiss_file_of_an_earlier_build_ranks_as_the_writer(tmp_path, postgres_url, index_images):
+    """Reproduces (scale-out review): a replica folder that had its own FAISS file (index-images run there, as the
+    server's message advised) kept that file's whitening after the writer retrained (the collection doubled): its ids
+    were reconciled, its whitening was not, and it ranked unlike the writer and the other replicas, without a word."""
+    from retrieval.search.index import ImageIndex
+    from retrieval.vectors.builder import build_file
+
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=26, size=(64, 48), seed=2)          # 130 images: whitened (trained)
+    writer, replica = tmp_path / "writer", tmp_path / "replica"
+    index_images(data, writer, db_url=postgres_url)
+    replica.mkdir()
+    os.link(random_weights_file(writer, "alexnet"), random_weights_file(replica, "alexnet"))
+    shutil.copy(writer / FAISS_FILE, replica / FAISS_FILE)                     # the writer's file and its build note
+    shutil.copy(build_file(writer / FAISS_FILE), build_file(replica / FAISS_FILE))
+    make_sample_collection(data, per_class=54, size=(64, 48), seed=2)          # 270: doubled, the writer retrains
+    report = index_images(data, writer, db_url=postgres_url)
+    assert report.vector_index["train"]["count"] >= 260, report.vector_index
+    query = (data / "red_circles" / "red_circles_000.jpg").read_bytes()
+    served = {}
+    for folder in (writer, replica):
+        index = ImageIndex(folder, db_url=postgres_url)
+        try:
+            served[folder.name] = [(h.path, round(h.distance, 4)) for h in index.search_image(query, 10)[0]]
+        finally:
+            index.close()
+    assert served["replica"] == served["writer"]
+
+
 def test_a_catalog_database_out_of_reach_is_told_to_clients_without_its_address(tmp_path, postgres, postgres_url,
                                                                                   index_images, caplog):
     """Reproduces: with PostgreSQL down, a search answered 503 with 'connection to server at "127.0.0.1", port ...

@@ -204,24 +204,31 @@ class ImageIndex:
                     "weights")
         else:
             extractor = None
+        from retrieval.vectors.builder import build_identity, rebuilt_from_catalog, saved_build
+
         record = catalog.vector_index_record()
         # a replica without the writer's FAISS file sees the same signature whatever the writer did: the recorded
         # build tells whether its own index can be brought up to date (new rows added) or must be built anew (the
         # writer changed the type, retrained its whitening, or averages its vectors with their neighbours' (DBA))
         reuse = on_server and previous is not None and previous.catalog_file == catalog_file \
             and previous.faiss_signature == signature and network_key(previous.settings) == network_key(settings) \
-            and _build_of(previous.vector_record) == _build_of(record) and not (record or {}).get("dba")
+            and build_identity(previous.vector_record) == build_identity(record) and not (record or {}).get("dba")
         if reuse:
             # the same catalog, changed by a writer (whose FAISS file may be in another folder): bring a copy of
             # the served vectors up to date from the database, without reading every vector again
             vectors = previous.vectors.copy()
             vectors.reconcile(catalog)
         else:
-            from retrieval.vectors.builder import rebuilt_from_catalog
-
+            # a catalog shared by several folders: this folder's file may hold a build the writer has replaced since
+            # (retrained elsewhere: another whitening), which reconciling its ids would serve, ranking unlike the rest
+            saved = saved_build(self.faiss_path) if on_server else None
+            outdated = saved is not None and saved != build_identity(record)
+            if outdated:
+                log.warning("the FAISS file %s holds an earlier build than the catalog records (the writer retrained "
+                            "or changed the type since it was saved): built again from the catalog", self.faiss_path)
             vectors, _ = VectorIndex.open_reconciled(
                 self.faiss_path, catalog, settings.dim, factory=None, mmap=self.mmap,
-                augmented=bool((record or {}).get("dba")),
+                augmented=bool((record or {}).get("dba")), ignore_file=outdated,
                 rebuild=lambda: rebuilt_from_catalog(catalog, self.faiss_path, settings.dim))
         regions = None
         if settings.regions and reuse and previous.regions is not None:   # as the main vectors above
@@ -378,12 +385,6 @@ class ImageIndex:
             return file_stamp(path)
         except OSError:
             return None
-
-
-def _build_of(record: dict | None) -> tuple:
-    """What of a vector-index record fixes the vectors searched: the FAISS type, its training, its whitening."""
-    record = record or {}
-    return record.get("factory"), record.get("train"), record.get("whitened_dim")
 
 
 def _file_id(path: Path) -> tuple[int, int]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import sys
 import time
@@ -11,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from retrieval.catalog import Catalog
-from retrieval.files import sample_digest
+from retrieval.files import atomic_write, sample_digest
 from retrieval.vectors.index_types import (AUTO, FLAT, RECALL_QUERIES, RECALL_TARGET, IndexTypeConfig, IndexTypeError,
                                            has_recall_to_measure, min_train_vectors, requested_dba, requested_params,
                                            requested_type, requested_whitening, seeded_samples, train_size,
@@ -254,10 +255,34 @@ class IndexBuilder:
         if self.regions is not None:        # first: a reader that sees the new main file finds regions as new
             self.regions.save(self.regions_path)
         vectors.save(self.path)
+        # which build the file holds, for a replica sharing the catalog: the writer may retrain after this folder's
+        # file was saved (its whitening then learned on another sample), which id reconciliation cannot see
+        atomic_write(build_file(self.path), build_identity(self.describe(vectors)).encode())
         self.catalog.save_faiss_digest(*sample_digest(self.path))   # a later no-op run notices a damaged file
         self.catalog.mark_vectors_saved(state)
         self.record = self.describe(vectors)   # with the size of the file just written
         self.catalog.save_vector_index_record(self.record)
+
+
+def build_identity(record: dict | None) -> str:
+    """What of a vector-index record fixes the vectors searched (the FAISS type, its training, its whitening), as
+    text: equal for two FAISS files that search alike, whichever folder holds them."""
+    record = record or {}
+    return json.dumps([record.get("factory"), record.get("train"), record.get("whitened_dim")], sort_keys=True)
+
+
+def build_file(path: Path) -> Path:
+    """The note beside a FAISS file of the build it holds (build_identity): vectors.faiss.build."""
+    return path.with_name(path.name + ".build")
+
+
+def saved_build(path: Path) -> str | None:
+    """The build the FAISS file at path was saved with, or None where no note says (a file copied alone, or saved
+    before the notes were written)."""
+    try:
+        return build_file(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def maintain_vectors(catalog: Catalog, path: Path, dim: int, config: IndexTypeConfig,

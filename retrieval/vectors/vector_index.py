@@ -177,7 +177,7 @@ class VectorIndex:
 
     @classmethod
     def open_reconciled(cls, path: Path, catalog: Catalog, dim: int, *, factory: str | None = FLAT,
-                        mmap: bool = False, augmented: bool = False,
+                        mmap: bool = False, augmented: bool = False, ignore_file: bool = False,
                         rebuild: Callable[[], "VectorIndex | None"] | None = None) -> tuple["VectorIndex", bool]:
         """Load the FAISS file and make it agree with the catalog (DESIGN invariant 1).
 
@@ -186,11 +186,12 @@ class VectorIndex:
         (retrieval.vectors.builder) rebuilds the type from the catalog, or rebuild() gives that index here (a reader:
         builder.rebuilt_from_catalog; None: the empty Flat). With mmap, an index that needs
         changes is read into memory instead (a mapped one is read-only). augmented: the file holds averaged
-        vectors (database-side augmentation), not the catalog's (so they are not compared).
+        vectors (database-side augmentation), not the catalog's (so they are not compared). ignore_file: take the
+        file as missing (known to hold another build than the catalog records).
         -> (index, changed) where changed says whether it differs from the file.
         """
-        index = cls.load(path, dim, factory=factory, mmap=mmap, vector_source=catalog.vectors,
-                         expected=catalog.faiss_digest)
+        index = None if ignore_file else cls.load(path, dim, factory=factory, mmap=mmap, vector_source=catalog.vectors,
+                                                  expected=catalog.faiss_digest)
         if index is not None and not augmented and not index.agrees_with(catalog):
             log.warning("the FAISS file %s holds other vectors than the catalog under the same ids (saved from "
                         "another catalog?); rebuilding it from the catalog", path)
