@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from retrieval.catalog import Catalog, IndexSettings, weights_label
+from retrieval.catalog.db import catalog_sqlite_file, mask_url
 from retrieval.features.precision import PRECISIONS
 from retrieval.features.weights import IMAGENET, WeightsChoice
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, Preprocessing
@@ -217,6 +218,10 @@ def resolve_settings(cfg: JobConfig, stored: IndexSettings | None,
             why = (" (which is gone), and this folder does not hold its images (by their paths, sizes, times and "
                    "contents)") if gone else (" (still there: --data-moved is for a folder moved away)"
                                                if cfg.data_moved else "")
+            if cfg.db_url is not None and catalog_sqlite_file(cfg.index_dir, cfg.db_url) is None:
+                raise ConfigError(f"the catalog database {mask_url(cfg.db_url)} holds the index of {stored.data_dir}"
+                                  f"{why}, not of {data_dir}: one database holds one index; use another database "
+                                  "for another data folder")
             raise ConfigError(f"the index at {cfg.index_dir} was built from {stored.data_dir}{why}, not "
                               f"{data_dir}; use another index folder for another data folder")
     chosen["weights"] = chosen["weights"].resolved() if stored is None else stored.weights_choice

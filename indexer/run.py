@@ -13,7 +13,7 @@ from retrieval.names import FAISS_FILE, REGIONS_FILE
 from retrieval.vectors.index_types import vector_work_needed
 from retrieval.vectors.regions import regions_file_in_step
 
-from retrieval.catalog import Catalog
+from retrieval.catalog import CATALOG_FILE, Catalog, mask_url
 from retrieval.features.weights import file_weights_identity
 from retrieval.files import leftover_temporaries, sample_digest
 from retrieval.images.scan import IMAGE_EXTENSIONS
@@ -67,6 +67,8 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
         with writer_locks(index_dir, cfg.db_url) as catalog:
             locked = True   # (a run that found the folder locked made none of it: another run's first files)
             stored = catalog.settings()
+            if stored is None and catalog.path is None:
+                _refuse_sqlite_index_beside(index_dir, cfg.db_url)
             repairs = list(filter(None, [_remove_leftovers(index_dir),
                                          None if stored is None else restore_random_weights(index_dir, stored)]))
             report = _run(cfg, catalog, started, on_extractor, on_cluster)
@@ -81,6 +83,26 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
         if fresh and locked:   # refused before any work: no half-made index folder (a later open would call it one)
             _discard_unused(index_dir)
         raise
+
+
+def _refuse_sqlite_index_beside(index_dir: Path, db_url: str) -> None:
+    """An empty catalog database asked for (--db-url) in an index folder that holds an index of its own (catalog.db):
+    the run would have extracted every image again into the database, replacing the folder's FAISS file, its SQLite
+    catalog left beside it, without a word. Raises ConfigError."""
+    sqlite = index_dir / CATALOG_FILE
+    if not sqlite.is_file():
+        return
+    try:
+        with contextlib.closing(Catalog(index_dir)) as old:
+            images = len(old.ids())
+    except Exception:  # noqa: BLE001 - an unreadable catalog.db is no index to protect
+        return
+    if images:
+        raise ConfigError(
+            f"{index_dir} holds an index of {images:,} images in its own SQLite catalog ({CATALOG_FILE}), and "
+            f"{mask_url(db_url)} is an empty database: a run would extract every image again into the database "
+            "(there is no import of a SQLite catalog). Give the PostgreSQL index a folder of its own (--index-dir), "
+            "or leave out --db-url to go on with this one")
 
 
 def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callable[[FeatureExtractor], None] | None,

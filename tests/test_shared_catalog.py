@@ -210,3 +210,29 @@ def test_a_catalog_database_that_stops_answering_makes_healthz_503_until_it_answ
         assert wait_for(lambda: client.get("/healthz").status_code == 200, 30), client.get("/healthz").get_json()
     finally:
         app.extensions["retrieval"].close()
+
+
+def test_an_index_folder_with_its_own_catalog_is_not_filled_anew_into_an_empty_database(tmp_path, postgres_url,
+                                                                                       index_images):
+    """Reproduces (scale-out review): `index-images data --index-dir idx --db-url postgresql://.../empty` on a folder
+    holding a SQLite index extracted every image again into the database, replaced the folder's FAISS file and left
+    its catalog.db beside it, without a word; and a second data folder on a shared catalog was told to use another
+    index folder, where the database is what holds the other index."""
+    from indexer.config import ConfigError
+    from retrieval.names import FAISS_FILE
+
+    data = tmp_path / "data"
+    make_sample_collection(data, per_class=2, size=(64, 48), seed=2, classes=["red_circles", "blue_squares"])
+    index_images(data, tmp_path / "index")
+    before = (tmp_path / "index" / FAISS_FILE).read_bytes()
+    with pytest.raises(ConfigError, match=r"holds an index of 4 images in its own SQLite catalog \(catalog.db\).*"
+                                          r"folder of its own \(--index-dir\)"):
+        index_images(data, tmp_path / "index", db_url=postgres_url)
+    assert (tmp_path / "index" / FAISS_FILE).read_bytes() == before
+
+    index_images(data, tmp_path / "pg", db_url=postgres_url)
+    other = tmp_path / "other"
+    make_sample_collection(other, per_class=1, size=(64, 48), seed=3, classes=["red_circles"])
+    with pytest.raises(ConfigError, match=r"the catalog database postgresql://\S+:\*\*\*@\S+ holds the index of .*"
+                                          r"use another database for another data folder"):
+        index_images(other, tmp_path / "pg2", db_url=postgres_url)
