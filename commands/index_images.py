@@ -482,6 +482,9 @@ def describe_vector_index(info: dict) -> str:
             and split_whitening(info["factory"])[1] != requested:   # (an explicit PCAW... type is built as asked)
         whitening += (f"; {requested} waits for {min_train_vectors(requested)} images to train "
                       f"(has {info.get('count', 0)}), exact search until then")
+    if waits := info.get("auto_waits_for"):   # past --auto-flat-max, too few images to train auto's type yet
+        whitening += (f"; auto's {waits['factory']} (past --auto-flat-max {info.get('flat_max')}) waits for "
+                      f"{waits['images']} images to train (has {info.get('count', 0)}), exact search until then")
     if info.get("exact"):
         return f"{info['factory']} (exact{whitening})"
     if split_whitening(info["factory"])[1].lower() == "flat":   # whitened, searched exactly in the whitened space

@@ -89,6 +89,20 @@ def test_every_type_round_trips_through_save_load_and_mmap(catalog, tmp_path, fa
     assert sorted(mapped.ids().tolist()) == ids and np.array_equal(top_ids(mapped, queries), top_ids(original, queries))
 
 
+def test_auto_past_a_low_flat_max_stays_exact_until_its_type_can_train_and_says_so(catalog, tmp_path):
+    """Reproduces (scale-out review): --auto-flat-max 100 on 150 images failed with "index type 'IVF64,PQ8np' needs at
+    least 256 vectors to train ... (--index-type)", an option never given; a type asked for waits, so does auto's."""
+    from commands.index_images import describe_vector_index
+
+    fill(catalog, clustered(150))
+    assert build(catalog, tmp_path, flat_max=100).exact
+    line = describe_vector_index(catalog.vector_index_record())
+    assert line == ("Flat (exact; auto's IVF64,PQ8np (past --auto-flat-max 100) waits for 256 images to train "
+                    "(has 150), exact search until then)"), line   # (32-d test vectors: no PCA in front)
+    fill(catalog, clustered(150, seed=3), start=150)
+    assert not build(catalog, tmp_path).exact and catalog.vector_index_record()["factory"] == "IVF64,PQ8np"
+
+
 def test_auto_keeps_flat_up_to_its_threshold_then_trains_a_compressed_type(catalog, tmp_path):
     assert auto_factory(50_000, 4096) == FLAT
     assert auto_factory(50_001, 4096) == "PCAR256,IVF1024,PQ64np"

@@ -13,7 +13,7 @@ import numpy as np
 
 from retrieval.catalog import Catalog
 from retrieval.files import atomic_write, sample_digest
-from retrieval.vectors.index_types import (AUTO, FLAT, RECALL_QUERIES, RECALL_TARGET, IndexTypeConfig, IndexTypeError,
+from retrieval.vectors.index_types import (AUTO, FLAT, RECALL_QUERIES, RECALL_TARGET, IndexTypeConfig, IndexTypeError, auto_factory,
                                            has_recall_to_measure, min_train_vectors, requested_dba, requested_params,
                                            requested_type, requested_whitening, seeded_samples, train_size,
                                            wanted_factory)
@@ -237,7 +237,13 @@ class IndexBuilder:
 
     def describe(self, vectors: VectorIndex) -> dict:
         """What is recorded in the catalog with the FAISS file (and shown in --json, /stats and the gallery)."""
+        whitened, inner = split_whitening(vectors.factory)
+        waits = None   # auto past flat_max with too few vectors to train its type yet (a PQ code book needs 256)
+        if self.requested == AUTO and inner.lower() == "flat" and len(vectors) > self.flat_max:
+            wanted = auto_factory(len(vectors), whitened or self.dim, self.flat_max)
+            waits = {"factory": wanted, "images": min_train_vectors(wanted)}
         return {"requested": self.requested, "factory": vectors.factory, "exact": vectors.exact,
+                "auto_waits_for": waits,
                 "whiten": self.whitening.to_json(), "dba": self.dba, "whitened_dim": split_whitening(vectors.factory)[0],
                 "whiten_waits_for": (min_whiten_vectors(self.whitening.dim) if self.whitening.on
                                      and split_whitening(vectors.factory)[0] is None else None),

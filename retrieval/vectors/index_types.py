@@ -188,9 +188,8 @@ def wanted_factory(requested: str, flat_max: int, n: int, dim: int, whitening: W
         d = whitened_dim(whitening.dim, n, dim)
         if d is not None:
             return whiten_prefix(d) + wanted_factory(requested, flat_max, n, d)
-    if requested == AUTO:
-        return auto_factory(n, dim, flat_max)
-    return requested if n >= min_train_vectors(requested) else FLAT
+    chosen = auto_factory(n, dim, flat_max) if requested == AUTO else requested
+    return chosen if n >= min_train_vectors(chosen) else FLAT   # (auto past a low --auto-flat-max: PQ needs 256)
 
 
 def min_train_vectors(factory: str) -> int:
