@@ -10,7 +10,7 @@ import click
 
 from retrieval.features.weights import WeightsChoice, weights_error_message
 from retrieval.names import DEFAULT_FINE_TUNE_OBJECTIVE, FINE_TUNE_OBJECTIVES, MODEL_NAMES
-from retrieval.system import display_name, terminal_name
+from retrieval.system import display_name, duration_words, terminal_name
 
 from commands.options import (Command, FloatRange, DiskFull, MODEL_PARAMETERS, PathArg, UserError, batch_size_value,
                               command_settings, exit_without_teardown, setup_logging)
@@ -212,12 +212,6 @@ def _batch_sizes(requested: int | str, model: str, train: str, device) -> tuple[
 DIVERGED = 10   # a training loss this many times chance's ln(C) after an epoch: the learning rate is too high
 
 
-def _time_left(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
-
-
 def _printer(verbose: bool, cached: bool = True, epochs: int | None = None):  # noqa: ANN202 - the report callback
     chance: list[float] = []   # ln(C), from the initial event
     warned: list[bool] = []
@@ -250,7 +244,7 @@ def _printer(verbose: bool, cached: bool = True, epochs: int | None = None):  # 
         elif event == "epoch":
             took.append(facts["seconds"])
             remaining = (epochs or 0) - facts["epoch"]   # early stopping (--patience) may end it sooner
-            left = f"  (at most ~{_time_left(remaining * sum(took) / len(took))} left)" if remaining > 0 else ""
+            left = f"  (at most ~{duration_words(remaining * sum(took) / len(took))} left)" if remaining > 0 else ""
             objective = ("" if facts["train_objective_loss"] == facts["train_loss"]
                          else f" (objective {facts['train_objective_loss']:.4f})")   # ce + a metric loss: its sum
             click.echo(f"epoch {facts['epoch']:>3}  train loss {facts['train_loss']:.4f}{objective}  train acc "

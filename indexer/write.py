@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 import numpy as np
 
 from retrieval.catalog import Catalog
 from retrieval.names import FAISS_FILE
-from retrieval.system import display_name, progress_bar, transient_status
+from retrieval.system import display_name, duration_words, progress_bar, transient_status
 from retrieval.vectors.index_types import IndexTypeError
 
 from indexer.config import ConfigError, JobConfig, RunReport
@@ -16,6 +17,9 @@ from indexer.plan import Plan, record_refused, removals
 from indexer.stage_thread import StageThread
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 60.0   # without a terminal, a progress line this often (the bar shows only on a terminal)
+
 
 class Writer:
     """The write stage, the one writer of an index: one catalog transaction per batch (the commit point),
@@ -52,6 +56,10 @@ class Writer:
         # counts committed files; stays on screen at the end of the run
         self.bar = progress_bar(cfg.progress and bool(plan.todo), "indexing", len(plan.todo), leave=True)
         self.on_progress, self.done, self.todo = cfg.on_progress, 0, len(plan.todo)
+        # no terminal (a log file, docker logs, nohup, a Ray job): a plain line now and then instead of the bar, which
+        # is silent there (hours of nothing between the start and the summary at a million images)
+        self.heartbeat = cfg.progress and bool(plan.todo) and not sys.stderr.isatty()
+        self.started = self.last_beat = time.monotonic()
         self.stage: StageThread | None = None   # the writer thread, while in the with block
 
     def write(self, rows: list[dict], feats: np.ndarray, bad: list[dict], regions: np.ndarray | None = None) -> None:
@@ -79,6 +87,13 @@ class Writer:
             self.last_save = time.monotonic()
         self.bar.update(len(rows) + len(bad))
         self.done += len(rows) + len(bad)
+        if self.heartbeat and time.monotonic() - self.last_beat >= HEARTBEAT_S and self.done < self.todo:
+            self.last_beat = time.monotonic()
+            rate = self.done / max(self.last_beat - self.started, 1e-9)
+            left = (self.todo - self.done) / rate if rate > 0 else 0
+            sys.stderr.write(f"indexed {self.done:,} of {self.todo:,} ({rate:,.1f} images/s, about "
+                             f"{duration_words(left)} left)\n")
+            sys.stderr.flush()
         if self.on_progress is not None:
             self.on_progress(self.done, self.todo)
 

@@ -195,6 +195,13 @@ def time_limit(seconds: float | None, error: Callable[[], BaseException]) -> Ite
         signal.signal(signal.SIGALRM, previous)
 
 
+def duration_words(seconds: float) -> str:
+    """A time left, as a person reads it: "40 s", "12 min", "3.5 h"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
+
+
 def progress_bar(show: bool, desc: str, total: int, *, unit: str = "img", leave: bool = False):  # noqa: ANN201 - tqdm
     """A tqdm bar on stderr when show and stderr is a terminal (a log or a pipe gets no bar lines); silent otherwise.
     leave: the finished bar stays on screen (index-images' run), else it is wiped (a step of a longer command)."""

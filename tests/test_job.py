@@ -571,3 +571,19 @@ def test_decoding_workers_run_ahead_through_the_network_start_up(tmp_path):
         assert reader._next == len(reader.tasks), "every task was handed to the workers before any batch was read"
         assert all(f.done() for f in reader._pending)
         assert sum(len(b.rows) for b in reader.read(Preprocessing(), 16)) == len(files)
+
+
+def test_without_a_terminal_a_run_says_how_far_it_is_now_and_then(small_data, tmp_path, index_images, capsys,
+                                                                   monkeypatch):
+    """Reproduces (scale-out review): with stderr a log file (docker logs, nohup, a Ray job) nothing was printed
+    between the start and the summary, hours at a million images; the bar shows on a terminal only."""
+    import indexer.write
+
+    monkeypatch.setattr(indexer.write, "HEARTBEAT_S", 0.0)
+    index_images(small_data, tmp_path / "index", progress=True, batch_size=2)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("indexed ")]
+    assert lines and all(re.fullmatch(r"indexed \d+ of \d+ \([\d,.]+ images/s, about \d+ s left\)", line)
+                         for line in lines), lines
+    capsys.readouterr()
+    index_images(small_data, tmp_path / "quiet", progress=False, batch_size=2)   # --json: no such lines
+    assert "images/s" not in capsys.readouterr().err
