@@ -157,7 +157,7 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
     from sqlalchemy.exc import SQLAlchemyError
 
     from retrieval.catalog import (catalog_sqlite_file, damaged_message, damaged_reason, database_full_message,
-                                   db_error_reason)
+                                   db_error_reason, mask_url)
     from retrieval.files import READ_ONLY, disk_trouble, no_space_message
 
     def damaged(exc: BaseException) -> UserError | None:
@@ -228,7 +228,7 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
         if (user_error := damaged(exc) or privilege_error(exc, db_url)) is not None:   # running it again cannot help
             raise user_error from None
         # the database failed mid-run (server gone): committed batches stay
-        click.echo(f"error: the catalog database failed: {db_error_reason(exc, db_url)}\n"
+        click.echo(f"error: the catalog database {mask_url(db_url)} failed: {db_error_reason(exc, db_url)}\n"
                    "every committed batch is kept: run the same command again to finish.", err=True)
         sys.exit(1)
     if as_json:

@@ -204,7 +204,9 @@ def _check_regions(path: Path, catalog: Catalog, dim: int, bad: set[int]) -> dic
 def describe(report: dict) -> str:
     """The report as lines for a person: what was verified, what was found, what to do."""
     v, f = report["vectors"], report["faiss"]
-    lines = [f"catalog {report['catalog']}: {'quick_check ok' if not report['quick_check'] else 'DAMAGED'}"]
+    sqlite = not str(report["catalog"]).startswith(("postgresql", "postgres"))   # (a server checks its own pages)
+    lines = [f"catalog {report['catalog']}: "
+             f"{('quick_check ok' if sqlite else 'answers') if not report['quick_check'] else 'DAMAGED'}"]
     if v["checked"]:
         lines.append(f"vectors: {v['checked']} checked, {len(v['bad'])} failing their checksum"
                      + (f" ({v['filled']} had none yet: checksums added)" if v["filled"] else ""))

@@ -231,6 +231,10 @@ def test_an_index_folder_with_its_own_catalog_is_not_filled_anew_into_an_empty_d
     assert (tmp_path / "index" / FAISS_FILE).read_bytes() == before
 
     index_images(data, tmp_path / "pg", db_url=postgres_url)
+    from indexer.check import check_index, describe
+
+    report = check_index(data, tmp_path / "pg", postgres_url)   # (SQLite's quick_check named for a server's catalog)
+    assert report["ok"] and describe(report).splitlines()[0].endswith(": answers"), describe(report)
     other = tmp_path / "other"
     make_sample_collection(other, per_class=1, size=(64, 48), seed=3, classes=["red_circles"])
     with pytest.raises(ConfigError, match=r"the catalog database postgresql://\S+:\*\*\*@\S+ holds the index of .*"
