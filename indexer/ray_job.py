@@ -262,7 +262,8 @@ def run_on_ray(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, c
         log.info("%s", cluster.describe())
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True   # batches come back in file order: ids as in a single run
-        ctx.enable_progress_bars = False              # the driver shows its own
+        ctx.enable_progress_bars = False              # the driver shows its own (and Ray's line saying how to
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)   # turn them on again is not said)
         if not log.isEnabledFor(logging.INFO):   # Ray Data's per-dataset lines only with -v
             for name in ("ray", "ray.data"):
                 logging.getLogger(name).setLevel(logging.WARNING)
