@@ -10,6 +10,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -272,9 +273,12 @@ def run_on_ray(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, c
         items = [{"i": i, "path": os.fsencode(f.path)} for i, f in enumerate(todo)]
         blocks = max(1, min(MAX_READ_TASKS, math.ceil(len(items) / FILES_PER_READ_TASK)))
         batch_size = cluster.batch_size if isinstance(cluster.batch_size, int) else GPU_BATCH
-        ds = (ray.data.from_items(items, override_num_blocks=blocks)
-              .map_batches(read_batch, batch_format="numpy", num_cpus=1, max_retries=READ_RETRIES,
-                           fn_kwargs={"data_dir": str(cfg.data_dir), "prep": prep, "max_pixels": cfg.max_pixels})
+        with warnings.catch_warnings():   # max_retries has no named parameter yet (Ray < 2.64, as pyproject.toml pins)
+            warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
+            read = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+                read_batch, batch_format="numpy", num_cpus=1, max_retries=READ_RETRIES,
+                fn_kwargs={"data_dir": str(cfg.data_dir), "prep": prep, "max_pixels": cfg.max_pixels})
+        ds = (read
               .map_batches(NetworkActor, batch_size=batch_size, batch_format="numpy",
                            compute=ray.data.ActorPoolStrategy(size=cluster.actors),
                            fn_constructor_kwargs={"settings": settings, "index_dir": str(cfg.index_dir),
