@@ -430,7 +430,8 @@ def privilege_error(exc: BaseException, db_url: str | None) -> UserError | None:
                      "(GRANT SELECT ON ALL TABLES IN SCHEMA public TO ...), and the owner's rights to index")
 
 
-def open_index(index_dir: Path, db_url: str | None, device: str, *, load_network: bool = True):  # noqa: ANN201
+def open_index(index_dir: Path, db_url: str | None, device: str, *, load_network: bool = True,  # noqa: ANN201
+               search_params=None):  # noqa: ANN001 - retrieval.vectors.faiss_parts.SearchParams: over the recorded
     """retrieval.search.index.ImageIndex for a command's queries, its network loaded with the garbage collector off;
     every way it cannot open (no index, a damaged catalog, weights or device unavailable) is a UserError."""
     from retrieval.system import collector_paused
@@ -444,7 +445,8 @@ def open_index(index_dir: Path, db_url: str | None, device: str, *, load_network
         from retrieval.search.snapshot import IndexUnavailable
 
         try:
-            return ImageIndex(index_dir, db_url=db_url, device=device, load_network=load_network)
+            return ImageIndex(index_dir, db_url=db_url, device=device, load_network=load_network,
+                              search_params=search_params)
         except (IndexNotFound, IndexUnavailable, WeightsMismatch, DeviceUnavailable) as exc:
             raise UserError(str(exc)) from exc
         except SQLAlchemyError as exc:

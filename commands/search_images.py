@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from retrieval.names import MAX_EF_SEARCH, MAX_NPROBE
 from retrieval.system import display_name, terminal_name
 
 from commands.options import (Command, FloatRange, PathArg, UserError, command_settings, db_url_option, exit_without_teardown, index_dir_option,
@@ -27,11 +28,15 @@ from commands.options import (Command, FloatRange, PathArg, UserError, command_s
 @click.option("--qe-alpha", type=FloatRange(0, 100), default=0.0, show_default=True, metavar="ALPHA",
               help="alpha-QE: weigh each of those results by its cosine similarity to the query ^ ALPHA (0: plain "
                    "average).")
+@click.option("--nprobe", type=click.IntRange(1, MAX_NPROBE), default=None, envvar="RETRIEVAL_NPROBE", show_envvar=True,
+              help="IVF lists searched per query. [default: as index-images recorded it, tuned for recall]")
+@click.option("--ef-search", type=click.IntRange(1, MAX_EF_SEARCH), default=None, envvar="RETRIEVAL_EF_SEARCH",
+              show_envvar=True, help="HNSW search breadth (efSearch). [default: as index-images recorded it]")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"results": [...], "data_dir"} as JSON on stdout; for several queries {"queries": '
                    '[{"query", "results"}, ...], "data_dir"}.')
 def main(query_images: tuple[Path, ...], k: int, index_dir: Path, db_url: str | None, device: str, qe: int,
-         qe_alpha: float, as_json: bool) -> None:
+         qe_alpha: float, nprobe: int | None, ef_search: int | None, as_json: bool) -> None:
     """Print the K images of the index nearest to each QUERY_IMAGE in feature space (- reads one from standard
     input: `curl -s URL | search-images -`). Several queries share one start-up (the network and the index load
     once: about 2 s here), each with its own list.
@@ -55,7 +60,10 @@ def main(query_images: tuple[Path, ...], k: int, index_dir: Path, db_url: str | 
     from retrieval.search.expansion import QueryExpansion
 
     found = []
-    with querying(open_index(index_dir, db_url, device), index_dir, db_url) as index:
+    from retrieval.vectors.faiss_parts import SearchParams
+
+    with querying(open_index(index_dir, db_url, device, search_params=SearchParams(nprobe, ef_search)), index_dir,
+                  db_url) as index:
         for query_image in query_images:
             try:
                 hits, _ = index.search_image(_query_bytes(query_image, stdin), k,

@@ -707,3 +707,26 @@ def test_several_queries_share_one_start_up(sample_index):
     assert f"query: {red}\n" in text and f"\nquery: {blue}\n" in text
     refused = CliRunner().invoke(search_images, [str(red), str(sample_index.index_dir / "catalog.db"), *args])
     assert refused.exit_code == 2 and "cannot use" in refused.output and "rank" not in refused.stdout
+
+
+def test_search_images_takes_the_search_settings_a_server_takes(tmp_path):
+    """Reproduces (scale-out review): search-images had no --nprobe / --ef-search and ignored RETRIEVAL_NPROBE, which
+    serve-images and index-images read: with the variable exported, the CLI and the server answered differently. At
+    nprobe = the number of lists an inverted file is searched whole: the results are exact search's."""
+    from helpers.indexes import build_index
+
+    make_sample_collection(tmp_path / "data", per_class=8, size=(64, 48), seed=4)   # 40 images: raw vectors
+    build_index(tmp_path / "data", tmp_path / "ivf", vector_index="IVF4,Flat")
+    build_index(tmp_path / "data", tmp_path / "flat")
+    query = str(tmp_path / "data" / "red_circles" / "red_circles_000.jpg")
+    def search(index: str, *options: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([console_script("search-images"), query, "--index-dir", str(tmp_path / index), "-k", "10",
+                               "--json", *options], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, **(env or {})})
+
+    exact = json.loads(search("flat").stdout)
+    whole = search("ivf", "--nprobe", "64")
+    assert whole.returncode == 0 and "nprobe 64 is more than the index's 4 lists: all 4 are searched" in whole.stderr
+    assert [r["path"] for r in json.loads(whole.stdout)["results"]] == [r["path"] for r in exact["results"]]
+    by_env = search("ivf", env={"RETRIEVAL_NPROBE": "64"})
+    assert by_env.returncode == 0 and "all 4 are searched" in by_env.stderr and by_env.stdout == whole.stdout
