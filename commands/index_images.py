@@ -127,6 +127,10 @@ def whiten_dim_value(_ctx: click.Context | None, _param: click.Parameter | None,
 @click.option("--data-moved", is_flag=True,
               help="The folder the index was made of is gone and DATA_DIR is it, moved: point the index at DATA_DIR "
                    "(checked: its images at their paths, sizes and times, a few by their bytes) instead of refusing.")
+@click.option("--import-sqlite", is_flag=True,
+              help="With --db-url naming an empty database: copy the index folder's SQLite catalog (catalog.db) into "
+                   "it, vectors and ids as they are (nothing is extracted again), then set catalog.db aside as "
+                   "catalog.db.imported.")
 @click.option("--list-changes", is_flag=True,
               help='List each file added, changed, moved and removed (with --json: "changes").')
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
@@ -134,7 +138,7 @@ def whiten_dim_value(_ctx: click.Context | None, _param: click.Parameter | None,
 def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, views, input_norm, regions, weights, seed, normalize, device, precision, decode, batch_size, workers,  # noqa: ANN001
          max_file_mb: float, ray_address: str | None, index_type: str | None, rebuild_index: bool, nprobe: int | None,
          ef_search: int | None, recall_queries: int | None, auto_flat_max: int | None, whiten: bool | None,
-         whiten_dim: int | None, dba: int | None, check: bool, data_moved: bool, list_changes: bool, as_json: bool,
+         whiten_dim: int | None, dba: int | None, check: bool, data_moved: bool, import_sqlite: bool, list_changes: bool, as_json: bool,
          verbose: bool) -> None:
     """Index (or update the index of) the images in DATA_DIR.
 
@@ -186,7 +190,7 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
                         weights=weights, normalize=normalize, seed=seed, device=device, precision=precision,
                         decode=decode, batch_size=batch_size, workers=workers,
                         max_file_bytes=int(max_file_mb * 2**20), progress=not as_json, ray=ray_address,
-                        list_changes=list_changes, data_moved=data_moved,
+                        list_changes=list_changes, data_moved=data_moved, import_sqlite=import_sqlite,
                         vector_index=vector_index)
     except ConfigError as exc:
         raise UserError(str(exc)) from exc

@@ -70,6 +70,7 @@ class JobConfig:
     progress: bool = True             # a tqdm bar on a terminal
     list_changes: bool = False        # RunReport.changes: each path added, changed, moved and removed
     data_moved: bool = False          # the index's data folder is gone and data_dir is it, moved: follow it
+    import_sqlite: bool = False       # fill the empty catalog database (db_url) from the index folder's catalog.db
     on_progress: Callable[[int, int], None] | None = None   # on_progress(done, total) after each committed batch
                                       # (on the writer thread; files done, of the run's files to do)
     ray: str | None = None            # None: this process; "": a new local Ray cluster (or $RAY_ADDRESS);

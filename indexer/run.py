@@ -67,12 +67,18 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
         with writer_locks(index_dir, cfg.db_url) as catalog:
             locked = True   # (a run that found the folder locked made none of it: another run's first files)
             stored = catalog.settings()
-            if stored is None and catalog.path is None:
+            imported = None
+            if cfg.import_sqlite:
+                imported = _import_sqlite(cfg, catalog, stored)
+                stored = catalog.settings()
+            elif stored is None and catalog.path is None:
                 _refuse_sqlite_index_beside(index_dir, cfg.db_url)
             repairs = list(filter(None, [_remove_leftovers(index_dir),
                                          None if stored is None else restore_random_weights(index_dir, stored)]))
             report = _run(cfg, catalog, started, on_extractor, on_cluster)
             report.repairs[:0] = repairs
+            if imported is not None:
+                report.repairs.insert(0, imported)
             report.network = describe_network(catalog.settings())
             if catalog.bad_vectors:   # vectors that failed their checksum were left out of FAISS: extract them again
                 paths = catalog.mark_for_extraction(sorted(catalog.bad_vectors))
@@ -83,6 +89,39 @@ def run_index(cfg: JobConfig, on_extractor: Callable[[FeatureExtractor], None] |
         if fresh and locked:   # refused before any work: no half-made index folder (a later open would call it one)
             _discard_unused(index_dir)
         raise
+
+
+def _import_sqlite(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None) -> str:
+    """--import-sqlite: copy the index folder's SQLite catalog into the empty database (retrieval.catalog.transfer),
+    then set catalog.db aside as catalog.db.imported (a run without --db-url would have updated it, apart from the
+    database, and rewritten the FAISS file both share). -> the line the summary says it in. Raises ConfigError."""
+    from retrieval.catalog.transfer import copy_catalog
+    from retrieval.system import progress_bar
+
+    index_dir, sqlite = cfg.index_dir, cfg.index_dir / CATALOG_FILE
+    if catalog.path is not None:
+        raise ConfigError("--import-sqlite copies an index folder's SQLite catalog into a database server: give "
+                          "--db-url postgresql://...")
+    if stored is not None:
+        raise ConfigError(f"{mask_url(cfg.db_url)} already holds an index: --import-sqlite fills an empty database "
+                          "only (create another, or leave out --import-sqlite)")
+    if not sqlite.is_file():
+        raise ConfigError(f"--import-sqlite: {index_dir} holds no SQLite catalog ({CATALOG_FILE}) to import")
+    with contextlib.closing(Catalog(index_dir)) as source:
+        settings = source.settings()
+        if settings is None:
+            raise ConfigError(f"--import-sqlite: {sqlite} holds no index (no settings)")
+        if settings.data_dir != str(cfg.data_dir) and os.path.realpath(settings.data_dir) != str(cfg.data_dir):
+            raise ConfigError(f"--import-sqlite: {sqlite} is the index of {settings.data_dir}, not of {cfg.data_dir}")
+        total = len(source.ids())
+        with progress_bar(cfg.progress, "importing", total) as bar:
+            images = copy_catalog(source, catalog, progress=bar.update)
+    for suffix in ("", "-wal", "-shm"):   # (the -wal holds nothing now: the source was closed cleanly)
+        part = index_dir / (CATALOG_FILE + suffix)
+        if part.exists():
+            part.rename(index_dir / (CATALOG_FILE + ".imported" + suffix))
+    return (f"imported {images:,} images from {CATALOG_FILE} into {mask_url(cfg.db_url)} (no image extracted "
+            f"again); {CATALOG_FILE} is kept as {CATALOG_FILE}.imported: remove it once this index serves you")
 
 
 def _refuse_sqlite_index_beside(index_dir: Path, db_url: str) -> None:
@@ -101,8 +140,9 @@ def _refuse_sqlite_index_beside(index_dir: Path, db_url: str) -> None:
         raise ConfigError(
             f"{index_dir} holds an index of {images:,} images in its own SQLite catalog ({CATALOG_FILE}), and "
             f"{mask_url(db_url)} is an empty database: a run would extract every image again into the database "
-            "(there is no import of a SQLite catalog). Give the PostgreSQL index a folder of its own (--index-dir), "
-            "or leave out --db-url to go on with this one")
+            "(and replace this folder's FAISS file). To carry this index over without extracting anything, run again "
+            "with --import-sqlite; else give the PostgreSQL index a folder of its own (--index-dir), or leave out "
+            "--db-url to go on with this one")
 
 
 def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callable[[FeatureExtractor], None] | None,

@@ -240,3 +240,47 @@ def test_an_index_folder_with_its_own_catalog_is_not_filled_anew_into_an_empty_d
     with pytest.raises(ConfigError, match=r"the catalog database postgresql://\S+:\*\*\*@\S+ holds the index of .*"
                                           r"use another database for another data folder"):
         index_images(other, tmp_path / "pg2", db_url=postgres_url)
+
+
+def test_a_sqlite_index_is_carried_into_postgresql_without_extracting_anything(tmp_path, postgres_url, index_images):
+    """`index-images data --index-dir idx --db-url URL --import-sqlite`: the folder's SQLite catalog copied into the empty
+    database (ids, vectors, skipped files, settings as they are), nothing extracted again, catalog.db set aside; the
+    index searches as before, and ids stay never reused (a removed image's id is not handed out again)."""
+    from retrieval.catalog import Catalog
+    from retrieval.search.index import ImageIndex
+
+    data, index = tmp_path / "data", tmp_path / "index"
+    make_sample_collection(data, per_class=3, size=(64, 48), seed=2, classes=["red_circles", "blue_squares"])
+    (data / "red_circles" / "broken.jpg").write_bytes(b"\xff\xd8 not an image")
+    index_images(data, index)
+    (data / "red_circles" / "red_circles_002.jpg").unlink()            # the newest id removed: SQLite never reuses it
+    index_images(data, index)
+    query = (data / "red_circles" / "red_circles_000.jpg").read_bytes()
+    before = ImageIndex(index)
+    try:
+        expected = [(h.id, h.path, round(h.distance, 5)) for h in before.search_image(query, 5)[0]]
+        highest = max(before.catalog.ids())
+    finally:
+        before.close()
+
+    report = index_images(data, index, db_url=postgres_url, import_sqlite=True)
+    assert report.indexed == 0 and report.unchanged == 5, report
+    assert report.repairs[0].startswith("imported 5 images from catalog.db into postgresql://"), report.repairs
+    assert not (index / "catalog.db").exists() and (index / "catalog.db.imported").is_file()
+    served = ImageIndex(index, db_url=postgres_url)
+    try:
+        assert [(h.id, h.path, round(h.distance, 5)) for h in served.search_image(query, 5)[0]] == expected
+        assert [p for p, _ in served.catalog.skipped()] == ["red_circles/broken.jpg"]
+    finally:
+        served.close()
+    Image.new("RGB", (64, 48), (10, 200, 10)).save(data / "new.jpg")
+    assert index_images(data, index, db_url=postgres_url).indexed == 1
+    catalog = Catalog(index, url=postgres_url)
+    try:
+        assert max(catalog.ids()) == highest + 2, "the removed image's id (highest + 1) is not handed out again"
+    finally:
+        catalog.close()
+    from indexer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="already holds an index"):
+        index_images(data, index, db_url=postgres_url, import_sqlite=True)
