@@ -338,3 +338,6 @@ def confusion_lines(labels: list[str], matrix: list[list[int]]) -> list[str]:
 
 
 evaluate_index_entry = exit_without_teardown(main)
+
+if __name__ == "__main__":   # python -m commands.evaluate_index ...: as the console script (it did nothing, exit 0)
+    evaluate_index_entry()

@@ -112,3 +112,6 @@ def format_groups(result) -> str:  # noqa: ANN001 - retrieval.search.duplicates.
 
 
 find_duplicates_entry = exit_without_teardown(main)
+
+if __name__ == "__main__":   # python -m commands.find_duplicates ...: as the console script (it did nothing, exit 0)
+    find_duplicates_entry()

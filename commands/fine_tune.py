@@ -367,4 +367,4 @@ def _print_summary(s: dict) -> None:
 fine_tune_entry = exit_without_teardown(main)
 
 if __name__ == "__main__":
-    main()
+    fine_tune_entry()

@@ -123,7 +123,8 @@ def whiten_dim_value(_ctx: click.Context | None, _param: click.Parameter | None,
 @click.option("--check", is_flag=True,
               help="Verify the index instead of updating it: the catalog file (SQLite quick_check), every vector "
                    "against its checksum, the FAISS file against the catalog. Prints what it found and what to do; "
-                   "exit 1 when something is wrong. Damaged vectors are marked for the next run to extract again.")
+                   "exit 1 when something is wrong. Damaged vectors are marked for the next run to extract again, "
+                   "and rows written before checksums existed get theirs (nothing else is written).")
 @click.option("--data-moved", is_flag=True,
               help="The folder the index was made of is gone and DATA_DIR is it, moved: point the index at DATA_DIR "
                    "(checked: its images at their paths, sizes and times, a few by their bytes) instead of refusing.")
@@ -508,3 +509,6 @@ def describe_vector_index(info: dict) -> str:
 
 
 index_images_entry = exit_without_teardown(main)
+
+if __name__ == "__main__":   # python -m commands.index_images ...: as the console script (it did nothing, exit 0)
+    index_images_entry()

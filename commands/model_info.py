@@ -73,3 +73,6 @@ def format_table(t) -> str:  # noqa: ANN001 - retrieval.features.model_info.Laye
 
 
 model_info_entry = exit_without_teardown(main)
+
+if __name__ == "__main__":   # python -m commands.model_info ...: as the console script (it did nothing, exit 0)
+    model_info_entry()

@@ -147,3 +147,6 @@ def _read_stdin() -> bytes:
 
 
 search_images_entry = exit_without_teardown(main)
+
+if __name__ == "__main__":   # python -m commands.search_images ...: as the console script (it did nothing, exit 0)
+    search_images_entry()

@@ -401,3 +401,7 @@ def worker_exited(_server, worker) -> None:  # noqa: ANN001 - gunicorn's child_e
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid, os.environ[MULTIPROC_ENV])
+
+
+if __name__ == "__main__":   # python -m commands.serve_images ...: as the console script
+    main()
