@@ -587,3 +587,40 @@ def test_without_a_terminal_a_run_says_how_far_it_is_now_and_then(small_data, tm
     capsys.readouterr()
     index_images(small_data, tmp_path / "quiet", progress=False, batch_size=2)   # --json: no such lines
     assert "images/s" not in capsys.readouterr().err
+
+
+def test_an_index_older_than_the_vector_index_record_keeps_its_raw_exact_search(tmp_path, index_images):
+    """Reproduces (upgrade review): an index made before the FAISS side was recorded (no vector_index table) was taken
+    for a new one by the first run of this version: whitened (PCAW32) at 128 images or more, its neighbours changed
+    and its distances 8 times larger, without a word; under 128 whitening waited, to change it months later."""
+    import sqlite3
+
+    from retrieval.search.index import ImageIndex
+    from retrieval.vectors.index_types import IndexTypeConfig
+
+    data, index = tmp_path / "data", tmp_path / "index"
+    make_sample_collection(data, per_class=27, size=(48, 36), seed=6)          # 135 images
+    index_images(data, index, vector_index=IndexTypeConfig(whiten=False))
+    query = (data / "red_circles" / "red_circles_000.jpg").read_bytes()
+
+    def searched() -> list:
+        served = ImageIndex(index)
+        try:
+            return [(h.path, round(h.distance, 4)) for h in served.search_image(query, 6)[0]]
+        finally:
+            served.close()
+
+    before = searched()
+    with sqlite3.connect(index / "catalog.db") as conn:                         # as the versions before it left it
+        conn.execute("DROP TABLE vector_index")
+    first = index_images(data, index).vector_index                              # this version's first run
+    assert first["factory"] == "Flat" and first["whiten"]["on"] is False and first["requested"] == "Flat", first
+    assert searched() == before
+    Image.new("RGB", (48, 36), (250, 250, 10)).save(data / "new.jpg")        # a run with work records it as it is
+    report = index_images(data, index)
+    assert report.vector_index["factory"] == "Flat" and report.vector_index["whiten"]["on"] is False, report.vector_index
+    assert report.vector_index["requested"] == "Flat", "exact at any size, as it was (not auto's compressed type)"
+    assert searched() == before
+    report = index_images(data, index, vector_index=IndexTypeConfig(whiten=True))   # asked for: whitened from now on
+    assert report.vector_index["factory"].startswith("PCAW")
+    assert index_images(data, index).vector_index["factory"].startswith("PCAW")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import logging
 import os
 from contextlib import closing, contextmanager
@@ -20,7 +21,7 @@ from retrieval.catalog.db import (PERCENT_ENCODE_HINT, SCHEMA_LOCK_KEY, WRITER_L
                                   IndexNotFound, catalog_sqlite_file, damaged_reason, db_error_reason, make_engine,
                                   make_server_engine, mask_url, unencoded_credentials)
 from retrieval.catalog.schema import (Base, FaissFileRow, ImageRow, IndexSettingsRow, RegionRow, SkippedRow,
-                                      VectorsSavedRow, utcnow, vector_columns)
+                                      VectorIndexRow, VectorsSavedRow, utcnow, vector_columns)
 from retrieval.catalog.file_states import FileStates
 from retrieval.catalog.integrity import IntegrityChecks
 from retrieval.catalog.records import RunRecords
@@ -79,7 +80,8 @@ class Catalog(IntegrityChecks, RunRecords, RegionVectors, FileStates, VectorRows
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             self.engine = make_engine(self.path, create=create)
             if create:
-                Base.metadata.create_all(self.engine)
+                with self.engine.begin() as conn:
+                    _create_tables(conn)
         else:
             self.engine = make_server_engine(url)
             try:
@@ -87,7 +89,7 @@ class Catalog(IntegrityChecks, RunRecords, RegionVectors, FileStates, VectorRows
                     with self.engine.begin() as conn:   # two first writers at once: one creates, the other waits
                         if self.engine.dialect.name == "postgresql":
                             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
-                        Base.metadata.create_all(conn)
+                        _create_tables(conn)
                 else:
                     self._refuse_without_tables(f"no index in the database {self.location}; run index-images "
                                                 "first (with the same --db-url)")
@@ -359,3 +361,20 @@ class Catalog(IntegrityChecks, RunRecords, RegionVectors, FileStates, VectorRows
                 settings.updated_at = utcnow()
         return new_ids, list(replaced)
 
+
+# The vector-index record of an index made before that record existed (its catalog has no vector_index table): exact
+# Flat search of raw vectors, what every index was then. Written as the table is added, so that the first run of this
+# version keeps it; taken for a new index, it got a new index's defaults (whitening, auto's compressed type past 50,000
+# images), which changed its neighbours and distances (8 times larger) without a word.
+LEGACY_VECTOR_INDEX = {"requested": "Flat", "factory": "Flat", "exact": True, "whiten": {"on": False, "dim": None},
+                       "dba": 0}
+
+
+def _create_tables(conn) -> None:  # noqa: ANN001 - a SQLAlchemy connection in a transaction
+    """The catalog's tables, made where missing; an index older than the vector_index table gets LEGACY_VECTOR_INDEX."""
+    inspector = inspect(conn)
+    older = inspector.has_table(ImageRow.__tablename__) and not inspector.has_table(VectorIndexRow.__tablename__)
+    Base.metadata.create_all(conn)
+    if older and conn.scalar(select(func.count()).select_from(ImageRow)):
+        conn.execute(insert(VectorIndexRow).values(id=1, record=json.dumps(LEGACY_VECTOR_INDEX, sort_keys=True)))
+        log.info("catalog made before the FAISS side was recorded: kept as it was, exact search of raw vectors")
