@@ -280,12 +280,12 @@ def show_config(ctx: click.Context, overrides: dict[str, tuple[Any, str]]) -> No
 def main(ctx: click.Context, index_dir: Path, db_url: str | None, host: str, port: int, workers: int, threads: int, device: str | None,
          timeout: int, read_timeout: float, nprobe: int | None, ef_search: int | None, access_log: bool, compare_index: Path | None, training: Path | None,
          print_config: bool) -> None:
-    """Serve the index in INDEX_DIR: the JSON API (POST /search, GET /images/<id>/neighbours, /stats) and the gallery.
+    """Serve the index in --index-dir: the JSON API (POST /search, GET /images/<id>/neighbours, /stats) and the gallery.
 
     Runs under gunicorn with gthread workers, which read each request in full before a thread takes
     it, so slow or stalled clients cannot hold the request threads. The server notices when
-    index-images updates the index and answers from the new one within a few seconds, without a
-    restart. Limits come from RETRIEVAL_* environment variables (RETRIEVAL_MAX_UPLOAD_MB,
+    index-images updates the index and answers from the new one within about a second of that run's end,
+    without a restart. Limits come from RETRIEVAL_* environment variables (RETRIEVAL_MAX_UPLOAD_MB,
     RETRIEVAL_MAX_PIXELS, ...). /evaluation shows a second index side by side with --compare-index;
     /training shows the fine-tuning history of the index's network (or of --training FILE).
 

@@ -173,6 +173,40 @@ def test_pages_fit_a_phone_screen(browser, base_url):
         context.close()
 
 
+def test_on_a_phone_a_cards_name_wraps_whole_after_its_underscores(browser, base_url):
+    """Reproduces (a newcomer's phone screenshots): "orange_triangl" then "es_000.jpg" on a card, its label
+    "orange_triangle" then "s": a name wrapped at any letter. It wraps after its _ and - now, whole."""
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    try:
+        page.goto(base_url + "/?label=orange_triangles")
+        lines = page.eval_on_selector_all("#grid li", """cards => cards.map(card => {
+            const lines = el => {                  // the text of each line the element is laid out in
+                const walker = document.createTreeWalker(el, NodeFilter.SHOW_TEXT), out = [];
+                let top = null;
+                for (let node; (node = walker.nextNode());) {
+                    for (let i = 0; i < node.length; i++) {
+                        const range = document.createRange();
+                        range.setStart(node, i); range.setEnd(node, i + 1);
+                        const y = Math.round(range.getBoundingClientRect().top);
+                        if (top === null || y > top + 2) { out.push(""); top = y; }
+                        out[out.length - 1] += node.data[i];
+                    }
+                }
+                return out;
+            };
+            return {name: lines(card.querySelector('.filename-wrap')), label: lines(card.querySelector('.chip')),
+                    hidden: getComputedStyle(card.querySelector('.filename')).display === 'none'};
+        })""")
+        assert lines and all(card["hidden"] for card in lines)
+        for card in lines:
+            for parts in (card["name"], card["label"]):
+                assert all(part.endswith(("_", "-", "/")) for part in parts[:-1]), parts   # broken after _ - / only
+        assert "".join(lines[0]["name"]).startswith("orange_triangles_") and len(lines[0]["name"]) > 1
+    finally:
+        context.close()
+
+
 def test_a_long_file_name_on_a_card_gives_way_in_its_middle_and_keeps_its_end_in_view(page, base_url):
     """orange_triangles_003.jpg is wider than a card: its head is cut with an ellipsis, and its end (_003.jpg), what
     tells it from its neighbours, is shown whole inside the card, as is a short name."""
