@@ -54,9 +54,18 @@ def choose_weights() -> WeightsChoice | None:
 
 
 def run(args: list[str]) -> None:
+    """Run a console script as the demo shows it; its stdout passed on but for index-images' machine-readable last
+    line (`summary {...}`, written where stdout is no terminal: a logged demo showed a 1,000-character JSON line)."""
     print("$ " + " ".join(args), flush=True)
     bindir = Path(sys.executable).parent
-    subprocess.run([str(bindir / args[0]), *args[1:]], check=True)
+    if sys.stdout.isatty():
+        subprocess.run([str(bindir / args[0]), *args[1:]], check=True)
+        return
+    done = subprocess.run([str(bindir / args[0]), *args[1:]], stdout=subprocess.PIPE, text=True)
+    sys.stdout.write("".join(line for line in done.stdout.splitlines(keepends=True) if not line.startswith("summary {")))
+    sys.stdout.flush()
+    if done.returncode:
+        raise subprocess.CalledProcessError(done.returncode, args)
 
 
 def main() -> None:

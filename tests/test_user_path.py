@@ -451,6 +451,7 @@ def test_make_demo_serves_the_gallery(browser, tmp_path):
         assert "Sample search" in output and f"gallery and API at http://127.0.0.1:{port}/" in output, log_tail(log)
         assert "Downloading" not in output, "offline, no line that reads as if a download had started"
         assert output.index("RANDOM weights") < output.index("index-images data"), log_tail(log)
+        assert f"indexed {DEMO_IMAGES}" in output and "summary {" not in output, "a logged demo: no machine-readable JSON line"
 
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         try:
