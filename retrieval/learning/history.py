@@ -174,7 +174,7 @@ def training_record(weights_file: Path | str, weights_sha256: str) -> dict:
     if hashes is None:
         return {**record, "status": "no_hashes",
                 "reason": f"{path.name} was written by an older fine-tune, which kept the split's paths but not "
-                          "the images' content hashes"}
+                          "the images' content hashes (fine-tune again with this version to record them)"}
     checkpoints = history.get("checkpoints_sha256") or []   # every checkpoint the run wrote, epoch 0's first
     if history.get("weights_sha256") not in (None, weights_sha256) and weights_sha256 not in checkpoints:
         return {**record, "status": "other_weights",
