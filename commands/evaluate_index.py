@@ -9,6 +9,7 @@ import click
 from retrieval.features.weights import WeightsChoice
 from retrieval.names import DEFAULT_KS
 from retrieval.quality import held_out_words
+from retrieval.system import terminal_name
 
 from commands.options import (Command, PathArg, UserError, catalog_error, command_settings, db_url_option, exit_without_teardown,
                               index_dir_option, index_lag_note, open_index, querying, setup_logging)
@@ -304,14 +305,15 @@ def format_report(r: dict) -> str:
     lines.append(f"chance: retrieval {ch['retrieval_precision']:.3f} (precision of a random ranking); classification "
                  f"{ch['majority_class']:.3f} (always the largest class), {ch['uniform']:.3f} (1/{im['classes']} classes)")
 
-    width = max(12, *(len(name) for name in r["labels"]))
+    shown = {name: terminal_name(name) for name in r["labels"]}   # a class named with \u202e or \x1b: escaped here
+    width = max(12, *(len(name) for name in shown.values()))
     header = f"{'class':<{width}}  {'images':>6}" + "".join(f"{'P@' + str(k):>7}" for k in ks) + \
         f"{'AP':>7}{'kNN@' + str(r['knn']['k']):>8}{'probe':>7}"
     lines += ["", "per class (P@k: retrieval precision; kNN: accuracy on the class's images; probe: on its test images)", header]
     for name in r["per_class"]:
         c = r["per_class"][name]
         probe_acc = "-" if c["probe_accuracy"] is None else f"{c['probe_accuracy']:.3f}"
-        lines.append(f"{name:<{width}}  {c['images']:>6}" + "".join(f"{c['precision_at_k'][str(k)]:>7.3f}" for k in ks) +
+        lines.append(f"{shown.get(name, terminal_name(name)):<{width}}  {c['images']:>6}" + "".join(f"{c['precision_at_k'][str(k)]:>7.3f}" for k in ks) +
                      f"{c['average_precision']:>7.3f}{c['knn_accuracy'][str(r['knn']['k'])]:>8.3f}{probe_acc:>7}")
 
     if len(r["labels"]) <= MAX_MATRIX_CLASSES:
@@ -328,6 +330,7 @@ def format_report(r: dict) -> str:
 
 def confusion_lines(labels: list[str], matrix: list[list[int]]) -> list[str]:
     """A plain ASCII confusion matrix: numbered rows with the label names, columns headed by the same numbers."""
+    labels = [terminal_name(name) for name in labels]
     width = max(len(labels[0]), *(len(name) for name in labels))
     cell = max(3, len(str(max(max(row) for row in matrix))) + 1, len(str(len(labels))) + 1)
     pad = 4 + width
