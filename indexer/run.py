@@ -95,7 +95,7 @@ def _import_sqlite(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | Non
     """--import-sqlite: copy the index folder's SQLite catalog into the empty database (retrieval.catalog.transfer),
     then set catalog.db aside as catalog.db.imported (a run without --db-url would have updated it, apart from the
     database, and rewritten the FAISS file both share). -> the line the summary says it in. Raises ConfigError."""
-    from retrieval.catalog.transfer import copy_catalog
+    from retrieval.catalog.transfer import SourceUnreadable, copy_catalog
     from retrieval.system import progress_bar
 
     index_dir, sqlite = cfg.index_dir, cfg.index_dir / CATALOG_FILE
@@ -107,7 +107,9 @@ def _import_sqlite(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | Non
                           "only (create another, or leave out --import-sqlite)")
     if not sqlite.is_file():
         raise ConfigError(f"--import-sqlite: {index_dir} holds no SQLite catalog ({CATALOG_FILE}) to import")
-    with contextlib.closing(Catalog(index_dir)) as source:
+    # opened as a run of this version opens it: an older catalog gets the tables and columns it lacks (and the record
+    # of an index older than the FAISS record: raw exact search, as it had), so every table the copy reads is there
+    with contextlib.closing(Catalog(index_dir, create=True)) as source:
         settings = source.settings()
         if settings is None:
             raise ConfigError(f"--import-sqlite: {sqlite} holds no index (no settings)")
@@ -115,7 +117,10 @@ def _import_sqlite(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | Non
             raise ConfigError(f"--import-sqlite: {sqlite} is the index of {settings.data_dir}, not of {cfg.data_dir}")
         total = len(source.ids())
         with progress_bar(cfg.progress, "importing", total) as bar:
-            images = copy_catalog(source, catalog, progress=bar.update)
+            try:
+                images = copy_catalog(source, catalog, progress=bar.update)
+            except SourceUnreadable as exc:   # (not the database server's failure: running again cannot help)
+                raise ConfigError(f"--import-sqlite: {exc}; nothing was imported") from exc
     for suffix in ("", "-wal", "-shm"):   # (the -wal holds nothing now: the source was closed cleanly)
         part = index_dir / (CATALOG_FILE + suffix)
         if part.exists():

@@ -284,3 +284,35 @@ def test_a_sqlite_index_is_carried_into_postgresql_without_extracting_anything(t
 
     with pytest.raises(ConfigError, match="already holds an index"):
         index_images(data, index, db_url=postgres_url, import_sqlite=True)
+
+
+def test_an_index_older_than_its_records_is_imported_as_it_was(tmp_path, postgres_url, index_images):
+    """Review of --import-sqlite: a catalog.db made by an older version (no vector_index, extraction or
+    weights_training table) failed with 'no such table', blamed on PostgreSQL ('run the same command again', which
+    failed alike); imported, it must keep its raw exact search, not take a new index's whitening."""
+    import sqlite3
+
+    from retrieval.search.index import ImageIndex
+    from retrieval.vectors.index_types import IndexTypeConfig
+
+    data, index = tmp_path / "data", tmp_path / "index"
+    make_sample_collection(data, per_class=27, size=(48, 36), seed=6)          # 135: a new index would whiten
+    index_images(data, index, vector_index=IndexTypeConfig(whiten=False))
+    with sqlite3.connect(index / "catalog.db") as conn:                         # as the first versions left it
+        for table in ("vector_index", "extraction", "weights_training"):
+            conn.execute(f"DROP TABLE {table}")
+    query = (data / "red_circles" / "red_circles_000.jpg").read_bytes()
+    before = ImageIndex(index)
+    try:
+        expected = [(h.path, round(h.distance, 4)) for h in before.search_image(query, 6)[0]]
+    finally:
+        before.close()
+    report = index_images(data, index, db_url=postgres_url, import_sqlite=True)
+    assert report.repairs[0].startswith("imported 135 images"), report.repairs
+    served = ImageIndex(index, db_url=postgres_url)
+    try:
+        record = served.catalog.vector_index_record()
+        assert record["factory"] == "Flat" and record["whiten"]["on"] is False, record
+        assert [(h.path, round(h.distance, 4)) for h in served.search_image(query, 6)[0]] == expected
+    finally:
+        served.close()

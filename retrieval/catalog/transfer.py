@@ -11,13 +11,19 @@ from __future__ import annotations
 from typing import Callable
 
 from sqlalchemy import func, insert, select, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from retrieval.catalog.catalog import Catalog
+from retrieval.catalog.db import db_error_reason
 from retrieval.catalog.schema import Base, ImageRow, RegionBase, RegionRow
 
 # tables of one index folder's FAISS file, not of the catalog (a server keeps them per folder, by absolute path)
 PER_FOLDER = frozenset({"vectors_saved", "faiss_files", "faiss_digests"})
 CHUNK_ROWS = 1000   # rows read and written at a time (a row holds a 16 kB vector)
+
+
+class SourceUnreadable(RuntimeError):
+    """The SQLite catalog to copy cannot be read (damaged, or a table missing); the database is left empty."""
 
 
 def copy_catalog(source: Catalog, target: Catalog, progress: Callable[[int], None] | None = None) -> int:
@@ -30,8 +36,13 @@ def copy_catalog(source: Catalog, target: Catalog, progress: Callable[[int], Non
         tables.append(RegionBase.metadata.tables[RegionRow.__tablename__])
     with source.engine.connect() as src, target.engine.begin() as dst:
         for table in tables:
-            result = src.execution_options(yield_per=CHUNK_ROWS).execute(select(table))
-            for chunk in result.partitions(CHUNK_ROWS):
+            try:
+                result = src.execution_options(yield_per=CHUNK_ROWS).execute(select(table))
+                chunks = iter(result.partitions(CHUNK_ROWS))
+            except SQLAlchemyError as exc:
+                raise SourceUnreadable(f"{source.location} cannot be read ({table.name}: "
+                                       f"{db_error_reason(exc)})") from exc
+            for chunk in chunks:
                 dst.execute(insert(table), [dict(row._mapping) for row in chunk])
                 if progress is not None and table.name == ImageRow.__tablename__:
                     progress(len(chunk))
