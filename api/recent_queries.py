@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from sqlalchemy import Column, Float, Integer, LargeBinary, MetaData, String, Table, delete, insert, select
+from sqlalchemy import Column, Float, Integer, LargeBinary, MetaData, String, Table, delete, event, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.schema import CreateIndex, CreateTable
@@ -93,7 +93,10 @@ class RecentQueries:
 
         def work(engine: Engine) -> None:
             with engine.begin() as conn:
-                conn.execute(delete(_queries).where(_queries.c.created < time.time() - self.ttl_s))
+                gone = conn.execute(delete(_queries).where(_queries.c.created < time.time() - self.ttl_s)).rowcount
+            if gone:   # the write-ahead log held the deleted rows' pages too: folded into the file, the log emptied
+                with engine.connect() as conn:
+                    conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
         try:
             self._run(work)
         except (_NoStore, OperationalError, OSError) as exc:   # swept again later; said, not raised
@@ -118,6 +121,9 @@ class RecentQueries:
         except PermissionError:           # another user's: left as it is
             pass
         engine = make_engine(self.path)               # WAL: workers read while another writes
+        # a deleted row's bytes (a visitor's photo) overwritten, not left in free pages: SQLite's own default keeps them
+        # (Debian's build turns it on, macOS's and most others do not)
+        event.listen(engine, "connect", lambda dbapi, _record: dbapi.execute("PRAGMA secure_delete = ON"))
         with engine.begin() as conn:   # IF NOT EXISTS: gunicorn starts its workers together on a fresh folder
             conn.execute(CreateTable(_queries, if_not_exists=True))
             for index in _queries.indexes:

@@ -68,6 +68,8 @@ def test_a_visitors_upload_leaves_the_file_after_its_hour_and_the_file_is_the_se
     assert rows_on_disk(path) == ["photo2.jpg"]
     store.close()
     assert rows_on_disk(path) == [], "swept as the server stops"
+    for part in (path, path.with_name(path.name + "-wal")):   # nor left in the file's free pages or its log
+        assert not part.exists() or b"jpeg 1" not in part.read_bytes() and b"photo1.jpg" not in part.read_bytes(), part
 
     path.chmod(0o644)   # a store made before
     RecentQueries(path).close()

@@ -316,3 +316,34 @@ def test_an_index_older_than_its_records_is_imported_as_it_was(tmp_path, postgre
         assert [(h.path, round(h.distance, 4)) for h in served.search_image(query, 6)[0]] == expected
     finally:
         served.close()
+
+
+def test_index_images_in_a_replica_folder_after_the_writer_retrained_ranks_as_the_writer(tmp_path, postgres_url,
+                                                                                        index_images, caplog):
+    """Review of the build note: index-images run in a replica folder (as a server's message once advised) kept its
+    file's old whitening but wrote the writer's newer build into its note, so nothing noticed again; and two folders
+    that built alike called each other's file earlier (the note held the training's time), rebuilding at each start."""
+    import logging
+
+    from retrieval.search.index import ImageIndex
+    from retrieval.vectors.index_types import IndexTypeConfig
+
+    data, writer, replica = tmp_path / "data", tmp_path / "writer", tmp_path / "replica"
+    make_sample_collection(data, per_class=26, size=(64, 48), seed=2)          # 130 images: whitened (trained)
+    index_images(data, writer, db_url=postgres_url)
+    index_images(data, replica, db_url=postgres_url)
+    with caplog.at_level(logging.WARNING):
+        ImageIndex(writer, db_url=postgres_url).close()
+    assert "earlier build" not in caplog.text, "the same build, trained a second later in another folder"
+    make_sample_collection(data, per_class=32, size=(64, 48), seed=2)          # 160 images
+    index_images(data, writer, db_url=postgres_url, vector_index=IndexTypeConfig(rebuild=True))   # retrained: 160
+    index_images(data, replica, db_url=postgres_url)
+    query = (data / "red_circles" / "red_circles_000.jpg").read_bytes()
+    served = {}
+    for folder in (writer, replica):
+        index = ImageIndex(folder, db_url=postgres_url)
+        try:
+            served[folder.name] = [(h.path, round(h.distance, 4)) for h in index.search_image(query, 10)[0]]
+        finally:
+            index.close()
+    assert served["replica"] == served["writer"]

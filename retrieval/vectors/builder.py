@@ -78,6 +78,22 @@ class IndexBuilder:
     def open(self) -> tuple[VectorIndex, bool]:
         """-> (the index as the catalog has it, changed since the file); the regions' index in self.regions."""
         factory = (self.previous or {}).get("factory", FLAT)
+        shared = self.catalog.path is None and (self.previous or {}).get("factory") not in (None, FLAT)
+        saved = saved_build(self.path) if shared else None
+        if shared and (not self.path.exists() or (saved is not None and saved != build_identity(self.previous))):
+            # a folder sharing the catalog without a file, or whose file holds an earlier build (the writer retrained
+            # elsewhere since): the recorded build made again (its training reproduced, as a replica's server does),
+            # never a training of its own (which, recorded, made every other folder's file an earlier build) nor the
+            # old file under the new record's note
+            if saved is not None:
+                log.warning("the FAISS file %s holds an earlier build than the catalog records: building the "
+                            "recorded one from the catalog", self.path)
+            vectors = rebuilt_from_catalog(self.catalog, self.path, self.dim, reader=False)
+            if vectors is None:
+                return self.build(self.wanted(self.catalog.count())), True
+            if self.region_count:
+                self.regions, _ = open_regions(self.regions_path, self.catalog, vectors)
+            return vectors, True
         vectors = VectorIndex.load(self.path, self.dim, factory=factory, vector_source=self.catalog.vectors)
         if vectors is None:   # missing, unreadable, or not the recorded type: the catalog has everything
             return self.build(self.wanted(self.catalog.count())), True
@@ -274,7 +290,8 @@ def build_identity(record: dict | None) -> str:
     """What of a vector-index record fixes the vectors searched (the FAISS type, its training, its whitening), as
     text: equal for two FAISS files that search alike, whichever folder holds them."""
     record = record or {}
-    return json.dumps([record.get("factory"), record.get("train"), record.get("whitened_dim")], sort_keys=True)
+    train = {k: v for k, v in (record.get("train") or {}).items() if k not in ("at", "seconds")}   # (when, how long:
+    return json.dumps([record.get("factory"), train, record.get("whitened_dim")], sort_keys=True)   # not what)
 
 
 def build_file(path: Path) -> Path:
@@ -304,7 +321,7 @@ def maintain_vectors(catalog: Catalog, path: Path, dim: int, config: IndexTypeCo
     return builder.record, len(vectors)
 
 
-def rebuilt_from_catalog(catalog: Catalog, path: Path, dim: int) -> VectorIndex | None:
+def rebuilt_from_catalog(catalog: Catalog, path: Path, dim: int, *, reader: bool = True) -> VectorIndex | None:
     """The FAISS type the catalog records, built again from it in memory, for a reader whose file is missing or is
     another catalog's (a replica started without one, a database made anew under it): trained as index-images trains
     it (the seeded sample of the catalog's ids now), so searches rank as the writer's do, whitened where the index
@@ -316,8 +333,11 @@ def rebuilt_from_catalog(catalog: Catalog, path: Path, dim: int) -> VectorIndex 
     train = record.get("train") or {}
     builder = IndexBuilder(catalog, path, dim, IndexTypeConfig(seed=train.get("seed", 0)))
     builder.region_count = 0   # the reader opens the regional vectors itself
-    log.warning("the FAISS file %s is missing or not this catalog's: building %s from the catalog in memory (run "
-                "index-images on the writer's folder to save one)", path, factory)
+    if reader:
+        log.warning("the FAISS file %s is missing or not this catalog's: building %s from the catalog in memory (run "
+                    "index-images on the writer's folder to save one)", path, factory)
+    else:   # index-images in a folder sharing the catalog: it saves what it builds
+        log.info("building the recorded %s from the catalog for %s (its training reproduced)", factory, path)
     ids = catalog.ids()
     # trained among the ids the writer's file was (those since removed aside), so both whiten alike
     trained_on = ids[ids <= train["last_id"]] if train.get("last_id") else ids[:train.get("count") or len(ids)]
