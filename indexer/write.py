@@ -60,6 +60,8 @@ class Writer:
         # is silent there (hours of nothing between the start and the summary at a million images)
         self.heartbeat = cfg.progress and bool(plan.todo) and not sys.stderr.isatty()
         self.started = self.last_beat = time.monotonic()
+        self.paced_from: tuple[float, int] | None = None   # (time, files done) at the first commit: the pace excludes
+                                                           # the start-up (network, cluster) before it
         self.stage: StageThread | None = None   # the writer thread, while in the with block
 
     def write(self, rows: list[dict], feats: np.ndarray, bad: list[dict], regions: np.ndarray | None = None) -> None:
@@ -87,9 +89,11 @@ class Writer:
             self.last_save = time.monotonic()
         self.bar.update(len(rows) + len(bad))
         self.done += len(rows) + len(bad)
-        if self.heartbeat and time.monotonic() - self.last_beat >= HEARTBEAT_S and self.done < self.todo:
+        if self.paced_from is None:
+            self.paced_from = (time.monotonic(), self.done)
+        elif self.heartbeat and time.monotonic() - self.last_beat >= HEARTBEAT_S and self.done < self.todo:
             self.last_beat = time.monotonic()
-            rate = self.done / max(self.last_beat - self.started, 1e-9)
+            rate = (self.done - self.paced_from[1]) / max(self.last_beat - self.paced_from[0], 1e-9)
             left = (self.todo - self.done) / rate if rate > 0 else 0
             sys.stderr.write(f"indexed {self.done:,} of {self.todo:,} ({rate:,.1f} images/s, about "
                              f"{duration_words(left)} left)\n")
