@@ -23,6 +23,18 @@ from helpers.waiting import wait_for
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]   # a PostgreSQL server and two serve-images
 
 
+def ranked(folder, data, db_url: str) -> list[tuple[str, float]]:  # noqa: ANN001 - paths
+    """The ten nearest to red_circles_000.jpg, by the index in folder (path, distance to 4 places)."""
+    from retrieval.search.index import ImageIndex
+
+    index = ImageIndex(folder, db_url=db_url)
+    try:
+        hits = index.search_image((data / "red_circles" / "red_circles_000.jpg").read_bytes(), 10)[0]
+        return [(h.path, round(h.distance, 4)) for h in hits]
+    finally:
+        index.close()
+
+
 def search(base: str, image: bytes, k: int = 3) -> list[dict]:
     answer = requests.post(base + "/search", params={"k": k}, data=image, headers={"Content-Type": "image/jpeg"},
                            timeout=60)
@@ -127,7 +139,6 @@ def test_a_replica_with_its_own_faiss_file_of_an_earlier_build_ranks_as_the_writ
     """Reproduces (scale-out review): a replica folder that had its own FAISS file (index-images run there, as the
     server's message advised) kept that file's whitening after the writer retrained (the collection doubled): its ids
     were reconciled, its whitening was not, and it ranked unlike the writer and the other replicas, without a word."""
-    from retrieval.search.index import ImageIndex
     from retrieval.vectors.builder import build_file
 
     data = tmp_path / "data"
@@ -141,15 +152,7 @@ def test_a_replica_with_its_own_faiss_file_of_an_earlier_build_ranks_as_the_writ
     make_sample_collection(data, per_class=54, size=(64, 48), seed=2)          # 270: doubled, the writer retrains
     report = index_images(data, writer, db_url=postgres_url)
     assert report.vector_index["train"]["count"] >= 260, report.vector_index
-    query = (data / "red_circles" / "red_circles_000.jpg").read_bytes()
-    served = {}
-    for folder in (writer, replica):
-        index = ImageIndex(folder, db_url=postgres_url)
-        try:
-            served[folder.name] = [(h.path, round(h.distance, 4)) for h in index.search_image(query, 10)[0]]
-        finally:
-            index.close()
-    assert served["replica"] == served["writer"]
+    assert ranked(replica, data, postgres_url) == ranked(writer, data, postgres_url)
 
 
 def test_a_catalog_database_out_of_reach_is_told_to_clients_without_its_address(tmp_path, postgres, postgres_url,
@@ -338,12 +341,4 @@ def test_index_images_in_a_replica_folder_after_the_writer_retrained_ranks_as_th
     make_sample_collection(data, per_class=32, size=(64, 48), seed=2)          # 160 images
     index_images(data, writer, db_url=postgres_url, vector_index=IndexTypeConfig(rebuild=True))   # retrained: 160
     index_images(data, replica, db_url=postgres_url)
-    query = (data / "red_circles" / "red_circles_000.jpg").read_bytes()
-    served = {}
-    for folder in (writer, replica):
-        index = ImageIndex(folder, db_url=postgres_url)
-        try:
-            served[folder.name] = [(h.path, round(h.distance, 4)) for h in index.search_image(query, 10)[0]]
-        finally:
-            index.close()
-    assert served["replica"] == served["writer"]
+    assert ranked(replica, data, postgres_url) == ranked(writer, data, postgres_url)
