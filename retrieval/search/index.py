@@ -21,11 +21,11 @@ from retrieval.catalog import (CATALOG_FILE, Catalog, CatalogUnavailable, IndexS
 from retrieval.files import file_stamp
 from retrieval.images.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_for_model
 from retrieval.search.expansion import QueryExpansion
+from retrieval.search.served_vectors import served_vectors
 from retrieval.search.snapshot import Hit, IndexSnapshot, IndexUnavailable, network_key
 from retrieval.vectors.faiss_parts import SearchParams, apply_search_params
-from retrieval.names import FAISS_FILE, REGIONS_FILE, random_weights_file
+from retrieval.names import FAISS_FILE, random_weights_file
 from retrieval.system import display_name
-from retrieval.vectors.regions import open_regions, reconcile_regions
 from retrieval.vectors.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -204,38 +204,9 @@ class ImageIndex:
                     "weights")
         else:
             extractor = None
-        from retrieval.vectors.builder import build_identity, rebuilt_from_catalog, saved_build
-
         record = catalog.vector_index_record()
-        # a replica without the writer's FAISS file sees the same signature whatever the writer did: the recorded
-        # build tells whether its own index can be brought up to date (new rows added) or must be built anew (the
-        # writer changed the type, retrained its whitening, or averages its vectors with their neighbours' (DBA))
-        reuse = on_server and previous is not None and previous.catalog_file == catalog_file \
-            and previous.faiss_signature == signature and network_key(previous.settings) == network_key(settings) \
-            and build_identity(previous.vector_record) == build_identity(record) and not (record or {}).get("dba")
-        if reuse:
-            # the same catalog, changed by a writer (whose FAISS file may be in another folder): bring a copy of
-            # the served vectors up to date from the database, without reading every vector again
-            vectors = previous.vectors.copy()
-            vectors.reconcile(catalog)
-        else:
-            # a catalog shared by several folders: this folder's file may hold a build the writer has replaced since
-            # (retrained elsewhere: another whitening), which reconciling its ids would serve, ranking unlike the rest
-            saved = saved_build(self.faiss_path) if on_server else None
-            outdated = saved is not None and saved != build_identity(record)
-            if outdated:
-                log.warning("the FAISS file %s holds an earlier build than the catalog records (the writer retrained "
-                            "or changed the type since it was saved): built again from the catalog", self.faiss_path)
-            vectors, _ = VectorIndex.open_reconciled(
-                self.faiss_path, catalog, settings.dim, factory=None, mmap=self.mmap,
-                augmented=bool((record or {}).get("dba")), ignore_file=outdated,
-                rebuild=lambda: rebuilt_from_catalog(catalog, self.faiss_path, settings.dim))
-        regions = None
-        if settings.regions and reuse and previous.regions is not None:   # as the main vectors above
-            regions = previous.regions.copy()
-            reconcile_regions(regions, catalog)
-        elif settings.regions:   # the regions' file in step with the catalog and the vectors (rebuilt here if not)
-            regions, _ = open_regions(self.index_dir / REGIONS_FILE, catalog, vectors)
+        vectors, regions = served_vectors(self.index_dir, catalog, settings, record, previous, signature, catalog_file,
+                                          mmap=self.mmap)
         recorded = SearchParams.from_json((record or {}).get("search_params"))
         apply_search_params(vectors.index, self.search_params.over(recorded))   # before any search sees it
         return IndexSnapshot(previous.version + 1 if previous else 1, settings, catalog, vectors, extractor,

@@ -79,15 +79,11 @@ class IndexBuilder:
         """-> (the index as the catalog has it, changed since the file); the regions' index in self.regions."""
         factory = (self.previous or {}).get("factory", FLAT)
         shared = self.catalog.path is None and (self.previous or {}).get("factory") not in (None, FLAT)
-        saved = saved_build(self.path) if shared else None
-        if shared and (not self.path.exists() or (saved is not None and saved != build_identity(self.previous))):
+        if shared and (not self.path.exists() or outdated_build(self.path, self.catalog, self.previous)):
             # a folder sharing the catalog without a file, or whose file holds an earlier build (the writer retrained
             # elsewhere since): the recorded build made again (its training reproduced, as a replica's server does),
             # never a training of its own (which, recorded, made every other folder's file an earlier build) nor the
             # old file under the new record's note
-            if saved is not None:
-                log.warning("the FAISS file %s holds an earlier build than the catalog records: building the "
-                            "recorded one from the catalog", self.path)
             vectors = rebuilt_from_catalog(self.catalog, self.path, self.dim, reader=False)
             if vectors is None:
                 return self.build(self.wanted(self.catalog.count())), True
@@ -306,6 +302,18 @@ def saved_build(path: Path) -> str | None:
         return build_file(path).read_text()
     except (OSError, UnicodeDecodeError):
         return None
+
+
+def outdated_build(path: Path, catalog: Catalog, record: dict | None) -> bool:
+    """Whether the FAISS file at path, in a folder sharing a catalog on a database server, holds an earlier build than
+    the catalog records (the writer retrained or changed the type elsewhere since it was saved); said in the log.
+    False for an SQLite catalog (one folder), and for a file without a note (taken for the catalog's build)."""
+    saved = saved_build(path) if catalog.path is None else None
+    if saved is None or saved == build_identity(record):
+        return False
+    log.warning("the FAISS file %s holds an earlier build than the catalog records (the writer retrained or changed "
+                "the type since it was saved): building the recorded one from the catalog", path)
+    return True
 
 
 def maintain_vectors(catalog: Catalog, path: Path, dim: int, config: IndexTypeConfig,
