@@ -17,6 +17,7 @@ from retrieval.features.backbones import random_weights_file
 from retrieval.names import FAISS_FILE
 
 from helpers.postgres import PASSWORD
+from helpers.scripts import console_script
 from helpers.servers import serve_images
 from helpers.waiting import wait_for
 
@@ -266,9 +267,13 @@ def test_a_sqlite_index_is_carried_into_postgresql_without_extracting_anything(t
     finally:
         before.close()
 
-    report = index_images(data, index, db_url=postgres_url, import_sqlite=True)
-    assert report.indexed == 0 and report.unchanged == 5, report
-    assert report.repairs[0].startswith("imported 5 images from catalog.db into postgresql://"), report.repairs
+    done = subprocess.run([console_script("index-images"), "data", "--index-dir", "index", "--db-url", postgres_url,
+                           "--import-sqlite", "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr                                   # as a user types it, relative paths
+    report = json.loads(done.stdout)
+    assert report["indexed"] == 0 and report["unchanged"] == 5, report
+    assert report["repairs"][0].startswith("imported 5 images from catalog.db into postgresql://"), report["repairs"]
+    assert PASSWORD not in done.stdout + done.stderr
     assert not (index / "catalog.db").exists() and (index / "catalog.db.imported").is_file()
     served = ImageIndex(index, db_url=postgres_url)
     try:
