@@ -111,8 +111,9 @@ def test_metrics_are_summed_over_gunicorn_workers(sample_index, tmp_path):
         port = int(base.rsplit(":", 1)[1])   # the server's workers, by their listening socket, and their metric files
         listening = {c.pid for c in psutil.net_connections("tcp")
                      if c.pid and c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN}
-        folders = {Path(f.path).parent for pid in listening for f in psutil.Process(pid).open_files()
-                   if Path(f.path).parent.name.startswith("serve-images-metrics-")}
+        # its files open or mapped (prometheus-client maps them; the descriptor may be closed by the time we look)
+        held = [f.path for pid in listening for f in [*psutil.Process(pid).open_files(), *psutil.Process(pid).memory_maps()]]
+        folders = {Path(path).parent for path in held if Path(path).parent.name.startswith("serve-images-metrics-")}
         assert len(folders) == 1, f"expected serve-images' one metrics folder, found {folders}"
         metrics_dir = folders.pop()
         # in memory where there is room: mapped files on a full /tmp killed the workers (SIGBUS)
