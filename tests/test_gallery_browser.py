@@ -134,9 +134,10 @@ def test_a_file_refused_by_the_top_bar_is_said_under_it_and_can_be_chosen_again(
     (tmp_path / "notes.txt").write_text("not a photo")
     page.goto(base_url + "/gallery/1")
     page.set_input_files(".topbar-upload input[type=file]", str(tmp_path / "notes.txt"))
-    error = page.locator(".topbar-upload .form-error")
-    error.wait_for(state="visible", timeout=5000)
-    assert error.inner_text() == "“notes.txt” is not an image." and not dialogs
+    # the box is shown empty, then filled on the next frame (so a screen reader announces the same message again)
+    page.wait_for_function("() => document.querySelector('.topbar-upload .form-error').textContent.includes('notes.txt')",
+                           timeout=5000)
+    assert page.locator(".topbar-upload .form-error").inner_text() == "“notes.txt” is not an image." and not dialogs
     assert page.eval_on_selector(".topbar-upload input[type=file]", "input => input.files.length") == 0
     assert page.url == base_url + "/gallery/1"
 
