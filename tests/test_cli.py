@@ -739,3 +739,9 @@ def test_search_images_takes_the_search_settings_a_server_takes(tmp_path):
     assert [r["path"] for r in json.loads(whole.stdout)["results"]] == [r["path"] for r in exact["results"]]
     by_env = search("ivf", env={"RETRIEVAL_NPROBE": "64"})
     assert by_env.returncode == 0 and "all 4 are searched" in by_env.stderr and by_env.stdout == whole.stdout
+    # a setting the index's type has no use for is said so (it searched exactly as without it, without a word)
+    unused = search("flat", "--nprobe", "8", "--ef-search", "32")
+    assert unused.returncode == 0 and json.loads(unused.stdout) == exact
+    assert "--nprobe 8 (or RETRIEVAL_NPROBE) is not used: this index is not an inverted file (IVF)" in unused.stderr
+    assert "--ef-search 32 (or RETRIEVAL_EF_SEARCH) is not used: this index is not an HNSW graph" in unused.stderr
+    assert "is not used" not in search("ivf", "--nprobe", "2").stderr

@@ -208,6 +208,7 @@ class ImageIndex:
         vectors, regions = served_vectors(self.index_dir, catalog, settings, record, previous, signature, catalog_file,
                                           mmap=self.mmap)
         recorded = SearchParams.from_json((record or {}).get("search_params"))
+        _say_unused(self.search_params, vectors.index)
         apply_search_params(vectors.index, self.search_params.over(recorded))   # before any search sees it
         return IndexSnapshot(previous.version + 1 if previous else 1, settings, catalog, vectors, extractor,
                              signature, catalog_file, updated_at, record, regions,
@@ -356,6 +357,18 @@ class ImageIndex:
             return file_stamp(path)
         except OSError:
             return None
+
+
+def _say_unused(asked: SearchParams, index) -> None:
+    """Warn of search settings asked for (--nprobe, --ef-search, their variables) that this index's type has no use
+    for: a Flat index given --nprobe searched exactly as without it, and nothing said so."""
+    used = asked.used_by(index).to_json()
+    for name, value in asked.to_json().items():
+        if name not in used:
+            option, kind = {"nprobe": ("--nprobe", "an inverted file (IVF)"),
+                            "ef_search": ("--ef-search", "an HNSW graph")}[name]
+            log.warning("%s %d (or RETRIEVAL_%s) is not used: this index is not %s, and searches as it would "
+                        "without it", option, value, name.upper(), kind)
 
 
 def _file_id(path: Path) -> tuple[int, int]:
