@@ -9,11 +9,15 @@ from typing import TYPE_CHECKING
 from retrieval.catalog import Catalog, IndexSettings
 from retrieval.features.weights import WeightsChoice
 from retrieval.learning.history import TRAINING_RECORDED, training_record
+from retrieval.system import display_name
 
 from indexer.config import ConfigError, JobConfig
 
 if TYPE_CHECKING:
     from retrieval.features.backbones import FeatureExtractor
+
+WEIGHTS_FILE_CHECKED = "weights-file.checked"   # in the index folder: not beside a user's own weights file
+
 
 def load_network(cfg: JobConfig, catalog: Catalog, stored: IndexSettings | None, chosen: dict,
                  device: str) -> FeatureExtractor:
@@ -96,28 +100,58 @@ def restore_random_weights(index_dir: Path, stored: IndexSettings) -> str | None
     return f"the random weights file {path.name} was {state}: made again from seed {stored.seed} (the same file, by its SHA-256)"
 
 
+def check_weights_file(index_dir: Path, stored: IndexSettings) -> None:
+    """An index built from a state dict file (fine-tune's output): that file is there and is the one recorded, on
+    every run, one with nothing to index included (which said "indexed 0, unchanged 60" over an index that could no
+    longer be searched after `fine-tune --overwrite` replaced the file). Raises ConfigError naming what to do."""
+    from retrieval.features.digests import file_sha256
+
+    choice = stored.weights_choice
+    if not choice.is_file:
+        return
+    path = choice.source_file(index_dir, stored.model)
+    note = index_dir / WEIGHTS_FILE_CHECKED
+    try:
+        if _checked_before(path, stored.weights_identity, note):
+            return
+        sha256 = file_sha256(path)
+    except FileNotFoundError:
+        raise ConfigError(f"the weights file this index was built with, {display_name(str(path))}, is missing "
+                          "(moved or deleted?): put it back there, or if it moved, run again with --weights NEW_PATH "
+                          "(the index follows it)") from None
+    except OSError:
+        return   # unreadable: loading it says so, with what to do
+    if sha256 != stored.weights_sha256:
+        raise ConfigError(
+            f"the weights file {display_name(str(path))} is not the one this index was built with (its SHA-256 is "
+            f"{sha256[:12]}..., the index's {(stored.weights_sha256 or '')[:12]}...: replaced, by fine-tune "
+            "--overwrite say), and the index's vectors cannot be searched with other weights: put the file it was "
+            "built with back, or index into another folder with these weights (--index-dir NEW)")
+    _note_checked(path, stored.weights_identity, note)
+
+
 def _checked_file(path: Path) -> Path:
     """Beside the random weights: the file's stamp when its bytes were last found to be the recorded ones."""
     return path.with_name(path.name + ".checked")
 
 
-def _checked_before(path: Path, identity: str) -> bool:
-    """Whether the weights file is as it was when last found sound (its stamp), so it need not be read again: 244 MB
-    (AlexNet) to 553 MB (VGG16) on every run, one with nothing to index included."""
+def _checked_before(path: Path, identity: str, note: Path | None = None) -> bool:
+    """Whether the weights file is as it was when last found sound (its stamp, noted in note, else beside it), so it
+    need not be read again: 244 MB (AlexNet) to 553 MB (VGG16) on every run, one with nothing to index included."""
     from retrieval.files import file_stamp
 
     try:
-        noted = json.loads(_checked_file(path).read_text())
+        noted = json.loads((note or _checked_file(path)).read_text())
         return noted == {"stamp": list(file_stamp(path)), "identity": identity}
     except (OSError, ValueError):
         return False
 
 
-def _note_checked(path: Path, identity: str) -> None:
+def _note_checked(path: Path, identity: str, note: Path | None = None) -> None:
     from retrieval.files import atomic_write, file_stamp
 
     try:
-        atomic_write(_checked_file(path), json.dumps({"stamp": list(file_stamp(path)), "identity": identity}).encode(),
+        atomic_write(note or _checked_file(path), json.dumps({"stamp": list(file_stamp(path)), "identity": identity}).encode(),
                      durable=False)
     except OSError:
         pass   # a read-only index folder: checked again next time

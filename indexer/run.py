@@ -23,7 +23,7 @@ from indexer.config import (ConfigError, JobConfig, RunReport, describe_network,
                             resolve_settings)
 from indexer.local import run_local
 from indexer.locks import writer_locks
-from indexer.network import record_training_images, restore_random_weights
+from indexer.network import check_weights_file, record_training_images, restore_random_weights
 from indexer.plan import Plan, plan, record_refused, removals
 from indexer.write import maintain_vectors
 
@@ -171,6 +171,7 @@ def _run(cfg: JobConfig, catalog: Catalog, started: float, on_extractor: Callabl
         catalog.touch()   # servers load the index again, its network from the new place
         chosen["weights"] = stored.weights_choice
     if stored is not None:   # the images its weights were fine-tuned on, if not known yet (no network needed)
+        check_weights_file(index_dir, stored)
         record_training_images(catalog, stored.weights_choice, stored.weights_identity)
     if chosen["weights"].is_file and cfg.vector_index.whiten is None and catalog.vector_index_record() is None:
         # a new index of a weights file (fine-tune's output; new until its FAISS side is first recorded, a first run

@@ -168,3 +168,50 @@ def test_a_first_run_of_a_weights_file_killed_before_its_faiss_side_still_does_n
         assert catalog.count() == 30 and catalog.vector_index_record()["whiten"]["on"] is False
     finally:
         catalog.close()
+
+
+def test_a_replaced_weights_file_is_refused_even_with_nothing_to_index(sample_index, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reproduces (Python API review): after `fine-tune --overwrite` replaced tuned.pt, search-images said to
+    re-index, and `index-images data --weights tuned.pt` said "indexed 0, unchanged 30", exit 0, over an index that
+    still could not be searched: the file's bytes were checked only when there was something to extract."""
+    import shutil
+    import subprocess
+
+    import torch
+
+    from helpers.scripts import console_script
+    from retrieval.features.backbones import random_state_dict
+    from retrieval.names import random_weights_file
+
+    monkeypatch.chdir(tmp_path)   # as a user types it: relative paths
+    shutil.copytree(sample_index.data_dir, "data")
+    shutil.copy(random_weights_file(sample_index.index_dir, "alexnet"), "tuned.pt")
+    def run(name: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([console_script(name), *args], capture_output=True, text=True, timeout=300)
+
+    assert run("index-images", "data", "--index-dir", "index-tuned", "--weights", "tuned.pt").returncode == 0
+    query = "data/red_circles/red_circles_000.jpg"
+    assert run("search-images", query, "--index-dir", "index-tuned").returncode == 0
+    original = Path("tuned.pt").read_bytes()
+    torch.save(random_state_dict("alexnet", 7), "new.pt")
+    Path("new.pt").replace("tuned.pt")   # as fine-tune --overwrite replaces its output
+
+    searched = run("search-images", query, "--index-dir", "index-tuned")
+    assert searched.returncode == 2 and "index into another folder with these (index-images DATA --index-dir NEW)" \
+        in searched.stderr, searched.stderr
+    for args in (["--weights", "tuned.pt"], []):   # nothing to index, with the option or without
+        again = run("index-images", "data", "--index-dir", "index-tuned", *args)
+        assert again.returncode == 2, again.stdout
+        assert f"the weights file {tmp_path / 'tuned.pt'} is not the one this index was built with" in again.stderr
+        assert "put the file it was built with back, or index into another folder with these weights" in again.stderr
+    Path("tuned.pt").unlink()
+    gone = run("index-images", "data", "--index-dir", "index-tuned")
+    assert gone.returncode == 2 and "is missing (moved or deleted?): put it back there" in gone.stderr, gone.stderr
+
+    Path("tuned.pt").write_bytes(original)   # put back: searched and indexed again, nothing extracted
+    assert run("search-images", query, "--index-dir", "index-tuned").returncode == 0
+    put_back = run("index-images", "data", "--index-dir", "index-tuned", "--json")
+    assert put_back.returncode == 0 and '"unchanged": 30' in put_back.stdout, put_back.stderr
+    assert sorted(p.name for p in tmp_path.glob("tuned.pt*")) == ["tuned.pt"], "no note left beside the user's file"
+    assert (tmp_path / "index-tuned" / "weights-file.checked").exists()

@@ -200,8 +200,8 @@ class ImageIndex:
             if identity != settings.weights_identity:
                 raise WeightsMismatch(
                     f"the weights available now ({_public_identity(identity)}) are not the ones this index was "
-                    f"built with ({_public_identity(settings.weights_identity)}); re-index or restore the original "
-                    "weights")
+                    f"built with ({_public_identity(settings.weights_identity)}); put back the weights it was "
+                    "built with, or index into another folder with these (index-images DATA --index-dir NEW)")
         else:
             extractor = None
         record = catalog.vector_index_record()
