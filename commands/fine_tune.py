@@ -9,15 +9,14 @@ from pathlib import Path
 import click
 
 from retrieval.features.weights import WeightsChoice, weights_error_message
-from retrieval.names import DEFAULT_FINE_TUNE_OBJECTIVE, FINE_TUNE_OBJECTIVES, MODEL_NAMES
+from retrieval.names import AUTO_TRAIN_BATCH_CAP, DEFAULT_FINE_TUNE_OBJECTIVE, FINE_TUNE_OBJECTIVES, MODEL_NAMES, MODEL_PARAMETERS
 from retrieval.system import display_name, duration_words, terminal_name
 
-from commands.options import (Command, FloatRange, DiskFull, MODEL_PARAMETERS, PathArg, UserError, batch_size_value,
+from commands.options import (Command, FloatRange, DiskFull, PathArg, UserError, batch_size_value,
                               command_settings, exit_without_teardown, setup_logging)
 
 # Nothing heavy at module level: --help and usage errors answer at once; torch is imported in the command.
 TRAIN_MODES = ("head", "fc", "all")      # retrieval.learning.finetune.TRAIN_MODES, without importing torch
-AUTO_TRAIN_BATCH_CAP = 64                # --batch-size auto never trains on larger batches (small collections)
 
 
 def _weights_value(_ctx: click.Context | None, _param: click.Parameter | None, value: str) -> str:
@@ -105,13 +104,13 @@ def main(data_dir: Path, model: str, weights: str, out: Path, train: str, object
     _check_out(out, model, overwrite)   # before any training: a folder that cannot take the weights is told at once
 
     from retrieval.features.backbones import DeviceUnavailable, WeightsUnavailable, resolve_device
-    from retrieval.learning.finetune import FineTuneConfig, FineTuneError, fine_tune
+    from retrieval.learning.finetune import FineTuneConfig, FineTuneError, batch_sizes, fine_tune
 
     try:
         dev = resolve_device(device)
     except DeviceUnavailable as exc:
         raise UserError(str(exc)) from exc
-    train_batch, cache_batch = _batch_sizes(requested_batch, model, train, dev)
+    train_batch, cache_batch = batch_sizes(requested_batch, model, train, dev)
     try:
         cfg = FineTuneConfig(data_dir=data_dir, out=out, model=model, weights=weights, seed=seed, train=train,
                              objective=objective, val_fraction=val_fraction, epochs=epochs, lr=lr, optimizer=optimizer,
@@ -191,22 +190,6 @@ def _check_out(out: Path, model: str, overwrite: bool = False) -> None:
         raise UserError(f"--out {out}: no space for the weights on {device_words(existing)}: they need about "
                         f"{needed / 2**20:.0f} MB, {free / 2**20:.1f} MB free; free "
                         f"{(needed - free) / 2**20:.0f} MB or choose another --out")
-
-
-def _batch_sizes(requested: int | str, model: str, train: str, device) -> tuple[int, int]:  # noqa: ANN001 - torch.device
-    """-> (training batch, convolution-cache batch). auto: retrieval.features.batch_size's choice for inference (32 on the CPU)
-    for the cache; for training the same, a third of it with --train all (gradients and saved activations), capped."""
-    from retrieval.features.batch_size import choose_batch_size, cuda_free_bytes
-
-    if requested != "auto":
-        return int(requested), int(requested)
-    if device.type == "cuda":
-        weight_bytes = MODEL_PARAMETERS[model] * 4 * 4   # weights, grads, 2 moments
-        inference = choose_batch_size(model, device, cuda_free_bytes(device), weight_bytes).batch_size
-    else:
-        inference = choose_batch_size(model, device, None, 0).batch_size
-    train_batch = max(1, inference // 3) if train == "all" else inference
-    return min(AUTO_TRAIN_BATCH_CAP, train_batch), inference
 
 
 DIVERGED = 10   # a training loss this many times chance's ln(C) after an epoch: the learning rate is too high

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import click
 
-from retrieval.names import DECODES, FC_DIM, INPUT_NORMS, LAYERS, MAX_EF_SEARCH, MAX_NPROBE, MODEL_NAMES, VIEWS, feature_dim
+from retrieval.names import DECODES, FC_DIM, INPUT_NORMS, LAYERS, MAX_EF_SEARCH, MAX_NPROBE, MODEL_NAMES, MODEL_PARAMETERS, VIEWS, feature_dim
 
-from commands.options import (Busy, Command, FloatRange, MODEL_PARAMETERS, PathArg, UserError, batch_size_value, command_settings,
+from commands.options import (Busy, Command, FloatRange, PathArg, UserError, batch_size_value, command_settings,
                               db_url_option, exit_without_teardown, full_disk_error, index_dir_option, permission_denied,
                               privilege_error, setup_logging)
 

@@ -26,7 +26,6 @@ READ_ELSEWHERE = frozenset({
     "RETRIEVAL_CHROMIUM", "RETRIEVAL_POSTGRES_BIN", "RETRIEVAL_SCREENSHOTS", "RETRIEVAL_UPDATE_SNAPSHOTS",
 })
 
-MODEL_PARAMETERS = {"alexnet": 61_100_840, "vgg16": 138_357_544}   # float32 each in a weights (state dict) file
 
 
 class UserError(click.ClickException):

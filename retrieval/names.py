@@ -47,3 +47,6 @@ def is_device_name(device: object) -> bool:
     """Whether device names a device this project runs on: "auto", "cpu", "cuda" or "cuda:N"."""
     return isinstance(device, str) and (device in ("auto", "cpu", "cuda")
                                         or (device.startswith("cuda:") and device[5:].isdigit()))
+
+MODEL_PARAMETERS = {"alexnet": 61_100_840, "vgg16": 138_357_544}   # float32 each in a weights (state dict) file
+AUTO_TRAIN_BATCH_CAP = 64   # fine-tune's batch size auto never trains on larger batches (small collections)

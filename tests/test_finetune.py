@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -31,6 +32,7 @@ from retrieval.learning.finetune_data import stratified_split
 from retrieval.learning.metrics import vote_labels
 
 from helpers.indexes import build_index
+from helpers.scripts import console_script
 from helpers.waiting import wait_for
 
 PER_CLASS = 30          # 3 colour classes: 63 train / 27 validation images with --val-fraction 0.3
@@ -546,10 +548,34 @@ def test_skipped_names_with_control_characters_print_escaped(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["epochs", "batch_size", "cache_batch_size", "cache_views", "patience"])
-def test_a_setting_below_one_is_refused_by_its_name(tmp_path, name):
-    """It said "epochs, batch sizes, cache views and patience must each be at least 1", whichever it was."""
-    with pytest.raises(FineTuneError, match=f"^{name} must be at least 1, not 0$"):
-        FineTuneConfig(data_dir=tmp_path, out=tmp_path / "t.pt", **{name: 0})
+@pytest.mark.parametrize("value", [0, "3", 2.5, True])
+def test_a_setting_below_one_or_of_another_kind_is_refused_by_its_name(tmp_path, name, value):
+    """It said "epochs, batch sizes, cache views and patience must each be at least 1", whichever it was; and
+    epochs="3" or batch_size="auto" (the command's default) from Python raised a bare TypeError ('<' not supported)."""
+    with pytest.raises(FineTuneError, match=f"^{name} must be a whole number of at least 1( or \"auto\")?, "
+                                            f"not {re.escape(repr(value))}$"):
+        FineTuneConfig(data_dir=tmp_path, out=tmp_path / "t.pt", **{name: value})
+
+
+@pytest.mark.slow
+def test_fine_tune_from_python_has_the_commands_defaults(tmp_path):
+    """Reproduces (Python API review): the docs say FineTuneConfig has the command's defaults, but its batch size
+    was 32 where `fine-tune --train all` (batch size auto) trains on batches of 10 on a CPU, and "auto" was refused."""
+    make_colour_collection(tmp_path / "data", per_class=4, size=(64, 64))
+    for train in ("fc", "all"):
+        ran = subprocess.run([console_script("fine-tune"), "data", "--out", f"cli-{train}.pt", "--weights", "random",
+                              "--train", train, "--epochs", "1", "--device", "cpu", "--json"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=600, env=cli_env())
+        assert ran.returncode == 0, ran.stderr
+        fine_tune(FineTuneConfig(data_dir=tmp_path / "data", out=tmp_path / f"py-{train}.pt", weights="random",
+                                 train=train, epochs=1, device="cpu"))
+        cli, py = (json.loads((tmp_path / f"{who}-{train}.history.json").read_text()) for who in ("cli", "py"))
+        settings = ("model", "weights", "weights_seed", "train", "head", "objective", "dropout", "optimizer", "lr",
+                    "lr_schedule", "weight_decay", "momentum", "epochs", "batch_size", "patience", "val_fraction", "seed",
+                    "classes", "split", "selection", "retrieval_k")
+        assert {k: py[k] for k in settings} == {k: cli[k] for k in settings}, train
+    assert json.loads((tmp_path / "py-all.history.json").read_text())["batch_size"] < \
+        json.loads((tmp_path / "py-fc.history.json").read_text())["batch_size"], "smaller batches for the whole network"
 
 
 def test_a_gain_on_few_validation_images_or_with_a_lower_map_comes_with_a_caution(capsys):

@@ -24,7 +24,7 @@ from retrieval.learning.epochs import RETRIEVAL_K, evaluate_head, sanity_check, 
 from retrieval.learning.finetune_data import FineTuneError, Report, labelled_files, prepare_samples, stratified_split
 from retrieval.learning.history import HISTORY_VERSION, history_path_for, out_taken, write_filters, write_history
 from retrieval.learning.objectives import OBJECTIVES
-from retrieval.names import DEFAULT_FINE_TUNE_OBJECTIVE
+from retrieval.names import AUTO_TRAIN_BATCH_CAP, DEFAULT_FINE_TUNE_OBJECTIVE, MODEL_PARAMETERS
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ class FineTuneConfig:
     weight_decay: float = 5e-4
     lr_schedule: str = "cosine"    # "cosine" (to 0 over `epochs`) | "step" (x0.1 every third of the epochs)
     patience: int = 5              # stop after this many epochs without better validation retrieval (kNN, then mAP)
-    batch_size: int = 32           # training images per step
-    cache_batch_size: int = 32     # images per forward pass when caching the convolutional output
+    batch_size: int | str = "auto"         # training images per step; auto: see batch_sizes
+    cache_batch_size: int | str = "auto"   # images per forward pass when caching the convolutional output
     cache_views: int = 4           # augmented views cached per training image (head, fc)
     dropout: float | None = 0.0    # dropout before fc6 and fc7 while training; None: the network's own (0.5)
     sanity: bool = False           # also overfit a tiny subset with regularisation off
@@ -80,9 +80,14 @@ class FineTuneConfig:
             raise FineTuneError(f"dropout must be in [0, 1), not {self.dropout}")
         if not 0.0 < self.val_fraction < 1.0:
             raise FineTuneError(f"the validation share must be between 0 and 1, not {self.val_fraction}")
-        for name in ("epochs", "batch_size", "cache_batch_size", "cache_views", "patience"):
-            if getattr(self, name) < 1:
-                raise FineTuneError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "cache_batch_size", "cache_views", "patience", "seed"):
+            value = getattr(self, name)
+            if name in ("batch_size", "cache_batch_size") and value == "auto":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and name != "seed"):
+                least = "a whole number" if name == "seed" else "a whole number of at least 1"
+                auto = ' or "auto"' if "batch" in name else ""
+                raise FineTuneError(f"{name} must be {least}{auto}, not {value!r}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.optimizer]
 
@@ -105,6 +110,23 @@ class FineTuneResult:
         return self.history["stopped"]
 
 
+def batch_sizes(requested: int | str, model: str, train: str, device: torch.device) -> tuple[int, int]:
+    """-> (training batch, convolution-cache batch): requested for both, or for "auto" the inference batch
+    retrieval.features.batch_size chooses (32 on the CPU) for the cache, and for training the same, a third of it with
+    train "all" (gradients and saved activations), at most AUTO_TRAIN_BATCH_CAP."""
+    from retrieval.features.batch_size import choose_batch_size, cuda_free_bytes
+
+    if requested != "auto":
+        return int(requested), int(requested)
+    if device.type == "cuda":
+        weight_bytes = MODEL_PARAMETERS[model] * 4 * 4   # weights, grads, 2 moments
+        inference = choose_batch_size(model, device, cuda_free_bytes(device), weight_bytes).batch_size
+    else:
+        inference = choose_batch_size(model, device, None, 0).batch_size
+    train_batch = max(1, inference // 3) if train == "all" else inference
+    return min(AUTO_TRAIN_BATCH_CAP, train_batch), inference
+
+
 def fine_tune(cfg: FineTuneConfig, report: Report | None = None) -> FineTuneResult:
     """Train cfg.model on cfg.data_dir's classes; write cfg.out (best checkpoint) and its history; -> the result.
 
@@ -119,6 +141,10 @@ def fine_tune(cfg: FineTuneConfig, report: Report | None = None) -> FineTuneResu
     started = time.perf_counter()
     data = labelled_files(cfg.data_dir, max_file_bytes=cfg.max_file_bytes)
     device = resolve_device(cfg.device)
+    if "auto" in (cfg.batch_size, cfg.cache_batch_size):   # as fine-tune's --batch-size auto chooses them
+        train_batch, cache_batch = batch_sizes("auto", cfg.model, cfg.train, device)
+        cfg = dataclasses.replace(cfg, batch_size=train_batch if cfg.batch_size == "auto" else cfg.batch_size,
+                                  cache_batch_size=cache_batch if cfg.cache_batch_size == "auto" else cfg.cache_batch_size)
     if cfg.weights == "random":
         state = random_state_dict(cfg.model, cfg.seed)
     else:
