@@ -250,13 +250,9 @@ def format_comparison(c: dict) -> str:
     return "\n".join(lines)
 
 
-def _fine_tuned(r: dict) -> bool:
-    return r["index"]["weights"] not in ("imagenet", "random")
-
-
 def _verdict(a: dict, b: dict) -> str:
-    """One line: on how many of the measures above B is ahead, and which way round the two are when only A holds
-    fine-tuned weights (B - A then reads the fine-tune's gain as a loss)."""
+    """One line: on how many of the measures above B is ahead (a note says when only A holds fine-tuned weights:
+    B - A then reads the fine-tune's gain as a loss)."""
     pairs = [(a["retrieval"]["precision_at_k"][k], b["retrieval"]["precision_at_k"][k]) for k in a["retrieval"]["precision_at_k"]]
     pairs += [(a["retrieval"]["map"], b["retrieval"]["map"])]
     pairs += [(a["knn"]["accuracy"][k], b["knn"]["accuracy"][k]) for k in a["knn"]["accuracy"]]
@@ -264,12 +260,8 @@ def _verdict(a: dict, b: dict) -> str:
         pairs.append((a["linear_probe"]["accuracy"], b["linear_probe"]["accuracy"]))
     ahead = sum(vb - va > 0.0005 for va, vb in pairs)
     behind = sum(va - vb > 0.0005 for va, vb in pairs)
-    line = (f"B - A: B ahead on {ahead} of these {len(pairs)} measures, behind on {behind} "
+    return (f"B - A: B ahead on {ahead} of these {len(pairs)} measures, behind on {behind} "
             f"(mAP {b['retrieval']['map'] - a['retrieval']['map']:+.3f})")
-    if _fine_tuned(a) and not _fine_tuned(b):
-        line += ("\nnote: A holds the fine-tuned weights and B does not, so B - A is the fine-tune's gain with its "
-                 "sign turned: to read it as a gain, put the fine-tuned index second (--index-dir B --compare A)")
-    return line
 
 
 def probe_split_text(probe: dict) -> str:
