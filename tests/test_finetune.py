@@ -636,3 +636,19 @@ def test_an_index_that_follows_its_moved_weights_keeps_their_training_images(tun
     assert any("the weights file moved" in r for r in report.repairs)
     after = evaluate(tmp_path / "index", ks=(1,), probe=False)
     assert (after.training_images, after.excluded_training_images) == ("excluded", before.excluded_training_images)
+
+
+def test_fine_tune_from_python_names_a_missing_folder_and_the_ways_past_offline_weights(tmp_path, offline_hub):
+    """Reproduces (Python API review): fine_tune of a folder that is not there said "found no labelled images", and
+    offline ImageNet weights raised without the ways forward that the command and index_folder give."""
+    from retrieval.features.weights import WeightsUnavailable
+
+    (tmp_path / "notes.txt").write_text("not a folder")
+    for missing, says in (("nodata", "does not exist"), ("notes.txt", "is not a folder")):
+        with pytest.raises(FineTuneError, match=f"{missing} {says}: data_dir is the folder of class folders"):
+            fine_tune(FineTuneConfig(data_dir=tmp_path / missing, out=tmp_path / "t.pt", weights="random"))
+    make_colour_collection(tmp_path / "data", per_class=3)
+    with pytest.raises(WeightsUnavailable) as caught:
+        fine_tune(FineTuneConfig(data_dir=tmp_path / "data", out=tmp_path / "t.pt", device="cpu"))   # imagenet
+    assert "Ways forward:" in str(caught.value) and 'weights="random"' in str(caught.value)
+    assert str(offline_hub) in str(caught.value) and not (tmp_path / "t.pt").exists()

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from retrieval.features.backbones import MODELS, load_state_dict, preprocessing_for, random_state_dict, resolve_device
+from retrieval.features.weights import WeightsUnavailable, weights_error_message
 from retrieval.features.digests import file_sha256, files_sha256
 from retrieval.images.decode import DEFAULT_MAX_PIXELS
 from retrieval.images.scan import DEFAULT_MAX_FILE_BYTES
@@ -24,6 +25,7 @@ from retrieval.learning.epochs import RETRIEVAL_K, evaluate_head, sanity_check, 
 from retrieval.learning.finetune_data import FineTuneError, Report, labelled_files, prepare_samples, stratified_split
 from retrieval.learning.history import HISTORY_VERSION, history_path_for, out_taken, write_filters, write_history
 from retrieval.learning.objectives import OBJECTIVES
+from retrieval.system import display_name
 from retrieval.names import AUTO_TRAIN_BATCH_CAP, DEFAULT_FINE_TUNE_OBJECTIVE, MODEL_PARAMETERS
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,10 @@ def fine_tune(cfg: FineTuneConfig, report: Report | None = None) -> FineTuneResu
     if not cfg.overwrite and (taken := out_taken(cfg.out)) is not None:
         raise FineTuneError(f"{taken}; choose another out, or pass overwrite=True to replace it")
     started = time.perf_counter()
+    if not cfg.data_dir.is_dir():   # (it said "found no labelled images" of a folder that is not there)
+        raise FineTuneError(f"{display_name(str(cfg.data_dir))} "
+                            f"{'is not a folder' if cfg.data_dir.exists() else 'does not exist'}: data_dir is the "
+                            "folder of class folders to train on (data_dir/<class>/<image>)")
     data = labelled_files(cfg.data_dir, max_file_bytes=cfg.max_file_bytes)
     device = resolve_device(cfg.device)
     if "auto" in (cfg.batch_size, cfg.cache_batch_size):   # as fine-tune's --batch-size auto chooses them
@@ -148,7 +154,13 @@ def fine_tune(cfg: FineTuneConfig, report: Report | None = None) -> FineTuneResu
     if cfg.weights == "random":
         state = random_state_dict(cfg.model, cfg.seed)
     else:
-        state, _identity = load_state_dict(cfg.model, cfg.weights, None)
+        try:
+            state, _identity = load_state_dict(cfg.model, cfg.weights, None)
+        except WeightsUnavailable as exc:
+            if not exc.offline_imagenet:
+                raise
+            # with the ways forward, as index_folder says it (the command said them; Python did not)
+            raise WeightsUnavailable(weights_error_message(exc), cache_path=exc.cache_path) from exc
     prep = preprocessing_for(cfg.model)
     net = Classifier(cfg.model, state, len(data.classes), cfg.seed, cfg.dropout).to(device)
     del state
