@@ -64,16 +64,17 @@ def _stored_label(labels: Iterable[str | None], shown: str | None) -> str | None
 def _home(error: str | None = None, status: int = 200) -> tuple[str, int]:
     service = current_service()
     catalog = service.index.catalog
-    label = _stored_label(catalog.labels(), request.args.get("label") or None)
+    unlabelled = request.args.get("unlabelled") == "1"   # the images outside any class folder (?label= is a name)
+    label = None if unlabelled else _stored_label(catalog.labels(), request.args.get("label") or None)
     page_size = int(current_app.config["GALLERY_PAGE_SIZE"])
-    total = catalog.count_where(label=label)
+    total = catalog.count_where(label=label, unlabelled=unlabelled)
     pages = max(1, math.ceil(total / page_size))
     page = page_number(request.args.get("page"), pages)
-    images = catalog.list_images(label=label, offset=(page - 1) * page_size, limit=page_size)
+    images = catalog.list_images(label=label, unlabelled=unlabelled, offset=(page - 1) * page_size, limit=page_size)
     stats = service.stats()
     skipped = catalog.skipped(limit=SKIPPED_SHOWN) if stats["skipped"] else []   # which files, and why
-    return render_template("home.html", stats=stats, summary=stats, images=images, label=label, page=page, pages=pages,
-                           total=total, error=error, skipped=skipped), status
+    return render_template("home.html", stats=stats, summary=stats, images=images, label=label, unlabelled=unlabelled,
+                           page=page, pages=pages, total=total, error=error, skipped=skipped), status
 
 
 @bp.app_context_processor
@@ -88,7 +89,7 @@ def _data_folder() -> dict[str, Any]:
 
 @bp.get("/")
 def home() -> tuple[str, int]:
-    """Upload form, index overview, and the collection grid (?page=, ?label=)."""
+    """Upload form, index overview, and the collection grid (?page=, ?label=, ?unlabelled=1)."""
     return _home()
 
 

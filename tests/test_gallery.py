@@ -321,17 +321,32 @@ def test_overview_counts_labels_not_the_unlabelled_and_cards_keep_the_end_of_lon
     make_sample_collection(data, per_class=2, size=(80, 60), classes=["red_circles", "blue_squares"])
     for n in (1, 2):
         shutil.copy(data / "red_circles" / "red_circles_000.jpg", data / f"holiday_in_the_mountains_{n:03d}.jpg")
+    for year in ("2019", "2021"):   # a camera's names repeat from one trip to the next
+        (data / "blue_squares" / year).mkdir()
+        shutil.copy(data / "blue_squares" / "blue_squares_000.jpg", data / "blue_squares" / year / "IMG_0001.JPG")
     index_images(data, tmp_path / "index")
     app = create_app({"INDEX_DIR": str(tmp_path / "index"), "RELOAD_INTERVAL_S": 0,
                       "THUMBNAIL_DIR": str(tmp_path / "thumbs")})
     try:
-        html = app.test_client().get("/").get_data(as_text=True)
-        assert re.search(r'id="label-count">2 <span class="muted">· 2 images without one</span>', html), html
+        client = app.test_client()
+        html = client.get("/").get_data(as_text=True)
+        assert re.search(r'id="label-count">2 <a class="muted" href="/\?unlabelled=1#collection">· 2 images without '
+                         'one</a>', html), html
         for n in (1, 2):
             assert f'title="holiday_in_the_mountains_{n:03d}.jpg"' in html
             # the head gives way (CSS ellipsis), the tail stays: tests/test_gallery_browser.py checks what shows
             assert (f'<span class="filename"><span class="head">holiday_in_the_mountains</span>'
                     f'<span class="tail">_{n:03d}.jpg</span></span>') in html
+        # Reproduces (a messy photo folder): no way to see only the images without a label (a chip per label, none
+        # for them); and two cards read "IMG_0001.JPG · blue_squares" for different pictures
+        assert re.search(r'href="/\?unlabelled=1#collection">no label <span>2</span></a>', html), html
+        only = client.get("/?unlabelled=1").get_data(as_text=True)
+        assert sorted(re.findall(r'title="([^"]+)"', only)) == ["holiday_in_the_mountains_001.jpg",
+                                                               "holiday_in_the_mountains_002.jpg"]
+        assert "<h2>Without a label" in only and 'chip-unlabelled active' in only
+        nested = client.get("/?label=blue_squares").get_data(as_text=True)
+        for year in ("2019", "2021"):
+            assert f'<span class="head">{year}/IMG_</span><span class="tail">0001.JPG</span>' in nested
     finally:
         app.extensions["retrieval"].close()
 

@@ -287,19 +287,16 @@ class Catalog(IntegrityChecks, RunRecords, RegionVectors, FileStates, VectorRows
             counts = s.execute(select(ImageRow.label, func.count()).group_by(ImageRow.label)).all()
         return dict(sorted(counts, key=lambda lc: (lc[0] is None, (lc[0] or "").casefold(), lc[0] or "")))
 
-    def list_images(self, *, label: str | None = None, offset: int = 0, limit: int = 50) -> list[ImageRecord]:
+    def list_images(self, *, label: str | None = None, unlabelled: bool = False, offset: int = 0,
+                    limit: int = 50) -> list[ImageRecord]:
+        """The images by path: all, those of label, or (unlabelled) those outside any class folder."""
         with self.Session() as s:
             q = select(ImageRow).order_by(ImageRow.path)
-            if label is not None:
-                q = q.where(ImageRow.label == label)
-            return [image_record(r) for r in s.scalars(q.offset(offset).limit(limit))]
+            return [image_record(r) for r in s.scalars(_labelled(q, label, unlabelled).offset(offset).limit(limit))]
 
-    def count_where(self, *, label: str | None = None) -> int:
+    def count_where(self, *, label: str | None = None, unlabelled: bool = False) -> int:
         with self.Session() as s:
-            q = select(func.count(ImageRow.id))
-            if label is not None:
-                q = q.where(ImageRow.label == label)
-            return s.scalar(q) or 0
+            return s.scalar(_labelled(select(func.count(ImageRow.id)), label, unlabelled)) or 0
 
     def skipped(self, limit: int | None = None) -> list[tuple[str, str]]:
         """(path, reason) of the files index-images skipped, by path; the first limit of them (None: all)."""
@@ -378,3 +375,10 @@ def _create_tables(conn) -> None:  # noqa: ANN001 - a SQLAlchemy connection in a
     if older and conn.scalar(select(func.count()).select_from(ImageRow)):
         conn.execute(insert(VectorIndexRow).values(id=1, record=json.dumps(LEGACY_VECTOR_INDEX, sort_keys=True)))
         log.info("catalog made before the FAISS side was recorded: kept as it was, exact search of raw vectors")
+
+
+def _labelled(query, label: str | None, unlabelled: bool):  # noqa: ANN001, ANN202 - a SQLAlchemy select
+    """query of images narrowed to label, or to the images without one."""
+    if unlabelled:
+        return query.where(ImageRow.label.is_(None))
+    return query if label is None else query.where(ImageRow.label == label)
