@@ -42,6 +42,11 @@ def test_scan_finds_every_format_in_any_case_and_labels_by_first_folder(tmp_path
     (tmp_path / "dogs" / ".hidden.jpg").write_bytes(encode(img, "JPEG"))
     (tmp_path / ".thumbs").mkdir()
     (tmp_path / ".thumbs" / "x.jpg").write_bytes(encode(img, "JPEG"))
+    # a Synology share's thumbnails of every photo (they were indexed, each a near-duplicate of its photo), a bin
+    (tmp_path / "cats" / "@eaDir" / "a.JPG").mkdir(parents=True)
+    (tmp_path / "cats" / "@eaDir" / "a.JPG" / "SYNOFILE_THUMB_M.jpg").write_bytes(encode(img, "JPEG"))
+    (tmp_path / "#recycle" / "dogs").mkdir(parents=True)
+    (tmp_path / "#recycle" / "dogs" / "deleted.jpg").write_bytes(encode(img, "JPEG"))
 
     scan = scan_folder(tmp_path)
 

@@ -16,6 +16,10 @@ log = logging.getLogger(__name__)
 # Files larger than this are skipped unread: no photo is this large, and decoding one would cost gigabytes.
 DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
 
+# Folders a NAS, a camera card or an OS keeps beside the photos, never photos of the collection: a Synology share has
+# an @eaDir/NAME.jpg/SYNOFILE_THUMB_M.jpg for every photo (indexed, they were a near-duplicate of each), recycle bins
+SYSTEM_FOLDERS = frozenset({"@eaDir", "#recycle", "#snapshot", "@Recycle", "@Recently-Snapshot", "$RECYCLE.BIN",
+                            "System Volume Information", "lost+found"})
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # Photos in formats Pillow does not read (a phone's HEIC, a camera's raw files): counted, so that a folder of them is
 # not indexed in silence
@@ -84,7 +88,7 @@ def scan_folder(data_dir: Path, *, exclude: Iterable[Path] = (), skip_folders_ho
             held_by_index(entries)
             return
         for entry in entries:
-            if entry.name.startswith("."):
+            if entry.name.startswith(".") or (entry.name in SYSTEM_FOLDERS and entry.is_dir(follow_symlinks=False)):
                 continue
             entry_rel = Path(entry.path).relative_to(root).as_posix()
             try:
