@@ -247,6 +247,12 @@ def main(data_dir: Path, index_dir: Path, db_url: str | None, model, layer, view
                    "the index is empty", err=True)
     if whiten and (report.vector_index or {}).get("whiten_waits_for"):
         click.echo(f"note: {_whiten_waits(report.vector_index)}", err=True)
+    if report.indexed and not report.unchanged and index_dir.resolve().is_relative_to(data_dir.resolve()):
+        # a first run from inside the photos' folder (`cd photos && index-images .`): ./index landed among them
+        from retrieval.system import display_name
+        click.echo(f"note: the index folder {display_name(str(index_dir))} is inside the data folder (its images are "
+                   "left out; it holds the network's weights, hundreds of MB): to keep the photos' folder to photos, "
+                   "index into a folder beside it instead (--index-dir ../index)", err=True)
     if report.indexed and (report.network or {}).get("weights") == "random":   # e.g. an index make demo made offline
         click.echo("note: this index's network has seeded random weights: they find copies and pictures alike in "
                    "colour, shape and texture, not pictures of the same kind of thing; for that, index into a new "

@@ -248,6 +248,22 @@ def test_an_empty_path_is_refused_not_taken_for_the_working_folder(runner, data,
     assert not (tmp_path / "catalog.db").exists() and not (tmp_path / "index").exists()
 
 
+def test_a_first_run_from_inside_the_photos_folder_says_the_index_is_among_them(data, tmp_path, monkeypatch):
+    """Reproduces (a messy photo folder): `cd data && index-images .` put ./index, with its 244 MB of weights, among
+    the photos without a word. Said once, on the run that made it; an index beside the photos says nothing."""
+    monkeypatch.chdir(data)
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([console_script("index-images"), *args, "--weights", "random"], capture_output=True,
+                              text=True, timeout=300)
+
+    inside = f"note: the index folder {data / 'index'} is inside the data folder"
+    first = run(".")
+    assert first.returncode == 0 and inside in first.stderr and "--index-dir ../index" in first.stderr, first.stderr
+    assert inside not in run(".").stderr, "said once"
+    beside = run(".", "--index-dir", "../index")
+    assert beside.returncode == 0 and "is inside the data folder" not in beside.stderr
+
+
 def test_index_built_with_another_model_is_status_2(runner, data, tmp_path):
     args = [str(data), "--index-dir", str(tmp_path / "index"), "--weights", "random", "--workers", "0"]
     assert runner.invoke(index_images, args + ["--json"]).exit_code == 0
