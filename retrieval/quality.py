@@ -54,6 +54,14 @@ class Evaluation:
                 + [(f"kNN accuracy, k={k}", v, ch["majority_class"]) for k, v in self.knn_accuracy.items()]
                 + [("linear probe accuracy", self.probe_accuracy, ch["majority_class"])])
 
+    def __str__(self) -> str:
+        """print(evaluation): the table the notebook shows, as text (it printed the whole dataclass)."""
+        width = max(len(name) for name, _, _ in self.rows())
+        lines = [f"{network_text(self.index)}: {self.evaluated_on} in {self.classes} classes",
+                 f"{'':<{width}}  {'value':>7}  {'chance':>7}"]
+        lines += [f"{name:<{width}}  {_text_num(v):>7}  {_text_num(c):>7}" for name, v, c in self.rows()]
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
     def _repr_html_(self) -> str:
         body = "".join(f"<tr><td>{html.escape(name)}</td>{_num(v)}{_num(c)}</tr>" for name, v, c in self.rows())
         return (f"<p>{html.escape(network_text(self.index))}: {html.escape(self.evaluated_on)} in {self.classes} "
@@ -71,6 +79,20 @@ class Comparison:
     def evaluated_on(self) -> str:
         """Which images both sides are evaluated on, in words (see Evaluation.evaluated_on)."""
         return held_out_words({"a": self.a.result, "b": self.b.result, "matched": self.matched})
+
+    def __str__(self) -> str:
+        """print(comparison): the side-by-side table the notebook shows, as text."""
+        width = max(len(name) for name, _, _ in self.a.rows())
+        m = self.matched
+        lines = [f"A: {network_text(self.a.index)}", f"B: {network_text(self.b.index)}",
+                 f"{m['images']} labelled images in both ({m['only_a']} only in A, {m['only_b']} only in B); both "
+                 f"evaluated on {self.evaluated_on}",
+                 f"{'':<{width}}  {'A':>7}  {'B':>7}  {'B - A':>7}  {'chance':>7}"]
+        lines += [f"{name:<{width}}  {_text_num(va):>7}  {_text_num(vb):>7}  "
+                  f"{_text_num(None if va is None or vb is None else vb - va, signed=True):>7}  {_text_num(c):>7}"
+                  for (name, va, c), (_, vb, _) in zip(self.a.rows(), self.b.rows())]
+        notes = list(m.get("notes", [])) + [f"A: {n}" for n in self.a.notes] + [f"B: {n}" for n in self.b.notes]
+        return "\n".join(lines + [f"note: {n}" for n in notes])
 
     def _repr_html_(self) -> str:
         body = "".join(
@@ -182,6 +204,10 @@ def _checked_options(seed: object, probe: object) -> None:
         raise EvaluationError(f"seed is a whole number from 0 to 2**32 - 1, not {seed!r}")
     if not isinstance(probe, bool):
         raise EvaluationError(f"probe is True or False, not {probe!r}")
+
+
+def _text_num(v: float | None, signed: bool = False) -> str:
+    return "-" if v is None else (f"{v:+.3f}" if signed else f"{v:.3f}")
 
 
 def _num(v: float | None, signed: bool = False) -> str:

@@ -249,6 +249,17 @@ def test_evaluate_and_compare(built, monkeypatch):
     assert c.matched["images"] == built.total and c.a.probe_accuracy is None
     assert c.a.precision_at_k == c.b.precision_at_k
     assert "B &minus; A" in c._repr_html_() and "+0.000" in c._repr_html_()
+    # print() shows the same tables as text (review: it printed the whole dataclass, result dict and all)
+    text = str(e).splitlines()
+    assert text[0].startswith(f"{built.index} (alexnet fc7") and "Evaluation(" not in str(e)
+    assert text[1].split() == ["value", "chance"]
+    assert f"{e.map:.3f}" in next(line for line in text if line.startswith("mAP")).split()
+    assert next(line for line in text if line.startswith("linear probe")).split()[-2] == f"{e.probe_accuracy:.3f}"
+    rows = str(c).splitlines()
+    assert rows[0].startswith("A: ") and rows[1].startswith("B: ") and "Comparison(" not in str(c)
+    assert next(line for line in rows if line.startswith("mAP")).split() == ["mAP", f"{c.a.map:.3f}", f"{c.b.map:.3f}",
+                                                                            "+0.000", f"{c.a.chance['retrieval_precision']:.3f}"]
+    assert next(line for line in rows if line.startswith("linear probe")).split()[3:5] == ["-", "-"]   # not run
     with pytest.raises(retrieval.EvaluationError, match=f"at most {built.total - 1} each"):
         retrieval.evaluate("index", ks=(built.total,))   # no k left to measure: said, not a traceback
     with pytest.raises(retrieval.IndexNotFound):
