@@ -64,17 +64,12 @@ def restore_random_weights(index_dir: Path, stored: IndexSettings) -> str | None
     the same tensors). -> the repair, in words, or None when there was nothing to do. Raises ConfigError when the
     seed gives other weights here (another torch or torchvision version initialises differently); a damaged file
     is then left as it is."""
-    from retrieval.features.digests import file_sha256
-
     choice = stored.weights_choice
     if not choice.is_random:
         return None
     path = choice.source_file(index_dir, stored.model)
     try:
-        if _checked_before(path, stored.weights_identity):
-            return None
-        if f"random:sha256={file_sha256(path)}" == stored.weights_identity:
-            _note_checked(path, stored.weights_identity)
+        if _is_recorded(path, stored):
             return None
         state = "damaged (not the recorded bytes)"
     except FileNotFoundError:
@@ -104,30 +99,37 @@ def check_weights_file(index_dir: Path, stored: IndexSettings) -> None:
     """An index built from a state dict file (fine-tune's output): that file is there and is the one recorded, on
     every run, one with nothing to index included (which said "indexed 0, unchanged 60" over an index that could no
     longer be searched after `fine-tune --overwrite` replaced the file). Raises ConfigError naming what to do."""
-    from retrieval.features.digests import file_sha256
-
     choice = stored.weights_choice
     if not choice.is_file:
         return
     path = choice.source_file(index_dir, stored.model)
-    note = index_dir / WEIGHTS_FILE_CHECKED
     try:
-        if _checked_before(path, stored.weights_identity, note):
+        if _is_recorded(path, stored, index_dir / WEIGHTS_FILE_CHECKED):
             return
-        sha256 = file_sha256(path)
     except FileNotFoundError:
         raise ConfigError(f"the weights file this index was built with, {display_name(str(path))}, is missing "
                           "(moved or deleted?): put it back there, or if it moved, run again with --weights NEW_PATH "
                           "(the index follows it)") from None
     except OSError:
         return   # unreadable: loading it says so, with what to do
-    if sha256 != stored.weights_sha256:
-        raise ConfigError(
-            f"the weights file {display_name(str(path))} is not the one this index was built with (its SHA-256 is "
-            f"{sha256[:12]}..., the index's {(stored.weights_sha256 or '')[:12]}...: replaced, by fine-tune "
-            "--overwrite say), and the index's vectors cannot be searched with other weights: put the file it was "
-            "built with back, or index into another folder with these weights (--index-dir NEW)")
+    raise ConfigError(
+        f"the weights file {display_name(str(path))} is not the one this index was built with (not its recorded "
+        "SHA-256: replaced, by fine-tune --overwrite say), and the index's vectors cannot be searched with other "
+        "weights: put the file it was built with back, or index into another folder with these weights "
+        "(--index-dir NEW)")
+
+
+def _is_recorded(path: Path, stored: IndexSettings, note: Path | None = None) -> bool:
+    """Whether the weights file at path holds the bytes the index recorded (its SHA-256): read only when its stamp
+    changed since it was last found so (noted in note, else beside it). Raises OSError (FileNotFoundError: gone)."""
+    from retrieval.features.digests import file_sha256
+
+    if _checked_before(path, stored.weights_identity, note):
+        return True
+    if file_sha256(path) != stored.weights_sha256:
+        return False
     _note_checked(path, stored.weights_identity, note)
+    return True
 
 
 def _checked_file(path: Path) -> Path:

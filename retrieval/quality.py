@@ -211,7 +211,7 @@ def _text_num(v: float | None, signed: bool = False) -> str:
 
 
 def _num(v: float | None, signed: bool = False) -> str:
-    text = "&ndash;" if v is None else (f"{v:+.3f}" if signed else f"{v:.3f}")
+    text = "&ndash;" if v is None else _text_num(v, signed)
     return f'<td style="text-align:right">{text}</td>'
 
 

@@ -365,3 +365,24 @@ def test_weights_from_a_file_are_shown_by_name_and_a_changed_file_is_a_weights_m
         ImageIndex(index)
     assert isinstance(caught.value, WeightsUnavailable), "callers that catch WeightsUnavailable catch it too"
     assert str(weights.parent) not in str(caught.value)
+
+
+def test_a_search_setting_the_index_has_no_use_for_is_said_once_not_at_every_reload(tmp_path, collection,
+                                                                                     index_images, caplog):
+    """serve-images --nprobe 8 on a Flat index warns that it is not used: at its first load, not again at each reload
+    that index-images' runs bring (one more line per worker per run)."""
+    from retrieval.vectors.faiss_parts import SearchParams
+
+    index_images(collection, tmp_path / "index")
+    index = ImageIndex(tmp_path / "index", search_params=SearchParams(nprobe=8))
+    try:
+        with caplog.at_level(logging.WARNING, logger="retrieval.search.index"):
+            index.snapshot()
+            for n in range(2):   # two runs that add an image: two reloads
+                shutil.copy(collection / CLASSES[0] / f"{CLASSES[0]}_000.jpg", collection / CLASSES[0] / f"copy_{n}.jpg")
+                index_images(collection, tmp_path / "index")
+                assert index.refresh()
+        assert caplog.text.count("--nprobe 8 (or RETRIEVAL_NPROBE) is not used") == 1, caplog.text
+        assert len(index.snapshot().catalog.ids()) == 3 * len(CLASSES) + 2
+    finally:
+        index.close()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.catalog import Catalog, IndexSettings, weights_label
+from retrieval.features.weights import WeightsChoice
 from retrieval.learning.history import TRAINING_NONE_LEARNED, TRAINING_RECORDED
 from retrieval.learning.metrics import EvaluationError, evaluate_vectors   # EvaluationError: the metrics' check_labels raises it too
 from retrieval.names import DEFAULT_KS
@@ -231,11 +232,6 @@ def match_images(a: LabelledVectors, b: LabelledVectors) -> tuple[list[int], lis
                             "differing": differing}
 
 
-def _fine_tuned(about: dict) -> bool:
-    """Whether an index's network has weights from a file (fine-tune's output), by what _load_index says of it."""
-    return about["weights"] not in ("imagenet", "random")
-
-
 def compare_indexes(index_a: Path | str, index_b: Path | str, ks: Sequence[int] = DEFAULT_KS, *, seed: int = 0,
                     probe: bool = True, db_url: str | None = None, include_training_images: bool = False) -> dict:
     """evaluate_vectors on each index, restricted to the labelled images both hold (match_images), in the same order,
@@ -295,7 +291,7 @@ def compare_indexes(index_a: Path | str, index_b: Path | str, ks: Sequence[int] 
     if validation:
         shared.append(f"{validation} of the evaluated images were fine-tune's validation images, which chose the "
                       "epoch kept: new images are the fairest test")
-    if _fine_tuned(about_a) and not _fine_tuned(about_b):
+    if WeightsChoice.parse(about_a["weights"]).is_file and not WeightsChoice.parse(about_b["weights"]).is_file:
         shared.append("A holds the fine-tuned weights and B does not, so B - A is the fine-tune's gain with its sign "
                       "turned: to read it as a gain, put the fine-tuned index second (evaluate-index --index-dir B "
                       "--compare A; retrieval.compare(B, A))")

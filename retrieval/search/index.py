@@ -208,7 +208,9 @@ class ImageIndex:
         vectors, regions = served_vectors(self.index_dir, catalog, settings, record, previous, signature, catalog_file,
                                           mmap=self.mmap)
         recorded = SearchParams.from_json((record or {}).get("search_params"))
-        _say_unused(self.search_params, vectors.index)
+        if previous is None or self.search_params.used_by(previous.vectors.index) != self.search_params.used_by(
+                vectors.index):   # once, and again when the index's type changes: not at every reload
+            _say_unused(self.search_params, vectors.index)
         apply_search_params(vectors.index, self.search_params.over(recorded))   # before any search sees it
         return IndexSnapshot(previous.version + 1 if previous else 1, settings, catalog, vectors, extractor,
                              signature, catalog_file, updated_at, record, regions,
